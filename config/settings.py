@@ -154,6 +154,8 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_SEND_TASK_EVENTS = False
 CELERY_TASK_SEND_SENT_EVENT = False
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# Task modules outside INSTALLED_APPS (autodiscovery only looks at apps).
+CELERY_IMPORTS = ["config.tasks"]
 CELERY_TIMEZONE = TIME_ZONE
 
 # ---------------------------------------------------------------------------------------------
@@ -174,6 +176,17 @@ SAGA_STEP_TIMEOUT = env.float("SAGA_STEP_TIMEOUT", default=30.0)
 SAGA_INLINE_BUDGET = env.float("SAGA_INLINE_BUDGET", default=2.0)
 SAGA_SWEEP_BATCH = env.int("SAGA_SWEEP_BATCH", default=500)
 SAGA_FAULTS = env("SAGA_FAULTS", default="")
+# Modules that register saga types besides the apps' own (imported when the sagas app is ready,
+# so every worker knows them). sagas.bench holds the benchmark's 5-step type.
+SAGA_DEFINITION_MODULES = env.list("SAGA_DEFINITION_MODULES", default=["sagas.bench"])
+# A step task may run inline steps for SAGA_INLINE_BUDGET and then one more step; its hard
+# limit kills it past that, so an expired lease always means its holder is gone.
+CELERY_TASK_ANNOTATIONS = {
+    "sagas.run": {
+        "soft_time_limit": SAGA_STEP_TIMEOUT + SAGA_INLINE_BUDGET,
+        "time_limit": SAGA_STEP_TIMEOUT + SAGA_INLINE_BUDGET + 3,
+    },
+}
 # Idempotency records of POST /orders/ are kept at least this long.
 IDEMPOTENCY_KEY_TTL_HOURS = env.int("IDEMPOTENCY_KEY_TTL_HOURS", default=24)
 

@@ -1,7 +1,45 @@
 from django.apps import AppConfig
+from django.db.models.signals import post_migrate
 
 
 class SagasConfig(AppConfig):
     name = "sagas"
     verbose_name = "Sagas"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from importlib import import_module
+
+        from django.conf import settings
+
+        for module in settings.SAGA_DEFINITION_MODULES:
+            import_module(module)
+        post_migrate.connect(_ensure_sweep_schedule, sender=self)
+
+
+SWEEP_TASK_NAME = "sagas: sweep stuck sagas"
+
+
+def _ensure_sweep_schedule(**_kwargs) -> None:
+    """Create the sweeper's periodic task once; after that it belongs to the ops console.
+
+    Not in CELERY_BEAT_SCHEDULE on purpose: beat would overwrite an interval that staff changed
+    in the admin each time it starts.
+    """
+    from django.conf import settings
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    if PeriodicTask.objects.filter(name=SWEEP_TASK_NAME).exists():
+        return
+    seconds = float(settings.SAGA_SWEEP_INTERVAL)
+    if seconds == int(seconds):
+        every, period = int(seconds), IntervalSchedule.SECONDS
+    else:
+        every, period = int(seconds * 1_000_000), IntervalSchedule.MICROSECONDS
+    schedule, _ = IntervalSchedule.objects.get_or_create(every=every, period=period)
+    PeriodicTask.objects.create(
+        name=SWEEP_TASK_NAME,
+        task="sagas.sweep",
+        interval=schedule,
+        description="Re-rings overdue sagas whose lease expired and times out late ones.",
+    )

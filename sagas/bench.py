@@ -1,0 +1,52 @@
+"""The benchmark's saga type: five steps, each one small database write.
+
+``saga_bench`` compares it with a plain Celery ``chain`` of five tasks doing the same writes, so
+the difference is the engine's own cost (claims, records, timeline) against broker hops.
+"""
+
+from __future__ import annotations
+
+from django.db import connection
+
+from sagas.definition import SagaDefinition, Step, StepContext, register
+
+TABLE = "saga_bench_writes"
+
+
+def ensure_table() -> None:
+    """The bench writes to a table of its own, created on demand (not part of the schema)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"CREATE TABLE IF NOT EXISTS {TABLE} (run varchar(64) NOT NULL, n integer NOT NULL,"
+            " step smallint NOT NULL, PRIMARY KEY (run, n, step))"
+        )
+
+
+def write(run: str, n: int, step: int) -> None:
+    """One small idempotent write, shared with the plain-chain baseline."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {TABLE} (run, n, step) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+            [run, n, step],
+        )
+
+
+def _step(number: int):
+    def action(ctx: StepContext) -> dict:
+        write(ctx.data["run"], ctx.data["n"], number)
+        return {"w": number}
+
+    action.__name__ = f"write_{number}"
+    return action
+
+
+def _undo(ctx: StepContext) -> None:
+    return None
+
+
+bench_saga = register(
+    SagaDefinition(
+        "bench5",
+        steps=[Step(f"write_{i}", _step(i), compensate=_undo) for i in range(1, 6)],
+    )
+)

@@ -1,0 +1,621 @@
+"""The saga runner: one step, one short claim, one short record.
+
+The database row is the truth and a Celery message is only a doorbell that says "saga X at
+version V may have work now" (GUIDE section 1). A task:
+
+1. **claims** the saga with one conditional ``UPDATE ... RETURNING`` that bumps ``version`` and
+   sets a lease; zero rows means the message is stale or a duplicate, and the task stops;
+2. **calls** the step (or compensation) function outside any transaction, with a derived
+   idempotency key, so no row lock is held across a provider call;
+3. **records** the outcome in one transaction fenced on the claimed version: the saga row
+   (next step, retry time or FSM transition), the step row and the timeline events. If the
+   next piece of work is due at once and the task is within its time budget, the same UPDATE
+   also claims it and the task goes straight on; otherwise the next doorbell rings after commit.
+
+Losing a message loses nothing: the sweeper finds sagas whose ``next_attempt_at`` is overdue and
+whose lease has expired, and rings again. Receiving one twice costs one UPDATE that matches no
+row. A worker killed mid-step leaves a lease that expires; the next claim counts another attempt
+and repeats the call with the same idempotency key, so the participant returns its first result.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from sagas import metrics
+from sagas.definition import BusinessFailure, SagaDefinition, StepContext, get_definition
+from sagas.definition import forward_key as make_forward_key
+from sagas.definition import undo_key as make_undo_key
+from sagas.models import ACTIVE_STATES, Saga, SagaEvent, SagaState, SagaStep, StepStatus
+
+log = structlog.get_logger("sagas.engine")
+
+# Fields returned by every claim and record, in model order (what the loop needs to go on).
+_SAGA_FIELDS = list(Saga._meta.concrete_fields)
+_FIELD_BY_NAME = {f.name: f for f in _SAGA_FIELDS}
+_CONVERTERS: list[tuple[Any, list]] | None = None
+_ACTIVE = tuple(str(s) for s in ACTIVE_STATES)
+# A message may arrive a hair before the due time it was scheduled for.
+_DUE_TOLERANCE = timedelta(milliseconds=50)
+
+
+class _Fenced(Exception):
+    """The saga moved on under us (a newer claim holds it): roll back and stop."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Knobs, read when used (never at import time) so tests and workers can set them per process.
+# ---------------------------------------------------------------------------------------------
+def lease_seconds() -> float:
+    """How long a claim holds a saga: longer than a task can possibly keep running."""
+    return settings.SAGA_STEP_TIMEOUT + settings.SAGA_INLINE_BUDGET + 5.0
+
+
+def backoff_delay(attempt: int) -> float:
+    """Exponential backoff with jitter: ``min(cap, base * 2**(attempt-1))`` times [0.5, 1].
+
+    The jitter spreads retries of many sagas hitting the same provider, while keeping each
+    saga's delays growing (until the cap), so a flapping provider gets more room every time.
+    """
+    ceiling = min(settings.SAGA_BACKOFF_MAX, settings.SAGA_BACKOFF_BASE * 2 ** max(attempt - 1, 0))
+    return ceiling * random.uniform(0.5, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fenced UPDATE ... RETURNING on the saga row (portable: PostgreSQL and SQLite >= 3.35).
+# ---------------------------------------------------------------------------------------------
+def _converters() -> list[tuple[Any, list]]:
+    """Django's own per-column converters (UUIDs, JSON, datetimes), computed once."""
+    global _CONVERTERS
+    if _CONVERTERS is None:
+        out = []
+        for f in _SAGA_FIELDS:
+            col = f.get_col(Saga._meta.db_table)
+            convs = connection.ops.get_db_converters(col) + f.get_db_converters(connection)
+            out.append((col, convs))
+        _CONVERTERS = out
+    return _CONVERTERS
+
+
+def _row_to_saga(row: Iterable[Any]) -> Saga:
+    values = []
+    for value, (col, convs) in zip(row, _converters(), strict=True):
+        for conv in convs:
+            value = conv(value, col, connection)
+        values.append(value)
+    return Saga.from_db(connection.alias, [f.attname for f in _SAGA_FIELDS], values)
+
+
+def _prep(name: str, value: Any) -> Any:
+    return _FIELD_BY_NAME[name].get_db_prep_save(value, connection)
+
+
+def _fenced_update(
+    saga_id: Any,
+    expected_version: int,
+    values: dict[str, Any],
+    *,
+    bump_attempt: bool = False,
+    require_due_before: datetime | None = None,
+    require_active: bool = False,
+) -> Saga | None:
+    """``UPDATE saga SET ..., version = version + 1 WHERE id = X AND version = V RETURNING *``.
+
+    Returns the updated saga, or ``None`` when no row matched (stale or duplicate delivery).
+    """
+    qn = connection.ops.quote_name
+    sets = [f"{qn('version')} = {qn('version')} + 1"]
+    params: list[Any] = []
+    if bump_attempt:
+        sets.append(f"{qn('attempt')} = {qn('attempt')} + 1")
+    values = {**values, "updated_at": timezone.now()}
+    for name, value in values.items():
+        sets.append(f"{qn(_FIELD_BY_NAME[name].column)} = %s")
+        params.append(_prep(name, value))
+    where = [f"{qn('id')} = %s", f"{qn('version')} = %s"]
+    params += [_prep("id", saga_id), expected_version]
+    if require_active:
+        where.append(f"{qn('state')} IN ({', '.join(['%s'] * len(_ACTIVE))})")
+        params += list(_ACTIVE)
+    if require_due_before is not None:
+        where.append(f"({qn('next_attempt_at')} IS NULL OR {qn('next_attempt_at')} <= %s)")
+        params.append(_prep("next_attempt_at", require_due_before))
+    columns = ", ".join(qn(f.column) for f in _SAGA_FIELDS)
+    sql = (
+        f"UPDATE {qn(Saga._meta.db_table)} SET {', '.join(sets)} "
+        f"WHERE {' AND '.join(where)} RETURNING {columns}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    return None if row is None else _row_to_saga(row)
+
+
+# ---------------------------------------------------------------------------------------------
+# The doorbell
+# ---------------------------------------------------------------------------------------------
+def ring(saga_id: Any, version: int, countdown: float | None = None) -> None:
+    """Send "saga X at version V may have work". Never raises: the row is already safe.
+
+    A broker that is down or restarting must not fail the request or the step that committed;
+    the sweeper rings again once the broker is back.
+    """
+    from sagas.tasks import run_saga
+
+    try:
+        run_saga.apply_async(
+            (str(saga_id), version),
+            countdown=countdown if countdown and countdown > 0 else None,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0.05, "interval_step": 0.2},
+        )
+    except Exception as exc:  # noqa: BLE001 - any broker failure is logged and forgotten
+        log.warning("saga.doorbell_failed", saga_id=str(saga_id), version=version, error=repr(exc))
+
+
+def ring_on_commit(saga_id: Any, version: int, countdown: float | None = None) -> None:
+    transaction.on_commit(lambda: ring(saga_id, version, countdown))
+
+
+# ---------------------------------------------------------------------------------------------
+# Claim
+# ---------------------------------------------------------------------------------------------
+def claim(saga_id: Any, version: int) -> Saga | None:
+    """Take the saga for one piece of work, or return ``None`` if the message is stale."""
+    now = timezone.now()
+    return _fenced_update(
+        saga_id,
+        version,
+        {"lease_until": now + timedelta(seconds=lease_seconds())},
+        bump_attempt=True,
+        require_active=True,
+        require_due_before=now + _DUE_TOLERANCE,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The record: everything one outcome changes, written in one fenced transaction
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Record:
+    fields: dict[str, Any] = field(default_factory=dict)
+    transitions: list[str] = field(default_factory=list)
+    step_index: int | None = None
+    step_fields: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    # After commit: ring for the next work with this countdown (None: nothing to ring).
+    ring_after: float | None = None
+    # The next work is due now: claim it in the same UPDATE and go on in this task.
+    go_on: bool = False
+    finished: str = ""
+
+    def event(self, kind: str, saga: Saga, step: str = "", detail: str = "", **extra: Any) -> None:
+        self.events.append(
+            {"kind": kind, "step": step, "attempt": saga.attempt, "detail": detail[:2000], **extra}
+        )
+
+
+def _write(saga: Saga, rec: _Record, *, inline_ok: bool) -> Saga | None:
+    """Apply ``rec`` fenced on the claimed version; return the saga if the task should go on."""
+    now = timezone.now()
+    fields = dict(rec.fields)
+    for name in rec.transitions:
+        getattr(saga, name)()  # django-fsm checks the source state; raises if not allowed
+    if rec.transitions:
+        fields["state"] = saga.state
+    go_on = rec.go_on and inline_ok
+    if rec.go_on:
+        fields["next_attempt_at"] = now
+        if go_on:
+            fields["attempt"] = 1
+            fields["lease_until"] = now + timedelta(seconds=lease_seconds())
+        else:
+            fields["attempt"] = 0
+            fields["lease_until"] = None
+    try:
+        with transaction.atomic():
+            updated = _fenced_update(saga.id, saga.version, fields)
+            if updated is None:
+                raise _Fenced
+            if rec.step_index is not None and rec.step_fields:
+                SagaStep.objects.filter(saga_id=saga.id, index=rec.step_index).update(
+                    updated_at=now, **rec.step_fields
+                )
+            if rec.events:
+                SagaEvent.objects.bulk_create(
+                    [SagaEvent(saga_id=saga.id, at=now, **e) for e in rec.events]
+                )
+            if rec.ring_after is not None or (rec.go_on and not go_on):
+                ring_on_commit(saga.id, updated.version, rec.ring_after)
+    except _Fenced:
+        metrics.STALE_DELIVERIES.inc()
+        log.info("saga.fenced", saga_id=str(saga.id), version=saga.version)
+        return None
+    for e in rec.events:
+        log.info(
+            f"saga.{e['kind']}",
+            saga_id=str(saga.id),
+            saga_type=saga.saga_type,
+            step=e["step"],
+            attempt=e["attempt"],
+            correlation_id=saga.correlation_id,
+        )
+    if rec.finished:
+        metrics.SAGAS_FINISHED.labels(saga.saga_type, rec.finished).inc()
+    return updated if go_on else None
+
+
+def _compensable(definition: SagaDefinition, saga: Saga, below: int) -> int | None:
+    """The next step at an index < ``below`` that took effect and has a compensation."""
+    for j in range(below - 1, -1, -1):
+        step = definition.steps[j]
+        if step.compensate is not None and step.name in saga.results:
+            return j
+    return None
+
+
+def _start_compensation(
+    definition: SagaDefinition,
+    saga: Saga,
+    rec: _Record,
+    *,
+    reason: str,
+    failed_index: int,
+    failed_may_have_effect: bool,
+) -> None:
+    """Turn ``rec`` into "compensate everything up to ``failed_index``, newest first"."""
+    rec.transitions.append("begin_compensation")
+    rec.fields["failure_code"] = reason
+    failed = definition.steps[failed_index]
+    first: int | None = None
+    if failed_may_have_effect and failed.compensate is not None:
+        first = failed_index
+    else:
+        first = _compensable(definition, saga, failed_index)
+    rec.event("compensation_started", saga, detail=f"reason: {reason}")
+    if first is None:
+        rec.transitions.append("finish_compensation")
+        rec.fields.update(
+            next_attempt_at=None, lease_until=None, finished_at=timezone.now(), attempt=0
+        )
+        rec.event("compensated", saga, detail="nothing had taken effect")
+        rec.finished = "compensated"
+        return
+    rec.fields.update(step_index=first, current_step=definition.steps[first].name)
+    rec.go_on = True
+
+
+def _escalate(saga: Saga, rec: _Record, *, step: str, error: str) -> None:
+    rec.transitions.append("escalate")
+    rec.fields.update(
+        escalated_from=saga.state,
+        failed_step=step,
+        last_error=error[:2000],
+        next_attempt_at=None,
+        lease_until=None,
+    )
+    rec.event("needs_manual", saga, step=step, detail=error)
+    rec.finished = "needs_manual"
+
+
+def _context(definition: SagaDefinition, saga: Saga, *, compensating: bool) -> StepContext:
+    name = definition.steps[saga.step_index].name
+    fwd = make_forward_key(saga.id, name)
+    return StepContext(
+        saga_id=str(saga.id),
+        saga_type=saga.saga_type,
+        step=name,
+        attempt=saga.attempt,
+        data=saga.data,
+        results=saga.results,
+        idempotency_key=make_undo_key(saga.id, name) if compensating else fwd,
+        forward_key=fwd,
+        correlation_id=saga.correlation_id,
+        compensating=compensating,
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def _boundary_cancel_reason(definition: SagaDefinition, saga: Saga, now: datetime) -> str:
+    """A cancel or a passed deadline is honoured only while the pivot has never run."""
+    pivot = definition.pivot_index
+    before_pivot = saga.step_index < pivot or (saga.step_index == pivot and saga.attempt == 1)
+    if not before_pivot:
+        return ""
+    if saga.cancel_reason:
+        return saga.cancel_reason
+    if saga.deadline_at is not None and now >= saga.deadline_at:
+        return "timed_out"
+    return ""
+
+
+def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga | None:
+    rec = _Record()
+    i = saga.step_index
+    step = definition.steps[i]
+    now = timezone.now()
+    reason = _boundary_cancel_reason(definition, saga, now)
+    if reason:
+        # Earlier claims of this step (attempt > 1) may have taken effect.
+        rec.event("cancel_honoured", saga, step=step.name, detail=f"reason: {reason}")
+        if saga.attempt > 1:
+            rec.step_index = i
+            rec.step_fields = {"maybe_effect": True, "status": StepStatus.FAILED}
+        _start_compensation(
+            definition,
+            saga,
+            rec,
+            reason=reason,
+            failed_index=i,
+            failed_may_have_effect=saga.attempt > 1,
+        )
+        return _write(saga, rec, inline_ok=inline_ok)
+
+    if saga.attempt > settings.SAGA_MAX_ATTEMPTS:
+        # Claimed again and again without a record: the step keeps killing its worker.
+        return _forward_exhausted(
+            definition, saga, rec, error="attempts exhausted without an answer (worker lost)"
+        )
+
+    ctx = _context(definition, saga, compensating=False)
+    started = time.perf_counter()
+    try:
+        result = step.action(ctx)
+    except BusinessFailure as exc:
+        duration = time.perf_counter() - started
+        metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
+        rec.step_index = i
+        rec.step_fields = {
+            "status": StepStatus.FAILED,
+            "attempts": saga.attempt,
+            "last_error": f"{exc.code}: {exc.detail}"[:2000],
+            "maybe_effect": saga.attempt > 1,
+        }
+        rec.event("step_failed", saga, step=step.name, detail=str(exc), duration_ms=duration * 1e3)
+        rec.fields.update(failed_step=step.name, last_error=str(exc)[:2000])
+        if i > definition.pivot_index:
+            _escalate(saga, rec, step=step.name, error=f"{exc.code} after the pivot: {exc.detail}")
+        else:
+            _start_compensation(
+                definition,
+                saga,
+                rec,
+                reason=exc.code,
+                failed_index=i,
+                failed_may_have_effect=saga.attempt > 1,
+            )
+        return _write(saga, rec, inline_ok=inline_ok)
+    except Exception as exc:  # noqa: BLE001 - anything but a BusinessFailure is transient
+        duration = time.perf_counter() - started
+        metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
+        error = _describe(exc)
+        rec.step_index = i
+        rec.step_fields = {
+            "status": StepStatus.RETRYING,
+            "attempts": saga.attempt,
+            "last_error": error,
+            "maybe_effect": True,
+        }
+        if saga.attempt >= settings.SAGA_MAX_ATTEMPTS:
+            rec.event("step_failed", saga, step=step.name, detail=error, duration_ms=duration * 1e3)
+            return _forward_exhausted(definition, saga, rec, error=error)
+        delay = backoff_delay(saga.attempt)
+        metrics.STEP_RETRIES.labels(saga.saga_type, step.name, "forward").inc()
+        rec.event(
+            "step_retry",
+            saga,
+            step=step.name,
+            detail=f"{error}; next attempt in {delay:.3f}s",
+            duration_ms=duration * 1e3,
+        )
+        rec.fields.update(
+            next_attempt_at=now + timedelta(seconds=delay), lease_until=None, last_error=error
+        )
+        rec.ring_after = delay
+        return _write(saga, rec, inline_ok=inline_ok)
+
+    duration = time.perf_counter() - started
+    metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
+    rec.step_index = i
+    rec.step_fields = {
+        "status": StepStatus.SUCCEEDED,
+        "attempts": saga.attempt,
+        "result": result,
+        "took_effect": True,
+    }
+    rec.fields["results"] = {**saga.results, step.name: result}
+    rec.event("step_succeeded", saga, step=step.name, duration_ms=duration * 1e3)
+    if i + 1 < len(definition.steps):
+        rec.fields.update(step_index=i + 1, current_step=definition.steps[i + 1].name)
+        rec.go_on = True
+    else:
+        rec.transitions.append("succeed")
+        rec.fields.update(
+            next_attempt_at=None, lease_until=None, finished_at=timezone.now(), attempt=0
+        )
+        rec.event("succeeded", saga)
+        rec.finished = "succeeded"
+    return _write(saga, rec, inline_ok=inline_ok)
+
+
+def _forward_exhausted(
+    definition: SagaDefinition, saga: Saga, rec: _Record, *, error: str, inline_ok: bool = True
+) -> Saga | None:
+    i = saga.step_index
+    step = definition.steps[i]
+    rec.step_index = i
+    rec.step_fields = {
+        **rec.step_fields,
+        "status": StepStatus.FAILED,
+        "attempts": saga.attempt,
+        "maybe_effect": True,
+        "last_error": error,
+    }
+    rec.fields.update(failed_step=step.name, last_error=error[:2000])
+    if i >= definition.pivot_index:
+        # The pivot (or a step past it) may have taken effect: nobody can undo that blindly.
+        _escalate(saga, rec, step=step.name, error=f"step_failed at or after the pivot: {error}")
+    else:
+        _start_compensation(
+            definition, saga, rec, reason="step_failed", failed_index=i, failed_may_have_effect=True
+        )
+    return _write(saga, rec, inline_ok=inline_ok)
+
+
+def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga | None:
+    rec = _Record()
+    i = saga.step_index
+    step = definition.steps[i]
+    now = timezone.now()
+    rec.step_index = i
+    if saga.attempt > settings.SAGA_COMPENSATION_MAX_ATTEMPTS:
+        rec.step_fields = {"status": StepStatus.COMPENSATION_FAILED}
+        _escalate(saga, rec, step=step.name, error="compensation attempts exhausted (worker lost)")
+        return _write(saga, rec, inline_ok=False)
+    ctx = _context(definition, saga, compensating=True)
+    started = time.perf_counter()
+    try:
+        assert step.compensate is not None
+        step.compensate(ctx)
+    except Exception as exc:  # noqa: BLE001 - a compensation must eventually succeed or escalate
+        duration = time.perf_counter() - started
+        metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "compensation").observe(duration)
+        error = _describe(exc)
+        if saga.attempt >= settings.SAGA_COMPENSATION_MAX_ATTEMPTS:
+            rec.step_fields = {
+                "status": StepStatus.COMPENSATION_FAILED,
+                "compensation_attempts": saga.attempt,
+                "last_error": error,
+            }
+            rec.event(
+                "compensation_failed",
+                saga,
+                step=step.name,
+                detail=error,
+                duration_ms=duration * 1e3,
+            )
+            _escalate(saga, rec, step=step.name, error=f"compensation failed: {error}")
+            return _write(saga, rec, inline_ok=False)
+        delay = backoff_delay(saga.attempt)
+        metrics.STEP_RETRIES.labels(saga.saga_type, step.name, "compensation").inc()
+        rec.step_fields = {
+            "status": StepStatus.COMPENSATING,
+            "compensation_attempts": saga.attempt,
+            "last_error": error,
+        }
+        rec.event(
+            "compensation_retry",
+            saga,
+            step=step.name,
+            detail=f"{error}; next attempt in {delay:.3f}s",
+            duration_ms=duration * 1e3,
+        )
+        rec.fields.update(
+            next_attempt_at=now + timedelta(seconds=delay), lease_until=None, last_error=error
+        )
+        rec.ring_after = delay
+        return _write(saga, rec, inline_ok=inline_ok)
+
+    duration = time.perf_counter() - started
+    metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "compensation").observe(duration)
+    metrics.COMPENSATIONS.labels(saga.saga_type, step.name).inc()
+    rec.step_fields = {"status": StepStatus.COMPENSATED, "compensation_attempts": saga.attempt}
+    rec.event("compensation_succeeded", saga, step=step.name, duration_ms=duration * 1e3)
+    nxt = _compensable(definition, saga, i)
+    if nxt is None:
+        rec.transitions.append("finish_compensation")
+        rec.fields.update(
+            next_attempt_at=None, lease_until=None, finished_at=timezone.now(), attempt=0
+        )
+        rec.event("compensated", saga, detail=f"reason: {saga.failure_code}")
+        rec.finished = "compensated"
+    else:
+        rec.fields.update(step_index=nxt, current_step=definition.steps[nxt].name)
+        rec.go_on = True
+    return _write(saga, rec, inline_ok=inline_ok)
+
+
+def run_claimed(saga: Saga, *, inline_ok: bool) -> Saga | None:
+    """Do the one piece of work a claimed saga has; return it if the task should go on."""
+    definition = get_definition(saga.saga_type)
+    if saga.state == SagaState.RUNNING:
+        return _forward(definition, saga, inline_ok=inline_ok)
+    if saga.state == SagaState.COMPENSATING:
+        return _compensate(definition, saga, inline_ok=inline_ok)
+    return None
+
+
+def advance(saga_id: Any, version: int) -> None:
+    """The body of the ``sagas.run`` task: claim, then run due work within a time budget."""
+    started = time.monotonic()
+    saga = claim(saga_id, version)
+    if saga is None:
+        metrics.STALE_DELIVERIES.inc()
+        return
+    budget = settings.SAGA_INLINE_BUDGET
+    while saga is not None:
+        saga = run_claimed(saga, inline_ok=time.monotonic() - started < budget)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweeper
+# ---------------------------------------------------------------------------------------------
+def sweep(now: datetime | None = None) -> dict[str, int]:
+    """Ring for overdue sagas whose lease expired, and time out sagas past their deadline.
+
+    Cost grows with the number of overdue sagas (a partial index holds only active ones), not
+    with the table. ``FOR UPDATE SKIP LOCKED`` plus pushing ``next_attempt_at`` to now makes two
+    sweeps at once harmless: each rings for different sagas, and a duplicate ring is fenced.
+    """
+    from sagas.services import saga_request_cancel
+
+    now = now or timezone.now()
+    overdue_before = now - timedelta(seconds=settings.SAGA_STUCK_AFTER)
+    batch = settings.SAGA_SWEEP_BATCH
+    with transaction.atomic():
+        rows = list(
+            Saga.objects.select_for_update(skip_locked=True)
+            .filter(state__in=_ACTIVE, next_attempt_at__lte=overdue_before)
+            .filter(Q(lease_until__isnull=True) | Q(lease_until__lte=now))
+            .order_by("next_attempt_at")
+            .values_list("id", "version")[:batch]
+        )
+        if rows:
+            Saga.objects.filter(id__in=[r[0] for r in rows]).update(next_attempt_at=now)
+            for saga_id, version in rows:
+                ring_on_commit(saga_id, version)
+    if rows:
+        metrics.SWEEP_REDISPATCHED.inc(len(rows))
+        log.info("saga.sweep_redispatched", count=len(rows))
+
+    timed_out = 0
+    late = (
+        Saga.objects.filter(state=SagaState.RUNNING, cancel_reason="", deadline_at__lte=now)
+        .order_by("deadline_at")
+        .values_list("id", "saga_type", "step_index")[:batch]
+    )
+    from sagas.exceptions import SagaOperationRefused
+
+    for saga_id, saga_type, step_index in late:
+        try:
+            if step_index >= get_definition(saga_type).pivot_index:
+                continue
+            saga_request_cancel(saga_id=saga_id, reason="timed_out", actor="sweeper")
+            timed_out += 1
+        except (SagaOperationRefused, LookupError):
+            continue
+    return {"redispatched": len(rows), "timed_out": timed_out}

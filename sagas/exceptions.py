@@ -1,0 +1,14 @@
+"""Errors the engine raises to its callers (services, admin, API)."""
+
+
+class SagaOperationRefused(Exception):
+    """An operation that makes no sense in the saga's current state.
+
+    ``code`` is machine-readable (the API returns it as the error code); ``detail`` says why in
+    words a support person understands.
+    """
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail

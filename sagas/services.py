@@ -1,0 +1,277 @@
+"""Engine services: start a saga, request its cancellation, and the ops operations.
+
+The admin and the REST API call these and nothing else to change a saga: each operation checks
+its permission, refuses with a clear :class:`SagaOperationRefused` where it makes no sense,
+writes a timeline event naming the acting user, and fences its write on the saga's version so
+it can never race a worker into an inconsistent row.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import structlog
+from django.conf import settings
+from django.core.exceptions import PermissionDenied
+from django.db import transaction
+from django.utils import timezone
+
+from sagas import metrics
+from sagas.definition import forward_key, get_definition, undo_key
+from sagas.engine import ring_on_commit
+from sagas.exceptions import SagaOperationRefused
+from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
+
+log = structlog.get_logger("sagas.services")
+
+OPS_PERMISSION = "sagas.operate_saga"
+
+
+def _event(saga: Saga, kind: str, *, actor: str, detail: str = "", step: str = "") -> None:
+    SagaEvent.objects.create(
+        saga=saga,
+        at=timezone.now(),
+        kind=kind,
+        step=step,
+        attempt=saga.attempt,
+        detail=detail[:2000],
+        actor=actor[:150],
+    )
+    log.info(
+        f"saga.{kind}",
+        saga_id=str(saga.id),
+        saga_type=saga.saga_type,
+        step=step or saga.current_step,
+        actor=actor,
+        correlation_id=saga.correlation_id,
+    )
+
+
+def _actor(user: Any) -> str:
+    return f"user:{user.get_username()}" if user is not None else "system"
+
+
+def _require_ops(user: Any) -> None:
+    if user is None or not user.is_active or not user.has_perm(OPS_PERMISSION):
+        raise PermissionDenied("You need the 'operate sagas' permission (the ops group).")
+
+
+def _save(saga: Saga, fields: list[str]) -> None:
+    """Write a locked saga row, bumping its version so any queued doorbell becomes stale."""
+    saga.version += 1
+    Saga.objects.filter(pk=saga.pk).update(
+        version=saga.version,
+        updated_at=timezone.now(),
+        state=saga.state,
+        **{f: getattr(saga, f) for f in fields},
+    )
+
+
+def _locked(saga_id: Any) -> Saga:
+    try:
+        return Saga.objects.select_for_update().get(pk=saga_id)
+    except Saga.DoesNotExist:
+        raise SagaOperationRefused("not_found", "No such saga.") from None
+
+
+def _leased(saga: Saga) -> bool:
+    return saga.lease_until is not None and saga.lease_until > timezone.now()
+
+
+# ---------------------------------------------------------------------------------------------
+# Start and cancel
+# ---------------------------------------------------------------------------------------------
+def saga_start(
+    *,
+    saga_type: str,
+    data: dict[str, Any],
+    correlation_id: str = "",
+    saga_id: uuid.UUID | None = None,
+) -> Saga:
+    """Create a saga, its step rows and its first timeline event; ring on commit.
+
+    Usable inside the caller's transaction: if the caller rolls back, no saga exists and no
+    doorbell rings.
+    """
+    definition = get_definition(saga_type)
+    now = timezone.now()
+    deadline = definition.deadline if definition.deadline is not None else settings.SAGA_DEADLINE
+    first = definition.steps[0].name
+    saga = Saga.objects.create(
+        id=saga_id or uuid.uuid4(),
+        saga_type=saga_type,
+        current_step=first,
+        step_index=0,
+        next_attempt_at=now,
+        deadline_at=now + timedelta(seconds=deadline),
+        data=data,
+        correlation_id=correlation_id,
+    )
+    SagaStep.objects.bulk_create(
+        [
+            SagaStep(saga=saga, index=i, name=s.name, idempotency_key=forward_key(saga.id, s.name))
+            for i, s in enumerate(definition.steps)
+        ]
+    )
+    SagaEvent.objects.create(saga=saga, at=now, kind="started", detail=f"type {saga_type}")
+    ring_on_commit(saga.id, saga.version)
+    transaction.on_commit(lambda: metrics.SAGAS_STARTED.labels(saga_type).inc())
+    return saga
+
+
+def saga_request_cancel(*, saga_id: Any, reason: str, actor: str = "engine") -> Saga:
+    """Record a cancel request; the saga honours it at its next step boundary.
+
+    Refused once the saga has reached its pivot (or stopped running). If no step is in flight
+    the saga is made due at once and rung, so an idle saga (waiting out a backoff) compensates
+    now instead of after its retry.
+    """
+    with transaction.atomic():
+        saga = _locked(saga_id)
+        if saga.state != SagaState.RUNNING:
+            raise SagaOperationRefused(
+                "not_running", f"The saga is {saga.state}; only a running saga can be cancelled."
+            )
+        definition = get_definition(saga.saga_type)
+        if saga.step_index >= definition.pivot_index:
+            raise SagaOperationRefused(
+                "pivot_reached",
+                f"The saga has reached {definition.steps[definition.pivot_index].name}, "
+                "its point of no return; it can no longer be cancelled.",
+            )
+        if saga.cancel_reason:
+            return saga  # already requested: idempotent
+        saga.cancel_reason = reason
+        fields = ["cancel_reason"]
+        if not _leased(saga):
+            saga.next_attempt_at = timezone.now()
+            fields.append("next_attempt_at")
+            _save(saga, fields)
+            ring_on_commit(saga.id, saga.version)
+        else:
+            # A step is in flight: keep its version so its record lands; it sees the request.
+            Saga.objects.filter(pk=saga.pk).update(cancel_reason=reason, updated_at=timezone.now())
+        _event(saga, "cancel_requested", actor=actor, detail=f"reason: {reason}")
+    return saga
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops operations (admin and API)
+# ---------------------------------------------------------------------------------------------
+def saga_retry_now(*, saga_id: Any, user: Any) -> Saga:
+    """Run the saga's next piece of work now: skip a backoff, or resume from needs_manual."""
+    _require_ops(user)
+    with transaction.atomic():
+        saga = _locked(saga_id)
+        if saga.state == SagaState.NEEDS_MANUAL:
+            if saga.escalated_from == SagaState.COMPENSATING:
+                saga.resume_compensation()
+            else:
+                saga.resume_forward()
+            detail = f"resumed {saga.state} at {saga.current_step}"
+        elif saga.state in (SagaState.RUNNING, SagaState.COMPENSATING):
+            if _leased(saga):
+                raise SagaOperationRefused(
+                    "in_flight",
+                    f"{saga.current_step} is running right now; wait for its outcome.",
+                )
+            detail = f"retry {saga.current_step} now"
+        else:
+            raise SagaOperationRefused(
+                "settled", f"The saga is {saga.state}; there is nothing to retry."
+            )
+        saga.attempt = 0
+        saga.next_attempt_at = timezone.now()
+        saga.lease_until = None
+        _save(saga, ["attempt", "next_attempt_at", "lease_until"])
+        _event(saga, "ops_retry", actor=_actor(user), detail=detail, step=saga.current_step)
+        ring_on_commit(saga.id, saga.version)
+    return saga
+
+
+def saga_compensate(*, saga_id: Any, user: Any, reason: str) -> Saga:
+    """Stop a running saga and undo what it did, as a cancel with the operator's reason.
+
+    The saga's ``failure_code`` becomes ``step_failed`` (to a client, an operator stopping
+    their order means processing failed); the operator's words go to the timeline.
+    """
+    _require_ops(user)
+    reason = (reason or "").strip()
+    if not reason:
+        raise SagaOperationRefused("reason_required", "Say why you compensate this saga.")
+    with transaction.atomic():
+        saga = _locked(saga_id)
+        if saga.state == SagaState.NEEDS_MANUAL and saga.escalated_from == SagaState.COMPENSATING:
+            raise SagaOperationRefused(
+                "already_compensating",
+                "This saga is already compensating and a compensation needs help: "
+                "use retry now, or resolve it with a note.",
+            )
+        _event(saga, "ops_compensate", actor=_actor(user), detail=reason, step=saga.current_step)
+    return saga_request_cancel(saga_id=saga_id, reason="step_failed", actor=_actor(user))
+
+
+def saga_resolve(*, saga_id: Any, user: Any, note: str) -> Saga:
+    """Close a saga that needs a person, with a note saying what the person did."""
+    _require_ops(user)
+    note = (note or "").strip()
+    if not note:
+        raise SagaOperationRefused("note_required", "A note is required to resolve a saga.")
+    with transaction.atomic():
+        saga = _locked(saga_id)
+        if saga.state != SagaState.NEEDS_MANUAL:
+            raise SagaOperationRefused(
+                "not_needs_manual",
+                f"Only a saga in needs_manual can be resolved (it is {saga.state}).",
+            )
+        saga.resolve()
+        saga.finished_at = timezone.now()
+        saga.next_attempt_at = None
+        _save(saga, ["finished_at", "next_attempt_at"])
+        _event(saga, "ops_resolve", actor=_actor(user), detail=note, step=saga.failed_step)
+    return saga
+
+
+def saga_compensation_plan(*, saga_id: Any) -> list[dict[str, Any]]:
+    """The dry run: the compensations that compensating now would run, in order, with keys.
+
+    For a running saga: every step that took effect, plus the current step if an earlier
+    attempt of it may have. For a compensating saga (or one waiting for a person mid-ladder):
+    what is left of the ladder. For a settled saga: nothing.
+    """
+    saga = Saga.objects.get(pk=saga_id)
+    definition = get_definition(saga.saga_type)
+    steps = {s.index: s for s in SagaStep.objects.filter(saga=saga)}
+    candidates: list[int] = []
+    if saga.state == SagaState.RUNNING:
+        if saga.step_index >= definition.pivot_index:
+            return []
+        current = steps.get(saga.step_index)
+        if current is not None and (current.maybe_effect or current.attempts > 0):
+            candidates.append(saga.step_index)
+        candidates += [j for j in range(saga.step_index - 1, -1, -1)]
+    elif saga.state == SagaState.COMPENSATING or (
+        saga.state == SagaState.NEEDS_MANUAL and saga.escalated_from == SagaState.COMPENSATING
+    ):
+        candidates = list(range(saga.step_index, -1, -1))
+    plan = []
+    for j in candidates:
+        step = definition.steps[j]
+        row = steps.get(j)
+        if step.compensate is None or row is None:
+            continue
+        if row.status == StepStatus.COMPENSATED:
+            continue
+        if not (step.name in saga.results or row.maybe_effect or j == saga.step_index):
+            continue
+        plan.append(
+            {
+                "step": step.name,
+                "compensation": getattr(step.compensate, "__name__", "compensate"),
+                "idempotency_key": undo_key(saga.id, step.name),
+                "status": row.status,
+            }
+        )
+    return plan
