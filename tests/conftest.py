@@ -1,0 +1,434 @@
+"""The test harness: pytest-django on PostgreSQL, real Celery workers, polling with deadlines.
+
+At import this module sets safe defaults in ``os.environ`` *before* Django settings load (the
+pytest ini deliberately does not name ``DJANGO_SETTINGS_MODULE``, so pytest-django leaves
+settings alone until this file has run). Anything already set in the environment wins, except
+the per-session isolation values (queue name, metrics directory, test database name).
+
+Fixtures and helpers (see the README's "Tests" section):
+
+``celery_worker`` (session)
+    A real ``celery -A config worker`` subprocess (prefork, concurrency 2) on the pytest test
+    database, the dedicated Redis db 15 and a queue unique to this session. Started on first
+    use, answers a ping before the fixture returns, stopped before the test database is
+    dropped. Tests that need it use ``transactional_db``: the worker only sees committed rows.
+    Do not kill it; use ``worker_factory`` for workers you want to hurt.
+``worker_factory(env=None, *, name="extra", concurrency=2, exclusive=False, pool="prefork")``
+    Starts another worker on the same queue with extra environment (e.g. ``SAGA_FAULTS``) and
+    returns a :class:`WorkerHandle` (``.pid``, ``.child_pids()``, ``.kill()``, ``.stop()``,
+    ``.alive``, ``.log_text()``). ``exclusive=True`` makes the session worker (if running)
+    stop consuming the queue until the test ends, so only the new worker runs tasks. Every
+    worker it started is stopped at the end of the test.
+``wait_for(predicate, timeout=30, interval=0.05, describe=None)``
+    Polls ``predicate`` until it returns something truthy (and returns that) or fails the test
+    on the deadline, showing what ``describe()`` returned last.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS_DIR = REPO_ROOT / "test-artifacts"
+SESSION_ID = uuid.uuid4().hex[:10]
+HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+
+# ---------------------------------------------------------------------------------------------
+# Environment defaults, before Django settings load
+# ---------------------------------------------------------------------------------------------
+_DEFAULTS = {
+    "DJANGO_SETTINGS_MODULE": "config.settings",
+    "SECRET_KEY": "test-only-secret-key-never-used-outside-the-test-suite",
+    "SAGA_BACKOFF_BASE": "0.05",
+    "SAGA_BACKOFF_MAX": "0.5",
+    "SAGA_STUCK_AFTER": "0.5",
+    "SAGA_SWEEP_INTERVAL": "0.5",
+    "SAGA_STEP_TIMEOUT": "3",
+    "SAGA_DEADLINE": "60",
+    # A dedicated Redis database, so tests never touch a developer's `make run` queue.
+    "CELERY_BROKER_URL": "redis://127.0.0.1:6379/15",
+    "LOG_FORMAT": "console",
+}
+for _key, _value in _DEFAULTS.items():
+    os.environ.setdefault(_key, _value)
+
+# Per-session isolation: several sessions (developers, CI, helpers) may run at once against the
+# same PostgreSQL and Redis.
+os.environ["CELERY_QUEUE"] = f"test-{SESSION_ID}"
+_PROM_DIR = tempfile.mkdtemp(prefix="sagarunner-test-metrics-")
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _PROM_DIR
+atexit.register(shutil.rmtree, _PROM_DIR, ignore_errors=True)
+# The test database carries this host and pid so concurrent sessions never share (and destroy)
+# one, and databases left behind by a killed session can be recognised and dropped.
+_TEST_DB_PREFIX = "test_sagarunner_"
+_TEST_DB_RE = re.compile(rf"^{_TEST_DB_PREFIX}{HOST_TAG}_p(\d+)$")
+os.environ.setdefault("TEST_DATABASE_NAME", f"{_TEST_DB_PREFIX}{HOST_TAG}_p{os.getpid()}")
+
+import django  # noqa: E402
+
+django.setup()
+
+from django.db.models.signals import post_migrate  # noqa: E402
+
+
+def _restore_ops_group(sender, **_kwargs) -> None:
+    """Recreate the "ops" group after a transactional test's flush.
+
+    The group comes from a data migration (sagas 0002); ``flush`` (run after every
+    ``transactional_db`` test) empties the table and only replays ``post_migrate``, so without
+    this the group would vanish for every test that runs after a worker test.
+    """
+    if sender.label != "sagas":
+        return
+    from django.contrib.auth.models import Group, Permission
+
+    group, _ = Group.objects.get_or_create(name="ops")
+    perm = Permission.objects.filter(
+        content_type__app_label="sagas", codename="operate_saga"
+    ).first()
+    if perm is not None:
+        group.permissions.add(perm)
+
+
+post_migrate.connect(_restore_ops_group, dispatch_uid="tests.restore_ops_group")
+
+
+# ---------------------------------------------------------------------------------------------
+# Polling with a deadline
+# ---------------------------------------------------------------------------------------------
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 30,
+    interval: float = 0.05,
+    describe: Callable[[], Any] | None = None,
+) -> Any:
+    """Poll ``predicate`` until truthy (return its value) or fail on the deadline.
+
+    On timeout the failure shows the last value of ``describe()`` (or of the predicate), so a
+    red test says what the database looked like instead of just "timed out".
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            seen = describe() if describe is not None else value
+            pytest.fail(f"condition not met within {timeout}s; last seen: {seen!r}", pytrace=False)
+        time.sleep(interval)
+
+
+@pytest.fixture
+def wait_for() -> Callable[..., Any]:
+    """``wait_for(predicate, timeout=30, interval=0.05, describe=None)``: see :func:`wait_until`."""
+    return wait_until
+
+
+# ---------------------------------------------------------------------------------------------
+# Test database: unique per session, stale ones from killed sessions dropped
+# ---------------------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _drop_stale_test_databases() -> None:
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    if db["ENGINE"] != "django.db.backends.postgresql":
+        return
+    import psycopg
+
+    try:
+        conn = psycopg.connect(
+            dbname="postgres",
+            user=db.get("USER") or None,
+            password=db.get("PASSWORD") or None,
+            host=db.get("HOST") or None,
+            port=db.get("PORT") or None,
+            autocommit=True,
+            connect_timeout=5,
+        )
+    except psycopg.Error:
+        return  # Django reports an unreachable database itself, with its own message.
+    with conn:
+        names = [row[0] for row in conn.execute("SELECT datname FROM pg_database")]
+        for name in names:
+            match = _TEST_DB_RE.match(name)
+            if match and not _pid_alive(int(match.group(1))):
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: None) -> None:
+    """pytest-django hook point, run once before the test database is created."""
+    _drop_stale_test_databases()
+
+
+# ---------------------------------------------------------------------------------------------
+# Real Celery workers
+# ---------------------------------------------------------------------------------------------
+def database_url_for(settings_dict: dict) -> str:
+    """A ``DATABASE_URL`` for the database Django is connected to (the test database)."""
+    engine = settings_dict["ENGINE"]
+    if engine == "django.db.backends.sqlite3":
+        return f"sqlite:///{settings_dict['NAME']}"
+    user = quote(settings_dict.get("USER") or "", safe="")
+    password = quote(settings_dict.get("PASSWORD") or "", safe="")
+    auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
+    host = settings_dict.get("HOST") or "127.0.0.1"
+    port = f":{settings_dict['PORT']}" if settings_dict.get("PORT") else ""
+    return f"postgres://{auth}{host}{port}/{quote(settings_dict['NAME'], safe='')}"
+
+
+def _broker_reachable(url: str, timeout: float = 2.0) -> bool:
+    parts = urlsplit(url)
+    if parts.scheme not in {"redis", "rediss", "amqp", "pyamqp"}:
+        return True
+    default_port = 6379 if parts.scheme.startswith("redis") else 5672
+    try:
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or default_port), timeout=timeout
+        ):
+            return True
+    except OSError:
+        return False
+
+
+def _children_of(pid: int) -> list[int]:
+    """Direct and indirect children of ``pid``, from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Field 4 (ppid) follows the parenthesised command name, which may contain spaces.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class WorkerHandle:
+    """One ``celery -A config worker`` subprocess in its own process group."""
+
+    def __init__(self, name: str, env: dict[str, str], concurrency: int, pool: str) -> None:
+        self.name = name
+        self.nodename = f"{name}.{SESSION_ID}@{socket.gethostname()}"
+        self.queue = env["CELERY_QUEUE"]
+        ARTIFACTS_DIR.joinpath("workers").mkdir(parents=True, exist_ok=True)
+        self.log_path = (
+            ARTIFACTS_DIR / "workers" / f"{name}-{SESSION_ID}-{uuid.uuid4().hex[:6]}.log"
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "config",
+            "worker",
+            "--pool",
+            pool,
+            "--concurrency",
+            str(concurrency),
+            "-Q",
+            self.queue,
+            "-n",
+            self.nodename,
+            "--without-heartbeat",
+            "--without-gossip",
+            "--without-mingle",
+            "-l",
+            "info",
+        ]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in _reap()
+        self.proc = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: kill() reaches the pool children
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def child_pids(self) -> list[int]:
+        """The pool processes (and anything they started)."""
+        return _children_of(self.pid) if self.alive else []
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Block until the worker answers a ping; fail with its log if it dies or stays mute."""
+        from config.celery import app
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive:
+                pytest.fail(
+                    f"worker {self.nodename} exited with {self.proc.returncode} before it was "
+                    f"ready; log {self.log_path}:\n{self.log_text()[-4000:]}",
+                    pytrace=False,
+                )
+            if app.control.ping(destination=[self.nodename], timeout=0.5):
+                return
+        self.kill()
+        pytest.fail(
+            f"worker {self.nodename} did not answer a ping within {timeout}s; log "
+            f"{self.log_path}:\n{self.log_text()[-4000:]}",
+            pytrace=False,
+        )
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (main process and pool children) at once."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self._reap(timeout=10)
+
+    def stop(self, timeout: float = 15) -> None:
+        """Warm shutdown (SIGTERM); SIGKILL the group if it is still there on the deadline."""
+        if self.alive:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        # Also catches pool children orphaned by the main process.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self._reap(timeout=10)
+
+    def _reap(self, timeout: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
+        if not self._log.closed:
+            self._log.close()
+
+    def pause_consuming(self) -> None:
+        from config.celery import app
+
+        app.control.cancel_consumer(self.queue, destination=[self.nodename], reply=True)
+
+    def resume_consuming(self) -> None:
+        from config.celery import app
+
+        app.control.add_consumer(self.queue, destination=[self.nodename], reply=True)
+
+    def __repr__(self) -> str:
+        return f"<WorkerHandle {self.nodename} pid={self.pid} alive={self.alive}>"
+
+
+_session_worker: WorkerHandle | None = None
+
+
+def _worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    from django.db import connection
+
+    env = os.environ.copy()
+    env["DATABASE_URL"] = database_url_for(connection.settings_dict)
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    env["DJANGO_SETTINGS_MODULE"] = "config.settings"
+    env["PYTHONUNBUFFERED"] = "1"
+    if extra:
+        env.update({key: str(value) for key, value in extra.items()})
+    return env
+
+
+def _require_broker() -> None:
+    url = os.environ["CELERY_BROKER_URL"]
+    if not _broker_reachable(url):
+        pytest.fail(
+            f"The Celery broker {url} is not reachable. Start Redis with "
+            "`redis-server --daemonize yes` (or set CELERY_BROKER_URL).",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def celery_worker(django_db_setup: None, django_db_blocker: Any) -> Iterator[WorkerHandle]:
+    """A real worker process for the whole session, on the test database; stopped at the end.
+
+    Depends on ``django_db_setup`` so it is torn down before the test database is dropped.
+    """
+    global _session_worker
+    _require_broker()
+    worker = WorkerHandle("session", _worker_env(), concurrency=2, pool="prefork")
+    try:
+        worker.wait_ready()
+        _session_worker = worker
+        yield worker
+    finally:
+        _session_worker = None
+        worker.stop()
+
+
+@pytest.fixture
+def worker_factory(django_db_setup: None) -> Iterator[Callable[..., WorkerHandle]]:
+    """Start extra workers (same queue, extra env); all are stopped when the test ends."""
+    started: list[WorkerHandle] = []
+    paused: list[WorkerHandle] = []
+
+    def start(
+        env: dict[str, Any] | None = None,
+        *,
+        name: str = "extra",
+        concurrency: int = 2,
+        exclusive: bool = False,
+        pool: str = "prefork",
+    ) -> WorkerHandle:
+        _require_broker()
+        if exclusive and _session_worker is not None and _session_worker not in paused:
+            _session_worker.pause_consuming()
+            paused.append(_session_worker)
+        worker = WorkerHandle(f"{name}{len(started) + 1}", _worker_env(env), concurrency, pool)
+        started.append(worker)
+        worker.wait_ready()
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in started:
+            worker.stop(timeout=10)
+        for worker in paused:
+            if worker.alive:
+                worker.resume_consuming()
