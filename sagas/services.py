@@ -89,6 +89,7 @@ def saga_start(
     data: dict[str, Any],
     correlation_id: str = "",
     saga_id: uuid.UUID | None = None,
+    deadline_seconds: float | None = None,
 ) -> Saga:
     """Create a saga, its step rows and its first timeline event; ring on commit.
 
@@ -97,7 +98,9 @@ def saga_start(
     """
     definition = get_definition(saga_type)
     now = timezone.now()
-    deadline = definition.deadline if definition.deadline is not None else settings.SAGA_DEADLINE
+    deadline = next(
+        d for d in (deadline_seconds, definition.deadline, settings.SAGA_DEADLINE) if d is not None
+    )
     first = definition.steps[0].name
     saga = Saga.objects.create(
         id=saga_id or uuid.uuid4(),

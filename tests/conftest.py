@@ -62,10 +62,13 @@ _DEFAULTS = {
     "SAGA_STUCK_AFTER": "0.5",
     "SAGA_SWEEP_INTERVAL": "0.5",
     "SAGA_STEP_TIMEOUT": "3",
+    "SAGA_INLINE_BUDGET": "0.5",
     "SAGA_DEADLINE": "60",
     # A dedicated Redis database, so tests never touch a developer's `make run` queue.
     "CELERY_BROKER_URL": "redis://127.0.0.1:6379/15",
     "LOG_FORMAT": "console",
+    # Saga types scripted by the engine tests, known to every worker the tests start.
+    "SAGA_DEFINITION_MODULES": "sagas.bench,tests.sagas.sagatypes",
 }
 for _key, _value in _DEFAULTS.items():
     os.environ.setdefault(_key, _value)

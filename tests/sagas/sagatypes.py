@@ -1,0 +1,99 @@
+"""Saga types for the engine tests, whose steps follow a script in the saga's data.
+
+``data["script"]`` maps a step name (or ``"undo:<step>"`` for its compensation) to a list of
+outcomes, one per attempt (the last one repeats):
+
+- ``"ok"``: the effect happens and the step returns;
+- ``"business:<code>"``: a definite no, nothing happens;
+- ``"transient"``: a transient error before anything happens;
+- ``"lost"``: the effect happens, then the caller gets a timeout;
+- ``"crash"``: the effect happens, then the worker process dies (once per step: a marker row
+  makes the retry go through).
+
+Every effect is written to ``test_saga_effects`` keyed by its idempotency key, with a call
+count, like a participant that stores its keys: a test reads which effects exist and so can
+tell an effect done twice under two keys from one repeated under the same key.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from django.db import connection
+
+from sagas.definition import BusinessFailure, SagaDefinition, Step, StepContext, register
+
+EFFECTS = "test_saga_effects"
+
+
+def ensure_effects_table() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"CREATE TABLE IF NOT EXISTS {EFFECTS} (key varchar(200) PRIMARY KEY,"
+            " saga_id varchar(64) NOT NULL, step varchar(64) NOT NULL, kind varchar(8) NOT NULL,"
+            " calls integer NOT NULL DEFAULT 1)"
+        )
+
+
+def effects(saga_id) -> dict[tuple[str, str], int]:
+    """``{(step, "do"|"undo"): calls}`` for one saga."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT step, kind, calls FROM {EFFECTS} WHERE saga_id = %s", [str(saga_id)]
+        )
+        return {(step, kind): calls for step, kind, calls in cursor.fetchall()}
+
+
+def _effect(ctx: StepContext, kind: str) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {EFFECTS} (key, saga_id, step, kind) VALUES (%s, %s, %s, %s)"
+            f" ON CONFLICT (key) DO UPDATE SET calls = {EFFECTS}.calls + 1",
+            [ctx.idempotency_key, ctx.saga_id, ctx.step, kind],
+        )
+
+
+def _crash_once(ctx: StepContext) -> bool:
+    """True the first time a step asks to crash (a marker row remembers it)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {EFFECTS} (key, saga_id, step, kind) VALUES (%s, %s, %s, 'mark')"
+            " ON CONFLICT (key) DO NOTHING RETURNING key",
+            [f"crash:{ctx.idempotency_key}", ctx.saga_id, ctx.step],
+        )
+        return cursor.fetchone() is not None
+
+
+def _outcome(ctx: StepContext) -> str:
+    name = f"undo:{ctx.step}" if ctx.compensating else ctx.step
+    script = ctx.data.get("script", {}).get(name) or ["ok"]
+    return script[min(ctx.attempt, len(script)) - 1]
+
+
+def _run(ctx: StepContext) -> dict:
+    outcome = _outcome(ctx)
+    kind = "undo" if ctx.compensating else "do"
+    if outcome.startswith("business:"):
+        raise BusinessFailure(outcome.split(":", 1)[1], f"scripted no at {ctx.step}")
+    if outcome == "transient":
+        raise ConnectionError(f"scripted transient error at {ctx.step}")
+    _effect(ctx, kind)
+    if outcome == "lost":
+        raise TimeoutError(f"scripted lost response at {ctx.step}")
+    if outcome == "crash" and _crash_once(ctx):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"step": ctx.step, "attempt": ctx.attempt}
+
+
+def scripted(names: list[str], pivot: str | None = None) -> list[Step]:
+    return [
+        Step(name, _run, compensate=None if name == pivot else _run, pivot=name == pivot)
+        for name in names
+    ]
+
+
+FIVE = ["s1", "s2", "s3", "s4", "s5"]
+register(SagaDefinition("test5", steps=scripted(FIVE)))
+# A pivot at s4: s5 runs after the point of no return.
+register(SagaDefinition("test_pivot", steps=scripted(FIVE, pivot="s4")))
