@@ -189,6 +189,8 @@ CELERY_TASK_ANNOTATIONS = {
 }
 # Idempotency records of POST /orders/ are kept at least this long.
 IDEMPOTENCY_KEY_TTL_HOURS = env.int("IDEMPOTENCY_KEY_TTL_HOURS", default=24)
+# `seed_demo`: the demo staff user's password (a development convenience, printed on purpose).
+DEMO_STAFF_PASSWORD = env("DEMO_STAFF_PASSWORD", default="demo-staff-password")
 
 # ---------------------------------------------------------------------------------------------
 # REST API
