@@ -1,0 +1,187 @@
+"""Holding, giving back and selling stock, each safe to repeat and to race.
+
+Reserve never takes a long lock: each line is one conditional ``UPDATE`` that only succeeds
+while enough stock is free, so two orders for the last unit cannot both get it and neither waits
+on the other's network calls. Lines are always touched in sku order so two reservations over the
+same products cannot deadlock. The reservation row, keyed by the saga step's forward key, is
+what makes a repeat, a race with the same key and a release-before-reserve come out right.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from inventory.errors import (
+    OutOfStock,
+    ReservationNotFound,
+    ReservationRefused,
+    ReservationStateConflict,
+)
+from inventory.models import Product, Reservation, ReservationLine, ReservationStatus
+from sagas.faults import fault_point
+
+
+@fault_point("inventory.reserve")
+def reservation_reserve(
+    *, key: str, order_id: uuid.UUID | str | None, lines: Sequence[tuple[str, int]]
+) -> dict[str, Any]:
+    """Hold every line or none.
+
+    A repeat with the same key returns the first reservation instead of holding stock again;
+    this includes two calls racing with one key, which the unique key constraint serialises.
+    """
+    wanted = _normalise_lines(lines)
+    order_uuid = None if order_id is None else uuid.UUID(str(order_id))
+
+    existing = Reservation.objects.filter(key=key).first()
+    if existing is not None:
+        return _replay(existing)
+    try:
+        with transaction.atomic():
+            # Inserted first: a concurrent reserve with this key (or a release writing its
+            # tombstone) blocks on the unique index until this transaction ends.
+            reservation = Reservation.objects.create(key=key, order_id=order_uuid)
+            _hold(reservation, wanted)
+    except IntegrityError:
+        existing = Reservation.objects.filter(key=key).first()
+        if existing is None:
+            raise
+        return _replay(existing)
+    return _result(reservation, list(wanted.items()))
+
+
+@fault_point("inventory.release")
+def reservation_release(*, key: str, forward_key: str) -> dict[str, Any]:
+    """Give back what the reserve under ``forward_key`` holds; repeatable.
+
+    If nothing was reserved under that key (the reserve failed, or has not arrived yet), this
+    still succeeds and leaves a tombstone so that a late reserve cannot take effect.
+    """
+    with transaction.atomic():
+        reservation = Reservation.objects.select_for_update().filter(key=forward_key).first()
+        if reservation is None:
+            try:
+                with transaction.atomic():
+                    reservation = Reservation.objects.create(
+                        key=forward_key,
+                        status=ReservationStatus.RELEASED,
+                        tombstone=True,
+                        settled_by_key=key,
+                    )
+                return _result(reservation, [])
+            except IntegrityError:
+                # The reserve committed between our read and our insert: release it.
+                reservation = Reservation.objects.select_for_update().get(key=forward_key)
+
+        lines = _lines_of(reservation)
+        if reservation.status == ReservationStatus.RELEASED:
+            return _result(reservation, lines)
+        if reservation.status == ReservationStatus.COMMITTED:
+            raise ReservationStateConflict(
+                f"reservation {reservation.id} is committed: its stock is sold, not held"
+            )
+        now = timezone.now()
+        for sku, quantity in lines:
+            Product.objects.filter(sku=sku).update(
+                reserved=F("reserved") - quantity, updated_at=now
+            )
+        reservation.status = ReservationStatus.RELEASED
+        reservation.settled_by_key = key
+        reservation.save(update_fields=["status", "settled_by_key", "updated_at"])
+        return _result(reservation, lines)
+
+
+@fault_point("inventory.commit")
+def reservation_commit(*, key: str, forward_key: str) -> dict[str, Any]:
+    """Turn the held stock into sold stock; repeatable.
+
+    Stock on hand and the reservation fall together in one update per line, so ``available``
+    does not move and no other order can grab the units in between.
+    """
+    with transaction.atomic():
+        reservation = Reservation.objects.select_for_update().filter(key=forward_key).first()
+        if reservation is None:
+            raise ReservationNotFound(f"nothing was reserved under {forward_key!r}")
+        lines = _lines_of(reservation)
+        if reservation.status == ReservationStatus.COMMITTED:
+            return _result(reservation, lines)
+        if reservation.status == ReservationStatus.RELEASED:
+            raise ReservationStateConflict(
+                f"reservation {reservation.id} was released; there is nothing to commit"
+            )
+        now = timezone.now()
+        for sku, quantity in lines:
+            Product.objects.filter(sku=sku).update(
+                stock_on_hand=F("stock_on_hand") - quantity,
+                reserved=F("reserved") - quantity,
+                updated_at=now,
+            )
+        reservation.status = ReservationStatus.COMMITTED
+        reservation.settled_by_key = key
+        reservation.save(update_fields=["status", "settled_by_key", "updated_at"])
+        return _result(reservation, lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _normalise_lines(lines: Iterable[Sequence[Any]]) -> dict[str, int]:
+    """Merge repeated skus and sort by sku, the one lock order every writer follows."""
+    merged: dict[str, int] = {}
+    for sku, quantity in lines:
+        if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity <= 0:
+            raise ValueError(f"quantity for {sku!r} must be a positive integer, got {quantity!r}")
+        merged[str(sku)] = merged.get(str(sku), 0) + quantity
+    if not merged:
+        raise ValueError("a reservation needs at least one line")
+    return dict(sorted(merged.items()))
+
+
+def _hold(reservation: Reservation, wanted: dict[str, int]) -> None:
+    """One conditional update per line; the first line that does not fit undoes them all."""
+    product_ids = dict(Product.objects.filter(sku__in=wanted).values_list("sku", "id"))
+    now = timezone.now()
+    for sku, quantity in wanted.items():
+        if sku not in product_ids:
+            raise OutOfStock(sku, quantity, None)
+        held = (
+            Product.objects.filter(sku=sku)
+            .alias(free=F("stock_on_hand") - F("reserved"))
+            .filter(free__gte=quantity)
+            .update(reserved=F("reserved") + quantity, updated_at=now)
+        )
+        if held != 1:
+            product = Product.objects.get(sku=sku)
+            raise OutOfStock(sku, quantity, product.available)
+    ReservationLine.objects.bulk_create(
+        ReservationLine(reservation=reservation, product_id=product_ids[sku], quantity=quantity)
+        for sku, quantity in wanted.items()
+    )
+
+
+def _lines_of(reservation: Reservation) -> list[tuple[str, int]]:
+    return list(reservation.lines.order_by("product__sku").values_list("product__sku", "quantity"))
+
+
+def _replay(reservation: Reservation) -> dict[str, Any]:
+    if reservation.status == ReservationStatus.RELEASED:
+        raise ReservationRefused(
+            f"the reservation under {reservation.key!r} was already released; "
+            "a reserve under that key cannot take effect"
+        )
+    return _result(reservation, _lines_of(reservation))
+
+
+def _result(reservation: Reservation, lines: list[tuple[str, int]]) -> dict[str, Any]:
+    return {
+        "reservation_id": str(reservation.id),
+        "status": str(reservation.status),
+        "tombstone": reservation.tombstone,
+        "lines": [[sku, quantity] for sku, quantity in lines],
+    }

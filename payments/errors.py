@@ -1,0 +1,56 @@
+"""Payment answers. Subclasses of :class:`PaymentError` are definite (they carry a ``code``);
+:class:`ProviderUnavailable` is transient on purpose and carries none, so it is retried."""
+
+from __future__ import annotations
+
+
+class PaymentError(Exception):
+    """A definite answer from the provider; asking again with the same key gets it again."""
+
+    code = "payment_error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class PaymentDeclined(PaymentError):
+    """The provider said no to an authorization or a capture; ``decline_code`` says why."""
+
+    code = "payment_declined"
+
+    def __init__(self, decline_code: str, detail: str = "") -> None:
+        super().__init__(detail or f"declined: {decline_code}")
+        self.decline_code = decline_code
+
+
+class PaymentRefused(PaymentError):
+    """An authorize or capture arrived under a key that a void or refund already closed.
+
+    The undo got there first and left a tombstone; taking effect now would move money that no
+    compensation is left to give back.
+    """
+
+    code = "already_compensated"
+
+
+class PaymentStateConflict(PaymentError):
+    """The request contradicts what already happened (e.g. voiding a captured authorization)."""
+
+    code = "payment_state_conflict"
+
+
+class IdempotencyKeyReused(PaymentError):
+    """The key was first used for a different kind of operation; the provider will not guess."""
+
+    code = "idempotency_key_reused"
+
+
+class DuplicateAuthorization(PaymentError):
+    """The order already has an authorization under another key (guarantee 2: at most one)."""
+
+    code = "duplicate_authorization"
+
+
+class ProviderUnavailable(ConnectionError):
+    """The provider could not be reached or failed before doing anything: retry later."""

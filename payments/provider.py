@@ -1,0 +1,362 @@
+"""A fake payment provider with Stripe's semantics, behind the one client class we call.
+
+What it copies from Stripe, because the saga depends on it:
+
+- Every request carries an idempotency key. The first answer under a key, approval *or*
+  decline, is stored and replayed verbatim for any repeat, so a retry after a lost response
+  cannot authorize or capture twice.
+- ``lookup(key)`` tells whether a request under a key took effect and what it answered; that
+  is how a caller settles an outcome it never heard.
+- Transient failures (:class:`ProviderUnavailable`) happen before anything is written and are
+  not stored, so retrying them is always safe.
+
+What it adds, because a saga's undo can overtake its do: ``void`` and ``refund`` name the
+*forward* request they undo. If that request never took effect, they succeed and leave a
+tombstone under its key, and a late authorize or capture with that key is refused.
+
+It keeps its own ledger (:class:`ProviderOperation`, :class:`ProviderAuthorization`) and
+amounts are integer minor units here, as at a real provider's API. Each call is its own short
+transaction, as a remote call would be; nothing here joins the caller's transaction.
+
+Test cards (``payment_method``): ``pm_card_visa`` approves; ``pm_card_declined`` declines the
+authorization; ``pm_card_capture_declined`` authorizes but declines the capture;
+``pm_card_refund_fails`` approves, but every void and refund of it is a transient failure.
+Anything else is declined as ``unknown_payment_method``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.db import IntegrityError, transaction
+
+from payments.errors import (
+    DuplicateAuthorization,
+    IdempotencyKeyReused,
+    PaymentDeclined,
+    PaymentRefused,
+    PaymentStateConflict,
+    ProviderUnavailable,
+)
+from payments.models import (
+    AuthorizationStatus,
+    OperationKind,
+    OperationOutcome,
+    ProviderAuthorization,
+    ProviderOperation,
+)
+
+PM_VISA = "pm_card_visa"
+PM_DECLINED = "pm_card_declined"
+PM_CAPTURE_DECLINED = "pm_card_capture_declined"
+PM_REFUND_FAILS = "pm_card_refund_fails"
+KNOWN_PAYMENT_METHODS = frozenset({PM_VISA, PM_DECLINED, PM_CAPTURE_DECLINED, PM_REFUND_FAILS})
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+class FakePaymentProvider:
+    """The provider client. Stateless: the ledger tables are the provider's state."""
+
+    # -- forward requests ---------------------------------------------------------------------
+    def authorize(
+        self,
+        *,
+        key: str,
+        reference: str,
+        amount_minor: int,
+        currency: str,
+        payment_method: str,
+    ) -> dict[str, Any]:
+        """Hold ``amount_minor`` on the card; raises :class:`PaymentDeclined` on a decline."""
+        if isinstance(amount_minor, bool) or not isinstance(amount_minor, int) or amount_minor < 0:
+            raise ValueError(f"amount_minor must be a non-negative int, got {amount_minor!r}")
+        currency = currency.upper()
+        recorded = self._recorded(key, OperationKind.AUTHORIZE)
+        if recorded is not None:
+            return self._replay(recorded)
+        try:
+            with transaction.atomic():
+                op = ProviderOperation.objects.create(
+                    key=key,
+                    kind=OperationKind.AUTHORIZE,
+                    outcome=OperationOutcome.SUCCEEDED,
+                    amount_minor=amount_minor,
+                    currency=currency,
+                    reference=reference,
+                )
+                decline_code = self._authorize_decline(payment_method)
+                if decline_code:
+                    self._record_decline(op, decline_code)
+                else:
+                    auth = self._create_authorization(
+                        reference=reference,
+                        amount_minor=amount_minor,
+                        currency=currency,
+                        payment_method=payment_method,
+                    )
+                    op.authorization = auth
+                    op.response = self._authorization_response(auth)
+                    op.save(update_fields=["authorization", "response"])
+        except IntegrityError as exc:
+            # Another request with this key (or a void's tombstone) committed first.
+            return self._replay_after_conflict(key, OperationKind.AUTHORIZE, exc)
+        return self._replay(op)
+
+    def capture(self, *, key: str, authorization_id: str) -> dict[str, Any]:
+        """Take the whole authorized amount; raises :class:`PaymentDeclined` on a decline."""
+        recorded = self._recorded(key, OperationKind.CAPTURE)
+        if recorded is not None:
+            return self._replay(recorded)
+        try:
+            with transaction.atomic():
+                op = ProviderOperation.objects.create(
+                    key=key, kind=OperationKind.CAPTURE, outcome=OperationOutcome.SUCCEEDED
+                )
+                auth = ProviderAuthorization.objects.select_for_update().get(id=authorization_id)
+                op.authorization = auth
+                op.reference = auth.reference
+                op.currency = auth.currency
+                decline_code = self._capture_decline(auth)
+                if decline_code:
+                    self._record_decline(op, decline_code)
+                else:
+                    auth.status = AuthorizationStatus.CAPTURED
+                    auth.captured_minor = auth.amount_minor
+                    auth.capture_id = _new_id("cap")
+                    auth.save(
+                        update_fields=["status", "captured_minor", "capture_id", "updated_at"]
+                    )
+                    op.amount_minor = auth.captured_minor
+                    op.response = {
+                        "object": "capture",
+                        "id": auth.capture_id,
+                        "authorization_id": auth.id,
+                        "reference": auth.reference,
+                        "amount_minor": auth.captured_minor,
+                        "currency": auth.currency,
+                        "status": "succeeded",
+                    }
+                    op.save()
+        except IntegrityError as exc:
+            return self._replay_after_conflict(key, OperationKind.CAPTURE, exc)
+        return self._replay(op)
+
+    # -- undo requests ------------------------------------------------------------------------
+    def void(self, *, key: str, authorize_key: str) -> dict[str, Any]:
+        """Release the hold made by the authorize under ``authorize_key``, if there is one."""
+        return self._undo(
+            key=key,
+            kind=OperationKind.VOID,
+            forward_key=authorize_key,
+            forward_kind=OperationKind.AUTHORIZE,
+        )
+
+    def refund(self, *, key: str, capture_key: str) -> dict[str, Any]:
+        """Give back the money taken by the capture under ``capture_key``, if there is any."""
+        return self._undo(
+            key=key,
+            kind=OperationKind.REFUND,
+            forward_key=capture_key,
+            forward_kind=OperationKind.CAPTURE,
+        )
+
+    # -- reads --------------------------------------------------------------------------------
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        """What the request under ``key`` did, or ``None`` if the provider never saw it."""
+        op = ProviderOperation.objects.filter(key=key).first()
+        if op is None:
+            return None
+        return {
+            "key": op.key,
+            "kind": op.kind,
+            "outcome": op.outcome,
+            "took_effect": op.outcome == OperationOutcome.SUCCEEDED,
+            "amount_minor": op.amount_minor,
+            "currency": op.currency,
+            "reference": op.reference,
+            "authorization_id": op.authorization_id,
+            "response": op.response,
+        }
+
+    def retrieve_authorization(self, authorization_id: str) -> dict[str, Any]:
+        """The authorization as it is now (not as it was first answered)."""
+        return self._authorization_response(ProviderAuthorization.objects.get(id=authorization_id))
+
+    # -- internals ----------------------------------------------------------------------------
+    def _undo(self, *, key: str, kind: str, forward_key: str, forward_kind: str) -> dict[str, Any]:
+        recorded = self._recorded(key, kind)
+        if recorded is not None:
+            return self._replay(recorded)
+        try:
+            with transaction.atomic():
+                # Our own key first: a concurrent repeat of this undo waits here, then replays.
+                op = ProviderOperation.objects.create(
+                    key=key, kind=kind, outcome=OperationOutcome.SUCCEEDED
+                )
+                forward = self._forward_or_tombstone(forward_key, forward_kind, undo_key=key)
+                response: dict[str, Any] = {
+                    "object": kind,
+                    "forward_key": forward_key,
+                    "status": "succeeded",
+                }
+                if forward.outcome != OperationOutcome.SUCCEEDED:
+                    # Nothing took effect under the forward key: a decline, or our tombstone.
+                    response |= {"undone": False, "reason": f"forward_{forward.outcome}"}
+                else:
+                    auth = ProviderAuthorization.objects.select_for_update().get(
+                        id=forward.authorization_id
+                    )
+                    if auth.payment_method == PM_REFUND_FAILS:
+                        # Rolls back the whole transaction: nothing of this attempt is kept.
+                        raise ProviderUnavailable(f"{kind} of {auth.id} failed (test card)")
+                    response |= self._apply_undo(kind, auth)
+                    op.authorization = auth
+                    op.reference = auth.reference
+                    op.currency = auth.currency
+                    op.amount_minor = response["amount_minor"]
+                op.response = response
+                op.save()
+        except IntegrityError as exc:
+            return self._replay_after_conflict(key, kind, exc)
+        return self._replay(op)
+
+    def _forward_or_tombstone(
+        self, forward_key: str, forward_kind: str, *, undo_key: str
+    ) -> ProviderOperation:
+        """The forward request's record, or a tombstone written in its place.
+
+        If the forward request is in flight, the tombstone's insert waits for it on the unique
+        key and then fails, and we undo what it did instead.
+        """
+        forward = ProviderOperation.objects.filter(key=forward_key).first()
+        if forward is None:
+            try:
+                with transaction.atomic():
+                    return ProviderOperation.objects.create(
+                        key=forward_key,
+                        kind=forward_kind,
+                        outcome=OperationOutcome.TOMBSTONE,
+                        response={"object": forward_kind, "tombstoned_by": undo_key},
+                    )
+            except IntegrityError:
+                forward = ProviderOperation.objects.get(key=forward_key)
+        if forward.kind != forward_kind:
+            raise IdempotencyKeyReused(
+                f"key {forward_key!r} belongs to a {forward.kind}, not a {forward_kind}"
+            )
+        return forward
+
+    def _apply_undo(self, kind: str, auth: ProviderAuthorization) -> dict[str, Any]:
+        base = {"authorization_id": auth.id, "reference": auth.reference, "currency": auth.currency}
+        if kind == OperationKind.VOID:
+            if auth.status == AuthorizationStatus.AUTHORIZED:
+                auth.status = AuthorizationStatus.VOIDED
+                auth.save(update_fields=["status", "updated_at"])
+                return base | {"undone": True, "amount_minor": auth.amount_minor}
+            if auth.status == AuthorizationStatus.VOIDED:
+                return base | {"undone": True, "amount_minor": auth.amount_minor}
+            if auth.status == AuthorizationStatus.REFUNDED:
+                # Captured and refunded already: no hold is left open.
+                return base | {"undone": False, "reason": "refunded", "amount_minor": 0}
+            raise PaymentStateConflict(
+                f"{auth.id} is captured; it must be refunded before it can be voided"
+            )
+        # refund: only a capture has anything to give back
+        if auth.status == AuthorizationStatus.CAPTURED:
+            auth.status = AuthorizationStatus.REFUNDED
+            auth.refunded_minor = auth.captured_minor
+            auth.refund_id = _new_id("re")
+            auth.save(update_fields=["status", "refunded_minor", "refund_id", "updated_at"])
+        if auth.status != AuthorizationStatus.REFUNDED:
+            raise PaymentStateConflict(f"{auth.id} is {auth.status}; there is nothing to refund")
+        return base | {
+            "undone": True,
+            "refund_id": auth.refund_id,
+            "amount_minor": auth.refunded_minor,
+        }
+
+    @staticmethod
+    def _authorize_decline(payment_method: str) -> str:
+        if payment_method == PM_DECLINED:
+            return "card_declined"
+        if payment_method not in KNOWN_PAYMENT_METHODS:
+            return "unknown_payment_method"
+        return ""
+
+    @staticmethod
+    def _capture_decline(auth: ProviderAuthorization) -> str:
+        if auth.status != AuthorizationStatus.AUTHORIZED:
+            return f"authorization_{auth.status}"
+        if auth.payment_method == PM_CAPTURE_DECLINED:
+            return "capture_declined"
+        return ""
+
+    @staticmethod
+    def _create_authorization(
+        *, reference: str, amount_minor: int, currency: str, payment_method: str
+    ) -> ProviderAuthorization:
+        try:
+            with transaction.atomic():
+                return ProviderAuthorization.objects.create(
+                    id=_new_id("auth"),
+                    reference=reference,
+                    currency=currency,
+                    amount_minor=amount_minor,
+                    payment_method=payment_method,
+                )
+        except IntegrityError:
+            if ProviderAuthorization.objects.filter(reference=reference).exists():
+                raise DuplicateAuthorization(
+                    f"reference {reference!r} already has an authorization"
+                ) from None
+            raise
+
+    @staticmethod
+    def _record_decline(op: ProviderOperation, decline_code: str) -> None:
+        op.outcome = OperationOutcome.DECLINED
+        op.response = {"object": op.kind, "status": "declined", "decline_code": decline_code}
+        op.save()
+
+    @staticmethod
+    def _authorization_response(auth: ProviderAuthorization) -> dict[str, Any]:
+        return {
+            "object": "authorization",
+            "id": auth.id,
+            "reference": auth.reference,
+            "amount_minor": auth.amount_minor,
+            "captured_minor": auth.captured_minor,
+            "refunded_minor": auth.refunded_minor,
+            "currency": auth.currency,
+            "status": str(auth.status),
+            "capture_id": auth.capture_id,
+            "refund_id": auth.refund_id,
+        }
+
+    @staticmethod
+    def _recorded(key: str, kind: str) -> ProviderOperation | None:
+        op = ProviderOperation.objects.filter(key=key).first()
+        if op is not None and op.kind != kind:
+            raise IdempotencyKeyReused(f"key {key!r} was first used for a {op.kind}, not a {kind}")
+        return op
+
+    def _replay_after_conflict(self, key: str, kind: str, exc: IntegrityError) -> dict[str, Any]:
+        """Another request with this key committed first: answer what it answered."""
+        op = self._recorded(key, kind)
+        if op is None:  # the conflict was not about the key: do not hide it
+            raise exc
+        return self._replay(op)
+
+    @staticmethod
+    def _replay(op: ProviderOperation) -> dict[str, Any]:
+        """The first answer under this key, exactly as it was given."""
+        if op.outcome == OperationOutcome.TOMBSTONE:
+            raise PaymentRefused(
+                f"{op.kind} under {op.key!r} was already undone; it cannot take effect now"
+            )
+        if op.outcome == OperationOutcome.DECLINED:
+            raise PaymentDeclined(op.response.get("decline_code", "declined"))
+        return dict(op.response)

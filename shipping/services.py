@@ -1,0 +1,115 @@
+"""A fake carrier: arranging and cancelling shipments, each safe to repeat and to race.
+
+The shipment row, keyed by the saga step's forward key, is the whole trick: a repeat finds it,
+a racing arrange with the same key waits on its unique index and then finds it, and a cancel
+that gets there before the arrange writes it as a tombstone so the arrange is refused.
+"""
+
+from __future__ import annotations
+
+import uuid
+import zlib
+from typing import Any
+
+from django.db import IntegrityError, transaction
+
+from sagas.faults import fault_point
+from shipping.errors import ShipmentRefused, ShippingUnavailable
+from shipping.models import Shipment, ShipmentStatus
+
+CARRIERS = ("DHL", "UPS", "PostNL", "GLS")
+#: Destinations no carrier serves (CONTRACT section 2).
+UNSERVED_COUNTRIES = frozenset({"AQ"})
+
+
+def carrier_for(country: str) -> str:
+    """Same country, same carrier: stable across processes (unlike ``hash``)."""
+    return CARRIERS[zlib.crc32(country.encode()) % len(CARRIERS)]
+
+
+@fault_point("shipping.arrange")
+def shipment_arrange(*, key: str, order_id: uuid.UUID | str, country: str) -> dict[str, Any]:
+    """Book a carrier; raises :class:`ShippingUnavailable` for an unserved country.
+
+    The refusal is recorded under the key like a shipment, so a repeat gets the same answer.
+    """
+    order_uuid = uuid.UUID(str(order_id))
+    country = country.strip().upper()
+    if len(country) != 2 or not country.isalpha():
+        raise ValueError(f"country must be an ISO 3166-1 alpha-2 code, got {country!r}")
+
+    shipment = Shipment.objects.filter(key=key).first()
+    if shipment is None:
+        if country in UNSERVED_COUNTRIES:
+            fields = {"status": ShipmentStatus.REFUSED}
+        else:
+            carrier = carrier_for(country)
+            fields = {
+                "status": ShipmentStatus.ARRANGED,
+                "carrier": carrier,
+                "tracking_number": f"{carrier.upper()}{uuid.uuid4().hex[:16].upper()}",
+            }
+        try:
+            with transaction.atomic():
+                shipment = Shipment.objects.create(
+                    key=key, order_id=order_uuid, country=country, **fields
+                )
+        except IntegrityError:
+            # Another arrange with this key, or a cancel's tombstone, committed first.
+            shipment = Shipment.objects.get(key=key)
+    return _replay(shipment)
+
+
+@fault_point("shipping.cancel")
+def shipment_cancel(*, key: str, forward_key: str) -> dict[str, Any]:
+    """Cancel the shipment arranged under ``forward_key``; repeatable.
+
+    If nothing was arranged under that key, this succeeds and leaves a tombstone, so a late
+    arrange cannot book a carrier for a cancelled order.
+    """
+    with transaction.atomic():
+        shipment = Shipment.objects.select_for_update().filter(key=forward_key).first()
+        if shipment is None:
+            try:
+                with transaction.atomic():
+                    shipment = Shipment.objects.create(
+                        key=forward_key,
+                        status=ShipmentStatus.CANCELLED,
+                        tombstone=True,
+                        cancelled_by_key=key,
+                    )
+                return _result(shipment, cancelled=False)
+            except IntegrityError:
+                # The arrange committed between our read and our insert: cancel it.
+                shipment = Shipment.objects.select_for_update().get(key=forward_key)
+        if shipment.status == ShipmentStatus.ARRANGED:
+            shipment.status = ShipmentStatus.CANCELLED
+            shipment.cancelled_by_key = key
+            shipment.save(update_fields=["status", "cancelled_by_key", "updated_at"])
+        # A refusal shipped nothing; a tombstone or a cancelled shipment needs nothing more.
+        return _result(
+            shipment,
+            cancelled=shipment.status == ShipmentStatus.CANCELLED and not shipment.tombstone,
+        )
+
+
+def _replay(shipment: Shipment) -> dict[str, Any]:
+    if shipment.status == ShipmentStatus.REFUSED:
+        raise ShippingUnavailable(shipment.country)
+    if shipment.status == ShipmentStatus.CANCELLED:
+        raise ShipmentRefused(
+            f"the shipment under {shipment.key!r} was already cancelled; "
+            "an arrange under that key cannot take effect"
+        )
+    return _result(shipment)
+
+
+def _result(shipment: Shipment, **extra: Any) -> dict[str, Any]:
+    return {
+        "shipment_id": str(shipment.id),
+        "carrier": shipment.carrier,
+        "tracking_number": shipment.tracking_number,
+        "status": str(shipment.status),
+        "tombstone": shipment.tombstone,
+        **extra,
+    }
