@@ -1,0 +1,157 @@
+"""The order saga (CONTRACT section 2), read top to bottom like the story it tells.
+
+Each step calls one participant with the step's derived idempotency key, so a retry, a lost
+response or a duplicate delivery asks the same question again and gets the first answer. A
+participant's business "no" (anything in :data:`BUSINESS_ERRORS`) becomes a
+:class:`~sagas.definition.BusinessFailure` and compensates at once; every other exception
+(a provider timeout, an injected fault, a database hiccup) is transient and retried by the
+engine.
+
+Saga ``data`` holds ``order_id``, ``amount``, ``currency`` and ``lines``; the payment method
+and the shipping country are read from the order row by id, so no personal data travels in
+the saga, its results or its timeline.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from decimal import Decimal
+from typing import Any
+
+from inventory import services as inventory
+from inventory.errors import InventoryError
+from orders import services as orders
+from orders.models import Order
+from payments import services as payments
+from payments.errors import PaymentError
+from sagas.definition import BusinessFailure, SagaDefinition, Step, StepContext, forward_key
+from shipping import services as shipping
+from shipping.errors import ShippingError
+
+#: The participants' definite answers, each with a ``code`` (``out_of_stock``,
+#: ``payment_declined``, ``shipping_unavailable``, ``already_compensated``, ...). Anything else,
+#: ``payments.errors.ProviderUnavailable`` included, is transient and retried.
+BUSINESS_ERRORS: tuple[type[Exception], ...] = (InventoryError, PaymentError, ShippingError)
+
+
+# -- 1. stock ------------------------------------------------------------------------------
+def reserve_inventory(ctx: StepContext) -> dict:
+    lines = [(sku, int(qty)) for sku, qty in ctx.data["lines"]]
+    with _business_failures():
+        result = inventory.reservation_reserve(
+            key=ctx.idempotency_key, order_id=ctx.data["order_id"], lines=lines
+        )
+    return _json(result)
+
+
+def release_inventory(ctx: StepContext) -> dict:
+    return _json(
+        inventory.reservation_release(key=ctx.idempotency_key, forward_key=ctx.forward_key)
+    )
+
+
+# -- 2. money on hold ----------------------------------------------------------------------
+def authorize_payment(ctx: StepContext) -> dict:
+    payment_method = Order.objects.values_list("payment_method", flat=True).get(
+        id=ctx.data["order_id"]
+    )
+    with _business_failures():
+        result = payments.payment_authorize(
+            key=ctx.idempotency_key,
+            order_id=ctx.data["order_id"],
+            amount=Decimal(ctx.data["amount"]),
+            currency=ctx.data["currency"],
+            payment_method=payment_method,
+        )
+    return _json(result)
+
+
+def void_authorization(ctx: StepContext) -> dict:
+    return _json(
+        payments.payment_void(
+            key=ctx.idempotency_key, order_id=ctx.data["order_id"], forward_key=ctx.forward_key
+        )
+    )
+
+
+# -- 3. a carrier --------------------------------------------------------------------------
+def arrange_shipment(ctx: StepContext) -> dict:
+    country = Order.objects.values_list("shipping_country", flat=True).get(id=ctx.data["order_id"])
+    with _business_failures():
+        result = shipping.shipment_arrange(
+            key=ctx.idempotency_key, order_id=ctx.data["order_id"], country=country
+        )
+    return _json(result)
+
+
+def cancel_shipment(ctx: StepContext) -> dict:
+    return _json(shipping.shipment_cancel(key=ctx.idempotency_key, forward_key=ctx.forward_key))
+
+
+# -- 4. money taken ------------------------------------------------------------------------
+def capture_payment(ctx: StepContext) -> dict:
+    with _business_failures():
+        result = payments.payment_capture(
+            key=ctx.idempotency_key,
+            order_id=ctx.data["order_id"],
+            authorize_key=forward_key(ctx.saga_id, "authorize_payment"),
+        )
+    return _json(result)
+
+
+def refund_payment(ctx: StepContext) -> dict:
+    return _json(
+        payments.payment_refund(
+            key=ctx.idempotency_key, order_id=ctx.data["order_id"], forward_key=ctx.forward_key
+        )
+    )
+
+
+# -- 5. the pivot: the stock is sold -------------------------------------------------------
+def confirm_order(ctx: StepContext) -> dict:
+    # Deliberately no translation to BusinessFailure: inventory only says no here if the
+    # reservation vanished or was released, which no correct run produces. Retried and then
+    # escalated, the saga goes to a person instead of compensating money already captured.
+    return _json(
+        orders.order_confirm(
+            key=ctx.idempotency_key,
+            reservation_key=forward_key(ctx.saga_id, "reserve_inventory"),
+        )
+    )
+
+
+order_saga = SagaDefinition(
+    "order",
+    steps=[
+        Step("reserve_inventory", reserve_inventory, compensate=release_inventory),
+        Step("authorize_payment", authorize_payment, compensate=void_authorization),
+        Step("arrange_shipment", arrange_shipment, compensate=cancel_shipment),
+        Step("capture_payment", capture_payment, compensate=refund_payment),
+        Step("confirm_order", confirm_order, pivot=True),
+    ],
+)
+
+
+# -- helpers -------------------------------------------------------------------------------
+@contextmanager
+def _business_failures() -> Iterator[None]:
+    """Turn a participant's definite "no" into the engine's, keeping its code."""
+    try:
+        yield
+    except BUSINESS_ERRORS as exc:
+        raise BusinessFailure(exc.code, str(exc)) from exc
+
+
+def _json(value: Any) -> Any:
+    """A participant's result as plain JSON (Decimals and UUIDs as strings) for saga results."""
+    if isinstance(value, dict):
+        return {str(k): _json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json(v) for v in value]
+    if isinstance(value, Decimal | uuid.UUID):
+        return str(value)
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)

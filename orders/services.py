@@ -1,0 +1,235 @@
+"""Writes of orders: place one, ask to cancel one, confirm one (the saga's pivot).
+
+Placing an order is one transaction: the order, its items and its saga commit together, and
+the saga's first doorbell rings only on commit (GUIDE sections 1 and 4). A client that got
+its ``201`` therefore has an order that will settle, whatever happens to the worker or the
+broker afterwards.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from django.db import transaction
+
+from inventory import services as inventory_services
+from inventory.models import Product
+from orders.errors import OrderInvalid
+from orders.models import Order, OrderItem
+from sagas import services as saga_services
+
+#: The test payment methods of CONTRACT section 2; anything else is refused up front rather
+#: than declined by the provider after stock was reserved.
+PAYMENT_METHODS = (
+    "pm_card_visa",
+    "pm_card_declined",
+    "pm_card_capture_declined",
+    "pm_card_refund_fails",
+)
+MAX_QUANTITY = 1000
+MAX_LINES = 100
+#: Decimal(12, 2) holds at most this; a bigger total would fail in the database, as a 500.
+MAX_TOTAL = Decimal("9999999999.99")
+CUSTOMER_CANCELLED = "customer_cancelled"
+
+_ADDRESS_FIELDS = {"name": 200, "line1": 200, "city": 100, "postal_code": 20, "country": 2}
+_COUNTRY = re.compile(r"^[A-Z]{2}$")
+
+
+@dataclass
+class _Problems:
+    """Collects every problem of a request so the client sees them all in one answer."""
+
+    first_code: str = ""
+    fields: dict[str, list[str]] | None = None
+
+    def add(self, code: str, field: str, message: str) -> None:
+        self.first_code = self.first_code or code
+        self.fields = self.fields or {}
+        self.fields.setdefault(field, []).append(message)
+
+    def raise_if_any(self) -> None:
+        if self.fields:
+            count = sum(len(m) for m in self.fields.values())
+            first = next(iter(self.fields.items()))
+            detail = f"{first[0]}: {first[1][0]}"
+            if count > 1:
+                detail += f" (and {count - 1} more)"
+            raise OrderInvalid(self.first_code, detail, self.fields)
+
+
+def _clean_lines(items: Any, problems: _Problems) -> dict[str, tuple[int, int]]:
+    """sku -> (position in the request, quantity) of the well-formed lines."""
+    if not isinstance(items, Sequence) or isinstance(items, str | bytes) or not items:
+        problems.add("empty_order", "items", "An order needs at least one item.")
+        return {}
+    if len(items) > MAX_LINES:
+        problems.add("too_many_items", "items", f"At most {MAX_LINES} different items per order.")
+        return {}
+    lines: dict[str, tuple[int, int]] = {}
+    for i, item in enumerate(items):
+        where = f"items[{i}]"
+        if not isinstance(item, Mapping):
+            problems.add("invalid_item", where, "Each item is an object with sku and quantity.")
+            continue
+        sku, quantity = item.get("sku"), item.get("quantity")
+        if not isinstance(sku, str) or not sku.strip():
+            problems.add("invalid_item", f"{where}.sku", "A sku is required.")
+            continue
+        sku = sku.strip()
+        if isinstance(quantity, bool) or not isinstance(quantity, int):
+            problems.add("invalid_quantity", f"{where}.quantity", "Quantity must be an integer.")
+            continue
+        if not 1 <= quantity <= MAX_QUANTITY:
+            problems.add(
+                "invalid_quantity",
+                f"{where}.quantity",
+                f"Quantity must be between 1 and {MAX_QUANTITY}.",
+            )
+            continue
+        if sku in lines:
+            problems.add("duplicate_sku", f"{where}.sku", f"{sku!r} appears twice; order it once.")
+            continue
+        lines[sku] = (i, quantity)
+    return lines
+
+
+def _clean_address(address: Any, problems: _Problems) -> dict[str, str]:
+    if not isinstance(address, Mapping):
+        problems.add(
+            "invalid_shipping_address",
+            "shipping_address",
+            "A shipping address with name, line1, city, postal_code and country is required.",
+        )
+        return {}
+    clean: dict[str, str] = {}
+    for name, max_length in _ADDRESS_FIELDS.items():
+        value = address.get(name)
+        where = f"shipping_address.{name}"
+        if not isinstance(value, str) or not value.strip():
+            problems.add("invalid_shipping_address", where, "This field is required.")
+            continue
+        value = value.strip()
+        if name == "country":
+            value = value.upper()
+            if not _COUNTRY.match(value):
+                problems.add(
+                    "invalid_shipping_address",
+                    where,
+                    "A two-letter ISO 3166-1 country code is required.",
+                )
+                continue
+        elif len(value) > max_length:
+            problems.add("invalid_shipping_address", where, f"At most {max_length} characters.")
+            continue
+        clean[name] = value
+    return clean
+
+
+@transaction.atomic
+def order_create(
+    *,
+    owner,
+    items: Sequence[Mapping[str, Any]],
+    payment_method: str,
+    shipping_address: Mapping[str, Any],
+) -> Order:
+    """Validate, price and place an order, and start its saga, in one transaction.
+
+    Prices come from the catalog now and are kept on the items, so a later price change does
+    not change what the client agreed to pay. Stock is *not* checked here: the saga's
+    ``reserve_inventory`` step does that atomically, and an order that loses the race ends
+    ``cancelled`` with ``out_of_stock`` like any other business "no".
+
+    Raises :class:`~orders.errors.OrderInvalid` (code, detail, fields) for bad input.
+    """
+    problems = _Problems()
+    lines = _clean_lines(items, problems)
+    address = _clean_address(shipping_address, problems)
+    if payment_method not in PAYMENT_METHODS:
+        problems.add(
+            "invalid_payment_method",
+            "payment_method",
+            f"Unknown payment method; use one of {', '.join(PAYMENT_METHODS)}.",
+        )
+
+    products = {p.sku: p for p in Product.objects.filter(sku__in=list(lines))}
+    for sku, (i, _) in lines.items():
+        if sku not in products:
+            problems.add("unknown_sku", f"items[{i}].sku", f"No product with sku {sku!r}.")
+    currencies = {p.currency for p in products.values()}
+    if len(currencies) > 1:
+        problems.add(
+            "mixed_currency",
+            "items",
+            f"All items of one order must share a currency; got {', '.join(sorted(currencies))}.",
+        )
+    problems.raise_if_any()
+
+    quantities = sorted((sku, qty) for sku, (_, qty) in lines.items())
+    total = sum((products[sku].price * qty for sku, qty in quantities), Decimal("0.00"))
+    if total > MAX_TOTAL:
+        problems.add("total_too_large", "items", f"The order total may not exceed {MAX_TOTAL}.")
+        problems.raise_if_any()
+    currency = currencies.pop()
+
+    order_id = uuid.uuid4()
+    # The saga carries ids, amounts and codes only: the address and payment method stay on
+    # the order row, where steps read them by id (GUIDE section 2).
+    saga = saga_services.saga_start(
+        saga_type="order",
+        data={
+            "order_id": str(order_id),
+            "amount": str(total),
+            "currency": currency,
+            "lines": [[sku, qty] for sku, qty in quantities],
+        },
+        correlation_id=str(order_id),
+    )
+    order = Order.objects.create(
+        id=order_id,
+        owner=owner,
+        currency=currency,
+        total=total,
+        payment_method=payment_method,
+        shipping_name=address["name"],
+        shipping_line1=address["line1"],
+        shipping_city=address["city"],
+        shipping_postal_code=address["postal_code"],
+        shipping_country=address["country"],
+        saga=saga,
+    )
+    OrderItem.objects.bulk_create(
+        OrderItem(order=order, sku=sku, quantity=qty, unit_price=products[sku].price)
+        for sku, qty in quantities
+    )
+    return order
+
+
+def order_request_cancel(*, order: Order, actor) -> Order:
+    """Ask for the order to be cancelled; the saga compensates at its next step boundary.
+
+    Accepted while the saga has not passed ``capture_payment``; afterwards the engine raises
+    :class:`sagas.exceptions.SagaOperationRefused` (``pivot_reached`` or ``not_running``),
+    which the API turns into a ``409``. ``actor`` is a user or a name for the timeline.
+    """
+    actor_name = actor.get_username() if hasattr(actor, "get_username") else str(actor)
+    order.saga = saga_services.saga_request_cancel(
+        saga_id=order.saga_id, reason=CUSTOMER_CANCELLED, actor=actor_name
+    )
+    return order
+
+
+def order_confirm(*, key: str, reservation_key: str) -> dict:
+    """The pivot: the reserved stock is now sold (held -> committed, ``stock_on_hand`` falls).
+
+    Idempotent by ``key``, like every step; ``reservation_key`` is the forward key of the
+    ``reserve_inventory`` step, which is how inventory knows the reservation. The money was
+    captured by the step before, so after this nothing is compensated.
+    """
+    return inventory_services.reservation_commit(key=key, forward_key=reservation_key)
