@@ -1,0 +1,119 @@
+"""Real races on real PostgreSQL: each thread has its own connection and its own transaction."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.db import connection
+
+from inventory.errors import OutOfStock, ReservationRefused
+from inventory.models import Product, Reservation, ReservationLine
+from inventory.services import reservation_release, reservation_reserve
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def run_together(*calls: Callable[[], Any]) -> list[Any]:
+    """Start every call at the same moment, each on its own thread (and so DB connection).
+
+    Returns each call's result, or the exception it raised.
+    """
+    barrier = threading.Barrier(len(calls))
+    outcomes: list[Any] = [None] * len(calls)
+
+    def run(i: int, call: Callable[[], Any]) -> None:
+        try:
+            barrier.wait(timeout=10)
+            outcomes[i] = call()
+        except Exception as exc:  # noqa: BLE001 - the outcome is what the test inspects
+            outcomes[i] = exc
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), "a racing call never finished"
+    return outcomes
+
+
+def last_unit() -> Product:
+    return Product.objects.create(sku="last", name="Last", price=Decimal("5.00"), stock_on_hand=1)
+
+
+def test_two_orders_for_the_last_unit_exactly_one_wins():
+    """Two reserves with different keys race for one unit: one holds it, one is out of stock."""
+    last_unit()
+    outcomes = run_together(
+        *[
+            (lambda k=k: reservation_reserve(key=k, order_id=uuid.uuid4(), lines=[("last", 1)]))
+            for k in ("a", "b")
+        ]
+    )
+    wins = [o for o in outcomes if isinstance(o, dict)]
+    losses = [o for o in outcomes if isinstance(o, OutOfStock)]
+    assert len(wins) == 1 and len(losses) == 1, outcomes
+    product = Product.objects.get(sku="last")
+    assert (product.stock_on_hand, product.reserved) == (1, 1)
+    assert Reservation.objects.count() == 1
+
+
+def test_many_orders_never_oversell():
+    """Eight racing reserves over three units across two products: never more held than stock."""
+    Product.objects.create(sku="a", name="A", price=Decimal("1.00"), stock_on_hand=3)
+    Product.objects.create(sku="b", name="B", price=Decimal("1.00"), stock_on_hand=3)
+    outcomes = run_together(
+        *[
+            (
+                lambda i=i: reservation_reserve(
+                    key=f"k{i}", order_id=uuid.uuid4(), lines=[("b", 1), ("a", 1)]
+                )
+            )
+            for i in range(8)
+        ]
+    )
+    wins = [o for o in outcomes if isinstance(o, dict)]
+    assert len(wins) == 3
+    assert all(isinstance(o, dict | OutOfStock) for o in outcomes), outcomes
+    for product in Product.objects.all():
+        assert (product.stock_on_hand, product.reserved) == (3, 3)
+    assert ReservationLine.objects.count() == 6
+
+
+def test_same_key_racing_holds_once_and_both_get_the_same_answer():
+    """Two deliveries of one reserve race: the unique key makes the second read the first."""
+    Product.objects.create(sku="p", name="P", price=Decimal("1.00"), stock_on_hand=10)
+    order_id = uuid.uuid4()
+    outcomes = run_together(
+        *[
+            (lambda: reservation_reserve(key="same", order_id=order_id, lines=[("p", 4)]))
+            for _ in range(4)
+        ]
+    )
+    assert all(isinstance(o, dict) for o in outcomes), outcomes
+    assert len({o["reservation_id"] for o in outcomes}) == 1
+    assert Product.objects.get(sku="p").reserved == 4
+
+
+def test_release_racing_its_reserve_leaves_nothing_held():
+    """Whichever of reserve and release lands first, no stock stays held afterwards."""
+    Product.objects.create(sku="p", name="P", price=Decimal("1.00"), stock_on_hand=10)
+    reserve_outcome, release_outcome = run_together(
+        lambda: reservation_reserve(key="k", order_id=uuid.uuid4(), lines=[("p", 2)]),
+        lambda: reservation_release(key="k:undo", forward_key="k"),
+    )
+    assert isinstance(release_outcome, dict), release_outcome
+    if isinstance(reserve_outcome, ReservationRefused):
+        assert release_outcome["tombstone"] is True
+    else:
+        assert isinstance(reserve_outcome, dict), reserve_outcome
+        assert release_outcome["lines"] == [["p", 2]]
+    assert Product.objects.get(sku="p").reserved == 0
+    assert Reservation.objects.get(key="k").status == "released"

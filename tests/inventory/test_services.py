@@ -1,0 +1,271 @@
+"""Reserve, release and commit: all-or-nothing, repeatable, and safe against a late reserve."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from decimal import Decimal
+
+import pytest
+from django.db import IntegrityError, transaction
+
+from inventory.errors import (
+    OutOfStock,
+    ReservationNotFound,
+    ReservationRefused,
+    ReservationStateConflict,
+)
+from inventory.models import Product, Reservation, ReservationStatus
+from inventory.services import reservation_commit, reservation_release, reservation_reserve
+
+pytestmark = pytest.mark.django_db
+
+
+def make_product(sku: str, stock: int, price: str = "9.99") -> Product:
+    return Product.objects.create(
+        sku=sku, name=sku.title(), price=Decimal(price), stock_on_hand=stock
+    )
+
+
+def stock(sku: str) -> tuple[int, int]:
+    p = Product.objects.get(sku=sku)
+    return p.stock_on_hand, p.reserved
+
+
+def reserve(key: str = "saga:1:reserve_inventory", lines=(("apple", 1),), order_id=None):
+    return reservation_reserve(key=key, order_id=order_id or uuid.uuid4(), lines=list(lines))
+
+
+@pytest.fixture
+def catalog():
+    return [make_product("apple", 5), make_product("banana", 3), make_product("cherry", 1)]
+
+
+# -- the model's own invariants --------------------------------------------------------------
+def test_available_is_stock_minus_reserved(catalog):
+    """``available`` is what can still be promised: on hand minus held."""
+    Product.objects.filter(sku="apple").update(reserved=2)
+    assert Product.objects.get(sku="apple").available == 3
+
+
+@pytest.mark.parametrize(
+    ("stock_on_hand", "reserved"), [(-1, 0), (3, -1), (3, 4)], ids=["neg-stock", "neg-held", "over"]
+)
+def test_database_refuses_rows_that_oversell(stock_on_hand, reserved):
+    """The check constraints stop negative stock and holding more than is on hand."""
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Product.objects.create(
+            sku="x", name="x", price=Decimal("1.00"), stock_on_hand=stock_on_hand, reserved=reserved
+        )
+
+
+def test_currency_defaults_to_euro_and_price_is_decimal(catalog):
+    """Prices come back as Decimal with two places, in EUR unless said otherwise."""
+    product = Product.objects.get(sku="apple")
+    assert product.currency == "EUR"
+    assert product.price == Decimal("9.99") and isinstance(product.price, Decimal)
+
+
+# -- reserve ---------------------------------------------------------------------------------
+def test_reserve_holds_every_line_in_sku_order(catalog):
+    """All lines are held together; the result lists them in sku order and is plain JSON."""
+    order_id = uuid.uuid4()
+    result = reserve(lines=[("banana", 2), ("apple", 3)], order_id=order_id)
+    assert result["lines"] == [["apple", 3], ["banana", 2]]
+    assert result["status"] == "held"
+    assert stock("apple") == (5, 3) and stock("banana") == (3, 2)
+    reservation = Reservation.objects.get(id=result["reservation_id"])
+    assert reservation.order_id == order_id
+    assert json.loads(json.dumps(result)) == result
+
+
+def test_reserve_merges_repeated_skus(catalog):
+    """Two lines for one sku are one hold of their sum."""
+    result = reserve(lines=[("apple", 1), ("apple", 2)])
+    assert result["lines"] == [["apple", 3]]
+    assert stock("apple") == (5, 3)
+
+
+def test_reserve_accepts_order_id_as_string(catalog):
+    """Saga data carries ids as strings; they are stored as UUIDs."""
+    order_id = uuid.uuid4()
+    result = reserve(order_id=str(order_id))
+    assert Reservation.objects.get(id=result["reservation_id"]).order_id == order_id
+
+
+def test_out_of_stock_rolls_back_every_line(catalog):
+    """If one line does not fit, nothing is held and no reservation is written."""
+    with pytest.raises(OutOfStock) as caught:
+        reserve(lines=[("apple", 2), ("cherry", 2)])
+    assert caught.value.code == "out_of_stock"
+    assert caught.value.sku == "cherry"
+    assert caught.value.available == 1
+    assert stock("apple") == (5, 0) and stock("cherry") == (1, 0)
+    assert not Reservation.objects.exists()
+
+
+def test_unknown_sku_is_out_of_stock(catalog):
+    """A sku that does not exist cannot be held: out_of_stock, naming the sku."""
+    with pytest.raises(OutOfStock) as caught:
+        reserve(lines=[("apple", 1), ("durian", 1)])
+    assert caught.value.code == "out_of_stock" and caught.value.sku == "durian"
+    assert stock("apple") == (5, 0)
+
+
+def test_out_of_stock_is_not_remembered(catalog):
+    """A refused reserve leaves no trace, so the same key may succeed once stock arrives."""
+    with pytest.raises(OutOfStock):
+        reserve(key="k", lines=[("cherry", 2)])
+    Product.objects.filter(sku="cherry").update(stock_on_hand=2)
+    assert reserve(key="k", lines=[("cherry", 2)])["lines"] == [["cherry", 2]]
+
+
+def test_reserving_exactly_what_is_available_succeeds(catalog):
+    """The last units can be held: the condition is ``available >= quantity``."""
+    reserve(lines=[("cherry", 1)])
+    assert stock("cherry") == (1, 1)
+    with pytest.raises(OutOfStock):
+        reserve(key="other", lines=[("cherry", 1)])
+
+
+def test_repeated_reserve_returns_the_first_result(catalog):
+    """The same key again holds nothing more and answers exactly as the first time."""
+    first = reserve(key="k", lines=[("apple", 2)])
+    again = reserve(key="k", lines=[("apple", 2)])
+    assert again == first
+    assert stock("apple") == (5, 2)
+    assert Reservation.objects.count() == 1
+
+
+@pytest.mark.parametrize("quantity", [0, -1, True, 1.5])
+def test_reserve_rejects_non_positive_or_non_integer_quantities(catalog, quantity):
+    """Bad quantities are a caller's bug, not a business answer: ValueError, nothing held."""
+    with pytest.raises(ValueError):
+        reserve(lines=[("apple", quantity)])
+    assert stock("apple") == (5, 0)
+
+
+def test_reserve_rejects_an_empty_order(catalog):
+    """A reservation needs at least one line."""
+    with pytest.raises(ValueError):
+        reserve(lines=[])
+
+
+# -- release ---------------------------------------------------------------------------------
+def test_release_gives_back_what_was_held(catalog):
+    """Released stock is available again; the reservation says released."""
+    held = reserve(key="k", lines=[("apple", 2), ("banana", 1)])
+    result = reservation_release(key="k:undo", forward_key="k")
+    assert result["status"] == "released" and result["tombstone"] is False
+    assert result["reservation_id"] == held["reservation_id"]
+    assert result["lines"] == [["apple", 2], ["banana", 1]]
+    assert stock("apple") == (5, 0) and stock("banana") == (3, 0)
+    assert Reservation.objects.get(key="k").settled_by_key == "k:undo"
+
+
+def test_release_is_idempotent(catalog):
+    """Releasing twice gives back once."""
+    reserve(key="k", lines=[("apple", 2)])
+    first = reservation_release(key="k:undo", forward_key="k")
+    again = reservation_release(key="k:undo", forward_key="k")
+    assert again == first
+    assert stock("apple") == (5, 0)
+
+
+def test_release_with_nothing_reserved_succeeds_and_leaves_a_tombstone(catalog):
+    """A release that overtakes its reserve succeeds and marks the key as released."""
+    result = reservation_release(key="k:undo", forward_key="k")
+    assert result["status"] == "released" and result["tombstone"] is True
+    assert result["lines"] == []
+    tombstone = Reservation.objects.get(key="k")
+    assert tombstone.status == ReservationStatus.RELEASED and tombstone.tombstone
+    assert reservation_release(key="k:undo", forward_key="k") == result
+
+
+def test_late_reserve_after_tombstone_is_refused_and_holds_nothing(catalog):
+    """A reserve arriving after its release raises and does not take effect."""
+    reservation_release(key="k:undo", forward_key="k")
+    with pytest.raises(ReservationRefused) as caught:
+        reserve(key="k", lines=[("apple", 1)])
+    assert caught.value.code == "already_compensated"
+    assert stock("apple") == (5, 0)
+    assert not Reservation.objects.get(key="k").lines.exists()
+
+
+def test_reserve_after_a_real_release_is_refused(catalog):
+    """Once released, the key's reservation is over; repeating the reserve does not re-hold."""
+    reserve(key="k", lines=[("apple", 1)])
+    reservation_release(key="k:undo", forward_key="k")
+    with pytest.raises(ReservationRefused):
+        reserve(key="k", lines=[("apple", 1)])
+    assert stock("apple") == (5, 0)
+
+
+def test_release_after_out_of_stock_is_a_tombstone(catalog):
+    """The saga may release a reserve that failed; nothing moves and the key is closed."""
+    with pytest.raises(OutOfStock):
+        reserve(key="k", lines=[("cherry", 5)])
+    assert reservation_release(key="k:undo", forward_key="k")["tombstone"] is True
+    assert stock("cherry") == (1, 0)
+
+
+def test_release_of_committed_stock_is_refused(catalog):
+    """Sold stock cannot be un-held: a release after commit is a conflict and changes nothing."""
+    reserve(key="k", lines=[("apple", 2)])
+    reservation_commit(key="k:commit", forward_key="k")
+    with pytest.raises(ReservationStateConflict):
+        reservation_release(key="k:undo", forward_key="k")
+    assert stock("apple") == (3, 0)
+
+
+# -- commit ----------------------------------------------------------------------------------
+def test_commit_turns_held_stock_into_sold_stock(catalog):
+    """Stock on hand and held fall together; ``available`` does not move."""
+    reserve(key="k", lines=[("apple", 2), ("banana", 3)])
+    before = Product.objects.get(sku="apple").available
+    result = reservation_commit(key="k:commit", forward_key="k")
+    assert result["status"] == "committed"
+    assert stock("apple") == (3, 0) and stock("banana") == (0, 0)
+    assert Product.objects.get(sku="apple").available == before
+
+
+def test_commit_is_idempotent(catalog):
+    """Committing twice sells once."""
+    reserve(key="k", lines=[("apple", 2)])
+    first = reservation_commit(key="k:commit", forward_key="k")
+    assert reservation_commit(key="k:commit", forward_key="k") == first
+    assert stock("apple") == (3, 0)
+
+
+def test_reserve_after_commit_replays_the_reservation(catalog):
+    """A repeated reserve after the commit answers with the first result and holds nothing."""
+    first = reserve(key="k", lines=[("apple", 2)])
+    reservation_commit(key="k:commit", forward_key="k")
+    again = reserve(key="k", lines=[("apple", 2)])
+    assert again["reservation_id"] == first["reservation_id"]
+    assert stock("apple") == (3, 0)
+
+
+def test_commit_after_release_is_refused(catalog):
+    """Released stock is not sold: commit after release is a conflict."""
+    reserve(key="k", lines=[("apple", 2)])
+    reservation_release(key="k:undo", forward_key="k")
+    with pytest.raises(ReservationStateConflict) as caught:
+        reservation_commit(key="k:commit", forward_key="k")
+    assert caught.value.code == "reservation_state_conflict"
+    assert stock("apple") == (5, 0)
+
+
+def test_commit_of_nothing_is_not_found(catalog):
+    """A commit needs a reservation to commit; it does not leave a tombstone."""
+    with pytest.raises(ReservationNotFound) as caught:
+        reservation_commit(key="k:commit", forward_key="k")
+    assert caught.value.code == "reservation_not_found"
+    assert not Reservation.objects.exists()
+
+
+def test_commit_after_a_tombstone_is_refused(catalog):
+    """A tombstone holds a key, not stock: there is nothing to commit."""
+    reservation_release(key="k:undo", forward_key="k")
+    with pytest.raises(ReservationStateConflict):
+        reservation_commit(key="k:commit", forward_key="k")
