@@ -116,3 +116,60 @@ class OrderItem(models.Model):
     @property
     def line_total(self) -> Decimal:
         return self.unit_price * self.quantity
+
+
+class IdempotencyState(models.TextChoices):
+    IN_FLIGHT = "in_flight", "in flight"
+    DONE = "done", "done"
+
+
+class IdempotencyRecord(models.Model):
+    """One ``Idempotency-Key`` of ``POST /api/v1/orders/``, per user (CONTRACT section 3).
+
+    Written ``in_flight`` (and committed) before the order is placed, so a second request with
+    the key sees it and gets a ``409``; turned ``done`` with the response in the very
+    transaction that creates the order and its saga, so a key maps to at most one order
+    (guarantee 5) and a replay returns exactly the first response. Kept at least
+    ``IDEMPOTENCY_KEY_TTL_HOURS``; a periodic task deletes older ones.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="idempotency_records"
+    )
+    key = models.CharField(max_length=255)
+    #: sha256 of the canonical JSON of the request body: the same key with another body is a
+    #: client bug (``422``), not a replay.
+    fingerprint = models.CharField(max_length=64)
+    state = models.CharField(
+        max_length=16, choices=IdempotencyState.choices, default=IdempotencyState.IN_FLIGHT
+    )
+    #: The attempt holding an in-flight record. A request that takes over an abandoned one (its
+    #: process died before finishing) sets a new token, so the old attempt can no longer finish.
+    attempt = models.UUIDField(default=uuid.uuid4)
+    response_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    response_body = models.JSONField(null=True, blank=True)
+    order = models.OneToOneField(
+        Order, on_delete=models.SET_NULL, null=True, blank=True, related_name="idempotency_record"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    #: When the current attempt started (a takeover moves it).
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["user", "key"], name="orders_idempotency_user_key"),
+            models.CheckConstraint(
+                condition=Q(state="in_flight") | Q(response_status__isnull=False),
+                name="orders_idempotency_done_has_response",
+            ),
+        ]
+        indexes = [
+            # The cleanup task: records past the TTL.
+            models.Index(fields=["created_at"], name="orders_idempotency_created_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"idempotency key {self.key!r} of user {self.user_id} ({self.state})"
