@@ -148,7 +148,9 @@ class IdempotencyRecord(models.Model):
     #: process died before finishing) sets a new token, so the old attempt can no longer finish.
     attempt = models.UUIDField(default=uuid.uuid4)
     response_status = models.PositiveSmallIntegerField(null=True, blank=True)
-    response_body = models.JSONField(null=True, blank=True)
+    #: The rendered body of the first response, replayed byte for byte (a JSON column would
+    #: reorder its keys).
+    response_body = models.TextField(blank=True, default="")
     order = models.OneToOneField(
         Order, on_delete=models.SET_NULL, null=True, blank=True, related_name="idempotency_record"
     )

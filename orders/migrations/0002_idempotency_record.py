@@ -23,7 +23,7 @@ class Migration(migrations.Migration):
                 ('state', models.CharField(choices=[('in_flight', 'in flight'), ('done', 'done')], default='in_flight', max_length=16)),
                 ('attempt', models.UUIDField(default=uuid.uuid4)),
                 ('response_status', models.PositiveSmallIntegerField(blank=True, null=True)),
-                ('response_body', models.JSONField(blank=True, null=True)),
+                ('response_body', models.TextField(blank=True, default='')),
                 ('created_at', models.DateTimeField(auto_now_add=True)),
                 ('started_at', models.DateTimeField()),
                 ('finished_at', models.DateTimeField(blank=True, null=True)),
