@@ -1,0 +1,55 @@
+"""Decimal in, integer minor units at the provider, Decimal out; floats never."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from payments.money import from_minor, to_minor
+
+
+@pytest.mark.parametrize(
+    ("amount", "currency", "minor"),
+    [("12.34", "EUR", 1234), ("0.01", "usd", 1), ("10", "EUR", 1000), ("500", "JPY", 500)],
+)
+def test_to_minor(amount, currency, minor):
+    """Amounts scale by the currency's exponent: cents for EUR, whole yen for JPY."""
+    assert to_minor(Decimal(amount), currency) == minor
+
+
+def test_from_minor_keeps_the_currency_places():
+    """Minor units come back as Decimal with the currency's number of places."""
+    assert from_minor(1230, "EUR") == Decimal("12.30")
+    assert str(from_minor(1230, "EUR")) == "12.30"
+    assert str(from_minor(500, "JPY")) == "500"
+
+
+def test_floats_are_refused():
+    """A float is a bug: it is rejected, not rounded."""
+    with pytest.raises(TypeError):
+        to_minor(12.34, "EUR")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("amount", "currency"), [("12.345", "EUR"), ("1.5", "JPY"), ("-1", "EUR"), ("NaN", "EUR")]
+)
+def test_impossible_amounts_are_refused(amount, currency):
+    """Sub-cent precision, negative and non-finite amounts never reach the provider."""
+    with pytest.raises(ValueError):
+        to_minor(Decimal(amount), currency)
+
+
+@pytest.mark.parametrize("currency", ["KWD", "EURO", "E1R"])
+def test_unsupported_currencies_are_refused(currency):
+    """Three-decimal currencies and non-codes are rejected rather than mis-scaled."""
+    with pytest.raises(ValueError):
+        to_minor(Decimal("1.00"), currency)
+
+
+@given(minor=st.integers(min_value=0, max_value=10**12), currency=st.sampled_from(["EUR", "JPY"]))
+def test_round_trip_is_exact(minor, currency):
+    """Minor units -> Decimal -> minor units loses nothing, for any amount."""
+    assert to_minor(from_minor(minor, currency), currency) == minor
