@@ -6,6 +6,7 @@ the difference is the engine's own cost (claims, records, timeline) against brok
 
 from __future__ import annotations
 
+from celery import shared_task
 from django.db import connection
 
 from sagas.definition import SagaDefinition, Step, StepContext, register
@@ -18,7 +19,8 @@ def ensure_table() -> None:
     with connection.cursor() as cursor:
         cursor.execute(
             f"CREATE TABLE IF NOT EXISTS {TABLE} (run varchar(64) NOT NULL, n integer NOT NULL,"
-            " step smallint NOT NULL, PRIMARY KEY (run, n, step))"
+            " step smallint NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp(),"
+            " PRIMARY KEY (run, n, step))"
         )
 
 
@@ -50,3 +52,9 @@ bench_saga = register(
         steps=[Step(f"write_{i}", _step(i), compensate=_undo) for i in range(1, 6)],
     )
 )
+
+
+@shared_task(name="sagas.bench_chain_step", ignore_result=True, acks_late=True)
+def chain_step(run: str, n: int, step: int) -> None:
+    """The baseline: one link of a plain Celery ``chain`` doing the same write as a step."""
+    write(run, n, step)

@@ -101,7 +101,7 @@ def _prep(name: str, value: Any) -> Any:
     return _FIELD_BY_NAME[name].get_db_prep_save(value, connection)
 
 
-def _fenced_update(
+def _saga_update_sql(
     saga_id: Any,
     expected_version: int,
     values: dict[str, Any],
@@ -109,11 +109,8 @@ def _fenced_update(
     bump_attempt: bool = False,
     require_due_before: datetime | None = None,
     require_active: bool = False,
-) -> Saga | None:
-    """``UPDATE saga SET ..., version = version + 1 WHERE id = X AND version = V RETURNING *``.
-
-    Returns the updated saga, or ``None`` when no row matched (stale or duplicate delivery).
-    """
+) -> tuple[str, list[Any]]:
+    """``UPDATE saga SET ..., version = version + 1 WHERE id = X AND version = V RETURNING *``."""
     qn = connection.ops.quote_name
     sets = [f"{qn('version')} = {qn('version')} + 1"]
     params: list[Any] = []
@@ -136,10 +133,72 @@ def _fenced_update(
         f"UPDATE {qn(Saga._meta.db_table)} SET {', '.join(sets)} "
         f"WHERE {' AND '.join(where)} RETURNING {columns}"
     )
+    return sql, params
+
+
+def _fetch_saga(sql: str, params: list[Any]) -> Saga | None:
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
     return None if row is None else _row_to_saga(row)
+
+
+def _fenced_update(saga_id: Any, expected_version: int, values: dict[str, Any], **kw: Any):
+    """Run the fenced UPDATE; ``None`` when no row matched (stale or duplicate delivery)."""
+    return _fetch_saga(*_saga_update_sql(saga_id, expected_version, values, **kw))
+
+
+_EVENT_COLUMNS = ("at", "kind", "step", "attempt", "detail", "actor", "duration_ms")
+
+
+def _record_sql_postgres(
+    saga: Saga, fields: dict[str, Any], rec: _Record, now: datetime
+) -> tuple[str, list[Any]]:
+    """The whole record as ONE statement: fenced saga UPDATE, step UPDATE, event INSERTs.
+
+    PostgreSQL runs data-modifying CTEs atomically in one statement, and the step update and
+    event inserts only touch rows when the fenced UPDATE matched (they read from it). One round
+    trip instead of five (BEGIN, three statements, COMMIT) is most of the engine's speed.
+    """
+    qn = connection.ops.quote_name
+    saga_sql, params = _saga_update_sql(saga.id, saga.version, fields)
+    parts = [f"WITH s AS ({saga_sql})"]
+    if rec.step_index is not None and rec.step_fields:
+        step_fields = {**rec.step_fields, "updated_at": now}
+        sets = []
+        for name, value in step_fields.items():
+            f = SagaStep._meta.get_field(name)
+            sets.append(f"{qn(f.column)} = %s")
+            params.append(f.get_db_prep_save(value, connection))
+        parts.append(
+            f", st AS (UPDATE {qn(SagaStep._meta.db_table)} SET {', '.join(sets)} "
+            f"WHERE {qn('saga_id')} = %s AND {qn('index')} = %s AND EXISTS (SELECT 1 FROM s))"
+        )
+        params += [_prep("id", saga.id), rec.step_index]
+    if rec.events:
+        casts = {
+            "at": "timestamptz",
+            "kind": "varchar",
+            "step": "varchar",
+            "attempt": "integer",
+            "detail": "text",
+            "actor": "varchar",
+            "duration_ms": "double precision",
+        }
+        rows = []
+        for e in rec.events:
+            values = {"at": now, "actor": "engine", "duration_ms": None, **e}
+            rows.append("(" + ", ".join(f"%s::{casts[c]}" for c in _EVENT_COLUMNS) + ")")
+            params += [values[c] for c in _EVENT_COLUMNS]
+        cols = ", ".join(qn(c) for c in _EVENT_COLUMNS)
+        parts.append(
+            f", ev AS (INSERT INTO {qn(SagaEvent._meta.db_table)} ({qn('saga_id')}, {cols}) "
+            f"SELECT s.{qn('id')}, {', '.join('v.' + qn(c) for c in _EVENT_COLUMNS)} "
+            f"FROM s, (VALUES {', '.join(rows)}) AS v({cols}))"
+        )
+    columns = ", ".join(qn(f.column) for f in _SAGA_FIELDS)
+    parts.append(f" SELECT {columns} FROM s")
+    return "".join(parts), params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,20 +283,14 @@ def _write(saga: Saga, rec: _Record, *, inline_ok: bool) -> Saga | None:
             fields["attempt"] = 0
             fields["lease_until"] = None
     try:
-        with transaction.atomic():
-            updated = _fenced_update(saga.id, saga.version, fields)
+        if connection.vendor == "postgresql":
+            updated = _fetch_saga(*_record_sql_postgres(saga, fields, rec, now))
             if updated is None:
                 raise _Fenced
-            if rec.step_index is not None and rec.step_fields:
-                SagaStep.objects.filter(saga_id=saga.id, index=rec.step_index).update(
-                    updated_at=now, **rec.step_fields
-                )
-            if rec.events:
-                SagaEvent.objects.bulk_create(
-                    [SagaEvent(saga_id=saga.id, at=now, **e) for e in rec.events]
-                )
             if rec.ring_after is not None or (rec.go_on and not go_on):
                 ring_on_commit(saga.id, updated.version, rec.ring_after)
+        else:
+            updated = _write_portable(saga, fields, rec, now, go_on)
     except _Fenced:
         metrics.STALE_DELIVERIES.inc()
         log.info("saga.fenced", saga_id=str(saga.id), version=saga.version)
@@ -254,6 +307,27 @@ def _write(saga: Saga, rec: _Record, *, inline_ok: bool) -> Saga | None:
     if rec.finished:
         metrics.SAGAS_FINISHED.labels(saga.saga_type, rec.finished).inc()
     return updated if go_on else None
+
+
+def _write_portable(
+    saga: Saga, fields: dict[str, Any], rec: _Record, now: datetime, go_on: bool
+) -> Saga:
+    """The same record as three statements in one transaction (SQLite, the embedded default)."""
+    with transaction.atomic():
+        updated = _fenced_update(saga.id, saga.version, fields)
+        if updated is None:
+            raise _Fenced
+        if rec.step_index is not None and rec.step_fields:
+            SagaStep.objects.filter(saga_id=saga.id, index=rec.step_index).update(
+                updated_at=now, **rec.step_fields
+            )
+        if rec.events:
+            SagaEvent.objects.bulk_create(
+                [SagaEvent(saga_id=saga.id, at=now, **e) for e in rec.events]
+            )
+        if rec.ring_after is not None or (rec.go_on and not go_on):
+            ring_on_commit(saga.id, updated.version, rec.ring_after)
+    return updated
 
 
 def _compensable(definition: SagaDefinition, saga: Saga, below: int) -> int | None:

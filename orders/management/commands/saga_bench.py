@@ -1,0 +1,101 @@
+"""``python manage.py saga_bench``: the engine and order-saga benchmark (CONTRACT section 1).
+
+Starts its own worker processes on a queue of its own, runs the engine's 5-step workload and a
+plain Celery ``chain`` of the same five writes (and with ``--order`` the real order saga), and
+prints sagas/s, p50/p99, queries per step, broker messages per saga and the ratio to the chain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+
+QUEUE_ENV = "SAGA_BENCH_QUEUE"
+
+
+class Command(BaseCommand):
+    help = "Benchmark the saga engine (and the order saga) against a plain Celery chain."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--sagas", type=int, default=1000, help="sagas per workload")
+        parser.add_argument("--warmup", type=int, default=100)
+        parser.add_argument("--processes", type=int, default=1, help="worker processes")
+        parser.add_argument("--concurrency", type=int, default=2, help="pool size per process")
+        parser.add_argument("--pool", default="prefork", choices=["prefork", "threads"])
+        parser.add_argument(
+            "--rate", type=float, default=None, help="offered sagas/s (default: all at once)"
+        )
+        parser.add_argument("--order", action="store_true", help="also run the real order saga")
+        parser.add_argument("--order-only", action="store_true")
+        parser.add_argument(
+            "--latency", action="store_true", help="order saga with 20-50 ms on every provider call"
+        )
+        parser.add_argument("--skip-chain", action="store_true")
+        parser.add_argument("--json", type=Path, default=None, help="write results here")
+
+    def handle(self, *args, **opts):
+        queue = os.environ.get(QUEUE_ENV)
+        if queue != settings.CELERY_TASK_DEFAULT_QUEUE:
+            # Re-run in a process whose default queue is the bench's own, so doorbells sent by
+            # the engine reach the bench workers and never a `make run` worker.
+            queue = f"bench-{uuid.uuid4().hex[:8]}"
+            env = {**os.environ, QUEUE_ENV: queue, "CELERY_QUEUE": queue}
+            os.execvpe(sys.executable, [sys.executable, "manage.py", *sys.argv[1:]], env)
+
+        from sagas import benchmark
+
+        worker_env = {}
+        if opts["latency"]:
+            ops = [
+                "inventory.reserve", "inventory.release", "inventory.commit",
+                "payments.authorize", "payments.void", "payments.capture", "payments.refund",
+                "shipping.arrange", "shipping.cancel",
+            ]  # fmt: skip
+            worker_env["SAGA_FAULTS"] = json.dumps({op: {"latency_ms": [20, 50]} for op in ops})
+        workers = benchmark.BenchWorkers(
+            processes=opts["processes"],
+            concurrency=opts["concurrency"],
+            pool=opts["pool"],
+            env=worker_env,
+        )
+        results = []
+        try:
+            n = opts["sagas"]
+            self.stdout.write(
+                f"saga_bench: {n} sagas per workload, {opts['processes']} worker process(es) x "
+                f"{opts['concurrency']} ({opts['pool']}), queue {queue}"
+            )
+            if not opts["order_only"]:
+                benchmark.run_engine(opts["warmup"])
+                results.append(benchmark.run_engine(n, rate=opts["rate"]))
+                if not opts["skip_chain"]:
+                    benchmark.run_chain(opts["warmup"])
+                    results.append(benchmark.run_chain(n, rate=opts["rate"]))
+            if opts["order"] or opts["order_only"]:
+                from orders.benchmark import run_orders
+
+                run_orders(min(opts["warmup"], 50))
+                results.append(run_orders(n, rate=opts["rate"], latency=opts["latency"]))
+        finally:
+            workers.stop()
+
+        self.stdout.write(benchmark.HEADER)
+        for r in results:
+            self.stdout.write(r.row())
+        by_name = {r.name: r for r in results}
+        chain = by_name.get("plain celery chain")
+        if chain:
+            for r in results:
+                if r is not chain:
+                    self.stdout.write(
+                        f"ratio {r.name} / plain chain: {r.sagas_per_s / chain.sagas_per_s:.2f}x"
+                    )
+        if opts["json"]:
+            opts["json"].parent.mkdir(parents=True, exist_ok=True)
+            opts["json"].write_text(json.dumps([benchmark.as_dict(r) for r in results], indent=2))

@@ -1,0 +1,282 @@
+"""The engine benchmark: sagas/s and end-to-end latency against a plain Celery ``chain``.
+
+Both workloads run on the same freshly started worker processes, against the same database and
+broker, doing the same five small writes per saga; only the orchestration differs. Latency is
+measured from database timestamps (created -> finished) so the load generator's own scheduling
+does not distort it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from celery import chain
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Max, Min
+from django.utils import timezone
+
+from sagas import bench
+from sagas.models import Saga, SagaState
+from sagas.services import saga_start
+
+REPO_ROOT = Path(settings.BASE_DIR)
+
+
+@dataclass
+class Result:
+    name: str
+    sagas: int
+    seconds: float
+    sagas_per_s: float
+    p50_ms: float
+    p99_ms: float
+    offered_per_s: float | None = None
+    queries_per_step: float | None = None
+    broker_messages_per_saga: float | None = None
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+    def row(self) -> str:
+        q = "-" if self.queries_per_step is None else f"{self.queries_per_step:.1f}"
+        m = "-" if self.broker_messages_per_saga is None else f"{self.broker_messages_per_saga:.2f}"
+        offered = "max" if not self.offered_per_s else f"{self.offered_per_s:.0f}/s"
+        return (
+            f"{self.name:<24} {offered:>8} {self.sagas:>6} {self.sagas_per_s:>9.1f} "
+            f"{self.p50_ms:>8.1f} {self.p99_ms:>8.1f} {q:>8} {m:>8}"
+        )
+
+
+HEADER = (
+    f"{'workload':<24} {'offered':>8} {'sagas':>6} {'sagas/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+    f"{'q/step':>8} {'msg/saga':>8}"
+)
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers
+# ---------------------------------------------------------------------------------------------
+class BenchWorkers:
+    """``processes`` worker processes on the bench queue, started fresh and stopped after."""
+
+    def __init__(
+        self,
+        *,
+        processes: int = 1,
+        concurrency: int = 2,
+        pool: str = "prefork",
+        env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.queue = settings.CELERY_TASK_DEFAULT_QUEUE
+        log_dir = log_dir or Path(settings.VAR_DIR) / "bench"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        base_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        for i in range(processes):
+            log = open(log_dir / f"worker{i}.log", "wb")  # noqa: SIM115 - owned by the process
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable, "-m", "celery", "-A", "config", "worker",
+                        "--pool", pool, "--concurrency", str(concurrency),
+                        "-Q", self.queue, "-n", f"bench{i}.{uuid.uuid4().hex[:6]}@%h",
+                        "--without-heartbeat", "--without-gossip", "--without-mingle",
+                        "-l", os.environ.get("SAGA_BENCH_WORKER_LOGLEVEL", "info"),
+                    ],
+                    cwd=REPO_ROOT, env=base_env, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )  # fmt: skip
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 60) -> None:
+        from config.celery import app
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            replies = app.control.ping(timeout=0.5) or []
+            names = {name for reply in replies for name in reply if name.startswith("bench")}
+            if len(names) >= len(self.procs):
+                return
+            if any(p.poll() is not None for p in self.procs):
+                raise RuntimeError("a bench worker exited at start; see var/bench/worker*.log")
+        raise RuntimeError("bench workers did not answer a ping in time")
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Broker message counting (Redis: LPUSH is how kombu publishes)
+# ---------------------------------------------------------------------------------------------
+def broker_publishes() -> int | None:
+    url = settings.CELERY_BROKER_URL
+    if not url.startswith("redis"):
+        return None
+    import redis
+
+    client = redis.Redis.from_url(url)
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_lpush", {}).get("calls", 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads
+# ---------------------------------------------------------------------------------------------
+def _paced(n: int, rate: float | None, send: Callable[[int], None]) -> None:
+    """Call ``send(i)`` n times, at ``rate`` per second (as fast as possible when None)."""
+    started = time.monotonic()
+    for i in range(n):
+        if rate:
+            due = started + i / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        send(i)
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def run_engine(n: int, *, rate: float | None = None, timeout: float = 600) -> Result:
+    """N sagas of the 5-step bench type, each started in its own transaction."""
+    bench.ensure_table()
+    run = f"engine-{uuid.uuid4().hex[:8]}"
+    ids: list[Any] = []
+    before = broker_publishes()
+    started = time.monotonic()
+
+    def send(i: int) -> None:
+        with transaction.atomic():
+            ids.append(saga_start(saga_type="bench5", data={"run": run, "n": i}).id)
+
+    _paced(n, rate, send)
+    _wait(
+        lambda: (
+            Saga.objects.filter(id__in=ids)
+            .exclude(state__in=[SagaState.SUCCEEDED, SagaState.COMPENSATED, SagaState.NEEDS_MANUAL])
+            .count()
+            == 0
+        ),
+        timeout,
+        "engine sagas to finish",
+    )
+    after = broker_publishes()
+    rows = list(Saga.objects.filter(id__in=ids).values_list("created_at", "finished_at", "state"))
+    span = Saga.objects.filter(id__in=ids).aggregate(a=Min("created_at"), b=Max("finished_at"))
+    seconds = (span["b"] - span["a"]).total_seconds()
+    latencies = [(f - c).total_seconds() * 1000 for c, f, _ in rows if f]
+    outcomes: dict[str, int] = {}
+    for *_, state in rows:
+        outcomes[state] = outcomes.get(state, 0) + 1
+    del started
+    return Result(
+        name="engine 5-step saga",
+        sagas=n,
+        seconds=seconds,
+        sagas_per_s=n / seconds,
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
+        offered_per_s=rate,
+        queries_per_step=engine_queries_per_step(),
+        broker_messages_per_saga=None if before is None else (after - before) / n,
+        outcomes=outcomes,
+    )
+
+
+def run_chain(n: int, *, rate: float | None = None, timeout: float = 600) -> Result:
+    """The baseline: N plain Celery chains of five tasks doing the same writes."""
+    bench.ensure_table()
+    run = f"chain-{uuid.uuid4().hex[:8]}"
+    sent_at: dict[int, float] = {}
+    before = broker_publishes()
+
+    def send(i: int) -> None:
+        sent_at[i] = time.time()
+        chain(*(bench.chain_step.si(run, i, s) for s in range(1, 6))).apply_async()
+
+    first = timezone.now()
+    _paced(n, rate, send)
+
+    def done() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT count(*) FROM {bench.TABLE} WHERE run = %s AND step = 5", [run])
+            return cursor.fetchone()[0]
+
+    _wait(lambda: done() >= n, timeout, "chains to finish")
+    after = broker_publishes()
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT n, at FROM {bench.TABLE} WHERE run = %s AND step = 5", [run])
+        finished = dict(cursor.fetchall())
+    latencies = [(finished[i].timestamp() - sent_at[i]) * 1000 for i in range(n)]
+    seconds = (max(finished.values()) - first).total_seconds()
+    return Result(
+        name="plain celery chain",
+        sagas=n,
+        seconds=seconds,
+        sagas_per_s=n / seconds,
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
+        offered_per_s=rate,
+        queries_per_step=1.0,
+        broker_messages_per_saga=None if before is None else (after - before) / n,
+        outcomes={"succeeded": n},
+    )
+
+
+def engine_queries_per_step() -> float:
+    """Engine statements per step on the happy path, counted in-process on the same code."""
+    from django.test.utils import CaptureQueriesContext
+
+    from sagas.engine import advance
+
+    bench.ensure_table()
+    with transaction.atomic():
+        saga = saga_start(saga_type="bench5", data={"run": f"q-{uuid.uuid4().hex[:8]}", "n": 0})
+        # Take the saga away from the doorbell that rings on commit; this run is in-process.
+        Saga.objects.filter(pk=saga.pk).update(version=10_000)
+    with CaptureQueriesContext(connection) as ctx:
+        advance(saga.id, 10_000)
+    control = ("COMMIT", "BEGIN", "ROLLBACK", "SAVEPOINT", "RELEASE")
+    engine = [
+        q for q in ctx.captured_queries
+        if not q["sql"].startswith(control) and bench.TABLE not in q["sql"]
+    ]  # fmt: skip
+    return len(engine) / 5
+
+
+def as_dict(result: Result) -> dict[str, Any]:
+    return asdict(result)
