@@ -204,22 +204,33 @@ def _record_sql_postgres(
 # ---------------------------------------------------------------------------------------------
 # The doorbell
 # ---------------------------------------------------------------------------------------------
+# After a failed publish, skip the broker for this long: the sweeper rings those sagas later,
+# and requests and steps do not each pay a connect timeout while the broker is down.
+_BREAKER_SECONDS = 2.0
+_broker_down_until = 0.0
+
+
 def ring(saga_id: Any, version: int, countdown: float | None = None) -> None:
     """Send "saga X at version V may have work". Never raises: the row is already safe.
 
     A broker that is down or restarting must not fail the request or the step that committed;
     the sweeper rings again once the broker is back.
     """
+    global _broker_down_until
     from sagas.tasks import run_saga
 
+    if time.monotonic() < _broker_down_until:
+        log.debug("saga.doorbell_skipped", saga_id=str(saga_id), version=version)
+        return
     try:
         run_saga.apply_async(
             (str(saga_id), version),
             countdown=countdown if countdown and countdown > 0 else None,
             retry=True,
-            retry_policy={"max_retries": 2, "interval_start": 0.05, "interval_step": 0.2},
+            retry_policy={"max_retries": 1, "interval_start": 0.05, "interval_step": 0.2},
         )
     except Exception as exc:  # noqa: BLE001 - any broker failure is logged and forgotten
+        _broker_down_until = time.monotonic() + _BREAKER_SECONDS
         log.warning("saga.doorbell_failed", saga_id=str(saga_id), version=version, error=repr(exc))
 
 
