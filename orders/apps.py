@@ -1,4 +1,5 @@
 from django.apps import AppConfig
+from django.db.models.signals import post_migrate
 
 
 class OrdersConfig(AppConfig):
@@ -11,3 +12,23 @@ class OrdersConfig(AppConfig):
         from sagas.definition import register
 
         register(order_saga)
+        post_migrate.connect(_ensure_idempotency_expiry_schedule, sender=self)
+
+
+EXPIRE_IDEMPOTENCY_TASK_NAME = "orders: expire idempotency keys"
+
+
+def _ensure_idempotency_expiry_schedule(**_kwargs) -> None:
+    """Create the hourly clean-up of expired Idempotency-Key records once; after that it
+    belongs to the ops console (like the sweeper's schedule in sagas.apps)."""
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    if PeriodicTask.objects.filter(name=EXPIRE_IDEMPOTENCY_TASK_NAME).exists():
+        return
+    schedule, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.HOURS)
+    PeriodicTask.objects.create(
+        name=EXPIRE_IDEMPOTENCY_TASK_NAME,
+        task="orders.expire_idempotency_keys",
+        interval=schedule,
+        description="Deletes Idempotency-Key records older than IDEMPOTENCY_KEY_TTL_HOURS.",
+    )
