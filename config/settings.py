@@ -205,12 +205,28 @@ REST_FRAMEWORK = {
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
+    # One JSON error shape for every 4xx: {"code", "detail", "fields"} (config/api_errors.py).
+    "EXCEPTION_HANDLER": "config.api_errors.exception_handler",
+    # JSON only, size-bounded; never a 500 for a body that cannot be read.
+    "DEFAULT_PARSER_CLASSES": ["config.api_parsers.JSONParser"],
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "sagarunner API",
     "DESCRIPTION": "Orders that cross payments, inventory and shipping, run as sagas.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    # Every operation documents the shared error responses with the one error schema.
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "config.api.add_plain_views",
+        "config.api.add_error_responses",
+    ],
+    "ENUM_NAME_OVERRIDES": {
+        "OrderStatusEnum": "orders.api.ORDER_STATUS_CHOICES",
+        "ShipmentStatusEnum": "shipping.models.ShipmentStatus",
+        "StepStatusEnum": "sagas.models.StepStatus",
+    },
 }
 
 # ---------------------------------------------------------------------------------------------

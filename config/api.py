@@ -1,0 +1,203 @@
+"""Shared pieces of the REST API: pagination, the JSON parser, the error schema, ``/metrics``.
+
+Kept in the project shell because every app's API uses them the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+from drf_spectacular.utils import extend_schema
+from rest_framework import exceptions, pagination, serializers
+from rest_framework.request import Request
+from rest_framework.views import APIView
+
+
+# ---------------------------------------------------------------------------------------------
+# Pagination: page numbers, a bounded page size
+# ---------------------------------------------------------------------------------------------
+class Pagination(pagination.PageNumberPagination):
+    """``?page=N&page_size=M``; ``page_size`` defaults to ``PAGE_SIZE`` and is capped at 100."""
+
+    page_size_query_param = "page_size"
+    max_page_size = 100
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict input fields: JSON types as the schema says, no coercion
+# ---------------------------------------------------------------------------------------------
+class StrictCharField(serializers.CharField):
+    """A string, and only a string (DRF's CharField also takes numbers)."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """A JSON integer, and only that (DRF's IntegerField also takes "5", 5.0 and true)."""
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# The error shape, for the schema
+# ---------------------------------------------------------------------------------------------
+class ErrorSerializer(serializers.Serializer):
+    """Every 4xx (and 5xx) body of the API."""
+
+    code = serializers.CharField(help_text="Machine-readable, e.g. `not_found`, `invalid`.")
+    detail = serializers.CharField(help_text="What went wrong, for people.")
+    fields = serializers.DictField(
+        child=serializers.ListField(child=serializers.CharField()),
+        help_text="Messages by input path (`items[0].quantity`); empty when no field is to blame.",
+    )
+
+
+#: Error responses every operation may give, added to the schema by :func:`add_error_responses`.
+COMMON_ERRORS: dict[str, str] = {
+    "400": "Malformed request (bad JSON, wrong types, invalid values).",
+    "401": "Missing or invalid credentials.",
+    "403": "Authenticated, but not allowed.",
+    "404": "No such resource (or not yours).",
+    "405": "Method not allowed on this route.",
+    "406": "Cannot render the requested media type.",
+    "413": "The request body is too large.",
+    "415": "Unsupported media type (send application/json).",
+    "429": "Throttled.",
+}
+_ANONYMOUS_OK = {"/api/schema/"}
+_PLAIN_VIEWS = {"/healthz", "/metrics"}
+
+
+def add_error_responses(result: dict, generator, request, public) -> dict:
+    """drf-spectacular postprocessing hook: document the shared error responses on every
+    operation (with the one error schema), so clients and schemathesis know every status the
+    API may answer with."""
+    components = result.setdefault("components", {}).setdefault("schemas", {})
+    components.setdefault(
+        "Error",
+        {
+            "type": "object",
+            "description": ErrorSerializer.__doc__,
+            "properties": {
+                "code": {"type": "string"},
+                "detail": {"type": "string"},
+                "fields": {
+                    "type": "object",
+                    "additionalProperties": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+            "required": ["code", "detail", "fields"],
+        },
+    )
+    ref = {"$ref": "#/components/schemas/Error"}
+    for path, operations in result.get("paths", {}).items():
+        if path in _PLAIN_VIEWS:
+            continue
+        for method, operation in operations.items():
+            if method not in {"get", "post", "put", "patch", "delete"}:
+                continue
+            responses = operation.setdefault("responses", {})
+            for code, description in COMMON_ERRORS.items():
+                if path in _ANONYMOUS_OK and code in {"401", "403"}:
+                    continue
+                if code in responses:
+                    continue
+                responses[code] = {
+                    "description": description,
+                    "content": {"application/json": {"schema": ref}},
+                }
+    return result
+
+
+def add_plain_views(result: dict, generator, request, public) -> dict:
+    """drf-spectacular postprocessing hook: ``/healthz`` and ``/metrics`` are plain Django views
+    (no DRF), documented here so the schema lists every route of the contract."""
+    paths = result.setdefault("paths", {})
+    component = {
+        "type": "object",
+        "properties": {
+            "status": {"type": "string", "enum": ["ok", "unavailable"]},
+            "database": {"type": "string", "enum": ["ok", "unavailable", "timeout"]},
+            "broker": {"type": "string", "enum": ["ok", "unavailable", "timeout"]},
+            "down": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["status", "database", "broker"],
+    }
+    result.setdefault("components", {}).setdefault("schemas", {})["Health"] = component
+    health = {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}}
+    paths["/healthz"] = {
+        "get": {
+            "operationId": "healthz",
+            "summary": "Can this process reach the database and the broker?",
+            "tags": ["operations"],
+            "security": [{}],
+            "responses": {
+                "200": {"description": "Both answer.", "content": health},
+                "503": {
+                    "description": "At least one does not (`down` names it).",
+                    "content": health,
+                },
+            },
+        }
+    }
+    paths["/metrics"] = {
+        "get": {
+            "operationId": "metrics",
+            "summary": "Prometheus metrics (text exposition format)",
+            "tags": ["operations"],
+            "security": [{}],
+            "responses": {
+                "200": {
+                    "description": "Sagas started/finished by outcome, step latency, retries, "
+                    "compensations, sagas per state.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    }
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Unrouted paths under /api/: a JSON 404, not Django's HTML page
+# ---------------------------------------------------------------------------------------------
+class NotFoundView(APIView):
+    """Anything under ``/api/`` that no route matches (including a missing trailing slash)."""
+
+    authentication_classes: list = []
+    permission_classes: list = []
+    schema = None
+
+    def http_method_not_allowed(self, request: Request, *args, **kwargs):
+        raise exceptions.NotFound()
+
+    def initial(self, request: Request, *args, **kwargs) -> None:
+        super().initial(request, *args, **kwargs)
+        raise exceptions.NotFound(
+            "No API route matches this path (routes end with a slash, e.g. /api/v1/orders/)."
+        )
+
+    def get(self, request: Request, *args, **kwargs):  # pragma: no cover - initial() raises
+        raise exceptions.NotFound()
+
+
+# ---------------------------------------------------------------------------------------------
+# /metrics: Prometheus text, for the scraper (no authentication, like /healthz)
+# ---------------------------------------------------------------------------------------------
+@extend_schema(exclude=True)
+@never_cache
+@require_GET
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    from sagas.metrics import render_metrics
+
+    body, content_type = render_metrics()
+    return HttpResponse(body, content_type=content_type)

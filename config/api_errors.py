@@ -1,0 +1,208 @@
+"""One JSON shape for every error of the REST API: ``{"code", "detail", "fields"}``.
+
+``code`` is machine-readable (``not_found``, ``invalid``, ``pivot_reached``, ...), ``detail``
+is for people, ``fields`` maps each offending input path (``items[1].quantity``,
+``shipping_address.country``) to its messages and is ``{}`` when no field is to blame.
+
+:func:`exception_handler` is DRF's ``EXCEPTION_HANDLER``: it covers everything DRF raises
+(validation, parse errors, authentication, permissions, 404s, 405s, throttling, ...) plus the
+domain errors the services raise, so views never build error responses by hand. The
+``handler*`` functions give the same shape to the few errors Django answers before any view
+runs (a bad ``Host`` header, an unmatched URL under ``/api/`` when not routed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.settings import api_settings
+from rest_framework.views import exception_handler as drf_exception_handler
+from rest_framework.views import set_rollback
+
+from config.api_parsers import PayloadTooLarge
+from orders.errors import OrderInvalid
+from orders.idempotency import (
+    IdempotencyError,
+    IdempotencyKeyInvalid,
+    IdempotencyKeyReused,
+    IdempotencyRequestInFlight,
+)
+from sagas.exceptions import SagaOperationRefused
+
+#: Codes of the saga engine's refusals that mean "no such thing" rather than "not now".
+_NOT_FOUND_CODES = {"not_found"}
+_IDEMPOTENCY_STATUS = {
+    IdempotencyKeyInvalid: 400,
+    IdempotencyKeyReused: 422,
+    IdempotencyRequestInFlight: 409,
+}
+
+
+class ApiError(exceptions.APIException):
+    """An API error with a specific code and optional field errors.
+
+    Subclass it with ``status_code``, ``default_code`` and ``default_detail``, or raise it
+    directly: ``ApiError("Say why.", code="reason_required", status_code=400)``.
+    """
+
+    status_code = status.HTTP_400_BAD_REQUEST
+    default_code = "invalid"
+    default_detail = "The request is not valid."
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        code: str | None = None,
+        fields: dict[str, list[str]] | None = None,
+        status_code: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail, code)
+        self.code = code or self.default_code
+        self.fields = fields or {}
+        self.headers = headers or {}
+        if status_code is not None:
+            self.status_code = status_code
+
+
+def error_body(code: str, detail: str, fields: dict[str, list[str]] | None = None) -> dict:
+    return {"code": code, "detail": detail, "fields": fields or {}}
+
+
+def flatten_errors(detail: Any, prefix: str = "") -> dict[str, list[str]]:
+    """DRF's nested error structure as ``{"items[0].quantity": ["..."]}``.
+
+    Errors that belong to no field (``non_field_errors``) are listed under the path of the
+    object they belong to, or ``non_field_errors`` at the top.
+    """
+    out: dict[str, list[str]] = {}
+    if isinstance(detail, dict):
+        for key, value in detail.items():
+            if key in ("non_field_errors", api_settings.NON_FIELD_ERRORS_KEY):
+                path = prefix or "non_field_errors"
+            elif isinstance(key, int):
+                path = f"{prefix}[{key}]"
+            else:
+                path = f"{prefix}.{key}" if prefix else str(key)
+            for p, messages in flatten_errors(value, path).items():
+                out.setdefault(p, []).extend(messages)
+    elif isinstance(detail, list | tuple):
+        if all(not isinstance(item, dict | list | tuple) for item in detail):
+            if detail:
+                out.setdefault(prefix or "non_field_errors", []).extend(str(m) for m in detail)
+        else:
+            for i, item in enumerate(detail):
+                for p, messages in flatten_errors(item, f"{prefix}[{i}]").items():
+                    out.setdefault(p, []).extend(messages)
+    elif detail is not None and str(detail):
+        out.setdefault(prefix or "non_field_errors", []).append(str(detail))
+    return out
+
+
+def summarize(fields: dict[str, list[str]]) -> str:
+    """ "items[0].quantity: Ensure this value is ... (and 2 more)"."""
+    if not fields:
+        return "The request is not valid."
+    path, messages = next(iter(fields.items()))
+    count = sum(len(m) for m in fields.values())
+    text = messages[0] if path == "non_field_errors" else f"{path}: {messages[0]}"
+    return text + (f" (and {count - 1} more)" if count > 1 else "")
+
+
+def _code_of(exc: exceptions.APIException) -> str:
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and code:
+        return code
+    codes = exc.get_codes()
+    if isinstance(codes, str):
+        return codes
+    return exc.default_code
+
+
+def exception_handler(exc: Exception, context: dict) -> Response | None:
+    """DRF ``EXCEPTION_HANDLER``: every handled error as ``{"code", "detail", "fields"}``."""
+    if isinstance(exc, OrderInvalid):
+        set_rollback()
+        return Response(error_body(exc.code, exc.detail, exc.fields), status=400)
+    if isinstance(exc, SagaOperationRefused):
+        set_rollback()
+        code = 404 if exc.code in _NOT_FOUND_CODES else 409
+        return Response(error_body(exc.code, exc.detail), status=code)
+    if isinstance(exc, IdempotencyError):
+        set_rollback()
+        response = Response(
+            error_body(exc.code, exc.detail), status=_IDEMPOTENCY_STATUS.get(type(exc), 400)
+        )
+        if isinstance(exc, IdempotencyRequestInFlight):
+            response["Retry-After"] = "1"
+        return response
+    if isinstance(exc, DjangoValidationError):
+        # A model or field validator that ran outside a serializer (e.g. a malformed UUID).
+        exc = exceptions.ValidationError(
+            exc.message_dict if hasattr(exc, "error_dict") else exc.messages
+        )
+    if isinstance(exc, RequestDataTooBig):
+        exc = PayloadTooLarge()
+    elif isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, DjangoPermissionDenied):
+        exc = exceptions.PermissionDenied(str(exc) or None)
+
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        return None  # a bug: Django's 500 handling (and its logging) takes over
+
+    assert isinstance(exc, exceptions.APIException)
+    detail = exc.detail
+    if isinstance(detail, dict | list):
+        fields = flatten_errors(detail)
+        body = error_body(_code_of(exc), summarize(fields), fields)
+    else:
+        body = error_body(_code_of(exc), str(detail), getattr(exc, "fields", None))
+    response.data = body
+    for name, value in getattr(exc, "headers", {}).items():
+        response[name] = value
+    return response
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors Django answers itself (before or outside DRF views): JSON under /api/, HTML elsewhere.
+# ---------------------------------------------------------------------------------------------
+def _wants_json(request: HttpRequest) -> bool:
+    return request.path.startswith("/api/")
+
+
+def handler400(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    if _wants_json(request):
+        return JsonResponse(error_body("bad_request", "Bad request."), status=400)
+    return defaults.bad_request(request, exception)
+
+
+def handler403(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    if _wants_json(request):
+        detail = str(exception) if exception and str(exception) else "Permission denied."
+        return JsonResponse(error_body("permission_denied", detail), status=403)
+    return defaults.permission_denied(request, exception)
+
+
+def handler404(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    if _wants_json(request):
+        return JsonResponse(error_body("not_found", "Not found."), status=404)
+    return defaults.page_not_found(request, exception)
+
+
+def handler500(request: HttpRequest) -> HttpResponse:
+    if _wants_json(request):
+        return JsonResponse(
+            error_body("server_error", "Something went wrong on our side; it has been logged."),
+            status=500,
+        )
+    return defaults.server_error(request)

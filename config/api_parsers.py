@@ -1,0 +1,38 @@
+"""The API's request parser: JSON only, size-bounded, and never a 500 for an unreadable body.
+
+Its own module because DRF imports the parser classes while defining ``APIView``: this must not
+import anything that imports ``rest_framework.views``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from rest_framework import exceptions, parsers, status
+from rest_framework.utils import json
+
+
+class PayloadTooLarge(exceptions.APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_code = "payload_too_large"
+    default_detail = "The request body is too large."
+
+
+class JSONParser(parsers.JSONParser):
+    """DRF's JSON parser, plus: a body larger than ``DATA_UPLOAD_MAX_MEMORY_SIZE`` is a ``413``;
+    an unknown charset, invalid UTF-8 or absurdly deep nesting is a ``400``, not a ``500``."""
+
+    def parse(self, stream, media_type=None, parser_context=None) -> Any:
+        parser_context = parser_context or {}
+        encoding = parsers.get_encoding(parser_context)
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        raw = stream.read(limit + 1) if limit is not None else stream.read()
+        if limit is not None and len(raw) > limit:
+            raise PayloadTooLarge()
+        try:
+            text = raw.decode(encoding)
+            parse_constant = json.strict_constant if self.strict else None
+            return json.loads(text, parse_constant=parse_constant)
+        except (ValueError, LookupError, RecursionError) as exc:
+            raise exceptions.ParseError(f"JSON parse error - {exc}") from None
