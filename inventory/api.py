@@ -1,0 +1,117 @@
+"""``/api/v1/products/``: any authenticated user reads the catalog; staff create and change it."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django.core.validators import RegexValidator
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from rest_framework import mixins, permissions, serializers, status, viewsets
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from config.api import Pagination
+from inventory import catalog
+from inventory.models import Product
+from inventory.selectors import product_list
+
+SKU_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+MAX_STOCK = 2_000_000_000  # the column is a 32-bit integer
+
+
+class ProductSerializer(serializers.ModelSerializer):
+    sku = serializers.CharField(
+        max_length=64,
+        validators=[
+            RegexValidator(
+                rf"^{SKU_PATTERN}$",
+                "Letters, digits, '.', '_' and '-', starting with a letter or digit.",
+            )
+        ],
+    )
+    name = serializers.CharField(max_length=200)
+    price = serializers.DecimalField(
+        max_digits=12, decimal_places=2, min_value=Decimal("0"), coerce_to_string=True
+    )
+    currency = serializers.RegexField(
+        r"^[A-Z]{3}$", max_length=3, default="EUR", help_text="ISO 4217, upper case."
+    )
+    stock_on_hand = serializers.IntegerField(min_value=0, max_value=MAX_STOCK, default=0)
+    reserved = serializers.IntegerField(read_only=True)
+    available = serializers.IntegerField(read_only=True)
+
+    class Meta:
+        model = Product
+        fields = ["sku", "name", "price", "currency", "stock_on_hand", "reserved", "available"]
+
+
+class ProductUpdateSerializer(ProductSerializer):
+    """The same fields, all optional, and the sku fixed (it is the product's address)."""
+
+    sku = serializers.CharField(read_only=True)
+    currency = serializers.RegexField(
+        r"^[A-Z]{3}$", max_length=3, required=False, help_text="ISO 4217, upper case."
+    )
+    stock_on_hand = serializers.IntegerField(min_value=0, max_value=MAX_STOCK, required=False)
+
+    class Meta(ProductSerializer.Meta):
+        pass
+
+
+class IsStaffOrReadOnly(permissions.BasePermission):
+    def has_permission(self, request: Request, view) -> bool:
+        if request.method in permissions.SAFE_METHODS:
+            return True
+        return bool(request.user and request.user.is_staff)
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List products", tags=["products"]),
+    retrieve=extend_schema(
+        summary="Get a product",
+        tags=["products"],
+        parameters=[OpenApiParameter("sku", str, OpenApiParameter.PATH, pattern=SKU_PATTERN)],
+    ),
+    create=extend_schema(
+        summary="Create a product (staff)",
+        tags=["products"],
+        request=ProductSerializer,
+        responses={201: ProductSerializer},
+    ),
+    partial_update=extend_schema(
+        summary="Change a product (staff)",
+        tags=["products"],
+        request=ProductUpdateSerializer,
+        responses={200: ProductSerializer},
+        parameters=[OpenApiParameter("sku", str, OpenApiParameter.PATH, pattern=SKU_PATTERN)],
+    ),
+)
+class ProductViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    mixins.UpdateModelMixin,
+    viewsets.GenericViewSet,
+):
+    permission_classes = [permissions.IsAuthenticated, IsStaffOrReadOnly]
+    serializer_class = ProductSerializer
+    pagination_class = Pagination
+    lookup_field = "sku"
+    lookup_value_regex = "[^/]+"
+    http_method_names = ["get", "post", "patch", "head", "options"]
+
+    def get_queryset(self):
+        return product_list()
+
+    def create(self, request: Request, *args, **kwargs) -> Response:
+        serializer = ProductSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        product = catalog.product_create(**serializer.validated_data)
+        return Response(ProductSerializer(product).data, status=status.HTTP_201_CREATED)
+
+    def partial_update(self, request: Request, *args, **kwargs) -> Response:
+        product = self.get_object()
+        serializer = ProductUpdateSerializer(product, data=request.data, partial=True)
+        serializer.is_valid(raise_exception=True)
+        product = catalog.product_update(sku=product.sku, changes=dict(serializer.validated_data))
+        return Response(ProductSerializer(product).data)
