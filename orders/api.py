@@ -1,0 +1,467 @@
+"""``/api/v1/orders/``: place orders (with idempotency keys), follow them, cancel them.
+
+Views stay thin: a serializer checks the request's shape, :mod:`orders.services` places or
+cancels, a serializer renders. A client sees only its own orders (another client's order is a
+``404``, not a ``403``); staff see all.
+
+The order's ``status``, ``step`` and ``cancellation_reason`` come from its saga
+(:func:`orders.selectors.order_state`); payment amounts and the shipment are read from the
+participants' tables in one query each per page, so the detail view runs a constant number of
+queries and the list view has no N+1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from django.db import transaction
+from django.utils.http import parse_etags, quote_etag
+from django_filters import rest_framework as filters
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_field,
+    extend_schema_view,
+)
+from rest_framework import generics, permissions, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.renderers import JSONRenderer
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from config.api import ErrorSerializer, Pagination, StrictCharField, StrictIntegerField
+from config.api_errors import flatten_errors
+from orders import idempotency
+from orders.countries import COUNTRY_CODES
+from orders.errors import OrderInvalid
+from orders.models import Order, OrderItem
+from orders.selectors import OrderStatus, order_list, order_state, order_status_expression
+from orders.services import (
+    MAX_LINES,
+    MAX_QUANTITY,
+    PAYMENT_METHODS,
+    order_create,
+    order_request_cancel,
+)
+from payments.models import Payment
+from sagas.models import SagaEvent, SagaState
+from shipping.models import Shipment, ShipmentStatus
+
+#: For the schema's enum names (SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"]).
+ORDER_STATUS_CHOICES = [(s, s) for s in OrderStatus.ALL]
+CANCELLATION_REASONS = (
+    "out_of_stock",
+    "payment_declined",
+    "shipping_unavailable",
+    "customer_cancelled",
+    "timed_out",
+    "step_failed",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input
+# ---------------------------------------------------------------------------------------------
+class OrderItemInputSerializer(serializers.Serializer):
+    sku = StrictCharField(max_length=64)
+    quantity = StrictIntegerField(min_value=1, max_value=MAX_QUANTITY)
+
+
+class ShippingAddressSerializer(serializers.Serializer):
+    name = StrictCharField(max_length=200)
+    line1 = StrictCharField(max_length=200)
+    city = StrictCharField(max_length=100)
+    postal_code = StrictCharField(max_length=20)
+    country = StrictCharField(
+        min_length=2, max_length=2, help_text="ISO 3166-1 alpha-2 (e.g. `GB`); `AQ` is unserved."
+    )
+
+    def validate_country(self, value: str) -> str:
+        value = value.upper()
+        if value not in COUNTRY_CODES:
+            raise serializers.ValidationError("A two-letter ISO 3166-1 country code is required.")
+        return value
+
+
+class OrderCreateSerializer(serializers.Serializer):
+    items = OrderItemInputSerializer(many=True, allow_empty=False, max_length=MAX_LINES)
+    payment_method = serializers.ChoiceField(choices=PAYMENT_METHODS)
+    shipping_address = ShippingAddressSerializer()
+
+
+#: First offending input path -> the order error code the service would use for it.
+def _input_code(path: str, code: str) -> str:
+    if path == "items":
+        if code in {"empty", "required", "null"}:
+            return "empty_order"
+        if code == "max_length":
+            return "too_many_items"
+        return "invalid_item"
+    if path.startswith("items[") and path.endswith(".quantity"):
+        return "invalid_quantity"
+    if path.startswith("items"):
+        return "invalid_item"
+    if path.startswith("shipping_address"):
+        return "invalid_shipping_address"
+    if path == "payment_method":
+        return "invalid_payment_method"
+    return "invalid"
+
+
+def order_input_invalid(errors: Any) -> OrderInvalid:
+    """Serializer errors as the :class:`OrderInvalid` the service raises for business checks,
+    so a client gets the same codes whichever layer noticed the problem."""
+    fields = flatten_errors(errors)
+    codes = flatten_errors(serializers.ValidationError(errors).get_codes())
+    path = next(iter(fields), "non_field_errors")
+    first_code = (codes.get(path) or ["invalid"])[0]
+    code = _input_code(path, first_code)
+    count = sum(len(m) for m in fields.values())
+    detail = fields[path][0] if path == "non_field_errors" else f"{path}: {fields[path][0]}"
+    if count > 1:
+        detail += f" (and {count - 1} more)"
+    return OrderInvalid(code, detail, fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+class OrderItemSerializer(serializers.ModelSerializer):
+    unit_price = serializers.DecimalField(max_digits=12, decimal_places=2)
+
+    class Meta:
+        model = OrderItem
+        fields = ["sku", "quantity", "unit_price"]
+
+
+class SagaSummarySerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    state = serializers.ChoiceField(choices=SagaState.choices)
+    current_step = serializers.CharField()
+
+
+class PaymentAmountsSerializer(serializers.Serializer):
+    """Amounts of the order's payment; all ``0.00`` before ``authorize_payment`` has run."""
+
+    authorized = serializers.DecimalField(max_digits=12, decimal_places=2)
+    captured = serializers.DecimalField(max_digits=12, decimal_places=2)
+    voided = serializers.DecimalField(max_digits=12, decimal_places=2)
+    refunded = serializers.DecimalField(max_digits=12, decimal_places=2)
+
+
+class ShipmentSerializer(serializers.ModelSerializer):
+    status = serializers.ChoiceField(choices=ShipmentStatus.choices)
+
+    class Meta:
+        model = Shipment
+        fields = ["id", "status", "carrier", "tracking_number"]
+
+
+_ZERO = "0.00"
+
+
+class OrderSerializer(serializers.ModelSerializer):
+    status = serializers.SerializerMethodField()
+    step = serializers.SerializerMethodField(help_text="The step being run while `processing`.")
+    cancellation_reason = serializers.SerializerMethodField()
+    total = serializers.DecimalField(max_digits=12, decimal_places=2)
+    items = OrderItemSerializer(many=True)
+    updated_at = serializers.SerializerMethodField(
+        help_text="When the order or its saga last changed."
+    )
+    saga = SagaSummarySerializer()
+    payment = serializers.SerializerMethodField()
+    shipment = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Order
+        fields = [
+            "id",
+            "status",
+            "step",
+            "cancellation_reason",
+            "total",
+            "currency",
+            "items",
+            "created_at",
+            "updated_at",
+            "saga",
+            "payment",
+            "shipment",
+        ]
+
+    def to_representation(self, instance: Order) -> dict:
+        instance._state_view = order_state(instance.saga)  # once, not once per field
+        return super().to_representation(instance)
+
+    @extend_schema_field(serializers.ChoiceField(choices=ORDER_STATUS_CHOICES))
+    def get_status(self, order: Order) -> str:
+        return order._state_view.status
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_step(self, order: Order) -> str | None:
+        return order._state_view.step
+
+    @extend_schema_field(serializers.ChoiceField(choices=CANCELLATION_REASONS, allow_null=True))
+    def get_cancellation_reason(self, order: Order) -> str | None:
+        return order._state_view.cancellation_reason
+
+    @extend_schema_field(OpenApiTypes.DATETIME)
+    def get_updated_at(self, order: Order) -> str:
+        latest = max(order.updated_at, order.saga.updated_at)
+        return serializers.DateTimeField().to_representation(latest)
+
+    @extend_schema_field(PaymentAmountsSerializer)
+    def get_payment(self, order: Order) -> dict:
+        payment: Payment | None = getattr(order, "_payment", None)
+        if payment is None:
+            return {"authorized": _ZERO, "captured": _ZERO, "voided": _ZERO, "refunded": _ZERO}
+        return PaymentAmountsSerializer(
+            {
+                "authorized": payment.authorized_amount,
+                "captured": payment.captured_amount,
+                "voided": payment.voided_amount,
+                "refunded": payment.refunded_amount,
+            }
+        ).data
+
+    @extend_schema_field(ShipmentSerializer(allow_null=True))
+    def get_shipment(self, order: Order) -> dict | None:
+        shipment: Shipment | None = getattr(order, "_shipment", None)
+        return None if shipment is None else ShipmentSerializer(shipment).data
+
+
+class TimelineEventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = SagaEvent
+        fields = ["at", "kind", "step", "attempt", "detail", "actor"]
+
+
+def attach_payments_and_shipments(orders: Iterable[Order]) -> None:
+    """Give each order ``_payment`` and ``_shipment``: two queries for any number of orders."""
+    orders = list(orders)
+    ids = [o.id for o in orders]
+    if not ids:
+        return
+    payments = {p.order_id: p for p in Payment.objects.filter(order_id__in=ids)}
+    shipments: dict[Any, Shipment] = {}
+    # Oldest first, so the newest shipment of an order wins (there is normally exactly one).
+    for shipment in Shipment.objects.filter(order_id__in=ids).order_by("created_at", "id"):
+        shipments[shipment.order_id] = shipment
+    for order in orders:
+        order._payment = payments.get(order.id)
+        order._shipment = shipments.get(order.id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Views
+# ---------------------------------------------------------------------------------------------
+class OrderFilter(filters.FilterSet):
+    status = filters.ChoiceFilter(
+        choices=ORDER_STATUS_CHOICES, method="filter_status", label="status"
+    )
+
+    class Meta:
+        model = Order
+        fields = ["status"]
+
+    def filter_status(self, queryset, name: str, value: str):
+        return queryset.annotate(_status=order_status_expression()).filter(_status=value)
+
+
+IDEMPOTENCY_KEY_PARAMETER = OpenApiParameter(
+    "Idempotency-Key",
+    {"type": "string", "minLength": 1, "maxLength": idempotency.MAX_KEY_LENGTH},
+    OpenApiParameter.HEADER,
+    required=False,
+    description=(
+        "Makes the request safe to retry: the same key with the same body returns the first "
+        "response (with `Idempotent-Replayed: true`); with another body `422`; while the "
+        "first request is still running `409`. Per user, kept at least 24 hours."
+    ),
+)
+REPLAYED_HEADER = OpenApiParameter(
+    "Idempotent-Replayed",
+    {"type": "string", "enum": ["true"]},
+    OpenApiParameter.HEADER,
+    response=[201],
+    description="Present on a replayed response.",
+)
+LOCATION_HEADER = OpenApiParameter(
+    "Location", str, OpenApiParameter.HEADER, response=[201], description="The order's URL."
+)
+ETAG_HEADER = OpenApiParameter(
+    "ETag", str, OpenApiParameter.HEADER, response=[200, 304], description="A weak ETag."
+)
+IF_NONE_MATCH_PARAMETER = OpenApiParameter(
+    "If-None-Match",
+    str,
+    OpenApiParameter.HEADER,
+    required=False,
+    description="An ETag from an earlier response: `304` with no body if nothing changed.",
+)
+ORDER_ID_PARAMETER = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH)
+ERROR = ErrorSerializer
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List orders (yours; staff: all)", tags=["orders"]),
+    retrieve=extend_schema(
+        summary="Get an order",
+        tags=["orders"],
+        parameters=[ORDER_ID_PARAMETER, IF_NONE_MATCH_PARAMETER, ETAG_HEADER],
+        responses={
+            200: OrderSerializer,
+            304: OpenApiResponse(description="Not modified since the ETag in If-None-Match."),
+        },
+    ),
+    create=extend_schema(
+        summary="Place an order",
+        tags=["orders"],
+        request=OrderCreateSerializer,
+        parameters=[IDEMPOTENCY_KEY_PARAMETER, REPLAYED_HEADER, LOCATION_HEADER],
+        responses={
+            201: OrderSerializer,
+            400: OpenApiResponse(ERROR, description="Invalid order (code and fields say why)."),
+            409: OpenApiResponse(ERROR, description="A request with this key is in flight."),
+            422: OpenApiResponse(ERROR, description="This key was used with another body."),
+        },
+    ),
+)
+class OrderViewSet(viewsets.GenericViewSet):
+    permission_classes = [permissions.IsAuthenticated]
+    serializer_class = OrderSerializer
+    pagination_class = Pagination
+    filterset_class = OrderFilter
+    lookup_value_regex = "[^/]+"
+
+    def get_queryset(self):
+        if getattr(self, "swagger_fake_view", False):  # schema generation: no user
+            return Order.objects.none()
+        return order_list(user=self.request.user)
+
+    # -- read ---------------------------------------------------------------------------------
+    def list(self, request: Request) -> Response:
+        queryset = self.filter_queryset(self.get_queryset())
+        page = self.paginate_queryset(queryset)
+        attach_payments_and_shipments(page)
+        return self.get_paginated_response(OrderSerializer(page, many=True).data)
+
+    def retrieve(self, request: Request, pk: str) -> Response:
+        order = self.get_object()
+        attach_payments_and_shipments([order])
+        data = OrderSerializer(order).data
+        etag = _weak_etag(data)
+        headers = {"ETag": etag, "Cache-Control": "private, no-cache", "Vary": "Authorization"}
+        if _etag_matches(request, etag):
+            return Response(status=status.HTTP_304_NOT_MODIFIED, headers=headers)
+        return Response(data, headers=headers)
+
+    @extend_schema(
+        summary="The order's timeline, oldest first",
+        tags=["orders"],
+        parameters=[ORDER_ID_PARAMETER],
+        responses={200: TimelineEventSerializer(many=True)},
+    )
+    @action(detail=True, methods=["get"], filter_backends=[])
+    def timeline(self, request: Request, pk: str) -> Response:
+        order = self.get_object_light()
+        events = SagaEvent.objects.filter(saga_id=order.saga_id).order_by("id")
+        page = self.paginate_queryset(events)
+        return self.get_paginated_response(TimelineEventSerializer(page, many=True).data)
+
+    # -- write --------------------------------------------------------------------------------
+    def create(self, request: Request) -> Response:
+        key = idempotency.clean_key(request.headers.get("Idempotency-Key"))
+        data = request.data  # a malformed body is a 400 here, before the key is touched
+        claim = None
+        if key is not None:
+            outcome = idempotency.idempotency_begin(
+                user=request.user, key=key, fingerprint=idempotency.request_fingerprint(data)
+            )
+            if isinstance(outcome, idempotency.Replay):
+                return _replay(outcome)
+            claim = outcome
+        try:
+            serializer = OrderCreateSerializer(data=data)
+            if not serializer.is_valid():
+                raise order_input_invalid(serializer.errors)
+            with transaction.atomic():
+                order = order_create(owner=request.user, **serializer.validated_data)
+                body = OrderSerializer(order).data
+                if claim is not None:
+                    rendered = JSONRenderer().render(body).decode()
+                    idempotency.idempotency_finish(
+                        claim=claim, status=201, body=rendered, order=order
+                    )
+        except BaseException:
+            if claim is not None:
+                idempotency.idempotency_release(claim=claim)
+            raise
+        return Response(body, status=status.HTTP_201_CREATED, headers=_location(order.id))
+
+    @extend_schema(
+        summary="Ask to cancel the order",
+        description=(
+            "`202`: the saga compensates at its next step boundary (the order turns "
+            "`cancelling`, then `cancelled` with `customer_cancelled`). `409` once the saga "
+            "has passed `capture_payment` or has finished."
+        ),
+        tags=["orders"],
+        request=None,
+        parameters=[ORDER_ID_PARAMETER],
+        responses={
+            202: OrderSerializer,
+            409: OpenApiResponse(ERROR, description="Too late to cancel (`pivot_reached`)."),
+        },
+    )
+    @action(detail=True, methods=["post"], filter_backends=[])
+    def cancel(self, request: Request, pk: str) -> Response:
+        order = self.get_object_light()
+        order_request_cancel(order=order, actor=request.user)
+        order = self.get_queryset().get(pk=order.pk)
+        attach_payments_and_shipments([order])
+        return Response(OrderSerializer(order).data, status=status.HTTP_202_ACCEPTED)
+
+    def get_object_light(self) -> Order:
+        """The order (same visibility rule: another client's order is a 404) without its
+        items or saga: one small query."""
+        queryset = Order.objects.only("id", "saga_id", "owner_id")
+        if not self.request.user.is_staff:
+            queryset = queryset.filter(owner=self.request.user)
+        order = generics.get_object_or_404(queryset, pk=self.kwargs["pk"])
+        self.check_object_permissions(self.request, order)
+        return order
+
+
+def _location(order_id) -> dict[str, str]:
+    return {"Location": f"/api/v1/orders/{order_id}/"}
+
+
+def _replay(replay: idempotency.Replay) -> Response:
+    headers = {"Idempotent-Replayed": "true"}
+    if replay.order_id is not None:
+        headers.update(_location(replay.order_id))
+    return Response(json.loads(replay.body), status=replay.status, headers=headers)
+
+
+def _weak_etag(data: Any) -> str:
+    digest = hashlib.sha256(JSONRenderer().render(data)).hexdigest()[:32]
+    return "W/" + quote_etag(digest)
+
+
+def _etag_matches(request: Request, etag: str) -> bool:
+    header = request.headers.get("If-None-Match")
+    if not header:
+        return False
+    tags = parse_etags(header)
+    if "*" in tags:
+        return True
+    # Weak comparison (RFC 9110 section 8.8.3.2): opaque tags equal, W/ prefixes ignored.
+    ours = etag.removeprefix("W/")
+    return any(tag.removeprefix("W/") == ours for tag in tags)
