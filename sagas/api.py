@@ -1,0 +1,265 @@
+"""``/api/v1/sagas/``: staff read saga instances with their steps; ops staff operate them.
+
+The operations (retry now, compensate, resolve with a note) are the engine's services, the same
+the admin actions call: they check the ``sagas.operate_saga`` permission, refuse what makes no
+sense in the saga's state (a ``409`` with the engine's code) and write a timeline event naming
+the user. Staff without the permission can read everything here and get ``403`` on the
+operations.
+"""
+
+from __future__ import annotations
+
+from django.utils import timezone
+from django_filters import rest_framework as filters
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_field,
+    extend_schema_view,
+)
+from rest_framework import mixins, permissions, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from config.api import ErrorSerializer, Pagination, StrictCharField
+from sagas import services
+from sagas.models import Saga, SagaState, SagaStep, StepStatus
+from sagas.selectors import saga_is_stuck, saga_stuck_q
+
+
+# ---------------------------------------------------------------------------------------------
+# Serializers
+# ---------------------------------------------------------------------------------------------
+class SagaStepSerializer(serializers.ModelSerializer):
+    status = serializers.ChoiceField(choices=StepStatus.choices)
+
+    class Meta:
+        model = SagaStep
+        fields = [
+            "index",
+            "name",
+            "status",
+            "attempts",
+            "idempotency_key",
+            "took_effect",
+            "maybe_effect",
+            "compensation_attempts",
+            "last_error",
+            "updated_at",
+        ]
+
+
+class SagaSerializer(serializers.ModelSerializer):
+    type = serializers.CharField(source="saga_type")
+    state = serializers.ChoiceField(choices=SagaState.choices)
+    stuck = serializers.SerializerMethodField(
+        help_text="Active, overdue by more than SAGA_STUCK_AFTER, and no worker holds it."
+    )
+    data = serializers.JSONField(help_text="The saga's input: ids, amounts and codes.")
+    results = serializers.JSONField(help_text="Results of the forward steps, by step name.")
+    steps = SagaStepSerializer(many=True)
+
+    class Meta:
+        model = Saga
+        fields = [
+            "id",
+            "type",
+            "state",
+            "current_step",
+            "step_index",
+            "attempt",
+            "stuck",
+            "next_attempt_at",
+            "lease_until",
+            "deadline_at",
+            "cancel_reason",
+            "failure_code",
+            "failed_step",
+            "last_error",
+            "escalated_from",
+            "correlation_id",
+            "data",
+            "results",
+            "created_at",
+            "updated_at",
+            "finished_at",
+            "steps",
+        ]
+
+    @extend_schema_field(OpenApiTypes.BOOL)
+    def get_stuck(self, saga: Saga) -> bool:
+        return saga_is_stuck(saga, now=self.context.get("now"))
+
+
+class CompensateSerializer(serializers.Serializer):
+    reason = StrictCharField(max_length=500, help_text="Why; recorded in the timeline.")
+
+
+class ResolveSerializer(serializers.Serializer):
+    note = StrictCharField(max_length=2000, help_text="What a person did; in the timeline.")
+
+
+class CompensationSerializer(serializers.Serializer):
+    step = serializers.CharField()
+    compensation = serializers.CharField()
+    idempotency_key = serializers.CharField()
+    status = serializers.ChoiceField(choices=StepStatus.choices)
+
+
+class CompensationPlanSerializer(serializers.Serializer):
+    saga_id = serializers.UUIDField()
+    state = serializers.ChoiceField(choices=SagaState.choices)
+    compensations = CompensationSerializer(
+        many=True, help_text="What compensating now would run, in run order."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Filters and permissions
+# ---------------------------------------------------------------------------------------------
+class SagaFilter(filters.FilterSet):
+    state = filters.ChoiceFilter(choices=SagaState.choices)
+    type = filters.CharFilter(field_name="saga_type", max_length=64)
+    failed_step = filters.CharFilter(max_length=64)
+    correlation_id = filters.CharFilter(max_length=128)
+    stuck = filters.BooleanFilter(method="filter_stuck", label="stuck")
+
+    class Meta:
+        model = Saga
+        fields = ["state", "type", "failed_step", "correlation_id", "stuck"]
+
+    def filter_stuck(self, queryset, name: str, value: bool | None):
+        if value is None:
+            return queryset
+        q = saga_stuck_q()
+        return queryset.filter(q) if value else queryset.exclude(q)
+
+
+class CanOperateSagas(permissions.BasePermission):
+    """The ops permission (the "ops" group); checked before the body is even read."""
+
+    message = "You need the 'operate sagas' permission (the ops group)."
+
+    def has_permission(self, request: Request, view) -> bool:
+        return bool(request.user and request.user.has_perm(services.OPS_PERMISSION))
+
+
+# ---------------------------------------------------------------------------------------------
+# Views
+# ---------------------------------------------------------------------------------------------
+SAGA_ID = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH)
+REFUSED = OpenApiResponse(ErrorSerializer, description="Refused in this state (engine's code).")
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List sagas (staff)", tags=["sagas"]),
+    retrieve=extend_schema(summary="Get a saga (staff)", tags=["sagas"], parameters=[SAGA_ID]),
+)
+class SagaViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    permission_classes = [permissions.IsAuthenticated, permissions.IsAdminUser]
+    serializer_class = SagaSerializer
+    pagination_class = Pagination
+    filterset_class = SagaFilter
+    lookup_value_regex = "[^/]+"
+
+    def get_queryset(self):
+        return Saga.objects.prefetch_related("steps").order_by("-created_at", "id")
+
+    def get_serializer_context(self) -> dict:
+        return {**super().get_serializer_context(), "now": timezone.now()}
+
+    def _saga_response(self, saga_id, code: int) -> Response:
+        saga = self.get_queryset().get(pk=saga_id)
+        return Response(self.get_serializer(saga).data, status=code)
+
+    @extend_schema(
+        summary="Retry now (ops)",
+        description="Run the saga's next piece of work now: skip a backoff, or resume a saga "
+        "in `needs_manual` where it stopped. `202`: a worker picks it up.",
+        tags=["sagas"],
+        request=None,
+        parameters=[SAGA_ID],
+        responses={202: SagaSerializer, 409: REFUSED},
+    )
+    @action(
+        detail=True,
+        methods=["post"],
+        permission_classes=[*permission_classes, CanOperateSagas],
+        filter_backends=[],
+    )
+    def retry(self, request: Request, pk: str) -> Response:
+        saga = self.get_object()
+        services.saga_retry_now(saga_id=saga.pk, user=request.user)
+        return self._saga_response(saga.pk, status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        summary="Compensate (ops)",
+        description="Stop a running saga and undo what it did; the reason goes to the "
+        "timeline. `202`: the compensations run on a worker.",
+        tags=["sagas"],
+        request=CompensateSerializer,
+        parameters=[SAGA_ID],
+        responses={202: SagaSerializer, 409: REFUSED},
+    )
+    @action(
+        detail=True,
+        methods=["post"],
+        permission_classes=[*permission_classes, CanOperateSagas],
+        filter_backends=[],
+    )
+    def compensate(self, request: Request, pk: str) -> Response:
+        saga = self.get_object()
+        body = CompensateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        services.saga_compensate(
+            saga_id=saga.pk, user=request.user, reason=body.validated_data["reason"]
+        )
+        return self._saga_response(saga.pk, status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        summary="Resolve with a note (ops)",
+        description="Close a saga in `needs_manual` by hand; the note goes to the timeline.",
+        tags=["sagas"],
+        request=ResolveSerializer,
+        parameters=[SAGA_ID],
+        responses={200: SagaSerializer, 409: REFUSED},
+    )
+    @action(
+        detail=True,
+        methods=["post"],
+        permission_classes=[*permission_classes, CanOperateSagas],
+        filter_backends=[],
+    )
+    def resolve(self, request: Request, pk: str) -> Response:
+        saga = self.get_object()
+        body = ResolveSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        services.saga_resolve(saga_id=saga.pk, user=request.user, note=body.validated_data["note"])
+        return self._saga_response(saga.pk, status.HTTP_200_OK)
+
+    @extend_schema(
+        summary="Compensation plan (dry run)",
+        description="The compensations that compensating now would run, in order, with their "
+        "idempotency keys. Changes nothing.",
+        tags=["sagas"],
+        parameters=[SAGA_ID],
+        responses={200: CompensationPlanSerializer},
+    )
+    @action(
+        detail=True,
+        methods=["get"],
+        url_path="compensation-plan",
+        filter_backends=[],
+        pagination_class=None,
+    )
+    def compensation_plan(self, request: Request, pk: str) -> Response:
+        saga = self.get_object()
+        plan = services.saga_compensation_plan(saga_id=saga.pk)
+        return Response(
+            CompensationPlanSerializer(
+                {"saga_id": saga.pk, "state": saga.state, "compensations": plan}
+            ).data
+        )

@@ -1,0 +1,109 @@
+"""Reads of sagas shared by the ops console and the REST API.
+
+"Stuck" means what the sweeper means (GUIDE section 2): an active saga whose next piece of work
+is overdue by more than ``SAGA_STUCK_AFTER`` and whose lease has expired, so no worker holds it.
+The sweeper re-rings such sagas; one that stays on this list has a problem worth a look.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import connection
+from django.db.models import Count, Q, QuerySet
+from django.utils import timezone
+
+from sagas.models import ACTIVE_STATES, Saga, SagaState
+
+
+def saga_stuck_q(*, now: datetime | None = None) -> Q:
+    """The "stuck" condition as a ``Q`` on :class:`~sagas.models.Saga`, to filter or exclude."""
+    now = now or timezone.now()
+    overdue_before = now - timedelta(seconds=settings.SAGA_STUCK_AFTER)
+    return Q(state__in=ACTIVE_STATES, next_attempt_at__lte=overdue_before) & (
+        Q(lease_until__isnull=True) | Q(lease_until__lte=now)
+    )
+
+
+def sagas_stuck(*, now: datetime | None = None) -> QuerySet[Saga]:
+    """Active sagas overdue by more than ``SAGA_STUCK_AFTER`` with no live lease, oldest due
+    first. Served by the partial index on ``next_attempt_at`` for active states."""
+    return Saga.objects.filter(saga_stuck_q(now=now)).order_by("next_attempt_at")
+
+
+def saga_is_stuck(saga: Saga, *, now: datetime | None = None) -> bool:
+    """The same condition for one loaded saga, without a query."""
+    now = now or timezone.now()
+    if saga.state not in ACTIVE_STATES or saga.next_attempt_at is None:
+        return False
+    if saga.next_attempt_at > now - timedelta(seconds=settings.SAGA_STUCK_AFTER):
+        return False
+    return saga.lease_until is None or saga.lease_until <= now
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops console's overview (admin dashboard): bounded reads, whatever the table size.
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SagaCount:
+    """A count that is exact up to a cap and a planner estimate above it."""
+
+    value: int
+    exact: bool
+
+
+def saga_count_bounded(queryset: QuerySet[Saga], *, cap: int = 10_000) -> SagaCount:
+    """Count ``queryset`` reading at most ``cap + 1`` index entries; estimate above the cap.
+
+    A plain ``COUNT(*)`` over a million rows costs a scan on every page load; the cap keeps
+    the cost constant, and above it nobody needs the last digit. The estimate is PostgreSQL's
+    own (``EXPLAIN``), never below the cap.
+    """
+    found = queryset.order_by()[: cap + 1].count()
+    if found <= cap:
+        return SagaCount(found, exact=True)
+    return SagaCount(max(queryset_estimate(queryset), cap + 1), exact=False)
+
+
+def queryset_estimate(queryset: QuerySet) -> int:
+    """PostgreSQL's row estimate for a queryset (``EXPLAIN``); ``-1`` on other databases."""
+    if connection.vendor != "postgresql":
+        return -1
+    sql, params = queryset.order_by().query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN (FORMAT JSON) {sql}", params)
+        plan = cursor.fetchone()[0]
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    return int(plan[0]["Plan"]["Plan Rows"])
+
+
+def saga_state_counts(*, cap: int = 10_000) -> dict[str, SagaCount]:
+    """Sagas per state, each exact up to ``cap`` (one short index read per state)."""
+    return {
+        state: saga_count_bounded(Saga.objects.filter(state=state), cap=cap)
+        for state in SagaState.values
+    }
+
+
+def saga_failure_signatures(*, since: datetime, limit: int = 10) -> list[dict]:
+    """The most common ``(failed_step, failure_code)`` pairs of sagas started since ``since``.
+
+    Each item: ``{"failed_step", "failure_code", "count"}``, most frequent first. Reads only
+    the sagas that failed in the window (partial index on ``created_at`` of failed sagas).
+    """
+    return list(
+        Saga.objects.filter(created_at__gte=since)
+        .exclude(failed_step="")
+        .values("failed_step", "failure_code")
+        .annotate(count=Count("pk"))
+        .order_by("-count", "failed_step", "failure_code")[:limit]
+    )
+
+
+def sagas_with_failure_signature(*, failed_step: str, failure_code: str) -> QuerySet[Saga]:
+    """Every saga that failed at ``failed_step`` with ``failure_code`` (saga_failure_sig_idx)."""
+    return Saga.objects.filter(failed_step=failed_step, failure_code=failure_code)
