@@ -1,11 +1,24 @@
 """URL map: the REST API under /api/v1/, the ops console under /admin/, health and metrics."""
 
 from django.contrib import admin
-from django.urls import path, re_path
+from django.urls import include, path, re_path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from config.api import NotFoundView, metrics_view
 from config.health import healthz
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     re_path(r"^healthz/?$", healthz, name="healthz"),
+    re_path(r"^metrics/?$", metrics_view, name="metrics"),
+    path("api/v1/", include("config.api_urls")),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    re_path(r"^api/", NotFoundView.as_view(), name="api-unrouted"),
 ]
+
+# Errors Django answers itself: JSON under /api/, its usual pages elsewhere.
+handler400 = "config.api_errors.handler400"
+handler403 = "config.api_errors.handler403"
+handler404 = "config.api_errors.handler404"
+handler500 = "config.api_errors.handler500"

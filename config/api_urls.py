@@ -1,0 +1,23 @@
+"""Routes of the REST API under ``/api/v1/`` (CONTRACT section 3)."""
+
+from rest_framework import routers
+
+from inventory.api import ProductViewSet
+from orders.api import OrderViewSet
+from sagas.api import SagaViewSet
+
+
+class Router(routers.DefaultRouter):
+    """The browsable API root at ``/api/v1/``; no ``.json`` suffix routes (a sku may hold a
+    dot, and ``?format=json`` does the same job)."""
+
+    include_format_suffixes = False
+
+
+router = Router()
+router.register("products", ProductViewSet, basename="product")
+router.register("orders", OrderViewSet, basename="order")
+router.register("sagas", SagaViewSet, basename="saga")
+
+# Anything else under /api/ is a JSON 404 (config.urls).
+urlpatterns = router.urls
