@@ -1,0 +1,320 @@
+"""Every bad input to ``POST /orders/`` is a 4xx with the error shape, never a 5xx, and
+creates nothing: no order, no saga, no idempotency record."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orders.models import IdempotencyRecord
+
+from .conftest import ADDRESS, assert_error, counts, order_body
+
+pytestmark = pytest.mark.django_db
+
+GOOD = order_body([("lamp", 1)])
+
+
+def with_items(*items) -> dict:
+    return {**GOOD, "items": list(items)}
+
+
+def with_address(**changes) -> dict:
+    return {**GOOD, "shipping_address": {**ADDRESS, **changes}}
+
+
+def without(key: str) -> dict:
+    return {k: v for k, v in GOOD.items() if k != key}
+
+
+def without_address_field(key: str) -> dict:
+    return {**GOOD, "shipping_address": {k: v for k, v in ADDRESS.items() if k != key}}
+
+
+BAD_BODIES = [
+    # (id, body, expected code, offending field)
+    ("empty items", with_items(), "empty_order", "items"),
+    ("missing items", without("items"), "empty_order", "items"),
+    ("items null", {**GOOD, "items": None}, "empty_order", "items"),
+    ("items not a list", {**GOOD, "items": {"sku": "lamp"}}, "invalid_item", "items"),
+    ("items a string", {**GOOD, "items": "lamp"}, "invalid_item", "items"),
+    ("item not an object", with_items("lamp"), "invalid_item", "items[0]"),
+    (
+        "too many lines",
+        with_items(*({"sku": f"s{i}", "quantity": 1} for i in range(101))),
+        "too_many_items",
+        "items",
+    ),
+    ("missing sku", with_items({"quantity": 1}), "invalid_item", "items[0].sku"),
+    ("sku a number", with_items({"sku": 7, "quantity": 1}), "invalid_item", "items[0].sku"),
+    ("sku blank", with_items({"sku": "  ", "quantity": 1}), "invalid_item", "items[0].sku"),
+    ("sku too long", with_items({"sku": "x" * 65, "quantity": 1}), "invalid_item", "items[0].sku"),
+    (
+        "sku with NUL",
+        with_items({"sku": "la\x00mp", "quantity": 1}),
+        "invalid_item",
+        "items[0].sku",
+    ),
+    ("unknown sku", with_items({"sku": "unicorn", "quantity": 1}), "unknown_sku", "items[0].sku"),
+    (
+        "duplicate sku",
+        with_items({"sku": "lamp", "quantity": 1}, {"sku": "lamp", "quantity": 2}),
+        "duplicate_sku",
+        "items[1].sku",
+    ),
+    (
+        "quantity zero",
+        with_items({"sku": "lamp", "quantity": 0}),
+        "invalid_quantity",
+        "items[0].quantity",
+    ),
+    (
+        "quantity negative",
+        with_items({"sku": "lamp", "quantity": -3}),
+        "invalid_quantity",
+        "items[0].quantity",
+    ),
+    (
+        "quantity absurd",
+        with_items({"sku": "lamp", "quantity": 10**12}),
+        "invalid_quantity",
+        "items[0].quantity",
+    ),
+    (
+        "quantity huge",
+        with_items({"sku": "lamp", "quantity": 10**400}),
+        "invalid_quantity",
+        "items[0].quantity",
+    ),
+    (
+        "quantity a string",
+        with_items({"sku": "lamp", "quantity": "2"}),
+        "invalid_quantity",
+        "items[0].quantity",
+    ),
+    (
+        "quantity a float",
+        with_items({"sku": "lamp", "quantity": 1.5}),
+        "invalid_quantity",
+        "items[0].quantity",
+    ),
+    (
+        "quantity a bool",
+        with_items({"sku": "lamp", "quantity": True}),
+        "invalid_quantity",
+        "items[0].quantity",
+    ),
+    (
+        "quantity null",
+        with_items({"sku": "lamp", "quantity": None}),
+        "invalid_quantity",
+        "items[0].quantity",
+    ),
+    (
+        "missing payment method",
+        without("payment_method"),
+        "invalid_payment_method",
+        "payment_method",
+    ),
+    (
+        "unknown payment method",
+        {**GOOD, "payment_method": "pm_card_amex"},
+        "invalid_payment_method",
+        "payment_method",
+    ),
+    (
+        "payment method a list",
+        {**GOOD, "payment_method": ["pm_card_visa"]},
+        "invalid_payment_method",
+        "payment_method",
+    ),
+    (
+        "missing address",
+        without("shipping_address"),
+        "invalid_shipping_address",
+        "shipping_address",
+    ),
+    (
+        "address a string",
+        {**GOOD, "shipping_address": "London"},
+        "invalid_shipping_address",
+        "shipping_address",
+    ),
+    (
+        "missing city",
+        without_address_field("city"),
+        "invalid_shipping_address",
+        "shipping_address.city",
+    ),
+    (
+        "name too long",
+        with_address(name="n" * 201),
+        "invalid_shipping_address",
+        "shipping_address.name",
+    ),
+    (
+        "line1 too long",
+        with_address(line1="l" * 201),
+        "invalid_shipping_address",
+        "shipping_address.line1",
+    ),
+    (
+        "postal code too long",
+        with_address(postal_code="9" * 21),
+        "invalid_shipping_address",
+        "shipping_address.postal_code",
+    ),
+    ("blank name", with_address(name=""), "invalid_shipping_address", "shipping_address.name"),
+    ("name a number", with_address(name=42), "invalid_shipping_address", "shipping_address.name"),
+    (
+        "country a name",
+        with_address(country="United Kingdom"),
+        "invalid_shipping_address",
+        "shipping_address.country",
+    ),
+    (
+        "country three letters",
+        with_address(country="GBR"),
+        "invalid_shipping_address",
+        "shipping_address.country",
+    ),
+    (
+        "country not assigned",
+        with_address(country="ZZ"),
+        "invalid_shipping_address",
+        "shipping_address.country",
+    ),
+    (
+        "country digits",
+        with_address(country="12"),
+        "invalid_shipping_address",
+        "shipping_address.country",
+    ),
+    (
+        "country empty",
+        with_address(country=""),
+        "invalid_shipping_address",
+        "shipping_address.country",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "field"),
+    [pytest.param(body, code, field, id=name) for name, body, code, field in BAD_BODIES],
+)
+def test_bad_order_input_is_400_with_code_and_field_and_creates_nothing(
+    client_api, catalog, body, code, field
+):
+    """400 with the order error code and the offending input path; nothing created, with or
+    without an Idempotency-Key (the key stays free for a corrected retry)."""
+    before = counts()
+    for headers in ({}, {"Idempotency-Key": "k-1"}):
+        response = client_api.post("/api/v1/orders/", body, format="json", headers=headers)
+        error = assert_error(response, 400, code)
+        assert field in error["fields"], error
+        assert counts() == before
+        assert IdempotencyRecord.objects.count() == 0
+
+
+def test_every_problem_is_reported_at_once(client_api, catalog):
+    """Several mistakes: one 400 naming each field."""
+    body = {
+        "items": [{"sku": "lamp", "quantity": 0}, {"sku": 5, "quantity": 1}],
+        "payment_method": "cash",
+        "shipping_address": {**ADDRESS, "country": "Narnia"},
+    }
+    error = assert_error(client_api.post("/api/v1/orders/", body, format="json"), 400)
+    assert set(error["fields"]) >= {
+        "items[0].quantity",
+        "items[1].sku",
+        "payment_method",
+        "shipping_address.country",
+    }
+
+
+@pytest.mark.parametrize(
+    ("raw", "content_type", "status", "code"),
+    [
+        pytest.param(b'{"items": [', "application/json", 400, "parse_error", id="truncated"),
+        pytest.param(b"not json at all", "application/json", 400, "parse_error", id="garbage"),
+        pytest.param(b'{"items": NaN}', "application/json", 400, "parse_error", id="nan"),
+        pytest.param(b"\xff\xfe\xfd", "application/json", 400, "parse_error", id="bad-utf8"),
+        pytest.param(
+            b"[" * 100_000 + b"]" * 100_000,
+            "application/json",
+            400,
+            "parse_error",
+            id="deep-nesting",
+        ),
+        pytest.param(
+            b"{}", "application/json; charset=bz2_codec", 400, "parse_error", id="bad-charset"
+        ),
+        pytest.param(
+            b"{}", "application/json; charset=no-such", 400, "empty_order", id="unknown-charset"
+        ),
+        pytest.param(b"[]", "application/json", 400, "invalid", id="array"),
+        pytest.param(b'"order"', "application/json", 400, "invalid", id="string"),
+        pytest.param(b"null", "application/json", 400, "invalid", id="null"),
+        pytest.param(b"", "application/json", 400, "empty_order", id="empty-body"),
+        pytest.param(
+            b"items=1",
+            "application/x-www-form-urlencoded",
+            415,
+            "unsupported_media_type",
+            id="form",
+        ),
+        pytest.param(b"<order/>", "application/xml", 415, "unsupported_media_type", id="xml"),
+    ],
+)
+def test_unreadable_bodies_are_4xx_json(client_api, catalog, raw, content_type, status, code):
+    """Malformed JSON, a non-object body, a wrong media type or a charset we cannot decode:
+    a 4xx with the error shape, nothing created."""
+    before = counts()
+    response = client_api.generic("POST", "/api/v1/orders/", raw, content_type=content_type)
+    assert_error(response, status, code)
+    assert counts() == before
+
+
+def test_a_body_over_the_upload_limit_is_413(client_api, catalog, settings):
+    """Bigger than DATA_UPLOAD_MAX_MEMORY_SIZE: 413 ``payload_too_large``."""
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    body = json.dumps({**GOOD, "padding": "x" * 2000})
+    response = client_api.generic("POST", "/api/v1/orders/", body, content_type="application/json")
+    assert_error(response, 413, "payload_too_large")
+
+
+@pytest.mark.parametrize(
+    ("key", "code"),
+    [
+        ("", "invalid_idempotency_key"),
+        ("k" * 256, "invalid_idempotency_key"),
+        ("a\tb", "invalid_idempotency_key"),
+    ],
+)
+def test_bad_idempotency_keys_are_400(client_api, catalog, key, code):
+    """An empty, over-long (256 characters) or control-character key: 400, nothing created."""
+    before = counts()
+    response = client_api.post(
+        "/api/v1/orders/", GOOD, format="json", headers={"Idempotency-Key": key}
+    )
+    assert_error(response, 400, code)
+    assert counts() == before
+
+
+def test_a_255_character_key_is_accepted(client_api, catalog):
+    """The contract's limit is inclusive."""
+    response = client_api.post(
+        "/api/v1/orders/", GOOD, format="json", headers={"Idempotency-Key": "k" * 255}
+    )
+    assert response.status_code == 201
+
+
+def test_lower_case_country_is_accepted_and_normalised(client_api, catalog):
+    """``gb`` is GB."""
+    from orders.models import Order
+
+    response = client_api.post("/api/v1/orders/", with_address(country="gb"), format="json")
+    assert response.status_code == 201
+    assert Order.objects.get(pk=response.json()["id"]).shipping_country == "GB"

@@ -1,0 +1,353 @@
+"""Orders over HTTP: placing, reading, listing, the timeline, cancelling; who sees what.
+
+No worker runs here (plain ``db`` tests): sagas stay where the test puts them, so every state
+of CONTRACT section 2 can be set up exactly by writing the saga row.
+"""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+import pytest
+
+from orders.models import Order
+from payments.models import Payment
+from sagas.models import Saga, SagaEvent, SagaState
+from shipping.models import Shipment
+
+from .conftest import assert_error, order_body
+
+pytestmark = pytest.mark.django_db
+
+ORDER_FIELDS = {
+    "id",
+    "status",
+    "step",
+    "cancellation_reason",
+    "total",
+    "currency",
+    "items",
+    "created_at",
+    "updated_at",
+    "saga",
+    "payment",
+    "shipment",
+}
+
+
+def set_saga(order_id, **fields) -> None:
+    """Move an order's saga by writing its row (the state field is protected on instances)."""
+    Saga.objects.filter(order__id=order_id).update(**fields)
+
+
+# -- placing --------------------------------------------------------------------------------------
+def test_post_creates_the_order_and_returns_it_as_the_contract_lists(client_api, place, customer):
+    """201 with exactly the contract's fields: processing at reserve_inventory, the total priced
+    from the catalog as a decimal string, zero payment amounts, no shipment yet, and a
+    Location header; the order belongs to the caller and has a running saga."""
+    response = client_api.post(
+        "/api/v1/orders/", order_body([("lamp", 2), ("desk", 1)]), format="json"
+    )
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert set(body) == ORDER_FIELDS
+    assert body["status"] == "processing"
+    assert body["step"] == "reserve_inventory"
+    assert body["cancellation_reason"] is None
+    assert body["total"] == "288.80"
+    assert body["currency"] == "EUR"
+    assert body["items"] == [
+        {"sku": "desk", "quantity": 1, "unit_price": "249.00"},
+        {"sku": "lamp", "quantity": 2, "unit_price": "19.90"},
+    ]
+    assert body["payment"] == {
+        "authorized": "0.00",
+        "captured": "0.00",
+        "voided": "0.00",
+        "refunded": "0.00",
+    }
+    assert body["shipment"] is None
+    assert body["saga"]["state"] == "running"
+    assert body["saga"]["current_step"] == "reserve_inventory"
+    assert response["Location"] == f"/api/v1/orders/{body['id']}/"
+    order = Order.objects.get(pk=body["id"])
+    assert order.owner == customer
+    assert str(order.saga_id) == body["saga"]["id"]
+
+
+def test_without_an_idempotency_key_every_post_creates_an_order(client_api, catalog):
+    """Two identical POSTs without a key are two orders."""
+    first = client_api.post("/api/v1/orders/", order_body(), format="json")
+    second = client_api.post("/api/v1/orders/", order_body(), format="json")
+    assert (first.status_code, second.status_code) == (201, 201)
+    assert first.json()["id"] != second.json()["id"]
+    assert Order.objects.count() == 2
+
+
+# -- reading --------------------------------------------------------------------------------------
+def test_owner_reads_the_order_with_payment_and_shipment(client_api, place):
+    """The detail shows the payment amounts and the shipment once the participants have them."""
+    order = place(client_api)
+    Payment.objects.create(
+        order_id=order["id"],
+        currency="EUR",
+        amount=Decimal("19.90"),
+        authorized_amount=Decimal("19.90"),
+        captured_amount=Decimal("19.90"),
+    )
+    shipment = Shipment.objects.create(
+        key=f"saga:x:{order['id']}",
+        order_id=order["id"],
+        status="arranged",
+        carrier="FakeCarrier",
+        tracking_number="TRK123",
+        country="GB",
+    )
+    response = client_api.get(f"/api/v1/orders/{order['id']}/")
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == ORDER_FIELDS
+    assert body["payment"] == {
+        "authorized": "19.90",
+        "captured": "19.90",
+        "voided": "0.00",
+        "refunded": "0.00",
+    }
+    assert body["shipment"] == {
+        "id": str(shipment.id),
+        "status": "arranged",
+        "carrier": "FakeCarrier",
+        "tracking_number": "TRK123",
+    }
+
+
+@pytest.mark.parametrize(
+    ("saga_fields", "status", "step", "reason"),
+    [
+        ({"current_step": "arrange_shipment"}, "processing", "arrange_shipment", None),
+        ({"cancel_reason": "customer_cancelled"}, "cancelling", None, "customer_cancelled"),
+        (
+            {"state": SagaState.COMPENSATING, "failure_code": "payment_declined"},
+            "cancelling",
+            None,
+            "payment_declined",
+        ),
+        ({"state": SagaState.SUCCEEDED}, "confirmed", None, None),
+        (
+            {"state": SagaState.COMPENSATED, "failure_code": "out_of_stock"},
+            "cancelled",
+            None,
+            "out_of_stock",
+        ),
+        ({"state": SagaState.NEEDS_MANUAL}, "needs_attention", None, None),
+        ({"state": SagaState.RESOLVED}, "needs_attention", None, None),
+    ],
+)
+def test_status_step_and_reason_are_derived_from_the_saga(
+    client_api, place, saga_fields, status, step, reason
+):
+    """The client view follows the saga row: status, step and cancellation_reason as the
+    contract maps them, and the saga summary shows the saga's own state."""
+    order = place(client_api)
+    set_saga(order["id"], **saga_fields)
+    body = client_api.get(f"/api/v1/orders/{order['id']}/").json()
+    assert (body["status"], body["step"], body["cancellation_reason"]) == (status, step, reason)
+    assert body["saga"]["state"] == Saga.objects.get(order__id=order["id"]).state
+
+
+def test_another_clients_order_is_404_not_403(client_api, other_api, place):
+    """A client cannot see, list, follow or cancel another client's order: 404 everywhere."""
+    order = place(client_api)
+    for path in (f"/api/v1/orders/{order['id']}/", f"/api/v1/orders/{order['id']}/timeline/"):
+        assert_error(other_api.get(path), 404, "not_found")
+    assert_error(other_api.post(f"/api/v1/orders/{order['id']}/cancel/"), 404, "not_found")
+    assert other_api.get("/api/v1/orders/").json()["count"] == 0
+    assert Saga.objects.get(order__id=order["id"]).cancel_reason == ""
+
+
+def test_staff_see_every_order(client_api, other_api, staff_api, place):
+    """Staff list all clients' orders and read any of them; clients list only their own."""
+    mine = place(client_api)
+    theirs = place(other_api)
+    listed = {o["id"] for o in staff_api.get("/api/v1/orders/").json()["results"]}
+    assert listed == {mine["id"], theirs["id"]}
+    assert staff_api.get(f"/api/v1/orders/{theirs['id']}/").status_code == 200
+    assert staff_api.get(f"/api/v1/orders/{theirs['id']}/timeline/").status_code == 200
+    assert {o["id"] for o in client_api.get("/api/v1/orders/").json()["results"]} == {mine["id"]}
+
+
+def test_anonymous_gets_401_json_on_every_order_route(anon_api, client_api, place):
+    """No credentials: 401 with the error shape and a WWW-Authenticate challenge."""
+    order = place(client_api)
+    for method, path in [
+        ("get", "/api/v1/orders/"),
+        ("post", "/api/v1/orders/"),
+        ("get", f"/api/v1/orders/{order['id']}/"),
+        ("get", f"/api/v1/orders/{order['id']}/timeline/"),
+        ("post", f"/api/v1/orders/{order['id']}/cancel/"),
+    ]:
+        response = getattr(anon_api, method)(path, format="json")
+        assert_error(response, 401, "not_authenticated")
+        assert response["WWW-Authenticate"] == "Token"
+
+
+def test_a_bad_token_is_401(client_api, anon_api):
+    """An unknown token is 401 ``authentication_failed``, not a 500 or an anonymous view."""
+    anon_api.credentials(HTTP_AUTHORIZATION="Token not-a-real-token")
+    assert_error(anon_api.get("/api/v1/orders/"), 401, "authentication_failed")
+
+
+def test_list_is_newest_first_paginated_and_bounded(client_api, place):
+    """Newest first; page_size is honoured up to 100 and capped there."""
+    ids = [place(client_api)["id"] for _ in range(3)]
+    page = client_api.get("/api/v1/orders/?page_size=2").json()
+    assert page["count"] == 3
+    assert [o["id"] for o in page["results"]] == ids[::-1][:2]
+    assert page["next"] is not None
+    second = client_api.get("/api/v1/orders/?page_size=2&page=2").json()
+    assert [o["id"] for o in second["results"]] == ids[:1]
+    assert_error(client_api.get("/api/v1/orders/?page=99"), 404, "not_found")
+    from config.api import Pagination
+
+    assert Pagination.max_page_size == 100
+
+
+def test_list_filters_by_status(client_api, place):
+    """``?status=`` filters on the derived status (computed in SQL from the saga)."""
+    running = place(client_api)
+    confirmed = place(client_api)
+    cancelling = place(client_api)
+    set_saga(confirmed["id"], state=SagaState.SUCCEEDED)
+    set_saga(cancelling["id"], cancel_reason="customer_cancelled")
+
+    def ids(status: str) -> set[str]:
+        response = client_api.get(f"/api/v1/orders/?status={status}")
+        assert response.status_code == 200
+        return {o["id"] for o in response.json()["results"]}
+
+    assert ids("processing") == {running["id"]}
+    assert ids("confirmed") == {confirmed["id"]}
+    assert ids("cancelling") == {cancelling["id"]}
+    assert ids("cancelled") == set()
+    assert_error(client_api.get("/api/v1/orders/?status=lost"), 400, "invalid")
+
+
+@pytest.mark.parametrize("bad_id", ["not-a-uuid", "123", "00000000-0000-0000-0000-00000000000g"])
+def test_bad_uuids_in_the_path_are_404_json(client_api, staff_api, bad_id):
+    """A malformed id is a 404 with the error shape on every order and saga route, never a
+    500."""
+    for api, paths in [
+        (client_api, [f"/api/v1/orders/{bad_id}/", f"/api/v1/orders/{bad_id}/timeline/"]),
+        (staff_api, [f"/api/v1/sagas/{bad_id}/", f"/api/v1/sagas/{bad_id}/compensation-plan/"]),
+    ]:
+        for path in paths:
+            assert_error(api.get(path), 404, "not_found")
+    assert_error(client_api.post(f"/api/v1/orders/{bad_id}/cancel/"), 404, "not_found")
+
+
+def test_unknown_order_id_is_404(client_api):
+    """A well-formed id that names no order is a 404 with the error shape."""
+    assert_error(client_api.get(f"/api/v1/orders/{uuid.uuid4()}/"), 404, "not_found")
+
+
+# -- ETag -----------------------------------------------------------------------------------------
+def test_detail_has_a_weak_etag_and_if_none_match_gives_304(client_api, place):
+    """The detail carries a weak ETag; sending it back is a 304 with no body while nothing
+    changed, and a 200 with a new ETag once the saga moved."""
+    order = place(client_api)
+    path = f"/api/v1/orders/{order['id']}/"
+    first = client_api.get(path)
+    etag = first["ETag"]
+    assert etag.startswith('W/"')
+    assert client_api.get(path)["ETag"] == etag  # stable while nothing changes
+
+    not_modified = client_api.get(path, headers={"If-None-Match": etag})
+    assert not_modified.status_code == 304
+    assert not_modified.content == b""
+    assert not_modified["ETag"] == etag
+    assert client_api.get(path, headers={"If-None-Match": etag[2:]}).status_code == 304
+    assert client_api.get(path, headers={"If-None-Match": '"other", ' + etag}).status_code == 304
+    assert client_api.get(path, headers={"If-None-Match": '"other"'}).status_code == 200
+
+    set_saga(order["id"], current_step="authorize_payment")
+    changed = client_api.get(path, headers={"If-None-Match": etag})
+    assert changed.status_code == 200
+    assert changed["ETag"] != etag
+    assert changed.json()["step"] == "authorize_payment"
+
+
+# -- timeline -------------------------------------------------------------------------------------
+def test_timeline_lists_the_sagas_events_oldest_first(client_api, place):
+    """at, kind, step, attempt, detail, actor of every event, oldest first."""
+    order = place(client_api)
+    saga = Saga.objects.get(order__id=order["id"])
+    SagaEvent.objects.create(
+        saga=saga, at=saga.created_at, kind="step_succeeded", step="reserve_inventory", attempt=1
+    )
+    body = client_api.get(f"/api/v1/orders/{order['id']}/timeline/").json()
+    events = body["results"]
+    assert [e["kind"] for e in events] == ["started", "step_succeeded"]
+    assert set(events[0]) == {"at", "kind", "step", "attempt", "detail", "actor"}
+    assert events[1]["step"] == "reserve_inventory"
+
+
+# -- cancelling -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "step_index,step",
+    [(0, "reserve_inventory"), (2, "arrange_shipment"), (3, "capture_payment")],
+)
+def test_cancel_is_202_until_capture_payment_has_passed(client_api, place, step_index, step):
+    """Until the saga passes capture_payment: 202, the order turns cancelling with
+    customer_cancelled, and the request is in the timeline with the user."""
+    order = place(client_api)
+    set_saga(order["id"], step_index=step_index, current_step=step)
+    response = client_api.post(f"/api/v1/orders/{order['id']}/cancel/")
+    assert response.status_code == 202, response.content
+    body = response.json()
+    assert (body["status"], body["cancellation_reason"]) == ("cancelling", "customer_cancelled")
+    event = SagaEvent.objects.filter(saga__order__id=order["id"], kind="cancel_requested").get()
+    assert event.actor == "ada"
+
+
+def test_cancel_twice_is_accepted_twice(client_api, place):
+    """A repeated cancel (a client retrying) is 202 again, not an error."""
+    order = place(client_api)
+    assert client_api.post(f"/api/v1/orders/{order['id']}/cancel/").status_code == 202
+    assert client_api.post(f"/api/v1/orders/{order['id']}/cancel/").status_code == 202
+
+
+@pytest.mark.parametrize(
+    ("saga_fields", "code"),
+    [
+        ({"step_index": 4, "current_step": "confirm_order"}, "pivot_reached"),
+        ({"state": SagaState.SUCCEEDED}, "not_running"),
+        ({"state": SagaState.COMPENSATED, "failure_code": "out_of_stock"}, "not_running"),
+    ],
+)
+def test_cancel_after_capture_payment_is_409(client_api, place, saga_fields, code):
+    """Past capture_payment (at the pivot) or once finished: 409 with the engine's code, and
+    nothing changes."""
+    order = place(client_api)
+    set_saga(order["id"], **saga_fields)
+    assert_error(client_api.post(f"/api/v1/orders/{order['id']}/cancel/"), 409, code)
+    assert Saga.objects.get(order__id=order["id"]).cancel_reason == ""
+
+
+def test_staff_may_cancel_any_order(client_api, staff_api, place):
+    """Staff (even without the ops permission) may cancel a client's order: 202."""
+    order = place(client_api)
+    assert staff_api.post(f"/api/v1/orders/{order['id']}/cancel/").status_code == 202
+    event = SagaEvent.objects.get(saga__order__id=order["id"], kind="cancel_requested")
+    assert event.actor == "sam"
+
+
+def test_orders_routes_refuse_other_methods_with_405_json(client_api, place):
+    """PUT, PATCH and DELETE on orders are 405 with the error shape."""
+    order = place(client_api)
+    path = f"/api/v1/orders/{order['id']}/"
+    for method in ("put", "patch", "delete"):
+        assert_error(
+            getattr(client_api, method)(path, {}, format="json"), 405, "method_not_allowed"
+        )
+    assert_error(client_api.get(f"{path}cancel/"), 405, "method_not_allowed")

@@ -1,0 +1,142 @@
+"""``/api/v1/products/``: any authenticated user reads; staff create and change."""
+
+from __future__ import annotations
+
+import pytest
+
+from inventory.models import Product
+
+from .conftest import assert_error
+
+pytestmark = pytest.mark.django_db
+
+PRODUCTS = "/api/v1/products/"
+FIELDS = {"sku", "name", "price", "currency", "stock_on_hand", "reserved", "available"}
+
+
+def test_any_authenticated_user_lists_and_reads_products(client_api, catalog):
+    """Sorted by sku, prices as decimal strings, available = stock_on_hand - reserved."""
+    Product.objects.filter(sku="lamp").update(reserved=5)
+    page = client_api.get(PRODUCTS).json()
+    assert [p["sku"] for p in page["results"]] == ["desk", "lamp", "mug"]
+    lamp = client_api.get(f"{PRODUCTS}lamp/").json()
+    assert set(lamp) == FIELDS
+    assert lamp == {
+        "sku": "lamp",
+        "name": "Lamp",
+        "price": "19.90",
+        "currency": "EUR",
+        "stock_on_hand": 50,
+        "reserved": 5,
+        "available": 45,
+    }
+
+
+def test_anonymous_cannot_read_products(anon_api, catalog):
+    """401 with the error shape."""
+    assert_error(anon_api.get(PRODUCTS), 401, "not_authenticated")
+    assert_error(anon_api.get(f"{PRODUCTS}lamp/"), 401, "not_authenticated")
+
+
+def test_unknown_sku_is_404(client_api, catalog):
+    assert_error(client_api.get(f"{PRODUCTS}unicorn/"), 404, "not_found")
+
+
+def test_staff_create_a_product(staff_api):
+    """201 with the product; price kept exactly; reserved starts at 0."""
+    response = staff_api.post(
+        PRODUCTS,
+        {"sku": "SR-PEN.2", "name": "Pen", "price": "1.05", "currency": "EUR", "stock_on_hand": 7},
+        format="json",
+    )
+    assert response.status_code == 201, response.content
+    assert response.json() == {
+        "sku": "SR-PEN.2",
+        "name": "Pen",
+        "price": "1.05",
+        "currency": "EUR",
+        "stock_on_hand": 7,
+        "reserved": 0,
+        "available": 7,
+    }
+    assert staff_api.get(f"{PRODUCTS}SR-PEN.2/").status_code == 200
+
+
+def test_clients_cannot_create_or_change_products(client_api, catalog):
+    """403 with the error shape; nothing changes."""
+    assert_error(
+        client_api.post(PRODUCTS, {"sku": "x", "name": "X", "price": "1.00"}, format="json"),
+        403,
+        "permission_denied",
+    )
+    assert_error(
+        client_api.patch(f"{PRODUCTS}lamp/", {"price": "0.01"}, format="json"),
+        403,
+        "permission_denied",
+    )
+    assert str(Product.objects.get(sku="lamp").price) == "19.90"
+    assert not Product.objects.filter(sku="x").exists()
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": "X", "price": "1.00"}, "sku"),
+        ({"sku": "", "name": "X", "price": "1.00"}, "sku"),
+        ({"sku": "has space", "name": "X", "price": "1.00"}, "sku"),
+        ({"sku": "a/b", "name": "X", "price": "1.00"}, "sku"),
+        ({"sku": "x" * 65, "name": "X", "price": "1.00"}, "sku"),
+        ({"sku": "lamp", "name": "Dup", "price": "1.00"}, "sku"),
+        ({"sku": "x", "price": "1.00"}, "name"),
+        ({"sku": "x", "name": "n" * 201, "price": "1.00"}, "name"),
+        ({"sku": "x", "name": "X"}, "price"),
+        ({"sku": "x", "name": "X", "price": "-1.00"}, "price"),
+        ({"sku": "x", "name": "X", "price": "1.001"}, "price"),
+        ({"sku": "x", "name": "X", "price": "NaN"}, "price"),
+        ({"sku": "x", "name": "X", "price": "Infinity"}, "price"),
+        ({"sku": "x", "name": "X", "price": "1e400"}, "price"),
+        ({"sku": "x", "name": "X", "price": "99999999999.00"}, "price"),
+        ({"sku": "x", "name": "X", "price": "cheap"}, "price"),
+        ({"sku": "x", "name": "X", "price": "1.00", "currency": "eur"}, "currency"),
+        ({"sku": "x", "name": "X", "price": "1.00", "currency": "EURO"}, "currency"),
+        ({"sku": "x", "name": "X", "price": "1.00", "stock_on_hand": -1}, "stock_on_hand"),
+        ({"sku": "x", "name": "X", "price": "1.00", "stock_on_hand": 2**31}, "stock_on_hand"),
+        ({"sku": "x", "name": "X", "price": "1.00", "stock_on_hand": "many"}, "stock_on_hand"),
+    ],
+)
+def test_bad_product_input_is_400_and_creates_nothing(staff_api, catalog, body, field):
+    """400 ``invalid`` naming the field; the catalog is unchanged."""
+    before = Product.objects.count()
+    error = assert_error(staff_api.post(PRODUCTS, body, format="json"), 400, "invalid")
+    assert field in error["fields"], error
+    assert Product.objects.count() == before
+
+
+def test_staff_change_a_product_with_patch(staff_api, catalog):
+    """PATCH changes only what it names; the sku cannot change."""
+    response = staff_api.patch(
+        f"{PRODUCTS}lamp/", {"price": "21.00", "sku": "renamed"}, format="json"
+    )
+    assert response.status_code == 200, response.content
+    assert response.json()["price"] == "21.00"
+    assert response.json()["sku"] == "lamp"
+    lamp = Product.objects.get(sku="lamp")
+    assert (str(lamp.price), lamp.name, lamp.stock_on_hand) == ("21.00", "Lamp", 50)
+
+
+def test_stock_cannot_go_below_what_is_reserved(staff_api, catalog):
+    """Lowering stock_on_hand below reserved is a 400 on stock_on_hand, not a 500."""
+    Product.objects.filter(sku="lamp").update(reserved=10)
+    error = assert_error(
+        staff_api.patch(f"{PRODUCTS}lamp/", {"stock_on_hand": 9}, format="json"), 400, "invalid"
+    )
+    assert "stock_on_hand" in error["fields"]
+    assert Product.objects.get(sku="lamp").stock_on_hand == 50
+    ok = staff_api.patch(f"{PRODUCTS}lamp/", {"stock_on_hand": 10}, format="json")
+    assert ok.status_code == 200 and ok.json()["available"] == 0
+
+
+def test_put_and_delete_are_405(staff_api, catalog):
+    """Only PATCH changes a product; PUT and DELETE are 405 with the error shape."""
+    assert_error(staff_api.put(f"{PRODUCTS}lamp/", {}, format="json"), 405, "method_not_allowed")
+    assert_error(staff_api.delete(f"{PRODUCTS}lamp/"), 405, "method_not_allowed")

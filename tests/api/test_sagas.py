@@ -1,0 +1,237 @@
+"""``/api/v1/sagas/``: staff read sagas with their steps; ops staff retry, compensate and
+resolve; every operation is in the saga's timeline with the user."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from sagas.models import Saga, SagaEvent, SagaState, StepStatus
+
+from .conftest import assert_error
+
+pytestmark = pytest.mark.django_db
+
+SAGAS = "/api/v1/sagas/"
+
+
+@pytest.fixture
+def saga(client_api, place) -> Saga:
+    """The running saga of a freshly placed order (no worker: it stays at its first step)."""
+    order = place(client_api)
+    return Saga.objects.get(order__id=order["id"])
+
+
+def needs_manual(saga: Saga, *, escalated_from: str = SagaState.COMPENSATING) -> None:
+    Saga.objects.filter(pk=saga.pk).update(
+        state=SagaState.NEEDS_MANUAL,
+        escalated_from=escalated_from,
+        failed_step="reserve_inventory",
+        failure_code="payment_declined",
+    )
+
+
+# -- reading --------------------------------------------------------------------------------------
+def test_staff_list_and_read_sagas_with_their_steps(staff_api, saga):
+    """The list and the detail show the saga and its five steps in order."""
+    page = staff_api.get(SAGAS).json()
+    assert page["count"] == 1
+    listed = page["results"][0]
+    assert listed["id"] == str(saga.id)
+    assert listed["type"] == "order"
+    assert listed["state"] == "running"
+    assert [s["name"] for s in listed["steps"]] == [
+        "reserve_inventory",
+        "authorize_payment",
+        "arrange_shipment",
+        "capture_payment",
+        "confirm_order",
+    ]
+    detail = staff_api.get(f"{SAGAS}{saga.id}/").json()
+    assert detail == listed
+    assert detail["steps"][0]["idempotency_key"] == f"saga:{saga.id}:reserve_inventory"
+
+
+def test_clients_and_anonymous_cannot_see_sagas(client_api, anon_api, saga):
+    """A client is 403 on every saga route, anonymous 401, both with the error shape."""
+    for path in (SAGAS, f"{SAGAS}{saga.id}/", f"{SAGAS}{saga.id}/compensation-plan/"):
+        assert_error(client_api.get(path), 403, "permission_denied")
+        assert_error(anon_api.get(path), 401, "not_authenticated")
+    for op in ("retry", "compensate", "resolve"):
+        assert_error(client_api.post(f"{SAGAS}{saga.id}/{op}/"), 403, "permission_denied")
+        assert_error(anon_api.post(f"{SAGAS}{saga.id}/{op}/"), 401, "not_authenticated")
+
+
+def test_unknown_saga_is_404(staff_api, ops_api):
+    missing = uuid.uuid4()
+    assert_error(staff_api.get(f"{SAGAS}{missing}/"), 404, "not_found")
+    assert_error(ops_api.post(f"{SAGAS}{missing}/retry/"), 404, "not_found")
+
+
+def test_filters_state_type_and_stuck(staff_api, client_api, place):
+    """``state``, ``type`` and ``stuck=true`` (active, overdue by SAGA_STUCK_AFTER, no live
+    lease) narrow the list; a bad state value is a 400."""
+    sagas = [Saga.objects.get(order__id=place(client_api)["id"]) for _ in range(4)]
+    long_ago = timezone.now() - timedelta(hours=1)
+    Saga.objects.filter(pk=sagas[0].pk).update(next_attempt_at=long_ago)  # stuck
+    Saga.objects.filter(pk=sagas[1].pk).update(
+        next_attempt_at=long_ago, lease_until=timezone.now() + timedelta(minutes=1)
+    )  # overdue but a worker holds it
+    Saga.objects.filter(pk=sagas[2].pk).update(
+        state=SagaState.SUCCEEDED, next_attempt_at=long_ago
+    )  # settled: never stuck
+    Saga.objects.filter(pk=sagas[3].pk).update(next_attempt_at=timezone.now() + timedelta(1))
+
+    def ids(query: str) -> set[str]:
+        response = staff_api.get(f"{SAGAS}?{query}")
+        assert response.status_code == 200, response.content
+        return {s["id"] for s in response.json()["results"]}
+
+    assert ids("stuck=true") == {str(sagas[0].id)}
+    assert ids("state=succeeded") == {str(sagas[2].id)}
+    assert ids("state=running") == {str(s.id) for s in (sagas[0], sagas[1], sagas[3])}
+    assert ids("type=order") == {str(s.id) for s in sagas}
+    assert ids("type=other") == set()
+    assert ids("state=running&stuck=true") == {str(sagas[0].id)}
+    assert str(sagas[0].id) not in ids("stuck=false")
+    stuck = staff_api.get(f"{SAGAS}{sagas[0].id}/").json()
+    assert stuck["stuck"] is True
+    assert_error(staff_api.get(f"{SAGAS}?state=lost"), 400, "invalid")
+
+    from sagas.selectors import sagas_stuck
+
+    assert list(sagas_stuck()) == [Saga.objects.get(pk=sagas[0].pk)]
+
+
+# -- the compensation plan ------------------------------------------------------------------------
+def test_compensation_plan_is_the_dry_run(staff_api, saga):
+    """Staff (without the ops permission) read the plan: the compensations of the steps that
+    took effect, in run order, with their undo keys; nothing changes."""
+    Saga.objects.filter(pk=saga.pk).update(
+        step_index=2,
+        current_step="arrange_shipment",
+        results={"reserve_inventory": {}, "authorize_payment": {}},
+    )
+    saga.steps.filter(index__in=[0, 1]).update(status=StepStatus.SUCCEEDED, took_effect=True)
+    before = Saga.objects.get(pk=saga.pk).version
+    response = staff_api.get(f"{SAGAS}{saga.id}/compensation-plan/")
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["saga_id"] == str(saga.id)
+    assert body["state"] == "running"
+    assert [c["step"] for c in body["compensations"]] == ["authorize_payment", "reserve_inventory"]
+    assert body["compensations"][0] == {
+        "step": "authorize_payment",
+        "compensation": "void_authorization",
+        "idempotency_key": f"saga:{saga.id}:authorize_payment:undo",
+        "status": "succeeded",
+    }
+    assert Saga.objects.get(pk=saga.pk).version == before
+
+
+# -- operations -----------------------------------------------------------------------------------
+def test_staff_without_the_ops_permission_get_403_on_operations(staff_api, saga):
+    """Reading is allowed, operating is not: 403 on retry, compensate and resolve, even with a
+    valid body; nothing is recorded."""
+    for op, body in (("retry", {}), ("compensate", {"reason": "x"}), ("resolve", {"note": "x"})):
+        assert_error(
+            staff_api.post(f"{SAGAS}{saga.id}/{op}/", body, format="json"),
+            403,
+            "permission_denied",
+        )
+    assert not SagaEvent.objects.filter(saga=saga, kind__startswith="ops_").exists()
+
+
+def test_retry_now_is_202_and_recorded_with_the_user(ops_api, saga):
+    """An idle running saga: 202, next attempt now, an ops_retry event by the user."""
+    Saga.objects.filter(pk=saga.pk).update(next_attempt_at=timezone.now() + timedelta(hours=1))
+    response = ops_api.post(f"{SAGAS}{saga.id}/retry/")
+    assert response.status_code == 202, response.content
+    assert response.json()["id"] == str(saga.id)
+    event = SagaEvent.objects.get(saga=saga, kind="ops_retry")
+    assert event.actor == "user:olivia"
+    assert Saga.objects.get(pk=saga.pk).next_attempt_at <= timezone.now()
+
+
+def test_retry_resumes_a_saga_that_needs_a_person(ops_api, saga):
+    """needs_manual mid-compensation: retry returns it to compensating."""
+    needs_manual(saga)
+    response = ops_api.post(f"{SAGAS}{saga.id}/retry/")
+    assert response.status_code == 202
+    assert response.json()["state"] == "compensating"
+
+
+def test_retry_is_refused_while_a_step_is_in_flight_and_after_settling(ops_api, saga):
+    """409 with the engine's code: in_flight while leased, settled once finished."""
+    Saga.objects.filter(pk=saga.pk).update(lease_until=timezone.now() + timedelta(minutes=1))
+    assert_error(ops_api.post(f"{SAGAS}{saga.id}/retry/"), 409, "in_flight")
+    Saga.objects.filter(pk=saga.pk).update(state=SagaState.SUCCEEDED, lease_until=None)
+    assert_error(ops_api.post(f"{SAGAS}{saga.id}/retry/"), 409, "settled")
+
+
+def test_compensate_is_202_with_a_reason_recorded(ops_api, saga):
+    """A running saga: 202; the order turns cancelling with step_failed; the reason and the
+    user are in the timeline."""
+    response = ops_api.post(
+        f"{SAGAS}{saga.id}/compensate/", {"reason": "fraud suspected"}, format="json"
+    )
+    assert response.status_code == 202, response.content
+    assert response.json()["cancel_reason"] == "step_failed"
+    event = SagaEvent.objects.get(saga=saga, kind="ops_compensate")
+    assert (event.actor, event.detail) == ("user:olivia", "fraud suspected")
+
+
+@pytest.mark.parametrize("body", [{}, {"reason": ""}, {"reason": "   "}, {"reason": 5}])
+def test_compensate_needs_a_reason(ops_api, saga, body):
+    """No (or a blank) reason: 400 naming ``reason``; nothing recorded."""
+    error = assert_error(ops_api.post(f"{SAGAS}{saga.id}/compensate/", body, format="json"), 400)
+    assert error["code"] in {"invalid", "reason_required"}
+    assert not SagaEvent.objects.filter(saga=saga, kind="ops_compensate").exists()
+
+
+def test_compensate_after_the_pivot_is_409(ops_api, saga):
+    Saga.objects.filter(pk=saga.pk).update(step_index=4, current_step="confirm_order")
+    assert_error(
+        ops_api.post(f"{SAGAS}{saga.id}/compensate/", {"reason": "late"}, format="json"),
+        409,
+        "pivot_reached",
+    )
+
+
+def test_resolve_closes_a_saga_that_needs_a_person_with_the_note(ops_api, saga):
+    """needs_manual: 200, resolved, the note and the user in the timeline."""
+    needs_manual(saga)
+    response = ops_api.post(
+        f"{SAGAS}{saga.id}/resolve/", {"note": "refunded by hand"}, format="json"
+    )
+    assert response.status_code == 200, response.content
+    assert response.json()["state"] == "resolved"
+    event = SagaEvent.objects.get(saga=saga, kind="ops_resolve")
+    assert (event.actor, event.detail) == ("user:olivia", "refunded by hand")
+
+
+def test_resolve_needs_a_note_and_a_saga_that_needs_a_person(ops_api, saga):
+    """No note: 400. A running saga: 409 not_needs_manual."""
+    assert_error(ops_api.post(f"{SAGAS}{saga.id}/resolve/", {}, format="json"), 400)
+    assert_error(
+        ops_api.post(f"{SAGAS}{saga.id}/resolve/", {"note": "x"}, format="json"),
+        409,
+        "not_needs_manual",
+    )
+
+
+def test_ops_operations_show_in_the_orders_timeline(ops_api, client_api, saga):
+    """The client's timeline shows the operator's action, with the operator as actor."""
+    ops_api.post(f"{SAGAS}{saga.id}/compensate/", {"reason": "stock audit"}, format="json")
+    order_id = saga.order.id
+    events = client_api.get(f"/api/v1/orders/{order_id}/timeline/").json()["results"]
+    assert ("ops_compensate", "user:olivia") in {(e["kind"], e["actor"]) for e in events}
+
+
+def test_saga_routes_refuse_other_methods_with_405(ops_api, saga):
+    assert_error(ops_api.delete(f"{SAGAS}{saga.id}/"), 405, "method_not_allowed")
+    assert_error(ops_api.get(f"{SAGAS}{saga.id}/retry/"), 405, "method_not_allowed")
+    assert_error(ops_api.post(SAGAS, {}, format="json"), 405, "method_not_allowed")
