@@ -1,0 +1,51 @@
+# Every developer entry point. `make run` to use the product, `make test` to check it.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: help venv run test chaos bench lint fmt migrate clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+# Created when missing, re-installed whenever pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP)  ## create or update .venv
+
+run: $(STAMP)  ## web (port 8000) + worker + beat in the foreground; Ctrl-C stops all
+	$(VPY) scripts/run.py
+
+test: $(STAMP)  ## the whole suite against PostgreSQL and Redis, with real workers
+	@$(VPY) scripts/preflight.py
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+chaos: $(STAMP)  ## faults, worker kills, broker restarts, then check_invariants
+	$(VPY) manage.py chaos
+
+bench: $(STAMP)  ## the headline benchmark and its plot
+	$(VPY) manage.py saga_bench --all
+
+lint: $(STAMP)  ## ruff check + format check
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
+
+fmt: $(STAMP)  ## ruff format + safe fixes
+	$(VPY) -m ruff check --fix .
+	$(VPY) -m ruff format .
+
+migrate: $(STAMP)  ## apply migrations to the database `make run` would use
+	$(VPY) scripts/run.py --migrate-only
+
+clean:  ## remove caches and test artifacts (keeps .venv and var/)
+	rm -rf test-artifacts bench-results .hypothesis .pytest_cache .ruff_cache build dist *.egg-info
+	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -1,0 +1,284 @@
+#!/usr/bin/env python3
+"""``make run``: one command from a fresh clone to a running sagarunner.
+
+1. Creates ``.venv`` and installs the project into it when needed, then re-runs itself there.
+2. Picks the services and says which in one line:
+   explicit ``DATABASE_URL`` / ``CELERY_BROKER_URL``; else PostgreSQL and Redis on their
+   standard local ports (creating the ``sagarunner`` database if missing); else the embedded
+   default, a SQLite file and a file-backed Celery broker under ``var/``.
+3. Generates a dev ``SECRET_KEY`` once into ``var/secret_key``, migrates, seeds the demo data
+   (printing the demo staff login) and issues the ``demo-client`` API token.
+4. Runs web (gunicorn, port 8000), one Celery worker and Celery beat under honcho: one
+   foreground group, logs interleaved and labelled, Ctrl-C stops all of them.
+
+Standard library only until step 1 has re-run it inside the venv. Knobs (environment):
+``SAGARUNNER_PORT`` (web port, 8000), ``SAGARUNNER_PG_HOST``/``SAGARUNNER_PG_PORT``
+(127.0.0.1:5432) and ``SAGARUNNER_REDIS_HOST``/``SAGARUNNER_REDIS_PORT`` (127.0.0.1:6379): where
+to look for local services; ``SAGARUNNER_VAR_DIR`` (``var/``). ``--prepare-only`` does
+everything but start the processes (the chosen environment is in ``var/run.env``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+REPO = Path(__file__).resolve().parent.parent
+VENV = REPO / ".venv"
+VENV_PYTHON = VENV / "bin" / "python"
+STAMP = VENV / ".installed-stamp"
+
+
+def say(message: str) -> None:
+    print(f"sagarunner: {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The virtualenv
+# ---------------------------------------------------------------------------------------------
+def ensure_venv() -> None:
+    """Create/refresh .venv when needed and re-exec this script with its interpreter."""
+    in_venv = Path(sys.prefix).resolve() == VENV.resolve()
+    if not VENV_PYTHON.exists():
+        if sys.version_info < (3, 11):  # noqa: UP036 - run by whatever python3 is on PATH
+            sys.exit("sagarunner needs Python 3.11 or newer to create .venv")
+        say("creating .venv")
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    stale = not STAMP.exists() or STAMP.stat().st_mtime < (REPO / "pyproject.toml").stat().st_mtime
+    if stale:
+        say('installing the project into .venv (pip install -e ".[dev]")')
+        pip = [str(VENV_PYTHON), "-m", "pip", "install", "--quiet"]
+        subprocess.run([*pip, "--upgrade", "pip"], check=True, cwd=REPO)
+        subprocess.run([*pip, "-e", ".[dev]"], check=True, cwd=REPO)
+        STAMP.touch()
+    if not in_venv:
+        os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), str(Path(__file__).resolve()), *sys.argv[1:]])
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Services
+# ---------------------------------------------------------------------------------------------
+def reachable(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for printing."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def create_database_if_missing(host: str, port: int, user: str, name: str) -> None:
+    import psycopg  # in the venv by now
+
+    with psycopg.connect(
+        host=host, port=port, user=user, dbname="postgres", autocommit=True, connect_timeout=5
+    ) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{name}"')
+            say(f"created database {name}")
+
+
+def choose_services(var_dir: Path) -> dict[str, str]:
+    """Return DATABASE_URL and CELERY_BROKER_URL, and print one line saying which."""
+    explicit_db = os.environ.get("DATABASE_URL", "")
+    explicit_broker = os.environ.get("CELERY_BROKER_URL", "")
+    pg_host = os.environ.get("SAGARUNNER_PG_HOST", "127.0.0.1")
+    pg_port = int(os.environ.get("SAGARUNNER_PG_PORT", "5432"))
+    redis_host = os.environ.get("SAGARUNNER_REDIS_HOST", "127.0.0.1")
+    redis_port = int(os.environ.get("SAGARUNNER_REDIS_PORT", "6379"))
+    sqlite_url = f"sqlite:///{var_dir / 'sagarunner.sqlite3'}"
+    local_db = f"postgres://postgres@{pg_host}:{pg_port}/sagarunner"
+    local_broker = f"redis://{redis_host}:{redis_port}/0"
+
+    if explicit_db or explicit_broker:
+        db_url = explicit_db or sqlite_url
+        broker_url = explicit_broker or "filesystem://"
+        say(
+            f"services: database {redact(db_url)}"
+            f"{' (DATABASE_URL)' if explicit_db else ' (embedded default)'}, "
+            f"broker {redact(broker_url)}"
+            f"{' (CELERY_BROKER_URL)' if explicit_broker else ' (embedded file broker)'}"
+        )
+        return {"DATABASE_URL": db_url, "CELERY_BROKER_URL": broker_url}
+
+    reason = ""
+    if reachable(pg_host, pg_port) and reachable(redis_host, redis_port):
+        try:
+            create_database_if_missing(pg_host, pg_port, "postgres", "sagarunner")
+        except Exception as exc:  # noqa: BLE001 - any failure means "fall back", with the reason
+            reason = f"PostgreSQL at {pg_host}:{pg_port} refused us ({exc.__class__.__name__})"
+        else:
+            say(
+                f"services: local PostgreSQL ({local_db}) and Redis ({local_broker}); "
+                "set DATABASE_URL / CELERY_BROKER_URL to use others"
+            )
+            return {"DATABASE_URL": local_db, "CELERY_BROKER_URL": local_broker}
+    else:
+        reason = (
+            f"no DATABASE_URL/CELERY_BROKER_URL and no PostgreSQL+Redis on "
+            f"{pg_host}:{pg_port}/{redis_host}:{redis_port}"
+        )
+    say(
+        f"services: embedded default, SQLite {var_dir / 'sagarunner.sqlite3'} + file broker "
+        f"{var_dir / 'broker'} ({reason}); for trying the product, not for production"
+    )
+    return {"DATABASE_URL": sqlite_url, "CELERY_BROKER_URL": "filesystem://"}
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Secret, migrations, demo data
+# ---------------------------------------------------------------------------------------------
+def dev_secret_key(var_dir: Path) -> str:
+    path = var_dir / "secret_key"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def manage(env: dict[str, str], *args: str, capture: bool = False) -> str:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "manage.py"), *args],
+        cwd=REPO,
+        env=env,
+        check=True,
+        text=True,
+        stdout=subprocess.PIPE if capture else None,
+    )
+    return result.stdout if capture else ""
+
+
+def write_env_file(path: Path, values: dict[str, str]) -> None:
+    lines = [f"{key}={value}" for key, value in sorted(values.items())]
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The process group
+# ---------------------------------------------------------------------------------------------
+def procfile(port: int) -> str:
+    python = sys.executable
+    return (
+        f"web: exec {python} -m gunicorn config.wsgi --bind 0.0.0.0:{port} --workers 2 --threads 4 "
+        "--access-logfile - --graceful-timeout 5\n"
+        f"worker: exec {python} -m celery -A config worker -l info --concurrency 2\n"
+        f"beat: exec {python} -m celery -A config beat -l info\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="choose services, migrate and seed, write var/run.env; do not start processes",
+    )
+    parser.add_argument(
+        "--migrate-only",
+        action="store_true",
+        help="choose services and apply migrations, nothing else (make migrate)",
+    )
+    args = parser.parse_args()
+
+    ensure_venv()
+
+    var_dir = Path(os.environ.get("SAGARUNNER_VAR_DIR", REPO / "var")).resolve()
+    var_dir.mkdir(parents=True, exist_ok=True)
+    port = int(os.environ.get("SAGARUNNER_PORT", "8000"))
+
+    chosen = choose_services(var_dir)
+    metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR", var_dir / "metrics"))
+    # prometheus_client's multiprocess files describe processes of one run only.
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    run_env = {
+        **chosen,
+        "SECRET_KEY": os.environ.get("SECRET_KEY") or dev_secret_key(var_dir),
+        "DEBUG": os.environ.get("DEBUG", "1"),
+        "SAGARUNNER_VAR_DIR": str(var_dir),
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "LOG_FORMAT": os.environ.get("LOG_FORMAT", "console"),
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+    }
+    env = {**os.environ, **run_env, "PYTHONUNBUFFERED": "1"}
+    # Remembered for `--prepare-only` callers and for running manage.py by hand:
+    #   set -a; . var/run.env; set +a
+    write_env_file(var_dir / "run.env", run_env)
+
+    manage(env, "migrate", "--noinput", "-v", "0" if not args.migrate_only else "1")
+    if args.migrate_only:
+        return
+    manage(env, "seed_demo")
+    token = manage(env, "issue_token", "demo-client", capture=True).strip()
+    say(f"client API token (user demo-client): {token}")
+    say(f'  try: curl -H "Authorization: Token {token}" http://localhost:{port}/api/v1/orders/')
+    if args.prepare_only:
+        say(f"prepared; environment in {var_dir / 'run.env'}")
+        return
+
+    say(f"starting web (http://localhost:{port}/, ops console /admin/), worker and beat; Ctrl-C")
+    procfile_path = var_dir / "Procfile"
+    procfile_path.write_text(procfile(port))
+    os.chdir(REPO)
+    os.environ.clear()
+    os.environ.update(env)
+    serve(procfile_path)
+
+
+class _MainProcessFirst:
+    """honcho's process manager, but a stop request goes to each main process only.
+
+    honcho sends SIGTERM to each process *group*. A Celery worker must get it alone: it then
+    finishes its current tasks and stops its own pool (its warm shutdown). Killed together
+    with its pool, it can wait forever for children that are already gone. SIGKILL, the last
+    resort after ``KILL_WAIT``, still goes to the whole group.
+    """
+
+    def __init__(self) -> None:
+        from honcho.compat import ProcessManager
+
+        self._honcho = ProcessManager()
+
+    def terminate(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+    def kill(self, pid: int) -> None:
+        self._honcho.kill(pid)
+
+
+def serve(procfile_path: Path) -> None:
+    """Run the Procfile under honcho in this (foreground) process until Ctrl-C."""
+    import honcho.command
+    import honcho.manager
+
+    # A worker's warm shutdown (finish the running step, stop the pool) takes a few seconds,
+    # longer on the file broker; honcho's default patience is 5 s.
+    honcho.manager.KILL_WAIT = 30
+    honcho.manager.ProcessManager = _MainProcessFirst
+    honcho.command.main(
+        ["start", "--procfile", str(procfile_path), "--app-root", str(REPO), "--env", os.devnull]
+    )
+
+
+if __name__ == "__main__":
+    main()
