@@ -7,6 +7,8 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# Dev commands need a SECRET_KEY (DEBUG stays off: it would skew the benchmark).
+DEV_KEY := SECRET_KEY=$${SECRET_KEY:-make-dev-only-not-secret}
 
 .PHONY: help venv run test chaos bench lint fmt migrate clean
 
@@ -30,10 +32,10 @@ test: $(STAMP)  ## the whole suite against PostgreSQL and Redis, with real worke
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 chaos: $(STAMP)  ## faults, worker kills, broker restarts, then check_invariants
-	$(VPY) manage.py chaos
+	$(DEV_KEY) $(VPY) manage.py chaos
 
 bench: $(STAMP)  ## the headline benchmark and its plot
-	$(VPY) manage.py saga_bench --all
+	$(DEV_KEY) $(VPY) manage.py saga_bench --all
 
 lint: $(STAMP)  ## ruff check + format check
 	$(VPY) -m ruff check .
