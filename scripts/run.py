@@ -197,9 +197,15 @@ def main() -> None:
         action="store_true",
         help="choose services and apply migrations, nothing else (make migrate)",
     )
+    parser.add_argument(
+        "--no-install",
+        action="store_true",
+        help="use the running interpreter as is: do not create or refresh .venv",
+    )
     args = parser.parse_args()
 
-    ensure_venv()
+    if not args.no_install:
+        ensure_venv()
 
     var_dir = Path(os.environ.get("SAGARUNNER_VAR_DIR", REPO / "var")).resolve()
     var_dir.mkdir(parents=True, exist_ok=True)

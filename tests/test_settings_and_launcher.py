@@ -1,0 +1,201 @@
+"""Start-up behaviour: SECRET_KEY refusal, and the embedded default `make run` falls back to."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ARTIFACTS_DIR, REPO_ROOT
+
+# Variables the test session sets that a "fresh machine" would not have.
+SESSION_ONLY = (
+    "DATABASE_URL",
+    "CELERY_BROKER_URL",
+    "SECRET_KEY",
+    "DEBUG",
+    "TEST_DATABASE_NAME",
+    "PROMETHEUS_MULTIPROC_DIR",
+    "SAGARUNNER_VAR_DIR",
+)
+
+
+def fresh_env(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in SESSION_ONLY}
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    """A local TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def django_setup(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_settings_refuse_to_start_without_secret_key_when_debug_is_off(tmp_path):
+    """DEBUG unset and SECRET_KEY unset: start-up fails with a message naming SECRET_KEY."""
+    result = django_setup(fresh_env(SAGARUNNER_VAR_DIR=str(tmp_path)))
+
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+    assert "SECRET_KEY is not set" in result.stderr
+
+
+def test_settings_start_without_secret_key_in_debug(tmp_path):
+    """DEBUG=1 without SECRET_KEY starts (with a throwaway development key)."""
+    result = django_setup(fresh_env(DEBUG="1", SAGARUNNER_VAR_DIR=str(tmp_path)))
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_settings_start_with_secret_key_and_debug_off(tmp_path):
+    """A SECRET_KEY is all a production start needs."""
+    result = django_setup(fresh_env(SECRET_KEY="x" * 50, SAGARUNNER_VAR_DIR=str(tmp_path)))
+
+    assert result.returncode == 0, result.stderr
+
+
+class Service:
+    """A background process in its own process group, logging to test-artifacts/."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        ARTIFACTS_DIR.mkdir(exist_ok=True)
+        self.log_path = ARTIFACTS_DIR / f"embedded-{name}-{uuid.uuid4().hex[:6]}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self._log.close()
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+
+@pytest.fixture
+def services() -> Iterator[list[Service]]:
+    started: list[Service] = []
+    yield started
+    for service in started:
+        service.stop()
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return {key: value for key, value in pairs}
+
+
+def get_healthz(port: int) -> tuple[int, dict] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+
+
+@pytest.mark.worker
+def test_launcher_falls_back_to_sqlite_and_the_file_broker_and_they_work(
+    tmp_path, services, wait_for
+):
+    """No service URLs and nothing on the standard ports: the launcher says it uses the embedded
+    default, prepares SQLite + the file broker under var/, and then web answers /healthz 200 and a
+    real worker executes a task sent through the file broker (seen in the SQLite file)."""
+    var_dir = tmp_path / "var"
+    launcher_env = fresh_env(
+        SAGARUNNER_VAR_DIR=str(var_dir),
+        # Point the standard local ports at closed ones: "no PostgreSQL, no Redis here".
+        SAGARUNNER_PG_PORT=str(free_port()),
+        SAGARUNNER_REDIS_PORT=str(free_port()),
+    )
+
+    prepared = subprocess.run(
+        [sys.executable, "scripts/run.py", "--prepare-only", "--no-install"],
+        cwd=REPO_ROOT,
+        env=launcher_env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+    assert prepared.returncode == 0, prepared.stdout + prepared.stderr
+    service_lines = [line for line in prepared.stdout.splitlines() if "services:" in line]
+    assert len(service_lines) == 1 and "embedded default" in service_lines[0]
+    assert "demo-staff" in prepared.stdout
+    chosen = read_env_file(var_dir / "run.env")
+    assert chosen["DATABASE_URL"] == f"sqlite:///{var_dir / 'sagarunner.sqlite3'}"
+    assert chosen["CELERY_BROKER_URL"] == "filesystem://"
+    assert (var_dir / "secret_key").read_text().strip() == chosen["SECRET_KEY"]
+    run_env = {**launcher_env, **chosen}
+
+    port = free_port()
+    web = Service(
+        "web",
+        [sys.executable, "-m", "gunicorn", "config.wsgi", "--bind", f"127.0.0.1:{port}"],
+        run_env,
+    )
+    services.append(web)
+    worker = Service(
+        "worker",
+        [sys.executable, "-m", "celery", "-A", "config", "worker", "-l", "info", "-c", "1"],
+        run_env,
+    )
+    services.append(worker)
+
+    health = wait_for(
+        lambda: get_healthz(port), timeout=60, describe=lambda: (get_healthz(port), web.log_tail())
+    )
+    assert health == (200, {"status": "ok", "database": "ok", "broker": "ok"})
+
+    marker = f"embedded-{uuid.uuid4().hex}"
+    sent = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "config", "call", "config.ping_db"]
+        + ["--args", json.dumps([marker])],
+        cwd=REPO_ROOT,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert sent.returncode == 0, sent.stderr
+
+    def marker_row() -> bool:
+        with sqlite3.connect(var_dir / "sagarunner.sqlite3", timeout=5) as db:
+            return db.execute("SELECT 1 FROM auth_group WHERE name = ?", [marker]).fetchone()
+
+    wait_for(marker_row, timeout=60, describe=worker.log_tail)
