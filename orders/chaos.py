@@ -1,0 +1,956 @@
+"""The chaos run (``make chaos``): orders over HTTP while workers die and the broker restarts.
+
+The run starts a stack of its own (:mod:`orders.stack`): a fresh PostgreSQL database, its own
+Redis server, two prefork workers, beat and gunicorn, every process with ``SAGA_FAULTS``
+switching on every fault kind on every participant operation. Client threads place orders over
+HTTP (random items, payment methods and countries, including the declining cards and ``AQ``),
+some of them twice with the same ``Idempotency-Key`` and body, and ask to cancel a few. Meanwhile
+a chaos thread SIGKILLs worker processes (a worker's main process or one of its pool children)
+and starts them again, and stops and starts the Redis server.
+
+Then it waits for every order to settle and checks what CONTRACT section 6 promises:
+
+* ``check_invariants --require-settled``: guarantees 1 to 4 over the database;
+* guarantee 5 through the API: every response for a key carried one order id, a final replay
+  of every key returns that id, and each user's order list holds exactly one order per key;
+* the outcomes through the API: every order is ``confirmed``, ``cancelled`` or
+  ``needs_attention``, and none that the contract says must fail (a declined card, a declined
+  capture, ``AQ``) is confirmed;
+* ``POST /orders/`` answered ``201`` (or ``409`` for a duplicate still in flight) throughout,
+  broker outages included.
+
+It prints one summary and exits 1 on any violation. Logs of every process are kept under
+``var/chaos/<pid>/`` when the run fails (or with ``--keep``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import queue
+import random
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from io import StringIO
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from orders.stack import (
+    REPO_ROOT,
+    BrokerProxy,
+    PgServer,
+    Stack,
+    default_database_url,
+    replace_host_port,
+    spare_port,
+    stack_env,
+    wait_until,
+)
+
+INNER_ENV = "SAGARUNNER_CHAOS_INNER"
+DB_PREFIX = "sagarunner_chaos_"
+OPERATIONS = (
+    "inventory.reserve", "inventory.release", "inventory.commit",
+    "payments.authorize", "payments.void", "payments.capture", "payments.refund",
+    "shipping.arrange", "shipping.cancel",
+)  # fmt: skip
+#: Every fault kind on every operation, at rates a bad day at a provider might show.
+FAULTS = {
+    op: {"error": 0.1, "lost_response": 0.05, "crash": 0.01, "latency_ms": [0, 10]}
+    for op in OPERATIONS
+}
+#: Short knobs so a crashed step is picked up again within seconds (lease = step timeout +
+#: inline budget + 5 s; then the sweeper, every second, rings for it).
+KNOBS = {
+    "SAGA_BACKOFF_BASE": "0.1",
+    "SAGA_BACKOFF_MAX": "2",
+    "SAGA_STUCK_AFTER": "1",
+    "SAGA_SWEEP_INTERVAL": "1",
+    "SAGA_STEP_TIMEOUT": "3",
+    "SAGA_INLINE_BUDGET": "0.5",
+    "SAGA_DEADLINE": "120",
+}
+# sku, name, price, stock (None: plenty). The rug is scarce, so out_of_stock happens under load.
+CATALOG = [
+    ("chaos-mug", "Mug", "8.50", None),
+    ("chaos-poster", "Poster", "12.00", None),
+    ("chaos-lamp", "Lamp", "19.90", None),
+    ("chaos-chair", "Chair", "89.00", None),
+    ("chaos-desk", "Desk", "249.00", None),
+    ("chaos-rug", "Rug", "120.00", "scarce"),
+]
+PAYMENT_METHODS = {
+    "pm_card_visa": 76,
+    "pm_card_declined": 8,
+    "pm_card_capture_declined": 8,
+    "pm_card_refund_fails": 8,
+}
+COUNTRIES = {"GB": 30, "DE": 25, "FR": 20, "NL": 10, "SE": 9, "AQ": 6}
+#: Outcomes a business rule forbids, whatever the faults did.
+NEVER_CONFIRMED = {"pm_card_declined", "pm_card_capture_declined"}
+SETTLED = {"confirmed", "cancelled", "needs_attention"}
+CANCELLATION_REASONS = {
+    "out_of_stock",
+    "payment_declined",
+    "shipping_unavailable",
+    "customer_cancelled",
+    "timed_out",
+    "step_failed",
+}
+
+
+@dataclass
+class ChaosConfig:
+    mode: str = "full"
+    orders: int = 1000
+    seed: int = 0
+    kills: int = 12
+    broker_restarts: int = 2
+    clients: int = 8
+    users: int = 4
+    rate: float = 20.0
+    duplicate_rate: float = 0.15
+    cancel_rate: float = 0.08
+    settle_timeout: float = 300.0
+    broker_url: str | None = None
+    keep: bool = False
+    json_path: str | None = None
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> ChaosConfig:
+        base = cls(
+            mode="quick",
+            orders=100,
+            kills=3,
+            broker_restarts=1,
+            clients=4,
+            users=2,
+            rate=10.0,
+            settle_timeout=120.0,
+        )
+        for key, value in overrides.items():
+            setattr(base, key, value)
+        return base
+
+
+# ---------------------------------------------------------------------------------------------
+# Outer process: choose the run's database, ports and queue, then re-run inside that world
+# ---------------------------------------------------------------------------------------------
+def reexec_inside(config: ChaosConfig, argv: list[str]) -> None:
+    """Replace this process with the same command, pointed at the run's own database and broker.
+
+    Django reads ``DATABASE_URL`` and ``CELERY_BROKER_URL`` once, at start; re-running with the
+    run's environment makes this process, and every process it starts, see only the stack.
+    The pid (and so the database name) stays the same across ``exec``.
+    """
+    from django.conf import settings
+
+    pid = os.getpid()
+    server = PgServer.from_url(default_database_url())
+    database = f"{DB_PREFIX}{pid}"
+    run_dir = Path(settings.VAR_DIR) / "chaos" / str(pid)
+    extra = {
+        **KNOBS,
+        "SAGA_FAULTS": json.dumps(FAULTS),
+        INNER_ENV: str(pid),
+        "SAGARUNNER_CHAOS_DB": database,
+        "SAGARUNNER_CHAOS_DIR": str(run_dir),
+    }
+    if config.broker_url:
+        target = urlsplit(config.broker_url)
+        default_port = 6379 if target.scheme.startswith("redis") else 5672
+        proxy_port = spare_port()
+        broker = replace_host_port(config.broker_url, "127.0.0.1", proxy_port)
+        extra["SAGARUNNER_CHAOS_PROXY"] = (
+            f"{proxy_port} {target.hostname or '127.0.0.1'} {target.port or default_port}"
+        )
+        extra["SAGARUNNER_CHAOS_BROKER_TARGET"] = config.broker_url
+    else:
+        redis_port = spare_port()
+        broker = f"redis://127.0.0.1:{redis_port}/0"
+        extra["SAGARUNNER_CHAOS_REDIS_PORT"] = str(redis_port)
+    env = stack_env(
+        database_url=server.url(database),
+        broker_url=broker,
+        queue=f"chaos-{pid}",
+        metrics_dir=run_dir / "metrics",
+        extra=extra,
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics").mkdir(exist_ok=True)
+    os.execvpe(sys.executable, [sys.executable, str(REPO_ROOT / "manage.py"), *argv[1:]], env)
+
+
+def is_inside() -> bool:
+    return os.environ.get(INNER_ENV) == str(os.getpid())
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP client (standard library, one keep-alive connection per thread)
+# ---------------------------------------------------------------------------------------------
+class Http:
+    def __init__(self, port: int, timeout: float = 30.0) -> None:
+        self.port = port
+        self.timeout = timeout
+        self.conn: http.client.HTTPConnection | None = None
+
+    def request(
+        self, method: str, path: str, token: str, body: Any = None, headers: dict | None = None
+    ) -> tuple[int, dict[str, str], Any]:
+        """One request; a connection the server closed while idle is retried once, fresh."""
+        payload = None if body is None else json.dumps(body, sort_keys=True).encode()
+        hdrs = {"Authorization": f"Token {token}", "Accept": "application/json"}
+        if payload is not None:
+            hdrs["Content-Type"] = "application/json"
+        hdrs.update(headers or {})
+        for attempt in (1, 2):
+            reused = self.conn is not None
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+            try:
+                self.conn.request(method, path, body=payload, headers=hdrs)
+                resp = self.conn.getresponse()
+                raw = resp.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.close()
+                if reused and attempt == 1:
+                    continue  # the keep-alive connection was closed under us; try a fresh one
+                raise
+            except (OSError, http.client.HTTPException):
+                self.close()
+                raise
+            if resp.getheader("Connection", "").lower() == "close":
+                self.close()
+            try:
+                data = json.loads(raw) if raw else None
+            except ValueError:
+                data = raw[:300].decode(errors="replace")
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            self.conn = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: every placement decided up front from the seed
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Placement:
+    key: str
+    user: int
+    body: dict
+    duplicate: bool = False
+    cancel_after: float | None = None  # seconds after the 201, if the client asks to cancel
+
+
+def _weighted(rng: random.Random, weights: dict[str, int]) -> str:
+    return rng.choices(list(weights), weights=list(weights.values()))[0]
+
+
+def make_plan(config: ChaosConfig) -> list[Placement]:
+    rng = random.Random(config.seed)
+    common = [sku for sku, _, _, stock in CATALOG if stock is None]
+    slots: list[tuple[float, int, Placement]] = []
+    for i in range(config.orders):
+        skus = rng.sample(common, rng.randint(1, 3))
+        if rng.random() < 0.08:
+            skus.append("chaos-rug")
+        body = {
+            "items": [{"sku": sku, "quantity": rng.randint(1, 3)} for sku in skus],
+            "payment_method": _weighted(rng, PAYMENT_METHODS),
+            "shipping_address": {
+                "name": f"Chaos Customer {i}",
+                "line1": f"{i} Entropy Lane",
+                "city": "Faultham",
+                "postal_code": f"CH{i % 1000:03d}",
+                "country": _weighted(rng, COUNTRIES),
+            },
+        }
+        cancel_after = rng.uniform(0.0, 1.0) if rng.random() < config.cancel_rate else None
+        p = Placement(f"chaos-{config.seed}-{i}", i % config.users, body, False, cancel_after)
+        slots.append((float(i), 0, p))
+        if rng.random() < config.duplicate_rate:
+            # Sometimes right behind the first (still in flight: 409, then a replay), sometimes
+            # a while later (a client retrying after a timeout it thought it saw).
+            later = i + rng.choice([0.1, 0.5, rng.uniform(1, 20)])
+            slots.append((later, 1, Placement(p.key, p.user, p.body, True, None)))
+    slots.sort(key=lambda s: (s[0], s[1]))
+    return [p for _, _, p in slots]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared bookkeeping of a run
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Record:
+    ids: set[str] = field(default_factory=set)
+    placements: int = 0
+    replays: int = 0
+    body: dict | None = None
+    user: int = 0
+
+
+@dataclass
+class Tally:
+    started: float = field(default_factory=time.monotonic)
+    load_started: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    records: dict[str, Record] = field(default_factory=lambda: defaultdict(Record))
+    done: int = 0
+    in_flight_409: int = 0
+    unexpected: list[str] = field(default_factory=list)
+    transport_errors: int = 0
+    cancels: Counter = field(default_factory=Counter)
+    events: list[str] = field(default_factory=list)
+    kills: Counter = field(default_factory=Counter)
+    broker_outages: list[float] = field(default_factory=list)
+    load_finished: float | None = None
+
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
+    def log(self, message: str) -> None:
+        line = f"[chaos {self.now():6.1f}s] {message}"
+        with self.lock:
+            self.events.append(line)
+        print(line, flush=True)
+
+    def odd(self, message: str) -> None:
+        with self.lock:
+            self.unexpected.append(f"{self.now():.1f}s {message}")
+        self.log(f"UNEXPECTED {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Clients
+# ---------------------------------------------------------------------------------------------
+class Clients:
+    def __init__(self, config, port, tokens, plan, tally, load_deadline) -> None:
+        self.config, self.port, self.tokens, self.tally = config, port, tokens, tally
+        self.work: queue.Queue = queue.Queue()
+        for n, p in enumerate(plan):
+            self.work.put((n, p))
+        self.total = len(plan)
+        self.load_deadline = load_deadline
+        self.rng = random.Random(config.seed + 1)
+
+    def run(self) -> list[threading.Thread]:
+        threads = [
+            threading.Thread(target=self._client, name=f"client{i}", daemon=True)
+            for i in range(self.config.clients)
+        ]
+        for t in threads:
+            t.start()
+        return threads
+
+    def _client(self) -> None:
+        http_ = Http(self.port)
+        try:
+            while True:
+                try:
+                    n, placement = self.work.get_nowait()
+                except queue.Empty:
+                    return
+                due = self.tally.load_started + n / self.config.rate
+                delay = due - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                self._place(http_, placement)
+                with self.tally.lock:
+                    self.tally.done += 1
+        finally:
+            http_.close()
+
+    def _place(self, http_: Http, p: Placement) -> None:
+        token = self.tokens[p.user]
+        path = "/api/v1/orders/"
+        while True:
+            if time.monotonic() > self.load_deadline:
+                self.tally.odd(f"POST {path} key {p.key}: gave up at the load deadline")
+                return
+            try:
+                status, headers, data = http_.request(
+                    "POST", path, token, p.body, {"Idempotency-Key": p.key}
+                )
+            except (OSError, http.client.HTTPException) as exc:
+                with self.tally.lock:
+                    self.tally.transport_errors += 1
+                self.tally.odd(f"POST {path} key {p.key}: {type(exc).__name__}: {exc}")
+                time.sleep(0.5)
+                continue  # same key, same body: safe to send again
+            if status == 201 and isinstance(data, dict) and data.get("id"):
+                replayed = headers.get("idempotent-replayed") == "true"
+                with self.tally.lock:
+                    rec = self.tally.records[p.key]
+                    rec.ids.add(data["id"])
+                    rec.body, rec.user = p.body, p.user
+                    rec.placements += 1
+                    rec.replays += int(replayed)
+                if p.cancel_after is not None and not replayed:
+                    time.sleep(p.cancel_after)
+                    self._cancel(http_, token, data["id"])
+                return
+            if status == 409:
+                with self.tally.lock:
+                    self.tally.in_flight_409 += 1
+                time.sleep(0.1)
+                continue  # the first request with this key is still running
+            self.tally.odd(f"POST {path} key {p.key}: {status} {str(data)[:300]}")
+            if status >= 500:
+                time.sleep(0.5)
+                continue
+            return  # a 4xx for a valid body is a bug; do not hammer it
+
+    def _cancel(self, http_: Http, token: str, order_id: str) -> None:
+        path = f"/api/v1/orders/{order_id}/cancel/"
+        for _ in range(20):
+            try:
+                status, _, data = http_.request("POST", path, token)
+            except (OSError, http.client.HTTPException) as exc:
+                with self.tally.lock:
+                    self.tally.transport_errors += 1
+                self.tally.odd(f"POST {path}: {type(exc).__name__}: {exc}")
+                time.sleep(0.5)
+                continue
+            with self.tally.lock:
+                self.tally.cancels[status] += 1
+            if status not in (202, 409):
+                self.tally.odd(f"POST {path}: {status} {str(data)[:300]}")
+            if status < 500:
+                return
+            time.sleep(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chaos: SIGKILL worker processes, stop and start the broker
+# ---------------------------------------------------------------------------------------------
+class Chaos:
+    SLOTS = ("w1", "w2")
+
+    def __init__(self, config, stack: Stack, proxy: BrokerProxy | None, tally, progress) -> None:
+        self.config, self.stack, self.proxy, self.tally = config, stack, proxy, tally
+        self.progress = progress  # () -> fraction of the load done, 1.0 once it finished
+        self.rng = random.Random(config.seed + 2)
+        self.workers = {slot: stack.start_worker(slot) for slot in self.SLOTS}
+        self.restarts: dict[str, float] = {}
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        self.own_pool_kills = 0
+
+    def schedule(self) -> list[tuple[float, str]]:
+        events = [(self.rng.uniform(0.05, 0.95), "kill") for _ in range(self.config.kills)]
+        r = self.config.broker_restarts
+        events += [
+            (min(0.95, max(0.05, (i + 1) / (r + 1) + self.rng.uniform(-0.1, 0.1))), "broker")
+            for i in range(r)
+        ]
+        return sorted(events)
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="chaos", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            events = self.schedule()
+            last = 0.0
+            while events or self.restarts:
+                self._restart_due()
+                if events:
+                    frac, kind = events[0]
+                    progress = self.progress()
+                    finished = progress >= 1.0
+                    if (not finished and progress >= frac) or (
+                        finished and time.monotonic() - last > 1.5
+                    ):
+                        events.pop(0)
+                        last = time.monotonic()
+                        self._kill() if kind == "kill" else self._broker()
+                time.sleep(0.05)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            self.error = exc
+            self.tally.log(f"chaos thread failed: {exc!r}")
+
+    def _restart_due(self) -> None:
+        for slot, due in list(self.restarts.items()):
+            if time.monotonic() >= due:
+                del self.restarts[slot]
+                self.workers[slot] = self.stack.start_worker(slot)
+                self.tally.log(f"started {self.workers[slot].name} (pid {self.workers[slot].pid})")
+
+    def _kill(self) -> None:
+        # Prefer a worker that has been up a moment (it is likely busy); wait for one if needed.
+        deadline = time.monotonic() + 10
+        while True:
+            ready = [
+                s
+                for s, w in self.workers.items()
+                if s not in self.restarts and w.alive and time.monotonic() - w.started_at > 2
+            ]
+            if ready or time.monotonic() > deadline:
+                break
+            self._restart_due()
+            time.sleep(0.1)
+        if not ready:
+            ready = [s for s in self.workers if s not in self.restarts] or list(self.workers)
+        slot = self.rng.choice(ready)
+        worker = self.workers[slot]
+        children = worker.children()
+        where = f"load {self.progress():.0%} done"
+        if children and self.rng.random() < 0.55:
+            pid = self.rng.choice(children)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self.tally.kills["pool child"] += 1
+            self.own_pool_kills += 1
+            self.tally.log(f"SIGKILL pool child {pid} of {worker.name} ({where})")
+        else:
+            worker.signal(signal.SIGKILL)
+            self.tally.kills["worker main"] += 1
+            self.tally.log(f"SIGKILL worker main {worker.pid} ({worker.name}; {where})")
+            self.restarts[slot] = time.monotonic() + self.rng.uniform(0.5, 3.0)
+
+    def _broker(self) -> None:
+        outage = self.rng.uniform(2.0, 5.0) if self.config.mode == "full" else 2.5
+        n = len(self.tally.broker_outages) + 1
+        if self.proxy is not None:
+            self.tally.log(f"broker outage {n}: cutting every broker connection for {outage:.1f}s")
+            self.proxy.outage(outage)
+        else:
+            sig = signal.SIGKILL if n % 2 else signal.SIGTERM
+            self.tally.log(f"broker restart {n}: {signal.Signals(sig).name} redis-server")
+            self.stack.stop_redis(sig)
+            deadline = time.monotonic() + outage
+            while time.monotonic() < deadline:
+                self._restart_due()
+                time.sleep(0.05)
+            self.stack.start_redis()
+        self.tally.broker_outages.append(outage)
+        self.tally.log(f"broker back after {outage:.1f}s")
+
+    def join(self) -> None:
+        while self.thread is not None and self.thread.is_alive():
+            self.thread.join(0.5)
+        if self.error is not None:
+            raise self.error
+
+    def ensure_all_up(self) -> None:
+        for slot, worker in self.workers.items():
+            if not worker.alive:
+                self.workers[slot] = self.stack.start_worker(slot)
+                self.tally.log(f"started {self.workers[slot].name} (was down)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Summary:
+    mode: str
+    seed: int
+    broker: str
+    orders: int = 0
+    placements: int = 0
+    duplicate_placements: int = 0
+    replayed: int = 0
+    in_flight_409: int = 0
+    cancel_requests: dict[str, int] = field(default_factory=dict)
+    outcomes: dict[str, int] = field(default_factory=dict)
+    cancellation_reasons: dict[str, int] = field(default_factory=dict)
+    kills: int = 0
+    kills_by_target: dict[str, int] = field(default_factory=dict)
+    injected_crashes: int = 0
+    broker_restarts: int = 0
+    broker_outage_seconds: list[float] = field(default_factory=list)
+    unexpected_responses: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    load_seconds: float = 0.0
+    settle_seconds: float | None = None
+    total_seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations and not self.unexpected_responses
+
+    def render(self) -> str:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.cancellation_reasons.items()))
+        outcomes = ", ".join(
+            f"{k} {self.outcomes.get(k, 0)}"
+            + (f" ({reasons})" if k == "cancelled" and reasons else "")
+            for k in ("confirmed", "cancelled", "needs_attention")
+        )
+        others = {k: v for k, v in self.outcomes.items() if k not in SETTLED}
+        if others:
+            outcomes += ", NOT SETTLED: " + ", ".join(f"{k} {v}" for k, v in others.items())
+        cancels = ", ".join(f"{v}x {k}" for k, v in sorted(self.cancel_requests.items()))
+        by_target = ", ".join(f"{v} {k}" for k, v in sorted(self.kills_by_target.items()))
+        outages = ", ".join(f"{s:.1f}s" for s in self.broker_outage_seconds)
+        settle = "did not settle" if self.settle_seconds is None else f"{self.settle_seconds:.1f}s"
+        lines = [
+            f"chaos summary ({self.mode} mode, seed {self.seed}, broker {self.broker})",
+            f"  orders:           {self.orders} (one per Idempotency-Key), {self.placements} "
+            f"placements: {self.duplicate_placements} duplicates, {self.replayed} answered as "
+            f"replays, {self.in_flight_409} x 409 in flight",
+            f"  cancel requests:  {cancels or 'none'}",
+            f"  outcomes:         {outcomes}",
+            f"  kills:            {self.kills} SIGKILL ({by_target or 'none'}); plus about "
+            f"{self.injected_crashes} injected crashes (SAGA_FAULTS crash)",
+            f"  broker restarts:  {self.broker_restarts} (down {outages or '-'})",
+            f"  unexpected HTTP:  {len(self.unexpected_responses)}",
+            f"  time to settle:   {settle} after the last placement (load {self.load_seconds:.1f}s,"
+            f" whole run {self.total_seconds:.1f}s)",
+            f"  violations:       {len(self.violations)}",
+        ]
+        for v in self.violations[:50]:
+            lines.append(f"    {v}")
+        if len(self.violations) > 50:
+            lines.append(f"    ... and {len(self.violations) - 50} more")
+        for u in self.unexpected_responses[:20]:
+            lines.append(f"    unexpected: {u}")
+        lines.append("chaos: PASS" if self.ok else "chaos: FAIL")
+        return "\n".join(lines)
+
+
+def run(config: ChaosConfig, out=sys.stdout) -> Summary:
+    """The inner run: everything happens here, and everything started here is stopped here."""
+    from django.db import connections
+
+    started = time.monotonic()
+    env = dict(os.environ)
+    database = env["SAGARUNNER_CHAOS_DB"]
+    run_dir = Path(env["SAGARUNNER_CHAOS_DIR"])
+    server = PgServer.from_url(env["DATABASE_URL"])
+    broker_label = env.get("SAGARUNNER_CHAOS_BROKER_TARGET") or "own redis-server"
+    summary = Summary(mode=config.mode, seed=config.seed, broker=_redact(broker_label))
+    stack = Stack(env=env, log_dir=run_dir, queue=env["CELERY_QUEUE"])
+    proxy: BrokerProxy | None = None
+    tally = Tally()
+    failed = True
+    try:
+        for name in server.drop_stale(DB_PREFIX):
+            tally.log(f"dropped {name}, left behind by a run that was killed")
+        tally.log(f"database {database}; logs in {run_dir}")
+        server.create_database(database)
+        _migrate()
+        tokens = _seed(config)
+
+        if "SAGARUNNER_CHAOS_PROXY" in env:
+            port, host, target_port = env["SAGARUNNER_CHAOS_PROXY"].split()
+            proxy = BrokerProxy(host, int(target_port), port=int(port))
+        else:
+            stack.start_redis(int(env["SAGARUNNER_CHAOS_REDIS_PORT"]))
+        chaos = Chaos(config, stack, proxy, tally, progress=lambda: 0.0)
+        stack.start_beat()
+        web = stack.start_web()
+        stack.wait_workers_ready(chaos.workers.values())
+        wait_until(lambda: _healthy(stack.web_port), 60, "GET /healthz to answer 200")
+        tally.log(
+            f"stack up: web {stack.base_url} (pid {web.pid}), workers "
+            + ", ".join(f"{w.name} pid {w.pid}" for w in chaos.workers.values())
+            + f", beat, broker {_redact(env['CELERY_BROKER_URL'])}; placing {config.orders} "
+            f"orders at {config.rate:g}/s from {config.clients} clients"
+        )
+
+        plan = make_plan(config)
+        tally.load_started = time.monotonic()
+        load_budget = max(60.0, 4 * len(plan) / config.rate)
+        clients = Clients(
+            config, stack.web_port, tokens, plan, tally, time.monotonic() + load_budget
+        )
+        chaos.progress = lambda: 1.0 if tally.load_finished else tally.done / max(1, len(plan))
+        chaos.start()
+        threads = clients.run()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.5)
+        tally.load_finished = time.monotonic() - tally.load_started
+        tally.log(f"load done: {tally.done} placements in {tally.load_finished:.1f}s")
+        chaos.join()
+        chaos.ensure_all_up()
+
+        settle_seconds = _settle(config, tally)
+        summary.settle_seconds = settle_seconds
+        summary.load_seconds = tally.load_finished
+        summary.violations += _check_invariants(tally)
+        summary.violations += _check_api(config, stack.web_port, tokens, tally, summary)
+        summary.orders = len(tally.records)
+        summary.placements = sum(r.placements for r in tally.records.values())
+        summary.duplicate_placements = sum(1 for p in plan if p.duplicate)
+        summary.replayed = sum(r.replays for r in tally.records.values())
+        summary.in_flight_409 = tally.in_flight_409
+        summary.cancel_requests = {
+            ("accepted (202)" if k == 202 else "refused (409)" if k == 409 else str(k)): v
+            for k, v in tally.cancels.items()
+        }
+        summary.kills = sum(tally.kills.values())
+        summary.kills_by_target = dict(tally.kills)
+        summary.injected_crashes = max(0, _pool_deaths(run_dir) - chaos.own_pool_kills)
+        summary.broker_restarts = len(tally.broker_outages)
+        summary.broker_outage_seconds = list(tally.broker_outages)
+        summary.unexpected_responses = list(tally.unexpected)
+        failed = not summary.ok
+    except KeyboardInterrupt:
+        summary.violations.append("interrupted")
+        print("chaos: interrupted; stopping everything", file=out, flush=True)
+        raise
+    finally:
+        summary.total_seconds = time.monotonic() - started
+        stack.close()
+        if proxy is not None:
+            proxy.close()
+            _delete_broker_queue(env.get("SAGARUNNER_CHAOS_BROKER_TARGET"), env["CELERY_QUEUE"])
+        connections.close_all()
+        if config.keep:
+            print(f"chaos: kept database {database} and logs in {run_dir}", file=out)
+        else:
+            with contextlib.suppress(Exception):
+                server.drop_database(database)
+            if failed:
+                print(f"chaos: logs kept in {run_dir}", file=out)
+            else:
+                shutil.rmtree(run_dir, ignore_errors=True)
+    print(summary.render(), file=out, flush=True)
+    if config.json_path:
+        Path(config.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.json_path).write_text(json.dumps(asdict(summary), indent=2))
+    return summary
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", url)
+
+
+def _migrate() -> None:
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0, interactive=False)
+
+
+def _seed(config: ChaosConfig) -> list[str]:
+    """The catalog and one API token per client user."""
+    from decimal import Decimal
+
+    from django.core.management import call_command
+
+    from inventory.models import Product
+
+    scarce = max(5, config.orders // 40)
+    for sku, name, price, stock in CATALOG:
+        Product.objects.create(
+            sku=sku,
+            name=name,
+            price=Decimal(price),
+            currency="EUR",
+            stock_on_hand=scarce if stock == "scarce" else 1_000_000,
+        )
+    tokens = []
+    for i in range(config.users):
+        buf = StringIO()
+        call_command("issue_token", f"chaos-client-{i}", stdout=buf)
+        tokens.append(buf.getvalue().strip())
+    return tokens
+
+
+def _healthy(port: int) -> bool:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/healthz")
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except (OSError, http.client.HTTPException):
+        return False
+
+
+def _settle(config: ChaosConfig, tally: Tally) -> float | None:
+    """Wait for every order's saga to leave running/compensating; seconds it took, or None."""
+    from django.db.models import Count
+
+    from orders.models import Order
+    from sagas.models import ACTIVE_STATES
+
+    active = [str(s) for s in ACTIVE_STATES]
+    begin = time.monotonic()
+    last_print = 0.0
+    while True:
+        counts = dict(
+            Order.objects.filter(saga__state__in=active)
+            .values_list("saga__state")
+            .annotate(n=Count("id"))
+            .order_by()
+        )
+        in_flight = sum(counts.values())
+        if not in_flight:
+            waited = time.monotonic() - begin
+            tally.log(f"every order settled, {waited:.1f}s after the last placement")
+            return waited
+        if time.monotonic() - last_print > 10:
+            last_print = time.monotonic()
+            tally.log(f"settling: {in_flight} orders in flight {counts}")
+        if time.monotonic() - begin > config.settle_timeout:
+            tally.log(f"{in_flight} orders did not settle within {config.settle_timeout:.0f}s")
+            _describe_stuck(tally, active)
+            return None
+        time.sleep(0.5)
+
+
+def _describe_stuck(tally: Tally, active: list[str]) -> None:
+    from sagas.models import Saga
+
+    for row in Saga.objects.filter(saga_type="order", state__in=active).values(
+        "id", "state", "current_step", "attempt", "version", "next_attempt_at", "lease_until",
+        "last_error",
+    )[:10]:  # fmt: skip
+        tally.log(f"  stuck: {row}")
+
+
+def _check_invariants(tally: Tally) -> list[str]:
+    """``check_invariants --require-settled``, as an operator would run it."""
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    buf = StringIO()
+    try:
+        call_command("check_invariants", require_settled=True, stdout=buf)
+    except CommandError as exc:
+        tally.log(f"check_invariants: {exc}")
+    output = buf.getvalue().strip().splitlines()
+    for line in output[-1:]:
+        tally.log(line)
+    return [f"check_invariants: {line}" for line in output if line.startswith("[")]
+
+
+def _check_api(config, port: int, tokens: list[str], tally: Tally, summary: Summary) -> list[str]:
+    """Guarantee 5 and the outcomes, as a client sees them through the API."""
+    violations: list[str] = []
+    records = dict(tally.records)
+    http_ = Http(port)
+    try:
+        # -- 5. one order per key: every answer for a key named one order, and a replay now
+        #       still names it
+        keys_of_user: Counter = Counter()
+        for key, rec in sorted(records.items()):
+            keys_of_user[rec.user] += 1
+            if len(rec.ids) != 1:
+                violations.append(
+                    f"[idempotency] key {key}: answers named orders {sorted(rec.ids)}"
+                )
+                continue
+            (order_id,) = rec.ids
+            status, headers, data = _retrying(
+                http_,
+                "POST",
+                "/api/v1/orders/",
+                tokens[rec.user],
+                rec.body,
+                {"Idempotency-Key": key},
+            )
+            if status != 201 or headers.get("idempotent-replayed") != "true":
+                violations.append(f"[idempotency] key {key}: replay answered {status} {headers}")
+            elif data.get("id") != order_id:
+                violations.append(
+                    f"[idempotency] key {key}: replay named order {data.get('id')}, "
+                    f"the first answers {order_id}"
+                )
+        for user, token in enumerate(tokens):
+            status, _, data = _retrying(http_, "GET", "/api/v1/orders/?page_size=1", token)
+            listed = data.get("count") if status == 200 and isinstance(data, dict) else None
+            if listed != keys_of_user[user]:
+                violations.append(
+                    f"[idempotency] user chaos-client-{user}: the API lists {listed} orders for "
+                    f"{keys_of_user[user]} idempotency keys"
+                )
+        # -- outcomes: every order settled, and no business rule broken by the faults
+        outcomes: Counter = Counter()
+        reasons: Counter = Counter()
+        for _key, rec in sorted(records.items()):
+            if len(rec.ids) != 1:
+                continue
+            (order_id,) = rec.ids
+            status, _, data = _retrying(
+                http_, "GET", f"/api/v1/orders/{order_id}/", tokens[rec.user]
+            )
+            if status != 200:
+                violations.append(f"[api] GET order {order_id}: {status} {str(data)[:200]}")
+                continue
+            outcome = data.get("status")
+            outcomes[outcome] += 1
+            where = f"order {order_id} ({outcome})"
+            if outcome not in SETTLED:
+                violations.append(f"[settled] {where}: not settled (step {data.get('step')})")
+            if outcome == "cancelled":
+                reason = data.get("cancellation_reason")
+                reasons[reason] += 1
+                if reason not in CANCELLATION_REASONS:
+                    violations.append(f"[api] {where}: cancellation_reason {reason!r}")
+            if outcome == "confirmed":
+                pm = rec.body["payment_method"]
+                country = rec.body["shipping_address"]["country"]
+                if pm in NEVER_CONFIRMED:
+                    violations.append(f"[business] {where}: confirmed with {pm}")
+                if country == "AQ":
+                    violations.append(f"[business] {where}: confirmed, shipping to AQ")
+                payment = data.get("payment") or {}
+                if payment.get("captured") != data.get("total"):
+                    violations.append(
+                        f"[money] {where}: API shows captured {payment.get('captured')} of "
+                        f"total {data.get('total')}"
+                    )
+        summary.outcomes = dict(outcomes)
+        summary.cancellation_reasons = dict(reasons)
+        tally.log(
+            f"API: {len(records)} keys replayed, {sum(outcomes.values())} orders read: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
+        )
+    finally:
+        http_.close()
+    return violations
+
+
+def _retrying(http_: Http, method, path, token, body=None, headers=None, attempts=5):
+    for attempt in range(attempts):
+        try:
+            return http_.request(method, path, token, body, headers)
+        except (OSError, http.client.HTTPException):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
+_POOL_DEATH = re.compile(r"exited with 'signal 9 \(SIGKILL\)'")
+
+
+def _pool_deaths(run_dir: Path) -> int:
+    """Pool processes that died of SIGKILL, as the workers logged them (ours and injected)."""
+    n = 0
+    for log in run_dir.glob("worker-*.log"):
+        with contextlib.suppress(OSError):
+            n += len(_POOL_DEATH.findall(log.read_text(errors="replace")))
+    return n
+
+
+def _delete_broker_queue(broker_url: str | None, queue_name: str) -> None:
+    """The run's queue on a shared broker goes away with the run."""
+    if not broker_url:
+        return
+    from kombu import Connection
+
+    with contextlib.suppress(Exception), Connection(broker_url, connect_timeout=5) as conn:
+        channel = conn.default_channel
+        channel.queue_delete(queue_name)
+        with contextlib.suppress(Exception):
+            channel.exchange_delete(queue_name)

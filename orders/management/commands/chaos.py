@@ -1,0 +1,90 @@
+"""``python manage.py chaos`` (``make chaos``): faults, worker kills, broker restarts, then checks.
+
+Full mode (the default): 1,000 orders, 12 worker kills, 2 broker restarts. ``--quick`` (what
+``make test`` runs): 100 orders, 3 kills, 1 broker restart. The run starts and stops its own
+stack (database, Redis, workers, beat, web); see :mod:`orders.chaos`. Exit status 1 on any
+violation.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from django.core.management.base import BaseCommand, CommandError
+
+from orders import chaos
+
+
+class Command(BaseCommand):
+    help = (
+        "Run orders over HTTP against a stack of its own while killing workers and restarting "
+        "the broker, then check every guarantee; exit 1 on any violation."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--quick", action="store_true", help="100 orders, 3 kills, 1 restart")
+        parser.add_argument("--orders", type=int, help="orders to place (full 1000, quick 100)")
+        parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+        parser.add_argument("--kills", type=int, help="worker SIGKILLs (full 12, quick 3)")
+        parser.add_argument(
+            "--broker-restarts", type=int, help="broker stops and starts (full 2, quick 1)"
+        )
+        parser.add_argument("--clients", type=int, help="client threads (full 8, quick 4)")
+        parser.add_argument("--rate", type=float, help="offered orders/s (full 20, quick 10)")
+        parser.add_argument("--settle-timeout", type=float, help="seconds to wait for settling")
+        parser.add_argument(
+            "--broker-url",
+            default=None,
+            help="use this broker (e.g. amqp://guest:guest@127.0.0.1:5672//) instead of an own "
+            "Redis; its outages are simulated by a proxy that cuts every connection",
+        )
+        parser.add_argument(
+            "--keep", action="store_true", help="keep the database and the logs afterwards"
+        )
+        parser.add_argument("--json", default=None, help="also write the summary as JSON here")
+
+    def handle(self, *args, **opts):
+        config = chaos.ChaosConfig.quick() if opts["quick"] else chaos.ChaosConfig()
+        for option, attr in [
+            ("orders", "orders"),
+            ("kills", "kills"),
+            ("broker_restarts", "broker_restarts"),
+            ("clients", "clients"),
+            ("rate", "rate"),
+            ("settle_timeout", "settle_timeout"),
+        ]:
+            if opts[option] is not None:
+                setattr(config, attr, opts[option])
+        config.seed = opts["seed"] if opts["seed"] is not None else _random_seed()
+        config.broker_url = opts["broker_url"]
+        config.keep = opts["keep"]
+        config.json_path = opts["json"]
+        config.users = max(1, min(config.users, config.clients))
+        if config.orders < 1 or config.rate <= 0 or config.clients < 1:
+            raise CommandError("--orders, --rate and --clients must be positive")
+
+        if not chaos.is_inside():
+            if "--seed" not in " ".join(sys.argv):
+                sys.argv += ["--seed", str(config.seed)]  # the same run after the re-exec
+            chaos.reexec_inside(config, sys.argv)
+
+        # SIGTERM (a CI timeout, `kill`) cleans up like Ctrl-C does.
+        signal.signal(signal.SIGTERM, _interrupt)
+        summary = chaos.run(config, out=sys.stdout)
+        if not summary.ok:
+            raise CommandError(
+                f"{len(summary.violations)} violation(s), "
+                f"{len(summary.unexpected_responses)} unexpected response(s)",
+                returncode=1,
+            )
+
+
+def _random_seed() -> int:
+    import secrets
+
+    return secrets.randbelow(1_000_000)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
