@@ -22,6 +22,7 @@ from django.utils.http import parse_etags, quote_etag
 from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
+    OpenApiExample,
     OpenApiParameter,
     OpenApiResponse,
     extend_schema,
@@ -306,6 +307,21 @@ IF_NONE_MATCH_PARAMETER = OpenApiParameter(
     description="An ETag from an earlier response: `304` with no body if nothing changed.",
 )
 ORDER_ID_PARAMETER = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH)
+ORDER_EXAMPLE = OpenApiExample(
+    "Two mugs to London",
+    value={
+        "items": [{"sku": "SR-MUG", "quantity": 2}],
+        "payment_method": "pm_card_visa",
+        "shipping_address": {
+            "name": "Ada Lovelace",
+            "line1": "12 St James's Square",
+            "city": "London",
+            "postal_code": "SW1Y 4JH",
+            "country": "GB",
+        },
+    },
+    request_only=True,
+)
 ERROR = ErrorSerializer
 
 
@@ -324,6 +340,7 @@ ERROR = ErrorSerializer
         summary="Place an order",
         tags=["orders"],
         request=OrderCreateSerializer,
+        examples=[ORDER_EXAMPLE],
         parameters=[IDEMPOTENCY_KEY_PARAMETER, REPLAYED_HEADER, LOCATION_HEADER],
         responses={
             201: OrderSerializer,
