@@ -1,0 +1,147 @@
+"""One JSON error shape for every 4xx, from one exception handler."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.test import RequestFactory
+from rest_framework import exceptions
+from rest_framework.test import APIClient
+
+from config import api_errors
+from orders.errors import OrderInvalid
+from sagas.exceptions import SagaOperationRefused
+
+from .conftest import assert_error
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/nothing-here/",
+        "/api/v1/orders",  # no trailing slash
+        "/api/v2/orders/",
+        "/api/",
+        "/api/v1/orders/x/y/z/",
+    ],
+)
+def test_unrouted_paths_under_api_are_404_json(client_api, anon_api, path):
+    """Authenticated or not, any method: 404 with the error shape, never Django's HTML."""
+    for api in (client_api, anon_api):
+        assert_error(api.get(path), 404, "not_found")
+        assert_error(api.post(path, {}, format="json"), 404, "not_found")
+        assert_error(api.delete(path), 404, "not_found")
+
+
+def test_not_acceptable_is_406_json(client_api):
+    """Asking for a media type the API cannot render: 406 with the error shape (in JSON)."""
+    response = client_api.get("/api/v1/orders/", HTTP_ACCEPT="application/xml")
+    assert_error(response, 406, "not_acceptable")
+
+
+def test_session_auth_without_csrf_is_403_json(customer, catalog):
+    """The browsable API's session auth enforces CSRF on writes: 403 JSON, not an HTML page."""
+    api = APIClient(enforce_csrf_checks=True)
+    api.force_login(customer)
+    assert api.get("/api/v1/orders/").status_code == 200
+    body = assert_error(api.post("/api/v1/orders/", {}, format="json"), 403, "permission_denied")
+    assert "CSRF" in body["detail"]
+
+
+def test_the_browsable_api_renders_for_a_logged_in_user(customer):
+    """Session auth and an HTML Accept header give the browsable API."""
+    api = APIClient()
+    api.force_login(customer)
+    response = api.get("/api/v1/orders/", HTTP_ACCEPT="text/html")
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/html")
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [
+        (exceptions.Throttled(wait=7), 429, "throttled"),
+        (exceptions.NotAuthenticated(), 401, "not_authenticated"),
+        (exceptions.AuthenticationFailed(), 401, "authentication_failed"),
+        (exceptions.PermissionDenied(), 403, "permission_denied"),
+        (DjangoPermissionDenied("ops only"), 403, "permission_denied"),
+        (exceptions.NotFound(), 404, "not_found"),
+        (exceptions.MethodNotAllowed("PUT"), 405, "method_not_allowed"),
+        (exceptions.UnsupportedMediaType("text/xml"), 415, "unsupported_media_type"),
+        (exceptions.ParseError(), 400, "parse_error"),
+        (exceptions.ValidationError({"a": ["bad"]}), 400, "invalid"),
+        (SagaOperationRefused("pivot_reached", "too late"), 409, "pivot_reached"),
+        (SagaOperationRefused("not_found", "No such saga."), 404, "not_found"),
+        (OrderInvalid("unknown_sku", "no", {"items[0].sku": ["no"]}), 400, "unknown_sku"),
+    ],
+)
+def test_the_handler_gives_every_error_the_same_shape(exc, status, code):
+    """Each kind of error the API can raise maps to its status and a machine-readable code,
+    with detail and fields; throttling carries Retry-After."""
+    response = api_errors.exception_handler(exc, {})
+    assert response.status_code == status
+    assert set(response.data) == {"code", "detail", "fields"}
+    assert response.data["code"] == code
+    assert response.data["detail"]
+    if status == 429:
+        assert response["Retry-After"] == "7"
+    if code == "unknown_sku":
+        assert response.data["fields"] == {"items[0].sku": ["no"]}
+    if code == "invalid":
+        assert response.data["fields"] == {"a": ["bad"]}
+
+
+def test_unknown_exceptions_are_left_to_djangos_500_handling():
+    """A bug is not dressed up as a 4xx: the handler returns None (Django logs a 500)."""
+    assert api_errors.exception_handler(RuntimeError("bug"), {}) is None
+
+
+def test_nested_field_errors_are_flattened_to_input_paths():
+    """DRF's nested errors become ``items[1].quantity``-style paths."""
+    detail = {
+        "items": [{}, {"quantity": ["too big"]}],
+        "shipping_address": {"country": ["bad"], "non_field_errors": ["odd"]},
+        "non_field_errors": ["whole"],
+    }
+    assert api_errors.flatten_errors(detail) == {
+        "items[1].quantity": ["too big"],
+        "shipping_address.country": ["bad"],
+        "shipping_address": ["odd"],
+        "non_field_errors": ["whole"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("handler", "status", "code"),
+    [
+        (api_errors.handler400, 400, "bad_request"),
+        (api_errors.handler403, 403, "permission_denied"),
+        (api_errors.handler404, 404, "not_found"),
+    ],
+)
+def test_djangos_own_error_pages_are_json_under_api(handler, status, code):
+    """Errors Django answers before any view (a bad Host header, ...) are JSON under /api/ and
+    Django's usual pages elsewhere."""
+    factory = RequestFactory()
+    response = handler(factory.get("/api/v1/orders/"), Exception())
+    assert response.status_code == status
+    assert response["Content-Type"] == "application/json"
+    assert __import__("json").loads(response.content)["code"] == code
+    other = handler(factory.get("/admin/"), Exception())
+    assert other.status_code == status
+    assert not other["Content-Type"].startswith("application/json")
+
+
+def test_a_500_under_api_is_json():
+    """The 500 page under /api/ is JSON too (with nothing internal in it)."""
+    response = api_errors.handler500(RequestFactory().get("/api/v1/orders/"))
+    assert response.status_code == 500
+    assert __import__("json").loads(response.content)["code"] == "server_error"
+
+
+def test_a_disallowed_host_is_400_json(client_api):
+    """A Host header outside ALLOWED_HOSTS is a 400 (Django's check) with the error shape."""
+    response = client_api.get("/api/v1/orders/", HTTP_HOST="evil.example")
+    assert_error(response, 400, "bad_request")

@@ -1,0 +1,58 @@
+"""``/metrics`` (Prometheus text, no authentication) and ``/healthz`` next to the API."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+
+pytestmark = pytest.mark.django_db
+
+
+def test_metrics_is_prometheus_text_with_the_saga_metrics(client_api, place):
+    """Anyone may scrape /metrics: text exposition with sagas per state counted from the
+    database (the engine's counters are checked after a real run, in test_lifecycle)."""
+    place(client_api)
+    response = Client().get("/metrics")
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/plain")
+    text = response.content.decode()
+    assert 'saga_state_count{state="running"} 1.0' in text
+    assert 'saga_state_count{state="succeeded"} 0.0' in text
+    for name in ("saga_state_count",):
+        assert f"# TYPE {name}" in text
+    assert Client().get("/metrics/").status_code == 200
+    assert Client().post("/metrics").status_code == 405
+
+
+def test_healthz_is_still_there_and_open(client_api):
+    """/healthz answers without credentials (200 when the database and broker answer)."""
+    response = Client().get("/healthz")
+    assert response.status_code in (200, 503)
+    assert response.json()["database"] == "ok"
+
+
+def test_schema_and_docs_are_served(anon_api):
+    """/api/schema/ (OpenAPI) and /api/docs/ (Swagger UI) are reachable without credentials."""
+    schema = anon_api.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    assert schema.status_code == 200
+    paths = schema.json()["paths"]
+    for path in (
+        "/api/v1/products/",
+        "/api/v1/products/{sku}/",
+        "/api/v1/orders/",
+        "/api/v1/orders/{id}/",
+        "/api/v1/orders/{id}/timeline/",
+        "/api/v1/orders/{id}/cancel/",
+        "/api/v1/sagas/",
+        "/api/v1/sagas/{id}/",
+        "/api/v1/sagas/{id}/retry/",
+        "/api/v1/sagas/{id}/compensate/",
+        "/api/v1/sagas/{id}/resolve/",
+        "/api/v1/sagas/{id}/compensation-plan/",
+        "/healthz",
+        "/metrics",
+    ):
+        assert path in paths, path
+    docs = anon_api.get("/api/docs/")
+    assert docs.status_code == 200
+    assert b"swagger" in docs.content.lower()

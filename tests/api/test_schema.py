@@ -1,0 +1,176 @@
+"""The OpenAPI schema validates, and the running API keeps to it (schemathesis).
+
+The schemathesis run generates a few hundred requests from the live schema (valid ones,
+invalid ones and the schema's examples) against the WSGI application, authenticated as a
+client and as ops staff, and fails on any 5xx, any status code the schema does not document,
+and any response whose body, content type or headers do not match the schema.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections import Counter
+
+import pytest
+import schemathesis
+from django.core.management import call_command
+from django.core.signals import request_finished, request_started
+from django.db import close_old_connections
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from config.wsgi import application
+from sagas.models import Saga
+
+from .conftest import api_client_for, make_product, order_body
+
+pytestmark = pytest.mark.django_db
+
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+]
+#: Generated cases per operation, per generation mode, per user.
+EXAMPLES = 6
+
+
+def test_the_schema_validates_without_warnings(tmp_path):
+    """``manage.py spectacular --validate --fail-on-warn`` passes (OpenAPI 3 validator, and
+    no operation drf-spectacular had to guess about)."""
+    out = tmp_path / "schema.yaml"
+    call_command(
+        "spectacular", validate=True, fail_on_warn=True, file=str(out), stdout=io.StringIO()
+    )
+    text = out.read_text()
+    assert "/api/v1/orders/{id}/cancel/:" in text
+    assert "Idempotency-Key" in text
+
+
+@contextlib.contextmanager
+def wsgi_keeps_the_test_connection():
+    """The real WSGI application closes "old" database connections at each request's start and
+    end, which would close the test's connection in the middle of its transaction; Django's
+    test client switches that off the same way (and back on after each of its requests, so
+    this wraps only the schemathesis run)."""
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    try:
+        yield
+    finally:
+        request_started.connect(close_old_connections)
+        request_finished.connect(close_old_connections)
+
+
+@pytest.fixture
+def live(customer, ops):
+    """A catalog (with the schema example's sku), an order of the client and its saga."""
+    make_product("SR-MUG", price="12.00", stock=10_000)
+    make_product("lamp", price="19.90", stock=10_000)
+    client = api_client_for(customer)
+    order = client.post("/api/v1/orders/", order_body([("lamp", 1)]), format="json").json()
+    from rest_framework.authtoken.models import Token
+
+    return {
+        "users": {
+            "client": {"Authorization": f"Token {Token.objects.get(user=customer).key}"},
+            "staff": {
+                "Authorization": f"Token {api_client_for(ops) and Token.objects.get(user=ops).key}"
+            },
+        },
+        "ids": {"order": order["id"], "saga": str(Saga.objects.get(order__id=order["id"]).id)},
+    }
+
+
+def _strategies(schema, operation, ids):
+    """Valid and invalid cases, cases on existing objects, and the schema's examples."""
+    path = operation.path
+    real = {}
+    if "{id}" in path:
+        real = {"id": ids["saga"] if path.startswith("/api/v1/sagas/") else ids["order"]}
+    elif "{sku}" in path:
+        real = {"sku": "lamp"}
+    strategies = [
+        operation.as_strategy(GenerationMode.POSITIVE),
+        operation.as_strategy(GenerationMode.NEGATIVE),
+    ]
+    if real:
+        strategies.append(operation.as_strategy(GenerationMode.POSITIVE, path_parameters=real))
+        strategies.append(operation.as_strategy(GenerationMode.NEGATIVE, path_parameters=real))
+    strategies += schema.get_strategies_from_examples(operation)
+    return strategies
+
+
+def _runner(strategy, *, label: str, user: str, headers: dict, failures: list, sent: Counter):
+    """One hypothesis run: each generated case is sent and checked; failures are collected
+    (the first 20, as curl commands with the reason) instead of stopping the run."""
+
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=strategy)
+    def run(case) -> None:
+        sent[label] += 1
+        try:
+            response = case.call_and_validate(headers=headers, checks=CHECKS)
+            sent[f"status {response.status_code}"] += 1
+        except Exception as exc:  # noqa: BLE001 - collected and reported by the test
+            if len(failures) < 20:
+                failures.append(f"[{user}] {case.as_curl_command()}\n{exc}")
+
+    return run
+
+
+def test_the_live_api_conforms_to_its_schema(live):
+    """Every operation, as a client and as ops staff: no 5xx, only documented status codes,
+    bodies, content types and headers as documented."""
+    with wsgi_keeps_the_test_connection():
+        failures, sent = _run_schemathesis(live)
+    statuses = Counter({k: v for k, v in sent.items() if k.startswith("status ")})
+    operations = Counter({k: v for k, v in sent.items() if not k.startswith("status ")})
+    total = sum(operations.values())
+    assert not failures, f"{len(failures)} failing cases of {total}:\n\n" + "\n\n".join(failures)
+    assert total >= 300, operations
+    assert len(operations) == 17, sorted(operations)  # every operation of the schema
+    # The run reached the views, not only the front door: successes and refusals both.
+    for status in (200, 201, 202, 400, 404, 409):
+        assert statuses[f"status {status}"] > 0, statuses
+    print(f"schemathesis: {total} requests; {dict(sorted(statuses.items()))}")
+
+
+def _run_schemathesis(live: dict) -> tuple[list[str], Counter]:
+    schema = schemathesis.openapi.from_wsgi("/api/schema/?format=json", application)
+    failures: list[str] = []
+    sent: Counter = Counter()
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for user, headers in live["users"].items():
+            for strategy in _strategies(schema, operation, live["ids"]):
+                run = _runner(
+                    strategy,
+                    label=operation.label,
+                    user=user,
+                    headers=headers,
+                    failures=failures,
+                    sent=sent,
+                )
+                try:
+                    run()
+                except Unsatisfiable:
+                    continue
+    return failures, sent
