@@ -30,7 +30,7 @@ from typing import Any
 import structlog
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from sagas import metrics
@@ -46,6 +46,8 @@ _SAGA_FIELDS = list(Saga._meta.concrete_fields)
 _FIELD_BY_NAME = {f.name: f for f in _SAGA_FIELDS}
 _CONVERTERS: list[tuple[Any, list]] | None = None
 _ACTIVE = tuple(str(s) for s in ACTIVE_STATES)
+# The sweeper's re-ring backoff stops doubling here (32 x SAGA_STUCK_AFTER).
+_MAX_SWEEP_DOUBLINGS = 5
 # A message may arrive a hair before the due time it was scheduled for.
 _DUE_TOLERANCE = timedelta(milliseconds=50)
 
@@ -247,7 +249,7 @@ def claim(saga_id: Any, version: int) -> Saga | None:
     return _fenced_update(
         saga_id,
         version,
-        {"lease_until": now + timedelta(seconds=lease_seconds())},
+        {"lease_until": now + timedelta(seconds=lease_seconds()), "sweeps": 0},
         bump_attempt=True,
         require_active=True,
         require_due_before=now + _DUE_TOLERANCE,
@@ -669,18 +671,29 @@ def sweep(now: datetime | None = None) -> dict[str, int]:
     from sagas.services import saga_request_cancel
 
     now = now or timezone.now()
-    overdue_before = now - timedelta(seconds=settings.SAGA_STUCK_AFTER)
+    stuck_after = settings.SAGA_STUCK_AFTER
+    # Overdue by SAGA_STUCK_AFTER, doubled for every ring that has not been answered yet.
+    overdue = Q()
+    for n in range(_MAX_SWEEP_DOUBLINGS):
+        overdue |= Q(sweeps=n, next_attempt_at__lte=now - timedelta(seconds=stuck_after * 2**n))
+    overdue |= Q(
+        sweeps__gte=_MAX_SWEEP_DOUBLINGS,
+        next_attempt_at__lte=now - timedelta(seconds=stuck_after * 2**_MAX_SWEEP_DOUBLINGS),
+    )
     batch = settings.SAGA_SWEEP_BATCH
     with transaction.atomic():
         rows = list(
             Saga.objects.select_for_update(skip_locked=True)
-            .filter(state__in=_ACTIVE, next_attempt_at__lte=overdue_before)
+            .filter(state__in=_ACTIVE, next_attempt_at__lte=now - timedelta(seconds=stuck_after))
             .filter(Q(lease_until__isnull=True) | Q(lease_until__lte=now))
+            .filter(overdue)
             .order_by("next_attempt_at")
             .values_list("id", "version")[:batch]
         )
         if rows:
-            Saga.objects.filter(id__in=[r[0] for r in rows]).update(next_attempt_at=now)
+            Saga.objects.filter(id__in=[r[0] for r in rows]).update(
+                next_attempt_at=now, sweeps=F("sweeps") + 1
+            )
             for saga_id, version in rows:
                 ring_on_commit(saga_id, version)
     if rows:

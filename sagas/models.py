@@ -42,6 +42,9 @@ class Saga(FSMModelMixin, models.Model):
     attempt = models.PositiveIntegerField(default=0)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     lease_until = models.DateTimeField(null=True, blank=True)
+    #: Doorbells the sweeper rang since the saga was last claimed. Each re-ring waits twice as
+    #: long, so a backlogged queue is not flooded with duplicates of doorbells still waiting in it.
+    sweeps = models.PositiveSmallIntegerField(default=0)
     deadline_at = models.DateTimeField(null=True, blank=True)
     #: A cancel requested by a client, an operator or the deadline; honoured at the next step
     #: boundary as long as the pivot has not run.
