@@ -130,6 +130,9 @@ def _saga_update_sql(
     if require_due_before is not None:
         where.append(f"({qn('next_attempt_at')} IS NULL OR {qn('next_attempt_at')} <= %s)")
         params.append(_prep("next_attempt_at", require_due_before))
+        # Never take over a step that another task still holds.
+        where.append(f"({qn('lease_until')} IS NULL OR {qn('lease_until')} <= %s)")
+        params.append(_prep("lease_until", require_due_before - _DUE_TOLERANCE))
     columns = ", ".join(qn(f.column) for f in _SAGA_FIELDS)
     sql = (
         f"UPDATE {qn(Saga._meta.db_table)} SET {', '.join(sets)} "
