@@ -1,0 +1,374 @@
+"""``python manage.py api_bench``: the REST API under load, against gunicorn.
+
+What it does, all on the loopback interface and within bounded counts and time:
+
+1. Creates a scratch database next to the configured one (``<name>_api_bench_<pid>``),
+   migrates it, and seeds a catalog and one user (with a token) per client.
+2. Starts gunicorn (sync workers) on a free port against that database, with the broker set to
+   ``memory://`` so the sagas' doorbells go nowhere: this measures the API, not the saga engine
+   (``saga_bench`` does that), and no worker of a running ``make run`` picks anything up.
+   gunicorn serves :mod:`config.bench_wsgi`, which adds an ``X-DB-Queries`` header with the
+   number of SQL statements each request ran.
+3. Drives ``POST /api/v1/orders/`` (each with its own ``Idempotency-Key``, 1 to 3 items) and
+   then ``GET /api/v1/orders/{id}/`` over the orders created, from ``--clients`` threads with
+   keep-alive connections, and prints requests/s, p50/p99 latency and SQL queries per request
+   (min/mean/max) for each, plus ``GET /api/v1/orders/`` (a page of 20).
+4. Stops gunicorn and drops the scratch database (``--keep-db`` keeps it).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connections
+
+CATALOG = [(f"BENCH-{i:02d}", f"Bench item {i}", f"{5 + i}.50") for i in range(20)]
+ADDRESS = {
+    "name": "Bench Client",
+    "line1": "1 Loopback Lane",
+    "city": "Localhost",
+    "postal_code": "127001",
+    "country": "GB",
+}
+
+
+@dataclass
+class Phase:
+    name: str
+    latencies: list[float] = field(default_factory=list)
+    queries: list[int] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def record(self, status: int, latency: float, queries: int | None) -> None:
+        self.latencies.append(latency)
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        if queries is not None:
+            self.queries.append(queries)
+
+    def summary(self) -> dict:
+        lat = sorted(self.latencies)
+        n = len(lat)
+
+        def pct(p: float) -> float:
+            return lat[min(n - 1, int(round(p * (n - 1))))] * 1000 if n else 0.0
+
+        return {
+            "phase": self.name,
+            "requests": n,
+            "seconds": round(self.seconds, 2),
+            "rps": round(n / self.seconds, 1) if self.seconds else 0.0,
+            "p50_ms": round(pct(0.50), 2),
+            "p99_ms": round(pct(0.99), 2),
+            "queries_min": min(self.queries) if self.queries else None,
+            "queries_mean": round(statistics.fmean(self.queries), 2) if self.queries else None,
+            "queries_max": max(self.queries) if self.queries else None,
+            "statuses": dict(sorted(self.statuses.items())),
+        }
+
+
+class Command(BaseCommand):
+    help = "Load-test POST /orders/ and GET /orders/{id}/ on gunicorn (loopback, scratch DB)."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--clients", type=int, default=8, help="concurrent client threads")
+        parser.add_argument("--workers", type=int, default=4, help="gunicorn worker processes")
+        parser.add_argument("--requests", type=int, default=2000, help="requests per phase")
+        parser.add_argument("--max-seconds", type=float, default=60.0, help="cap per phase")
+        parser.add_argument("--warmup", type=int, default=100, help="unmeasured requests first")
+        parser.add_argument("--keep-db", action="store_true", help="keep the scratch database")
+        parser.add_argument("--json", type=Path, default=None, help="also write results here")
+
+    # -----------------------------------------------------------------------------------------
+    def handle(self, *args, **opts) -> None:
+        if opts["clients"] < 1 or opts["workers"] < 1 or opts["requests"] < 1:
+            raise CommandError("--clients, --workers and --requests must be at least 1")
+        db = settings.DATABASES["default"]
+        if db["ENGINE"] != "django.db.backends.postgresql":
+            raise CommandError("api_bench needs PostgreSQL (DATABASE_URL=postgres://...).")
+        scratch = f"{db['NAME']}_api_bench_{os.getpid()}"[:63]
+        self.stdout.write(f"api_bench: scratch database {scratch}")
+        self._create_database(scratch)
+        server = None
+        try:
+            tokens = self._prepare(scratch, opts["clients"])
+            port = _free_port()
+            server = self._start_gunicorn(scratch, port, opts["workers"])
+            results = self._run(port, tokens, opts)
+        finally:
+            if server is not None:
+                _stop(server)
+            connections["default"].close()
+            if not opts["keep_db"]:
+                self._drop_database(scratch)
+        self._report(results, opts)
+
+    # -- the scratch database ------------------------------------------------------------------
+    def _admin_connection(self):
+        import psycopg
+
+        db = settings.DATABASES["default"]
+        return psycopg.connect(
+            dbname="postgres",
+            user=db.get("USER") or None,
+            password=db.get("PASSWORD") or None,
+            host=db.get("HOST") or None,
+            port=db.get("PORT") or None,
+            autocommit=True,
+            connect_timeout=5,
+        )
+
+    def _create_database(self, name: str) -> None:
+        with self._admin_connection() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+    def _drop_database(self, name: str) -> None:
+        with self._admin_connection() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def _prepare(self, scratch: str, clients: int) -> list[str]:
+        """Migrate the scratch database and seed it, from this process (switched over to it)."""
+        connections["default"].close()
+        settings.DATABASES["default"]["NAME"] = scratch
+        connections["default"].settings_dict["NAME"] = scratch
+        call_command("migrate", verbosity=0, interactive=False)
+
+        from django.contrib.auth import get_user_model
+        from rest_framework.authtoken.models import Token
+
+        from inventory.models import Product
+
+        Product.objects.bulk_create(
+            Product(sku=sku, name=name, price=price, stock_on_hand=1_000_000)
+            for sku, name, price in CATALOG
+        )
+        tokens = []
+        for i in range(clients):
+            user = get_user_model().objects.create_user(f"bench-client-{i}")
+            tokens.append(Token.objects.create(user=user).key)
+        connections["default"].close()
+        return tokens
+
+    # -- gunicorn ------------------------------------------------------------------------------
+    def _database_url(self, name: str) -> str:
+        db = settings.DATABASES["default"]
+        user = quote(db.get("USER") or "", safe="")
+        password = quote(db.get("PASSWORD") or "", safe="")
+        auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
+        host = db.get("HOST") or "127.0.0.1"
+        port = f":{db['PORT']}" if db.get("PORT") else ""
+        return f"postgres://{auth}{host}{port}/{quote(name, safe='')}"
+
+    def _start_gunicorn(self, scratch: str, port: int, workers: int) -> subprocess.Popen:
+        metrics_dir = tempfile.mkdtemp(prefix="api-bench-metrics-")
+        env = {
+            **os.environ,
+            "DATABASE_URL": self._database_url(scratch),
+            "CELERY_BROKER_URL": "memory://",
+            "DEBUG": "0",
+            "SECRET_KEY": uuid.uuid4().hex + uuid.uuid4().hex,
+            "ALLOWED_HOSTS": "127.0.0.1",
+            "LOG_LEVEL": "WARNING",
+            "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
+            "PYTHONUNBUFFERED": "1",
+        }
+        env.pop("TEST_DATABASE_NAME", None)
+        command = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "config.bench_wsgi:application",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            str(workers),
+            "--worker-class",
+            "sync",
+            "--log-level",
+            "warning",
+            "--timeout",
+            "60",
+        ]
+        self.stdout.write(f"api_bench: gunicorn with {workers} sync workers on 127.0.0.1:{port}")
+        proc = subprocess.Popen(
+            command,
+            cwd=settings.BASE_DIR,
+            env=env,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise CommandError(f"gunicorn exited with {proc.returncode} at start")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/api/schema/?format=json")
+                if conn.getresponse().status == 200:
+                    conn.close()
+                    return proc
+            except OSError:
+                pass
+            time.sleep(0.2)
+        _stop(proc)
+        raise CommandError("gunicorn did not answer within 30 s")
+
+    # -- load ----------------------------------------------------------------------------------
+    def _run(self, port: int, tokens: list[str], opts: dict) -> list[dict]:
+        clients = opts["clients"]
+        order_ids: list[list[str]] = [[] for _ in tokens]
+
+        def post(i: int, conn: http.client.HTTPConnection, rng: random.Random) -> tuple:
+            skus = rng.sample([sku for sku, _, _ in CATALOG], rng.randint(1, 3))
+            body = {
+                "items": [{"sku": sku, "quantity": rng.randint(1, 5)} for sku in skus],
+                "payment_method": "pm_card_visa",
+                "shipping_address": ADDRESS,
+            }
+            status, payload, queries = _request(
+                conn,
+                "POST",
+                "/api/v1/orders/",
+                tokens[i],
+                body=json.dumps(body).encode(),
+                extra={"Idempotency-Key": uuid.uuid4().hex},
+            )
+            if status == 201:
+                order_ids[i].append(json.loads(payload)["id"])
+            return status, queries
+
+        def get(i: int, conn: http.client.HTTPConnection, rng: random.Random) -> tuple:
+            if not order_ids[i]:  # this client placed nothing yet (tiny --requests)
+                post(i, conn, rng)
+            status, _, queries = _request(
+                conn, "GET", f"/api/v1/orders/{rng.choice(order_ids[i])}/", tokens[i]
+            )
+            return status, queries
+
+        def list_page(i: int, conn: http.client.HTTPConnection, rng: random.Random) -> tuple:
+            status, _, queries = _request(conn, "GET", "/api/v1/orders/?page_size=20", tokens[i])
+            return status, queries
+
+        results = []
+        for name, action in (
+            ("POST /orders/", post),
+            ("GET /orders/{id}/", get),
+            ("GET /orders/ (20/page)", list_page),
+        ):
+            _drive(port, clients, action, min(opts["warmup"], opts["requests"]), 30.0)
+            phase = _drive(port, clients, action, opts["requests"], opts["max_seconds"], name)
+            results.append(phase.summary())
+            self.stdout.write(f"  {name}: done ({phase.summary()['requests']} requests)")
+        return results
+
+    # -- output --------------------------------------------------------------------------------
+    def _report(self, results: list[dict], opts: dict) -> None:
+        self.stdout.write(
+            f"\napi_bench: {opts['clients']} clients, {opts['workers']} gunicorn sync workers, "
+            f"loopback, CPU count {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} "
+            "(client threads share the machine with the server)"
+        )
+        header = (
+            f"{'request':<24} {'n':>6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+            f"{'SQL/req min/mean/max':>22}  statuses"
+        )
+        self.stdout.write(header)
+        for r in results:
+            q = f"{r['queries_min']}/{r['queries_mean']}/{r['queries_max']}"
+            self.stdout.write(
+                f"{r['phase']:<24} {r['requests']:>6} {r['rps']:>8.1f} {r['p50_ms']:>8.2f} "
+                f"{r['p99_ms']:>8.2f} {q:>22}  {r['statuses']}"
+            )
+        if opts["json"]:
+            opts["json"].write_text(json.dumps(results, indent=2))
+            self.stdout.write(f"written to {opts['json']}")
+        bad = {r["phase"]: r["statuses"] for r in results if set(r["statuses"]) - {200, 201}}
+        if bad:
+            raise CommandError(f"unexpected statuses: {bad}")
+
+
+# ---------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def _request(conn, method, path, token, body=None, extra=None) -> tuple[int, bytes, int | None]:
+    headers = {"Authorization": f"Token {token}", "Accept": "application/json"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    headers.update(extra or {})
+    conn.request(method, path, body=body, headers=headers)
+    response = conn.getresponse()
+    payload = response.read()
+    queries = response.getheader("X-DB-Queries")
+    return response.status, payload, int(queries) if queries is not None else None
+
+
+def _drive(port, clients, action, total, max_seconds, name="warmup") -> Phase:
+    """``total`` requests shared by ``clients`` threads (or fewer if ``max_seconds`` passes)."""
+    phase = Phase(name)
+    lock = threading.Lock()
+    remaining = [total]
+    deadline = time.monotonic() + max_seconds
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        rng = random.Random(i)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            while time.monotonic() < deadline:
+                with lock:
+                    if remaining[0] <= 0:
+                        return
+                    remaining[0] -= 1
+                started = time.perf_counter()
+                status, queries = action(i, conn, rng)
+                elapsed = time.perf_counter() - started
+                with lock:
+                    phase.record(status, elapsed, queries)
+        except BaseException as exc:  # noqa: BLE001 - reported after the phase
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max_seconds + 60)
+    phase.seconds = time.perf_counter() - started
+    if errors:
+        raise CommandError(f"{name}: client error {errors[0]!r}")
+    return phase
