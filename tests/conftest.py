@@ -435,3 +435,27 @@ def worker_factory(django_db_setup: None) -> Iterator[Callable[..., WorkerHandle
         for worker in paused:
             if worker.alive:
                 worker.resume_consuming()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Delete this session's queue from the broker when the session ends.
+
+    Every session has a queue of its own; on RabbitMQ it is durable (and so is its exchange),
+    and on Redis its binding keys stay, so without this each session would leave one behind.
+    """
+    url = os.environ.get("CELERY_BROKER_URL", "")
+    if not url or not _broker_reachable(url, timeout=1.0):
+        return
+    from config.celery import app
+
+    name = os.environ["CELERY_QUEUE"]
+    queue = app.amqp.queues.get(name)
+    if queue is None:
+        return
+    with contextlib.suppress(Exception), app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1)
+        bound = queue(conn.default_channel)
+        bound.declare()  # binds it on this channel (Redis keeps bindings per channel state)
+        bound.delete()
+        if bound.exchange.name:
+            bound.exchange.delete()
