@@ -1,0 +1,88 @@
+"""The order-saga benchmark: real orders through the fake providers, measured like the engine.
+
+Used by ``saga_bench --order``: orders are placed with :func:`orders.services.order_create` (one
+transaction with the order, its items and its saga, as the API does), and latency is the saga's
+created -> finished time from database timestamps.
+"""
+
+from __future__ import annotations
+
+import random
+from decimal import Decimal
+
+from django.contrib.auth import get_user_model
+from django.db.models import Max, Min
+
+from inventory.models import Product
+from orders.services import order_create
+from sagas.benchmark import Result, _paced, _wait, broker_publishes, percentile
+from sagas.models import SETTLED_STATES, Saga
+
+BENCH_SKUS = [f"BENCH-{i}" for i in range(1, 6)]
+
+
+def _bench_catalog() -> None:
+    """Products with stock that a benchmark never runs out of."""
+    for i, sku in enumerate(BENCH_SKUS, start=1):
+        Product.objects.update_or_create(
+            sku=sku,
+            defaults={
+                "name": f"Bench item {i}",
+                "price": Decimal("9.99") + i,
+                "currency": "EUR",
+                "stock_on_hand": 1_000_000_000,
+                "reserved": 0,
+            },
+        )
+
+
+def run_orders(n: int, *, rate: float | None = None, latency: bool = False) -> Result:
+    """Place ``n`` orders (happy path) and wait until every order saga has settled."""
+    _bench_catalog()
+    user, _ = get_user_model().objects.get_or_create(username="bench-client")
+    rng = random.Random(n)
+    saga_ids: list = []
+    before = broker_publishes()
+
+    def send(_i: int) -> None:
+        skus = rng.sample(BENCH_SKUS, rng.randint(1, 3))
+        order = order_create(
+            owner=user,
+            items=[{"sku": s, "quantity": rng.randint(1, 3)} for s in skus],
+            payment_method="pm_card_visa",
+            shipping_address={
+                "name": "Bench Client",
+                "line1": "1 Loop Road",
+                "city": "Utrecht",
+                "postal_code": "3511AA",
+                "country": "NL",
+            },
+        )
+        saga_ids.append(order.saga_id)
+
+    _paced(n, rate, send)
+    _wait(
+        lambda: Saga.objects.filter(id__in=saga_ids).exclude(state__in=SETTLED_STATES).count() == 0,
+        1800,
+        "order sagas to settle",
+    )
+    after = broker_publishes()
+    sagas = Saga.objects.filter(id__in=saga_ids)
+    rows = list(sagas.values_list("created_at", "finished_at", "state"))
+    span = sagas.aggregate(a=Min("created_at"), b=Max("finished_at"))
+    seconds = max((span["b"] - span["a"]).total_seconds(), 1e-9)
+    latencies = [(f - c).total_seconds() * 1000 for c, f, _ in rows if f]
+    outcomes: dict[str, int] = {}
+    for *_, state in rows:
+        outcomes[state] = outcomes.get(state, 0) + 1
+    return Result(
+        name="order saga" + (" +20-50ms/call" if latency else ""),
+        sagas=n,
+        seconds=seconds,
+        sagas_per_s=n / seconds,
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
+        offered_per_s=rate,
+        broker_messages_per_saga=None if before is None else (after - before) / n,
+        outcomes=outcomes,
+    )
