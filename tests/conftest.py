@@ -18,7 +18,7 @@ Fixtures and helpers (see the README's "Tests" section):
     returns a :class:`WorkerHandle` (``.pid``, ``.child_pids()``, ``.kill()``, ``.stop()``,
     ``.alive``, ``.log_text()``). ``exclusive=True`` makes the session worker (if running)
     stop consuming the queue until the test ends, so only the new worker runs tasks. Every
-    worker it started is stopped at the end of the test.
+    worker it started is killed at the end of the test.
 ``wait_for(predicate, timeout=30, interval=0.05, describe=None)``
     Polls ``predicate`` until it returns something truthy (and returns that) or fails the test
     on the deadline, showing what ``describe()`` returned last.
@@ -430,8 +430,10 @@ def worker_factory(django_db_setup: None) -> Iterator[Callable[..., WorkerHandle
     try:
         yield start
     finally:
+        # SIGKILL, not a warm shutdown: the test is over, and a warm shutdown costs seconds per
+        # worker. Whatever a killed worker held unacked stays on this session's own queue.
         for worker in started:
-            worker.stop(timeout=10)
+            worker.kill()
         for worker in paused:
             if worker.alive:
                 worker.resume_consuming()
