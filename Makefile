@@ -7,6 +7,10 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# The RabbitMQ subset of `make test` (the engine's saga tests and the quick chaos run).
+AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672//
+AMQP_TESTS ?= tests/sagas/test_engine.py tests/chaos
+AMQP_PYTEST_ARGS ?=
 # Dev commands need a SECRET_KEY (DEBUG stays off: it would skew the benchmark).
 DEV_KEY := SECRET_KEY=$${SECRET_KEY:-make-dev-only-not-secret}
 
@@ -30,6 +34,15 @@ run: $(STAMP)  ## web (port 8000) + worker + beat in the foreground; Ctrl-C stop
 test: $(STAMP)  ## the whole suite against PostgreSQL and Redis, with real workers
 	@$(VPY) scripts/preflight.py
 	$(VPY) -m pytest $(PYTEST_ARGS)
+	@if $(VPY) -c "import socket, sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); \
+	    socket.create_connection((p.hostname or '127.0.0.1', p.port or 5672), 2)" '$(AMQP_URL)' \
+	    2>/dev/null; then \
+	  echo "make test: the saga tests and the quick chaos run again, on RabbitMQ ($(AMQP_URL))"; \
+	  CELERY_BROKER_URL='$(AMQP_URL)' $(VPY) -m pytest $(AMQP_TESTS) $(AMQP_PYTEST_ARGS); \
+	else \
+	  echo "make test: RabbitMQ subset SKIPPED: nothing answers at $(AMQP_URL)" \
+	    "(start it with: rabbitmq-server -detached)"; \
+	fi
 
 chaos: $(STAMP)  ## faults, worker kills, broker restarts, then check_invariants
 	$(DEV_KEY) $(VPY) manage.py chaos
