@@ -89,6 +89,13 @@ class Saga(FSMModelMixin, models.Model):
                 name="saga_failure_sig_idx",
                 condition=~Q(failed_step=""),
             ),
+            # The ops console: the failures of the last day (dashboard, signature filter) and
+            # the newest sagas failed at a step (list filter), read from failed sagas only.
+            models.Index(
+                fields=["-created_at", "failed_step", "failure_code"],
+                name="saga_failed_created_idx",
+                condition=~Q(failed_step=""),
+            ),
             models.Index(
                 fields=["correlation_id"],
                 name="saga_correlation_idx",
