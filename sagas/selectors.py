@@ -99,7 +99,7 @@ def saga_failure_signatures(*, since: datetime, limit: int = 10) -> list[dict]:
         Saga.objects.filter(created_at__gte=since)
         .exclude(failed_step="")
         .values("failed_step", "failure_code")
-        .annotate(count=Count("pk"))
+        .annotate(count=Count("*"))
         .order_by("-count", "failed_step", "failure_code")[:limit]
     )
 
