@@ -1,1 +1,873 @@
-from django.contrib import admin  # noqa: F401
+"""The ops console: where support staff find, understand and fix sagas.
+
+Nothing here writes a saga field. The saga page is read-only; the three operations (retry now,
+compensate, resolve) call :mod:`sagas.services`, which check the ``sagas.operate_saga``
+permission, refuse what makes no sense and write the timeline event with the user. The same
+action functions serve one saga (the buttons on its page) and a selection (the list's action
+menu), including "every saga with this failure signature".
+
+Built for a table of millions of sagas: no full ``COUNT(*)`` per page (estimated or bounded
+counts), filters whose choices come from the saga definitions instead of ``SELECT DISTINCT``,
+an index behind every filter and the default ordering, exact-match search, and a constant
+number of queries per page.
+
+Business apps add their own links to a saga page (an order, its payment, ...) with
+:func:`register_saga_owner`, so this module imports none of them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.contrib.admin.options import ShowFacets
+from django.core.exceptions import ObjectDoesNotExist, PermissionDenied
+from django.core.paginator import EmptyPage, PageNotAnInteger, Paginator
+from django.db import connection, transaction
+from django.db.models import Q, QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import NoReverseMatch, path, reverse
+from django.utils import timezone
+from django.utils.functional import cached_property
+from django.utils.html import format_html
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.utils.safestring import mark_safe
+from django.utils.timesince import timesince
+
+from sagas import selectors
+from sagas.definition import get_definition, registered_types
+from sagas.exceptions import SagaOperationRefused
+from sagas.models import Saga, SagaEvent, SagaState, SagaStep
+from sagas.services import (
+    OPS_PERMISSION,
+    saga_compensate,
+    saga_compensation_plan,
+    saga_resolve,
+    saga_retry_now,
+)
+
+admin.site.site_header = "sagarunner ops console"
+admin.site.site_title = "sagarunner ops"
+admin.site.index_title = "Ops console"
+# The sidebar repeats the index and costs a third of the width that the saga list needs.
+admin.site.enable_nav_sidebar = False
+
+#: An action acts on at most this many sagas at once; a bigger selection is refused with a
+#: message asking to narrow the filter (one request must stay short, and the sweeper re-rings
+#: overdue sagas anyway).
+MAX_BULK = 500
+#: A compensation confirmation lists each saga up to this many; beyond, only grouped plans.
+MAX_LISTED = 50
+#: A saga page shows at most this many timeline events (a retry storm can write thousands).
+MAX_TIMELINE = 1000
+
+#: What each state means, in words for someone who has never seen the product.
+STATE_HELP = {
+    SagaState.RUNNING: "Working through its steps, one after the other.",
+    SagaState.COMPENSATING: "Undoing the steps that took effect, newest first.",
+    SagaState.SUCCEEDED: "Every step ran. Done.",
+    SagaState.COMPENSATED: "Stopped, and every step that took effect was undone. Done.",
+    SagaState.NEEDS_MANUAL: (
+        "A step or an undo kept failing and the saga stopped: a person must look. "
+        "Retry now once the cause is fixed, or resolve it with a note saying what you did."
+    ),
+    SagaState.RESOLVED: "Closed by a person, with a note (see the timeline). Done.",
+}
+
+#: Timeline event kinds, in words; the raw kind is shown next to them.
+EVENT_HELP = {
+    "started": "Saga started",
+    "step_succeeded": "Step succeeded",
+    "step_retry": "Step failed with a temporary error; it will be retried",
+    "step_failed": "Step failed",
+    "compensation_started": "Undoing the steps that took effect",
+    "compensation_succeeded": "Step undone",
+    "compensation_retry": "Undo failed with a temporary error; it will be retried",
+    "compensation_failed": "Undo failed for good",
+    "compensated": "Everything undone: saga compensated",
+    "succeeded": "Every step ran: saga succeeded",
+    "needs_manual": "Stopped: needs a person",
+    "cancel_requested": "Cancel requested",
+    "cancel_honoured": "Cancel honoured at a step boundary",
+    "ops_retry": "Operator: retry now",
+    "ops_compensate": "Operator: compensate",
+    "ops_resolve": "Operator: resolved with a note",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Links from business apps (an order and its payment, reservation, shipment)
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SagaLink:
+    label: str
+    text: str
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class SagaOwner:
+    """A business record that owns sagas through a one-to-one field to :class:`Saga`.
+
+    ``accessor`` is the reverse accessor on ``Saga`` (``"order"``): the list joins it in the
+    same query. ``links(saga, owner)`` returns the links shown on the saga page; it may run a
+    few queries of its own (a constant number).
+    """
+
+    accessor: str
+    label: str
+    links: Callable[[Saga, Any], list[SagaLink]]
+
+
+_OWNERS: dict[str, SagaOwner] = {}
+
+
+def register_saga_owner(owner: SagaOwner) -> None:
+    """Called from a business app's ``admin.py`` (imports run from business apps to sagas)."""
+    _OWNERS[owner.accessor] = owner
+
+
+def _owner_of(saga: Saga) -> tuple[SagaOwner, Any] | None:
+    for owner in _OWNERS.values():
+        try:
+            record = getattr(saga, owner.accessor)
+        except ObjectDoesNotExist:
+            continue
+        if record is not None:
+            return owner, record
+    return None
+
+
+def admin_url(obj: Any) -> str | None:
+    """The admin page of ``obj``, or ``None`` if it has no admin (or no primary key)."""
+    if obj is None or obj.pk is None:
+        return None
+    opts = obj._meta
+    try:
+        return reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[obj.pk])
+    except NoReverseMatch:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Pagination without a full COUNT(*)
+# ---------------------------------------------------------------------------------------------
+class EstimatedCountPaginator(Paginator):
+    """Counts cheaply: the planner's table size when unfiltered, a bounded count when filtered.
+
+    Unfiltered lists read ``pg_class.reltuples`` (kept fresh by autovacuum/ANALYZE) instead of
+    counting; small or never analysed tables are counted exactly. Filtered lists count at most
+    ``filtered_cap + 1`` rows and fall back to the planner's estimate above that. Either way
+    ``count_is_estimate`` tells the templates to say "about". Pages past an estimated end are
+    simply empty instead of an error.
+    """
+
+    exact_below = 10_000
+    filtered_cap = 10_000
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.count_is_estimate = False
+
+    @cached_property
+    def count(self) -> int:
+        qs = self.object_list
+        if not isinstance(qs, QuerySet) or connection.vendor != "postgresql":
+            return super().count
+        if not qs.query.where:
+            estimate = _table_estimate(qs.model._meta.db_table)
+            if estimate >= self.exact_below:
+                self.count_is_estimate = True
+                return estimate
+            return qs.count()
+        counted = selectors.saga_count_bounded(qs, cap=self.filtered_cap)
+        self.count_is_estimate = not counted.exact
+        return counted.value
+
+    def validate_number(self, number: Any) -> int:
+        if not self.count_is_estimate:
+            return super().validate_number(number)
+        try:
+            number = int(number)
+        except (TypeError, ValueError):
+            raise PageNotAnInteger("That page number is not an integer") from None
+        if number < 1:
+            raise EmptyPage("That page number is less than 1")
+        return number
+
+    def page(self, number: Any):
+        if not self.count_is_estimate:
+            return super().page(number)
+        number = self.validate_number(number)
+        bottom = (number - 1) * self.per_page
+        return self._get_page(self.object_list[bottom : bottom + self.per_page], number, self)
+
+
+def _table_estimate(table: str) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass", [table])
+        row = cursor.fetchone()
+    return int(row[0]) if row else -1
+
+
+class ScalableAdminMixin:
+    """What every list over a big table needs: no full counts, no facet counts."""
+
+    paginator = EstimatedCountPaginator
+    show_full_result_count = False
+    show_facets = ShowFacets.NEVER
+
+
+def parse_uuid(term: str) -> UUID | None:
+    try:
+        return UUID(term.strip())
+    except (ValueError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Filters: choices come from the saga definitions (or a bounded read), never SELECT DISTINCT
+# ---------------------------------------------------------------------------------------------
+class SagaTypeFilter(admin.SimpleListFilter):
+    title = "type"
+    parameter_name = "saga_type"
+
+    def lookups(self, request, model_admin):
+        return [(name, name) for name in registered_types()]
+
+    def queryset(self, request, queryset):
+        return queryset.filter(saga_type=self.value()) if self.value() else queryset
+
+
+def _step_names() -> list[str]:
+    names: list[str] = []
+    for saga_type in registered_types():
+        for step in get_definition(saga_type).steps:
+            if step.name not in names:
+                names.append(step.name)
+    return names
+
+
+class FailedStepFilter(admin.SimpleListFilter):
+    title = "failed step"
+    parameter_name = "failed_step"
+
+    def lookups(self, request, model_admin):
+        return [(name, name) for name in _step_names()]
+
+    def queryset(self, request, queryset):
+        return queryset.filter(failed_step=self.value()) if self.value() else queryset
+
+
+class StuckFilter(admin.SimpleListFilter):
+    title = "progress"
+    parameter_name = "stuck"
+
+    def lookups(self, request, model_admin):
+        return [("yes", f"Stuck (no progress for over {settings.SAGA_STUCK_AFTER:g}s)")]
+
+    def queryset(self, request, queryset):
+        return queryset.filter(selectors.saga_stuck_q()) if self.value() == "yes" else queryset
+
+
+def signature_value(failed_step: str, failure_code: str) -> str:
+    return f"{failed_step}:{failure_code}"
+
+
+def parse_signature(value: str) -> tuple[str, str] | None:
+    step, sep, code = (value or "").partition(":")
+    return (step, code) if sep and step else None
+
+
+class FailureSignatureFilter(admin.SimpleListFilter):
+    """Sagas that failed at the same step with the same code: one cause, acted on together."""
+
+    title = "failure signature (step: code)"
+    parameter_name = "signature"
+
+    def lookups(self, request, model_admin):
+        since = timezone.now() - datetime.timedelta(hours=24)
+        choices = OrderedDict(
+            (
+                signature_value(s["failed_step"], s["failure_code"]),
+                f"{s['failed_step']}: {s['failure_code'] or '(no code)'} ({s['count']} in 24h)",
+            )
+            for s in selectors.saga_failure_signatures(since=since, limit=8)
+        )
+        current = self.value()
+        if current and current not in choices and parse_signature(current):
+            step, code = parse_signature(current)
+            choices[current] = f"{step}: {code or '(no code)'}"
+        return list(choices.items())
+
+    def queryset(self, request, queryset):
+        parsed = parse_signature(self.value() or "")
+        if parsed is None:
+            return queryset
+        return queryset.filter(failed_step=parsed[0], failure_code=parsed[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Action forms
+# ---------------------------------------------------------------------------------------------
+def _selected_ids(queryset: QuerySet[Saga]) -> list[Any]:
+    return list(queryset.order_by().values_list("pk", flat=True)[: MAX_BULK + 1])
+
+
+def _short(saga_id: Any) -> str:
+    return str(saga_id)[:8]
+
+
+def _next_url(request: HttpRequest) -> str | None:
+    url = request.POST.get("next", "")
+    if url and url_has_allowed_host_and_scheme(
+        url, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return url
+    return None
+
+
+def _predicted_refusal(saga: Saga, operation: str) -> str:
+    """Why the engine will refuse ``operation`` on this saga, or "" if it should accept it."""
+    if operation == "compensate":
+        if saga.state == SagaState.NEEDS_MANUAL and saga.escalated_from == SagaState.COMPENSATING:
+            return "already compensating and waiting for a person: retry now or resolve instead"
+        if saga.state != SagaState.RUNNING:
+            return f"it is {saga.get_state_display()}; only a running saga can be compensated"
+        try:
+            definition = get_definition(saga.saga_type)
+        except LookupError:
+            return ""
+        if saga.step_index >= definition.pivot_index:
+            pivot = definition.steps[definition.pivot_index].name
+            return f"it has reached {pivot}, its point of no return"
+        return ""
+    if operation == "resolve" and saga.state != SagaState.NEEDS_MANUAL:
+        return f"it is {saga.get_state_display()}; only a saga that needs a person can be resolved"
+    return ""
+
+
+class _Outcome:
+    """Collects per-saga results of a bulk operation into a few clear messages."""
+
+    def __init__(self) -> None:
+        self.done: list[Any] = []
+        self.refused: dict[str, list[Any]] = {}
+
+    def run(self, ids: Iterable[Any], operation: Callable[[Any], Any]) -> None:
+        for saga_id in ids:
+            try:
+                # One transaction per saga: a refusal leaves nothing behind, not even an event.
+                with transaction.atomic():
+                    operation(saga_id)
+            except SagaOperationRefused as refusal:
+                self.refused.setdefault(refusal.detail, []).append(saga_id)
+            else:
+                self.done.append(saga_id)
+
+    def report(self, request: HttpRequest, done_message: str) -> None:
+        if self.done:
+            n = len(self.done)
+            ids = ", ".join(_short(i) for i in self.done[:10]) + (" ..." if n > 10 else "")
+            messages.success(request, f"{done_message} for {n} saga{'s' if n != 1 else ''}: {ids}")
+        for detail, ids in self.refused.items():
+            n = len(ids)
+            shown = ", ".join(_short(i) for i in ids[:10]) + (" ..." if n > 10 else "")
+            messages.error(
+                request, f"Refused for {n} saga{'s' if n != 1 else ''} ({shown}): {detail}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# The saga admin
+# ---------------------------------------------------------------------------------------------
+@admin.register(Saga)
+class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
+    list_display = (
+        "saga_link",
+        "saga_type",
+        "state_badge",
+        "step_column",
+        "attempt",
+        "last_error_short",
+        "age",
+        "owner_link",
+    )
+    list_display_links = None
+    list_filter = (
+        "state",
+        StuckFilter,
+        SagaTypeFilter,
+        FailedStepFilter,
+        FailureSignatureFilter,
+    )
+    date_hierarchy = "created_at"
+    ordering = ("-created_at",)
+    # get_search_results does exact lookups; this only makes the admin show the search box.
+    search_fields = ("id",)
+    search_help_text = (
+        "Exact saga id, order id or correlation id (the whole value: no partial matches)."
+    )
+    list_per_page = 50
+    actions = ("retry_now", "compensate", "resolve")
+    readonly_fields = ("state_explained", "data_pretty", "results_pretty")
+    change_list_template = "admin/sagas/saga/change_list.html"
+    change_form_template = "admin/sagas/saga/change_form.html"
+    fieldsets = (
+        (
+            "What happened",
+            {
+                "fields": (
+                    "id",
+                    "saga_type",
+                    "state_explained",
+                    "current_step",
+                    "attempt",
+                    "failed_step",
+                    "failure_code",
+                    "last_error",
+                    "cancel_reason",
+                    "escalated_from",
+                )
+            },
+        ),
+        ("When", {"fields": ("created_at", "updated_at", "next_attempt_at", "finished_at")}),
+        (
+            "Engine internals",
+            {
+                "classes": ("collapse",),
+                "description": "What the engine uses to run the saga safely; rarely needed.",
+                "fields": (
+                    "correlation_id",
+                    "step_index",
+                    "version",
+                    "lease_until",
+                    "deadline_at",
+                    "data_pretty",
+                    "results_pretty",
+                ),
+            },
+        ),
+    )
+
+    # -- permissions: read-only pages; operations only through the actions --------------------
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Saga | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Saga | None = None) -> bool:
+        return False
+
+    def has_operate_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(OPS_PERMISSION)
+
+    # -- list ----------------------------------------------------------------------------------
+    def get_list_select_related(self, request: HttpRequest) -> tuple[str, ...]:
+        # The owners (an order) are reverse one-to-ones: get_queryset prefetches them for the
+        # page's rows in one query, so the list query itself sorts and limits sagas alone.
+        return ()
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Saga], search_term: str
+    ) -> tuple[QuerySet[Saga], bool]:
+        """Exact matches only, each served by an index: saga id, an owner's id, correlation id."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        condition = Q(correlation_id=term)
+        as_uuid = parse_uuid(term)
+        if as_uuid is not None:
+            ids = {as_uuid}
+            for owner in _OWNERS.values():
+                field = Saga._meta.get_field(owner.accessor)
+                ids.update(
+                    field.related_model.objects.filter(pk=as_uuid).values_list(
+                        field.field.attname, flat=True
+                    )
+                )
+            condition |= Q(pk__in=ids)
+        return queryset.filter(condition), False
+
+    @admin.display(description="saga", ordering="created_at")
+    def saga_link(self, saga: Saga) -> str:
+        url = reverse("admin:sagas_saga_change", args=[saga.pk])
+        return format_html(
+            '<a href="{}" title="{}"><code>{}</code></a>', url, saga.pk, _short(saga.pk)
+        )
+
+    @admin.display(description="state")
+    def state_badge(self, saga: Saga) -> str:
+        stuck = selectors.saga_is_stuck(saga)
+        return format_html(
+            '<span class="saga-state saga-state-{}" title="{}">{}</span>{}',
+            saga.state,
+            STATE_HELP.get(saga.state, ""),
+            saga.get_state_display(),
+            format_html(' <span class="saga-stuck" title="{}">stuck</span>', _stuck_help())
+            if stuck
+            else "",
+        )
+
+    @admin.display(description="step")
+    def step_column(self, saga: Saga) -> str:
+        if saga.failed_step and saga.escalated_from == SagaState.COMPENSATING:
+            return format_html("undo of <strong>{}</strong> failed", saga.failed_step)
+        if saga.failed_step:
+            code = f" ({saga.failure_code})" if saga.failure_code else ""
+            return format_html("failed at <strong>{}</strong>{}", saga.failed_step, code)
+        if saga.state in (SagaState.RUNNING, SagaState.COMPENSATING):
+            verb = "undoing" if saga.state == SagaState.COMPENSATING else "at"
+            return format_html("{} <strong>{}</strong>", verb, saga.current_step)
+        if saga.state == SagaState.COMPENSATED and saga.failure_code:
+            return format_html("cancelled ({})", saga.failure_code)
+        return "-"
+
+    @admin.display(description="last error")
+    def last_error_short(self, saga: Saga) -> str:
+        if not saga.last_error:
+            return "-"
+        text = saga.last_error if len(saga.last_error) <= 70 else saga.last_error[:69] + "..."
+        return format_html('<span title="{}">{}</span>', saga.last_error, text)
+
+    @admin.display(description="age", ordering="created_at")
+    def age(self, saga: Saga) -> str:
+        return timesince(saga.created_at, depth=1)
+
+    @admin.display(description="belongs to")
+    def owner_link(self, saga: Saga) -> str:
+        found = _owner_of(saga)
+        if found is None:
+            return "-"
+        owner, record = found
+        url = admin_url(record)
+        text = f"{owner.label} {_short(record.pk)}"
+        return format_html('<a href="{}">{}</a>', url, text) if url else text
+
+    # -- the saga page -------------------------------------------------------------------------
+    @admin.display(description="state")
+    def state_explained(self, saga: Saga) -> str:
+        stuck = selectors.saga_is_stuck(saga)
+        return format_html(
+            '<span class="saga-state saga-state-{}">{}</span>{}',
+            saga.state,
+            saga.get_state_display(),
+            mark_safe(' <span class="saga-stuck">stuck</span>') if stuck else "",
+        )
+
+    @admin.display(description="data (input)")
+    def data_pretty(self, saga: Saga) -> str:
+        return format_html("<pre>{}</pre>", json.dumps(saga.data, indent=2, sort_keys=True))
+
+    @admin.display(description="results of the steps")
+    def results_pretty(self, saga: Saga) -> str:
+        return format_html("<pre>{}</pre>", json.dumps(saga.results, indent=2, sort_keys=True))
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Saga]:
+        return super().get_queryset(request).prefetch_related(*_OWNERS)
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None:
+            context.update(self._saga_page_context(request, obj))
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def _saga_page_context(self, request: HttpRequest, saga: Saga) -> dict[str, Any]:
+        steps = list(SagaStep.objects.filter(saga=saga).order_by("index"))
+        events = list(SagaEvent.objects.filter(saga=saga).order_by("id")[: MAX_TIMELINE + 1])
+        links: list[SagaLink] = []
+        found = _owner_of(saga)
+        if found is not None:
+            links = found[0].links(saga, found[1])
+        changelist = reverse("admin:sagas_saga_changelist")
+        signature = None
+        if saga.failed_step:
+            same = selectors.sagas_with_failure_signature(
+                failed_step=saga.failed_step, failure_code=saga.failure_code
+            )
+            sig = signature_value(saga.failed_step, saga.failure_code)
+            same_state = same.filter(state=saga.state)
+            signature = {
+                "failed_step": saga.failed_step,
+                "failure_code": saga.failure_code,
+                "all_url": f"{changelist}?signature={sig}",
+                "all_count": selectors.saga_count_bounded(same, cap=MAX_BULK),
+                "state_url": f"{changelist}?signature={sig}&state__exact={saga.state}",
+                "state_count": selectors.saga_count_bounded(same_state, cap=MAX_BULK),
+            }
+        failing = None
+        if saga.failed_step or saga.last_error:
+            failing = next(
+                (s for s in steps if s.name == (saga.failed_step or saga.current_step)), None
+            )
+        return {
+            "saga": saga,
+            "steps": steps,
+            "events": [(e, EVENT_HELP.get(e.kind, e.kind)) for e in events[:MAX_TIMELINE]],
+            "timeline_truncated": len(events) > MAX_TIMELINE,
+            "max_timeline": MAX_TIMELINE,
+            "links": links,
+            "signature": signature,
+            "failing_step": failing,
+            "can_operate": self.has_operate_permission(request),
+            "offer_retry": saga.state
+            in (SagaState.RUNNING, SagaState.COMPENSATING, SagaState.NEEDS_MANUAL),
+            "offer_compensate": not _predicted_refusal(saga, "compensate"),
+            "offer_resolve": saga.state == SagaState.NEEDS_MANUAL,
+            "changelist_url": changelist,
+            "is_stuck": selectors.saga_is_stuck(saga),
+            "state_help": STATE_HELP.get(saga.state, ""),
+            "stuck_help": _stuck_help(),
+            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+        }
+
+    # -- dashboard -----------------------------------------------------------------------------
+    def get_urls(self):
+        urls = super().get_urls()
+        dashboard = path(
+            "dashboard/",
+            self.admin_site.admin_view(self.dashboard_view),
+            name="sagas_saga_dashboard",
+        )
+        return [dashboard, *urls]
+
+    def dashboard_view(self, request: HttpRequest) -> HttpResponse:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        changelist = reverse("admin:sagas_saga_changelist")
+        counts = selectors.saga_state_counts()
+        since = timezone.now() - datetime.timedelta(hours=24)
+        signatures = [
+            {
+                **s,
+                "url": f"{changelist}?signature="
+                f"{signature_value(s['failed_step'], s['failure_code'])}",
+            }
+            for s in selectors.saga_failure_signatures(since=since, limit=10)
+        ]
+        waiting = list(
+            Saga.objects.filter(state=SagaState.NEEDS_MANUAL)
+            .prefetch_related(*_OWNERS)
+            .order_by("-created_at")[:10]
+        )
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Saga dashboard",
+            "opts": self.opts,
+            "states": [
+                {
+                    "state": state,
+                    "label": label,
+                    "help": STATE_HELP.get(state, ""),
+                    "count": counts[state],
+                    "url": f"{changelist}?state__exact={state}",
+                }
+                for state, label in SagaState.choices
+            ],
+            "stuck": selectors.saga_count_bounded(
+                Saga.objects.filter(selectors.saga_stuck_q()), cap=MAX_BULK * 20
+            ),
+            "stuck_url": f"{changelist}?stuck=yes",
+            "stuck_help": _stuck_help(),
+            "signatures": signatures,
+            "waiting": [(s, self.owner_link(s), self.step_column(s)) for s in waiting],
+            "changelist_url": changelist,
+            "sweep_task_url": _sweep_task_url(),
+        }
+        return TemplateResponse(request, "admin/sagas/saga/dashboard.html", context)
+
+    def changelist_view(self, request, extra_context=None):
+        extra = {
+            "title": "Sagas",
+            "dashboard_url": reverse("admin:sagas_saga_dashboard"),
+            **(extra_context or {}),
+        }
+        return super().changelist_view(request, extra_context=extra)
+
+    # -- actions -------------------------------------------------------------------------------
+    def _ids_or_refuse(self, request: HttpRequest, queryset: QuerySet[Saga]) -> list[Any] | None:
+        ids = _selected_ids(queryset)
+        if len(ids) > MAX_BULK:
+            messages.error(
+                request,
+                f"That selection holds more than {MAX_BULK} sagas. Narrow the list (for example "
+                "by failure signature and state) and repeat; one action handles at most "
+                f"{MAX_BULK} sagas.",
+            )
+            return None
+        return ids
+
+    def _done(self, request: HttpRequest) -> HttpResponse | None:
+        url = _next_url(request)
+        return HttpResponseRedirect(url) if url else None
+
+    @admin.action(description="Retry now", permissions=["operate"])
+    def retry_now(self, request: HttpRequest, queryset: QuerySet[Saga]) -> HttpResponse | None:
+        """Skip a backoff, or resume a saga that needs a person where it stopped."""
+        ids = self._ids_or_refuse(request, queryset)
+        if ids is None:
+            return self._done(request)
+        outcome = _Outcome()
+        try:
+            outcome.run(ids, lambda saga_id: saga_retry_now(saga_id=saga_id, user=request.user))
+        except PermissionDenied as denied:
+            messages.error(request, str(denied) or "You may not operate sagas.")
+            return self._done(request)
+        outcome.report(request, "Retry requested")
+        return self._done(request)
+
+    @admin.action(description="Compensate (undo what took effect)...", permissions=["operate"])
+    def compensate(self, request: HttpRequest, queryset: QuerySet[Saga]) -> HttpResponse | None:
+        """First the plan and a reason field; on confirmation, compensate each saga."""
+        ids = self._ids_or_refuse(request, queryset)
+        if ids is None:
+            return self._done(request)
+        reason = request.POST.get("reason", "").strip()
+        error = ""
+        if request.POST.get("confirm") == "yes":
+            if reason:
+                outcome = _Outcome()
+                try:
+                    outcome.run(
+                        ids,
+                        lambda saga_id: saga_compensate(
+                            saga_id=saga_id, user=request.user, reason=reason
+                        ),
+                    )
+                except PermissionDenied as denied:
+                    messages.error(request, str(denied) or "You may not operate sagas.")
+                    return self._done(request)
+                outcome.report(request, "Compensation requested")
+                return self._done(request)
+            error = "Say why you compensate: the reason goes to the timeline with your name."
+        return self._confirmation(request, queryset, ids, "compensate", reason, error)
+
+    @admin.action(description="Resolve with a note...", permissions=["operate"])
+    def resolve(self, request: HttpRequest, queryset: QuerySet[Saga]) -> HttpResponse | None:
+        """Close sagas that need a person, with a required note saying what was done."""
+        ids = self._ids_or_refuse(request, queryset)
+        if ids is None:
+            return self._done(request)
+        note = request.POST.get("note", "").strip()
+        error = ""
+        if request.POST.get("confirm") == "yes":
+            if note:
+                outcome = _Outcome()
+                try:
+                    outcome.run(
+                        ids,
+                        lambda saga_id: saga_resolve(saga_id=saga_id, user=request.user, note=note),
+                    )
+                except PermissionDenied as denied:
+                    messages.error(request, str(denied) or "You may not operate sagas.")
+                    return self._done(request)
+                outcome.report(request, "Resolved")
+                return self._done(request)
+            error = "A note is required: say what you did, for whoever reads this saga next."
+        return self._confirmation(request, queryset, ids, "resolve", note, error)
+
+    def _confirmation(
+        self,
+        request: HttpRequest,
+        queryset: QuerySet[Saga],
+        ids: list[Any],
+        operation: str,
+        text: str,
+        error: str,
+    ) -> HttpResponse | None:
+        sagas = list(
+            Saga.objects.filter(pk__in=ids).prefetch_related(*_OWNERS).order_by("-created_at")
+        )
+        rows = []
+        groups: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+        accepted = 0
+        for saga in sagas:
+            refusal = _predicted_refusal(saga, operation)
+            plan = []
+            if operation == "compensate":
+                try:
+                    plan = saga_compensation_plan(saga_id=saga.pk)
+                except (LookupError, Saga.DoesNotExist):
+                    plan = []
+            if not refusal:
+                accepted += 1
+                if operation == "compensate":
+                    shape = tuple((p["step"], p["compensation"]) for p in plan)
+                    group = groups.setdefault(shape, {"plan": plan, "sagas": []})
+                    group["sagas"].append(saga)
+            rows.append(
+                {
+                    "saga": saga,
+                    "refusal": refusal,
+                    "plan": plan,
+                    "owner": self.owner_link(saga),
+                    "step": self.step_column(saga),
+                }
+            )
+        if not accepted and not error:
+            # Nothing here makes sense to do: say so at once instead of asking to confirm.
+            refusals: dict[str, list[Any]] = {}
+            for row in rows:
+                refusals.setdefault(row["refusal"], []).append(row["saga"].pk)
+            outcome = _Outcome()
+            outcome.refused = {
+                f"{detail[0].upper()}{detail[1:]}.": i for detail, i in refusals.items()
+            }
+            outcome.report(request, "")
+            return self._done(request)
+        single = sagas[0] if len(sagas) == 1 else None
+        back = _next_url(request) or reverse("admin:sagas_saga_changelist")
+        context = {
+            **self.admin_site.each_context(request),
+            "title": (
+                ("Compensate this saga?" if single else f"Compensate {len(sagas)} sagas?")
+                if operation == "compensate"
+                else ("Resolve this saga?" if single else f"Resolve {len(sagas)} sagas?")
+            ),
+            "opts": self.opts,
+            "operation": operation,
+            "action": operation if operation == "compensate" else "resolve",
+            "rows": rows[:MAX_LISTED],
+            "more_rows": max(len(rows) - MAX_LISTED, 0),
+            "groups": list(groups.values()),
+            "single": single,
+            "accepted": accepted,
+            "refused": len(sagas) - accepted,
+            "text": text,
+            "error": error,
+            "ids": ids,
+            # The confirmation acts on exactly the sagas listed here (ids posted back to the
+            # unfiltered list), not on a filter re-evaluated a minute later.
+            "post_url": reverse("admin:sagas_saga_changelist"),
+            "next": _next_url(request) or "",
+            "back_url": back,
+            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            "media": self.media,
+        }
+        return TemplateResponse(request, f"admin/sagas/saga/{operation}_confirmation.html", context)
+
+
+def _stuck_help() -> str:
+    return (
+        f"No progress for over {settings.SAGA_STUCK_AFTER:g}s and no worker holds it. The sweeper "
+        f"re-sends it every {settings.SAGA_SWEEP_INTERVAL:g}s; if it stays stuck, read the failing "
+        "step and its error below, then retry now or compensate."
+    )
+
+
+def _sweep_task_url() -> str | None:
+    from django_celery_beat.models import PeriodicTask
+
+    from sagas.apps import SWEEP_TASK_NAME
+
+    task = PeriodicTask.objects.filter(name=SWEEP_TASK_NAME).only("pk").first()
+    return admin_url(task) if task else None
