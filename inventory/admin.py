@@ -1,1 +1,133 @@
-from django.contrib import admin  # noqa: F401
+"""Stock in the ops console: products are editable by staff, reservations are read-only.
+
+``reserved`` is never edited by hand: only reservations move it. Saving a product writes only
+the fields that changed, so an edit can never overwrite a ``reserved`` count that a
+reservation changed while the form was open.
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from django import forms
+from django.contrib import admin
+from django.contrib.admin.options import ShowFacets
+from django.db.models import Q
+from django.urls import NoReverseMatch, reverse
+from django.utils.html import format_html
+
+from inventory.models import Product, Reservation, ReservationLine
+
+
+def _order_link(order_id) -> str:
+    if not order_id:
+        return "-"
+    try:
+        url = reverse("admin:orders_order_change", args=[order_id])
+    except NoReverseMatch:
+        return str(order_id)
+    return format_html('<a href="{}"><code>{}</code></a>', url, str(order_id)[:8])
+
+
+class ProductForm(forms.ModelForm):
+    class Meta:
+        model = Product
+        fields = ("sku", "name", "price", "currency", "stock_on_hand")
+
+    def clean_stock_on_hand(self) -> int:
+        stock = self.cleaned_data["stock_on_hand"]
+        if self.instance.pk is not None:
+            # Read the current reservations now, not the ones the form was opened with.
+            reserved = Product.objects.values_list("reserved", flat=True).get(pk=self.instance.pk)
+            if stock < reserved:
+                raise forms.ValidationError(
+                    f"{reserved} units are reserved by open orders; stock on hand cannot go "
+                    "below that."
+                )
+        if stock < 0:
+            raise forms.ValidationError("Stock on hand cannot be negative.")
+        return stock
+
+
+@admin.register(Product)
+class ProductAdmin(admin.ModelAdmin):
+    form = ProductForm
+    list_display = ("sku", "name", "price", "currency", "stock_on_hand", "reserved", "available")
+    search_fields = ("sku", "name")
+    ordering = ("sku",)
+    readonly_fields = ("reserved", "available", "created_at", "updated_at")
+    fields = ("sku", "name", "price", "currency", "stock_on_hand", *readonly_fields)
+    show_facets = ShowFacets.NEVER
+
+    @admin.display(description="available")
+    def available(self, product: Product) -> int:
+        return product.available
+
+    def save_model(self, request, obj: Product, form, change: bool) -> None:
+        if change:
+            changed = [f for f in form.changed_data if f in form.Meta.fields]
+            if changed:
+                obj.save(update_fields=[*changed, "updated_at"])
+        else:
+            obj.save()
+
+
+class ReservationLineInline(admin.TabularInline):
+    model = ReservationLine
+    fields = ("product", "quantity")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(Reservation)
+class ReservationAdmin(admin.ModelAdmin):
+    list_display = ("id", "order", "status", "tombstone", "created_at", "updated_at")
+    list_filter = ("status",)
+    list_display_links = ("id",)
+    search_fields = ("id",)
+    search_help_text = "Exact reservation id, order id or saga step key."
+    ordering = ("-created_at",)
+    inlines = (ReservationLineInline,)
+    readonly_fields = ("order",)
+    fields = (
+        "id",
+        "order",
+        "key",
+        "status",
+        "tombstone",
+        "settled_by_key",
+        "created_at",
+        "updated_at",
+    )
+    show_full_result_count = False
+    show_facets = ShowFacets.NEVER
+
+    @admin.display(description="order")
+    def order(self, reservation: Reservation) -> str:
+        return _order_link(reservation.order_id)
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    def get_search_results(self, request, queryset, search_term):
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        try:
+            as_uuid = UUID(term)
+        except ValueError:
+            return queryset.filter(key=term), False
+        return queryset.filter(Q(pk=as_uuid) | Q(order_id=as_uuid)), False
