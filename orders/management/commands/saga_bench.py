@@ -38,8 +38,34 @@ class Command(BaseCommand):
         )
         parser.add_argument("--skip-chain", action="store_true")
         parser.add_argument("--json", type=Path, default=None, help="write results here")
+        # make bench (orders.bench_suite): its own database and Redis, several load levels.
+        suite = parser.add_argument_group("suite (make bench)")
+        suite.add_argument(
+            "--all",
+            action="store_true",
+            help="every workload at saturation and at several offered loads, the table, JSON "
+            "and plot, then the sweeper (make bench)",
+        )
+        suite.add_argument("--sweep", action="store_true", help="time one sweep among 1M sagas")
+        suite.add_argument("--soak", type=float, default=None, metavar="SECONDS",
+                           help="worker RSS at start and end of a run this long")  # fmt: skip
+        suite.add_argument("--levels", default="0.25,0.5,0.75,0.9,1.0",
+                           help="offered loads, as fractions of saturation throughput")  # fmt: skip
+        suite.add_argument("--level-seconds", type=float, default=15.0)
+        suite.add_argument("--workloads", default="", help="engine,chain,order,order_latency")
+        suite.add_argument("--quick", action="store_true", help="smaller counts (tooling check)")
+        suite.add_argument("--out-dir", default=None, help="default: bench-results/")
+        suite.add_argument("--plot", default=None, help="also copy the PNG here")
+        suite.add_argument("--skip-sweep", action="store_true")
+        suite.add_argument("--sweep-sagas", type=int, default=1_000_000)
+        suite.add_argument("--sweep-repeats", type=int, default=7)
+        suite.add_argument("--keep", action="store_true", help="keep the scratch database")
 
     def handle(self, *args, **opts):
+        if opts["all"] or opts["sweep"] or opts["soak"]:
+            from orders import bench_suite
+
+            sys.exit(bench_suite.main(opts, sys.argv))
         queue = os.environ.get(QUEUE_ENV)
         if queue != settings.CELERY_TASK_DEFAULT_QUEUE:
             # Re-run in a process whose default queue is the bench's own, so doorbells sent by
