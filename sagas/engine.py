@@ -433,6 +433,28 @@ def _boundary_cancel_reason(definition: SagaDefinition, saga: Saga, now: datetim
     return ""
 
 
+def _schedule_retry(
+    saga: Saga, rec: _Record, *, step: str, phase: str, error: str, took: float
+) -> None:
+    """A transient failure with attempts left: persist the next due time, ring with a countdown."""
+    delay = backoff_delay(saga.attempt)
+    metrics.STEP_RETRIES.labels(saga.saga_type, step, phase).inc()
+    kind = "step_retry" if phase == "forward" else "compensation_retry"
+    rec.event(
+        kind,
+        saga,
+        step=step,
+        detail=f"{error}; next attempt in {delay:.3f}s",
+        duration_ms=took * 1e3,
+    )
+    rec.fields.update(
+        next_attempt_at=timezone.now() + timedelta(seconds=delay),
+        lease_until=None,
+        last_error=error,
+    )
+    rec.ring_after = delay
+
+
 def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga | None:
     rec = _Record()
     i = saga.step_index
@@ -503,19 +525,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
         if saga.attempt >= settings.SAGA_MAX_ATTEMPTS:
             rec.event("step_failed", saga, step=step.name, detail=error, duration_ms=duration * 1e3)
             return _forward_exhausted(definition, saga, rec, error=error)
-        delay = backoff_delay(saga.attempt)
-        metrics.STEP_RETRIES.labels(saga.saga_type, step.name, "forward").inc()
-        rec.event(
-            "step_retry",
-            saga,
-            step=step.name,
-            detail=f"{error}; next attempt in {delay:.3f}s",
-            duration_ms=duration * 1e3,
-        )
-        rec.fields.update(
-            next_attempt_at=now + timedelta(seconds=delay), lease_until=None, last_error=error
-        )
-        rec.ring_after = delay
+        _schedule_retry(saga, rec, step=step.name, phase="forward", error=error, took=duration)
         return _write(saga, rec, inline_ok=inline_ok)
 
     duration = time.perf_counter() - started
@@ -570,7 +580,6 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
     rec = _Record()
     i = saga.step_index
     step = definition.steps[i]
-    now = timezone.now()
     rec.step_index = i
     if saga.attempt > settings.SAGA_COMPENSATION_MAX_ATTEMPTS:
         rec.step_fields = {"status": StepStatus.COMPENSATION_FAILED}
@@ -600,24 +609,12 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
             )
             _escalate(saga, rec, step=step.name, error=f"compensation failed: {error}")
             return _write(saga, rec, inline_ok=False)
-        delay = backoff_delay(saga.attempt)
-        metrics.STEP_RETRIES.labels(saga.saga_type, step.name, "compensation").inc()
         rec.step_fields = {
             "status": StepStatus.COMPENSATING,
             "compensation_attempts": saga.attempt,
             "last_error": error,
         }
-        rec.event(
-            "compensation_retry",
-            saga,
-            step=step.name,
-            detail=f"{error}; next attempt in {delay:.3f}s",
-            duration_ms=duration * 1e3,
-        )
-        rec.fields.update(
-            next_attempt_at=now + timedelta(seconds=delay), lease_until=None, last_error=error
-        )
-        rec.ring_after = delay
+        _schedule_retry(saga, rec, step=step.name, phase="compensation", error=error, took=duration)
         return _write(saga, rec, inline_ok=inline_ok)
 
     duration = time.perf_counter() - started
