@@ -486,8 +486,9 @@ def _copy_sagas(total: int, overdue: int, not_due: int) -> None:
             deadline, finished = now + timedelta(minutes=10), None
         elif i < overdue + not_due:
             state = "running" if i % 4 else "compensating"
-            nxt = now + timedelta(seconds=rng.uniform(1, 30))
-            lease = now + timedelta(seconds=30) if i % 2 else None
+            # Waiting out a backoff, or a step in flight: not due within the run.
+            nxt = now + timedelta(seconds=rng.uniform(600, 3600))
+            lease = now + timedelta(hours=1) if i % 2 else None
             deadline, finished = now + timedelta(minutes=10), None
         else:
             state = rng.choices(states, weights)[0]
