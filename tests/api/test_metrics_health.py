@@ -56,3 +56,13 @@ def test_schema_and_docs_are_served(anon_api):
     docs = anon_api.get("/api/docs/")
     assert docs.status_code == 200
     assert b"swagger" in docs.content.lower()
+
+
+def test_swagger_ui_is_served_locally_not_from_a_cdn(anon_api):
+    """/api/docs/ loads Swagger UI from our own static files (drf-spectacular-sidecar), so the
+    docs work on a machine without internet access."""
+    html = anon_api.get("/api/docs/").content.decode()
+    bundle = "/static/drf_spectacular_sidecar/swagger-ui-dist/swagger-ui-bundle.js"
+    assert bundle in html
+    assert "cdn.jsdelivr" not in html
+    assert Client().get(bundle).status_code == 200
