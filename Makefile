@@ -11,6 +11,9 @@ PYTEST_ARGS ?=
 AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672//
 AMQP_TESTS ?= tests/sagas/test_engine.py tests/chaos
 AMQP_PYTEST_ARGS ?=
+# e.g. make chaos CHAOS_ARGS="--quick --seed 7"; make bench BENCH_ARGS="--skip-sweep"
+CHAOS_ARGS ?=
+BENCH_ARGS ?=
 # Dev commands need a SECRET_KEY (DEBUG stays off: it would skew the benchmark).
 DEV_KEY := SECRET_KEY=$${SECRET_KEY:-make-dev-only-not-secret}
 
@@ -45,10 +48,10 @@ test: $(STAMP)  ## the whole suite against PostgreSQL and Redis, with real worke
 	fi
 
 chaos: $(STAMP)  ## faults, worker kills, broker restarts, then check_invariants
-	$(DEV_KEY) $(VPY) manage.py chaos
+	$(DEV_KEY) $(VPY) manage.py chaos $(CHAOS_ARGS)
 
 bench: $(STAMP)  ## the headline benchmark and its plot
-	$(DEV_KEY) $(VPY) manage.py saga_bench --all
+	$(DEV_KEY) $(VPY) manage.py saga_bench --all $(BENCH_ARGS)
 
 lint: $(STAMP)  ## ruff check + format check
 	$(VPY) -m ruff check .
