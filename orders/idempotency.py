@@ -7,7 +7,7 @@ A request with a key goes through two short transactions:
    is a ``409``, another body is a ``422``, and once the first has finished it is a replay of
    the first response, status and body.
 2. :func:`idempotency_finish` runs inside the transaction that creates the order and its saga:
-   it locks the record, checks that this attempt still holds it, and stores the response. The
+   one conditional ``UPDATE`` stores the response if this attempt still holds the record. The
    order and the finished record commit together, so a key maps to at most one order.
 
 If the request fails before committing (bad input, a crash), :func:`idempotency_release`
@@ -153,21 +153,21 @@ def idempotency_finish(*, claim: Claim, status: int, body: str, order: Order | N
     Raises :class:`IdempotencyRequestInFlight` (rolling that transaction back) if the claim was
     taken over meanwhile: the other attempt answers for the key.
     """
-    record = IdempotencyRecord.objects.select_for_update().filter(pk=claim.record_id).first()
-    if (
-        record is None
-        or record.state != IdempotencyState.IN_FLIGHT
-        or record.attempt != claim.attempt
-    ):
+    # One conditional UPDATE: it matches only while this attempt still holds the key, and its
+    # row lock keeps a takeover out until the order commits (or rolls back).
+    finished = IdempotencyRecord.objects.filter(
+        pk=claim.record_id, state=IdempotencyState.IN_FLIGHT, attempt=claim.attempt
+    ).update(
+        state=IdempotencyState.DONE,
+        response_status=status,
+        response_body=body,
+        order=order,
+        finished_at=timezone.now(),
+    )
+    if not finished:
         raise IdempotencyRequestInFlight(
             "Another request with this Idempotency-Key took over; retry to get its response."
         )
-    record.state = IdempotencyState.DONE
-    record.response_status = status
-    record.response_body = body
-    record.order = order
-    record.finished_at = timezone.now()
-    record.save(update_fields=["state", "response_status", "response_body", "order", "finished_at"])
 
 
 def idempotency_release(*, claim: Claim) -> None:
