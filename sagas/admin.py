@@ -46,7 +46,7 @@ from django.utils.timesince import timesince
 from sagas import selectors
 from sagas.definition import get_definition, registered_types
 from sagas.exceptions import SagaOperationRefused
-from sagas.models import Saga, SagaEvent, SagaState, SagaStep
+from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
 from sagas.services import (
     OPS_PERMISSION,
     saga_compensate,
@@ -60,6 +60,8 @@ admin.site.site_title = "sagarunner ops"
 admin.site.index_title = "Ops console"
 # The sidebar repeats the index and costs a third of the width that the saga list needs.
 admin.site.enable_nav_sidebar = False
+# There is no public site to view: the API lives under /api/.
+admin.site.site_url = None
 
 #: An action acts on at most this many sagas at once; a bigger selection is refused with a
 #: message asking to narrow the filter (one request must stay short, and the sweeper re-rings
@@ -81,6 +83,13 @@ STATE_HELP = {
         "Retry now once the cause is fixed, or resolve it with a note saying what you did."
     ),
     SagaState.RESOLVED: "Closed by a person, with a note (see the timeline). Done.",
+}
+
+#: The engine's own stop reasons, in words (business codes such as ``out_of_stock`` speak for
+#: themselves).
+REASON_HELP = {
+    "step_failed": "a step kept failing until its retries ran out, or an operator stopped it",
+    "timed_out": "it ran past its deadline",
 }
 
 #: Timeline event kinds, in words; the raw kind is shown next to them.
@@ -542,6 +551,8 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="age", ordering="created_at")
     def age(self, saga: Saga) -> str:
+        if timezone.now() - saga.created_at < datetime.timedelta(minutes=1):
+            return "under a minute"
         return timesince(saga.created_at, depth=1)
 
     @admin.display(description="belongs to")
@@ -576,6 +587,16 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
     def get_queryset(self, request: HttpRequest) -> QuerySet[Saga]:
         return super().get_queryset(request).prefetch_related(*_OWNERS)
 
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        """The saga page reads the saga, its steps and its timeline from one snapshot, so a
+        worker recording a step meanwhile cannot make them disagree."""
+        if connection.vendor != "postgresql" or connection.in_atomic_block:
+            return super().changeform_view(request, object_id, form_url, extra_context)
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            return super().changeform_view(request, object_id, form_url, extra_context)
+
     def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
         if obj is not None:
             context.update(self._saga_page_context(request, obj))
@@ -604,11 +625,10 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                 "state_url": f"{changelist}?signature={sig}&state__exact={saga.state}",
                 "state_count": selectors.saga_count_bounded(same_state, cap=MAX_BULK),
             }
+        problem = _problem(saga, steps)
         failing = None
-        if saga.failed_step or saga.last_error:
-            failing = next(
-                (s for s in steps if s.name == (saga.failed_step or saga.current_step)), None
-            )
+        if problem and problem["step"]:
+            failing = next((s for s in steps if s.name == problem["step"]), None)
         return {
             "saga": saga,
             "steps": steps,
@@ -617,11 +637,13 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             "max_timeline": MAX_TIMELINE,
             "links": links,
             "signature": signature,
+            "problem": problem,
             "failing_step": failing,
             "can_operate": self.has_operate_permission(request),
             "offer_retry": saga.state
             in (SagaState.RUNNING, SagaState.COMPENSATING, SagaState.NEEDS_MANUAL),
-            "offer_compensate": not _predicted_refusal(saga, "compensate"),
+            "offer_compensate": not saga.cancel_reason
+            and not _predicted_refusal(saga, "compensate"),
             "offer_resolve": saga.state == SagaState.NEEDS_MANUAL,
             "changelist_url": changelist,
             "is_stuck": selectors.saga_is_stuck(saga),
@@ -681,7 +703,9 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             "signatures": signatures,
             "waiting": [(s, self.owner_link(s), self.step_column(s)) for s in waiting],
             "changelist_url": changelist,
-            "sweep_task_url": _sweep_task_url(),
+            "sweep_task_url": _sweep_task_url()
+            if request.user.has_perm("django_celery_beat.view_periodictask")
+            else None,
         }
         return TemplateResponse(request, "admin/sagas/saga/dashboard.html", context)
 
@@ -856,11 +880,87 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         return TemplateResponse(request, f"admin/sagas/saga/{operation}_confirmation.html", context)
 
 
+def _problem(saga: Saga, steps: list[SagaStep]) -> dict[str, Any] | None:
+    """What went wrong, as one headline a newcomer can read, with the error that goes with it
+    and the step it concerns (``None`` when nothing went wrong)."""
+    current = next((s for s in steps if s.index == saga.step_index), None)
+    error = saga.last_error
+
+    def found(label: str, text: str, step: str, error: str, error_label: str = "Last error"):
+        return {
+            "label": label,
+            "text": text,
+            "step": step,
+            "error": error,
+            "error_label": error_label,
+        }
+
+    if saga.failed_step and saga.escalated_from == SagaState.COMPENSATING:
+        because = f"; it was undoing because of {saga.failure_code}" if saga.failure_code else ""
+        return found(
+            "Undo that kept failing",
+            f"the compensation of {saga.failed_step}{because}",
+            saga.failed_step,
+            error,
+        )
+    if saga.failed_step and saga.escalated_from == SagaState.RUNNING:
+        return found(
+            "Failed step",
+            f"{saga.failed_step}, after the point of no return (nothing before it can be undone)",
+            saga.failed_step,
+            error,
+        )
+    if saga.state == SagaState.RUNNING and saga.cancel_reason:
+        return found(
+            "Stopping",
+            f"cancel requested ({saga.cancel_reason}): the saga stops at its next step boundary "
+            "and undoes what took effect",
+            saga.current_step,
+            error,
+            "Last error before that",
+        )
+    if saga.state == SagaState.RUNNING and current and current.status == StepStatus.RETRYING:
+        return found(
+            "Failing step",
+            f"{current.name} (attempt {saga.attempt}, still being retried)",
+            current.name,
+            current.last_error or error,
+        )
+    if (
+        saga.state == SagaState.COMPENSATING
+        and current
+        and current.status == StepStatus.COMPENSATING
+    ):
+        return found(
+            "Failing undo",
+            f"the compensation of {current.name} (attempt {saga.attempt}, still being retried)",
+            current.name,
+            current.last_error or error,
+        )
+    where = f" at {saga.failed_step}" if saga.failed_step else ""
+    if saga.state == SagaState.COMPENSATING:
+        return found(
+            "Undoing because of",
+            f"{saga.failure_code or saga.cancel_reason}{where}",
+            saga.failed_step,
+            error,
+            "Last error before that",
+        )
+    if saga.failed_step:
+        reason = f", reason: {saga.failure_code}" if saga.failure_code else ""
+        return found("Failed step", f"{saga.failed_step}{reason}", saga.failed_step, error)
+    if saga.failure_code:
+        help_text = REASON_HELP.get(saga.failure_code)
+        text = f"{saga.failure_code} ({help_text})" if help_text else saga.failure_code
+        return found("Stopped because", text, "", error, "Last error before that")
+    return None
+
+
 def _stuck_help() -> str:
     return (
         f"No progress for over {settings.SAGA_STUCK_AFTER:g}s and no worker holds it. The sweeper "
-        f"re-sends it every {settings.SAGA_SWEEP_INTERVAL:g}s; if it stays stuck, read the failing "
-        "step and its error below, then retry now or compensate."
+        f"(every {settings.SAGA_SWEEP_INTERVAL:g}s) sends it to a worker again; if it stays stuck, "
+        "read the failing step and its error, then retry now or compensate."
     )
 
 

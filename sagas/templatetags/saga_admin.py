@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import calendar
 import datetime
+import json
 
 from django import template
 from django.contrib.admin.templatetags.base import InclusionAdminNode
@@ -141,3 +142,9 @@ def approx(count) -> str:
     """``1,234`` for an exact count, ``about 1,234,000`` for an estimate."""
     value = f"{count.value:,}"
     return value if count.exact else f"about {value}"
+
+
+@register.filter
+def as_json(value) -> str:
+    """A step's JSON result as JSON (not as a Python repr)."""
+    return json.dumps(value, sort_keys=True, default=str)
