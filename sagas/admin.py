@@ -127,9 +127,9 @@ class SagaLink:
 class SagaOwner:
     """A business record that owns sagas through a one-to-one field to :class:`Saga`.
 
-    ``accessor`` is the reverse accessor on ``Saga`` (``"order"``): the list joins it in the
-    same query. ``links(saga, owner)`` returns the links shown on the saga page; it may run a
-    few queries of its own (a constant number).
+    ``accessor`` is the reverse accessor on ``Saga`` (``"order"``): the list fetches the owners
+    of a page's sagas in one extra query. ``links(saga, owner)`` returns the links shown on the
+    saga page; it may run a few queries of its own (a constant number).
     """
 
     accessor: str
