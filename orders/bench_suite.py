@@ -443,7 +443,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xlabel("offered load (sagas/s); shaded: saturation throughput")
         ax.set_ylabel("saga latency, created -> finished (ms)")
         ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
