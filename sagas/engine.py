@@ -34,7 +34,13 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from sagas import metrics
-from sagas.definition import BusinessFailure, SagaDefinition, StepContext, get_definition
+from sagas.definition import (
+    BusinessFailure,
+    SagaDefinition,
+    StepContext,
+    get_definition,
+    registered_types,
+)
 from sagas.definition import forward_key as make_forward_key
 from sagas.definition import undo_key as make_undo_key
 from sagas.models import ACTIVE_STATES, Saga, SagaEvent, SagaState, SagaStep, StepStatus
@@ -241,6 +247,48 @@ def ring(saga_id: Any, version: int, countdown: float | None = None) -> None:
 
 def ring_on_commit(saga_id: Any, version: int, countdown: float | None = None) -> None:
     transaction.on_commit(lambda: ring(saga_id, version, countdown))
+
+
+def ring_many(doorbells: list[tuple[Any, int]]) -> None:
+    """Ring for many sagas at once; never raises, like :func:`ring`.
+
+    The sweeper rings up to ``SAGA_SWEEP_BATCH`` sagas per tick. Through ``apply_async`` each
+    doorbell costs about 0.6 ms: a fresh Redis client and round trip, a queue declaration, and
+    ``send_task`` working out the same routing and options again. Here the route is worked out
+    once, the queue declared once, and each message is built and published with Celery's own
+    ``create_task_message`` / ``send_task_message`` (so it is the same task message a worker
+    gets from ``apply_async``) inside a kombu producer batch: one pipelined round trip on
+    Redis, one publish after another where a transport cannot batch (AMQP). A failure is
+    logged and forgotten: every saga rung here had its ``sweeps`` counter bumped, so a later
+    sweep rings it again after a backoff.
+    """
+    global _broker_down_until
+    from kombu.utils.uuid import uuid
+
+    from sagas.tasks import run_saga
+
+    if not doorbells:
+        return
+    if time.monotonic() < _broker_down_until:
+        log.debug("saga.doorbells_skipped", count=len(doorbells))
+        return
+    app, name = run_saga.app, run_saga.name
+    amqp = app.amqp
+    try:
+        route = amqp.router.route({}, name, (str(doorbells[0][0]), doorbells[0][1]), {}, run_saga)
+        with app.producer_or_acquire() as producer, producer.batch(max_size=len(doorbells)):
+            declare = None  # the first message declares the queue; the rest need not again
+            for saga_id, version in doorbells:
+                message = amqp.create_task_message(
+                    uuid(), name, (str(saga_id), version), {}, ignore_result=True
+                )
+                amqp.send_task_message(
+                    producer, name, message, declare=declare, retry=False, **route
+                )
+                declare = []
+    except Exception as exc:  # noqa: BLE001 - any broker failure is logged and forgotten
+        _broker_down_until = time.monotonic() + _BREAKER_SECONDS
+        log.warning("saga.doorbells_failed", count=len(doorbells), error=repr(exc))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,26 +742,31 @@ def sweep(now: datetime | None = None) -> dict[str, int]:
             Saga.objects.filter(id__in=[r[0] for r in rows]).update(
                 next_attempt_at=now, sweeps=F("sweeps") + 1
             )
-            for saga_id, version in rows:
-                ring_on_commit(saga_id, version)
+            transaction.on_commit(lambda: ring_many(rows))
     if rows:
         metrics.SWEEP_REDISPATCHED.inc(len(rows))
         log.info("saga.sweep_redispatched", count=len(rows))
 
+    # Past the deadline and still before its pivot (after it, a saga must finish, not undo).
+    # The pivot test is in SQL so sagas past their pivot never fill the batch and starve the rest.
+    before_pivot = Q()
+    for saga_type in registered_types():
+        before_pivot |= Q(saga_type=saga_type, step_index__lt=get_definition(saga_type).pivot_index)
     timed_out = 0
     late = (
         Saga.objects.filter(state=SagaState.RUNNING, cancel_reason="", deadline_at__lte=now)
+        .filter(before_pivot)
         .order_by("deadline_at")
-        .values_list("id", "saga_type", "step_index")[:batch]
+        .values_list("id", flat=True)[:batch]
+        if before_pivot
+        else []
     )
     from sagas.exceptions import SagaOperationRefused
 
-    for saga_id, saga_type, step_index in late:
+    for saga_id in late:
         try:
-            if step_index >= get_definition(saga_type).pivot_index:
-                continue
             saga_request_cancel(saga_id=saga_id, reason="timed_out", actor="sweeper")
             timed_out += 1
         except (SagaOperationRefused, LookupError):
-            continue
+            continue  # it moved on (pivot reached, finished) since the query: nothing to do
     return {"redispatched": len(rows), "timed_out": timed_out}

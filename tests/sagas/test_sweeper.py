@@ -60,3 +60,17 @@ def test_deadline_pass_requests_a_timed_out_cancel_before_the_pivot(settings):
     assert result["timed_out"] == 1
     assert Saga.objects.get(pk=early.pk).cancel_reason == "timed_out"
     assert Saga.objects.get(pk=at_pivot.pk).cancel_reason == ""
+
+
+def test_sagas_past_their_pivot_do_not_starve_the_deadline_pass(settings):
+    """More late sagas past their pivot than one batch holds (they must finish, not undo) do
+    not hide a later-deadline saga that is still before its pivot: it is timed out now."""
+    settings.SAGA_SWEEP_BATCH = 3
+    for _ in range(5):
+        past = saga_start(saga_type="test_pivot", data={}, deadline_seconds=0)
+        Saga.objects.filter(pk=past.pk).update(step_index=3, current_step="s4")
+    early = saga_start(saga_type="test_pivot", data={}, deadline_seconds=0)
+    result = sweep(now=timezone.now() + timedelta(seconds=1))
+    assert result["timed_out"] == 1
+    assert Saga.objects.get(pk=early.pk).cancel_reason == "timed_out"
+    assert not Saga.objects.filter(step_index=3).exclude(cancel_reason="").exists()
