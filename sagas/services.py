@@ -213,7 +213,9 @@ def saga_compensate(*, saga_id: Any, user: Any, reason: str) -> Saga:
                 "use retry now, or resolve it with a note.",
             )
         _event(saga, "ops_compensate", actor=_actor(user), detail=reason, step=saga.current_step)
-    return saga_request_cancel(saga_id=saga_id, reason="step_failed", actor=_actor(user))
+        # In the same transaction: a refused cancel (pivot reached, not running) must not leave
+        # an ops_compensate event behind that says an operator compensated.
+        return saga_request_cancel(saga_id=saga_id, reason="step_failed", actor=_actor(user))
 
 
 def saga_resolve(*, saga_id: Any, user: Any, note: str) -> Saga:

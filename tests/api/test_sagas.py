@@ -193,12 +193,14 @@ def test_compensate_needs_a_reason(ops_api, saga, body):
 
 
 def test_compensate_after_the_pivot_is_409(ops_api, saga):
+    """Refused past the pivot, and the timeline does not claim an operator compensated."""
     Saga.objects.filter(pk=saga.pk).update(step_index=4, current_step="confirm_order")
     assert_error(
         ops_api.post(f"{SAGAS}{saga.id}/compensate/", {"reason": "late"}, format="json"),
         409,
         "pivot_reached",
     )
+    assert not SagaEvent.objects.filter(saga=saga, kind="ops_compensate").exists()
 
 
 def test_resolve_closes_a_saga_that_needs_a_person_with_the_note(ops_api, saga):
