@@ -8,7 +8,6 @@ broker afterwards.
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from django.db import transaction
 
 from inventory import services as inventory_services
 from inventory.models import Product
+from orders.countries import COUNTRY_CODES
 from orders.errors import OrderInvalid
 from orders.models import Order, OrderItem
 from sagas import services as saga_services
@@ -38,7 +38,6 @@ MAX_TOTAL = Decimal("9999999999.99")
 CUSTOMER_CANCELLED = "customer_cancelled"
 
 _ADDRESS_FIELDS = {"name": 200, "line1": 200, "city": 100, "postal_code": 20, "country": 2}
-_COUNTRY = re.compile(r"^[A-Z]{2}$")
 
 
 @dataclass
@@ -117,7 +116,7 @@ def _clean_address(address: Any, problems: _Problems) -> dict[str, str]:
         value = value.strip()
         if name == "country":
             value = value.upper()
-            if not _COUNTRY.match(value):
+            if value not in COUNTRY_CODES:
                 problems.add(
                     "invalid_shipping_address",
                     where,
@@ -218,7 +217,8 @@ def order_request_cancel(*, order: Order, actor) -> Order:
     :class:`sagas.exceptions.SagaOperationRefused` (``pivot_reached`` or ``not_running``),
     which the API turns into a ``409``. ``actor`` is a user or a name for the timeline.
     """
-    actor_name = actor.get_username() if hasattr(actor, "get_username") else str(actor)
+    # Users appear in the timeline as ``user:<name>``, like the ops operations.
+    actor_name = f"user:{actor.get_username()}" if hasattr(actor, "get_username") else str(actor)
     order.saga = saga_services.saga_request_cancel(
         saga_id=order.saga_id, reason=CUSTOMER_CANCELLED, actor=actor_name
     )

@@ -307,7 +307,7 @@ def test_cancel_is_202_until_capture_payment_has_passed(client_api, place, step_
     body = response.json()
     assert (body["status"], body["cancellation_reason"]) == ("cancelling", "customer_cancelled")
     event = SagaEvent.objects.filter(saga__order__id=order["id"], kind="cancel_requested").get()
-    assert event.actor == "ada"
+    assert event.actor == "user:ada"
 
 
 def test_cancel_twice_is_accepted_twice(client_api, place):
@@ -339,7 +339,7 @@ def test_staff_may_cancel_any_order(client_api, staff_api, place):
     order = place(client_api)
     assert staff_api.post(f"/api/v1/orders/{order['id']}/cancel/").status_code == 202
     event = SagaEvent.objects.get(saga__order__id=order["id"], kind="cancel_requested")
-    assert event.actor == "sam"
+    assert event.actor == "user:sam"
 
 
 def test_orders_routes_refuse_other_methods_with_405_json(client_api, place):

@@ -115,6 +115,11 @@ GOOD = {
             "shipping_address.country",
         ),
         (
+            {"shipping_address": {**ADDRESS, "country": "ZZ"}},
+            "invalid_shipping_address",
+            "shipping_address.country",
+        ),
+        (
             {"shipping_address": {**ADDRESS, "city": "  "}},
             "invalid_shipping_address",
             "shipping_address.city",

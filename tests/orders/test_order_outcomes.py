@@ -223,7 +223,7 @@ def test_customer_cancel_before_capture_is_accepted_and_undoes_everything(
     assert [a.status for a in authorizations_of(order)] == ["voided"]
     assert [s.status for s in shipments_of(order)] == [ShipmentStatus.CANCELLED]
     assert stock("lamp") == (5, 0)
-    assert order.saga.events.filter(kind="cancel_requested", actor="ada").exists()
+    assert order.saga.events.filter(kind="cancel_requested", actor="user:ada").exists()
     assert_invariants_hold()
 
 
