@@ -109,6 +109,29 @@ def test_the_sweep_is_listed_and_its_interval_can_be_changed(admin_client_):
     assert task.interval_id == slower.pk and task.task == "sagas.sweep"
 
 
+def test_demo_staff_can_change_the_sweep_interval(demo_staff_client):
+    """The seeded support user (not a superuser) opens the sweep's periodic task, adds a new
+    interval from its form and saves the task with it."""
+    task = PeriodicTask.objects.get(name=SWEEP_TASK_NAME)
+    listing = demo_staff_client.get(reverse("admin:django_celery_beat_periodictask_changelist"))
+    assert listing.status_code == 200 and SWEEP_TASK_NAME in listing.content.decode()
+    added = demo_staff_client.post(
+        reverse("admin:django_celery_beat_intervalschedule_add"),
+        {"every": "47", "period": IntervalSchedule.SECONDS},
+    )
+    assert added.status_code == 302, added.content.decode()[:3000]
+    slower = IntervalSchedule.objects.get(every=47, period=IntervalSchedule.SECONDS)
+    url = reverse("admin:django_celery_beat_periodictask_change", args=[task.pk])
+    page = demo_staff_client.get(url)
+    assert page.status_code == 200
+    data = form_values(page.content.decode(), "periodictask_form")
+    data["interval"] = str(slower.pk)
+    response = demo_staff_client.post(url, data)
+    assert response.status_code == 302, response.content.decode()[:3000]
+    task.refresh_from_db()
+    assert task.interval_id == slower.pk
+
+
 def test_the_dashboard_links_to_the_sweep_task(admin_client_):
     """The saga dashboard links to the sweep's periodic task page."""
     task = PeriodicTask.objects.get(name=SWEEP_TASK_NAME)
@@ -143,6 +166,8 @@ def test_demo_staff_can_open_every_page_and_operate(demo_staff_client):
         reverse("admin:payments_payment_change", args=[payment.pk]),
         reverse("admin:shipping_shipment_changelist"),
         reverse("admin:shipping_shipment_change", args=[shipment.pk]),
+        reverse("admin:payments_providerauthorization_changelist"),
+        reverse("admin:payments_provideroperation_changelist"),
     ]
     for url in urls:
         assert demo_staff_client.get(url).status_code == 200, url

@@ -34,10 +34,19 @@ VIEW_MODELS = {
     "sagas": ["saga", "sagastep", "sagaevent"],
     "orders": ["order", "orderitem"],
     "inventory": ["product", "reservation", "reservationline"],
-    "payments": ["payment"],
+    "payments": ["payment", "providerauthorization", "provideroperation"],
     "shipping": ["shipment"],
+    # The sweep's schedule: support staff see it and may slow it down or speed it up.
+    "django_celery_beat": ["periodictask", "intervalschedule", "crontabschedule"],
 }
-CHANGE_MODELS = {"sagas": ["saga"], "orders": ["order"], "inventory": ["product"]}
+CHANGE_MODELS = {
+    "sagas": ["saga"],
+    "orders": ["order"],
+    "inventory": ["product"],
+    "django_celery_beat": ["periodictask", "intervalschedule"],
+}
+# Changing the sweep to an interval nobody used before creates that interval.
+ADD_MODELS = {"django_celery_beat": ["intervalschedule"]}
 
 
 def _permissions(models_by_app: dict[str, list[str]], action: str) -> Q:
@@ -76,7 +85,9 @@ class Command(BaseCommand):
             make_ops_staff(staff)
             staff.user_permissions.add(
                 *Permission.objects.filter(
-                    _permissions(VIEW_MODELS, "view") | _permissions(CHANGE_MODELS, "change")
+                    _permissions(VIEW_MODELS, "view")
+                    | _permissions(CHANGE_MODELS, "change")
+                    | _permissions(ADD_MODELS, "add")
                 )
             )
 
