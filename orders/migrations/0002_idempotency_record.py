@@ -7,33 +7,69 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('orders', '0001_initial'),
+        ("orders", "0001_initial"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='IdempotencyRecord',
+            name="IdempotencyRecord",
             fields=[
-                ('id', models.BigAutoField(primary_key=True, serialize=False)),
-                ('key', models.CharField(max_length=255)),
-                ('fingerprint', models.CharField(max_length=64)),
-                ('state', models.CharField(choices=[('in_flight', 'in flight'), ('done', 'done')], default='in_flight', max_length=16)),
-                ('attempt', models.UUIDField(default=uuid.uuid4)),
-                ('response_status', models.PositiveSmallIntegerField(blank=True, null=True)),
-                ('response_body', models.TextField(blank=True, default='')),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('started_at', models.DateTimeField()),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('order', models.OneToOneField(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='idempotency_record', to='orders.order')),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='idempotency_records', to=settings.AUTH_USER_MODEL)),
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                ("key", models.CharField(max_length=255)),
+                ("fingerprint", models.CharField(max_length=64)),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[("in_flight", "in flight"), ("done", "done")],
+                        default="in_flight",
+                        max_length=16,
+                    ),
+                ),
+                ("attempt", models.UUIDField(default=uuid.uuid4)),
+                ("response_status", models.PositiveSmallIntegerField(blank=True, null=True)),
+                ("response_body", models.TextField(blank=True, default="")),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("started_at", models.DateTimeField()),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "order",
+                    models.OneToOneField(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="idempotency_record",
+                        to="orders.order",
+                    ),
+                ),
+                (
+                    "user",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="idempotency_records",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
-                'indexes': [models.Index(fields=['created_at'], name='orders_idempotency_created_idx')],
-                'constraints': [models.UniqueConstraint(fields=('user', 'key'), name='orders_idempotency_user_key'), models.CheckConstraint(condition=models.Q(('state', 'in_flight'), ('response_status__isnull', False), _connector='OR'), name='orders_idempotency_done_has_response')],
+                "ordering": ["-created_at"],
+                "indexes": [
+                    models.Index(fields=["created_at"], name="orders_idempotency_created_idx")
+                ],
+                "constraints": [
+                    models.UniqueConstraint(
+                        fields=("user", "key"), name="orders_idempotency_user_key"
+                    ),
+                    models.CheckConstraint(
+                        condition=models.Q(
+                            ("state", "in_flight"),
+                            ("response_status__isnull", False),
+                            _connector="OR",
+                        ),
+                        name="orders_idempotency_done_has_response",
+                    ),
+                ],
             },
         ),
     ]
