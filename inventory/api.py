@@ -97,7 +97,8 @@ class ProductViewSet(
     serializer_class = ProductSerializer
     pagination_class = Pagination
     lookup_field = "sku"
-    lookup_value_regex = "[^/]+"
+    # No NUL: PostgreSQL text cannot hold one, so such a sku is simply not found (404).
+    lookup_value_regex = "[^/\\x00]+"
     http_method_names = ["get", "post", "patch", "head", "options"]
 
     def get_queryset(self):

@@ -42,6 +42,13 @@ def test_unknown_sku_is_404(client_api, catalog):
     assert_error(client_api.get(f"{PRODUCTS}unicorn/"), 404, "not_found")
 
 
+@pytest.mark.parametrize("sku", ["%00", "lamp%00", "%00lamp"])
+def test_a_sku_with_a_nul_byte_is_404_not_500(client_api, staff_api, catalog, sku):
+    """PostgreSQL text cannot hold NUL: such a sku cannot exist, for reads and changes."""
+    assert_error(client_api.get(f"{PRODUCTS}{sku}/"), 404, "not_found")
+    assert_error(staff_api.patch(f"{PRODUCTS}{sku}/", {"name": "x"}, format="json"), 404)
+
+
 def test_staff_create_a_product(staff_api):
     """201 with the product; price kept exactly; reserved starts at 0."""
     response = staff_api.post(
