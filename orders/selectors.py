@@ -50,7 +50,8 @@ class OrderState:
     #: The forward step being run, only while ``processing``.
     step: str | None
     #: Why it is (being) cancelled: a business code, ``customer_cancelled``, ``timed_out`` or
-    #: ``step_failed``. Set when ``cancelled``, and when ``cancelling`` once the reason is known.
+    #: ``step_failed``. Set when ``cancelled``, when ``cancelling`` once the reason is known, and
+    #: when ``needs_attention`` because undoing the order got stuck.
     cancellation_reason: str | None
 
 
@@ -72,6 +73,10 @@ def order_state(saga: Saga) -> OrderState:
     if status == OrderStatus.CANCELLING:
         reason = saga.failure_code or saga.cancel_reason or None
         return OrderState(status=status, step=None, cancellation_reason=reason)
+    if status == OrderStatus.NEEDS_ATTENTION:
+        # Stuck while undoing: keep telling the client why it was being cancelled. (A saga that
+        # needs a person after its pivot was never cancelled: no failure_code, no reason.)
+        return OrderState(status=status, step=None, cancellation_reason=saga.failure_code or None)
     return OrderState(status=status, step=None, cancellation_reason=None)
 
 

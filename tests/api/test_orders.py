@@ -141,6 +141,12 @@ def test_owner_reads_the_order_with_payment_and_shipment(client_api, place):
             "out_of_stock",
         ),
         ({"state": SagaState.NEEDS_MANUAL}, "needs_attention", None, None),
+        (
+            {"state": SagaState.NEEDS_MANUAL, "failure_code": "payment_declined"},
+            "needs_attention",
+            None,
+            "payment_declined",
+        ),
         ({"state": SagaState.RESOLVED}, "needs_attention", None, None),
     ],
 )

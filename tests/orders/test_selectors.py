@@ -32,9 +32,14 @@ EXPECTED = [
     ),
     (
         (SagaState.NEEDS_MANUAL, "", "shipping_unavailable"),
-        (OrderStatus.NEEDS_ATTENTION, None, None),
+        (OrderStatus.NEEDS_ATTENTION, None, "shipping_unavailable"),
     ),
-    ((SagaState.RESOLVED, "", "shipping_unavailable"), (OrderStatus.NEEDS_ATTENTION, None, None)),
+    (
+        (SagaState.RESOLVED, "", "shipping_unavailable"),
+        (OrderStatus.NEEDS_ATTENTION, None, "shipping_unavailable"),
+    ),
+    # Needing a person after the pivot: the order was never being cancelled.
+    ((SagaState.NEEDS_MANUAL, "", ""), (OrderStatus.NEEDS_ATTENTION, None, None)),
 ]
 
 
