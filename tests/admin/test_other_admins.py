@@ -115,11 +115,13 @@ def test_demo_staff_can_change_the_sweep_interval(demo_staff_client):
     task = PeriodicTask.objects.get(name=SWEEP_TASK_NAME)
     listing = demo_staff_client.get(reverse("admin:django_celery_beat_periodictask_changelist"))
     assert listing.status_code == 200 and SWEEP_TASK_NAME in listing.content.decode()
-    added = demo_staff_client.post(
-        reverse("admin:django_celery_beat_intervalschedule_add"),
-        {"every": "47", "period": IntervalSchedule.SECONDS},
-    )
-    assert added.status_code == 302, added.content.decode()[:3000]
+    add_url = reverse("admin:django_celery_beat_intervalschedule_add")
+    add_page = demo_staff_client.get(add_url)
+    assert add_page.status_code == 200
+    interval = form_values(add_page.content.decode(), "intervalschedule_form")
+    interval.update(every="47", period=IntervalSchedule.SECONDS)
+    added = demo_staff_client.post(add_url, interval)
+    assert added.status_code == 302, added.context["errors"]
     slower = IntervalSchedule.objects.get(every=47, period=IntervalSchedule.SECONDS)
     url = reverse("admin:django_celery_beat_periodictask_change", args=[task.pk])
     page = demo_staff_client.get(url)
