@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)  ## create or update .venv
 
 run: $(STAMP)  ## web (port 8000) + worker + beat in the foreground; Ctrl-C stops all
-	$(VPY) scripts/run.py
+	@$(VPY) scripts/run.py || [ $$? -eq 130 ]  # Ctrl-C is how it is meant to stop
 
 test: $(STAMP)  ## the whole suite against PostgreSQL and Redis, with real workers
 	@$(VPY) scripts/preflight.py
