@@ -176,6 +176,10 @@ SAGA_STEP_TIMEOUT = env.float("SAGA_STEP_TIMEOUT", default=30.0)
 # How long a task may keep running due steps of one saga before handing back to the broker.
 SAGA_INLINE_BUDGET = env.float("SAGA_INLINE_BUDGET", default=2.0)
 SAGA_SWEEP_BATCH = env.int("SAGA_SWEEP_BATCH", default=500)
+# PostgreSQL: a claim, and a record after which the same task goes straight on, commit without
+# waiting for their WAL flush (they only extend the task's lease; see sagas.engine). Records
+# that hand the saga on (doorbell, terminal state, a person) always wait.
+SAGA_ASYNC_LEASE_COMMITS = env.bool("SAGA_ASYNC_LEASE_COMMITS", default=True)
 SAGA_FAULTS = env("SAGA_FAULTS", default="")
 # Modules that register saga types besides the apps' own (imported when the sagas app is ready,
 # so every worker knows them). sagas.bench holds the benchmark's 5-step type.

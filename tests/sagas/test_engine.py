@@ -421,3 +421,28 @@ def test_engine_overhead_queries_per_step_are_pinned(celery_worker, wait_for):
     # 1 claim + 3 per step (saga row, step row, timeline events).
     assert len(engine) <= 1 + 3 * 5, "\n".join(x[:90] for x in engine)
     assert claim(saga.id, saga.version) is None  # settled: nothing to claim
+
+
+@pytest.mark.parametrize("async_lease_commits", [True, False])
+def test_only_commits_that_hand_the_saga_on_wait_for_the_disk(
+    celery_worker, settings, async_lease_commits
+):
+    """With SAGA_ASYNC_LEASE_COMMITS, the claim and the records after which the task goes
+    straight on skip the WAL flush wait; the terminal record waits. Off: every one waits."""
+    from django.test.utils import CaptureQueriesContext
+
+    from sagas.engine import advance
+
+    settings.SAGA_ASYNC_LEASE_COMMITS = async_lease_commits
+    settings.SAGA_INLINE_BUDGET = 60.0  # all five steps in this one call
+    with transaction.atomic():
+        saga = saga_start(saga_type="test5", data={"script": {}})
+        Saga.objects.filter(pk=saga.pk).update(version=1000)  # out of the doorbell's reach
+    with CaptureQueriesContext(connection) as ctx:
+        advance(saga.id, 1000)
+    assert Saga.objects.get(pk=saga.id).state == SagaState.SUCCEEDED
+    writes = [q["sql"] for q in ctx.captured_queries if 'UPDATE "sagas_saga"' in q["sql"]]
+    assert len(writes) == 6  # the claim and five records
+    no_wait = ["set_config('synchronous_commit', 'off', true)" in sql for sql in writes]
+    expected = [True] * 5 + [False] if async_lease_commits else [False] * 6
+    assert no_wait == expected
