@@ -30,7 +30,7 @@ from typing import Any
 import structlog
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import F, Q
+from django.db.models import Q
 from django.utils import timezone
 
 from sagas import metrics
@@ -305,8 +305,9 @@ def ring_many(doorbells: list[tuple[Any, int]]) -> None:
         with app.producer_or_acquire() as producer, producer.batch(max_size=len(doorbells)):
             declare = None  # the first message declares the queue; the rest need not again
             for saga_id, version in doorbells:
+                args = (str(saga_id), version)
                 message = amqp.create_task_message(
-                    uuid(), name, (str(saga_id), version), {}, ignore_result=True
+                    uuid(), name, args, {}, ignore_result=True, argsrepr=repr(args), kwargsrepr="{}"
                 )
                 amqp.send_task_message(
                     producer, name, message, declare=declare, retry=False, **route
@@ -761,19 +762,29 @@ def sweep(now: datetime | None = None) -> dict[str, int]:
         next_attempt_at__lte=now - timedelta(seconds=stuck_after * 2**_MAX_SWEEP_DOUBLINGS),
     )
     batch = settings.SAGA_SWEEP_BATCH
+    picked = (
+        Saga.objects.select_for_update(skip_locked=True)
+        .filter(state__in=_ACTIVE, next_attempt_at__lte=now - timedelta(seconds=stuck_after))
+        .filter(Q(lease_until__isnull=True) | Q(lease_until__lte=now))
+        .filter(overdue)
+        .order_by("next_attempt_at")
+        .values("id")[:batch]
+    )
+    qn = connection.ops.quote_name
     with transaction.atomic():
-        rows = list(
-            Saga.objects.select_for_update(skip_locked=True)
-            .filter(state__in=_ACTIVE, next_attempt_at__lte=now - timedelta(seconds=stuck_after))
-            .filter(Q(lease_until__isnull=True) | Q(lease_until__lte=now))
-            .filter(overdue)
-            .order_by("next_attempt_at")
-            .values_list("id", "version")[:batch]
-        )
-        if rows:
-            Saga.objects.filter(id__in=[r[0] for r in rows]).update(
-                next_attempt_at=now, sweeps=F("sweeps") + 1
+        # Pick and re-arm in one statement: UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP
+        # LOCKED LIMIT n) RETURNING id, version.
+        picked_sql, picked_params = picked.query.sql_with_params()
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {qn(Saga._meta.db_table)} SET {qn('next_attempt_at')} = %s, "
+                f"{qn('sweeps')} = {qn('sweeps')} + 1 WHERE {qn('id')} IN ({picked_sql}) "
+                f"RETURNING {qn('id')}, {qn('version')}",
+                [_prep("next_attempt_at", now), *picked_params],
             )
+            to_uuid = Saga._meta.pk.to_python
+            rows = [(to_uuid(saga_id), version) for saga_id, version in cursor.fetchall()]
+        if rows:
             transaction.on_commit(lambda: ring_many(rows))
     if rows:
         metrics.SWEEP_REDISPATCHED.inc(len(rows))
