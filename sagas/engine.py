@@ -284,11 +284,11 @@ def ring_many(doorbells: list[tuple[Any, int]]) -> None:
     once, the queue declared once, and each message is built and published with Celery's own
     ``create_task_message`` / ``send_task_message`` (so it is the same task message a worker
     gets from ``apply_async``) inside a kombu producer batch: one pipelined round trip on
-    Redis, one publish after another where a transport cannot batch (AMQP). A failure is
-    logged and forgotten: every saga rung here had its ``sweeps`` counter bumped, so a later
-    sweep rings it again after a backoff.
+    Redis, one publish after another where a transport cannot batch (AMQP). If the batch
+    fails, each doorbell goes through :func:`ring` instead (reconnecting, behind the breaker);
+    what still fails is forgotten: every saga rung here had its ``sweeps`` counter bumped, so
+    a later sweep rings it again after a backoff.
     """
-    global _broker_down_until
     from kombu.utils.uuid import uuid
 
     from sagas.tasks import run_saga
@@ -313,9 +313,14 @@ def ring_many(doorbells: list[tuple[Any, int]]) -> None:
                     producer, name, message, declare=declare, retry=False, **route
                 )
                 declare = []
-    except Exception as exc:  # noqa: BLE001 - any broker failure is logged and forgotten
-        _broker_down_until = time.monotonic() + _BREAKER_SECONDS
-        log.warning("saga.doorbells_failed", count=len(doorbells), error=repr(exc))
+    except Exception as exc:  # noqa: BLE001 - any broker failure: fall back to one by one
+        # The pooled connection may have died with a broker restart (py-amqp does not
+        # reconnect by itself). ring() publishes with a reconnecting retry; if the broker is
+        # really down, its first failure opens the breaker and the rest are skipped at once.
+        # A doorbell sent twice (some went out before the failure) is fenced.
+        log.warning("saga.doorbells_batch_failed", count=len(doorbells), error=repr(exc))
+        for saga_id, version in doorbells:
+            ring(saga_id, version)
 
 
 # ---------------------------------------------------------------------------------------------

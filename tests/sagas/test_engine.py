@@ -230,6 +230,52 @@ def test_two_sweeps_at_once_ring_each_overdue_saga_once(worker_factory, wait_for
         assert effects(saga_id) == {(n, "do"): 1 for n in FIVE}
 
 
+def _cut_broker_connections() -> int:
+    """Shut every socket this process holds to the broker, as a broker restart does."""
+    import gc
+    import socket
+    from urllib.parse import urlsplit
+
+    from django.conf import settings as django_settings
+
+    url = urlsplit(django_settings.CELERY_BROKER_URL)
+    port = url.port or {"redis": 6379, "amqp": 5672}[url.scheme]
+    cut = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, socket.socket) and obj.fileno() != -1:
+            try:
+                peer = obj.getpeername()
+            except OSError:
+                continue
+            if isinstance(peer, tuple) and peer[1] == port:
+                obj.shutdown(socket.SHUT_RDWR)
+                cut += 1
+    return cut
+
+
+def test_the_sweeper_rings_through_a_broker_connection_that_died(
+    worker_factory, wait_for, settings
+):
+    """After a broker restart cut the publisher's pooled connection, the sweeper's batch fails
+    on it; its doorbells then go one by one over a reconnecting publish, and every saga runs.
+    (py-amqp does not reconnect by itself: without the fallback they were all lost.)"""
+    from django.utils import timezone
+
+    worker = worker_factory(exclusive=True, name="redial")
+    worker.pause_consuming()
+    ids = [start().id for _ in range(3)]  # their doorbells leave a pooled connection behind
+    purge_queue()
+    worker.resume_consuming()  # (through the connection about to be cut)
+    overdue = timezone.now() - _seconds(settings.SAGA_STUCK_AFTER + 5)
+    Saga.objects.filter(id__in=ids).update(next_attempt_at=overdue)
+    assert _cut_broker_connections() >= 1
+    assert sweep()["redispatched"] == 3
+    wait_for(
+        lambda: Saga.objects.filter(id__in=ids, state=SagaState.SUCCEEDED).count() == 3,
+        describe=lambda: list(Saga.objects.filter(id__in=ids).values_list("state", "version")),
+    )
+
+
 def _seconds(s: float):
     from datetime import timedelta
 
