@@ -230,26 +230,27 @@ def test_two_sweeps_at_once_ring_each_overdue_saga_once(worker_factory, wait_for
         assert effects(saga_id) == {(n, "do"): 1 for n in FIVE}
 
 
-def _cut_broker_connections() -> int:
-    """Shut every socket this process holds to the broker, as a broker restart does."""
-    import gc
+def _cut_publisher_connection() -> int:
+    """Shut the sockets of the publisher's pooled broker connection, as a broker restart does
+    (the pool hands the same connection to the next publish)."""
     import socket
-    from urllib.parse import urlsplit
 
-    from django.conf import settings as django_settings
-
-    url = urlsplit(django_settings.CELERY_BROKER_URL)
-    port = url.port or {"redis": 6379, "amqp": 5672}[url.scheme]
     cut = 0
-    for obj in gc.get_objects():
-        if isinstance(obj, socket.socket) and obj.fileno() != -1:
-            try:
-                peer = obj.getpeername()
-            except OSError:
-                continue
-            if isinstance(peer, tuple) and peer[1] == port:
-                obj.shutdown(socket.SHUT_RDWR)
-                cut += 1
+    with app.producer_or_acquire() as producer:
+        connection_ = producer.connection
+        connection_.ensure_connection()
+        if connection_.transport.driver_type == "amqp":
+            sockets = [connection_.connection.sock]
+        else:  # redis: the channel's redis-py pool
+            pool = producer.channel.pool
+            sockets = [
+                c._sock
+                for c in [*pool._available_connections, *pool._in_use_connections]
+                if c._sock is not None
+            ]
+        for sock in sockets:
+            sock.shutdown(socket.SHUT_RDWR)
+            cut += 1
     return cut
 
 
@@ -268,7 +269,7 @@ def test_the_sweeper_rings_through_a_broker_connection_that_died(
     worker.resume_consuming()  # (through the connection about to be cut)
     overdue = timezone.now() - _seconds(settings.SAGA_STUCK_AFTER + 5)
     Saga.objects.filter(id__in=ids).update(next_attempt_at=overdue)
-    assert _cut_broker_connections() >= 1
+    assert _cut_publisher_connection() >= 1
     assert sweep()["redispatched"] == 3
     wait_for(
         lambda: Saga.objects.filter(id__in=ids, state=SagaState.SUCCEEDED).count() == 3,
