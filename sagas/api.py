@@ -125,17 +125,21 @@ class SagaFilter(filters.FilterSet):
     type = filters.CharFilter(field_name="saga_type", max_length=64)
     failed_step = filters.CharFilter(max_length=64)
     correlation_id = filters.CharFilter(max_length=128)
-    stuck = filters.BooleanFilter(method="filter_stuck", label="stuck")
+    # A choice, not django-filter's BooleanFilter: that one ignores a value it cannot read
+    # (``stuck=maybe`` listed every saga); this one answers 400 naming the field.
+    stuck = filters.ChoiceFilter(
+        choices=[("true", "true"), ("false", "false")], method="filter_stuck", label="stuck"
+    )
 
     class Meta:
         model = Saga
         fields = ["state", "type", "failed_step", "correlation_id", "stuck"]
 
-    def filter_stuck(self, queryset, name: str, value: bool | None):
-        if value is None:
+    def filter_stuck(self, queryset, name: str, value: str):
+        if not value:
             return queryset
         q = saga_stuck_q()
-        return queryset.filter(q) if value else queryset.exclude(q)
+        return queryset.filter(q) if value == "true" else queryset.exclude(q)
 
 
 class CanOperateSagas(permissions.BasePermission):

@@ -100,6 +100,7 @@ def test_filters_state_type_and_stuck(staff_api, client_api, place):
     stuck = staff_api.get(f"{SAGAS}{sagas[0].id}/").json()
     assert stuck["stuck"] is True
     assert_error(staff_api.get(f"{SAGAS}?state=lost"), 400, "invalid")
+    assert "stuck" in assert_error(staff_api.get(f"{SAGAS}?stuck=maybe"), 400, "invalid")["fields"]
 
     from sagas.selectors import sagas_stuck
 
