@@ -15,13 +15,17 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
 
 class _CeleryNamespace(Mapping):
-    """Django settings' ``CELERY_*`` names as a plain dict, read on first use.
+    """Django settings' ``CELERY_*`` names as Celery's own lower-case names, in a plain dict
+    read on first use (``CELERY_TASK_ACKS_LATE`` is ``task_acks_late``).
 
     Celery looks its configuration up on every message it sends (about seven lookups, each
     trying two key spellings). Over Django's ``LazySettings`` every miss raises and catches an
     ``AttributeError``; over a dict it is a hash lookup. That was a third of the cost of
     publishing a doorbell (the sweeper publishes a hundred in one go). Read once, like Celery
     reads its configuration once: change ``CELERY_*`` settings before the app is first used.
+    The names are converted here, as ``namespace="CELERY"`` would: handed over with their
+    prefix, ``CELERY_TIMEZONE`` and five others look like Celery 3 names to its start-up check
+    and every worker printed deprecation warnings.
     """
 
     def __init__(self) -> None:
@@ -31,8 +35,11 @@ class _CeleryNamespace(Mapping):
         if self._values is None:
             from django.conf import settings
 
+            prefix = "CELERY_"
             self._values = {
-                k: getattr(settings, k) for k in dir(settings) if k.startswith("CELERY_")
+                name[len(prefix) :].lower(): getattr(settings, name)
+                for name in dir(settings)
+                if name.startswith(prefix)
             }
         return self._values
 
@@ -47,7 +54,7 @@ class _CeleryNamespace(Mapping):
 
 
 app = Celery("sagarunner")
-app.config_from_object(_CeleryNamespace(), namespace="CELERY")
+app.config_from_object(_CeleryNamespace())
 app.autodiscover_tasks()
 
 
