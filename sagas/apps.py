@@ -14,6 +14,7 @@ class SagasConfig(AppConfig):
 
         for module in settings.SAGA_DEFINITION_MODULES:
             import_module(module)
+        import_module("sagas.audit_hooks")
         post_migrate.connect(_ensure_sweep_schedule, sender=self)
 
 

@@ -36,6 +36,8 @@ VIEW_MODELS = {
     "inventory": ["product", "reservation", "reservationline"],
     "payments": ["payment", "providerauthorization", "provideroperation"],
     "shipping": ["shipment"],
+    # Who did what, from where: ops actions, tokens issued and revoked, login lockouts.
+    "audit": ["auditentry"],
     # The sweep's schedule: support staff see it and may slow it down or speed it up.
     "django_celery_beat": ["periodictask", "intervalschedule", "crontabschedule"],
 }
