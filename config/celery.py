@@ -53,7 +53,9 @@ class _CeleryNamespace(Mapping):
         return len(self._load())
 
 
-app = Celery("sagarunner")
+# Celery's Django fix-up, except that workers keep their database connections across tasks
+# (see config/celery_fixup.py).
+app = Celery("sagarunner", fixups=["config.celery_fixup:fixup"])
 app.config_from_object(_CeleryNamespace())
 app.autodiscover_tasks()
 

@@ -13,6 +13,8 @@ outcomes, one per attempt (the last one repeats):
 Every effect is written to ``test_saga_effects`` keyed by its idempotency key, with a call
 count, like a participant that stores its keys: a test reads which effects exist and so can
 tell an effect done twice under two keys from one repeated under the same key.
+``backend`` is the PostgreSQL backend (``pg_backend_pid()``) of the connection that wrote it
+first: which connection a worker's task ran on.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def ensure_effects_table() -> None:
         cursor.execute(
             f"CREATE TABLE IF NOT EXISTS {EFFECTS} (key varchar(200) PRIMARY KEY,"
             " saga_id varchar(64) NOT NULL, step varchar(64) NOT NULL, kind varchar(8) NOT NULL,"
-            " calls integer NOT NULL DEFAULT 1)"
+            " calls integer NOT NULL DEFAULT 1, backend integer DEFAULT pg_backend_pid())"
         )
 
 
@@ -43,6 +45,16 @@ def effects(saga_id) -> dict[tuple[str, str], int]:
             f"SELECT step, kind, calls FROM {EFFECTS} WHERE saga_id = %s", [str(saga_id)]
         )
         return {(step, kind): calls for step, kind, calls in cursor.fetchall()}
+
+
+def backends(saga_ids) -> set[int]:
+    """The backends whose connections wrote the effects of these sagas."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT DISTINCT backend FROM {EFFECTS} WHERE saga_id = ANY(%s)",
+            [[str(s) for s in saga_ids]],
+        )
+        return {row[0] for row in cursor.fetchall()}
 
 
 def _effect(ctx: StepContext, kind: str) -> None:
