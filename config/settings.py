@@ -182,6 +182,10 @@ SAGA_STEP_TIMEOUT = env.float("SAGA_STEP_TIMEOUT", default=30.0)
 # How long a task may keep running due steps of one saga before handing back to the broker.
 SAGA_INLINE_BUDGET = env.float("SAGA_INLINE_BUDGET", default=2.0)
 SAGA_SWEEP_BATCH = env.int("SAGA_SWEEP_BATCH", default=500)
+# A parked saga (Wait timeout, Sleep) due within this many seconds also gets a doorbell with a
+# countdown; later ones are fired by the sweeper alone (at most SAGA_STUCK_AFTER late), so a
+# million long waits hold no broker message.
+SAGA_TIMER_RING_WITHIN = env.float("SAGA_TIMER_RING_WITHIN", default=300.0)
 # PostgreSQL: a claim, and a record after which the same task goes straight on, commit without
 # waiting for their WAL flush (they only extend the task's lease; see sagas.engine). Records
 # that hand the saga on (doorbell, terminal state, a person) always wait.

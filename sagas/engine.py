@@ -20,10 +20,11 @@ and repeats the call with the same idempotency key, so the participant returns i
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -33,17 +34,26 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from sagas import metrics
+from sagas import metrics, waits
 from sagas.definition import (
     BusinessFailure,
     SagaDefinition,
+    Step,
     StepContext,
     get_definition,
     registered_types,
 )
 from sagas.definition import forward_key as make_forward_key
 from sagas.definition import undo_key as make_undo_key
-from sagas.models import ACTIVE_STATES, Saga, SagaEvent, SagaState, SagaStep, StepStatus
+from sagas.models import (
+    ACTIVE_STATES,
+    Saga,
+    SagaEvent,
+    SagaSignal,
+    SagaState,
+    SagaStep,
+    StepStatus,
+)
 
 log = structlog.get_logger("sagas.engine")
 
@@ -357,6 +367,9 @@ class _Record:
     # The next work is due now: claim it in the same UPDATE and go on in this task.
     go_on: bool = False
     finished: str = ""
+    # Written in the same transaction as the record, only if the fenced UPDATE matched (e.g.
+    # marking the signal a Wait step consumed).
+    on_written: Callable[[], None] | None = None
 
     def event(self, kind: str, saga: Saga, step: str = "", detail: str = "", **extra: Any) -> None:
         self.events.append(
@@ -382,17 +395,10 @@ def _write(saga: Saga, rec: _Record, *, inline_ok: bool) -> Saga | None:
             fields["attempt"] = 0
             fields["lease_until"] = None
     try:
-        if connection.vendor == "postgresql":
-            sql, params = _record_sql_postgres(
-                saga, fields, rec, now, wait_flush=not (go_on and _lease_only_commits())
-            )
-            updated = _fetch_saga(sql, params)
-            if updated is None:
-                raise _Fenced
-            if rec.ring_after is not None or (rec.go_on and not go_on):
-                ring_on_commit(saga.id, updated.version, rec.ring_after)
-        else:
-            updated = _write_portable(saga, fields, rec, now, go_on)
+        with transaction.atomic() if rec.on_written is not None else contextlib.nullcontext():
+            updated = _write_record(saga, fields, rec, now, go_on)
+            if rec.on_written is not None:
+                rec.on_written()
     except _Fenced:
         metrics.STALE_DELIVERIES.inc()
         log.info("saga.fenced", saga_id=str(saga.id), version=saga.version)
@@ -409,6 +415,23 @@ def _write(saga: Saga, rec: _Record, *, inline_ok: bool) -> Saga | None:
     if rec.finished:
         metrics.SAGAS_FINISHED.labels(saga.saga_type, rec.finished).inc()
     return updated if go_on else None
+
+
+def _write_record(
+    saga: Saga, fields: dict[str, Any], rec: _Record, now: datetime, go_on: bool
+) -> Saga:
+    """The fenced record itself; raises :class:`_Fenced` when the saga moved on."""
+    if connection.vendor != "postgresql":
+        return _write_portable(saga, fields, rec, now, go_on)
+    sql, params = _record_sql_postgres(
+        saga, fields, rec, now, wait_flush=not (go_on and _lease_only_commits())
+    )
+    updated = _fetch_saga(sql, params)
+    if updated is None:
+        raise _Fenced
+    if rec.ring_after is not None or (rec.go_on and not go_on):
+        ring_on_commit(saga.id, updated.version, rec.ring_after)
+    return updated
 
 
 def _write_portable(
@@ -453,6 +476,7 @@ def _start_compensation(
     """Turn ``rec`` into "compensate everything up to ``failed_index``, newest first"."""
     rec.transitions.append("begin_compensation")
     rec.fields["failure_code"] = reason
+    _unpark(saga, rec)
     failed = definition.steps[failed_index]
     first: int | None = None
     if failed_may_have_effect and failed.compensate is not None:
@@ -474,6 +498,7 @@ def _start_compensation(
 
 def _escalate(saga: Saga, rec: _Record, *, step: str, error: str) -> None:
     rec.transitions.append("escalate")
+    _unpark(saga, rec)
     rec.fields.update(
         escalated_from=saga.state,
         failed_step=step,
@@ -570,9 +595,22 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
         )
 
     ctx = _context(definition, saga, compensating=False)
+    action = step.action
+    if step.park is not None:
+        decision = waits.decide(step.park, saga, ctx, now)
+        if decision.kind == "park":
+            return _park(saga, step, rec, decision, now)
+        if decision.kind == "timeout":
+            return _wait_timed_out(definition, saga, step, rec, inline_ok=inline_ok)
+        if decision.kind == "skip":
+            action = waits.skipped
+        elif decision.signal is not None:
+            ctx = replace(ctx, signal=decision.signal.payload)
+            rec.on_written = _consume(decision.signal, step.name)
+        _unpark(saga, rec)
     started = time.perf_counter()
     try:
-        result = step.action(ctx)
+        result = action(ctx)
     except BusinessFailure as exc:
         duration = time.perf_counter() - started
         metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
@@ -601,6 +639,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
         duration = time.perf_counter() - started
         metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
         error = _describe(exc)
+        rec.on_written = None  # a signal whose decision failed stays pending for the retry
         rec.step_index = i
         rec.step_fields = {
             "status": StepStatus.RETRYING,
@@ -720,6 +759,77 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
         rec.fields.update(step_index=nxt, current_step=definition.steps[nxt].name)
         rec.go_on = True
     return _write(saga, rec, inline_ok=inline_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parked steps (Wait, Sleep): see sagas.waits for the decision
+# ---------------------------------------------------------------------------------------------
+def _unpark(saga: Saga, rec: _Record) -> None:
+    """Leaving a parked step, whichever way: the saga no longer waits for anything."""
+    if saga.waiting_since is not None or saga.waiting_for:
+        rec.fields.update(waiting_for="", waiting_since=None)
+
+
+def _park(
+    saga: Saga, step: Step, rec: _Record, decision: waits.WaitDecision, now: datetime
+) -> None:
+    """Park the saga: no lease, due at its timeout (or never), and nothing else to do.
+
+    The first time it parks at this step, the wait starts (``waiting_since``), the timeline
+    says what it waits for, and its deadline moves by the wait's length: the deadline bounds
+    the time a saga works, and a declared wait bounds itself.
+    """
+    park = step.park
+    assert park is not None
+    rec.fields.update(
+        waiting_for=park.signal, next_attempt_at=decision.wake_at, lease_until=None, attempt=0
+    )
+    if saga.waiting_since is None:
+        rec.fields["waiting_since"] = now
+        rec.step_index = saga.step_index
+        rec.step_fields = {"status": StepStatus.WAITING, "attempts": saga.attempt}
+        until = f"until {decision.wake_at.isoformat()}" if decision.wake_at else "with no timeout"
+        what = f"for signal {park.signal}" if park.signal else "timer"
+        rec.event("waiting", saga, step=step.name, detail=f"{what} {until}")
+        if saga.deadline_at is not None and park.seconds:
+            rec.fields["deadline_at"] = saga.deadline_at + timedelta(seconds=park.seconds)
+    if decision.wake_at is not None:
+        # Short timers also get a doorbell with a countdown (on time, no sweep needed); long
+        # ones rely on the sweeper alone, so a million parked sagas are only rows.
+        delay = (decision.wake_at - now).total_seconds()
+        if delay <= settings.SAGA_TIMER_RING_WITHIN:
+            rec.ring_after = max(delay, 0.0)
+    _write(saga, rec, inline_ok=False)
+    return None
+
+
+def _wait_timed_out(
+    definition: SagaDefinition, saga: Saga, step: Step, rec: _Record, *, inline_ok: bool
+) -> Saga | None:
+    park = step.park
+    assert park is not None
+    i = saga.step_index
+    error = f"no {park.signal} signal within {park.seconds:g}s"
+    rec.step_index = i
+    rec.step_fields = {"status": StepStatus.FAILED, "attempts": saga.attempt, "last_error": error}
+    rec.event("wait_timed_out", saga, step=step.name, detail=error)
+    rec.fields.update(failed_step=step.name, last_error=error)
+    if park.on_timeout == "escalate" or i > definition.pivot_index:
+        _escalate(saga, rec, step=step.name, error=error)
+    else:
+        _start_compensation(
+            definition, saga, rec, reason="timed_out", failed_index=i, failed_may_have_effect=False
+        )
+    return _write(saga, rec, inline_ok=inline_ok)
+
+
+def _consume(signal: SagaSignal, step: str) -> Callable[[], None]:
+    def mark() -> None:
+        SagaSignal.objects.filter(pk=signal.pk, consumed_at__isnull=True).update(
+            consumed_at=timezone.now(), consumed_by=step
+        )
+
+    return mark
 
 
 def run_claimed(saga: Saga, *, inline_ok: bool) -> Saga | None:

@@ -12,3 +12,12 @@ class SagaOperationRefused(Exception):
         super().__init__(detail)
         self.code = code
         self.detail = detail
+
+
+class SignalPayloadInvalid(Exception):
+    """A signal's payload the saga type refuses (e.g. ``approved`` is not a boolean)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.code = "invalid_payload"
+        self.detail = detail

@@ -61,6 +61,14 @@ class Saga(FSMModelMixin, models.Model):
     #: Results of the forward steps that took effect, by step name; later steps read them.
     results = models.JSONField(default=dict, blank=True)
     correlation_id = models.CharField(max_length=128, blank=True, default="")
+    #: The signal a parked saga waits for (a ``Wait`` step); blank when not waiting for one.
+    waiting_for = models.CharField(max_length=64, blank=True, default="")
+    #: When the saga parked at its current ``Wait`` or ``Sleep`` step; null when not parked.
+    #: A parked saga holds no lease: its ``next_attempt_at`` is the timeout or wake-up time.
+    waiting_since = models.DateTimeField(null=True, blank=True)
+    #: W3C trace context (``traceparent``, ``tracestate``) of the request that started the
+    #: saga: every task, step, signal and delivery of the saga continues that trace.
+    trace_context = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -95,6 +103,12 @@ class Saga(FSMModelMixin, models.Model):
                 fields=["-created_at", "failed_step", "failure_code"],
                 name="saga_failed_created_idx",
                 condition=~Q(failed_step=""),
+            ),
+            # The ops console: parked sagas by the signal they wait for, oldest first.
+            models.Index(
+                fields=["waiting_for", "waiting_since"],
+                name="saga_waiting_idx",
+                condition=Q(waiting_since__isnull=False),
             ),
             models.Index(
                 fields=["correlation_id"],
@@ -163,6 +177,8 @@ class StepStatus(models.TextChoices):
     COMPENSATING = "compensating", "compensating"
     COMPENSATED = "compensated", "compensated"
     COMPENSATION_FAILED = "compensation_failed", "compensation failed"
+    #: A ``Wait`` or ``Sleep`` step the saga is parked at.
+    WAITING = "waiting", "waiting"
 
 
 class SagaStep(models.Model):
@@ -214,3 +230,42 @@ class SagaEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%H:%M:%S} {self.kind} {self.step}"
+
+
+class SagaSignal(models.Model):
+    """A signal sent to a saga (a fraud analyst's decision, a card holder's confirmation).
+
+    Kept here, not in a message: a signal that arrives before the saga reaches its ``Wait``
+    waits in this table and is consumed when the saga gets there. ``(saga, name, key)`` is
+    unique, so a repeated delivery with the same idempotency key is a replay, not a second
+    signal. ``consumed_at`` is written in the same transaction as the record of the ``Wait``
+    step that took the signal's payload as its result.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="signals")
+    name = models.CharField(max_length=64)
+    key = models.CharField(max_length=255)
+    payload = models.JSONField(default=dict, blank=True)
+    #: Who sent it, as in the timeline (``user:<name>``).
+    actor = models.CharField(max_length=150, blank=True, default="")
+    received_at = models.DateTimeField()
+    consumed_at = models.DateTimeField(null=True, blank=True)
+    #: The step that consumed it.
+    consumed_by = models.CharField(max_length=64, blank=True, default="")
+
+    class Meta:
+        ordering = ["saga", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["saga", "name", "key"], name="saga_signal_unique_key"),
+        ]
+        indexes = [
+            models.Index(
+                fields=["saga", "name", "id"],
+                name="saga_signal_pending_idx",
+                condition=Q(consumed_at__isnull=True),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"signal {self.name} ({self.key}) for saga {self.saga_id}"

@@ -24,7 +24,15 @@ import signal
 
 from django.db import connection
 
-from sagas.definition import BusinessFailure, SagaDefinition, Step, StepContext, register
+from sagas.definition import (
+    BusinessFailure,
+    SagaDefinition,
+    Sleep,
+    Step,
+    StepContext,
+    Wait,
+    register,
+)
 
 EFFECTS = "test_saga_effects"
 
@@ -109,3 +117,43 @@ FIVE = ["s1", "s2", "s3", "s4", "s5"]
 register(SagaDefinition("test5", steps=scripted(FIVE)))
 # A pivot at s4: s5 runs after the point of no return.
 register(SagaDefinition("test_pivot", steps=scripted(FIVE, pivot="s4")))
+
+
+# -- parked steps (Wait, Sleep) -------------------------------------------------------------
+def _decide_go(ctx: StepContext) -> dict:
+    """The ``go`` signal's decision: ``{"ok": false}`` is a definite no."""
+    payload = dict(ctx.signal or {})
+    if payload.get("ok") is False:
+        raise BusinessFailure("rejected", "the signal said no")
+    return {"payload": payload}
+
+
+def _go_payload(payload) -> str | None:
+    ok = payload.get("ok", True)
+    return None if isinstance(ok, bool) else "ok must be true or false"
+
+
+def _wait_type(name: str, timeout: float, on_timeout: str = "compensate") -> SagaDefinition:
+    return SagaDefinition(
+        name,
+        steps=[
+            *scripted(["s1"]),
+            Wait(
+                "go",
+                timeout=timeout,
+                on_timeout=on_timeout,
+                name="await_go",
+                decide=_decide_go,
+                validate=_go_payload,
+            ),
+            *scripted(["s2"]),
+        ],
+    )
+
+
+register(_wait_type("test_wait", timeout=120))
+register(_wait_type("test_wait_compensate", timeout=1))
+register(_wait_type("test_wait_escalate", timeout=1, on_timeout="escalate"))
+register(
+    SagaDefinition("test_sleep", steps=[*scripted(["s1"]), Sleep(3, name="nap"), *scripted(["s2"])])
+)

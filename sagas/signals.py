@@ -1,0 +1,169 @@
+"""Signals: the outside world answers a saga that waits (a review decision, a 3-D Secure step).
+
+A signal is a row (:class:`~sagas.models.SagaSignal`), written under the saga's row lock:
+
+- the same ``(saga, name, key)`` again is a replay: accepted, nothing changes;
+- a saga that waits for it now is made due (version bumped, lease cleared, doorbell on commit):
+  deciding a ``Wait`` only reads rows, so a worker deciding at this very moment is simply
+  fenced out and the next claim consumes the signal;
+- a saga that will reach a ``Wait`` for it later keeps it until it gets there;
+- a saga that escalated to a person because its ``Wait`` timed out goes on with it;
+- anything else (finished, compensating, past the wait, a different signal already pending)
+  is refused with a code the API turns into a ``409``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from django.core.exceptions import PermissionDenied
+from django.db import transaction
+from django.utils import timezone
+
+from sagas.definition import Park, SagaDefinition, get_definition
+from sagas.engine import ring_on_commit
+from sagas.exceptions import SagaOperationRefused, SignalPayloadInvalid
+from sagas.models import Saga, SagaSignal, SagaState
+from sagas.services import OPS_PERMISSION, _actor, _event, _locked, _save
+
+#: A payload is a small JSON object; anything bigger belongs in the participant's own tables.
+MAX_PAYLOAD_BYTES = 8192
+MAX_KEY_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class SignalOutcome:
+    signal: SagaSignal
+    #: The same key was seen before: nothing changed.
+    replayed: bool
+    #: The saga was waiting for it and was made due now (else it keeps it for later).
+    delivered_now: bool
+
+
+def client_signal_names(definition: SagaDefinition) -> list[str]:
+    """Signals of a saga type that its own client may send (the rest are for ops staff)."""
+    return [
+        s.park.signal
+        for s in definition.steps
+        if s.park is not None and s.park.signal and s.park.client is not None
+    ]
+
+
+def _may_send(user: Any, park: Park, saga: Saga) -> bool:
+    if user is None or not user.is_active:
+        return False
+    if user.has_perm(OPS_PERMISSION):
+        return True
+    return park.client is not None and park.client(str(saga.id)) == user.pk
+
+
+def _check_payload(park: Park, payload: Any) -> dict:
+    if payload is None:
+        payload = {}
+    if not isinstance(payload, Mapping):
+        raise SignalPayloadInvalid("The payload must be a JSON object.")
+    if len(json.dumps(payload, default=str)) > MAX_PAYLOAD_BYTES:
+        raise SignalPayloadInvalid(f"The payload may not exceed {MAX_PAYLOAD_BYTES} bytes.")
+    if park.validate is not None:
+        problem = park.validate(payload)
+        if problem:
+            raise SignalPayloadInvalid(problem)
+    return dict(payload)
+
+
+def _will_wait(definition: SagaDefinition, saga: Saga, index: int) -> bool:
+    """Whether a running saga at or before the ``Wait`` at ``index`` will wait there."""
+    from sagas.engine import _context  # the same context the step will get
+
+    park = definition.steps[index].park
+    if park is None or park.when is None or saga.waiting_since is not None:
+        return True
+    probe = Saga(**{f.attname: getattr(saga, f.attname) for f in Saga._meta.concrete_fields})
+    probe.step_index = index
+    try:
+        return bool(park.when(_context(definition, probe, compensating=False)))
+    except Exception:  # noqa: BLE001 - when in doubt keep it: the wait decides again
+        return True
+
+
+def saga_signal(
+    *,
+    saga_id: Any,
+    name: str,
+    payload: Any = None,
+    key: str | None = None,
+    user: Any,
+) -> SignalOutcome:
+    """Deliver signal ``name`` to a saga; see the module docstring for what happens when.
+
+    Raises :class:`PermissionDenied` (neither ops staff nor the client the signal is for),
+    :class:`SignalPayloadInvalid` and :class:`SagaOperationRefused` (``unknown_signal``,
+    ``not_waiting``, ``already_signalled``, ``not_found``).
+    """
+    key = (key or "").strip() or uuid.uuid4().hex
+    if len(key) > MAX_KEY_LENGTH:
+        raise SignalPayloadInvalid(f"The Idempotency-Key may not exceed {MAX_KEY_LENGTH} chars.")
+    with transaction.atomic():
+        saga = _locked(saga_id)
+        definition = get_definition(saga.saga_type)
+        indexes = definition.waits_for(name)
+        if not indexes:
+            raise SagaOperationRefused(
+                "unknown_signal", f"A {saga.saga_type} saga never waits for {name!r}."
+            )
+        park = definition.steps[indexes[0]].park
+        assert park is not None
+        if not _may_send(user, park, saga):
+            raise PermissionDenied(
+                f"Only ops staff{' or the client' if park.client else ''} may send {name!r}."
+            )
+        existing = SagaSignal.objects.filter(saga=saga, name=name, key=key).first()
+        if existing is not None:
+            return SignalOutcome(existing, replayed=True, delivered_now=False)
+        payload = _check_payload(park, payload)
+
+        at = saga.step_index
+        resume = (
+            saga.state == SagaState.NEEDS_MANUAL
+            and saga.escalated_from == SagaState.RUNNING
+            and at in indexes
+            and saga.failed_step == definition.steps[at].name
+        )
+        takes_it = saga.state == SagaState.RUNNING and any(
+            i >= at and _will_wait(definition, saga, i) for i in indexes
+        )
+        if not (resume or takes_it):
+            raise SagaOperationRefused(
+                "not_waiting",
+                f"The saga is {saga.state} at {saga.current_step} and will not wait for "
+                f"{name!r} any more.",
+            )
+        if SagaSignal.objects.filter(saga=saga, name=name, consumed_at__isnull=True).exists():
+            raise SagaOperationRefused(
+                "already_signalled",
+                f"A {name!r} signal with another key is already waiting to be consumed.",
+            )
+        now = timezone.now()
+        signal = SagaSignal.objects.create(
+            saga=saga, name=name, key=key, payload=payload, actor=_actor(user), received_at=now
+        )
+        delivered_now = resume or at in indexes
+        if delivered_now:
+            if resume:
+                saga.resume_forward()
+            saga.attempt = 0
+            saga.next_attempt_at = now
+            saga.lease_until = None
+            _save(saga, ["attempt", "next_attempt_at", "lease_until"])
+            ring_on_commit(saga.id, saga.version)
+        detail = f"{name} (key {key})" + ("; resumed from needs_manual" if resume else "")
+        step = definition.steps[at].name if delivered_now else ""
+        # From ops staff it is an ops action (``ops_signal``: the audit log records it too);
+        # from the saga's own client it is that client's answer.
+        kind = "ops_signal" if user.has_perm(OPS_PERMISSION) else "signal_received"
+        _event(saga, kind, actor=_actor(user), detail=detail, step=step)
+    return SignalOutcome(signal, replayed=False, delivered_now=delivered_now)

@@ -1,0 +1,58 @@
+"""Parked steps: what a saga at a ``Wait`` or ``Sleep`` step does when a worker claims it.
+
+The engine asks :func:`decide` and applies the answer in its usual fenced record: *park*
+(no lease, ``next_attempt_at`` = the timeout or wake-up, a row that costs nothing until then),
+*run* (the signal is there, or the sleep is over: the step's function runs like any other),
+*timeout* (a ``Wait`` whose time passed without its signal) or *skip* (this saga does not wait
+here at all). Deciding only reads rows, so the step has no effect to fence or to undo, which
+is what lets a signal take a saga over from a worker that is deciding at the same moment (see
+:mod:`sagas.signals`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sagas.definition import Park, StepContext
+from sagas.models import Saga, SagaSignal
+
+# A doorbell may arrive a hair before the time it was scheduled for.
+_TOLERANCE = timedelta(milliseconds=50)
+
+
+@dataclass(frozen=True)
+class WaitDecision:
+    kind: str  # "park" | "run" | "timeout" | "skip"
+    signal: SagaSignal | None = None
+    wake_at: datetime | None = None
+
+
+def pending_signal(saga_id: object, name: str) -> SagaSignal | None:
+    """The oldest signal ``name`` sent to the saga and not consumed yet."""
+    return (
+        SagaSignal.objects.filter(saga_id=saga_id, name=name, consumed_at__isnull=True)
+        .order_by("id")
+        .first()
+    )
+
+
+def decide(park: Park, saga: Saga, ctx: StepContext, now: datetime) -> WaitDecision:
+    arriving = saga.waiting_since is None
+    if arriving and park.when is not None and not park.when(ctx):
+        return WaitDecision("skip")
+    if park.signal:
+        signal = pending_signal(saga.id, park.signal)
+        if signal is not None:
+            return WaitDecision("run", signal=signal)
+    if park.seconds is None:
+        return WaitDecision("park")
+    due = (saga.waiting_since or now) + timedelta(seconds=park.seconds)
+    if now + _TOLERANCE >= due:
+        return WaitDecision("timeout" if park.signal else "run")
+    return WaitDecision("park", wake_at=due)
+
+
+def skipped(ctx: StepContext) -> dict:
+    """The result of a ``Wait`` this saga does not need (its ``when`` said no)."""
+    return {"skipped": True}
