@@ -57,6 +57,7 @@ INSTALLED_APPS = [
     "payments",
     "shipping",
     "orders",
+    "lab",
 ]
 
 MIDDLEWARE = [
@@ -192,8 +193,8 @@ SAGA_TIMER_RING_WITHIN = env.float("SAGA_TIMER_RING_WITHIN", default=300.0)
 SAGA_ASYNC_LEASE_COMMITS = env.bool("SAGA_ASYNC_LEASE_COMMITS", default=True)
 SAGA_FAULTS = env("SAGA_FAULTS", default="")
 # Modules that register saga types besides the apps' own (imported when the sagas app is ready,
-# so every worker knows them). sagas.bench holds the benchmark's 5-step type.
-SAGA_DEFINITION_MODULES = env.list("SAGA_DEFINITION_MODULES", default=["sagas.bench"])
+# so every worker knows them). lab.bench_saga holds the benchmark's 5-step type.
+SAGA_DEFINITION_MODULES = env.list("SAGA_DEFINITION_MODULES", default=["lab.bench_saga"])
 # A step task may run inline steps for SAGA_INLINE_BUDGET and then one more step; its hard
 # limit kills it past that, so an expired lease always means its holder is gone.
 CELERY_TASK_ANNOTATIONS = {

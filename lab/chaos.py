@@ -1,6 +1,6 @@
 """The chaos run (``make chaos``): orders over HTTP while workers die and the broker restarts.
 
-The run starts a stack of its own (:mod:`orders.stack`): a fresh PostgreSQL database, its own
+The run starts a stack of its own (:mod:`lab.stack`): a fresh PostgreSQL database, its own
 Redis server, two prefork workers, beat and gunicorn, every process with ``SAGA_FAULTS``
 switching on every fault kind on every participant operation. Client threads place orders over
 HTTP (random items, payment methods and countries, including the declining cards and ``AQ``),
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from orders.stack import (
+from lab.stack import (
     REPO_ROOT,
     BrokerProxy,
     PgServer,

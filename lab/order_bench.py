@@ -15,7 +15,7 @@ from django.db.models import Max, Min
 
 from inventory.models import Product
 from orders.services import order_create
-from sagas.benchmark import Result, _paced, _wait, broker_publishes, percentile
+from lab.engine_bench import Result, _paced, _wait, broker_publishes, percentile
 from sagas.models import SETTLED_STATES, Saga
 
 BENCH_SKUS = [f"BENCH-{i}" for i in range(1, 6)]

@@ -2,7 +2,7 @@
 
 Full mode (the default): 1,000 orders, 12 worker kills, 2 broker restarts. ``--quick`` (what
 ``make test`` runs): 100 orders, 3 kills, 1 broker restart. The run starts and stops its own
-stack (database, Redis, workers, beat, web); see :mod:`orders.chaos`. Exit status 1 on any
+stack (database, Redis, workers, beat, web); see :mod:`lab.chaos`. Exit status 1 on any
 violation.
 """
 
@@ -13,7 +13,7 @@ import sys
 
 from django.core.management.base import BaseCommand, CommandError
 
-from orders import chaos
+from lab import chaos
 
 
 class Command(BaseCommand):

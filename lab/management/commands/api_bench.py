@@ -7,7 +7,7 @@ What it does, all on the loopback interface and within bounded counts and time:
 2. Starts gunicorn (sync workers) on a free port against that database, with the broker set to
    ``memory://`` so the sagas' doorbells go nowhere: this measures the API, not the saga engine
    (``saga_bench`` does that), and no worker of a running ``make run`` picks anything up.
-   gunicorn serves :mod:`config.bench_wsgi`, which adds an ``X-DB-Queries`` header with the
+   gunicorn serves :mod:`lab.bench_wsgi`, which adds an ``X-DB-Queries`` header with the
    number of SQL statements each request ran.
 3. Drives ``POST /api/v1/orders/`` (each with its own ``Idempotency-Key``, 1 to 3 items) and
    then ``GET /api/v1/orders/{id}/`` over the orders created, from ``--clients`` threads with
@@ -196,7 +196,7 @@ class Command(BaseCommand):
             sys.executable,
             "-m",
             "gunicorn",
-            "config.bench_wsgi:application",
+            "lab.bench_wsgi:application",
             "--bind",
             f"127.0.0.1:{port}",
             "--workers",

@@ -38,7 +38,7 @@ class Command(BaseCommand):
         )
         parser.add_argument("--skip-chain", action="store_true")
         parser.add_argument("--json", type=Path, default=None, help="write results here")
-        # make bench (orders.bench_suite): its own database and Redis, several load levels.
+        # make bench (lab.bench_suite): its own database and Redis, several load levels.
         suite = parser.add_argument_group("suite (make bench)")
         suite.add_argument(
             "--all",
@@ -63,7 +63,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **opts):
         if opts["all"] or opts["sweep"] or opts["soak"]:
-            from orders import bench_suite
+            from lab import bench_suite
 
             sys.exit(bench_suite.main(opts, sys.argv))
         queue = os.environ.get(QUEUE_ENV)
@@ -74,7 +74,7 @@ class Command(BaseCommand):
             env = {**os.environ, QUEUE_ENV: queue, "CELERY_QUEUE": queue}
             os.execvpe(sys.executable, [sys.executable, "manage.py", *sys.argv[1:]], env)
 
-        from sagas import benchmark
+        from lab import engine_bench as benchmark
 
         worker_env = {}
         if opts["latency"]:
@@ -104,7 +104,7 @@ class Command(BaseCommand):
                     benchmark.run_chain(opts["warmup"])
                     results.append(benchmark.run_chain(n, rate=opts["rate"]))
             if opts["order"] or opts["order_only"]:
-                from orders.benchmark import run_orders
+                from lab.order_bench import run_orders
 
                 run_orders(min(opts["warmup"], 50))
                 results.append(run_orders(n, rate=opts["rate"], latency=opts["latency"]))

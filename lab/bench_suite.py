@@ -40,7 +40,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from orders.stack import (
+from lab.stack import (
     REPO_ROOT,
     PgServer,
     Stack,
@@ -191,7 +191,7 @@ def order_queries_per_step() -> tuple[float, float]:
     from django.db import connection, transaction
     from django.test.utils import CaptureQueriesContext
 
-    from orders.benchmark import _bench_catalog
+    from lab.order_bench import _bench_catalog
     from orders.models import Order
     from orders.services import order_create
     from sagas.engine import advance
@@ -238,8 +238,8 @@ WORKLOADS = [
 
 
 def _runner(key: str):
-    from orders.benchmark import run_orders
-    from sagas import benchmark
+    from lab.order_bench import run_orders
+    from lab import engine_bench as benchmark
 
     return {
         "engine": lambda n, rate: benchmark.run_engine(n, rate=rate),
@@ -250,7 +250,7 @@ def _runner(key: str):
 
 
 def run_all(opts: dict[str, Any]) -> int:
-    from sagas import benchmark
+    from lab import engine_bench as benchmark
 
     levels = [float(x) for x in opts["levels"].split(",")]
     level_seconds = opts["level_seconds"]
@@ -311,7 +311,7 @@ def run_all(opts: dict[str, Any]) -> int:
 
 
 def _run_workload(key, label, saturation_n, env, levels, level_seconds, opts, world) -> dict:
-    from sagas import benchmark
+    from lab import engine_bench as benchmark
 
     run = _runner(key)
     say(f"{label}: starting fresh workers")
@@ -643,7 +643,8 @@ def run_sweep_only(opts: dict[str, Any]) -> int:
 def run_soak(opts: dict[str, Any]) -> int:
     from django.db import transaction
 
-    from sagas import bench, benchmark
+    from lab import bench_saga as bench
+    from lab import engine_bench as benchmark
     from sagas.models import SETTLED_STATES, Saga
     from sagas.services import saga_start
 
@@ -660,7 +661,7 @@ def run_soak(opts: dict[str, Any]) -> int:
             samples: list[dict] = []
 
             def sample(t: float) -> dict:
-                from orders.stack import children_of
+                from lab.stack import children_of
 
                 kids = children_of(main_pid)
                 s = {

@@ -25,7 +25,7 @@ from django.db import connection, transaction
 from django.db.models import Max, Min
 from django.utils import timezone
 
-from sagas import bench
+from lab import bench_saga as bench
 from sagas.models import Saga, SagaState
 from sagas.services import saga_start
 

@@ -439,7 +439,7 @@ def stack_env(
             "DEBUG": "0",  # production-like: no query log growing in long-lived processes
             "PYTHONUNBUFFERED": "1",
             "LOG_FORMAT": "console",
-            "SAGA_DEFINITION_MODULES": "sagas.bench",
+            "SAGA_DEFINITION_MODULES": "lab.bench_saga",
         }
     )
     env.pop("TEST_DATABASE_NAME", None)
