@@ -57,8 +57,13 @@ INSTALLED_APPS = [
     "payments",
     "shipping",
     "orders",
-    "lab",
 ]
+# The development app (chaos, benchmarks, data generators: lab/) is installed wherever the
+# checkout has it; the production image leaves the folder out (.dockerignore), so production
+# never lists its commands. SAGARUNNER_LAB=0 shows a checkout in the production shape.
+SAGARUNNER_LAB = env.bool("SAGARUNNER_LAB", default=(BASE_DIR / "lab" / "__init__.py").exists())
+if SAGARUNNER_LAB:
+    INSTALLED_APPS.append("lab")
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
@@ -193,8 +198,9 @@ SAGA_TIMER_RING_WITHIN = env.float("SAGA_TIMER_RING_WITHIN", default=300.0)
 SAGA_ASYNC_LEASE_COMMITS = env.bool("SAGA_ASYNC_LEASE_COMMITS", default=True)
 SAGA_FAULTS = env("SAGA_FAULTS", default="")
 # Modules that register saga types besides the apps' own (imported when the sagas app is ready,
-# so every worker knows them). lab.bench_saga holds the benchmark's 5-step type.
-SAGA_DEFINITION_MODULES = env.list("SAGA_DEFINITION_MODULES", default=["lab.bench_saga"])
+# so every worker knows them). None by default: the benchmark's 5-step type (lab.bench_saga)
+# is registered by the benchmark, in its own process and the workers it starts.
+SAGA_DEFINITION_MODULES = env.list("SAGA_DEFINITION_MODULES", default=[])
 # A step task may run inline steps for SAGA_INLINE_BUDGET and then one more step; its hard
 # limit kills it past that, so an expired lease always means its holder is gone.
 CELERY_TASK_ANNOTATIONS = {

@@ -2,6 +2,11 @@
 
 ``saga_bench`` compares it with a plain Celery ``chain`` of five tasks doing the same writes, so
 the difference is the engine's own cost (claims, records, timeline) against broker hops.
+
+Importing this module registers ``bench5``. Production never imports it (it is not in the
+default ``SAGA_DEFINITION_MODULES``), so the ops console does not offer a benchmark type; the
+benchmark imports it in its own process and names it in the workers' environment
+(:func:`worker_env`).
 """
 
 from __future__ import annotations
@@ -52,6 +57,14 @@ bench_saga = register(
         steps=[Step(f"write_{i}", _step(i), compensate=_undo) for i in range(1, 6)],
     )
 )
+
+
+def worker_env(environ: dict[str, str]) -> dict[str, str]:
+    """``environ`` with this module added to ``SAGA_DEFINITION_MODULES``, for bench workers."""
+    modules = [m for m in environ.get("SAGA_DEFINITION_MODULES", "").split(",") if m]
+    if __name__ not in modules:
+        modules.append(__name__)
+    return {**environ, "SAGA_DEFINITION_MODULES": ",".join(modules)}
 
 
 @shared_task(name="sagas.bench_chain_step", ignore_result=True, acks_late=True)

@@ -238,8 +238,8 @@ WORKLOADS = [
 
 
 def _runner(key: str):
-    from lab.order_bench import run_orders
     from lab import engine_bench as benchmark
+    from lab.order_bench import run_orders
 
     return {
         "engine": lambda n, rate: benchmark.run_engine(n, rate=rate),

@@ -88,7 +88,7 @@ class BenchWorkers:
         self.queue = settings.CELERY_TASK_DEFAULT_QUEUE
         log_dir = log_dir or Path(settings.VAR_DIR) / "bench"
         log_dir.mkdir(parents=True, exist_ok=True)
-        base_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        base_env = bench.worker_env({**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         for i in range(processes):
             log = open(log_dir / f"worker{i}.log", "wb")  # noqa: SIM115 - owned by the process
             self.procs.append(

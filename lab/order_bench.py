@@ -14,8 +14,8 @@ from django.contrib.auth import get_user_model
 from django.db.models import Max, Min
 
 from inventory.models import Product
-from orders.services import order_create
 from lab.engine_bench import Result, _paced, _wait, broker_publishes, percentile
+from orders.services import order_create
 from sagas.models import SETTLED_STATES, Saga
 
 BENCH_SKUS = [f"BENCH-{i}" for i in range(1, 6)]

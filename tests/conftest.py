@@ -68,7 +68,7 @@ _DEFAULTS = {
     "CELERY_BROKER_URL": "redis://127.0.0.1:6379/15",
     "LOG_FORMAT": "console",
     # Saga types scripted by the engine tests, known to every worker the tests start.
-    "SAGA_DEFINITION_MODULES": "lab.bench_saga,tests.sagas.sagatypes",
+    "SAGA_DEFINITION_MODULES": "tests.sagas.sagatypes",
 }
 for _key, _value in _DEFAULTS.items():
     os.environ.setdefault(_key, _value)

@@ -25,6 +25,7 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext, override_settings
 from django.urls import reverse
 
+from lab import bench_saga  # noqa: F401 - registers bench5: one page filters by it
 from sagas.models import Saga, SagaState
 from sagas.selectors import saga_stuck_q
 

@@ -25,6 +25,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 
+from lab import bench_saga  # noqa: F401 - registers bench5, whose sagas the data set mixes in
 from orders.models import Order, OrderItem
 from sagas.definition import forward_key, registered_types
 from sagas.models import Saga, SagaEvent, SagaStep

@@ -1,0 +1,70 @@
+"""The development app (``lab/``) stays out of production's way.
+
+Production (the image leaves ``lab/`` out; ``SAGARUNNER_LAB=0`` gives a checkout the same
+shape) lists none of the tooling commands and no benchmark saga type; a checkout has the
+commands, still without registering ``bench5`` until a benchmark imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from lab import bench_saga
+from tests.conftest import REPO_ROOT
+
+TOOLING = {"chaos", "saga_bench", "generate_sagas", "api_bench", "admin_bench"}
+PROBE = (
+    "import json, django; django.setup(); "
+    "from django.conf import settings; "
+    "from django.core.management import get_commands; "
+    "from sagas.definition import registered_types; "
+    "print(json.dumps({'apps': settings.INSTALLED_APPS, 'types': registered_types(), "
+    "'commands': sorted(get_commands())}))"
+)
+
+
+def _probe(**env_over: str) -> dict:
+    """Settings, saga types and commands of a fresh process with the default settings."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("SAGA_DEFINITION_MODULES", "SAGARUNNER_LAB")
+    }
+    env.update(env_over)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_production_shape_has_no_tooling_commands_and_no_bench_type():
+    seen = _probe(SAGARUNNER_LAB="0")
+    assert "lab" not in seen["apps"]
+    assert not TOOLING & set(seen["commands"])
+    assert "check_invariants" in seen["commands"]  # operators run it: it stays with orders
+    assert "bench5" not in seen["types"]
+    assert "order" in seen["types"]
+
+
+def test_checkout_has_the_tooling_commands_but_registers_no_bench_type_by_default():
+    seen = _probe()
+    assert "lab" in seen["apps"]
+    assert set(seen["commands"]) >= TOOLING
+    assert "bench5" not in seen["types"]
+
+
+def test_bench_workers_are_told_to_register_the_bench_type():
+    env = bench_saga.worker_env({"SAGA_DEFINITION_MODULES": "tests.sagas.sagatypes", "X": "1"})
+    assert env["SAGA_DEFINITION_MODULES"] == "tests.sagas.sagatypes,lab.bench_saga"
+    assert env["X"] == "1"
+    assert bench_saga.worker_env(env) == env
+    assert bench_saga.worker_env({})["SAGA_DEFINITION_MODULES"] == "lab.bench_saga"
