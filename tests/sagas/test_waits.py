@@ -19,7 +19,7 @@ from django.contrib.auth.models import Group, User
 from django.core.exceptions import PermissionDenied
 from django.db import connection, transaction
 
-from orders.stack import Stack, spare_port
+from lab.stack import Stack, spare_port
 from sagas.exceptions import SagaOperationRefused, SignalPayloadInvalid
 from sagas.models import Saga, SagaSignal, SagaState, SagaStep, StepStatus
 from sagas.services import saga_start
