@@ -135,7 +135,7 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
     if isinstance(exc, SagaOperationRefused):
         set_rollback()
         code = 404 if exc.code in _NOT_FOUND_CODES else 409
-        return Response(error_body(exc.code, exc.detail), status=code)
+        return Response(error_body(exc.code, exc.detail, exc.fields), status=code)
     if isinstance(exc, IdempotencyError):
         set_rollback()
         response = Response(

@@ -26,7 +26,14 @@ from orders import services as orders
 from orders.models import Order
 from payments import services as payments
 from payments.errors import PaymentError
-from sagas.definition import BusinessFailure, SagaDefinition, Step, StepContext, forward_key
+from sagas.definition import (
+    BusinessFailure,
+    SagaDefinition,
+    Step,
+    StepContext,
+    forward_key,
+    undo_key,
+)
 from shipping import services as shipping
 from shipping.errors import ShippingError
 
@@ -122,8 +129,26 @@ def confirm_order(ctx: StepContext) -> dict:
     )
 
 
+def settle_stock_on_resolve(saga: Any) -> None:
+    """A person closed the saga: the stock it reserved must not stay reserved for good.
+
+    Stopped while undoing: release the reservation under ``release_inventory``'s own undo key
+    (the same call the ladder would have made, so a release that already ran is not repeated).
+    Stopped past the pivot: the money is captured and the order is confirmed, so the stock is
+    sold; commit the reservation under ``confirm_order``'s key (a no-op if it already ran).
+    """
+    reserve = forward_key(saga.id, "reserve_inventory")
+    if saga.escalated_from == "compensating":
+        inventory.reservation_release(
+            key=undo_key(saga.id, "reserve_inventory"), forward_key=reserve
+        )
+    else:
+        orders.order_confirm(key=forward_key(saga.id, "confirm_order"), reservation_key=reserve)
+
+
 order_saga = SagaDefinition(
     "order",
+    on_resolve=settle_stock_on_resolve,
     steps=[
         Step("reserve_inventory", reserve_inventory, compensate=release_inventory),
         Step("authorize_payment", authorize_payment, compensate=void_authorization),

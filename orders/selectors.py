@@ -36,10 +36,14 @@ STATUS_BY_SAGA_STATE: dict[str, str] = {
     SagaState.COMPENSATING: OrderStatus.CANCELLING,
     SagaState.SUCCEEDED: OrderStatus.CONFIRMED,
     SagaState.COMPENSATED: OrderStatus.CANCELLED,
-    # Resolved means a person closed it by hand; the client is still told to expect contact.
     SagaState.NEEDS_MANUAL: OrderStatus.NEEDS_ATTENTION,
-    SagaState.RESOLVED: OrderStatus.NEEDS_ATTENTION,
+    # A person closed it by hand: final for the client. Stopped while undoing, the order is
+    # cancelled (with its reason); stopped past its pivot, it is confirmed (see
+    # RESOLVED_PAST_PIVOT). Either way the saga's on_resolve settled its stock.
+    SagaState.RESOLVED: OrderStatus.CANCELLED,
 }
+#: A resolved saga that had escalated while running forward (so past its pivot) is confirmed.
+RESOLVED_PAST_PIVOT = OrderStatus.CONFIRMED
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,10 @@ class OrderState:
     cancellation_reason: str | None
 
 
-def order_status(*, saga_state: str, cancel_reason: str = "") -> str:
-    """The order status for a saga state (the mapping of CONTRACT section 2)."""
+def order_status(*, saga_state: str, cancel_reason: str = "", escalated_from: str = "") -> str:
+    """The order status for a saga state: the client's view of the saga."""
+    if saga_state == SagaState.RESOLVED and escalated_from == SagaState.RUNNING:
+        return RESOLVED_PAST_PIVOT
     status = STATUS_BY_SAGA_STATE[saga_state]
     if status == OrderStatus.PROCESSING and cancel_reason:
         return OrderStatus.CANCELLING
@@ -65,7 +71,9 @@ def order_status(*, saga_state: str, cancel_reason: str = "") -> str:
 
 def order_state(saga: Saga) -> OrderState:
     """Status, step and cancellation reason of the order whose saga this is."""
-    status = order_status(saga_state=saga.state, cancel_reason=saga.cancel_reason)
+    status = order_status(
+        saga_state=saga.state, cancel_reason=saga.cancel_reason, escalated_from=saga.escalated_from
+    )
     if status == OrderStatus.PROCESSING:
         return OrderState(status=status, step=saga.current_step or None, cancellation_reason=None)
     if status == OrderStatus.CANCELLED:
@@ -90,7 +98,12 @@ def order_status_expression(prefix: str = "saga__") -> Case:
         When(
             Q(**{f"{prefix}state": SagaState.RUNNING}) & ~Q(**{f"{prefix}cancel_reason": ""}),
             then=Value(OrderStatus.CANCELLING),
-        )
+        ),
+        When(
+            Q(**{f"{prefix}state": SagaState.RESOLVED})
+            & Q(**{f"{prefix}escalated_from": SagaState.RUNNING}),
+            then=Value(RESOLVED_PAST_PIVOT),
+        ),
     ]
     whens += [
         When(Q(**{f"{prefix}state": state}), then=Value(status))

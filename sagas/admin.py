@@ -49,10 +49,13 @@ from sagas.exceptions import SagaOperationRefused
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
 from sagas.services import (
     OPS_PERMISSION,
+    describe_effects,
     saga_compensate,
     saga_compensation_plan,
+    saga_effects_in_place,
     saga_resolve,
     saga_retry_now,
+    saga_undo_done,
 )
 
 admin.site.site_header = "sagarunner ops console"
@@ -110,6 +113,7 @@ EVENT_HELP = {
     "ops_retry": "Operator: retry now",
     "ops_compensate": "Operator: compensate",
     "ops_resolve": "Operator: resolved with a note",
+    "ops_undo_done": "Operator: did this undo by hand; the rest of the undo goes on",
 }
 
 
@@ -362,7 +366,14 @@ def _predicted_refusal(saga: Saga, operation: str) -> str:
         return ""
     if operation == "resolve" and saga.state != SagaState.NEEDS_MANUAL:
         return f"it is {saga.get_state_display()}; only a saga that needs a person can be resolved"
+    if operation == "undo_done" and not _waits_on_undo(saga):
+        return f"it is {saga.get_state_display()} and waits on no undo"
     return ""
+
+
+def _waits_on_undo(saga: Saga) -> bool:
+    """Stopped because the undo of its current step kept failing (see ``saga_undo_done``)."""
+    return saga.state == SagaState.NEEDS_MANUAL and saga.escalated_from == SagaState.COMPENSATING
 
 
 class _Outcome:
@@ -427,7 +438,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         "Exact saga id, order id or correlation id (the whole value: no partial matches)."
     )
     list_per_page = 50
-    actions = ("retry_now", "compensate", "resolve")
+    actions = ("retry_now", "compensate", "undo_done", "resolve")
     readonly_fields = ("state_explained", "data_pretty", "results_pretty")
     change_list_template = "admin/sagas/saga/change_list.html"
     change_form_template = "admin/sagas/saga/change_form.html"
@@ -645,6 +656,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             "offer_compensate": not saga.cancel_reason
             and not _predicted_refusal(saga, "compensate"),
             "offer_resolve": saga.state == SagaState.NEEDS_MANUAL,
+            "offer_undo_done": _waits_on_undo(saga),
             "changelist_url": changelist,
             "is_stuck": selectors.saga_is_stuck(saga),
             "state_help": STATE_HELP.get(saga.state, ""),
@@ -782,6 +794,8 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         if ids is None:
             return self._done(request)
         note = request.POST.get("note", "").strip()
+        # The confirmation page named the effects still in place; ticking the box accepts them.
+        accept = request.POST.get("accept_effects") == "yes"
         error = ""
         if request.POST.get("confirm") == "yes":
             if note:
@@ -789,7 +803,9 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                 try:
                     outcome.run(
                         ids,
-                        lambda saga_id: saga_resolve(saga_id=saga_id, user=request.user, note=note),
+                        lambda saga_id: saga_resolve(
+                            saga_id=saga_id, user=request.user, note=note, accept_effects=accept
+                        ),
                     )
                 except PermissionDenied as denied:
                     messages.error(request, str(denied) or "You may not operate sagas.")
@@ -798,6 +814,41 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                 return self._done(request)
             error = "A note is required: say what you did, for whoever reads this saga next."
         return self._confirmation(request, queryset, ids, "resolve", note, error)
+
+    @admin.action(description="Mark the failing undo done by hand...", permissions=["operate"])
+    def undo_done(self, request: HttpRequest, queryset: QuerySet[Saga]) -> HttpResponse | None:
+        """A person did the undo a saga waits on (e.g. voided in the provider's dashboard):
+        record it with a note, and the engine goes on with the rest of the undo by itself."""
+        ids = self._ids_or_refuse(request, queryset)
+        if ids is None:
+            return self._done(request)
+        note = request.POST.get("note", "").strip()
+        error = ""
+        if request.POST.get("confirm") == "yes":
+            if note:
+                # Each saga's own waiting step, as shown on the confirmation page; a saga that
+                # moved on since is refused by the service (not_waiting_on_undo).
+                steps = dict(Saga.objects.filter(pk__in=ids).values_list("pk", "current_step"))
+                outcome = _Outcome()
+                try:
+                    outcome.run(
+                        ids,
+                        lambda saga_id: saga_undo_done(
+                            saga_id=saga_id,
+                            user=request.user,
+                            step=request.POST.get(f"step_{saga_id}", steps.get(saga_id, "")),
+                            note=note,
+                        ),
+                    )
+                except PermissionDenied as denied:
+                    messages.error(request, str(denied) or "You may not operate sagas.")
+                    return self._done(request)
+                outcome.report(
+                    request, "Undo recorded as done by hand; the rest of the undo goes on"
+                )
+                return self._done(request)
+            error = "A note is required: say how the undo was done (where, by whom, reference)."
+        return self._confirmation(request, queryset, ids, "undo_done", note, error)
 
     def _confirmation(
         self,
@@ -817,11 +868,20 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         for saga in sagas:
             refusal = _predicted_refusal(saga, operation)
             plan = []
-            if operation == "compensate":
+            effects: list[str] = []
+            if operation in ("compensate", "undo_done"):
                 try:
                     plan = saga_compensation_plan(saga_id=saga.pk)
                 except (LookupError, Saga.DoesNotExist):
                     plan = []
+                if operation == "undo_done":
+                    # The first entry is the undo done by hand; the rest is what runs next.
+                    plan = plan[1:]
+            elif operation == "resolve" and not refusal:
+                try:
+                    effects = describe_effects(saga_effects_in_place(saga))
+                except LookupError:
+                    effects = []
             if not refusal:
                 accepted += 1
                 if operation == "compensate":
@@ -833,6 +893,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                     "saga": saga,
                     "refusal": refusal,
                     "plan": plan,
+                    "effects": effects,
                     "owner": self.owner_link(saga),
                     "step": self.step_column(saga),
                 }
@@ -850,16 +911,21 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             return self._done(request)
         single = sagas[0] if len(sagas) == 1 else None
         back = _next_url(request) or reverse("admin:sagas_saga_changelist")
+        titles = {
+            "compensate": ("Compensate this saga?", f"Compensate {len(sagas)} sagas?"),
+            "resolve": ("Resolve this saga?", f"Resolve {len(sagas)} sagas?"),
+            "undo_done": (
+                "Mark this undo done by hand?",
+                f"Mark the undo done by hand for {len(sagas)} sagas?",
+            ),
+        }
         context = {
             **self.admin_site.each_context(request),
-            "title": (
-                ("Compensate this saga?" if single else f"Compensate {len(sagas)} sagas?")
-                if operation == "compensate"
-                else ("Resolve this saga?" if single else f"Resolve {len(sagas)} sagas?")
-            ),
+            "title": titles[operation][0 if single else 1],
+            "with_effects": sum(1 for row in rows if row["effects"]),
             "opts": self.opts,
             "operation": operation,
-            "action": operation if operation == "compensate" else "resolve",
+            "action": operation,
             "rows": rows[:MAX_LISTED],
             "more_rows": max(len(rows) - MAX_LISTED, 0),
             "groups": list(groups.values()),

@@ -100,6 +100,20 @@ class CompensateSerializer(serializers.Serializer):
 
 class ResolveSerializer(serializers.Serializer):
     note = StrictCharField(max_length=2000, help_text="What a person did; in the timeline.")
+    accept_effects = serializers.BooleanField(
+        default=False,
+        help_text="Close it even though steps that took effect were not undone (they are "
+        "named in the 409 effects_in_place); the stock reservation is released either way.",
+    )
+
+
+class UndoDoneSerializer(serializers.Serializer):
+    step = StrictCharField(
+        max_length=64, help_text="The step whose undo the saga waits on (its current_step)."
+    )
+    note = StrictCharField(
+        max_length=2000, help_text="How the undo was done by hand; in the timeline."
+    )
 
 
 class CompensationSerializer(serializers.Serializer):
@@ -225,7 +239,10 @@ class SagaViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
 
     @extend_schema(
         summary="Resolve with a note (ops)",
-        description="Close a saga in `needs_manual` by hand; the note goes to the timeline.",
+        description="Close a saga in `needs_manual` by hand; the note goes to the timeline. "
+        "`409` `effects_in_place` (naming them in `fields.accept_effects`) while steps that "
+        "took effect were not undone, unless `accept_effects` is true. A resolved order holds "
+        "no stock and reads `cancelled` (or `confirmed` when it stopped past its pivot).",
         tags=["sagas"],
         request=ResolveSerializer,
         parameters=[SAGA_ID],
@@ -241,8 +258,43 @@ class SagaViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         saga = self.get_object()
         body = ResolveSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        services.saga_resolve(saga_id=saga.pk, user=request.user, note=body.validated_data["note"])
+        services.saga_resolve(
+            saga_id=saga.pk,
+            user=request.user,
+            note=body.validated_data["note"],
+            accept_effects=body.validated_data["accept_effects"],
+        )
         return self._saga_response(saga.pk, status.HTTP_200_OK)
+
+    @extend_schema(
+        summary="Mark an undo done by hand (ops)",
+        description="For a saga in `needs_manual` because the compensation of `step` keeps "
+        "failing: record that a person did that undo by hand (the note says how) and go on "
+        "with the rest of the compensation. `202`: a worker runs the remaining undos. `409` "
+        "`not_waiting_on_undo` when the saga is not waiting on that undo.",
+        tags=["sagas"],
+        request=UndoDoneSerializer,
+        parameters=[SAGA_ID],
+        responses={202: SagaSerializer, 409: REFUSED},
+    )
+    @action(
+        detail=True,
+        methods=["post"],
+        url_path="undo-done",
+        permission_classes=[*permission_classes, CanOperateSagas],
+        filter_backends=[],
+    )
+    def undo_done(self, request: Request, pk: str) -> Response:
+        saga = self.get_object()
+        body = UndoDoneSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        services.saga_undo_done(
+            saga_id=saga.pk,
+            user=request.user,
+            step=body.validated_data["step"],
+            note=body.validated_data["note"],
+        )
+        return self._saga_response(saga.pk, status.HTTP_202_ACCEPTED)
 
     @extend_schema(
         summary="Compensation plan (dry run)",

@@ -455,7 +455,7 @@ def _write_portable(
     return updated
 
 
-def _compensable(definition: SagaDefinition, saga: Saga, below: int) -> int | None:
+def next_compensable(definition: SagaDefinition, saga: Saga, below: int) -> int | None:
     """The next step at an index < ``below`` that took effect and has a compensation."""
     for j in range(below - 1, -1, -1):
         step = definition.steps[j]
@@ -482,7 +482,7 @@ def _start_compensation(
     if failed_may_have_effect and failed.compensate is not None:
         first = failed_index
     else:
-        first = _compensable(definition, saga, failed_index)
+        first = next_compensable(definition, saga, failed_index)
     rec.event("compensation_started", saga, detail=f"reason: {reason}")
     if first is None:
         rec.transitions.append("finish_compensation")
@@ -747,7 +747,7 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
     metrics.COMPENSATIONS.labels(saga.saga_type, step.name).inc()
     rec.step_fields = {"status": StepStatus.COMPENSATED, "compensation_attempts": saga.attempt}
     rec.event("compensation_succeeded", saga, step=step.name, duration_ms=duration * 1e3)
-    nxt = _compensable(definition, saga, i)
+    nxt = next_compensable(definition, saga, i)
     if nxt is None:
         rec.transitions.append("finish_compensation")
         rec.fields.update(

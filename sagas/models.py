@@ -51,8 +51,12 @@ class Saga(FSMModelMixin, models.Model):
     cancel_reason = models.CharField(max_length=64, blank=True, default="")
     #: Why the saga compensates (business code, ``step_failed``, ``timed_out``, ...).
     failure_code = models.CharField(max_length=64, blank=True, default="")
-    #: Where the last failure happened (a forward step, or a compensation that would not undo).
+    #: The forward step that failed (with ``failure_code``, the saga's failure signature).
     failed_step = models.CharField(max_length=64, blank=True, default="")
+    #: The step whose compensation (undo) kept failing, a separate fact from the forward
+    #: failure: a saga that failed at ``arrange_shipment`` may then fail to undo
+    #: ``authorize_payment``, and both are worth filtering on.
+    failed_undo = models.CharField(max_length=64, blank=True, default="")
     last_error = models.TextField(blank=True, default="")
     #: The state a saga was in when it escalated to ``needs_manual``; ``retry_now`` returns there.
     escalated_from = models.CharField(max_length=16, blank=True, default="")
@@ -179,6 +183,8 @@ class StepStatus(models.TextChoices):
     COMPENSATION_FAILED = "compensation_failed", "compensation failed"
     #: A ``Wait`` or ``Sleep`` step the saga is parked at.
     WAITING = "waiting", "waiting"
+    #: A person did the undo outside the system and said so (``saga_undo_done``).
+    COMPENSATED_BY_HAND = "compensated_by_hand", "undone by hand"
 
 
 class SagaStep(models.Model):

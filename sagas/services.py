@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from sagas import metrics
 from sagas.definition import forward_key, get_definition, undo_key
-from sagas.engine import ring_on_commit
+from sagas.engine import next_compensable, ring_on_commit
 from sagas.exceptions import SagaOperationRefused
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
 
@@ -218,8 +218,89 @@ def saga_compensate(*, saga_id: Any, user: Any, reason: str) -> Saga:
         return saga_request_cancel(saga_id=saga_id, reason="step_failed", actor=_actor(user))
 
 
-def saga_resolve(*, saga_id: Any, user: Any, note: str) -> Saga:
-    """Close a saga that needs a person, with a note saying what the person did."""
+def saga_effects_in_place(saga: Saga) -> list[dict[str, Any]]:
+    """Steps that took effect (or may have) and whose undo has not run, newest first.
+
+    Only a saga that stopped while undoing has any: one that stopped past its pivot is meant
+    to keep what its steps did. Each entry is a compensation-plan entry (step, compensation,
+    idempotency key, status).
+    """
+    if not (saga.state == SagaState.NEEDS_MANUAL and saga.escalated_from == SagaState.COMPENSATING):
+        return []
+    return saga_compensation_plan(saga_id=saga.pk)
+
+
+def describe_effects(effects: list[dict[str, Any]]) -> list[str]:
+    """One line per effect still in place, as the refusal and the confirmation page say it."""
+    return [f"{e['step']} ({e['compensation']} has not run)" for e in effects]
+
+
+def saga_undo_done(*, saga_id: Any, user: Any, step: str, note: str) -> Saga:
+    """Record that a person did the waiting undo by hand; the engine goes on with the rest.
+
+    For a saga in ``needs_manual`` because the compensation of ``step`` kept failing (say the
+    provider refuses every void): the person voids in the provider's dashboard, says so here,
+    and the ladder continues below that step by itself (releasing the reservation, ...). The
+    step is marked ``compensated_by_hand`` and the note goes to the timeline with the user.
+    """
+    _require_ops(user)
+    note = (note or "").strip()
+    step = (step or "").strip()
+    if not note:
+        raise SagaOperationRefused(
+            "note_required", "A note is required: say how the undo was done by hand."
+        )
+    with transaction.atomic():
+        saga = _locked(saga_id)
+        if not (
+            saga.state == SagaState.NEEDS_MANUAL
+            and saga.escalated_from == SagaState.COMPENSATING
+            and saga.current_step == step
+        ):
+            waiting = (
+                f"it waits on the undo of {saga.current_step}"
+                if saga.state == SagaState.NEEDS_MANUAL
+                and saga.escalated_from == SagaState.COMPENSATING
+                else f"it is {saga.state} and waits on no undo"
+            )
+            raise SagaOperationRefused(
+                "not_waiting_on_undo",
+                f"The saga is not waiting on the undo of {step or '(no step given)'}: {waiting}.",
+            )
+        definition = get_definition(saga.saga_type)
+        SagaStep.objects.filter(saga=saga, index=saga.step_index).update(
+            status=StepStatus.COMPENSATED_BY_HAND, updated_at=timezone.now()
+        )
+        _event(saga, "ops_undo_done", actor=_actor(user), detail=note, step=step)
+        saga.resume_compensation()
+        nxt = next_compensable(definition, saga, saga.step_index)
+        saga.attempt = 0
+        saga.lease_until = None
+        if nxt is None:
+            saga.finish_compensation()
+            saga.finished_at = timezone.now()
+            saga.next_attempt_at = None
+            _save(saga, ["attempt", "lease_until", "finished_at", "next_attempt_at"])
+            _event(saga, "compensated", actor="engine", detail=f"reason: {saga.failure_code}")
+            saga_type, code = saga.saga_type, "compensated"
+            transaction.on_commit(lambda: metrics.SAGAS_FINISHED.labels(saga_type, code).inc())
+        else:
+            saga.step_index = nxt
+            saga.current_step = definition.steps[nxt].name
+            saga.next_attempt_at = timezone.now()
+            _save(saga, ["attempt", "lease_until", "step_index", "current_step", "next_attempt_at"])
+            ring_on_commit(saga.id, saga.version)
+    return saga
+
+
+def saga_resolve(*, saga_id: Any, user: Any, note: str, accept_effects: bool = False) -> Saga:
+    """Close a saga that needs a person, with a note saying what the person did.
+
+    Refused (``effects_in_place``, naming them) while steps that took effect have not been
+    undone, unless ``accept_effects``: the person then says those effects stay, knowingly.
+    The saga type's ``on_resolve`` runs in the same transaction, so a resolved order never
+    keeps stock reserved.
+    """
     _require_ops(user)
     note = (note or "").strip()
     if not note:
@@ -231,11 +312,29 @@ def saga_resolve(*, saga_id: Any, user: Any, note: str) -> Saga:
                 "not_needs_manual",
                 f"Only a saga in needs_manual can be resolved (it is {saga.state}).",
             )
+        effects = describe_effects(saga_effects_in_place(saga))
+        if effects and not accept_effects:
+            raise SagaOperationRefused(
+                "effects_in_place",
+                f"Still in place: {'; '.join(effects)}. Undo them (retry now, or mark the undo "
+                "done by hand), or confirm that they stay (accept_effects) to resolve anyway.",
+                {"accept_effects": effects},
+            )
+        hook = get_definition(saga.saga_type).on_resolve
+        if hook is not None:
+            try:
+                with transaction.atomic():
+                    hook(saga)
+            except Exception as exc:  # noqa: BLE001 - refused with the reason, nothing written
+                raise SagaOperationRefused(
+                    "resolve_failed", f"Could not settle the saga's records: {exc}"
+                ) from exc
         saga.resolve()
         saga.finished_at = timezone.now()
         saga.next_attempt_at = None
         _save(saga, ["finished_at", "next_attempt_at"])
-        _event(saga, "ops_resolve", actor=_actor(user), detail=note, step=saga.failed_step)
+        detail = note + (f" (effects kept: {'; '.join(effects)})" if effects else "")
+        _event(saga, "ops_resolve", actor=_actor(user), detail=detail, step=saga.current_step)
     return saga
 
 
@@ -267,7 +366,7 @@ def saga_compensation_plan(*, saga_id: Any) -> list[dict[str, Any]]:
         row = steps.get(j)
         if step.compensate is None or row is None:
             continue
-        if row.status == StepStatus.COMPENSATED:
+        if row.status in (StepStatus.COMPENSATED, StepStatus.COMPENSATED_BY_HAND):
             continue
         if not (step.name in saga.results or row.maybe_effect or j == saga.step_index):
             continue

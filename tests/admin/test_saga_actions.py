@@ -161,12 +161,59 @@ def test_resolve_needs_a_note_and_records_it(ops_client):
     blank = confirm(ops_client, "resolve", [saga], note="")
     assert "A note is required" in blank.content.decode()
     assert Saga.objects.get(pk=saga.pk).state == SagaState.NEEDS_MANUAL
-    done = confirm(ops_client, "resolve", [saga], note="voided by hand in the provider")
+    done = confirm(
+        ops_client, "resolve", [saga], note="voided by hand in the provider", accept_effects="yes"
+    )
     assert ("success", f"Resolved for 1 saga: {str(saga.pk)[:8]}") in texts(done)
     saga.refresh_from_db()
     assert saga.state == SagaState.RESOLVED
     (event,) = events(saga, "ops_resolve")
-    assert event.actor == "user:ops-olga" and event.detail == "voided by hand in the provider"
+    assert event.actor == "user:ops-olga"
+    assert event.detail.startswith("voided by hand in the provider (effects kept: s1")
+
+
+def test_resolve_shows_the_effects_in_place_and_needs_them_accepted(ops_client):
+    """The confirmation names the undo not run; confirming without ticking the box is refused
+    naming it, and the saga stays as it was."""
+    saga = needs_manual()
+    page = act(ops_client, "resolve", [saga]).content.decode()
+    assert 'id="effects-in-place"' in page and "s1 (_run has not run)" in page
+    assert 'name="accept_effects"' in page
+    refused = confirm(ops_client, "resolve", [saga], note="done")
+    [(level, text)] = texts(refused)
+    assert level == "error" and "Still in place: s1" in text
+    assert Saga.objects.get(pk=saga.pk).state == SagaState.NEEDS_MANUAL
+    assert events(saga, "ops_resolve") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Undo done by hand
+# ---------------------------------------------------------------------------------------------
+def test_undo_done_shows_what_runs_next_needs_a_note_and_goes_on(ops_client):
+    """From the saga page: the button, then a page naming the undo done by hand and the undos
+    the engine runs next; a blank note is refused; confirming records it and resumes the
+    ladder at the next step that took effect."""
+    saga = needs_manual(step_index=2, failed_step="s3")
+    html = ops_client.get(reverse("admin:sagas_saga_change", args=[saga.pk])).content.decode()
+    assert 'value="undo_done"' in html and "Undo of s3 done by hand" in html
+    page = act(ops_client, "undo_done", [saga]).content.decode()
+    assert "undo of <strong>s3</strong>" in page
+    assert page.index("<em>s2</em>") < page.index("<em>s1</em>")  # newest first
+    blank = confirm(ops_client, "undo_done", [saga], note="")
+    assert "A note is required" in blank.content.decode()
+    assert Saga.objects.get(pk=saga.pk).state == SagaState.NEEDS_MANUAL
+    done = confirm(ops_client, "undo_done", [saga], note="cancelled by phone with the carrier")
+    assert [lvl for lvl, _ in texts(done)] == ["success"]
+    saga.refresh_from_db()
+    assert (saga.state, saga.current_step) == (SagaState.COMPENSATING, "s2")
+    (event,) = events(saga, "ops_undo_done")
+    assert (event.step, event.actor) == ("s3", "user:ops-olga")
+
+
+def test_undo_done_is_refused_for_a_saga_waiting_on_no_undo(ops_client):
+    saga = running()
+    [(level, text)] = texts(act(ops_client, "undo_done", [saga]))
+    assert level == "error" and "waits on no undo" in text
 
 
 def test_resolve_is_refused_for_a_saga_that_does_not_need_a_person(ops_client):
@@ -232,7 +279,9 @@ def test_bulk_by_failure_signature_acts_on_every_saga_with_that_signature(ops_cl
     assert page.status_code == 200
     listed = page.context["ids"]
     assert set(listed) == {s.pk for s in same}
-    done = confirm(ops_client, "resolve", same, note="provider fixed, voided by hand")
+    done = confirm(
+        ops_client, "resolve", same, note="provider fixed, voided by hand", accept_effects="yes"
+    )
     assert [lvl for lvl, txt in texts(done) if txt.startswith("Resolved for 3 sagas")] == [
         "success"
     ]

@@ -414,7 +414,16 @@ def test_resolve_needs_a_note_and_a_saga_that_needs_manual(celery_worker, wait_f
     with pytest.raises(SagaOperationRefused) as refused:
         saga_resolve(saga_id=stuck.id, user=ops_user, note="  ")
     assert refused.value.code == "note_required"
-    saga_resolve(saga_id=stuck.id, user=ops_user, note="refunded by hand in the provider")
+    with pytest.raises(SagaOperationRefused) as refused:
+        saga_resolve(saga_id=stuck.id, user=ops_user, note="refunded by hand in the provider")
+    assert refused.value.code == "effects_in_place"
+    assert refused.value.fields == {"accept_effects": ["s1 (_run has not run)"]}
+    saga_resolve(
+        saga_id=stuck.id,
+        user=ops_user,
+        note="refunded by hand in the provider",
+        accept_effects=True,
+    )
     stuck.refresh_from_db()
     assert stuck.state == SagaState.RESOLVED
     event = stuck.events.get(kind="ops_resolve")

@@ -1,0 +1,151 @@
+"""A saga that needs a person, finished by a person: an undo done by hand, or a resolve.
+
+pm_card_refund_fails to AQ: shipping says no, every void fails, the saga stops in
+``needs_manual`` with the reservation held and the authorization open. An operator who voided
+in the provider's dashboard marks that undo done and the engine (a real worker) releases the
+reservation by itself; an operator who resolves instead is told what is still in place, and a
+resolved order holds no stock and reads a final status.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from django.contrib.auth.models import Group
+from django.core.management import call_command
+
+from inventory.models import Product, Reservation, ReservationStatus
+from orders.invariants import check_invariants
+from orders.selectors import OrderStatus
+from sagas.models import Saga, SagaState, SagaStep, StepStatus
+from tests.api.conftest import api_client_for, assert_error
+
+from .conftest import describe, fresh, make_product, place
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+SAGAS = "/api/v1/sagas/"
+
+
+@pytest.fixture
+def ops_api(django_user_model):
+    user = django_user_model.objects.create_user("olivia", is_staff=True)
+    user.groups.add(Group.objects.get(name="ops"))
+    return api_client_for(user)
+
+
+@pytest.fixture
+def stuck_order(customer, celery_worker, settle):
+    """2 lamps, pm_card_refund_fails, to AQ: waits for a person at the void."""
+    make_product("lamp", price="10.00", stock=5)
+    order = settle(
+        place(customer, [("lamp", 2)], payment_method="pm_card_refund_fails", country="AQ")
+    )
+    assert order.status == OrderStatus.NEEDS_ATTENTION
+    assert (order.saga.state, order.saga.current_step) == ("needs_manual", "authorize_payment")
+    assert stock("lamp") == (5, 2)
+    return order
+
+
+def stock(sku: str) -> tuple[int, int]:
+    p = Product.objects.get(sku=sku)
+    return p.stock_on_hand, p.reserved
+
+
+def invariants_hold() -> str:
+    out = io.StringIO()
+    call_command("check_invariants", "--require-settled", stdout=out)  # raises on violations
+    return out.getvalue()
+
+
+def test_undo_done_by_hand_goes_on_and_releases_the_reservation(stuck_order, ops_api, wait_for):
+    """POST undo-done for authorize_payment: 202, the step is undone by hand with the note and
+    the user in the timeline, and the worker releases the reservation by itself: the order is
+    cancelled with its reason and no stock stays reserved."""
+    order = stuck_order
+    response = ops_api.post(
+        f"{SAGAS}{order.saga_id}/undo-done/",
+        {"step": "authorize_payment", "note": "voided in the provider's dashboard"},
+        format="json",
+    )
+    assert response.status_code == 202, response.content
+
+    order = wait_for(
+        lambda: (o := fresh(order)).status == OrderStatus.CANCELLED and o,
+        timeout=30,
+        describe=describe(order),
+    )
+    assert order.cancellation_reason == "shipping_unavailable"
+    assert order.saga.state == SagaState.COMPENSATED
+    assert stock("lamp") == (5, 0)
+    assert Reservation.objects.get(order_id=order.id).status == ReservationStatus.RELEASED
+    step = SagaStep.objects.get(saga=order.saga, name="authorize_payment")
+    assert step.status == StepStatus.COMPENSATED_BY_HAND
+    done = order.saga.events.get(kind="ops_undo_done")
+    assert (done.step, done.actor, done.detail) == (
+        "authorize_payment",
+        "user:olivia",
+        "voided in the provider's dashboard",
+    )
+    # The release ran on the worker, after the operator's event.
+    release = order.saga.events.get(kind="compensation_succeeded", step="reserve_inventory")
+    assert release.id > done.id and release.actor == "engine"
+    assert invariants_hold().rstrip().endswith("no violations")
+
+
+def test_undo_done_is_refused_for_an_undo_the_saga_does_not_wait_on(stuck_order, ops_api):
+    """Another step: 409 not_waiting_on_undo naming the undo it waits on; no note: 400;
+    nothing changes."""
+    url = f"{SAGAS}{stuck_order.saga_id}/undo-done/"
+    body = assert_error(
+        ops_api.post(url, {"step": "reserve_inventory", "note": "x"}, format="json"),
+        409,
+        "not_waiting_on_undo",
+    )
+    assert "authorize_payment" in body["detail"]
+    assert_error(ops_api.post(url, {"step": "authorize_payment"}, format="json"), 400)
+    assert fresh(stuck_order).saga.state == SagaState.NEEDS_MANUAL
+    assert stock("lamp") == (5, 2)
+
+
+def test_resolve_names_the_effects_in_place_and_a_resolved_order_holds_no_stock(
+    stuck_order, ops_api
+):
+    """Resolve without accept_effects: 409 effects_in_place naming the void and the release
+    not run. With it: resolved, the reservation released, the order cancelled with its
+    reason, and the invariants hold."""
+    url = f"{SAGAS}{stuck_order.saga_id}/resolve/"
+    body = assert_error(
+        ops_api.post(url, {"note": "customer refunded by phone"}, format="json"),
+        409,
+        "effects_in_place",
+    )
+    named = " ".join(body["fields"]["accept_effects"])
+    assert "authorize_payment (void_authorization" in named
+    assert "reserve_inventory (release_inventory" in named
+    assert fresh(stuck_order).saga.state == SagaState.NEEDS_MANUAL
+
+    response = ops_api.post(
+        url, {"note": "customer refunded by phone", "accept_effects": True}, format="json"
+    )
+    assert response.status_code == 200, response.content
+    order = fresh(stuck_order)
+    assert order.saga.state == SagaState.RESOLVED
+    assert (order.status, order.cancellation_reason) == ("cancelled", "shipping_unavailable")
+    assert stock("lamp") == (5, 0)
+    event = order.saga.events.get(kind="ops_resolve")
+    assert "customer refunded by phone" in event.detail and "void_authorization" in event.detail
+    assert invariants_hold().rstrip().endswith("no violations")
+
+
+def test_check_invariants_flags_stock_held_by_a_resolved_saga(stuck_order):
+    """A saga resolved the old way (no release) shows up as a stock violation."""
+    Saga.objects.filter(pk=stuck_order.saga_id).update(state=SagaState.RESOLVED)
+    report = check_invariants(require_settled=True)
+    assert any(
+        v.guarantee == "stock"
+        and "still holds stock" in v.message
+        and str(stuck_order.id) in v.subject
+        for v in report.violations
+    ), report.violations
