@@ -4,20 +4,33 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('sagas', '0005_signals_and_waits'),
+        ("sagas", "0005_signals_and_waits"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='saga',
-            name='failed_undo',
-            field=models.CharField(blank=True, default='', max_length=64),
+            model_name="saga",
+            name="failed_undo",
+            field=models.CharField(blank=True, default="", max_length=64),
         ),
         migrations.AlterField(
-            model_name='sagastep',
-            name='status',
-            field=models.CharField(choices=[('pending', 'pending'), ('retrying', 'retrying'), ('succeeded', 'succeeded'), ('failed', 'failed'), ('compensating', 'compensating'), ('compensated', 'compensated'), ('compensation_failed', 'compensation failed'), ('waiting', 'waiting'), ('compensated_by_hand', 'undone by hand')], default='pending', max_length=24),
+            model_name="sagastep",
+            name="status",
+            field=models.CharField(
+                choices=[
+                    ("pending", "pending"),
+                    ("retrying", "retrying"),
+                    ("succeeded", "succeeded"),
+                    ("failed", "failed"),
+                    ("compensating", "compensating"),
+                    ("compensated", "compensated"),
+                    ("compensation_failed", "compensation failed"),
+                    ("waiting", "waiting"),
+                    ("compensated_by_hand", "undone by hand"),
+                ],
+                default="pending",
+                max_length=24,
+            ),
         ),
     ]
