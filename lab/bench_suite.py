@@ -45,10 +45,10 @@ from lab.stack import (
     PgServer,
     Stack,
     default_database_url,
-    rss_kib,
     spare_port,
     stack_env,
 )
+from lab.supervisor import children_of, rss_kib
 
 INNER_ENV = "SAGARUNNER_BENCH_INNER"
 DB_PREFIX = "sagarunner_bench_"
@@ -661,8 +661,6 @@ def run_soak(opts: dict[str, Any]) -> int:
             samples: list[dict] = []
 
             def sample(t: float) -> dict:
-                from lab.stack import children_of
-
                 kids = children_of(main_pid)
                 s = {
                     "t": round(t, 1),

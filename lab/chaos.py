@@ -26,7 +26,6 @@ It prints one summary and exits 1 on any violation. Logs of every process are ke
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import queue
@@ -44,6 +43,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import requests
+
 from lab.stack import (
     REPO_ROOT,
     BrokerProxy,
@@ -55,6 +56,7 @@ from lab.stack import (
     stack_env,
     wait_until,
 )
+from lab.supervisor import kill_pid
 
 INNER_ENV = "SAGARUNNER_CHAOS_INNER"
 DB_PREFIX = "sagarunner_chaos_"
@@ -195,13 +197,14 @@ def is_inside() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# HTTP client (standard library, one keep-alive connection per thread)
+# HTTP client (requests, one keep-alive session per thread)
 # ---------------------------------------------------------------------------------------------
 class Http:
     def __init__(self, port: int, timeout: float = 30.0) -> None:
-        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
         self.timeout = timeout
-        self.conn: http.client.HTTPConnection | None = None
+        self.session = requests.Session()
+        self._used = False
 
     def request(
         self, method: str, path: str, token: str, body: Any = None, headers: dict | None = None
@@ -213,35 +216,30 @@ class Http:
             hdrs["Content-Type"] = "application/json"
         hdrs.update(headers or {})
         for attempt in (1, 2):
-            reused = self.conn is not None
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+            reused = self._used
             try:
-                self.conn.request(method, path, body=payload, headers=hdrs)
-                resp = self.conn.getresponse()
-                raw = resp.read()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                resp = self.session.request(
+                    method, self.base + path, data=payload, headers=hdrs, timeout=self.timeout
+                )
+            except requests.ConnectionError:
                 self.close()
                 if reused and attempt == 1:
                     continue  # the keep-alive connection was closed under us; try a fresh one
                 raise
-            except (OSError, http.client.HTTPException):
-                self.close()
-                raise
-            if resp.getheader("Connection", "").lower() == "close":
-                self.close()
+            self._used = True
+            raw = resp.content
             try:
                 data = json.loads(raw) if raw else None
             except ValueError:
                 data = raw[:300].decode(errors="replace")
-            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+            return resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, data
         raise AssertionError("unreachable")
 
     def close(self) -> None:
-        if self.conn is not None:
-            with contextlib.suppress(Exception):
-                self.conn.close()
-            self.conn = None
+        with contextlib.suppress(Exception):
+            self.session.close()
+        self.session = requests.Session()
+        self._used = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,7 +383,7 @@ class Clients:
                 status, headers, data = http_.request(
                     "POST", path, token, p.body, {"Idempotency-Key": p.key}
                 )
-            except (OSError, http.client.HTTPException) as exc:
+            except requests.RequestException as exc:
                 with self.tally.lock:
                     self.tally.transport_errors += 1
                 self.tally.odd(f"POST {path} key {p.key}: {type(exc).__name__}: {exc}")
@@ -419,7 +417,7 @@ class Clients:
         for _ in range(20):
             try:
                 status, _, data = http_.request("POST", path, token)
-            except (OSError, http.client.HTTPException) as exc:
+            except requests.RequestException as exc:
                 with self.tally.lock:
                     self.tally.transport_errors += 1
                 self.tally.odd(f"POST {path}: {type(exc).__name__}: {exc}")
@@ -512,8 +510,7 @@ class Chaos:
         where = f"load {self.progress():.0%} done"
         if children and self.rng.random() < 0.55:
             pid = self.rng.choice(children)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            kill_pid(pid, signal.SIGKILL)
             self.tally.kills["pool child"] += 1
             self.own_pool_kills += 1
             self.tally.log(f"SIGKILL pool child {pid} of {worker.name} ({where})")
@@ -766,12 +763,8 @@ def _seed(config: ChaosConfig) -> list[str]:
 
 def _healthy(port: int) -> bool:
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        conn.request("GET", "/healthz")
-        ok = conn.getresponse().status == 200
-        conn.close()
-        return ok
-    except (OSError, http.client.HTTPException):
+        return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+    except requests.RequestException:
         return False
 
 
@@ -924,7 +917,7 @@ def _retrying(http_: Http, method, path, token, body=None, headers=None, attempt
     for attempt in range(attempts):
         try:
             return http_.request(method, path, token, body, headers)
-        except (OSError, http.client.HTTPException):
+        except requests.RequestException:
             if attempt == attempts - 1:
                 raise
             time.sleep(0.5)

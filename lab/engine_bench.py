@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -26,6 +25,7 @@ from django.db.models import Max, Min
 from django.utils import timezone
 
 from lab import bench_saga as bench
+from lab.supervisor import Supervisor
 from sagas.models import Saga, SagaState
 from sagas.services import saga_start
 
@@ -84,26 +84,23 @@ class BenchWorkers:
         env: dict[str, str] | None = None,
         log_dir: Path | None = None,
     ) -> None:
-        self.procs: list[subprocess.Popen] = []
         self.queue = settings.CELERY_TASK_DEFAULT_QUEUE
         log_dir = log_dir or Path(settings.VAR_DIR) / "bench"
-        log_dir.mkdir(parents=True, exist_ok=True)
         base_env = bench.worker_env({**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-        for i in range(processes):
-            log = open(log_dir / f"worker{i}.log", "wb")  # noqa: SIM115 - owned by the process
-            self.procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable, "-m", "celery", "-A", "config", "worker",
-                        "--pool", pool, "--concurrency", str(concurrency),
-                        "-Q", self.queue, "-n", f"bench{i}.{uuid.uuid4().hex[:6]}@%h",
-                        "--without-heartbeat", "--without-gossip", "--without-mingle",
-                        "-l", os.environ.get("SAGA_BENCH_WORKER_LOGLEVEL", "info"),
-                    ],
-                    cwd=REPO_ROOT, env=base_env, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )  # fmt: skip
+        self.supervisor = Supervisor(log_dir, base_env)
+        self.procs = [
+            self.supervisor.start(
+                f"worker{i}",
+                [
+                    sys.executable, "-m", "celery", "-A", "config", "worker",
+                    "--pool", pool, "--concurrency", str(concurrency),
+                    "-Q", self.queue, "-n", f"bench{i}.{uuid.uuid4().hex[:6]}@%h",
+                    "--without-heartbeat", "--without-gossip", "--without-mingle",
+                    "-l", os.environ.get("SAGA_BENCH_WORKER_LOGLEVEL", "info"),
+                ],
+            )
+            for i in range(processes)
+        ]  # fmt: skip
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 60) -> None:
@@ -115,7 +112,7 @@ class BenchWorkers:
             names = {name for reply in replies for name in reply if name.startswith("bench")}
             if len(names) >= len(self.procs):
                 return
-            if any(p.poll() is not None for p in self.procs):
+            if any(not p.alive for p in self.procs):
                 raise RuntimeError("a bench worker exited at start; see var/bench/worker*.log")
         raise RuntimeError("bench workers did not answer a ping in time")
 
@@ -123,15 +120,10 @@ class BenchWorkers:
         return [p.pid for p in self.procs]
 
     def stop(self) -> None:
+        """Warm shutdown of all of them at once; SIGKILL whatever is left after 15 s."""
         for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
+            p.signal(signal.SIGTERM)
+        self.supervisor.stop_all(timeout=15)
 
 
 # ---------------------------------------------------------------------------------------------

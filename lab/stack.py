@@ -1,10 +1,10 @@
-"""A throwaway sagarunner stack for the chaos run and the benchmark: standard library processes.
+"""A throwaway sagarunner stack for the chaos run and the benchmark.
 
 Everything here is started by the command that needs it and stopped by it, even on failure or
 Ctrl-C: a scratch PostgreSQL database, a Redis server on a spare local port (so it may be
 killed and started again), Celery workers, beat and the web process, each in its own process
-group with its log in one directory. Nothing touches the developer's ``make run`` database,
-broker queue or metrics directory.
+group with its log in one directory (:mod:`lab.supervisor`). Nothing touches the developer's
+``make run`` database, broker queue or metrics directory.
 
 :class:`BrokerProxy` stands between the stack and a broker this code must not restart (a shared
 RabbitMQ): an outage closes every connection through it and refuses new ones for a while, which
@@ -20,7 +20,6 @@ import secrets
 import select
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -29,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
+
+from lab.supervisor import Process, Supervisor, pid_alive
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,20 +127,10 @@ class PgServer:
         with self._admin() as conn:
             for (name,) in conn.execute("SELECT datname FROM pg_database").fetchall():
                 m = pattern.match(name)
-                if m and not _pid_alive(int(m.group(1))):
+                if m and not pid_alive(int(m.group(1))):
                     conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
                     dropped.append(name)
         return dropped
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def default_database_url() -> str:
@@ -158,143 +149,43 @@ def default_database_url() -> str:
     return server.url(db["NAME"])
 
 
-# ---------------------------------------------------------------------------------------------
-# Processes
-# ---------------------------------------------------------------------------------------------
-def children_of(pid: int) -> list[int]:
-    """Direct and indirect children of ``pid``, read from /proc."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(entry.name))
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def rss_kib(pid: int) -> int | None:
-    """Resident set size of one process in KiB (``VmRSS``), or None if it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-@dataclass
-class Proc:
-    """One child process in its own process group, logging to a file."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    log_path: Path
-    popen: subprocess.Popen | None = None
-    started_at: float = 0.0
-
-    def start(self) -> Proc:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            log.write(f"--- {time.strftime('%H:%M:%S')} start {' '.join(self.argv)}\n".encode())
-            log.flush()
-            self.popen = subprocess.Popen(
-                self.argv,
-                cwd=REPO_ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own group: Ctrl-C in a terminal reaches only us
-            )
-        self.started_at = time.monotonic()
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def children(self) -> list[int]:
-        return children_of(self.pid) if self.alive else []
-
-    def signal(self, sig: int) -> None:
-        if self.popen is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.popen.pid, sig)
-
-    def kill_group(self) -> None:
-        """SIGKILL the whole process group (also reaches orphaned pool children)."""
-        if self.popen is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(10)
-
-    def stop(self, timeout: float = 10) -> None:
-        """SIGTERM, wait, then SIGKILL whatever is left of the group."""
-        if self.alive:
-            self.signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout)
-        self.kill_group()
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-
 @dataclass
 class Stack:
     """The processes of one sagarunner deployment on this machine, all stopped by :meth:`close`.
 
     ``env`` is the environment every process gets (``DATABASE_URL``, ``CELERY_BROKER_URL``,
-    ``CELERY_QUEUE``, knobs). Every process ever started is remembered, so :meth:`close` also
-    reaps the pool children of a worker whose main process was killed.
+    ``CELERY_QUEUE``, knobs). Every process ever started is remembered by the supervisor, so
+    :meth:`close` also reaps the pool children of a worker whose main process was killed.
     """
 
     env: dict[str, str]
     log_dir: Path
     queue: str
-    procs: list[Proc] = field(default_factory=list)
-    redis: Proc | None = None
+    redis: Process | None = None
     redis_port: int | None = None
     web_port: int | None = None
     _generation: dict[str, int] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    supervisor: Supervisor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.supervisor = Supervisor(self.log_dir, self.env)
+
+    @property
+    def procs(self) -> list[Process]:
+        return list(self.supervisor.procs)
 
     # -- Redis ----------------------------------------------------------------------------
     def start_redis(self, port: int | None = None) -> str:
         """Start (or start again) our own Redis server; return its broker URL."""
         self.redis_port = port or self.redis_port or spare_port()
-        self.redis = Proc(
+        self.redis = self.supervisor.start(
             "redis",
             [
                 "redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--daemonize", "no",
                 "--protected-mode", "no", "--loglevel", "warning",
             ],
-            self.env,
-            self.log_dir / "redis.log",
-        ).start()  # fmt: skip
-        self._remember(self.redis)
+        )  # fmt: skip
         wait_until(
             lambda: answers("127.0.0.1", self.redis_port) or self._died(self.redis),
             20,
@@ -308,17 +199,16 @@ class Stack:
         persistence configured, every queued message is gone, as after a real crash."""
         if self.redis is not None and self.redis.alive:
             self.redis.signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.redis.popen.wait(10)
-            self.redis.kill_group()
+            self.redis.wait(10)
+            self.redis.kill()
 
     # -- Celery ---------------------------------------------------------------------------
-    def start_worker(self, slot: str, *, concurrency: int = 2, pool: str = "prefork") -> Proc:
+    def start_worker(self, slot: str, *, concurrency: int = 2, pool: str = "prefork") -> Process:
         """Start the worker of ``slot`` (``w1``, ``w2``...); each restart gets a new node name."""
         generation = self._generation.get(slot, 0) + 1
         self._generation[slot] = generation
         node = f"{slot}g{generation}.{os.getpid()}@{socket.gethostname()}"
-        proc = Proc(
+        proc = self.supervisor.start(
             f"{slot}g{generation}",
             [
                 sys.executable, "-m", "celery", "-A", "config", "worker",
@@ -326,14 +216,12 @@ class Stack:
                 "-n", node, "--without-heartbeat", "--without-gossip", "--without-mingle",
                 "-l", "info",
             ],
-            self.env,
-            self.log_dir / f"worker-{slot}.log",
-        ).start()  # fmt: skip
+            log_name=f"worker-{slot}.log",
+        )  # fmt: skip
         proc.node = node  # type: ignore[attr-defined]
-        self._remember(proc)
         return proc
 
-    def wait_workers_ready(self, workers: Iterable[Proc], timeout: float = 90) -> None:
+    def wait_workers_ready(self, workers: Iterable[Process], timeout: float = 90) -> None:
         """Every worker answers a ping (through the broker, so the broker works too)."""
         from config.celery import app
 
@@ -356,20 +244,15 @@ class Stack:
                     f"logs in {self.log_dir}"
                 )
 
-    def start_beat(self) -> Proc:
-        proc = Proc(
-            "beat",
-            [sys.executable, "-m", "celery", "-A", "config", "beat", "-l", "info"],
-            self.env,
-            self.log_dir / "beat.log",
-        ).start()
-        self._remember(proc)
-        return proc
+    def start_beat(self) -> Process:
+        return self.supervisor.start(
+            "beat", [sys.executable, "-m", "celery", "-A", "config", "beat", "-l", "info"]
+        )
 
     # -- web ------------------------------------------------------------------------------
-    def start_web(self, *, workers: int = 2, threads: int = 4) -> Proc:
+    def start_web(self, *, workers: int = 2, threads: int = 4) -> Process:
         self.web_port = self.web_port or spare_port()
-        proc = Proc(
+        proc = self.supervisor.start(
             "web",
             [
                 sys.executable, "-m", "gunicorn", "config.wsgi",
@@ -377,10 +260,7 @@ class Stack:
                 "--threads", str(threads), "--worker-class", "gthread", "--timeout", "60",
                 "--graceful-timeout", "5", "--access-logfile", "-",
             ],
-            self.env,
-            self.log_dir / "web.log",
-        ).start()  # fmt: skip
-        self._remember(proc)
+        )  # fmt: skip
         wait_until(lambda: answers("127.0.0.1", self.web_port) or self._died(proc), 60, "gunicorn")
         self._raise_if_died(proc)
         return proc
@@ -390,29 +270,21 @@ class Stack:
         return f"http://127.0.0.1:{self.web_port}"
 
     # -- bookkeeping ----------------------------------------------------------------------
-    def _remember(self, proc: Proc) -> None:
-        with self._lock:
-            self.procs.append(proc)
-
     @staticmethod
-    def _died(proc: Proc) -> bool:
+    def _died(proc: Process) -> bool:
         return not proc.alive
 
-    def _raise_if_died(self, proc: Proc) -> None:
+    def _raise_if_died(self, proc: Process) -> None:
         if not proc.alive:
             raise StackError(
-                f"{proc.name} exited with {proc.popen.returncode} at start; log {proc.log_path}:"
+                f"{proc.name} exited with {proc.returncode} at start; log {proc.log_path}:"
                 f"\n{proc.log_tail()}"
             )
 
     def close(self) -> None:
         """Stop every process ever started: web first, then beat and workers, Redis last."""
-        order = {"web": 0, "beat": 1, "redis": 3}
-        with self._lock:
-            procs = sorted(self.procs, key=lambda p: order.get(p.name, 2))
-        for proc in procs:
-            with contextlib.suppress(Exception):
-                proc.stop(timeout=8)
+        workers = [p.name for p in self.procs if p.name not in {"web", "beat", "redis"}]
+        self.supervisor.stop_all(order=["web", "beat", *workers, "redis"])
 
 
 # ---------------------------------------------------------------------------------------------

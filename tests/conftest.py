@@ -32,9 +32,7 @@ import hashlib
 import os
 import re
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +43,8 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import pytest
+
+from lab.supervisor import Process, pid_alive
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS_DIR = REPO_ROOT / "test-artifacts"
@@ -148,16 +148,6 @@ def wait_for() -> Callable[..., Any]:
 # ---------------------------------------------------------------------------------------------
 # Test database: unique per session, stale ones from killed sessions dropped
 # ---------------------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _drop_stale_test_databases() -> None:
     from django.conf import settings
 
@@ -182,7 +172,7 @@ def _drop_stale_test_databases() -> None:
         names = [row[0] for row in conn.execute("SELECT datname FROM pg_database")]
         for name in names:
             match = _TEST_DB_RE.match(name)
-            if match and not _pid_alive(int(match.group(1))):
+            if match and not pid_alive(int(match.group(1))):
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -222,28 +212,6 @@ def _broker_reachable(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _children_of(pid: int) -> list[int]:
-    """Direct and indirect children of ``pid``, from /proc."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Field 4 (ppid) follows the parenthesised command name, which may contain spaces.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(entry.name))
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 class WorkerHandle:
     """One ``celery -A config worker`` subprocess in its own process group."""
 
@@ -276,31 +244,23 @@ class WorkerHandle:
             "-l",
             "info",
         ]
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in _reap()
-        self.proc = subprocess.Popen(
-            command,
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: kill() reaches the pool children
-        )
+        # Its own process group, so kill() reaches the pool children too.
+        self.process = Process(name, command, env=env, log_path=self.log_path).start()
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.process.pid
 
     @property
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.process.alive
 
     def child_pids(self) -> list[int]:
         """The pool processes (and anything they started)."""
-        return _children_of(self.pid) if self.alive else []
+        return self.process.children()
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.process.log_text()
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Block until the worker answers a ping; fail with its log if it dies or stays mute."""
@@ -310,7 +270,7 @@ class WorkerHandle:
         while time.monotonic() < deadline:
             if not self.alive:
                 pytest.fail(
-                    f"worker {self.nodename} exited with {self.proc.returncode} before it was "
+                    f"worker {self.nodename} exited with {self.process.returncode} before it was "
                     f"ready; log {self.log_path}:\n{self.log_text()[-4000:]}",
                     pytrace=False,
                 )
@@ -325,26 +285,11 @@ class WorkerHandle:
 
     def kill(self) -> None:
         """SIGKILL the whole process group (main process and pool children) at once."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
-        self._reap(timeout=10)
+        self.process.kill()
 
     def stop(self, timeout: float = 15) -> None:
-        """Warm shutdown (SIGTERM); SIGKILL the group if it is still there on the deadline."""
-        if self.alive:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout)
-        # Also catches pool children orphaned by the main process.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
-        self._reap(timeout=10)
-
-    def _reap(self, timeout: float) -> None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout)
-        if not self._log.closed:
-            self._log.close()
+        """Warm shutdown (SIGTERM); SIGKILL the group (orphaned pool children too) after it."""
+        self.process.stop(timeout)
 
     def pause_consuming(self) -> None:
         from config.celery import app

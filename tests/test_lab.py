@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 from lab import bench_saga
+from lab.supervisor import Supervisor, kill_pid, pid_alive
 from tests.conftest import REPO_ROOT
 
 TOOLING = {"chaos", "saga_bench", "generate_sagas", "api_bench", "admin_bench"}
@@ -68,3 +69,17 @@ def test_bench_workers_are_told_to_register_the_bench_type():
     assert env["X"] == "1"
     assert bench_saga.worker_env(env) == env
     assert bench_saga.worker_env({})["SAGA_DEFINITION_MODULES"] == "lab.bench_saga"
+
+
+def test_supervisor_finds_kills_and_stops_a_process_tree(tmp_path, wait_for):
+    """One child SIGKILLed alone leaves the rest running; stop_all ends every group."""
+    supervisor = Supervisor(tmp_path)
+    tree = supervisor.start("tree", ["sh", "-c", "echo started; sleep 60 & sleep 60 & wait"])
+    children = wait_for(lambda: len(tree.children()) == 2 and tree.children())
+    assert kill_pid(children[0])
+    wait_for(lambda: not pid_alive(children[0]))
+    assert tree.alive and pid_alive(children[1])
+    supervisor.stop_all(timeout=5)
+    assert not tree.alive
+    wait_for(lambda: not pid_alive(children[1]))
+    assert "started" in supervisor.logs()["tree"]

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from lab.supervisor import Supervisor
 from tests.conftest import ARTIFACTS_DIR, REPO_ROOT
 
 # Variables the test session sets that a "fresh machine" would not have.
@@ -79,39 +78,16 @@ def test_settings_start_with_secret_key_and_debug_off(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-class Service:
-    """A background process in its own process group, logging to test-artifacts/."""
-
-    def __init__(self, name: str, command: list[str], env: dict[str, str]) -> None:
-        ARTIFACTS_DIR.mkdir(exist_ok=True)
-        self.log_path = ARTIFACTS_DIR / f"embedded-{name}-{uuid.uuid4().hex[:6]}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            command,
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        self._log.close()
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-
 @pytest.fixture
-def services() -> Iterator[list[Service]]:
-    started: list[Service] = []
-    yield started
-    for service in started:
-        service.stop()
+def services() -> Iterator[Supervisor]:
+    """The launched processes, each in its own group logging to test-artifacts/; killed after."""
+    supervisor = Supervisor(ARTIFACTS_DIR)
+    yield supervisor
+    supervisor.kill_all()
+
+
+def _log_name(name: str) -> str:
+    return f"embedded-{name}-{uuid.uuid4().hex[:6]}.log"
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -164,18 +140,18 @@ def test_launcher_falls_back_to_sqlite_and_the_file_broker_and_they_work(
     run_env = {**launcher_env, **chosen}
 
     port = free_port()
-    web = Service(
+    web = services.start(
         "web",
         [sys.executable, "-m", "gunicorn", "config.wsgi", "--bind", f"127.0.0.1:{port}"],
-        run_env,
+        env=run_env,
+        log_name=_log_name("web"),
     )
-    services.append(web)
-    worker = Service(
+    worker = services.start(
         "worker",
         [sys.executable, "-m", "celery", "-A", "config", "worker", "-l", "info", "-c", "1"],
-        run_env,
+        env=run_env,
+        log_name=_log_name("worker"),
     )
-    services.append(worker)
 
     health = wait_for(
         lambda: get_healthz(port), timeout=60, describe=lambda: (get_healthz(port), web.log_tail())

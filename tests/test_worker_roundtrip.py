@@ -6,6 +6,7 @@ import pytest
 from django.contrib.auth.models import Group
 
 from config.tasks import ping_db
+from lab.supervisor import pid_alive
 
 pytestmark = pytest.mark.worker
 
@@ -39,15 +40,7 @@ def test_extra_worker_can_be_started_exclusively_and_killed(worker_factory, wait
     worker.kill()
     assert not worker.alive
     wait_for(
-        lambda: not any(_exists(pid) for pid in children),
+        lambda: not any(pid_alive(pid) for pid in children),
         timeout=10,
-        describe=lambda: [pid for pid in children if _exists(pid)],
+        describe=lambda: [pid for pid in children if pid_alive(pid)],
     )
-
-
-def _exists(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -228,7 +228,7 @@ def test_a_timer_survives_a_broker_restart_and_a_worker_kill(django_db_setup, wa
         saga = parked(saga_id, wait_for, step="nap")
         assert saga.waiting_for == "" and saga.next_attempt_at > saga.waiting_since
         # The countdown doorbell is held by the worker and stored in the broker: lose both.
-        worker.kill_group()
+        worker.kill()
         stack.stop_redis()
         stack.start_redis()
         worker = stack.start_worker("w", concurrency=1)

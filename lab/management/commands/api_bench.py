@@ -18,14 +18,10 @@ What it does, all on the loopback interface and within bounded counts and time:
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,10 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+import requests
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
+
+from lab.stack import spare_port
+from lab.supervisor import Process
 
 CATALOG = [(f"BENCH-{i:02d}", f"Bench item {i}", f"{5 + i}.50") for i in range(20)]
 ADDRESS = {
@@ -110,12 +110,12 @@ class Command(BaseCommand):
         server = None
         try:
             tokens = self._prepare(scratch, opts["clients"])
-            port = _free_port()
+            port = spare_port()
             server = self._start_gunicorn(scratch, port, opts["workers"])
             results = self._run(port, tokens, opts)
         finally:
             if server is not None:
-                _stop(server)
+                server.stop(timeout=15)
             connections["default"].close()
             if not opts["keep_db"]:
                 self._drop_database(scratch)
@@ -178,7 +178,7 @@ class Command(BaseCommand):
         port = f":{db['PORT']}" if db.get("PORT") else ""
         return f"postgres://{auth}{host}{port}/{quote(name, safe='')}"
 
-    def _start_gunicorn(self, scratch: str, port: int, workers: int) -> subprocess.Popen:
+    def _start_gunicorn(self, scratch: str, port: int, workers: int) -> Process:
         metrics_dir = tempfile.mkdtemp(prefix="api-bench-metrics-")
         env = {
             **os.environ,
@@ -209,35 +209,29 @@ class Command(BaseCommand):
             "60",
         ]
         self.stdout.write(f"api_bench: gunicorn with {workers} sync workers on 127.0.0.1:{port}")
-        proc = subprocess.Popen(
-            command,
-            cwd=settings.BASE_DIR,
-            env=env,
-            start_new_session=True,
-            stdin=subprocess.DEVNULL,
-        )
+        log_path = Path(metrics_dir) / "gunicorn.log"
+        proc = Process("gunicorn", command, env=env, log_path=log_path).start()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise CommandError(f"gunicorn exited with {proc.returncode} at start")
+            if not proc.alive:
+                raise CommandError(
+                    f"gunicorn exited with {proc.returncode} at start:\n{proc.log_tail()}"
+                )
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/api/schema/?format=json")
-                if conn.getresponse().status == 200:
-                    conn.close()
+                if requests.get(f"{_base(port)}/api/schema/?format=json", timeout=2).ok:
                     return proc
-            except OSError:
+            except requests.RequestException:
                 pass
             time.sleep(0.2)
-        _stop(proc)
-        raise CommandError("gunicorn did not answer within 30 s")
+        proc.stop(timeout=15)
+        raise CommandError(f"gunicorn did not answer within 30 s:\n{proc.log_tail()}")
 
     # -- load ----------------------------------------------------------------------------------
     def _run(self, port: int, tokens: list[str], opts: dict) -> list[dict]:
         clients = opts["clients"]
         order_ids: list[list[str]] = [[] for _ in tokens]
 
-        def post(i: int, conn: http.client.HTTPConnection, rng: random.Random) -> tuple:
+        def post(i: int, http: requests.Session, rng: random.Random) -> tuple:
             skus = rng.sample([sku for sku, _, _ in CATALOG], rng.randint(1, 3))
             body = {
                 "items": [{"sku": sku, "quantity": rng.randint(1, 5)} for sku in skus],
@@ -245,7 +239,8 @@ class Command(BaseCommand):
                 "shipping_address": ADDRESS,
             }
             status, payload, queries = _request(
-                conn,
+                http,
+                port,
                 "POST",
                 "/api/v1/orders/",
                 tokens[i],
@@ -256,16 +251,18 @@ class Command(BaseCommand):
                 order_ids[i].append(json.loads(payload)["id"])
             return status, queries
 
-        def get(i: int, conn: http.client.HTTPConnection, rng: random.Random) -> tuple:
+        def get(i: int, http: requests.Session, rng: random.Random) -> tuple:
             if not order_ids[i]:  # this client placed nothing yet (tiny --requests)
-                post(i, conn, rng)
+                post(i, http, rng)
             status, _, queries = _request(
-                conn, "GET", f"/api/v1/orders/{rng.choice(order_ids[i])}/", tokens[i]
+                http, port, "GET", f"/api/v1/orders/{rng.choice(order_ids[i])}/", tokens[i]
             )
             return status, queries
 
-        def list_page(i: int, conn: http.client.HTTPConnection, rng: random.Random) -> tuple:
-            status, _, queries = _request(conn, "GET", "/api/v1/orders/?page_size=20", tokens[i])
+        def list_page(i: int, http: requests.Session, rng: random.Random) -> tuple:
+            status, _, queries = _request(
+                http, port, "GET", "/api/v1/orders/?page_size=20", tokens[i]
+            )
             return status, queries
 
         results = []
@@ -307,32 +304,21 @@ class Command(BaseCommand):
 
 
 # ---------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _base(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-
-def _request(conn, method, path, token, body=None, extra=None) -> tuple[int, bytes, int | None]:
+def _request(
+    http: requests.Session, port: int, method, path, token, body=None, extra=None
+) -> tuple[int, bytes, int | None]:
+    """One request on the client's keep-alive session; status, body and the query count."""
     headers = {"Authorization": f"Token {token}", "Accept": "application/json"}
     if body is not None:
         headers["Content-Type"] = "application/json"
     headers.update(extra or {})
-    conn.request(method, path, body=body, headers=headers)
-    response = conn.getresponse()
-    payload = response.read()
-    queries = response.getheader("X-DB-Queries")
-    return response.status, payload, int(queries) if queries is not None else None
+    response = http.request(method, _base(port) + path, data=body, headers=headers, timeout=30)
+    queries = response.headers.get("X-DB-Queries")
+    return response.status_code, response.content, int(queries) if queries is not None else None
 
 
 def _drive(port, clients, action, total, max_seconds, name="warmup") -> Phase:
@@ -345,7 +331,7 @@ def _drive(port, clients, action, total, max_seconds, name="warmup") -> Phase:
 
     def client(i: int) -> None:
         rng = random.Random(i)
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        http = requests.Session()
         try:
             while time.monotonic() < deadline:
                 with lock:
@@ -353,14 +339,14 @@ def _drive(port, clients, action, total, max_seconds, name="warmup") -> Phase:
                         return
                     remaining[0] -= 1
                 started = time.perf_counter()
-                status, queries = action(i, conn, rng)
+                status, queries = action(i, http, rng)
                 elapsed = time.perf_counter() - started
                 with lock:
                     phase.record(status, elapsed, queries)
         except BaseException as exc:  # noqa: BLE001 - reported after the phase
             errors.append(exc)
         finally:
-            conn.close()
+            http.close()
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     started = time.perf_counter()
