@@ -1,4 +1,4 @@
-"""Routes of the REST API under ``/api/v1/`` (CONTRACT section 3)."""
+"""Routes of the REST API under ``/api/v1/`` (each listed in the README's API section)."""
 
 from rest_framework import routers
 

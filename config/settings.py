@@ -132,7 +132,7 @@ else:
 DATABASES["default"].setdefault("TEST", {})["NAME"] = env("TEST_DATABASE_NAME", default=None)
 
 # ---------------------------------------------------------------------------------------------
-# Celery (GUIDE section 5)
+# Celery
 # ---------------------------------------------------------------------------------------------
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
@@ -172,7 +172,7 @@ CELERY_IMPORTS = ["config.tasks"]
 CELERY_TIMEZONE = TIME_ZONE
 
 # ---------------------------------------------------------------------------------------------
-# Saga engine knobs (CONTRACT section 1)
+# Saga engine knobs (the README's Configuration table says what each does)
 # ---------------------------------------------------------------------------------------------
 SAGA_BACKOFF_BASE = env.float("SAGA_BACKOFF_BASE", default=0.5)
 SAGA_BACKOFF_MAX = env.float("SAGA_BACKOFF_MAX", default=30.0)

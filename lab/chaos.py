@@ -8,7 +8,7 @@ some of them twice with the same ``Idempotency-Key`` and body, and ask to cancel
 a chaos thread SIGKILLs worker processes (a worker's main process or one of its pool children)
 and starts them again, and stops and starts the Redis server.
 
-Then it waits for every order to settle and checks what CONTRACT section 6 promises:
+Then it waits for every order to settle and checks what the README's Guarantees section promises:
 
 * ``check_invariants --require-settled``: guarantees 1 to 4 over the database;
 * guarantee 5 through the API: every response for a key carried one order id, a final replay

@@ -1,4 +1,4 @@
-"""``Idempotency-Key`` on ``POST /orders/`` (CONTRACT section 3, guarantee 5).
+"""``Idempotency-Key`` on ``POST /orders/`` (guarantee 5 in the README's Guarantees section).
 
 A request with a key goes through two short transactions:
 

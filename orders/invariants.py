@@ -1,4 +1,4 @@
-"""Guarantees 1 to 4 of CONTRACT section 6, checked over the whole database.
+"""Guarantees 1 to 4 of the README's Guarantees section, checked over the whole database.
 
 Used by ``manage.py check_invariants`` (operators, the chaos run, the benchmark) and by tests.
 Each check reads the participants' own tables, because that is where the truth of money, stock

@@ -90,7 +90,7 @@ class OrderItem(models.Model):
     """One line of an order.
 
     Holds the sku rather than a foreign key to ``inventory.Product``: the participants are
-    separate services in spirit (GUIDE section 3), and the price that matters is the one
+    separate services in spirit (none imports another), and the price that matters is the one
     captured here at order time, not the product's current one.
     """
 
@@ -124,7 +124,7 @@ class IdempotencyState(models.TextChoices):
 
 
 class IdempotencyRecord(models.Model):
-    """One ``Idempotency-Key`` of ``POST /api/v1/orders/``, per user (CONTRACT section 3).
+    """One ``Idempotency-Key`` of ``POST /api/v1/orders/``, per user.
 
     Written ``in_flight`` (and committed) before the order is placed, so a second request with
     the key sees it and gets a ``409``; turned ``done`` with the response in the very

@@ -1,4 +1,4 @@
-"""The order saga (CONTRACT section 2), read top to bottom like the story it tells.
+"""The order saga, read top to bottom like the story it tells (outcomes: docs/design.md).
 
 Each step calls one participant with the step's derived idempotency key, so a retry, a lost
 response or a duplicate delivery asks the same question again and gets the first answer. A

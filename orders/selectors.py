@@ -1,6 +1,6 @@
 """Reads of orders, and the one mapping from a saga to what a client sees.
 
-The client-facing status is derived from the saga (GUIDE section 4), here and only here. The
+The client-facing status is derived from the saga, here and only here. The
 serializers, the admin and ``check_invariants`` all use :func:`order_state` (for one order)
 or :func:`order_status_expression` (for a queryset: filter or annotate in SQL), which are
 built from the same table, :data:`STATUS_BY_SAGA_STATE`.

@@ -1,9 +1,9 @@
 """Writes of orders: place one, ask to cancel one, confirm one (the saga's pivot).
 
 Placing an order is one transaction: the order, its items and its saga commit together, and
-the saga's first doorbell rings only on commit (GUIDE sections 1 and 4). A client that got
-its ``201`` therefore has an order that will settle, whatever happens to the worker or the
-broker afterwards.
+the saga's first doorbell rings only on commit (the README's "How the engine works"). A
+client that got its ``201`` therefore has an order that will settle, whatever happens to the
+worker or the broker afterwards.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from orders.errors import OrderInvalid
 from orders.models import Order, OrderItem
 from sagas import services as saga_services
 
-#: The test payment methods of CONTRACT section 2; anything else is refused up front rather
-#: than declined by the provider after stock was reserved.
+#: The test payment methods of the fake provider (docs/design.md); anything else is refused up
+#: front rather than declined by the provider after stock was reserved.
 PAYMENT_METHODS = (
     "pm_card_visa",
     "pm_card_declined",
@@ -179,7 +179,7 @@ def order_create(
 
     order_id = uuid.uuid4()
     # The saga carries ids, amounts and codes only: the address and payment method stay on
-    # the order row, where steps read them by id (GUIDE section 2).
+    # the order row, where steps read them by id.
     saga = saga_services.saga_start(
         saga_type="order",
         data={

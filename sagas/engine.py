@@ -1,7 +1,7 @@
 """The saga runner: one step, one short claim, one short record.
 
 The database row is the truth and a Celery message is only a doorbell that says "saga X at
-version V may have work now" (GUIDE section 1). A task:
+version V may have work now". A task:
 
 1. **claims** the saga with one conditional ``UPDATE ... RETURNING`` that bumps ``version`` and
    sets a lease; zero rows means the message is stale or a duplicate, and the task stops;

@@ -1,4 +1,4 @@
-"""Fault injection (CONTRACT section 5) at the one seam every participant operation passes.
+"""Fault injection at the one seam every participant operation passes.
 
 ``SAGA_FAULTS`` maps an operation name to fault rates::
 

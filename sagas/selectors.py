@@ -1,6 +1,6 @@
 """Reads of sagas shared by the ops console and the REST API.
 
-"Stuck" means what the sweeper means (GUIDE section 2): an active saga whose next piece of work
+"Stuck" means what the sweeper means: an active saga whose next piece of work
 is overdue by more than ``SAGA_STUCK_AFTER`` and whose lease has expired, so no worker holds it.
 The sweeper re-rings such sagas; one that stays on this list has a problem worth a look.
 """

@@ -18,7 +18,7 @@ from shipping.errors import ShipmentRefused, ShippingUnavailable
 from shipping.models import Shipment, ShipmentStatus
 
 CARRIERS = ("DHL", "UPS", "PostNL", "GLS")
-#: Destinations no carrier serves (CONTRACT section 2).
+#: Destinations no carrier serves (a deterministic outcome for demos and tests).
 UNSERVED_COUNTRIES = frozenset({"AQ"})
 
 

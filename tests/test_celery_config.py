@@ -8,7 +8,7 @@ from config.celery import app
 
 
 def test_celery_settings_arrive_under_celerys_names():
-    """What GUIDE section 5 asks of Celery is what the app runs with."""
+    """What the settings ask of Celery (acks late, prefetch 1, JSON...) is what it runs with."""
     conf = app.conf
     assert conf.task_acks_late is True
     assert conf.task_reject_on_worker_lost is True

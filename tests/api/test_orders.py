@@ -1,7 +1,7 @@
 """Orders over HTTP: placing, reading, listing, the timeline, cancelling; who sees what.
 
 No worker runs here (plain ``db`` tests): sagas stay where the test puts them, so every state
-of CONTRACT section 2 can be set up exactly by writing the saga row.
+of an order can be set up exactly by writing the saga row.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Each deterministic outcome of CONTRACT section 2, end to end through a real worker.
+"""Each deterministic outcome of the order saga (docs/design.md), end to end through a real worker.
 
 Every test places real orders, lets a real ``celery -A config worker`` run their sagas against
 the fake providers, and checks what the client sees (status and reason) and what actually

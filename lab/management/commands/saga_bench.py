@@ -1,4 +1,4 @@
-"""``python manage.py saga_bench``: the engine and order-saga benchmark (CONTRACT section 1).
+"""``python manage.py saga_bench``: the engine and order-saga benchmark.
 
 Starts its own worker processes on a queue of its own, runs the engine's 5-step workload and a
 plain Celery ``chain`` of the same five writes (and with ``--order`` the real order saga), and

@@ -1,4 +1,4 @@
-"""``manage.py check_invariants``: guarantees 2 to 4 of CONTRACT section 6 over the database.
+"""``manage.py check_invariants``: guarantees 2 to 4 over the database.
 
 Prints each violation on its own line, then a one-line summary; exit status 1 if any. With
 ``--require-settled`` an order still in flight is a violation too (guarantee 1): use it once
