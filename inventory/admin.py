@@ -7,26 +7,13 @@ reservation changed while the form was open.
 
 from __future__ import annotations
 
-from uuid import UUID
-
 from django import forms
 from django.contrib import admin
 from django.contrib.admin.options import ShowFacets
 from django.db.models import Q
-from django.urls import NoReverseMatch, reverse
-from django.utils.html import format_html
 
+from config.admin import ReadOnlyAdmin, ReadOnlyTabularInline, order_link, search_by_id_or_order
 from inventory.models import Product, Reservation, ReservationLine
-
-
-def _order_link(order_id) -> str:
-    if not order_id:
-        return "-"
-    try:
-        url = reverse("admin:orders_order_change", args=[order_id])
-    except NoReverseMatch:
-        return str(order_id)
-    return format_html('<a href="{}"><code>{}</code></a>', url, str(order_id)[:8])
 
 
 class ProductForm(forms.ModelForm):
@@ -72,22 +59,14 @@ class ProductAdmin(admin.ModelAdmin):
             obj.save()
 
 
-class ReservationLineInline(admin.TabularInline):
+class ReservationLineInline(ReadOnlyTabularInline):
     model = ReservationLine
     fields = ("product", "quantity")
     readonly_fields = fields
-    extra = 0
-    can_delete = False
-
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
 
 
 @admin.register(Reservation)
-class ReservationAdmin(admin.ModelAdmin):
+class ReservationAdmin(ReadOnlyAdmin):
     list_display = ("id", "order", "status", "tombstone", "created_at", "updated_at")
     list_filter = ("status",)
     list_display_links = ("id",)
@@ -106,28 +85,10 @@ class ReservationAdmin(admin.ModelAdmin):
         "created_at",
         "updated_at",
     )
-    show_full_result_count = False
-    show_facets = ShowFacets.NEVER
 
     @admin.display(description="order")
     def order(self, reservation: Reservation) -> str:
-        return _order_link(reservation.order_id)
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
+        return order_link(reservation.order_id)
 
     def get_search_results(self, request, queryset, search_term):
-        term = search_term.strip()
-        if not term:
-            return queryset, False
-        try:
-            as_uuid = UUID(term)
-        except ValueError:
-            return queryset.filter(key=term), False
-        return queryset.filter(Q(pk=as_uuid) | Q(order_id=as_uuid)), False
+        return search_by_id_or_order(queryset, search_term, other=lambda term: Q(key=term))

@@ -13,6 +13,7 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
+from config.admin import ReadOnlyTabularInline
 from inventory.models import Reservation
 from orders.models import Order, OrderItem
 from orders.selectors import OrderStatus, order_state, order_status_expression
@@ -81,22 +82,14 @@ class OrderStatusFilter(admin.SimpleListFilter):
         return queryset.alias(status=order_status_expression()).filter(status=self.value())
 
 
-class OrderItemInline(admin.TabularInline):
+class OrderItemInline(ReadOnlyTabularInline):
     model = OrderItem
     fields = ("sku", "quantity", "unit_price", "line_total")
     readonly_fields = fields
-    extra = 0
-    can_delete = False
 
     @admin.display(description="line total")
     def line_total(self, item: OrderItem) -> str:
         return str(item.line_total)
-
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
 
 
 @admin.register(Order)

@@ -21,16 +21,12 @@ from inventory.models import Product
 from orders.countries import COUNTRY_CODES
 from orders.errors import OrderInvalid
 from orders.models import Order, OrderItem
+from payments.provider import TEST_CARDS
 from sagas import services as saga_services
 
-#: The test payment methods of the fake provider (docs/design.md); anything else is refused up
-#: front rather than declined by the provider after stock was reserved.
-PAYMENT_METHODS = (
-    "pm_card_visa",
-    "pm_card_declined",
-    "pm_card_capture_declined",
-    "pm_card_refund_fails",
-)
+#: The fake provider's test cards (docs/design.md); anything else is refused up front rather
+#: than declined by the provider after stock was reserved.
+PAYMENT_METHODS = TEST_CARDS
 MAX_QUANTITY = 1000
 MAX_LINES = 100
 #: Decimal(12, 2) holds at most this; a bigger total would fail in the database, as a 500.

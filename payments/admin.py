@@ -6,39 +6,11 @@ person, by hand in the provider, then noted when the saga is resolved).
 
 from __future__ import annotations
 
-from uuid import UUID
-
 from django.contrib import admin
-from django.contrib.admin.options import ShowFacets
 from django.db.models import Q
-from django.urls import NoReverseMatch, reverse
-from django.utils.html import format_html
 
+from config.admin import ReadOnlyAdmin, order_link, search_by_id_or_order
 from payments.models import Payment, ProviderAuthorization, ProviderOperation
-
-
-def _order_link(order_id) -> str:
-    if not order_id:
-        return "-"
-    try:
-        url = reverse("admin:orders_order_change", args=[order_id])
-    except NoReverseMatch:
-        return str(order_id)
-    return format_html('<a href="{}"><code>{}</code></a>', url, str(order_id)[:8])
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    show_full_result_count = False
-    show_facets = ShowFacets.NEVER
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
 
 
 @admin.register(Payment)
@@ -81,17 +53,12 @@ class PaymentAdmin(ReadOnlyAdmin):
 
     @admin.display(description="order")
     def order(self, payment: Payment) -> str:
-        return _order_link(payment.order_id)
+        return order_link(payment.order_id)
 
     def get_search_results(self, request, queryset, search_term):
-        term = search_term.strip()
-        if not term:
-            return queryset, False
-        try:
-            as_uuid = UUID(term)
-        except ValueError:
-            return queryset.filter(authorization_id=term), False
-        return queryset.filter(Q(pk=as_uuid) | Q(order_id=as_uuid)), False
+        return search_by_id_or_order(
+            queryset, search_term, other=lambda term: Q(authorization_id=term)
+        )
 
 
 @admin.register(ProviderAuthorization)

@@ -51,7 +51,10 @@ PM_VISA = "pm_card_visa"
 PM_DECLINED = "pm_card_declined"
 PM_CAPTURE_DECLINED = "pm_card_capture_declined"
 PM_REFUND_FAILS = "pm_card_refund_fails"
-KNOWN_PAYMENT_METHODS = frozenset({PM_VISA, PM_DECLINED, PM_CAPTURE_DECLINED, PM_REFUND_FAILS})
+#: The test cards, in the order a client is told about them; the one list (orders validates
+#: ``payment_method`` against it too).
+TEST_CARDS = (PM_VISA, PM_DECLINED, PM_CAPTURE_DECLINED, PM_REFUND_FAILS)
+KNOWN_PAYMENT_METHODS = frozenset(TEST_CARDS)
 
 
 def _new_id(prefix: str) -> str:

@@ -212,10 +212,6 @@ class SagaStep(models.Model):
     def __str__(self) -> str:
         return f"{self.name} ({self.status})"
 
-    @property
-    def undo_key(self) -> str:
-        return f"{self.idempotency_key}:undo"
-
 
 class SagaEvent(models.Model):
     """One line of a saga's timeline: attempts, retries, compensations, ops actions."""
