@@ -44,7 +44,7 @@ from django.utils.safestring import mark_safe
 from django.utils.timesince import timesince
 
 from sagas import selectors
-from sagas.definition import get_definition, registered_types
+from sagas.definition import definition_of, registered_definitions, registered_types
 from sagas.exceptions import SagaOperationRefused
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
 from sagas.services import (
@@ -263,8 +263,8 @@ class SagaTypeFilter(admin.SimpleListFilter):
 
 def _step_names() -> list[str]:
     names: list[str] = []
-    for saga_type in registered_types():
-        for step in get_definition(saga_type).steps:
+    for definition in registered_definitions():
+        for step in definition.steps:
             if step.name not in names:
                 names.append(step.name)
     return names
@@ -357,10 +357,11 @@ def _predicted_refusal(saga: Saga, operation: str) -> str:
         if saga.state != SagaState.RUNNING:
             return f"it is {saga.get_state_display()}; only a running saga can be compensated"
         try:
-            definition = get_definition(saga.saga_type)
+            definition = definition_of(saga)
+            position = definition.index_of(saga.current_step)
         except LookupError:
             return ""
-        if saga.step_index >= definition.pivot_index:
+        if position >= definition.pivot_index:
             pivot = definition.steps[definition.pivot_index].name
             return f"it has reached {pivot}, its point of no return"
         return ""
@@ -949,7 +950,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
 def _problem(saga: Saga, steps: list[SagaStep]) -> dict[str, Any] | None:
     """What went wrong, as one headline a newcomer can read, with the error that goes with it
     and the step it concerns (``None`` when nothing went wrong)."""
-    current = next((s for s in steps if s.index == saga.step_index), None)
+    current = next((s for s in steps if s.name == saga.current_step), None)
     error = saga.last_error
 
     def found(label: str, text: str, step: str, error: str, error_label: str = "Last error"):

@@ -68,6 +68,7 @@ class SagaSerializer(serializers.ModelSerializer):
             "id",
             "type",
             "state",
+            "definition_version",
             "current_step",
             "step_index",
             "attempt",

@@ -8,6 +8,8 @@ workflows). The engine knows nothing about orders: a step is a function of a sma
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,7 +158,15 @@ def Sleep(seconds: float, *, name: str = "sleep") -> Step:  # noqa: N802 - see W
 
 @dataclass(frozen=True)
 class SagaDefinition:
-    """An ordered list of steps registered under a type name."""
+    """An ordered list of steps registered under a type name and a version.
+
+    A saga runs to its end on the definition version it started with: its row stores the
+    version and the :attr:`fingerprint` of the definition's shape. Changing the shape (a step
+    added, removed, reordered or renamed, the pivot moved, a compensation added or dropped)
+    means a new version, registered beside the old one until the old one's sagas have drained
+    or been moved with ``saga_migrate``. A shape change without a version bump is caught by
+    the fingerprint (``manage.py check`` and every worker refuse it).
+    """
 
     saga_type: str
     steps: list[Step]
@@ -167,15 +177,29 @@ class SagaDefinition:
     #: must never stay open on a closed saga, such as a stock reservation; raising refuses the
     #: resolve. Must be idempotent (derive keys from the saga, like steps do).
     on_resolve: Callable[[Any], None] | None = None
+    #: The definition's version; new sagas start on the highest registered one.
+    version: int = 1
     _index: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.steps:
             raise ValueError(f"saga type {self.saga_type!r} has no steps")
+        if not isinstance(self.version, int) or self.version < 1:
+            raise ValueError(f"saga type {self.saga_type!r}: version must be an int >= 1")
         names = [s.name for s in self.steps]
         if len(set(names)) != len(names):
             raise ValueError(f"saga type {self.saga_type!r} repeats a step name")
         self._index.update({name: i for i, name in enumerate(names)})
+
+    def __str__(self) -> str:
+        return f"{self.saga_type} v{self.version}"
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.steps]
+
+    def has_step(self, step_name: str) -> bool:
+        return step_name in self._index
 
     def index_of(self, step_name: str) -> int:
         return self._index[step_name]
@@ -191,6 +215,9 @@ class SagaDefinition:
         """Every signal name this saga type may wait for, in step order."""
         return [s.park.signal for s in self.steps if s.park is not None and s.park.signal]
 
+    def step(self, step_name: str) -> Step:
+        return self.steps[self._index[step_name]]
+
     @property
     def pivot_index(self) -> int:
         """Index of the first pivot step, or ``len(steps)`` when there is none."""
@@ -199,25 +226,93 @@ class SagaDefinition:
                 return i
         return len(self.steps)
 
+    @property
+    def pivot_name(self) -> str | None:
+        i = self.pivot_index
+        return self.steps[i].name if i < len(self.steps) else None
 
-_registry: dict[str, SagaDefinition] = {}
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the shape a running saga depends on.
+
+        Step names in order, the pivot, and which steps compensate: what decides the next
+        step, what a cancel may still stop, and what a compensation undoes. Function bodies
+        and policies are not part of it: fixing a bug in a step is not a new shape.
+        """
+        return shape_fingerprint(
+            [(s.name, s.compensate is not None) for s in self.steps], self.pivot_name
+        )
+
+
+def shape_fingerprint(steps: list[tuple[str, bool]], pivot: str | None) -> str:
+    """The fingerprint of a shape: ``[(step name, compensates), ...]`` and the pivot's name."""
+    shape = {"steps": [[name, bool(comp)] for name, comp in steps], "pivot": pivot}
+    raw = json.dumps(shape, separators=(",", ":"), sort_keys=True).encode()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+class UnknownDefinition(LookupError):
+    """No definition is registered for a saga type (and version) in this process."""
+
+
+# saga type -> version -> definition
+_registry: dict[str, dict[int, SagaDefinition]] = {}
 
 
 def register(definition: SagaDefinition) -> SagaDefinition:
-    """Register a saga type by name; re-registering the same name replaces it (test reloads)."""
-    _registry[definition.saga_type] = definition
+    """Register a definition beside the other versions of its type.
+
+    Re-registering the same type and version replaces it (test reloads, a bug fix that keeps
+    the shape); the fingerprint check catches a replacement that changed the shape.
+    """
+    _registry.setdefault(definition.saga_type, {})[definition.version] = definition
     return definition
 
 
-def get_definition(saga_type: str) -> SagaDefinition:
+def unregister(saga_type: str, version: int) -> None:
+    """Forget one version (tests that play a deploy without it)."""
+    versions = _registry.get(saga_type, {})
+    versions.pop(version, None)
+    if not versions:
+        _registry.pop(saga_type, None)
+
+
+def get_definition(saga_type: str, version: int | None = None) -> SagaDefinition:
+    """The definition of ``saga_type`` at ``version``; the newest one when ``version`` is None.
+
+    Code that acts on an existing saga passes the saga's own ``definition_version`` (see
+    :func:`definition_of`): the newest version may have a different shape.
+    """
+    versions = _registry.get(saga_type)
+    if not versions:
+        raise UnknownDefinition(f"unknown saga type {saga_type!r}; is its module imported?")
+    if version is None:
+        return versions[max(versions)]
     try:
-        return _registry[saga_type]
+        return versions[version]
     except KeyError:
-        raise LookupError(f"unknown saga type {saga_type!r}; is its module imported?") from None
+        raise UnknownDefinition(
+            f"saga type {saga_type!r} has no version {version} registered here "
+            f"(registered: {', '.join(str(v) for v in sorted(versions))})"
+        ) from None
+
+
+def definition_of(saga: Any) -> SagaDefinition:
+    """The definition an existing saga runs on: its type at its own ``definition_version``."""
+    return get_definition(saga.saga_type, saga.definition_version)
 
 
 def registered_types() -> list[str]:
     return sorted(_registry)
+
+
+def registered_versions(saga_type: str) -> list[int]:
+    return sorted(_registry.get(saga_type, {}))
+
+
+def registered_definitions() -> list[SagaDefinition]:
+    """Every registered definition, by type and then version."""
+    return [_registry[t][v] for t in sorted(_registry) for v in sorted(_registry[t])]
 
 
 def forward_key(saga_id: object, step: str) -> str:

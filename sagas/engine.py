@@ -40,8 +40,8 @@ from sagas.definition import (
     SagaDefinition,
     Step,
     StepContext,
-    get_definition,
-    registered_types,
+    definition_of,
+    registered_definitions,
 )
 from sagas.definition import forward_key as make_forward_key
 from sagas.definition import undo_key as make_undo_key
@@ -142,6 +142,7 @@ def _saga_update_sql(
     bump_attempt: bool = False,
     require_due_before: datetime | None = None,
     require_active: bool = False,
+    require_known: bool = False,
 ) -> tuple[str, list[Any]]:
     """``UPDATE saga SET ..., version = version + 1 WHERE id = X AND version = V RETURNING *``."""
     qn = connection.ops.quote_name
@@ -158,6 +159,15 @@ def _saga_update_sql(
     if require_active:
         where.append(f"{qn('state')} IN ({', '.join(['%s'] * len(_ACTIVE))})")
         params += list(_ACTIVE)
+    if require_known:
+        # Only a saga whose definition this process has, with the same shape: a worker on
+        # older code leaves the rest untouched (no lease, no attempt) for one that knows it.
+        known = _known_definitions()
+        names = ("saga_type", "definition_version", "definition_fingerprint")
+        cols = ", ".join(qn(c) for c in names)
+        where.append(f"({cols}) IN ({', '.join(['(%s, %s, %s)'] * len(known))})")
+        for triple in known:
+            params += list(triple)
     if require_due_before is not None:
         where.append(f"({qn('next_attempt_at')} IS NULL OR {qn('next_attempt_at')} <= %s)")
         params.append(_prep("next_attempt_at", require_due_before))
@@ -170,6 +180,17 @@ def _saga_update_sql(
         f"WHERE {' AND '.join(where)} RETURNING {columns}"
     )
     return sql, params
+
+
+def _known_definitions() -> list[tuple[str, int, str]]:
+    """``(type, version, fingerprint)`` of every definition registered in this process.
+
+    Each version also matches a blank fingerprint: sagas recorded before fingerprints existed.
+    """
+    out: list[tuple[str, int, str]] = []
+    for d in registered_definitions():
+        out += [(d.saga_type, d.version, d.fingerprint), (d.saga_type, d.version, "")]
+    return out or [("", 0, "-")]
 
 
 def _fetch_saga(sql: str, params: list[Any]) -> Saga | None:
@@ -210,7 +231,7 @@ def _record_sql_postgres(
     saga_sql, params = _saga_update_sql(saga.id, saga.version, fields)
     head = "WITH " if wait_flush else f"WITH {_NO_FLUSH_WAIT}, "
     parts = [f"{head}s AS ({saga_sql})"]
-    if rec.step_index is not None and rec.step_fields:
+    if rec.step_name is not None and rec.step_fields:
         step_fields = {**rec.step_fields, "updated_at": now}
         sets = []
         for name, value in step_fields.items():
@@ -219,9 +240,9 @@ def _record_sql_postgres(
             params.append(f.get_db_prep_save(value, connection))
         parts.append(
             f", st AS (UPDATE {qn(SagaStep._meta.db_table)} SET {', '.join(sets)} "
-            f"WHERE {qn('saga_id')} = %s AND {qn('index')} = %s AND EXISTS (SELECT 1 FROM s))"
+            f"WHERE {qn('saga_id')} = %s AND {qn('name')} = %s AND EXISTS (SELECT 1 FROM s))"
         )
-        params += [_prep("id", saga.id), rec.step_index]
+        params += [_prep("id", saga.id), rec.step_name]
     if rec.events:
         casts = {
             "at": "timestamptz",
@@ -345,6 +366,7 @@ def claim(saga_id: Any, version: int) -> Saga | None:
         {"lease_until": now + timedelta(seconds=lease_seconds()), "sweeps": 0},
         bump_attempt=True,
         require_active=True,
+        require_known=True,
         require_due_before=now + _DUE_TOLERANCE,
     )
     if connection.vendor == "postgresql" and _lease_only_commits():
@@ -359,7 +381,8 @@ def claim(saga_id: Any, version: int) -> Saga | None:
 class _Record:
     fields: dict[str, Any] = field(default_factory=dict)
     transitions: list[str] = field(default_factory=list)
-    step_index: int | None = None
+    # The step row to update, by name, and its new values.
+    step_name: str | None = None
     step_fields: dict[str, Any] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     # After commit: ring for the next work with this countdown (None: nothing to ring).
@@ -442,8 +465,8 @@ def _write_portable(
         updated = _fenced_update(saga.id, saga.version, fields)
         if updated is None:
             raise _Fenced
-        if rec.step_index is not None and rec.step_fields:
-            SagaStep.objects.filter(saga_id=saga.id, index=rec.step_index).update(
+        if rec.step_name is not None and rec.step_fields:
+            SagaStep.objects.filter(saga_id=saga.id, name=rec.step_name).update(
                 updated_at=now, **rec.step_fields
             )
         if rec.events:
@@ -511,7 +534,7 @@ def _escalate(saga: Saga, rec: _Record, *, step: str, error: str) -> None:
 
 
 def _context(definition: SagaDefinition, saga: Saga, *, compensating: bool) -> StepContext:
-    name = definition.steps[saga.step_index].name
+    name = saga.current_step
     fwd = make_forward_key(saga.id, name)
     return StepContext(
         saga_id=str(saga.id),
@@ -534,7 +557,8 @@ def _describe(exc: BaseException) -> str:
 def _boundary_cancel_reason(definition: SagaDefinition, saga: Saga, now: datetime) -> str:
     """A cancel or a passed deadline is honoured only while the pivot has never run."""
     pivot = definition.pivot_index
-    before_pivot = saga.step_index < pivot or (saga.step_index == pivot and saga.attempt == 1)
+    i = definition.index_of(saga.current_step)
+    before_pivot = i < pivot or (i == pivot and saga.attempt == 1)
     if not before_pivot:
         return ""
     if saga.cancel_reason:
@@ -568,7 +592,7 @@ def _schedule_retry(
 
 def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga | None:
     rec = _Record()
-    i = saga.step_index
+    i = definition.index_of(saga.current_step)
     step = definition.steps[i]
     now = timezone.now()
     reason = _boundary_cancel_reason(definition, saga, now)
@@ -576,7 +600,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
         # Earlier claims of this step (attempt > 1) may have taken effect.
         rec.event("cancel_honoured", saga, step=step.name, detail=f"reason: {reason}")
         if saga.attempt > 1:
-            rec.step_index = i
+            rec.step_name = step.name
             rec.step_fields = {"maybe_effect": True, "status": StepStatus.FAILED}
         _start_compensation(
             definition,
@@ -614,7 +638,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
     except BusinessFailure as exc:
         duration = time.perf_counter() - started
         metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
-        rec.step_index = i
+        rec.step_name = step.name
         rec.step_fields = {
             "status": StepStatus.FAILED,
             "attempts": saga.attempt,
@@ -640,7 +664,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
         metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
         error = _describe(exc)
         rec.on_written = None  # a signal whose decision failed stays pending for the retry
-        rec.step_index = i
+        rec.step_name = step.name
         rec.step_fields = {
             "status": StepStatus.RETRYING,
             "attempts": saga.attempt,
@@ -655,7 +679,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
 
     duration = time.perf_counter() - started
     metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
-    rec.step_index = i
+    rec.step_name = step.name
     rec.step_fields = {
         "status": StepStatus.SUCCEEDED,
         "attempts": saga.attempt,
@@ -680,9 +704,9 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
 def _forward_exhausted(
     definition: SagaDefinition, saga: Saga, rec: _Record, *, error: str, inline_ok: bool = True
 ) -> Saga | None:
-    i = saga.step_index
+    i = definition.index_of(saga.current_step)
     step = definition.steps[i]
-    rec.step_index = i
+    rec.step_name = step.name
     rec.step_fields = {
         **rec.step_fields,
         "status": StepStatus.FAILED,
@@ -703,9 +727,9 @@ def _forward_exhausted(
 
 def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga | None:
     rec = _Record()
-    i = saga.step_index
+    i = definition.index_of(saga.current_step)
     step = definition.steps[i]
-    rec.step_index = i
+    rec.step_name = step.name
     if saga.attempt > settings.SAGA_COMPENSATION_MAX_ATTEMPTS:
         rec.step_fields = {"status": StepStatus.COMPENSATION_FAILED}
         _escalate(saga, rec, step=step.name, error="compensation attempts exhausted (worker lost)")
@@ -786,7 +810,7 @@ def _park(
     )
     if saga.waiting_since is None:
         rec.fields["waiting_since"] = now
-        rec.step_index = saga.step_index
+        rec.step_name = step.name
         rec.step_fields = {"status": StepStatus.WAITING, "attempts": saga.attempt}
         until = f"until {decision.wake_at.isoformat()}" if decision.wake_at else "with no timeout"
         what = f"for signal {park.signal}" if park.signal else "timer"
@@ -808,9 +832,9 @@ def _wait_timed_out(
 ) -> Saga | None:
     park = step.park
     assert park is not None
-    i = saga.step_index
+    i = definition.index_of(saga.current_step)
     error = f"no {park.signal} signal within {park.seconds:g}s"
-    rec.step_index = i
+    rec.step_name = step.name
     rec.step_fields = {"status": StepStatus.FAILED, "attempts": saga.attempt, "last_error": error}
     rec.event("wait_timed_out", saga, step=step.name, detail=error)
     rec.fields.update(failed_step=step.name, last_error=error)
@@ -834,7 +858,7 @@ def _consume(signal: SagaSignal, step: str) -> Callable[[], None]:
 
 def run_claimed(saga: Saga, *, inline_ok: bool) -> Saga | None:
     """Do the one piece of work a claimed saga has; return it if the task should go on."""
-    definition = get_definition(saga.saga_type)
+    definition = definition_of(saga)
     if saga.state == SagaState.RUNNING:
         return _forward(definition, saga, inline_ok=inline_ok)
     if saga.state == SagaState.COMPENSATING:
@@ -908,8 +932,12 @@ def sweep(now: datetime | None = None) -> dict[str, int]:
     # Past the deadline and still before its pivot (after it, a saga must finish, not undo).
     # The pivot test is in SQL so sagas past their pivot never fill the batch and starve the rest.
     before_pivot = Q()
-    for saga_type in registered_types():
-        before_pivot |= Q(saga_type=saga_type, step_index__lt=get_definition(saga_type).pivot_index)
+    for definition in registered_definitions():
+        before_pivot |= Q(
+            saga_type=definition.saga_type,
+            definition_version=definition.version,
+            current_step__in=definition.names[: definition.pivot_index],
+        )
     timed_out = 0
     late = (
         Saga.objects.filter(state=SagaState.RUNNING, cancel_reason="", deadline_at__lte=now)

@@ -32,7 +32,14 @@ class Saga(FSMModelMixin, models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     saga_type = models.CharField(max_length=64)
     state = FSMField(default=SagaState.RUNNING, choices=SagaState.choices, protected=True)
-    #: Name and position of the step being run forward, or compensated while compensating.
+    #: The definition version of its type the saga runs on (it started on the newest then;
+    #: ``saga_migrate`` may move it), and the fingerprint of that definition's shape when it
+    #: started or moved ("" for sagas recorded before fingerprints existed).
+    definition_version = models.PositiveIntegerField(default=1)
+    definition_fingerprint = models.CharField(max_length=32, blank=True, default="")
+    #: The step being run forward, or compensated while compensating, by NAME: the engine
+    #: addresses steps by name. ``step_index`` is its position in the saga's own definition
+    #: version, kept beside it for ordering and SQL filters.
     current_step = models.CharField(max_length=64)
     step_index = models.PositiveSmallIntegerField(default=0)
     #: Fencing token: every claim and every record bumps it; a message carries the one it
@@ -114,6 +121,12 @@ class Saga(FSMModelMixin, models.Model):
                 name="saga_waiting_idx",
                 condition=Q(waiting_since__isnull=False),
             ),
+            # Active sagas per type and definition version: the deploy check and the dashboard.
+            models.Index(
+                fields=["saga_type", "definition_version", "definition_fingerprint"],
+                name="saga_active_version_idx",
+                condition=Q(state__in=["running", "compensating", "needs_manual"]),
+            ),
             models.Index(
                 fields=["correlation_id"],
                 name="saga_correlation_idx",
@@ -188,6 +201,9 @@ class StepStatus(models.TextChoices):
 
 
 class SagaStep(models.Model):
+    """One step of one saga, addressed by its name; ``index`` is only its display position
+    (in the saga's definition version; ``saga_migrate`` renumbers it)."""
+
     saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="steps")
     index = models.PositiveSmallIntegerField()
     name = models.CharField(max_length=64)
@@ -206,7 +222,7 @@ class SagaStep(models.Model):
     class Meta:
         ordering = ["saga", "index"]
         constraints = [
-            models.UniqueConstraint(fields=["saga", "index"], name="saga_step_unique_index"),
+            models.UniqueConstraint(fields=["saga", "name"], name="saga_step_unique_name"),
         ]
 
     def __str__(self) -> str:

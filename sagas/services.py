@@ -19,7 +19,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from sagas import metrics
-from sagas.definition import forward_key, get_definition, undo_key
+from sagas.definition import definition_of, forward_key, get_definition, undo_key
 from sagas.engine import next_compensable, ring_on_commit
 from sagas.exceptions import SagaOperationRefused
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
@@ -90,13 +90,16 @@ def saga_start(
     correlation_id: str = "",
     saga_id: uuid.UUID | None = None,
     deadline_seconds: float | None = None,
+    version: int | None = None,
 ) -> Saga:
     """Create a saga, its step rows and its first timeline event; ring on commit.
 
     Usable inside the caller's transaction: if the caller rolls back, no saga exists and no
-    doorbell rings.
+    doorbell rings. The saga starts on the newest registered version of its type and stays
+    on it (its row records the version and the definition's fingerprint). ``version`` starts
+    it on another registered version instead (a canary, a test).
     """
-    definition = get_definition(saga_type)
+    definition = get_definition(saga_type, version)
     now = timezone.now()
     deadline = next(
         d for d in (deadline_seconds, definition.deadline, settings.SAGA_DEADLINE) if d is not None
@@ -105,6 +108,8 @@ def saga_start(
     saga = Saga.objects.create(
         id=saga_id or uuid.uuid4(),
         saga_type=saga_type,
+        definition_version=definition.version,
+        definition_fingerprint=definition.fingerprint,
         current_step=first,
         step_index=0,
         next_attempt_at=now,
@@ -118,7 +123,9 @@ def saga_start(
             for i, s in enumerate(definition.steps)
         ]
     )
-    SagaEvent.objects.create(saga=saga, at=now, kind="started", detail=f"type {saga_type}")
+    SagaEvent.objects.create(
+        saga=saga, at=now, kind="started", detail=f"type {saga_type} v{definition.version}"
+    )
     ring_on_commit(saga.id, saga.version)
     transaction.on_commit(lambda: metrics.SAGAS_STARTED.labels(saga_type).inc())
     return saga
@@ -137,8 +144,8 @@ def saga_request_cancel(*, saga_id: Any, reason: str, actor: str = "engine") -> 
             raise SagaOperationRefused(
                 "not_running", f"The saga is {saga.state}; only a running saga can be cancelled."
             )
-        definition = get_definition(saga.saga_type)
-        if saga.step_index >= definition.pivot_index:
+        definition = definition_of(saga)
+        if definition.index_of(saga.current_step) >= definition.pivot_index:
             raise SagaOperationRefused(
                 "pivot_reached",
                 f"The saga has reached {definition.steps[definition.pivot_index].name}, "
@@ -267,13 +274,13 @@ def saga_undo_done(*, saga_id: Any, user: Any, step: str, note: str) -> Saga:
                 "not_waiting_on_undo",
                 f"The saga is not waiting on the undo of {step or '(no step given)'}: {waiting}.",
             )
-        definition = get_definition(saga.saga_type)
-        SagaStep.objects.filter(saga=saga, index=saga.step_index).update(
+        definition = definition_of(saga)
+        SagaStep.objects.filter(saga=saga, name=saga.current_step).update(
             status=StepStatus.COMPENSATED_BY_HAND, updated_at=timezone.now()
         )
         _event(saga, "ops_undo_done", actor=_actor(user), detail=note, step=step)
         saga.resume_compensation()
-        nxt = next_compensable(definition, saga, saga.step_index)
+        nxt = next_compensable(definition, saga, definition.index_of(saga.current_step))
         saga.attempt = 0
         saga.lease_until = None
         if nxt is None:
@@ -320,7 +327,7 @@ def saga_resolve(*, saga_id: Any, user: Any, note: str, accept_effects: bool = F
                 "done by hand), or confirm that they stay (accept_effects) to resolve anyway.",
                 {"accept_effects": effects},
             )
-        hook = get_definition(saga.saga_type).on_resolve
+        hook = definition_of(saga).on_resolve
         if hook is not None:
             try:
                 with transaction.atomic():
@@ -346,29 +353,30 @@ def saga_compensation_plan(*, saga_id: Any) -> list[dict[str, Any]]:
     what is left of the ladder. For a settled saga: nothing.
     """
     saga = Saga.objects.get(pk=saga_id)
-    definition = get_definition(saga.saga_type)
-    steps = {s.index: s for s in SagaStep.objects.filter(saga=saga)}
+    definition = definition_of(saga)
+    rows = {s.name: s for s in SagaStep.objects.filter(saga=saga)}
+    current = definition.index_of(saga.current_step)
     candidates: list[int] = []
     if saga.state == SagaState.RUNNING:
-        if saga.step_index >= definition.pivot_index:
+        if current >= definition.pivot_index:
             return []
-        current = steps.get(saga.step_index)
-        if current is not None and (current.maybe_effect or current.attempts > 0):
-            candidates.append(saga.step_index)
-        candidates += [j for j in range(saga.step_index - 1, -1, -1)]
+        row = rows.get(saga.current_step)
+        if row is not None and (row.maybe_effect or row.attempts > 0):
+            candidates.append(current)
+        candidates += list(range(current - 1, -1, -1))
     elif saga.state == SagaState.COMPENSATING or (
         saga.state == SagaState.NEEDS_MANUAL and saga.escalated_from == SagaState.COMPENSATING
     ):
-        candidates = list(range(saga.step_index, -1, -1))
+        candidates = list(range(current, -1, -1))
     plan = []
     for j in candidates:
         step = definition.steps[j]
-        row = steps.get(j)
+        row = rows.get(step.name)
         if step.compensate is None or row is None:
             continue
         if row.status in (StepStatus.COMPENSATED, StepStatus.COMPENSATED_BY_HAND):
             continue
-        if not (step.name in saga.results or row.maybe_effect or j == saga.step_index):
+        if not (step.name in saga.results or row.maybe_effect or j == current):
             continue
         plan.append(
             {

@@ -24,7 +24,7 @@ from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.utils import timezone
 
-from sagas.definition import Park, SagaDefinition, get_definition
+from sagas.definition import Park, SagaDefinition, definition_of
 from sagas.engine import ring_on_commit
 from sagas.exceptions import SagaOperationRefused, SignalPayloadInvalid
 from sagas.models import Saga, SagaSignal, SagaState
@@ -83,7 +83,7 @@ def _will_wait(definition: SagaDefinition, saga: Saga, index: int) -> bool:
     if park is None or park.when is None or saga.waiting_since is not None:
         return True
     probe = Saga(**{f.attname: getattr(saga, f.attname) for f in Saga._meta.concrete_fields})
-    probe.step_index = index
+    probe.step_index, probe.current_step = index, definition.steps[index].name
     try:
         return bool(park.when(_context(definition, probe, compensating=False)))
     except Exception:  # noqa: BLE001 - when in doubt keep it: the wait decides again
@@ -109,7 +109,7 @@ def saga_signal(
         raise SignalPayloadInvalid(f"The Idempotency-Key may not exceed {MAX_KEY_LENGTH} chars.")
     with transaction.atomic():
         saga = _locked(saga_id)
-        definition = get_definition(saga.saga_type)
+        definition = definition_of(saga)
         indexes = definition.waits_for(name)
         if not indexes:
             raise SagaOperationRefused(
@@ -126,7 +126,7 @@ def saga_signal(
             return SignalOutcome(existing, replayed=True, delivered_now=False)
         payload = _check_payload(park, payload)
 
-        at = saga.step_index
+        at = definition.index_of(saga.current_step)
         resume = (
             saga.state == SagaState.NEEDS_MANUAL
             and saga.escalated_from == SagaState.RUNNING

@@ -157,3 +157,13 @@ register(_wait_type("test_wait_escalate", timeout=1, on_timeout="escalate"))
 register(
     SagaDefinition("test_sleep", steps=[*scripted(["s1"]), Sleep(3, name="nap"), *scripted(["s2"])])
 )
+
+# -- versions side by side: "ver" v2 inserts a step ("check") after "a". -----------------------
+# TEST_SAGA_WITHOUT (comma-separated "type:version") leaves versions out of this process, so a
+# test can start a worker that plays a deploy without them (older or newer code).
+VER_V1 = ["a", "b", "c"]
+VER_V2 = ["a", "check", "b", "c"]
+_WITHOUT = {item for item in os.environ.get("TEST_SAGA_WITHOUT", "").split(",") if item}
+for _version, _names in ((1, VER_V1), (2, VER_V2)):
+    if f"ver:{_version}" not in _WITHOUT:
+        register(SagaDefinition("ver", steps=scripted(_names, pivot="c"), version=_version))
