@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_init, worker_process_init, worker_ready
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
@@ -66,6 +66,29 @@ def _validate_faults_at_start(**_kwargs) -> None:
     from sagas.faults import load_faults_or_exit
 
     load_faults_or_exit()
+
+
+@worker_init.connect
+def _refuse_unknown_definitions(**_kwargs) -> None:
+    """Stop a worker whose code lacks (or changed) the definition of an unfinished saga.
+
+    Celery runs Django's system checks at start but does not act on their result; this runs
+    the sagas check and exits with its message, as ``manage.py check`` would.
+    """
+    import sys
+
+    from django.db import connections
+
+    from sagas.checks import check_saga_definitions
+
+    errors = check_saga_definitions()
+    for conn in connections.all(initialized_only=True):
+        conn.close()  # the pool forks after this: no socket shared with the children
+    if errors:
+        for error in errors:
+            sys.stderr.write(f"sagarunner: refusing to start: {error.msg}\n  HINT: {error.hint}\n")
+        sys.stderr.flush()
+        os._exit(2)
 
 
 @worker_process_init.connect

@@ -15,6 +15,7 @@ class SagasConfig(AppConfig):
         for module in settings.SAGA_DEFINITION_MODULES:
             import_module(module)
         import_module("sagas.audit_hooks")
+        import_module("sagas.checks")  # registers the deploy check
         post_migrate.connect(_ensure_sweep_schedule, sender=self)
 
 
