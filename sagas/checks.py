@@ -99,6 +99,6 @@ def check_saga_definitions(app_configs: Any = None, **kwargs: Any) -> list[Check
         with transaction.atomic():
             counts = unsettled_versions()
     except DatabaseError as exc:
-        log.info("sagas.definition_check_skipped", error=repr(exc)[:300])
+        log.debug("sagas.definition_check_skipped", error=repr(exc)[:300])
         return []
     return definition_problems(counts)

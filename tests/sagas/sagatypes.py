@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from django.db import connection
 
@@ -98,6 +99,8 @@ def _run(ctx: StepContext) -> dict:
         raise BusinessFailure(outcome.split(":", 1)[1], f"scripted no at {ctx.step}")
     if outcome == "transient":
         raise ConnectionError(f"scripted transient error at {ctx.step}")
+    if outcome.startswith("slow:"):  # a participant that takes its time, then says yes
+        time.sleep(float(outcome.split(":", 1)[1]))
     _effect(ctx, kind)
     if outcome == "lost":
         raise TimeoutError(f"scripted lost response at {ctx.step}")
@@ -167,3 +170,17 @@ _WITHOUT = {item for item in os.environ.get("TEST_SAGA_WITHOUT", "").split(",") 
 for _version, _names in ((1, VER_V1), (2, VER_V2)):
     if f"ver:{_version}" not in _WITHOUT:
         register(SagaDefinition("ver", steps=scripted(_names, pivot="c"), version=_version))
+
+
+# -- moving sagas between versions: "mig" parks at the Wait "go" after "a" took effect. ------
+def _go(name: str = "go") -> Wait:
+    return Wait("go", timeout=600, name=name, decide=_decide_go, validate=_go_payload)
+
+
+MIG_V1 = [*scripted(["a"]), _go(), *scripted(["b", "c"], pivot="c")]
+# v2: "check" inserted before the wait, "extra" after "b".
+MIG_V2 = [*scripted(["a", "check"]), _go(), *scripted(["b", "extra", "c"], pivot="c")]
+# v3: "a" lost its compensation and the wait is renamed: v1 sagas at "go" cannot land.
+MIG_V3 = [Step("a", _run), _go("approve"), *scripted(["b", "c"], pivot="c")]
+for _version, _steps in ((1, MIG_V1), (2, MIG_V2), (3, MIG_V3)):
+    register(SagaDefinition("mig", steps=_steps, version=_version))

@@ -1,0 +1,346 @@
+"""Moving unfinished sagas from one definition version of their type to another.
+
+The same habit as the compensation plan: first the plan (what would move, from which step to
+which, which steps each group skips or gains, what cannot move and why), then ``apply``. Every
+decision is by step NAME: a saga lands on the step of the same name in the target version.
+
+A saga moves only if the move cannot make it do something wrong:
+
+- its current step exists in the target (a parked saga's step parks on the same signal);
+- the steps that took effect are the same ones before its current step in both versions, so
+  it neither runs one again nor loses track of one;
+- while it may still compensate, each of those steps exists in the target with a
+  compensation, so an undo is never dropped;
+- it does not cross a pivot: a saga that reached the pivot stays past the same pivot, and one
+  before it does not land past the target's pivot (it would skip the point of no return);
+- no step is in flight: a saga whose lease is held is left for a later run.
+
+``apply`` moves sagas in batches, each row locked (``SKIP LOCKED``) and written with an UPDATE
+fenced on its version, definition version and an expired lease, and bumps ``version`` so a
+doorbell queued for the old shape is stale; each moved saga gets a timeline event naming the
+actor.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from sagas.definition import SagaDefinition, forward_key, get_definition
+from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
+
+UNSETTLED = (SagaState.RUNNING, SagaState.COMPENSATING, SagaState.NEEDS_MANUAL)
+_FIELDS = (
+    "id",
+    "state",
+    "escalated_from",
+    "current_step",
+    "definition_fingerprint",
+    "results",
+    "lease_until",
+    "waiting_since",
+    "version",
+    "next_attempt_at",
+)
+
+
+class MigrationRefused(Exception):
+    """The move as asked makes no sense (unknown versions, the same version, ...)."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What happens to one saga: where it lands, or why it cannot move."""
+
+    group: tuple[str, str]  # (state, current step)
+    lands_at: str = ""
+    skips: tuple[str, ...] = ()
+    gains: tuple[str, ...] = ()
+    drops: tuple[str, ...] = ()
+    refused: str = ""
+    in_flight: bool = False
+
+
+@dataclass
+class Plan:
+    saga_type: str
+    source: SagaDefinition
+    target: SagaDefinition
+    moves: Counter = field(default_factory=Counter)  # (state, step, lands, skips, gains, drops)
+    refused: Counter = field(default_factory=Counter)  # (state, step, reason)
+    in_flight: Counter = field(default_factory=Counter)  # (state, step)
+    moved: int = 0
+
+    @property
+    def movable(self) -> int:
+        return sum(self.moves.values())
+
+    @property
+    def blocked(self) -> int:
+        return sum(self.refused.values())
+
+    def add(self, verdict: Verdict) -> None:
+        state, step = verdict.group
+        if verdict.refused:
+            self.refused[(state, step, verdict.refused)] += 1
+        elif verdict.in_flight:
+            self.in_flight[(state, step)] += 1
+        else:
+            key = (state, step, verdict.lands_at, verdict.skips, verdict.gains, verdict.drops)
+            self.moves[key] += 1
+
+
+def _definitions(saga_type: str, from_version: int, to_version: int) -> tuple[SagaDefinition, ...]:
+    if from_version == to_version:
+        raise MigrationRefused(f"--from and --to are both {from_version}: nothing to move.")
+    try:
+        return get_definition(saga_type, from_version), get_definition(saga_type, to_version)
+    except LookupError as exc:
+        raise MigrationRefused(
+            f"{exc}. Both versions must be registered in the code that moves the sagas."
+        ) from None
+
+
+def _may_compensate(source: SagaDefinition, saga: dict[str, Any]) -> bool:
+    state, escalated = saga["state"], saga["escalated_from"]
+    if state == SagaState.COMPENSATING or (
+        state == SagaState.NEEDS_MANUAL and escalated == SagaState.COMPENSATING
+    ):
+        return True
+    return source.index_of(saga["current_step"]) < source.pivot_index
+
+
+def assess(
+    source: SagaDefinition,
+    target: SagaDefinition,
+    saga: dict[str, Any],
+    effects: set[str],
+    *,
+    now: datetime,
+) -> Verdict:
+    """The verdict for one saga (a dict of :data:`_FIELDS`) whose steps in ``effects`` took
+    effect (or may have) and are not undone yet."""
+    cur = saga["current_step"]
+    group = (str(saga["state"]), cur)
+    fingerprint = saga["definition_fingerprint"]
+    if fingerprint and fingerprint != source.fingerprint:
+        return Verdict(group, refused=f"started on another shape of v{source.version}")
+    if not source.has_step(cur):
+        return Verdict(group, refused=f"its current step {cur} is not in v{source.version}")
+    if not target.has_step(cur):
+        return Verdict(group, refused=f"its current step {cur} does not exist in v{target.version}")
+    effects = {n for n in effects if source.has_step(n)}
+    src_at, tgt_at = source.index_of(cur), target.index_of(cur)
+    src_step, tgt_step = source.step(cur), target.step(cur)
+    if saga["waiting_since"] is not None:
+        src_signal = src_step.park.signal if src_step.park else None
+        tgt_signal = tgt_step.park.signal if tgt_step.park else None
+        if src_signal != tgt_signal:
+            return Verdict(
+                group,
+                refused=f"it waits at {cur}, which does not wait the same way in v{target.version}",
+            )
+    kept = {n for n in effects if target.has_step(n)}
+    if {n for n in kept if n != cur and source.index_of(n) < src_at} != {
+        n for n in kept if n != cur and target.index_of(n) < tgt_at
+    }:
+        return Verdict(
+            group,
+            refused=f"the steps that took effect are not all before {cur} in v{target.version}",
+        )
+    if _may_compensate(source, saga):
+        # Everything not undone yet that has an undo must keep one.
+        undoable = sorted(n for n in effects if source.step(n).compensate is not None)
+        missing = [n for n in undoable if not target.has_step(n)]
+        if missing:
+            return Verdict(
+                group,
+                refused=f"{', '.join(missing)} took effect and does not exist in "
+                f"v{target.version} (its undo would be lost)",
+            )
+        lost = [n for n in undoable if target.step(n).compensate is None]
+        if lost:
+            return Verdict(
+                group,
+                refused=f"{', '.join(lost)} took effect and has no compensation in "
+                f"v{target.version}",
+            )
+    if src_at >= source.pivot_index:
+        if source.pivot_name != target.pivot_name or tgt_at < target.pivot_index:
+            return Verdict(
+                group,
+                refused=f"it has reached the pivot {source.pivot_name} and v{target.version}'s "
+                f"pivot is {target.pivot_name or 'none'}",
+            )
+    elif tgt_at > target.pivot_index:
+        return Verdict(
+            group, refused=f"it would skip v{target.version}'s pivot {target.pivot_name}"
+        )
+    lease = saga["lease_until"]
+    if lease is not None and lease > now:
+        return Verdict(group, in_flight=True)
+    src_names, tgt_names = set(source.names), set(target.names)
+    skips = tuple(n for n in target.names[:tgt_at] if n not in src_names)
+    gains = tuple(n for n in target.names[tgt_at + 1 :] if n not in src_names)
+    drops = tuple(n for n in source.names[src_at + 1 :] if n not in tgt_names)
+    if saga["state"] != SagaState.RUNNING:
+        # Not going forward (undoing, or waiting for a person): nothing is skipped or gained
+        # unless a person sends it forward again.
+        skips = gains = ()
+    return Verdict(group, lands_at=cur, skips=skips, gains=gains, drops=drops)
+
+
+def _effects(saga_ids: list[Any]) -> dict[Any, set[str]]:
+    """Steps of each saga that took effect, or may have, and are not undone."""
+    out: dict[Any, set[str]] = {sid: set() for sid in saga_ids}
+    rows = (
+        SagaStep.objects.filter(saga_id__in=saga_ids)
+        .filter(Q(took_effect=True) | Q(maybe_effect=True))
+        .exclude(status__in=[StepStatus.COMPENSATED, StepStatus.COMPENSATED_BY_HAND])
+        .values_list("saga_id", "name")
+    )
+    for saga_id, name in rows:
+        out[saga_id].add(name)
+    return out
+
+
+def _candidates(saga_type: str, from_version: int):
+    return Saga.objects.filter(
+        saga_type=saga_type, definition_version=from_version, state__in=UNSETTLED
+    ).order_by("id")
+
+
+def plan_migration(
+    saga_type: str, from_version: int, to_version: int, *, chunk: int = 1000
+) -> Plan:
+    """Read every unfinished saga of ``saga_type`` on ``from_version`` and say what would move."""
+    source, target = _definitions(saga_type, from_version, to_version)
+    plan = Plan(saga_type, source, target)
+    now = timezone.now()
+    last = None
+    while True:
+        qs = _candidates(saga_type, from_version)
+        if last is not None:
+            qs = qs.filter(id__gt=last)
+        sagas = list(qs.values(*_FIELDS)[:chunk])
+        if not sagas:
+            return plan
+        effects = _effects([s["id"] for s in sagas])
+        for saga in sagas:
+            plan.add(assess(source, target, saga, effects[saga["id"]], now=now))
+        last = sagas[-1]["id"]
+
+
+def apply_migration(
+    saga_type: str,
+    from_version: int,
+    to_version: int,
+    *,
+    actor: str,
+    batch: int = 500,
+    progress: Any = None,
+) -> Plan:
+    """Move every saga that may move, ``batch`` per transaction; return what was done.
+
+    Sagas whose step is in flight, or that another transaction holds, are left for the next
+    run (the plan counts them as in flight).
+    """
+    from sagas.engine import ring_on_commit
+
+    source, target = _definitions(saga_type, from_version, to_version)
+    plan = Plan(saga_type, source, target)
+    last = None
+    while True:
+        with transaction.atomic():
+            qs = _candidates(saga_type, from_version)
+            if last is not None:
+                qs = qs.filter(id__gt=last)
+            sagas = list(qs.select_for_update(skip_locked=True).values(*_FIELDS)[:batch])
+            if not sagas:
+                return plan
+            last = sagas[-1]["id"]
+            now = timezone.now()
+            effects = _effects([s["id"] for s in sagas])
+            events = []
+            for saga in sagas:
+                verdict = assess(source, target, saga, effects[saga["id"]], now=now)
+                plan.add(verdict)
+                if verdict.refused or verdict.in_flight:
+                    continue
+                if not _move(saga, source, target, now):
+                    continue  # changed under us (cannot happen while locked; fenced anyway)
+                plan.moved += 1
+                detail = (
+                    f"definition v{source.version} -> v{target.version} at {verdict.lands_at}"
+                    f" (step {source.index_of(verdict.lands_at) + 1} -> "
+                    f"{target.index_of(verdict.lands_at) + 1})"
+                )
+                if verdict.skips:
+                    detail += f"; skips {', '.join(verdict.skips)}"
+                if verdict.gains:
+                    detail += f"; gains {', '.join(verdict.gains)}"
+                if verdict.drops:
+                    detail += f"; drops {', '.join(verdict.drops)}"
+                events.append(
+                    SagaEvent(
+                        saga_id=saga["id"],
+                        at=now,
+                        kind="ops_migrate",
+                        step=verdict.lands_at,
+                        detail=detail,
+                        actor=actor[:150],
+                    )
+                )
+                due = saga["next_attempt_at"]
+                if saga["state"] != SagaState.NEEDS_MANUAL and due is not None:
+                    # The bump made any queued doorbell stale: ring for the new version.
+                    wait = max((due - now).total_seconds(), 0.0)
+                    if wait <= 60:
+                        ring_on_commit(saga["id"], saga["version"] + 1, wait or None)
+            SagaEvent.objects.bulk_create(events)
+        if progress is not None:
+            progress(plan)
+
+
+def _move(
+    saga: dict[str, Any], source: SagaDefinition, target: SagaDefinition, now: datetime
+) -> bool:
+    """Rewrite one locked saga and its step rows for ``target``, fenced on its version."""
+    moved = (
+        Saga.objects.filter(
+            pk=saga["id"], version=saga["version"], definition_version=source.version
+        )
+        .filter(Q(lease_until__isnull=True) | Q(lease_until__lte=now))
+        .update(
+            definition_version=target.version,
+            definition_fingerprint=target.fingerprint,
+            step_index=target.index_of(saga["current_step"]),
+            version=saga["version"] + 1,
+            updated_at=now,
+        )
+    )
+    if not moved:
+        return False
+    rows = {s.name: s for s in SagaStep.objects.filter(saga_id=saga["id"])}
+    # Steps the target does not have and that never did anything: their rows go (the timeline
+    # keeps the history); the ones that did anything cannot be here (refused above).
+    gone = [name for name, row in rows.items() if not target.has_step(name)]
+    SagaStep.objects.filter(saga_id=saga["id"], name__in=gone).delete()
+    for i, step in enumerate(target.steps):
+        row = rows.get(step.name)
+        if row is None:
+            SagaStep.objects.create(
+                saga_id=saga["id"],
+                index=i,
+                name=step.name,
+                idempotency_key=forward_key(saga["id"], step.name),
+            )
+        elif row.index != i:
+            SagaStep.objects.filter(pk=row.pk).update(index=i)
+    return True
