@@ -52,6 +52,7 @@ INSTALLED_APPS = [
     "django_celery_beat",
     "django_fsm",
     "audit",
+    "providers",
     "sagas",
     "inventory",
     "payments",
@@ -197,6 +198,25 @@ SAGA_TIMER_RING_WITHIN = env.float("SAGA_TIMER_RING_WITHIN", default=300.0)
 # that hand the saga on (doorbell, terminal state, a person) always wait.
 SAGA_ASYNC_LEASE_COMMITS = env.bool("SAGA_ASYNC_LEASE_COMMITS", default=True)
 SAGA_FAULTS = env("SAGA_FAULTS", default="")
+# Downstream providers (providers app): per-provider circuit breaker and call limits. Off makes
+# every step call its provider as before (no gate, no health window): the comparison baseline.
+SAGA_PROVIDER_BREAKERS = env.bool("SAGA_PROVIDER_BREAKERS", default=True)
+# Defaults for every provider, tuned for a card processor; SAGA_PROVIDERS (JSON) overrides them
+# per provider, e.g. {"payments": {"max_in_flight": 20}}. See providers.config for each knob.
+SAGA_PROVIDER_DEFAULTS = {
+    "window": 30.0,
+    "min_calls": 10,
+    "failure_rate": 0.5,
+    "cooldown": 10.0,
+    "canaries": 3,
+    "max_in_flight": 50,
+    "rate": 0.0,
+    "release_spread": 5.0,
+}
+SAGA_PROVIDERS = env.json("SAGA_PROVIDERS", default={})
+# Tests and chaos runs: the fake providers count their own concurrent calls (two extra writes
+# per call), so a run can prove the in-flight limit from the provider's side.
+SAGA_FAKE_PROVIDER_STATS = env.bool("SAGA_FAKE_PROVIDER_STATS", default=False)
 # Modules that register saga types besides the apps' own (imported when the sagas app is ready,
 # so every worker knows them). None by default: the benchmark's 5-step type (lab.bench_saga)
 # is registered by the benchmark, in its own process and the workers it starts.

@@ -150,11 +150,21 @@ order_saga = SagaDefinition(
     "order",
     on_resolve=settle_stock_on_resolve,
     steps=[
-        Step("reserve_inventory", reserve_inventory, compensate=release_inventory),
-        Step("authorize_payment", authorize_payment, compensate=void_authorization),
-        Step("arrange_shipment", arrange_shipment, compensate=cancel_shipment),
-        Step("capture_payment", capture_payment, compensate=refund_payment),
-        Step("confirm_order", confirm_order, pivot=True),
+        Step(
+            "reserve_inventory",
+            reserve_inventory,
+            compensate=release_inventory,
+            provider="inventory",
+        ),
+        Step(
+            "authorize_payment",
+            authorize_payment,
+            compensate=void_authorization,
+            provider="payments",
+        ),
+        Step("arrange_shipment", arrange_shipment, compensate=cancel_shipment, provider="shipping"),
+        Step("capture_payment", capture_payment, compensate=refund_payment, provider="payments"),
+        Step("confirm_order", confirm_order, pivot=True, provider="inventory"),
     ],
 )
 

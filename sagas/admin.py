@@ -719,6 +719,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             "sweep_task_url": _sweep_task_url()
             if request.user.has_perm("django_celery_beat.view_periodictask")
             else None,
+            **_provider_breakers(request),
         }
         return TemplateResponse(request, "admin/sagas/saga/dashboard.html", context)
 
@@ -1038,3 +1039,17 @@ def _sweep_task_url() -> str | None:
 
     task = PeriodicTask.objects.filter(name=SWEEP_TASK_NAME).only("pk").first()
     return admin_url(task) if task else None
+
+
+def _provider_breakers(request: HttpRequest) -> dict[str, Any]:
+    """The dashboard's providers table: each breaker, its health, and who may force it."""
+    from providers.admin import can_force
+    from providers.selectors import breaker_overview
+    from sagas.metrics import parked_by_provider
+
+    return {
+        "breakers": breaker_overview(parked=parked_by_provider()),
+        "can_force_breakers": can_force(request),
+        "breaker_actions_url": reverse("admin:audit_auditentry_changelist")
+        + "?action__startswith=breaker.",
+    }

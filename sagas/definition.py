@@ -62,6 +62,10 @@ class Step:
 
     A ``pivot`` is the point of no return: once it has run nothing before it is compensated,
     and a cancel request is refused.
+
+    ``provider`` names the downstream service both functions call (``"payments"``). Its calls
+    then go through that provider's circuit breaker and limits: while it is down the saga
+    waits, without spending attempts, instead of retrying itself into compensation.
     """
 
     name: str
@@ -70,6 +74,7 @@ class Step:
     pivot: bool = False
     #: Set by :func:`Wait` and :func:`Sleep`: the step parks the saga instead of calling out.
     park: Park | None = None
+    provider: str = ""
 
 
 ON_TIMEOUT = ("compensate", "escalate")

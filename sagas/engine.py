@@ -34,12 +34,15 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from providers import breaker as provider_breaker
+from providers.config import breakers_enabled
 from sagas import metrics, waits
 from sagas.definition import (
     BusinessFailure,
     SagaDefinition,
     Step,
     StepContext,
+    StepFunction,
     definition_of,
     registered_definitions,
 )
@@ -408,6 +411,8 @@ def _write(saga: Saga, rec: _Record, *, inline_ok: bool) -> Saga | None:
         getattr(saga, name)()  # django-fsm checks the source state; raises if not allowed
     if rec.transitions:
         fields["state"] = saga.state
+    if saga.parked_on and "parked_on" not in fields:
+        fields["parked_on"] = ""  # no longer waiting for a provider
     go_on = rec.go_on and inline_ok
     if rec.go_on:
         fields["next_attempt_at"] = now
@@ -590,6 +595,56 @@ def _schedule_retry(
     rec.ring_after = delay
 
 
+# ---------------------------------------------------------------------------------------------
+# The provider seam: a gate before a participant call, an outcome report after it
+# ---------------------------------------------------------------------------------------------
+def _gate(step: Step) -> provider_breaker.Ticket | provider_breaker.Wait | None:
+    """Ask the step's provider for a call: a ticket, a wait, or ``None`` if it is not gated."""
+    if not step.provider or not breakers_enabled():
+        return None
+    return provider_breaker.admit(step.provider)
+
+
+def _call(fn: StepFunction, ctx: StepContext, ticket: provider_breaker.Ticket | None) -> Any:
+    """Call a step function; its provider's health counts transient failures only."""
+    try:
+        result = fn(ctx)
+    except BusinessFailure:
+        provider_breaker.report(ticket, ok=True)  # a definite answer: the provider is healthy
+        raise
+    except BaseException:
+        provider_breaker.report(ticket, ok=False)
+        raise
+    provider_breaker.report(ticket, ok=True)
+    return result
+
+
+def _park_for_provider(
+    saga: Saga, rec: _Record, *, step: str, wait: provider_breaker.Wait, inline_ok: bool
+) -> Saga | None:
+    """The provider cannot take a call now: come back later as if this claim never happened.
+
+    The claim counted an attempt; the park gives it back in the same fenced record, so an
+    outage of any length spends none of the saga's attempts. The timeline gets one ``parked``
+    event per stay, not one per probe.
+    """
+    rec.fields.update(
+        attempt=max(saga.attempt - 1, 0),
+        next_attempt_at=timezone.now() + timedelta(seconds=wait.delay),
+        lease_until=None,
+        parked_on=wait.provider,
+    )
+    if saga.parked_on != wait.provider:
+        rec.event(
+            "parked",
+            saga,
+            step=step,
+            detail=f"provider {wait.provider}: {wait.reason}; next try in {wait.delay:.1f}s",
+        )
+    rec.ring_after = wait.delay
+    return _write(saga, rec, inline_ok=inline_ok)
+
+
 def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga | None:
     rec = _Record()
     i = definition.index_of(saga.current_step)
@@ -618,6 +673,9 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
             definition, saga, rec, error="attempts exhausted without an answer (worker lost)"
         )
 
+    ticket = _gate(step)
+    if isinstance(ticket, provider_breaker.Wait):
+        return _park_for_provider(saga, rec, step=step.name, wait=ticket, inline_ok=inline_ok)
     ctx = _context(definition, saga, compensating=False)
     action = step.action
     if step.park is not None:
@@ -634,7 +692,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
         _unpark(saga, rec)
     started = time.perf_counter()
     try:
-        result = action(ctx)
+        result = _call(action, ctx, ticket)
     except BusinessFailure as exc:
         duration = time.perf_counter() - started
         metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
@@ -734,11 +792,14 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
         rec.step_fields = {"status": StepStatus.COMPENSATION_FAILED}
         _escalate(saga, rec, step=step.name, error="compensation attempts exhausted (worker lost)")
         return _write(saga, rec, inline_ok=False)
+    ticket = _gate(step)
+    if isinstance(ticket, provider_breaker.Wait):
+        return _park_for_provider(saga, rec, step=step.name, wait=ticket, inline_ok=inline_ok)
     ctx = _context(definition, saga, compensating=True)
     started = time.perf_counter()
     try:
         assert step.compensate is not None
-        step.compensate(ctx)
+        _call(step.compensate, ctx, ticket)
     except Exception as exc:  # noqa: BLE001 - a compensation must eventually succeed or escalate
         duration = time.perf_counter() - started
         metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "compensation").observe(duration)

@@ -8,6 +8,9 @@
 Participants decorate their operations with :func:`fault_point`, so tests and the chaos suite
 exercise the exact code paths production runs. Unset or empty means no faults and costs one
 dict lookup per call.
+
+The same seam fails every call of a provider taken down with ``provider_outage`` (a row every
+worker reads, see ``providers.outage``), so an outage is rehearsed on the real code path too.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from django.conf import settings
+
+from providers import outage
 
 OPERATIONS = frozenset(
     {
@@ -139,24 +144,40 @@ def fault_point(operation: str) -> Callable[[F], F]:
     if operation not in OPERATIONS:
         raise ValueError(f"unknown fault operation {operation!r}")
 
+    provider = operation.split(".", 1)[0]
+
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            spec = active_faults().get(operation)
-            if spec is None:
-                return fn(*args, **kwargs)
-            if spec.latency_ms is not None:
-                time.sleep(random.uniform(*spec.latency_ms) / 1000.0)
-            if spec.error and random.random() < spec.error:
-                raise InjectedError(f"injected error in {operation}")
-            result = fn(*args, **kwargs)
-            if spec.crash and random.random() < spec.crash:
-                # The effect is committed; the saga has not recorded it. Die like a SIGKILL.
-                os.kill(os.getpid(), signal.SIGKILL)
-            if spec.lost_response and random.random() < spec.lost_response:
-                raise InjectedTimeout(f"injected lost response from {operation}")
-            return result
+            if outage.is_down(provider):
+                outage.count_call_while_down(provider)
+                raise InjectedError(f"provider {provider} is down (outage) in {operation}")
+            if outage.stats_enabled():
+                outage.call_started(provider)
+                try:
+                    return _faulty_call(operation, fn, args, kwargs)
+                finally:
+                    outage.call_ended(provider)
+            return _faulty_call(operation, fn, args, kwargs)
 
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def _faulty_call(operation: str, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    """Run ``fn`` with the ``SAGA_FAULTS`` of ``operation`` applied."""
+    spec = active_faults().get(operation)
+    if spec is None:
+        return fn(*args, **kwargs)
+    if spec.latency_ms is not None:
+        time.sleep(random.uniform(*spec.latency_ms) / 1000.0)
+    if spec.error and random.random() < spec.error:
+        raise InjectedError(f"injected error in {operation}")
+    result = fn(*args, **kwargs)
+    if spec.crash and random.random() < spec.crash:
+        # The effect is committed; the saga has not recorded it. Die like a SIGKILL.
+        os.kill(os.getpid(), signal.SIGKILL)
+    if spec.lost_response and random.random() < spec.lost_response:
+        raise InjectedTimeout(f"injected lost response from {operation}")
+    return result

@@ -60,9 +60,27 @@ class _SagaStateCollector:
         yield family
 
 
+def parked_by_provider() -> dict[str, int]:
+    """Active sagas waiting for a provider's breaker or limits, per provider."""
+    from django.db.models import Count
+
+    from sagas.models import ACTIVE_STATES, Saga
+
+    return dict(
+        Saga.objects.filter(state__in=ACTIVE_STATES)
+        .exclude(parked_on="")
+        .order_by()
+        .values_list("parked_on")
+        .annotate(n=Count("id"))
+    )
+
+
 def render_metrics() -> tuple[bytes, str]:
     """The Prometheus exposition of every process's metrics plus the per-state gauges."""
+    from providers.metrics import BreakerCollector
+
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
     registry.register(_SagaStateCollector())
+    registry.register(BreakerCollector(parked=parked_by_provider))
     return generate_latest(registry), CONTENT_TYPE_LATEST

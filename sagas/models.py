@@ -68,6 +68,8 @@ class Saga(FSMModelMixin, models.Model):
     #: The state a saga was in when it escalated to ``needs_manual``; ``retry_now`` returns there.
     escalated_from = models.CharField(max_length=16, blank=True, default="")
     #: Input of the saga: ids, amounts and codes, never personal data or tokens.
+    #: The provider whose breaker or limits this saga waits for ("" when not waiting).
+    parked_on = models.CharField(max_length=64, blank=True, default="")
     data = models.JSONField(default=dict, blank=True)
     #: Results of the forward steps that took effect, by step name; later steps read them.
     results = models.JSONField(default=dict, blank=True)

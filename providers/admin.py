@@ -1,0 +1,80 @@
+"""The providers' breakers in the ops console: see them, and force them open or closed.
+
+Forcing is for people on call: ``force open`` stops traffic to a provider you know is down
+before its failure rate shows it (held until force-closed, no canaries); ``force close`` resumes
+it now, counting health afresh. Both need the ``ops`` permission and land in the audit log
+(``breaker.force_open`` / ``breaker.force_closed``) with the user and address.
+"""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
+from django.urls import path, reverse
+from django.utils.http import url_has_allowed_host_and_scheme
+
+from providers import breaker
+from providers.models import Breaker, BreakerState
+
+#: The ops group's permission (the one that retries and compensates sagas).
+OPS_PERMISSION = "sagas.operate_saga"
+
+
+def can_force(request: HttpRequest) -> bool:
+    return request.user.has_perm(OPS_PERMISSION)
+
+
+@admin.register(Breaker)
+class BreakerAdmin(admin.ModelAdmin):
+    list_display = ("provider", "state", "since", "probe_at", "forced", "generation")
+    readonly_fields = list_display
+    actions = ["force_open", "force_close"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Breaker | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Breaker | None = None) -> bool:
+        return False
+
+    def has_operate_permission(self, request: HttpRequest) -> bool:
+        return can_force(request)
+
+    @admin.action(description="Force open (hold until force-closed)", permissions=["operate"])
+    def force_open(self, request: HttpRequest, queryset) -> None:
+        for provider in queryset.values_list("provider", flat=True):
+            breaker.force(provider, BreakerState.OPEN, user=request.user, request=request)
+        messages.success(request, "Forced open.")
+
+    @admin.action(description="Force close", permissions=["operate"])
+    def force_close(self, request: HttpRequest, queryset) -> None:
+        for provider in queryset.values_list("provider", flat=True):
+            breaker.force(provider, BreakerState.CLOSED, user=request.user, request=request)
+        messages.success(request, "Forced closed.")
+
+    def get_urls(self):
+        force = path(
+            "<str:provider>/force/<str:to>/",
+            self.admin_site.admin_view(self.force_view),
+            name="providers_breaker_force",
+        )
+        return [force, *super().get_urls()]
+
+    def force_view(self, request: HttpRequest, provider: str, to: str) -> HttpResponse:
+        """The dashboard's force buttons (POST only), back to where they were pressed."""
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        if not can_force(request):
+            raise PermissionDenied
+        if to not in (BreakerState.OPEN, BreakerState.CLOSED):
+            messages.error(request, f"A breaker can be forced open or closed, not {to!r}.")
+        else:
+            old = breaker.force(provider, to, user=request.user, request=request)
+            messages.success(request, f"Breaker of {provider}: {old} -> forced {to}.")
+        back = request.POST.get("next", "")
+        if not url_has_allowed_host_and_scheme(back, {request.get_host()}):
+            back = reverse("admin:providers_breaker_changelist")
+        return HttpResponseRedirect(back)

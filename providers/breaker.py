@@ -1,0 +1,401 @@
+"""One circuit breaker and one set of call limits per provider, shared by every worker.
+
+The engine asks :func:`admit` before it calls a step's provider and hands the answer back to
+:func:`report` with the outcome. ``admit`` answers with a :class:`Ticket` (go ahead) or a
+:class:`Wait` (do not call; come back after ``delay``). The state lives in PostgreSQL rows
+(see ``providers.models``), each change one conditional ``UPDATE``, so two workers racing for
+the last canary or the last call slot cannot both win, and no process memory matters.
+
+Breaker: ``closed`` until the failure rate of the calls in the last ``window`` seconds (and
+admitted since the breaker last closed) reaches ``failure_rate`` over at least ``min_calls`` calls;
+then ``open`` for ``cooldown`` seconds; then ``half_open``, letting ``canaries`` calls through;
+all of them succeeding closes it, any of them failing opens it again. Only transient failures
+count: a participant's business "no" is a healthy answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from django.conf import settings
+from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db.models import F, Sum
+from django.http import HttpRequest
+from django.utils import timezone
+
+from providers import metrics
+from providers.config import ProviderConfig, provider_config
+from providers.models import Breaker, BreakerState, CallSlot, HealthBucket
+
+log = structlog.get_logger("providers.breaker")
+
+# While the slots or the rate are exhausted, a saga comes back after this much (jittered).
+_LIMIT_WAIT = (0.1, 0.5)
+_known_breakers: set[str] = set()
+_known_slots: dict[str, int] = {}
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """Permission for one call; hand it back to :func:`report`."""
+
+    provider: str
+    generation: int = 0
+    slot_id: int | None = None
+    slot_lease: datetime | None = None
+    canary: bool = False
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Do not call now: the provider's breaker is open, or its limits are reached."""
+
+    provider: str
+    delay: float
+    reason: str
+
+
+def _call_lease() -> timedelta:
+    """A call slot or canary is presumed lost this long after it was taken (killed worker)."""
+    return timedelta(seconds=settings.SAGA_STEP_TIMEOUT + 5.0)
+
+
+def _qn(name: str) -> str:
+    return connection.ops.quote_name(name)
+
+
+def ensure_breaker(provider: str) -> None:
+    if provider in _known_breakers:
+        return
+    with contextlib.suppress(IntegrityError):  # another worker created it first
+        Breaker.objects.get_or_create(provider=provider, defaults={"since": timezone.now()})
+    _known_breakers.add(provider)
+
+
+def _ensure_slots(provider: str, count: int) -> None:
+    if _known_slots.get(provider, -1) >= count:
+        return
+    CallSlot.objects.bulk_create(
+        [CallSlot(provider=provider, n=n) for n in range(count)], ignore_conflicts=True
+    )
+    _known_slots[provider] = count
+
+
+# ---------------------------------------------------------------------------------------------
+# Admission
+# ---------------------------------------------------------------------------------------------
+def admit(provider: str) -> Ticket | Wait:
+    """May a step call ``provider`` now? A :class:`Ticket` means yes (and holds a call slot)."""
+    cfg = provider_config(provider)
+    ensure_breaker(provider)
+    now = timezone.now()
+    state, probe_at, forced, generation = Breaker.objects.values_list(
+        "state", "probe_at", "forced", "generation"
+    ).get(provider=provider)
+    canary = False
+    if state != BreakerState.CLOSED:
+        canary = not forced and _take_canary(provider, cfg, now)
+        if not canary:
+            metrics.PARKED.labels(provider, state).inc()
+            due = probe_at if probe_at is not None and not forced else now + _cooldown(cfg)
+            delay = max((due - now).total_seconds(), 0.0)
+            # Spread the retries so that a provider coming back gets waves, not a wall.
+            return Wait(
+                provider, delay + random.uniform(0.05, max(cfg.release_spread, 0.05)), state
+            )
+    slot_id, lease = None, None
+    if cfg.max_in_flight:
+        slot_id, lease = _take_slot(provider, cfg, now)
+        if slot_id is None:
+            if canary:
+                _return_canary(provider)
+            metrics.LIMITED.labels(provider, "in_flight").inc()
+            return Wait(provider, random.uniform(*_LIMIT_WAIT), "in_flight")
+    if cfg.rate and not _take_rate(provider, generation, cfg, now):
+        if slot_id is not None:
+            _release_slot(slot_id, lease)
+        if canary:
+            _return_canary(provider)
+        metrics.LIMITED.labels(provider, "rate").inc()
+        return Wait(provider, random.uniform(*_LIMIT_WAIT), "rate")
+    return Ticket(provider, generation, slot_id, lease, canary)
+
+
+def _cooldown(cfg: ProviderConfig) -> timedelta:
+    return timedelta(seconds=max(cfg.cooldown, 0.1))
+
+
+def _take_canary(provider: str, cfg: ProviderConfig, now: datetime) -> bool:
+    """Become one of the half-open round's canaries (and open that round if it is due)."""
+    t = _qn(Breaker._meta.db_table)
+    new_round = f"({_qn('state')} = 'open' OR {_qn('probe_at')} <= %s)"
+    sql = (
+        f"UPDATE {t} SET {_qn('state')} = 'half_open', "
+        f"{_qn('since')} = CASE WHEN {_qn('state')} = 'open' THEN %s ELSE {_qn('since')} END, "
+        f"{_qn('canaries')} = CASE WHEN {new_round} THEN 1 ELSE {_qn('canaries')} + 1 END, "
+        f"{_qn('canary_ok')} = CASE WHEN {new_round} THEN 0 ELSE {_qn('canary_ok')} END, "
+        f"{_qn('probe_at')} = CASE WHEN {new_round} THEN %s ELSE {_qn('probe_at')} END, "
+        f"{_qn('updated_at')} = %s "
+        f"WHERE {_qn('provider')} = %s AND NOT {_qn('forced')} AND ("
+        f"({_qn('state')} = 'open' AND {_qn('probe_at')} <= %s) OR "
+        f"({_qn('state')} = 'half_open' AND ({_qn('canaries')} < %s OR {_qn('probe_at')} <= %s))"
+        f") RETURNING {_qn('since')}"
+    )
+    ops = connection.ops
+    ts = ops.adapt_datetimefield_value
+    params = [
+        ts(now),
+        ts(now),
+        ts(now),
+        ts(now),
+        ts(now + _call_lease()),
+        ts(now),
+        provider,
+        ts(now),
+        cfg.canaries or 1,
+        ts(now),
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    if row is None:
+        return False
+    since = row[0]
+    if isinstance(since, str):  # SQLite
+        since = datetime.fromisoformat(since)
+    if since is not None and timezone.is_naive(since):
+        since = timezone.make_aware(since, timezone.utc)
+    if since == now:
+        _transitioned(provider, BreakerState.OPEN, BreakerState.HALF_OPEN, reason="cooldown over")
+    metrics.CANARIES.labels(provider).inc()
+    return True
+
+
+def _return_canary(provider: str) -> None:
+    """A canary that could not get a call slot gives its place back."""
+    Breaker.objects.filter(provider=provider, state=BreakerState.HALF_OPEN, canaries__gt=0).update(
+        canaries=F("canaries") - 1
+    )
+
+
+def _take_slot(
+    provider: str, cfg: ProviderConfig, now: datetime
+) -> tuple[int | None, datetime | None]:
+    _ensure_slots(provider, cfg.max_in_flight)
+    lease = now + _call_lease()
+    t = _qn(CallSlot._meta.db_table)
+    lock = (
+        " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
+    )
+    ts = connection.ops.adapt_datetimefield_value
+    sql = (
+        f"UPDATE {t} SET {_qn('lease_until')} = %s WHERE {_qn('id')} = ("
+        f"SELECT {_qn('id')} FROM {t} WHERE {_qn('provider')} = %s AND {_qn('n')} < %s AND "
+        f"({_qn('lease_until')} IS NULL OR {_qn('lease_until')} <= %s) LIMIT 1{lock}"
+        f") RETURNING {_qn('id')}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [ts(lease), provider, cfg.max_in_flight, ts(now)])
+        row = cursor.fetchone()
+    return (row[0], lease) if row else (None, None)
+
+
+def _release_slot(slot_id: int, lease: datetime | None) -> None:
+    # Only our own lease: past it, the slot may already belong to another call.
+    CallSlot.objects.filter(id=slot_id, lease_until=lease).update(lease_until=None)
+
+
+def _take_rate(provider: str, generation: int, cfg: ProviderConfig, now: datetime) -> bool:
+    t = _qn(HealthBucket._meta.db_table)
+    sql = (
+        f"INSERT INTO {t} ({_qn('provider')}, {_qn('generation')}, {_qn('second')}, "
+        f"{_qn('ok')}, {_qn('failed')}, {_qn('started')}) VALUES (%s, %s, %s, 0, 0, 1) "
+        f"ON CONFLICT ({_qn('provider')}, {_qn('generation')}, {_qn('second')}) DO UPDATE SET "
+        f"{_qn('started')} = {t}.{_qn('started')} + 1 WHERE {t}.{_qn('started')} < %s "
+        f"RETURNING {_qn('started')}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [provider, generation, int(now.timestamp()), cfg.rate])
+        return cursor.fetchone() is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Outcomes
+# ---------------------------------------------------------------------------------------------
+def report(ticket: Ticket | None, *, ok: bool) -> None:
+    """Count one call's outcome (``ok``: the provider answered, even with a business "no")."""
+    if ticket is None:
+        return
+    try:
+        _report(ticket, ok=ok)
+    except DatabaseError as exc:
+        # Health bookkeeping must never turn an answered call into a failed step; a slot not
+        # released here comes back when its lease passes.
+        log.warning("provider.report_failed", provider=ticket.provider, error=repr(exc))
+
+
+def _report(ticket: Ticket, *, ok: bool) -> None:
+    provider = ticket.provider
+    now = timezone.now()
+    if ticket.slot_id is not None:
+        _release_slot(ticket.slot_id, ticket.slot_lease)
+    _count(provider, ticket.generation, now, ok)
+    metrics.CALLS.labels(provider, "ok" if ok else "failed").inc()
+    cfg = provider_config(provider)
+    if ticket.canary:
+        _canary_outcome(provider, cfg, now, ok)
+    elif not ok:
+        _maybe_open(provider, ticket.generation, cfg, now)
+
+
+def _count(provider: str, generation: int, now: datetime, ok: bool) -> None:
+    t = _qn(HealthBucket._meta.db_table)
+    column = _qn("ok" if ok else "failed")
+    sql = (
+        f"INSERT INTO {t} ({_qn('provider')}, {_qn('generation')}, {_qn('second')}, "
+        f"{_qn('ok')}, {_qn('failed')}, {_qn('started')}) VALUES (%s, %s, %s, %s, %s, 0) "
+        f"ON CONFLICT ({_qn('provider')}, {_qn('generation')}, {_qn('second')}) DO UPDATE SET "
+        f"{column} = {t}.{column} + 1"
+    )
+    second = int(now.timestamp())
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [provider, generation, second, int(ok), int(not ok)])
+    if random.random() < 0.01:
+        # Old buckets are never read again; trimming now and then keeps the table tiny.
+        keep = provider_config(provider).window + 60
+        HealthBucket.objects.filter(provider=provider, second__lt=second - keep).delete()
+
+
+def window_counts(
+    provider: str, now: datetime | None = None, generation: int | None = None
+) -> tuple[int, int]:
+    """``(calls, failed)`` in the provider's window, counting calls admitted since it closed."""
+    now = now or timezone.now()
+    cfg = provider_config(provider)
+    if generation is None:
+        generation = (
+            Breaker.objects.filter(provider=provider).values_list("generation", flat=True).first()
+            or 0
+        )
+    totals = HealthBucket.objects.filter(
+        provider=provider, generation=generation, second__gte=int(now.timestamp() - cfg.window)
+    ).aggregate(ok=Sum("ok"), failed=Sum("failed"))
+    ok, failed = totals["ok"] or 0, totals["failed"] or 0
+    return ok + failed, failed
+
+
+def _maybe_open(provider: str, generation: int, cfg: ProviderConfig, now: datetime) -> None:
+    calls, failed = window_counts(provider, now, generation)
+    if calls < max(cfg.min_calls, 1) or failed / calls < cfg.failure_rate:
+        return
+    opened = Breaker.objects.filter(
+        provider=provider, state=BreakerState.CLOSED, generation=generation
+    ).update(
+        state=BreakerState.OPEN,
+        since=now,
+        probe_at=now + _cooldown(cfg),
+        canaries=0,
+        canary_ok=0,
+        updated_at=now,
+    )
+    if opened:
+        _transitioned(
+            provider,
+            BreakerState.CLOSED,
+            BreakerState.OPEN,
+            reason="failure rate",
+            failure_rate=round(failed / calls, 3),
+            calls=calls,
+        )
+
+
+def _canary_outcome(provider: str, cfg: ProviderConfig, now: datetime, ok: bool) -> None:
+    if not ok:
+        reopened = Breaker.objects.filter(provider=provider, state=BreakerState.HALF_OPEN).update(
+            state=BreakerState.OPEN,
+            since=now,
+            probe_at=now + _cooldown(cfg),
+            canaries=0,
+            canary_ok=0,
+            updated_at=now,
+        )
+        if reopened:
+            _transitioned(
+                provider, BreakerState.HALF_OPEN, BreakerState.OPEN, reason="canary failed"
+            )
+        return
+    Breaker.objects.filter(provider=provider, state=BreakerState.HALF_OPEN).update(
+        canary_ok=F("canary_ok") + 1, updated_at=now
+    )
+    closed = Breaker.objects.filter(
+        provider=provider, state=BreakerState.HALF_OPEN, canary_ok__gte=max(cfg.canaries, 1)
+    ).update(
+        state=BreakerState.CLOSED,
+        since=now,
+        probe_at=None,
+        canaries=0,
+        canary_ok=0,
+        generation=F("generation") + 1,
+        updated_at=now,
+    )
+    if closed:
+        _transitioned(provider, BreakerState.HALF_OPEN, BreakerState.CLOSED, reason="canaries ok")
+
+
+def _transitioned(provider: str, old: str, new: str, *, reason: str, **extra: object) -> None:
+    """The one structured log line (and counter) per breaker transition."""
+    metrics.TRANSITIONS.labels(provider, str(new)).inc()
+    log.warning(
+        "provider.breaker_transition",
+        provider=provider,
+        from_state=str(old),
+        to_state=str(new),
+        reason=reason,
+        **extra,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# People
+# ---------------------------------------------------------------------------------------------
+def force(provider: str, to: str, *, user: Any | None, request: HttpRequest | None = None) -> str:
+    """Force a breaker open (held until force-closed) or closed (health counted afresh).
+
+    Recorded in the audit log with the user; returns the state it left.
+    """
+    from audit.services import audit_record
+
+    if to not in (BreakerState.OPEN, BreakerState.CLOSED):
+        raise ValueError(f"a breaker can be forced open or closed, not {to!r}")
+    ensure_breaker(provider)
+    now = timezone.now()
+    with transaction.atomic():
+        old = (
+            Breaker.objects.select_for_update()
+            .values_list("state", flat=True)
+            .get(provider=provider)
+        )
+        Breaker.objects.filter(provider=provider).update(
+            state=to,
+            forced=to == BreakerState.OPEN,
+            since=now,
+            probe_at=None,
+            canaries=0,
+            canary_ok=0,
+            generation=F("generation") + (1 if to == BreakerState.CLOSED else 0),
+            updated_at=now,
+        )
+        entry = audit_record(
+            f"breaker.force_{to}",
+            actor=user,
+            target=f"provider:{provider}",
+            detail={"from_state": str(old)},
+            request=request,
+        )
+    _transitioned(provider, old, to, reason=f"forced by {entry.actor_name}")
+    return old

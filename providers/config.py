@@ -1,0 +1,72 @@
+"""Per-provider knobs: ``SAGA_PROVIDER_DEFAULTS`` overridden by ``SAGA_PROVIDERS[name]``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """What one provider's breaker and limits do.
+
+    ``window``: seconds of call outcomes the failure rate is computed over.
+    ``min_calls``: outcomes in the window before the rate may open the breaker.
+    ``failure_rate``: fraction of failed calls (0-1) that opens it.
+    ``cooldown``: seconds open before canaries are let through (half-open).
+    ``canaries``: calls let through while half-open; all succeeding closes the breaker.
+    ``max_in_flight``: calls running at once across all workers (0: no limit).
+    ``rate``: calls started per second across all workers (0: no limit).
+    ``release_spread``: parked sagas retry spread over this many seconds after a probe time,
+    so a recovered provider gets waves, not the whole backlog at once.
+    """
+
+    window: float = 30.0
+    min_calls: int = 10
+    failure_rate: float = 0.5
+    cooldown: float = 10.0
+    canaries: int = 3
+    max_in_flight: int = 50
+    rate: float = 0.0
+    release_spread: float = 5.0
+
+
+_KNOBS = {f.name: f.type for f in fields(ProviderConfig)}
+_cache: tuple[int, dict[str, ProviderConfig]] | None = None
+
+
+def _build(name: str) -> ProviderConfig:
+    merged = {**settings.SAGA_PROVIDER_DEFAULTS, **(settings.SAGA_PROVIDERS or {}).get(name, {})}
+    values = {}
+    for key, value in merged.items():
+        if key not in _KNOBS:
+            raise ImproperlyConfigured(
+                f"SAGA_PROVIDERS[{name!r}]: unknown knob {key!r}; known: {', '.join(_KNOBS)}"
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ImproperlyConfigured(
+                f"SAGA_PROVIDERS[{name!r}][{key!r}] must be a non-negative number"
+            )
+        values[key] = int(value) if _KNOBS[key] in (int, "int") else float(value)
+    config = ProviderConfig(**values)
+    if config.failure_rate > 1:
+        raise ImproperlyConfigured(f"SAGA_PROVIDERS[{name!r}]['failure_rate'] must be <= 1")
+    return config
+
+
+def provider_config(name: str) -> ProviderConfig:
+    """The knobs of ``name``, parsed once per process (re-read if the settings object changed)."""
+    global _cache
+    key = id(settings.SAGA_PROVIDERS), id(settings.SAGA_PROVIDER_DEFAULTS)
+    if _cache is None or _cache[0] != hash(key):
+        _cache = (hash(key), {})
+    configs = _cache[1]
+    if name not in configs:
+        configs[name] = _build(name)
+    return configs[name]
+
+
+def breakers_enabled() -> bool:
+    return bool(settings.SAGA_PROVIDER_BREAKERS)

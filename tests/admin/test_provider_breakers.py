@@ -1,0 +1,59 @@
+"""The providers table on the saga dashboard, and forcing a breaker from it."""
+
+from __future__ import annotations
+
+import pytest
+from django.urls import reverse
+
+from audit.models import AuditEntry
+from providers import breaker
+from providers.models import Breaker
+
+pytestmark = pytest.mark.django_db
+
+DASHBOARD = "/admin/sagas/saga/dashboard/"
+
+
+@pytest.fixture
+def payments_breaker():
+    breaker._known_breakers.clear()
+    breaker.ensure_breaker("payments")
+
+
+def test_dashboard_shows_each_breaker_with_force_buttons_for_ops(ops_client, payments_breaker):
+    page = ops_client.get(DASHBOARD).content.decode()
+    assert 'id="breaker-payments"' in page
+    assert "closed" in page
+    assert "Force open" in page
+
+
+def test_force_open_and_close_from_the_dashboard_are_audited_with_the_user(
+    ops_client, ops_user, payments_breaker
+):
+    url = reverse("admin:providers_breaker_force", args=["payments", "open"])
+    response = ops_client.post(url, {"next": DASHBOARD})
+    assert response.status_code == 302 and response["Location"] == DASHBOARD
+    row = Breaker.objects.get(provider="payments")
+    assert row.state == "open" and row.forced
+    assert "open (forced)" in ops_client.get(DASHBOARD).content.decode()
+
+    ops_client.post(reverse("admin:providers_breaker_force", args=["payments", "closed"]))
+    assert Breaker.objects.get(provider="payments").state == "closed"
+    audit = list(
+        AuditEntry.objects.filter(target="provider:payments")
+        .order_by("at")
+        .values_list("action", "actor", "detail")
+    )
+    assert audit == [
+        ("breaker.force_open", ops_user.pk, {"from_state": "closed"}),
+        ("breaker.force_closed", ops_user.pk, {"from_state": "open"}),
+    ]
+
+
+def test_staff_outside_ops_see_breakers_but_cannot_force_them(viewer_client, payments_breaker):
+    page = viewer_client.get(DASHBOARD).content.decode()
+    assert 'id="breaker-payments"' in page and "Force open" not in page
+    url = reverse("admin:providers_breaker_force", args=["payments", "open"])
+    assert viewer_client.post(url).status_code == 403
+    assert Breaker.objects.get(provider="payments").state == "closed"
+    assert not AuditEntry.objects.filter(target="provider:payments").exists()

@@ -1,0 +1,180 @@
+"""The breaker and limits of one provider, driven directly through admit/report.
+
+These run in the test process against PostgreSQL: the state is shared rows, so what one
+process does here is what every worker sees. The end-to-end proof with real workers and the
+order saga is ``tests/orders/test_provider_outage.py``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth.models import Group, User
+from django.core.management import call_command
+from django.utils import timezone
+
+from audit.models import AuditEntry
+from providers import breaker, outage
+from providers.breaker import Ticket, Wait, admit, report
+from providers.models import Breaker, CallSlot, FakeProviderStatus
+from sagas.faults import InjectedError, fault_point
+
+pytestmark = pytest.mark.django_db
+
+KNOBS = {
+    "window": 30,
+    "min_calls": 4,
+    "failure_rate": 0.5,
+    "cooldown": 0,
+    "canaries": 2,
+    "max_in_flight": 3,
+    "release_spread": 0,
+}
+
+
+@pytest.fixture(autouse=True)
+def knobs(settings):
+    settings.SAGA_PROVIDERS = {"card": KNOBS}
+    breaker._known_breakers.clear()
+    breaker._known_slots.clear()
+
+
+def _call(ok: bool) -> None:
+    ticket = admit("card")
+    assert isinstance(ticket, Ticket), ticket
+    report(ticket, ok=ok)
+
+
+def _state() -> str:
+    return Breaker.objects.get(provider="card").state
+
+
+def test_failure_rate_opens_only_after_the_minimum_number_of_calls():
+    for _ in range(3):
+        _call(ok=False)
+    assert _state() == "closed"  # three failures are fewer than min_calls
+    _call(ok=False)
+    assert _state() == "open"
+
+
+def test_failures_below_the_rate_keep_it_closed():
+    for ok in (True, True, True, False, True, True, False):
+        _call(ok=ok)
+    assert _state() == "closed"
+
+
+def test_business_failures_count_as_healthy_answers():
+    from sagas.definition import BusinessFailure, StepContext
+    from sagas.engine import _call as engine_call
+
+    ctx = StepContext("s", "t", "step", 1, {}, {}, "k", "k")
+
+    def declined(_ctx):
+        raise BusinessFailure("payment_declined")
+
+    for _ in range(6):
+        with pytest.raises(BusinessFailure):
+            engine_call(declined, ctx, admit("card"))
+    assert _state() == "closed"
+    assert breaker.window_counts("card") == (6, 0)
+
+
+def test_open_parks_calls_then_canaries_close_it_or_open_it_again(settings):
+    settings.SAGA_PROVIDERS = {"card": {**KNOBS, "cooldown": 60}}
+    for _ in range(4):
+        _call(ok=False)
+    wait = admit("card")
+    assert isinstance(wait, Wait) and wait.reason == "open" and wait.delay > 50
+
+    # Cool-down over: two canaries go, the third caller waits for their verdict.
+    Breaker.objects.filter(provider="card").update(probe_at=timezone.now())
+    first, second = admit("card"), admit("card")
+    assert first.canary and second.canary and _state() == "half_open"
+    assert isinstance(admit("card"), Wait)
+    report(first, ok=False)
+    assert _state() == "open"  # one canary failing is enough
+    report(second, ok=True)  # late success of the old round changes nothing
+    assert _state() == "open"
+
+    Breaker.objects.filter(provider="card").update(probe_at=timezone.now())
+    first, second = admit("card"), admit("card")
+    report(first, ok=True)
+    assert _state() == "half_open"
+    report(second, ok=True)
+    assert _state() == "closed"
+    # The failures from before the recovery do not count against the closed breaker.
+    _call(ok=False)
+    assert _state() == "closed"
+
+
+def test_in_flight_limit_and_a_lost_call_slot_comes_back_after_its_lease():
+    tickets = [admit("card") for _ in range(3)]
+    assert all(isinstance(t, Ticket) for t in tickets)
+    wait = admit("card")
+    assert isinstance(wait, Wait) and wait.reason == "in_flight"
+    report(tickets[0], ok=True)
+    assert isinstance(admit("card"), Ticket)
+    # A worker SIGKILLed mid-call never reports: its slot is free once its lease has passed.
+    CallSlot.objects.filter(provider="card", lease_until__isnull=False).update(
+        lease_until=timezone.now() - timedelta(seconds=1)
+    )
+    assert isinstance(admit("card"), Ticket)
+
+
+def test_rate_limit_per_second(settings):
+    settings.SAGA_PROVIDERS = {"card": {**KNOBS, "max_in_flight": 0, "rate": 2}}
+    results = [admit("card") for _ in range(3)]
+    waits = [r for r in results if isinstance(r, Wait)]
+    # Two per second; the third in the same second waits (unless the second ticked over).
+    assert len(waits) <= 1
+    if waits:
+        assert waits[0].reason == "rate"
+
+
+def test_force_open_holds_and_force_close_resumes_both_audited():
+    user = User.objects.create_user("oncall")
+    user.groups.add(Group.objects.get_or_create(name="ops")[0])
+    breaker.force("card", "open", user=user)
+    b = Breaker.objects.get(provider="card")
+    assert b.state == "open" and b.forced
+    b.probe_at = timezone.now() - timedelta(seconds=5)
+    b.save()
+    assert isinstance(admit("card"), Wait)  # no canaries while held open
+    breaker.force("card", "closed", user=user)
+    assert _state() == "closed"
+    assert isinstance(admit("card"), Ticket)
+    actions = list(
+        AuditEntry.objects.order_by("at").values_list("action", "actor_name", "target", "source")
+    )
+    assert actions == [
+        ("breaker.force_open", "oncall", "provider:card", "cli"),
+        ("breaker.force_closed", "oncall", "provider:card", "cli"),
+    ]
+
+
+def test_provider_outage_command_fails_every_call_of_that_provider_and_counts_them(capsys):
+    @fault_point("shipping.arrange")
+    def arrange():
+        return "arranged"
+
+    outage._read_at = float("-inf")
+    call_command("provider_outage", "shipping", "--seconds", "30")
+    outage._read_at = float("-inf")
+    for _ in range(3):
+        with pytest.raises(InjectedError, match="outage"):
+            arrange()
+    assert FakeProviderStatus.objects.get(provider="shipping").calls_while_down == 3
+    call_command("provider_outage", "shipping", "--end")
+    outage._read_at = float("-inf")
+    assert arrange() == "arranged"
+    assert "back up" in capsys.readouterr().out
+
+
+def test_provider_outage_command_rejects_bad_input():
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError):
+        call_command("provider_outage", "shipping", "--seconds", "0")
+    with pytest.raises(CommandError):
+        call_command("provider_outage", "nosuch", "--seconds", "5")
