@@ -289,9 +289,35 @@ def window_counts(
     return ok + failed, failed
 
 
+#: The recent end of the window, checked on its own (see :func:`_maybe_open`).
+RECENT_SECONDS = 2
+
+
 def _maybe_open(provider: str, generation: int, cfg: ProviderConfig, now: datetime) -> None:
-    calls, failed = window_counts(provider, now, generation)
-    if calls < max(cfg.min_calls, 1) or failed / calls < cfg.failure_rate:
+    """Open the breaker if the failure rate passes the threshold, at either of two scales.
+
+    The whole window catches a provider going bad slowly, or a quiet one; its last
+    :data:`RECENT_SECONDS` seconds catch a provider that just fell over. Without the second,
+    a busy provider's window full of earlier successes would hide an outage for half a
+    window, long enough for sagas to spend all their attempts on it. Both need ``min_calls``.
+    """
+    second = int(now.timestamp())
+    rows = HealthBucket.objects.filter(
+        provider=provider, generation=generation, second__gte=int(now.timestamp() - cfg.window)
+    ).values_list("second", "ok", "failed")
+    calls = failed = recent_calls = recent_failed = 0
+    for at, ok_n, failed_n in rows:
+        calls += ok_n + failed_n
+        failed += failed_n
+        if at > second - RECENT_SECONDS:
+            recent_calls += ok_n + failed_n
+            recent_failed += failed_n
+    minimum = max(cfg.min_calls, 1)
+    for n, bad in ((calls, failed), (recent_calls, recent_failed)):
+        if n >= minimum and bad / n >= cfg.failure_rate:
+            calls, failed = n, bad
+            break
+    else:
         return
     opened = Breaker.objects.filter(
         provider=provider, state=BreakerState.CLOSED, generation=generation

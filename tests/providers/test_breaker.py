@@ -178,3 +178,18 @@ def test_provider_outage_command_rejects_bad_input():
         call_command("provider_outage", "shipping", "--seconds", "0")
     with pytest.raises(CommandError):
         call_command("provider_outage", "nosuch", "--seconds", "5")
+
+
+def test_a_sudden_outage_opens_it_even_when_the_window_is_full_of_earlier_successes():
+    from providers.models import HealthBucket
+
+    # Twenty seconds of a busy, healthy provider: 2000 successes in the window.
+    now = int(timezone.now().timestamp())
+    breaker.ensure_breaker("card")
+    HealthBucket.objects.bulk_create(
+        [HealthBucket(provider="card", second=now - 20 + i, ok=100) for i in range(17)]
+    )
+    for _ in range(4):
+        _call(ok=False)
+    # 4 failures in 1704 calls over the window, but every recent call failed.
+    assert _state() == "open"
