@@ -94,9 +94,16 @@ def admit(provider: str) -> Ticket | Wait:
     cfg = provider_config(provider)
     ensure_breaker(provider)
     now = timezone.now()
-    state, probe_at, forced, generation = Breaker.objects.values_list(
-        "state", "probe_at", "forced", "generation"
-    ).get(provider=provider)
+    row = (
+        Breaker.objects.filter(provider=provider)
+        .values_list("state", "probe_at", "forced", "generation")
+        .first()
+    )
+    if row is None:  # deleted under this process (a flushed test database): recreate it
+        _known_breakers.discard(provider)
+        ensure_breaker(provider)
+        return admit(provider)
+    state, probe_at, forced, generation = row
     canary = False
     if state != BreakerState.CLOSED:
         canary = not forced and _take_canary(provider, cfg, now)
@@ -202,6 +209,13 @@ def _take_slot(
     with connection.cursor() as cursor:
         cursor.execute(sql, [ts(lease), provider, cfg.max_in_flight, ts(now)])
         row = cursor.fetchone()
+        if row is None and CallSlot.objects.filter(provider=provider).count() < cfg.max_in_flight:
+            # Not every slot busy: the rows are gone (a flushed test database). Recreate them
+            # and look once more.
+            _known_slots.pop(provider, None)
+            _ensure_slots(provider, cfg.max_in_flight)
+            cursor.execute(sql, [ts(lease), provider, cfg.max_in_flight, ts(now)])
+            row = cursor.fetchone()
     return (row[0], lease) if row else (None, None)
 
 

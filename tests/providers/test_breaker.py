@@ -193,3 +193,26 @@ def test_a_sudden_outage_opens_it_even_when_the_window_is_full_of_earlier_succes
         _call(ok=False)
     # 4 failures in 1704 calls over the window, but every recent call failed.
     assert _state() == "open"
+
+
+def test_rows_deleted_under_a_running_process_are_recreated_not_fatal():
+    """A worker outlives a flushed test database (or a cleanup): its caches must not lie."""
+    report(admit("card"), ok=True)
+    Breaker.objects.all().delete()
+    CallSlot.objects.all().delete()
+    ticket = admit("card")
+    assert isinstance(ticket, Ticket) and ticket.slot_id is not None
+    assert Breaker.objects.filter(provider="card").exists()
+
+
+def test_metrics_have_per_provider_gauges_and_counters():
+    from django.test import Client
+
+    ticket = admit("card")
+    report(ticket, ok=False)
+    body = Client().get("/metrics").content.decode()
+    assert 'provider_breaker_state{provider="card"} 0.0' in body
+    assert 'provider_calls_in_flight{provider="card"} 0.0' in body
+    assert 'provider_failure_rate{provider="card"} 1.0' in body
+    assert 'provider_parked_sagas{provider="card"}' in body
+    assert 'provider_calls_total{outcome="failed",provider="card"}' in body
