@@ -44,7 +44,7 @@ from django.utils.safestring import mark_safe
 from django.utils.timesince import timesince
 
 from sagas import selectors
-from sagas.definition import definition_of, registered_definitions, registered_types
+from sagas.definition import registered_definitions, registered_types
 from sagas.exceptions import SagaOperationRefused
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
 from sagas.services import (
@@ -53,9 +53,11 @@ from sagas.services import (
     saga_compensate,
     saga_compensation_plan,
     saga_effects_in_place,
+    saga_refusal,
     saga_resolve,
     saga_retry_now,
     saga_undo_done,
+    saga_waits_on_undo,
 )
 
 admin.site.site_header = "sagarunner ops console"
@@ -350,31 +352,15 @@ def _next_url(request: HttpRequest) -> str | None:
 
 
 def _predicted_refusal(saga: Saga, operation: str) -> str:
-    """Why the engine will refuse ``operation`` on this saga, or "" if it should accept it."""
-    if operation == "compensate":
-        if saga.state == SagaState.NEEDS_MANUAL and saga.escalated_from == SagaState.COMPENSATING:
-            return "already compensating and waiting for a person: retry now or resolve instead"
-        if saga.state != SagaState.RUNNING:
-            return f"it is {saga.get_state_display()}; only a running saga can be compensated"
-        try:
-            definition = definition_of(saga)
-            position = definition.index_of(saga.current_step)
-        except LookupError:
-            return ""
-        if position >= definition.pivot_index:
-            pivot = definition.steps[definition.pivot_index].name
-            return f"it has reached {pivot}, its point of no return"
+    """Why the services will refuse ``operation`` on this saga, or "" if they should accept it.
+
+    The services decide (:func:`sagas.services.saga_refusal`); the console only asks first.
+    """
+    try:
+        refusal = saga_refusal(saga, operation)
+    except LookupError:  # a saga type this process does not know: let the service say so
         return ""
-    if operation == "resolve" and saga.state != SagaState.NEEDS_MANUAL:
-        return f"it is {saga.get_state_display()}; only a saga that needs a person can be resolved"
-    if operation == "undo_done" and not _waits_on_undo(saga):
-        return f"it is {saga.get_state_display()} and waits on no undo"
-    return ""
-
-
-def _waits_on_undo(saga: Saga) -> bool:
-    """Stopped because the undo of its current step kept failing (see ``saga_undo_done``)."""
-    return saga.state == SagaState.NEEDS_MANUAL and saga.escalated_from == SagaState.COMPENSATING
+    return "" if refusal is None else refusal.detail.rstrip(".")
 
 
 class _Outcome:
@@ -657,7 +643,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             "offer_compensate": not saga.cancel_reason
             and not _predicted_refusal(saga, "compensate"),
             "offer_resolve": saga.state == SagaState.NEEDS_MANUAL,
-            "offer_undo_done": _waits_on_undo(saga),
+            "offer_undo_done": saga_waits_on_undo(saga),
             "changelist_url": changelist,
             "is_stuck": selectors.saga_is_stuck(saga),
             "state_help": STATE_HELP.get(saga.state, ""),

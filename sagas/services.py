@@ -131,6 +131,58 @@ def saga_start(
     return saga
 
 
+# ---------------------------------------------------------------------------------------------
+# Whether an operation is allowed: the one place the rules live
+# ---------------------------------------------------------------------------------------------
+def saga_waits_on_undo(saga: Saga) -> bool:
+    """Stopped because the undo of its current step kept failing (see :func:`saga_undo_done`)."""
+    return saga.state == SagaState.NEEDS_MANUAL and saga.escalated_from == SagaState.COMPENSATING
+
+
+def saga_refusal(saga: Saga, operation: str) -> SagaOperationRefused | None:
+    """Why ``operation`` would be refused on ``saga`` as it stands now, or None.
+
+    ``operation`` is ``cancel``, ``compensate``, ``resolve`` or ``undo_done``. The services
+    ask this under the row lock before they act; the ops console asks it first, so an operator
+    sees what will be refused (and why, in the same words) before confirming.
+    """
+    if operation == "compensate" and saga_waits_on_undo(saga):
+        return SagaOperationRefused(
+            "already_compensating",
+            "This saga is already compensating and a compensation needs help: "
+            "use retry now, or resolve it with a note.",
+        )
+    if operation in ("cancel", "compensate"):
+        verb = "compensated" if operation == "compensate" else "cancelled"
+        if saga.state != SagaState.RUNNING:
+            return SagaOperationRefused(
+                "not_running", f"The saga is {saga.state}; only a running saga can be {verb}."
+            )
+        definition = definition_of(saga)
+        if definition.index_of(saga.current_step) >= definition.pivot_index:
+            return SagaOperationRefused(
+                "pivot_reached",
+                f"The saga has reached {definition.steps[definition.pivot_index].name}, "
+                f"its point of no return; it can no longer be {verb}.",
+            )
+    if operation == "resolve" and saga.state != SagaState.NEEDS_MANUAL:
+        return SagaOperationRefused(
+            "not_needs_manual",
+            f"Only a saga in needs_manual can be resolved (it is {saga.state}).",
+        )
+    if operation == "undo_done" and not saga_waits_on_undo(saga):
+        return SagaOperationRefused(
+            "not_waiting_on_undo", f"The saga is {saga.state} and waits on no undo."
+        )
+    return None
+
+
+def _refuse_unless_allowed(saga: Saga, operation: str) -> None:
+    refusal = saga_refusal(saga, operation)
+    if refusal is not None:
+        raise refusal
+
+
 def saga_request_cancel(*, saga_id: Any, reason: str, actor: str = "engine") -> Saga:
     """Record a cancel request; the saga honours it at its next step boundary.
 
@@ -140,17 +192,7 @@ def saga_request_cancel(*, saga_id: Any, reason: str, actor: str = "engine") -> 
     """
     with transaction.atomic():
         saga = _locked(saga_id)
-        if saga.state != SagaState.RUNNING:
-            raise SagaOperationRefused(
-                "not_running", f"The saga is {saga.state}; only a running saga can be cancelled."
-            )
-        definition = definition_of(saga)
-        if definition.index_of(saga.current_step) >= definition.pivot_index:
-            raise SagaOperationRefused(
-                "pivot_reached",
-                f"The saga has reached {definition.steps[definition.pivot_index].name}, "
-                "its point of no return; it can no longer be cancelled.",
-            )
+        _refuse_unless_allowed(saga, "cancel")
         if saga.cancel_reason:
             return saga  # already requested: idempotent
         saga.cancel_reason = reason
@@ -213,12 +255,7 @@ def saga_compensate(*, saga_id: Any, user: Any, reason: str) -> Saga:
         raise SagaOperationRefused("reason_required", "Say why you compensate this saga.")
     with transaction.atomic():
         saga = _locked(saga_id)
-        if saga.state == SagaState.NEEDS_MANUAL and saga.escalated_from == SagaState.COMPENSATING:
-            raise SagaOperationRefused(
-                "already_compensating",
-                "This saga is already compensating and a compensation needs help: "
-                "use retry now, or resolve it with a note.",
-            )
+        _refuse_unless_allowed(saga, "compensate")
         _event(saga, "ops_compensate", actor=_actor(user), detail=reason, step=saga.current_step)
         # In the same transaction: a refused cancel (pivot reached, not running) must not leave
         # an ops_compensate event behind that says an operator compensated.
@@ -232,7 +269,7 @@ def saga_effects_in_place(saga: Saga) -> list[dict[str, Any]]:
     to keep what its steps did. Each entry is a compensation-plan entry (step, compensation,
     idempotency key, status).
     """
-    if not (saga.state == SagaState.NEEDS_MANUAL and saga.escalated_from == SagaState.COMPENSATING):
+    if not saga_waits_on_undo(saga):
         return []
     return saga_compensation_plan(saga_id=saga.pk)
 
@@ -259,15 +296,10 @@ def saga_undo_done(*, saga_id: Any, user: Any, step: str, note: str) -> Saga:
         )
     with transaction.atomic():
         saga = _locked(saga_id)
-        if not (
-            saga.state == SagaState.NEEDS_MANUAL
-            and saga.escalated_from == SagaState.COMPENSATING
-            and saga.current_step == step
-        ):
+        if not (saga_waits_on_undo(saga) and saga.current_step == step):
             waiting = (
                 f"it waits on the undo of {saga.current_step}"
-                if saga.state == SagaState.NEEDS_MANUAL
-                and saga.escalated_from == SagaState.COMPENSATING
+                if saga_waits_on_undo(saga)
                 else f"it is {saga.state} and waits on no undo"
             )
             raise SagaOperationRefused(
@@ -314,11 +346,7 @@ def saga_resolve(*, saga_id: Any, user: Any, note: str, accept_effects: bool = F
         raise SagaOperationRefused("note_required", "A note is required to resolve a saga.")
     with transaction.atomic():
         saga = _locked(saga_id)
-        if saga.state != SagaState.NEEDS_MANUAL:
-            raise SagaOperationRefused(
-                "not_needs_manual",
-                f"Only a saga in needs_manual can be resolved (it is {saga.state}).",
-            )
+        _refuse_unless_allowed(saga, "resolve")
         effects = describe_effects(saga_effects_in_place(saga))
         if effects and not accept_effects:
             raise SagaOperationRefused(

@@ -126,7 +126,7 @@ def test_compensate_is_refused_with_a_message_where_it_makes_no_sense(ops_client
         (
             "error",
             f"Refused for 1 saga ({str(done.pk)[:8]}): "
-            "It is succeeded; only a running saga can be compensated.",
+            "The saga is succeeded; only a running saga can be compensated.",
         )
     ]
     manual = needs_manual()
@@ -143,7 +143,7 @@ def test_compensate_confirmation_marks_what_will_be_refused_in_a_mixed_selection
     done = make_saga()
     html = act(ops_client, "compensate", [live, done]).content.decode()
     assert "1 saga will be compensated, 1 will be refused" in html
-    assert "refused: it is succeeded" in html
+    assert "refused: The saga is succeeded" in html
     response = confirm(ops_client, "compensate", [live, done], reason="bulk test")
     messages = texts(response)
     assert ("success", f"Compensation requested for 1 saga: {str(live.pk)[:8]}") in messages
@@ -221,7 +221,7 @@ def test_resolve_is_refused_for_a_saga_that_does_not_need_a_person(ops_client):
     saga = running()
     response = act(ops_client, "resolve", [saga])
     (level, text), *_ = texts(response)
-    assert level == "error" and "only a saga that needs a person can be resolved" in text
+    assert level == "error" and "Only a saga in needs_manual can be resolved" in text
     forced = confirm(ops_client, "resolve", [saga], note="x")
     assert any("Only a saga in needs_manual can be resolved" in t for _, t in texts(forced))
     assert Saga.objects.get(pk=saga.pk).state == SagaState.RUNNING
