@@ -1,7 +1,7 @@
 """Orders: what a client asked for, priced when it was asked.
 
 An order's progress is its saga's progress. ``status``, ``step`` and ``cancellation_reason``
-are therefore *derived* from the saga row (``orders.selectors.order_state``), never stored a
+are therefore *derived* from the saga row (``orders.status.order_state``), never stored a
 second time: two copies of one truth drift apart exactly when a worker dies between writing
 them.
 
@@ -18,6 +18,8 @@ from decimal import Decimal
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+
+from orders.status import order_state
 
 
 class Order(models.Model):
@@ -55,23 +57,17 @@ class Order(models.Model):
     def __str__(self) -> str:
         return f"order {self.id}"
 
-    # -- derived from the saga (see orders.selectors); never stored twice.
+    # -- derived from the saga (see orders.status); never stored twice.
     @property
     def status(self) -> str:
-        from orders.selectors import order_state
-
         return order_state(self.saga).status
 
     @property
     def step(self) -> str | None:
-        from orders.selectors import order_state
-
         return order_state(self.saga).step
 
     @property
     def cancellation_reason(self) -> str | None:
-        from orders.selectors import order_state
-
         return order_state(self.saga).cancellation_reason
 
     @property
