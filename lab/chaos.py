@@ -80,6 +80,14 @@ KNOBS = {
     "SAGA_STEP_TIMEOUT": "3",
     "SAGA_INLINE_BUDGET": "0.5",
     "SAGA_DEADLINE": "120",
+    # Provider breakers that react within seconds too: fewer calls to judge by, shorter
+    # cool-downs, and the parked backlog released over two seconds.
+    "SAGA_PROVIDERS": json.dumps(
+        {
+            name: {"min_calls": 5, "cooldown": 3, "release_spread": 2}
+            for name in ("inventory", "payments", "shipping")
+        }
+    ),
 }
 # sku, name, price, stock (None: plenty). The rug is scarce, so out_of_stock happens under load.
 CATALOG = [
@@ -126,6 +134,13 @@ class ChaosConfig:
     broker_url: str | None = None
     keep: bool = False
     json_path: str | None = None
+    #: The outage phase: this fake provider is down for every worker for this long, from
+    #: the moment this fraction of the load is placed (0 seconds: no outage phase).
+    outage_provider: str = "payments"
+    outage_seconds: float = 60.0
+    outage_at: float = 0.4
+    #: Off runs the same scenario with the provider breakers switched off, for comparison.
+    breakers: bool = True
 
     @classmethod
     def quick(cls, **overrides: Any) -> ChaosConfig:
@@ -138,6 +153,7 @@ class ChaosConfig:
             users=2,
             rate=10.0,
             settle_timeout=120.0,
+            outage_seconds=12.0,
         )
         for key, value in overrides.items():
             setattr(base, key, value)
@@ -166,7 +182,11 @@ def reexec_inside(config: ChaosConfig, argv: list[str]) -> None:
         INNER_ENV: str(pid),
         "SAGARUNNER_CHAOS_DB": database,
         "SAGARUNNER_CHAOS_DIR": str(run_dir),
+        # The fake providers count their concurrent calls: the summary shows the peak.
+        "SAGA_FAKE_PROVIDER_STATS": "1",
     }
+    if not config.breakers:
+        extra["SAGA_PROVIDER_BREAKERS"] = "0"
     if config.broker_url:
         target = urlsplit(config.broker_url)
         default_port = 6379 if target.scheme.startswith("redis") else 5672
@@ -316,6 +336,11 @@ class Tally:
     kills: Counter = field(default_factory=Counter)
     broker_outages: list[float] = field(default_factory=list)
     load_finished: float | None = None
+    #: The provider outage: when it began and ended (aware datetimes), and the provider's
+    #: count of calls it got while down at the moment its breaker first opened.
+    outage_began: Any = None
+    outage_ended: Any = None
+    outage_calls_at_open: int | None = None
 
     def now(self) -> float:
         return time.monotonic() - self.started
@@ -455,6 +480,8 @@ class Chaos:
             (min(0.95, max(0.05, (i + 1) / (r + 1) + self.rng.uniform(-0.1, 0.1))), "broker")
             for i in range(r)
         ]
+        if self.config.outage_seconds > 0:
+            events.append((self.config.outage_at, "outage"))
         return sorted(events)
 
     def start(self) -> None:
@@ -476,7 +503,10 @@ class Chaos:
                     ):
                         events.pop(0)
                         last = time.monotonic()
-                        self._kill() if kind == "kill" else self._broker()
+                        if kind == "outage":
+                            self._provider_outage()
+                        else:
+                            self._kill() if kind == "kill" else self._broker()
                 time.sleep(0.05)
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             self.error = exc
@@ -519,6 +549,44 @@ class Chaos:
             self.tally.kills["worker main"] += 1
             self.tally.log(f"SIGKILL worker main {worker.pid} ({worker.name}; {where})")
             self.restarts[slot] = time.monotonic() + self.rng.uniform(0.5, 3.0)
+
+    def _provider_outage(self) -> None:
+        """Take the provider down for every worker; a watcher notes when its breaker opens."""
+        from providers import outage
+
+        provider, seconds = self.config.outage_provider, self.config.outage_seconds
+        row = outage.start(provider, seconds)
+        self.tally.outage_began, self.tally.outage_ended = row.down_since, row.down_until
+        self.tally.log(
+            f"provider outage: {provider} down for {seconds:g}s "
+            f"(breakers {'on' if self.config.breakers else 'off'}; load {self.progress():.0%} done)"
+        )
+        threading.Thread(target=self._watch_breaker, name="outage", daemon=True).start()
+
+    def _watch_breaker(self) -> None:
+        from django.db import connection
+        from django.utils import timezone
+
+        from providers.models import Breaker, FakeProviderStatus
+
+        provider = self.config.outage_provider
+        try:
+            while timezone.now() < self.tally.outage_ended:
+                if Breaker.objects.filter(provider=provider).exclude(state="closed").exists():
+                    self.tally.outage_calls_at_open = FakeProviderStatus.objects.get(
+                        provider=provider
+                    ).calls_while_down
+                    self.tally.log(
+                        f"provider outage: {provider} breaker open after "
+                        f"{self.tally.outage_calls_at_open} calls to it while down"
+                    )
+                    break
+                time.sleep(0.05)
+            while timezone.now() < self.tally.outage_ended:
+                time.sleep(0.2)
+            self.tally.log(f"provider outage: {provider} back up")
+        finally:
+            connection.close()
 
     def _broker(self) -> None:
         outage = self.rng.uniform(2.0, 5.0) if self.config.mode == "full" else 2.5
@@ -577,6 +645,7 @@ class Summary:
     load_seconds: float = 0.0
     settle_seconds: float | None = None
     total_seconds: float = 0.0
+    outage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -606,6 +675,7 @@ class Summary:
             f"  kills:            {self.kills} SIGKILL ({by_target or 'none'}); plus about "
             f"{self.injected_crashes} injected crashes (SAGA_FAULTS crash)",
             f"  broker restarts:  {self.broker_restarts} (down {outages or '-'})",
+            *self._outage_lines(),
             f"  unexpected HTTP:  {len(self.unexpected_responses)}",
             f"  time to settle:   {settle} after the last placement (load {self.load_seconds:.1f}s,"
             f" whole run {self.total_seconds:.1f}s)",
@@ -619,6 +689,22 @@ class Summary:
             lines.append(f"    unexpected: {u}")
         lines.append("chaos: PASS" if self.ok else "chaos: FAIL")
         return "\n".join(lines)
+
+    def _outage_lines(self) -> list[str]:
+        o = self.outage
+        if not o:
+            return ["  provider outage:  none"]
+        settled = o.get("backlog_settled_seconds")
+        return [
+            f"  provider outage:  {o['provider']} down {o['seconds']:g}s, breakers "
+            f"{'on' if o['breakers'] else 'off'}: {o['calls_while_down']} calls made to it while "
+            f"down ({o.get('calls_at_open', '-')} before its breaker opened); "
+            f"{o['waiting_orders']} orders were waiting for it",
+            f"                    orders cancelled because of the outage: {o['cancelled']} "
+            f"(step_failed {o['step_failed']}, timed_out {o['timed_out']}); backlog settled "
+            + ("never" if settled is None else f"{settled:.1f}s")
+            + f" after recovery; peak {o['peak_in_flight']} calls in flight at the provider",
+        ]
 
 
 def run(config: ChaosConfig, out=sys.stdout) -> Summary:
@@ -683,6 +769,7 @@ def run(config: ChaosConfig, out=sys.stdout) -> Summary:
         summary.load_seconds = tally.load_finished
         summary.violations += _check_invariants(tally)
         summary.violations += _check_api(config, stack.web_port, tokens, tally, summary)
+        summary.violations += _check_outage(config, tally, summary)
         summary.orders = len(tally.records)
         summary.placements = sum(r.placements for r in tally.records.values())
         summary.duplicate_placements = sum(1 for p in plan if p.duplicate)
@@ -808,6 +895,93 @@ def _describe_stuck(tally: Tally, active: list[str]) -> None:
         "last_error",
     )[:10]:  # fmt: skip
         tally.log(f"  stuck: {row}")
+
+
+def _check_outage(config: ChaosConfig, tally: Tally, summary: Summary) -> list[str]:
+    """Guarantee 6: the outage delayed orders, never cancelled them; the provider got canaries.
+
+    An order is cancelled *because of the outage* if its saga compensated for ``step_failed``
+    or ``timed_out`` after meeting the outage (an outage error in its timeline, or a park).
+    With the breakers off the numbers are reported, not judged: that run is the comparison.
+    """
+    from django.db.models import Max, Q
+
+    from providers.models import FakeProviderStatus
+    from sagas.metrics import render_metrics
+    from sagas.models import Saga, SagaEvent
+
+    if tally.outage_began is None:
+        return []
+    provider = config.outage_provider
+    began, ended = tally.outage_began, tally.outage_ended
+    status = FakeProviderStatus.objects.get(provider=provider)
+    met = SagaEvent.objects.filter(
+        Q(detail__contains=f"provider {provider} is down (outage)")
+        | Q(kind="parked", detail__startswith=f"provider {provider}:")
+    ).values("saga_id")
+    hit = Saga.objects.filter(saga_type="order", id__in=met)
+    step_failed = hit.filter(state="compensated", failure_code="step_failed").count()
+    timed_out = hit.filter(state="compensated", failure_code="timed_out").count()
+    # The backlog: orders started before the provider came back and still going then.
+    backlog = Saga.objects.filter(saga_type="order", created_at__lt=ended).filter(
+        Q(finished_at__isnull=True) | Q(finished_at__gt=ended)
+    )
+    last = backlog.aggregate(last=Max("finished_at"))["last"]
+    unsettled = backlog.filter(finished_at__isnull=True).exists()
+    summary.outage = {
+        "provider": provider,
+        "seconds": config.outage_seconds,
+        "breakers": config.breakers,
+        "calls_while_down": status.calls_while_down,
+        "calls_at_open": tally.outage_calls_at_open,
+        "waiting_orders": hit.count(),
+        "cancelled": step_failed + timed_out,
+        "step_failed": step_failed,
+        "timed_out": timed_out,
+        "backlog_orders": backlog.count(),
+        "backlog_settled_seconds": None
+        if unsettled or last is None
+        else max(0.0, (last - ended).total_seconds()),
+        "peak_in_flight": status.peak_in_flight,
+        "down_from": began.isoformat(),
+    }
+    tally.log(f"provider outage: {summary.outage}")
+    if not config.breakers:
+        return []
+    violations = []
+    if step_failed:
+        violations.append(
+            f"guarantee 6: {step_failed} orders cancelled (step_failed) by the {provider} outage"
+        )
+    body = render_metrics()[0].decode()
+    canaries = _metric_sum(body, "provider_canaries_total", provider)
+    rounds = _metric_sum(body, "provider_breaker_transitions_total", provider, to="half_open")
+    summary.outage["canaries"], summary.outage["probe_rounds"] = int(canaries), int(rounds)
+    if tally.outage_calls_at_open is None:
+        # Too few calls reached it to judge (a backlog elsewhere, a short outage): nothing
+        # was held back, and nothing had to be.
+        tally.log(f"provider outage: {provider} breaker did not open (too few calls to judge)")
+    else:
+        from providers.config import provider_config
+
+        limit = provider_config(provider).max_in_flight
+        after_open = status.calls_while_down - tally.outage_calls_at_open
+        # After opening: canaries, plus at most the calls already under way as it opened.
+        if after_open > canaries + limit:
+            violations.append(
+                f"guarantee 6: {after_open} calls to {provider} after its breaker opened, more "
+                f"than its {int(canaries)} canaries plus {limit} in flight"
+            )
+    return violations
+
+
+def _metric_sum(body: str, name: str, provider: str, **labels: str) -> float:
+    total = 0.0
+    wanted = {"provider": provider, **labels}
+    for line in body.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in wanted.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def _check_invariants(tally: Tally) -> list[str]:

@@ -1,8 +1,9 @@
 """The chaos run in quick mode, as ``make test`` runs it on every change.
 
 ``manage.py chaos --quick`` starts a stack of its own (database, Redis, two workers, beat, web),
-places 100 orders over HTTP with every fault switched on while it SIGKILLs workers three times
-and restarts the broker once, then checks every guarantee. With ``CELERY_BROKER_URL`` pointing at
+places 100 orders over HTTP with every fault switched on while it SIGKILLs workers three times,
+restarts the broker once and takes the payment provider down for 12 s, then checks every
+guarantee. With ``CELERY_BROKER_URL`` pointing at
 RabbitMQ the same run uses that broker (its outage simulated by a proxy that cuts connections).
 """
 
@@ -42,4 +43,7 @@ def test_quick_chaos_run_settles_every_order_with_no_violation():
     assert re.search(r"^\s+violations:\s+0$", done.stdout, re.M), done.stdout[-4000:]
     assert re.search(r"^\s+kills:\s+3 SIGKILL", done.stdout, re.M), done.stdout[-4000:]
     assert re.search(r"^\s+broker restarts:\s+1 ", done.stdout, re.M), done.stdout[-4000:]
+    # The outage phase ran, and no order was cancelled for a failed step because of it.
+    assert re.search(r"^\s+provider outage:\s+payments down 12s, breakers on", done.stdout, re.M)
+    assert re.search(r"cancelled because of the outage: \d+ \(step_failed 0,", done.stdout)
     assert "chaos: PASS" in done.stdout

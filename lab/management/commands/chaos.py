@@ -43,6 +43,21 @@ class Command(BaseCommand):
             "--keep", action="store_true", help="keep the database and the logs afterwards"
         )
         parser.add_argument("--json", default=None, help="also write the summary as JSON here")
+        parser.add_argument(
+            "--outage-seconds",
+            type=float,
+            help="the provider outage phase: seconds down (full 60, quick 8; 0: none)",
+        )
+        parser.add_argument(
+            "--outage-provider",
+            choices=("inventory", "payments", "shipping"),
+            help="the provider taken down (default payments)",
+        )
+        parser.add_argument(
+            "--no-breakers",
+            action="store_true",
+            help="switch the provider breakers off (SAGA_PROVIDER_BREAKERS=0), for comparison",
+        )
 
     def handle(self, *args, **opts):
         config = chaos.ChaosConfig.quick() if opts["quick"] else chaos.ChaosConfig()
@@ -53,6 +68,8 @@ class Command(BaseCommand):
             ("clients", "clients"),
             ("rate", "rate"),
             ("settle_timeout", "settle_timeout"),
+            ("outage_seconds", "outage_seconds"),
+            ("outage_provider", "outage_provider"),
         ]:
             if opts[option] is not None:
                 setattr(config, attr, opts[option])
@@ -60,6 +77,7 @@ class Command(BaseCommand):
         config.broker_url = opts["broker_url"]
         config.keep = opts["keep"]
         config.json_path = opts["json"]
+        config.breakers = not opts["no_breakers"]
         config.users = max(1, min(config.users, config.clients))
         if config.orders < 1 or config.rate <= 0 or config.clients < 1:
             raise CommandError("--orders, --rate and --clients must be positive")
