@@ -905,6 +905,7 @@ def _check_outage(config: ChaosConfig, tally: Tally, summary: Summary) -> list[s
     With the breakers off the numbers are reported, not judged: that run is the comparison.
     """
     from django.db.models import Max, Q
+    from django.db.models.functions import Coalesce
 
     from providers.models import FakeProviderStatus
     from sagas.metrics import render_metrics
@@ -922,12 +923,16 @@ def _check_outage(config: ChaosConfig, tally: Tally, summary: Summary) -> list[s
     hit = Saga.objects.filter(saga_type="order", id__in=met)
     step_failed = hit.filter(state="compensated", failure_code="step_failed").count()
     timed_out = hit.filter(state="compensated", failure_code="timed_out").count()
-    # The backlog: orders started before the provider came back and still going then.
-    backlog = Saga.objects.filter(saga_type="order", created_at__lt=ended).filter(
-        Q(finished_at__isnull=True) | Q(finished_at__gt=ended)
+    # The backlog: orders started before the provider came back and still going then. A saga
+    # that needs a person has no finished_at: its last update is when it stopped.
+    settled_at = Coalesce("finished_at", "updated_at")
+    backlog = (
+        Saga.objects.filter(saga_type="order", created_at__lt=ended)
+        .annotate(settled_at=settled_at)
+        .filter(settled_at__gt=ended)
     )
-    last = backlog.aggregate(last=Max("finished_at"))["last"]
-    unsettled = backlog.filter(finished_at__isnull=True).exists()
+    last = backlog.aggregate(last=Max("settled_at"))["last"]
+    unsettled = backlog.filter(state__in=["running", "compensating"]).exists()
     summary.outage = {
         "provider": provider,
         "seconds": config.outage_seconds,
