@@ -310,10 +310,12 @@ RECENT_SECONDS = 2
 def _maybe_open(provider: str, generation: int, cfg: ProviderConfig, now: datetime) -> None:
     """Open the breaker if the failure rate passes the threshold, at either of two scales.
 
-    The whole window catches a provider going bad slowly, or a quiet one; its last
-    :data:`RECENT_SECONDS` seconds catch a provider that just fell over. Without the second,
-    a busy provider's window full of earlier successes would hide an outage for half a
-    window, long enough for sagas to spend all their attempts on it. Both need ``min_calls``.
+    The whole window (at least ``min_calls`` calls) catches a provider going bad slowly, or a
+    quiet one; its last :data:`RECENT_SECONDS` seconds catch a provider that just fell over.
+    Without the second, a busy provider's window full of earlier successes would hide an
+    outage for half a window, long enough for sagas to spend all their attempts on it. The
+    recent check needs ``min_calls`` *failures*, not calls: a handful of unlucky calls in two
+    seconds is noise, ten failures in two seconds at that rate is not.
     """
     second = int(now.timestamp())
     rows = HealthBucket.objects.filter(
@@ -327,10 +329,10 @@ def _maybe_open(provider: str, generation: int, cfg: ProviderConfig, now: dateti
             recent_calls += ok_n + failed_n
             recent_failed += failed_n
     minimum = max(cfg.min_calls, 1)
-    for n, bad in ((calls, failed), (recent_calls, recent_failed)):
-        if n >= minimum and bad / n >= cfg.failure_rate:
-            calls, failed = n, bad
-            break
+    if calls >= minimum and failed / calls >= cfg.failure_rate:
+        pass
+    elif recent_failed >= minimum and recent_failed / recent_calls >= cfg.failure_rate:
+        calls, failed = recent_calls, recent_failed
     else:
         return
     opened = Breaker.objects.filter(
