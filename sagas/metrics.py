@@ -77,7 +77,7 @@ def parked_by_provider() -> dict[str, int]:
 
 def render_metrics() -> tuple[bytes, str]:
     """The Prometheus exposition of every process's metrics plus the per-state gauges."""
-    from providers.metrics import BreakerCollector
+    from providers.collector import BreakerCollector
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
