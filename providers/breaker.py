@@ -109,7 +109,14 @@ def admit(provider: str) -> Ticket | Wait:
         canary = not forced and _take_canary(provider, cfg, now)
         if not canary:
             metrics.PARKED.labels(provider, state).inc()
-            due = probe_at if probe_at is not None and not forced else now + _cooldown(cfg)
+            if forced or probe_at is None:
+                due = now + _cooldown(cfg)
+            elif state == BreakerState.HALF_OPEN:
+                # Canaries answer in a call's time, not by their lease (probe_at): look again
+                # within a cool-down rather than wait for the lease of a lost canary.
+                due = min(probe_at, now + _cooldown(cfg))
+            else:
+                due = probe_at
             delay = max((due - now).total_seconds(), 0.0)
             # Spread the retries so that a provider coming back gets waves, not a wall.
             return Wait(

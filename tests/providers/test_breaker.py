@@ -216,3 +216,15 @@ def test_metrics_have_per_provider_gauges_and_counters():
     assert 'provider_failure_rate{provider="card"} 1.0' in body
     assert 'provider_parked_sagas{provider="card"}' in body
     assert 'provider_calls_total{outcome="failed",provider="card"}' in body
+
+
+def test_while_canaries_are_out_others_look_again_within_a_cooldown(settings):
+    """Not at the canaries' lease (the step timeout): a recovered provider is used again soon."""
+    settings.SAGA_PROVIDERS = {"card": {**KNOBS, "cooldown": 1}}
+    for _ in range(4):
+        _call(ok=False)
+    Breaker.objects.filter(provider="card").update(probe_at=timezone.now())
+    assert admit("card").canary and admit("card").canary
+    wait = admit("card")
+    assert isinstance(wait, Wait) and wait.reason == "half_open"
+    assert wait.delay <= 1.1
