@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init, worker_ready
+from celery.signals import beat_init, worker_init, worker_process_init, worker_ready
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
@@ -89,6 +89,32 @@ def _refuse_unknown_definitions(**_kwargs) -> None:
             sys.stderr.write(f"sagarunner: refusing to start: {error.msg}\n  HINT: {error.hint}\n")
         sys.stderr.flush()
         os._exit(2)
+
+
+@worker_init.connect
+def _tracing_in_a_pool_without_fork(sender=None, **_kwargs) -> None:
+    """Threads, solo and gevent pools run tasks in this process: trace here (if OTEL_* asks)."""
+    pool = getattr(sender, "pool_cls", None)
+    if pool is not None and "prefork" not in f"{getattr(pool, '__module__', pool)}":
+        from config.tracing import setup_tracing
+
+        setup_tracing("worker")
+
+
+@worker_process_init.connect
+def _tracing_in_a_pool_process(**_kwargs) -> None:
+    """A prefork child sets tracing up after the fork (a batch exporter's thread does not
+    survive one)."""
+    from config.tracing import setup_tracing
+
+    setup_tracing("worker")
+
+
+@beat_init.connect
+def _tracing_in_beat(**_kwargs) -> None:
+    from config.tracing import setup_tracing
+
+    setup_tracing("beat")
 
 
 @worker_process_init.connect

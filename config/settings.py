@@ -229,6 +229,13 @@ CELERY_TASK_ANNOTATIONS = {
         "time_limit": SAGA_STEP_TIMEOUT + SAGA_INLINE_BUDGET + 3,
     },
 }
+# Orders above this total wait before capture for ops staff's `fraud_review` signal; a review
+# not given within ORDER_FRAUD_REVIEW_TIMEOUT seconds goes to a person (needs_manual).
+ORDER_FRAUD_REVIEW_ABOVE = env("ORDER_FRAUD_REVIEW_ABOVE", default="1000.00")
+ORDER_FRAUD_REVIEW_TIMEOUT = env.float("ORDER_FRAUD_REVIEW_TIMEOUT", default=86400.0)
+# pm_card_3ds_required: how long the order waits for the client's `3ds_confirmed` before it is
+# cancelled (timed_out).
+ORDER_3DS_TIMEOUT = env.float("ORDER_3DS_TIMEOUT", default=900.0)
 # Idempotency records of POST /orders/ are kept at least this long.
 IDEMPOTENCY_KEY_TTL_HOURS = env.int("IDEMPOTENCY_KEY_TTL_HOURS", default=24)
 # `seed_demo`: the demo staff user's password (a development convenience, printed on purpose).

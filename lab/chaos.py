@@ -4,7 +4,11 @@ The run starts a stack of its own (:mod:`lab.stack`): a fresh PostgreSQL databas
 Redis server, two prefork workers, beat and gunicorn, every process with ``SAGA_FAULTS``
 switching on every fault kind on every participant operation. Client threads place orders over
 HTTP (random items, payment methods and countries, including the declining cards and ``AQ``),
-some of them twice with the same ``Idempotency-Key`` and body, and ask to cancel a few. Meanwhile
+some of them twice with the same ``Idempotency-Key`` and body, and ask to cancel a few. A few
+orders are above ``ORDER_FRAUD_REVIEW_ABOVE`` and wait for a fraud review: a reviewer thread (an
+ops user) finds them through ``GET /sagas/?waiting_for=fraud_review`` and approves or rejects
+each one through ``POST /sagas/{id}/signals/fraud_review/``, every decision sent twice with
+the same key (the second is a replay) and a few sent before the saga reaches the wait. Meanwhile
 a chaos thread SIGKILLs worker processes (a worker's main process or one of its pool children)
 and starts them again, and stops and starts the Redis server.
 
@@ -15,7 +19,8 @@ Then it waits for every order to settle and checks what the README's Guarantees 
   of every key returns that id, and each user's order list holds exactly one order per key;
 * the outcomes through the API: every order is ``confirmed``, ``cancelled`` or
   ``needs_attention``, and none that the contract says must fail (a declined card, a declined
-  capture, ``AQ``) is confirmed;
+  capture, ``AQ``, a rejected fraud review) is confirmed; every review decision was answered
+  ``202`` and every rejected order is cancelled with ``fraud_rejected`` (or needs attention);
 * ``POST /orders/`` answered ``201`` (or ``409`` for a duplicate still in flight) throughout,
   broker outages included.
 
@@ -38,6 +43,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -88,6 +94,9 @@ KNOBS = {
             for name in ("inventory", "payments", "shipping")
         }
     ),
+    # A review the reviewer missed escalates to a person (needs_attention) instead of waiting
+    # the default day; the reviewer answers within seconds.
+    "ORDER_FRAUD_REVIEW_TIMEOUT": "90",
 }
 # sku, name, price, stock (None: plenty). The rug is scarce, so out_of_stock happens under load.
 CATALOG = [
@@ -97,7 +106,13 @@ CATALOG = [
     ("chaos-chair", "Chair", "89.00", None),
     ("chaos-desk", "Desk", "249.00", None),
     ("chaos-rug", "Rug", "120.00", "scarce"),
+    # Two of these are above ORDER_FRAUD_REVIEW_ABOVE (1000.00): the order waits for a review.
+    ("chaos-safe", "Safe", "600.00", None),
 ]
+#: Share of orders with two safes (a fraud review), and of reviews that reject the order.
+REVIEW_RATE = 0.08
+REJECT_RATE = 0.35
+REVIEW_ABOVE = Decimal("1000.00")  # ORDER_FRAUD_REVIEW_ABOVE's default
 PAYMENT_METHODS = {
     "pm_card_visa": 76,
     "pm_card_declined": 8,
@@ -115,6 +130,7 @@ CANCELLATION_REASONS = {
     "customer_cancelled",
     "timed_out",
     "step_failed",
+    "fraud_rejected",
 }
 
 
@@ -280,14 +296,17 @@ def _weighted(rng: random.Random, weights: dict[str, int]) -> str:
 
 def make_plan(config: ChaosConfig) -> list[Placement]:
     rng = random.Random(config.seed)
-    common = [sku for sku, _, _, stock in CATALOG if stock is None]
+    common = [sku for sku, _, _, stock in CATALOG if stock is None and sku != "chaos-safe"]
     slots: list[tuple[float, int, Placement]] = []
     for i in range(config.orders):
         skus = rng.sample(common, rng.randint(1, 3))
         if rng.random() < 0.08:
             skus.append("chaos-rug")
+        items = [{"sku": sku, "quantity": rng.randint(1, 3)} for sku in skus]
+        if rng.random() < REVIEW_RATE:
+            items.append({"sku": "chaos-safe", "quantity": 2})
         body = {
-            "items": [{"sku": sku, "quantity": rng.randint(1, 3)} for sku in skus],
+            "items": items,
             "payment_method": _weighted(rng, PAYMENT_METHODS),
             "shipping_address": {
                 "name": f"Chaos Customer {i}",
@@ -455,6 +474,82 @@ class Clients:
             if status < 500:
                 return
             time.sleep(0.5)
+
+
+class Reviewer:
+    """An ops user deciding fraud reviews over HTTP while the load runs, as an analyst would.
+
+    It polls the sagas waiting for ``fraud_review`` and decides each from the seed; some large
+    orders it decides early, before their saga reaches the wait (the signal is kept). Every
+    decision is sent twice with the same key: the second must be a ``202`` replay.
+    """
+
+    def __init__(self, config, port: int, token: str, tally: Tally) -> None:
+        self.port, self.token, self.tally = port, token, tally
+        self.rng = random.Random(config.seed + 3)
+        self.decided: dict[str, bool] = {}  # order id -> approved, once a decision was taken
+        self.answers: Counter = Counter()
+        self.early = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="reviewer", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def join(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+    def _run(self) -> None:
+        http_ = Http(self.port)
+        try:
+            while not self.stop.is_set():
+                try:
+                    for saga in self._sagas(http_, "waiting_for=fraud_review"):
+                        self._decide(http_, saga, early=False)
+                    for saga in self._sagas(http_, "state=running&type=order"):
+                        big = Decimal(saga["data"].get("amount", "0")) > REVIEW_ABOVE
+                        if big and not saga["waiting_for"] and self.rng.random() < 0.3:
+                            self._decide(http_, saga, early=True)
+                except requests.RequestException as exc:
+                    self.tally.odd(f"reviewer: {type(exc).__name__}: {exc}")
+                self.stop.wait(0.3)
+        finally:
+            http_.close()
+
+    def _sagas(self, http_: Http, query: str) -> list[dict]:
+        try:
+            status, _, data = http_.request(
+                "GET", f"/api/v1/sagas/?page_size=100&{query}", self.token
+            )
+        except (OSError, requests.RequestException):
+            return []
+        return data.get("results", []) if status == 200 and isinstance(data, dict) else []
+
+    def _decide(self, http_: Http, saga: dict, *, early: bool) -> None:
+        order_id = saga["correlation_id"]
+        if order_id in self.decided:
+            return
+        approved = self.rng.random() >= REJECT_RATE
+        path = f"/api/v1/sagas/{saga['id']}/signals/fraud_review/"
+        headers = {"Idempotency-Key": f"review-{saga['id']}"}
+        first = None
+        for send in range(2):
+            status, answer_headers, data = _retrying(
+                http_, "POST", path, self.token, {"payload": {"approved": approved}}, headers
+            )
+            self.answers[status] += 1
+            if send == 0:
+                first = status
+                if status == 409:
+                    return  # the saga moved on meanwhile (cancelled, declined): nothing to decide
+                if status != 202:
+                    self.tally.odd(f"POST {path}: {status} {str(data)[:300]}")
+                    return
+                self.decided[order_id] = approved
+                self.early += int(early)
+            elif status != 202 or answer_headers.get("idempotent-replayed") != "true":
+                self.tally.odd(f"POST {path} again (first {first}): {status} {answer_headers}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,6 +730,7 @@ class Summary:
     cancel_requests: dict[str, int] = field(default_factory=dict)
     outcomes: dict[str, int] = field(default_factory=dict)
     cancellation_reasons: dict[str, int] = field(default_factory=dict)
+    reviews: dict[str, int] = field(default_factory=dict)
     kills: int = 0
     kills_by_target: dict[str, int] = field(default_factory=dict)
     injected_crashes: int = 0
@@ -672,6 +768,8 @@ class Summary:
             f"replays, {self.in_flight_409} x 409 in flight",
             f"  cancel requests:  {cancels or 'none'}",
             f"  outcomes:         {outcomes}",
+            "  fraud reviews:    "
+            + (", ".join(f"{k} {v}" for k, v in self.reviews.items()) or "none"),
             f"  kills:            {self.kills} SIGKILL ({by_target or 'none'}); plus about "
             f"{self.injected_crashes} injected crashes (SAGA_FAULTS crash)",
             f"  broker restarts:  {self.broker_restarts} (down {outages or '-'})",
@@ -729,6 +827,7 @@ def run(config: ChaosConfig, out=sys.stdout) -> Summary:
         server.create_database(database)
         _migrate()
         tokens = _seed(config)
+        reviewer_token = _seed_reviewer()
 
         if "SAGARUNNER_CHAOS_PROXY" in env:
             port, host, target_port = env["SAGARUNNER_CHAOS_PROXY"].split()
@@ -748,6 +847,8 @@ def run(config: ChaosConfig, out=sys.stdout) -> Summary:
         )
 
         plan = make_plan(config)
+        reviewer = Reviewer(config, stack.web_port, reviewer_token, tally)
+        reviewer.start()
         tally.load_started = time.monotonic()
         load_budget = max(60.0, 4 * len(plan) / config.rate)
         clients = Clients(
@@ -765,7 +866,15 @@ def run(config: ChaosConfig, out=sys.stdout) -> Summary:
         chaos.ensure_all_up()
 
         settle_seconds = _settle(config, tally)
+        reviewer.join()
         summary.settle_seconds = settle_seconds
+        summary.reviews = {
+            "approved": sum(reviewer.decided.values()),
+            "rejected": sum(not a for a in reviewer.decided.values()),
+            "sent early": reviewer.early,
+            **{f"answered {k}": v for k, v in sorted(reviewer.answers.items())},
+        }
+        summary.violations += _check_reviews(tally, reviewer)
         summary.load_seconds = tally.load_finished
         summary.violations += _check_invariants(tally)
         summary.violations += _check_api(config, stack.web_port, tokens, tally, summary)
@@ -846,6 +955,37 @@ def _seed(config: ChaosConfig) -> list[str]:
         call_command("issue_token", f"chaos-client-{i}", stdout=buf)
         tokens.append(buf.getvalue().strip())
     return tokens
+
+
+def _seed_reviewer() -> str:
+    """An ops staff user (the fraud analyst: ``--staff`` puts it in the ops group), its token."""
+    from django.core.management import call_command
+
+    buf = StringIO()
+    call_command("issue_token", "chaos-reviewer", "--staff", stdout=buf)
+    return buf.getvalue().strip()
+
+
+def _check_reviews(tally: Tally, reviewer: Reviewer) -> list[str]:
+    """A rejected order is never confirmed; one that got to its review is ``fraud_rejected``."""
+    from orders.models import Order
+    from sagas.models import SagaEvent
+
+    violations: list[str] = []
+    for order_id, approved in sorted(reviewer.decided.items()):
+        if approved:
+            continue
+        order = Order.objects.select_related("saga").get(pk=order_id)
+        reviewed = SagaEvent.objects.filter(
+            saga_id=order.saga_id, kind="step_failed", step="fraud_review"
+        ).exists()
+        where = f"order {order_id} ({order.status}, {order.cancellation_reason})"
+        if order.status == "confirmed":
+            violations.append(f"[business] {where}: confirmed after a rejected fraud review")
+        elif reviewed and order.cancellation_reason != "fraud_rejected":
+            violations.append(f"[business] {where}: rejected at its review, not fraud_rejected")
+    tally.log(f"fraud reviews: {len(reviewer.decided)} decided, answers {dict(reviewer.answers)}")
+    return violations
 
 
 def _healthy(port: int) -> bool:

@@ -50,6 +50,14 @@ from orders.services import (
     order_request_cancel,
 )
 from payments.models import Payment
+from sagas.api import (
+    REFUSED,
+    SIGNAL_KEY_PARAMETER,
+    SIGNAL_NAME,
+    SignalInputSerializer,
+    SignalSerializer,
+    send_signal,
+)
 from sagas.models import SagaEvent, SagaState
 from shipping.models import Shipment, ShipmentStatus
 
@@ -62,6 +70,7 @@ CANCELLATION_REASONS = (
     "customer_cancelled",
     "timed_out",
     "step_failed",
+    "fraud_rejected",
 )
 
 
@@ -444,6 +453,29 @@ class OrderViewSet(viewsets.GenericViewSet):
         order = self.get_queryset().get(pk=order.pk)
         attach_payments_and_shipments([order])
         return Response(OrderSerializer(order).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        summary="Answer the order's saga (e.g. a 3-D Secure confirmation)",
+        description=(
+            "While the order is `requires_action`: `POST .../signals/3ds_confirmed/` with "
+            '`{"payload": {"approved": true}}` (or `false`, which declines the payment). '
+            "`202` when the order waits for it (or will); the same `Idempotency-Key` again is "
+            "a `202` replay; `409` when the order can no longer take it."
+        ),
+        tags=["orders"],
+        request=SignalInputSerializer,
+        parameters=[ORDER_ID_PARAMETER, SIGNAL_NAME, SIGNAL_KEY_PARAMETER],
+        responses={202: SignalSerializer, 400: ERROR, 403: ERROR, 409: REFUSED},
+    )
+    @action(
+        detail=True,
+        methods=["post"],
+        url_path=r"signals/(?P<name>[A-Za-z0-9_.:-]{1,64})",
+        filter_backends=[],
+    )
+    def signal(self, request: Request, pk: str, name: str) -> Response:
+        order = self.get_object_light()
+        return send_signal(request, order.saga_id, name)
 
     def get_object_light(self) -> Order:
         """The order (same visibility rule: another client's order is a 404) without its

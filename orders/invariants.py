@@ -55,7 +55,7 @@ from sagas.models import SagaState, SagaStep, StepStatus
 from shipping.models import Shipment, ShipmentStatus
 
 ZERO = Decimal("0.00")
-IN_FLIGHT = (OrderStatus.PROCESSING, OrderStatus.CANCELLING)
+IN_FLIGHT = (OrderStatus.PROCESSING, OrderStatus.REQUIRES_ACTION, OrderStatus.CANCELLING)
 
 
 @dataclass(frozen=True)

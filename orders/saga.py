@@ -7,6 +7,13 @@ participant's business "no" (anything in :data:`BUSINESS_ERRORS`) becomes a
 (a provider timeout, an injected fault, a database hiccup) is transient and retried by the
 engine.
 
+Two steps wait for the outside world (:func:`~sagas.definition.Wait`), and only for the orders
+that need it: ``confirm_3ds`` for the card holder's ``3ds_confirmed`` (``pm_card_3ds_required``;
+the order shows ``requires_action``), before the provider is asked to authorize; and
+``fraud_review`` for ops staff's ``fraud_review`` on orders above ``ORDER_FRAUD_REVIEW_ABOVE``,
+before any money is captured, so a rejection only voids an authorization. Both take
+``{"approved": true|false}``.
+
 Saga ``data`` holds ``order_id``, ``amount``, ``currency`` and ``lines``; the payment method
 and the shipping country are read from the order row by id, so no personal data travels in
 the saga, its results or its timeline.
@@ -20,17 +27,22 @@ from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
+
 from inventory import services as inventory
 from inventory.errors import InventoryError
 from orders import services as orders
 from orders.models import Order
 from payments import services as payments
 from payments.errors import PaymentError
+from payments.provider import PM_3DS_REQUIRED
 from sagas.definition import (
+    JSON,
     BusinessFailure,
     SagaDefinition,
     Step,
     StepContext,
+    Wait,
     forward_key,
     undo_key,
 )
@@ -59,11 +71,32 @@ def release_inventory(ctx: StepContext) -> dict:
     )
 
 
-# -- 2. money on hold ----------------------------------------------------------------------
+# -- 2a. the card holder's 3-D Secure step (pm_card_3ds_required only) -----------------------
+def needs_3ds(ctx: StepContext) -> bool:
+    return _payment_method(ctx) == PM_3DS_REQUIRED
+
+
+def order_client(saga_id: str) -> int | None:
+    """The user who placed the order of this saga: the one client who may answer for it."""
+    return Order.objects.filter(saga_id=saga_id).values_list("owner_id", flat=True).first()
+
+
+def approval(payload: dict[str, JSON]) -> str | None:
+    """``{"approved": true|false}``: anything else is refused before it reaches the saga."""
+    if not isinstance(payload.get("approved"), bool):
+        return "The payload needs `approved`: true or false."
+    return None
+
+
+def decide_3ds(ctx: StepContext) -> dict:
+    if not (ctx.signal or {}).get("approved"):
+        raise BusinessFailure("payment_declined", "the card holder did not confirm 3-D Secure")
+    return {"approved": True}
+
+
+# -- 2b. money on hold ---------------------------------------------------------------------
 def authorize_payment(ctx: StepContext) -> dict:
-    payment_method = Order.objects.values_list("payment_method", flat=True).get(
-        id=ctx.data["order_id"]
-    )
+    payment_method = _payment_method(ctx)
     with _business_failures():
         result = payments.payment_authorize(
             key=ctx.idempotency_key,
@@ -95,6 +128,17 @@ def arrange_shipment(ctx: StepContext) -> dict:
 
 def cancel_shipment(ctx: StepContext) -> dict:
     return _json(shipping.shipment_cancel(key=ctx.idempotency_key, forward_key=ctx.forward_key))
+
+
+# -- 3b. a fraud analyst's look at large orders -------------------------------------------
+def needs_fraud_review(ctx: StepContext) -> bool:
+    return Decimal(ctx.data["amount"]) > Decimal(settings.ORDER_FRAUD_REVIEW_ABOVE)
+
+
+def decide_fraud_review(ctx: StepContext) -> dict:
+    if not (ctx.signal or {}).get("approved"):
+        raise BusinessFailure("fraud_rejected", "the fraud review rejected the order")
+    return {"approved": True}
 
 
 # -- 4. money taken ------------------------------------------------------------------------
@@ -146,8 +190,11 @@ def settle_stock_on_resolve(saga: Any) -> None:
         orders.order_confirm(key=forward_key(saga.id, "confirm_order"), reservation_key=reserve)
 
 
-order_saga = SagaDefinition(
+#: Version 1: no waits. Registered beside version 2 so orders placed before the upgrade run to
+#: their end on it (or move with ``saga_migrate order --from 1 --to 2``).
+order_saga_v1 = SagaDefinition(
     "order",
+    version=1,
     on_resolve=settle_stock_on_resolve,
     steps=[
         Step(
@@ -168,8 +215,54 @@ order_saga = SagaDefinition(
     ],
 )
 
+#: Version 2, what new orders run: the 3-D Secure and fraud review waits.
+order_saga = SagaDefinition(
+    "order",
+    version=2,
+    on_resolve=settle_stock_on_resolve,
+    steps=[
+        Step(
+            "reserve_inventory",
+            reserve_inventory,
+            compensate=release_inventory,
+            provider="inventory",
+        ),
+        Wait(
+            "3ds_confirmed",
+            name="confirm_3ds",
+            timeout=lambda: settings.ORDER_3DS_TIMEOUT,
+            on_timeout="compensate",
+            when=needs_3ds,
+            client=order_client,
+            validate=approval,
+            decide=decide_3ds,
+        ),
+        Step(
+            "authorize_payment",
+            authorize_payment,
+            compensate=void_authorization,
+            provider="payments",
+        ),
+        Step("arrange_shipment", arrange_shipment, compensate=cancel_shipment, provider="shipping"),
+        Wait(
+            "fraud_review",
+            timeout=lambda: settings.ORDER_FRAUD_REVIEW_TIMEOUT,
+            on_timeout="escalate",
+            when=needs_fraud_review,
+            validate=approval,
+            decide=decide_fraud_review,
+        ),
+        Step("capture_payment", capture_payment, compensate=refund_payment, provider="payments"),
+        Step("confirm_order", confirm_order, pivot=True, provider="inventory"),
+    ],
+)
+
 
 # -- helpers -------------------------------------------------------------------------------
+def _payment_method(ctx: StepContext) -> str:
+    return Order.objects.values_list("payment_method", flat=True).get(id=ctx.data["order_id"])
+
+
 @contextmanager
 def _business_failures() -> Iterator[None]:
     """Turn a participant's definite "no" into the engine's, keeping its code."""

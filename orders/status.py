@@ -18,12 +18,14 @@ from sagas.models import Saga, SagaState
 
 class OrderStatus:
     PROCESSING = "processing"
+    #: The saga waits for a signal from the client (a 3-D Secure confirmation).
+    REQUIRES_ACTION = "requires_action"
     CONFIRMED = "confirmed"
     CANCELLING = "cancelling"
     CANCELLED = "cancelled"
     NEEDS_ATTENTION = "needs_attention"
 
-    ALL = (PROCESSING, CONFIRMED, CANCELLING, CANCELLED, NEEDS_ATTENTION)
+    ALL = (PROCESSING, REQUIRES_ACTION, CONFIRMED, CANCELLING, CANCELLED, NEEDS_ATTENTION)
     #: An order in one of these will not move again without a person.
     SETTLED = (CONFIRMED, CANCELLED, NEEDS_ATTENTION)
 
@@ -46,6 +48,22 @@ STATUS_BY_SAGA_STATE: dict[str, str] = {
 RESOLVED_PAST_PIVOT = OrderStatus.CONFIRMED
 
 
+def client_signals() -> tuple[str, ...]:
+    """The signals an order saga (any registered version) waits for from its client: waiting
+    for one is ``requires_action`` (the client has something to do), not ``processing``."""
+    from sagas.definition import registered_definitions
+
+    names: list[str] = []
+    for definition in registered_definitions():
+        if definition.saga_type != "order":
+            continue
+        for step in definition.steps:
+            park = step.park
+            if park is not None and park.client is not None and park.signal not in names:
+                names.append(park.signal)
+    return tuple(names)
+
+
 @dataclass(frozen=True)
 class OrderState:
     """What a client sees of an order's progress."""
@@ -59,22 +77,29 @@ class OrderState:
     cancellation_reason: str | None
 
 
-def order_status(*, saga_state: str, cancel_reason: str = "", escalated_from: str = "") -> str:
+def order_status(
+    *, saga_state: str, cancel_reason: str = "", escalated_from: str = "", waiting_for: str = ""
+) -> str:
     """The order status for a saga state: the client's view of the saga."""
     if saga_state == SagaState.RESOLVED and escalated_from == SagaState.RUNNING:
         return RESOLVED_PAST_PIVOT
     status = STATUS_BY_SAGA_STATE[saga_state]
     if status == OrderStatus.PROCESSING and cancel_reason:
         return OrderStatus.CANCELLING
+    if status == OrderStatus.PROCESSING and waiting_for and waiting_for in client_signals():
+        return OrderStatus.REQUIRES_ACTION
     return status
 
 
 def order_state(saga: Saga) -> OrderState:
     """Status, step and cancellation reason of the order whose saga this is."""
     status = order_status(
-        saga_state=saga.state, cancel_reason=saga.cancel_reason, escalated_from=saga.escalated_from
+        saga_state=saga.state,
+        cancel_reason=saga.cancel_reason,
+        escalated_from=saga.escalated_from,
+        waiting_for=saga.waiting_for,
     )
-    if status == OrderStatus.PROCESSING:
+    if status in (OrderStatus.PROCESSING, OrderStatus.REQUIRES_ACTION):
         return OrderState(status=status, step=saga.current_step or None, cancellation_reason=None)
     if status == OrderStatus.CANCELLED:
         return OrderState(status=status, step=None, cancellation_reason=saga.failure_code or None)
@@ -103,6 +128,11 @@ def order_status_expression(prefix: str = "saga__") -> Case:
             Q(**{f"{prefix}state": SagaState.RESOLVED})
             & Q(**{f"{prefix}escalated_from": SagaState.RUNNING}),
             then=Value(RESOLVED_PAST_PIVOT),
+        ),
+        When(
+            Q(**{f"{prefix}state": SagaState.RUNNING})
+            & Q(**{f"{prefix}waiting_for__in": client_signals()}),
+            then=Value(OrderStatus.REQUIRES_ACTION),
         ),
     ]
     whens += [

@@ -51,9 +51,12 @@ PM_VISA = "pm_card_visa"
 PM_DECLINED = "pm_card_declined"
 PM_CAPTURE_DECLINED = "pm_card_capture_declined"
 PM_REFUND_FAILS = "pm_card_refund_fails"
+#: Approves like ``pm_card_visa``; the order saga first waits for the card holder's 3-D Secure
+#: confirmation (the provider is only asked once it came).
+PM_3DS_REQUIRED = "pm_card_3ds_required"
 #: The test cards, in the order a client is told about them; the one list (orders validates
 #: ``payment_method`` against it too).
-TEST_CARDS = (PM_VISA, PM_DECLINED, PM_CAPTURE_DECLINED, PM_REFUND_FAILS)
+TEST_CARDS = (PM_VISA, PM_DECLINED, PM_CAPTURE_DECLINED, PM_REFUND_FAILS, PM_3DS_REQUIRED)
 KNOWN_PAYMENT_METHODS = frozenset(TEST_CARDS)
 
 

@@ -44,7 +44,7 @@ from django.utils.safestring import mark_safe
 from django.utils.timesince import timesince
 
 from sagas import selectors
-from sagas.definition import registered_definitions, registered_types
+from sagas.definition import definition_of, registered_definitions, registered_types
 from sagas.exceptions import SagaOperationRefused
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
 from sagas.services import (
@@ -294,6 +294,45 @@ class StuckFilter(admin.SimpleListFilter):
         return queryset.filter(selectors.saga_stuck_q()) if self.value() == "yes" else queryset
 
 
+def _signal_names() -> list[str]:
+    names: list[str] = []
+    for definition in registered_definitions():
+        names += [n for n in definition.signals if n not in names]
+    return names
+
+
+class WaitingForFilter(admin.SimpleListFilter):
+    """Parked sagas, by the signal they wait for (or parked at a timer)."""
+
+    title = "waiting for"
+    parameter_name = "waiting_for"
+
+    def lookups(self, request, model_admin):
+        return [("*", "Any signal or timer")] + [(n, f"signal {n}") for n in _signal_names()]
+
+    def queryset(self, request, queryset):
+        if not self.value():
+            return queryset
+        parked = queryset.filter(waiting_since__isnull=False)
+        return parked if self.value() == "*" else parked.filter(waiting_for=self.value())
+
+
+class WaitingAgeFilter(admin.SimpleListFilter):
+    title = "waiting longer than"
+    parameter_name = "waiting_age"
+    AGES = {"1m": 60, "1h": 3600, "1d": 86400}
+
+    def lookups(self, request, model_admin):
+        return [("1m", "a minute"), ("1h", "an hour"), ("1d", "a day")]
+
+    def queryset(self, request, queryset):
+        seconds = self.AGES.get(self.value() or "")
+        if seconds is None:
+            return queryset
+        since = timezone.now() - datetime.timedelta(seconds=seconds)
+        return queryset.filter(waiting_since__lte=since)
+
+
 def signature_value(failed_step: str, failure_code: str) -> str:
     return f"{failed_step}:{failure_code}"
 
@@ -416,6 +455,8 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         SagaTypeFilter,
         FailedStepFilter,
         FailureSignatureFilter,
+        WaitingForFilter,
+        WaitingAgeFilter,
     )
     date_hierarchy = "created_at"
     ordering = ("-created_at",)
@@ -426,7 +467,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
     )
     list_per_page = 50
     actions = ("retry_now", "compensate", "undo_done", "resolve")
-    readonly_fields = ("state_explained", "data_pretty", "results_pretty")
+    readonly_fields = ("state_explained", "waiting_explained", "data_pretty", "results_pretty")
     change_list_template = "admin/sagas/saga/change_list.html"
     change_form_template = "admin/sagas/saga/change_form.html"
     fieldsets = (
@@ -437,6 +478,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                     "id",
                     "saga_type",
                     "state_explained",
+                    "waiting_explained",
                     "current_step",
                     "attempt",
                     "failed_step",
@@ -659,7 +701,105 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             self.admin_site.admin_view(self.dashboard_view),
             name="sagas_saga_dashboard",
         )
-        return [dashboard, *urls]
+        send_signal = path(
+            "<uuid:saga_id>/signal/",
+            self.admin_site.admin_view(self.signal_view),
+            name="sagas_saga_signal",
+        )
+        return [dashboard, send_signal, *urls]
+
+    # -- signals -------------------------------------------------------------------------------
+    @admin.display(description="Waiting")
+    def waiting_explained(self, saga: Saga) -> str:
+        """What a parked saga waits for, the signals it holds, and the way to send one."""
+        try:
+            names = definition_of(saga).signals
+        except LookupError:  # a type or version this process does not know
+            names = []
+        parts = []
+        if saga.waiting_since is not None:
+            what = f"signal {saga.waiting_for}" if saga.waiting_for else "its timer"
+            due = (
+                f"; times out at {saga.next_attempt_at:%Y-%m-%d %H:%M:%S} UTC"
+                if saga.next_attempt_at
+                else "; no timeout"
+            )
+            parts.append(
+                format_html(
+                    "<strong>Waiting for {}</strong> since {} ({} ago){}",
+                    what,
+                    f"{saga.waiting_since:%Y-%m-%d %H:%M:%S} UTC",
+                    timesince(saga.waiting_since),
+                    due,
+                )
+            )
+        pending = list(saga.signals.filter(consumed_at__isnull=True).values_list("name", "actor"))
+        if pending:
+            parts.append(
+                format_html(
+                    "Kept for later: {}",
+                    ", ".join(f"{name} (from {actor})" for name, actor in pending),
+                )
+            )
+        if names:
+            url = reverse("admin:sagas_saga_signal", args=[saga.pk])
+            parts.append(format_html('<a class="button" href="{}">Send a signal&hellip;</a>', url))
+        return mark_safe("<br>".join(str(p) for p in parts)) if parts else "-"  # noqa: S308
+
+    def signal_view(self, request: HttpRequest, saga_id: UUID) -> HttpResponse:
+        """A form to send one of the saga type's signals, with a JSON payload."""
+        from sagas.exceptions import SignalPayloadInvalid
+        from sagas.signals import saga_signal
+
+        if not self.has_operate_permission(request):
+            raise PermissionDenied
+        saga = Saga.objects.filter(pk=saga_id).first()
+        if saga is None:
+            messages.error(request, "No such saga.")
+            return HttpResponseRedirect(reverse("admin:sagas_saga_changelist"))
+        names = definition_of(saga).signals
+        page = reverse("admin:sagas_saga_change", args=[saga.pk])
+        form = {
+            "name": request.POST.get("name") or saga.waiting_for or (names[0] if names else ""),
+            "payload": request.POST.get("payload", "{}"),
+            "key": request.POST.get("key", ""),
+        }
+        error = ""
+        if request.method == "POST":
+            try:
+                payload = json.loads(form["payload"] or "{}")
+                outcome = saga_signal(
+                    saga_id=saga.pk,
+                    name=form["name"],
+                    payload=payload,
+                    key=form["key"] or None,
+                    user=request.user,
+                )
+            except json.JSONDecodeError as exc:
+                error = f"The payload is not JSON: {exc}"
+            except (SignalPayloadInvalid, SagaOperationRefused) as exc:
+                error = exc.detail
+            else:
+                if outcome.replayed:
+                    messages.info(request, f"Signal {form['name']} with this key was already sent.")
+                elif outcome.delivered_now:
+                    messages.success(request, f"Signal {form['name']} sent; the saga goes on.")
+                else:
+                    messages.success(
+                        request, f"Signal {form['name']} kept until the saga reaches its wait."
+                    )
+                return HttpResponseRedirect(page)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Send a signal to {saga.saga_type} saga {_short(saga.pk)}",
+            "opts": self.opts,
+            "saga": saga,
+            "names": names,
+            "form": form,
+            "error": error,
+            "page_url": page,
+        }
+        return TemplateResponse(request, "admin/sagas/saga/signal_form.html", context)
 
     def dashboard_view(self, request: HttpRequest) -> HttpResponse:
         if not self.has_view_permission(request):

@@ -9,6 +9,9 @@ operations.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.utils import timezone
 from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
@@ -19,15 +22,19 @@ from drf_spectacular.utils import (
     extend_schema_field,
     extend_schema_view,
 )
-from rest_framework import mixins, permissions, serializers, status, viewsets
+from rest_framework import generics, mixins, permissions, serializers, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from config.api import ErrorSerializer, Pagination, StrictCharField
+from config.api_errors import ApiError
 from sagas import services
-from sagas.models import Saga, SagaState, SagaStep, StepStatus
+from sagas.exceptions import SignalPayloadInvalid
+from sagas.models import Saga, SagaSignal, SagaState, SagaStep, StepStatus
 from sagas.selectors import saga_is_stuck, saga_stuck_q
+from sagas.signals import MAX_KEY_LENGTH, saga_signal
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +89,8 @@ class SagaSerializer(serializers.ModelSerializer):
             "last_error",
             "escalated_from",
             "correlation_id",
+            "waiting_for",
+            "waiting_since",
             "data",
             "results",
             "created_at",
@@ -93,6 +102,55 @@ class SagaSerializer(serializers.ModelSerializer):
     @extend_schema_field(OpenApiTypes.BOOL)
     def get_stuck(self, saga: Saga) -> bool:
         return saga_is_stuck(saga, now=self.context.get("now"))
+
+
+class SignalInputSerializer(serializers.Serializer):
+    payload = serializers.DictField(
+        required=False, default=dict, help_text="What the saga's next steps get to read."
+    )
+
+
+class SignalSerializer(serializers.ModelSerializer):
+    saga_id = serializers.UUIDField()
+    signal = serializers.CharField(source="name")
+    replayed = serializers.SerializerMethodField(help_text="This key was seen before.")
+
+    class Meta:
+        model = SagaSignal
+        fields = ["saga_id", "signal", "key", "payload", "received_at", "consumed_at", "replayed"]
+
+    @extend_schema_field(OpenApiTypes.BOOL)
+    def get_replayed(self, signal: SagaSignal) -> bool:
+        return bool(self.context.get("replayed"))
+
+
+SIGNAL_KEY_PARAMETER = OpenApiParameter(
+    "Idempotency-Key",
+    {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH},
+    OpenApiParameter.HEADER,
+    required=False,
+    description="The same key again is a replay: `202` with no second effect.",
+)
+SIGNAL_NAME = OpenApiParameter("name", str, OpenApiParameter.PATH)
+
+
+def send_signal(request: Request, saga_id, name: str) -> Response:
+    """``POST .../signals/{name}/`` for the sagas and the orders API: deliver, answer ``202``."""
+    body = SignalInputSerializer(data=request.data)
+    body.is_valid(raise_exception=True)
+    try:
+        outcome = saga_signal(
+            saga_id=saga_id,
+            name=name,
+            payload=body.validated_data["payload"],
+            key=request.headers.get("Idempotency-Key"),
+            user=request.user,
+        )
+    except SignalPayloadInvalid as exc:
+        raise ApiError(exc.detail, code=exc.code, fields={"payload": [exc.detail]}) from None
+    data = SignalSerializer(outcome.signal, context={"replayed": outcome.replayed}).data
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
+    return Response(data, status=status.HTTP_202_ACCEPTED, headers=headers)
 
 
 class CompensateSerializer(serializers.Serializer):
@@ -146,9 +204,39 @@ class SagaFilter(filters.FilterSet):
         choices=[("true", "true"), ("false", "false")], method="filter_stuck", label="stuck"
     )
 
+    waiting_for = filters.CharFilter(
+        max_length=64,
+        method="filter_waiting_for",
+        label="waiting_for",
+        help_text="Parked sagas waiting for this signal (`*`: for any signal).",
+    )
+    waiting_longer_than = filters.NumberFilter(
+        method="filter_waiting_longer_than",
+        min_value=0,
+        label="waiting_longer_than",
+        help_text="Parked (at a Wait or Sleep) for more than this many seconds.",
+    )
+
     class Meta:
         model = Saga
-        fields = ["state", "type", "failed_step", "correlation_id", "stuck"]
+        fields = [
+            "state",
+            "type",
+            "failed_step",
+            "correlation_id",
+            "stuck",
+            "waiting_for",
+            "waiting_longer_than",
+        ]
+
+    def filter_waiting_for(self, queryset, name: str, value: str):
+        if value == "*":
+            return queryset.filter(waiting_since__isnull=False).exclude(waiting_for="")
+        return queryset.filter(waiting_for=value, waiting_since__isnull=False)
+
+    def filter_waiting_longer_than(self, queryset, name: str, value):
+        since = timezone.now() - timedelta(seconds=float(value))
+        return queryset.filter(waiting_since__lte=since)
 
     def filter_stuck(self, queryset, name: str, value: str):
         if not value:
@@ -296,6 +384,35 @@ class SagaViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             note=body.validated_data["note"],
         )
         return self._saga_response(saga.pk, status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        summary="Send a signal to a waiting saga",
+        description="Ops staff; for a signal its saga type declares client-facing "
+        "(`3ds_confirmed`) also the order's own client. `202` when the saga waits for it or "
+        "will reach the wait (it is kept until then); the same `Idempotency-Key` again is a "
+        "`202` replay with no second effect; `409` when the saga can no longer take it.",
+        tags=["sagas"],
+        request=SignalInputSerializer,
+        parameters=[SAGA_ID, SIGNAL_NAME, SIGNAL_KEY_PARAMETER],
+        responses={202: SignalSerializer, 400: ErrorSerializer, 403: ErrorSerializer, 409: REFUSED},
+    )
+    @action(
+        detail=True,
+        methods=["post"],
+        url_path=r"signals/(?P<name>[A-Za-z0-9_.:-]{1,64})",
+        permission_classes=[permissions.IsAuthenticated],
+        filter_backends=[],
+    )
+    def signal(self, request: Request, pk: str, name: str) -> Response:
+        # Not get_object(): a client may send its own order's client-facing signals, and the
+        # service decides who may send what (ops staff, or the client the signal is for).
+        saga = generics.get_object_or_404(Saga.objects.only("id"), pk=pk)
+        try:
+            return send_signal(request, saga.pk, name)
+        except DjangoPermissionDenied:
+            if request.user.is_staff:
+                raise
+            raise NotFound() from None  # another client's saga: as if it did not exist
 
     @extend_schema(
         summary="Compensation plan (dry run)",

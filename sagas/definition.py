@@ -91,9 +91,10 @@ class Park:
 
     #: The signal's name; blank for a ``Sleep``.
     signal: str = ""
-    #: A ``Wait``'s timeout or a ``Sleep``'s duration; ``None``: wait until signalled (the
-    #: saga's deadline and cancel requests still apply).
-    seconds: float | None = None
+    #: A ``Wait``'s timeout or a ``Sleep``'s duration (or a function returning it, read when
+    #: the saga parks, e.g. from settings); ``None``: wait until signalled (the saga's deadline
+    #: and cancel requests still apply).
+    seconds: float | Callable[[], float] | None = None
     #: What a ``Wait`` does when its timeout passes without the signal.
     on_timeout: str = "compensate"
     #: Whether this saga waits at all (e.g. only orders above a threshold); evaluated when the
@@ -105,6 +106,11 @@ class Park:
     #: Checks a payload before it is accepted: returns an error message, or ``None`` if fine.
     validate: Callable[[Mapping[str, JSON]], str | None] | None = None
 
+    @property
+    def duration(self) -> float | None:
+        """The timeout (or sleep) in seconds, now."""
+        return self.seconds() if callable(self.seconds) else self.seconds
+
 
 def _signal_result(ctx: StepContext) -> JSON:
     return {"payload": dict(ctx.signal or {})}
@@ -113,7 +119,7 @@ def _signal_result(ctx: StepContext) -> JSON:
 def Wait(  # noqa: N802 - reads like a step in a definition, as in Temporal and Restate
     signal: str,
     *,
-    timeout: float | None,
+    timeout: float | Callable[[], float] | None,
     on_timeout: str = "compensate",
     name: str | None = None,
     decide: StepFunction | None = None,
@@ -133,7 +139,7 @@ def Wait(  # noqa: N802 - reads like a step in a definition, as in Temporal and 
     """
     if on_timeout not in ON_TIMEOUT:
         raise ValueError(f"on_timeout must be one of {ON_TIMEOUT}, not {on_timeout!r}")
-    if timeout is not None and timeout < 0:
+    if isinstance(timeout, int | float) and timeout < 0:
         raise ValueError("timeout must be >= 0 seconds")
     return Step(
         name=name or signal,

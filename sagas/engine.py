@@ -36,7 +36,7 @@ from django.utils import timezone
 
 from providers import breaker as provider_breaker
 from providers.config import breakers_enabled
-from sagas import metrics, waits
+from sagas import metrics, tracing, waits
 from sagas.definition import (
     BusinessFailure,
     SagaDefinition,
@@ -685,14 +685,19 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
         if decision.kind == "timeout":
             return _wait_timed_out(definition, saga, step, rec, inline_ok=inline_ok)
         if decision.kind == "skip":
-            action = waits.skipped
-        elif decision.signal is not None:
+            # This saga does not wait here: on to the next step, with no event or result.
+            rec.step_name = step.name
+            rec.step_fields = {"status": StepStatus.SUCCEEDED, "result": waits.SKIPPED}
+            _next_step(definition, saga, rec, i)
+            return _write(saga, rec, inline_ok=inline_ok)
+        if decision.signal is not None:
             ctx = replace(ctx, signal=decision.signal.payload)
             rec.on_written = _consume(decision.signal, step.name)
         _unpark(saga, rec)
     started = time.perf_counter()
     try:
-        result = _call(action, ctx, ticket)
+        with tracing.saga_span(f"saga.step {step.name}", saga, step=step.name, phase="forward"):
+            result = _call(action, ctx, ticket)
     except BusinessFailure as exc:
         duration = time.perf_counter() - started
         metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
@@ -746,6 +751,12 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
     }
     rec.fields["results"] = {**saga.results, step.name: result}
     rec.event("step_succeeded", saga, step=step.name, duration_ms=duration * 1e3)
+    _next_step(definition, saga, rec, i)
+    return _write(saga, rec, inline_ok=inline_ok)
+
+
+def _next_step(definition: SagaDefinition, saga: Saga, rec: _Record, i: int) -> None:
+    """Step ``i`` is done: go on to the next one, or succeed after the last."""
     if i + 1 < len(definition.steps):
         rec.fields.update(step_index=i + 1, current_step=definition.steps[i + 1].name)
         rec.go_on = True
@@ -756,7 +767,6 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
         )
         rec.event("succeeded", saga)
         rec.finished = "succeeded"
-    return _write(saga, rec, inline_ok=inline_ok)
 
 
 def _forward_exhausted(
@@ -799,7 +809,10 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
     started = time.perf_counter()
     try:
         assert step.compensate is not None
-        _call(step.compensate, ctx, ticket)
+        with tracing.saga_span(
+            f"saga.compensate {step.name}", saga, step=step.name, phase="compensation"
+        ):
+            _call(step.compensate, ctx, ticket)
     except Exception as exc:  # noqa: BLE001 - a compensation must eventually succeed or escalate
         duration = time.perf_counter() - started
         metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "compensation").observe(duration)
@@ -876,8 +889,8 @@ def _park(
         until = f"until {decision.wake_at.isoformat()}" if decision.wake_at else "with no timeout"
         what = f"for signal {park.signal}" if park.signal else "timer"
         rec.event("waiting", saga, step=step.name, detail=f"{what} {until}")
-        if saga.deadline_at is not None and park.seconds:
-            rec.fields["deadline_at"] = saga.deadline_at + timedelta(seconds=park.seconds)
+        if saga.deadline_at is not None and park.duration:
+            rec.fields["deadline_at"] = saga.deadline_at + timedelta(seconds=park.duration)
     if decision.wake_at is not None:
         # Short timers also get a doorbell with a countdown (on time, no sweep needed); long
         # ones rely on the sweeper alone, so a million parked sagas are only rows.
@@ -894,7 +907,7 @@ def _wait_timed_out(
     park = step.park
     assert park is not None
     i = definition.index_of(saga.current_step)
-    error = f"no {park.signal} signal within {park.seconds:g}s"
+    error = f"no {park.signal} signal within {park.duration or 0:g}s"
     rec.step_name = step.name
     rec.step_fields = {"status": StepStatus.FAILED, "attempts": saga.attempt, "last_error": error}
     rec.event("wait_timed_out", saga, step=step.name, detail=error)
@@ -935,8 +948,9 @@ def advance(saga_id: Any, version: int) -> None:
         metrics.STALE_DELIVERIES.inc()
         return
     budget = settings.SAGA_INLINE_BUDGET
-    while saga is not None:
-        saga = run_claimed(saga, inline_ok=time.monotonic() - started < budget)
+    with tracing.saga_span("saga.task", saga):
+        while saga is not None:
+            saga = run_claimed(saga, inline_ok=time.monotonic() - started < budget)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.utils import timezone
 
-from sagas import metrics
+from sagas import metrics, tracing
 from sagas.definition import definition_of, forward_key, get_definition, undo_key
 from sagas.engine import next_compensable, ring_on_commit
 from sagas.exceptions import SagaOperationRefused
@@ -116,6 +116,7 @@ def saga_start(
         deadline_at=now + timedelta(seconds=deadline),
         data=data,
         correlation_id=correlation_id,
+        trace_context=tracing.current_carrier(),
     )
     SagaStep.objects.bulk_create(
         [

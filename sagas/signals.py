@@ -24,6 +24,7 @@ from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.utils import timezone
 
+from sagas import tracing
 from sagas.definition import Park, SagaDefinition, definition_of
 from sagas.engine import ring_on_commit
 from sagas.exceptions import SagaOperationRefused, SignalPayloadInvalid
@@ -109,61 +110,66 @@ def saga_signal(
         raise SignalPayloadInvalid(f"The Idempotency-Key may not exceed {MAX_KEY_LENGTH} chars.")
     with transaction.atomic():
         saga = _locked(saga_id)
-        definition = definition_of(saga)
-        indexes = definition.waits_for(name)
-        if not indexes:
-            raise SagaOperationRefused(
-                "unknown_signal", f"A {saga.saga_type} saga never waits for {name!r}."
-            )
-        park = definition.steps[indexes[0]].park
-        assert park is not None
-        if not _may_send(user, park, saga):
-            raise PermissionDenied(
-                f"Only ops staff{' or the client' if park.client else ''} may send {name!r}."
-            )
-        existing = SagaSignal.objects.filter(saga=saga, name=name, key=key).first()
-        if existing is not None:
-            return SignalOutcome(existing, replayed=True, delivered_now=False)
-        payload = _check_payload(park, payload)
+        with tracing.saga_span(f"saga.signal {name}", saga, signal=name):
+            return _deliver(saga, name, payload, key, user)
 
-        at = definition.index_of(saga.current_step)
-        resume = (
-            saga.state == SagaState.NEEDS_MANUAL
-            and saga.escalated_from == SagaState.RUNNING
-            and at in indexes
-            and saga.failed_step == definition.steps[at].name
+
+def _deliver(saga: Saga, name: str, payload: Any, key: str, user: Any) -> SignalOutcome:
+    definition = definition_of(saga)
+    indexes = definition.waits_for(name)
+    if not indexes:
+        raise SagaOperationRefused(
+            "unknown_signal", f"A {saga.saga_type} saga never waits for {name!r}."
         )
-        takes_it = saga.state == SagaState.RUNNING and any(
-            i >= at and _will_wait(definition, saga, i) for i in indexes
+    park = definition.steps[indexes[0]].park
+    assert park is not None
+    if not _may_send(user, park, saga):
+        raise PermissionDenied(
+            f"Only ops staff{' or the client' if park.client else ''} may send {name!r}."
         )
-        if not (resume or takes_it):
-            raise SagaOperationRefused(
-                "not_waiting",
-                f"The saga is {saga.state} at {saga.current_step} and will not wait for "
-                f"{name!r} any more.",
-            )
-        if SagaSignal.objects.filter(saga=saga, name=name, consumed_at__isnull=True).exists():
-            raise SagaOperationRefused(
-                "already_signalled",
-                f"A {name!r} signal with another key is already waiting to be consumed.",
-            )
-        now = timezone.now()
-        signal = SagaSignal.objects.create(
-            saga=saga, name=name, key=key, payload=payload, actor=_actor(user), received_at=now
+    existing = SagaSignal.objects.filter(saga=saga, name=name, key=key).first()
+    if existing is not None:
+        return SignalOutcome(existing, replayed=True, delivered_now=False)
+    payload = _check_payload(park, payload)
+
+    at = definition.index_of(saga.current_step)
+    resume = (
+        saga.state == SagaState.NEEDS_MANUAL
+        and saga.escalated_from == SagaState.RUNNING
+        and at in indexes
+        and saga.failed_step == definition.steps[at].name
+    )
+    takes_it = saga.state == SagaState.RUNNING and any(
+        i >= at and _will_wait(definition, saga, i) for i in indexes
+    )
+    if not (resume or takes_it):
+        raise SagaOperationRefused(
+            "not_waiting",
+            f"The saga is {saga.state} at {saga.current_step} and will not wait for "
+            f"{name!r} any more.",
         )
-        delivered_now = resume or at in indexes
-        if delivered_now:
-            if resume:
-                saga.resume_forward()
-            saga.attempt = 0
-            saga.next_attempt_at = now
-            saga.lease_until = None
-            _save(saga, ["attempt", "next_attempt_at", "lease_until"])
-            ring_on_commit(saga.id, saga.version)
-        detail = f"{name} (key {key})" + ("; resumed from needs_manual" if resume else "")
-        step = definition.steps[at].name if delivered_now else ""
-        # From ops staff it is an ops action (``ops_signal``: the audit log records it too);
-        # from the saga's own client it is that client's answer.
-        kind = "ops_signal" if user.has_perm(OPS_PERMISSION) else "signal_received"
-        _event(saga, kind, actor=_actor(user), detail=detail, step=step)
+    if SagaSignal.objects.filter(saga=saga, name=name, consumed_at__isnull=True).exists():
+        raise SagaOperationRefused(
+            "already_signalled",
+            f"A {name!r} signal with another key is already waiting to be consumed.",
+        )
+    now = timezone.now()
+    signal = SagaSignal.objects.create(
+        saga=saga, name=name, key=key, payload=payload, actor=_actor(user), received_at=now
+    )
+    delivered_now = resume or at in indexes
+    if delivered_now:
+        if resume:
+            saga.resume_forward()
+        saga.attempt = 0
+        saga.next_attempt_at = now
+        saga.lease_until = None
+        _save(saga, ["attempt", "next_attempt_at", "lease_until"])
+        ring_on_commit(saga.id, saga.version)
+    detail = f"{name} (key {key})" + ("; resumed from needs_manual" if resume else "")
+    step = definition.steps[at].name if delivered_now else ""
+    # From ops staff it is an ops action (``ops_signal``: the audit log records it too);
+    # from the saga's own client it is that client's answer.
+    kind = "ops_signal" if user.has_perm(OPS_PERMISSION) else "signal_received"
+    _event(saga, kind, actor=_actor(user), detail=detail, step=step)
     return SignalOutcome(signal, replayed=False, delivered_now=delivered_now)

@@ -45,14 +45,14 @@ def decide(park: Park, saga: Saga, ctx: StepContext, now: datetime) -> WaitDecis
         signal = pending_signal(saga.id, park.signal)
         if signal is not None:
             return WaitDecision("run", signal=signal)
-    if park.seconds is None:
+    seconds = park.duration
+    if seconds is None:
         return WaitDecision("park")
-    due = (saga.waiting_since or now) + timedelta(seconds=park.seconds)
+    due = (saga.waiting_since or now) + timedelta(seconds=seconds)
     if now + _TOLERANCE >= due:
         return WaitDecision("timeout" if park.signal else "run")
     return WaitDecision("park", wake_at=due)
 
 
-def skipped(ctx: StepContext) -> dict:
-    """The result of a ``Wait`` this saga does not need (its ``when`` said no)."""
-    return {"skipped": True}
+#: The step row's result of a ``Wait`` this saga does not need (its ``when`` said no).
+SKIPPED = {"skipped": True}

@@ -97,3 +97,14 @@ def test_dockerfile_builds_a_non_root_python_311_image_with_static_files():
     assert "manage.py collectstatic --noinput" in text
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users and users[-1] not in {"root", "0"}
+
+
+def test_jaeger_runs_only_with_the_tracing_profile_and_apps_can_point_at_it(services):
+    """`docker compose --profile tracing up` adds Jaeger (OTLP on 4318, UI on 16686); the
+    apps trace only when OTEL_EXPORTER_OTLP_ENDPOINT is set, so a plain `up` does not."""
+    jaeger = services["jaeger"]
+    assert jaeger["profiles"] == ["tracing"]
+    assert "4318:4318" in jaeger["ports"] and "16686:16686" in jaeger["ports"]
+    for name in ("web", "worker", "beat"):
+        env = services[name]["environment"]
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "${OTEL_EXPORTER_OTLP_ENDPOINT:-}"

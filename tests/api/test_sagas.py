@@ -9,6 +9,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from orders.saga import order_saga
 from sagas.models import Saga, SagaEvent, SagaState, StepStatus
 
 from .conftest import assert_error
@@ -36,7 +37,7 @@ def needs_manual(saga: Saga, *, escalated_from: str = SagaState.COMPENSATING) ->
 
 # -- reading --------------------------------------------------------------------------------------
 def test_staff_list_and_read_sagas_with_their_steps(staff_api, saga):
-    """The list and the detail show the saga and its five steps in order."""
+    """The list and the detail show the saga and its steps in order (the waits included)."""
     page = staff_api.get(SAGAS).json()
     assert page["count"] == 1
     listed = page["results"][0]
@@ -45,8 +46,10 @@ def test_staff_list_and_read_sagas_with_their_steps(staff_api, saga):
     assert listed["state"] == "running"
     assert [s["name"] for s in listed["steps"]] == [
         "reserve_inventory",
+        "confirm_3ds",
         "authorize_payment",
         "arrange_shipment",
+        "fraud_review",
         "capture_payment",
         "confirm_order",
     ]
@@ -112,11 +115,13 @@ def test_compensation_plan_is_the_dry_run(staff_api, saga):
     """Staff (without the ops permission) read the plan: the compensations of the steps that
     took effect, in run order, with their undo keys; nothing changes."""
     Saga.objects.filter(pk=saga.pk).update(
-        step_index=2,
+        step_index=order_saga.index_of("arrange_shipment"),
         current_step="arrange_shipment",
         results={"reserve_inventory": {}, "authorize_payment": {}},
     )
-    saga.steps.filter(index__in=[0, 1]).update(status=StepStatus.SUCCEEDED, took_effect=True)
+    saga.steps.filter(name__in=["reserve_inventory", "authorize_payment"]).update(
+        status=StepStatus.SUCCEEDED, took_effect=True
+    )
     before = Saga.objects.get(pk=saga.pk).version
     response = staff_api.get(f"{SAGAS}{saga.id}/compensation-plan/")
     assert response.status_code == 200, response.content
@@ -195,7 +200,9 @@ def test_compensate_needs_a_reason(ops_api, saga, body):
 
 def test_compensate_after_the_pivot_is_409(ops_api, saga):
     """Refused past the pivot, and the timeline does not claim an operator compensated."""
-    Saga.objects.filter(pk=saga.pk).update(step_index=4, current_step="confirm_order")
+    Saga.objects.filter(pk=saga.pk).update(
+        step_index=order_saga.index_of("confirm_order"), current_step="confirm_order"
+    )
     assert_error(
         ops_api.post(f"{SAGAS}{saga.id}/compensate/", {"reason": "late"}, format="json"),
         409,

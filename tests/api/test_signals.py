@@ -1,0 +1,142 @@
+"""Orders that wait for the outside world, over HTTP with a real worker: a fraud review for
+large orders (ops staff answer), a 3-D Secure confirmation (the client answers)."""
+
+from __future__ import annotations
+
+import pytest
+
+from orders.selectors import OrderStatus
+from sagas.models import Saga
+
+from .conftest import assert_error, make_product, order_body
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+SETTLED = set(OrderStatus.SETTLED)
+
+
+@pytest.fixture
+def big(catalog):
+    """Two of these (1200.00) are above ORDER_FRAUD_REVIEW_ABOVE (1000.00)."""
+    return make_product("safe", price="600.00", stock=10)
+
+
+def place(api, lines, **kwargs) -> dict:
+    response = api.post("/api/v1/orders/", order_body(lines, **kwargs), format="json")
+    assert response.status_code == 201, response.content
+    return response.json()
+
+
+def order_when(api, order_id, wait_for, predicate) -> dict:
+    seen = {}
+
+    def check():
+        seen["body"] = api.get(f"/api/v1/orders/{order_id}/").json()
+        return seen["body"] if predicate(seen["body"]) else None
+
+    return wait_for(check, timeout=60, describe=lambda: seen.get("body"))
+
+
+def waiting_for(name):
+    def check(body):
+        return Saga.objects.filter(pk=body["saga"]["id"], waiting_for=name).exists()
+
+    return check
+
+
+def signal(api, path: str, payload, key: str | None = None):
+    headers = {"Idempotency-Key": key} if key else {}
+    return api.post(path, {"payload": payload}, format="json", headers=headers)
+
+
+def test_a_large_order_waits_for_the_fraud_review_and_an_approval_confirms_it(
+    client_api, ops_api, big, celery_worker, wait_for
+):
+    order = place(client_api, [("safe", 2)])
+    body = order_when(client_api, order["id"], wait_for, waiting_for("fraud_review"))
+    # Staff's review, not the client's: the client still sees processing at the review step.
+    assert body["status"] == "processing" and body["step"] == "fraud_review"
+    assert body["payment"]["authorized"] == "1200.00" and body["payment"]["captured"] == "0.00"
+    saga_path = f"/api/v1/sagas/{order['saga']['id']}/signals/fraud_review/"
+    assert_error(signal(client_api, saga_path, {"approved": True}), 404)
+    order_path = f"/api/v1/orders/{order['id']}/signals/fraud_review/"
+    assert_error(signal(client_api, order_path, {"approved": True}), 403)
+    assert_error(signal(ops_api, saga_path, {"approved": "yes"}), 400, "invalid_payload")
+
+    first = signal(ops_api, saga_path, {"approved": True}, key="review-1")
+    assert first.status_code == 202, first.content
+    assert first.json()["replayed"] is False and first.json()["payload"] == {"approved": True}
+    again = signal(ops_api, saga_path, {"approved": True}, key="review-1")
+    assert again.status_code == 202 and again["Idempotent-Replayed"] == "true"
+
+    done = order_when(client_api, order["id"], wait_for, lambda b: b["status"] in SETTLED)
+    assert done["status"] == "confirmed" and done["payment"]["captured"] == "1200.00"
+    assert_error(
+        signal(ops_api, saga_path, {"approved": False}, key="review-2"), 409, "not_waiting"
+    )
+    kinds = [
+        e["kind"]
+        for e in client_api.get(f"/api/v1/orders/{order['id']}/timeline/").json()["results"]
+    ]
+    assert kinds.count("ops_signal") == 1
+
+
+def test_a_rejected_fraud_review_cancels_the_order_as_fraud_rejected(
+    client_api, ops_api, big, celery_worker, wait_for
+):
+    order = place(client_api, [("safe", 2)])
+    order_when(client_api, order["id"], wait_for, waiting_for("fraud_review"))
+    response = signal(
+        ops_api, f"/api/v1/sagas/{order['saga']['id']}/signals/fraud_review/", {"approved": False}
+    )
+    assert response.status_code == 202, response.content
+    done = order_when(client_api, order["id"], wait_for, lambda b: b["status"] in SETTLED)
+    assert done["status"] == "cancelled" and done["cancellation_reason"] == "fraud_rejected"
+    assert done["payment"]["captured"] == "0.00" and done["payment"]["voided"] == "1200.00"
+    assert done["shipment"]["status"] == "cancelled"
+
+
+def test_a_small_order_does_not_wait_for_a_review(
+    client_api, ops_api, catalog, celery_worker, wait_for
+):
+    order = place(client_api, [("lamp", 1)])
+    done = order_when(client_api, order["id"], wait_for, lambda b: b["status"] in SETTLED)
+    assert done["status"] == "confirmed"
+    response = signal(
+        ops_api, f"/api/v1/sagas/{order['saga']['id']}/signals/fraud_review/", {"approved": True}
+    )
+    assert_error(response, 409, "not_waiting")
+
+
+def test_3ds_the_order_requires_action_until_the_client_confirms(
+    client_api, other_api, catalog, celery_worker, wait_for
+):
+    order = place(client_api, [("lamp", 1)], payment_method="pm_card_3ds_required")
+    body = order_when(client_api, order["id"], wait_for, lambda b: b["status"] == "requires_action")
+    assert body["payment"]["authorized"] == "0.00"  # the provider is asked only after 3-D Secure
+    listed = client_api.get("/api/v1/orders/", {"status": "requires_action"}).json()["results"]
+    assert [o["id"] for o in listed] == [order["id"]]
+    path = f"/api/v1/orders/{order['id']}/signals/3ds_confirmed/"
+    assert_error(signal(other_api, path, {"approved": True}), 404)
+    response = signal(client_api, path, {"approved": True}, key="3ds-1")
+    assert response.status_code == 202, response.content
+    assert signal(client_api, path, {"approved": True}, key="3ds-1").status_code == 202
+    done = order_when(client_api, order["id"], wait_for, lambda b: b["status"] in SETTLED)
+    assert done["status"] == "confirmed" and done["payment"]["captured"] == "19.90"
+
+
+def test_3ds_declined_by_the_client_cancels_as_payment_declined(
+    client_api, catalog, celery_worker, wait_for
+):
+    order = place(client_api, [("lamp", 1)], payment_method="pm_card_3ds_required")
+    order_when(client_api, order["id"], wait_for, lambda b: b["status"] == "requires_action")
+    # Through the sagas route too: the order's own client may send its client-facing signal.
+    response = signal(
+        client_api,
+        f"/api/v1/sagas/{order['saga']['id']}/signals/3ds_confirmed/",
+        {"approved": False},
+    )
+    assert response.status_code == 202, response.content
+    done = order_when(client_api, order["id"], wait_for, lambda b: b["status"] in SETTLED)
+    assert done["status"] == "cancelled" and done["cancellation_reason"] == "payment_declined"
+    assert done["payment"]["authorized"] == "0.00"
