@@ -12,7 +12,10 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from sagas.models import Saga
 
 JSON = Any
 
@@ -167,6 +170,22 @@ def Sleep(seconds: float, *, name: str = "sleep") -> Step:  # noqa: N802 - see W
     return Step(name=name, action=_slept, park=Park(seconds=seconds))
 
 
+class ChangeHook(Protocol):
+    """Told about every change of a saga row, inside the transaction that writes it.
+
+    The seam through which a business app keeps its own rows (an outbox of client
+    notifications, say) in step with its sagas without the engine knowing about it: whatever
+    the hook writes commits or rolls back with the change. ``wants`` is asked first, on every
+    record, so it must be cheap (no query: read ``saga.data``); only when it says yes does the
+    engine open a transaction around its record and call the hook with the row as it was
+    before and as it is after the change.
+    """
+
+    def wants(self, saga: Saga) -> bool: ...
+
+    def __call__(self, before: Saga, after: Saga) -> None: ...
+
+
 @dataclass(frozen=True)
 class SagaDefinition:
     """An ordered list of steps registered under a type name and a version.
@@ -190,6 +209,8 @@ class SagaDefinition:
     on_resolve: Callable[[Any], None] | None = None
     #: The definition's version; new sagas start on the highest registered one.
     version: int = 1
+    #: Called inside every transaction that changes a saga of this type (see ChangeHook).
+    on_change: ChangeHook | None = None
     _index: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -311,6 +332,13 @@ def get_definition(saga_type: str, version: int | None = None) -> SagaDefinition
 def definition_of(saga: Any) -> SagaDefinition:
     """The definition an existing saga runs on: its type at its own ``definition_version``."""
     return get_definition(saga.saga_type, saga.definition_version)
+
+
+def change_hook(saga: Saga) -> ChangeHook | None:
+    """The hook of the saga's type if it wants to hear about this saga's changes, else None."""
+    definition = _registry.get(saga.saga_type, {}).get(saga.definition_version)
+    hook = definition.on_change if definition is not None else None
+    return hook if hook is not None and hook.wants(saga) else None
 
 
 def registered_types() -> list[str]:

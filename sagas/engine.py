@@ -21,6 +21,7 @@ and repeats the call with the same idempotency key, so the participant returns i
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -43,6 +44,7 @@ from sagas.definition import (
     Step,
     StepContext,
     StepFunction,
+    change_hook,
     definition_of,
     registered_definitions,
 )
@@ -407,6 +409,10 @@ def _write(saga: Saga, rec: _Record, *, inline_ok: bool) -> Saga | None:
     """Apply ``rec`` fenced on the claimed version; return the saga if the task should go on."""
     now = timezone.now()
     fields = dict(rec.fields)
+    # A saga type's change hook writes in the record's transaction; when there is none, or it
+    # does not want this saga (a dict lookup), the record stays one autocommitted statement.
+    hook = change_hook(saga)
+    before = copy.copy(saga) if hook is not None else None
     for name in rec.transitions:
         getattr(saga, name)()  # django-fsm checks the source state; raises if not allowed
     if rec.transitions:
@@ -423,10 +429,13 @@ def _write(saga: Saga, rec: _Record, *, inline_ok: bool) -> Saga | None:
             fields["attempt"] = 0
             fields["lease_until"] = None
     try:
-        with transaction.atomic() if rec.on_written is not None else contextlib.nullcontext():
-            updated = _write_record(saga, fields, rec, now, go_on)
+        in_transaction = rec.on_written is not None or hook is not None
+        with transaction.atomic() if in_transaction else contextlib.nullcontext():
+            updated = _write_record(saga, fields, rec, now, go_on, flush=hook is not None)
             if rec.on_written is not None:
                 rec.on_written()
+            if hook is not None:
+                hook(before, updated)
     except _Fenced:
         metrics.STALE_DELIVERIES.inc()
         log.info("saga.fenced", saga_id=str(saga.id), version=saga.version)
@@ -446,13 +455,17 @@ def _write(saga: Saga, rec: _Record, *, inline_ok: bool) -> Saga | None:
 
 
 def _write_record(
-    saga: Saga, fields: dict[str, Any], rec: _Record, now: datetime, go_on: bool
+    saga: Saga, fields: dict[str, Any], rec: _Record, now: datetime, go_on: bool, *, flush: bool
 ) -> Saga:
-    """The fenced record itself; raises :class:`_Fenced` when the saga moved on."""
+    """The fenced record itself; raises :class:`_Fenced` when the saga moved on.
+
+    ``flush``: wait for the WAL flush even if only the lease moves on (a change hook wrote
+    something that is announced after commit).
+    """
     if connection.vendor != "postgresql":
         return _write_portable(saga, fields, rec, now, go_on)
     sql, params = _record_sql_postgres(
-        saga, fields, rec, now, wait_flush=not (go_on and _lease_only_commits())
+        saga, fields, rec, now, wait_flush=flush or not (go_on and _lease_only_commits())
     )
     updated = _fetch_saga(sql, params)
     if updated is None:

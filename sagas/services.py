@@ -8,6 +8,7 @@ it can never race a worker into an inconsistent row.
 
 from __future__ import annotations
 
+import copy
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -19,7 +20,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from sagas import metrics, tracing
-from sagas.definition import definition_of, forward_key, get_definition, undo_key
+from sagas.definition import change_hook, definition_of, forward_key, get_definition, undo_key
 from sagas.engine import next_compensable, ring_on_commit
 from sagas.exceptions import SagaOperationRefused
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
@@ -61,19 +62,33 @@ def _require_ops(user: Any) -> None:
 def _save(saga: Saga, fields: list[str]) -> None:
     """Write a locked saga row, bumping its version so any queued doorbell becomes stale."""
     saga.version += 1
+    saga.updated_at = timezone.now()
     Saga.objects.filter(pk=saga.pk).update(
         version=saga.version,
-        updated_at=timezone.now(),
+        updated_at=saga.updated_at,
         state=saga.state,
         **{f: getattr(saga, f) for f in fields},
     )
+    _told(saga)
+
+
+def _told(saga: Saga) -> None:
+    """Tell the saga type's change hook (see ``ChangeHook``), in the caller's transaction,
+    what changed since :func:`_locked` read the row (or since the last time it was told)."""
+    before = saga.__dict__.pop("_before", None)
+    hook = change_hook(saga)
+    if hook is not None and before is not None:
+        hook(before, saga)
+    saga._before = copy.copy(saga)
 
 
 def _locked(saga_id: Any) -> Saga:
     try:
-        return Saga.objects.select_for_update().get(pk=saga_id)
+        saga = Saga.objects.select_for_update().get(pk=saga_id)
     except Saga.DoesNotExist:
         raise SagaOperationRefused("not_found", "No such saga.") from None
+    saga._before = copy.copy(saga)  # what _told() compares with
+    return saga
 
 
 def _leased(saga: Saga) -> bool:
@@ -205,7 +220,9 @@ def saga_request_cancel(*, saga_id: Any, reason: str, actor: str = "engine") -> 
             ring_on_commit(saga.id, saga.version)
         else:
             # A step is in flight: keep its version so its record lands; it sees the request.
-            Saga.objects.filter(pk=saga.pk).update(cancel_reason=reason, updated_at=timezone.now())
+            saga.updated_at = timezone.now()
+            Saga.objects.filter(pk=saga.pk).update(cancel_reason=reason, updated_at=saga.updated_at)
+            _told(saga)
         _event(saga, "cancel_requested", actor=actor, detail=f"reason: {reason}")
     return saga
 
