@@ -5,6 +5,7 @@ from rest_framework import routers
 from inventory.api import ProductViewSet
 from orders.api import OrderViewSet
 from sagas.api import SagaViewSet
+from webhooks.api import EndpointViewSet
 
 
 class Router(routers.DefaultRouter):
@@ -18,6 +19,7 @@ router = Router()
 router.register("products", ProductViewSet, basename="product")
 router.register("orders", OrderViewSet, basename="order")
 router.register("sagas", SagaViewSet, basename="saga")
+router.register("webhooks", EndpointViewSet, basename="webhook")
 
 # Anything else under /api/ is a JSON 404 (config.urls).
 urlpatterns = router.urls

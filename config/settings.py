@@ -11,6 +11,7 @@ from pathlib import Path
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
+from kombu import Exchange, Queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("SAGARUNNER_VAR_DIR", BASE_DIR / "var"))
@@ -58,6 +59,7 @@ INSTALLED_APPS = [
     "payments",
     "shipping",
     "orders",
+    "webhooks",
 ]
 # The development app (chaos, benchmarks, data generators: lab/) is installed wherever the
 # checkout has it; the production image leaves the folder out (.dockerignore), so production
@@ -236,6 +238,40 @@ ORDER_FRAUD_REVIEW_TIMEOUT = env.float("ORDER_FRAUD_REVIEW_TIMEOUT", default=864
 # pm_card_3ds_required: how long the order waits for the client's `3ds_confirmed` before it is
 # cancelled (timed_out).
 ORDER_3DS_TIMEOUT = env.float("ORDER_3DS_TIMEOUT", default=900.0)
+
+# ---------------------------------------------------------------------------------------------
+# Webhooks (README "Webhooks")
+# ---------------------------------------------------------------------------------------------
+# Development and tests only: endpoints may use plain http and loopback or private addresses.
+WEBHOOKS_ALLOW_PRIVATE = env.bool("WEBHOOKS_ALLOW_PRIVATE", default=False)
+# Webhook tasks have a queue of their own, so a slow endpoint never waits beside saga steps.
+WEBHOOKS_QUEUE = env("WEBHOOKS_QUEUE", default=f"{CELERY_TASK_DEFAULT_QUEUE}-webhooks")
+WEBHOOKS_CONNECT_TIMEOUT = env.float("WEBHOOKS_CONNECT_TIMEOUT", default=3.0)
+WEBHOOKS_TIMEOUT = env.float("WEBHOOKS_TIMEOUT", default=10.0)  # each read of the response
+WEBHOOKS_BACKOFF_BASE = env.float("WEBHOOKS_BACKOFF_BASE", default=5.0)
+WEBHOOKS_BACKOFF_MAX = env.float("WEBHOOKS_BACKOFF_MAX", default=3600.0)
+WEBHOOKS_RETRY_FOR = env.float("WEBHOOKS_RETRY_FOR", default=24 * 3600.0)  # then dead
+WEBHOOKS_SECRET_GRACE = env.float("WEBHOOKS_SECRET_GRACE", default=24 * 3600.0)
+WEBHOOKS_RESPONSE_EXCERPT = env.int("WEBHOOKS_RESPONSE_EXCERPT", default=200)  # bytes kept
+WEBHOOKS_TASK_BUDGET = env.float("WEBHOOKS_TASK_BUDGET", default=10.0)
+WEBHOOKS_SWEEP_INTERVAL = env.float("WEBHOOKS_SWEEP_INTERVAL", default=10.0)
+WEBHOOKS_SWEEP_AFTER = env.float("WEBHOOKS_SWEEP_AFTER", default=15.0)
+WEBHOOKS_SWEEP_BATCH = env.int("WEBHOOKS_SWEEP_BATCH", default=500)
+WEBHOOKS_MAX_COUNTDOWN = env.float("WEBHOOKS_MAX_COUNTDOWN", default=1800.0)
+WEBHOOKS_RETENTION_DAYS = env.float("WEBHOOKS_RETENTION_DAYS", default=30.0)
+WEBHOOKS_PURGE_BATCH = env.int("WEBHOOKS_PURGE_BATCH", default=1000)
+CELERY_TASK_ROUTES = {"webhooks.*": {"queue": WEBHOOKS_QUEUE}}
+# A plain `celery -A config worker` consumes both queues (`make run`); production runs a
+# worker per queue (`-Q`), so webhook deliveries never take a slot from saga steps.
+CELERY_TASK_QUEUES = [
+    Queue(name, Exchange(name, type="direct"), routing_key=name)
+    for name in (CELERY_TASK_DEFAULT_QUEUE, WEBHOOKS_QUEUE)
+]
+CELERY_TASK_ANNOTATIONS["webhooks.deliver"] = {
+    "soft_time_limit": WEBHOOKS_TASK_BUDGET + 2 * (WEBHOOKS_CONNECT_TIMEOUT + WEBHOOKS_TIMEOUT),
+    "time_limit": WEBHOOKS_TASK_BUDGET + 2 * (WEBHOOKS_CONNECT_TIMEOUT + WEBHOOKS_TIMEOUT) + 5,
+}
+
 # Idempotency records of POST /orders/ are kept at least this long.
 IDEMPOTENCY_KEY_TTL_HOURS = env.int("IDEMPOTENCY_KEY_TTL_HOURS", default=24)
 # `seed_demo`: the demo staff user's password (a development convenience, printed on purpose).

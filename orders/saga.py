@@ -32,6 +32,7 @@ from django.conf import settings
 from inventory import services as inventory
 from inventory.errors import InventoryError
 from orders import services as orders
+from orders.events import order_events
 from orders.models import Order
 from payments import services as payments
 from payments.errors import PaymentError
@@ -213,6 +214,7 @@ order_saga_v1 = SagaDefinition(
         Step("capture_payment", capture_payment, compensate=refund_payment, provider="payments"),
         Step("confirm_order", confirm_order, pivot=True, provider="inventory"),
     ],
+    on_change=order_events,
 )
 
 #: Version 2, what new orders run: the 3-D Secure and fraud review waits.

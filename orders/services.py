@@ -18,11 +18,13 @@ from django.db import transaction
 
 from inventory import services as inventory_services
 from inventory.models import Product
+from orders import events as order_events
 from orders.countries import COUNTRY_CODES
 from orders.errors import OrderInvalid
 from orders.models import Order, OrderItem
 from payments.provider import TEST_CARDS
 from sagas import services as saga_services
+from webhooks import services as webhook_services
 
 #: The fake provider's test cards (docs/design.md); anything else is refused up front rather
 #: than declined by the provider after stock was reserved.
@@ -183,6 +185,8 @@ def order_create(
             "amount": str(total),
             "currency": currency,
             "lines": [[sku, qty] for sku, qty in quantities],
+            # The client has a webhook endpoint: its saga tells the outbox about changes.
+            **({order_events.DATA_KEY: True} if webhook_services.subscribers(owner.pk) else {}),
         },
         correlation_id=str(order_id),
     )

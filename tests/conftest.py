@@ -69,6 +69,14 @@ _DEFAULTS = {
     "LOG_FORMAT": "console",
     # Saga types scripted by the engine tests, known to every worker the tests start.
     "SAGA_DEFINITION_MODULES": "tests.sagas.sagatypes",
+    # Webhook receivers in tests listen on 127.0.0.1 over plain http; retries come quickly.
+    "WEBHOOKS_ALLOW_PRIVATE": "1",
+    "WEBHOOKS_BACKOFF_BASE": "0.2",
+    "WEBHOOKS_BACKOFF_MAX": "1",
+    "WEBHOOKS_CONNECT_TIMEOUT": "1",
+    "WEBHOOKS_TIMEOUT": "2",
+    "WEBHOOKS_TASK_BUDGET": "2",
+    "WEBHOOKS_SWEEP_AFTER": "1",
 }
 for _key, _value in _DEFAULTS.items():
     os.environ.setdefault(_key, _value)
@@ -235,7 +243,7 @@ class WorkerHandle:
             "--concurrency",
             str(concurrency),
             "-Q",
-            self.queue,
+            f"{self.queue},{self.queue}-webhooks",  # settings.WEBHOOKS_QUEUE
             "-n",
             self.nodename,
             "--without-heartbeat",
@@ -294,12 +302,14 @@ class WorkerHandle:
     def pause_consuming(self) -> None:
         from config.celery import app
 
-        app.control.cancel_consumer(self.queue, destination=[self.nodename], reply=True)
+        for queue in (self.queue, f"{self.queue}-webhooks"):
+            app.control.cancel_consumer(queue, destination=[self.nodename], reply=True)
 
     def resume_consuming(self) -> None:
         from config.celery import app
 
-        app.control.add_consumer(self.queue, destination=[self.nodename], reply=True)
+        for queue in (self.queue, f"{self.queue}-webhooks"):
+            app.control.add_consumer(queue, destination=[self.nodename], reply=True)
 
     def __repr__(self) -> str:
         return f"<WorkerHandle {self.nodename} pid={self.pid} alive={self.alive}>"

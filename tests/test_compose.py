@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-APP_SERVICES = ("web", "worker", "beat")
+APP_SERVICES = ("web", "worker", "webhooks", "beat")
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,10 @@ def test_processes_run_the_contracted_commands(services):
     assert command_of(services["web"]).startswith("gunicorn config.wsgi")
     assert "0.0.0.0:8000" in command_of(services["web"])
     assert command_of(services["worker"]).startswith("celery -A config worker")
+    # Webhook deliveries have their own queue and worker, apart from saga steps.
+    assert command_of(services["worker"]).endswith("-Q sagarunner")
+    assert command_of(services["webhooks"]).startswith("celery -A config worker")
+    assert command_of(services["webhooks"]).endswith("-Q sagarunner-webhooks")
     assert command_of(services["beat"]).startswith("celery -A config beat")
     assert command_of(services["migrate"]) == "python manage.py migrate --noinput"
 

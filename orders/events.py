@@ -1,0 +1,60 @@
+"""What a client is told when its order changes: the order saga's change hook.
+
+The engine calls :data:`order_events` inside the transaction of every record of an order
+saga (and the ops operations call it inside theirs), with the saga before and after. When the
+order as its client sees it (status, step, cancellation reason) changed, an event goes to the
+webhooks outbox in that same transaction: ``order.confirmed``, ``order.cancelled``,
+``order.needs_attention`` when the order settles so, ``order.updated`` for any other visible
+change. Its ``data`` is the order exactly as ``GET /orders/{id}/`` shows it.
+
+Cheap when nobody listens: an order records in its saga's ``data`` whether its client had a
+webhook endpoint when it was placed (``webhooks``), and :meth:`OrderEvents.wants` reads only
+that, so the sagas of clients without endpoints never pay a query or a transaction for this.
+"""
+
+from __future__ import annotations
+
+from sagas.models import Saga
+from webhooks.services import event_emit
+
+#: Saga ``data`` key: the client had an endpoint when the order was placed.
+DATA_KEY = "webhooks"
+
+_SETTLED_EVENTS = {
+    "confirmed": "order.confirmed",
+    "cancelled": "order.cancelled",
+    "needs_attention": "order.needs_attention",
+}
+
+
+class OrderEvents:
+    """The order saga's :class:`~sagas.definition.ChangeHook`."""
+
+    def wants(self, saga: Saga) -> bool:
+        return bool(saga.data.get(DATA_KEY))
+
+    def __call__(self, before: Saga, after: Saga) -> None:
+        from orders.api import OrderSerializer, attach_payments_and_shipments
+        from orders.models import Order
+        from orders.selectors import order_state
+
+        old, new = order_state(before), order_state(after)
+        if old == new:
+            return
+        event_type = "order.updated"
+        if new.status != old.status:
+            event_type = _SETTLED_EVENTS.get(new.status, event_type)
+        order = Order.objects.prefetch_related("items").filter(saga_id=after.id).first()
+        if order is None:  # the saga is being started with its order, not changed
+            return
+        order.saga = after
+        attach_payments_and_shipments([order])
+        event_emit(
+            owner_id=order.owner_id,
+            subject=order.id,
+            type=event_type,
+            data=OrderSerializer(order).data,
+        )
+
+
+order_events = OrderEvents()

@@ -1,0 +1,141 @@
+"""The ops console: endpoints and deliveries, redelivery (permissioned, audited), the index's
+dead-delivery count, and the retention purge and sweep."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.contrib.admin.models import LogEntry
+from django.contrib.auth.models import Permission, User
+from django.utils import timezone
+
+from webhooks.delivery import purge, sweep
+from webhooks.models import Delivery, DeliveryStatus, Endpoint, Event
+
+pytestmark = pytest.mark.django_db
+
+VIEW = ["view_endpoint", "change_endpoint", "view_delivery", "view_event"]
+
+
+def _staff(username: str, codenames: list[str]) -> User:
+    user = User.objects.create_user(username, password="pw", is_staff=True)
+    user.user_permissions.add(
+        *Permission.objects.filter(content_type__app_label="webhooks", codename__in=codenames)
+    )
+    return User.objects.get(pk=user.pk)
+
+
+def _delivery(endpoint: Endpoint, *, status: str, age: timedelta = timedelta(0)) -> Delivery:
+    subject = uuid.uuid4()
+    created = timezone.now() - age
+    event = Event.objects.create(
+        owner=endpoint.owner,
+        type="order.confirmed",
+        subject=subject,
+        sequence=1,
+        body="{}",
+        created_at=created,
+    )
+    return Delivery.objects.create(
+        event=event,
+        endpoint=endpoint,
+        subject=subject,
+        sequence=1,
+        status=status,
+        attempts=7 if status == DeliveryStatus.DEAD else 1,
+        next_attempt_at=created,
+        retry_until=created + timedelta(days=1),
+        last_status_code=500 if status == DeliveryStatus.DEAD else 200,
+        last_error="HTTP 500" if status == DeliveryStatus.DEAD else "",
+    )
+
+
+@pytest.fixture
+def endpoint(django_user_model) -> Endpoint:
+    owner = django_user_model.objects.create_user("shop")
+    return Endpoint.objects.create(
+        owner=owner, url="https://93.184.215.14/h", events=["order.confirmed"], secret="whsec_x"
+    )
+
+
+def test_staff_see_deliveries_and_the_index_counts_the_dead(client, endpoint):
+    _delivery(endpoint, status=DeliveryStatus.DEAD)
+    _delivery(endpoint, status=DeliveryStatus.DELIVERED)
+    client.force_login(_staff("vic", VIEW))
+    index = client.get("/admin/").content.decode()
+    assert 'id="card-dead-deliveries"' in index
+    assert '<span class="number">1</span>' in index.split('id="card-dead-deliveries"')[1]
+    page = client.get(f"/admin/webhooks/delivery/?endpoint__id__exact={endpoint.pk}")
+    assert page.status_code == 200
+    assert "HTTP 500" in page.content.decode()
+    assert client.get("/admin/webhooks/endpoint/").status_code == 200
+
+
+def test_redelivering_needs_the_permission_and_is_recorded(client, endpoint):
+    dead = _delivery(endpoint, status=DeliveryStatus.DEAD)
+    client.force_login(_staff("vic", VIEW))
+    client.post(
+        "/admin/webhooks/delivery/",
+        {"action": "redeliver", "_selected_action": [dead.pk]},
+    )
+    dead.refresh_from_db()
+    assert dead.status == DeliveryStatus.DEAD  # the action is not even offered to vic
+
+    client.force_login(_staff("olga", [*VIEW, "redeliver_delivery"]))
+    response = client.post(
+        "/admin/webhooks/endpoint/",
+        {"action": "redeliver_dead", "_selected_action": [endpoint.pk]},
+    )
+    assert response.status_code == 302
+    dead.refresh_from_db()
+    assert dead.status == DeliveryStatus.PENDING and dead.attempts == 0
+    assert dead.retry_until > timezone.now() + timedelta(hours=23)
+    entry = LogEntry.objects.get(object_id=str(dead.pk))
+    assert entry.user.username == "olga" and "Redelivered" in entry.get_change_message()
+
+
+def test_staff_disable_an_endpoint_and_it_gets_no_new_events(client, endpoint):
+    from webhooks.services import event_emit
+
+    client.force_login(_staff("vic", VIEW))
+    client.post(
+        "/admin/webhooks/endpoint/", {"action": "disable", "_selected_action": [endpoint.pk]}
+    )
+    endpoint.refresh_from_db()
+    assert not endpoint.is_active and "vic" in endpoint.disabled_reason
+    assert (
+        event_emit(
+            owner_id=endpoint.owner_id, subject=uuid.uuid4(), type="order.confirmed", data={}
+        )
+        is None
+    )
+    assert LogEntry.objects.filter(object_id=str(endpoint.pk)).exists()
+
+
+def test_purge_deletes_old_delivered_events_in_batches_and_keeps_the_rest(endpoint, settings):
+    settings.WEBHOOKS_PURGE_BATCH = 2
+    settings.WEBHOOKS_RETENTION_DAYS = 7
+    old = [
+        _delivery(endpoint, status=DeliveryStatus.DELIVERED, age=timedelta(days=8))
+        for _ in range(5)
+    ]
+    old_dead = _delivery(endpoint, status=DeliveryStatus.DEAD, age=timedelta(days=8))
+    recent = _delivery(endpoint, status=DeliveryStatus.DELIVERED, age=timedelta(days=1))
+    assert purge() == 5
+    assert not Event.objects.filter(pk__in=[d.event_id for d in old]).exists()
+    assert set(Event.objects.values_list("pk", flat=True)) == {old_dead.event_id, recent.event_id}
+
+
+def test_sweep_rings_only_endpoints_with_overdue_unleased_deliveries(endpoint):
+    due = _delivery(endpoint, status=DeliveryStatus.PENDING, age=timedelta(minutes=5))
+    _delivery(endpoint, status=DeliveryStatus.DELIVERED, age=timedelta(minutes=5))
+    assert sweep() == 1
+    Delivery.objects.filter(pk=due.pk).update(lease_until=timezone.now() + timedelta(minutes=1))
+    assert sweep() == 0  # a worker holds it
+    Delivery.objects.filter(pk=due.pk).update(lease_until=None, next_attempt_at=timezone.now())
+    assert sweep() == 0  # its doorbell may still be on its way
+    Endpoint.objects.filter(pk=endpoint.pk).update(is_active=False)
+    Delivery.objects.filter(pk=due.pk).update(next_attempt_at=timezone.now() - timedelta(hours=1))
+    assert sweep() == 0  # disabled: its deliveries wait

@@ -1,0 +1,112 @@
+"""``/api/v1/webhooks/``: register, list, rotate, delete; refused URLs; the secret shown once."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.api.conftest import assert_error
+from webhooks import signing
+from webhooks.models import Endpoint
+
+from .conftest import api_client_for
+
+pytestmark = pytest.mark.django_db
+
+BODY = {"url": "https://93.184.215.14/hooks", "events": ["order.confirmed"]}
+
+
+def test_the_secret_is_shown_once_and_a_client_sees_only_its_own_endpoints(
+    customer, other_customer
+):
+    client, other = api_client_for(customer), api_client_for(other_customer)
+    created = client.post("/api/v1/webhooks/", BODY, format="json")
+    assert created.status_code == 201, created.content
+    body = created.json()
+    assert body["secret"].startswith("whsec_") and body["events"] == ["order.confirmed"]
+    assert created["Location"] == f"/api/v1/webhooks/{body['id']}/"
+
+    listed = client.get("/api/v1/webhooks/").json()
+    assert [e["id"] for e in listed["results"]] == [body["id"]]
+    assert "secret" not in listed["results"][0]
+    assert "secret" not in client.get(f"/api/v1/webhooks/{body['id']}/").json()
+
+    assert other.get("/api/v1/webhooks/").json()["results"] == []
+    assert_error(other.get(f"/api/v1/webhooks/{body['id']}/"), 404, "not_found")
+    assert_error(other.delete(f"/api/v1/webhooks/{body['id']}/"), 404, "not_found")
+    assert_error(client.get("/api/v1/webhooks/not-a-uuid/"), 404, "not_found")
+
+    assert client.delete(f"/api/v1/webhooks/{body['id']}/").status_code == 204
+    assert not Endpoint.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "code"),
+    [
+        ("http://93.184.215.14/hooks", "https_required"),
+        ("https://127.0.0.1/hooks", "private_address"),
+        ("https://localhost/hooks", "private_address"),
+        ("https://10.1.2.3/hooks", "private_address"),
+        ("https://192.168.0.10/hooks", "private_address"),
+        ("https://169.254.169.254/latest/meta-data/", "private_address"),
+        ("https://[::1]/hooks", "private_address"),
+        ("https://[::ffff:127.0.0.1]/hooks", "private_address"),
+        ("https://user:pw@93.184.215.14/hooks", "invalid_url"),
+        ("not a url", "https_required"),
+    ],
+)
+def test_unsafe_urls_are_refused_at_registration(customer, settings, url, code):
+    settings.WEBHOOKS_ALLOW_PRIVATE = False
+    client = api_client_for(customer)
+    body = assert_error(client.post("/api/v1/webhooks/", {**BODY, "url": url}, format="json"), 400)
+    assert body["code"] == code, body
+    assert "url" in body["fields"]
+    assert not Endpoint.objects.exists()
+
+
+def test_with_allow_private_plain_http_on_loopback_is_accepted(customer, settings):
+    settings.WEBHOOKS_ALLOW_PRIVATE = True
+    client = api_client_for(customer)
+    response = client.post(
+        "/api/v1/webhooks/", {**BODY, "url": "http://127.0.0.1:9/hooks"}, format="json"
+    )
+    assert response.status_code == 201, response.content
+
+
+@pytest.mark.parametrize("events", [[], ["order.shipped"], "order.confirmed", None, [1]], ids=repr)
+def test_events_must_be_a_non_empty_list_of_known_types(customer, events):
+    client = api_client_for(customer)
+    body = assert_error(
+        client.post("/api/v1/webhooks/", {**BODY, "events": events}, format="json"), 400
+    )
+    assert "events" in "".join(body["fields"]), body
+
+
+def test_a_rotated_secret_signs_beside_the_new_one_for_the_grace_period(customer, settings):
+    client = api_client_for(customer)
+    created = client.post("/api/v1/webhooks/", BODY, format="json").json()
+    rotated = client.post(f"/api/v1/webhooks/{created['id']}/rotate-secret/")
+    assert rotated.status_code == 200, rotated.content
+    new = rotated.json()["secret"]
+    assert new != created["secret"] and new.startswith("whsec_")
+
+    endpoint = Endpoint.objects.get(pk=created["id"])
+    from django.utils import timezone
+
+    now = timezone.now()
+    header = signing.sign(endpoint.signing_secrets(now), b'{"x":1}')
+    assert signing.verify(new, header, b'{"x":1}')
+    assert signing.verify(created["secret"], header, b'{"x":1}')  # still, during the grace
+    later = endpoint.previous_secret_expires_at
+    header = signing.sign(endpoint.signing_secrets(later), b'{"x":1}')
+    assert signing.verify(new, header, b'{"x":1}')
+    assert not signing.verify(created["secret"], header, b'{"x":1}')  # not after it
+
+
+def test_verify_refuses_a_tampered_body_and_an_old_timestamp():
+    header = signing.sign(["whsec_s"], b"body")
+    assert signing.verify("whsec_s", header, b"body")
+    assert not signing.verify("whsec_s", header, b"body!")
+    old = signing.sign(["whsec_s"], b"body", timestamp=int(time.time()) - 3600)
+    assert not signing.verify("whsec_s", old, b"body")

@@ -1,0 +1,195 @@
+"""Webhooks end to end: a real worker delivers to a real HTTP receiver on 127.0.0.1."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+import pytest
+from django.db import transaction
+
+from orders.models import Order
+from orders.selectors import OrderStatus
+from sagas.services import saga_request_cancel
+from webhooks import signing
+from webhooks.delivery import sweep
+from webhooks.models import Delivery, DeliveryStatus, Event
+
+from .conftest import api_client_for, place, register
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+SETTLED_TYPES = {"order.confirmed", "order.cancelled", "order.needs_attention"}
+
+
+def _by_order(events: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = defaultdict(list)
+    for e in events:
+        out[e["data"]["id"]].append(e)
+    return out
+
+
+def _final_received(receiver, order_ids):
+    def check():
+        got = _by_order(receiver.accepted())
+        return all(any(e["type"] in SETTLED_TYPES for e in got.get(o, [])) for o in order_ids)
+
+    return check
+
+
+def test_events_arrive_signed_in_order_and_the_last_one_is_the_order_as_get_shows_it(
+    customer, catalog, receiver, celery_worker, wait_for
+):
+    client = api_client_for(customer)
+    endpoint = register(client, receiver.url)
+    assert endpoint["secret"].startswith("whsec_")
+    orders = [place(client)["id"], place(client, payment_method="pm_card_declined")["id"]]
+
+    wait_for(_final_received(receiver, orders), timeout=60, describe=receiver.accepted)
+
+    for request in receiver.all():
+        header = request.headers[signing.HEADER]
+        assert signing.verify(endpoint["secret"], header, request.body), header
+        assert not signing.verify("whsec_wrong", header, request.body)
+    got = _by_order(receiver.accepted())
+    confirmed, declined = got[orders[0]], got[orders[1]]
+    for events in (confirmed, declined):
+        sequences = [e["sequence"] for e in events]
+        assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
+        assert set(e["type"] for e in events[:-1]) == {"order.updated"}
+    # Every forward step the client saw, then the settled event.
+    assert [e["data"]["step"] for e in confirmed[:-1]] == [
+        "authorize_payment",
+        "arrange_shipment",
+        "capture_payment",
+        "confirm_order",
+    ]
+    assert confirmed[-1]["type"] == "order.confirmed"
+    assert declined[-1]["type"] == "order.cancelled"
+    assert declined[-1]["data"]["cancellation_reason"] == "payment_declined"
+    # The payload is the order exactly as GET /orders/{id}/ shows it to its client.
+    for order_id, events in ((orders[0], confirmed), (orders[1], declined)):
+        assert events[-1]["data"] == client.get(f"/api/v1/orders/{order_id}/").json()
+        assert set(events[-1]) == {"id", "type", "created", "sequence", "data"}
+    delivery = Delivery.objects.filter(endpoint_id=endpoint["id"]).first()
+    assert delivery.status == DeliveryStatus.DELIVERED
+    assert delivery.last_status_code == 200
+    assert 0 < len(delivery.response_excerpt) <= 200
+
+
+def test_a_receiver_that_fails_then_recovers_gets_every_event_at_least_once(
+    customer, catalog, receiver, celery_worker, wait_for
+):
+    receiver.answer = lambda n, body: 503 if n < 6 else 200
+    client = api_client_for(customer)
+    endpoint = register(client, receiver.url)
+    orders = [place(client)["id"] for _ in range(3)]
+
+    wait_for(_final_received(receiver, orders), timeout=90, describe=receiver.accepted)
+    wait_for(
+        lambda: not Delivery.objects.filter(status=DeliveryStatus.PENDING).exists(),
+        timeout=30,
+    )
+
+    written = set(map(str, Event.objects.values_list("id", flat=True)))
+    accepted = [e["id"] for e in receiver.accepted()]
+    assert set(accepted) == written  # each at least once; duplicates share their id
+    assert sum(1 for r in receiver.all() if r.status == 503) == 6
+    failed = Delivery.objects.filter(endpoint_id=endpoint["id"], attempts__gt=1)
+    assert failed.exists()
+    # In order per order, even across the failures and retries.
+    for events in _by_order(receiver.accepted()).values():
+        sequences = [e["sequence"] for e in events]
+        assert sequences == sorted(sequences)
+
+
+def test_a_hung_endpoint_holds_back_neither_another_client_nor_any_saga(
+    customer, other_customer, catalog, receiver_factory, celery_worker, wait_for
+):
+    hung, fine = receiver_factory(), receiver_factory()
+    release = threading.Event()
+
+    def hang(n: int, body: bytes) -> int:
+        release.wait(60)
+        return 200
+
+    hung.answer = hang
+    slow_client, other = api_client_for(customer), api_client_for(other_customer)
+    register(slow_client, hung.url)
+    register(other, fine.url)
+    try:
+        slow_orders = [place(slow_client)["id"] for _ in range(2)]
+        fast_orders = [place(other)["id"] for _ in range(2)]
+        # Everything of the other client arrives while the first client's receiver hangs...
+        wait_for(_final_received(fine, fast_orders), timeout=60, describe=fine.accepted)
+        # ... and the hung client's own orders settle anyway.
+        wait_for(
+            lambda: all(Order.objects.get(pk=o).status in OrderStatus.SETTLED for o in slow_orders),
+            timeout=60,
+        )
+        assert hung.accepted() == []
+    finally:
+        release.set()
+    wait_for(_final_received(hung, slow_orders), timeout=90, describe=hung.accepted)
+
+
+def test_a_change_that_rolls_back_is_never_sent(
+    customer, catalog, receiver, worker_factory, wait_for
+):
+    # The first step takes a while, so the order is still before its pivot when we cancel.
+    worker_factory(
+        {"SAGA_FAULTS": '{"inventory.reserve": {"latency_ms": [1500, 1500]}}'}, exclusive=True
+    )
+    client = api_client_for(customer)
+    register(client, receiver.url)
+    order_id = place(client)["id"]
+    saga_id = Order.objects.get(pk=order_id).saga_id
+
+    class Abort(Exception):
+        pass
+
+    with pytest.raises(Abort), transaction.atomic():
+        saga_request_cancel(saga_id=saga_id, reason="customer_cancelled", actor="test")
+        assert Event.objects.filter(subject=order_id).exists()  # written with the change...
+        raise Abort  # ... and gone with it
+
+    wait_for(_final_received(receiver, [order_id]), timeout=60, describe=receiver.accepted)
+    events = receiver.accepted()
+    assert events[-1]["type"] == "order.confirmed"
+    assert all(e["data"]["status"] != OrderStatus.CANCELLING for e in events)
+    assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
+
+
+def test_a_worker_killed_mid_delivery_loses_nothing(
+    customer, catalog, receiver, worker_factory, wait_for
+):
+    first_request = threading.Event()
+    release = threading.Event()
+
+    def stall_the_first(n: int, body: bytes) -> int:
+        if n == 0:
+            first_request.set()
+            release.wait(30)
+        return 200
+
+    receiver.answer = stall_the_first
+    victim = worker_factory(exclusive=True)
+    client = api_client_for(customer)
+    register(client, receiver.url)
+    order_id = place(client)["id"]
+    wait_for(first_request.is_set, timeout=60)
+    victim.kill()  # SIGKILL, with the first delivery in flight
+    release.set()
+    worker_factory(name="heir", exclusive=True)
+
+    def all_delivered():
+        sweep()  # beat's job: ring endpoints whose lease expired
+        return (
+            _final_received(receiver, [order_id])()
+            and not Delivery.objects.filter(status=DeliveryStatus.PENDING).exists()
+        )
+
+    wait_for(all_delivered, timeout=90, interval=0.5, describe=receiver.accepted)
+    written = set(map(str, Event.objects.filter(subject=order_id).values_list("id", flat=True)))
+    assert written <= {e["id"] for e in receiver.accepted()}
+    assert Order.objects.get(pk=order_id).status == OrderStatus.CONFIRMED

@@ -1,0 +1,178 @@
+"""The ops console's view of webhooks: endpoints (disable, enable) and their deliveries.
+
+Redelivering dead deliveries needs the ``webhooks.redeliver_delivery`` permission and is
+recorded in the admin's history (LogEntry) with the acting user, on each delivery touched.
+"""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.db.models import Count, Q, QuerySet
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html
+
+from webhooks.models import Delivery, DeliveryStatus, Endpoint, Event
+from webhooks.services import deliveries_redeliver, endpoint_set_active
+
+REDELIVER_PERMISSION = "webhooks.redeliver_delivery"
+
+
+@admin.register(Endpoint)
+class EndpointAdmin(admin.ModelAdmin):
+    list_display = ["url", "owner", "events", "is_active", "pending", "dead", "created_at"]
+    list_filter = ["is_active"]
+    search_fields = ["=id", "url", "owner__username"]
+    list_select_related = ["owner"]
+    readonly_fields = [
+        "id",
+        "owner",
+        "url",
+        "events",
+        "created_at",
+        "deliveries_link",
+        "previous_secret_expires_at",
+    ]
+    fields = [*readonly_fields, "is_active", "disabled_reason"]
+    actions = ["disable", "enable", "redeliver_dead"]
+    show_full_result_count = False
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                _pending=Count("deliveries", filter=Q(deliveries__status=DeliveryStatus.PENDING)),
+                _dead=Count("deliveries", filter=Q(deliveries__status=DeliveryStatus.DEAD)),
+            )
+        )
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # clients register endpoints through the API (their own secret)
+
+    @admin.display(description="pending", ordering="_pending")
+    def pending(self, endpoint: Endpoint) -> int:
+        return endpoint._pending
+
+    @admin.display(description="dead", ordering="_dead")
+    def dead(self, endpoint: Endpoint) -> int:
+        return endpoint._dead
+
+    @admin.display(description="deliveries")
+    def deliveries_link(self, endpoint: Endpoint) -> str:
+        url = reverse("admin:webhooks_delivery_changelist") + f"?endpoint__id__exact={endpoint.pk}"
+        return format_html('<a href="{}">deliveries of this endpoint</a>', url)
+
+    @admin.action(description="Disable the selected endpoints (deliveries wait)")
+    def disable(self, request: HttpRequest, queryset: QuerySet) -> None:
+        if not self.has_change_permission(request):
+            raise PermissionDenied
+        for endpoint in queryset:
+            endpoint_set_active(
+                endpoint=endpoint, active=False, reason=f"disabled by {request.user}"
+            )
+            self.log_change(request, endpoint, "Disabled the endpoint.")
+        self.message_user(request, f"Disabled {queryset.count()} endpoint(s).")
+
+    @admin.action(description="Enable the selected endpoints")
+    def enable(self, request: HttpRequest, queryset: QuerySet) -> None:
+        if not self.has_change_permission(request):
+            raise PermissionDenied
+        for endpoint in queryset:
+            endpoint_set_active(endpoint=endpoint, active=True)
+            self.log_change(request, endpoint, "Enabled the endpoint.")
+        self.message_user(request, f"Enabled {queryset.count()} endpoint(s).")
+
+    @admin.action(
+        description="Redeliver every dead delivery of the selected endpoints",
+        permissions=["redeliver"],
+    )
+    def redeliver_dead(self, request: HttpRequest, queryset: QuerySet) -> None:
+        dead = list(Delivery.objects.filter(endpoint__in=queryset, status=DeliveryStatus.DEAD))
+        _redeliver(self, request, dead)
+
+    def has_redeliver_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(REDELIVER_PERMISSION)
+
+
+def _redeliver(model_admin: admin.ModelAdmin, request: HttpRequest, dead: list[Delivery]) -> None:
+    if not request.user.has_perm(REDELIVER_PERMISSION):
+        raise PermissionDenied
+    count = deliveries_redeliver(deliveries=dead)
+    for delivery in dead:
+        model_admin.log_change(request, delivery, "Redelivered (it was dead).")
+    model_admin.message_user(
+        request, f"{count} dead deliver{'y' if count == 1 else 'ies'} sent again.", messages.INFO
+    )
+
+
+@admin.register(Delivery)
+class DeliveryAdmin(admin.ModelAdmin):
+    list_display = [
+        "id",
+        "endpoint",
+        "event_type",
+        "sequence",
+        "status",
+        "attempts",
+        "last_status_code",
+        "last_error",
+        "next_attempt_at",
+        "delivered_at",
+    ]
+    list_filter = ["status"]
+    search_fields = ["=endpoint__id", "=subject", "=event__id"]
+    list_select_related = ["endpoint", "event"]
+    readonly_fields = [
+        "event",
+        "endpoint",
+        "subject",
+        "sequence",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "retry_until",
+        "lease_until",
+        "last_status_code",
+        "last_error",
+        "response_excerpt",
+        "last_attempt_at",
+        "delivered_at",
+        "created_at",
+    ]
+    actions = ["redeliver"]
+    show_full_result_count = False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False  # read only; redelivery is an action with its own permission
+
+    @admin.display(description="event", ordering="event__type")
+    def event_type(self, delivery: Delivery) -> str:
+        return delivery.event.type
+
+    @admin.action(description="Redeliver the selected dead deliveries", permissions=["redeliver"])
+    def redeliver(self, request: HttpRequest, queryset: QuerySet) -> None:
+        _redeliver(self, request, list(queryset.filter(status=DeliveryStatus.DEAD)))
+
+    def has_redeliver_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(REDELIVER_PERMISSION)
+
+
+@admin.register(Event)
+class EventAdmin(admin.ModelAdmin):
+    list_display = ["id", "type", "subject", "sequence", "owner", "created_at"]
+    list_filter = ["type"]
+    search_fields = ["=id", "=subject"]
+    list_select_related = ["owner"]
+    readonly_fields = ["id", "type", "subject", "sequence", "owner", "created_at", "body"]
+    show_full_result_count = False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False

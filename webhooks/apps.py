@@ -1,0 +1,46 @@
+from django.apps import AppConfig
+from django.db.models.signals import post_migrate
+
+
+class WebhooksConfig(AppConfig):
+    name = "webhooks"
+    verbose_name = "Webhooks"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        post_migrate.connect(_ensure_schedules, sender=self)
+
+
+SWEEP_TASK_NAME = "webhooks: sweep deliveries"
+PURGE_TASK_NAME = "webhooks: purge delivered events"
+
+
+def _ensure_schedules(**_kwargs) -> None:
+    """Create the delivery sweep and the retention purge once; then they belong to the ops
+    console (like the saga sweeper's schedule)."""
+    from django.conf import settings
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    wanted = [
+        (
+            SWEEP_TASK_NAME,
+            "webhooks.sweep",
+            max(1, int(settings.WEBHOOKS_SWEEP_INTERVAL)),
+            IntervalSchedule.SECONDS,
+            "Rings endpoints whose due deliveries lost their doorbell or their worker.",
+        ),
+        (
+            PURGE_TASK_NAME,
+            "webhooks.purge",
+            1,
+            IntervalSchedule.HOURS,
+            "Deletes delivered events older than WEBHOOKS_RETENTION_DAYS, in batches.",
+        ),
+    ]
+    for name, task, every, period, description in wanted:
+        if PeriodicTask.objects.filter(name=name).exists():
+            continue
+        schedule, _ = IntervalSchedule.objects.get_or_create(every=every, period=period)
+        PeriodicTask.objects.create(
+            name=name, task=task, interval=schedule, description=description
+        )

@@ -1,0 +1,283 @@
+"""Delivering the outbox: one endpoint at a time, each subject's events in sequence order.
+
+A ``webhooks.deliver`` task is a doorbell for one endpoint: "E may have due deliveries". It
+claims E's next due delivery (under a lock on the endpoint row, so at most one attempt per
+endpoint is in flight), POSTs it with short timeouts, records the outcome fenced on the
+attempt, and goes on with E's next one until nothing is due or its time budget is spent (then
+it rings again and yields the worker to other endpoints' doorbells). So:
+
+- per endpoint and subject, a delivery goes out only once every earlier one is delivered or
+  dead (in order per order);
+- a slow endpoint holds at most one worker slot at a time, for at most the timeouts, and
+  webhook tasks run on their own queue (``WEBHOOKS_QUEUE``), never beside saga steps;
+- a failure is retried with exponential backoff and jitter until ``retry_until`` (24 hours by
+  default), then the delivery is dead; staff can redeliver it;
+- a lost doorbell or a worker killed mid-attempt loses nothing: the sweeper rings every
+  endpoint with an overdue delivery whose lease has expired, and the attempt is made again
+  (at least once: receivers deduplicate by event id).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from datetime import timedelta
+from typing import Any
+
+import structlog
+import urllib3
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Exists, OuterRef, Q
+from django.utils import timezone
+
+from webhooks import signing
+from webhooks.models import Delivery, DeliveryStatus, Endpoint, Event
+from webhooks.security import Target, UrlRefused, check_url
+
+log = structlog.get_logger("webhooks.delivery")
+
+USER_AGENT = "sagarunner-webhooks/1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Doorbells
+# ---------------------------------------------------------------------------------------------
+def ring(endpoint_id: Any, countdown: float | None = None) -> None:
+    """Ask a worker to deliver E's due deliveries. Never raises: the rows are already safe,
+    and the sweeper rings again if this one is lost."""
+    from webhooks.tasks import deliver
+
+    if countdown is not None and countdown > settings.WEBHOOKS_MAX_COUNTDOWN:
+        return  # far in the future: the sweeper rings when it is due
+    try:
+        deliver.apply_async(
+            (str(endpoint_id),),
+            countdown=countdown if countdown and countdown > 0 else None,
+            retry=True,
+            retry_policy={"max_retries": 1, "interval_start": 0.05, "interval_step": 0.2},
+        )
+    except Exception as exc:  # noqa: BLE001 - any broker failure is logged and forgotten
+        log.warning("webhooks.doorbell_failed", endpoint_id=str(endpoint_id), error=repr(exc))
+
+
+def backoff_delay(attempt: int) -> float:
+    """``min(cap, base * 2**(attempt-1))`` times a jitter in [0.5, 1]."""
+    base, cap = settings.WEBHOOKS_BACKOFF_BASE, settings.WEBHOOKS_BACKOFF_MAX
+    return min(cap, base * 2 ** max(attempt - 1, 0)) * random.uniform(0.5, 1.0)
+
+
+def _lease_seconds() -> float:
+    return settings.WEBHOOKS_CONNECT_TIMEOUT + settings.WEBHOOKS_TIMEOUT + 10.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Claim, send, record
+# ---------------------------------------------------------------------------------------------
+def claim_next(endpoint_id: Any) -> tuple[Delivery, Endpoint] | None:
+    """Lease the endpoint's next due delivery, or ``None`` if it has none it may send now.
+
+    None while another attempt to the endpoint is in flight, and never a delivery with an
+    earlier one of the same subject still pending (waiting for a retry or in flight).
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        endpoint = (
+            Endpoint.objects.select_for_update().filter(pk=endpoint_id, is_active=True).first()
+        )
+        if endpoint is None:
+            return None
+        pending = Delivery.objects.filter(endpoint_id=endpoint.pk, status=DeliveryStatus.PENDING)
+        if pending.filter(lease_until__gt=now).exists():
+            return None
+        earlier = Delivery.objects.filter(
+            endpoint_id=OuterRef("endpoint_id"),
+            subject=OuterRef("subject"),
+            status=DeliveryStatus.PENDING,
+            sequence__lt=OuterRef("sequence"),
+        )
+        delivery = (
+            pending.filter(next_attempt_at__lte=now)
+            .filter(~Exists(earlier))
+            .order_by("next_attempt_at", "id")
+            .first()
+        )
+        if delivery is None:
+            return None
+        delivery.attempts += 1
+        delivery.lease_until = now + timedelta(seconds=_lease_seconds())
+        delivery.last_attempt_at = now
+        delivery.save(update_fields=["attempts", "lease_until", "last_attempt_at"])
+    return delivery, endpoint
+
+
+def _post(target: Target, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
+    """POST to the checked address itself (no second DNS lookup); the status and the first
+    bytes of the body. Redirects are not followed (one could point anywhere)."""
+    timeout = urllib3.Timeout(
+        connect=settings.WEBHOOKS_CONNECT_TIMEOUT, read=settings.WEBHOOKS_TIMEOUT
+    )
+    options: dict[str, Any] = {"timeout": timeout, "retries": False, "maxsize": 1}
+    if target.scheme == "https":
+        pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
+            target.address,
+            target.port,
+            server_hostname=target.host,
+            assert_hostname=target.host,
+            cert_reqs="CERT_REQUIRED",
+            **options,
+        )
+    else:
+        pool = urllib3.HTTPConnectionPool(target.address, target.port, **options)
+    default_port = 443 if target.scheme == "https" else 80
+    host = target.host if ":" not in target.host else f"[{target.host}]"
+    headers = {
+        **headers,
+        "Host": host if target.port == default_port else f"{host}:{target.port}",
+    }
+    try:
+        response = pool.urlopen(
+            "POST",
+            target.path,
+            body=body,
+            headers=headers,
+            redirect=False,
+            retries=False,
+            preload_content=False,
+        )
+        try:
+            excerpt = response.read(settings.WEBHOOKS_RESPONSE_EXCERPT)
+        finally:
+            response.release_conn()
+            response.close()
+        return response.status, excerpt.decode("utf-8", "replace")
+    finally:
+        pool.close()
+
+
+def attempt(delivery: Delivery, endpoint: Endpoint) -> bool:
+    """Make the claimed attempt and record it; True when the endpoint took the event."""
+    body = Event.objects.values_list("body", flat=True).get(pk=delivery.event_id).encode()
+    now = timezone.now()
+    status: int | None = None
+    excerpt = ""
+    try:
+        target = check_url(endpoint.url)
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            signing.HEADER: signing.sign(endpoint.signing_secrets(now), body),
+            "Sagarunner-Event-Id": str(delivery.event_id),
+        }
+        status, excerpt = _post(target, body, headers)
+        error = "" if 200 <= status < 300 else f"HTTP {status}"
+    except UrlRefused as exc:
+        error = f"refused: {exc.detail}"
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    ok = status is not None and 200 <= status < 300
+    _record(delivery, ok=ok, status=status, error=error, excerpt=excerpt)
+    return ok
+
+
+def _record(delivery: Delivery, *, ok: bool, status: int | None, error: str, excerpt: str) -> None:
+    """Write the attempt's outcome, fenced on the attempt: a newer claim (our lease expired
+    and another worker took over) wins, and this outcome is dropped."""
+    now = timezone.now()
+    fields: dict[str, Any] = {
+        "lease_until": None,
+        "last_status_code": status,
+        "last_error": error[:500],
+        "response_excerpt": excerpt[: settings.WEBHOOKS_RESPONSE_EXCERPT],
+    }
+    delay = None
+    if ok:
+        fields.update(status=DeliveryStatus.DELIVERED, delivered_at=now)
+    else:
+        delay = backoff_delay(delivery.attempts)
+        if now + timedelta(seconds=delay) > delivery.retry_until:
+            fields["status"] = DeliveryStatus.DEAD
+            delay = None
+        else:
+            fields["next_attempt_at"] = now + timedelta(seconds=delay)
+    with transaction.atomic():
+        updated = Delivery.objects.filter(
+            pk=delivery.pk, attempts=delivery.attempts, status=DeliveryStatus.PENDING
+        ).update(**fields)
+        if updated and delay is not None:
+            endpoint_id = delivery.endpoint_id
+            transaction.on_commit(lambda: ring(endpoint_id, delay))
+    log.info(
+        "webhooks.attempt",
+        delivery_id=delivery.pk,
+        endpoint_id=str(delivery.endpoint_id),
+        attempt=delivery.attempts,
+        status=fields.get("status", "pending"),
+        http_status=status,
+        error=error,
+        fenced=not updated,
+    )
+
+
+def deliver_endpoint(endpoint_id: Any) -> int:
+    """The body of the ``webhooks.deliver`` task: attempts made."""
+    started = time.monotonic()
+    made = 0
+    while True:
+        claimed = claim_next(endpoint_id)
+        if claimed is None:
+            return made
+        attempt(*claimed)
+        made += 1
+        if time.monotonic() - started > settings.WEBHOOKS_TASK_BUDGET:
+            ring(endpoint_id)  # the rest after other endpoints' doorbells
+            return made
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweep and retention
+# ---------------------------------------------------------------------------------------------
+def sweep(now: Any = None) -> int:
+    """Ring every active endpoint with an overdue delivery that no worker holds."""
+    now = now or timezone.now()
+    overdue = now - timedelta(seconds=settings.WEBHOOKS_SWEEP_AFTER)
+    endpoint_ids = list(
+        Delivery.objects.filter(
+            status=DeliveryStatus.PENDING,
+            next_attempt_at__lte=overdue,
+            endpoint__is_active=True,
+        )
+        .filter(Q(lease_until__isnull=True) | Q(lease_until__lte=now))
+        .order_by()
+        .values_list("endpoint_id", flat=True)
+        .distinct()[: settings.WEBHOOKS_SWEEP_BATCH]
+    )
+    for endpoint_id in endpoint_ids:
+        ring(endpoint_id)
+    if endpoint_ids:
+        log.info("webhooks.sweep_rang", count=len(endpoint_ids))
+    return len(endpoint_ids)
+
+
+def purge(now: Any = None) -> int:
+    """Delete events older than WEBHOOKS_RETENTION_DAYS whose deliveries all succeeded (or
+    that had none left), a batch per transaction so no long lock is held."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(days=settings.WEBHOOKS_RETENTION_DAYS)
+    unfinished = Delivery.objects.filter(event_id=OuterRef("pk")).exclude(
+        status=DeliveryStatus.DELIVERED
+    )
+    deleted = 0
+    while True:
+        ids = list(
+            Event.objects.filter(created_at__lt=cutoff)
+            .filter(~Exists(unfinished))
+            .order_by("created_at")
+            .values_list("id", flat=True)[: settings.WEBHOOKS_PURGE_BATCH]
+        )
+        if not ids:
+            return deleted
+        with transaction.atomic():
+            Delivery.objects.filter(event_id__in=ids).delete()
+            Event.objects.filter(pk__in=ids).delete()
+        deleted += len(ids)

@@ -1,0 +1,90 @@
+"""Which webhook URLs we are willing to call.
+
+A webhook makes our servers send requests to an address a client typed, so it is the classic
+server-side request forgery hole: ``http://169.254.169.254/`` (a cloud metadata service),
+``http://localhost:5432/``, an address of the private network. Every URL must be ``https``,
+and every address its host resolves to must be a public one. The check runs when an endpoint
+is registered and again before every delivery, and a delivery connects to the very address
+that was checked (no second DNS lookup), so a DNS record changed after registration cannot
+point an endpoint at the internal network. ``WEBHOOKS_ALLOW_PRIVATE`` (development and tests)
+lifts both rules.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from django.conf import settings
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class UrlRefused(Exception):
+    """The URL may not be called; ``code`` is machine-readable."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a delivery goes: the checked address to connect to, and the name to present."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+    address: str
+
+
+def _public(ip: IPAddress) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    # is_global is False for loopback, private (RFC 1918, fc00::/7), link-local (the metadata
+    # address 169.254.169.254 among them), shared (100.64/10), reserved and unspecified ones.
+    return ip.is_global and not ip.is_multicast
+
+
+def check_url(url: str) -> Target:
+    """Parse, resolve and vet ``url``; raise :class:`UrlRefused` with the reason."""
+    allow_private = settings.WEBHOOKS_ALLOW_PRIVATE
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise UrlRefused("invalid_url", f"Not a valid URL: {exc}.") from None
+    schemes = ("https", "http") if allow_private else ("https",)
+    if parts.scheme not in schemes:
+        raise UrlRefused("https_required", "Webhook URLs must use https.")
+    if not parts.hostname:
+        raise UrlRefused("invalid_url", "The URL has no host.")
+    if parts.username or parts.password:
+        raise UrlRefused("invalid_url", "Put no user name or password in the URL.")
+    if parts.fragment:
+        raise UrlRefused("invalid_url", "A webhook URL has no #fragment.")
+    port = port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise UrlRefused("unresolvable_host", f"{parts.hostname} does not resolve.") from None
+    addresses = []
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+        if not allow_private and not _public(ip):
+            raise UrlRefused(
+                "private_address",
+                f"{parts.hostname} resolves to {ip}, a loopback, private, link-local or "
+                "otherwise internal address.",
+            )
+        addresses.append(str(ip))
+    if not addresses:
+        raise UrlRefused("unresolvable_host", f"{parts.hostname} does not resolve.")
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return Target(parts.scheme, parts.hostname, port, path, addresses[0])

@@ -1,0 +1,201 @@
+"""Writes of the webhooks app: endpoints, the outbox, and staff's redelivery.
+
+:func:`event_emit` is the outbox's only writer. It must be called inside the transaction that
+makes the change it describes (for orders: the saga record, through the order saga's change
+hook), so the event commits or rolls back with that change; its deliveries' doorbells ring only
+after the commit.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+import structlog
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+from rest_framework.renderers import JSONRenderer
+
+from webhooks.models import EVENT_TYPES, Delivery, DeliveryStatus, Endpoint, Event, Stream
+from webhooks.security import UrlRefused, check_url
+
+log = structlog.get_logger("webhooks")
+
+#: How many endpoints one client may have.
+MAX_ENDPOINTS_PER_OWNER = 20
+
+
+class EndpointInvalid(Exception):
+    """A refused registration; ``code`` is machine-readable, ``field`` is to blame."""
+
+    def __init__(self, code: str, detail: str, field: str = "url") -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.field = field
+
+
+def _new_secret() -> str:
+    return "whsec_" + secrets.token_urlsafe(32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Endpoints
+# ---------------------------------------------------------------------------------------------
+def endpoint_create(*, owner: Any, url: str, events: Iterable[str]) -> tuple[Endpoint, str]:
+    """Register an endpoint; return it with its signing secret (shown to the client once)."""
+    events = list(dict.fromkeys(events))
+    unknown = [e for e in events if e not in EVENT_TYPES]
+    if not events or unknown:
+        raise EndpointInvalid(
+            "invalid_events", f"Choose events among {', '.join(EVENT_TYPES)}.", field="events"
+        )
+    try:
+        check_url(url)
+    except UrlRefused as exc:
+        raise EndpointInvalid(exc.code, exc.detail) from None
+    if Endpoint.objects.filter(owner=owner).count() >= MAX_ENDPOINTS_PER_OWNER:
+        raise EndpointInvalid(
+            "too_many_endpoints", f"At most {MAX_ENDPOINTS_PER_OWNER} endpoints per client."
+        )
+    secret = _new_secret()
+    endpoint = Endpoint.objects.create(owner=owner, url=url, events=events, secret=secret)
+    log.info("webhooks.endpoint_created", endpoint_id=str(endpoint.id), owner_id=owner.pk)
+    return endpoint, secret
+
+
+def endpoint_rotate_secret(*, endpoint: Endpoint) -> str:
+    """A new secret; the old one keeps signing for WEBHOOKS_SECRET_GRACE seconds, so a client
+    can deploy the new one without refusing deliveries meanwhile."""
+    with transaction.atomic():
+        endpoint = Endpoint.objects.select_for_update().get(pk=endpoint.pk)
+        secret = _new_secret()
+        endpoint.previous_secret = endpoint.secret
+        endpoint.previous_secret_expires_at = timezone.now() + timedelta(
+            seconds=settings.WEBHOOKS_SECRET_GRACE
+        )
+        endpoint.secret = secret
+        endpoint.save(update_fields=["secret", "previous_secret", "previous_secret_expires_at"])
+    log.info("webhooks.secret_rotated", endpoint_id=str(endpoint.id))
+    return secret
+
+
+def endpoint_set_active(*, endpoint: Endpoint, active: bool, reason: str = "") -> Endpoint:
+    """Staff switch an endpoint off (its pending deliveries wait) or back on (they go out)."""
+    endpoint.is_active = active
+    endpoint.disabled_reason = "" if active else reason[:200]
+    endpoint.save(update_fields=["is_active", "disabled_reason"])
+    if active:
+        transaction.on_commit(lambda: ring(endpoint.pk))
+    return endpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# The outbox
+# ---------------------------------------------------------------------------------------------
+def _next_sequence(subject: uuid.UUID) -> int:
+    """The subject's next sequence number, in the caller's transaction.
+
+    One upsert: the row lock it takes orders concurrent writers about the same subject (and
+    the order saga already holds the saga row, so in practice there are none).
+    """
+    qn = connection.ops.quote_name
+    table = qn(Stream._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} ({qn('subject')}, {qn('last_sequence')}) VALUES (%s, 1) "
+            f"ON CONFLICT ({qn('subject')}) DO UPDATE SET "
+            f"{qn('last_sequence')} = {table}.{qn('last_sequence')} + 1 "
+            f"RETURNING {qn('last_sequence')}",
+            [Stream._meta.pk.get_db_prep_value(subject, connection)],
+        )
+        return cursor.fetchone()[0]
+
+
+def subscribers(owner_id: Any) -> bool:
+    """Whether the client has an active endpoint at all (one small query)."""
+    return Endpoint.objects.filter(owner_id=owner_id, is_active=True).exists()
+
+
+def event_emit(*, owner_id: Any, subject: uuid.UUID, type: str, data: Any) -> Event | None:
+    """Write an event and a delivery per subscribed endpoint, in the caller's transaction.
+
+    Writes nothing when no active endpoint of the client wants ``type``.
+    """
+    assert type in EVENT_TYPES, type
+    endpoints = [
+        e.pk
+        for e in Endpoint.objects.filter(owner_id=owner_id, is_active=True).only("id", "events")
+        if type in e.events
+    ]
+    if not endpoints:
+        return None
+    now = timezone.now()
+    event_id = uuid.uuid4()
+    sequence = _next_sequence(subject)
+    body = JSONRenderer().render(
+        {
+            "id": str(event_id),
+            "type": type,
+            "created": now.isoformat().replace("+00:00", "Z"),
+            "sequence": sequence,
+            "data": data,
+        }
+    )
+    event = Event.objects.create(
+        id=event_id,
+        owner_id=owner_id,
+        type=type,
+        subject=subject,
+        sequence=sequence,
+        body=body.decode(),
+        created_at=now,
+    )
+    retry_until = now + timedelta(seconds=settings.WEBHOOKS_RETRY_FOR)
+    Delivery.objects.bulk_create(
+        Delivery(
+            event=event,
+            endpoint_id=endpoint_id,
+            subject=subject,
+            sequence=sequence,
+            next_attempt_at=now,
+            retry_until=retry_until,
+        )
+        for endpoint_id in endpoints
+    )
+    transaction.on_commit(lambda: [ring(e) for e in endpoints])
+    return event
+
+
+# ---------------------------------------------------------------------------------------------
+# Staff
+# ---------------------------------------------------------------------------------------------
+def deliveries_redeliver(*, deliveries: Iterable[Delivery]) -> int:
+    """Send dead deliveries again, with a fresh retry window; the rest are left alone."""
+    now = timezone.now()
+    ids = [d.pk for d in deliveries if d.status == DeliveryStatus.DEAD]
+    if not ids:
+        return 0
+    with transaction.atomic():
+        changed = Delivery.objects.filter(pk__in=ids, status=DeliveryStatus.DEAD).update(
+            status=DeliveryStatus.PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            lease_until=None,
+            retry_until=now + timedelta(seconds=settings.WEBHOOKS_RETRY_FOR),
+        )
+        endpoints = set(
+            Delivery.objects.filter(pk__in=ids).values_list("endpoint_id", flat=True).distinct()
+        )
+        transaction.on_commit(lambda: [ring(e) for e in endpoints])
+    return changed
+
+
+def ring(endpoint_id: Any, countdown: float | None = None) -> None:
+    from webhooks.delivery import ring as _ring
+
+    _ring(endpoint_id, countdown)
