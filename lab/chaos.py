@@ -51,6 +51,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from lab import chaos_webhooks
 from lab.stack import (
     REPO_ROOT,
     BrokerProxy,
@@ -200,6 +201,8 @@ def reexec_inside(config: ChaosConfig, argv: list[str]) -> None:
         "SAGARUNNER_CHAOS_DIR": str(run_dir),
         # The fake providers count their concurrent calls: the summary shows the peak.
         "SAGA_FAKE_PROVIDER_STATS": "1",
+        # Each client's webhook receiver listens on 127.0.0.1 (lab.chaos_webhooks).
+        "WEBHOOKS_ALLOW_PRIVATE": "1",
     }
     if not config.breakers:
         extra["SAGA_PROVIDER_BREAKERS"] = "0"
@@ -556,7 +559,8 @@ class Reviewer:
 # Chaos: SIGKILL worker processes, stop and start the broker
 # ---------------------------------------------------------------------------------------------
 class Chaos:
-    SLOTS = ("w1", "w2")
+    #: Two saga workers and one for webhook deliveries (its own queue, as in production).
+    SLOTS = ("w1", "w2", "hooks")
 
     def __init__(self, config, stack: Stack, proxy: BrokerProxy | None, tally, progress) -> None:
         self.config, self.stack, self.proxy, self.tally = config, stack, proxy, tally
@@ -737,6 +741,8 @@ class Summary:
     broker_restarts: int = 0
     broker_outage_seconds: list[float] = field(default_factory=list)
     unexpected_responses: list[str] = field(default_factory=list)
+    webhook_deliveries: int = 0
+    webhook_events: int = 0
     violations: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
     settle_seconds: float | None = None
@@ -775,6 +781,8 @@ class Summary:
             f"  broker restarts:  {self.broker_restarts} (down {outages or '-'})",
             *self._outage_lines(),
             f"  unexpected HTTP:  {len(self.unexpected_responses)}",
+            f"  webhooks:         {self.webhook_deliveries} signed deliveries of "
+            f"{self.webhook_events} events",
             f"  time to settle:   {settle} after the last placement (load {self.load_seconds:.1f}s,"
             f" whole run {self.total_seconds:.1f}s)",
             f"  violations:       {len(self.violations)}",
@@ -846,6 +854,12 @@ def run(config: ChaosConfig, out=sys.stdout) -> Summary:
             f"orders at {config.rate:g}/s from {config.clients} clients"
         )
 
+        hooks = chaos_webhooks.start()
+        registrar = Http(stack.web_port)
+        chaos_webhooks.register(hooks, lambda *a: _retrying(registrar, *a), tokens)
+        registrar.close()
+        tally.log(f"webhooks: an endpoint per client on {hooks.url(0).rsplit('/', 1)[0]}/")
+
         plan = make_plan(config)
         reviewer = Reviewer(config, stack.web_port, reviewer_token, tally)
         reviewer.start()
@@ -879,6 +893,7 @@ def run(config: ChaosConfig, out=sys.stdout) -> Summary:
         summary.violations += _check_invariants(tally)
         summary.violations += _check_api(config, stack.web_port, tokens, tally, summary)
         summary.violations += _check_outage(config, tally, summary)
+        summary.violations += _check_webhooks(hooks, tally, summary)
         summary.orders = len(tally.records)
         summary.placements = sum(r.placements for r in tally.records.values())
         summary.duplicate_placements = sum(1 for p in plan if p.duplicate)
@@ -1229,6 +1244,29 @@ def _check_api(config, port: int, tokens: list[str], tally: Tally, summary: Summ
         )
     finally:
         http_.close()
+    return violations
+
+
+def _check_webhooks(hooks, tally: Tally, summary: Summary) -> list[str]:
+    """Guarantee 7: every settled order's final event reached its client, signed, in order."""
+    from orders.models import Order
+    from orders.selectors import order_state
+
+    owners = {f"chaos-client-{i}": i for i in range(len(hooks.secrets))}
+    finals = {}
+    for order in Order.objects.select_related("saga", "owner"):
+        status = order_state(order.saga).status
+        if status in SETTLED and order.owner.username in owners:
+            finals[str(order.id)] = (owners[order.owner.username], status)
+    violations = chaos_webhooks.check(hooks, finals, wait=120.0)
+    received, distinct = chaos_webhooks.stats(hooks)
+    summary.webhook_deliveries = received
+    summary.webhook_events = distinct
+    tally.log(
+        f"webhooks: {received} deliveries of {distinct} events; final events of "
+        f"{len(finals)} settled orders checked, {len(violations)} problems"
+    )
+    hooks.close()
     return violations
 
 

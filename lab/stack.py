@@ -204,7 +204,12 @@ class Stack:
 
     # -- Celery ---------------------------------------------------------------------------
     def start_worker(self, slot: str, *, concurrency: int = 2, pool: str = "prefork") -> Process:
-        """Start the worker of ``slot`` (``w1``, ``w2``...); each restart gets a new node name."""
+        """Start the worker of ``slot`` (``w1``, ``w2``...); each restart gets a new node name.
+
+        A ``hooks...`` slot consumes the webhook deliveries' queue (settings.WEBHOOKS_QUEUE),
+        the others the sagas' queue, as in production.
+        """
+        queue = f"{self.queue}-webhooks" if slot.startswith("hooks") else self.queue
         generation = self._generation.get(slot, 0) + 1
         self._generation[slot] = generation
         node = f"{slot}g{generation}.{os.getpid()}@{socket.gethostname()}"
@@ -212,7 +217,7 @@ class Stack:
             f"{slot}g{generation}",
             [
                 sys.executable, "-m", "celery", "-A", "config", "worker",
-                "--pool", pool, "--concurrency", str(concurrency), "-Q", self.queue,
+                "--pool", pool, "--concurrency", str(concurrency), "-Q", queue,
                 "-n", node, "--without-heartbeat", "--without-gossip", "--without-mingle",
                 "-l", "info",
             ],

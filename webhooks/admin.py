@@ -1,7 +1,7 @@
 """The ops console's view of webhooks: endpoints (disable, enable) and their deliveries.
 
-Redelivering dead deliveries needs the ``webhooks.redeliver_delivery`` permission and is
-recorded in the admin's history (LogEntry) with the acting user, on each delivery touched.
+Redelivering dead deliveries needs the ``webhooks.redeliver_delivery`` permission; it, and
+switching an endpoint off or on, are audit log entries with the acting user.
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from webhooks.models import Delivery, DeliveryStatus, Endpoint, Event
-from webhooks.services import deliveries_redeliver, endpoint_set_active
-
-REDELIVER_PERMISSION = "webhooks.redeliver_delivery"
+from webhooks.services import REDELIVER_PERMISSION, deliveries_redeliver, endpoint_set_active
 
 
 @admin.register(Endpoint)
@@ -70,9 +68,11 @@ class EndpointAdmin(admin.ModelAdmin):
             raise PermissionDenied
         for endpoint in queryset:
             endpoint_set_active(
-                endpoint=endpoint, active=False, reason=f"disabled by {request.user}"
+                endpoint=endpoint,
+                active=False,
+                user=request.user,
+                reason=f"disabled by {request.user.get_username()}",
             )
-            self.log_change(request, endpoint, "Disabled the endpoint.")
         self.message_user(request, f"Disabled {queryset.count()} endpoint(s).")
 
     @admin.action(description="Enable the selected endpoints")
@@ -80,8 +80,7 @@ class EndpointAdmin(admin.ModelAdmin):
         if not self.has_change_permission(request):
             raise PermissionDenied
         for endpoint in queryset:
-            endpoint_set_active(endpoint=endpoint, active=True)
-            self.log_change(request, endpoint, "Enabled the endpoint.")
+            endpoint_set_active(endpoint=endpoint, active=True, user=request.user)
         self.message_user(request, f"Enabled {queryset.count()} endpoint(s).")
 
     @admin.action(
@@ -97,11 +96,7 @@ class EndpointAdmin(admin.ModelAdmin):
 
 
 def _redeliver(model_admin: admin.ModelAdmin, request: HttpRequest, dead: list[Delivery]) -> None:
-    if not request.user.has_perm(REDELIVER_PERMISSION):
-        raise PermissionDenied
-    count = deliveries_redeliver(deliveries=dead)
-    for delivery in dead:
-        model_admin.log_change(request, delivery, "Redelivered (it was dead).")
+    count = deliveries_redeliver(deliveries=dead, user=request.user)
     model_admin.message_user(
         request, f"{count} dead deliver{'y' if count == 1 else 'ies'} sent again.", messages.INFO
     )

@@ -16,10 +16,12 @@ from typing import Any
 
 import structlog
 from django.conf import settings
+from django.core.exceptions import PermissionDenied
 from django.db import connection, transaction
 from django.utils import timezone
 from rest_framework.renderers import JSONRenderer
 
+from audit.services import audit_record
 from webhooks.models import EVENT_TYPES, Delivery, DeliveryStatus, Endpoint, Event, Stream
 from webhooks.security import UrlRefused, check_url
 
@@ -84,11 +86,19 @@ def endpoint_rotate_secret(*, endpoint: Endpoint) -> str:
     return secret
 
 
-def endpoint_set_active(*, endpoint: Endpoint, active: bool, reason: str = "") -> Endpoint:
+def endpoint_set_active(
+    *, endpoint: Endpoint, active: bool, user: Any, reason: str = ""
+) -> Endpoint:
     """Staff switch an endpoint off (its pending deliveries wait) or back on (they go out)."""
     endpoint.is_active = active
     endpoint.disabled_reason = "" if active else reason[:200]
     endpoint.save(update_fields=["is_active", "disabled_reason"])
+    audit_record(
+        "webhook_enable" if active else "webhook_disable",
+        actor=user,
+        target=f"webhook endpoint {endpoint.pk}",
+        detail={"url": endpoint.url, "reason": endpoint.disabled_reason},
+    )
     if active:
         transaction.on_commit(lambda: ring(endpoint.pk))
     return endpoint
@@ -174,13 +184,25 @@ def event_emit(*, owner_id: Any, subject: uuid.UUID, type: str, data: Any) -> Ev
 # ---------------------------------------------------------------------------------------------
 # Staff
 # ---------------------------------------------------------------------------------------------
-def deliveries_redeliver(*, deliveries: Iterable[Delivery]) -> int:
-    """Send dead deliveries again, with a fresh retry window; the rest are left alone."""
+REDELIVER_PERMISSION = "webhooks.redeliver_delivery"
+
+
+def deliveries_redeliver(*, deliveries: Iterable[Delivery], user: Any) -> int:
+    """Send dead deliveries again, with a fresh retry window; the rest are left alone.
+
+    Needs ``webhooks.redeliver_delivery``; each endpoint's redelivery is an audit log entry.
+    """
+    if user is None or not user.is_active or not user.has_perm(REDELIVER_PERMISSION):
+        raise PermissionDenied("You need the 'redeliver dead webhook deliveries' permission.")
     now = timezone.now()
     ids = [d.pk for d in deliveries if d.status == DeliveryStatus.DEAD]
     if not ids:
         return 0
     with transaction.atomic():
+        dead = Delivery.objects.select_for_update().filter(pk__in=ids, status=DeliveryStatus.DEAD)
+        by_endpoint: dict[Any, list[int]] = {}
+        for delivery_id, endpoint_id in dead.values_list("id", "endpoint_id"):
+            by_endpoint.setdefault(endpoint_id, []).append(delivery_id)
         changed = Delivery.objects.filter(pk__in=ids, status=DeliveryStatus.DEAD).update(
             status=DeliveryStatus.PENDING,
             attempts=0,
@@ -188,10 +210,14 @@ def deliveries_redeliver(*, deliveries: Iterable[Delivery]) -> int:
             lease_until=None,
             retry_until=now + timedelta(seconds=settings.WEBHOOKS_RETRY_FOR),
         )
-        endpoints = set(
-            Delivery.objects.filter(pk__in=ids).values_list("endpoint_id", flat=True).distinct()
-        )
-        transaction.on_commit(lambda: [ring(e) for e in endpoints])
+        for endpoint_id, delivery_ids in by_endpoint.items():
+            audit_record(
+                "webhook_redeliver",
+                actor=user,
+                target=f"webhook endpoint {endpoint_id}",
+                detail={"deliveries": delivery_ids},
+            )
+        transaction.on_commit(lambda: [ring(e) for e in by_endpoint])
     return changed
 
 

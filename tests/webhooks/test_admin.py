@@ -7,10 +7,10 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Permission, User
 from django.utils import timezone
 
+from audit.models import AuditEntry
 from webhooks.delivery import purge, sweep
 from webhooks.models import Delivery, DeliveryStatus, Endpoint, Event
 
@@ -92,8 +92,9 @@ def test_redelivering_needs_the_permission_and_is_recorded(client, endpoint):
     dead.refresh_from_db()
     assert dead.status == DeliveryStatus.PENDING and dead.attempts == 0
     assert dead.retry_until > timezone.now() + timedelta(hours=23)
-    entry = LogEntry.objects.get(object_id=str(dead.pk))
-    assert entry.user.username == "olga" and "Redelivered" in entry.get_change_message()
+    entry = AuditEntry.objects.get(action="webhook_redeliver")
+    assert entry.actor_name == "olga" and entry.detail == {"deliveries": [dead.pk]}
+    assert str(endpoint.pk) in entry.target
 
 
 def test_staff_disable_an_endpoint_and_it_gets_no_new_events(client, endpoint):
@@ -111,7 +112,7 @@ def test_staff_disable_an_endpoint_and_it_gets_no_new_events(client, endpoint):
         )
         is None
     )
-    assert LogEntry.objects.filter(object_id=str(endpoint.pk)).exists()
+    assert AuditEntry.objects.get(action="webhook_disable").actor_name == "vic"
 
 
 def test_purge_deletes_old_delivered_events_in_batches_and_keeps_the_rest(endpoint, settings):
@@ -139,3 +140,16 @@ def test_sweep_rings_only_endpoints_with_overdue_unleased_deliveries(endpoint):
     Endpoint.objects.filter(pk=endpoint.pk).update(is_active=False)
     Delivery.objects.filter(pk=due.pk).update(next_attempt_at=timezone.now() - timedelta(hours=1))
     assert sweep() == 0  # disabled: its deliveries wait
+
+
+def test_the_redeliver_service_refuses_staff_without_the_permission(endpoint):
+    from django.core.exceptions import PermissionDenied
+
+    from webhooks.services import deliveries_redeliver
+
+    dead = _delivery(endpoint, status=DeliveryStatus.DEAD)
+    with pytest.raises(PermissionDenied):
+        deliveries_redeliver(deliveries=[dead], user=_staff("vic", VIEW))
+    dead.refresh_from_db()
+    assert dead.status == DeliveryStatus.DEAD
+    assert not AuditEntry.objects.filter(action="webhook_redeliver").exists()

@@ -10,6 +10,7 @@ from django.db import transaction
 
 from orders.models import Order
 from orders.selectors import OrderStatus
+from sagas.engine import sweep as saga_sweep
 from sagas.services import saga_request_cancel
 from webhooks import signing
 from webhooks.delivery import sweep
@@ -183,7 +184,9 @@ def test_a_worker_killed_mid_delivery_loses_nothing(
     worker_factory(name="heir", exclusive=True)
 
     def all_delivered():
-        sweep()  # beat's job: ring endpoints whose lease expired
+        # Beat's job: ring sagas and endpoints whose lease expired with the killed worker.
+        saga_sweep()
+        sweep()
         return (
             _final_received(receiver, [order_id])()
             and not Delivery.objects.filter(status=DeliveryStatus.PENDING).exists()
