@@ -257,6 +257,7 @@ order_saga = SagaDefinition(
         Step("capture_payment", capture_payment, compensate=refund_payment, provider="payments"),
         Step("confirm_order", confirm_order, pivot=True, provider="inventory"),
     ],
+    on_change=order_events,
 )
 
 
