@@ -110,9 +110,11 @@ CATALOG = [
     # Two of these are above ORDER_FRAUD_REVIEW_ABOVE (1000.00): the order waits for a review.
     ("chaos-safe", "Safe", "600.00", None),
 ]
-#: Share of orders with two safes (a fraud review), and of reviews that reject the order.
+#: Share of orders with two safes (a fraud review).
 REVIEW_RATE = 0.08
-REJECT_RATE = 0.35
+REJECT_EVERY = 3
+#: Share of large orders the reviewer decides before their saga reaches the review.
+EARLY_RATE = 0.3
 REVIEW_ABOVE = Decimal("1000.00")  # ORDER_FRAUD_REVIEW_ABOVE's default
 PAYMENT_METHODS = {
     "pm_card_visa": 76,
@@ -491,6 +493,7 @@ class Reviewer:
         self.port, self.token, self.tally = port, token, tally
         self.rng = random.Random(config.seed + 3)
         self.decided: dict[str, bool] = {}  # order id -> approved, once a decision was taken
+        self.seen: set[str] = set()  # large sagas already considered for an early decision
         self.answers: Counter = Counter()
         self.early = 0
         self.stop = threading.Event()
@@ -512,8 +515,10 @@ class Reviewer:
                         self._decide(http_, saga, early=False)
                     for saga in self._sagas(http_, "state=running&type=order"):
                         big = Decimal(saga["data"].get("amount", "0")) > REVIEW_ABOVE
-                        if big and not saga["waiting_for"] and self.rng.random() < 0.3:
-                            self._decide(http_, saga, early=True)
+                        if big and not saga["waiting_for"] and saga["id"] not in self.seen:
+                            self.seen.add(saga["id"])
+                            if self.rng.random() < EARLY_RATE:
+                                self._decide(http_, saga, early=True)
                 except requests.RequestException as exc:
                     self.tally.odd(f"reviewer: {type(exc).__name__}: {exc}")
                 self.stop.wait(0.3)
@@ -533,7 +538,8 @@ class Reviewer:
         order_id = saga["correlation_id"]
         if order_id in self.decided:
             return
-        approved = self.rng.random() >= REJECT_RATE
+        # Every REJECT_EVERY-th decision rejects, so even a quick run takes both paths.
+        approved = len(self.decided) % REJECT_EVERY != REJECT_EVERY - 1
         path = f"/api/v1/sagas/{saga['id']}/signals/fraud_review/"
         headers = {"Idempotency-Key": f"review-{saga['id']}"}
         first = None

@@ -7,6 +7,9 @@ the saga's whole story however many workers, retries and days it took. Spans car
 ``saga.id``, ``saga.type``, ``saga.step`` and ``saga.attempt``; where the span's own trigger
 (a Celery task, a signal's HTTP request) belongs to another trace, the span links to it.
 
+Anything else that acts for a saga later (a webhook delivery of its order's news, say) joins
+the same trace by opening ``saga_span("webhook.deliver", saga, ...)`` around its work.
+
 Tracing is off unless :func:`config.tracing.setup_tracing` turned it on for this process:
 then every function here returns at once (a shared no-op context manager), so the engine's
 hot path pays one boolean test per step.
