@@ -109,19 +109,7 @@ def admit(provider: str) -> Ticket | Wait:
         canary = not forced and _take_canary(provider, cfg, now)
         if not canary:
             metrics.PARKED.labels(provider, state).inc()
-            if forced or probe_at is None:
-                due = now + _cooldown(cfg)
-            elif state == BreakerState.HALF_OPEN:
-                # Canaries answer in a call's time, not by their lease (probe_at): look again
-                # within a cool-down rather than wait for the lease of a lost canary.
-                due = min(probe_at, now + _cooldown(cfg))
-            else:
-                due = probe_at
-            delay = max((due - now).total_seconds(), 0.0)
-            # Spread the retries so that a provider coming back gets waves, not a wall.
-            return Wait(
-                provider, delay + random.uniform(0.05, max(cfg.release_spread, 0.05)), state
-            )
+            return _wait(provider, cfg, state, probe_at, forced, now)
     slot_id, lease = None, None
     if cfg.max_in_flight:
         slot_id, lease = _take_slot(provider, cfg, now)
@@ -138,6 +126,44 @@ def admit(provider: str) -> Ticket | Wait:
         metrics.LIMITED.labels(provider, "rate").inc()
         return Wait(provider, random.uniform(*_LIMIT_WAIT), "rate")
     return Ticket(provider, generation, slot_id, lease, canary)
+
+
+def _wait(
+    provider: str,
+    cfg: ProviderConfig,
+    state: str,
+    probe_at: datetime | None,
+    forced: bool,
+    now: datetime,
+) -> Wait:
+    """How long a saga parked on a breaker that is not closed waits before it looks again."""
+    if forced or probe_at is None:
+        due = now + _cooldown(cfg)
+    elif state == BreakerState.HALF_OPEN:
+        # Canaries answer in a call's time, not by their lease (probe_at): look again within
+        # a cool-down rather than wait for the lease of a lost canary.
+        due = min(probe_at, now + _cooldown(cfg))
+    else:
+        due = probe_at
+    delay = max((due - now).total_seconds(), 0.0)
+    # Spread the retries so that a provider coming back gets waves, not a wall.
+    return Wait(provider, delay + random.uniform(0.05, max(cfg.release_spread, 0.05)), state)
+
+
+def held_back(provider: str) -> Wait | None:
+    """A :class:`Wait` if the provider's breaker is not closed now, else ``None``.
+
+    Asked after a saga's last attempt failed: if the breaker opened meanwhile (maybe on this
+    very failure), the failures were the outage's, and the saga waits for the provider instead
+    of compensating or escalating.
+    """
+    row = (
+        Breaker.objects.filter(provider=provider).values_list("state", "probe_at", "forced").first()
+    )
+    if row is None or row[0] == BreakerState.CLOSED:
+        return None
+    metrics.PARKED.labels(provider, row[0]).inc()
+    return _wait(provider, provider_config(provider), row[0], row[1], row[2], timezone.now())
 
 
 def _cooldown(cfg: ProviderConfig) -> timedelta:

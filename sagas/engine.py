@@ -632,6 +632,22 @@ def _call(fn: StepFunction, ctx: StepContext, ticket: provider_breaker.Ticket | 
     return result
 
 
+def _held_back(
+    saga: Saga, step: Step, ticket: provider_breaker.Ticket | None
+) -> provider_breaker.Wait | None:
+    """The last attempt failed, and the provider's breaker is open now: wait, do not give up.
+
+    The breaker may have opened on this very failure: the attempts were spent on the outage,
+    not on this saga's request, so the saga keeps its last attempt for after it (the park
+    gives it back). Once only: a saga that was already parked before this call (its last
+    attempt was the one kept) compensates or escalates as usual, so a request that fails on
+    its own while its failures keep the breaker open cannot wait forever.
+    """
+    if ticket is None or saga.parked_on:
+        return None
+    return provider_breaker.held_back(step.provider)
+
+
 def _park_for_provider(
     saga: Saga, rec: _Record, *, step: str, wait: provider_breaker.Wait, inline_ok: bool
 ) -> Saga | None:
@@ -748,6 +764,9 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
             "maybe_effect": True,
         }
         if saga.attempt >= settings.SAGA_MAX_ATTEMPTS:
+            wait = _held_back(saga, step, ticket)
+            if wait is not None:
+                return _park_for_provider(saga, rec, step=step.name, wait=wait, inline_ok=inline_ok)
             rec.event("step_failed", saga, step=step.name, detail=error, duration_ms=duration * 1e3)
             return _forward_exhausted(definition, saga, rec, error=error)
         _schedule_retry(saga, rec, step=step.name, phase="forward", error=error, took=duration)
@@ -830,6 +849,14 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
         duration = time.perf_counter() - started
         metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "compensation").observe(duration)
         error = _describe(exc)
+        wait = (
+            _held_back(saga, step, ticket)
+            if saga.attempt >= settings.SAGA_COMPENSATION_MAX_ATTEMPTS
+            else None
+        )
+        if wait is not None:
+            rec.step_fields = {"status": StepStatus.COMPENSATING, "last_error": error}
+            return _park_for_provider(saga, rec, step=step.name, wait=wait, inline_ok=inline_ok)
         if saga.attempt >= settings.SAGA_COMPENSATION_MAX_ATTEMPTS:
             rec.step_fields = {
                 "status": StepStatus.COMPENSATION_FAILED,

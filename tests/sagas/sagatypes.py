@@ -184,3 +184,15 @@ MIG_V2 = [*scripted(["a", "check"]), _go(), *scripted(["b", "extra", "c"], pivot
 MIG_V3 = [Step("a", _run), _go("approve"), *scripted(["b", "c"], pivot="c")]
 for _version, _steps in ((1, MIG_V1), (2, MIG_V2), (3, MIG_V3)):
     register(SagaDefinition("mig", steps=_steps, version=_version))
+
+
+# -- a step behind a provider's breaker -----------------------------------------------------
+def _behind(steps: list[Step], provider: str, names: set[str]) -> list[Step]:
+    from dataclasses import replace
+
+    return [replace(s, provider=provider) if s.name in names else s for s in steps]
+
+
+register(
+    SagaDefinition("test_provider", steps=_behind(scripted(["s1", "s2", "s3"]), "card", {"s2"}))
+)
