@@ -5,11 +5,25 @@ Django settings under the ``CELERY_`` namespace, so there is one place to read c
 """
 
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import CPendingDeprecationWarning
 from celery.signals import beat_init, worker_init, worker_process_init, worker_ready
+
+from config import celery_patches
+
+celery_patches.apply()
+
+# Celery warns on every reconnect while worker_cancel_long_running_tasks_on_connection_loss is
+# False, even when set on purpose (see the setting in config/settings.py for why it is).
+warnings.filterwarnings(
+    "ignore",
+    message=r"(?s).*cancels all currently executed tasks with late acknowledgement",
+    category=CPendingDeprecationWarning,
+)
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 

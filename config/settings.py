@@ -158,6 +158,10 @@ elif CELERY_BROKER_URL.startswith("redis"):
         {"socket_connect_timeout": 2, "socket_timeout": 5, "max_retries": 1}
     )
 CELERY_TASK_ACKS_LATE = True
+# On a lost broker connection, let the step in flight finish and record (the redelivered
+# doorbell is then fenced as stale) instead of killing it mid-call, which would leave its lease
+# to expire before the saga moves again. Set explicitly: Celery 6 changes the default.
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SERIALIZER = "json"

@@ -577,6 +577,11 @@ class Chaos:
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
         self.own_pool_kills = 0
+        #: Main processes this run killed on purpose; any other exit is a failure.
+        self.planned_exits: set[int] = set()
+        #: One line per process that exited without being killed here (see :meth:`watch`).
+        self.unplanned_exits: list[str] = []
+        self._reported: set[int] = set()
 
     def schedule(self) -> list[tuple[float, str]]:
         events = [(self.rng.uniform(0.05, 0.95), "kill") for _ in range(self.config.kills)]
@@ -617,7 +622,42 @@ class Chaos:
             self.error = exc
             self.tally.log(f"chaos thread failed: {exc!r}")
 
+    def watch(self) -> None:
+        """Record every process of the stack that died without this run killing it.
+
+        A worker main process, beat or web exiting on its own is the product going down, even
+        if this harness starts a worker again afterwards: counted as a failure and printed
+        with the exit status and the last error line of its log.
+        """
+        with self.stack._lock:
+            procs = list(self.stack.procs)
+        for proc in procs:
+            if proc.name == "redis" or proc.popen is None or proc.alive:
+                continue
+            pid = proc.pid
+            if pid in self.planned_exits or pid in self._reported:
+                continue
+            self._reported.add(pid)
+            status = proc.popen.returncode
+            why = next(
+                (
+                    line.strip()[:300]
+                    for line in reversed(proc.log_tail(20000).splitlines())
+                    if "Unrecoverable" in line or "CRITICAL" in line or "critical" in line
+                ),
+                "no error line in its log",
+            )
+            line = (
+                f"{proc.name} (pid {pid}) exited with status {status}: {why} (log {proc.log_path})"
+            )
+            self.unplanned_exits.append(line)
+            self.tally.log(f"UNPLANNED EXIT: {line}")
+            slot = next((s for s, w in self.workers.items() if w is proc), None)
+            if slot is not None and slot not in self.restarts:
+                self.restarts[slot] = time.monotonic()  # keep the run going; it already failed
+
     def _restart_due(self) -> None:
+        self.watch()
         for slot, due in list(self.restarts.items()):
             if time.monotonic() >= due:
                 del self.restarts[slot]
@@ -650,6 +690,7 @@ class Chaos:
             self.own_pool_kills += 1
             self.tally.log(f"SIGKILL pool child {pid} of {worker.name} ({where})")
         else:
+            self.planned_exits.add(worker.pid)
             worker.signal(signal.SIGKILL)
             self.tally.kills["worker main"] += 1
             self.tally.log(f"SIGKILL worker main {worker.pid} ({worker.name}; {where})")
@@ -718,6 +759,7 @@ class Chaos:
             raise self.error
 
     def ensure_all_up(self) -> None:
+        self.watch()
         for slot, worker in self.workers.items():
             if not worker.alive:
                 self.workers[slot] = self.stack.start_worker(slot)
@@ -749,6 +791,8 @@ class Summary:
     unexpected_responses: list[str] = field(default_factory=list)
     webhook_deliveries: int = 0
     webhook_events: int = 0
+    #: Processes (worker main, beat, web) that exited without the run killing them.
+    unplanned_exits: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
     settle_seconds: float | None = None
@@ -757,7 +801,7 @@ class Summary:
 
     @property
     def ok(self) -> bool:
-        return not self.violations and not self.unexpected_responses
+        return not self.violations and not self.unexpected_responses and not self.unplanned_exits
 
     def render(self) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.cancellation_reasons.items()))
@@ -789,6 +833,7 @@ class Summary:
             f"  unexpected HTTP:  {len(self.unexpected_responses)}",
             f"  webhooks:         {self.webhook_deliveries} signed deliveries of "
             f"{self.webhook_events} events",
+            f"  unplanned exits:  {len(self.unplanned_exits)}",
             f"  time to settle:   {settle} after the last placement (load {self.load_seconds:.1f}s,"
             f" whole run {self.total_seconds:.1f}s)",
             f"  violations:       {len(self.violations)}",
@@ -799,6 +844,8 @@ class Summary:
             lines.append(f"    ... and {len(self.violations) - 50} more")
         for u in self.unexpected_responses[:20]:
             lines.append(f"    unexpected: {u}")
+        for e in self.unplanned_exits:
+            lines.append(f"    unplanned exit: {e}")
         lines.append("chaos: PASS" if self.ok else "chaos: FAIL")
         return "\n".join(lines)
 
@@ -915,6 +962,8 @@ def run(config: ChaosConfig, out=sys.stdout) -> Summary:
         summary.broker_restarts = len(tally.broker_outages)
         summary.broker_outage_seconds = list(tally.broker_outages)
         summary.unexpected_responses = list(tally.unexpected)
+        chaos.watch()
+        summary.unplanned_exits = list(chaos.unplanned_exits)
         failed = not summary.ok
     except KeyboardInterrupt:
         summary.violations.append("interrupted")

@@ -176,12 +176,18 @@ def write_env_file(path: Path, values: dict[str, str]) -> None:
 # 4. The process group
 # ---------------------------------------------------------------------------------------------
 def procfile(port: int) -> str:
+    """Each process runs under scripts/supervise.py: one that dies is started again (with a
+    backoff and a log line) while the others keep serving, instead of honcho stopping all.
+    The worker runs without gossip, mingle and heartbeat: a single worker has no peers to
+    talk to, and their broadcast channels only add reconnect errors when the broker restarts."""
     python = sys.executable
+    keep = f"{python} {REPO / 'scripts' / 'supervise.py'}"
     return (
-        f"web: exec {python} -m gunicorn config.wsgi --bind 0.0.0.0:{port} --workers 2 --threads 4 "
-        "--access-logfile - --graceful-timeout 5\n"
-        f"worker: exec {python} -m celery -A config worker -l info --concurrency 2\n"
-        f"beat: exec {python} -m celery -A config beat -l info\n"
+        f"web: exec {keep} web -- {python} -m gunicorn config.wsgi --bind 0.0.0.0:{port} "
+        "--workers 2 --threads 4 --access-logfile - --graceful-timeout 5\n"
+        f"worker: exec {keep} worker -- {python} -m celery -A config worker -l info "
+        "--concurrency 2 --without-gossip --without-mingle --without-heartbeat\n"
+        f"beat: exec {keep} beat -- {python} -m celery -A config beat -l info\n"
     )
 
 

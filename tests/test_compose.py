@@ -112,3 +112,9 @@ def test_jaeger_runs_only_with_the_tracing_profile_and_apps_can_point_at_it(serv
     for name in ("web", "worker", "beat"):
         env = services[name]["environment"]
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "${OTEL_EXPORTER_OTLP_ENDPOINT:-}"
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_processes_are_restarted_when_they_die(services, name):
+    """A worker, beat or web container that exits on its own is started again by Docker."""
+    assert services[name]["restart"] in ("unless-stopped", "always")

@@ -46,4 +46,7 @@ def test_quick_chaos_run_settles_every_order_with_no_violation():
     # The outage phase ran, and no order was cancelled for a failed step because of it.
     assert re.search(r"^\s+provider outage:\s+payments down 12s, breakers on", done.stdout, re.M)
     assert re.search(r"cancelled because of the outage: \d+ \(step_failed 0,", done.stdout)
+    # No worker main process, beat or web exited on its own (the harness restarting a worker
+    # would otherwise hide it).
+    assert re.search(r"^\s+unplanned exits:\s+0$", done.stdout, re.M), done.stdout[-4000:]
     assert "chaos: PASS" in done.stdout
