@@ -50,6 +50,7 @@ from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
 from sagas.services import (
     OPS_PERMISSION,
     describe_effects,
+    how_it_ended,
     saga_compensate,
     saga_compensation_plan,
     saga_effects_in_place,
@@ -283,6 +284,24 @@ class FailedStepFilter(admin.SimpleListFilter):
         return queryset.filter(failed_step=self.value()) if self.value() else queryset
 
 
+class FailedUndoFilter(admin.SimpleListFilter):
+    """The step whose undo kept failing: a separate fact from the forward failure."""
+
+    title = "failed undo"
+    parameter_name = "failed_undo"
+
+    def lookups(self, request, model_admin):
+        names: list[str] = []
+        for saga_type in registered_types():
+            for step in get_definition(saga_type).steps:
+                if step.compensate is not None and step.name not in names:
+                    names.append(step.name)
+        return [(name, f"undo of {name}") for name in names]
+
+    def queryset(self, request, queryset):
+        return queryset.filter(failed_undo=self.value()) if self.value() else queryset
+
+
 class StuckFilter(admin.SimpleListFilter):
     title = "progress"
     parameter_name = "stuck"
@@ -454,6 +473,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         StuckFilter,
         SagaTypeFilter,
         FailedStepFilter,
+        FailedUndoFilter,
         FailureSignatureFilter,
         WaitingForFilter,
         WaitingAgeFilter,
@@ -483,6 +503,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                     "attempt",
                     "failed_step",
                     "failure_code",
+                    "failed_undo",
                     "last_error",
                     "cancel_reason",
                     "escalated_from",
@@ -570,8 +591,19 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="step")
     def step_column(self, saga: Saga) -> str:
-        if saga.failed_step and saga.escalated_from == SagaState.COMPENSATING:
-            return format_html("undo of <strong>{}</strong> failed", saga.failed_step)
+        if saga.failed_undo:
+            cause = (
+                format_html(
+                    "<br>after failing at <strong>{}</strong>{}",
+                    saga.failed_step,
+                    f" ({saga.failure_code})" if saga.failure_code else "",
+                )
+                if saga.failed_step
+                else format_html("<br>undoing because of {}", saga.failure_code)
+                if saga.failure_code
+                else ""
+            )
+            return format_html("undo of <strong>{}</strong> failed{}", saga.failed_undo, cause)
         if saga.failed_step:
             code = f" ({saga.failure_code})" if saga.failure_code else ""
             return format_html("failed at <strong>{}</strong>{}", saga.failed_step, code)
@@ -644,6 +676,9 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
 
     def _saga_page_context(self, request: HttpRequest, saga: Saga) -> dict[str, Any]:
         steps = list(SagaStep.objects.filter(saga=saga).order_by("index"))
+        for step in steps:
+            step.compensation = _compensation_name(saga, step.name) if step.name else ""
+            step.how_it_ended = how_it_ended(step.last_error) if step.last_error else ""
         events = list(SagaEvent.objects.filter(saga=saga).order_by("id")[: MAX_TIMELINE + 1])
         links: list[SagaLink] = []
         found = _owner_of(saga)
@@ -1089,12 +1124,19 @@ def _problem(saga: Saga, steps: list[SagaStep]) -> dict[str, Any] | None:
             "error_label": error_label,
         }
 
-    if saga.failed_step and saga.escalated_from == SagaState.COMPENSATING:
-        because = f"; it was undoing because of {saga.failure_code}" if saga.failure_code else ""
+    if saga.failed_undo:
+        if saga.failed_step:
+            code = f" with {saga.failure_code}" if saga.failure_code else ""
+            because = f"; it was undoing because {saga.failed_step} failed{code}"
+        elif saga.failure_code:
+            because = f"; it was undoing because of {saga.failure_code}"
+        else:
+            because = ""
         return found(
             "Undo that kept failing",
-            f"the compensation of {saga.failed_step}{because}",
-            saga.failed_step,
+            f"{_compensation_name(saga, saga.failed_undo)}, the compensation of "
+            f"{saga.failed_undo}{because}",
+            saga.failed_undo,
             error,
         )
     if saga.failed_step and saga.escalated_from == SagaState.RUNNING:
@@ -1148,6 +1190,18 @@ def _problem(saga: Saga, steps: list[SagaStep]) -> dict[str, Any] | None:
         text = f"{saga.failure_code} ({help_text})" if help_text else saga.failure_code
         return found("Stopped because", text, "", error, "Last error before that")
     return None
+
+
+def _compensation_name(saga: Saga, step: str) -> str:
+    """The compensation function of ``step`` (``void_authorization``), as the plan names it."""
+    try:
+        definition = get_definition(saga.saga_type)
+        compensate = definition.steps[definition.index_of(step)].compensate
+    except (LookupError, KeyError):
+        return "the undo"
+    if compensate is None:
+        return "-"
+    return getattr(compensate, "__name__", "the undo")
 
 
 def _stuck_help() -> str:

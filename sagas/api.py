@@ -86,6 +86,7 @@ class SagaSerializer(serializers.ModelSerializer):
             "cancel_reason",
             "failure_code",
             "failed_step",
+            "failed_undo",
             "last_error",
             "escalated_from",
             "correlation_id",
@@ -180,6 +181,10 @@ class CompensationSerializer(serializers.Serializer):
     compensation = serializers.CharField()
     idempotency_key = serializers.CharField()
     status = serializers.ChoiceField(choices=StepStatus.choices)
+    why = serializers.CharField(
+        help_text="Why it is in the plan: it took effect, or an attempt answered with an error "
+        "or got no answer and may have taken effect."
+    )
 
 
 class CompensationPlanSerializer(serializers.Serializer):
@@ -197,6 +202,7 @@ class SagaFilter(filters.FilterSet):
     state = filters.ChoiceFilter(choices=SagaState.choices)
     type = filters.CharFilter(field_name="saga_type", max_length=64)
     failed_step = filters.CharFilter(max_length=64)
+    failed_undo = filters.CharFilter(max_length=64)
     correlation_id = filters.CharFilter(max_length=128)
     # A choice, not django-filter's BooleanFilter: that one ignores a value it cannot read
     # (``stuck=maybe`` listed every saga); this one answers 400 naming the field.
@@ -223,6 +229,7 @@ class SagaFilter(filters.FilterSet):
             "state",
             "type",
             "failed_step",
+            "failed_undo",
             "correlation_id",
             "stuck",
             "waiting_for",

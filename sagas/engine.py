@@ -540,9 +540,12 @@ def _start_compensation(
 def _escalate(saga: Saga, rec: _Record, *, step: str, error: str) -> None:
     rec.transitions.append("escalate")
     _unpark(saga, rec)
+    # An undo that keeps failing is its own fact: the forward failure that started the undoing
+    # (failed_step and failure_code, the saga's failure signature) stays as it was.
+    where = "failed_undo" if saga.state == SagaState.COMPENSATING else "failed_step"
     rec.fields.update(
         escalated_from=saga.state,
-        failed_step=step,
+        **{where: step},
         last_error=error[:2000],
         next_attempt_at=None,
         lease_until=None,

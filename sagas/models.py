@@ -129,6 +129,12 @@ class Saga(FSMModelMixin, models.Model):
                 name="saga_active_version_idx",
                 condition=Q(state__in=["running", "compensating", "needs_manual"]),
             ),
+            # The "failed undo" filter: sagas whose undo kept failing, few of them.
+            models.Index(
+                fields=["failed_undo", "-created_at"],
+                name="saga_failed_undo_idx",
+                condition=~Q(failed_undo=""),
+            ),
             models.Index(
                 fields=["correlation_id"],
                 name="saga_correlation_idx",

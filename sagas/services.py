@@ -391,6 +391,41 @@ def saga_resolve(*, saga_id: Any, user: Any, note: str, accept_effects: bool = F
     return saga
 
 
+#: Errors that mean the call got no answer (it may have taken effect): a timeout, a lost
+#: response, or a worker that died mid-call. Anything else answered with an error.
+_NO_ANSWER_MARKERS = ("Timeout", "timed out", "without an answer", "worker lost")
+
+
+def how_it_ended(error: str) -> str:
+    """``"got no answer"`` or ``"answered with an error"``, from an attempt's recorded error."""
+    return (
+        "got no answer"
+        if any(marker in error for marker in _NO_ANSWER_MARKERS)
+        else "answered with an error"
+    )
+
+
+def _plan_why(row: SagaStep, took_effect: bool) -> str:
+    """Why this undo is in the plan, in the words of what happened to the step."""
+    if row.compensation_attempts and row.status in (
+        StepStatus.COMPENSATING,
+        StepStatus.COMPENSATION_FAILED,
+    ):
+        n = row.compensation_attempts
+        return (
+            f"it took effect; its undo {how_it_ended(row.last_error)} "
+            f"({n} attempt{'s' if n != 1 else ''}, last: {row.last_error[:200]})"
+        )
+    if took_effect:
+        return "it took effect"
+    if row.last_error:
+        return (
+            f"its last attempt {how_it_ended(row.last_error)} ({row.last_error[:200]}); an "
+            "attempt may have taken effect, so it is undone to be safe"
+        )
+    return "an attempt may have taken effect (its worker stopped), so it is undone to be safe"
+
+
 def saga_compensation_plan(*, saga_id: Any) -> list[dict[str, Any]]:
     """The dry run: the compensations that compensating now would run, in order, with keys.
 
@@ -430,6 +465,7 @@ def saga_compensation_plan(*, saga_id: Any) -> list[dict[str, Any]]:
                 "compensation": getattr(step.compensate, "__name__", "compensate"),
                 "idempotency_key": undo_key(saga.id, step.name),
                 "status": row.status,
+                "why": _plan_why(row, took_effect=step.name in saga.results or row.took_effect),
             }
         )
     return plan

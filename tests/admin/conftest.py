@@ -69,6 +69,7 @@ def make_saga(
     step_index: int = 4,
     failed_step: str = "",
     failure_code: str = "",
+    failed_undo: str = "",
     last_error: str = "",
     escalated_from: str = "",
     attempt: int = 0,
@@ -97,6 +98,7 @@ def make_saga(
         next_attempt_at=next_attempt_at,
         failed_step=failed_step,
         failure_code=failure_code,
+        failed_undo=failed_undo,
         last_error=last_error,
         escalated_from=escalated_from,
         results={name: {"ok": True} for name in took},
@@ -159,7 +161,9 @@ def make_saga(
 
 
 def needs_manual(**kwargs: Any) -> Saga:
-    """Stopped mid-compensation: the undo of s1 kept failing."""
+    """Stopped mid-compensation: the undo of s1 kept failing (``failed_undo`` defaults to the
+    given ``failed_step``)."""
+    kwargs.setdefault("failed_undo", kwargs.get("failed_step", "s1"))
     defaults = dict(
         state=SagaState.NEEDS_MANUAL,
         step_index=0,

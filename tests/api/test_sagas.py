@@ -134,6 +134,7 @@ def test_compensation_plan_is_the_dry_run(staff_api, saga):
         "compensation": "void_authorization",
         "idempotency_key": f"saga:{saga.id}:authorize_payment:undo",
         "status": "succeeded",
+        "why": "it took effect",
     }
     assert Saga.objects.get(pk=saga.pk).version == before
 

@@ -149,3 +149,42 @@ def test_check_invariants_flags_stock_held_by_a_resolved_saga(stuck_order):
         and str(stuck_order.id) in v.subject
         for v in report.violations
     ), report.violations
+
+
+def test_the_forward_failure_and_the_failing_undo_are_separate_facts(
+    stuck_order, ops_api, django_user_model, client
+):
+    """AQ with a card whose voids fail: the saga failed at arrange_shipment with
+    shipping_unavailable (its signature and the failed-step filter find it), and separately
+    the undo of authorize_payment kept failing (its own filter); the saga page names
+    void_authorization, and the plan says the void answered with an error."""
+    saga = fresh(stuck_order).saga
+    assert (saga.failed_step, saga.failure_code, saga.failed_undo) == (
+        "arrange_shipment",
+        "shipping_unavailable",
+        "authorize_payment",
+    )
+    for query in ("failed_step=arrange_shipment", "failed_undo=authorize_payment"):
+        listed = ops_api.get(f"{SAGAS}?{query}").json()["results"]
+        assert [s["id"] for s in listed] == [str(saga.id)], query
+    assert ops_api.get(f"{SAGAS}?failed_step=authorize_payment").json()["results"] == []
+    plan = ops_api.get(f"{SAGAS}{saga.id}/compensation-plan/").json()["compensations"]
+    assert plan[0]["compensation"] == "void_authorization"
+    assert plan[0]["why"].startswith("it took effect; its undo answered with an error")
+    assert plan[1]["why"] == "it took effect"
+
+    client.force_login(django_user_model.objects.create_superuser("root", "r@example.com", "x"))
+    page = client.get(f"/admin/sagas/saga/{saga.id}/change/").content.decode()
+    assert "void_authorization, the compensation of authorize_payment" in page
+    assert "because arrange_shipment failed with shipping_unavailable" in page
+    for query in (
+        "failed_step=arrange_shipment",
+        "failed_undo=authorize_payment",
+        "signature=arrange_shipment:shipping_unavailable",
+    ):
+        listing = client.get(f"/admin/sagas/saga/?{query}")
+        assert str(saga.id)[:8] in listing.content.decode(), query
+    assert (
+        str(saga.id)[:8]
+        not in client.get("/admin/sagas/saga/?failed_step=authorize_payment").content.decode()
+    )

@@ -194,7 +194,11 @@ def test_a_void_that_keeps_failing_needs_attention_with_the_stock_still_held(
     assert order.cancellation_reason == "shipping_unavailable"  # why it was being undone
     assert order.saga.state == SagaState.NEEDS_MANUAL
     assert order.saga.failure_code == "shipping_unavailable"
-    assert order.saga.failed_step == "authorize_payment"
+    # What failed forward, and which undo kept failing: two facts, both kept.
+    assert (order.saga.failed_step, order.saga.failed_undo) == (
+        "arrange_shipment",
+        "authorize_payment",
+    )
     assert stock("lamp") == (5, 2)
     assert Reservation.objects.get(order_id=order.id).status == ReservationStatus.HELD
     [auth] = authorizations_of(order)

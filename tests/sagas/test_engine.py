@@ -131,7 +131,9 @@ def test_failing_compensation_needs_manual_then_retry_now_finishes(
     script = {"s3": ["business:declined"], "undo:s2": ["transient"] * 50}
     saga = settled(start(script).id, wait_for)
     assert saga.state == SagaState.NEEDS_MANUAL
-    assert saga.failed_step == "s2" and "transient" in saga.last_error
+    # The forward failure and the failing undo are separate facts.
+    assert (saga.failed_step, saga.failure_code, saga.failed_undo) == ("s3", "declined", "s2")
+    assert "transient" in saga.last_error
     assert (("s1", "undo")) not in effects(saga.id)  # the ladder waits for a person
 
     # The provider recovers; the operator retries.
