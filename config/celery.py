@@ -17,13 +17,20 @@ from config import celery_patches
 
 celery_patches.apply()
 
-# Celery warns on every reconnect while worker_cancel_long_running_tasks_on_connection_loss is
-# False, even when set on purpose (see the setting in config/settings.py for why it is).
-warnings.filterwarnings(
-    "ignore",
-    message=r"(?s).*cancels all currently executed tasks with late acknowledgement",
-    category=CPendingDeprecationWarning,
-)
+
+
+def _quiet_cancel_warning() -> None:
+    """Celery warns on every reconnect while worker_cancel_long_running_tasks_on_connection_loss
+    is False, even when set on purpose (see config/settings.py for why it is). Its logging setup
+    puts an "always" filter for its warnings first, so this runs again once the worker is up."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"(?s).*cancels all currently executed tasks with late acknowledgement",
+        category=CPendingDeprecationWarning,
+    )
+
+
+_quiet_cancel_warning()
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
@@ -72,6 +79,11 @@ class _CeleryNamespace(Mapping):
 app = Celery("sagarunner", fixups=["config.celery_fixup:fixup"])
 app.config_from_object(_CeleryNamespace())
 app.autodiscover_tasks()
+
+
+@worker_ready.connect
+def _after_logging_setup(**_kwargs) -> None:
+    _quiet_cancel_warning()
 
 
 @worker_ready.connect

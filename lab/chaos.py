@@ -629,9 +629,7 @@ class Chaos:
         if this harness starts a worker again afterwards: counted as a failure and printed
         with the exit status and the last error line of its log.
         """
-        with self.stack._lock:
-            procs = list(self.stack.procs)
-        for proc in procs:
+        for proc in self.stack.procs:
             if proc.name == "redis" or proc.popen is None or proc.alive:
                 continue
             pid = proc.pid

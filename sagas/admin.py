@@ -292,8 +292,8 @@ class FailedUndoFilter(admin.SimpleListFilter):
 
     def lookups(self, request, model_admin):
         names: list[str] = []
-        for saga_type in registered_types():
-            for step in get_definition(saga_type).steps:
+        for definition in registered_definitions():
+            for step in definition.steps:
                 if step.compensate is not None and step.name not in names:
                     names.append(step.name)
         return [(name, f"undo of {name}") for name in names]
@@ -1195,7 +1195,7 @@ def _problem(saga: Saga, steps: list[SagaStep]) -> dict[str, Any] | None:
 def _compensation_name(saga: Saga, step: str) -> str:
     """The compensation function of ``step`` (``void_authorization``), as the plan names it."""
     try:
-        definition = get_definition(saga.saga_type)
+        definition = definition_of(saga)
         compensate = definition.steps[definition.index_of(step)].compensate
     except (LookupError, KeyError):
         return "the undo"

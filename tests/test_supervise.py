@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from lab.chaos import Chaos, Summary, Tally
-from lab.stack import Proc, Stack
+from lab.stack import Stack
+from lab.supervisor import Process
 from tests.conftest import REPO_ROOT
 
 SUPERVISE = [sys.executable, str(REPO_ROOT / "scripts" / "supervise.py")]
@@ -85,27 +86,21 @@ def test_chaos_counts_exits_it_did_not_cause(tmp_path):
     unplanned exit: listed with its status and log, and the summary fails."""
 
     class _Stack(Stack):
-        def start_worker(self, slot: str, **_kw) -> Proc:
-            proc = Proc(slot, ["sleep", "60"], dict(os.environ), self.log_dir / f"{slot}.log")
-            self._remember(proc.start())
-            return proc
+        def start_worker(self, slot: str, **_kw) -> Process:
+            return self.supervisor.start(slot, ["sleep", "60"])
 
-    stack = _Stack(env={}, log_dir=tmp_path, queue="q")
+    stack = _Stack(env=dict(os.environ), log_dir=tmp_path, queue="q")
     try:
         chaos = Chaos.__new__(Chaos)
         Chaos.__init__(chaos, _config(), stack, None, Tally(), progress=lambda: 0.0)
-        beat = Proc(
-            "beat",
-            [sys.executable, "-c", "print('CRITICAL boom'); exit(2)"],
-            {},
-            tmp_path / "beat.log",
+        beat = stack.supervisor.start(
+            "beat", [sys.executable, "-c", "print('CRITICAL boom'); exit(2)"]
         )
-        stack._remember(beat.start())
-        beat.popen.wait(30)
+        beat.wait(30)
         killed = chaos.workers["w1"]
         chaos.planned_exits.add(killed.pid)
         killed.signal(signal.SIGKILL)
-        killed.popen.wait(30)
+        killed.wait(30)
         chaos.watch()
         chaos.watch()  # reported once
         assert len(chaos.unplanned_exits) == 1, chaos.unplanned_exits
