@@ -18,7 +18,6 @@ from config import celery_patches
 celery_patches.apply()
 
 
-
 def _quiet_cancel_warning() -> None:
     """Celery warns on every reconnect while worker_cancel_long_running_tasks_on_connection_loss
     is False, even when set on purpose (see config/settings.py for why it is). Its logging setup
