@@ -19,6 +19,7 @@ it rings again and yields the worker to other endpoints' doorbells). So:
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from datetime import timedelta
@@ -31,6 +32,7 @@ from django.db import transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
+from sagas import tracing
 from webhooks import signing
 from webhooks.models import Delivery, DeliveryStatus, Endpoint, Event
 from webhooks.security import Target, UrlRefused, check_url
@@ -157,6 +159,31 @@ def _post(target: Target, body: bytes, headers: dict[str, str]) -> tuple[int, st
 
 def attempt(delivery: Delivery, endpoint: Endpoint) -> bool:
     """Make the claimed attempt and record it; True when the endpoint took the event."""
+    with _in_saga_trace(delivery, endpoint):
+        return _attempt(delivery, endpoint)
+
+
+def _in_saga_trace(delivery: Delivery, endpoint: Endpoint):
+    """With tracing on, the attempt is a span in the trace of the order's saga (the saga whose
+    correlation id is the event's subject); off, nothing is read and nothing is opened."""
+    if not tracing.is_enabled():
+        return contextlib.nullcontext()
+    from sagas.models import Saga
+
+    subject = Event.objects.values_list("subject", flat=True).get(pk=delivery.event_id)
+    saga = Saga.objects.filter(correlation_id=str(subject)).first()
+    if saga is None:
+        return contextlib.nullcontext()
+    return tracing.saga_span(
+        "webhook.deliver",
+        saga,
+        webhook_endpoint=str(endpoint.pk),
+        webhook_event=str(delivery.event_id),
+        webhook_attempt=delivery.attempts,
+    )
+
+
+def _attempt(delivery: Delivery, endpoint: Endpoint) -> bool:
     body = Event.objects.values_list("body", flat=True).get(pk=delivery.event_id).encode()
     now = timezone.now()
     status: int | None = None
