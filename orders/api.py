@@ -49,6 +49,8 @@ from orders.services import (
     order_create,
     order_request_cancel,
 )
+from orders.status import CANCELLATION_REASONS
+from orders.timeline import customer_event
 from payments.models import Payment
 from sagas.api import (
     REFUSED,
@@ -63,15 +65,6 @@ from shipping.models import Shipment, ShipmentStatus
 
 #: For the schema's enum names (SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"]).
 ORDER_STATUS_CHOICES = [(s, s) for s in OrderStatus.ALL]
-CANCELLATION_REASONS = (
-    "out_of_stock",
-    "payment_declined",
-    "shipping_unavailable",
-    "customer_cancelled",
-    "timed_out",
-    "step_failed",
-    "fraud_rejected",
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,6 +383,10 @@ class OrderViewSet(viewsets.GenericViewSet):
 
     @extend_schema(
         summary="The order's timeline, oldest first",
+        description="Every step attempt, retry, compensation and ops action. Staff see each "
+        "event as recorded; the order's own client sees the same events in customer-safe "
+        "words: operators as `support`, itself as `customer`, the engine as `system`, and a "
+        "fixed sentence per kind instead of notes, provider errors or internal ids.",
         tags=["orders"],
         parameters=[ORDER_ID_PARAMETER],
         responses={200: TimelineEventSerializer(many=True)},
@@ -399,7 +396,12 @@ class OrderViewSet(viewsets.GenericViewSet):
         order = self.get_object_light()
         events = SagaEvent.objects.filter(saga_id=order.saga_id).order_by("id")
         page = self.paginate_queryset(events)
-        return self.get_paginated_response(TimelineEventSerializer(page, many=True).data)
+        data = TimelineEventSerializer(page, many=True).data
+        if not request.user.is_staff:
+            # The order's own client: the same events in customer-safe words.
+            me = f"user:{request.user.get_username()}"
+            data = [customer_event(event, customer=me) for event in data]
+        return self.get_paginated_response(data)
 
     # -- write --------------------------------------------------------------------------------
     def create(self, request: Request) -> Response:

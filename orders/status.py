@@ -15,6 +15,17 @@ from django.db.models import Case, CharField, Q, Value, When
 
 from sagas.models import Saga, SagaState
 
+#: Every ``cancellation_reason`` a client may read (the API's enum).
+CANCELLATION_REASONS = (
+    "out_of_stock",
+    "payment_declined",
+    "shipping_unavailable",
+    "customer_cancelled",
+    "timed_out",
+    "step_failed",
+    "fraud_rejected",
+)
+
 
 class OrderStatus:
     PROCESSING = "processing"

@@ -148,7 +148,14 @@ def test_owner_reads_the_order_with_payment_and_shipment(client_api, place):
             None,
             "payment_declined",
         ),
-        ({"state": SagaState.RESOLVED}, "needs_attention", None, None),
+        # Closed by a person: final. Stopped while undoing: cancelled; past the pivot: confirmed.
+        (
+            {"state": SagaState.RESOLVED, "escalated_from": "compensating", "failure_code": "x"},
+            "cancelled",
+            None,
+            "x",
+        ),
+        ({"state": SagaState.RESOLVED, "escalated_from": "running"}, "confirmed", None, None),
     ],
 )
 def test_status_step_and_reason_are_derived_from_the_saga(

@@ -188,3 +188,33 @@ def test_the_forward_failure_and_the_failing_undo_are_separate_facts(
         str(saga.id)[:8]
         not in client.get("/admin/sagas/saga/?failed_step=authorize_payment").content.decode()
     )
+
+
+def test_the_client_timeline_is_customer_safe_and_staff_see_everything(stuck_order, ops_api):
+    """After an operator resolves the stuck order with a note, its client reads the same
+    events in customer-safe words: operators as support, no note, no provider error text or
+    internal ids; staff read the operator, the note and the provider's error."""
+    note = "called Ada, refunded by hand, ticket 4711"
+    ops_api.post(
+        f"{SAGAS}{stuck_order.saga_id}/resolve/",
+        {"note": note, "accept_effects": True},
+        format="json",
+    )
+    url = f"/api/v1/orders/{stuck_order.id}/timeline/?page_size=200"
+    mine = api_client_for(stuck_order.owner).get(url).json()["results"]
+    staff = ops_api.get(url).json()["results"]
+    assert [e["kind"] for e in mine] == [e["kind"] for e in staff]  # the same events
+    text = str(mine)
+    for secret in ("olivia", "user:", "ticket 4711", "test card", "auth_", "saga:", "Error"):
+        assert secret not in text, (secret, text)
+    assert {e["actor"] for e in mine} <= {"customer", "support", "system"}
+    [resolved] = [e for e in mine if e["kind"] == "ops_resolve"]
+    assert (resolved["actor"], resolved["detail"]) == (
+        "support",
+        "Our support team closed the order",
+    )
+    [started] = [e for e in mine if e["kind"] == "compensation_started"]
+    assert started["detail"] == "Undoing what was done so far (shipping_unavailable)"
+    staff_text = str(staff)
+    assert "user:olivia" in staff_text and "ticket 4711" in staff_text
+    assert "compensation_retry" in staff_text and "Error" in staff_text

@@ -34,9 +34,10 @@ EXPECTED = [
         (SagaState.NEEDS_MANUAL, "", "shipping_unavailable"),
         (OrderStatus.NEEDS_ATTENTION, None, "shipping_unavailable"),
     ),
+    # Closed by a person: a final status (its stock was settled when it was resolved).
     (
         (SagaState.RESOLVED, "", "shipping_unavailable"),
-        (OrderStatus.NEEDS_ATTENTION, None, "shipping_unavailable"),
+        (OrderStatus.CANCELLED, None, "shipping_unavailable"),
     ),
     # Needing a person after the pivot: the order was never being cancelled.
     ((SagaState.NEEDS_MANUAL, "", ""), (OrderStatus.NEEDS_ATTENTION, None, None)),
