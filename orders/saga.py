@@ -97,15 +97,15 @@ def decide_3ds(ctx: StepContext) -> dict:
 
 # -- 2b. money on hold ---------------------------------------------------------------------
 def authorize_payment(ctx: StepContext) -> dict:
+    # A declined card is final: the step declares PaymentError non_retryable.
     payment_method = _payment_method(ctx)
-    with _business_failures():
-        result = payments.payment_authorize(
-            key=ctx.idempotency_key,
-            order_id=ctx.data["order_id"],
-            amount=Decimal(ctx.data["amount"]),
-            currency=ctx.data["currency"],
-            payment_method=payment_method,
-        )
+    result = payments.payment_authorize(
+        key=ctx.idempotency_key,
+        order_id=ctx.data["order_id"],
+        amount=Decimal(ctx.data["amount"]),
+        currency=ctx.data["currency"],
+        payment_method=payment_method,
+    )
     return _json(result)
 
 
@@ -191,6 +191,10 @@ def settle_stock_on_resolve(saga: Any) -> None:
         orders.order_confirm(key=forward_key(saga.id, "confirm_order"), reservation_key=reserve)
 
 
+#: A carrier's booking API is slow and sometimes needs a minute; the other participants answer
+#: within ``SAGA_STEP_TIMEOUT``. Read when the definition is built (the worker's settings).
+CARRIER_TIMEOUT = 2 * settings.SAGA_STEP_TIMEOUT
+
 #: Version 1: no waits. Registered beside version 2 so orders placed before the upgrade run to
 #: their end on it (or move with ``saga_migrate order --from 1 --to 2``).
 order_saga_v1 = SagaDefinition(
@@ -209,8 +213,15 @@ order_saga_v1 = SagaDefinition(
             authorize_payment,
             compensate=void_authorization,
             provider="payments",
+            non_retryable=(PaymentError,),  # a declined card is never asked again
         ),
-        Step("arrange_shipment", arrange_shipment, compensate=cancel_shipment, provider="shipping"),
+        Step(
+            "arrange_shipment",
+            arrange_shipment,
+            compensate=cancel_shipment,
+            provider="shipping",
+            timeout=CARRIER_TIMEOUT,
+        ),
         Step("capture_payment", capture_payment, compensate=refund_payment, provider="payments"),
         Step("confirm_order", confirm_order, pivot=True, provider="inventory"),
     ],
@@ -244,8 +255,15 @@ order_saga = SagaDefinition(
             authorize_payment,
             compensate=void_authorization,
             provider="payments",
+            non_retryable=(PaymentError,),  # a declined card is never asked again
         ),
-        Step("arrange_shipment", arrange_shipment, compensate=cancel_shipment, provider="shipping"),
+        Step(
+            "arrange_shipment",
+            arrange_shipment,
+            compensate=cancel_shipment,
+            provider="shipping",
+            timeout=CARRIER_TIMEOUT,
+        ),
         Wait(
             "fraud_review",
             timeout=lambda: settings.ORDER_FRAUD_REVIEW_TIMEOUT,

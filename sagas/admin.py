@@ -44,7 +44,13 @@ from django.utils.safestring import mark_safe
 from django.utils.timesince import timesince
 
 from sagas import selectors
-from sagas.definition import definition_of, registered_definitions, registered_types
+from sagas.definition import (
+    definition_of,
+    definition_problem,
+    registered_definitions,
+    registered_types,
+    registered_versions,
+)
 from sagas.exceptions import SagaOperationRefused
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
 from sagas.services import (
@@ -264,6 +270,27 @@ class SagaTypeFilter(admin.SimpleListFilter):
         return queryset.filter(saga_type=self.value()) if self.value() else queryset
 
 
+class DefinitionVersionFilter(admin.SimpleListFilter):
+    """The definition version a saga runs on; choices from the registered versions and the
+    versions unfinished sagas are on (one read of a small partial index)."""
+
+    title = "definition version"
+    parameter_name = "definition_version"
+
+    def lookups(self, request, model_admin):
+        versions = {v for t in registered_types() for v in registered_versions(t)}
+        versions |= {c.version for c in selectors.unsettled_versions()}
+        return [(str(v), f"v{v}") for v in sorted(versions)]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        if not value:
+            return queryset
+        if not value.isdigit():
+            return queryset.none()
+        return queryset.filter(definition_version=int(value))
+
+
 def _step_names() -> list[str]:
     names: list[str] = []
     for definition in registered_definitions():
@@ -459,7 +486,7 @@ class _Outcome:
 class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
     list_display = (
         "saga_link",
-        "saga_type",
+        "type_version",
         "state_badge",
         "step_column",
         "attempt",
@@ -472,6 +499,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         "state",
         StuckFilter,
         SagaTypeFilter,
+        DefinitionVersionFilter,
         FailedStepFilter,
         FailedUndoFilter,
         FailureSignatureFilter,
@@ -487,7 +515,13 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
     )
     list_per_page = 50
     actions = ("retry_now", "compensate", "undo_done", "resolve")
-    readonly_fields = ("state_explained", "waiting_explained", "data_pretty", "results_pretty")
+    readonly_fields = (
+        "state_explained",
+        "definition_explained",
+        "waiting_explained",
+        "data_pretty",
+        "results_pretty",
+    )
     change_list_template = "admin/sagas/saga/change_list.html"
     change_form_template = "admin/sagas/saga/change_form.html"
     fieldsets = (
@@ -497,6 +531,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                 "fields": (
                     "id",
                     "saga_type",
+                    "definition_explained",
                     "state_explained",
                     "waiting_explained",
                     "current_step",
@@ -574,6 +609,41 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         url = reverse("admin:sagas_saga_change", args=[saga.pk])
         return format_html(
             '<a href="{}" title="{}"><code>{}</code></a>', url, saga.pk, _short(saga.pk)
+        )
+
+    @admin.display(description="type", ordering="saga_type")
+    def type_version(self, saga: Saga) -> str:
+        problem = (
+            definition_problem(saga.saga_type, saga.definition_version, saga.definition_fingerprint)
+            if saga.state in selectors.UNSETTLED
+            else ""
+        )
+        return format_html(
+            "{} v{}{}",
+            saga.saga_type,
+            saga.definition_version,
+            format_html(
+                ' <span class="saga-stuck" title="{}">waiting for its definition</span>', problem
+            )
+            if problem
+            else "",
+        )
+
+    @admin.display(description="definition")
+    def definition_explained(self, saga: Saga) -> str:
+        problem = definition_problem(
+            saga.saga_type, saga.definition_version, saga.definition_fingerprint
+        )
+        shape = saga.definition_fingerprint or "recorded before fingerprints"
+        if not problem:
+            return format_html("version {} (shape {})", saga.definition_version, shape)
+        waiting = saga.state in selectors.UNSETTLED
+        return format_html(
+            'version {} (shape {}) <span class="saga-stuck">{}</span> {}',
+            saga.definition_version,
+            shape,
+            "waiting for its definition" if waiting else "not registered",
+            problem,
         )
 
     @admin.display(description="state")
@@ -723,6 +793,11 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             "offer_undo_done": saga_waits_on_undo(saga),
             "changelist_url": changelist,
             "is_stuck": selectors.saga_is_stuck(saga),
+            "definition_missing": definition_problem(
+                saga.saga_type, saga.definition_version, saga.definition_fingerprint
+            )
+            if saga.state in selectors.UNSETTLED
+            else "",
             "state_help": STATE_HELP.get(saga.state, ""),
             "stuck_help": _stuck_help(),
             "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
@@ -875,6 +950,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             "stuck_url": f"{changelist}?stuck=yes",
             "stuck_help": _stuck_help(),
             "signatures": signatures,
+            "versions": _version_rows(changelist),
             "waiting": [(s, self.owner_link(s), self.step_column(s)) for s in waiting],
             "changelist_url": changelist,
             "sweep_task_url": _sweep_task_url()
@@ -1202,6 +1278,44 @@ def _compensation_name(saga: Saga, step: str) -> str:
     if compensate is None:
         return "-"
     return getattr(compensate, "__name__", "the undo")
+
+
+def _version_rows(changelist: str) -> list[dict[str, Any]]:
+    """Unfinished sagas per type and definition version, with what this code says of each: so
+    an operator sees when an old version has drained and which sagas no worker here can run."""
+    counts: dict[tuple[str, int], int] = {}
+    problems: dict[tuple[str, int], str] = {}
+    for c in selectors.unsettled_versions():
+        key = (c.saga_type, c.version)
+        counts[key] = counts.get(key, 0) + c.count
+        problem = definition_problem(c.saga_type, c.version, c.fingerprint)
+        if problem:
+            problems[key] = problem
+    for definition in registered_definitions():
+        counts.setdefault((definition.saga_type, definition.version), 0)
+    rows = []
+    for (saga_type, version), count in sorted(counts.items()):
+        newest = registered_versions(saga_type)[-1:] == [version]
+        problem = problems.get((saga_type, version), "")
+        if problem:
+            status = f"waiting for its definition: {problem}"
+        elif newest:
+            status = "newest: new sagas start here"
+        elif count:
+            status = "older: draining (or move them with saga_migrate)"
+        else:
+            status = "older: drained, can be removed from the code"
+        rows.append(
+            {
+                "saga_type": saga_type,
+                "version": version,
+                "count": count,
+                "status": status,
+                "alert": bool(problem),
+                "url": f"{changelist}?saga_type={saga_type}&definition_version={version}",
+            }
+        )
+    return rows
 
 
 def _stuck_help() -> str:

@@ -9,42 +9,16 @@ fingerprint.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from django.core.checks import CheckMessage, Error, register
 from django.db import DatabaseError, transaction
-from django.db.models import Count
 
 from sagas.definition import get_definition, registered_versions
+from sagas.selectors import VersionCount, unsettled_versions
 
 log = structlog.get_logger("sagas.checks")
-
-#: States in which a saga still needs its definition: it may run, undo, or be retried by a
-#: person. Only succeeded, compensated and resolved sagas can lose theirs.
-UNSETTLED = ("running", "compensating", "needs_manual")
-
-
-@dataclass(frozen=True)
-class VersionCount:
-    saga_type: str
-    version: int
-    fingerprint: str
-    count: int
-
-
-def unsettled_versions() -> list[VersionCount]:
-    """Unfinished sagas per type, definition version and recorded fingerprint."""
-    from sagas.models import Saga
-
-    rows = (
-        Saga.objects.filter(state__in=UNSETTLED)
-        .values_list("saga_type", "definition_version", "definition_fingerprint")
-        .annotate(n=Count("*"))
-        .order_by("saga_type", "definition_version", "definition_fingerprint")
-    )
-    return [VersionCount(*row) for row in rows]
 
 
 def definition_problems(counts: list[VersionCount]) -> list[Error]:

@@ -60,6 +60,28 @@ StepFunction = Callable[[StepContext], JSON]
 
 
 @dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a step (or its compensation) is tried again.
+
+    Each field left ``None`` takes today's setting (``SAGA_MAX_ATTEMPTS`` or
+    ``SAGA_COMPENSATION_MAX_ATTEMPTS``, ``SAGA_BACKOFF_BASE``, ``SAGA_BACKOFF_MAX``), read when
+    used, so a step declares only what makes it different.
+    """
+
+    max_attempts: int | None = None
+    backoff_base: float | None = None
+    backoff_max: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        for name in ("backoff_base", "backoff_max"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must not be negative")
+
+
+@dataclass(frozen=True)
 class Step:
     """One forward action and, unless it is a pivot or read-only, its compensation.
 
@@ -69,6 +91,12 @@ class Step:
     ``provider`` names the downstream service both functions call (``"payments"``). Its calls
     then go through that provider's circuit breaker and limits: while it is down the saga
     waits, without spending attempts, instead of retrying itself into compensation.
+
+    Policies, each defaulting to the global settings: ``retry`` for the forward action,
+    ``compensation_retry`` for its undo, ``timeout`` (seconds; the step's lease and its task's
+    time limit derive from it, ``SAGA_STEP_TIMEOUT`` when ``None``), and ``non_retryable``:
+    exception types that end the step at once like a :class:`BusinessFailure` (the code is the
+    exception's ``code`` attribute, else ``step_failed``).
     """
 
     name: str
@@ -78,6 +106,14 @@ class Step:
     #: Set by :func:`Wait` and :func:`Sleep`: the step parks the saga instead of calling out.
     park: Park | None = None
     provider: str = ""
+    retry: RetryPolicy | None = None
+    compensation_retry: RetryPolicy | None = None
+    timeout: float | None = None
+    non_retryable: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError(f"step {self.name!r}: timeout must be positive")
 
 
 ON_TIMEOUT = ("compensate", "escalate")
@@ -339,6 +375,21 @@ def change_hook(saga: Saga) -> ChangeHook | None:
     definition = _registry.get(saga.saga_type, {}).get(saga.definition_version)
     hook = definition.on_change if definition is not None else None
     return hook if hook is not None and hook.wants(saga) else None
+
+
+def definition_problem(saga_type: str, version: int, fingerprint: str = "") -> str:
+    """Why this process cannot run a saga recorded with this type, version and fingerprint
+    ("" when it can): a worker on this code leaves such a saga untouched."""
+    versions = _registry.get(saga_type, {})
+    if version not in versions:
+        have = ", ".join(f"v{v}" for v in sorted(versions)) or "none"
+        return f"this code does not register {saga_type} v{version} (registered: {have})"
+    if fingerprint and fingerprint != versions[version].fingerprint:
+        return (
+            f"{saga_type} v{version} in this code has another shape than the saga started on "
+            "(changed without a version bump)"
+        )
+    return ""
 
 
 def registered_types() -> list[str]:

@@ -25,6 +25,7 @@ import copy
 import random
 import time
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -40,12 +41,14 @@ from providers.config import breakers_enabled
 from sagas import metrics, tracing, waits
 from sagas.definition import (
     BusinessFailure,
+    RetryPolicy,
     SagaDefinition,
     Step,
     StepContext,
     StepFunction,
     change_hook,
     definition_of,
+    get_definition,
     registered_definitions,
 )
 from sagas.definition import forward_key as make_forward_key
@@ -80,9 +83,68 @@ class _Fenced(Exception):
 # ---------------------------------------------------------------------------------------------
 # Knobs, read when used (never at import time) so tests and workers can set them per process.
 # ---------------------------------------------------------------------------------------------
-def lease_seconds() -> float:
-    """How long a claim holds a saga: longer than a task can possibly keep running."""
-    return settings.SAGA_STEP_TIMEOUT + settings.SAGA_INLINE_BUDGET + 5.0
+def step_timeout(step: Step | None) -> float:
+    """A step's own timeout, or ``SAGA_STEP_TIMEOUT``."""
+    if step is not None and step.timeout is not None:
+        return step.timeout
+    return settings.SAGA_STEP_TIMEOUT
+
+
+def lease_seconds(timeout: float | None = None) -> float:
+    """How long a claim holds a saga: longer than its task can possibly keep running.
+
+    ``timeout`` is the step timeout the task was sent for (its time limits derive from it, see
+    :func:`task_time_limits`); the lease outlives the hard limit, so an expired lease always
+    means its holder is gone.
+    """
+    if timeout is None:
+        timeout = settings.SAGA_STEP_TIMEOUT
+    return timeout + settings.SAGA_INLINE_BUDGET + 5.0
+
+
+def task_time_limits(timeout: float) -> tuple[float, float]:
+    """``(soft, hard)`` Celery time limits of a task sent for a step with ``timeout``.
+
+    The task may run inline steps for ``SAGA_INLINE_BUDGET`` and then one more step; the
+    defaults (``CELERY_TASK_ANNOTATIONS``) are these for ``SAGA_STEP_TIMEOUT``.
+    """
+    soft = timeout + settings.SAGA_INLINE_BUDGET
+    return soft, soft + 3.0
+
+
+# The step timeout the running task was sent for (None: SAGA_STEP_TIMEOUT, the default limits).
+_task_timeout: ContextVar[float | None] = ContextVar("saga_task_timeout", default=None)
+
+
+# Timeouts travel as time limits and back (soft limit minus the inline budget): compare them
+# with a little slack for float rounding.
+_TIMEOUT_SLACK = 1e-3
+
+
+def _current_task_timeout() -> float:
+    value = _task_timeout.get()
+    return settings.SAGA_STEP_TIMEOUT if value is None else value
+
+
+def _timeout_at(saga: Saga, step_name: str) -> float:
+    """The timeout of ``step_name`` in the saga's own definition (the default if unknown)."""
+    return _timeout_of(saga.saga_type, saga.definition_version, step_name)
+
+
+def _timeout_of(saga_type: str, version: int, step_name: str) -> float:
+    try:
+        return step_timeout(get_definition(saga_type, version).step(step_name))
+    except (LookupError, KeyError):
+        return settings.SAGA_STEP_TIMEOUT
+
+
+def _max_attempts(step: Step, *, compensating: bool) -> int:
+    policy = step.compensation_retry if compensating else step.retry
+    if policy is not None and policy.max_attempts is not None:
+        return policy.max_attempts
+    if compensating:
+        return settings.SAGA_COMPENSATION_MAX_ATTEMPTS
+    return settings.SAGA_MAX_ATTEMPTS
 
 
 def _lease_only_commits() -> bool:
@@ -100,13 +162,18 @@ def _lease_only_commits() -> bool:
     return settings.SAGA_ASYNC_LEASE_COMMITS
 
 
-def backoff_delay(attempt: int) -> float:
+def backoff_delay(attempt: int, policy: RetryPolicy | None = None) -> float:
     """Exponential backoff with jitter: ``min(cap, base * 2**(attempt-1))`` times [0.5, 1].
 
     The jitter spreads retries of many sagas hitting the same provider, while keeping each
     saga's delays growing (until the cap), so a flapping provider gets more room every time.
+    ``policy`` (a step's own) overrides ``SAGA_BACKOFF_BASE`` and ``SAGA_BACKOFF_MAX``.
     """
-    ceiling = min(settings.SAGA_BACKOFF_MAX, settings.SAGA_BACKOFF_BASE * 2 ** max(attempt - 1, 0))
+    base, cap = settings.SAGA_BACKOFF_BASE, settings.SAGA_BACKOFF_MAX
+    if policy is not None:
+        base = base if policy.backoff_base is None else policy.backoff_base
+        cap = cap if policy.backoff_max is None else policy.backoff_max
+    ceiling = min(cap, base * 2 ** max(attempt - 1, 0))
     return ceiling * random.uniform(0.5, 1.0)
 
 
@@ -283,11 +350,23 @@ _BREAKER_SECONDS = 2.0
 _broker_down_until = 0.0
 
 
-def ring(saga_id: Any, version: int, countdown: float | None = None) -> None:
+def _limits(timeout: float | None) -> dict[str, float]:
+    """Message options giving a task the time limits of a step with ``timeout`` (none for the
+    default timeout: the task's annotations already say that)."""
+    if timeout is None or timeout == settings.SAGA_STEP_TIMEOUT:
+        return {}
+    soft, hard = task_time_limits(timeout)
+    return {"soft_time_limit": soft, "time_limit": hard}
+
+
+def ring(
+    saga_id: Any, version: int, countdown: float | None = None, timeout: float | None = None
+) -> None:
     """Send "saga X at version V may have work". Never raises: the row is already safe.
 
     A broker that is down or restarting must not fail the request or the step that committed;
-    the sweeper rings again once the broker is back.
+    the sweeper rings again once the broker is back. ``timeout`` is the timeout of the step
+    the saga will run: the task gets time limits that fit it.
     """
     global _broker_down_until
     from sagas.tasks import run_saga
@@ -301,17 +380,20 @@ def ring(saga_id: Any, version: int, countdown: float | None = None) -> None:
             countdown=countdown if countdown and countdown > 0 else None,
             retry=True,
             retry_policy={"max_retries": 1, "interval_start": 0.05, "interval_step": 0.2},
+            **_limits(timeout),
         )
     except Exception as exc:  # noqa: BLE001 - any broker failure is logged and forgotten
         _broker_down_until = time.monotonic() + _BREAKER_SECONDS
         log.warning("saga.doorbell_failed", saga_id=str(saga_id), version=version, error=repr(exc))
 
 
-def ring_on_commit(saga_id: Any, version: int, countdown: float | None = None) -> None:
-    transaction.on_commit(lambda: ring(saga_id, version, countdown))
+def ring_on_commit(
+    saga_id: Any, version: int, countdown: float | None = None, timeout: float | None = None
+) -> None:
+    transaction.on_commit(lambda: ring(saga_id, version, countdown, timeout))
 
 
-def ring_many(doorbells: list[tuple[Any, int]]) -> None:
+def ring_many(doorbells: list[tuple[Any, int, float | None]]) -> None:
     """Ring for many sagas at once; never raises, like :func:`ring`.
 
     The sweeper rings up to ``SAGA_SWEEP_BATCH`` sagas per tick. Through ``apply_async`` each
@@ -340,10 +422,17 @@ def ring_many(doorbells: list[tuple[Any, int]]) -> None:
         route = amqp.router.route({}, name, (str(doorbells[0][0]), doorbells[0][1]), {}, run_saga)
         with app.producer_or_acquire() as producer, producer.batch(max_size=len(doorbells)):
             declare = None  # the first message declares the queue; the rest need not again
-            for saga_id, version in doorbells:
+            for saga_id, version, timeout in doorbells:
                 args = (str(saga_id), version)
                 message = amqp.create_task_message(
-                    uuid(), name, args, {}, ignore_result=True, argsrepr=repr(args), kwargsrepr="{}"
+                    uuid(),
+                    name,
+                    args,
+                    {},
+                    ignore_result=True,
+                    argsrepr=repr(args),
+                    kwargsrepr="{}",
+                    **_limits(timeout),
                 )
                 amqp.send_task_message(
                     producer, name, message, declare=declare, retry=False, **route
@@ -355,20 +444,23 @@ def ring_many(doorbells: list[tuple[Any, int]]) -> None:
         # really down, its first failure opens the breaker and the rest are skipped at once.
         # A doorbell sent twice (some went out before the failure) is fenced.
         log.warning("saga.doorbells_batch_failed", count=len(doorbells), error=repr(exc))
-        for saga_id, version in doorbells:
-            ring(saga_id, version)
+        for saga_id, version, timeout in doorbells:
+            ring(saga_id, version, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------
 # Claim
 # ---------------------------------------------------------------------------------------------
-def claim(saga_id: Any, version: int) -> Saga | None:
-    """Take the saga for one piece of work, or return ``None`` if the message is stale."""
+def claim(saga_id: Any, version: int, timeout: float | None = None) -> Saga | None:
+    """Take the saga for one piece of work, or return ``None`` if the message is stale.
+
+    ``timeout``: the step timeout the task was sent for; the lease outlives the task.
+    """
     now = timezone.now()
     sql, params = _saga_update_sql(
         saga_id,
         version,
-        {"lease_until": now + timedelta(seconds=lease_seconds()), "sweeps": 0},
+        {"lease_until": now + timedelta(seconds=lease_seconds(timeout)), "sweeps": 0},
         bump_attempt=True,
         require_active=True,
         require_known=True,
@@ -398,6 +490,8 @@ class _Record:
     # Written in the same transaction as the record, only if the fenced UPDATE matched (e.g.
     # marking the signal a Wait step consumed).
     on_written: Callable[[], None] | None = None
+    # The timeout of the step the after-commit doorbell is for (set by _write).
+    ring_timeout: float | None = None
 
     def event(self, kind: str, saga: Saga, step: str = "", detail: str = "", **extra: Any) -> None:
         self.events.append(
@@ -420,11 +514,16 @@ def _write(saga: Saga, rec: _Record, *, inline_ok: bool) -> Saga | None:
     if saga.parked_on and "parked_on" not in fields:
         fields["parked_on"] = ""  # no longer waiting for a provider
     go_on = rec.go_on and inline_ok
+    if rec.go_on or rec.ring_after is not None:
+        rec.ring_timeout = _timeout_at(saga, fields.get("current_step", saga.current_step))
+        # Straight on only into a step that fits this task's time limits; a longer one gets
+        # a doorbell of its own, sent with its limits.
+        go_on = go_on and rec.ring_timeout <= _current_task_timeout() + _TIMEOUT_SLACK
     if rec.go_on:
         fields["next_attempt_at"] = now
         if go_on:
             fields["attempt"] = 1
-            fields["lease_until"] = now + timedelta(seconds=lease_seconds())
+            fields["lease_until"] = now + timedelta(seconds=lease_seconds(_task_timeout.get()))
         else:
             fields["attempt"] = 0
             fields["lease_until"] = None
@@ -471,7 +570,7 @@ def _write_record(
     if updated is None:
         raise _Fenced
     if rec.ring_after is not None or (rec.go_on and not go_on):
-        ring_on_commit(saga.id, updated.version, rec.ring_after)
+        ring_on_commit(saga.id, updated.version, rec.ring_after, rec.ring_timeout)
     return updated
 
 
@@ -492,7 +591,7 @@ def _write_portable(
                 [SagaEvent(saga_id=saga.id, at=now, **e) for e in rec.events]
             )
         if rec.ring_after is not None or (rec.go_on and not go_on):
-            ring_on_commit(saga.id, updated.version, rec.ring_after)
+            ring_on_commit(saga.id, updated.version, rec.ring_after, rec.ring_timeout)
     return updated
 
 
@@ -590,10 +689,17 @@ def _boundary_cancel_reason(definition: SagaDefinition, saga: Saga, now: datetim
 
 
 def _schedule_retry(
-    saga: Saga, rec: _Record, *, step: str, phase: str, error: str, took: float
+    saga: Saga,
+    rec: _Record,
+    *,
+    step: str,
+    phase: str,
+    error: str,
+    took: float,
+    policy: RetryPolicy | None = None,
 ) -> None:
     """A transient failure with attempts left: persist the next due time, ring with a countdown."""
-    delay = backoff_delay(saga.attempt)
+    delay = backoff_delay(saga.attempt, policy)
     metrics.STEP_RETRIES.labels(saga.saga_type, step, phase).inc()
     kind = "step_retry" if phase == "forward" else "compensation_retry"
     rec.event(
@@ -621,13 +727,25 @@ def _gate(step: Step) -> provider_breaker.Ticket | provider_breaker.Wait | None:
     return provider_breaker.admit(step.provider)
 
 
-def _call(fn: StepFunction, ctx: StepContext, ticket: provider_breaker.Ticket | None) -> Any:
-    """Call a step function; its provider's health counts transient failures only."""
+def _call(
+    fn: StepFunction,
+    ctx: StepContext,
+    ticket: provider_breaker.Ticket | None,
+    definite: tuple[type[BaseException], ...] = (),
+) -> Any:
+    """Call a step function; its provider's health counts transient failures only.
+
+    ``definite`` (the step's ``non_retryable``) are definite answers too: raised again as a
+    :class:`BusinessFailure` carrying the exception's ``code`` (else ``step_failed``).
+    """
     try:
         result = fn(ctx)
     except BusinessFailure:
         provider_breaker.report(ticket, ok=True)  # a definite answer: the provider is healthy
         raise
+    except definite as exc:  # empty: catches nothing
+        provider_breaker.report(ticket, ok=True)
+        raise BusinessFailure(getattr(exc, "code", "") or "step_failed", str(exc)) from exc
     except BaseException:
         provider_breaker.report(ticket, ok=False)
         raise
@@ -699,7 +817,8 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
         )
         return _write(saga, rec, inline_ok=inline_ok)
 
-    if saga.attempt > settings.SAGA_MAX_ATTEMPTS:
+    max_attempts = _max_attempts(step, compensating=False)
+    if saga.attempt > max_attempts:
         # Claimed again and again without a record: the step keeps killing its worker.
         return _forward_exhausted(
             definition, saga, rec, error="attempts exhausted without an answer (worker lost)"
@@ -729,7 +848,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
     started = time.perf_counter()
     try:
         with tracing.saga_span(f"saga.step {step.name}", saga, step=step.name, phase="forward"):
-            result = _call(action, ctx, ticket)
+            result = _call(action, ctx, ticket, step.non_retryable)
     except BusinessFailure as exc:
         duration = time.perf_counter() - started
         metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
@@ -766,13 +885,21 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
             "last_error": error,
             "maybe_effect": True,
         }
-        if saga.attempt >= settings.SAGA_MAX_ATTEMPTS:
+        if saga.attempt >= max_attempts:
             wait = _held_back(saga, step, ticket)
             if wait is not None:
                 return _park_for_provider(saga, rec, step=step.name, wait=wait, inline_ok=inline_ok)
             rec.event("step_failed", saga, step=step.name, detail=error, duration_ms=duration * 1e3)
             return _forward_exhausted(definition, saga, rec, error=error)
-        _schedule_retry(saga, rec, step=step.name, phase="forward", error=error, took=duration)
+        _schedule_retry(
+            saga,
+            rec,
+            step=step.name,
+            phase="forward",
+            error=error,
+            took=duration,
+            policy=step.retry,
+        )
         return _write(saga, rec, inline_ok=inline_ok)
 
     duration = time.perf_counter() - started
@@ -833,7 +960,8 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
     i = definition.index_of(saga.current_step)
     step = definition.steps[i]
     rec.step_name = step.name
-    if saga.attempt > settings.SAGA_COMPENSATION_MAX_ATTEMPTS:
+    max_attempts = _max_attempts(step, compensating=True)
+    if saga.attempt > max_attempts:
         rec.step_fields = {"status": StepStatus.COMPENSATION_FAILED}
         _escalate(saga, rec, step=step.name, error="compensation attempts exhausted (worker lost)")
         return _write(saga, rec, inline_ok=False)
@@ -852,15 +980,11 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
         duration = time.perf_counter() - started
         metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "compensation").observe(duration)
         error = _describe(exc)
-        wait = (
-            _held_back(saga, step, ticket)
-            if saga.attempt >= settings.SAGA_COMPENSATION_MAX_ATTEMPTS
-            else None
-        )
+        wait = _held_back(saga, step, ticket) if saga.attempt >= max_attempts else None
         if wait is not None:
             rec.step_fields = {"status": StepStatus.COMPENSATING, "last_error": error}
             return _park_for_provider(saga, rec, step=step.name, wait=wait, inline_ok=inline_ok)
-        if saga.attempt >= settings.SAGA_COMPENSATION_MAX_ATTEMPTS:
+        if saga.attempt >= max_attempts:
             rec.step_fields = {
                 "status": StepStatus.COMPENSATION_FAILED,
                 "compensation_attempts": saga.attempt,
@@ -880,7 +1004,15 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
             "compensation_attempts": saga.attempt,
             "last_error": error,
         }
-        _schedule_retry(saga, rec, step=step.name, phase="compensation", error=error, took=duration)
+        _schedule_retry(
+            saga,
+            rec,
+            step=step.name,
+            phase="compensation",
+            error=error,
+            took=duration,
+            policy=step.compensation_retry,
+        )
         return _write(saga, rec, inline_ok=inline_ok)
 
     duration = time.perf_counter() - started
@@ -976,6 +1108,9 @@ def _consume(signal: SagaSignal, step: str) -> Callable[[], None]:
 def run_claimed(saga: Saga, *, inline_ok: bool) -> Saga | None:
     """Do the one piece of work a claimed saga has; return it if the task should go on."""
     definition = definition_of(saga)
+    timeout = step_timeout(definition.step(saga.current_step))
+    if timeout > _current_task_timeout() + _TIMEOUT_SLACK:
+        return _hand_back(saga, timeout)
     if saga.state == SagaState.RUNNING:
         return _forward(definition, saga, inline_ok=inline_ok)
     if saga.state == SagaState.COMPENSATING:
@@ -983,17 +1118,41 @@ def run_claimed(saga: Saga, *, inline_ok: bool) -> Saga | None:
     return None
 
 
-def advance(saga_id: Any, version: int) -> None:
-    """The body of the ``sagas.run`` task: claim, then run due work within a time budget."""
+def _hand_back(saga: Saga, timeout: float) -> None:
+    """The claimed step needs longer than this task may run (its doorbell was rung without the
+    step's timeout): release the claim as if it never happened (no attempt counted) and ring
+    again with time limits that fit the step."""
+    with transaction.atomic():
+        updated = _fenced_update(
+            saga.id,
+            saga.version,
+            {"lease_until": None, "next_attempt_at": timezone.now(), "attempt": saga.attempt - 1},
+        )
+        if updated is not None:
+            ring_on_commit(saga.id, updated.version, None, timeout)
+    log.info("saga.handed_back", saga_id=str(saga.id), step=saga.current_step, timeout=timeout)
+    return None
+
+
+def advance(saga_id: Any, version: int, timeout: float | None = None) -> None:
+    """The body of the ``sagas.run`` task: claim, then run due work within a time budget.
+
+    ``timeout`` is the step timeout the task was sent for (its time limits derive from it);
+    ``None`` means ``SAGA_STEP_TIMEOUT``.
+    """
     started = time.monotonic()
-    saga = claim(saga_id, version)
-    if saga is None:
-        metrics.STALE_DELIVERIES.inc()
-        return
-    budget = settings.SAGA_INLINE_BUDGET
-    with tracing.saga_span("saga.task", saga):
-        while saga is not None:
-            saga = run_claimed(saga, inline_ok=time.monotonic() - started < budget)
+    token = _task_timeout.set(timeout)
+    try:
+        saga = claim(saga_id, version, timeout)
+        if saga is None:
+            metrics.STALE_DELIVERIES.inc()
+            return
+        budget = settings.SAGA_INLINE_BUDGET
+        with tracing.saga_span("saga.task", saga):
+            while saga is not None:
+                saga = run_claimed(saga, inline_ok=time.monotonic() - started < budget)
+    finally:
+        _task_timeout.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1036,11 +1195,15 @@ def sweep(now: datetime | None = None) -> dict[str, int]:
             cursor.execute(
                 f"UPDATE {qn(Saga._meta.db_table)} SET {qn('next_attempt_at')} = %s, "
                 f"{qn('sweeps')} = {qn('sweeps')} + 1 WHERE {qn('id')} IN ({picked_sql}) "
-                f"RETURNING {qn('id')}, {qn('version')}",
+                f"RETURNING {qn('id')}, {qn('version')}, {qn('saga_type')}, "
+                f"{qn('definition_version')}, {qn('current_step')}",
                 [_prep("next_attempt_at", now), *picked_params],
             )
             to_uuid = Saga._meta.pk.to_python
-            rows = [(to_uuid(saga_id), version) for saga_id, version in cursor.fetchall()]
+            rows = [
+                (to_uuid(saga_id), version, _timeout_of(saga_type, definition_version, step))
+                for saga_id, version, saga_type, definition_version, step in cursor.fetchall()
+            ]
         if rows:
             transaction.on_commit(lambda: ring_many(rows))
     if rows:

@@ -107,3 +107,30 @@ def saga_failure_signatures(*, since: datetime, limit: int = 10) -> list[dict]:
 def sagas_with_failure_signature(*, failed_step: str, failure_code: str) -> QuerySet[Saga]:
     """Every saga that failed at ``failed_step`` with ``failure_code`` (saga_failure_sig_idx)."""
     return Saga.objects.filter(failed_step=failed_step, failure_code=failure_code)
+
+
+# ---------------------------------------------------------------------------------------------
+# Definition versions: the deploy check and the dashboard
+# ---------------------------------------------------------------------------------------------
+#: States in which a saga still needs its definition: it may run, undo, or be retried by a
+#: person. Only succeeded, compensated and resolved sagas can lose theirs.
+UNSETTLED = ("running", "compensating", "needs_manual")
+
+
+@dataclass(frozen=True)
+class VersionCount:
+    saga_type: str
+    version: int
+    fingerprint: str
+    count: int
+
+
+def unsettled_versions() -> list[VersionCount]:
+    """Unfinished sagas per type, definition version and recorded fingerprint."""
+    rows = (
+        Saga.objects.filter(state__in=UNSETTLED)
+        .values_list("saga_type", "definition_version", "definition_fingerprint")
+        .annotate(n=Count("*"))
+        .order_by("saga_type", "definition_version", "definition_fingerprint")
+    )
+    return [VersionCount(*row) for row in rows]

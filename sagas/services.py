@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from sagas import metrics, tracing
 from sagas.definition import change_hook, definition_of, forward_key, get_definition, undo_key
-from sagas.engine import next_compensable, ring_on_commit
+from sagas.engine import next_compensable, ring_on_commit, step_timeout
 from sagas.exceptions import SagaOperationRefused
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
 
@@ -142,7 +142,7 @@ def saga_start(
     SagaEvent.objects.create(
         saga=saga, at=now, kind="started", detail=f"type {saga_type} v{definition.version}"
     )
-    ring_on_commit(saga.id, saga.version)
+    ring_on_commit(saga.id, saga.version, None, step_timeout(definition.steps[0]))
     transaction.on_commit(lambda: metrics.SAGAS_STARTED.labels(saga_type).inc())
     return saga
 

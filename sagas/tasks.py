@@ -1,14 +1,22 @@
 """Celery tasks of the engine: thin, they take ids and hand over to :mod:`sagas.engine`."""
 
-from celery import shared_task
+from celery import Task, shared_task
 
 
-@shared_task(name="sagas.run", ignore_result=True, acks_late=True)
-def run_saga(saga_id: str, version: int) -> None:
-    """The doorbell: saga ``saga_id`` at ``version`` may have work now."""
+@shared_task(name="sagas.run", ignore_result=True, acks_late=True, bind=True)
+def run_saga(self: Task, saga_id: str, version: int) -> None:
+    """The doorbell: saga ``saga_id`` at ``version`` may have work now.
+
+    A doorbell for a step with its own timeout carries time limits that fit it; the task
+    hands that timeout to the engine, which sizes the lease from it.
+    """
+    from django.conf import settings
+
     from sagas.engine import advance
 
-    advance(saga_id, version)
+    soft = (self.request.timelimit or (None, None))[1]
+    timeout = None if soft is None else float(soft) - settings.SAGA_INLINE_BUDGET
+    advance(saga_id, version, timeout)
 
 
 @shared_task(name="sagas.sweep", ignore_result=True)

@@ -44,6 +44,7 @@ def test_staff_list_and_read_sagas_with_their_steps(staff_api, saga):
     assert listed["id"] == str(saga.id)
     assert listed["type"] == "order"
     assert listed["state"] == "running"
+    assert listed["definition_version"] == 1  # the order saga's only version
     assert [s["name"] for s in listed["steps"]] == [
         "reserve_inventory",
         "confirm_3ds",

@@ -13,6 +13,7 @@ from decimal import Decimal
 
 import pytest
 from django.core.management import call_command
+from django.utils import timezone
 
 from inventory.models import Product, Reservation, ReservationStatus
 from orders.selectors import OrderStatus
@@ -217,7 +218,16 @@ def test_customer_cancel_before_capture_is_accepted_and_undoes_everything(
     make_product("lamp", price="10.00", stock=5)
     order = place(customer, [("lamp", 1)])
 
-    wait_for(lambda: fresh(order).step == "arrange_shipment", describe=describe(order))
+    # The carrier booking is in flight: a worker holds it (its own, longer timeout gives it a
+    # doorbell of its own, so the saga may sit at the step a moment before a worker takes it).
+    wait_for(
+        lambda: (
+            (o := fresh(order)).step == "arrange_shipment"
+            and o.saga.lease_until is not None
+            and o.saga.lease_until > timezone.now()
+        ),
+        describe=describe(order),
+    )
     order_request_cancel(order=order, actor=customer)
     assert fresh(order).status == OrderStatus.CANCELLING
 

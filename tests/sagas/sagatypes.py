@@ -27,6 +27,7 @@ from django.db import connection
 
 from sagas.definition import (
     BusinessFailure,
+    RetryPolicy,
     SagaDefinition,
     Sleep,
     Step,
@@ -86,6 +87,12 @@ def _crash_once(ctx: StepContext) -> bool:
         return cursor.fetchone() is not None
 
 
+class Declined(Exception):
+    """A participant's definite no that only some steps declare non-retryable."""
+
+    code = "declined"
+
+
 def _outcome(ctx: StepContext) -> str:
     name = f"undo:{ctx.step}" if ctx.compensating else ctx.step
     script = ctx.data.get("script", {}).get(name) or ["ok"]
@@ -99,6 +106,8 @@ def _run(ctx: StepContext) -> dict:
         raise BusinessFailure(outcome.split(":", 1)[1], f"scripted no at {ctx.step}")
     if outcome == "transient":
         raise ConnectionError(f"scripted transient error at {ctx.step}")
+    if outcome == "declined":
+        raise Declined(f"scripted decline at {ctx.step}")
     if outcome.startswith("slow:"):  # a participant that takes its time, then says yes
         time.sleep(float(outcome.split(":", 1)[1]))
     _effect(ctx, kind)
@@ -196,3 +205,19 @@ def _behind(steps: list[Step], provider: str, names: set[str]) -> list[Step]:
 register(
     SagaDefinition("test_provider", steps=_behind(scripted(["s1", "s2", "s3"]), "card", {"s2"}))
 )
+
+
+# -- per-step policies: "picky" retries twice and takes Declined as final, "slow" has 8 s. ---
+POLICY = [
+    Step("quick", _run, compensate=_run),
+    Step(
+        "picky",
+        _run,
+        compensate=_run,
+        retry=RetryPolicy(max_attempts=2, backoff_base=0.01),
+        compensation_retry=RetryPolicy(max_attempts=2, backoff_base=0.01),
+        non_retryable=(Declined,),
+    ),
+    Step("slow", _run, compensate=_run, timeout=8),
+]
+register(SagaDefinition("policy", steps=POLICY))
