@@ -19,6 +19,7 @@ CUSTOMER_WORDS: dict[str, str] = {
     "started": "Order received",
     "step_succeeded": "Step completed",
     "step_retry": "A temporary problem; trying again shortly",
+    "parked": "A service this order needs is unavailable; the order waits and goes on after",
     "step_failed": "This step could not be completed",
     "waiting": "Waiting for a confirmation",
     "wait_timed_out": "The confirmation did not arrive in time",
