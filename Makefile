@@ -14,8 +14,9 @@ AMQP_PYTEST_ARGS ?=
 # e.g. make chaos CHAOS_ARGS="--quick --seed 7"; make bench BENCH_ARGS="--skip-sweep"
 CHAOS_ARGS ?=
 BENCH_ARGS ?=
-# Dev commands need a SECRET_KEY (DEBUG stays off: it would skew the benchmark).
-DEV_KEY := SECRET_KEY=$${SECRET_KEY:-make-dev-only-not-secret}
+# Dev commands need a SECRET_KEY (DEBUG stays off: it would skew the benchmark) and talk plain
+# http to their own loopback servers.
+DEV_KEY := SECRET_KEY=$${SECRET_KEY:-make-dev-only-not-secret} HTTPS_ONLY=$${HTTPS_ONLY:-0}
 
 .PHONY: help venv run test chaos bench lint fmt migrate clean
 

@@ -1,7 +1,9 @@
 """Routes of the REST API under ``/api/v1/`` (each listed in the README's API section)."""
 
+from django.urls import path
 from rest_framework import routers
 
+from accounts.api import CurrentTokenView
 from inventory.api import ProductViewSet
 from orders.api import OrderViewSet
 from sagas.api import SagaViewSet
@@ -22,4 +24,7 @@ router.register("sagas", SagaViewSet, basename="saga")
 router.register("webhooks", EndpointViewSet, basename="webhook")
 
 # Anything else under /api/ is a JSON 404 (config.urls).
-urlpatterns = router.urls
+urlpatterns = [
+    path("auth/token/", CurrentTokenView.as_view(), name="current-token"),
+    *router.urls,
+]

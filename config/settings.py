@@ -7,6 +7,7 @@ here (django-environ). The sections read like a table of contents; tool settings
 
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -32,6 +33,84 @@ if not SECRET_KEY:
     SECRET_KEY = "insecure-development-key-only-used-with-DEBUG"
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+# ---------------------------------------------------------------------------------------------
+# HTTPS, cookies, browser protections (the README's "Running it in production")
+# ---------------------------------------------------------------------------------------------
+# The site is reached over HTTPS only (directly, or through a proxy that ends TLS). On by
+# default whenever DEBUG is off; `make run` (DEBUG on, plain http on localhost) leaves it off.
+HTTPS_ONLY = env.bool("HTTPS_ONLY", default=not DEBUG)
+SECURE_SSL_REDIRECT = HTTPS_ONLY
+# Load balancers and compose health checks probe over plain http from inside the network.
+SECURE_REDIRECT_EXEMPT = [r"^healthz/?$", r"^metrics/?$"]
+SESSION_COOKIE_SECURE = HTTPS_ONLY
+CSRF_COOKIE_SECURE = HTTPS_ONLY
+# TLS ends at a proxy: name the header it sets to say the client used https (it must also
+# overwrite any such header a client sends), e.g. SECURE_PROXY_SSL_HEADER=X-Forwarded-Proto.
+_proxy_ssl_header = env("SECURE_PROXY_SSL_HEADER", default="")
+if _proxy_ssl_header:
+    SECURE_PROXY_SSL_HEADER = (
+        "HTTP_" + _proxy_ssl_header.upper().replace("-", "_"),
+        "https",
+    )
+# HSTS: a conservative hour by default (a mistake is undone within an hour); raise it to a year
+# (31536000) once HTTPS has run well. includeSubDomains only reaches hosts below this one.
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=3600) if HTTPS_ONLY else 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=True)
+# Preloading is a promise to browser vendors that is slow to take back: only on request.
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+SILENCED_SYSTEM_CHECKS = [] if SECURE_HSTS_PRELOAD else ["security.W021"]
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+SESSION_COOKIE_HTTPONLY = True
+# Content Security Policy (django-csp): only this origin's scripts, styles, images and fonts.
+# The ops console and Swagger UI (its split view: no inline script) run under it; a template
+# must not add inline <script> or on*= handlers. Inline style attributes are allowed (Django's
+# admin and a few ops console templates use them; they cannot run code).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'", "'unsafe-inline'"],
+        "img-src": ["'self'", "data:"],
+        "font-src": ["'self'"],
+        "connect-src": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'self'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    },
+}
+
+# ---------------------------------------------------------------------------------------------
+# Logins to the ops console: strong passwords, lockout after repeated failures (django-axes)
+# ---------------------------------------------------------------------------------------------
+AUTHENTICATION_BACKENDS = [
+    # First: refuses a locked-out user or address before any password is checked.
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {
+        "NAME": "django.contrib.auth.password_validation.MinimumLengthValidator",
+        "OPTIONS": {"min_length": env.int("PASSWORD_MIN_LENGTH", default=12)},
+    },
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+# After LOGIN_FAILURE_LIMIT failed logins for one user name, or from one address, that user or
+# address is locked out for LOGIN_LOCKOUT_MINUTES (failures are counted in the database, so
+# every web process and host agrees). Unlock early: `manage.py axes_reset_username NAME`,
+# `axes_reset_ip ADDRESS`, or delete the access attempt in the ops console.
+AXES_FAILURE_LIMIT = env.int("LOGIN_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.float("LOGIN_LOCKOUT_MINUTES", default=15))
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_RESET_ON_SUCCESS = True
+AXES_CLIENT_IP_CALLABLE = "audit.context.client_ip"
+AXES_LOCKOUT_TEMPLATE = "admin/locked_out.html"
+AXES_HTTP_RESPONSE_CODE = 429
+
 # How many reverse proxies (load balancer, ingress) stand in front of the web processes and
 # append to X-Forwarded-For. 0: clients connect directly and REMOTE_ADDR is their address. The
 # audit log, the per-address rate limit and the login lockout all use the same answer.
@@ -46,14 +125,17 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
+    "knox",
+    "axes",
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_celery_beat",
     "django_fsm",
+    "csp",
     "audit",
     "providers",
+    "accounts",
     "sagas",
     "inventory",
     "payments",
@@ -70,6 +152,7 @@ if SAGARUNNER_LAB:
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -78,6 +161,8 @@ MIDDLEWARE = [
     "audit.context.AuditContextMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: turns a locked-out login into its lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -177,6 +262,35 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # Task modules outside INSTALLED_APPS (autodiscovery only looks at apps).
 CELERY_IMPORTS = ["config.tasks"]
 CELERY_TIMEZONE = TIME_ZONE
+
+# ---------------------------------------------------------------------------------------------
+# Cache: rate-limit counters and login-failure records shared by every web process and host.
+# CACHE_URL: redis://... (the default: the broker's Redis when the broker is Redis), db:// (a
+# table in the database: `manage.py createcachetable`) or file:///path (one host only; the
+# embedded default of `make run`).
+# ---------------------------------------------------------------------------------------------
+if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    _cache_default = CELERY_BROKER_URL
+elif CELERY_BROKER_URL.startswith("filesystem://"):
+    _cache_default = f"file://{VAR_DIR / 'cache'}"
+else:
+    _cache_default = "db://"
+CACHE_URL = env("CACHE_URL", default=_cache_default)
+if CACHE_URL.startswith(("redis://", "rediss://")):
+    _cache = {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}
+elif CACHE_URL.startswith("file://"):
+    _cache = {
+        "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+        "LOCATION": CACHE_URL.removeprefix("file://"),
+    }
+elif CACHE_URL == "db://":
+    _cache = {
+        "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+        "LOCATION": "sagarunner_cache",
+    }
+else:
+    raise ImproperlyConfigured(f"CACHE_URL must be redis://, db:// or file://, not {CACHE_URL!r}")
+CACHES = {"default": {**_cache, "KEY_PREFIX": env("CACHE_KEY_PREFIX", default="sagarunner")}}
 
 # ---------------------------------------------------------------------------------------------
 # Saga engine knobs (the README's Configuration table says what each does)
@@ -284,11 +398,27 @@ DEMO_STAFF_PASSWORD = env("DEMO_STAFF_PASSWORD", default="demo-staff-password")
 # ---------------------------------------------------------------------------------------------
 # REST API
 # ---------------------------------------------------------------------------------------------
+# API tokens (django-rest-knox): stored as SHA-512 digests, valid this many days unless
+# `issue_token --expires-days N` says otherwise.
+API_TOKEN_TTL_DAYS = env.int("API_TOKEN_TTL_DAYS", default=90)
+REST_KNOX = {
+    "TOKEN_TTL": timedelta(days=API_TOKEN_TTL_DAYS),
+    "AUTH_HEADER_PREFIX": "Token",
+    "AUTO_REFRESH": False,
+}
+# Rate limits (config/throttling.py), "N/s|min|hour|day"; empty: no limit. Counted in the
+# shared cache below, so they hold across web processes and hosts.
+API_RATE_LIMIT = env("API_RATE_LIMIT", default="1200/min")  # per user, every API route
+API_RATE_LIMIT_ORDERS = env("API_RATE_LIMIT_ORDERS", default="60/min")  # per user, new orders
+# Per client address, requests without valid credentials (anonymous, failed token attempts).
+API_RATE_LIMIT_ANON = env("API_RATE_LIMIT_ANON", default="120/min")
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "accounts.tokens.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
+        "accounts.tokens.AnonymousRateLimit",
     ],
+    "DEFAULT_THROTTLE_CLASSES": ["config.throttling.UserRateThrottle"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
@@ -309,6 +439,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # The ways to authenticate (accounts.tokens.AnonymousRateLimit only counts anonymous calls).
+    "AUTHENTICATION_WHITELIST": [
+        "accounts.tokens.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
     # Every operation documents the shared error responses with the one error schema.
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",

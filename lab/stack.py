@@ -314,6 +314,11 @@ def stack_env(
             "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
             "SECRET_KEY": os.environ.get("SECRET_KEY") or secrets.token_urlsafe(40),
             "DEBUG": "0",  # production-like: no query log growing in long-lived processes
+            "HTTPS_ONLY": "0",  # but plain http on loopback
+            # A load generator, not a client to protect against: no rate limits.
+            "API_RATE_LIMIT": "",
+            "API_RATE_LIMIT_ORDERS": "",
+            "API_RATE_LIMIT_ANON": "",
             "PYTHONUNBUFFERED": "1",
             "LOG_FORMAT": "console",
             "SAGA_DEFINITION_MODULES": "lab.bench_saga",

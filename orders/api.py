@@ -37,6 +37,7 @@ from rest_framework.response import Response
 
 from config.api import ErrorSerializer, Pagination, StrictCharField, StrictIntegerField
 from config.api_errors import flatten_errors
+from config.throttling import OrderRateThrottle, check
 from orders import idempotency
 from orders.countries import COUNTRY_CODES
 from orders.errors import OrderInvalid
@@ -416,6 +417,9 @@ class OrderViewSet(viewsets.GenericViewSet):
                 return _replay(outcome)
             claim = outcome
         try:
+            # Only a request that may place an order counts against the order limit: a replay
+            # returned above, and a throttled request frees its key below.
+            check(OrderRateThrottle(), request, self)
             serializer = OrderCreateSerializer(data=data)
             if not serializer.is_valid():
                 raise order_input_invalid(serializer.errors)

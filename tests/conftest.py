@@ -67,6 +67,12 @@ _DEFAULTS = {
     # A dedicated Redis database, so tests never touch a developer's `make run` queue.
     "CELERY_BROKER_URL": "redis://127.0.0.1:6379/15",
     "LOG_FORMAT": "console",
+    # The test client and live servers speak plain http (production defaults to HTTPS only).
+    "HTTPS_ONLY": "0",
+    # The suite must not trip the rate limits; the throttling tests set their own.
+    "API_RATE_LIMIT": "1000000/min",
+    "API_RATE_LIMIT_ORDERS": "1000000/min",
+    "API_RATE_LIMIT_ANON": "1000000/min",
     # Saga types scripted by the engine tests, known to every worker the tests start.
     "SAGA_DEFINITION_MODULES": "tests.sagas.sagatypes",
     # Webhook receivers in tests listen on 127.0.0.1 over plain http; retries come quickly.
@@ -84,6 +90,8 @@ for _key, _value in _DEFAULTS.items():
 # Per-session isolation: several sessions (developers, CI, helpers) may run at once against the
 # same PostgreSQL and Redis.
 os.environ["CELERY_QUEUE"] = f"test-{SESSION_ID}"
+# Rate-limit counters are keyed by user id, and every session's test database counts from 1.
+os.environ["CACHE_KEY_PREFIX"] = f"test-{SESSION_ID}"
 _PROM_DIR = tempfile.mkdtemp(prefix="sagarunner-test-metrics-")
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _PROM_DIR
 atexit.register(shutil.rmtree, _PROM_DIR, ignore_errors=True)

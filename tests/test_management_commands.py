@@ -1,12 +1,18 @@
-"""issue_token prints only a stable token; seed_demo is idempotent."""
+"""issue_token prints only a new token, stored hashed, expiring; seed_demo is idempotent."""
 
+from datetime import timedelta
 from io import StringIO
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.core.management import call_command
-from rest_framework.authtoken.models import Token
+from django.core.management import CommandError, call_command
+from django.db import connection
+from django.utils import timezone
+from knox.crypto import hash_token
+from knox.models import AuthToken
+from rest_framework.test import APIClient
 
+from audit.models import AuditEntry
 from inventory.models import Product
 
 
@@ -16,18 +22,69 @@ def run(*args: str) -> str:
     return out.getvalue()
 
 
+def api_status(token: str) -> int:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
+    return client.get("/api/v1/products/").status_code
+
+
 @pytest.mark.django_db
-def test_issue_token_creates_the_user_and_prints_only_its_token():
-    """The only output is the token key of the (new) user, and running it again prints the same."""
+def test_issue_token_creates_the_user_and_prints_only_a_new_token_each_time():
+    """The only output is a token; a second run prints another one, and both work."""
     first = run("issue_token", "alice")
     second = run("issue_token", "alice")
 
+    assert first.endswith("\n") and first.count("\n") == 1
+    assert first != second
+    assert api_status(first.strip()) == 200
+    assert api_status(second.strip()) == 200
     user = get_user_model().objects.get(username="alice")
-    assert first == f"{Token.objects.get(user=user).key}\n"
-    assert second == first
     assert get_user_model().objects.filter(username="alice").count() == 1
+    assert AuthToken.objects.filter(user=user).count() == 2
     assert not user.is_staff
     assert not user.has_usable_password()
+
+
+@pytest.mark.django_db
+def test_issue_token_stores_only_a_digest_and_an_expiry():
+    """Read back from the database: no column holds the token, the digest is its SHA-512, the
+    lookup prefix is a short head of it, and it expires after 90 days (or --expires-days)."""
+    token = run("issue_token", "carol").strip()
+    short = run("issue_token", "carol", "--expires-days", "7").strip()
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT t.digest, t.token_key, t.expiry FROM knox_authtoken t "
+            "JOIN auth_user u ON u.id = t.user_id WHERE u.username = 'carol' ORDER BY t.expiry"
+        )
+        rows = cursor.fetchall()
+        cursor.execute("SELECT * FROM knox_authtoken")
+        every_value = [str(v) for row in cursor.fetchall() for v in row]
+    assert len(rows) == 2
+    assert not any(token in v or short in v for v in every_value)
+    (short_digest, short_key, short_expiry), (digest, key, expiry) = rows
+    assert digest == hash_token(token) and len(digest) == 128
+    assert short_digest == hash_token(short)
+    assert token.startswith(key) and len(key) == 15 < len(token) == 64
+    now = timezone.now()
+    assert timedelta(days=89) < expiry - now <= timedelta(days=90)
+    assert timedelta(days=6) < short_expiry - now <= timedelta(days=7)
+    issued = AuditEntry.objects.filter(action="token.issued", target="user:carol")
+    assert issued.count() == 2 and {e.source for e in issued} == {"cli"}
+
+
+@pytest.mark.django_db
+def test_an_expired_token_is_refused_and_removed():
+    token = run("issue_token", "dave", "--expires-days", "1").strip()
+    AuthToken.objects.update(expiry=timezone.now() - timedelta(seconds=1))
+    assert api_status(token) == 401
+    assert not AuthToken.objects.exists()
+
+
+@pytest.mark.django_db
+def test_issue_token_refuses_a_lifetime_below_one_day():
+    with pytest.raises(CommandError, match="at least 1"):
+        run("issue_token", "erin", "--expires-days", "0")
 
 
 @pytest.mark.django_db
@@ -37,7 +94,7 @@ def test_issue_token_staff_makes_ops_staff_who_may_operate_sagas():
     key = run("issue_token", "bob", "--staff").strip()
 
     user = get_user_model().objects.get(username="bob")
-    assert Token.objects.get(user=user).key == key
+    assert AuthToken.objects.filter(user=user, digest=hash_token(key)).exists()
     assert user.is_staff
     assert list(user.groups.values_list("name", flat=True)) == ["ops"]
     assert user.has_perm("sagas.operate_saga")
@@ -60,7 +117,11 @@ def test_seed_demo_twice_gives_one_demo_user_and_the_same_catalog(client):
     assert staff.is_staff and not staff.is_superuser
     assert staff.has_perm("sagas.operate_saga")
     assert staff.has_perms(["sagas.view_saga", "orders.view_order", "inventory.change_product"])
-    assert client.login(username="demo-staff", password="demo-staff-password")
+    login = client.post(
+        "/admin/login/",
+        {"username": "demo-staff", "password": "demo-staff-password", "next": "/admin/"},
+    )
+    assert login.status_code == 302, login.content[:300]
     assert client.get("/admin/").status_code == 200
 
 

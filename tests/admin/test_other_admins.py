@@ -84,7 +84,12 @@ def admin_client_(client, django_user_model):
 def demo_staff_client(client):
     """Logged in as the user ``seed_demo`` creates, with its password."""
     call_command("seed_demo", stdout=open("/dev/null", "w"))  # noqa: SIM115
-    assert client.login(username="demo-staff", password=settings.DEMO_STAFF_PASSWORD)
+    # Through the login form: the lockout backend (django-axes) needs the request.
+    response = client.post(
+        "/admin/login/",
+        {"username": "demo-staff", "password": settings.DEMO_STAFF_PASSWORD, "next": "/admin/"},
+    )
+    assert response.status_code == 302, response.content[:300]
     return client
 
 
@@ -279,6 +284,6 @@ def test_participant_records_are_read_only_and_found_by_order_id(ops_client):
 def test_a_user_without_staff_status_cannot_enter(client):
     """The console is for staff only: others are sent to the login page."""
     User.objects.create_user("client-carl", password="pw")
-    client.login(username="client-carl", password="pw")
+    client.post("/admin/login/", {"username": "client-carl", "password": "pw"})
     response = client.get(reverse("admin:sagas_saga_changelist"))
     assert response.status_code == 302 and "/admin/login/" in response["Location"]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import Group
-from rest_framework.authtoken.models import Token
+from knox.models import AuthToken
 from rest_framework.test import APIClient
 
 from inventory.models import Product
@@ -44,10 +44,13 @@ def make_product(sku: str, *, price: str = "10.00", stock: int = 100, currency: 
 
 
 def api_client_for(user) -> APIClient:
+    """An API client for ``user`` (``None``: anonymous) with a new API token, also kept as
+    ``client.token`` (tokens are stored hashed: the database cannot give it back)."""
     client = APIClient()
+    client.token = None
     if user is not None:
-        token, _ = Token.objects.get_or_create(user=user)
-        client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+        _, client.token = AuthToken.objects.create(user=user)
+        client.credentials(HTTP_AUTHORIZATION=f"Token {client.token}")
     client.user = user
     return client
 

@@ -153,7 +153,7 @@ class Command(BaseCommand):
         call_command("migrate", verbosity=0, interactive=False)
 
         from django.contrib.auth import get_user_model
-        from rest_framework.authtoken.models import Token
+        from knox.models import AuthToken
 
         from inventory.models import Product
 
@@ -164,7 +164,7 @@ class Command(BaseCommand):
         tokens = []
         for i in range(clients):
             user = get_user_model().objects.create_user(f"bench-client-{i}")
-            tokens.append(Token.objects.create(user=user).key)
+            tokens.append(AuthToken.objects.create(user=user)[1])
         connections["default"].close()
         return tokens
 
@@ -185,6 +185,11 @@ class Command(BaseCommand):
             "DATABASE_URL": self._database_url(scratch),
             "CELERY_BROKER_URL": "memory://",
             "DEBUG": "0",
+            "HTTPS_ONLY": "0",  # plain http on loopback
+            # A load generator, not a client to protect against: no rate limits.
+            "API_RATE_LIMIT": "",
+            "API_RATE_LIMIT_ORDERS": "",
+            "API_RATE_LIMIT_ANON": "",
             "SECRET_KEY": uuid.uuid4().hex + uuid.uuid4().hex,
             "ALLOWED_HOSTS": "127.0.0.1",
             "LOG_LEVEL": "WARNING",

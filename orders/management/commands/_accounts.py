@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser, Group, Permission
-from rest_framework.authtoken.models import Token
 
 OPS_GROUP = "ops"
 
@@ -32,8 +31,3 @@ def make_ops_staff(user: AbstractBaseUser) -> None:
     if operate is not None:
         group.permissions.add(operate)
     user.groups.add(group)
-
-
-def token_for(user: AbstractBaseUser) -> str:
-    token, _ = Token.objects.get_or_create(user=user)
-    return token.key

@@ -1,17 +1,20 @@
-"""``manage.py issue_token USERNAME [--staff]``: print the user's API token, and only that.
+"""``manage.py issue_token USERNAME [--staff] [--expires-days N]``: print a new API token.
 
-Creates the user if missing. The token is stable: running the command again prints the same
-key, so scripts can call it freely (``TOKEN=$(python manage.py issue_token alice)``).
+Creates the user if missing. Each run issues a new token (stored hashed, so it can only be shown
+now) valid for N days (default ``API_TOKEN_TTL_DAYS``, 90); the user's earlier tokens stay valid
+until they expire or are revoked, so a client can switch to the new one without downtime
+(``TOKEN=$(python manage.py issue_token alice)``). The issue is in the audit log.
 """
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from orders.management.commands._accounts import ensure_user, make_ops_staff, token_for
+from accounts.tokens import token_issue
+from orders.management.commands._accounts import ensure_user, make_ops_staff
 
 
 class Command(BaseCommand):
-    help = "Create USERNAME if missing and print only its API token. --staff: ops staff."
+    help = "Create USERNAME if missing and print only a new API token. --staff: ops staff."
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("username")
@@ -20,11 +23,22 @@ class Command(BaseCommand):
             action="store_true",
             help='make the user staff and a member of the "ops" group',
         )
+        parser.add_argument(
+            "--expires-days",
+            type=int,
+            default=None,
+            metavar="N",
+            help="days the token stays valid (default: API_TOKEN_TTL_DAYS, 90)",
+        )
 
-    def handle(self, *args, username: str, staff: bool, **options) -> None:
+    def handle(
+        self, *args, username: str, staff: bool, expires_days: int | None, **options
+    ) -> None:
+        if expires_days is not None and expires_days < 1:
+            raise CommandError("--expires-days must be at least 1.")
         with transaction.atomic():
             user = ensure_user(username)
             if staff:
                 make_ops_staff(user)
-            key = token_for(user)
-        self.stdout.write(key)
+            _, token = token_issue(user=user, expires_days=expires_days, actor_name="cli")
+        self.stdout.write(token)

@@ -9,7 +9,9 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.contrib.auth.models import Permission
-from django.core.management.base import BaseCommand
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from django.db.models import Q
 
@@ -38,6 +40,10 @@ VIEW_MODELS = {
     "shipping": ["shipment"],
     # Who did what, from where: ops actions, tokens issued and revoked, login lockouts.
     "audit": ["auditentry"],
+    # API tokens: who holds one and until when (revoking is deleting, below).
+    "knox": ["authtoken"],
+    # Login lockouts (django-axes): who is locked out, and the failed logins behind it.
+    "axes": ["accessattempt", "accessfailurelog"],
     # The sweep's schedule: support staff see it and may slow it down or speed it up.
     "django_celery_beat": ["periodictask", "intervalschedule", "crontabschedule"],
 }
@@ -49,6 +55,8 @@ CHANGE_MODELS = {
 }
 # Changing the sweep to an interval nobody used before creates that interval.
 ADD_MODELS = {"django_celery_beat": ["intervalschedule"]}
+# Revoking a client's leaked token; unlocking a locked-out login.
+DELETE_MODELS = {"knox": ["authtoken"], "axes": ["accessattempt"]}
 
 
 def _permissions(models_by_app: dict[str, list[str]], action: str) -> Q:
@@ -82,6 +90,14 @@ class Command(BaseCommand):
 
             password = settings.DEMO_STAFF_PASSWORD
             staff = ensure_user(DEMO_STAFF_USERNAME)
+            # The demo login obeys the same password rules as everyone's.
+            try:
+                validate_password(password, staff)
+            except ValidationError as exc:
+                rules = " ".join(exc.messages)
+                raise CommandError(
+                    f"DEMO_STAFF_PASSWORD is refused by the password rules: {rules}"
+                ) from None
             staff.set_password(password)
             staff.save(update_fields=["password"])
             make_ops_staff(staff)
@@ -90,6 +106,7 @@ class Command(BaseCommand):
                     _permissions(VIEW_MODELS, "view")
                     | _permissions(CHANGE_MODELS, "change")
                     | _permissions(ADD_MODELS, "add")
+                    | _permissions(DELETE_MODELS, "delete")
                 )
             )
 

@@ -1,0 +1,1 @@
+"""API tokens (hashed, expiring, revocable) and the ops console's defence against guessing."""

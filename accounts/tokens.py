@@ -1,0 +1,100 @@
+"""API tokens: django-rest-knox stores only a SHA-512 digest of each token and its expiry.
+
+A token is shown once, when it is issued (``manage.py issue_token``); it cannot be read back.
+A user may hold several: issuing a new one leaves the others valid until they expire or are
+revoked, so a client can rotate without downtime. Every issue and revocation is in the audit
+log.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+from knox.auth import TokenAuthentication as KnoxTokenAuthentication
+from knox.models import AuthToken
+from rest_framework import exceptions
+from rest_framework.authentication import BaseAuthentication
+from rest_framework.request import Request
+
+from audit.services import audit_record
+from config.throttling import charge_anonymous
+
+
+def token_label(token: AuthToken) -> str:
+    """How an entry names a token without revealing it: its lookup prefix (stored in clear by
+    knox to find the row; useless without the rest of the token)."""
+    return token.token_key[:8]
+
+
+def token_issue(
+    *, user: Any, expires_days: int | None = None, actor: Any = None, actor_name: str = ""
+) -> tuple[AuthToken, str]:
+    """A new token for ``user``, valid ``expires_days`` (default ``API_TOKEN_TTL_DAYS``).
+
+    Returns the stored row and the token itself, which exists nowhere else: hand it over now.
+    """
+    days = settings.API_TOKEN_TTL_DAYS if expires_days is None else expires_days
+    with transaction.atomic():
+        instance, token = AuthToken.objects.create(user=user, expiry=timedelta(days=days))
+        # Expired tokens of this user are dead weight: remove them while we are here.
+        AuthToken.objects.filter(user=user, expiry__lt=timezone.now()).delete()
+        audit_record(
+            "token.issued",
+            actor=actor,
+            actor_name=actor_name,
+            target=f"user:{user.get_username()}",
+            detail={"token": token_label(instance), "expiry": instance.expiry.isoformat()},
+        )
+    return instance, token
+
+
+def token_revoke(*, token: AuthToken, actor: Any, reason: str = "") -> None:
+    """Revoke ``token`` at once (its owner's other tokens stay valid)."""
+    with transaction.atomic():
+        AuthToken.objects.filter(pk=token.pk).delete()
+        audit_record(
+            "token.revoked",
+            actor=actor,
+            target=f"user:{token.user.get_username()}",
+            detail={"token": token_label(token), "reason": reason},
+        )
+
+
+class TokenAuthentication(KnoxTokenAuthentication):
+    """``Authorization: Token <token>`` against knox's hashed tokens.
+
+    knox looks at every other token of the user on each request to delete expired ones (one
+    more query per request); here only the presented token is checked, and expired tokens are
+    removed when presented and when the user gets a new one (staff see the rest, marked
+    expired, in the ops console).
+    """
+
+    def authenticate(self, request: Request):
+        try:
+            return super().authenticate(request)
+        except exceptions.AuthenticationFailed:
+            # A wrong or expired token counts against the address's anonymous limit: past it,
+            # a guesser gets 429s instead of answers.
+            charge_anonymous(request)
+            raise
+
+    def _cleanup_token(self, auth_token: AuthToken) -> bool:
+        if auth_token.expiry is not None and auth_token.expiry < timezone.now():
+            auth_token.delete()
+            return True
+        return False
+
+
+class AnonymousRateLimit(BaseAuthentication):
+    """Last in the authentication classes: reached only by a request no earlier class
+    authenticated, it charges the client address's anonymous limit and authenticates nobody.
+    (DRF checks permissions before throttles, so a throttle class would never see the
+    anonymous requests that end in ``401``.)"""
+
+    def authenticate(self, request: Request) -> None:
+        charge_anonymous(request)
+        return None

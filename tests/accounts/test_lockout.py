@@ -1,0 +1,90 @@
+"""The ops console resists guessing: password rules, and lockout after repeated failed logins
+per user name or per address, recorded in the audit log, visible to staff, undone by the unlock
+command."""
+
+from __future__ import annotations
+
+from io import StringIO
+
+import pytest
+from axes.models import AccessAttempt
+from django.contrib.auth.models import User
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError
+from django.core.management import CommandError, call_command
+
+from audit.models import AuditEntry
+
+pytestmark = pytest.mark.django_db
+
+LOGIN = "/admin/login/"
+
+
+def login(client, username: str, password: str, ip: str = "198.51.100.7"):
+    return client.post(
+        LOGIN, {"username": username, "password": password, "next": "/admin/"}, REMOTE_ADDR=ip
+    )
+
+
+@pytest.fixture
+def demo_staff(settings) -> User:
+    call_command("seed_demo", stdout=StringIO())
+    return User.objects.get(username="demo-staff")
+
+
+def test_five_failures_lock_the_user_out_even_with_the_right_password(client, demo_staff, settings):
+    for _ in range(settings.AXES_FAILURE_LIMIT - 1):
+        assert login(client, "demo-staff", "wrong-guess").status_code == 200  # the form again
+    locked = login(client, "demo-staff", "wrong-guess")
+    assert locked.status_code == 429
+    assert b"Too many failed logins" in locked.content
+    assert login(client, "demo-staff", settings.DEMO_STAFF_PASSWORD).status_code == 429
+    # From another address too: the lock is on the user name.
+    assert (
+        login(client, "demo-staff", settings.DEMO_STAFF_PASSWORD, ip="192.0.2.99").status_code
+        == 429
+    )
+
+    entry = AuditEntry.objects.get(action="login.locked_out")
+    assert (entry.target, entry.ip, entry.source) == ("user:demo-staff", "198.51.100.7", "login")
+
+
+def test_failures_from_one_address_lock_that_address_for_every_user(client, demo_staff, settings):
+    for i in range(settings.AXES_FAILURE_LIMIT):
+        login(client, f"guess-{i}", "wrong-guess", ip="203.0.113.66")
+    response = login(client, "demo-staff", settings.DEMO_STAFF_PASSWORD, ip="203.0.113.66")
+    assert response.status_code == 429
+    ok = login(client, "demo-staff", settings.DEMO_STAFF_PASSWORD, ip="203.0.113.67")
+    assert ok.status_code == 302
+
+
+def test_staff_see_the_lockout_and_the_unlock_command_lifts_it(client, demo_staff, settings):
+    for _ in range(settings.AXES_FAILURE_LIMIT):
+        login(client, "demo-staff", "wrong-guess")
+    assert AccessAttempt.objects.filter(username="demo-staff").exists()
+
+    # Another staff member (demo permissions) sees who is locked out in the console.
+    other = User.objects.create_user("sue", password="a-long-passphrase-9", is_staff=True)
+    other.user_permissions.set(demo_staff.user_permissions.all())
+    client.force_login(other)
+    page = client.get("/admin/axes/accessattempt/")
+    assert page.status_code == 200 and b"demo-staff" in page.content
+    client.logout()
+
+    call_command("axes_reset_username", "demo-staff", stdout=StringIO())
+    assert login(client, "demo-staff", settings.DEMO_STAFF_PASSWORD).status_code == 302
+    unlocked = AuditEntry.objects.get(action="login.unlocked")
+    assert (unlocked.target, unlocked.source) == ("user:demo-staff", "cli")
+
+
+def test_password_rules_refuse_weak_passwords_and_the_demo_password_passes(demo_staff, settings):
+    for weak in ("123", "password1234", "demostaff", "12345678901234"):
+        with pytest.raises(ValidationError):
+            validate_password(weak, demo_staff)
+    validate_password(settings.DEMO_STAFF_PASSWORD, demo_staff)
+
+
+def test_seed_demo_refuses_a_weak_demo_password(settings):
+    settings.DEMO_STAFF_PASSWORD = "123"
+    with pytest.raises(CommandError, match="password rules"):
+        call_command("seed_demo", stdout=StringIO())

@@ -1,0 +1,123 @@
+"""API tokens: a client revokes its own, staff revoke anyone's in the ops console, both go to
+the audit log; tokens from before hashing keep working, now stored hashed."""
+
+from __future__ import annotations
+
+import importlib
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.db import connection
+from django.utils import timezone
+from knox.crypto import hash_token
+from knox.models import AuthToken
+
+from audit.models import AuditEntry
+from tests.api.conftest import api_client_for, assert_error
+
+pytestmark = pytest.mark.django_db
+
+TOKEN_URL = "/api/v1/auth/token/"
+
+
+def test_a_client_sees_when_its_token_expires(django_user_model):
+    api = api_client_for(django_user_model.objects.create_user("ada"))
+    body = api.get(TOKEN_URL).json()
+    assert body["user"] == "ada"
+    assert api.token.startswith(body["token"])
+    expiry = timezone.datetime.fromisoformat(body["expiry"])
+    assert timedelta(days=89) < expiry - timezone.now() <= timedelta(days=90)
+
+
+def test_a_client_revokes_its_own_token_and_keeps_its_others(django_user_model):
+    """DELETE /auth/token/: 204, that token is gone from the database and refused from then on;
+    the user's other token still works; the audit log says who, what and from where."""
+    user = django_user_model.objects.create_user("ada")
+    api = api_client_for(user)
+    spare = api_client_for(user)
+
+    response = api.delete(TOKEN_URL, REMOTE_ADDR="198.51.100.20")
+    assert response.status_code == 204, response.content
+    assert not AuthToken.objects.filter(digest=hash_token(api.token)).exists()
+    assert_error(api.get("/api/v1/products/"), 401, "authentication_failed")
+    assert spare.get("/api/v1/products/").status_code == 200
+
+    entry = AuditEntry.objects.get(action="token.revoked")
+    assert (entry.actor, entry.target, entry.ip, entry.source) == (
+        user,
+        "user:ada",
+        "198.51.100.20",
+        "api",
+    )
+    assert api.token.startswith(entry.detail["token"])
+
+
+def test_revoking_without_a_token_is_a_400(client, django_user_model):
+    """A browsable-API session has no token to revoke: a 400 in the one error shape."""
+    client.force_login(django_user_model.objects.create_user("ada"))
+    response = client.delete(TOKEN_URL)
+    assert response.status_code == 400
+    assert response.json()["code"] == "no_token"
+
+
+def test_staff_revoke_a_clients_token_in_the_ops_console(client, django_user_model):
+    """The token list shows who holds which token and until when (never the token); the
+    "revoke" action deletes it, and the audit log names the staff member."""
+    victim = django_user_model.objects.create_user("mallory-victim")
+    api = api_client_for(victim)
+    staff = User.objects.create_user("sue", password="pw", is_staff=True)
+    staff.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_authtoken", "delete_authtoken"])
+    )
+    client.force_login(staff)
+
+    page = client.get("/admin/knox/authtoken/")
+    assert page.status_code == 200
+    assert b"mallory-victim" in page.content
+    assert api.token.encode() not in page.content
+    token = AuthToken.objects.get(user=victim)
+    response = client.post(
+        "/admin/knox/authtoken/",
+        {"action": "revoke", "_selected_action": [token.pk]},
+        REMOTE_ADDR="192.0.2.44",
+        follow=True,
+    )
+    assert b"Revoked 1 token" in response.content
+    assert not AuthToken.objects.filter(user=victim).exists()
+    assert api.get("/api/v1/products/").status_code == 401
+    entry = AuditEntry.objects.get(action="token.revoked")
+    assert (entry.actor_name, entry.target, entry.ip, entry.source) == (
+        "sue",
+        "user:mallory-victim",
+        "192.0.2.44",
+        "admin",
+    )
+
+
+def test_tokens_from_before_hashing_keep_working_and_lose_their_clear_text(django_user_model):
+    """The migration turns each clear-text DRF token into a knox digest: the same string still
+    authenticates (now with an expiry), and the clear-text row is gone."""
+    user = django_user_model.objects.create_user("legacy")
+    old_key = "0123456789abcdef0123456789abcdef01234567"  # DRF's format: 40 hex characters
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE TABLE authtoken_token (key varchar(40) PRIMARY KEY, "
+            "created timestamptz NOT NULL, user_id integer NOT NULL UNIQUE)"
+        )
+        cursor.execute("INSERT INTO authtoken_token VALUES (%s, now(), %s)", [old_key, user.pk])
+    migration = importlib.import_module("accounts.migrations.0001_hash_legacy_drf_tokens")
+    from django.apps import apps
+
+    with connection.schema_editor() as editor:
+        migration.hash_legacy_tokens(apps, editor)
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM authtoken_token")
+        assert cursor.fetchone()[0] == 0
+    stored = AuthToken.objects.get(user=user)
+    assert stored.digest == hash_token(old_key) and old_key != stored.digest
+    assert stored.expiry > timezone.now() + timedelta(days=89)
+    api = api_client_for(None)
+    api.credentials(HTTP_AUTHORIZATION=f"Token {old_key}")
+    assert api.get("/api/v1/products/").status_code == 200
