@@ -124,7 +124,10 @@ class Command(BaseCommand):
 
     def _measure(self, client: Client, label: str, url: str, post: dict | None, repeat: int):
         def request():
-            return client.post(url, post) if post is not None else client.get(url)
+            # As over HTTPS: production settings redirect plain http (HTTPS_ONLY).
+            if post is not None:
+                return client.post(url, post, secure=True)
+            return client.get(url, secure=True)
 
         request()  # warm-up: caches, connection, template loading
         times, queries, sql_ms, status = [], 0, [], 0
