@@ -2,12 +2,15 @@
 
 from django.contrib import admin
 from django.urls import include, path, re_path
+from django.views.generic import TemplateView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
 from config.api import NotFoundView, metrics_view
 from config.health import healthz
 
 urlpatterns = [
+    # The first link `make run` prints: where to go from here.
+    path("", TemplateView.as_view(template_name="landing.html"), name="landing"),
     path("admin/", admin.site.urls),
     re_path(r"^healthz/?$", healthz, name="healthz"),
     re_path(r"^metrics/?$", metrics_view, name="metrics"),

@@ -24,6 +24,8 @@ from orders.errors import OrderInvalid
 from orders.models import Order, OrderItem
 from payments.provider import TEST_CARDS
 from sagas import services as saga_services
+from sagas.exceptions import SagaOperationRefused
+from sagas.models import Saga
 from webhooks import services as webhook_services
 
 #: The fake provider's test cards (docs/design.md); anything else is refused up front rather
@@ -219,10 +221,32 @@ def order_request_cancel(*, order: Order, actor) -> Order:
     """
     # Users appear in the timeline as ``user:<name>``, like the ops operations.
     actor_name = f"user:{actor.get_username()}" if hasattr(actor, "get_username") else str(actor)
-    order.saga = saga_services.saga_request_cancel(
-        saga_id=order.saga_id, reason=CUSTOMER_CANCELLED, actor=actor_name
-    )
+    try:
+        order.saga = saga_services.saga_request_cancel(
+            saga_id=order.saga_id, reason=CUSTOMER_CANCELLED, actor=actor_name
+        )
+    except SagaOperationRefused as refused:
+        # The engine speaks of sagas; the client asked about an order.
+        raise SagaOperationRefused(refused.code, _why_not_cancellable(order, refused)) from None
     return order
+
+
+def _why_not_cancellable(order: Order, refused: SagaOperationRefused) -> str:
+    """The refusal of a cancel in the client's words, from the order's status now."""
+    from orders.selectors import OrderStatus, order_state
+
+    if refused.code == "pivot_reached":
+        return "The payment for this order has been taken; it can no longer be cancelled."
+    saga = Saga.objects.filter(pk=order.saga_id).first()
+    status = order_state(saga).status if saga is not None else ""
+    return {
+        OrderStatus.CONFIRMED: "The order is already confirmed; it can no longer be cancelled.",
+        OrderStatus.CANCELLED: "The order is already cancelled.",
+        OrderStatus.CANCELLING: "The order is already being cancelled.",
+        OrderStatus.NEEDS_ATTENTION: (
+            "Our support team is looking at this order; contact them to cancel it."
+        ),
+    }.get(status, "This order can no longer be cancelled.")
 
 
 def order_confirm(*, key: str, reservation_key: str) -> dict:

@@ -75,6 +75,21 @@ def reachable(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
+def refuse_busy_port(port: int) -> None:
+    """Stop before printing anything else when the web port is taken (another `make run`?):
+    otherwise the banner, a token and a curl line would point at the other instance."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError as exc:
+            sys.exit(
+                f"sagarunner: port {port} is already in use ({exc.strerror}); is another "
+                f"`make run` still running? Stop it, or pick another port: "
+                f"SAGARUNNER_PORT={port + 1} make run"
+            )
+
+
 def redact(url: str) -> str:
     """The URL without its password, for printing."""
     parts = urlsplit(url)
@@ -217,6 +232,8 @@ def main() -> None:
     var_dir.mkdir(parents=True, exist_ok=True)
     port = int(os.environ.get("SAGARUNNER_PORT", "8000"))
 
+    if not (args.prepare_only or args.migrate_only):
+        refuse_busy_port(port)
     chosen = choose_services(var_dir)
     metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR", var_dir / "metrics"))
     # prometheus_client's multiprocess files describe processes of one run only.
@@ -242,7 +259,17 @@ def main() -> None:
     manage(env, "seed_demo")
     token = manage(env, "issue_token", "demo-client", capture=True).strip()
     say(f"client API token (user demo-client): {token}")
-    say(f'  try: curl -H "Authorization: Token {token}" http://localhost:{port}/api/v1/orders/')
+    say(
+        "  place an order: curl -X POST -H 'Content-Type: application/json' "
+        f"-H 'Authorization: Token {token}' -d '"
+        '{"items": [{"sku": "SR-MUG", "quantity": 1}], "payment_method": "pm_card_visa", '
+        '"shipping_address": {"name": "Ada", "line1": "1 Main St", "city": "London", '
+        '"postal_code": "SW1", "country": "GB"}}'
+        f"' http://localhost:{port}/api/v1/orders/"
+    )
+    say(
+        f"  then list it: curl -H 'Authorization: Token {token}' http://localhost:{port}/api/v1/orders/"
+    )
     if args.prepare_only:
         say(f"prepared; environment in {var_dir / 'run.env'}")
         return

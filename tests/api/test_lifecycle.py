@@ -139,4 +139,5 @@ def test_a_client_cancels_over_http_while_the_saga_runs(client_api, catalog, wor
     assert late.status_code == 409
     assert late.json()["code"] == "not_running"
     events = client_api.get(f"/api/v1/orders/{order['id']}/timeline/").json()["results"]
-    assert ("cancel_requested", "user:ada") in {(e["kind"], e["actor"]) for e in events}
+    # Its own action, in its own timeline: the customer.
+    assert ("cancel_requested", "customer") in {(e["kind"], e["actor"]) for e in events}

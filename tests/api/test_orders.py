@@ -331,22 +331,32 @@ def test_cancel_twice_is_accepted_twice(client_api, place):
 
 
 @pytest.mark.parametrize(
-    ("saga_fields", "code"),
+    ("saga_fields", "code", "words"),
     [
         (
             {"step_index": order_saga.index_of("confirm_order"), "current_step": "confirm_order"},
             "pivot_reached",
+            "The payment for this order has been taken; it can no longer be cancelled.",
         ),
-        ({"state": SagaState.SUCCEEDED}, "not_running"),
-        ({"state": SagaState.COMPENSATED, "failure_code": "out_of_stock"}, "not_running"),
+        (
+            {"state": SagaState.SUCCEEDED},
+            "not_running",
+            "The order is already confirmed; it can no longer be cancelled.",
+        ),
+        (
+            {"state": SagaState.COMPENSATED, "failure_code": "out_of_stock"},
+            "not_running",
+            "The order is already cancelled.",
+        ),
     ],
 )
-def test_cancel_after_capture_payment_is_409(client_api, place, saga_fields, code):
-    """Past capture_payment (at the pivot) or once finished: 409 with the engine's code, and
-    nothing changes."""
+def test_cancel_after_capture_payment_is_409(client_api, place, saga_fields, code, words):
+    """Past capture_payment (at the pivot) or once finished: 409 with the engine's code and the
+    reason in the client's words (about the order, not the saga), and nothing changes."""
     order = place(client_api)
     set_saga(order["id"], **saga_fields)
-    assert_error(client_api.post(f"/api/v1/orders/{order['id']}/cancel/"), 409, code)
+    body = assert_error(client_api.post(f"/api/v1/orders/{order['id']}/cancel/"), 409, code)
+    assert body["detail"] == words
     assert Saga.objects.get(order__id=order["id"]).cancel_reason == ""
 
 
