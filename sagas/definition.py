@@ -97,12 +97,22 @@ class Step:
     time limit derive from it, ``SAGA_STEP_TIMEOUT`` when ``None``), and ``non_retryable``:
     exception types that end the step at once like a :class:`BusinessFailure` (the code is the
     exception's ``code`` attribute, else ``step_failed``).
+
+    ``transactional=True`` is for a participant that lives in the engine's own database (on
+    Django's default connection) and does nothing outside it: its function and its
+    compensation then run inside the transaction that records their outcome, so the effect and
+    the record commit together or not at all (one commit per step instead of two). A record
+    fenced off by a newer claim rolls the participant's write back with it, and a function
+    that raises leaves nothing behind. The idempotency key, tombstones and fencing work as for
+    any step. Never for a function that calls out (HTTP, a broker, another database): that
+    call cannot be rolled back, and row locks would be held while it waits.
     """
 
     name: str
     action: StepFunction
     compensate: StepFunction | None = None
     pivot: bool = False
+    transactional: bool = False
     #: Set by :func:`Wait` and :func:`Sleep`: the step parks the saga instead of calling out.
     park: Park | None = None
     provider: str = ""

@@ -68,7 +68,7 @@ log = structlog.get_logger("sagas.engine")
 # Fields returned by every claim and record, in model order (what the loop needs to go on).
 _SAGA_FIELDS = list(Saga._meta.concrete_fields)
 _FIELD_BY_NAME = {f.name: f for f in _SAGA_FIELDS}
-_CONVERTERS: list[tuple[Any, list]] | None = None
+_CONVERTERS: list[tuple[int, Any, list]] | None = None
 _ACTIVE = tuple(str(s) for s in ACTIVE_STATES)
 # The sweeper's re-ring backoff stops doubling here (32 x SAGA_STUCK_AFTER).
 _MAX_SWEEP_DOUBLINGS = 5
@@ -78,6 +78,51 @@ _DUE_TOLERANCE = timedelta(milliseconds=50)
 
 class _Fenced(Exception):
     """The saga moved on under us (a newer claim holds it): roll back and stop."""
+
+
+class _StepTransaction:
+    """The transaction a ``transactional`` step's function shares with its record.
+
+    Opened just before the call. The record commits it, so the participant's write and the
+    saga's progress land together (one commit, not two); a function that raises, or a record
+    fenced off by a newer claim, rolls it back, so the write never outlives a lost record. For
+    any other step it does nothing.
+    """
+
+    __slots__ = ("_atomic", "_after")
+
+    def __init__(self, enabled: bool) -> None:
+        self._atomic: Any = None
+        self._after: list[Callable[[], None]] = []
+        if enabled:
+            self._atomic = transaction.atomic()
+            self._atomic.__enter__()
+
+    @property
+    def open(self) -> bool:
+        return self._atomic is not None
+
+    def after(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the transaction has ended, committed or rolled back."""
+        self._after.append(fn)
+
+    def commit(self) -> None:
+        self._end(rollback=False)
+
+    def rollback(self) -> None:
+        self._end(rollback=True)
+
+    def _end(self, *, rollback: bool) -> None:
+        atomic, self._atomic = self._atomic, None
+        try:
+            if atomic is not None:
+                if rollback:
+                    transaction.set_rollback(True)
+                atomic.__exit__(None, None, None)
+        finally:
+            after, self._after = self._after, []
+            for fn in after:
+                fn()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,26 +225,30 @@ def backoff_delay(attempt: int, policy: RetryPolicy | None = None) -> float:
 # ---------------------------------------------------------------------------------------------
 # Fenced UPDATE ... RETURNING on the saga row (portable: PostgreSQL and SQLite >= 3.35).
 # ---------------------------------------------------------------------------------------------
-def _converters() -> list[tuple[Any, list]]:
-    """Django's own per-column converters (UUIDs, JSON, datetimes), computed once."""
+def _converters() -> list[tuple[int, Any, list]]:
+    """Django's own converters of the columns that have any (on PostgreSQL only the JSON
+    ones), as ``(position, column, converters)``, computed once."""
     global _CONVERTERS
     if _CONVERTERS is None:
         out = []
-        for f in _SAGA_FIELDS:
+        for i, f in enumerate(_SAGA_FIELDS):
             col = f.get_col(Saga._meta.db_table)
             convs = connection.ops.get_db_converters(col) + f.get_db_converters(connection)
-            out.append((col, convs))
+            if convs:
+                out.append((i, col, convs))
         _CONVERTERS = out
     return _CONVERTERS
 
 
+_ATTNAMES = [f.attname for f in _SAGA_FIELDS]
+
+
 def _row_to_saga(row: Iterable[Any]) -> Saga:
-    values = []
-    for value, (col, convs) in zip(row, _converters(), strict=True):
+    values = list(row)
+    for i, col, convs in _converters():
         for conv in convs:
-            value = conv(value, col, connection)
-        values.append(value)
-    return Saga.from_db(connection.alias, [f.attname for f in _SAGA_FIELDS], values)
+            values[i] = conv(values[i], col, connection)
+    return Saga.from_db(connection.alias, _ATTNAMES, values)
 
 
 def _prep(name: str, value: Any) -> Any:
@@ -216,42 +265,66 @@ def _saga_update_sql(
     require_active: bool = False,
     require_known: bool = False,
 ) -> tuple[str, list[Any]]:
-    """``UPDATE saga SET ..., version = version + 1 WHERE id = X AND version = V RETURNING *``."""
-    qn = connection.ops.quote_name
-    sets = [f"{qn('version')} = {qn('version')} + 1"]
-    params: list[Any] = []
-    if bump_attempt:
-        sets.append(f"{qn('attempt')} = {qn('attempt')} + 1")
+    """``UPDATE saga SET ..., version = version + 1 WHERE id = X AND version = V RETURNING *``.
+
+    The text depends only on the statement's shape (which columns, which conditions), so it is
+    built once per shape and process; only the parameters are worked out per call.
+    """
     values = {**values, "updated_at": timezone.now()}
-    for name, value in values.items():
-        sets.append(f"{qn(_FIELD_BY_NAME[name].column)} = %s")
-        params.append(_prep(name, value))
-    where = [f"{qn('id')} = %s", f"{qn('version')} = %s"]
+    due = require_due_before is not None
+    # Only a saga whose definition this process has, with the same shape: a worker on older
+    # code leaves the rest untouched (no lease, no attempt) for one that knows it.
+    known = _known_definitions() if require_known else None
+    n_known = None if known is None else len(known)
+    shape = (connection.vendor, tuple(values), bump_attempt, due, require_active, n_known)
+    sql = _SQL_BY_SHAPE.get(shape)
+    if sql is None:
+        sql = _SQL_BY_SHAPE[shape] = _saga_update_text(*shape[1:])
+    params = [_prep(name, value) for name, value in values.items()]
     params += [_prep("id", saga_id), expected_version]
     if require_active:
-        where.append(f"{qn('state')} IN ({', '.join(['%s'] * len(_ACTIVE))})")
-        params += list(_ACTIVE)
-    if require_known:
-        # Only a saga whose definition this process has, with the same shape: a worker on
-        # older code leaves the rest untouched (no lease, no attempt) for one that knows it.
-        known = _known_definitions()
-        names = ("saga_type", "definition_version", "definition_fingerprint")
-        cols = ", ".join(qn(c) for c in names)
-        where.append(f"({cols}) IN ({', '.join(['(%s, %s, %s)'] * len(known))})")
+        params += _ACTIVE
+    if known is not None:
         for triple in known:
-            params += list(triple)
+            params += triple
     if require_due_before is not None:
-        where.append(f"({qn('next_attempt_at')} IS NULL OR {qn('next_attempt_at')} <= %s)")
         params.append(_prep("next_attempt_at", require_due_before))
+        params.append(_prep("lease_until", require_due_before - _DUE_TOLERANCE))
+    return sql, params
+
+
+#: Statement texts by shape, see :func:`_saga_update_sql` and :func:`_record_sql_postgres`.
+_SQL_BY_SHAPE: dict[tuple, str] = {}
+
+
+def _saga_update_text(
+    names: tuple[str, ...],
+    bump_attempt: bool,
+    require_due: bool,
+    require_active: bool,
+    n_known: int | None,
+) -> str:
+    qn = connection.ops.quote_name
+    sets = [f"{qn('version')} = {qn('version')} + 1"]
+    if bump_attempt:
+        sets.append(f"{qn('attempt')} = {qn('attempt')} + 1")
+    sets += [f"{qn(_FIELD_BY_NAME[name].column)} = %s" for name in names]
+    where = [f"{qn('id')} = %s", f"{qn('version')} = %s"]
+    if require_active:
+        where.append(f"{qn('state')} IN ({', '.join(['%s'] * len(_ACTIVE))})")
+    if n_known is not None:
+        names_ = ("saga_type", "definition_version", "definition_fingerprint")
+        cols = ", ".join(qn(c) for c in names_)
+        where.append(f"({cols}) IN ({', '.join(['(%s, %s, %s)'] * n_known)})")
+    if require_due:
+        where.append(f"({qn('next_attempt_at')} IS NULL OR {qn('next_attempt_at')} <= %s)")
         # Never take over a step that another task still holds.
         where.append(f"({qn('lease_until')} IS NULL OR {qn('lease_until')} <= %s)")
-        params.append(_prep("lease_until", require_due_before - _DUE_TOLERANCE))
     columns = ", ".join(qn(f.column) for f in _SAGA_FIELDS)
-    sql = (
+    return (
         f"UPDATE {qn(Saga._meta.db_table)} SET {', '.join(sets)} "
         f"WHERE {' AND '.join(where)} RETURNING {columns}"
     )
-    return sql, params
 
 
 def _known_definitions() -> list[tuple[str, int, str]]:
@@ -297,48 +370,62 @@ def _record_sql_postgres(
 
     PostgreSQL runs data-modifying CTEs atomically in one statement, and the step update and
     event inserts only touch rows when the fenced UPDATE matched (they read from it). One round
-    trip instead of five (BEGIN, three statements, COMMIT) is most of the engine's speed.
+    trip instead of five (BEGIN, three statements, COMMIT) is most of the engine's speed. Its
+    text, like the saga UPDATE's, is built once per shape.
     """
-    qn = connection.ops.quote_name
     saga_sql, params = _saga_update_sql(saga.id, saga.version, fields)
+    step_fields = {**rec.step_fields, "updated_at": now} if rec.step_name is not None else {}
+    if len(step_fields) == 1:
+        step_fields = {}  # nothing but the timestamp: the step row is left alone
+    shape = ("record", saga_sql, wait_flush, tuple(step_fields), len(rec.events))
+    sql = _SQL_BY_SHAPE.get(shape)
+    if sql is None:
+        sql = _SQL_BY_SHAPE[shape] = _record_text(*shape[1:])
+    for name, value in step_fields.items():
+        params.append(_STEP_FIELDS[name].get_db_prep_save(value, connection))
+    if step_fields:
+        params += [_prep("id", saga.id), rec.step_name]
+    for e in rec.events:
+        values = {"at": now, "actor": "engine", "duration_ms": None, **e}
+        params += [values[c] for c in _EVENT_COLUMNS]
+    return sql, params
+
+
+_STEP_FIELDS = {f.name: f for f in SagaStep._meta.concrete_fields}
+_EVENT_CASTS = {
+    "at": "timestamptz",
+    "kind": "varchar",
+    "step": "varchar",
+    "attempt": "integer",
+    "detail": "text",
+    "actor": "varchar",
+    "duration_ms": "double precision",
+}
+
+
+def _record_text(
+    saga_sql: str, wait_flush: bool, step_names: tuple[str, ...], n_events: int
+) -> str:
+    qn = connection.ops.quote_name
     head = "WITH " if wait_flush else f"WITH {_NO_FLUSH_WAIT}, "
     parts = [f"{head}s AS ({saga_sql})"]
-    if rec.step_name is not None and rec.step_fields:
-        step_fields = {**rec.step_fields, "updated_at": now}
-        sets = []
-        for name, value in step_fields.items():
-            f = SagaStep._meta.get_field(name)
-            sets.append(f"{qn(f.column)} = %s")
-            params.append(f.get_db_prep_save(value, connection))
+    if step_names:
+        sets = ", ".join(f"{qn(_STEP_FIELDS[name].column)} = %s" for name in step_names)
         parts.append(
-            f", st AS (UPDATE {qn(SagaStep._meta.db_table)} SET {', '.join(sets)} "
+            f", st AS (UPDATE {qn(SagaStep._meta.db_table)} SET {sets} "
             f"WHERE {qn('saga_id')} = %s AND {qn('name')} = %s AND EXISTS (SELECT 1 FROM s))"
         )
-        params += [_prep("id", saga.id), rec.step_name]
-    if rec.events:
-        casts = {
-            "at": "timestamptz",
-            "kind": "varchar",
-            "step": "varchar",
-            "attempt": "integer",
-            "detail": "text",
-            "actor": "varchar",
-            "duration_ms": "double precision",
-        }
-        rows = []
-        for e in rec.events:
-            values = {"at": now, "actor": "engine", "duration_ms": None, **e}
-            rows.append("(" + ", ".join(f"%s::{casts[c]}" for c in _EVENT_COLUMNS) + ")")
-            params += [values[c] for c in _EVENT_COLUMNS]
+    if n_events:
+        row = "(" + ", ".join(f"%s::{_EVENT_CASTS[c]}" for c in _EVENT_COLUMNS) + ")"
         cols = ", ".join(qn(c) for c in _EVENT_COLUMNS)
         parts.append(
             f", ev AS (INSERT INTO {qn(SagaEvent._meta.db_table)} ({qn('saga_id')}, {cols}) "
             f"SELECT s.{qn('id')}, {', '.join('v.' + qn(c) for c in _EVENT_COLUMNS)} "
-            f"FROM s, (VALUES {', '.join(rows)}) AS v({cols}))"
+            f"FROM s, (VALUES {', '.join([row] * n_events)}) AS v({cols}))"
         )
     columns = ", ".join(qn(f.column) for f in _SAGA_FIELDS)
     parts.append(f" SELECT {columns} FROM s" if wait_flush else f" SELECT {columns} FROM s, nf")
-    return "".join(parts), params
+    return "".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,8 +586,14 @@ class _Record:
         )
 
 
-def _write(saga: Saga, rec: _Record, *, inline_ok: bool) -> Saga | None:
-    """Apply ``rec`` fenced on the claimed version; return the saga if the task should go on."""
+def _write(
+    saga: Saga, rec: _Record, *, inline_ok: bool, tx: _StepTransaction | None = None
+) -> Saga | None:
+    """Apply ``rec`` fenced on the claimed version; return the saga if the task should go on.
+
+    ``tx``: a transactional step's open transaction, committed with the record (or rolled
+    back with it when the record is fenced off or fails).
+    """
     now = timezone.now()
     fields = dict(rec.fields)
     # A saga type's change hook writes in the record's transaction; when there is none, or it
@@ -536,9 +629,17 @@ def _write(saga: Saga, rec: _Record, *, inline_ok: bool) -> Saga | None:
             if hook is not None:
                 hook(before, updated)
     except _Fenced:
+        if tx is not None:
+            tx.rollback()
         metrics.STALE_DELIVERIES.inc()
         log.info("saga.fenced", saga_id=str(saga.id), version=saga.version)
         return None
+    except BaseException:
+        if tx is not None:
+            tx.rollback()
+        raise
+    if tx is not None:
+        tx.commit()
     for e in rec.events:
         log.info(
             f"saga.{e['kind']}",
@@ -732,24 +833,38 @@ def _call(
     ctx: StepContext,
     ticket: provider_breaker.Ticket | None,
     definite: tuple[type[BaseException], ...] = (),
+    tx: _StepTransaction | None = None,
 ) -> Any:
     """Call a step function; its provider's health counts transient failures only.
 
     ``definite`` (the step's ``non_retryable``) are definite answers too: raised again as a
     :class:`BusinessFailure` carrying the exception's ``code`` (else ``step_failed``).
+
+    A transactional step's outcome is reported outside its transaction (after a failure rolled
+    it back, or once the record has committed or been fenced off): the provider's counters are
+    shared rows that must neither wait for, nor vanish with, one saga's transaction.
     """
     try:
         result = fn(ctx)
     except BusinessFailure:
+        if tx is not None:
+            tx.rollback()
         provider_breaker.report(ticket, ok=True)  # a definite answer: the provider is healthy
         raise
     except definite as exc:  # empty: catches nothing
+        if tx is not None:
+            tx.rollback()
         provider_breaker.report(ticket, ok=True)
         raise BusinessFailure(getattr(exc, "code", "") or "step_failed", str(exc)) from exc
     except BaseException:
+        if tx is not None:
+            tx.rollback()
         provider_breaker.report(ticket, ok=False)
         raise
-    provider_breaker.report(ticket, ok=True)
+    if tx is not None and tx.open:
+        tx.after(lambda: provider_breaker.report(ticket, ok=True))
+    else:
+        provider_breaker.report(ticket, ok=True)
     return result
 
 
@@ -845,11 +960,13 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
             ctx = replace(ctx, signal=decision.signal.payload)
             rec.on_written = _consume(decision.signal, step.name)
         _unpark(saga, rec)
+    tx = _StepTransaction(step.transactional and step.park is None)
     started = time.perf_counter()
     try:
         with tracing.saga_span(f"saga.step {step.name}", saga, step=step.name, phase="forward"):
-            result = _call(action, ctx, ticket, step.non_retryable)
+            result = _call(action, ctx, ticket, step.non_retryable, tx)
     except BusinessFailure as exc:
+        tx.rollback()
         duration = time.perf_counter() - started
         metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
         rec.step_name = step.name
@@ -874,6 +991,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
             )
         return _write(saga, rec, inline_ok=inline_ok)
     except Exception as exc:  # noqa: BLE001 - anything but a BusinessFailure is transient
+        tx.rollback()
         duration = time.perf_counter() - started
         metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
         error = _describe(exc)
@@ -901,6 +1019,9 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
             policy=step.retry,
         )
         return _write(saga, rec, inline_ok=inline_ok)
+    except BaseException:
+        tx.rollback()
+        raise
 
     duration = time.perf_counter() - started
     metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
@@ -914,7 +1035,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
     rec.fields["results"] = {**saga.results, step.name: result}
     rec.event("step_succeeded", saga, step=step.name, duration_ms=duration * 1e3)
     _next_step(definition, saga, rec, i)
-    return _write(saga, rec, inline_ok=inline_ok)
+    return _write(saga, rec, inline_ok=inline_ok, tx=tx)
 
 
 def _next_step(definition: SagaDefinition, saga: Saga, rec: _Record, i: int) -> None:
@@ -969,14 +1090,16 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
     if isinstance(ticket, provider_breaker.Wait):
         return _park_for_provider(saga, rec, step=step.name, wait=ticket, inline_ok=inline_ok)
     ctx = _context(definition, saga, compensating=True)
+    tx = _StepTransaction(step.transactional)
     started = time.perf_counter()
     try:
         assert step.compensate is not None
         with tracing.saga_span(
             f"saga.compensate {step.name}", saga, step=step.name, phase="compensation"
         ):
-            _call(step.compensate, ctx, ticket)
+            _call(step.compensate, ctx, ticket, tx=tx)
     except Exception as exc:  # noqa: BLE001 - a compensation must eventually succeed or escalate
+        tx.rollback()
         duration = time.perf_counter() - started
         metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "compensation").observe(duration)
         error = _describe(exc)
@@ -1014,6 +1137,9 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
             policy=step.compensation_retry,
         )
         return _write(saga, rec, inline_ok=inline_ok)
+    except BaseException:
+        tx.rollback()
+        raise
 
     duration = time.perf_counter() - started
     metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "compensation").observe(duration)
@@ -1031,7 +1157,7 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
     else:
         rec.fields.update(step_index=nxt, current_step=definition.steps[nxt].name)
         rec.go_on = True
-    return _write(saga, rec, inline_ok=inline_ok)
+    return _write(saga, rec, inline_ok=inline_ok, tx=tx)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ outcomes, one per attempt (the last one repeats):
 - ``"transient"``: a transient error before anything happens;
 - ``"lost"``: the effect happens, then the caller gets a timeout;
 - ``"crash"``: the effect happens, then the worker process dies (once per step: a marker row
-  makes the retry go through).
+  makes the retry go through);
+- ``"stolen"``: the effect happens, then another connection bumps the saga's version, as a
+  newer claim would, so the step's record is fenced off.
 
 Every effect is written to ``test_saga_effects`` keyed by its idempotency key, with a call
 count, like a participant that stores its keys: a test reads which effects exist and so can
@@ -93,6 +95,20 @@ class Declined(Exception):
     code = "declined"
 
 
+def _take_over(saga_id: str) -> None:
+    """Bump the saga's version on a connection of its own (committed at once)."""
+    from sagas.models import Saga
+
+    raw = connection.get_new_connection(connection.get_connection_params())
+    try:
+        raw.execute(
+            f"UPDATE {Saga._meta.db_table} SET version = version + 1 WHERE id = %s", [saga_id]
+        )
+        raw.commit()
+    finally:
+        raw.close()
+
+
 def _outcome(ctx: StepContext) -> str:
     name = f"undo:{ctx.step}" if ctx.compensating else ctx.step
     script = ctx.data.get("script", {}).get(name) or ["ok"]
@@ -115,12 +131,22 @@ def _run(ctx: StepContext) -> dict:
         raise TimeoutError(f"scripted lost response at {ctx.step}")
     if outcome == "crash" and _crash_once(ctx):
         os.kill(os.getpid(), signal.SIGKILL)
+    if outcome == "stolen":
+        _take_over(ctx.saga_id)
     return {"step": ctx.step, "attempt": ctx.attempt}
 
 
-def scripted(names: list[str], pivot: str | None = None) -> list[Step]:
+def scripted(
+    names: list[str], pivot: str | None = None, *, transactional: bool = False
+) -> list[Step]:
     return [
-        Step(name, _run, compensate=None if name == pivot else _run, pivot=name == pivot)
+        Step(
+            name,
+            _run,
+            compensate=None if name == pivot else _run,
+            pivot=name == pivot,
+            transactional=transactional,
+        )
         for name in names
     ]
 
@@ -221,3 +247,6 @@ POLICY = [
     Step("slow", _run, compensate=_run, timeout=8),
 ]
 register(SagaDefinition("policy", steps=POLICY))
+
+# The same five steps as transactional steps: each effect commits with the step's record.
+register(SagaDefinition("test_tx", steps=scripted(FIVE, transactional=True)))
