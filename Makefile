@@ -11,6 +11,9 @@ PYTEST_ARGS ?=
 AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672//
 AMQP_TESTS ?= tests/sagas/test_engine.py tests/chaos
 AMQP_PYTEST_ARGS ?=
+# The saga tests again on the provider-bound worker setup (threads pool, 32 threads).
+THREADS_TESTS ?= tests/sagas/test_engine.py tests/sagas/test_transactional_steps.py \
+	tests/orders/test_order_outcomes.py
 # e.g. make chaos CHAOS_ARGS="--quick --seed 7"; make bench BENCH_ARGS="--skip-sweep"
 CHAOS_ARGS ?=
 BENCH_ARGS ?=
@@ -38,6 +41,8 @@ run: $(STAMP)  ## web (port 8000) + worker + beat in the foreground; Ctrl-C stop
 test: $(STAMP)  ## the whole suite against PostgreSQL and Redis, with real workers
 	@$(VPY) scripts/preflight.py
 	$(VPY) -m pytest $(PYTEST_ARGS)
+	@echo "make test: the saga tests again on a threads-pool worker (32 threads)"
+	SAGA_TEST_WORKER_POOL=threads:32 $(VPY) -m pytest $(THREADS_TESTS)
 	@if $(VPY) -c "import socket, sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); \
 	    socket.create_connection((p.hostname or '127.0.0.1', p.port or 5672), 2)" '$(AMQP_URL)' \
 	    2>/dev/null; then \

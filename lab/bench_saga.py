@@ -57,6 +57,15 @@ bench_saga = register(
         steps=[Step(f"write_{i}", _step(i), compensate=_undo) for i in range(1, 6)],
     )
 )
+# The same saga with transactional steps: each write commits with its step's record.
+bench_saga_tx = register(
+    SagaDefinition(
+        "bench5tx",
+        steps=[
+            Step(f"write_{i}", _step(i), compensate=_undo, transactional=True) for i in range(1, 6)
+        ],
+    )
+)
 
 
 def worker_env(environ: dict[str, str]) -> dict[str, str]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -228,12 +229,24 @@ def order_queries_per_step() -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------------
 # --all: every workload at saturation and at several offered loads
 # ---------------------------------------------------------------------------------------------
+#: Threads in the provider-bound worker setup: steps that wait on HTTP need concurrency, not
+#: cores (a thread waiting on a socket costs no CPU).
+PROVIDER_THREADS = 32
+_LATENCY_ENV = {"SAGA_FAULTS": json.dumps(LATENCY_FAULTS)}
 WORKLOADS = [
-    # key, label, saturation sagas, worker env
-    ("engine", "engine 5-step saga", 1000, {}),
-    ("chain", "plain celery chain", 1000, {}),
-    ("order", "order saga", 600, {}),
-    ("order_latency", "order saga +20-50ms/call", 200, {"SAGA_FAULTS": json.dumps(LATENCY_FAULTS)}),
+    # key, label, saturation sagas, worker env, pool (None: --pool/--concurrency as given)
+    ("engine", "engine 5-step saga", 1000, {}, None),
+    ("engine_tx", "engine 5-step, transactional", 1000, {}, None),
+    ("chain", "plain celery chain", 1000, {}, None),
+    ("order", "order saga", 600, {}, None),
+    ("order_threads", "order saga, threads x32", 600, {}, ("threads", PROVIDER_THREADS)),
+    (
+        "order_latency",
+        "order +20-50ms, threads x32",
+        600,
+        _LATENCY_ENV,
+        ("threads", PROVIDER_THREADS),
+    ),
 ]
 
 
@@ -243,8 +256,10 @@ def _runner(key: str):
 
     return {
         "engine": lambda n, rate: benchmark.run_engine(n, rate=rate),
+        "engine_tx": lambda n, rate: benchmark.run_engine(n, rate=rate, saga_type="bench5tx"),
         "chain": lambda n, rate: benchmark.run_chain(n, rate=rate),
         "order": lambda n, rate: run_orders(n, rate=rate),
+        "order_threads": lambda n, rate: run_orders(n, rate=rate),
         "order_latency": lambda n, rate: run_orders(n, rate=rate, latency=True),
     }[key]
 
@@ -262,6 +277,7 @@ def run_all(opts: dict[str, Any]) -> int:
             "levels": levels,
             "level_seconds": level_seconds,
             "worker": f"{opts['processes']} prefork process(es) x {opts['concurrency']}",
+            "provider_bound_worker": f"1 process, threads pool x {PROVIDER_THREADS}",
             "quick": bool(opts["quick"]),
         },
         "workloads": {},
@@ -273,16 +289,19 @@ def run_all(opts: dict[str, Any]) -> int:
             f"load average {report['machine']['loadavg_at_start'][0]:.2f}; database "
             f"{world.database}, own redis-server on port {world.stack.redis_port}"
         )
-        for key, label, saturation_n, env in WORKLOADS:
+        # The in-process query counts below run the engine here: its info lines are not output.
+        logging.getLogger("sagas").setLevel(logging.WARNING)
+        for key, label, saturation_n, env, pool in WORKLOADS:
             if only and key not in only:
                 continue
             if opts["quick"]:
                 saturation_n = max(50, saturation_n // 5)
             report["workloads"][key] = _run_workload(
-                key, label, saturation_n, env, levels, level_seconds, opts, world
+                key, label, saturation_n, env, levels, level_seconds, opts, world, pool
             )
         report["queries"] = {
             "engine_per_step": benchmark.engine_queries_per_step(),
+            "engine_tx_per_step": benchmark.engine_queries_per_step("bench5tx"),
         }
         with contextlib.suppress(Exception):
             eng, total = order_queries_per_step()
@@ -310,30 +329,43 @@ def run_all(opts: dict[str, Any]) -> int:
     return 0
 
 
-def _run_workload(key, label, saturation_n, env, levels, level_seconds, opts, world) -> dict:
+def _run_workload(
+    key, label, saturation_n, env, levels, level_seconds, opts, world, pool=None
+) -> dict:
     from lab import engine_bench as benchmark
 
     run = _runner(key)
-    say(f"{label}: starting fresh workers")
+    pool_name, concurrency = pool or ("prefork", opts["concurrency"])
+    processes = 1 if pool else opts["processes"]
+    say(f"{label}: starting fresh workers ({processes} x {pool_name} x {concurrency})")
+    sessions_at_start = _db_sessions()
     workers = benchmark.BenchWorkers(
-        processes=opts["processes"],
-        concurrency=opts["concurrency"],
-        pool="prefork",
+        processes=processes,
+        concurrency=concurrency,
+        pool=pool_name,
         env=env,
         log_dir=world.run_dir / key,
     )
+    total = 0
     try:
-        run(max(20, saturation_n // 10), None)  # warm-up: imports, connections, caches
+        warmup = max(20, saturation_n // 10)
+        run(warmup, None)  # warm-up: imports, connections, caches
+        before = _usage(workers.pids())
         sat = run(saturation_n, None)
+        cost = _cost(before, _usage(workers.pids()), sat.sagas)
+        total = warmup + saturation_n
         say(
             f"{label}: saturation {sat.sagas_per_s:.1f} sagas/s "
-            f"({sat.sagas} sent at once; p50 {sat.p50_ms:.0f} ms, p99 {sat.p99_ms:.0f} ms)"
+            f"({sat.sagas} sent at once; p50 {sat.p50_ms:.0f} ms, p99 {sat.p99_ms:.0f} ms); "
+            f"per saga: worker {cost['worker_cpu_ms_per_saga']:.1f} ms CPU, PostgreSQL "
+            f"{cost['pg_cpu_ms_per_saga']:.1f} ms CPU; {cost['sessions_opened']} sessions opened"
         )
         results = []
         for fraction in levels:
             rate = max(0.5, fraction * sat.sagas_per_s)
             n = int(min(max(rate * level_seconds, 30), 5000))
             r = run(n, rate)
+            total += n
             say(
                 f"{label}: offered {rate:.1f}/s ({fraction:.0%}): achieved "
                 f"{r.sagas_per_s:.1f}/s, p50 {r.p50_ms:.0f} ms, p99 {r.p99_ms:.0f} ms"
@@ -341,7 +373,81 @@ def _run_workload(key, label, saturation_n, env, levels, level_seconds, opts, wo
             results.append({**asdict(r), "fraction": fraction})
     finally:
         workers.stop()
-    return {"label": label, "saturation": asdict(sat), "levels": results}
+    opened = _db_sessions() - sessions_at_start
+    return {
+        "label": label,
+        "worker": f"{processes} x {pool_name} x {concurrency}",
+        "saturation": {**asdict(sat), **cost},
+        "levels": results,
+        # Every session opened on the bench database from the workers' start to their stop
+        # (warm-up, saturation, levels; the load generator's own connection is already open).
+        "sessions_opened": opened,
+        "sagas_total": total,
+        "sessions_per_1000_sagas": round(1000 * opened / max(total, 1), 2),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the time goes: CPU of the worker and of PostgreSQL, sessions (from /proc and pg_stat)
+# ---------------------------------------------------------------------------------------------
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of one process (psutil reads ``/proc/<pid>/stat``)."""
+    import psutil
+
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return times.user + times.system
+
+
+def _db_sessions() -> int:
+    """Sessions ever opened on this database (``pg_stat_database.sessions``, PostgreSQL 14+).
+
+    Backends report their counters at most once a second; a short pause lets the last ones in.
+    """
+    from django.db import connection
+
+    time.sleep(1.2)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
+        cursor.execute("SELECT sessions FROM pg_stat_database WHERE datname = current_database()")
+        return int(cursor.fetchone()[0])
+
+
+def _usage(worker_pids: list[int]) -> dict[str, Any]:
+    """CPU seconds so far of every worker process (main and pool) and of every PostgreSQL
+    backend on the bench database (the workers' and the load generator's), and sessions."""
+    from django.db import connection
+
+    workers = {p: _cpu_seconds(p) for m in worker_pids for p in [m, *children_of(m)]}
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+        backends = {pid: _cpu_seconds(pid) for (pid,) in cursor.fetchall()}
+    return {"worker": workers, "pg": backends, "sessions": _db_sessions()}
+
+
+def _cost(before: dict, after: dict, sagas: int) -> dict[str, Any]:
+    """Per saga: CPU milliseconds of the workers and of PostgreSQL between two samples.
+
+    A backend that appeared in between counts in full; one that ended in between (only when
+    connections are not reused) is missed, so PostgreSQL's figure is then a lower bound.
+    """
+
+    def spent(kind: str) -> float:
+        total = 0.0
+        for pid, cpu in after[kind].items():
+            if cpu is not None:
+                total += cpu - (before[kind].get(pid) or 0.0)
+        return total
+
+    opened = after["sessions"] - before["sessions"]
+    return {
+        "worker_cpu_ms_per_saga": round(1000 * spent("worker") / sagas, 2),
+        "pg_cpu_ms_per_saga": round(1000 * spent("pg") / sagas, 2),
+        "sessions_opened": opened,
+        "pg_backends_ended": len(set(before["pg"]) - set(after["pg"])),
+    }
 
 
 def _at_half(w: dict) -> dict | None:
@@ -356,15 +462,18 @@ def print_report(report: dict) -> None:
     q = report.get("queries", {})
     engine_q = {
         "engine": q.get("engine_per_step"),
+        "engine_tx": q.get("engine_tx_per_step"),
         "chain": 0.0,
         "order": q.get("order_engine_per_step"),
+        "order_threads": q.get("order_engine_per_step"),
         "order_latency": q.get("order_engine_per_step"),
     }
     chain = ws.get("chain", {}).get("saturation")
     print()
     print(
-        f"{'workload':<26} {'sagas/s':>8} {'x chain':>8} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'@ load':>8} {'eng q/step':>10} {'msg/saga':>9}"
+        f"{'workload':<30} {'sagas/s':>8} {'x chain':>8} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'@ load':>8} {'eng q/step':>10} {'msg/saga':>9} {'wrk ms':>7} {'pg ms':>6} "
+        f"{'sess/1k':>7}"
     )
     for key, w in ws.items():
         sat = w["saturation"]
@@ -372,16 +481,23 @@ def print_report(report: dict) -> None:
         ratio = f"{sat['sagas_per_s'] / chain['sagas_per_s']:.2f}x" if chain else "-"
         eq = engine_q.get(key)
         msgs = sat.get("broker_messages_per_saga")
+        wrk, pg = sat.get("worker_cpu_ms_per_saga"), sat.get("pg_cpu_ms_per_saga")
+        per_k = w.get("sessions_per_1000_sagas")
         print(
-            f"{w['label']:<26} {sat['sagas_per_s']:>8.1f} {ratio:>8} "
+            f"{w['label']:<30} {sat['sagas_per_s']:>8.1f} {ratio:>8} "
             f"{(half or sat)['p50_ms']:>7.1f} {(half or sat)['p99_ms']:>7.1f} "
             f"{(half['offered_per_s'] if half else 0):>6.1f}/s "
             f"{'-' if eq is None else f'{eq:.1f}':>10} {'-' if msgs is None else f'{msgs:.2f}':>9}"
+            f" {'-' if wrk is None else f'{wrk:.1f}':>7} {'-' if pg is None else f'{pg:.1f}':>6}"
+            f" {'-' if per_k is None else f'{per_k:.1f}':>7}"
         )
     print(
         "sagas/s: saturation throughput (all sent at once); p50/p99: saga latency (created -> "
         "finished) at the offered load nearest half of saturation; eng q/step: SQL statements "
-        "the orchestration itself runs per step; msg/saga: broker messages published per saga"
+        "the orchestration itself runs per step; msg/saga: broker messages published per saga; "
+        "wrk ms / pg ms: CPU milliseconds per saga at saturation of the worker processes and of "
+        "the PostgreSQL backends on the bench database (/proc); sess/1k: PostgreSQL sessions "
+        "opened per 1,000 sagas, from the workers' start to their stop"
     )
     if "order_total_per_step" in q:
         print(f"order saga: {q['order_total_per_step']:.1f} statements per step in all")
@@ -393,9 +509,20 @@ def print_report(report: dict) -> None:
                 f"{w['label']:<26} {r['offered_per_s']:>7.1f}/s {r['sagas_per_s']:>7.1f}/s "
                 f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['sagas']:>6}"
             )
-    if "engine" in ws and chain:
-        ratio = ws["engine"]["saturation"]["sagas_per_s"] / chain["sagas_per_s"]
-        print(f"\nratio engine 5-step saga / plain celery chain: {ratio:.2f}x sagas/s")
+    print()
+    ratios = [
+        ("engine", "chain"),
+        ("engine_tx", "chain"),
+        ("order", "chain"),
+        ("order_latency", "order_threads"),
+    ]
+    for top, bottom in ratios:
+        if top in ws and bottom in ws:
+            a, b = ws[top]["saturation"], ws[bottom]["saturation"]
+            print(
+                f"ratio {ws[top]['label']} / {ws[bottom]['label']}: "
+                f"{a['sagas_per_s'] / b['sagas_per_s']:.2f}x sagas/s"
+            )
     sweep = report.get("sweep")
     if sweep:
         print(
@@ -423,13 +550,20 @@ def plot(report: dict, path: Path) -> None:
 
     ws = report["workloads"]
     panels = [
-        ("Engine 5-step saga vs plain Celery chain", ["engine", "chain"]),
-        ("Order saga (fake providers)", ["order", "order_latency"]),
+        ("Engine 5-step saga vs plain Celery chain", ["engine", "engine_tx", "chain"]),
+        ("Order saga (fake providers)", ["order", "order_threads", "order_latency"]),
     ]
     panels = [(t, [k for k in keys if k in ws]) for t, keys in panels]
     panels = [p for p in panels if p[1]]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
-    colors = {"engine": "C0", "chain": "C3", "order": "C2", "order_latency": "C1"}
+    colors = {
+        "engine": "C0",
+        "engine_tx": "C4",
+        "chain": "C3",
+        "order": "C2",
+        "order_threads": "C5",
+        "order_latency": "C1",
+    }
     for ax, (title, keys) in zip(axes[0], panels, strict=True):
         for key in keys:
             w = ws[key]

@@ -163,8 +163,14 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def run_engine(n: int, *, rate: float | None = None, timeout: float = 600) -> Result:
-    """N sagas of the 5-step bench type, each started in its own transaction."""
+def run_engine(
+    n: int, *, rate: float | None = None, timeout: float = 600, saga_type: str = "bench5"
+) -> Result:
+    """N sagas of the 5-step bench type, each started in its own transaction.
+
+    ``saga_type="bench5tx"``: the same saga with transactional steps (each write commits with
+    its step's record).
+    """
     bench.ensure_table()
     run = f"engine-{uuid.uuid4().hex[:8]}"
     ids: list[Any] = []
@@ -173,7 +179,7 @@ def run_engine(n: int, *, rate: float | None = None, timeout: float = 600) -> Re
 
     def send(i: int) -> None:
         with transaction.atomic():
-            ids.append(saga_start(saga_type="bench5", data={"run": run, "n": i}).id)
+            ids.append(saga_start(saga_type=saga_type, data={"run": run, "n": i}).id)
 
     _paced(n, rate, send)
     _wait(
@@ -196,14 +202,14 @@ def run_engine(n: int, *, rate: float | None = None, timeout: float = 600) -> Re
         outcomes[state] = outcomes.get(state, 0) + 1
     del started
     return Result(
-        name="engine 5-step saga",
+        name="engine 5-step saga" + (" (transactional)" if saga_type == "bench5tx" else ""),
         sagas=n,
         seconds=seconds,
         sagas_per_s=n / seconds,
         p50_ms=percentile(latencies, 50),
         p99_ms=percentile(latencies, 99),
         offered_per_s=rate,
-        queries_per_step=engine_queries_per_step(),
+        queries_per_step=engine_queries_per_step(saga_type),
         broker_messages_per_saga=None if before is None else (after - before) / n,
         outcomes=outcomes,
     )
@@ -249,7 +255,7 @@ def run_chain(n: int, *, rate: float | None = None, timeout: float = 600) -> Res
     )
 
 
-def engine_queries_per_step() -> float:
+def engine_queries_per_step(saga_type: str = "bench5") -> float:
     """Engine statements per step on the happy path, counted in-process on the same code."""
     from django.test.utils import CaptureQueriesContext
 
@@ -257,7 +263,7 @@ def engine_queries_per_step() -> float:
 
     bench.ensure_table()
     with transaction.atomic():
-        saga = saga_start(saga_type="bench5", data={"run": f"q-{uuid.uuid4().hex[:8]}", "n": 0})
+        saga = saga_start(saga_type=saga_type, data={"run": f"q-{uuid.uuid4().hex[:8]}", "n": 0})
         # Take the saga away from the doorbell that rings on commit; this run is in-process.
         Saga.objects.filter(pk=saga.pk).update(version=10_000)
     with CaptureQueriesContext(connection) as ctx:

@@ -8,7 +8,9 @@ the per-session isolation values (queue name, metrics directory, test database n
 Fixtures and helpers (see the README's "Tests" section):
 
 ``celery_worker`` (session)
-    A real ``celery -A config worker`` subprocess (prefork, concurrency 2) on the pytest test
+    A real ``celery -A config worker`` subprocess (prefork, concurrency 2; or as
+    ``SAGA_TEST_WORKER_POOL=threads:32`` says, which ``make test`` uses for a second run of the
+    saga tests: the provider-bound worker setup) on the pytest test
     database, the dedicated Redis db 15 and a queue unique to this session. Started on first
     use, answers a ping before the fixture returns, stopped before the test database is
     dropped. Tests that need it use ``transactional_db``: the worker only sees committed rows.
@@ -357,7 +359,8 @@ def celery_worker(django_db_setup: None, django_db_blocker: Any) -> Iterator[Wor
     """
     global _session_worker
     _require_broker()
-    worker = WorkerHandle("session", _worker_env(), concurrency=2, pool="prefork")
+    pool, _, concurrency = os.environ.get("SAGA_TEST_WORKER_POOL", "prefork:2").partition(":")
+    worker = WorkerHandle("session", _worker_env(), concurrency=int(concurrency or 2), pool=pool)
     try:
         worker.wait_ready()
         _session_worker = worker
