@@ -51,7 +51,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from lab import chaos_webhooks
+from lab import chaos_webhooks, order_deploy
 from lab.stack import (
     REPO_ROOT,
     BrokerProxy,
@@ -150,6 +150,9 @@ class ChaosConfig:
     duplicate_rate: float = 0.15
     cancel_rate: float = 0.08
     settle_timeout: float = 300.0
+    #: At 20% of the load, deploy the next order saga version beside the others (a rolling
+    #: restart of every process; ``--switch-version``).
+    version_switch: bool = False
     broker_url: str | None = None
     keep: bool = False
     json_path: str | None = None
@@ -205,6 +208,9 @@ def reexec_inside(config: ChaosConfig, argv: list[str]) -> None:
         "SAGA_FAKE_PROVIDER_STATS": "1",
         # Each client's webhook receiver listens on 127.0.0.1 (lab.chaos_webhooks).
         "WEBHOOKS_ALLOW_PRIVATE": "1",
+        # The next order saga version joins every process started once this file exists.
+        "SAGA_DEFINITION_MODULES": "lab.bench_saga,lab.order_deploy",
+        order_deploy.FLAG_ENV: str(run_dir / "order-next-deployed"),
     }
     if not config.breakers:
         extra["SAGA_PROVIDER_BREAKERS"] = "0"
@@ -585,6 +591,8 @@ class Chaos:
 
     def schedule(self) -> list[tuple[float, str]]:
         events = [(self.rng.uniform(0.05, 0.95), "kill") for _ in range(self.config.kills)]
+        if self.config.version_switch:
+            events.append((0.2, "deploy"))  # well before the provider outage (40%)
         r = self.config.broker_restarts
         events += [
             (min(0.95, max(0.05, (i + 1) / (r + 1) + self.rng.uniform(-0.1, 0.1))), "broker")
@@ -613,10 +621,12 @@ class Chaos:
                     ):
                         events.pop(0)
                         last = time.monotonic()
-                        if kind == "outage":
-                            self._provider_outage()
-                        else:
-                            self._kill() if kind == "kill" else self._broker()
+                        {
+                            "kill": self._kill,
+                            "broker": self._broker,
+                            "outage": self._provider_outage,
+                            "deploy": self._deploy,
+                        }[kind]()
                 time.sleep(0.05)
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             self.error = exc
@@ -732,6 +742,32 @@ class Chaos:
         finally:
             connection.close()
 
+    def _deploy(self) -> None:
+        """The next order saga version goes live beside the others, the way a rolling deploy
+        does it: workers first (each told to shut down warm, finishing what it holds, while
+        its successor, knowing the new version, starts at once), then beat, then the web
+        (gunicorn's graceful reload), which from then on starts new orders on it."""
+        Path(os.environ[order_deploy.FLAG_ENV]).touch()
+        version = order_deploy.order_saga_next.version
+        self.tally.log(f"deploy: order v{version} (load {self.progress():.0%} done)")
+        for slot in list(self.workers):
+            if slot in self.restarts:
+                continue  # killed a moment ago: it comes back on the new code anyway
+            old = self.workers[slot]
+            self.planned_exits.add(old.pid)
+            old.signal(signal.SIGTERM)
+            self.workers[slot] = self.stack.start_worker(slot)
+            self.tally.log(
+                f"deploy: {old.name} shutting down warm, {self.workers[slot].name} started"
+            )
+        for proc in [p for p in self.stack.procs if p.name == "beat" and p.alive]:
+            self.planned_exits.add(proc.pid)
+            proc.stop(timeout=10)
+            self.stack.start_beat()
+        for proc in [p for p in self.stack.procs if p.name == "web" and p.alive]:
+            proc.signal(signal.SIGHUP)
+        self.tally.log(f"deploy: beat restarted, web reloading; new orders start on v{version}")
+
     def _broker(self) -> None:
         outage = self.rng.uniform(2.0, 5.0) if self.config.mode == "full" else 2.5
         n = len(self.tally.broker_outages) + 1
@@ -785,6 +821,8 @@ class Summary:
     kills_by_target: dict[str, int] = field(default_factory=dict)
     injected_crashes: int = 0
     broker_restarts: int = 0
+    #: Order sagas per definition version (the deployed one from halfway on).
+    versions: dict[int, int] = field(default_factory=dict)
     broker_outage_seconds: list[float] = field(default_factory=list)
     unexpected_responses: list[str] = field(default_factory=list)
     webhook_deliveries: int = 0
@@ -814,6 +852,7 @@ class Summary:
         cancels = ", ".join(f"{v}x {k}" for k, v in sorted(self.cancel_requests.items()))
         by_target = ", ".join(f"{v} {k}" for k, v in sorted(self.kills_by_target.items()))
         outages = ", ".join(f"{s:.1f}s" for s in self.broker_outage_seconds)
+        versions = ", ".join(f"v{v} {n}" for v, n in sorted(self.versions.items()))
         settle = "did not settle" if self.settle_seconds is None else f"{self.settle_seconds:.1f}s"
         lines = [
             f"chaos summary ({self.mode} mode, seed {self.seed}, broker {self.broker})",
@@ -828,6 +867,7 @@ class Summary:
             f"{self.injected_crashes} injected crashes (SAGA_FAULTS crash)",
             f"  broker restarts:  {self.broker_restarts} (down {outages or '-'})",
             *self._outage_lines(),
+            f"  order versions:   {versions or '-'}",
             f"  unexpected HTTP:  {len(self.unexpected_responses)}",
             f"  webhooks:         {self.webhook_deliveries} signed deliveries of "
             f"{self.webhook_events} events",
@@ -884,6 +924,7 @@ def run(config: ChaosConfig, out=sys.stdout) -> Summary:
             tally.log(f"dropped {name}, left behind by a run that was killed")
         tally.log(f"database {database}; logs in {run_dir}")
         server.create_database(database)
+        Path(env[order_deploy.FLAG_ENV]).unlink(missing_ok=True)  # a pid's earlier run left it
         _migrate()
         tokens = _seed(config)
         reviewer_token = _seed_reviewer()
@@ -946,6 +987,10 @@ def run(config: ChaosConfig, out=sys.stdout) -> Summary:
         summary.violations += _check_outage(config, tally, summary)
         summary.violations += _check_webhooks(hooks, tally, summary)
         summary.orders = len(tally.records)
+        summary.versions = _order_versions()
+        deployed = order_deploy.order_saga_next.version
+        if config.version_switch and not summary.versions.get(deployed):
+            summary.violations.append(f"the deploy halfway started no order saga on v{deployed}")
         summary.placements = sum(r.placements for r in tally.records.values())
         summary.duplicate_placements = sum(1 for p in plan if p.duplicate)
         summary.replayed = sum(r.replays for r in tally.records.values())
@@ -988,6 +1033,21 @@ def run(config: ChaosConfig, out=sys.stdout) -> Summary:
         Path(config.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(config.json_path).write_text(json.dumps(asdict(summary), indent=2))
     return summary
+
+
+def _order_versions() -> dict[int, int]:
+    """Order sagas per definition version they ran on."""
+    from django.db.models import Count
+
+    from sagas.models import Saga
+
+    rows = (
+        Saga.objects.filter(saga_type="order")
+        .values_list("definition_version")
+        .annotate(n=Count("*"))
+        .order_by()
+    )
+    return dict(rows)
 
 
 def _redact(url: str) -> str:

@@ -54,6 +54,12 @@ class Command(BaseCommand):
             help="the provider taken down (default payments)",
         )
         parser.add_argument(
+            "--switch-version",
+            action="store_true",
+            help="deploy the next order saga version beside the others at 20%% of the load "
+            "(a rolling restart of every process; lab/order_deploy.py)",
+        )
+        parser.add_argument(
             "--no-breakers",
             action="store_true",
             help="switch the provider breakers off (SAGA_PROVIDER_BREAKERS=0), for comparison",
@@ -78,6 +84,7 @@ class Command(BaseCommand):
         config.keep = opts["keep"]
         config.json_path = opts["json"]
         config.breakers = not opts["no_breakers"]
+        config.version_switch = opts["switch_version"]
         config.users = max(1, min(config.users, config.clients))
         if config.orders < 1 or config.rate <= 0 or config.clients < 1:
             raise CommandError("--orders, --rate and --clients must be positive")
