@@ -219,6 +219,9 @@ class SagaFilter(filters.FilterSet):
     waiting_longer_than = filters.NumberFilter(
         method="filter_waiting_longer_than",
         min_value=0,
+        # Ten years: any longer is no saga's wait, and a larger number would overflow the
+        # datetime arithmetic (a 400 naming the field, not a 500).
+        max_value=10 * 365 * 24 * 3600,
         label="waiting_longer_than",
         help_text="Parked (at a Wait or Sleep) for more than this many seconds.",
     )

@@ -263,3 +263,12 @@ def test_saga_routes_refuse_other_methods_with_405(ops_api, saga):
     assert_error(ops_api.delete(f"{SAGAS}{saga.id}/"), 405, "method_not_allowed")
     assert_error(ops_api.get(f"{SAGAS}{saga.id}/retry/"), 405, "method_not_allowed")
     assert_error(ops_api.post(SAGAS, {}, format="json"), 405, "method_not_allowed")
+
+
+@pytest.mark.parametrize("value", ["1.4e16", "-1", "soon"])
+def test_waiting_longer_than_out_of_range_is_a_400_naming_the_field(staff_api, value):
+    """A wait longer than any saga's (or negative, or not a number) is refused as bad input
+    naming the filter, never a 500 from overflowing date arithmetic."""
+    resp = staff_api.get(f"/api/v1/sagas/?waiting_longer_than={value}")
+    assert resp.status_code == 400, resp.content
+    assert "waiting_longer_than" in resp.json().get("fields", {}), resp.json()
