@@ -5,8 +5,9 @@ is for people, ``fields`` maps each offending input path (``items[1].quantity``,
 ``shipping_address.country``) to its messages and is ``{}`` when no field is to blame.
 
 :func:`exception_handler` is DRF's ``EXCEPTION_HANDLER``: it covers everything DRF raises
-(validation, parse errors, authentication, permissions, 404s, 405s, throttling, ...) plus the
-domain errors the services raise, so views never build error responses by hand. The
+(validation, parse errors, authentication, permissions, 404s, 405s, throttling, ...) plus every
+:class:`config.errors.AppError` the apps raise (each says its own status), so views never build
+error responses by hand and this module knows no app. The
 ``handler*`` functions give the same shape to the few errors Django answers before any view
 runs (a bad ``Host`` header, an unmatched URL under ``/api/`` when not routed).
 """
@@ -27,22 +28,7 @@ from rest_framework.views import exception_handler as drf_exception_handler
 from rest_framework.views import set_rollback
 
 from config.api_parsers import PayloadTooLarge
-from orders.errors import OrderInvalid
-from orders.idempotency import (
-    IdempotencyError,
-    IdempotencyKeyInvalid,
-    IdempotencyKeyReused,
-    IdempotencyRequestInFlight,
-)
-from sagas.exceptions import SagaOperationRefused
-
-#: Codes of the saga engine's refusals that mean "no such thing" rather than "not now".
-_NOT_FOUND_CODES = {"not_found"}
-_IDEMPOTENCY_STATUS = {
-    IdempotencyKeyInvalid: 400,
-    IdempotencyKeyReused: 422,
-    IdempotencyRequestInFlight: 409,
-}
+from config.errors import AppError
 
 
 class ApiError(exceptions.APIException):
@@ -129,20 +115,13 @@ def _code_of(exc: exceptions.APIException) -> str:
 
 def exception_handler(exc: Exception, context: dict) -> Response | None:
     """DRF ``EXCEPTION_HANDLER``: every handled error as ``{"code", "detail", "fields"}``."""
-    if isinstance(exc, OrderInvalid):
-        set_rollback()
-        return Response(error_body(exc.code, exc.detail, exc.fields), status=400)
-    if isinstance(exc, SagaOperationRefused):
-        set_rollback()
-        code = 404 if exc.code in _NOT_FOUND_CODES else 409
-        return Response(error_body(exc.code, exc.detail, exc.fields), status=code)
-    if isinstance(exc, IdempotencyError):
+    if isinstance(exc, AppError):
         set_rollback()
         response = Response(
-            error_body(exc.code, exc.detail), status=_IDEMPOTENCY_STATUS.get(type(exc), 400)
+            error_body(exc.code, exc.detail, exc.fields), status=exc.status_for_client()
         )
-        if isinstance(exc, IdempotencyRequestInFlight):
-            response["Retry-After"] = "1"
+        for name, value in exc.headers.items():
+            response[name] = value
         return response
     if isinstance(exc, DjangoValidationError):
         # A model or field validator that ran outside a serializer (e.g. a malformed UUID).

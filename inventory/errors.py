@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from config.errors import AppError
 
-class InventoryError(Exception):
+
+class InventoryError(AppError):
     """A business "no" from inventory; retrying the same request gets the same answer."""
 
     code = "inventory_error"

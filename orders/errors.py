@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from config.errors import AppError
 
-class OrderInvalid(Exception):
+
+class OrderInvalid(AppError):
     """The order request is malformed or names things that do not exist (a ``400``).
 
     ``code`` is machine-readable (the first problem found), ``detail`` is for people, and

@@ -32,6 +32,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from config.errors import AppError
 from orders.models import IdempotencyRecord, IdempotencyState, Order
 
 MAX_KEY_LENGTH = 255
@@ -41,7 +42,7 @@ IN_FLIGHT_STALE_AFTER = timedelta(seconds=60)
 EXPIRE_BATCH = 5000
 
 
-class IdempotencyError(Exception):
+class IdempotencyError(AppError):
     code = "idempotency_error"
 
     def __init__(self, detail: str) -> None:
@@ -57,12 +58,15 @@ class IdempotencyKeyReused(IdempotencyError):
     """The key was first used with another request body (a ``422``)."""
 
     code = "idempotency_key_reused"
+    http_status = 422
 
 
 class IdempotencyRequestInFlight(IdempotencyError):
     """The first request with this key has not finished yet (a ``409``; retry shortly)."""
 
     code = "idempotency_request_in_flight"
+    http_status = 409
+    headers = {"Retry-After": "1"}
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+from config.errors import AppError
 
-class PaymentError(Exception):
+
+class PaymentError(AppError):
     """A definite answer from the provider; asking again with the same key gets it again."""
 
     code = "payment_error"

@@ -1,7 +1,9 @@
 """Errors the engine raises to its callers (services, admin, API)."""
 
+from config.errors import AppError
 
-class SagaOperationRefused(Exception):
+
+class SagaOperationRefused(AppError):
     """An operation that makes no sense in the saga's current state.
 
     ``code`` is machine-readable (the API returns it as the error code); ``detail`` says why in
@@ -15,8 +17,13 @@ class SagaOperationRefused(Exception):
         self.detail = detail
         self.fields = fields
 
+    http_status = 409
 
-class SignalPayloadInvalid(Exception):
+    def status_for_client(self) -> int:
+        return 404 if self.code == "not_found" else 409
+
+
+class SignalPayloadInvalid(AppError):
     """A signal's payload the saga type refuses (e.g. ``approved`` is not a boolean)."""
 
     def __init__(self, detail: str) -> None:

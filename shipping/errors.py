@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from config.errors import AppError
 
-class ShippingError(Exception):
+
+class ShippingError(AppError):
     """A business "no" from the carrier; asking again with the same key gets it again."""
 
     code = "shipping_error"
