@@ -18,7 +18,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.db import transaction
-from django.utils.http import parse_etags, quote_etag
+from django.utils.cache import get_conditional_response
+from django.utils.http import quote_etag
 from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
@@ -29,7 +30,7 @@ from drf_spectacular.utils import (
     extend_schema_field,
     extend_schema_view,
 )
-from rest_framework import generics, permissions, serializers, status, viewsets
+from rest_framework import exceptions, generics, permissions, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
@@ -53,6 +54,7 @@ from orders.services import (
 from orders.status import CANCELLATION_REASONS
 from orders.timeline import customer_event
 from payments.models import Payment
+from payments.selectors import payments_by_order
 from sagas.api import (
     REFUSED,
     SIGNAL_KEY_PARAMETER,
@@ -63,6 +65,7 @@ from sagas.api import (
 )
 from sagas.models import SagaEvent, SagaState
 from shipping.models import Shipment, ShipmentStatus
+from shipping.selectors import shipments_by_order
 
 #: For the schema's enum names (SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"]).
 ORDER_STATUS_CHOICES = [(s, s) for s in OrderStatus.ALL]
@@ -252,11 +255,8 @@ def attach_payments_and_shipments(orders: Iterable[Order]) -> None:
     ids = [o.id for o in orders]
     if not ids:
         return
-    payments = {p.order_id: p for p in Payment.objects.filter(order_id__in=ids)}
-    shipments: dict[Any, Shipment] = {}
-    # Oldest first, so the newest shipment of an order wins (there is normally exactly one).
-    for shipment in Shipment.objects.filter(order_id__in=ids).order_by("created_at", "id"):
-        shipments[shipment.order_id] = shipment
+    payments = payments_by_order(order_ids=ids)
+    shipments = shipments_by_order(order_ids=ids)
     for order in orders:
         order._payment = payments.get(order.id)
         order._shipment = shipments.get(order.id)
@@ -378,8 +378,12 @@ class OrderViewSet(viewsets.GenericViewSet):
         data = OrderSerializer(order).data
         etag = _weak_etag(data)
         headers = {"ETag": etag, "Cache-Control": "private, no-cache", "Vary": "Authorization"}
-        if _etag_matches(request, etag):
+        # Django evaluates the preconditions (RFC 9110: weak comparison for If-None-Match).
+        conditional = get_conditional_response(request, etag=etag)
+        if conditional is not None and conditional.status_code == status.HTTP_304_NOT_MODIFIED:
             return Response(status=status.HTTP_304_NOT_MODIFIED, headers=headers)
+        if conditional is not None:  # If-Match names another version: 412, in our error shape
+            raise PreconditionFailed()
         return Response(data, headers=headers)
 
     @extend_schema(
@@ -510,13 +514,7 @@ def _weak_etag(data: Any) -> str:
     return "W/" + quote_etag(digest)
 
 
-def _etag_matches(request: Request, etag: str) -> bool:
-    header = request.headers.get("If-None-Match")
-    if not header:
-        return False
-    tags = parse_etags(header)
-    if "*" in tags:
-        return True
-    # Weak comparison (RFC 9110 section 8.8.3.2): opaque tags equal, W/ prefixes ignored.
-    ours = etag.removeprefix("W/")
-    return any(tag.removeprefix("W/") == ours for tag in tags)
+class PreconditionFailed(exceptions.APIException):
+    status_code = status.HTTP_412_PRECONDITION_FAILED
+    default_detail = "The order has changed since the ETag in If-Match."
+    default_code = "precondition_failed"

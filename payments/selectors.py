@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from django.db.models import Count, Q
@@ -19,6 +20,11 @@ from payments.models import (
 
 def payment_get(*, order_id: uuid.UUID | str) -> Payment | None:
     return Payment.objects.filter(order_id=order_id).first()
+
+
+def payments_by_order(*, order_ids: Iterable[uuid.UUID | str]) -> dict[Any, Payment]:
+    """The payment of each of these orders, by order id: one query for any number of orders."""
+    return {p.order_id: p for p in Payment.objects.filter(order_id__in=list(order_ids))}
 
 
 def provider_summary(*, order_id: uuid.UUID | str) -> dict[str, Any]:
