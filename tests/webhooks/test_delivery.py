@@ -16,6 +16,7 @@ from sagas.services import saga_request_cancel
 from webhooks import signing
 from webhooks.delivery import sweep
 from webhooks.models import Delivery, DeliveryStatus, Event
+from webhooks.security import UrlRefused, check_url
 
 from .conftest import api_client_for, place, register
 
@@ -197,3 +198,29 @@ def test_a_worker_killed_mid_delivery_loses_nothing(
     written = set(map(str, Event.objects.filter(subject=order_id).values_list("id", flat=True)))
     assert written <= {e["id"] for e in receiver.accepted()}
     assert Order.objects.get(pk=order_id).status == OrderStatus.CONFIRMED
+
+
+def test_an_endpoint_the_rules_no_longer_allow_is_refused_at_delivery(
+    customer, catalog, receiver, worker_factory, wait_for, settings
+):
+    # Registered while loopback was allowed (as after a DNS change to an internal address):
+    # workers that do not allow private addresses refuse to call it.
+    worker_factory({"WEBHOOKS_ALLOW_PRIVATE": "0"}, exclusive=True)
+    client = api_client_for(customer)
+    endpoint = register(client, receiver.url)
+    place(client)
+
+    refused = wait_for(
+        lambda: Delivery.objects.filter(
+            endpoint_id=endpoint["id"], last_error__startswith="refused"
+        ).first(),
+        timeout=60,
+    )
+    # The worker ran the same check as registration (here the http scheme is refused first;
+    # over https this loopback address would be refused as private).
+    settings.WEBHOOKS_ALLOW_PRIVATE = False
+    with pytest.raises(UrlRefused) as refusal:
+        check_url(receiver.url.replace("http://", "https://"))
+    assert refusal.value.code == "private_address"
+    assert refused.status in (DeliveryStatus.PENDING, DeliveryStatus.DEAD)
+    assert receiver.all() == []
