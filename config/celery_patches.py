@@ -21,6 +21,19 @@ connection is being re-established could lose its main process with an "Unrecove
    worker. Fix: create a new set of pipes when none is free (as Celery itself does when it
    destroys the pipes of a process killed mid-write).
 
+And one to kombu's Redis transport (kombu 5.7.0):
+
+3. ``AttributeError("'NoneType' object has no attribute 'hostname'")`` in
+   ``Channel._connparams``. When the broker goes away the consumer closes its connection and
+   starts a new one; closing the transport clears its ``client``, and a channel of it that is
+   closed (or acks a message) afterwards tries to build a new Redis client from that ``None``
+   to restore its unacknowledged messages. kombu ignores connection errors there, not an
+   ``AttributeError``, so the worker's main process ended with an "Unrecoverable error".
+   Fix: a channel whose transport was closed raises a Redis ``ConnectionError`` instead,
+   which kombu ignores (closing) or logs (acking). Its unacknowledged messages stay in
+   Redis's ``unacked`` set and are restored after the visibility timeout; the sweeper rings
+   their sagas from the database long before that.
+
 ``tests/test_worker_survives_broker_restarts.py`` runs the sequence (pool processes killed
 while a private Redis broker restarts, eight times) against a real worker and fails without
 these. Remove this module once Celery ships the fixes upstream (the test tells).
@@ -30,7 +43,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from celery.concurrency import asynpool
+from kombu.transport import redis as kombu_redis
 
 _UNSET = object()
 
@@ -58,8 +73,20 @@ def _get_process_queues(self: Any) -> Any:
         return queues
 
 
+_original_connparams = kombu_redis.Channel._connparams
+
+
+def _connparams(self: Any, asynchronous: bool = False) -> Any:
+    if self.connection.client is None:
+        raise redis.exceptions.ConnectionError("the broker connection of this channel is closed")
+    return _original_connparams(self, asynchronous=asynchronous)
+
+
 def apply() -> None:
-    """Idempotent: patch the pool class once per process."""
+    """Idempotent: patch the pool class and the Redis channel once per process."""
+    if not getattr(kombu_redis.Channel, "_sagarunner_patched", False):
+        kombu_redis.Channel._connparams = _connparams
+        kombu_redis.Channel._sagarunner_patched = True
     if getattr(asynpool.AsynPool, "_sagarunner_patched", False):
         return
     asynpool.AsynPool._track_child_process = _track_child_process
