@@ -61,7 +61,9 @@ def _runs_a_task(stack: Stack, worker: Process) -> bool:
     from kombu import Connection
 
     task_id = uuid.uuid4().hex
-    probe = Celery("probe")
+    # Not the current app: shared tasks used later in this process (webhook doorbells) would
+    # resolve to it and publish to its default queue instead of the project's.
+    probe = Celery("probe", set_as_current=False)
     # An explicit connection: CELERY_BROKER_URL in this process names the shared broker.
     try:
         with Connection(stack.env["CELERY_BROKER_URL"], connect_timeout=2) as conn:
