@@ -197,37 +197,42 @@ CARRIER_TIMEOUT = 2 * settings.SAGA_STEP_TIMEOUT
 
 #: Version 1: no waits. Registered beside version 2 so orders placed before the upgrade run to
 #: their end on it (or move with ``saga_migrate order --from 1 --to 2``).
+# The forward steps both versions share (steps are frozen, so one object serves both).
+# Inventory lives in this database: the hold (and its release) commits with the step's record,
+# in one transaction instead of two; so does the sale (confirm_order).
+RESERVE_INVENTORY = Step(
+    "reserve_inventory",
+    reserve_inventory,
+    compensate=release_inventory,
+    provider="inventory",
+    transactional=True,
+)
+AUTHORIZE_PAYMENT = Step(
+    "authorize_payment",
+    authorize_payment,
+    compensate=void_authorization,
+    provider="payments",
+    non_retryable=(PaymentError,),  # a declined card is never asked again
+)
+ARRANGE_SHIPMENT = Step(
+    "arrange_shipment",
+    arrange_shipment,
+    compensate=cancel_shipment,
+    provider="shipping",
+    timeout=CARRIER_TIMEOUT,
+)
+CAPTURE_PAYMENT = Step(
+    "capture_payment", capture_payment, compensate=refund_payment, provider="payments"
+)
+CONFIRM_ORDER = Step(
+    "confirm_order", confirm_order, pivot=True, provider="inventory", transactional=True
+)
+
 order_saga_v1 = SagaDefinition(
     "order",
     version=1,
     on_resolve=settle_stock_on_resolve,
-    steps=[
-        # Inventory lives in this database: the hold (and its release) commits with the
-        # step's record, in one transaction instead of two.
-        Step(
-            "reserve_inventory",
-            reserve_inventory,
-            compensate=release_inventory,
-            provider="inventory",
-            transactional=True,
-        ),
-        Step(
-            "authorize_payment",
-            authorize_payment,
-            compensate=void_authorization,
-            provider="payments",
-            non_retryable=(PaymentError,),  # a declined card is never asked again
-        ),
-        Step(
-            "arrange_shipment",
-            arrange_shipment,
-            compensate=cancel_shipment,
-            provider="shipping",
-            timeout=CARRIER_TIMEOUT,
-        ),
-        Step("capture_payment", capture_payment, compensate=refund_payment, provider="payments"),
-        Step("confirm_order", confirm_order, pivot=True, provider="inventory", transactional=True),
-    ],
+    steps=[RESERVE_INVENTORY, AUTHORIZE_PAYMENT, ARRANGE_SHIPMENT, CAPTURE_PAYMENT, CONFIRM_ORDER],
     on_change=order_events,
 )
 
@@ -237,15 +242,7 @@ order_saga = SagaDefinition(
     version=2,
     on_resolve=settle_stock_on_resolve,
     steps=[
-        # Inventory lives in this database: the hold (and its release) commits with the
-        # step's record, in one transaction instead of two; so does the sale (confirm_order).
-        Step(
-            "reserve_inventory",
-            reserve_inventory,
-            compensate=release_inventory,
-            provider="inventory",
-            transactional=True,
-        ),
+        RESERVE_INVENTORY,
         Wait(
             "3ds_confirmed",
             name="confirm_3ds",
@@ -256,20 +253,8 @@ order_saga = SagaDefinition(
             validate=approval,
             decide=decide_3ds,
         ),
-        Step(
-            "authorize_payment",
-            authorize_payment,
-            compensate=void_authorization,
-            provider="payments",
-            non_retryable=(PaymentError,),  # a declined card is never asked again
-        ),
-        Step(
-            "arrange_shipment",
-            arrange_shipment,
-            compensate=cancel_shipment,
-            provider="shipping",
-            timeout=CARRIER_TIMEOUT,
-        ),
+        AUTHORIZE_PAYMENT,
+        ARRANGE_SHIPMENT,
         Wait(
             "fraud_review",
             timeout=lambda: settings.ORDER_FRAUD_REVIEW_TIMEOUT,
@@ -278,8 +263,8 @@ order_saga = SagaDefinition(
             validate=approval,
             decide=decide_fraud_review,
         ),
-        Step("capture_payment", capture_payment, compensate=refund_payment, provider="payments"),
-        Step("confirm_order", confirm_order, pivot=True, provider="inventory", transactional=True),
+        CAPTURE_PAYMENT,
+        CONFIRM_ORDER,
     ],
     on_change=order_events,
 )

@@ -18,7 +18,7 @@ SUPERVISE = [sys.executable, str(REPO_ROOT / "scripts" / "supervise.py")]
 
 # Dies twice (exit 1, then SIGKILL of itself), then stays up: each start appends a line.
 FLAKY = """
-import os, signal, sys, time
+import os, signal, sys
 path = sys.argv[1]
 with open(path, "a") as f:
     f.write("start\\n")
@@ -29,7 +29,7 @@ if starts == 2:
     os.kill(os.getpid(), signal.SIGKILL)
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 while True:
-    time.sleep(0.1)
+    signal.pause()  # until the supervisor's SIGTERM
 """
 
 
