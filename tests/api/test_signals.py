@@ -37,11 +37,16 @@ def order_when(api, order_id, wait_for, predicate) -> dict:
     return wait_for(check, timeout=60, describe=lambda: seen.get("body"))
 
 
-def waiting_for(name):
-    def check(body):
-        return Saga.objects.filter(pk=body["saga"]["id"], waiting_for=name).exists()
-
-    return check
+def parked_at(api, order: dict, wait_for, name: str) -> dict:
+    """The order's body read once its saga is parked on ``name``: read after the park, not
+    before it, so the body cannot show the step the saga was on a moment earlier."""
+    saga_id = order["saga"]["id"]
+    wait_for(
+        lambda: Saga.objects.filter(pk=saga_id, waiting_for=name).exists(),
+        timeout=60,
+        describe=lambda: Saga.objects.filter(pk=saga_id).values("state", "waiting_for").first(),
+    )
+    return api.get(f"/api/v1/orders/{order['id']}/").json()
 
 
 def signal(api, path: str, payload, key: str | None = None):
@@ -53,7 +58,7 @@ def test_a_large_order_waits_for_the_fraud_review_and_an_approval_confirms_it(
     client_api, ops_api, big, celery_worker, wait_for
 ):
     order = place(client_api, [("safe", 2)])
-    body = order_when(client_api, order["id"], wait_for, waiting_for("fraud_review"))
+    body = parked_at(client_api, order, wait_for, "fraud_review")
     # Staff's review, not the client's: the client still sees processing at the review step.
     assert body["status"] == "processing" and body["step"] == "fraud_review"
     assert body["payment"]["authorized"] == "1200.00" and body["payment"]["captured"] == "0.00"
@@ -85,7 +90,7 @@ def test_a_rejected_fraud_review_cancels_the_order_as_fraud_rejected(
     client_api, ops_api, big, celery_worker, wait_for
 ):
     order = place(client_api, [("safe", 2)])
-    order_when(client_api, order["id"], wait_for, waiting_for("fraud_review"))
+    parked_at(client_api, order, wait_for, "fraud_review")
     response = signal(
         ops_api, f"/api/v1/sagas/{order['saga']['id']}/signals/fraud_review/", {"approved": False}
     )
