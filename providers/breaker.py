@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -209,7 +209,7 @@ def _take_canary(provider: str, cfg: ProviderConfig, now: datetime) -> bool:
     if isinstance(since, str):  # SQLite
         since = datetime.fromisoformat(since)
     if since is not None and timezone.is_naive(since):
-        since = timezone.make_aware(since, timezone.utc)
+        since = timezone.make_aware(since, UTC)
     if since == now:
         _transitioned(provider, BreakerState.OPEN, BreakerState.HALF_OPEN, reason="cooldown over")
     metrics.CANARIES.labels(provider).inc()
