@@ -20,7 +20,7 @@ class AuthTokenAdmin(admin.ModelAdmin):
     list_select_related = ["user"]
     search_fields = ["=user__username"]
     ordering = ["-created"]
-    fields = ["label", "user", "created", "expiry"]
+    fields = ("label", "user", "created", "expiry")  # a tuple: shared with readonly_fields
     readonly_fields = fields
     actions = ["revoke"]
 

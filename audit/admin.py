@@ -19,7 +19,9 @@ class AuditEntryAdmin(admin.ModelAdmin):
     search_fields = ["=actor_name", "=target"]
     list_per_page = 100
     show_full_result_count = False
-    readonly_fields = [
+    # A tuple: the admin types ``fields`` as a list or tuple of names or name groups, and a
+    # list of plain names is not one (lists are invariant); a tuple is.
+    readonly_fields = (
         "at",
         "actor",
         "actor_name",
@@ -28,7 +30,7 @@ class AuditEntryAdmin(admin.ModelAdmin):
         "detail",
         "ip",
         "source",
-    ]
+    )
     fields = readonly_fields
 
     def has_add_permission(self, request: HttpRequest) -> bool:

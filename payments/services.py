@@ -62,9 +62,9 @@ def payment_authorize(
             status=PaymentStatus.DECLINED, decline_code=exc.decline_code
         )
         raise
-    payment = _record(order_uuid, response["id"])
+    recorded = _record(order_uuid, response["id"])
     return {
-        "payment_id": str(payment.id) if payment else None,
+        "payment_id": str(recorded.id) if recorded else None,
         "authorization_id": response["id"],
         "amount": str(from_minor(response["amount_minor"], response["currency"])),
         "currency": response["currency"],

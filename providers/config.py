@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -39,7 +40,7 @@ _cache: tuple[int, dict[str, ProviderConfig]] | None = None
 
 def _build(name: str) -> ProviderConfig:
     merged = {**settings.SAGA_PROVIDER_DEFAULTS, **(settings.SAGA_PROVIDERS or {}).get(name, {})}
-    values = {}
+    values: dict[str, Any] = {}  # ints and floats, each as its field declares
     for key, value in merged.items():
         if key not in _KNOBS:
             raise ImproperlyConfigured(

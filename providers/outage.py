@@ -65,6 +65,7 @@ def is_down(provider: str) -> bool:
             for name, until in FakeProviderStatus.objects.filter(down_until__gt=now).values_list(
                 "provider", "down_until"
             )
+            if until is not None  # never, past the filter; tells the type checker so
         }
         _read_at = mono
     until = _down.get(provider)

@@ -40,6 +40,7 @@ def shipment_arrange(*, key: str, order_id: uuid.UUID | str, country: str) -> di
 
     shipment = Shipment.objects.filter(key=key).first()
     if shipment is None:
+        fields: dict[str, Any]
         if country in UNSERVED_COUNTRIES:
             fields = {"status": ShipmentStatus.REFUSED}
         else:

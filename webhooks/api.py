@@ -23,7 +23,7 @@ from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from config.api import ErrorSerializer, Pagination, StrictCharField
+from config.api import ErrorSerializer, Pagination, StrictCharField, signed_in_user
 from config.api_errors import ApiError
 from webhooks.models import EVENT_TYPES, Endpoint
 from webhooks.services import EndpointInvalid, endpoint_create, endpoint_rotate_secret
@@ -112,7 +112,9 @@ class EndpointViewSet(
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # schema generation: no user
             return Endpoint.objects.none()
-        return Endpoint.objects.filter(owner=self.request.user).order_by("-created_at", "id")
+        return Endpoint.objects.filter(owner=signed_in_user(self.request)).order_by(
+            "-created_at", "id"
+        )
 
     def get_object(self) -> Endpoint:
         try:

@@ -74,7 +74,7 @@ def check_url(url: str) -> Target:
         raise UrlRefused("unresolvable_host", f"{parts.hostname} does not resolve.") from None
     addresses = []
     for info in infos:
-        ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+        ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])  # an IP text for INET/INET6
         if not allow_private and not _public(ip):
             raise UrlRefused(
                 "private_address",
