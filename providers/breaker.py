@@ -94,24 +94,32 @@ def admit(provider: str) -> Ticket | Wait:
     cfg = provider_config(provider)
     ensure_breaker(provider)
     now = timezone.now()
-    row = (
-        Breaker.objects.filter(provider=provider)
-        .values_list("state", "probe_at", "forced", "generation")
-        .first()
-    )
+    slot_id, lease = None, None
+    if _one_statement_gate():
+        lease_at = now + _call_lease()
+        row = _admit_closed(provider, cfg, now, lease_at)
+        if row is not None:
+            state, probe_at, forced, generation, slot_id = row
+            lease = lease_at if slot_id is not None else None
+    else:
+        row = (
+            Breaker.objects.filter(provider=provider)
+            .values_list("state", "probe_at", "forced", "generation")
+            .first()
+        )
+        if row is not None:
+            state, probe_at, forced, generation = row
     if row is None:  # deleted under this process (a flushed test database): recreate it
         _known_breakers.discard(provider)
         ensure_breaker(provider)
         return admit(provider)
-    state, probe_at, forced, generation = row
     canary = False
     if state != BreakerState.CLOSED:
         canary = not forced and _take_canary(provider, cfg, now)
         if not canary:
             metrics.PARKED.labels(provider, state).inc()
             return _wait(provider, cfg, state, probe_at, forced, now)
-    slot_id, lease = None, None
-    if cfg.max_in_flight:
+    if cfg.max_in_flight and slot_id is None:  # not already taken with the breaker's row
         slot_id, lease = _take_slot(provider, cfg, now)
         if slot_id is None:
             if canary:
@@ -126,6 +134,54 @@ def admit(provider: str) -> Ticket | Wait:
         metrics.LIMITED.labels(provider, "rate").inc()
         return Wait(provider, random.uniform(*_LIMIT_WAIT), "rate")
     return Ticket(provider, generation, slot_id, lease, canary)
+
+
+def _one_statement_gate() -> bool:
+    """Whether admission and outcomes may each be one statement that does not wait for its
+    commit's flush to disk.
+
+    PostgreSQL only, and never inside a transaction: ``synchronous_commit`` is set for the
+    current transaction, so inside a step's own transaction it would loosen the step's commit
+    too. Losing the last moments of slot leases or health counts to a server crash is harmless
+    (a lease runs out by itself; the counts are statistics), so these need no flush wait.
+    """
+    return connection.vendor == "postgresql" and not connection.in_atomic_block
+
+
+_NO_FLUSH_WAIT = "nf AS (SELECT set_config('synchronous_commit', 'off', true))"
+
+
+def _admit_closed(
+    provider: str, cfg: ProviderConfig, now: datetime, lease: datetime
+) -> tuple[str, datetime | None, bool, int, int | None] | None:
+    """The breaker's row and, when it is closed and calls are limited, a call slot taken in the
+    same statement: one round trip for the common case instead of two. ``None`` when the
+    breaker row is missing; a ``None`` slot when the breaker is not closed, calls are not
+    limited, or no slot was free (the caller then takes the slow path)."""
+    b, t = _qn(Breaker._meta.db_table), _qn(CallSlot._meta.db_table)
+    ts = connection.ops.adapt_datetimefield_value
+    cols = ", ".join(_qn(c) for c in ("state", "probe_at", "forced", "generation"))
+    if cfg.max_in_flight:
+        _ensure_slots(provider, cfg.max_in_flight)
+        slot = (
+            f", s AS (UPDATE {t} SET {_qn('lease_until')} = %s WHERE {_qn('id')} = ("
+            f"SELECT {_qn('id')} FROM {t} WHERE {_qn('provider')} = %s AND {_qn('n')} < %s AND "
+            f"({_qn('lease_until')} IS NULL OR {_qn('lease_until')} <= %s) AND EXISTS ("
+            f"SELECT 1 FROM br WHERE {_qn('state')} = 'closed') LIMIT 1 FOR UPDATE SKIP LOCKED"
+            f") RETURNING {_qn('id')})"
+        )
+        slot_params = [ts(lease), provider, cfg.max_in_flight, ts(now)]
+        slot_col = f"(SELECT {_qn('id')} FROM s)"
+    else:
+        slot, slot_params, slot_col = "", [], "NULL"
+    sql = (
+        f"WITH {_NO_FLUSH_WAIT}, br AS (SELECT {cols} FROM {b} WHERE {_qn('provider')} = %s)"
+        f"{slot} SELECT {cols}, {slot_col} FROM br, nf"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [provider, *slot_params])
+        row = cursor.fetchone()
+    return tuple(row) if row else None  # type: ignore[return-value]
 
 
 def _wait(
@@ -289,9 +345,12 @@ def report(ticket: Ticket | None, *, ok: bool) -> None:
 def _report(ticket: Ticket, *, ok: bool) -> None:
     provider = ticket.provider
     now = timezone.now()
-    if ticket.slot_id is not None:
-        _release_slot(ticket.slot_id, ticket.slot_lease)
-    _count(provider, ticket.generation, now, ok)
+    if _one_statement_gate():
+        _release_and_count(ticket, now, ok)
+    else:
+        if ticket.slot_id is not None:
+            _release_slot(ticket.slot_id, ticket.slot_lease)
+        _count(provider, ticket.generation, now, ok)
     metrics.CALLS.labels(provider, "ok" if ok else "failed").inc()
     cfg = provider_config(provider)
     if ticket.canary:
@@ -312,10 +371,42 @@ def _count(provider: str, generation: int, now: datetime, ok: bool) -> None:
     second = int(now.timestamp())
     with connection.cursor() as cursor:
         cursor.execute(sql, [provider, generation, second, int(ok), int(not ok)])
+    _trim(provider, second)
+
+
+def _trim(provider: str, second: int) -> None:
     if random.random() < 0.01:
         # Old buckets are never read again; trimming now and then keeps the table tiny.
         keep = provider_config(provider).window + 60
         HealthBucket.objects.filter(provider=provider, second__lt=second - keep).delete()
+
+
+def _release_and_count(ticket: Ticket, now: datetime, ok: bool) -> None:
+    """Give the call slot back and count the outcome in one statement (see
+    :func:`_one_statement_gate`): the slot only if it is still this call's lease."""
+    t, h = _qn(CallSlot._meta.db_table), _qn(HealthBucket._meta.db_table)
+    ts = connection.ops.adapt_datetimefield_value
+    column = _qn("ok" if ok else "failed")
+    release, params = "", []
+    if ticket.slot_id is not None:
+        release = (
+            f", r AS (UPDATE {t} SET {_qn('lease_until')} = NULL "
+            f"WHERE {_qn('id')} = %s AND {_qn('lease_until')} = %s RETURNING 1)"
+        )
+        params = [ticket.slot_id, ts(ticket.slot_lease)]
+    second = int(now.timestamp())
+    sql = (
+        f"WITH {_NO_FLUSH_WAIT}{release} "
+        f"INSERT INTO {h} ({_qn('provider')}, {_qn('generation')}, {_qn('second')}, "
+        f"{_qn('ok')}, {_qn('failed')}, {_qn('started')}) SELECT %s, %s, %s, %s, %s, 0 FROM nf "
+        f"ON CONFLICT ({_qn('provider')}, {_qn('generation')}, {_qn('second')}) DO UPDATE SET "
+        f"{column} = {h}.{column} + 1"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            sql, [*params, ticket.provider, ticket.generation, second, int(ok), int(not ok)]
+        )
+    _trim(ticket.provider, second)
 
 
 def window_counts(
