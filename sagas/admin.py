@@ -52,7 +52,7 @@ from sagas.definition import (
     registered_versions,
 )
 from sagas.exceptions import SagaOperationRefused
-from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
+from sagas.models import TERMINAL_STATES, Saga, SagaEvent, SagaState, SagaStep, StepStatus
 from sagas.services import (
     OPS_PERMISSION,
     describe_effects,
@@ -489,7 +489,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         "type_version",
         "state_badge",
         "step_column",
-        "attempt",
+        "attempt_column",
         "last_error_short",
         "age",
         "owner_link",
@@ -683,6 +683,22 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         if saga.state == SagaState.COMPENSATED and saga.failure_code:
             return format_html("cancelled ({})", saga.failure_code)
         return "-"
+
+    @admin.display(description="attempt")
+    def attempt_column(self, saga: Saga) -> str:
+        """Attempts of the step in hand; blank once the saga is done.
+
+        ``attempt`` counts claims of the current step (or undo) and the engine sets it back to
+        0 when a saga finishes, so a finished saga has no step in hand and a "0" would read as
+        "never tried". A saga that needs a person keeps the count of the step that stopped it.
+        """
+        if saga.state in TERMINAL_STATES:
+            return ""
+        return format_html(
+            '<span title="attempts of the {} in hand">{}</span>',
+            "undo" if saga.state == SagaState.COMPENSATING or saga.failed_undo else "step",
+            saga.attempt,
+        )
 
     @admin.display(description="last error")
     def last_error_short(self, saga: Saga) -> str:

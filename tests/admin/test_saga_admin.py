@@ -32,7 +32,11 @@ def page_url(saga: Saga) -> str:
 
 def listed_ids(response) -> list[str]:
     """Saga ids of the list's rows, in display order."""
-    return re.findall(r'/admin/sagas/saga/([0-9a-f-]{36})/change/"', response.content.decode())
+    return listed_ids_in(response.content.decode())
+
+
+def listed_ids_in(html: str) -> list[str]:
+    return re.findall(r'/admin/sagas/saga/([0-9a-f-]{36})/change/"', html)
 
 
 def sql(ctx) -> list[str]:
@@ -57,6 +61,27 @@ def test_list_shows_what_support_needs_newest_first(ops_client):
     assert "x" * 69 + "..." in html and "x" * 80 + "<" not in html  # error shortened
     assert f"/admin/orders/order/{old.order.pk}/change/" in html
     assert "3\xa0days" in html or "3 days" in html
+
+
+def test_attempt_column_counts_the_step_in_hand_and_is_blank_once_done(ops_client):
+    """The engine sets ``attempt`` back to 0 when a saga finishes: the list shows no count for
+    a finished saga instead of a "0" that reads as "never tried", and the real count for one
+    still working or waiting for a person."""
+    done = make_saga(age=timedelta(minutes=3))
+    undone = make_saga(state=SagaState.COMPENSATED, failure_code="no", age=timedelta(minutes=2))
+    stopped = needs_manual(attempt=5, age=timedelta(minutes=1))
+    retrying = running()
+    html = ops_client.get(LIST).content.decode()
+    cells = re.findall(r'<td class="field-attempt_column">(.*?)</td>', html, re.S)
+    assert len(cells) == 4, cells
+    shown = dict(zip(listed_ids_in(html), cells, strict=True))
+    assert shown[str(done.pk)] == shown[str(undone.pk)] == "-"
+    assert re.fullmatch(
+        r'<span title="attempts of the undo in hand">5</span>', shown[str(stopped.pk)]
+    )
+    assert re.fullmatch(
+        r'<span title="attempts of the step in hand">2</span>', shown[str(retrying.pk)]
+    )
 
 
 def test_filters_by_state_type_failed_step_signature_and_stuck(ops_client):
