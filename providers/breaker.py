@@ -94,12 +94,14 @@ def admit(provider: str) -> Ticket | Wait:
     cfg = provider_config(provider)
     ensure_breaker(provider)
     now = timezone.now()
-    slot_id, lease = None, None
+    slot_id: int | None = None
+    lease: datetime | None = None
+    row: tuple[Any, ...] | None
     if _one_statement_gate():
         lease_at = now + _call_lease()
         row = _admit_closed(provider, cfg, now, lease_at)
         if row is not None:
-            state, probe_at, forced, generation, slot_id = row
+            slot_id = row[4]
             lease = lease_at if slot_id is not None else None
     else:
         row = (
@@ -107,12 +109,11 @@ def admit(provider: str) -> Ticket | Wait:
             .values_list("state", "probe_at", "forced", "generation")
             .first()
         )
-        if row is not None:
-            state, probe_at, forced, generation = row
     if row is None:  # deleted under this process (a flushed test database): recreate it
         _known_breakers.discard(provider)
         ensure_breaker(provider)
         return admit(provider)
+    state, probe_at, forced, generation = row[:4]
     canary = False
     if state != BreakerState.CLOSED:
         canary = not forced and _take_canary(provider, cfg, now)
@@ -181,7 +182,7 @@ def _admit_closed(
     with connection.cursor() as cursor:
         cursor.execute(sql, [provider, *slot_params])
         row = cursor.fetchone()
-    return tuple(row) if row else None  # type: ignore[return-value]
+    return (row[0], row[1], row[2], row[3], row[4]) if row else None
 
 
 def _wait(
