@@ -522,6 +522,10 @@ LOGGING = {
     "root": {"handlers": ["default"], "level": LOG_LEVEL},
     "loggers": {
         "django.db.backends": {"level": "INFO"},
+        # A 4xx is a line of gunicorn's access log already (status, path, size, client); at
+        # WARNING Django's request logger wrote every one a second time ("Not Found: /x/").
+        # 5xx still arrive here as ERROR, with the traceback.
+        "django.request": {"level": "ERROR"},
         "celery": {"level": LOG_LEVEL},
     },
 }

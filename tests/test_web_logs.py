@@ -1,0 +1,119 @@
+"""What web writes to its log: each 4xx once (gunicorn's access line), and no control socket
+at a path that every gunicorn of the same user shares.
+
+Runs gunicorn exactly as ``make run`` starts it (the web line of its Procfile), from the
+project root, against this session's database.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from lab.stack import answers, spare_port
+from lab.supervisor import Process
+from tests.conftest import REPO_ROOT, database_url_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _make_run_web_argv(port: int) -> list[str]:
+    """The web command of ``make run``'s Procfile, without the supervisor in front of it."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        import run
+    finally:
+        sys.path.pop(0)
+    lines = dict(line.split(": ", 1) for line in run.procfile(port).splitlines())
+    argv = shlex.split(lines["web"].removeprefix("exec "))
+    return argv[argv.index("--") + 1 :]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    import os
+
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    return {
+        **os.environ,
+        "DATABASE_URL": database_url_for(connection.settings_dict),
+        "CELERY_BROKER_URL": "memory://",
+        "CACHE_URL": f"file://{tmp_path / 'cache'}",
+        "SECRET_KEY": "test-web-logs-not-secret",
+        "HTTPS_ONLY": "0",
+        "LOG_FORMAT": "json",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics),
+        # Where gunicorn would put its default control socket: here, not in the real home.
+        "XDG_RUNTIME_DIR": str(tmp_path),
+        "HOME": str(tmp_path),
+    }
+
+
+def test_gunicorn_of_make_run_has_no_control_socket(tmp_path):
+    """gunicorn reads ./gunicorn.conf.py: the control socket is off for the web line of make
+    run (and every other gunicorn started from the project root)."""
+    argv = _make_run_web_argv(spare_port())
+    probe = (
+        "import sys; from gunicorn.app.wsgiapp import WSGIApplication; "
+        f"sys.argv = {['gunicorn', *argv[argv.index('gunicorn') + 1 :]]!r}; "
+        "print(WSGIApplication().cfg.control_socket_disable)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO_ROOT,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "True", done.stdout
+
+
+def test_a_4xx_is_logged_once(tmp_path, wait_for):
+    """A 404 and a 401 from the API: each is one access line, with no second line from
+    Django's request logger ("Not Found: ..."); gunicorn announces no control socket."""
+    port = spare_port()
+    web = Process(
+        "web", _make_run_web_argv(port), env=_env(tmp_path), log_path=tmp_path / "web.log"
+    )
+    web.start()
+    try:
+        wait_for(lambda: answers("127.0.0.1", port) or not web.alive, timeout=60)
+        assert web.alive, web.log_tail()
+        statuses = {}
+        for path in ("/api/v1/no-such-route/", "/api/v1/orders/"):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30)
+            except urllib.error.HTTPError as error:
+                statuses[path] = error.code
+        assert statuses == {"/api/v1/no-such-route/": 404, "/api/v1/orders/": 401}
+        # The access line is written after the response; Django's request logger would have
+        # written its line before it, in the same worker: once both access lines are there,
+        # every line these requests cause is in the log.
+        wait_for(
+            lambda: all(f"GET {p} " in web.log_tail(10**6) for p in statuses),
+            timeout=30,
+            describe=lambda: web.log_tail(3000),
+        )
+    finally:
+        web.stop(timeout=15)
+    log = web.log_path.read_text()
+    for path in statuses:
+        mentions = [line for line in log.splitlines() if path in line]
+        assert len(mentions) == 1, mentions
+    request_lines = [
+        line
+        for line in log.splitlines()
+        if line.startswith("{") and json.loads(line).get("logger") == "django.request"
+    ]
+    assert not request_lines, request_lines
+    assert "Control socket listening" not in log, log[-3000:]
