@@ -316,8 +316,9 @@ SAGA_SWEEP_BATCH = env.int("SAGA_SWEEP_BATCH", default=500)
 # million long waits hold no broker message.
 SAGA_TIMER_RING_WITHIN = env.float("SAGA_TIMER_RING_WITHIN", default=300.0)
 # PostgreSQL: a claim, and a record after which the same task goes straight on, commit without
-# waiting for their WAL flush (they only extend the task's lease; see sagas.engine). Records
-# that hand the saga on (doorbell, terminal state, a person) always wait.
+# waiting for their WAL flush (they only extend the task's lease; see
+# sagas.timing.lease_only_commits). Records that hand the saga on (doorbell, terminal state, a
+# person) always wait.
 SAGA_ASYNC_LEASE_COMMITS = env.bool("SAGA_ASYNC_LEASE_COMMITS", default=True)
 SAGA_FAULTS = env("SAGA_FAULTS", default="")
 # Downstream providers (providers app): per-provider circuit breaker and call limits. Off makes

@@ -14,7 +14,7 @@ from __future__ import annotations
 from celery import shared_task
 from django.db import connection
 
-from sagas.definition import SagaDefinition, Step, StepContext, register
+from sagas.public import SagaDefinition, Step, StepContext, register
 
 TABLE = "saga_bench_writes"
 

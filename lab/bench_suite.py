@@ -195,8 +195,10 @@ def order_queries_per_step() -> tuple[float, float]:
     from lab.order_bench import _bench_catalog
     from orders.models import Order
     from orders.services import order_create
-    from sagas.engine import advance, definition_of, step_timeout
+    from sagas.definition import definition_of
     from sagas.models import Saga
+    from sagas.runner import advance
+    from sagas.timing import step_timeout
 
     _bench_catalog()
     from django.contrib.auth import get_user_model
@@ -688,8 +690,8 @@ def measure_sweep(*, total: int = 1_000_000, overdue: int = 100, repeats: int = 
     from django.db import connection, transaction
     from django.test.utils import CaptureQueriesContext
 
-    from sagas.engine import sweep
     from sagas.models import Saga
+    from sagas.sweeper import sweep
 
     not_due = 1000
     say(f"sweep: loading {total:,} sagas with COPY ({overdue} overdue, {not_due} not yet due)")
@@ -791,7 +793,7 @@ def run_soak(opts: dict[str, Any]) -> int:
     from lab import bench_saga as bench
     from lab import engine_bench as benchmark
     from sagas.models import SETTLED_STATES, Saga
-    from sagas.services import saga_start
+    from sagas.public import saga_start
 
     seconds = opts["soak"]
     rate = opts["rate"] or 40.0

@@ -27,7 +27,7 @@ from django.utils import timezone
 from lab import bench_saga as bench
 from lab.supervisor import Supervisor
 from sagas.models import Saga, SagaState
-from sagas.services import saga_start
+from sagas.public import saga_start
 
 REPO_ROOT = Path(settings.BASE_DIR)
 
@@ -259,7 +259,7 @@ def engine_queries_per_step(saga_type: str = "bench5") -> float:
     """Engine statements per step on the happy path, counted in-process on the same code."""
     from django.test.utils import CaptureQueriesContext
 
-    from sagas.engine import advance
+    from sagas.runner import advance
 
     bench.ensure_table()
     with transaction.atomic():

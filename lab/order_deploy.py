@@ -17,7 +17,7 @@ from pathlib import Path
 
 from orders.models import Order
 from orders.saga import order_saga
-from sagas.definition import SagaDefinition, Step, StepContext, register
+from sagas.public import SagaDefinition, Step, StepContext, register
 
 FLAG_ENV = "SAGARUNNER_ORDER_NEXT_FLAG"
 

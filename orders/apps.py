@@ -9,7 +9,7 @@ class OrdersConfig(AppConfig):
     def ready(self) -> None:
         """Register the "order" saga type, so every process that loads Django can run it."""
         from orders.saga import order_saga, order_saga_v1
-        from sagas.definition import register
+        from sagas.public import register
 
         register(order_saga_v1)  # orders placed before the waits; see orders.saga
         register(order_saga)

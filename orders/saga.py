@@ -37,7 +37,7 @@ from orders.models import Order
 from payments import services as payments
 from payments.errors import PaymentError
 from payments.provider import PM_3DS_REQUIRED
-from sagas.definition import (
+from sagas.public import (
     JSON,
     BusinessFailure,
     SagaDefinition,

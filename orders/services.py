@@ -23,9 +23,8 @@ from orders.countries import COUNTRY_CODES
 from orders.errors import OrderInvalid
 from orders.models import Order, OrderItem
 from payments.provider import TEST_CARDS
-from sagas import services as saga_services
-from sagas.exceptions import SagaOperationRefused
 from sagas.models import Saga
+from sagas.public import SagaOperationRefused, saga_request_cancel, saga_start
 from webhooks import services as webhook_services
 
 #: The fake provider's test cards (docs/design.md); anything else is refused up front rather
@@ -180,7 +179,7 @@ def order_create(
     order_id = uuid.uuid4()
     # The saga carries ids, amounts and codes only: the address and payment method stay on
     # the order row, where steps read them by id.
-    saga = saga_services.saga_start(
+    saga = saga_start(
         saga_type="order",
         data={
             "order_id": str(order_id),
@@ -222,7 +221,7 @@ def order_request_cancel(*, order: Order, actor) -> Order:
     # Users appear in the timeline as ``user:<name>``, like the ops operations.
     actor_name = f"user:{actor.get_username()}" if hasattr(actor, "get_username") else str(actor)
     try:
-        order.saga = saga_services.saga_request_cancel(
+        order.saga = saga_request_cancel(
             saga_id=order.saga_id, reason=CUSTOMER_CANCELLED, actor=actor_name
         )
     except SagaOperationRefused as refused:

@@ -16,6 +16,8 @@ class SagasConfig(AppConfig):
             import_module(module)
         import_module("sagas.audit_hooks")
         import_module("sagas.checks")  # registers the deploy check
+        # The doorbell sends the run task by name: register it in every process that rings.
+        import_module("sagas.tasks")
         post_migrate.connect(_ensure_sweep_schedule, sender=self)
 
 

@@ -421,3 +421,34 @@ def forward_key(saga_id: object, step: str) -> str:
 
 def undo_key(saga_id: object, step: str) -> str:
     return f"saga:{saga_id}:{step}:undo"
+
+
+# ---------------------------------------------------------------------------------------------
+# What a definition says about one saga: the context a step gets, the undo ladder
+# ---------------------------------------------------------------------------------------------
+def step_context(definition: SagaDefinition, saga: Saga, *, compensating: bool) -> StepContext:
+    """What the saga's current step (or its compensation) is called with, keys derived from
+    the saga and step alone: the runner and a signal's ``when`` probe see the same context."""
+    name = saga.current_step
+    fwd = forward_key(saga.id, name)
+    return StepContext(
+        saga_id=str(saga.id),
+        saga_type=saga.saga_type,
+        step=name,
+        attempt=saga.attempt,
+        data=saga.data,
+        results=saga.results,
+        idempotency_key=undo_key(saga.id, name) if compensating else fwd,
+        forward_key=fwd,
+        correlation_id=saga.correlation_id,
+        compensating=compensating,
+    )
+
+
+def next_compensable(definition: SagaDefinition, saga: Saga, below: int) -> int | None:
+    """The next step at an index < ``below`` that took effect and has a compensation."""
+    for j in range(below - 1, -1, -1):
+        step = definition.steps[j]
+        if step.compensate is not None and step.name in saga.results:
+            return j
+    return None

@@ -146,7 +146,7 @@ class Saga(FSMModelMixin, models.Model):
         return f"{self.saga_type} saga {self.id} ({self.state})"
 
     # -- transitions: declared once; the engine calls them on an in-memory copy and then writes
-    #    the row fenced on its version (see sagas.engine).
+    #    the row fenced on its version (see sagas.store).
     @transition(field=state, source=SagaState.RUNNING, target=SagaState.SUCCEEDED)
     def succeed(self) -> None:
         """Every forward step has run."""

@@ -20,10 +20,18 @@ from django.db import transaction
 from django.utils import timezone
 
 from sagas import metrics, tracing
-from sagas.definition import change_hook, definition_of, forward_key, get_definition, undo_key
-from sagas.engine import next_compensable, ring_on_commit, step_timeout
+from sagas.definition import (
+    change_hook,
+    definition_of,
+    forward_key,
+    get_definition,
+    next_compensable,
+    undo_key,
+)
+from sagas.doorbell import ring_on_commit
 from sagas.exceptions import SagaOperationRefused
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
+from sagas.timing import step_timeout
 
 log = structlog.get_logger("sagas.services")
 

@@ -25,8 +25,8 @@ from django.db import transaction
 from django.utils import timezone
 
 from sagas import tracing
-from sagas.definition import Park, SagaDefinition, definition_of
-from sagas.engine import ring_on_commit
+from sagas.definition import Park, SagaDefinition, definition_of, step_context
+from sagas.doorbell import ring_on_commit
 from sagas.exceptions import SagaOperationRefused, SignalPayloadInvalid
 from sagas.models import Saga, SagaSignal, SagaState
 from sagas.services import OPS_PERMISSION, _actor, _event, _locked, _save
@@ -78,15 +78,13 @@ def _check_payload(park: Park, payload: Any) -> dict:
 
 def _will_wait(definition: SagaDefinition, saga: Saga, index: int) -> bool:
     """Whether a running saga at or before the ``Wait`` at ``index`` will wait there."""
-    from sagas.engine import _context  # the same context the step will get
-
     park = definition.steps[index].park
     if park is None or park.when is None or saga.waiting_since is not None:
         return True
     probe = Saga(**{f.attname: getattr(saga, f.attname) for f in Saga._meta.concrete_fields})
     probe.step_index, probe.current_step = index, definition.steps[index].name
     try:
-        return bool(park.when(_context(definition, probe, compensating=False)))
+        return bool(park.when(step_context(definition, probe, compensating=False)))
     except Exception:  # noqa: BLE001 - when in doubt keep it: the wait decides again
         return True
 

@@ -1,19 +1,25 @@
-"""Celery tasks of the engine: thin, they take ids and hand over to :mod:`sagas.engine`."""
+"""Celery tasks of the engine: thin, they take ids and hand over to the runner and the sweeper.
+
+The top of the engine: nothing in it imports this module. The doorbell sends the run task by
+its name (:data:`sagas.doorbell.RUN_TASK`); the sagas app imports this module when it is ready,
+so every process that rings has the task registered.
+"""
 
 from celery import Task, shared_task
+from django.conf import settings
+
+from sagas.doorbell import RUN_TASK
+from sagas.runner import advance
+from sagas.sweeper import sweep
 
 
-@shared_task(name="sagas.run", ignore_result=True, acks_late=True, bind=True)
+@shared_task(name=RUN_TASK, ignore_result=True, acks_late=True, bind=True)
 def run_saga(self: Task, saga_id: str, version: int) -> None:
     """The doorbell: saga ``saga_id`` at ``version`` may have work now.
 
     A doorbell for a step with its own timeout carries time limits that fit it; the task
     hands that timeout to the engine, which sizes the lease from it.
     """
-    from django.conf import settings
-
-    from sagas.engine import advance
-
     soft = (self.request.timelimit or (None, None))[1]
     timeout = None if soft is None else float(soft) - settings.SAGA_INLINE_BUDGET
     advance(saga_id, version, timeout)
@@ -22,6 +28,4 @@ def run_saga(self: Task, saga_id: str, version: int) -> None:
 @shared_task(name="sagas.sweep", ignore_result=True)
 def sweep_sagas() -> dict[str, int]:
     """Beat: ring for overdue sagas and time out those past their deadline."""
-    from sagas.engine import sweep
-
     return sweep()

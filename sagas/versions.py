@@ -33,6 +33,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from sagas.definition import SagaDefinition, forward_key, get_definition
+from sagas.doorbell import ring_on_commit
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
 
 UNSETTLED = (SagaState.RUNNING, SagaState.COMPENSATING, SagaState.NEEDS_MANUAL)
@@ -251,7 +252,6 @@ def apply_migration(
     Sagas whose step is in flight, or that another transaction holds, are left for the next
     run (the plan counts them as in flight).
     """
-    from sagas.engine import ring_on_commit
 
     source, target = _definitions(saga_type, from_version, to_version)
     plan = Plan(saga_type, source, target)

@@ -22,9 +22,10 @@ from django.core.management import call_command
 from inventory.models import Product
 from orders.models import Order
 from orders.selectors import OrderStatus
-from sagas.engine import ring, sweep
+from sagas.doorbell import ring
 from sagas.faults import OPERATIONS
 from sagas.models import ACTIVE_STATES, Saga, SagaEvent
+from sagas.sweeper import sweep
 
 from .conftest import make_product, place
 

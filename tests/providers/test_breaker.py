@@ -66,7 +66,7 @@ def test_failures_below_the_rate_keep_it_closed():
 
 def test_business_failures_count_as_healthy_answers():
     from sagas.definition import BusinessFailure, StepContext
-    from sagas.engine import _call as engine_call
+    from sagas.provider_seam import call_step as engine_call
 
     ctx = StepContext("s", "t", "step", 1, {}, {}, "k", "k")
 

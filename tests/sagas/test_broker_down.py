@@ -9,8 +9,8 @@ import sys
 import pytest
 from django.db import connection
 
-from sagas.engine import sweep
 from sagas.models import Saga, SagaState
+from sagas.sweeper import sweep
 from tests.conftest import REPO_ROOT, database_url_for
 from tests.sagas.sagatypes import ensure_effects_table
 

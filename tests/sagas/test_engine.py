@@ -15,7 +15,6 @@ from django.core.exceptions import PermissionDenied
 from django.db import connection, connections, transaction
 
 from config.celery import app
-from sagas.engine import sweep
 from sagas.exceptions import SagaOperationRefused
 from sagas.models import Saga, SagaState
 from sagas.services import (
@@ -26,6 +25,7 @@ from sagas.services import (
     saga_retry_now,
     saga_start,
 )
+from sagas.sweeper import sweep
 from sagas.tasks import run_saga
 from tests.sagas.sagatypes import FIVE, effects, ensure_effects_table
 
@@ -160,7 +160,7 @@ def test_duplicate_and_stale_deliveries_do_nothing_twice(celery_worker, wait_for
     events_before = saga.events.count()
     run_saga.delay(str(saga.id), 0)  # stale: an old version
     run_saga.delay(str(saga.id), saga.version)  # current version, but the saga is settled
-    from sagas.engine import advance
+    from sagas.runner import advance
 
     advance(saga.id, 0)
     advance(saga.id, saga.version)
@@ -459,7 +459,8 @@ def test_engine_overhead_queries_per_step_are_pinned(celery_worker, wait_for):
     """Claim once, then per step one record transaction: at most 3 engine queries per step."""
     from django.test.utils import CaptureQueriesContext
 
-    from sagas.engine import advance, claim
+    from sagas.runner import advance
+    from sagas.store import claim
 
     worker_saga = settled(start().id, wait_for)  # warm the worker path too
     assert worker_saga.state == SagaState.SUCCEEDED
@@ -489,7 +490,7 @@ def test_only_commits_that_hand_the_saga_on_wait_for_the_disk(
     straight on skip the WAL flush wait; the terminal record waits. Off: every one waits."""
     from django.test.utils import CaptureQueriesContext
 
-    from sagas.engine import advance
+    from sagas.runner import advance
 
     settings.SAGA_ASYNC_LEASE_COMMITS = async_lease_commits
     settings.SAGA_INLINE_BUDGET = 60.0  # all five steps in this one call

@@ -18,10 +18,12 @@ from django.utils import timezone
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sagas.definition import get_definition
-from sagas.engine import _context, advance, claim, sweep
+from sagas.definition import get_definition, step_context
 from sagas.models import ACTIVE_STATES, Saga, SagaState
+from sagas.runner import advance
 from sagas.services import saga_start
+from sagas.store import claim
+from sagas.sweeper import sweep
 from tests.sagas.sagatypes import FIVE, effects, ensure_effects_table
 
 FORWARD = st.sampled_from(["ok", "ok", "ok", "business:no", "transient", "lost"])
@@ -52,7 +54,7 @@ def _crash(saga: Saga) -> None:
     definition = get_definition(claimed.saga_type)
     step = definition.steps[claimed.step_index]
     fn = step.action if claimed.state == SagaState.RUNNING else step.compensate
-    ctx = _context(definition, claimed, compensating=claimed.state != SagaState.RUNNING)
+    ctx = step_context(definition, claimed, compensating=claimed.state != SagaState.RUNNING)
     with contextlib.suppress(Exception):  # the process is gone either way
         fn(ctx)
 

@@ -16,8 +16,8 @@ from django.utils import timezone
 
 from providers import breaker
 from providers.models import Breaker
-from sagas.engine import advance
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep
+from sagas.runner import advance
 from sagas.services import saga_start
 from tests.sagas.sagatypes import effects, ensure_effects_table
 

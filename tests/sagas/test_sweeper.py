@@ -7,9 +7,10 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from sagas.engine import claim, sweep
 from sagas.models import Saga
 from sagas.services import saga_start
+from sagas.store import claim
+from sagas.sweeper import sweep
 
 pytestmark = pytest.mark.django_db
 

@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from config.tracing import tracing_requested
-from sagas import engine, tracing
+from sagas import doorbell, runner, tracing
 from sagas.models import Saga, SagaState
 from sagas.services import saga_start
 from sagas.signals import saga_signal
@@ -37,7 +37,7 @@ def spans(monkeypatch, transactional_db):
     """Tracing on in this process, spans kept in memory; doorbells off (the test drives)."""
     ensure_effects_table()
     monkeypatch.setattr(trace, "get_tracer_provider", lambda: _PROVIDER)
-    monkeypatch.setattr(engine, "ring", lambda *a, **k: None)
+    monkeypatch.setattr(doorbell, "ring", lambda *a, **k: None)
     _EXPORTER.clear()
     tracing.enable()
     yield _EXPORTER
@@ -53,7 +53,7 @@ def drive(saga_id, *, until_parked: bool = False) -> Saga:
         if until_parked and saga.waiting_since is not None:
             return saga
         Saga.objects.filter(pk=saga_id).update(next_attempt_at=None)  # due now
-        engine.advance(saga_id, saga.version)
+        runner.advance(saga_id, saga.version)
     raise AssertionError("the saga did not settle")
 
 

@@ -28,7 +28,7 @@ def start(script=None) -> Saga:
 
 
 def settled(saga_id, wait_for, *, sweeping=False) -> Saga:
-    from sagas.engine import sweep
+    from sagas.sweeper import sweep
 
     def check():
         if sweeping:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from django.db import transaction
 
-from sagas.engine import ring
+from sagas.doorbell import ring
 from sagas.models import Saga, SagaState, SagaStep
 from sagas.services import saga_start
 from tests.sagas.sagatypes import VER_V1, VER_V2, effects, ensure_effects_table

@@ -189,7 +189,7 @@ DRIVER = """
 import sys, time, django
 django.setup()
 from django.db import transaction
-from sagas.engine import sweep
+from sagas.sweeper import sweep
 from sagas.services import saga_start
 with transaction.atomic():
     saga = saga_start(saga_type="test_sleep", data={})

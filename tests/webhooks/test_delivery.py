@@ -11,8 +11,8 @@ from django.db import transaction
 from orders.models import Order
 from orders.selectors import OrderStatus
 from sagas.definition import get_definition
-from sagas.engine import sweep as saga_sweep
 from sagas.services import saga_request_cancel
+from sagas.sweeper import sweep as saga_sweep
 from webhooks import signing
 from webhooks.delivery import sweep
 from webhooks.models import Delivery, DeliveryStatus, Event

@@ -8,7 +8,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from sagas import engine, tracing
+from sagas import doorbell, runner, tracing
 from sagas.models import ACTIVE_STATES, Saga
 from webhooks import delivery
 from webhooks.delivery import deliver_endpoint
@@ -26,7 +26,7 @@ def test_a_delivery_continues_the_trace_of_the_request_that_placed_the_order(
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
     # No doorbells: this process delivers, so its spans are the ones exported here.
-    monkeypatch.setattr(engine, "ring", lambda *a, **k: None)
+    monkeypatch.setattr(doorbell, "ring", lambda *a, **k: None)
     monkeypatch.setattr(delivery, "ring", lambda *a, **k: None)
     tracing.enable()
     try:
@@ -39,7 +39,7 @@ def test_a_delivery_continues_the_trace_of_the_request_that_placed_the_order(
             if saga.state not in ACTIVE_STATES:
                 break
             Saga.objects.filter(pk=saga.pk).update(next_attempt_at=None)
-            engine.advance(saga.pk, saga.version)
+            runner.advance(saga.pk, saga.version)
         assert deliver_endpoint(endpoint["id"]) >= 1
     finally:
         tracing.enable(False)

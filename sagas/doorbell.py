@@ -1,0 +1,135 @@
+"""The doorbell: a Celery message that says "saga X at version V may have work now".
+
+The database row is the truth; the message only wakes a worker, which claims the row (see
+:mod:`sagas.store`) and finds a stale or duplicate doorbell fenced off. So ringing never fails
+its caller: a lost message is rung again by the sweeper from the database.
+
+The message is the task named :data:`RUN_TASK`, published through the Celery app's task of
+that name (``sagas.tasks`` declares it; the sagas app imports that module when it is ready),
+so the doorbell needs nothing above it: the task's body (the runner) imports the doorbell,
+never the other way round.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+from celery import current_app
+from django.conf import settings
+from django.db import transaction
+from kombu.utils.uuid import uuid
+
+from sagas.timing import task_time_limits
+
+log = structlog.get_logger("sagas.engine")
+
+#: The name of the task a doorbell sends (declared in ``sagas.tasks``).
+RUN_TASK = "sagas.run"
+
+
+def _run_task() -> Any:
+    """The run task of the current Celery app (what ``shared_task``'s proxy resolves to)."""
+    return current_app.tasks[RUN_TASK]
+
+
+# After a failed publish, skip the broker for this long: the sweeper rings those sagas later,
+# and requests and steps do not each pay a connect timeout while the broker is down.
+_BREAKER_SECONDS = 2.0
+_broker_down_until = 0.0
+
+
+def _limits(timeout: float | None) -> dict[str, float]:
+    """Message options giving a task the time limits of a step with ``timeout`` (none for the
+    default timeout: the task's annotations already say that)."""
+    if timeout is None or timeout == settings.SAGA_STEP_TIMEOUT:
+        return {}
+    soft, hard = task_time_limits(timeout)
+    return {"soft_time_limit": soft, "time_limit": hard}
+
+
+def ring(
+    saga_id: Any, version: int, countdown: float | None = None, timeout: float | None = None
+) -> None:
+    """Send "saga X at version V may have work". Never raises: the row is already safe.
+
+    A broker that is down or restarting must not fail the request or the step that committed;
+    the sweeper rings again once the broker is back. ``timeout`` is the timeout of the step
+    the saga will run: the task gets time limits that fit it.
+    """
+    global _broker_down_until
+    if time.monotonic() < _broker_down_until:
+        log.debug("saga.doorbell_skipped", saga_id=str(saga_id), version=version)
+        return
+    run_saga = _run_task()
+    try:
+        run_saga.apply_async(
+            (str(saga_id), version),
+            countdown=countdown if countdown and countdown > 0 else None,
+            retry=True,
+            retry_policy={"max_retries": 1, "interval_start": 0.05, "interval_step": 0.2},
+            **_limits(timeout),
+        )
+    except Exception as exc:  # noqa: BLE001 - any broker failure is logged and forgotten
+        _broker_down_until = time.monotonic() + _BREAKER_SECONDS
+        log.warning("saga.doorbell_failed", saga_id=str(saga_id), version=version, error=repr(exc))
+
+
+def ring_on_commit(
+    saga_id: Any, version: int, countdown: float | None = None, timeout: float | None = None
+) -> None:
+    """:func:`ring` once the caller's transaction commits: never for a change rolled back."""
+    transaction.on_commit(lambda: ring(saga_id, version, countdown, timeout))
+
+
+def ring_many(doorbells: list[tuple[Any, int, float | None]]) -> None:
+    """Ring for many sagas at once; never raises, like :func:`ring`.
+
+    The sweeper rings up to ``SAGA_SWEEP_BATCH`` sagas per tick. Through ``apply_async`` each
+    doorbell costs about 0.6 ms: a fresh Redis client and round trip, a queue declaration, and
+    ``send_task`` working out the same routing and options again. Here the route is worked out
+    once, the queue declared once, and each message is built and published with Celery's own
+    ``create_task_message`` / ``send_task_message`` (so it is the same task message a worker
+    gets from ``apply_async``) inside a kombu producer batch: one pipelined round trip on
+    Redis, one publish after another where a transport cannot batch (AMQP). If the batch
+    fails, each doorbell goes through :func:`ring` instead (reconnecting, behind the breaker);
+    what still fails is forgotten: every saga rung here had its ``sweeps`` counter bumped, so
+    a later sweep rings it again after a backoff.
+    """
+    if not doorbells:
+        return
+    if time.monotonic() < _broker_down_until:
+        log.debug("saga.doorbells_skipped", count=len(doorbells))
+        return
+    run_saga = _run_task()
+    app, name = run_saga.app, run_saga.name
+    amqp = app.amqp
+    try:
+        route = amqp.router.route({}, name, (str(doorbells[0][0]), doorbells[0][1]), {}, run_saga)
+        with app.producer_or_acquire() as producer, producer.batch(max_size=len(doorbells)):
+            declare = None  # the first message declares the queue; the rest need not again
+            for saga_id, version, timeout in doorbells:
+                args = (str(saga_id), version)
+                message = amqp.create_task_message(
+                    uuid(),
+                    name,
+                    args,
+                    {},
+                    ignore_result=True,
+                    argsrepr=repr(args),
+                    kwargsrepr="{}",
+                    **_limits(timeout),
+                )
+                amqp.send_task_message(
+                    producer, name, message, declare=declare, retry=False, **route
+                )
+                declare = []
+    except Exception as exc:  # noqa: BLE001 - any broker failure: fall back to one by one
+        # The pooled connection may have died with a broker restart (py-amqp does not
+        # reconnect by itself). ring() publishes with a reconnecting retry; if the broker is
+        # really down, its first failure opens the breaker and the rest are skipped at once.
+        # A doorbell sent twice (some went out before the failure) is fenced.
+        log.warning("saga.doorbells_batch_failed", count=len(doorbells), error=repr(exc))
+        for saga_id, version, timeout in doorbells:
+            ring(saga_id, version, timeout=timeout)

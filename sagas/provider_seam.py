@@ -1,0 +1,80 @@
+"""The provider seam: a gate before a participant call, an outcome report after it.
+
+A step that names its ``provider`` asks that provider's breaker (:mod:`providers.breaker`)
+for a call first and reports how the call went afterwards; the runner decides what a closed
+gate or a failure means for the saga. Steps without a provider, or with breakers off, are
+called as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from providers import breaker as provider_breaker
+from providers.config import breakers_enabled
+from sagas.definition import BusinessFailure, Step, StepContext, StepFunction
+from sagas.models import Saga
+from sagas.store import StepTransaction
+
+
+def gate(step: Step) -> provider_breaker.Ticket | provider_breaker.Wait | None:
+    """Ask the step's provider for a call: a ticket, a wait, or ``None`` if it is not gated."""
+    if not step.provider or not breakers_enabled():
+        return None
+    return provider_breaker.admit(step.provider)
+
+
+def call_step(
+    fn: StepFunction,
+    ctx: StepContext,
+    ticket: provider_breaker.Ticket | None,
+    definite: tuple[type[BaseException], ...] = (),
+    tx: StepTransaction | None = None,
+) -> Any:
+    """Call a step function; its provider's health counts transient failures only.
+
+    ``definite`` (the step's ``non_retryable``) are definite answers too: raised again as a
+    :class:`BusinessFailure` carrying the exception's ``code`` (else ``step_failed``).
+
+    A transactional step's outcome is reported outside its transaction (after a failure rolled
+    it back, or once the record has committed or been fenced off): the provider's counters are
+    shared rows that must neither wait for, nor vanish with, one saga's transaction.
+    """
+    try:
+        result = fn(ctx)
+    except BusinessFailure:
+        if tx is not None:
+            tx.rollback()
+        provider_breaker.report(ticket, ok=True)  # a definite answer: the provider is healthy
+        raise
+    except definite as exc:  # empty: catches nothing
+        if tx is not None:
+            tx.rollback()
+        provider_breaker.report(ticket, ok=True)
+        raise BusinessFailure(getattr(exc, "code", "") or "step_failed", str(exc)) from exc
+    except BaseException:
+        if tx is not None:
+            tx.rollback()
+        provider_breaker.report(ticket, ok=False)
+        raise
+    if tx is not None and tx.open:
+        tx.after(lambda: provider_breaker.report(ticket, ok=True))
+    else:
+        provider_breaker.report(ticket, ok=True)
+    return result
+
+
+def held_back(
+    saga: Saga, step: Step, ticket: provider_breaker.Ticket | None
+) -> provider_breaker.Wait | None:
+    """The last attempt failed, and the provider's breaker is open now: wait, do not give up.
+
+    The breaker may have opened on this very failure: the attempts were spent on the outage,
+    not on this saga's request, so the saga keeps its last attempt for after it (the park
+    gives it back). Once only: a saga that was already parked before this call (its last
+    attempt was the one kept) compensates or escalates as usual, so a request that fails on
+    its own while its failures keep the breaker open cannot wait forever.
+    """
+    if ticket is None or saga.parked_on:
+        return None
+    return provider_breaker.held_back(step.provider)

@@ -1,0 +1,551 @@
+"""The runner: one step, one short claim, one short record.
+
+A doorbell (:mod:`sagas.doorbell`) says "saga X at version V may have work now". The task
+that answers it:
+
+1. **claims** the saga (:func:`sagas.store.claim`): zero rows means the message is stale or a
+   duplicate, and the task stops;
+2. **calls** the step (or compensation) function outside any transaction, with a derived
+   idempotency key, so no row lock is held across a provider call (through the provider seam,
+   :mod:`sagas.provider_seam`);
+3. **decides** the outcome (next step, retry time, compensation, escalation, a park) and has
+   the row store **record** it in one transaction fenced on the claimed version. If the next
+   piece of work is due at once and the task is within its time budget, the same UPDATE also
+   claims it and the task goes straight on; otherwise the next doorbell rings after commit.
+
+Losing a message loses nothing: the sweeper (:mod:`sagas.sweeper`) finds sagas whose
+``next_attempt_at`` is overdue and whose lease has expired, and rings again. Receiving one
+twice costs one UPDATE that matches no row. A worker killed mid-step leaves a lease that
+expires; the next claim counts another attempt and repeats the call with the same idempotency
+key, so the participant returns its first result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from providers import breaker as provider_breaker
+from sagas import metrics, tracing, waits
+from sagas.definition import (
+    BusinessFailure,
+    RetryPolicy,
+    SagaDefinition,
+    Step,
+    definition_of,
+    next_compensable,
+    step_context,
+)
+from sagas.doorbell import ring_on_commit
+from sagas.models import Saga, SagaSignal, SagaState, StepStatus
+from sagas.provider_seam import call_step, gate, held_back
+from sagas.store import Record, StepTransaction, claim, fenced_update, write
+from sagas.timing import (
+    TIMEOUT_SLACK,
+    backoff_delay,
+    current_task_timeout,
+    max_attempts_of,
+    step_timeout,
+    task_timeout,
+)
+
+log = structlog.get_logger("sagas.engine")
+
+
+def _start_compensation(
+    definition: SagaDefinition,
+    saga: Saga,
+    rec: Record,
+    *,
+    reason: str,
+    failed_index: int,
+    failed_may_have_effect: bool,
+) -> None:
+    """Turn ``rec`` into "compensate everything up to ``failed_index``, newest first"."""
+    rec.transitions.append("begin_compensation")
+    rec.fields["failure_code"] = reason
+    _unpark(saga, rec)
+    failed = definition.steps[failed_index]
+    first: int | None = None
+    if failed_may_have_effect and failed.compensate is not None:
+        first = failed_index
+    else:
+        first = next_compensable(definition, saga, failed_index)
+    rec.event("compensation_started", saga, detail=f"reason: {reason}")
+    if first is None:
+        rec.transitions.append("finish_compensation")
+        rec.fields.update(
+            next_attempt_at=None, lease_until=None, finished_at=timezone.now(), attempt=0
+        )
+        rec.event("compensated", saga, detail="nothing had taken effect")
+        rec.finished = "compensated"
+        return
+    rec.fields.update(step_index=first, current_step=definition.steps[first].name)
+    rec.go_on = True
+
+
+def _escalate(saga: Saga, rec: Record, *, step: str, error: str) -> None:
+    rec.transitions.append("escalate")
+    _unpark(saga, rec)
+    # An undo that keeps failing is its own fact: the forward failure that started the undoing
+    # (failed_step and failure_code, the saga's failure signature) stays as it was.
+    where = "failed_undo" if saga.state == SagaState.COMPENSATING else "failed_step"
+    rec.fields.update(
+        escalated_from=saga.state,
+        **{where: step},
+        last_error=error[:2000],
+        next_attempt_at=None,
+        lease_until=None,
+    )
+    rec.event("needs_manual", saga, step=step, detail=error)
+    rec.finished = "needs_manual"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def _boundary_cancel_reason(definition: SagaDefinition, saga: Saga, now: datetime) -> str:
+    """A cancel or a passed deadline is honoured only while the pivot has never run."""
+    pivot = definition.pivot_index
+    i = definition.index_of(saga.current_step)
+    before_pivot = i < pivot or (i == pivot and saga.attempt == 1)
+    if not before_pivot:
+        return ""
+    if saga.cancel_reason:
+        return saga.cancel_reason
+    if saga.deadline_at is not None and now >= saga.deadline_at:
+        return "timed_out"
+    return ""
+
+
+def _schedule_retry(
+    saga: Saga,
+    rec: Record,
+    *,
+    step: str,
+    phase: str,
+    error: str,
+    took: float,
+    policy: RetryPolicy | None = None,
+) -> None:
+    """A transient failure with attempts left: persist the next due time, ring with a countdown."""
+    delay = backoff_delay(saga.attempt, policy)
+    metrics.STEP_RETRIES.labels(saga.saga_type, step, phase).inc()
+    kind = "step_retry" if phase == "forward" else "compensation_retry"
+    rec.event(
+        kind,
+        saga,
+        step=step,
+        detail=f"{error}; next attempt in {delay:.3f}s",
+        duration_ms=took * 1e3,
+    )
+    rec.fields.update(
+        next_attempt_at=timezone.now() + timedelta(seconds=delay),
+        lease_until=None,
+        last_error=error,
+    )
+    rec.ring_after = delay
+
+
+def _park_for_provider(
+    saga: Saga, rec: Record, *, step: str, wait: provider_breaker.Wait, inline_ok: bool
+) -> Saga | None:
+    """The provider cannot take a call now: come back later as if this claim never happened.
+
+    The claim counted an attempt; the park gives it back in the same fenced record, so an
+    outage of any length spends none of the saga's attempts. The timeline gets one ``parked``
+    event per stay, not one per probe.
+    """
+    rec.fields.update(
+        attempt=max(saga.attempt - 1, 0),
+        next_attempt_at=timezone.now() + timedelta(seconds=wait.delay),
+        lease_until=None,
+        parked_on=wait.provider,
+    )
+    if saga.parked_on != wait.provider:
+        rec.event(
+            "parked",
+            saga,
+            step=step,
+            detail=f"provider {wait.provider}: {wait.reason}; next try in {wait.delay:.1f}s",
+        )
+    rec.ring_after = wait.delay
+    return write(saga, rec, inline_ok=inline_ok)
+
+
+def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga | None:
+    rec = Record()
+    i = definition.index_of(saga.current_step)
+    step = definition.steps[i]
+    now = timezone.now()
+    reason = _boundary_cancel_reason(definition, saga, now)
+    if reason:
+        # Earlier claims of this step (attempt > 1) may have taken effect.
+        rec.event("cancel_honoured", saga, step=step.name, detail=f"reason: {reason}")
+        if saga.attempt > 1:
+            rec.step_name = step.name
+            rec.step_fields = {"maybe_effect": True, "status": StepStatus.FAILED}
+        _start_compensation(
+            definition,
+            saga,
+            rec,
+            reason=reason,
+            failed_index=i,
+            failed_may_have_effect=saga.attempt > 1,
+        )
+        return write(saga, rec, inline_ok=inline_ok)
+
+    max_attempts = max_attempts_of(step, compensating=False)
+    if saga.attempt > max_attempts:
+        # Claimed again and again without a record: the step keeps killing its worker.
+        return _forward_exhausted(
+            definition, saga, rec, error="attempts exhausted without an answer (worker lost)"
+        )
+
+    ticket = gate(step)
+    if isinstance(ticket, provider_breaker.Wait):
+        return _park_for_provider(saga, rec, step=step.name, wait=ticket, inline_ok=inline_ok)
+    ctx = step_context(definition, saga, compensating=False)
+    action = step.action
+    if step.park is not None:
+        decision = waits.decide(step.park, saga, ctx, now)
+        if decision.kind == "park":
+            return _park(saga, step, rec, decision, now)
+        if decision.kind == "timeout":
+            return _wait_timed_out(definition, saga, step, rec, inline_ok=inline_ok)
+        if decision.kind == "skip":
+            # This saga does not wait here: on to the next step, with no event or result.
+            rec.step_name = step.name
+            rec.step_fields = {"status": StepStatus.SUCCEEDED, "result": waits.SKIPPED}
+            _next_step(definition, saga, rec, i)
+            return write(saga, rec, inline_ok=inline_ok)
+        if decision.signal is not None:
+            ctx = replace(ctx, signal=decision.signal.payload)
+            rec.on_written = _consume(decision.signal, step.name)
+        _unpark(saga, rec)
+    tx = StepTransaction(step.transactional and step.park is None)
+    started = time.perf_counter()
+    try:
+        with tracing.saga_span(f"saga.step {step.name}", saga, step=step.name, phase="forward"):
+            result = call_step(action, ctx, ticket, step.non_retryable, tx)
+    except BusinessFailure as exc:
+        tx.rollback()
+        duration = time.perf_counter() - started
+        metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
+        rec.step_name = step.name
+        rec.step_fields = {
+            "status": StepStatus.FAILED,
+            "attempts": saga.attempt,
+            "last_error": f"{exc.code}: {exc.detail}"[:2000],
+            "maybe_effect": saga.attempt > 1,
+        }
+        rec.event("step_failed", saga, step=step.name, detail=str(exc), duration_ms=duration * 1e3)
+        rec.fields.update(failed_step=step.name, last_error=str(exc)[:2000])
+        if i > definition.pivot_index:
+            _escalate(saga, rec, step=step.name, error=f"{exc.code} after the pivot: {exc.detail}")
+        else:
+            _start_compensation(
+                definition,
+                saga,
+                rec,
+                reason=exc.code,
+                failed_index=i,
+                failed_may_have_effect=saga.attempt > 1,
+            )
+        return write(saga, rec, inline_ok=inline_ok)
+    except Exception as exc:  # noqa: BLE001 - anything but a BusinessFailure is transient
+        tx.rollback()
+        duration = time.perf_counter() - started
+        metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
+        error = _describe(exc)
+        rec.on_written = None  # a signal whose decision failed stays pending for the retry
+        rec.step_name = step.name
+        rec.step_fields = {
+            "status": StepStatus.RETRYING,
+            "attempts": saga.attempt,
+            "last_error": error,
+            "maybe_effect": True,
+        }
+        if saga.attempt >= max_attempts:
+            wait = held_back(saga, step, ticket)
+            if wait is not None:
+                return _park_for_provider(saga, rec, step=step.name, wait=wait, inline_ok=inline_ok)
+            rec.event("step_failed", saga, step=step.name, detail=error, duration_ms=duration * 1e3)
+            return _forward_exhausted(definition, saga, rec, error=error)
+        _schedule_retry(
+            saga,
+            rec,
+            step=step.name,
+            phase="forward",
+            error=error,
+            took=duration,
+            policy=step.retry,
+        )
+        return write(saga, rec, inline_ok=inline_ok)
+    except BaseException:
+        tx.rollback()
+        raise
+
+    duration = time.perf_counter() - started
+    metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
+    rec.step_name = step.name
+    rec.step_fields = {
+        "status": StepStatus.SUCCEEDED,
+        "attempts": saga.attempt,
+        "result": result,
+        "took_effect": True,
+    }
+    rec.fields["results"] = {**saga.results, step.name: result}
+    rec.event("step_succeeded", saga, step=step.name, duration_ms=duration * 1e3)
+    _next_step(definition, saga, rec, i)
+    return write(saga, rec, inline_ok=inline_ok, tx=tx)
+
+
+def _next_step(definition: SagaDefinition, saga: Saga, rec: Record, i: int) -> None:
+    """Step ``i`` is done: go on to the next one, or succeed after the last."""
+    if i + 1 < len(definition.steps):
+        rec.fields.update(step_index=i + 1, current_step=definition.steps[i + 1].name)
+        rec.go_on = True
+    else:
+        rec.transitions.append("succeed")
+        rec.fields.update(
+            next_attempt_at=None, lease_until=None, finished_at=timezone.now(), attempt=0
+        )
+        rec.event("succeeded", saga)
+        rec.finished = "succeeded"
+
+
+def _forward_exhausted(
+    definition: SagaDefinition, saga: Saga, rec: Record, *, error: str, inline_ok: bool = True
+) -> Saga | None:
+    i = definition.index_of(saga.current_step)
+    step = definition.steps[i]
+    rec.step_name = step.name
+    rec.step_fields = {
+        **rec.step_fields,
+        "status": StepStatus.FAILED,
+        "attempts": saga.attempt,
+        "maybe_effect": True,
+        "last_error": error,
+    }
+    rec.fields.update(failed_step=step.name, last_error=error[:2000])
+    if i >= definition.pivot_index:
+        # The pivot (or a step past it) may have taken effect: nobody can undo that blindly.
+        _escalate(saga, rec, step=step.name, error=f"step_failed at or after the pivot: {error}")
+    else:
+        _start_compensation(
+            definition, saga, rec, reason="step_failed", failed_index=i, failed_may_have_effect=True
+        )
+    return write(saga, rec, inline_ok=inline_ok)
+
+
+def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga | None:
+    rec = Record()
+    i = definition.index_of(saga.current_step)
+    step = definition.steps[i]
+    rec.step_name = step.name
+    max_attempts = max_attempts_of(step, compensating=True)
+    if saga.attempt > max_attempts:
+        rec.step_fields = {"status": StepStatus.COMPENSATION_FAILED}
+        _escalate(saga, rec, step=step.name, error="compensation attempts exhausted (worker lost)")
+        return write(saga, rec, inline_ok=False)
+    ticket = gate(step)
+    if isinstance(ticket, provider_breaker.Wait):
+        return _park_for_provider(saga, rec, step=step.name, wait=ticket, inline_ok=inline_ok)
+    ctx = step_context(definition, saga, compensating=True)
+    tx = StepTransaction(step.transactional)
+    started = time.perf_counter()
+    try:
+        assert step.compensate is not None
+        with tracing.saga_span(
+            f"saga.compensate {step.name}", saga, step=step.name, phase="compensation"
+        ):
+            call_step(step.compensate, ctx, ticket, tx=tx)
+    except Exception as exc:  # noqa: BLE001 - a compensation must eventually succeed or escalate
+        tx.rollback()
+        duration = time.perf_counter() - started
+        metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "compensation").observe(duration)
+        error = _describe(exc)
+        wait = held_back(saga, step, ticket) if saga.attempt >= max_attempts else None
+        if wait is not None:
+            rec.step_fields = {"status": StepStatus.COMPENSATING, "last_error": error}
+            return _park_for_provider(saga, rec, step=step.name, wait=wait, inline_ok=inline_ok)
+        if saga.attempt >= max_attempts:
+            rec.step_fields = {
+                "status": StepStatus.COMPENSATION_FAILED,
+                "compensation_attempts": saga.attempt,
+                "last_error": error,
+            }
+            rec.event(
+                "compensation_failed",
+                saga,
+                step=step.name,
+                detail=error,
+                duration_ms=duration * 1e3,
+            )
+            _escalate(saga, rec, step=step.name, error=f"compensation failed: {error}")
+            return write(saga, rec, inline_ok=False)
+        rec.step_fields = {
+            "status": StepStatus.COMPENSATING,
+            "compensation_attempts": saga.attempt,
+            "last_error": error,
+        }
+        _schedule_retry(
+            saga,
+            rec,
+            step=step.name,
+            phase="compensation",
+            error=error,
+            took=duration,
+            policy=step.compensation_retry,
+        )
+        return write(saga, rec, inline_ok=inline_ok)
+    except BaseException:
+        tx.rollback()
+        raise
+
+    duration = time.perf_counter() - started
+    metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "compensation").observe(duration)
+    metrics.COMPENSATIONS.labels(saga.saga_type, step.name).inc()
+    rec.step_fields = {"status": StepStatus.COMPENSATED, "compensation_attempts": saga.attempt}
+    rec.event("compensation_succeeded", saga, step=step.name, duration_ms=duration * 1e3)
+    nxt = next_compensable(definition, saga, i)
+    if nxt is None:
+        rec.transitions.append("finish_compensation")
+        rec.fields.update(
+            next_attempt_at=None, lease_until=None, finished_at=timezone.now(), attempt=0
+        )
+        rec.event("compensated", saga, detail=f"reason: {saga.failure_code}")
+        rec.finished = "compensated"
+    else:
+        rec.fields.update(step_index=nxt, current_step=definition.steps[nxt].name)
+        rec.go_on = True
+    return write(saga, rec, inline_ok=inline_ok, tx=tx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parked steps (Wait, Sleep): see sagas.waits for the decision
+# ---------------------------------------------------------------------------------------------
+def _unpark(saga: Saga, rec: Record) -> None:
+    """Leaving a parked step, whichever way: the saga no longer waits for anything."""
+    if saga.waiting_since is not None or saga.waiting_for:
+        rec.fields.update(waiting_for="", waiting_since=None)
+
+
+def _park(saga: Saga, step: Step, rec: Record, decision: waits.WaitDecision, now: datetime) -> None:
+    """Park the saga: no lease, due at its timeout (or never), and nothing else to do.
+
+    The first time it parks at this step, the wait starts (``waiting_since``), the timeline
+    says what it waits for, and its deadline moves by the wait's length: the deadline bounds
+    the time a saga works, and a declared wait bounds itself.
+    """
+    park = step.park
+    assert park is not None
+    rec.fields.update(
+        waiting_for=park.signal, next_attempt_at=decision.wake_at, lease_until=None, attempt=0
+    )
+    if saga.waiting_since is None:
+        rec.fields["waiting_since"] = now
+        rec.step_name = step.name
+        rec.step_fields = {"status": StepStatus.WAITING, "attempts": saga.attempt}
+        until = f"until {decision.wake_at.isoformat()}" if decision.wake_at else "with no timeout"
+        what = f"for signal {park.signal}" if park.signal else "timer"
+        rec.event("waiting", saga, step=step.name, detail=f"{what} {until}")
+        if saga.deadline_at is not None and park.duration:
+            rec.fields["deadline_at"] = saga.deadline_at + timedelta(seconds=park.duration)
+    if decision.wake_at is not None:
+        # Short timers also get a doorbell with a countdown (on time, no sweep needed); long
+        # ones rely on the sweeper alone, so a million parked sagas are only rows.
+        delay = (decision.wake_at - now).total_seconds()
+        if delay <= settings.SAGA_TIMER_RING_WITHIN:
+            rec.ring_after = max(delay, 0.0)
+    write(saga, rec, inline_ok=False)
+    return None
+
+
+def _wait_timed_out(
+    definition: SagaDefinition, saga: Saga, step: Step, rec: Record, *, inline_ok: bool
+) -> Saga | None:
+    park = step.park
+    assert park is not None
+    i = definition.index_of(saga.current_step)
+    error = f"no {park.signal} signal within {park.duration or 0:g}s"
+    rec.step_name = step.name
+    rec.step_fields = {"status": StepStatus.FAILED, "attempts": saga.attempt, "last_error": error}
+    rec.event("wait_timed_out", saga, step=step.name, detail=error)
+    rec.fields.update(failed_step=step.name, last_error=error)
+    if park.on_timeout == "escalate" or i > definition.pivot_index:
+        _escalate(saga, rec, step=step.name, error=error)
+    else:
+        _start_compensation(
+            definition, saga, rec, reason="timed_out", failed_index=i, failed_may_have_effect=False
+        )
+    return write(saga, rec, inline_ok=inline_ok)
+
+
+def _consume(signal: SagaSignal, step: str) -> Callable[[], None]:
+    def mark() -> None:
+        SagaSignal.objects.filter(pk=signal.pk, consumed_at__isnull=True).update(
+            consumed_at=timezone.now(), consumed_by=step
+        )
+
+    return mark
+
+
+def run_claimed(saga: Saga, *, inline_ok: bool) -> Saga | None:
+    """Do the one piece of work a claimed saga has; return it if the task should go on."""
+    definition = definition_of(saga)
+    timeout = step_timeout(definition.step(saga.current_step))
+    if timeout > current_task_timeout() + TIMEOUT_SLACK:
+        return _hand_back(saga, timeout)
+    if saga.state == SagaState.RUNNING:
+        return _forward(definition, saga, inline_ok=inline_ok)
+    if saga.state == SagaState.COMPENSATING:
+        return _compensate(definition, saga, inline_ok=inline_ok)
+    return None
+
+
+def _hand_back(saga: Saga, timeout: float) -> None:
+    """The claimed step needs longer than this task may run (its doorbell was rung without the
+    step's timeout): release the claim as if it never happened (no attempt counted) and ring
+    again with time limits that fit the step."""
+    with transaction.atomic():
+        updated = fenced_update(
+            saga.id,
+            saga.version,
+            {"lease_until": None, "next_attempt_at": timezone.now(), "attempt": saga.attempt - 1},
+        )
+        if updated is not None:
+            ring_on_commit(saga.id, updated.version, None, timeout)
+    log.info("saga.handed_back", saga_id=str(saga.id), step=saga.current_step, timeout=timeout)
+    return None
+
+
+def advance(saga_id: Any, version: int, timeout: float | None = None) -> None:
+    """The body of the ``sagas.run`` task: claim, then run due work within a time budget.
+
+    ``timeout`` is the step timeout the task was sent for (its time limits derive from it);
+    ``None`` means ``SAGA_STEP_TIMEOUT``.
+    """
+    started = time.monotonic()
+    token = task_timeout.set(timeout)
+    try:
+        saga = claim(saga_id, version, timeout)
+        if saga is None:
+            metrics.STALE_DELIVERIES.inc()
+            return
+        budget = settings.SAGA_INLINE_BUDGET
+        with tracing.saga_span("saga.task", saga):
+            while saga is not None:
+                saga = run_claimed(saga, inline_ok=time.monotonic() - started < budget)
+    finally:
+        task_timeout.reset(token)

@@ -1,0 +1,461 @@
+"""The row store: the saga row's fenced SQL, the claim, and the record of an outcome.
+
+The database row is the truth. A task **claims** a saga with one conditional ``UPDATE ...
+RETURNING`` that bumps ``version`` and sets a lease (zero rows: the doorbell was stale or a
+duplicate), and **records** an outcome in one transaction fenced on the claimed version: the
+saga row, the step row and the timeline events (on PostgreSQL one statement). A record that no
+longer matches the version (a newer claim holds the saga) changes nothing. What the outcome is
+is the runner's business (:mod:`sagas.runner`); this module only writes it, or refuses to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from django.db import connection, transaction
+from django.utils import timezone
+
+from sagas import metrics
+from sagas.definition import change_hook, registered_definitions
+from sagas.doorbell import ring_on_commit
+from sagas.models import ACTIVE_STATES, Saga, SagaEvent, SagaStep
+from sagas.timing import (
+    TIMEOUT_SLACK,
+    current_task_timeout,
+    lease_only_commits,
+    lease_seconds,
+    task_timeout,
+    timeout_at,
+)
+
+log = structlog.get_logger("sagas.engine")
+
+# Fields returned by every claim and record, in model order (what the loop needs to go on).
+_SAGA_FIELDS = list(Saga._meta.concrete_fields)
+_FIELD_BY_NAME = {f.name: f for f in _SAGA_FIELDS}
+_CONVERTERS: list[tuple[int, Any, list]] | None = None
+_ACTIVE = tuple(str(s) for s in ACTIVE_STATES)
+# A message may arrive a hair before the due time it was scheduled for.
+_DUE_TOLERANCE = timedelta(milliseconds=50)
+
+
+class _Fenced(Exception):
+    """The saga moved on under us (a newer claim holds it): roll back and stop."""
+
+
+class StepTransaction:
+    """The transaction a ``transactional`` step's function shares with its record.
+
+    Opened just before the call. The record commits it, so the participant's write and the
+    saga's progress land together (one commit, not two); a function that raises, or a record
+    fenced off by a newer claim, rolls it back, so the write never outlives a lost record. For
+    any other step it does nothing.
+    """
+
+    __slots__ = ("_atomic", "_after")
+
+    def __init__(self, enabled: bool) -> None:
+        self._atomic: Any = None
+        self._after: list[Callable[[], None]] = []
+        if enabled:
+            self._atomic = transaction.atomic()
+            self._atomic.__enter__()
+
+    @property
+    def open(self) -> bool:
+        return self._atomic is not None
+
+    def after(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the transaction has ended, committed or rolled back."""
+        self._after.append(fn)
+
+    def commit(self) -> None:
+        self._end(rollback=False)
+
+    def rollback(self) -> None:
+        self._end(rollback=True)
+
+    def _end(self, *, rollback: bool) -> None:
+        atomic, self._atomic = self._atomic, None
+        try:
+            if atomic is not None:
+                if rollback:
+                    transaction.set_rollback(True)
+                atomic.__exit__(None, None, None)
+        finally:
+            after, self._after = self._after, []
+            for fn in after:
+                fn()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fenced UPDATE ... RETURNING on the saga row (portable: PostgreSQL and SQLite >= 3.35).
+# ---------------------------------------------------------------------------------------------
+def _converters() -> list[tuple[int, Any, list]]:
+    """Django's own converters of the columns that have any (on PostgreSQL only the JSON
+    ones), as ``(position, column, converters)``, computed once."""
+    global _CONVERTERS
+    if _CONVERTERS is None:
+        out = []
+        for i, f in enumerate(_SAGA_FIELDS):
+            col = f.get_col(Saga._meta.db_table)
+            convs = connection.ops.get_db_converters(col) + f.get_db_converters(connection)
+            if convs:
+                out.append((i, col, convs))
+        _CONVERTERS = out
+    return _CONVERTERS
+
+
+_ATTNAMES = [f.attname for f in _SAGA_FIELDS]
+
+
+def _row_to_saga(row: Iterable[Any]) -> Saga:
+    values = list(row)
+    for i, col, convs in _converters():
+        for conv in convs:
+            values[i] = conv(values[i], col, connection)
+    return Saga.from_db(connection.alias, _ATTNAMES, values)
+
+
+def prep(name: str, value: Any) -> Any:
+    return _FIELD_BY_NAME[name].get_db_prep_save(value, connection)
+
+
+def _saga_update_sql(
+    saga_id: Any,
+    expected_version: int,
+    values: dict[str, Any],
+    *,
+    bump_attempt: bool = False,
+    require_due_before: datetime | None = None,
+    require_active: bool = False,
+    require_known: bool = False,
+) -> tuple[str, list[Any]]:
+    """``UPDATE saga SET ..., version = version + 1 WHERE id = X AND version = V RETURNING *``.
+
+    The text depends only on the statement's shape (which columns, which conditions), so it is
+    built once per shape and process; only the parameters are worked out per call.
+    """
+    values = {**values, "updated_at": timezone.now()}
+    due = require_due_before is not None
+    # Only a saga whose definition this process has, with the same shape: a worker on older
+    # code leaves the rest untouched (no lease, no attempt) for one that knows it.
+    known = _known_definitions() if require_known else None
+    n_known = None if known is None else len(known)
+    shape = (connection.vendor, tuple(values), bump_attempt, due, require_active, n_known)
+    sql = _SQL_BY_SHAPE.get(shape)
+    if sql is None:
+        sql = _SQL_BY_SHAPE[shape] = _saga_update_text(*shape[1:])
+    params = [prep(name, value) for name, value in values.items()]
+    params += [prep("id", saga_id), expected_version]
+    if require_active:
+        params += _ACTIVE
+    if known is not None:
+        for triple in known:
+            params += triple
+    if require_due_before is not None:
+        params.append(prep("next_attempt_at", require_due_before))
+        params.append(prep("lease_until", require_due_before - _DUE_TOLERANCE))
+    return sql, params
+
+
+#: Statement texts by shape, see :func:`_saga_update_sql` and :func:`_record_sql_postgres`.
+_SQL_BY_SHAPE: dict[tuple, str] = {}
+
+
+def _saga_update_text(
+    names: tuple[str, ...],
+    bump_attempt: bool,
+    require_due: bool,
+    require_active: bool,
+    n_known: int | None,
+) -> str:
+    qn = connection.ops.quote_name
+    sets = [f"{qn('version')} = {qn('version')} + 1"]
+    if bump_attempt:
+        sets.append(f"{qn('attempt')} = {qn('attempt')} + 1")
+    sets += [f"{qn(_FIELD_BY_NAME[name].column)} = %s" for name in names]
+    where = [f"{qn('id')} = %s", f"{qn('version')} = %s"]
+    if require_active:
+        where.append(f"{qn('state')} IN ({', '.join(['%s'] * len(_ACTIVE))})")
+    if n_known is not None:
+        names_ = ("saga_type", "definition_version", "definition_fingerprint")
+        cols = ", ".join(qn(c) for c in names_)
+        where.append(f"({cols}) IN ({', '.join(['(%s, %s, %s)'] * n_known)})")
+    if require_due:
+        where.append(f"({qn('next_attempt_at')} IS NULL OR {qn('next_attempt_at')} <= %s)")
+        # Never take over a step that another task still holds.
+        where.append(f"({qn('lease_until')} IS NULL OR {qn('lease_until')} <= %s)")
+    columns = ", ".join(qn(f.column) for f in _SAGA_FIELDS)
+    return (
+        f"UPDATE {qn(Saga._meta.db_table)} SET {', '.join(sets)} "
+        f"WHERE {' AND '.join(where)} RETURNING {columns}"
+    )
+
+
+def _known_definitions() -> list[tuple[str, int, str]]:
+    """``(type, version, fingerprint)`` of every definition registered in this process.
+
+    Each version also matches a blank fingerprint: sagas recorded before fingerprints existed.
+    """
+    out: list[tuple[str, int, str]] = []
+    for d in registered_definitions():
+        out += [(d.saga_type, d.version, d.fingerprint), (d.saga_type, d.version, "")]
+    return out or [("", 0, "-")]
+
+
+def _fetch_saga(sql: str, params: list[Any]) -> Saga | None:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    return None if row is None else _row_to_saga(row)
+
+
+def fenced_update(saga_id: Any, expected_version: int, values: dict[str, Any], **kw: Any):
+    """Run the fenced UPDATE; ``None`` when no row matched (stale or duplicate delivery)."""
+    return _fetch_saga(*_saga_update_sql(saga_id, expected_version, values, **kw))
+
+
+_EVENT_COLUMNS = ("at", "kind", "step", "attempt", "detail", "actor", "duration_ms")
+
+
+# Appended to a statement (as a CTE, joined into its result) so that the implicit transaction
+# of that one statement commits without waiting for its WAL flush. See lease_only_commits().
+_NO_FLUSH_WAIT = "nf AS (SELECT set_config('synchronous_commit', 'off', true))"
+
+
+def _no_flush_wait(sql: str) -> str:
+    """``UPDATE ... RETURNING cols`` as a statement whose commit does not wait for the disk."""
+    return f"WITH {_NO_FLUSH_WAIT}, u AS ({sql}) SELECT u.* FROM u, nf"
+
+
+def _record_sql_postgres(
+    saga: Saga, fields: dict[str, Any], rec: Record, now: datetime, *, wait_flush: bool = True
+) -> tuple[str, list[Any]]:
+    """The whole record as ONE statement: fenced saga UPDATE, step UPDATE, event INSERTs.
+
+    PostgreSQL runs data-modifying CTEs atomically in one statement, and the step update and
+    event inserts only touch rows when the fenced UPDATE matched (they read from it). One round
+    trip instead of five (BEGIN, three statements, COMMIT) is most of the engine's speed. Its
+    text, like the saga UPDATE's, is built once per shape.
+    """
+    saga_sql, params = _saga_update_sql(saga.id, saga.version, fields)
+    step_fields = {**rec.step_fields, "updated_at": now} if rec.step_name is not None else {}
+    if len(step_fields) == 1:
+        step_fields = {}  # nothing but the timestamp: the step row is left alone
+    shape = ("record", saga_sql, wait_flush, tuple(step_fields), len(rec.events))
+    sql = _SQL_BY_SHAPE.get(shape)
+    if sql is None:
+        sql = _SQL_BY_SHAPE[shape] = _record_text(*shape[1:])
+    for name, value in step_fields.items():
+        params.append(_STEP_FIELDS[name].get_db_prep_save(value, connection))
+    if step_fields:
+        params += [prep("id", saga.id), rec.step_name]
+    for e in rec.events:
+        values = {"at": now, "actor": "engine", "duration_ms": None, **e}
+        params += [values[c] for c in _EVENT_COLUMNS]
+    return sql, params
+
+
+_STEP_FIELDS = {f.name: f for f in SagaStep._meta.concrete_fields}
+_EVENT_CASTS = {
+    "at": "timestamptz",
+    "kind": "varchar",
+    "step": "varchar",
+    "attempt": "integer",
+    "detail": "text",
+    "actor": "varchar",
+    "duration_ms": "double precision",
+}
+
+
+def _record_text(
+    saga_sql: str, wait_flush: bool, step_names: tuple[str, ...], n_events: int
+) -> str:
+    qn = connection.ops.quote_name
+    head = "WITH " if wait_flush else f"WITH {_NO_FLUSH_WAIT}, "
+    parts = [f"{head}s AS ({saga_sql})"]
+    if step_names:
+        sets = ", ".join(f"{qn(_STEP_FIELDS[name].column)} = %s" for name in step_names)
+        parts.append(
+            f", st AS (UPDATE {qn(SagaStep._meta.db_table)} SET {sets} "
+            f"WHERE {qn('saga_id')} = %s AND {qn('name')} = %s AND EXISTS (SELECT 1 FROM s))"
+        )
+    if n_events:
+        row = "(" + ", ".join(f"%s::{_EVENT_CASTS[c]}" for c in _EVENT_COLUMNS) + ")"
+        cols = ", ".join(qn(c) for c in _EVENT_COLUMNS)
+        parts.append(
+            f", ev AS (INSERT INTO {qn(SagaEvent._meta.db_table)} ({qn('saga_id')}, {cols}) "
+            f"SELECT s.{qn('id')}, {', '.join('v.' + qn(c) for c in _EVENT_COLUMNS)} "
+            f"FROM s, (VALUES {', '.join([row] * n_events)}) AS v({cols}))"
+        )
+    columns = ", ".join(qn(f.column) for f in _SAGA_FIELDS)
+    parts.append(f" SELECT {columns} FROM s" if wait_flush else f" SELECT {columns} FROM s, nf")
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Claim
+# ---------------------------------------------------------------------------------------------
+def claim(saga_id: Any, version: int, timeout: float | None = None) -> Saga | None:
+    """Take the saga for one piece of work, or return ``None`` if the message is stale.
+
+    ``timeout``: the step timeout the task was sent for; the lease outlives the task.
+    """
+    now = timezone.now()
+    sql, params = _saga_update_sql(
+        saga_id,
+        version,
+        {"lease_until": now + timedelta(seconds=lease_seconds(timeout)), "sweeps": 0},
+        bump_attempt=True,
+        require_active=True,
+        require_known=True,
+        require_due_before=now + _DUE_TOLERANCE,
+    )
+    if connection.vendor == "postgresql" and lease_only_commits():
+        sql = _no_flush_wait(sql)
+    return _fetch_saga(sql, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# The record: everything one outcome changes, written in one fenced transaction
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Record:
+    fields: dict[str, Any] = field(default_factory=dict)
+    transitions: list[str] = field(default_factory=list)
+    # The step row to update, by name, and its new values.
+    step_name: str | None = None
+    step_fields: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    # After commit: ring for the next work with this countdown (None: nothing to ring).
+    ring_after: float | None = None
+    # The next work is due now: claim it in the same UPDATE and go on in this task.
+    go_on: bool = False
+    finished: str = ""
+    # Written in the same transaction as the record, only if the fenced UPDATE matched (e.g.
+    # marking the signal a Wait step consumed).
+    on_written: Callable[[], None] | None = None
+    # The timeout of the step the after-commit doorbell is for (set by write).
+    ring_timeout: float | None = None
+
+    def event(self, kind: str, saga: Saga, step: str = "", detail: str = "", **extra: Any) -> None:
+        self.events.append(
+            {"kind": kind, "step": step, "attempt": saga.attempt, "detail": detail[:2000], **extra}
+        )
+
+
+def write(
+    saga: Saga, rec: Record, *, inline_ok: bool, tx: StepTransaction | None = None
+) -> Saga | None:
+    """Apply ``rec`` fenced on the claimed version; return the saga if the task should go on.
+
+    ``tx``: a transactional step's open transaction, committed with the record (or rolled
+    back with it when the record is fenced off or fails).
+    """
+    now = timezone.now()
+    fields = dict(rec.fields)
+    # A saga type's change hook writes in the record's transaction; when there is none, or it
+    # does not want this saga (a dict lookup), the record stays one autocommitted statement.
+    hook = change_hook(saga)
+    before = copy.copy(saga) if hook is not None else None
+    for name in rec.transitions:
+        getattr(saga, name)()  # django-fsm checks the source state; raises if not allowed
+    if rec.transitions:
+        fields["state"] = saga.state
+    if saga.parked_on and "parked_on" not in fields:
+        fields["parked_on"] = ""  # no longer waiting for a provider
+    go_on = rec.go_on and inline_ok
+    if rec.go_on or rec.ring_after is not None:
+        rec.ring_timeout = timeout_at(saga, fields.get("current_step", saga.current_step))
+        # Straight on only into a step that fits this task's time limits; a longer one gets
+        # a doorbell of its own, sent with its limits.
+        go_on = go_on and rec.ring_timeout <= current_task_timeout() + TIMEOUT_SLACK
+    if rec.go_on:
+        fields["next_attempt_at"] = now
+        if go_on:
+            fields["attempt"] = 1
+            fields["lease_until"] = now + timedelta(seconds=lease_seconds(task_timeout.get()))
+        else:
+            fields["attempt"] = 0
+            fields["lease_until"] = None
+    try:
+        in_transaction = rec.on_written is not None or hook is not None
+        with transaction.atomic() if in_transaction else contextlib.nullcontext():
+            updated = _write_record(saga, fields, rec, now, go_on, flush=hook is not None)
+            if rec.on_written is not None:
+                rec.on_written()
+            if hook is not None:
+                hook(before, updated)
+    except _Fenced:
+        if tx is not None:
+            tx.rollback()
+        metrics.STALE_DELIVERIES.inc()
+        log.info("saga.fenced", saga_id=str(saga.id), version=saga.version)
+        return None
+    except BaseException:
+        if tx is not None:
+            tx.rollback()
+        raise
+    if tx is not None:
+        tx.commit()
+    for e in rec.events:
+        log.info(
+            f"saga.{e['kind']}",
+            saga_id=str(saga.id),
+            saga_type=saga.saga_type,
+            step=e["step"],
+            attempt=e["attempt"],
+            correlation_id=saga.correlation_id,
+        )
+    if rec.finished:
+        metrics.SAGAS_FINISHED.labels(saga.saga_type, rec.finished).inc()
+    return updated if go_on else None
+
+
+def _write_record(
+    saga: Saga, fields: dict[str, Any], rec: Record, now: datetime, go_on: bool, *, flush: bool
+) -> Saga:
+    """The fenced record itself; raises :class:`_Fenced` when the saga moved on.
+
+    ``flush``: wait for the WAL flush even if only the lease moves on (a change hook wrote
+    something that is announced after commit).
+    """
+    if connection.vendor != "postgresql":
+        return _write_portable(saga, fields, rec, now, go_on)
+    sql, params = _record_sql_postgres(
+        saga, fields, rec, now, wait_flush=flush or not (go_on and lease_only_commits())
+    )
+    updated = _fetch_saga(sql, params)
+    if updated is None:
+        raise _Fenced
+    if rec.ring_after is not None or (rec.go_on and not go_on):
+        ring_on_commit(saga.id, updated.version, rec.ring_after, rec.ring_timeout)
+    return updated
+
+
+def _write_portable(
+    saga: Saga, fields: dict[str, Any], rec: Record, now: datetime, go_on: bool
+) -> Saga:
+    """The same record as three statements in one transaction (SQLite, the embedded default)."""
+    with transaction.atomic():
+        updated = fenced_update(saga.id, saga.version, fields)
+        if updated is None:
+            raise _Fenced
+        if rec.step_name is not None and rec.step_fields:
+            SagaStep.objects.filter(saga_id=saga.id, name=rec.step_name).update(
+                updated_at=now, **rec.step_fields
+            )
+        if rec.events:
+            SagaEvent.objects.bulk_create(
+                [SagaEvent(saga_id=saga.id, at=now, **e) for e in rec.events]
+            )
+        if rec.ring_after is not None or (rec.go_on and not go_on):
+            ring_on_commit(saga.id, updated.version, rec.ring_after, rec.ring_timeout)
+    return updated

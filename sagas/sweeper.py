@@ -1,0 +1,109 @@
+"""The sweeper: the beat task that finds what the broker lost and what ran out of time.
+
+Rings again for sagas whose work is overdue and whose lease expired (a lost doorbell, a killed
+worker), and cancels sagas past their deadline that have not reached their pivot. It reads the
+database, never the broker, so nothing a broker loses stays lost for longer than
+``SAGA_STUCK_AFTER`` (doubled per unanswered ring).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import structlog
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from sagas import metrics
+from sagas.definition import registered_definitions
+from sagas.doorbell import ring_many
+from sagas.exceptions import SagaOperationRefused
+from sagas.models import ACTIVE_STATES, Saga, SagaState
+from sagas.services import saga_request_cancel
+from sagas.store import prep
+from sagas.timing import timeout_of
+
+log = structlog.get_logger("sagas.engine")
+
+_ACTIVE = tuple(str(s) for s in ACTIVE_STATES)
+# The sweeper's re-ring backoff stops doubling here (32 x SAGA_STUCK_AFTER).
+_MAX_SWEEP_DOUBLINGS = 5
+
+
+def sweep(now: datetime | None = None) -> dict[str, int]:
+    """Ring for overdue sagas whose lease expired, and time out sagas past their deadline.
+
+    Cost grows with the number of overdue sagas (a partial index holds only active ones), not
+    with the table. ``FOR UPDATE SKIP LOCKED`` plus pushing ``next_attempt_at`` to now makes two
+    sweeps at once harmless: each rings for different sagas, and a duplicate ring is fenced.
+    """
+    now = now or timezone.now()
+    stuck_after = settings.SAGA_STUCK_AFTER
+    # Overdue by SAGA_STUCK_AFTER, doubled for every ring that has not been answered yet.
+    overdue = Q()
+    for n in range(_MAX_SWEEP_DOUBLINGS):
+        overdue |= Q(sweeps=n, next_attempt_at__lte=now - timedelta(seconds=stuck_after * 2**n))
+    overdue |= Q(
+        sweeps__gte=_MAX_SWEEP_DOUBLINGS,
+        next_attempt_at__lte=now - timedelta(seconds=stuck_after * 2**_MAX_SWEEP_DOUBLINGS),
+    )
+    batch = settings.SAGA_SWEEP_BATCH
+    picked = (
+        Saga.objects.select_for_update(skip_locked=True)
+        .filter(state__in=_ACTIVE, next_attempt_at__lte=now - timedelta(seconds=stuck_after))
+        .filter(Q(lease_until__isnull=True) | Q(lease_until__lte=now))
+        .filter(overdue)
+        .order_by("next_attempt_at")
+        .values("id")[:batch]
+    )
+    qn = connection.ops.quote_name
+    with transaction.atomic():
+        # Pick and re-arm in one statement: UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP
+        # LOCKED LIMIT n) RETURNING id, version.
+        picked_sql, picked_params = picked.query.sql_with_params()
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {qn(Saga._meta.db_table)} SET {qn('next_attempt_at')} = %s, "
+                f"{qn('sweeps')} = {qn('sweeps')} + 1 WHERE {qn('id')} IN ({picked_sql}) "
+                f"RETURNING {qn('id')}, {qn('version')}, {qn('saga_type')}, "
+                f"{qn('definition_version')}, {qn('current_step')}",
+                [prep("next_attempt_at", now), *picked_params],
+            )
+            to_uuid = Saga._meta.pk.to_python
+            rows = [
+                (to_uuid(saga_id), version, timeout_of(saga_type, definition_version, step))
+                for saga_id, version, saga_type, definition_version, step in cursor.fetchall()
+            ]
+        if rows:
+            transaction.on_commit(lambda: ring_many(rows))
+    if rows:
+        metrics.SWEEP_REDISPATCHED.inc(len(rows))
+        log.info("saga.sweep_redispatched", count=len(rows))
+
+    # Past the deadline and still before its pivot (after it, a saga must finish, not undo).
+    # The pivot test is in SQL so sagas past their pivot never fill the batch and starve the rest.
+    before_pivot = Q()
+    for definition in registered_definitions():
+        before_pivot |= Q(
+            saga_type=definition.saga_type,
+            definition_version=definition.version,
+            current_step__in=definition.names[: definition.pivot_index],
+        )
+    timed_out = 0
+    late = (
+        Saga.objects.filter(state=SagaState.RUNNING, cancel_reason="", deadline_at__lte=now)
+        .filter(before_pivot)
+        .order_by("deadline_at")
+        .values_list("id", flat=True)[:batch]
+        if before_pivot
+        else []
+    )
+    for saga_id in late:
+        try:
+            saga_request_cancel(saga_id=saga_id, reason="timed_out", actor="sweeper")
+            timed_out += 1
+        except (SagaOperationRefused, LookupError):
+            continue  # it moved on (pivot reached, finished) since the query: nothing to do
+    return {"redispatched": len(rows), "timed_out": timed_out}
