@@ -74,7 +74,9 @@ class ErrorSerializer(serializers.Serializer):
 
     code = serializers.CharField(help_text="Machine-readable, e.g. `not_found`, `invalid`.")
     detail = serializers.CharField(help_text="What went wrong, for people.")
-    fields = serializers.DictField(
+    # DRF's serializer metaclass moves declared fields out of the class, so this names the
+    # body's "fields" key without replacing Serializer.fields; the stubs see an override.
+    fields = serializers.DictField(  # type: ignore[assignment]
         child=serializers.ListField(child=serializers.CharField()),
         help_text="Messages by input path (`items[0].quantity`); empty when no field is to blame.",
     )
@@ -196,7 +198,8 @@ class NotFoundView(APIView):
     permission_classes: list = []
     schema = None
 
-    def http_method_not_allowed(self, request: Request, *args, **kwargs):
+    # DRF hands its own Request here; its stubs ignore the same override against Django's View.
+    def http_method_not_allowed(self, request: Request, *args, **kwargs):  # type: ignore[override]
         raise exceptions.NotFound()
 
     def initial(self, request: Request, *args, **kwargs) -> None:

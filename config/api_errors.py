@@ -38,7 +38,7 @@ class ApiError(exceptions.APIException):
     directly: ``ApiError("Say why.", code="reason_required", status_code=400)``.
     """
 
-    status_code = status.HTTP_400_BAD_REQUEST
+    status_code: int = status.HTTP_400_BAD_REQUEST  # an instance may carry another
     default_code = "invalid"
     default_detail = "The request is not valid."
 
@@ -117,12 +117,12 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
     """DRF ``EXCEPTION_HANDLER``: every handled error as ``{"code", "detail", "fields"}``."""
     if isinstance(exc, AppError):
         set_rollback()
-        response = Response(
+        answer = Response(
             error_body(exc.code, exc.detail, exc.fields), status=exc.status_for_client()
         )
         for name, value in exc.headers.items():
-            response[name] = value
-        return response
+            answer[name] = value
+        return answer
     if isinstance(exc, DjangoValidationError):
         # A model or field validator that ran outside a serializer (e.g. a malformed UUID).
         exc = exceptions.ValidationError(
@@ -159,20 +159,20 @@ def _wants_json(request: HttpRequest) -> bool:
     return request.path.startswith("/api/")
 
 
-def handler400(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+def handler400(request: HttpRequest, exception: Exception) -> HttpResponse:
     if _wants_json(request):
         return JsonResponse(error_body("bad_request", "Bad request."), status=400)
     return defaults.bad_request(request, exception)
 
 
-def handler403(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+def handler403(request: HttpRequest, exception: Exception) -> HttpResponse:
     if _wants_json(request):
         detail = str(exception) if exception and str(exception) else "Permission denied."
         return JsonResponse(error_body("permission_denied", detail), status=403)
     return defaults.permission_denied(request, exception)
 
 
-def handler404(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+def handler404(request: HttpRequest, exception: Exception) -> HttpResponse:
     if _wants_json(request):
         return JsonResponse(error_body("not_found", "Not found."), status=404)
     return defaults.page_not_found(request, exception)

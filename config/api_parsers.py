@@ -25,7 +25,8 @@ class JSONParser(parsers.JSONParser):
 
     def parse(self, stream, media_type=None, parser_context=None) -> Any:
         parser_context = parser_context or {}
-        encoding = parsers.get_encoding(parser_context)
+        # DRF 3.18.3 has get_encoding (it refuses bytes-to-bytes codecs); stubs 3.18.1 lack it.
+        encoding = parsers.get_encoding(parser_context)  # type: ignore[attr-defined]
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         raw = stream.read(limit + 1) if limit is not None else stream.read()
         if limit is not None and len(raw) > limit:

@@ -65,6 +65,8 @@ def _health_check_without_a_round_trip(conn: Any) -> None:
 
 
 class ReusingDjangoFixup(DjangoFixup):
+    _worker_fixup: DjangoWorkerFixup | None  # set by DjangoFixup.__init__ (celery has no types)
+
     @property
     def worker_fixup(self) -> DjangoWorkerFixup:
         if self._worker_fixup is None:

@@ -84,9 +84,10 @@ def _connparams(self: Any, asynchronous: bool = False) -> Any:
 
 def apply() -> None:
     """Idempotent: patch the pool class and the Redis channel once per process."""
-    if not getattr(kombu_redis.Channel, "_sagarunner_patched", False):
-        kombu_redis.Channel._connparams = _connparams
-        kombu_redis.Channel._sagarunner_patched = True
+    channel: Any = kombu_redis.Channel  # patched in place: its typed methods are replaced
+    if not getattr(channel, "_sagarunner_patched", False):
+        channel._connparams = _connparams
+        channel._sagarunner_patched = True
     if getattr(asynpool.AsynPool, "_sagarunner_patched", False):
         return
     asynpool.AsynPool._track_child_process = _track_child_process

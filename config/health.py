@@ -77,7 +77,7 @@ def run_checks(timeout: float = CHECK_TIMEOUT) -> dict[str, str]:
 def healthz(request: HttpRequest) -> JsonResponse:
     results = run_checks()
     healthy = all(value == "ok" for value in results.values())
-    body = {"status": "ok" if healthy else "unavailable", **results}
+    body: dict[str, str | list[str]] = {"status": "ok" if healthy else "unavailable", **results}
     if not healthy:
         body["down"] = sorted(name for name, value in results.items() if value != "ok")
     return JsonResponse(body, status=200 if healthy else 503)

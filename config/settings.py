@@ -477,7 +477,7 @@ LOG_FORMAT = env("LOG_FORMAT", default="console" if sys.stderr.isatty() else "js
 
 import structlog  # noqa: E402
 
-_shared_processors = [
+_shared_processors: list[structlog.typing.Processor] = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
     structlog.stdlib.add_logger_name,

@@ -56,6 +56,8 @@ class FixedWindowThrottle(throttling.SimpleRateThrottle):
         if key is None:
             return True
         num_requests, duration = self.parse_rate(rate)
+        if num_requests is None or duration is None:  # parse_rate's answer to no rate at all
+            return True
         return self.hit(key, num_requests, duration)
 
     def hit(self, key: str, num_requests: int, duration: int) -> bool:

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the SDK is imported only when tracing is on
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 _lock = threading.Lock()
 _configured = False
@@ -33,9 +37,9 @@ def tracing_requested(environ: dict[str, str] | None = None) -> bool:
     )
 
 
-def _exporters() -> list:
+def _exporters() -> list[SpanExporter]:
     names = [n.strip() for n in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")]
-    exporters = []
+    exporters: list[SpanExporter] = []
     for name in names:
         if name == "otlp":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

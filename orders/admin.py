@@ -43,7 +43,9 @@ def _saga_links(saga: Saga, order: Order) -> list[SagaLink]:
             admin_url(payment),
         )
     )
-    reservations = list(Reservation.objects.filter(order_id=order.id).order_by("created_at")[:3])
+    reservations: list[Reservation | None] = [
+        *Reservation.objects.filter(order_id=order.id).order_by("created_at")[:3]
+    ]
     for reservation in reservations or [None]:
         links.append(
             SagaLink(
@@ -52,7 +54,9 @@ def _saga_links(saga: Saga, order: Order) -> list[SagaLink]:
                 admin_url(reservation),
             )
         )
-    shipments = list(Shipment.objects.filter(order_id=order.id).order_by("created_at")[:3])
+    shipments: list[Shipment | None] = [
+        *Shipment.objects.filter(order_id=order.id).order_by("created_at")[:3]
+    ]
     for shipment in shipments or [None]:
         links.append(
             SagaLink(

@@ -36,7 +36,13 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from config.api import ErrorSerializer, Pagination, StrictCharField, StrictIntegerField
+from config.api import (
+    ErrorSerializer,
+    Pagination,
+    StrictCharField,
+    StrictIntegerField,
+    signed_in_user,
+)
 from config.api_errors import flatten_errors
 from config.throttling import OrderRateThrottle, check
 from orders import idempotency
@@ -53,7 +59,6 @@ from orders.services import (
 )
 from orders.status import CANCELLATION_REASONS
 from orders.timeline import customer_event
-from payments.models import Payment
 from payments.selectors import payments_by_order
 from sagas.api import (
     REFUSED,
@@ -96,7 +101,11 @@ class ShippingAddressSerializer(serializers.Serializer):
 
 
 class OrderCreateSerializer(serializers.Serializer):
-    items = OrderItemInputSerializer(many=True, allow_empty=False, max_length=MAX_LINES)
+    # DRF hands max_length to the list serializer that many=True makes; the stubs' __init__
+    # does not list it.
+    items = OrderItemInputSerializer(  # type: ignore[call-arg]
+        many=True, allow_empty=False, max_length=MAX_LINES
+    )
     payment_method = serializers.ChoiceField(choices=PAYMENT_METHODS)
     shipping_address = ShippingAddressSerializer()
 
@@ -203,20 +212,22 @@ class OrderSerializer(serializers.ModelSerializer):
         ]
 
     def to_representation(self, instance: Order) -> dict:
-        instance._state_view = order_state(instance.saga)  # once, not once per field
+        # Read once per order for the three fields below, not once per field (a list
+        # serializer calls this for each order in turn, then those fields).
+        self._state_view = order_state(instance.saga)
         return super().to_representation(instance)
 
     @extend_schema_field(serializers.ChoiceField(choices=ORDER_STATUS_CHOICES))
     def get_status(self, order: Order) -> str:
-        return order._state_view.status
+        return self._state_view.status
 
     @extend_schema_field(serializers.CharField(allow_null=True))
     def get_step(self, order: Order) -> str | None:
-        return order._state_view.step
+        return self._state_view.step
 
     @extend_schema_field(serializers.ChoiceField(choices=CANCELLATION_REASONS, allow_null=True))
     def get_cancellation_reason(self, order: Order) -> str | None:
-        return order._state_view.cancellation_reason
+        return self._state_view.cancellation_reason
 
     @extend_schema_field(OpenApiTypes.DATETIME)
     def get_updated_at(self, order: Order) -> str:
@@ -225,7 +236,7 @@ class OrderSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(PaymentAmountsSerializer)
     def get_payment(self, order: Order) -> dict:
-        payment: Payment | None = getattr(order, "_payment", None)
+        payment = order._payment
         if payment is None:
             return {"authorized": _ZERO, "captured": _ZERO, "voided": _ZERO, "refunded": _ZERO}
         return PaymentAmountsSerializer(
@@ -239,7 +250,7 @@ class OrderSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(ShipmentSerializer(allow_null=True))
     def get_shipment(self, order: Order) -> dict | None:
-        shipment: Shipment | None = getattr(order, "_shipment", None)
+        shipment = order._shipment
         return None if shipment is None else ShipmentSerializer(shipment).data
 
 
@@ -369,6 +380,7 @@ class OrderViewSet(viewsets.GenericViewSet):
     def list(self, request: Request) -> Response:
         queryset = self.filter_queryset(self.get_queryset())
         page = self.paginate_queryset(queryset)
+        assert page is not None  # None only without a pagination_class
         attach_payments_and_shipments(page)
         return self.get_paginated_response(OrderSerializer(page, many=True).data)
 
@@ -405,7 +417,7 @@ class OrderViewSet(viewsets.GenericViewSet):
         if not request.user.is_staff:
             # The order's own client: the same events in customer-safe words.
             me = f"user:{request.user.get_username()}"
-            data = [customer_event(event, customer=me) for event in data]
+            return self.get_paginated_response([customer_event(e, customer=me) for e in data])
         return self.get_paginated_response(data)
 
     # -- write --------------------------------------------------------------------------------
@@ -492,7 +504,7 @@ class OrderViewSet(viewsets.GenericViewSet):
         items or saga: one small query."""
         queryset = Order.objects.only("id", "saga_id", "owner_id")
         if not self.request.user.is_staff:
-            queryset = queryset.filter(owner=self.request.user)
+            queryset = queryset.filter(owner=signed_in_user(self.request))
         order = generics.get_object_or_404(queryset, pk=self.kwargs["pk"])
         self.check_object_permissions(self.request, order)
         return order

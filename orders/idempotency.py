@@ -124,17 +124,19 @@ def idempotency_begin(*, user, key: str, fingerprint: str) -> Claim | Replay:
             return Claim(record.pk, record.attempt)
         except IntegrityError:
             pass
-        record = IdempotencyRecord.objects.filter(user=user, key=key).first()
-        if record is None:
+        existing = IdempotencyRecord.objects.filter(user=user, key=key).first()
+        if existing is None:
             continue  # expired and deleted in between: try to claim it again
-        if record.fingerprint != fingerprint:
+        if existing.fingerprint != fingerprint:
             raise IdempotencyKeyReused(
                 "This Idempotency-Key was already used with a different request body; "
                 "use a new key for a new order."
             )
-        if record.state == IdempotencyState.DONE:
-            return Replay(record.response_status, record.response_body, record.order_id)
-        if record.started_at > now - IN_FLIGHT_STALE_AFTER:
+        if existing.state == IdempotencyState.DONE:
+            # A done record has its status: orders_idempotency_done_has_response checks it.
+            assert existing.response_status is not None
+            return Replay(existing.response_status, existing.response_body, existing.order_id)
+        if existing.started_at > now - IN_FLIGHT_STALE_AFTER:
             raise IdempotencyRequestInFlight(
                 "A request with this Idempotency-Key is still being processed; "
                 "retry in a moment to get its response."
@@ -142,10 +144,10 @@ def idempotency_begin(*, user, key: str, fingerprint: str) -> Claim | Replay:
         # Abandoned by a request that died: take it over, unless someone else just did.
         attempt = uuid.uuid4()
         taken = IdempotencyRecord.objects.filter(
-            pk=record.pk, state=IdempotencyState.IN_FLIGHT, attempt=record.attempt
+            pk=existing.pk, state=IdempotencyState.IN_FLIGHT, attempt=existing.attempt
         ).update(attempt=attempt, started_at=now)
         if taken:
-            return Claim(record.pk, attempt)
+            return Claim(existing.pk, attempt)
     raise IdempotencyRequestInFlight(
         "A request with this Idempotency-Key is still being processed; retry in a moment."
     )

@@ -32,8 +32,10 @@ Tests that know the starting stock additionally assert the absolute form.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 from django.db import connection, transaction
 from django.db.models import Sum
@@ -108,9 +110,9 @@ def _check(*, require_settled: bool) -> Report:
         violations.append(Violation(guarantee, subject, message))
 
     # -- orders and their derived status ------------------------------------------------------
-    orders: dict[str, dict] = {}
+    orders: dict[str, Mapping[str, Any]] = {}
     status_of: dict[str, str] = {}
-    for row in Order.objects.values(
+    for order_row in Order.objects.values(
         "id",
         "total",
         "currency",
@@ -120,18 +122,18 @@ def _check(*, require_settled: bool) -> Report:
         "saga__failure_code",
         "saga__escalated_from",
     ).iterator(chunk_size=5000):
-        oid = str(row["id"])
-        orders[oid] = row
+        oid = str(order_row["id"])
+        orders[oid] = order_row
         status_of[oid] = order_status(
-            saga_state=row["saga__state"],
-            cancel_reason=row["saga__cancel_reason"],
-            escalated_from=row["saga__escalated_from"],
+            saga_state=order_row["saga__state"],
+            cancel_reason=order_row["saga__cancel_reason"],
+            escalated_from=order_row["saga__escalated_from"],
         )
     items: dict[str, dict[str, int]] = defaultdict(dict)
-    for oid, sku, qty in OrderItem.objects.values_list("order_id", "sku", "quantity").iterator(
+    for order_id, sku, qty in OrderItem.objects.values_list("order_id", "sku", "quantity").iterator(
         chunk_size=5000
     ):
-        items[str(oid)][sku] = qty
+        items[str(order_id)][sku] = qty
 
     def label(oid: str) -> str:
         status = status_of.get(oid)
@@ -162,11 +164,11 @@ def _check(*, require_settled: bool) -> Report:
     cancelled = {oid for oid, s in status_of.items() if s == OrderStatus.CANCELLED}
 
     # -- 2. money -----------------------------------------------------------------------------
-    auths: dict[str, list[dict]] = defaultdict(list)
-    for row in ProviderAuthorization.objects.values(
+    auths: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for auth_row in ProviderAuthorization.objects.values(
         "id", "reference", "currency", "amount_minor", "captured_minor", "refunded_minor", "status"
     ).iterator(chunk_size=5000):
-        auths[row["reference"]].append(row)
+        auths[auth_row["reference"]].append(auth_row)
     op_counts: Counter = Counter()
     for ref, kind in (
         ProviderOperation.objects.filter(
@@ -275,31 +277,31 @@ def _check(*, require_settled: bool) -> Report:
             bad("stock", subject, f"reserved is {p['reserved']} but held reservations hold {held}")
 
     sku_of = {pid: p["sku"] for pid, p in products.items()}
-    reservations: dict[str, list[dict]] = defaultdict(list)
+    reservations: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     lines_of: dict[str, dict[str, int]] = defaultdict(dict)
     for rid, pid, qty in ReservationLine.objects.values_list(
         "reservation_id", "product_id", "quantity"
     ).iterator(chunk_size=5000):
         lines_of[str(rid)][sku_of.get(pid, f"#{pid}")] = qty
-    for row in (
+    for reservation_row in (
         Reservation.objects.filter(tombstone=False)
         .exclude(status=ReservationStatus.RELEASED)
         .values("id", "order_id", "status")
         .iterator(chunk_size=5000)
     ):
-        reservations[str(row["order_id"])].append(row)
+        reservations[str(reservation_row["order_id"])].append(reservation_row)
 
     for oid, rows in sorted(reservations.items()):
-        status = status_of.get(oid)
+        current = status_of.get(oid)
         if len(rows) > 1:
             bad("stock", label(oid), f"{len(rows)} unreleased reservations")
         for r in rows:
-            if r["status"] == ReservationStatus.HELD and status not in (
+            if r["status"] == ReservationStatus.HELD and current not in (
                 OrderStatus.NEEDS_ATTENTION,
                 *IN_FLIGHT,
             ):
                 bad("stock", label(oid), f"reservation {r['id']} still holds stock")
-            if r["status"] == ReservationStatus.COMMITTED and status not in (
+            if r["status"] == ReservationStatus.COMMITTED and current not in (
                 OrderStatus.CONFIRMED,
                 OrderStatus.NEEDS_ATTENTION,
             ):

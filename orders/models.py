@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import uuid
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
 from orders.status import order_state
+
+if TYPE_CHECKING:
+    from payments.models import Payment
+    from shipping.models import Shipment
 
 
 class Order(models.Model):
@@ -42,6 +47,11 @@ class Order(models.Model):
     saga = models.OneToOneField("sagas.Saga", on_delete=models.PROTECT, related_name="order")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    # Not fields: the API attaches the order's payment and shipment for one response (two
+    # queries for a whole page, orders.api.attach_payments_and_shipments); None otherwise.
+    _payment: Payment | None = None
+    _shipment: Shipment | None = None
 
     class Meta:
         ordering = ["-created_at"]

@@ -22,13 +22,14 @@ the saga, its results or its timeline.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
 
+from config.errors import AppError
 from inventory import services as inventory
 from inventory.errors import InventoryError
 from orders import services as orders
@@ -53,7 +54,7 @@ from shipping.errors import ShippingError
 #: The participants' definite answers, each with a ``code`` (``out_of_stock``,
 #: ``payment_declined``, ``shipping_unavailable``, ``already_compensated``, ...). Anything else,
 #: ``payments.errors.ProviderUnavailable`` included, is transient and retried.
-BUSINESS_ERRORS: tuple[type[Exception], ...] = (InventoryError, PaymentError, ShippingError)
+BUSINESS_ERRORS: tuple[type[AppError], ...] = (InventoryError, PaymentError, ShippingError)
 
 
 # -- 1. stock ------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def order_client(saga_id: str) -> int | None:
     return Order.objects.filter(saga_id=saga_id).values_list("owner_id", flat=True).first()
 
 
-def approval(payload: dict[str, JSON]) -> str | None:
+def approval(payload: Mapping[str, JSON]) -> str | None:
     """``{"approved": true|false}``: anything else is refused before it reaches the saga."""
     if not isinstance(payload.get("approved"), bool):
         return "The payload needs `approved`: true or false."

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser, Group, Permission
+from django.contrib.auth.models import Group, Permission, User
 
 OPS_GROUP = "ops"
 
 
-def ensure_user(username: str) -> AbstractBaseUser:
+def ensure_user(username: str) -> User:
     """The user named ``username``, created (without a usable password) if missing."""
     user, created = get_user_model().objects.get_or_create(username=username)
     if created:
@@ -17,7 +17,7 @@ def ensure_user(username: str) -> AbstractBaseUser:
     return user
 
 
-def make_ops_staff(user: AbstractBaseUser) -> None:
+def make_ops_staff(user: User) -> None:
     """Staff flag plus the "ops" group (support staff who may operate sagas)."""
     if not user.is_staff:
         user.is_staff = True
