@@ -12,16 +12,22 @@ def deliver(endpoint_id: str) -> int:
 
 
 @shared_task(name="webhooks.sweep", ignore_result=True)
-def sweep() -> int:
+def sweep() -> int | None:
     """Beat: ring endpoints whose due deliveries lost their doorbell or their worker."""
+    from config.periodic import missed_run_is_one_line
     from webhooks.delivery import sweep as run
 
-    return run()
+    with missed_run_is_one_line("webhooks.sweep"):
+        return run()
+    return None
 
 
 @shared_task(name="webhooks.purge", ignore_result=True)
-def purge() -> int:
+def purge() -> int | None:
     """Beat: delete delivered events older than WEBHOOKS_RETENTION_DAYS, in batches."""
+    from config.periodic import missed_run_is_one_line
     from webhooks.delivery import purge as run
 
-    return run()
+    with missed_run_is_one_line("webhooks.purge"):
+        return run()
+    return None

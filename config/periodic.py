@@ -1,0 +1,38 @@
+"""Beat's housekeeping tasks (the saga and webhook sweeps, purges): a missed run is one line.
+
+Each of them is idempotent and runs again at the next tick, which picks up whatever this one
+would have done. So a run that cannot reach the database (a restart, a failover, a network
+blip) or gives up on a lock is not worth an ERROR with a traceback in the worker's log, as
+Celery writes for any task that raises: it is one WARNING line naming the task and the
+database's own words, and the task ends normally. Any other exception is a bug and still
+raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import structlog
+from django.db import InterfaceError, OperationalError, connections
+
+log = structlog.get_logger("periodic")
+
+
+@contextmanager
+def missed_run_is_one_line(task: str) -> Iterator[None]:
+    """Run the body; on a database that cannot be reached (or a lock that cannot be taken),
+    log ``periodic.missed`` once and return normally. The broken connection is closed, so the
+    next run connects afresh."""
+    try:
+        yield
+    except (OperationalError, InterfaceError) as error:
+        reason = (str(error).strip().splitlines() or [""])[0]
+        log.warning(
+            "periodic.missed",
+            task=task,
+            error=f"{type(error).__name__}: {reason}",
+            next="runs again at its next beat tick",
+        )
+        for conn in connections.all(initialized_only=True):
+            conn.close_if_unusable_or_obsolete()
