@@ -12,6 +12,7 @@ never the other way round.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ import structlog
 from celery import current_app
 from django.conf import settings
 from django.db import transaction
+from kombu import Queue
 from kombu.utils.uuid import uuid
 
 from sagas.timing import task_time_limits
@@ -133,3 +135,33 @@ def ring_many(doorbells: list[tuple[Any, int, float | None]]) -> None:
         log.warning("saga.doorbells_batch_failed", count=len(doorbells), error=repr(exc))
         for saga_id, version, timeout in doorbells:
             ring(saga_id, version, timeout=timeout)
+
+
+def queued_doorbells(queue_name: str | None = None) -> int | None:
+    """Messages waiting in the saga queue (or ``queue_name``), as the broker counts them;
+    ``None`` if it cannot say.
+
+    A queue declaration returns the count on every transport the project uses (Redis: the
+    list's length; AMQP: ``message_count``; the file broker: its files). Messages a worker has
+    already taken (prefetched, or held for a countdown) are not counted.
+    """
+    if time.monotonic() < _broker_down_until:
+        return None
+    run_saga = _run_task()
+    app = run_saga.app
+    try:
+        if queue_name is None:
+            queue = app.amqp.router.route({}, run_saga.name, (), {}, run_saga)["queue"]
+        else:
+            queue = app.amqp.queues.get(queue_name) or Queue(queue_name)
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2)
+            channel = conn.channel()
+            try:
+                return int(queue.bind(channel).queue_declare().message_count)
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+    except Exception as exc:  # noqa: BLE001 - no count: the sweeper rings as if it were empty
+        log.info("saga.queue_depth_unknown", error=repr(exc))
+        return None

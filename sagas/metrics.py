@@ -41,6 +41,10 @@ STALE_DELIVERIES = Counter(
     "saga_stale_deliveries_total", "Task deliveries fenced off as stale or duplicate"
 )
 SWEEP_REDISPATCHED = Counter("saga_sweep_redispatched_total", "Sagas re-rung by the sweeper")
+SWEEP_HELD_BACK = Counter(
+    "saga_sweep_held_back_total",
+    "Repeat re-rings the sweeper held back while the queue could still hold their doorbells",
+)
 
 
 class _SagaStateCollector:

@@ -2,8 +2,9 @@
 
 Rings again for sagas whose work is overdue and whose lease expired (a lost doorbell, a killed
 worker), and cancels sagas past their deadline that have not reached their pivot. It reads the
-database, never the broker, so nothing a broker loses stays lost for longer than
-``SAGA_STUCK_AFTER`` (doubled per unanswered ring).
+database, so nothing a broker loses stays lost for longer than ``SAGA_STUCK_AFTER`` (doubled
+per unanswered ring); of the broker it only asks how deep the saga queue is, so as not to ring
+again for sagas whose doorbells may still be waiting in it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from sagas import metrics
+from sagas import doorbell, metrics
 from sagas.definition import registered_definitions
 from sagas.doorbell import ring_many
 from sagas.exceptions import SagaOperationRefused
@@ -30,6 +31,10 @@ log = structlog.get_logger("sagas.engine")
 _ACTIVE = tuple(str(s) for s in ACTIVE_STATES)
 # The sweeper's re-ring backoff stops doubling here (32 x SAGA_STUCK_AFTER).
 _MAX_SWEEP_DOUBLINGS = 5
+# A repeat ring held back while the queue could still hold the saga's doorbell goes out anyway
+# once the saga has waited this long since its last ring (1024 x SAGA_STUCK_AFTER): a queue
+# that never drains below the overdue count cannot hold a lost doorbell back for ever.
+_HOLD_BACK_DOUBLINGS = 10
 
 
 def sweep(now: datetime | None = None) -> dict[str, int]:
@@ -38,6 +43,14 @@ def sweep(now: datetime | None = None) -> dict[str, int]:
     Cost grows with the number of overdue sagas (a partial index holds only active ones), not
     with the table. ``FOR UPDATE SKIP LOCKED`` plus pushing ``next_attempt_at`` to now makes two
     sweeps at once harmless: each rings for different sagas, and a duplicate ring is fenced.
+
+    A saga overdue *again* after a ring of ours (``sweeps`` >= 1) is either waiting in a
+    backlog or lost its doorbell a second time. While the saga queue holds at least as many
+    messages as there are such sagas, their doorbells may all still be in it, and another ring
+    would only add a stale message behind them (each one a task): they are held back until the
+    queue drains below that, which is when a new ring would have been reached anyway. A first
+    re-ring (``sweeps`` = 0) always goes out, so a doorbell lost once (a broker restart, a
+    killed worker) is replaced at once, as is every saga past ``_HOLD_BACK_DOUBLINGS``.
     """
     now = now or timezone.now()
     stuck_after = settings.SAGA_STUCK_AFTER
@@ -50,13 +63,25 @@ def sweep(now: datetime | None = None) -> dict[str, int]:
         next_attempt_at__lte=now - timedelta(seconds=stuck_after * 2**_MAX_SWEEP_DOUBLINGS),
     )
     batch = settings.SAGA_SWEEP_BATCH
-    picked = (
-        Saga.objects.select_for_update(skip_locked=True)
-        .filter(state__in=_ACTIVE, next_attempt_at__lte=now - timedelta(seconds=stuck_after))
+    due = (
+        Saga.objects.filter(
+            state__in=_ACTIVE, next_attempt_at__lte=now - timedelta(seconds=stuck_after)
+        )
         .filter(Q(lease_until__isnull=True) | Q(lease_until__lte=now))
         .filter(overdue)
-        .order_by("next_attempt_at")
-        .values("id")[:batch]
+    )
+    held_back = 0
+    repeats = due.filter(sweeps__gte=1).order_by().values("id")[:batch].count()
+    if repeats:
+        depth = doorbell.queued_doorbells()
+        if depth is not None and depth >= repeats:
+            long_ago = now - timedelta(seconds=stuck_after * 2**_HOLD_BACK_DOUBLINGS)
+            due = due.filter(Q(sweeps=0) | Q(next_attempt_at__lte=long_ago))
+            held_back = repeats
+            metrics.SWEEP_HELD_BACK.inc(repeats)
+            log.info("saga.sweep_held_back", count=repeats, queued=depth)
+    picked = (
+        due.select_for_update(skip_locked=True).order_by("next_attempt_at").values("id")[:batch]
     )
     qn = connection.ops.quote_name
     with transaction.atomic():
@@ -106,4 +131,4 @@ def sweep(now: datetime | None = None) -> dict[str, int]:
             timed_out += 1
         except (SagaOperationRefused, LookupError):
             continue  # it moved on (pivot reached, finished) since the query: nothing to do
-    return {"redispatched": len(rows), "timed_out": timed_out}
+    return {"redispatched": len(rows), "timed_out": timed_out, "held_back": held_back}
