@@ -250,3 +250,58 @@ register(SagaDefinition("policy", steps=POLICY))
 
 # The same five steps as transactional steps: each effect commits with the step's record.
 register(SagaDefinition("test_tx", steps=scripted(FIVE, transactional=True)))
+
+# -- a step longer than a task's default time limits, after the pivot: "fits" has the default
+# timeout, "long" 8 s and one attempt, so a failure of its escalates to a person (needs_manual).
+register(
+    SagaDefinition(
+        "handback",
+        steps=[
+            Step("fits", _run, compensate=_run),
+            Step("long", _run, pivot=True, timeout=8, retry=RetryPolicy(max_attempts=1)),
+        ],
+    )
+)
+
+
+# -- which task messages a worker ran for a saga ---------------------------------------------
+# A worker started with SAGA_TEST_RECORD_DELIVERIES=1 writes one row per ``sagas.run`` task it
+# starts: the saga, the version the doorbell named, and the soft time limit the message
+# carried (NULL: none, i.e. the task's default limits). Tests count task messages with it.
+DELIVERIES = "test_saga_deliveries"
+RECORD_DELIVERIES = "SAGA_TEST_RECORD_DELIVERIES"
+
+
+def ensure_deliveries_table() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"CREATE TABLE IF NOT EXISTS {DELIVERIES} (id bigserial PRIMARY KEY,"
+            " saga_id varchar(64) NOT NULL, version integer NOT NULL, soft_limit float)"
+        )
+
+
+def deliveries(saga_id) -> list[tuple[int, float | None]]:
+    """``[(version, soft time limit or None), ...]`` of the saga's task messages, in order."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT version, soft_limit FROM {DELIVERIES} WHERE saga_id = %s ORDER BY id",
+            [str(saga_id)],
+        )
+        return [(version, soft) for version, soft in cursor.fetchall()]
+
+
+def _record_delivery(sender=None, task=None, args=None, **_kwargs) -> None:
+    if task is None or task.name != "sagas.run" or not args:
+        return
+    soft = (task.request.timelimit or (None, None))[1]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {DELIVERIES} (saga_id, version, soft_limit) VALUES (%s, %s, %s)",
+            [str(args[0]), int(args[1]), None if soft is None else float(soft)],
+        )
+
+
+if os.environ.get(RECORD_DELIVERIES) == "1":
+    from celery.signals import task_prerun
+
+    task_prerun.connect(_record_delivery, weak=False)
