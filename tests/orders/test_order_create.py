@@ -12,6 +12,7 @@ from orders.selectors import OrderStatus
 from orders.services import order_create, order_request_cancel
 from sagas.exceptions import SagaOperationRefused
 from sagas.models import Saga, SagaState
+from tests.api.test_order_input import BAD_BODIES as API_BAD_BODIES
 
 from .conftest import ADDRESS, make_product, place
 
@@ -88,7 +89,7 @@ GOOD = {
     ("change", "code", "field"),
     [
         ({"items": []}, "empty_order", "items"),
-        ({"items": "lamp"}, "empty_order", "items"),
+        ({"items": "lamp"}, "invalid_item", "items"),
         ({"items": [{"sku": "lamp", "quantity": 0}]}, "invalid_quantity", "items[0].quantity"),
         ({"items": [{"sku": "lamp", "quantity": 1001}]}, "invalid_quantity", "items[0].quantity"),
         ({"items": [{"sku": "lamp", "quantity": "2"}]}, "invalid_quantity", "items[0].quantity"),
@@ -205,3 +206,20 @@ def test_cancel_request_after_the_saga_finished_is_refused(customer, catalog):
 
     assert refused.value.code == "not_running"
     assert Order.objects.select_related("saga").get(pk=order.pk).status == OrderStatus.CONFIRMED
+
+
+@pytest.mark.parametrize(
+    "body, code, field",
+    [pytest.param(body, code, field, id=name) for name, body, code, field in API_BAD_BODIES],
+)
+def test_the_service_alone_refuses_every_bad_api_body_with_the_api_code(
+    customer, catalog, body, code, field
+):
+    """Order input is checked in one place, ``order_create``: each bad body of the API's own
+    table, handed to the service as it came (no serializer in between), is refused with the
+    code and field the API answers with, and writes nothing."""
+    keys = ("items", "payment_method", "shipping_address")
+    with pytest.raises(OrderInvalid) as refused:
+        order_create(owner=customer, **{k: body.get(k) for k in keys})
+    assert (refused.value.code, field in refused.value.fields) == (code, True)
+    assert not Order.objects.exists()
