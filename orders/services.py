@@ -147,9 +147,9 @@ def _clean_address(address: Any, problems: _Problems) -> dict[str, str]:
 def order_create(
     *,
     owner,
-    items: Sequence[Mapping[str, Any]],
-    payment_method: str,
-    shipping_address: Mapping[str, Any],
+    items: Sequence[Mapping[str, Any]] | Any,
+    payment_method: str | Any,
+    shipping_address: Mapping[str, Any] | Any,
 ) -> Order:
     """Validate, price and place an order, and start its saga, in one transaction.
 
@@ -157,7 +157,8 @@ def order_create(
     every way of placing an order comes through here (the API passes the request body as it
     came; the benchmarks, chaos and tests call it directly): a rule written once cannot drift
     between layers, and every caller gets the same error codes. The API's
-    ``OrderCreateSerializer`` only documents the request body.
+    ``OrderCreateSerializer`` only documents the request body. Hence the ``| Any``: the
+    arguments are whatever a caller sent, and are checked here.
 
     Prices come from the catalog now and are kept on the items, so a later price change does
     not change what the client agreed to pay. Stock is *not* checked here: the saga's
