@@ -86,6 +86,18 @@ def _after_logging_setup(**_kwargs) -> None:
 
 
 @worker_ready.connect
+def _serve_metrics(**_kwargs) -> None:
+    """With ``WORKER_METRICS_PORT`` set, the worker serves its processes' counters (a container
+    whose metrics directory web cannot read: see the README's metrics section)."""
+    from django.conf import settings
+
+    if settings.WORKER_METRICS_PORT:
+        from sagas.metrics import serve_worker_metrics
+
+        serve_worker_metrics(settings.WORKER_METRICS_PORT)
+
+
+@worker_ready.connect
 def _validate_faults_at_start(**_kwargs) -> None:
     """Parse ``SAGA_FAULTS`` once in the parent so a malformed value stops the worker early."""
     from sagas.faults import load_faults_or_exit

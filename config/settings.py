@@ -468,6 +468,9 @@ SPECTACULAR_SETTINGS = {
 PROMETHEUS_MULTIPROC_DIR = env("PROMETHEUS_MULTIPROC_DIR", default=str(VAR_DIR / "metrics"))
 Path(PROMETHEUS_MULTIPROC_DIR).mkdir(parents=True, exist_ok=True)
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = PROMETHEUS_MULTIPROC_DIR
+# A Celery worker with a metrics directory of its own (a container) serves its counters on
+# this port at /metrics (0: off; on one host, web's /metrics reads the shared directory).
+WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=0)
 
 # ---------------------------------------------------------------------------------------------
 # Logging: structlog, JSON when not in a terminal, key=value in one

@@ -1,8 +1,11 @@
 """Prometheus metrics of the engine.
 
 prometheus_client runs in multiprocess mode (settings export ``PROMETHEUS_MULTIPROC_DIR``), so
-what every Celery worker process records adds up in the web process's ``/metrics``. Gauges of
-sagas per state are read from the database at scrape time: the rows are the truth.
+what every process sharing that directory records adds up: on one host (``make run``) the web
+process's ``/metrics`` shows the workers' counters too. Where a worker has a directory of its
+own (a container), it serves its counters itself on ``WORKER_METRICS_PORT``
+(:func:`serve_worker_metrics`). Gauges of sagas per state are read from the database at scrape
+time (the rows are the truth), by web only.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
     multiprocess,
+    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
 
@@ -88,3 +92,15 @@ def render_metrics() -> tuple[bytes, str]:
     registry.register(_SagaStateCollector())
     registry.register(BreakerCollector(parked=parked_by_provider))
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def serve_worker_metrics(port: int) -> None:
+    """Serve this host's (container's) multiprocess counters on ``port``, from a thread.
+
+    For a Celery worker's main process: its pool processes write their counters into
+    ``PROMETHEUS_MULTIPROC_DIR``, and each scrape adds the files up. Only the counters: the
+    database-backed gauges come from web's ``/metrics``, so a sum over targets counts them once.
+    """
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    start_http_server(port, registry=registry)
