@@ -8,14 +8,16 @@ the last canary or the last call slot cannot both win, and no process memory mat
 
 Breaker: ``closed`` until the failure rate of the calls in the last ``window`` seconds (and
 admitted since the breaker last closed) reaches ``failure_rate`` over at least ``min_calls`` calls;
-then ``open`` for ``cooldown`` seconds; then ``half_open``, letting ``canaries`` calls through;
-all of them succeeding closes it, any of them failing opens it again. Only transient failures
-count: a participant's business "no" is a healthy answer.
+then ``open`` for ``cooldown`` seconds; then ``half_open``, letting ``canaries`` calls through,
+judged by ``failure_rate`` too: enough of them succeeding closes it, that share failing opens
+it again (:func:`canary_verdicts`). Only transient failures count: a participant's business
+"no" is a healthy answer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -236,6 +238,7 @@ def _take_canary(provider: str, cfg: ProviderConfig, now: datetime) -> bool:
         f"{_qn('since')} = CASE WHEN {_qn('state')} = 'open' THEN %s ELSE {_qn('since')} END, "
         f"{_qn('canaries')} = CASE WHEN {new_round} THEN 1 ELSE {_qn('canaries')} + 1 END, "
         f"{_qn('canary_ok')} = CASE WHEN {new_round} THEN 0 ELSE {_qn('canary_ok')} END, "
+        f"{_qn('canary_failed')} = CASE WHEN {new_round} THEN 0 ELSE {_qn('canary_failed')} END, "
         f"{_qn('probe_at')} = CASE WHEN {new_round} THEN %s ELSE {_qn('probe_at')} END, "
         f"{_qn('updated_at')} = %s "
         f"WHERE {_qn('provider')} = %s AND NOT {_qn('forced')} AND ("
@@ -246,10 +249,11 @@ def _take_canary(provider: str, cfg: ProviderConfig, now: datetime) -> bool:
     ops = connection.ops
     ts = ops.adapt_datetimefield_value
     params = [
-        ts(now),
-        ts(now),
-        ts(now),
-        ts(now),
+        ts(now),  # since
+        ts(now),  # canaries: a new round?
+        ts(now),  # canary_ok: a new round?
+        ts(now),  # canary_failed: a new round?
+        ts(now),  # probe_at: a new round?
         ts(now + _call_lease()),
         ts(now),
         provider,
@@ -468,6 +472,7 @@ def _maybe_open(provider: str, generation: int, cfg: ProviderConfig, now: dateti
         probe_at=now + _cooldown(cfg),
         canaries=0,
         canary_ok=0,
+        canary_failed=0,
         updated_at=now,
     )
     if opened:
@@ -481,32 +486,55 @@ def _maybe_open(provider: str, generation: int, cfg: ProviderConfig, now: dateti
         )
 
 
+def canary_verdicts(cfg: ProviderConfig) -> tuple[int, int]:
+    """``(failures that re-open, successes that close)`` in one half-open round.
+
+    The round is judged like the window, by ``failure_rate``: it re-opens once its failed
+    canaries are that share of ``canaries`` (at least one), and closes once so many succeeded
+    that the rest could no longer reach it. A single unlucky canary (a request that fails on
+    its own, such as a void the provider refuses for that card, or one transient error) then
+    no longer holds a recovered provider open for another cool-down, while a provider still
+    down fails them all. With one canary, or two at the default rate, one failure re-opens.
+    """
+    canaries = max(cfg.canaries, 1)
+    to_open = min(canaries, max(1, math.ceil(canaries * cfg.failure_rate - 1e-9)))
+    return to_open, canaries - to_open + 1
+
+
 def _canary_outcome(provider: str, cfg: ProviderConfig, now: datetime, ok: bool) -> None:
+    to_open, to_close = canary_verdicts(cfg)
     if not ok:
-        reopened = Breaker.objects.filter(provider=provider, state=BreakerState.HALF_OPEN).update(
+        Breaker.objects.filter(provider=provider, state=BreakerState.HALF_OPEN).update(
+            canary_failed=F("canary_failed") + 1, updated_at=now
+        )
+        reopened = Breaker.objects.filter(
+            provider=provider, state=BreakerState.HALF_OPEN, canary_failed__gte=to_open
+        ).update(
             state=BreakerState.OPEN,
             since=now,
             probe_at=now + _cooldown(cfg),
             canaries=0,
             canary_ok=0,
+            canary_failed=0,
             updated_at=now,
         )
         if reopened:
             _transitioned(
-                provider, BreakerState.HALF_OPEN, BreakerState.OPEN, reason="canary failed"
+                provider, BreakerState.HALF_OPEN, BreakerState.OPEN, reason="canaries failed"
             )
         return
     Breaker.objects.filter(provider=provider, state=BreakerState.HALF_OPEN).update(
         canary_ok=F("canary_ok") + 1, updated_at=now
     )
     closed = Breaker.objects.filter(
-        provider=provider, state=BreakerState.HALF_OPEN, canary_ok__gte=max(cfg.canaries, 1)
+        provider=provider, state=BreakerState.HALF_OPEN, canary_ok__gte=to_close
     ).update(
         state=BreakerState.CLOSED,
         since=now,
         probe_at=None,
         canaries=0,
         canary_ok=0,
+        canary_failed=0,
         generation=F("generation") + 1,
         updated_at=now,
     )
@@ -554,6 +582,7 @@ def force(provider: str, to: str, *, user: Any | None, request: HttpRequest | No
             probe_at=None,
             canaries=0,
             canary_ok=0,
+            canary_failed=0,
             generation=F("generation") + (1 if to == BreakerState.CLOSED else 0),
             updated_at=now,
         )

@@ -17,7 +17,8 @@ class ProviderConfig:
     ``min_calls``: outcomes in the window before the rate may open the breaker.
     ``failure_rate``: fraction of failed calls (0-1) that opens it.
     ``cooldown``: seconds open before canaries are let through (half-open).
-    ``canaries``: calls let through while half-open; all succeeding closes the breaker.
+    ``canaries``: calls let through while half-open; judged by ``failure_rate``
+    (``breaker.canary_verdicts``).
     ``max_in_flight``: calls running at once across all workers (0: no limit).
     ``rate``: calls started per second across all workers (0: no limit).
     ``release_spread``: parked sagas retry spread over this many seconds after a probe time,

@@ -25,9 +25,10 @@ class Breaker(models.Model):
     since = models.DateTimeField()
     #: Open: when canaries may go. Half-open: when canaries still out are presumed lost.
     probe_at = models.DateTimeField(null=True, blank=True)
-    #: Canaries let through in this half-open round, and how many of them succeeded.
+    #: Canaries let through in this half-open round, and how many of them succeeded or failed.
     canaries = models.PositiveIntegerField(default=0)
     canary_ok = models.PositiveIntegerField(default=0)
+    canary_failed = models.PositiveIntegerField(default=0)
     #: Held open by a person: no canaries until someone force-closes it.
     forced = models.BooleanField(default=False)
     #: Bumped each time the breaker closes: only calls admitted since then count in its

@@ -108,6 +108,48 @@ def test_open_parks_calls_then_canaries_close_it_or_open_it_again(settings):
     assert _state() == "closed"
 
 
+def test_a_half_open_round_is_judged_by_the_failure_rate_not_by_one_canary(settings):
+    """Three canaries at a failure rate of 0.5: one failing (a request that fails on its own,
+    one transient error) does not re-open a provider whose other canaries answer; two close
+    it. A provider still down fails two of them, and that re-opens it."""
+    settings.SAGA_PROVIDERS = {"card": {**KNOBS, "cooldown": 60, "canaries": 3}}
+    for _ in range(4):
+        _call(ok=False)
+    assert _state() == "open"
+
+    Breaker.objects.filter(provider="card").update(probe_at=timezone.now())
+    canaries = [admit("card") for _ in range(3)]
+    assert all(t.canary for t in canaries) and isinstance(admit("card"), Wait)
+    report(canaries[0], ok=False)
+    assert _state() == "half_open"  # one of three failed: below the rate
+    report(canaries[1], ok=True)
+    assert _state() == "half_open"
+    report(canaries[2], ok=True)
+    assert _state() == "closed"
+
+    for _ in range(4):
+        _call(ok=False)
+    Breaker.objects.filter(provider="card").update(probe_at=timezone.now())
+    canaries = [admit("card") for _ in range(3)]
+    report(canaries[0], ok=True)
+    report(canaries[1], ok=False)
+    assert _state() == "half_open"
+    report(canaries[2], ok=False)
+    assert _state() == "open"  # two of three failed: the rate is reached
+
+
+@pytest.mark.parametrize(
+    ("canaries", "rate", "verdicts"),
+    [(1, 0.5, (1, 1)), (2, 0.5, (1, 2)), (3, 0.5, (2, 2)), (5, 0.5, (3, 3)), (3, 1.0, (3, 1)),
+     (3, 0.1, (1, 3)), (4, 0.5, (2, 3))],
+)  # fmt: skip
+def test_canary_verdicts_follow_the_failure_rate(canaries, rate, verdicts):
+    """(failures that re-open, successes that close) for a round of ``canaries`` calls."""
+    from providers.config import ProviderConfig
+
+    assert breaker.canary_verdicts(ProviderConfig(canaries=canaries, failure_rate=rate)) == verdicts
+
+
 def test_in_flight_limit_and_a_lost_call_slot_comes_back_after_its_lease():
     tickets = [admit("card") for _ in range(3)]
     assert all(isinstance(t, Ticket) for t in tickets)
