@@ -9,7 +9,9 @@ operations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.utils import timezone
@@ -268,6 +270,19 @@ class CanOperateSagas(permissions.BasePermission):
 # Views
 # ---------------------------------------------------------------------------------------------
 SAGA_ID = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH)
+
+
+def _ops_action(**kwargs: Any) -> Callable[[Callable[..., Response]], Any]:
+    """A POST on one saga that needs the ops permission (checked before the body is read)."""
+    return action(
+        detail=True,
+        methods=["post"],
+        permission_classes=[permissions.IsAuthenticated, permissions.IsAdminUser, CanOperateSagas],
+        filter_backends=[],
+        **kwargs,
+    )
+
+
 REFUSED = OpenApiResponse(ErrorSerializer, description="Refused in this state (engine's code).")
 
 
@@ -292,6 +307,25 @@ class SagaViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         saga = self.get_queryset().get(pk=saga_id)
         return Response(self.get_serializer(saga).data, status=code)
 
+    def _operate(
+        self,
+        request: Request,
+        service: Callable[..., Any],
+        code: int,
+        body: type[serializers.Serializer] | None = None,
+    ) -> Response:
+        """One ops action: the saga (404 if unknown), the body checked by ``body`` (400), the
+        service called with the body's fields by name (409 when it refuses), the saga back.
+        The services check whether the action is allowed; the API only translates."""
+        saga = self.get_object()
+        fields: dict[str, Any] = {}
+        if body is not None:
+            checked = body(data=request.data)
+            checked.is_valid(raise_exception=True)
+            fields = dict(checked.validated_data)
+        service(saga_id=saga.pk, user=request.user, **fields)
+        return self._saga_response(saga.pk, code)
+
     @extend_schema(
         summary="Retry now (ops)",
         description="Run the saga's next piece of work now: skip a backoff, or resume a saga "
@@ -301,16 +335,9 @@ class SagaViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         parameters=[SAGA_ID],
         responses={202: SagaSerializer, 409: REFUSED},
     )
-    @action(
-        detail=True,
-        methods=["post"],
-        permission_classes=[*permission_classes, CanOperateSagas],
-        filter_backends=[],
-    )
+    @_ops_action()
     def retry(self, request: Request, pk: str) -> Response:
-        saga = self.get_object()
-        services.saga_retry_now(saga_id=saga.pk, user=request.user)
-        return self._saga_response(saga.pk, status.HTTP_202_ACCEPTED)
+        return self._operate(request, services.saga_retry_now, status.HTTP_202_ACCEPTED)
 
     @extend_schema(
         summary="Compensate (ops)",
@@ -321,20 +348,11 @@ class SagaViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         parameters=[SAGA_ID],
         responses={202: SagaSerializer, 409: REFUSED},
     )
-    @action(
-        detail=True,
-        methods=["post"],
-        permission_classes=[*permission_classes, CanOperateSagas],
-        filter_backends=[],
-    )
+    @_ops_action()
     def compensate(self, request: Request, pk: str) -> Response:
-        saga = self.get_object()
-        body = CompensateSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        services.saga_compensate(
-            saga_id=saga.pk, user=request.user, reason=body.validated_data["reason"]
+        return self._operate(
+            request, services.saga_compensate, status.HTTP_202_ACCEPTED, CompensateSerializer
         )
-        return self._saga_response(saga.pk, status.HTTP_202_ACCEPTED)
 
     @extend_schema(
         summary="Resolve with a note (ops)",
@@ -347,23 +365,9 @@ class SagaViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         parameters=[SAGA_ID],
         responses={200: SagaSerializer, 409: REFUSED},
     )
-    @action(
-        detail=True,
-        methods=["post"],
-        permission_classes=[*permission_classes, CanOperateSagas],
-        filter_backends=[],
-    )
+    @_ops_action()
     def resolve(self, request: Request, pk: str) -> Response:
-        saga = self.get_object()
-        body = ResolveSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        services.saga_resolve(
-            saga_id=saga.pk,
-            user=request.user,
-            note=body.validated_data["note"],
-            accept_effects=body.validated_data["accept_effects"],
-        )
-        return self._saga_response(saga.pk, status.HTTP_200_OK)
+        return self._operate(request, services.saga_resolve, status.HTTP_200_OK, ResolveSerializer)
 
     @extend_schema(
         summary="Mark an undo done by hand (ops)",
@@ -376,24 +380,11 @@ class SagaViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         parameters=[SAGA_ID],
         responses={202: SagaSerializer, 409: REFUSED},
     )
-    @action(
-        detail=True,
-        methods=["post"],
-        url_path="undo-done",
-        permission_classes=[*permission_classes, CanOperateSagas],
-        filter_backends=[],
-    )
+    @_ops_action(url_path="undo-done")
     def undo_done(self, request: Request, pk: str) -> Response:
-        saga = self.get_object()
-        body = UndoDoneSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        services.saga_undo_done(
-            saga_id=saga.pk,
-            user=request.user,
-            step=body.validated_data["step"],
-            note=body.validated_data["note"],
+        return self._operate(
+            request, services.saga_undo_done, status.HTTP_202_ACCEPTED, UndoDoneSerializer
         )
-        return self._saga_response(saga.pk, status.HTTP_202_ACCEPTED)
 
     @extend_schema(
         summary="Send a signal to a waiting saga",
