@@ -22,7 +22,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 from uuid import UUID
 
 from django.conf import settings
@@ -30,9 +30,9 @@ from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.contrib.admin.options import ShowFacets
 from django.core.exceptions import ObjectDoesNotExist, PermissionDenied
-from django.core.paginator import EmptyPage, PageNotAnInteger, Paginator
+from django.core.paginator import EmptyPage, Page, PageNotAnInteger, Paginator
 from django.db import connection, transaction
-from django.db.models import Q, QuerySet
+from django.db.models import OneToOneRel, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, path, reverse
@@ -85,7 +85,7 @@ MAX_LISTED = 50
 MAX_TIMELINE = 1000
 
 #: What each state means, in words for someone who has never seen the product.
-STATE_HELP = {
+STATE_HELP: dict[str, str] = {
     SagaState.RUNNING: "Working through its steps, one after the other.",
     SagaState.COMPENSATING: "Undoing the steps that took effect, newest first.",
     SagaState.SUCCEEDED: "Every step ran. Done.",
@@ -231,7 +231,7 @@ class EstimatedCountPaginator(Paginator):
             return super().page(number)
         number = self.validate_number(number)
         bottom = (number - 1) * self.per_page
-        return self._get_page(self.object_list[bottom : bottom + self.per_page], number, self)
+        return Page(self.object_list[bottom : bottom + self.per_page], number, self)
 
 
 def _table_estimate(table: str) -> int:
@@ -244,7 +244,7 @@ def _table_estimate(table: str) -> int:
 class ScalableAdminMixin:
     """What every list over a big table needs: no full counts, no facet counts."""
 
-    paginator = EstimatedCountPaginator
+    paginator: ClassVar[type[Paginator]] = EstimatedCountPaginator
     show_full_result_count = False
     show_facets = ShowFacets.NEVER
 
@@ -404,8 +404,9 @@ class FailureSignatureFilter(admin.SimpleListFilter):
             for s in selectors.saga_failure_signatures(since=since, limit=8)
         )
         current = self.value()
-        if current and current not in choices and parse_signature(current):
-            step, code = parse_signature(current)
+        parsed = parse_signature(current) if current and current not in choices else None
+        if current and parsed:
+            step, code = parsed
             choices[current] = f"{step}: {code or '(no code)'}"
         return list(choices.items())
 
@@ -471,9 +472,9 @@ class _Outcome:
             n = len(self.done)
             ids = ", ".join(_short(i) for i in self.done[:10]) + (" ..." if n > 10 else "")
             messages.success(request, f"{done_message} for {n} saga{'s' if n != 1 else ''}: {ids}")
-        for detail, ids in self.refused.items():
-            n = len(ids)
-            shown = ", ".join(_short(i) for i in ids[:10]) + (" ..." if n > 10 else "")
+        for detail, refused in self.refused.items():
+            n = len(refused)
+            shown = ", ".join(_short(i) for i in refused[:10]) + (" ..." if n > 10 else "")
             messages.error(
                 request, f"Refused for {n} saga{'s' if n != 1 else ''} ({shown}): {detail}"
             )
@@ -595,10 +596,12 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         if as_uuid is not None:
             ids = {as_uuid}
             for owner in _OWNERS.values():
-                field = Saga._meta.get_field(owner.accessor)
+                # The reverse side of the owner's one-to-one field to its saga.
+                rel = Saga._meta.get_field(owner.accessor)
+                assert isinstance(rel, OneToOneRel)
                 ids.update(
-                    field.related_model.objects.filter(pk=as_uuid).values_list(
-                        field.field.attname, flat=True
+                    rel.related_model._default_manager.filter(pk=as_uuid).values_list(
+                        rel.field.attname, flat=True
                     )
                 )
             condition |= Q(pk__in=ids)
@@ -1117,7 +1120,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         sagas = list(
             Saga.objects.filter(pk__in=ids).prefetch_related(*_OWNERS).order_by("-created_at")
         )
-        rows = []
+        rows: list[dict[str, Any]] = []
         groups: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
         accepted = 0
         for saga in sagas:

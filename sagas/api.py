@@ -67,7 +67,11 @@ class SagaSerializer(serializers.ModelSerializer):
     stuck = serializers.SerializerMethodField(
         help_text="Active, overdue by more than SAGA_STUCK_AFTER, and no worker holds it."
     )
-    data = serializers.JSONField(help_text="The saga's input: ids, amounts and codes.")
+    # DRF's serializer metaclass moves declared fields out of the class, so this names the
+    # "data" key without replacing Serializer.data; the stubs see an override.
+    data = serializers.JSONField(  # type: ignore[assignment]
+        help_text="The saga's input: ids, amounts and codes."
+    )
     results = serializers.JSONField(help_text="Results of the forward steps, by step name.")
     steps = SagaStepSerializer(many=True)
 

@@ -21,9 +21,9 @@ from sagas.selectors import VersionCount, unsettled_versions
 log = structlog.get_logger("sagas.checks")
 
 
-def definition_problems(counts: list[VersionCount]) -> list[Error]:
+def definition_problems(counts: list[VersionCount]) -> list[CheckMessage]:
     """The errors for ``counts`` against the definitions registered in this process."""
-    errors: list[Error] = []
+    errors: list[CheckMessage] = []
     for c in counts:
         versions = registered_versions(c.saga_type)
         what = f"{c.count} unfinished {c.saga_type!r} saga{'s' if c.count != 1 else ''}"

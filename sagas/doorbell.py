@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -85,7 +86,7 @@ def ring_on_commit(
     transaction.on_commit(lambda: ring(saga_id, version, countdown, timeout))
 
 
-def ring_many(doorbells: list[tuple[Any, int, float | None]]) -> None:
+def ring_many(doorbells: Sequence[tuple[Any, int, float | None]]) -> None:
     """Ring for many sagas at once; never raises, like :func:`ring`.
 
     The sweeper rings up to ``SAGA_SWEEP_BATCH`` sagas per tick. Through ``apply_async`` each
@@ -110,7 +111,7 @@ def ring_many(doorbells: list[tuple[Any, int, float | None]]) -> None:
     try:
         route = amqp.router.route({}, name, (str(doorbells[0][0]), doorbells[0][1]), {}, run_saga)
         with app.producer_or_acquire() as producer, producer.batch(max_size=len(doorbells)):
-            declare = None  # the first message declares the queue; the rest need not again
+            declare: list[Any] | None = None  # the first message declares the queue; not the rest
             for saga_id, version, timeout in doorbells:
                 args = (str(saga_id), version)
                 message = amqp.create_task_message(

@@ -171,7 +171,8 @@ class Saga(FSMModelMixin, models.Model):
         field=state,
         source=SagaState.NEEDS_MANUAL,
         target=SagaState.COMPENSATING,
-        conditions=[lambda saga: saga.escalated_from == SagaState.COMPENSATING],
+        # django-fsm types a condition's argument as any Model, not the model it guards.
+        conditions=[lambda saga: saga.escalated_from == SagaState.COMPENSATING],  # type: ignore[attr-defined]
     )
     def resume_compensation(self) -> None:
         """An operator's retry: the ladder goes on where it stopped."""
@@ -180,7 +181,7 @@ class Saga(FSMModelMixin, models.Model):
         field=state,
         source=SagaState.NEEDS_MANUAL,
         target=SagaState.RUNNING,
-        conditions=[lambda saga: saga.escalated_from == SagaState.RUNNING],
+        conditions=[lambda saga: saga.escalated_from == SagaState.RUNNING],  # type: ignore[attr-defined]
     )
     def resume_forward(self) -> None:
         """An operator's retry of a step past the pivot."""
@@ -226,6 +227,10 @@ class SagaStep(models.Model):
     compensation_attempts = models.PositiveIntegerField(default=0)
     last_error = models.TextField(blank=True, default="")
     updated_at = models.DateTimeField(null=True, blank=True)
+
+    # Not fields: the saga's page in the ops console sets them on the steps it shows.
+    compensation: str = ""  # the name of the step's undo, "-" for none
+    how_it_ended: str = ""  # the last error in words
 
     class Meta:
         ordering = ["saga", "index"]

@@ -219,7 +219,8 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
     if step.park is not None:
         decision = waits.decide(step.park, saga, ctx, now)
         if decision.kind == "park":
-            return _park(saga, step, rec, decision, now)
+            _park(saga, step, rec, decision, now)
+            return None
         if decision.kind == "timeout":
             return _wait_timed_out(definition, saga, step, rec, inline_ok=inline_ok)
         if decision.kind == "skip":
@@ -506,7 +507,8 @@ def run_claimed(saga: Saga, *, inline_ok: bool) -> Saga | None:
     definition = definition_of(saga)
     timeout = step_timeout(definition.step(saga.current_step))
     if timeout > current_task_timeout() + TIMEOUT_SLACK:
-        return _hand_back(saga, timeout)
+        _hand_back(saga, timeout)
+        return None
     if saga.state == SagaState.RUNNING:
         return _forward(definition, saga, inline_ok=inline_ok)
     if saga.state == SagaState.COMPENSATING:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypedDict
 
 from django.conf import settings
 from django.db import connection
@@ -89,7 +90,13 @@ def saga_state_counts(*, cap: int = 10_000) -> dict[str, SagaCount]:
     }
 
 
-def saga_failure_signatures(*, since: datetime, limit: int = 10) -> list[dict]:
+class FailureSignature(TypedDict):
+    failed_step: str
+    failure_code: str
+    count: int
+
+
+def saga_failure_signatures(*, since: datetime, limit: int = 10) -> list[FailureSignature]:
     """The most common ``(failed_step, failure_code)`` pairs of sagas started since ``since``.
 
     Each item: ``{"failed_step", "failure_code", "count"}``, most frequent first. Reads only

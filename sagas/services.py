@@ -87,7 +87,7 @@ def _told(saga: Saga) -> None:
     hook = change_hook(saga)
     if hook is not None and before is not None:
         hook(before, saga)
-    saga._before = copy.copy(saga)
+    saga.__dict__["_before"] = copy.copy(saga)  # beside the fields, as _told pops it
 
 
 def _locked(saga_id: Any) -> Saga:
@@ -95,7 +95,7 @@ def _locked(saga_id: Any) -> Saga:
         saga = Saga.objects.select_for_update().get(pk=saga_id)
     except Saga.DoesNotExist:
         raise SagaOperationRefused("not_found", "No such saga.") from None
-    saga._before = copy.copy(saga)  # what _told() compares with
+    saga.__dict__["_before"] = copy.copy(saga)  # what _told() compares with
     return saga
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 from django.db import connection, transaction
+from django.db.models import Field
 from django.utils import timezone
 
 from sagas import metrics
@@ -39,6 +40,15 @@ log = structlog.get_logger("sagas.engine")
 # Fields returned by every claim and record, in model order (what the loop needs to go on).
 _SAGA_FIELDS = list(Saga._meta.concrete_fields)
 _FIELD_BY_NAME = {f.name: f for f in _SAGA_FIELDS}
+
+
+def _column(field: Field[Any, Any]) -> str:
+    """A concrete field's column; Django sets it on every concrete field (the type allows None
+    for the fields that have none)."""
+    assert field.column is not None
+    return field.column
+
+
 _CONVERTERS: list[tuple[int, Any, list]] | None = None
 _ACTIVE = tuple(str(s) for s in ACTIVE_STATES)
 # A message may arrive a hair before the due time it was scheduled for.
@@ -180,7 +190,7 @@ def _saga_update_text(
     sets = [f"{qn('version')} = {qn('version')} + 1"]
     if bump_attempt:
         sets.append(f"{qn('attempt')} = {qn('attempt')} + 1")
-    sets += [f"{qn(_FIELD_BY_NAME[name].column)} = %s" for name in names]
+    sets += [f"{qn(_column(_FIELD_BY_NAME[name]))} = %s" for name in names]
     where = [f"{qn('id')} = %s", f"{qn('version')} = %s"]
     if require_active:
         where.append(f"{qn('state')} IN ({', '.join(['%s'] * len(_ACTIVE))})")
@@ -192,7 +202,7 @@ def _saga_update_text(
         where.append(f"({qn('next_attempt_at')} IS NULL OR {qn('next_attempt_at')} <= %s)")
         # Never take over a step that another task still holds.
         where.append(f"({qn('lease_until')} IS NULL OR {qn('lease_until')} <= %s)")
-    columns = ", ".join(qn(f.column) for f in _SAGA_FIELDS)
+    columns = ", ".join(qn(_column(f)) for f in _SAGA_FIELDS)
     return (
         f"UPDATE {qn(Saga._meta.db_table)} SET {', '.join(sets)} "
         f"WHERE {' AND '.join(where)} RETURNING {columns}"
@@ -282,7 +292,7 @@ def _record_text(
     head = "WITH " if wait_flush else f"WITH {_NO_FLUSH_WAIT}, "
     parts = [f"{head}s AS ({saga_sql})"]
     if step_names:
-        sets = ", ".join(f"{qn(_STEP_FIELDS[name].column)} = %s" for name in step_names)
+        sets = ", ".join(f"{qn(_column(_STEP_FIELDS[name]))} = %s" for name in step_names)
         parts.append(
             f", st AS (UPDATE {qn(SagaStep._meta.db_table)} SET {sets} "
             f"WHERE {qn('saga_id')} = %s AND {qn('name')} = %s AND EXISTS (SELECT 1 FROM s))"
@@ -295,7 +305,7 @@ def _record_text(
             f"SELECT s.{qn('id')}, {', '.join('v.' + qn(c) for c in _EVENT_COLUMNS)} "
             f"FROM s, (VALUES {', '.join([row] * n_events)}) AS v({cols}))"
         )
-    columns = ", ".join(qn(f.column) for f in _SAGA_FIELDS)
+    columns = ", ".join(qn(_column(f)) for f in _SAGA_FIELDS)
     parts.append(f" SELECT {columns} FROM s" if wait_flush else f" SELECT {columns} FROM s, nf")
     return "".join(parts)
 
@@ -391,7 +401,7 @@ def write(
             updated = _write_record(saga, fields, rec, now, go_on, flush=hook is not None)
             if rec.on_written is not None:
                 rec.on_written()
-            if hook is not None:
+            if hook is not None and before is not None:  # both or neither
                 hook(before, updated)
     except _Fenced:
         if tx is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from uuid import UUID
 
 from sagas.definition import Park, StepContext
 from sagas.models import Saga, SagaSignal
@@ -28,7 +29,7 @@ class WaitDecision:
     wake_at: datetime | None = None
 
 
-def pending_signal(saga_id: object, name: str) -> SagaSignal | None:
+def pending_signal(saga_id: UUID | str, name: str) -> SagaSignal | None:
     """The oldest signal ``name`` sent to the saga and not consumed yet."""
     return (
         SagaSignal.objects.filter(saga_id=saga_id, name=name, consumed_at__isnull=True)

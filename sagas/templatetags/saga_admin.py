@@ -105,7 +105,9 @@ def _date_hierarchy(cl):
 
 @register.tag(name="saga_date_hierarchy")
 def saga_date_hierarchy_tag(parser, token):
-    return InclusionAdminNode(
+    # Django 5.2's InclusionAdminNode takes (parser, token, func, template_name, ...); the stubs
+    # add a leading name argument it does not have.
+    return InclusionAdminNode(  # type: ignore[call-arg]
         parser,
         token,
         func=_date_hierarchy,
