@@ -247,7 +247,11 @@ elif CELERY_BROKER_URL.startswith("redis"):
 CELERY_TASK_ACKS_LATE = True
 # On a lost broker connection, let the step in flight finish and record (the redelivered
 # doorbell is then fenced as stale) instead of killing it mid-call, which would leave its lease
-# to expire before the saga moves again. Set explicitly: Celery 6 changes the default.
+# to expire before the saga moves again. Set explicitly: Celery 6 changes the default. Fencing
+# makes True safe too, but not better: it SIGTERMs the prefork process mid-call (the step waits
+# out SAGA_STEP_TIMEOUT + SAGA_STUCK_AFTER and retries as "may have taken effect"), and the
+# threads pool cannot cancel at all (Celery logs a traceback per running task instead).
+# Celery's reminder about the default is filtered out in config/celery.py.
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

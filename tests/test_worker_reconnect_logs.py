@@ -1,0 +1,103 @@
+"""A broker restart leaves a readable worker log: the reconnect is announced in a warning
+line or two, with no ERROR and no traceback.
+
+Runs the worker exactly as ``make run`` starts it (its Procfile's worker line) against a
+private ``redis-server`` (never the shared one), restarts that Redis, and reads the log once
+the worker has run a task through the new broker. Gossip and mingle stay off in that command:
+a single worker (and the compose workers, which share nothing but the queue) has no peers,
+and with gossip on every reconnect logged "consumer: Error on restarting Gossip" at ERROR with
+a traceback. ``worker_cancel_long_running_tasks_on_connection_loss`` is set (False, on
+purpose; see config/settings.py), and Celery's reminder about its default is not printed.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from lab.stack import Stack, stack_env, wait_until
+from lab.supervisor import Process
+from tests.conftest import REPO_ROOT, database_url_for
+from tests.test_worker_survives_broker_restarts import _runs_a_task
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def stack(tmp_path: Path):
+    stack = Stack(env={}, log_dir=tmp_path, queue=f"reconnect-{uuid.uuid4().hex[:8]}")
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    stack.env.update(
+        stack_env(
+            database_url=database_url_for(connection.settings_dict),
+            broker_url="redis://127.0.0.1:1/0",
+            queue=stack.queue,
+            metrics_dir=metrics,
+        )
+    )
+    stack.env["CELERY_BROKER_URL"] = stack.start_redis()
+    yield stack
+    stack.close()
+
+
+def _make_run_worker_argv() -> list[str]:
+    """The worker command of ``make run``'s Procfile, without the supervisor in front."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        import run
+    finally:
+        sys.path.pop(0)
+    lines = dict(line.split(": ", 1) for line in run.procfile(8000).splitlines())
+    argv = shlex.split(lines["worker"].removeprefix("exec "))
+    return argv[argv.index("--") + 1 :]
+
+
+def test_a_broker_restart_logs_no_error_and_no_traceback(stack):
+    node = f"reconnect.{os.getpid()}@{socket.gethostname()}"
+    argv = [*_make_run_worker_argv(), "-Q", stack.queue, "-n", node]
+    worker: Process = stack.supervisor.start("worker", argv, log_name="worker.log")
+    wait_until(lambda: _runs_a_task(stack, worker) or not worker.alive, 90, "the worker ready")
+    assert worker.alive, worker.log_tail(4000)
+    started = len(worker.log_tail(10**7))
+
+    stack.stop_redis(signal.SIGKILL)
+    # The broker stays down until the worker has noticed and failed to reconnect once: the
+    # consumer's restart then runs against a broker that is not there (where gossip failed).
+    wait_until(
+        lambda: "Cannot connect to redis" in worker.log_tail(10**7)[started:] or not worker.alive,
+        90,
+        "the worker to try the stopped broker",
+    )
+    stack.start_redis()
+    wait_until(
+        lambda: _runs_a_task(stack, worker) or not worker.alive,
+        90,
+        "the worker to run a task through the restarted broker",
+    )
+    assert worker.alive, worker.log_tail(4000)
+    after = worker.log_tail(10**7)[started:]
+
+    assert "Connection to broker lost" in after  # it did notice: this is the restart's log
+    lines = after.splitlines()
+    assert not [line for line in lines if "Traceback" in line], after[-6000:]
+    # Celery's own notice while the broker is away ("consumer: Cannot connect to redis://...:
+    # Connection refused. Trying again in 2.00 seconds...") is its one ERROR line, without a
+    # traceback; nothing else may be an error.
+    errors = [
+        line
+        for line in lines
+        if ("ERROR" in line or "level='error'" in line or '"level": "error"' in line)
+        and "Cannot connect to" not in line
+    ]
+    assert not errors, after[-6000:]
+    assert "cancels all currently executed tasks" not in after, after[-6000:]
+    assert "Gossip" not in after, after[-6000:]
