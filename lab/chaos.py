@@ -151,8 +151,8 @@ class ChaosConfig:
     cancel_rate: float = 0.08
     settle_timeout: float = 300.0
     #: At 20% of the load, deploy the next order saga version beside the others (a rolling
-    #: restart of every process; ``--switch-version``).
-    version_switch: bool = False
+    #: restart of every process; ``--no-switch-version`` leaves it out).
+    version_switch: bool = True
     broker_url: str | None = None
     keep: bool = False
     json_path: str | None = None
@@ -371,6 +371,8 @@ class Tally:
     outage_began: Any = None
     outage_ended: Any = None
     outage_calls_at_open: int | None = None
+    #: Set once the deploy of the next order saga version is done (the web reloaded).
+    deployed: threading.Event = field(default_factory=threading.Event)
 
     def now(self) -> float:
         return time.monotonic() - self.started
@@ -390,6 +392,13 @@ class Tally:
 # ---------------------------------------------------------------------------------------------
 # Clients
 # ---------------------------------------------------------------------------------------------
+#: With the version switch on, placements from this share of the plan on wait until the deploy
+#: (at 20%) is done, so orders are always placed on the new version, however slow the machine.
+DEPLOY_GATE = 0.6
+#: ... but not for ever: a deploy that never finishes fails the run's version check instead.
+DEPLOY_GATE_TIMEOUT = 180.0
+
+
 class Clients:
     def __init__(self, config, port, tokens, plan, tally, load_deadline) -> None:
         self.config, self.port, self.tokens, self.tally = config, port, tokens, tally
@@ -399,6 +408,7 @@ class Clients:
         self.total = len(plan)
         self.load_deadline = load_deadline
         self.rng = random.Random(config.seed + 1)
+        self.gate = int(DEPLOY_GATE * len(plan)) if config.version_switch else None
 
     def run(self) -> list[threading.Thread]:
         threads = [
@@ -417,6 +427,9 @@ class Clients:
                     n, placement = self.work.get_nowait()
                 except queue.Empty:
                     return
+                gated = self.gate is not None and n >= self.gate
+                if gated and not self.tally.deployed.wait(DEPLOY_GATE_TIMEOUT):
+                    self.gate = None  # the version check reports it
                 due = self.tally.load_started + n / self.config.rate
                 delay = due - time.monotonic()
                 if delay > 0:
@@ -745,11 +758,14 @@ class Chaos:
     def _deploy(self) -> None:
         """The next order saga version goes live beside the others, the way a rolling deploy
         does it: workers first (each told to shut down warm, finishing what it holds, while
-        its successor, knowing the new version, starts at once), then beat, then the web
-        (gunicorn's graceful reload), which from then on starts new orders on it."""
+        its successor, knowing the new version, starts at once; the deploy goes on once they
+        answer), then beat, then the web (gunicorn's graceful reload), which from then on
+        starts new orders on it."""
         Path(os.environ[order_deploy.FLAG_ENV]).touch()
         version = order_deploy.order_saga_next.version
+        began = time.monotonic()
         self.tally.log(f"deploy: order v{version} (load {self.progress():.0%} done)")
+        started = []
         for slot in list(self.workers):
             if slot in self.restarts:
                 continue  # killed a moment ago: it comes back on the new code anyway
@@ -757,16 +773,36 @@ class Chaos:
             self.planned_exits.add(old.pid)
             old.signal(signal.SIGTERM)
             self.workers[slot] = self.stack.start_worker(slot)
+            started.append(self.workers[slot])
             self.tally.log(
                 f"deploy: {old.name} shutting down warm, {self.workers[slot].name} started"
             )
+        self.stack.wait_workers_ready(started)
         for proc in [p for p in self.stack.procs if p.name == "beat" and p.alive]:
+            # The new beat starts at once; the old one gets its warm shutdown (a sweep sent by
+            # both meanwhile is harmless: two sweeps split the work) and is killed if it hangs.
             self.planned_exits.add(proc.pid)
-            proc.stop(timeout=10)
+            proc.signal(signal.SIGTERM)
+            threading.Thread(target=proc.stop, name="old-beat", daemon=True).start()
             self.stack.start_beat()
         for proc in [p for p in self.stack.procs if p.name == "web" and p.alive]:
+            before = set(proc.children())
             proc.signal(signal.SIGHUP)
-        self.tally.log(f"deploy: beat restarted, web reloading; new orders start on v{version}")
+            # Reloaded once none of the old gunicorn workers is left and the new ones answer.
+            wait_until(
+                lambda p=proc, b=before: (
+                    len(now := set(p.children())) > 0
+                    and not now & b
+                    and _healthy(self.stack.web_port)
+                ),
+                120,
+                "gunicorn to reload its workers",
+            )
+        self.tally.deployed.set()
+        self.tally.log(
+            f"deploy: workers and beat restarted, web reloaded in {time.monotonic() - began:.1f}s;"
+            f" new orders start on v{version} (load {self.progress():.0%} done)"
+        )
 
     def _broker(self) -> None:
         outage = self.rng.uniform(2.0, 5.0) if self.config.mode == "full" else 2.5
@@ -895,7 +931,8 @@ class Summary:
         return [
             f"  provider outage:  {o['provider']} down {o['seconds']:g}s, breakers "
             f"{'on' if o['breakers'] else 'off'}: {o['calls_while_down']} calls made to it while "
-            f"down ({o.get('calls_at_open', '-')} before its breaker opened); "
+            f"down ({'-' if o.get('calls_at_open') is None else o['calls_at_open']} before its "
+            "breaker opened); "
             f"{o['waiting_orders']} orders were waiting for it",
             f"                    orders cancelled because of the outage: {o['cancelled']} "
             f"(step_failed {o['step_failed']}, timed_out {o['timed_out']}); backlog settled "
@@ -957,6 +994,8 @@ def run(config: ChaosConfig, out=sys.stdout) -> Summary:
         reviewer.start()
         tally.load_started = time.monotonic()
         load_budget = max(60.0, 4 * len(plan) / config.rate)
+        if config.version_switch:
+            load_budget += DEPLOY_GATE_TIMEOUT  # the later placements may wait for the deploy
         clients = Clients(
             config, stack.web_port, tokens, plan, tally, time.monotonic() + load_budget
         )

@@ -2,8 +2,8 @@
 
 ``manage.py chaos --quick`` starts a stack of its own (database, Redis, two workers, beat, web),
 places 100 orders over HTTP with every fault switched on while it SIGKILLs workers three times,
-restarts the broker once and takes the payment provider down for 12 s, then checks every
-guarantee. With ``CELERY_BROKER_URL`` pointing at
+restarts the broker once, deploys the next order saga version (a rolling restart) and takes the
+payment provider down for 12 s, then checks every guarantee. With ``CELERY_BROKER_URL`` pointing at
 RabbitMQ the same run uses that broker (its outage simulated by a proxy that cuts connections).
 """
 
@@ -46,6 +46,9 @@ def test_quick_chaos_run_settles_every_order_with_no_violation():
     # The outage phase ran, and no order was cancelled for a failed step because of it.
     assert re.search(r"^\s+provider outage:\s+payments down 12s, breakers on", done.stdout, re.M)
     assert re.search(r"cancelled because of the outage: \d+ \(step_failed 0,", done.stdout)
+    # The deploy at 20% of the load took: orders started on the new version beside the old.
+    versions = re.search(r"^\s+order versions:\s+(.*)$", done.stdout, re.M)
+    assert versions and len(versions.group(1).split(", ")) == 2, done.stdout[-4000:]
     # No worker main process, beat or web exited on its own (the harness restarting a worker
     # would otherwise hide it).
     assert re.search(r"^\s+unplanned exits:\s+0$", done.stdout, re.M), done.stdout[-4000:]

@@ -1,13 +1,15 @@
 """``python manage.py chaos`` (``make chaos``): faults, worker kills, broker restarts, then checks.
 
 Full mode (the default): 1,000 orders, 12 worker kills, 2 broker restarts. ``--quick`` (what
-``make test`` runs): 100 orders, 3 kills, 1 broker restart. The run starts and stops its own
-stack (database, Redis, workers, beat, web); see :mod:`lab.chaos`. Exit status 1 on any
-violation.
+``make test`` runs): 100 orders, 3 kills, 1 broker restart. Both take a provider down for a
+while and deploy the next order saga version at 20% of the load (``--no-switch-version``: no
+deploy). The run starts and stops its own stack (database, Redis, workers, beat, web); see
+:mod:`lab.chaos`. Exit status 1 on any violation.
 """
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 
@@ -46,7 +48,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--outage-seconds",
             type=float,
-            help="the provider outage phase: seconds down (full 60, quick 8; 0: none)",
+            help="the provider outage phase: seconds down (full 60, quick 12; 0: none)",
         )
         parser.add_argument(
             "--outage-provider",
@@ -55,9 +57,11 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--switch-version",
-            action="store_true",
+            action=argparse.BooleanOptionalAction,
+            default=True,
             help="deploy the next order saga version beside the others at 20%% of the load "
-            "(a rolling restart of every process; lab/order_deploy.py)",
+            "(a rolling restart of every process; lab/order_deploy.py); on by default, "
+            "--no-switch-version leaves it out",
         )
         parser.add_argument(
             "--no-breakers",
