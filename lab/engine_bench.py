@@ -101,7 +101,11 @@ class BenchWorkers:
             )
             for i in range(processes)
         ]  # fmt: skip
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:  # Ctrl-C or SIGTERM while they start: nobody else stops them
+            self.stop()
+            raise
 
     def _wait_ready(self, timeout: float = 60) -> None:
         from config.celery import app

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -62,6 +63,9 @@ class Command(BaseCommand):
         suite.add_argument("--keep", action="store_true", help="keep the scratch database")
 
     def handle(self, *args, **opts):
+        # SIGTERM (a CI timeout, `kill`) stops the bench's workers and servers like Ctrl-C does,
+        # instead of leaving them running with nobody to stop them.
+        signal.signal(signal.SIGTERM, _interrupt)
         if opts["all"] or opts["sweep"] or opts["soak"]:
             from lab import bench_suite
 
@@ -125,3 +129,7 @@ class Command(BaseCommand):
         if opts["json"]:
             opts["json"].parent.mkdir(parents=True, exist_ok=True)
             opts["json"].write_text(json.dumps([benchmark.as_dict(r) for r in results], indent=2))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
