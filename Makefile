@@ -60,10 +60,11 @@ bench: $(STAMP)  ## the headline benchmark and its plot
 	$(DEV_KEY) $(VPY) manage.py saga_bench --all $(BENCH_ARGS)
 
 # mypy's Django plugin loads the settings, which need a SECRET_KEY (any value does).
-lint: $(STAMP)  ## ruff check + format check + mypy
+lint: $(STAMP)  ## ruff check + format check + mypy + import contracts (lint-imports)
 	$(VPY) -m ruff check .
 	$(VPY) -m ruff format --check .
 	$(DEV_KEY) $(VPY) -m mypy
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 fmt: $(STAMP)  ## ruff format + safe fixes
 	$(VPY) -m ruff check --fix .
@@ -73,6 +74,7 @@ migrate: $(STAMP)  ## apply migrations to the database `make run` would use
 	$(VPY) scripts/run.py --migrate-only
 
 clean:  ## remove caches and test artifacts (keeps .venv and var/)
-	rm -rf test-artifacts bench-results .hypothesis .pytest_cache .ruff_cache .mypy_cache build dist \
+	rm -rf test-artifacts bench-results .hypothesis .pytest_cache .ruff_cache .mypy_cache \
+	  .import_linter_cache build dist \
 	  *.egg-info
 	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -1,16 +1,13 @@
-"""Shared pieces of the REST API: pagination, the JSON parser, the error schema, ``/metrics``.
+"""Shared pieces of the REST API: pagination, strict fields, the error schema, the API's 404.
 
-Kept in the project shell because every app's API uses them the same way.
+Every app's API uses them the same way, so they import no app (``/metrics``, which reads the
+engine's metrics, is ``config.metrics``).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from django.http import HttpRequest, HttpResponse
-from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
-from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, pagination, serializers
 from rest_framework.request import Request
 from rest_framework.views import APIView
@@ -210,16 +207,3 @@ class NotFoundView(APIView):
 
     def get(self, request: Request, *args, **kwargs):  # pragma: no cover - initial() raises
         raise exceptions.NotFound()
-
-
-# ---------------------------------------------------------------------------------------------
-# /metrics: Prometheus text, for the scraper (no authentication, like /healthz)
-# ---------------------------------------------------------------------------------------------
-@extend_schema(exclude=True)
-@never_cache
-@require_GET
-def metrics_view(request: HttpRequest) -> HttpResponse:
-    from sagas.metrics import render_metrics
-
-    body, content_type = render_metrics()
-    return HttpResponse(body, content_type=content_type)

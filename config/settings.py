@@ -458,7 +458,7 @@ SPECTACULAR_SETTINGS = {
         "config.api.add_error_responses",
     ],
     "ENUM_NAME_OVERRIDES": {
-        "OrderStatusEnum": "orders.api.ORDER_STATUS_CHOICES",
+        "OrderStatusEnum": "orders.representation.ORDER_STATUS_CHOICES",
         "ShipmentStatusEnum": "shipping.models.ShipmentStatus",
         "StepStatusEnum": "sagas.models.StepStatus",
     },

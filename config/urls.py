@@ -5,8 +5,9 @@ from django.urls import include, path, re_path
 from django.views.generic import TemplateView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
-from config.api import NotFoundView, metrics_view
+from config.api import NotFoundView
 from config.health import healthz
+from config.metrics import metrics_view
 
 urlpatterns = [
     # The first link `make run` prints: where to go from here.

@@ -14,6 +14,9 @@ that, so the sagas of clients without endpoints never pay a query or a transacti
 
 from __future__ import annotations
 
+from orders.models import Order
+from orders.representation import OrderSerializer, attach_payments_and_shipments
+from orders.selectors import order_state
 from sagas.models import Saga
 from webhooks.services import event_emit
 
@@ -34,10 +37,6 @@ class OrderEvents:
         return bool(saga.data.get(DATA_KEY))
 
     def __call__(self, before: Saga, after: Saga) -> None:
-        from orders.api import OrderSerializer, attach_payments_and_shipments
-        from orders.models import Order
-        from orders.selectors import order_state
-
         old, new = order_state(before), order_state(after)
         if old == new:
             return

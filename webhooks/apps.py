@@ -8,6 +8,10 @@ class WebhooksConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from importlib import import_module
+
+        # Delivery rings by the task's name: register the tasks in every process that rings.
+        import_module("webhooks.tasks")
         post_migrate.connect(_ensure_schedules, sender=self)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import structlog
 import urllib3
+from celery import current_app
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Exists, OuterRef, Q
@@ -41,17 +42,24 @@ log = structlog.get_logger("webhooks.delivery")
 
 USER_AGENT = "sagarunner-webhooks/1"
 
+#: The doorbell task for one endpoint (declared in ``webhooks.tasks``).
+DELIVER_TASK = "webhooks.deliver"
+
 
 # ---------------------------------------------------------------------------------------------
 # Doorbells
 # ---------------------------------------------------------------------------------------------
 def ring(endpoint_id: Any, countdown: float | None = None) -> None:
     """Ask a worker to deliver E's due deliveries. Never raises: the rows are already safe,
-    and the sweeper rings again if this one is lost."""
-    from webhooks.tasks import deliver
+    and the sweeper rings again if this one is lost.
 
+    Sent by the task's name (:data:`DELIVER_TASK`, declared in ``webhooks.tasks``, which
+    imports this module; the webhooks app imports it when ready), so delivery needs nothing
+    above it.
+    """
     if countdown is not None and countdown > settings.WEBHOOKS_MAX_COUNTDOWN:
         return  # far in the future: the sweeper rings when it is due
+    deliver = current_app.tasks[DELIVER_TASK]  # what shared_task's proxy resolves to
     try:
         deliver.apply_async(
             (str(endpoint_id),),

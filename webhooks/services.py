@@ -22,6 +22,7 @@ from django.utils import timezone
 from rest_framework.renderers import JSONRenderer
 
 from audit.services import audit_record
+from webhooks import delivery
 from webhooks.models import EVENT_TYPES, Delivery, DeliveryStatus, Endpoint, Event, Stream
 from webhooks.security import UrlRefused, check_url
 
@@ -228,6 +229,5 @@ def ring_each(endpoint_ids: Iterable[Any]) -> None:
 
 
 def ring(endpoint_id: Any, countdown: float | None = None) -> None:
-    from webhooks.delivery import ring as _ring
-
-    _ring(endpoint_id, countdown)
+    """Ring the endpoint's doorbell (:func:`webhooks.delivery.ring`, looked up per call)."""
+    delivery.ring(endpoint_id, countdown)

@@ -1,33 +1,34 @@
-"""Celery tasks of the webhooks app (routed to WEBHOOKS_QUEUE): thin, they call delivery."""
+"""Celery tasks of the webhooks app (routed to WEBHOOKS_QUEUE): thin, they call delivery.
+
+The top of the app: nothing imports this module but the app's ``ready()`` (which registers the
+tasks in every process) and Celery. Delivery rings by the task's name.
+"""
 
 from celery import shared_task
 
+from config.periodic import missed_run_is_one_line
+from webhooks.delivery import DELIVER_TASK, deliver_endpoint
+from webhooks.delivery import purge as run_purge
+from webhooks.delivery import sweep as run_sweep
 
-@shared_task(name="webhooks.deliver", ignore_result=True)
+
+@shared_task(name=DELIVER_TASK, ignore_result=True)
 def deliver(endpoint_id: str) -> int:
     """Doorbell: deliver the endpoint's due deliveries (see webhooks.delivery)."""
-    from webhooks.delivery import deliver_endpoint
-
     return deliver_endpoint(endpoint_id)
 
 
 @shared_task(name="webhooks.sweep", ignore_result=True)
 def sweep() -> int | None:
     """Beat: ring endpoints whose due deliveries lost their doorbell or their worker."""
-    from config.periodic import missed_run_is_one_line
-    from webhooks.delivery import sweep as run
-
     with missed_run_is_one_line("webhooks.sweep"):
-        return run()
+        return run_sweep()
     return None
 
 
 @shared_task(name="webhooks.purge", ignore_result=True)
 def purge() -> int | None:
     """Beat: delete delivered events older than WEBHOOKS_RETENTION_DAYS, in batches."""
-    from config.periodic import missed_run_is_one_line
-    from webhooks.delivery import purge as run
-
     with missed_run_is_one_line("webhooks.purge"):
-        return run()
+        return run_purge()
     return None
