@@ -524,6 +524,9 @@ LOGGING = {
             "foreign_pre_chain": _shared_processors,
         },
     },
+    "filters": {
+        "ack_on_lost_connection": {"()": "config.log_filters.AckOnLostConnection"},
+    },
     "handlers": {
         "default": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT},
     },
@@ -535,5 +538,8 @@ LOGGING = {
         # 5xx still arrive here as ERROR, with the traceback.
         "django.request": {"level": "ERROR"},
         "celery": {"level": LOG_LEVEL},
+        # A task finishing while the broker restarts cannot ack: one warning, not a CRITICAL
+        # with a traceback (config/log_filters.py says why that is harmless here).
+        "celery.worker.request": {"filters": ["ack_on_lost_connection"]},
     },
 }

@@ -101,3 +101,33 @@ def test_a_broker_restart_logs_no_error_and_no_traceback(stack):
     assert not errors, after[-6000:]
     assert "cancels all currently executed tasks" not in after, after[-6000:]
     assert "Gossip" not in after, after[-6000:]
+
+
+def test_an_ack_the_lost_connection_refused_is_one_warning_line(caplog):
+    """A task that finishes while the broker is away cannot acknowledge its message: kombu logs
+    "Couldn't ack" at CRITICAL with the transport's traceback, on the logger Celery hands it.
+    Through the project's logging it is one WARNING line with no traceback (the broker delivers
+    the message again, and the doorbell is fenced as stale)."""
+    import logging
+
+    from kombu.message import Message
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    class GoneChannel:
+        no_ack_consumers = None
+
+        def basic_ack(self, delivery_tag, multiple=False):
+            raise RedisConnectionError(
+                "Error 111 connecting to 127.0.0.1:6399. Connection refused."
+            )
+
+    message = Message(channel=GoneChannel(), delivery_tag="4c1d-tag", body=b"{}")
+    caplog.set_level(logging.DEBUG)
+    message.ack_log_error(logging.getLogger("celery.worker.request"), (RedisConnectionError,))
+
+    records = [r for r in caplog.records if r.name == "celery.worker.request"]
+    assert len(records) == 1
+    line = records[0]
+    assert line.levelno == logging.WARNING and line.exc_info is None, line.getMessage()
+    assert "Couldn't ack message 4c1d-tag: broker connection lost" in line.getMessage()
+    assert "Traceback" not in caplog.text
