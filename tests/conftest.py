@@ -23,7 +23,8 @@ Fixtures and helpers (see the README's "Tests" section):
     worker it started is killed at the end of the test.
 ``wait_for(predicate, timeout=30, interval=0.05, describe=None)``
     Polls ``predicate`` until it returns something truthy (and returns that) or fails the test
-    on the deadline, showing what ``describe()`` returned last.
+    on the deadline (``timeout`` times ``TEST_WAIT_SCALE``, default 3), showing what
+    ``describe()`` returned last.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -47,6 +49,12 @@ from urllib.parse import quote, urlsplit
 import pytest
 
 from lab.supervisor import Process, pid_alive
+
+# `make test` starts the threads-pool and RabbitMQ passes in the background, where the shell
+# makes them ignore SIGINT (and Python keeps an ignored SIGINT ignored). Take it back, so Ctrl-C
+# stops those passes too, through the teardown that stops their workers and drops their database.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS_DIR = REPO_ROOT / "test-artifacts"
@@ -86,6 +94,12 @@ _DEFAULTS = {
     "WEBHOOKS_TASK_BUDGET": "2",
     "WEBHOOKS_SWEEP_AFTER": "1",
 }
+# What the environment held before this module touched it: an xdist controller hands exactly
+# this to its workers (see pytest_configure), so each computes its own per-session values.
+_PER_SESSION_KEYS = ("CELERY_QUEUE", "CACHE_KEY_PREFIX", "PROMETHEUS_MULTIPROC_DIR")
+_ENV_BEFORE = {
+    key: os.environ.get(key) for key in (*_DEFAULTS, *_PER_SESSION_KEYS, "TEST_DATABASE_NAME")
+}
 for _key, _value in _DEFAULTS.items():
     os.environ.setdefault(_key, _value)
 
@@ -100,7 +114,8 @@ atexit.register(shutil.rmtree, _PROM_DIR, ignore_errors=True)
 # The test database carries this host and pid so concurrent sessions never share (and destroy)
 # one, and databases left behind by a killed session can be recognised and dropped.
 _TEST_DB_PREFIX = "test_sagarunner_"
-_TEST_DB_RE = re.compile(rf"^{_TEST_DB_PREFIX}{HOST_TAG}_p(\d+)$")
+# pytest-django appends "_gw<n>" for each pytest-xdist worker (the pid is the worker's own).
+_TEST_DB_RE = re.compile(rf"^{_TEST_DB_PREFIX}{HOST_TAG}_p(\d+)(?:_gw\d+)?$")
 os.environ.setdefault("TEST_DATABASE_NAME", f"{_TEST_DB_PREFIX}{HOST_TAG}_p{os.getpid()}")
 
 import django  # noqa: E402
@@ -132,20 +147,54 @@ def _restore_ops_group(sender, **_kwargs) -> None:
 post_migrate.connect(_restore_ops_group, dispatch_uid="tests.restore_ops_group")
 
 
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    """True in the process that hands tests to pytest-xdist workers (it runs none itself)."""
+    return getattr(config.option, "dist", "no") != "no" and not hasattr(config, "workerinput")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, give the workers the environment pytest was started with.
+
+    Workers inherit the controller's environment. Left as this module set it, a worker would
+    find ``DJANGO_SETTINGS_MODULE`` already set, so pytest-django would load the settings
+    before this module runs there, with the controller's queue, cache key prefix and metrics
+    directory: every worker would send its tasks to one queue that no session worker consumes,
+    and share rate-limit counters. Restored, each worker sets its own, as a lone session does.
+    Runs before the controller starts its workers (``pytest_sessionstart``).
+    """
+    if not _is_xdist_controller(config):
+        return
+    for key, value in _ENV_BEFORE.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 # ---------------------------------------------------------------------------------------------
 # Polling with a deadline
 # ---------------------------------------------------------------------------------------------
+# Every wait's deadline is this many times what the test names. The names are sized for a
+# quiet machine; `make test` runs several sessions at once, often on a small shared CI machine,
+# where a wait that normally takes 2 s can take 20. A deadline is there to end a hang, never to
+# judge speed (tests make no timing assertions), and polling returns as soon as the condition
+# holds, so a passing test takes no longer for it; only a failing one takes longer to say so.
+WAIT_SCALE = float(os.environ.get("TEST_WAIT_SCALE", "3"))
+
+
 def wait_until(
     predicate: Callable[[], Any],
     timeout: float = 30,
     interval: float = 0.05,
     describe: Callable[[], Any] | None = None,
 ) -> Any:
-    """Poll ``predicate`` until truthy (return its value) or fail on the deadline.
+    """Poll ``predicate`` until truthy (return its value) or fail on the deadline
+    (``timeout`` times ``TEST_WAIT_SCALE``, default 3).
 
     On timeout the failure shows the last value of ``describe()`` (or of the predicate), so a
     red test says what the database looked like instead of just "timed out".
     """
+    timeout = timeout * max(WAIT_SCALE, 1.0)
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -411,6 +460,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     Every session has a queue of its own; on RabbitMQ it is durable (and so is its exchange),
     and on Redis its binding keys stay, so without this each session would leave one behind.
     """
+    if _is_xdist_controller(session.config):
+        return  # each worker deletes its own; the controller never had one
     url = os.environ.get("CELERY_BROKER_URL", "")
     if not url or not _broker_reachable(url, timeout=1.0):
         return
