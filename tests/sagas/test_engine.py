@@ -436,8 +436,11 @@ def test_resolve_needs_a_note_and_a_saga_that_needs_manual(celery_worker, wait_f
 
 def test_operator_compensation_and_plan(worker_factory, wait_for, ops_user):
     """The plan lists the undo of each effect, newest first; compensating runs exactly that."""
-    worker = worker_factory(exclusive=True, name="ops")
-    saga = start({"s3": ["transient"] * 40})
+    # Attempts without end, so the saga is still running (retrying s3) when the operator acts:
+    # with the default five, retries the worker already held (a paused consumer still runs
+    # them) could use up the last attempts and compensate it first on a loaded machine.
+    worker = worker_factory({"SAGA_MAX_ATTEMPTS": "100000"}, exclusive=True, name="ops")
+    saga = start({"s3": ["transient"]})  # the last outcome repeats: s3 never succeeds
     wait_for(lambda: Saga.objects.get(pk=saga.id).attempt >= 2 or None)
     worker.pause_consuming()
     plan = saga_compensation_plan(saga_id=saga.id)
