@@ -38,3 +38,60 @@ class AckOnLostConnection(logging.Filter):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info, record.exc_text = None, None
         return True
+
+
+def _broker_connection_errors() -> tuple[type[BaseException], ...]:
+    """What a publish raises when the broker is not there, for each transport installed."""
+    from kombu.exceptions import OperationalError
+
+    errors: list[type[BaseException]] = [OperationalError, OSError]
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        errors += [RedisConnectionError, RedisTimeoutError]
+    except ImportError:  # pragma: no cover - redis is a dependency, amqp is optional
+        pass
+    try:
+        from amqp.exceptions import ConnectionError as AmqpConnectionError
+
+        errors.append(AmqpConnectionError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+class MissedScheduledRun(logging.Filter):
+    """Beat's "Message Error" when the broker did not take a due task: one WARNING line.
+
+    Celery's beat logs a send that failed at ERROR with the formatted stack and the traceback
+    (some 8 KB for every tick the broker is away). When the cause is the broker connection,
+    the run is simply missed: every periodic task here is idempotent and beat sends it again
+    at its next tick. Any other cause (a bug) keeps its traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (
+            isinstance(record.msg, str)
+            and record.msg.startswith("Message Error:")
+            and isinstance(record.args, tuple)
+            and record.args
+            and isinstance(record.args[0], BaseException)
+        ):
+            return True
+        error = record.args[0]
+        cause: BaseException | None = error
+        errors = _broker_connection_errors()
+        for _ in range(5):  # SchedulingError -> kombu's OperationalError -> redis/socket error
+            cause = cause.__cause__ or cause.__context__ if cause is not None else None
+            if cause is None or isinstance(cause, errors):
+                break
+        if cause is None:
+            return True
+        record.msg = (
+            "beat: missed a run, the broker did not take it (%s); sent again at the next tick"
+        )
+        record.args = (error,)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info, record.exc_text = None, None
+        return True

@@ -526,6 +526,7 @@ LOGGING = {
     },
     "filters": {
         "ack_on_lost_connection": {"()": "config.log_filters.AckOnLostConnection"},
+        "missed_scheduled_run": {"()": "config.log_filters.MissedScheduledRun"},
     },
     "handlers": {
         "default": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT},
@@ -541,5 +542,7 @@ LOGGING = {
         # A task finishing while the broker restarts cannot ack: one warning, not a CRITICAL
         # with a traceback (config/log_filters.py says why that is harmless here).
         "celery.worker.request": {"filters": ["ack_on_lost_connection"]},
+        # Beat could not hand a due task to the broker: one warning, not 8 KB of stack.
+        "celery.beat": {"filters": ["missed_scheduled_run"]},
     },
 }

@@ -1,0 +1,97 @@
+"""Beat's log while the broker is away: each missed run is one readable warning line.
+
+Runs beat exactly as ``make run`` starts it (its Procfile's beat line) against a private
+``redis-server`` (never the shared one) and this session's database, whose sweep is due every
+second; stops that Redis and reads what beat wrote for the ticks that followed. Celery's beat
+logged each as ERROR "Message Error" with the formatted stack and the traceback (8 KB a tick).
+"""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from lab.stack import Stack, stack_env, wait_until
+from tests.conftest import REPO_ROOT, database_url_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SENT = "Scheduler: Sending due task sagas: sweep stuck sagas"
+
+
+def _make_run_beat_argv() -> list[str]:
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        import run
+    finally:
+        sys.path.pop(0)
+    lines = dict(line.split(": ", 1) for line in run.procfile(8000).splitlines())
+    argv = shlex.split(lines["beat"].removeprefix("exec "))
+    return argv[argv.index("--") + 1 :]
+
+
+def test_a_sweep_the_broker_did_not_take_is_one_warning_line(tmp_path: Path):
+    stack = Stack(env={}, log_dir=tmp_path, queue=f"beatlog-{uuid.uuid4().hex[:8]}")
+    (tmp_path / "metrics").mkdir()
+    stack.env.update(
+        stack_env(
+            database_url=database_url_for(connection.settings_dict),
+            broker_url="redis://127.0.0.1:1/0",
+            queue=stack.queue,
+            metrics_dir=tmp_path / "metrics",
+        )
+    )
+    stack.env["CELERY_BROKER_URL"] = stack.start_redis()
+    try:
+        beat = stack.supervisor.start("beat", _make_run_beat_argv(), log_name="beat.log")
+        wait_until(lambda: SENT in beat.log_tail(10**7) or not beat.alive, 60, "a first sweep")
+        assert beat.alive, beat.log_tail(4000)
+        before = len(beat.log_tail(10**7))
+        stack.stop_redis(signal.SIGKILL)
+        # Beat sends one entry at a time and logs its outcome before the next tick: once a
+        # second send has started, everything the first one caused is in the log.
+        wait_until(
+            lambda: beat.log_tail(10**7)[before:].count(SENT) >= 2 or not beat.alive,
+            60,
+            "two sweeps due while the broker is down",
+        )
+        assert beat.alive, beat.log_tail(4000)
+        after = beat.log_tail(10**7)[before:]
+    finally:
+        stack.close()
+
+    second = after.index(SENT, after.index(SENT) + 1)
+    first = after[: after.rfind("\n", 0, second)]  # up to the line of the second send
+    lines = first.strip().splitlines()
+    assert len(lines) == 2, first  # the send, and what became of it
+    assert SENT in lines[0]
+    assert "level='warning'" in lines[1] and "beat: missed a run" in lines[1], lines[1]
+    assert "Connection refused" in lines[1] and "sweep stuck sagas" in lines[1]
+    assert "Traceback" not in after and "level='error'" not in after, after[-4000:]
+
+
+def test_a_send_that_failed_for_another_reason_keeps_its_traceback(caplog):
+    """Only a broker that is away is shortened: any other cause (a bug) stays an ERROR with
+    its traceback."""
+    import logging
+
+    from celery.beat import SchedulingError
+
+    caplog.set_level(logging.INFO)
+    try:
+        try:
+            raise ValueError("a task argument that does not serialize")
+        except ValueError:
+            raise SchedulingError("Couldn't apply scheduled task x: bad") from None
+    except SchedulingError as error:
+        logging.getLogger("celery.beat").error(
+            "Message Error: %s\n%s", error, ["stack"], exc_info=True
+        )
+    (record,) = [r for r in caplog.records if r.name == "celery.beat"]
+    assert record.levelno == logging.ERROR and record.exc_info is not None
