@@ -191,6 +191,10 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "staticfiles"
+# Empty until collectstatic runs (the image runs it; a checkout serves app static files through
+# the finders below). whitenoise warns "No directory at: .../staticfiles/" at every process
+# start when it is missing, which is noise on a first `make run`.
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 # Project-wide static files (the landing page's stylesheet); apps keep theirs in <app>/static/.
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STORAGES = {

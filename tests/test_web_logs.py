@@ -1,5 +1,6 @@
-"""What web writes to its log: each 4xx once (gunicorn's access line), and no control socket
-at a path that every gunicorn of the same user shares.
+"""What web writes to its log: each 4xx once (gunicorn's access line), no control socket at a
+path that every gunicorn of the same user shares, and no warning about static files on a
+fresh checkout.
 
 Runs gunicorn exactly as ``make run`` starts it (the web line of its Procfile), from the
 project root, against this session's database.
@@ -51,6 +52,8 @@ def _env(tmp_path: Path) -> dict[str, str]:
         "HTTPS_ONLY": "0",
         "LOG_FORMAT": "json",
         "PROMETHEUS_MULTIPROC_DIR": str(metrics),
+        # A fresh var/ (as in a new clone): nothing collected into staticfiles/ yet.
+        "SAGARUNNER_VAR_DIR": str(tmp_path / "var"),
         # Where gunicorn would put its default control socket: here, not in the real home.
         "XDG_RUNTIME_DIR": str(tmp_path),
         "HOME": str(tmp_path),
@@ -117,3 +120,5 @@ def test_a_4xx_is_logged_once(tmp_path, wait_for):
     ]
     assert not request_lines, request_lines
     assert "Control socket listening" not in log, log[-3000:]
+    # Nothing but requests: no warning that static files were never collected.
+    assert "No directory at" not in log, log[-3000:]
