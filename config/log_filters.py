@@ -53,7 +53,7 @@ def _broker_connection_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover - redis is a dependency, amqp is optional
         pass
     try:
-        from amqp.exceptions import ConnectionError as AmqpConnectionError  # type: ignore[import-untyped]
+        from amqp.exceptions import ConnectionError as AmqpConnectionError
 
         errors.append(AmqpConnectionError)
     except ImportError:  # pragma: no cover
