@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from config.errors import AppError
+from sagas.public import ProviderAnswered
 
 
 class PaymentError(AppError):
@@ -56,3 +57,9 @@ class DuplicateAuthorization(PaymentError):
 
 class ProviderUnavailable(ConnectionError):
     """The provider could not be reached or failed before doing anything: retry later."""
+
+
+class ProviderRefusedUndo(ProviderUnavailable, ProviderAnswered):
+    """The provider answered, and would not do this void or refund this time (every undo of
+    ``pm_card_refund_fails``): retried like :class:`ProviderUnavailable`, but the provider is
+    up, so its breaker counts a healthy call."""

@@ -20,7 +20,8 @@ transaction, as a remote call would be; nothing here joins the caller's transact
 
 Test cards (``payment_method``): ``pm_card_visa`` approves; ``pm_card_declined`` declines the
 authorization; ``pm_card_capture_declined`` authorizes but declines the capture;
-``pm_card_refund_fails`` approves, but every void and refund of it is a transient failure.
+``pm_card_refund_fails`` approves, but every void and refund of it fails, transiently (retried)
+with :class:`ProviderRefusedUndo`, an answer: the provider stays healthy for its breaker.
 Anything else is declined as ``unknown_payment_method``.
 """
 
@@ -37,7 +38,7 @@ from payments.errors import (
     PaymentDeclined,
     PaymentRefused,
     PaymentStateConflict,
-    ProviderUnavailable,
+    ProviderRefusedUndo,
 )
 from payments.models import (
     AuthorizationStatus,
@@ -218,7 +219,7 @@ class FakePaymentProvider:
                     )
                     if auth.payment_method == PM_REFUND_FAILS:
                         # Rolls back the whole transaction: nothing of this attempt is kept.
-                        raise ProviderUnavailable(f"{kind} of {auth.id} failed (test card)")
+                        raise ProviderRefusedUndo(f"{kind} of {auth.id} failed (test card)")
                     response |= self._apply_undo(kind, auth)
                     op.authorization = auth
                     op.reference = auth.reference

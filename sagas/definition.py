@@ -33,6 +33,16 @@ class BusinessFailure(Exception):
         self.detail = detail
 
 
+class ProviderAnswered(Exception):
+    """Mix into a participant's transient error that the provider *answered* with: it is up,
+    and said "not now" or "this call fails" (a refused refund, a 409 to try again).
+
+    The step is retried like any transient failure, but the provider's breaker counts a
+    healthy call: a breaker measures whether a provider answers, and one customer's refund that
+    keeps failing must not park every other saga's calls to that provider.
+    """
+
+
 @dataclass(frozen=True)
 class StepContext:
     """What a step or compensation function gets to work with.

@@ -12,7 +12,7 @@ from typing import Any
 
 from providers import breaker as provider_breaker
 from providers.config import breakers_enabled
-from sagas.definition import BusinessFailure, Step, StepContext, StepFunction
+from sagas.definition import BusinessFailure, ProviderAnswered, Step, StepContext, StepFunction
 from sagas.models import Saga
 from sagas.store import StepTransaction
 
@@ -52,6 +52,11 @@ def call_step(
             tx.rollback()
         provider_breaker.report(ticket, ok=True)
         raise BusinessFailure(getattr(exc, "code", "") or "step_failed", str(exc)) from exc
+    except ProviderAnswered:
+        if tx is not None:
+            tx.rollback()
+        provider_breaker.report(ticket, ok=True)  # retried, but the provider did answer
+        raise
     except BaseException:
         if tx is not None:
             tx.rollback()

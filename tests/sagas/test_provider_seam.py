@@ -115,3 +115,27 @@ def test_last_attempt_failing_as_the_breaker_opens_is_kept_for_after_the_outage_
     saga = _deliver(saga.id)
     assert saga.state == SagaState.COMPENSATING and saga.failure_code == "step_failed"
     assert Breaker.objects.get(provider="card").state == "open"
+
+
+def test_an_error_the_provider_answered_with_is_retried_but_counts_as_a_healthy_call():
+    """``pm_card_refund_fails``' voids keep failing because the provider refuses them, not
+    because it is down: they must not open the breaker and park everyone else's payments."""
+    from payments.errors import ProviderRefusedUndo, ProviderUnavailable
+    from sagas.provider_seam import call_step
+
+    def refused(ctx):
+        raise ProviderRefusedUndo("void of auth_x failed (test card)")
+
+    def unreachable(ctx):
+        raise ProviderUnavailable("connect timeout")
+
+    for _ in range(3):
+        with pytest.raises(ProviderUnavailable):  # transient all the same: retried
+            call_step(refused, None, breaker.admit("card"))
+    assert breaker.window_counts("card") == (3, 0)
+    for _ in range(3):
+        with pytest.raises(ProviderUnavailable):
+            call_step(unreachable, None, breaker.admit("card"))
+    # Three unanswered calls in six reach the failure rate (0.5): the breaker opens.
+    assert breaker.window_counts("card") == (6, 3)
+    assert Breaker.objects.get(provider="card").state == "open"
