@@ -166,6 +166,7 @@ def _install_delete_flush() -> None:
     for the flush instead of writing between the DELETEs; every foreign key is DEFERRABLE
     INITIALLY DEFERRED, so the order of the DELETEs does not matter.
     """
+    from django.db import OperationalError
     from django.db.backends.postgresql.operations import DatabaseOperations
 
     truncate = DatabaseOperations.sql_flush
@@ -180,7 +181,23 @@ def _install_delete_flush() -> None:
             f"DELETE FROM {name};" for name in names
         ]
 
+    execute = DatabaseOperations.execute_sql_flush
+
+    def execute_sql_flush(self, sql_list):
+        # A worker still finishing the test's last task can hold a lock on one table and want
+        # another that the flush already locked: PostgreSQL ends one of the two (a deadlock).
+        # When that is the flush, its transaction has rolled back and the worker goes on;
+        # locking again simply waits for it (CI once saw a test's teardown fail this way and the
+        # next test find the previous test's rows).
+        for attempt in range(1, 6):
+            try:
+                return execute(self, sql_list)
+            except OperationalError as exc:
+                if getattr(exc.__cause__, "sqlstate", None) != "40P01" or attempt == 5:
+                    raise
+
     DatabaseOperations.sql_flush = sql_flush
+    DatabaseOperations.execute_sql_flush = execute_sql_flush
 
 
 _install_delete_flush()
