@@ -131,10 +131,18 @@ def test_signal_permissions_payload_and_names(celery_worker, wait_for, ops_user)
     with pytest.raises(SagaOperationRefused) as unknown:
         saga_signal(saga_id=saga.id, name="nope", user=ops_user)
     assert unknown.value.code == "unknown_signal"
-    saga_signal(saga_id=saga.id, name="go", key="a", user=ops_user)
-    with pytest.raises(SagaOperationRefused) as pending:
-        saga_signal(saga_id=saga.id, name="go", key="b", user=ops_user)
-    assert pending.value.code == "already_signalled"
+    # Parked on the wait, and no worker takes the first signal's doorbell until the second
+    # signal was refused: a worker that delivered it first would end the wait, and the second
+    # would be refused as not_waiting instead (CI saw that on a loaded machine).
+    wait_for(lambda: Saga.objects.get(pk=saga.id).waiting_since is not None)
+    celery_worker.pause_consuming()
+    try:
+        saga_signal(saga_id=saga.id, name="go", key="a", user=ops_user)
+        with pytest.raises(SagaOperationRefused) as pending:
+            saga_signal(saga_id=saga.id, name="go", key="b", user=ops_user)
+        assert pending.value.code == "already_signalled"
+    finally:
+        celery_worker.resume_consuming()
     assert settled(saga.id, wait_for).state == SagaState.SUCCEEDED
 
 
