@@ -935,7 +935,9 @@ class Summary:
             "breaker opened); "
             f"{o['waiting_orders']} orders were waiting for it",
             f"                    orders cancelled because of the outage: {o['cancelled']} "
-            f"(step_failed {o['step_failed']}, timed_out {o['timed_out']}); backlog settled "
+            f"(step_failed {o['step_failed']}, timed_out {o['timed_out']}; after it, "
+            f"{o.get('step_failed_on_other_faults', 0)} failed on other injected faults); "
+            "backlog settled "
             + ("never" if settled is None else f"{settled:.1f}s")
             + f" after recovery; peak {o['peak_in_flight']} calls in flight at the provider",
         ]
@@ -1207,8 +1209,11 @@ def _describe_stuck(tally: Tally, active: list[str]) -> None:
 def _check_outage(config: ChaosConfig, tally: Tally, summary: Summary) -> list[str]:
     """Guarantee 6: the outage delayed orders, never cancelled them; the provider got canaries.
 
-    An order is cancelled *because of the outage* if its saga compensated for ``step_failed``
-    or ``timed_out`` after meeting the outage (an outage error in its timeline, or a park).
+    An order is cancelled *because of the outage* if it met the outage (an outage error in its
+    timeline, or a park) and its saga compensated for ``timed_out``, or for ``step_failed``
+    with the outage's error on the attempt that used up the step's last try (one that failed
+    afterwards on the run's other injected faults is counted apart). Guarantee 6 allows a
+    passed deadline; a ``step_failed`` is a violation.
     With the breakers off the numbers are reported, not judged: that run is the comparison.
     """
     from django.db.models import Max, Q
@@ -1228,7 +1233,21 @@ def _check_outage(config: ChaosConfig, tally: Tally, summary: Summary) -> list[s
         | Q(kind="parked", detail__startswith=f"provider {provider}:")
     ).values("saga_id")
     hit = Saga.objects.filter(saga_type="order", id__in=met)
-    step_failed = hit.filter(state="compensated", failure_code="step_failed").count()
+    # Cancelled *because of* the outage: the attempt that used up the step's last try failed
+    # on the outage itself. An order that waited out the outage and then spent its attempts on
+    # the run's other injected faults is counted apart (faults_after), not against the breaker.
+    failed = hit.filter(state="compensated", failure_code="step_failed")
+    step_failed = (
+        SagaEvent.objects.filter(
+            saga_id__in=failed.values("id"),
+            kind="step_failed",
+            detail__contains=f"provider {provider} is down (outage)",
+        )
+        .values("saga_id")
+        .distinct()
+        .count()
+    )
+    faults_after = failed.count() - step_failed
     timed_out = hit.filter(state="compensated", failure_code="timed_out").count()
     # The backlog: orders started before the provider came back and still going then. A saga
     # that needs a person has no finished_at: its last update is when it stopped.
@@ -1249,6 +1268,7 @@ def _check_outage(config: ChaosConfig, tally: Tally, summary: Summary) -> list[s
         "waiting_orders": hit.count(),
         "cancelled": step_failed + timed_out,
         "step_failed": step_failed,
+        "step_failed_on_other_faults": faults_after,
         "timed_out": timed_out,
         "backlog_orders": backlog.count(),
         "backlog_settled_seconds": None
