@@ -64,6 +64,8 @@ from lab.stack import (
     wait_until,
 )
 from lab.supervisor import kill_pid
+from orders.status import CANCELLATION_REASONS as CANCELLATION_REASONS_READ
+from orders.status import OrderStatus
 
 INNER_ENV = "SAGARUNNER_CHAOS_INNER"
 DB_PREFIX = "sagarunner_chaos_"
@@ -125,16 +127,9 @@ PAYMENT_METHODS = {
 COUNTRIES = {"GB": 30, "DE": 25, "FR": 20, "NL": 10, "SE": 9, "AQ": 6}
 #: Outcomes a business rule forbids, whatever the faults did.
 NEVER_CONFIRMED = {"pm_card_declined", "pm_card_capture_declined"}
-SETTLED = {"confirmed", "cancelled", "needs_attention"}
-CANCELLATION_REASONS = {
-    "out_of_stock",
-    "payment_declined",
-    "shipping_unavailable",
-    "customer_cancelled",
-    "timed_out",
-    "step_failed",
-    "fraud_rejected",
-}
+#: What the API may answer, from the order app itself (one list of each).
+SETTLED = set(OrderStatus.SETTLED)
+CANCELLATION_REASONS = set(CANCELLATION_REASONS_READ)
 
 
 @dataclass

@@ -8,48 +8,23 @@ logged each as ERROR "Message Error" with the formatted stack and the traceback 
 
 from __future__ import annotations
 
-import shlex
 import signal
-import sys
-import uuid
 from pathlib import Path
 
 import pytest
-from django.db import connection
 
-from lab.stack import Stack, stack_env, wait_until
-from tests.conftest import REPO_ROOT, database_url_for
+from lab.stack import wait_until
+from tests.private_broker import make_run_argv, private_broker_stack
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 SENT = "Scheduler: Sending due task sagas: sweep stuck sagas"
 
 
-def _make_run_beat_argv() -> list[str]:
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    try:
-        import run
-    finally:
-        sys.path.pop(0)
-    lines = dict(line.split(": ", 1) for line in run.procfile(8000).splitlines())
-    argv = shlex.split(lines["beat"].removeprefix("exec "))
-    return argv[argv.index("--") + 1 :]
-
-
 def test_a_sweep_the_broker_did_not_take_is_one_warning_line(tmp_path: Path):
-    stack = Stack(env={}, log_dir=tmp_path, queue=f"beatlog-{uuid.uuid4().hex[:8]}")
-    (tmp_path / "metrics").mkdir()
-    stack.env.update(
-        stack_env(
-            database_url=database_url_for(connection.settings_dict),
-            broker_url="redis://127.0.0.1:1/0",
-            queue=stack.queue,
-            metrics_dir=tmp_path / "metrics",
-        )
-    )
-    stack.env["CELERY_BROKER_URL"] = stack.start_redis()
+    stack = private_broker_stack(tmp_path, "beatlog")
     try:
-        beat = stack.supervisor.start("beat", _make_run_beat_argv(), log_name="beat.log")
+        beat = stack.supervisor.start("beat", make_run_argv("beat"), log_name="beat.log")
         wait_until(lambda: SENT in beat.log_tail(10**7) or not beat.alive, 60, "a first sweep")
         assert beat.alive, beat.log_tail(4000)
         before = len(beat.log_tail(10**7))

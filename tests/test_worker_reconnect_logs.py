@@ -13,19 +13,15 @@ purpose; see config/settings.py), and Celery's reminder about its default is not
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import socket
-import sys
-import uuid
 from pathlib import Path
 
 import pytest
-from django.db import connection
 
-from lab.stack import Stack, stack_env, wait_until
+from lab.stack import wait_until
 from lab.supervisor import Process
-from tests.conftest import REPO_ROOT, database_url_for
+from tests.private_broker import make_run_argv, private_broker_stack
 from tests.test_worker_survives_broker_restarts import _runs_a_task
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
@@ -33,37 +29,14 @@ pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
 @pytest.fixture
 def stack(tmp_path: Path):
-    stack = Stack(env={}, log_dir=tmp_path, queue=f"reconnect-{uuid.uuid4().hex[:8]}")
-    metrics = tmp_path / "metrics"
-    metrics.mkdir()
-    stack.env.update(
-        stack_env(
-            database_url=database_url_for(connection.settings_dict),
-            broker_url="redis://127.0.0.1:1/0",
-            queue=stack.queue,
-            metrics_dir=metrics,
-        )
-    )
-    stack.env["CELERY_BROKER_URL"] = stack.start_redis()
+    stack = private_broker_stack(tmp_path, "reconnect")
     yield stack
     stack.close()
 
 
-def _make_run_worker_argv() -> list[str]:
-    """The worker command of ``make run``'s Procfile, without the supervisor in front."""
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    try:
-        import run
-    finally:
-        sys.path.pop(0)
-    lines = dict(line.split(": ", 1) for line in run.procfile(8000).splitlines())
-    argv = shlex.split(lines["worker"].removeprefix("exec "))
-    return argv[argv.index("--") + 1 :]
-
-
 def test_a_broker_restart_logs_no_error_and_no_traceback(stack):
     node = f"reconnect.{os.getpid()}@{socket.gethostname()}"
-    argv = [*_make_run_worker_argv(), "-Q", stack.queue, "-n", node]
+    argv = [*make_run_argv("worker"), "-Q", stack.queue, "-n", node]
     worker: Process = stack.supervisor.start("worker", argv, log_name="worker.log")
     wait_until(lambda: _runs_a_task(stack, worker) or not worker.alive, 90, "the worker ready")
     assert worker.alive, worker.log_tail(4000)

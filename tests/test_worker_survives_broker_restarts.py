@@ -12,7 +12,6 @@ without the fix.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -21,11 +20,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from django.db import connection
 
-from lab.stack import Stack, stack_env, wait_until
+from lab.stack import Stack, wait_until
 from lab.supervisor import Process
-from tests.conftest import database_url_for
+from tests.private_broker import private_broker_stack
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
@@ -35,21 +33,7 @@ NODE = f"survivor.{os.getpid()}@{socket.gethostname()}"
 
 @pytest.fixture
 def stack(tmp_path: Path):
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is not installed (apt-get install redis-server)")
-    stack = Stack(env={}, log_dir=tmp_path, queue=f"survive-{uuid.uuid4().hex[:8]}")
-    metrics = tmp_path / "metrics"
-    metrics.mkdir()
-    # The same dict the stack's processes read when they start (the broker URL comes next).
-    stack.env.update(
-        stack_env(
-            database_url=database_url_for(connection.settings_dict),
-            broker_url="redis://127.0.0.1:1/0",
-            queue=stack.queue,
-            metrics_dir=metrics,
-        )
-    )
-    stack.env["CELERY_BROKER_URL"] = stack.start_redis()
+    stack = private_broker_stack(tmp_path, "survive")
     yield stack
     stack.close()
 
