@@ -46,7 +46,12 @@ def test_events_arrive_signed_in_order_and_the_last_one_is_the_order_as_get_show
     client = api_client_for(customer)
     endpoint = register(client, receiver.url)
     assert endpoint["secret"].startswith("whsec_")
-    orders = [place(client)["id"], place(client, payment_method="pm_card_declined")["id"]]
+    orders = [
+        place(client)["id"],
+        place(client, payment_method="pm_card_declined")["id"],
+        # Shipping refuses, then voiding the authorization fails every time: needs a person.
+        place(client, payment_method="pm_card_refund_fails", country="AQ")["id"],
+    ]
 
     wait_for(_final_received(receiver, orders), timeout=60, describe=receiver.accepted)
 
@@ -55,8 +60,8 @@ def test_events_arrive_signed_in_order_and_the_last_one_is_the_order_as_get_show
         assert signing.verify(endpoint["secret"], header, request.body), header
         assert not signing.verify("whsec_wrong", header, request.body)
     got = _by_order(receiver.accepted())
-    confirmed, declined = got[orders[0]], got[orders[1]]
-    for events in (confirmed, declined):
+    confirmed, declined, stuck = got[orders[0]], got[orders[1]], got[orders[2]]
+    for events in (confirmed, declined, stuck):
         sequences = [e["sequence"] for e in events]
         assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
         assert set(e["type"] for e in events[:-1]) == {"order.updated"}
@@ -70,8 +75,10 @@ def test_events_arrive_signed_in_order_and_the_last_one_is_the_order_as_get_show
     assert confirmed[-1]["type"] == "order.confirmed"
     assert declined[-1]["type"] == "order.cancelled"
     assert declined[-1]["data"]["cancellation_reason"] == "payment_declined"
+    assert stuck[-1]["type"] == "order.needs_attention"
+    assert stuck[-1]["data"]["status"] == "needs_attention"
     # The payload is the order exactly as GET /orders/{id}/ shows it to its client.
-    for order_id, events in ((orders[0], confirmed), (orders[1], declined)):
+    for order_id, events in zip(orders, (confirmed, declined, stuck), strict=True):
         assert events[-1]["data"] == client.get(f"/api/v1/orders/{order_id}/").json()
         assert set(events[-1]) == {"id", "type", "created", "sequence", "data"}
     delivery = Delivery.objects.filter(endpoint_id=endpoint["id"]).first()

@@ -1,0 +1,179 @@
+"""One endpoint's attempts, made in this process against a real HTTP receiver on 127.0.0.1:
+the address check at delivery time (a DNS change, a rebinding resolver), backoff then dead,
+both secrets during a rotation's grace, and the README's verification example.
+
+The deliveries run here (``deliver_endpoint``, the body of the ``webhooks.deliver`` task) so a
+test can change what a host name resolves to between registration and delivery; the tests
+with worker processes are in ``test_delivery.py``.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.utils import timezone
+
+from webhooks import signing
+from webhooks.delivery import deliver_endpoint
+from webhooks.models import Delivery, DeliveryStatus
+from webhooks.services import event_emit
+
+from .conftest import api_client_for, register
+
+pytestmark = pytest.mark.django_db
+
+HOST = "hooks.shop.example"
+PUBLIC = "93.184.215.14"
+_real_getaddrinfo = socket.getaddrinfo
+
+
+@pytest.fixture
+def resolver(monkeypatch):
+    """``resolver.answers``: what ``HOST`` resolves to, one entry per lookup (the last one
+    repeats); other names resolve as usual. ``resolver.lookups`` counts lookups of HOST."""
+
+    class Resolver:
+        answers: list[str] = [PUBLIC]
+        lookups = 0
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host != HOST:
+            return _real_getaddrinfo(host, port, *args, **kwargs)
+        answer = Resolver.answers[min(Resolver.lookups, len(Resolver.answers) - 1)]
+        Resolver.lookups += 1
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answer, int(port or 0)))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return Resolver
+
+
+def _emit(customer) -> str:
+    event = event_emit(
+        owner_id=customer.pk, subject=uuid.uuid4(), type="order.confirmed", data={"id": "x"}
+    )
+    assert event is not None
+    return str(event.id)
+
+
+def test_a_host_that_now_resolves_to_loopback_is_refused_at_delivery(
+    customer, receiver, resolver, settings
+):
+    """Registered while its name resolved to a public address; by delivery time the DNS record
+    points at 127.0.0.1 (where the receiver listens). The attempt is refused before any
+    connection, and recorded as such."""
+    settings.WEBHOOKS_ALLOW_PRIVATE = False
+    port = receiver.server.server_address[1]
+    endpoint = register(api_client_for(customer), f"https://{HOST}:{port}/hooks")
+    _emit(customer)
+
+    resolver.answers = ["127.0.0.1"]
+    assert deliver_endpoint(endpoint["id"]) == 1
+
+    delivery = Delivery.objects.get(endpoint_id=endpoint["id"])
+    assert delivery.last_error.startswith("refused:"), delivery.last_error
+    assert "127.0.0.1" in delivery.last_error
+    assert delivery.status == DeliveryStatus.PENDING and delivery.last_status_code is None
+    assert receiver.all() == []
+
+
+def test_a_delivery_connects_to_the_address_it_checked(customer, receiver, resolver, settings):
+    """A rebinding resolver: the name's first answer is the receiver's address, every later
+    one an address nobody listens on. The attempt resolves once, checks that address and
+    connects to it, presenting the name in ``Host``."""
+    settings.WEBHOOKS_ALLOW_PRIVATE = True
+    port = receiver.server.server_address[1]
+    endpoint = register(api_client_for(customer), f"http://{HOST}:{port}/hooks")
+    event_id = _emit(customer)
+
+    resolver.lookups = 0
+    resolver.answers = ["127.0.0.1", "127.0.0.2"]
+    assert deliver_endpoint(endpoint["id"]) == 1
+
+    [request] = receiver.all()
+    assert request.event["id"] == event_id
+    assert request.headers["Host"] == f"{HOST}:{port}"
+    assert Delivery.objects.get(endpoint_id=endpoint["id"]).status == DeliveryStatus.DELIVERED
+    assert resolver.lookups == 1
+
+
+def test_failures_back_off_with_jitter_and_the_delivery_dies_when_its_window_ends(
+    customer, receiver, settings
+):
+    settings.WEBHOOKS_BACKOFF_BASE = 100.0
+    settings.WEBHOOKS_BACKOFF_MAX = 150.0
+    settings.WEBHOOKS_RESPONSE_EXCERPT = 10
+    receiver.answer = lambda n, body: 500
+    endpoint = register(api_client_for(customer), receiver.url)
+    _emit(customer)
+    delivery = Delivery.objects.get(endpoint_id=endpoint["id"])
+    delays = []
+    for attempt in (1, 2, 3):
+        assert deliver_endpoint(endpoint["id"]) == 1
+        delivery.refresh_from_db()
+        assert (delivery.status, delivery.attempts) == (DeliveryStatus.PENDING, attempt)
+        assert (delivery.last_status_code, delivery.last_error) == (500, "HTTP 500")
+        assert delivery.response_excerpt == "thanks tha"  # the first bytes only
+        delays.append((delivery.next_attempt_at - delivery.last_attempt_at).total_seconds())
+        assert deliver_endpoint(endpoint["id"]) == 0  # not due yet
+        Delivery.objects.filter(pk=delivery.pk).update(next_attempt_at=timezone.now())
+    # min(max, base * 2**(n-1)) times a jitter in [0.5, 1]: 100, 200 -> 150, 400 -> 150.
+    assert 50 <= delays[0] <= 100.5 and 75 <= delays[1] <= 150.5 and 75 <= delays[2] <= 150.5
+
+    # The next failure would be retried after the delivery's window: it is dead instead.
+    Delivery.objects.filter(pk=delivery.pk).update(
+        retry_until=timezone.now() + timedelta(seconds=1)
+    )
+    assert deliver_endpoint(endpoint["id"]) == 1
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts) == (DeliveryStatus.DEAD, 4)
+    assert deliver_endpoint(endpoint["id"]) == 0
+    assert len(receiver.all()) == 4
+
+
+def test_during_a_rotation_a_delivery_verifies_with_either_secret(customer, receiver):
+    client = api_client_for(customer)
+    endpoint = register(client, receiver.url)
+    new = client.post(f"/api/v1/webhooks/{endpoint['id']}/rotate-secret/").json()["secret"]
+    _emit(customer)
+    assert deliver_endpoint(endpoint["id"]) == 1
+
+    [request] = receiver.all()
+    header = request.headers[signing.HEADER]
+    assert header.count("v1=") == 2
+    assert signing.verify(new, header, request.body)
+    assert signing.verify(endpoint["secret"], header, request.body)
+    assert not signing.verify("whsec_other", header, request.body)
+
+
+def _readme_verify():
+    """The ``verify`` function of the README's "Webhooks" section, as a receiver copies it."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("\n## Webhooks\n", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None, "the Webhooks section has no python example"
+    assert len(code.group(1).strip().splitlines()) <= 12
+    namespace: dict = {}
+    exec(compile(code.group(1), "README.md", "exec"), namespace)  # noqa: S102 - our own docs
+    return namespace["verify"]
+
+
+def test_the_readme_example_verifies_a_real_delivery(customer, receiver):
+    verify = _readme_verify()
+    client = api_client_for(customer)
+    endpoint = register(client, receiver.url)
+    _emit(customer)
+    assert deliver_endpoint(endpoint["id"]) == 1
+    [request] = receiver.all()
+    header = request.headers[signing.HEADER]
+
+    assert verify(endpoint["secret"], header, request.body)
+    assert not verify(endpoint["secret"], header, request.body + b" ")
+    assert not verify("whsec_other", header, request.body)
+    sent_at = int(header.split(",")[0].removeprefix("t="))
+    old = signing.sign([endpoint["secret"]], request.body, timestamp=sent_at - 3600)
+    assert not verify(endpoint["secret"], old, request.body)
