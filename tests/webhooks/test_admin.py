@@ -8,6 +8,8 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import Permission, User
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from audit.models import AuditEntry
@@ -97,6 +99,21 @@ def test_redelivering_needs_the_permission_and_is_recorded(client, endpoint):
     assert str(endpoint.pk) in entry.target
 
 
+def test_staff_with_the_permission_redeliver_one_dead_delivery(client, endpoint):
+    chosen, other = (_delivery(endpoint, status=DeliveryStatus.DEAD) for _ in range(2))
+    client.force_login(_staff("olga", [*VIEW, "redeliver_delivery"]))
+    response = client.post(
+        "/admin/webhooks/delivery/", {"action": "redeliver", "_selected_action": [chosen.pk]}
+    )
+    assert response.status_code == 302
+    chosen.refresh_from_db()
+    other.refresh_from_db()
+    assert (chosen.status, chosen.attempts) == (DeliveryStatus.PENDING, 0)
+    assert other.status == DeliveryStatus.DEAD
+    entry = AuditEntry.objects.get(action="webhook_redeliver")
+    assert entry.actor_name == "olga" and entry.detail == {"deliveries": [chosen.pk]}
+
+
 def test_staff_disable_an_endpoint_and_it_gets_no_new_events(client, endpoint):
     from webhooks.services import event_emit
 
@@ -124,7 +141,11 @@ def test_purge_deletes_old_delivered_events_in_batches_and_keeps_the_rest(endpoi
     ]
     old_dead = _delivery(endpoint, status=DeliveryStatus.DEAD, age=timedelta(days=8))
     recent = _delivery(endpoint, status=DeliveryStatus.DELIVERED, age=timedelta(days=1))
-    assert purge() == 5
+    with CaptureQueriesContext(connection) as queries:
+        assert purge() == 5
+    event_table = Event._meta.db_table
+    deletes = [q["sql"] for q in queries if q["sql"].startswith(f'DELETE FROM "{event_table}"')]
+    assert len(deletes) == 3  # 2 + 2 + 1: a transaction per batch
     assert not Event.objects.filter(pk__in=[d.event_id for d in old]).exists()
     assert set(Event.objects.values_list("pk", flat=True)) == {old_dead.event_id, recent.event_id}
 
