@@ -14,14 +14,16 @@ from tests.test_settings_and_launcher import fresh_env
 
 
 def production_env(tmp_path, **extra: str) -> dict[str, str]:
-    """What a deployment sets: a real secret and its host name; DEBUG and HTTPS_ONLY unset."""
-    return fresh_env(
+    """What a deployment sets: a real secret and its host name; DEBUG, HTTPS_ONLY and the
+    tests' WEBHOOKS_ALLOW_PRIVATE unset."""
+    env = fresh_env(
         SECRET_KEY=secrets.token_urlsafe(50),
         ALLOWED_HOSTS="ops.example.com",
         SAGARUNNER_VAR_DIR=str(tmp_path),
         PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
-        **extra,
     )
+    env.pop("WEBHOOKS_ALLOW_PRIVATE", None)
+    return {**env, **extra}
 
 
 def test_check_deploy_is_clean_with_production_settings(tmp_path):
@@ -54,6 +56,21 @@ def test_check_deploy_warns_when_https_is_switched_off(tmp_path):
     assert result.returncode != 0
     for warning in ("security.W004", "security.W008", "security.W012", "security.W016"):
         assert warning in result.stderr + result.stdout
+
+
+def test_check_deploy_warns_when_webhooks_may_reach_private_addresses(tmp_path):
+    """Production settings refuse http and internal webhook URLs (the clean check above runs
+    with WEBHOOKS_ALLOW_PRIVATE unset); a deployment that switches that off is caught."""
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=REPO_ROOT,
+        env=production_env(tmp_path, WEBHOOKS_ALLOW_PRIVATE="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "webhooks.W001" in result.stderr + result.stdout
 
 
 _PROBE = textwrap.dedent(
