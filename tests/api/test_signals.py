@@ -145,3 +145,74 @@ def test_3ds_declined_by_the_client_cancels_as_payment_declined(
     done = order_when(client_api, order["id"], wait_for, lambda b: b["status"] in SETTLED)
     assert done["status"] == "cancelled" and done["cancellation_reason"] == "payment_declined"
     assert done["payment"]["authorized"] == "0.00"
+
+
+def sweeping_until(api, order_id, wait_for, predicate) -> dict:
+    """Like :func:`order_when`, running the sweeper meanwhile (as beat would): a wait's timeout
+    fires from the database."""
+    from sagas.sweeper import sweep
+
+    def check_sweeping(body) -> bool:
+        if predicate(body):
+            return True
+        sweep()
+        return False
+
+    return order_when(api, order_id, wait_for, check_sweeping)
+
+
+def test_a_fraud_review_not_given_in_time_goes_to_a_person_who_can_still_approve(
+    client_api, ops_api, big, worker_factory, wait_for
+):
+    worker_factory({"ORDER_FRAUD_REVIEW_TIMEOUT": "1"}, name="review-timeout", exclusive=True)
+    order = place(client_api, [("safe", 2)])
+    # The review is not given: the timeout escalates (no compensation, the money stays held).
+    stuck = sweeping_until(
+        client_api, order["id"], wait_for, lambda b: b["status"] == "needs_attention"
+    )
+    assert stuck["payment"]["authorized"] == "1200.00" and stuck["payment"]["voided"] == "0.00"
+    saga = Saga.objects.get(pk=order["saga"]["id"])
+    assert saga.state == "needs_manual" and saga.failed_step == "fraud_review"
+    # The analyst who picks it up approves it late: the saga resumes at the review.
+    saga_path = f"/api/v1/sagas/{order['saga']['id']}/signals/fraud_review/"
+    response = signal(ops_api, saga_path, {"approved": True}, key="late-review")
+    assert response.status_code == 202, response.content
+    done = order_when(client_api, order["id"], wait_for, lambda b: b["status"] in SETTLED)
+    assert done["status"] == "confirmed" and done["payment"]["captured"] == "1200.00"
+
+
+def test_3ds_not_confirmed_in_time_cancels_the_order_as_timed_out(
+    client_api, catalog, worker_factory, wait_for
+):
+    worker_factory({"ORDER_3DS_TIMEOUT": "1"}, name="3ds-timeout", exclusive=True)
+    order = place(client_api, [("lamp", 1)], payment_method="pm_card_3ds_required")
+    done = sweeping_until(client_api, order["id"], wait_for, lambda b: b["status"] in SETTLED)
+    assert done["status"] == "cancelled" and done["cancellation_reason"] == "timed_out"
+    assert done["payment"]["authorized"] == "0.00"
+    path = f"/api/v1/orders/{order['id']}/signals/3ds_confirmed/"
+    assert_error(signal(client_api, path, {"approved": True}), 409, "not_waiting")
+
+
+def test_3ds_confirmed_before_the_saga_reaches_the_wait_is_kept_and_consumed(
+    client_api, catalog, celery_worker, wait_for
+):
+    # No worker takes the saga until the signal is in: it is still at reserve_inventory.
+    celery_worker.pause_consuming()
+    try:
+        order = place(client_api, [("lamp", 1)], payment_method="pm_card_3ds_required")
+        path = f"/api/v1/orders/{order['id']}/signals/3ds_confirmed/"
+        response = signal(client_api, path, {"approved": True}, key="3ds-early")
+        assert response.status_code == 202, response.content
+        assert Saga.objects.get(pk=order["saga"]["id"]).current_step == "reserve_inventory"
+        # An order that will not wait for it (no 3-D Secure) refuses it at once.
+        plain = place(client_api, [("lamp", 1)])
+        plain_path = f"/api/v1/orders/{plain['id']}/signals/3ds_confirmed/"
+        assert_error(signal(client_api, plain_path, {"approved": True}), 409, "not_waiting")
+    finally:
+        celery_worker.resume_consuming()
+    done = order_when(client_api, order["id"], wait_for, lambda b: b["status"] in SETTLED)
+    assert done["status"] == "confirmed" and done["payment"]["captured"] == "19.90"
+    saga = Saga.objects.get(pk=order["saga"]["id"])
+    kinds = list(saga.events.values_list("kind", flat=True))
+    assert "waiting" not in kinds  # the signal was there when it arrived: it never parked
+    assert saga.signals.get().consumed_by == "confirm_3ds"
