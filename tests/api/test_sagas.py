@@ -276,3 +276,59 @@ def test_waiting_longer_than_out_of_range_is_a_400_naming_the_field(staff_api, v
     resp = staff_api.get(f"/api/v1/sagas/?waiting_longer_than={value}")
     assert resp.status_code == 400, resp.content
     assert "waiting_longer_than" in resp.json().get("fields", {}), resp.json()
+
+
+# -- signals and parked sagas (no worker: the saga stays where the test puts it) -------------------
+def parked(saga: Saga, name: str, *, minutes: int) -> Saga:
+    """The saga as the engine leaves it parked on the ``Wait`` for ``name`` since a while."""
+    definition = get_definition(saga.saga_type, saga.definition_version)
+    since = timezone.now() - timedelta(minutes=minutes)
+    Saga.objects.filter(pk=saga.pk).update(
+        current_step=name,
+        step_index=[s.name for s in definition.steps].index(name),
+        waiting_for=name,
+        waiting_since=since,
+        next_attempt_at=since + timedelta(days=1),
+    )
+    return Saga.objects.get(pk=saga.pk)
+
+
+def test_waiting_filters_find_parked_sagas_by_signal_and_age(staff_api, client_api, place):
+    old = parked(Saga.objects.get(order__id=place(client_api)["id"]), "fraud_review", minutes=90)
+    fresh = parked(Saga.objects.get(order__id=place(client_api)["id"]), "fraud_review", minutes=1)
+    busy = Saga.objects.get(order__id=place(client_api)["id"])
+
+    def ids(query: str) -> set[str]:
+        response = staff_api.get(f"{SAGAS}?{query}")
+        assert response.status_code == 200, response.content
+        return {s["id"] for s in response.json()["results"]}
+
+    assert ids("waiting_for=fraud_review") == {str(old.pk), str(fresh.pk)}
+    assert ids("waiting_for=*") == {str(old.pk), str(fresh.pk)}
+    assert ids("waiting_for=3ds_confirmed") == set()
+    assert ids("waiting_for=fraud_review&waiting_longer_than=3600") == {str(old.pk)}
+    assert str(busy.pk) not in ids("waiting_for=*")
+    body = staff_api.get(f"{SAGAS}{old.pk}/").json()
+    assert body["waiting_for"] == "fraud_review"
+
+
+def test_signal_route_refusals_are_clear_4xx_and_record_nothing(staff_api, ops_api, saga):
+    saga = parked(saga, "fraud_review", minutes=1)
+    path = f"{SAGAS}{saga.id}/signals/fraud_review/"
+    approve = {"payload": {"approved": True}}
+    # Staff who may read sagas but not operate them.
+    assert_error(staff_api.post(path, approve, format="json"), 403, "permission_denied")
+    # Payload: an object with `approved` true or false.
+    assert_error(ops_api.post(path, {"payload": [1]}, format="json"), 400)
+    assert_error(ops_api.post(path, {"payload": {"approved": 1}}, format="json"), 400)
+    # A signal this saga type never waits for, a saga that does not exist.
+    other = f"{SAGAS}{saga.id}/signals/no_such_signal/"
+    assert_error(ops_api.post(other, approve, format="json"), 409, "unknown_signal")
+    missing = f"{SAGAS}{uuid.uuid4()}/signals/fraud_review/"
+    assert_error(ops_api.post(missing, approve, format="json"), 404)
+    assert not saga.signals.exists()
+    assert not SagaEvent.objects.filter(saga=saga, kind="ops_signal").exists()
+    # And the one that is right is taken.
+    response = ops_api.post(path, approve, format="json")
+    assert response.status_code == 202, response.content
+    assert saga.signals.get().payload == {"approved": True}
