@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.worker, pytest.mark.slow]
 
 def test_quick_chaos_run_settles_every_order_with_no_violation():
     """Every order settles and the run reports 0 violations, 3 kills and 1 broker restart,
-    exiting 0: worker kills, broker outages and faults never break a guarantee."""
+    exiting 0: worker kills, broker outages and faults never break a guarantee, and fraud
+    reviews were approved and rejected meanwhile."""
     broker = os.environ.get("CELERY_BROKER_URL", "")
     command = [sys.executable, "manage.py", "chaos", "--quick", "--seed", "20261123"]
     if broker.startswith(("amqp", "pyamqp")):
@@ -52,4 +53,10 @@ def test_quick_chaos_run_settles_every_order_with_no_violation():
     # No worker main process, beat or web exited on its own (the harness restarting a worker
     # would otherwise hide it).
     assert re.search(r"^\s+unplanned exits:\s+0$", done.stdout, re.M), done.stdout[-4000:]
+    # Large orders waited for their fraud review and the chaos reviewer decided them over the
+    # API both ways (its rejections then checked as fraud_rejected, never confirmed).
+    reviews = re.search(r"^\s+fraud reviews:\s+(.*)$", done.stdout, re.M)
+    assert reviews, done.stdout[-4000:]
+    assert re.search(r"\bapproved [1-9]", reviews.group(1)), reviews.group(0)
+    assert re.search(r"\brejected [1-9]", reviews.group(1)), reviews.group(0)
     assert "chaos: PASS" in done.stdout
