@@ -1415,9 +1415,11 @@ def _check_api(config, port: int, tokens: list[str], tally: Tally, summary: Summ
 
 
 def _check_webhooks(hooks, tally: Tally, summary: Summary) -> list[str]:
-    """Guarantee 7: every settled order's final event reached its client, signed, in order."""
+    """Guarantee 7: every committed event (every settled order's final one among them)
+    reached its client, signed, in order, and no event that was not committed arrived."""
     from orders.models import Order
     from orders.selectors import order_state
+    from webhooks.models import Event
 
     owners = {f"chaos-client-{i}": i for i in range(len(hooks.secrets))}
     finals = {}
@@ -1425,13 +1427,20 @@ def _check_webhooks(hooks, tally: Tally, summary: Summary) -> list[str]:
         status = order_state(order.saga).status
         if status in SETTLED and order.owner.username in owners:
             finals[str(order.id)] = (owners[order.owner.username], status)
-    violations = chaos_webhooks.check(hooks, finals, wait=120.0)
+    # Every event the outbox holds for a chaos client (each subscribed to every type).
+    committed = {
+        str(event_id): owners[username]
+        for event_id, username in Event.objects.filter(owner__username__in=owners).values_list(
+            "id", "owner__username"
+        )
+    }
+    violations = chaos_webhooks.check(hooks, finals, wait=120.0, committed=committed)
     received, distinct = chaos_webhooks.stats(hooks)
     summary.webhook_deliveries = received
     summary.webhook_events = distinct
     tally.log(
-        f"webhooks: {received} deliveries of {distinct} events; final events of "
-        f"{len(finals)} settled orders checked, {len(violations)} problems"
+        f"webhooks: {received} deliveries of {distinct} events ({len(committed)} committed); "
+        f"final events of {len(finals)} settled orders checked, {len(violations)} problems"
     )
     hooks.close()
     return violations

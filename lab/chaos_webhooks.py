@@ -5,8 +5,10 @@ Every chaos client registers an endpoint for every event type before it places o
 receiver (a threaded HTTP server in the chaos process) verifies each delivery's signature with
 that client's secret and answers 200. After the run, every settled order's final event (the
 one whose ``data.status`` is the order's final status) must have reached its own client,
-signed; events of one order must have first arrived in ``sequence`` order; and no delivery
-may have carried a bad signature or gone to the wrong client.
+signed; so must every other event the database holds for a client (every change it subscribed
+to, at least once), and nothing else may have arrived (an event no committed change wrote, a
+rolled-back one, is never sent); events of one order must have first arrived in ``sequence``
+order; and no delivery may have carried a bad signature or gone to the wrong client.
 """
 
 from __future__ import annotations
@@ -114,19 +116,48 @@ def missing_final_events(receivers: Receivers, finals: dict[str, tuple[int, str]
     ]
 
 
-def check(receivers: Receivers, finals: dict[str, tuple[int, str]], wait: float) -> list[str]:
-    """Guarantee 7, waiting up to ``wait`` seconds for deliveries still on their way."""
+def undelivered_events(receivers: Receivers, committed: dict[str, int]) -> list[str]:
+    """Committed events (id -> client) that did not reach their client."""
+    with receivers.lock:
+        got = {(client, e["id"]) for client, e in receivers.received}
+    return [event_id for event_id, client in committed.items() if (client, event_id) not in got]
+
+
+def check(
+    receivers: Receivers,
+    finals: dict[str, tuple[int, str]],
+    wait: float,
+    committed: dict[str, int] | None = None,
+) -> list[str]:
+    """Guarantee 7, waiting up to ``wait`` seconds for deliveries still on their way.
+
+    ``committed``: every event the outbox holds for the clients (id -> client); each must have
+    arrived, and no other event may have.
+    """
+    committed = committed or {}
     deadline = time.monotonic() + wait
     missing = missing_final_events(receivers, finals)
-    while missing and time.monotonic() < deadline:
+    undelivered = undelivered_events(receivers, committed)
+    while (missing or undelivered) and time.monotonic() < deadline:
         time.sleep(1.0)
         missing = missing_final_events(receivers, finals)
+        undelivered = undelivered_events(receivers, committed)
     violations = list(receivers.problems)
     violations += [
         f"[webhooks] order {o} ({finals[o][1]}): its final event never reached client "
         f"{finals[o][0]}"
         for o in missing[:50]
     ]
+    violations += [
+        f"[webhooks] event {e} was committed but never reached client {committed[e]}"
+        for e in undelivered[:50]
+    ]
+    if committed:
+        with receivers.lock:
+            stray = sorted({e["id"] for _, e in receivers.received} - committed.keys())
+        violations += [
+            f"[webhooks] event {e} arrived, but no committed change wrote it" for e in stray[:50]
+        ]
     first_seen: dict[str, list[int]] = {}
     seen_ids: set[str] = set()
     with receivers.lock:
