@@ -7,6 +7,8 @@ exporter writes the spans to its log).
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import json
 import re
 
@@ -123,19 +125,31 @@ def test_a_real_worker_continues_the_trace_configured_by_otel_variables(
     wait_for(lambda: Saga.objects.get(pk=saga.pk).state == SagaState.SUCCEEDED, timeout=60)
     want = f"0x{request.get_span_context().trace_id:032x}"
 
-    def exported():
-        found = []
-        # Celery hands a worker's stdout to its logger: each span is one log line, its JSON
-        # with escaped newlines.
-        text = worker.log_text().replace("\\n", "\n")
-        for blob in re.findall(r"event='(\{\n    \"name\".*?\n\})'", text, re.S):
-            try:
-                span = json.loads(blob)
-            except ValueError:
-                continue  # a Celery span with repr()-quoted attributes: not one of ours
-            if span.get("attributes", {}).get("saga.id") == str(saga.pk):
-                found.append((span["name"], span["context"]["trace_id"]))
-        return found if len([n for n, _ in found if n.startswith("saga.step")]) == 5 else None
+    def exported() -> list[dict]:
+        # Celery hands a worker's stdout to its logger: each span is one log line whose event
+        # is the span's JSON as a Python string literal.
+        spans = []
+        for literal in re.findall(r"event=('(?:[^'\\]|\\.)*')", worker.log_text()):
+            text = ast.literal_eval(literal)
+            if text.startswith('{\n    "name"'):
+                with contextlib.suppress(ValueError):  # Celery's span: repr()-quoted values
+                    spans.append(json.loads(text))
+        steps = [s for s in spans if s["attributes"].get("saga.id") == str(saga.pk)]
+        return spans if len([s for s in steps if s["name"].startswith("saga.step")]) == 5 else None
 
-    found = wait_for(exported, timeout=30, describe=lambda: worker.log_text()[-2000:])
-    assert {trace_id for _, trace_id in found} == {want}, found
+    exported_spans = wait_for(exported, timeout=30, describe=lambda: worker.log_text()[-2000:])
+    mine = [s for s in exported_spans if s["attributes"].get("saga.id") == str(saga.pk)]
+    assert {s["context"]["trace_id"] for s in mine} == {want}, mine
+    # The psycopg instrumentation is on in the pool process: a step's SQL is its child.
+    steps = {s["context"]["span_id"] for s in mine if s["name"].startswith("saga.step")}
+    sql = [
+        s
+        for s in exported_spans
+        if s["attributes"].get("db.system") == "postgresql" and s["parent_id"] in steps
+    ]
+    assert sql and {s["context"]["trace_id"] for s in sql} == {want}, exported_spans[-3:]
+    # So is the Celery instrumentation: the task's own span (the doorbell's trace) is linked
+    # from the saga.task span that continues the saga's trace.
+    celery = {s["context"]["span_id"] for s in exported_spans if s["name"] == "run/sagas.run"}
+    task = next(s for s in mine if s["name"] == "saga.task")
+    assert {link["context"]["span_id"] for link in task["links"]} & celery, task
