@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import copy
 import uuid
+from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
 import structlog
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.utils import timezone
 
+from audit.services import audit_record
 from sagas import metrics, tracing
 from sagas.definition import (
     change_hook,
@@ -56,6 +59,34 @@ def _event(saga: Saga, kind: str, *, actor: str, detail: str = "", step: str = "
         actor=actor,
         correlation_id=saga.correlation_id,
     )
+
+
+def audit_ops_events(events: Iterable[SagaEvent]) -> None:
+    """One audit entry per ``ops_*`` event (the engine's own events are skipped): the operator,
+    the saga, and the address and channel of the request being served.
+
+    ``sagas.audit_hooks`` calls it for each event saved one by one; code that writes ops events
+    with ``bulk_create`` (no ``post_save``: ``saga_migrate --apply``) calls it itself. Call it
+    inside the transaction that wrote the events, so both commit or neither does.
+    """
+    users: dict[str, Any] = {}
+    for event in events:
+        if not event.kind.startswith("ops_"):
+            continue
+        name = event.actor.removeprefix("user:")
+        if name not in users:
+            users[name] = (
+                get_user_model().objects.filter(username=name).first()
+                if event.actor.startswith("user:")
+                else None
+            )
+        audit_record(
+            f"saga.{event.kind.removeprefix('ops_')}",
+            actor=users[name],
+            actor_name=name,
+            target=f"saga:{event.saga_id}",
+            detail={"step": event.step, "note": event.detail[:500]},
+        )
 
 
 def _actor(user: Any) -> str:

@@ -35,6 +35,7 @@ from django.utils import timezone
 from sagas.definition import SagaDefinition, forward_key, get_definition
 from sagas.doorbell import ring_on_commit
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
+from sagas.services import audit_ops_events
 
 UNSETTLED = (SagaState.RUNNING, SagaState.COMPENSATING, SagaState.NEEDS_MANUAL)
 _FIELDS = (
@@ -304,6 +305,7 @@ def apply_migration(
                     if wait <= 60:
                         ring_on_commit(saga["id"], saga["version"] + 1, wait or None)
             SagaEvent.objects.bulk_create(events)
+            audit_ops_events(events)  # bulk_create sends no post_save
         if progress is not None:
             progress(plan)
 

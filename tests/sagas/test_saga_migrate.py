@@ -17,6 +17,7 @@ from django.core.management.base import CommandError
 from django.db import transaction
 from django.utils import timezone
 
+from audit.models import AuditEntry
 from sagas.definition import get_definition
 from sagas.models import Saga, SagaState, SagaStep
 from sagas.services import saga_start
@@ -91,6 +92,7 @@ def test_plan_then_apply_moves_parked_sagas_by_step_name(celery_worker, wait_for
     assert "Cannot move: 0" in plan
     assert row(goes_on.id).definition_version == 1 and row(goes_on.id).version == before
 
+    alice = User.objects.create_user("alice", is_staff=True)
     out = migrate("--from", "1", "--to", "2", "--apply", "--actor", "user:alice")
     assert "Moved 2 sagas from v1 to v2 (actor user:alice)" in out
     v2 = get_definition("mig", 2)
@@ -102,6 +104,11 @@ def test_plan_then_apply_moves_parked_sagas_by_step_name(celery_worker, wait_for
     event = moved.events.get(kind="ops_migrate")
     assert event.actor == "user:alice" and event.step == "go"
     assert "v1 -> v2 at go" in event.detail and "skips check" in event.detail
+    # An ops action like any other: one audit entry per moved saga, naming who moved it.
+    audit = AuditEntry.objects.filter(action="saga.migrate").order_by("target")
+    assert sorted(e.target for e in audit) == sorted(f"saga:{s.id}" for s in (goes_on, declined))
+    assert {(e.actor, e.actor_name, e.source) for e in audit} == {(alice, "alice", "cli")}
+    assert "v1 -> v2 at go" in audit[0].detail["note"]
 
     saga_signal(saga_id=goes_on.id, name="go", payload={"ok": True}, user=ops_user)
     saga_signal(saga_id=declined.id, name="go", payload={"ok": False}, user=ops_user)
@@ -128,6 +135,7 @@ def test_unsafe_moves_are_refused_with_the_reason(celery_worker, wait_for, setti
     assert "Moved 0 sagas" in out
     assert {row(at_go.id).definition_version, row(stuck.id).definition_version} == {1}
     assert not Saga.objects.filter(events__kind="ops_migrate").exists()
+    assert not AuditEntry.objects.filter(action="saga.migrate").exists()
 
     with pytest.raises(CommandError, match="no version 9 registered"):
         migrate("--from", "1", "--to", "9")
