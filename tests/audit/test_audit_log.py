@@ -9,7 +9,7 @@ from django.contrib.auth.models import Permission
 from audit.models import AuditEntry
 from audit.services import audit_record
 from sagas.models import SagaState
-from tests.admin.conftest import needs_manual
+from tests.admin.conftest import needs_manual, running
 
 pytestmark = pytest.mark.django_db
 
@@ -83,3 +83,37 @@ def test_staff_read_the_audit_log_in_the_console_and_cannot_change_it(client, op
 def test_a_command_records_cli_with_no_address():
     entry = audit_record("token.issued", actor_name="cli", target="user:bob")
     assert (entry.source, entry.ip, entry.actor) == ("cli", None, None)
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "action", "said"),
+    [
+        ("compensate", {"reason": "fraud suspected"}, "saga.compensate", "fraud suspected"),
+        (
+            "resolve",
+            {"note": "refunded by phone", "accept_effects": True},
+            "saga.resolve",
+            "refunded by phone",
+        ),
+        ("undo-done", {"step": "s1", "note": "voided by hand"}, "saga.undo_done", "voided by hand"),
+    ],
+)
+def test_every_ops_action_of_the_api_is_an_audit_entry(ops_user, route, body, action, said):
+    """Compensate, resolve and undo-done (retry above) each leave one entry: the operator, the
+    saga, the address, the channel and what they wrote."""
+    from tests.api.conftest import api_client_for
+
+    saga = running() if route == "compensate" else needs_manual()
+    api = api_client_for(ops_user)
+    response = api.post(
+        f"/api/v1/sagas/{saga.pk}/{route}/", body, format="json", REMOTE_ADDR="192.0.2.7"
+    )
+    assert response.status_code in (200, 202), response.content
+    entry = AuditEntry.objects.get(action=action)
+    assert (entry.actor, entry.target, entry.ip, entry.source) == (
+        ops_user,
+        f"saga:{saga.pk}",
+        "192.0.2.7",
+        "api",
+    )
+    assert said in entry.detail["note"]
