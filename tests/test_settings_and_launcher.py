@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from lab.supervisor import Supervisor
 from tests.conftest import ARTIFACTS_DIR, REPO_ROOT
@@ -158,6 +160,7 @@ def test_launcher_falls_back_to_sqlite_and_the_file_broker_and_they_work(
         lambda: get_healthz(port), timeout=60, describe=lambda: (get_healthz(port), web.log_tail())
     )
     assert health == (200, {"status": "ok", "database": "ok", "broker": "ok"})
+    assert_plain_http_works(port, prepared.stdout)
 
     marker = f"embedded-{uuid.uuid4().hex}"
     sent = subprocess.run(
@@ -176,3 +179,42 @@ def test_launcher_falls_back_to_sqlite_and_the_file_broker_and_they_work(
             return db.execute("SELECT 1 FROM auth_group WHERE name = ?", [marker]).fetchone()
 
     wait_for(marker_row, timeout=60, describe=worker.log_tail)
+
+
+def assert_plain_http_works(port: int, launcher_output: str) -> None:
+    """What `make run` prints works over plain http on localhost (DEBUG on, so HTTPS_ONLY is
+    off): the console's login page is served, not redirected to https, without HSTS; its CSRF
+    cookie is not Secure (else a browser never sends it back over http and every login is a
+    403), so the printed demo staff login gets in; the printed client token reads the API.
+    /healthz alone would not show this: it is exempt from the https redirect."""
+    base = f"http://127.0.0.1:{port}"
+    password = re.search(r"demo-staff / (\S+)", launcher_output)
+    token = re.search(r"client API token \(user demo-client\): (\S+)", launcher_output)
+    assert password and token, launcher_output
+
+    browser = requests.Session()
+    page = browser.get(f"{base}/admin/login/", allow_redirects=False, timeout=30)
+    assert page.status_code == 200, (page.status_code, page.headers.get("Location"))
+    assert "Strict-Transport-Security" not in page.headers
+    assert not any(cookie.secure for cookie in browser.cookies)
+    logged_in = browser.post(
+        f"{base}/admin/login/?next=/admin/",
+        data={
+            "csrfmiddlewaretoken": browser.cookies["csrftoken"],
+            "username": "demo-staff",
+            "password": password.group(1),
+            "next": "/admin/",
+        },
+        allow_redirects=False,
+        timeout=30,
+    )
+    assert (logged_in.status_code, logged_in.headers.get("Location")) == (302, "/admin/")
+    assert browser.get(f"{base}/admin/", allow_redirects=False, timeout=30).status_code == 200
+
+    products = requests.get(
+        f"{base}/api/v1/products/",
+        headers={"Authorization": f"Token {token.group(1)}"},
+        allow_redirects=False,
+        timeout=30,
+    )
+    assert products.status_code == 200, products.text
