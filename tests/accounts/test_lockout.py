@@ -4,6 +4,7 @@ command."""
 
 from __future__ import annotations
 
+import logging
 from io import StringIO
 
 import pytest
@@ -32,7 +33,10 @@ def demo_staff(settings) -> User:
     return User.objects.get(username="demo-staff")
 
 
-def test_five_failures_lock_the_user_out_even_with_the_right_password(client, demo_staff, settings):
+def test_five_failures_lock_the_user_out_even_with_the_right_password(
+    client, demo_staff, settings, caplog
+):
+    caplog.set_level(logging.INFO, logger="audit.services")
     for _ in range(settings.AXES_FAILURE_LIMIT - 1):
         assert login(client, "demo-staff", "wrong-guess").status_code == 200  # the form again
     locked = login(client, "demo-staff", "wrong-guess")
@@ -47,6 +51,14 @@ def test_five_failures_lock_the_user_out_even_with_the_right_password(client, de
 
     entry = AuditEntry.objects.get(action="login.locked_out")
     assert (entry.target, entry.ip, entry.source) == ("user:demo-staff", "198.51.100.7", "login")
+    # Logged too (one structured line for the log pipeline), once for this lockout.
+    logged = [
+        r.msg
+        for r in caplog.records
+        if isinstance(r.msg, dict) and r.msg.get("action") == "login.locked_out"
+    ]
+    assert len(logged) == 1 and logged[0]["target"] == "user:demo-staff", logged
+    assert logged[0]["ip"] == "198.51.100.7"
 
 
 def test_failures_from_one_address_lock_that_address_for_every_user(client, demo_staff, settings):

@@ -121,3 +121,23 @@ def test_tokens_from_before_hashing_keep_working_and_lose_their_clear_text(djang
     api = api_client_for(None)
     api.credentials(HTTP_AUTHORIZATION=f"Token {old_key}")
     assert api.get("/api/v1/products/").status_code == 200
+
+
+def test_staff_revoke_one_token_from_its_own_page_with_an_audit_entry(client):
+    """The token's page has Django's delete button too; that path revokes through the same
+    service (one audit entry), not a bare delete."""
+    victim = User.objects.create_user("bob-client")
+    api = api_client_for(victim)
+    staff = User.objects.create_user("sue", password="pw", is_staff=True)
+    staff.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_authtoken", "delete_authtoken"])
+    )
+    client.force_login(staff)
+    token = AuthToken.objects.get(user=victim)
+    response = client.post(
+        f"/admin/knox/authtoken/{token.pk}/delete/", {"post": "yes"}, REMOTE_ADDR="192.0.2.45"
+    )
+    assert response.status_code == 302, response.content
+    assert api.get("/api/v1/products/").status_code == 401
+    entry = AuditEntry.objects.get(action="token.revoked")
+    assert (entry.actor_name, entry.target, entry.ip) == ("sue", "user:bob-client", "192.0.2.45")
