@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 from django.conf import settings
@@ -120,7 +121,7 @@ def void_authorization(ctx: StepContext) -> dict:
 
 # -- 3. a carrier --------------------------------------------------------------------------
 def arrange_shipment(ctx: StepContext) -> dict:
-    country = Order.objects.values_list("shipping_country", flat=True).get(id=ctx.data["order_id"])
+    country = _order_facts(ctx.data["order_id"])[1]
     with _business_failures():
         result = shipping.shipment_arrange(
             key=ctx.idempotency_key, order_id=ctx.data["order_id"], country=country
@@ -273,7 +274,23 @@ order_saga = SagaDefinition(
 
 # -- helpers -------------------------------------------------------------------------------
 def _payment_method(ctx: StepContext) -> str:
-    return Order.objects.values_list("payment_method", flat=True).get(id=ctx.data["order_id"])
+    return _order_facts(ctx.data["order_id"])[0]
+
+
+@lru_cache(maxsize=4096)
+def _order_facts(order_id: str) -> tuple[str, str]:
+    """``(payment_method, shipping_country)`` of an order, read once per process.
+
+    Both are fixed when the order is placed (nothing changes them afterwards: no API route,
+    and the ops console shows orders read-only), and three steps of the saga need them
+    (the 3-D Secure wait's condition, the authorization, the carrier), so a worker reads the
+    row once instead of three times. Bounded, and keyed by the order's random id, so an entry
+    is never stale and the cache never grows past a few hundred kilobytes.
+    """
+    method, country = Order.objects.values_list("payment_method", "shipping_country").get(
+        id=order_id
+    )
+    return method, country
 
 
 @contextmanager

@@ -11,12 +11,14 @@ Results are JSON-ready: amounts are strings of ``Decimal``, never floats.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from decimal import Decimal
 from typing import Any
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
+from config.db import savepoint_if_nested
 from payments.errors import PaymentDeclined, PaymentStateConflict
 from payments.models import AuthorizationStatus, Payment, PaymentStatus
 from payments.money import from_minor, to_minor
@@ -45,10 +47,13 @@ def payment_authorize(
     order_uuid = uuid.UUID(str(order_id))
     currency = currency.upper()
     amount_minor = to_minor(amount, currency)
-    payment, _ = Payment.objects.get_or_create(
-        order_id=order_uuid,
-        defaults={"amount": amount, "currency": currency, "payment_method": payment_method},
-    )
+    # Our row exists before the provider is asked, so its answer always has a row to land in.
+    # One autocommitted INSERT (a retry finds it there: order_id is unique), instead of
+    # get_or_create's SELECT, BEGIN, INSERT and COMMIT (a savepoint only inside a transaction).
+    with contextlib.suppress(IntegrityError), savepoint_if_nested():
+        Payment.objects.create(
+            order_id=order_uuid, amount=amount, currency=currency, payment_method=payment_method
+        )
     try:
         response = get_provider().authorize(
             key=key,
@@ -58,7 +63,7 @@ def payment_authorize(
             payment_method=payment_method,
         )
     except PaymentDeclined as exc:
-        Payment.objects.filter(pk=payment.pk, status=PaymentStatus.PENDING).update(
+        Payment.objects.filter(order_id=order_uuid, status=PaymentStatus.PENDING).update(
             status=PaymentStatus.DECLINED, decline_code=exc.decline_code
         )
         raise

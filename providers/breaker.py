@@ -389,29 +389,79 @@ def _trim(provider: str, second: int) -> None:
 def _release_and_count(ticket: Ticket, now: datetime, ok: bool) -> None:
     """Give the call slot back and count the outcome in one statement (see
     :func:`_one_statement_gate`): the slot only if it is still this call's lease."""
+    ctes, params = _outcome_ctes(ticket, now, ok)
+    sql = f"WITH {_NO_FLUSH_WAIT}, {ctes} SELECT 1 FROM nf"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+    _trim(ticket.provider, int(now.timestamp()))
+
+
+def _outcome_ctes(ticket: Ticket, now: datetime, ok: bool) -> tuple[str, list[Any]]:
+    """The slot release (if the call holds one) and the health count as data-modifying CTEs.
+
+    PostgreSQL runs every data-modifying CTE of a statement to completion whether or not the
+    rest of the statement reads it, so these take effect wherever they ride.
+    """
     t, h = _qn(CallSlot._meta.db_table), _qn(HealthBucket._meta.db_table)
     ts = connection.ops.adapt_datetimefield_value
     column = _qn("ok" if ok else "failed")
     release, params = "", []
     if ticket.slot_id is not None:
         release = (
-            f", r AS (UPDATE {t} SET {_qn('lease_until')} = NULL "
-            f"WHERE {_qn('id')} = %s AND {_qn('lease_until')} = %s RETURNING 1)"
+            f"pr AS (UPDATE {t} SET {_qn('lease_until')} = NULL "
+            f"WHERE {_qn('id')} = %s AND {_qn('lease_until')} = %s RETURNING 1), "
         )
         params = [ticket.slot_id, ts(ticket.slot_lease)]
-    second = int(now.timestamp())
-    sql = (
-        f"WITH {_NO_FLUSH_WAIT}{release} "
-        f"INSERT INTO {h} ({_qn('provider')}, {_qn('generation')}, {_qn('second')}, "
-        f"{_qn('ok')}, {_qn('failed')}, {_qn('started')}) SELECT %s, %s, %s, %s, %s, 0 FROM nf "
+    count = (
+        f"ph AS (INSERT INTO {h} ({_qn('provider')}, {_qn('generation')}, {_qn('second')}, "
+        f"{_qn('ok')}, {_qn('failed')}, {_qn('started')}) VALUES (%s, %s, %s, %s, %s, 0) "
         f"ON CONFLICT ({_qn('provider')}, {_qn('generation')}, {_qn('second')}) DO UPDATE SET "
-        f"{column} = {h}.{column} + 1"
+        f"{column} = {h}.{column} + 1 RETURNING 1)"
     )
-    with connection.cursor() as cursor:
-        cursor.execute(
-            sql, [*params, ticket.provider, ticket.generation, second, int(ok), int(not ok)]
-        )
-    _trim(ticket.provider, second)
+    second = int(now.timestamp())
+    return release + count, [
+        *params,
+        ticket.provider,
+        ticket.generation,
+        second,
+        int(ok),
+        int(not ok),
+    ]
+
+
+@dataclass(frozen=True)
+class CarriedOutcome:
+    """A call's "it answered" as SQL another statement carries (see :func:`carried_outcome`)."""
+
+    ctes: str
+    params: list[Any]
+    ticket: Ticket
+    second: int
+
+    def carried(self) -> None:
+        """The statement that carried it ran: what :func:`report` does besides the SQL."""
+        metrics.CALLS.labels(self.ticket.provider, "ok").inc()
+        _trim(self.ticket.provider, self.second)
+
+    def report(self) -> None:
+        """Nothing carried it (no such statement on this database): report it on its own."""
+        report(self.ticket, ok=True)
+
+
+def carried_outcome(ticket: Ticket | None) -> CarriedOutcome | None:
+    """A healthy call's outcome for the saga's own record to carry, saving a round trip.
+
+    Only the plain case: a call admitted by a closed breaker that answered. A canary's answer
+    decides the breaker's next state and a failure may open it, so those are reported at once
+    by :func:`report`. Carried, the slot is given back and the call counted when the record
+    commits (a few milliseconds later); if that statement never runs, the slot comes back when
+    its lease passes and one healthy call goes uncounted, as with a worker lost mid-report.
+    """
+    if ticket is None or ticket.canary or connection.vendor != "postgresql":
+        return None
+    now = timezone.now()
+    ctes, params = _outcome_ctes(ticket, now, ok=True)
+    return CarriedOutcome(ctes, params, ticket, int(now.timestamp()))
 
 
 def window_counts(

@@ -14,7 +14,7 @@ from providers import breaker as provider_breaker
 from providers.config import breakers_enabled
 from sagas.definition import BusinessFailure, ProviderAnswered, Step, StepContext, StepFunction
 from sagas.models import Saga
-from sagas.store import StepTransaction
+from sagas.store import Record, StepTransaction
 
 
 def gate(step: Step) -> provider_breaker.Ticket | provider_breaker.Wait | None:
@@ -30,6 +30,7 @@ def call_step(
     ticket: provider_breaker.Ticket | None,
     definite: tuple[type[BaseException], ...] = (),
     tx: StepTransaction | None = None,
+    rec: Record | None = None,
 ) -> Any:
     """Call a step function; its provider's health counts transient failures only.
 
@@ -39,6 +40,10 @@ def call_step(
     A transactional step's outcome is reported outside its transaction (after a failure rolled
     it back, or once the record has committed or been fenced off): the provider's counters are
     shared rows that must neither wait for, nor vanish with, one saga's transaction.
+
+    Any other step that succeeds hands its outcome to ``rec``, the record the runner writes
+    next: the slot release and the health count ride in the record's own statement, one round
+    trip fewer per provider call.
     """
     try:
         result = fn(ctx)
@@ -64,6 +69,10 @@ def call_step(
         raise
     if tx is not None and tx.open:
         tx.after(lambda: provider_breaker.report(ticket, ok=True))
+        return result
+    outcome = provider_breaker.carried_outcome(ticket) if rec is not None else None
+    if rec is not None and outcome is not None:
+        rec.carry(outcome.ctes, outcome.params, done=outcome.carried, alone=outcome.report)
     else:
         provider_breaker.report(ticket, ok=True)
     return result

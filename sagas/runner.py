@@ -237,7 +237,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
     started = time.perf_counter()
     try:
         with tracing.saga_span(f"saga.step {step.name}", saga, step=step.name, phase="forward"):
-            result = call_step(action, ctx, ticket, step.non_retryable, tx)
+            result = call_step(action, ctx, ticket, step.non_retryable, tx, rec)
     except BusinessFailure as exc:
         tx.rollback()
         duration = time.perf_counter() - started
@@ -370,7 +370,7 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
         with tracing.saga_span(
             f"saga.compensate {step.name}", saga, step=step.name, phase="compensation"
         ):
-            call_step(step.compensate, ctx, ticket, tx=tx)
+            call_step(step.compensate, ctx, ticket, tx=tx, rec=rec)
     except Exception as exc:  # noqa: BLE001 - a compensation must eventually succeed or escalate
         tx.rollback()
         duration = time.perf_counter() - started

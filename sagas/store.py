@@ -259,7 +259,8 @@ def _record_sql_postgres(
     step_fields = {**rec.step_fields, "updated_at": now} if rec.step_name is not None else {}
     if len(step_fields) == 1:
         step_fields = {}  # nothing but the timestamp: the step row is left alone
-    shape = ("record", saga_sql, wait_flush, tuple(step_fields), len(rec.events))
+    carried = tuple(c.ctes for c in rec.carried)
+    shape = ("record", saga_sql, wait_flush, tuple(step_fields), len(rec.events), carried)
     sql = _SQL_BY_SHAPE.get(shape)
     if sql is None:
         sql = _SQL_BY_SHAPE[shape] = _record_text(*shape[1:])
@@ -270,6 +271,8 @@ def _record_sql_postgres(
     for e in rec.events:
         values = {"at": now, "actor": "engine", "duration_ms": None, **e}
         params += [values[c] for c in _EVENT_COLUMNS]
+    for c in rec.carried:
+        params += c.params
     return sql, params
 
 
@@ -286,7 +289,11 @@ _EVENT_CASTS = {
 
 
 def _record_text(
-    saga_sql: str, wait_flush: bool, step_names: tuple[str, ...], n_events: int
+    saga_sql: str,
+    wait_flush: bool,
+    step_names: tuple[str, ...],
+    n_events: int,
+    carried: tuple[str, ...] = (),
 ) -> str:
     qn = connection.ops.quote_name
     head = "WITH " if wait_flush else f"WITH {_NO_FLUSH_WAIT}, "
@@ -305,6 +312,7 @@ def _record_text(
             f"SELECT s.{qn('id')}, {', '.join('v.' + qn(c) for c in _EVENT_COLUMNS)} "
             f"FROM s, (VALUES {', '.join([row] * n_events)}) AS v({cols}))"
         )
+    parts += [f", {ctes}" for ctes in carried]
     columns = ", ".join(qn(_column(f)) for f in _SAGA_FIELDS)
     parts.append(f" SELECT {columns} FROM s" if wait_flush else f" SELECT {columns} FROM s, nf")
     return "".join(parts)
@@ -336,6 +344,14 @@ def claim(saga_id: Any, version: int, timeout: float | None = None) -> Saga | No
 # ---------------------------------------------------------------------------------------------
 # The record: everything one outcome changes, written in one fenced transaction
 # ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Carried:
+    ctes: str
+    params: list[Any]
+    done: Callable[[], None]
+    alone: Callable[[], None]
+
+
 @dataclass
 class Record:
     fields: dict[str, Any] = field(default_factory=dict)
@@ -354,6 +370,16 @@ class Record:
     on_written: Callable[[], None] | None = None
     # The timeout of the step the after-commit doorbell is for (set by write).
     ring_timeout: float | None = None
+    # Data-modifying CTEs of another module that ride in the record's statement (a provider
+    # call's outcome): (SQL, params, run after the statement ran, run instead where no
+    # statement can carry them).
+    carried: list[Carried] = field(default_factory=list)
+
+    def carry(
+        self, ctes: str, params: list[Any], *, done: Callable[[], None], alone: Callable[[], None]
+    ) -> None:
+        """Let the record's statement also run ``ctes`` (named, comma-separated CTE bodies)."""
+        self.carried.append(Carried(ctes, params, done, alone))
 
     def event(self, kind: str, saga: Saga, step: str = "", detail: str = "", **extra: Any) -> None:
         self.events.append(
@@ -395,8 +421,8 @@ def write(
         else:
             fields["attempt"] = 0
             fields["lease_until"] = None
+    in_transaction = rec.on_written is not None or hook is not None
     try:
-        in_transaction = rec.on_written is not None or hook is not None
         with transaction.atomic() if in_transaction else contextlib.nullcontext():
             updated = _write_record(saga, fields, rec, now, go_on, flush=hook is not None)
             if rec.on_written is not None:
@@ -404,6 +430,10 @@ def write(
             if hook is not None and before is not None:  # both or neither
                 hook(before, updated)
     except _Fenced:
+        # Autocommitted, the fenced-off statement still committed what it carried; inside a
+        # transaction that rolled back, it did not, so that is reported on its own.
+        for carried in rec.carried:
+            (carried.alone if in_transaction else carried.done)()
         if tx is not None:
             tx.rollback()
         metrics.STALE_DELIVERIES.inc()
@@ -413,6 +443,8 @@ def write(
         if tx is not None:
             tx.rollback()
         raise
+    for carried in rec.carried:
+        carried.done()
     if tx is not None:
         tx.commit()
     for e in rec.events:
@@ -454,6 +486,9 @@ def _write_portable(
     saga: Saga, fields: dict[str, Any], rec: Record, now: datetime, go_on: bool
 ) -> Saga:
     """The same record as three statements in one transaction (SQLite, the embedded default)."""
+    for carried in rec.carried:
+        carried.alone()
+    rec.carried = []
     with transaction.atomic():
         updated = fenced_update(saga.id, saga.version, fields)
         if updated is None:

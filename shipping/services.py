@@ -13,6 +13,7 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 
+from config.db import savepoint_if_nested
 from sagas.faults import fault_point
 from shipping.errors import ShipmentRefused, ShippingUnavailable
 from shipping.models import Shipment, ShipmentStatus
@@ -51,7 +52,7 @@ def shipment_arrange(*, key: str, order_id: uuid.UUID | str, country: str) -> di
                 "tracking_number": f"{carrier.upper()}{uuid.uuid4().hex[:16].upper()}",
             }
         try:
-            with transaction.atomic():
+            with savepoint_if_nested():
                 shipment = Shipment.objects.create(
                     key=key, order_id=order_uuid, country=country, **fields
                 )
