@@ -122,7 +122,25 @@ import django  # noqa: E402
 
 django.setup()
 
+from django.conf import settings as _settings  # noqa: E402
+from django.contrib.auth.hashers import PBKDF2PasswordHasher  # noqa: E402
 from django.db.models.signals import post_migrate  # noqa: E402
+
+
+class FewIterationsPBKDF2PasswordHasher(PBKDF2PasswordHasher):
+    """Django's default hasher at 1,000 iterations instead of 1,000,000 (0.4 s of CPU per
+    hash here), for the passwords the test process sets and checks: logins, lockouts and
+    ``seed_demo`` hash dozens of them. Same algorithm and format, and a hash carries its
+    iteration count, so the servers and workers the tests start (production settings) verify
+    these hashes as they are; no test is about the hasher's cost."""
+
+    iterations = 1_000
+
+
+_settings.PASSWORD_HASHERS = [
+    "tests.conftest.FewIterationsPBKDF2PasswordHasher",
+    *_settings.PASSWORD_HASHERS,
+]
 
 
 def _restore_ops_group(sender, **_kwargs) -> None:
