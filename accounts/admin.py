@@ -1,21 +1,34 @@
 """API tokens in the ops console: staff see every token (never the token itself: only its
-digest is stored) and revoke any of them. Revoking is deleting, and goes to the audit log."""
+digest is stored) and revoke any of them. Revoking is deleting, and goes to the audit log.
+
+Login lockouts (django-axes' attempts) are re-registered only so that deleting one in the
+console is recorded once: an active lockout as ``login.unlocked`` (:mod:`accounts.lockout`),
+anything else as the console's usual ``object.deleted``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
+from axes.admin import AccessAttemptAdmin as AxesAccessAttemptAdmin
+from axes.models import AccessAttempt
 from django.contrib import admin
-from django.db.models import QuerySet
+from django.db.models import Model, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 from knox.models import AuthToken
 
+from accounts.lockout import is_active_lockout
 from accounts.tokens import token_label, token_revoke
+from audit.console import AuditedAdminMixin
 
 admin.site.unregister(AuthToken)
+admin.site.unregister(AccessAttempt)
 
 
 @admin.register(AuthToken)
-class AuthTokenAdmin(admin.ModelAdmin):
+class AuthTokenAdmin(AuditedAdminMixin, admin.ModelAdmin):
     list_display = ["label", "user", "created", "expiry", "expired"]
     list_select_related = ["user"]
     search_fields = ["=user__username"]
@@ -23,6 +36,7 @@ class AuthTokenAdmin(admin.ModelAdmin):
     fields = ("label", "user", "created", "expiry")  # a tuple: shared with readonly_fields
     readonly_fields = fields
     actions = ["revoke"]
+    audited_actions = frozenset(actions)  # token_revoke writes a token.revoked entry each
 
     @admin.display(description="token")
     def label(self, obj: AuthToken) -> str:
@@ -55,3 +69,19 @@ class AuthTokenAdmin(admin.ModelAdmin):
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[AuthToken]) -> None:
         self.revoke(request, queryset)
+
+    def audit_edit(
+        self, request: HttpRequest, verb: str, objects: Iterable[Model], message: Any
+    ) -> None:
+        if verb != "deleted":  # a deletion is a revocation: token_revoke writes its entry
+            super().audit_edit(request, verb, objects, message)
+
+
+@admin.register(AccessAttempt)
+class AccessAttemptAdmin(AuditedAdminMixin, AxesAccessAttemptAdmin):
+    def audit_edit(
+        self, request: HttpRequest, verb: str, objects: Iterable[Model], message: Any
+    ) -> None:
+        if verb == "deleted":  # an active lockout's deletion is a login.unlocked entry
+            objects = [a for a in objects if not is_active_lockout(a)]
+        super().audit_edit(request, verb, objects, message)

@@ -37,11 +37,15 @@ def audit_lockout(sender: Any, request: Any, username: str, ip_address: str, **_
     )
 
 
+def is_active_lockout(attempt: AccessAttempt) -> bool:
+    """Whether ``attempt`` locks its user or address out now (deleting it is an unlock)."""
+    locked = attempt.failures_since_start >= settings.AXES_FAILURE_LIMIT
+    return locked and attempt.attempt_time > timezone.now() - settings.AXES_COOLOFF_TIME
+
+
 @receiver(post_delete, sender=AccessAttempt, dispatch_uid="accounts.audit_unlock")
 def audit_unlock(sender: type, instance: AccessAttempt, **_kw: Any) -> None:
-    locked = instance.failures_since_start >= settings.AXES_FAILURE_LIMIT
-    active = instance.attempt_time > timezone.now() - settings.AXES_COOLOFF_TIME
-    if not (locked and active):
+    if not is_active_lockout(instance):
         return  # an expired lockout or a few failures being forgotten: nothing to record
     audit_record(
         "login.unlocked",

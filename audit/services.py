@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
+from django.db.models import Model
 from django.http import HttpRequest
 
 from audit.context import client_ip, current_origin, source_of
@@ -55,3 +57,31 @@ def audit_record(
         **{f"detail_{k}": v for k, v in (detail or {}).items()},
     )
     return entry
+
+
+def audit_object_change(
+    verb: str,
+    obj: Model,
+    *,
+    actor: Any,
+    fields: Sequence[str] = (),
+    message: str = "",
+    request: HttpRequest | None = None,
+) -> AuditEntry:
+    """Record that ``actor`` ``verb`` (added, changed, deleted) ``obj``: an ``object.<verb>``
+    entry whose target is ``app.model:pk`` and whose detail names the model, the object as it
+    reads and the fields that changed, the same shape from the ops console and the API."""
+    opts = obj._meta
+    return audit_record(
+        f"object.{verb}",
+        actor=actor,
+        target=f"{opts.label_lower}:{obj.pk}",
+        detail={
+            "model": opts.label_lower,
+            "object_id": str(obj.pk),
+            "object": str(obj)[:200],
+            "fields": list(fields),
+            "message": message,
+        },
+        request=request,
+    )

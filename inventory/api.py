@@ -107,12 +107,14 @@ class ProductViewSet(
     def create(self, request: Request, *args, **kwargs) -> Response:
         serializer = ProductSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        product = catalog.product_create(**serializer.validated_data)
+        product = catalog.product_create(actor=request.user, **serializer.validated_data)
         return Response(ProductSerializer(product).data, status=status.HTTP_201_CREATED)
 
     def partial_update(self, request: Request, *args, **kwargs) -> Response:
         product = self.get_object()
         serializer = ProductUpdateSerializer(product, data=request.data, partial=True)
         serializer.is_valid(raise_exception=True)
-        product = catalog.product_update(sku=product.sku, changes=dict(serializer.validated_data))
+        product = catalog.product_update(
+            actor=request.user, sku=product.sku, changes=dict(serializer.validated_data)
+        )
         return Response(ProductSerializer(product).data)

@@ -3,7 +3,9 @@
 Kept apart from :mod:`inventory.services` (which holds and releases stock for sagas): these are
 people editing data, and their one hard rule is that stock on hand may never drop below what
 open orders have reserved (the database enforces it too; here it becomes a clear ``400``
-instead of an integrity error).
+instead of an integrity error). Each write is an audit entry (``object.added`` /
+``object.changed``, the shape the ops console writes) in the same transaction, naming the staff
+member, the product, the fields that changed and the address the request came from.
 """
 
 from __future__ import annotations
@@ -13,21 +15,43 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.utils.text import capfirst, get_text_list
 
+from audit.services import audit_object_change
 from inventory.models import Product
 
 EDITABLE_FIELDS = ("name", "price", "currency", "stock_on_hand")
 
 
+def _labels(names: list[str]) -> list[str]:
+    """The fields as the ops console's change messages name them ("Stock on hand")."""
+    fields = {field.name: field for field in Product._meta.concrete_fields}
+    return [str(capfirst(fields[name].verbose_name)) for name in names]
+
+
 def product_create(
-    *, sku: str, name: str, price: Decimal, currency: str = "EUR", stock_on_hand: int = 0
+    *,
+    actor: Any,
+    sku: str,
+    name: str,
+    price: Decimal,
+    currency: str = "EUR",
+    stock_on_hand: int = 0,
 ) -> Product:
     """Add a product to the catalog; a taken sku is a validation error on ``sku``."""
     try:
         with transaction.atomic():
-            return Product.objects.create(
+            product = Product.objects.create(
                 sku=sku, name=name, price=price, currency=currency, stock_on_hand=stock_on_hand
             )
+            audit_object_change(
+                "added",
+                product,
+                actor=actor,
+                fields=_labels(["sku", *EDITABLE_FIELDS]),
+                message="Added.",
+            )
+            return product
     except IntegrityError:
         if Product.objects.filter(sku=sku).exists():
             raise ValidationError({"sku": ["A product with this sku already exists."]}) from None
@@ -35,8 +59,11 @@ def product_create(
 
 
 @transaction.atomic
-def product_update(*, sku: str, changes: dict[str, Any]) -> Product:
+def product_update(*, actor: Any, sku: str, changes: dict[str, Any]) -> Product:
     """Change a product's name, price, currency or stock on hand.
+
+    Only fields whose value differs are written and recorded; a change that changes nothing
+    writes nothing and leaves no audit entry.
 
     The row is locked for the few milliseconds of the check and the write, so a reservation
     cannot slip in between and leave ``stock_on_hand < reserved``.
@@ -55,8 +82,17 @@ def product_update(*, sku: str, changes: dict[str, Any]) -> Product:
                 ]
             }
         )
-    for name, value in changes.items():
-        setattr(product, name, value)
-    if changes:
-        product.save(update_fields=[*changes, "updated_at"])
+    changed = [name for name, value in changes.items() if getattr(product, name) != value]
+    for name in changed:
+        setattr(product, name, changes[name])
+    if changed:
+        product.save(update_fields=[*changed, "updated_at"])
+        labels = _labels(changed)
+        audit_object_change(
+            "changed",
+            product,
+            actor=actor,
+            fields=labels,
+            message=f"Changed {get_text_list(labels, 'and')}.",
+        )
     return product

@@ -30,6 +30,7 @@ class BreakerAdmin(admin.ModelAdmin):
     list_display = ("provider", "state", "since", "probe_at", "forced", "generation")
     readonly_fields = list_display
     actions = ["force_open", "force_close"]
+    audited_actions = frozenset(actions)  # breaker.force writes the audit entry
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

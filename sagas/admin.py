@@ -516,6 +516,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
     )
     list_per_page = 50
     actions = ("retry_now", "compensate", "undo_done", "resolve")
+    audited_actions = frozenset(actions)  # each is an ops event, and so an audit entry
     readonly_fields = (
         "state_explained",
         "definition_explained",

@@ -46,6 +46,7 @@ class EndpointAdmin(admin.ModelAdmin):
     ]
     fields = [*readonly_fields, "is_active", "disabled_reason"]
     actions = ["disable", "enable", "redeliver_dead"]
+    audited_actions = frozenset(actions)  # the services write the audit entries
     show_full_result_count = False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
@@ -149,6 +150,7 @@ class DeliveryAdmin(admin.ModelAdmin):
         "created_at",
     ]
     actions = ["redeliver"]
+    audited_actions = frozenset(actions)  # deliveries_redeliver writes the audit entry
     show_full_result_count = False
 
     def has_add_permission(self, request: HttpRequest) -> bool:
