@@ -33,7 +33,12 @@ class Command(BaseCommand):
             "--broker-restarts", type=int, help="broker stops and starts (full 2, quick 1)"
         )
         parser.add_argument("--clients", type=int, help="client threads (full 8, quick 4)")
-        parser.add_argument("--rate", type=float, help="offered orders/s (full 20, quick 10)")
+        parser.add_argument(
+            "--rate",
+            type=float,
+            help="offered orders/s (quick 10; full: half the orders/s the stack finished in a "
+            "warm-up before the load, at most 20)",
+        )
         parser.add_argument("--settle-timeout", type=float, help="seconds to wait for settling")
         parser.add_argument(
             "--broker-url",
@@ -90,7 +95,11 @@ class Command(BaseCommand):
         config.breakers = not opts["no_breakers"]
         config.version_switch = opts["switch_version"]
         config.users = max(1, min(config.users, config.clients))
-        if config.orders < 1 or config.rate <= 0 or config.clients < 1:
+        if (
+            config.orders < 1
+            or (config.rate is not None and config.rate <= 0)
+            or config.clients < 1
+        ):
             raise CommandError("--orders, --rate and --clients must be positive")
 
         if not chaos.is_inside():
