@@ -2,7 +2,10 @@
 
 The run starts a stack of its own (:mod:`lab.stack`): a fresh PostgreSQL database, its own
 Redis server, two prefork workers, beat and gunicorn, every process with ``SAGA_FAULTS``
-switching on every fault kind on every participant operation. Client threads place orders over
+switching on every fault kind on every participant operation. In full mode a warm-up first
+measures how many orders per second that stack finishes (:func:`_warm_up`), and the load is
+offered at half of it (see :func:`deadline_for` for why, and for the run's deadline). Client
+threads place orders over
 HTTP (random items, payment methods and countries, including the declining cards and ``AQ``),
 some of them twice with the same ``Idempotency-Key`` and body, and ask to cancel a few. A few
 orders are above ``ORDER_FRAUD_REVIEW_ABOVE`` and wait for a fraud review: a reviewer thread (an
@@ -1017,7 +1020,15 @@ class Summary:
             f"of the orders that waited for it (deadline passed after its breaker closed); "
             f"timed_out of all orders: {o['timed_out_all_orders']}; "
             f"{o['parks']} parks (a saga told to wait)",
+            f"                    backlog ({o['backlog_orders']} orders started before recovery "
+            f"and still going then): half settled {_secs(o.get('backlog_settled_p50'))}, "
+            f"nine in ten {_secs(o.get('backlog_settled_p90'))} after recovery; the last: "
+            f"{o.get('backlog_last') or '-'}",
         ]
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
 
 
 def run(config: ChaosConfig, out=sys.stdout) -> Summary:
@@ -1441,6 +1452,16 @@ def _check_outage(config: ChaosConfig, tally: Tally, summary: Summary) -> list[s
     )
     last = backlog.aggregate(last=Max("settled_at"))["last"]
     unsettled = backlog.filter(state__in=["running", "compensating"]).exists()
+    # How the backlog drained: when half and nine in ten of it had settled, and what the last
+    # one was (a long tail of one undo retrying is not a slow release).
+    drained = sorted(
+        (at - ended).total_seconds() for at in backlog.values_list("settled_at", flat=True)
+    )
+    tail = (
+        backlog.order_by("-settled_at")
+        .values_list("state", "failure_code", "current_step", "created_at")
+        .first()
+    )
     summary.outage = {
         "provider": provider,
         "seconds": config.outage_seconds,
@@ -1457,6 +1478,12 @@ def _check_outage(config: ChaosConfig, tally: Tally, summary: Summary) -> list[s
         "held_back_until": released.isoformat(),
         "parks": 0,
         "backlog_orders": backlog.count(),
+        "backlog_settled_p50": drained[len(drained) // 2] if drained else None,
+        "backlog_settled_p90": drained[int(len(drained) * 0.9)] if drained else None,
+        "backlog_last": None
+        if tail is None
+        else f"{tail[0]} {tail[1] or '-'} at {tail[2]}, started "
+        f"{(tail[3] - began).total_seconds():.0f}s after the outage began",
         "backlog_settled_seconds": None
         if unsettled or last is None
         else max(0.0, (last - ended).total_seconds()),

@@ -83,3 +83,16 @@ def test_supervisor_finds_kills_and_stops_a_process_tree(tmp_path, wait_for):
     assert not tree.alive
     wait_for(lambda: not pid_alive(children[1]))
     assert "started" in supervisor.logs()["tree"]
+
+
+def test_chaos_deadline_outlasts_the_outage_and_its_drain():
+    """The full run's deadline leaves an order parked at the start of the outage time to settle
+    after the backlog drained at the offered share of the capacity; no outage (or the quick
+    run's short one) keeps the old 120 s."""
+    from lab.chaos import DEADLINE_MARGIN, LOAD_SHARE, MIN_DEADLINE, ChaosConfig, deadline_for
+
+    full = ChaosConfig()
+    drained = full.outage_seconds + full.outage_seconds * LOAD_SHARE / (1 - LOAD_SHARE)
+    assert deadline_for(full) == drained + DEADLINE_MARGIN == 180
+    assert deadline_for(ChaosConfig.quick()) == MIN_DEADLINE
+    assert deadline_for(ChaosConfig(outage_seconds=0)) == MIN_DEADLINE
