@@ -1018,6 +1018,7 @@ class Summary:
             + f" after recovery; peak {o['peak_in_flight']} calls in flight at the provider",
             f"                    timed out in the general backlog: {o['timed_out_in_backlog']} "
             f"of the orders that waited for it (deadline passed after its breaker closed); "
+            f"sent to a person (an undo failed on the outage): {o.get('needs_attention', 0)}; "
             f"timed_out of all orders: {o['timed_out_all_orders']}; "
             f"{o['parks']} parks (a saga told to wait)",
             f"                    backlog ({o['backlog_orders']} orders started before recovery "
@@ -1427,6 +1428,18 @@ def _check_outage(config: ChaosConfig, tally: Tally, summary: Summary) -> list[s
         .count()
     )
     faults_after = failed.count() - step_failed
+    # Not cancelled, but left for a person: an undo (a void) that spent its attempts on the
+    # outage and escalated. The customer's order is stuck all the same: reported beside them.
+    escalated = (
+        SagaEvent.objects.filter(
+            saga_id__in=hit.filter(state="needs_manual").values("id"),
+            kind="needs_manual",
+            detail__contains=f"provider {provider} is down (outage)",
+        )
+        .values("saga_id")
+        .distinct()
+        .count()
+    )
     # A passed deadline is the outage's when it passed while the provider held the order back:
     # down, or its breaker not yet closed again (and the release spread after that). One that
     # passed later, in the queue behind the general backlog, is the stack's capacity, not the
@@ -1473,6 +1486,7 @@ def _check_outage(config: ChaosConfig, tally: Tally, summary: Summary) -> list[s
         "step_failed": step_failed,
         "step_failed_on_other_faults": faults_after,
         "timed_out": timed_out,
+        "needs_attention": escalated,
         "timed_out_in_backlog": timed_out_after,
         "timed_out_all_orders": timed_out_all,
         "held_back_until": released.isoformat(),
