@@ -4,7 +4,8 @@ The provider call and the update of our ``Payment`` row are separate, short tran
 they would be with a real provider over the network: no row of ours stays locked while the
 provider thinks. If we die in between, the retry asks the provider again with the same key, gets
 the first answer back, and records it then. Our amounts are *copied* from the provider's view of
-the authorization (never added to), so recording twice changes nothing.
+the authorization (never added to), and a view never replaces a newer one, so recording twice,
+or an older view late, changes nothing.
 
 Results are JSON-ready: amounts are strings of ``Decimal``, never floats.
 """
@@ -14,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import uuid
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection
+from django.utils import timezone
 
 from config.db import savepoint_if_nested
 from payments.errors import PaymentDeclined, PaymentStateConflict
@@ -148,39 +150,66 @@ def _undo_result(order_id: uuid.UUID, response: dict[str, Any]) -> dict[str, Any
     }
 
 
-def _record(order_id: uuid.UUID, authorization_id: str) -> Payment | None:
-    """Copy the provider's current view of the authorization onto our ``Payment``.
+class Recorded(NamedTuple):
+    """Our payment row, as a recording of the provider's view leaves it."""
 
-    Assigned, not incremented, and read under the row lock, so concurrent or repeated records
-    all converge on what the provider says now.
+    id: uuid.UUID
+    currency: str
+
+
+#: How far along an authorization is at the provider. It only moves forward: authorized, then
+#: captured or voided, then (captured only) refunded; each step happens at most once.
+_PROGRESS = {
+    AuthorizationStatus.AUTHORIZED: 1,
+    AuthorizationStatus.CAPTURED: 2,
+    AuthorizationStatus.VOIDED: 2,
+    AuthorizationStatus.REFUNDED: 3,
+}
+
+
+def _record(order_id: uuid.UUID, authorization_id: str) -> Recorded | None:
+    """Copy the provider's current view of the authorization onto our ``Payment``."""
+    return _record_view(order_id, get_provider().retrieve_authorization(authorization_id))
+
+
+def _record_view(order_id: uuid.UUID, auth: dict[str, Any]) -> Recorded | None:
+    """Write one view of the authorization onto our row, unless the row holds a newer one.
+
+    Amounts are assigned, never incremented, and a view only replaces one that is not further
+    along (:data:`_PROGRESS`), so recorders that race, repeat or arrive late all converge on
+    the newest view the provider gave, without holding our row locked while the provider is
+    asked: one autocommitted UPDATE after the provider's answer (``None``: the order's payment
+    was never started on our side).
     """
-    with transaction.atomic():
-        payment = Payment.objects.select_for_update().filter(order_id=order_id).first()
-        if payment is None:
-            return None  # the order's payment was never started on our side
-        auth = get_provider().retrieve_authorization(authorization_id)
-        currency = auth["currency"]
-        payment.authorization_id = auth["id"]
-        payment.capture_id = auth["capture_id"]
-        payment.authorized_amount = from_minor(auth["amount_minor"], currency)
-        payment.captured_amount = from_minor(auth["captured_minor"], currency)
-        payment.refunded_amount = from_minor(auth["refunded_minor"], currency)
-        payment.voided_amount = (
-            payment.authorized_amount
-            if auth["status"] == AuthorizationStatus.VOIDED
-            else Decimal("0.00")
-        )
-        payment.status = auth["status"]
-        payment.save(
-            update_fields=[
-                "authorization_id",
-                "capture_id",
-                "authorized_amount",
-                "captured_amount",
-                "refunded_amount",
-                "voided_amount",
-                "status",
-                "updated_at",
-            ]
-        )
-        return payment
+    currency = auth["currency"]
+    authorized = from_minor(auth["amount_minor"], currency)
+    status = auth["status"]
+    values: dict[str, Any] = {
+        "authorization_id": auth["id"],
+        "capture_id": auth["capture_id"],
+        "authorized_amount": authorized,
+        "captured_amount": from_minor(auth["captured_minor"], currency),
+        "refunded_amount": from_minor(auth["refunded_minor"], currency),
+        "voided_amount": authorized if status == AuthorizationStatus.VOIDED else Decimal("0.00"),
+        "status": status,
+        "updated_at": timezone.now(),
+    }
+    table = connection.ops.quote_name(Payment._meta.db_table)
+    fields = {f.name: f for f in Payment._meta.concrete_fields}
+    sets = ", ".join(f"{connection.ops.quote_name(fields[k].column)} = %s" for k in values)
+    progress = " ".join(f"WHEN %s THEN {rank}" for rank in _PROGRESS.values())
+    sql = (
+        f"UPDATE {table} SET {sets} WHERE order_id = %s "
+        f"AND (CASE status {progress} ELSE 0 END) <= %s RETURNING id, currency"
+    )
+    params = [fields[k].get_db_prep_save(v, connection) for k, v in values.items()]
+    params.append(fields["order_id"].get_db_prep_value(order_id, connection))
+    params += [*(str(s) for s in _PROGRESS), _PROGRESS[status]]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    if row is not None:
+        return Recorded(fields["id"].to_python(row[0]), row[1])
+    # A newer view is there already (or there is no row): leave it, say which row it is.
+    found = Payment.objects.filter(order_id=order_id).values_list("id", "currency").first()
+    return Recorded(*found) if found else None

@@ -13,14 +13,37 @@ from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
 from orders.models import Order
+from providers import breaker
 from sagas.definition import definition_of
 from sagas.models import Saga, SagaState
 from sagas.runner import advance
 from sagas.timing import step_timeout
+from tests import conftest
 
 from .conftest import make_product, place
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def _in_process_only(settings):
+    """Nothing but this test runs these sagas, and nothing it does depends on the clock.
+
+    The session's worker (if an earlier test started it) stops taking doorbells: the carrier's
+    hand-back rings one, which it would otherwise race this run for. The inline budget is out
+    of reach, so a loaded machine does not hand the saga on between steps. And the gate forgets
+    which breaker and slot rows exist: the database was emptied since it learnt them.
+    """
+    settings.SAGA_INLINE_BUDGET = 600.0
+    breaker._known_breakers.clear()
+    breaker._known_slots.clear()
+    worker = conftest._session_worker
+    if worker is not None and worker.alive:
+        worker.pause_consuming()
+    yield
+    if worker is not None and worker.alive:
+        worker.resume_consuming()
+
 
 CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
 SAMPLED = ('"providers_fakeproviderstatus"', 'DELETE FROM "providers_healthbucket"')
@@ -38,11 +61,11 @@ def _run_in_process(order: Order) -> list[str]:
             break
         # The carrier's longer step was handed to a task of its own: answer that ring too.
         version, timeout = saga.version, step_timeout(definition_of(saga).step(saga.current_step))
-    assert saga.state == SagaState.SUCCEEDED
+    assert saga.state == SagaState.SUCCEEDED, (saga.current_step, saga.parked_on, saga.attempt)
     return [s for s in sql if not any(x in s for x in SAMPLED)]
 
 
-def test_one_happy_order_saga_costs_at_most_63_round_trips(customer):
+def test_one_happy_order_saga_costs_at_most_57_round_trips(customer):
     make_product("widget", stock=5)
     orders = []
     for _ in range(2):
@@ -56,8 +79,10 @@ def test_one_happy_order_saga_costs_at_most_63_round_trips(customer):
 
     # The order row is read once (payment method and country, kept by the worker).
     assert sum('FROM "orders_order"' in s for s in sql) == 1
-    # Our payment row is one INSERT (no get_or_create SELECT and transaction around it).
-    assert not any(s.startswith('SELECT "payments_payment"') and "FOR UPDATE" not in s for s in sql)
+    # Our payment row is one INSERT (no get_or_create SELECT and transaction around it), and
+    # each recording of the provider's view one UPDATE (no row lock held around the provider).
+    assert not any(s.startswith('SELECT "payments_payment"') for s in sql)
+    assert sum(s.startswith('UPDATE "payments_payment"') for s in sql) == 2
     # A provider call's slot release and health count ride in its step's record, except for
     # the two inventory steps, whose records commit inside their own transaction.
     counts = [s for s in sql if 'INSERT INTO "providers_healthbucket"' in s]
@@ -68,5 +93,5 @@ def test_one_happy_order_saga_costs_at_most_63_round_trips(customer):
     assert sql[i - 1] != "BEGIN"
 
     statements = [s for s in sql if not s.startswith(CONTROL)]
-    assert len(sql) <= 63, "\n".join(s[:100] for s in sql)
-    assert len(statements) <= 45, "\n".join(s[:100] for s in statements)
+    assert len(sql) <= 57, "\n".join(s[:100] for s in sql)
+    assert len(statements) <= 43, "\n".join(s[:100] for s in statements)

@@ -211,3 +211,30 @@ def test_zero_decimal_currency(order_id):
     authorize(order_id, amount="500", currency="jpy")
     assert ProviderAuthorization.objects.get().amount_minor == 500
     assert payment(order_id).authorized_amount == Decimal("500")
+
+
+def test_an_older_view_recorded_late_never_replaces_a_newer_one(order_id):
+    """Recorders of one payment may race (a duplicate delivery, a retry after a lost answer):
+    whichever writes last, our row ends on the provider's newest view."""
+    from payments.provider import FakePaymentProvider
+    from payments.services import _record_view
+
+    auth_id = authorize(order_id)["authorization_id"]
+    authorized_view = FakePaymentProvider().retrieve_authorization(auth_id)
+    capture(order_id)
+    refund = payment_refund(key="saga:s:refund", order_id=order_id, forward_key=CAPTURE)
+    assert refund["undone"] is True
+    refunded = Payment.objects.get(order_id=order_id)
+    assert refunded.status == PaymentStatus.REFUNDED
+
+    late = _record_view(order_id, authorized_view)  # the authorization's answer, recorded last
+    assert late is not None and late.id == refunded.id
+    after = Payment.objects.get(order_id=order_id)
+    assert (after.status, after.captured_amount, after.refunded_amount) == (
+        PaymentStatus.REFUNDED,
+        Decimal("49.90"),
+        Decimal("49.90"),
+    )
+    # A view as new as the row's, or newer, is written (recording twice changes nothing).
+    assert _record_view(order_id, FakePaymentProvider().retrieve_authorization(auth_id)) == late
+    assert _record_view(uuid.uuid4(), authorized_view) is None  # no payment of ours
