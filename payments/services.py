@@ -196,7 +196,7 @@ def _record_view(order_id: uuid.UUID, auth: dict[str, Any]) -> Recorded | None:
     }
     table = connection.ops.quote_name(Payment._meta.db_table)
     fields = {f.name: f for f in Payment._meta.concrete_fields}
-    sets = ", ".join(f"{connection.ops.quote_name(fields[k].column)} = %s" for k in values)
+    sets = ", ".join(f"{connection.ops.quote_name(str(fields[k].column))} = %s" for k in values)
     progress = " ".join(f"WHEN %s THEN {rank}" for rank in _PROGRESS.values())
     sql = (
         f"UPDATE {table} SET {sets} WHERE order_id = %s "
