@@ -433,10 +433,27 @@ class WorkerHandle:
         self.process.stop(timeout)
 
     def pause_consuming(self) -> None:
+        """Stop taking messages, and return only once the worker says it consumes none of its
+        queues: a busy worker can answer the cancel after its reply timed out, and a message
+        sent in between would still reach it."""
         from config.celery import app
 
-        for queue in (self.queue, f"{self.queue}-webhooks"):
+        queues = {self.queue, f"{self.queue}-webhooks"}
+        for queue in sorted(queues):
             app.control.cancel_consumer(queue, destination=[self.nodename], reply=True)
+
+        def consuming() -> set[str] | None:
+            inspect = app.control.inspect(destination=[self.nodename], timeout=1.0)
+            active = inspect.active_queues() or {}
+            if self.nodename not in active:
+                return None  # no answer yet
+            return {q["name"] for q in active[self.nodename]} & queues
+
+        wait_until(
+            lambda: consuming() == set(),
+            timeout=20,
+            describe=lambda: f"{self.nodename} still consumes {consuming()}",
+        )
 
     def resume_consuming(self) -> None:
         from config.celery import app
