@@ -26,18 +26,23 @@ def production_env(tmp_path, **extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+def check_deploy(tmp_path, **extra: str) -> subprocess.CompletedProcess[str]:
+    """``manage.py check --deploy --fail-level WARNING`` in a fresh process, as deployed."""
+    return subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=REPO_ROOT,
+        env=production_env(tmp_path, **extra),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_check_deploy_is_clean_with_production_settings(tmp_path):
     """``manage.py check --deploy --fail-level WARNING`` exits 0 with no issue, both with TLS
     at the web process and with TLS ended by a proxy."""
     for extra in ({}, {"SECURE_PROXY_SSL_HEADER": "X-Forwarded-Proto"}):
-        result = subprocess.run(
-            [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
-            cwd=REPO_ROOT,
-            env=production_env(tmp_path, **extra),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = check_deploy(tmp_path, **extra)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "System check identified no issues" in result.stdout, result.stdout
 
@@ -45,14 +50,7 @@ def test_check_deploy_is_clean_with_production_settings(tmp_path):
 def test_check_deploy_warns_when_https_is_switched_off(tmp_path):
     """The same check catches a deployment that turned HTTPS off (so the test above is not
     vacuous): no redirect, insecure cookies."""
-    result = subprocess.run(
-        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
-        cwd=REPO_ROOT,
-        env=production_env(tmp_path, HTTPS_ONLY="0"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = check_deploy(tmp_path, HTTPS_ONLY="0")
     assert result.returncode != 0
     for warning in ("security.W004", "security.W008", "security.W012", "security.W016"):
         assert warning in result.stderr + result.stdout
@@ -61,14 +59,7 @@ def test_check_deploy_warns_when_https_is_switched_off(tmp_path):
 def test_check_deploy_warns_when_webhooks_may_reach_private_addresses(tmp_path):
     """Production settings refuse http and internal webhook URLs (the clean check above runs
     with WEBHOOKS_ALLOW_PRIVATE unset); a deployment that switches that off is caught."""
-    result = subprocess.run(
-        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
-        cwd=REPO_ROOT,
-        env=production_env(tmp_path, WEBHOOKS_ALLOW_PRIVATE="1"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = check_deploy(tmp_path, WEBHOOKS_ALLOW_PRIVATE="1")
     assert result.returncode != 0
     assert "webhooks.W001" in result.stderr + result.stdout
 

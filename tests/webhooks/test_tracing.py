@@ -21,13 +21,7 @@ pytestmark = [pytest.mark.django_db(transaction=True)]
 def test_a_delivery_continues_the_trace_of_the_request_that_placed_the_order(
     customer, catalog, receiver, monkeypatch, wait_for
 ):
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
-    # No doorbells: this process delivers, so its spans are the ones exported here.
-    monkeypatch.setattr(doorbell, "ring", lambda *a, **k: None)
-    monkeypatch.setattr(delivery, "ring", lambda *a, **k: None)
+    exporter, provider = _spans_in_this_process(monkeypatch)
     tracing.enable()
     try:
         client = api_client_for(customer)
@@ -66,12 +60,7 @@ def test_one_order_is_one_trace_from_its_request_to_its_webhook_deliveries(
     make_product("safe", price="600.00", stock=10)  # two are above ORDER_FRAUD_REVIEW_ABOVE
     ops = type(customer).objects.create_user("analyst", is_staff=True)
     ops.groups.add(Group.objects.get(name="ops"))
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
-    monkeypatch.setattr(doorbell, "ring", lambda *a, **k: None)
-    monkeypatch.setattr(delivery, "ring", lambda *a, **k: None)
+    exporter, provider = _spans_in_this_process(monkeypatch)
     instrumentor = DjangoInstrumentor()
     instrumentor.instrument(tracer_provider=provider, skip_dep_check=True)
     tracing.enable()
@@ -135,3 +124,15 @@ def test_one_order_is_one_trace_from_its_request_to_its_webhook_deliveries(
             assert span.attributes["saga.type"] == "order", span.name
             assert span.attributes["saga.step"] == span.name.split(" ", 1)[1], span.name
             assert span.attributes["saga.attempt"] >= 1, span.name
+
+
+def _spans_in_this_process(monkeypatch) -> tuple[InMemorySpanExporter, TracerProvider]:
+    """Spans exported in memory, and no doorbells: this process runs the saga and delivers,
+    so its spans are the whole trace."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    monkeypatch.setattr(doorbell, "ring", lambda *a, **k: None)
+    monkeypatch.setattr(delivery, "ring", lambda *a, **k: None)
+    return exporter, provider
