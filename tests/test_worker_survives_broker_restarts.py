@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -102,8 +101,18 @@ def test_worker_main_process_survives_pool_kills_during_broker_restarts(stack):
         assert worker.alive, f"round {round_no}: worker died:\n{worker.log_tail(4000)}"
         for child in worker.children():
             os.kill(child, signal.SIGKILL)
+        seen = len(worker.log_tail(10**7))
         stack.stop_redis(signal.SIGKILL)
-        time.sleep(0.2 * (round_no % 3))  # vary where in the reconnect loop the broker returns
+        # Vary where in the reconnect loop the broker returns: at once, once the worker has
+        # noticed the loss, or once it has failed to reconnect.
+        stage = ("", "Connection to broker lost", "Cannot connect to redis")[round_no % 3]
+        wait_until(
+            lambda stage=stage, seen=seen: (
+                stage in worker.log_tail(10**7)[seen:] or not worker.alive
+            ),
+            90,
+            f"round {round_no}: the worker to log {stage!r}",
+        )
         stack.start_redis()
         wait_until(
             lambda: (
