@@ -134,8 +134,15 @@ def test_a_real_worker_continues_the_trace_configured_by_otel_variables(
             if text.startswith('{\n    "name"'):
                 with contextlib.suppress(ValueError):  # Celery's span: repr()-quoted values
                     spans.append(json.loads(text))
-        steps = [s for s in spans if s["attributes"].get("saga.id") == str(saga.pk)]
-        return spans if len([s for s in steps if s["name"].startswith("saga.step")]) == 5 else None
+        mine = [s["name"] for s in spans if s["attributes"].get("saga.id") == str(saga.pk)]
+        # Spans are exported as they end: the steps first, then the task span around them,
+        # then Celery's span around that; wait for all three kinds the checks below read.
+        done = (
+            sum(name.startswith("saga.step") for name in mine) == 5
+            and "saga.task" in mine
+            and any(s["name"] == "run/sagas.run" for s in spans)
+        )
+        return spans if done else None
 
     exported_spans = wait_for(exported, timeout=30, describe=lambda: worker.log_text()[-2000:])
     mine = [s for s in exported_spans if s["attributes"].get("saga.id") == str(saga.pk)]
