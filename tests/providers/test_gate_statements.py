@@ -14,12 +14,14 @@ from django.test.utils import CaptureQueriesContext
 
 from providers import breaker
 from providers.breaker import Ticket, admit, report
-from providers.models import CallSlot
+from providers.models import CallSlot, HealthBucket
 
 from . import test_breaker as portable
 from .test_breaker import KNOBS
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+TRIM = 'DELETE FROM "providers_healthbucket"'
 
 
 @pytest.fixture(autouse=True)
@@ -38,9 +40,32 @@ def test_outside_a_transaction_admission_and_outcome_are_one_statement_each():
     with CaptureQueriesContext(connection) as reported:
         report(ticket, ok=True)
     assert len(admitted.captured_queries) == 1, admitted.captured_queries
-    assert len(reported.captured_queries) <= 2, reported.captured_queries  # + a rare trim
+    # One in a hundred outcomes also trims old health buckets, in one statement of its own.
+    trims = [q for q in reported.captured_queries if q["sql"].startswith(TRIM)]
+    assert len(trims) <= 1, reported.captured_queries
+    assert len(reported.captured_queries) - len(trims) == 1, reported.captured_queries
     assert not CallSlot.objects.filter(lease_until__isnull=False).exists()
     assert breaker.window_counts("card") == (2, 0)
+
+
+def test_the_sampled_trim_drops_only_this_providers_buckets_past_the_window(monkeypatch):
+    """Outcomes trim old buckets now and then (one in a hundred); forced here, the trim is
+    one statement and keeps every bucket the window (plus a minute) can still read."""
+    import time
+
+    now = int(time.time())
+    keep = KNOBS["window"] + 60
+    for provider, second in [("card", now - keep - 5), ("card", now - 10), ("bank", 0)]:
+        HealthBucket.objects.create(provider=provider, second=second)
+    monkeypatch.setattr(breaker.random, "random", lambda: 0.0)  # this outcome is sampled
+    ticket = admit("card")
+    with CaptureQueriesContext(connection) as reported:
+        report(ticket, ok=True)
+    trims = [q for q in reported.captured_queries if q["sql"].startswith(TRIM)]
+    assert len(trims) == 1, reported.captured_queries
+    assert sorted(
+        HealthBucket.objects.filter(second__lt=now - 1).values_list("provider", "second")
+    ) == [("bank", 0), ("card", now - 10)]
 
 
 def test_inside_a_transaction_the_gate_leaves_its_commit_durable():
