@@ -1,7 +1,7 @@
 """The chaos run in quick mode, as ``make test`` runs it on every change.
 
 ``manage.py chaos --quick`` starts a stack of its own (database, Redis, two workers, beat, web),
-places 100 orders over HTTP with every fault switched on while it SIGKILLs workers three times,
+places 60 orders over HTTP with every fault switched on while it SIGKILLs workers three times,
 restarts the broker once, deploys the next order saga version (a rolling restart) and takes the
 payment provider down for 12 s, then checks every guarantee. With ``CELERY_BROKER_URL`` pointing at
 RabbitMQ the same run uses that broker (its outage simulated by a proxy that cuts connections).

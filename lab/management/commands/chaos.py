@@ -1,7 +1,7 @@
 """``python manage.py chaos`` (``make chaos``): faults, worker kills, broker restarts, then checks.
 
 Full mode (the default): 1,000 orders, 12 worker kills, 2 broker restarts. ``--quick`` (what
-``make test`` runs): 100 orders, 3 kills, 1 broker restart. Both take a provider down for a
+``make test`` runs): 60 orders, 3 kills, 1 broker restart. Both take a provider down for a
 while and deploy the next order saga version at 20% of the load (``--no-switch-version``: no
 deploy). The run starts and stops its own stack (database, Redis, workers, beat, web); see
 :mod:`lab.chaos`. Exit status 1 on any violation.
@@ -25,8 +25,8 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--quick", action="store_true", help="100 orders, 3 kills, 1 restart")
-        parser.add_argument("--orders", type=int, help="orders to place (full 1000, quick 100)")
+        parser.add_argument("--quick", action="store_true", help="60 orders, 3 kills, 1 restart")
+        parser.add_argument("--orders", type=int, help="orders to place (full 1000, quick 60)")
         parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
         parser.add_argument("--kills", type=int, help="worker SIGKILLs (full 12, quick 3)")
         parser.add_argument(
