@@ -98,7 +98,9 @@ class PgServer:
             auth += ":" + quote(self.password, safe="")
         return f"postgres://{auth}@{self.host}:{self.port}/{quote(dbname, safe='')}"
 
-    def _admin(self):
+    def admin(self):
+        """An autocommit connection to the server's ``postgres`` database (for CREATE and DROP
+        DATABASE); raises ``psycopg.Error`` when the server does not answer."""
         import psycopg
 
         return psycopg.connect(
@@ -112,19 +114,19 @@ class PgServer:
         )
 
     def create_database(self, name: str) -> None:
-        with self._admin() as conn:
+        with self.admin() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             conn.execute(f'CREATE DATABASE "{name}"')
 
     def drop_database(self, name: str) -> None:
-        with self._admin() as conn:
+        with self.admin() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def drop_stale(self, prefix: str) -> list[str]:
         """Drop ``<prefix><pid>`` databases whose process is gone (a run killed with -9)."""
         pattern = re.compile(rf"^{re.escape(prefix)}(\d+)$")
         dropped = []
-        with self._admin() as conn:
+        with self.admin() as conn:
             for (name,) in conn.execute("SELECT datname FROM pg_database").fetchall():
                 m = pattern.match(name)
                 if m and not pid_alive(int(m.group(1))):

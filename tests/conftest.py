@@ -49,6 +49,7 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 
+from lab.stack import PgServer
 from lab.supervisor import Process, pid_alive
 
 # `make test` starts the threads-pool and RabbitMQ passes in the background, where the shell
@@ -290,25 +291,6 @@ def wait_for() -> Callable[..., Any]:
 # ---------------------------------------------------------------------------------------------
 # Test database: unique per session, stale ones from killed sessions dropped
 # ---------------------------------------------------------------------------------------------
-def _admin_connection(db: dict) -> Any:
-    """An autocommit connection to the server's ``postgres`` database, or None if unreachable
-    (Django then reports the unreachable database itself, with its own message)."""
-    import psycopg
-
-    try:
-        return psycopg.connect(
-            dbname="postgres",
-            user=db.get("USER") or None,
-            password=db.get("PASSWORD") or None,
-            host=db.get("HOST") or None,
-            port=db.get("PORT") or None,
-            autocommit=True,
-            connect_timeout=5,
-        )
-    except psycopg.Error:
-        return None
-
-
 def _drop_stale_test_databases(conn: Any) -> None:
     names = [row[0] for row in conn.execute("SELECT datname FROM pg_database")]
     for name in names:
@@ -329,20 +311,18 @@ _TEMPLATE_LOCK = 0x5A6A_7E57
 
 
 def _migrations_fingerprint() -> str:
-    """Every migration Django would apply (by app and name), and the text of the project's own."""
+    """Every migration Django would apply: its app, name and text (the installed apps' too)."""
     from django.db.migrations.loader import MigrationLoader
 
     loader = MigrationLoader(None, ignore_no_migrations=True)
     digest = hashlib.sha1()
     for key, migration in sorted(loader.disk_migrations.items()):
         digest.update(repr(key).encode())
-        path = Path(getattr(sys.modules.get(migration.__module__), "__file__", "") or "/")
-        if path.is_file() and REPO_ROOT in path.resolve().parents:
-            digest.update(path.read_bytes())
+        digest.update(Path(sys.modules[migration.__module__].__file__ or "").read_bytes())
     return digest.hexdigest()[:12]
 
 
-def _template_database(conn: Any, db: dict) -> str:
+def _template_database(conn: Any, server: PgServer) -> str:
     """The name of the template for the current migrations, built first if it does not exist.
 
     Also stamps it as used now (its comment) and drops templates unused for an hour, so a
@@ -359,12 +339,11 @@ def _template_database(conn: Any, db: dict) -> str:
         ).fetchall()
         if name not in {row[0] for row in rows}:
             building = f"{name}_building"
-            conn.execute(f'DROP DATABASE IF EXISTS "{building}" WITH (FORCE)')
-            conn.execute(f'CREATE DATABASE "{building}"')
+            server.create_database(building)
             done = subprocess.run(
                 [sys.executable, "manage.py", "migrate", "--no-input", "-v0"],
                 cwd=REPO_ROOT,
-                env={**os.environ, "DATABASE_URL": database_url_for({**db, "NAME": building})},
+                env={**os.environ, "DATABASE_URL": server.url(building)},
                 capture_output=True,
                 text=True,
             )
@@ -387,17 +366,20 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: N
     """pytest-django hook point, run once before the test database is created: drop the
     databases of sessions that were killed, and copy the test database from a migrated
     template instead of migrating it from nothing."""
+    import psycopg
     from django.conf import settings
 
     db = settings.DATABASES["default"]
     if db["ENGINE"] != "django.db.backends.postgresql":
         return
-    conn = _admin_connection(db)
-    if conn is None:
-        return
+    server = PgServer.from_url(database_url_for(db))
+    try:
+        conn = server.admin()
+    except psycopg.Error:
+        return  # Django reports an unreachable database itself, with its own message.
     with conn:
         _drop_stale_test_databases(conn)
-        db.setdefault("TEST", {})["TEMPLATE"] = _template_database(conn, db)
+        db.setdefault("TEST", {})["TEMPLATE"] = _template_database(conn, server)
 
 
 # ---------------------------------------------------------------------------------------------
