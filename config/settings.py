@@ -329,6 +329,10 @@ SAGA_TIMER_RING_WITHIN = env.float("SAGA_TIMER_RING_WITHIN", default=300.0)
 # sagas.timing.lease_only_commits). Records that hand the saga on (doorbell, terminal state, a
 # person) always wait.
 SAGA_ASYNC_LEASE_COMMITS = env.bool("SAGA_ASYNC_LEASE_COMMITS", default=True)
+# PostgreSQL: the engine's own statements (claim, record) are prepared once per connection
+# instead of parsed and planned on every run. Turn off behind a pooler that cannot keep prepared
+# statements (PgBouncer in transaction mode before 1.21, or without max_prepared_statements).
+SAGA_PREPARED_STATEMENTS = env.bool("SAGA_PREPARED_STATEMENTS", default=True)
 SAGA_FAULTS = env("SAGA_FAULTS", default="")
 # Downstream providers (providers app): per-provider circuit breaker and call limits. Off makes
 # every step call its provider as before (no gate, no health window): the comparison baseline.

@@ -34,6 +34,7 @@ from sagas.definition import (
 from sagas.doorbell import ring_on_commit
 from sagas.exceptions import SagaOperationRefused
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
+from sagas.store import insert_new
 from sagas.timing import step_timeout
 
 log = structlog.get_logger("sagas.services")
@@ -159,7 +160,7 @@ def saga_start(
         d for d in (deadline_seconds, definition.deadline, settings.SAGA_DEADLINE) if d is not None
     )
     first = definition.steps[0].name
-    saga = Saga.objects.create(
+    saga = Saga(
         id=saga_id or uuid.uuid4(),
         saga_type=saga_type,
         definition_version=definition.version,
@@ -172,14 +173,15 @@ def saga_start(
         correlation_id=correlation_id,
         trace_context=tracing.current_carrier(),
     )
-    SagaStep.objects.bulk_create(
+    insert_new(
+        saga,
         [
             SagaStep(saga=saga, index=i, name=s.name, idempotency_key=forward_key(saga.id, s.name))
             for i, s in enumerate(definition.steps)
-        ]
-    )
-    SagaEvent.objects.create(
-        saga=saga, at=now, kind="started", detail=f"type {saga_type} v{definition.version}"
+        ],
+        SagaEvent(
+            saga=saga, at=now, kind="started", detail=f"type {saga_type} v{definition.version}"
+        ),
     )
     ring_on_commit(saga.id, saga.version, None, step_timeout(definition.steps[0]))
     transaction.on_commit(lambda: metrics.SAGAS_STARTED.labels(saga_type).inc())
