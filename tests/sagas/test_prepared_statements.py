@@ -33,7 +33,8 @@ def _fresh_connection(transactional_db, settings):
 def _run_one_saga() -> Saga:
     with transaction.atomic():
         saga = saga_start(saga_type="test5", data={"script": {}})
-    Saga.objects.filter(pk=saga.pk).update(version=1000)  # a worker's doorbell finds nothing
+        # Before the commit rings: a worker's doorbell (version 0) finds nothing to claim.
+        Saga.objects.filter(pk=saga.pk).update(version=1000)
     advance(saga.id, 1000)
     saga = Saga.objects.get(pk=saga.pk)
     assert saga.state == SagaState.SUCCEEDED
