@@ -67,7 +67,10 @@ def check_url(url: str) -> Target:
         raise UrlRefused("invalid_url", "Put no user name or password in the URL.")
     if parts.fragment:
         raise UrlRefused("invalid_url", "A webhook URL has no #fragment.")
-    port = port or (443 if parts.scheme == "https" else 80)
+    if port == 0:
+        # urlsplit accepts it, and "or default" would quietly deliver to 443 or 80 instead.
+        raise UrlRefused("invalid_url", "Port 0 is not a port a server listens on.")
+    port = port if port is not None else (443 if parts.scheme == "https" else 80)
     try:
         infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):

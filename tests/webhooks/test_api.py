@@ -53,6 +53,8 @@ def test_the_secret_is_shown_once_and_a_client_sees_only_its_own_endpoints(
         ("https://[::1]/hooks", "private_address"),
         ("https://[::ffff:127.0.0.1]/hooks", "private_address"),
         ("https://user:pw@93.184.215.14/hooks", "invalid_url"),
+        ("https://93.184.215.14:0/hooks", "invalid_url"),
+        ("https://93.184.215.14:99999/hooks", "invalid_url"),
         ("not a url", "https_required"),
     ],
 )
