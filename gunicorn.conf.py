@@ -9,6 +9,9 @@ first one's socket and takes the path over, and whichever stops first removes th
 other is using, so ``gunicornc`` would reach the wrong server, or none. Nothing here uses it:
 reloads go through signals (HUP, as the rolling deploy of the chaos run does). To use
 ``gunicornc`` on one server, start it with ``GUNICORN_CONTROL_SOCKET=/its/own/path.ctl``.
+
+Its own log lines (error and access) follow ``LOG_FORMAT`` like the rest of the project
+(``config/gunicorn_logging.py``): JSON objects, the access line's request as fields.
 """
 
 import os
@@ -18,3 +21,5 @@ if _own_path:
     control_socket = _own_path
 else:
     control_socket_disable = True
+
+logger_class = "config.gunicorn_logging.Logger"

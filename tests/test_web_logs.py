@@ -1,6 +1,7 @@
-"""What web writes to its log: each 4xx once (gunicorn's access line), no control socket at a
-path that every gunicorn of the same user shares, and no warning about static files on a
-fresh checkout.
+"""What web writes to its log: each 4xx once (gunicorn's access line), every line JSON when
+``LOG_FORMAT=json`` (gunicorn's own lines too, the access line's request as fields), no control
+socket at a path that every gunicorn of the same user shares, and no warning about static
+files on a fresh checkout.
 
 Runs gunicorn exactly as ``make run`` starts it (the web line of its Procfile), from the
 project root, against this session's database.
@@ -81,9 +82,16 @@ def test_gunicorn_of_make_run_has_no_control_socket(tmp_path):
     assert done.stdout.strip().splitlines()[-1] == "True", done.stdout
 
 
+def _access_lines(log: str) -> list[dict]:
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("logger") == "gunicorn.access"]
+
+
 def test_a_4xx_is_logged_once(tmp_path, wait_for):
     """A 404 and a 401 from the API: each is one access line, with no second line from
-    Django's request logger ("Not Found: ..."); gunicorn announces no control socket."""
+    Django's request logger ("Not Found: ..."); gunicorn announces no control socket. With
+    LOG_FORMAT=json every line is a JSON object, gunicorn's included, and an access line has
+    the request as fields."""
     port = spare_port()
     web = Process(
         "web", _make_run_web_argv(port), env=_env(tmp_path), log_path=tmp_path / "web.log"
@@ -103,13 +111,27 @@ def test_a_4xx_is_logged_once(tmp_path, wait_for):
         # written its line before it, in the same worker: once both access lines are there,
         # every line these requests cause is in the log.
         wait_for(
-            lambda: all(f"GET {p} " in web.log_tail(10**6) for p in statuses),
+            lambda: {a["path"] for a in _access_lines(web.log_tail(10**6))} >= set(statuses),
             timeout=30,
             describe=lambda: web.log_tail(3000),
         )
     finally:
         web.stop(timeout=15)
     log = web.log_path.read_text()
+    # "--- HH:MM:SS start ..." lines are the test's own process supervisor's, not gunicorn's.
+    ours = [line for line in log.splitlines() if line and not line.startswith("--- ")]
+    not_json = [line for line in ours if not line.startswith("{")]
+    assert not not_json, not_json
+    by_path = {a["path"]: a for a in _access_lines(log)}
+    for path, status in statuses.items():
+        access = by_path[path]
+        assert (access["method"], access["status"], access["event"]) == (
+            "GET",
+            status,
+            "http.request",
+        )
+        assert access["level"] == "info" and access["duration_ms"] >= 0, access
+    assert any("Booting worker" in json.loads(line)["event"] for line in ours), log
     for path in statuses:
         mentions = [line for line in log.splitlines() if path in line]
         assert len(mentions) == 1, mentions
