@@ -806,7 +806,8 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             "failing_step": failing,
             "can_operate": self.has_operate_permission(request),
             "offer_retry": saga.state
-            in (SagaState.RUNNING, SagaState.COMPENSATING, SagaState.NEEDS_MANUAL),
+            in (SagaState.RUNNING, SagaState.COMPENSATING, SagaState.NEEDS_MANUAL)
+            and saga.waiting_since is None,
             "offer_compensate": not saga.cancel_reason
             and not _predicted_refusal(saga, "compensate"),
             "offer_resolve": saga.state == SagaState.NEEDS_MANUAL,

@@ -288,6 +288,15 @@ def saga_retry_now(*, saga_id: Any, user: Any) -> Saga:
                     "in_flight",
                     f"{saga.current_step} is running right now; wait for its outcome.",
                 )
+            if saga.waiting_since is not None:
+                # A wait ends with its signal or its timer; running the step again would only
+                # park it again, while the timeline said an operator had retried the order.
+                what = f"signal {saga.waiting_for}" if saga.waiting_for else "its timer"
+                raise SagaOperationRefused(
+                    "waiting",
+                    f"The saga waits at {saga.current_step} for {what}; there is nothing to "
+                    "retry. Send the signal, or compensate.",
+                )
             detail = f"retry {saga.current_step} now"
         else:
             raise SagaOperationRefused(

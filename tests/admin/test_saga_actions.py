@@ -303,3 +303,20 @@ def test_a_selection_beyond_the_bulk_limit_is_refused(ops_client):
     (level, text), *_ = texts(response)
     assert level == "error" and f"more than {MAX_BULK} sagas" in text
     assert Saga.objects.filter(state=SagaState.NEEDS_MANUAL).count() == MAX_BULK + 1
+
+
+def test_a_saga_waiting_for_a_signal_has_no_retry_button_and_the_action_is_refused(ops_client):
+    """The wait ends with its signal: the page offers no "Retry now", and the list action says
+    why and leaves the saga and its timeline alone."""
+    from django.utils import timezone
+
+    saga = running(saga_type="order", step_index=order_saga.index_of("fraud_review"))
+    Saga.objects.filter(pk=saga.pk).update(
+        waiting_for="fraud_review", waiting_since=timezone.now(), next_attempt_at=None
+    )
+    url = reverse("admin:sagas_saga_change", args=[saga.pk])
+    html = ops_client.get(url).content.decode()
+    assert 'value="Retry now"' not in html and 'value="Compensate..."' in html
+    response = act(ops_client, "retry_now", [saga])
+    assert any("waits at fraud_review" in text for _, text in texts(response)), texts(response)
+    assert not events(saga, "ops_retry")

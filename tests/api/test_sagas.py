@@ -332,3 +332,14 @@ def test_signal_route_refusals_are_clear_4xx_and_record_nothing(staff_api, ops_a
     response = ops_api.post(path, approve, format="json")
     assert response.status_code == 202, response.content
     assert saga.signals.get().payload == {"approved": True}
+
+
+def test_retry_is_refused_for_a_saga_waiting_for_a_signal(ops_api, saga):
+    """409 waiting: the step would only park again, so nothing changes and no ops_retry event
+    tells the order's client that support retried it; the ops console offers no retry."""
+    waiting = parked(saga, "fraud_review", minutes=5)
+    body = assert_error(ops_api.post(f"{SAGAS}{saga.id}/retry/"), 409, "waiting")
+    assert "fraud_review" in body["detail"], body
+    after = Saga.objects.get(pk=saga.pk)
+    assert (after.next_attempt_at, after.version) == (waiting.next_attempt_at, waiting.version)
+    assert not SagaEvent.objects.filter(saga=saga, kind="ops_retry").exists()
