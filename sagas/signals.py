@@ -117,7 +117,7 @@ def _deliver(saga: Saga, name: str, payload: Any, key: str, user: Any) -> Signal
     indexes = definition.waits_for(name)
     if not indexes:
         raise SagaOperationRefused(
-            "unknown_signal", f"A {saga.saga_type} saga never waits for {name!r}."
+            "unknown_signal", f"This {saga.saga_type} saga never waits for {name!r}."
         )
     park = definition.steps[indexes[0]].park
     assert park is not None

@@ -32,7 +32,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from sagas.definition import SagaDefinition, forward_key, get_definition
+from sagas.definition import SagaDefinition, forward_key, get_definition, registered_types
 from sagas.doorbell import ring_on_commit
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
 from sagas.services import audit_ops_events
@@ -101,6 +101,12 @@ class Plan:
 def _definitions(saga_type: str, from_version: int, to_version: int) -> tuple[SagaDefinition, ...]:
     if from_version == to_version:
         raise MigrationRefused(f"--from and --to are both {from_version}: nothing to move.")
+    if saga_type not in registered_types():
+        raise MigrationRefused(
+            f"No saga type {saga_type!r} is registered here (registered: "
+            f"{', '.join(registered_types()) or 'none'}); is its module in "
+            "SAGA_DEFINITION_MODULES?"
+        )
     try:
         return get_definition(saga_type, from_version), get_definition(saga_type, to_version)
     except LookupError as exc:

@@ -58,6 +58,8 @@ def check_url(url: str) -> Target:
         port = parts.port
     except ValueError as exc:
         raise UrlRefused("invalid_url", f"Not a valid URL: {exc}.") from None
+    if not parts.scheme or not parts.netloc:
+        raise UrlRefused("invalid_url", "Not a URL: give it as https://host/path.")
     schemes = ("https", "http") if allow_private else ("https",)
     if parts.scheme not in schemes:
         raise UrlRefused("https_required", "Webhook URLs must use https.")

@@ -141,6 +141,10 @@ def test_unsafe_moves_are_refused_with_the_reason(celery_worker, wait_for, setti
         migrate("--from", "1", "--to", "9")
     with pytest.raises(CommandError, match="both 1"):
         migrate("--from", "1", "--to", "1")
+    with pytest.raises(
+        CommandError, match=r"No saga type 'nosuch' is registered here \(registered: .*mig"
+    ):
+        call_command("saga_migrate", "nosuch", "--from", "1", "--to", "2", stdout=io.StringIO())
 
 
 def test_apply_never_moves_a_saga_whose_step_is_in_flight(celery_worker, wait_for):

@@ -55,7 +55,9 @@ def test_the_secret_is_shown_once_and_a_client_sees_only_its_own_endpoints(
         ("https://user:pw@93.184.215.14/hooks", "invalid_url"),
         ("https://93.184.215.14:0/hooks", "invalid_url"),
         ("https://93.184.215.14:99999/hooks", "invalid_url"),
-        ("not a url", "https_required"),
+        ("not a url", "invalid_url"),
+        ("93.184.215.14/hooks", "invalid_url"),
+        ("ftp://93.184.215.14/hooks", "https_required"),
     ],
 )
 def test_unsafe_urls_are_refused_at_registration(customer, settings, url, code):
