@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,7 +50,8 @@ class Receiver:
             return list(self.requests)
 
 
-def _start_receiver() -> Receiver:
+def _start_receiver(tls: ssl.SSLContext | None = None) -> Receiver:
+    """``tls``: serve https with this server-side context (its certificate and key loaded)."""
     holder: dict[str, Receiver] = {}
 
     class Handler(BaseHTTPRequestHandler):
@@ -75,6 +77,10 @@ def _start_receiver() -> Receiver:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
+    if tls is not None:
+        # Before serving: the handshake then happens on accept (a client that refuses the
+        # certificate never gets as far as a request).
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     holder["r"] = Receiver(server)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return holder["r"]
@@ -84,8 +90,8 @@ def _start_receiver() -> Receiver:
 def receiver_factory() -> Iterator[Callable[[], Receiver]]:
     started: list[Receiver] = []
 
-    def start() -> Receiver:
-        r = _start_receiver()
+    def start(tls: ssl.SSLContext | None = None) -> Receiver:
+        r = _start_receiver(tls)
         started.append(r)
         return r
 

@@ -1,6 +1,7 @@
 """One endpoint's attempts, made in this process against a real HTTP receiver on 127.0.0.1:
-the address check at delivery time (a DNS change, a rebinding resolver), backoff then dead,
-both secrets during a rotation's grace, and the README's verification example.
+the address check at delivery time (a DNS change, a rebinding resolver), https with the
+certificate verified, backoff then dead, both secrets during a rotation's grace, and the
+README's verification example.
 
 The deliveries run here (``deliver_endpoint``, the body of the ``webhooks.deliver`` task) so a
 test can change what a host name resolves to between registration and delivery; the tests
@@ -11,15 +12,17 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 import uuid
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import trustme
 from django.utils import timezone
 
 from webhooks import signing
-from webhooks.delivery import deliver_endpoint
+from webhooks.delivery import deliver_endpoint, tls_context
 from webhooks.models import Delivery, DeliveryStatus
 from webhooks.services import event_emit
 
@@ -99,6 +102,44 @@ def test_a_delivery_connects_to_the_address_it_checked(customer, receiver, resol
     assert request.headers["Host"] == f"{HOST}:{port}"
     assert Delivery.objects.get(endpoint_id=endpoint["id"]).status == DeliveryStatus.DELIVERED
     assert resolver.lookups == 1
+
+
+def test_https_verifies_the_certificate_and_attempts_share_one_tls_context(
+    customer, receiver_factory, resolver, settings, monkeypatch, tmp_path
+):
+    """An https endpoint whose certificate a private CA issued for its host name. While the
+    worker does not trust that CA the attempt fails in the handshake: nothing reaches the
+    receiver, the error is recorded and the delivery waits for its retry. Once the worker's
+    ``SSL_CERT_FILE`` names the CA, the pending event and two more arrive over https, and
+    those attempts built one TLS context between them, not one each."""
+    settings.WEBHOOKS_ALLOW_PRIVATE = True
+    ca = trustme.CA()
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(HOST).configure_cert(server_side)
+    receiver = receiver_factory(tls=server_side)
+    resolver.answers = ["127.0.0.1"]
+    port = receiver.server.server_address[1]
+    endpoint = register(api_client_for(customer), f"https://{HOST}:{port}/hooks")
+
+    tls_context.cache_clear()
+    first = _emit(customer)
+    assert deliver_endpoint(endpoint["id"]) == 1
+    delivery = Delivery.objects.get(endpoint_id=endpoint["id"])
+    assert "CERTIFICATE_VERIFY_FAILED" in delivery.last_error, delivery.last_error
+    assert delivery.status == DeliveryStatus.PENDING and delivery.last_status_code is None
+    assert receiver.all() == []
+
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    tls_context.cache_clear()
+    Delivery.objects.update(next_attempt_at=timezone.now())
+    later = [_emit(customer), _emit(customer)]
+    assert deliver_endpoint(endpoint["id"]) == 3
+    assert [event["id"] for event in receiver.accepted()] == [first, *later]
+    assert set(Delivery.objects.values_list("status", flat=True)) == {DeliveryStatus.DELIVERED}
+    assert tls_context.cache_info().misses == 1
+    tls_context.cache_clear()  # the next test's attempts trust the system's roots again
 
 
 def test_failures_back_off_with_jitter_and_the_delivery_dies_when_its_window_ends(
