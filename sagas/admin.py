@@ -807,7 +807,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             "can_operate": self.has_operate_permission(request),
             "offer_retry": saga.state
             in (SagaState.RUNNING, SagaState.COMPENSATING, SagaState.NEEDS_MANUAL)
-            and saga.waiting_since is None,
+            and not (saga.state == SagaState.RUNNING and saga.waiting_since is not None),
             "offer_compensate": not saga.cancel_reason
             and not _predicted_refusal(saga, "compensate"),
             "offer_resolve": saga.state == SagaState.NEEDS_MANUAL,

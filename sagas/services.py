@@ -288,7 +288,7 @@ def saga_retry_now(*, saga_id: Any, user: Any) -> Saga:
                     "in_flight",
                     f"{saga.current_step} is running right now; wait for its outcome.",
                 )
-            if saga.waiting_since is not None:
+            if saga.state == SagaState.RUNNING and saga.waiting_since is not None:
                 # A wait ends with its signal or its timer; running the step again would only
                 # park it again, while the timeline said an operator had retried the order.
                 what = f"signal {saga.waiting_for}" if saga.waiting_for else "its timer"
