@@ -22,4 +22,6 @@ if _own_path:
 else:
     control_socket_disable = True
 
+# A logger_class of our own also means gunicorn no longer switches to its statsd logger when
+# --statsd-host is given: nothing here uses statsd (metrics are Prometheus, /metrics).
 logger_class = "config.gunicorn_logging.Logger"

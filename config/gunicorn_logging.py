@@ -7,7 +7,8 @@ keeps gunicorn's handlers (and its ``--access-logfile``/``--error-logfile`` choi
 the format is JSON, gives them a formatter that writes one JSON object per line with the same
 keys as the rest of the log (``timestamp``, ``level``, ``logger``, ``event``); an access line
 carries the request as fields (``method``, ``path``, ``status``, ``duration_ms``, ...) instead of
-a string to parse. With ``LOG_FORMAT=console`` nothing changes.
+a string to parse (so a custom ``--access-logformat`` applies to console lines only). With
+``LOG_FORMAT=console`` nothing changes.
 
 ``gunicorn.conf.py`` names it as ``logger_class`` for every gunicorn started from the project
 root.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import os
 import sys
 from datetime import UTC, datetime
@@ -25,9 +27,19 @@ from typing import Any
 from gunicorn.glogging import Logger as GunicornLogger
 
 
-def log_format() -> str:
-    """``LOG_FORMAT`` as the settings read it: JSON unless it is set or stderr is a terminal."""
-    return os.environ.get("LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json")
+def log_format(cfg: Any = None) -> str:
+    """``LOG_FORMAT`` as the settings read it: JSON unless it is set or stderr is a terminal.
+
+    gunicorn's ``-e/--env`` values reach ``os.environ`` only after the logger is set up (at
+    start and on every HUP), so they are read from its config first: the workers' Django
+    settings see them, and gunicorn's own lines must agree.
+    """
+    env = getattr(cfg, "env", None) or {}
+    return (
+        env.get("LOG_FORMAT")
+        or os.environ.get("LOG_FORMAT")
+        or ("console" if sys.stderr.isatty() else "json")
+    )
 
 
 class JsonLineFormatter(logging.Formatter):
@@ -40,12 +52,23 @@ class JsonLineFormatter(logging.Formatter):
             .replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": record.getMessage(),
+            "event": "http.request" if hasattr(record, "http") else _message(record),
+            "pid": record.process,
         }
         line.update(getattr(record, "http", {}))
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
         return json.dumps(line, default=str)
+
+
+def _message(record: logging.LogRecord) -> str:
+    """The record's message; one whose arguments do not fit its format still makes a line."""
+    try:
+        return record.getMessage()
+    except (TypeError, ValueError, KeyError):
+        return f"{record.msg} {record.args!r}"
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -60,12 +83,18 @@ class Logger(GunicornLogger):
 
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
-        self.json = log_format() == "json"
+        self.json = log_format(cfg) == "json"
         if self.json:
             formatter = JsonLineFormatter()
             for log in (self.error_log, self.access_log):
                 for handler in log.handlers:
-                    handler.setFormatter(formatter)
+                    # Only the stream and file handlers gunicorn made itself: a syslog line
+                    # keeps gunicorn's program and pid prefix, and the handlers of a
+                    # --log-config the user wrote keep the user's formatters.
+                    if getattr(handler, "_gunicorn", False) and not isinstance(
+                        handler, logging.handlers.SysLogHandler
+                    ):
+                        handler.setFormatter(formatter)
 
     def access(self, resp: Any, req: Any, environ: dict, request_time: Any) -> None:
         if not getattr(self, "json", False):
@@ -86,7 +115,10 @@ class Logger(GunicornLogger):
             "referer": atoms["f"],
             "protocol": atoms["H"],
         }
+        # The message is gunicorn's own access line, for a handler this formatter does not
+        # serve (syslog, a --log-config of the user's); JSON lines take the fields instead.
         try:
-            self.access_log.info("http.request", extra={"http": fields})
+            text = self.cfg.access_log_format % self.atoms_wrapper_class(atoms)
+            self.access_log.info(text, extra={"http": fields})
         except Exception:  # noqa: BLE001 - as gunicorn's own access(): a log line never fails a request
             self.exception("Failed to write the access log line")

@@ -144,3 +144,27 @@ def test_a_4xx_is_logged_once(tmp_path, wait_for):
     assert "Control socket listening" not in log, log[-3000:]
     # Nothing but requests: no warning that static files were never collected.
     assert "No directory at" not in log, log[-3000:]
+
+
+def test_gunicorn_env_option_decides_the_format_of_its_own_lines(monkeypatch):
+    """``gunicorn -e LOG_FORMAT=console`` reaches os.environ only after the logger is set up;
+    the logger reads it from gunicorn's config, so its lines agree with the workers'."""
+    from types import SimpleNamespace
+
+    from config.gunicorn_logging import log_format
+
+    monkeypatch.setenv("LOG_FORMAT", "json")
+    assert log_format(SimpleNamespace(env={"LOG_FORMAT": "console"})) == "console"
+    assert log_format(SimpleNamespace(env={})) == "json"
+
+
+def test_a_json_line_is_written_even_when_a_message_does_not_fit_its_arguments():
+    import logging
+
+    from config.gunicorn_logging import JsonLineFormatter
+
+    record = logging.LogRecord(
+        "gunicorn.error", logging.ERROR, __file__, 1, "%d workers", ("x",), None
+    )
+    line = json.loads(JsonLineFormatter().format(record))
+    assert line["event"] == "%d workers ('x',)" and line["level"] == "error" and line["pid"]
