@@ -20,9 +20,9 @@ it rings again and yields the worker to other endpoints' doorbells). So:
 from __future__ import annotations
 
 import contextlib
-import functools
 import random
 import ssl
+import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -124,20 +124,37 @@ def claim_next(endpoint_id: Any) -> tuple[Delivery, Endpoint] | None:
     return delivery, endpoint
 
 
-@functools.cache
-def tls_context() -> ssl.SSLContext:
-    """The TLS context of every https attempt in this process, built once.
-
-    Building one loads the system's CA bundle: 10-20 ms of CPU, more than the rest of an
-    attempt, paid per delivery while each connection built its own. The context holds only
-    settings and trusted roots; every connection still verifies the endpoint's certificate
-    and its host name (urllib3 matches ``assert_hostname``, since the socket connects to the
-    checked IP address). Trust follows OpenSSL's defaults, so ``SSL_CERT_FILE`` or
-    ``SSL_CERT_DIR`` in the worker's environment point it at another bundle.
-    """
+def _new_tls_context() -> ssl.SSLContext:
     context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
     context.load_default_certs()
     return context
+
+
+_tls = threading.local()
+
+
+def tls_context() -> ssl.SSLContext:
+    """The TLS context of this thread's https attempts, built on its first one.
+
+    Building one loads the system's CA bundle: 10-20 ms of CPU, more than the rest of an
+    attempt, paid per delivery while each connection built its own. One per thread, not per
+    process: urllib3 sets options on the context for every connection (ALPN among them), and
+    OpenSSL reads them while opening a connection without holding the GIL, so threads of the
+    threads pool must not share one. Every connection still verifies the endpoint's
+    certificate and its host name (urllib3 matches ``assert_hostname``, since the socket
+    connects to the checked IP address). Trust follows OpenSSL's defaults, so ``SSL_CERT_FILE``
+    or ``SSL_CERT_DIR`` in the worker's environment point it at another bundle; a worker reads
+    the bundle once, so a change of the bundle needs a worker restart.
+    """
+    context = getattr(_tls, "context", None)
+    if context is None:
+        context = _tls.context = _new_tls_context()
+    return context
+
+
+def forget_tls_context() -> None:
+    """Build this thread's context again on its next attempt (after a change of trust)."""
+    _tls.__dict__.pop("context", None)
 
 
 def _post(target: Target, body: bytes, headers: dict[str, str]) -> tuple[int, str]:

@@ -21,8 +21,9 @@ import pytest
 import trustme
 from django.utils import timezone
 
+from webhooks import delivery as webhook_delivery
 from webhooks import signing
-from webhooks.delivery import deliver_endpoint, tls_context
+from webhooks.delivery import deliver_endpoint, forget_tls_context
 from webhooks.models import Delivery, DeliveryStatus
 from webhooks.services import event_emit
 
@@ -111,7 +112,7 @@ def test_https_verifies_the_certificate_and_attempts_share_one_tls_context(
     worker does not trust that CA the attempt fails in the handshake: nothing reaches the
     receiver, the error is recorded and the delivery waits for its retry. Once the worker's
     ``SSL_CERT_FILE`` names the CA, the pending event and two more arrive over https, and
-    those attempts built one TLS context between them, not one each."""
+    those attempts (one thread) built one TLS context between them, not one each."""
     settings.WEBHOOKS_ALLOW_PRIVATE = True
     ca = trustme.CA()
     server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -121,7 +122,7 @@ def test_https_verifies_the_certificate_and_attempts_share_one_tls_context(
     port = receiver.server.server_address[1]
     endpoint = register(api_client_for(customer), f"https://{HOST}:{port}/hooks")
 
-    tls_context.cache_clear()
+    forget_tls_context()
     first = _emit(customer)
     assert deliver_endpoint(endpoint["id"]) == 1
     delivery = Delivery.objects.get(endpoint_id=endpoint["id"])
@@ -132,14 +133,17 @@ def test_https_verifies_the_certificate_and_attempts_share_one_tls_context(
     bundle = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(bundle))
     monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
-    tls_context.cache_clear()
+    forget_tls_context()
+    built = []
+    real = webhook_delivery._new_tls_context
+    monkeypatch.setattr(webhook_delivery, "_new_tls_context", lambda: built.append(1) or real())
     Delivery.objects.update(next_attempt_at=timezone.now())
     later = [_emit(customer), _emit(customer)]
     assert deliver_endpoint(endpoint["id"]) == 3
     assert [event["id"] for event in receiver.accepted()] == [first, *later]
     assert set(Delivery.objects.values_list("status", flat=True)) == {DeliveryStatus.DELIVERED}
-    assert tls_context.cache_info().misses == 1
-    tls_context.cache_clear()  # the next test's attempts trust the system's roots again
+    assert len(built) == 1
+    forget_tls_context()  # the next test's attempts trust the system's roots again
 
 
 def test_failures_back_off_with_jitter_and_the_delivery_dies_when_its_window_ends(
