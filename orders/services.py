@@ -171,10 +171,15 @@ def order_create(
     lines = _clean_lines(items, problems)
     address = _clean_address(shipping_address, problems)
     if not isinstance(payment_method, str) or payment_method not in PAYMENT_METHODS:
+        what = (
+            "A payment method is required"
+            if payment_method in (None, "")
+            else "Unknown payment method"
+        )
         problems.add(
             "invalid_payment_method",
             "payment_method",
-            f"Unknown payment method; use one of {', '.join(PAYMENT_METHODS)}.",
+            f"{what}; use one of {', '.join(PAYMENT_METHODS)}.",
         )
 
     products = {p.sku: p for p in Product.objects.filter(sku__in=list(lines))}

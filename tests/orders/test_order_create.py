@@ -223,3 +223,17 @@ def test_the_service_alone_refuses_every_bad_api_body_with_the_api_code(
         order_create(owner=customer, **{k: body.get(k) for k in keys})
     assert (refused.value.code, field in refused.value.fields) == (code, True)
     assert not Order.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "says"),
+    [
+        (None, "A payment method is required"),
+        ("", "A payment method is required"),
+        ("cash", "Unknown payment method"),
+    ],
+)
+def test_a_missing_payment_method_is_called_missing_not_unknown(customer, catalog, method, says):
+    with pytest.raises(OrderInvalid) as refused:
+        order_create(owner=customer, **{**GOOD, "payment_method": method})
+    assert refused.value.fields["payment_method"][0].startswith(says), refused.value.fields
