@@ -805,9 +805,9 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             "problem": problem,
             "failing_step": failing,
             "can_operate": self.has_operate_permission(request),
-            "offer_retry": saga.state
-            in (SagaState.RUNNING, SagaState.COMPENSATING, SagaState.NEEDS_MANUAL)
-            and not (saga.state == SagaState.RUNNING and saga.waiting_since is not None),
+            # A step in flight ends soon: its saga keeps the button (the service says "wait").
+            "offer_retry": getattr(saga_refusal(saga, "retry"), "code", None)
+            in (None, "in_flight"),
             "offer_compensate": not saga.cancel_reason
             and not _predicted_refusal(saga, "compensate"),
             "offer_resolve": saga.state == SagaState.NEEDS_MANUAL,

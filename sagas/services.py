@@ -199,9 +199,9 @@ def saga_waits_on_undo(saga: Saga) -> bool:
 def saga_refusal(saga: Saga, operation: str) -> SagaOperationRefused | None:
     """Why ``operation`` would be refused on ``saga`` as it stands now, or None.
 
-    ``operation`` is ``cancel``, ``compensate``, ``resolve`` or ``undo_done``. The services
-    ask this under the row lock before they act; the ops console asks it first, so an operator
-    sees what will be refused (and why, in the same words) before confirming.
+    ``operation`` is ``cancel``, ``compensate``, ``resolve``, ``retry`` or ``undo_done``. The
+    services ask this under the row lock before they act; the ops console asks it first, so an
+    operator sees what will be refused (and why, in the same words) before confirming.
     """
     if operation == "compensate" and saga_waits_on_undo(saga):
         return SagaOperationRefused(
@@ -230,6 +230,31 @@ def saga_refusal(saga: Saga, operation: str) -> SagaOperationRefused | None:
     if operation == "undo_done" and not saga_waits_on_undo(saga):
         return SagaOperationRefused(
             "not_waiting_on_undo", f"The saga is {saga.state} and waits on no undo."
+        )
+    if operation == "retry":
+        return _retry_refusal(saga)
+    return None
+
+
+def _retry_refusal(saga: Saga) -> SagaOperationRefused | None:
+    if saga.state == SagaState.NEEDS_MANUAL:
+        return None
+    if saga.state not in (SagaState.RUNNING, SagaState.COMPENSATING):
+        return SagaOperationRefused(
+            "settled", f"The saga is {saga.state}; there is nothing to retry."
+        )
+    if _leased(saga):
+        return SagaOperationRefused(
+            "in_flight", f"{saga.current_step} is running right now; wait for its outcome."
+        )
+    if saga.state == SagaState.RUNNING and saga.waiting_since is not None:
+        # A wait ends with its signal or its timer; running the step again would only park it
+        # again, while the timeline said an operator had retried the order.
+        what = f"signal {saga.waiting_for}" if saga.waiting_for else "its timer"
+        return SagaOperationRefused(
+            "waiting",
+            f"The saga waits at {saga.current_step} for {what}; there is nothing to retry. "
+            "Send the signal, or compensate.",
         )
     return None
 
@@ -276,32 +301,15 @@ def saga_retry_now(*, saga_id: Any, user: Any) -> Saga:
     _require_ops(user)
     with transaction.atomic():
         saga = _locked(saga_id)
+        _refuse_unless_allowed(saga, "retry")
         if saga.state == SagaState.NEEDS_MANUAL:
             if saga.escalated_from == SagaState.COMPENSATING:
                 saga.resume_compensation()
             else:
                 saga.resume_forward()
             detail = f"resumed {saga.state} at {saga.current_step}"
-        elif saga.state in (SagaState.RUNNING, SagaState.COMPENSATING):
-            if _leased(saga):
-                raise SagaOperationRefused(
-                    "in_flight",
-                    f"{saga.current_step} is running right now; wait for its outcome.",
-                )
-            if saga.state == SagaState.RUNNING and saga.waiting_since is not None:
-                # A wait ends with its signal or its timer; running the step again would only
-                # park it again, while the timeline said an operator had retried the order.
-                what = f"signal {saga.waiting_for}" if saga.waiting_for else "its timer"
-                raise SagaOperationRefused(
-                    "waiting",
-                    f"The saga waits at {saga.current_step} for {what}; there is nothing to "
-                    "retry. Send the signal, or compensate.",
-                )
-            detail = f"retry {saga.current_step} now"
         else:
-            raise SagaOperationRefused(
-                "settled", f"The saga is {saga.state}; there is nothing to retry."
-            )
+            detail = f"retry {saga.current_step} now"
         saga.attempt = 0
         saga.next_attempt_at = timezone.now()
         saga.lease_until = None
