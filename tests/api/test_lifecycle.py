@@ -117,15 +117,27 @@ def test_a_declined_card_ends_cancelled_with_the_reason_and_the_compensations(
     assert kinds[-1] == "compensated"
 
 
-def test_a_client_cancels_over_http_while_the_saga_runs(client_api, catalog, worker_factory, poll):
-    """With authorize_payment slowed down, a cancel right after placing is a 202; the saga
+def test_a_client_cancels_over_http_while_the_saga_runs(
+    client_api, catalog, worker_factory, poll, wait_for
+):
+    """With authorize_payment slowed down, a cancel while it runs is a 202; the saga
     compensates and the order ends cancelled with customer_cancelled, stock released; a
     second cancel after that is a 409."""
+    from sagas.models import Saga
+
     worker_factory(
         {"SAGA_FAULTS": json.dumps({"payments.authorize": {"latency_ms": [800, 800]}})},
         exclusive=True,
     )
     order = client_api.post("/api/v1/orders/", order_body([("lamp", 3)]), format="json").json()
+    # Cancel while authorize_payment is in flight. Sent before the worker's first claim, the
+    # cancel could be honoured (nothing to undo yet) before the response reads the order.
+    wait_for(
+        lambda: Saga.objects.filter(
+            order__id=order["id"], current_step="authorize_payment", lease_until__isnull=False
+        ).exists(),
+        timeout=60,
+    )
     cancel = client_api.post(f"/api/v1/orders/{order['id']}/cancel/")
     assert cancel.status_code == 202, cancel.content
     assert cancel.json()["status"] == "cancelling"
