@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import structlog
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, connections, models, transaction
 from django.db.backends.postgresql.base import Cursor as _DjangoClientCursor
 from django.db.backends.postgresql.base import ServerBindingCursor as _DjangoServerCursor
 from django.db.backends.utils import CursorWrapper
@@ -131,16 +131,62 @@ def _converters() -> list[tuple[int, Any, list]]:
 _ATTNAMES = [f.attname for f in _SAGA_FIELDS]
 
 
+def _db() -> Any:
+    """The default database's wrapper itself, not Django's ``connection`` proxy.
+
+    Every attribute read through the proxy looks the wrapper up again in a context-local
+    (asgiref); the engine's hot path reads it about 150 times per saga (field preparation,
+    converters, ``ops``), so each statement's builder resolves it once and passes it on.
+    """
+    return connections[DEFAULT_DB_ALIAS]
+
+
 def _row_to_saga(row: Iterable[Any]) -> Saga:
+    db = _db()
     values = list(row)
     for i, col, convs in _converters():
         for conv in convs:
-            values[i] = conv(values[i], col, connection)
-    return Saga.from_db(connection.alias, _ATTNAMES, values)
+            values[i] = conv(values[i], col, db)
+    return Saga.from_db(db.alias, _ATTNAMES, values)
 
 
-def prep(name: str, value: Any) -> Any:
-    return _FIELD_BY_NAME[name].get_db_prep_save(value, connection)
+def _plain_types(f: Field[Any, Any]) -> tuple[type, ...]:
+    """The Python types a field stores as they are (Django's preparation returns them
+    untouched); empty for fields that adapt every value: JSON, UUIDs, and integers, which
+    PostgreSQL's backend wraps in their column's exact type (``Int2``, ``Int8``)."""
+    if isinstance(f, models.JSONField | models.UUIDField | models.IntegerField):
+        return ()
+    if isinstance(f, models.BooleanField):
+        return (type(None), bool)
+    if isinstance(f, models.CharField | models.TextField):
+        return (type(None), str)
+    if isinstance(f, models.FloatField):
+        return (type(None), float)
+    if isinstance(f, models.DateTimeField):
+        return (type(None), datetime)
+    return ()
+
+
+def _prep(f: Field[Any, Any], plain: tuple[type, ...], value: Any, db: Any) -> Any:
+    """``f.get_db_prep_save(value, db)``, short-cut for the values it would return as they are.
+
+    A record prepares about 70 values per saga through four layers of Django calls each, most
+    of them strings and timestamps that come back unchanged. Only exact types count (an enum
+    member or a lazy string takes Django's way), and a datetime only when it is aware and the
+    database is PostgreSQL, whose adapter takes it as it is (SQLite's makes a string).
+    """
+    kind = type(value)
+    if kind in plain and (kind is not datetime or (value.tzinfo and db.vendor == "postgresql")):
+        return value
+    return f.get_db_prep_save(value, db)
+
+
+_PLAIN = {f.name: _plain_types(f) for f in _SAGA_FIELDS}
+
+
+def prep(name: str, value: Any, db: Any = None) -> Any:
+    """A saga column's database value, as Django would prepare it for a save."""
+    return _prep(_FIELD_BY_NAME[name], _PLAIN[name], value, db or _db())
 
 
 def _saga_update_sql(
@@ -158,26 +204,27 @@ def _saga_update_sql(
     The text depends only on the statement's shape (which columns, which conditions), so it is
     built once per shape and process; only the parameters are worked out per call.
     """
+    db = _db()
     values = {**values, "updated_at": timezone.now()}
     due = require_due_before is not None
     # Only a saga whose definition this process has, with the same shape: a worker on older
     # code leaves the rest untouched (no lease, no attempt) for one that knows it.
     known = _known_definitions() if require_known else None
     n_known = None if known is None else len(known)
-    shape = (connection.vendor, tuple(values), bump_attempt, due, require_active, n_known)
+    shape = (db.vendor, tuple(values), bump_attempt, due, require_active, n_known)
     sql = _SQL_BY_SHAPE.get(shape)
     if sql is None:
         sql = _SQL_BY_SHAPE[shape] = _saga_update_text(*shape[1:])
-    params = [prep(name, value) for name, value in values.items()]
-    params += [prep("id", saga_id), expected_version]
+    params = [prep(name, value, db) for name, value in values.items()]
+    params += [prep("id", saga_id, db), expected_version]
     if require_active:
         params += _ACTIVE
     if known is not None:
         for triple in known:
             params += triple
     if require_due_before is not None:
-        params.append(prep("next_attempt_at", require_due_before))
-        params.append(prep("lease_until", require_due_before - _DUE_TOLERANCE))
+        params.append(prep("next_attempt_at", require_due_before, db))
+        params.append(prep("lease_until", require_due_before - _DUE_TOLERANCE, db))
     return sql, params
 
 
@@ -255,22 +302,19 @@ def _saga_cursor() -> Any:
     whose log of a prepared statement would have no SQL, and where something else installed
     the connection's cursor class (OpenTelemetry's SQL tracing), so the statements stay traced.
     """
-    if (
-        connection.vendor != "postgresql"
-        or not settings.SAGA_PREPARED_STATEMENTS
-        or connection.queries_logged
-    ):
-        return connection.cursor()
-    connection.close_if_health_check_failed()
-    connection.ensure_connection()
-    raw = connection.connection
+    db = _db()
+    if db.vendor != "postgresql" or not settings.SAGA_PREPARED_STATEMENTS or db.queries_logged:
+        return db.cursor()
+    db.close_if_health_check_failed()
+    db.ensure_connection()
+    raw = db.connection
     if raw.cursor_factory not in _DJANGO_CURSORS:
-        return connection.cursor()
+        return db.cursor()
     if raw.prepare_threshold is None:
         raw.prepare_threshold = _ONLY_WHEN_ASKED
-    connection.validate_thread_sharing()
-    with connection.wrap_database_errors:
-        return CursorWrapper(_PreparedCursor(raw), connection)
+    db.validate_thread_sharing()
+    with db.wrap_database_errors:
+        return CursorWrapper(_PreparedCursor(raw), db)
 
 
 def _fetch_saga(sql: str, params: list[Any]) -> Saga | None:
@@ -317,10 +361,11 @@ def _record_sql_postgres(
     sql = _SQL_BY_SHAPE.get(shape)
     if sql is None:
         sql = _SQL_BY_SHAPE[shape] = _record_text(*shape[1:])
+    db = _db()
     for name, value in step_fields.items():
-        params.append(_STEP_FIELDS[name].get_db_prep_save(value, connection))
+        params.append(_prep(_STEP_FIELDS[name], _STEP_PLAIN[name], value, db))
     if step_fields:
-        params += [prep("id", saga.id), rec.step_name]
+        params += [prep("id", saga.id, db), rec.step_name]
     for e in rec.events:
         values = {"at": now, "actor": "engine", "duration_ms": None, **e}
         params += [values[c] for c in _EVENT_COLUMNS]
@@ -330,6 +375,7 @@ def _record_sql_postgres(
 
 
 _STEP_FIELDS = {f.name: f for f in SagaStep._meta.concrete_fields}
+_STEP_PLAIN = {name: _plain_types(f) for name, f in _STEP_FIELDS.items()}
 _EVENT_CASTS = {
     "at": "timestamptz",
     "kind": "varchar",
@@ -391,15 +437,16 @@ def insert_new(saga: Saga, steps: list[SagaStep], event: SagaEvent) -> None:
     sql = _SQL_BY_SHAPE.get(shape)
     if sql is None:
         sql = _SQL_BY_SHAPE[shape] = _insert_text(len(steps))
+    db = _db()
     params: list[Any] = []
     for obj in (saga, *steps, event):
         for f in _insert_fields(type(obj)):
-            params.append(f.get_db_prep_save(f.pre_save(obj, True), connection))
+            params.append(f.get_db_prep_save(f.pre_save(obj, True), db))
     with _saga_cursor() as cursor:
         cursor.execute(sql, params)
     for obj in (saga, *steps, event):
         obj._state.adding = False
-        obj._state.db = connection.alias
+        obj._state.db = db.alias
 
 
 def _insert_fields(model: type[Any]) -> list[Field[Any, Any]]:
