@@ -45,7 +45,7 @@ from sagas.definition import (
     step_context,
 )
 from sagas.doorbell import ring_on_commit
-from sagas.models import Saga, SagaSignal, SagaState, StepStatus
+from sagas.models import Saga, SagaSignal, SagaState, SagaStep, StepStatus
 from sagas.provider_seam import call_step, gate, held_back
 from sagas.store import Record, StepTransaction, claim, fenced_update, write
 from sagas.timing import (
@@ -217,7 +217,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
     ctx = step_context(definition, saga, compensating=False)
     action = step.action
     if step.park is not None:
-        decision = waits.decide(step.park, saga, ctx, now)
+        decision = _resumed(step, saga) or waits.decide(step.park, saga, ctx, now)
         if decision.kind == "park":
             _park(saga, step, rec, decision, now)
             return None
@@ -309,6 +309,34 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
     rec.event("step_succeeded", saga, step=step.name, duration_ms=duration * 1e3)
     _next_step(definition, saga, rec, i)
     return write(saga, rec, inline_ok=inline_ok, tx=tx)
+
+
+def _resumed(step: Step, saga: Saga) -> waits.WaitDecision | None:
+    """A parked step whose action failed transiently after its wait ended: run it again.
+
+    The wait was over (its signal arrived, or its timer ran out) when the action ran, and the
+    failure's record left the wait; so this claim retries the action, with the signal that is
+    still unconsumed, instead of arriving at the step afresh. Arriving again would park a
+    ``Sleep`` for its whole duration again, move the deadline on again, and give the attempts
+    back, so an action that keeps failing would never exhaust them. Only a saga that is not
+    waiting and was retried (``attempt`` > 1) or has failed before (``last_error``; an ops
+    retry counts attempts from 0 again) can be this case, and only then is the step row read.
+    """
+    if saga.waiting_since is not None or (saga.attempt <= 1 and not saga.last_error):
+        return None
+    park = step.park
+    assert park is not None
+    status = (
+        SagaStep.objects.filter(saga_id=saga.id, name=step.name)
+        .values_list("status", flat=True)
+        .first()
+    )
+    if status != StepStatus.RETRYING:
+        return None  # never got past deciding (a worker lost while it decided): decide again
+    if not park.signal:
+        return waits.WaitDecision("run")
+    signal = waits.pending_signal(saga.id, park.signal)
+    return None if signal is None else waits.WaitDecision("run", signal=signal)
 
 
 def _next_step(definition: SagaDefinition, saga: Saga, rec: Record, i: int) -> None:

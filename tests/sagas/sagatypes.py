@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import replace
 
 from django.db import connection
 
@@ -194,6 +195,39 @@ register(_wait_type("test_wait_compensate", timeout=1))
 register(_wait_type("test_wait_escalate", timeout=1, on_timeout="escalate"))
 register(
     SagaDefinition("test_sleep", steps=[*scripted(["s1"]), Sleep(3, name="nap"), *scripted(["s2"])])
+)
+# Parked steps whose own action follows the script: a timer (a Sleep's built-in action cannot
+# fail) and a Wait whose decision can.
+_FLAKY_RETRY = RetryPolicy(max_attempts=3, backoff_base=0.05, backoff_max=0.1)
+
+
+def _flaky_decide(ctx: StepContext) -> dict:
+    _run(ctx)
+    return {"payload": dict(ctx.signal or {})}
+
+
+register(
+    SagaDefinition(
+        "test_sleep_flaky",
+        steps=[
+            *scripted(["s1"]),
+            replace(Sleep(1, name="nap"), action=_run, retry=_FLAKY_RETRY),
+            *scripted(["s2"]),
+        ],
+    )
+)
+register(
+    SagaDefinition(
+        "test_wait_flaky",
+        steps=[
+            *scripted(["s1"]),
+            replace(
+                Wait("go", timeout=120, name="await_go", decide=_flaky_decide),
+                retry=_FLAKY_RETRY,
+            ),
+            *scripted(["s2"]),
+        ],
+    )
 )
 
 # -- versions side by side: "ver" v2 inserts a step ("check") after "a". -----------------------

@@ -259,3 +259,46 @@ def test_sleep_without_a_broker_loss_wakes_on_its_doorbell(celery_worker, wait_f
     parked(saga.id, wait_for, step="nap")
     done = settled(saga.id, wait_for)  # no sweeping here: the countdown doorbell wakes it
     assert done.state == SagaState.SUCCEEDED and done.results["nap"] == {"slept": True}
+
+
+def _start_scripted(saga_type: str, script: dict) -> Saga:
+    with transaction.atomic():
+        return saga_start(saga_type=saga_type, data={"script": script})
+
+
+def test_a_timer_whose_action_fails_once_is_retried_without_sleeping_again(celery_worker, wait_for):
+    """The retry runs the action again: one wait, one deadline extension, attempts counted."""
+    saga = _start_scripted("test_sleep_flaky", {"nap": ["transient", "ok"]})
+    at_park = parked(saga.id, wait_for, step="nap")
+    done = settled(saga.id, wait_for)
+    assert done.state == SagaState.SUCCEEDED
+    kinds = [k for k, _ in timeline(saga.id)]
+    assert kinds.count("waiting") == 1 and kinds.count("step_retry") == 1, kinds
+    assert done.deadline_at == at_park.deadline_at  # moved on once, when it parked
+    assert SagaStep.objects.get(saga=saga, name="nap").attempts == 2
+    assert effects(saga.id) == {("s1", "do"): 1, ("nap", "do"): 1, ("s2", "do"): 1}
+
+
+def test_a_timer_whose_action_keeps_failing_exhausts_its_attempts(celery_worker, wait_for):
+    """Arriving afresh at every retry would give the attempts back and sleep for ever."""
+    saga = _start_scripted("test_sleep_flaky", {"nap": ["transient"]})
+    done = settled(saga.id, wait_for)
+    assert done.state == SagaState.COMPENSATED and done.failed_step == "nap"
+    kinds = [k for k, _ in timeline(saga.id)]
+    assert kinds.count("waiting") == 1 and kinds.count("step_retry") == 2, kinds
+    assert effects(saga.id) == {("s1", "do"): 1, ("s1", "undo"): 1}
+
+
+def test_a_decision_that_fails_once_is_retried_with_the_same_signal(
+    celery_worker, wait_for, ops_user
+):
+    started = _start_scripted("test_wait_flaky", {"await_go": ["transient", "ok"]})
+    saga = parked(started.id, wait_for)
+    saga_signal(saga_id=saga.id, name="go", payload={"note": "once"}, user=ops_user)
+    done = settled(saga.id, wait_for)
+    assert done.state == SagaState.SUCCEEDED
+    assert done.results["await_go"] == {"payload": {"note": "once"}}
+    kinds = [k for k, _ in timeline(saga.id)]
+    assert kinds.count("waiting") == 1 and kinds.count("step_retry") == 1, kinds
+    signal = SagaSignal.objects.get(saga=saga)
+    assert signal.consumed_at is not None and signal.consumed_by == "await_go"
