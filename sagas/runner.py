@@ -45,7 +45,7 @@ from sagas.definition import (
     step_context,
 )
 from sagas.doorbell import ring_on_commit
-from sagas.models import Saga, SagaSignal, SagaState, SagaStep, StepStatus
+from sagas.models import Saga, SagaEvent, SagaSignal, SagaState, SagaStep, StepStatus
 from sagas.provider_seam import call_step, gate, held_back
 from sagas.store import Record, StepTransaction, claim, fenced_update, write
 from sagas.timing import (
@@ -279,6 +279,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
         if saga.attempt >= max_attempts:
             wait = held_back(saga, step, ticket)
             if wait is not None:
+                rec.fields["last_error"] = error
                 return _park_for_provider(saga, rec, step=step.name, wait=wait, inline_ok=inline_ok)
             rec.event("step_failed", saga, step=step.name, detail=error, duration_ms=duration * 1e3)
             return _forward_exhausted(definition, saga, rec, error=error)
@@ -312,15 +313,20 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
 
 
 def _resumed(step: Step, saga: Saga) -> waits.WaitDecision | None:
-    """A parked step whose action failed transiently after its wait ended: run it again.
+    """A parked step whose action failed after its wait ended: run the action again.
 
     The wait was over (its signal arrived, or its timer ran out) when the action ran, and the
-    failure's record left the wait; so this claim retries the action, with the signal that is
-    still unconsumed, instead of arriving at the step afresh. Arriving again would park a
-    ``Sleep`` for its whole duration again, move the deadline on again, and give the attempts
-    back, so an action that keeps failing would never exhaust them. Only a saga that is not
-    waiting and was retried (``attempt`` > 1) or has failed before (``last_error``; an ops
-    retry counts attempts from 0 again) can be this case, and only then is the step row read.
+    failure's record left the wait; so this claim retries the action (with the signal, still
+    unconsumed) instead of arriving at the step afresh. Arriving again would park a timer for
+    its whole duration again, move the deadline on again, and give the attempts back, so an
+    action that keeps failing would never exhaust them. The same holds for an operator's retry
+    of such a step after it escalated (its row ``failed``).
+
+    Only a saga that is not waiting and was retried (``attempt`` > 1) or failed before
+    (``last_error``, which stays set after a later success, so a saga that once failed pays
+    this read at each parked step it reaches) can be this case; only then is the step row
+    read. A timer's action runs only if this saga did wait here (its ``waiting`` event): a step
+    that was retrying as something else when a new definition made it a timer sleeps first.
     """
     if saga.waiting_since is not None or (saga.attempt <= 1 and not saga.last_error):
         return None
@@ -331,12 +337,13 @@ def _resumed(step: Step, saga: Saga) -> waits.WaitDecision | None:
         .values_list("status", flat=True)
         .first()
     )
-    if status != StepStatus.RETRYING:
+    if status not in (StepStatus.RETRYING, StepStatus.FAILED):
         return None  # never got past deciding (a worker lost while it decided): decide again
-    if not park.signal:
-        return waits.WaitDecision("run")
-    signal = waits.pending_signal(saga.id, park.signal)
-    return None if signal is None else waits.WaitDecision("run", signal=signal)
+    if park.signal:
+        signal = waits.pending_signal(saga.id, park.signal)
+        return None if signal is None else waits.WaitDecision("run", signal=signal)
+    slept = SagaEvent.objects.filter(saga_id=saga.id, kind="waiting", step=step.name).exists()
+    return waits.WaitDecision("run") if slept else None
 
 
 def _next_step(definition: SagaDefinition, saga: Saga, rec: Record, i: int) -> None:
@@ -407,6 +414,7 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
         wait = held_back(saga, step, ticket) if saga.attempt >= max_attempts else None
         if wait is not None:
             rec.step_fields = {"status": StepStatus.COMPENSATING, "last_error": error}
+            rec.fields["last_error"] = error
             return _park_for_provider(saga, rec, step=step.name, wait=wait, inline_ok=inline_ok)
         if saga.attempt >= max_attempts:
             rec.step_fields = {

@@ -152,19 +152,19 @@ def _row_to_saga(row: Iterable[Any]) -> Saga:
 
 def _plain_types(f: Field[Any, Any]) -> tuple[type, ...]:
     """The Python types a field stores as they are (Django's preparation returns them
-    untouched); empty for fields that adapt every value: JSON, UUIDs, and integers, which
-    PostgreSQL's backend wraps in their column's exact type (``Int2``, ``Int8``)."""
-    if isinstance(f, models.JSONField | models.UUIDField | models.IntegerField):
-        return ()
-    if isinstance(f, models.BooleanField):
-        return (type(None), bool)
-    if isinstance(f, models.CharField | models.TextField):
-        return (type(None), str)
-    if isinstance(f, models.FloatField):
-        return (type(None), float)
-    if isinstance(f, models.DateTimeField):
-        return (type(None), datetime)
-    return ()
+    untouched). Only these exact field classes: a subclass may convert on save (an encrypted
+    text field, say). Integers are not among them either: PostgreSQL's backend wraps each one
+    in its column's exact type (``Int2``, ``Int8``)."""
+    return _PLAIN_BY_FIELD_CLASS.get(type(f), ())
+
+
+_PLAIN_BY_FIELD_CLASS: dict[type, tuple[type, ...]] = {
+    models.CharField: (type(None), str),
+    models.TextField: (type(None), str),
+    models.BooleanField: (type(None), bool),
+    models.FloatField: (type(None), float),
+    models.DateTimeField: (type(None), datetime),
+}
 
 
 def _prep(f: Field[Any, Any], plain: tuple[type, ...], value: Any, db: Any) -> Any:

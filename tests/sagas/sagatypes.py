@@ -216,6 +216,38 @@ register(
         ],
     )
 )
+# The same timer at the pivot (it escalates when its action runs out of attempts) and behind
+# a provider (its last failure may be held back for the provider's outage).
+register(
+    SagaDefinition(
+        "test_sleep_pivot",
+        steps=[
+            *scripted(["s1"]),
+            replace(
+                Sleep(1, name="nap"),
+                action=_run,
+                pivot=True,
+                retry=RetryPolicy(max_attempts=1),
+            ),
+            *scripted(["s2"]),
+        ],
+    )
+)
+register(
+    SagaDefinition(
+        "test_sleep_provider",
+        steps=[
+            *scripted(["s1"]),
+            replace(
+                Sleep(1, name="nap"),
+                action=_run,
+                provider="card",
+                retry=RetryPolicy(max_attempts=1),
+            ),
+            *scripted(["s2"]),
+        ],
+    )
+)
 register(
     SagaDefinition(
         "test_wait_flaky",
