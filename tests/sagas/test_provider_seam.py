@@ -19,8 +19,8 @@ from django.utils import timezone
 from providers import breaker
 from providers.models import Breaker, CallSlot
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep
-from sagas.runner import advance
 from sagas.services import saga_start
+from tests.sagas.inprocess import deliver
 from tests.sagas.sagatypes import effects, ensure_effects_table
 
 pytestmark = pytest.mark.django_db
@@ -38,15 +38,6 @@ def _setup(settings):
     breaker._known_slots.clear()
 
 
-def _deliver(saga_id) -> Saga:
-    """Time passes (backoffs, parks, leases), then the doorbell rings once."""
-    past = timezone.now() - timedelta(seconds=3600)
-    Saga.objects.filter(pk=saga_id).update(next_attempt_at=past, lease_until=past)
-    saga = Saga.objects.get(pk=saga_id)
-    advance(saga.id, saga.version)
-    return Saga.objects.get(pk=saga_id)
-
-
 def _parks(saga_id) -> int:
     return SagaEvent.objects.filter(saga_id=saga_id, kind="parked").count()
 
@@ -58,35 +49,35 @@ def _step(saga_id, name: str) -> SagaStep:
 def test_a_parked_forward_step_spends_no_attempt_however_often_it_is_claimed():
     breaker.force("card", "open", user=None)
     saga = saga_start(saga_type="test_provider", data={"script": {}})
-    saga = _deliver(saga.id)  # s1
+    saga = deliver(saga.id)  # s1
     for _ in range(5):  # more claims than SAGA_MAX_ATTEMPTS, all while the breaker is open
-        saga = _deliver(saga.id)
+        saga = deliver(saga.id)
         assert (saga.current_step, saga.attempt, saga.parked_on) == ("s2", 0, "card")
         assert saga.state == SagaState.RUNNING and saga.next_attempt_at > timezone.now()
     assert ("s2", "do") not in effects(saga.id)
     assert _parks(saga.id) == 1  # one timeline event per stay, not one per probe
 
     breaker.force("card", "closed", user=None)
-    saga = _deliver(saga.id)
+    saga = deliver(saga.id)
     assert saga.current_step == "s3" and saga.parked_on == ""
     assert _step(saga.id, "s2").attempts == 1  # the one real call
-    saga = _deliver(saga.id)
+    saga = deliver(saga.id)
     assert saga.state == SagaState.SUCCEEDED
 
 
 def test_a_compensation_aimed_at_an_open_provider_waits_like_a_forward_call():
     saga = saga_start(saga_type="test_provider", data={"script": {"s3": ["business:no"]}})
     for _ in range(2):  # s1, s2
-        saga = _deliver(saga.id)
+        saga = deliver(saga.id)
     breaker.force("card", "open", user=None)
-    saga = _deliver(saga.id)  # s3 says no: compensation begins with the undo of s2
+    saga = deliver(saga.id)  # s3 says no: compensation begins with the undo of s2
     for _ in range(12):  # more claims than SAGA_COMPENSATION_MAX_ATTEMPTS
-        saga = _deliver(saga.id)
+        saga = deliver(saga.id)
         assert (saga.state, saga.current_step, saga.attempt) == ("compensating", "s2", 0)
     assert ("s2", "undo") not in effects(saga.id)
     breaker.force("card", "closed", user=None)
     for _ in range(2):  # undo s2, undo s1
-        saga = _deliver(saga.id)
+        saga = deliver(saga.id)
     assert saga.state == SagaState.COMPENSATED
     assert effects(saga.id)[("s2", "undo")] == 1
 
@@ -94,27 +85,27 @@ def test_a_compensation_aimed_at_an_open_provider_waits_like_a_forward_call():
 def test_a_deadline_still_holds_for_a_parked_saga():
     breaker.force("card", "open", user=None)
     saga = saga_start(saga_type="test_provider", data={"script": {}})
-    saga = _deliver(saga.id)
-    saga = _deliver(saga.id)
+    saga = deliver(saga.id)
+    saga = deliver(saga.id)
     assert saga.parked_on == "card"
     Saga.objects.filter(pk=saga.id).update(deadline_at=timezone.now() - timedelta(seconds=1))
-    saga = _deliver(saga.id)
+    saga = deliver(saga.id)
     assert saga.state == SagaState.COMPENSATING and saga.failure_code == "timed_out"
 
 
 def test_last_attempt_failing_as_the_breaker_opens_is_kept_for_after_the_outage_once():
     saga = saga_start(saga_type="test_provider", data={"script": {"s2": ["transient"]}})
-    saga = _deliver(saga.id)  # s1
-    saga = _deliver(saga.id)  # s2, attempt 1 fails: one call in the window, breaker closed
+    saga = deliver(saga.id)  # s1
+    saga = deliver(saga.id)  # s2, attempt 1 fails: one call in the window, breaker closed
     assert Breaker.objects.get(provider="card").state == "closed"
-    saga = _deliver(saga.id)  # attempt 2 (the last) fails and opens the breaker
+    saga = deliver(saga.id)  # attempt 2 (the last) fails and opens the breaker
     assert Breaker.objects.get(provider="card").state == "open"
     # Not compensated: it waits for the provider, with its last attempt given back.
     assert (saga.state, saga.attempt, saga.parked_on) == ("running", 1, "card")
 
     # Cool-down over: it is the canary, and fails again. Kept once only: now it compensates.
     Breaker.objects.filter(provider="card").update(probe_at=timezone.now())
-    saga = _deliver(saga.id)
+    saga = deliver(saga.id)
     assert saga.state == SagaState.COMPENSATING and saga.failure_code == "step_failed"
     assert Breaker.objects.get(provider="card").state == "open"
 
@@ -147,9 +138,9 @@ def test_a_healthy_calls_outcome_rides_in_the_record_of_its_step():
     """The call slot's release and the health count of a call that answered are part of the
     step's record statement: one round trip fewer per provider call, the same bookkeeping."""
     saga = saga_start(saga_type="test_provider", data={"script": {}})
-    saga = _deliver(saga.id)  # s1
+    saga = deliver(saga.id)  # s1
     with CaptureQueriesContext(connection) as captured:
-        saga = _deliver(saga.id)  # s2 calls card
+        saga = deliver(saga.id)  # s2 calls card
     assert saga.current_step == "s3"
     counts = [q["sql"] for q in captured if 'INSERT INTO "providers_healthbucket"' in q["sql"]]
     assert len(counts) == 1, counts

@@ -9,8 +9,6 @@ the common case are in ``test_waits.py``.
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
 from django.contrib.auth.models import Group, User
 from django.utils import timezone
@@ -18,8 +16,8 @@ from django.utils import timezone
 from providers import breaker
 from providers.models import Breaker
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
-from sagas.runner import advance
 from sagas.services import saga_retry_now, saga_start
+from tests.sagas.inprocess import deliver
 from tests.sagas.sagatypes import effects, ensure_effects_table
 
 pytestmark = pytest.mark.django_db
@@ -38,13 +36,8 @@ def _setup(settings):
 
 
 def _deliver(saga_id) -> Saga:
-    """Time passes (backoffs, parks, leases, the timer), then the doorbell rings once."""
-    past = timezone.now() - timedelta(seconds=3600)
-    Saga.objects.filter(pk=saga_id).update(next_attempt_at=past, lease_until=past)
-    Saga.objects.filter(pk=saga_id, waiting_since__isnull=False).update(waiting_since=past)
-    saga = Saga.objects.get(pk=saga_id)
-    advance(saga.id, saga.version)
-    return Saga.objects.get(pk=saga_id)
+    """One delivery, with the parked saga's timer run out."""
+    return deliver(saga_id, wake_timers=True)
 
 
 def _waits(saga_id) -> int:
