@@ -27,6 +27,7 @@ import structlog
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import F, Sum
+from django.dispatch import Signal
 from django.http import HttpRequest
 from django.utils import timezone
 
@@ -51,6 +52,12 @@ class Ticket:
     slot_id: int | None = None
     slot_lease: datetime | None = None
     canary: bool = False
+
+
+#: Sent once a provider's breaker has closed (after the commit that closed it), with
+#: ``provider``: whatever parked work on the provider may bring it back now instead of at its
+#: next re-check (see :func:`recheck_after`). Receivers' errors are logged, not raised.
+breaker_closed = Signal()
 
 
 @dataclass(frozen=True)
@@ -600,7 +607,8 @@ def _canary_outcome(provider: str, cfg: ProviderConfig, now: datetime, ok: bool)
 
 
 def _transitioned(provider: str, old: str, new: str, *, reason: str, **extra: object) -> None:
-    """The one structured log line (and counter) per breaker transition."""
+    """The one structured log line (and counter) per breaker transition; a closing one is
+    also announced (:data:`breaker_closed`) once committed."""
     metrics.TRANSITIONS.labels(provider, str(new)).inc()
     log.warning(
         "provider.breaker_transition",
@@ -610,6 +618,38 @@ def _transitioned(provider: str, old: str, new: str, *, reason: str, **extra: ob
         reason=reason,
         **extra,
     )
+    if new == BreakerState.CLOSED and old != BreakerState.CLOSED:
+        transaction.on_commit(lambda: _announce_closed(provider))
+
+
+def _announce_closed(provider: str) -> None:
+    for receiver, result in breaker_closed.send_robust(sender=Breaker, provider=provider):
+        if isinstance(result, Exception):
+            log.warning(
+                "provider.breaker_closed_receiver_failed",
+                provider=provider,
+                receiver=getattr(receiver, "__qualname__", repr(receiver)),
+                error=repr(result),
+            )
+
+
+def recheck_after(wait: Wait, parked_for: float) -> float:
+    """How long a saga that has been parked on ``wait.provider`` for ``parked_for`` seconds,
+    and finds its breaker still not closed, waits before it looks again.
+
+    About as long again as it has waited (up to the provider's ``park_max``), and never less
+    than the breaker's own ``wait.delay``: each look costs a claim, a gate and a record, so a
+    thousand sagas parked through a long outage would otherwise come back at every probe, a
+    few thousand statements and tasks per cool-down while nothing can happen. They need not
+    come back for the provider's recovery, since :data:`breaker_closed` wakes them; their
+    looks serve as the canaries that find it. Limit waits (``in_flight``, ``rate``) are short
+    by nature and are left as they are.
+    """
+    if wait.reason not in (BreakerState.OPEN, BreakerState.HALF_OPEN):
+        return wait.delay
+    cfg = provider_config(wait.provider)
+    backoff = min(max(parked_for, 0.0), cfg.park_max) * random.uniform(1.0, 1.25)
+    return max(wait.delay, backoff)
 
 
 # ---------------------------------------------------------------------------------------------

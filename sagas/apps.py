@@ -19,6 +19,11 @@ class SagasConfig(AppConfig):
         # The doorbell sends the run task by name: register it in every process that rings.
         import_module("sagas.tasks")
         post_migrate.connect(_ensure_sweep_schedule, sender=self)
+        # A provider's breaker closing brings the sagas parked on it back at once.
+        from providers.breaker import breaker_closed
+        from sagas.sweeper import wake_parked_on_close
+
+        breaker_closed.connect(wake_parked_on_close, dispatch_uid="sagas.wake_parked_on_close")
 
 
 SWEEP_TASK_NAME = "sagas: sweep stuck sagas"

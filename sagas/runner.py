@@ -163,11 +163,17 @@ def _park_for_provider(
 
     The claim counted an attempt; the park gives it back in the same fenced record, so an
     outage of any length spends none of the saga's attempts. The timeline gets one ``parked``
-    event per stay, not one per probe.
+    event per stay, not one per probe. A saga already parked on this provider looks again after
+    about as long as it has waited so far (:func:`providers.breaker.recheck_after`); the
+    breaker's closing wakes it earlier (:func:`sagas.sweeper.wake_parked`).
     """
+    now = timezone.now()
+    delay = wait.delay
+    if saga.parked_on == wait.provider:
+        delay = provider_breaker.recheck_after(wait, _parked_for(saga, now))
     rec.fields.update(
         attempt=max(saga.attempt - 1, 0),
-        next_attempt_at=timezone.now() + timedelta(seconds=wait.delay),
+        next_attempt_at=now + timedelta(seconds=delay),
         lease_until=None,
         parked_on=wait.provider,
     )
@@ -176,10 +182,21 @@ def _park_for_provider(
             "parked",
             saga,
             step=step,
-            detail=f"provider {wait.provider}: {wait.reason}; next try in {wait.delay:.1f}s",
+            detail=f"provider {wait.provider}: {wait.reason}; next try in {delay:.1f}s",
         )
-    rec.ring_after = wait.delay
+    rec.ring_after = delay
     return write(saga, rec, inline_ok=inline_ok)
+
+
+def _parked_for(saga: Saga, now: datetime) -> float:
+    """Seconds since this stay began: its ``parked`` event, the newest one of the saga."""
+    since = (
+        SagaEvent.objects.filter(saga_id=saga.id, kind="parked")
+        .order_by("-id")
+        .values_list("at", flat=True)
+        .first()
+    )
+    return 0.0 if since is None else (now - since).total_seconds()
 
 
 def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga | None:

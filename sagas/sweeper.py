@@ -10,11 +10,12 @@ again for sagas whose doorbells may still be waiting in it.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Q
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from sagas import doorbell, metrics
@@ -80,29 +81,7 @@ def sweep(now: datetime | None = None) -> dict[str, int]:
             held_back = repeats
             metrics.SWEEP_HELD_BACK.inc(repeats)
             log.info("saga.sweep_held_back", count=repeats, queued=depth)
-    picked = (
-        due.select_for_update(skip_locked=True).order_by("next_attempt_at").values("id")[:batch]
-    )
-    qn = connection.ops.quote_name
-    with transaction.atomic():
-        # Pick and re-arm in one statement: UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP
-        # LOCKED LIMIT n) RETURNING id, version.
-        picked_sql, picked_params = picked.query.sql_with_params()
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"UPDATE {qn(Saga._meta.db_table)} SET {qn('next_attempt_at')} = %s, "
-                f"{qn('sweeps')} = {qn('sweeps')} + 1 WHERE {qn('id')} IN ({picked_sql}) "
-                f"RETURNING {qn('id')}, {qn('version')}, {qn('saga_type')}, "
-                f"{qn('definition_version')}, {qn('current_step')}",
-                [prep("next_attempt_at", now), *picked_params],
-            )
-            to_uuid = Saga._meta.pk.to_python
-            rows = [
-                (to_uuid(saga_id), version, timeout_of(saga_type, definition_version, step))
-                for saga_id, version, saga_type, definition_version, step in cursor.fetchall()
-            ]
-        if rows:
-            transaction.on_commit(lambda: ring_many(rows))
+    rows = _rearm_and_ring(due, now, batch, count_sweep=True)
     if rows:
         metrics.SWEEP_REDISPATCHED.inc(len(rows))
         log.info("saga.sweep_redispatched", count=len(rows))
@@ -132,3 +111,60 @@ def sweep(now: datetime | None = None) -> dict[str, int]:
         except (SagaOperationRefused, LookupError):
             continue  # it moved on (pivot reached, finished) since the query: nothing to do
     return {"redispatched": len(rows), "timed_out": timed_out, "held_back": held_back}
+
+
+def _rearm_and_ring(
+    due: QuerySet[Saga], now: datetime, batch: int, *, count_sweep: bool
+) -> list[tuple[Any, int, float]]:
+    """Make up to ``batch`` of ``due`` due now and ring them after commit.
+
+    Pick and re-arm in one statement: ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP
+    LOCKED LIMIT n) RETURNING id, version``, so two callers at once ring different sagas.
+    ``count_sweep``: count the ring in ``sweeps`` (the sweeper's backoff for rings that go
+    unanswered).
+    """
+    picked = due.select_for_update(skip_locked=True).order_by("next_attempt_at").values("id")
+    qn = connection.ops.quote_name
+    sweeps = f", {qn('sweeps')} = {qn('sweeps')} + 1" if count_sweep else ""
+    with transaction.atomic():
+        picked_sql, picked_params = picked[:batch].query.sql_with_params()
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {qn(Saga._meta.db_table)} SET {qn('next_attempt_at')} = %s{sweeps} "
+                f"WHERE {qn('id')} IN ({picked_sql}) "
+                f"RETURNING {qn('id')}, {qn('version')}, {qn('saga_type')}, "
+                f"{qn('definition_version')}, {qn('current_step')}",
+                [prep("next_attempt_at", now), *picked_params],
+            )
+            to_uuid = Saga._meta.pk.to_python
+            rows = [
+                (to_uuid(saga_id), version, timeout_of(saga_type, definition_version, step))
+                for saga_id, version, saga_type, definition_version, step in cursor.fetchall()
+            ]
+        if rows:
+            transaction.on_commit(lambda: ring_many(rows))
+    return rows
+
+
+def wake_parked(provider: str, now: datetime | None = None) -> int:
+    """The provider's breaker closed: ring the sagas parked on it now, up to a sweep's batch.
+
+    Parked sagas look again less and less often while an outage lasts
+    (``providers.breaker.recheck_after``); this brings them back when the provider does. A
+    saga whose lease is live is working and left alone. Beyond ``SAGA_SWEEP_BATCH`` the rest
+    come back at their own re-check time, at most the provider's ``park_max`` later, which
+    also spreads a large backlog over the provider's recovery. Returns how many were rung.
+    """
+    now = now or timezone.now()
+    parked = Saga.objects.filter(parked_on=provider, state__in=_ACTIVE).filter(
+        Q(lease_until__isnull=True) | Q(lease_until__lte=now)
+    )
+    rows = _rearm_and_ring(parked, now, settings.SAGA_SWEEP_BATCH, count_sweep=False)
+    if rows:
+        log.info("saga.parked_woken", provider=provider, count=len(rows))
+    return len(rows)
+
+
+def wake_parked_on_close(sender: Any, provider: str, **_kwargs: Any) -> None:
+    """Receiver of ``providers.breaker.breaker_closed`` (connected in ``SagasConfig.ready``)."""
+    wake_parked(provider)

@@ -148,3 +148,64 @@ def test_a_healthy_calls_outcome_rides_in_the_record_of_its_step():
     assert breaker.window_counts("card") == (1, 0)
     assert not CallSlot.objects.filter(provider="card", lease_until__isnull=False).exists()
     assert CallSlot.objects.filter(provider="card").exists()  # a slot was taken, and given back
+
+
+def _parked_on_card(script: dict | None = None) -> Saga:
+    saga = saga_start(saga_type="test_provider", data={"script": script or {}})
+    saga = deliver(saga.id)  # s1
+    saga = deliver(saga.id)  # s2 meets the open breaker
+    assert saga.parked_on == "card"
+    return saga
+
+
+def _due_in(saga: Saga) -> float:
+    return (saga.next_attempt_at - timezone.now()).total_seconds()
+
+
+def test_a_saga_parked_for_longer_looks_again_less_often_up_to_park_max(settings):
+    settings.SAGA_PROVIDERS = {
+        "card": {"cooldown": 1, "release_spread": 0.05, "park_max": 300},
+    }
+    breaker.force("card", "open", user=None)
+    saga = _parked_on_card()
+    assert _due_in(saga) < 2  # the first look: at the breaker's own cool-down
+
+    def parked_ago(seconds: float) -> None:
+        SagaEvent.objects.filter(saga_id=saga.id, kind="parked").update(
+            at=timezone.now() - timedelta(seconds=seconds)
+        )
+
+    parked_ago(100)
+    saga = deliver(saga.id)  # still open: about as long again as it has waited
+    assert saga.parked_on == "card" and 99 < _due_in(saga) <= 126
+    parked_ago(5000)
+    saga = deliver(saga.id)
+    assert 299 < _due_in(saga) <= 376  # never more than park_max (x1.25 spread)
+    assert _parks(saga.id) == 1 and saga.attempt == 0
+
+
+def test_a_closing_breaker_rings_the_sagas_parked_on_it(django_capture_on_commit_callbacks):
+    breaker.force("card", "open", user=None)
+    parked = [_parked_on_card() for _ in range(2)]
+    # One parked saga is being worked on right now (a live lease): it is left alone.
+    busy = _parked_on_card()
+    Saga.objects.filter(pk=busy.pk).update(lease_until=timezone.now() + timedelta(seconds=30))
+    elsewhere = saga_start(saga_type="test_provider", data={"script": {}})
+    later = timezone.now() + timedelta(seconds=3600)
+    Saga.objects.filter(pk=elsewhere.pk).update(next_attempt_at=later)
+    for saga in parked:
+        assert _due_in(Saga.objects.get(pk=saga.pk)) > 10  # at the 60 s cool-down
+
+    with django_capture_on_commit_callbacks() as announced:
+        breaker.force("card", "closed", user=None)
+    assert len(announced) == 1  # the breaker_closed announcement, once committed
+    with django_capture_on_commit_callbacks() as rings:
+        announced[0]()
+    assert len(rings) == 1  # one batch of doorbells, after the re-arm commits
+
+    for saga in parked:
+        assert _due_in(Saga.objects.get(pk=saga.pk)) <= 0
+    assert _due_in(Saga.objects.get(pk=busy.pk)) > 10
+    assert Saga.objects.get(pk=elsewhere.pk).next_attempt_at == later
+    saga = deliver(parked[0].id)  # woken: the call goes through
+    assert saga.current_step == "s3" and saga.parked_on == ""
