@@ -637,18 +637,19 @@ def recheck_after(wait: Wait, parked_for: float) -> float:
     """How long a saga that has been parked on ``wait.provider`` for ``parked_for`` seconds,
     and finds its breaker still not closed, waits before it looks again.
 
-    About as long again as it has waited (up to the provider's ``park_max``), and never less
-    than the breaker's own ``wait.delay``: each look costs a claim, a gate and a record, so a
-    thousand sagas parked through a long outage would otherwise come back at every probe, a
-    few thousand statements and tasks per cool-down while nothing can happen. They need not
-    come back for the provider's recovery, since :data:`breaker_closed` wakes them; their
-    looks serve as the canaries that find it. Limit waits (``in_flight``, ``rate``) are short
-    by nature and are left as they are.
+    About as long again as it has waited (times 1 to 1.25), at most the provider's
+    ``park_max``, and never less than the breaker's own ``wait.delay``. Each look costs a
+    claim, a gate, a read of the stay's start and a record, so a thousand sagas parked
+    through a long outage would otherwise come back at every probe: a few thousand statements
+    and tasks per cool-down while nothing can happen. They need not come back for the
+    provider's recovery, since :data:`breaker_closed` wakes them; their looks serve as the
+    canaries that find it. Limit waits (``in_flight``, ``rate``) are short by nature and are
+    left as they are.
     """
     if wait.reason not in (BreakerState.OPEN, BreakerState.HALF_OPEN):
         return wait.delay
     cfg = provider_config(wait.provider)
-    backoff = min(max(parked_for, 0.0), cfg.park_max) * random.uniform(1.0, 1.25)
+    backoff = min(max(parked_for, 0.0) * random.uniform(1.0, 1.25), cfg.park_max)
     return max(wait.delay, backoff)
 
 

@@ -13,6 +13,7 @@ never the other way round.
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -86,8 +87,12 @@ def ring_on_commit(
     transaction.on_commit(lambda: ring(saga_id, version, countdown, timeout))
 
 
-def ring_many(doorbells: Sequence[tuple[Any, int, float | None]]) -> None:
+def ring_many(doorbells: Sequence[tuple[Any, int, float | None]], spread: float = 0.0) -> None:
     """Ring for many sagas at once; never raises, like :func:`ring`.
+
+    ``spread``: each doorbell gets a random countdown of up to this many seconds, so a batch
+    released at once (the sagas parked on a provider that came back) arrives in a wave rather
+    than in one instant.
 
     The sweeper rings up to ``SAGA_SWEEP_BATCH`` sagas per tick. Through ``apply_async`` each
     doorbell costs about 0.6 ms: a fresh Redis client and round trip, a queue declaration, and
@@ -114,11 +119,13 @@ def ring_many(doorbells: Sequence[tuple[Any, int, float | None]]) -> None:
             declare: list[Any] | None = None  # the first message declares the queue; not the rest
             for saga_id, version, timeout in doorbells:
                 args = (str(saga_id), version)
+                countdown = random.uniform(0.0, spread) if spread > 0 else None
                 message = amqp.create_task_message(
                     uuid(),
                     name,
                     args,
                     {},
+                    countdown=countdown,
                     ignore_result=True,
                     argsrepr=repr(args),
                     kwargsrepr="{}",
@@ -135,7 +142,7 @@ def ring_many(doorbells: Sequence[tuple[Any, int, float | None]]) -> None:
         # A doorbell sent twice (some went out before the failure) is fenced.
         log.warning("saga.doorbells_batch_failed", count=len(doorbells), error=repr(exc))
         for saga_id, version, timeout in doorbells:
-            ring(saga_id, version, timeout=timeout)
+            ring(saga_id, version, random.uniform(0.0, spread) if spread > 0 else None, timeout)
 
 
 def queued_doorbells(queue_name: str | None = None) -> int | None:

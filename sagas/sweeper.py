@@ -114,16 +114,24 @@ def sweep(now: datetime | None = None) -> dict[str, int]:
 
 
 def _rearm_and_ring(
-    due: QuerySet[Saga], now: datetime, batch: int, *, count_sweep: bool
+    due: QuerySet[Saga],
+    now: datetime,
+    batch: int,
+    *,
+    count_sweep: bool,
+    latest_first: bool = False,
+    spread: float = 0.0,
 ) -> list[tuple[Any, int, float]]:
     """Make up to ``batch`` of ``due`` due now and ring them after commit.
 
     Pick and re-arm in one statement: ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP
     LOCKED LIMIT n) RETURNING id, version``, so two callers at once ring different sagas.
     ``count_sweep``: count the ring in ``sweeps`` (the sweeper's backoff for rings that go
-    unanswered).
+    unanswered). The oldest due first, or with ``latest_first`` those due the furthest ahead;
+    ``spread``: see :func:`sagas.doorbell.ring_many`.
     """
-    picked = due.select_for_update(skip_locked=True).order_by("next_attempt_at").values("id")
+    order = "-next_attempt_at" if latest_first else "next_attempt_at"
+    picked = due.select_for_update(skip_locked=True).order_by(order).values("id")
     qn = connection.ops.quote_name
     sweeps = f", {qn('sweeps')} = {qn('sweeps')} + 1" if count_sweep else ""
     with transaction.atomic():
@@ -142,24 +150,36 @@ def _rearm_and_ring(
                 for saga_id, version, saga_type, definition_version, step in cursor.fetchall()
             ]
         if rows:
-            transaction.on_commit(lambda: ring_many(rows))
+            transaction.on_commit(lambda: ring_many(rows, spread=spread))
     return rows
 
 
 def wake_parked(provider: str, now: datetime | None = None) -> int:
-    """The provider's breaker closed: ring the sagas parked on it now, up to a sweep's batch.
+    """The provider's breaker closed: ring the sagas parked on it, up to a sweep's batch.
 
     Parked sagas look again less and less often while an outage lasts
-    (``providers.breaker.recheck_after``); this brings them back when the provider does. A
-    saga whose lease is live is working and left alone. Beyond ``SAGA_SWEEP_BATCH`` the rest
-    come back at their own re-check time, at most the provider's ``park_max`` later, which
-    also spreads a large backlog over the provider's recovery. Returns how many were rung.
+    (``providers.breaker.recheck_after``); this brings them back when the provider does, as
+    a wave over the provider's ``release_spread`` (each doorbell a random countdown within
+    it), those due the furthest ahead first. A saga whose lease is live is working and is left
+    alone (one looking at the breaker just as it closes re-parks, and comes back at its own
+    re-check). Best effort: beyond ``SAGA_SWEEP_BATCH``, or if this fails, the rest come back
+    at their own re-check, at most the provider's ``park_max`` later, or by the sweeper.
+    Returns how many were rung.
     """
+    from providers.config import provider_config
+
     now = now or timezone.now()
     parked = Saga.objects.filter(parked_on=provider, state__in=_ACTIVE).filter(
         Q(lease_until__isnull=True) | Q(lease_until__lte=now)
     )
-    rows = _rearm_and_ring(parked, now, settings.SAGA_SWEEP_BATCH, count_sweep=False)
+    rows = _rearm_and_ring(
+        parked,
+        now,
+        settings.SAGA_SWEEP_BATCH,
+        count_sweep=False,
+        latest_first=True,
+        spread=provider_config(provider).release_spread,
+    )
     if rows:
         log.info("saga.parked_woken", provider=provider, count=len(rows))
     return len(rows)
