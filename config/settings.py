@@ -348,7 +348,7 @@ SAGA_PROVIDER_DEFAULTS = {
     "max_in_flight": 50,
     "rate": 0.0,
     "release_spread": 5.0,
-    "park_max": 60.0,
+    "park_max": 0.0,
 }
 SAGA_PROVIDERS = env.json("SAGA_PROVIDERS", default={})
 # Tests and chaos runs: the fake providers count their own concurrent calls (two extra writes

@@ -637,18 +637,18 @@ def recheck_after(wait: Wait, parked_for: float) -> float:
     """How long a saga that has been parked on ``wait.provider`` for ``parked_for`` seconds,
     and finds its breaker still not closed, waits before it looks again.
 
-    About as long again as it has waited (times 1 to 1.25), at most the provider's
-    ``park_max``, and never less than the breaker's own ``wait.delay``. Each look costs a
-    claim, a gate, a read of the stay's start and a record, so a thousand sagas parked
-    through a long outage would otherwise come back at every probe: a few thousand statements
-    and tasks per cool-down while nothing can happen. They need not come back for the
-    provider's recovery, since :data:`breaker_closed` wakes them; their looks serve as the
-    canaries that find it. Limit waits (``in_flight``, ``rate``) are short by nature and are
-    left as they are.
+    With the provider's ``park_max`` at 0 (the default), at the breaker's next probe
+    (``wait.delay``). Above 0, about as long again as it has waited (times 1 to 1.25), at
+    most ``park_max``, and never less than ``wait.delay``. Each look costs a claim, a gate, a
+    read of the stay's start and a record, so a thousand sagas parked through a long outage
+    come back at every probe: a few thousand statements and tasks per cool-down while
+    nothing can happen. With re-checks they need not, since :data:`breaker_closed` wakes
+    them when the provider is back; their looks still serve as the canaries that find it.
+    Limit waits (``in_flight``, ``rate``) are short by nature and are left as they are.
     """
-    if wait.reason not in (BreakerState.OPEN, BreakerState.HALF_OPEN):
-        return wait.delay
     cfg = provider_config(wait.provider)
+    if not cfg.park_max or wait.reason not in (BreakerState.OPEN, BreakerState.HALF_OPEN):
+        return wait.delay
     backoff = min(max(parked_for, 0.0) * random.uniform(1.0, 1.25), cfg.park_max)
     return max(wait.delay, backoff)
 

@@ -23,9 +23,11 @@ class ProviderConfig:
     ``rate``: calls started per second across all workers (0: no limit).
     ``release_spread``: parked sagas retry spread over this many seconds after a probe time,
     so a recovered provider gets waves, not the whole backlog at once.
-    ``park_max``: a saga that finds the breaker still not closed after a stay of N seconds
-    looks again after about N more seconds, up to this many (``breaker.recheck_after``); a
-    closing breaker wakes its parked sagas at once (``breaker_closed``).
+    ``park_max``: 0 (the default): a parked saga looks again at every probe. Above 0, a saga
+    that finds the breaker still not closed after a stay of N seconds looks again after about
+    N more seconds, up to this many (``breaker.recheck_after``), for a backlog too large to
+    bring back at every probe. Either way a closing breaker wakes its parked sagas
+    (``breaker_closed``).
     """
 
     window: float = 30.0
@@ -36,7 +38,7 @@ class ProviderConfig:
     max_in_flight: int = 50
     rate: float = 0.0
     release_spread: float = 5.0
-    park_max: float = 60.0
+    park_max: float = 0.0
 
 
 _KNOBS = {f.name: f.type for f in fields(ProviderConfig)}

@@ -34,6 +34,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from providers import breaker as provider_breaker
+from providers.config import provider_config
 from sagas import metrics, tracing, waits
 from sagas.definition import (
     BusinessFailure,
@@ -163,13 +164,14 @@ def _park_for_provider(
 
     The claim counted an attempt; the park gives it back in the same fenced record, so an
     outage of any length spends none of the saga's attempts. The timeline gets one ``parked``
-    event per stay, not one per probe. A saga already parked on this provider looks again after
-    about as long as it has waited so far (:func:`providers.breaker.recheck_after`); the
-    breaker's closing wakes it earlier (:func:`sagas.sweeper.wake_parked`).
+    event per stay, not one per probe. With the provider's ``park_max`` set, a saga already
+    parked on it looks again after about as long as it has waited so far
+    (:func:`providers.breaker.recheck_after`); the breaker's closing wakes it earlier
+    (:func:`sagas.sweeper.wake_parked`).
     """
     now = timezone.now()
     delay = wait.delay
-    if saga.parked_on == wait.provider:
+    if saga.parked_on == wait.provider and provider_config(wait.provider).park_max:
         delay = provider_breaker.recheck_after(wait, _parked_for(saga, now))
     rec.fields.update(
         attempt=max(saga.attempt - 1, 0),

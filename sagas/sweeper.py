@@ -157,14 +157,14 @@ def _rearm_and_ring(
 def wake_parked(provider: str, now: datetime | None = None) -> int:
     """The provider's breaker closed: ring the sagas parked on it, up to a sweep's batch.
 
-    Parked sagas look again less and less often while an outage lasts
-    (``providers.breaker.recheck_after``); this brings them back when the provider does, as
-    a wave over the provider's ``release_spread`` (each doorbell a random countdown within
-    it), those due the furthest ahead first. A saga whose lease is live is working and is left
-    alone (one looking at the breaker just as it closes re-parks, and comes back at its own
-    re-check). Best effort: beyond ``SAGA_SWEEP_BATCH``, or if this fails, the rest come back
-    at their own re-check, at most the provider's ``park_max`` later, or by the sweeper.
-    Returns how many were rung.
+    Parked sagas look again at the next probe, or with the provider's ``park_max`` less and
+    less often while an outage lasts (``providers.breaker.recheck_after``); this brings them
+    back when the provider does, as a wave over the provider's ``release_spread`` (each
+    doorbell a random countdown within it), those due the furthest ahead first. A saga whose
+    lease is live is working and is left alone (one looking at the breaker just as it closes
+    parks again and comes back at its own next look). Best effort: beyond
+    ``SAGA_SWEEP_BATCH``, or if this fails, the rest come back at their own next look, or by
+    the sweeper. Returns how many were rung.
     """
     from providers.config import provider_config
 

@@ -162,6 +162,21 @@ def _due_in(saga: Saga) -> float:
     return (saga.next_attempt_at - timezone.now()).total_seconds()
 
 
+def _parked_ago(saga: Saga, seconds: float) -> None:
+    SagaEvent.objects.filter(saga_id=saga.id, kind="parked").update(
+        at=timezone.now() - timedelta(seconds=seconds)
+    )
+
+
+def test_by_default_a_parked_saga_looks_again_at_every_probe(settings):
+    settings.SAGA_PROVIDERS = {"card": {"cooldown": 1, "release_spread": 0.05}}
+    breaker.force("card", "open", user=None)
+    saga = _parked_on_card()
+    _parked_ago(saga, 100)
+    saga = deliver(saga.id)
+    assert saga.parked_on == "card" and _due_in(saga) < 2  # the next probe, not 100 s on
+
+
 def test_a_saga_parked_for_longer_looks_again_less_often_up_to_park_max(settings):
     settings.SAGA_PROVIDERS = {
         "card": {"cooldown": 1, "release_spread": 0.05, "park_max": 300},
@@ -170,15 +185,10 @@ def test_a_saga_parked_for_longer_looks_again_less_often_up_to_park_max(settings
     saga = _parked_on_card()
     assert _due_in(saga) < 2  # the first look: at the breaker's own cool-down
 
-    def parked_ago(seconds: float) -> None:
-        SagaEvent.objects.filter(saga_id=saga.id, kind="parked").update(
-            at=timezone.now() - timedelta(seconds=seconds)
-        )
-
-    parked_ago(100)
+    _parked_ago(saga, 100)
     saga = deliver(saga.id)  # still open: about as long again as it has waited
     assert saga.parked_on == "card" and 99 < _due_in(saga) <= 126
-    parked_ago(5000)
+    _parked_ago(saga, 5000)
     saga = deliver(saga.id)
     assert 299 < _due_in(saga) <= 300  # never more than park_max
     assert _parks(saga.id) == 1 and saga.attempt == 0
