@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -633,9 +634,10 @@ def _announce_closed(provider: str) -> None:
             )
 
 
-def recheck_after(wait: Wait, parked_for: float) -> float:
-    """How long a saga that has been parked on ``wait.provider`` for ``parked_for`` seconds,
-    and finds its breaker still not closed, waits before it looks again.
+def recheck_after(wait: Wait, parked_for: Callable[[], float]) -> float:
+    """How long a saga that has been parked on ``wait.provider`` for ``parked_for()`` seconds,
+    and finds its breaker still not closed, waits before it looks again (``parked_for`` is
+    only asked when the answer depends on it: it costs the caller a read).
 
     With the provider's ``park_max`` at 0 (the default), at the breaker's next probe
     (``wait.delay``). Above 0, about as long again as it has waited (times 1 to 1.25), at
@@ -649,7 +651,7 @@ def recheck_after(wait: Wait, parked_for: float) -> float:
     cfg = provider_config(wait.provider)
     if not cfg.park_max or wait.reason not in (BreakerState.OPEN, BreakerState.HALF_OPEN):
         return wait.delay
-    backoff = min(max(parked_for, 0.0) * random.uniform(1.0, 1.25), cfg.park_max)
+    backoff = min(max(parked_for(), 0.0) * random.uniform(1.0, 1.25), cfg.park_max)
     return max(wait.delay, backoff)
 
 

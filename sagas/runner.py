@@ -34,7 +34,6 @@ from django.db import transaction
 from django.utils import timezone
 
 from providers import breaker as provider_breaker
-from providers.config import provider_config
 from sagas import metrics, tracing, waits
 from sagas.definition import (
     BusinessFailure,
@@ -171,8 +170,8 @@ def _park_for_provider(
     """
     now = timezone.now()
     delay = wait.delay
-    if saga.parked_on == wait.provider and provider_config(wait.provider).park_max:
-        delay = provider_breaker.recheck_after(wait, _parked_for(saga, now))
+    if saga.parked_on == wait.provider:
+        delay = provider_breaker.recheck_after(wait, lambda: _parked_for(saga, now))
     rec.fields.update(
         attempt=max(saga.attempt - 1, 0),
         next_attempt_at=now + timedelta(seconds=delay),

@@ -18,6 +18,7 @@ from django.db import connection, transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
+from providers.config import provider_config
 from sagas import doorbell, metrics
 from sagas.definition import registered_definitions
 from sagas.doorbell import ring_many
@@ -166,8 +167,6 @@ def wake_parked(provider: str, now: datetime | None = None) -> int:
     ``SAGA_SWEEP_BATCH``, or if this fails, the rest come back at their own next look, or by
     the sweeper. Returns how many were rung.
     """
-    from providers.config import provider_config
-
     now = now or timezone.now()
     parked = Saga.objects.filter(parked_on=provider, state__in=_ACTIVE).filter(
         Q(lease_until__isnull=True) | Q(lease_until__lte=now)

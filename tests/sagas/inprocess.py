@@ -10,8 +10,20 @@ from datetime import timedelta
 
 from django.utils import timezone
 
+from providers import breaker
 from sagas.models import Saga
 from sagas.runner import advance
+from tests.sagas.sagatypes import ensure_effects_table
+
+
+def one_step_per_delivery(settings, providers: dict) -> None:
+    """Set up a test for in-process delivery: the effects table, no inline steps, these
+    provider knobs, and no breaker or call slot remembered from another test."""
+    ensure_effects_table()
+    settings.SAGA_INLINE_BUDGET = 0
+    settings.SAGA_PROVIDERS = providers
+    breaker._known_breakers.clear()
+    breaker._known_slots.clear()
 
 
 def deliver(saga_id, *, wake_timers: bool = False) -> Saga:

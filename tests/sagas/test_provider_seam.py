@@ -20,22 +20,18 @@ from providers import breaker
 from providers.models import Breaker, CallSlot
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep
 from sagas.services import saga_start
-from tests.sagas.inprocess import deliver
-from tests.sagas.sagatypes import effects, ensure_effects_table
+from tests.sagas.inprocess import deliver, one_step_per_delivery
+from tests.sagas.sagatypes import effects
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture(autouse=True)
 def _setup(settings):
-    ensure_effects_table()
-    settings.SAGA_INLINE_BUDGET = 0
     settings.SAGA_MAX_ATTEMPTS = 2
-    settings.SAGA_PROVIDERS = {
-        "card": {"min_calls": 2, "failure_rate": 0.5, "cooldown": 60, "canaries": 1}
-    }
-    breaker._known_breakers.clear()
-    breaker._known_slots.clear()
+    one_step_per_delivery(
+        settings, {"card": {"min_calls": 2, "failure_rate": 0.5, "cooldown": 60, "canaries": 1}}
+    )
 
 
 def _parks(saga_id) -> int:

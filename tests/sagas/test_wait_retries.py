@@ -13,26 +13,21 @@ import pytest
 from django.contrib.auth.models import Group, User
 from django.utils import timezone
 
-from providers import breaker
 from providers.models import Breaker
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
 from sagas.services import saga_retry_now, saga_start
-from tests.sagas.inprocess import deliver
-from tests.sagas.sagatypes import effects, ensure_effects_table
+from tests.sagas.inprocess import deliver, one_step_per_delivery
+from tests.sagas.sagatypes import effects
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture(autouse=True)
 def _setup(settings):
-    ensure_effects_table()
-    settings.SAGA_INLINE_BUDGET = 0
     # One failure in the window opens the breaker: the test's one call is its outage.
-    settings.SAGA_PROVIDERS = {
-        "card": {"min_calls": 1, "failure_rate": 0.5, "cooldown": 60, "canaries": 1}
-    }
-    breaker._known_breakers.clear()
-    breaker._known_slots.clear()
+    one_step_per_delivery(
+        settings, {"card": {"min_calls": 1, "failure_rate": 0.5, "cooldown": 60, "canaries": 1}}
+    )
 
 
 def _deliver(saga_id) -> Saga:
