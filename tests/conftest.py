@@ -258,6 +258,14 @@ def pytest_configure(config: pytest.Config) -> None:
 WAIT_SCALE = float(os.environ.get("TEST_WAIT_SCALE", "3"))
 
 
+def purge_queue() -> int:
+    """Drop every message waiting on this session's queue; returns how many there were."""
+    from config.celery import app
+
+    with app.connection_for_write() as conn:
+        return conn.default_channel.queue_purge(app.conf.task_default_queue) or 0
+
+
 def wait_until(
     predicate: Callable[[], Any],
     timeout: float = 30,

@@ -21,7 +21,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 from orders.services import order_create
 from sagas.models import Saga, SagaState
 from sagas.selectors import saga_is_stuck
-from tests.conftest import ARTIFACTS_DIR
+from tests.conftest import ARTIFACTS_DIR, purge_queue
 
 pytestmark = [
     pytest.mark.browser,
@@ -111,6 +111,9 @@ def stuck_order(worker_factory, wait_for):
             "state", "attempt", "next_attempt_at", "lease_until"
         ).get(pk=order.saga_id),
     )
+    # A retry doorbell published just before the kill, and never fetched, would let the
+    # healthy worker started later run the step: nothing may ring the stuck saga.
+    purge_queue()
     return order
 
 

@@ -46,7 +46,7 @@ def poll(wait_for):
 
 
 def test_an_order_placed_over_http_is_confirmed_and_its_timeline_tells_the_story(
-    client_api, catalog, celery_worker, poll
+    client_api, catalog, celery_worker, poll, wait_for
 ):
     """201 processing; polling reaches confirmed with the total captured and an arranged
     shipment; the timeline lists each forward step succeeding in order, oldest first."""
@@ -90,10 +90,18 @@ def test_an_order_placed_over_http_is_confirmed_and_its_timeline_tells_the_story
     assert replay["Idempotent-Replayed"] == "true"
     assert replay.json()["status"] == "processing"
 
-    text = Client().get("/metrics").content.decode()
-    assert 'saga_started_total{saga_type="order"}' in text
-    assert 'saga_finished_total{outcome="succeeded",saga_type="order"}' in text
-    assert "saga_step_duration_seconds_bucket" in text
+    # The worker counts a finished saga just after the commit the poll above saw.
+    wanted = (
+        'saga_started_total{saga_type="order"}',
+        'saga_finished_total{outcome="succeeded",saga_type="order"}',
+        "saga_step_duration_seconds_bucket",
+    )
+
+    def missing() -> list[str]:
+        text = Client().get("/metrics").content.decode()
+        return [w for w in wanted if w not in text]
+
+    wait_for(lambda: not missing(), describe=missing)
 
 
 def test_a_declined_card_ends_cancelled_with_the_reason_and_the_compensations(
@@ -125,8 +133,13 @@ def test_a_client_cancels_over_http_while_the_saga_runs(
     second cancel after that is a 409."""
     from sagas.models import Saga
 
+    # Step timeouts of 10 s on this worker, so authorize can take 4 s: time enough for a slow
+    # test process to cancel while it runs.
     worker_factory(
-        {"SAGA_FAULTS": json.dumps({"payments.authorize": {"latency_ms": [800, 800]}})},
+        {
+            "SAGA_FAULTS": json.dumps({"payments.authorize": {"latency_ms": [4000, 4000]}}),
+            "SAGA_STEP_TIMEOUT": "10",
+        },
         exclusive=True,
     )
     order = client_api.post("/api/v1/orders/", order_body([("lamp", 3)]), format="json").json()

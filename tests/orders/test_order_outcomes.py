@@ -56,6 +56,12 @@ def faults(**ops: dict) -> dict[str, str]:
     return {"SAGA_FAULTS": json.dumps(ops)}
 
 
+#: Worker env for a test that must act while a slowed step is in flight: step timeouts of
+#: seconds more than the suite's 3 s, so the slowed call can last long enough that a slow
+#: test process still acts inside it.
+ROOMY_STEPS = {"SAGA_STEP_TIMEOUT": "10"}
+
+
 def test_happy_path_confirms_captures_the_total_commits_stock_and_ships(
     customer, celery_worker, settle
 ):
@@ -213,8 +219,11 @@ def test_customer_cancel_before_capture_is_accepted_and_undoes_everything(
     """A cancel while the shipment is being arranged is accepted; at the next step boundary the
     saga compensates: cancelled with customer_cancelled, nothing captured, authorization
     voided, shipment cancelled, stock released."""
-    slow = {"latency_ms": [1500, 1500]}
-    worker_factory(faults(**{"shipping.arrange": slow, "payments.capture": slow}), exclusive=True)
+    slow = {"latency_ms": [4000, 4000]}
+    worker_factory(
+        faults(**{"shipping.arrange": slow, "payments.capture": slow}) | ROOMY_STEPS,
+        exclusive=True,
+    )
     make_product("lamp", price="10.00", stock=5)
     order = place(customer, [("lamp", 1)])
 
@@ -246,7 +255,9 @@ def test_customer_cancel_at_the_pivot_is_refused_and_the_order_confirms(
 ):
     """Once capture_payment has run (the saga is at confirm_order), a cancel is refused with
     pivot_reached and the order still ends confirmed."""
-    worker_factory(faults(**{"inventory.commit": {"latency_ms": [1500, 1500]}}), exclusive=True)
+    worker_factory(
+        faults(**{"inventory.commit": {"latency_ms": [4000, 4000]}}) | ROOMY_STEPS, exclusive=True
+    )
     make_product("lamp", price="10.00", stock=5)
     order = place(customer, [("lamp", 1)])
 

@@ -27,6 +27,7 @@ from sagas.services import (
 )
 from sagas.sweeper import sweep
 from sagas.tasks import run_saga
+from tests.conftest import purge_queue
 from tests.sagas.sagatypes import FIVE, effects, ensure_effects_table
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
@@ -64,12 +65,6 @@ def settled(saga_id, wait_for, timeout=30, states=SETTLED, sweeping=False) -> Sa
 
 def timeline(saga_id) -> list[tuple[str, str]]:
     return list(Saga.objects.get(pk=saga_id).events.order_by("id").values_list("kind", "step"))
-
-
-def purge_queue() -> int:
-    queue = app.conf.task_default_queue
-    with app.connection_for_write() as conn:
-        return conn.default_channel.queue_purge(queue) or 0
 
 
 def lose_doorbells(count: int, wait_for) -> None:
@@ -357,10 +352,13 @@ def test_cancel_before_the_pivot_is_honoured_at_the_next_boundary(worker_factory
     assert kinds.index("cancel_requested") < kinds.index("cancel_honoured")
 
 
-def test_cancel_mid_flight_undoes_every_effect(celery_worker, wait_for):
+def test_cancel_mid_flight_undoes_every_effect(worker_factory, wait_for):
     """A cancel accepted mid-flight leaves no effect without its undo, and nothing past s3."""
+    # Backoffs of seconds: the saga stays before its pivot until the cancel lands, however
+    # slow this process is (a cancel rings the saga at once, so the wait costs nothing).
+    worker_factory({"SAGA_BACKOFF_BASE": "2", "SAGA_BACKOFF_MAX": "4"}, exclusive=True)
     saga = start({"s2": ["transient"] * 3 + ["ok"]}, saga_type="test_pivot")
-    wait_for(lambda: Saga.objects.get(pk=saga.id).attempt >= 1 or None)
+    wait_for(lambda: Saga.objects.filter(pk=saga.id, current_step="s2", attempt__gte=1).exists())
     saga_request_cancel(saga_id=saga.id, reason="customer_cancelled", actor="test")
     saga = settled(saga.id, wait_for)
     assert saga.state == SagaState.COMPENSATED

@@ -147,10 +147,13 @@ def test_unsafe_moves_are_refused_with_the_reason(celery_worker, wait_for, setti
         call_command("saga_migrate", "nosuch", "--from", "1", "--to", "2", stdout=io.StringIO())
 
 
-def test_apply_never_moves_a_saga_whose_step_is_in_flight(celery_worker, wait_for):
+def test_apply_never_moves_a_saga_whose_step_is_in_flight(worker_factory, wait_for):
     """A saga whose step is running (lease held) stays on v1 and is reported; it finishes on
     v1, and the command moves nothing under it."""
-    saga = start({"b": ["slow:2"]})  # within the test step timeout (3 s)
+    # Step timeouts of 10 s on this worker: b runs 5 s, time enough for a slow test process to
+    # see its lease and run the command while it runs.
+    worker_factory({"SAGA_STEP_TIMEOUT": "10"}, exclusive=True)
+    saga = start({"b": ["slow:5"]})
     parked(saga.id, wait_for)
     saga_signal(saga_id=saga.id, name="go", payload={}, user=_ops())
     wait_for(

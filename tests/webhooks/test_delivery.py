@@ -81,6 +81,8 @@ def test_events_arrive_signed_in_order_and_the_last_one_is_the_order_as_get_show
     for order_id, events in zip(orders, (confirmed, declined, stuck), strict=True):
         assert events[-1]["data"] == client.get(f"/api/v1/orders/{order_id}/").json()
         assert set(events[-1]) == {"id", "type", "created", "sequence", "data"}
+    # The receiver counts a request before it answers: the worker records the answer after.
+    wait_for(lambda: not Delivery.objects.filter(status=DeliveryStatus.PENDING).exists())
     delivery = Delivery.objects.filter(endpoint_id=endpoint["id"]).first()
     assert delivery.status == DeliveryStatus.DELIVERED
     assert delivery.last_status_code == 200
