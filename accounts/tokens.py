@@ -82,6 +82,14 @@ class TokenAuthentication(KnoxTokenAuthentication):
             charge_anonymous(request)
             raise
 
+    def authenticate_credentials(self, token: bytes):
+        # Tokens are printable ASCII. knox decodes whatever came as UTF-8 (a 500 on other
+        # bytes) and looks its prefix up (a 500 on a NUL): refuse anything else as a wrong
+        # token, before either.
+        if not (token.isascii() and token.decode("ascii").isprintable()):
+            raise exceptions.AuthenticationFailed("Invalid token.")
+        return super().authenticate_credentials(token)
+
     def _cleanup_token(self, auth_token: AuthToken) -> bool:
         if auth_token.expiry is not None and auth_token.expiry < timezone.now():
             auth_token.delete()

@@ -320,3 +320,13 @@ def test_a_saga_waiting_for_a_signal_has_no_retry_button_and_the_action_is_refus
     response = act(ops_client, "retry_now", [saga])
     assert any("waits at fraud_review" in text for _, text in texts(response)), texts(response)
     assert not events(saga, "ops_retry")
+
+
+def test_a_nul_in_an_actions_free_text_is_a_400_and_changes_nothing(ops_client):
+    """Text fields the console reads from the form (a reason, a note, a payload) cannot hold
+    a NUL in the database: the request is refused before any action runs."""
+    saga = stuck(saga_type="order", step_index=order_saga.index_of("arrange_shipment"))
+    refused = confirm(ops_client, "compensate", [saga], reason="carrier\x00outage")
+    assert refused.status_code == 400
+    assert Saga.objects.get(pk=saga.pk).cancel_reason == ""
+    assert not events(saga, "ops_compensate")

@@ -1,0 +1,90 @@
+"""Text that PostgreSQL cannot hold, or that is not text at all, is a 4xx, never a 500.
+
+JSON can spell a lone UTF-16 surrogate (``"\\ud800"``) and a NUL (``"\\u0000"``); neither can
+be encoded as UTF-8 or stored in a ``text`` or ``jsonb`` column, so every route that takes a
+body refuses them when it reads it, whatever field they sit in. Headers and URLs are checked
+where they reach the database.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orders.models import Order
+from webhooks.models import Endpoint
+
+from .conftest import ADDRESS, assert_error, order_body
+
+SURROGATE = "\\ud800"  # as JSON spells it: the parsed string holds the lone surrogate
+NUL = "\\u0000"
+
+
+def _raw(client, path: str, text: str, **headers):
+    return client.generic("POST", path, text, content_type="application/json", headers=headers)
+
+
+def _with(bad: str, where: str) -> str:
+    """An order body, as JSON text, with ``bad`` spliced into one string (or key)."""
+    body = order_body([("lamp", 1)])
+    if where == "sku":
+        body["items"][0]["sku"] = "@@"
+    elif where == "name":
+        body["shipping_address"] = {**ADDRESS, "name": "@@"}
+    elif where == "key":
+        body["shipping_address"] = {**ADDRESS, "@@": "x"}
+    return json.dumps(body).replace("@@", f"la{bad}mp")
+
+
+@pytest.mark.parametrize("bad", [SURROGATE, NUL], ids=["surrogate", "nul"])
+@pytest.mark.parametrize("where", ["sku", "name", "key"])
+def test_an_order_body_with_unstorable_text_is_a_400_and_places_nothing(
+    client_api, catalog, bad, where
+):
+    body = assert_error(_raw(client_api, "/api/v1/orders/", _with(bad, where)), 400, "parse_error")
+    assert "surrogate" in body["detail"] or "NUL" in body["detail"]
+    assert not Order.objects.exists()
+
+
+def test_a_refused_body_leaves_its_idempotency_key_free(client_api, catalog):
+    bad = _raw(client_api, "/api/v1/orders/", _with(SURROGATE, "name"), **{"Idempotency-Key": "k"})
+    assert_error(bad, 400, "parse_error")
+    good = client_api.post(
+        "/api/v1/orders/",
+        order_body([("lamp", 1)]),
+        format="json",
+        headers={"Idempotency-Key": "k"},
+    )
+    assert good.status_code == 201, good.content
+
+
+@pytest.mark.parametrize("bad", [SURROGATE, NUL], ids=["surrogate", "nul"])
+def test_a_webhook_registration_with_unstorable_text_is_a_400(client_api, bad):
+    text = json.dumps({"url": "https://93.184.215.14/hooks", "events": ["@@"]})
+    assert_error(_raw(client_api, "/api/v1/webhooks/", text.replace("@@", bad)), 400)
+    assert not Endpoint.objects.exists()
+
+
+@pytest.mark.parametrize("bad", [SURROGATE, NUL], ids=["surrogate", "nul"])
+def test_a_signal_payload_with_unstorable_text_is_a_400(client_api, place, bad):
+    order = place(client_api, payment_method="pm_card_3ds_required")  # it will wait for it
+    text = json.dumps({"payload": {"approved": True, "note": "@@"}}).replace("@@", bad)
+    path = f"/api/v1/orders/{order['id']}/signals/3ds_confirmed/"
+    assert_error(_raw(client_api, path, text), 400, "parse_error")
+
+
+@pytest.mark.parametrize("token", ["\xff\xfe", "abc\x00def", "ab\u00e9cd"], ids=repr)
+def test_a_token_that_is_not_ascii_text_is_a_401(anon_api, token):
+    anon_api.credentials(HTTP_AUTHORIZATION=f"Token {token}")
+    assert_error(anon_api.get("/api/v1/orders/"), 401)
+
+
+def test_a_nul_in_a_url_is_a_400(client_api, catalog):
+    assert_error(client_api.get("/api/v1/products/la%00mp/"), 400, "bad_request")
+    assert_error(client_api.get("/api/v1/orders/?status=%00"), 400, "bad_request")
+
+
+def test_a_nul_in_an_ops_console_filter_is_a_400(admin_client):
+    response = admin_client.get("/admin/sagas/saga/?waiting_for=%00")
+    assert response.status_code == 400
