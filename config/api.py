@@ -63,6 +63,16 @@ class StrictIntegerField(serializers.IntegerField):
         return super().to_internal_value(data)
 
 
+class StrictBooleanField(serializers.BooleanField):
+    """JSON ``true`` or ``false``, and only that. DRF's BooleanField also takes "yes", "on",
+    "1" and 1: too loose for a field that confirms something that cannot be taken back."""
+
+    def to_internal_value(self, data: Any) -> bool:
+        if not isinstance(data, bool):
+            self.fail("invalid", input=data)
+        return data
+
+
 # ---------------------------------------------------------------------------------------------
 # The error shape, for the schema
 # ---------------------------------------------------------------------------------------------

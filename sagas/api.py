@@ -30,7 +30,7 @@ from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from config.api import ErrorSerializer, Pagination, StrictCharField
+from config.api import ErrorSerializer, Pagination, StrictBooleanField, StrictCharField
 from config.api_errors import ApiError
 from sagas import services
 from sagas.exceptions import SignalPayloadInvalid
@@ -166,7 +166,7 @@ class CompensateSerializer(serializers.Serializer):
 
 class ResolveSerializer(serializers.Serializer):
     note = StrictCharField(max_length=2000, help_text="What a person did; in the timeline.")
-    accept_effects = serializers.BooleanField(
+    accept_effects = StrictBooleanField(
         default=False,
         help_text="Close it even though steps that took effect were not undone (they are "
         "named in the 409 effects_in_place); the stock reservation is released either way.",

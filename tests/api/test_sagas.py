@@ -239,6 +239,18 @@ def test_resolve_closes_a_saga_that_needs_a_person_with_the_note(ops_api, saga):
     assert event.detail.startswith("refunded by hand (effects kept: reserve_inventory")
 
 
+@pytest.mark.parametrize("loose", ["yes", "true", 1, "on"], ids=repr)
+def test_resolve_takes_accept_effects_as_json_true_only(ops_api, saga, loose):
+    """Keeping effects in place cannot be taken back: "yes" or 1 is a 400, not a true."""
+    needs_manual(saga)
+    url = f"{SAGAS}{saga.id}/resolve/"
+    body = assert_error(
+        ops_api.post(url, {"note": "x", "accept_effects": loose}, format="json"), 400
+    )
+    assert "accept_effects" in body["fields"]
+    assert Saga.objects.get(pk=saga.pk).state == "needs_manual"
+
+
 def test_resolve_needs_a_note_and_a_saga_that_needs_a_person(ops_api, saga):
     """No note: 400. A running saga: 409 not_needs_manual."""
     assert_error(ops_api.post(f"{SAGAS}{saga.id}/resolve/", {}, format="json"), 400)
