@@ -126,6 +126,27 @@ def test_seed_demo_twice_gives_one_demo_user_and_the_same_catalog(client):
 
 
 @pytest.mark.django_db
+def test_seed_demo_again_keeps_the_demo_login_signed_in(client):
+    """A rerun (each `make run`) leaves an unchanged password as it is: the ops console
+    session of the demo login survives it. A changed one is set back to the printed one."""
+    run("seed_demo")
+    login = client.post(
+        "/admin/login/",
+        {"username": "demo-staff", "password": "demo-staff-password", "next": "/admin/"},
+    )
+    assert login.status_code == 302, login.content[:300]
+    run("seed_demo")
+    assert client.get("/admin/").status_code == 200  # still signed in
+
+    staff = get_user_model().objects.get(username="demo-staff")
+    staff.set_password("another-long-passphrase-42")
+    staff.save()
+    run("seed_demo")
+    staff.refresh_from_db()
+    assert staff.check_password("demo-staff-password")
+
+
+@pytest.mark.django_db
 def test_seed_demo_keeps_stock_levels_it_finds():
     """Stock that moved since the first run (orders, restocks) is not reset by a rerun."""
     run("seed_demo")

@@ -1,8 +1,8 @@
 """``manage.py seed_demo``: the demo catalog and the demo staff user. Idempotent.
 
 Running it again updates names and prices to the demo values, leaves stock levels alone (orders
-may hold reservations against them) and resets the demo staff password to the configured one,
-so the printed login always works.
+may hold reservations against them) and sets the demo staff password back to the configured one
+when it differs, so the printed login always works (and a signed-in session survives a rerun).
 """
 
 from decimal import Decimal
@@ -98,8 +98,11 @@ class Command(BaseCommand):
                 raise CommandError(
                     f"DEMO_STAFF_PASSWORD is refused by the password rules: {rules}"
                 ) from None
-            staff.set_password(password)
-            staff.save(update_fields=["password"])
+            # Only when it differs: a new hash (new salt) would end every session of the demo
+            # login, so each `make run` would log the ops console out.
+            if not staff.check_password(password):
+                staff.set_password(password)
+                staff.save(update_fields=["password"])
             make_ops_staff(staff)
             staff.user_permissions.add(
                 *Permission.objects.filter(
