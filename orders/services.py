@@ -72,7 +72,7 @@ def _clean_lines(items: Any, problems: _Problems) -> dict[str, tuple[int, int]]:
         problems.add("invalid_item", "items", "A list of items is required.")
         return {}
     if len(items) > MAX_LINES:
-        problems.add("too_many_items", "items", f"At most {MAX_LINES} different items per order.")
+        problems.add("too_many_items", "items", f"At most {MAX_LINES} lines (items) per order.")
         return {}
     lines: dict[str, tuple[int, int]] = {}
     for i, item in enumerate(items):

@@ -111,6 +111,30 @@ def create_database_if_missing(host: str, port: int, user: str, name: str) -> No
             say(f"created database {name}")
 
 
+def refuse_unusable_database(url: str) -> None:
+    """Exit with one line if an explicit PostgreSQL ``DATABASE_URL`` cannot be connected to.
+
+    Without this, ``migrate`` fails with three tracebacks. The launcher creates the database
+    only where it chose it itself; one named by the user is the user's to create.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql"):
+        return
+    import psycopg  # in the venv by now
+
+    try:
+        psycopg.connect(urlunsplit(parts._replace(query="")), connect_timeout=5).close()
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[-1].replace("FATAL:", "").strip()
+        name = parts.path.lstrip("/")
+        say(
+            f"cannot use DATABASE_URL {redact(url)}: {reason}. Create the database (e.g. "
+            f"`createdb -h {parts.hostname} -U {parts.username} {name}`), fix the URL, or "
+            "unset DATABASE_URL to let `make run` choose"
+        )
+        sys.exit(1)
+
+
 def choose_services(var_dir: Path) -> dict[str, str]:
     """Return DATABASE_URL and CELERY_BROKER_URL, and print one line saying which."""
     explicit_db = os.environ.get("DATABASE_URL", "")
@@ -132,6 +156,8 @@ def choose_services(var_dir: Path) -> dict[str, str]:
             f"broker {redact(broker_url)}"
             f"{' (CELERY_BROKER_URL)' if explicit_broker else ' (embedded file broker)'}"
         )
+        if explicit_db:
+            refuse_unusable_database(explicit_db)
         return {"DATABASE_URL": db_url, "CELERY_BROKER_URL": broker_url}
 
     reason = ""

@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from lab.supervisor import Supervisor
-from tests.conftest import ARTIFACTS_DIR, REPO_ROOT
+from tests.conftest import ARTIFACTS_DIR, REPO_ROOT, database_url_for
 
 # Variables the test session sets that a "fresh machine" would not have.
 SESSION_ONLY = (
@@ -106,6 +106,30 @@ def get_healthz(port: int) -> tuple[int, dict] | None:
         return exc.code, json.loads(exc.read() or b"{}")
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return None
+
+
+def test_launcher_says_in_one_line_that_a_named_database_does_not_exist(tmp_path):
+    """An explicit DATABASE_URL naming a missing database: exit 1 with one line saying so and
+    how to go on, no traceback (the launcher only creates a database it chose itself)."""
+    from django.db import connection
+
+    missing = {**connection.settings_dict, "NAME": f"sagarunner_missing_{os.getpid()}"}
+    prepared = subprocess.run(
+        [sys.executable, "scripts/run.py", "--prepare-only", "--no-install"],
+        cwd=REPO_ROOT,
+        env=fresh_env(
+            SAGARUNNER_VAR_DIR=str(tmp_path / "var"),
+            DATABASE_URL=database_url_for(missing),
+            CELERY_BROKER_URL="redis://127.0.0.1:6379/15",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert prepared.returncode == 1, prepared.stdout + prepared.stderr
+    assert "Traceback" not in prepared.stdout + prepared.stderr
+    [line] = [line for line in prepared.stdout.splitlines() if "cannot use DATABASE_URL" in line]
+    assert f'"{missing["NAME"]}" does not exist' in line and "createdb" in line
 
 
 @pytest.mark.worker

@@ -50,13 +50,6 @@ BAD_BODIES = [
     ("sku a number", with_items({"sku": 7, "quantity": 1}), "invalid_item", "items[0].sku"),
     ("sku blank", with_items({"sku": "  ", "quantity": 1}), "invalid_item", "items[0].sku"),
     ("sku too long", with_items({"sku": "x" * 65, "quantity": 1}), "invalid_item", "items[0].sku"),
-    (
-        # Refused with the body, for any field: text cannot hold it (test_unstorable_text.py).
-        "sku with NUL",
-        with_items({"sku": "la\x00mp", "quantity": 1}),
-        "parse_error",
-        "items[0].sku",
-    ),
     ("unknown sku", with_items({"sku": "unicorn", "quantity": 1}), "unknown_sku", "items[0].sku"),
     (
         "duplicate sku",

@@ -225,6 +225,16 @@ def test_the_service_alone_refuses_every_bad_api_body_with_the_api_code(
     assert not Order.objects.exists()
 
 
+def test_the_service_alone_refuses_a_nul_in_a_sku(customer, catalog):
+    """The API refuses a NUL anywhere in a body before the service sees it (parse_error, see
+    tests/api/test_unstorable_text.py); other callers of the service get invalid_item."""
+    items = [{"sku": "la\x00mp", "quantity": 1}]
+    with pytest.raises(OrderInvalid) as refused:
+        order_create(owner=customer, **{**GOOD, "items": items})
+    assert refused.value.code == "invalid_item" and "items[0].sku" in refused.value.fields
+    assert not Order.objects.exists()
+
+
 @pytest.mark.parametrize(
     ("method", "says"),
     [
