@@ -10,11 +10,29 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db import DataError, IntegrityError, NotSupportedError, ProgrammingError
+
 from providers import breaker as provider_breaker
 from providers.config import breakers_enabled
 from sagas.definition import BusinessFailure, ProviderAnswered, Step, StepContext, StepFunction
 from sagas.models import Saga
 from sagas.store import Record, StepTransaction
+
+#: Errors that say the call itself is wrong, whatever the provider's health: our own database
+#: refused what the participant wrote or asked (a constraint, a value it cannot hold, a query
+#: it cannot run). They are retried like any transient error and end, as usual, in a
+#: compensation or a person; but they are no sign of an outage. Counted as failures, one bad
+#: row would open the breaker and park every saga bound for that provider, and the failing
+#: sagas' own canaries would keep it open. (A lost connection, OperationalError, still counts:
+#: for a participant living in this database, that is its outage.)
+NOT_AN_OUTAGE: tuple[type[BaseException], ...] = (
+    IntegrityError,
+    DataError,
+    ProgrammingError,
+    NotSupportedError,
+)
+# Retried, but the provider is not down: it answered, or the call is at fault.
+_NOT_DOWN: tuple[type[BaseException], ...] = (ProviderAnswered, *NOT_AN_OUTAGE)
 
 
 def gate(step: Step) -> provider_breaker.Ticket | provider_breaker.Wait | None:
@@ -57,10 +75,10 @@ def call_step(
             tx.rollback()
         provider_breaker.report(ticket, ok=True)
         raise BusinessFailure(getattr(exc, "code", "") or "step_failed", str(exc)) from exc
-    except ProviderAnswered:
+    except _NOT_DOWN:
         if tx is not None:
             tx.rollback()
-        provider_breaker.report(ticket, ok=True)  # retried, but the provider did answer
+        provider_breaker.report(ticket, ok=True)  # retried, but the provider is not down
         raise
     except BaseException:
         if tx is not None:

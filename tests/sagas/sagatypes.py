@@ -26,7 +26,7 @@ import signal
 import time
 from dataclasses import replace
 
-from django.db import connection
+from django.db import IntegrityError, connection
 
 from sagas.definition import (
     BusinessFailure,
@@ -123,6 +123,8 @@ def _run(ctx: StepContext) -> dict:
         raise BusinessFailure(outcome.split(":", 1)[1], f"scripted no at {ctx.step}")
     if outcome == "transient":
         raise ConnectionError(f"scripted transient error at {ctx.step}")
+    if outcome == "integrity":  # a bad row: the database refuses what the step writes
+        raise IntegrityError(f"scripted check constraint violation at {ctx.step}")
     if outcome == "declined":
         raise Declined(f"scripted decline at {ctx.step}")
     if outcome.startswith("slow:"):  # a participant that takes its time, then says yes

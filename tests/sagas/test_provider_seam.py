@@ -130,6 +130,25 @@ def test_an_error_the_provider_answered_with_is_retried_but_counts_as_a_healthy_
     assert Breaker.objects.get(provider="card").state == "open"
 
 
+def test_data_the_database_refuses_is_retried_but_opens_no_breaker():
+    """A step that keeps hitting a constraint (one bad row) spends its attempts and
+    compensates, as any step that keeps failing does; the provider stays available to every
+    other saga: counted as failures, these two calls would have opened the breaker."""
+    saga = saga_start(saga_type="test_provider", data={"script": {"s2": ["integrity"] * 3}})
+    saga = deliver(saga.id)  # s1
+    for _ in range(2):  # SAGA_MAX_ATTEMPTS
+        saga = deliver(saga.id)
+    assert (saga.state, saga.failure_code, saga.parked_on) == ("compensating", "step_failed", "")
+    assert "IntegrityError" in _step(saga.id, "s2").last_error
+    assert effects(saga.id)[("s2", "undo")] == 1  # not parked: the undo went straight on
+    assert breaker.window_counts("card") == (3, 0)  # two attempts and the undo, all healthy
+    assert Breaker.objects.get(provider="card").state == "closed"
+    other = saga_start(saga_type="test_provider", data={"script": {}})
+    for _ in range(3):
+        other = deliver(other.id)
+    assert other.state == SagaState.SUCCEEDED  # never parked
+
+
 def test_a_healthy_calls_outcome_rides_in_the_record_of_its_step():
     """The call slot's release and the health count of a call that answered are part of the
     step's record statement: one round trip fewer per provider call, the same bookkeeping."""
