@@ -6,12 +6,13 @@ import anything that imports ``rest_framework.views``.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from django.conf import settings
 from rest_framework import exceptions, parsers, status
 from rest_framework.utils import json
+
+from config.text import unstorable_text
 
 
 class PayloadTooLarge(exceptions.APIException):
@@ -21,46 +22,11 @@ class PayloadTooLarge(exceptions.APIException):
 
 
 class UnstorableText(exceptions.ParseError):
-    """A string in the body that no text column can hold (see :func:`refuse_unstorable`)."""
+    """A string in the body that no text column can hold (see :mod:`config.text`)."""
 
     def __init__(self, path: str, problem: str) -> None:
         super().__init__(f"{path}: {problem}")
         self.fields = {path: [problem]}
-
-
-# What JSON can spell but UTF-8 and PostgreSQL cannot hold: lone UTF-16 surrogates ("\ud800")
-# and NUL ("\u0000"). Raw bytes never get this far (strict UTF-8 decoding refuses them).
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-
-
-def refuse_unstorable(data: Any) -> None:
-    """Raise :class:`UnstorableText` for the first string, key or value, holding a lone
-    surrogate or a NUL, naming its place in the body (``items[0].sku``).
-
-    Checked once, for every route, when the body is read: such a string cannot be encoded to
-    reach the database, stored in ``text`` or ``jsonb``, hashed for an idempotency key or even
-    echoed in an error message, so each field would otherwise fail with a 500 of its own.
-    """
-    stack: list[tuple[str, Any]] = [("", data)]
-    while stack:
-        path, value = stack.pop()
-        if isinstance(value, str):
-            found = _UNSTORABLE.search(value)
-            if found:
-                raise UnstorableText(path or "body", _problem(found.group()))
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                found = _UNSTORABLE.search(key)
-                if found:
-                    raise UnstorableText(path or "body", f"a key holds {_problem(found.group())}")
-                stack.append((f"{path}.{key}" if path else key, item))
-        elif isinstance(value, list):
-            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
-
-
-def _problem(char: str) -> str:
-    what = "a NUL character" if char == "\x00" else "a lone UTF-16 surrogate"
-    return f"{what} (\\u{ord(char):04x}), which text cannot hold."
 
 
 class JSONParser(parsers.JSONParser):
@@ -82,5 +48,9 @@ class JSONParser(parsers.JSONParser):
             data = json.loads(text, parse_constant=parse_constant)
         except (ValueError, LookupError, RecursionError) as exc:
             raise exceptions.ParseError(f"JSON parse error - {exc}") from None
-        refuse_unstorable(data)
+        # Once here, for every route: such a string would otherwise fail with a 500 wherever
+        # it went (a query, a jsonb column, an idempotency fingerprint, an error message).
+        found = unstorable_text(data)
+        if found is not None:
+            raise UnstorableText(*found)
         return data

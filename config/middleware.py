@@ -11,9 +11,11 @@ _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
 class RefuseNul:
-    """A NUL character in the path, the query string or a submitted form is a ``400``.
+    """A NUL character in the path, the query string, a cookie or a submitted form is a
+    ``400``.
 
-    PostgreSQL text cannot hold NUL, so a filter, a lookup by SKU, or a reason or note typed
+    PostgreSQL text cannot hold NUL, so a filter, a lookup by SKU, a session key (Django
+    decodes octal escapes in quoted cookies: ``"abcdefgh\\000x"``), or a reason or note typed
     into the ops console carrying one would fail in the database with a 500; nothing in this
     product needs one. Django's form fields refuse NUL already, but the console's action
     pages read some fields straight from the form. API bodies are JSON, checked by the API's
@@ -26,10 +28,12 @@ class RefuseNul:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         if "\x00" in request.path or _holds_nul(request.GET):
             raise BadRequest("A NUL character in the URL.")
+        if any("\x00" in key or "\x00" in value for key, value in request.COOKIES.items()):
+            raise BadRequest("A NUL character in a cookie.")
         if (
             request.method == "POST"
             and request.content_type in _FORMS
-            and not request.path.startswith("/api/")
+            and not request.path_info.startswith("/api/")
             and _holds_nul(request.POST)
         ):
             raise BadRequest("A NUL character in the form.")

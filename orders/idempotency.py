@@ -33,6 +33,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from config.errors import AppError
+from config.text import has_control_characters
 from orders.models import IdempotencyRecord, IdempotencyState, Order
 
 MAX_KEY_LENGTH = 255
@@ -99,7 +100,7 @@ def clean_key(raw: str | None) -> str | None:
     key = raw.strip()
     if not key:
         raise IdempotencyKeyInvalid("The Idempotency-Key header is empty.")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
+    if has_control_characters(key):
         raise IdempotencyKeyInvalid("The Idempotency-Key header may not hold control characters.")
     if len(key) > MAX_KEY_LENGTH:
         raise IdempotencyKeyInvalid(

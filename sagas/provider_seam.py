@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db import DataError, IntegrityError, NotSupportedError, ProgrammingError
+from django.db import DataError, IntegrityError
 
 from providers import breaker as provider_breaker
 from providers.config import breakers_enabled
@@ -18,19 +18,14 @@ from sagas.definition import BusinessFailure, ProviderAnswered, Step, StepContex
 from sagas.models import Saga
 from sagas.store import Record, StepTransaction
 
-#: Errors that say the call itself is wrong, whatever the provider's health: our own database
-#: refused what the participant wrote or asked (a constraint, a value it cannot hold, a query
-#: it cannot run). They are retried like any transient error and end, as usual, in a
-#: compensation or a person; but they are no sign of an outage. Counted as failures, one bad
-#: row would open the breaker and park every saga bound for that provider, and the failing
-#: sagas' own canaries would keep it open. (A lost connection, OperationalError, still counts:
-#: for a participant living in this database, that is its outage.)
-NOT_AN_OUTAGE: tuple[type[BaseException], ...] = (
-    IntegrityError,
-    DataError,
-    ProgrammingError,
-    NotSupportedError,
-)
+#: Errors that say the call's own data is wrong, whatever the provider's health: our database
+#: refused a row or a value (a constraint, SQLSTATE class 23; a value it cannot hold, class
+#: 22). They are retried like any transient error and end, as usual, in a compensation or a
+#: person; but they are no sign of an outage. Counted as failures, one bad row would open the
+#: breaker and park every saga bound for that provider, and the failing sagas' own canaries
+#: would keep it open. Everything else still counts: a lost connection (OperationalError), and
+#: a ProgrammingError too, since a missing table or a revoked grant fails every call alike.
+NOT_AN_OUTAGE: tuple[type[BaseException], ...] = (IntegrityError, DataError)
 # Retried, but the provider is not down: it answered, or the call is at fault.
 _NOT_DOWN: tuple[type[BaseException], ...] = (ProviderAnswered, *NOT_AN_OUTAGE)
 

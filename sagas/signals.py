@@ -24,6 +24,7 @@ from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.utils import timezone
 
+from config.text import has_control_characters, unstorable_text
 from sagas import tracing
 from sagas.definition import Park, SagaDefinition, definition_of, step_context
 from sagas.doorbell import ring_on_commit
@@ -67,6 +68,10 @@ def _check_payload(park: Park, payload: Any) -> dict:
         payload = {}
     if not isinstance(payload, Mapping):
         raise SignalPayloadInvalid("The payload must be a JSON object.")
+    # The API's parser refuses these already; the ops console's form and other callers too.
+    unstorable = unstorable_text(payload)
+    if unstorable is not None:
+        raise SignalPayloadInvalid(f"payload.{unstorable[0]}: {unstorable[1]}")
     if len(json.dumps(payload, default=str)) > MAX_PAYLOAD_BYTES:
         raise SignalPayloadInvalid(f"The payload may not exceed {MAX_PAYLOAD_BYTES} bytes.")
     if park.validate is not None:
@@ -106,6 +111,8 @@ def saga_signal(
     key = (key or "").strip() or uuid.uuid4().hex
     if len(key) > MAX_KEY_LENGTH:
         raise SignalPayloadInvalid(f"The Idempotency-Key may not exceed {MAX_KEY_LENGTH} chars.")
+    if has_control_characters(key):
+        raise SignalPayloadInvalid("The Idempotency-Key may not hold control characters.")
     with transaction.atomic():
         saga = _locked(saga_id)
         with tracing.saga_span(f"saga.signal {name}", saga, signal=name):

@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 REPO = Path(__file__).resolve().parent.parent
 VENV = REPO / ".venv"
@@ -122,15 +122,22 @@ def refuse_unusable_database(url: str) -> None:
         return
     import psycopg  # in the venv by now
 
+    # Keep what libpq understands (host=/socket/dir, sslmode, sslcert, ...); drop the options
+    # only the settings read (conn_max_age and the like), which libpq would refuse.
+    libpq = {d.keyword.decode() for d in psycopg.pq.Conninfo.get_defaults()}
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k in libpq])
     try:
-        psycopg.connect(urlunsplit(parts._replace(query="")), connect_timeout=5).close()
+        psycopg.connect(urlunsplit(parts._replace(query=query)), connect_timeout=5).close()
     except psycopg.OperationalError as exc:
         reason = str(exc).strip().splitlines()[-1].replace("FATAL:", "").strip()
-        name = parts.path.lstrip("/")
+        options = [
+            f"-h {parts.hostname}" if parts.hostname else "",
+            f"-U {parts.username}" if parts.username else "",
+        ]
+        createdb = " ".join(["createdb", *filter(None, options), parts.path.lstrip("/")])
         say(
             f"cannot use DATABASE_URL {redact(url)}: {reason}. Create the database (e.g. "
-            f"`createdb -h {parts.hostname} -U {parts.username} {name}`), fix the URL, or "
-            "unset DATABASE_URL to let `make run` choose"
+            f"`{createdb}`), fix the URL, or unset DATABASE_URL to let `make run` choose"
         )
         sys.exit(1)
 

@@ -197,7 +197,8 @@ def _post(target: Target, body: bytes, headers: dict[str, str]) -> tuple[int, st
         finally:
             response.release_conn()
             response.close()
-        return response.status, excerpt.decode("utf-8", "replace")
+        # A receiver's bytes, kept in a text column: undecodable ones and NUL become U+FFFD.
+        return response.status, excerpt.decode("utf-8", "replace").replace("\x00", "\ufffd")
     finally:
         pool.close()
 

@@ -56,6 +56,18 @@ def test_saga_page_shows_the_signal_it_waits_for_and_ops_send_it(ops_client, ops
     assert Saga.objects.get(pk=saga.pk).version > saga.version  # made due, fenced
 
 
+@pytest.mark.parametrize("escape", ["\\u0000", "\\ud800"])
+def test_a_payload_text_cannot_hold_is_refused_on_the_form(ops_client, escape):
+    """Typed as JSON escapes, a NUL or a lone surrogate only appears once the form's text is
+    parsed: the signal service refuses it (invalid_payload), as the API's parser does."""
+    saga = parked_saga()
+    form_url = reverse("admin:sagas_saga_signal", args=[saga.pk])
+    payload = '{"ok": true, "note": "a' + escape + 'b"}'
+    refused = ops_client.post(form_url, {"name": "go", "payload": payload, "key": ""})
+    assert refused.status_code == 200 and "which text cannot hold" in refused.content.decode()
+    assert not SagaSignal.objects.filter(saga=saga).exists()
+
+
 def test_staff_without_the_ops_permission_may_not_send_signals(viewer_client):
     saga = parked_saga()
     form_url = reverse("admin:sagas_saga_signal", args=[saga.pk])

@@ -80,6 +80,24 @@ def test_a_token_that_is_not_ascii_text_is_a_401(anon_api, token):
     assert_error(anon_api.get("/api/v1/orders/"), 401)
 
 
+def test_a_signal_idempotency_key_with_a_control_character_is_a_400(client_api, place):
+    order = place(client_api, payment_method="pm_card_3ds_required")
+    path = f"/api/v1/orders/{order['id']}/signals/3ds_confirmed/"
+    body = {"payload": {"approved": True}}
+    refused = client_api.post(path, body, format="json", headers={"Idempotency-Key": "k\x00"})
+    assert_error(refused, 400, "invalid_payload")
+    accepted = client_api.post(path, body, format="json", headers={"Idempotency-Key": "k"})
+    assert accepted.status_code == 202, accepted.content
+
+
+@pytest.mark.parametrize("path", ["/admin/", "/api/v1/orders/"])
+def test_a_nul_in_a_cookie_is_a_400(client, db, path):
+    """Django decodes octal escapes in a quoted cookie: a session key with a NUL would reach
+    the session table (the ops console, and the API's session authentication)."""
+    response = client.get(path, HTTP_COOKIE='sessionid="abcdefgh\\000x"')
+    assert response.status_code == 400
+
+
 def test_a_nul_in_a_url_is_a_400(client_api, catalog):
     assert_error(client_api.get("/api/v1/products/la%00mp/"), 400, "bad_request")
     assert_error(client_api.get("/api/v1/orders/?status=%00"), 400, "bad_request")

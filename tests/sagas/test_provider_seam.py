@@ -130,6 +130,23 @@ def test_an_error_the_provider_answered_with_is_retried_but_counts_as_a_healthy_
     assert Breaker.objects.get(provider="card").state == "open"
 
 
+def test_a_programming_error_still_counts_as_a_failed_call():
+    """Unlike a bad row, a missing table or a revoked grant fails every call alike: that is
+    the provider (our database, for a participant living in it) being unusable."""
+    from django.db import ProgrammingError
+
+    from sagas.provider_seam import call_step
+
+    def missing_table(ctx):
+        raise ProgrammingError('relation "inventory_product" does not exist')
+
+    for _ in range(2):
+        with pytest.raises(ProgrammingError):
+            call_step(missing_table, None, breaker.admit("card"))
+    assert breaker.window_counts("card") == (2, 2)
+    assert Breaker.objects.get(provider="card").state == "open"
+
+
 def test_data_the_database_refuses_is_retried_but_opens_no_breaker():
     """A step that keeps hitting a constraint (one bad row) spends its attempts and
     compensates, as any step that keeps failing does; the provider stays available to every

@@ -34,6 +34,7 @@ class Receiver:
     server: ThreadingHTTPServer
     requests: list[Received] = field(default_factory=list)
     answer: Callable[[int, bytes], int] = lambda n, body: 200
+    reply: bytes = b"thanks " * 200  # longer than the stored excerpt
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -68,7 +69,7 @@ def _start_receiver(tls: ssl.SSLContext | None = None) -> Receiver:
                 self.send_response(status)
                 self.send_header("Content-Type", "text/plain")
                 self.end_headers()
-                self.wfile.write(b"thanks " * 200)  # longer than the stored excerpt
+                self.wfile.write(receiver.reply)
             except OSError:
                 pass  # the sender gave up (timeout, killed worker)
 

@@ -180,6 +180,18 @@ def test_failures_back_off_with_jitter_and_the_delivery_dies_when_its_window_end
     assert len(receiver.all()) == 4
 
 
+def test_a_reply_with_bytes_text_cannot_hold_is_recorded_not_a_500(customer, receiver):
+    """The receiver's reply is kept as an excerpt in a text column: a NUL or invalid UTF-8 in
+    it becomes U+FFFD instead of failing the attempt's record."""
+    receiver.reply = b"ok\x00\xff done"
+    endpoint = register(api_client_for(customer), receiver.url)
+    _emit(customer)
+    assert deliver_endpoint(endpoint["id"]) == 1
+    delivery = Delivery.objects.get(endpoint_id=endpoint["id"])
+    assert (delivery.status, delivery.last_status_code) == (DeliveryStatus.DELIVERED, 200)
+    assert delivery.response_excerpt == "ok\ufffd\ufffd done"
+
+
 def test_during_a_rotation_a_delivery_verifies_with_either_secret(customer, receiver):
     client = api_client_for(customer)
     endpoint = register(client, receiver.url)

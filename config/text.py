@@ -1,0 +1,52 @@
+"""Text PostgreSQL cannot hold, found before it reaches a query.
+
+JSON can spell a lone UTF-16 surrogate (``"\\ud800"``) and a NUL (``"\\u0000"``); a surrogate
+cannot even be encoded as UTF-8 (so it cannot be sent in a query, hashed or echoed in a
+response), and a NUL cannot be stored in ``text`` or ``jsonb``. Whatever accepts text from
+outside (the API's parser, the ops console's signal form) asks here first.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def unstorable_text(data: Any) -> tuple[str, str] | None:
+    """``(place, problem)`` for the first string or key in ``data`` that text cannot hold, in
+    document order (a mapping's keys before its values), or ``None``.
+
+    ``place`` is an input path (``items[0].sku``; ``body`` for the top level). Iterative, so
+    any depth ``json.loads`` produced is walked without recursion.
+    """
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            found = _UNSTORABLE.search(value)
+            if found:
+                return path or "body", _problem(found.group())
+        elif isinstance(value, dict):
+            children = []
+            for key, item in value.items():
+                found = _UNSTORABLE.search(key) if isinstance(key, str) else None
+                if found:
+                    return path or "body", f"a key holds {_problem(found.group())}"
+                children.append((f"{path}.{key}" if path else str(key), item))
+            stack.extend(reversed(children))
+        elif isinstance(value, list | tuple):
+            stack.extend(reversed([(f"{path}[{i}]", item) for i, item in enumerate(value)]))
+    return None
+
+
+def has_control_characters(text: str) -> bool:
+    """Whether ``text`` holds an ASCII control character (NUL included): refused in a header
+    value the database keeps, such as an Idempotency-Key."""
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
+def _problem(char: str) -> str:
+    what = "a NUL character" if char == "\x00" else "a lone UTF-16 surrogate"
+    return f"{what} (\\u{ord(char):04x}), which text cannot hold."
