@@ -8,9 +8,12 @@ commands, still without registering ``bench5`` until a benchmark imports it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+
+import pytest
 
 from lab import bench_saga
 from lab.supervisor import Supervisor, kill_pid, pid_alive
@@ -96,3 +99,18 @@ def test_chaos_deadline_outlasts_the_outage_and_its_drain():
     assert deadline_for(full) == drained + DEADLINE_MARGIN == 180
     assert deadline_for(ChaosConfig.quick()) == MIN_DEADLINE
     assert deadline_for(ChaosConfig(outage_seconds=0)) == MIN_DEADLINE
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_in_process_statement_count_keeps_the_engine_quiet(caplog, settings):
+    """saga_bench counts an engine step's statements with one saga run in its own process: the
+    count is the 1.2 the README states, and that saga's transition lines stay out of the
+    benchmark's output (the engine logs at info)."""
+    from lab.engine_bench import engine_queries_per_step  # bench5 is registered above
+
+    settings.SAGA_INLINE_BUDGET = 60  # all five steps in the one delivery, however slow
+
+    with caplog.at_level(logging.INFO, logger="sagas.engine"):
+        assert engine_queries_per_step() == pytest.approx(1.2)
+    assert [r for r in caplog.records if r.name == "sagas.engine"] == []
+    assert logging.getLogger("sagas.engine").getEffectiveLevel() == logging.INFO  # restored
