@@ -161,7 +161,10 @@ def _wants_json(request: HttpRequest) -> bool:
 
 def handler400(request: HttpRequest, exception: Exception) -> HttpResponse:
     if _wants_json(request):
-        return JsonResponse(error_body("bad_request", "Bad request."), status=400)
+        # Django's own 400s (a bad Host header, a suspicious operation) may quote what the
+        # client sent: only an exception marked ``public`` says more than "Bad request.".
+        detail = str(exception) if getattr(exception, "public", False) else "Bad request."
+        return JsonResponse(error_body("bad_request", detail), status=400)
     return defaults.bad_request(request, exception)
 
 

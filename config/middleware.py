@@ -10,6 +10,13 @@ from django.http import HttpRequest, HttpResponse, QueryDict
 _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
+class NulRefused(BadRequest):
+    """Answered ``400``; its message names what held the NUL, and says nothing else, so the
+    error handlers may show it (``public``)."""
+
+    public = True
+
+
 class RefuseNul:
     """A NUL character in the path, the query string, a cookie or a submitted form is a
     ``400``.
@@ -27,16 +34,16 @@ class RefuseNul:
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         if "\x00" in request.path or _holds_nul(request.GET):
-            raise BadRequest("A NUL character in the URL.")
+            raise NulRefused("A NUL character in the URL.")
         if any("\x00" in key or "\x00" in value for key, value in request.COOKIES.items()):
-            raise BadRequest("A NUL character in a cookie.")
+            raise NulRefused("A NUL character in a cookie.")
         if (
             request.method == "POST"
             and request.content_type in _FORMS
             and not request.path_info.startswith("/api/")
             and _holds_nul(request.POST)
         ):
-            raise BadRequest("A NUL character in the form.")
+            raise NulRefused("A NUL character in the form.")
         return self.get_response(request)
 
 

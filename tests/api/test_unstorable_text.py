@@ -99,7 +99,8 @@ def test_a_nul_in_a_cookie_is_a_400(client, db, path):
 
 
 def test_a_nul_in_a_url_is_a_400(client_api, catalog):
-    assert_error(client_api.get("/api/v1/products/la%00mp/"), 400, "bad_request")
+    body = assert_error(client_api.get("/api/v1/products/la%00mp/"), 400, "bad_request")
+    assert body["detail"] == "A NUL character in the URL."
     assert_error(client_api.get("/api/v1/orders/?status=%00"), 400, "bad_request")
 
 
