@@ -20,10 +20,33 @@ if TYPE_CHECKING:
 # Pagination: page numbers, a bounded page size
 # ---------------------------------------------------------------------------------------------
 class Pagination(pagination.PageNumberPagination):
-    """``?page=N&page_size=M``; ``page_size`` defaults to ``PAGE_SIZE`` and is capped at 100."""
+    """``?page=N&page_size=M``; ``page_size`` defaults to ``PAGE_SIZE`` and is capped at 100.
+
+    A ``page`` or ``page_size`` that is not a positive integer is a ``400`` naming it (DRF
+    answers ``page=abc`` with ``404`` and ignores ``page_size=abc``); a page past the last one
+    is DRF's ``404``.
+    """
 
     page_size_query_param = "page_size"
     max_page_size = 100
+
+    def paginate_queryset(self, queryset: Any, request: Request, view: Any = None) -> Any:
+        wrong = {
+            name: ["A positive integer."]
+            for name in (self.page_query_param, self.page_size_query_param)
+            if name in request.query_params
+            and not _positive_integer(request.query_params[name])
+            and not (name == self.page_query_param and request.query_params[name] == "last")
+        }
+        if wrong:
+            raise exceptions.ValidationError(wrong)
+        return super().paginate_queryset(queryset, request, view)
+
+
+def _positive_integer(text: str) -> bool:
+    # Digits only, not all zeros; never int(): a 5,000-digit page is past the end (404), not
+    # a ValueError.
+    return text.isascii() and text.isdigit() and text.strip("0") != ""
 
 
 # ---------------------------------------------------------------------------------------------

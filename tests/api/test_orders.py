@@ -227,6 +227,23 @@ def test_list_is_newest_first_paginated_and_bounded(client_api, place):
     assert Pagination.max_page_size == 100
 
 
+@pytest.mark.parametrize(
+    "query",
+    ["page=abc", "page=0", "page=-1", "page=1.5", "page=\u0661", "page_size=abc", "page_size=0"],
+)
+def test_a_page_or_page_size_that_is_not_a_positive_integer_is_a_400(client_api, place, query):
+    """Bad input, named: not DRF's 404 for ``page=abc`` nor its silent default page size."""
+    place(client_api)
+    body = assert_error(client_api.get(f"/api/v1/orders/?{query}"), 400, "invalid")
+    assert list(body["fields"]) == [query.split("=")[0]]
+
+
+def test_the_last_page_and_a_page_far_past_the_end(client_api, place):
+    place(client_api)
+    assert client_api.get("/api/v1/orders/?page=last").status_code == 200
+    assert_error(client_api.get(f"/api/v1/orders/?page={'9' * 5000}"), 404, "not_found")
+
+
 def test_list_filters_by_status(client_api, place):
     """``?status=`` filters on the derived status (computed in SQL from the saga)."""
     running = place(client_api)
