@@ -92,16 +92,25 @@ def call_step(
 
 
 def held_back(
-    saga: Saga, step: Step, ticket: provider_breaker.Ticket | None
+    saga: Saga, step: Step, ticket: provider_breaker.Ticket | None, *, last: bool
 ) -> provider_breaker.Wait | None:
-    """The last attempt failed, and the provider's breaker is open now: wait, do not give up.
+    """A failed call the outage is to blame for, not the request: wait, and spend nothing.
 
-    The breaker may have opened on this very failure: the attempts were spent on the outage,
-    not on this saga's request, so the saga keeps its last attempt for after it (the park
-    gives it back). Once only: a saga that was already parked before this call (its last
-    attempt was the one kept) compensates or escalates as usual, so a request that fails on
-    its own while its failures keep the breaker open cannot wait forever.
+    ``last``: the call was the step's last attempt. Two cases park the saga (the park gives
+    the attempt back) while the provider's breaker is not closed:
+
+    - **A canary's call failed.** It probed a provider known to be failing, on the breaker's
+      behalf. Counted, a long outage would spend the attempts of whichever sagas happen to be
+      picked as canaries round after round, and cancel them while the provider is still down.
+      If the round closed the breaker anyway (the other canaries got through), the failure is
+      the request's own and counts as usual.
+    - **The last attempt failed and the breaker is open now**, maybe opened by this very
+      failure: the attempts went on the outage, so the saga keeps its last one for after it.
+      Once only: a saga already parked before this call retries it as a canary, or, if the
+      breaker has closed meanwhile, gives up as usual.
     """
-    if ticket is None or saga.parked_on:
+    if ticket is None:
+        return None
+    if not ticket.canary and (not last or saga.parked_on):
         return None
     return provider_breaker.held_back(step.provider)

@@ -294,11 +294,11 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
             "last_error": error,
             "maybe_effect": True,
         }
+        wait = held_back(saga, step, ticket, last=saga.attempt >= max_attempts)
+        if wait is not None:
+            rec.fields["last_error"] = error
+            return _park_for_provider(saga, rec, step=step.name, wait=wait, inline_ok=inline_ok)
         if saga.attempt >= max_attempts:
-            wait = held_back(saga, step, ticket)
-            if wait is not None:
-                rec.fields["last_error"] = error
-                return _park_for_provider(saga, rec, step=step.name, wait=wait, inline_ok=inline_ok)
             rec.event("step_failed", saga, step=step.name, detail=error, duration_ms=duration * 1e3)
             return _forward_exhausted(definition, saga, rec, error=error)
         _schedule_retry(
@@ -429,7 +429,7 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
         duration = time.perf_counter() - started
         metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "compensation").observe(duration)
         error = _describe(exc)
-        wait = held_back(saga, step, ticket) if saga.attempt >= max_attempts else None
+        wait = held_back(saga, step, ticket, last=saga.attempt >= max_attempts)
         if wait is not None:
             rec.step_fields = {"status": StepStatus.COMPENSATING, "last_error": error}
             rec.fields["last_error"] = error

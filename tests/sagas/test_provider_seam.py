@@ -89,7 +89,10 @@ def test_a_deadline_still_holds_for_a_parked_saga():
     assert saga.state == SagaState.COMPENSATING and saga.failure_code == "timed_out"
 
 
-def test_last_attempt_failing_as_the_breaker_opens_is_kept_for_after_the_outage_once():
+def test_last_attempt_failing_as_the_breaker_opens_is_kept_for_after_the_outage():
+    """The last attempt is kept while the provider is down, however many canary rounds the
+    saga fails in (a canary probes for the breaker, it spends nothing); once the provider is
+    back for everyone else, a call that still fails is the request's own, and it gives up."""
     saga = saga_start(saga_type="test_provider", data={"script": {"s2": ["transient"]}})
     saga = deliver(saga.id)  # s1
     saga = deliver(saga.id)  # s2, attempt 1 fails: one call in the window, breaker closed
@@ -99,11 +102,41 @@ def test_last_attempt_failing_as_the_breaker_opens_is_kept_for_after_the_outage_
     # Not compensated: it waits for the provider, with its last attempt given back.
     assert (saga.state, saga.attempt, saga.parked_on) == ("running", 1, "card")
 
-    # Cool-down over: it is the canary, and fails again. Kept once only: now it compensates.
-    Breaker.objects.filter(provider="card").update(probe_at=timezone.now())
+    for _ in range(4):  # cool-downs over: each time it is the canary, and fails again
+        Breaker.objects.filter(provider="card").update(probe_at=timezone.now())
+        saga = deliver(saga.id)
+        assert (saga.state, saga.attempt, saga.parked_on) == ("running", 1, "card")
+        assert Breaker.objects.get(provider="card").state == "open"
+    assert _step(saga.id, "s2").attempts == 2  # the step row shows the last call's number
+
+    # Other traffic found the provider back (the breaker closed): the kept attempt fails on
+    # its own. Once only: now it compensates.
+    breaker.force("card", "closed", user=None)
     saga = deliver(saga.id)
     assert saga.state == SagaState.COMPENSATING and saga.failure_code == "step_failed"
-    assert Breaker.objects.get(provider="card").state == "open"
+
+
+def test_a_saga_picked_as_canary_round_after_round_spends_no_attempt():
+    """A long outage: a saga that never called before the breaker opened is a canary in
+    every round and fails each time; it never spends an attempt, so it is never cancelled
+    for the outage, and it goes on once a canary gets through."""
+    breaker.force("card", "closed", user=None)  # the breaker's row; then open, not forced
+    Breaker.objects.filter(provider="card").update(state="open", probe_at=timezone.now())
+    saga = saga_start(saga_type="test_provider", data={"script": {"s2": ["transient"] * 9}})
+    saga = deliver(saga.id)  # s1 (no provider)
+    for _ in range(6):  # more rounds than SAGA_MAX_ATTEMPTS
+        Breaker.objects.filter(provider="card").update(probe_at=timezone.now())
+        saga = deliver(saga.id)  # the round's canary: it calls, and the call fails
+        assert (saga.state, saga.current_step, saga.attempt) == ("running", "s2", 0)
+        assert saga.parked_on == "card"
+    assert ("s2", "do") not in effects(saga.id)
+
+    Saga.objects.filter(pk=saga.id).update(data={"script": {}})  # the provider is back
+    Breaker.objects.filter(provider="card").update(probe_at=timezone.now())
+    saga = deliver(saga.id)  # the canary gets through: the breaker closes, the saga goes on
+    assert (saga.current_step, saga.parked_on) == ("s3", "")
+    assert Breaker.objects.get(provider="card").state == "closed"
+    assert effects(saga.id)[("s2", "do")] == 1
 
 
 def test_an_error_the_provider_answered_with_is_retried_but_counts_as_a_healthy_call():
