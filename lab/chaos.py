@@ -1613,7 +1613,13 @@ def _check_outage(config: ChaosConfig, tally: Tally, summary: Summary) -> list[s
         "peak_in_flight": status.peak_in_flight,
         "down_from": began.isoformat(),
     }
-    tally.log(f"provider outage: {summary.outage}")
+    body = render_metrics()[0].decode()
+    canaries = _metric_sum(body, "provider_canaries_total", provider)
+    rounds = _metric_sum(body, "provider_breaker_transitions_total", provider, to="half_open")
+    summary.outage["canaries"], summary.outage["probe_rounds"] = int(canaries), int(rounds)
+    # Every time a saga came to the provider and was told to wait (each a task run).
+    summary.outage["parks"] = int(_metric_sum(body, "provider_parked_total", provider))
+    tally.log(f"provider outage: {summary.outage}")  # with the counts the summary prints
     if not config.breakers:
         return []
     violations = []
@@ -1621,12 +1627,6 @@ def _check_outage(config: ChaosConfig, tally: Tally, summary: Summary) -> list[s
         violations.append(
             f"guarantee 6: {step_failed} orders cancelled (step_failed) by the {provider} outage"
         )
-    body = render_metrics()[0].decode()
-    canaries = _metric_sum(body, "provider_canaries_total", provider)
-    rounds = _metric_sum(body, "provider_breaker_transitions_total", provider, to="half_open")
-    summary.outage["canaries"], summary.outage["probe_rounds"] = int(canaries), int(rounds)
-    # Every time a saga came to the provider and was told to wait (each a task run).
-    summary.outage["parks"] = int(_metric_sum(body, "provider_parked_total", provider))
     if tally.outage_calls_at_open is None:
         # Too few calls reached it to judge (a backlog elsewhere, a short outage): nothing
         # was held back, and nothing had to be.
