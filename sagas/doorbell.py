@@ -119,7 +119,7 @@ def ring_many(doorbells: Sequence[tuple[Any, int, float | None]], spread: float 
             declare: list[Any] | None = None  # the first message declares the queue; not the rest
             for saga_id, version, timeout in doorbells:
                 args = (str(saga_id), version)
-                countdown = random.uniform(0.0, spread) if spread > 0 else None
+                countdown = _within(spread)
                 message = amqp.create_task_message(
                     uuid(),
                     name,
@@ -142,7 +142,12 @@ def ring_many(doorbells: Sequence[tuple[Any, int, float | None]], spread: float 
         # A doorbell sent twice (some went out before the failure) is fenced.
         log.warning("saga.doorbells_batch_failed", count=len(doorbells), error=repr(exc))
         for saga_id, version, timeout in doorbells:
-            ring(saga_id, version, random.uniform(0.0, spread) if spread > 0 else None, timeout)
+            ring(saga_id, version, _within(spread), timeout)
+
+
+def _within(spread: float) -> float | None:
+    """A random countdown of up to ``spread`` seconds (``None``: at once)."""
+    return random.uniform(0.0, spread) if spread > 0 else None
 
 
 def queued_doorbells(queue_name: str | None = None) -> int | None:
