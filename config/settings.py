@@ -330,6 +330,9 @@ SAGA_TIMER_RING_WITHIN = env.float("SAGA_TIMER_RING_WITHIN", default=300.0)
 # sagas.timing.lease_only_commits). Records that hand the saga on (doorbell, terminal state, a
 # person) always wait.
 SAGA_ASYNC_LEASE_COMMITS = env.bool("SAGA_ASYNC_LEASE_COMMITS", default=True)
+# PostgreSQL: transactional steps that follow each other in one task share one transaction and
+# one record (sagas.store.Batch); off, each commits with its own record.
+SAGA_BATCH_STEPS = env.bool("SAGA_BATCH_STEPS", default=True)
 # PostgreSQL: the engine's own statements (claim, record) are prepared once per connection
 # instead of parsed and planned on every run. Turn off behind a pooler that cannot keep prepared
 # statements (PgBouncer in transaction mode before 1.21, or without max_prepared_statements).

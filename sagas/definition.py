@@ -115,7 +115,9 @@ class Step:
     fenced off by a newer claim rolls the participant's write back with it, and a function
     that raises leaves nothing behind. The idempotency key, tombstones and fencing work as for
     any step. Never for a function that calls out (HTTP, a broker, another database): that
-    call cannot be rolled back, and row locks would be held while it waits.
+    call cannot be rolled back, and row locks would be held while it waits. Transactional
+    steps that follow each other share one transaction and one record (``SAGA_BATCH_STEPS``,
+    see :class:`sagas.store.Batch`).
     """
 
     name: str

@@ -34,12 +34,14 @@ from django.db import transaction
 from django.utils import timezone
 
 from providers import breaker as provider_breaker
+from providers.config import breakers_enabled
 from sagas import metrics, tracing, waits
 from sagas.definition import (
     BusinessFailure,
     RetryPolicy,
     SagaDefinition,
     Step,
+    change_hook,
     definition_of,
     next_compensable,
     step_context,
@@ -47,7 +49,17 @@ from sagas.definition import (
 from sagas.doorbell import ring_on_commit
 from sagas.models import Saga, SagaEvent, SagaSignal, SagaState, SagaStep, StepStatus
 from sagas.provider_seam import call_step, gate, held_back
-from sagas.store import Record, StepTransaction, claim, fenced_update, write
+from sagas.store import (
+    BatchBroken,
+    Record,
+    StepTransaction,
+    claim,
+    close_batch,
+    current_batch,
+    fenced_update,
+    open_batch,
+    write,
+)
 from sagas.timing import (
     TIMEOUT_SLACK,
     backoff_delay,
@@ -251,7 +263,12 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
             ctx = replace(ctx, signal=decision.signal.payload)
             rec.on_written = _consume(decision.signal, step.name)
         _unpark(saga, rec)
-    tx = StepTransaction(step.transactional and step.park is None)
+    batch = current_batch()
+    if batch is not None and batch.pending:
+        assert batch.tx is not None  # a batch only goes on into a transactional step
+        tx = batch.tx
+    else:
+        tx = StepTransaction(step.transactional and step.park is None)
     started = time.perf_counter()
     try:
         with tracing.saga_span(f"saga.step {step.name}", saga, step=step.name, phase="forward"):
@@ -327,7 +344,37 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
     rec.fields["results"] = {**saga.results, step.name: result}
     rec.event("step_succeeded", saga, step=step.name, duration_ms=duration * 1e3)
     _next_step(definition, saga, rec, i)
+    if batch is not None and _batches_on(definition, saga, rec, i, tx, inline_ok=inline_ok):
+        return batch.defer(saga, rec, tx)
     return write(saga, rec, inline_ok=inline_ok, tx=tx)
+
+
+def _batches_on(
+    definition: SagaDefinition,
+    saga: Saga,
+    rec: Record,
+    i: int,
+    tx: StepTransaction,
+    *,
+    inline_ok: bool,
+) -> bool:
+    """Whether step ``i``'s record may wait for the next step's (see :class:`sagas.store.Batch`).
+
+    Only between two transactional steps the task goes straight on with: the next one runs in
+    the same transaction. Not into a step gated by a provider's breaker (its counters are
+    shared rows, reported outside any saga's transaction), not for a saga type with a change
+    hook (it hears of every record), and not into a step whose timeout this task cannot fit.
+    """
+    if not (settings.SAGA_BATCH_STEPS and tx.open and rec.go_on and inline_ok):
+        return False
+    if rec.transitions or rec.carried or rec.on_written is not None or rec.ring_after is not None:
+        return False
+    nxt = definition.steps[i + 1]
+    if not nxt.transactional or nxt.park is not None or (nxt.provider and breakers_enabled()):
+        return False
+    if step_timeout(nxt) > current_task_timeout() + TIMEOUT_SLACK:
+        return False
+    return change_hook(saga) is None
 
 
 def _resumed(step: Step, saga: Saga) -> waits.WaitDecision | None:
@@ -561,6 +608,9 @@ def run_claimed(saga: Saga, *, inline_ok: bool) -> Saga | None:
     definition = definition_of(saga)
     timeout = step_timeout(definition.step(saga.current_step))
     if timeout > current_task_timeout() + TIMEOUT_SLACK:
+        batch = current_batch()
+        if batch is not None and batch.pending:
+            raise batch.broken()  # not reached: a batch only goes on into a step that fits
         _hand_back(saga, timeout)
         return None
     if saga.state == SagaState.RUNNING:
@@ -600,8 +650,22 @@ def advance(saga_id: Any, version: int, timeout: float | None = None) -> None:
             metrics.STALE_DELIVERIES.inc()
             return
         budget = settings.SAGA_INLINE_BUDGET
-        with tracing.saga_span("saga.task", saga):
-            while saga is not None:
-                saga = run_claimed(saga, inline_ok=time.monotonic() - started < budget)
+        # A saga claimed again (its last task died, or its record was fenced off) runs this
+        # task step by step: the attempt it counts then belongs to the step that failed.
+        batching = open_batch() if saga.attempt == 1 else None
+        try:
+            with tracing.saga_span("saga.task", saga):
+                while saga is not None:
+                    try:
+                        saga = run_claimed(saga, inline_ok=time.monotonic() - started < budget)
+                    except BatchBroken as broken:
+                        # Rolled back: the same steps again, one record each, as usual.
+                        if batching is not None:
+                            close_batch(batching)
+                        batching = None
+                        saga = broken.snapshot
+        finally:
+            if batching is not None:
+                close_batch(batching)
     finally:
         task_timeout.reset(token)

@@ -10,7 +10,9 @@ outcomes, one per attempt (the last one repeats):
 - ``"crash"``: the effect happens, then the worker process dies (once per step: a marker row
   makes the retry go through);
 - ``"stolen"``: the effect happens, then another connection bumps the saga's version, as a
-  newer claim would, so the step's record is fenced off.
+  newer claim would, so the step's record is fenced off;
+- ``"cancel"``: the effect happens, and a client's cancel request lands meanwhile (on a
+  connection of its own, committed at once).
 
 Every effect is written to ``test_saga_effects`` keyed by its idempotency key, with a call
 count, like a participant that stores its keys: a test reads which effects exist and so can
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from dataclasses import replace
 
@@ -110,6 +113,27 @@ def _take_over(saga_id: str) -> None:
         raw.close()
 
 
+def _cancel_meanwhile(saga_id: str) -> None:
+    """A client cancels the saga while this step runs: the real service, on another thread's
+    connection, so it commits whatever this step's transaction does."""
+    from django.db import connections
+
+    from sagas.exceptions import SagaOperationRefused
+    from sagas.services import saga_request_cancel
+
+    def cancel() -> None:
+        try:
+            saga_request_cancel(saga_id=saga_id, reason="customer_cancelled", actor="test")
+        except SagaOperationRefused:
+            pass  # already past its pivot, or settled: the test sees the saga run on
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=cancel)
+    thread.start()
+    thread.join()
+
+
 def _outcome(ctx: StepContext) -> str:
     name = f"undo:{ctx.step}" if ctx.compensating else ctx.step
     script = ctx.data.get("script", {}).get(name) or ["ok"]
@@ -136,6 +160,8 @@ def _run(ctx: StepContext) -> dict:
         os.kill(os.getpid(), signal.SIGKILL)
     if outcome == "stolen":
         _take_over(ctx.saga_id)
+    if outcome == "cancel":
+        _cancel_meanwhile(ctx.saga_id)
     return {"step": ctx.step, "attempt": ctx.attempt}
 
 

@@ -3,6 +3,9 @@
 ``test_tx`` has the five scripted steps of ``test5`` declared ``transactional=True``; every effect
 is a row in ``test_saga_effects`` keyed by idempotency key with a call count, so a test sees
 whether a write survived (count 1 or 2) or was rolled back with its record.
+
+Consecutive transactional steps of one task share one transaction and one record (a batch):
+the saga's ``version`` counts its claims and records, so it tells how many records landed.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import pytest
 from django.db import transaction
 
-from sagas.models import SETTLED_STATES, Saga, SagaState
+from sagas.models import SETTLED_STATES, Saga, SagaEvent, SagaState
 from sagas.services import saga_start
 from tests.sagas.sagatypes import FIVE, effects, ensure_effects_table
 
@@ -82,3 +85,77 @@ def test_compensations_of_transactional_steps_undo_once_in_reverse(celery_worker
     assert saga.state == SagaState.COMPENSATED
     done = FIVE[:3]
     assert effects(saga.id) == {(n, "do"): 1 for n in done} | {(n, "undo"): 1 for n in done}
+
+
+def succeeded_steps(saga_id) -> list[str]:
+    return list(
+        SagaEvent.objects.filter(saga_id=saga_id, kind="step_succeeded")
+        .order_by("id")
+        .values_list("step", flat=True)
+    )
+
+
+def test_consecutive_transactional_steps_land_in_one_record(worker_factory, wait_for):
+    """Five transactional steps in one task: one claim and one record (version 2), with every
+    step's row, event and effect, in order."""
+    worker_factory(exclusive=True, name="batch")
+    saga = settled(start().id, wait_for)
+    assert saga.state == SagaState.SUCCEEDED
+    assert saga.version == 2
+    assert effects(saga.id) == {(name, "do"): 1 for name in FIVE}
+    assert succeeded_steps(saga.id) == FIVE
+    rows = list(saga.steps.order_by("id").values_list("name", "status", "attempts"))
+    assert rows == [(name, "succeeded", 1) for name in FIVE]
+    assert set(saga.results) == set(FIVE)
+
+
+def test_batching_can_be_turned_off(worker_factory, wait_for):
+    """``SAGA_BATCH_STEPS=0``: each step commits with its own record (a claim and five records)."""
+    worker_factory({"SAGA_BATCH_STEPS": "0"}, exclusive=True, name="nobatch")
+    saga = settled(start().id, wait_for)
+    assert saga.state == SagaState.SUCCEEDED
+    assert saga.version == 6
+    assert effects(saga.id) == {(name, "do"): 1 for name in FIVE}
+
+
+def test_a_no_inside_a_batch_undoes_only_what_was_recorded(worker_factory, wait_for):
+    """A "no" at s3 rolls back the batch (s1 and s2's writes with it); the task runs s1 and
+    s2 again one record each, s3 says no again, and s2 and s1 are undone: every effect once,
+    every step's success recorded once."""
+    worker_factory(exclusive=True, name="batchno")
+    saga = settled(start({"s3": ["business:declined"]}).id, wait_for)
+    assert saga.state == SagaState.COMPENSATED
+    assert saga.failure_code == "declined"
+    assert effects(saga.id) == {
+        ("s1", "do"): 1,
+        ("s2", "do"): 1,
+        ("s2", "undo"): 1,
+        ("s1", "undo"): 1,
+    }
+    assert succeeded_steps(saga.id) == ["s1", "s2"]
+
+
+def test_a_transient_failure_inside_a_batch_is_retried_with_nothing_twice(worker_factory, wait_for):
+    """s4 fails once: the batch is rolled back, s1..s3 run again one record each, and s4's
+    retry succeeds. Each write exists once, written once; s4 took two attempts."""
+    worker_factory(exclusive=True, name="batchretry")
+    saga = settled(start({"s4": ["transient", "ok"]}).id, wait_for)
+    assert saga.state == SagaState.SUCCEEDED
+    assert effects(saga.id) == {(name, "do"): 1 for name in FIVE}
+    assert succeeded_steps(saga.id) == FIVE
+    assert saga.steps.get(name="s4").attempts == 2
+    assert saga.steps.get(name="s1").attempts == 1
+
+
+def test_a_cancel_accepted_during_a_batch_is_honoured(worker_factory, wait_for):
+    """s3, inside a batch, has a cancel requested (the row still says s1, so it is accepted)
+    and then succeeds. The batch's record is fenced off by the cancel and rolled back; s1 runs
+    again, and the cancel is honoured at s2's boundary. Without that fence the batch would have
+    finished the saga past an accepted cancel; step by step, s1..s3 would each have been done
+    and undone."""
+    worker_factory(exclusive=True, name="batchcancel")
+    saga = settled(start({"s3": ["cancel"]}).id, wait_for)
+    assert saga.state == SagaState.COMPENSATED
+    assert saga.failure_code == "customer_cancelled"
+    assert effects(saga.id) == {("s1", "do"): 1, ("s1", "undo"): 1}
+    assert succeeded_steps(saga.id) == ["s1"]
