@@ -12,6 +12,7 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -321,13 +322,14 @@ class SagaDefinition:
         i = self.pivot_index
         return self.steps[i].name if i < len(self.steps) else None
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """A short hash of the shape a running saga depends on.
 
         Step names in order, the pivot, and which steps compensate: what decides the next
         step, what a cancel may still stop, and what a compensation undoes. Function bodies
-        and policies are not part of it: fixing a bug in a step is not a new shape.
+        and policies are not part of it: fixing a bug in a step is not a new shape. Worked
+        out once per definition: every claim compares it.
         """
         return shape_fingerprint(
             [(s.name, s.compensate is not None) for s in self.steps], self.pivot_name
