@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from providers import breaker as provider_breaker
@@ -332,20 +332,24 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
         tx.rollback()
         raise
 
-    duration = time.perf_counter() - started
-    metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
-    rec.step_name = step.name
-    rec.step_fields = {
-        "status": StepStatus.SUCCEEDED,
-        "attempts": saga.attempt,
-        "result": result,
-        "took_effect": True,
-    }
-    rec.fields["results"] = {**saga.results, step.name: result}
-    rec.event("step_succeeded", saga, step=step.name, duration_ms=duration * 1e3)
-    _next_step(definition, saga, rec, i)
-    if batch is not None and _batches_on(definition, saga, rec, i, tx, inline_ok=inline_ok):
-        return batch.defer(saga, rec, tx)
+    try:
+        duration = time.perf_counter() - started
+        metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
+        rec.step_name = step.name
+        rec.step_fields = {
+            "status": StepStatus.SUCCEEDED,
+            "attempts": saga.attempt,
+            "result": result,
+            "took_effect": True,
+        }
+        rec.fields["results"] = {**saga.results, step.name: result}
+        rec.event("step_succeeded", saga, step=step.name, duration_ms=duration * 1e3)
+        _next_step(definition, saga, rec, i)
+        if batch is not None and _batches_on(definition, saga, rec, i, tx, inline_ok=inline_ok):
+            return batch.defer(saga, rec, tx)
+    except BaseException:
+        tx.rollback()  # never leave a transactional step's transaction open on the connection
+        raise
     return write(saga, rec, inline_ok=inline_ok, tx=tx)
 
 
@@ -360,15 +364,26 @@ def _batches_on(
 ) -> bool:
     """Whether step ``i``'s record may wait for the next step's (see :class:`sagas.store.Batch`).
 
-    Only between two transactional steps the task goes straight on with: the next one runs in
-    the same transaction. Not into a step gated by a provider's breaker (its counters are
-    shared rows, reported outside any saga's transaction), not for a saga type with a change
-    hook (it hears of every record), and not into a step whose timeout this task cannot fit.
+    Only between two transactional steps the task goes straight on with (PostgreSQL): the next
+    one runs in the same transaction. Not into a step gated by a provider's breaker (its
+    counters are shared rows, reported outside any saga's transaction), not for a saga type
+    with a change hook (it hears of every record), and not into a step whose timeout this task
+    cannot fit.
     """
     if not (settings.SAGA_BATCH_STEPS and tx.open and rec.go_on and inline_ok):
         return False
     if rec.transitions or rec.carried or rec.on_written is not None or rec.ring_after is not None:
         return False
+    if connection.vendor != "postgresql":
+        return False  # SQLite would hold its one write lock across the steps
+    batch = current_batch()
+    if batch is not None and not batch.pending:
+        # A worker lost mid-batch leaves the row at the batch's first step, so the claim that
+        # picks the saga up again counts its attempt there: never start at a step that cannot
+        # spare one, nor at the pivot (an attempt past the first means "may have run").
+        step = definition.steps[i]
+        if step.pivot or max_attempts_of(step, compensating=False) < 2:
+            return False
     nxt = definition.steps[i + 1]
     if not nxt.transactional or nxt.park is not None or (nxt.provider and breakers_enabled()):
         return False
@@ -636,6 +651,22 @@ def _hand_back(saga: Saga, timeout: float) -> None:
     return None
 
 
+def _after_broken_batch(snapshot: Saga) -> Saga | None:
+    """The saga to go on with after a batch was rolled back, or ``None`` if it is not ours.
+
+    The row as it is now: the batch changed nothing, so a row at the claimed version is the
+    claimed saga, with whatever was recorded without a new version meanwhile (a cancel
+    request, which the next boundary then honours before any step runs again). A newer
+    version means a newer claim or an operator holds the saga: this delivery is stale.
+    """
+    row = Saga.objects.filter(pk=snapshot.pk).first()
+    if row is None or row.version != snapshot.version:
+        metrics.STALE_DELIVERIES.inc()
+        log.info("saga.fenced", saga_id=str(snapshot.id), version=snapshot.version)
+        return None
+    return row
+
+
 def advance(saga_id: Any, version: int, timeout: float | None = None) -> None:
     """The body of the ``sagas.run`` task: claim, then run due work within a time budget.
 
@@ -651,21 +682,19 @@ def advance(saga_id: Any, version: int, timeout: float | None = None) -> None:
             return
         budget = settings.SAGA_INLINE_BUDGET
         # A saga claimed again (its last task died, or its record was fenced off) runs this
-        # task step by step: the attempt it counts then belongs to the step that failed.
-        batching = open_batch() if saga.attempt == 1 else None
+        # task step by step, so a step that keeps failing is found and charged.
+        batching = open_batch(enabled=saga.attempt == 1)
         try:
             with tracing.saga_span("saga.task", saga):
                 while saga is not None:
                     try:
                         saga = run_claimed(saga, inline_ok=time.monotonic() - started < budget)
                     except BatchBroken as broken:
-                        # Rolled back: the same steps again, one record each, as usual.
-                        if batching is not None:
-                            close_batch(batching)
-                        batching = None
-                        saga = broken.snapshot
+                        # Rolled back: go on step by step, one record each, as usual.
+                        close_batch(batching)
+                        batching = open_batch(enabled=False)
+                        saga = _after_broken_batch(broken.snapshot)
         finally:
-            if batching is not None:
-                close_batch(batching)
+            close_batch(batching)
     finally:
         task_timeout.reset(token)

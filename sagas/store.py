@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
@@ -642,6 +643,9 @@ class Batch:
             e.setdefault("at", now)
         self.records.append(rec)
         for name, value in rec.fields.items():
+            if name == "results":
+                # What the next step would read back from the row: JSON, not the objects.
+                value = json.loads(json.dumps(value, cls=_RESULTS.encoder), cls=_RESULTS.decoder)
             setattr(saga, name, value)
         saga.attempt = 1
         saga.next_attempt_at = now
@@ -678,12 +682,16 @@ class Batch:
             tx.rollback()
 
 
+_RESULTS = Saga._meta.get_field("results")
 _BATCH: ContextVar[Batch | None] = ContextVar("saga_batch", default=None)
 
 
-def open_batch() -> Token[Batch | None]:
-    """Let this task batch its transactional steps (until :func:`close_batch`)."""
-    return _BATCH.set(Batch())
+def open_batch(*, enabled: bool = True) -> Token[Batch | None]:
+    """Let this task batch its transactional steps, or not, until :func:`close_batch`.
+
+    Set either way, so a task never sees another's batch (an eager task run from inside one).
+    """
+    return _BATCH.set(Batch() if enabled else None)
 
 
 def current_batch() -> Batch | None:
@@ -758,8 +766,8 @@ def write(
             (carried.alone if in_transaction else carried.done)()
         if batched:
             assert batch is not None
-            # A newer claim, or a cancel request the batch never saw: start over step by step
-            # (a newer claim fences that off too; a cancel is honoured at its boundary).
+            # A newer claim, or a cancel request the batch never saw: the runner looks at the
+            # row again and stops, or honours the cancel.
             raise batch.broken() from None
         if tx is not None:
             tx.rollback()
@@ -772,11 +780,11 @@ def write(
         raise
     for carried in rec.carried:
         carried.done()
-    if tx is not None:
-        tx.commit()
     if batched:
         assert batch is not None
-        batch.close()
+        batch.close()  # before the commit runs its on_commit callbacks
+    if tx is not None:
+        tx.commit()
     for e in rec.events:
         log.info(
             f"saga.{e['kind']}",

@@ -12,7 +12,9 @@ outcomes, one per attempt (the last one repeats):
 - ``"stolen"``: the effect happens, then another connection bumps the saga's version, as a
   newer claim would, so the step's record is fenced off;
 - ``"cancel"``: the effect happens, and a client's cancel request lands meanwhile (on a
-  connection of its own, committed at once).
+  connection of its own, committed at once);
+- ``"tuple"``: the effect happens, and the step returns a tuple (JSON gives back a list);
+- ``"echo"``: the effect happens, and the step returns ``repr()`` of the results it was given.
 
 Every effect is written to ``test_saga_effects`` keyed by its idempotency key, with a call
 count, like a participant that stores its keys: a test reads which effects exist and so can
@@ -162,6 +164,10 @@ def _run(ctx: StepContext) -> dict:
         _take_over(ctx.saga_id)
     if outcome == "cancel":
         _cancel_meanwhile(ctx.saga_id)
+    if outcome == "tuple":
+        return {"pair": (1, 2)}
+    if outcome == "echo":
+        return {"seen": repr(ctx.results)}
     return {"step": ctx.step, "attempt": ctx.attempt}
 
 
