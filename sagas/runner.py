@@ -380,12 +380,19 @@ def _batches_on(
     if batch is not None and not batch.pending:
         # A worker lost mid-batch leaves the row at the batch's first step, so the claim that
         # picks the saga up again counts its attempt there: never start at a step that cannot
-        # spare one, nor at the pivot (an attempt past the first means "may have run").
+        # spare one, nor at the pivot (an attempt past the first means "may have run"); nor at
+        # a step behind a provider's breaker, whose call ticket would stay out for the batch.
         step = definition.steps[i]
         if step.pivot or max_attempts_of(step, compensating=False) < 2:
             return False
+        if step.provider and breakers_enabled():
+            return False
     nxt = definition.steps[i + 1]
     if not nxt.transactional or nxt.park is not None or (nxt.provider and breakers_enabled()):
+        return False
+    # A step that fails inside a batch is called again when the task goes on step by step,
+    # before its failure counts: only for a step that may be tried more than once.
+    if max_attempts_of(nxt, compensating=False) < 2:
         return False
     if step_timeout(nxt) > current_task_timeout() + TIMEOUT_SLACK:
         return False
@@ -662,7 +669,7 @@ def _after_broken_batch(snapshot: Saga) -> Saga | None:
     row = Saga.objects.filter(pk=snapshot.pk).first()
     if row is None or row.version != snapshot.version:
         metrics.STALE_DELIVERIES.inc()
-        log.info("saga.fenced", saga_id=str(snapshot.id), version=snapshot.version)
+        log.info("saga.batch_fenced", saga_id=str(snapshot.id), version=snapshot.version)
         return None
     return row
 

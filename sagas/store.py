@@ -22,7 +22,14 @@ from typing import Any
 import psycopg
 import structlog
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, connection, connections, models, transaction
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    DatabaseError,
+    connection,
+    connections,
+    models,
+    transaction,
+)
 from django.db.backends.postgresql.base import Cursor as _DjangoClientCursor
 from django.db.backends.postgresql.base import ServerBindingCursor as _DjangoServerCursor
 from django.db.backends.utils import CursorWrapper
@@ -613,13 +620,14 @@ class Batch:
     five such steps that is one commit instead of five, and one fenced UPDATE instead of five.
 
     Nothing of a batch outlives its record: the steps' writes, their rows and events commit
-    together or not at all. Anything but a success (a failure, a retry, a deadline) rolls the
-    whole batch back and the task runs its steps again one at a time from the saga it held
-    before the batch (:class:`BatchBroken`), so every outcome is recorded exactly as without
-    batching, under the same idempotency keys. The record is fenced on the claimed version as
-    always, and on the saga's cancel request as the batch saw it: a cancel accepted while the
-    batch ran fences it off, and the steps run again one at a time, so the cancel is honoured
-    at the first step boundary, as it would have been.
+    together or not at all. Anything but a success (a failure, a retry, a deadline, a refused
+    commit) rolls the whole batch back and the task runs its steps again one at a time from
+    the saga it held before the batch (:class:`BatchBroken`), under the same idempotency keys:
+    the failing step is called again before its failure counts, and every outcome is then
+    recorded as without batching. The record is fenced on the claimed version as always, and
+    on the saga's cancel request as the batch saw it: a cancel accepted while the batch ran
+    fences it off, the task reads the row again and honours the cancel at the batch's first
+    step, with nothing to undo; a newer version means the task lost the saga, and stops.
     """
 
     __slots__ = ("tx", "snapshot", "records")
@@ -782,8 +790,16 @@ def write(
         carried.done()
     if batched:
         assert batch is not None
+        snapshot = batch.snapshot
         batch.close()  # before the commit runs its on_commit callbacks
-    if tx is not None:
+        assert tx is not None and snapshot is not None
+        try:
+            tx.commit()
+        except DatabaseError:
+            # Refused at COMMIT (a deferred foreign key, a serialization failure): all of it
+            # rolled back, so the steps can run again one at a time and record what happens.
+            raise BatchBroken(snapshot) from None
+    elif tx is not None:
         tx.commit()
     for e in rec.events:
         log.info(

@@ -11,6 +11,11 @@ outcomes, one per attempt (the last one repeats):
   makes the retry go through);
 - ``"stolen"``: the effect happens, then another connection bumps the saga's version, as a
   newer claim would, so the step's record is fenced off;
+- ``"stolen_once"``: like ``"stolen"`` the first time the step runs (a marker row, written on
+  a connection of its own, remembers it), then ``"ok"``;
+- ``"bad_at_commit"``: the first time the step runs (a marker row on a connection of its own
+  remembers it), it also writes a row whose foreign key is checked only at COMMIT and points
+  nowhere, so the transaction that would record it is refused at COMMIT; then ``"ok"``;
 - ``"cancel"``: the effect happens, and a client's cancel request lands meanwhile (on a
   connection of its own, committed at once);
 - ``"tuple"``: the effect happens, and the step returns a tuple (JSON gives back a list);
@@ -45,6 +50,7 @@ from sagas.definition import (
 )
 
 EFFECTS = "test_saga_effects"
+DEFERRED = "test_saga_deferred_refs"
 
 
 def ensure_effects_table() -> None:
@@ -53,6 +59,11 @@ def ensure_effects_table() -> None:
             f"CREATE TABLE IF NOT EXISTS {EFFECTS} (key varchar(200) PRIMARY KEY,"
             " saga_id varchar(64) NOT NULL, step varchar(64) NOT NULL, kind varchar(8) NOT NULL,"
             " calls integer NOT NULL DEFAULT 1, backend integer DEFAULT pg_backend_pid())"
+        )
+        # A reference checked only at COMMIT, as Django declares its foreign keys.
+        cursor.execute(
+            f"CREATE TABLE IF NOT EXISTS {DEFERRED} (id serial PRIMARY KEY, ref varchar(200)"
+            f" REFERENCES {EFFECTS} (key) DEFERRABLE INITIALLY DEFERRED)"
         )
 
 
@@ -101,10 +112,29 @@ class Declined(Exception):
     code = "declined"
 
 
-def _take_over(saga_id: str) -> None:
-    """Bump the saga's version on a connection of its own (committed at once)."""
+def _first_time(saga_id: str, marker: str) -> bool:
+    """Write ``marker`` on a connection of its own (committed whatever the step's transaction
+    does); True if it was not there yet."""
+    raw = connection.get_new_connection(connection.get_connection_params())
+    try:
+        marked = raw.execute(
+            f"INSERT INTO {EFFECTS} (key, saga_id, step, kind) VALUES (%s, %s, '', 'mark')"
+            " ON CONFLICT (key) DO NOTHING RETURNING key",
+            [marker, saga_id],
+        ).fetchone()
+        raw.commit()
+        return marked is not None
+    finally:
+        raw.close()
+
+
+def _take_over(saga_id: str, once: str = "") -> None:
+    """Bump the saga's version on a connection of its own (committed at once); with ``once``,
+    only if no marker row of that key exists yet (and write it)."""
     from sagas.models import Saga
 
+    if once and not _first_time(saga_id, once):
+        return
     raw = connection.get_new_connection(connection.get_connection_params())
     try:
         raw.execute(
@@ -162,8 +192,13 @@ def _run(ctx: StepContext) -> dict:
         os.kill(os.getpid(), signal.SIGKILL)
     if outcome == "stolen":
         _take_over(ctx.saga_id)
+    if outcome == "stolen_once":
+        _take_over(ctx.saga_id, once=f"stolen:{ctx.idempotency_key}")
     if outcome == "cancel":
         _cancel_meanwhile(ctx.saga_id)
+    if outcome == "bad_at_commit" and _first_time(ctx.saga_id, f"bad:{ctx.idempotency_key}"):
+        with connection.cursor() as cursor:
+            cursor.execute(f"INSERT INTO {DEFERRED} (ref) VALUES ('nowhere')")
     if outcome == "tuple":
         return {"pair": (1, 2)}
     if outcome == "echo":

@@ -5,7 +5,7 @@ is a row in ``test_saga_effects`` keyed by idempotency key with a call count, so
 whether a write survived (count 1 or 2) or was rolled back with its record.
 
 Consecutive transactional steps of one task share one transaction and one record (a batch):
-the saga's ``version`` counts its claims and records, so it tells how many records landed.
+the transaction ids (``xmin``) of the saga's timeline events tell how many commits recorded it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def start(script=None) -> Saga:
         return saga_start(saga_type="test_tx", data={"script": script or {}})
 
 
-def settled(saga_id, wait_for, *, sweeping=False) -> Saga:
+def settled(saga_id, wait_for, *, sweeping=False, timeout=60) -> Saga:
     from sagas.sweeper import sweep
 
     def check():
@@ -41,7 +41,7 @@ def settled(saga_id, wait_for, *, sweeping=False) -> Saga:
 
     return wait_for(
         check,
-        timeout=60,
+        timeout=timeout,
         describe=lambda: (
             Saga.objects.filter(pk=saga_id)
             .values("state", "current_step", "attempt", "version", "last_error")
@@ -164,8 +164,9 @@ def test_a_no_inside_a_batch_undoes_only_what_was_recorded(worker_factory, wait_
 
 
 def test_a_transient_failure_inside_a_batch_is_retried_with_nothing_twice(worker_factory, wait_for):
-    """s4 fails once: the batch is rolled back, s1..s3 run again one record each, and s4's
-    retry succeeds. Each write exists once, written once; s4 took two attempts."""
+    """s4 fails inside the batch: it is rolled back, s1..s3 run again one record each, s4
+    fails again (its first attempt, called once more before it counts) and its retry
+    succeeds. Each write exists once, written once; s4 took two attempts."""
     worker_factory(NO_HURRY, exclusive=True, name="batchretry")
     saga = settled(start({"s4": ["transient", "ok"]}).id, wait_for)
     assert saga.state == SagaState.SUCCEEDED
@@ -194,13 +195,29 @@ def test_a_cancel_accepted_during_a_batch_is_honoured(worker_factory, wait_for):
 
 
 def test_a_batch_fenced_off_by_a_newer_claim_stops(worker_factory, wait_for):
-    """s2, inside a batch, sees the saga taken over (its version bumped, as a newer claim
+    """s2, inside a batch, sees the saga taken over once (its version bumped, as a newer claim
     would): the batch's record matches no row and everything it wrote is rolled back, and the
-    task stops instead of running the saga it lost again. The sweeper then rings it once the
-    lease is over; that claim runs step by step, and every effect exists once, written once."""
-    worker = worker_factory(exclusive=True, name="batchstolen")
-    saga = settled(start({"s2": ["stolen", "ok"]}).id, wait_for, sweeping=True)
+    task stops instead of running the saga it lost again (``saga.batch_fenced``). The sweeper
+    rings it once the lease is over, and every effect exists once, written once."""
+    worker = worker_factory(NO_HURRY, exclusive=True, name="batchstolen")
+    saga = settled(start({"s2": ["stolen_once"]}).id, wait_for, sweeping=True, timeout=120)
     assert saga.state == SagaState.SUCCEEDED
-    assert effects(saga.id) == {(name, "do"): 1 for name in FIVE}
+    found = {key: calls for key, calls in effects(saga.id).items() if key[1] != "mark"}
+    assert found == {(name, "do"): 1 for name in FIVE}
     assert succeeded_steps(saga.id) == FIVE
-    assert "saga.fenced" in worker.log_text()
+    log = worker.log_text()
+    assert log.count("saga.batch_fenced") == 1
+    assert "saga.step_succeeded" in log
+
+
+def test_a_batch_refused_at_commit_goes_on_step_by_step(worker_factory, wait_for):
+    """s3 writes a row whose deferred foreign key fails at COMMIT: the batch's commit is
+    refused and everything rolls back. The task goes on step by step at once (no lease to wait
+    out, no sweeper), s3 succeeds when called again, and every effect exists once."""
+    worker_factory(NO_HURRY, exclusive=True, name="batchcommit")
+    saga = settled(start({"s3": ["bad_at_commit"]}).id, wait_for)
+    assert saga.state == SagaState.SUCCEEDED
+    found = {key: calls for key, calls in effects(saga.id).items() if key[1] != "mark"}
+    assert found == {(name, "do"): 1 for name in FIVE}
+    assert succeeded_steps(saga.id) == FIVE
+    assert step_commits(saga.id) > 1  # the batch's own commit never happened
