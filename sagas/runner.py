@@ -64,9 +64,12 @@ from sagas.timing import (
     TIMEOUT_SLACK,
     backoff_delay,
     current_task_timeout,
+    inline_until,
     max_attempts_of,
     step_timeout,
     task_timeout,
+    timeout_at,
+    within_inline_budget,
 )
 
 log = structlog.get_logger("sagas.engine")
@@ -372,6 +375,8 @@ def _batches_on(
     """
     if not (settings.SAGA_BATCH_STEPS and tx.open and rec.go_on and inline_ok):
         return False
+    if not within_inline_budget():
+        return False
     if rec.transitions or rec.carried or rec.on_written is not None or rec.ring_after is not None:
         return False
     if connection.vendor != "postgresql":
@@ -658,6 +663,18 @@ def _hand_back(saga: Saga, timeout: float) -> None:
     return None
 
 
+def _release(saga: Saga) -> None:
+    """Let go of a claimed saga whose work is due now, for a task of its own: the attempt the
+    claim counted stays counted (that task goes step by step, so it lands on the step that
+    needs it)."""
+    with transaction.atomic():
+        updated = fenced_update(
+            saga.id, saga.version, {"lease_until": None, "next_attempt_at": timezone.now()}
+        )
+        if updated is not None:
+            ring_on_commit(saga.id, updated.version, None, timeout_at(saga, saga.current_step))
+
+
 def _after_broken_batch(snapshot: Saga) -> Saga | None:
     """The saga to go on with after a batch was rolled back, or ``None`` if it is not ours.
 
@@ -682,6 +699,7 @@ def advance(saga_id: Any, version: int, timeout: float | None = None) -> None:
     """
     started = time.monotonic()
     token = task_timeout.set(timeout)
+    until = inline_until.set(started + settings.SAGA_INLINE_BUDGET)
     try:
         saga = claim(saga_id, version, timeout)
         if saga is None:
@@ -697,11 +715,16 @@ def advance(saga_id: Any, version: int, timeout: float | None = None) -> None:
                     try:
                         saga = run_claimed(saga, inline_ok=time.monotonic() - started < budget)
                     except BatchBroken as broken:
-                        # Rolled back: go on step by step, one record each, as usual.
+                        # Rolled back: go on step by step, one record each, as usual; or, past
+                        # the budget (the batch's last step ran long), in a task of its own.
                         close_batch(batching)
                         batching = open_batch(enabled=False)
                         saga = _after_broken_batch(broken.snapshot)
+                        if saga is not None and not within_inline_budget():
+                            _release(saga)
+                            saga = None
         finally:
             close_batch(batching)
     finally:
+        inline_until.reset(until)
         task_timeout.reset(token)

@@ -48,6 +48,7 @@ from sagas.timing import (
     lease_seconds,
     task_timeout,
     timeout_at,
+    within_inline_budget,
 )
 
 log = structlog.get_logger("sagas.engine")
@@ -745,7 +746,7 @@ def write(
         fields["state"] = saga.state
     if saga.parked_on and "parked_on" not in fields:
         fields["parked_on"] = ""  # no longer waiting for a provider
-    go_on = rec.go_on and inline_ok
+    go_on = rec.go_on and inline_ok and within_inline_budget()
     if rec.go_on or rec.ring_after is not None:
         rec.ring_timeout = timeout_at(saga, fields.get("current_step", saga.current_step))
         # Straight on only into a step that fits this task's time limits; a longer one gets

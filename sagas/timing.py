@@ -8,6 +8,7 @@ so the three agree on what "this step may take T seconds" means.
 from __future__ import annotations
 
 import random
+import time
 from contextvars import ContextVar
 
 from django.conf import settings
@@ -47,6 +48,21 @@ def task_time_limits(timeout: float) -> tuple[float, float]:
 
 # The step timeout the running task was sent for (None: SAGA_STEP_TIMEOUT, the default limits).
 task_timeout: ContextVar[float | None] = ContextVar("saga_task_timeout", default=None)
+
+
+# When the running task's inline budget ends (time.monotonic()); None: no budget (a direct call).
+inline_until: ContextVar[float | None] = ContextVar("saga_inline_until", default=None)
+
+
+def within_inline_budget() -> bool:
+    """Whether the running task may still start another step itself.
+
+    Asked when the next step would start, not when the previous one did: a step that began
+    inside the budget may end well past it, and the task's time limits (step timeout plus
+    budget) only cover one step started inside it.
+    """
+    until = inline_until.get()
+    return until is None or time.monotonic() < until
 
 
 # Timeouts travel as time limits and back (soft limit minus the inline budget): compare them

@@ -221,3 +221,23 @@ def test_a_batch_refused_at_commit_goes_on_step_by_step(worker_factory, wait_for
     assert found == {(name, "do"): 1 for name in FIVE}
     assert succeeded_steps(saga.id) == FIVE
     assert step_commits(saga.id) > 1  # the batch's own commit never happened
+
+
+@pytest.mark.parametrize("saga_type", ["test5", "test_tx"])
+def test_a_long_step_inside_the_budget_does_not_carry_the_task_past_its_limits(
+    saga_type, worker_factory, wait_for
+):
+    """s2 starts inside the task's inline budget and runs 2.5 s of its 3 s timeout. Whether the
+    task goes straight on into s3 is asked when s3 would start, past the budget: s3 gets a task
+    of its own, and no step meets the soft time limit (3.5 s) of a task that ran two of them.
+    Asked when s2 started, s3 would run in the same task, hit that limit and spend an attempt
+    (a batch would then also be rolled back and rerun past its limit)."""
+    worker_factory(exclusive=True, name="budget")
+    with transaction.atomic():
+        saga = saga_start(
+            saga_type=saga_type, data={"script": {"s2": ["slow:2.5"], "s3": ["slow:2.5"]}}
+        )
+    saga = settled(saga.id, wait_for)
+    assert saga.state == SagaState.SUCCEEDED
+    assert not SagaEvent.objects.filter(saga_id=saga.id, kind="step_retry").exists()
+    assert saga.steps.get(name="s3").attempts == 1
