@@ -50,6 +50,7 @@ from sagas.doorbell import ring_on_commit
 from sagas.models import Saga, SagaEvent, SagaSignal, SagaState, SagaStep, StepStatus
 from sagas.provider_seam import call_step, gate, held_back
 from sagas.store import (
+    Batch,
     BatchBroken,
     Record,
     StepTransaction,
@@ -215,6 +216,13 @@ def _parked_for(saga: Saga, now: datetime) -> float:
     return 0.0 if since is None else (now - since).total_seconds()
 
 
+def _took(saga: Saga, step: Step, started: float, phase: str) -> float:
+    """Seconds since ``started`` (a step call's ``perf_counter``), counted in the step's latency."""
+    duration = time.perf_counter() - started
+    metrics.STEP_LATENCY.labels(saga.saga_type, step.name, phase).observe(duration)
+    return duration
+
+
 def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga | None:
     rec = Record()
     i = definition.index_of(saga.current_step)
@@ -278,8 +286,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
             result = call_step(action, ctx, ticket, step.non_retryable, tx, rec)
     except BusinessFailure as exc:
         tx.rollback()
-        duration = time.perf_counter() - started
-        metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
+        duration = _took(saga, step, started, "forward")
         rec.step_name = step.name
         rec.step_fields = {
             "status": StepStatus.FAILED,
@@ -303,8 +310,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
         return write(saga, rec, inline_ok=inline_ok)
     except Exception as exc:  # noqa: BLE001 - anything but a BusinessFailure is transient
         tx.rollback()
-        duration = time.perf_counter() - started
-        metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
+        duration = _took(saga, step, started, "forward")
         error = _describe(exc)
         rec.on_written = None  # a signal whose decision failed stays pending for the retry
         rec.step_name = step.name
@@ -336,8 +342,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
         raise
 
     try:
-        duration = time.perf_counter() - started
-        metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "forward").observe(duration)
+        duration = _took(saga, step, started, "forward")
         rec.step_name = step.name
         rec.step_fields = {
             "status": StepStatus.SUCCEEDED,
@@ -348,7 +353,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
         rec.fields["results"] = {**saga.results, step.name: result}
         rec.event("step_succeeded", saga, step=step.name, duration_ms=duration * 1e3)
         _next_step(definition, saga, rec, i)
-        if batch is not None and _batches_on(definition, saga, rec, i, tx, inline_ok=inline_ok):
+        if batch is not None and _batches_on(definition, saga, rec, i, tx, batch):
             return batch.defer(saga, rec, tx)
     except BaseException:
         tx.rollback()  # never leave a transactional step's transaction open on the connection
@@ -362,8 +367,7 @@ def _batches_on(
     rec: Record,
     i: int,
     tx: StepTransaction,
-    *,
-    inline_ok: bool,
+    batch: Batch,
 ) -> bool:
     """Whether step ``i``'s record may wait for the next step's (see :class:`sagas.store.Batch`).
 
@@ -373,16 +377,13 @@ def _batches_on(
     with a change hook (it hears of every record), and not into a step whose timeout this task
     cannot fit.
     """
-    if not (settings.SAGA_BATCH_STEPS and tx.open and rec.go_on and inline_ok):
-        return False
-    if not within_inline_budget():
+    if not (settings.SAGA_BATCH_STEPS and tx.open and rec.go_on and within_inline_budget()):
         return False
     if rec.transitions or rec.carried or rec.on_written is not None or rec.ring_after is not None:
         return False
     if connection.vendor != "postgresql":
         return False  # SQLite would hold its one write lock across the steps
-    batch = current_batch()
-    if batch is not None and not batch.pending:
+    if not batch.pending:
         # A worker lost mid-batch leaves the row at the batch's first step, so the claim that
         # picks the saga up again counts its attempt there: never start at a step that cannot
         # spare one, nor at the pivot (an attempt past the first means "may have run"); nor at
@@ -500,8 +501,7 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
             call_step(step.compensate, ctx, ticket, tx=tx, rec=rec)
     except Exception as exc:  # noqa: BLE001 - a compensation must eventually succeed or escalate
         tx.rollback()
-        duration = time.perf_counter() - started
-        metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "compensation").observe(duration)
+        duration = _took(saga, step, started, "compensation")
         error = _describe(exc)
         wait = held_back(saga, step, ticket, last=saga.attempt >= max_attempts)
         if wait is not None:
@@ -542,8 +542,7 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
         tx.rollback()
         raise
 
-    duration = time.perf_counter() - started
-    metrics.STEP_LATENCY.labels(saga.saga_type, step.name, "compensation").observe(duration)
+    duration = _took(saga, step, started, "compensation")
     metrics.COMPENSATIONS.labels(saga.saga_type, step.name).inc()
     rec.step_fields = {"status": StepStatus.COMPENSATED, "compensation_attempts": saga.attempt}
     rec.event("compensation_succeeded", saga, step=step.name, duration_ms=duration * 1e3)
@@ -651,28 +650,22 @@ def _hand_back(saga: Saga, timeout: float) -> None:
     """The claimed step needs longer than this task may run (its doorbell was rung without the
     step's timeout): release the claim as if it never happened (no attempt counted) and ring
     again with time limits that fit the step."""
-    with transaction.atomic():
-        updated = fenced_update(
-            saga.id,
-            saga.version,
-            {"lease_until": None, "next_attempt_at": timezone.now(), "attempt": saga.attempt - 1},
-        )
-        if updated is not None:
-            ring_on_commit(saga.id, updated.version, None, timeout)
+    _let_go(saga, timeout, attempt=saga.attempt - 1)
     log.info("saga.handed_back", saga_id=str(saga.id), step=saga.current_step, timeout=timeout)
     return None
 
 
-def _release(saga: Saga) -> None:
-    """Let go of a claimed saga whose work is due now, for a task of its own: the attempt the
-    claim counted stays counted (that task goes step by step, so it lands on the step that
-    needs it)."""
+def _let_go(saga: Saga, timeout: float, **fields: Any) -> None:
+    """End this task's claim (the lease) with the saga due now, and ring for a task of its own
+    with time limits that fit ``timeout``; ``fields``: more columns to set in the same write."""
     with transaction.atomic():
         updated = fenced_update(
-            saga.id, saga.version, {"lease_until": None, "next_attempt_at": timezone.now()}
+            saga.id,
+            saga.version,
+            {"lease_until": None, "next_attempt_at": timezone.now(), **fields},
         )
         if updated is not None:
-            ring_on_commit(saga.id, updated.version, None, timeout_at(saga, saga.current_step))
+            ring_on_commit(saga.id, updated.version, None, timeout)
 
 
 def _after_broken_batch(snapshot: Saga) -> Saga | None:
@@ -705,7 +698,6 @@ def advance(saga_id: Any, version: int, timeout: float | None = None) -> None:
         if saga is None:
             metrics.STALE_DELIVERIES.inc()
             return
-        budget = settings.SAGA_INLINE_BUDGET
         # A saga claimed again (its last task died, or its record was fenced off) runs this
         # task step by step, so a step that keeps failing is found and charged.
         batching = open_batch(enabled=saga.attempt == 1)
@@ -713,7 +705,7 @@ def advance(saga_id: Any, version: int, timeout: float | None = None) -> None:
             with tracing.saga_span("saga.task", saga):
                 while saga is not None:
                     try:
-                        saga = run_claimed(saga, inline_ok=time.monotonic() - started < budget)
+                        saga = run_claimed(saga, inline_ok=within_inline_budget())
                     except BatchBroken as broken:
                         # Rolled back: go on step by step, one record each, as usual; or, past
                         # the budget (the batch's last step ran long), in a task of its own.
@@ -721,7 +713,9 @@ def advance(saga_id: Any, version: int, timeout: float | None = None) -> None:
                         batching = open_batch(enabled=False)
                         saga = _after_broken_batch(broken.snapshot)
                         if saga is not None and not within_inline_budget():
-                            _release(saga)
+                            # The attempt the claim counted stays counted: that task goes step
+                            # by step, so it lands on the step that needs it.
+                            _let_go(saga, timeout_at(saga, saga.current_step))
                             saga = None
         finally:
             close_batch(batching)
