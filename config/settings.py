@@ -333,6 +333,19 @@ SAGA_ASYNC_LEASE_COMMITS = env.bool("SAGA_ASYNC_LEASE_COMMITS", default=True)
 # PostgreSQL: transactional steps that follow each other in one task share one transaction and
 # one record (sagas.store.Batch); off, each commits with its own record.
 SAGA_BATCH_STEPS = env.bool("SAGA_BATCH_STEPS", default=True)
+# Pump slots (sagas.pumps): at most this many doorbells for "due now" sagas are out at once;
+# past that, a start or hand-over sends no message and a running pump claims the saga from the
+# database. It bounds how many sagas run at once, so keep it at or above the pool slots of all
+# workers on the queue together. 0: one doorbell per saga, always. The slots live in Redis:
+# the cache's when it is Redis, else the broker's; with neither, every saga gets its own.
+SAGA_PUMPS = env.int("SAGA_PUMPS", default=128)
+if CACHE_URL.startswith(("redis://", "rediss://")):
+    _pump_redis = CACHE_URL
+elif CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    _pump_redis = CELERY_BROKER_URL
+else:
+    _pump_redis = ""
+SAGA_PUMP_REDIS_URL = env("SAGA_PUMP_REDIS_URL", default=_pump_redis)
 # PostgreSQL: the engine's own statements (claim, record) are prepared once per connection
 # instead of parsed and planned on every run. Turn off behind a pooler that cannot keep prepared
 # statements (PgBouncer in transaction mode before 1.21, or without max_prepared_statements).

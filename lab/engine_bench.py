@@ -269,8 +269,9 @@ def engine_queries_per_step(saga_type: str = "bench5") -> float:
     bench.ensure_table()
     with transaction.atomic():
         saga = saga_start(saga_type=saga_type, data={"run": f"q-{uuid.uuid4().hex[:8]}", "n": 0})
-        # Take the saga away from the doorbell that rings on commit; this run is in-process.
-        Saga.objects.filter(pk=saga.pk).update(version=10_000)
+        # Take the saga away from the doorbell that rings on commit (it names version 0) and
+        # from the pumps (they claim only sagas with a due time); this run is in-process.
+        Saga.objects.filter(pk=saga.pk).update(version=10_000, next_attempt_at=None)
     # The saga's transition lines would land among the benchmark's results: not wanted there.
     engine_log = logging.getLogger("sagas.engine")
     level = engine_log.level

@@ -25,6 +25,7 @@ from django.db import transaction
 from kombu import Queue
 from kombu.utils.uuid import uuid
 
+from sagas import metrics, pumps
 from sagas.timing import task_time_limits
 
 log = structlog.get_logger("sagas.engine")
@@ -53,19 +54,44 @@ def _limits(timeout: float | None) -> dict[str, float]:
     return {"soft_time_limit": soft, "time_limit": hard}
 
 
+#: The message header that gives a doorbell's task a pump slot (see :mod:`sagas.pumps`).
+PUMP_HEADER = "saga_pump"
+
+
 def ring(
-    saga_id: Any, version: int, countdown: float | None = None, timeout: float | None = None
+    saga_id: Any,
+    version: int,
+    countdown: float | None = None,
+    timeout: float | None = None,
+    *,
+    due_now: bool = False,
+    pump: str | None = None,
 ) -> None:
     """Send "saga X at version V may have work". Never raises: the row is already safe.
 
     A broker that is down or restarting must not fail the request or the step that committed;
     the sweeper rings again once the broker is back. ``timeout`` is the timeout of the step
     the saga will run: the task gets time limits that fit it.
+
+    ``due_now``: the saga's row is due now with no lease (a start, a hand-over), so a pump can
+    find it (:mod:`sagas.pumps`). If its step fits the default time limits, the doorbell asks
+    for a pump slot first: with every slot taken it is not sent at all. ``pump``: a slot this
+    caller already holds, handed on to the task.
     """
     global _broker_down_until
     if time.monotonic() < _broker_down_until:
         log.debug("saga.doorbell_skipped", saga_id=str(saga_id), version=version)
+        if pump is not None:
+            pumps.release(pump)
         return
+    if due_now and pump is None and not countdown and not _limits(timeout):
+        slot = pumps.acquire()
+        if slot is None:
+            metrics.DOORBELLS_COALESCED.inc()
+            log.debug("saga.doorbell_coalesced", saga_id=str(saga_id), version=version)
+            return
+        if isinstance(slot, str):
+            pump = slot
     run_saga = _run_task()
     try:
         run_saga.apply_async(
@@ -73,18 +99,26 @@ def ring(
             countdown=countdown if countdown and countdown > 0 else None,
             retry=True,
             retry_policy={"max_retries": 1, "interval_start": 0.05, "interval_step": 0.2},
+            headers=None if pump is None else {PUMP_HEADER: pump},
             **_limits(timeout),
         )
     except Exception as exc:  # noqa: BLE001 - any broker failure is logged and forgotten
         _broker_down_until = time.monotonic() + _BREAKER_SECONDS
         log.warning("saga.doorbell_failed", saga_id=str(saga_id), version=version, error=repr(exc))
+        if pump is not None:
+            pumps.release(pump)  # nobody will run it: a later ring may take the slot
 
 
 def ring_on_commit(
-    saga_id: Any, version: int, countdown: float | None = None, timeout: float | None = None
+    saga_id: Any,
+    version: int,
+    countdown: float | None = None,
+    timeout: float | None = None,
+    *,
+    due_now: bool = False,
 ) -> None:
     """:func:`ring` once the caller's transaction commits: never for a change rolled back."""
-    transaction.on_commit(lambda: ring(saga_id, version, countdown, timeout))
+    transaction.on_commit(lambda: ring(saga_id, version, countdown, timeout, due_now=due_now))
 
 
 def ring_many(doorbells: Sequence[tuple[Any, int, float | None]], spread: float = 0.0) -> None:

@@ -45,6 +45,12 @@ STALE_DELIVERIES = Counter(
     "saga_stale_deliveries_total", "Task deliveries fenced off as stale or duplicate"
 )
 SWEEP_REDISPATCHED = Counter("saga_sweep_redispatched_total", "Sagas re-rung by the sweeper")
+PUMP_CLAIMS = Counter(
+    "saga_pump_claims_total", "Sagas a pump claimed from the database (no doorbell of their own)"
+)
+DOORBELLS_COALESCED = Counter(
+    "saga_doorbells_coalesced_total", "Doorbells not sent because every pump slot was taken"
+)
 SWEEP_HELD_BACK = Counter(
     "saga_sweep_held_back_total",
     "Repeat re-rings the sweeper held back while the queue could still hold their doorbells",

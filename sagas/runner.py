@@ -22,6 +22,7 @@ key, so the participant returns its first result.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -35,7 +36,7 @@ from django.utils import timezone
 
 from providers import breaker as provider_breaker
 from providers.config import breakers_enabled
-from sagas import metrics, tracing, waits
+from sagas import metrics, pumps, tracing, waits
 from sagas.definition import (
     BusinessFailure,
     RetryPolicy,
@@ -46,7 +47,7 @@ from sagas.definition import (
     next_compensable,
     step_context,
 )
-from sagas.doorbell import ring_on_commit
+from sagas.doorbell import ring, ring_on_commit
 from sagas.models import Saga, SagaEvent, SagaSignal, SagaState, SagaStep, StepStatus
 from sagas.provider_seam import call_step, gate, held_back
 from sagas.store import (
@@ -55,8 +56,10 @@ from sagas.store import (
     Record,
     StepTransaction,
     claim,
+    claim_due,
     close_batch,
     current_batch,
+    due_saga,
     fenced_update,
     open_batch,
     write,
@@ -684,11 +687,14 @@ def _after_broken_batch(snapshot: Saga) -> Saga | None:
     return row
 
 
-def advance(saga_id: Any, version: int, timeout: float | None = None) -> None:
+def advance(
+    saga_id: Any, version: int, timeout: float | None = None, *, pump: str | None = None
+) -> None:
     """The body of the ``sagas.run`` task: claim, then run due work within a time budget.
 
     ``timeout`` is the step timeout the task was sent for (its time limits derive from it);
-    ``None`` means ``SAGA_STEP_TIMEOUT``.
+    ``None`` means ``SAGA_STEP_TIMEOUT``. ``pump``: the doorbell came with a pump slot, so the
+    task goes on to other due sagas after this one (:mod:`sagas.pumps`).
     """
     started = time.monotonic()
     token = task_timeout.set(timeout)
@@ -697,28 +703,88 @@ def advance(saga_id: Any, version: int, timeout: float | None = None) -> None:
         saga = claim(saga_id, version, timeout)
         if saga is None:
             metrics.STALE_DELIVERIES.inc()
-            return
-        # A saga claimed again (its last task died, or its record was fenced off) runs this
-        # task step by step, so a step that keeps failing is found and charged.
-        batching = open_batch(enabled=saga.attempt == 1)
-        try:
-            with tracing.saga_span("saga.task", saga):
-                while saga is not None:
-                    try:
-                        saga = run_claimed(saga, inline_ok=within_inline_budget())
-                    except BatchBroken as broken:
-                        # Rolled back: go on step by step, one record each, as usual; or, past
-                        # the budget (the batch's last step ran long), in a task of its own.
-                        close_batch(batching)
-                        batching = open_batch(enabled=False)
-                        saga = _after_broken_batch(broken.snapshot)
-                        if saga is not None and not within_inline_budget():
-                            # The attempt the claim counted stays counted: that task goes step
-                            # by step, so it lands on the step that needs it.
-                            _let_go(saga, timeout_at(saga, saga.current_step))
-                            saga = None
-        finally:
-            close_batch(batching)
+        if pump is not None:
+            _pump(saga, pump)
+        elif saga is not None:
+            _drive(saga)
     finally:
         inline_until.reset(until)
         task_timeout.reset(token)
+
+
+def _drive(claimed: Saga) -> None:
+    """Run a claimed saga's due work, step after step, while this task's budget lasts."""
+    # A saga claimed again (its last task died, or its record was fenced off) runs this task
+    # step by step, so a step that keeps failing is found and charged.
+    batching = open_batch(enabled=claimed.attempt == 1)
+    saga: Saga | None = claimed
+    try:
+        with tracing.saga_span("saga.task", claimed):
+            while saga is not None:
+                try:
+                    saga = run_claimed(saga, inline_ok=within_inline_budget())
+                except BatchBroken as broken:
+                    # Rolled back: go on step by step, one record each, as usual; or, past the
+                    # budget (the batch's last step ran long), in a task of its own.
+                    close_batch(batching)
+                    batching = open_batch(enabled=False)
+                    saga = _after_broken_batch(broken.snapshot)
+                    if saga is not None and not within_inline_budget():
+                        # The attempt the claim counted stays counted: that task goes step by
+                        # step, so it lands on the step that needs it.
+                        _let_go(saga, timeout_at(saga, saga.current_step))
+                        saga = None
+    finally:
+        close_batch(batching)
+
+
+def _pump(saga: Saga | None, slot: str) -> None:
+    """Run ``saga`` (if the doorbell's claim got it), then the oldest due sagas, while the
+    budget lasts; then give the slot back and look once more (see :mod:`sagas.pumps`).
+
+    The last look comes after the slot is back: a start that found every slot taken rang
+    nothing, and counts on it. If it finds a due saga, the task takes a slot again and goes on
+    (within its budget) or hands the slot to a doorbell for that saga; with every slot taken,
+    their holders look after this one.
+    """
+    # A task sent with shorter limits than the default (a sender with another budget) would
+    # hand back every saga it took: it runs its own saga only, but still looks at the end.
+    pumping = current_task_timeout() + TIMEOUT_SLACK >= settings.SAGA_STEP_TIMEOUT
+    held: str | None = slot
+    try:
+        if saga is not None:
+            _drive(saga)
+        while True:
+            took = 0
+            while pumping and within_inline_budget():
+                saga = claim_due()
+                if saga is None:
+                    break
+                took += 1
+                metrics.PUMP_CLAIMS.inc()
+                _drive(saga)
+            pumps.release(slot)
+            held = None
+            due = due_saga()
+            if due is None:
+                return
+            got = pumps.acquire()
+            if not isinstance(got, str):
+                return  # every slot is taken (their holders look next), or no slots any more
+            held = slot = got
+            if not (pumping and took and within_inline_budget()):
+                # Out of budget; or this round took nothing (the saga it sees is locked by
+                # someone for now): a doorbell with the slot, rather than looking again here.
+                held = None
+                ring(due[0], due[1], pump=slot)
+                return
+    except BaseException:
+        if held is not None:
+            pumps.release(held)
+            held = None
+            with contextlib.suppress(Exception):  # the task is failing: the look is a bonus
+                due = due_saga()
+                got = pumps.acquire() if due is not None else None
+                if due is not None and isinstance(got, str):
+                    ring(due[0], due[1], pump=got)
+        raise

@@ -183,7 +183,7 @@ def saga_start(
             saga=saga, at=now, kind="started", detail=f"type {saga_type} v{definition.version}"
         ),
     )
-    ring_on_commit(saga.id, saga.version, None, step_timeout(definition.steps[0]))
+    ring_on_commit(saga.id, saga.version, None, step_timeout(definition.steps[0]), due_now=True)
     transaction.on_commit(lambda: metrics.SAGAS_STARTED.labels(saga_type).inc())
     return saga
 

@@ -46,6 +46,7 @@ from sagas.timing import (
     current_task_timeout,
     lease_only_commits,
     lease_seconds,
+    step_timeout,
     task_timeout,
     timeout_at,
     within_inline_budget,
@@ -542,6 +543,116 @@ def claim(saga_id: Any, version: int, timeout: float | None = None) -> Saga | No
     return _fetch_saga(sql, params)
 
 
+def claim_due() -> Saga | None:
+    """Take the oldest saga that is due now and free, for a pump (see :mod:`sagas.pumps`);
+    ``None`` if there is none. PostgreSQL only.
+
+    One statement: ``UPDATE ... WHERE id = (SELECT ... ORDER BY next_attempt_at LIMIT 1 FOR
+    UPDATE SKIP LOCKED) RETURNING *``, so pumps at once take different sagas, and a doorbell
+    still on its way for the saga finds it claimed (a stale delivery, fenced as ever). The same
+    conditions as a doorbell's claim (active, due, lease over, a definition this process has);
+    and not a saga whose step needs longer than ``SAGA_STEP_TIMEOUT``: a pump's task has the
+    default time limits, so that saga keeps the doorbell sent with its own.
+    """
+    if connection.vendor != "postgresql":
+        return None
+    now = timezone.now()
+    known, long_steps = _known_definitions(), _long_steps()
+    shape = ("claim_due", len(known), len(long_steps), lease_only_commits())
+    sql = _SQL_BY_SHAPE.get(shape)
+    if sql is None:
+        qn = connection.ops.quote_name
+        sets = ", ".join(
+            [f"{qn('version')} = {qn('version')} + 1", f"{qn('attempt')} = {qn('attempt')} + 1"]
+            + [f"{qn(c)} = %s" for c in ("lease_until", "sweeps", "updated_at")]
+        )
+        columns = ", ".join(qn(_column(f)) for f in _SAGA_FIELDS)
+        table = qn(Saga._meta.db_table)
+        sql = (
+            f"UPDATE {table} SET {sets} WHERE {qn('id')} = (SELECT {qn('id')} FROM {table} "
+            f"WHERE {_due_text(len(known), len(long_steps))} ORDER BY {qn('next_attempt_at')} "
+            f"LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {columns}"
+        )
+        if lease_only_commits():
+            sql = _no_flush_wait(sql)
+        sql = _SQL_BY_SHAPE[shape] = sql
+    params = [
+        prep("lease_until", now + timedelta(seconds=lease_seconds())),
+        0,
+        prep("updated_at", now),
+        *_due_params(now, known, long_steps),
+    ]
+    return _fetch_saga(sql, params)
+
+
+def due_saga() -> tuple[Any, int] | None:
+    """``(id, version)`` of the saga :func:`claim_due` would take now, without taking it."""
+    if connection.vendor != "postgresql":
+        return None
+    now = timezone.now()
+    known, long_steps = _known_definitions(), _long_steps()
+    shape = ("due_saga", len(known), len(long_steps))
+    sql = _SQL_BY_SHAPE.get(shape)
+    if sql is None:
+        qn = connection.ops.quote_name
+        sql = _SQL_BY_SHAPE[shape] = (
+            f"SELECT {qn('id')}, {qn('version')} FROM {qn(Saga._meta.db_table)} "
+            f"WHERE {_due_text(len(known), len(long_steps))} "
+            f"ORDER BY {qn('next_attempt_at')} LIMIT 1"
+        )
+    with _saga_cursor() as cursor:
+        cursor.execute(sql, _due_params(now, known, long_steps))
+        row = cursor.fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+def _due_text(n_known: int, n_long: int) -> str:
+    """The WHERE of a due, free saga a pump may take (parameters: :func:`_due_params`).
+
+    The states are literals, not parameters: the partial index of active sagas by due time
+    (``saga_due_active_idx``) is then usable by a prepared statement's generic plan too.
+    """
+    qn = connection.ops.quote_name
+    states = ", ".join(f"'{s}'" for s in _ACTIVE)
+    where = [
+        f"{qn('state')} IN ({states})",
+        f"{qn('next_attempt_at')} <= %s",
+        f"({qn('lease_until')} IS NULL OR {qn('lease_until')} <= %s)",
+        f"({qn('saga_type')}, {qn('definition_version')}, {qn('definition_fingerprint')}) "
+        f"IN ({', '.join(['(%s, %s, %s)'] * n_known)})",
+    ]
+    if n_long:
+        where.append(
+            f"({qn('saga_type')}, {qn('definition_version')}, {qn('current_step')}) "
+            f"NOT IN ({', '.join(['(%s, %s, %s)'] * n_long)})"
+        )
+    return " AND ".join(where)
+
+
+def _due_params(
+    now: datetime, known: list[tuple[str, int, str]], long_steps: list[tuple[str, int, str]]
+) -> list[Any]:
+    params: list[Any] = [
+        prep("next_attempt_at", now + _DUE_TOLERANCE),
+        prep("lease_until", now),
+    ]
+    for triple in (*known, *long_steps):
+        params += triple
+    return params
+
+
+def _long_steps() -> list[tuple[str, int, str]]:
+    """``(type, version, step)`` of registered steps with a timeout above
+    ``SAGA_STEP_TIMEOUT``."""
+    default = settings.SAGA_STEP_TIMEOUT + TIMEOUT_SLACK
+    return [
+        (d.saga_type, d.version, step.name)
+        for d in registered_definitions()
+        for step in d.steps
+        if step_timeout(step) > default
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # The record: everything one outcome changes, written in one fenced transaction
 # ---------------------------------------------------------------------------------------------
@@ -833,7 +944,13 @@ def _write_record(
     if updated is None:
         raise _Fenced
     if rec.ring_after is not None or (rec.go_on and not go_on):
-        ring_on_commit(saga.id, updated.version, rec.ring_after, rec.ring_timeout)
+        ring_on_commit(
+            saga.id,
+            updated.version,
+            rec.ring_after,
+            rec.ring_timeout,
+            due_now=rec.ring_after is None,  # a hand-over: due now, no lease (see write)
+        )
     return updated
 
 
@@ -858,5 +975,11 @@ def _write_portable(
                 [SagaEvent(saga_id=saga.id, **{"at": now, **e}) for e in rec.events]
             )
         if rec.ring_after is not None or (rec.go_on and not go_on):
-            ring_on_commit(saga.id, updated.version, rec.ring_after, rec.ring_timeout)
+            ring_on_commit(
+                saga.id,
+                updated.version,
+                rec.ring_after,
+                rec.ring_timeout,
+                due_now=rec.ring_after is None,  # a hand-over: due now, no lease (see write)
+            )
     return updated

@@ -9,7 +9,7 @@ from celery import Task, shared_task
 from django.conf import settings
 
 from config.periodic import missed_run_is_one_line
-from sagas.doorbell import RUN_TASK
+from sagas.doorbell import PUMP_HEADER, RUN_TASK
 from sagas.runner import advance
 from sagas.sweeper import sweep
 
@@ -19,11 +19,12 @@ def run_saga(self: Task, saga_id: str, version: int) -> None:
     """The doorbell: saga ``saga_id`` at ``version`` may have work now.
 
     A doorbell for a step with its own timeout carries time limits that fit it; the task
-    hands that timeout to the engine, which sizes the lease from it.
+    hands that timeout to the engine, which sizes the lease from it. A doorbell with a pump
+    slot (its ``saga_pump`` header, see :mod:`sagas.pumps`) goes on to other due sagas.
     """
     soft = (self.request.timelimit or (None, None))[1]
     timeout = None if soft is None else float(soft) - settings.SAGA_INLINE_BUDGET
-    advance(saga_id, version, timeout)
+    advance(saga_id, version, timeout, pump=self.request.get(PUMP_HEADER))
 
 
 @shared_task(name="sagas.sweep", ignore_result=True)

@@ -19,6 +19,7 @@ from sagas.models import Saga, SagaState
 from sagas.runner import advance
 from sagas.timing import step_timeout
 from tests import conftest
+from tests.sagas.inprocess import out_of_workers_reach
 
 from .conftest import make_product, place
 
@@ -71,8 +72,7 @@ def test_one_happy_order_saga_costs_at_most_57_round_trips(customer):
     for _ in range(2):
         with transaction.atomic():
             order = place(customer, [("widget", 1)])
-            # Out of the doorbell's reach before it rings on commit: this run is in-process.
-            Saga.objects.filter(pk=order.saga_id).update(version=10_000)
+            out_of_workers_reach(order.saga_id, 10_000)  # this run is in-process
         orders.append(order)
     _run_in_process(orders[0])  # the first creates the breakers' rows, as a worker's first does
     sql = _run_in_process(orders[1])

@@ -28,6 +28,7 @@ from sagas.services import (
 from sagas.sweeper import sweep
 from sagas.tasks import run_saga
 from tests.conftest import purge_queue
+from tests.sagas.inprocess import out_of_workers_reach
 from tests.sagas.sagatypes import FIVE, effects, ensure_effects_table
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
@@ -378,7 +379,9 @@ def test_cancel_after_the_pivot_is_refused(celery_worker, wait_for):
     # At the pivot itself (running, not yet settled) the refusal names the pivot.
     with transaction.atomic():
         waiting = saga_start(saga_type="test_pivot", data={})
-        Saga.objects.filter(pk=waiting.pk).update(step_index=3, current_step="s4", version=99)
+        Saga.objects.filter(pk=waiting.pk).update(
+            step_index=3, current_step="s4", version=99, next_attempt_at=None
+        )
     with pytest.raises(SagaOperationRefused) as refused:
         saga_request_cancel(saga_id=waiting.id, reason="customer_cancelled")
     assert refused.value.code == "pivot_reached"
@@ -485,8 +488,7 @@ def test_engine_overhead_queries_per_step_are_pinned(celery_worker, wait_for, se
     assert worker_saga.state == SagaState.SUCCEEDED
     with transaction.atomic():
         saga = saga_start(saga_type="test5", data={"script": {}})
-        # The doorbell would race this in-process run; take the version it carries first.
-        Saga.objects.filter(pk=saga.pk).update(version=1000)
+        out_of_workers_reach(saga.pk)  # the doorbell, or a pump, would race this run
     with CaptureQueriesContext(connection) as ctx:
         advance(saga.id, 1000)
     saga = Saga.objects.get(pk=saga.id)
@@ -515,7 +517,7 @@ def test_only_commits_that_hand_the_saga_on_wait_for_the_disk(
     settings.SAGA_INLINE_BUDGET = 60.0  # all five steps in this one call
     with transaction.atomic():
         saga = saga_start(saga_type="test5", data={"script": {}})
-        Saga.objects.filter(pk=saga.pk).update(version=1000)  # out of the doorbell's reach
+        out_of_workers_reach(saga.pk)
     with CaptureQueriesContext(connection) as ctx:
         advance(saga.id, 1000)
     assert Saga.objects.get(pk=saga.id).state == SagaState.SUCCEEDED

@@ -16,6 +16,7 @@ from django.test.utils import CaptureQueriesContext
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep
 from sagas.runner import advance
 from sagas.services import saga_start
+from tests.sagas.inprocess import out_of_workers_reach
 from tests.sagas.sagatypes import ensure_effects_table
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
@@ -33,8 +34,7 @@ def _fresh_connection(transactional_db, settings):
 def _run_one_saga() -> Saga:
     with transaction.atomic():
         saga = saga_start(saga_type="test5", data={"script": {}})
-        # Before the commit rings: a worker's doorbell (version 0) finds nothing to claim.
-        Saga.objects.filter(pk=saga.pk).update(version=1000)
+        out_of_workers_reach(saga.pk)
     advance(saga.id, 1000)
     saga = Saga.objects.get(pk=saga.pk)
     assert saga.state == SagaState.SUCCEEDED

@@ -1,0 +1,210 @@
+"""Pump slots: fewer doorbells than sagas when many are due at once, and none forgotten.
+
+A doorbell sent with a pump slot (its ``saga_pump`` header) runs its saga, then claims the
+oldest due sagas from the database. While every slot is taken, a start sends no message at all.
+The tests count the messages on this session's queue (``queued_doorbells``) and the ``sagas.run``
+tasks a worker started (``SAGA_TEST_RECORD_DELIVERIES``), and check every saga still succeeds.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from django.db import transaction
+
+from config.celery import app
+from sagas import pumps
+from sagas.doorbell import PUMP_HEADER, queued_doorbells
+from sagas.models import Saga, SagaState
+from sagas.runner import _pump
+from sagas.services import saga_start
+from sagas.store import claim_due, due_saga
+from sagas.timing import inline_until
+from tests.conftest import REPO_ROOT, _worker_env, purge_queue
+from tests.sagas.sagatypes import (
+    FIVE,
+    RECORD_DELIVERIES,
+    effects,
+    ensure_deliveries_table,
+    ensure_effects_table,
+)
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture(autouse=True)
+def _tables(transactional_db):
+    ensure_effects_table()
+    ensure_deliveries_table()
+
+
+@pytest.fixture
+def slots(settings):
+    """A few slots, none held when the test starts or ends (the key is this session's own)."""
+    settings.SAGA_PUMPS = 3
+    script = pumps._script()
+    assert script is not None, "the tests run with Redis: pump slots must be in use"
+    client = script.registered_client
+    client.delete(pumps.key())
+    pumps._down_until = 0.0
+    yield client
+    client.delete(pumps.key())
+
+
+@pytest.fixture
+def quiet_queue(worker_factory):
+    """Nothing consumes this session's queue during the test (its messages stay countable)."""
+    worker_factory(name="idle", exclusive=True).pause_consuming()
+    purge_queue()
+    yield
+    purge_queue()
+
+
+def start(saga_type: str = "test5") -> Saga:
+    with transaction.atomic():
+        return saga_start(saga_type=saga_type, data={"script": {}})
+
+
+def _queued() -> int:
+    depth = queued_doorbells()
+    assert depth is not None
+    return depth
+
+
+def _run_tasks(saga_ids: list[str]) -> int:
+    """``sagas.run`` tasks the recording worker started for these sagas."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM test_saga_deliveries WHERE saga_id = ANY(%s)", [saga_ids]
+        )
+        return cursor.fetchone()[0]
+
+
+def _start_from_a_process_with(env: dict[str, str], count: int) -> list[str]:
+    """Start ``count`` sagas from a process of its own configured with ``env`` (as a web process
+    of the same deployment would be: its doorbells carry the time limits it configures)."""
+    code = (
+        "from django.db import transaction\n"
+        "from sagas.services import saga_start\n"
+        f"for _ in range({count}):\n"
+        "    with transaction.atomic():\n"
+        "        print(saga_start(saga_type='test5', data={'script': {}}).id)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", code],
+        cwd=REPO_ROOT,
+        env=_worker_env(env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-count:]
+
+
+def test_with_every_slot_taken_starts_send_nothing_and_the_pumps_run_them(
+    slots, worker_factory, wait_for
+):
+    """Twenty starts with three slots: three messages on the queue, no more. A worker then runs
+    all twenty: the pumps claim the other seventeen from the database."""
+    # A budget of 30 s in the worker and in the starting process alike (a task's limits come
+    # from its sender), so however loaded the machine, a pump never runs out of budget here.
+    env = {"SAGA_PUMPS": "3", "SAGA_INLINE_BUDGET": "30"}
+    worker = worker_factory({RECORD_DELIVERIES: "1", **env}, name="pump", exclusive=True)
+    worker.pause_consuming()
+    purge_queue()
+    ids = _start_from_a_process_with(env, 20)
+    assert _queued() == 3
+    assert pumps.held() == 3
+    worker.resume_consuming()
+    wait_for(
+        lambda: Saga.objects.filter(state=SagaState.SUCCEEDED, id__in=ids).count() == 20,
+        timeout=60,
+        describe=lambda: list(Saga.objects.filter(id__in=ids).values_list("state", "version")),
+    )
+    for saga_id in ids:
+        assert effects(saga_id) == {(name, "do"): 1 for name in FIVE}
+    # Three doorbells were ever sent for twenty sagas, and each pump gave its slot back.
+    assert _run_tasks(ids) == 3
+    wait_for(lambda: pumps.held() == 0, describe=pumps.held)
+
+
+def test_with_slots_off_every_start_sends_its_own_doorbell(settings, slots, quiet_queue):
+    """``SAGA_PUMPS=0``: one message per saga, as before slots existed."""
+    settings.SAGA_PUMPS = 0
+    for _ in range(20):
+        start()
+    assert _queued() == 20
+    assert pumps.held() == 0
+
+
+def test_a_pump_runs_a_saga_whose_start_found_every_slot_taken(slots, settings, quiet_queue):
+    """The start rang nothing (one slot, held); the pump holding it claims the saga from the
+    database, runs it to the end, and gives the slot back."""
+    settings.SAGA_PUMPS = 1
+    slot = pumps.acquire()
+    assert isinstance(slot, str)
+    saga = start()
+    assert _queued() == 0
+    until = inline_until.set(time.monotonic() + 30)
+    try:
+        _pump(None, slot)
+    finally:
+        inline_until.reset(until)
+    saga.refresh_from_db()
+    assert saga.state == SagaState.SUCCEEDED
+    assert effects(saga.id) == {(name, "do"): 1 for name in FIVE}
+    assert pumps.held() == 0
+    assert _queued() == 0
+
+
+def test_a_pump_out_of_budget_hands_its_slot_to_a_doorbell_for_the_saga_it_finds(
+    slots, settings, quiet_queue
+):
+    """The last look after the slot is given back: a saga came in while the only slot was held
+    (its start rang nothing). The pump, out of budget, takes a slot again and sends a doorbell
+    for that saga carrying it, so the saga is not left to the sweeper."""
+    settings.SAGA_PUMPS = 1
+    slot = pumps.acquire()
+    assert isinstance(slot, str)
+    saga = start()
+    assert _queued() == 0
+    until = inline_until.set(time.monotonic() - 1)  # the budget is spent
+    try:
+        _pump(None, slot)
+    finally:
+        inline_until.reset(until)
+    assert _queued() == 1
+    assert pumps.held() == 1
+    with app.connection_for_read() as conn:
+        message = conn.SimpleQueue(settings.CELERY_TASK_DEFAULT_QUEUE, no_ack=True).get(timeout=5)
+    assert message.headers["task"] == "sagas.run"
+    assert message.headers["argsrepr"] == repr((str(saga.id), saga.version))
+    assert message.headers[PUMP_HEADER] not in ("", None, slot)
+
+
+def test_pumps_leave_a_step_longer_than_the_default_timeout_to_its_own_doorbell(slots, quiet_queue):
+    """``policy``'s ``slow`` step has 8 s, more than a pump's task may run: a pump passes it by."""
+    saga = start("policy")
+    Saga.objects.filter(pk=saga.id).update(current_step="slow", step_index=2)
+    assert due_saga() is None
+    assert claim_due() is None
+    Saga.objects.filter(pk=saga.id).update(current_step="quick", step_index=0)
+    assert due_saga() == (saga.id, saga.version)
+    claimed = claim_due()
+    assert claimed is not None and claimed.id == saga.id and claimed.version == saga.version + 1
+
+
+def test_a_slot_its_holder_never_gives_back_expires(slots, settings, wait_for):
+    """A pump killed with its slot: the slot is free again after a lease."""
+    settings.SAGA_PUMPS = 1
+    settings.SAGA_STEP_TIMEOUT = 0.1
+    settings.SAGA_INLINE_BUDGET = 0.0  # a lease of 5.1 s
+    assert isinstance(pumps.acquire(), str)
+    assert pumps.acquire() is None
+    wait_for(lambda: isinstance(pumps.acquire(), str), timeout=20, describe=pumps.held)
