@@ -97,6 +97,13 @@ class Saga(FSMModelMixin, models.Model):
                 condition=Q(state__in=["running", "compensating"]),
             ),
             # The sweeper's deadline pass: running sagas with no cancel requested yet.
+            # The pumps (sagas.store.claim_due): due sagas no task holds, oldest first. Rows
+            # leave it as soon as a task takes them, so a pump never scans past running work.
+            models.Index(
+                fields=["next_attempt_at"],
+                name="saga_due_free_idx",
+                condition=Q(state__in=["running", "compensating"], lease_until__isnull=True),
+            ),
             models.Index(
                 fields=["deadline_at"],
                 name="saga_deadline_running_idx",

@@ -24,6 +24,7 @@ due saga gets its own doorbell, as it always did.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from typing import Any
@@ -50,6 +51,7 @@ OFF = _Off()
 # Drop expired slots; take one if fewer than ARGV[1] are held. The time is Redis's own, so
 # hosts with skewed clocks agree on what has expired.
 _ACQUIRE = """
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -65,6 +67,10 @@ return 0
 _DOWN_SECONDS = 2.0
 _down_until = 0.0
 _client: tuple[str, Any, Any] | None = None  # (url, client, acquire script)
+# Slots whose release failed (Redis did not answer): given back with the next call that gets
+# through, so a short Redis outage does not leave them held for a whole lease.
+_unreleased: list[str] = []
+_unreleased_lock = threading.Lock()  # the threads pool runs pumps side by side
 
 
 def _script() -> Any | None:
@@ -101,34 +107,62 @@ def enabled() -> bool:
 
 
 def acquire() -> str | None | _Off:
-    """A new slot's token; ``None`` if every slot is taken (a pump will find the saga);
-    :data:`OFF` if there is no slot system to ask (ring as usual). Never raises."""
+    """A new slot (``"<key> <token>"``, what a doorbell's header carries); ``None`` if every
+    slot is taken (a pump will find the saga); :data:`OFF` if there is no slot system to ask
+    (ring as usual). Never raises."""
     global _down_until
     if not enabled() or time.monotonic() < _down_until:
         return OFF
-    token = uuid.uuid4().hex
+    slots, token = key(), uuid.uuid4().hex
     try:
         script = _script()
         if script is None:
             return OFF
-        got = script(keys=[key()], args=[settings.SAGA_PUMPS, lease_seconds(), token])
+        if _unreleased:
+            _give_back(script.registered_client)
+        got = script(keys=[slots], args=[settings.SAGA_PUMPS, lease_seconds(), token])
     except Exception as exc:  # noqa: BLE001 - no answer: every saga gets its own doorbell
         _down_until = time.monotonic() + _DOWN_SECONDS
         log.warning("saga.pump_slots_unavailable", error=repr(exc))
         return OFF
-    return token if got == 1 else None
+    return f"{slots} {token}" if got == 1 else None
 
 
-def release(token: str) -> None:
-    """Give a slot back (best effort: a slot not given back expires after a lease)."""
-    global _down_until
+def release(slot: str) -> None:
+    """Give a slot back, to the set it came from (a worker configured with another key prefix
+    or database name still frees the sender's slot). Never raises: a slot Redis did not take
+    back is tried again with the next call, and expires after a lease anyway."""
+    with _unreleased_lock:
+        _unreleased.append(slot)
     try:
         script = _script()
-        if script is not None:
-            script.registered_client.zrem(key(), token)
-    except Exception as exc:  # noqa: BLE001 - it expires by itself
+        if script is None:
+            with _unreleased_lock:
+                _unreleased.clear()  # no Redis configured here: nothing this process can free
+            return
+        _give_back(script.registered_client)
+    except Exception as exc:  # noqa: BLE001 - kept for the next call
+        global _down_until
         _down_until = time.monotonic() + _DOWN_SECONDS
+        with _unreleased_lock:
+            del _unreleased[:-1000]  # bounded: older ones expire by themselves
         log.warning("saga.pump_release_failed", error=repr(exc))
+
+
+def _give_back(client: Any) -> None:
+    with _unreleased_lock:
+        slots = list(_unreleased)
+        _unreleased.clear()
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            for slot in slots:
+                name, _, token = slot.rpartition(" ")
+                pipe.zrem(name, token)
+            pipe.execute()
+    except BaseException:
+        with _unreleased_lock:
+            _unreleased[:0] = slots
+        raise
 
 
 def held() -> int | None:

@@ -700,13 +700,14 @@ def advance(
     token = task_timeout.set(timeout)
     until = inline_until.set(started + settings.SAGA_INLINE_BUDGET)
     try:
+        if pump is not None:
+            _pump(lambda: claim(saga_id, version, timeout), pump)
+            return
         saga = claim(saga_id, version, timeout)
         if saga is None:
             metrics.STALE_DELIVERIES.inc()
-        if pump is not None:
-            _pump(saga, pump)
-        elif saga is not None:
-            _drive(saga)
+            return
+        _drive(saga)
     finally:
         inline_until.reset(until)
         task_timeout.reset(token)
@@ -738,20 +739,24 @@ def _drive(claimed: Saga) -> None:
         close_batch(batching)
 
 
-def _pump(saga: Saga | None, slot: str) -> None:
-    """Run ``saga`` (if the doorbell's claim got it), then the oldest due sagas, while the
+def _pump(first: Callable[[], Saga | None], slot: str) -> None:
+    """Claim and run the doorbell's own saga (``first``), then the oldest due sagas, while the
     budget lasts; then give the slot back and look once more (see :mod:`sagas.pumps`).
 
     The last look comes after the slot is back: a start that found every slot taken rang
     nothing, and counts on it. If it finds a due saga, the task takes a slot again and goes on
     (within its budget) or hands the slot to a doorbell for that saga; with every slot taken,
-    their holders look after this one.
+    their holders look after this one; with no slots to be had (Redis not answering), it rings
+    a plain doorbell for the saga. A task that fails gives its slot back and looks too.
     """
     # A task sent with shorter limits than the default (a sender with another budget) would
     # hand back every saga it took: it runs its own saga only, but still looks at the end.
     pumping = current_task_timeout() + TIMEOUT_SLACK >= settings.SAGA_STEP_TIMEOUT
     held: str | None = slot
     try:
+        # Its own saga may well be gone (a pump took it meanwhile): that is not a stale
+        # delivery worth counting, it is how pumps share the work.
+        saga = first()
         if saga is not None:
             _drive(saga)
         while True:
@@ -763,28 +768,39 @@ def _pump(saga: Saga | None, slot: str) -> None:
                 took += 1
                 metrics.PUMP_CLAIMS.inc()
                 _drive(saga)
-            pumps.release(slot)
             held = None
-            due = due_saga()
-            if due is None:
+            pumps.release(slot)
+            again = _last_look(go_on=pumping and bool(took))
+            if again is None:
                 return
-            got = pumps.acquire()
-            if not isinstance(got, str):
-                return  # every slot is taken (their holders look next), or no slots any more
-            held = slot = got
-            if not (pumping and took and within_inline_budget()):
-                # Out of budget; or this round took nothing (the saga it sees is locked by
-                # someone for now): a doorbell with the slot, rather than looking again here.
-                held = None
-                ring(due[0], due[1], pump=slot)
-                return
+            held = slot = again
     except BaseException:
         if held is not None:
             pumps.release(held)
-            held = None
             with contextlib.suppress(Exception):  # the task is failing: the look is a bonus
-                due = due_saga()
-                got = pumps.acquire() if due is not None else None
-                if due is not None and isinstance(got, str):
-                    ring(due[0], due[1], pump=got)
+                _last_look(go_on=False)
         raise
+
+
+def _last_look(*, go_on: bool) -> str | None:
+    """The look after a pump gave its slot back: a slot to go on pumping with, or ``None``.
+
+    If a saga is due and the task does not go on, a doorbell for it: with a new slot if one is
+    free; a plain one if there are no slots to be had (Redis not answering); none if every slot
+    is taken (their holders look after this one).
+    """
+    due = due_saga()
+    if due is None:
+        return None
+    got = pumps.acquire()
+    if got is None:
+        return None
+    if not isinstance(got, str):
+        ring(due[0], due[1])  # no slots (Redis not answering): a doorbell of its own
+        return None
+    if go_on and within_inline_budget():
+        return got
+    # Out of budget; or this round took nothing (the saga it sees was locked a moment ago): a
+    # doorbell with the slot, rather than looking again here.
+    ring(due[0], due[1], pump=got)
+    return None

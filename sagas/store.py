@@ -550,9 +550,12 @@ def claim_due() -> Saga | None:
     One statement: ``UPDATE ... WHERE id = (SELECT ... ORDER BY next_attempt_at LIMIT 1 FOR
     UPDATE SKIP LOCKED) RETURNING *``, so pumps at once take different sagas, and a doorbell
     still on its way for the saga finds it claimed (a stale delivery, fenced as ever). The same
-    conditions as a doorbell's claim (active, due, lease over, a definition this process has);
-    and not a saga whose step needs longer than ``SAGA_STEP_TIMEOUT``: a pump's task has the
-    default time limits, so that saga keeps the doorbell sent with its own.
+    conditions as a doorbell's claim (active, due, a definition this process has), except that
+    the saga must be held by no task at all: a lease that expired (its task died) is the
+    sweeper's to ring, so the pumps' index (``saga_due_free_idx``) holds only sagas waiting
+    for a task, and a pump never scans past running work. Not a saga whose step needs longer
+    than ``SAGA_STEP_TIMEOUT`` either: a pump's task has the default time limits, so that saga
+    keeps the doorbell sent with its own.
     """
     if connection.vendor != "postgresql":
         return None
@@ -577,7 +580,7 @@ def claim_due() -> Saga | None:
             sql = _no_flush_wait(sql)
         sql = _SQL_BY_SHAPE[shape] = sql
     params = [
-        prep("lease_until", now + timedelta(seconds=lease_seconds())),
+        prep("lease_until", now + timedelta(seconds=lease_seconds(task_timeout.get()))),
         0,
         prep("updated_at", now),
         *_due_params(now, known, long_steps),
@@ -586,7 +589,12 @@ def claim_due() -> Saga | None:
 
 
 def due_saga() -> tuple[Any, int] | None:
-    """``(id, version)`` of the saga :func:`claim_due` would take now, without taking it."""
+    """``(id, version)`` of the saga :func:`claim_due` would take now, without taking it.
+
+    Rows another transaction holds locked are passed over as :func:`claim_due` passes them
+    (the lock this statement takes ends with it): a doorbell rung for a locked row would only
+    wait on the lock.
+    """
     if connection.vendor != "postgresql":
         return None
     now = timezone.now()
@@ -598,7 +606,7 @@ def due_saga() -> tuple[Any, int] | None:
         sql = _SQL_BY_SHAPE[shape] = (
             f"SELECT {qn('id')}, {qn('version')} FROM {qn(Saga._meta.db_table)} "
             f"WHERE {_due_text(len(known), len(long_steps))} "
-            f"ORDER BY {qn('next_attempt_at')} LIMIT 1"
+            f"ORDER BY {qn('next_attempt_at')} LIMIT 1 FOR UPDATE SKIP LOCKED"
         )
     with _saga_cursor() as cursor:
         cursor.execute(sql, _due_params(now, known, long_steps))
@@ -609,15 +617,15 @@ def due_saga() -> tuple[Any, int] | None:
 def _due_text(n_known: int, n_long: int) -> str:
     """The WHERE of a due, free saga a pump may take (parameters: :func:`_due_params`).
 
-    The states are literals, not parameters: the partial index of active sagas by due time
-    (``saga_due_active_idx``) is then usable by a prepared statement's generic plan too.
+    The states and ``lease_until IS NULL`` are literals, not parameters: the pumps' partial
+    index (``saga_due_free_idx``) is then usable by a prepared statement's generic plan too.
     """
     qn = connection.ops.quote_name
     states = ", ".join(f"'{s}'" for s in _ACTIVE)
     where = [
         f"{qn('state')} IN ({states})",
         f"{qn('next_attempt_at')} <= %s",
-        f"({qn('lease_until')} IS NULL OR {qn('lease_until')} <= %s)",
+        f"{qn('lease_until')} IS NULL",
         f"({qn('saga_type')}, {qn('definition_version')}, {qn('definition_fingerprint')}) "
         f"IN ({', '.join(['(%s, %s, %s)'] * n_known)})",
     ]
@@ -632,10 +640,7 @@ def _due_text(n_known: int, n_long: int) -> str:
 def _due_params(
     now: datetime, known: list[tuple[str, int, str]], long_steps: list[tuple[str, int, str]]
 ) -> list[Any]:
-    params: list[Any] = [
-        prep("next_attempt_at", now + _DUE_TOLERANCE),
-        prep("lease_until", now),
-    ]
+    params: list[Any] = [prep("next_attempt_at", now + _DUE_TOLERANCE)]
     for triple in (*known, *long_steps):
         params += triple
     return params

@@ -135,22 +135,32 @@ def _rearm_and_ring(
     picked = due.select_for_update(skip_locked=True).order_by(order).values("id")
     qn = connection.ops.quote_name
     sweeps = f", {qn('sweeps')} = {qn('sweeps')} + 1" if count_sweep else ""
+    due_at, due_params = "%s", [prep("next_attempt_at", now)]
+    if spread > 0 and connection.vendor == "postgresql":
+        # Each row due at its own moment within the spread, and its doorbell's countdown the
+        # same: the pumps (which claim due rows from the database) keep the wave spread too.
+        due_at = "%s + make_interval(secs => random() * %s)"
+        due_params.append(spread)
     with transaction.atomic():
         picked_sql, picked_params = picked[:batch].query.sql_with_params()
         with connection.cursor() as cursor:
             cursor.execute(
-                f"UPDATE {qn(Saga._meta.db_table)} SET {qn('next_attempt_at')} = %s{sweeps} "
-                f"WHERE {qn('id')} IN ({picked_sql}) "
+                f"UPDATE {qn(Saga._meta.db_table)} SET {qn('next_attempt_at')} = {due_at}"
+                f"{sweeps} WHERE {qn('id')} IN ({picked_sql}) "
                 f"RETURNING {qn('id')}, {qn('version')}, {qn('saga_type')}, "
-                f"{qn('definition_version')}, {qn('current_step')}",
-                [prep("next_attempt_at", now), *picked_params],
+                f"{qn('definition_version')}, {qn('current_step')}, {qn('next_attempt_at')}",
+                [*due_params, *picked_params],
             )
             to_uuid = Saga._meta.pk.to_python
-            rows = [
-                (to_uuid(saga_id), version, timeout_of(saga_type, definition_version, step))
-                for saga_id, version, saga_type, definition_version, step in cursor.fetchall()
-            ]
-        if rows:
+            fetched = cursor.fetchall()
+        rows = [
+            (to_uuid(saga_id), version, timeout_of(saga_type, definition_version, step))
+            for saga_id, version, saga_type, definition_version, step, _ in fetched
+        ]
+        if rows and len(due_params) > 1:
+            countdowns = [(at - now).total_seconds() for *_, at in fetched]
+            transaction.on_commit(lambda: ring_many(rows, countdowns=countdowns))
+        elif rows:
             transaction.on_commit(lambda: ring_many(rows, spread=spread))
     return rows
 

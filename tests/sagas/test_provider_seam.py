@@ -280,7 +280,8 @@ def test_a_closing_breaker_rings_the_sagas_parked_on_it(django_capture_on_commit
     assert len(rings) == 1  # one batch of doorbells, after the re-arm commits
 
     for saga in parked:
-        assert _due_in(Saga.objects.get(pk=saga.pk)) <= 0
+        # Due within the provider's release_spread (5 s by default), not at the cool-down.
+        assert _due_in(Saga.objects.get(pk=saga.pk)) <= 5.0
     assert _due_in(Saga.objects.get(pk=busy.pk)) > 10
     assert Saga.objects.get(pk=elsewhere.pk).next_attempt_at == later
     saga = deliver(parked[0].id)  # woken: the call goes through

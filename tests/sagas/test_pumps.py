@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
 import pytest
 from django.db import transaction
@@ -50,8 +51,10 @@ def slots(settings):
     client = script.registered_client
     client.delete(pumps.key())
     pumps._down_until = 0.0
+    pumps._unreleased.clear()
     yield client
     client.delete(pumps.key())
+    pumps._down_until = 0.0
 
 
 @pytest.fixture
@@ -153,7 +156,7 @@ def test_a_pump_runs_a_saga_whose_start_found_every_slot_taken(slots, settings, 
     assert _queued() == 0
     until = inline_until.set(time.monotonic() + 30)
     try:
-        _pump(None, slot)
+        _pump(lambda: None, slot)
     finally:
         inline_until.reset(until)
     saga.refresh_from_db()
@@ -176,7 +179,7 @@ def test_a_pump_out_of_budget_hands_its_slot_to_a_doorbell_for_the_saga_it_finds
     assert _queued() == 0
     until = inline_until.set(time.monotonic() - 1)  # the budget is spent
     try:
-        _pump(None, slot)
+        _pump(lambda: None, slot)
     finally:
         inline_until.reset(until)
     assert _queued() == 1
@@ -208,3 +211,63 @@ def test_a_slot_its_holder_never_gives_back_expires(slots, settings, wait_for):
     assert isinstance(pumps.acquire(), str)
     assert pumps.acquire() is None
     wait_for(lambda: isinstance(pumps.acquire(), str), timeout=20, describe=pumps.held)
+
+
+def test_with_redis_not_answering_the_last_look_rings_a_plain_doorbell(
+    slots, settings, quiet_queue
+):
+    """The pump's last look finds a saga whose start rang nothing, but no slot can be had
+    (Redis not answering): the saga gets a doorbell of its own, without a slot."""
+    settings.SAGA_PUMPS = 1
+    slot = pumps.acquire()
+    assert isinstance(slot, str)
+    saga = start()
+    assert _queued() == 0
+    pumps._down_until = time.monotonic() + 60  # as after a failed call: slots are off a while
+    until = inline_until.set(time.monotonic() - 1)
+    try:
+        _pump(lambda: None, slot)
+    finally:
+        inline_until.reset(until)
+    assert _queued() == 1
+    with app.connection_for_read() as conn:
+        message = conn.SimpleQueue(settings.CELERY_TASK_DEFAULT_QUEUE, no_ack=True).get(timeout=5)
+    assert message.headers["argsrepr"] == repr((str(saga.id), saga.version))
+    assert PUMP_HEADER not in message.headers
+
+
+def test_a_slot_redis_did_not_take_back_is_given_back_with_the_next_call(slots, settings):
+    """A release that fails (Redis not answering) is kept, and given back by the next call
+    that gets through, instead of holding the slot for a whole lease."""
+    settings.SAGA_PUMPS = 2
+    first = pumps.acquire()
+    assert isinstance(first, str)
+    url = settings.SAGA_PUMP_REDIS_URL
+    settings.SAGA_PUMP_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
+    pumps.release(first)
+    assert pumps._unreleased == [first]
+    settings.SAGA_PUMP_REDIS_URL = url
+    pumps._down_until = 0.0
+    assert pumps.held() == 1
+    second = pumps.acquire()
+    assert isinstance(second, str)
+    assert pumps.held() == 1  # the second only: the first was given back first
+    assert pumps._unreleased == []
+
+
+def test_sagas_woken_with_a_spread_come_due_over_it(settings, quiet_queue):
+    """A provider's ``release_spread`` holds for the pumps too: each woken saga is due at its
+    own moment within the spread (its doorbell's countdown the same), not all at once."""
+    from django.utils import timezone
+
+    from sagas.sweeper import wake_parked
+
+    settings.SAGA_PROVIDERS = {"card": {"release_spread": 60}}
+    ids = [start().id for _ in range(20)]
+    Saga.objects.filter(id__in=ids).update(parked_on="card", next_attempt_at=None)
+    before = timezone.now()
+    assert wake_parked("card") == 20
+    due = sorted(Saga.objects.filter(id__in=ids).values_list("next_attempt_at", flat=True))
+    assert before <= due[0] and due[-1] <= before + timedelta(seconds=61)
+    assert due[-1] - due[0] > timedelta(seconds=10)  # 20 uniform draws over 60 s
+    assert Saga.objects.filter(id__in=ids, next_attempt_at__gt=timezone.now()).exists()
