@@ -96,7 +96,6 @@ class Saga(FSMModelMixin, models.Model):
                 name="saga_due_active_idx",
                 condition=Q(state__in=["running", "compensating"]),
             ),
-            # The sweeper's deadline pass: running sagas with no cancel requested yet.
             # The pumps (sagas.store.claim_due): due sagas no task holds, oldest first. Rows
             # leave it as soon as a task takes them, so a pump never scans past running work.
             models.Index(
@@ -104,6 +103,7 @@ class Saga(FSMModelMixin, models.Model):
                 name="saga_due_free_idx",
                 condition=Q(state__in=["running", "compensating"], lease_until__isnull=True),
             ),
+            # The sweeper's deadline pass: running sagas with no cancel requested yet.
             models.Index(
                 fields=["deadline_at"],
                 name="saga_deadline_running_idx",

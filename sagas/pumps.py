@@ -24,6 +24,7 @@ due saga gets its own doorbell, as it always did.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -71,6 +72,17 @@ _client: tuple[str, Any, Any] | None = None  # (url, client, acquire script)
 # through, so a short Redis outage does not leave them held for a whole lease.
 _unreleased: list[str] = []
 _unreleased_lock = threading.Lock()  # the threads pool runs pumps side by side
+
+
+def _after_fork() -> None:
+    """A forked child starts with no slots of its parent to give back, and a free lock."""
+    global _unreleased_lock, _down_until
+    _unreleased.clear()
+    _unreleased_lock = threading.Lock()
+    _down_until = 0.0
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _script() -> Any | None:
@@ -128,40 +140,46 @@ def acquire() -> str | None | _Off:
     return f"{slots} {token}" if got == 1 else None
 
 
+#: A pump doorbell that holds no slot (Redis not answering, the sweeper's backstop): its task
+#: pumps like any other, and has nothing to give back.
+NO_SLOT = ""
+
+
 def release(slot: str) -> None:
     """Give a slot back, to the set it came from (a worker configured with another key prefix
     or database name still frees the sender's slot). Never raises: a slot Redis did not take
-    back is tried again with the next call, and expires after a lease anyway."""
-    with _unreleased_lock:
-        _unreleased.append(slot)
+    back is tried again with this process's next call, and expires after a lease anyway."""
+    if slot == NO_SLOT:
+        return
     try:
         script = _script()
         if script is None:
-            with _unreleased_lock:
-                _unreleased.clear()  # no Redis configured here: nothing this process can free
-            return
-        _give_back(script.registered_client)
+            return  # no Redis configured here: nothing this process can free
+        _give_back(script.registered_client, slot)
     except Exception as exc:  # noqa: BLE001 - kept for the next call
         global _down_until
         _down_until = time.monotonic() + _DOWN_SECONDS
-        with _unreleased_lock:
-            del _unreleased[:-1000]  # bounded: older ones expire by themselves
         log.warning("saga.pump_release_failed", error=repr(exc))
 
 
-def _give_back(client: Any) -> None:
+def _give_back(client: Any, slot: str | None = None) -> None:
+    """Remove ``slot`` and any slots whose release failed earlier, in one round trip; what
+    fails stays listed. Each caller sends its own slot itself (the threads pool)."""
     with _unreleased_lock:
-        slots = list(_unreleased)
+        slots = [*_unreleased, *([slot] if slot else [])]
         _unreleased.clear()
+    if not slots:
+        return
     try:
         with client.pipeline(transaction=False) as pipe:
-            for slot in slots:
-                name, _, token = slot.rpartition(" ")
+            for one in slots:
+                name, _, token = one.rpartition(" ")
                 pipe.zrem(name, token)
             pipe.execute()
     except BaseException:
         with _unreleased_lock:
             _unreleased[:0] = slots
+            del _unreleased[:-1000]  # bounded: older ones expire by themselves
         raise
 
 

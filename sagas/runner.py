@@ -786,8 +786,9 @@ def _last_look(*, go_on: bool) -> str | None:
     """The look after a pump gave its slot back: a slot to go on pumping with, or ``None``.
 
     If a saga is due and the task does not go on, a doorbell for it: with a new slot if one is
-    free; a plain one if there are no slots to be had (Redis not answering); none if every slot
-    is taken (their holders look after this one).
+    free; none if every slot is taken (their holders look after this one). With no slots to be
+    had (Redis not answering), the task goes on without one, or sends a pump doorbell that
+    holds none: the sagas started meanwhile still have a pump.
     """
     due = due_saga()
     if due is None:
@@ -795,12 +796,10 @@ def _last_look(*, go_on: bool) -> str | None:
     got = pumps.acquire()
     if got is None:
         return None
-    if not isinstance(got, str):
-        ring(due[0], due[1])  # no slots (Redis not answering): a doorbell of its own
-        return None
+    slot = got if isinstance(got, str) else pumps.NO_SLOT
     if go_on and within_inline_budget():
-        return got
+        return slot
     # Out of budget; or this round took nothing (the saga it sees was locked a moment ago): a
     # doorbell with the slot, rather than looking again here.
-    ring(due[0], due[1], pump=got)
+    ring(due[0], due[1], pump=slot)
     return None

@@ -588,12 +588,13 @@ def claim_due() -> Saga | None:
     return _fetch_saga(sql, params)
 
 
-def due_saga() -> tuple[Any, int] | None:
-    """``(id, version)`` of the saga :func:`claim_due` would take now, without taking it.
+def due_saga(due_before: datetime | None = None) -> tuple[Any, int] | None:
+    """``(id, version)`` of the saga :func:`claim_due` would take now, without taking it;
+    with ``due_before``, only one due since before then.
 
     Rows another transaction holds locked are passed over as :func:`claim_due` passes them
-    (the lock this statement takes ends with it): a doorbell rung for a locked row would only
-    wait on the lock.
+    (the lock this statement takes ends with it, and its commit waits for no WAL flush: it
+    changed nothing): a doorbell rung for a locked row would only wait on the lock.
     """
     if connection.vendor != "postgresql":
         return None
@@ -603,13 +604,16 @@ def due_saga() -> tuple[Any, int] | None:
     sql = _SQL_BY_SHAPE.get(shape)
     if sql is None:
         qn = connection.ops.quote_name
-        sql = _SQL_BY_SHAPE[shape] = (
+        sql = _SQL_BY_SHAPE[shape] = _no_flush_wait(
             f"SELECT {qn('id')}, {qn('version')} FROM {qn(Saga._meta.db_table)} "
             f"WHERE {_due_text(len(known), len(long_steps))} "
             f"ORDER BY {qn('next_attempt_at')} LIMIT 1 FOR UPDATE SKIP LOCKED"
         )
+    params = _due_params(now, known, long_steps)
+    if due_before is not None:
+        params[0] = prep("next_attempt_at", due_before)
     with _saga_cursor() as cursor:
-        cursor.execute(sql, _due_params(now, known, long_steps))
+        cursor.execute(sql, params)
         row = cursor.fetchone()
     return None if row is None else (row[0], row[1])
 

@@ -19,13 +19,13 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from providers.config import provider_config
-from sagas import doorbell, metrics
+from sagas import doorbell, metrics, pumps
 from sagas.definition import registered_definitions
-from sagas.doorbell import ring_many
+from sagas.doorbell import ring, ring_many
 from sagas.exceptions import SagaOperationRefused
 from sagas.models import ACTIVE_STATES, Saga, SagaState
 from sagas.services import saga_request_cancel
-from sagas.store import prep
+from sagas.store import due_saga, prep
 from sagas.timing import timeout_of
 
 log = structlog.get_logger("sagas.engine")
@@ -86,6 +86,7 @@ def sweep(now: datetime | None = None) -> dict[str, int]:
     if rows:
         metrics.SWEEP_REDISPATCHED.inc(len(rows))
         log.info("saga.sweep_redispatched", count=len(rows))
+    pumped = _pump_backstop(now)
 
     # Past the deadline and still before its pivot (after it, a saga must finish, not undo).
     # The pivot test is in SQL so sagas past their pivot never fill the batch and starve the rest.
@@ -111,7 +112,32 @@ def sweep(now: datetime | None = None) -> dict[str, int]:
             timed_out += 1
         except (SagaOperationRefused, LookupError):
             continue  # it moved on (pivot reached, finished) since the query: nothing to do
-    return {"redispatched": len(rows), "timed_out": timed_out, "held_back": held_back}
+    return {
+        "redispatched": len(rows),
+        "timed_out": timed_out,
+        "held_back": held_back,
+        "pumped": pumped,
+    }
+
+
+def _pump_backstop(now: datetime) -> int:
+    """A pump for sagas that waited longer than a pump's budget for one: 1 if it rang.
+
+    A start sends nothing while every pump slot is taken, counting on a holder's last look.
+    Slots whose holders cannot look (a worker killed mid-pump, a worker on older code, a
+    release Redis lost) stay taken until they expire, a lease later. One doorbell per sweep
+    that holds no slot and pumps like any other caps that wait at about a sweep interval; when
+    the pumps are merely busy (a backlog), it is one more task that ends after its budget.
+    """
+    if not pumps.enabled():
+        return 0
+    waited = now - timedelta(seconds=settings.SAGA_INLINE_BUDGET + 1.0)
+    due = due_saga(due_before=waited)
+    if due is None:
+        return 0
+    log.info("saga.pump_backstop", saga_id=str(due[0]))
+    transaction.on_commit(lambda: ring(due[0], due[1], pump=pumps.NO_SLOT))
+    return 1
 
 
 def _rearm_and_ring(
@@ -139,7 +165,7 @@ def _rearm_and_ring(
     if spread > 0 and connection.vendor == "postgresql":
         # Each row due at its own moment within the spread, and its doorbell's countdown the
         # same: the pumps (which claim due rows from the database) keep the wave spread too.
-        due_at = "%s + make_interval(secs => random() * %s)"
+        due_at = "%s::timestamptz + make_interval(secs => random() * %s::float8)"
         due_params.append(spread)
     with transaction.atomic():
         picked_sql, picked_params = picked[:batch].query.sql_with_params()

@@ -11,11 +11,26 @@ from django.db import migrations, models
 
 class AddIndexConcurrentlyOnPostgres(AddIndexConcurrently):
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor == "postgresql":
-            return super().database_forwards(app_label, schema_editor, from_state, to_state)
-        return migrations.AddIndex.database_forwards(
-            self, app_label, schema_editor, from_state, to_state
-        )
+        if schema_editor.connection.vendor != "postgresql":
+            return migrations.AddIndex.database_forwards(
+                self, app_label, schema_editor, from_state, to_state
+            )
+        # A concurrent build that was interrupted (a cancel, a lock timeout, a killed migrate)
+        # leaves an invalid index of that name behind, and one that finished just before the
+        # migrate was killed is there already: drop the first and build again, keep the second.
+        with schema_editor.connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                "WHERE c.relname = %s",
+                [self.index.name],
+            )
+            found = cursor.fetchone()
+        if found is not None:
+            if found[0]:
+                return None
+            name = schema_editor.quote_name(self.index.name)
+            schema_editor.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+        return super().database_forwards(app_label, schema_editor, from_state, to_state)
 
     def database_backwards(self, app_label, schema_editor, from_state, to_state):
         if schema_editor.connection.vendor == "postgresql":

@@ -19,6 +19,11 @@ from sagas.tasks import run_saga
 pytestmark = pytest.mark.django_db
 
 
+def _rings(result: dict[str, int]) -> dict[str, int]:
+    """A sweep's counts without the pumps' backstop (tests/sagas/test_pumps.py has its own)."""
+    return {k: v for k, v in result.items() if k != "pumped"}
+
+
 def _overdue_saga() -> Saga:
     saga = saga_start(saga_type="test5", data={})
     Saga.objects.filter(pk=saga.pk).update(next_attempt_at=timezone.now() - timedelta(hours=1))
@@ -98,15 +103,15 @@ def test_repeat_rings_wait_while_the_queue_could_still_hold_their_doorbells(sett
     sagas = [_overdue_saga(), _overdue_saga()]
     queue_depth[0] = 5_000  # a backlog
     t0 = timezone.now()
-    assert sweep(now=t0) == {"redispatched": 2, "timed_out": 0, "held_back": 0}
+    assert _rings(sweep(now=t0)) == {"redispatched": 2, "timed_out": 0, "held_back": 0}
 
     t1 = t0 + timedelta(seconds=21)  # past 2 x 10 s: due for a repeat ring
-    assert sweep(now=t1) == {"redispatched": 0, "timed_out": 0, "held_back": 2}
+    assert _rings(sweep(now=t1)) == {"redispatched": 0, "timed_out": 0, "held_back": 2}
     assert [Saga.objects.get(pk=s.pk).sweeps for s in sagas] == [1, 1]
     queue_depth[0] = 2  # still as many messages as sagas waiting: they may be theirs
     assert sweep(now=t1)["redispatched"] == 0
     queue_depth[0] = 1  # fewer: at least one of them has no doorbell in the queue
-    assert sweep(now=t1) == {"redispatched": 2, "timed_out": 0, "held_back": 0}
+    assert _rings(sweep(now=t1)) == {"redispatched": 2, "timed_out": 0, "held_back": 0}
 
     queue_depth[0] = 5_000
     assert sweep(now=t1 + timedelta(seconds=10 * 1024 - 1))["redispatched"] == 0
