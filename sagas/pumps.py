@@ -18,8 +18,10 @@ expires after a lease (and the sweeper rings for the saga as for any lost doorbe
 pump takes the oldest due sagas first, so it takes those too.
 
 Without Redis (``SAGA_PUMP_REDIS_URL`` empty: a RabbitMQ broker with no Redis cache, the
-file broker of ``make run``), with ``SAGA_PUMPS=0``, or while Redis does not answer, every
-due saga gets its own doorbell, as it always did.
+file broker of ``make run``), with ``SAGA_PUMPS=0``, or while Redis does not answer, a start
+or hand-over gets its own doorbell, as it always did; the sagas started before Redis stopped
+answering get one more pump that holds no slot (see :func:`sagas.runner._last_look`), and the
+sweeper sends one for sagas that waited (:func:`sagas.sweeper.sweep`).
 """
 
 from __future__ import annotations
@@ -46,8 +48,19 @@ class _Off:
         return "OFF"
 
 
-#: :func:`acquire`'s answer when there are no slots (off, no Redis, Redis not answering).
+#: :func:`acquire`'s answer when slots are off here (``SAGA_PUMPS=0``, no Redis configured).
 OFF = _Off()
+
+
+class _Down(_Off):
+    """Slots are in use, but Redis is not answering now."""
+
+    def __repr__(self) -> str:
+        return "DOWN"
+
+
+#: :func:`acquire`'s answer while Redis does not answer (slots on, none to be had now).
+DOWN = _Down()
 
 # Drop expired slots; take one if fewer than ARGV[1] are held. The time is Redis's own, so
 # hosts with skewed clocks agree on what has expired.
@@ -120,11 +133,13 @@ def enabled() -> bool:
 
 def acquire() -> str | None | _Off:
     """A new slot (``"<key> <token>"``, what a doorbell's header carries); ``None`` if every
-    slot is taken (a pump will find the saga); :data:`OFF` if there is no slot system to ask
-    (ring as usual). Never raises."""
+    slot is taken (a pump will find the saga); :data:`OFF` if slots are off here, :data:`DOWN`
+    if Redis does not answer (either way: ring as usual). Never raises."""
     global _down_until
-    if not enabled() or time.monotonic() < _down_until:
+    if not enabled():
         return OFF
+    if time.monotonic() < _down_until:
+        return DOWN
     slots, token = key(), uuid.uuid4().hex
     try:
         script = _script()
@@ -136,7 +151,7 @@ def acquire() -> str | None | _Off:
     except Exception as exc:  # noqa: BLE001 - no answer: every saga gets its own doorbell
         _down_until = time.monotonic() + _DOWN_SECONDS
         log.warning("saga.pump_slots_unavailable", error=repr(exc))
-        return OFF
+        return DOWN
     return f"{slots} {token}" if got == 1 else None
 
 

@@ -746,8 +746,8 @@ def _pump(first: Callable[[], Saga | None], slot: str) -> None:
     The last look comes after the slot is back: a start that found every slot taken rang
     nothing, and counts on it. If it finds a due saga, the task takes a slot again and goes on
     (within its budget) or hands the slot to a doorbell for that saga; with every slot taken,
-    their holders look after this one; with no slots to be had (Redis not answering), it rings
-    a plain doorbell for the saga. A task that fails gives its slot back and looks too.
+    their holders look after this one; see :func:`_last_look` for Redis not answering. A task
+    that fails gives its slot back and looks too.
     """
     # A task sent with shorter limits than the default (a sender with another budget) would
     # hand back every saga it took: it runs its own saga only, but still looks at the end.
@@ -770,7 +770,7 @@ def _pump(first: Callable[[], Saga | None], slot: str) -> None:
                 _drive(saga)
             held = None
             pumps.release(slot)
-            again = _last_look(go_on=pumping and bool(took))
+            again = _last_look(go_on=pumping and bool(took), slotless=slot == pumps.NO_SLOT)
             if again is None:
                 return
             held = slot = again
@@ -778,23 +778,28 @@ def _pump(first: Callable[[], Saga | None], slot: str) -> None:
         if held is not None:
             pumps.release(held)
             with contextlib.suppress(Exception):  # the task is failing: the look is a bonus
-                _last_look(go_on=False)
+                _last_look(go_on=False, slotless=held == pumps.NO_SLOT)
         raise
 
 
-def _last_look(*, go_on: bool) -> str | None:
+def _last_look(*, go_on: bool, slotless: bool) -> str | None:
     """The look after a pump gave its slot back: a slot to go on pumping with, or ``None``.
 
     If a saga is due and the task does not go on, a doorbell for it: with a new slot if one is
-    free; none if every slot is taken (their holders look after this one). With no slots to be
-    had (Redis not answering), the task goes on without one, or sends a pump doorbell that
-    holds none: the sagas started meanwhile still have a pump.
+    free; none if every slot is taken (their holders look after this one). With Redis not
+    answering, a pump that held a slot goes on, or sends a pump doorbell, holding none (the
+    sagas started before Redis stopped answering still have a pump; those started since ring
+    their own doorbells); one that held none, or one on a worker with slots off, sends a plain
+    doorbell for the saga and ends the chain.
     """
     due = due_saga()
     if due is None:
         return None
     got = pumps.acquire()
     if got is None:
+        return None
+    if got is pumps.OFF or (got is pumps.DOWN and slotless):
+        ring(due[0], due[1])
         return None
     slot = got if isinstance(got, str) else pumps.NO_SLOT
     if go_on and within_inline_budget():

@@ -19,10 +19,12 @@ class AddIndexConcurrentlyOnPostgres(AddIndexConcurrently):
         # leaves an invalid index of that name behind, and one that finished just before the
         # migrate was killed is there already: drop the first and build again, keep the second.
         with schema_editor.connection.cursor() as cursor:
+            # to_regclass resolves the name as CREATE and DROP do (the search path), so an
+            # index of that name in another schema is not taken for this one.
             cursor.execute(
-                "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-                "WHERE c.relname = %s",
-                [self.index.name],
+                "SELECT i.indisvalid FROM pg_index i "
+                "WHERE i.indexrelid = to_regclass(%s) AND i.indrelid = to_regclass(%s)",
+                [self.index.name, "sagas_saga"],
             )
             found = cursor.fetchone()
         if found is not None:

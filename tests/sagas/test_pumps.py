@@ -294,6 +294,7 @@ def test_the_sweeper_sends_a_pump_for_sagas_that_waited_longer_than_a_pumps_budg
     assert sweep()["pumped"] == 0
     saga = start()
     assert _queued() == 0
+    assert sweep()["pumped"] == 0  # due for less than a pump's budget: pumps are merely busy
     Saga.objects.filter(pk=saga.id).update(next_attempt_at=timezone.now() - timedelta(seconds=5))
     assert sweep()["pumped"] == 1
     assert _queued() == 1
@@ -301,3 +302,31 @@ def test_the_sweeper_sends_a_pump_for_sagas_that_waited_longer_than_a_pumps_budg
         message = conn.SimpleQueue(settings.CELERY_TASK_DEFAULT_QUEUE, no_ack=True).get(timeout=5)
     assert message.headers["argsrepr"] == repr((str(saga.id), saga.version))
     assert message.headers[PUMP_HEADER] == pumps.NO_SLOT
+
+
+def test_a_pump_holding_no_slot_runs_on_a_real_worker(slots, settings, worker_factory, wait_for):
+    """The sweeper's backstop doorbell (a pump holding no slot) through a real worker: it runs
+    the saga that waited, and has no slot to give back (the ghost's stays taken)."""
+    from django.utils import timezone
+
+    from sagas.sweeper import sweep
+
+    settings.SAGA_PUMPS = 1
+    settings.SAGA_STUCK_AFTER = 60
+    worker = worker_factory({"SAGA_PUMPS": "1", RECORD_DELIVERIES: "1"}, exclusive=True)
+    worker.pause_consuming()
+    purge_queue()
+    ghost = pumps.acquire()  # its holder will never look
+    assert isinstance(ghost, str)
+    waited = start()
+    assert _queued() == 0
+    Saga.objects.filter(pk=waited.id).update(next_attempt_at=timezone.now() - timedelta(seconds=5))
+    assert sweep()["pumped"] == 1
+    worker.resume_consuming()
+    wait_for(
+        lambda: Saga.objects.filter(id=waited.id, state=SagaState.SUCCEEDED).exists(),
+        describe=lambda: Saga.objects.filter(id=waited.id).values("state", "version").first(),
+    )
+    assert effects(waited.id) == {(name, "do"): 1 for name in FIVE}
+    assert _run_tasks([str(waited.id)]) == 1
+    assert pumps.held() == 1
