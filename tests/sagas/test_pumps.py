@@ -316,6 +316,7 @@ def test_a_pump_holding_no_slot_runs_on_a_real_worker(slots, settings, worker_fa
     worker = worker_factory({"SAGA_PUMPS": "1", RECORD_DELIVERIES: "1"}, exclusive=True)
     worker.pause_consuming()
     purge_queue()
+    settings.SAGA_STEP_TIMEOUT = 60  # the ghost's lease outlasts a slow machine's test run
     ghost = pumps.acquire()  # its holder will never look
     assert isinstance(ghost, str)
     waited = start()
