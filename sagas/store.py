@@ -952,6 +952,12 @@ def _write_record(
     updated = _fetch_saga(sql, params)
     if updated is None:
         raise _Fenced
+    _ring_after_record(saga, updated, rec, go_on)
+    return updated
+
+
+def _ring_after_record(saga: Saga, updated: Saga, rec: Record, go_on: bool) -> None:
+    """The doorbell a record hands the saga on with (after commit), if it does."""
     if rec.ring_after is not None or (rec.go_on and not go_on):
         ring_on_commit(
             saga.id,
@@ -960,7 +966,6 @@ def _write_record(
             rec.ring_timeout,
             due_now=rec.ring_after is None,  # a hand-over: due now, no lease (see write)
         )
-    return updated
 
 
 def _write_portable(
@@ -983,12 +988,5 @@ def _write_portable(
             SagaEvent.objects.bulk_create(
                 [SagaEvent(saga_id=saga.id, **{"at": now, **e}) for e in rec.events]
             )
-        if rec.ring_after is not None or (rec.go_on and not go_on):
-            ring_on_commit(
-                saga.id,
-                updated.version,
-                rec.ring_after,
-                rec.ring_timeout,
-                due_now=rec.ring_after is None,  # a hand-over: due now, no lease (see write)
-            )
+        _ring_after_record(saga, updated, rec, go_on)
     return updated

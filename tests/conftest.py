@@ -636,3 +636,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         bound.delete()
         if bound.exchange.name:
             bound.exchange.delete()
+
+
+def manage_shell(env: dict[str, str], code: str) -> str:
+    """Run ``code`` in ``manage.py shell`` in a process of its own configured as a worker is,
+    plus ``env`` (as a web process of the same deployment would be); returns its output."""
+    done = subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", code],
+        cwd=REPO_ROOT,
+        env=_worker_env(env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout

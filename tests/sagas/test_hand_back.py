@@ -16,8 +16,6 @@ the message carried, so the tests count task messages per saga instead of guessi
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -26,7 +24,7 @@ from django.db import transaction
 
 from sagas.models import Saga, SagaState, SagaStep
 from sagas.services import saga_retry_now, saga_start
-from tests.conftest import REPO_ROOT, _worker_env
+from tests.conftest import manage_shell
 from tests.sagas.sagatypes import (
     RECORD_DELIVERIES,
     deliveries,
@@ -69,16 +67,7 @@ def _start_from_a_process_with(env: dict[str, str], saga_type: str, data: dict) 
         f"    saga = saga_start(saga_type={saga_type!r}, data=json.loads({json.dumps(data)!r}))\n"
         "print(saga.id)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "manage.py", "shell", "-c", code],
-        cwd=REPO_ROOT,
-        env=_worker_env(env),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.strip().splitlines()[-1]
+    return manage_shell(env, code).strip().splitlines()[-1]
 
 
 def test_steps_that_fit_run_inline_and_a_longer_one_gets_its_own_task(worker_factory, wait_for):

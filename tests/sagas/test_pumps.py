@@ -8,8 +8,6 @@ tasks a worker started (``SAGA_TEST_RECORD_DELIVERIES``), and check every saga s
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from datetime import timedelta
 
@@ -24,7 +22,7 @@ from sagas.runner import _pump
 from sagas.services import saga_start
 from sagas.store import claim_due, due_saga
 from sagas.timing import inline_until
-from tests.conftest import REPO_ROOT, _worker_env, purge_queue
+from tests.conftest import manage_shell, purge_queue
 from tests.sagas.sagatypes import (
     FIVE,
     RECORD_DELIVERIES,
@@ -98,16 +96,7 @@ def _start_from_a_process_with(env: dict[str, str], count: int) -> list[str]:
         "    with transaction.atomic():\n"
         "        print(saga_start(saga_type='test5', data={'script': {}}).id)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "manage.py", "shell", "-c", code],
-        cwd=REPO_ROOT,
-        env=_worker_env(env),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.strip().splitlines()[-count:]
+    return manage_shell(env, code).strip().splitlines()[-count:]
 
 
 def test_with_every_slot_taken_starts_send_nothing_and_the_pumps_run_them(
