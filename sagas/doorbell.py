@@ -152,13 +152,15 @@ def ring_many(
     run_saga = _run_task()
     app, name = run_saga.app, run_saga.name
     amqp = app.amqp
+    # Each doorbell's countdown, worked out once: the one-by-one fallback sends the same.
+    delays = [_within(spread) for _ in doorbells] if countdowns is None else map(_at, countdowns)
+    delays = list(delays)
     try:
         route = amqp.router.route({}, name, (str(doorbells[0][0]), doorbells[0][1]), {}, run_saga)
         with app.producer_or_acquire() as producer, producer.batch(max_size=len(doorbells)):
             declare: list[Any] | None = None  # the first message declares the queue; not the rest
-            for i, (saga_id, version, timeout) in enumerate(doorbells):
+            for (saga_id, version, timeout), countdown in zip(doorbells, delays, strict=True):
                 args = (str(saga_id), version)
-                countdown = _within(spread) if countdowns is None else _at(countdowns[i])
                 message = amqp.create_task_message(
                     uuid(),
                     name,
@@ -180,8 +182,7 @@ def ring_many(
         # really down, its first failure opens the breaker and the rest are skipped at once.
         # A doorbell sent twice (some went out before the failure) is fenced.
         log.warning("saga.doorbells_batch_failed", count=len(doorbells), error=repr(exc))
-        for i, (saga_id, version, timeout) in enumerate(doorbells):
-            countdown = _within(spread) if countdowns is None else _at(countdowns[i])
+        for (saga_id, version, timeout), countdown in zip(doorbells, delays, strict=True):
             ring(saga_id, version, countdown, timeout)
 
 
