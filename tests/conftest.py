@@ -19,7 +19,8 @@ Fixtures and helpers (see the README's "Tests" section):
     Starts another worker on the same queue with extra environment (e.g. ``SAGA_FAULTS``) and
     returns a :class:`WorkerHandle` (``.pid``, ``.child_pids()``, ``.kill()``, ``.stop()``,
     ``.alive``, ``.log_text()``). ``exclusive=True`` makes the session worker (if running)
-    stop consuming the queue until the test ends, so only the new worker runs tasks. Every
+    stop consuming the queue until the test ends, and waits until it runs nothing it took
+    before, so only the new worker runs tasks. Every
     worker it started is killed at the end of the test.
 ``wait_for(predicate, timeout=30, interval=0.05, describe=None)``
     Polls ``predicate`` until it returns something truthy (and returns that) or fails the test
@@ -522,6 +523,25 @@ class WorkerHandle:
             describe=lambda: f"{self.nodename} still consumes {consuming()}",
         )
 
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Return once the worker runs no task and holds none it has taken: a paused worker
+        still finishes what it had, and a pump among those claims any due saga of the
+        session's database, or rings for one."""
+        from config.celery import app
+
+        def busy() -> list[Any] | None:
+            inspect = app.control.inspect(destination=[self.nodename], timeout=1.0)
+            active, reserved = inspect.active(), inspect.reserved()
+            if not active or not reserved or self.nodename not in active:
+                return None  # no answer yet
+            return [*active[self.nodename], *reserved.get(self.nodename, [])]
+
+        wait_until(
+            lambda: busy() == [],
+            timeout=timeout,
+            describe=lambda: f"{self.nodename} still has {busy()}",
+        )
+
     def resume_consuming(self) -> None:
         from config.celery import app
 
@@ -595,6 +615,7 @@ def worker_factory(django_db_setup: None) -> Iterator[Callable[..., WorkerHandle
         if exclusive and _session_worker is not None and _session_worker not in paused:
             _session_worker.pause_consuming()
             paused.append(_session_worker)
+            _session_worker.wait_idle()
         worker = WorkerHandle(f"{name}{len(started) + 1}", _worker_env(env), concurrency, pool)
         started.append(worker)
         worker.wait_ready()

@@ -68,6 +68,8 @@ def test_connection_killed_by_the_server_between_tasks_costs_no_saga(worker_fact
     worker = worker_factory(exclusive=True, concurrency=1)
     first = _start()
     _succeeded([first.id], wait_for)
+    # Between tasks: the saga is done before its task is (a pump looks for more work after).
+    worker.wait_idle()
     (old,) = backends([first.id])
 
     with connection.cursor() as cursor:
