@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from lab import bench_saga as bench
 from lab.supervisor import Supervisor
-from sagas.models import Saga, SagaState
+from sagas.models import SETTLED_STATES, Saga
 from sagas.public import saga_start
 
 REPO_ROOT = Path(settings.BASE_DIR)
@@ -168,6 +168,30 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def wait_settled(ids: list[Any], timeout: float, what: str) -> None:
+    """Wait until every saga in ``ids`` has settled, at about the cost of the chain's poll.
+
+    Asking about all of them at each poll (an ``IN`` list of 1,000-odd ids, 20 times a second)
+    cost 12 ms of client and database CPU per poll, a quarter of a core taken from the worker
+    being measured, which the chain's poll (one index range count) never paid. Sagas settle
+    roughly oldest first, so each poll asks about the oldest 100 still pending and forgets those
+    that settled. The figures come from the rows' own timestamps, not from when a poll saw them.
+    """
+    pending = list(ids)
+    deadline = time.monotonic() + timeout
+    while pending:
+        head = pending[:100]
+        settled = set(
+            Saga.objects.filter(id__in=head, state__in=SETTLED_STATES).values_list("id", flat=True)
+        )
+        pending = [saga_id for saga_id in pending if saga_id not in settled]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what} ({len(pending)} not settled)")
+        time.sleep(0.05)
+
+
 def run_engine(
     n: int, *, rate: float | None = None, timeout: float = 600, saga_type: str = "bench5"
 ) -> Result:
@@ -187,16 +211,7 @@ def run_engine(
             ids.append(saga_start(saga_type=saga_type, data={"run": run, "n": i}).id)
 
     _paced(n, rate, send)
-    _wait(
-        lambda: (
-            Saga.objects.filter(id__in=ids)
-            .exclude(state__in=[SagaState.SUCCEEDED, SagaState.COMPENSATED, SagaState.NEEDS_MANUAL])
-            .count()
-            == 0
-        ),
-        timeout,
-        "engine sagas to finish",
-    )
+    wait_settled(ids, timeout, "engine sagas to finish")
     after = broker_publishes()
     rows = list(Saga.objects.filter(id__in=ids).values_list("created_at", "finished_at", "state"))
     span = Saga.objects.filter(id__in=ids).aggregate(a=Min("created_at"), b=Max("finished_at"))

@@ -14,9 +14,9 @@ from django.contrib.auth import get_user_model
 from django.db.models import Max, Min
 
 from inventory.models import Product
-from lab.engine_bench import Result, _paced, _wait, broker_publishes, percentile
+from lab.engine_bench import Result, _paced, broker_publishes, percentile, wait_settled
 from orders.services import order_create
-from sagas.models import SETTLED_STATES, Saga
+from sagas.models import Saga
 
 BENCH_SKUS = [f"BENCH-{i}" for i in range(1, 6)]
 
@@ -61,11 +61,7 @@ def run_orders(n: int, *, rate: float | None = None, latency: bool = False) -> R
         saga_ids.append(order.saga_id)
 
     _paced(n, rate, send)
-    _wait(
-        lambda: Saga.objects.filter(id__in=saga_ids).exclude(state__in=SETTLED_STATES).count() == 0,
-        1800,
-        "order sagas to settle",
-    )
+    wait_settled(saga_ids, 1800, "order sagas to settle")
     after = broker_publishes()
     sagas = Saga.objects.filter(id__in=saga_ids)
     rows = list(sagas.values_list("created_at", "finished_at", "state"))
