@@ -31,7 +31,7 @@ from typing import Any
 
 import structlog
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
 from providers import breaker as provider_breaker
@@ -791,8 +791,17 @@ def _last_look(*, go_on: bool, slotless: bool) -> str | None:
     sagas started before Redis stopped answering still have a pump; those started since ring
     their own doorbells); one that held none, or one on a worker with slots off, sends a plain
     doorbell for the saga and ends the chain.
+
+    A look the database does not answer (its connection was dropped by a server restart or an
+    idle timeout) ends the chain with a warning instead of failing a task whose sagas are done
+    and recorded: the sweeper sends a pump for any saga left waiting (:func:`sagas.sweeper.sweep`),
+    and the worker replaces the connection before its next task.
     """
-    due = due_saga()
+    try:
+        due = due_saga()
+    except DatabaseError as exc:
+        log.warning("saga.pump_last_look_failed", error=repr(exc))
+        return None
     if due is None:
         return None
     got = pumps.acquire()

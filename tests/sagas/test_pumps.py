@@ -230,6 +230,32 @@ def test_with_redis_not_answering_the_last_look_rings_a_plain_doorbell(
     assert message.headers[PUMP_HEADER] == pumps.NO_SLOT  # a pump, holding no slot
 
 
+def test_a_last_look_the_database_does_not_answer_ends_the_pump_without_failing_it(
+    slots, settings, quiet_queue
+):
+    """The server dropped the pump's connection before its last look: the task does not fail
+    (its sagas are done), the slot is back, and nothing is rung (the sweeper's backstop pumps
+    for the saga left waiting)."""
+    from django.db import OperationalError, connection
+
+    settings.SAGA_PUMPS = 1
+    slot = pumps.acquire()
+    assert isinstance(slot, str)
+    saga = start()
+    assert _queued() == 0
+    with pytest.raises(OperationalError), connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+    until = inline_until.set(time.monotonic() - 1)
+    try:
+        _pump(lambda: None, slot)
+    finally:
+        inline_until.reset(until)
+        connection.close()  # the test's own next query opens a new one
+    assert pumps.held() == 0
+    assert _queued() == 0
+    assert due_saga() == (saga.id, saga.version)  # still waiting, for the sweeper's pump
+
+
 def test_a_slot_redis_did_not_take_back_is_given_back_with_the_next_call(slots, settings):
     """A release that fails (Redis not answering) is kept, and given back by the next call
     that gets through, instead of holding the slot for a whole lease."""
