@@ -57,8 +57,12 @@ def slots(settings):
 
 @pytest.fixture
 def quiet_queue(worker_factory):
-    """Nothing consumes this session's queue during the test (its messages stay countable)."""
-    worker_factory(name="idle", exclusive=True).pause_consuming()
+    """Nothing consumes this session's queue during the test (its messages stay countable),
+    and no pump runs: one the idle worker took before it paused would claim or ring for the
+    test's sagas."""
+    idle = worker_factory(name="idle", exclusive=True)
+    idle.pause_consuming()
+    idle.wait_idle()
     purge_queue()
     yield
     purge_queue()
@@ -109,6 +113,7 @@ def test_with_every_slot_taken_starts_send_nothing_and_the_pumps_run_them(
     env = {"SAGA_PUMPS": "3", "SAGA_INLINE_BUDGET": "30"}
     worker = worker_factory({RECORD_DELIVERIES: "1", **env}, name="pump", exclusive=True)
     worker.pause_consuming()
+    worker.wait_idle()  # a leftover doorbell it took would pump the sagas started below
     purge_queue()
     ids = _start_from_a_process_with(env, 20)
     assert _queued() == 3
@@ -330,6 +335,7 @@ def test_a_pump_holding_no_slot_runs_on_a_real_worker(slots, settings, worker_fa
     settings.SAGA_STUCK_AFTER = 60
     worker = worker_factory({"SAGA_PUMPS": "1", RECORD_DELIVERIES: "1"}, exclusive=True)
     worker.pause_consuming()
+    worker.wait_idle()  # a leftover doorbell it took would pump the saga started below
     purge_queue()
     settings.SAGA_STEP_TIMEOUT = 60  # the ghost's lease outlasts a slow machine's test run
     ghost = pumps.acquire()  # its holder will never look
