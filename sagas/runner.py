@@ -31,7 +31,7 @@ from typing import Any
 
 import structlog
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from providers import breaker as provider_breaker
@@ -799,7 +799,7 @@ def _last_look(*, go_on: bool, slotless: bool) -> str | None:
     """
     try:
         due = due_saga()
-    except DatabaseError as exc:
+    except (OperationalError, InterfaceError) as exc:  # not a bug in the query: those raise
         log.warning("saga.pump_last_look_failed", error=repr(exc))
         return None
     if due is None:

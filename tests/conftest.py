@@ -524,17 +524,23 @@ class WorkerHandle:
         )
 
     def wait_idle(self, timeout: float = 60) -> None:
-        """Return once the worker runs no task and holds none it has taken: a paused worker
-        still finishes what it had, and a pump among those claims any due saga of the
-        session's database, or rings for one."""
+        """Return once the paused worker runs no task and holds none waiting for a pool slot:
+        it still finishes what it had taken, and a pump among those claims any due saga of the
+        session's database, or rings for one. Countdown doorbells it holds are not waited for:
+        they never carry a pump slot, so each claims only its own saga.
+
+        Reserved is asked before active: paused, a task only moves from the one to the other,
+        so one that left the reserved list before the first answer is in the second.
+        """
         from config.celery import app
 
         def busy() -> list[Any] | None:
             inspect = app.control.inspect(destination=[self.nodename], timeout=1.0)
-            active, reserved = inspect.active(), inspect.reserved()
-            if not active or not reserved or self.nodename not in active:
+            reserved = inspect.reserved()
+            active = inspect.active()
+            if not reserved or not active or self.nodename not in active:
                 return None  # no answer yet
-            return [*active[self.nodename], *reserved.get(self.nodename, [])]
+            return [*reserved.get(self.nodename, []), *active[self.nodename]]
 
         wait_until(
             lambda: busy() == [],
