@@ -22,7 +22,7 @@ from sagas.runner import _pump
 from sagas.services import saga_start
 from sagas.store import claim_due, due_saga
 from sagas.timing import inline_until
-from tests.conftest import manage_shell, purge_queue
+from tests.conftest import manage_shell, purge_queue, wait_until
 from tests.sagas.sagatypes import (
     FIVE,
     RECORD_DELIVERIES,
@@ -58,11 +58,10 @@ def slots(settings):
 @pytest.fixture
 def quiet_queue(worker_factory):
     """Nothing consumes this session's queue during the test (its messages stay countable),
-    and no pump runs: one the idle worker took before it paused would claim or ring for the
-    test's sagas."""
-    idle = worker_factory(name="idle", exclusive=True)
-    idle.pause_consuming()
-    idle.wait_idle()
+    and no pump runs that could claim or ring for the test's sagas."""
+    # Started only to pause the session worker (exclusive), then killed, so it has no
+    # blocking receive out on the queue either (see _until_queued).
+    worker_factory(name="idle", exclusive=True).kill()
     purge_queue()
     yield
     purge_queue()
@@ -77,6 +76,13 @@ def _queued() -> int:
     depth = queued_doorbells()
     assert depth is not None
     return depth
+
+
+def _until_queued(count: int) -> None:
+    """Wait until ``count`` messages are on the queue. A worker paused a moment ago may still
+    have a blocking receive out on it (Redis ``BRPOP``, up to a second): a message it catches
+    finds no consumer and goes back on the queue, so for that moment it is not counted."""
+    wait_until(lambda: _queued() == count, timeout=10, describe=_queued)
 
 
 def _run_tasks(saga_ids: list[str]) -> int:
@@ -116,7 +122,7 @@ def test_with_every_slot_taken_starts_send_nothing_and_the_pumps_run_them(
     worker.wait_idle()  # a leftover doorbell it took would pump the sagas started below
     purge_queue()
     ids = _start_from_a_process_with(env, 20)
-    assert _queued() == 3
+    _until_queued(3)
     assert pumps.held() == 3
     worker.resume_consuming()
     wait_for(
@@ -141,7 +147,7 @@ def test_with_slots_off_every_start_sends_its_own_doorbell(settings, slots, quie
     settings.SAGA_PUMPS = 0
     for _ in range(20):
         start()
-    assert _queued() == 20
+    _until_queued(20)
     assert pumps.held() == 0
 
 
@@ -181,7 +187,7 @@ def test_a_pump_out_of_budget_hands_its_slot_to_a_doorbell_for_the_saga_it_finds
         _pump(lambda: None, slot)
     finally:
         inline_until.reset(until)
-    assert _queued() == 1
+    _until_queued(1)
     assert pumps.held() == 1
     with app.connection_for_read() as conn:
         message = conn.SimpleQueue(settings.CELERY_TASK_DEFAULT_QUEUE, no_ack=True).get(timeout=5)
@@ -228,7 +234,7 @@ def test_with_redis_not_answering_the_last_look_rings_a_plain_doorbell(
         _pump(lambda: None, slot)
     finally:
         inline_until.reset(until)
-    assert _queued() == 1
+    _until_queued(1)
     with app.connection_for_read() as conn:
         message = conn.SimpleQueue(settings.CELERY_TASK_DEFAULT_QUEUE, no_ack=True).get(timeout=5)
     assert message.headers["argsrepr"] == repr((str(saga.id), saga.version))
@@ -317,7 +323,7 @@ def test_the_sweeper_sends_a_pump_for_sagas_that_waited_longer_than_a_pumps_budg
     assert sweep()["pumped"] == 0  # due for less than a pump's budget: pumps are merely busy
     Saga.objects.filter(pk=saga.id).update(next_attempt_at=timezone.now() - timedelta(seconds=5))
     assert sweep()["pumped"] == 1
-    assert _queued() == 1
+    _until_queued(1)
     with app.connection_for_read() as conn:
         message = conn.SimpleQueue(settings.CELERY_TASK_DEFAULT_QUEUE, no_ack=True).get(timeout=5)
     assert message.headers["argsrepr"] == repr((str(saga.id), saga.version))
