@@ -8,8 +8,6 @@ Saga types come from :mod:`tests.sagas.sagatypes`: ``s1``, a ``Wait("go")`` step
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -18,13 +16,14 @@ import pytest
 from django.contrib.auth.models import Group, User
 from django.core.exceptions import PermissionDenied
 from django.db import connection, transaction
+from django_celery_beat.models import PeriodicTask
 
 from lab.stack import Stack, spare_port
 from sagas.exceptions import SagaOperationRefused, SignalPayloadInvalid
 from sagas.models import Saga, SagaSignal, SagaState, SagaStep, StepStatus
 from sagas.services import saga_start
 from sagas.signals import saga_signal
-from tests.conftest import REPO_ROOT, database_url_for
+from tests.conftest import database_url_for, manage_shell
 from tests.sagas.sagatypes import effects, ensure_effects_table
 from tests.sagas.test_engine import settled, timeline
 
@@ -193,23 +192,23 @@ def test_a_cancel_while_waiting_compensates_at_once(celery_worker, wait_for):
     assert done.waiting_for == ""
 
 
-DRIVER = """
-import sys, time, django
-django.setup()
+STARTER = """
 from django.db import transaction
-from sagas.sweeper import sweep
 from sagas.services import saga_start
 with transaction.atomic():
-    saga = saga_start(saga_type="test_sleep", data={})
-print(saga.id, flush=True)
-while True:  # the sweeper, as beat would run it, through this stack's own broker
-    sweep()
-    time.sleep(0.2)
+    print(saga_start(saga_type="test_sleep", data={}).id)
 """
 
 
 def test_a_timer_survives_a_broker_restart_and_a_worker_kill(django_db_setup, wait_for):
-    """The sleep's doorbell dies with the broker and its worker; the database fires it."""
+    """The sleep's doorbell dies with the broker and its worker; the database fires it, through
+    the sweeper as production runs it: beat's periodic task, sent over this stack's broker."""
+    from sagas.apps import SWEEP_TASK_NAME, _ensure_sweep_schedule
+
+    # The schedule migrate made is gone with an earlier test's flush: made again, at the
+    # session's SAGA_SWEEP_INTERVAL.
+    PeriodicTask.objects.filter(name=SWEEP_TASK_NAME).delete()
+    _ensure_sweep_schedule()
     queue = f"timer-{uuid.uuid4().hex[:8]}"
     log_dir = Path(tempfile.mkdtemp(prefix="sagarunner-timer-"))
     env = {
@@ -219,20 +218,13 @@ def test_a_timer_survives_a_broker_restart_and_a_worker_kill(django_db_setup, wa
         "PYTHONUNBUFFERED": "1",
     }
     stack = Stack(env=env, log_dir=log_dir, queue=queue)
-    driver = None
     try:
         env["CELERY_BROKER_URL"] = stack.start_redis(spare_port())
         worker = stack.start_worker("w", concurrency=1)
         wait_for(lambda: "ready" in worker.log_tail(20000), timeout=90, describe=worker.log_tail)
-        driver = subprocess.Popen(
-            [sys.executable, "-c", DRIVER],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=open(log_dir / "driver.log", "wb"),  # noqa: SIM115 - closed with the process
-            text=True,
-        )
-        saga_id = driver.stdout.readline().strip()
+        stack.start_beat()
+        # Started from a process of this stack's own, so its doorbell goes to this broker.
+        saga_id = manage_shell(env, STARTER).strip().splitlines()[-1]
         saga = parked(saga_id, wait_for, step="nap")
         assert saga.waiting_for == "" and saga.next_attempt_at > saga.waiting_since
         # The countdown doorbell is held by the worker and stored in the broker: lose both.
@@ -248,9 +240,6 @@ def test_a_timer_survives_a_broker_restart_and_a_worker_kill(django_db_setup, wa
         woke_at = next(at for kind, at in events if kind == "step_succeeded" and at > waiting_at)
         assert (woke_at - waiting_at).total_seconds() >= 3  # it slept, it did not skip the timer
     finally:
-        if driver is not None:
-            driver.kill()
-            driver.wait(10)
         stack.close()
 
 
