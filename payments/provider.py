@@ -85,31 +85,48 @@ class FakePaymentProvider:
         recorded = self._recorded(key, OperationKind.AUTHORIZE)
         if recorded is not None:
             return self._replay(recorded)
+        # The answer is known before anything is written (the authorization's id is ours to
+        # choose), so the operation is inserted once, whole, and the authorization beside it:
+        # two INSERTs, not an INSERT, a savepoint, an INSERT and an UPDATE. The operation goes
+        # first: a concurrent repeat of this key waits on its unique index, then replays.
+        op = ProviderOperation(
+            key=key,
+            kind=OperationKind.AUTHORIZE,
+            outcome=OperationOutcome.SUCCEEDED,
+            amount_minor=amount_minor,
+            currency=currency,
+            reference=reference,
+        )
+        auth = None
+        decline_code = self._authorize_decline(payment_method)
+        if decline_code:
+            self._decline(op, decline_code)
+        else:
+            auth = ProviderAuthorization(
+                id=_new_id("auth"),
+                reference=reference,
+                currency=currency,
+                amount_minor=amount_minor,
+                payment_method=payment_method,
+            )
+            op.authorization = auth
+            op.response = self._authorization_response(auth)
         try:
             with transaction.atomic():
-                op = ProviderOperation.objects.create(
-                    key=key,
-                    kind=OperationKind.AUTHORIZE,
-                    outcome=OperationOutcome.SUCCEEDED,
-                    amount_minor=amount_minor,
-                    currency=currency,
-                    reference=reference,
-                )
-                decline_code = self._authorize_decline(payment_method)
-                if decline_code:
-                    self._record_decline(op, decline_code)
-                else:
-                    auth = self._create_authorization(
-                        reference=reference,
-                        amount_minor=amount_minor,
-                        currency=currency,
-                        payment_method=payment_method,
-                    )
-                    op.authorization = auth
-                    op.response = self._authorization_response(auth)
-                    op.save(update_fields=["authorization", "response"])
+                op.save(force_insert=True)
+                if auth is not None:
+                    # The operation's foreign key is checked at commit (deferred), so the
+                    # authorization may follow it in the same transaction.
+                    auth.save(force_insert=True)
         except IntegrityError as exc:
-            # Another request with this key (or a void's tombstone) committed first.
+            # Another request with this key (or a void's tombstone) committed first; or this
+            # order already has an authorization under another key.
+            if self._recorded(key, OperationKind.AUTHORIZE) is None and (
+                ProviderAuthorization.objects.filter(reference=reference).exists()
+            ):
+                raise DuplicateAuthorization(
+                    f"reference {reference!r} already has an authorization"
+                ) from None
             return self._replay_after_conflict(key, OperationKind.AUTHORIZE, exc)
         return self._replay(op)
 
@@ -120,23 +137,25 @@ class FakePaymentProvider:
             return self._replay(recorded)
         try:
             with transaction.atomic():
-                op = ProviderOperation.objects.create(
-                    key=key, kind=OperationKind.CAPTURE, outcome=OperationOutcome.SUCCEEDED
-                )
+                # The authorization is locked first and the answer decided, so the operation
+                # is inserted once, whole. A concurrent repeat of this key waits on the lock,
+                # finds the authorization captured, and replays when its insert meets ours.
                 auth = ProviderAuthorization.objects.select_for_update().get(id=authorization_id)
-                op.authorization = auth
-                op.reference = auth.reference
-                op.currency = auth.currency
+                op = ProviderOperation(
+                    key=key,
+                    kind=OperationKind.CAPTURE,
+                    outcome=OperationOutcome.SUCCEEDED,
+                    authorization=auth,
+                    reference=auth.reference,
+                    currency=auth.currency,
+                )
                 decline_code = self._capture_decline(auth)
                 if decline_code:
-                    self._record_decline(op, decline_code)
+                    self._decline(op, decline_code)
                 else:
                     auth.status = AuthorizationStatus.CAPTURED
                     auth.captured_minor = auth.amount_minor
                     auth.capture_id = _new_id("cap")
-                    auth.save(
-                        update_fields=["status", "captured_minor", "capture_id", "updated_at"]
-                    )
                     op.amount_minor = auth.captured_minor
                     op.response = {
                         "object": "capture",
@@ -146,8 +165,16 @@ class FakePaymentProvider:
                         "amount_minor": auth.captured_minor,
                         "currency": auth.currency,
                         "status": "succeeded",
+                        # The authorization as this capture left it, as a real provider
+                        # returns the object a request changed: the caller records it without
+                        # asking again.
+                        "authorization": self._authorization_response(auth),
                     }
-                    op.save()
+                op.save(force_insert=True)
+                if not decline_code:
+                    auth.save(
+                        update_fields=["status", "captured_minor", "capture_id", "updated_at"]
+                    )
         except IntegrityError as exc:
             return self._replay_after_conflict(key, OperationKind.CAPTURE, exc)
         return self._replay(op)
@@ -303,30 +330,10 @@ class FakePaymentProvider:
         return ""
 
     @staticmethod
-    def _create_authorization(
-        *, reference: str, amount_minor: int, currency: str, payment_method: str
-    ) -> ProviderAuthorization:
-        try:
-            with transaction.atomic():
-                return ProviderAuthorization.objects.create(
-                    id=_new_id("auth"),
-                    reference=reference,
-                    currency=currency,
-                    amount_minor=amount_minor,
-                    payment_method=payment_method,
-                )
-        except IntegrityError:
-            if ProviderAuthorization.objects.filter(reference=reference).exists():
-                raise DuplicateAuthorization(
-                    f"reference {reference!r} already has an authorization"
-                ) from None
-            raise
-
-    @staticmethod
-    def _record_decline(op: ProviderOperation, decline_code: str) -> None:
+    def _decline(op: ProviderOperation, decline_code: str) -> None:
+        """Make ``op`` (not yet saved) the record of a decline."""
         op.outcome = OperationOutcome.DECLINED
         op.response = {"object": op.kind, "status": "declined", "decline_code": decline_code}
-        op.save()
 
     @staticmethod
     def _authorization_response(auth: ProviderAuthorization) -> dict[str, Any]:

@@ -69,7 +69,8 @@ def payment_authorize(
             status=PaymentStatus.DECLINED, decline_code=exc.decline_code
         )
         raise
-    recorded = _record(order_uuid, response["id"])
+    # The answer is the authorization as it stands: recorded as is, not asked for again.
+    recorded = _record_view(order_uuid, response)
     return {
         "payment_id": str(recorded.id) if recorded else None,
         "authorization_id": response["id"],
@@ -100,7 +101,11 @@ def payment_capture(*, key: str, order_id: uuid.UUID | str, authorize_key: str) 
     except PaymentDeclined as exc:
         Payment.objects.filter(order_id=order_uuid).update(decline_code=exc.decline_code)
         raise
-    payment = _record(order_uuid, response["authorization_id"])
+    view = response.get("authorization")
+    if view is not None:  # the authorization as the capture left it
+        payment = _record_view(order_uuid, view)
+    else:  # a capture answered before its answers carried the authorization
+        payment = _record(order_uuid, response["authorization_id"])
     return {
         "payment_id": str(payment.id) if payment else None,
         "authorization_id": response["authorization_id"],

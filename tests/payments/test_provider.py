@@ -84,6 +84,22 @@ def test_capture_takes_the_whole_amount_once():
     assert provider.retrieve_authorization(auth["id"])["captured_minor"] == 1234
 
 
+def test_a_capture_answers_with_the_authorization_as_it_left_it():
+    """As a real provider returns the object a request changed: no second request needed."""
+    auth = authorize()
+    answer = provider.capture(key="c", authorization_id=auth["id"])
+    assert answer["authorization"] == provider.retrieve_authorization(auth["id"])
+    assert answer["authorization"]["status"] == "captured"
+    assert answer["authorization"]["capture_id"] == answer["id"]
+
+
+def test_an_authorize_answers_with_the_authorization_as_stored():
+    """The answer is built before the rows are written: it must match what was written."""
+    answer = authorize()
+    assert answer == provider.retrieve_authorization(answer["id"])
+    assert provider.lookup("a")["authorization_id"] == answer["id"]
+
+
 def test_second_capture_under_another_key_is_declined():
     """An authorization is captured at most once, whatever key the second capture uses."""
     auth = authorize()

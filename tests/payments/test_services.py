@@ -238,3 +238,35 @@ def test_an_older_view_recorded_late_never_replaces_a_newer_one(order_id):
     # A view as new as the row's, or newer, is written (recording twice changes nothing).
     assert _record_view(order_id, FakePaymentProvider().retrieve_authorization(auth_id)) == late
     assert _record_view(uuid.uuid4(), authorized_view) is None  # no payment of ours
+
+
+def test_a_capture_repeated_after_its_refund_leaves_the_payment_refunded(order_id):
+    """The repeat replays the capture's first answer, the authorization as it was then; our row
+    keeps the provider's newer view (refunded)."""
+    authorize(order_id)
+    first = capture(order_id)
+    refund(order_id)
+    assert capture(order_id) == first
+    p = payment(order_id)
+    assert (p.status, p.refunded_amount) == (PaymentStatus.REFUNDED, Decimal("49.90"))
+
+
+def test_a_capture_answered_without_the_authorization_is_recorded_from_the_provider(order_id):
+    """Answers stored before captures carried the authorization still record: we ask for it."""
+    from payments.models import ProviderOperation
+
+    authorize(order_id)
+    first = capture(order_id)
+    op = ProviderOperation.objects.get(key=CAPTURE)
+    op.response = {k: v for k, v in op.response.items() if k != "authorization"}
+    op.save(update_fields=["response"])
+    Payment.objects.filter(order_id=order_id).update(
+        status=PaymentStatus.AUTHORIZED, captured_amount=Decimal("0.00"), capture_id=""
+    )
+    assert capture(order_id) == first
+    p = payment(order_id)
+    assert (p.status, p.captured_amount, p.capture_id) == (
+        PaymentStatus.CAPTURED,
+        Decimal("49.90"),
+        first["capture_id"],
+    )
