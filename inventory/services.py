@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -25,6 +25,7 @@ from inventory.errors import (
 )
 from inventory.models import Product, Reservation, ReservationLine, ReservationStatus
 from sagas.faults import fault_point
+from sagas.transactions import in_step_transaction, step_atomic
 
 
 @fault_point("inventory.reserve")
@@ -42,13 +43,18 @@ def reservation_reserve(
     existing = Reservation.objects.filter(key=key).first()
     if existing is not None:
         return _replay(existing)
+    joined = in_step_transaction()
     try:
-        with transaction.atomic():
+        with step_atomic():
             # Inserted first: a concurrent reserve with this key (or a release writing its
             # tombstone) blocks on the unique index until this transaction ends.
             reservation = Reservation.objects.create(key=key, order_id=order_uuid)
             _hold(reservation, wanted)
     except IntegrityError:
+        if joined:
+            # Inside a transactional step, which now rolls back whole: its retry replays what
+            # the other writer of this key left.
+            raise
         existing = Reservation.objects.filter(key=key).first()
         if existing is None:
             raise
@@ -63,7 +69,7 @@ def reservation_release(*, key: str, forward_key: str) -> dict[str, Any]:
     If nothing was reserved under that key (the reserve failed, or has not arrived yet), this
     still succeeds and leaves a tombstone so that a late reserve cannot take effect.
     """
-    with transaction.atomic():
+    with step_atomic():
         reservation = Reservation.objects.select_for_update().filter(key=forward_key).first()
         if reservation is None:
             try:
@@ -104,7 +110,7 @@ def reservation_commit(*, key: str, forward_key: str) -> dict[str, Any]:
     Stock on hand and the reservation fall together in one update per line, so ``available``
     does not move and no other order can grab the units in between.
     """
-    with transaction.atomic():
+    with step_atomic():
         reservation = Reservation.objects.select_for_update().filter(key=forward_key).first()
         if reservation is None:
             raise ReservationNotFound(f"nothing was reserved under {forward_key!r}")
@@ -144,21 +150,29 @@ def _normalise_lines(lines: Iterable[Sequence[Any]]) -> dict[str, int]:
 
 
 def _hold(reservation: Reservation, wanted: dict[str, int]) -> None:
-    """One conditional update per line; the first line that does not fit undoes them all."""
-    product_ids = dict(Product.objects.filter(sku__in=wanted).values_list("sku", "id"))
-    now = timezone.now()
-    for sku, quantity in wanted.items():
-        if sku not in product_ids:
-            raise OutOfStock(sku, quantity, None)
-        held = (
-            Product.objects.filter(sku=sku)
-            .alias(free=F("stock_on_hand") - F("reserved"))
-            .filter(free__gte=quantity)
-            .update(reserved=F("reserved") + quantity, updated_at=now)
-        )
-        if held != 1:
-            product = Product.objects.get(sku=sku)
-            raise OutOfStock(sku, quantity, product.available)
+    """One conditional update per line; the first line that does not fit undoes them all.
+
+    Each update returns the product's id for the reservation's line, so the products are not
+    looked up first: one round trip per line, not one more per reservation.
+    """
+    product = Product._meta
+    qn = connection.ops.quote_name
+    column = {f.name: qn(str(f.column)) for f in product.concrete_fields}
+    sql = (
+        f"UPDATE {qn(product.db_table)} SET {column['reserved']} = {column['reserved']} + %s, "
+        f"{column['updated_at']} = %s WHERE {column['sku']} = %s "
+        f"AND {column['stock_on_hand']} - {column['reserved']} >= %s RETURNING {column['id']}"
+    )
+    now = product.get_field("updated_at").get_db_prep_save(timezone.now(), connection)
+    product_ids = {}
+    with connection.cursor() as cursor:
+        for sku, quantity in wanted.items():
+            cursor.execute(sql, [quantity, now, sku, quantity])
+            row = cursor.fetchone()
+            if row is None:
+                found = Product.objects.filter(sku=sku).first()
+                raise OutOfStock(sku, quantity, None if found is None else found.available)
+            product_ids[sku] = row[0]
     ReservationLine.objects.bulk_create(
         ReservationLine(reservation=reservation, product_id=product_ids[sku], quantity=quantity)
         for sku, quantity in wanted.items()

@@ -6,7 +6,8 @@ are free to move, this list is what the rest of the project may rely on. It impo
 never from a ``models`` module or an app's ``__init__``.
 
 The database rows (``Saga``, ``SagaStep``, ``SagaEvent``) are read from ``sagas.models``;
-``sagas.faults`` (fault points for tests and chaos runs) and ``sagas.tracing`` are their own
+``sagas.faults`` (fault points for tests and chaos runs), ``sagas.tracing`` and
+``sagas.transactions`` (a participant's atomic block inside a transactional step) are their own
 small surfaces.
 """
 

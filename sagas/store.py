@@ -38,6 +38,7 @@ from django.utils import timezone
 from psycopg._queries import PostgresQuery, _query2pg_nocache
 
 from sagas import metrics
+from sagas import transactions as step_transactions
 from sagas.definition import change_hook, registered_definitions
 from sagas.doorbell import ring_on_commit
 from sagas.models import ACTIVE_STATES, Saga, SagaEvent, SagaStep
@@ -94,6 +95,8 @@ class StepTransaction:
         if enabled:
             self._atomic = transaction.atomic()
             self._atomic.__enter__()
+            # A participant's own atomic blocks join this transaction without a savepoint.
+            step_transactions.enter_step(self._atomic)
 
     @property
     def open(self) -> bool:
@@ -113,6 +116,7 @@ class StepTransaction:
         atomic, self._atomic = self._atomic, None
         try:
             if atomic is not None:
+                step_transactions.leave_step()
                 if rollback:
                     transaction.set_rollback(True)
                 atomic.__exit__(None, None, None)

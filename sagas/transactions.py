@@ -1,0 +1,55 @@
+"""A participant's atomic block that costs nothing inside a transactional step.
+
+A participant groups writes that must land together in ``transaction.atomic()``. Called from a
+``transactional`` step, it already runs inside the step's own transaction (see
+:class:`sagas.store.StepTransaction`), so that block becomes a savepoint: a ``SAVEPOINT`` and a
+``RELEASE``, two round trips per call, paid by every saga. They buy nothing there: the engine
+rolls the step's whole transaction back on any exception the step function raises, and the
+step's record commits with the writes or not at all.
+
+:func:`step_atomic` is ``transaction.atomic()`` everywhere else, and a savepoint-free join of
+the step's transaction there. The one thing a participant must not do inside it there: catch a
+database error and go on querying (without a savepoint the transaction cannot be used after an
+error). :func:`in_step_transaction` says when that is the case, so such a participant can let
+the error through instead; the step's retry then finds what the other writer left.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any
+
+from django.db import connection, transaction
+
+#: The ``Atomic`` of the transactional step running now in this thread, if any.
+_STEP_ATOMIC: ContextVar[Any] = ContextVar("sagas_step_atomic", default=None)
+
+
+def enter_step(atomic: Any) -> None:
+    """Called by the engine when a transactional step's transaction is open."""
+    _STEP_ATOMIC.set(atomic)
+
+
+def leave_step() -> None:
+    """Called by the engine once that transaction has ended, committed or rolled back."""
+    _STEP_ATOMIC.set(None)
+
+
+def in_step_transaction() -> bool:
+    """Whether the innermost open atomic block is a transactional step's own transaction.
+
+    Only the innermost: a participant that opened a savepoint of its own inside the step is
+    back to the usual rules, and gets the usual ``atomic()`` from :func:`step_atomic`.
+    """
+    atomic = _STEP_ATOMIC.get()
+    blocks = connection.atomic_blocks
+    return atomic is not None and bool(blocks) and blocks[-1] is atomic
+
+
+def step_atomic() -> transaction.Atomic:
+    """``transaction.atomic()``, without the savepoint inside a transactional step's transaction.
+
+    An exception raised inside it there marks the step's transaction for rollback (Django's
+    ``savepoint=False``), which is what the engine does with it anyway.
+    """
+    return transaction.atomic(savepoint=not in_step_transaction())

@@ -1,0 +1,140 @@
+"""A participant's atomic block joins a transactional step's transaction without a savepoint.
+
+Run on the real engine's ``StepTransaction`` and the real inventory participant, on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from decimal import Decimal
+
+import pytest
+from django.db import IntegrityError, connection, transaction
+from django.test.utils import CaptureQueriesContext
+
+from inventory.errors import OutOfStock
+from inventory.models import Product, Reservation
+from inventory.services import reservation_reserve
+from sagas.store import StepTransaction
+from sagas.transactions import in_step_transaction, step_atomic
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _product(stock: int = 5) -> Product:
+    return Product.objects.create(
+        sku="w", name="Widget", price=Decimal("5.00"), stock_on_hand=stock
+    )
+
+
+def _statements(ctx: CaptureQueriesContext) -> list[str]:
+    return [q["sql"] for q in ctx.captured_queries]
+
+
+def test_inside_a_transactional_step_a_participant_block_adds_no_savepoint():
+    _product()
+    tx = StepTransaction(True)
+    assert in_step_transaction()
+    with CaptureQueriesContext(connection) as ctx:
+        reservation_reserve(key="k1", order_id=uuid.uuid4(), lines=[("w", 2)])
+    tx.commit()
+    assert not any(s.startswith(("SAVEPOINT", "RELEASE")) for s in _statements(ctx))
+    assert not in_step_transaction()
+    assert Product.objects.get(sku="w").reserved == 2
+
+
+def test_anywhere_else_it_is_an_ordinary_atomic_block():
+    """In a caller's own transaction the block is a savepoint, so the caller can go on."""
+    _product(stock=1)
+    with transaction.atomic():
+        assert not in_step_transaction()
+        with CaptureQueriesContext(connection) as ctx, pytest.raises(OutOfStock):
+            reservation_reserve(key="k1", order_id=uuid.uuid4(), lines=[("w", 2)])
+        assert any(s.startswith("SAVEPOINT") for s in _statements(ctx))
+        # The savepoint took the reservation's row back; the transaction is usable.
+        assert not Reservation.objects.exists()
+    assert Product.objects.get(sku="w").reserved == 0
+
+
+def test_a_participants_own_savepoint_inside_the_step_keeps_the_usual_rules():
+    tx = StepTransaction(True)
+    try:
+        with transaction.atomic():
+            assert not in_step_transaction()
+            with CaptureQueriesContext(connection) as ctx, step_atomic():
+                Product.objects.exists()
+        assert any(s.startswith("SAVEPOINT") for s in _statements(ctx))
+        assert in_step_transaction()
+    finally:
+        tx.rollback()
+
+
+def test_a_failure_inside_the_step_leaves_nothing_once_the_engine_rolls_back():
+    """Two lines, the second out of stock: the first line's hold goes with the step."""
+    _product(stock=5)
+    Product.objects.create(sku="x", name="Scarce", price=Decimal("1.00"), stock_on_hand=1)
+    tx = StepTransaction(True)
+    with pytest.raises(OutOfStock):
+        reservation_reserve(key="k1", order_id=uuid.uuid4(), lines=[("w", 2), ("x", 3)])
+    # Without a savepoint the error spoils the step's transaction: nothing more runs in it.
+    assert connection.needs_rollback
+    tx.rollback()
+    assert not Reservation.objects.exists()
+    assert Product.objects.get(sku="w").reserved == 0
+
+
+def _wait_until_blocked_on_a_lock(statement_start: str, deadline_s: float = 10.0) -> None:
+    """Poll (from its own connection) until another backend waits on a lock in that statement."""
+    deadline = time.monotonic() + deadline_s
+    with connection.cursor() as cursor:
+        while time.monotonic() < deadline:
+            # The activity view is read once per transaction unless its snapshot is dropped.
+            cursor.execute("SELECT pg_stat_clear_snapshot()")
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database() AND query LIKE %s AND pid <> pg_backend_pid()",
+                [statement_start + "%"],
+            )
+            if cursor.fetchone()[0]:
+                return
+            time.sleep(0.01)
+    raise AssertionError(f"no backend waited on a lock in {statement_start!r}")
+
+
+def test_a_reserve_that_races_its_key_inside_a_step_fails_it_and_the_retry_replays():
+    """The other writer of the key commits while our INSERT waits on it: inside a step there
+    is no savepoint to carry on from, so the step fails (the engine retries it) and the
+    retry answers with the other writer's reservation."""
+    _product()
+    inserted, failures = threading.Event(), []
+    theirs: list[Reservation] = []
+
+    def other_writer() -> None:
+        try:
+            with transaction.atomic():
+                theirs.append(Reservation.objects.create(key="k1", order_id=uuid.uuid4()))
+                inserted.set()
+                _wait_until_blocked_on_a_lock('INSERT INTO "inventory_reservation"')
+        except Exception as exc:  # noqa: BLE001 - reported by the test below
+            failures.append(exc)
+            inserted.set()
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=other_writer)
+    thread.start()
+    assert inserted.wait(10)
+    tx = StepTransaction(True)
+    with pytest.raises(IntegrityError):
+        reservation_reserve(key="k1", order_id=uuid.uuid4(), lines=[("w", 1)])
+    tx.rollback()
+    thread.join(10)
+    assert not failures and not thread.is_alive()
+
+    retry = StepTransaction(True)
+    answer = reservation_reserve(key="k1", order_id=uuid.uuid4(), lines=[("w", 1)])
+    retry.commit()
+    assert answer["reservation_id"] == str(theirs[0].id)
+    assert Product.objects.get(sku="w").reserved == 0  # held once, by nobody here
