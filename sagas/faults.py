@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from django.conf import settings
 
 from providers import outage
+from sagas.transactions import spoiled
 
 OPERATIONS = frozenset(
     {
@@ -157,7 +158,11 @@ def fault_point(operation: str) -> Callable[[F], F]:
                 try:
                     return _faulty_call(operation, fn, args, kwargs)
                 finally:
-                    outage.call_ended(provider)
+                    # In a spoiled transaction (a transactional step's, after the participant
+                    # raised) no query may run, and none is needed: the start's count rolls
+                    # back with it.
+                    if not spoiled():
+                        outage.call_ended(provider)
             return _faulty_call(operation, fn, args, kwargs)
 
         return wrapper  # type: ignore[return-value]

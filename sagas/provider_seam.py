@@ -17,6 +17,7 @@ from providers.config import breakers_enabled
 from sagas.definition import BusinessFailure, ProviderAnswered, Step, StepContext, StepFunction
 from sagas.models import Saga
 from sagas.store import Record, StepTransaction
+from sagas.transactions import StepTransactionSpoiled, spoiled
 
 #: Errors that say the call's own data is wrong, whatever the provider's health: our database
 #: refused a row or a value (a constraint, SQLSTATE class 23; a value it cannot hold, class
@@ -27,7 +28,11 @@ from sagas.store import Record, StepTransaction
 #: a ProgrammingError too, since a missing table or a revoked grant fails every call alike.
 NOT_AN_OUTAGE: tuple[type[BaseException], ...] = (IntegrityError, DataError)
 # Retried, but the provider is not down: it answered, or the call is at fault.
-_NOT_DOWN: tuple[type[BaseException], ...] = (ProviderAnswered, *NOT_AN_OUTAGE)
+_NOT_DOWN: tuple[type[BaseException], ...] = (
+    ProviderAnswered,
+    StepTransactionSpoiled,
+    *NOT_AN_OUTAGE,
+)
 
 
 def gate(step: Step) -> provider_breaker.Ticket | provider_breaker.Wait | None:
@@ -60,6 +65,13 @@ def call_step(
     """
     try:
         result = fn(ctx)
+        if tx is not None and tx.open and spoiled():
+            # The function caught an error that left a savepoint-free block and returned
+            # anyway: its transaction can only roll back, and its record would die with it.
+            raise StepTransactionSpoiled(
+                "the step function returned after an error spoiled its step's transaction "
+                "(an exception caught after it left step_atomic()); nothing it wrote is kept"
+            )
     except BusinessFailure:
         if tx is not None:
             tx.rollback()

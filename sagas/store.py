@@ -87,16 +87,17 @@ class StepTransaction:
     any other step it does nothing.
     """
 
-    __slots__ = ("_atomic", "_after")
+    __slots__ = ("_atomic", "_after", "_token")
 
     def __init__(self, enabled: bool) -> None:
         self._atomic: Any = None
         self._after: list[Callable[[], None]] = []
+        self._token: Any = None
         if enabled:
             self._atomic = transaction.atomic()
             self._atomic.__enter__()
             # A participant's own atomic blocks join this transaction without a savepoint.
-            step_transactions.enter_step(self._atomic)
+            self._token = step_transactions.enter_step(self._atomic)
 
     @property
     def open(self) -> bool:
@@ -116,7 +117,7 @@ class StepTransaction:
         atomic, self._atomic = self._atomic, None
         try:
             if atomic is not None:
-                step_transactions.leave_step()
+                step_transactions.leave_step(self._token)
                 if rollback:
                     transaction.set_rollback(True)
                 atomic.__exit__(None, None, None)

@@ -8,15 +8,19 @@ rolls the step's whole transaction back on any exception the step function raise
 step's record commits with the writes or not at all.
 
 :func:`step_atomic` is ``transaction.atomic()`` everywhere else, and a savepoint-free join of
-the step's transaction there. The one thing a participant must not do inside it there: catch a
-database error and go on querying (without a savepoint the transaction cannot be used after an
-error). :func:`in_step_transaction` says when that is the case, so such a participant can let
-the error through instead; the step's retry then finds what the other writer left.
+the step's transaction there. The rule that comes with it there: once *any* exception has left
+the block, the transaction is spoiled (Django refuses further queries in it until it rolls
+back), so nothing may catch that exception and go on querying or return as if the call had
+succeeded: not the participant, not a wrapper's ``finally``, not the step function.
+:func:`in_step_transaction` says when that is the case, so a participant that would catch an
+error (a race on its key) lets it through instead, and the step's retry finds what the other
+writer left. A step function that returns from a spoiled transaction anyway fails with
+:class:`StepTransactionSpoiled`, retried like any transient error.
 """
 
 from __future__ import annotations
 
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any
 
 from django.db import connection, transaction
@@ -25,14 +29,18 @@ from django.db import connection, transaction
 _STEP_ATOMIC: ContextVar[Any] = ContextVar("sagas_step_atomic", default=None)
 
 
-def enter_step(atomic: Any) -> None:
+class StepTransactionSpoiled(Exception):
+    """A step function returned after an error spoiled its step's transaction."""
+
+
+def enter_step(atomic: Any) -> Token[Any]:
     """Called by the engine when a transactional step's transaction is open."""
-    _STEP_ATOMIC.set(atomic)
+    return _STEP_ATOMIC.set(atomic)
 
 
-def leave_step() -> None:
+def leave_step(token: Token[Any]) -> None:
     """Called by the engine once that transaction has ended, committed or rolled back."""
-    _STEP_ATOMIC.set(None)
+    _STEP_ATOMIC.reset(token)
 
 
 def in_step_transaction() -> bool:
@@ -53,3 +61,9 @@ def step_atomic() -> transaction.Atomic:
     ``savepoint=False``), which is what the engine does with it anyway.
     """
     return transaction.atomic(savepoint=not in_step_transaction())
+
+
+def spoiled() -> bool:
+    """Whether the current transaction can only roll back (an error left a block without a
+    savepoint)."""
+    return connection.in_atomic_block and connection.needs_rollback

@@ -14,7 +14,7 @@ from django.db import connection
 from payments.errors import PaymentRefused
 from payments.models import Payment, ProviderAuthorization
 from payments.selectors import provider_summary
-from payments.services import payment_authorize, payment_void
+from payments.services import payment_authorize, payment_capture, payment_refund, payment_void
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -77,3 +77,39 @@ def test_void_racing_its_authorize_leaves_no_open_hold():
         assert isinstance(auth_outcome, dict), auth_outcome
         assert void_outcome["undone"] is True
     assert provider_summary(order_id=order_id)["open_authorization"] is False
+
+
+def capture(order_id: uuid.UUID) -> dict:
+    return payment_capture(key="c", order_id=order_id, authorize_key="k")
+
+
+def test_same_key_racing_captures_once():
+    """Four deliveries of one capture race: one capture, and every delivery gets its answer."""
+    order_id = uuid.uuid4()
+    authorize(order_id)
+    outcomes = run_together(*[(lambda: capture(order_id)) for _ in range(4)])
+    assert all(isinstance(o, dict) for o in outcomes), outcomes
+    assert len({o["capture_id"] for o in outcomes}) == 1
+    summary = provider_summary(order_id=order_id)
+    assert (summary["captures"], summary["captured_minor"]) == (1, 1000)
+    assert Payment.objects.get(order_id=order_id).captured_amount == Decimal("10.00")
+
+
+def test_refund_racing_its_capture_leaves_no_money_taken():
+    """Whichever of capture and refund lands first, no money stays captured: the refund gives
+    it back, or its tombstone refuses the late capture."""
+    order_id = uuid.uuid4()
+    authorize(order_id)
+    capture_outcome, refund_outcome = run_together(
+        lambda: capture(order_id),
+        lambda: payment_refund(key="c:undo", order_id=order_id, forward_key="c"),
+    )
+    assert isinstance(refund_outcome, dict), refund_outcome
+    summary = provider_summary(order_id=order_id)
+    if isinstance(capture_outcome, PaymentRefused):
+        assert refund_outcome["undone"] is False
+        assert (summary["captures"], summary["status"]) == (0, "authorized")
+    else:
+        assert isinstance(capture_outcome, dict), capture_outcome
+        assert refund_outcome["undone"] is True
+        assert summary["refunded_minor"] == summary["captured_minor"] == 1000

@@ -17,8 +17,9 @@ from django.test.utils import CaptureQueriesContext
 from inventory.errors import OutOfStock
 from inventory.models import Product, Reservation
 from inventory.services import reservation_reserve
+from sagas.provider_seam import call_step
 from sagas.store import StepTransaction
-from sagas.transactions import in_step_transaction, step_atomic
+from sagas.transactions import StepTransactionSpoiled, in_step_transaction, step_atomic
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -36,10 +37,12 @@ def _statements(ctx: CaptureQueriesContext) -> list[str]:
 def test_inside_a_transactional_step_a_participant_block_adds_no_savepoint():
     _product()
     tx = StepTransaction(True)
-    assert in_step_transaction()
-    with CaptureQueriesContext(connection) as ctx:
-        reservation_reserve(key="k1", order_id=uuid.uuid4(), lines=[("w", 2)])
-    tx.commit()
+    try:
+        assert in_step_transaction()
+        with CaptureQueriesContext(connection) as ctx:
+            reservation_reserve(key="k1", order_id=uuid.uuid4(), lines=[("w", 2)])
+    finally:
+        tx.commit()
     assert not any(s.startswith(("SAVEPOINT", "RELEASE")) for s in _statements(ctx))
     assert not in_step_transaction()
     assert Product.objects.get(sku="w").reserved == 2
@@ -76,13 +79,30 @@ def test_a_failure_inside_the_step_leaves_nothing_once_the_engine_rolls_back():
     _product(stock=5)
     Product.objects.create(sku="x", name="Scarce", price=Decimal("1.00"), stock_on_hand=1)
     tx = StepTransaction(True)
-    with pytest.raises(OutOfStock):
-        reservation_reserve(key="k1", order_id=uuid.uuid4(), lines=[("w", 2), ("x", 3)])
-    # Without a savepoint the error spoils the step's transaction: nothing more runs in it.
-    assert connection.needs_rollback
-    tx.rollback()
+    try:
+        with pytest.raises(OutOfStock):
+            reservation_reserve(key="k1", order_id=uuid.uuid4(), lines=[("w", 2), ("x", 3)])
+        # Without a savepoint the error spoils the step's transaction: nothing more runs in it.
+        assert connection.needs_rollback
+    finally:
+        tx.rollback()
     assert not Reservation.objects.exists()
     assert Product.objects.get(sku="w").reserved == 0
+
+
+def test_with_provider_stats_on_a_failure_inside_the_step_keeps_its_own_error(settings):
+    """The fault point counts the call's end after the participant raised; in a spoiled step
+    transaction that count must not run (its start rolls back with the step), or its error
+    would replace the participant's, and an out-of-stock order would look transient."""
+    settings.SAGA_FAKE_PROVIDER_STATS = True
+    _product(stock=1)
+    tx = StepTransaction(True)
+    try:
+        with pytest.raises(OutOfStock):
+            reservation_reserve(key="k1", order_id=uuid.uuid4(), lines=[("w", 2)])
+    finally:
+        tx.rollback()
+    assert not Reservation.objects.exists()
 
 
 def _wait_until_blocked_on_a_lock(statement_start: str, deadline_s: float = 10.0) -> None:
@@ -127,14 +147,42 @@ def test_a_reserve_that_races_its_key_inside_a_step_fails_it_and_the_retry_repla
     thread.start()
     assert inserted.wait(10)
     tx = StepTransaction(True)
-    with pytest.raises(IntegrityError):
-        reservation_reserve(key="k1", order_id=uuid.uuid4(), lines=[("w", 1)])
-    tx.rollback()
+    try:
+        with pytest.raises(IntegrityError):
+            reservation_reserve(key="k1", order_id=uuid.uuid4(), lines=[("w", 1)])
+    finally:
+        tx.rollback()
     thread.join(10)
     assert not failures and not thread.is_alive()
 
     retry = StepTransaction(True)
-    answer = reservation_reserve(key="k1", order_id=uuid.uuid4(), lines=[("w", 1)])
-    retry.commit()
+    try:
+        answer = reservation_reserve(key="k1", order_id=uuid.uuid4(), lines=[("w", 1)])
+    finally:
+        retry.commit()
     assert answer["reservation_id"] == str(theirs[0].id)
-    assert Product.objects.get(sku="w").reserved == 0  # held once, by nobody here
+    # Our failed attempt held nothing (the other writer's row has no lines of its own).
+    assert Product.objects.get(sku="w").reserved == 0
+
+
+def test_a_step_that_swallows_an_error_of_its_spoiled_transaction_fails_clearly():
+    """A function that catches the participant's error inside the step and returns anyway:
+    its transaction cannot commit, so the step fails with an error that says why (retried like
+    any transient error), instead of a record that dies on the spoiled transaction."""
+    _product(stock=1)
+
+    def swallowing(ctx):
+        try:
+            reservation_reserve(key="k1", order_id=uuid.uuid4(), lines=[("w", 2)])
+        except OutOfStock:
+            return {"held": False}
+        return {"held": True}
+
+    tx = StepTransaction(True)
+    try:
+        with pytest.raises(StepTransactionSpoiled, match="spoiled"):
+            call_step(swallowing, None, None, (), tx)
+        assert not tx.open
+    finally:
+        tx.rollback()
+    assert not Reservation.objects.exists()
