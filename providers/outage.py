@@ -12,6 +12,7 @@ import time
 from datetime import timedelta
 
 from django.conf import settings
+from django.db import transaction
 from django.db.models import F
 from django.db.models.functions import Greatest
 from django.utils import timezone
@@ -86,7 +87,9 @@ def call_started(provider: str) -> None:
     """Count a call and how many run at once, from the provider's side (stats runs only)."""
     if provider not in _stat_rows:
         FakeProviderStatus.objects.get_or_create(provider=provider)
-        _stat_rows.add(provider)
+        # Only once the row is there for good: made inside a step's transaction that then
+        # rolls back, it is gone again, and the next call must make it again.
+        transaction.on_commit(lambda: _stat_rows.add(provider))
     FakeProviderStatus.objects.filter(provider=provider).update(
         in_flight=F("in_flight") + 1,
         peak_in_flight=Greatest(F("peak_in_flight"), F("in_flight") + 1),

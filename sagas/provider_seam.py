@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import DataError, IntegrityError
+from django.db.transaction import TransactionManagementError
 
 from providers import breaker as provider_breaker
 from providers.config import breakers_enabled
@@ -28,9 +29,12 @@ from sagas.transactions import StepTransactionSpoiled, spoiled
 #: a ProgrammingError too, since a missing table or a revoked grant fails every call alike.
 NOT_AN_OUTAGE: tuple[type[BaseException], ...] = (IntegrityError, DataError)
 # Retried, but the provider is not down: it answered, or the call is at fault.
+# A step function that swallowed an error of its transactional step and went on: the function
+# is at fault (StepTransactionSpoiled, or Django refusing its next query), not the provider.
 _NOT_DOWN: tuple[type[BaseException], ...] = (
     ProviderAnswered,
     StepTransactionSpoiled,
+    TransactionManagementError,
     *NOT_AN_OUTAGE,
 )
 

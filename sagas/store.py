@@ -117,10 +117,12 @@ class StepTransaction:
         atomic, self._atomic = self._atomic, None
         try:
             if atomic is not None:
-                step_transactions.leave_step(self._token)
-                if rollback:
-                    transaction.set_rollback(True)
-                atomic.__exit__(None, None, None)
+                try:
+                    step_transactions.leave_step(self._token)
+                finally:  # the transaction ends whatever happens to the marker
+                    if rollback:
+                        transaction.set_rollback(True)
+                    atomic.__exit__(None, None, None)
         finally:
             after, self._after = self._after, []
             for fn in after:

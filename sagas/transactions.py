@@ -24,8 +24,10 @@ from contextvars import ContextVar, Token
 from typing import Any
 
 from django.db import connection, transaction
+from psycopg import pq
 
-#: The ``Atomic`` of the transactional step running now in this thread, if any.
+#: The ``Atomic`` of the transactional step running now in this context (task, thread or
+#: greenlet), if any.
 _STEP_ATOMIC: ContextVar[Any] = ContextVar("sagas_step_atomic", default=None)
 
 
@@ -64,6 +66,15 @@ def step_atomic() -> transaction.Atomic:
 
 
 def spoiled() -> bool:
-    """Whether the current transaction can only roll back (an error left a block without a
-    savepoint)."""
-    return connection.in_atomic_block and connection.needs_rollback
+    """Whether the current transaction can only roll back.
+
+    Django marks it so when an error left a block without a savepoint (or a failed ORM write,
+    or ``set_rollback(True)``); PostgreSQL's own status covers a failed statement that no block
+    saw, such as a query whose error was caught right where it ran.
+    """
+    if not connection.in_atomic_block:
+        return False
+    if connection.needs_rollback:
+        return True
+    info = getattr(connection.connection, "info", None)  # psycopg 3; SQLite has none
+    return info is not None and info.transaction_status == pq.TransactionStatus.INERROR

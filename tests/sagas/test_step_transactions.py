@@ -5,21 +5,26 @@ Run on the real engine's ``StepTransaction`` and the real inventory participant,
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
 from decimal import Decimal
 
 import pytest
-from django.db import IntegrityError, connection, transaction
+from django.db import DataError, IntegrityError, connection, transaction
+from django.db.transaction import TransactionManagementError
 from django.test.utils import CaptureQueriesContext
 
 from inventory.errors import OutOfStock
 from inventory.models import Product, Reservation
 from inventory.services import reservation_reserve
+from providers import breaker
+from providers.models import Breaker
 from sagas.provider_seam import call_step
 from sagas.store import StepTransaction
 from sagas.transactions import StepTransactionSpoiled, in_step_transaction, step_atomic
+from tests.sagas.inprocess import one_step_per_delivery
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -186,3 +191,66 @@ def test_a_step_that_swallows_an_error_of_its_spoiled_transaction_fails_clearly(
     finally:
         tx.rollback()
     assert not Reservation.objects.exists()
+
+
+def test_a_step_that_catches_a_failed_statement_where_it_ran_fails_clearly():
+    """No atomic block saw this error, so Django did not mark the transaction: PostgreSQL's
+    own status says it is spoiled, and the step fails as above instead of a dead record."""
+
+    def catches_where_it_ran(ctx):
+        with connection.cursor() as cursor, contextlib.suppress(DataError):
+            cursor.execute("SELECT 1 / 0")
+        return {"done": True}
+
+    tx = StepTransaction(True)
+    try:
+        with pytest.raises(StepTransactionSpoiled):
+            call_step(catches_where_it_ran, None, None, (), tx)
+    finally:
+        tx.rollback()
+
+
+def test_a_step_that_queries_its_spoiled_transaction_is_not_held_against_its_provider(settings):
+    """The function's fault, not the provider's: the call counts as a healthy one."""
+    one_step_per_delivery(
+        settings, {"card": {"min_calls": 1, "failure_rate": 0.5, "cooldown": 60, "canaries": 1}}
+    )
+    _product(stock=1)
+
+    def queries_on(ctx):
+        try:
+            reservation_reserve(key="k1", order_id=uuid.uuid4(), lines=[("w", 2)])
+        except OutOfStock:
+            return {"left": Product.objects.count()}  # refused: the transaction is spoiled
+        return {}
+
+    ticket = breaker.admit("card")  # as the engine does: before the step's transaction
+    tx = StepTransaction(True)
+    try:
+        with pytest.raises(TransactionManagementError):
+            call_step(queries_on, None, ticket, (), tx)
+    finally:
+        tx.rollback()
+    assert breaker.window_counts("card") == (1, 0)
+    assert Breaker.objects.get(provider="card").state == "closed"
+
+
+def test_a_stats_row_made_in_a_step_that_rolled_back_is_made_again(settings):
+    """The first counted call of a provider makes its stats row; inside a step's transaction
+    that rolls back, the row goes with it, and the process must not think it still exists."""
+    from providers import outage
+    from providers.models import FakeProviderStatus
+
+    settings.SAGA_FAKE_PROVIDER_STATS = True
+    outage._stat_rows.clear()
+    _product(stock=1)
+    tx = StepTransaction(True)
+    try:
+        with pytest.raises(OutOfStock):
+            reservation_reserve(key="k1", order_id=uuid.uuid4(), lines=[("w", 2)])
+    finally:
+        tx.rollback()
+    assert not FakeProviderStatus.objects.exists()
+    reservation_reserve(key="k2", order_id=uuid.uuid4(), lines=[("w", 1)])
+    status = FakeProviderStatus.objects.get(provider="inventory")
+    assert (status.calls, status.in_flight) == (1, 0)
