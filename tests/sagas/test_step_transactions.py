@@ -19,8 +19,8 @@ from django.test.utils import CaptureQueriesContext
 from inventory.errors import OutOfStock
 from inventory.models import Product, Reservation
 from inventory.services import reservation_reserve
-from providers import breaker
-from providers.models import Breaker
+from providers import breaker, outage
+from providers.models import Breaker, FakeProviderStatus
 from sagas.provider_seam import call_step
 from sagas.store import StepTransaction
 from sagas.transactions import StepTransactionSpoiled, in_step_transaction, step_atomic
@@ -37,6 +37,16 @@ def _product(stock: int = 5) -> Product:
 
 def _statements(ctx: CaptureQueriesContext) -> list[str]:
     return [q["sql"] for q in ctx.captured_queries]
+
+
+def _out_of_stock_in_a_step() -> None:
+    """A reserve that does not fit, inside a transactional step that the engine rolls back."""
+    tx = StepTransaction(True)
+    try:
+        with pytest.raises(OutOfStock):
+            reservation_reserve(key="k1", order_id=uuid.uuid4(), lines=[("w", 2)])
+    finally:
+        tx.rollback()
 
 
 def test_inside_a_transactional_step_a_participant_block_adds_no_savepoint():
@@ -101,12 +111,7 @@ def test_with_provider_stats_on_a_failure_inside_the_step_keeps_its_own_error(se
     would replace the participant's, and an out-of-stock order would look transient."""
     settings.SAGA_FAKE_PROVIDER_STATS = True
     _product(stock=1)
-    tx = StepTransaction(True)
-    try:
-        with pytest.raises(OutOfStock):
-            reservation_reserve(key="k1", order_id=uuid.uuid4(), lines=[("w", 2)])
-    finally:
-        tx.rollback()
+    _out_of_stock_in_a_step()
     assert not Reservation.objects.exists()
 
 
@@ -238,18 +243,10 @@ def test_a_step_that_queries_its_spoiled_transaction_is_not_held_against_its_pro
 def test_a_stats_row_made_in_a_step_that_rolled_back_is_made_again(settings):
     """The first counted call of a provider makes its stats row; inside a step's transaction
     that rolls back, the row goes with it, and the process must not think it still exists."""
-    from providers import outage
-    from providers.models import FakeProviderStatus
-
     settings.SAGA_FAKE_PROVIDER_STATS = True
     outage._stat_rows.clear()
     _product(stock=1)
-    tx = StepTransaction(True)
-    try:
-        with pytest.raises(OutOfStock):
-            reservation_reserve(key="k1", order_id=uuid.uuid4(), lines=[("w", 2)])
-    finally:
-        tx.rollback()
+    _out_of_stock_in_a_step()
     assert not FakeProviderStatus.objects.exists()
     reservation_reserve(key="k2", order_id=uuid.uuid4(), lines=[("w", 1)])
     status = FakeProviderStatus.objects.get(provider="inventory")
