@@ -9,6 +9,7 @@ what makes a repeat, a race with the same key and a release-before-reserve come 
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -155,15 +156,8 @@ def _hold(reservation: Reservation, wanted: dict[str, int]) -> None:
     Each update returns the product's id for the reservation's line, so the products are not
     looked up first: one round trip per line, not one more per reservation.
     """
-    product = Product._meta
-    qn = connection.ops.quote_name
-    column = {f.name: qn(str(f.column)) for f in product.concrete_fields}
-    sql = (
-        f"UPDATE {qn(product.db_table)} SET {column['reserved']} = {column['reserved']} + %s, "
-        f"{column['updated_at']} = %s WHERE {column['sku']} = %s "
-        f"AND {column['stock_on_hand']} - {column['reserved']} >= %s RETURNING {column['id']}"
-    )
-    now = product.get_field("updated_at").get_db_prep_save(timezone.now(), connection)
+    sql = _hold_sql()
+    now = Product._meta.get_field("updated_at").get_db_prep_save(timezone.now(), connection)
     product_ids = {}
     with connection.cursor() as cursor:
         for sku, quantity in wanted.items():
@@ -176,6 +170,19 @@ def _hold(reservation: Reservation, wanted: dict[str, int]) -> None:
     ReservationLine.objects.bulk_create(
         ReservationLine(reservation=reservation, product_id=product_ids[sku], quantity=quantity)
         for sku, quantity in wanted.items()
+    )
+
+
+@functools.cache
+def _hold_sql() -> str:
+    """One line's conditional hold, returning the product's id; its text built once."""
+    product = Product._meta
+    qn = connection.ops.quote_name
+    column = {f.name: qn(str(f.column)) for f in product.concrete_fields}
+    return (
+        f"UPDATE {qn(product.db_table)} SET {column['reserved']} = {column['reserved']} + %s, "
+        f"{column['updated_at']} = %s WHERE {column['sku']} = %s "
+        f"AND {column['stock_on_hand']} - {column['reserved']} >= %s RETURNING {column['id']}"
     )
 
 

@@ -178,18 +178,17 @@ def wait_settled(ids: list[Any], timeout: float, what: str) -> None:
     that settled. The figures come from the rows' own timestamps, not from when a poll saw them.
     """
     pending = list(ids)
-    deadline = time.monotonic() + timeout
-    while pending:
+
+    def all_settled() -> bool:
+        nonlocal pending
         head = pending[:100]
         settled = set(
             Saga.objects.filter(id__in=head, state__in=SETTLED_STATES).values_list("id", flat=True)
         )
         pending = [saga_id for saga_id in pending if saga_id not in settled]
-        if not pending:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what} ({len(pending)} not settled)")
-        time.sleep(0.05)
+        return not pending
+
+    _wait(all_settled, timeout, what)
 
 
 def run_engine(

@@ -118,16 +118,17 @@ class FakePaymentProvider:
                     # The operation's foreign key is checked at commit (deferred), so the
                     # authorization may follow it in the same transaction.
                     auth.save(force_insert=True)
-        except IntegrityError as exc:
+        except IntegrityError:
             # Another request with this key (or a void's tombstone) committed first; or this
             # order already has an authorization under another key.
-            if self._recorded(key, OperationKind.AUTHORIZE) is None and (
-                ProviderAuthorization.objects.filter(reference=reference).exists()
-            ):
+            recorded = self._recorded(key, OperationKind.AUTHORIZE)
+            if recorded is not None:
+                return self._replay(recorded)
+            if ProviderAuthorization.objects.filter(reference=reference).exists():
                 raise DuplicateAuthorization(
                     f"reference {reference!r} already has an authorization"
                 ) from None
-            return self._replay_after_conflict(key, OperationKind.AUTHORIZE, exc)
+            raise
         return self._replay(op)
 
     def capture(self, *, key: str, authorization_id: str) -> dict[str, Any]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 import uuid
 from decimal import Decimal
 
@@ -24,6 +23,7 @@ from providers.models import Breaker, FakeProviderStatus
 from sagas.provider_seam import call_step
 from sagas.store import StepTransaction
 from sagas.transactions import StepTransactionSpoiled, in_step_transaction, step_atomic
+from tests.conftest import wait_until
 from tests.sagas.inprocess import one_step_per_delivery
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -115,22 +115,17 @@ def test_with_provider_stats_on_a_failure_inside_the_step_keeps_its_own_error(se
     assert not Reservation.objects.exists()
 
 
-def _wait_until_blocked_on_a_lock(statement_start: str, deadline_s: float = 10.0) -> None:
-    """Poll (from its own connection) until another backend waits on a lock in that statement."""
-    deadline = time.monotonic() + deadline_s
+def _blocked_on_a_lock(statement_start: str) -> int:
+    """How many other backends wait on a lock in that statement (asked from this connection)."""
     with connection.cursor() as cursor:
-        while time.monotonic() < deadline:
-            # The activity view is read once per transaction unless its snapshot is dropped.
-            cursor.execute("SELECT pg_stat_clear_snapshot()")
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND datname = current_database() AND query LIKE %s AND pid <> pg_backend_pid()",
-                [statement_start + "%"],
-            )
-            if cursor.fetchone()[0]:
-                return
-            time.sleep(0.01)
-    raise AssertionError(f"no backend waited on a lock in {statement_start!r}")
+        # The activity view is read once per transaction unless its snapshot is dropped.
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database() AND query LIKE %s AND pid <> pg_backend_pid()",
+            [statement_start + "%"],
+        )
+        return cursor.fetchone()[0]
 
 
 def test_a_reserve_that_races_its_key_inside_a_step_fails_it_and_the_retry_replays():
@@ -146,8 +141,8 @@ def test_a_reserve_that_races_its_key_inside_a_step_fails_it_and_the_retry_repla
             with transaction.atomic():
                 theirs.append(Reservation.objects.create(key="k1", order_id=uuid.uuid4()))
                 inserted.set()
-                _wait_until_blocked_on_a_lock('INSERT INTO "inventory_reservation"')
-        except Exception as exc:  # noqa: BLE001 - reported by the test below
+                wait_until(lambda: _blocked_on_a_lock('INSERT INTO "inventory_reservation"'))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below (a timeout too)
             failures.append(exc)
             inserted.set()
         finally:
