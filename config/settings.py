@@ -225,6 +225,17 @@ else:
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=600)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
     DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = 5
+    if DATABASES["default"]["ENGINE"].endswith("postgresql") and env.bool(
+        "SAGA_PREPARED_STATEMENTS", default=True
+    ):
+        # Every query is bound on the server and psycopg prepares it from its fifth run on a
+        # connection (its default threshold), so PostgreSQL stops parsing and planning the
+        # participants' and Django's few dozen statement texts again on each run, and psycopg
+        # stops quoting every parameter into the text. Django leaves both off by default for
+        # connection poolers; see SAGA_PREPARED_STATEMENTS below. A DATABASE_URL that sets
+        # either option keeps its own value.
+        DATABASES["default"]["OPTIONS"].setdefault("server_side_binding", True)
+        DATABASES["default"]["OPTIONS"].setdefault("prepare_threshold", 5)
 DATABASES["default"].setdefault("TEST", {})["NAME"] = env("TEST_DATABASE_NAME", default=None)
 
 # ---------------------------------------------------------------------------------------------
@@ -346,9 +357,11 @@ elif CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
 else:
     _pump_redis = ""
 SAGA_PUMP_REDIS_URL = env("SAGA_PUMP_REDIS_URL", default=_pump_redis)
-# PostgreSQL: the engine's own statements (claim, record) are prepared once per connection
-# instead of parsed and planned on every run. Turn off behind a pooler that cannot keep prepared
-# statements (PgBouncer in transaction mode before 1.21, or without max_prepared_statements).
+# PostgreSQL: the engine's own statements (claim, record, start) are prepared on first use in
+# each connection, every other query from its fifth run (DATABASES above), instead of being
+# parsed and planned on every run. Turn off behind a pooler that cannot keep prepared
+# statements (PgBouncer in transaction mode before 1.21, or without max_prepared_statements):
+# then queries are bound on the client and nothing is prepared, Django's default.
 SAGA_PREPARED_STATEMENTS = env.bool("SAGA_PREPARED_STATEMENTS", default=True)
 SAGA_FAULTS = env("SAGA_FAULTS", default="")
 # Downstream providers (providers app): per-provider circuit breaker and call limits. Off makes

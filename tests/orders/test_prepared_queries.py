@@ -1,0 +1,96 @@
+"""Every query, not only the engine's, is bound on the server and prepared once it repeats:
+the participants' statements (inventory's hold, the payment provider's ledger, the shipment)
+run thousands of times per connection, and PostgreSQL should not parse and plan them anew.
+
+The orders run in-process on this test's connection, so ``pg_prepared_statements`` (which
+shows only one's own session) tells what was prepared and how often each plan was used.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from django.conf import settings as django_settings
+from django.db import connection, transaction
+
+from tests.sagas.inprocess import out_of_workers_reach
+from tests.test_settings_and_launcher import REPO_ROOT, fresh_env
+
+from .conftest import make_product, place
+from .test_order_round_trips import _in_process_only, _run_in_process  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _prepared() -> dict[str, int]:
+    """``{statement: times planned or run from its plan}`` of this session."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement, generic_plans + custom_plans FROM pg_prepared_statements")
+        return dict(cursor.fetchall())
+
+
+def test_the_participants_statements_are_prepared_once_they_repeat(customer):
+    make_product("widget", stock=20)
+    orders = []
+    for _ in range(7):
+        with transaction.atomic():
+            order = place(customer, [("widget", 1)])
+            out_of_workers_reach(order.saga_id, 10_000)  # this run is in-process
+        orders.append(order)
+    connection.close()  # a session of its own: nothing prepared before this run
+    for order in orders:
+        _run_in_process(order)
+
+    prepared = _prepared()
+    texts = list(prepared)
+
+    def runs_of(*needles: str) -> int:
+        matching = [n for s, n in prepared.items() if all(x in s for x in needles)]
+        assert matching, (needles, texts)
+        return max(matching)
+
+    # Bound on the server: the texts carry placeholders, not the values.
+    assert all("$1" in s for s in texts if '"inventory_' in s or '"payments_' in s), texts
+    # Seven orders: each statement below runs once per order, so from the fifth run on it is
+    # planned from its prepared form.
+    assert runs_of('INSERT INTO "payments_provideroperation"') >= 2
+    assert runs_of('INSERT INTO "shipping_shipment"') >= 2
+    assert runs_of('UPDATE "inventory_product"') >= 2
+    assert runs_of('"payments_payment"') >= 2
+
+
+@pytest.mark.parametrize(("value", "bound_on_server"), [(None, True), ("1", True), ("0", False)])
+def test_one_switch_turns_server_binding_and_preparing_on_and_off(value, bound_on_server):
+    """``SAGA_PREPARED_STATEMENTS`` (on unless set to 0) governs Django's queries too: off is
+    Django's own default (bound on the client, nothing prepared), for a pooler that cannot keep
+    prepared statements."""
+    env = fresh_env(SECRET_KEY="x", HTTPS_ONLY="0")
+    env.pop("SAGA_PREPARED_STATEMENTS", None)
+    if value is not None:
+        env["SAGA_PREPARED_STATEMENTS"] = value
+    printed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import django; django.setup(); from django.conf import settings;"
+            " o = settings.DATABASES['default']['OPTIONS'];"
+            " print(o.get('server_side_binding'), o.get('prepare_threshold'))",
+        ],
+        cwd=REPO_ROOT,
+        env={**env, "DJANGO_SETTINGS_MODULE": "config.settings"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert printed.returncode == 0, printed.stderr
+    last = printed.stdout.strip().splitlines()[-1]
+    assert last == ("True 5" if bound_on_server else "None None")
+
+
+def test_this_suite_runs_with_server_binding():
+    """The whole suite exercises the default: every test's queries go out bound on the server."""
+    assert django_settings.DATABASES["default"]["OPTIONS"]["server_side_binding"] is True
+    connection.ensure_connection()
+    assert connection.connection.prepare_threshold == 5
