@@ -18,6 +18,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from config.db import RowBy
 from inventory.errors import (
     OutOfStock,
     ReservationNotFound,
@@ -27,6 +28,10 @@ from inventory.errors import (
 from inventory.models import Product, Reservation, ReservationLine, ReservationStatus
 from sagas.faults import fault_point
 from sagas.transactions import in_step_transaction, step_atomic
+
+# Every call reads a reservation by its key: the SQL is built once (config.db.RowBy).
+_reservation = RowBy(Reservation.objects.all(), "key")
+_reservation_for_update = RowBy(Reservation.objects.select_for_update(), "key")
 
 
 @fault_point("inventory.reserve")
@@ -41,7 +46,7 @@ def reservation_reserve(
     wanted = _normalise_lines(lines)
     order_uuid = None if order_id is None else uuid.UUID(str(order_id))
 
-    existing = Reservation.objects.filter(key=key).first()
+    existing = _reservation(key)
     if existing is not None:
         return _replay(existing)
     joined = in_step_transaction()
@@ -56,7 +61,7 @@ def reservation_reserve(
             # Inside a transactional step, which now rolls back whole: its retry replays what
             # the other writer of this key left.
             raise
-        existing = Reservation.objects.filter(key=key).first()
+        existing = _reservation(key)
         if existing is None:
             raise
         return _replay(existing)
@@ -71,7 +76,7 @@ def reservation_release(*, key: str, forward_key: str) -> dict[str, Any]:
     still succeeds and leaves a tombstone so that a late reserve cannot take effect.
     """
     with step_atomic():
-        reservation = Reservation.objects.select_for_update().filter(key=forward_key).first()
+        reservation = _reservation_for_update(forward_key)
         if reservation is None:
             try:
                 with transaction.atomic():
@@ -112,7 +117,7 @@ def reservation_commit(*, key: str, forward_key: str) -> dict[str, Any]:
     does not move and no other order can grab the units in between.
     """
     with step_atomic():
-        reservation = Reservation.objects.select_for_update().filter(key=forward_key).first()
+        reservation = _reservation_for_update(forward_key)
         if reservation is None:
             raise ReservationNotFound(f"nothing was reserved under {forward_key!r}")
         lines = _lines_of(reservation)

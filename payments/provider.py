@@ -32,6 +32,7 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 
+from config.db import RowBy
 from payments.errors import (
     DuplicateAuthorization,
     IdempotencyKeyReused,
@@ -47,6 +48,18 @@ from payments.models import (
     ProviderAuthorization,
     ProviderOperation,
 )
+
+# The provider's reads by key run on every call: their SQL is built once (config.db.RowBy).
+_operation = RowBy(ProviderOperation.objects.all(), "key")
+_authorization_for_update = RowBy(ProviderAuthorization.objects.select_for_update(), "id")
+
+
+def _locked_authorization(authorization_id: str | None) -> ProviderAuthorization:
+    auth = _authorization_for_update(authorization_id)
+    if auth is None:
+        raise ProviderAuthorization.DoesNotExist(f"no authorization {authorization_id!r}")
+    return auth
+
 
 PM_VISA = "pm_card_visa"
 PM_DECLINED = "pm_card_declined"
@@ -141,7 +154,7 @@ class FakePaymentProvider:
                 # The authorization is locked first and the answer decided, so the operation
                 # is inserted once, whole. A concurrent repeat of this key waits on the lock,
                 # finds the authorization captured, and replays when its insert meets ours.
-                auth = ProviderAuthorization.objects.select_for_update().get(id=authorization_id)
+                auth = _locked_authorization(authorization_id)
                 op = ProviderOperation(
                     key=key,
                     kind=OperationKind.CAPTURE,
@@ -202,7 +215,7 @@ class FakePaymentProvider:
     # -- reads --------------------------------------------------------------------------------
     def lookup(self, key: str) -> dict[str, Any] | None:
         """What the request under ``key`` did, or ``None`` if the provider never saw it."""
-        op = ProviderOperation.objects.filter(key=key).first()
+        op = _operation(key)
         if op is None:
             return None
         return {
@@ -242,9 +255,7 @@ class FakePaymentProvider:
                     # Nothing took effect under the forward key: a decline, or our tombstone.
                     response |= {"undone": False, "reason": f"forward_{forward.outcome}"}
                 else:
-                    auth = ProviderAuthorization.objects.select_for_update().get(
-                        id=forward.authorization_id
-                    )
+                    auth = _locked_authorization(forward.authorization_id)
                     if auth.payment_method == PM_REFUND_FAILS:
                         # Rolls back the whole transaction: nothing of this attempt is kept.
                         raise ProviderRefusedUndo(f"{kind} of {auth.id} failed (test card)")
@@ -267,7 +278,7 @@ class FakePaymentProvider:
         If the forward request is in flight, the tombstone's insert waits for it on the unique
         key and then fails, and we undo what it did instead.
         """
-        forward = ProviderOperation.objects.filter(key=forward_key).first()
+        forward = _operation(forward_key)
         if forward is None:
             try:
                 with transaction.atomic():
@@ -353,7 +364,7 @@ class FakePaymentProvider:
 
     @staticmethod
     def _recorded(key: str, kind: str) -> ProviderOperation | None:
-        op = ProviderOperation.objects.filter(key=key).first()
+        op = _operation(key)
         if op is not None and op.kind != kind:
             raise IdempotencyKeyReused(f"key {key!r} was first used for a {op.kind}, not a {kind}")
         return op

@@ -13,7 +13,7 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 
-from config.db import savepoint_if_nested
+from config.db import RowBy, savepoint_if_nested
 from sagas.faults import fault_point
 from shipping.errors import ShipmentRefused, ShippingUnavailable
 from shipping.models import Shipment, ShipmentStatus
@@ -28,6 +28,11 @@ def carrier_for(country: str) -> str:
     return CARRIERS[zlib.crc32(country.encode()) % len(CARRIERS)]
 
 
+# Every call reads a shipment by its key: the SQL is built once (config.db.RowBy).
+_shipment = RowBy(Shipment.objects.all(), "key")
+_shipment_for_update = RowBy(Shipment.objects.select_for_update(), "key")
+
+
 @fault_point("shipping.arrange")
 def shipment_arrange(*, key: str, order_id: uuid.UUID | str, country: str) -> dict[str, Any]:
     """Book a carrier; raises :class:`ShippingUnavailable` for an unserved country.
@@ -39,7 +44,7 @@ def shipment_arrange(*, key: str, order_id: uuid.UUID | str, country: str) -> di
     if len(country) != 2 or not country.isalpha():
         raise ValueError(f"country must be an ISO 3166-1 alpha-2 code, got {country!r}")
 
-    shipment = Shipment.objects.filter(key=key).first()
+    shipment = _shipment(key)
     if shipment is None:
         fields: dict[str, Any]
         if country in UNSERVED_COUNTRIES:
@@ -70,7 +75,7 @@ def shipment_cancel(*, key: str, forward_key: str) -> dict[str, Any]:
     arrange cannot book a carrier for a cancelled order.
     """
     with transaction.atomic():
-        shipment = Shipment.objects.select_for_update().filter(key=forward_key).first()
+        shipment = _shipment_for_update(forward_key)
         if shipment is None:
             try:
                 with transaction.atomic():

@@ -1,0 +1,71 @@
+"""``config.db.RowBy``: a read by key whose SQL is built once reads what the ORM reads."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from django.db import OperationalError, connection, connections, transaction
+
+from config.db import RowBy
+from inventory.models import Reservation
+from payments.models import ProviderOperation
+from payments.provider import FakePaymentProvider
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_a_row_by_key_is_the_row_the_orm_reads_and_none_when_there_is_none():
+    FakePaymentProvider().authorize(
+        key="k1",
+        reference="order-1",
+        amount_minor=1234,
+        currency="EUR",
+        payment_method="pm_card_visa",
+    )
+    by_key = RowBy(ProviderOperation.objects.all(), "key")
+
+    found = by_key("k1")
+    expected = ProviderOperation.objects.filter(key="k1").first()
+    assert found is not None and expected is not None
+    for field in ProviderOperation._meta.concrete_fields:
+        assert getattr(found, field.attname) == getattr(expected, field.attname), field.name
+    assert isinstance(found.response, dict)  # the JSON field's converter ran
+    assert found.response["amount_minor"] == 1234
+    assert not found._state.adding and found._state.db == "default"  # saved like an ORM row
+    assert by_key("k1").pk == found.pk  # the second call, from the built text, reads it too
+    assert by_key("nobody") is None
+
+
+def test_the_value_is_prepared_by_its_field():
+    """A UUID given as a string is compared as a UUID, as ``filter()`` would."""
+    order_id = uuid.uuid4()
+    made = Reservation.objects.create(key="r1", order_id=order_id)
+    by_order = RowBy(Reservation.objects.all(), "order_id")
+    assert by_order(str(order_id)).pk == made.pk
+    assert by_order(order_id).pk == made.pk
+    assert by_order(uuid.uuid4()) is None
+    assert RowBy(Reservation.objects.all(), "pk")(made.pk).key == "r1"
+
+
+def test_select_for_update_locks_the_row_and_is_refused_outside_a_transaction():
+    Reservation.objects.create(key="r2", order_id=uuid.uuid4())
+    locked = RowBy(Reservation.objects.select_for_update(), "key")
+    other = connections.create_connection("default")
+    try:
+        with transaction.atomic():
+            assert locked("r2").key == "r2"
+            with pytest.raises(OperationalError), other.cursor() as cursor:
+                cursor.execute(
+                    "SELECT id FROM inventory_reservation WHERE key = 'r2' FOR UPDATE NOWAIT"
+                )
+        with other.cursor() as cursor:  # committed: the lock is gone
+            cursor.execute(
+                "SELECT id FROM inventory_reservation WHERE key = 'r2' FOR UPDATE NOWAIT"
+            )
+            assert cursor.fetchone() is not None
+    finally:
+        other.close()
+    assert connection.get_autocommit()
+    with pytest.raises(transaction.TransactionManagementError):  # as the ORM refuses it
+        locked("r2")
