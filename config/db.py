@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from django.db import connection, connections, models, transaction
@@ -26,6 +27,17 @@ def savepoint_if_nested() -> AbstractContextManager[object]:
     return contextlib.nullcontext()
 
 
+@dataclass(frozen=True)
+class _Built:
+    """One :class:`RowBy` query, built: what each call needs and nothing to work out again."""
+
+    sql: str
+    params: list[Any]
+    at: int  # where the key goes in ``params``
+    attnames: list[str]  # the model's fields, in the order the row has them
+    converters: dict[int, tuple[list[Any], Any]]  # position -> (converters, expression)
+
+
 class RowBy(Generic[M]):
     """``queryset.filter(<field>=value).first()``, its SQL built by the ORM once per process.
 
@@ -34,9 +46,11 @@ class RowBy(Generic[M]):
     than the round trip itself costs the client. A participant reads a row by its idempotency
     key on every step, so it paid that on every step for the same text. Here the ORM builds the
     text once (the columns, the model's ordering, ``select_for_update``: whatever the queryset
-    says) and each call runs it through ``Model.objects.raw()``, which applies the fields'
-    converters and builds the instance as the ORM does; the value is prepared by the field, as
-    a filter would. Reads by key only: the queryset must filter on nothing else that varies.
+    says), with the list of columns and the fields' database converters that Django's own
+    model iterator takes from the same compiler; each call sends that text with the key,
+    prepared by its field as a filter would, applies the converters and builds the instance
+    with ``Model.from_db``, as the ORM does. Reads of one model by key only: no
+    ``select_related``, ``only``/``defer`` or annotations, and nothing else in the filter varies.
     """
 
     def __init__(self, queryset: QuerySet[M], field: str) -> None:
@@ -44,19 +58,24 @@ class RowBy(Generic[M]):
         self._lookup = field
         meta = queryset.model._meta
         self._field: Field = meta.pk if field == "pk" else meta.get_field(field)  # type: ignore[assignment]
-        self._compiled: tuple[str, list[Any], int] | None = None
+        self._built: _Built | None = None
 
-    def _compile(self) -> tuple[str, list[Any], int]:
+    def _build(self) -> _Built:
         sample = self._sample()
         using = self._queryset.db
         query = self._queryset.filter(**{self._lookup: sample})[:1].query
-        sql, params = query.get_compiler(using=using).as_sql()
+        compiler = query.get_compiler(using=using)
+        sql, params = compiler.as_sql()
         prepared = self._field.get_db_prep_value(sample, connections[using])
         at = [i for i, p in enumerate(params) if p == prepared]
-        if len(at) != 1:
-            raise ValueError(f"{self._queryset!r} filtered on {self._lookup!r}: not one row by key")
-        self._compiled = (sql, list(params), at[0])
-        return self._compiled
+        info = compiler.klass_info
+        whole_row = len(compiler.select) == len(self._queryset.model._meta.concrete_fields)
+        if len(at) != 1 or info is None or info.get("related_klass_infos") or not whole_row:
+            raise ValueError(f"{self._queryset!r} by {self._lookup!r}: not one model's row by key")
+        columns = [col for col, _, _ in compiler.select]
+        attnames = [col.target.attname for col in columns]
+        self._built = _Built(sql, list(params), at[0], attnames, compiler.get_converters(columns))
+        return self._built
 
     def _sample(self) -> Any:
         """A value of the field's type that nothing else in the query can equal."""
@@ -67,16 +86,24 @@ class RowBy(Generic[M]):
         return f"rowby-{uuid.uuid4().hex}"
 
     def __call__(self, value: Any) -> M | None:
-        db = connections[self._queryset.db]
+        alias = self._queryset.db
+        db = connections[alias]
         if self._queryset.query.select_for_update and db.get_autocommit():
             # As the ORM refuses it: a lock taken outside a transaction is gone at once.
             raise transaction.TransactionManagementError(
                 "select_for_update cannot be used outside of a transaction."
             )
-        sql, params, at = self._compiled or self._compile()
-        params = params.copy()
-        params[at] = self._field.get_db_prep_value(value, db)
-        manager = self._queryset.model._default_manager.db_manager(self._queryset.db)
-        for row in manager.raw(sql, params):
-            return row
-        return None
+        built = self._built or self._build()
+        params = built.params.copy()
+        params[built.at] = self._field.get_db_prep_value(value, db)
+        with db.cursor() as cursor:
+            cursor.execute(built.sql, params)
+            row = cursor.fetchone()
+        if row is None:
+            return None
+        if built.converters:
+            row = list(row)
+            for pos, (converters, expression) in built.converters.items():
+                for convert in converters:
+                    row[pos] = convert(row[pos], expression, db)
+        return self._queryset.model.from_db(alias, built.attnames, row)

@@ -6,9 +6,10 @@ import uuid
 
 import pytest
 from django.db import OperationalError, connection, connections, transaction
+from django.db.models import Count
 
 from config.db import RowBy
-from inventory.models import Reservation
+from inventory.models import Reservation, ReservationLine
 from payments.models import ProviderOperation
 from payments.provider import FakePaymentProvider
 
@@ -69,3 +70,17 @@ def test_select_for_update_locks_the_row_and_is_refused_outside_a_transaction():
     assert connection.get_autocommit()
     with pytest.raises(transaction.TransactionManagementError):  # as the ORM refuses it
         locked("r2")
+
+
+@pytest.mark.parametrize(
+    "queryset",
+    [
+        lambda: Reservation.objects.only("key"),
+        lambda: Reservation.objects.annotate(n=Count("lines")),
+        lambda: ReservationLine.objects.select_related("product"),
+    ],
+    ids=["only", "annotate", "select_related"],
+)
+def test_anything_but_whole_rows_of_one_model_is_refused(queryset):
+    with pytest.raises(ValueError, match="not one model's row by key"):
+        RowBy(queryset(), "pk")(1)
