@@ -17,6 +17,7 @@ it again (:func:`canary_verdicts`). Only transient failures count: a participant
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 from collections.abc import Callable
@@ -75,7 +76,10 @@ def _call_lease() -> timedelta:
     return timedelta(seconds=settings.SAGA_STEP_TIMEOUT + 5.0)
 
 
+@functools.cache
 def _qn(name: str) -> str:
+    """A quoted identifier, worked out once per name: the gate's statements are built on every
+    provider call, from a few dozen names."""
     return connection.ops.quote_name(name)
 
 
