@@ -10,6 +10,7 @@ from typing import Any, Generic, TypeVar
 
 from django.db import connection, connections, models, transaction
 from django.db.models import Field, Model, QuerySet
+from django.db.models.query import ValuesListIterable
 
 M = TypeVar("M", bound=Model)
 
@@ -29,65 +30,70 @@ def savepoint_if_nested() -> AbstractContextManager[object]:
 
 @dataclass(frozen=True)
 class _Built:
-    """One :class:`RowBy` query, built: what each call needs and nothing to work out again."""
+    """A query by key, built: what each call needs and nothing to work out again."""
 
     sql: str
     params: list[Any]
     at: int  # where the key goes in ``params``
-    attnames: list[str]  # the model's fields, in the order the row has them
+    attnames: list[str]  # a model's fields, in the order the row has them (RowBy)
     converters: dict[int, tuple[list[Any], Any]]  # position -> (converters, expression)
 
 
-class RowBy(Generic[M]):
-    """``queryset.filter(<field>=value).first()``, its SQL built by the ORM once per process.
+class _ByKey:
+    """A queryset filtered on one field, its SQL built by the ORM once per process.
 
     Django builds a query anew on every call: it clones the queryset, resolves the lookup and
     compiles the SQL, about 0.25 ms of CPU for a one-row read by key on a 2-core machine, more
-    than the round trip itself costs the client. A participant reads a row by its idempotency
+    than the round trip itself costs the client. A participant reads its rows by idempotency
     key on every step, so it paid that on every step for the same text. Here the ORM builds the
-    text once (the columns, the model's ordering, ``select_for_update``: whatever the queryset
-    says), with the list of columns and the fields' database converters that Django's own
-    model iterator takes from the same compiler; each call sends that text with the key,
-    prepared by its field as a filter would, applies the converters and builds the instance
-    with ``Model.from_db``, as the ORM does. Reads of one model by key only: no
-    ``select_related``, ``only``/``defer`` or annotations, and nothing else in the filter varies.
+    text once (the columns, joins, ordering, ``select_for_update``: whatever the queryset says)
+    with a sample key, and keeps the fields' database converters that Django's own iterators
+    take from the same compiler; each call sends that text with the key, prepared by its field
+    as a filter would, and applies the converters. Nothing else in the filter may vary.
     """
 
-    def __init__(self, queryset: QuerySet[M], field: str) -> None:
+    _one = False
+
+    def __init__(self, queryset: QuerySet[Any], field: str) -> None:
         self._queryset = queryset
         self._lookup = field
         meta = queryset.model._meta
-        self._field: Field = meta.pk if field == "pk" else meta.get_field(field)  # type: ignore[assignment]
+        self._field: Field = meta.pk if field == "pk" else meta.get_field(field)
         self._built: _Built | None = None
 
     def _build(self) -> _Built:
         sample = self._sample()
         using = self._queryset.db
-        query = self._queryset.filter(**{self._lookup: sample})[:1].query
-        compiler = query.get_compiler(using=using)
+        queryset = self._queryset.filter(**{self._lookup: sample})
+        compiler = (queryset[:1] if self._one else queryset).query.get_compiler(using=using)
         sql, params = compiler.as_sql()
         prepared = self._field.get_db_prep_value(sample, connections[using])
         at = [i for i, p in enumerate(params) if p == prepared]
-        info = compiler.klass_info
-        whole_row = len(compiler.select) == len(self._queryset.model._meta.concrete_fields)
-        if len(at) != 1 or info is None or info.get("related_klass_infos") or not whole_row:
-            raise ValueError(f"{self._queryset!r} by {self._lookup!r}: not one model's row by key")
+        if len(at) != 1:
+            raise ValueError(
+                f"{self._queryset.model.__name__} by {self._lookup!r}: the key is not one value"
+            )
         columns = [col for col, _, _ in compiler.select]
-        attnames = [col.target.attname for col in columns]
+        self._check(compiler, columns)
+        attnames = [getattr(getattr(col, "target", None), "attname", "") for col in columns]
         self._built = _Built(sql, list(params), at[0], attnames, compiler.get_converters(columns))
         return self._built
 
-    def _sample(self) -> Any:
-        """A value of the field's type that nothing else in the query can equal."""
-        if isinstance(self._field, models.UUIDField):
-            return uuid.uuid4()
-        if isinstance(self._field, models.IntegerField):
-            return -(2**31) + 7919
-        return f"rowby-{uuid.uuid4().hex}"
+    def _check(self, compiler: Any, columns: list[Any]) -> None:
+        """Refuse, once, a query whose rows the caller's ``__call__`` would build wrongly."""
 
-    def __call__(self, value: Any) -> M | None:
-        alias = self._queryset.db
-        db = connections[alias]
+    def _sample(self) -> Any:
+        """A value of the key's type that nothing else in the query can equal."""
+        target = getattr(self._field, "target_field", self._field)  # a foreign key's column
+        if isinstance(target, models.UUIDField):
+            return uuid.uuid4()
+        if isinstance(target, models.IntegerField):
+            return -(2**31) + 7919
+        return f"bykey-{uuid.uuid4().hex}"
+
+    def _rows(self, value: Any) -> tuple[_Built, list[Any]]:
+        """The rows for ``value``, converted as the ORM converts them."""
+        db = connections[self._queryset.db]
         if self._queryset.query.select_for_update and db.get_autocommit():
             # As the ORM refuses it: a lock taken outside a transaction is gone at once.
             raise transaction.TransactionManagementError(
@@ -98,12 +104,52 @@ class RowBy(Generic[M]):
         params[built.at] = self._field.get_db_prep_value(value, db)
         with db.cursor() as cursor:
             cursor.execute(built.sql, params)
-            row = cursor.fetchone()
-        if row is None:
-            return None
+            rows = cursor.fetchall()
         if built.converters:
-            row = list(row)
-            for pos, (converters, expression) in built.converters.items():
-                for convert in converters:
-                    row[pos] = convert(row[pos], expression, db)
-        return self._queryset.model.from_db(alias, built.attnames, row)
+            rows = [list(row) for row in rows]
+            for row in rows:
+                for pos, (converters, expression) in built.converters.items():
+                    for convert in converters:
+                        row[pos] = convert(row[pos], expression, db)
+        return built, rows
+
+
+class RowBy(_ByKey, Generic[M]):
+    """``queryset.filter(<field>=value).first()``, its SQL built once (see ``_ByKey``).
+
+    The instance is built with ``Model.from_db``, as the ORM builds it. Whole rows of one model
+    only: no ``select_related``, ``only``/``defer``, annotations or ``values()``.
+    """
+
+    _one = True
+
+    def __init__(self, queryset: QuerySet[M], field: str) -> None:
+        super().__init__(queryset, field)
+
+    def _check(self, compiler: Any, columns: list[Any]) -> None:
+        info = compiler.klass_info
+        whole_row = len(columns) == len(self._queryset.model._meta.concrete_fields)
+        if info is None or info.get("related_klass_infos") or not whole_row:
+            raise ValueError(
+                f"{self._queryset.model.__name__} by {self._lookup!r}: not one model's row by key"
+            )
+
+    def __call__(self, value: Any) -> M | None:
+        built, rows = self._rows(value)
+        if not rows:
+            return None
+        return self._queryset.model.from_db(self._queryset.db, built.attnames, rows[0])
+
+
+class ValuesBy(_ByKey):
+    """``list(queryset.filter(<field>=value))`` for a ``values_list()`` queryset, its SQL built
+    once (see ``_ByKey``): every row, as a tuple of the listed values."""
+
+    def _check(self, compiler: Any, columns: list[Any]) -> None:
+        fields = getattr(self._queryset, "_fields", None)
+        tuples = self._queryset._iterable_class is ValuesListIterable
+        if not tuples or len(columns) != len(fields or ()):
+            raise ValueError(f"{self._queryset.model.__name__}: a values_list() of fields only")
+
+    def __call__(self, value: Any) -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in self._rows(value)[1]]

@@ -15,10 +15,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F
 from django.utils import timezone
 
-from config.db import RowBy
+from config.db import RowBy, ValuesBy
 from inventory.errors import (
     OutOfStock,
     ReservationNotFound,
@@ -98,11 +97,7 @@ def reservation_release(*, key: str, forward_key: str) -> dict[str, Any]:
             raise ReservationStateConflict(
                 f"reservation {reservation.id} is committed: its stock is sold, not held"
             )
-        now = timezone.now()
-        for sku, quantity in lines:
-            Product.objects.filter(sku=sku).update(
-                reserved=F("reserved") - quantity, updated_at=now
-            )
+        _settle(lines, sold=False)
         reservation.status = ReservationStatus.RELEASED
         reservation.settled_by_key = key
         reservation.save(update_fields=["status", "settled_by_key", "updated_at"])
@@ -127,13 +122,7 @@ def reservation_commit(*, key: str, forward_key: str) -> dict[str, Any]:
             raise ReservationStateConflict(
                 f"reservation {reservation.id} was released; there is nothing to commit"
             )
-        now = timezone.now()
-        for sku, quantity in lines:
-            Product.objects.filter(sku=sku).update(
-                stock_on_hand=F("stock_on_hand") - quantity,
-                reserved=F("reserved") - quantity,
-                updated_at=now,
-            )
+        _settle(lines, sold=True)
         reservation.status = ReservationStatus.COMMITTED
         reservation.settled_by_key = key
         reservation.save(update_fields=["status", "settled_by_key", "updated_at"])
@@ -162,7 +151,7 @@ def _hold(reservation: Reservation, wanted: dict[str, int]) -> None:
     looked up first: one round trip per line, not one more per reservation.
     """
     sql = _hold_sql()
-    now = Product._meta.get_field("updated_at").get_db_prep_save(timezone.now(), connection)
+    now = _now_for_db()
     product_ids = {}
     with connection.cursor() as cursor:
         for sku, quantity in wanted.items():
@@ -181,18 +170,56 @@ def _hold(reservation: Reservation, wanted: dict[str, int]) -> None:
 @functools.cache
 def _hold_sql() -> str:
     """One line's conditional hold, returning the product's id; its text built once."""
-    product = Product._meta
-    qn = connection.ops.quote_name
-    column = {f.name: qn(str(f.column)) for f in product.concrete_fields}
+    table, column = _product_columns()
     return (
-        f"UPDATE {qn(product.db_table)} SET {column['reserved']} = {column['reserved']} + %s, "
+        f"UPDATE {table} SET {column['reserved']} = {column['reserved']} + %s, "
         f"{column['updated_at']} = %s WHERE {column['sku']} = %s "
         f"AND {column['stock_on_hand']} - {column['reserved']} >= %s RETURNING {column['id']}"
     )
 
 
+_lines = ValuesBy(
+    ReservationLine.objects.order_by("product__sku").values_list("product__sku", "quantity"),
+    "reservation",
+)
+
+
+def _settle(lines: list[tuple[str, int]], *, sold: bool) -> None:
+    """Each line's held units given back (a release) or sold (a commit), in sku order: one
+    ``UPDATE`` per line, its text built once."""
+    sql = _settle_sql(sold)
+    now = _now_for_db()
+    with connection.cursor() as cursor:
+        for sku, quantity in lines:
+            cursor.execute(sql, [quantity, quantity, now, sku] if sold else [quantity, now, sku])
+
+
+@functools.cache
+def _settle_sql(sold: bool) -> str:
+    """A line's settlement; a sale takes the units off the stock on hand as well."""
+    table, column = _product_columns()
+    sets = f"{column['reserved']} = {column['reserved']} - %s, {column['updated_at']} = %s"
+    if sold:
+        sets = f"{column['stock_on_hand']} = {column['stock_on_hand']} - %s, {sets}"
+    return f"UPDATE {table} SET {sets} WHERE {column['sku']} = %s"
+
+
+def _now_for_db() -> Any:
+    """``timezone.now()`` as the products' ``updated_at`` column takes it."""
+    return Product._meta.get_field("updated_at").get_db_prep_save(timezone.now(), connection)
+
+
+@functools.cache
+def _product_columns() -> tuple[str, dict[str, str]]:
+    """The products' table and columns, quoted."""
+    qn = connection.ops.quote_name
+    product = Product._meta
+    return qn(product.db_table), {f.name: qn(str(f.column)) for f in product.concrete_fields}
+
+
 def _lines_of(reservation: Reservation) -> list[tuple[str, int]]:
-    return list(reservation.lines.order_by("product__sku").values_list("product__sku", "quantity"))
+    """``(sku, quantity)`` of each line, in sku order (the lock order)."""
+    return _lines(reservation.pk)
 
 
 def _replay(reservation: Reservation) -> dict[str, Any]:

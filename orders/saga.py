@@ -30,6 +30,7 @@ from typing import Any
 
 from django.conf import settings
 
+from config.db import ValuesBy
 from config.errors import AppError
 from inventory import services as inventory
 from inventory.errors import InventoryError
@@ -277,6 +278,9 @@ def _payment_method(ctx: StepContext) -> str:
     return _order_facts(ctx.data["order_id"])[0]
 
 
+_facts_of = ValuesBy(Order.objects.values_list("payment_method", "shipping_country"), "id")
+
+
 @lru_cache(maxsize=4096)
 def _order_facts(order_id: str) -> tuple[str, str]:
     """``(payment_method, shipping_country)`` of an order, read once per process.
@@ -287,9 +291,10 @@ def _order_facts(order_id: str) -> tuple[str, str]:
     row once instead of three times. Bounded, and keyed by the order's random id, so an entry
     is never stale and the cache never grows past a few hundred kilobytes.
     """
-    method, country = Order.objects.values_list("payment_method", "shipping_country").get(
-        id=order_id
-    )
+    facts = _facts_of(order_id)
+    if not facts:
+        raise Order.DoesNotExist(f"no order {order_id}")
+    method, country = facts[0]
     return method, country
 
 

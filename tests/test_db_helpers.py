@@ -8,7 +8,7 @@ import pytest
 from django.db import OperationalError, connection, connections, transaction
 from django.db.models import Count
 
-from config.db import RowBy
+from config.db import RowBy, ValuesBy
 from inventory.models import Reservation, ReservationLine
 from payments.models import ProviderOperation
 from payments.provider import FakePaymentProvider
@@ -84,3 +84,37 @@ def test_select_for_update_locks_the_row_and_is_refused_outside_a_transaction():
 def test_anything_but_whole_rows_of_one_model_is_refused(queryset):
     with pytest.raises(ValueError, match="not one model's row by key"):
         RowBy(queryset(), "pk")(1)
+
+
+def test_values_by_key_are_the_orm_values_in_its_order():
+    from inventory.models import Product
+    from inventory.services import reservation_reserve
+
+    for sku in ("b-sku", "a-sku", "c-sku"):
+        Product.objects.create(sku=sku, name=sku, price="1.00", currency="EUR", stock_on_hand=9)
+    reservation_reserve(key="v1", order_id=None, lines=[("c-sku", 3), ("a-sku", 1), ("b-sku", 2)])
+    reservation = Reservation.objects.get(key="v1")
+    lines = ValuesBy(
+        ReservationLine.objects.order_by("product__sku").values_list("product__sku", "quantity"),
+        "reservation",
+    )
+    expected = list(
+        reservation.lines.order_by("product__sku").values_list("product__sku", "quantity")
+    )
+    assert lines(reservation.pk) == expected == [("a-sku", 1), ("b-sku", 2), ("c-sku", 3)]
+    assert lines(str(reservation.pk)) == expected  # prepared by the key's field
+    assert lines(uuid.uuid4()) == []
+
+
+@pytest.mark.parametrize(
+    "queryset",
+    [
+        lambda: Reservation.objects.all(),
+        lambda: Reservation.objects.values("key"),
+        lambda: Reservation.objects.values_list("key", flat=True),
+    ],
+    ids=["models", "dicts", "flat"],
+)
+def test_values_by_takes_a_values_list_of_tuples_only(queryset):
+    with pytest.raises(ValueError, match="a values_list"):
+        ValuesBy(queryset(), "key")("k")
