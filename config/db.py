@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from django.db import connection, connections, models, transaction
+from django.db import DatabaseError, connection, connections, models, transaction
 from django.db.models import Field, Model, QuerySet
 from django.db.models.query import ValuesListIterable
 
@@ -26,6 +27,49 @@ def savepoint_if_nested() -> AbstractContextManager[object]:
     if connection.in_atomic_block:
         return transaction.atomic()
     return contextlib.nullcontext()
+
+
+def _plan_went_stale(exc: BaseException) -> bool:
+    """PostgreSQL refusing a prepared statement whose result columns changed type since it was
+    prepared (``ALTER TABLE ... ALTER COLUMN ... TYPE`` by a migration in another session)."""
+    cause = exc.__cause__
+    return getattr(cause, "sqlstate", None) == "0A000" and "cached plan must not change" in str(
+        cause
+    )
+
+
+def replan_after_schema_change(
+    execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict[str, Any]
+) -> Any:
+    """Django execute wrapper: forget this connection's prepared statements when a migration
+    changed a column type under them, and run the statement again if it was on its own.
+
+    A connection keeps its prepared statements for its whole life (``SAGA_PREPARED_STATEMENTS``
+    prepares every query that repeats), and PostgreSQL refuses one whose result row changed
+    type, on every run, until they are deallocated: so between a migration and the restart of
+    the processes that were already running, each of their repeated queries would fail. A
+    refused statement did not run, so on its own (autocommit) it is run again after
+    ``DEALLOCATE ALL`` (psycopg forgets its cache when it sees that command). Inside a
+    transaction the error stands (the transaction is aborted); its rollback clears the cache
+    too, so the caller's retry runs on fresh statements.
+    """
+    try:
+        return execute(sql, params, many, context)
+    except DatabaseError as exc:
+        db = context["connection"]
+        if not _plan_went_stale(exc) or db.in_atomic_block:
+            raise
+        with db.connection.cursor() as raw:
+            raw.execute("DEALLOCATE ALL")
+        return execute(sql, params, many, context)
+
+
+def install_replan(*, connection: Any, **_kwargs: Any) -> None:
+    """``connection_created`` receiver: every PostgreSQL connection gets the wrapper once."""
+    if connection.vendor == "postgresql" and replan_after_schema_change not in (
+        connection.execute_wrappers
+    ):
+        connection.execute_wrappers.append(replan_after_schema_change)
 
 
 @dataclass(frozen=True)
@@ -59,13 +103,20 @@ class _ByKey:
         self._lookup = field
         meta = queryset.model._meta
         self._field: Field = meta.pk if field == "pk" else meta.get_field(field)
+        key = getattr(self._field, "target_field", self._field)  # a foreign key's column
+        if not isinstance(key, models.CharField | models.TextField | models.UUIDField) and not (
+            isinstance(key, models.IntegerField)
+        ):
+            raise TypeError(f"{meta.label}.{field}: a key is a string, UUID or integer column")
         self._built: _Built | None = None
 
     def _build(self) -> _Built:
         sample = self._sample()
         using = self._queryset.db
         queryset = self._queryset.filter(**{self._lookup: sample})
-        compiler = (queryset[:1] if self._one else queryset).query.get_compiler(using=using)
+        if self._one:  # as first(): the model's ordering, else the primary key's
+            queryset = (queryset if queryset.ordered else queryset.order_by("pk"))[:1]
+        compiler = queryset.query.get_compiler(using=using)
         sql, params = compiler.as_sql()
         prepared = self._field.get_db_prep_value(sample, connections[using])
         at = [i for i, p in enumerate(params) if p == prepared]
@@ -88,13 +139,16 @@ class _ByKey:
         if isinstance(target, models.UUIDField):
             return uuid.uuid4()
         if isinstance(target, models.IntegerField):
-            return -(2**31) + 7919
+            return 7919  # in range of every integer column, even a small positive one
         return f"bykey-{uuid.uuid4().hex}"
 
     def _rows(self, value: Any) -> tuple[_Built, list[Any]]:
         """The rows for ``value``, converted as the ORM converts them."""
+        if value is None:  # filter(field=None) would mean IS NULL; the built text says "="
+            raise ValueError(f"{self._queryset.model.__name__} by {self._lookup!r}: no key given")
         db = connections[self._queryset.db]
-        if self._queryset.query.select_for_update and db.get_autocommit():
+        locks = self._queryset.query.select_for_update and db.features.has_select_for_update
+        if locks and db.get_autocommit():
             # As the ORM refuses it: a lock taken outside a transaction is gone at once.
             raise transaction.TransactionManagementError(
                 "select_for_update cannot be used outside of a transaction."

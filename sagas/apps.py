@@ -24,6 +24,13 @@ class SagasConfig(AppConfig):
         from sagas.sweeper import wake_parked_on_close
 
         breaker_closed.connect(wake_parked_on_close, dispatch_uid="sagas.wake_parked_on_close")
+        # Prepared statements outlive a migration that changes a column's type: see
+        # config.db.replan_after_schema_change.
+        from django.db.backends.signals import connection_created
+
+        from config.db import install_replan
+
+        connection_created.connect(install_replan, dispatch_uid="config.db.install_replan")
 
 
 SWEEP_TASK_NAME = "sagas: sweep stuck sagas"

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 from django.conf import settings as django_settings
-from django.db import connection, transaction
+from django.db import NotSupportedError, connection, connections, transaction
 
 from tests.sagas.inprocess import out_of_workers_reach
 from tests.test_settings_and_launcher import REPO_ROOT, fresh_env
@@ -89,8 +89,78 @@ def test_one_switch_turns_server_binding_and_preparing_on_and_off(value, bound_o
     assert last == ("True 5" if bound_on_server else "None None")
 
 
+def test_a_database_url_keeps_its_own_choice_typed():
+    env = fresh_env(SECRET_KEY="x", HTTPS_ONLY="0", DJANGO_SETTINGS_MODULE="config.settings")
+    env["DATABASE_URL"] = (
+        "postgres://postgres@127.0.0.1:5432/x?server_side_binding=false&prepare_threshold=20"
+    )
+    printed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import django; django.setup(); from django.conf import settings;"
+            " o = settings.DATABASES['default']['OPTIONS'];"
+            " print(repr(o['server_side_binding']), repr(o['prepare_threshold']))",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.strip().splitlines()[-1] == "False 20"
+
+
 def test_this_suite_runs_with_server_binding():
     """The whole suite exercises the default: every test's queries go out bound on the server."""
     assert django_settings.DATABASES["default"]["OPTIONS"]["server_side_binding"] is True
     connection.ensure_connection()
     assert connection.connection.prepare_threshold == 5
+
+
+@pytest.fixture
+def scratch_table():
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE test_replan (id int PRIMARY KEY, name varchar(10))")
+        cursor.execute("INSERT INTO test_replan VALUES (1, 'one')")
+    yield
+    connection.close()  # the prepared statements go with the session
+    with connection.cursor() as cursor:
+        cursor.execute("DROP TABLE IF EXISTS test_replan")
+
+
+def _widen_the_column_elsewhere() -> None:
+    """What a migration changing a column's type does, from another session."""
+    other = connections.create_connection("default")
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("ALTER TABLE test_replan ALTER COLUMN name TYPE varchar(300)")
+    finally:
+        other.close()
+
+
+def _read() -> tuple:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT id, name FROM test_replan WHERE id = %s", [1])
+        return cursor.fetchone()
+
+
+def test_a_column_type_changed_by_a_migration_does_not_break_a_prepared_query(scratch_table):
+    """PostgreSQL refuses a prepared statement whose result changed type, on every run, until it
+    is deallocated; on its own, the statement is run again on fresh statements."""
+    for _ in range(6):
+        assert _read() == (1, "one")  # prepared from the fifth run
+    assert any("test_replan" in s for s in _prepared())
+    _widen_the_column_elsewhere()
+    assert _read() == (1, "one")
+    assert _read() == (1, "one")
+
+
+def test_inside_a_transaction_the_refusal_stands_and_the_rollback_clears_the_way(scratch_table):
+    for _ in range(6):
+        _read()
+    _widen_the_column_elsewhere()
+    with pytest.raises(NotSupportedError, match="cached plan"), transaction.atomic():
+        _read()  # the transaction is aborted: nothing may run in it any more
+    assert _read() == (1, "one")  # the rollback forgot the old statements
