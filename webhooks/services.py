@@ -186,6 +186,7 @@ def event_emit(*, owner_id: Any, subject: uuid.UUID, type: str, data: Any) -> Ev
 # Staff
 # ---------------------------------------------------------------------------------------------
 REDELIVER_PERMISSION = "webhooks.redeliver_delivery"
+_IDS_PER_STATEMENT = 10_000
 
 
 def deliveries_redeliver(*, deliveries: Iterable[Delivery], user: Any) -> int:
@@ -199,18 +200,25 @@ def deliveries_redeliver(*, deliveries: Iterable[Delivery], user: Any) -> int:
     ids = [d.pk for d in deliveries if d.status == DeliveryStatus.DEAD]
     if not ids:
         return 0
+    by_endpoint: dict[Any, list[int]] = {}
+    changed = 0
     with transaction.atomic():
-        dead = Delivery.objects.select_for_update().filter(pk__in=ids, status=DeliveryStatus.DEAD)
-        by_endpoint: dict[Any, list[int]] = {}
-        for delivery_id, endpoint_id in dead.values_list("id", "endpoint_id"):
-            by_endpoint.setdefault(endpoint_id, []).append(delivery_id)
-        changed = Delivery.objects.filter(pk__in=ids, status=DeliveryStatus.DEAD).update(
-            status=DeliveryStatus.PENDING,
-            attempts=0,
-            next_attempt_at=now,
-            lease_until=None,
-            retry_until=now + timedelta(seconds=settings.WEBHOOKS_RETRY_FOR),
-        )
+        # A chunk at a time: an endpoint down for days piles up more dead deliveries than one
+        # statement may carry parameters (65,535, bound on the server).
+        for start in range(0, len(ids), _IDS_PER_STATEMENT):
+            chunk = ids[start : start + _IDS_PER_STATEMENT]
+            dead = Delivery.objects.select_for_update().filter(
+                pk__in=chunk, status=DeliveryStatus.DEAD
+            )
+            for delivery_id, endpoint_id in dead.values_list("id", "endpoint_id"):
+                by_endpoint.setdefault(endpoint_id, []).append(delivery_id)
+            changed += Delivery.objects.filter(pk__in=chunk, status=DeliveryStatus.DEAD).update(
+                status=DeliveryStatus.PENDING,
+                attempts=0,
+                next_attempt_at=now,
+                lease_until=None,
+                retry_until=now + timedelta(seconds=settings.WEBHOOKS_RETRY_FOR),
+            )
         for endpoint_id, delivery_ids in by_endpoint.items():
             audit_record(
                 "webhook_redeliver",

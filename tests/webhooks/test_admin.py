@@ -174,3 +174,26 @@ def test_the_redeliver_service_refuses_staff_without_the_permission(endpoint):
     dead.refresh_from_db()
     assert dead.status == DeliveryStatus.DEAD
     assert not AuditEntry.objects.filter(action="webhook_redeliver").exists()
+
+
+def test_redelivering_more_dead_deliveries_than_one_statement_takes(endpoint, monkeypatch):
+    """The ids go a chunk at a time (a statement bound on the server carries at most 65,535
+    parameters): here three a statement, for seven dead deliveries and one delivered."""
+    from webhooks import services
+    from webhooks.services import deliveries_redeliver
+
+    monkeypatch.setattr(services, "_IDS_PER_STATEMENT", 3)
+    dead = [_delivery(endpoint, status=DeliveryStatus.DEAD) for _ in range(7)]
+    done = _delivery(endpoint, status=DeliveryStatus.DELIVERED)
+    with CaptureQueriesContext(connection) as captured:
+        changed = deliveries_redeliver(
+            deliveries=[*dead, done], user=_staff("ria", [*VIEW, "redeliver_delivery"])
+        )
+    assert changed == 7
+    statuses = dict(Delivery.objects.values_list("pk", "status"))
+    assert {statuses[d.pk] for d in dead} == {DeliveryStatus.PENDING}
+    assert statuses[done.pk] == DeliveryStatus.DELIVERED
+    (entry,) = AuditEntry.objects.filter(action="webhook_redeliver")
+    assert sorted(entry.detail["deliveries"]) == sorted(d.pk for d in dead)
+    updates = [q["sql"] for q in captured if q["sql"].startswith('UPDATE "webhooks_delivery"')]
+    assert len(updates) == 3  # 3 + 3 + 1
