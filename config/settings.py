@@ -226,6 +226,17 @@ else:
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=600)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
     DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = 5
+    _options = DATABASES["default"]["OPTIONS"]
+    # A DATABASE_URL's query string arrives as text; Django wants these two typed.
+    if isinstance(_options.get("server_side_binding"), str):
+        _options["server_side_binding"] = _options["server_side_binding"].lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+        )
+    if isinstance(_options.get("prepare_threshold"), str):
+        _options["prepare_threshold"] = int(_options["prepare_threshold"])
     if DATABASES["default"]["ENGINE"].endswith("postgresql") and env.bool(
         "SAGA_PREPARED_STATEMENTS", default=True
     ):
@@ -234,9 +245,9 @@ else:
         # participants' and Django's few dozen statement texts again on each run, and psycopg
         # stops quoting every parameter into the text. Django leaves both off by default for
         # connection poolers; see SAGA_PREPARED_STATEMENTS below. A DATABASE_URL that sets
-        # either option keeps its own value.
-        DATABASES["default"]["OPTIONS"].setdefault("server_side_binding", True)
-        DATABASES["default"]["OPTIONS"].setdefault("prepare_threshold", 5)
+        # either (?server_side_binding=false&prepare_threshold=20) keeps its own value.
+        _options.setdefault("server_side_binding", True)
+        _options.setdefault("prepare_threshold", 5)
 DATABASES["default"].setdefault("TEST", {})["NAME"] = env("TEST_DATABASE_NAME", default=None)
 
 # ---------------------------------------------------------------------------------------------

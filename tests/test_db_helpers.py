@@ -118,3 +118,13 @@ def test_values_by_key_are_the_orm_values_in_its_order():
 def test_values_by_takes_a_values_list_of_tuples_only(queryset):
     with pytest.raises(ValueError, match="a values_list"):
         ValuesBy(queryset(), "key")("k")
+
+
+def test_a_key_is_given_and_is_a_string_uuid_or_integer_column():
+    with pytest.raises(ValueError, match="no key given"):
+        RowBy(Reservation.objects.all(), "key")(None)
+    with pytest.raises(TypeError, match="a key is a string, UUID or integer column"):
+        RowBy(Reservation.objects.all(), "created_at")
+    from sagas.models import SagaStep
+
+    assert RowBy(SagaStep.objects.all(), "index")(3) is None  # a small integer column builds
