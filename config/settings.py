@@ -5,7 +5,6 @@ here (django-environ). The sections read like a table of contents; tool settings
 ``pyproject.toml``.
 """
 
-import logging
 import os
 import sys
 from datetime import timedelta
@@ -535,15 +534,6 @@ LOG_LEVEL = env("LOG_LEVEL", default="INFO")
 LOG_FORMAT = env("LOG_FORMAT", default="console" if sys.stderr.isatty() else "json")
 
 import structlog  # noqa: E402
-
-# A worker writes one line per saga transition, thousands a minute. The rendered lines carry
-# structlog's fields only, never the stdlib record's caller, thread or process attributes, so
-# the record skips working them out (the "Optimization" advice of Python's logging HOWTO):
-# about a fifth of each line's CPU, the caller lookup walking the stack most of it.
-logging._srcfile = None
-logging.logThreads = False
-logging.logProcesses = False
-logging.logMultiprocessing = False
 
 _shared_processors: list[structlog.typing.Processor] = [
     structlog.contextvars.merge_contextvars,
