@@ -61,6 +61,26 @@ def test_the_participants_statements_are_prepared_once_they_repeat(customer):
     assert runs_of('"payments_payment"') >= 2
 
 
+def _options_of_a_fresh_process(env: dict[str, str]) -> str:
+    """``server_side_binding`` and ``prepare_threshold`` as a new process's settings hold them."""
+    printed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import django; django.setup(); from django.conf import settings;"
+            " o = settings.DATABASES['default']['OPTIONS'];"
+            " print(repr(o.get('server_side_binding')), repr(o.get('prepare_threshold')))",
+        ],
+        cwd=REPO_ROOT,
+        env={**env, "DJANGO_SETTINGS_MODULE": "config.settings"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert printed.returncode == 0, printed.stderr
+    return printed.stdout.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize(("value", "bound_on_server"), [(None, True), ("1", True), ("0", False)])
 def test_one_switch_turns_server_binding_and_preparing_on_and_off(value, bound_on_server):
     """``SAGA_PREPARED_STATEMENTS`` (on unless set to 0) governs Django's queries too: off is
@@ -70,46 +90,16 @@ def test_one_switch_turns_server_binding_and_preparing_on_and_off(value, bound_o
     env.pop("SAGA_PREPARED_STATEMENTS", None)
     if value is not None:
         env["SAGA_PREPARED_STATEMENTS"] = value
-    printed = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import django; django.setup(); from django.conf import settings;"
-            " o = settings.DATABASES['default']['OPTIONS'];"
-            " print(o.get('server_side_binding'), o.get('prepare_threshold'))",
-        ],
-        cwd=REPO_ROOT,
-        env={**env, "DJANGO_SETTINGS_MODULE": "config.settings"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert printed.returncode == 0, printed.stderr
-    last = printed.stdout.strip().splitlines()[-1]
-    assert last == ("True 5" if bound_on_server else "None None")
+    expected = "True 5" if bound_on_server else "None None"
+    assert _options_of_a_fresh_process(env) == expected
 
 
 def test_a_database_url_keeps_its_own_choice_typed():
-    env = fresh_env(SECRET_KEY="x", HTTPS_ONLY="0", DJANGO_SETTINGS_MODULE="config.settings")
+    env = fresh_env(SECRET_KEY="x", HTTPS_ONLY="0")
     env["DATABASE_URL"] = (
         "postgres://postgres@127.0.0.1:5432/x?server_side_binding=false&prepare_threshold=20"
     )
-    printed = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import django; django.setup(); from django.conf import settings;"
-            " o = settings.DATABASES['default']['OPTIONS'];"
-            " print(repr(o['server_side_binding']), repr(o['prepare_threshold']))",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert printed.returncode == 0, printed.stderr
-    assert printed.stdout.strip().splitlines()[-1] == "False 20"
+    assert _options_of_a_fresh_process(env) == "False 20"
 
 
 def test_this_suite_runs_with_server_binding():
