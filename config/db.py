@@ -103,11 +103,12 @@ class _ByKey:
         self._lookup = field
         meta = queryset.model._meta
         self._field: Field = meta.pk if field == "pk" else meta.get_field(field)
-        key = getattr(self._field, "target_field", self._field)  # a foreign key's column
-        if not isinstance(key, models.CharField | models.TextField | models.UUIDField) and not (
-            isinstance(key, models.IntegerField)
-        ):
+        # The key's own column (a foreign key's is its target's): what a sample must match.
+        self._column = getattr(self._field, "target_field", self._field)
+        kinds = (models.CharField, models.TextField, models.UUIDField, models.IntegerField)
+        if not isinstance(self._column, kinds):
             raise TypeError(f"{meta.label}.{field}: a key is a string, UUID or integer column")
+        self._locks = bool(queryset.query.select_for_update)
         self._built: _Built | None = None
 
     def _build(self) -> _Built:
@@ -135,10 +136,9 @@ class _ByKey:
 
     def _sample(self) -> Any:
         """A value of the key's type that nothing else in the query can equal."""
-        target = getattr(self._field, "target_field", self._field)  # a foreign key's column
-        if isinstance(target, models.UUIDField):
+        if isinstance(self._column, models.UUIDField):
             return uuid.uuid4()
-        if isinstance(target, models.IntegerField):
+        if isinstance(self._column, models.IntegerField):
             return 7919  # in range of every integer column, even a small positive one
         return f"bykey-{uuid.uuid4().hex}"
 
@@ -147,8 +147,7 @@ class _ByKey:
         if value is None:  # filter(field=None) would mean IS NULL; the built text says "="
             raise ValueError(f"{self._queryset.model.__name__} by {self._lookup!r}: no key given")
         db = connections[self._queryset.db]
-        locks = self._queryset.query.select_for_update and db.features.has_select_for_update
-        if locks and db.get_autocommit():
+        if self._locks and db.features.has_select_for_update and db.get_autocommit():
             # As the ORM refuses it: a lock taken outside a transaction is gone at once.
             raise transaction.TransactionManagementError(
                 "select_for_update cannot be used outside of a transaction."
@@ -177,7 +176,7 @@ class RowBy(_ByKey, Generic[M]):
 
     _one = True
 
-    def __init__(self, queryset: QuerySet[M], field: str) -> None:
+    def __init__(self, queryset: QuerySet[M], field: str) -> None:  # ties M to the queryset
         super().__init__(queryset, field)
 
     def _check(self, compiler: Any, columns: list[Any]) -> None:

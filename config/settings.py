@@ -228,12 +228,8 @@ else:
     _options = DATABASES["default"]["OPTIONS"]
     # A DATABASE_URL's query string arrives as text; Django wants these two typed.
     if isinstance(_options.get("server_side_binding"), str):
-        _options["server_side_binding"] = _options["server_side_binding"].lower() in (
-            "1",
-            "true",
-            "yes",
-            "on",
-        )
+        _binding = _options["server_side_binding"].lower()
+        _options["server_side_binding"] = _binding in environ.Env.BOOLEAN_TRUE_STRINGS
     if isinstance(_options.get("prepare_threshold"), str):
         _options["prepare_threshold"] = int(_options["prepare_threshold"])
     if DATABASES["default"]["ENGINE"].endswith("postgresql") and env.bool(
