@@ -531,6 +531,8 @@ LOG_FORMAT = env("LOG_FORMAT", default="console" if sys.stderr.isatty() else "js
 
 import structlog  # noqa: E402
 
+from config.structlog_logger import LevelFirstBoundLogger  # noqa: E402
+
 _shared_processors: list[structlog.typing.Processor] = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
@@ -543,7 +545,8 @@ structlog.configure(
         structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
     ],
     logger_factory=structlog.stdlib.LoggerFactory(),
-    wrapper_class=structlog.stdlib.BoundLogger,
+    # Asks the stdlib logger's level before running the processors (config/structlog_logger.py).
+    wrapper_class=LevelFirstBoundLogger,
     cache_logger_on_first_use=True,
 )
 LOGGING = {
