@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -70,6 +71,57 @@ def install_replan(*, connection: Any, **_kwargs: Any) -> None:
         connection.execute_wrappers
     ):
         connection.execute_wrappers.append(replan_after_schema_change)
+
+
+@functools.cache
+def _compiled_tz_loader(tz: Any) -> type | None:
+    """A timestamptz loader class for Django's connections on ``tz``, backed by psycopg's
+    compiled loader; ``None`` where psycopg has no compiled one (the pure-Python build)."""
+    import psycopg
+    from psycopg.adapt import Loader
+    from psycopg.pq import Format
+    from psycopg.types.datetime import TimestamptzLoader as PythonLoader
+
+    oid = psycopg.adapters.types["timestamptz"].oid
+    compiled = psycopg.adapters.get_loader(oid, Format.TEXT)
+    if compiled is None or issubclass(compiled, PythonLoader):
+        return None
+    make: type[Any] = compiled
+
+    class CompiledTzLoader(Loader):
+        # Django's cursors compare this with the connection's own time zone, and load with
+        # their own loader where the two differ (a test that overrides TIME_ZONE).
+        timezone = tz
+
+        def __init__(self, oid: int, context: Any = None) -> None:
+            super().__init__(oid, context)
+            # The compiled loader's own method: psycopg's row loop calls it with no Python
+            # frame in between. (Its class cannot be subclassed.)
+            self.load = make(oid, context).load  # type: ignore[method-assign]
+
+        def load(self, data: Any) -> Any:  # pragma: no cover - shadowed in __init__
+            raise NotImplementedError
+
+    return CompiledTzLoader
+
+
+def install_compiled_tz_loader(*, connection: Any, **_kwargs: Any) -> None:
+    """``connection_created`` receiver: ``timestamptz`` columns load in psycopg's C code.
+
+    Django registers a loader of its own on every connection, a subclass of psycopg's
+    pure-Python one that only sets the datetime's time zone to the connection's: 2.8 us a
+    value against 0.2 us for psycopg's compiled loader. The engine reads a saga row with four
+    to seven timestamps at every claim and record, and participants read theirs on every
+    step. The result is the same: Django sets the session's ``TimeZone`` to that zone on
+    connecting, and psycopg's loader returns datetimes in the session's zone
+    (``datetime.timezone.utc`` for UTC, as Django's). With ``USE_TZ = False`` Django's stays:
+    it drops the zone.
+    """
+    if connection.vendor != "postgresql" or connection.timezone is None:
+        return
+    loader = _compiled_tz_loader(connection.timezone)
+    if loader is not None:
+        connection.connection.adapters.register_loader("timestamptz", loader)
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,13 @@ class SagasConfig(AppConfig):
         # config.db.replan_after_schema_change.
         from django.db.backends.signals import connection_created
 
-        from config.db import install_replan
+        from config.db import install_compiled_tz_loader, install_replan
 
         connection_created.connect(install_replan, dispatch_uid="config.db.install_replan")
+        # Timestamps load in psycopg's compiled code, not Django's Python loader.
+        connection_created.connect(
+            install_compiled_tz_loader, dispatch_uid="config.db.install_compiled_tz_loader"
+        )
 
 
 SWEEP_TASK_NAME = "sagas: sweep stuck sagas"

@@ -1,8 +1,11 @@
-"""``config.db.RowBy``: a read by key whose SQL is built once reads what the ORM reads."""
+"""``config.db``: a read by key whose SQL is built once (``RowBy``, ``ValuesBy``) reads what the
+ORM reads; timestamps load in psycopg's compiled loader as Django's own loader loads them."""
 
 from __future__ import annotations
 
+import datetime
 import uuid
+from typing import Any
 
 import pytest
 from django.db import OperationalError, connection, connections, transaction
@@ -128,3 +131,61 @@ def test_a_key_is_given_and_is_a_string_uuid_or_integer_column():
     from sagas.models import SagaStep
 
     assert RowBy(SagaStep.objects.all(), "index")(3) is None  # a small integer column builds
+
+
+_TIMESTAMPS = (
+    "'2026-12-05 08:00:45.507056+00'",
+    "'2026-03-29 01:30:00.5+02'",  # another zone's offset: the same instant in UTC
+    "'0001-01-01 00:00:00+00'",
+    "'9999-12-31 23:59:59.999999+00'",
+    "NULL",
+)
+
+
+def _timestamps(loaded_by: type | None = None) -> tuple[Any, ...]:
+    with connection.cursor() as cursor:
+        if loaded_by is not None:
+            cursor.cursor.adapters.register_loader("timestamptz", loaded_by)
+        cursor.execute("SELECT " + ", ".join(f"{t}::timestamptz" for t in _TIMESTAMPS))
+        return cursor.fetchone()
+
+
+def test_timestamps_load_in_psycopgs_compiled_loader_as_djangos_own_loads_them():
+    from django.db.backends.postgresql.psycopg_any import BaseTzLoader
+
+    connection.ensure_connection()
+    oid = connection.connection.adapters.types["timestamptz"].oid
+    loader = connection.connection.adapters.get_loader(oid, 0)
+    assert not issubclass(loader, BaseTzLoader)  # not Django's Python loader
+    assert loader.timezone == connection.timezone  # so Django's cursors do not swap it back
+
+    class DjangosOwn(BaseTzLoader):
+        timezone = connection.timezone
+
+    ours, djangos = _timestamps(), _timestamps(DjangosOwn)
+    assert ours == djangos
+    assert ours[1].isoformat() == "2026-03-28T23:30:00.500000+00:00"
+    assert [v.tzinfo for v in ours[:4]] == [v.tzinfo for v in djangos[:4]]
+    assert all(v.tzinfo is datetime.UTC for v in ours[:4])
+    assert ours[4] is None
+
+
+def test_a_model_reads_its_timestamps_as_the_database_holds_them():
+    op = FakePaymentProvider().authorize(
+        key="k-time",
+        reference="order-9",
+        amount_minor=100,
+        currency="EUR",
+        payment_method="pm_card_visa",
+    )
+    assert op is not None
+    row = ProviderOperation.objects.get(key="k-time")
+    assert row.created_at.tzinfo is datetime.UTC
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') "
+            "FROM payments_provideroperation WHERE key = %s",
+            ["k-time"],
+        )
+        (text,) = cursor.fetchone()
+    assert row.created_at.replace(tzinfo=None).isoformat(timespec="microseconds") == text
