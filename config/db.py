@@ -114,10 +114,18 @@ def install_compiled_tz_loader(*, connection: Any, **_kwargs: Any) -> None:
     to seven timestamps at every claim and record, and participants read theirs on every
     step. The result is the same: Django sets the session's ``TimeZone`` to that zone on
     connecting, and psycopg's loader returns datetimes in the session's zone
-    (``datetime.timezone.utc`` for UTC, as Django's). With ``USE_TZ = False`` Django's stays:
-    it drops the zone.
+    (``datetime.timezone.utc`` for UTC, as Django's); where its zone object would not be
+    Django's, Django's loader stays. With ``USE_TZ = False`` Django's stays too: it drops the
+    zone. One difference remains, on purpose: after a raw ``SET TIME ZONE`` on a connection,
+    Django's loader labels the new zone's wall-clock time with its own zone (a wrong instant),
+    this one gives the right instant in the session's zone.
     """
     if connection.vendor != "postgresql" or connection.timezone is None:
+        return
+    if connection.connection.info.timezone != connection.timezone:
+        # The zone psycopg would label results with is not Django's own zone object: a
+        # ``TIME_ZONE: "UTC"`` in DATABASES (Django's ``ZoneInfo("UTC")``, psycopg's
+        # ``datetime.timezone.utc``), or a session that did not take Django's zone.
         return
     loader = _compiled_tz_loader(connection.timezone)
     if loader is not None:

@@ -8,6 +8,11 @@ saga: 5.6 us each, about 4% of a pool process's Python time on the plain five-st
 level is the stdlib logger's own (``isEnabledFor``, cached by ``logging``), so ``celery -l``,
 ``LOG_LEVEL`` and a test's ``caplog.at_level`` decide exactly as before; an enabled line is
 processed and rendered as it always was.
+
+Only a stdlib logger is asked (structlog's own loggers, ``PrintLogger`` or ``CapturingLogger``,
+have no levels and get every line as before). ``structlog.testing.capture_logs`` swaps the
+processors, not the logger, so it sees only the lines whose level is on: a test that captures
+info lines sets that level (``caplog.at_level``), as the project's settings do (``LOG_LEVEL``).
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ class LevelFirstBoundLogger(structlog.stdlib.BoundLogger):
         self, method_name: str, event: str | None = None, *event_args: str, **event_kw: Any
     ) -> Any:
         level = _LEVEL_OF.get(method_name)
-        if level is not None and not self._logger.isEnabledFor(level):
+        logger = self._logger
+        if (
+            level is not None
+            and isinstance(logger, logging.Logger)
+            and not logger.isEnabledFor(level)
+        ):
             return None
         return super()._proxy_to_logger(method_name, event, *event_args, **event_kw)

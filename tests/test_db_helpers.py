@@ -189,3 +189,24 @@ def test_a_model_reads_its_timestamps_as_the_database_holds_them():
         )
         (text,) = cursor.fetchone()
     assert row.created_at.replace(tzinfo=None).isoformat(timespec="microseconds") == text
+
+
+def test_a_connection_whose_zone_psycopg_labels_otherwise_keeps_djangos_loader():
+    # TIME_ZONE "UTC" in DATABASES: Django's zone is ZoneInfo("UTC"), psycopg's label for a
+    # UTC session is datetime.timezone.utc, so its compiled loader would change the tzinfo.
+    import zoneinfo
+
+    from django.db.backends.postgresql.base import DatabaseWrapper
+    from django.db.backends.postgresql.psycopg_any import BaseTzLoader
+
+    other = DatabaseWrapper({**connection.settings_dict, "TIME_ZONE": "UTC"}, alias="tz-utc")
+    try:
+        other.ensure_connection()
+        oid = other.connection.adapters.types["timestamptz"].oid
+        assert issubclass(other.connection.adapters.get_loader(oid, 0), BaseTzLoader)
+        with other.cursor() as cursor:
+            cursor.execute("SELECT '2026-12-05 08:00:45+00'::timestamptz")
+            (value,) = cursor.fetchone()
+        assert value.tzinfo == zoneinfo.ZoneInfo("UTC")
+    finally:
+        other.close()

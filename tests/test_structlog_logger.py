@@ -80,3 +80,16 @@ def test_an_error_line_is_logged_when_only_errors_are(spied, caplog):
         log.error("kept", code=7)
     assert [e["event"] for e in spy.events] == ["kept"]
     assert [r.getMessage() for r in caplog.records if r.name == stdlib.name] == ["kept"]
+
+
+def test_a_logger_without_levels_gets_every_line():
+    captured = structlog.testing.CapturingLogger()
+    log = structlog.wrap_logger(captured, wrapper_class=LevelFirstBoundLogger, processors=[])
+    log.debug("a")
+    log.info("b")
+    log.error("c")
+    assert [(c.method_name, c.kwargs["event"]) for c in captured.calls] == [
+        ("debug", "a"),
+        ("info", "b"),
+        ("error", "c"),
+    ]
