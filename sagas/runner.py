@@ -62,6 +62,7 @@ from sagas.store import (
     due_saga,
     fenced_update,
     open_batch,
+    released_lease,
     write,
 )
 from sagas.timing import (
@@ -661,11 +662,12 @@ def _hand_back(saga: Saga, timeout: float) -> None:
 def _let_go(saga: Saga, timeout: float, **fields: Any) -> None:
     """End this task's claim (the lease) with the saga due now, and ring for a task of its own
     with time limits that fit ``timeout``; ``fields``: more columns to set in the same write."""
+    now = timezone.now()
     with transaction.atomic():
         updated = fenced_update(
             saga.id,
             saga.version,
-            {"lease_until": None, "next_attempt_at": timezone.now(), **fields},
+            {"lease_until": released_lease(timeout, now), "next_attempt_at": now, **fields},
         )
         if updated is not None:
             ring_on_commit(saga.id, updated.version, None, timeout)

@@ -660,13 +660,33 @@ def _due_params(
 def _long_steps() -> list[tuple[str, int, str]]:
     """``(type, version, step)`` of registered steps with a timeout above
     ``SAGA_STEP_TIMEOUT``."""
-    default = settings.SAGA_STEP_TIMEOUT + TIMEOUT_SLACK
     return [
         (d.saga_type, d.version, step.name)
         for d in registered_definitions()
         for step in d.steps
-        if step_timeout(step) > default
+        if doorbell_only(step_timeout(step))
     ]
+
+
+def doorbell_only(timeout: float) -> bool:
+    """Whether a step with ``timeout`` is one the pumps pass by (:func:`claim_due`): longer than
+    a pump's task may run, so only a doorbell sent with the step's own limits runs it."""
+    return timeout > settings.SAGA_STEP_TIMEOUT + TIMEOUT_SLACK
+
+
+def released_lease(timeout: float, now: datetime) -> datetime | None:
+    """The lease of a saga let go of, due now, with a doorbell rung for it: none, or for a
+    step only its doorbell runs, one that has already run out.
+
+    Every reader takes a lease that ran out as no lease (the doorbell's claim, the sweeper,
+    ``saga_migrate``, the ops console's "stuck"), except the pumps' partial index
+    (``saga_due_free_idx``, ``lease_until IS NULL``), which is the point: a pump passes these
+    sagas by anyway, and while they waited in its index for their doorbells (a backlog at the
+    order saga's carrier step, say) every pump claim read past all of them, one index entry
+    and heap row each, to find nothing. Run out by the clock tolerance a doorbell's claim
+    allows for ``next_attempt_at``, so a worker whose clock is a little behind still takes it.
+    """
+    return now - _DUE_TOLERANCE if doorbell_only(timeout) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -885,8 +905,9 @@ def write(
             fields["attempt"] = 1
             fields["lease_until"] = now + timedelta(seconds=lease_seconds(task_timeout.get()))
         else:
+            assert rec.ring_timeout is not None  # worked out above for every go_on
             fields["attempt"] = 0
-            fields["lease_until"] = None
+            fields["lease_until"] = released_lease(rec.ring_timeout, now)
     in_transaction = rec.on_written is not None or hook is not None
     try:
         with transaction.atomic() if in_transaction else contextlib.nullcontext():

@@ -12,15 +12,18 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.db import transaction
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
 
 from config.celery import app
 from sagas import pumps
 from sagas.doorbell import PUMP_HEADER, queued_doorbells
 from sagas.models import Saga, SagaState
-from sagas.runner import _pump
+from sagas.runner import _pump, advance, run_claimed
+from sagas.selectors import saga_is_stuck
 from sagas.services import saga_start
-from sagas.store import claim_due, due_saga
+from sagas.store import claim, claim_due, due_saga
 from sagas.timing import inline_until
 from tests.conftest import manage_shell, purge_queue, wait_until
 from tests.sagas.sagatypes import (
@@ -206,6 +209,64 @@ def test_pumps_leave_a_step_longer_than_the_default_timeout_to_its_own_doorbell(
     assert due_saga() == (saga.id, saga.version)
     claimed = claim_due()
     assert claimed is not None and claimed.id == saga.id and claimed.version == saga.version + 1
+
+
+def _only_its_doorbell_runs(saga_id: object, version: int) -> None:
+    """The saga waits for the doorbell sent with its step's limits: its lease has run out (no
+    task holds it) but is not none, so the pumps' index does not hold it, and the doorbell's
+    own claim takes it."""
+    row = Saga.objects.get(pk=saga_id)
+    assert (row.state, row.current_step, row.attempt) == (SagaState.RUNNING, "slow", 0)
+    assert row.version == version
+    assert row.lease_until is not None and row.lease_until <= timezone.now()
+    assert saga_is_stuck(row, now=row.next_attempt_at + timedelta(seconds=31)), (
+        "the sweeper takes it as unleased"
+    )
+    with connection.cursor() as cursor:  # the pumps' partial index, by its own predicate
+        cursor.execute(
+            "SELECT count(*) FROM sagas_saga WHERE lease_until IS NULL "
+            "AND state IN ('running', 'compensating') AND id = %s",
+            [saga_id],
+        )
+        assert cursor.fetchone()[0] == 0
+    assert due_saga() is None and claim_due() is None
+    with app.connection_for_read() as conn:
+        queue = conn.SimpleQueue(settings.CELERY_TASK_DEFAULT_QUEUE, no_ack=True)
+        bodies = [queue.get(timeout=5) for _ in range(_queued())]
+    slow = [m for m in bodies if m.headers["argsrepr"] == repr((str(saga_id), version))]
+    assert len(slow) == 1 and slow[0].headers["timelimit"][1] is not None  # slow's own limits
+    claimed = claim(saga_id, version, 8.0)
+    assert claimed is not None and claimed.lease_until > timezone.now()
+
+
+def test_a_saga_handed_to_a_step_only_its_doorbell_runs_stays_out_of_the_pumps_index(
+    slots, quiet_queue, settings
+):
+    """``quick`` and ``picky`` run here, as the start's task would run them; the record that
+    hands the saga on to ``slow`` (8 s, more than a pump's task may run) rings slow's own
+    doorbell and leaves a lease that has run out instead of none. A pump would pass the saga
+    by anyway; out of the pumps' index, a backlog of such sagas (the order saga's carrier step
+    under load) costs a pump's claim nothing, where each claim read past all of them."""
+    settings.SAGA_INLINE_BUDGET = 30.0  # both short steps fit, however loaded the machine
+    saga = start("policy")
+    _until_queued(1)  # the start's doorbell
+    advance(saga.id, saga.version)
+    _until_queued(2)
+    row = Saga.objects.get(pk=saga.id)
+    _only_its_doorbell_runs(saga.id, row.version)
+
+
+def test_a_saga_handed_back_for_a_longer_step_stays_out_of_the_pumps_index(slots, quiet_queue):
+    """A doorbell with the default limits claims the saga at ``slow``: the task hands it back
+    (no attempt counted) to a doorbell with slow's limits, leaving a lease that has run out."""
+    saga = start("policy")
+    Saga.objects.filter(pk=saga.id).update(current_step="slow", step_index=2)
+    _until_queued(1)
+    claimed = claim(saga.id, saga.version)
+    assert claimed is not None
+    assert run_claimed(claimed, inline_ok=True) is None
+    _until_queued(2)
+    _only_its_doorbell_runs(saga.id, claimed.version + 1)
 
 
 def test_a_slot_its_holder_never_gives_back_expires(slots, settings, wait_for):
