@@ -73,10 +73,12 @@ def ring(
     the sweeper rings again once the broker is back. ``timeout`` is the timeout of the step
     the saga will run: the task gets time limits that fit it.
 
-    ``due_now``: the saga's row is due now with no lease (a start, a hand-over), so a pump can
-    find it (:mod:`sagas.pumps`). If its step fits the default time limits, the doorbell asks
-    for a pump slot first: with every slot taken it is not sent at all. ``pump``: a slot this
-    caller already holds, handed on to the task.
+    ``due_now``: the saga's row is due now with no live lease (a start, a hand-over), so a pump
+    can find it (:mod:`sagas.pumps`). If its step fits the default time limits, the doorbell
+    asks for a pump slot first: with every slot taken it is not sent at all. A longer step's
+    doorbell is always sent (pumps pass such sagas by; their lease has run out rather than
+    being none, see ``sagas.store.released_lease``). ``pump``: a slot this caller already
+    holds, handed on to the task.
     """
     global _broker_down_until
     if time.monotonic() < _broker_down_until:

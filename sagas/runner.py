@@ -168,9 +168,10 @@ def _schedule_retry(
         detail=f"{error}; next attempt in {delay:.3f}s",
         duration_ms=took * 1e3,
     )
+    now = timezone.now()
     rec.fields.update(
-        next_attempt_at=timezone.now() + timedelta(seconds=delay),
-        lease_until=None,
+        next_attempt_at=now + timedelta(seconds=delay),
+        lease_until=released_lease(timeout_at(saga, saga.current_step), now),
         last_error=error,
     )
     rec.ring_after = delay
@@ -195,7 +196,7 @@ def _park_for_provider(
     rec.fields.update(
         attempt=max(saga.attempt - 1, 0),
         next_attempt_at=now + timedelta(seconds=delay),
-        lease_until=None,
+        lease_until=released_lease(timeout_at(saga, saga.current_step), now),
         parked_on=wait.provider,
     )
     if saga.parked_on != wait.provider:

@@ -992,7 +992,7 @@ def _ring_after_record(saga: Saga, updated: Saga, rec: Record, go_on: bool) -> N
             updated.version,
             rec.ring_after,
             rec.ring_timeout,
-            due_now=rec.ring_after is None,  # a hand-over: due now, no lease (see write)
+            due_now=rec.ring_after is None,  # a hand-over: due now, no live lease (see write)
         )
 
 

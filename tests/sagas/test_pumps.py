@@ -17,14 +17,15 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from config.celery import app
+from providers import breaker as provider_breaker
 from sagas import pumps
 from sagas.doorbell import PUMP_HEADER, queued_doorbells
 from sagas.models import Saga, SagaState
-from sagas.runner import _pump, advance, run_claimed
+from sagas.runner import _park_for_provider, _pump, advance, run_claimed
 from sagas.selectors import saga_is_stuck
 from sagas.services import saga_start
-from sagas.store import claim, claim_due, due_saga
-from sagas.timing import inline_until
+from sagas.store import Record, claim, claim_due, due_saga
+from sagas.timing import inline_until, task_timeout
 from tests.conftest import manage_shell, purge_queue, wait_until
 from tests.sagas.sagatypes import (
     FIVE,
@@ -211,17 +212,13 @@ def test_pumps_leave_a_step_longer_than_the_default_timeout_to_its_own_doorbell(
     assert claimed is not None and claimed.id == saga.id and claimed.version == saga.version + 1
 
 
-def _only_its_doorbell_runs(saga_id: object, version: int) -> None:
-    """The saga waits for the doorbell sent with its step's limits: its lease has run out (no
-    task holds it) but is not none, so the pumps' index does not hold it, and the doorbell's
-    own claim takes it."""
+def _out_of_the_pumps_index(saga_id: object) -> Saga:
+    """The saga's lease has run out (no task holds it) but is not none, so the pumps' partial
+    index does not hold it; the ops console's "stuck" takes it as unleased."""
     row = Saga.objects.get(pk=saga_id)
-    assert (row.state, row.current_step, row.attempt) == (SagaState.RUNNING, "slow", 0)
-    assert row.version == version
+    assert (row.state, row.current_step) == (SagaState.RUNNING, "slow")
     assert row.lease_until is not None and row.lease_until <= timezone.now()
-    assert saga_is_stuck(row, now=row.next_attempt_at + timedelta(seconds=31)), (
-        "the sweeper takes it as unleased"
-    )
+    assert saga_is_stuck(row, now=row.next_attempt_at + timedelta(seconds=31))
     with connection.cursor() as cursor:  # the pumps' partial index, by its own predicate
         cursor.execute(
             "SELECT count(*) FROM sagas_saga WHERE lease_until IS NULL "
@@ -229,6 +226,14 @@ def _only_its_doorbell_runs(saga_id: object, version: int) -> None:
             [saga_id],
         )
         assert cursor.fetchone()[0] == 0
+    return row
+
+
+def _only_its_doorbell_runs(saga_id: object, version: int) -> None:
+    """The saga waits, due now, for the doorbell sent with its step's limits, out of the pumps'
+    index; that doorbell's own claim takes it."""
+    row = _out_of_the_pumps_index(saga_id)
+    assert row.attempt == 0 and row.version == version
     assert due_saga() is None and claim_due() is None
     with app.connection_for_read() as conn:
         queue = conn.SimpleQueue(settings.CELERY_TASK_DEFAULT_QUEUE, no_ack=True)
@@ -267,6 +272,46 @@ def test_a_saga_handed_back_for_a_longer_step_stays_out_of_the_pumps_index(slots
     assert run_claimed(claimed, inline_ok=True) is None
     _until_queued(2)
     _only_its_doorbell_runs(saga.id, claimed.version + 1)
+
+
+def _claimed_at_slow(script: dict[str, list[str]]) -> Saga:
+    """A ``policy`` saga at ``slow``, claimed as a doorbell with slow's own limits claims it."""
+    with transaction.atomic():
+        saga = saga_start(saga_type="policy", data={"script": script})
+    Saga.objects.filter(pk=saga.id).update(current_step="slow", step_index=2)
+    claimed = claim(saga.id, saga.version, 8.0)
+    assert claimed is not None
+    return claimed
+
+
+def test_a_retry_of_a_step_only_its_doorbell_runs_stays_out_of_the_pumps_index(quiet_queue):
+    """``slow`` fails transiently in a task with its limits: the retry is due after a backoff,
+    with a countdown doorbell, and its lease has run out rather than being none."""
+    claimed = _claimed_at_slow({"slow": ["transient"]})
+    token = task_timeout.set(8.0)
+    try:
+        assert run_claimed(claimed, inline_ok=False) is None
+    finally:
+        task_timeout.reset(token)
+    row = _out_of_the_pumps_index(claimed.id)
+    assert row.last_error and row.next_attempt_at > row.updated_at  # a retry, after a backoff
+
+
+def test_a_saga_parked_on_a_step_only_its_doorbell_runs_stays_out_of_the_pumps_index(
+    quiet_queue,
+):
+    """The carrier's calls are at their limit: the saga parks on the provider (a countdown
+    doorbell), its lease run out rather than none, so a pump does not read past it either."""
+    claimed = _claimed_at_slow({})
+    rec = Record()
+    token = task_timeout.set(8.0)
+    try:
+        wait = provider_breaker.Wait("shipping", 0.3, "in_flight")
+        assert _park_for_provider(claimed, rec, step="slow", wait=wait, inline_ok=False) is None
+    finally:
+        task_timeout.reset(token)
+    row = _out_of_the_pumps_index(claimed.id)
+    assert row.parked_on == "shipping" and row.attempt == 0
 
 
 def test_a_slot_its_holder_never_gives_back_expires(slots, settings, wait_for):

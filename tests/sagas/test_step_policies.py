@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 from django.db import transaction
+from django.utils import timezone
 
 from sagas.models import Saga, SagaState, SagaStep
 from sagas.services import saga_start
@@ -85,7 +86,9 @@ def test_a_steps_own_timeout_sets_its_lease_and_its_task_limit(celery_worker, wa
     running = wait_for(
         lambda: (
             (s := Saga.objects.get(pk=saga.id)).current_step == "slow"
+            # claimed: a live lease (the hand-over to slow leaves one that has run out)
             and s.lease_until is not None
+            and s.lease_until > timezone.now()
             and s
         ),
         timeout=60,
