@@ -675,8 +675,9 @@ def doorbell_only(timeout: float) -> bool:
 
 
 def released_lease(timeout: float, now: datetime) -> datetime | None:
-    """The lease of a saga let go of, due now, with a doorbell rung for it: none, or for a
-    step only its doorbell runs, one that has already run out.
+    """The lease of a saga let go of with a doorbell rung for it (handed on or back, due now;
+    a retry or a park on its provider, due later): none, or for a step only its doorbell runs,
+    one that has already run out.
 
     Every reader takes a lease that ran out as no lease (the doorbell's claim, the sweeper,
     ``saga_migrate``, the ops console's "stuck"), except the pumps' partial index
