@@ -50,6 +50,17 @@ CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
 SAMPLED = ('"providers_fakeproviderstatus"', 'DELETE FROM "providers_healthbucket"')
 
 
+def _placed_for_this_process(customer, count: int) -> list[Order]:
+    """``count`` one-widget orders whose sagas no worker will claim: this test runs them."""
+    orders = []
+    for _ in range(count):
+        with transaction.atomic():
+            order = place(customer, [("widget", 1)])
+            out_of_workers_reach(order.saga_id, 10_000)  # this run is in-process
+        orders.append(order)
+    return orders
+
+
 def _run_in_process(order: Order) -> list[str]:
     """Every statement of the order's saga, run here the way worker tasks would run it."""
     version, timeout, sql = 10_000, None, []
@@ -68,12 +79,7 @@ def _run_in_process(order: Order) -> list[str]:
 
 def test_one_happy_order_saga_costs_at_most_46_round_trips(customer):
     make_product("widget", stock=5)
-    orders = []
-    for _ in range(2):
-        with transaction.atomic():
-            order = place(customer, [("widget", 1)])
-            out_of_workers_reach(order.saga_id, 10_000)  # this run is in-process
-        orders.append(order)
+    orders = _placed_for_this_process(customer, 2)
     _run_in_process(orders[0])  # the first creates the breakers' rows, as a worker's first does
     sql = _run_in_process(orders[1])
 

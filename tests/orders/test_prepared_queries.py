@@ -15,11 +15,14 @@ import pytest
 from django.conf import settings as django_settings
 from django.db import NotSupportedError, connection, connections, transaction
 
-from tests.sagas.inprocess import out_of_workers_reach
 from tests.test_settings_and_launcher import REPO_ROOT, fresh_env
 
-from .conftest import make_product, place
-from .test_order_round_trips import _in_process_only, _run_in_process  # noqa: F401 (fixture)
+from .conftest import make_product
+from .test_order_round_trips import (  # noqa: F401 (_in_process_only: a fixture)
+    _in_process_only,
+    _placed_for_this_process,
+    _run_in_process,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -33,12 +36,7 @@ def _prepared() -> dict[str, int]:
 
 def test_the_participants_statements_are_prepared_once_they_repeat(customer):
     make_product("widget", stock=20)
-    orders = []
-    for _ in range(7):
-        with transaction.atomic():
-            order = place(customer, [("widget", 1)])
-            out_of_workers_reach(order.saga_id, 10_000)  # this run is in-process
-        orders.append(order)
+    orders = _placed_for_this_process(customer, 7)
     connection.close()  # a session of its own: nothing prepared before this run
     for order in orders:
         _run_in_process(order)
