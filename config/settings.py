@@ -332,12 +332,17 @@ SAGA_COMPENSATION_MAX_ATTEMPTS = env.int("SAGA_COMPENSATION_MAX_ATTEMPTS", defau
 SAGA_STUCK_AFTER = env.float("SAGA_STUCK_AFTER", default=30.0)
 SAGA_SWEEP_INTERVAL = env.float("SAGA_SWEEP_INTERVAL", default=10.0)
 SAGA_DEADLINE = env.float("SAGA_DEADLINE", default=600.0)
-# How long one step may run before its lease expires and the sweeper may hand it to another
-# worker. The step task's hard time limit is derived from it, so an expired lease always means
-# the holder is gone.
+# How long a step may run unless it sets its own timeout. Tasks' time limits, and the leases
+# that outlive them (so an expired lease always means the holder is gone), are sized from the
+# longest step timeout registered, up to SAGA_TASK_TIMEOUT_MAX below.
 SAGA_STEP_TIMEOUT = env.float("SAGA_STEP_TIMEOUT", default=30.0)
 # How long a task may keep running due steps of one saga before handing back to the broker.
 SAGA_INLINE_BUDGET = env.float("SAGA_INLINE_BUDGET", default=2.0)
+# Every doorbell's task gets the time limits of the longest step timeout any registered saga
+# type sets, up to this, so a task never stops mid-saga for a longer step; each step is still
+# ended at its own timeout. The lease (how long a dead worker's saga waits) grows with it. A
+# step longer than this keeps a task message of its own.
+SAGA_TASK_TIMEOUT_MAX = env.float("SAGA_TASK_TIMEOUT_MAX", default=2 * SAGA_STEP_TIMEOUT)
 SAGA_SWEEP_BATCH = env.int("SAGA_SWEEP_BATCH", default=500)
 # A parked saga (Wait timeout, Sleep) due within this many seconds also gets a doorbell with a
 # countdown; later ones are fired by the sweeper alone (at most SAGA_STUCK_AFTER late), so a
@@ -396,7 +401,9 @@ SAGA_FAKE_PROVIDER_STATS = env.bool("SAGA_FAKE_PROVIDER_STATS", default=False)
 # is registered by the benchmark, in its own process and the workers it starts.
 SAGA_DEFINITION_MODULES = env.list("SAGA_DEFINITION_MODULES", default=[])
 # A step task may run inline steps for SAGA_INLINE_BUDGET and then one more step; its hard
-# limit kills it past that, so an expired lease always means its holder is gone.
+# limit kills it past that, so an expired lease always means its holder is gone. These are the
+# limits of a message that carries none; the doorbell sends its own when a registered step is
+# longer than SAGA_STEP_TIMEOUT (see SAGA_TASK_TIMEOUT_MAX).
 CELERY_TASK_ANNOTATIONS = {
     "sagas.run": {
         "soft_time_limit": SAGA_STEP_TIMEOUT + SAGA_INLINE_BUDGET,

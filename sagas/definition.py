@@ -349,6 +349,8 @@ class UnknownDefinition(LookupError):
 
 # saga type -> version -> definition
 _registry: dict[str, dict[int, SagaDefinition]] = {}
+# Bumped on every change to the registry, so what is worked out from it can be kept until then.
+_generation = 0
 
 
 def register(definition: SagaDefinition) -> SagaDefinition:
@@ -357,12 +359,16 @@ def register(definition: SagaDefinition) -> SagaDefinition:
     Re-registering the same type and version replaces it (test reloads, a bug fix that keeps
     the shape); the fingerprint check catches a replacement that changed the shape.
     """
+    global _generation
     _registry.setdefault(definition.saga_type, {})[definition.version] = definition
+    _generation += 1
     return definition
 
 
 def unregister(saga_type: str, version: int) -> None:
     """Forget one version (tests that play a deploy without it)."""
+    global _generation
+    _generation += 1
     versions = _registry.get(saga_type, {})
     versions.pop(version, None)
     if not versions:
@@ -422,6 +428,11 @@ def registered_types() -> list[str]:
 
 def registered_versions(saga_type: str) -> list[int]:
     return sorted(_registry.get(saga_type, {}))
+
+
+def registry_generation() -> int:
+    """A number that changes whenever a definition is registered or forgotten."""
+    return _generation
 
 
 def registered_definitions() -> list[SagaDefinition]:

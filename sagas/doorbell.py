@@ -26,7 +26,7 @@ from kombu import Queue
 from kombu.utils.uuid import uuid
 
 from sagas import metrics, pumps
-from sagas.timing import task_time_limits
+from sagas.timing import doorbell_only, task_step_timeout, task_time_limits
 
 log = structlog.get_logger("sagas.engine")
 
@@ -46,11 +46,13 @@ _broker_down_until = 0.0
 
 
 def _limits(timeout: float | None) -> dict[str, float]:
-    """Message options giving a task the time limits of a step with ``timeout`` (none for the
-    default timeout: the task's annotations already say that)."""
-    if timeout is None or timeout == settings.SAGA_STEP_TIMEOUT:
+    """Message options giving a task the time limits of a step with ``timeout``, or of the
+    longest step any task may meet (:func:`~sagas.timing.task_step_timeout`) if that is longer;
+    none when that is the default timeout (the task's annotations already say so)."""
+    sized = task_step_timeout() if timeout is None else max(timeout, task_step_timeout())
+    if sized == settings.SAGA_STEP_TIMEOUT:
         return {}
-    soft, hard = task_time_limits(timeout)
+    soft, hard = task_time_limits(sized)
     return {"soft_time_limit": soft, "time_limit": hard}
 
 
@@ -74,11 +76,12 @@ def ring(
     the saga will run: the task gets time limits that fit it.
 
     ``due_now``: the saga's row is due now with no live lease (a start, a hand-over), so a pump
-    can find it (:mod:`sagas.pumps`). If its step fits the default time limits, the doorbell
-    asks for a pump slot first: with every slot taken it is not sent at all. A longer step's
-    doorbell is always sent (pumps pass such sagas by; their lease has run out rather than
-    being none, see ``sagas.store.released_lease``). ``pump``: a slot this caller already
-    holds, handed on to the task.
+    can find it (:mod:`sagas.pumps`). If its step fits any task's time limits, the doorbell
+    asks for a pump slot first: with every slot taken it is not sent at all. The doorbell of a
+    step too long for any other task (:func:`~sagas.timing.doorbell_only`) is always sent
+    (pumps pass such sagas by; their lease has run out rather than being none, see
+    ``sagas.store.released_lease``). ``pump``: a slot this caller already holds, handed on to
+    the task.
     """
     global _broker_down_until
     if time.monotonic() < _broker_down_until:
@@ -86,7 +89,7 @@ def ring(
         if pump is not None:
             pumps.release(pump)
         return
-    if due_now and pump is None and not countdown and not _limits(timeout):
+    if due_now and pump is None and not countdown and not doorbell_only(timeout):
         slot = pumps.acquire()
         if slot is None:
             metrics.DOORBELLS_COALESCED.inc()

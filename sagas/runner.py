@@ -71,7 +71,9 @@ from sagas.timing import (
     current_task_timeout,
     inline_until,
     max_attempts_of,
+    step_deadline,
     step_timeout,
+    task_step_timeout,
     task_timeout,
     timeout_at,
     within_inline_budget,
@@ -287,7 +289,10 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
         tx = StepTransaction(step.transactional and step.park is None)
     started = time.perf_counter()
     try:
-        with tracing.saga_span(f"saga.step {step.name}", saga, step=step.name, phase="forward"):
+        with (
+            tracing.saga_span(f"saga.step {step.name}", saga, step=step.name, phase="forward"),
+            step_deadline(step_timeout(step)),
+        ):
             result = call_step(action, ctx, ticket, step.non_retryable, tx, rec)
     except BusinessFailure as exc:
         tx.rollback()
@@ -500,8 +505,11 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
     started = time.perf_counter()
     try:
         assert step.compensate is not None
-        with tracing.saga_span(
-            f"saga.compensate {step.name}", saga, step=step.name, phase="compensation"
+        with (
+            tracing.saga_span(
+                f"saga.compensate {step.name}", saga, step=step.name, phase="compensation"
+            ),
+            step_deadline(step_timeout(step)),
         ):
             call_step(step.compensate, ctx, ticket, tx=tx, rec=rec)
     except Exception as exc:  # noqa: BLE001 - a compensation must eventually succeed or escalate
@@ -696,8 +704,9 @@ def advance(
     """The body of the ``sagas.run`` task: claim, then run due work within a time budget.
 
     ``timeout`` is the step timeout the task was sent for (its time limits derive from it);
-    ``None`` means ``SAGA_STEP_TIMEOUT``. ``pump``: the doorbell came with a pump slot, so the
-    task goes on to other due sagas after this one (:mod:`sagas.pumps`).
+    ``None`` (a direct call) means :func:`~sagas.timing.task_step_timeout`. ``pump``: the
+    doorbell came with a pump slot, so the task goes on to other due sagas after this one
+    (:mod:`sagas.pumps`).
     """
     started = time.monotonic()
     token = task_timeout.set(timeout)
@@ -752,9 +761,10 @@ def _pump(first: Callable[[], Saga | None], slot: str) -> None:
     their holders look after this one; see :func:`_last_look` for Redis not answering. A task
     that fails gives its slot back and looks too.
     """
-    # A task sent with shorter limits than the default (a sender with another budget) would
-    # hand back every saga it took: it runs its own saga only, but still looks at the end.
-    pumping = current_task_timeout() + TIMEOUT_SLACK >= settings.SAGA_STEP_TIMEOUT
+    # A task sent with shorter limits than a pump needs (a sender with other settings or
+    # definitions) would hand back sagas it took: it runs its own saga only, but still looks at
+    # the end.
+    pumping = current_task_timeout() + TIMEOUT_SLACK >= task_step_timeout()
     held: str | None = slot
     try:
         # Its own saga may well be gone (a pump took it meanwhile): that is not a stale

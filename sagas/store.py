@@ -45,6 +45,7 @@ from sagas.models import ACTIVE_STATES, Saga, SagaEvent, SagaStep
 from sagas.timing import (
     TIMEOUT_SLACK,
     current_task_timeout,
+    doorbell_only,
     lease_only_commits,
     lease_seconds,
     step_timeout,
@@ -561,8 +562,8 @@ def claim_due() -> Saga | None:
     the saga must be held by no task at all: a lease that expired (its task died) is the
     sweeper's to ring, so the pumps' index (``saga_due_free_idx``) holds only sagas waiting
     for a task, and a pump never scans past running work. Not a saga whose step needs longer
-    than ``SAGA_STEP_TIMEOUT`` either: a pump's task has the default time limits, so that saga
-    keeps the doorbell sent with its own.
+    than a pump's task may run either (:func:`~sagas.timing.doorbell_only`): that saga keeps
+    the doorbell sent with limits of its own.
     """
     if connection.vendor != "postgresql":
         return None
@@ -658,20 +659,13 @@ def _due_params(
 
 
 def _long_steps() -> list[tuple[str, int, str]]:
-    """``(type, version, step)`` of registered steps with a timeout above
-    ``SAGA_STEP_TIMEOUT``."""
+    """``(type, version, step)`` of registered steps too long for a pump's task."""
     return [
         (d.saga_type, d.version, step.name)
         for d in registered_definitions()
         for step in d.steps
         if doorbell_only(step_timeout(step))
     ]
-
-
-def doorbell_only(timeout: float) -> bool:
-    """Whether a step with ``timeout`` is one the pumps pass by (:func:`claim_due`): longer than
-    a pump's task may run, so only a doorbell sent with the step's own limits runs it."""
-    return timeout > settings.SAGA_STEP_TIMEOUT + TIMEOUT_SLACK
 
 
 def released_lease(timeout: float, now: datetime) -> datetime | None:

@@ -18,12 +18,15 @@ from sagas.sweeper import sweep
 def run_saga(self: Task, saga_id: str, version: int) -> None:
     """The doorbell: saga ``saga_id`` at ``version`` may have work now.
 
-    A doorbell for a step with its own timeout carries time limits that fit it; the task
-    hands that timeout to the engine, which sizes the lease from it. A doorbell with a pump
+    A doorbell carries time limits that fit the longest step its task may run; the task hands
+    that timeout to the engine, which sizes the lease from it. A doorbell with a pump
     slot (its ``saga_pump`` header, see :mod:`sagas.pumps`) goes on to other due sagas.
     """
     soft = (self.request.timelimit or (None, None))[1]
-    timeout = None if soft is None else float(soft) - settings.SAGA_INLINE_BUDGET
+    # A message without limits runs under the annotations' (CELERY_TASK_ANNOTATIONS).
+    timeout = (
+        settings.SAGA_STEP_TIMEOUT if soft is None else float(soft) - settings.SAGA_INLINE_BUDGET
+    )
     advance(saga_id, version, timeout, pump=self.request.get(PUMP_HEADER))
 
 

@@ -8,12 +8,25 @@ so the three agree on what "this step may take T seconds" means.
 from __future__ import annotations
 
 import random
+import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
+from types import FrameType
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
-from sagas.definition import RetryPolicy, Step, get_definition
+from sagas.definition import (
+    RetryPolicy,
+    Step,
+    get_definition,
+    registered_definitions,
+    registry_generation,
+)
 from sagas.models import Saga
 
 
@@ -28,11 +41,12 @@ def lease_seconds(timeout: float | None = None) -> float:
     """How long a claim holds a saga: longer than its task can possibly keep running.
 
     ``timeout`` is the step timeout the task was sent for (its time limits derive from it, see
-    :func:`task_time_limits`); the lease outlives the hard limit, so an expired lease always
+    :func:`task_time_limits`); ``None``: the one every doorbell is sent for
+    (:func:`task_step_timeout`). The lease outlives the hard limit, so an expired lease always
     means its holder is gone.
     """
     if timeout is None:
-        timeout = settings.SAGA_STEP_TIMEOUT
+        timeout = task_step_timeout()
     return timeout + settings.SAGA_INLINE_BUDGET + 5.0
 
 
@@ -46,7 +60,49 @@ def task_time_limits(timeout: float) -> tuple[float, float]:
     return soft, soft + 3.0
 
 
-# The step timeout the running task was sent for (None: SAGA_STEP_TIMEOUT, the default limits).
+def task_step_timeout() -> float:
+    """The step timeout every doorbell's task is sent for: the longest step timeout of any
+    registered definition, up to ``SAGA_TASK_TIMEOUT_MAX`` (never below ``SAGA_STEP_TIMEOUT``).
+
+    One size for every task means a task that runs a saga step after step (inline, or a pump
+    going from saga to saga) never meets a step it has no time for: the order saga's carrier
+    booking (twice the default timeout) used to cost each order a broker message, a task and a
+    claim of its own in the middle of the saga. Each step still ends at its own timeout
+    (:func:`step_deadline`); what grows is the lease, and so how long a saga whose worker died
+    waits before another takes it (:func:`lease_seconds` of this). A step longer than
+    ``SAGA_TASK_TIMEOUT_MAX`` keeps a doorbell of its own, sent with limits that fit it, so one
+    hour-long step does not make every saga's lease an hour.
+    """
+    longest = _longest_registered_step()
+    cap = settings.SAGA_TASK_TIMEOUT_MAX
+    fitting = [t for t in longest if t <= cap + TIMEOUT_SLACK]
+    return max([settings.SAGA_STEP_TIMEOUT, *fitting])
+
+
+def doorbell_only(timeout: float | None) -> bool:
+    """Whether a step with ``timeout`` needs a task of its own (a doorbell sent with limits that
+    fit it): longer than :func:`task_step_timeout`, which every other task has. The pumps pass
+    such a saga by (``sagas.store.claim_due``) and a task going step after step stops before it.
+    """
+    return timeout is not None and timeout > task_step_timeout() + TIMEOUT_SLACK
+
+
+_longest_cache: tuple[int, list[float]] = (-1, [])
+
+
+def _longest_registered_step() -> list[float]:
+    """Every distinct step timeout the registered definitions set (kept until they change)."""
+    global _longest_cache
+    generation, timeouts = _longest_cache
+    if generation != registry_generation():
+        timeouts = sorted(
+            {s.timeout for d in registered_definitions() for s in d.steps if s.timeout}
+        )
+        _longest_cache = (registry_generation(), timeouts)
+    return timeouts
+
+
+# The step timeout the running task was sent for (None: not in a task; see current_task_timeout).
 task_timeout: ContextVar[float | None] = ContextVar("saga_task_timeout", default=None)
 
 
@@ -71,14 +127,59 @@ TIMEOUT_SLACK = 1e-3
 
 
 def current_task_timeout() -> float:
-    """The step timeout the running task was sent for: its time limits derive from it."""
+    """The step timeout the running task was sent for: its time limits derive from it. Outside
+    a task (the runner called directly), the one every doorbell is sent for."""
     value = task_timeout.get()
-    return settings.SAGA_STEP_TIMEOUT if value is None else value
+    return task_step_timeout() if value is None else value
 
 
 def timeout_at(saga: Saga, step_name: str) -> float:
     """The timeout of ``step_name`` in the saga's own definition (the default if unknown)."""
     return timeout_of(saga.saga_type, saga.definition_version, step_name)
+
+
+@contextmanager
+def step_deadline(timeout: float) -> Iterator[None]:
+    """End a step that runs past ``timeout`` + ``SAGA_INLINE_BUDGET`` as Celery's soft time
+    limit would: ``SoftTimeLimitExceeded`` raised in the step, a transient failure.
+
+    A task's limits fit the longest step it may run (:func:`task_step_timeout`), so for a
+    shorter step they come late; this alarm keeps each step to its own timeout. It is a
+    ``SIGALRM`` timer, so it works where signals reach the running code: a pool process's main
+    thread (prefork, solo). On the threads pool, where Celery enforces no time limits either, a
+    step is bounded by its lease alone. A timer someone else armed is left alone (the step then
+    has none of its own), and the task's hard limit stays the backstop for code that never
+    returns to Python.
+    """
+    limit = timeout + settings.SAGA_INLINE_BUDGET
+    soft_limit = current_task_timeout() + settings.SAGA_INLINE_BUDGET
+    if limit + TIMEOUT_SLACK >= soft_limit or not _alarm_usable():
+        yield  # the task's own soft limit is as early: nothing to add
+        return
+    previous = signal.signal(signal.SIGALRM, _step_overran)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _step_overran(signum: int, frame: FrameType | None) -> None:
+    raise SoftTimeLimitExceeded("the step ran past its own timeout")
+
+
+def _alarm_usable() -> bool:
+    """A ``SIGALRM`` timer reaches this code now, and nobody else has one armed."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    # Greenlets share the main thread: the signal would land in whichever one runs.
+    gevent, eventlet = sys.modules.get("gevent.monkey"), sys.modules.get("eventlet.patcher")
+    if gevent is not None and gevent.is_module_patched("time"):
+        return False
+    if eventlet is not None and eventlet.is_monkey_patched("time"):
+        return False
+    return signal.getitimer(signal.ITIMER_REAL)[0] == 0
 
 
 def timeout_of(saga_type: str, version: int, step_name: str) -> float:

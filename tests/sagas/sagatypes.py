@@ -399,6 +399,20 @@ register(
 )
 
 
+# -- a step longer than the default timeout but within SAGA_TASK_TIMEOUT_MAX (6 s in the
+# tests): every task's limits fit it, so it runs inline between two default steps.
+register(
+    SagaDefinition(
+        "midlong",
+        steps=[
+            Step("before", _run, compensate=_run),
+            Step("booking", _run, compensate=_run, timeout=5),
+            Step("after", _run, compensate=_run),
+        ],
+    )
+)
+
+
 # -- which task messages a worker ran for a saga ---------------------------------------------
 # A worker started with SAGA_TEST_RECORD_DELIVERIES=1 writes one row per ``sagas.run`` task it
 # starts: the saga, the version the doorbell named, and the soft time limit the message

@@ -80,7 +80,7 @@ def test_a_steps_own_compensation_retries(celery_worker, wait_for):
 
 
 def test_a_steps_own_timeout_sets_its_lease_and_its_task_limit(celery_worker, wait_for):
-    """``slow`` takes 5 s: past the default limit (3 s), within its own (8 s). It runs once,
+    """``slow`` takes 5 s: past the default timeout (3 s), within its own (8 s). It runs once,
     under a lease sized from its own timeout."""
     saga = start({"slow": ["slow:5"]})
     running = wait_for(
@@ -93,7 +93,8 @@ def test_a_steps_own_timeout_sets_its_lease_and_its_task_limit(celery_worker, wa
         ),
         timeout=60,
     )
-    # lease = timeout + SAGA_INLINE_BUDGET + 5 = 13.5 s from the claim (8.5 s by default)
+    # lease = timeout + SAGA_INLINE_BUDGET + 5 = 13.5 s from the claim (11.5 s for the shared
+    # limits every other task has: 6 s, the order saga's carrier booking)
     assert (running.lease_until - running.updated_at).total_seconds() > 12
     saga = settled(saga.id, wait_for)
     assert saga.state == SagaState.SUCCEEDED
