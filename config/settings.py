@@ -533,7 +533,13 @@ WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=0)
 # ---------------------------------------------------------------------------------------------
 # Logging: structlog, JSON when not in a terminal, key=value in one
 # ---------------------------------------------------------------------------------------------
-LOG_LEVEL = env("LOG_LEVEL", default="INFO")
+# Any case, as operators write it (``info``); logging itself takes only upper case.
+LOG_LEVEL = env("LOG_LEVEL", default="INFO").strip().upper()
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+if LOG_LEVEL not in _LOG_LEVELS:
+    raise ImproperlyConfigured(
+        f"LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)} (any case), not {LOG_LEVEL!r}"
+    )
 LOG_FORMAT = env("LOG_FORMAT", default="console" if sys.stderr.isatty() else "json")
 
 import structlog  # noqa: E402

@@ -81,6 +81,31 @@ def test_settings_start_with_secret_key_and_debug_off(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+def test_log_level_is_taken_in_any_case_and_a_wrong_one_is_named(tmp_path):
+    """``LOG_LEVEL=warning`` is WARNING (logging refused it: "Unknown level: 'warning'", a
+    traceback about the celery logger); a level that does not exist stops start-up saying so."""
+    base = {"SECRET_KEY": "x" * 50, "SAGARUNNER_VAR_DIR": str(tmp_path)}
+    shown = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import django; django.setup(); "
+            "import logging; print(logging.getLevelName(logging.getLogger().level))",
+        ],
+        cwd=REPO_ROOT,
+        env=fresh_env(LOG_LEVEL=" warning ", **base),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip().splitlines()[-1] == "WARNING"
+
+    wrong = django_setup(fresh_env(LOG_LEVEL="loud", **base))
+    assert wrong.returncode != 0
+    assert "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL" in wrong.stderr
+
+
 @pytest.fixture
 def services() -> Iterator[Supervisor]:
     """The launched processes, each in its own group logging to test-artifacts/; killed after."""
