@@ -71,9 +71,16 @@ class Wait:
     reason: str
 
 
-def _call_lease() -> timedelta:
-    """A call slot or canary is presumed lost this long after it was taken (killed worker)."""
-    return timedelta(seconds=settings.SAGA_STEP_TIMEOUT + 5.0)
+def _call_lease(timeout: float | None = None) -> timedelta:
+    """A call slot or canary is presumed lost this long after it was taken (killed worker).
+
+    ``timeout``: the calling step's own (``SAGA_STEP_TIMEOUT`` if not given). A step is cut off
+    at its timeout + ``SAGA_INLINE_BUDGET``, and its task killed 3 s later, so the slot outlives
+    any call still running; sized from the default instead, a carrier booking of twice that
+    could outlive its slot, and a second call take it while the first still runs.
+    """
+    seconds = settings.SAGA_STEP_TIMEOUT if timeout is None else timeout
+    return timedelta(seconds=seconds + settings.SAGA_INLINE_BUDGET + 5.0)
 
 
 @functools.cache
@@ -103,16 +110,20 @@ def _ensure_slots(provider: str, count: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # Admission
 # ---------------------------------------------------------------------------------------------
-def admit(provider: str) -> Ticket | Wait:
-    """May a step call ``provider`` now? A :class:`Ticket` means yes (and holds a call slot)."""
+def admit(provider: str, timeout: float | None = None) -> Ticket | Wait:
+    """May a step call ``provider`` now? A :class:`Ticket` means yes (and holds a call slot).
+
+    ``timeout``: the step's own, which sizes the slot's and a canary's lease.
+    """
     cfg = provider_config(provider)
+    held_for = _call_lease(timeout)
     ensure_breaker(provider)
     now = timezone.now()
     slot_id: int | None = None
     lease: datetime | None = None
     row: tuple[Any, ...] | None
     if _one_statement_gate():
-        lease_at = now + _call_lease()
+        lease_at = now + held_for
         row = _admit_closed(provider, cfg, now, lease_at)
         if row is not None:
             slot_id = row[4]
@@ -126,16 +137,16 @@ def admit(provider: str) -> Ticket | Wait:
     if row is None:  # deleted under this process (a flushed test database): recreate it
         _known_breakers.discard(provider)
         ensure_breaker(provider)
-        return admit(provider)
+        return admit(provider, timeout)
     state, probe_at, forced, generation = row[:4]
     canary = False
     if state != BreakerState.CLOSED:
-        canary = not forced and _take_canary(provider, cfg, now)
+        canary = not forced and _take_canary(provider, cfg, now, held_for)
         if not canary:
             metrics.PARKED.labels(provider, state).inc()
             return _wait(provider, cfg, state, probe_at, forced, now)
     if cfg.max_in_flight and slot_id is None:  # not already taken with the breaker's row
-        slot_id, lease = _take_slot(provider, cfg, now)
+        slot_id, lease = _take_slot(provider, cfg, now, held_for)
         if slot_id is None:
             if canary:
                 _return_canary(provider)
@@ -241,7 +252,7 @@ def _cooldown(cfg: ProviderConfig) -> timedelta:
     return timedelta(seconds=max(cfg.cooldown, 0.1))
 
 
-def _take_canary(provider: str, cfg: ProviderConfig, now: datetime) -> bool:
+def _take_canary(provider: str, cfg: ProviderConfig, now: datetime, held_for: timedelta) -> bool:
     """Become one of the half-open round's canaries (and open that round if it is due)."""
     t = _qn(Breaker._meta.db_table)
     new_round = f"({_qn('state')} = 'open' OR {_qn('probe_at')} <= %s)"
@@ -266,7 +277,7 @@ def _take_canary(provider: str, cfg: ProviderConfig, now: datetime) -> bool:
         ts(now),  # canary_ok: a new round?
         ts(now),  # canary_failed: a new round?
         ts(now),  # probe_at: a new round?
-        ts(now + _call_lease()),
+        ts(now + held_for),
         ts(now),
         provider,
         ts(now),
@@ -297,10 +308,10 @@ def _return_canary(provider: str) -> None:
 
 
 def _take_slot(
-    provider: str, cfg: ProviderConfig, now: datetime
+    provider: str, cfg: ProviderConfig, now: datetime, held_for: timedelta
 ) -> tuple[int | None, datetime | None]:
     _ensure_slots(provider, cfg.max_in_flight)
-    lease = now + _call_lease()
+    lease = now + held_for
     t = _qn(CallSlot._meta.db_table)
     lock = (
         " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""

@@ -104,8 +104,10 @@ class Step:
     waits, without spending attempts, instead of retrying itself into compensation.
 
     Policies, each defaulting to the global settings: ``retry`` for the forward action,
-    ``compensation_retry`` for its undo, ``timeout`` (seconds; the step's lease and its task's
-    time limit derive from it, ``SAGA_STEP_TIMEOUT`` when ``None``), and ``non_retryable``:
+    ``compensation_retry`` for its undo, ``timeout`` (seconds, ``SAGA_STEP_TIMEOUT`` when
+    ``None``: the step is cut off past it plus ``SAGA_INLINE_BUDGET``; every task's time limits
+    and lease fit the longest registered one up to ``SAGA_TASK_TIMEOUT_MAX``, a longer step gets
+    a task of its own), and ``non_retryable``:
     exception types that end the step at once like a :class:`BusinessFailure` (the code is the
     exception's ``code`` attribute, else ``step_failed``).
 
@@ -368,11 +370,11 @@ def register(definition: SagaDefinition) -> SagaDefinition:
 def unregister(saga_type: str, version: int) -> None:
     """Forget one version (tests that play a deploy without it)."""
     global _generation
-    _generation += 1
     versions = _registry.get(saga_type, {})
     versions.pop(version, None)
     if not versions:
         _registry.pop(saga_type, None)
+    _generation += 1  # after the change: a reader that saw the old number reads again
 
 
 def get_definition(saga_type: str, version: int | None = None) -> SagaDefinition:

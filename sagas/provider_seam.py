@@ -18,6 +18,7 @@ from providers.config import breakers_enabled
 from sagas.definition import BusinessFailure, ProviderAnswered, Step, StepContext, StepFunction
 from sagas.models import Saga
 from sagas.store import Record, StepTransaction
+from sagas.timing import step_deadline, step_timeout
 from sagas.transactions import StepTransactionSpoiled, spoiled
 
 #: Errors that say the call's own data is wrong, whatever the provider's health: our database
@@ -43,7 +44,7 @@ def gate(step: Step) -> provider_breaker.Ticket | provider_breaker.Wait | None:
     """Ask the step's provider for a call: a ticket, a wait, or ``None`` if it is not gated."""
     if not step.provider or not breakers_enabled():
         return None
-    return provider_breaker.admit(step.provider)
+    return provider_breaker.admit(step.provider, step_timeout(step))
 
 
 def call_step(
@@ -53,6 +54,8 @@ def call_step(
     definite: tuple[type[BaseException], ...] = (),
     tx: StepTransaction | None = None,
     rec: Record | None = None,
+    *,
+    timeout: float | None = None,
 ) -> Any:
     """Call a step function; its provider's health counts transient failures only.
 
@@ -66,9 +69,17 @@ def call_step(
     Any other step that succeeds hands its outcome to ``rec``, the record the runner writes
     next: the slot release and the health count ride in the record's own statement, one round
     trip fewer per provider call.
+
+    ``timeout``: the step's own; the function is cut off past it (:func:`step_deadline`). Only
+    the function: an alarm in the bookkeeping around it would turn a definite answer into a
+    transient failure, or skip the report that hands the call slot back.
     """
     try:
-        result = fn(ctx)
+        if timeout is None:
+            result = fn(ctx)
+        else:
+            with step_deadline(timeout):
+                result = fn(ctx)
         if tx is not None and tx.open and spoiled():
             # The function caught an error that left a savepoint-free block and returned
             # anyway: its transaction can only roll back, and its record would die with it.

@@ -71,7 +71,6 @@ from sagas.timing import (
     current_task_timeout,
     inline_until,
     max_attempts_of,
-    step_deadline,
     step_timeout,
     task_step_timeout,
     task_timeout,
@@ -289,11 +288,10 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
         tx = StepTransaction(step.transactional and step.park is None)
     started = time.perf_counter()
     try:
-        with (
-            tracing.saga_span(f"saga.step {step.name}", saga, step=step.name, phase="forward"),
-            step_deadline(step_timeout(step)),
-        ):
-            result = call_step(action, ctx, ticket, step.non_retryable, tx, rec)
+        with tracing.saga_span(f"saga.step {step.name}", saga, step=step.name, phase="forward"):
+            result = call_step(
+                action, ctx, ticket, step.non_retryable, tx, rec, timeout=step_timeout(step)
+            )
     except BusinessFailure as exc:
         tx.rollback()
         duration = _took(saga, step, started, "forward")
@@ -505,13 +503,10 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
     started = time.perf_counter()
     try:
         assert step.compensate is not None
-        with (
-            tracing.saga_span(
-                f"saga.compensate {step.name}", saga, step=step.name, phase="compensation"
-            ),
-            step_deadline(step_timeout(step)),
+        with tracing.saga_span(
+            f"saga.compensate {step.name}", saga, step=step.name, phase="compensation"
         ):
-            call_step(step.compensate, ctx, ticket, tx=tx, rec=rec)
+            call_step(step.compensate, ctx, ticket, tx=tx, rec=rec, timeout=step_timeout(step))
     except Exception as exc:  # noqa: BLE001 - a compensation must eventually succeed or escalate
         tx.rollback()
         duration = _took(saga, step, started, "compensation")

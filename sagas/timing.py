@@ -93,12 +93,13 @@ _longest_cache: tuple[int, list[float]] = (-1, [])
 def _longest_registered_step() -> list[float]:
     """Every distinct step timeout the registered definitions set (kept until they change)."""
     global _longest_cache
-    generation, timeouts = _longest_cache
-    if generation != registry_generation():
+    cached_at, timeouts = _longest_cache
+    now = registry_generation()  # read before the registry: a change meanwhile is seen next time
+    if cached_at != now:
         timeouts = sorted(
             {s.timeout for d in registered_definitions() for s in d.steps if s.timeout}
         )
-        _longest_cache = (registry_generation(), timeouts)
+        _longest_cache = (now, timeouts)
     return timeouts
 
 
@@ -146,27 +147,38 @@ def step_deadline(timeout: float) -> Iterator[None]:
     A task's limits fit the longest step it may run (:func:`task_step_timeout`), so for a
     shorter step they come late; this alarm keeps each step to its own timeout. It is a
     ``SIGALRM`` timer, so it works where signals reach the running code: a pool process's main
-    thread (prefork, solo). On the threads pool, where Celery enforces no time limits either, a
-    step is bounded by its lease alone. A timer someone else armed is left alone (the step then
-    has none of its own), and the task's hard limit stays the backstop for code that never
-    returns to Python.
+    thread (prefork, solo). On the threads pool nothing interrupts a step, as Celery enforces no
+    time limits there either: once the lease of a step that hangs has run out, the sweeper
+    starts another attempt beside it (under the same idempotency key). A timer someone else
+    armed is left alone (the step then has none of its own); on prefork the task's hard limit
+    stays the backstop for code that never returns to Python (solo has no hard limit).
     """
+    global _armed
     limit = timeout + settings.SAGA_INLINE_BUDGET
     soft_limit = current_task_timeout() + settings.SAGA_INLINE_BUDGET
     if limit + TIMEOUT_SLACK >= soft_limit or not _alarm_usable():
         yield  # the task's own soft limit is as early: nothing to add
         return
     previous = signal.signal(signal.SIGALRM, _step_overran)
-    signal.setitimer(signal.ITIMER_REAL, limit)
     try:
+        _armed = True
+        signal.setitimer(signal.ITIMER_REAL, limit)
         yield
     finally:
+        # Disowned first: if another exception (Celery's own soft limit) cuts this block
+        # short, an alarm that still comes finds nobody to raise for and is ignored.
+        _armed = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
 
+# Whether a step_deadline() is waiting for its alarm now (one at most: main thread only).
+_armed = False
+
+
 def _step_overran(signum: int, frame: FrameType | None) -> None:
-    raise SoftTimeLimitExceeded("the step ran past its own timeout")
+    if _armed:
+        raise SoftTimeLimitExceeded("the step ran past its own timeout")
 
 
 def _alarm_usable() -> bool:

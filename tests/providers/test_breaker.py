@@ -164,6 +164,22 @@ def test_in_flight_limit_and_a_lost_call_slot_comes_back_after_its_lease():
     assert isinstance(admit("card"), Ticket)
 
 
+def test_a_call_slot_outlives_the_step_that_took_it(settings):
+    """The slot's lease is the calling step's timeout + budget + 5 s: a carrier booking allowed
+    60 s keeps its slot for the whole call (sized from the 30 s default it ran out at 35 s,
+    and a second call could take the slot while the first still ran)."""
+    settings.SAGA_STEP_TIMEOUT = 30.0
+    settings.SAGA_INLINE_BUDGET = 2.0
+    before = timezone.now()
+    ticket = admit("card", 60.0)
+    assert isinstance(ticket, Ticket) and ticket.slot_lease is not None
+    assert ticket.slot_lease - before >= timedelta(seconds=67)
+    assert CallSlot.objects.get(pk=ticket.slot_id).lease_until == ticket.slot_lease
+    default = admit("card")  # a step with the default timeout
+    assert isinstance(default, Ticket) and default.slot_lease is not None
+    assert timedelta(seconds=37) <= default.slot_lease - before < timedelta(seconds=67)
+
+
 def test_rate_limit_per_second(settings):
     settings.SAGA_PROVIDERS = {"card": {**KNOBS, "max_in_flight": 0, "rate": 2}}
     results = [admit("card") for _ in range(3)]

@@ -14,8 +14,9 @@ import time
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
-from sagas import doorbell
-from sagas.definition import SagaDefinition, Step, register, unregister
+from sagas import doorbell, timing
+from sagas.definition import BusinessFailure, SagaDefinition, Step, register, unregister
+from sagas.provider_seam import call_step
 from sagas.timing import (
     doorbell_only,
     lease_seconds,
@@ -151,3 +152,40 @@ def test_no_alarm_off_the_main_thread(settings):
     thread.start()
     thread.join()
     assert seen == [(0.0, 0.0)]
+
+
+def test_an_alarm_after_the_step_ended_is_ignored(settings):
+    """Celery's own soft limit can cut the deadline's clean-up short, leaving the timer armed:
+    its alarm then finds no step waiting for it and raises nowhere."""
+    settings.SAGA_INLINE_BUDGET = 0.0
+    token = _in_task_sized_for(60.0)
+    try:
+        with step_deadline(30.0), pytest.raises(SoftTimeLimitExceeded):
+            timing._step_overran(signal.SIGALRM, None)  # the step's own alarm
+    finally:
+        task_timeout.reset(token)
+    timing._step_overran(signal.SIGALRM, None)  # a stray one, later: nothing happens
+
+
+def test_only_the_step_function_is_timed(settings):
+    """call_step times the function it calls, not its own bookkeeping: a function cut off is a
+    transient failure; a definite answer given in time stays definite."""
+    settings.SAGA_INLINE_BUDGET = 0.0
+    token = _in_task_sized_for(60.0)
+
+    def hangs(ctx):
+        time.sleep(30)
+
+    def declines(ctx):
+        raise BusinessFailure("declined", "no")
+
+    try:
+        with pytest.raises(SoftTimeLimitExceeded):
+            call_step(hangs, None, None, timeout=0.05)
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+        with pytest.raises(BusinessFailure):
+            call_step(declines, None, None, timeout=0.05)
+        assert call_step(lambda ctx: {"ok": True}, None, None, timeout=0.05) == {"ok": True}
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    finally:
+        task_timeout.reset(token)
