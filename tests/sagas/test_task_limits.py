@@ -10,6 +10,8 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
@@ -79,74 +81,67 @@ def test_a_doorbell_carries_the_shared_limits(settings, one_more_type):
     assert doorbell._limits(501.0) == {"soft_time_limit": 501.5, "time_limit": 504.5}
 
 
-def _in_task_sized_for(seconds: float):
-    return task_timeout.set(seconds)
-
-
-def test_a_step_past_its_own_timeout_is_cut_off_inside_a_longer_task(settings):
-    settings.SAGA_INLINE_BUDGET = 0.0
-    token = _in_task_sized_for(60.0)
+@contextmanager
+def in_task_sized_for(seconds: float) -> Iterator[None]:
+    """As inside a task whose limits fit ``seconds``, with no inline budget."""
+    token = task_timeout.set(seconds)
     try:
-        with pytest.raises(SoftTimeLimitExceeded), step_deadline(0.05):
-            time.sleep(30)  # a participant that never answers
+        yield
     finally:
         task_timeout.reset(token)
+
+
+@pytest.fixture
+def no_budget(settings):
+    settings.SAGA_INLINE_BUDGET = 0.0
+
+
+@pytest.mark.usefixtures("no_budget")
+def test_a_step_past_its_own_timeout_is_cut_off_inside_a_longer_task():
+    with in_task_sized_for(60.0), pytest.raises(SoftTimeLimitExceeded), step_deadline(0.05):
+        time.sleep(30)  # a participant that never answers
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # nothing left armed
     assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
 
 
-def test_a_step_within_its_timeout_is_left_alone(settings):
-    settings.SAGA_INLINE_BUDGET = 0.0
-    token = _in_task_sized_for(60.0)
-    try:
-        with step_deadline(30.0):
-            armed = signal.getitimer(signal.ITIMER_REAL)[0]
-        assert 0 < armed <= 30.0  # its own deadline was set while it ran
+@pytest.mark.usefixtures("no_budget")
+def test_a_step_within_its_timeout_is_left_alone():
+    with in_task_sized_for(60.0), step_deadline(30.0):
+        armed = signal.getitimer(signal.ITIMER_REAL)[0]
+    assert 0 < armed <= 30.0  # its own deadline was set while it ran
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+@pytest.mark.usefixtures("no_budget")
+def test_no_alarm_where_the_tasks_own_limit_comes_as_early():
+    with in_task_sized_for(30.0), step_deadline(30.0):
         assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
-    finally:
-        task_timeout.reset(token)
 
 
-def test_no_alarm_where_the_tasks_own_limit_comes_as_early(settings):
-    settings.SAGA_INLINE_BUDGET = 0.0
-    token = _in_task_sized_for(30.0)
-    try:
-        with step_deadline(30.0):
-            assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
-    finally:
-        task_timeout.reset(token)
-
-
-def test_someone_elses_timer_is_left_alone(settings):
-    settings.SAGA_INLINE_BUDGET = 0.0
-    token = _in_task_sized_for(60.0)
+@pytest.mark.usefixtures("no_budget")
+def test_someone_elses_timer_is_left_alone():
     fired: list[int] = []
     previous = signal.signal(signal.SIGALRM, lambda signum, frame: fired.append(signum))
     signal.setitimer(signal.ITIMER_REAL, 100.0)
     try:
-        with step_deadline(1.0):
+        with in_task_sized_for(60.0), step_deadline(1.0):
             pass
         remaining = signal.getitimer(signal.ITIMER_REAL)[0]
         assert 99.0 < remaining <= 100.0  # still theirs, not disarmed
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-        task_timeout.reset(token)
     assert fired == []
 
 
-def test_no_alarm_off_the_main_thread(settings):
+@pytest.mark.usefixtures("no_budget")
+def test_no_alarm_off_the_main_thread():
     """A threads-pool task: signals only reach the main thread, so no alarm is set."""
-    settings.SAGA_INLINE_BUDGET = 0.0
     seen: list[tuple[float, float]] = []
 
     def task() -> None:
-        token = _in_task_sized_for(60.0)
-        try:
-            with step_deadline(1.0):
-                seen.append(signal.getitimer(signal.ITIMER_REAL))
-        finally:
-            task_timeout.reset(token)
+        with in_task_sized_for(60.0), step_deadline(1.0):
+            seen.append(signal.getitimer(signal.ITIMER_REAL))
 
     thread = threading.Thread(target=task)
     thread.start()
@@ -154,24 +149,19 @@ def test_no_alarm_off_the_main_thread(settings):
     assert seen == [(0.0, 0.0)]
 
 
-def test_an_alarm_after_the_step_ended_is_ignored(settings):
+@pytest.mark.usefixtures("no_budget")
+def test_an_alarm_after_the_step_ended_is_ignored():
     """Celery's own soft limit can cut the deadline's clean-up short, leaving the timer armed:
     its alarm then finds no step waiting for it and raises nowhere."""
-    settings.SAGA_INLINE_BUDGET = 0.0
-    token = _in_task_sized_for(60.0)
-    try:
-        with step_deadline(30.0), pytest.raises(SoftTimeLimitExceeded):
-            timing._step_overran(signal.SIGALRM, None)  # the step's own alarm
-    finally:
-        task_timeout.reset(token)
+    with in_task_sized_for(60.0), step_deadline(30.0), pytest.raises(SoftTimeLimitExceeded):
+        timing._step_overran(signal.SIGALRM, None)  # the step's own alarm
     timing._step_overran(signal.SIGALRM, None)  # a stray one, later: nothing happens
 
 
-def test_only_the_step_function_is_timed(settings):
+@pytest.mark.usefixtures("no_budget")
+def test_only_the_step_function_is_timed():
     """call_step times the function it calls, not its own bookkeeping: a function cut off is a
     transient failure; a definite answer given in time stays definite."""
-    settings.SAGA_INLINE_BUDGET = 0.0
-    token = _in_task_sized_for(60.0)
 
     def hangs(ctx):
         time.sleep(30)
@@ -179,7 +169,7 @@ def test_only_the_step_function_is_timed(settings):
     def declines(ctx):
         raise BusinessFailure("declined", "no")
 
-    try:
+    with in_task_sized_for(60.0):
         with pytest.raises(SoftTimeLimitExceeded):
             call_step(hangs, None, None, timeout=0.05)
         assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
@@ -187,5 +177,3 @@ def test_only_the_step_function_is_timed(settings):
             call_step(declines, None, None, timeout=0.05)
         assert call_step(lambda ctx: {"ok": True}, None, None, timeout=0.05) == {"ok": True}
         assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
-    finally:
-        task_timeout.reset(token)
