@@ -49,7 +49,8 @@ def _limits(timeout: float | None) -> dict[str, float]:
     """Message options giving a task the time limits of a step with ``timeout``, or of the
     longest step any task may meet (:func:`~sagas.timing.task_step_timeout`) if that is longer;
     none when that is the default timeout (the task's annotations already say so)."""
-    sized = task_step_timeout() if timeout is None else max(timeout, task_step_timeout())
+    shared = task_step_timeout()
+    sized = shared if timeout is None else max(timeout, shared)
     if sized == settings.SAGA_STEP_TIMEOUT:
         return {}
     soft, hard = task_time_limits(sized)

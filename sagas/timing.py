@@ -7,6 +7,7 @@ so the three agree on what "this step may take T seconds" means.
 
 from __future__ import annotations
 
+import functools
 import random
 import signal
 import sys
@@ -87,20 +88,15 @@ def doorbell_only(timeout: float | None) -> bool:
     return timeout is not None and timeout > task_step_timeout() + TIMEOUT_SLACK
 
 
-_longest_cache: tuple[int, list[float]] = (-1, [])
-
-
 def _longest_registered_step() -> list[float]:
     """Every distinct step timeout the registered definitions set (kept until they change)."""
-    global _longest_cache
-    cached_at, timeouts = _longest_cache
-    now = registry_generation()  # read before the registry: a change meanwhile is seen next time
-    if cached_at != now:
-        timeouts = sorted(
-            {s.timeout for d in registered_definitions() for s in d.steps if s.timeout}
-        )
-        _longest_cache = (now, timeouts)
-    return timeouts
+    return _step_timeouts(registry_generation())
+
+
+@functools.lru_cache(maxsize=1)
+def _step_timeouts(generation: int) -> list[float]:
+    # The generation is read before the registry: a change meanwhile is seen at the next call.
+    return sorted({s.timeout for d in registered_definitions() for s in d.steps if s.timeout})
 
 
 # The step timeout the running task was sent for (None: not in a task; see current_task_timeout).

@@ -8,8 +8,8 @@ process, on pytest's main thread, which is where a prefork pool process runs its
 from __future__ import annotations
 
 import signal
+import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -91,6 +91,15 @@ def in_task_sized_for(seconds: float) -> Iterator[None]:
         task_timeout.reset(token)
 
 
+def never_answers(ctx=None) -> None:
+    """A participant whose provider never answers: a read on a socket nobody writes to. The
+    socket's own timeout only bounds a test whose alarm failed; the alarm interrupts the read."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.settimeout(30)
+        ours.recv(1)
+
+
 @pytest.fixture
 def no_budget(settings):
     settings.SAGA_INLINE_BUDGET = 0.0
@@ -99,7 +108,7 @@ def no_budget(settings):
 @pytest.mark.usefixtures("no_budget")
 def test_a_step_past_its_own_timeout_is_cut_off_inside_a_longer_task():
     with in_task_sized_for(60.0), pytest.raises(SoftTimeLimitExceeded), step_deadline(0.05):
-        time.sleep(30)  # a participant that never answers
+        never_answers()
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # nothing left armed
     assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
 
@@ -163,15 +172,12 @@ def test_only_the_step_function_is_timed():
     """call_step times the function it calls, not its own bookkeeping: a function cut off is a
     transient failure; a definite answer given in time stays definite."""
 
-    def hangs(ctx):
-        time.sleep(30)
-
     def declines(ctx):
         raise BusinessFailure("declined", "no")
 
     with in_task_sized_for(60.0):
         with pytest.raises(SoftTimeLimitExceeded):
-            call_step(hangs, None, None, timeout=0.05)
+            call_step(never_answers, None, None, timeout=0.05)
         assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
         with pytest.raises(BusinessFailure):
             call_step(declines, None, None, timeout=0.05)
