@@ -232,20 +232,70 @@ def _wait(
     return Wait(provider, delay + random.uniform(0.05, max(cfg.release_spread, 0.05)), state)
 
 
-def held_back(provider: str) -> Wait | None:
-    """A :class:`Wait` if the provider's breaker is not closed now, else ``None``.
+def held_back(
+    provider: str,
+    *,
+    generation: int = 0,
+    since: Callable[[], datetime | None] | None = None,
+) -> Wait | None:
+    """A :class:`Wait` if the provider is failing now, else ``None``.
 
     Asked after a saga's last attempt failed: if the breaker opened meanwhile (maybe on this
     very failure), the failures were the outage's, and the saga waits for the provider instead
     of compensating or escalating.
+
+    ``since`` (given for a last attempt, not for a canary): when the saga's previous attempt at
+    the step ended (``None``: no earlier attempt). With it, a breaker still closed holds the
+    saga back too if the calls since then failed at ``failure_rate`` or more, at least
+    :data:`FAILING_MIN` of them: the outage may have begun a moment ago, its first failures not
+    yet enough for the breaker, which needs ``min_calls`` of them in its last
+    :data:`RECENT_SECONDS` seconds or half a window of them among earlier successes. Without
+    this, a saga whose attempts straddled the start of an outage (spent on the window's ordinary
+    faults, then on the outage, more than two seconds apart) was cancelled a moment before the
+    breaker opened. The saga then tries once more after a cool-down; ``generation`` (its
+    ticket's) counts only calls admitted since the breaker last closed. ``since`` is asked only
+    while the breaker is closed: it costs the caller a read.
     """
     row = (
         Breaker.objects.filter(provider=provider).values_list("state", "probe_at", "forced").first()
     )
-    if row is None or row[0] == BreakerState.CLOSED:
+    if row is None:
         return None
+    if row[0] == BreakerState.CLOSED:
+        if since is None:
+            return None
+        cfg = provider_config(provider)
+        if not failing_since(provider, generation, since(), cfg):
+            return None
+        metrics.PARKED.labels(provider, "failing").inc()
+        spread = random.uniform(0.05, max(cfg.release_spread, 0.05))
+        return Wait(provider, _cooldown(cfg).total_seconds() + spread, "failing")
     metrics.PARKED.labels(provider, row[0]).inc()
     return _wait(provider, provider_config(provider), row[0], row[1], row[2], timezone.now())
+
+
+#: Failed calls a closed breaker's provider must have had since a saga's previous attempt for
+#: that saga's failed last attempt to be held back: its own two, and one at least of another's.
+FAILING_MIN = 3
+
+
+def failing_since(
+    provider: str, generation: int, since: datetime | None, cfg: ProviderConfig | None = None
+) -> bool:
+    """Did the provider's calls since ``since`` (at most a window ago) fail at ``failure_rate``
+    or more, :data:`FAILING_MIN` at least? ``None``: the last :data:`RECENT_SECONDS` seconds."""
+    cfg = cfg or provider_config(provider)
+    now = timezone.now()
+    earliest = now - timedelta(seconds=cfg.window)
+    if since is None:
+        start = now - timedelta(seconds=RECENT_SECONDS)
+    else:  # a second earlier: a call's outcome is counted just before its record is written
+        start = max(since - timedelta(seconds=1), earliest)
+    totals = HealthBucket.objects.filter(
+        provider=provider, generation=generation, second__gte=int(start.timestamp())
+    ).aggregate(ok=Sum("ok"), failed=Sum("failed"))
+    ok, failed = totals["ok"] or 0, totals["failed"] or 0
+    return failed >= FAILING_MIN and failed / (ok + failed) >= cfg.failure_rate
 
 
 def _cooldown(cfg: ProviderConfig) -> timedelta:

@@ -21,7 +21,8 @@ TRANSITIONS = Counter(
 )
 PARKED = Counter(
     "provider_parked_total",
-    "Times a saga was parked instead of calling a provider whose breaker was not closed",
+    "Times a saga was parked for a provider: its breaker not closed (state open or "
+    "half_open), or failing before it opened (state failing)",
     ["provider", "state"],
 )
 CANARIES = Counter(
