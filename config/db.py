@@ -10,8 +10,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from django.db import DatabaseError, connection, connections, models, transaction
+from django.db import DatabaseError, connection, connections, models, router, transaction
 from django.db.models import Field, Model, QuerySet
+from django.db.models.constants import OnConflict
 from django.db.models.query import ValuesListIterable
 
 M = TypeVar("M", bound=Model)
@@ -28,6 +29,35 @@ def savepoint_if_nested() -> AbstractContextManager[object]:
     if connection.in_atomic_block:
         return transaction.atomic()
     return contextlib.nullcontext()
+
+
+def insert_unless_taken(obj: Model) -> bool:
+    """``INSERT`` ``obj`` unless a unique value of it is taken already: ``True`` if it was.
+
+    ``INSERT ... ON CONFLICT DO NOTHING``: a participant keyed by idempotency key inserts its
+    row first instead of reading the key first, one round trip where a first call took two (a
+    read that found nothing, then the insert); a repeat, or a tombstone left under the key,
+    inserts nothing, and the caller reads what is there. No error either, so no savepoint is
+    needed inside a transaction. A row with the same key that another transaction has written
+    but not committed makes this wait for that transaction's end, as the unique index makes
+    a plain ``INSERT`` wait, and then the row is there to read (or, rolled back, ours went in).
+    Any unique constraint counts, not only the key's: a caller that finds nothing under its
+    key afterwards met another one. Sends no ``post_save``, like ``bulk_create``.
+    """
+    meta = obj._meta
+    fields = [f for f in meta.concrete_fields if not f.generated]
+    rows = meta.base_manager._insert(  # type: ignore[attr-defined]
+        [obj],
+        fields=fields,
+        returning_fields=[meta.pk],
+        on_conflict=OnConflict.IGNORE,
+        using=router.db_for_write(type(obj), instance=obj),
+    )
+    inserted = bool(rows) and rows[0] is not None
+    if inserted:
+        obj._state.adding = False
+        obj._state.db = router.db_for_write(type(obj), instance=obj)
+    return inserted
 
 
 def _plan_went_stale(exc: BaseException) -> bool:

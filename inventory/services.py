@@ -1,6 +1,6 @@
 """Holding, giving back and selling stock, each safe to repeat and to race.
 
-Reserve never takes a long lock: each line is one conditional ``UPDATE`` that only succeeds
+Reserve never takes a long lock: each line's hold is a conditional ``UPDATE`` that only succeeds
 while enough stock is free, so two orders for the last unit cannot both get it and neither waits
 on the other's network calls. Lines are always touched in sku order so two reservations over the
 same products cannot deadlock. The reservation row, keyed by the saga step's forward key, is
@@ -17,7 +17,7 @@ from typing import Any
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from config.db import RowBy, ValuesBy
+from config.db import RowBy, ValuesBy, insert_unless_taken
 from inventory.errors import (
     OutOfStock,
     ReservationNotFound,
@@ -26,7 +26,7 @@ from inventory.errors import (
 )
 from inventory.models import Product, Reservation, ReservationLine, ReservationStatus
 from sagas.faults import fault_point
-from sagas.transactions import in_step_transaction, step_atomic
+from sagas.transactions import step_atomic
 
 # Every call reads a reservation by its key: the SQL is built once (config.db.RowBy).
 _reservation = RowBy(Reservation.objects.all(), "key")
@@ -45,26 +45,21 @@ def reservation_reserve(
     wanted = _normalise_lines(lines)
     order_uuid = None if order_id is None else uuid.UUID(str(order_id))
 
-    existing = _reservation(key)
-    if existing is not None:
-        return _replay(existing)
-    joined = in_step_transaction()
-    try:
-        with step_atomic():
-            # Inserted first: a concurrent reserve with this key (or a release writing its
-            # tombstone) blocks on the unique index until this transaction ends.
-            reservation = Reservation.objects.create(key=key, order_id=order_uuid)
+    with step_atomic():
+        # Inserted first, before any stock is held: a concurrent reserve with this key (or a
+        # release writing its tombstone) waits on the unique index until this transaction
+        # ends. The key is read only when it is taken (a repeat, a race lost, a tombstone):
+        # one round trip for a first call, not two.
+        reservation = Reservation(key=key, order_id=order_uuid)
+        inserted = insert_unless_taken(reservation)
+        if inserted:
             _hold(reservation, wanted)
-    except IntegrityError:
-        if joined:
-            # Inside a transactional step, which now rolls back whole: its retry replays what
-            # the other writer of this key left.
-            raise
-        existing = _reservation(key)
-        if existing is None:
-            raise
-        return _replay(existing)
-    return _result(reservation, list(wanted.items()))
+    if inserted:
+        return _result(reservation, list(wanted.items()))
+    existing = _reservation(key)
+    if existing is None:  # cannot happen: the key is the only unique value
+        raise IntegrityError(f"reservation under {key!r}: a unique value is taken")
+    return _replay(existing)
 
 
 @fault_point("inventory.release")
@@ -145,22 +140,29 @@ def _normalise_lines(lines: Iterable[Sequence[Any]]) -> dict[str, int]:
 
 
 def _hold(reservation: Reservation, wanted: dict[str, int]) -> None:
-    """One conditional update per line; the first line that does not fit undoes them all.
+    """Every line held by conditional updates; the first line that does not fit undoes them all.
 
-    Each update returns the product's id for the reservation's line, so the products are not
-    looked up first: one round trip per line, not one more per reservation.
+    The updates return the products' ids for the reservation's lines, so the products are not
+    looked up first. On PostgreSQL one statement holds every line (:func:`_hold_all_sql`): one
+    round trip per reservation instead of one per line.
     """
-    sql = _hold_sql()
     now = _now_for_db()
-    product_ids = {}
+    product_ids: dict[str, int] = {}
     with connection.cursor() as cursor:
-        for sku, quantity in wanted.items():
-            cursor.execute(sql, [quantity, now, sku, quantity])
-            row = cursor.fetchone()
-            if row is None:
-                found = Product.objects.filter(sku=sku).first()
-                raise OutOfStock(sku, quantity, None if found is None else found.available)
-            product_ids[sku] = row[0]
+        if connection.vendor == "postgresql":
+            cursor.execute(_hold_all_sql(), [list(wanted), list(wanted.values()), now])
+            product_ids = {sku: product_id for product_id, sku in cursor.fetchall()}
+        else:
+            for sku, quantity in wanted.items():
+                cursor.execute(_hold_sql(), [quantity, now, sku, quantity])
+                row = cursor.fetchone()
+                if row is None:
+                    break
+                product_ids[sku] = row[0]
+    for sku, quantity in wanted.items():  # in sku order: the first line that did not fit
+        if sku not in product_ids:
+            found = Product.objects.filter(sku=sku).first()
+            raise OutOfStock(sku, quantity, None if found is None else found.available)
     ReservationLine.objects.bulk_create(
         ReservationLine(reservation=reservation, product_id=product_ids[sku], quantity=quantity)
         for sku, quantity in wanted.items()
@@ -178,6 +180,41 @@ def _hold_sql() -> str:
     )
 
 
+@functools.cache
+def _locked_lines() -> str:
+    """The CTEs ``w`` (the lines: ``sku``, ``qty``, from two arrays) and ``l`` (each line's
+    product ``id`` and ``qty``), the products' rows locked in sku order.
+
+    Every writer of several products locks them in sku order, so two reservations over the same
+    products cannot deadlock. One ``UPDATE ... FROM`` would lock its rows in whatever order the
+    planner joins them; ``ORDER BY ... FOR UPDATE`` locks them as it sorts, and ``MATERIALIZED``
+    keeps the planner from folding it into the update.
+    """
+    table, column = _product_columns()
+    sku = column["sku"]
+    return (
+        "WITH w AS MATERIALIZED (SELECT * FROM unnest(%s::text[], %s::int[]) AS w(sku, qty)), "
+        f"l AS MATERIALIZED (SELECT p.{column['id']} AS id, w.qty FROM {table} p "
+        f"JOIN w ON p.{sku} = w.sku ORDER BY p.{sku} FOR UPDATE OF p)"
+    )
+
+
+@functools.cache
+def _hold_all_sql() -> str:
+    """Every line's conditional hold in one statement (PostgreSQL), returning ``(id, sku)`` of
+    each line that fit (the rows locked first, see :func:`_locked_lines`). A line short of
+    stock is simply not updated, and the caller, finding it missing, rolls the others back."""
+    table, column = _product_columns()
+    sku, reserved = column["sku"], column["reserved"]
+    return (
+        f"{_locked_lines()} "
+        f"UPDATE {table} p SET {reserved} = p.{reserved} + l.qty, {column['updated_at']} = %s "
+        f"FROM l WHERE p.{column['id']} = l.id "
+        f"AND p.{column['stock_on_hand']} - p.{reserved} >= l.qty "
+        f"RETURNING p.{column['id']}, p.{sku}"
+    )
+
+
 _lines = ValuesBy(
     ReservationLine.objects.order_by("product__sku").values_list("product__sku", "quantity"),
     "reservation",
@@ -185,11 +222,17 @@ _lines = ValuesBy(
 
 
 def _settle(lines: list[tuple[str, int]], *, sold: bool) -> None:
-    """Each line's held units given back (a release) or sold (a commit), in sku order: one
-    ``UPDATE`` per line, its text built once."""
-    sql = _settle_sql(sold)
+    """Each line's held units given back (a release) or sold (a commit), in sku order: on
+    PostgreSQL one ``UPDATE`` for every line (:func:`_settle_all_sql`), elsewhere one per line."""
+    if not lines:
+        return
     now = _now_for_db()
     with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            skus = [sku for sku, _ in lines]
+            cursor.execute(_settle_all_sql(sold), [skus, [q for _, q in lines], now])
+            return
+        sql = _settle_sql(sold)
         for sku, quantity in lines:
             cursor.execute(sql, [quantity, quantity, now, sku] if sold else [quantity, now, sku])
 
@@ -202,6 +245,17 @@ def _settle_sql(sold: bool) -> str:
     if sold:
         sets = f"{column['stock_on_hand']} = {column['stock_on_hand']} - %s, {sets}"
     return f"UPDATE {table} SET {sets} WHERE {column['sku']} = %s"
+
+
+@functools.cache
+def _settle_all_sql(sold: bool) -> str:
+    """Every line's settlement in one statement (PostgreSQL), see :func:`_locked_lines`."""
+    table, column = _product_columns()
+    reserved, on_hand = column["reserved"], column["stock_on_hand"]
+    sets = f"{reserved} = p.{reserved} - l.qty, {column['updated_at']} = %s"
+    if sold:
+        sets = f"{on_hand} = p.{on_hand} - l.qty, {sets}"
+    return f"{_locked_lines()} UPDATE {table} p SET {sets} FROM l WHERE p.{column['id']} = l.id"
 
 
 def _now_for_db() -> Any:

@@ -1,8 +1,9 @@
 """A fake carrier: arranging and cancelling shipments, each safe to repeat and to race.
 
-The shipment row, keyed by the saga step's forward key, is the whole trick: a repeat finds it,
-a racing arrange with the same key waits on its unique index and then finds it, and a cancel
-that gets there before the arrange writes it as a tombstone so the arrange is refused.
+The shipment row, keyed by the saga step's forward key, is the whole trick: a repeat finds it
+under its key, a racing arrange with the same key waits on its unique index and then finds
+it, and a cancel that gets there before the arrange writes it as a tombstone so the arrange
+is refused.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 
-from config.db import RowBy, savepoint_if_nested
+from config.db import RowBy, insert_unless_taken
 from sagas.faults import fault_point
 from shipping.errors import ShipmentRefused, ShippingUnavailable
 from shipping.models import Shipment, ShipmentStatus
@@ -44,27 +45,25 @@ def shipment_arrange(*, key: str, order_id: uuid.UUID | str, country: str) -> di
     if len(country) != 2 or not country.isalpha():
         raise ValueError(f"country must be an ISO 3166-1 alpha-2 code, got {country!r}")
 
-    shipment = _shipment(key)
-    if shipment is None:
-        fields: dict[str, Any]
-        if country in UNSERVED_COUNTRIES:
-            fields = {"status": ShipmentStatus.REFUSED}
-        else:
-            carrier = carrier_for(country)
-            fields = {
-                "status": ShipmentStatus.ARRANGED,
-                "carrier": carrier,
-                "tracking_number": f"{carrier.upper()}{uuid.uuid4().hex[:16].upper()}",
-            }
-        try:
-            with savepoint_if_nested():
-                shipment = Shipment.objects.create(
-                    key=key, order_id=order_uuid, country=country, **fields
-                )
-        except IntegrityError:
-            # Another arrange with this key, or a cancel's tombstone, committed first.
-            shipment = Shipment.objects.get(key=key)
-    return _replay(shipment)
+    fields: dict[str, Any]
+    if country in UNSERVED_COUNTRIES:
+        fields = {"status": ShipmentStatus.REFUSED}
+    else:
+        carrier = carrier_for(country)
+        fields = {
+            "status": ShipmentStatus.ARRANGED,
+            "carrier": carrier,
+            "tracking_number": f"{carrier.upper()}{uuid.uuid4().hex[:16].upper()}",
+        }
+    shipment = Shipment(key=key, order_id=order_uuid, country=country, **fields)
+    # Inserted first, read only if the key is taken: a repeat, another arrange with this key,
+    # or a cancel's tombstone got there first (one round trip for a first call, not two).
+    if insert_unless_taken(shipment):
+        return _replay(shipment)
+    existing = _shipment(key)
+    if existing is None:  # another unique value (a tracking number) was taken
+        raise IntegrityError(f"shipment under {key!r}: a unique value is taken")
+    return _replay(existing)
 
 
 @fault_point("shipping.cancel")

@@ -7,7 +7,8 @@ import uuid
 from decimal import Decimal
 
 import pytest
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
+from django.test.utils import CaptureQueriesContext
 
 from inventory.errors import (
     OutOfStock,
@@ -77,6 +78,40 @@ def test_reserve_holds_every_line_in_sku_order(catalog):
     reservation = Reservation.objects.get(id=result["reservation_id"])
     assert reservation.order_id == order_id
     assert json.loads(json.dumps(result)) == result
+
+
+def test_every_line_is_held_and_settled_by_one_statement_on_the_products(catalog):
+    """Three lines, one round trip to the products for the hold, one for the sale, one for
+    the release: a statement per line would cost a round trip per line on every order."""
+
+    def product_updates(call):
+        with CaptureQueriesContext(connection) as queries:
+            call()
+        return [q["sql"] for q in queries if 'UPDATE "inventory_product"' in q["sql"]]
+
+    three = [("apple", 1), ("banana", 1), ("cherry", 1)]
+    assert len(product_updates(lambda: reserve(key="k", lines=three))) == 1
+    assert len(product_updates(lambda: reservation_commit(key="k:c", forward_key="k"))) == 1
+    assert len(product_updates(lambda: reserve(key="j", lines=three[:2]))) == 1
+    assert len(product_updates(lambda: reservation_release(key="j:r", forward_key="j"))) == 1
+    assert stock("apple") == (4, 0) and stock("banana") == (2, 0) and stock("cherry") == (0, 0)
+
+
+def test_a_first_reserve_does_not_read_its_key_before_inserting(catalog):
+    """The reservation is inserted first and its key read only when taken: a first call
+    (every order's) sends no read of the reservations, a repeat reads what the first left."""
+
+    def reservation_reads(call):
+        with CaptureQueriesContext(connection) as queries:
+            answer = call()
+        reads = [q for q in queries if q["sql"].startswith('SELECT "inventory_reservation"."id"')]
+        return answer, len(reads)
+
+    first, reads = reservation_reads(lambda: reserve(key="k", lines=[("apple", 1)]))
+    assert reads == 0
+    again, reads = reservation_reads(lambda: reserve(key="k", lines=[("apple", 1)]))
+    assert (again, reads) == (first, 1)
+    assert stock("apple") == (5, 1)
 
 
 def test_reserve_merges_repeated_skus(catalog):

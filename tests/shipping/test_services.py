@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from shipping.errors import ShipmentRefused, ShippingUnavailable
 from shipping.models import Shipment, ShipmentStatus
@@ -58,6 +59,19 @@ def test_repeated_arrange_returns_the_first_shipment():
     """The same key again books nothing new and answers as the first time."""
     first = arrange()
     assert arrange() == first
+    assert Shipment.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_a_first_arrange_is_one_statement_and_a_repeat_reads_what_the_first_left():
+    """The row is inserted first and the key read only when it is taken: a first call (every
+    order's) costs one round trip, not a read that finds nothing and then the insert."""
+    with CaptureQueriesContext(connection) as first_call:
+        first = arrange()
+    assert [q["sql"].split(" ", 1)[0] for q in first_call] == ["INSERT"]
+    with CaptureQueriesContext(connection) as repeat:
+        assert arrange() == first
+    assert [q["sql"].split(" ", 1)[0] for q in repeat] == ["INSERT", "SELECT"]
     assert Shipment.objects.count() == 1
 
 
