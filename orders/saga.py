@@ -147,11 +147,15 @@ def decide_fraud_review(ctx: StepContext) -> dict:
 
 # -- 4. money taken ------------------------------------------------------------------------
 def capture_payment(ctx: StepContext) -> dict:
+    # The authorize step's own answer names the authorization: no need to ask the provider
+    # what the authorize did (a call more per order).
+    authorized = ctx.results.get("authorize_payment") or {}
     with _business_failures():
         result = payments.payment_capture(
             key=ctx.idempotency_key,
             order_id=ctx.data["order_id"],
             authorize_key=forward_key(ctx.saga_id, "authorize_payment"),
+            authorization_id=authorized.get("authorization_id"),
         )
     return _json(result)
 

@@ -80,24 +80,36 @@ def payment_authorize(
 
 
 @fault_point("payments.capture")
-def payment_capture(*, key: str, order_id: uuid.UUID | str, authorize_key: str) -> dict[str, Any]:
+def payment_capture(
+    *,
+    key: str,
+    order_id: uuid.UUID | str,
+    authorize_key: str,
+    authorization_id: str | None = None,
+) -> dict[str, Any]:
     """Take the money held by the authorization made under ``authorize_key``.
+
+    ``authorization_id``: that authorization's id, when the caller holds the authorize's own
+    answer (the order saga keeps it in the step's result); without it, the provider is asked
+    what the request under ``authorize_key`` did, a call more.
 
     Raises :class:`PaymentDeclined` if the provider refuses (or nothing was authorized).
     """
     order_uuid = uuid.UUID(str(order_id))
     provider = get_provider()
-    authorization = provider.lookup(authorize_key)
-    if authorization is None or not authorization["took_effect"]:
-        raise PaymentDeclined(
-            "no_authorization", f"nothing was authorized under {authorize_key!r} to capture"
-        )
-    if authorization["reference"] != str(order_uuid):
-        raise PaymentStateConflict(
-            f"the authorization under {authorize_key!r} belongs to another order"
-        )
+    if authorization_id is None:
+        authorization = provider.lookup(authorize_key)
+        if authorization is None or not authorization["took_effect"]:
+            raise PaymentDeclined(
+                "no_authorization", f"nothing was authorized under {authorize_key!r} to capture"
+            )
+        if authorization["reference"] != str(order_uuid):
+            raise PaymentStateConflict(
+                f"the authorization under {authorize_key!r} belongs to another order"
+            )
+        authorization_id = authorization["authorization_id"]
     try:
-        response = provider.capture(key=key, authorization_id=authorization["authorization_id"])
+        response = provider.capture(key=key, authorization_id=authorization_id)
     except PaymentDeclined as exc:
         Payment.objects.filter(order_id=order_uuid).update(decline_code=exc.decline_code)
         raise

@@ -7,6 +7,8 @@ import uuid
 from decimal import Decimal
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from payments.errors import (
     PaymentDeclined,
@@ -145,6 +147,22 @@ def test_capture_of_another_orders_authorization_is_refused(order_id):
     authorize(order_id)
     with pytest.raises(PaymentStateConflict):
         payment_capture(key=CAPTURE, order_id=uuid.uuid4(), authorize_key=AUTH)
+
+
+def test_capture_given_the_authorizations_id_does_not_ask_the_provider_about_the_authorize(
+    order_id,
+):
+    """The order saga holds the authorize's answer: its authorization is captured as named,
+    and the provider is not asked what the authorize key did (a call fewer per order)."""
+    authorization_id = authorize(order_id)["authorization_id"]
+    with CaptureQueriesContext(connection) as queries:
+        result = payment_capture(
+            key=CAPTURE, order_id=order_id, authorize_key=AUTH, authorization_id=authorization_id
+        )
+    assert result["authorization_id"] == authorization_id and result["amount"] == "49.90"
+    assert payment(order_id).status == "captured"
+    looked_up = [q for q in queries if "provideroperation" in q["sql"] and AUTH in q["sql"]]
+    assert looked_up == []
 
 
 def test_void_releases_the_hold(order_id):
