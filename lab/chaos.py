@@ -101,8 +101,8 @@ KNOBS = {
     # the outage before ten failures were seen, and it was cancelled for step_failed (a smoke
     # run at 1.1 orders/s, 2026-12-03). With 5 (= SAGA_MAX_ATTEMPTS) its own failures open
     # the breaker by its last attempt, which then parks instead (and a last attempt after
-    # attempts spread wider, failing with the calls since its previous one, parks for a
-    # cool-down: providers.breaker.held_back); the recent check still needs
+    # attempts spread wider, failing with the provider's most recent calls, parks for a
+    # cool-down: providers.breaker.failing_now); the recent check still needs
     # half the calls of those two seconds failed, which the injected faults (about one call in
     # six) reach only by a rare fluke, and then the breaker is open for a cool-down, no more.
     "SAGA_PROVIDERS": json.dumps(

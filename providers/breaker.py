@@ -232,29 +232,21 @@ def _wait(
     return Wait(provider, delay + random.uniform(0.05, max(cfg.release_spread, 0.05)), state)
 
 
-def held_back(
-    provider: str,
-    *,
-    generation: int = 0,
-    since: Callable[[], datetime | None] | None = None,
-) -> Wait | None:
+def held_back(provider: str, *, generation: int | None = None) -> Wait | None:
     """A :class:`Wait` if the provider is failing now, else ``None``.
 
     Asked after a saga's last attempt failed: if the breaker opened meanwhile (maybe on this
     very failure), the failures were the outage's, and the saga waits for the provider instead
     of compensating or escalating.
 
-    ``since`` (given for a last attempt, not for a canary): when the saga's previous attempt at
-    the step ended (``None``: no earlier attempt). With it, a breaker still closed holds the
-    saga back too if the calls since then failed at ``failure_rate`` or more, at least
-    :data:`FAILING_MIN` of them: the outage may have begun a moment ago, its first failures not
+    ``generation`` (the failed call's ticket's; given for a last attempt, not for a canary):
+    with it, a breaker still closed holds the saga back too if the provider's most recent calls
+    are failing (:func:`failing_now`). The outage may have begun a moment ago, its failures not
     yet enough for the breaker, which needs ``min_calls`` of them in its last
-    :data:`RECENT_SECONDS` seconds or half a window of them among earlier successes. Without
-    this, a saga whose attempts straddled the start of an outage (spent on the window's ordinary
-    faults, then on the outage, more than two seconds apart) was cancelled a moment before the
-    breaker opened. The saga then tries once more after a cool-down; ``generation`` (its
-    ticket's) counts only calls admitted since the breaker last closed. ``since`` is asked only
-    while the breaker is closed: it costs the caller a read.
+    :data:`RECENT_SECONDS` seconds, or half a window of them among the earlier successes.
+    Without this, a saga whose attempts straddled the start of an outage (some spent on
+    ordinary faults before it, the last on it) was cancelled a moment before the breaker
+    opened. The saga then tries once more after a cool-down.
     """
     row = (
         Breaker.objects.filter(provider=provider).values_list("state", "probe_at", "forced").first()
@@ -262,10 +254,10 @@ def held_back(
     if row is None:
         return None
     if row[0] == BreakerState.CLOSED:
-        if since is None:
+        if generation is None:
             return None
         cfg = provider_config(provider)
-        if not failing_since(provider, generation, since(), cfg):
+        if not failing_now(provider, generation, cfg):
             return None
         metrics.PARKED.labels(provider, "failing").inc()
         spread = random.uniform(0.05, max(cfg.release_spread, 0.05))
@@ -274,28 +266,38 @@ def held_back(
     return _wait(provider, provider_config(provider), row[0], row[1], row[2], timezone.now())
 
 
-#: Failed calls a closed breaker's provider must have had since a saga's previous attempt for
-#: that saga's failed last attempt to be held back: its own two, and one at least of another's.
+#: Failed calls a closed breaker's provider must have had lately for a saga's failed last
+#: attempt to be held back (:func:`failing_now`): more than one saga's last two attempts.
 FAILING_MIN = 3
 
 
-def failing_since(
-    provider: str, generation: int, since: datetime | None, cfg: ProviderConfig | None = None
-) -> bool:
-    """Did the provider's calls since ``since`` (at most a window ago) fail at ``failure_rate``
-    or more, :data:`FAILING_MIN` at least? ``None``: the last :data:`RECENT_SECONDS` seconds."""
+def failing_now(provider: str, generation: int, cfg: ProviderConfig | None = None) -> bool:
+    """Are the provider's most recent calls failing, though its breaker has not opened?
+
+    True if some stretch of its health window that ends now holds :data:`FAILING_MIN` failed
+    calls or more, failing at ``failure_rate`` or more: counted back from now, second by
+    second, so the start of an outage shows however many successes came before it, and a
+    stretch is judged as soon as it holds enough failures, ``min_calls`` or not. A provider
+    that answers others' calls between a saga's failures is not failing: every stretch with
+    enough failures holds those successes too. ``generation``: calls admitted since the
+    breaker last closed.
+    """
     cfg = cfg or provider_config(provider)
     now = timezone.now()
-    earliest = now - timedelta(seconds=cfg.window)
-    if since is None:
-        start = now - timedelta(seconds=RECENT_SECONDS)
-    else:  # a second earlier: a call's outcome is counted just before its record is written
-        start = max(since - timedelta(seconds=1), earliest)
-    totals = HealthBucket.objects.filter(
-        provider=provider, generation=generation, second__gte=int(start.timestamp())
-    ).aggregate(ok=Sum("ok"), failed=Sum("failed"))
-    ok, failed = totals["ok"] or 0, totals["failed"] or 0
-    return failed >= FAILING_MIN and failed / (ok + failed) >= cfg.failure_rate
+    buckets = (
+        HealthBucket.objects.filter(
+            provider=provider, generation=generation, second__gte=int(now.timestamp() - cfg.window)
+        )
+        .order_by("-second")
+        .values_list("ok", "failed")
+    )
+    calls = failed = 0
+    for ok_n, failed_n in buckets:
+        calls += ok_n + failed_n
+        failed += failed_n
+        if failed >= FAILING_MIN and failed / calls >= cfg.failure_rate:
+            return True
+    return False
 
 
 def _cooldown(cfg: ProviderConfig) -> timedelta:

@@ -8,7 +8,6 @@ called as they are.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from django.db import DataError, IntegrityError
@@ -17,7 +16,7 @@ from django.db.transaction import TransactionManagementError
 from providers import breaker as provider_breaker
 from providers.config import breakers_enabled
 from sagas.definition import BusinessFailure, ProviderAnswered, Step, StepContext, StepFunction
-from sagas.models import Saga, SagaStep
+from sagas.models import Saga
 from sagas.store import Record, StepTransaction
 from sagas.timing import step_deadline, step_timeout
 from sagas.transactions import StepTransactionSpoiled, spoiled
@@ -133,11 +132,11 @@ def held_back(
       while the provider is still down. If the round closed the breaker anyway (the other
       canaries got through), the failure is the request's own and counts as usual.
     - **The last attempt failed and the provider is failing**: its breaker is open now, maybe
-      opened by this very failure, or still closed but the calls since the saga's previous
-      attempt failed at its failure rate (an outage just begun; see
-      :func:`providers.breaker.held_back`). The attempts went on the outage, so the saga keeps
-      its last one for after it. Once only: a saga already parked before this call retries it
-      as a canary, or, if the breaker is closed, gives up as usual.
+      opened by this very failure, or still closed but its most recent calls failing at its
+      failure rate (an outage just begun; see :func:`providers.breaker.failing_now`). The
+      attempts went on the outage, so the saga keeps its last one for after it. Once only: a
+      saga already parked before this call retries it as a canary, or, if the breaker is
+      closed, gives up as usual.
     """
     if ticket is None:
         return None
@@ -145,17 +144,4 @@ def held_back(
         return provider_breaker.held_back(step.provider)
     if not last or saga.parked_on:
         return None
-    return provider_breaker.held_back(
-        step.provider, generation=ticket.generation, since=lambda: _previous_attempt(saga, step)
-    )
-
-
-def _previous_attempt(saga: Saga, step: Step) -> datetime | None:
-    """When the saga's previous attempt at ``step`` was recorded (its step row's last write)."""
-    if saga.attempt <= 1:
-        return None
-    return (
-        SagaStep.objects.filter(saga_id=saga.id, name=step.name)
-        .values_list("updated_at", flat=True)
-        .first()
-    )
+    return provider_breaker.held_back(step.provider, generation=ticket.generation)

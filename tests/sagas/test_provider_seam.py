@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import pytest
 from django.db import connection
+from django.db.models import F
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -116,27 +117,39 @@ def test_last_attempt_failing_as_the_breaker_opens_is_kept_for_after_the_outage(
     assert saga.state == SagaState.COMPENSATING and saga.failure_code == "step_failed"
 
 
-def _outage_begins(settings, *, others_failed: int, others_ok: int = 0) -> Saga:
+def _outage_begins(
+    settings, *, others_failed: int, others_ok: int = 0, ok_before_outage: int = 0
+) -> Saga:
     """A saga's attempt 1 at ``s2`` fails with the provider's window full of earlier successes
     (20 s ago); then other sagas' calls fail (``others_failed``) or go through (``others_ok``)
-    before its last attempt, which fails too. ``min_calls`` 10: the breaker cannot open on
-    these few failures, as at low traffic, when an outage is a second old."""
+    before its last attempt, which fails too. ``ok_before_outage``: attempt 1 was 10 s ago, and
+    that many of others' calls went through 5 s ago, before the outage began. ``min_calls``
+    10: the breaker cannot open on these few failures, as at low traffic, when an outage is a
+    second old."""
     settings.SAGA_PROVIDERS = {
         "card": {"min_calls": 10, "failure_rate": 0.5, "cooldown": 60, "canaries": 1}
     }
     breaker.ensure_breaker("card")
     generation = Breaker.objects.get(provider="card").generation
-    HealthBucket.objects.create(
-        provider="card",
-        generation=generation,
-        second=int(timezone.now().timestamp()) - 20,
-        ok=12,
-        failed=0,
-        started=12,
-    )
+    now = int(timezone.now().timestamp())
+
+    def bucket(second: int, ok: int) -> None:
+        HealthBucket.objects.create(
+            provider="card", generation=generation, second=second, ok=ok, failed=0, started=ok
+        )
+
+    bucket(now - 20, 12)
     saga = saga_start(saga_type="test_provider", data={"script": {"s2": ["transient"] * 2}})
     saga = deliver(saga.id)  # s1
     saga = deliver(saga.id)  # s2, attempt 1 fails
+    if ok_before_outage:
+        HealthBucket.objects.filter(provider="card", second__gte=now - 2).update(
+            second=F("second") - 10
+        )
+        SagaStep.objects.filter(saga_id=saga.id).update(
+            updated_at=F("updated_at") - timedelta(seconds=10)
+        )
+        bucket(now - 5, ok_before_outage)
     for ok in [False] * others_failed + [True] * others_ok:
         breaker.report(breaker.admit("card"), ok=ok)
     saga = deliver(saga.id)  # attempt 2, the last, fails
@@ -163,6 +176,15 @@ def test_last_attempt_failing_as_an_outage_begins_is_kept_though_the_breaker_is_
     assert effects(saga.id)[("s2", "do")] == 1
 
 
+def test_last_attempt_kept_when_the_outage_began_after_the_previous_attempt(settings):
+    """The saga's previous attempt failed before the outage, on an ordinary fault, and others'
+    calls went through after it; then the outage began. Its most recent calls are failing:
+    the last attempt is kept (a chaos run lost an order so, its attempts 1-4 spent in the
+    second before the outage, the last 6.6 s later on it, 0.4 s before the breaker opened)."""
+    saga = _outage_begins(settings, others_failed=2, ok_before_outage=6)
+    assert (saga.state, saga.attempt, saga.parked_on) == ("running", 1, "card")
+
+
 def test_a_kept_last_attempt_that_fails_again_on_a_closed_breaker_gives_up(settings):
     """Once only: still failing after the cool-down with the breaker closed, the failure is
     the request's own."""
@@ -174,8 +196,8 @@ def test_a_kept_last_attempt_that_fails_again_on_a_closed_breaker_gives_up(setti
 
 
 def test_last_attempt_failing_while_other_calls_go_through_is_the_requests_own(settings):
-    """Others' calls mostly succeed since the saga's previous attempt (3 failed of 7 with its
-    own two): the provider is up, and the saga compensates as usual."""
+    """Others' calls mostly succeed after the saga's failures (3 failed of 7 with its own two,
+    the successes last): the provider is up, and the saga compensates as usual."""
     saga = _outage_begins(settings, others_failed=1, others_ok=4)
     assert (saga.state, saga.failure_code, saga.parked_on) == ("compensating", "step_failed", "")
 
