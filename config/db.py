@@ -10,7 +10,15 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from django.db import DatabaseError, connection, connections, models, router, transaction
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    connection,
+    connections,
+    models,
+    router,
+    transaction,
+)
 from django.db.models import Field, Model, QuerySet
 from django.db.models.constants import OnConflict
 from django.db.models.query import ValuesListIterable
@@ -34,29 +42,42 @@ def savepoint_if_nested() -> AbstractContextManager[object]:
 def insert_unless_taken(obj: Model) -> bool:
     """``INSERT`` ``obj`` unless a unique value of it is taken already: ``True`` if it was.
 
-    ``INSERT ... ON CONFLICT DO NOTHING``: a participant keyed by idempotency key inserts its
-    row first instead of reading the key first, one round trip where a first call took two (a
-    read that found nothing, then the insert); a repeat, or a tombstone left under the key,
-    inserts nothing, and the caller reads what is there. No error either, so no savepoint is
-    needed inside a transaction. A row with the same key that another transaction has written
-    but not committed makes this wait for that transaction's end, as the unique index makes
-    a plain ``INSERT`` wait, and then the row is there to read (or, rolled back, ours went in).
-    Any unique constraint counts, not only the key's: a caller that finds nothing under its
-    key afterwards met another one. Sends no ``post_save``, like ``bulk_create``.
+    For a participant's row keyed by idempotency key, with its primary key set before the
+    insert (a UUID default). On PostgreSQL, ``INSERT ... ON CONFLICT DO NOTHING RETURNING``:
+    the row goes in first instead of the key being read first, one round trip where a first
+    call took two (a read that found nothing, then the insert); a repeat, or a tombstone left
+    under the key, inserts nothing, and the caller reads what is there. No error either, so no
+    savepoint is needed inside a transaction. A row with the same key that another transaction
+    has written but not committed makes this wait for that transaction's end, as the unique
+    index makes a plain ``INSERT`` wait, and then the row is there to read (or, rolled back,
+    ours went in). Any unique constraint counts, not only the key's: a caller that finds
+    nothing under its key afterwards met another one. Elsewhere (SQLite, whose ``INSERT OR
+    IGNORE`` would skip a ``NOT NULL`` or ``CHECK`` violation too): a plain insert in a
+    savepoint, ``IntegrityError`` meaning taken. Sends no ``post_save``, like ``bulk_create``.
     """
     meta = obj._meta
-    fields = [f for f in meta.concrete_fields if not f.generated]
+    if obj.pk is None:
+        raise ValueError(f"{meta.label}: set the primary key before insert_unless_taken()")
+    using = router.db_for_write(type(obj), instance=obj)
+    if connections[using].vendor != "postgresql":
+        try:
+            with transaction.atomic(using=using):
+                obj.save(force_insert=True, using=using)
+        except IntegrityError:
+            return False
+        return True
+    fields = [f for f in meta.local_concrete_fields if not f.generated]
     rows = meta.base_manager._insert(  # type: ignore[attr-defined]
         [obj],
         fields=fields,
         returning_fields=[meta.pk],
         on_conflict=OnConflict.IGNORE,
-        using=router.db_for_write(type(obj), instance=obj),
+        using=using,
     )
     inserted = bool(rows) and rows[0] is not None
     if inserted:
         obj._state.adding = False
-        obj._state.db = router.db_for_write(type(obj), instance=obj)
+        obj._state.db = using
     return inserted
 
 

@@ -188,14 +188,17 @@ def _locked_lines() -> str:
     Every writer of several products locks them in sku order, so two reservations over the same
     products cannot deadlock. One ``UPDATE ... FROM`` would lock its rows in whatever order the
     planner joins them; ``ORDER BY ... FOR UPDATE`` locks them as it sorts, and ``MATERIALIZED``
-    keeps the planner from folding it into the update.
+    keeps the planner from folding it into the update. The order is the ``"C"`` collation's,
+    code points, as Python sorts the lines (:func:`_normalise_lines`) and as a writer of one
+    line per statement locks them: the database's own collation (``en_US``, say) may sort
+    ``"B"`` after ``"a"``.
     """
     table, column = _product_columns()
     sku = column["sku"]
     return (
         "WITH w AS MATERIALIZED (SELECT * FROM unnest(%s::text[], %s::int[]) AS w(sku, qty)), "
         f"l AS MATERIALIZED (SELECT p.{column['id']} AS id, w.qty FROM {table} p "
-        f"JOIN w ON p.{sku} = w.sku ORDER BY p.{sku} FOR UPDATE OF p)"
+        f'JOIN w ON p.{sku} = w.sku ORDER BY p.{sku} COLLATE "C" FOR UPDATE OF p)'
     )
 
 

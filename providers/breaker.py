@@ -232,7 +232,13 @@ def _wait(
     return Wait(provider, delay + random.uniform(0.05, max(cfg.release_spread, 0.05)), state)
 
 
-def held_back(provider: str, *, generation: int | None = None) -> Wait | None:
+def held_back(
+    provider: str,
+    *,
+    generation: int | None = None,
+    attempts: int = 1,
+    previous: Callable[[], datetime | None] | None = None,
+) -> Wait | None:
     """A :class:`Wait` if the provider is failing now, else ``None``.
 
     Asked after a saga's last attempt failed: if the breaker opened meanwhile (maybe on this
@@ -240,24 +246,31 @@ def held_back(provider: str, *, generation: int | None = None) -> Wait | None:
     of compensating or escalating.
 
     ``generation`` (the failed call's ticket's; given for a last attempt, not for a canary):
-    with it, a breaker still closed holds the saga back too if the provider's most recent calls
-    are failing (:func:`failing_now`). The outage may have begun a moment ago, its failures not
-    yet enough for the breaker, which needs ``min_calls`` of them in its last
-    :data:`RECENT_SECONDS` seconds, or half a window of them among the earlier successes.
-    Without this, a saga whose attempts straddled the start of an outage (some spent on
-    ordinary faults before it, the last on it) was cancelled a moment before the breaker
-    opened. The saga then tries once more after a cool-down.
+    with it, a breaker still closed in that generation holds the saga back too if the
+    provider's most recent calls are failing, others' as well as the saga's own
+    (:func:`failing_now`; ``attempts`` and ``previous``, the saga's failed attempts at the step
+    and when the one before this ended, tell its own failures apart). The outage may have begun
+    a moment ago, its failures not yet enough for the breaker, which needs ``min_calls`` of
+    them in its last :data:`RECENT_SECONDS` seconds, or half a window of them among the
+    earlier successes. Without this, a saga whose attempts straddled the start of an outage
+    (some spent on ordinary faults before it, the last on it) was cancelled a moment before
+    the breaker opened. The saga then tries once more after a cool-down. A breaker that closed
+    again since the call was admitted (a new generation: it recovered, or a person closed it)
+    holds nothing back.
     """
     row = (
-        Breaker.objects.filter(provider=provider).values_list("state", "probe_at", "forced").first()
+        Breaker.objects.filter(provider=provider)
+        .values_list("state", "probe_at", "forced", "generation")
+        .first()
     )
     if row is None:
         return None
     if row[0] == BreakerState.CLOSED:
-        if generation is None:
+        if generation is None or row[3] != generation:
             return None
         cfg = provider_config(provider)
-        if not failing_now(provider, generation, cfg):
+        earlier = previous() if previous is not None and attempts > 1 else None
+        if not failing_now(provider, generation, attempts=attempts, previous=earlier, cfg=cfg):
             return None
         metrics.PARKED.labels(provider, "failing").inc()
         spread = random.uniform(0.05, max(cfg.release_spread, 0.05))
@@ -266,36 +279,51 @@ def held_back(provider: str, *, generation: int | None = None) -> Wait | None:
     return _wait(provider, provider_config(provider), row[0], row[1], row[2], timezone.now())
 
 
-#: Failed calls a closed breaker's provider must have had lately for a saga's failed last
-#: attempt to be held back (:func:`failing_now`): more than one saga's last two attempts.
-FAILING_MIN = 3
+#: Others' failed calls that must be among a provider's most recent ones for a saga's failed
+#: last attempt to be held back while its breaker is still closed (:func:`failing_now`).
+OTHERS_FAILED_MIN = 2
 
 
-def failing_now(provider: str, generation: int, cfg: ProviderConfig | None = None) -> bool:
+def failing_now(
+    provider: str,
+    generation: int,
+    *,
+    attempts: int = 1,
+    previous: datetime | None = None,
+    cfg: ProviderConfig | None = None,
+) -> bool:
     """Are the provider's most recent calls failing, though its breaker has not opened?
 
-    True if some stretch of its health window that ends now holds :data:`FAILING_MIN` failed
-    calls or more, failing at ``failure_rate`` or more: counted back from now, second by
-    second, so the start of an outage shows however many successes came before it, and a
-    stretch is judged as soon as it holds enough failures, ``min_calls`` or not. A provider
-    that answers others' calls between a saga's failures is not failing: every stretch with
-    enough failures holds those successes too. ``generation``: calls admitted since the
-    breaker last closed.
+    True if some stretch of its health window that ends now fails at ``failure_rate`` or more
+    and holds :data:`OTHERS_FAILED_MIN` failed calls or more besides the asking saga's own:
+    counted back from now, second by second, so the start of an outage shows however many
+    successes came before it, and a stretch is judged as soon as it holds enough failures,
+    ``min_calls`` or not. The saga's own: its latest attempt only, while the stretch begins
+    in a second after ``previous`` (when the attempt before it was recorded); from that second
+    back, all ``attempts`` (their times are not kept, so all are counted in). A saga failing
+    alone on its own request (a quiet provider) is never held back, and a provider that
+    answers others' calls between failures is not failing: every stretch with enough failures
+    holds those successes too.
+    ``generation``: calls admitted since the breaker last closed.
     """
     cfg = cfg or provider_config(provider)
     now = timezone.now()
+    # The previous attempt's outcome was counted before its record was written, so in that
+    # record's second at the latest: a stretch of later seconds holds the latest attempt only.
+    own_from = None if previous is None else int(previous.timestamp())
     buckets = (
         HealthBucket.objects.filter(
             provider=provider, generation=generation, second__gte=int(now.timestamp() - cfg.window)
         )
         .order_by("-second")
-        .values_list("ok", "failed")
+        .values_list("second", "ok", "failed")
     )
     calls = failed = 0
-    for ok_n, failed_n in buckets:
+    for second, ok_n, failed_n in buckets:
         calls += ok_n + failed_n
         failed += failed_n
-        if failed >= FAILING_MIN and failed / calls >= cfg.failure_rate:
+        own = 1 if own_from is not None and second > own_from else max(attempts, 1)
+        if failed - own >= OTHERS_FAILED_MIN and failed / calls >= cfg.failure_rate:
             return True
     return False
 

@@ -8,6 +8,7 @@ called as they are.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from django.db import DataError, IntegrityError
@@ -16,7 +17,7 @@ from django.db.transaction import TransactionManagementError
 from providers import breaker as provider_breaker
 from providers.config import breakers_enabled
 from sagas.definition import BusinessFailure, ProviderAnswered, Step, StepContext, StepFunction
-from sagas.models import Saga
+from sagas.models import Saga, SagaStep
 from sagas.store import Record, StepTransaction
 from sagas.timing import step_deadline, step_timeout
 from sagas.transactions import StepTransactionSpoiled, spoiled
@@ -144,4 +145,19 @@ def held_back(
         return provider_breaker.held_back(step.provider)
     if not last or saga.parked_on:
         return None
-    return provider_breaker.held_back(step.provider, generation=ticket.generation)
+    return provider_breaker.held_back(
+        step.provider,
+        generation=ticket.generation,
+        attempts=saga.attempt,
+        previous=lambda: _previous_attempt(saga, step),
+    )
+
+
+def _previous_attempt(saga: Saga, step: Step) -> datetime | None:
+    """When the saga's attempt before this one at ``step`` was recorded (its step row's last
+    write: this attempt's record is not written yet)."""
+    return (
+        SagaStep.objects.filter(saga_id=saga.id, name=step.name)
+        .values_list("updated_at", flat=True)
+        .first()
+    )

@@ -209,6 +209,38 @@ def test_a_provider_failing_only_one_sagas_calls_holds_nothing_back(settings):
     assert (saga.state, saga.failure_code, saga.parked_on) == ("compensating", "step_failed", "")
 
 
+def test_a_saga_failing_alone_through_all_its_attempts_is_not_held_back(settings):
+    """Five attempts of one saga, a few seconds apart, all failing on a quiet provider: five
+    failures of five calls, but none of them another saga's. The request is at fault, not the
+    provider, and the saga compensates after its attempts without a cool-down first."""
+    settings.SAGA_MAX_ATTEMPTS = 5
+    settings.SAGA_PROVIDERS = {
+        "card": {"min_calls": 10, "failure_rate": 0.5, "cooldown": 60, "canaries": 1}
+    }
+    saga = saga_start(saga_type="test_provider", data={"script": {"s2": ["transient"] * 5}})
+    saga = deliver(saga.id)  # s1
+    for _ in range(5):
+        saga = deliver(saga.id)
+    assert Breaker.objects.get(provider="card").state == "closed"
+    assert (saga.state, saga.failure_code, saga.parked_on) == ("compensating", "step_failed", "")
+
+
+def test_failing_calls_of_a_generation_the_breaker_has_left_hold_nothing_back(settings):
+    """A call admitted before the breaker opened and closed again (or before a person closed
+    it, counting health afresh) fails: the failures it would be judged by are the old
+    generation's, and they say nothing about the provider now."""
+    settings.SAGA_PROVIDERS = {"card": {"min_calls": 10, "cooldown": 60}}
+    breaker.ensure_breaker("card")
+    old = Breaker.objects.get(provider="card").generation
+    for _ in range(3):
+        breaker.report(breaker.admit("card"), ok=False)
+    wait = breaker.held_back("card", generation=old)
+    assert wait is not None and wait.reason == "failing"
+    breaker.force("card", "closed", user=None)
+    assert Breaker.objects.get(provider="card").generation != old
+    assert breaker.held_back("card", generation=old) is None
+
+
 def test_a_saga_picked_as_canary_round_after_round_spends_no_attempt():
     """A long outage: a saga that never called before the breaker opened is a canary in
     every round and fails each time; it never spends an attempt, so it is never cancelled

@@ -1,0 +1,79 @@
+"""The participants on the embedded SQLite database (``make run`` without PostgreSQL).
+
+Run in a process of its own: the suite's database is PostgreSQL. What it pins is what differs
+there: a participant inserting its row under a key that is taken replays the first answer,
+and a late reserve after a release's tombstone is refused (``config.db.insert_unless_taken``
+is a savepoint and a plain insert there, not ``ON CONFLICT``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+from tests.test_settings_and_launcher import fresh_env
+
+SCRIPT = """
+import json, uuid
+from decimal import Decimal
+import django
+django.setup()
+from inventory.errors import ReservationRefused
+from inventory.models import Product
+from inventory.services import reservation_release, reservation_reserve
+from shipping.services import shipment_arrange
+
+for sku in ("a", "b"):
+    Product.objects.create(sku=sku, name=sku, price=Decimal("1.00"), stock_on_hand=5)
+order = uuid.uuid4()
+first = reservation_reserve(key="k", order_id=order, lines=[("b", 1), ("a", 2)])
+again = reservation_reserve(key="k", order_id=order, lines=[("b", 1), ("a", 2)])
+reservation_release(key="t:undo", forward_key="t")
+try:
+    reservation_reserve(key="t", order_id=order, lines=[("a", 1)])
+    late = "took effect"
+except ReservationRefused:
+    late = "refused"
+shipment = shipment_arrange(key="s", order_id=order, country="NL")
+print(json.dumps({
+    "reserve_replayed": first == again,
+    "late_reserve": late,
+    "arrange_replayed": shipment == shipment_arrange(key="s", order_id=order, country="NL"),
+    "reserved": sorted(Product.objects.values_list("sku", "reserved")),
+}))
+"""
+
+
+def test_participants_replay_a_taken_key_on_sqlite(tmp_path):
+    env = fresh_env(
+        DJANGO_SETTINGS_MODULE="config.settings",
+        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        CELERY_BROKER_URL="memory://",
+        SECRET_KEY="test-only",
+        HTTPS_ONLY="0",
+        LOG_LEVEL="warning",
+    )
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, *args],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+
+    migrated = run("manage.py", "migrate", "-v0")
+    assert migrated.returncode == 0, migrated.stderr
+    ran = run("-c", SCRIPT)
+    assert ran.returncode == 0, ran.stderr
+    outcome = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert outcome == {
+        "reserve_replayed": True,
+        "late_reserve": "refused",
+        "arrange_replayed": True,
+        "reserved": [["a", 2], ["b", 1]],
+    }
