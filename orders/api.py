@@ -336,12 +336,13 @@ class OrderViewSet(viewsets.GenericViewSet):
             "While the order is `requires_action`: `POST .../signals/3ds_confirmed/` with "
             '`{"payload": {"approved": true}}` (or `false`, which declines the payment). '
             "`202` when the order waits for it (or will); the same `Idempotency-Key` again is "
-            "a `202` replay; `409` when the order can no longer take it."
+            "a `202` replay (`422` with another payload); `409` when the order can no longer "
+            "take it."
         ),
         tags=["orders"],
         request=SignalInputSerializer,
         parameters=[ORDER_ID_PARAMETER, SIGNAL_NAME, SIGNAL_KEY_PARAMETER],
-        responses={202: SignalSerializer, 400: ERROR, 403: ERROR, 409: REFUSED},
+        responses={202: SignalSerializer, 400: ERROR, 403: ERROR, 409: REFUSED, 422: ERROR},
     )
     @action(
         detail=True,

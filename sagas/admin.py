@@ -843,8 +843,11 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
     @admin.display(description="Waiting")
     def waiting_explained(self, saga: Saga) -> str:
         """What a parked saga waits for, the signals it holds, and the way to send one."""
+        from sagas.signals import signals_taken
+
         try:
-            names = definition_of(saga).signals
+            # Only the signals it can still take: a settled or compensating saga takes none.
+            names = signals_taken(definition_of(saga), saga)
         except LookupError:  # a type or version this process does not know
             names = []
         parts = []
@@ -879,7 +882,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
 
     def signal_view(self, request: HttpRequest, saga_id: UUID) -> HttpResponse:
         """A form to send one of the saga type's signals, with a JSON payload."""
-        from sagas.exceptions import SignalPayloadInvalid
+        from sagas.exceptions import SignalKeyReused, SignalPayloadInvalid
         from sagas.signals import saga_signal
 
         if not self.has_operate_permission(request):
@@ -908,7 +911,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                 )
             except json.JSONDecodeError as exc:
                 error = f"The payload is not JSON: {exc}"
-            except (SignalPayloadInvalid, SagaOperationRefused) as exc:
+            except (SignalPayloadInvalid, SignalKeyReused, SagaOperationRefused) as exc:
                 error = exc.detail
             else:
                 if outcome.replayed:

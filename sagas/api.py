@@ -395,11 +395,18 @@ class SagaViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         description="Ops staff; for a signal its saga type declares client-facing "
         "(`3ds_confirmed`) also the order's own client. `202` when the saga waits for it or "
         "will reach the wait (it is kept until then); the same `Idempotency-Key` again is a "
-        "`202` replay with no second effect; `409` when the saga can no longer take it.",
+        "`202` replay with no second effect, or `422` with another payload; `409` when the "
+        "saga can no longer take it.",
         tags=["sagas"],
         request=SignalInputSerializer,
         parameters=[SAGA_ID, SIGNAL_NAME, SIGNAL_KEY_PARAMETER],
-        responses={202: SignalSerializer, 400: ErrorSerializer, 403: ErrorSerializer, 409: REFUSED},
+        responses={
+            202: SignalSerializer,
+            400: ErrorSerializer,
+            403: ErrorSerializer,
+            409: REFUSED,
+            422: ErrorSerializer,
+        },
     )
     @action(
         detail=True,

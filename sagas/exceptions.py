@@ -30,3 +30,15 @@ class SignalPayloadInvalid(AppError):
         super().__init__(detail)
         self.code = "invalid_payload"
         self.detail = detail
+
+
+class SignalKeyReused(AppError):
+    """The signal's ``Idempotency-Key`` was first used with another payload (a ``422``): the
+    first signal stands, and a changed decision needs a key of its own."""
+
+    code = "idempotency_key_reused"
+    http_status = 422
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail

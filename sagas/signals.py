@@ -28,7 +28,7 @@ from config.text import has_control_characters, unstorable_text
 from sagas import tracing
 from sagas.definition import Park, SagaDefinition, definition_of, step_context
 from sagas.doorbell import ring_on_commit
-from sagas.exceptions import SagaOperationRefused, SignalPayloadInvalid
+from sagas.exceptions import SagaOperationRefused, SignalKeyReused, SignalPayloadInvalid
 from sagas.models import Saga, SagaSignal, SagaState
 from sagas.services import OPS_PERMISSION, _actor, _event, _locked, _save
 
@@ -79,6 +79,38 @@ def _check_payload(park: Park, payload: Any) -> dict:
         if problem:
             raise SignalPayloadInvalid(problem)
     return dict(payload)
+
+
+def _as_stored(payload: Any) -> Any:
+    """``payload`` as a stored signal's would read back (a replay compares the two)."""
+    try:
+        return json.loads(json.dumps({} if payload is None else payload, default=str))
+    except (TypeError, ValueError):
+        return payload
+
+
+def _takes(definition: SagaDefinition, saga: Saga, indexes: list[int]) -> tuple[bool, bool]:
+    """``(resume, takes_it)``: the saga waits in ``needs_manual`` at one of these waits (the
+    signal resumes it), or is running and will still wait at one of them."""
+    try:
+        at = definition.index_of(saga.current_step)
+    except (KeyError, ValueError):  # settled, or a step this version does not have
+        return False, False
+    resume = (
+        saga.state == SagaState.NEEDS_MANUAL
+        and saga.escalated_from == SagaState.RUNNING
+        and at in indexes
+        and saga.failed_step == definition.steps[at].name
+    )
+    takes_it = saga.state == SagaState.RUNNING and any(
+        i >= at and _will_wait(definition, saga, i) for i in indexes
+    )
+    return resume, takes_it
+
+
+def signals_taken(definition: SagaDefinition, saga: Saga) -> list[str]:
+    """The signals of the saga's type it can still take now (the ops console offers these)."""
+    return [n for n in definition.signals if any(_takes(definition, saga, definition.waits_for(n)))]
 
 
 def _will_wait(definition: SagaDefinition, saga: Saga, index: int) -> bool:
@@ -134,19 +166,17 @@ def _deliver(saga: Saga, name: str, payload: Any, key: str, user: Any) -> Signal
         )
     existing = SagaSignal.objects.filter(saga=saga, name=name, key=key).first()
     if existing is not None:
+        # A caller that does not restate the payload (``None``) asks about the first one.
+        if payload is not None and existing.payload != _as_stored(payload):
+            raise SignalKeyReused(
+                f"The Idempotency-Key {key!r} was already used for {name!r} with another "
+                "payload; that signal stands. Send a changed one under a new key."
+            )
         return SignalOutcome(existing, replayed=True, delivered_now=False)
     payload = _check_payload(park, payload)
 
     at = definition.index_of(saga.current_step)
-    resume = (
-        saga.state == SagaState.NEEDS_MANUAL
-        and saga.escalated_from == SagaState.RUNNING
-        and at in indexes
-        and saga.failed_step == definition.steps[at].name
-    )
-    takes_it = saga.state == SagaState.RUNNING and any(
-        i >= at and _will_wait(definition, saga, i) for i in indexes
-    )
+    resume, takes_it = _takes(definition, saga, indexes)
     if not (resume or takes_it):
         raise SagaOperationRefused(
             "not_waiting",

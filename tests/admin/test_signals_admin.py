@@ -54,6 +54,18 @@ def test_saga_page_shows_the_signal_it_waits_for_and_ops_send_it(ops_client, ops
     event = saga.events.get(kind="ops_signal")
     assert event.actor == f"user:{ops_user.username}" and "go" in event.detail
     assert Saga.objects.get(pk=saga.pk).version > saga.version  # made due, fenced
+    # The same key with another payload: shown on the form, the first signal stands.
+    reused = ops_client.post(form_url, {"name": "go", "payload": '{"ok": false}', "key": "k"})
+    assert reused.status_code == 200 and "already used" in reused.content.decode()
+    assert SagaSignal.objects.get(saga=saga).payload == {"ok": True}
+
+
+def test_a_saga_that_can_take_no_signal_is_offered_none(ops_client):
+    """Compensating, or settled: the page offers no form to send a signal it would refuse."""
+    for state in (SagaState.COMPENSATING, SagaState.COMPENSATED):
+        saga = make_saga(state=state, saga_type="test_wait", step_index=1)
+        page = ops_client.get(reverse("admin:sagas_saga_change", args=[saga.pk])).content.decode()
+        assert reverse("admin:sagas_saga_signal", args=[saga.pk]) not in page, state
 
 
 @pytest.mark.parametrize("escape", ["\\u0000", "\\ud800"])

@@ -73,6 +73,9 @@ def test_a_large_order_waits_for_the_fraud_review_and_an_approval_confirms_it(
     assert first.json()["replayed"] is False and first.json()["payload"] == {"approved": True}
     again = signal(ops_api, saga_path, {"approved": True}, key="review-1")
     assert again.status_code == 202 and again["Idempotent-Replayed"] == "true"
+    # The same key with a changed decision is not a replay: refused, the first one stands.
+    changed = signal(ops_api, saga_path, {"approved": False}, key="review-1")
+    assert_error(changed, 422, "idempotency_key_reused")
 
     done = order_when(client_api, order["id"], wait_for, lambda b: b["status"] in SETTLED)
     assert done["status"] == "confirmed" and done["payment"]["captured"] == "1200.00"
