@@ -219,6 +219,25 @@ def add_plain_views(result: dict, generator, request, public) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Every body read, even by actions that take none
+# ---------------------------------------------------------------------------------------------
+class BodyReadFirst:
+    """A view whose every ``POST`` (and ``PUT``, ``PATCH``, ``DELETE``) has its body parsed
+    once the caller is authenticated and allowed, before the action runs.
+
+    DRF parses a body only when a view reads ``request.data``; an action that takes none (a
+    cancel, a retry) would otherwise carry out a request whose body is not JSON, or is too big,
+    and answer ``202``. Now such a body is the ``400 parse_error`` (``413``, ``415``) a route
+    that reads its body gives, and nothing is done.
+    """
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)  # type: ignore[misc]
+        if request.method in ("POST", "PUT", "PATCH", "DELETE"):
+            request.data  # noqa: B018 - parsing is the point
+
+
+# ---------------------------------------------------------------------------------------------
 # Unrouted paths under /api/: a JSON 404, not Django's HTML page
 # ---------------------------------------------------------------------------------------------
 class NotFoundView(APIView):

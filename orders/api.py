@@ -36,6 +36,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from config.api import (
+    BodyReadFirst,
     ErrorSerializer,
     Pagination,
     StrictCharField,
@@ -208,7 +209,7 @@ ERROR = ErrorSerializer
         },
     ),
 )
-class OrderViewSet(viewsets.GenericViewSet):
+class OrderViewSet(BodyReadFirst, viewsets.GenericViewSet):
     permission_classes = [permissions.IsAuthenticated]
     serializer_class = OrderSerializer
     pagination_class = Pagination

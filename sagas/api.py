@@ -30,7 +30,13 @@ from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from config.api import ErrorSerializer, Pagination, StrictBooleanField, StrictCharField
+from config.api import (
+    BodyReadFirst,
+    ErrorSerializer,
+    Pagination,
+    StrictBooleanField,
+    StrictCharField,
+)
 from config.api_errors import ApiError
 from sagas import services
 from sagas.exceptions import SignalPayloadInvalid
@@ -294,7 +300,12 @@ REFUSED = OpenApiResponse(ErrorSerializer, description="Refused in this state (e
     list=extend_schema(summary="List sagas (staff)", tags=["sagas"]),
     retrieve=extend_schema(summary="Get a saga (staff)", tags=["sagas"], parameters=[SAGA_ID]),
 )
-class SagaViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class SagaViewSet(
+    BodyReadFirst,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    viewsets.GenericViewSet,
+):
     permission_classes = [permissions.IsAuthenticated, permissions.IsAdminUser]
     serializer_class = SagaSerializer
     pagination_class = Pagination

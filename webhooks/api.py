@@ -23,7 +23,13 @@ from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from config.api import ErrorSerializer, Pagination, StrictCharField, signed_in_user
+from config.api import (
+    BodyReadFirst,
+    ErrorSerializer,
+    Pagination,
+    StrictCharField,
+    signed_in_user,
+)
 from config.api_errors import ApiError
 from webhooks.models import EVENT_TYPES, Endpoint
 from webhooks.services import EndpointInvalid, endpoint_create, endpoint_rotate_secret
@@ -99,6 +105,7 @@ ENDPOINT_EXAMPLE = OpenApiExample(
     ),
 )
 class EndpointViewSet(
+    BodyReadFirst,
     mixins.ListModelMixin,
     mixins.RetrieveModelMixin,
     mixins.DestroyModelMixin,

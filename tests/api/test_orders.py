@@ -340,6 +340,19 @@ def test_cancel_is_202_until_capture_payment_has_passed(client_api, place, step)
     assert event.actor == "user:ada"
 
 
+def test_a_cancel_with_a_body_that_is_not_json_is_400_and_cancels_nothing(client_api, place):
+    """The cancel takes no body, but one that is not JSON is still a bad request: refused like
+    any route's, not carried out."""
+    order = place(client_api)
+    path = f"/api/v1/orders/{order['id']}/cancel/"
+    response = client_api.post(path, b"{bad", content_type="application/json")
+    assert_error(response, 400, "parse_error")
+    response = client_api.post(path, b"a=1", content_type="application/x-www-form-urlencoded")
+    assert_error(response, 415)
+    assert client_api.get(f"/api/v1/orders/{order['id']}/").json()["status"] != "cancelling"
+    assert not SagaEvent.objects.filter(saga__order__id=order["id"], kind="cancel_requested")
+
+
 def test_cancel_twice_is_accepted_twice(client_api, place):
     """A repeated cancel (a client retrying) is 202 again, not an error."""
     order = place(client_api)

@@ -169,6 +169,16 @@ def test_retry_now_is_202_and_recorded_with_the_user(ops_api, saga):
     assert Saga.objects.get(pk=saga.pk).next_attempt_at <= timezone.now()
 
 
+def test_a_retry_with_a_body_that_is_not_json_is_400_and_retries_nothing(ops_api, saga):
+    """A retry takes no body; one that is not JSON is refused, not ignored."""
+    later = timezone.now() + timedelta(hours=1)
+    Saga.objects.filter(pk=saga.pk).update(next_attempt_at=later)
+    response = ops_api.post(f"{SAGAS}{saga.id}/retry/", b"{bad", content_type="application/json")
+    assert_error(response, 400, "parse_error")
+    assert not SagaEvent.objects.filter(saga=saga, kind="ops_retry").exists()
+    assert Saga.objects.get(pk=saga.pk).next_attempt_at == later
+
+
 def test_retry_resumes_a_saga_that_needs_a_person(ops_api, saga):
     """needs_manual mid-compensation: retry returns it to compensating."""
     needs_manual(saga)
