@@ -81,7 +81,10 @@ def _clean_lines(items: Any, problems: _Problems) -> dict[str, tuple[int, int]]:
             problems.add("invalid_item", where, "Each item is an object with sku and quantity.")
             continue
         sku, quantity = item.get("sku"), item.get("quantity")
-        if not isinstance(sku, str) or not sku.strip():
+        if sku is not None and not isinstance(sku, str):
+            problems.add("invalid_item", f"{where}.sku", "A sku is a string.")
+            continue
+        if sku is None or not sku.strip():
             problems.add("invalid_item", f"{where}.sku", "A sku is required.")
             continue
         if "\x00" in sku:
@@ -120,7 +123,10 @@ def _clean_address(address: Any, problems: _Problems) -> dict[str, str]:
     for name, max_length in _ADDRESS_FIELDS.items():
         value = address.get(name)
         where = f"shipping_address.{name}"
-        if not isinstance(value, str) or not value.strip():
+        if value is not None and not isinstance(value, str):
+            problems.add("invalid_shipping_address", where, "This field is a string.")
+            continue
+        if value is None or not value.strip():
             problems.add("invalid_shipping_address", where, "This field is required.")
             continue
         value = value.strip()

@@ -212,6 +212,46 @@ def test_bad_order_input_is_400_with_code_and_field_and_creates_nothing(
         assert IdempotencyRecord.objects.count() == 0
 
 
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        pytest.param(
+            with_items({"sku": 7, "quantity": 1}),
+            "items[0].sku",
+            "A sku is a string.",
+            id="sku-a-number",
+        ),
+        pytest.param(
+            with_items({"quantity": 1}), "items[0].sku", "A sku is required.", id="sku-missing"
+        ),
+        pytest.param(
+            with_address(country=12),
+            "shipping_address.country",
+            "This field is a string.",
+            id="country-a-number",
+        ),
+        pytest.param(
+            with_address(name={"x": 1}),
+            "shipping_address.name",
+            "This field is a string.",
+            id="name-an-object",
+        ),
+        pytest.param(
+            with_address(name=None),
+            "shipping_address.name",
+            "This field is required.",
+            id="name-null",
+        ),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_told_apart_from_a_missing_one(
+    client_api, catalog, body, field, message
+):
+    """A number where a string goes is not "required": the message says what is wrong."""
+    error = assert_error(client_api.post("/api/v1/orders/", body, format="json"), 400)
+    assert error["fields"][field] == [message], error
+
+
 def test_every_problem_is_reported_at_once(client_api, catalog):
     """Several mistakes: one 400 naming each field."""
     body = {
