@@ -42,6 +42,9 @@ def test_five_failures_lock_the_user_out_even_with_the_right_password(
     locked = login(client, "demo-staff", "wrong-guess")
     assert locked.status_code == 429
     assert b"Too many failed logins" in locked.content
+    page = " ".join(locked.content.decode().split())
+    assert "locked for 15 minutes" in page and "PT15M" not in page  # LOGIN_LOCKOUT_MINUTES
+    assert "sagarunner ops console" in page and "Django administration" not in page
     assert login(client, "demo-staff", settings.DEMO_STAFF_PASSWORD).status_code == 429
     # From another address too: the lock is on the user name.
     assert (
