@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from decimal import Decimal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -81,10 +82,13 @@ def _check_payload(park: Park, payload: Any) -> dict:
     return dict(payload)
 
 
-def _as_stored(payload: Any) -> Any:
-    """``payload`` as a stored signal's would read back (a replay compares the two)."""
+def _comparable(payload: Any) -> Any:
+    """``payload`` as JSON values with every number exact, so a replay compares equal to the
+    stored signal: PostgreSQL's ``jsonb`` keeps numbers as decimals (``1e23`` reads back as
+    ``100000000000000000000000``, which no float equals)."""
     try:
-        return json.loads(json.dumps({} if payload is None else payload, default=str))
+        text = json.dumps({} if payload is None else payload, default=str)
+        return json.loads(text, parse_float=Decimal, parse_int=Decimal)
     except (TypeError, ValueError):
         return payload
 
@@ -167,7 +171,7 @@ def _deliver(saga: Saga, name: str, payload: Any, key: str, user: Any) -> Signal
     existing = SagaSignal.objects.filter(saga=saga, name=name, key=key).first()
     if existing is not None:
         # A caller that does not restate the payload (``None``) asks about the first one.
-        if payload is not None and existing.payload != _as_stored(payload):
+        if payload is not None and _comparable(existing.payload) != _comparable(payload):
             raise SignalKeyReused(
                 f"The Idempotency-Key {key!r} was already used for {name!r} with another "
                 "payload; that signal stands. Send a changed one under a new key."
@@ -175,7 +179,6 @@ def _deliver(saga: Saga, name: str, payload: Any, key: str, user: Any) -> Signal
         return SignalOutcome(existing, replayed=True, delivered_now=False)
     payload = _check_payload(park, payload)
 
-    at = definition.index_of(saga.current_step)
     resume, takes_it = _takes(definition, saga, indexes)
     if not (resume or takes_it):
         raise SagaOperationRefused(
@@ -183,6 +186,7 @@ def _deliver(saga: Saga, name: str, payload: Any, key: str, user: Any) -> Signal
             f"The saga is {saga.state} at {saga.current_step} and will not wait for "
             f"{name!r} any more.",
         )
+    at = definition.index_of(saga.current_step)  # a step of this version: _takes checked it
     if SagaSignal.objects.filter(saga=saga, name=name, consumed_at__isnull=True).exists():
         raise SagaOperationRefused(
             "already_signalled",

@@ -33,6 +33,20 @@ def demo_staff(settings) -> User:
     return User.objects.get(username="demo-staff")
 
 
+@pytest.mark.parametrize(
+    ("minutes", "words"), [(0.5, "for 30 seconds"), (1, "for 60 seconds"), (2.5, "for 2 minutes")]
+)
+def test_the_lockout_page_says_how_long_in_words(client, demo_staff, settings, minutes, words):
+    """A fractional LOGIN_LOCKOUT_MINUTES reads as seconds or whole minutes, never '0 minutes'."""
+    from datetime import timedelta
+
+    settings.AXES_COOLOFF_TIME = timedelta(minutes=minutes)
+    for _ in range(settings.AXES_FAILURE_LIMIT):
+        locked = login(client, "demo-staff", "wrong-guess")
+    assert locked.status_code == 429
+    assert f"locked {words}." in " ".join(locked.content.decode().split())
+
+
 def test_five_failures_lock_the_user_out_even_with_the_right_password(
     client, demo_staff, settings, caplog
 ):

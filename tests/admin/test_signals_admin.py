@@ -87,3 +87,31 @@ def test_staff_without_the_ops_permission_may_not_send_signals(viewer_client):
     response = viewer_client.post(form_url, {"name": "go", "payload": "{}"})
     assert response.status_code == 403
     assert not SagaSignal.objects.filter(saga=saga).exists()
+
+
+def test_a_replay_with_a_number_jsonb_stores_exactly_is_still_a_replay(ops_user):
+    """PostgreSQL keeps ``1e23`` as ``100000000000000000000000``, which no float equals: the
+    same payload again under its key is a replay, not ``idempotency_key_reused``."""
+    from sagas.exceptions import SignalKeyReused
+    from sagas.signals import saga_signal
+
+    saga = parked_saga()
+    payload = {"ok": True, "score": 1e23, "ratio": 0.1}
+    first = saga_signal(saga_id=saga.pk, name="go", payload=payload, key="k", user=ops_user)
+    again = saga_signal(saga_id=saga.pk, name="go", payload=dict(payload), key="k", user=ops_user)
+    assert not first.replayed and again.replayed
+    with pytest.raises(SignalKeyReused):
+        saga_signal(saga_id=saga.pk, name="go", payload={"ok": False}, key="k", user=ops_user)
+
+
+def test_a_signal_to_a_saga_on_no_step_of_its_type_is_refused_not_a_crash(ops_user):
+    """A settled saga whose current step is blank (or a step its version does not have): the
+    signal is refused as ``not_waiting``, not a ``KeyError``."""
+    from sagas.exceptions import SagaOperationRefused
+    from sagas.signals import saga_signal
+
+    saga = make_saga(state=SagaState.SUCCEEDED, saga_type="test_wait", step_index=1)
+    Saga.objects.filter(pk=saga.pk).update(current_step="")
+    with pytest.raises(SagaOperationRefused) as refused:
+        saga_signal(saga_id=saga.pk, name="go", payload={}, key="k", user=ops_user)
+    assert refused.value.code == "not_waiting"
