@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from decimal import Decimal
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from django.core.exceptions import PermissionDenied
