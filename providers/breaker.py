@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connection, transaction
-from django.db.models import F, Sum
+from django.db.models import F, QuerySet, Sum
 from django.dispatch import Signal
 from django.http import HttpRequest
 from django.utils import timezone
@@ -312,9 +312,7 @@ def failing_now(
     # record's second at the latest: a stretch of later seconds holds the latest attempt only.
     own_from = None if previous is None else int(previous.timestamp())
     buckets = (
-        HealthBucket.objects.filter(
-            provider=provider, generation=generation, second__gte=int(now.timestamp() - cfg.window)
-        )
+        _window(provider, generation, cfg, now)
         .order_by("-second")
         .values_list("second", "ok", "failed")
     )
@@ -574,6 +572,15 @@ def carried_outcome(ticket: Ticket | None) -> CarriedOutcome | None:
     return CarriedOutcome(ctes, params, ticket, int(now.timestamp()))
 
 
+def _window(
+    provider: str, generation: int, cfg: ProviderConfig, now: datetime
+) -> QuerySet[HealthBucket]:
+    """The provider's health buckets of this generation within its window, as of ``now``."""
+    return HealthBucket.objects.filter(
+        provider=provider, generation=generation, second__gte=int(now.timestamp() - cfg.window)
+    )
+
+
 def window_counts(
     provider: str, now: datetime | None = None, generation: int | None = None
 ) -> tuple[int, int]:
@@ -585,9 +592,7 @@ def window_counts(
             Breaker.objects.filter(provider=provider).values_list("generation", flat=True).first()
             or 0
         )
-    totals = HealthBucket.objects.filter(
-        provider=provider, generation=generation, second__gte=int(now.timestamp() - cfg.window)
-    ).aggregate(ok=Sum("ok"), failed=Sum("failed"))
+    totals = _window(provider, generation, cfg, now).aggregate(ok=Sum("ok"), failed=Sum("failed"))
     ok, failed = totals["ok"] or 0, totals["failed"] or 0
     return ok + failed, failed
 
@@ -607,9 +612,7 @@ def _maybe_open(provider: str, generation: int, cfg: ProviderConfig, now: dateti
     seconds is noise, ten failures in two seconds at that rate is not.
     """
     second = int(now.timestamp())
-    rows = HealthBucket.objects.filter(
-        provider=provider, generation=generation, second__gte=int(now.timestamp() - cfg.window)
-    ).values_list("second", "ok", "failed")
+    rows = _window(provider, generation, cfg, now).values_list("second", "ok", "failed")
     calls = failed = recent_calls = recent_failed = 0
     for at, ok_n, failed_n in rows:
         calls += ok_n + failed_n
