@@ -14,6 +14,7 @@ from __future__ import annotations
 from celery import shared_task
 from django.db import connection
 
+from lab import order_chain  # noqa: F401 - registers the order chain's tasks in bench workers
 from sagas.public import SagaDefinition, Step, StepContext, register
 
 TABLE = "saga_bench_writes"

@@ -252,6 +252,8 @@ WORKLOADS = [
     ("engine", "engine 5-step saga", 1000, {}, None),
     ("engine_tx", "engine 5-step, transactional", 1000, {}, None),
     ("chain", "plain celery chain", 1000, {}, None),
+    # The order saga's own baseline: the same five participant calls as a plain chain.
+    ("order_chain", "order celery chain", 600, {}, None),
     ("order", "order saga", 600, {}, None),
     ("order_threads", "order saga, threads x32", 600, {}, ("threads", PROVIDER_THREADS)),
     (
@@ -266,12 +268,13 @@ WORKLOADS = [
 
 def _runner(key: str):
     from lab import engine_bench as benchmark
-    from lab.order_bench import run_orders
+    from lab.order_bench import run_order_chain, run_orders
 
     return {
         "engine": lambda n, rate: benchmark.run_engine(n, rate=rate),
         "engine_tx": lambda n, rate: benchmark.run_engine(n, rate=rate, saga_type="bench5tx"),
         "chain": lambda n, rate: benchmark.run_chain(n, rate=rate),
+        "order_chain": lambda n, rate: run_order_chain(n, rate=rate),
         "order": lambda n, rate: run_orders(n, rate=rate),
         "order_threads": lambda n, rate: run_orders(n, rate=rate),
         "order_latency": lambda n, rate: run_orders(n, rate=rate, latency=True),
@@ -478,6 +481,7 @@ def print_report(report: dict) -> None:
         "engine": q.get("engine_per_step"),
         "engine_tx": q.get("engine_tx_per_step"),
         "chain": 0.0,
+        "order_chain": 0.0,
         "order": q.get("order_engine_per_step"),
         "order_threads": q.get("order_engine_per_step"),
         "order_latency": q.get("order_engine_per_step"),
@@ -528,6 +532,7 @@ def print_report(report: dict) -> None:
         ("engine", "chain"),
         ("engine_tx", "chain"),
         ("order", "chain"),
+        ("order", "order_chain"),
         ("order_latency", "order_threads"),
     ]
     for top, bottom in ratios:
@@ -565,7 +570,7 @@ def plot(report: dict, path: Path) -> None:
     ws = report["workloads"]
     panels = [
         ("Engine 5-step saga vs plain Celery chain", ["engine", "engine_tx", "chain"]),
-        ("Order saga (fake providers)", ["order", "order_threads", "order_latency"]),
+        ("Order saga (fake providers)", ["order_chain", "order", "order_threads", "order_latency"]),
     ]
     panels = [(t, [k for k in keys if k in ws]) for t, keys in panels]
     panels = [p for p in panels if p[1]]
@@ -577,6 +582,7 @@ def plot(report: dict, path: Path) -> None:
         "order": "C2",
         "order_threads": "C5",
         "order_latency": "C1",
+        "order_chain": "C7",
     }
     for ax, (title, keys) in zip(axes[0], panels, strict=True):
         for key in keys:

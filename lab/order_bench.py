@@ -2,18 +2,21 @@
 
 Used by ``saga_bench --order``: orders are placed with :func:`orders.services.order_create` (one
 transaction with the order, its items and its saga, as the API does), and latency is the saga's
-created -> finished time from database timestamps.
+created -> finished time from database timestamps. :func:`run_order_chain` runs the same orders
+as plain Celery chains (:mod:`lab.order_chain`), the baseline for the order saga.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from decimal import Decimal
 
 from django.contrib.auth import get_user_model
 from django.db.models import Max, Min
 
 from inventory.models import Product
+from lab import order_chain
 from lab.engine_bench import Result, _paced, broker_publishes, percentile, wait_settled
 from orders.services import order_create
 from sagas.models import Saga
@@ -81,4 +84,42 @@ def run_orders(n: int, *, rate: float | None = None, latency: bool = False) -> R
         offered_per_s=rate,
         broker_messages_per_saga=None if before is None else (after - before) / n,
         outcomes=outcomes,
+    )
+
+
+def run_order_chain(n: int, *, rate: float | None = None, timeout: float = 1800) -> Result:
+    """The same orders (one to three of the bench products, paid by card, shipped to NL) as
+    plain Celery chains calling the same participants: the order saga's baseline.
+
+    Latency runs from the chain's start (client clock) to its stock being sold (the database's
+    ``updated_at`` of the reservation, the chain's last write), as the plain chain's does.
+    """
+    _bench_catalog()
+    prices = order_chain.prices_of(BENCH_SKUS)
+    rng = random.Random(n)
+    sent_at: dict[str, float] = {}
+    before = broker_publishes()
+
+    def send(_i: int) -> None:
+        order = order_chain.order_facts(rng, prices)
+        sent_at[order["order_id"]] = time.time()
+        order_chain.send(order)
+
+    _paced(n, rate, send)
+    ids = list(sent_at)
+    order_chain.wait_sold(ids, timeout)
+    after = broker_publishes()
+    finished = order_chain.sold_at(ids)
+    latencies = [(finished[i] - sent_at[i]) * 1000 for i in ids]
+    seconds = max(max(finished.values()) - min(sent_at.values()), 1e-9)
+    return Result(
+        name="order celery chain",
+        sagas=n,
+        seconds=seconds,
+        sagas_per_s=n / seconds,
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
+        offered_per_s=rate,
+        broker_messages_per_saga=None if before is None else (after - before) / n,
+        outcomes={"succeeded": n},
     )

@@ -53,7 +53,11 @@ class Command(BaseCommand):
         suite.add_argument("--levels", default="0.25,0.5,0.75,0.9,1.0",
                            help="offered loads, as fractions of saturation throughput")  # fmt: skip
         suite.add_argument("--level-seconds", type=float, default=15.0)
-        suite.add_argument("--workloads", default="", help="engine,chain,order,order_latency")
+        suite.add_argument(
+            "--workloads",
+            default="",
+            help="any of engine,engine_tx,chain,order_chain,order,order_threads,order_latency",
+        )
         suite.add_argument("--quick", action="store_true", help="smaller counts (tooling check)")
         suite.add_argument("--out-dir", default=None, help="default: bench-results/")
         suite.add_argument("--plot", default=None, help="also copy the PNG here")
