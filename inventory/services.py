@@ -17,7 +17,7 @@ from typing import Any
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from config.db import RowBy, ValuesBy, insert_unless_taken
+from config.db import RowBy, ValuesBy, column_of, insert_unless_taken, update_row
 from inventory.errors import (
     OutOfStock,
     ReservationNotFound,
@@ -95,7 +95,7 @@ def reservation_release(*, key: str, forward_key: str) -> dict[str, Any]:
         _settle(lines, sold=False)
         reservation.status = ReservationStatus.RELEASED
         reservation.settled_by_key = key
-        reservation.save(update_fields=["status", "settled_by_key", "updated_at"])
+        update_row(reservation, ["status", "settled_by_key", "updated_at"])
         return _result(reservation, lines)
 
 
@@ -120,7 +120,7 @@ def reservation_commit(*, key: str, forward_key: str) -> dict[str, Any]:
         _settle(lines, sold=True)
         reservation.status = ReservationStatus.COMMITTED
         reservation.settled_by_key = key
-        reservation.save(update_fields=["status", "settled_by_key", "updated_at"])
+        update_row(reservation, ["status", "settled_by_key", "updated_at"])
         return _result(reservation, lines)
 
 
@@ -143,14 +143,20 @@ def _hold(reservation: Reservation, wanted: dict[str, int]) -> None:
     """Every line held by conditional updates; the first line that does not fit undoes them all.
 
     The updates return the products' ids for the reservation's lines, so the products are not
-    looked up first. On PostgreSQL one statement holds every line (:func:`_hold_all_sql`): one
-    round trip per reservation instead of one per line.
+    looked up first. On PostgreSQL one statement holds every line and writes the
+    reservation's lines (:func:`_hold_all_sql`): one round trip per reservation instead of one
+    per line and one for the lines, and the products' rows, the hottest of a busy shop, are
+    locked for one round trip less before the transaction ends. A line that does not fit
+    raises :class:`OutOfStock`, and the caller's transaction (``step_atomic``) takes back the
+    other lines' holds and rows with it.
     """
     now = _now_for_db()
     product_ids: dict[str, int] = {}
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            cursor.execute(_hold_all_sql(), [list(wanted), list(wanted.values()), now])
+            cursor.execute(
+                _hold_all_sql(), [list(wanted), list(wanted.values()), now, reservation.pk]
+            )
             product_ids = {sku: product_id for product_id, sku in cursor.fetchall()}
         else:
             for sku, quantity in wanted.items():
@@ -163,10 +169,11 @@ def _hold(reservation: Reservation, wanted: dict[str, int]) -> None:
         if sku not in product_ids:
             found = Product.objects.filter(sku=sku).first()
             raise OutOfStock(sku, quantity, None if found is None else found.available)
-    ReservationLine.objects.bulk_create(
-        ReservationLine(reservation=reservation, product_id=product_ids[sku], quantity=quantity)
-        for sku, quantity in wanted.items()
-    )
+    if connection.vendor != "postgresql":
+        ReservationLine.objects.bulk_create(
+            ReservationLine(reservation=reservation, product_id=product_ids[sku], quantity=qty)
+            for sku, qty in wanted.items()
+        )
 
 
 @functools.cache
@@ -205,16 +212,26 @@ def _locked_lines() -> str:
 @functools.cache
 def _hold_all_sql() -> str:
     """Every line's conditional hold in one statement (PostgreSQL), returning ``(id, sku)`` of
-    each line that fit (the rows locked first, see :func:`_locked_lines`). A line short of
-    stock is simply not updated, and the caller, finding it missing, rolls the others back."""
+    each line that fit (the rows locked first, see :func:`_locked_lines`), and the
+    reservation's line for each of them. A line short of stock is simply not updated, and the
+    caller, finding it missing, rolls the others back with their lines."""
     table, column = _product_columns()
     sku, reserved = column["sku"], column["reserved"]
+    qn = connection.ops.quote_name
+    line = ReservationLine._meta
+    line_columns = ", ".join(
+        qn(column_of(line.get_field(name))) for name in ("reservation", "product", "quantity")
+    )
+    reservation_id = Reservation._meta.pk.db_type(connection)
     return (
-        f"{_locked_lines()} "
-        f"UPDATE {table} p SET {reserved} = p.{reserved} + l.qty, {column['updated_at']} = %s "
-        f"FROM l WHERE p.{column['id']} = l.id "
+        f"{_locked_lines()}, "
+        f"h AS (UPDATE {table} p SET {reserved} = p.{reserved} + l.qty, "
+        f"{column['updated_at']} = %s FROM l WHERE p.{column['id']} = l.id "
         f"AND p.{column['stock_on_hand']} - p.{reserved} >= l.qty "
-        f"RETURNING p.{column['id']}, p.{sku}"
+        f"RETURNING p.{column['id']} AS id, p.{sku} AS sku, l.qty AS qty), "
+        f"i AS (INSERT INTO {qn(line.db_table)} ({line_columns}) "
+        f"SELECT %s::{reservation_id}, h.id, h.qty FROM h) "
+        "SELECT h.id, h.sku FROM h"
     )
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 
-from config.db import RowBy
+from config.db import RowBy, insert_row, update_row
 from payments.errors import (
     DuplicateAuthorization,
     IdempotencyKeyReused,
@@ -126,11 +126,11 @@ class FakePaymentProvider:
             op.response = self._authorization_response(auth)
         try:
             with transaction.atomic():
-                op.save(force_insert=True)
+                insert_row(op)
                 if auth is not None:
                     # The operation's foreign key is checked at commit (deferred), so the
                     # authorization may follow it in the same transaction.
-                    auth.save(force_insert=True)
+                    insert_row(auth)
         except IntegrityError:
             # Another request with this key (or a void's tombstone) committed first; or this
             # order already has an authorization under another key.
@@ -184,11 +184,9 @@ class FakePaymentProvider:
                         # asking again.
                         "authorization": self._authorization_response(auth),
                     }
-                op.save(force_insert=True)
+                insert_row(op)
                 if not decline_code:
-                    auth.save(
-                        update_fields=["status", "captured_minor", "capture_id", "updated_at"]
-                    )
+                    update_row(auth, ["status", "captured_minor", "capture_id", "updated_at"])
         except IntegrityError as exc:
             return self._replay_after_conflict(key, OperationKind.CAPTURE, exc)
         return self._replay(op)
@@ -301,7 +299,7 @@ class FakePaymentProvider:
         if kind == OperationKind.VOID:
             if auth.status == AuthorizationStatus.AUTHORIZED:
                 auth.status = AuthorizationStatus.VOIDED
-                auth.save(update_fields=["status", "updated_at"])
+                update_row(auth, ["status", "updated_at"])
                 return base | {"undone": True, "amount_minor": auth.amount_minor}
             if auth.status == AuthorizationStatus.VOIDED:
                 return base | {"undone": True, "amount_minor": auth.amount_minor}
@@ -316,7 +314,7 @@ class FakePaymentProvider:
             auth.status = AuthorizationStatus.REFUNDED
             auth.refunded_minor = auth.captured_minor
             auth.refund_id = _new_id("re")
-            auth.save(update_fields=["status", "refunded_minor", "refund_id", "updated_at"])
+            update_row(auth, ["status", "refunded_minor", "refund_id", "updated_at"])
         if auth.status != AuthorizationStatus.REFUNDED:
             raise PaymentStateConflict(f"{auth.id} is {auth.status}; there is nothing to refund")
         return base | {

@@ -12,15 +12,14 @@ Results are JSON-ready: amounts are strings of ``Decimal``, never floats.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from decimal import Decimal
 from typing import Any, NamedTuple
 
-from django.db import IntegrityError, connection
+from django.db import connection
 from django.utils import timezone
 
-from config.db import savepoint_if_nested
+from config.db import insert_unless_taken
 from payments.errors import PaymentDeclined, PaymentStateConflict
 from payments.models import AuthorizationStatus, Payment, PaymentStatus
 from payments.money import from_minor, to_minor
@@ -50,12 +49,13 @@ def payment_authorize(
     currency = currency.upper()
     amount_minor = to_minor(amount, currency)
     # Our row exists before the provider is asked, so its answer always has a row to land in.
-    # One autocommitted INSERT (a retry finds it there: order_id is unique), instead of
-    # get_or_create's SELECT, BEGIN, INSERT and COMMIT (a savepoint only inside a transaction).
-    with contextlib.suppress(IntegrityError), savepoint_if_nested():
-        Payment.objects.create(
+    # One INSERT that a retry finds taken (order_id is unique) and leaves alone, instead of
+    # get_or_create's SELECT, BEGIN, INSERT and COMMIT; no error, so no savepoint either.
+    insert_unless_taken(
+        Payment(
             order_id=order_uuid, amount=amount, currency=currency, payment_method=payment_method
         )
+    )
     try:
         response = get_provider().authorize(
             key=key,

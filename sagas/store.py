@@ -37,6 +37,7 @@ from django.db.models import Field
 from django.utils import timezone
 from psycopg._queries import PostgresQuery, _query2pg_nocache
 
+from config.db import column_of
 from sagas import metrics
 from sagas import transactions as step_transactions
 from sagas.definition import change_hook, registered_definitions
@@ -59,13 +60,6 @@ log = structlog.get_logger("sagas.engine")
 # Fields returned by every claim and record, in model order (what the loop needs to go on).
 _SAGA_FIELDS = list(Saga._meta.concrete_fields)
 _FIELD_BY_NAME = {f.name: f for f in _SAGA_FIELDS}
-
-
-def _column(field: Field[Any, Any]) -> str:
-    """A concrete field's column; Django sets it on every concrete field (the type allows None
-    for the fields that have none)."""
-    assert field.column is not None
-    return field.column
 
 
 _CONVERTERS: list[tuple[int, Any, list]] | None = None
@@ -268,7 +262,7 @@ def _saga_update_text(
     sets = [f"{qn('version')} = {qn('version')} + 1"]
     if bump_attempt:
         sets.append(f"{qn('attempt')} = {qn('attempt')} + 1")
-    sets += [f"{qn(_column(_FIELD_BY_NAME[name]))} = %s" for name in names]
+    sets += [f"{qn(column_of(_FIELD_BY_NAME[name]))} = %s" for name in names]
     where = [f"{qn('id')} = %s", f"{qn('version')} = %s"]
     if require_active:
         where.append(f"{qn('state')} IN ({', '.join(['%s'] * len(_ACTIVE))})")
@@ -284,7 +278,7 @@ def _saga_update_text(
         # A cancel request does not move the version of a saga whose step is in flight (its
         # record must land); a batch of steps must not land past one it never saw.
         where.append(f"{qn('cancel_reason')} = %s")
-    columns = ", ".join(qn(_column(f)) for f in _SAGA_FIELDS)
+    columns = ", ".join(qn(column_of(f)) for f in _SAGA_FIELDS)
     return (
         f"UPDATE {qn(Saga._meta.db_table)} SET {', '.join(sets)} "
         f"WHERE {' AND '.join(where)} RETURNING {columns}"
@@ -457,7 +451,7 @@ def _record_text(
     head = "WITH " if wait_flush else f"WITH {_NO_FLUSH_WAIT}, "
     parts = [f"{head}s AS ({saga_sql})"]
     for n, names in enumerate(step_rows):
-        sets = ", ".join(f"{qn(_column(_STEP_FIELDS[name]))} = %s" for name in names)
+        sets = ", ".join(f"{qn(column_of(_STEP_FIELDS[name]))} = %s" for name in names)
         parts.append(
             f", st{n} AS (UPDATE {qn(SagaStep._meta.db_table)} SET {sets} "
             f"WHERE {qn('saga_id')} = %s AND {qn('name')} = %s AND EXISTS (SELECT 1 FROM s))"
@@ -471,7 +465,7 @@ def _record_text(
             f"FROM s, (VALUES {', '.join([row] * n_events)}) AS v({cols}))"
         )
     parts += [f", {ctes}" for ctes in carried]
-    columns = ", ".join(qn(_column(f)) for f in _SAGA_FIELDS)
+    columns = ", ".join(qn(column_of(f)) for f in _SAGA_FIELDS)
     parts.append(f" SELECT {columns} FROM s" if wait_flush else f" SELECT {columns} FROM s, nf")
     return "".join(parts)
 
@@ -520,7 +514,7 @@ def _insert_text(n_steps: int) -> str:
     def insert(model: type[Any], rows: int) -> str:
         fields = _insert_fields(model)
         row = "(" + ", ".join(["%s"] * len(fields)) + ")"
-        cols = ", ".join(qn(_column(f)) for f in fields)
+        cols = ", ".join(qn(column_of(f)) for f in fields)
         return f"INSERT INTO {qn(model._meta.db_table)} ({cols}) VALUES {', '.join([row] * rows)}"
 
     return (
@@ -577,7 +571,7 @@ def claim_due() -> Saga | None:
             [f"{qn('version')} = {qn('version')} + 1", f"{qn('attempt')} = {qn('attempt')} + 1"]
             + [f"{qn(c)} = %s" for c in ("lease_until", "sweeps", "updated_at")]
         )
-        columns = ", ".join(qn(_column(f)) for f in _SAGA_FIELDS)
+        columns = ", ".join(qn(column_of(f)) for f in _SAGA_FIELDS)
         table = qn(Saga._meta.db_table)
         sql = (
             f"UPDATE {table} SET {sets} WHERE {qn('id')} = (SELECT {qn('id')} FROM {table} "

@@ -14,7 +14,7 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 
-from config.db import RowBy, insert_unless_taken
+from config.db import RowBy, insert_unless_taken, update_row
 from sagas.faults import fault_point
 from shipping.errors import ShipmentRefused, ShippingUnavailable
 from shipping.models import Shipment, ShipmentStatus
@@ -91,7 +91,7 @@ def shipment_cancel(*, key: str, forward_key: str) -> dict[str, Any]:
         if shipment.status == ShipmentStatus.ARRANGED:
             shipment.status = ShipmentStatus.CANCELLED
             shipment.cancelled_by_key = key
-            shipment.save(update_fields=["status", "cancelled_by_key", "updated_at"])
+            update_row(shipment, ["status", "cancelled_by_key", "updated_at"])
         # A refusal shipped nothing; a tombstone or a cancelled shipment needs nothing more.
         return _result(
             shipment,

@@ -1,5 +1,7 @@
 """``config.db``: a read by key whose SQL is built once (``RowBy``, ``ValuesBy``) reads what the
-ORM reads; timestamps load in psycopg's compiled loader as Django's own loader loads them."""
+ORM reads, and a write built once (``insert_row``, ``update_row``, ``insert_unless_taken``)
+writes what ``save()`` writes; timestamps load in psycopg's compiled loader as Django's own
+loader loads them."""
 
 from __future__ import annotations
 
@@ -8,10 +10,19 @@ import uuid
 from typing import Any
 
 import pytest
-from django.db import OperationalError, connection, connections, transaction
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    OperationalError,
+    connection,
+    connections,
+    transaction,
+)
 from django.db.models import Count
+from django.db.models.signals import post_save
+from django.test.utils import CaptureQueriesContext
 
-from config.db import RowBy, ValuesBy
+from config.db import RowBy, ValuesBy, insert_row, insert_unless_taken, update_row
 from inventory.models import Reservation, ReservationLine
 from payments.models import ProviderOperation
 from payments.provider import FakePaymentProvider
@@ -210,3 +221,82 @@ def test_a_connection_whose_zone_psycopg_labels_otherwise_keeps_djangos_loader()
         assert value.tzinfo == zoneinfo.ZoneInfo("UTC")
     finally:
         other.close()
+
+
+# -- writes whose SQL is built once --------------------------------------------------------------
+def _columns(obj: Any) -> dict[str, Any]:
+    return {f.attname: getattr(obj, f.attname) for f in type(obj)._meta.concrete_fields}
+
+
+def test_insert_row_writes_what_save_writes_and_reads_back_an_auto_key():
+    def operation(key: str) -> ProviderOperation:
+        return ProviderOperation(
+            key=key,
+            kind="capture",
+            outcome="succeeded",
+            amount_minor=500,
+            currency="EUR",
+            reference="order-9",
+            response={"id": "cap_1", "amount": 500},
+        )
+
+    by_orm, by_text = operation("w-orm"), operation("w-text")
+    by_orm.save(force_insert=True)
+    with CaptureQueriesContext(connection) as ctx:
+        insert_row(by_text)
+    assert [q["sql"].split(" (")[0] for q in ctx.captured_queries] == [
+        'INSERT INTO "payments_provideroperation"'
+    ]
+    assert by_text.pk is not None and by_text.pk != by_orm.pk  # the sequence's next id
+    assert not by_text._state.adding and by_text._state.db == "default"
+    assert by_text.created_at is not None  # auto_now_add set on the instance, as save() sets it
+    stored = {op.key: _columns(op) for op in ProviderOperation.objects.filter(key__startswith="w-")}
+    assert stored["w-text"] == _columns(by_text)
+    assert {k: v for k, v in stored["w-text"].items() if k not in ("id", "key", "created_at")} == {
+        k: v for k, v in stored["w-orm"].items() if k not in ("id", "key", "created_at")
+    }
+    with pytest.raises(IntegrityError), transaction.atomic():
+        insert_row(operation("w-text"))  # the key is unique: as save() raises
+
+
+def test_update_row_sets_the_fields_named_and_the_auto_now_stamp_only():
+    made = Reservation.objects.create(key="u1", order_id=uuid.uuid4())
+    stamped = made.updated_at
+    made.status = "committed"
+    made.settled_by_key = "u1-commit"
+    made.key = "not-saved"  # not among the fields named: stays as stored
+    update_row(made, ["status", "settled_by_key", "updated_at"])
+    stored = Reservation.objects.get(pk=made.pk)
+    assert (stored.status, stored.settled_by_key, stored.key) == ("committed", "u1-commit", "u1")
+    assert stored.updated_at == made.updated_at > stamped
+
+    gone = Reservation(key="u2")  # never inserted: no row has its primary key
+    with pytest.raises(DatabaseError, match="did not affect any rows"):
+        update_row(gone, ["status"])
+
+
+def test_insert_unless_taken_inserts_once_and_leaves_a_taken_key_alone():
+    first = Reservation(key="t1", order_id=uuid.uuid4())
+    assert insert_unless_taken(first) is True
+    assert not first._state.adding
+    with transaction.atomic():  # no error inside a transaction either: no savepoint needed
+        assert insert_unless_taken(Reservation(key="t1", order_id=uuid.uuid4())) is False
+        assert insert_unless_taken(Reservation(key="t2")) is True
+    assert sorted(Reservation.objects.values_list("key", flat=True)) == ["t1", "t2"]
+    assert Reservation.objects.get(key="t1").order_id == first.order_id
+
+
+def test_a_model_with_save_receivers_is_still_saved_by_save():
+    seen: list[Any] = []
+
+    def receiver(sender: Any, instance: Any, created: bool, **_kw: Any) -> None:
+        seen.append((instance.key, created))
+
+    post_save.connect(receiver, sender=Reservation, dispatch_uid="test-db-helpers")
+    try:
+        made = insert_row(Reservation(key="s1"))
+        made.status = "released"
+        update_row(made, ["status"])
+    finally:
+        post_save.disconnect(sender=Reservation, dispatch_uid="test-db-helpers")
+    assert seen == [("s1", True), ("s1", False)]
