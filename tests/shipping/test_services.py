@@ -65,13 +65,20 @@ def test_repeated_arrange_returns_the_first_shipment():
 @pytest.mark.django_db
 def test_a_first_arrange_is_one_statement_and_a_repeat_reads_what_the_first_left():
     """The row is inserted first and the key read only when it is taken: a first call (every
-    order's) costs one round trip, not a read that finds nothing and then the insert."""
+    order's) costs one round trip, not a read that finds nothing and then the insert. (Only
+    the shipments' statements count: fault injection's outage check reads its own table now
+    and then, at most every quarter of a second per process, whatever the call.)"""
+
+    def shipments(queries) -> list[str]:
+        sql = [q["sql"] for q in queries if '"shipping_shipment"' in q["sql"]]
+        return [s.split(" ", 1)[0] for s in sql]
+
     with CaptureQueriesContext(connection) as first_call:
         first = arrange()
-    assert [q["sql"].split(" ", 1)[0] for q in first_call] == ["INSERT"]
+    assert shipments(first_call) == ["INSERT"]
     with CaptureQueriesContext(connection) as repeat:
         assert arrange() == first
-    assert [q["sql"].split(" ", 1)[0] for q in repeat] == ["INSERT", "SELECT"]
+    assert shipments(repeat) == ["INSERT", "SELECT"]
     assert Shipment.objects.count() == 1
 
 
