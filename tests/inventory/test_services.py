@@ -195,7 +195,8 @@ def test_release_gives_back_what_was_held(catalog):
     assert result["reservation_id"] == held["reservation_id"]
     assert result["lines"] == [["apple", 2], ["banana", 1]]
     assert stock("apple") == (5, 0) and stock("banana") == (3, 0)
-    assert Reservation.objects.get(key="k").settled_by_key == "k:undo"
+    row = Reservation.objects.get(key="k")
+    assert (row.status, row.settled_by_key) == ("released", "k:undo")
 
 
 def test_release_is_idempotent(catalog):
@@ -255,13 +256,18 @@ def test_release_of_committed_stock_is_refused(catalog):
 
 # -- commit ----------------------------------------------------------------------------------
 def test_commit_turns_held_stock_into_sold_stock(catalog):
-    """Stock on hand and held fall together; ``available`` does not move."""
+    """Stock on hand and held fall together; ``available`` does not move; the reservation row
+    says committed, by whom and when (the same statement that sells the stock marks it)."""
     reserve(key="k", lines=[("apple", 2), ("banana", 3)])
     before = Product.objects.get(sku="apple").available
+    held_at = Reservation.objects.get(key="k").updated_at
     result = reservation_commit(key="k:commit", forward_key="k")
     assert result["status"] == "committed"
     assert stock("apple") == (3, 0) and stock("banana") == (0, 0)
     assert Product.objects.get(sku="apple").available == before
+    row = Reservation.objects.get(key="k")
+    assert (row.status, row.settled_by_key) == ("committed", "k:commit")
+    assert row.updated_at > held_at
 
 
 def test_commit_is_idempotent(catalog):
