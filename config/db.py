@@ -27,10 +27,11 @@ def insert_unless_taken(obj: Model) -> bool:
     """``INSERT`` ``obj`` unless a unique value of it is taken already: ``True`` if it was.
 
     For a participant's row keyed by idempotency key, with its primary key set before the
-    insert (a UUID default). On PostgreSQL, ``INSERT ... ON CONFLICT DO NOTHING RETURNING``:
-    the row goes in first instead of the key being read first, one round trip where a first
-    call took two (a read that found nothing, then the insert); a repeat, or a tombstone left
-    under the key, inserts nothing, and the caller reads what is there. No error either, so no
+    insert (a UUID default). On PostgreSQL, ``INSERT ... ON CONFLICT DO NOTHING RETURNING``
+    (its text built once per model, as :func:`insert_row`'s): the row goes in first instead
+    of the key being read first, one round trip where a first call took two (a read that
+    found nothing, then the insert); a repeat, or a tombstone left under the key, inserts
+    nothing, and the caller reads what is there. No error either, so no
     savepoint is needed inside a transaction. A row with the same key that another transaction
     has written but not committed makes this wait for that transaction's end, as the unique
     index makes a plain ``INSERT`` wait, and then the row is there to read (or, rolled back,
@@ -50,7 +51,14 @@ def insert_unless_taken(obj: Model) -> bool:
         except IntegrityError:
             return False
         return True
-    if not _fast_path(type(obj), using):
+    db = connections[using]
+    text = _insert_text(type(obj), using, auto_pk=False, unless_taken=True)
+    values = _prepared(obj, text.fields, True, db) if _fast_path(type(obj), using) else None
+    if values is not None:
+        with db.cursor() as cursor:
+            cursor.execute(text.sql, values)
+            inserted = cursor.fetchone() is not None
+    else:  # the ORM's own insert compiler: receivers' models, expressions
         fields = [f for f in meta.local_concrete_fields if not f.generated]
         rows = meta.base_manager._insert(  # type: ignore[attr-defined]
             [obj],
@@ -60,15 +68,6 @@ def insert_unless_taken(obj: Model) -> bool:
             using=using,
         )
         inserted = bool(rows) and rows[0] is not None
-    else:
-        db = connections[using]
-        text = _insert_text(type(obj), using, auto_pk=False, unless_taken=True)
-        values = _prepared(obj, text.fields, True, db)
-        if values is None:
-            raise ValueError(f"{meta.label}: insert_unless_taken() takes values, not expressions")
-        with db.cursor() as cursor:
-            cursor.execute(text.sql, values)
-            inserted = cursor.fetchone() is not None
     if inserted:
         obj._state.adding = False
         obj._state.db = using
