@@ -53,7 +53,7 @@ def insert_unless_taken(obj: Model) -> bool:
         return True
     db = connections[using]
     text = _insert_text(type(obj), using, auto_pk=False, unless_taken=True)
-    values = _prepared(obj, text.fields, True, db) if _fast_path(type(obj), using) else None
+    values = _prepared(obj, text.fields, True, db) if may_skip_save(type(obj), using) else None
     if values is not None:
         with db.cursor() as cursor:
             cursor.execute(text.sql, values)
@@ -89,17 +89,26 @@ class _WriteText:
     returns_pk: bool
 
 
-def _fast_path(model: type[Model], using: str) -> bool:
-    """Whether a write of ``model`` may skip ``save()``: PostgreSQL, no ``pre_save`` or
-    ``post_save`` receivers for it, and no parent model or database default whose handling
-    only ``save()`` knows."""
+def may_skip_save(model: type[Model], using: str = "default") -> bool:
+    """Whether a write of ``model`` may be a plain ``INSERT`` or ``UPDATE`` of its own instead of
+    ``save()``: PostgreSQL, no ``pre_save`` or ``post_save`` receivers for it, and nothing only
+    ``save()`` knows how to write: a parent model, ``order_with_respect_to``, a composite or
+    missing primary key, a database default, a generated column (``save()`` reads it back), or
+    a field whose value Django wraps in SQL of its own (``get_placeholder``: arrays, ranges,
+    geometries). Checked on every call, so a receiver connected later is honoured."""
     meta = model._meta
+    fields = meta.local_concrete_fields
     return (
         connections[using].vendor == "postgresql"
         and not meta.parents
+        and not meta.order_with_respect_to
+        and isinstance(meta.pk, Field)
+        and isinstance(getattr(meta.pk, "column", None), str)
         and not signals.pre_save.has_listeners(model)
         and not signals.post_save.has_listeners(model)
-        and not any(f.has_db_default() for f in meta.local_concrete_fields)
+        and not any(
+            f.has_db_default() or f.generated or hasattr(f, "get_placeholder") for f in fields
+        )
     )
 
 
@@ -157,13 +166,14 @@ def insert_row(obj: M) -> M:
     itself. A participant writes a row or two on every step. Here the text is built once and
     the values prepared exactly as Django's insert prepares them; an auto-increment key is
     read back into ``obj``. No ``pre_save`` or ``post_save`` is sent, so a model that has
-    receivers, a parent model, a database default, a value that is an expression, or a
-    database other than PostgreSQL goes through ``save()`` as before. Raises what ``save()``
-    raises (``IntegrityError`` on a taken unique value).
+    receivers, or anything else only ``save()`` knows how to write (:func:`may_skip_save`), and
+    a value that is an expression go through ``save()`` as before. Raises what ``save()``
+    raises (``IntegrityError`` on a taken unique value). Unlike ``save()``, it does not check
+    that a related object assigned to a foreign key was saved first: assign saved ones.
     """
     model, meta = type(obj), obj._meta
     using = router.db_for_write(model, instance=obj)
-    if not _fast_path(model, using):
+    if not may_skip_save(model, using):
         obj.save(force_insert=True, using=using)
         return obj
     db = connections[using]
@@ -187,14 +197,17 @@ def update_row(obj: Model, fields: Sequence[str]) -> None:
     it raises ``DatabaseError`` if no row has ``obj``'s primary key."""
     model = type(obj)
     using = obj._state.db or router.db_for_write(model, instance=obj)
-    if not _fast_path(model, using):
-        obj.save(update_fields=fields, using=using)
+    names = tuple(dict.fromkeys(fields))  # once each, in order, as save() takes them
+    if not names:
+        return  # as save(update_fields=[]): nothing to write
+    if not may_skip_save(model, using):
+        obj.save(update_fields=names, using=using)
         return
     db = connections[using]
-    text = _update_text(model, using, tuple(fields))
+    text = _update_text(model, using, names)
     values = _prepared(obj, text.fields, False, db)
     if values is None:
-        obj.save(update_fields=fields, using=using)
+        obj.save(update_fields=names, using=using)
         return
     values.append(obj._meta.pk.get_db_prep_value(obj.pk, db))
     with db.cursor() as cursor:

@@ -18,7 +18,14 @@ from typing import Any
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from config.db import RowBy, ValuesBy, column_of, insert_unless_taken, update_row
+from config.db import (
+    RowBy,
+    ValuesBy,
+    column_of,
+    insert_unless_taken,
+    may_skip_save,
+    update_row,
+)
 from inventory.errors import (
     OutOfStock,
     ReservationNotFound,
@@ -244,11 +251,12 @@ def _settle(
 
     On PostgreSQL one statement does it all (:func:`_settle_all_sql`): the products' rows,
     locked last, stay locked only until the transaction ends, not across one more round trip
-    for the reservation. Elsewhere one ``UPDATE`` per line and one for the reservation.
+    for the reservation. Elsewhere, or if something listens for the reservation's saves, one
+    ``UPDATE`` per line and the reservation saved on its own.
     """
     reservation.status = ReservationStatus.COMMITTED if sold else ReservationStatus.RELEASED
     reservation.settled_by_key = key
-    if connection.vendor != "postgresql" or not lines:
+    if not lines or not may_skip_save(Reservation, connection.alias):
         if lines:
             now = _now_for_db()
             sql = _settle_sql(sold)

@@ -13,8 +13,13 @@ What it leaves out, each in the chain's favour: no compensation (a careful user 
 ``on_error`` link on every task; the happy path never runs it, but every message carries it),
 no circuit breaker or call limits around the providers, no saga row, no timeline, no order row
 (the client sends the order's facts in the first message instead of placing an ``Order``,
-whose saga is required). Each task hands the order's facts (and the authorization's id) to the
-next one in its return value, as chains do.
+whose saga is required). Its finish time is the reservation's ``updated_at``, stamped before
+the sale's statement and commit, where a saga's is its last record's: a round trip and a
+durable commit earlier. Each task hands the order's facts (and the authorization's id) to the
+next one in its return value, as chains do. Retries differ in detail: Celery's backoff factor
+is whole seconds (1 s, where the engine's base is 0.5 s), and the sale's "no" is final here
+where the saga retries it and escalates; neither happens on the benchmark's happy path. A
+chain that fails is only noticed by the benchmark's timeout (it never sells its stock).
 
 Importing this module registers the tasks; bench workers import it through
 :mod:`lab.bench_saga`.

@@ -22,7 +22,7 @@ from django.db.models import Count
 from django.db.models.signals import post_save
 from django.test.utils import CaptureQueriesContext
 
-from config.db import RowBy, ValuesBy, insert_row, insert_unless_taken, update_row
+from config.db import RowBy, ValuesBy, insert_row, insert_unless_taken, may_skip_save, update_row
 from inventory.models import Reservation, ReservationLine
 from payments.models import ProviderOperation
 from payments.provider import FakePaymentProvider
@@ -300,3 +300,40 @@ def test_a_model_with_save_receivers_is_still_saved_by_save():
     finally:
         post_save.disconnect(sender=Reservation, dispatch_uid="test-db-helpers")
     assert seen == [("s1", True), ("s1", False)]
+
+
+def test_update_row_of_no_fields_writes_nothing_and_names_each_field_once():
+    made = Reservation.objects.create(key="d1")
+    with CaptureQueriesContext(connection) as nothing:
+        update_row(made, [])
+    assert nothing.captured_queries == []  # as save(update_fields=[])
+    made.status = "released"
+    update_row(made, ["status", "status", "updated_at"])  # a name twice is set once
+    assert Reservation.objects.get(pk=made.pk).status == "released"
+
+
+def test_a_settlement_is_saved_by_save_while_something_listens_for_reservations():
+    """Inventory's one-statement sale skips ``save()``; with a receiver for the reservation's
+    saves, the sale goes through ``save()`` and the receiver hears it."""
+    from inventory.models import Product
+    from inventory.services import reservation_commit, reservation_reserve
+
+    Product.objects.create(sku="pear", name="Pear", price="1.00", stock_on_hand=5)
+    reservation_reserve(key="rk", order_id=None, lines=[("pear", 2)])
+    heard: list[str] = []
+
+    def receiver(sender: Any, instance: Any, **_kw: Any) -> None:
+        heard.append(instance.status)
+
+    post_save.connect(receiver, sender=Reservation, dispatch_uid="test-db-helpers-settle")
+    try:
+        assert not may_skip_save(Reservation)
+        reservation_commit(key="rk:c", forward_key="rk")
+    finally:
+        post_save.disconnect(sender=Reservation, dispatch_uid="test-db-helpers-settle")
+    assert may_skip_save(Reservation)
+    assert heard == ["committed"]
+    assert Product.objects.filter(sku="pear").values_list("stock_on_hand", "reserved").get() == (
+        3,
+        0,
+    )
