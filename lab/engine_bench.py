@@ -46,6 +46,38 @@ class Result:
     broker_messages_per_saga: float | None = None
     outcomes: dict[str, int] = field(default_factory=dict)
 
+    @classmethod
+    def measured(
+        cls,
+        name: str,
+        n: int,
+        latencies: list[float],
+        seconds: float,
+        *,
+        rate: float | None,
+        publishes: tuple[int | None, int | None],
+        outcomes: dict[str, int],
+        queries_per_step: float | None = None,
+    ) -> Result:
+        """A run's figures: its ``n`` sagas' latencies (ms; of those that finished), its span
+        (s), and the broker's publish counts before and after it (``None`` where the broker
+        does not tell)."""
+        before, after = publishes
+        return cls(
+            name=name,
+            sagas=n,
+            seconds=seconds,
+            sagas_per_s=n / seconds,
+            p50_ms=percentile(latencies, 50),
+            p99_ms=percentile(latencies, 99),
+            offered_per_s=rate,
+            queries_per_step=queries_per_step,
+            broker_messages_per_saga=(
+                None if before is None or after is None else (after - before) / n
+            ),
+            outcomes=outcomes,
+        )
+
     def row(self) -> str:
         q = "-" if self.queries_per_step is None else f"{self.queries_per_step:.1f}"
         m = "-" if self.broker_messages_per_saga is None else f"{self.broker_messages_per_saga:.2f}"
@@ -191,6 +223,20 @@ def wait_settled(ids: list[Any], timeout: float, what: str) -> None:
     _wait(all_settled, timeout, what)
 
 
+def saga_figures(ids: list[Any]) -> tuple[list[float], float, dict[str, int]]:
+    """Latencies (created -> finished, ms), the span from the first start to the last finish
+    (s) and the count of each end state, of the sagas ``ids``, from the rows' timestamps."""
+    sagas = Saga.objects.filter(id__in=ids)
+    rows = list(sagas.values_list("created_at", "finished_at", "state"))
+    span = sagas.aggregate(a=Min("created_at"), b=Max("finished_at"))
+    seconds = max((span["b"] - span["a"]).total_seconds(), 1e-9)
+    latencies = [(f - c).total_seconds() * 1000 for c, f, _ in rows if f]
+    outcomes: dict[str, int] = {}
+    for *_, state in rows:
+        outcomes[state] = outcomes.get(state, 0) + 1
+    return latencies, seconds, outcomes
+
+
 def run_engine(
     n: int, *, rate: float | None = None, timeout: float = 600, saga_type: str = "bench5"
 ) -> Result:
@@ -203,7 +249,6 @@ def run_engine(
     run = f"engine-{uuid.uuid4().hex[:8]}"
     ids: list[Any] = []
     before = broker_publishes()
-    started = time.monotonic()
 
     def send(i: int) -> None:
         with transaction.atomic():
@@ -212,25 +257,16 @@ def run_engine(
     _paced(n, rate, send)
     wait_settled(ids, timeout, "engine sagas to finish")
     after = broker_publishes()
-    rows = list(Saga.objects.filter(id__in=ids).values_list("created_at", "finished_at", "state"))
-    span = Saga.objects.filter(id__in=ids).aggregate(a=Min("created_at"), b=Max("finished_at"))
-    seconds = (span["b"] - span["a"]).total_seconds()
-    latencies = [(f - c).total_seconds() * 1000 for c, f, _ in rows if f]
-    outcomes: dict[str, int] = {}
-    for *_, state in rows:
-        outcomes[state] = outcomes.get(state, 0) + 1
-    del started
-    return Result(
-        name="engine 5-step saga" + (" (transactional)" if saga_type == "bench5tx" else ""),
-        sagas=n,
-        seconds=seconds,
-        sagas_per_s=n / seconds,
-        p50_ms=percentile(latencies, 50),
-        p99_ms=percentile(latencies, 99),
-        offered_per_s=rate,
-        queries_per_step=engine_queries_per_step(saga_type),
-        broker_messages_per_saga=None if before is None else (after - before) / n,
+    latencies, seconds, outcomes = saga_figures(ids)
+    return Result.measured(
+        "engine 5-step saga" + (" (transactional)" if saga_type == "bench5tx" else ""),
+        n,
+        latencies,
+        seconds,
+        rate=rate,
+        publishes=(before, after),
         outcomes=outcomes,
+        queries_per_step=engine_queries_per_step(saga_type),
     )
 
 
@@ -260,17 +296,15 @@ def run_chain(n: int, *, rate: float | None = None, timeout: float = 600) -> Res
         finished = dict(cursor.fetchall())
     latencies = [(finished[i].timestamp() - sent_at[i]) * 1000 for i in range(n)]
     seconds = (max(finished.values()) - first).total_seconds()
-    return Result(
-        name="plain celery chain",
-        sagas=n,
-        seconds=seconds,
-        sagas_per_s=n / seconds,
-        p50_ms=percentile(latencies, 50),
-        p99_ms=percentile(latencies, 99),
-        offered_per_s=rate,
-        queries_per_step=1.0,
-        broker_messages_per_saga=None if before is None else (after - before) / n,
+    return Result.measured(
+        "plain celery chain",
+        n,
+        latencies,
+        seconds,
+        rate=rate,
+        publishes=(before, after),
         outcomes={"succeeded": n},
+        queries_per_step=1.0,
     )
 
 

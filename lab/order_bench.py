@@ -13,13 +13,11 @@ import time
 from decimal import Decimal
 
 from django.contrib.auth import get_user_model
-from django.db.models import Max, Min
 
 from inventory.models import Product
 from lab import order_chain
-from lab.engine_bench import Result, _paced, broker_publishes, percentile, wait_settled
+from lab.engine_bench import Result, _paced, broker_publishes, saga_figures, wait_settled
 from orders.services import order_create
-from sagas.models import Saga
 
 BENCH_SKUS = [f"BENCH-{i}" for i in range(1, 6)]
 
@@ -66,23 +64,14 @@ def run_orders(n: int, *, rate: float | None = None, latency: bool = False) -> R
     _paced(n, rate, send)
     wait_settled(saga_ids, 1800, "order sagas to settle")
     after = broker_publishes()
-    sagas = Saga.objects.filter(id__in=saga_ids)
-    rows = list(sagas.values_list("created_at", "finished_at", "state"))
-    span = sagas.aggregate(a=Min("created_at"), b=Max("finished_at"))
-    seconds = max((span["b"] - span["a"]).total_seconds(), 1e-9)
-    latencies = [(f - c).total_seconds() * 1000 for c, f, _ in rows if f]
-    outcomes: dict[str, int] = {}
-    for *_, state in rows:
-        outcomes[state] = outcomes.get(state, 0) + 1
-    return Result(
-        name="order saga" + (" +20-50ms/call" if latency else ""),
-        sagas=n,
-        seconds=seconds,
-        sagas_per_s=n / seconds,
-        p50_ms=percentile(latencies, 50),
-        p99_ms=percentile(latencies, 99),
-        offered_per_s=rate,
-        broker_messages_per_saga=None if before is None else (after - before) / n,
+    latencies, seconds, outcomes = saga_figures(saga_ids)
+    return Result.measured(
+        "order saga" + (" +20-50ms/call" if latency else ""),
+        n,
+        latencies,
+        seconds,
+        rate=rate,
+        publishes=(before, after),
         outcomes=outcomes,
     )
 
@@ -112,14 +101,12 @@ def run_order_chain(n: int, *, rate: float | None = None, timeout: float = 1800)
     finished = order_chain.sold_at(ids)
     latencies = [(finished[i] - sent_at[i]) * 1000 for i in ids]
     seconds = max(max(finished.values()) - min(sent_at.values()), 1e-9)
-    return Result(
-        name="order celery chain",
-        sagas=n,
-        seconds=seconds,
-        sagas_per_s=n / seconds,
-        p50_ms=percentile(latencies, 50),
-        p99_ms=percentile(latencies, 99),
-        offered_per_s=rate,
-        broker_messages_per_saga=None if before is None else (after - before) / n,
+    return Result.measured(
+        "order celery chain",
+        n,
+        latencies,
+        seconds,
+        rate=rate,
+        publishes=(before, after),
         outcomes={"succeeded": n},
     )
