@@ -52,8 +52,10 @@ def insert_unless_taken(obj: Model) -> bool:
             return False
         return True
     db = connections[using]
-    text = _insert_text(type(obj), using, auto_pk=False, unless_taken=True)
-    values = _prepared(obj, text.fields, True, db) if may_skip_save(type(obj), using) else None
+    values = None
+    if may_skip_save(type(obj), using):
+        text = _insert_text(type(obj), using, auto_pk=False, unless_taken=True)
+        values = _prepared(obj, text.fields, True, db)
     if values is not None:
         with db.cursor() as cursor:
             cursor.execute(text.sql, values)
