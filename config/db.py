@@ -147,6 +147,62 @@ def _update_text(model: type[Model], using: str, names: tuple[str, ...]) -> _Wri
     return _WriteText(sql, plain, False)
 
 
+@dataclass(frozen=True)
+class RowParts:
+    """A model's columns and their placeholders, for a statement a caller composes itself.
+
+    For writes that must happen together or not at all in one round trip (a data-modifying
+    ``WITH``, one row inserted only if another was): :func:`insert_row`'s text cannot be
+    nested. ``placeholders`` casts each ``%s`` to its column's type, so the values may stand
+    in a ``SELECT`` list (``INSERT ... SELECT ... FROM cte``), where PostgreSQL would otherwise
+    take them for text. Built once per model (and field names); PostgreSQL only.
+    """
+
+    table: str  # quoted
+    columns: str  # "c1", "c2", ... quoted, comma-separated (empty for assignments)
+    placeholders: str  # %s::type, ... or, for assignments, "c1" = %s::type, ...
+    fields: tuple[Field[Any, Any], ...]
+
+    def values(self, obj: Model, *, add: bool) -> list | None:
+        """``obj``'s values for :attr:`fields`, prepared as ``save()`` prepares them (``add``:
+        an insert, so ``auto_now_add`` applies); ``None`` if one is an expression."""
+        using = obj._state.db or router.db_for_write(type(obj), instance=obj)
+        return _prepared(obj, self.fields, add, connections[using])
+
+
+def _cast(f: Field[Any, Any], db: Any) -> str:
+    return f"%s::{f.cast_db_type(db)}"
+
+
+@functools.cache
+def insert_parts(model: type[Model], using: str = "default") -> RowParts:
+    """The columns of ``model``'s ``INSERT`` (all concrete ones but an auto-increment key and
+    generated columns) with cast placeholders; see :class:`RowParts`. Check
+    :func:`may_skip_save` first, as :func:`insert_row` does."""
+    db = connections[using]
+    meta, qn = model._meta, db.ops.quote_name
+    fields = tuple(
+        f for f in meta.local_concrete_fields if not f.generated and f is not meta.auto_field
+    )
+    return RowParts(
+        qn(meta.db_table),
+        ", ".join(qn(column_of(f)) for f in fields),
+        ", ".join(_cast(f, db) for f in fields),
+        fields,
+    )
+
+
+@functools.cache
+def assignment_parts(
+    model: type[Model], names: tuple[str, ...], using: str = "default"
+) -> RowParts:
+    """``"c1" = %s::type, ...`` for an ``UPDATE``'s ``SET`` of the named plain fields."""
+    db = connections[using]
+    fields = _update_text(model, using, names).fields
+    sets = ", ".join(f"{db.ops.quote_name(column_of(f))} = {_cast(f, db)}" for f in fields)
+    return RowParts(db.ops.quote_name(model._meta.db_table), "", sets, fields)
+
+
 def _prepared(obj: Model, fields: tuple[Field[Any, Any], ...], add: bool, db: Any) -> list | None:
     """Each field's value as Django's own INSERT or UPDATE prepares it (``pre_save``, so
     ``auto_now`` and ``auto_now_add`` land on ``obj`` too, then ``get_db_prep_save``);

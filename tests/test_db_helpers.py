@@ -22,7 +22,16 @@ from django.db.models import Count
 from django.db.models.signals import post_save
 from django.test.utils import CaptureQueriesContext
 
-from config.db import RowBy, ValuesBy, insert_row, insert_unless_taken, may_skip_save, update_row
+from config.db import (
+    RowBy,
+    ValuesBy,
+    assignment_parts,
+    insert_parts,
+    insert_row,
+    insert_unless_taken,
+    may_skip_save,
+    update_row,
+)
 from inventory.models import Reservation, ReservationLine
 from payments.models import ProviderOperation
 from payments.provider import FakePaymentProvider
@@ -336,4 +345,80 @@ def test_a_settlement_is_saved_by_save_while_something_listens_for_reservations(
     assert Product.objects.filter(sku="pear").values_list("stock_on_hand", "reserved").get() == (
         3,
         0,
+    )
+
+
+def test_insert_parts_compose_a_statement_that_writes_what_save_writes():
+    """``insert_parts``'s cast placeholders stand in a ``SELECT`` list (where uncast values
+    would be taken for text) and write the row ``save()`` writes; ``assignment_parts`` sets
+    the named fields, the ``auto_now`` stamp included."""
+    parts = insert_parts(ProviderOperation)
+    assert "id" not in [f.name for f in parts.fields]  # the sequence's: left to the database
+
+    def operation(key: str) -> ProviderOperation:
+        return ProviderOperation(
+            key=key, kind="capture", outcome="succeeded", amount_minor=7, response={"n": [1]}
+        )
+
+    by_orm, composed = operation("p-orm"), operation("p-text")
+    by_orm.save(force_insert=True)
+    values = parts.values(composed, add=True)
+    assert values is not None
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"WITH one AS (SELECT 1) INSERT INTO {parts.table} ({parts.columns}) "
+            f"SELECT {parts.placeholders} FROM one",
+            values,
+        )
+    stored = {op.key: _columns(op) for op in ProviderOperation.objects.filter(key__startswith="p-")}
+    assert {k: v for k, v in stored["p-text"].items() if k not in ("id", "key", "created_at")} == {
+        k: v for k, v in stored["p-orm"].items() if k not in ("id", "key", "created_at")
+    }
+    assert stored["p-text"]["created_at"] == composed.created_at
+
+    made = Reservation.objects.create(key="a1")
+    made.status = "released"
+    sets = assignment_parts(Reservation, ("status", "updated_at"))
+    set_values = sets.values(made, add=False)
+    assert set_values is not None
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {sets.table} SET {sets.placeholders} WHERE id = %s", [*set_values, made.pk]
+        )
+    stored_made = Reservation.objects.get(pk=made.pk)
+    assert (stored_made.status, stored_made.updated_at) == ("released", made.updated_at)
+
+
+def test_the_provider_saves_its_rows_by_save_while_something_listens_for_them():
+    """The fake provider's one-statement authorize and capture skip ``save()``; with a receiver
+    for its operations, both go through ``save()`` and the receiver hears every row."""
+    provider = FakePaymentProvider()
+    heard: list[str] = []
+
+    def receiver(sender: Any, instance: Any, **_kw: Any) -> None:
+        heard.append(instance.kind)
+
+    post_save.connect(receiver, sender=ProviderOperation, dispatch_uid="test-db-helpers-provider")
+    try:
+        auth = provider.authorize(
+            key="pa",
+            reference="o-p",
+            amount_minor=900,
+            currency="EUR",
+            payment_method="pm_card_visa",
+        )
+        capture = provider.capture(key="pc", authorization_id=auth["id"])
+    finally:
+        post_save.disconnect(sender=ProviderOperation, dispatch_uid="test-db-helpers-provider")
+    assert heard == ["authorize", "capture"]
+    assert provider.retrieve_authorization(auth["id"])["capture_id"] == capture["id"]
+    assert (
+        provider.authorize(
+            key="pa",
+            reference="o-p",
+            amount_minor=900,
+            currency="EUR",
+            payment_method="pm_card_visa",
+        )
+        == auth
     )

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
+from payments import provider as provider_module
 from payments.errors import (
     DuplicateAuthorization,
     IdempotencyKeyReused,
@@ -219,3 +222,38 @@ def test_amounts_are_non_negative_integers(amount_minor):
     """Minor units are ints: negatives, floats and bools are refused."""
     with pytest.raises(ValueError):
         authorize(amount_minor=amount_minor)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_authorize_is_one_statement_and_a_first_capture_two():
+    """As a worker calls it (autocommit): the authorize's operation and authorization go in
+    one statement without a read of the key first; a first capture reads the authorization,
+    then writes the operation and the capture in one statement. A repeat writes nothing."""
+    with CaptureQueriesContext(connection) as authorizing:
+        auth = authorize()
+    with CaptureQueriesContext(connection) as capturing:
+        capture = provider.capture(key="c", authorization_id=auth["id"])
+    assert len(authorizing) == 1, [q["sql"] for q in authorizing]
+    assert len(capturing) == 2, [q["sql"] for q in capturing]
+    assert authorize() == auth
+    assert provider.capture(key="c", authorization_id=auth["id"]) == capture
+    assert ProviderOperation.objects.count() == 2
+    assert ProviderAuthorization.objects.get().captured_minor == 1234
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_capture_that_read_the_authorization_before_a_void_captures_nothing(monkeypatch):
+    """The capture reads the authorization without a lock; a void that commits between that
+    read and the capture's write must win: the write checks the authorization is still
+    ``authorized`` under its lock, and the capture is then declined as the careful path
+    decides, with the hold left voided."""
+    auth = authorize()
+    before_void = ProviderAuthorization.objects.get()
+    provider.void(key="a:undo", authorize_key="a")
+    monkeypatch.setattr(provider_module, "_authorization", lambda _id: before_void)
+    with pytest.raises(PaymentDeclined) as caught:
+        provider.capture(key="c", authorization_id=auth["id"])
+    assert caught.value.decline_code == "authorization_voided"
+    after = ProviderAuthorization.objects.get()
+    assert (after.status, after.captured_minor) == ("voided", 0)
+    assert provider.lookup("c")["outcome"] == "declined"
