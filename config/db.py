@@ -249,6 +249,46 @@ def insert_row(obj: M) -> M:
     return obj
 
 
+def insert_rows(objs: Sequence[M]) -> None:
+    """``bulk_create(objs)`` of one model, as :func:`insert_row` (its text built once per model
+    and number of rows, the values prepared as Django prepares them, an auto-increment key
+    read back into each object in order), for the few rows a request writes together (an
+    order's items). ``bulk_create`` itself where :func:`insert_row` would use ``save()``."""
+    if not objs:
+        return
+    model, meta = type(objs[0]), objs[0]._meta
+    using = router.db_for_write(model, instance=objs[0])
+    auto = meta.auto_field is not None and all(o.pk is None for o in objs)
+    if not may_skip_save(model, using) or any(type(o) is not model for o in objs):
+        meta.base_manager.using(using).bulk_create(objs)
+        return
+    db = connections[using]
+    text = _insert_text(model, using, auto_pk=auto)
+    values: list[Any] = []
+    for obj in objs:
+        row = _prepared(obj, text.fields, True, db)
+        if row is None:
+            meta.base_manager.using(using).bulk_create(objs)
+            return
+        values += row
+    with db.cursor() as cursor:
+        cursor.execute(_rows_text(text.sql, len(objs)), values)
+        ids = cursor.fetchall() if text.returns_pk else []
+    for obj, got in zip(objs, ids, strict=bool(ids)):
+        obj.pk = got[0]
+    for obj in objs:
+        obj._state.adding = False
+        obj._state.db = using
+
+
+@functools.cache
+def _rows_text(one_row: str, rows: int) -> str:
+    """``INSERT ... VALUES (...)`` of one row as the same insert of ``rows`` rows."""
+    head, _, tail = one_row.partition(" VALUES ")
+    row, _, returning = tail.partition(")")
+    return f"{head} VALUES {', '.join([row + ')'] * rows)}{returning}"
+
+
 def update_row(obj: Model, fields: Sequence[str]) -> None:
     """``obj.save(update_fields=fields)``, its ``UPDATE`` text built once per model and fields
     (see :func:`insert_row` for why, and for when it is ``save()`` after all). As ``save()``,

@@ -16,6 +16,7 @@ from typing import Any
 
 from django.db import transaction
 
+from config.db import insert_row, insert_rows
 from inventory import services as inventory_services
 from inventory.models import Product
 from orders import events as order_events
@@ -188,11 +189,13 @@ def order_create(
             f"{what}; use one of {', '.join(PAYMENT_METHODS)}.",
         )
 
-    products = {p.sku: p for p in Product.objects.filter(sku__in=list(lines))}
+    # The price and currency of each: rows, not Product instances (built on every order).
+    catalog = Product.objects.filter(sku__in=list(lines)).values_list("sku", "price", "currency")
+    products = {sku: (price, cur) for sku, price, cur in catalog}
     for sku, (i, _) in lines.items():
         if sku not in products:
             problems.add("unknown_sku", f"items[{i}].sku", f"No product with sku {sku!r}.")
-    currencies = {p.currency for p in products.values()}
+    currencies = {cur for _, cur in products.values()}
     if len(currencies) > 1:
         problems.add(
             "mixed_currency",
@@ -202,7 +205,7 @@ def order_create(
     problems.raise_if_any()
 
     quantities = sorted((sku, qty) for sku, (_, qty) in lines.items())
-    total = sum((products[sku].price * qty for sku, qty in quantities), Decimal("0.00"))
+    total = sum((products[sku][0] * qty for sku, qty in quantities), Decimal("0.00"))
     if total > MAX_TOTAL:
         problems.add("total_too_large", "items", f"The order total may not exceed {MAX_TOTAL}.")
         problems.raise_if_any()
@@ -223,22 +226,27 @@ def order_create(
         },
         correlation_id=str(order_id),
     )
-    order = Order.objects.create(
-        id=order_id,
-        owner=owner,
-        currency=currency,
-        total=total,
-        payment_method=payment_method,
-        shipping_name=address["name"],
-        shipping_line1=address["line1"],
-        shipping_city=address["city"],
-        shipping_postal_code=address["postal_code"],
-        shipping_country=address["country"],
-        saga=saga,
+    # Built once, not by the ORM's compiler on every order (config.db.insert_row).
+    order = insert_row(
+        Order(
+            id=order_id,
+            owner=owner,
+            currency=currency,
+            total=total,
+            payment_method=payment_method,
+            shipping_name=address["name"],
+            shipping_line1=address["line1"],
+            shipping_city=address["city"],
+            shipping_postal_code=address["postal_code"],
+            shipping_country=address["country"],
+            saga=saga,
+        )
     )
-    OrderItem.objects.bulk_create(
-        OrderItem(order=order, sku=sku, quantity=qty, unit_price=products[sku].price)
-        for sku, qty in quantities
+    insert_rows(
+        [
+            OrderItem(order=order, sku=sku, quantity=qty, unit_price=products[sku][0])
+            for sku, qty in quantities
+        ]
     )
     return order
 

@@ -28,6 +28,7 @@ from config.db import (
     assignment_parts,
     insert_parts,
     insert_row,
+    insert_rows,
     insert_unless_taken,
     may_skip_save,
     update_row,
@@ -422,3 +423,24 @@ def test_the_provider_saves_its_rows_by_save_while_something_listens_for_them():
         )
         == auth
     )
+
+
+def test_insert_rows_writes_what_bulk_create_writes_and_reads_back_each_auto_key():
+    def operations(prefix: str, n: int) -> list[ProviderOperation]:
+        return [
+            ProviderOperation(
+                key=f"{prefix}-{i}", kind="authorize", outcome="succeeded", amount_minor=i
+            )
+            for i in range(n)
+        ]
+
+    by_orm = ProviderOperation.objects.bulk_create(operations("r-orm", 2))
+    by_text = operations("r-text", 3)
+    with CaptureQueriesContext(connection) as ctx:
+        insert_rows(by_text)
+    assert len(ctx.captured_queries) == 1  # the three rows in one INSERT
+    assert all(op.pk is not None and not op._state.adding for op in by_text)
+    assert len({op.pk for op in by_text}) == 3 and min(op.pk for op in by_text) > by_orm[-1].pk
+    stored = {op.pk: _columns(op) for op in ProviderOperation.objects.all()}
+    assert [stored[op.pk] for op in by_text] == [_columns(op) for op in by_text]
+    insert_rows([])  # nothing to write: no statement, no error
