@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -171,7 +172,10 @@ class RowParts:
 
 
 def _cast(f: Field[Any, Any], db: Any) -> str:
-    return f"%s::{f.cast_db_type(db)}"
+    """``%s::type`` without the type's modifiers (``varchar``, not ``varchar(64)``): an explicit
+    cast to ``varchar(64)`` would cut a longer value silently, where the column's own
+    assignment refuses it (``DataError``), as ``save()`` would."""
+    return f"%s::{re.sub(r'[(][^)]*[)]', '', str(f.cast_db_type(db)))}"
 
 
 @functools.cache
@@ -258,8 +262,10 @@ def insert_rows(objs: Sequence[M]) -> None:
         return
     model, meta = type(objs[0]), objs[0]._meta
     using = router.db_for_write(model, instance=objs[0])
-    auto = meta.auto_field is not None and all(o.pk is None for o in objs)
-    if not may_skip_save(model, using) or any(type(o) is not model for o in objs):
+    keyed = [o.pk is not None for o in objs]
+    auto = meta.auto_field is not None and not any(keyed)
+    mixed = any(keyed) and not all(keyed)  # bulk_create inserts the two kinds apart
+    if not may_skip_save(model, using) or mixed or any(type(o) is not model for o in objs):
         meta.base_manager.using(using).bulk_create(objs)
         return
     db = connections[using]
@@ -272,7 +278,7 @@ def insert_rows(objs: Sequence[M]) -> None:
             return
         values += row
     with db.cursor() as cursor:
-        cursor.execute(_rows_text(text.sql, len(objs)), values)
+        cursor.execute(_rows_text(model, using, auto, len(objs)), values)
         ids = cursor.fetchall() if text.returns_pk else []
     for obj, got in zip(objs, ids, strict=bool(ids)):
         obj.pk = got[0]
@@ -282,11 +288,16 @@ def insert_rows(objs: Sequence[M]) -> None:
 
 
 @functools.cache
-def _rows_text(one_row: str, rows: int) -> str:
-    """``INSERT ... VALUES (...)`` of one row as the same insert of ``rows`` rows."""
-    head, _, tail = one_row.partition(" VALUES ")
-    row, _, returning = tail.partition(")")
-    return f"{head} VALUES {', '.join([row + ')'] * rows)}{returning}"
+def _rows_text(model: type[Model], using: str, auto_pk: bool, rows: int) -> str:
+    """:func:`insert_row`'s ``INSERT`` of ``rows`` rows."""
+    qn = connections[using].ops.quote_name
+    fields = _insert_text(model, using, auto_pk=auto_pk).fields
+    row = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    sql = (
+        f"INSERT INTO {qn(model._meta.db_table)} ({', '.join(qn(column_of(f)) for f in fields)}) "
+        f"VALUES {', '.join([row] * rows)}"
+    )
+    return f"{sql} RETURNING {qn(column_of(model._meta.pk))}" if auto_pk else sql
 
 
 def update_row(obj: Model, fields: Sequence[str]) -> None:

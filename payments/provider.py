@@ -16,9 +16,10 @@ tombstone under its key, and a late authorize or capture with that key is refuse
 
 It keeps its own ledger (:class:`ProviderOperation`, :class:`ProviderAuthorization`) and
 amounts are integer minor units here, as at a real provider's API. Each call is its own short
-transaction, as a remote call would be (on PostgreSQL, an authorize and a first capture are
-one statement each: the simulated provider costs the benchmarks a handful of round trips per
-order, not a dozen); nothing here joins the caller's transaction.
+transaction, as a remote call would be, when it is called outside a transaction, as the saga's
+steps call it (inside a caller's transaction its writes go in a savepoint of it). On
+PostgreSQL an authorize writes in one statement and a first capture in one after a read: the
+simulated provider costs the benchmarks three round trips per order, not eleven.
 
 Test cards (``payment_method``): ``pm_card_visa`` approves; ``pm_card_declined`` declines the
 authorization; ``pm_card_capture_declined`` authorizes but declines the capture;
@@ -34,7 +35,7 @@ import uuid
 from contextlib import nullcontext
 from typing import Any
 
-from django.db import IntegrityError, connections, router, transaction
+from django.db import DataError, IntegrityError, connections, router, transaction
 
 from config.db import (
     RowBy,
@@ -108,8 +109,9 @@ def _capture_sql(using: str) -> str:
 
 
 def _run_alone(using: str, sql: str, params: list[Any]) -> int:
-    """Run one composed statement as a call of its own: autocommitted, or, inside a caller's
-    transaction, in a savepoint, so that a conflict leaves that transaction usable."""
+    """Run one composed statement: autocommitted (its own transaction, as a worker calls the
+    provider), or, inside a caller's transaction, in a savepoint of it, so that a conflict
+    leaves that transaction usable."""
     db = connections[using]
     alone = transaction.atomic(using=using) if db.in_atomic_block else nullcontext()
     with alone, db.cursor() as cursor:
@@ -216,7 +218,9 @@ class FakePaymentProvider:
             if _insert_authorize(op, auth):
                 return self._replay(op)
             conflict = None
-        except IntegrityError as exc:
+        except (IntegrityError, DataError) as exc:
+            # DataError: values the columns refuse. The key is not read first any more, so a
+            # repeat with such values still replays what its key answered first.
             conflict = exc
         # Another request with this key (or a void's tombstone) was there first; or this order
         # already has an authorization under another key.
@@ -253,14 +257,14 @@ class FakePaymentProvider:
 
     def _capture_at_once(self, key: str, authorization_id: str) -> dict[str, Any] | None:
         """The usual capture, a first one of a capturable authorization, in two round trips
-        instead of six: the authorization read without a lock, then one statement that locks
-        it only if it is still ``authorized``, inserts the operation unless the key is taken,
-        and captures only if the operation went in. What the answer says of the authorization
-        (its amount, reference, currency, card) never changes while it is ``authorized``, so
-        the unlocked read is as good as a locked one once the statement found it so. ``None``
-        if anything else happened (a repeat, a decline, a concurrent capture or void, a
-        database other than PostgreSQL): the careful path decides then, and nothing was
-        written.
+        instead of six (outside a transaction; inside one, a savepoint's two more): the
+        authorization read without a lock, then one statement that locks it only if it is
+        still ``authorized``, inserts the operation unless the key is taken, and captures only
+        if the operation went in. What the answer says of the authorization (its amount,
+        reference, currency, card) never changes while it is ``authorized``, so the unlocked
+        read is as good as a locked one once the statement found it so. ``None`` if anything
+        else happened (a repeat, a decline, a concurrent capture or void, a database other
+        than PostgreSQL): the careful path decides then, and nothing was written.
         """
         using = router.db_for_write(ProviderOperation)
         if not _one_statement(using) or not authorization_id:

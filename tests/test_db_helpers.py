@@ -444,3 +444,12 @@ def test_insert_rows_writes_what_bulk_create_writes_and_reads_back_each_auto_key
     stored = {op.pk: _columns(op) for op in ProviderOperation.objects.all()}
     assert [stored[op.pk] for op in by_text] == [_columns(op) for op in by_text]
     insert_rows([])  # nothing to write: no statement, no error
+
+
+def test_insert_rows_of_rows_with_and_without_a_key_is_bulk_creates():
+    keyed = ProviderOperation(id=987_654, key="m-1", kind="authorize", outcome="succeeded")
+    unkeyed = ProviderOperation(key="m-2", kind="authorize", outcome="succeeded")
+    insert_rows([keyed, unkeyed])
+    assert unkeyed.pk is not None
+    assert set(ProviderOperation.objects.values_list("key", flat=True)) == {"m-1", "m-2"}
+    assert ProviderOperation.objects.get(key="m-1").pk == 987_654

@@ -129,12 +129,14 @@ def _next_sequence(subject: uuid.UUID) -> int:
 
 
 # Asked on every order placed: the SQL is built once (config.db.ValuesBy).
-_active_endpoints_of = ValuesBy(Endpoint.objects.filter(is_active=True).values_list("pk"), "owner")
+_active_endpoints_of = ValuesBy(
+    Endpoint.objects.filter(is_active=True).order_by().values_list("pk"), "owner"
+)
 
 
 def subscribers(owner_id: Any) -> bool:
     """Whether the client has an active endpoint at all (one small query)."""
-    return bool(_active_endpoints_of(owner_id))
+    return owner_id is not None and bool(_active_endpoints_of(owner_id))
 
 
 def event_emit(*, owner_id: Any, subject: uuid.UUID, type: str, data: Any) -> Event | None:

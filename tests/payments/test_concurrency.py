@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from django.db import connection
 
-from payments.errors import PaymentRefused
+from payments.errors import PaymentDeclined, PaymentRefused, PaymentStateConflict
 from payments.models import Payment, ProviderAuthorization
+from payments.provider import FakePaymentProvider
 from payments.selectors import provider_summary
 from payments.services import payment_authorize, payment_capture, payment_refund, payment_void
 
@@ -113,3 +114,32 @@ def test_refund_racing_its_capture_leaves_no_money_taken():
         assert isinstance(capture_outcome, dict), capture_outcome
         assert refund_outcome["undone"] is True
         assert summary["refunded_minor"] == summary["captured_minor"] == 1000
+
+
+def test_a_void_racing_a_capture_leaves_one_outcome():
+    """The capture's write waits on the authorization's lock while a void holds it (or the
+    other way round): exactly one of the two takes effect, and the ledger agrees with it."""
+    provider = FakePaymentProvider()
+    for n in range(5):
+        auth = provider.authorize(
+            key=f"a{n}",
+            reference=f"o{n}",
+            amount_minor=1000,
+            currency="EUR",
+            payment_method="pm_card_visa",
+        )
+        capture, void = run_together(
+            lambda auth=auth, n=n: provider.capture(key=f"c{n}", authorization_id=auth["id"]),
+            lambda n=n: provider.void(key=f"a{n}:undo", authorize_key=f"a{n}"),
+        )
+        stored = ProviderAuthorization.objects.get(id=auth["id"])
+        if isinstance(capture, dict):
+            assert isinstance(void, PaymentStateConflict), void
+            assert (stored.status, stored.captured_minor) == ("captured", 1000)
+            assert provider.lookup(f"c{n}")["outcome"] == "succeeded"
+        else:
+            assert isinstance(capture, PaymentDeclined), capture
+            assert capture.decline_code == "authorization_voided"
+            assert isinstance(void, dict) and void["undone"] is True, void
+            assert (stored.status, stored.captured_minor) == ("voided", 0)
+            assert provider.lookup(f"c{n}")["outcome"] == "declined"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from django.db import connection
+from django.db import DataError, connection
 from django.test.utils import CaptureQueriesContext
 
 from payments import provider as provider_module
@@ -257,3 +257,33 @@ def test_a_capture_that_read_the_authorization_before_a_void_captures_nothing(mo
     after = ProviderAuthorization.objects.get()
     assert (after.status, after.captured_minor) == ("voided", 0)
     assert provider.lookup("c")["outcome"] == "declined"
+
+
+def test_a_key_longer_than_its_column_is_refused_not_cut():
+    """The composed statements cast their values to the column's type without its length, so
+    a value too long for its column is refused as ``save()`` refuses it, not stored cut short
+    (a cut key would answer "never seen" for money taken)."""
+    auth = authorize()
+    long_key = "k" * 300
+    with pytest.raises(DataError):
+        provider.capture(key=long_key, authorization_id=auth["id"])
+    with pytest.raises(DataError):
+        authorize(key=long_key, reference="order-2")
+    assert not ProviderOperation.objects.filter(key__startswith="kkk").exists()
+    assert ProviderAuthorization.objects.get(id=auth["id"]).status == "authorized"
+
+
+def test_a_repeat_the_columns_would_refuse_still_replays_its_first_answer():
+    """The key is not read before the write any more: a repeat whose values the columns refuse
+    (a currency too long) meets that refusal first, and still gets the first answer."""
+    first = authorize()
+    assert (
+        provider.authorize(
+            key="a",
+            reference="order-1",
+            amount_minor=1234,
+            currency="EURO",
+            payment_method="pm_card_visa",
+        )
+        == first
+    )
