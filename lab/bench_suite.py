@@ -367,15 +367,21 @@ def _run_workload(
     try:
         warmup = max(20, saturation_n // 10)
         run(warmup, None)  # warm-up: imports, connections, caches
-        before = _usage(workers.pids())
+        broker = (
+            world.stack.redis.popen.pid if world.stack.redis and world.stack.redis.popen else None
+        )
+        before = _usage(workers.pids(), broker)
         sat = run(saturation_n, None)
-        cost = _cost(before, _usage(workers.pids()), sat.sagas)
+        cost = _cost(before, _usage(workers.pids(), broker), sat.sagas)
         total = warmup + saturation_n
         say(
             f"{label}: saturation {sat.sagas_per_s:.1f} sagas/s "
             f"({sat.sagas} sent at once; p50 {sat.p50_ms:.0f} ms, p99 {sat.p99_ms:.0f} ms); "
             f"per saga: worker {cost['worker_cpu_ms_per_saga']:.1f} ms CPU, PostgreSQL "
-            f"{cost['pg_cpu_ms_per_saga']:.1f} ms CPU; {cost['sessions_opened']} sessions opened"
+            f"{cost['pg_cpu_ms_per_saga']:.1f} ms CPU, load generator "
+            f"{cost['client_cpu_ms_per_saga']:.1f} ms CPU, Redis "
+            f"{cost['broker_cpu_ms_per_saga']:.1f} ms CPU; "
+            f"{cost['sessions_opened']} sessions opened"
         )
         results = []
         for fraction in levels:
@@ -432,16 +438,25 @@ def _db_sessions() -> int:
         return int(cursor.fetchone()[0])
 
 
-def _usage(worker_pids: list[int]) -> dict[str, Any]:
-    """CPU seconds so far of every worker process (main and pool) and of every PostgreSQL
-    backend on the bench database (the workers' and the load generator's), and sessions."""
+def _usage(worker_pids: list[int], broker_pid: int | None = None) -> dict[str, Any]:
+    """CPU seconds so far of every worker process (main and pool), of every PostgreSQL backend
+    on the bench database (the workers' and the load generator's), of the load generator (this
+    process: it starts the sagas, or places the orders, while the workers run, on the same
+    cores) and of the run's own Redis server; and sessions."""
     from django.db import connection
 
     workers = {p: _cpu_seconds(p) for m in worker_pids for p in [m, *children_of(m)]}
     with connection.cursor() as cursor:
         cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
         backends = {pid: _cpu_seconds(pid) for (pid,) in cursor.fetchall()}
-    return {"worker": workers, "pg": backends, "sessions": _db_sessions()}
+    broker = {} if broker_pid is None else {broker_pid: _cpu_seconds(broker_pid)}
+    return {
+        "worker": workers,
+        "pg": backends,
+        "client": {os.getpid(): _cpu_seconds(os.getpid())},
+        "broker": broker,
+        "sessions": _db_sessions(),
+    }
 
 
 def _cost(before: dict, after: dict, sagas: int) -> dict[str, Any]:
@@ -462,6 +477,8 @@ def _cost(before: dict, after: dict, sagas: int) -> dict[str, Any]:
     return {
         "worker_cpu_ms_per_saga": round(1000 * spent("worker") / sagas, 2),
         "pg_cpu_ms_per_saga": round(1000 * spent("pg") / sagas, 2),
+        "client_cpu_ms_per_saga": round(1000 * spent("client") / sagas, 2),
+        "broker_cpu_ms_per_saga": round(1000 * spent("broker") / sagas, 2),
         "sessions_opened": opened,
         "pg_backends_ended": len(set(before["pg"]) - set(after["pg"])),
     }
@@ -491,7 +508,7 @@ def print_report(report: dict) -> None:
     print(
         f"{'workload':<30} {'sagas/s':>8} {'x chain':>8} {'p50 ms':>7} {'p99 ms':>7} "
         f"{'@ load':>8} {'eng q/step':>10} {'msg/saga':>9} {'wrk ms':>7} {'pg ms':>6} "
-        f"{'sess/1k':>7}"
+        f"{'gen ms':>6} {'rds ms':>6} {'sess/1k':>7}"
     )
     for key, w in ws.items():
         sat = w["saturation"]
@@ -500,6 +517,7 @@ def print_report(report: dict) -> None:
         eq = engine_q.get(key)
         msgs = sat.get("broker_messages_per_saga")
         wrk, pg = sat.get("worker_cpu_ms_per_saga"), sat.get("pg_cpu_ms_per_saga")
+        gen, rds = sat.get("client_cpu_ms_per_saga"), sat.get("broker_cpu_ms_per_saga")
         per_k = w.get("sessions_per_1000_sagas")
         print(
             f"{w['label']:<30} {sat['sagas_per_s']:>8.1f} {ratio:>8} "
@@ -507,15 +525,18 @@ def print_report(report: dict) -> None:
             f"{(half['offered_per_s'] if half else 0):>6.1f}/s "
             f"{'-' if eq is None else f'{eq:.1f}':>10} {'-' if msgs is None else f'{msgs:.2f}':>9}"
             f" {'-' if wrk is None else f'{wrk:.1f}':>7} {'-' if pg is None else f'{pg:.1f}':>6}"
+            f" {'-' if gen is None else f'{gen:.1f}':>6} {'-' if rds is None else f'{rds:.1f}':>6}"
             f" {'-' if per_k is None else f'{per_k:.1f}':>7}"
         )
     print(
         "sagas/s: saturation throughput (all sent at once); p50/p99: saga latency (created -> "
         "finished) at the offered load nearest half of saturation; eng q/step: SQL statements "
         "the orchestration itself runs per step; msg/saga: broker messages published per saga; "
-        "wrk ms / pg ms: CPU milliseconds per saga at saturation of the worker processes and of "
-        "the PostgreSQL backends on the bench database (/proc); sess/1k: PostgreSQL sessions "
-        "opened per 1,000 sagas, from the workers' start to their stop"
+        "wrk ms / pg ms / gen ms / rds ms: CPU milliseconds per saga at saturation of the "
+        "worker processes, of the PostgreSQL backends on the bench database, of the load "
+        "generator (starting sagas or placing orders beside the workers) and of the run's Redis "
+        "(/proc); sess/1k: PostgreSQL sessions opened per 1,000 sagas, from the workers' start "
+        "to their stop"
     )
     if "order_total_per_step" in q:
         print(f"order saga: {q['order_total_per_step']:.1f} statements per step in all")
