@@ -396,33 +396,27 @@ def test_the_provider_saves_its_rows_by_save_while_something_listens_for_them():
     provider = FakePaymentProvider()
     heard: list[str] = []
 
+    def pay() -> dict[str, Any]:
+        return provider.authorize(
+            key="pa",
+            reference="o-p",
+            amount_minor=900,
+            currency="EUR",
+            payment_method="pm_card_visa",
+        )
+
     def receiver(sender: Any, instance: Any, **_kw: Any) -> None:
         heard.append(instance.kind)
 
     post_save.connect(receiver, sender=ProviderOperation, dispatch_uid="test-db-helpers-provider")
     try:
-        auth = provider.authorize(
-            key="pa",
-            reference="o-p",
-            amount_minor=900,
-            currency="EUR",
-            payment_method="pm_card_visa",
-        )
+        auth = pay()
         capture = provider.capture(key="pc", authorization_id=auth["id"])
     finally:
         post_save.disconnect(sender=ProviderOperation, dispatch_uid="test-db-helpers-provider")
     assert heard == ["authorize", "capture"]
     assert provider.retrieve_authorization(auth["id"])["capture_id"] == capture["id"]
-    assert (
-        provider.authorize(
-            key="pa",
-            reference="o-p",
-            amount_minor=900,
-            currency="EUR",
-            payment_method="pm_card_visa",
-        )
-        == auth
-    )
+    assert pay() == auth  # a repeat replays
 
 
 def test_insert_rows_writes_what_bulk_create_writes_and_reads_back_each_auto_key():
