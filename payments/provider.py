@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import uuid
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -74,48 +75,71 @@ def _one_statement(using: str) -> bool:
     return may_skip_save(ProviderOperation, using) and may_skip_save(ProviderAuthorization, using)
 
 
+# A statement that sets, for its own transaction only, that its commit does not wait for the
+# WAL flush; cross-joined into the statement's result so that PostgreSQL evaluates it.
+_NO_FLUSH_WAIT = "nf AS (SELECT set_config('synchronous_commit', 'off', true))"
+
+
+def _with(ctes: list[str], result: str, wait: bool) -> str:
+    if wait:
+        return f"WITH {', '.join(ctes)} {result}"
+    return f"WITH {', '.join([_NO_FLUSH_WAIT, *ctes])} {result}, nf"
+
+
 @functools.cache
-def _authorize_sql(using: str, approved: bool) -> str:
+def _authorize_sql(using: str, approved: bool, wait: bool) -> str:
     """The operation and, if approved and only if the operation went in, its authorization:
-    one statement."""
+    one statement (``wait``: its commit waits for the disk, see :func:`_run_alone`)."""
     op, auth = insert_parts(ProviderOperation, using), insert_parts(ProviderAuthorization, using)
     values = ", ".join(["%s"] * len(op.fields))
-    sql = (
-        f"WITH o AS (INSERT INTO {op.table} ({op.columns}) VALUES ({values}) "
+    ctes = [
+        f"o AS (INSERT INTO {op.table} ({op.columns}) VALUES ({values}) "
         f'ON CONFLICT ("key") DO NOTHING RETURNING 1)'
-    )
+    ]
     if not approved:
-        return f"{sql} SELECT count(*) FROM o"
-    return (
-        f"{sql}, a AS (INSERT INTO {auth.table} ({auth.columns}) SELECT {auth.placeholders} "
-        f"FROM o RETURNING 1) SELECT count(*) FROM a"
+        return _with(ctes, "SELECT count(*) FROM o", wait)
+    ctes.append(
+        f"a AS (INSERT INTO {auth.table} ({auth.columns}) SELECT {auth.placeholders} "
+        f"FROM o RETURNING 1)"
     )
+    return _with(ctes, "SELECT count(*) FROM a", wait)
 
 
 @functools.cache
-def _capture_sql(using: str) -> str:
+def _capture_sql(using: str, wait: bool) -> str:
     """Lock the authorization if it is still capturable, insert the operation under its key
-    unless the key is taken, and only then mark the authorization captured: one statement."""
+    unless the key is taken, and only then mark the authorization captured: one statement
+    (``wait``: its commit waits for the disk, see :func:`_run_alone`)."""
     op = insert_parts(ProviderOperation, using)
     sets = assignment_parts(ProviderAuthorization, _CAPTURED_FIELDS, using)
-    return (
-        f'WITH a AS MATERIALIZED (SELECT "id" FROM {sets.table} WHERE "id" = %s AND '
-        f'"status" = %s FOR UPDATE), '
+    ctes = [
+        f'a AS MATERIALIZED (SELECT "id" FROM {sets.table} WHERE "id" = %s AND '
+        f'"status" = %s FOR UPDATE)',
         f"o AS (INSERT INTO {op.table} ({op.columns}) SELECT {op.placeholders} FROM a "
-        f'ON CONFLICT ("key") DO NOTHING RETURNING 1), '
+        f'ON CONFLICT ("key") DO NOTHING RETURNING 1)',
         f'u AS (UPDATE {sets.table} SET {sets.placeholders} WHERE "id" IN (SELECT "id" FROM a) '
-        f"AND EXISTS (SELECT FROM o) RETURNING 1) SELECT count(*) FROM u"
-    )
+        f"AND EXISTS (SELECT FROM o) RETURNING 1)",
+    ]
+    return _with(ctes, "SELECT count(*) FROM u", wait)
 
 
-def _run_alone(using: str, sql: str, params: list[Any]) -> int:
-    """Run one composed statement: autocommitted (its own transaction, as a worker calls the
-    provider), or, inside a caller's transaction, in a savepoint of it, so that a conflict
-    leaves that transaction usable."""
+def _run_alone(using: str, build: Callable[[bool], str], params: list[Any]) -> int:
+    """Run one composed statement, built by ``build(wait)``.
+
+    Autocommitted (its own transaction, as a worker calls the provider), its commit does not
+    wait for the WAL flush: this ledger stands in for a remote provider, whose durability is
+    on its side and costs a real deployment's database nothing, and the WAL is one sequence,
+    so our own next write that does wait (the payment row recording the answer) flushes the
+    ledger's first; a server crash before that loses the answer and our record of it
+    together, and the step's retry asks again under the same key. Inside a caller's
+    transaction it runs in a savepoint of it (so that a conflict leaves that transaction
+    usable) and leaves the transaction's commit as it is.
+    """
     db = connections[using]
-    alone = transaction.atomic(using=using) if db.in_atomic_block else nullcontext()
+    nested = db.in_atomic_block
+    alone = transaction.atomic(using=using) if nested else nullcontext()
     with alone, db.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(build(nested), params)
         return cursor.fetchone()[0]
 
 
@@ -134,8 +158,9 @@ def _insert_authorize(op: ProviderOperation, auth: ProviderAuthorization | None)
         auth_parts = insert_parts(ProviderAuthorization, using)
         auth_values = [] if auth is None else auth_parts.values(auth, add=True)
         if op_values is not None and auth_values is not None:
-            sql = _authorize_sql(using, approved=auth is not None)
-            return _run_alone(using, sql, op_values + auth_values) == 1
+            approved = auth is not None
+            build = functools.partial(_authorize_sql, using, approved)
+            return _run_alone(using, build, op_values + auth_values) == 1
     if ProviderOperation.objects.filter(key=op.key).exists():
         return False
     with transaction.atomic(using=using):
@@ -280,7 +305,7 @@ class FakePaymentProvider:
             return None
         params = [auth.id, AuthorizationStatus.AUTHORIZED.value, *op_values, *set_values]
         try:
-            captured = _run_alone(using, _capture_sql(using), params)
+            captured = _run_alone(using, functools.partial(_capture_sql, using), params)
         except IntegrityError:
             return None
         return self._replay(op) if captured == 1 else None

@@ -239,6 +239,10 @@ def test_an_authorize_is_one_statement_and_a_first_capture_two():
         capture = provider.capture(key="c", authorization_id=auth["id"])
     assert len(authorizing) == 1, [q["sql"] for q in authorizing]
     assert len(capturing) == 2, [q["sql"] for q in capturing]
+    # Autocommitted, the ledger's writes do not wait for the disk (it stands in for a remote
+    # provider); the read does not write.
+    no_wait = "set_config('synchronous_commit', 'off', true)"
+    assert no_wait in authorizing[0]["sql"] and no_wait in capturing[1]["sql"]
     assert authorize() == auth
     assert provider.capture(key="c", authorization_id=auth["id"]) == capture
     assert ProviderOperation.objects.count() == 2
@@ -282,3 +286,15 @@ def test_a_repeat_the_columns_would_refuse_still_replays_its_first_answer():
     (a currency too long) meets that refusal first, and still gets the first answer."""
     first = authorize()
     assert authorize(currency="EURO") == first
+
+
+def test_inside_a_callers_transaction_the_ledger_leaves_its_commit_waiting_for_the_disk():
+    """Called inside a transaction (as this test is), the one-statement writes must not turn
+    off the flush wait of the caller's whole transaction."""
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL synchronous_commit = on")
+    auth = authorize()
+    provider.capture(key="c", authorization_id=auth["id"])
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"
