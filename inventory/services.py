@@ -21,6 +21,7 @@ from django.utils import timezone
 from config.db import (
     RowBy,
     ValuesBy,
+    assignment_parts,
     column_of,
     insert_unless_taken,
     may_skip_save,
@@ -256,7 +257,11 @@ def _settle(
     """
     reservation.status = ReservationStatus.COMMITTED if sold else ReservationStatus.RELEASED
     reservation.settled_by_key = key
-    if not lines or not may_skip_save(Reservation, connection.alias):
+    marks = None
+    if lines and may_skip_save(Reservation, connection.alias):
+        sets = assignment_parts(Reservation, _SETTLED, connection.alias)
+        marks = sets.values(reservation, add=False)  # auto_now stamps updated_at, as save()
+    if marks is None:
         if lines:
             now = _now_for_db()
             sql = _settle_sql(sold)
@@ -264,16 +269,16 @@ def _settle(
                 for sku, quantity in lines:
                     params = [quantity, quantity, now, sku] if sold else [quantity, now, sku]
                     cursor.execute(sql, params)
-        update_row(reservation, ["status", "settled_by_key", "updated_at"])
+        update_row(reservation, _SETTLED)
         return
-    reservation.updated_at = timezone.now()
     now = _now_for_db(reservation.updated_at)
     skus, quantities = [sku for sku, _ in lines], [q for _, q in lines]
     with connection.cursor() as cursor:
-        cursor.execute(
-            _settle_all_sql(sold),
-            [skus, quantities, str(reservation.status), key, now, reservation.pk, now],
-        )
+        cursor.execute(_settle_all_sql(sold), [skus, quantities, *marks, reservation.pk, now])
+
+
+#: What a settlement writes on the reservation.
+_SETTLED = ("status", "settled_by_key", "updated_at")
 
 
 @functools.cache
@@ -295,15 +300,11 @@ def _settle_all_sql(sold: bool) -> str:
     sets = f"{reserved} = p.{reserved} - l.qty, {column['updated_at']} = %s"
     if sold:
         sets = f"{on_hand} = p.{on_hand} - l.qty, {sets}"
-    qn = connection.ops.quote_name
     res = Reservation._meta
-    marks = ", ".join(
-        f"{qn(column_of(res.get_field(name)))} = %s"
-        for name in ("status", "settled_by_key", "updated_at")
-    )
+    marks = assignment_parts(Reservation, _SETTLED, connection.alias)
     mark = (
-        f"r AS (UPDATE {qn(res.db_table)} SET {marks} "
-        f"WHERE {qn(column_of(res.pk))} = %s::{res.pk.db_type(connection)})"
+        f"r AS (UPDATE {marks.table} SET {marks.placeholders} "
+        f"WHERE {connection.ops.quote_name(column_of(res.pk))} = %s::{res.pk.db_type(connection)})"
     )
     return (
         f"{_locked_lines()}, {mark} "

@@ -91,9 +91,8 @@ def _authorize_sql(using: str, approved: bool, wait: bool) -> str:
     """The operation and, if approved and only if the operation went in, its authorization:
     one statement (``wait``: its commit waits for the disk, see :func:`_run_alone`)."""
     op, auth = insert_parts(ProviderOperation, using), insert_parts(ProviderAuthorization, using)
-    values = ", ".join(["%s"] * len(op.fields))
     ctes = [
-        f"o AS (INSERT INTO {op.table} ({op.columns}) VALUES ({values}) "
+        f"o AS (INSERT INTO {op.table} ({op.columns}) VALUES ({op.placeholders}) "
         f'ON CONFLICT ("key") DO NOTHING RETURNING 1)'
     ]
     if not approved:
