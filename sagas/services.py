@@ -175,10 +175,7 @@ def saga_start(
     )
     insert_new(
         saga,
-        [
-            SagaStep(saga=saga, index=i, name=s.name, idempotency_key=forward_key(saga.id, s.name))
-            for i, s in enumerate(definition.steps)
-        ],
+        [(s.name, forward_key(saga.id, s.name)) for s in definition.steps],
         SagaEvent(
             saga=saga, at=now, kind="started", detail=f"type {saga_type} v{definition.version}"
         ),

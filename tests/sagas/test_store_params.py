@@ -106,3 +106,39 @@ def test_a_timestamp_on_another_database_takes_djangos_way():
     field = Saga._meta.get_field("lease_until")
     assert store._prep(Field(), store._PLAIN["lease_until"], AWARE, Sqlite()) == "converted"
     assert store._prep(field, store._PLAIN["lease_until"], AWARE, connection) is AWARE
+
+
+def test_a_started_sagas_step_rows_are_the_rows_the_orm_would_insert():
+    """A start writes its step rows from values prepared once per process, not through a model
+    instance per step: each row must be the one the ORM would insert for the same step."""
+    import tests.sagas.sagatypes  # noqa: F401 - registers test5
+    from sagas.definition import forward_key, get_definition
+    from sagas.services import saga_start
+
+    saga = saga_start(saga_type="test5", data={"script": {}})
+    orm = Saga.objects.create(
+        saga_type="test5", definition_version=saga.definition_version, current_step="s1"
+    )
+    names = [s.name for s in get_definition("test5").steps]
+    SagaStep.objects.bulk_create(
+        SagaStep(saga=orm, index=i, name=n, idempotency_key=forward_key(orm.id, n))
+        for i, n in enumerate(names)
+    )
+
+    def rows(of):
+        found = list(SagaStep.objects.filter(saga=of).order_by("index").values())
+        for row in found:
+            assert row.pop("idempotency_key") == forward_key(of.id, row["name"])
+            row.pop("id"), row.pop("saga_id")
+        return found
+
+    started = rows(saga)
+    assert [r["name"] for r in started] == names
+    assert started == rows(orm)
+
+
+def test_no_step_column_takes_a_default_that_changes_from_row_to_row():
+    """What lets a start prepare a new step row's values once per process."""
+    for field in SagaStep._meta.concrete_fields:
+        assert not (field.has_default() and callable(field.default)), field.name
+        assert not getattr(field, "auto_now", False) and not getattr(field, "auto_now_add", False)
