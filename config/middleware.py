@@ -7,6 +7,8 @@ from collections.abc import Callable
 from django.core.exceptions import BadRequest
 from django.http import HttpRequest, HttpResponse, QueryDict
 
+from config.api_errors import handler400
+
 _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
@@ -33,18 +35,28 @@ class RefuseNul:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
+        refused = self.refusal(request)
+        if refused is not None:
+            # Answered here rather than raised: with DEBUG on, Django would answer a raised
+            # BadRequest with its HTML debug page (a traceback and the settings) instead of the
+            # 400 handler, so an API client of `make run` would get no JSON body.
+            return handler400(request, refused)
+        return self.get_response(request)
+
+    @staticmethod
+    def refusal(request: HttpRequest) -> NulRefused | None:
         if "\x00" in request.path or _holds_nul(request.GET):
-            raise NulRefused("A NUL character in the URL.")
+            return NulRefused("A NUL character in the URL.")
         if any("\x00" in key or "\x00" in value for key, value in request.COOKIES.items()):
-            raise NulRefused("A NUL character in a cookie.")
+            return NulRefused("A NUL character in a cookie.")
         if (
             request.method == "POST"
             and request.content_type in _FORMS
             and not request.path_info.startswith("/api/")
             and _holds_nul(request.POST)
         ):
-            raise NulRefused("A NUL character in the form.")
-        return self.get_response(request)
+            return NulRefused("A NUL character in the form.")
+        return None
 
 
 def _holds_nul(data: QueryDict) -> bool:

@@ -384,5 +384,10 @@ def _weak_etag(data: Any) -> str:
 
 class PreconditionFailed(exceptions.APIException):
     status_code = status.HTTP_412_PRECONDITION_FAILED
-    default_detail = "The order has changed since the ETag in If-Match."
+    # Not "the order changed": If-Match compares strongly, so even the current (weak) ETag
+    # fails it.
+    default_detail = (
+        "If-Match compares ETags strongly and an order's ETag is weak, so it never matches; "
+        "poll with If-None-Match instead."
+    )
     default_code = "precondition_failed"

@@ -150,6 +150,10 @@ SIGNAL_NAME = OpenApiParameter("name", str, OpenApiParameter.PATH)
 def send_signal(request: Request, saga_id, name: str) -> Response:
     """``POST .../signals/{name}/`` for the sagas and the orders API: deliver, answer ``202``."""
     body = SignalInputSerializer(data=request.data)
+    if not body.is_valid() and "payload" in body.errors:
+        # The same code whether the payload is not an object or an object the signal refuses.
+        detail = "The payload must be a JSON object."
+        raise ApiError(detail, code="invalid_payload", fields={"payload": [detail]})
     body.is_valid(raise_exception=True)
     try:
         outcome = saga_signal(

@@ -308,6 +308,20 @@ def test_detail_has_a_weak_etag_and_if_none_match_gives_304(client_api, place):
     assert changed.json()["step"] == "authorize_payment"
 
 
+def test_if_match_never_matches_the_weak_etag_and_the_412_says_why(client_api, place):
+    """If-Match compares strongly (RFC 9110), so even the order's current ETag fails it: the
+    412 must say so, not claim the order changed."""
+    order = place(client_api)
+    path = f"/api/v1/orders/{order['id']}/"
+    etag = client_api.get(path)["ETag"]
+    body = assert_error(
+        client_api.get(path, headers={"If-Match": etag}), 412, "precondition_failed"
+    )
+    assert "weak" in body["detail"] and "If-None-Match" in body["detail"]
+    assert "changed" not in body["detail"]
+    assert client_api.get(path, headers={"If-Match": "*"}).status_code == 200
+
+
 # -- timeline -------------------------------------------------------------------------------------
 def test_timeline_lists_the_sagas_events_oldest_first(client_api, place):
     """at, kind, step, attempt, detail, actor of every event, oldest first."""

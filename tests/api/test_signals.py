@@ -67,6 +67,8 @@ def test_a_large_order_waits_for_the_fraud_review_and_an_approval_confirms_it(
     order_path = f"/api/v1/orders/{order['id']}/signals/fraud_review/"
     assert_error(signal(client_api, order_path, {"approved": True}), 403)
     assert_error(signal(ops_api, saga_path, {"approved": "yes"}), 400, "invalid_payload")
+    assert_error(signal(ops_api, saga_path, "yes"), 400, "invalid_payload")
+    assert_error(signal(ops_api, saga_path, ["approved"]), 400, "invalid_payload")
 
     first = signal(ops_api, saga_path, {"approved": True}, key="review-1")
     assert first.status_code == 202, first.content

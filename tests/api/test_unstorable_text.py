@@ -104,6 +104,16 @@ def test_a_nul_in_a_url_is_a_400(client_api, catalog):
     assert_error(client_api.get("/api/v1/orders/?status=%00"), 400, "bad_request")
 
 
+def test_a_nul_in_a_url_is_a_json_400_with_debug_on_too(client_api, settings):
+    """`make run` runs with DEBUG on, where Django answers a raised BadRequest with its HTML
+    debug page (a traceback and the settings): the refusal must not go that way."""
+    settings.DEBUG = True
+    response = client_api.get("/api/v1/sagas/?correlation_id=%00")
+    body = assert_error(response, 400, "bad_request")
+    assert response["Content-Type"] == "application/json"
+    assert body["detail"] == "A NUL character in the URL."
+
+
 def test_a_nul_in_an_ops_console_filter_is_a_400(admin_client):
     response = admin_client.get("/admin/sagas/saga/?waiting_for=%00")
     assert response.status_code == 400
