@@ -27,8 +27,22 @@ def definition_problems(counts: list[VersionCount]) -> list[CheckMessage]:
     for c in counts:
         versions = registered_versions(c.saga_type)
         what = f"{c.count} unfinished {c.saga_type!r} saga{'s' if c.count != 1 else ''}"
+        if not versions:
+            errors.append(
+                Error(
+                    f"{what} run on version {c.version} of a type this code does not "
+                    "register at all.",
+                    hint=(
+                        f"Add the module that registers {c.saga_type!r} to "
+                        "SAGA_DEFINITION_MODULES, and keep it there until those sagas have "
+                        "finished (the workers then run them to their end)."
+                    ),
+                    id="sagas.E001",
+                )
+            )
+            continue
         if c.version not in versions:
-            have = ", ".join(f"v{v}" for v in versions) or "none"
+            have = ", ".join(f"v{v}" for v in versions)
             errors.append(
                 Error(
                     f"{what} run on version {c.version}, which this code does not register "

@@ -203,14 +203,18 @@ def dev_secret_key(var_dir: Path) -> str:
 
 
 def manage(env: dict[str, str], *args: str, capture: bool = False) -> str:
+    """Run a management command; if it fails, stop with one line (its own error is above it),
+    not with this script's traceback on top."""
     result = subprocess.run(
         [sys.executable, str(REPO / "manage.py"), *args],
         cwd=REPO,
         env=env,
-        check=True,
         text=True,
         stdout=subprocess.PIPE if capture else None,
     )
+    if result.returncode != 0:
+        say(f"`manage.py {args[0]}` failed (exit status {result.returncode}), see above; stopping")
+        sys.exit(result.returncode)
     return result.stdout if capture else ""
 
 

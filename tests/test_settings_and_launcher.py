@@ -157,6 +157,35 @@ def test_launcher_says_in_one_line_that_a_named_database_does_not_exist(tmp_path
     assert f'"{missing["NAME"]}" does not exist' in line and "createdb" in line
 
 
+@pytest.mark.django_db(transaction=True)
+def test_launcher_stops_with_one_line_when_a_management_command_fails(tmp_path):
+    """The deploy check refusing the database (an unfinished saga of a type nothing registers,
+    as an interrupted benchmark leaves): the check's own error, then one line, no traceback."""
+    from django.db import connection
+
+    from sagas.models import Saga
+
+    Saga.objects.create(saga_type="gone", definition_version=1, current_step="s1")
+    prepared = subprocess.run(
+        [sys.executable, "scripts/run.py", "--prepare-only", "--no-install"],
+        cwd=REPO_ROOT,
+        env=fresh_env(
+            SAGARUNNER_VAR_DIR=str(tmp_path / "var"),
+            DATABASE_URL=database_url_for(connection.settings_dict),
+            CELERY_BROKER_URL="redis://127.0.0.1:6379/15",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = prepared.stdout + prepared.stderr
+    assert prepared.returncode == 1, output
+    assert "Traceback" not in output
+    assert "1 unfinished 'gone' saga run on version 1" in output
+    [line] = [line for line in prepared.stdout.splitlines() if "failed (exit status 1)" in line]
+    assert line.startswith("sagarunner: `manage.py migrate` failed")
+
+
 @pytest.mark.worker
 def test_launcher_falls_back_to_sqlite_and_the_file_broker_and_they_work(
     tmp_path, services, wait_for

@@ -72,6 +72,19 @@ def test_check_names_type_version_and_count_of_sagas_on_a_missing_version():
 
 
 @pytest.mark.django_db
+def test_check_names_a_type_with_no_version_registered_and_how_to_let_its_sagas_finish():
+    from sagas.checks import definition_problems
+    from sagas.selectors import VersionCount
+
+    (error,) = definition_problems([VersionCount("gone", 3, "", 7)])
+    assert error.id == "sagas.E001"
+    assert error.msg == (
+        "7 unfinished 'gone' sagas run on version 3 of a type this code does not register at all."
+    )
+    assert "SAGA_DEFINITION_MODULES" in error.hint and "saga_migrate" not in error.hint
+
+
+@pytest.mark.django_db
 def test_check_passes_once_the_old_version_has_drained():
     start(1, state=SagaState.COMPENSATED)
     start(2)
