@@ -35,7 +35,8 @@ def definition_problems(counts: list[VersionCount]) -> list[CheckMessage]:
                     hint=(
                         f"Add the module that registers {c.saga_type!r} to "
                         "SAGA_DEFINITION_MODULES, and keep it there until those sagas have "
-                        "finished (the workers then run them to their end)."
+                        "finished: the workers run the running ones to their end; one that "
+                        "needs attention waits for a person in the ops console."
                     ),
                     id="sagas.E001",
                 )

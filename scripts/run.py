@@ -213,8 +213,15 @@ def manage(env: dict[str, str], *args: str, capture: bool = False) -> str:
         stdout=subprocess.PIPE if capture else None,
     )
     if result.returncode != 0:
-        say(f"`manage.py {args[0]}` failed (exit status {result.returncode}), see above; stopping")
-        sys.exit(result.returncode)
+        if capture and result.stdout:
+            print(result.stdout, end="", flush=True)
+        how = (
+            f"exit status {result.returncode}"
+            if result.returncode > 0
+            else f"killed by signal {-result.returncode}"
+        )
+        say(f"`manage.py {args[0]}` failed ({how}), see above; stopping")
+        sys.exit(result.returncode if result.returncode > 0 else 128 - result.returncode)
     return result.stdout if capture else ""
 
 

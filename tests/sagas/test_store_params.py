@@ -142,3 +142,4 @@ def test_no_step_column_takes_a_default_that_changes_from_row_to_row():
     for field in SagaStep._meta.concrete_fields:
         assert not (field.has_default() and callable(field.default)), field.name
         assert not getattr(field, "auto_now", False) and not getattr(field, "auto_now_add", False)
+        assert not field.has_db_default(), field.name
