@@ -148,6 +148,14 @@ def _update_text(model: type[Model], using: str, names: tuple[str, ...]) -> _Wri
     return _WriteText(sql, plain, False)
 
 
+#: A ``WITH`` item that makes the statement's own (autocommitted) transaction commit without
+#: waiting for its WAL flush; cross-join ``nf`` into the statement's result so that PostgreSQL
+#: evaluates it. For writes whose loss in a server crash costs nothing the next flushed commit
+#: does not redo (each user says why); never inside a caller's transaction, whose commit it
+#: would loosen too.
+NO_FLUSH_WAIT = "nf AS (SELECT set_config('synchronous_commit', 'off', true))"
+
+
 @dataclass(frozen=True)
 class RowParts:
     """A model's columns and their placeholders, for a statement a caller composes itself.

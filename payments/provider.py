@@ -39,6 +39,7 @@ from typing import Any
 from django.db import DataError, IntegrityError, connections, router, transaction
 
 from config.db import (
+    NO_FLUSH_WAIT,
     RowBy,
     assignment_parts,
     insert_parts,
@@ -75,15 +76,10 @@ def _one_statement(using: str) -> bool:
     return may_skip_save(ProviderOperation, using) and may_skip_save(ProviderAuthorization, using)
 
 
-# A statement that sets, for its own transaction only, that its commit does not wait for the
-# WAL flush; cross-joined into the statement's result so that PostgreSQL evaluates it.
-_NO_FLUSH_WAIT = "nf AS (SELECT set_config('synchronous_commit', 'off', true))"
-
-
 def _with(ctes: list[str], result: str, wait: bool) -> str:
     if wait:
         return f"WITH {', '.join(ctes)} {result}"
-    return f"WITH {', '.join([_NO_FLUSH_WAIT, *ctes])} {result}, nf"
+    return f"WITH {', '.join([NO_FLUSH_WAIT, *ctes])} {result}, nf"
 
 
 @functools.cache

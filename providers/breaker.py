@@ -33,6 +33,7 @@ from django.dispatch import Signal
 from django.http import HttpRequest
 from django.utils import timezone
 
+from config.db import NO_FLUSH_WAIT
 from providers import metrics
 from providers.config import ProviderConfig, provider_config
 from providers.models import Breaker, BreakerState, CallSlot, HealthBucket
@@ -174,9 +175,6 @@ def _one_statement_gate() -> bool:
     return connection.vendor == "postgresql" and not connection.in_atomic_block
 
 
-_NO_FLUSH_WAIT = "nf AS (SELECT set_config('synchronous_commit', 'off', true))"
-
-
 def _admit_closed(
     provider: str, cfg: ProviderConfig, now: datetime, lease: datetime
 ) -> tuple[str, datetime | None, bool, int, int | None] | None:
@@ -201,7 +199,7 @@ def _admit_closed(
     else:
         slot, slot_params, slot_col = "", [], "NULL"
     sql = (
-        f"WITH {_NO_FLUSH_WAIT}, br AS (SELECT {cols} FROM {b} WHERE {_qn('provider')} = %s)"
+        f"WITH {NO_FLUSH_WAIT}, br AS (SELECT {cols} FROM {b} WHERE {_qn('provider')} = %s)"
         f"{slot} SELECT {cols}, {slot_col} FROM br, nf"
     )
     with connection.cursor() as cursor:
@@ -498,7 +496,7 @@ def _release_and_count(ticket: Ticket, now: datetime, ok: bool) -> None:
     """Give the call slot back and count the outcome in one statement (see
     :func:`_one_statement_gate`): the slot only if it is still this call's lease."""
     ctes, params = _outcome_ctes(ticket, now, ok)
-    sql = f"WITH {_NO_FLUSH_WAIT}, {ctes} SELECT 1 FROM nf"
+    sql = f"WITH {NO_FLUSH_WAIT}, {ctes} SELECT 1 FROM nf"
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
     _trim(ticket.provider, int(now.timestamp()))

@@ -38,7 +38,7 @@ from django.db.models import Field
 from django.utils import timezone
 from psycopg._queries import PostgresQuery, _query2pg_nocache
 
-from config.db import column_of
+from config.db import NO_FLUSH_WAIT, column_of
 from sagas import metrics
 from sagas import transactions as step_transactions
 from sagas.definition import change_hook, registered_definitions
@@ -381,14 +381,9 @@ def fenced_update(saga_id: Any, expected_version: int, values: dict[str, Any], *
 _EVENT_COLUMNS = ("at", "kind", "step", "attempt", "detail", "actor", "duration_ms")
 
 
-# Appended to a statement (as a CTE, joined into its result) so that the implicit transaction
-# of that one statement commits without waiting for its WAL flush. See lease_only_commits().
-_NO_FLUSH_WAIT = "nf AS (SELECT set_config('synchronous_commit', 'off', true))"
-
-
 def _no_flush_wait(sql: str) -> str:
     """``UPDATE ... RETURNING cols`` as a statement whose commit does not wait for the disk."""
-    return f"WITH {_NO_FLUSH_WAIT}, u AS ({sql}) SELECT u.* FROM u, nf"
+    return f"WITH {NO_FLUSH_WAIT}, u AS ({sql}) SELECT u.* FROM u, nf"
 
 
 def _record_sql_postgres(
@@ -449,7 +444,7 @@ def _record_text(
     carried: tuple[str, ...] = (),
 ) -> str:
     qn = connection.ops.quote_name
-    head = "WITH " if wait_flush else f"WITH {_NO_FLUSH_WAIT}, "
+    head = "WITH " if wait_flush else f"WITH {NO_FLUSH_WAIT}, "
     parts = [f"{head}s AS ({saga_sql})"]
     for n, names in enumerate(step_rows):
         sets = ", ".join(f"{qn(column_of(_STEP_FIELDS[name]))} = %s" for name in names)
