@@ -1,4 +1,4 @@
-"""Routes of the REST API under ``/api/v1/`` (each listed in the README's API section)."""
+"""Routes of the REST API under ``/api/v1/`` (each listed in docs/api.md)."""
 
 from django.urls import path
 from rest_framework import routers

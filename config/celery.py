@@ -88,7 +88,7 @@ def _after_logging_setup(**_kwargs) -> None:
 @worker_ready.connect
 def _serve_metrics(**_kwargs) -> None:
     """With ``WORKER_METRICS_PORT`` set, the worker serves its processes' counters (a container
-    whose metrics directory web cannot read: see the README's metrics section)."""
+    whose metrics directory web cannot read: see docs/operations.md, "Running on many machines")."""
     from django.conf import settings
 
     if settings.WORKER_METRICS_PORT:

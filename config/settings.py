@@ -34,7 +34,7 @@ if not SECRET_KEY:
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 # ---------------------------------------------------------------------------------------------
-# HTTPS, cookies, browser protections (the README's "Running it in production")
+# HTTPS, cookies, browser protections (docs/operations.md, "Running it in production")
 # ---------------------------------------------------------------------------------------------
 # The site is reached over HTTPS only (directly, or through a proxy that ends TLS). On by
 # default whenever DEBUG is off; `make run` (DEBUG on, plain http on localhost) leaves it off.
@@ -419,7 +419,7 @@ ORDER_FRAUD_REVIEW_TIMEOUT = env.float("ORDER_FRAUD_REVIEW_TIMEOUT", default=864
 ORDER_3DS_TIMEOUT = env.float("ORDER_3DS_TIMEOUT", default=900.0)
 
 # ---------------------------------------------------------------------------------------------
-# Webhooks (README "Webhooks")
+# Webhooks (docs/webhooks.md)
 # ---------------------------------------------------------------------------------------------
 # Development and tests only: endpoints may use plain http and loopback or private addresses.
 WEBHOOKS_ALLOW_PRIVATE = env.bool("WEBHOOKS_ALLOW_PRIVATE", default=False)

@@ -1,7 +1,7 @@
 """Writes of orders: place one, ask to cancel one, confirm one (the saga's pivot).
 
 Placing an order is one transaction: the order, its items and its saga commit together, and
-the saga's first doorbell rings only on commit (the README's "How the engine works"). A
+the saga's first doorbell rings only on commit (docs/engine.md, "How the engine works"). A
 client that got its ``201`` therefore has an order that will settle, whatever happens to the
 worker or the broker afterwards.
 """

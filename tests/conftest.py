@@ -5,7 +5,7 @@ pytest ini deliberately does not name ``DJANGO_SETTINGS_MODULE``, so pytest-djan
 settings alone until this file has run). Anything already set in the environment wins, except
 the per-session isolation values (queue name, metrics directory, test database name).
 
-Fixtures and helpers (see the README's "Tests" section):
+Fixtures and helpers (see the README's "`make test`" section):
 
 ``celery_worker`` (session)
     A real ``celery -A config worker`` subprocess (prefork, concurrency 2; or as

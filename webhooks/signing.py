@@ -25,7 +25,7 @@ def sign(secrets: list[str], body: bytes, timestamp: int | None = None) -> str:
 
 
 def verify(secret: str, header: str, body: bytes, *, tolerance: float = 300.0) -> bool:
-    """What a receiver does (the README shows the same in ten lines)."""
+    """What a receiver does (docs/webhooks.md shows the same in ten lines)."""
     fields = [part.split("=", 1) for part in header.split(",") if "=" in part]
     stamps = [v for k, v in fields if k == "t"]
     if len(stamps) != 1 or not stamps[0].isdigit():

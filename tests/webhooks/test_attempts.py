@@ -1,7 +1,7 @@
 """One endpoint's attempts, made in this process against a real HTTP receiver on 127.0.0.1:
 the address check at delivery time (a DNS change, a rebinding resolver), https with the
 certificate verified, backoff then dead, both secrets during a rotation's grace, and the
-README's verification example.
+verification example of docs/webhooks.md.
 
 The deliveries run here (``deliver_endpoint``, the body of the ``webhooks.deliver`` task) so a
 test can change what a host name resolves to between registration and delivery; the tests
@@ -207,20 +207,19 @@ def test_during_a_rotation_a_delivery_verifies_with_either_secret(customer, rece
     assert not signing.verify("whsec_other", header, request.body)
 
 
-def _readme_verify():
-    """The ``verify`` function of the README's "Webhooks" section, as a receiver copies it."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("\n## Webhooks\n", 1)[1].split("\n## ", 1)[0]
-    code = re.search(r"```python\n(.*?)```", section, re.S)
-    assert code is not None, "the Webhooks section has no python example"
+def _documented_verify():
+    """The ``verify`` function of docs/webhooks.md, as a receiver copies it."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "webhooks.md").read_text()
+    code = re.search(r"```python\n(.*?)```", page, re.S)
+    assert code is not None, "docs/webhooks.md has no python example"
     assert len(code.group(1).strip().splitlines()) <= 12
     namespace: dict = {}
-    exec(compile(code.group(1), "README.md", "exec"), namespace)  # noqa: S102 - our own docs
+    exec(compile(code.group(1), "docs/webhooks.md", "exec"), namespace)  # noqa: S102 - our docs
     return namespace["verify"]
 
 
-def test_the_readme_example_verifies_a_real_delivery(customer, receiver):
-    verify = _readme_verify()
+def test_the_documented_example_verifies_a_real_delivery(customer, receiver):
+    verify = _documented_verify()
     client = api_client_for(customer)
     endpoint = register(client, receiver.url)
     _emit(customer)
