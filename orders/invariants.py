@@ -128,6 +128,7 @@ def _check(*, require_settled: bool) -> Report:
             saga_state=order_row["saga__state"],
             cancel_reason=order_row["saga__cancel_reason"],
             escalated_from=order_row["saga__escalated_from"],
+            failure_code=order_row["saga__failure_code"],
         )
     items: dict[str, dict[str, int]] = defaultdict(dict)
     for order_id, sku, qty in OrderItem.objects.values_list("order_id", "sku", "quantity").iterator(

@@ -48,6 +48,7 @@ from sagas.public import (
     StepContext,
     Wait,
     forward_key,
+    saga_stopped_before_pivot,
     undo_key,
 )
 from shipping import services as shipping
@@ -184,13 +185,15 @@ def confirm_order(ctx: StepContext) -> dict:
 def settle_stock_on_resolve(saga: Any) -> None:
     """A person closed the saga: the stock it reserved must not stay reserved for good.
 
-    Stopped while undoing: release the reservation under ``release_inventory``'s own undo key
-    (the same call the ladder would have made, so a release that already ran is not repeated).
-    Stopped past the pivot: the money is captured and the order is confirmed, so the stock is
-    sold; commit the reservation under ``confirm_order``'s key (a no-op if it already ran).
+    Stopped while undoing, or before the pivot (the fraud review not given in time): the order
+    is not going to be confirmed, so release the reservation under ``release_inventory``'s own
+    undo key (the same call the ladder would have made, so a release that already ran is not
+    repeated). Stopped at or past the pivot: the money is captured and the order is confirmed,
+    so the stock is sold; commit the reservation under ``confirm_order``'s key (a no-op if it
+    already ran).
     """
     reserve = forward_key(saga.id, "reserve_inventory")
-    if saga.escalated_from == "compensating":
+    if saga.escalated_from == "compensating" or saga_stopped_before_pivot(saga):
         inventory.reservation_release(
             key=undo_key(saga.id, "reserve_inventory"), forward_key=reserve
         )

@@ -50,12 +50,14 @@ STATUS_BY_SAGA_STATE: dict[str, str] = {
     SagaState.SUCCEEDED: OrderStatus.CONFIRMED,
     SagaState.COMPENSATED: OrderStatus.CANCELLED,
     SagaState.NEEDS_MANUAL: OrderStatus.NEEDS_ATTENTION,
-    # A person closed it by hand: final for the client. Stopped while undoing, the order is
-    # cancelled (with its reason); stopped past its pivot, it is confirmed (see
-    # RESOLVED_PAST_PIVOT). Either way the saga's on_resolve settled its stock.
+    # A person closed it by hand: final for the client. Stopped while undoing or before its
+    # pivot, the order is cancelled (with its reason); stopped at or past its pivot, it is
+    # confirmed (see RESOLVED_PAST_PIVOT). Either way the saga's on_resolve settled its stock.
     SagaState.RESOLVED: OrderStatus.CANCELLED,
 }
-#: A resolved saga that had escalated while running forward (so past its pivot) is confirmed.
+#: A resolved saga that had escalated while running forward at or past its pivot is confirmed.
+#: One that stopped going forward before it (a wait that timed out) was given up: resolving it
+#: sets its ``failure_code`` (``timed_out``), which is how the two are told apart.
 RESOLVED_PAST_PIVOT = OrderStatus.CONFIRMED
 
 
@@ -89,10 +91,19 @@ class OrderState:
 
 
 def order_status(
-    *, saga_state: str, cancel_reason: str = "", escalated_from: str = "", waiting_for: str = ""
+    *,
+    saga_state: str,
+    cancel_reason: str = "",
+    escalated_from: str = "",
+    waiting_for: str = "",
+    failure_code: str = "",
 ) -> str:
     """The order status for a saga state: the client's view of the saga."""
-    if saga_state == SagaState.RESOLVED and escalated_from == SagaState.RUNNING:
+    if (
+        saga_state == SagaState.RESOLVED
+        and escalated_from == SagaState.RUNNING
+        and not failure_code
+    ):
         return RESOLVED_PAST_PIVOT
     status = STATUS_BY_SAGA_STATE[saga_state]
     if status == OrderStatus.PROCESSING and cancel_reason:
@@ -109,6 +120,7 @@ def order_state(saga: Saga) -> OrderState:
         cancel_reason=saga.cancel_reason,
         escalated_from=saga.escalated_from,
         waiting_for=saga.waiting_for,
+        failure_code=saga.failure_code,
     )
     if status in (OrderStatus.PROCESSING, OrderStatus.REQUIRES_ACTION):
         return OrderState(status=status, step=saga.current_step or None, cancellation_reason=None)
@@ -137,7 +149,8 @@ def order_status_expression(prefix: str = "saga__") -> Case:
         ),
         When(
             Q(**{f"{prefix}state": SagaState.RESOLVED})
-            & Q(**{f"{prefix}escalated_from": SagaState.RUNNING}),
+            & Q(**{f"{prefix}escalated_from": SagaState.RUNNING})
+            & Q(**{f"{prefix}failure_code": ""}),
             then=Value(RESOLVED_PAST_PIVOT),
         ),
         When(

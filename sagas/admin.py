@@ -63,6 +63,7 @@ from sagas.services import (
     saga_refusal,
     saga_resolve,
     saga_retry_now,
+    saga_stopped_before_pivot,
     saga_undo_done,
     saga_waits_on_undo,
 )
@@ -1237,6 +1238,22 @@ def _problem(saga: Saga, steps: list[SagaStep]) -> dict[str, Any] | None:
             f"{_compensation_name(saga, saga.failed_undo)}, the compensation of "
             f"{saga.failed_undo}{because}",
             saga.failed_undo,
+            error,
+        )
+    if saga.failed_step and saga_stopped_before_pivot(saga):
+        return found(
+            "Wait timed out",
+            f"{saga.failed_step} got no answer in time, before the point of no return: "
+            "send its signal to go on, or compensate to undo what the saga did",
+            saga.failed_step,
+            error,
+        )
+    if saga.failed_step and saga.state == SagaState.RESOLVED and saga.failure_code:
+        # Resolving a saga that stopped before its pivot gives it up (see saga_resolve).
+        return found(
+            "Wait timed out",
+            f"{saga.failed_step} got no answer in time; a person gave the saga up",
+            saga.failed_step,
             error,
         )
     if saga.failed_step and saga.escalated_from == SagaState.RUNNING:

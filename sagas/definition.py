@@ -264,7 +264,8 @@ class SagaDefinition:
     #: Seconds a saga may run forward before it is timed out; ``None`` means SAGA_DEADLINE.
     deadline: float | None = None
     #: Called inside the transaction that resolves a saga by hand, with the locked saga (its
-    #: ``escalated_from`` says whether it stopped undoing or past its pivot). It settles what
+    #: ``escalated_from`` says whether it stopped undoing or going forward, and
+    #: ``saga_stopped_before_pivot`` whether forward means before its pivot). It settles what
     #: must never stay open on a closed saga, such as a stock reservation; raising refuses the
     #: resolve. Must be idempotent (derive keys from the saga, like steps do).
     on_resolve: Callable[[Any], None] | None = None

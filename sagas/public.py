@@ -39,6 +39,7 @@ from sagas.services import (
     saga_resolve,
     saga_retry_now,
     saga_start,
+    saga_stopped_before_pivot,
     saga_undo_done,
 )
 from sagas.signals import saga_signal
@@ -70,6 +71,7 @@ __all__ = [
     "saga_retry_now",
     "saga_signal",
     "saga_start",
+    "saga_stopped_before_pivot",
     "saga_undo_done",
     "undo_key",
 ]

@@ -193,6 +193,23 @@ def saga_waits_on_undo(saga: Saga) -> bool:
     return saga.state == SagaState.NEEDS_MANUAL and saga.escalated_from == SagaState.COMPENSATING
 
 
+def saga_stopped_before_pivot(saga: Saga) -> bool:
+    """Stopped for a person while going forward, before its pivot ever ran.
+
+    Only a :func:`~sagas.definition.Wait` with ``on_timeout="escalate"`` does this (every
+    other forward escalation happens at or past the pivot). Nothing it did is out of reach:
+    it can still be compensated (or cancelled by its client), and resolving it gives its
+    effects up rather than keeping them, so it is refused while they are in place.
+    """
+    if saga.state != SagaState.NEEDS_MANUAL or saga.escalated_from != SagaState.RUNNING:
+        return False
+    definition = definition_of(saga)
+    try:
+        return definition.index_of(saga.current_step) < definition.pivot_index
+    except (KeyError, ValueError):  # a step this version does not have: not ours to judge
+        return False
+
+
 def saga_refusal(saga: Saga, operation: str) -> SagaOperationRefused | None:
     """Why ``operation`` would be refused on ``saga`` as it stands now, or None.
 
@@ -208,7 +225,7 @@ def saga_refusal(saga: Saga, operation: str) -> SagaOperationRefused | None:
         )
     if operation in ("cancel", "compensate"):
         verb = "compensated" if operation == "compensate" else "cancelled"
-        if saga.state != SagaState.RUNNING:
+        if saga.state != SagaState.RUNNING and not saga_stopped_before_pivot(saga):
             return SagaOperationRefused(
                 "not_running", f"The saga is {saga.state}; only a running saga can be {verb}."
             )
@@ -267,11 +284,23 @@ def saga_request_cancel(*, saga_id: Any, reason: str, actor: str = "engine") -> 
 
     Refused once the saga has reached its pivot (or stopped running). If no step is in flight
     the saga is made due at once and rung, so an idle saga (waiting out a backoff) compensates
-    now instead of after its retry.
+    now instead of after its retry. A saga that stopped for a person before its pivot (a wait
+    that timed out into ``needs_manual``) goes back to running to honour it: nothing it did is
+    past undoing.
     """
     with transaction.atomic():
         saga = _locked(saga_id)
         _refuse_unless_allowed(saga, "cancel")
+        if saga_stopped_before_pivot(saga):
+            saga.resume_forward()
+            saga.cancel_reason = reason
+            saga.attempt = 0
+            saga.lease_until = None
+            saga.next_attempt_at = timezone.now()
+            _save(saga, ["cancel_reason", "attempt", "lease_until", "next_attempt_at"])
+            ring_on_commit(saga.id, saga.version)
+            _event(saga, "cancel_requested", actor=actor, detail=f"reason: {reason}")
+            return saga
         if saga.cancel_reason:
             return saga  # already requested: idempotent
         saga.cancel_reason = reason
@@ -338,11 +367,11 @@ def saga_compensate(*, saga_id: Any, user: Any, reason: str) -> Saga:
 def saga_effects_in_place(saga: Saga) -> list[dict[str, Any]]:
     """Steps that took effect (or may have) and whose undo has not run, newest first.
 
-    Only a saga that stopped while undoing has any: one that stopped past its pivot is meant
-    to keep what its steps did. Each entry is a compensation-plan entry (step, compensation,
-    idempotency key, status).
+    Only a saga that stopped while undoing, or before its pivot (a wait that timed out), has
+    any: one that stopped at or past its pivot is meant to keep what its steps did. Each entry
+    is a compensation-plan entry (step, compensation, idempotency key, status).
     """
-    if not saga_waits_on_undo(saga):
+    if not (saga_waits_on_undo(saga) or saga_stopped_before_pivot(saga)):
         return []
     return saga_compensation_plan(saga_id=saga.pk)
 
@@ -421,11 +450,13 @@ def saga_resolve(*, saga_id: Any, user: Any, note: str, accept_effects: bool = F
         saga = _locked(saga_id)
         _refuse_unless_allowed(saga, "resolve")
         effects = describe_effects(saga_effects_in_place(saga))
+        before_pivot = saga_stopped_before_pivot(saga)
         if effects and not accept_effects:
+            how = "compensate" if before_pivot else "retry now, or mark the undo done by hand"
             raise SagaOperationRefused(
                 "effects_in_place",
-                f"Still in place: {'; '.join(effects)}. Undo them (retry now, or mark the undo "
-                "done by hand), or confirm that they stay (accept_effects) to resolve anyway.",
+                f"Still in place: {'; '.join(effects)}. Undo them ({how}), or confirm that "
+                "they stay (accept_effects) to resolve anyway.",
                 {"accept_effects": effects},
             )
         hook = definition_of(saga).on_resolve
@@ -440,7 +471,13 @@ def saga_resolve(*, saga_id: Any, user: Any, note: str, accept_effects: bool = F
         saga.resolve()
         saga.finished_at = timezone.now()
         saga.next_attempt_at = None
-        _save(saga, ["finished_at", "next_attempt_at"])
+        fields = ["finished_at", "next_attempt_at"]
+        if before_pivot and not saga.failure_code:
+            # Given up before its pivot: its outcome is a cancellation, and says why (a wait
+            # that timed out is the only way here), as a compensated saga's would.
+            saga.failure_code = "timed_out"
+            fields.append("failure_code")
+        _save(saga, fields)
         detail = note + (f" (effects kept: {'; '.join(effects)})" if effects else "")
         _event(saga, "ops_resolve", actor=_actor(user), detail=detail, step=saga.current_step)
     return saga
@@ -484,16 +521,17 @@ def _plan_why(row: SagaStep, took_effect: bool) -> str:
 def saga_compensation_plan(*, saga_id: Any) -> list[dict[str, Any]]:
     """The dry run: the compensations that compensating now would run, in order, with keys.
 
-    For a running saga: every step that took effect, plus the current step if an earlier
-    attempt of it may have. For a compensating saga (or one waiting for a person mid-ladder):
-    what is left of the ladder. For a settled saga: nothing.
+    For a running saga (or one that stopped for a person before its pivot): every step that
+    took effect, plus the current step if an earlier attempt of it may have. For a compensating
+    saga (or one waiting for a person mid-ladder): what is left of the ladder. For a settled
+    saga: nothing.
     """
     saga = Saga.objects.get(pk=saga_id)
     definition = definition_of(saga)
     rows = {s.name: s for s in SagaStep.objects.filter(saga=saga)}
     current = definition.index_of(saga.current_step)
     candidates: list[int] = []
-    if saga.state == SagaState.RUNNING:
+    if saga.state == SagaState.RUNNING or saga_stopped_before_pivot(saga):
         if current >= definition.pivot_index:
             return []
         row = rows.get(saga.current_step)

@@ -156,6 +156,13 @@ def test_owner_reads_the_order_with_payment_and_shipment(client_api, place):
             "x",
         ),
         ({"state": SagaState.RESOLVED, "escalated_from": "running"}, "confirmed", None, None),
+        # Given up before its pivot (a wait that timed out): resolving it set failure_code.
+        (
+            {"state": SagaState.RESOLVED, "escalated_from": "running", "failure_code": "timed_out"},
+            "cancelled",
+            None,
+            "timed_out",
+        ),
     ],
 )
 def test_status_step_and_reason_are_derived_from_the_saga(

@@ -186,6 +186,88 @@ def test_a_fraud_review_not_given_in_time_goes_to_a_person_who_can_still_approve
     assert done["status"] == "confirmed" and done["payment"]["captured"] == "1200.00"
 
 
+def _review_timed_out(client_api, wait_for) -> tuple[dict, str]:
+    """A large order whose fraud review was not given in time: in ``needs_attention`` with its
+    stock reserved, the money authorized and the shipment arranged, nothing captured."""
+    order = place(client_api, [("safe", 2)])
+    stuck = sweeping_until(
+        client_api, order["id"], wait_for, lambda b: b["status"] == "needs_attention"
+    )
+    assert stuck["payment"]["authorized"] == "1200.00" and stuck["payment"]["captured"] == "0.00"
+    assert stuck["shipment"]["status"] == "arranged"
+    return order, f"/api/v1/sagas/{order['saga']['id']}/"
+
+
+def _stock(api) -> tuple[int, int]:
+    body = api.get("/api/v1/products/safe/").json()
+    return body["stock_on_hand"], body["reserved"]
+
+
+def test_a_timed_out_fraud_review_is_not_resolved_into_a_confirmed_order_but_compensated(
+    client_api, ops_api, big, worker_factory, wait_for
+):
+    """Stopped before the pivot, everything the saga did is still in place and undoable:
+    resolving is refused (naming the effects), compensating undoes them all."""
+    worker_factory({"ORDER_FRAUD_REVIEW_TIMEOUT": "1"}, name="review-timeout", exclusive=True)
+    order, saga_path = _review_timed_out(client_api, wait_for)
+    assert _stock(client_api) == (10, 2)
+    refused = assert_error(
+        ops_api.post(f"{saga_path}resolve/", {"note": "closing"}, format="json"),
+        409,
+        "effects_in_place",
+    )
+    assert refused["fields"]["accept_effects"] == [
+        "arrange_shipment (cancel_shipment has not run)",
+        "authorize_payment (void_authorization has not run)",
+        "reserve_inventory (release_inventory has not run)",
+    ]
+    plan = ops_api.get(f"{saga_path}compensation-plan/").json()
+    assert [e["step"] for e in plan["compensations"]] == [
+        "arrange_shipment",
+        "authorize_payment",
+        "reserve_inventory",
+    ]
+
+    response = ops_api.post(f"{saga_path}compensate/", {"reason": "no review"}, format="json")
+    assert response.status_code == 202, response.content
+    done = order_when(client_api, order["id"], wait_for, lambda b: b["status"] in SETTLED)
+    assert (done["status"], done["cancellation_reason"]) == ("cancelled", "step_failed")
+    assert done["payment"]["voided"] == "1200.00" and done["payment"]["captured"] == "0.00"
+    assert done["shipment"]["status"] == "cancelled"
+    assert _stock(client_api) == (10, 0)
+
+
+def test_a_timed_out_fraud_review_resolved_with_its_effects_accepted_cancels_the_order(
+    client_api, ops_api, big, worker_factory, wait_for
+):
+    """The person keeps the effects knowingly: the order is cancelled (``timed_out``), never
+    confirmed, and its stock is released, not sold."""
+    worker_factory({"ORDER_FRAUD_REVIEW_TIMEOUT": "1"}, name="review-timeout", exclusive=True)
+    order, saga_path = _review_timed_out(client_api, wait_for)
+    body = {"note": "voided at the processor by hand", "accept_effects": True}
+    response = ops_api.post(f"{saga_path}resolve/", body, format="json")
+    assert response.status_code == 200, response.content
+    done = client_api.get(f"/api/v1/orders/{order['id']}/").json()
+    assert (done["status"], done["cancellation_reason"]) == ("cancelled", "timed_out")
+    assert done["payment"]["captured"] == "0.00"
+    assert _stock(client_api) == (10, 0)
+    cancelled = client_api.get("/api/v1/orders/", {"status": "cancelled"}).json()["results"]
+    assert [o["id"] for o in cancelled] == [order["id"]]
+
+
+def test_the_client_can_cancel_an_order_whose_fraud_review_timed_out(
+    client_api, big, worker_factory, wait_for
+):
+    worker_factory({"ORDER_FRAUD_REVIEW_TIMEOUT": "1"}, name="review-timeout", exclusive=True)
+    order, _ = _review_timed_out(client_api, wait_for)
+    response = client_api.post(f"/api/v1/orders/{order['id']}/cancel/")
+    assert response.status_code == 202, response.content
+    done = order_when(client_api, order["id"], wait_for, lambda b: b["status"] in SETTLED)
+    assert (done["status"], done["cancellation_reason"]) == ("cancelled", "customer_cancelled")
+    assert done["payment"]["voided"] == "1200.00" and done["shipment"]["status"] == "cancelled"
+    assert _stock(client_api) == (10, 0)
+
+
 def test_3ds_not_confirmed_in_time_cancels_the_order_as_timed_out(
     client_api, catalog, worker_factory, wait_for
 ):
