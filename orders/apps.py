@@ -8,11 +8,14 @@ class OrdersConfig(AppConfig):
 
     def ready(self) -> None:
         """Register the "order" saga type, so every process that loads Django can run it."""
+        from orders.events import flag_in_flight_orders
         from orders.saga import order_saga, order_saga_v1
         from sagas.public import register
+        from webhooks.signals import subscribed
 
         register(order_saga_v1)  # orders placed before the waits; see orders.saga
         register(order_saga)
+        subscribed.connect(flag_in_flight_orders, dispatch_uid="orders.flag_in_flight_orders")
         post_migrate.connect(_ensure_idempotency_expiry_schedule, sender=self)
 
 

@@ -10,14 +10,19 @@ change. Its ``data`` is the order exactly as ``GET /orders/{id}/`` shows it.
 Cheap when nobody listens: an order records in its saga's ``data`` whether its client had a
 webhook endpoint when it was placed (``webhooks``), and :meth:`OrderEvents.wants` reads only
 that, so the sagas of clients without endpoints never pay a query or a transaction for this.
+A client that gains an endpoint later has the flag set on its orders still in flight
+(:func:`flag_in_flight_orders`), so their changes from then on are delivered too.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from orders.models import Order
 from orders.representation import OrderSerializer, attach_payments_and_shipments
 from orders.selectors import order_state
 from sagas.models import Saga
+from sagas.public import saga_data_flag
 from webhooks.services import event_emit
 
 #: Saga ``data`` key: the client had an endpoint when the order was placed.
@@ -57,3 +62,9 @@ class OrderEvents:
 
 
 order_events = OrderEvents()
+
+
+def flag_in_flight_orders(sender: Any, *, owner_id: Any, **_: Any) -> None:
+    """``webhooks.signals.subscribed``: the client has an endpoint now; its orders still in
+    flight start telling the outbox about their changes (connected in ``OrdersConfig``)."""
+    saga_data_flag(saga_ids=Order.objects.filter(owner_id=owner_id).values("saga_id"), key=DATA_KEY)

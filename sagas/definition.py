@@ -403,10 +403,15 @@ def definition_of(saga: Any) -> SagaDefinition:
     return get_definition(saga.saga_type, saga.definition_version)
 
 
+def type_change_hook(saga: Saga) -> ChangeHook | None:
+    """The hook of the saga's type, whether or not it wants this saga's changes."""
+    definition = _registry.get(saga.saga_type, {}).get(saga.definition_version)
+    return definition.on_change if definition is not None else None
+
+
 def change_hook(saga: Saga) -> ChangeHook | None:
     """The hook of the saga's type if it wants to hear about this saga's changes, else None."""
-    definition = _registry.get(saga.saga_type, {}).get(saga.definition_version)
-    hook = definition.on_change if definition is not None else None
+    hook = type_change_hook(saga)
     return hook if hook is not None and hook.wants(saga) else None
 
 

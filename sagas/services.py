@@ -33,7 +33,7 @@ from sagas.definition import (
 )
 from sagas.doorbell import ring_on_commit
 from sagas.exceptions import SagaOperationRefused
-from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
+from sagas.models import TERMINAL_STATES, Saga, SagaEvent, SagaState, SagaStep, StepStatus
 from sagas.store import insert_new
 from sagas.timing import step_timeout
 
@@ -183,6 +183,32 @@ def saga_start(
     ring_on_commit(saga.id, saga.version, None, step_timeout(definition.steps[0]), due_now=True)
     transaction.on_commit(lambda: metrics.SAGAS_STARTED.labels(saga_type).inc())
     return saga
+
+
+def saga_data_flag(*, saga_ids: Any, key: str) -> int:
+    """Set ``data[key] = true`` on those of ``saga_ids`` (ids or a subquery) not yet settled;
+    return how many changed.
+
+    For a change hook whose ``wants`` reads a flag in ``data`` (see ``ChangeHook``), when what
+    it depends on changes after a saga started (a client registers a webhook endpoint while
+    its orders run). The version does not move, so a step in flight still records: the
+    record's row, which it reads back, carries the flag, and a record that raced this update
+    tells the hook right after it (``sagas.store.write``); every later one tells it in the
+    record's own transaction. Runs in the caller's transaction, under the rows' locks.
+    """
+    changed = 0
+    with transaction.atomic():
+        rows = (
+            Saga.objects.select_for_update()
+            .filter(pk__in=saga_ids)
+            .exclude(state__in=TERMINAL_STATES)
+            .only("id", "data")
+        )
+        for saga in rows:
+            if not saga.data.get(key):
+                Saga.objects.filter(pk=saga.pk).update(data={**saga.data, key: True})
+                changed += 1
+    return changed
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from psycopg._queries import PostgresQuery, _query2pg_nocache
 from config.db import NO_FLUSH_WAIT, column_of
 from sagas import metrics
 from sagas import transactions as step_transactions
-from sagas.definition import change_hook, registered_definitions
+from sagas.definition import change_hook, registered_definitions, type_change_hook
 from sagas.doorbell import ring_on_commit
 from sagas.models import ACTIVE_STATES, Saga, SagaEvent, SagaStep
 from sagas.timing import (
@@ -910,7 +910,8 @@ def write(
     # A saga type's change hook writes in the record's transaction; when there is none, or it
     # does not want this saga (a dict lookup), the record stays one autocommitted statement.
     hook = change_hook(saga)
-    before = copy.copy(saga) if hook is not None else None
+    type_hook = hook or type_change_hook(saga)
+    before = copy.copy(saga) if type_hook is not None else None
     for name in rec.transitions:
         getattr(saga, name)()  # django-fsm checks the source state; raises if not allowed
     if rec.transitions:
@@ -974,6 +975,11 @@ def write(
             raise BatchBroken(snapshot) from None
     elif tx is not None:
         tx.commit()
+    if hook is None and type_hook is not None and before is not None and type_hook.wants(updated):
+        # The hook came to want this saga while the step ran (saga_data_flag: its row, read
+        # back by the record, has the flag): this change is the first it hears of, told at once.
+        with transaction.atomic():
+            type_hook(before, updated)
     for e in rec.events:
         log.info(
             f"saga.{e['kind']}",

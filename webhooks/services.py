@@ -26,6 +26,7 @@ from config.db import ValuesBy
 from webhooks import delivery
 from webhooks.models import EVENT_TYPES, Delivery, DeliveryStatus, Endpoint, Event, Stream
 from webhooks.security import UrlRefused, check_url
+from webhooks.signals import subscribed
 
 log = structlog.get_logger("webhooks")
 
@@ -67,7 +68,9 @@ def endpoint_create(*, owner: Any, url: str, events: Iterable[str]) -> tuple[End
             "too_many_endpoints", f"At most {MAX_ENDPOINTS_PER_OWNER} endpoints per client."
         )
     secret = _new_secret()
-    endpoint = Endpoint.objects.create(owner=owner, url=url, events=events, secret=secret)
+    with transaction.atomic():
+        endpoint = Endpoint.objects.create(owner=owner, url=url, events=events, secret=secret)
+        subscribed.send(sender=Endpoint, owner_id=owner.pk)
     log.info("webhooks.endpoint_created", endpoint_id=str(endpoint.id), owner_id=owner.pk)
     return endpoint, secret
 
@@ -94,7 +97,10 @@ def endpoint_set_active(
     """Staff switch an endpoint off (its pending deliveries wait) or back on (they go out)."""
     endpoint.is_active = active
     endpoint.disabled_reason = "" if active else reason[:200]
-    endpoint.save(update_fields=["is_active", "disabled_reason"])
+    with transaction.atomic():
+        endpoint.save(update_fields=["is_active", "disabled_reason"])
+        if active:
+            subscribed.send(sender=Endpoint, owner_id=endpoint.owner_id)
     audit_record(
         "webhook_enable" if active else "webhook_disable",
         actor=user,

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import defaultdict
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.db import transaction
 
+from orders import events as order_events
 from orders.models import Order
 from orders.selectors import OrderStatus
 from sagas.definition import get_definition
+from sagas.models import Saga
+from sagas.runner import run_claimed
 from sagas.services import saga_request_cancel
+from sagas.store import claim
 from sagas.sweeper import sweep as saga_sweep
+from tests.sagas.inprocess import out_of_workers_reach
 from webhooks import signing
 from webhooks.delivery import sweep
-from webhooks.models import Delivery, DeliveryStatus, Event
+from webhooks.models import Delivery, DeliveryStatus, Endpoint, Event
 from webhooks.security import UrlRefused, check_url
+from webhooks.services import endpoint_set_active
 
 from .conftest import api_client_for, place, register
 
@@ -233,3 +241,61 @@ def test_an_endpoint_the_rules_no_longer_allow_is_refused_at_delivery(
     assert refusal.value.code == "private_address"
     assert refused.status in (DeliveryStatus.PENDING, DeliveryStatus.DEAD)
     assert receiver.all() == []
+
+
+def test_an_order_placed_before_its_client_had_an_endpoint_tells_it_every_later_change(
+    customer, catalog, receiver, celery_worker, wait_for
+):
+    """Registering an endpoint marks the client's orders in flight: no worker takes the order
+    until the endpoint exists, then every change is delivered, the settled one last."""
+    client = api_client_for(customer)
+    celery_worker.pause_consuming()
+    try:
+        order = place(client)["id"]
+        assert not Saga.objects.get(order__id=order).data.get(order_events.DATA_KEY)
+        register(client, receiver.url)
+        assert Saga.objects.get(order__id=order).data.get(order_events.DATA_KEY) is True
+    finally:
+        celery_worker.resume_consuming()
+    wait_for(_final_received(receiver, [order]), timeout=60, describe=receiver.accepted)
+    got = _by_order(receiver.accepted())[order]
+    assert [e["type"] for e in got][-1] == "order.confirmed"
+    assert {e["data"]["step"] for e in got[:-1]} >= {"authorize_payment", "capture_payment"}
+
+
+def test_an_endpoint_switched_back_on_marks_the_clients_orders_in_flight(customer, catalog):
+    client = api_client_for(customer)
+    endpoint = Endpoint.objects.get(pk=register(client, "http://127.0.0.1:9/hooks")["id"])
+    staff = get_user_model().objects.create_superuser("staffer", password="x")
+    endpoint_set_active(endpoint=endpoint, active=False, user=staff, reason="maintenance")
+    with transaction.atomic():
+        order = Order.objects.get(pk=place(client)["id"])
+        out_of_workers_reach(order.saga_id)
+    assert not Saga.objects.get(pk=order.saga_id).data.get(order_events.DATA_KEY)
+    endpoint_set_active(endpoint=endpoint, active=True, user=staff)
+    assert Saga.objects.get(pk=order.saga_id).data.get(order_events.DATA_KEY) is True
+
+
+def test_a_step_in_flight_when_the_endpoint_is_registered_still_tells_it(
+    customer, catalog, celery_worker
+):
+    """The race: a task claimed the saga (reading its data, no flag yet), the client registers
+    an endpoint, then the step records. Its change is delivered: the record reads the flag
+    back and tells the hook at once."""
+    client = api_client_for(customer)
+    celery_worker.pause_consuming()
+    try:
+        with transaction.atomic():
+            order = Order.objects.get(pk=place(client)["id"])
+            out_of_workers_reach(order.saga_id, 10_000)
+        claimed = claim(order.saga_id, 10_000)
+        assert claimed is not None and not claimed.data.get(order_events.DATA_KEY)
+        register(client, "http://127.0.0.1:9/hooks")
+        run_claimed(claimed, inline_ok=False)
+    finally:
+        celery_worker.resume_consuming()
+    events = list(Event.objects.filter(subject=order.id).values_list("type", "body"))
+    assert len(events) == 1, events
+    kind, body = events[0]
+    assert kind == "order.updated"
+    assert json.loads(body)["data"]["step"] != "reserve_inventory"
