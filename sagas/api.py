@@ -42,7 +42,7 @@ from sagas import services
 from sagas.exceptions import SignalPayloadInvalid
 from sagas.models import Saga, SagaSignal, SagaState, SagaStep, StepStatus
 from sagas.selectors import saga_is_stuck, saga_stuck_q
-from sagas.signals import MAX_KEY_LENGTH, saga_signal
+from sagas.signals import MAX_KEY_LENGTH, may_signal_saga, saga_signal
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,7 +433,11 @@ class SagaViewSet(
     def signal(self, request: Request, pk: str, name: str) -> Response:
         # Not get_object(): a client may send its own order's client-facing signals, and the
         # service decides who may send what (ops staff, or the client the signal is for).
-        saga = generics.get_object_or_404(Saga.objects.only("id"), pk=pk)
+        saga = generics.get_object_or_404(Saga.objects.all(), pk=pk)
+        if not request.user.is_staff and not may_signal_saga(request.user, saga):
+            # Before the body is read: a client learns nothing of another client's saga,
+            # not even from a payload refused as malformed.
+            raise NotFound()
         try:
             return send_signal(request, saga.pk, name)
         except DjangoPermissionDenied:

@@ -64,6 +64,21 @@ def _may_send(user: Any, park: Park, saga: Saga) -> bool:
     return park.client is not None and park.client(str(saga.id)) == user.pk
 
 
+def may_signal_saga(user: Any, saga: Saga) -> bool:
+    """Whether ``user`` may send this saga any signal at all: ops staff, or the client of one
+    of its client-facing waits. Anyone else must not learn from the answer that it exists."""
+    if user is None or not user.is_active:
+        return False
+    if user.has_perm(OPS_PERMISSION):
+        return True
+    try:
+        definition = definition_of(saga)
+    except LookupError:
+        return False
+    clients = {step.park.client for step in definition.steps if step.park and step.park.client}
+    return any(client(str(saga.id)) == user.pk for client in clients)
+
+
 def _check_payload(park: Park, payload: Any) -> dict:
     if payload is None:
         payload = {}
@@ -118,9 +133,15 @@ def signals_taken(definition: SagaDefinition, saga: Saga) -> list[str]:
 
 
 def _will_wait(definition: SagaDefinition, saga: Saga, index: int) -> bool:
-    """Whether a running saga at or before the ``Wait`` at ``index`` will wait there."""
+    """Whether a running saga at or before the ``Wait`` at ``index`` will wait there.
+
+    Parked at that very wait, it does; parked at an earlier one (a 3-D Secure confirmation
+    before a fraud review), the later wait's own condition still decides.
+    """
     park = definition.steps[index].park
-    if park is None or park.when is None or saga.waiting_since is not None:
+    if park is None or park.when is None:
+        return True
+    if saga.waiting_since is not None and definition.index_of(saga.current_step) == index:
         return True
     probe = Saga(**{f.attname: getattr(saga, f.attname) for f in Saga._meta.concrete_fields})
     probe.step_index, probe.current_step = index, definition.steps[index].name
@@ -159,6 +180,8 @@ def _deliver(saga: Saga, name: str, payload: Any, key: str, user: Any) -> Signal
     definition = definition_of(saga)
     indexes = definition.waits_for(name)
     if not indexes:
+        if not may_signal_saga(user, saga):
+            raise PermissionDenied("Only ops staff or the saga's client may signal it.")
         raise SagaOperationRefused(
             "unknown_signal", f"This {saga.saga_type} saga never waits for {name!r}."
         )

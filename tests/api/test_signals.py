@@ -128,6 +128,12 @@ def test_3ds_the_order_requires_action_until_the_client_confirms(
     assert [o["id"] for o in listed] == [order["id"]]
     path = f"/api/v1/orders/{order['id']}/signals/3ds_confirmed/"
     assert_error(signal(other_api, path, {"approved": True}), 404)
+    # Through the sagas route too, whatever the name or payload: another client's saga is
+    # not there for it (no unknown_signal, no invalid_payload that would say it exists).
+    saga_signals = f"/api/v1/sagas/{order['saga']['id']}/signals/"
+    for name, payload in (("nope", {}), ("3ds_confirmed", "not an object"), ("3ds_confirmed", {})):
+        assert_error(signal(other_api, saga_signals + f"{name}/", payload), 404)
+    assert_error(signal(client_api, saga_signals + "nope/", {}), 409, "unknown_signal")
     response = signal(client_api, path, {"approved": True}, key="3ds-1")
     assert response.status_code == 202, response.content
     assert signal(client_api, path, {"approved": True}, key="3ds-1").status_code == 202
@@ -278,6 +284,18 @@ def test_3ds_not_confirmed_in_time_cancels_the_order_as_timed_out(
     assert done["payment"]["authorized"] == "0.00"
     path = f"/api/v1/orders/{order['id']}/signals/3ds_confirmed/"
     assert_error(signal(client_api, path, {"approved": True}), 409, "not_waiting")
+
+
+def test_a_fraud_review_for_an_order_parked_on_3ds_that_will_not_be_reviewed_is_refused(
+    client_api, ops_api, catalog, celery_worker, wait_for
+):
+    """Waiting at its 3-D Secure step, a small order will not wait for a fraud review: a
+    review sent now is refused (409 not_waiting), not kept and silently never used."""
+    order = place(client_api, [("lamp", 1)], payment_method="pm_card_3ds_required")
+    parked_at(client_api, order, wait_for, "3ds_confirmed")
+    saga_path = f"/api/v1/sagas/{order['saga']['id']}/signals/fraud_review/"
+    assert_error(signal(ops_api, saga_path, {"approved": False}), 409, "not_waiting")
+    assert not Saga.objects.get(pk=order["saga"]["id"]).signals.exists()
 
 
 def test_3ds_confirmed_before_the_saga_reaches_the_wait_is_kept_and_consumed(
