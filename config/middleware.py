@@ -4,12 +4,37 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from django.core.exceptions import BadRequest
+import structlog
+from django.core.exceptions import BadRequest, DisallowedHost
 from django.http import HttpRequest, HttpResponse, QueryDict
 
 from config.api_errors import handler400
 
 _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+log = structlog.get_logger(__name__)
+
+
+class RefuseUnknownHost:
+    """A ``Host`` header not in ``ALLOWED_HOSTS`` is a ``400`` with the one error body, and
+    one warning line.
+
+    Left to Django, the first middleware that reads the host raises ``DisallowedHost``: with
+    DEBUG on that is the HTML debug page (a traceback and the settings) instead of JSON, and
+    either way an ``error`` with a full traceback in the log, so anyone could fill the log by
+    sending made-up hosts. First in the chain, before anything reads the host.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        try:
+            request.get_host()
+        except DisallowedHost as exc:
+            log.warning("http.host_refused", host=request.META.get("HTTP_HOST", "")[:200])
+            return handler400(request, exc)
+        return self.get_response(request)
 
 
 class NulRefused(BadRequest):

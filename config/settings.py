@@ -152,6 +152,7 @@ if SAGARUNNER_LAB:
     INSTALLED_APPS.append("lab")
 
 MIDDLEWARE = [
+    "config.middleware.RefuseUnknownHost",
     "django.middleware.security.SecurityMiddleware",
     "config.middleware.RefuseNul",
     "csp.middleware.CSPMiddleware",

@@ -121,6 +121,7 @@ def _check(*, require_settled: bool) -> Report:
         "saga__cancel_reason",
         "saga__failure_code",
         "saga__escalated_from",
+        "saga__waiting_for",
     ).iterator(chunk_size=5000):
         oid = str(order_row["id"])
         orders[oid] = order_row
@@ -129,6 +130,7 @@ def _check(*, require_settled: bool) -> Report:
             cancel_reason=order_row["saga__cancel_reason"],
             escalated_from=order_row["saga__escalated_from"],
             failure_code=order_row["saga__failure_code"],
+            waiting_for=order_row["saga__waiting_for"],
         )
     items: dict[str, dict[str, int]] = defaultdict(dict)
     for order_id, sku, qty in OrderItem.objects.values_list("order_id", "sku", "quantity").iterator(

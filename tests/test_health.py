@@ -71,3 +71,15 @@ def test_healthz_accepts_the_file_broker(client, settings, tmp_path):
 
     assert response.status_code == 200
     assert response.json()["broker"] == "ok"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("method", ["post", "put", "delete"])
+def test_healthz_answers_another_method_405_json(method):
+    """Not the CSRF failure page (HTML, 403): the one error body, naming the method allowed."""
+    from django.test import Client
+
+    response = getattr(Client(enforce_csrf_checks=True), method)("/healthz")
+    assert response.status_code == 405
+    assert response["Allow"] == "GET, HEAD"
+    assert response.json()["code"] == "method_not_allowed"

@@ -82,12 +82,6 @@ def test_an_expired_token_is_refused_and_removed():
 
 
 @pytest.mark.django_db
-def test_issue_token_refuses_a_lifetime_below_one_day():
-    with pytest.raises(CommandError, match="at least 1"):
-        run("issue_token", "erin", "--expires-days", "0")
-
-
-@pytest.mark.django_db
 def test_issue_token_staff_makes_ops_staff_who_may_operate_sagas():
     """--staff sets is_staff and adds the "ops" group, which carries sagas.operate_saga."""
     run("issue_token", "bob")
@@ -155,3 +149,21 @@ def test_seed_demo_keeps_stock_levels_it_finds():
     run("seed_demo")
 
     assert Product.objects.get(sku="SR-MUG").stock_on_hand == 7
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("",), "Not a valid username"),
+        (("bad user name!",), "Not a valid username"),
+        (("x" * 151,), "Not a valid username"),
+        (("alice", "--expires-days", "0"), "between 1 and 3650"),
+        (("alice", "--expires-days", "99999999"), "between 1 and 3650"),
+    ],
+)
+def test_issue_token_refuses_a_bad_username_or_lifetime_and_creates_nobody(args, message):
+    with pytest.raises(CommandError, match=message):
+        run("issue_token", *args)
+    assert not get_user_model().objects.exists()
+    assert not AuthToken.objects.exists()

@@ -141,7 +141,10 @@ def test_a_500_under_api_is_json():
     assert __import__("json").loads(response.content)["code"] == "server_error"
 
 
-def test_a_disallowed_host_is_400_json(client_api):
-    """A Host header outside ALLOWED_HOSTS is a 400 (Django's check) with the error shape."""
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_disallowed_host_is_400_json(client_api, settings, debug):
+    """A Host header outside ALLOWED_HOSTS is a 400 with the error shape, under `make run`'s
+    DEBUG too (Django would answer its HTML debug page there)."""
+    settings.DEBUG = debug
     response = client_api.get("/api/v1/orders/", HTTP_HOST="evil.example")
     assert_error(response, 400, "bad_request")

@@ -121,3 +121,14 @@ def test_needs_attention_may_hold_stock_but_in_flight_orders_fail_require_settle
     assert f"[settled] order {running.id} (processing): not settled" in out
     assert str(stuck.id) not in out
     assert Reservation.objects.get(pk=reservation.pk).status == ReservationStatus.HELD
+
+
+def test_the_summary_counts_an_order_waiting_for_its_client_as_requires_action(customer):
+    """The status the API shows: a saga parked on a client-facing signal is requires_action."""
+    make_product("lamp", stock=5)
+    waiting = place(customer, [("lamp", 1)])
+    Saga.objects.filter(pk=waiting.saga_id).update(waiting_for="3ds_confirmed")
+    place(customer, [("lamp", 1)])
+    out, code = run()
+    assert code == 0
+    assert "2 orders (1 processing, 1 requires_action" in out, out

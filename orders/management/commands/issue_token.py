@@ -6,11 +6,18 @@ until they expire or are revoked, so a client can switch to the new one without 
 (``TOKEN=$(python manage.py issue_token alice)``). The issue is in the audit log.
 """
 
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
 from accounts.tokens import token_issue
 from orders.management.commands._accounts import ensure_user, make_ops_staff
+
+
+#: Ten years: a longer-lived token is a password in all but name (and far enough out, the
+#: expiry date no longer fits a date).
+MAX_EXPIRES_DAYS = 3650
 
 
 class Command(BaseCommand):
@@ -34,8 +41,13 @@ class Command(BaseCommand):
     def handle(
         self, *args, username: str, staff: bool, expires_days: int | None, **options
     ) -> None:
-        if expires_days is not None and expires_days < 1:
-            raise CommandError("--expires-days must be at least 1.")
+        if expires_days is not None and not 1 <= expires_days <= MAX_EXPIRES_DAYS:
+            raise CommandError(f"--expires-days must be between 1 and {MAX_EXPIRES_DAYS}.")
+        field = get_user_model()._meta.get_field(get_user_model().USERNAME_FIELD)
+        try:
+            field.clean(username, None)  # the rules the admin applies: length, characters
+        except ValidationError as exc:
+            raise CommandError(f"Not a valid username {username!r}: {' '.join(exc.messages)}")
         with transaction.atomic():
             user = ensure_user(username)
             if staff:
