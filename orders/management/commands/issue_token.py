@@ -14,7 +14,6 @@ from django.db import transaction
 from accounts.tokens import token_issue
 from orders.management.commands._accounts import ensure_user, make_ops_staff
 
-
 #: Ten years: a longer-lived token is a password in all but name (and far enough out, the
 #: expiry date no longer fits a date).
 MAX_EXPIRES_DAYS = 3650
