@@ -9,7 +9,7 @@ until they expire or are revoked, so a client can switch to the new one without 
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
-from django.db import transaction
+from django.db import models, transaction
 
 from accounts.tokens import token_issue
 from orders.management.commands._accounts import ensure_user, make_ops_staff
@@ -43,6 +43,7 @@ class Command(BaseCommand):
         if expires_days is not None and not 1 <= expires_days <= MAX_EXPIRES_DAYS:
             raise CommandError(f"--expires-days must be between 1 and {MAX_EXPIRES_DAYS}.")
         field = get_user_model()._meta.get_field(get_user_model().USERNAME_FIELD)
+        assert isinstance(field, models.Field)  # a column, not a relation
         try:
             field.clean(username, None)  # the rules the admin applies: length, characters
         except ValidationError as exc:
