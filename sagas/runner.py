@@ -575,6 +575,24 @@ def _unpark(saga: Saga, rec: Record) -> None:
     """Leaving a parked step, whichever way: the saga no longer waits for anything."""
     if saga.waiting_since is not None or saga.waiting_for:
         rec.fields.update(waiting_for="", waiting_since=None)
+        _unused_wait_back(saga, rec)
+
+
+def _unused_wait_back(saga: Saga, rec: Record) -> None:
+    """The deadline moved by the wait's whole length when it began (:func:`_park`); a wait
+    that ended early (its signal came) gives back what it did not use, so the deadline bounds
+    the saga's working time, not the time its wait might have taken."""
+    if saga.deadline_at is None or saga.waiting_since is None:
+        return
+    try:
+        park = definition_of(saga).step(saga.current_step).park
+    except (KeyError, LookupError, ValueError):
+        return
+    if park is None or not park.duration:
+        return
+    unused = saga.waiting_since + timedelta(seconds=park.duration) - timezone.now()
+    if unused > timedelta(0):
+        rec.fields["deadline_at"] = saga.deadline_at - unused
 
 
 def _park(saga: Saga, step: Step, rec: Record, decision: waits.WaitDecision, now: datetime) -> None:
@@ -582,7 +600,8 @@ def _park(saga: Saga, step: Step, rec: Record, decision: waits.WaitDecision, now
 
     The first time it parks at this step, the wait starts (``waiting_since``), the timeline
     says what it waits for, and its deadline moves by the wait's length: the deadline bounds
-    the time a saga works, and a declared wait bounds itself.
+    the time a saga works, and a declared wait bounds itself (what it does not use is given
+    back when it ends, :func:`_unused_wait_back`).
     """
     park = step.park
     assert park is not None

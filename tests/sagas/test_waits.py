@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.conf import settings
 from django.contrib.auth.models import Group, User
 from django.core.exceptions import PermissionDenied
 from django.db import connection, transaction
+from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 
 from lab.stack import Stack, spare_port
@@ -93,6 +96,25 @@ def test_a_saga_waits_gets_its_signal_and_a_duplicate_and_goes_on(
         saga_signal(saga_id=saga.id, name="go", payload={}, key="k2", user=ops_user)
     assert refused.value.code == "not_waiting"
     assert saga_signal(saga_id=saga.id, name="go", key="k1", user=ops_user).replayed
+
+
+def test_a_wait_that_ends_early_gives_its_unused_time_back_to_the_deadline(
+    celery_worker, wait_for, ops_user
+):
+    """Parking moves the deadline by the whole timeout (120 s); the signal ends the wait early,
+    and the deadline keeps only the time the wait took (SAGA_DEADLINE bounds working time)."""
+    saga = parked(start("test_wait").id, wait_for)
+    moved = saga.deadline_at
+    assert moved - saga.created_at > timedelta(seconds=settings.SAGA_DEADLINE + 119)
+    signalled = timezone.now()
+    saga_signal(saga_id=saga.id, name="go", payload={}, user=ops_user)
+    done = settled(saga.id, wait_for)
+    assert done.state == SagaState.SUCCEEDED
+    # Given back: the timeout's end minus the moment the worker ended the wait, which lies
+    # between the signal and the saga's end.
+    end_of_wait = saga.waiting_since + timedelta(seconds=120)
+    assert moved - (end_of_wait - signalled) <= done.deadline_at
+    assert done.deadline_at <= moved - (end_of_wait - done.finished_at)
 
 
 def test_a_signal_sent_before_the_wait_is_kept_and_consumed_on_arrival(
