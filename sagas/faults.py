@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from django.conf import settings
 
 from providers import outage
-from sagas.transactions import spoiled
+from sagas.transactions import commit_what_the_step_wrote, in_step_transaction, spoiled
 
 OPERATIONS = frozenset(
     {
@@ -180,9 +180,15 @@ def _faulty_call(operation: str, fn: Callable[..., Any], args: Any, kwargs: Any)
     if spec.error and random.random() < spec.error:
         raise InjectedError(f"injected error in {operation}")
     result = fn(*args, **kwargs)
-    if spec.crash and random.random() < spec.crash:
+    crash = bool(spec.crash) and random.random() < spec.crash
+    lost = not crash and bool(spec.lost_response) and random.random() < spec.lost_response
+    if (crash or lost) and in_step_transaction():
+        # Inside a transactional step the effect would roll back with the step: these faults
+        # promise it took place, so it is committed first (the record is not).
+        commit_what_the_step_wrote()
+    if crash:
         # The effect is committed; the saga has not recorded it. Die like a SIGKILL.
         os.kill(os.getpid(), signal.SIGKILL)
-    if spec.lost_response and random.random() < spec.lost_response:
+    if lost:
         raise InjectedTimeout(f"injected lost response from {operation}")
     return result

@@ -78,3 +78,18 @@ def spoiled() -> bool:
         return True
     info = getattr(connection.connection, "info", None)  # psycopg 3; SQLite has none
     return info is not None and info.transaction_status == pq.TransactionStatus.INERROR
+
+
+def commit_what_the_step_wrote() -> None:
+    """Fault injection only: make what a transactional step's transaction wrote so far durable
+    now, record or no record.
+
+    ``lost_response`` and ``crash`` promise that the operation took effect before the caller
+    lost its answer or its process. A participant with a commit of its own has; inside a
+    transactional step the effect would roll back with the step instead, and the fault would
+    rehearse nothing but an error. Committed on the raw connection (Django refuses a commit
+    inside ``atomic``); the step's block then ends an empty transaction, committed or rolled
+    back. Not inside a savepoint of the participant's own: left alone there.
+    """
+    if in_step_transaction():
+        connection.connection.commit()
