@@ -24,7 +24,7 @@ from orders.countries import COUNTRY_CODES
 from orders.errors import OrderInvalid
 from orders.models import Order, OrderItem
 from payments.provider import TEST_CARDS
-from sagas.models import Saga
+from sagas.models import Saga, SagaState
 from sagas.public import SagaOperationRefused, saga_request_cancel, saga_start
 from webhooks import services as webhook_services
 
@@ -256,7 +256,10 @@ def order_request_cancel(*, order: Order, actor) -> Order:
 
     Accepted while the saga has not passed ``capture_payment``; afterwards the engine raises
     :class:`sagas.exceptions.SagaOperationRefused` (``pivot_reached`` or ``not_running``),
-    which the API turns into a ``409``. ``actor`` is a user or a name for the timeline.
+    which the API turns into a ``409``. An order already being cancelled (its saga undoing
+    what it did) accepts it again, changing nothing, as a running one does a second cancel: a
+    client retrying its cancel is told yes, not that it failed. ``actor`` is a user or a name
+    for the timeline.
     """
     # Users appear in the timeline as ``user:<name>``, like the ops operations.
     actor_name = f"user:{actor.get_username()}" if hasattr(actor, "get_username") else str(actor)
@@ -265,6 +268,10 @@ def order_request_cancel(*, order: Order, actor) -> Order:
             saga_id=order.saga_id, reason=CUSTOMER_CANCELLED, actor=actor_name
         )
     except SagaOperationRefused as refused:
+        saga = Saga.objects.filter(pk=order.saga_id).first()
+        if saga is not None and saga.state == SagaState.COMPENSATING:
+            order.saga = saga
+            return order
         # The engine speaks of sagas; the client asked about an order.
         raise SagaOperationRefused(refused.code, _why_not_cancellable(order, refused)) from None
     return order

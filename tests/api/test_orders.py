@@ -381,6 +381,20 @@ def test_cancel_twice_is_accepted_twice(client_api, place):
     assert client_api.post(f"/api/v1/orders/{order['id']}/cancel/").status_code == 202
 
 
+def test_a_cancel_while_the_order_is_being_cancelled_is_accepted_and_changes_nothing(
+    client_api, place
+):
+    """Its saga already undoing (a business failure, or the client's first cancel taken up):
+    202 with the order as it is, the reason it is being cancelled for unchanged."""
+    order = place(client_api)
+    set_saga(order["id"], state=SagaState.COMPENSATING, failure_code="payment_declined")
+    response = client_api.post(f"/api/v1/orders/{order['id']}/cancel/")
+    assert response.status_code == 202, response.content
+    body = response.json()
+    assert (body["status"], body["cancellation_reason"]) == ("cancelling", "payment_declined")
+    assert not SagaEvent.objects.filter(saga__order__id=order["id"], kind="cancel_requested")
+
+
 @pytest.mark.parametrize(
     ("saga_fields", "code", "words"),
     [
