@@ -23,6 +23,7 @@ key, so the participant returns its first result.
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -448,9 +449,21 @@ def _resumed(step: Step, saga: Saga) -> waits.WaitDecision | None:
 
 
 def _next_step(definition: SagaDefinition, saga: Saga, rec: Record, i: int) -> None:
-    """Step ``i`` is done: go on to the next one, or succeed after the last."""
-    if i + 1 < len(definition.steps):
-        rec.fields.update(step_index=i + 1, current_step=definition.steps[i + 1].name)
+    """Step ``i`` is done: go on to the next one, or succeed after the last.
+
+    A ``Wait`` this saga will not wait at (its ``when`` says no: no 3-D Secure for this card,
+    no review for this amount) is passed by in the same record, its row marked as skipped:
+    the saga never stands at it, so a client never sees it as the step being run, and it
+    costs no record of its own.
+    """
+    j = i + 1
+    while j < len(definition.steps) and _passes_by(definition, saga, rec, j):
+        rec.passed_steps.append(
+            (definition.steps[j].name, {"status": StepStatus.SUCCEEDED, "result": waits.SKIPPED})
+        )
+        j += 1
+    if j < len(definition.steps):
+        rec.fields.update(step_index=j, current_step=definition.steps[j].name)
         rec.go_on = True
     else:
         rec.transitions.append("succeed")
@@ -459,6 +472,26 @@ def _next_step(definition: SagaDefinition, saga: Saga, rec: Record, i: int) -> N
         )
         rec.event("succeeded", saga)
         rec.finished = "succeeded"
+
+
+def _passes_by(definition: SagaDefinition, saga: Saga, rec: Record, index: int) -> bool:
+    """Whether the step at ``index`` is a ``Wait`` whose ``when`` says this saga will not wait
+    there, asked as the step would ask it on arrival (with the results recorded so far).
+
+    Not a pivot (a cancel is still honoured at a pivot's first attempt), and not when ``when``
+    fails: the step then decides on arrival, as it always did.
+    """
+    step = definition.steps[index]
+    park = step.park
+    if park is None or park.when is None or step.pivot:
+        return False
+    probe = copy.copy(saga)
+    probe.step_index, probe.current_step = index, step.name
+    probe.results = rec.fields.get("results", saga.results)
+    try:
+        return not park.when(step_context(definition, probe, compensating=False))
+    except Exception:  # noqa: BLE001 - the step itself asks again when the saga gets there
+        return False
 
 
 def _forward_exhausted(

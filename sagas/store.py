@@ -750,12 +750,16 @@ class Record:
     earlier_steps: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     # Set for a batch: the cancel request its steps saw; a newer one fences the record off.
     cancel_reason_seen: str | None = None
+    # Rows of the waits this saga passes by on its way to its next step (their ``when`` said
+    # no), recorded with this one.
+    passed_steps: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def step_rows(self) -> list[tuple[str, dict[str, Any]]]:
         """``(step name, new values)`` of every step row this record updates."""
         rows = list(self.earlier_steps)
         if self.step_name is not None:
             rows.append((self.step_name, self.step_fields))
+        rows += self.passed_steps
         return rows
 
     def carry(
