@@ -77,7 +77,8 @@ def product_update(*, actor: Any, sku: str, changes: dict[str, Any]) -> Product:
         raise ValidationError(
             {
                 "stock_on_hand": [
-                    f"Open orders have reserved {product.reserved} units; stock on hand cannot "
+                    f"Open orders have reserved {product.reserved} "
+                    f"{'unit' if product.reserved == 1 else 'units'}; stock on hand cannot "
                     "go below that."
                 ]
             }

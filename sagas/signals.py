@@ -204,10 +204,13 @@ def _deliver(saga: Saga, name: str, payload: Any, key: str, user: Any) -> Signal
 
     resume, takes_it = _takes(definition, saga, indexes)
     if not (resume or takes_it):
+        where = {
+            SagaState.SUCCEEDED: "has succeeded",
+            SagaState.COMPENSATED: "has been compensated",
+            SagaState.RESOLVED: "has been resolved",
+        }.get(saga.state, f"is {saga.state} at {saga.current_step}")
         raise SagaOperationRefused(
-            "not_waiting",
-            f"The saga is {saga.state} at {saga.current_step} and will not wait for "
-            f"{name!r} any more.",
+            "not_waiting", f"The saga {where} and will not wait for {name!r} (any more)."
         )
     at = definition.index_of(saga.current_step)  # a step of this version: _takes checked it
     if SagaSignal.objects.filter(saga=saga, name=name, consumed_at__isnull=True).exists():

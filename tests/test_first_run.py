@@ -23,6 +23,11 @@ def test_the_root_url_is_a_landing_page_linking_docs_console_and_health(client):
         assert f'href="{link}"' in html
 
 
+def test_the_browsers_favicon_request_is_no_content_not_a_404(client):
+    response = client.get("/favicon.ico")
+    assert response.status_code == 204 and "max-age" in response["Cache-Control"]
+
+
 def test_a_busy_port_stops_make_run_first_naming_the_knob(tmp_path):
     """With the web port taken, the launcher exits at once with one line naming
     SAGARUNNER_PORT, before printing services, tokens or curl lines."""

@@ -137,8 +137,14 @@ def test_stock_cannot_go_below_what_is_reserved(staff_api, catalog):
     error = assert_error(
         staff_api.patch(f"{PRODUCTS}lamp/", {"stock_on_hand": 9}, format="json"), 400, "invalid"
     )
-    assert "stock_on_hand" in error["fields"]
+    assert error["fields"]["stock_on_hand"] == [
+        "Open orders have reserved 10 units; stock on hand cannot go below that."
+    ]
     assert Product.objects.get(sku="lamp").stock_on_hand == 50
+    Product.objects.filter(sku="lamp").update(reserved=1)
+    one = staff_api.patch(f"{PRODUCTS}lamp/", {"stock_on_hand": 0}, format="json")
+    assert "reserved 1 unit;" in assert_error(one, 400)["fields"]["stock_on_hand"][0]
+    Product.objects.filter(sku="lamp").update(reserved=10)
     ok = staff_api.patch(f"{PRODUCTS}lamp/", {"stock_on_hand": 10}, format="json")
     assert ok.status_code == 200 and ok.json()["available"] == 0
 

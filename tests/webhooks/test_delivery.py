@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import threading
 from collections import defaultdict
@@ -64,9 +66,16 @@ def test_events_arrive_signed_in_order_and_the_last_one_is_the_order_as_get_show
     wait_for(_final_received(receiver, orders), timeout=60, describe=receiver.accepted)
 
     for request in receiver.all():
-        header = request.headers[signing.HEADER]
+        header = request.headers["Sagarunner-Signature"]  # the contract's name, spelt out
         assert signing.verify(endpoint["secret"], header, request.body), header
         assert not signing.verify("whsec_wrong", header, request.body)
+        # The documented format, computed here without the product's code: the header is
+        # "Sagarunner-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of '<t>.<body>'>".
+        parts = dict(part.split("=", 1) for part in header.split(","))
+        assert set(parts) == {"t", "v1"} and parts["t"].isdigit(), header
+        signed = parts["t"].encode() + b"." + request.body
+        expected = hmac.new(endpoint["secret"].encode(), signed, hashlib.sha256).hexdigest()
+        assert parts["v1"] == expected
     got = _by_order(receiver.accepted())
     confirmed, declined, stuck = got[orders[0]], got[orders[1]], got[orders[2]]
     for events in (confirmed, declined, stuck):
