@@ -29,7 +29,12 @@ from typing import Any, TypeVar
 from django.conf import settings
 
 from providers import outage
-from sagas.transactions import commit_what_the_step_wrote, in_step_transaction, spoiled
+from sagas.transactions import (
+    after_step_transaction,
+    commit_what_the_step_wrote,
+    in_step_transaction,
+    spoiled,
+)
 
 OPERATIONS = frozenset(
     {
@@ -151,7 +156,9 @@ def fault_point(operation: str) -> Callable[[F], F]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if outage.is_down(provider):
-                outage.count_call_while_down(provider)
+                # Counted outside a transactional step's transaction, which this error rolls
+                # back: the provider saw the call whatever becomes of the step.
+                after_step_transaction(lambda: outage.count_call_while_down(provider))
                 raise InjectedError(f"provider {provider} is down (outage) in {operation}")
             if outage.stats_enabled():
                 outage.call_started(provider)

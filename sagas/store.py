@@ -93,7 +93,7 @@ class StepTransaction:
             self._atomic = transaction.atomic()
             self._atomic.__enter__()
             # A participant's own atomic blocks join this transaction without a savepoint.
-            self._token = step_transactions.enter_step(self._atomic)
+            self._token = step_transactions.enter_step(self._atomic, self._after)
 
     @property
     def open(self) -> bool:

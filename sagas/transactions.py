@@ -20,6 +20,7 @@ writer left. A step function that returns from a spoiled transaction anyway fail
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar, Token
 from typing import Any
 
@@ -29,20 +30,37 @@ from psycopg import pq
 #: The ``Atomic`` of the transactional step running now in this context (task, thread or
 #: greenlet), if any.
 _STEP_ATOMIC: ContextVar[Any] = ContextVar("sagas_step_atomic", default=None)
+#: What runs once that step's transaction has ended, committed or rolled back.
+_STEP_AFTER: ContextVar[list[Callable[[], None]] | None] = ContextVar(
+    "sagas_step_after", default=None
+)
 
 
 class StepTransactionSpoiled(Exception):
     """A step function returned after an error spoiled its step's transaction."""
 
 
-def enter_step(atomic: Any) -> Token[Any]:
-    """Called by the engine when a transactional step's transaction is open."""
-    return _STEP_ATOMIC.set(atomic)
+def enter_step(atomic: Any, after: list[Callable[[], None]]) -> tuple[Token[Any], Token[Any]]:
+    """Called by the engine when a transactional step's transaction is open; ``after`` is the
+    list of what the engine runs once it has ended."""
+    return _STEP_ATOMIC.set(atomic), _STEP_AFTER.set(after)
 
 
-def leave_step(token: Token[Any]) -> None:
+def leave_step(tokens: tuple[Token[Any], Token[Any]]) -> None:
     """Called by the engine once that transaction has ended, committed or rolled back."""
-    _STEP_ATOMIC.reset(token)
+    _STEP_ATOMIC.reset(tokens[0])
+    _STEP_AFTER.reset(tokens[1])
+
+
+def after_step_transaction(fn: Callable[[], None]) -> None:
+    """Run ``fn`` once the transactional step's transaction has ended, whether it commits or
+    rolls back; at once outside one. For a write that must outlive the step's rollback (a
+    fake provider counting the calls it refused while down, say)."""
+    after = _STEP_AFTER.get()
+    if after is None or not in_step_transaction():
+        fn()
+    else:
+        after.append(fn)
 
 
 def in_step_transaction() -> bool:

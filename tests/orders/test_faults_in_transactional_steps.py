@@ -14,7 +14,8 @@ import pytest
 from django.db import transaction
 
 from inventory.models import Product, Reservation, ReservationStatus
-from providers import breaker
+from providers import breaker, outage
+from providers.models import FakeProviderStatus
 from sagas.definition import forward_key
 from sagas.models import Saga, SagaState, SagaStep
 from sagas.runner import advance
@@ -67,3 +68,23 @@ def test_a_lost_response_of_the_hold_leaves_the_hold_in_place_and_the_retry_find
     assert SagaStep.objects.get(saga=saga, name="reserve_inventory").status == "succeeded"
     assert Reservation.objects.filter(key=key).count() == 1
     assert Product.objects.get(sku="widget").reserved == 2
+
+
+def test_a_call_refused_by_an_outage_inside_a_transactional_step_is_still_counted(customer):
+    """``provider_outage`` counts the calls the provider got while down; the hold's refused
+    call is counted although its step's transaction rolls back."""
+    make_product("widget", stock=5)
+    with transaction.atomic():
+        order = place(customer, [("widget", 1)])
+        out_of_workers_reach(order.saga_id, 10_000)
+    outage.start("inventory", 60)
+    outage._read_at = float("-inf")  # this process reads the outage now, not in 0.25 s
+    try:
+        advance(order.saga_id, 10_000)
+    finally:
+        outage.end("inventory")
+        outage._read_at = float("-inf")
+    step = SagaStep.objects.get(saga=order.saga_id, name="reserve_inventory")
+    assert "is down" in step.last_error
+    assert not Reservation.objects.filter(order_id=order.id).exists()
+    assert FakeProviderStatus.objects.get(provider="inventory").calls_while_down == 1
