@@ -1,11 +1,12 @@
-"""The payment provider goes down under steady order load, and orders wait instead of failing.
+"""A provider goes down under steady order load, and orders wait instead of failing.
 
-Real workers run the order saga with the payments breaker tuned for a quick test (a short
+Real workers run the order saga with the provider's breaker tuned for a quick test (a short
 cooldown, two canaries, two calls in flight at most) and the fake providers counting their own
-calls. ``provider_outage payments`` takes the provider down for every worker; orders keep
-arriving while it is down; then it comes back. Every order must be confirmed, the provider must
-have seen canaries rather than orders x attempts while down, and never more calls at once than
-the limit.
+calls. ``provider_outage PROVIDER`` takes it down for every worker; orders keep arriving while
+it is down; then it comes back. Every order must be confirmed, the provider must have seen
+canaries rather than orders x attempts while down, and never more calls at once than the
+limit. Payments (plain steps), inventory (transactional steps, the first and the pivot) and
+shipping (a longer step timeout) each take their turn.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ pytestmark = [pytest.mark.worker, pytest.mark.slow, pytest.mark.django_db(transa
 
 MAX_ATTEMPTS = 5
 MAX_IN_FLIGHT = 2
-PAYMENTS = {
+BREAKER = {
     "window": 10,
     "min_calls": 4,
     "failure_rate": 0.5,
@@ -37,21 +38,25 @@ PAYMENTS = {
     "max_in_flight": MAX_IN_FLIGHT,
     "release_spread": 1.0,
 }
-WORKER_ENV = {
-    "SAGA_PROVIDERS": json.dumps({"payments": PAYMENTS}),
-    "SAGA_FAKE_PROVIDER_STATS": "1",
-    "SAGA_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
-    # Without a breaker, five attempts 0.2 s, 0.4 s, ... apart are spent in about 3 s.
-    "SAGA_BACKOFF_BASE": "0.2",
-    "SAGA_BACKOFF_MAX": "2",
-    # Calls that take a while, so four worker processes would overlap at the provider.
-    "SAGA_FAULTS": json.dumps(
-        {
-            "payments.authorize": {"latency_ms": [20, 60]},
-            "payments.capture": {"latency_ms": [20, 60]},
-        }
-    ),
+#: The provider's forward operations: calls that take a while, so that four worker processes
+#: would overlap at the provider.
+FORWARD = {
+    "payments": ("payments.authorize", "payments.capture"),
+    "inventory": ("inventory.reserve", "inventory.commit"),
+    "shipping": ("shipping.arrange",),
 }
+
+
+def worker_env(provider: str) -> dict[str, str]:
+    return {
+        "SAGA_PROVIDERS": json.dumps({provider: BREAKER}),
+        "SAGA_FAKE_PROVIDER_STATS": "1",
+        "SAGA_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
+        # Without a breaker, five attempts 0.2 s, 0.4 s, ... apart are spent in about 3 s.
+        "SAGA_BACKOFF_BASE": "0.2",
+        "SAGA_BACKOFF_MAX": "2",
+        "SAGA_FAULTS": json.dumps({op: {"latency_ms": [20, 60]} for op in FORWARD[provider]}),
+    }
 
 
 def _metric(body: str, name: str, **labels: str) -> float:
@@ -65,12 +70,13 @@ def _metric(body: str, name: str, **labels: str) -> float:
     return total
 
 
-def test_orders_wait_out_a_payment_outage_and_all_settle_after_it(
-    customer, worker_factory, wait_for, settings
+@pytest.mark.parametrize("provider", ["payments", "inventory", "shipping"])
+def test_orders_wait_out_a_provider_outage_and_all_settle_after_it(
+    customer, worker_factory, wait_for, settings, provider
 ):
-    settings.SAGA_PROVIDERS = {"payments": PAYMENTS}
+    settings.SAGA_PROVIDERS = {provider: BREAKER}
     make_product("mug", stock=500)
-    worker = worker_factory(WORKER_ENV, name="outage", exclusive=True, concurrency=4)
+    worker = worker_factory(worker_env(provider), name="outage", exclusive=True, concurrency=4)
 
     before = [place(customer, [("mug", 1)]) for _ in range(4)]
     wait_for(
@@ -81,7 +87,7 @@ def test_orders_wait_out_a_payment_outage_and_all_settle_after_it(
         timeout=60,
     )
 
-    call_command("provider_outage", "payments", "--seconds", "600")
+    call_command("provider_outage", provider, "--seconds", "600")
     during: list[Order] = []
 
     def load_until(condition):
@@ -96,24 +102,24 @@ def test_orders_wait_out_a_payment_outage_and_all_settle_after_it(
     # The breaker opens on the failure rate...
     wait_for(
         load_until(
-            lambda: Breaker.objects.filter(provider="payments").exclude(state="closed").exists()
+            lambda: Breaker.objects.filter(provider=provider).exclude(state="closed").exists()
         ),
         timeout=60,
         interval=0.1,
     )
-    calls_at_open = FakeProviderStatus.objects.get(provider="payments").calls_while_down
+    calls_at_open = FakeProviderStatus.objects.get(provider=provider).calls_while_down
     # ...and while it stays down, orders keep coming and wait, through several probe rounds.
     wait_for(
         load_until(
             lambda: (
-                Saga.objects.filter(state__in=ACTIVE_STATES, parked_on="payments").count() >= 8
+                Saga.objects.filter(state__in=ACTIVE_STATES, parked_on=provider).count() >= 8
                 and len(re.findall(r"to_state='?half_open", worker.log_text())) >= 2
             )
         ),
         timeout=90,
         interval=0.2,
         describe=lambda: {
-            "parked": Saga.objects.filter(state__in=ACTIVE_STATES, parked_on="payments").count(),
+            "parked": Saga.objects.filter(state__in=ACTIVE_STATES, parked_on=provider).count(),
             "breaker": list(Breaker.objects.values()),
             "transitions": [
                 line for line in worker.log_text().splitlines() if "breaker_transition" in line
@@ -127,8 +133,8 @@ def test_orders_wait_out_a_payment_outage_and_all_settle_after_it(
             ),
         },
     )
-    call_command("provider_outage", "payments", "--end")
-    down = FakeProviderStatus.objects.get(provider="payments")
+    call_command("provider_outage", provider, "--end")
+    down = FakeProviderStatus.objects.get(provider=provider)
 
     orders = before + during
     ids = [o.id for o in orders]
@@ -155,22 +161,22 @@ def test_orders_wait_out_a_payment_outage_and_all_settle_after_it(
     assert SagaEvent.objects.filter(kind="parked").exists()
 
     body = Client().get("/metrics").content.decode()
-    canaries = _metric(body, "provider_canaries_total", provider="payments")
+    canaries = _metric(body, "provider_canaries_total", provider=provider)
     rounds = _metric(
-        body, "provider_breaker_transitions_total", provider="payments", to="half_open"
+        body, "provider_breaker_transitions_total", provider=provider, to="half_open"
     )
     assert rounds >= 2
     # While it was down the provider saw the calls that opened the breaker, then canaries
     # only (and at most MAX_IN_FLIGHT calls already under way as it opened)...
-    assert canaries <= PAYMENTS["canaries"] * rounds
+    assert canaries <= BREAKER["canaries"] * rounds
     assert down.calls_while_down - calls_at_open <= canaries + MAX_IN_FLIGHT
     # ...not every waiting order's attempts.
     assert down.calls_while_down < len(during) * MAX_ATTEMPTS
     # Never more calls at once than the limit, counted by the provider itself.
-    status = FakeProviderStatus.objects.get(provider="payments")
+    status = FakeProviderStatus.objects.get(provider=provider)
     assert 0 < status.peak_in_flight <= MAX_IN_FLIGHT
     # One structured log line per transition, open and closed again included.
     log = worker.log_text()
     assert re.search(r"provider\.breaker_transition.*to_state='?open", log)
     assert re.search(r"provider\.breaker_transition.*to_state='?closed", log)
-    assert Breaker.objects.get(provider="payments").state == "closed"
+    assert Breaker.objects.get(provider=provider).state == "closed"
