@@ -229,10 +229,10 @@ def saga_stopped_before_pivot(saga: Saga) -> bool:
     """
     if saga.state != SagaState.NEEDS_MANUAL or saga.escalated_from != SagaState.RUNNING:
         return False
-    definition = definition_of(saga)
     try:
+        definition = definition_of(saga)
         return definition.index_of(saga.current_step) < definition.pivot_index
-    except (KeyError, ValueError):  # a step this version does not have: not ours to judge
+    except (LookupError, ValueError):  # a version or step this process does not have
         return False
 
 

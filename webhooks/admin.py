@@ -35,7 +35,10 @@ class EndpointAdmin(admin.ModelAdmin):
     list_filter = ["is_active"]
     search_fields = ["=id", "url", "owner__username"]
     list_select_related = ["owner"]
-    readonly_fields = [
+    # Nothing is edited in the form. is_active is switched by the actions only
+    # (endpoint_set_active: audited, its pending deliveries rung, its client's orders in flight
+    # marked for events).
+    readonly_fields = fields = (
         "id",
         "owner",
         "url",
@@ -43,8 +46,9 @@ class EndpointAdmin(admin.ModelAdmin):
         "created_at",
         "deliveries_link",
         "previous_secret_expires_at",
-    ]
-    fields = [*readonly_fields, "is_active", "disabled_reason"]
+        "is_active",
+        "disabled_reason",
+    )
     actions = ["disable", "enable", "redeliver_dead"]
     audited_actions = frozenset(actions)  # the services write the audit entries
     show_full_result_count = False

@@ -69,6 +69,7 @@ def endpoint_create(*, owner: Any, url: str, events: Iterable[str]) -> tuple[End
         )
     secret = _new_secret()
     with transaction.atomic():
+        _lock_owner(owner.pk)
         endpoint = Endpoint.objects.create(owner=owner, url=url, events=events, secret=secret)
         subscribed.send(sender=Endpoint, owner_id=owner.pk)
     log.info("webhooks.endpoint_created", endpoint_id=str(endpoint.id), owner_id=owner.pk)
@@ -98,6 +99,8 @@ def endpoint_set_active(
     endpoint.is_active = active
     endpoint.disabled_reason = "" if active else reason[:200]
     with transaction.atomic():
+        if active:
+            _lock_owner(endpoint.owner_id)
         endpoint.save(update_fields=["is_active", "disabled_reason"])
         if active:
             subscribed.send(sender=Endpoint, owner_id=endpoint.owner_id)
@@ -141,8 +144,55 @@ _active_endpoints_of = ValuesBy(
 
 
 def subscribers(owner_id: Any) -> bool:
-    """Whether the client has an active endpoint at all (one small query)."""
-    return owner_id is not None and bool(_active_endpoints_of(owner_id))
+    """Whether the client has an active endpoint at all (one small query), read so that a
+    registration of the client's first endpoint never slips past the caller's transaction.
+
+    Asked by an order being placed, to note in its saga whether to tell the outbox. On
+    PostgreSQL the same statement takes a shared per-client lock (an advisory lock, held to
+    the end of the caller's transaction) without waiting for it; a registration takes it
+    exclusively (:func:`_lock_owner`) before it marks the client's orders in flight, so it
+    waits for this order to commit and marks it. If a registration holds it right now, the
+    read waits for it and is made again afterwards, in a statement of its own that sees the
+    new endpoint.
+    """
+    if owner_id is None:
+        return False
+    if connection.vendor != "postgresql":
+        return bool(_active_endpoints_of(owner_id))
+    table = connection.ops.quote_name(Endpoint._meta.db_table)
+    exists = f"EXISTS (SELECT 1 FROM {table} WHERE owner_id = %s AND is_active)"
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT pg_try_advisory_xact_lock_shared(%s, %s), {exists}",
+            [_LOCK_SPACE, _lock_key(owner_id), owner_id],
+        )
+        locked, found = cursor.fetchone()
+        if locked:
+            return bool(found)
+        cursor.execute(
+            "SELECT pg_advisory_xact_lock_shared(%s, %s)", [_LOCK_SPACE, _lock_key(owner_id)]
+        )
+        cursor.execute(f"SELECT {exists}", [owner_id])
+        return bool(cursor.fetchone()[0])
+
+
+#: The advisory locks' first key: this module's (any fixed number no other lock uses).
+_LOCK_SPACE = 0x5E8B
+
+
+def _lock_key(owner_id: Any) -> int:
+    return int(owner_id) % 2_147_483_647
+
+
+def _lock_owner(owner_id: Any) -> None:
+    """Hold the client's webhook lock exclusively until the caller's transaction ends: orders
+    being placed that read "no endpoint" (:func:`subscribers`) commit first, so ``subscribed``'s
+    receivers see them; orders placed from now on wait and see the endpoint."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_advisory_xact_lock(%s, %s)", [_LOCK_SPACE, _lock_key(owner_id)]
+            )
 
 
 def event_emit(*, owner_id: Any, subject: uuid.UUID, type: str, data: Any) -> Event | None:

@@ -3,7 +3,10 @@ large orders (ops staff answer), a 3-D Secure confirmation (the client answers).
 
 from __future__ import annotations
 
+import io
+
 import pytest
+from django.core.management import call_command
 
 from orders.selectors import OrderStatus
 from sagas.models import Saga
@@ -259,6 +262,10 @@ def test_a_timed_out_fraud_review_resolved_with_its_effects_accepted_cancels_the
     assert _stock(client_api) == (10, 0)
     cancelled = client_api.get("/api/v1/orders/", {"status": "cancelled"}).json()["results"]
     assert [o["id"] for o in cancelled] == [order["id"]]
+    # The shipment and the authorization it kept are vouched for by the person: no violation.
+    out = io.StringIO()
+    call_command("check_invariants", stdout=out)
+    assert out.getvalue().rstrip().endswith(": no violations"), out.getvalue()
 
 
 def test_the_client_can_cancel_an_order_whose_fraud_review_timed_out(

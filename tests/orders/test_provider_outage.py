@@ -162,9 +162,7 @@ def test_orders_wait_out_a_provider_outage_and_all_settle_after_it(
 
     body = Client().get("/metrics").content.decode()
     canaries = _metric(body, "provider_canaries_total", provider=provider)
-    rounds = _metric(
-        body, "provider_breaker_transitions_total", provider=provider, to="half_open"
-    )
+    rounds = _metric(body, "provider_breaker_transitions_total", provider=provider, to="half_open")
     assert rounds >= 2
     # While it was down the provider saw the calls that opened the breaker, then canaries
     # only (and at most MAX_IN_FLIGHT calls already under way as it opened)...
