@@ -191,7 +191,8 @@ class Saga(FSMModelMixin, models.Model):
         conditions=[lambda saga: saga.escalated_from == SagaState.RUNNING],  # type: ignore[attr-defined]
     )
     def resume_forward(self) -> None:
-        """An operator's retry of a step past the pivot."""
+        """A person lets it go on: retry now, the signal a timed-out wait waited for, or a
+        cancel of a saga that stopped before its pivot (see ``sagas.services``)."""
 
     @transition(field=state, source=SagaState.NEEDS_MANUAL, target=SagaState.RESOLVED)
     def resolve(self) -> None:

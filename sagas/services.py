@@ -219,6 +219,20 @@ def saga_waits_on_undo(saga: Saga) -> bool:
     return saga.state == SagaState.NEEDS_MANUAL and saga.escalated_from == SagaState.COMPENSATING
 
 
+def resumed_forward(saga: Saga) -> list[str]:
+    """Back to running from ``needs_manual`` by a person (retry now, or the signal it waited
+    for): the transition, and a deadline that gives it its working time again. The deadline
+    kept running while the saga waited for the person; left as it was, the first boundary
+    would time out the saga the person just let go on. Returns the columns to save."""
+    saga.resume_forward()
+    if saga.deadline_at is None:
+        return []
+    definition = definition_of(saga)
+    seconds = definition.deadline if definition.deadline is not None else settings.SAGA_DEADLINE
+    saga.deadline_at = max(saga.deadline_at, timezone.now() + timedelta(seconds=seconds))
+    return ["deadline_at"]
+
+
 def saga_stopped_before_pivot(saga: Saga) -> bool:
     """Stopped for a person while going forward, before its pivot ever ran.
 
@@ -354,18 +368,19 @@ def saga_retry_now(*, saga_id: Any, user: Any) -> Saga:
     with transaction.atomic():
         saga = _locked(saga_id)
         _refuse_unless_allowed(saga, "retry")
+        more: list[str] = []
         if saga.state == SagaState.NEEDS_MANUAL:
             if saga.escalated_from == SagaState.COMPENSATING:
                 saga.resume_compensation()
             else:
-                saga.resume_forward()
+                more = resumed_forward(saga)
             detail = f"resumed {saga.state} at {saga.current_step}"
         else:
             detail = f"retry {saga.current_step} now"
         saga.attempt = 0
         saga.next_attempt_at = timezone.now()
         saga.lease_until = None
-        _save(saga, ["attempt", "next_attempt_at", "lease_until"])
+        _save(saga, ["attempt", "next_attempt_at", "lease_until", *more])
         _event(saga, "ops_retry", actor=_actor(user), detail=detail, step=saga.current_step)
         ring_on_commit(saga.id, saga.version)
     return saga

@@ -31,7 +31,7 @@ from sagas.definition import Park, SagaDefinition, definition_of, step_context
 from sagas.doorbell import ring_on_commit
 from sagas.exceptions import SagaOperationRefused, SignalKeyReused, SignalPayloadInvalid
 from sagas.models import Saga, SagaSignal, SagaState
-from sagas.services import OPS_PERMISSION, _actor, _event, _locked, _save
+from sagas.services import OPS_PERMISSION, _actor, _event, _locked, _save, resumed_forward
 
 #: A payload is a small JSON object; anything bigger belongs in the participant's own tables.
 MAX_PAYLOAD_BYTES = 8192
@@ -224,12 +224,11 @@ def _deliver(saga: Saga, name: str, payload: Any, key: str, user: Any) -> Signal
     )
     delivered_now = resume or at in indexes
     if delivered_now:
-        if resume:
-            saga.resume_forward()
+        more = resumed_forward(saga) if resume else []
         saga.attempt = 0
         saga.next_attempt_at = now
         saga.lease_until = None
-        _save(saga, ["attempt", "next_attempt_at", "lease_until"])
+        _save(saga, ["attempt", "next_attempt_at", "lease_until", *more])
         ring_on_commit(saga.id, saga.version)
     detail = f"{name} (key {key})" + ("; resumed from needs_manual" if resume else "")
     step = definition.steps[at].name if delivered_now else ""

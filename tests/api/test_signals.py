@@ -4,9 +4,11 @@ large orders (ops staff answer), a 3-D Secure confirmation (the client answers).
 from __future__ import annotations
 
 import io
+from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
+from django.utils import timezone
 
 from orders.selectors import OrderStatus
 from sagas.models import Saga
@@ -187,7 +189,10 @@ def test_a_fraud_review_not_given_in_time_goes_to_a_person_who_can_still_approve
     assert stuck["payment"]["authorized"] == "1200.00" and stuck["payment"]["voided"] == "0.00"
     saga = Saga.objects.get(pk=order["saga"]["id"])
     assert saga.state == "needs_manual" and saga.failed_step == "fraud_review"
-    # The analyst who picks it up approves it late: the saga resumes at the review.
+    # The analyst picks it up long after its deadline passed (the deadline kept running while
+    # it waited for a person) and approves it: it resumes at the review, with its working time
+    # given back, instead of timing out at the first step boundary.
+    Saga.objects.filter(pk=saga.pk).update(deadline_at=timezone.now() - timedelta(minutes=30))
     saga_path = f"/api/v1/sagas/{order['saga']['id']}/signals/fraud_review/"
     response = signal(ops_api, saga_path, {"approved": True}, key="late-review")
     assert response.status_code == 202, response.content
