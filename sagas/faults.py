@@ -61,7 +61,10 @@ class InjectedError(ConnectionError):
 
 
 class InjectedTimeout(TimeoutError):
-    """The operation took effect, then the caller's response was lost."""
+    """The operation took effect, then the caller's response was lost. ``committed``: inside a
+    transactional step, the step's writes were committed for it."""
+
+    committed = False
 
 
 @dataclass(frozen=True)
@@ -162,13 +165,21 @@ def fault_point(operation: str) -> Callable[[F], F]:
                 raise InjectedError(f"provider {provider} is down (outage) in {operation}")
             if outage.stats_enabled():
                 outage.call_started(provider)
+                ended = False
                 try:
                     return _faulty_call(operation, fn, args, kwargs)
+                except InjectedTimeout as exc:
+                    if exc.committed:
+                        # The start's count was committed with the effect; the end's must
+                        # outlive the step's rollback too.
+                        after_step_transaction(lambda: outage.call_ended(provider))
+                        ended = True
+                    raise
                 finally:
                     # In a spoiled transaction (a transactional step's, after the participant
                     # raised) no query may run, and none is needed: the start's count rolls
                     # back with it.
-                    if not spoiled():
+                    if not ended and not spoiled():
                         outage.call_ended(provider)
             return _faulty_call(operation, fn, args, kwargs)
 
@@ -189,13 +200,16 @@ def _faulty_call(operation: str, fn: Callable[..., Any], args: Any, kwargs: Any)
     result = fn(*args, **kwargs)
     crash = bool(spec.crash) and random.random() < spec.crash
     lost = not crash and bool(spec.lost_response) and random.random() < spec.lost_response
+    committed = False
     if (crash or lost) and in_step_transaction():
         # Inside a transactional step the effect would roll back with the step: these faults
         # promise it took place, so it is committed first (the record is not).
-        commit_what_the_step_wrote()
+        committed = commit_what_the_step_wrote()
     if crash:
         # The effect is committed; the saga has not recorded it. Die like a SIGKILL.
         os.kill(os.getpid(), signal.SIGKILL)
     if lost:
-        raise InjectedTimeout(f"injected lost response from {operation}")
+        exc = InjectedTimeout(f"injected lost response from {operation}")
+        exc.committed = committed
+        raise exc
     return result

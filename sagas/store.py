@@ -823,6 +823,7 @@ class Batch:
         if not self.records:
             self.snapshot = copy.copy(saga)
             self.tx = tx
+            step_transactions.note_earlier_steps()
         for e in rec.events:
             e.setdefault("at", now)
         self.records.append(rec)

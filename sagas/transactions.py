@@ -34,6 +34,9 @@ _STEP_ATOMIC: ContextVar[Any] = ContextVar("sagas_step_atomic", default=None)
 _STEP_AFTER: ContextVar[list[Callable[[], None]] | None] = ContextVar(
     "sagas_step_after", default=None
 )
+#: The ``Atomic`` of a transaction that already holds earlier steps' writes whose records are
+#: deferred (a batch, see ``sagas.store.Batch``).
+_SHARED_ATOMIC: ContextVar[Any] = ContextVar("sagas_shared_atomic", default=None)
 
 
 class StepTransactionSpoiled(Exception):
@@ -50,6 +53,13 @@ def leave_step(tokens: tuple[Token[Any], Token[Any]]) -> None:
     """Called by the engine once that transaction has ended, committed or rolled back."""
     _STEP_ATOMIC.reset(tokens[0])
     _STEP_AFTER.reset(tokens[1])
+    _SHARED_ATOMIC.set(None)
+
+
+def note_earlier_steps() -> None:
+    """Called by the engine when the step transaction now open goes on to hold the writes of
+    a step whose record is deferred (a batch): nothing may commit them before that record."""
+    _SHARED_ATOMIC.set(_STEP_ATOMIC.get())
 
 
 def after_step_transaction(fn: Callable[[], None]) -> None:
@@ -98,7 +108,7 @@ def spoiled() -> bool:
     return info is not None and info.transaction_status == pq.TransactionStatus.INERROR
 
 
-def commit_what_the_step_wrote() -> None:
+def commit_what_the_step_wrote() -> bool:
     """Fault injection only: make what a transactional step's transaction wrote so far durable
     now, record or no record.
 
@@ -107,7 +117,15 @@ def commit_what_the_step_wrote() -> None:
     transactional step the effect would roll back with the step instead, and the fault would
     rehearse nothing but an error. Committed on the raw connection (Django refuses a commit
     inside ``atomic``); the step's block then ends an empty transaction, committed or rolled
-    back. Not inside a savepoint of the participant's own: left alone there.
+    back. Only where the step's transaction is the whole transaction and holds this step's
+    writes alone: not inside a savepoint of the participant's own, not inside a caller's
+    transaction (a test's), and not in a batch, whose earlier steps' writes wait for their
+    records (there the fault stays an error). Returns whether it committed.
     """
-    if in_step_transaction():
-        connection.connection.commit()
+    atomic = _STEP_ATOMIC.get()
+    if not in_step_transaction() or len(connection.atomic_blocks) != 1:
+        return False
+    if atomic is not None and _SHARED_ATOMIC.get() is atomic:
+        return False
+    connection.connection.commit()
+    return True

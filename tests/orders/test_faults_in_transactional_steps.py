@@ -19,6 +19,8 @@ from providers.models import FakeProviderStatus
 from sagas.definition import forward_key
 from sagas.models import Saga, SagaState, SagaStep
 from sagas.runner import advance
+from sagas.store import StepTransaction
+from sagas.transactions import commit_what_the_step_wrote, note_earlier_steps
 from tests import conftest
 from tests.sagas.inprocess import out_of_workers_reach
 
@@ -88,3 +90,24 @@ def test_a_call_refused_by_an_outage_inside_a_transactional_step_is_still_counte
     assert "is down" in step.last_error
     assert not Reservation.objects.filter(order_id=order.id).exists()
     assert FakeProviderStatus.objects.get(provider="inventory").calls_while_down == 1
+
+
+def test_the_faults_commit_is_only_for_a_step_transaction_holding_its_own_writes_alone():
+    """Not inside a caller's transaction, not in a batch whose earlier steps' records are
+    deferred: there the fault stays an error and their writes roll back with the step."""
+    with transaction.atomic():  # a caller's transaction around the step's
+        tx = StepTransaction(True)
+        make_product("outer", stock=1)
+        assert commit_what_the_step_wrote() is False
+        tx.rollback()
+        transaction.set_rollback(True)
+    tx = StepTransaction(True)
+    make_product("batched", stock=1)
+    note_earlier_steps()  # as a batch does when it defers a step's record
+    assert commit_what_the_step_wrote() is False
+    tx.rollback()
+    tx = StepTransaction(True)
+    make_product("alone", stock=1)
+    assert commit_what_the_step_wrote() is True
+    tx.rollback()  # too late for the write: it was committed
+    assert sorted(Product.objects.values_list("sku", flat=True)) == ["alone"]
