@@ -161,8 +161,9 @@ class Park:
     seconds: float | Callable[[], float] | None = None
     #: What a ``Wait`` does when its timeout passes without the signal.
     on_timeout: str = "compensate"
-    #: Whether this saga waits at all (e.g. only orders above a threshold); evaluated when the
-    #: saga reaches the step; ``False`` passes the step at once with ``{"skipped": true}``.
+    #: Whether this saga waits at all (e.g. only orders above a threshold); evaluated as the
+    #: step before it ends (with that step's result), so ``False`` passes the step by in the same
+    #: record with ``{"skipped": true}``; for a first step or a pivot, when the saga reaches it.
     when: Callable[[StepContext], bool] | None = None
     #: ``saga id -> user id`` of the client who may send this signal too (client-facing
     #: signals such as a card holder's confirmation); ``None``: ops staff only.

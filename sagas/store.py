@@ -982,9 +982,12 @@ def write(
         tx.commit()
     if hook is None and type_hook is not None and before is not None and type_hook.wants(updated):
         # The hook came to want this saga while the step ran (saga_data_flag: its row, read
-        # back by the record, has the flag): this change is the first it hears of, told at once.
+        # back by the record, has the flag): this change is the first it hears of, told at once,
+        # under the row's lock and only while nothing newer was recorded (a newer record was
+        # told itself, and this older state must not arrive after it).
         with transaction.atomic():
-            type_hook(before, updated)
+            if Saga.objects.select_for_update().filter(pk=saga.pk, version=updated.version):
+                type_hook(before, updated)
     for e in rec.events:
         log.info(
             f"saga.{e['kind']}",
