@@ -14,15 +14,14 @@ import pytest
 from django.db import transaction
 
 from inventory.models import Product, Reservation, ReservationStatus
-from providers import breaker, outage
+from providers import outage
 from providers.models import FakeProviderStatus
 from sagas.definition import forward_key
 from sagas.models import Saga, SagaState, SagaStep
 from sagas.runner import advance
 from sagas.store import StepTransaction
 from sagas.transactions import commit_what_the_step_wrote, note_earlier_steps
-from tests import conftest
-from tests.sagas.inprocess import out_of_workers_reach
+from tests.sagas.inprocess import only_this_process, out_of_workers_reach
 
 from .conftest import make_product, place
 
@@ -31,16 +30,10 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 @pytest.fixture(autouse=True)
 def _in_process_only(settings):
-    """No worker takes these sagas (see test_order_round_trips); one step per delivery."""
+    """No worker takes these sagas; one step per delivery."""
     settings.SAGA_INLINE_BUDGET = 0
-    breaker._known_breakers.clear()
-    breaker._known_slots.clear()
-    worker = conftest._session_worker
-    if worker is not None and worker.alive:
-        worker.pause_consuming()
-    yield
-    if worker is not None and worker.alive:
-        worker.resume_consuming()
+    with only_this_process():
+        yield
 
 
 def test_a_lost_response_of_the_hold_leaves_the_hold_in_place_and_the_retry_finds_it(

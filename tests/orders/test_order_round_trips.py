@@ -13,14 +13,12 @@ from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
 from orders.models import Order
-from providers import breaker
 from sagas import waits
 from sagas.definition import definition_of
 from sagas.models import Saga, SagaState, SagaStep
 from sagas.runner import advance
 from sagas.timing import step_timeout
-from tests import conftest
-from tests.sagas.inprocess import out_of_workers_reach
+from tests.sagas.inprocess import only_this_process, out_of_workers_reach
 
 from .conftest import make_product, place
 
@@ -37,14 +35,8 @@ def _in_process_only(settings):
     which breaker and slot rows exist: the database was emptied since it learnt them.
     """
     settings.SAGA_INLINE_BUDGET = 600.0
-    breaker._known_breakers.clear()
-    breaker._known_slots.clear()
-    worker = conftest._session_worker
-    if worker is not None and worker.alive:
-        worker.pause_consuming()
-    yield
-    if worker is not None and worker.alive:
-        worker.resume_consuming()
+    with only_this_process():
+        yield
 
 
 CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")

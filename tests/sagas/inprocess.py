@@ -6,6 +6,8 @@ The in-process engine tests run the real claim and record code on PostgreSQL wit
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 from django.utils import timezone
@@ -47,3 +49,22 @@ def out_of_workers_reach(saga_id, version: int = 1000) -> None:
     while a claim by id still takes it.
     """
     Saga.objects.filter(pk=saga_id).update(version=version, next_attempt_at=None)
+
+
+@contextmanager
+def only_this_process() -> Iterator[None]:
+    """While it lasts, no worker takes a doorbell and the gate forgets the breaker and slot
+    rows it knew (the database was emptied since it learnt them), so sagas this process runs
+    with ``advance`` are run by nothing else."""
+    from tests import conftest
+
+    breaker._known_breakers.clear()
+    breaker._known_slots.clear()
+    worker = conftest._session_worker
+    if worker is not None and worker.alive:
+        worker.pause_consuming()
+    try:
+        yield
+    finally:
+        if worker is not None and worker.alive:
+            worker.resume_consuming()
