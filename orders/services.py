@@ -273,17 +273,16 @@ def order_request_cancel(*, order: Order, actor) -> Order:
             order.saga = saga
             return order
         # The engine speaks of sagas; the client asked about an order.
-        raise SagaOperationRefused(refused.code, _why_not_cancellable(order, refused)) from None
+        raise SagaOperationRefused(refused.code, _why_not_cancellable(saga, refused)) from None
     return order
 
 
-def _why_not_cancellable(order: Order, refused: SagaOperationRefused) -> str:
-    """The refusal of a cancel in the client's words, from the order's status now."""
+def _why_not_cancellable(saga: Saga | None, refused: SagaOperationRefused) -> str:
+    """The refusal of a cancel in the client's words, from the order's saga as it is now."""
     from orders.selectors import OrderStatus, order_state
 
     if refused.code == "pivot_reached":
         return "The payment for this order has been taken; it can no longer be cancelled."
-    saga = Saga.objects.filter(pk=order.saga_id).first()
     status = order_state(saga).status if saga is not None else ""
     return {
         OrderStatus.CONFIRMED: "The order is already confirmed; it can no longer be cancelled.",

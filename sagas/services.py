@@ -24,6 +24,7 @@ from django.utils import timezone
 from audit.services import audit_record
 from sagas import metrics, tracing
 from sagas.definition import (
+    SagaDefinition,
     change_hook,
     definition_of,
     forward_key,
@@ -156,9 +157,7 @@ def saga_start(
     """
     definition = get_definition(saga_type, version)
     now = timezone.now()
-    deadline = next(
-        d for d in (deadline_seconds, definition.deadline, settings.SAGA_DEADLINE) if d is not None
-    )
+    deadline = deadline_seconds if deadline_seconds is not None else _working_time(definition)
     first = definition.steps[0].name
     saga = Saga(
         id=saga_id or uuid.uuid4(),
@@ -227,10 +226,14 @@ def resumed_forward(saga: Saga) -> list[str]:
     saga.resume_forward()
     if saga.deadline_at is None:
         return []
-    definition = definition_of(saga)
-    seconds = definition.deadline if definition.deadline is not None else settings.SAGA_DEADLINE
+    seconds = _working_time(definition_of(saga))
     saga.deadline_at = max(saga.deadline_at, timezone.now() + timedelta(seconds=seconds))
     return ["deadline_at"]
+
+
+def _working_time(definition: SagaDefinition) -> float:
+    """Seconds a saga of this type may run forward: its own ``deadline``, else SAGA_DEADLINE."""
+    return definition.deadline if definition.deadline is not None else settings.SAGA_DEADLINE
 
 
 def saga_stopped_before_pivot(saga: Saga) -> bool:

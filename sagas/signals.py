@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -57,26 +57,27 @@ def client_signal_names(definition: SagaDefinition) -> list[str]:
 
 
 def _may_send(user: Any, park: Park, saga: Saga) -> bool:
+    return _ops_or_client(user, saga, [park.client] if park.client is not None else [])
+
+
+def _ops_or_client(user: Any, saga: Saga, clients: Iterable[Callable[[str], Any]]) -> bool:
+    """An active user who is ops staff, or whom one of ``clients`` names for this saga."""
     if user is None or not user.is_active:
         return False
     if user.has_perm(OPS_PERMISSION):
         return True
-    return park.client is not None and park.client(str(saga.id)) == user.pk
+    return any(client(str(saga.id)) == user.pk for client in clients)
 
 
 def may_signal_saga(user: Any, saga: Saga) -> bool:
     """Whether ``user`` may send this saga any signal at all: ops staff, or the client of one
     of its client-facing waits. Anyone else must not learn from the answer that it exists."""
-    if user is None or not user.is_active:
-        return False
-    if user.has_perm(OPS_PERMISSION):
-        return True
     try:
         definition = definition_of(saga)
     except LookupError:
-        return False
+        return user is not None and user.is_active and user.has_perm(OPS_PERMISSION)
     clients = {step.park.client for step in definition.steps if step.park and step.park.client}
-    return any(client(str(saga.id)) == user.pk for client in clients)
+    return _ops_or_client(user, saga, clients)
 
 
 def _check_payload(park: Park, payload: Any) -> dict:
