@@ -79,6 +79,11 @@ class Saga(FSMModelMixin, models.Model):
     #: When the saga parked at its current ``Wait`` or ``Sleep`` step; null when not parked.
     #: A parked saga holds no lease: its ``next_attempt_at`` is the timeout or wake-up time.
     waiting_since = models.DateTimeField(null=True, blank=True)
+    #: The current wait's timeout in seconds, fixed when it began: it decides when the wait
+    #: times out and how far it moved the deadline, so a timeout setting changed (or a saga
+    #: moved to another version) while sagas wait changes neither; null when not parked or
+    #: the wait has no timeout.
+    wait_seconds = models.FloatField(null=True, blank=True)
     #: W3C trace context (``traceparent``, ``tracestate``) of the request that started the
     #: saga: every task, step, signal and delivery of the saga continues that trace.
     trace_context = models.JSONField(default=dict, blank=True)

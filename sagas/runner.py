@@ -607,23 +607,27 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
 def _unpark(saga: Saga, rec: Record) -> None:
     """Leaving a parked step, whichever way: the saga no longer waits for anything."""
     if saga.waiting_since is not None or saga.waiting_for:
-        rec.fields.update(waiting_for="", waiting_since=None)
+        rec.fields.update(waiting_for="", waiting_since=None, wait_seconds=None)
         _unused_wait_back(saga, rec)
 
 
 def _unused_wait_back(saga: Saga, rec: Record) -> None:
     """The deadline moved by the wait's whole length when it began (:func:`_park`); a wait
     that ended early (its signal came) gives back what it did not use, so the deadline bounds
-    the saga's working time, not the time its wait might have taken."""
+    the saga's working time, not the time its wait might have taken. The length is the one
+    the row kept, the one the deadline moved by, whatever the setting says now."""
     if saga.deadline_at is None or saga.waiting_since is None:
         return
-    try:
-        park = definition_of(saga).step(saga.current_step).park
-    except (KeyError, LookupError, ValueError):
+    seconds = saga.wait_seconds
+    if seconds is None:  # parked before rows kept the wait's length: the step's, as before
+        try:
+            park = definition_of(saga).step(saga.current_step).park
+        except (KeyError, LookupError, ValueError):
+            return
+        seconds = park.duration if park is not None else None
+    if not seconds:
         return
-    if park is None or not park.duration:
-        return
-    unused = saga.waiting_since + timedelta(seconds=park.duration) - timezone.now()
+    unused = saga.waiting_since + timedelta(seconds=seconds) - timezone.now()
     if unused > timedelta(0):
         rec.fields["deadline_at"] = saga.deadline_at - unused
 
@@ -648,8 +652,9 @@ def _park(saga: Saga, step: Step, rec: Record, decision: waits.WaitDecision, now
         until = f"until {decision.wake_at.isoformat()}" if decision.wake_at else "with no timeout"
         what = f"for signal {park.signal}" if park.signal else "timer"
         rec.event("waiting", saga, step=step.name, detail=f"{what} {until}")
-        if saga.deadline_at is not None and park.duration:
-            rec.fields["deadline_at"] = saga.deadline_at + timedelta(seconds=park.duration)
+        rec.fields["wait_seconds"] = decision.seconds
+        if saga.deadline_at is not None and decision.seconds:
+            rec.fields["deadline_at"] = saga.deadline_at + timedelta(seconds=decision.seconds)
     if decision.wake_at is not None:
         # Short timers also get a doorbell with a countdown (on time, no sweep needed); long
         # ones rely on the sweeper alone, so a million parked sagas are only rows.

@@ -27,6 +27,9 @@ class WaitDecision:
     kind: str  # "park" | "run" | "timeout" | "skip"
     signal: SagaSignal | None = None
     wake_at: datetime | None = None
+    #: The wait's timeout (or sleep) in seconds: the one fixed when it began, or for a saga
+    #: arriving now, the step's as read now (what parking records).
+    seconds: float | None = None
 
 
 def pending_signal(saga_id: UUID | str, name: str) -> SagaSignal | None:
@@ -46,13 +49,23 @@ def decide(park: Park, saga: Saga, ctx: StepContext, now: datetime) -> WaitDecis
         signal = pending_signal(saga.id, park.signal)
         if signal is not None:
             return WaitDecision("run", signal=signal)
-    seconds = park.duration
+    seconds = wait_seconds(park, saga)
     if seconds is None:
         return WaitDecision("park")
     due = (saga.waiting_since or now) + timedelta(seconds=seconds)
     if now + _TOLERANCE >= due:
-        return WaitDecision("timeout" if park.signal else "run")
-    return WaitDecision("park", wake_at=due)
+        return WaitDecision("timeout" if park.signal else "run", seconds=seconds)
+    return WaitDecision("park", wake_at=due, seconds=seconds)
+
+
+def wait_seconds(park: Park, saga: Saga) -> float | None:
+    """The length of the saga's wait at ``park``: fixed in the row when the wait began, so a
+    timeout setting changed while it waits (or a move to a version whose wait is longer)
+    changes neither when it times out nor what it gives back to the deadline. A saga arriving
+    now, or one parked before the row kept the length, reads the step's."""
+    if saga.waiting_since is not None and saga.wait_seconds is not None:
+        return saga.wait_seconds
+    return park.duration
 
 
 #: The step row's result of a ``Wait`` this saga does not need (its ``when`` said no).

@@ -34,8 +34,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
+from django.conf import settings
 from django.db import IntegrityError, connection
 
 from sagas.definition import (
@@ -241,7 +243,9 @@ def _go_payload(payload) -> str | None:
     return None if isinstance(ok, bool) else "ok must be true or false"
 
 
-def _wait_type(name: str, timeout: float, on_timeout: str = "compensate") -> SagaDefinition:
+def _wait_type(
+    name: str, timeout: float | Callable[[], float], on_timeout: str = "compensate"
+) -> SagaDefinition:
     return SagaDefinition(
         name,
         steps=[
@@ -261,6 +265,9 @@ def _wait_type(name: str, timeout: float, on_timeout: str = "compensate") -> Sag
 
 register(_wait_type("test_wait", timeout=120))
 register(_wait_type("test_wait_compensate", timeout=1))
+# Its timeout read from a setting (TEST_WAIT_SECONDS, 120 unless a test sets it), as the order
+# saga's waits read theirs: a test changes it while a saga waits.
+register(_wait_type("test_wait_set", timeout=lambda: getattr(settings, "TEST_WAIT_SECONDS", 120)))
 register(_wait_type("test_wait_escalate", timeout=1, on_timeout="escalate"))
 register(
     SagaDefinition("test_sleep", steps=[*scripted(["s1"]), Sleep(3, name="nap"), *scripted(["s2"])])
