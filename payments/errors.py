@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from config.errors import AppError
-from sagas.public import ProviderAnswered
+from sagas.public import NothingHappened, ProviderAnswered
 
 
 class PaymentError(AppError):
@@ -55,8 +55,9 @@ class DuplicateAuthorization(PaymentError):
     code = "duplicate_authorization"
 
 
-class ProviderUnavailable(ConnectionError):
-    """The provider could not be reached or failed before doing anything: retry later."""
+class ProviderUnavailable(ConnectionError, NothingHappened):
+    """The provider could not be reached or failed before doing anything: retry later (and
+    nothing to undo for it)."""
 
 
 class ProviderRefusedUndo(ProviderUnavailable, ProviderAnswered):

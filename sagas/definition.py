@@ -44,6 +44,18 @@ class ProviderAnswered(Exception):
     """
 
 
+class NothingHappened(Exception):
+    """Mix into a participant's transient error raised *before* the call could take effect:
+    the provider could not be reached, or refused the call before doing anything.
+
+    The step is retried like any transient failure, but this attempt is not one that may have
+    taken effect (a timeout is: the effect may have landed and only the answer been lost). A
+    saga that compensates from this step then leaves it alone, unless another attempt of it
+    may have taken effect: a cancel during a provider's outage does not wait for the provider
+    to undo a call it never took.
+    """
+
+
 @dataclass(frozen=True)
 class StepContext:
     """What a step or compensation function gets to work with.

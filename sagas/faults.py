@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from django.conf import settings
 
 from providers import outage
+from sagas.definition import NothingHappened
 from sagas.transactions import (
     after_step_transaction,
     commit_what_the_step_wrote,
@@ -56,8 +57,9 @@ class FaultConfigError(ValueError):
     """``SAGA_FAULTS`` is malformed; the message names the bad key."""
 
 
-class InjectedError(ConnectionError):
-    """A transient provider error raised before anything happened."""
+class InjectedError(ConnectionError, NothingHappened):
+    """A transient provider error raised before anything happened (the engine knows it took
+    no effect: a saga compensating from its step does not undo the step for it)."""
 
 
 class InjectedTimeout(TimeoutError):

@@ -40,6 +40,7 @@ from providers.config import breakers_enabled
 from sagas import metrics, pumps, tracing, waits
 from sagas.definition import (
     BusinessFailure,
+    NothingHappened,
     RetryPolicy,
     SagaDefinition,
     Step,
@@ -61,6 +62,7 @@ from sagas.store import (
     close_batch,
     current_batch,
     due_saga,
+    effect_possible,
     fenced_update,
     open_batch,
     released_lease,
@@ -237,9 +239,10 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
     now = timezone.now()
     reason = _boundary_cancel_reason(definition, saga, now)
     if reason:
-        # Earlier claims of this step (attempt > 1) may have taken effect.
+        # Earlier runs of this step may have taken effect: then it is undone too.
         rec.event("cancel_honoured", saga, step=step.name, detail=f"reason: {reason}")
-        if saga.attempt > 1:
+        earlier = effect_possible(saga, step.name, claimed=True)
+        if earlier:
             rec.step_name = step.name
             rec.step_fields = {"maybe_effect": True, "status": StepStatus.FAILED}
         _start_compensation(
@@ -248,7 +251,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
             rec,
             reason=reason,
             failed_index=i,
-            failed_may_have_effect=saga.attempt > 1,
+            failed_may_have_effect=earlier,
         )
         return write(saga, rec, inline_ok=inline_ok)
 
@@ -296,12 +299,13 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
     except BusinessFailure as exc:
         tx.rollback()
         duration = _took(saga, step, started, "forward")
+        earlier = effect_possible(saga, step.name, claimed=True)
         rec.step_name = step.name
         rec.step_fields = {
             "status": StepStatus.FAILED,
             "attempts": saga.attempt,
             "last_error": f"{exc.code}: {exc.detail}"[:2000],
-            "maybe_effect": saga.attempt > 1,
+            "maybe_effect": earlier,
         }
         rec.event("step_failed", saga, step=step.name, detail=str(exc), duration_ms=duration * 1e3)
         rec.fields.update(failed_step=step.name, last_error=str(exc)[:2000])
@@ -314,7 +318,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
                 rec,
                 reason=exc.code,
                 failed_index=i,
-                failed_may_have_effect=saga.attempt > 1,
+                failed_may_have_effect=earlier,
             )
         return write(saga, rec, inline_ok=inline_ok)
     except Exception as exc:  # noqa: BLE001 - anything but a BusinessFailure is transient
@@ -322,12 +326,17 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
         duration = _took(saga, step, started, "forward")
         error = _describe(exc)
         rec.on_written = None  # a signal whose decision failed stays pending for the retry
+        # A failure that may have come after the effect (a timeout) marks the step for undoing;
+        # one raised before the call could take effect carries over what earlier runs left.
+        maybe = not isinstance(exc, NothingHappened) or effect_possible(
+            saga, step.name, claimed=True
+        )
         rec.step_name = step.name
         rec.step_fields = {
             "status": StepStatus.RETRYING,
             "attempts": saga.attempt,
             "last_error": error,
-            "maybe_effect": True,
+            "maybe_effect": maybe,
         }
         wait = held_back(saga, step, ticket, last=saga.attempt >= max_attempts)
         if wait is not None:
@@ -335,7 +344,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
             return _park_for_provider(saga, rec, step=step.name, wait=wait, inline_ok=inline_ok)
         if saga.attempt >= max_attempts:
             rec.event("step_failed", saga, step=step.name, detail=error, duration_ms=duration * 1e3)
-            return _forward_exhausted(definition, saga, rec, error=error)
+            return _forward_exhausted(definition, saga, rec, error=error, maybe_effect=maybe)
         _schedule_retry(
             saga,
             rec,
@@ -495,8 +504,16 @@ def _passes_by(definition: SagaDefinition, saga: Saga, rec: Record, index: int) 
 
 
 def _forward_exhausted(
-    definition: SagaDefinition, saga: Saga, rec: Record, *, error: str, inline_ok: bool = True
+    definition: SagaDefinition,
+    saga: Saga,
+    rec: Record,
+    *,
+    error: str,
+    inline_ok: bool = True,
+    maybe_effect: bool = True,
 ) -> Saga | None:
+    """The step's attempts are spent: compensate (undoing the step too if a run of it may have
+    taken effect, ``maybe_effect``), or, at or past the pivot, stop for a person."""
     i = definition.index_of(saga.current_step)
     step = definition.steps[i]
     rec.step_name = step.name
@@ -504,7 +521,7 @@ def _forward_exhausted(
         **rec.step_fields,
         "status": StepStatus.FAILED,
         "attempts": saga.attempt,
-        "maybe_effect": True,
+        "maybe_effect": maybe_effect,
         "last_error": error,
     }
     rec.fields.update(failed_step=step.name, last_error=error[:2000])
@@ -513,7 +530,12 @@ def _forward_exhausted(
         _escalate(saga, rec, step=step.name, error=f"step_failed at or after the pivot: {error}")
     else:
         _start_compensation(
-            definition, saga, rec, reason="step_failed", failed_index=i, failed_may_have_effect=True
+            definition,
+            saga,
+            rec,
+            reason="step_failed",
+            failed_index=i,
+            failed_may_have_effect=maybe_effect,
         )
     return write(saga, rec, inline_ok=inline_ok)
 

@@ -35,7 +35,7 @@ from sagas.definition import (
 from sagas.doorbell import ring_on_commit
 from sagas.exceptions import SagaOperationRefused
 from sagas.models import TERMINAL_STATES, Saga, SagaEvent, SagaState, SagaStep, StepStatus
-from sagas.store import insert_new
+from sagas.store import effect_possible, insert_new
 from sagas.timing import step_timeout
 
 log = structlog.get_logger("sagas.services")
@@ -322,6 +322,19 @@ def _refuse_unless_allowed(saga: Saga, operation: str) -> None:
         raise refusal
 
 
+def _attempts_start_over(saga: Saga) -> None:
+    """Give the saga's current step fresh attempts, keeping what the count knew: a run of a
+    forward step with no record of its own (its worker died) may have taken effect, and once
+    the count starts over only the step's row can say so (see ``store.effect_possible``)."""
+    if saga.state == SagaState.RUNNING and effect_possible(
+        saga, saga.current_step, claimed=False
+    ):
+        SagaStep.objects.filter(saga_id=saga.id, name=saga.current_step, maybe_effect=False).update(
+            maybe_effect=True
+        )
+    saga.attempt = 0
+
+
 def saga_request_cancel(*, saga_id: Any, reason: str, actor: str = "engine") -> Saga:
     """Record a cancel request; the saga honours it at its next step boundary.
 
@@ -337,7 +350,7 @@ def saga_request_cancel(*, saga_id: Any, reason: str, actor: str = "engine") -> 
         if saga_stopped_before_pivot(saga):
             saga.resume_forward()
             saga.cancel_reason = reason
-            saga.attempt = 0
+            _attempts_start_over(saga)
             saga.lease_until = None
             saga.next_attempt_at = timezone.now()
             _save(saga, ["cancel_reason", "attempt", "lease_until", "next_attempt_at"])
@@ -380,7 +393,7 @@ def saga_retry_now(*, saga_id: Any, user: Any) -> Saga:
             detail = f"resumed {saga.state} at {saga.current_step}"
         else:
             detail = f"retry {saga.current_step} now"
-        saga.attempt = 0
+        _attempts_start_over(saga)
         saga.next_attempt_at = timezone.now()
         saga.lease_until = None
         _save(saga, ["attempt", "next_attempt_at", "lease_until", *more])
@@ -578,8 +591,7 @@ def saga_compensation_plan(*, saga_id: Any) -> list[dict[str, Any]]:
     if saga.state == SagaState.RUNNING or saga_stopped_before_pivot(saga):
         if current >= definition.pivot_index:
             return []
-        row = rows.get(saga.current_step)
-        if row is not None and (row.maybe_effect or row.attempts > 0):
+        if saga.current_step in rows and effect_possible(saga, saga.current_step, claimed=False):
             candidates.append(current)
         candidates += list(range(current - 1, -1, -1))
     elif saga.state == SagaState.COMPENSATING or (

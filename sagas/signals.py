@@ -31,7 +31,15 @@ from sagas.definition import Park, SagaDefinition, definition_of, step_context
 from sagas.doorbell import ring_on_commit
 from sagas.exceptions import SagaOperationRefused, SignalKeyReused, SignalPayloadInvalid
 from sagas.models import Saga, SagaSignal, SagaState
-from sagas.services import OPS_PERMISSION, _actor, _event, _locked, _save, resumed_forward
+from sagas.services import (
+    OPS_PERMISSION,
+    _actor,
+    _attempts_start_over,
+    _event,
+    _locked,
+    _save,
+    resumed_forward,
+)
 
 #: A payload is a small JSON object; anything bigger belongs in the participant's own tables.
 MAX_PAYLOAD_BYTES = 8192
@@ -226,7 +234,7 @@ def _deliver(saga: Saga, name: str, payload: Any, key: str, user: Any) -> Signal
     delivered_now = resume or at in indexes
     if delivered_now:
         more = resumed_forward(saga) if resume else []
-        saga.attempt = 0
+        _attempts_start_over(saga)
         saga.next_attempt_at = now
         saga.lease_until = None
         _save(saga, ["attempt", "next_attempt_at", "lease_until", *more])

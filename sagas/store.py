@@ -697,6 +697,32 @@ def _long_steps() -> list[tuple[str, int, str]]:
     ]
 
 
+def effect_possible(saga: Saga, step: str, *, claimed: bool) -> bool:
+    """Whether an earlier run of the forward step ``step`` may have taken effect: one before
+    the claim running now (``claimed``), or any run so far (an operator's question).
+
+    The step's row knows the runs that were recorded: every record of a failure that may have
+    come after the effect (a timeout, a lost worker) sets ``maybe_effect``, and ``attempts`` is
+    the number of the last recorded run. A run numbered above it with no record of its own (its
+    worker died, or a newer claim fenced it off) may have taken effect too. The saga's attempt
+    counter alone cannot say it: a park gives its claim back, so a canary whose call timed out
+    after taking effect leaves the counter as if the step had never run. With no earlier run
+    counted and nothing ever failed (``last_error``: every give-back sets it), nothing is read.
+    """
+    before = saga.attempt - 1 if claimed else saga.attempt
+    if before <= 0 and not saga.last_error:
+        return False
+    row = (
+        SagaStep.objects.filter(saga_id=saga.id, name=step)
+        .values_list("maybe_effect", "attempts")
+        .first()
+    )
+    if row is None:
+        return before > 0
+    maybe, recorded = row
+    return maybe or before > recorded
+
+
 def released_lease(timeout: float, now: datetime) -> datetime | None:
     """The lease of a saga let go of with a doorbell rung for it (handed on or back, due now;
     a retry or a park on its provider, due later): none, or for a step only its doorbell runs,

@@ -178,3 +178,49 @@ def test_orders_wait_out_a_provider_outage_and_all_settle_after_it(
     assert re.search(r"provider\.breaker_transition.*to_state='?open", log)
     assert re.search(r"provider\.breaker_transition.*to_state='?closed", log)
     assert Breaker.objects.get(provider=provider).state == "closed"
+
+
+def test_an_order_cancelled_while_payments_are_down_is_cancelled_without_waiting_for_them(
+    customer, worker_factory, wait_for, settings
+):
+    """Its authorization failed before anything happened (the provider is down): the cancel
+    releases the stock at once and leaves the authorization alone, instead of waiting for the
+    provider to come back to void a payment it never took."""
+    from orders.services import order_request_cancel
+    from sagas.models import SagaStep
+
+    settings.SAGA_PROVIDERS = {"payments": BREAKER}
+    product = make_product("lamp", stock=5)
+    env = {**worker_env("payments"), "SAGA_MAX_ATTEMPTS": "50", "SAGA_BACKOFF_MAX": "1"}
+    worker_factory(env, name="outage-cancel", exclusive=True)
+    call_command("provider_outage", "payments", "--seconds", "600")
+    try:
+        order = place(customer, [("lamp", 2)])
+        wait_for(
+            lambda: SagaStep.objects.filter(
+                saga_id=order.saga_id, name="authorize_payment", attempts__gte=2
+            ).exists(),
+            timeout=60,
+        )
+        order_request_cancel(order=order, actor=customer)
+        wait_for(
+            lambda: Order.objects.get(pk=order.pk).status in OrderStatus.SETTLED,
+            timeout=60,
+            describe=lambda: list(
+                SagaEvent.objects.filter(saga_id=order.saga_id).values_list("kind", "step")
+            ),
+        )
+        assert FakeProviderStatus.objects.get(provider="payments").calls_while_down >= 2
+    finally:
+        call_command("provider_outage", "payments", "--end")
+    done = Order.objects.select_related("saga").get(pk=order.pk)
+    assert (done.status, done.saga.failure_code) == (OrderStatus.CANCELLED, "customer_cancelled")
+    undone = set(
+        SagaEvent.objects.filter(saga_id=order.saga_id, kind="compensation_succeeded").values_list(
+            "step", flat=True
+        )
+    )
+    assert undone == {"reserve_inventory"}
+    assert not SagaStep.objects.get(saga_id=order.saga_id, name="authorize_payment").maybe_effect
+    product.refresh_from_db()
+    assert (product.stock_on_hand, product.reserved) == (5, 0)

@@ -5,7 +5,9 @@ outcomes, one per attempt (the last one repeats):
 
 - ``"ok"``: the effect happens and the step returns;
 - ``"business:<code>"``: a definite no, nothing happens;
-- ``"transient"``: a transient error before anything happens;
+- ``"transient"``: a transient error before anything happens, which the engine cannot tell
+  from one after the effect (a plain ``ConnectionError``);
+- ``"refused"``: the same error, saying it took no effect (``NothingHappened``);
 - ``"lost"``: the effect happens, then the caller gets a timeout;
 - ``"crash"``: the effect happens, then the worker process dies (once per step: a marker row
   makes the retry go through);
@@ -42,6 +44,7 @@ from django.db import IntegrityError, connection
 
 from sagas.definition import (
     BusinessFailure,
+    NothingHappened,
     RetryPolicy,
     SagaDefinition,
     Sleep,
@@ -168,6 +171,10 @@ def _cancel_meanwhile(saga_id: str) -> None:
     thread.join()
 
 
+class _Refused(ConnectionError, NothingHappened):
+    """A provider that could not be reached: nothing happened."""
+
+
 def _outcome(ctx: StepContext) -> str:
     name = f"undo:{ctx.step}" if ctx.compensating else ctx.step
     script = ctx.data.get("script", {}).get(name) or ["ok"]
@@ -181,6 +188,8 @@ def _run(ctx: StepContext) -> dict:
         raise BusinessFailure(outcome.split(":", 1)[1], f"scripted no at {ctx.step}")
     if outcome == "transient":
         raise ConnectionError(f"scripted transient error at {ctx.step}")
+    if outcome == "refused":
+        raise _Refused(f"scripted refusal before any effect at {ctx.step}")
     if outcome == "integrity":  # a bad row: the database refuses what the step writes
         raise IntegrityError(f"scripted check constraint violation at {ctx.step}")
     if outcome == "declined":

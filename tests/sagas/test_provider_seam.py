@@ -20,7 +20,7 @@ from django.utils import timezone
 from providers import breaker
 from providers.models import Breaker, CallSlot, HealthBucket
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep
-from sagas.services import saga_start
+from sagas.services import saga_request_cancel, saga_start
 from tests.sagas.inprocess import deliver, one_step_per_delivery
 from tests.sagas.sagatypes import effects
 
@@ -411,3 +411,23 @@ def test_a_closing_breaker_rings_the_sagas_parked_on_it(django_capture_on_commit
     assert Saga.objects.get(pk=elsewhere.pk).next_attempt_at == later
     saga = deliver(parked[0].id)  # woken: the call goes through
     assert saga.current_step == "s3" and saga.parked_on == ""
+
+
+def test_a_canarys_call_that_may_have_taken_effect_is_undone_when_the_saga_is_cancelled():
+    """The canary's call timed out after taking effect and the park gave its attempt back, so
+    the saga's attempt counter says the step never ran: a cancel must still undo it, from
+    what the step's row recorded (the attempt may have taken effect), not from the counter."""
+    breaker.force("card", "closed", user=None)
+    Breaker.objects.filter(provider="card").update(state="open", probe_at=timezone.now())
+    saga = saga_start(saga_type="test_provider", data={"script": {"s2": ["lost"]}})
+    saga = deliver(saga.id)  # s1
+    saga = deliver(saga.id)  # s2 as the round's canary: it takes effect, then times out
+    assert (saga.current_step, saga.attempt, saga.parked_on) == ("s2", 0, "card")
+    assert effects(saga.id)[("s2", "do")] == 1 and _step(saga.id, "s2").maybe_effect
+
+    saga_request_cancel(saga_id=saga.id, reason="customer_cancelled", actor="test")
+    breaker.force("card", "closed", user=None)
+    for _ in range(3):  # the cancel honoured, undo s2, undo s1
+        saga = deliver(saga.id)
+    assert saga.state == SagaState.COMPENSATED
+    assert effects(saga.id)[("s2", "undo")] == 1 and effects(saga.id)[("s1", "undo")] == 1
