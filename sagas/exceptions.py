@@ -32,6 +32,18 @@ class SignalPayloadInvalid(AppError):
         self.detail = detail
 
 
+class SignalKeyInvalid(AppError):
+    """A signal's ``Idempotency-Key`` that cannot be kept (too long, control characters): the
+    same ``400 invalid_idempotency_key`` as an order's, naming the header, not the payload."""
+
+    code = "invalid_idempotency_key"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.fields = {"Idempotency-Key": [detail]}
+
+
 class SignalKeyReused(AppError):
     """The signal's ``Idempotency-Key`` was first used with another payload (a ``422``): the
     first signal stands, and a changed decision needs a key of its own."""

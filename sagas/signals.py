@@ -29,7 +29,12 @@ from config.text import has_control_characters, unstorable_text
 from sagas import tracing
 from sagas.definition import Park, SagaDefinition, definition_of, step_context
 from sagas.doorbell import ring_on_commit
-from sagas.exceptions import SagaOperationRefused, SignalKeyReused, SignalPayloadInvalid
+from sagas.exceptions import (
+    SagaOperationRefused,
+    SignalKeyInvalid,
+    SignalKeyReused,
+    SignalPayloadInvalid,
+)
 from sagas.models import Saga, SagaSignal, SagaState
 from sagas.services import (
     OPS_PERMISSION,
@@ -176,9 +181,9 @@ def saga_signal(
     """
     key = (key or "").strip() or uuid.uuid4().hex
     if len(key) > MAX_KEY_LENGTH:
-        raise SignalPayloadInvalid(f"The Idempotency-Key may not exceed {MAX_KEY_LENGTH} chars.")
+        raise SignalKeyInvalid(f"The Idempotency-Key may not exceed {MAX_KEY_LENGTH} characters.")
     if has_control_characters(key):
-        raise SignalPayloadInvalid("The Idempotency-Key may not hold control characters.")
+        raise SignalKeyInvalid("The Idempotency-Key may not hold control characters.")
     with transaction.atomic():
         saga = _locked(saga_id)
         with tracing.saga_span(f"saga.signal {name}", saga, signal=name):

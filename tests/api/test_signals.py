@@ -74,6 +74,11 @@ def test_a_large_order_waits_for_the_fraud_review_and_an_approval_confirms_it(
     assert_error(signal(ops_api, saga_path, {"approved": "yes"}), 400, "invalid_payload")
     assert_error(signal(ops_api, saga_path, "yes"), 400, "invalid_payload")
     assert_error(signal(ops_api, saga_path, ["approved"]), 400, "invalid_payload")
+    # A key that cannot be kept is the header's fault, as for an order, not the payload's.
+    for bad in ("k" * 256, "a\tb"):
+        refused = signal(ops_api, saga_path, {"approved": True}, key=bad)
+        body = assert_error(refused, 400, "invalid_idempotency_key")
+        assert list(body["fields"]) == ["Idempotency-Key"], body
 
     first = signal(ops_api, saga_path, {"approved": True}, key="review-1")
     assert first.status_code == 202, first.content

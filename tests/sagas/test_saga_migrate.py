@@ -141,6 +141,10 @@ def test_unsafe_moves_are_refused_with_the_reason(celery_worker, wait_for, setti
         migrate("--from", "1", "--to", "9")
     with pytest.raises(CommandError, match="both 1"):
         migrate("--from", "1", "--to", "1")
+    # An actor the timeline could keep only part of: refused, before anything moves.
+    with pytest.raises(CommandError, match="--actor may be at most 150 characters"):
+        migrate("--from", "1", "--to", "2", "--apply", "--actor", "x" * 151)
+    assert {row(at_go.id).definition_version, row(stuck.id).definition_version} == {1}
     with pytest.raises(
         CommandError, match=r"No saga type 'nosuch' is registered here \(registered: .*mig"
     ):

@@ -8,7 +8,11 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from sagas.models import SagaEvent
 from sagas.versions import MigrationRefused, Plan, apply_migration, plan_migration
+
+#: The longest actor name the timeline keeps.
+MAX_ACTOR = SagaEvent._meta.get_field("actor").max_length
 
 
 class Command(BaseCommand):
@@ -37,6 +41,9 @@ class Command(BaseCommand):
         source, target = options["from_version"], options["to_version"]
         if options["batch"] < 1:
             raise CommandError("--batch must be at least 1.")
+        if len(options["actor"].strip()) > MAX_ACTOR:
+            # Refused before anything moves: the timeline would keep only part of the name.
+            raise CommandError(f"--actor may be at most {MAX_ACTOR} characters.")
         try:
             plan = plan_migration(saga_type, source, target)
         except MigrationRefused as exc:
