@@ -68,11 +68,12 @@ def shot(page: Page, name: str) -> None:
 
 @pytest.fixture
 def stuck_order(worker_factory, wait_for):
-    """An order whose saga is stuck at arrange_shipment: every carrier call fails, and the
-    worker that kept retrying it was killed, so no worker holds it and nothing rings it."""
+    """An order whose saga is stuck at arrange_shipment: every carrier call times out (the
+    carrier may have taken it, so its undo is in the plan), and the worker that kept retrying
+    it was killed, so no worker holds it and nothing rings it."""
     faulty = worker_factory(
         env={
-            "SAGA_FAULTS": json.dumps({"shipping.arrange": {"error": 1.0}}),
+            "SAGA_FAULTS": json.dumps({"shipping.arrange": {"lost_response": 1.0}}),
             "SAGA_MAX_ATTEMPTS": "1000",
             "SAGA_BACKOFF_BASE": "0.2",
             "SAGA_BACKOFF_MAX": "0.4",
