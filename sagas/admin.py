@@ -883,7 +883,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
 
     def signal_view(self, request: HttpRequest, saga_id: UUID) -> HttpResponse:
         """A form to send one of the saga type's signals, with a JSON payload."""
-        from sagas.exceptions import SignalKeyReused, SignalPayloadInvalid
+        from sagas.exceptions import SignalKeyInvalid, SignalKeyReused, SignalPayloadInvalid
         from sagas.signals import saga_signal
 
         if not self.has_operate_permission(request):
@@ -912,7 +912,12 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                 )
             except json.JSONDecodeError as exc:
                 error = f"The payload is not JSON: {exc}"
-            except (SignalPayloadInvalid, SignalKeyReused, SagaOperationRefused) as exc:
+            except (
+                SignalPayloadInvalid,
+                SignalKeyInvalid,
+                SignalKeyReused,
+                SagaOperationRefused,
+            ) as exc:
                 error = exc.detail
             else:
                 if outcome.replayed:

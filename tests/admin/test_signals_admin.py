@@ -47,6 +47,9 @@ def test_saga_page_shows_the_signal_it_waits_for_and_ops_send_it(ops_client, ops
 
     bad = ops_client.post(form_url, {"name": "go", "payload": "{not json", "key": ""})
     assert bad.status_code == 200 and "not JSON" in bad.content.decode()
+    bad_key = ops_client.post(form_url, {"name": "go", "payload": "{}", "key": "a\tb"})
+    assert bad_key.status_code == 200 and "control characters" in bad_key.content.decode()
+    assert not SagaSignal.objects.filter(saga=saga).exists()
     response = ops_client.post(form_url, {"name": "go", "payload": '{"ok": true}', "key": "k"})
     assert response.status_code == 302
     signal = SagaSignal.objects.get(saga=saga)

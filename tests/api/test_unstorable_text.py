@@ -85,7 +85,7 @@ def test_a_signal_idempotency_key_with_a_control_character_is_a_400(client_api, 
     path = f"/api/v1/orders/{order['id']}/signals/3ds_confirmed/"
     body = {"payload": {"approved": True}}
     refused = client_api.post(path, body, format="json", headers={"Idempotency-Key": "k\x00"})
-    assert_error(refused, 400, "invalid_payload")
+    assert_error(refused, 400, "invalid_idempotency_key")
     accepted = client_api.post(path, body, format="json", headers={"Idempotency-Key": "k"})
     assert accepted.status_code == 202, accepted.content
 
