@@ -138,17 +138,19 @@ def _describe(exc: BaseException) -> str:
 
 
 def _boundary_cancel_reason(definition: SagaDefinition, saga: Saga, now: datetime) -> str:
-    """A cancel or a passed deadline is honoured only while the pivot has never run."""
+    """A cancel or a passed deadline is honoured only while no run of the pivot may have taken
+    effect (its step row says so, not the attempt counter: a park gives its claim back)."""
+    if saga.cancel_reason:
+        reason = saga.cancel_reason
+    elif saga.deadline_at is not None and now >= saga.deadline_at:
+        reason = "timed_out"
+    else:
+        return ""
     pivot = definition.pivot_index
     i = definition.index_of(saga.current_step)
-    before_pivot = i < pivot or (i == pivot and saga.attempt == 1)
-    if not before_pivot:
+    if i > pivot or (i == pivot and effect_possible(saga, saga.current_step, claimed=True)):
         return ""
-    if saga.cancel_reason:
-        return saga.cancel_reason
-    if saga.deadline_at is not None and now >= saga.deadline_at:
-        return "timed_out"
-    return ""
+    return reason
 
 
 def _schedule_retry(
@@ -197,8 +199,13 @@ def _park_for_provider(
     delay = wait.delay
     if saga.parked_on == wait.provider:
         delay = provider_breaker.recheck_after(wait, lambda: _parked_for(saga, now))
+    given_back = max(saga.attempt - 1, 0)
+    if "attempts" in rec.step_fields:
+        # The failed call's record: its row keeps the count as the park leaves it, so a later
+        # run with no record of its own still shows as one above it (store.effect_possible).
+        rec.step_fields["attempts"] = given_back
     rec.fields.update(
-        attempt=max(saga.attempt - 1, 0),
+        attempt=given_back,
         next_attempt_at=now + timedelta(seconds=delay),
         lease_until=released_lease(timeout_at(saga, saga.current_step), now),
         parked_on=wait.provider,
@@ -670,7 +677,8 @@ def _park(saga: Saga, step: Step, rec: Record, decision: waits.WaitDecision, now
     if saga.waiting_since is None:
         rec.fields["waiting_since"] = now
         rec.step_name = step.name
-        rec.step_fields = {"status": StepStatus.WAITING, "attempts": saga.attempt}
+        # The row's count as the park leaves the saga's (0): see _park_for_provider.
+        rec.step_fields = {"status": StepStatus.WAITING, "attempts": 0}
         until = f"until {decision.wake_at.isoformat()}" if decision.wake_at else "with no timeout"
         what = f"for signal {park.signal}" if park.signal else "timer"
         rec.event("waiting", saga, step=step.name, detail=f"{what} {until}")

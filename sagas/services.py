@@ -325,13 +325,14 @@ def _refuse_unless_allowed(saga: Saga, operation: str) -> None:
 def _attempts_start_over(saga: Saga) -> None:
     """Give the saga's current step fresh attempts, keeping what the count knew: a run of a
     forward step with no record of its own (its worker died) may have taken effect, and once
-    the count starts over only the step's row can say so (see ``store.effect_possible``)."""
-    if saga.state == SagaState.RUNNING and effect_possible(
-        saga, saga.current_step, claimed=False
-    ):
-        SagaStep.objects.filter(saga_id=saga.id, name=saga.current_step, maybe_effect=False).update(
-            maybe_effect=True
-        )
+    the count starts over only the step's row can say so. The row's count starts over too, so
+    a run after this one that leaves no record shows as one above it (see
+    ``store.effect_possible``)."""
+    if saga.state == SagaState.RUNNING:
+        fields: dict[str, Any] = {"attempts": 0}
+        if effect_possible(saga, saga.current_step, claimed=False):
+            fields["maybe_effect"] = True
+        SagaStep.objects.filter(saga_id=saga.id, name=saga.current_step).update(**fields)
     saga.attempt = 0
 
 

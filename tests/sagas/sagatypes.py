@@ -382,6 +382,13 @@ def _behind(steps: list[Step], provider: str, names: set[str]) -> list[Step]:
 register(
     SagaDefinition("test_provider", steps=_behind(scripted(["s1", "s2", "s3"]), "card", {"s2"}))
 )
+# The same with s2 the pivot.
+register(
+    SagaDefinition(
+        "test_provider_pivot",
+        steps=_behind(scripted(["s1", "s2", "s3"], pivot="s2"), "card", {"s2"}),
+    )
+)
 
 
 # -- per-step policies: "picky" retries twice and takes Declined as final, "slow" has 8 s. ---

@@ -115,3 +115,16 @@ def test_an_operators_retry_keeps_a_run_with_no_record_as_one_that_may_have_take
     saga_request_cancel(saga_id=saga.id, reason="customer_cancelled", actor="test")
     saga = _settle(deliver(saga.id))
     assert _undone(saga) == {"s2", "s1"}
+
+
+def test_a_run_with_no_record_after_an_operators_retry_counts():
+    """The retry starts both counts over: a later run that leaves no record is still seen."""
+    saga = deliver(_at_s2(["refused"] * 5).id)  # run 1 refused, recorded
+    ops = User.objects.create_user("ops-evidence-2", is_staff=True)
+    ops.groups.add(Group.objects.get(name="ops"))
+    saga_retry_now(saga_id=saga.id, user=User.objects.get(pk=ops.pk))
+    assert not SagaStep.objects.get(saga=saga, name="s2").maybe_effect
+    saga = _lost_claim(Saga.objects.get(pk=saga.id))  # run 1 after the retry: no record
+    saga_request_cancel(saga_id=saga.id, reason="customer_cancelled", actor="test")
+    saga = _settle(deliver(saga.id))
+    assert _undone(saga) == {"s2", "s1"}

@@ -108,7 +108,8 @@ def test_last_attempt_failing_as_the_breaker_opens_is_kept_for_after_the_outage(
         saga = deliver(saga.id)
         assert (saga.state, saga.attempt, saga.parked_on) == ("running", 1, "card")
         assert Breaker.objects.get(provider="card").state == "open"
-    assert _step(saga.id, "s2").attempts == 2  # the step row shows the last call's number
+    # The row keeps the count as the park left it: the last attempt given back, kept for later.
+    assert _step(saga.id, "s2").attempts == 1
 
     # Other traffic found the provider back (the breaker closed): the kept attempt fails on
     # its own. Once only: now it compensates.
@@ -431,3 +432,46 @@ def test_a_canarys_call_that_may_have_taken_effect_is_undone_when_the_saga_is_ca
         saga = deliver(saga.id)
     assert saga.state == SagaState.COMPENSATED
     assert effects(saga.id)[("s2", "undo")] == 1 and effects(saga.id)[("s1", "undo")] == 1
+
+
+def test_a_run_with_no_record_after_a_refused_canary_counts():
+    """The canary's call was refused (nothing happened) and its park gave the claim back; the
+    next run left no record (its worker died): a cancel must undo the step."""
+    from sagas.store import claim
+
+    breaker.force("card", "closed", user=None)
+    Breaker.objects.filter(provider="card").update(state="open", probe_at=timezone.now())
+    saga = saga_start(saga_type="test_provider", data={"script": {"s2": ["refused"]}})
+    saga = deliver(saga.id)  # s1
+    saga = deliver(saga.id)  # s2 as the canary: refused, parked, its claim given back
+    assert (saga.current_step, saga.attempt, saga.parked_on) == ("s2", 0, "card")
+    assert not _step(saga.id, "s2").maybe_effect
+    breaker.force("card", "closed", user=None)
+    past = timezone.now() - timedelta(seconds=3600)
+    Saga.objects.filter(pk=saga.id).update(next_attempt_at=past)
+    assert claim(saga.id, saga.version) is not None  # a run whose worker dies: no record
+    Saga.objects.filter(pk=saga.id).update(lease_until=past)
+    saga_request_cancel(saga_id=saga.id, reason="customer_cancelled", actor="test")
+    for _ in range(3):  # the cancel honoured, undo s2, undo s1
+        saga = deliver(saga.id)
+    assert saga.state == SagaState.COMPENSATED
+    assert effects(saga.id)[("s2", "undo")] == 1
+
+
+def test_a_pivot_canary_that_may_have_taken_effect_is_not_cancelled_past():
+    """A pivot whose canary call timed out after taking effect was given its claim back: a
+    passed deadline must not compensate the steps before it, the pivot may have run."""
+    breaker.force("card", "closed", user=None)
+    Breaker.objects.filter(provider="card").update(state="open", probe_at=timezone.now())
+    saga = saga_start(saga_type="test_provider_pivot", data={"script": {"s2": ["lost"]}})
+    saga = deliver(saga.id)  # s1
+    saga = deliver(saga.id)  # the pivot s2 as the canary: took effect, timed out, parked
+    assert (saga.current_step, saga.attempt, saga.parked_on) == ("s2", 0, "card")
+    Saga.objects.filter(pk=saga.id).update(data={"script": {}})  # the provider answers again
+    breaker.force("card", "closed", user=None)
+    Saga.objects.filter(pk=saga.id).update(deadline_at=timezone.now() - timedelta(seconds=1))
+    saga = deliver(saga.id)  # past the deadline, but the pivot goes on
+    assert (saga.state, saga.current_step) == (SagaState.RUNNING, "s3")
+    saga = deliver(saga.id)
+    assert saga.state == SagaState.SUCCEEDED
+    assert not any(kind == "undo" for _, kind in effects(saga.id))
