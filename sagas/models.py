@@ -79,11 +79,6 @@ class Saga(FSMModelMixin, models.Model):
     #: When the saga parked at its current ``Wait`` or ``Sleep`` step; null when not parked.
     #: A parked saga holds no lease: its ``next_attempt_at`` is the timeout or wake-up time.
     waiting_since = models.DateTimeField(null=True, blank=True)
-    #: The current wait's timeout in seconds, fixed when it began: it decides when the wait
-    #: times out and how far it moved the deadline, so a timeout setting changed (or a saga
-    #: moved to another version) while sagas wait changes neither; null when not parked or
-    #: the wait has no timeout.
-    wait_seconds = models.FloatField(null=True, blank=True)
     #: W3C trace context (``traceparent``, ``tracestate``) of the request that started the
     #: saga: every task, step, signal and delivery of the saga continues that trace.
     trace_context = models.JSONField(default=dict, blank=True)
@@ -240,6 +235,12 @@ class SagaStep(models.Model):
     compensation_attempts = models.PositiveIntegerField(default=0)
     last_error = models.TextField(blank=True, default="")
     updated_at = models.DateTimeField(null=True, blank=True)
+    #: A ``Wait``'s timeout (a ``Sleep``'s length) in seconds, fixed when the saga parked here:
+    #: it decides when the wait ends and how far it moved the deadline, so a timeout setting
+    #: changed (or a saga moved to another version) while sagas wait changes neither. On the
+    #: step's row, not the saga's, so it can never be read for another wait. Null: no timeout,
+    #: or parked by a release that did not keep it (the step's own timeout then applies).
+    wait_seconds = models.FloatField(null=True, blank=True)
 
     # Not fields: the saga's page in the ops console sets them on the steps it shows.
     compensation: str = ""  # the name of the step's undo, "-" for none

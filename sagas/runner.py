@@ -290,7 +290,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
         if decision.signal is not None:
             ctx = replace(ctx, signal=decision.signal.payload)
             rec.on_written = _consume(decision.signal, step.name)
-        _unpark(saga, rec)
+        _unpark(saga, rec, wait_seconds=decision.seconds)
     batch = current_batch()
     if batch is not None and batch.pending:
         assert batch.tx is not None  # a batch only goes on into a transactional step
@@ -633,28 +633,23 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
 # ---------------------------------------------------------------------------------------------
 # Parked steps (Wait, Sleep): see sagas.waits for the decision
 # ---------------------------------------------------------------------------------------------
-def _unpark(saga: Saga, rec: Record) -> None:
-    """Leaving a parked step, whichever way: the saga no longer waits for anything."""
+def _unpark(saga: Saga, rec: Record, *, wait_seconds: float | None = None) -> None:
+    """Leaving a parked step, whichever way: the saga no longer waits for anything. The wait
+    ended early by its signal (``wait_seconds``: its length) gives back what it did not use."""
     if saga.waiting_since is not None or saga.waiting_for:
-        rec.fields.update(waiting_for="", waiting_since=None, wait_seconds=None)
-        _unused_wait_back(saga, rec)
+        rec.fields.update(waiting_for="", waiting_since=None)
+        if wait_seconds:
+            _unused_wait_back(saga, rec, wait_seconds)
 
 
-def _unused_wait_back(saga: Saga, rec: Record) -> None:
+def _unused_wait_back(saga: Saga, rec: Record, seconds: float) -> None:
     """The deadline moved by the wait's whole length when it began (:func:`_park`); a wait
     that ended early (its signal came) gives back what it did not use, so the deadline bounds
-    the saga's working time, not the time its wait might have taken. The length is the one
-    the row kept, the one the deadline moved by, whatever the setting says now."""
+    the saga's working time, not the time its wait might have taken. ``seconds`` is the length
+    the step's row kept, the one the deadline moved by, whatever the setting says now. (A wait
+    left for compensation or a person needs none: the deadline only bounds running forward,
+    and a person resuming a saga gives it its working time again.)"""
     if saga.deadline_at is None or saga.waiting_since is None:
-        return
-    seconds = saga.wait_seconds
-    if seconds is None:  # parked before rows kept the wait's length: the step's, as before
-        try:
-            park = definition_of(saga).step(saga.current_step).park
-        except (KeyError, LookupError, ValueError):
-            return
-        seconds = park.duration if park is not None else None
-    if not seconds:
         return
     unused = saga.waiting_since + timedelta(seconds=seconds) - timezone.now()
     if unused > timedelta(0):
@@ -678,11 +673,14 @@ def _park(saga: Saga, step: Step, rec: Record, decision: waits.WaitDecision, now
         rec.fields["waiting_since"] = now
         rec.step_name = step.name
         # The row's count as the park leaves the saga's (0): see _park_for_provider.
-        rec.step_fields = {"status": StepStatus.WAITING, "attempts": 0}
+        rec.step_fields = {
+            "status": StepStatus.WAITING,
+            "attempts": 0,
+            "wait_seconds": decision.seconds,
+        }
         until = f"until {decision.wake_at.isoformat()}" if decision.wake_at else "with no timeout"
         what = f"for signal {park.signal}" if park.signal else "timer"
         rec.event("waiting", saga, step=step.name, detail=f"{what} {until}")
-        rec.fields["wait_seconds"] = decision.seconds
         if saga.deadline_at is not None and decision.seconds:
             rec.fields["deadline_at"] = saga.deadline_at + timedelta(seconds=decision.seconds)
     if decision.wake_at is not None:

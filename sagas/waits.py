@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from uuid import UUID
 
 from sagas.definition import Park, StepContext
-from sagas.models import Saga, SagaSignal
+from sagas.models import Saga, SagaSignal, SagaStep
 
 # A doorbell may arrive a hair before the time it was scheduled for.
 _TOLERANCE = timedelta(milliseconds=50)
@@ -27,8 +27,9 @@ class WaitDecision:
     kind: str  # "park" | "run" | "timeout" | "skip"
     signal: SagaSignal | None = None
     wake_at: datetime | None = None
-    #: The wait's timeout (or sleep) in seconds: the one fixed when it began, or for a saga
-    #: arriving now, the step's as read now (what parking records).
+    #: The wait's timeout (or sleep) in seconds: the one its step's row kept when it began,
+    #: or for a saga arriving now, the step's as read now (what parking records); for a
+    #: ``run`` that ends a wait early, what the deadline was moved by.
     seconds: float | None = None
 
 
@@ -48,7 +49,9 @@ def decide(park: Park, saga: Saga, ctx: StepContext, now: datetime) -> WaitDecis
     if park.signal:
         signal = pending_signal(saga.id, park.signal)
         if signal is not None:
-            return WaitDecision("run", signal=signal)
+            # Ends the wait, if one began: its length says what to give back to the deadline.
+            seconds = wait_seconds(park, saga) if not arriving else None
+            return WaitDecision("run", signal=signal, seconds=seconds)
     seconds = wait_seconds(park, saga)
     if seconds is None:
         return WaitDecision("park")
@@ -59,12 +62,19 @@ def decide(park: Park, saga: Saga, ctx: StepContext, now: datetime) -> WaitDecis
 
 
 def wait_seconds(park: Park, saga: Saga) -> float | None:
-    """The length of the saga's wait at ``park``: fixed in the row when the wait began, so a
-    timeout setting changed while it waits (or a move to a version whose wait is longer)
-    changes neither when it times out nor what it gives back to the deadline. A saga arriving
-    now, or one parked before the row kept the length, reads the step's."""
-    if saga.waiting_since is not None and saga.wait_seconds is not None:
-        return saga.wait_seconds
+    """The length of the saga's wait at ``park``: for a saga waiting there, the one its step's
+    row kept when the wait began (a timeout setting changed while it waits, or a move to a
+    version whose wait is longer, changes neither when it times out nor what it gives back to
+    the deadline); for one arriving now, or parked by a release that did not keep it, the
+    step's as read now."""
+    if saga.waiting_since is not None:
+        kept = (
+            SagaStep.objects.filter(saga_id=saga.id, name=saga.current_step)
+            .values_list("wait_seconds", flat=True)
+            .first()
+        )
+        if kept is not None:
+            return kept
     return park.duration
 
 
