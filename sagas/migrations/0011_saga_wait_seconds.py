@@ -5,15 +5,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('sagas', '0010_saga_due_free_idx'),
+        ("sagas", "0010_saga_due_free_idx"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='saga',
-            name='wait_seconds',
+            model_name="saga",
+            name="wait_seconds",
             field=models.FloatField(blank=True, null=True),
         ),
     ]

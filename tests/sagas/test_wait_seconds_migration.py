@@ -48,8 +48,7 @@ def test_a_saga_parked_under_0011_keeps_its_waits_length_on_its_step():
         _migrate()
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT saga_id, name, wait_seconds FROM sagas_sagastep "
-            "WHERE wait_seconds IS NOT NULL"
+            "SELECT saga_id, name, wait_seconds FROM sagas_sagastep WHERE wait_seconds IS NOT NULL"
         )
         kept = cursor.fetchall()
     assert kept == [(waiting.id, "await_go", 900.0)]

@@ -12,7 +12,8 @@ from sagas.models import SagaEvent
 from sagas.versions import MigrationRefused, Plan, apply_migration, plan_migration
 
 #: The longest actor name the timeline keeps.
-MAX_ACTOR = SagaEvent._meta.get_field("actor").max_length
+MAX_ACTOR: int = SagaEvent._meta.get_field("actor").max_length or 0
+assert MAX_ACTOR > 0, "the timeline's actor column has a length"
 
 
 class Command(BaseCommand):
