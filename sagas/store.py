@@ -706,12 +706,12 @@ def effect_possible(saga: Saga, step: str, *, claimed: bool) -> bool:
     the number of the last recorded run. A run numbered above it with no record of its own (its
     worker died, or a newer claim fenced it off) may have taken effect too. The saga's attempt
     counter alone cannot say it: a park gives its claim back, so a canary whose call timed out
-    after taking effect leaves the counter as if the step had never run. With no earlier run
-    counted and nothing ever failed (``last_error``: every give-back sets it), nothing is read.
+    after taking effect leaves the counter as if the step had never run. Asked only off the
+    happy path (a cancel, a deadline, a failure, an operator), so the row is always read: no
+    column of the saga's row can stand in for it (an operator's retry writes ``maybe_effect``
+    and leaves nothing else behind).
     """
     before = saga.attempt - 1 if claimed else saga.attempt
-    if before <= 0 and not saga.last_error:
-        return False
     row = (
         SagaStep.objects.filter(saga_id=saga.id, name=step)
         .values_list("maybe_effect", "attempts")

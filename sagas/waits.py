@@ -57,7 +57,8 @@ def decide(park: Park, saga: Saga, ctx: StepContext, now: datetime) -> WaitDecis
         return WaitDecision("park")
     due = (saga.waiting_since or now) + timedelta(seconds=seconds)
     if now + _TOLERANCE >= due:
-        return WaitDecision("timeout" if park.signal else "run", seconds=seconds)
+        # Used up (a doorbell may come a hair early): nothing to give back to the deadline.
+        return WaitDecision("timeout" if park.signal else "run")
     return WaitDecision("park", wake_at=due, seconds=seconds)
 
 

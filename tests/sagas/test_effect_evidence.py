@@ -128,3 +128,25 @@ def test_a_run_with_no_record_after_an_operators_retry_counts():
     saga_request_cancel(saga_id=saga.id, reason="customer_cancelled", actor="test")
     saga = _settle(deliver(saga.id))
     assert _undone(saga) == {"s2", "s1"}
+
+
+def _ops_retry(saga: Saga, name: str) -> Saga:
+    ops = User.objects.create_user(name, is_staff=True)
+    ops.groups.add(Group.objects.get(name="ops"))
+    saga_retry_now(saga_id=saga.id, user=User.objects.get(pk=ops.pk))
+    return Saga.objects.get(pk=saga.id)
+
+
+@pytest.mark.parametrize("then", ["cancel", "refused until the attempts run out"])
+def test_a_lost_run_before_an_operators_retry_counts_though_nothing_ever_failed(then):
+    """The saga never recorded a failure (no ``last_error``): only the step's row, where the
+    retry wrote it, remembers the run its worker lost."""
+    script = ["refused"] if then.startswith("refused") else ["ok"]
+    saga = _lost_claim(_at_s2(script))
+    assert not saga.last_error
+    saga = _ops_retry(saga, "ops-evidence-3")
+    if then == "cancel":
+        saga_request_cancel(saga_id=saga.id, reason="customer_cancelled", actor="test")
+    saga = _settle(deliver(saga.id))
+    assert saga.state == SagaState.COMPENSATED
+    assert _undone(saga) == {"s2", "s1"}
