@@ -61,6 +61,14 @@ def _lost_claim(saga: Saga) -> Saga:
     return Saga.objects.get(pk=saga.id)
 
 
+def _ops_retry(saga: Saga, name: str) -> Saga:
+    """An operator's "retry now" (``name``: the operator), and the saga as it left it."""
+    ops = User.objects.create_user(name, is_staff=True)
+    ops.groups.add(Group.objects.get(name="ops"))
+    saga_retry_now(saga_id=saga.id, user=User.objects.get(pk=ops.pk))
+    return Saga.objects.get(pk=saga.id)
+
+
 @pytest.mark.parametrize(
     ("script", "undone"),
     [
@@ -106,10 +114,7 @@ def test_a_cancel_after_a_step_timed_out_undoes_it():
 def test_an_operators_retry_keeps_a_run_with_no_record_as_one_that_may_have_taken_effect():
     """The retry starts the count over; the run its worker lost must not be forgotten with it."""
     saga = deliver(_at_s2(["refused"] * 5).id)  # run 1 refused, recorded
-    saga = _lost_claim(saga)  # run 2: no record
-    ops = User.objects.create_user("ops-evidence", is_staff=True)
-    ops.groups.add(Group.objects.get(name="ops"))
-    saga_retry_now(saga_id=saga.id, user=User.objects.get(pk=ops.pk))
+    saga = _ops_retry(_lost_claim(saga), "ops-evidence")  # run 2: no record
     assert SagaStep.objects.get(saga=saga, name="s2").maybe_effect
     assert [p["step"] for p in saga_compensation_plan(saga_id=saga.id)] == ["s2", "s1"]
     saga_request_cancel(saga_id=saga.id, reason="customer_cancelled", actor="test")
@@ -119,22 +124,12 @@ def test_an_operators_retry_keeps_a_run_with_no_record_as_one_that_may_have_take
 
 def test_a_run_with_no_record_after_an_operators_retry_counts():
     """The retry starts both counts over: a later run that leaves no record is still seen."""
-    saga = deliver(_at_s2(["refused"] * 5).id)  # run 1 refused, recorded
-    ops = User.objects.create_user("ops-evidence-2", is_staff=True)
-    ops.groups.add(Group.objects.get(name="ops"))
-    saga_retry_now(saga_id=saga.id, user=User.objects.get(pk=ops.pk))
+    saga = _ops_retry(deliver(_at_s2(["refused"] * 5).id), "ops-evidence-2")  # run 1 refused
     assert not SagaStep.objects.get(saga=saga, name="s2").maybe_effect
     saga = _lost_claim(Saga.objects.get(pk=saga.id))  # run 1 after the retry: no record
     saga_request_cancel(saga_id=saga.id, reason="customer_cancelled", actor="test")
     saga = _settle(deliver(saga.id))
     assert _undone(saga) == {"s2", "s1"}
-
-
-def _ops_retry(saga: Saga, name: str) -> Saga:
-    ops = User.objects.create_user(name, is_staff=True)
-    ops.groups.add(Group.objects.get(name="ops"))
-    saga_retry_now(saga_id=saga.id, user=User.objects.get(pk=ops.pk))
-    return Saga.objects.get(pk=saga.id)
 
 
 @pytest.mark.parametrize("then", ["cancel", "refused until the attempts run out"])
