@@ -246,9 +246,10 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
     now = timezone.now()
     reason = _boundary_cancel_reason(definition, saga, now)
     if reason:
-        # Earlier runs of this step may have taken effect: then it is undone too.
+        # Earlier runs of this step may have taken effect: then it is undone too. At the pivot
+        # the boundary asked already (it honours a cancel there only if none may have).
         rec.event("cancel_honoured", saga, step=step.name, detail=f"reason: {reason}")
-        earlier = effect_possible(saga, step.name, claimed=True)
+        earlier = i != definition.pivot_index and effect_possible(saga, step.name, claimed=True)
         if earlier:
             rec.step_name = step.name
             rec.step_fields = {"maybe_effect": True, "status": StepStatus.FAILED}

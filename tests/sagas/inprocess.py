@@ -15,6 +15,7 @@ from django.utils import timezone
 from providers import breaker
 from sagas.models import Saga
 from sagas.runner import advance
+from sagas.store import claim
 from tests.sagas.sagatypes import ensure_effects_table
 
 
@@ -37,6 +38,17 @@ def deliver(saga_id, *, wake_timers: bool = False) -> Saga:
         Saga.objects.filter(pk=saga_id, waiting_since__isnull=False).update(waiting_since=past)
     saga = Saga.objects.get(pk=saga_id)
     advance(saga.id, saga.version)
+    return Saga.objects.get(pk=saga_id)
+
+
+def lost_claim(saga_id) -> Saga:
+    """A run of the saga's current step whose worker died before it recorded anything: the
+    claim counts it, then its lease runs out. Returns the saga as the claim left it, due now."""
+    past = timezone.now() - timedelta(seconds=3600)
+    Saga.objects.filter(pk=saga_id).update(next_attempt_at=past)
+    saga = Saga.objects.get(pk=saga_id)
+    assert claim(saga.id, saga.version) is not None
+    Saga.objects.filter(pk=saga_id).update(lease_until=past, next_attempt_at=past)
     return Saga.objects.get(pk=saga_id)
 
 

@@ -10,11 +10,8 @@ step may have taken effect. Scripts: ``"refused"`` raises such an error, ``"tran
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
 from django.contrib.auth.models import Group, User
-from django.utils import timezone
 
 from sagas.models import Saga, SagaState, SagaStep
 from sagas.services import (
@@ -23,8 +20,7 @@ from sagas.services import (
     saga_retry_now,
     saga_start,
 )
-from sagas.store import claim
-from tests.sagas.inprocess import deliver, one_step_per_delivery
+from tests.sagas.inprocess import deliver, lost_claim, one_step_per_delivery
 from tests.sagas.sagatypes import effects
 
 pytestmark = pytest.mark.django_db
@@ -53,14 +49,6 @@ def _undone(saga: Saga) -> set[str]:
     return {step for step, kind in effects(saga.id) if kind == "undo"}
 
 
-def _lost_claim(saga: Saga) -> Saga:
-    """A claim whose worker died before it recorded anything: its lease runs out."""
-    assert claim(saga.id, saga.version) is not None
-    past = timezone.now() - timedelta(seconds=3600)
-    Saga.objects.filter(pk=saga.id).update(lease_until=past, next_attempt_at=past)
-    return Saga.objects.get(pk=saga.id)
-
-
 def _ops_retry(saga: Saga, name: str) -> Saga:
     """An operator's "retry now" (``name``: the operator), and the saga as it left it."""
     ops = User.objects.create_user(name, is_staff=True)
@@ -87,7 +75,7 @@ def test_a_step_whose_attempts_ran_out_is_undone_only_if_a_run_may_have_taken_ef
 
 
 def test_a_run_with_no_record_counts_though_the_next_says_nothing_happened():
-    saga = _lost_claim(_at_s2(["refused"]))  # run 1: no record
+    saga = lost_claim(_at_s2(["refused"]).id)  # run 1: no record
     saga = _settle(deliver(saga.id))  # run 2 (the last): refused
     assert saga.state == SagaState.COMPENSATED
     assert _undone(saga) == {"s2", "s1"}
@@ -114,7 +102,7 @@ def test_a_cancel_after_a_step_timed_out_undoes_it():
 def test_an_operators_retry_keeps_a_run_with_no_record_as_one_that_may_have_taken_effect():
     """The retry starts the count over; the run its worker lost must not be forgotten with it."""
     saga = deliver(_at_s2(["refused"] * 5).id)  # run 1 refused, recorded
-    saga = _ops_retry(_lost_claim(saga), "ops-evidence")  # run 2: no record
+    saga = _ops_retry(lost_claim(saga.id), "ops-evidence")  # run 2: no record
     assert SagaStep.objects.get(saga=saga, name="s2").maybe_effect
     assert [p["step"] for p in saga_compensation_plan(saga_id=saga.id)] == ["s2", "s1"]
     saga_request_cancel(saga_id=saga.id, reason="customer_cancelled", actor="test")
@@ -126,7 +114,7 @@ def test_a_run_with_no_record_after_an_operators_retry_counts():
     """The retry starts both counts over: a later run that leaves no record is still seen."""
     saga = _ops_retry(deliver(_at_s2(["refused"] * 5).id), "ops-evidence-2")  # run 1 refused
     assert not SagaStep.objects.get(saga=saga, name="s2").maybe_effect
-    saga = _lost_claim(Saga.objects.get(pk=saga.id))  # run 1 after the retry: no record
+    saga = lost_claim(saga.id)  # run 1 after the retry: no record
     saga_request_cancel(saga_id=saga.id, reason="customer_cancelled", actor="test")
     saga = _settle(deliver(saga.id))
     assert _undone(saga) == {"s2", "s1"}
@@ -137,7 +125,7 @@ def test_a_lost_run_before_an_operators_retry_counts_though_nothing_ever_failed(
     """The saga never recorded a failure (no ``last_error``): only the step's row, where the
     retry wrote it, remembers the run its worker lost."""
     script = ["refused"] if then.startswith("refused") else ["ok"]
-    saga = _lost_claim(_at_s2(script))
+    saga = lost_claim(_at_s2(script).id)
     assert not saga.last_error
     saga = _ops_retry(saga, "ops-evidence-3")
     if then == "cancel":

@@ -21,7 +21,7 @@ from providers import breaker
 from providers.models import Breaker, CallSlot, HealthBucket
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep
 from sagas.services import saga_request_cancel, saga_start
-from tests.sagas.inprocess import deliver, one_step_per_delivery
+from tests.sagas.inprocess import deliver, lost_claim, one_step_per_delivery
 from tests.sagas.sagatypes import effects
 
 pytestmark = pytest.mark.django_db
@@ -437,8 +437,6 @@ def test_a_canarys_call_that_may_have_taken_effect_is_undone_when_the_saga_is_ca
 def test_a_run_with_no_record_after_a_refused_canary_counts():
     """The canary's call was refused (nothing happened) and its park gave the claim back; the
     next run left no record (its worker died): a cancel must undo the step."""
-    from sagas.store import claim
-
     breaker.force("card", "closed", user=None)
     Breaker.objects.filter(provider="card").update(state="open", probe_at=timezone.now())
     saga = saga_start(saga_type="test_provider", data={"script": {"s2": ["refused"]}})
@@ -447,10 +445,7 @@ def test_a_run_with_no_record_after_a_refused_canary_counts():
     assert (saga.current_step, saga.attempt, saga.parked_on) == ("s2", 0, "card")
     assert not _step(saga.id, "s2").maybe_effect
     breaker.force("card", "closed", user=None)
-    past = timezone.now() - timedelta(seconds=3600)
-    Saga.objects.filter(pk=saga.id).update(next_attempt_at=past)
-    assert claim(saga.id, saga.version) is not None  # a run whose worker dies: no record
-    Saga.objects.filter(pk=saga.id).update(lease_until=past)
+    lost_claim(saga.id)  # a run whose worker dies: no record
     saga_request_cancel(saga_id=saga.id, reason="customer_cancelled", actor="test")
     for _ in range(3):  # the cancel honoured, undo s2, undo s1
         saga = deliver(saga.id)
