@@ -114,3 +114,49 @@ def test_the_in_process_statement_count_keeps_the_engine_quiet(caplog, settings)
         assert engine_queries_per_step() == pytest.approx(1.2)
     assert [r for r in caplog.records if r.name == "sagas.engine"] == []
     assert logging.getLogger("sagas.engine").getEffectiveLevel() == logging.INFO  # restored
+
+
+def _burst(per_s: float, worker_ms: float) -> tuple:
+    from lab.engine_bench import Result
+
+    result = Result("engine", 1000, 1000 / per_s, per_s, 10.0, 20.0)
+    return result, {"worker_cpu_ms_per_saga": worker_ms}
+
+
+def test_a_saturation_row_is_the_median_burst_with_its_own_costs():
+    """One slow or fast burst does not move the figure, and the row's CPU is that burst's."""
+    from lab.bench_suite import median_burst
+
+    slow, middle, fast = _burst(202.3, 4.1), _burst(250.0, 3.1), _burst(265.0, 2.9)
+    assert median_burst([fast, slow, middle]) == middle
+    assert median_burst([slow, fast]) == slow  # an even number: the lower middle one
+    assert median_burst([fast]) == fast
+
+
+def _workload(label: str, *per_s: float) -> dict:
+    bursts = [{"sagas_per_s": x, "p50_ms": 1.0, "p99_ms": 2.0} for x in per_s]
+    return {
+        "label": label,
+        "saturation": bursts[len(bursts) // 2],
+        "bursts": bursts,
+        "levels": [],
+        "sessions_per_1000_sagas": 0.2,
+    }
+
+
+def test_the_report_shows_every_burst_and_the_range_of_each_ratio(capsys):
+    from lab.bench_suite import print_report, ratio_range
+
+    engine = _workload("engine 5-step saga", 200.0, 250.0, 260.0)
+    chain = _workload("plain celery chain", 100.0, 125.0, 130.0)
+    assert ratio_range(engine, chain) == (200.0 / 130.0, 260.0 / 100.0)
+    assert ratio_range(_workload("a", 200.0), _workload("b", 100.0)) is None
+    machine = {
+        "cores": 2, "cpu": "x", "memory_gib": 1, "postgresql": "15", "redis": "7",
+        "loadavg_at_start": [0.1], "loadavg_at_end": [0.2],
+    }  # fmt: skip
+    print_report({"workloads": {"engine": engine, "chain": chain}, "machine": machine})
+    out = capsys.readouterr().out
+    assert "engine 5-step saga 200.0, 250.0, 260.0" in out
+    assert "ratio engine 5-step saga / plain celery chain: 2.00x sagas/s" in out
+    assert "(any burst against any: 1.54x-2.60x)" in out

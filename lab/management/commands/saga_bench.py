@@ -54,6 +54,12 @@ class Command(BaseCommand):
                            help="offered loads, as fractions of saturation throughput")  # fmt: skip
         suite.add_argument("--level-seconds", type=float, default=15.0)
         suite.add_argument(
+            "--bursts",
+            type=int,
+            default=3,
+            help="saturation bursts per workload; the median one is reported",
+        )
+        suite.add_argument(
             "--workloads",
             default="",
             help="any of engine,engine_tx,chain,order_chain,order,order_threads,order_latency",
