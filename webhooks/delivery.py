@@ -32,7 +32,7 @@ import urllib3
 from celery import current_app
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Exists, Min, OuterRef, Q
 from django.utils import timezone
 from urllib3.util.ssl_ import create_urllib3_context
 
@@ -87,6 +87,18 @@ def _lease_seconds() -> float:
 # ---------------------------------------------------------------------------------------------
 # Claim, send, record
 # ---------------------------------------------------------------------------------------------
+def _earlier_pending() -> Any:
+    """An earlier delivery of the same subject to the same endpoint, still pending (waiting for
+    its retry or in flight): what holds a delivery back, so a client sees an order's events in
+    order."""
+    return Delivery.objects.filter(
+        endpoint_id=OuterRef("endpoint_id"),
+        subject=OuterRef("subject"),
+        status=DeliveryStatus.PENDING,
+        sequence__lt=OuterRef("sequence"),
+    )
+
+
 def claim_next(endpoint_id: Any) -> tuple[Delivery, Endpoint] | None:
     """Lease the endpoint's next due delivery, or ``None`` if it has none it may send now.
 
@@ -103,15 +115,9 @@ def claim_next(endpoint_id: Any) -> tuple[Delivery, Endpoint] | None:
         pending = Delivery.objects.filter(endpoint_id=endpoint.pk, status=DeliveryStatus.PENDING)
         if pending.filter(lease_until__gt=now).exists():
             return None
-        earlier = Delivery.objects.filter(
-            endpoint_id=OuterRef("endpoint_id"),
-            subject=OuterRef("subject"),
-            status=DeliveryStatus.PENDING,
-            sequence__lt=OuterRef("sequence"),
-        )
         delivery = (
             pending.filter(next_attempt_at__lte=now)
-            .filter(~Exists(earlier))
+            .filter(~Exists(_earlier_pending()))
             .order_by("next_attempt_at", "id")
             .first()
         )
@@ -311,9 +317,20 @@ def deliver_endpoint(endpoint_id: Any) -> int:
 # Sweep and retention
 # ---------------------------------------------------------------------------------------------
 def sweep(now: Any = None) -> int:
-    """Ring every active endpoint with an overdue delivery that no worker holds."""
+    """Ring every active endpoint with an overdue delivery that a claim would send now, the
+    longest overdue first, at most ``WEBHOOKS_SWEEP_BATCH`` of them.
+
+    Only deliveries :func:`claim_next` would take: none held back behind an earlier one of the
+    same subject (which may wait out a backoff of up to an hour, for as long as
+    ``WEBHOOKS_RETRY_FOR``), none to an endpoint with an attempt in flight. Ringing those would
+    wake a task that sends nothing, on every tick; with a batch's worth of such endpoints, an
+    endpoint whose doorbell was really lost would never be rung.
+    """
     now = now or timezone.now()
     overdue = now - timedelta(seconds=settings.WEBHOOKS_SWEEP_AFTER)
+    in_flight = Delivery.objects.filter(
+        endpoint_id=OuterRef("endpoint_id"), status=DeliveryStatus.PENDING, lease_until__gt=now
+    )
     endpoint_ids = list(
         Delivery.objects.filter(
             status=DeliveryStatus.PENDING,
@@ -321,9 +338,11 @@ def sweep(now: Any = None) -> int:
             endpoint__is_active=True,
         )
         .filter(Q(lease_until__isnull=True) | Q(lease_until__lte=now))
-        .order_by()
-        .values_list("endpoint_id", flat=True)
-        .distinct()[: settings.WEBHOOKS_SWEEP_BATCH]
+        .filter(~Exists(_earlier_pending()), ~Exists(in_flight))
+        .values("endpoint_id")
+        .annotate(oldest=Min("next_attempt_at"))
+        .order_by("oldest", "endpoint_id")
+        .values_list("endpoint_id", flat=True)[: settings.WEBHOOKS_SWEEP_BATCH]
     )
     for endpoint_id in endpoint_ids:
         ring(endpoint_id)

@@ -29,14 +29,21 @@ def _staff(username: str, codenames: list[str]) -> User:
     return User.objects.get(pk=user.pk)
 
 
-def _delivery(endpoint: Endpoint, *, status: str, age: timedelta = timedelta(0)) -> Delivery:
-    subject = uuid.uuid4()
+def _delivery(
+    endpoint: Endpoint,
+    *,
+    status: str,
+    age: timedelta = timedelta(0),
+    subject: uuid.UUID | None = None,
+    sequence: int = 1,
+) -> Delivery:
+    subject = subject or uuid.uuid4()
     created = timezone.now() - age
     event = Event.objects.create(
         owner=endpoint.owner,
         type="order.confirmed",
         subject=subject,
-        sequence=1,
+        sequence=sequence,
         body="{}",
         created_at=created,
     )
@@ -44,7 +51,7 @@ def _delivery(endpoint: Endpoint, *, status: str, age: timedelta = timedelta(0))
         event=event,
         endpoint=endpoint,
         subject=subject,
-        sequence=1,
+        sequence=sequence,
         status=status,
         attempts=7 if status == DeliveryStatus.DEAD else 1,
         next_attempt_at=created,
@@ -161,6 +168,50 @@ def test_sweep_rings_only_endpoints_with_overdue_unleased_deliveries(endpoint):
     Endpoint.objects.filter(pk=endpoint.pk).update(is_active=False)
     Delivery.objects.filter(pk=due.pk).update(next_attempt_at=timezone.now() - timedelta(hours=1))
     assert sweep() == 0  # disabled: its deliveries wait
+
+
+def test_sweep_passes_over_endpoints_with_nothing_sendable_to_reach_one_that_lost_its_doorbell(
+    endpoint, settings, monkeypatch
+):
+    """An endpoint whose overdue deliveries wait behind an earlier one of the same order (in
+    its backoff, up to an hour) or behind an attempt in flight has nothing a claim would send:
+    the sweep does not ring it, so a full batch of such endpoints cannot keep it from ringing
+    one whose doorbell was lost; and the longest overdue is rung first."""
+    from webhooks import delivery as webhook_delivery
+    from webhooks.delivery import claim_next
+
+    settings.WEBHOOKS_SWEEP_BATCH = 1
+    rung: list = []
+    monkeypatch.setattr(webhook_delivery, "ring", lambda endpoint_id, **_: rung.append(endpoint_id))
+    later = Endpoint.objects.create(
+        owner=endpoint.owner, url="https://93.184.215.14/b", events=["order.confirmed"], secret="s"
+    )
+    order = uuid.uuid4()
+    pending, two_hours = DeliveryStatus.PENDING, timedelta(hours=2)
+    first = _delivery(endpoint, status=pending, age=two_hours, subject=order)
+    _delivery(endpoint, status=pending, age=two_hours, subject=order, sequence=2)
+    _delivery(later, status=pending, age=timedelta(minutes=5))
+    # The order's first event failed and waits for its retry in an hour; its second is overdue
+    # but may not go before it.
+    Delivery.objects.filter(pk=first.pk).update(next_attempt_at=timezone.now() + timedelta(hours=1))
+    assert claim_next(endpoint.pk) is None
+    for _ in range(3):
+        assert sweep() == 1
+    assert rung == [later.pk] * 3
+
+    # The first event's retry falls due: the endpoint with the longest overdue delivery first.
+    Delivery.objects.filter(pk=first.pk).update(next_attempt_at=timezone.now() - timedelta(hours=1))
+    rung.clear()
+    assert sweep() == 1
+    assert rung == [endpoint.pk]
+
+    # An attempt in flight to the endpoint: nothing else may go to it now, not even another
+    # order's event, overdue the longest.
+    _delivery(endpoint, status=DeliveryStatus.PENDING, age=timedelta(hours=3))
+    Delivery.objects.filter(pk=first.pk).update(lease_until=timezone.now() + timedelta(minutes=1))
+    rung.clear()
+    assert sweep() == 1
+    assert rung == [later.pk]
 
 
 def test_the_redeliver_service_refuses_staff_without_the_permission(endpoint):
