@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import socket
 import ssl
 import threading
 import time
@@ -163,12 +164,109 @@ def forget_tls_context() -> None:
     _tls.__dict__.pop("context", None)
 
 
+class AttemptTimedOut(urllib3.exceptions.TimeoutError):
+    """The endpoint did not answer in full within ``WEBHOOKS_CONNECT_TIMEOUT +
+    WEBHOOKS_TIMEOUT``, however steadily its bytes came."""
+
+
+class _Deadline:
+    """Cuts an attempt off at a total time, not only at a silence.
+
+    urllib3's timeouts bound the connect and each read: a receiver that sends its answer a
+    byte at a time, never silent for a whole read timeout, would keep the attempt going past
+    its delivery's lease, and the sweeper would then start a second attempt to the endpoint
+    beside it. When the time is up, a timer shuts the attempt's socket down, which ends the
+    blocked read at once; the attempt fails as timed out and is retried like any other.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.passed = False
+        self._done = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()
+
+    def finish(self) -> None:
+        """No shutdown from now on: called before the attempt's socket is closed, so the
+        timer never shuts a socket number that another connection has taken since."""
+        with self._lock:
+            self._done = True
+        self._timer.cancel()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            if not self.passed:
+                self._sockets.append(sock)
+                return
+            _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.passed = True
+            for sock in self._sockets:
+                _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    # The plain socket's shutdown, also for a TLS socket (whose own would drop its TLS state
+    # under the reading thread's feet): the blocked read sees the end of the stream.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def _watched(cls: type, deadline: _Deadline) -> type:
+    """``cls`` (urllib3's connection class) reporting its socket to ``deadline`` once open."""
+
+    class Watched(cls):
+        def connect(self) -> None:
+            super().connect()
+            deadline.watch(self.sock)
+
+    return Watched
+
+
 def _post(target: Target, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
     """POST to the checked address itself (no second DNS lookup); the status and the first
-    bytes of the body. Redirects are not followed (one could point anywhere)."""
+    bytes of the body. Redirects are not followed (one could point anywhere).
+
+    The whole exchange ends within ``WEBHOOKS_CONNECT_TIMEOUT + WEBHOOKS_TIMEOUT`` (raising
+    :class:`AttemptTimedOut` past it), well inside the delivery's lease.
+    """
     timeout = urllib3.Timeout(
         connect=settings.WEBHOOKS_CONNECT_TIMEOUT, read=settings.WEBHOOKS_TIMEOUT
     )
+    with _Deadline(settings.WEBHOOKS_CONNECT_TIMEOUT + settings.WEBHOOKS_TIMEOUT) as deadline:
+        try:
+            answer = _exchange(target, body, headers, timeout, deadline)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            if deadline.passed:
+                raise AttemptTimedOut(f"no complete answer within {deadline.seconds:g} s") from exc
+            raise
+    if deadline.passed:
+        # Cut off after the status line came: the rest of the answer (its headers, say) never
+        # did. Not taken as delivered; the retry sends the same event id again.
+        raise AttemptTimedOut(f"no complete answer within {deadline.seconds:g} s")
+    return answer
+
+
+def _exchange(
+    target: Target,
+    body: bytes,
+    headers: dict[str, str],
+    timeout: urllib3.Timeout,
+    deadline: _Deadline,
+) -> tuple[int, str]:
     options: dict[str, Any] = {"timeout": timeout, "retries": False, "maxsize": 1}
     if target.scheme == "https":
         pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
@@ -182,6 +280,7 @@ def _post(target: Target, body: bytes, headers: dict[str, str]) -> tuple[int, st
         )
     else:
         pool = urllib3.HTTPConnectionPool(target.address, target.port, **options)
+    pool.ConnectionCls = _watched(pool.ConnectionCls, deadline)
     default_port = 443 if target.scheme == "https" else 80
     host = target.host if ":" not in target.host else f"[{target.host}]"
     headers = {
@@ -201,6 +300,7 @@ def _post(target: Target, body: bytes, headers: dict[str, str]) -> tuple[int, st
         try:
             excerpt = response.read(settings.WEBHOOKS_RESPONSE_EXCERPT)
         finally:
+            deadline.finish()
             response.release_conn()
             response.close()
         # A receiver's bytes, kept in a text column: undecodable ones and NUL become U+FFFD.

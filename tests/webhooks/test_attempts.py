@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import socket
 import ssl
+import threading
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -233,3 +234,56 @@ def test_the_documented_example_verifies_a_real_delivery(customer, receiver):
     sent_at = int(header.split(",")[0].removeprefix("t="))
     old = signing.sign([endpoint["secret"]], request.body, timestamp=sent_at - 3600)
     assert not verify(endpoint["secret"], old, request.body)
+
+
+def _trickling_receiver(stop: threading.Event) -> int:
+    """A port that answers every request with a status line, then one header byte every 0.2 s
+    until ``stop``: never silent for as long as a read timeout, never done."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.2)
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            while not stop.wait(0.2):
+                try:
+                    conn.sendall(b"x")
+                except OSError:
+                    return
+
+    def accept() -> None:
+        with listener:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def test_an_answer_that_trickles_in_is_cut_off_at_connect_plus_read_timeout(customer, settings):
+    """Each read's timeout alone would let an endpoint that sends a byte at a time hold the
+    attempt past its delivery's lease (and the sweeper would start a second attempt beside
+    it): the attempt ends, as a timeout, at WEBHOOKS_CONNECT_TIMEOUT + WEBHOOKS_TIMEOUT."""
+    settings.WEBHOOKS_CONNECT_TIMEOUT, settings.WEBHOOKS_TIMEOUT = 1.0, 1.0
+    stop = threading.Event()
+    # Without the cut-off the attempt would go on until the receiver stops, a minute on.
+    threading.Timer(60, stop.set).start()
+    try:
+        port = _trickling_receiver(stop)
+        endpoint = register(api_client_for(customer), f"http://127.0.0.1:{port}/hooks")
+        _emit(customer)
+        assert deliver_endpoint(endpoint["id"]) == 1
+        assert not stop.is_set()  # cut off, not finished by the receiver
+    finally:
+        stop.set()
+    delivery = Delivery.objects.get(endpoint_id=endpoint["id"])
+    assert delivery.status == DeliveryStatus.PENDING  # to be retried after its backoff
+    assert delivery.last_status_code is None
+    assert delivery.last_error == "AttemptTimedOut: no complete answer within 2 s"
