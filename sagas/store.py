@@ -1010,9 +1010,11 @@ def write(
         # The hook came to want this saga while the step ran (saga_data_flag: its row, read
         # back by the record, has the flag): this change is the first it hears of, told at once,
         # under the row's lock and only while nothing newer was recorded (a newer record was
-        # told itself, and this older state must not arrive after it).
+        # told itself, and this older state must not arrive after it). A claim since is no
+        # newer record: a hand-over's doorbell or a pump may take the saga before this line.
         with transaction.atomic():
-            if Saga.objects.select_for_update().filter(pk=saga.pk, version=updated.version):
+            current = Saga.objects.select_for_update().filter(pk=saga.pk).first()
+            if current is not None and only_claimed_since(updated, current):
                 type_hook(before, updated)
     for e in rec.events:
         log.info(
@@ -1026,6 +1028,20 @@ def write(
     if rec.finished:
         metrics.SAGAS_FINISHED.labels(saga.saga_type, rec.finished).inc()
     return updated if go_on else None
+
+
+#: What a claim changes (:func:`claim`, :func:`claim_due`); a record changes more.
+_CLAIM_FIELDS = frozenset({"version", "attempt", "lease_until", "sweeps", "updated_at"})
+
+
+def only_claimed_since(recorded: Saga, current: Saga) -> bool:
+    """Whether ``current`` (the saga's row now) differs from ``recorded`` (a record's row) in
+    nothing but what a claim changes: no record, signal or ops action was written since."""
+    return all(
+        f.value_from_object(recorded) == f.value_from_object(current)
+        for f in Saga._meta.concrete_fields
+        if f.attname not in _CLAIM_FIELDS
+    )
 
 
 def _write_record(

@@ -310,3 +310,30 @@ def test_a_step_in_flight_when_the_endpoint_is_registered_still_tells_it(
     kind, body = events[0]
     assert kind == "order.updated"
     assert json.loads(body)["data"]["step"] != "reserve_inventory"
+
+
+def test_a_step_in_flight_at_registration_tells_it_even_if_the_saga_is_claimed_at_once(
+    customer, catalog, monkeypatch
+):
+    """The same race, with the hand-over's doorbell answered at once: another worker (or a
+    pump) claims the saga as soon as the record commits, before the recording worker tells
+    the hook. A claim is no newer record, so the change is still told."""
+    from sagas import store
+
+    client = api_client_for(customer)
+    with transaction.atomic():
+        order = Order.objects.get(pk=place(client)["id"])
+        out_of_workers_reach(order.saga_id, 10_000)
+    claimed = claim(order.saga_id, 10_000)
+    assert claimed is not None and not claimed.data.get(order_events.DATA_KEY)
+    register(client, "http://127.0.0.1:9/hooks")
+    taken: list = []
+
+    def doorbell_answered_at_once(saga_id, version, *args, **kwargs):
+        transaction.on_commit(lambda: taken.append(claim(saga_id, version)))
+
+    monkeypatch.setattr(store, "ring_on_commit", doorbell_answered_at_once)
+    run_claimed(claimed, inline_ok=False)
+    assert taken and taken[0] is not None  # claimed by "someone else" before the hook ran
+    bodies = Event.objects.filter(subject=order.id).values_list("body", flat=True)
+    assert [json.loads(b)["data"]["step"] for b in bodies] == [taken[0].current_step]
