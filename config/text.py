@@ -2,12 +2,15 @@
 
 JSON can spell a lone UTF-16 surrogate (``"\\ud800"``) and a NUL (``"\\u0000"``); a surrogate
 cannot even be encoded as UTF-8 (so it cannot be sent in a query, hashed or echoed in a
-response), and a NUL cannot be stored in ``text`` or ``jsonb``. Whatever accepts text from
-outside (the API's parser, the ops console's signal form) asks here first.
+response), and a NUL cannot be stored in ``text`` or ``jsonb``. Nor can ``jsonb`` hold a
+number that is not finite: ``1e400`` parses to infinity, and Python's ``json`` also reads
+``NaN`` and ``Infinity``. Whatever accepts JSON from outside (the API's parser, the ops
+console's signal form) asks here first.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -36,6 +39,8 @@ def unstorable_text(data: Any) -> tuple[str, str] | None:
                     return path or "body", f"a key holds {_problem(found.group())}"
                 children.append((f"{path}.{key}" if path else str(key), item))
             stack.extend(reversed(children))
+        elif isinstance(value, float) and not math.isfinite(value):
+            return path or "body", "a number JSON cannot hold (too large, NaN or Infinity)"
         elif isinstance(value, list | tuple):
             stack.extend(reversed([(f"{path}[{i}]", item) for i, item in enumerate(value)]))
     return None

@@ -912,6 +912,8 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                 )
             except json.JSONDecodeError as exc:
                 error = f"The payload is not JSON: {exc}"
+            except RecursionError:
+                error = "The payload is nested too deeply to read."
             except (
                 SignalPayloadInvalid,
                 SignalKeyInvalid,

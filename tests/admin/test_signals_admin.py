@@ -47,6 +47,12 @@ def test_saga_page_shows_the_signal_it_waits_for_and_ops_send_it(ops_client, ops
 
     bad = ops_client.post(form_url, {"name": "go", "payload": "{not json", "key": ""})
     assert bad.status_code == 200 and "not JSON" in bad.content.decode()
+    deep = ops_client.post(form_url, {"name": "go", "payload": "[" * 100_000 + "]" * 100_000})
+    assert deep.status_code == 200 and "nested too deeply" in deep.content.decode()
+    for number in ("1e400", "-1e400", "NaN", "Infinity"):
+        payload = f'{{"ok": true, "n": {number}}}'
+        huge = ops_client.post(form_url, {"name": "go", "payload": payload})
+        assert huge.status_code == 200 and "a number JSON cannot hold" in huge.content.decode()
     bad_key = ops_client.post(form_url, {"name": "go", "payload": "{}", "key": "a\tb"})
     assert bad_key.status_code == 200 and "control characters" in bad_key.content.decode()
     assert not SagaSignal.objects.filter(saga=saga).exists()

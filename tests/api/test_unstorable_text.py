@@ -74,6 +74,25 @@ def test_a_signal_payload_with_unstorable_text_is_a_400(client_api, place, bad):
     assert_error(_raw(client_api, path, text), 400, "parse_error")
 
 
+@pytest.mark.parametrize("number", ["1e400", "-1e400"])
+def test_a_number_jsonb_cannot_hold_is_a_400_in_any_body(client_api, catalog, place, number):
+    """``1e400`` parses to infinity, which no ``jsonb`` column (a signal's payload) holds."""
+    order = place(client_api, payment_method="pm_card_3ds_required")  # it will wait for it
+    path = f"/api/v1/orders/{order['id']}/signals/3ds_confirmed/"
+    text = f'{{"payload": {{"approved": true, "n": {number}}}}}'
+    body = assert_error(_raw(client_api, path, text), 400, "parse_error")
+    problem = "a number JSON cannot hold (too large, NaN or Infinity)"
+    assert body["fields"] == {"payload.n": [problem]}
+    order_text = json.dumps(order_body([("lamp", 1)])).replace(
+        '"quantity": 1', f'"quantity": {number}'
+    )
+    assert number in order_text
+    assert_error(_raw(client_api, "/api/v1/orders/", order_text), 400, "parse_error")
+    assert Order.objects.count() == 1  # the placed one only
+    good = client_api.post(path, {"payload": {"approved": True}}, format="json")
+    assert good.status_code == 202, good.content
+
+
 @pytest.mark.parametrize("token", ["\xff\xfe", "abc\x00def", "ab\u00e9cd"], ids=repr)
 def test_a_token_that_is_not_ascii_text_is_a_401(anon_api, token):
     anon_api.credentials(HTTP_AUTHORIZATION=f"Token {token}")
