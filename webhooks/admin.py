@@ -16,7 +16,12 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from webhooks.models import Delivery, DeliveryStatus, Endpoint, Event
-from webhooks.services import REDELIVER_PERMISSION, deliveries_redeliver, endpoint_set_active
+from webhooks.services import (
+    REDELIVER_PERMISSION,
+    deliveries_redeliver,
+    endpoint_delete,
+    endpoint_set_active,
+)
 
 if TYPE_CHECKING:
     from django_stubs_ext import WithAnnotations
@@ -65,6 +70,13 @@ class EndpointAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # clients register endpoints through the API (their own secret)
+
+    def delete_model(self, request: HttpRequest, obj: Endpoint) -> None:
+        endpoint_delete(endpoint=obj)  # also while events are being written for it
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+        for endpoint in queryset:
+            endpoint_delete(endpoint=endpoint)
 
     @admin.display(description="pending", ordering="_pending")
     def pending(self, endpoint: WithAnnotations[Endpoint, _DeliveryCounts]) -> int:

@@ -32,7 +32,13 @@ from config.api import (
 )
 from config.api_errors import ApiError
 from webhooks.models import EVENT_TYPES, Endpoint
-from webhooks.services import EndpointInvalid, endpoint_create, endpoint_rotate_secret
+from webhooks.services import (
+    EndpointBusy,
+    EndpointInvalid,
+    endpoint_create,
+    endpoint_delete,
+    endpoint_rotate_secret,
+)
 
 EVENT_TYPE_CHOICES = [(e, e) for e in EVENT_TYPES]
 
@@ -129,6 +135,16 @@ class EndpointViewSet(
         except ValueError:
             raise NotFound() from None  # a malformed id is unknown, like any other
         return super().get_object()
+
+    def perform_destroy(self, instance: Endpoint) -> None:
+        try:
+            endpoint_delete(endpoint=instance)
+        except EndpointBusy:
+            raise ApiError(
+                "Events keep arriving for this endpoint; it is disabled now. Try again.",
+                code="endpoint_busy",
+                status_code=409,
+            ) from None
 
     def create(self, request: Request) -> Response:
         serializer = EndpointInputSerializer(data=request.data)

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 from django.conf import settings
 from django.core.exceptions import PermissionDenied
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from rest_framework.renderers import JSONRenderer
 
@@ -113,6 +113,41 @@ def endpoint_set_active(
     if active:
         transaction.on_commit(lambda: ring(endpoint.pk))
     return endpoint
+
+
+class EndpointBusy(Exception):
+    """Events kept arriving for an endpoint being deleted; it is disabled, not yet gone."""
+
+
+def endpoint_delete(*, endpoint: Endpoint, tries: int = 5) -> None:
+    """Delete an endpoint and its deliveries, also while orders are telling it about changes.
+
+    An event being written reads the client's active endpoints, then inserts their deliveries
+    and commits; one that read this endpoint before the delete and commits during it leaves a
+    delivery the delete did not see, and the delete's commit failed its foreign key check (a
+    500). So the endpoint is disabled first (events written from then on pass it by), the
+    foreign keys are checked when the endpoint's row goes rather than at commit, and the
+    delete is made again, taking such late deliveries with it, until none came in meanwhile.
+    Inside a caller's transaction too (the ops console's delete): each try is a savepoint.
+    """
+    Endpoint.objects.filter(pk=endpoint.pk).update(is_active=False)
+    for _ in range(tries):
+        try:
+            with transaction.atomic():
+                _constraints("IMMEDIATE")
+                Delivery.objects.filter(endpoint_id=endpoint.pk).delete()
+                Endpoint.objects.filter(pk=endpoint.pk).delete()
+                _constraints("DEFERRED")  # Django's foreign keys are INITIALLY DEFERRED
+            return
+        except IntegrityError:
+            continue  # a delivery committed for it meanwhile: take it too
+    raise EndpointBusy(endpoint.pk)
+
+
+def _constraints(when: str) -> None:
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(f"SET CONSTRAINTS ALL {when}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""Deleting an endpoint while an event for it is being written: the event's transaction read
+the endpoint as active, inserted its delivery and commits while the delete runs, after the
+delete took the endpoint's deliveries and before its row goes. The delete takes that late
+delivery with it instead of failing its foreign key check (a 500 that left the endpoint in
+place, still receiving)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.db import connection, transaction
+from django.utils import timezone
+
+from webhooks.models import Delivery, Endpoint, Event
+
+from .conftest import api_client_for, register
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class LateEvent:
+    """An event's transaction on a connection of its own: its delivery inserted at once,
+    committed when :meth:`commit` is called."""
+
+    def __init__(self, endpoint_id: str) -> None:
+        self.inserted, self.go, self.done = threading.Event(), threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(endpoint_id,), daemon=True)
+        self.thread.start()
+        assert self.inserted.wait(30)
+
+    def _run(self, endpoint_id: str) -> None:
+        try:
+            with transaction.atomic():
+                endpoint = Endpoint.objects.get(pk=endpoint_id)
+                subject, now = uuid.uuid4(), timezone.now()
+                event = Event.objects.create(
+                    owner_id=endpoint.owner_id, type="order.updated", subject=subject,
+                    sequence=1, body="{}", created_at=now,
+                )  # fmt: skip
+                Delivery.objects.create(
+                    event=event, endpoint=endpoint, subject=subject, sequence=1,
+                    next_attempt_at=now, retry_until=now + timedelta(days=1),
+                )  # fmt: skip
+                self.inserted.set()
+                assert self.go.wait(30)
+        finally:
+            connection.close()
+            self.done.set()
+
+    def commit(self) -> None:
+        self.go.set()
+        assert self.done.wait(30)
+
+
+def test_an_endpoint_deleted_while_an_event_for_it_commits_is_deleted_with_its_deliveries(
+    customer,
+):
+    client = api_client_for(customer)
+    endpoint_id = register(client, "http://127.0.0.1:9/hooks")["id"]
+    late = LateEvent(endpoint_id)
+    endpoint_table = f'DELETE FROM "{Endpoint._meta.db_table}"'
+
+    def commit_the_event_just_before_the_row_goes(execute, sql, params, many, context):
+        if sql.startswith(endpoint_table) and not late.done.is_set():
+            late.commit()
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(commit_the_event_just_before_the_row_goes):
+        response = client.delete(f"/api/v1/webhooks/{endpoint_id}/")
+    assert late.done.is_set()  # its delivery committed during the delete
+    assert response.status_code == 204, response.content
+    assert not Endpoint.objects.filter(pk=endpoint_id).exists()
+    assert not Delivery.objects.filter(endpoint_id=endpoint_id).exists()
+
+
+def test_the_ops_console_deletes_an_endpoint_while_an_event_for_it_commits(customer, admin_client):
+    """The same race through the console's delete, inside the admin's own transaction."""
+    endpoint_id = register(api_client_for(customer), "http://127.0.0.1:9/hooks")["id"]
+    late = LateEvent(endpoint_id)
+    endpoint_table = f'DELETE FROM "{Endpoint._meta.db_table}"'
+
+    def commit_the_event_just_before_the_row_goes(execute, sql, params, many, context):
+        if sql.startswith(endpoint_table) and not late.done.is_set():
+            late.commit()
+        return execute(sql, params, many, context)
+
+    page = f"/admin/webhooks/endpoint/{endpoint_id}/delete/"
+    with connection.execute_wrapper(commit_the_event_just_before_the_row_goes):
+        response = admin_client.post(page, {"post": "yes"})
+    assert late.done.is_set()
+    assert response.status_code == 302, response.content[:500]
+    assert not Endpoint.objects.filter(pk=endpoint_id).exists()
+    assert not Delivery.objects.filter(endpoint_id=endpoint_id).exists()
