@@ -8,6 +8,7 @@ it now, counting health afresh. Both need the ``ops`` permission and land in the
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
@@ -70,8 +71,15 @@ class BreakerAdmin(admin.ModelAdmin):
             return HttpResponseNotAllowed(["POST"])
         if not can_force(request):
             raise PermissionDenied
+        known = provider in (settings.SAGA_PROVIDERS or {}) or (
+            Breaker.objects.filter(provider=provider).exists()
+        )
         if to not in (BreakerState.OPEN, BreakerState.CLOSED):
             messages.error(request, f"A breaker can be forced open or closed, not {to!r}.")
+        elif not known:
+            # A name from the address, not from a button: forcing it would make up a breaker
+            # (and a metric series an alert may watch) for a provider nothing calls.
+            messages.error(request, f"No provider {provider[:64]!r} has a breaker.")
         else:
             old = breaker.force(provider, to, user=request.user, request=request)
             messages.success(request, f"Breaker of {provider}: {old} -> forced {to}.")

@@ -57,3 +57,17 @@ def test_staff_outside_ops_see_breakers_but_cannot_force_them(viewer_client, pay
     assert viewer_client.post(url).status_code == 403
     assert Breaker.objects.get(provider="payments").state == "closed"
     assert not AuditEntry.objects.filter(target="provider:payments").exists()
+
+
+@pytest.mark.parametrize("name", ["nope", "x" * 300], ids=["unknown", "longer-than-a-name"])
+def test_forcing_a_provider_that_has_no_breaker_is_refused_and_makes_none_up(
+    ops_client, payments_breaker, name
+):
+    """The name comes from the address: an unknown one would create a phantom breaker, forced
+    open, with a metric series an alert may watch (one longer than the column: a 500)."""
+    url = reverse("admin:providers_breaker_force", args=[name, "open"])
+    response = ops_client.post(url, {"next": DASHBOARD}, follow=True)
+    assert response.status_code == 200
+    assert "has a breaker" in response.content.decode()
+    assert list(Breaker.objects.values_list("provider", flat=True)) == ["payments"]
+    assert not AuditEntry.objects.exists()
