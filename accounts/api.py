@@ -10,7 +10,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.tokens import token_label, token_revoke
-from config.api import ErrorSerializer
+from config.api import BodyReadFirst, ErrorSerializer
 from config.api_errors import ApiError
 
 
@@ -32,7 +32,7 @@ def _current_token(request: Request) -> AuthToken:
     return request.auth
 
 
-class CurrentTokenView(APIView):
+class CurrentTokenView(BodyReadFirst, APIView):
     permission_classes = [permissions.IsAuthenticated]
 
     @extend_schema(

@@ -53,6 +53,25 @@ def test_a_client_revokes_its_own_token_and_keeps_its_others(django_user_model):
     assert api.token.startswith(entry.detail["token"])
 
 
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "code"),
+    [
+        ("{bad", "application/json", 400, "parse_error"),
+        ("revoke", "text/plain", 415, "unsupported_media_type"),
+    ],
+)
+def test_a_revoke_with_a_body_that_is_not_json_is_refused_and_revokes_nothing(
+    django_user_model, body, content_type, status, code
+):
+    """Like every action that takes no body: a body that is not JSON is refused, and the token
+    stays."""
+    api = api_client_for(django_user_model.objects.create_user("ada"))
+    refused = api.generic("DELETE", TOKEN_URL, body, content_type=content_type)
+    assert_error(refused, status, code)
+    assert AuthToken.objects.filter(digest=hash_token(api.token)).exists()
+    assert api.get("/api/v1/products/").status_code == 200
+
+
 def test_revoking_without_a_token_is_a_400(client, django_user_model):
     """A browsable-API session has no token to revoke: a 400 in the one error shape."""
     client.force_login(django_user_model.objects.create_user("ada"))
