@@ -54,6 +54,7 @@ from sagas.definition import (
 from sagas.exceptions import SagaOperationRefused
 from sagas.models import TERMINAL_STATES, Saga, SagaEvent, SagaState, SagaStep, StepStatus
 from sagas.services import (
+    NOTE_MAX,
     OPS_PERMISSION,
     describe_effects,
     how_it_ended,
@@ -1068,7 +1069,9 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         # The confirmation page named the effects still in place; ticking the box accepts them.
         accept = request.POST.get("accept_effects") == "yes"
         error = ""
-        if request.POST.get("confirm") == "yes":
+        if request.POST.get("confirm") == "yes" and len(note) > NOTE_MAX:
+            error = f"A note may be at most {NOTE_MAX} characters (the API's limit too)."
+        elif request.POST.get("confirm") == "yes":
             if note:
                 outcome = _Outcome()
                 try:
@@ -1095,7 +1098,9 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             return self._done(request)
         note = request.POST.get("note", "").strip()
         error = ""
-        if request.POST.get("confirm") == "yes":
+        if request.POST.get("confirm") == "yes" and len(note) > NOTE_MAX:
+            error = f"A note may be at most {NOTE_MAX} characters (the API's limit too)."
+        elif request.POST.get("confirm") == "yes":
             if note:
                 # Each saga's own waiting step, as shown on the confirmation page; a saga that
                 # moved on since is refused by the service (not_waiting_on_undo).

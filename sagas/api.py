@@ -175,7 +175,9 @@ class CompensateSerializer(serializers.Serializer):
 
 
 class ResolveSerializer(serializers.Serializer):
-    note = StrictCharField(max_length=2000, help_text="What a person did; in the timeline.")
+    note = StrictCharField(
+        max_length=services.NOTE_MAX, help_text="What a person did; in the timeline."
+    )
     accept_effects = StrictBooleanField(
         default=False,
         help_text="Close it even though steps that took effect were not undone (they are "
@@ -188,7 +190,7 @@ class UndoDoneSerializer(serializers.Serializer):
         max_length=64, help_text="The step whose undo the saga waits on (its current_step)."
     )
     note = StrictCharField(
-        max_length=2000, help_text="How the undo was done by hand; in the timeline."
+        max_length=services.NOTE_MAX, help_text="How the undo was done by hand; in the timeline."
     )
 
 

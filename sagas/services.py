@@ -41,6 +41,8 @@ from sagas.timing import step_timeout
 log = structlog.get_logger("sagas.services")
 
 OPS_PERMISSION = "sagas.operate_saga"
+#: The longest note a person may give an ops action (resolve, undo done): a timeline line.
+NOTE_MAX = 2000
 
 
 def _event(saga: Saga, kind: str, *, actor: str, detail: str = "", step: str = "") -> None:
@@ -50,7 +52,7 @@ def _event(saga: Saga, kind: str, *, actor: str, detail: str = "", step: str = "
         kind=kind,
         step=step,
         attempt=saga.attempt,
-        detail=detail[:2000],
+        detail=detail[:NOTE_MAX],
         actor=actor[:150],
     )
     log.info(

@@ -161,6 +161,8 @@ def test_resolve_needs_a_note_and_records_it(ops_client):
     assert 'name="note"' in page.content.decode()
     blank = confirm(ops_client, "resolve", [saga], note="")
     assert "A note is required" in blank.content.decode()
+    long = confirm(ops_client, "resolve", [saga], note="x" * 2001, accept_effects="yes")
+    assert "at most 2000 characters" in long.content.decode()  # as the API: not cut short
     assert Saga.objects.get(pk=saga.pk).state == SagaState.NEEDS_MANUAL
     done = confirm(
         ops_client, "resolve", [saga], note="voided by hand in the provider", accept_effects="yes"
@@ -202,6 +204,8 @@ def test_undo_done_shows_what_runs_next_needs_a_note_and_goes_on(ops_client):
     assert page.index("<em>s2</em>") < page.index("<em>s1</em>")  # newest first
     blank = confirm(ops_client, "undo_done", [saga], note="")
     assert "A note is required" in blank.content.decode()
+    long = confirm(ops_client, "undo_done", [saga], note="x" * 2001)
+    assert "at most 2000 characters" in long.content.decode()  # as the API: not cut short
     assert Saga.objects.get(pk=saga.pk).state == SagaState.NEEDS_MANUAL
     done = confirm(ops_client, "undo_done", [saga], note="cancelled by phone with the carrier")
     assert [lvl for lvl, _ in texts(done)] == ["success"]
