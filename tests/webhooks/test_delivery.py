@@ -7,6 +7,7 @@ import hmac
 import json
 import threading
 from collections import defaultdict
+from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -287,21 +288,28 @@ def test_an_endpoint_switched_back_on_marks_the_clients_orders_in_flight(custome
     assert Saga.objects.get(pk=order.saga_id).data.get(order_events.DATA_KEY) is True
 
 
+def _claimed_then_registered(customer) -> tuple[Order, Any]:
+    """An order whose saga a task has claimed (its data read without the flag), and then its
+    client registers an endpoint: the step in flight has not recorded yet."""
+    client = api_client_for(customer)
+    with transaction.atomic():
+        order = Order.objects.get(pk=place(client)["id"])
+        out_of_workers_reach(order.saga_id, 10_000)
+    claimed = claim(order.saga_id, 10_000)
+    assert claimed is not None and not claimed.data.get(order_events.DATA_KEY)
+    register(client, "http://127.0.0.1:9/hooks")
+    return order, claimed
+
+
 def test_a_step_in_flight_when_the_endpoint_is_registered_still_tells_it(
     customer, catalog, celery_worker
 ):
     """The race: a task claimed the saga (reading its data, no flag yet), the client registers
     an endpoint, then the step records. Its change is delivered: the record reads the flag
     back and tells the hook at once."""
-    client = api_client_for(customer)
     celery_worker.pause_consuming()
     try:
-        with transaction.atomic():
-            order = Order.objects.get(pk=place(client)["id"])
-            out_of_workers_reach(order.saga_id, 10_000)
-        claimed = claim(order.saga_id, 10_000)
-        assert claimed is not None and not claimed.data.get(order_events.DATA_KEY)
-        register(client, "http://127.0.0.1:9/hooks")
+        order, claimed = _claimed_then_registered(customer)
         run_claimed(claimed, inline_ok=False)
     finally:
         celery_worker.resume_consuming()
@@ -320,13 +328,7 @@ def test_a_step_in_flight_at_registration_tells_it_even_if_the_saga_is_claimed_a
     the hook. A claim is no newer record, so the change is still told."""
     from sagas import store
 
-    client = api_client_for(customer)
-    with transaction.atomic():
-        order = Order.objects.get(pk=place(client)["id"])
-        out_of_workers_reach(order.saga_id, 10_000)
-    claimed = claim(order.saga_id, 10_000)
-    assert claimed is not None and not claimed.data.get(order_events.DATA_KEY)
-    register(client, "http://127.0.0.1:9/hooks")
+    order, claimed = _claimed_then_registered(customer)
     taken: list = []
 
     def doorbell_answered_at_once(saga_id, version, *args, **kwargs):

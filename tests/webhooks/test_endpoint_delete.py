@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from django.db import connection, transaction
@@ -54,6 +55,18 @@ class LateEvent:
         self.go.set()
         assert self.done.wait(30)
 
+    def committed_just_before_the_row_goes(self) -> Any:
+        """While in this block, the delete's statement on the endpoint's row runs only once
+        this event has committed."""
+        endpoint_row = f'DELETE FROM "{Endpoint._meta.db_table}"'
+
+        def wrapper(execute, sql, params, many, context):
+            if sql.startswith(endpoint_row) and not self.done.is_set():
+                self.commit()
+            return execute(sql, params, many, context)
+
+        return connection.execute_wrapper(wrapper)
+
 
 def test_an_endpoint_deleted_while_an_event_for_it_commits_is_deleted_with_its_deliveries(
     customer,
@@ -61,14 +74,7 @@ def test_an_endpoint_deleted_while_an_event_for_it_commits_is_deleted_with_its_d
     client = api_client_for(customer)
     endpoint_id = register(client, "http://127.0.0.1:9/hooks")["id"]
     late = LateEvent(endpoint_id)
-    endpoint_table = f'DELETE FROM "{Endpoint._meta.db_table}"'
-
-    def commit_the_event_just_before_the_row_goes(execute, sql, params, many, context):
-        if sql.startswith(endpoint_table) and not late.done.is_set():
-            late.commit()
-        return execute(sql, params, many, context)
-
-    with connection.execute_wrapper(commit_the_event_just_before_the_row_goes):
+    with late.committed_just_before_the_row_goes():
         response = client.delete(f"/api/v1/webhooks/{endpoint_id}/")
     assert late.done.is_set()  # its delivery committed during the delete
     assert response.status_code == 204, response.content
@@ -80,15 +86,8 @@ def test_the_ops_console_deletes_an_endpoint_while_an_event_for_it_commits(custo
     """The same race through the console's delete, inside the admin's own transaction."""
     endpoint_id = register(api_client_for(customer), "http://127.0.0.1:9/hooks")["id"]
     late = LateEvent(endpoint_id)
-    endpoint_table = f'DELETE FROM "{Endpoint._meta.db_table}"'
-
-    def commit_the_event_just_before_the_row_goes(execute, sql, params, many, context):
-        if sql.startswith(endpoint_table) and not late.done.is_set():
-            late.commit()
-        return execute(sql, params, many, context)
-
     page = f"/admin/webhooks/endpoint/{endpoint_id}/delete/"
-    with connection.execute_wrapper(commit_the_event_just_before_the_row_goes):
+    with late.committed_just_before_the_row_goes():
         response = admin_client.post(page, {"post": "yes"})
     assert late.done.is_set()
     assert response.status_code == 302, response.content[:500]
