@@ -93,3 +93,25 @@ def test_the_ops_console_deletes_an_endpoint_while_an_event_for_it_commits(custo
     assert response.status_code == 302, response.content[:500]
     assert not Endpoint.objects.filter(pk=endpoint_id).exists()
     assert not Delivery.objects.filter(endpoint_id=endpoint_id).exists()
+
+
+def test_the_console_says_so_when_events_keep_arriving_and_leaves_the_endpoint_disabled(
+    customer, admin_client, monkeypatch
+):
+    """Five tries all beaten by late events (made to happen here): a message, no 500, and the
+    endpoint disabled (committed before the admin's transaction), to be deleted again."""
+    from webhooks import admin as webhooks_admin
+    from webhooks.services import EndpointBusy
+
+    def busy(*, endpoint):
+        raise EndpointBusy(endpoint.pk)
+
+    monkeypatch.setattr(webhooks_admin, "endpoint_delete", busy)
+    endpoint_id = register(api_client_for(customer), "http://127.0.0.1:9/hooks")["id"]
+    page = f"/admin/webhooks/endpoint/{endpoint_id}/delete/"
+    response = admin_client.post(page, {"post": "yes"}, follow=True)
+    assert response.status_code == 200
+    assert "it is disabled, not deleted" in response.content.decode()
+    assert Endpoint.objects.get(pk=endpoint_id).is_active is False
+    malformed = admin_client.post("/admin/webhooks/endpoint/not-a-uuid/delete/", {"post": "yes"})
+    assert malformed.status_code in (302, 404)  # the admin's own answer for an unknown id
