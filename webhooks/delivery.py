@@ -33,7 +33,7 @@ import urllib3
 from celery import current_app
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Exists, Min, OuterRef, Q
+from django.db.models import Exists, Min, OuterRef
 from django.utils import timezone
 from urllib3.util.ssl_ import create_urllib3_context
 
@@ -437,8 +437,7 @@ def sweep(now: Any = None) -> int:
             next_attempt_at__lte=overdue,
             endpoint__is_active=True,
         )
-        .filter(Q(lease_until__isnull=True) | Q(lease_until__lte=now))
-        .filter(~Exists(_earlier_pending()), ~Exists(in_flight))
+        .filter(~Exists(_earlier_pending()), ~Exists(in_flight))  # in flight: itself too
         .values("endpoint_id")
         .annotate(oldest=Min("next_attempt_at"))
         .order_by("oldest", "endpoint_id")
