@@ -192,10 +192,11 @@ def saga_data_flag(*, saga_ids: Any, key: str) -> int:
 
     For a change hook whose ``wants`` reads a flag in ``data`` (see ``ChangeHook``), when what
     it depends on changes after a saga started (a client registers a webhook endpoint while
-    its orders run). The version does not move, so a step in flight still records: the
-    record's row, which it reads back, carries the flag, and a record that raced this update
-    tells the hook right after it (``sagas.store.write``); every later one tells it in the
-    record's own transaction. Runs in the caller's transaction, under the rows' locks.
+    its orders run). The version does not move, so a step in flight still records, and tells
+    the hook in the record's own transaction like every later record: it reads the flag back
+    with its row, or, had it been one autocommitted statement, is guarded on the ``data`` its
+    claim read and made again in a transaction (``sagas.store.write``). Runs in the caller's
+    transaction, under the rows' locks.
     """
     changed = 0
     with transaction.atomic():

@@ -214,6 +214,7 @@ def _saga_update_sql(
     require_active: bool = False,
     require_known: bool = False,
     require_cancel_reason: str | None = None,
+    require_data: dict[str, Any] | None = None,
 ) -> tuple[str, list[Any]]:
     """``UPDATE saga SET ..., version = version + 1 WHERE id = X AND version = V RETURNING *``.
 
@@ -228,7 +229,17 @@ def _saga_update_sql(
     known = _known_definitions() if require_known else None
     n_known = None if known is None else len(known)
     unchanged_cancel = require_cancel_reason is not None
-    shape = (db.vendor, tuple(values), bump_attempt, due, require_active, n_known, unchanged_cancel)
+    unchanged_data = require_data is not None
+    shape = (
+        db.vendor,
+        tuple(values),
+        bump_attempt,
+        due,
+        require_active,
+        n_known,
+        unchanged_cancel,
+        unchanged_data,
+    )
     sql = _SQL_BY_SHAPE.get(shape)
     if sql is None:
         sql = _SQL_BY_SHAPE[shape] = _saga_update_text(*shape[1:])
@@ -244,6 +255,8 @@ def _saga_update_sql(
         params.append(prep("lease_until", require_due_before - _DUE_TOLERANCE, db))
     if require_cancel_reason is not None:
         params.append(require_cancel_reason)
+    if require_data is not None:
+        params.append(prep("data", require_data, db))
     return sql, params
 
 
@@ -258,6 +271,7 @@ def _saga_update_text(
     require_active: bool,
     n_known: int | None,
     unchanged_cancel: bool = False,
+    unchanged_data: bool = False,
 ) -> str:
     qn = connection.ops.quote_name
     sets = [f"{qn('version')} = {qn('version')} + 1"]
@@ -279,6 +293,10 @@ def _saga_update_text(
         # A cancel request does not move the version of a saga whose step is in flight (its
         # record must land); a batch of steps must not land past one it never saw.
         where.append(f"{qn('cancel_reason')} = %s")
+    if unchanged_data:
+        # Nor does a change of ``data`` (saga_data_flag): a record told to no change hook must
+        # not land past one that made the hook want the saga (see write).
+        where.append(f"{qn('data')} = %s")
     columns = ", ".join(qn(column_of(f)) for f in _SAGA_FIELDS)
     return (
         f"UPDATE {qn(Saga._meta.db_table)} SET {', '.join(sets)} "
@@ -397,7 +415,11 @@ def _record_sql_postgres(
     text, like the saga UPDATE's, is built once per shape.
     """
     saga_sql, params = _saga_update_sql(
-        saga.id, saga.version, fields, require_cancel_reason=rec.cancel_reason_seen
+        saga.id,
+        saga.version,
+        fields,
+        require_cancel_reason=rec.cancel_reason_seen,
+        require_data=rec.data_seen,
     )
     rows = []
     for name, values in rec.step_rows():
@@ -776,6 +798,9 @@ class Record:
     earlier_steps: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     # Set for a batch: the cancel request its steps saw; a newer one fences the record off.
     cancel_reason_seen: str | None = None
+    # Set by write for a saga whose type's change hook does not want it: the ``data`` the claim
+    # read; a change since (the hook came to want the saga) fences the record off.
+    data_seen: dict[str, Any] | None = None
     # Rows of the waits this saga passes by on its way to its next step (their ``when`` said
     # no), recorded with this one.
     passed_steps: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
@@ -964,12 +989,28 @@ def write(
             assert rec.ring_timeout is not None  # worked out above for every go_on
             fields["attempt"] = 0
             fields["lease_until"] = released_lease(rec.ring_timeout, now)
-    in_transaction = rec.on_written is not None or hook is not None
+    # A hook that does not want the saga as claimed may want it by the time the record lands
+    # (saga_data_flag set its flag meanwhile): the record's row, read back, says so, and the
+    # hook is told in the record's own transaction, so the change and what the hook writes
+    # commit together. A record that would autocommit has no transaction to tell it in: it
+    # lands only on the ``data`` its claim read, and otherwise is made again in one.
+    late_hook = hook is None and type_hook is not None
+    in_transaction = (
+        rec.on_written is not None
+        or hook is not None
+        or (late_hook and connection.vendor != "postgresql")
+    )
+    autocommitted = not in_transaction and (tx is None or not tx.open)
+    rec.data_seen = saga.data if late_hook and autocommitted else None
     try:
         with transaction.atomic() if in_transaction else contextlib.nullcontext():
             updated = _write_record(saga, fields, rec, now, go_on, flush=hook is not None)
             if rec.on_written is not None:
                 rec.on_written()
+            if late_hook and not autocommitted and type_hook and type_hook.wants(updated):
+                hook = type_hook
+                if connection.vendor == "postgresql":
+                    _wait_for_flush()  # what the hook writes is announced after commit
             if hook is not None and before is not None:  # both or neither
                 hook(before, updated)
     except _Fenced:
@@ -979,9 +1020,18 @@ def write(
             (carried.alone if in_transaction else carried.done)()
         if batched:
             assert batch is not None
-            # A newer claim, or a cancel request the batch never saw: the runner looks at the
-            # row again and stops, or honours the cancel.
+            # A newer claim, or a cancel request or a data change the batch never saw: the
+            # runner looks at the row again and stops, honours the cancel, or tells the hook.
             raise batch.broken() from None
+        if rec.data_seen is not None and before is not None:
+            data = _data_changed_under(saga, rec.data_seen)
+            if data is not None:
+                # Still this claim's saga, its data changed: the same record again, now told
+                # to the hook in its transaction (what it carried has committed already).
+                rec.carried, rec.data_seen = [], None
+                saga.__dict__.update(before.__dict__)  # the transitions undone
+                saga.data = data
+                return write(saga, rec, inline_ok=inline_ok, tx=tx)
         if tx is not None:
             tx.rollback()
         metrics.STALE_DELIVERIES.inc()
@@ -1006,16 +1056,6 @@ def write(
             raise BatchBroken(snapshot) from None
     elif tx is not None:
         tx.commit()
-    if hook is None and type_hook is not None and before is not None and type_hook.wants(updated):
-        # The hook came to want this saga while the step ran (saga_data_flag: its row, read
-        # back by the record, has the flag): this change is the first it hears of, told at once,
-        # under the row's lock and only while nothing newer was recorded (a newer record was
-        # told itself, and this older state must not arrive after it). A claim since is no
-        # newer record: a hand-over's doorbell or a pump may take the saga before this line.
-        with transaction.atomic():
-            current = Saga.objects.select_for_update().filter(pk=saga.pk).first()
-            if current is not None and only_claimed_since(updated, current):
-                type_hook(before, updated)
     for e in rec.events:
         log.info(
             f"saga.{e['kind']}",
@@ -1030,18 +1070,20 @@ def write(
     return updated if go_on else None
 
 
-#: What a claim changes (:func:`claim`, :func:`claim_due`); a record changes more.
-_CLAIM_FIELDS = frozenset({"version", "attempt", "lease_until", "sweeps", "updated_at"})
+def _data_changed_under(saga: Saga, seen: dict[str, Any]) -> dict[str, Any] | None:
+    """The saga's ``data`` now, if its row is still at the claimed version and only ``data``
+    moved away from ``seen`` (why a record guarded on it matched nothing); else ``None``."""
+    row = Saga.objects.filter(pk=saga.pk).values_list("version", "data").first()
+    if row is None or row[0] != saga.version or row[1] == seen:
+        return None
+    return row[1]
 
 
-def only_claimed_since(recorded: Saga, current: Saga) -> bool:
-    """Whether ``current`` (the saga's row now) differs from ``recorded`` (a record's row) in
-    nothing but what a claim changes: no record, signal or ops action was written since."""
-    return all(
-        f.value_from_object(recorded) == f.value_from_object(current)
-        for f in Saga._meta.concrete_fields
-        if f.attname not in _CLAIM_FIELDS
-    )
+def _wait_for_flush() -> None:
+    """Make the open transaction's commit wait for its WAL flush after all (a record statement
+    built not to wait turned out to carry what a change hook announces after commit)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL synchronous_commit TO on")
 
 
 def _write_record(
@@ -1085,7 +1127,11 @@ def _write_portable(
     rec.carried = []
     with transaction.atomic():
         updated = fenced_update(
-            saga.id, saga.version, fields, require_cancel_reason=rec.cancel_reason_seen
+            saga.id,
+            saga.version,
+            fields,
+            require_cancel_reason=rec.cancel_reason_seen,
+            require_data=rec.data_seen,
         )
         if updated is None:
             raise _Fenced

@@ -22,7 +22,7 @@ from sagas.runner import run_claimed
 from sagas.services import saga_request_cancel
 from sagas.store import claim
 from sagas.sweeper import sweep as saga_sweep
-from tests.sagas.inprocess import out_of_workers_reach
+from tests.sagas.inprocess import only_this_process, out_of_workers_reach
 from webhooks import signing
 from webhooks.delivery import sweep
 from webhooks.models import Delivery, DeliveryStatus, Endpoint, Event
@@ -318,6 +318,49 @@ def test_a_step_in_flight_when_the_endpoint_is_registered_still_tells_it(
     kind, body = events[0]
     assert kind == "order.updated"
     assert json.loads(body)["data"]["step"] != "reserve_inventory"
+
+
+class _WorkerDied(BaseException):
+    """The worker process ends here (a kill, an out-of-memory), as a test can stage it."""
+
+
+@pytest.mark.parametrize("step", ["reserve_inventory", "authorize_payment"])
+def test_a_step_in_flight_at_registration_commits_its_event_with_its_record(
+    customer, catalog, monkeypatch, step
+):
+    """The same race, and the recording worker dies the moment its record commits (its
+    doorbell, rung on commit, is where it stops). The change is told all the same: its event
+    commits with the record, in the one transaction of a transactional step (reserve) and in
+    the record that a plain step (authorize), which would autocommit, makes again in one
+    when it finds the saga's data changed under it."""
+    from sagas import store
+
+    client = api_client_for(customer)
+    with only_this_process():
+        with transaction.atomic():
+            order = Order.objects.get(pk=place(client)["id"])
+            out_of_workers_reach(order.saga_id, 10_000)
+        claimed = claim(order.saga_id, 10_000)
+        while claimed.current_step != step:  # the steps before it, no endpoint yet
+            run_claimed(claimed, inline_ok=False)
+            claimed = claim(order.saga_id, Saga.objects.get(pk=order.saga_id).version)
+        assert claimed is not None and not claimed.data.get(order_events.DATA_KEY)
+        assert not Event.objects.filter(subject=order.id).exists()
+        register(client, "http://127.0.0.1:9/hooks")
+
+        def dies() -> None:
+            raise _WorkerDied
+
+        def rings_then_dies(*args, **kwargs):
+            transaction.on_commit(dies)
+
+        monkeypatch.setattr(store, "ring_on_commit", rings_then_dies)
+        with pytest.raises(_WorkerDied):
+            run_claimed(claimed, inline_ok=False)
+    saga = Saga.objects.get(pk=order.saga_id)
+    assert saga.current_step != step  # the record committed
+    bodies = Event.objects.filter(subject=order.id).values_list("body", flat=True)
+    assert [json.loads(b)["data"]["step"] for b in bodies] == [saga.current_step]
 
 
 def test_a_step_in_flight_at_registration_tells_it_even_if_the_saga_is_claimed_at_once(
