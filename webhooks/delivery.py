@@ -108,8 +108,12 @@ def claim_next(endpoint_id: Any) -> tuple[Delivery, Endpoint] | None:
     """
     now = timezone.now()
     with transaction.atomic():
+        # FOR NO KEY UPDATE: claims of the endpoint wait for one another, events being written
+        # for it (which hold it FOR KEY SHARE, see event_emit) do not wait for them.
         endpoint = (
-            Endpoint.objects.select_for_update().filter(pk=endpoint_id, is_active=True).first()
+            Endpoint.objects.select_for_update(no_key=True)
+            .filter(pk=endpoint_id, is_active=True)
+            .first()
         )
         if endpoint is None:
             return None

@@ -230,17 +230,36 @@ def _lock_owner(owner_id: Any) -> None:
             )
 
 
+def _active_endpoints(owner_id: Any) -> Iterable[Endpoint]:
+    """The client's active endpoints, each held ``FOR KEY SHARE`` until the caller's
+    transaction ends (on PostgreSQL).
+
+    The deliveries about to reference them are checked against them only at commit (Django's
+    foreign keys are deferred): an endpoint deleted after this read and before that commit
+    would fail the whole transaction, a saga's record with it. Held, the endpoint's row can
+    only be deleted once this transaction is over (:func:`endpoint_delete` then takes the
+    deliveries it left); one being deleted is waited for and passed by. It is the lock the
+    foreign key check takes anyway, taken earlier: it conflicts only with a delete or a change
+    of the key, not with the claim of a delivery or switching the endpoint off.
+    """
+    endpoints = Endpoint.objects.filter(owner_id=owner_id, is_active=True).only("id", "events")
+    if connection.vendor != "postgresql":
+        return endpoints
+    qn = connection.ops.quote_name
+    return Endpoint.objects.raw(
+        f"SELECT {qn('id')}, {qn('events')} FROM {qn(Endpoint._meta.db_table)} "
+        f"WHERE {qn('owner_id')} = %s AND {qn('is_active')} FOR KEY SHARE",
+        [owner_id],
+    )
+
+
 def event_emit(*, owner_id: Any, subject: uuid.UUID, type: str, data: Any) -> Event | None:
     """Write an event and a delivery per subscribed endpoint, in the caller's transaction.
 
     Writes nothing when no active endpoint of the client wants ``type``.
     """
     assert type in EVENT_TYPES, type
-    endpoints = [
-        e.pk
-        for e in Endpoint.objects.filter(owner_id=owner_id, is_active=True).only("id", "events")
-        if type in e.events
-    ]
+    endpoints = [e.pk for e in _active_endpoints(owner_id) if type in e.events]
     if not endpoints:
         return None
     now = timezone.now()

@@ -115,3 +115,67 @@ def test_the_console_says_so_when_events_keep_arriving_and_leaves_the_endpoint_d
     assert Endpoint.objects.get(pk=endpoint_id).is_active is False
     malformed = admin_client.post("/admin/webhooks/endpoint/not-a-uuid/delete/", {"post": "yes"})
     assert malformed.status_code in (302, 404)  # the admin's own answer for an unknown id
+
+
+def _waits_on_a_lock(sql_start: str) -> bool:
+    """Whether another session runs a statement starting so and waits for a row lock."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+            "AND wait_event_type = 'Lock' AND query LIKE %s",
+            [sql_start + "%"],
+        )
+        return cursor.fetchone()[0] > 0
+
+
+def test_an_event_that_read_the_endpoint_before_its_delete_still_commits(customer, wait_for):
+    """The other side of the race: an event's transaction (a saga's record) read the endpoint
+    as active and wrote its delivery; the endpoint is deleted before that transaction commits.
+    The delete waits for it, then takes its delivery; the event's transaction commits, where it
+    failed its foreign key check at commit before (the record rolled back and its step ran
+    again after its lease)."""
+    from webhooks.services import endpoint_delete, event_emit
+
+    endpoint_id = register(api_client_for(customer), "http://127.0.0.1:9/hooks")["id"]
+    emitted, go, outcome = threading.Event(), threading.Event(), []
+
+    def the_record() -> None:
+        try:
+            with transaction.atomic():
+                event_emit(
+                    owner_id=customer.pk, subject=uuid.uuid4(), type="order.updated", data={}
+                )
+                emitted.set()
+                assert go.wait(30)
+            outcome.append("committed")
+        except Exception as exc:  # noqa: BLE001 - the outcome is what the test asserts
+            outcome.append(repr(exc))
+        finally:
+            emitted.set()
+            connection.close()
+
+    record = threading.Thread(target=the_record, daemon=True)
+    record.start()
+    assert emitted.wait(30)
+    assert Event.objects.count() == 0  # not committed yet
+
+    def the_delete() -> None:
+        try:
+            endpoint_delete(endpoint=Endpoint.objects.get(pk=endpoint_id))
+        finally:
+            connection.close()
+
+    delete = threading.Thread(target=the_delete, daemon=True)
+    delete.start()
+    endpoint_row = f'DELETE FROM "{Endpoint._meta.db_table}"'
+    # The delete reaches the endpoint's row and waits for the event's transaction (before the
+    # fix it went through and committed, which is what this also stops waiting on).
+    wait_for(lambda: _waits_on_a_lock(endpoint_row) or not delete.is_alive(), timeout=30)
+    go.set()
+    record.join(30)
+    delete.join(30)
+    assert outcome == ["committed"]
+    assert not record.is_alive() and not delete.is_alive()
+    assert Event.objects.count() == 1
+    assert not Endpoint.objects.filter(pk=endpoint_id).exists()
+    assert not Delivery.objects.filter(endpoint_id=endpoint_id).exists()
