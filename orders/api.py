@@ -193,6 +193,11 @@ ERROR = ErrorSerializer
         responses={
             200: OrderSerializer,
             304: OpenApiResponse(description="Not modified since the ETag in If-None-Match."),
+            412: OpenApiResponse(
+                ERROR,
+                description="If-Match given: an order's ETag is weak, so it never matches "
+                "(`precondition_failed`); poll with If-None-Match.",
+            ),
         },
     ),
     create=extend_schema(

@@ -10,6 +10,7 @@ import uuid
 from decimal import Decimal
 
 import pytest
+from drf_spectacular.generators import SchemaGenerator
 
 from orders.models import Order
 from orders.saga import order_saga
@@ -327,6 +328,12 @@ def test_if_match_never_matches_the_weak_etag_and_the_412_says_why(client_api, p
     assert "weak" in body["detail"] and "If-None-Match" in body["detail"]
     assert "changed" not in body["detail"]
     assert client_api.get(path, headers={"If-Match": "*"}).status_code == 200
+    # And the schema says it can happen (a client generated from it expects the 412).
+    schema = SchemaGenerator().get_schema(request=None, public=True)
+    documented = schema["paths"]["/api/v1/orders/{id}/"]["get"]["responses"]
+    assert documented["412"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Error"
+    }
 
 
 # -- timeline -------------------------------------------------------------------------------------
