@@ -29,6 +29,19 @@ class UnstorableText(exceptions.ParseError):
         self.fields = {path: [problem]}
 
 
+#: Digits an integer in a body may have: Python's own default limit on converting one, which
+#: would otherwise refuse it with a message about ``sys.set_int_max_str_digits``.
+MAX_INT_DIGITS = 4300
+
+
+def parse_int(text: str) -> int:
+    """``json.loads``' ``parse_int`` for text from outside: refuses an integer over
+    :data:`MAX_INT_DIGITS` digits in the body's own terms."""
+    if len(text) - text.startswith("-") > MAX_INT_DIGITS:
+        raise ValueError(f"a number has more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
 class JSONParser(parsers.JSONParser):
     """DRF's JSON parser, plus: a body larger than ``DATA_UPLOAD_MAX_MEMORY_SIZE`` is a ``413``;
     an unknown charset, invalid UTF-8, absurdly deep nesting or a string no text column can
@@ -45,7 +58,7 @@ class JSONParser(parsers.JSONParser):
         try:
             text = raw.decode(encoding)
             parse_constant = json.strict_constant if self.strict else None
-            data = json.loads(text, parse_constant=parse_constant)
+            data = json.loads(text, parse_constant=parse_constant, parse_int=parse_int)
         except (ValueError, LookupError, RecursionError) as exc:
             raise exceptions.ParseError(f"JSON parse error - {exc}") from None
         # Once here, for every route: such a string would otherwise fail with a 500 wherever

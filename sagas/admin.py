@@ -43,6 +43,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.safestring import mark_safe
 from django.utils.timesince import timesince
 
+from config.api_parsers import parse_int
 from sagas import selectors
 from sagas.definition import (
     definition_of,
@@ -903,15 +904,15 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         error = ""
         if request.method == "POST":
             try:
-                payload = json.loads(form["payload"] or "{}")
+                payload = json.loads(form["payload"] or "{}", parse_int=parse_int)
                 outcome = saga_signal(
                     saga_id=saga.pk,
                     name=form["name"],
                     payload=payload,
-                    key=form["key"] or None,
+                    key=form["key"].strip() or None,
                     user=request.user,
                 )
-            except json.JSONDecodeError as exc:
+            except ValueError as exc:  # not JSON, or an integer of thousands of digits
                 error = f"The payload is not JSON: {exc}"
             except RecursionError:
                 error = "The payload is nested too deeply to read."

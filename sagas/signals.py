@@ -179,7 +179,12 @@ def saga_signal(
     :class:`SignalPayloadInvalid` and :class:`SagaOperationRefused` (``unknown_signal``,
     ``not_waiting``, ``already_signalled``, ``not_found``).
     """
-    key = (key or "").strip() or uuid.uuid4().hex
+    if key is None:
+        key = uuid.uuid4().hex
+    else:  # a key given empty is refused, as for an order: a retry with it would not replay
+        key = key.strip()
+        if not key:
+            raise SignalKeyInvalid("The Idempotency-Key is empty; leave it out to send none.")
     if len(key) > MAX_KEY_LENGTH:
         raise SignalKeyInvalid(f"The Idempotency-Key may not exceed {MAX_KEY_LENGTH} characters.")
     if has_control_characters(key):

@@ -55,7 +55,7 @@ def parked_at(api, order: dict, wait_for, name: str) -> dict:
 
 
 def signal(api, path: str, payload, key: str | None = None):
-    headers = {"Idempotency-Key": key} if key else {}
+    headers = {"Idempotency-Key": key} if key is not None else {}
     return api.post(path, {"payload": payload}, format="json", headers=headers)
 
 
@@ -75,7 +75,9 @@ def test_a_large_order_waits_for_the_fraud_review_and_an_approval_confirms_it(
     assert_error(signal(ops_api, saga_path, "yes"), 400, "invalid_payload")
     assert_error(signal(ops_api, saga_path, ["approved"]), 400, "invalid_payload")
     # A key that cannot be kept is the header's fault, as for an order, not the payload's.
-    for bad in ("k" * 256, "a\tb"):
+    # An empty one too: refused, as for an order, not taken as "no key" (which would make a
+    # client's retry a second signal instead of a replay).
+    for bad in ("k" * 256, "a\tb", "", "   "):
         refused = signal(ops_api, saga_path, {"approved": True}, key=bad)
         body = assert_error(refused, 400, "invalid_idempotency_key")
         assert list(body["fields"]) == ["Idempotency-Key"], body

@@ -136,3 +136,14 @@ def test_a_nul_in_a_url_is_a_json_400_with_debug_on_too(client_api, settings):
 def test_a_nul_in_an_ops_console_filter_is_a_400(admin_client):
     response = admin_client.get("/admin/sagas/saga/?waiting_for=%00")
     assert response.status_code == 400
+
+
+def test_an_integer_of_thousands_of_digits_is_a_400_that_speaks_of_the_body(client_api):
+    """Python refuses to convert it; the client is told what is wrong with its body, not how to
+    change Python's limit."""
+    digits = "9" * 5000
+    text = json.dumps(order_body([("lamp", 1)])).replace('"quantity": 1', f'"quantity": {digits}')
+    body = assert_error(_raw(client_api, "/api/v1/orders/", text), 400, "parse_error")
+    assert "more than 4300 digits" in body["detail"], body
+    assert "sys." not in body["detail"], body
+    assert not Order.objects.exists()
