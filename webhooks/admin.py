@@ -14,6 +14,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import format_html
 
 from webhooks.models import Delivery, DeliveryStatus, Endpoint, Event
@@ -52,7 +53,7 @@ class EndpointAdmin(admin.ModelAdmin):
         "events",
         "created_at",
         "deliveries_link",
-        "previous_secret_expires_at",
+        "secrets_in_grace",
         "is_active",
         "disabled_reason",
     )
@@ -110,6 +111,12 @@ class EndpointAdmin(admin.ModelAdmin):
     def deliveries_link(self, endpoint: Endpoint) -> str:
         url = reverse("admin:webhooks_delivery_changelist") + f"?endpoint__id__exact={endpoint.pk}"
         return format_html('<a href="{}">deliveries of this endpoint</a>', url)
+
+    @admin.display(description="replaced secrets still signing")
+    def secrets_in_grace(self, endpoint: Endpoint) -> str:
+        """When each replaced secret stops signing; never the secrets themselves."""
+        grace = endpoint.secrets_in_grace(timezone.now())
+        return ", ".join(f"one until {p['expires_at']}" for p in grace) or "none"
 
     @admin.action(description="Disable the selected endpoints (deliveries wait)")
     def disable(self, request: HttpRequest, queryset: QuerySet) -> None:

@@ -163,7 +163,8 @@ class EndpointViewSet(
     @extend_schema(
         summary="Rotate the signing secret",
         description="The `200` shows the new secret, once. The old one keeps signing (a second "
-        "`v1=` in the header) for WEBHOOKS_SECRET_GRACE seconds.",
+        "`v1=` in the header) for WEBHOOKS_SECRET_GRACE seconds; each replaced secret keeps its "
+        "own grace, at most three at once.",
         tags=["webhooks"],
         request=None,
         parameters=[ENDPOINT_ID],

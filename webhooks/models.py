@@ -9,6 +9,7 @@ rows are the truth and a Celery message only says "endpoint E may have due deliv
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 from django.conf import settings
 from django.db import models
@@ -30,9 +31,9 @@ class Endpoint(models.Model):
     events = models.JSONField(default=list)
     #: Signs every delivery. Kept in the clear because HMAC needs it; shown to the client once.
     secret = models.CharField(max_length=100)
-    #: After a rotation the old secret also signs, until ``previous_secret_expires_at``.
-    previous_secret = models.CharField(max_length=100, blank=True, default="")
-    previous_secret_expires_at = models.DateTimeField(null=True, blank=True)
+    #: Secrets replaced by rotations that still sign until their grace ends, newest first:
+    #: ``[{"secret": ..., "expires_at": ISO 8601}, ...]`` (see ``endpoint_rotate_secret``).
+    previous_secrets = models.JSONField(default=list, blank=True)
     #: Staff can switch an endpoint off; its deliveries then wait (they are not dropped).
     is_active = models.BooleanField(default=True)
     disabled_reason = models.CharField(max_length=200, blank=True, default="")
@@ -45,17 +46,14 @@ class Endpoint(models.Model):
     def __str__(self) -> str:
         return self.url
 
-    def signing_secrets(self, now) -> list[str]:
-        """The secrets a delivery is signed with now: the current one, plus the previous one
-        during its grace period after a rotation."""
-        secrets = [self.secret]
-        if (
-            self.previous_secret
-            and self.previous_secret_expires_at
-            and now < (self.previous_secret_expires_at)
-        ):
-            secrets.append(self.previous_secret)
-        return secrets
+    def signing_secrets(self, now: datetime) -> list[str]:
+        """The secrets a delivery is signed with now: the current one, plus each one a
+        rotation replaced while its grace period lasts."""
+        return [self.secret, *(p["secret"] for p in self.secrets_in_grace(now))]
+
+    def secrets_in_grace(self, now: datetime) -> list[dict[str, str]]:
+        """The replaced secrets still in their grace period at ``now``, newest first."""
+        return [p for p in self.previous_secrets if datetime.fromisoformat(p["expires_at"]) > now]
 
 
 class Stream(models.Model):

@@ -76,18 +76,31 @@ def endpoint_create(*, owner: Any, url: str, events: Iterable[str]) -> tuple[End
     return endpoint, secret
 
 
+#: Replaced secrets that sign beside the current one at most (a header of at most four
+#: ``v1=``): a fifth rotation within one grace period ends the oldest one's grace early.
+MAX_SECRETS_IN_GRACE = 3
+
+
 def endpoint_rotate_secret(*, endpoint: Endpoint) -> str:
     """A new secret; the old one keeps signing for WEBHOOKS_SECRET_GRACE seconds, so a client
-    can deploy the new one without refusing deliveries meanwhile."""
+    can deploy the new one without refusing deliveries meanwhile.
+
+    Every replaced secret keeps its own grace: a second rotation soon after the first (the
+    first new secret leaked on its way, say) does not end the grace of the original one, which
+    the client's receiver may still be verifying with. At most
+    :data:`MAX_SECRETS_IN_GRACE` of them sign at once.
+    """
     with transaction.atomic():
-        endpoint = Endpoint.objects.select_for_update().get(pk=endpoint.pk)
-        secret = _new_secret()
-        endpoint.previous_secret = endpoint.secret
-        endpoint.previous_secret_expires_at = timezone.now() + timedelta(
-            seconds=settings.WEBHOOKS_SECRET_GRACE
-        )
-        endpoint.secret = secret
-        endpoint.save(update_fields=["secret", "previous_secret", "previous_secret_expires_at"])
+        endpoint = Endpoint.objects.select_for_update(no_key=True).get(pk=endpoint.pk)
+        now = timezone.now()
+        replaced = {
+            "secret": endpoint.secret,
+            "expires_at": (now + timedelta(seconds=settings.WEBHOOKS_SECRET_GRACE)).isoformat(),
+        }
+        kept = [replaced, *endpoint.secrets_in_grace(now)]
+        endpoint.previous_secrets = kept[:MAX_SECRETS_IN_GRACE]
+        secret = endpoint.secret = _new_secret()
+        endpoint.save(update_fields=["secret", "previous_secrets"])
     log.info("webhooks.secret_rotated", endpoint_id=str(endpoint.id))
     return secret
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime
 
 import pytest
+from django.utils import timezone
 
 from tests.api.conftest import assert_error
 from webhooks import signing
@@ -96,16 +98,35 @@ def test_a_rotated_secret_signs_beside_the_new_one_for_the_grace_period(customer
     assert new != created["secret"] and new.startswith("whsec_")
 
     endpoint = Endpoint.objects.get(pk=created["id"])
-    from django.utils import timezone
-
     now = timezone.now()
     header = signing.sign(endpoint.signing_secrets(now), b'{"x":1}')
     assert signing.verify(new, header, b'{"x":1}')
     assert signing.verify(created["secret"], header, b'{"x":1}')  # still, during the grace
-    later = endpoint.previous_secret_expires_at
+    later = datetime.fromisoformat(endpoint.previous_secrets[0]["expires_at"])
     header = signing.sign(endpoint.signing_secrets(later), b'{"x":1}')
     assert signing.verify(new, header, b'{"x":1}')
     assert not signing.verify(created["secret"], header, b'{"x":1}')  # not after it
+
+
+def test_a_second_rotation_within_the_grace_keeps_the_first_secrets_grace(customer, settings):
+    """Rotated twice in a row (the first new secret leaked on its way, say): the receiver may
+    still verify with the original secret, which keeps signing until its own grace ends."""
+    client = api_client_for(customer)
+    created = client.post("/api/v1/webhooks/", BODY, format="json").json()
+    path = f"/api/v1/webhooks/{created['id']}/rotate-secret/"
+    secrets = [created["secret"]]
+    for _ in range(4):
+        secrets.append(client.post(path).json()["secret"])
+    endpoint = Endpoint.objects.get(pk=created["id"])
+    header = signing.sign(endpoint.signing_secrets(timezone.now()), b"{}")
+    signing_now = [s for s in secrets if signing.verify(s, header, b"{}")]
+    # The newest and the three it replaced last; the fourth rotation ended the original's.
+    assert signing_now == secrets[1:]
+    assert header.count("v1=") == 4
+    first_expiry = datetime.fromisoformat(endpoint.previous_secrets[-1]["expires_at"])
+    header = signing.sign(endpoint.signing_secrets(first_expiry), b"{}")
+    assert not signing.verify(secrets[1], header, b"{}")  # its grace is over then
+    assert signing.verify(secrets[2], header, b"{}")  # the later ones' is not
 
 
 def test_verify_refuses_a_tampered_body_and_an_old_timestamp():
