@@ -236,9 +236,14 @@ def test_the_documented_example_verifies_a_real_delivery(customer, receiver):
     assert not verify(endpoint["secret"], old, request.body)
 
 
-def _trickling_receiver(stop: threading.Event) -> int:
-    """A port that answers every request with a status line, then one header byte every 0.2 s
-    until ``stop``: never silent for as long as a read timeout, never done."""
+#: What the trickling receiver sends first: an HTTP status line and the start of a header, or
+#: (for https) the header of a TLS handshake record of 16 KiB, whose bytes then come one by one.
+PRELUDES = {"http": b"HTTP/1.1 200 OK\r\nX-Slow: ", "https": b"\x16\x03\x03\x40\x00"}
+
+
+def _trickling_receiver(stop: threading.Event, prelude: bytes = PRELUDES["http"]) -> int:
+    """A port that answers every request with ``prelude``, then one byte every 0.2 s until
+    ``stop``: never silent for as long as a read timeout, never done."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
@@ -247,7 +252,7 @@ def _trickling_receiver(stop: threading.Event) -> int:
     def serve(conn: socket.socket) -> None:
         with conn:
             conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            conn.sendall(prelude)
             while not stop.wait(0.2):
                 try:
                     conn.sendall(b"x")
@@ -267,17 +272,24 @@ def _trickling_receiver(stop: threading.Event) -> int:
     return listener.getsockname()[1]
 
 
-def test_an_answer_that_trickles_in_is_cut_off_at_connect_plus_read_timeout(customer, settings):
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_an_answer_that_trickles_in_is_cut_off_at_connect_plus_read_timeout(
+    customer, settings, scheme
+):
     """Each read's timeout alone would let an endpoint that sends a byte at a time hold the
     attempt past its delivery's lease (and the sweeper would start a second attempt beside
-    it): the attempt ends, as a timeout, at WEBHOOKS_CONNECT_TIMEOUT + WEBHOOKS_TIMEOUT."""
-    settings.WEBHOOKS_CONNECT_TIMEOUT, settings.WEBHOOKS_TIMEOUT = 1.0, 1.0
+    it): the attempt ends, as a timeout, at WEBHOOKS_CONNECT_TIMEOUT + WEBHOOKS_TIMEOUT. When
+    what trickles in is the TLS handshake (https), before any HTTP is exchanged, it ends at
+    WEBHOOKS_CONNECT_TIMEOUT: Python's ssl bounds the whole handshake by the socket's timeout
+    (urllib3 names it a read timeout)."""
+    settings.WEBHOOKS_CONNECT_TIMEOUT, settings.WEBHOOKS_TIMEOUT = 1.0, 1.5
     stop = threading.Event()
     # Without the cut-off the attempt would go on until the receiver stops, a minute on.
     threading.Timer(60, stop.set).start()
     try:
-        port = _trickling_receiver(stop)
-        endpoint = register(api_client_for(customer), f"http://127.0.0.1:{port}/hooks")
+        port = _trickling_receiver(stop, PRELUDES[scheme])
+        url = f"{scheme}://127.0.0.1:{port}/hooks"
+        endpoint = register(api_client_for(customer), url)
         _emit(customer)
         assert deliver_endpoint(endpoint["id"]) == 1
         assert not stop.is_set()  # cut off, not finished by the receiver
@@ -286,4 +298,8 @@ def test_an_answer_that_trickles_in_is_cut_off_at_connect_plus_read_timeout(cust
     delivery = Delivery.objects.get(endpoint_id=endpoint["id"])
     assert delivery.status == DeliveryStatus.PENDING  # to be retried after its backoff
     assert delivery.last_status_code is None
-    assert delivery.last_error == "AttemptTimedOut: no complete answer within 2 s"
+    if scheme == "http":
+        assert delivery.last_error == "AttemptTimedOut: no complete answer within 2.5 s"
+    else:  # the connect timeout, not the read timeout
+        assert delivery.last_error.startswith("ReadTimeoutError: "), delivery.last_error
+        assert delivery.last_error.endswith("Read timed out. (read timeout=1.0)")
