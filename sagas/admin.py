@@ -129,6 +129,19 @@ EVENT_HELP = {
 }
 
 
+class _NotJson(Exception):
+    """The signal form's payload text is not JSON this console reads."""
+
+
+def _json_payload(text: str) -> Any:
+    """The signal form's payload; :class:`_NotJson` for text that is not JSON, or holds an
+    integer of thousands of digits (``ValueError`` there, only there, means the text)."""
+    try:
+        return json.loads(text or "{}", parse_int=parse_int)
+    except ValueError as exc:
+        raise _NotJson(str(exc)) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Links from business apps (an order and its payment, reservation, shipment)
 # ---------------------------------------------------------------------------------------------
@@ -904,7 +917,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         error = ""
         if request.method == "POST":
             try:
-                payload = json.loads(form["payload"] or "{}", parse_int=parse_int)
+                payload = _json_payload(form["payload"])
                 outcome = saga_signal(
                     saga_id=saga.pk,
                     name=form["name"],
@@ -912,7 +925,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                     key=form["key"].strip() or None,
                     user=request.user,
                 )
-            except ValueError as exc:  # not JSON, or an integer of thousands of digits
+            except _NotJson as exc:
                 error = f"The payload is not JSON: {exc}"
             except RecursionError:
                 error = "The payload is nested too deeply to read."

@@ -250,9 +250,11 @@ class ChangeHook(Protocol):
     The seam through which a business app keeps its own rows (an outbox of client
     notifications, say) in step with its sagas without the engine knowing about it: whatever
     the hook writes commits or rolls back with the change. ``wants`` is asked first, on every
-    record, so it must be cheap (no query: read ``saga.data``); only when it says yes does the
-    engine open a transaction around its record and call the hook with the row as it was
-    before and as it is after the change.
+    record, so it must be cheap (no query); only when it says yes does the engine open a
+    transaction around its record and call the hook with the row as it was before and as it is
+    after the change. It must read nothing but ``saga.data``: the engine asks it of the saga
+    as claimed, and again of a record's row only when ``data`` changed while the step ran
+    (``saga_data_flag``), so an answer that followed the state or the step would be missed.
     """
 
     def wants(self, saga: Saga) -> bool: ...

@@ -943,7 +943,12 @@ def close_batch(token: Token[Batch | None]) -> None:
 
 
 def write(
-    saga: Saga, rec: Record, *, inline_ok: bool, tx: StepTransaction | None = None
+    saga: Saga,
+    rec: Record,
+    *,
+    inline_ok: bool,
+    tx: StepTransaction | None = None,
+    _in_transaction: bool = False,
 ) -> Saga | None:
     """Apply ``rec`` fenced on the claimed version; return the saga if the task should go on.
 
@@ -993,10 +998,12 @@ def write(
     # (saga_data_flag set its flag meanwhile): the record's row, read back, says so, and the
     # hook is told in the record's own transaction, so the change and what the hook writes
     # commit together. A record that would autocommit has no transaction to tell it in: it
-    # lands only on the ``data`` its claim read, and otherwise is made again in one.
+    # lands only on the ``data`` its claim read, and otherwise is made again in one
+    # (``_in_transaction``), unguarded, which reads the row back like any other.
     late_hook = hook is None and type_hook is not None
     in_transaction = (
-        rec.on_written is not None
+        _in_transaction
+        or rec.on_written is not None
         or hook is not None
         or (late_hook and connection.vendor != "postgresql")
     )
@@ -1009,7 +1016,7 @@ def write(
                 rec.on_written()
             if late_hook and not autocommitted and type_hook and type_hook.wants(updated):
                 hook = type_hook
-                if connection.vendor == "postgresql":
+                if connection.vendor == "postgresql" and go_on and lease_only_commits():
                     _wait_for_flush()  # what the hook writes is announced after commit
             if hook is not None and before is not None:  # both or neither
                 hook(before, updated)
@@ -1020,18 +1027,18 @@ def write(
             (carried.alone if in_transaction else carried.done)()
         if batched:
             assert batch is not None
-            # A newer claim, or a cancel request or a data change the batch never saw: the
-            # runner looks at the row again and stops, honours the cancel, or tells the hook.
+            # A newer claim, or a cancel request the batch never saw: the runner looks at the
+            # row again and stops, or honours the cancel. (A batch's record is never guarded
+            # on data: it runs in the batch's transaction and reads the flag back.)
             raise batch.broken() from None
-        if rec.data_seen is not None and before is not None:
-            data = _data_changed_under(saga, rec.data_seen)
-            if data is not None:
-                # Still this claim's saga, its data changed: the same record again, now told
-                # to the hook in its transaction (what it carried has committed already).
-                rec.carried, rec.data_seen = [], None
-                saga.__dict__.update(before.__dict__)  # the transitions undone
-                saga.data = data
-                return write(saga, rec, inline_ok=inline_ok, tx=tx)
+        if rec.data_seen is not None and before is not None and _still_claimed(saga):
+            # Still this claim's saga, so the data guard is what matched nothing: the same
+            # record again, in a transaction and unguarded (what it carried has committed
+            # already). Not only when the data compares unequal here: a value whose trip
+            # through Python is not exact (a number of 20 digits) must not fence it off.
+            rec.carried, rec.data_seen = [], None
+            saga.__dict__.update(before.__dict__)  # the transitions undone
+            return write(saga, rec, inline_ok=inline_ok, tx=tx, _in_transaction=True)
         if tx is not None:
             tx.rollback()
         metrics.STALE_DELIVERIES.inc()
@@ -1070,20 +1077,17 @@ def write(
     return updated if go_on else None
 
 
-def _data_changed_under(saga: Saga, seen: dict[str, Any]) -> dict[str, Any] | None:
-    """The saga's ``data`` now, if its row is still at the claimed version and only ``data``
-    moved away from ``seen`` (why a record guarded on it matched nothing); else ``None``."""
-    row = Saga.objects.filter(pk=saga.pk).values_list("version", "data").first()
-    if row is None or row[0] != saga.version or row[1] == seen:
-        return None
-    return row[1]
+def _still_claimed(saga: Saga) -> bool:
+    """Whether the saga's row is still at the version its claim gave it."""
+    return Saga.objects.filter(pk=saga.pk, version=saga.version).exists()
 
 
 def _wait_for_flush() -> None:
     """Make the open transaction's commit wait for its WAL flush after all (a record statement
-    built not to wait turned out to carry what a change hook announces after commit)."""
+    built not to wait turned out to carry what a change hook announces after commit): back to
+    the session's own setting, whatever it is."""
     with connection.cursor() as cursor:
-        cursor.execute("SET LOCAL synchronous_commit TO on")
+        cursor.execute("SET LOCAL synchronous_commit TO DEFAULT")
 
 
 def _write_record(

@@ -8,6 +8,7 @@ after the commit.
 
 from __future__ import annotations
 
+import json
 import secrets
 import uuid
 from collections.abc import Iterable
@@ -77,7 +78,7 @@ def endpoint_create(*, owner: Any, url: str, events: Iterable[str]) -> tuple[End
 
 
 #: Replaced secrets that sign beside the current one at most (a header of at most four
-#: ``v1=``): a fifth rotation within one grace period ends the oldest one's grace early.
+#: ``v1=``): a fourth rotation within one grace period ends the oldest one's grace early.
 MAX_SECRETS_IN_GRACE = 3
 
 
@@ -243,9 +244,9 @@ def _lock_owner(owner_id: Any) -> None:
             )
 
 
-def _active_endpoints(owner_id: Any) -> Iterable[Endpoint]:
-    """The client's active endpoints, each held ``FOR KEY SHARE`` until the caller's
-    transaction ends (on PostgreSQL).
+def _active_endpoints(owner_id: Any, type: str) -> list[Endpoint]:
+    """The client's active endpoints that want ``type``, each held ``FOR KEY SHARE`` until
+    the caller's transaction ends (on PostgreSQL).
 
     The deliveries about to reference them are checked against them only at commit (Django's
     foreign keys are deferred): an endpoint deleted after this read and before that commit
@@ -255,14 +256,17 @@ def _active_endpoints(owner_id: Any) -> Iterable[Endpoint]:
     foreign key check takes anyway, taken earlier: it conflicts only with a delete or a change
     of the key, not with the claim of a delivery or switching the endpoint off.
     """
-    endpoints = Endpoint.objects.filter(owner_id=owner_id, is_active=True).only("id", "events")
     if connection.vendor != "postgresql":
-        return endpoints
+        endpoints = Endpoint.objects.filter(owner_id=owner_id, is_active=True)
+        return [e for e in endpoints.only("id", "events") if type in e.events]
     qn = connection.ops.quote_name
-    return Endpoint.objects.raw(
-        f"SELECT {qn('id')}, {qn('events')} FROM {qn(Endpoint._meta.db_table)} "
-        f"WHERE {qn('owner_id')} = %s AND {qn('is_active')} FOR KEY SHARE",
-        [owner_id],
+    return list(
+        Endpoint.objects.raw(
+            f"SELECT {qn('id')} FROM {qn(Endpoint._meta.db_table)} "
+            f"WHERE {qn('owner_id')} = %s AND {qn('is_active')} "
+            f"AND {qn('events')} @> %s::jsonb FOR KEY SHARE",
+            [owner_id, json.dumps([type])],
+        )
     )
 
 
@@ -272,7 +276,7 @@ def event_emit(*, owner_id: Any, subject: uuid.UUID, type: str, data: Any) -> Ev
     Writes nothing when no active endpoint of the client wants ``type``.
     """
     assert type in EVENT_TYPES, type
-    endpoints = [e.pk for e in _active_endpoints(owner_id) if type in e.events]
+    endpoints = [e.pk for e in _active_endpoints(owner_id, type)]
     if not endpoints:
         return None
     now = timezone.now()

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.db import transaction
+from django.db import connection, transaction
 
 from orders import events as order_events
 from orders.models import Order
@@ -320,6 +320,17 @@ def test_a_step_in_flight_when_the_endpoint_is_registered_still_tells_it(
     assert json.loads(body)["data"]["step"] != "reserve_inventory"
 
 
+def _claimed_at(order: Order, step: str) -> Any:
+    """The order's saga run here up to ``step``, then claimed for it (in ``only_this_process``,
+    placed out of the workers' reach)."""
+    claimed = claim(order.saga_id, 10_000)
+    while claimed.current_step != step:
+        run_claimed(claimed, inline_ok=False)
+        claimed = claim(order.saga_id, Saga.objects.get(pk=order.saga_id).version)
+    assert claimed is not None
+    return claimed
+
+
 class _WorkerDied(BaseException):
     """The worker process ends here (a kill, an out-of-memory), as a test can stage it."""
 
@@ -340,11 +351,8 @@ def test_a_step_in_flight_at_registration_commits_its_event_with_its_record(
         with transaction.atomic():
             order = Order.objects.get(pk=place(client)["id"])
             out_of_workers_reach(order.saga_id, 10_000)
-        claimed = claim(order.saga_id, 10_000)
-        while claimed.current_step != step:  # the steps before it, no endpoint yet
-            run_claimed(claimed, inline_ok=False)
-            claimed = claim(order.saga_id, Saga.objects.get(pk=order.saga_id).version)
-        assert claimed is not None and not claimed.data.get(order_events.DATA_KEY)
+        claimed = _claimed_at(order, step)
+        assert not claimed.data.get(order_events.DATA_KEY)
         assert not Event.objects.filter(subject=order.id).exists()
         register(client, "http://127.0.0.1:9/hooks")
 
@@ -382,3 +390,29 @@ def test_a_step_in_flight_at_registration_tells_it_even_if_the_saga_is_claimed_a
     assert taken and taken[0] is not None  # claimed by "someone else" before the hook ran
     bodies = Event.objects.filter(subject=order.id).values_list("body", flat=True)
     assert [json.loads(b)["data"]["step"] for b in bodies] == [taken[0].current_step]
+
+
+def test_a_plain_steps_record_lands_when_its_data_does_not_survive_the_trip_through_python(
+    customer, catalog
+):
+    """A plain step's record is guarded on the data its claim read, sent back from Python; a
+    number of 34 digits (written by hand, say) comes back as another number, and the guard
+    matches nothing. The record still lands (made again in a transaction), rather than being
+    fenced off as if a newer claim held the saga, on every claim after."""
+    client = api_client_for(customer)
+    with only_this_process():
+        with transaction.atomic():
+            order = Order.objects.get(pk=place(client)["id"])
+            out_of_workers_reach(order.saga_id, 10_000)
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "UPDATE sagas_saga SET data = data || %s::jsonb WHERE id = %s",
+                    ['{"x": 0.1000000000000000055511151231257827}', order.saga_id],
+                )
+        claimed = _claimed_at(order, "authorize_payment")
+        assert claimed.data["x"] == 0.1  # what Python holds, and sends back
+        run_claimed(claimed, inline_ok=False)
+    saga = Saga.objects.get(pk=order.saga_id)
+    assert saga.current_step != "authorize_payment", saga.current_step
+    assert saga.state == "running" and saga.version > claimed.version
+    assert not Event.objects.filter(subject=order.id).exists()  # no endpoint: nothing to tell
