@@ -1035,7 +1035,7 @@ def write(
             # Still this claim's saga, so the data guard is what matched nothing: the same
             # record again, in a transaction and unguarded (what it carried has committed
             # already). Not only when the data compares unequal here: a value whose trip
-            # through Python is not exact (a number of 20 digits) must not fence it off.
+            # through Python is not exact (a number of over 17 digits) must not fence it off.
             rec.carried, rec.data_seen = [], None
             saga.__dict__.update(before.__dict__)  # the transitions undone
             return write(saga, rec, inline_ok=inline_ok, tx=tx, _in_transaction=True)
