@@ -11,7 +11,9 @@ reloads go through signals (HUP, as the rolling deploy of the chaos run does). T
 ``gunicornc`` on one server, start it with ``GUNICORN_CONTROL_SOCKET=/its/own/path.ctl``.
 
 Its own log lines (error and access) follow ``LOG_FORMAT`` like the rest of the project
-(``config/gunicorn_logging.py``): JSON objects, the access line's request as fields.
+(``config/gunicorn_logging.py``): JSON objects, the access line's request as fields. Its own
+answers to requests it refuses before Django (a control character in a header, say) carry the
+API's JSON error body (``config/gunicorn_errors.py``), not an HTML page.
 """
 
 import os
@@ -25,3 +27,11 @@ else:
 # A logger_class of our own also means gunicorn no longer switches to its statsd logger when
 # --statsd-host is given: nothing here uses statsd (metrics are Prometheus, /metrics).
 logger_class = "config.gunicorn_logging.Logger"
+
+
+def on_starting(server) -> None:
+    """Before the workers fork: gunicorn's own error answers in the API's JSON error shape
+    (config/gunicorn_errors.py)."""
+    from config.gunicorn_errors import install
+
+    install()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -144,6 +145,44 @@ def test_a_4xx_is_logged_once(tmp_path, wait_for):
     assert "Control socket listening" not in log, log[-3000:]
     # Nothing but requests: no warning that static files were never collected.
     assert "No directory at" not in log, log[-3000:]
+
+
+def _raw_request(port: int, request: bytes) -> bytes:
+    """Send bytes no HTTP client library would send; the whole answer (gunicorn closes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_request_gunicorn_refuses_itself_is_answered_in_the_apis_json_error_shape(
+    tmp_path, wait_for
+):
+    """A control character in a header is refused by gunicorn before Django sees it: the
+    answer is still a 400 with the API's error body, not gunicorn's HTML page."""
+    port = spare_port()
+    web = Process(
+        "web", _make_run_web_argv(port), env=_env(tmp_path), log_path=tmp_path / "web.log"
+    )
+    web.start()
+    try:
+        wait_for(lambda: answers("127.0.0.1", port) or not web.alive, timeout=60)
+        assert web.alive, web.log_tail()
+        answer = _raw_request(
+            port,
+            b"GET /api/v1/orders/ HTTP/1.1\r\nHost: 127.0.0.1\r\nIdempotency-Key: a\x01b\r\n\r\n",
+        )
+    finally:
+        web.stop(timeout=15)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith("HTTP/1.1 400 "), answer[:500]
+    assert "Content-Type: application/json" in lines, lines
+    error = json.loads(body)
+    assert error["code"] == "bad_request" and error["fields"] == {}, error
+    assert error["detail"].startswith("Bad Request: "), error
 
 
 def test_gunicorn_env_option_decides_the_format_of_its_own_lines(monkeypatch):
