@@ -16,7 +16,10 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.db import connection
@@ -83,6 +86,22 @@ def test_gunicorn_of_make_run_has_no_control_socket(tmp_path):
     assert done.stdout.strip().splitlines()[-1] == "True", done.stdout
 
 
+@contextmanager
+def _make_run_web(tmp_path: Path, wait_for: Any) -> Iterator[tuple[Process, int]]:
+    """gunicorn as ``make run`` starts it, answering on a port of its own; stopped after."""
+    port = spare_port()
+    web = Process(
+        "web", _make_run_web_argv(port), env=_env(tmp_path), log_path=tmp_path / "web.log"
+    )
+    web.start()
+    try:
+        wait_for(lambda: answers("127.0.0.1", port) or not web.alive, timeout=60)
+        assert web.alive, web.log_tail()
+        yield web, port
+    finally:
+        web.stop(timeout=15)
+
+
 def _access_lines(log: str) -> list[dict]:
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     return [line for line in lines if line.get("logger") == "gunicorn.access"]
@@ -93,14 +112,7 @@ def test_a_4xx_is_logged_once(tmp_path, wait_for):
     Django's request logger ("Not Found: ..."); gunicorn announces no control socket. With
     LOG_FORMAT=json every line is a JSON object, gunicorn's included, and an access line has
     the request as fields."""
-    port = spare_port()
-    web = Process(
-        "web", _make_run_web_argv(port), env=_env(tmp_path), log_path=tmp_path / "web.log"
-    )
-    web.start()
-    try:
-        wait_for(lambda: answers("127.0.0.1", port) or not web.alive, timeout=60)
-        assert web.alive, web.log_tail()
+    with _make_run_web(tmp_path, wait_for) as (web, port):
         statuses = {}
         for path in ("/api/v1/no-such-route/", "/api/v1/orders/"):
             try:
@@ -116,8 +128,6 @@ def test_a_4xx_is_logged_once(tmp_path, wait_for):
             timeout=30,
             describe=lambda: web.log_tail(3000),
         )
-    finally:
-        web.stop(timeout=15)
     log = web.log_path.read_text()
     # "--- HH:MM:SS start ..." lines are the test's own process supervisor's, not gunicorn's.
     ours = [line for line in log.splitlines() if line and not line.startswith("--- ")]
@@ -162,20 +172,11 @@ def test_a_request_gunicorn_refuses_itself_is_answered_in_the_apis_json_error_sh
 ):
     """A control character in a header is refused by gunicorn before Django sees it: the
     answer is still a 400 with the API's error body, not gunicorn's HTML page."""
-    port = spare_port()
-    web = Process(
-        "web", _make_run_web_argv(port), env=_env(tmp_path), log_path=tmp_path / "web.log"
-    )
-    web.start()
-    try:
-        wait_for(lambda: answers("127.0.0.1", port) or not web.alive, timeout=60)
-        assert web.alive, web.log_tail()
+    with _make_run_web(tmp_path, wait_for) as (_, port):
         answer = _raw_request(
             port,
             b"GET /api/v1/orders/ HTTP/1.1\r\nHost: 127.0.0.1\r\nIdempotency-Key: a\x01b\r\n\r\n",
         )
-    finally:
-        web.stop(timeout=15)
     head, _, body = answer.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     assert lines[0].startswith("HTTP/1.1 400 "), answer[:500]

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import pytest
 from django.db import connection
-from django.db.migrations.executor import MigrationExecutor
 from django.db.migrations.recorder import MigrationRecorder
+
+from tests.migrating import migrate
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -32,18 +33,13 @@ def _index() -> tuple[int, bool, str] | None:
         return cursor.fetchone()
 
 
-def _migrate(target: list[tuple[str, str]] | None = None) -> None:
-    executor = MigrationExecutor(connection)
-    executor.migrate(target or executor.loader.graph.leaf_nodes())
-
-
 @pytest.fixture
 def back_to_0009():
     """The database as before ``0010``; every migration applied again at the end."""
-    _migrate([BEFORE])
+    migrate([BEFORE])
     assert _index() is None
     yield
-    _migrate()
+    migrate()
 
 
 def test_an_invalid_leftover_of_an_interrupted_build_is_dropped_and_built_again(back_to_0009):
@@ -52,18 +48,18 @@ def test_an_invalid_leftover_of_an_interrupted_build_is_dropped_and_built_again(
         cursor.execute(
             "UPDATE pg_index SET indisvalid = false WHERE indexrelid = to_regclass(%s)", [INDEX]
         )
-    _migrate()
+    migrate()
     oid, valid, definition = _index()
     assert valid
     assert "(next_attempt_at)" in definition and "lease_until IS NULL" in definition
 
 
 def test_a_build_that_finished_before_migrate_was_killed_is_kept(back_to_0009):
-    _migrate([MIGRATION])  # killed right after the build: nothing later was applied either
+    migrate([MIGRATION])  # killed right after the build: nothing later was applied either
     built = _index()
     assert built is not None and built[1]
     MigrationRecorder(connection).record_unapplied(*MIGRATION)
-    _migrate()
+    migrate()
     assert _index() == built  # the same index (same oid), not dropped and built again
     assert (
         MigrationRecorder(connection)

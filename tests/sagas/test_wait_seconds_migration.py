@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import pytest
 from django.db import connection, transaction
-from django.db.migrations.executor import MigrationExecutor
 from django.utils import timezone
 
 from sagas.models import Saga
 from sagas.services import saga_start
+from tests.migrating import migrated_to
 from tests.sagas.inprocess import out_of_workers_reach
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 BEFORE = ("sagas", "0011_saga_wait_seconds")
-
-
-def _migrate(target: list[tuple[str, str]] | None = None) -> None:
-    executor = MigrationExecutor(connection)
-    executor.migrate(target or executor.loader.graph.leaf_nodes())
 
 
 def _start() -> Saga:
@@ -32,20 +27,16 @@ def _start() -> Saga:
 
 def test_a_saga_parked_under_0011_keeps_its_waits_length_on_its_step():
     waiting, running = _start(), _start()
-    _migrate([BEFORE])
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "UPDATE sagas_saga SET current_step = 'await_go', step_index = 1, "
-                "waiting_since = %s, wait_seconds = 900 WHERE id = %s",
-                [timezone.now(), waiting.id],
-            )
-            cursor.execute(
-                "UPDATE sagas_saga SET wait_seconds = 900 WHERE id = %s",  # not waiting
-                [running.id],
-            )
-    finally:
-        _migrate()
+    with migrated_to([BEFORE]), connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE sagas_saga SET current_step = 'await_go', step_index = 1, "
+            "waiting_since = %s, wait_seconds = 900 WHERE id = %s",
+            [timezone.now(), waiting.id],
+        )
+        cursor.execute(
+            "UPDATE sagas_saga SET wait_seconds = 900 WHERE id = %s",  # not waiting
+            [running.id],
+        )
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT saga_id, name, wait_seconds FROM sagas_sagastep WHERE wait_seconds IS NOT NULL"

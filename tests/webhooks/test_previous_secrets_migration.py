@@ -7,9 +7,9 @@ from datetime import timedelta
 
 import pytest
 from django.db import connection
-from django.db.migrations.executor import MigrationExecutor
 from django.utils import timezone
 
+from tests.migrating import migrated_to
 from webhooks import signing
 from webhooks.models import Endpoint
 
@@ -20,27 +20,18 @@ pytestmark = pytest.mark.django_db(transaction=True)
 BEFORE = ("webhooks", "0002_ops_group")
 
 
-def _migrate(target: list[tuple[str, str]] | None = None) -> None:
-    executor = MigrationExecutor(connection)
-    executor.migrate(target or executor.loader.graph.leaf_nodes())
-
-
 def test_a_secret_rotated_under_0002_keeps_signing_until_its_grace_ends(customer):
     client = api_client_for(customer)
     body = {"url": "https://93.184.215.14/hooks", "events": ["order.confirmed"]}
     rotated = client.post("/api/v1/webhooks/", body, format="json").json()["id"]
     never = client.post("/api/v1/webhooks/", body, format="json").json()["id"]
     expires = timezone.now() + timedelta(hours=1)
-    _migrate([BEFORE])
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "UPDATE webhooks_endpoint SET previous_secret = %s, "
-                "previous_secret_expires_at = %s WHERE id = %s",
-                ["whsec_before", expires, rotated],
-            )
-    finally:
-        _migrate()
+    with migrated_to([BEFORE]), connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE webhooks_endpoint SET previous_secret = %s, "
+            "previous_secret_expires_at = %s WHERE id = %s",
+            ["whsec_before", expires, rotated],
+        )
     endpoint = Endpoint.objects.get(pk=rotated)
     assert endpoint.previous_secrets == [
         {"secret": "whsec_before", "expires_at": expires.isoformat()}
