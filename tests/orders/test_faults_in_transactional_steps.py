@@ -12,6 +12,7 @@ import json
 
 import pytest
 from django.db import transaction
+from django.utils import timezone
 
 from inventory.models import Product, Reservation, ReservationStatus
 from providers import outage
@@ -104,3 +105,46 @@ def test_the_faults_commit_is_only_for_a_step_transaction_holding_its_own_writes
     assert commit_what_the_step_wrote() is True
     tx.rollback()  # too late for the write: it was committed
     assert sorted(Product.objects.values_list("sku", flat=True)) == ["alone"]
+
+
+def test_a_sale_whose_answer_is_lost_every_time_waits_for_a_person_who_confirms_it_once(
+    customer, settings
+):
+    """The pivot's sale takes effect but its answer is lost on every attempt: the saga stops for
+    a person at ``confirm_order`` with the stock sold. Resolving it confirms the order, and the
+    stock is sold once, not again (the resolve's sale is a no-op under the step's key)."""
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Group
+
+    from orders.models import Order
+    from orders.selectors import OrderStatus
+    from sagas.services import saga_resolve
+
+    make_product("widget", stock=5)
+    with transaction.atomic():
+        order = place(customer, [("widget", 2)])
+        out_of_workers_reach(order.saga_id, 10_000)
+    version = 10_000
+    for _ in range(30):  # each delivery runs one attempt
+        saga = Saga.objects.get(pk=order.saga_id)
+        if saga.state != SagaState.RUNNING:
+            break
+        if saga.current_step == "confirm_order":
+            settings.SAGA_FAULTS = json.dumps({"inventory.commit": {"lost_response": 1.0}})
+        Saga.objects.filter(pk=saga.pk).update(next_attempt_at=timezone.now())  # backoff over
+        advance(order.saga_id, version)
+        version = Saga.objects.get(pk=order.saga_id).version
+    saga = Saga.objects.get(pk=order.saga_id)
+    assert (saga.state, saga.failed_step) == (SagaState.NEEDS_MANUAL, "confirm_order")
+    reservation = Reservation.objects.get(key=forward_key(saga.id, "reserve_inventory"))
+    assert reservation.status == ReservationStatus.COMMITTED  # sold, though never answered
+    widget = Product.objects.get(sku="widget")
+    assert (widget.stock_on_hand, widget.reserved) == (3, 0)
+
+    settings.SAGA_FAULTS = ""
+    person = get_user_model().objects.create_user("ops-pat", is_staff=True)
+    person.groups.add(Group.objects.get(name="ops"))
+    saga_resolve(saga_id=saga.id, user=person, note="sold: confirmed by hand", accept_effects=True)
+    assert Order.objects.get(pk=order.pk).status == OrderStatus.CONFIRMED
+    widget = Product.objects.get(sku="widget")
+    assert (widget.stock_on_hand, widget.reserved) == (3, 0)  # sold once
