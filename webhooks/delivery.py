@@ -100,6 +100,13 @@ def _earlier_pending() -> Any:
     )
 
 
+def _in_flight_to(endpoint_id: Any, now: Any) -> Any:
+    """The endpoint's delivery whose attempt holds a live lease: at most one at a time."""
+    return Delivery.objects.filter(
+        endpoint_id=endpoint_id, status=DeliveryStatus.PENDING, lease_until__gt=now
+    )
+
+
 def claim_next(endpoint_id: Any) -> tuple[Delivery, Endpoint] | None:
     """Lease the endpoint's next due delivery, or ``None`` if it has none it may send now.
 
@@ -117,9 +124,9 @@ def claim_next(endpoint_id: Any) -> tuple[Delivery, Endpoint] | None:
         )
         if endpoint is None:
             return None
-        pending = Delivery.objects.filter(endpoint_id=endpoint.pk, status=DeliveryStatus.PENDING)
-        if pending.filter(lease_until__gt=now).exists():
+        if _in_flight_to(endpoint.pk, now).exists():
             return None
+        pending = Delivery.objects.filter(endpoint_id=endpoint.pk, status=DeliveryStatus.PENDING)
         delivery = (
             pending.filter(next_attempt_at__lte=now)
             .filter(~Exists(_earlier_pending()))
@@ -251,16 +258,17 @@ def _post(target: Target, body: bytes, headers: dict[str, str]) -> tuple[int, st
         connect=settings.WEBHOOKS_CONNECT_TIMEOUT, read=settings.WEBHOOKS_TIMEOUT
     )
     with _Deadline(settings.WEBHOOKS_CONNECT_TIMEOUT + settings.WEBHOOKS_TIMEOUT) as deadline:
+        timed_out = AttemptTimedOut(f"no complete answer within {deadline.seconds:g} s")
         try:
             answer = _exchange(target, body, headers, timeout, deadline)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             if deadline.passed:
-                raise AttemptTimedOut(f"no complete answer within {deadline.seconds:g} s") from exc
+                raise timed_out from exc
             raise
     if deadline.passed:
         # Cut off after the status line came: the rest of the answer (its headers, say) never
         # did. Not taken as delivered; the retry sends the same event id again.
-        raise AttemptTimedOut(f"no complete answer within {deadline.seconds:g} s")
+        raise timed_out
     return answer
 
 
@@ -432,16 +440,14 @@ def sweep(now: Any = None) -> int:
     """
     now = now or timezone.now()
     overdue = now - timedelta(seconds=settings.WEBHOOKS_SWEEP_AFTER)
-    in_flight = Delivery.objects.filter(
-        endpoint_id=OuterRef("endpoint_id"), status=DeliveryStatus.PENDING, lease_until__gt=now
-    )
     endpoint_ids = list(
         Delivery.objects.filter(
             status=DeliveryStatus.PENDING,
             next_attempt_at__lte=overdue,
             endpoint__is_active=True,
         )
-        .filter(~Exists(_earlier_pending()), ~Exists(in_flight))  # in flight: itself too
+        # In flight: itself too.
+        .filter(~Exists(_earlier_pending()), ~Exists(_in_flight_to(OuterRef("endpoint_id"), now)))
         .values("endpoint_id")
         .annotate(oldest=Min("next_attempt_at"))
         .order_by("oldest", "endpoint_id")
