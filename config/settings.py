@@ -295,10 +295,12 @@ CELERY_IMPORTS = ["config.tasks"]
 CELERY_TIMEZONE = TIME_ZONE
 
 # ---------------------------------------------------------------------------------------------
-# Cache: rate-limit counters and login-failure records shared by every web process and host.
-# CACHE_URL: redis://... (the default: the broker's Redis when the broker is Redis), db:// (a
-# table in the database: `manage.py createcachetable`) or file:///path (one host only; the
-# embedded default of `make run`).
+# Cache: the API's rate-limit counters, shared by every web process and host (login failures
+# are rows in the database, django-axes' own tables). CACHE_URL: redis://... (the default: the
+# broker's Redis when the broker is Redis), db:// (a table in the database, created by every
+# `migrate`) or file:///path (one host only; the embedded default of `make run`). A cache that
+# does not answer leaves requests uncounted for a few seconds (config/throttling.py), so Redis
+# is asked with short timeouts: a request never hangs on it.
 # ---------------------------------------------------------------------------------------------
 if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     _cache_default = CELERY_BROKER_URL
@@ -308,7 +310,11 @@ else:
     _cache_default = "db://"
 CACHE_URL = env("CACHE_URL", default=_cache_default)
 if CACHE_URL.startswith(("redis://", "rediss://")):
-    _cache = {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}
+    _cache = {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": CACHE_URL,
+        "OPTIONS": {"socket_connect_timeout": 1.0, "socket_timeout": 1.0},
+    }
 elif CACHE_URL.startswith("file://"):
     _cache = {
         "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",

@@ -16,6 +16,11 @@ rate over a short span; that is the price of atomic counting).
 
 Above a limit: ``429`` ``{"code": "throttled", ...}`` with ``Retry-After`` (seconds to the end of
 the window).
+
+A cache that does not answer (by default it is the broker's Redis) lets requests through
+uncounted for :data:`DOWN_SECONDS` at a time, with one warning each time: a rate limit guards
+the service, it must not take the API down with Redis. An order placed while Redis is down still
+gets its ``201`` and its saga runs once the broker is back, as the engine promises.
 """
 
 from __future__ import annotations
@@ -23,12 +28,26 @@ from __future__ import annotations
 import math
 import time
 
+import structlog
 from django.conf import settings
 from django.core.cache import caches
+from redis.exceptions import RedisError
 from rest_framework import exceptions, throttling
 from rest_framework.request import Request
 
 from audit.context import client_ip
+
+log = structlog.get_logger(__name__)
+
+#: How long requests go uncounted after the cache failed to answer, before it is asked again: a
+#: Redis that is down costs one warning and one refused connection per process per span, not
+#: one per request.
+DOWN_SECONDS = 5.0
+#: Until when (``time.monotonic()``) this process does not ask the cache.
+_down_until = 0.0
+#: What a cache that does not answer raises: Redis (refused, timed out, reset), the file cache.
+#: The database cache is left out: without the database no request is served anyway.
+_UNAVAILABLE = (RedisError, OSError)
 
 
 class FixedWindowThrottle(throttling.SimpleRateThrottle):
@@ -61,22 +80,36 @@ class FixedWindowThrottle(throttling.SimpleRateThrottle):
         return self.hit(key, num_requests, duration)
 
     def hit(self, key: str, num_requests: int, duration: int) -> bool:
+        global _down_until
+        if time.monotonic() < _down_until:
+            return True
         now = time.time()
         window = int(now // duration)
-        cache = caches[self.cache_alias]
-        counter = f"throttle:{key}:{duration}:{window}"
-        if cache.add(counter, 1, timeout=duration + 1):
-            count = 1
-        else:
-            try:
-                count = cache.incr(counter)
-            except ValueError:  # expired between add and incr: this request opens it again
-                cache.add(counter, 1, timeout=duration + 1)
-                count = 1
+        try:
+            count = self._count(f"throttle:{key}:{duration}:{window}", duration)
+        except _UNAVAILABLE as exc:
+            _down_until = time.monotonic() + DOWN_SECONDS
+            log.warning(
+                "api.rate_limit_unavailable",
+                error=repr(exc),
+                uncounted_for_seconds=DOWN_SECONDS,
+            )
+            return True
         if count > num_requests:
             self.wait_seconds = (window + 1) * duration - now
             return False
         return True
+
+    def _count(self, counter: str, duration: int) -> int:
+        """This request's number in the window: one atomic step in the cache."""
+        cache = caches[self.cache_alias]
+        if cache.add(counter, 1, timeout=duration + 1):
+            return 1
+        try:
+            return cache.incr(counter)
+        except ValueError:  # expired between add and incr: this request opens it again
+            cache.add(counter, 1, timeout=duration + 1)
+            return 1
 
     def wait(self) -> float:
         return max(1, math.ceil(self.wait_seconds))

@@ -18,7 +18,9 @@ import uuid
 import pytest
 import requests
 from django.db import connection
+from structlog.testing import capture_logs
 
+from config import throttling
 from orders.models import IdempotencyRecord, Order
 from tests.conftest import REPO_ROOT, database_url_for, wait_until
 
@@ -197,3 +199,41 @@ def test_two_web_processes_share_one_count(two_web_processes, django_user_model,
     ]
     assert placed == [201, 201, 429]
     assert Order.objects.filter(owner=buyer).count() == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# A cache that does not answer
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.django_db
+def test_a_cache_that_does_not_answer_lets_requests_through_uncounted(
+    settings, monkeypatch, django_user_model, catalog
+):
+    """Redis down (by default the cache is the broker's): requests are answered, not failed,
+    uncounted for a span with one warning; once the span is over the cache is asked again and
+    the limits hold as before."""
+    monkeypatch.setattr(throttling, "_down_until", 0.0)
+    answering = settings.CACHES
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": "redis://127.0.0.1:1/0",  # nothing listens on port 1
+            "KEY_PREFIX": f"down-{uuid.uuid4().hex[:6]}",
+        }
+    }
+    settings.API_RATE_LIMIT = "2/day"
+    settings.API_RATE_LIMIT_ORDERS = "1/day"
+    api = api_client_for(django_user_model.objects.create_user(f"down-{uuid.uuid4().hex[:6]}"))
+    with capture_logs() as logs:
+        assert [api.get(PRODUCTS).status_code for _ in range(3)] == [200, 200, 200]
+        placed = [
+            api.post(ORDERS, order_body([("lamp", 1)]), format="json").status_code for _ in range(2)
+        ]
+    assert placed == [201, 201]
+    warnings = [line for line in logs if line["event"] == "api.rate_limit_unavailable"]
+    assert len(warnings) == 1, logs
+    assert "ConnectionError" in warnings[0]["error"]
+
+    settings.CACHES = answering
+    monkeypatch.setattr(throttling, "_down_until", 0.0)  # the span is over
+    assert [api.get(PRODUCTS).status_code for _ in range(2)] == [200, 200]
+    assert_throttled(api.get(PRODUCTS))
