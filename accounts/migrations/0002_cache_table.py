@@ -1,5 +1,6 @@
 """The database cache table, for deployments that set ``CACHE_URL=db://`` (no Redis): the rate
-limit counters and login-failure records live there. A no-op with a Redis or file cache."""
+limit counters live there. A no-op with a Redis or file cache. Every later ``migrate`` makes it
+too, for a database that switches to ``db://`` after this ran (``accounts.apps``)."""
 
 from django.core.management import call_command
 from django.db import migrations
