@@ -14,6 +14,8 @@ runs (a bad ``Host`` header, an unmatched URL under ``/api/`` when not routed).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
@@ -21,6 +23,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.views import defaults
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.settings import api_settings
@@ -188,3 +191,24 @@ def handler500(request: HttpRequest) -> HttpResponse:
             status=500,
         )
     return defaults.server_error(request)
+
+
+def read_only_endpoint(view: Callable[[HttpRequest], HttpResponse]) -> Callable[..., HttpResponse]:
+    """For a plain Django view that machines read (``/healthz``, ``/metrics``): any method but
+    ``GET`` and ``HEAD`` is ``405`` in the one JSON error shape, with ``Allow``.
+
+    Without it a ``POST`` met Django's CSRF check first and got the CSRF failure page, HTML,
+    from an endpoint nobody can hold a CSRF token for; nothing here changes state, so nothing
+    is lost by exempting it.
+    """
+
+    @csrf_exempt
+    @functools.wraps(view)
+    def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if request.method not in ("GET", "HEAD"):
+            response = JsonResponse(error_body("method_not_allowed", "Use GET."), status=405)
+            response["Allow"] = "GET, HEAD"
+            return response
+        return view(request, *args, **kwargs)
+
+    return wrapped

@@ -16,10 +16,9 @@ from django.conf import settings
 from django.db import connections
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.cache import never_cache
-from django.views.decorators.csrf import csrf_exempt
 from kombu import Connection
 
-from config.api_errors import error_body
+from config.api_errors import read_only_endpoint
 
 CHECK_TIMEOUT = 2.0
 
@@ -75,12 +74,8 @@ def run_checks(timeout: float = CHECK_TIMEOUT) -> dict[str, str]:
 
 
 @never_cache
-@csrf_exempt  # a POST is answered 405 below, not with the CSRF failure page
+@read_only_endpoint
 def healthz(request: HttpRequest) -> JsonResponse:
-    if request.method not in ("GET", "HEAD"):
-        response = JsonResponse(error_body("method_not_allowed", "Use GET."), status=405)
-        response["Allow"] = "GET, HEAD"
-        return response
     results = run_checks()
     healthy = all(value == "ok" for value in results.values())
     body: dict[str, str | list[str]] = {"status": "ok" if healthy else "unavailable", **results}

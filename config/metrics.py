@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
 from drf_spectacular.utils import extend_schema
 
+from config.api_errors import read_only_endpoint
 from sagas.metrics import render_metrics
 
 
 @extend_schema(exclude=True)
 @never_cache
-@require_GET
+@read_only_endpoint
 def metrics_view(request: HttpRequest) -> HttpResponse:
     body, content_type = render_metrics()
     return HttpResponse(body, content_type=content_type)

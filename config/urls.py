@@ -4,9 +4,9 @@ from django.contrib import admin
 from django.http import HttpRequest, HttpResponse
 from django.urls import include, path, re_path
 from django.views.generic import TemplateView
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
 from config.api import NotFoundView
+from config.api_docs import SchemaDocsView, SchemaView
 from config.health import healthz
 from config.metrics import metrics_view
 
@@ -27,10 +27,10 @@ urlpatterns = [
     re_path(r"^healthz/?$", healthz, name="healthz"),
     re_path(r"^metrics/?$", metrics_view, name="metrics"),
     path("api/v1/", include("config.api_urls")),
-    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/schema/", SchemaView.as_view(), name="schema"),
     # The split view serves its start-up script as a file: no inline script, so the content
     # security policy needs no exception for it.
-    path("api/docs/", SpectacularSwaggerSplitView.as_view(url_name="schema"), name="swagger-ui"),
+    path("api/docs/", SchemaDocsView.as_view(url_name="schema"), name="swagger-ui"),
     re_path(r"^api/", NotFoundView.as_view(), name="api-unrouted"),
 ]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from django.test import Client
 
+from .conftest import assert_error
+
 pytestmark = pytest.mark.django_db
 
 
@@ -21,7 +23,15 @@ def test_metrics_is_prometheus_text_with_the_saga_metrics(client_api, place):
     for name in ("saga_state_count",):
         assert f"# TYPE {name}" in text
     assert Client().get("/metrics/").status_code == 200
-    assert Client().post("/metrics").status_code == 405
+
+
+@pytest.mark.parametrize("method", ["post", "put", "delete"])
+def test_metrics_answers_another_method_405_json(method):
+    """Not the CSRF failure page (HTML, 403): the one error body, naming the methods allowed,
+    as /healthz does."""
+    response = getattr(Client(enforce_csrf_checks=True), method)("/metrics")
+    assert_error(response, 405, "method_not_allowed")
+    assert response["Allow"] == "GET, HEAD"
 
 
 def test_healthz_is_still_there_and_open(client_api):
@@ -66,3 +76,29 @@ def test_swagger_ui_is_served_locally_not_from_a_cdn(anon_api):
     assert bundle in html
     assert "cdn.jsdelivr" not in html
     assert Client().get(bundle).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status"),
+    [
+        ("/api/schema/?format=xml", {}, 404),  # no such format
+        ("/api/schema/", {"HTTP_ACCEPT": "application/xml"}, 406),
+        ("/api/docs/?format=xml", {}, 404),
+    ],
+)
+def test_schema_and_docs_errors_are_the_apis_json(anon_api, path, headers, status):
+    """The schema view renders YAML and the docs view HTML; an error of either is JSON in the
+    one error shape all the same (it was YAML, served as the OpenAPI media type)."""
+    assert_error(anon_api.get(path, **headers), status)
+
+
+def test_schema_and_docs_throttled_answer_json(settings, anon_api):
+    """Past the anonymous limit, the YAML schema and the Swagger page (and its script) answer
+    429 as JSON with Retry-After, not YAML or an HTML page."""
+    settings.API_RATE_LIMIT_ANON = "1/day"
+    address = "203.0.113.77"
+    assert anon_api.get("/api/schema/", REMOTE_ADDR=address).status_code == 200
+    for path in ("/api/schema/", "/api/docs/", "/api/docs/?script="):
+        response = anon_api.get(path, REMOTE_ADDR=address)
+        assert_error(response, 429, "throttled")
+        assert int(response["Retry-After"]) >= 1
