@@ -42,6 +42,19 @@ class Pagination(pagination.PageNumberPagination):
             raise exceptions.ValidationError(wrong)
         return super().paginate_queryset(queryset, request, view)
 
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        """The two parameters as this class takes them: DRF documents any integer, so a client
+        generated from the schema (or a fuzzer) sends ``page=0`` and meets a ``400``."""
+        page, size = super().get_schema_operation_parameters(view)
+        page["description"] = "A page number (from 1), or `last`."
+        page["schema"] = {
+            "oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "enum": ["last"]}]
+        }
+        cap = self.max_page_size
+        size["description"] = f"Results per page (from 1; more than {cap} gives {cap})."
+        size["schema"] = {"type": "integer", "minimum": 1}
+        return [page, size]
+
 
 def _positive_integer(text: str) -> bool:
     # Digits only, not all zeros; never int(): a 5,000-digit page is past the end (404), not

@@ -247,3 +247,17 @@ def _run_schemathesis(live: dict, label: str) -> tuple[list[str], Counter]:
             except Unsatisfiable:
                 continue
     return failures, sent
+
+
+def test_the_schema_documents_the_pages_the_api_takes(anon_api, client_api, catalog):
+    """``page`` from 1 or ``last``, ``page_size`` from 1: a client built from the schema does
+    not send ``page=0`` (a 400) believing it valid; and what it does send is served."""
+    document = anon_api.get("/api/schema/?format=json").json()
+    listed = document["paths"]["/api/v1/products/"]["get"]["parameters"]
+    params = {p["name"]: p["schema"] for p in listed}
+    assert params["page"] == {
+        "oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "enum": ["last"]}]
+    }
+    assert params["page_size"] == {"type": "integer", "minimum": 1}
+    for query in ("page=1&page_size=1", "page=last&page_size=1000"):
+        assert client_api.get(f"/api/v1/products/?{query}").status_code == 200, query
