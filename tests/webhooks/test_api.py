@@ -89,6 +89,21 @@ def test_events_must_be_a_non_empty_list_of_known_types(customer, events):
     assert "events" in "".join(body["fields"]), body
 
 
+def test_a_client_has_at_most_20_endpoints_and_may_register_one_url_twice(customer):
+    """As docs/webhooks.md says: the 21st registration is refused; the same URL twice is two
+    endpoints, each with its own secret."""
+    client = api_client_for(customer)
+    secrets = set()
+    for _ in range(20):
+        created = client.post("/api/v1/webhooks/", BODY, format="json")
+        assert created.status_code == 201, created.content
+        secrets.add(created.json()["secret"])
+    assert len(secrets) == 20
+    body = assert_error(client.post("/api/v1/webhooks/", BODY, format="json"), 400)
+    assert body["code"] == "too_many_endpoints", body
+    assert Endpoint.objects.filter(owner=customer).count() == 20
+
+
 def test_a_rotated_secret_signs_beside_the_new_one_for_the_grace_period(customer, settings):
     client = api_client_for(customer)
     created = client.post("/api/v1/webhooks/", BODY, format="json").json()
