@@ -13,6 +13,7 @@ from django.contrib.admin.options import ShowFacets
 from django.db.models import Q
 
 from config.admin import ReadOnlyAdmin, ReadOnlyTabularInline, order_link, search_by_id_or_order
+from config.money import currency_problem, price_problem
 from inventory.models import Product, Reservation, ReservationLine
 
 
@@ -34,6 +35,23 @@ class ProductForm(forms.ModelForm):
         if stock < 0:
             raise forms.ValidationError("Stock on hand cannot be negative.")
         return stock
+
+    def clean_currency(self) -> str:
+        currency = self.cleaned_data["currency"].strip().upper()
+        problem = currency_problem(currency)
+        if problem:
+            raise forms.ValidationError(problem)
+        return currency
+
+    def clean(self) -> dict:
+        """The price must fit its currency (``10.50 JPY`` would fail every order's payment)."""
+        cleaned = super().clean() or self.cleaned_data
+        price, currency = cleaned.get("price"), cleaned.get("currency")
+        if price is not None and currency:
+            problem = price_problem(price, currency)
+            if problem:
+                self.add_error("price", problem)
+        return cleaned
 
 
 @admin.register(Product)

@@ -11,12 +11,14 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from config.api import Pagination
+from config.money import currency_problem, price_problem
 from inventory import catalog
 from inventory.models import Product
 from inventory.selectors import product_list
 
 SKU_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 MAX_STOCK = 2_000_000_000  # the column is a 32-bit integer
+CURRENCY_HELP = "ISO 4217, upper case, in use; at most two decimal places (not KWD, BHD, ...)."
 
 
 class ProductSerializer(serializers.ModelSerializer):
@@ -34,7 +36,7 @@ class ProductSerializer(serializers.ModelSerializer):
         max_digits=12, decimal_places=2, min_value=Decimal("0"), coerce_to_string=True
     )
     currency = serializers.RegexField(
-        r"^[A-Z]{3}$", max_length=3, default="EUR", help_text="ISO 4217, upper case."
+        r"^[A-Z]{3}$", max_length=3, default="EUR", help_text=CURRENCY_HELP
     )
     stock_on_hand = serializers.IntegerField(min_value=0, max_value=MAX_STOCK, default=0)
     reserved = serializers.IntegerField(read_only=True)
@@ -44,13 +46,31 @@ class ProductSerializer(serializers.ModelSerializer):
         model = Product
         fields = ["sku", "name", "price", "currency", "stock_on_hand", "reserved", "available"]
 
+    def validate_currency(self, value: str) -> str:
+        problem = currency_problem(value)
+        if problem:
+            raise serializers.ValidationError(problem)
+        return value
+
+    def validate(self, attrs: dict) -> dict:
+        """The price must fit its currency, the one it keeps or the one it gets (a change of
+        either alone can break the pair)."""
+        price = attrs.get("price", getattr(self.instance, "price", None))
+        currency = attrs.get("currency", getattr(self.instance, "currency", None))
+        if price is not None and currency and currency_problem(currency) is None:
+            problem = price_problem(price, currency)
+            if problem:
+                field = "price" if "price" in attrs else "currency"
+                raise serializers.ValidationError({field: [problem]})
+        return attrs
+
 
 class ProductUpdateSerializer(ProductSerializer):
     """The same fields, all optional, and the sku fixed (it is the product's address)."""
 
     sku = serializers.CharField(read_only=True)
     currency = serializers.RegexField(
-        r"^[A-Z]{3}$", max_length=3, required=False, help_text="ISO 4217, upper case."
+        r"^[A-Z]{3}$", max_length=3, required=False, help_text=CURRENCY_HELP
     )
     stock_on_hand = serializers.IntegerField(min_value=0, max_value=MAX_STOCK, required=False)
 

@@ -40,6 +40,7 @@ from typing import Any
 from django.db import connection, transaction
 from django.db.models import Sum
 
+from config.money import to_minor
 from inventory.models import Product, Reservation, ReservationLine, ReservationStatus
 from orders.models import Order, OrderItem
 from orders.selectors import OrderStatus, order_status
@@ -52,7 +53,6 @@ from payments.models import (
     ProviderAuthorization,
     ProviderOperation,
 )
-from payments.money import to_minor
 from sagas.models import SagaState, SagaStep, StepStatus
 from shipping.models import Shipment, ShipmentStatus
 

@@ -20,9 +20,9 @@ from django.db import connection
 from django.utils import timezone
 
 from config.db import insert_unless_taken
+from config.money import from_minor, to_minor
 from payments.errors import PaymentDeclined, PaymentStateConflict
 from payments.models import AuthorizationStatus, Payment, PaymentStatus
-from payments.money import from_minor, to_minor
 from payments.provider import FakePaymentProvider
 from sagas.faults import fault_point
 

@@ -254,6 +254,26 @@ def test_stock_on_hand_cannot_go_below_what_is_reserved(ops_client):
     assert product.stock_on_hand == 10
 
 
+@pytest.mark.parametrize(
+    ("currency", "price", "message"),
+    [
+        ("ZAZ", "5.00", "not an ISO 4217 currency code in use"),
+        ("KWD", "5.00", "KWD has three decimal places"),
+        ("JPY", "5.50", "JPY prices are in whole units"),
+    ],
+)
+def test_a_price_its_currency_cannot_carry_is_refused(ops_client, currency, price, message):
+    """The console refuses what the API refuses: a product orders could not be paid for."""
+    product = Product.objects.create(sku="SR-CAP", name="Cap", price=5, stock_on_hand=10)
+    url, data = _product_form(ops_client, product)
+    data.update(currency=currency, price=price)
+    response = ops_client.post(url, data)
+    assert response.status_code == 200
+    assert message in response.content.decode()
+    product.refresh_from_db()
+    assert (product.currency, product.price) == ("EUR", Decimal("5.00"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Participants: read-only, searchable by exact ids
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
 
 from inventory.models import Product
@@ -106,6 +108,13 @@ def test_clients_cannot_create_or_change_products(client_api, catalog):
         ({"sku": "x", "name": "X", "price": "cheap"}, "price"),
         ({"sku": "x", "name": "X", "price": "1.00", "currency": "eur"}, "currency"),
         ({"sku": "x", "name": "X", "price": "1.00", "currency": "EURO"}, "currency"),
+        # Not a currency in use (was taken: every order of it then failed at the payment).
+        ({"sku": "x", "name": "X", "price": "1.00", "currency": "ZAZ"}, "currency"),
+        ({"sku": "x", "name": "X", "price": "1.00", "currency": "XAU"}, "currency"),
+        # Three decimal places: the amount columns have two.
+        ({"sku": "x", "name": "X", "price": "1.00", "currency": "KWD"}, "currency"),
+        # Cents in a currency without minor units: the payment could not be asked for.
+        ({"sku": "x", "name": "X", "price": "10.50", "currency": "JPY"}, "price"),
         ({"sku": "x", "name": "X", "price": "1.00", "stock_on_hand": -1}, "stock_on_hand"),
         ({"sku": "x", "name": "X", "price": "1.00", "stock_on_hand": 2**31}, "stock_on_hand"),
         ({"sku": "x", "name": "X", "price": "1.00", "stock_on_hand": "many"}, "stock_on_hand"),
@@ -129,6 +138,26 @@ def test_staff_change_a_product_with_patch(staff_api, catalog):
     assert response.json()["sku"] == "lamp"
     lamp = Product.objects.get(sku="lamp")
     assert (str(lamp.price), lamp.name, lamp.stock_on_hand) == ("21.00", "Lamp", 50)
+
+
+def test_a_price_and_its_currency_must_fit_together_also_when_one_changes(staff_api, catalog):
+    """Whole yen are taken; a change of the currency alone to one the price does not fit is a
+    400 on the currency, of the price alone on the price; nothing changes."""
+    created = staff_api.post(
+        PRODUCTS,
+        {"sku": "yen-cup", "name": "Cup", "price": "1200", "currency": "JPY"},
+        format="json",
+    )
+    assert created.status_code == 201, created.content
+    assert assert_error(
+        staff_api.patch(f"{PRODUCTS}lamp/", {"currency": "JPY"}, format="json"), 400, "invalid"
+    )["fields"].keys() == {"currency"}
+    assert assert_error(
+        staff_api.patch(f"{PRODUCTS}yen-cup/", {"price": "1200.50"}, format="json"), 400
+    )["fields"].keys() == {"price"}
+    both = staff_api.patch(f"{PRODUCTS}lamp/", {"price": "20", "currency": "JPY"}, format="json")
+    assert both.status_code == 200, both.content
+    assert Product.objects.get(sku="yen-cup").price == Decimal("1200")
 
 
 def test_stock_cannot_go_below_what_is_reserved(staff_api, catalog):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from payments.money import from_minor, to_minor
+from config.money import currency_problem, from_minor, price_problem, to_minor
 
 
 @pytest.mark.parametrize(
@@ -53,3 +53,42 @@ def test_unsupported_currencies_are_refused(currency):
 def test_round_trip_is_exact(minor, currency):
     """Minor units -> Decimal -> minor units loses nothing, for any amount."""
     assert to_minor(from_minor(minor, currency), currency) == minor
+
+
+@pytest.mark.parametrize(
+    ("currency", "problem"),
+    [
+        ("EUR", None),
+        ("JPY", None),
+        ("XOF", None),
+        ("ZAZ", "not an ISO 4217 currency code in use"),
+        ("XAU", "not an ISO 4217 currency code in use"),  # gold, not money to charge
+        ("eur", "not an ISO 4217 currency code in use"),  # stored upper case
+        ("IQD", "three decimal places"),
+        ("LYD", "three decimal places"),
+    ],
+)
+def test_the_currencies_a_price_can_be_in(currency, problem):
+    found = currency_problem(currency)
+    assert (found is None) if problem is None else (problem in found), found
+
+
+@pytest.mark.parametrize(
+    ("price", "currency", "fits"),
+    [
+        ("10.50", "EUR", True),
+        ("10", "EUR", True),
+        ("1000", "JPY", True),
+        ("1000.00", "JPY", True),  # the column's two places, both zero
+        ("10.50", "JPY", False),
+        ("500.5", "UGX", False),  # no minor units either
+    ],
+)
+def test_a_price_fits_its_currency_or_says_why(price, currency, fits):
+    """What fits is exactly what the provider can be asked for."""
+    assert (price_problem(Decimal(price), currency) is None) == fits
+    if fits:
+        assert to_minor(Decimal(price), currency) >= 0
+    else:
+        with pytest.raises(ValueError, match="more precision"):
+            to_minor(Decimal(price), currency)
