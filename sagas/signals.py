@@ -229,7 +229,7 @@ def _deliver(saga: Saga, name: str, payload: Any, key: str, user: Any) -> Signal
             SagaState.RESOLVED: "has been resolved",
         }.get(saga.state, f"is {saga.state} at {saga.current_step}")
         raise SagaOperationRefused(
-            "not_waiting", f"The saga {where} and will not wait for {name!r} (any more)."
+            "not_waiting", f"The saga {where}: it is not waiting for {name!r}, and will not."
         )
     at = definition.index_of(saga.current_step)  # a step of this version: _takes checked it
     if SagaSignal.objects.filter(saga=saga, name=name, consumed_at__isnull=True).exists():
