@@ -6,6 +6,7 @@ engine's metrics, is ``config.metrics``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from rest_framework import exceptions, pagination, serializers
@@ -241,13 +242,17 @@ class BodyReadFirst:
     DRF parses a body only when a view reads ``request.data``; an action that takes none (a
     cancel, a retry) would otherwise carry out a request whose body is not JSON, or is too big,
     and answer ``202``. Now such a body is the ``400 parse_error`` (``413``, ``415``) a route
-    that reads its body gives, and nothing is done.
+    that reads its body gives, and nothing is done. JSON that is not an object (``[1]``,
+    ``"x"``, ``null``) is ``400 invalid``, as a route with a serializer said already: every
+    such route takes an object or nothing.
     """
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)  # type: ignore[misc]
-        if request.method in ("POST", "PUT", "PATCH", "DELETE"):
-            request.data  # noqa: B018 - parsing is the point
+        if request.method in ("POST", "PUT", "PATCH", "DELETE") and not isinstance(
+            request.data, Mapping
+        ):
+            raise exceptions.ValidationError("The body must be a JSON object, or empty.")
 
 
 # ---------------------------------------------------------------------------------------------

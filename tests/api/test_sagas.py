@@ -175,6 +175,10 @@ def test_a_retry_with_a_body_that_is_not_json_is_400_and_retries_nothing(ops_api
     Saga.objects.filter(pk=saga.pk).update(next_attempt_at=later)
     response = ops_api.post(f"{SAGAS}{saga.id}/retry/", b"{bad", content_type="application/json")
     assert_error(response, 400, "parse_error")
+    # JSON, but not the object (or nothing) every such route takes.
+    for body in (b"[1]", b'"retry"', b"null", b"42"):
+        response = ops_api.post(f"{SAGAS}{saga.id}/retry/", body, content_type="application/json")
+        assert_error(response, 400, "invalid")
     assert not SagaEvent.objects.filter(saga=saga, kind="ops_retry").exists()
     assert Saga.objects.get(pk=saga.pk).next_attempt_at == later
 
