@@ -37,20 +37,23 @@ class ProductForm(forms.ModelForm):
         return stock
 
     def clean_currency(self) -> str:
-        currency = self.cleaned_data["currency"].strip().upper()
+        currency = self.cleaned_data["currency"]
         problem = currency_problem(currency)
         if problem:
             raise forms.ValidationError(problem)
         return currency
 
     def clean(self) -> dict:
-        """The price must fit its currency (``10.50 JPY`` would fail every order's payment)."""
+        """The price must fit its currency (``10.50 JPY`` would fail every order's payment),
+        when either changes; the admin then writes both (``save_model``), so the pair stored
+        is the pair checked."""
         cleaned = super().clean() or self.cleaned_data
+        changed = {"price", "currency"} & set(self.changed_data)
         price, currency = cleaned.get("price"), cleaned.get("currency")
-        if price is not None and currency:
+        if changed and price is not None and currency:
             problem = price_problem(price, currency)
             if problem:
-                self.add_error("price", problem)
+                self.add_error("price" if "price" in changed else "currency", problem)
         return cleaned
 
 
@@ -71,6 +74,10 @@ class ProductAdmin(admin.ModelAdmin):
     def save_model(self, request, obj: Product, form, change: bool) -> None:
         if change:
             changed = [f for f in form.changed_data if f in form.Meta.fields]
+            if {"price", "currency"} & set(changed):
+                # Both, as the form checked them: a price changed elsewhere since the form was
+                # opened must not pair with this currency unchecked.
+                changed = list(dict.fromkeys([*changed, "price", "currency"]))
             if changed:
                 obj.save(update_fields=[*changed, "updated_at"])
         else:

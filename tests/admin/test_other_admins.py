@@ -274,6 +274,28 @@ def test_a_price_its_currency_cannot_carry_is_refused(ops_client, currency, pric
     assert (product.currency, product.price) == ("EUR", Decimal("5.00"))
 
 
+def test_a_stored_pair_is_not_asked_about_unless_it_changes(ops_client):
+    """A product stored before the rule (10.50 JPY) still has its stock changed in the console;
+    the form writes price and currency together when either changes, so the pair stored is the
+    pair it checked, whatever changed meanwhile."""
+    product = Product.objects.create(
+        sku="SR-OLD", name="Old", price=Decimal("10.50"), currency="JPY", stock_on_hand=3
+    )
+    url, data = _product_form(ops_client, product)
+    data["stock_on_hand"] = "4"
+    assert ops_client.post(url, data).status_code == 302
+    product.refresh_from_db()
+    assert (product.stock_on_hand, product.price, product.currency) == (4, Decimal("10.50"), "JPY")
+
+    Product.objects.filter(pk=product.pk).update(price=Decimal("10.00"), currency="EUR")
+    url, data = _product_form(ops_client, product)  # opened at 10.00 EUR
+    Product.objects.filter(pk=product.pk).update(price=Decimal("10.50"))  # an edit elsewhere
+    data["currency"] = "JPY"
+    assert ops_client.post(url, data).status_code == 302
+    product.refresh_from_db()
+    assert (product.price, product.currency) == (Decimal("10.00"), "JPY")
+
+
 # ---------------------------------------------------------------------------------------------
 # Participants: read-only, searchable by exact ids
 # ---------------------------------------------------------------------------------------------

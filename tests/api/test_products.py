@@ -152,12 +152,44 @@ def test_a_price_and_its_currency_must_fit_together_also_when_one_changes(staff_
     assert assert_error(
         staff_api.patch(f"{PRODUCTS}lamp/", {"currency": "JPY"}, format="json"), 400, "invalid"
     )["fields"].keys() == {"currency"}
+    lamp = Product.objects.get(sku="lamp")
+    assert (lamp.price, lamp.currency) == (Decimal("19.90"), "EUR")
     assert assert_error(
         staff_api.patch(f"{PRODUCTS}yen-cup/", {"price": "1200.50"}, format="json"), 400
     )["fields"].keys() == {"price"}
     both = staff_api.patch(f"{PRODUCTS}lamp/", {"price": "20", "currency": "JPY"}, format="json")
     assert both.status_code == 200, both.content
+    lamp = Product.objects.get(sku="lamp")
+    assert (lamp.price, lamp.currency) == (Decimal("20"), "JPY")
     assert Product.objects.get(sku="yen-cup").price == Decimal("1200")
+
+
+def test_a_pair_stored_before_the_rule_does_not_block_other_changes(staff_api, catalog):
+    """A product stored as 10.50 JPY (or in a code no longer in use) before prices were checked
+    against currencies: its stock and name still change; its price is checked when it does."""
+    Product.objects.filter(sku="lamp").update(price=Decimal("10.50"), currency="JPY")
+    response = staff_api.patch(
+        f"{PRODUCTS}lamp/", {"stock_on_hand": 7, "name": "Old lamp"}, format="json"
+    )
+    assert response.status_code == 200, response.content
+    assert_error(staff_api.patch(f"{PRODUCTS}lamp/", {"price": "11.50"}, format="json"), 400)
+    assert staff_api.patch(f"{PRODUCTS}lamp/", {"price": "11"}, format="json").status_code == 200
+
+
+def test_the_pair_is_checked_again_under_the_rows_lock(staff, catalog):
+    """Two changes each checked against the other's old value (a price of 10.50 while the
+    product was in EUR, a currency of JPY while the price was whole): the second to take the
+    lock is refused instead of storing 10.50 JPY."""
+    from django.core.exceptions import ValidationError
+
+    from inventory import catalog as writes
+
+    Product.objects.filter(sku="desk").update(price=Decimal("10.50"))  # the first committed
+    with pytest.raises(ValidationError) as refused:
+        writes.product_update(actor=staff, sku="desk", changes={"currency": "JPY"})
+    assert set(refused.value.message_dict) == {"currency"}
+    desk = Product.objects.get(sku="desk")
+    assert (desk.price, desk.currency) == (Decimal("10.50"), "EUR")
 
 
 def test_stock_cannot_go_below_what_is_reserved(staff_api, catalog):
