@@ -18,7 +18,8 @@ Above a limit: ``429`` ``{"code": "throttled", ...}`` with ``Retry-After`` (seco
 the window).
 
 A cache that does not answer (by default it is the broker's Redis) lets requests through
-uncounted for :data:`DOWN_SECONDS` at a time, with one warning each time: a rate limit guards
+uncounted for :data:`DOWN_SECONDS` at a time, with a warning each time (about one per process:
+threads that were asking at that moment each log theirs): a rate limit guards
 the service, it must not take the API down with Redis. An order placed while Redis is down still
 gets its ``201`` and its saga runs once the broker is back, as the engine promises.
 """
@@ -31,7 +32,9 @@ import time
 import structlog
 from django.conf import settings
 from django.core.cache import caches
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rest_framework import exceptions, throttling
 from rest_framework.request import Request
 
@@ -45,9 +48,11 @@ log = structlog.get_logger(__name__)
 DOWN_SECONDS = 5.0
 #: Until when (``time.monotonic()``) this process does not ask the cache.
 _down_until = 0.0
-#: What a cache that does not answer raises: Redis (refused, timed out, reset), the file cache.
+#: What a cache that does not answer raises: Redis (refused, timed out, reset, loading), the
+#: file cache. Not a Redis that answers with an error (a wrong password, read-only, out of
+#: memory): that is a configuration to mend, and stays a 500 rather than limits silently off.
 #: The database cache is left out: without the database no request is served anyway.
-_UNAVAILABLE = (RedisError, OSError)
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class FixedWindowThrottle(throttling.SimpleRateThrottle):
@@ -88,6 +93,8 @@ class FixedWindowThrottle(throttling.SimpleRateThrottle):
         try:
             count = self._count(f"throttle:{key}:{duration}:{window}", duration)
         except _UNAVAILABLE as exc:
+            if isinstance(exc, AuthenticationError):  # a ConnectionError, but an answer
+                raise
             _down_until = time.monotonic() + DOWN_SECONDS
             log.warning(
                 "api.rate_limit_unavailable",

@@ -291,6 +291,15 @@ def wait_until(
         time.sleep(interval)
 
 
+@pytest.fixture(autouse=True)
+def _rate_limits_counted() -> None:
+    """Each test starts with the rate limits counted: a cache that did not answer in an earlier
+    test (a Redis stall, a test's dead cache) leaves them off for a few seconds otherwise."""
+    from config import throttling
+
+    throttling._down_until = 0.0
+
+
 @pytest.fixture
 def wait_for() -> Callable[..., Any]:
     """``wait_for(predicate, timeout=30, interval=0.05, describe=None)``: see :func:`wait_until`."""

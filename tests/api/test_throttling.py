@@ -212,6 +212,7 @@ def test_a_cache_that_does_not_answer_lets_requests_through_uncounted(
     uncounted for a span with one warning; once the span is over the cache is asked again and
     the limits hold as before."""
     monkeypatch.setattr(throttling, "_down_until", 0.0)
+    monkeypatch.setattr(throttling, "DOWN_SECONDS", 3600.0)  # one span, however slow the run
     answering = settings.CACHES
     settings.CACHES = {
         "default": {
@@ -232,6 +233,7 @@ def test_a_cache_that_does_not_answer_lets_requests_through_uncounted(
     warnings = [line for line in logs if line["event"] == "api.rate_limit_unavailable"]
     assert len(warnings) == 1, logs
     assert "ConnectionError" in warnings[0]["error"]
+    assert warnings[0]["uncounted_for_seconds"] == 3600.0
 
     settings.CACHES = answering
     monkeypatch.setattr(throttling, "_down_until", 0.0)  # the span is over
