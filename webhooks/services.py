@@ -64,13 +64,14 @@ def endpoint_create(*, owner: Any, url: str, events: Iterable[str]) -> tuple[End
         check_url(url)
     except UrlRefused as exc:
         raise EndpointInvalid(exc.code, exc.detail) from None
-    if Endpoint.objects.filter(owner=owner).count() >= MAX_ENDPOINTS_PER_OWNER:
-        raise EndpointInvalid(
-            "too_many_endpoints", f"At most {MAX_ENDPOINTS_PER_OWNER} endpoints per client."
-        )
     secret = _new_secret()
     with transaction.atomic():
+        # Counted under the owner's lock: two registrations at 19 do not make 21.
         _lock_owner(owner.pk)
+        if Endpoint.objects.filter(owner=owner).count() >= MAX_ENDPOINTS_PER_OWNER:
+            raise EndpointInvalid(
+                "too_many_endpoints", f"At most {MAX_ENDPOINTS_PER_OWNER} endpoints per client."
+            )
         endpoint = Endpoint.objects.create(owner=owner, url=url, events=events, secret=secret)
         subscribed.send(sender=Endpoint, owner_id=owner.pk)
     log.info("webhooks.endpoint_created", endpoint_id=str(endpoint.id), owner_id=owner.pk)

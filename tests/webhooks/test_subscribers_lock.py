@@ -81,3 +81,59 @@ def test_a_read_with_no_registration_under_way_answers_at_once(customer):
     register(api_client_for(customer), "http://127.0.0.1:9/hooks")
     with transaction.atomic():
         assert services.subscribers(customer.pk) is True
+
+
+def test_two_registrations_at_the_limit_make_no_more_than_the_limit(customer, settings, wait_for):
+    """The limit is counted under the client's lock: a registration that waited for another's
+    lock counts that one's endpoint too (it counted before taking the lock, and both went in)."""
+    settings.WEBHOOKS_ALLOW_PRIVATE = True
+    client = api_client_for(customer)
+    for _ in range(services.MAX_ENDPOINTS_PER_OWNER - 1):
+        register(client, "http://127.0.0.1:9/hooks")
+    other = _other_connection()
+    try:
+        # Another web process registers the last one: it holds the lock, its row not committed.
+        other.execute(
+            "SELECT pg_advisory_xact_lock(%s, %s)",
+            [services._LOCK_SPACE, services._lock_key(customer.pk)],
+        )
+        other.execute(
+            "INSERT INTO webhooks_endpoint (id, owner_id, url, events, secret, previous_secrets, "
+            "is_active, disabled_reason, created_at) SELECT gen_random_uuid(), owner_id, url, "
+            "events, secret, previous_secrets, is_active, disabled_reason, now() "
+            "FROM webhooks_endpoint WHERE owner_id = %s LIMIT 1",
+            [customer.pk],
+        )
+        outcome: dict[str, str] = {}
+
+        def register_one_more() -> None:
+            try:
+                services.endpoint_create(
+                    owner=customer, url="http://127.0.0.1:9/hooks", events=["order.confirmed"]
+                )
+                outcome["result"] = "created"
+            except services.EndpointInvalid as exc:
+                outcome["result"] = exc.code
+            finally:
+                connections.close_all()
+
+        registrar = threading.Thread(target=register_one_more)
+        registrar.start()
+        wait_for(
+            lambda: (
+                connection.cursor()
+                .execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                )
+                .fetchone()[0]
+                == 1
+            ),
+            timeout=30,
+            describe=lambda: outcome,
+        )
+        other.commit()
+        registrar.join(timeout=30)
+        assert outcome == {"result": "too_many_endpoints"}
+        assert Endpoint.objects.filter(owner=customer).count() == services.MAX_ENDPOINTS_PER_OWNER
+    finally:
+        other.close()
