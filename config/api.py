@@ -247,10 +247,16 @@ class BodyReadFirst:
     such route takes an object or nothing.
     """
 
+    #: Actions that refuse a body that is not an object themselves, in their own words.
+    checks_own_body: tuple[str, ...] = ()
+
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)  # type: ignore[misc]
-        if request.method in ("POST", "PUT", "PATCH", "DELETE") and not isinstance(
-            request.data, Mapping
+        if request.method not in ("POST", "PUT", "PATCH", "DELETE"):
+            return
+        data = request.data
+        if not isinstance(data, Mapping) and getattr(self, "action", None) not in (
+            self.checks_own_body
         ):
             raise exceptions.ValidationError("The body must be a JSON object, or empty.")
 

@@ -215,6 +215,8 @@ ERROR = ErrorSerializer
     ),
 )
 class OrderViewSet(BodyReadFirst, viewsets.GenericViewSet):
+    # An order's body is refused in the order's own words, after its key and its limit.
+    checks_own_body = ("create",)
     permission_classes = [permissions.IsAuthenticated]
     serializer_class = OrderSerializer
     pagination_class = Pagination
