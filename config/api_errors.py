@@ -193,7 +193,7 @@ def handler500(request: HttpRequest) -> HttpResponse:
     return defaults.server_error(request)
 
 
-def read_only_endpoint(view: Callable[[HttpRequest], HttpResponse]) -> Callable[..., HttpResponse]:
+def read_only_endpoint(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
     """For a plain Django view that machines read (``/healthz``, ``/metrics``): any method but
     ``GET`` and ``HEAD`` is ``405`` in the one JSON error shape, with ``Allow``.
 
