@@ -31,16 +31,27 @@ def _other_connection() -> psycopg.Connection:
     )
 
 
+def _hold_the_clients_lock(other: psycopg.Connection, owner_id: int) -> None:
+    """``other`` takes the client's webhook lock, as a registration in another process does."""
+    other.execute(
+        "SELECT pg_advisory_xact_lock(%s, %s)", [services._LOCK_SPACE, services._lock_key(owner_id)]
+    )
+
+
+def _one_waits_for_the_lock() -> bool:
+    """Exactly one session is queued on an advisory lock (the thread under test)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        return cursor.fetchone()[0] == 1
+
+
 def test_a_read_while_a_registration_holds_the_lock_waits_and_sees_the_endpoint(customer, wait_for):
     endpoint = register(api_client_for(customer), "http://127.0.0.1:9/hooks")
     Endpoint.objects.filter(pk=endpoint["id"]).update(is_active=False)
     other = _other_connection()
     try:
         # Another process registers: it holds the client's lock, its endpoint not yet visible.
-        other.execute(
-            "SELECT pg_advisory_xact_lock(%s, %s)",
-            [services._LOCK_SPACE, services._lock_key(customer.pk)],
-        )
+        _hold_the_clients_lock(other, customer.pk)
         other.execute(
             "UPDATE webhooks_endpoint SET is_active = true WHERE id = %s", [endpoint["id"]]
         )
@@ -55,18 +66,7 @@ def test_a_read_while_a_registration_holds_the_lock_waits_and_sees_the_endpoint(
 
         reader = threading.Thread(target=place_an_order)
         reader.start()
-        wait_for(
-            lambda: (
-                connection.cursor()
-                .execute(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                )
-                .fetchone()[0]
-                == 1
-            ),
-            timeout=30,
-            describe=lambda: seen,
-        )
+        wait_for(_one_waits_for_the_lock, timeout=30, describe=lambda: seen)
         assert "subscribers" not in seen  # it waits for the registration
         other.commit()
         reader.join(timeout=30)
@@ -93,10 +93,7 @@ def test_two_registrations_at_the_limit_make_no_more_than_the_limit(customer, se
     other = _other_connection()
     try:
         # Another web process registers the last one: it holds the lock, its row not committed.
-        other.execute(
-            "SELECT pg_advisory_xact_lock(%s, %s)",
-            [services._LOCK_SPACE, services._lock_key(customer.pk)],
-        )
+        _hold_the_clients_lock(other, customer.pk)
         other.execute(
             "INSERT INTO webhooks_endpoint (id, owner_id, url, events, secret, previous_secrets, "
             "is_active, disabled_reason, created_at) SELECT gen_random_uuid(), owner_id, url, "
@@ -119,18 +116,7 @@ def test_two_registrations_at_the_limit_make_no_more_than_the_limit(customer, se
 
         registrar = threading.Thread(target=register_one_more)
         registrar.start()
-        wait_for(
-            lambda: (
-                connection.cursor()
-                .execute(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                )
-                .fetchone()[0]
-                == 1
-            ),
-            timeout=30,
-            describe=lambda: outcome,
-        )
+        wait_for(_one_waits_for_the_lock, timeout=30, describe=lambda: outcome)
         other.commit()
         registrar.join(timeout=30)
         assert outcome == {"result": "too_many_endpoints"}
