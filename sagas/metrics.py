@@ -10,6 +10,9 @@ time (the rows are the truth), by web only.
 
 from __future__ import annotations
 
+import glob
+import os
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -89,12 +92,32 @@ def parked_by_provider() -> dict[str, int]:
     )
 
 
+class _FilesCollector(multiprocess.MultiProcessCollector):
+    """prometheus_client's collector of every process's counter files, past an empty one.
+
+    A process SIGKILLed between creating its file and sizing it (a pool child killed as its
+    first counter moved) leaves a file of 0 bytes. prometheus_client cannot read one, and it
+    failed every scrape from then on, ``/metrics`` a 500, until someone deleted the file. An
+    empty file holds no sample: it is passed by.
+    """
+
+    def collect(self):  # prometheus_client's own signature
+        files = []
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            try:
+                if os.path.getsize(path) > 0:
+                    files.append(path)
+            except OSError:  # gone since the listing (a dead process's files cleaned up)
+                continue
+        return self.merge(files, accumulate=True)
+
+
 def render_metrics() -> tuple[bytes, str]:
     """The Prometheus exposition of every process's metrics plus the per-state gauges."""
     from providers.collector import BreakerCollector
 
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
+    _FilesCollector(registry)
     registry.register(_SagaStateCollector())
     registry.register(BreakerCollector(parked=parked_by_provider))
     return generate_latest(registry), CONTENT_TYPE_LATEST
@@ -108,5 +131,5 @@ def serve_worker_metrics(port: int) -> None:
     database-backed gauges come from web's ``/metrics``, so a sum over targets counts them once.
     """
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
+    _FilesCollector(registry)
     start_http_server(port, registry=registry)

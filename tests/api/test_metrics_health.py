@@ -102,3 +102,19 @@ def test_schema_and_docs_throttled_answer_json(settings, anon_api):
         response = anon_api.get(path, REMOTE_ADDR=address)
         assert_error(response, 429, "throttled")
         assert int(response["Retry-After"]) >= 1
+
+
+def test_metrics_are_served_past_the_empty_file_of_a_process_killed_as_it_made_it():
+    """A pool child SIGKILLed between creating its counter file and sizing it leaves 0 bytes;
+    /metrics still answers, with the other processes' counters (it was a 500 from then on)."""
+    import os
+    from pathlib import Path
+
+    empty = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]) / "counter_2147483646.db"
+    empty.touch()
+    try:
+        response = Client().get("/metrics")
+        assert response.status_code == 200
+        assert "saga_state_count" in response.content.decode()
+    finally:
+        empty.unlink()
