@@ -8,6 +8,7 @@ fails later at the payment step over it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from decimal import Decimal
 
 #: ISO 4217 codes of the currencies in use (funds, precious metals, drawing rights and the
@@ -39,6 +40,23 @@ def currency_problem(currency: str) -> str | None:
     if currency in UNSUPPORTED_CURRENCIES:
         return f"{currency} has three decimal places; prices here have at most two."
     return None
+
+
+def pair_problem(
+    changed: Iterable[str], price: Decimal | None, currency: str | None
+) -> tuple[str, str] | None:
+    """For a product whose ``changed`` fields include its price or currency: the field to
+    blame (the price if it changed, else the currency) and why the pair it would have cannot
+    be charged; ``None`` if it can. A change of neither is not asked about a pair stored before
+    these rules. The API, the ops console and the catalog's write under its lock all ask this.
+    """
+    changed = {"price", "currency"} & set(changed)
+    if not changed or price is None or not currency:
+        return None
+    problem = currency_problem(currency) or price_problem(price, currency)
+    if problem is None:
+        return None
+    return ("price" if "price" in changed else "currency", problem)
 
 
 def price_problem(price: Decimal, currency: str) -> str | None:

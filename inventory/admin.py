@@ -13,7 +13,7 @@ from django.contrib.admin.options import ShowFacets
 from django.db.models import Q
 
 from config.admin import ReadOnlyAdmin, ReadOnlyTabularInline, order_link, search_by_id_or_order
-from config.money import currency_problem, price_problem
+from config.money import currency_problem, pair_problem
 from inventory.models import Product, Reservation, ReservationLine
 
 
@@ -48,12 +48,9 @@ class ProductForm(forms.ModelForm):
         when either changes; the admin then writes both (``save_model``), so the pair stored
         is the pair checked."""
         cleaned = super().clean() or self.cleaned_data
-        changed = {"price", "currency"} & set(self.changed_data)
-        price, currency = cleaned.get("price"), cleaned.get("currency")
-        if changed and price is not None and currency:
-            problem = price_problem(price, currency)
-            if problem:
-                self.add_error("price" if "price" in changed else "currency", problem)
+        found = pair_problem(self.changed_data, cleaned.get("price"), cleaned.get("currency"))
+        if found:
+            self.add_error(*found)
         return cleaned
 
 

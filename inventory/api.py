@@ -11,7 +11,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from config.api import Pagination
-from config.money import currency_problem, price_problem
+from config.money import currency_problem, pair_problem
 from inventory import catalog
 from inventory.models import Product
 from inventory.selectors import product_list
@@ -56,15 +56,14 @@ class ProductSerializer(serializers.ModelSerializer):
         """The price must fit its currency, the one it keeps or the one it gets (a change of
         either alone can break the pair). A change of neither is not asked about a pair stored
         before this rule existed. ``inventory.catalog`` asks again under the row's lock."""
-        if not {"price", "currency"} & attrs.keys():
-            return attrs
-        price = attrs.get("price", getattr(self.instance, "price", None))
-        currency = attrs.get("currency", getattr(self.instance, "currency", None))
-        if price is not None and currency and currency_problem(currency) is None:
-            problem = price_problem(price, currency)
-            if problem:
-                field = "price" if "price" in attrs else "currency"
-                raise serializers.ValidationError({field: [problem]})
+        found = pair_problem(
+            attrs,
+            attrs.get("price", getattr(self.instance, "price", None)),
+            attrs.get("currency", getattr(self.instance, "currency", None)),
+        )
+        if found:
+            field, problem = found
+            raise serializers.ValidationError({field: [problem]})
         return attrs
 
 

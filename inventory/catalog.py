@@ -18,7 +18,7 @@ from django.db import IntegrityError, transaction
 from django.utils.text import capfirst, get_text_list
 
 from audit.services import audit_object_change
-from config.money import currency_problem, price_problem
+from config.money import pair_problem
 from inventory.models import Product
 
 EDITABLE_FIELDS = ("name", "price", "currency", "stock_on_hand")
@@ -84,15 +84,14 @@ def product_update(*, actor: Any, sku: str, changes: dict[str, Any]) -> Product:
                 ]
             }
         )
-    if {"price", "currency"} & changes.keys():
-        # Asked again here, under the lock: two changes checked each against the other's old
-        # value (a price of 10.50, a currency of JPY) must not store a pair neither allowed.
-        price = changes.get("price", product.price)
-        currency = changes.get("currency", product.currency)
-        problem = currency_problem(currency) or price_problem(price, currency)
-        if problem:
-            field = "price" if "price" in changes else "currency"
-            raise ValidationError({field: [problem]})
+    # Asked again here, under the lock: two changes checked each against the other's old value
+    # (a price of 10.50, a currency of JPY) must not store a pair neither allowed.
+    found = pair_problem(
+        changes, changes.get("price", product.price), changes.get("currency", product.currency)
+    )
+    if found:
+        field, problem = found
+        raise ValidationError({field: [problem]})
     changed = [name for name, value in changes.items() if getattr(product, name) != value]
     for name in changed:
         setattr(product, name, changes[name])
