@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 
 import structlog
+from django.conf import settings
 from django.core.exceptions import BadRequest, DisallowedHost
-from django.http import HttpRequest, HttpResponse, QueryDict
+from django.core.handlers.wsgi import LimitedStream
+from django.http import HttpRequest, HttpResponse, JsonResponse, QueryDict
 
-from config.api_errors import handler400
+from config.api_errors import error_body, handler400
 
 _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 
@@ -35,6 +38,59 @@ class RefuseUnknownHost:
             log.warning("http.host_refused", host=request.META.get("HTTP_HOST", "")[:200])
             return handler400(request, exc)
         return self.get_response(request)
+
+
+class FramedBody:
+    """A body sent in chunks (``Transfer-Encoding: chunked``) is read like any other, and a
+    compressed one (``Content-Encoding``) is a ``415``.
+
+    Django reads a request body up to its ``Content-Length`` and takes a missing one for an
+    empty body. A chunked body has none, so it vanished: a chunked order was refused as having
+    no items, and a chunked cancel whose body was not JSON was carried out, since its body
+    read as empty. Here the server's decoded stream (gunicorn marks it complete with
+    ``wsgi.input_terminated``) is read, at most ``DATA_UPLOAD_MAX_MEMORY_SIZE`` (``413``
+    beyond), and handed on with its length; a server that cannot say where the body ends
+    (Django's ``runserver``) gets ``411``, answered before anything is done. A compressed body
+    is refused rather than misread: the API's parser would take gzip for broken UTF-8, and any
+    other coding for what it is not. Before every other middleware that reads the body (the
+    CSRF check, the NUL check of forms).
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        meta = request.META
+        coding = meta.get("HTTP_CONTENT_ENCODING", "").strip().lower()
+        chunked = "HTTP_TRANSFER_ENCODING" in meta and not meta.get("CONTENT_LENGTH")
+        has_body = chunked or meta.get("CONTENT_LENGTH") not in (None, "", "0")
+        if coding not in ("", "identity") and has_body:
+            return _refused(
+                415,
+                "unsupported_media_type",
+                f"A compressed body (Content-Encoding: {coding[:40]}) is not accepted; "
+                "send it uncompressed.",
+            )
+        if chunked:
+            if not meta.get("wsgi.input_terminated"):
+                return _refused(
+                    411,
+                    "length_required",
+                    "This server cannot read a body without a Content-Length; send one.",
+                )
+            limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+            stream = meta["wsgi.input"]
+            body = stream.read(limit + 1) if limit is not None else stream.read()
+            if limit is not None and len(body) > limit:
+                return _refused(413, "payload_too_large", "The request body is too large.")
+            meta["CONTENT_LENGTH"] = str(len(body))
+            # What WSGIRequest builds from a Content-Length; it was built from none.
+            request._stream = LimitedStream(io.BytesIO(body), len(body))  # type: ignore[attr-defined]
+        return self.get_response(request)
+
+
+def _refused(status: int, code: str, detail: str) -> HttpResponse:
+    return JsonResponse(error_body(code, detail), status=status)
 
 
 class NulRefused(BadRequest):

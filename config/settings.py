@@ -153,6 +153,7 @@ if SAGARUNNER_LAB:
 
 MIDDLEWARE = [
     "config.middleware.RefuseUnknownHost",
+    "config.middleware.FramedBody",
     "django.middleware.security.SecurityMiddleware",
     "config.middleware.RefuseNul",
     "csp.middleware.CSPMiddleware",
