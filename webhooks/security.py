@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import unicodedata
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -42,17 +43,50 @@ class Target:
     address: str
 
 
+#: IPv6 prefixes that carry an IPv4 address in their last 32 bits and reach it: NAT64's
+#: well-known prefix (RFC 6052), the IPv4-translated (SIIT, RFC 2765) and the deprecated
+#: IPv4-compatible forms. ``is_global`` judges the IPv6 address, not the IPv4 one it reaches,
+#: so ``64:ff9b::a9fe:a9fe`` passed for public while a NAT64 gateway sends it to 169.254.169.254.
+_CARRY_IPV4 = tuple(
+    ipaddress.IPv6Network(net) for net in ("64:ff9b::/96", "::ffff:0:0:0/96", "::/96")
+)
+#: NAT64 prefix for local use (RFC 8215): its IPv4 addresses are wherever the operator maps them.
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
 def _public(ip: IPAddress) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _LOCAL_NAT64:
+            return False
+        # ::ffff:a.b.c.d (mapped) and 2002:aabb:ccdd:: (6to4) are judged by their IPv4 address.
+        carried = ip.ipv4_mapped or ip.sixtofour
+        if carried is None and any(ip in net for net in _CARRY_IPV4):
+            carried = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if carried is not None:
+            ip = carried
     # is_global is False for loopback, private (RFC 1918, fc00::/7), link-local (the metadata
-    # address 169.254.169.254 among them), shared (100.64/10), reserved and unspecified ones.
+    # address 169.254.169.254 among them), shared (100.64/10), reserved and unspecified ones,
+    # and Teredo's 2001::/32.
     return ip.is_global and not ip.is_multicast
+
+
+def _unprintable(url: str) -> str | None:
+    """The first character a URL must not hold as typed: a control character (a CR or LF
+    would be a header in a request line), a space, or an invisible format character (a
+    right-to-left override shows the ops console another URL than the one called)."""
+    for ch in url:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zs", "Zl", "Zp"):
+            return ch
+    return None
 
 
 def check_url(url: str) -> Target:
     """Parse, resolve and vet ``url``; raise :class:`UrlRefused` with the reason."""
     allow_private = settings.WEBHOOKS_ALLOW_PRIVATE
+    bad = _unprintable(url)
+    if bad is not None:
+        what = unicodedata.name(bad, f"U+{ord(bad):04X}")
+        raise UrlRefused("invalid_url", f"The URL holds {what}: percent-encode it.")
     try:
         parts = urlsplit(url)
         port = parts.port

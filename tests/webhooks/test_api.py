@@ -54,6 +54,18 @@ def test_the_secret_is_shown_once_and_a_client_sees_only_its_own_endpoints(
         ("https://169.254.169.254/latest/meta-data/", "private_address"),
         ("https://[::1]/hooks", "private_address"),
         ("https://[::ffff:127.0.0.1]/hooks", "private_address"),
+        # IPv6 forms that reach an IPv4 address: judged by that address.
+        ("https://[64:ff9b::a9fe:a9fe]/hooks", "private_address"),  # NAT64 -> 169.254.169.254
+        ("https://[64:ff9b::a00:1]/hooks", "private_address"),  # NAT64 -> 10.0.0.1
+        ("https://[64:ff9b:1::a00:1]/hooks", "private_address"),  # local-use NAT64
+        ("https://[2002:7f00:1::]/hooks", "private_address"),  # 6to4 -> 127.0.0.1
+        ("https://[2002:a9fe:a9fe::]/hooks", "private_address"),  # 6to4 -> 169.254.169.254
+        ("https://[::127.0.0.1]/hooks", "private_address"),  # IPv4-compatible
+        ("https://[::ffff:0:a9fe:a9fe]/hooks", "private_address"),  # IPv4-translated (SIIT)
+        ("https://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/hooks", "private_address"),  # Teredo
+        ("https://93.184.215.14/a\r\nX-Injected: 1", "invalid_url"),
+        ("https://93.184.215.14/a b", "invalid_url"),
+        ("https://93.184.215.14/\u202egnp.exe", "invalid_url"),  # right-to-left override
         ("https://user:pw@93.184.215.14/hooks", "invalid_url"),
         ("https://93.184.215.14:0/hooks", "invalid_url"),
         ("https://93.184.215.14:99999/hooks", "invalid_url"),
@@ -69,6 +81,21 @@ def test_unsafe_urls_are_refused_at_registration(customer, settings, url, code):
     assert body["code"] == code, body
     assert "url" in body["fields"]
     assert not Endpoint.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://[64:ff9b::5db8:d70e]/hooks",  # NAT64 -> 93.184.215.14
+        "https://[2002:5db8:d70e::1]/hooks",  # 6to4 -> 93.184.215.14
+        "https://93.184.215.14/a%20b",
+    ],
+)
+def test_urls_that_reach_a_public_address_are_accepted(customer, settings, url):
+    settings.WEBHOOKS_ALLOW_PRIVATE = False
+    client = api_client_for(customer)
+    response = client.post("/api/v1/webhooks/", {**BODY, "url": url}, format="json")
+    assert response.status_code == 201, response.content
 
 
 def test_with_allow_private_plain_http_on_loopback_is_accepted(customer, settings):
