@@ -21,7 +21,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from django.contrib import admin
+from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.admin.models import LogEntry
+from django.core.validators import MaxLengthValidator
 from django.db.models import Model
 from django.http import HttpRequest
 
@@ -135,8 +137,25 @@ def audited(admin_class: type[admin.ModelAdmin]) -> type[admin.ModelAdmin]:
     )
 
 
+class ConsoleLoginForm(AdminAuthenticationForm):
+    """The admin's login form, with the user name's length checked before anyone is asked.
+
+    Django's form only tells the browser the length (``maxlength``); the server took any
+    length, and django-axes then recorded the failed attempt under a name longer than its
+    column (255): the login page was a ``500``. A name longer than any user can have is a
+    form error instead, and asks no backend.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        field = self.fields["username"]
+        field.validators.append(MaxLengthValidator(field.max_length))
+
+
 class AuditedAdminSite(admin.AdminSite):
     """The ops console's site: every admin registered on it records its edits."""
+
+    login_form = ConsoleLoginForm
 
     def register(
         self,

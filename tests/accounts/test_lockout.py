@@ -117,3 +117,21 @@ def test_seed_demo_refuses_a_weak_demo_password(settings):
     settings.DEMO_STAFF_PASSWORD = "123"
     with pytest.raises(CommandError, match="password rules"):
         call_command("seed_demo", stdout=StringIO())
+
+
+@pytest.mark.parametrize("length", [151, 256, 5000])
+def test_a_user_name_longer_than_any_user_can_have_is_a_form_error(client, demo_staff, length):
+    """Not a 500: django-axes recorded the failure under the name, and its column holds 255."""
+    response = login(client, "a" * length, "wrong-guess")
+    assert response.status_code == 200
+    assert "at most 150 characters" in response.content.decode()
+    assert not AccessAttempt.objects.filter(username__startswith="aaaa").exists()
+
+
+def test_a_long_user_name_from_a_locked_out_address_is_a_form_error(client, demo_staff, settings):
+    """The form refuses it before any backend (django-axes' among them) is asked."""
+    for _ in range(settings.AXES_FAILURE_LIMIT):
+        login(client, "demo-staff", "wrong-guess")
+    response = login(client, "a" * 256, "wrong-guess")
+    assert response.status_code == 200
+    assert "at most 150 characters" in response.content.decode()
