@@ -42,10 +42,26 @@ def parse_int(text: str) -> int:
     return int(text)
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' ``object_pairs_hook``: an object naming a key twice is refused.
+
+    JSON leaves it open which one counts; Python keeps the last, and a proxy or a log that
+    reads the first would see another request than the one carried out.
+    """
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"the key {key[:100]!r} appears twice in one object")
+            seen.add(key)
+    return data
+
+
 class JSONParser(parsers.JSONParser):
     """DRF's JSON parser, plus: a body larger than ``DATA_UPLOAD_MAX_MEMORY_SIZE`` is a ``413``;
-    an unknown charset, invalid UTF-8, absurdly deep nesting or a string no text column can
-    hold is a ``400``, not a ``500``."""
+    an unknown charset, invalid UTF-8, absurdly deep nesting, a key twice in one object or a
+    string no text column can hold is a ``400``, not a ``500``."""
 
     def parse(self, stream, media_type=None, parser_context=None) -> Any:
         parser_context = parser_context or {}
@@ -58,8 +74,17 @@ class JSONParser(parsers.JSONParser):
         try:
             text = raw.decode(encoding)
             parse_constant = json.strict_constant if self.strict else None
-            data = json.loads(text, parse_constant=parse_constant, parse_int=parse_int)
-        except (ValueError, LookupError, RecursionError) as exc:
+            data = json.loads(
+                text,
+                parse_constant=parse_constant,
+                parse_int=parse_int,
+                object_pairs_hook=unique_keys,
+            )
+        except RecursionError:
+            raise exceptions.ParseError(
+                "JSON parse error - the body is nested too deeply"
+            ) from None
+        except (ValueError, LookupError) as exc:
             raise exceptions.ParseError(f"JSON parse error - {exc}") from None
         # Once here, for every route: such a string would otherwise fail with a 500 wherever
         # it went (a query, a jsonb column, an idempotency fingerprint, an error message).

@@ -313,6 +313,31 @@ def test_unreadable_bodies_are_4xx_json(client_api, catalog, raw, content_type, 
     assert counts() == before
 
 
+def test_a_key_twice_in_one_object_is_a_parse_error_and_places_nothing(client_api, catalog):
+    """JSON leaves open which one counts (Python keeps the last): refused, not guessed."""
+    before = counts()
+    text = json.dumps(GOOD)[:-1] + ', "payment_method": "pm_card_declined"}'
+    response = client_api.generic("POST", "/api/v1/orders/", text, content_type="application/json")
+    body = assert_error(response, 400, "parse_error")
+    assert "'payment_method' appears twice" in body["detail"], body
+    nested = json.dumps({**GOOD, "shipping_address": {}})
+    nested = nested.replace(
+        '"shipping_address": {}', '"shipping_address": {"city": "A", "city": "B"}'
+    )
+    response = client_api.generic(
+        "POST", "/api/v1/orders/", nested, content_type="application/json"
+    )
+    assert "'city' appears twice" in assert_error(response, 400, "parse_error")["detail"]
+    assert counts() == before
+
+
+def test_a_body_nested_too_deeply_says_so(client_api, catalog):
+    raw = b"[" * 100_000 + b"]" * 100_000
+    response = client_api.generic("POST", "/api/v1/orders/", raw, content_type="application/json")
+    body = assert_error(response, 400, "parse_error")
+    assert body["detail"] == "JSON parse error - the body is nested too deeply", body
+
+
 def test_a_body_over_the_upload_limit_is_413(client_api, catalog, settings):
     """Bigger than DATA_UPLOAD_MAX_MEMORY_SIZE: 413 ``payload_too_large``."""
     settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
