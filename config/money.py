@@ -31,13 +31,21 @@ ZERO_DECIMAL_CURRENCIES = frozenset(
 )
 #: Three-decimal currencies do not fit our two-decimal amount columns.
 UNSUPPORTED_CURRENCIES = frozenset({"BHD", "JOD", "KWD", "OMR", "TND"})
+#: ISO 4217's own minor units, for what the catalog accepts (the tables above are how amounts
+#: travel to the provider, and stay as they are): a price in a currency without minor units is
+#: in whole units, and a currency with three decimals is not priced here at all.
+ISO_ZERO_DECIMAL = frozenset(
+    {"BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "VND", "VUV"}
+    | {"XAF", "XOF", "XPF"}
+)
+ISO_THREE_DECIMAL = frozenset({"BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"})
 
 
 def currency_problem(currency: str) -> str | None:
     """Why the catalog cannot price in ``currency`` (upper case, as stored), or ``None``."""
     if currency not in CURRENCY_CODES:
         return f"{currency!r} is not an ISO 4217 currency code in use (upper case, e.g. EUR)."
-    if currency in UNSUPPORTED_CURRENCIES:
+    if currency in UNSUPPORTED_CURRENCIES or currency in ISO_THREE_DECIMAL:
         return f"{currency} has three decimal places; prices here have at most two."
     return None
 
@@ -63,7 +71,7 @@ def price_problem(price: Decimal, currency: str) -> str | None:
     """Why ``price`` cannot be charged in ``currency`` (a supported one), or ``None``: a price
     with cents in a currency without minor units (``10.50 JPY``) would fail every order's
     payment."""
-    places = currency_exponent(currency)
+    places = 0 if currency in ISO_ZERO_DECIMAL else currency_exponent(currency)
     if price != price.quantize(Decimal(1).scaleb(-places)):
         unit = "whole units" if places == 0 else f"at most {places} decimal places"
         return f"{currency} prices are in {unit}."

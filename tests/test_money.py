@@ -66,6 +66,8 @@ def test_round_trip_is_exact(minor, currency):
         ("eur", "not an ISO 4217 currency code in use"),  # stored upper case
         ("KWD", "three decimal places"),
         ("BHD", "three decimal places"),
+        ("IQD", "three decimal places"),  # ISO 4217 gives both three
+        ("LYD", "three decimal places"),
     ],
 )
 def test_the_currencies_a_price_can_be_in(currency, problem):
@@ -92,3 +94,10 @@ def test_a_price_fits_its_currency_or_says_why(price, currency, fits):
     else:
         with pytest.raises(ValueError, match="more precision"):
             to_minor(Decimal(price), currency)
+
+
+@pytest.mark.parametrize("currency", ["XOF", "XPF", "UGX", "ISK"])
+def test_currencies_without_minor_units_in_iso_4217_take_whole_prices(currency):
+    """Whatever the provider's table says of them (amounts travel to it as before)."""
+    assert "whole units" in price_problem(Decimal("10.50"), currency)
+    assert price_problem(Decimal("10"), currency) is None
