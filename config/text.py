@@ -46,6 +46,22 @@ def unstorable_text(data: Any) -> tuple[str, str] | None:
     return None
 
 
+def header_text(request: Any, name: str) -> str | None:
+    """A request header as the client wrote it, in UTF-8; ``None`` when absent.
+
+    WSGI hands header values over as Latin-1 (PEP 3333), so a UTF-8 value arrived as two or
+    three characters per letter: a 240-letter Cyrillic key counted as 480 against a limit of
+    255. A value that is not UTF-8 is kept as Latin-1 read it.
+    """
+    value = request.headers.get(name)
+    if value is None or value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
+
+
 def has_control_characters(text: str) -> bool:
     """Whether ``text`` holds an ASCII control character (NUL included): refused in a header
     value the database keeps, such as an Idempotency-Key."""

@@ -43,6 +43,7 @@ from config.api import (
     StrictIntegerField,
     signed_in_user,
 )
+from config.text import header_text
 from config.throttling import OrderRateThrottle, check
 from orders import idempotency
 from orders.countries import COUNTRY_CODES
@@ -274,7 +275,7 @@ class OrderViewSet(BodyReadFirst, viewsets.GenericViewSet):
 
     # -- write --------------------------------------------------------------------------------
     def create(self, request: Request) -> Response:
-        key = idempotency.clean_key(request.headers.get("Idempotency-Key"))
+        key = idempotency.clean_key(header_text(request, "Idempotency-Key"))
         data = request.data  # a malformed body is a 400 here, before the key is touched
         claim = None
         if key is not None:

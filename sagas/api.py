@@ -38,6 +38,7 @@ from config.api import (
     StrictCharField,
 )
 from config.api_errors import ApiError
+from config.text import header_text
 from sagas import services
 from sagas.exceptions import SignalPayloadInvalid
 from sagas.models import Saga, SagaSignal, SagaState, SagaStep, StepStatus
@@ -160,7 +161,7 @@ def send_signal(request: Request, saga_id, name: str) -> Response:
             saga_id=saga_id,
             name=name,
             payload=body.validated_data["payload"],
-            key=request.headers.get("Idempotency-Key"),
+            key=header_text(request, "Idempotency-Key"),
             user=request.user,
         )
     except SignalPayloadInvalid as exc:

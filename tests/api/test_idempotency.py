@@ -13,7 +13,7 @@ from django_celery_beat.models import PeriodicTask
 from orders import idempotency
 from orders.apps import EXPIRE_IDEMPOTENCY_TASK_NAME
 from orders.models import IdempotencyRecord, IdempotencyState, Order
-from sagas.models import Saga
+from sagas.models import Saga, SagaSignal
 
 from .conftest import api_client_for, assert_error, counts, order_body
 
@@ -210,3 +210,47 @@ def test_concurrent_requests_with_one_key_create_exactly_one_order(customer, cat
             assert r.json()["code"] == "idempotency_request_in_flight"
     record = IdempotencyRecord.objects.get()
     assert str(record.order_id) == originals[0].json()["id"]
+
+
+def as_wsgi_hands_it_over(text: str) -> str:
+    """A UTF-8 header value as a WSGI server passes it on: its bytes read as Latin-1."""
+    return text.encode().decode("latin-1")
+
+
+@pytest.mark.django_db
+def test_a_utf8_key_counts_its_letters_and_is_kept_as_written(client_api, catalog):
+    """240 Cyrillic letters (480 bytes) are within the 255 allowed; the key replays."""
+    key = "ключ" * 60
+    first = post(client_api, order_body(), as_wsgi_hands_it_over(key))
+    assert first.status_code == 201, first.content
+    assert IdempotencyRecord.objects.get().key == key
+    again = post(client_api, order_body(), as_wsgi_hands_it_over(key))
+    assert (again.status_code, again["Idempotent-Replayed"]) == (201, "true")
+    assert again.json()["id"] == first.json()["id"]
+    too_long = post(client_api, order_body(), as_wsgi_hands_it_over("ключ" * 64))
+    assert_error(too_long, 400, "invalid_idempotency_key")
+
+
+@pytest.mark.django_db
+def test_a_key_that_is_not_utf8_is_kept_as_latin_1_read_it(client_api, catalog):
+    response = post(client_api, order_body(), "caf\xe9")  # the byte 0xE9 alone
+    assert response.status_code == 201, response.content
+    assert IdempotencyRecord.objects.get().key == "caf\xe9"
+
+
+@pytest.mark.django_db
+def test_a_utf8_signal_key_is_kept_as_written(client_api, catalog):
+    """The signal routes read the header the same way (sagas.api)."""
+    placed = client_api.post(
+        ORDERS, order_body(payment_method="pm_card_3ds_required"), format="json"
+    )
+    assert placed.status_code == 201, placed.content
+    key = "подтверждение" * 15  # 195 letters, 390 bytes
+    response = client_api.post(
+        f"{ORDERS}{placed.json()['id']}/signals/3ds_confirmed/",
+        {"payload": {"approved": True}},
+        format="json",
+        headers={"Idempotency-Key": as_wsgi_hands_it_over(key)},
+    )
+    assert response.status_code == 202, response.content
+    assert SagaSignal.objects.get().key == key
