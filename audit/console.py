@@ -20,6 +20,7 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from django import forms
 from django.contrib import admin
 from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.admin.models import LogEntry
@@ -149,7 +150,9 @@ class ConsoleLoginForm(AdminAuthenticationForm):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         field = self.fields["username"]
-        field.validators.append(MaxLengthValidator(field.max_length))
+        assert isinstance(field, forms.CharField)  # Django's UsernameField
+        if field.max_length is not None:
+            field.validators.append(MaxLengthValidator(field.max_length))
 
 
 class AuditedAdminSite(admin.AdminSite):

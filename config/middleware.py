@@ -85,7 +85,7 @@ class FramedBody:
                 return _refused(413, "payload_too_large", "The request body is too large.")
             meta["CONTENT_LENGTH"] = str(len(body))
             # What WSGIRequest builds from a Content-Length; it was built from none.
-            request._stream = LimitedStream(io.BytesIO(body), len(body))  # type: ignore[attr-defined]
+            request._stream = LimitedStream(io.BytesIO(body), len(body))  # type: ignore[assignment]
         return self.get_response(request)
 
 
