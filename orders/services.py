@@ -64,52 +64,76 @@ class _Problems:
             raise OrderInvalid(self.first_code, detail, self.fields)
 
 
-def _clean_lines(items: Any, problems: _Problems) -> dict[str, tuple[int, int]]:
-    """sku -> (position in the request, quantity) of the well-formed lines."""
+def _clean_lines(
+    items: Any, problems: _Problems
+) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
+    """``(lines, named)``: sku -> (position in the request, quantity) of the well-formed lines,
+    and sku -> first position of every well-formed sku, whatever its quantity.
+
+    Each item's sku and quantity are checked apart, so that every problem is reported at once:
+    an unknown sku with a bad quantity is both (the caller looks up ``named``), and a sku
+    ordered twice is ``duplicate_sku`` whether or not its first line's quantity is valid.
+    """
     if items is None or (isinstance(items, list | tuple) and not items):
         problems.add("empty_order", "items", "An order needs at least one item.")
-        return {}
+        return {}, {}
     if not isinstance(items, Sequence) or isinstance(items, str | bytes):
         problems.add("invalid_item", "items", "A list of items is required.")
-        return {}
+        return {}, {}
     if len(items) > MAX_LINES:
         problems.add("too_many_items", "items", f"At most {MAX_LINES} lines (items) per order.")
-        return {}
+        return {}, {}
     lines: dict[str, tuple[int, int]] = {}
+    named: dict[str, int] = {}
     for i, item in enumerate(items):
         where = f"items[{i}]"
         if not isinstance(item, Mapping):
             problems.add("invalid_item", where, "Each item is an object with sku and quantity.")
             continue
-        sku, quantity = item.get("sku"), item.get("quantity")
-        if sku is not None and not isinstance(sku, str):
-            problems.add("invalid_item", f"{where}.sku", "A sku is a string.")
-            continue
-        if sku is None or not sku.strip():
-            problems.add("invalid_item", f"{where}.sku", "A sku is required.")
-            continue
-        if "\x00" in sku:
-            problems.add("invalid_item", f"{where}.sku", _NUL_MESSAGE)
-            continue
-        sku = sku.strip()
-        if len(sku) > MAX_SKU_LENGTH:
-            problems.add("invalid_item", f"{where}.sku", f"At most {MAX_SKU_LENGTH} characters.")
-            continue
-        if isinstance(quantity, bool) or not isinstance(quantity, int):
-            problems.add("invalid_quantity", f"{where}.quantity", "Quantity must be an integer.")
-            continue
-        if not 1 <= quantity <= MAX_QUANTITY:
-            problems.add(
-                "invalid_quantity",
-                f"{where}.quantity",
-                f"Quantity must be between 1 and {MAX_QUANTITY}.",
-            )
-            continue
-        if sku in lines:
-            problems.add("duplicate_sku", f"{where}.sku", f"{sku!r} appears twice; order it once.")
-            continue
-        lines[sku] = (i, quantity)
-    return lines
+        sku = _clean_sku(item.get("sku"), where, problems)
+        if sku is not None:
+            if sku in named:
+                problems.add(
+                    "duplicate_sku", f"{where}.sku", f"{sku!r} appears twice; order it once."
+                )
+                sku = None
+            else:
+                named[sku] = i
+        quantity = _clean_quantity(item.get("quantity"), where, problems)
+        if sku is not None and quantity is not None:
+            lines[sku] = (i, quantity)
+    return lines, named
+
+
+def _clean_sku(sku: Any, where: str, problems: _Problems) -> str | None:
+    if sku is not None and not isinstance(sku, str):
+        problems.add("invalid_item", f"{where}.sku", "A sku is a string.")
+        return None
+    if sku is None or not sku.strip():
+        problems.add("invalid_item", f"{where}.sku", "A sku is required.")
+        return None
+    if "\x00" in sku:
+        problems.add("invalid_item", f"{where}.sku", _NUL_MESSAGE)
+        return None
+    sku = sku.strip()
+    if len(sku) > MAX_SKU_LENGTH:
+        problems.add("invalid_item", f"{where}.sku", f"At most {MAX_SKU_LENGTH} characters.")
+        return None
+    return sku
+
+
+def _clean_quantity(quantity: Any, where: str, problems: _Problems) -> int | None:
+    if isinstance(quantity, bool) or not isinstance(quantity, int):
+        problems.add("invalid_quantity", f"{where}.quantity", "Quantity must be an integer.")
+        return None
+    if not 1 <= quantity <= MAX_QUANTITY:
+        problems.add(
+            "invalid_quantity",
+            f"{where}.quantity",
+            f"Quantity must be between 1 and {MAX_QUANTITY}.",
+        )
+        return None
+    return quantity
 
 
 def _clean_address(address: Any, problems: _Problems) -> dict[str, str]:
@@ -175,7 +199,7 @@ def order_create(
     Raises :class:`~orders.errors.OrderInvalid` (code, detail, fields) for bad input.
     """
     problems = _Problems()
-    lines = _clean_lines(items, problems)
+    lines, named = _clean_lines(items, problems)
     address = _clean_address(shipping_address, problems)
     if not isinstance(payment_method, str) or payment_method not in PAYMENT_METHODS:
         what = (
@@ -190,9 +214,9 @@ def order_create(
         )
 
     # The price and currency of each: rows, not Product instances (built on every order).
-    catalog = Product.objects.filter(sku__in=list(lines)).values_list("sku", "price", "currency")
+    catalog = Product.objects.filter(sku__in=list(named)).values_list("sku", "price", "currency")
     products = {sku: (price, cur) for sku, price, cur in catalog}
-    for sku, (i, _) in lines.items():
+    for sku, i in named.items():
         if sku not in products:
             problems.add("unknown_sku", f"items[{i}].sku", f"No product with sku {sku!r}.")
     currencies = {cur for _, cur in products.values()}

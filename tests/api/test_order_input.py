@@ -313,6 +313,20 @@ def test_unreadable_bodies_are_4xx_json(client_api, catalog, raw, content_type, 
     assert counts() == before
 
 
+def test_a_line_with_an_unknown_sku_and_a_bad_quantity_reports_both(client_api, catalog):
+    body = {**GOOD, "items": [{"sku": "NOPE", "quantity": 0}]}
+    error = assert_error(client_api.post("/api/v1/orders/", body, format="json"), 400)
+    assert set(error["fields"]) == {"items[0].sku", "items[0].quantity"}, error
+    assert "No product with sku 'NOPE'" in error["fields"]["items[0].sku"][0]
+
+
+def test_a_sku_ordered_twice_is_reported_whatever_its_first_quantity(client_api, catalog):
+    body = {**GOOD, "items": [{"sku": "lamp", "quantity": 0}, {"sku": "lamp", "quantity": 1}]}
+    error = assert_error(client_api.post("/api/v1/orders/", body, format="json"), 400)
+    assert set(error["fields"]) == {"items[0].quantity", "items[1].sku"}, error
+    assert "appears twice" in error["fields"]["items[1].sku"][0]
+
+
 def test_a_key_twice_in_one_object_is_a_parse_error_and_places_nothing(client_api, catalog):
     """JSON leaves open which one counts (Python keeps the last): refused, not guessed."""
     before = counts()
