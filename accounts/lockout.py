@@ -8,12 +8,14 @@ cool-off are left to axes' own access log). Deleting a still-active lockout (the
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from axes.models import AccessAttempt
 from axes.signals import user_locked_out
 from django.conf import settings
-from django.db.models.signals import post_delete
+from django.db.models import Sum
+from django.db.models.signals import post_delete, pre_delete
 from django.dispatch import receiver
 from django.utils import timezone
 
@@ -21,9 +23,45 @@ from audit.models import AuditEntry
 from audit.services import audit_record
 
 
+def locked(username: str, ip_address: str) -> dict[str, int]:
+    """What is locked out now, of this user name and this address: ``{"user:NAME" or
+    "ip:ADDRESS": failures}``.
+
+    As django-axes counts (``AXES_LOCKOUT_PARAMETERS``: the user name, and apart from it the
+    address): the failures within the cool-off summed over every attempt row of the name, and
+    over every row of the address, whatever names were tried from it.
+    """
+    since = timezone.now() - settings.AXES_COOLOFF_TIME
+    recent = AccessAttempt.objects.filter(attempt_time__gte=since)
+    out = {}
+    for target, lookup in (
+        (f"user:{username}", {"username": username}),
+        (f"ip:{ip_address}", {"ip_address": ip_address}),
+    ):
+        if not next(iter(lookup.values())):
+            continue
+        failures = recent.filter(**lookup).aggregate(n=Sum("failures_since_start"))["n"] or 0
+        if failures >= settings.AXES_FAILURE_LIMIT:
+            out[target] = failures
+    return out
+
+
+def _entry_target(targets: dict[str, int]) -> str:
+    """The user name if it is among ``targets``, else the address."""
+    return next((t for t in targets if t.startswith("user:")), next(iter(targets)))
+
+
 @receiver(user_locked_out, dispatch_uid="accounts.audit_lockout")
 def audit_lockout(sender: Any, request: Any, username: str, ip_address: str, **_kw: Any) -> None:
-    target = f"user:{username}" if username else f"ip:{ip_address}"
+    """One entry per lockout, on the user name if that is what is locked, else on the address
+    (a right password from a locked address is refused too: its entry names the address, not
+    the user, who never failed)."""
+    targets = locked(username, ip_address)
+    if not targets:  # axes counted otherwise (a changed setting): say what it said
+        targets = {
+            f"user:{username}" if username else f"ip:{ip_address}": settings.AXES_FAILURE_LIMIT
+        }
+    target = _entry_target(targets)
     since = timezone.now() - settings.AXES_COOLOFF_TIME
     if AuditEntry.objects.filter(action="login.locked_out", target=target, at__gte=since).exists():
         return
@@ -31,24 +69,55 @@ def audit_lockout(sender: Any, request: Any, username: str, ip_address: str, **_
         "login.locked_out",
         actor_name=username or "anonymous",
         target=target,
-        detail={"failures": settings.AXES_FAILURE_LIMIT, "path": request.path if request else ""},
+        detail={
+            "failures": targets[target],
+            "locked": sorted(targets),
+            "path": request.path if request else "",
+        },
         request=request,
         source="login",
     )
 
 
 def is_active_lockout(attempt: AccessAttempt) -> bool:
-    """Whether ``attempt`` locks its user or address out now (deleting it is an unlock)."""
-    locked = attempt.failures_since_start >= settings.AXES_FAILURE_LIMIT
-    return locked and attempt.attempt_time > timezone.now() - settings.AXES_COOLOFF_TIME
+    """Whether ``attempt``'s user name or address is locked out now."""
+    return bool(locked(attempt.username or "", attempt.ip_address or ""))
+
+
+# What was locked before a delete of attempt rows, per thread: every pre_delete of one delete
+# runs before any row goes, every post_delete after they all went.
+_before = threading.local()
+
+
+@receiver(pre_delete, sender=AccessAttempt, dispatch_uid="accounts.audit_unlock_before")
+def _note_locked(sender: type, instance: AccessAttempt, **_kw: Any) -> None:
+    seen = _before.__dict__.setdefault("targets", {})
+    seen.update(locked(instance.username or "", instance.ip_address or ""))
 
 
 @receiver(post_delete, sender=AccessAttempt, dispatch_uid="accounts.audit_unlock")
 def audit_unlock(sender: type, instance: AccessAttempt, **_kw: Any) -> None:
-    if not is_active_lockout(instance):
-        return  # an expired lockout or a few failures being forgotten: nothing to record
+    """A lockout lifted by deleting attempts (the ``axes_reset*`` commands, the ops console):
+    one ``login.unlocked`` entry per delete, naming what it unlocked."""
+    seen: dict[str, int] = _before.__dict__.get("targets", {})
+    mine = {
+        t: seen.pop(t)
+        for t in (f"user:{instance.username}", f"ip:{instance.ip_address}")
+        if t in seen
+    }
+    if not mine:
+        return  # an expired lockout, a few failures forgotten, or this delete's entry is made
+    still = locked(instance.username or "", instance.ip_address or "")
+    unlocked = {t: n for t, n in mine.items() if t not in still}
+    if not unlocked:
+        return
+    target = _entry_target(unlocked)
     audit_record(
         "login.unlocked",
-        target=f"user:{instance.username}" if instance.username else "",
-        detail={"locked_address": instance.ip_address, "failures": instance.failures_since_start},
+        target=target,
+        detail={
+            "unlocked": sorted(unlocked),
+            "failures": unlocked[target],
+            "locked_address": instance.ip_address,
+        },
     )

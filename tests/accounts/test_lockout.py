@@ -87,6 +87,38 @@ def test_failures_from_one_address_lock_that_address_for_every_user(client, demo
     assert ok.status_code == 302
 
 
+def test_a_right_password_from_a_locked_address_is_audited_on_the_address_not_the_user(
+    client, demo_staff, settings
+):
+    """demo-staff never failed: the entry of the refused login names the locked address."""
+    for _ in range(settings.AXES_FAILURE_LIMIT):
+        login(client, "mallory", "wrong-guess", ip="203.0.113.70")
+    assert (
+        login(client, "demo-staff", settings.DEMO_STAFF_PASSWORD, ip="203.0.113.70").status_code
+        == 429
+    )
+    entries = {e.target: e for e in AuditEntry.objects.filter(action="login.locked_out")}
+    assert set(entries) == {"user:mallory", "ip:203.0.113.70"}, entries
+    assert entries["user:mallory"].detail["locked"] == ["ip:203.0.113.70", "user:mallory"]
+    refused = entries["ip:203.0.113.70"]
+    assert (refused.actor_name, refused.detail["locked"]) == ("demo-staff", ["ip:203.0.113.70"])
+
+
+def test_unlocking_an_address_locked_by_failures_under_many_names_is_audited_once(
+    client, demo_staff, settings
+):
+    for i in range(settings.AXES_FAILURE_LIMIT):
+        login(client, f"guess-{i}", "wrong-guess", ip="203.0.113.71")
+    call_command("axes_reset_ip", "203.0.113.71", stdout=StringIO())
+    unlocked = AuditEntry.objects.get(action="login.unlocked")
+    assert (unlocked.target, unlocked.source) == ("ip:203.0.113.71", "cli")
+    assert unlocked.detail["failures"] == settings.AXES_FAILURE_LIMIT
+    assert (
+        login(client, "demo-staff", settings.DEMO_STAFF_PASSWORD, ip="203.0.113.71").status_code
+        == 302
+    )
+
+
 def test_staff_see_the_lockout_and_the_unlock_command_lifts_it(client, demo_staff, settings):
     for _ in range(settings.AXES_FAILURE_LIMIT):
         login(client, "demo-staff", "wrong-guess")
