@@ -36,7 +36,11 @@ class ProductSerializer(serializers.ModelSerializer):
         max_digits=12, decimal_places=2, min_value=Decimal("0"), coerce_to_string=True
     )
     currency = serializers.RegexField(
-        r"^[A-Z]{3}$", max_length=3, default="EUR", help_text=CURRENCY_HELP
+        r"^[A-Z]{3}$",
+        max_length=3,
+        default="EUR",
+        help_text=CURRENCY_HELP,
+        error_messages={"invalid": "Three upper-case letters, an ISO 4217 code (e.g. EUR)."},
     )
     stock_on_hand = serializers.IntegerField(min_value=0, max_value=MAX_STOCK, default=0)
     reserved = serializers.IntegerField(read_only=True)

@@ -403,7 +403,7 @@ def _record(delivery: Delivery, *, ok: bool, status: int | None, error: str, exc
         delivery_id=delivery.pk,
         endpoint_id=str(delivery.endpoint_id),
         attempt=delivery.attempts,
-        status=fields.get("status", "pending"),
+        status=str(fields.get("status", DeliveryStatus.PENDING)),  # the value, not the member
         http_status=status,
         error=error,
         fenced=not updated,

@@ -96,7 +96,12 @@ def check_url(url: str) -> Target:
         raise UrlRefused("invalid_url", "Not a URL: give it as https://host/path.")
     schemes = ("https", "http") if allow_private else ("https",)
     if parts.scheme not in schemes:
-        raise UrlRefused("https_required", "Webhook URLs must use https.")
+        raise UrlRefused(
+            "https_required",
+            "Webhook URLs must use https (or http, while WEBHOOKS_ALLOW_PRIVATE is on)."
+            if allow_private
+            else "Webhook URLs must use https.",
+        )
     if not parts.hostname:
         raise UrlRefused("invalid_url", "The URL has no host.")
     if parts.username or parts.password:

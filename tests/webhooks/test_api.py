@@ -98,6 +98,15 @@ def test_urls_that_reach_a_public_address_are_accepted(customer, settings, url):
     assert response.status_code == 201, response.content
 
 
+def test_with_allow_private_another_scheme_is_told_http_is_accepted(customer, settings):
+    settings.WEBHOOKS_ALLOW_PRIVATE = True
+    client = api_client_for(customer)
+    body = assert_error(
+        client.post("/api/v1/webhooks/", {**BODY, "url": "ftp://127.0.0.1/x"}, format="json"), 400
+    )
+    assert "or http, while WEBHOOKS_ALLOW_PRIVATE is on" in body["detail"], body
+
+
 def test_with_allow_private_plain_http_on_loopback_is_accepted(customer, settings):
     settings.WEBHOOKS_ALLOW_PRIVATE = True
     client = api_client_for(customer)
