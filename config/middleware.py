@@ -42,18 +42,22 @@ class RefuseUnknownHost:
 
 class FramedBody:
     """A body sent in chunks (``Transfer-Encoding: chunked``) is read like any other, and a
-    compressed one (``Content-Encoding``) is a ``415``.
+    compressed one (``Content-Encoding``, or a transfer coding besides ``chunked``) is a
+    ``415``.
 
-    Django reads a request body up to its ``Content-Length`` and takes a missing one for an
-    empty body. A chunked body has none, so it vanished: a chunked order was refused as having
-    no items, and a chunked cancel whose body was not JSON was carried out, since its body
-    read as empty. Here the server's decoded stream (gunicorn marks it complete with
-    ``wsgi.input_terminated``) is read, at most ``DATA_UPLOAD_MAX_MEMORY_SIZE`` (``413``
-    beyond), and handed on with its length; a server that cannot say where the body ends
-    (Django's ``runserver``) gets ``411``, answered before anything is done. A compressed body
-    is refused rather than misread: the API's parser would take gzip for broken UTF-8, and any
-    other coding for what it is not. Before every other middleware that reads the body (the
-    CSRF check, the NUL check of forms).
+    Django's WSGI request reads a body up to its ``Content-Length`` and takes a missing one
+    for an empty body. A chunked body has none, so it vanished: a chunked order was refused as
+    having no items, and a chunked cancel whose body was not JSON was carried out, since its
+    body read as empty. Here the server's decoded stream is read (gunicorn sets
+    ``wsgi.input_terminated``: its stream ends where the body does), at most
+    ``DATA_UPLOAD_MAX_MEMORY_SIZE`` (``413`` beyond; that counts the whole body, file parts
+    too, which no route here takes), and handed on with its length; a WSGI server that cannot
+    say where the body ends (Django's ``runserver``) gets ``411``, answered before anything is
+    done. Under ASGI, Django reads a chunked body itself: left alone. A compressed body is
+    refused rather than misread: the API's parser would take gzip for broken UTF-8, and any
+    other coding for what it is not (gunicorn takes ``gzip, chunked`` off the chunks and hands
+    on the gzip). Before every other middleware that reads the body (the CSRF check, the NUL
+    check of forms).
     """
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
@@ -61,17 +65,16 @@ class FramedBody:
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         meta = request.META
-        coding = meta.get("HTTP_CONTENT_ENCODING", "").strip().lower()
         chunked = "HTTP_TRANSFER_ENCODING" in meta and not meta.get("CONTENT_LENGTH")
         has_body = chunked or meta.get("CONTENT_LENGTH") not in (None, "", "0")
-        if coding not in ("", "identity") and has_body:
+        compressed = _compression(meta)
+        if compressed and has_body:
             return _refused(
                 415,
                 "unsupported_media_type",
-                f"A compressed body (Content-Encoding: {coding[:40]}) is not accepted; "
-                "send it uncompressed.",
+                f"A compressed body ({compressed[:60]}) is not accepted; send it uncompressed.",
             )
-        if chunked:
+        if chunked and "wsgi.input" in meta:
             if not meta.get("wsgi.input_terminated"):
                 return _refused(
                     411,
@@ -87,6 +90,17 @@ class FramedBody:
             # What WSGIRequest builds from a Content-Length; it was built from none.
             request._stream = LimitedStream(io.BytesIO(body), len(body))  # type: ignore[assignment]
         return self.get_response(request)
+
+
+def _compression(meta: dict) -> str | None:
+    """The header that says the body is compressed, as ``Name: value``; ``None`` if none."""
+    transfer = meta.get("HTTP_TRANSFER_ENCODING", "").strip().lower()
+    if transfer not in ("", "chunked"):
+        return f"Transfer-Encoding: {transfer}"
+    content = meta.get("HTTP_CONTENT_ENCODING", "").strip().lower()
+    if content not in ("", "identity"):
+        return f"Content-Encoding: {content}"
+    return None
 
 
 def _refused(status: int, code: str, detail: str) -> HttpResponse:

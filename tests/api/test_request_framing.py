@@ -18,9 +18,12 @@ import uuid
 
 import pytest
 import requests
+from django.core.handlers.asgi import ASGIRequest
 from django.db import connection
+from django.http import HttpResponse
 from django.test import override_settings
 
+from config.middleware import FramedBody
 from lab.stack import answers, spare_port
 from lab.supervisor import Process
 from orders.models import Order
@@ -77,6 +80,32 @@ def test_a_chunked_body_a_server_cannot_delimit_is_411_and_nothing_is_done(clien
     )
     assert_error(response, 411, "length_required")
     assert not _cancel_requested(order["id"])
+
+
+def test_a_transfer_coding_besides_chunked_is_415_and_nothing_is_done(client_api, place):
+    """gunicorn takes ``gzip, chunked`` off the chunks and hands on the gzip."""
+    order = place(client_api)
+    path = f"/api/v1/orders/{order['id']}/cancel/"
+    response = _chunked(
+        client_api, path, gzip.compress(b"{}"), HTTP_TRANSFER_ENCODING="gzip, chunked"
+    )
+    body = assert_error(response, 415, "unsupported_media_type")
+    assert "Transfer-Encoding: gzip, chunked" in body["detail"], body
+    assert not _cancel_requested(order["id"])
+
+
+def test_under_asgi_a_chunked_body_is_left_to_django():
+    """Django's ASGI request reads a chunked body itself (there is no WSGI stream to read)."""
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/anything/",
+        "query_string": b"",
+        "headers": [(b"transfer-encoding", b"chunked"), (b"content-type", b"application/json")],
+    }
+    request = ASGIRequest(scope, io.BytesIO(b'{"a": 1}'))
+    response = FramedBody(lambda r: HttpResponse(r.body))(request)
+    assert (response.status_code, response.content) == (200, b'{"a": 1}')
 
 
 @pytest.mark.parametrize("coding", ["gzip", "br", "deflate"])
