@@ -26,7 +26,7 @@ from audit.services import audit_record
 from config.db import ValuesBy
 from webhooks import delivery
 from webhooks.models import EVENT_TYPES, Delivery, DeliveryStatus, Endpoint, Event, Stream
-from webhooks.security import UrlRefused, check_url
+from webhooks.security import UrlRefused, check_new_url
 from webhooks.signals import subscribed
 
 log = structlog.get_logger("webhooks")
@@ -61,7 +61,7 @@ def endpoint_create(*, owner: Any, url: str, events: Iterable[str]) -> tuple[End
             "invalid_events", f"Choose events among {', '.join(EVENT_TYPES)}.", field="events"
         )
     try:
-        check_url(url)
+        check_new_url(url)
     except UrlRefused as exc:
         raise EndpointInvalid(exc.code, exc.detail) from None
     secret = _new_secret()

@@ -11,6 +11,7 @@ from django.utils import timezone
 from tests.api.conftest import assert_error
 from webhooks import signing
 from webhooks.models import Endpoint
+from webhooks.security import UrlRefused, check_new_url, check_url
 
 from .conftest import api_client_for
 
@@ -186,3 +187,14 @@ def test_verify_refuses_a_tampered_body_and_an_old_timestamp():
     assert not signing.verify("whsec_s", header, b"body!")
     old = signing.sign(["whsec_s"], b"body", timestamp=int(time.time()) - 3600)
     assert not signing.verify("whsec_s", old, b"body")
+
+
+def test_an_endpoint_registered_before_the_character_rule_is_still_called(settings):
+    """Each delivery attempt asks check_url, which leaves the characters to registration:
+    urllib3 percent-encodes the path it sends, so such an endpoint was, and is, delivered."""
+    settings.WEBHOOKS_ALLOW_PRIVATE = False
+    url = "https://93.184.215.14/a b"
+    assert check_url(url).path == "/a b"
+    with pytest.raises(UrlRefused) as refused:
+        check_new_url(url)
+    assert refused.value.code == "invalid_url"
