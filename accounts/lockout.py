@@ -8,7 +8,6 @@ cool-off are left to axes' own access log). Deleting a still-active lockout (the
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from axes.models import AccessAttempt
@@ -80,37 +79,51 @@ def audit_lockout(sender: Any, request: Any, username: str, ip_address: str, **_
 
 
 def is_active_lockout(attempt: AccessAttempt) -> bool:
-    """Whether ``attempt``'s user name or address is locked out now."""
-    return bool(locked(attempt.username or "", attempt.ip_address or ""))
+    """Whether ``attempt`` is itself a lockout in force (its own failures reach the limit
+    within the cool-off): the ops console records deleting it as ``login.unlocked`` rather
+    than as a deletion."""
+    reached = attempt.failures_since_start >= settings.AXES_FAILURE_LIMIT
+    return reached and attempt.attempt_time > timezone.now() - settings.AXES_COOLOFF_TIME
 
 
-# What was locked before a delete of attempt rows, per thread: every pre_delete of one delete
-# runs before any row goes, every post_delete after they all went.
-_before = threading.local()
+# What was locked before a delete of attempt rows, kept on the delete's ``origin`` (the
+# queryset or instance whose delete() runs): Django sends every pre_delete of one delete
+# before any row goes and every post_delete after they all went, so the state belongs to that
+# delete alone (a delete that fails leaves nothing behind for the next one).
+_BEFORE = "_sagarunner_locked_before"
+_DONE = "_sagarunner_unlocked"
 
 
 @receiver(pre_delete, sender=AccessAttempt, dispatch_uid="accounts.audit_unlock_before")
-def _note_locked(sender: type, instance: AccessAttempt, **_kw: Any) -> None:
-    seen = _before.__dict__.setdefault("targets", {})
-    seen.update(locked(instance.username or "", instance.ip_address or ""))
+def _note_locked(sender: type, instance: AccessAttempt, origin: Any = None, **_kw: Any) -> None:
+    # django-axes deletes expired attempts on every login and logout: such a row counts for
+    # no lockout, so its going unlocks nothing, and it costs no query.
+    if instance.attempt_time <= timezone.now() - settings.AXES_COOLOFF_TIME or origin is None:
+        return
+    seen: dict[tuple[str, str], dict[str, int]] = origin.__dict__.setdefault(_BEFORE, {})
+    pair = (instance.username or "", instance.ip_address or "")
+    if pair not in seen:  # one look per user name and address, however many rows they have
+        seen[pair] = locked(*pair)
 
 
 @receiver(post_delete, sender=AccessAttempt, dispatch_uid="accounts.audit_unlock")
-def audit_unlock(sender: type, instance: AccessAttempt, **_kw: Any) -> None:
+def audit_unlock(sender: type, instance: AccessAttempt, origin: Any = None, **_kw: Any) -> None:
     """A lockout lifted by deleting attempts (the ``axes_reset*`` commands, the ops console):
-    one ``login.unlocked`` entry per delete, naming what it unlocked."""
-    seen: dict[str, int] = _before.__dict__.get("targets", {})
-    mine = {
-        t: seen.pop(t)
-        for t in (f"user:{instance.username}", f"ip:{instance.ip_address}")
-        if t in seen
-    }
+    one ``login.unlocked`` entry per user name and address it lifted, naming both when one
+    delete lifted both."""
+    if origin is None:
+        return
+    state = origin.__dict__
+    before = state.get(_BEFORE, {}).pop((instance.username or "", instance.ip_address or ""), None)
+    done: set[str] = state.setdefault(_DONE, set())
+    mine = {t: n for t, n in (before or {}).items() if t not in done}
     if not mine:
-        return  # an expired lockout, a few failures forgotten, or this delete's entry is made
+        return  # an expired lockout, a few failures forgotten, or already recorded
     still = locked(instance.username or "", instance.ip_address or "")
     unlocked = {t: n for t, n in mine.items() if t not in still}
     if not unlocked:
         return
+    done.update(unlocked)
     target = _entry_target(unlocked)
     audit_record(
         "login.unlocked",

@@ -270,6 +270,54 @@ def test_deleting_a_lockout_in_the_console_is_recorded_once(client):
     assert {e.ip for e in entries.values()} == {ADDR}
 
 
+def test_deleting_one_row_of_an_address_locked_under_many_names_is_recorded(client):
+    """The address stays locked by the others, so no login.unlocked: the deletion itself is
+    the entry."""
+    now = timezone.now()
+    rows = [
+        AccessAttempt.objects.create(
+            username=f"guess-{i}",
+            ip_address="192.0.2.7",
+            user_agent="ua",
+            failures_since_start=1,
+            attempt_time=now,
+        )
+        for i in range(settings.AXES_FAILURE_LIMIT + 1)
+    ]
+    editor = _editor("axes.view_accessattempt", "axes.delete_accessattempt")
+    client.force_login(editor)
+    response = client.post(
+        "/admin/axes/accessattempt/",
+        {"action": "delete_selected", "_selected_action": [str(rows[0].pk)], "post": "yes"},
+        REMOTE_ADDR=ADDR,
+    )
+    assert response.status_code == 302, response.content
+    assert [(e.action, e.target) for e in AuditEntry.objects.all()] == [
+        ("object.deleted", f"axes.accessattempt:{rows[0].pk}")
+    ]
+
+
+def test_forgetting_expired_attempts_asks_nothing_per_row(django_assert_max_num_queries):
+    """django-axes deletes expired attempts on every login and logout: the unlock audit must
+    not look each one up (two aggregate queries a row, on the login path)."""
+    old = timezone.now() - settings.AXES_COOLOFF_TIME - timedelta(minutes=1)
+    AccessAttempt.objects.bulk_create(
+        AccessAttempt(
+            username=f"u{i}",
+            ip_address=f"192.0.2.{i}",
+            user_agent="ua",
+            failures_since_start=settings.AXES_FAILURE_LIMIT,
+            attempt_time=old,
+        )
+        for i in range(40)
+    )
+    AccessAttempt.objects.update(attempt_time=old)  # the field is auto_now_add
+    with django_assert_max_num_queries(5):
+        deleted, _ = AccessAttempt.objects.filter(attempt_time__lte=old).delete()
+    assert deleted == 40
+    assert not AuditEntry.objects.exists()
+
+
 def test_a_product_created_and_changed_through_the_api_by_staff(staff_api):
     """Each write is one entry: the staff member, the product, the fields, the address and
     the API as the channel; a change that changes nothing leaves no entry."""
