@@ -54,11 +54,20 @@ def header_text(request: Any, name: str) -> str | None:
     255. A value that is not UTF-8 is kept as Latin-1 read it.
     """
     value = request.headers.get(name)
-    if value is None or value.isascii():
+    return None if value is None else latin1_as_utf8(value)
+
+
+def latin1_as_utf8(value: str) -> str:
+    """``value`` read again as UTF-8, if it is UTF-8 that was read as Latin-1; else as it is.
+
+    Also the data migrations that turned the idempotency keys kept before the header was read
+    this way into the keys their clients' retries now send.
+    """
+    if value.isascii():
         return value
     try:
         return value.encode("latin-1").decode("utf-8")
-    except UnicodeError:
+    except UnicodeError:  # not Latin-1 (typed in the ops console), or not UTF-8 bytes
         return value
 
 
