@@ -43,7 +43,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.safestring import mark_safe
 from django.utils.timesince import timesince
 
-from config.api_parsers import parse_int
+from config.api_parsers import parse_int, unique_keys
 from sagas import selectors
 from sagas.definition import (
     definition_of,
@@ -134,10 +134,13 @@ class _NotJson(Exception):
 
 
 def _json_payload(text: str) -> Any:
-    """The signal form's payload; :class:`_NotJson` for text that is not JSON, or holds an
-    integer of thousands of digits (``ValueError`` there, only there, means the text)."""
+    """The signal form's payload; :class:`_NotJson` for text that is not JSON, holds an
+    integer of thousands of digits, names a key twice in one object or nests too deeply, as
+    the API refuses them (``ValueError`` there, only there, means the text)."""
     try:
-        return json.loads(text or "{}", parse_int=parse_int)
+        return json.loads(text or "{}", parse_int=parse_int, object_pairs_hook=unique_keys)
+    except RecursionError:
+        raise _NotJson("the payload is nested too deeply") from None
     except ValueError as exc:
         raise _NotJson(str(exc)) from None
 

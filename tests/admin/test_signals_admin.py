@@ -55,6 +55,8 @@ def test_saga_page_shows_the_signal_it_waits_for_and_ops_send_it(ops_client, ops
         payload = f'{{"ok": true, "n": {number}}}'
         huge = ops_client.post(form_url, {"name": "go", "payload": payload})
         assert huge.status_code == 200 and "a number JSON cannot hold" in huge.content.decode()
+    twice = ops_client.post(form_url, {"name": "go", "payload": '{"ok": false, "ok": true}'})
+    assert twice.status_code == 200 and "appears twice in one object" in twice.content.decode()
     bad_key = ops_client.post(form_url, {"name": "go", "payload": "{}", "key": "a\tb"})
     assert bad_key.status_code == 200 and "control characters" in bad_key.content.decode()
     assert not SagaSignal.objects.filter(saga=saga).exists()
