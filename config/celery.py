@@ -97,9 +97,13 @@ def _serve_metrics(**_kwargs) -> None:
         serve_worker_metrics(settings.WORKER_METRICS_PORT)
 
 
-@worker_ready.connect
+@worker_init.connect
 def _validate_faults_at_start(**_kwargs) -> None:
-    """Parse ``SAGA_FAULTS`` once in the parent so a malformed value stops the worker early."""
+    """Parse ``SAGA_FAULTS`` once in the parent so a malformed value stops the worker early:
+    before its pool forks and before it looks for the broker. Checked once the worker was
+    ready, it left pool children whose pipe to the parent broke (a ``BrokenPipeError``
+    traceback, twice, under the refusal), and a worker whose broker was down never got that
+    far."""
     from sagas.faults import load_faults_or_exit
 
     load_faults_or_exit()
