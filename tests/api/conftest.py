@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +15,10 @@ from knox.models import AuthToken
 from rest_framework.test import APIClient
 
 from inventory.models import Product
+from lab.stack import answers, spare_port
+from lab.supervisor import Process
 from orders.models import Order
+from tests.conftest import wait_until
 
 ADDRESS = {
     "name": "Ada Lovelace",
@@ -146,3 +152,24 @@ def counts() -> tuple[int, int]:
     from sagas.models import Saga
 
     return Order.objects.count(), Saga.objects.count()
+
+
+@contextmanager
+def gunicorn_web(env: dict[str, str], log_dir: Path) -> Iterator[str]:
+    """gunicorn serving ``config.wsgi`` as deployed, with ``env``; yields its base URL
+    (``http://127.0.0.1:PORT``) once it answers, and stops it afterwards. Its log is
+    ``log_dir / "web.log"``."""
+    port = spare_port()
+    web = Process(
+        "web",
+        [sys.executable, "-m", "gunicorn", "config.wsgi", "--bind", f"127.0.0.1:{port}"],
+        env=env,
+        log_path=log_dir / "web.log",
+    )
+    web.start()
+    try:
+        wait_until(lambda: answers("127.0.0.1", port) or not web.alive, timeout=60)
+        assert web.alive, web.log_tail()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        web.stop(timeout=15)

@@ -10,20 +10,17 @@ request and the client got a ``500`` instead of its order.
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 
 import pytest
 import requests
 from django.db import connection
 
-from lab.stack import answers, spare_port
-from lab.supervisor import Process
 from orders.models import Order
 from sagas.sweeper import sweep
 from tests.conftest import database_url_for
 
-from .conftest import api_client_for, order_body
+from .conftest import api_client_for, gunicorn_web, order_body
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -40,23 +37,13 @@ def test_an_order_placed_while_redis_is_down_gets_its_201_and_settles_later(
     }
     for name in ("CACHE_URL", "SAGA_PUMP_REDIS_URL", "TEST_DATABASE_NAME"):
         env.pop(name, None)  # the cache and the pump slots follow the broker, as by default
-    port = spare_port()
-    web = Process(
-        "web",
-        [sys.executable, "-m", "gunicorn", "config.wsgi", "--bind", f"127.0.0.1:{port}"],
-        env=env,
-        log_path=tmp_path / "web.log",
-    )
-    web.start()
-    try:
-        wait_for(lambda: answers("127.0.0.1", port) or not web.alive, timeout=60)
-        assert web.alive, web.log_tail()
+    with gunicorn_web(env, tmp_path) as web_url:
         buyer = django_user_model.objects.create_user(f"buyer-{uuid.uuid4().hex[:6]}")
         headers = {
             "Authorization": f"Token {api_client_for(buyer).token}",
             "Idempotency-Key": f"redis-down-{uuid.uuid4().hex}",
         }
-        url = f"http://127.0.0.1:{port}/api/v1/orders/"
+        url = f"{web_url}/api/v1/orders/"
         response = requests.post(url, json=order_body([("lamp", 2)]), headers=headers, timeout=60)
         assert response.status_code == 201, (response.status_code, response.text[:2000])
         order_id = response.json()["id"]
@@ -64,8 +51,6 @@ def test_an_order_placed_while_redis_is_down_gets_its_201_and_settles_later(
         again = requests.post(url, json=order_body([("lamp", 2)]), headers=headers, timeout=60)
         assert (again.status_code, again.json()["id"]) == (201, order_id)
         assert again.headers.get("Idempotent-Replayed") == "true"
-    finally:
-        web.stop(timeout=15)
     log = (tmp_path / "web.log").read_text()
     assert "api.rate_limit_unavailable" in log
     assert "saga.doorbell_failed" in log

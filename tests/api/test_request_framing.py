@@ -13,7 +13,6 @@ import gzip
 import io
 import json
 import os
-import sys
 import uuid
 
 import pytest
@@ -24,13 +23,11 @@ from django.http import HttpResponse
 from django.test import override_settings
 
 from config.middleware import FramedBody
-from lab.stack import answers, spare_port
-from lab.supervisor import Process
 from orders.models import Order
 from sagas.models import SagaEvent
 from tests.conftest import database_url_for
 
-from .conftest import api_client_for, assert_error, order_body
+from .conftest import api_client_for, assert_error, gunicorn_web, order_body
 
 
 def _chunked(api, path: str, body: bytes, *, terminated: bool = True, **extra):
@@ -139,23 +136,13 @@ def test_gunicorn_chunked_requests_are_read(tmp_path, wait_for, django_user_mode
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
     }
     env.pop("TEST_DATABASE_NAME", None)
-    port = spare_port()
-    web = Process(
-        "web",
-        [sys.executable, "-m", "gunicorn", "config.wsgi", "--bind", f"127.0.0.1:{port}"],
-        env=env,
-        log_path=tmp_path / "web.log",
-    )
-    web.start()
-    try:
-        wait_for(lambda: answers("127.0.0.1", port) or not web.alive, timeout=60)
-        assert web.alive, web.log_tail()
+    with gunicorn_web(env, tmp_path) as url:
         buyer = django_user_model.objects.create_user(f"buyer-{uuid.uuid4().hex[:6]}")
         headers = {
             "Authorization": f"Token {api_client_for(buyer).token}",
             "Content-Type": "application/json",
         }
-        base = f"http://127.0.0.1:{port}/api/v1/orders/"
+        base = f"{url}/api/v1/orders/"
         body = json.dumps(order_body([("lamp", 2)])).encode()
         placed = requests.post(base, data=iter([body[:10], body[10:]]), headers=headers, timeout=60)
         assert placed.status_code == 201, (placed.status_code, placed.text[:2000])
@@ -165,6 +152,4 @@ def test_gunicorn_chunked_requests_are_read(tmp_path, wait_for, django_user_mode
             f"{base}{order_id}/cancel/", data=iter([b"not ", b"json"]), headers=headers, timeout=60
         )
         assert (cancel.status_code, cancel.json()["code"]) == (400, "parse_error"), cancel.text
-    finally:
-        web.stop(timeout=15)
     assert not _cancel_requested(order_id)
