@@ -8,6 +8,7 @@ anything else as the console's usual ``object.deleted``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,7 +20,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 from knox.models import AuthToken
 
-from accounts.lockout import is_active_lockout
+from accounts.lockout import attempt_pair, lifted_by
 from accounts.tokens import token_label, token_revoke
 from audit.console import AuditedAdminMixin
 
@@ -79,9 +80,34 @@ class AuthTokenAdmin(AuditedAdminMixin, admin.ModelAdmin):
 
 @admin.register(AccessAttempt)
 class AccessAttemptAdmin(AuditedAdminMixin, AxesAccessAttemptAdmin):
+    """Deleting attempts here is recorded once each: as ``login.unlocked`` when the delete
+    lifted a lockout (``accounts.lockout``), else as a deletion.
+
+    Which it was is known only after the delete (another row of the same user name or
+    address may keep it locked), while Django logs deletions before it; so the deletions are
+    held back until the delete has run.
+    """
+
     def audit_edit(
         self, request: HttpRequest, verb: str, objects: Iterable[Model], message: Any
     ) -> None:
-        if verb == "deleted":  # an active lockout's deletion is a login.unlocked entry
-            objects = [a for a in objects if not is_active_lockout(a)]
+        if verb == "deleted":
+            # Copies: deleting an instance sets its primary key to None, and the entry names it.
+            held = [(copy.copy(a), attempt_pair(a)) for a in objects]  # type: ignore[arg-type]
+            request._attempts_deleted = held  # type: ignore[attr-defined]
+            return
         super().audit_edit(request, verb, objects, message)
+
+    def delete_model(self, request: HttpRequest, obj: Model) -> None:
+        super().delete_model(request, obj)
+        self._audit_deleted(request, lifted_by(obj))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+        super().delete_queryset(request, queryset)
+        self._audit_deleted(request, lifted_by(queryset))
+
+    def _audit_deleted(self, request: HttpRequest, lifted: set[tuple[str, str]]) -> None:
+        held = getattr(request, "_attempts_deleted", [])
+        request._attempts_deleted = []  # type: ignore[attr-defined]
+        rows = [attempt for attempt, pair in held if pair not in lifted]
+        super().audit_edit(request, "deleted", rows, "")

@@ -8,6 +8,7 @@ cool-off are left to axes' own access log). Deleting a still-active lockout (the
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from axes.models import AccessAttempt
@@ -78,32 +79,47 @@ def audit_lockout(sender: Any, request: Any, username: str, ip_address: str, **_
     )
 
 
-def is_active_lockout(attempt: AccessAttempt) -> bool:
-    """Whether ``attempt`` is itself a lockout in force (its own failures reach the limit
-    within the cool-off): the ops console records deleting it as ``login.unlocked`` rather
-    than as a deletion."""
-    reached = attempt.failures_since_start >= settings.AXES_FAILURE_LIMIT
-    return reached and attempt.attempt_time > timezone.now() - settings.AXES_COOLOFF_TIME
+# What one delete of attempt rows saw, kept on its ``origin`` (the queryset or instance whose
+# delete() runs): Django sends every pre_delete of one delete before any row goes and every
+# post_delete after they all went. Dropped once its last row's post_delete ran, so an origin
+# deleted through again starts afresh; what it lifted stays for the ops console to read.
+_STATE = "_sagarunner_lockout_delete"
+LIFTED = "_sagarunner_lockout_lifted"
+
+Pair = tuple[str, str]
 
 
-# What was locked before a delete of attempt rows, kept on the delete's ``origin`` (the
-# queryset or instance whose delete() runs): Django sends every pre_delete of one delete
-# before any row goes and every post_delete after they all went, so the state belongs to that
-# delete alone (a delete that fails leaves nothing behind for the next one).
-_BEFORE = "_sagarunner_locked_before"
-_DONE = "_sagarunner_unlocked"
+@dataclass
+class _Delete:
+    rows: int = 0  # rows whose post_delete is still to come
+    before: dict[Pair, dict[str, int]] = field(default_factory=dict)
+    recorded: set[str] = field(default_factory=set)
+
+
+def attempt_pair(attempt: AccessAttempt) -> Pair:
+    """The user name and address an attempt row counts for."""
+    return (attempt.username or "", attempt.ip_address or "")
+
+
+def lifted_by(origin: Any) -> set[Pair]:
+    """The ``(user name, address)`` pairs whose rows, deleted through ``origin``, lifted a
+    lockout (each recorded as ``login.unlocked``)."""
+    return origin.__dict__.get(LIFTED, set())
 
 
 @receiver(pre_delete, sender=AccessAttempt, dispatch_uid="accounts.audit_unlock_before")
 def _note_locked(sender: type, instance: AccessAttempt, origin: Any = None, **_kw: Any) -> None:
+    if origin is None:
+        return
+    state = origin.__dict__.setdefault(_STATE, _Delete())
+    state.rows += 1
     # django-axes deletes expired attempts on every login and logout: such a row counts for
     # no lockout, so its going unlocks nothing, and it costs no query.
-    if instance.attempt_time <= timezone.now() - settings.AXES_COOLOFF_TIME or origin is None:
+    if instance.attempt_time <= timezone.now() - settings.AXES_COOLOFF_TIME:
         return
-    seen: dict[tuple[str, str], dict[str, int]] = origin.__dict__.setdefault(_BEFORE, {})
-    pair = (instance.username or "", instance.ip_address or "")
-    if pair not in seen:  # one look per user name and address, however many rows they have
-        seen[pair] = locked(*pair)
+    pair = attempt_pair(instance)
+    if pair not in state.before:  # one look per user name and address, however many rows
+        state.before[pair] = locked(*pair)
 
 
 @receiver(post_delete, sender=AccessAttempt, dispatch_uid="accounts.audit_unlock")
@@ -111,19 +127,23 @@ def audit_unlock(sender: type, instance: AccessAttempt, origin: Any = None, **_k
     """A lockout lifted by deleting attempts (the ``axes_reset*`` commands, the ops console):
     one ``login.unlocked`` entry per user name and address it lifted, naming both when one
     delete lifted both."""
-    if origin is None:
+    state: _Delete | None = origin.__dict__.get(_STATE) if origin is not None else None
+    if state is None:
         return
-    state = origin.__dict__
-    before = state.get(_BEFORE, {}).pop((instance.username or "", instance.ip_address or ""), None)
-    done: set[str] = state.setdefault(_DONE, set())
-    mine = {t: n for t, n in (before or {}).items() if t not in done}
+    state.rows -= 1
+    if state.rows <= 0:
+        del origin.__dict__[_STATE]
+    pair = attempt_pair(instance)
+    before = state.before.pop(pair, {})
+    mine = {t: n for t, n in before.items() if t not in state.recorded}
     if not mine:
         return  # an expired lockout, a few failures forgotten, or already recorded
-    still = locked(instance.username or "", instance.ip_address or "")
+    still = locked(*pair)
     unlocked = {t: n for t, n in mine.items() if t not in still}
     if not unlocked:
         return
-    done.update(unlocked)
+    state.recorded.update(unlocked)
+    origin.__dict__.setdefault(LIFTED, set()).add(pair)
     target = _entry_target(unlocked)
     audit_record(
         "login.unlocked",

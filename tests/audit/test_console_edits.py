@@ -234,7 +234,8 @@ def test_a_token_revoked_on_its_console_page_is_recorded_once(client):
 
 
 def test_deleting_a_lockout_in_the_console_is_recorded_once(client):
-    """An active lockout's deletion is login.unlocked; a stale attempt's is object.deleted."""
+    """An active lockout's deletion is login.unlocked; an attempt that locks nothing is
+    object.deleted."""
     now = timezone.now()
     locked = AccessAttempt.objects.create(
         username="lou",
@@ -243,12 +244,10 @@ def test_deleting_a_lockout_in_the_console_is_recorded_once(client):
         failures_since_start=settings.AXES_FAILURE_LIMIT,
         attempt_time=now,
     )
+    # One failure, locking nothing. (An expired row would not reach the action at all:
+    # django-axes deletes expired attempts itself on every request.)
     stale = AccessAttempt.objects.create(
-        username="stan",
-        ip_address="192.0.2.6",
-        user_agent="ua",
-        failures_since_start=1,
-        attempt_time=now - timedelta(days=2),
+        username="stan", ip_address="192.0.2.6", user_agent="ua", failures_since_start=1
     )
     editor = _editor("axes.view_accessattempt", "axes.delete_accessattempt")
     client.force_login(editor)
@@ -294,6 +293,56 @@ def test_deleting_one_row_of_an_address_locked_under_many_names_is_recorded(clie
     assert response.status_code == 302, response.content
     assert [(e.action, e.target) for e in AuditEntry.objects.all()] == [
         ("object.deleted", f"axes.accessattempt:{rows[0].pk}")
+    ]
+
+
+def _attempt(username: str, ip: str, agent: str, failures: int) -> AccessAttempt:
+    return AccessAttempt.objects.create(
+        username=username, ip_address=ip, user_agent=agent, failures_since_start=failures
+    )
+
+
+def _delete_in_console(client, *rows: AccessAttempt):
+    client.force_login(_editor("axes.view_accessattempt", "axes.delete_accessattempt"))
+    response = client.post(
+        "/admin/axes/accessattempt/",
+        {
+            "action": "delete_selected",
+            "_selected_action": [str(r.pk) for r in rows],
+            "post": "yes",
+        },
+        REMOTE_ADDR=ADDR,
+    )
+    assert response.status_code == 302, response.content
+    return [(e.action, e.target) for e in AuditEntry.objects.all()]
+
+
+def test_deleting_one_of_two_rows_that_each_lock_a_user_out_is_a_deletion(client):
+    """The other row (another browser of the same guesser) keeps the lockout: nothing was
+    unlocked, and the deletion is still recorded."""
+    first = _attempt("admin", "192.0.2.8", "ua1", 9)
+    _attempt("admin", "192.0.2.8", "ua2", 9)
+    assert _delete_in_console(client, first) == [
+        ("object.deleted", f"axes.accessattempt:{first.pk}")
+    ]
+
+
+def test_deleting_the_row_that_lifts_a_lockout_counted_over_two_addresses_is_one_entry(client):
+    three = _attempt("lou", "192.0.2.9", "ua", 3)
+    _attempt("lou", "192.0.2.10", "ua", 2)
+    assert _delete_in_console(client, three) == [("login.unlocked", "user:lou")]
+
+
+def test_deleting_one_attempt_from_its_own_page_is_recorded_once(client):
+    locking = _attempt("lee", "192.0.2.11", "ua", settings.AXES_FAILURE_LIMIT)
+    single = _attempt("sid", "192.0.2.12", "ua", 1)
+    client.force_login(_editor("axes.view_accessattempt", "axes.delete_accessattempt"))
+    for row in (locking, single):
+        page = f"/admin/axes/accessattempt/{row.pk}/delete/"
+        assert client.post(page, {"post": "yes"}, REMOTE_ADDR=ADDR).status_code == 302
+    assert [(e.action, e.target) for e in AuditEntry.objects.order_by("id")] == [
+        ("login.unlocked", "user:lee"),
+        ("object.deleted", f"axes.accessattempt:{single.pk}"),
     ]
 
 
