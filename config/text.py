@@ -60,8 +60,8 @@ def header_text(request: Any, name: str) -> str | None:
 def latin1_as_utf8(value: str) -> str:
     """``value`` read again as UTF-8, if it is UTF-8 that was read as Latin-1; else as it is.
 
-    Also the data migrations that turned the idempotency keys kept before the header was read
-    this way into the keys their clients' retries now send.
+    (The data migrations that rewrote the idempotency keys kept before the header was read
+    this way carry their own copy.)
     """
     if value.isascii():
         return value

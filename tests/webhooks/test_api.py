@@ -189,7 +189,7 @@ def test_verify_refuses_a_tampered_body_and_an_old_timestamp():
     assert not signing.verify("whsec_s", old, b"body")
 
 
-def test_an_endpoint_registered_before_the_character_rule_is_still_called(settings):
+def test_each_delivery_attempt_leaves_the_character_rule_to_registration(settings):
     """Each delivery attempt asks check_url, which leaves the characters to registration:
     urllib3 percent-encodes the path it sends, so such an endpoint was, and is, delivered."""
     settings.WEBHOOKS_ALLOW_PRIVATE = False
