@@ -93,7 +93,7 @@ class AccessAttemptAdmin(AuditedAdminMixin, AxesAccessAttemptAdmin):
     ) -> None:
         if verb == "deleted":
             # Copies: deleting an instance sets its primary key to None, and the entry names it.
-            held = [(copy.copy(a), attempt_pair(a)) for a in objects]  # type: ignore[arg-type]
+            held = [(copy.copy(a), attempt_pair(a)) for a in objects]
             request._attempts_deleted = held  # type: ignore[attr-defined]
             return
         super().audit_edit(request, verb, objects, message)
