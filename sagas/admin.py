@@ -44,7 +44,10 @@ from django.utils.safestring import mark_safe
 from django.utils.timesince import timesince
 
 from config.api_parsers import parse_int, unique_keys
-from sagas import selectors
+from sagas import (
+    beat_admin,  # noqa: F401 - registers the periodic task form
+    selectors,
+)
 from sagas.definition import (
     definition_of,
     definition_problem,
