@@ -1289,6 +1289,16 @@ def _problem(saga: Saga, steps: list[SagaStep]) -> dict[str, Any] | None:
             error,
         )
     if saga.failed_step and saga.escalated_from == SagaState.RUNNING:
+        if _before_pivot(saga, saga.failed_step):
+            # A wait that timed out and went to a person, who has acted since (sent its
+            # signal, retried or compensated it): not past the point of no return.
+            return found(
+                "Wait timed out",
+                f"{saga.failed_step} got no answer in time, before the point of no return; "
+                "a person took it up (the timeline says how)",
+                saga.failed_step,
+                error,
+            )
         return found(
             "Failed step",
             f"{saga.failed_step}, after the point of no return (nothing before it can be undone)",
@@ -1339,6 +1349,15 @@ def _problem(saga: Saga, steps: list[SagaStep]) -> dict[str, Any] | None:
         text = f"{saga.failure_code} ({help_text})" if help_text else saga.failure_code
         return found("Stopped because", text, "", error, "Last error before that")
     return None
+
+
+def _before_pivot(saga: Saga, step: str) -> bool:
+    """Whether ``step`` comes before the pivot in the saga's own definition version."""
+    try:
+        definition = definition_of(saga)
+        return definition.index_of(step) < definition.pivot_index
+    except (LookupError, ValueError):  # a version or step this process does not have
+        return False
 
 
 def _compensation_name(saga: Saga, step: str) -> str:

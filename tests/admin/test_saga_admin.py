@@ -207,6 +207,41 @@ def test_stuck_saga_page_explains_stuck_and_the_failing_step(ops_client):
     assert "No progress for over" in html
 
 
+@pytest.mark.parametrize(
+    ("state", "step_index"),
+    [(SagaState.SUCCEEDED, 2), (SagaState.RUNNING, 1), (SagaState.COMPENSATED, 0)],
+)
+def test_a_wait_that_timed_out_before_the_pivot_is_not_called_past_it(
+    ops_client, state, step_index
+):
+    """After a person took it up (sent the signal, retried, compensated): the wait came
+    before the point of no return, whatever the saga did next."""
+    saga = make_saga(
+        saga_type="test_wait_escalate",
+        state=state,
+        step_index=step_index,
+        failed_step="await_go",
+        failure_code="timed_out",
+        escalated_from=SagaState.RUNNING,
+    )
+    html = ops_client.get(page_url(saga)).content.decode()
+    assert "Wait timed out:</strong> await_go got no answer in time" in html
+    assert "after the point of no return" not in html
+
+
+def test_a_step_that_failed_past_the_pivot_is_called_so(ops_client):
+    saga = make_saga(
+        saga_type="test_pivot",
+        state=SagaState.NEEDS_MANUAL,
+        step_index=4,
+        failed_step="s5",
+        failure_code="step_failed",
+        escalated_from=SagaState.RUNNING,
+    )
+    html = ops_client.get(page_url(saga)).content.decode()
+    assert "s5, after the point of no return" in html
+
+
 # ---------------------------------------------------------------------------------------------
 # Dashboard and index
 # ---------------------------------------------------------------------------------------------
