@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
@@ -20,6 +21,14 @@ from django.http import HttpRequest, HttpResponse
 class Origin:
     ip: str | None
     source: str
+    #: The request being served, for its user: an entry written with no actor, by code that
+    #: reacts to what the user did (a lockout lifted by the rows they deleted), is theirs.
+    request: HttpRequest | None = None
+
+    def user(self) -> Any:
+        """The request's signed-in user, or ``None`` (read only when an entry asks)."""
+        user = getattr(self.request, "user", None)
+        return user if user is not None and user.is_authenticated else None
 
 
 _current: contextvars.ContextVar[Origin | None] = contextvars.ContextVar(
@@ -59,7 +68,9 @@ class AuditContextMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        token = _current.set(Origin(ip=client_ip(request), source=source_of(request)))
+        token = _current.set(
+            Origin(ip=client_ip(request), source=source_of(request), request=request)
+        )
         try:
             return self.get_response(request)
         finally:

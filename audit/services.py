@@ -28,7 +28,8 @@ def audit_record(
     """Record that ``actor`` did ``action`` to ``target``, and log it.
 
     The address and channel come from ``request`` when given, else from the request being
-    served (:class:`audit.context.AuditContextMiddleware`), else it is a command (``cli``).
+    served (:class:`audit.context.AuditContextMiddleware`), else it is a command (``cli``);
+    with no actor given, the actor is that request's signed-in user, if any.
     Runs inside the caller's transaction, so an action that rolls back leaves no entry.
     """
     if request is not None:
@@ -36,6 +37,8 @@ def audit_record(
     else:
         origin = current_origin()
         ip, channel = origin.ip, origin.source
+        if actor is None and not actor_name:
+            actor = origin.user()
     user = actor if getattr(actor, "pk", None) is not None else None
     name = actor_name or (actor.get_username() if user is not None else "") or "system"
     entry = AuditEntry.objects.create(

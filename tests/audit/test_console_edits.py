@@ -265,6 +265,7 @@ def test_deleting_a_lockout_in_the_console_is_recorded_once(client):
     entries = {e.action: e for e in AuditEntry.objects.all()}
     assert AuditEntry.objects.count() == 2
     assert entries["login.unlocked"].target == "user:lou"
+    assert entries["login.unlocked"].actor == editor  # who deleted it, not "system"
     assert entries["object.deleted"].target == f"axes.accessattempt:{stale.pk}"
     assert {e.ip for e in entries.values()} == {ADDR}
 
