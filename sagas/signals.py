@@ -249,7 +249,11 @@ def _deliver(saga: Saga, name: str, payload: Any, key: str, user: Any) -> Signal
         saga.lease_until = None
         _save(saga, ["attempt", "next_attempt_at", "lease_until", *more])
         ring_on_commit(saga.id, saga.version)
-    detail = f"{name} (key {key})" + ("; resumed from needs_manual" if resume else "")
+    # What was decided is the point of the entry (``{"approved": false}``): the payload, cut
+    # short, goes with the name.
+    said = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
+    said = said if len(said) <= 300 else said[:299] + "…"
+    detail = f"{name} {said} (key {key})" + ("; resumed from needs_manual" if resume else "")
     step = definition.steps[at].name if delivered_now else ""
     # From ops staff it is an ops action (``ops_signal``: the audit log records it too);
     # from the saga's own client it is that client's answer.

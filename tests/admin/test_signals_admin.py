@@ -9,6 +9,7 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
+from audit.models import AuditEntry
 from sagas.models import Saga, SagaSignal, SagaState
 
 from .conftest import make_saga
@@ -66,6 +67,10 @@ def test_saga_page_shows_the_signal_it_waits_for_and_ops_send_it(ops_client, ops
     assert signal.payload == {"ok": True} and signal.actor == f"user:{ops_user.username}"
     event = saga.events.get(kind="ops_signal")
     assert event.actor == f"user:{ops_user.username}" and "go" in event.detail
+    # What was decided is in the timeline and the audit log, not only the signal's name.
+    assert event.detail.startswith('go {"ok": true} (key k)'), event.detail
+    entry = AuditEntry.objects.get(action="saga.signal", target=f"saga:{saga.pk}")
+    assert '{"ok": true}' in entry.detail["note"], entry.detail
     assert Saga.objects.get(pk=saga.pk).version > saga.version  # made due, fenced
     # The same key with another payload: shown on the form, the first signal stands.
     reused = ops_client.post(form_url, {"name": "go", "payload": '{"ok": false}', "key": "k"})
