@@ -13,6 +13,8 @@ from rest_framework import exceptions, pagination, serializers
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
+from config.text import trimmed
+
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
 
@@ -89,6 +91,17 @@ class StrictCharField(serializers.CharField):
         if not isinstance(data, str):
             self.fail("invalid")
         return super().to_internal_value(data)
+
+
+class WrittenCharField(StrictCharField):
+    """A string someone must have written: blank also when all it holds is unseen (a
+    zero-width space, a byte-order mark), which DRF's whitespace trimming leaves."""
+
+    def to_internal_value(self, data: Any) -> str:
+        value = trimmed(super().to_internal_value(data))
+        if not value and not self.allow_blank:
+            self.fail("blank")
+        return value
 
 
 class StrictIntegerField(serializers.IntegerField):

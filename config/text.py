@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from typing import Any
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
@@ -69,6 +70,20 @@ def latin1_as_utf8(value: str) -> str:
         return value.encode("latin-1").decode("utf-8")
     except UnicodeError:  # not Latin-1 (typed in the ops console), or not UTF-8 bytes
         return value
+
+
+_UNSEEN = ("Cc", "Cf", "Zs", "Zl", "Zp")
+
+
+def trimmed(text: str) -> str:
+    """``text`` without what cannot be seen at either end: ``str.strip`` leaves a zero-width
+    space or a byte-order mark, so a required note made of one passed for written."""
+    start, end = 0, len(text)
+    while start < end and unicodedata.category(text[start]) in _UNSEEN:
+        start += 1
+    while end > start and unicodedata.category(text[end - 1]) in _UNSEEN:
+        end -= 1
+    return text[start:end]
 
 
 def has_control_characters(text: str) -> bool:

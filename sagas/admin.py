@@ -44,6 +44,7 @@ from django.utils.safestring import mark_safe
 from django.utils.timesince import timesince
 
 from config.api_parsers import parse_int, unique_keys
+from config.text import trimmed
 from sagas import (
     beat_admin,  # noqa: F401 - registers the periodic task form
     selectors,
@@ -1059,7 +1060,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         ids = self._ids_or_refuse(request, queryset)
         if ids is None:
             return self._done(request)
-        reason = request.POST.get("reason", "").strip()
+        reason = trimmed(request.POST.get("reason", ""))
         error = ""
         if request.POST.get("confirm") == "yes":
             if reason:
@@ -1085,7 +1086,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         ids = self._ids_or_refuse(request, queryset)
         if ids is None:
             return self._done(request)
-        note = request.POST.get("note", "").strip()
+        note = trimmed(request.POST.get("note", ""))
         # The confirmation page named the effects still in place; ticking the box accepts them.
         accept = request.POST.get("accept_effects") == "yes"
         error = ""
@@ -1116,7 +1117,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         ids = self._ids_or_refuse(request, queryset)
         if ids is None:
             return self._done(request)
-        note = request.POST.get("note", "").strip()
+        note = trimmed(request.POST.get("note", ""))
         error = ""
         if request.POST.get("confirm") == "yes" and len(note) > NOTE_MAX:
             error = f"A note may be at most {NOTE_MAX} characters (the API's limit too)."

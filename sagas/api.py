@@ -36,6 +36,7 @@ from config.api import (
     Pagination,
     StrictBooleanField,
     StrictCharField,
+    WrittenCharField,
 )
 from config.api_errors import ApiError
 from config.text import header_text
@@ -172,11 +173,11 @@ def send_signal(request: Request, saga_id, name: str) -> Response:
 
 
 class CompensateSerializer(serializers.Serializer):
-    reason = StrictCharField(max_length=500, help_text="Why; recorded in the timeline.")
+    reason = WrittenCharField(max_length=500, help_text="Why; recorded in the timeline.")
 
 
 class ResolveSerializer(serializers.Serializer):
-    note = StrictCharField(
+    note = WrittenCharField(
         max_length=services.NOTE_MAX, help_text="What a person did; in the timeline."
     )
     accept_effects = StrictBooleanField(
@@ -190,7 +191,7 @@ class UndoDoneSerializer(serializers.Serializer):
     step = StrictCharField(
         max_length=64, help_text="The step whose undo the saga waits on (its current_step)."
     )
-    note = StrictCharField(
+    note = WrittenCharField(
         max_length=services.NOTE_MAX, help_text="How the undo was done by hand; in the timeline."
     )
 

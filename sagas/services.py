@@ -22,6 +22,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from audit.services import audit_record
+from config.text import trimmed
 from sagas import metrics, tracing
 from sagas.definition import (
     SagaDefinition,
@@ -413,7 +414,7 @@ def saga_compensate(*, saga_id: Any, user: Any, reason: str) -> Saga:
     their order means processing failed); the operator's words go to the timeline.
     """
     _require_ops(user)
-    reason = (reason or "").strip()
+    reason = trimmed(reason or "")
     if not reason:
         raise SagaOperationRefused("reason_required", "Say why you compensate this saga.")
     with transaction.atomic():
@@ -451,7 +452,7 @@ def saga_undo_done(*, saga_id: Any, user: Any, step: str, note: str) -> Saga:
     step is marked ``compensated_by_hand`` and the note goes to the timeline with the user.
     """
     _require_ops(user)
-    note = (note or "").strip()
+    note = trimmed(note or "")
     step = (step or "").strip()
     if not note:
         raise SagaOperationRefused(
@@ -504,7 +505,7 @@ def saga_resolve(*, saga_id: Any, user: Any, note: str, accept_effects: bool = F
     keeps stock reserved.
     """
     _require_ops(user)
-    note = (note or "").strip()
+    note = trimmed(note or "")
     if not note:
         raise SagaOperationRefused("note_required", "A note is required to resolve a saga.")
     with transaction.atomic():

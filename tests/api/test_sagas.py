@@ -211,7 +211,17 @@ def test_compensate_is_202_with_a_reason_recorded(ops_api, saga):
     assert (event.actor, event.detail) == ("user:olivia", "fraud suspected")
 
 
-@pytest.mark.parametrize("body", [{}, {"reason": ""}, {"reason": "   "}, {"reason": 5}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"reason": ""},
+        {"reason": "   "},
+        {"reason": 5},
+        {"reason": "\u200b"},
+        {"reason": " \ufeff "},
+    ],
+)
 def test_compensate_needs_a_reason(ops_api, saga, body):
     """No (or a blank) reason: 400 naming ``reason``; nothing recorded."""
     error = assert_error(ops_api.post(f"{SAGAS}{saga.id}/compensate/", body, format="json"), 400)
