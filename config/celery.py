@@ -5,6 +5,7 @@ Django settings under the ``CELERY_`` namespace, so there is one place to read c
 """
 
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -110,14 +111,40 @@ def _validate_faults_at_start(**_kwargs) -> None:
 
 
 @worker_init.connect
+def _validate_providers_at_start(**_kwargs) -> None:
+    """Parse ``SAGA_PROVIDERS`` in the parent, before the pool forks: a typo stops the worker
+    with its name, as docs/providers.md says, instead of failing each saga at its first call
+    to that provider."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    from providers.config import check_provider_settings
+    from sagas.definition import registered_definitions
+
+    known = {
+        step.provider
+        for definition in registered_definitions()
+        for step in definition.steps
+        if getattr(step, "provider", None)
+    }
+    try:
+        check_provider_settings(known)
+    except ImproperlyConfigured as exc:
+        _refuse_to_start(str(exc))
+
+
+def _refuse_to_start(message: str) -> None:
+    sys.stderr.write(f"sagarunner: refusing to start: {message}\n")
+    sys.stderr.flush()
+    os._exit(2)
+
+
+@worker_init.connect
 def _refuse_unknown_definitions(**_kwargs) -> None:
     """Stop a worker whose code lacks (or changed) the definition of an unfinished saga.
 
     Celery runs Django's system checks at start but does not act on their result; this runs
     the sagas check and exits with its message, as ``manage.py check`` would.
     """
-    import sys
-
     from django.db import connections
 
     from sagas.checks import check_saga_definitions
@@ -126,10 +153,7 @@ def _refuse_unknown_definitions(**_kwargs) -> None:
     for conn in connections.all(initialized_only=True):
         conn.close()  # the pool forks after this: no socket shared with the children
     if errors:
-        for error in errors:
-            sys.stderr.write(f"sagarunner: refusing to start: {error.msg}\n  HINT: {error.hint}\n")
-        sys.stderr.flush()
-        os._exit(2)
+        _refuse_to_start("\n".join(f"{e.msg}\n  HINT: {e.hint}" for e in errors))
 
 
 @worker_init.connect

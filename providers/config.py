@@ -64,6 +64,29 @@ def _build(name: str) -> ProviderConfig:
     return config
 
 
+def check_provider_settings(known: set[str]) -> None:
+    """Parse ``SAGA_PROVIDERS`` and the defaults now, for every provider it names, and refuse a
+    provider no step calls (``known``): raises ``ImproperlyConfigured`` naming the culprit.
+
+    A worker calls this at start. The knobs are otherwise read at a provider's first call, so a
+    typo let the worker start and failed every saga that reached that provider, each failure
+    spending one of the saga's attempts.
+    """
+    providers = settings.SAGA_PROVIDERS or {}
+    if not isinstance(providers, dict):
+        raise ImproperlyConfigured("SAGA_PROVIDERS must be a JSON object: provider -> knobs")
+    for name, knobs in providers.items():
+        if name not in known:
+            raise ImproperlyConfigured(
+                f"SAGA_PROVIDERS: no step calls a provider {name!r}; "
+                f"known: {', '.join(sorted(known)) or 'none'}"
+            )
+        if not isinstance(knobs, dict):
+            raise ImproperlyConfigured(f"SAGA_PROVIDERS[{name!r}] must be a JSON object of knobs")
+    for name in sorted(known | set(providers)):
+        _build(name)
+
+
 def provider_config(name: str) -> ProviderConfig:
     """The knobs of ``name``, parsed once per process (re-read if the settings object changed)."""
     global _cache

@@ -583,6 +583,26 @@ def _worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def worker_refusing_to_start(extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """A real prefork worker started with ``extra`` settings and its broker down (nothing
+    listens on port 1), expected to refuse at once: a worker that checks its settings before
+    its pool and its broker exits; one that does not waits for the broker, and the calling
+    test fails here after 60 s."""
+    env = _worker_env({**extra, "CELERY_BROKER_URL": "redis://127.0.0.1:1/0"})
+    command = [sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", "nowhere"]
+    try:
+        return subprocess.run(
+            [*command, "-P", "prefork", "-c", "2", "-l", "info"],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the worker did not refuse to start: {exc.stderr!r}"[-3000:])
+
+
 def _require_broker() -> None:
     url = os.environ["CELERY_BROKER_URL"]
     if not _broker_reachable(url):

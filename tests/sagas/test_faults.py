@@ -31,7 +31,7 @@ from sagas.faults import (
 )
 from shipping.models import Shipment
 from shipping.services import shipment_arrange, shipment_cancel
-from tests.conftest import _worker_env
+from tests.conftest import worker_refusing_to_start
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,24 +114,7 @@ def test_a_worker_with_malformed_faults_refuses_to_start():
 def test_a_real_worker_with_malformed_faults_stops_before_its_pool_and_its_broker():
     """Refused at worker_init: the broker here is down, so a worker that looked for it first
     would wait for it and never refuse; nor is any pool child left to write a traceback."""
-    env = _worker_env(
-        {
-            "SAGA_FAULTS": '{"payments.authorize": {"eror": 0.2}}',
-            "CELERY_BROKER_URL": "redis://127.0.0.1:1/0",
-        }
-    )
-    command = [sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", "nowhere"]
-    try:
-        done = subprocess.run(
-            [*command, "-P", "prefork", "-c", "2", "-l", "info"],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"the worker did not refuse to start: {exc.stderr!r}"[-3000:])
+    done = worker_refusing_to_start({"SAGA_FAULTS": '{"payments.authorize": {"eror": 0.2}}'})
     assert done.returncode == 2, done.stderr[-3000:]
     assert "refusing to start: SAGA_FAULTS['payments.authorize']" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
