@@ -5,16 +5,22 @@ from django.db.models.signals import post_migrate
 
 
 def _create_cache_table(using: str = "default", **_kwargs: Any) -> None:
-    """The database cache's table (``CACHE_URL=db://``), made by every ``migrate``.
+    """The database cache's table (``CACHE_URL=db://``), made by every ``migrate`` whatever
+    the cache is then.
 
-    A migration runs once: a database first migrated under a Redis cache and switched to
-    ``db://`` later would never get the table, and every API request would fail on the rate
-    limit's count. ``createcachetable`` skips a table that exists, and does nothing for the
-    other caches.
+    A migration runs once, and ``createcachetable`` makes only the tables of the caches
+    configured when it runs: a database migrated under a Redis cache and then run with
+    ``db://`` (set, or the default that comes with a RabbitMQ broker) had no table, and every
+    API request failed on the rate limit's count. Both skip a table that exists.
     """
+    from django.conf import settings
     from django.core.management import call_command
+    from django.core.management.commands.createcachetable import Command
 
-    call_command("createcachetable", database=using, verbosity=0)
+    call_command("createcachetable", database=using, verbosity=0)  # any other database cache
+    command = Command()
+    command.verbosity = 0
+    command.create_table(using, settings.DB_CACHE_TABLE, dry_run=False)
 
 
 class AccountsConfig(AppConfig):

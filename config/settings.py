@@ -310,6 +310,9 @@ elif CELERY_BROKER_URL.startswith("filesystem://"):
 else:
     _cache_default = "db://"
 CACHE_URL = env("CACHE_URL", default=_cache_default)
+# CACHE_URL=db://'s table: every `migrate` makes it, whatever the cache is then, so switching
+# to db:// (or to a RabbitMQ broker, whose default cache it is) needs no migrate of its own.
+DB_CACHE_TABLE = "sagarunner_cache"
 if CACHE_URL.startswith(("redis://", "rediss://")):
     _cache = {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
@@ -322,10 +325,7 @@ elif CACHE_URL.startswith("file://"):
         "LOCATION": CACHE_URL.removeprefix("file://"),
     }
 elif CACHE_URL == "db://":
-    _cache = {
-        "BACKEND": "django.core.cache.backends.db.DatabaseCache",
-        "LOCATION": "sagarunner_cache",
-    }
+    _cache = {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": DB_CACHE_TABLE}
 else:
     raise ImproperlyConfigured(f"CACHE_URL must be redis://, db:// or file://, not {CACHE_URL!r}")
 CACHES = {"default": {**_cache, "KEY_PREFIX": env("CACHE_KEY_PREFIX", default="sagarunner")}}

@@ -31,3 +31,13 @@ def test_migrate_makes_the_database_cache_table_of_a_database_migrated_before(se
     finally:
         with connection.cursor() as cursor:
             cursor.execute(f"DROP TABLE IF EXISTS {TABLE}")
+
+
+def test_migrate_makes_the_db_cache_table_while_the_cache_is_another(settings):
+    """Migrated under Redis, run with CACHE_URL=db:// (or a RabbitMQ broker, whose default
+    cache it is): the table is there without a migrate of its own."""
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP TABLE IF EXISTS {settings.DB_CACHE_TABLE}")
+    call_command("migrate", verbosity=0)
+    assert settings.DB_CACHE_TABLE in connection.introspection.table_names()
