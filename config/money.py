@@ -34,18 +34,18 @@ UNSUPPORTED_CURRENCIES = frozenset({"BHD", "JOD", "KWD", "OMR", "TND"})
 #: ISO 4217's own minor units, for what the catalog accepts (the tables above are how amounts
 #: travel to the provider, and stay as they are): a price in a currency without minor units is
 #: in whole units, and a currency with three decimals is not priced here at all.
-ISO_ZERO_DECIMAL = frozenset(
-    {"BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "VND", "VUV"}
-    | {"XAF", "XOF", "XPF"}
-)
-ISO_THREE_DECIMAL = frozenset({"BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"})
+_ISO_ZERO = "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX VND VUV XAF XOF XPF"
+ISO_ZERO_DECIMAL = frozenset(_ISO_ZERO.split())
+#: UNSUPPORTED_CURRENCIES, and the two the provider's tables still carry with two decimals.
+_ISO_THREE = "BHD IQD JOD KWD LYD OMR TND"
+ISO_THREE_DECIMAL = frozenset(_ISO_THREE.split())
 
 
 def currency_problem(currency: str) -> str | None:
     """Why the catalog cannot price in ``currency`` (upper case, as stored), or ``None``."""
     if currency not in CURRENCY_CODES:
         return f"{currency!r} is not an ISO 4217 currency code in use (upper case, e.g. EUR)."
-    if currency in UNSUPPORTED_CURRENCIES or currency in ISO_THREE_DECIMAL:
+    if currency in ISO_THREE_DECIMAL:
         return f"{currency} has three decimal places; prices here have at most two."
     return None
 

@@ -72,6 +72,7 @@ from sagas.services import (
     saga_stopped_before_pivot,
     saga_undo_done,
     saga_waits_on_undo,
+    step_before_pivot,
 )
 
 admin.site.site_header = "sagarunner ops console"
@@ -1290,7 +1291,7 @@ def _problem(saga: Saga, steps: list[SagaStep]) -> dict[str, Any] | None:
             error,
         )
     if saga.failed_step and saga.escalated_from == SagaState.RUNNING:
-        if _before_pivot(saga, saga.failed_step):
+        if step_before_pivot(saga, saga.failed_step):
             # A wait that timed out and went to a person, who has acted since (sent its
             # signal, retried or compensated it): not past the point of no return.
             return found(
@@ -1350,15 +1351,6 @@ def _problem(saga: Saga, steps: list[SagaStep]) -> dict[str, Any] | None:
         text = f"{saga.failure_code} ({help_text})" if help_text else saga.failure_code
         return found("Stopped because", text, "", error, "Last error before that")
     return None
-
-
-def _before_pivot(saga: Saga, step: str) -> bool:
-    """Whether ``step`` comes before the pivot in the saga's own definition version."""
-    try:
-        definition = definition_of(saga)
-        return definition.index_of(step) < definition.pivot_index
-    except (LookupError, ValueError):  # a version or step this process does not have
-        return False
 
 
 def _compensation_name(saga: Saga, step: str) -> str:

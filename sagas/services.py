@@ -250,9 +250,14 @@ def saga_stopped_before_pivot(saga: Saga) -> bool:
     """
     if saga.state != SagaState.NEEDS_MANUAL or saga.escalated_from != SagaState.RUNNING:
         return False
+    return step_before_pivot(saga, saga.current_step)
+
+
+def step_before_pivot(saga: Saga, step: str) -> bool:
+    """Whether ``step`` comes before the pivot in the saga's own definition version."""
     try:
         definition = definition_of(saga)
-        return definition.index_of(saga.current_step) < definition.pivot_index
+        return definition.index_of(step) < definition.pivot_index
     except (LookupError, ValueError):  # a version or step this process does not have
         return False
 
