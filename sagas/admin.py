@@ -353,6 +353,27 @@ class FailedUndoFilter(admin.SimpleListFilter):
         return queryset.filter(failed_undo=self.value()) if self.value() else queryset
 
 
+class FinishedFilter(admin.SimpleListFilter):
+    """Finished or not, as the dashboard's per-version counts read it: a saga is unfinished
+    while it still needs its definition (running, compensating, or waiting for a person)."""
+
+    title = "finished"
+    parameter_name = "finished"
+
+    def lookups(self, request, model_admin):
+        return [
+            ("no", "Not finished (running, compensating, needs a person)"),
+            ("yes", "Finished (succeeded, compensated, resolved)"),
+        ]
+
+    def queryset(self, request, queryset):
+        if self.value() == "no":
+            return queryset.filter(state__in=selectors.UNSETTLED)
+        if self.value() == "yes":
+            return queryset.exclude(state__in=selectors.UNSETTLED)
+        return queryset
+
+
 class StuckFilter(admin.SimpleListFilter):
     title = "progress"
     parameter_name = "stuck"
@@ -522,6 +543,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
     list_display_links = None
     list_filter = (
         "state",
+        FinishedFilter,
         StuckFilter,
         SagaTypeFilter,
         DefinitionVersionFilter,
@@ -1397,7 +1419,8 @@ def _version_rows(changelist: str) -> list[dict[str, Any]]:
                 "count": count,
                 "status": status,
                 "alert": bool(problem),
-                "url": f"{changelist}?saga_type={saga_type}&definition_version={version}",
+                "url": f"{changelist}?saga_type={saga_type}&definition_version={version}"
+                "&finished=no",
             }
         )
     return rows
