@@ -939,13 +939,17 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             return HttpResponseRedirect(reverse("admin:sagas_saga_changelist"))
         names = definition_of(saga).signals
         page = reverse("admin:sagas_saga_change", args=[saga.pk])
+        # Preselected only when the saga waits for it: a saga not waiting yet keeps a signal
+        # for later, and a first signal offered by default could be sent by one careless click.
         form = {
-            "name": request.POST.get("name") or saga.waiting_for or (names[0] if names else ""),
+            "name": request.POST.get("name", saga.waiting_for),
             "payload": request.POST.get("payload", "{}"),
             "key": request.POST.get("key", ""),
         }
         error = ""
-        if request.method == "POST":
+        if request.method == "POST" and not form["name"]:
+            error = "Choose the signal to send."
+        elif request.method == "POST":
             try:
                 payload = _json_payload(form["payload"])
                 outcome = saga_signal(

@@ -78,6 +78,22 @@ def test_saga_page_shows_the_signal_it_waits_for_and_ops_send_it(ops_client, ops
     assert SagaSignal.objects.get(saga=saga).payload == {"ok": True}
 
 
+def test_a_saga_not_waiting_yet_is_offered_no_signal_by_default(ops_client):
+    """The form preselects the signal the saga waits for, and none for a saga not waiting
+    yet (which keeps a signal for later): sending one takes a choice."""
+    busy = make_saga(state=SagaState.RUNNING, saga_type="test_wait", step_index=0)
+    form_url = reverse("admin:sagas_saga_signal", args=[busy.pk])
+    html = ops_client.get(form_url).content.decode()
+    assert '<option value="" selected>Choose a signal</option>' in html
+    assert '<option value="go">go</option>' in html
+    refused = ops_client.post(form_url, {"name": "", "payload": "{}", "key": ""})
+    assert refused.status_code == 200 and "Choose the signal to send." in refused.content.decode()
+    assert not SagaSignal.objects.filter(saga=busy).exists()
+    waiting = ops_client.get(reverse("admin:sagas_saga_signal", args=[parked_saga().pk]))
+    html = waiting.content.decode()
+    assert '<option value="go" selected>go</option>' in html and "Choose a signal" not in html
+
+
 def test_a_saga_that_can_take_no_signal_is_offered_none(ops_client):
     """Compensating, or settled: the page offers no form to send a signal it would refuse."""
     for state in (SagaState.COMPENSATING, SagaState.COMPENSATED):
