@@ -145,15 +145,34 @@ def _refuse_unknown_definitions(**_kwargs) -> None:
     Celery runs Django's system checks at start but does not act on their result; this runs
     the sagas check and exits with its message, as ``manage.py check`` would.
     """
-    from django.db import connections
+    from django.db import DatabaseError, connection, connections
 
     from sagas.checks import check_saga_definitions
 
+    try:
+        connection.ensure_connection()
+    except DatabaseError as exc:
+        _warn_database_unreachable(exc)
+        return  # nothing to check against; the pool's first task connects again
     errors = check_saga_definitions()
     for conn in connections.all(initialized_only=True):
         conn.close()  # the pool forks after this: no socket shared with the children
     if errors:
         _refuse_to_start("\n".join(f"{e.msg}\n  HINT: {e.hint}" for e in errors))
+
+
+def _warn_database_unreachable(exc: Exception) -> None:
+    """Say so at start, once, when the database does not answer. The worker still starts (a
+    database that comes up after it, as in a compose file, costs nothing): its tasks connect
+    again each time. Before this line it said "ready" and nothing else until a saga came, and
+    then only that saga's error."""
+    import structlog
+
+    structlog.get_logger("config.celery").error(
+        "worker.database_unreachable",
+        error=str(exc).strip()[:300],
+        hint="sagas wait until the database answers; check DATABASE_URL and that PostgreSQL is up",
+    )
 
 
 @worker_init.connect

@@ -3,8 +3,10 @@ fail ``manage.py check`` and stop a worker at start, naming type, version and co
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,7 +19,7 @@ from django.db import connection
 from sagas.definition import SagaDefinition, get_definition, register, unregister
 from sagas.models import Saga, SagaState
 from sagas.services import saga_start
-from tests.conftest import REPO_ROOT, _worker_env, database_url_for
+from tests.conftest import REPO_ROOT, WorkerHandle, _worker_env, database_url_for
 from tests.sagas.sagatypes import scripted
 
 
@@ -155,3 +157,24 @@ def test_a_worker_refuses_to_start_without_the_definition_of_unfinished_sagas():
     )
     assert done.returncode == 2, done.stderr[-3000:]
     assert "refusing to start: 1 unfinished 'ver' saga run on version 1" in done.stderr
+
+
+def test_a_worker_whose_database_does_not_answer_says_so_and_still_starts():
+    """A database that is down when the worker starts is said once, as an error line, and the
+    worker comes up anyway (its tasks connect again each time), so a database that starts
+    after it costs nothing. Before, it said "ready" and nothing more."""
+    env = _worker_env(
+        {
+            "DATABASE_URL": "postgres://postgres@127.0.0.1:1/nowhere",
+            "CELERY_QUEUE": f"dbdown-{uuid.uuid4().hex[:8]}",
+        }
+    )
+    worker = WorkerHandle("dbdown", env, concurrency=1, pool="prefork")
+    try:
+        worker.wait_ready()
+        log = worker.log_text()
+    finally:
+        worker.stop()
+    lines = [line for line in log.splitlines() if "worker.database_unreachable" in line]
+    assert len(lines) == 1, log[-3000:]
+    assert re.search(r"level\W{1,4}error", lines[0]) and "port 1 failed" in lines[0], lines[0]
