@@ -278,8 +278,7 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
     if step.park is not None:
         decision = _resumed(step, saga) or waits.decide(step.park, saga, ctx, now)
         if decision.kind == "park":
-            _park(saga, step, rec, decision, now)
-            return None
+            return _park(saga, step, rec, decision, now)
         if decision.kind == "timeout":
             return _wait_timed_out(definition, saga, step, rec, inline_ok=inline_ok)
         if decision.kind == "skip":
@@ -657,8 +656,11 @@ def _unused_wait_back(saga: Saga, rec: Record, seconds: float) -> None:
         rec.fields["deadline_at"] = saga.deadline_at - unused
 
 
-def _park(saga: Saga, step: Step, rec: Record, decision: waits.WaitDecision, now: datetime) -> None:
-    """Park the saga: no lease, due at its timeout (or never), and nothing else to do.
+def _park(
+    saga: Saga, step: Step, rec: Record, decision: waits.WaitDecision, now: datetime
+) -> Saga | None:
+    """Park the saga: no lease, due at its timeout (or never), and nothing else to do (unless
+    a cancel request came while it decided: then the saga to honour it with).
 
     The first time it parks at this step, the wait starts (``waiting_since``), the timeline
     says what it waits for, and its deadline moves by the wait's length: the deadline bounds
@@ -690,8 +692,7 @@ def _park(saga: Saga, step: Step, rec: Record, decision: waits.WaitDecision, now
         delay = (decision.wake_at - now).total_seconds()
         if delay <= settings.SAGA_TIMER_RING_WITHIN:
             rec.ring_after = max(delay, 0.0)
-    write(saga, rec, inline_ok=False)
-    return None
+    return write(saga, rec, inline_ok=False)
 
 
 def _wait_timed_out(

@@ -368,7 +368,15 @@ def saga_request_cancel(*, saga_id: Any, reason: str, actor: str = "engine") -> 
             _event(saga, "cancel_requested", actor=actor, detail=f"reason: {reason}")
             return saga
         if saga.cancel_reason:
-            return saga  # already requested: idempotent
+            # Already requested: nothing new to record. A request no boundary has seen while
+            # the saga waits (a park that landed past it before records were fenced on it)
+            # is made due now, so asking again is never in vain.
+            now = timezone.now()
+            if not _leased(saga) and (saga.next_attempt_at is None or saga.next_attempt_at > now):
+                saga.next_attempt_at = now
+                _save(saga, ["next_attempt_at"])
+                ring_on_commit(saga.id, saga.version)
+            return saga
         saga.cancel_reason = reason
         fields = ["cancel_reason"]
         if not _leased(saga):

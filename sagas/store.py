@@ -43,7 +43,7 @@ from sagas import metrics
 from sagas import transactions as step_transactions
 from sagas.definition import change_hook, registered_definitions, type_change_hook
 from sagas.doorbell import ring_on_commit
-from sagas.models import ACTIVE_STATES, Saga, SagaEvent, SagaStep
+from sagas.models import ACTIVE_STATES, Saga, SagaEvent, SagaState, SagaStep
 from sagas.timing import (
     TIMEOUT_SLACK,
     current_task_timeout,
@@ -973,12 +973,20 @@ def write(
     hook = change_hook(saga)
     type_hook = hook or type_change_hook(saga)
     before = copy.copy(saga) if type_hook is not None else None
+    before_state = saga.state
     for name in rec.transitions:
         getattr(saga, name)()  # django-fsm checks the source state; raises if not allowed
     if rec.transitions:
         fields["state"] = saga.state
     if saga.parked_on and "parked_on" not in fields:
         fields["parked_on"] = ""  # no longer waiting for a provider
+    if not rec.go_on and rec.cancel_reason_seen is None and before_state == SagaState.RUNNING:
+        # A cancel accepted while this claim's step ran only set ``cancel_reason`` (the version
+        # stays, so the record lands) and counts on the next boundary. A record that goes on
+        # reaches one; one that parks, retries later, stops for a person or succeeds does not,
+        # and landing past the request would leave it unheard until the saga is due again (a
+        # day's wait, or never). Fenced on the request as the claim saw it, it makes way.
+        rec.cancel_reason_seen = saga.cancel_reason
     go_on = rec.go_on and inline_ok and within_inline_budget()
     if rec.go_on or rec.ring_after is not None:
         rec.ring_timeout = timeout_at(saga, fields.get("current_step", saga.current_step))
@@ -1031,6 +1039,22 @@ def write(
             # row again and stops, or honours the cancel. (A batch's record is never guarded
             # on data: it runs in the batch's transaction and reads the flag back.)
             raise batch.broken() from None
+        if rec.cancel_reason_seen is not None:
+            row = _claimed_row(saga)
+            if row is not None and row.cancel_reason != rec.cancel_reason_seen:
+                # Still this claim's saga: the cancel request is what fenced the record off.
+                # Nothing of it landed; the runner goes on from the row as it is, and the
+                # boundary honours the request (undoing this step too if it may have run).
+                if tx is not None:
+                    tx.rollback()
+                if rec.step_fields.get("took_effect") or rec.step_fields.get("maybe_effect"):
+                    # This claim ran the step, and its row will not say so: the boundary counts
+                    # only runs before the claim, so mark it here for the undo to include it.
+                    SagaStep.objects.filter(saga_id=saga.id, name=rec.step_name).update(
+                        maybe_effect=True
+                    )
+                log.info("saga.cancel_seen_at_record", saga_id=str(saga.id), step=row.current_step)
+                return row
         if rec.data_seen is not None and before is not None and _still_claimed(saga):
             # Still this claim's saga, so the data guard is what matched nothing: the same
             # record again, in a transaction and unguarded (what it carried has committed
@@ -1075,6 +1099,11 @@ def write(
     if rec.finished:
         metrics.SAGAS_FINISHED.labels(saga.saga_type, rec.finished).inc()
     return updated if go_on else None
+
+
+def _claimed_row(saga: Saga) -> Saga | None:
+    """The saga's row if it is still at the version its claim gave it, else ``None``."""
+    return Saga.objects.filter(pk=saga.pk, version=saga.version).first()
 
 
 def _still_claimed(saga: Saga) -> bool:

@@ -188,6 +188,9 @@ def _run(ctx: StepContext) -> dict:
         raise BusinessFailure(outcome.split(":", 1)[1], f"scripted no at {ctx.step}")
     if outcome == "transient":
         raise ConnectionError(f"scripted transient error at {ctx.step}")
+    if outcome == "cancel_transient":  # a client cancels, then this call fails for now
+        _cancel_meanwhile(ctx.saga_id)
+        raise ConnectionError(f"scripted transient error at {ctx.step}")
     if outcome == "refused":
         raise _Refused(f"scripted refusal before any effect at {ctx.step}")
     if outcome == "integrity":  # a bad row: the database refuses what the step writes
