@@ -1,5 +1,8 @@
 """API tokens in the ops console: staff see every token (never the token itself: only its
 digest is stored) and revoke any of them. Revoking is deleting, and goes to the audit log.
+The token list takes no URL lookup on a token's columns (``?token_key__startswith=`` would
+read the 15 characters of the token knox keeps in clear, where the console shows 8); nor
+does django-axes' login log on its session digests.
 
 Login lockouts (django-axes' attempts) are re-registered only so that deleting one in the
 console is recorded once: an active lockout as ``login.unlocked`` (:mod:`accounts.lockout`),
@@ -13,7 +16,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from axes.admin import AccessAttemptAdmin as AxesAccessAttemptAdmin
-from axes.models import AccessAttempt
+from axes.admin import AccessLogAdmin as AxesAccessLogAdmin
+from axes.models import AccessAttempt, AccessLog
 from django.contrib import admin
 from django.db.models import Model, QuerySet
 from django.http import HttpRequest
@@ -23,13 +27,15 @@ from knox.models import AuthToken
 from accounts.lockout import attempt_pair, lifted_by
 from accounts.tokens import token_label, token_revoke
 from audit.console import AuditedAdminMixin
+from config.admin import FilterLookupsOnly
 
 admin.site.unregister(AuthToken)
 admin.site.unregister(AccessAttempt)
+admin.site.unregister(AccessLog)
 
 
 @admin.register(AuthToken)
-class AuthTokenAdmin(AuditedAdminMixin, admin.ModelAdmin):
+class AuthTokenAdmin(AuditedAdminMixin, FilterLookupsOnly, admin.ModelAdmin):
     list_display = ["label", "user", "created", "expiry", "expired"]
     list_select_related = ["user"]
     search_fields = ["=user__username"]
@@ -111,3 +117,9 @@ class AccessAttemptAdmin(AuditedAdminMixin, AxesAccessAttemptAdmin):
         request._attempts_deleted = []  # type: ignore[attr-defined]
         rows = [attempt for attempt, pair in held if pair not in lifted]
         super().audit_edit(request, "deleted", rows, "")
+
+
+@admin.register(AccessLog)
+class AccessLogAdmin(FilterLookupsOnly, AxesAccessLogAdmin):
+    """django-axes' log of logins, filtered only as its own filters do: each row holds a
+    digest of the session's key (``session_hash``), which the page does not show."""

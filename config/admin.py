@@ -1,4 +1,5 @@
-"""What every read-only page of the ops console shares.
+"""What every read-only page of the ops console shares, and the guard of pages whose rows hold
+secrets.
 
 Participant rows (payments, reservations, shipments), orders and the audit log are written only
 by their services; in the console staff look at them and nobody adds, edits or deletes. The
@@ -15,6 +16,7 @@ from uuid import UUID
 from django.contrib import admin
 from django.contrib.admin.options import ShowFacets
 from django.db.models import Model, Q, QuerySet
+from django.db.models.constants import LOOKUP_SEP
 from django.http import HttpRequest
 from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
@@ -47,6 +49,41 @@ class ReadOnlyTabularInline(admin.TabularInline):
 
     def has_change_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
         return False
+
+
+class FilterLookupsOnly:
+    """Put in front of ``admin.ModelAdmin`` for a model with a column staff must not read (a
+    signing secret, a token's digest): its list takes only the lookups of its own filters.
+
+    Django's admin filters a list by any lookup on the model's own fields that the URL names,
+    shown or not: ``?secret__startswith=whsec_A`` lists the row only when the guess is right,
+    which reads a hidden secret a character at a time. Here a lookup must start at a field
+    path of ``list_filter`` (or a simple filter's parameter, or ``date_hierarchy``); anything
+    else is refused, and the admin answers ``400`` rather than a filtered list. Search (``q``)
+    is not a lookup and goes by ``search_fields`` as before.
+    """
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
+        paths = _filter_paths(self, request)
+        if not any(lookup == p or lookup.startswith(p + LOOKUP_SEP) for p in paths):
+            return False
+        return super().lookup_allowed(lookup, value, request)  # type: ignore[misc]
+
+
+def _filter_paths(model_admin: Any, request: HttpRequest | None) -> set[str]:
+    """The field paths (and simple filters' parameters) the admin's own filters query by."""
+    filters = (
+        model_admin.get_list_filter(request) if request is not None else model_admin.list_filter
+    )
+    paths = {model_admin.date_hierarchy} if model_admin.date_hierarchy else set()
+    for item in filters:
+        if isinstance(item, type) and issubclass(item, admin.SimpleListFilter):
+            paths.add(item.parameter_name)
+        elif isinstance(item, list | tuple):
+            paths.add(item[0] if isinstance(item[0], str) else item[0].name)
+        else:
+            paths.add(item)
+    return paths
 
 
 def order_link(order_id: Any) -> str:

@@ -17,6 +17,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
+from config.admin import FilterLookupsOnly
 from webhooks.models import Delivery, DeliveryStatus, Endpoint, Event
 from webhooks.services import (
     REDELIVER_PERMISSION,
@@ -38,7 +39,10 @@ class _DeliveryCounts(TypedDict):
 
 
 @admin.register(Endpoint)
-class EndpointAdmin(admin.ModelAdmin):
+class EndpointAdmin(FilterLookupsOnly, admin.ModelAdmin):
+    """Never shows an endpoint's secrets, and takes no URL lookup on them either (a list
+    filtered by ``?secret__startswith=`` would tell a right guess from a wrong one)."""
+
     list_display = ["url", "owner", "events", "is_active", "pending", "dead", "created_at"]
     list_filter = ["is_active"]
     search_fields = ["=id", "url", "owner__username"]

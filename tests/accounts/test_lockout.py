@@ -8,8 +8,8 @@ import logging
 from io import StringIO
 
 import pytest
-from axes.models import AccessAttempt
-from django.contrib.auth.models import User
+from axes.models import AccessAttempt, AccessLog
+from django.contrib.auth.models import Permission, User
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
@@ -136,6 +136,24 @@ def test_staff_see_the_lockout_and_the_unlock_command_lifts_it(client, demo_staf
     assert login(client, "demo-staff", settings.DEMO_STAFF_PASSWORD).status_code == 302
     unlocked = AuditEntry.objects.get(action="login.unlocked")
     assert (unlocked.target, unlocked.source) == ("user:demo-staff", "cli")
+
+
+def test_the_login_log_filters_by_no_session_digest(client):
+    """Each row of django-axes' login log holds a digest of the session's key, which the page
+    does not show; a URL filter on it is refused whether the guess is right or wrong."""
+    AccessLog.objects.create(
+        username="ada", ip_address="198.51.100.7", user_agent="ua", session_hash="ab" * 32
+    )
+    staff = User.objects.create_user("sue", password="a-long-passphrase-9", is_staff=True)
+    staff.user_permissions.add(Permission.objects.get(codename="view_accesslog"))
+    client.force_login(staff)
+    assert b"198.51.100.7" in client.get("/admin/axes/accesslog/").content
+    for guess in ("abab", "cdcd"):
+        answer = client.get("/admin/axes/accesslog/", {"session_hash__startswith": guess})
+        assert answer.status_code == 400 and b"198.51.100.7" not in answer.content
+    # Its own filters and its date drill-down still work.
+    assert client.get("/admin/axes/accesslog/", {"path_info": ""}).status_code == 200
+    assert client.get("/admin/axes/accesslog/", {"attempt_time__year": "2020"}).status_code == 200
 
 
 def test_password_rules_refuse_weak_passwords_and_the_demo_password_passes(demo_staff, settings):

@@ -114,6 +114,24 @@ def test_staff_revoke_a_clients_token_in_the_ops_console(client, django_user_mod
     )
 
 
+@pytest.mark.parametrize("lookup", ["token_key__startswith", "digest__startswith", "token_key"])
+def test_the_token_list_filters_by_no_part_of_a_token(client, django_user_model, lookup):
+    """The console shows a token's first 8 characters; URL filters on its stored columns
+    (knox keeps 15 in clear, and the digest) are refused whether the guess is right or wrong,
+    never a list that holds the token only when it is right."""
+    api = api_client_for(django_user_model.objects.create_user("ada"))
+    token = AuthToken.objects.get(user__username="ada")
+    right = {"token_key__startswith": api.token[:12], "digest__startswith": token.digest[:12]}
+    right_guess = right.get(lookup, token.token_key)
+    staff = User.objects.create_user("sue", password="pw", is_staff=True)
+    staff.user_permissions.add(Permission.objects.get(codename="view_authtoken"))
+    client.force_login(staff)
+    assert b"ada" in client.get("/admin/knox/authtoken/").content
+    for guess in (right_guess, "0" * len(right_guess)):
+        answer = client.get("/admin/knox/authtoken/", {lookup: guess})
+        assert answer.status_code == 400 and b"ada" not in answer.content
+
+
 def test_tokens_from_before_hashing_keep_working_and_lose_their_clear_text(django_user_model):
     """The migration turns each clear-text DRF token into a knox digest: the same string still
     authenticates (now with an expiry), and the clear-text row is gone."""

@@ -82,6 +82,39 @@ def test_staff_see_deliveries_and_the_index_counts_the_dead(client, endpoint):
     assert client.get("/admin/webhooks/endpoint/").status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("lookup", "right", "wrong"),
+    [
+        ("secret__startswith", "whsec_A", "whsec_B"),
+        ("secret__gt", "whsec_", "whsec_~"),
+        ("secret", "whsec_Abc", "whsec_Abd"),
+        ("previous_secrets__icontains", "whsec_Old", "whsec_New"),
+        ("owner__password__startswith", "!", "pbkdf2"),
+    ],
+)
+def test_the_endpoint_list_filters_by_no_secret(client, endpoint, lookup, right, wrong):
+    """Staff who may only look at endpoints cannot read a secret through URL filters: a
+    filter on a secret is refused whether the guess is right or wrong, never a list that
+    holds the endpoint only when it is right."""
+    endpoint.secret = "whsec_Abc"
+    endpoint.previous_secrets = [{"secret": "whsec_Old", "expires_at": "2999-01-01T00:00:00"}]
+    endpoint.save()
+    client.force_login(_staff("vic", ["view_endpoint"]))
+    answers = [client.get("/admin/webhooks/endpoint/", {lookup: guess}) for guess in (right, wrong)]
+    assert [a.status_code for a in answers] == [400, 400]
+    assert all(endpoint.url.encode() not in a.content for a in answers)
+
+
+def test_the_endpoint_lists_own_filters_and_search_still_work(client, endpoint):
+    client.force_login(_staff("vic", ["view_endpoint"]))
+    listed = client.get("/admin/webhooks/endpoint/", {"is_active__exact": "1", "q": "shop"})
+    assert listed.status_code == 200
+    assert endpoint.url.encode() in listed.content
+    none = client.get("/admin/webhooks/endpoint/", {"is_active__exact": "0"})
+    assert none.status_code == 200
+    assert endpoint.url.encode() not in none.content
+
+
 def test_redelivering_needs_the_permission_and_is_recorded(client, endpoint):
     dead = _delivery(endpoint, status=DeliveryStatus.DEAD)
     client.force_login(_staff("vic", VIEW))
