@@ -363,7 +363,8 @@ def _attempt(delivery: Delivery, endpoint: Endpoint) -> bool:
         status, excerpt = _post(target, body, headers)
         error = "" if 200 <= status < 300 else f"HTTP {status}"
     except UrlRefused as exc:
-        error = f"refused: {exc.detail}"
+        # Staff read it in the ops console: the address, which the client is never told, too.
+        error = f"refused: {exc.detail}" + (f" ({exc.address})" if exc.address else "")
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         error = f"{type(exc).__name__}: {exc}"
     ok = status is not None and 200 <= status < 300

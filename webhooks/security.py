@@ -8,6 +8,14 @@ is registered and again before every delivery, and a delivery connects to the ve
 that was checked (no second DNS lookup), so a DNS record changed after registration cannot
 point an endpoint at the internal network. ``WEBHOOKS_ALLOW_PRIVATE`` (development and tests)
 lifts both rules.
+
+A refusal tells the client what it sent, never what we found: a ``private_address`` answer
+names the host, not the internal address it resolves to (that would map our network for
+whoever registers names); staff find it in the log (``webhooks.url_refused``) and in a
+refused delivery's error.
+``unresolvable_host`` stays a code of its own: a client still learns whether a name resolves
+from here at all, but not where to, and "your DNS record is missing" is the commonest mistake
+a client needs told apart from "it points inside".
 """
 
 from __future__ import annotations
@@ -18,18 +26,23 @@ import unicodedata
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import structlog
 from django.conf import settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+log = structlog.get_logger("webhooks.security")
+
 
 class UrlRefused(Exception):
-    """The URL may not be called; ``code`` is machine-readable."""
+    """The URL may not be called; ``code`` is machine-readable, ``detail`` may be shown to the
+    client. ``address``, the internal address a host resolved to, is for staff only."""
 
-    def __init__(self, code: str, detail: str) -> None:
+    def __init__(self, code: str, detail: str, address: str = "") -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
+        self.address = address
 
 
 @dataclass(frozen=True)
@@ -127,10 +140,17 @@ def check_url(url: str) -> Target:
     for info in infos:
         ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])  # an IP text for INET/INET6
         if not allow_private and not _public(ip):
+            log.warning(
+                "webhooks.url_refused",
+                code="private_address",
+                host=parts.hostname,
+                address=str(ip),
+            )
             raise UrlRefused(
                 "private_address",
-                f"{parts.hostname} resolves to {ip}, a loopback, private, link-local or "
-                "otherwise internal address.",
+                f"{parts.hostname} is or resolves to an address webhooks are not sent to "
+                "(loopback, private, link-local or otherwise internal).",
+                address=str(ip),
             )
         addresses.append(str(ip))
     if not addresses:

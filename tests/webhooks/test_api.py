@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from datetime import datetime
 
 import pytest
 from django.utils import timezone
+from structlog.testing import capture_logs
 
 from tests.api.conftest import assert_error
 from webhooks import signing
@@ -82,6 +84,34 @@ def test_unsafe_urls_are_refused_at_registration(customer, settings, url, code):
     assert body["code"] == code, body
     assert "url" in body["fields"]
     assert not Endpoint.objects.exists()
+
+
+def test_a_refused_address_is_logged_and_not_told_to_the_client(customer, settings, monkeypatch):
+    """The client is told which host was refused, never the internal address behind it; staff
+    find that address in the log."""
+    settings.WEBHOOKS_ALLOW_PRIVATE = False
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host == "intranet.shop.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.20.30.40", port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    client = api_client_for(customer)
+    with capture_logs() as logs:
+        answers = [
+            assert_error(client.post("/api/v1/webhooks/", {**BODY, "url": url}, format="json"), 400)
+            for url in ("https://intranet.shop.example/hooks", "https://localhost/hooks")
+        ]
+    assert [a["code"] for a in answers] == ["private_address", "private_address"]
+    assert "intranet.shop.example" in answers[0]["detail"]
+    assert "localhost" in answers[1]["detail"]
+    for told in map(str, answers):
+        assert "10.20.30.40" not in told and "127.0.0.1" not in told and "::1" not in told
+    refused = [line for line in logs if line["event"] == "webhooks.url_refused"]
+    assert (refused[0]["host"], refused[0]["address"]) == ("intranet.shop.example", "10.20.30.40")
+    assert refused[1]["host"] == "localhost" and refused[1]["address"] in ("127.0.0.1", "::1")
 
 
 @pytest.mark.parametrize(
