@@ -26,6 +26,7 @@ import unicodedata
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import idna
 import structlog
 from django.conf import settings
 
@@ -47,7 +48,8 @@ class UrlRefused(Exception):
 
 @dataclass(frozen=True)
 class Target:
-    """Where a delivery goes: the checked address to connect to, and the name to present."""
+    """Where a delivery goes: the checked address to connect to, and the name to present
+    (ASCII: an internationalised name in its IDNA form, see :func:`_ascii_host`)."""
 
     scheme: str
     host: str
@@ -81,6 +83,27 @@ def _public(ip: IPAddress) -> bool:
     # address 169.254.169.254 among them), shared (100.64/10), reserved and unspecified ones,
     # and Teredo's 2001::/32.
     return ip.is_global and not ip.is_multicast
+
+
+def _ascii_host(hostname: str) -> str:
+    """The host as DNS, TLS and the ``Host`` header spell it.
+
+    An internationalised name (``bücher.example``) is resolved, sent as the TLS server name,
+    matched against the certificate and named in ``Host`` in its ASCII form
+    (``xn--bcher-kva.example``): certificates carry that form, so the name as typed failed
+    every delivery's host name check. IDNA 2008 with UTS 46 mapping, as browsers read a URL:
+    Python's own codec is IDNA 2003, which turns ``faß.de`` into ``fass.de``, another domain.
+    An ASCII name is left as it is: IDNA 2008 refuses some names DNS serves (an underscore),
+    and those endpoints have always been called.
+    """
+    if hostname.isascii():
+        return hostname
+    try:
+        return idna.encode(hostname, uts46=True).decode("ascii")
+    except UnicodeError as exc:  # idna.IDNAError among them
+        raise UrlRefused(
+            "invalid_url", f"{hostname} is not a valid internationalised host name: {exc}."
+        ) from None
 
 
 def _unprintable(url: str) -> str | None:
@@ -132,8 +155,9 @@ def check_url(url: str) -> Target:
         # urlsplit accepts it, and "or default" would quietly deliver to 443 or 80 instead.
         raise UrlRefused("invalid_url", "Port 0 is not a port a server listens on.")
     port = port if port is not None else (443 if parts.scheme == "https" else 80)
+    host = _ascii_host(parts.hostname)
     try:
-        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         raise UrlRefused("unresolvable_host", f"{parts.hostname} does not resolve.") from None
     addresses = []
@@ -158,4 +182,4 @@ def check_url(url: str) -> Target:
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return Target(parts.scheme, parts.hostname, port, path, addresses[0])
+    return Target(parts.scheme, host, port, path, addresses[0])

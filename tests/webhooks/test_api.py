@@ -66,6 +66,10 @@ def test_the_secret_is_shown_once_and_a_client_sees_only_its_own_endpoints(
         ("https://[::127.0.0.1]/hooks", "private_address"),  # IPv4-compatible
         ("https://[::ffff:0:a9fe:a9fe]/hooks", "private_address"),  # IPv4-translated (SIIT)
         ("https://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/hooks", "private_address"),  # Teredo
+        # Internationalised names that have no IDNA 2008 form.
+        ("https://\u2603.example/hooks", "invalid_url"),  # a snowman: no letter of any script
+        ("https://b\u00fccher_shop.example/hooks", "invalid_url"),  # an underscore beside an IDN
+        ("https://" + "\u00fc" * 64 + ".example/hooks", "invalid_url"),  # a label too long
         ("https://93.184.215.14/a\r\nX-Injected: 1", "invalid_url"),
         ("https://93.184.215.14/a b", "invalid_url"),
         ("https://93.184.215.14/\u202egnp.exe", "invalid_url"),  # right-to-left override
@@ -127,6 +131,30 @@ def test_urls_that_reach_a_public_address_are_accepted(customer, settings, url):
     client = api_client_for(customer)
     response = client.post("/api/v1/webhooks/", {**BODY, "url": url}, format="json")
     assert response.status_code == 201, response.content
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [
+        ("https://B\u00dcCHER.example/hooks", "xn--bcher-kva.example"),
+        # IDNA 2008, as browsers read it: Python's IDNA 2003 codec makes this fass.example.
+        ("https://fa\u00df.example/hooks", "xn--fa-hia.example"),
+        ("https://b\u00fccher\u3002example/hooks", "xn--bcher-kva.example"),  # an ideographic dot
+        ("https://xn--bcher-kva.example/hooks", "xn--bcher-kva.example"),
+        ("https://under_score.example/hooks", "under_score.example"),  # ASCII: as it was
+    ],
+)
+def test_a_host_is_resolved_and_presented_in_its_ascii_form(settings, monkeypatch, url, host):
+    settings.WEBHOOKS_ALLOW_PRIVATE = False
+    looked_up = []
+
+    def getaddrinfo(name, port, *args, **kwargs):
+        looked_up.append(name)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    assert check_new_url(url).host == host
+    assert looked_up == [host]
 
 
 def test_with_allow_private_another_scheme_is_told_http_is_accepted(customer, settings):

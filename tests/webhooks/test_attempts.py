@@ -147,6 +147,49 @@ def test_https_verifies_the_certificate_and_attempts_share_one_tls_context(
     forget_tls_context()  # the next test's attempts trust the system's roots again
 
 
+def test_an_internationalised_host_is_resolved_verified_and_named_in_its_ascii_form(
+    customer, receiver_factory, settings, monkeypatch, tmp_path
+):
+    """``https://bücher.shop.example/``: certificates carry the IDNA form of the name, so the
+    lookup, the TLS server name, the certificate check and ``Host`` all use
+    ``xn--bcher-kva.shop.example``, and the event arrives."""
+    unicode_host, ascii_host = "bücher.shop.example", "xn--bcher-kva.shop.example"
+    settings.WEBHOOKS_ALLOW_PRIVATE = True
+    ca = trustme.CA()
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(ascii_host).configure_cert(server_side)
+    server_names: list[str] = []
+    server_side.sni_callback = lambda sock, name, context: server_names.append(name)
+    receiver = receiver_factory(tls=server_side)
+    port = receiver.server.server_address[1]
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    forget_tls_context()
+
+    looked_up: list[str] = []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host not in (unicode_host, ascii_host):  # a resolver answers either spelling
+            return _real_getaddrinfo(host, port, *args, **kwargs)
+        looked_up.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", int(port)))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    endpoint = register(api_client_for(customer), f"https://{unicode_host}:{port}/hooks")
+    event_id = _emit(customer)
+    assert deliver_endpoint(endpoint["id"]) == 1
+
+    delivery = Delivery.objects.get(endpoint_id=endpoint["id"])
+    assert delivery.status == DeliveryStatus.DELIVERED, delivery.last_error
+    [request] = receiver.all()
+    assert request.event["id"] == event_id
+    assert request.headers["Host"] == f"{ascii_host}:{port}"
+    assert server_names == [ascii_host]
+    assert set(looked_up) == {ascii_host}
+    forget_tls_context()  # the next test's attempts trust the system's roots again
+
+
 def test_failures_back_off_with_jitter_and_the_delivery_dies_when_its_window_ends(
     customer, receiver, settings
 ):
