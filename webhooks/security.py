@@ -71,7 +71,9 @@ _LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
 
 def _public(ip: IPAddress) -> bool:
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip in _LOCAL_NAT64:
+        # Site-local fec0::/10 (deprecated by RFC 3879, still routed inside some networks) is
+        # not in is_global's list of special ranges on Python 3.11: fec0::1 passed as public.
+        if ip in _LOCAL_NAT64 or ip.is_site_local:
             return False
         # ::ffff:a.b.c.d (mapped) and 2002:aabb:ccdd:: (6to4) are judged by their IPv4 address.
         carried = ip.ipv4_mapped or ip.sixtofour

@@ -66,6 +66,9 @@ def test_the_secret_is_shown_once_and_a_client_sees_only_its_own_endpoints(
         ("https://[::127.0.0.1]/hooks", "private_address"),  # IPv4-compatible
         ("https://[::ffff:0:a9fe:a9fe]/hooks", "private_address"),  # IPv4-translated (SIIT)
         ("https://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/hooks", "private_address"),  # Teredo
+        ("https://[fec0::1]/hooks", "private_address"),  # site-local (deprecated, still routed)
+        ("https://[feff:ffff::1]/hooks", "private_address"),  # the top of fec0::/10
+        ("https://[fec0::5db8:d70e]/hooks", "private_address"),  # never judged by its low bits
         # Internationalised names that have no IDNA 2008 form.
         ("https://\u2603.example/hooks", "invalid_url"),  # a snowman: no letter of any script
         ("https://b\u00fccher_shop.example/hooks", "invalid_url"),  # an underscore beside an IDN
