@@ -217,6 +217,10 @@ class StepStatus(models.TextChoices):
     COMPENSATED_BY_HAND = "compensated_by_hand", "undone by hand"
 
 
+#: The statuses of a step whose undo has run, by the engine or by a person.
+UNDONE_STATUSES = (StepStatus.COMPENSATED, StepStatus.COMPENSATED_BY_HAND)
+
+
 class SagaStep(models.Model):
     """One step of one saga, addressed by its name; ``index`` is only its display position
     (in the saga's definition version; ``saga_migrate`` renumbers it)."""

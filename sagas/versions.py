@@ -11,6 +11,10 @@ A saga moves only if the move cannot make it do something wrong:
   it neither runs one again nor loses track of one;
 - while it may still compensate, each of those steps exists in the target with a
   compensation, so an undo is never dropped;
+- while it may still compensate, the steps it has reached (run, undone, or its current one)
+  also come in the same order in both versions, and none it has undone comes below its
+  current step in the target: the undo ladder walks the saga's definition from its current
+  step down, so it would otherwise undo out of order (not newest first) or undo a step twice;
 - it does not cross a pivot: a saga that reached the pivot stays past the same pivot, and one
   before it does not land past the target's pivot (it would skip the point of no return);
 - no step is in flight: a saga whose lease is held is left for a later run.
@@ -34,7 +38,7 @@ from django.utils import timezone
 
 from sagas.definition import SagaDefinition, forward_key, get_definition, registered_types
 from sagas.doorbell import ring_on_commit
-from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
+from sagas.models import UNDONE_STATUSES, Saga, SagaEvent, SagaState, SagaStep
 from sagas.services import audit_ops_events
 
 UNSETTLED = (SagaState.RUNNING, SagaState.COMPENSATING, SagaState.NEEDS_MANUAL)
@@ -131,9 +135,10 @@ def assess(
     effects: set[str],
     *,
     now: datetime,
+    undone: set[str] | frozenset[str] = frozenset(),
 ) -> Verdict:
     """The verdict for one saga (a dict of :data:`_FIELDS`) whose steps in ``effects`` took
-    effect (or may have) and are not undone yet."""
+    effect (or may have) and are not undone yet, and whose steps in ``undone`` are undone."""
     cur = saga["current_step"]
     group = (str(saga["state"]), cur)
     fingerprint = saga["definition_fingerprint"]
@@ -163,6 +168,9 @@ def assess(
             refused=f"the steps that took effect are not all before {cur} in v{target.version}",
         )
     if _may_compensate(source, saga):
+        out_of_order = _ladder_order(source, target, saga, effects, undone)
+        if out_of_order:
+            return Verdict(group, refused=out_of_order)
         # Everything not undone yet that has an undo must keep one.
         undoable = sorted(n for n in effects if source.step(n).compensate is not None)
         missing = [n for n in undoable if not target.has_step(n)]
@@ -204,17 +212,63 @@ def assess(
     return Verdict(group, lands_at=cur, skips=skips, gains=gains, drops=drops)
 
 
-def _effects(saga_ids: list[Any]) -> dict[Any, set[str]]:
-    """Steps of each saga that took effect, or may have, and are not undone."""
-    out: dict[Any, set[str]] = {sid: set() for sid in saga_ids}
+def _ladder_order(
+    source: SagaDefinition,
+    target: SagaDefinition,
+    saga: dict[str, Any],
+    effects: set[str],
+    undone: set[str] | frozenset[str],
+) -> str:
+    """Why the target would undo this saga's steps in another order than the source, or "".
+
+    The ladder takes its order from the saga's definition, not from what ran: after a move it
+    walks the target from the current step down, passing by only steps it has not run. So a
+    step undone already that the target puts below the current one would be met again (and
+    the dry run, which passes undone steps by, would not say so); and two steps the saga has
+    reached that the target swaps would be undone oldest first. Steps only one version has
+    are the other checks' business.
+    """
+    cur, version = saga["current_step"], target.version
+    both = {n for n in undone if source.has_step(n) and target.has_step(n)}
+    below = sorted(
+        (n for n in both if target.index_of(n) < target.index_of(cur)), key=target.index_of
+    )
+    if below:
+        names = ", ".join(below)
+        if len(below) == 1:
+            return (
+                f"{names} is undone already and comes before {cur} in v{version} "
+                "(its undo would run again)"
+            )
+        return (
+            f"{names} are undone already and come before {cur} in v{version} "
+            "(their undos would run again)"
+        )
+    reached = {cur, *effects, *undone, *(saga["results"] or {})}
+    order = sorted(
+        (n for n in reached if source.has_step(n) and target.has_step(n)), key=source.index_of
+    )
+    for first, then in zip(order, order[1:], strict=False):
+        if target.index_of(first) > target.index_of(then):
+            return (
+                f"it has reached {first} and {then}, which run in the other order in "
+                f"v{version} (its undos would not run newest first)"
+            )
+    return ""
+
+
+def _step_rows(saga_ids: list[Any]) -> dict[Any, tuple[set[str], set[str]]]:
+    """Per saga, from its step rows: the steps that took effect, or may have, and are not
+    undone; and the steps whose undo has run (by the engine or by hand)."""
+    out: dict[Any, tuple[set[str], set[str]]] = {sid: (set(), set()) for sid in saga_ids}
     rows = (
         SagaStep.objects.filter(saga_id__in=saga_ids)
-        .filter(Q(took_effect=True) | Q(maybe_effect=True))
-        .exclude(status__in=[StepStatus.COMPENSATED, StepStatus.COMPENSATED_BY_HAND])
-        .values_list("saga_id", "name")
+        .filter(Q(took_effect=True) | Q(maybe_effect=True) | Q(status__in=UNDONE_STATUSES))
+        .values_list("saga_id", "name", "status")
     )
-    for saga_id, name in rows:
-        out[saga_id].add(name)
+    for saga_id, name, status in rows:
+        effects, undone = out[saga_id]
+        (undone if status in UNDONE_STATUSES else effects).add(name)
     return out
 
 
@@ -239,9 +293,10 @@ def plan_migration(
         sagas = list(qs.values(*_FIELDS)[:chunk])
         if not sagas:
             return plan
-        effects = _effects([s["id"] for s in sagas])
+        rows = _step_rows([s["id"] for s in sagas])
         for saga in sagas:
-            plan.add(assess(source, target, saga, effects[saga["id"]], now=now))
+            effects, undone = rows[saga["id"]]
+            plan.add(assess(source, target, saga, effects, now=now, undone=undone))
         last = sagas[-1]["id"]
 
 
@@ -271,12 +326,14 @@ def apply_migration(
             sagas = list(qs.select_for_update(skip_locked=True).values(*_FIELDS)[:batch])
             if not sagas:
                 return plan
-            last = sagas[-1]["id"]
+            ids = [s["id"] for s in sagas]
+            last = ids[-1]
             now = timezone.now()
-            effects = _effects([s["id"] for s in sagas])
+            rows = _step_rows(ids)
             events = []
             for saga in sagas:
-                verdict = assess(source, target, saga, effects[saga["id"]], now=now)
+                effects, undone = rows[saga["id"]]
+                verdict = assess(source, target, saga, effects, now=now, undone=undone)
                 plan.add(verdict)
                 if verdict.refused or verdict.in_flight:
                     continue

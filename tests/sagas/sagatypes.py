@@ -375,6 +375,23 @@ for _version, _steps in ((1, MIG_V1), (2, MIG_V2), (3, MIG_V3)):
     register(SagaDefinition("mig", steps=_steps, version=_version))
 
 
+# -- steps that change places between versions: "swap" parks at the Wait "go" after "a" and at
+# the Wait "x" after "b" and "c"; v2 runs "c" before "b". "p" is the pivot, every other step
+# but the waits has an undo.
+def _swap(middle: list[str]) -> list[Step]:
+    return [
+        *scripted(["a"]),
+        Wait("go", timeout=600, decide=_decide_go, validate=_go_payload),
+        *scripted(middle),
+        Wait("x", timeout=600, decide=_decide_go, validate=_go_payload),
+        *scripted(["p"], pivot="p"),
+    ]
+
+
+register(SagaDefinition("swap", steps=_swap(["b", "c"]), version=1))
+register(SagaDefinition("swap", steps=_swap(["c", "b"]), version=2))
+
+
 # -- a step behind a provider's breaker -----------------------------------------------------
 def _behind(steps: list[Step], provider: str, names: set[str]) -> list[Step]:
     from dataclasses import replace

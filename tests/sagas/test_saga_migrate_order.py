@@ -1,0 +1,160 @@
+"""``manage.py saga_migrate`` between versions whose steps change places, driven in-process.
+
+The ``swap`` type (:mod:`tests.sagas.sagatypes`): v1 ``a, go (Wait), b, c, x (Wait), p``, v2
+runs ``c`` before ``b``; ``p`` is the pivot and every step but the waits has an undo. The undo
+ladder walks the saga's definition from its current step down, so a saga that has run (or
+undone) ``b`` and ``c`` cannot take v2's order without undoing out of order or twice; one that
+has reached neither can.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import pytest
+from django.contrib.auth.models import Group, User
+from django.core.management import call_command
+
+from sagas.models import Saga, SagaState
+from sagas.services import saga_compensation_plan, saga_start
+from sagas.signals import saga_signal
+from tests.sagas.inprocess import deliver, one_step_per_delivery
+from tests.sagas.sagatypes import effects
+
+V2_ORDER = ["a", "go", "c", "b", "x", "p"]
+
+
+@pytest.fixture(autouse=True)
+def _setup(settings):
+    settings.SAGA_COMPENSATION_MAX_ATTEMPTS = 3
+    one_step_per_delivery(settings, {})
+
+
+@pytest.fixture
+def ops() -> User:
+    user = User.objects.create_user("ops-swap", is_staff=True)
+    user.groups.add(Group.objects.get(name="ops"))
+    return User.objects.get(pk=user.pk)
+
+
+def migrate(*args: str) -> str:
+    out = io.StringIO()
+    call_command("saga_migrate", "swap", "--from", "1", "--to", "2", *args, stdout=out)
+    return out.getvalue()
+
+
+def start(script: dict | None = None) -> Saga:
+    return saga_start(saga_type="swap", data={"script": script or {}}, version=1)
+
+
+def until(saga: Saga, done: Callable[[Saga], bool]) -> Saga:
+    """Deliver the saga one step at a time until ``done`` says so."""
+    for _ in range(12):
+        if done(saga):
+            return saga
+        saga = deliver(saga.id)
+    raise AssertionError(f"never got there: {saga.state} at {saga.current_step}")
+
+
+def parked_at(step: str) -> Callable[[Saga], bool]:
+    return lambda s: s.current_step == step and s.waiting_since is not None
+
+
+def settled(saga: Saga) -> bool:
+    return saga.state in (SagaState.SUCCEEDED, SagaState.COMPENSATED, SagaState.NEEDS_MANUAL)
+
+
+def signal(saga: Saga, name: str, user: User, *, ok: bool = True) -> None:
+    saga_signal(saga_id=saga.id, name=name, payload={"ok": ok}, user=user)
+
+
+def at_x(user: User, script: dict | None = None) -> Saga:
+    """A v1 saga that ran ``a``, ``b`` and ``c`` and waits at ``x``."""
+    saga = until(start(script), parked_at("go"))
+    signal(saga, "go", user)
+    return until(saga, parked_at("x"))
+
+
+def undoing_b(user: User) -> Saga:
+    """A v1 saga that was told no at ``x``, undid ``c``, and waits to try ``b``'s undo again
+    (its first try failed with a transient error)."""
+    saga = at_x(user, {"undo:b": ["transient", "ok"]})
+    signal(saga, "x", user, ok=False)
+    saga = until(saga, lambda s: s.events.filter(kind="compensation_retry", step="b").exists())
+    assert (saga.state, saga.current_step, undos(saga)) == (SagaState.COMPENSATING, "b", ["c"])
+    return saga
+
+
+def undos(saga: Saga) -> list[str]:
+    events = Saga.objects.get(pk=saga.pk).events.filter(kind="compensation_succeeded")
+    return list(events.order_by("id").values_list("step", flat=True))
+
+
+def ran(saga: Saga) -> list[str]:
+    events = Saga.objects.get(pk=saga.pk).events.filter(kind="step_succeeded")
+    return list(events.order_by("id").values_list("step", flat=True))
+
+
+def version_of(saga: Saga) -> int:
+    return Saga.objects.get(pk=saga.pk).definition_version
+
+
+@pytest.mark.django_db
+def test_a_saga_that_has_reached_neither_swapped_step_moves_and_runs_v2s_order(ops):
+    saga = until(start(), parked_at("go"))
+
+    plan = migrate()
+    assert "Will move: 1" in plan and "1  running at go (step 2) -> go (step 2)" in plan
+    assert "Cannot move: 0" in plan
+    assert "Moved 1 saga from v1 to v2" in migrate("--apply")
+    assert version_of(saga) == 2
+
+    signal(saga, "go", ops)
+    saga = until(saga, parked_at("x"))
+    signal(saga, "x", ops)
+    saga = until(saga, settled)
+    assert saga.state == SagaState.SUCCEEDED
+    assert ran(saga) == V2_ORDER
+
+
+@pytest.mark.django_db
+def test_a_running_saga_that_ran_both_swapped_steps_is_refused_and_undoes_newest_first(ops):
+    """Moved, the saga would undo ``b`` before ``c`` (v2's order) though ``c`` ran last."""
+    saga = at_x(ops)
+
+    plan = migrate()
+    assert "Will move: 0" in plan
+    assert (
+        "1  running at x: it has reached b and c, which run in the other order in v2 "
+        "(its undos would not run newest first)" in plan
+    )
+    assert "Moved 0 sagas" in migrate("--apply")
+    assert version_of(saga) == 1
+
+    signal(saga, "x", ops, ok=False)
+    saga = until(saga, settled)
+    assert saga.state == SagaState.COMPENSATED
+    assert undos(saga) == ["c", "b", "a"]
+
+
+@pytest.mark.django_db
+def test_a_compensating_saga_that_undid_a_step_v2_puts_below_it_is_refused(ops):
+    """Moved, the saga at ``b`` would find ``c`` below it in v2 and undo it a second time;
+    the dry run (which passes undone steps by) would not have said so."""
+    saga = undoing_b(ops)
+
+    plan = migrate()
+    assert "Will move: 0" in plan
+    assert (
+        "1  compensating at b: c is undone already and comes before b in v2 "
+        "(its undo would run again)" in plan
+    )
+    assert "Moved 0 sagas" in migrate("--apply")
+    assert version_of(saga) == 1
+
+    assert [p["step"] for p in saga_compensation_plan(saga_id=saga.id)] == ["b", "a"]
+    saga = until(saga, settled)
+    assert saga.state == SagaState.COMPENSATED
+    assert undos(saga) == ["c", "b", "a"]
+    assert effects(saga.id)[("c", "undo")] == 1
