@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
@@ -493,10 +493,22 @@ def step_context(definition: SagaDefinition, saga: Saga, *, compensating: bool) 
     )
 
 
-def next_compensable(definition: SagaDefinition, saga: Saga, below: int) -> int | None:
-    """The next step at an index < ``below`` that took effect and has a compensation."""
+def next_compensable(
+    definition: SagaDefinition, saga: Saga, below: int, undone: Collection[str] = ()
+) -> int | None:
+    """The next step at an index < ``below`` that took effect, has a compensation and is not
+    in ``undone`` (steps whose undo has already run, by the engine or by hand).
+
+    ``saga.results`` keeps a step after its undo, so only the step rows know what is undone.
+    Along the definition the saga ran, nothing below the step being undone is undone yet, and a
+    saga that starts undoing has undone nothing; but a saga moved to another version while it
+    undid, by a ``saga_migrate`` from before it refused such moves, may have an undone step
+    below its current one, and would undo it again. So each next rung after an undo is asked
+    with the rows read (:func:`sagas.store.undone_steps`): one query per undo, none on the
+    forward path (the first rung, :func:`sagas.runner._start_compensation`, passes none).
+    """
     for j in range(below - 1, -1, -1):
         step = definition.steps[j]
-        if step.compensate is not None and step.name in saga.results:
+        if step.compensate is not None and step.name in saga.results and step.name not in undone:
             return j
     return None

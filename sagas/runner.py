@@ -66,6 +66,7 @@ from sagas.store import (
     fenced_update,
     open_batch,
     released_lease,
+    undone_steps,
     write,
 )
 from sagas.timing import (
@@ -616,7 +617,7 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
     metrics.COMPENSATIONS.labels(saga.saga_type, step.name).inc()
     rec.step_fields = {"status": StepStatus.COMPENSATED, "compensation_attempts": saga.attempt}
     rec.event("compensation_succeeded", saga, step=step.name, duration_ms=duration * 1e3)
-    nxt = next_compensable(definition, saga, i)
+    nxt = next_compensable(definition, saga, i, undone_steps(saga.id))
     if nxt is None:
         rec.transitions.append("finish_compensation")
         rec.fields.update(

@@ -36,7 +36,7 @@ from sagas.definition import (
 from sagas.doorbell import ring_on_commit
 from sagas.exceptions import SagaOperationRefused
 from sagas.models import TERMINAL_STATES, Saga, SagaEvent, SagaState, SagaStep, StepStatus
-from sagas.store import effect_possible, insert_new
+from sagas.store import effect_possible, insert_new, undone_steps
 from sagas.timing import step_timeout
 
 log = structlog.get_logger("sagas.services")
@@ -489,7 +489,9 @@ def saga_undo_done(*, saga_id: Any, user: Any, step: str, note: str) -> Saga:
         )
         _event(saga, "ops_undo_done", actor=_actor(user), detail=note, step=step)
         saga.resume_compensation()
-        nxt = next_compensable(definition, saga, definition.index_of(saga.current_step))
+        nxt = next_compensable(
+            definition, saga, definition.index_of(saga.current_step), undone_steps(saga.id)
+        )
         saga.attempt = 0
         saga.lease_until = None
         if nxt is None:

@@ -43,7 +43,7 @@ from sagas import metrics
 from sagas import transactions as step_transactions
 from sagas.definition import change_hook, registered_definitions, type_change_hook
 from sagas.doorbell import ring_on_commit
-from sagas.models import ACTIVE_STATES, Saga, SagaEvent, SagaState, SagaStep
+from sagas.models import ACTIVE_STATES, UNDONE_STATUSES, Saga, SagaEvent, SagaState, SagaStep
 from sagas.timing import (
     TIMEOUT_SLACK,
     current_task_timeout,
@@ -717,6 +717,14 @@ def _long_steps() -> list[tuple[str, int, str]]:
         for step in d.steps
         if doorbell_only(step_timeout(step))
     ]
+
+
+def undone_steps(saga_id: Any) -> frozenset[str]:
+    """Names of the saga's steps whose undo has run (by the engine or by hand): what the undo
+    ladder passes by (:func:`sagas.definition.next_compensable`). Read on the compensation
+    path only."""
+    rows = SagaStep.objects.filter(saga_id=saga_id, status__in=UNDONE_STATUSES)
+    return frozenset(rows.values_list("name", flat=True))
 
 
 def effect_possible(saga: Saga, step: str, *, claimed: bool) -> bool:

@@ -15,10 +15,13 @@ from collections.abc import Callable
 import pytest
 from django.contrib.auth.models import Group, User
 from django.core.management import call_command
+from django.utils import timezone
 
+from sagas.definition import get_definition
 from sagas.models import Saga, SagaState
-from sagas.services import saga_compensation_plan, saga_start
+from sagas.services import saga_compensation_plan, saga_start, saga_undo_done
 from sagas.signals import saga_signal
+from sagas.versions import _FIELDS, _move
 from tests.sagas.inprocess import deliver, one_step_per_delivery
 from tests.sagas.sagatypes import effects
 
@@ -49,7 +52,8 @@ def start(script: dict | None = None) -> Saga:
 
 
 def until(saga: Saga, done: Callable[[Saga], bool]) -> Saga:
-    """Deliver the saga one step at a time until ``done`` says so."""
+    """Deliver the saga one step at a time until ``done`` says so (of the row as it is now)."""
+    saga = Saga.objects.get(pk=saga.pk)
     for _ in range(12):
         if done(saga):
             return saga
@@ -158,3 +162,43 @@ def test_a_compensating_saga_that_undid_a_step_v2_puts_below_it_is_refused(ops):
     assert saga.state == SagaState.COMPENSATED
     assert undos(saga) == ["c", "b", "a"]
     assert effects(saga.id)[("c", "undo")] == 1
+
+
+@pytest.mark.django_db
+def test_the_ladder_passes_by_a_step_already_undone_below_the_current_one(ops):
+    """A saga an earlier ``saga_migrate`` moved to v2 while undoing ``b`` (before it refused
+    such a move) has ``c`` undone below its current step: the engine undoes ``b`` and ``a``,
+    as the dry run says, and never ``c`` again."""
+    saga = undoing_b(ops)
+    moved_as_before(saga)
+
+    assert [p["step"] for p in saga_compensation_plan(saga_id=saga.id)] == ["b", "a"]
+    saga = until(saga, settled)
+    assert saga.state == SagaState.COMPENSATED
+    assert undos(saga) == ["c", "b", "a"]
+    assert effects(saga.id)[("c", "undo")] == 1
+
+
+@pytest.mark.django_db
+def test_an_undo_done_by_hand_goes_on_below_past_a_step_already_undone(ops):
+    """The same saga stuck on ``b``'s undo: once a person says it is done by hand, the ladder
+    goes on with ``a``, not ``c``."""
+    saga = at_x(ops, {"undo:b": ["transient"]})
+    signal(saga, "x", ops, ok=False)
+    saga = until(saga, settled)
+    assert (saga.state, saga.current_step, undos(saga)) == (SagaState.NEEDS_MANUAL, "b", ["c"])
+    moved_as_before(saga)
+
+    saga_undo_done(saga_id=saga.id, user=ops, step="b", note="voided in the dashboard")
+    assert Saga.objects.get(pk=saga.pk).current_step == "a"
+    saga = until(saga, settled)
+    assert saga.state == SagaState.COMPENSATED
+    assert undos(saga) == ["c", "a"]
+    assert effects(saga.id)[("c", "undo")] == 1
+
+
+def moved_as_before(saga: Saga) -> None:
+    """Move the saga to v2 as ``saga_migrate`` did before it refused such moves."""
+    row = Saga.objects.filter(pk=saga.pk).values(*_FIELDS).get()
+    assert _move(row, get_definition("swap", 1), get_definition("swap", 2), timezone.now())
+    assert version_of(saga) == 2
