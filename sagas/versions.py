@@ -19,10 +19,11 @@ A saga moves only if the move cannot make it do something wrong:
   before it does not land past the target's pivot (it would skip the point of no return);
 - no step is in flight: a saga whose lease is held is left for a later run.
 
-``apply`` moves sagas in batches, each row locked (``SKIP LOCKED``) and written with an UPDATE
-fenced on its version, definition version and an expired lease, and bumps ``version`` so a
-doorbell queued for the old shape is stale; each moved saga gets a timeline event naming the
-actor.
+``apply`` moves sagas in batches, each row locked (``SKIP LOCKED``: a row another transaction
+holds is passed by and counted, so the operator is told to run it again) and written with an
+UPDATE fenced on its version, definition version and an expired lease, and bumps ``version``
+so a doorbell queued for the old shape is stale; each moved saga gets a timeline event naming
+the actor.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ class Plan:
     refused: Counter = field(default_factory=Counter)  # (state, step, reason)
     in_flight: Counter = field(default_factory=Counter)  # (state, step)
     moved: int = 0
+    #: Sagas ``apply`` passed by unread because another transaction held their row locked.
+    held: int = 0
 
     @property
     def movable(self) -> int:
@@ -312,7 +315,10 @@ def apply_migration(
     """Move every saga that may move, ``batch`` per transaction; return what was done.
 
     Sagas whose step is in flight, or that another transaction holds, are left for the next
-    run (the plan counts them as in flight).
+    run. The first are counted in ``in_flight``; the second are passed by unread (``SKIP
+    LOCKED``), so no verdict counts them: ``held`` does, from an unlocked count of the
+    candidates each batch passed by (and of those left after the last one), so that the
+    operator knows to run the command again.
     """
 
     source, target = _definitions(saga_type, from_version, to_version)
@@ -325,8 +331,10 @@ def apply_migration(
                 qs = qs.filter(id__gt=last)
             sagas = list(qs.select_for_update(skip_locked=True).values(*_FIELDS)[:batch])
             if not sagas:
+                plan.held += qs.count()  # every candidate left is locked by someone else
                 return plan
             ids = [s["id"] for s in sagas]
+            plan.held += qs.filter(id__lte=ids[-1]).exclude(id__in=ids).count()
             last = ids[-1]
             now = timezone.now()
             rows = _step_rows(ids)

@@ -4,17 +4,19 @@ The ``swap`` type (:mod:`tests.sagas.sagatypes`): v1 ``a, go (Wait), b, c, x (Wa
 runs ``c`` before ``b``; ``p`` is the pivot and every step but the waits has an undo. The undo
 ladder walks the saga's definition from its current step down, so a saga that has run (or
 undone) ``b`` and ``c`` cannot take v2's order without undoing out of order or twice; one that
-has reached neither can.
+has reached neither can. Last, ``--apply`` passing by a saga another transaction holds.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 from django.contrib.auth.models import Group, User
 from django.core.management import call_command
+from django.db import connection, transaction
 from django.utils import timezone
 
 from sagas.definition import get_definition
@@ -22,7 +24,7 @@ from sagas.models import Saga, SagaState
 from sagas.services import saga_compensation_plan, saga_start, saga_undo_done
 from sagas.signals import saga_signal
 from sagas.versions import _FIELDS, _move
-from tests.sagas.inprocess import deliver, one_step_per_delivery
+from tests.sagas.inprocess import deliver, one_step_per_delivery, out_of_workers_reach
 from tests.sagas.sagatypes import effects
 
 V2_ORDER = ["a", "go", "c", "b", "x", "p"]
@@ -202,3 +204,43 @@ def moved_as_before(saga: Saga) -> None:
     row = Saga.objects.filter(pk=saga.pk).values(*_FIELDS).get()
     assert _move(row, get_definition("swap", 1), get_definition("swap", 2), timezone.now())
     assert version_of(saga) == 2
+
+
+@contextmanager
+def held(saga_id) -> Iterator[None]:
+    """Another transaction (a worker recording a step, say) holds the saga's row locked."""
+    raw = connection.get_new_connection(connection.get_connection_params())
+    try:
+        raw.execute(f"SELECT id FROM {Saga._meta.db_table} WHERE id = %s FOR UPDATE", [saga_id])
+        yield
+    finally:
+        raw.rollback()
+        raw.close()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("which", [0, -1], ids=["first", "last"])
+def test_apply_counts_the_sagas_another_transaction_holds_and_says_to_run_it_again(which):
+    """Whether the held saga comes before the one that moves (by id) or after it, the
+    command says it stayed behind; the next run moves it."""
+    sagas = []
+    for _ in range(2):
+        with transaction.atomic():
+            saga = start()
+            out_of_workers_reach(saga.pk)
+        sagas.append(saga)
+    sagas.sort(key=lambda s: s.pk)
+    kept, free = sagas[which], sagas[which + 1]
+
+    with held(kept.pk):
+        out = migrate("--apply")
+    assert "Moved 1 saga from v1 to v2" in out
+    assert (
+        "1 saga was held by another transaction (a worker recording a step, say) and stayed "
+        "on v1: run the command again." in out
+    )
+    assert (version_of(kept), version_of(free)) == (1, 2)
+
+    out = migrate("--apply")
+    assert "Moved 1 saga from v1 to v2" in out and "held by another transaction" not in out
+    assert version_of(kept) == 2

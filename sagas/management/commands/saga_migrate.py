@@ -66,6 +66,13 @@ class Command(BaseCommand):
                 f"{n} saga{_s(n)} had a step in flight and stayed on v{source}: "
                 "run the command again once it has finished."
             )
+        if done.held:
+            n = done.held
+            self.stdout.write(
+                f"{n} saga{_s(n)} {'was' if n == 1 else 'were'} held by another transaction "
+                f"(a worker recording a step, say) and stayed on v{source}: "
+                "run the command again."
+            )
         if done.blocked:
             self.stdout.write(f"{done.blocked} saga{_s(done.blocked)} cannot move (see above).")
 
