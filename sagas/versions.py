@@ -15,6 +15,8 @@ A saga moves only if the move cannot make it do something wrong:
   also come in the same order in both versions, and none it has undone comes below its
   current step in the target: the undo ladder walks the saga's definition from its current
   step down, so it would otherwise undo out of order (not newest first) or undo a step twice;
+- while it may still go forward, no step after its current one in the source comes before it
+  in the target: the saga goes on from its current step, so that step would never run;
 - it does not cross a pivot: a saga that reached the pivot stays past the same pivot, and one
   before it does not land past the target's pivot (it would skip the point of no return);
 - no step is in flight: a saga whose lease is held is left for a later run.
@@ -131,6 +133,14 @@ def _may_compensate(source: SagaDefinition, saga: dict[str, Any]) -> bool:
     return source.index_of(saga["current_step"]) < source.pivot_index
 
 
+def _may_go_forward(saga: dict[str, Any]) -> bool:
+    """Running, or stopped for a person while running (a retry sends it on)."""
+    state, escalated = saga["state"], saga["escalated_from"]
+    return state == SagaState.RUNNING or (
+        state == SagaState.NEEDS_MANUAL and escalated == SagaState.RUNNING
+    )
+
+
 def assess(
     source: SagaDefinition,
     target: SagaDefinition,
@@ -170,6 +180,20 @@ def assess(
             group,
             refused=f"the steps that took effect are not all before {cur} in v{target.version}",
         )
+    if _may_go_forward(saga):
+        behind = [
+            n
+            for n in source.names[src_at + 1 :]
+            if target.has_step(n) and target.index_of(n) < tgt_at
+        ]
+        if behind:
+            one = len(behind) == 1
+            return Verdict(
+                group,
+                refused=f"{', '.join(behind)} {'comes' if one else 'come'} after {cur} in "
+                f"v{source.version} and before it in v{target.version} "
+                f"({'it' if one else 'they'} would never run)",
+            )
     if _may_compensate(source, saga):
         out_of_order = _ladder_order(source, target, saga, effects, undone)
         if out_of_order:

@@ -167,6 +167,25 @@ def test_a_compensating_saga_that_undid_a_step_v2_puts_below_it_is_refused(ops):
 
 
 @pytest.mark.django_db
+def test_a_running_saga_whose_next_step_v2_runs_before_its_current_one_is_refused(ops):
+    """Moved while ``b`` waits for its retry, the saga would go on from ``b`` in v2, past
+    ``c``, and never run it."""
+    saga = until(start({"b": ["transient", "ok"]}), parked_at("go"))
+    signal(saga, "go", ops)
+    saga = until(saga, lambda s: s.events.filter(kind="step_retry", step="b").exists())
+    assert (saga.state, saga.current_step) == (SagaState.RUNNING, "b")
+
+    plan = migrate()
+    assert "Will move: 0" in plan
+    assert "1  running at b: c comes after b in v1 and before it in v2 (it would never run)" in plan
+    assert "Moved 0 sagas" in migrate("--apply")
+    assert version_of(saga) == 1
+
+    saga = until(saga, parked_at("x"))
+    assert ran(saga) == ["a", "go", "b", "c"]
+
+
+@pytest.mark.django_db
 def test_the_ladder_passes_by_a_step_already_undone_below_the_current_one(ops):
     """A saga an earlier ``saga_migrate`` moved to v2 while undoing ``b`` (before it refused
     such a move) has ``c`` undone below its current step: the engine undoes ``b`` and ``a``,
