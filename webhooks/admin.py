@@ -24,6 +24,7 @@ from webhooks.services import (
     EndpointBusy,
     deliveries_redeliver,
     endpoint_delete,
+    endpoint_delete_begin,
     endpoint_set_active,
 )
 
@@ -48,8 +49,9 @@ class EndpointAdmin(FilterLookupsOnly, admin.ModelAdmin):
     search_fields = ["=id", "url", "owner__username"]
     list_select_related = ["owner"]
     # Nothing is edited in the form. is_active is switched by the actions only
-    # (endpoint_set_active: audited, its pending deliveries rung, its client's orders in flight
-    # marked for events).
+    # (endpoint_set_active: audited; switched off, its events are still written and held;
+    # switched on, what was held is rung at once with a fresh retry window, and its client's
+    # orders in flight are marked for events).
     readonly_fields = fields = (
         "id",
         "owner",
@@ -60,6 +62,7 @@ class EndpointAdmin(FilterLookupsOnly, admin.ModelAdmin):
         "secrets_in_grace",
         "is_active",
         "disabled_reason",
+        "deleting",
     )
     actions = ["disable", "enable", "redeliver_dead"]
     audited_actions = frozenset(actions)  # the services write the audit entries
@@ -83,7 +86,7 @@ class EndpointAdmin(FilterLookupsOnly, admin.ModelAdmin):
             # Committed before the admin's own transaction: events written from now on pass
             # the endpoint by while endpoint_delete runs (inside that transaction).
             with contextlib.suppress(ValueError, ValidationError):  # a malformed id: a 404
-                Endpoint.objects.filter(pk=object_id).update(is_active=False)
+                endpoint_delete_begin(object_id)
         return super().delete_view(request, object_id, extra_context)
 
     def delete_model(self, request: HttpRequest, obj: Endpoint) -> None:
@@ -99,8 +102,8 @@ class EndpointAdmin(FilterLookupsOnly, admin.ModelAdmin):
         except EndpointBusy:
             messages.error(
                 request,
-                f"Events kept arriving for {endpoint.url}; it is disabled, not deleted. "
-                "Delete it again.",
+                f"Events kept arriving for {endpoint.url}; it is disabled, not deleted, and "
+                "gets no new events. Delete it again.",
             )
 
     @admin.display(description="pending", ordering="_pending")

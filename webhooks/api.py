@@ -141,7 +141,8 @@ class EndpointViewSet(
             endpoint_delete(endpoint=instance)
         except EndpointBusy:
             raise ApiError(
-                "Events keep arriving for this endpoint; it is disabled now. Try again.",
+                "Events keep arriving for this endpoint; it is disabled now and gets no new "
+                "events. Try again.",
                 code="endpoint_busy",
                 status_code=409,
             ) from None

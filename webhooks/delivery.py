@@ -14,7 +14,9 @@ it rings again and yields the worker to other endpoints' doorbells). So:
   default), then the delivery is dead; staff can redeliver it;
 - a lost doorbell or a worker killed mid-attempt loses nothing: the sweeper rings every
   endpoint with an overdue delivery whose lease has expired, and the attempt is made again
-  (at least once: receivers deduplicate by event id).
+  (at least once: receivers deduplicate by event id);
+- nothing is claimed for an endpoint staff switched off: its deliveries are held until it is
+  switched back on.
 """
 
 from __future__ import annotations

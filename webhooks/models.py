@@ -34,9 +34,14 @@ class Endpoint(models.Model):
     #: Secrets replaced by rotations that still sign until their grace ends, newest first:
     #: ``[{"secret": ..., "expires_at": ISO 8601}, ...]`` (see ``endpoint_rotate_secret``).
     previous_secrets = models.JSONField(default=list, blank=True)
-    #: Staff can switch an endpoint off; its deliveries then wait (they are not dropped).
+    #: Staff can switch an endpoint off; its deliveries then wait (they are not dropped): the
+    #: events it subscribed to are still written for it, held until it is switched back on.
     is_active = models.BooleanField(default=True)
     disabled_reason = models.CharField(max_length=200, blank=True, default="")
+    #: Its client (or staff) asked to delete it and the delete has not finished yet (a ``409
+    #: endpoint_busy``): no new events are written for it, so the delete made again completes.
+    #: Always switched off too.
+    deleting = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -112,8 +117,9 @@ class Delivery(models.Model):
     )
     attempts = models.PositiveIntegerField(default=0)
     next_attempt_at = models.DateTimeField()
-    #: Retries stop here and the delivery is dead (WEBHOOKS_RETRY_FOR after it was created or
-    #: redelivered by staff).
+    #: Retries stop here and the delivery is dead: WEBHOOKS_RETRY_FOR after it was created,
+    #: redelivered by staff or its endpoint was switched back on, whichever is latest (a
+    #: delivery held back while its endpoint was off is not dead for having waited).
     retry_until = models.DateTimeField()
     #: Held while an attempt is in flight; an expired lease means its worker is gone.
     lease_until = models.DateTimeField(null=True, blank=True)

@@ -19,6 +19,8 @@ import structlog
 from django.conf import settings
 from django.core.exceptions import PermissionDenied
 from django.db import IntegrityError, connection, transaction
+from django.db.models import F
+from django.db.models.functions import Greatest, Least
 from django.utils import timezone
 from rest_framework.renderers import JSONRenderer
 
@@ -110,14 +112,34 @@ def endpoint_rotate_secret(*, endpoint: Endpoint) -> str:
 def endpoint_set_active(
     *, endpoint: Endpoint, active: bool, user: Any, reason: str = ""
 ) -> Endpoint:
-    """Staff switch an endpoint off (its pending deliveries wait) or back on (they go out)."""
+    """Staff switch an endpoint off (events for it are still written, their deliveries held)
+    or back on (what was held goes out at once).
+
+    Switched back on, its pending deliveries are due now and get a full retry window from now
+    (``retry_until``): staff held them back, so the time they waited must not make them dead
+    at their first failure. That also makes it an ordinary endpoint again if a delete of it was
+    left unfinished (``deleting``).
+    """
     endpoint.is_active = active
     endpoint.disabled_reason = "" if active else reason[:200]
+    fields = ["is_active", "disabled_reason"]
+    if active:
+        endpoint.deleting = False
+        fields.append("deleting")
     with transaction.atomic():
         if active:
             _lock_owner(endpoint.owner_id)
-        endpoint.save(update_fields=["is_active", "disabled_reason"])
+        endpoint.save(update_fields=fields)
         if active:
+            now = timezone.now()
+            Delivery.objects.filter(endpoint_id=endpoint.pk, status=DeliveryStatus.PENDING).update(
+                next_attempt_at=Least(F("next_attempt_at"), now),
+                retry_until=Greatest(
+                    F("retry_until"), now + timedelta(seconds=settings.WEBHOOKS_RETRY_FOR)
+                ),
+            )
+            # Events are written for a switched-off endpoint, but not for one being deleted:
+            # orders placed meanwhile may not tell the outbox yet.
             subscribed.send(sender=Endpoint, owner_id=endpoint.owner_id)
     audit_record(
         "webhook_enable" if active else "webhook_disable",
@@ -137,15 +159,16 @@ class EndpointBusy(Exception):
 def endpoint_delete(*, endpoint: Endpoint, tries: int = 5) -> None:
     """Delete an endpoint and its deliveries, also while orders are telling it about changes.
 
-    An event being written reads the client's active endpoints, then inserts their deliveries
-    and commits; one that read this endpoint before the delete and commits during it leaves a
-    delivery the delete did not see, and the delete's commit failed its foreign key check (a
-    500). So the endpoint is disabled first (events written from then on pass it by), the
-    foreign keys are checked when the endpoint's row goes rather than at commit, and the
-    delete is made again, taking such late deliveries with it, until none came in meanwhile.
-    Inside a caller's transaction too (the ops console's delete): each try is a savepoint.
+    An event being written reads the client's subscribed endpoints, then inserts their
+    deliveries and commits; one that read this endpoint before the delete and commits during it
+    leaves a delivery the delete did not see, and the delete's commit failed its foreign key
+    check (a 500). So the endpoint is marked as being deleted first (:func:`endpoint_delete_begin`:
+    events written from then on pass it by), the foreign keys are checked when the endpoint's
+    row goes rather than at commit, and the delete is made again, taking such late deliveries
+    with it, until none came in meanwhile. Inside a caller's transaction too (the ops
+    console's delete): each try is a savepoint.
     """
-    Endpoint.objects.filter(pk=endpoint.pk).update(is_active=False)
+    endpoint_delete_begin(endpoint.pk)
     for _ in range(tries):
         try:
             with transaction.atomic():
@@ -157,6 +180,16 @@ def endpoint_delete(*, endpoint: Endpoint, tries: int = 5) -> None:
         except IntegrityError:
             continue  # a delivery committed for it meanwhile: take it too
     raise EndpointBusy(endpoint.pk)
+
+
+def endpoint_delete_begin(endpoint_id: Any) -> None:
+    """Mark the endpoint as being deleted, switched off: no new events are written for it (as
+    for one switched off by staff, whose events are held for it), so a delete that has to be
+    made again (``EndpointBusy``) is not raced by new ones. Its client asked for it to go: the
+    changes from now on are no longer its business."""
+    Endpoint.objects.filter(pk=endpoint_id).update(
+        is_active=False, deleting=True, disabled_reason="being deleted"
+    )
 
 
 def _constraints(when: str) -> None:
@@ -188,14 +221,15 @@ def _next_sequence(subject: uuid.UUID) -> int:
 
 
 # Asked on every order placed: the SQL is built once (config.db.ValuesBy).
-_active_endpoints_of = ValuesBy(
-    Endpoint.objects.filter(is_active=True).order_by().values_list("pk"), "owner"
+_subscribed_endpoints_of = ValuesBy(
+    Endpoint.objects.filter(deleting=False).order_by().values_list("pk"), "owner"
 )
 
 
 def subscribers(owner_id: Any) -> bool:
-    """Whether the client has an active endpoint at all (one small query), read so that a
-    registration of the client's first endpoint never slips past the caller's transaction.
+    """Whether the client has an endpoint events are written for at all (one small query):
+    switched on or off by staff, not one being deleted. Read so that a registration of the
+    client's first endpoint never slips past the caller's transaction.
 
     Asked by an order being placed, to note in its saga whether to tell the outbox. On
     PostgreSQL the same statement takes a shared per-client lock (an advisory lock, held to
@@ -208,9 +242,9 @@ def subscribers(owner_id: Any) -> bool:
     if owner_id is None:
         return False
     if connection.vendor != "postgresql":
-        return bool(_active_endpoints_of(owner_id))
+        return bool(_subscribed_endpoints_of(owner_id))
     table = connection.ops.quote_name(Endpoint._meta.db_table)
-    exists = f"EXISTS (SELECT 1 FROM {table} WHERE owner_id = %s AND is_active)"
+    exists = f"EXISTS (SELECT 1 FROM {table} WHERE owner_id = %s AND NOT deleting)"
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT pg_try_advisory_xact_lock_shared(%s, %s), {exists}",
@@ -245,9 +279,13 @@ def _lock_owner(owner_id: Any) -> None:
             )
 
 
-def _active_endpoints(owner_id: Any, type: str) -> list[Endpoint]:
-    """The client's active endpoints that want ``type``, each held ``FOR KEY SHARE`` until
-    the caller's transaction ends (on PostgreSQL).
+def _subscribed_endpoints(owner_id: Any, type: str) -> list[Endpoint]:
+    """The client's endpoints that want ``type``, switched on or off (not being deleted), each
+    held ``FOR KEY SHARE`` until the caller's transaction ends (on PostgreSQL).
+
+    A switched-off one is among them: staff switching an endpoint off holds its deliveries
+    back, it does not unsubscribe it (its events would be lost, and the order's ``sequence``
+    would not even show the gap).
 
     The deliveries about to reference them are checked against them only at commit (Django's
     foreign keys are deferred): an endpoint deleted after this read and before that commit
@@ -258,13 +296,13 @@ def _active_endpoints(owner_id: Any, type: str) -> list[Endpoint]:
     of the key, not with the claim of a delivery or switching the endpoint off.
     """
     if connection.vendor != "postgresql":
-        endpoints = Endpoint.objects.filter(owner_id=owner_id, is_active=True)
-        return [e for e in endpoints.only("id", "events") if type in e.events]
+        endpoints = Endpoint.objects.filter(owner_id=owner_id, deleting=False)
+        return [e for e in endpoints.only("id", "events", "is_active") if type in e.events]
     qn = connection.ops.quote_name
     return list(
         Endpoint.objects.raw(
-            f"SELECT {qn('id')} FROM {qn(Endpoint._meta.db_table)} "
-            f"WHERE {qn('owner_id')} = %s AND {qn('is_active')} "
+            f"SELECT {qn('id')}, {qn('is_active')} FROM {qn(Endpoint._meta.db_table)} "
+            f"WHERE {qn('owner_id')} = %s AND NOT {qn('deleting')} "
             f"AND {qn('events')} @> %s::jsonb FOR KEY SHARE",
             [owner_id, json.dumps([type])],
         )
@@ -274,10 +312,12 @@ def _active_endpoints(owner_id: Any, type: str) -> list[Endpoint]:
 def event_emit(*, owner_id: Any, subject: uuid.UUID, type: str, data: Any) -> Event | None:
     """Write an event and a delivery per subscribed endpoint, in the caller's transaction.
 
-    Writes nothing when no active endpoint of the client wants ``type``.
+    Writes nothing when no endpoint of the client wants ``type``. An endpoint staff switched
+    off gets its delivery all the same, held: the claim and the sweeper pass it by until it
+    is switched back on (:func:`endpoint_set_active` rings it then).
     """
     assert type in EVENT_TYPES, type
-    endpoints = [e.pk for e in _active_endpoints(owner_id, type)]
+    endpoints = _subscribed_endpoints(owner_id, type)
     if not endpoints:
         return None
     now = timezone.now()
@@ -305,15 +345,17 @@ def event_emit(*, owner_id: Any, subject: uuid.UUID, type: str, data: Any) -> Ev
     Delivery.objects.bulk_create(
         Delivery(
             event=event,
-            endpoint_id=endpoint_id,
+            endpoint_id=endpoint.pk,
             subject=subject,
             sequence=sequence,
             next_attempt_at=now,
             retry_until=retry_until,
         )
-        for endpoint_id in endpoints
+        for endpoint in endpoints
     )
-    transaction.on_commit(lambda: ring_each(endpoints))
+    active = [e.pk for e in endpoints if e.is_active]
+    if active:
+        transaction.on_commit(lambda: ring_each(active))
     return event
 
 

@@ -154,7 +154,13 @@ def test_staff_with_the_permission_redeliver_one_dead_delivery(client, endpoint)
     assert entry.actor_name == "olga" and entry.detail == {"deliveries": [chosen.pk]}
 
 
-def test_staff_disable_an_endpoint_and_it_gets_no_new_events(client, endpoint):
+def test_staff_disable_an_endpoint_and_its_new_events_are_held_for_it_until_enabled(
+    client, endpoint, settings
+):
+    """Switched off, the endpoint still gets a delivery for each event it subscribed to,
+    neither claimed nor rung while off; switched back on, the held delivery is due at once with
+    a full retry window from then, so the time it was held cannot make it dead."""
+    from webhooks.delivery import claim_next
     from webhooks.services import event_emit
 
     client.force_login(_staff("vic", VIEW))
@@ -163,13 +169,28 @@ def test_staff_disable_an_endpoint_and_it_gets_no_new_events(client, endpoint):
     )
     endpoint.refresh_from_db()
     assert not endpoint.is_active and "vic" in endpoint.disabled_reason
-    assert (
-        event_emit(
-            owner_id=endpoint.owner_id, subject=uuid.uuid4(), type="order.confirmed", data={}
-        )
-        is None
-    )
     assert AuditEntry.objects.get(action="webhook_disable").actor_name == "vic"
+    event = event_emit(
+        owner_id=endpoint.owner_id, subject=uuid.uuid4(), type="order.confirmed", data={}
+    )
+    assert event is not None and event.sequence == 1
+    held = Delivery.objects.get(event=event, endpoint=endpoint)
+    assert held.status == DeliveryStatus.PENDING
+    assert claim_next(endpoint.pk) is None
+    # Held for longer than its retry window, and overdue for the sweeper: still not rung.
+    long_ago = timezone.now() - timedelta(days=3)
+    Delivery.objects.filter(pk=held.pk).update(next_attempt_at=long_ago, retry_until=long_ago)
+    assert sweep() == 0
+
+    client.post(
+        "/admin/webhooks/endpoint/", {"action": "enable", "_selected_action": [endpoint.pk]}
+    )
+    held.refresh_from_db()
+    assert held.status == DeliveryStatus.PENDING and held.next_attempt_at <= timezone.now()
+    window = timedelta(seconds=settings.WEBHOOKS_RETRY_FOR)
+    assert held.retry_until > timezone.now() + window - timedelta(minutes=1)
+    claimed = claim_next(endpoint.pk)
+    assert claimed is not None and claimed[0].pk == held.pk
 
 
 def test_purge_deletes_old_delivered_events_in_batches_and_keeps_the_rest(endpoint, settings):

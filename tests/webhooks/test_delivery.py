@@ -275,17 +275,86 @@ def test_an_order_placed_before_its_client_had_an_endpoint_tells_it_every_later_
     assert {e["data"]["step"] for e in got[:-1]} >= {"authorize_payment", "capture_payment"}
 
 
-def test_an_endpoint_switched_back_on_marks_the_clients_orders_in_flight(customer, catalog):
+def test_changes_made_while_staff_had_the_endpoint_off_arrive_in_order_when_it_is_on_again(
+    customer, catalog, receiver, celery_worker, admin_client, wait_for
+):
+    """The client's order waits for its 3-D Secure confirmation; staff switch the endpoint
+    off; the client cancels; staff switch it back on. The cancellation's events were written
+    while it was off, held (nothing reaches the receiver meanwhile) and arrive once it is on,
+    right after the events it had, their sequence numbers carrying on without a gap."""
+    client = api_client_for(customer)
+    endpoint = register(client, receiver.url)
+    order_id = place(client, payment_method="pm_card_3ds_required")["id"]
+    wait_for(
+        lambda: any(e["data"]["status"] == "requires_action" for e in receiver.accepted()),
+        timeout=60,
+        describe=receiver.accepted,
+    )
+    wait_for(lambda: not Delivery.objects.filter(status=DeliveryStatus.PENDING).exists())
+    before = receiver.accepted()
+    last = len(before)
+    assert [e["sequence"] for e in before] == list(range(1, last + 1))
+
+    console = "/admin/webhooks/endpoint/"
+    disabled = admin_client.post(
+        console, {"action": "disable", "_selected_action": [endpoint["id"]]}
+    )
+    assert disabled.status_code == 302
+    assert client.post(f"/api/v1/orders/{order_id}/cancel/").status_code == 202
+    cancelled = wait_for(
+        lambda: Event.objects.filter(subject=order_id, type="order.cancelled").first(),
+        timeout=60,
+    )
+    held = Delivery.objects.filter(endpoint_id=endpoint["id"], sequence__gt=last)
+    assert held.count() == cancelled.sequence - last >= 1
+    assert set(held.values_list("status", "attempts")) == {(DeliveryStatus.PENDING, 0)}
+    assert receiver.accepted() == before
+
+    enabled = admin_client.post(console, {"action": "enable", "_selected_action": [endpoint["id"]]})
+    assert enabled.status_code == 302
+    wait_for(_final_received(receiver, [order_id]), timeout=60, describe=receiver.accepted)
+    events = receiver.accepted()
+    assert events[: len(before)] == before
+    assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["type"] == "order.cancelled"
+    assert events[-1]["id"] == str(cancelled.id)
+    assert events[-1]["sequence"] == cancelled.sequence
+    assert events[-1]["data"]["cancellation_reason"] == "customer_cancelled"
+
+
+def test_an_order_placed_while_the_endpoint_is_off_tells_it_and_one_being_deleted_does_not(
+    customer, catalog
+):
+    """Switched off by staff, the endpoint is still subscribed: an order placed meanwhile tells
+    the outbox. Left by an unfinished delete (``409 endpoint_busy``), it is not; switched back
+    on by staff, it is an ordinary endpoint again and the client's orders in flight are
+    marked."""
+    from webhooks.services import EndpointBusy, endpoint_delete
+
     client = api_client_for(customer)
     endpoint = Endpoint.objects.get(pk=register(client, "http://127.0.0.1:9/hooks")["id"])
     staff = get_user_model().objects.create_superuser("staffer", password="x")
+
+    def placed_out_of_workers_reach() -> Order:
+        with transaction.atomic():
+            order = Order.objects.get(pk=place(client)["id"])
+            out_of_workers_reach(order.saga_id)
+        return order
+
     endpoint_set_active(endpoint=endpoint, active=False, user=staff, reason="maintenance")
-    with transaction.atomic():
-        order = Order.objects.get(pk=place(client)["id"])
-        out_of_workers_reach(order.saga_id)
-    assert not Saga.objects.get(pk=order.saga_id).data.get(order_events.DATA_KEY)
+    while_off = placed_out_of_workers_reach()
+    assert Saga.objects.get(pk=while_off.saga_id).data.get(order_events.DATA_KEY) is True
+
+    with pytest.raises(EndpointBusy):
+        endpoint_delete(endpoint=endpoint, tries=0)  # as if events beat every try
+    endpoint.refresh_from_db()
+    assert endpoint.deleting and not endpoint.is_active
+    while_deleting = placed_out_of_workers_reach()
+    assert not Saga.objects.get(pk=while_deleting.saga_id).data.get(order_events.DATA_KEY)
     endpoint_set_active(endpoint=endpoint, active=True, user=staff)
-    assert Saga.objects.get(pk=order.saga_id).data.get(order_events.DATA_KEY) is True
+    endpoint.refresh_from_db()
+    assert endpoint.is_active and not endpoint.deleting
+    assert Saga.objects.get(pk=while_deleting.saga_id).data.get(order_events.DATA_KEY) is True
 
 
 def _claimed_then_registered(customer) -> tuple[Order, Any]:

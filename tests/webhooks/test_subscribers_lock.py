@@ -46,14 +46,16 @@ def _one_waits_for_the_lock() -> bool:
 
 
 def test_a_read_while_a_registration_holds_the_lock_waits_and_sees_the_endpoint(customer, wait_for):
-    endpoint = register(api_client_for(customer), "http://127.0.0.1:9/hooks")
-    Endpoint.objects.filter(pk=endpoint["id"]).update(is_active=False)
     other = _other_connection()
     try:
         # Another process registers: it holds the client's lock, its endpoint not yet visible.
         _hold_the_clients_lock(other, customer.pk)
         other.execute(
-            "UPDATE webhooks_endpoint SET is_active = true WHERE id = %s", [endpoint["id"]]
+            "INSERT INTO webhooks_endpoint (id, owner_id, url, events, secret, previous_secrets, "
+            "is_active, disabled_reason, deleting, created_at) VALUES (gen_random_uuid(), %s, "
+            "'http://127.0.0.1:9/hooks', '[\"order.updated\"]', 'whsec_x', '[]', true, '', "
+            "false, now())",
+            [customer.pk],
         )
         seen: dict[str, bool] = {}
 
@@ -96,8 +98,9 @@ def test_two_registrations_at_the_limit_make_no_more_than_the_limit(customer, se
         _hold_the_clients_lock(other, customer.pk)
         other.execute(
             "INSERT INTO webhooks_endpoint (id, owner_id, url, events, secret, previous_secrets, "
-            "is_active, disabled_reason, created_at) SELECT gen_random_uuid(), owner_id, url, "
-            "events, secret, previous_secrets, is_active, disabled_reason, now() "
+            "is_active, disabled_reason, deleting, created_at) SELECT gen_random_uuid(), "
+            "owner_id, url, events, secret, previous_secrets, is_active, disabled_reason, "
+            "deleting, now() "
             "FROM webhooks_endpoint WHERE owner_id = %s LIMIT 1",
             [customer.pk],
         )
