@@ -10,11 +10,12 @@ it rings again and yields the worker to other endpoints' doorbells). So:
   dead (in order per order);
 - a slow endpoint holds at most one worker slot at a time, for at most the timeouts, and
   webhook tasks run on their own queue (``WEBHOOKS_QUEUE``), never beside saga steps;
-- a failure is retried with exponential backoff and jitter until ``retry_until`` (24 hours by
-  default), then the delivery is dead; staff can redeliver it;
+- a failure, whatever raised it, is retried with exponential backoff and jitter until
+  ``retry_until`` (24 hours by default), then the delivery is dead; staff can redeliver it;
 - a lost doorbell or a worker killed mid-attempt loses nothing: the sweeper rings every
   endpoint with an overdue delivery whose lease has expired, and the attempt is made again
-  (at least once: receivers deduplicate by event id);
+  (at least once: receivers deduplicate by event id), after the backoff the claim set, so an
+  attempt that never records holds back none of the endpoint's other deliveries;
 - nothing is claimed for an endpoint staff switched off: its deliveries are held until it is
   switched back on.
 """
@@ -114,6 +115,13 @@ def claim_next(endpoint_id: Any) -> tuple[Delivery, Endpoint] | None:
 
     None while another attempt to the endpoint is in flight, and never a delivery with an
     earlier one of the same subject still pending (waiting for a retry or in flight).
+
+    The claim already moves the delivery's next attempt a backoff ahead, as a failure would:
+    an attempt that never records its outcome (its worker killed, or failing in a way nothing
+    caught) backs off like any failure instead of staying the endpoint's oldest due delivery,
+    claimed first by every doorbell and blocking all the others. A recorded outcome replaces
+    that time. One that was claimed past its window and never recorded is dead at its next
+    claim.
     """
     now = timezone.now()
     with transaction.atomic():
@@ -129,19 +137,30 @@ def claim_next(endpoint_id: Any) -> tuple[Delivery, Endpoint] | None:
         if _in_flight_to(endpoint.pk, now).exists():
             return None
         pending = Delivery.objects.filter(endpoint_id=endpoint.pk, status=DeliveryStatus.PENDING)
-        delivery = (
-            pending.filter(next_attempt_at__lte=now)
-            .filter(~Exists(_earlier_pending()))
-            .order_by("next_attempt_at", "id")
-            .first()
-        )
-        if delivery is None:
-            return None
+        due = pending.filter(next_attempt_at__lte=now).filter(~Exists(_earlier_pending()))
+        while True:
+            delivery = due.order_by("next_attempt_at", "id").first()
+            if delivery is None:
+                return None
+            if delivery.next_attempt_at <= delivery.retry_until:
+                break
+            # Only a claim puts the next attempt past the window (a failure recorded then
+            # makes the delivery dead instead): that last attempt never recorded.
+            Delivery.objects.filter(pk=delivery.pk).update(
+                status=DeliveryStatus.DEAD, lease_until=None, last_error=UNRECORDED
+            )
         delivery.attempts += 1
         delivery.lease_until = now + timedelta(seconds=_lease_seconds())
         delivery.last_attempt_at = now
-        delivery.save(update_fields=["attempts", "lease_until", "last_attempt_at"])
+        delivery.next_attempt_at = now + timedelta(seconds=backoff_delay(delivery.attempts))
+        delivery.save(
+            update_fields=["attempts", "lease_until", "last_attempt_at", "next_attempt_at"]
+        )
     return delivery, endpoint
+
+
+#: The error of a delivery whose last attempt was claimed and never recorded.
+UNRECORDED = "the last attempt never recorded its outcome (its worker stopped or failed)"
 
 
 def _new_tls_context() -> ssl.SSLContext:
@@ -350,16 +369,15 @@ def _in_saga_trace(delivery: Delivery, endpoint: Endpoint):
 
 
 def _attempt(delivery: Delivery, endpoint: Endpoint) -> bool:
-    body = Event.objects.values_list("body", flat=True).get(pk=delivery.event_id).encode()
-    now = timezone.now()
     status: int | None = None
     excerpt = ""
     try:
+        body = Event.objects.values_list("body", flat=True).get(pk=delivery.event_id).encode()
         target = check_url(endpoint.url)
         headers = {
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
-            signing.HEADER: signing.sign(endpoint.signing_secrets(now), body),
+            signing.HEADER: signing.sign(endpoint.signing_secrets(timezone.now()), body),
             "Sagarunner-Event-Id": str(delivery.event_id),
         }
         status, excerpt = _post(target, body, headers)
@@ -369,7 +387,14 @@ def _attempt(delivery: Delivery, endpoint: Endpoint) -> bool:
         error = f"refused: {exc.detail}" + (f" ({exc.address})" if exc.address else "")
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         error = f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - recorded and retried like any failure
+        # Unexpected (a host name http.client cannot put in a header, a soft time limit, a
+        # bug): a failed attempt all the same, backed off and in the end dead, never one that
+        # escapes unrecorded and is claimed again at once, ahead of the endpoint's others.
+        log.exception("webhooks.attempt_failed", delivery_id=delivery.pk)
+        status, excerpt, error = None, "", f"{type(exc).__name__}: {exc}"
     ok = status is not None and 200 <= status < 300
+    # Should this write fail (the database gone), the backoff the claim set still stands.
     _record(delivery, ok=ok, status=status, error=error, excerpt=excerpt)
     return ok
 

@@ -346,3 +346,91 @@ def test_an_answer_that_trickles_in_is_cut_off_at_connect_plus_read_timeout(
     else:  # the connect timeout, not the read timeout
         assert delivery.last_error.startswith("ReadTimeoutError: "), delivery.last_error
         assert delivery.last_error.endswith("Read timed out. (read timeout=1.0)")
+
+
+def _pending_with_backoff(delivery: Delivery, error_start: str) -> None:
+    """Recorded as a failed attempt: its error, no lease, the next attempt a backoff later."""
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts) == (DeliveryStatus.PENDING, 1)
+    assert delivery.last_error.startswith(error_start), delivery.last_error
+    assert delivery.lease_until is None and delivery.last_status_code is None
+    assert delivery.next_attempt_at > delivery.last_attempt_at
+
+
+def test_an_attempt_that_raises_something_unexpected_fails_and_the_next_delivery_goes_out(
+    customer, receiver, monkeypatch, settings
+):
+    """The first event's POST raises what no handler expects (here the UnicodeEncodeError
+    http.client raises for a Host it cannot write in Latin-1). That attempt is a failure like
+    any other, recorded with its error and backed off, and the endpoint's next delivery is sent
+    by the same task: the failed one is not claimed again at once, ahead of it, forever."""
+    settings.WEBHOOKS_BACKOFF_BASE = 100.0
+    endpoint = register(api_client_for(customer), receiver.url)
+    first, second = _emit(customer), _emit(customer)
+    real_post = webhook_delivery._post
+
+    def post(target, body, headers):
+        if headers["Sagarunner-Event-Id"] == first:
+            raise UnicodeEncodeError("latin-1", "пример", 0, 6, "ordinal not in range(256)")
+        return real_post(target, body, headers)
+
+    monkeypatch.setattr(webhook_delivery, "_post", post)
+    assert deliver_endpoint(endpoint["id"]) == 2
+    failed = Delivery.objects.get(event_id=first)
+    _pending_with_backoff(failed, "UnicodeEncodeError: 'latin-1' codec can't encode")
+    assert Delivery.objects.get(event_id=second).status == DeliveryStatus.DELIVERED
+    assert [event["id"] for event in receiver.accepted()] == [second]
+
+
+def test_a_host_name_http_cannot_write_is_a_failed_attempt(
+    customer, receiver, monkeypatch, settings
+):
+    """``http://пример.example/`` (no IDNA encoding, allowed in development): http.client
+    cannot write its Host header. The attempt is recorded as failed with that error."""
+    settings.WEBHOOKS_BACKOFF_BASE = 100.0
+    name = "пример.example"
+    resolve = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host == name:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", int(port)))]
+        return resolve(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    port = receiver.server.server_address[1]
+    endpoint = register(api_client_for(customer), f"http://{name}:{port}/hooks")
+    _emit(customer)
+    assert deliver_endpoint(endpoint["id"]) == 1
+    delivery = Delivery.objects.get(endpoint_id=endpoint["id"])
+    _pending_with_backoff(delivery, "UnicodeEncodeError: 'latin-1' codec can't encode")
+    assert deliver_endpoint(endpoint["id"]) == 0  # backed off, not claimed again at once
+
+
+def test_an_attempt_that_never_records_backs_off_then_is_dead_past_its_window(customer, settings):
+    """A worker that claims a delivery and dies before recording anything: the claim already
+    put the next attempt a backoff ahead, so once the lease is over the endpoint's next
+    delivery is claimed first; when the window is over the unrecorded one is dead, not
+    attempted again and again."""
+    settings.WEBHOOKS_BACKOFF_BASE = 100.0
+    endpoint = register(api_client_for(customer), "http://127.0.0.1:9/hooks")
+    first, second = _emit(customer), _emit(customer)
+    claimed, _ = webhook_delivery.claim_next(endpoint["id"])
+    assert str(claimed.event_id) == first
+    lost = Delivery.objects.get(pk=claimed.pk)
+    assert lost.next_attempt_at > lost.last_attempt_at  # a backoff, before any outcome
+    # Its worker is gone: the lease runs out.
+    Delivery.objects.filter(pk=lost.pk).update(lease_until=timezone.now())
+    claimed, _ = webhook_delivery.claim_next(endpoint["id"])
+    assert str(claimed.event_id) == second
+
+    # Past its window by the time it is due again (the claim put it after its retry_until):
+    # dead at the next claim, which takes nothing else instead.
+    now = timezone.now()
+    Delivery.objects.filter(pk=claimed.pk).update(status=DeliveryStatus.DELIVERED)
+    Delivery.objects.filter(pk=lost.pk).update(
+        retry_until=now - timedelta(seconds=2), next_attempt_at=now - timedelta(seconds=1)
+    )
+    assert webhook_delivery.claim_next(endpoint["id"]) is None
+    lost.refresh_from_db()
+    assert (lost.status, lost.attempts, lost.lease_until) == (DeliveryStatus.DEAD, 1, None)
+    assert lost.last_error == webhook_delivery.UNRECORDED
