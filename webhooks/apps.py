@@ -12,7 +12,7 @@ class WebhooksConfig(AppConfig):
 
         # Delivery rings by the task's name: register the tasks in every process that rings.
         import_module("webhooks.tasks")
-        import_module("webhooks.checks")  # registers the deploy check
+        import_module("webhooks.checks")  # registers the system checks
         post_migrate.connect(_ensure_schedules, sender=self)
 
 

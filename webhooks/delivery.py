@@ -42,7 +42,14 @@ from urllib3.util.ssl_ import create_urllib3_context
 
 from sagas import tracing
 from webhooks import signing
-from webhooks.models import Delivery, DeliveryStatus, Endpoint, Event
+from webhooks.models import (
+    ERROR_MAX,
+    RESPONSE_EXCERPT_MAX,
+    Delivery,
+    DeliveryStatus,
+    Endpoint,
+    Event,
+)
 from webhooks.security import Target, UrlRefused, check_url
 
 log = structlog.get_logger("webhooks.delivery")
@@ -403,11 +410,14 @@ def _record(delivery: Delivery, *, ok: bool, status: int | None, error: str, exc
     """Write the attempt's outcome, fenced on the attempt: a newer claim (our lease expired
     and another worker took over) wins, and this outcome is dropped."""
     now = timezone.now()
+    # Never more than the column holds, whatever WEBHOOKS_RESPONSE_EXCERPT says: the system
+    # check (webhooks.E001) stops manage.py, not a worker started without it.
+    kept = min(settings.WEBHOOKS_RESPONSE_EXCERPT, RESPONSE_EXCERPT_MAX)
     fields: dict[str, Any] = {
         "lease_until": None,
         "last_status_code": status,
-        "last_error": error[:500],
-        "response_excerpt": excerpt[: settings.WEBHOOKS_RESPONSE_EXCERPT],
+        "last_error": error[:ERROR_MAX],
+        "response_excerpt": excerpt[:kept],
     }
     delay = None
     if ok:

@@ -18,6 +18,10 @@ from django.db.models import Q
 #: The event types a client can subscribe to.
 EVENT_TYPES = ("order.updated", "order.confirmed", "order.cancelled", "order.needs_attention")
 
+#: What a delivery keeps of its last attempt's error and answer, at most (its columns' size).
+ERROR_MAX = 500
+RESPONSE_EXCERPT_MAX = 500
+
 
 class Endpoint(models.Model):
     """A URL of a client's that wants some event types, with the secret that signs them."""
@@ -124,9 +128,9 @@ class Delivery(models.Model):
     #: Held while an attempt is in flight; an expired lease means its worker is gone.
     lease_until = models.DateTimeField(null=True, blank=True)
     last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
-    last_error = models.CharField(max_length=500, blank=True, default="")
+    last_error = models.CharField(max_length=ERROR_MAX, blank=True, default="")
     #: The first bytes of the last response body, never more (WEBHOOKS_RESPONSE_EXCERPT).
-    response_excerpt = models.CharField(max_length=500, blank=True, default="")
+    response_excerpt = models.CharField(max_length=RESPONSE_EXCERPT_MAX, blank=True, default="")
     last_attempt_at = models.DateTimeField(null=True, blank=True)
     delivered_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

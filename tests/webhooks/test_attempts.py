@@ -434,3 +434,19 @@ def test_an_attempt_that_never_records_backs_off_then_is_dead_past_its_window(cu
     lost.refresh_from_db()
     assert (lost.status, lost.attempts, lost.lease_until) == (DeliveryStatus.DEAD, 1, None)
     assert lost.last_error == webhook_delivery.UNRECORDED
+
+
+def test_an_excerpt_setting_above_its_column_keeps_what_the_column_holds(
+    customer, receiver, settings
+):
+    """A worker started without the system check (webhooks.E001) and an excerpt setting above
+    the column's 500: the answer's first 500 characters are kept and the delivery is recorded
+    delivered (the longer excerpt failed the record: the event was sent again after every
+    backoff and never recorded delivered)."""
+    settings.WEBHOOKS_RESPONSE_EXCERPT = 1000
+    endpoint = register(api_client_for(customer), receiver.url)
+    _emit(customer)
+    assert deliver_endpoint(endpoint["id"]) == 1
+    delivery = Delivery.objects.get(endpoint_id=endpoint["id"])
+    assert delivery.status == DeliveryStatus.DELIVERED
+    assert delivery.response_excerpt == receiver.reply.decode()[:500]
