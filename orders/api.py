@@ -43,6 +43,7 @@ from config.api import (
     StrictIntegerField,
     signed_in_user,
 )
+from config.idempotency import MAX_KEY_LENGTH, clean_key, request_fingerprint
 from config.text import header_text
 from config.throttling import OrderRateThrottle, check
 from orders import idempotency
@@ -137,7 +138,7 @@ class OrderFilter(filters.FilterSet):
 
 IDEMPOTENCY_KEY_PARAMETER = OpenApiParameter(
     "Idempotency-Key",
-    {"type": "string", "minLength": 1, "maxLength": idempotency.MAX_KEY_LENGTH},
+    {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH},
     OpenApiParameter.HEADER,
     required=False,
     description=(
@@ -275,12 +276,12 @@ class OrderViewSet(BodyReadFirst, viewsets.GenericViewSet):
 
     # -- write --------------------------------------------------------------------------------
     def create(self, request: Request) -> Response:
-        key = idempotency.clean_key(header_text(request, "Idempotency-Key"))
+        key = clean_key(header_text(request, "Idempotency-Key"))
         data = request.data  # a malformed body is a 400 here, before the key is touched
         claim = None
         if key is not None:
             outcome = idempotency.idempotency_begin(
-                user=request.user, key=key, fingerprint=idempotency.request_fingerprint(data)
+                user=request.user, key=key, fingerprint=request_fingerprint(data)
             )
             if isinstance(outcome, idempotency.Replay):
                 return _replay(outcome)

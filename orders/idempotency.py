@@ -21,45 +21,21 @@ Records older than ``IDEMPOTENCY_KEY_TTL_HOURS`` are deleted by :func:`idempoten
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from config.errors import AppError
-from config.text import has_control_characters
+from config.idempotency import IdempotencyError, IdempotencyKeyReused
 from orders.models import IdempotencyRecord, IdempotencyState, Order
 
-MAX_KEY_LENGTH = 255
 #: An in-flight record older than this belongs to a request that died; the next one takes over.
 #: Far above the few milliseconds placing an order takes, so a live request is never robbed.
 IN_FLIGHT_STALE_AFTER = timedelta(seconds=60)
 EXPIRE_BATCH = 5000
-
-
-class IdempotencyError(AppError):
-    code = "idempotency_error"
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
-
-
-class IdempotencyKeyInvalid(IdempotencyError):
-    code = "invalid_idempotency_key"
-
-
-class IdempotencyKeyReused(IdempotencyError):
-    """The key was first used with another request body (a ``422``)."""
-
-    code = "idempotency_key_reused"
-    http_status = 422
 
 
 class IdempotencyRequestInFlight(IdempotencyError):
@@ -85,28 +61,6 @@ class Replay:
     status: int
     body: str
     order_id: uuid.UUID | None
-
-
-def request_fingerprint(data: Any) -> str:
-    """sha256 of the canonical JSON of a parsed request body (key order and spacing ignored)."""
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def clean_key(raw: str | None) -> str | None:
-    """The key from the header, or ``None`` without one; refuses empty or over-long keys."""
-    if raw is None:
-        return None
-    key = raw.strip()
-    if not key:
-        raise IdempotencyKeyInvalid("The Idempotency-Key header is empty.")
-    if has_control_characters(key):
-        raise IdempotencyKeyInvalid("The Idempotency-Key header may not hold control characters.")
-    if len(key) > MAX_KEY_LENGTH:
-        raise IdempotencyKeyInvalid(
-            f"The Idempotency-Key header may be at most {MAX_KEY_LENGTH} characters."
-        )
-    return key
 
 
 def idempotency_begin(*, user, key: str, fingerprint: str) -> Claim | Replay:

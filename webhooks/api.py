@@ -31,6 +31,8 @@ from config.api import (
     signed_in_user,
 )
 from config.api_errors import ApiError
+from config.idempotency import MAX_KEY_LENGTH, clean_key, request_fingerprint
+from config.text import header_text
 from webhooks.models import EVENT_TYPES, Endpoint
 from webhooks.services import (
     EndpointBusy,
@@ -91,8 +93,19 @@ ENDPOINT_EXAMPLE = OpenApiExample(
     ),
     create=extend_schema(
         summary="Register a webhook endpoint",
-        description="The `201` shows the signing `secret`, once.",
+        description="The `201` shows the signing `secret`, once. With an `Idempotency-Key`, "
+        "a retry whose answer was lost gets the same endpoint and its secret again (`201`, "
+        "`Idempotent-Replayed: true`) instead of a second endpoint; the same key with another "
+        "body is `422 idempotency_key_reused`. A key stays the endpoint's while it exists.",
         tags=["webhooks"],
+        parameters=[
+            OpenApiParameter(
+                "Idempotency-Key",
+                {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH},
+                OpenApiParameter.HEADER,
+                required=False,
+            )
+        ],
         request=EndpointInputSerializer,
         examples=[ENDPOINT_EXAMPLE],
         responses={
@@ -148,18 +161,23 @@ class EndpointViewSet(
             ) from None
 
     def create(self, request: Request) -> Response:
+        key = clean_key(header_text(request, "Idempotency-Key"))
         serializer = EndpointInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         try:
-            endpoint, secret = endpoint_create(owner=request.user, **serializer.validated_data)
+            endpoint, secret, replayed = endpoint_create(
+                owner=request.user,
+                key=key,
+                fingerprint=request_fingerprint(request.data) if key is not None else "",
+                **serializer.validated_data,
+            )
         except EndpointInvalid as exc:
             raise ApiError(exc.detail, code=exc.code, fields={exc.field: [exc.detail]}) from None
         body = EndpointWithSecretSerializer({**EndpointSerializer(endpoint).data, "secret": secret})
-        return Response(
-            body.data,
-            status=status.HTTP_201_CREATED,
-            headers={"Location": f"/api/v1/webhooks/{endpoint.id}/"},
-        )
+        headers = {"Location": f"/api/v1/webhooks/{endpoint.id}/"}
+        if replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return Response(body.data, status=status.HTTP_201_CREATED, headers=headers)
 
     @extend_schema(
         summary="Rotate the signing secret",

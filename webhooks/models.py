@@ -46,11 +46,23 @@ class Endpoint(models.Model):
     #: endpoint_busy``): no new events are written for it, so the delete made again completes.
     #: Always switched off too.
     deleting = models.BooleanField(default=False)
+    #: The ``Idempotency-Key`` it was registered with ("" without one), and the fingerprint of
+    #: that request's body: a retry with the key gets this endpoint back instead of a second one.
+    #: Defaults in the database too, so code from before them still inserts during a deploy.
+    idempotency_key = models.CharField(max_length=255, blank=True, default="", db_default="")
+    request_fingerprint = models.CharField(max_length=64, blank=True, default="", db_default="")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["owner", "is_active"], name="webhook_endpoint_owner_idx")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "idempotency_key"],
+                condition=~models.Q(idempotency_key=""),
+                name="webhook_endpoint_owner_key_uniq",
+            )
+        ]
 
     def __str__(self) -> str:
         return self.url

@@ -26,6 +26,7 @@ from rest_framework.renderers import JSONRenderer
 
 from audit.services import audit_record
 from config.db import ValuesBy
+from config.idempotency import IdempotencyKeyReused
 from webhooks import delivery
 from webhooks.models import EVENT_TYPES, Delivery, DeliveryStatus, Endpoint, Event, Stream
 from webhooks.security import UrlRefused, check_new_url
@@ -54,8 +55,28 @@ def _new_secret() -> str:
 # ---------------------------------------------------------------------------------------------
 # Endpoints
 # ---------------------------------------------------------------------------------------------
-def endpoint_create(*, owner: Any, url: str, events: Iterable[str]) -> tuple[Endpoint, str]:
-    """Register an endpoint; return it with its signing secret (shown to the client once)."""
+def endpoint_create(
+    *,
+    owner: Any,
+    url: str,
+    events: Iterable[str],
+    key: str | None = None,
+    fingerprint: str = "",
+) -> tuple[Endpoint, str, bool]:
+    """Register an endpoint; return it with its signing secret (shown to the client once) and
+    whether it is a replay.
+
+    With ``key`` (the request's ``Idempotency-Key``) and ``fingerprint`` (of its body), a retry
+    whose answer was lost gets the endpoint the first request registered, with its secret,
+    instead of a second endpoint whose secret the client never saw (every delivery to it
+    would fail the client's signature check). The key is the client's as long as the endpoint
+    lives. Raises :class:`~config.idempotency.IdempotencyKeyReused` for the same key with
+    another body.
+    """
+    if key is not None:
+        earlier = _registered_under(owner, key, fingerprint)
+        if earlier is not None:
+            return earlier, earlier.secret, True
     events = list(dict.fromkeys(events))
     unknown = [e for e in events if e not in EVENT_TYPES]
     if not events or unknown:
@@ -67,17 +88,55 @@ def endpoint_create(*, owner: Any, url: str, events: Iterable[str]) -> tuple[End
     except UrlRefused as exc:
         raise EndpointInvalid(exc.code, exc.detail) from None
     secret = _new_secret()
-    with transaction.atomic():
-        # Counted under the owner's lock: two registrations at 19 do not make 21.
-        _lock_owner(owner.pk)
-        if Endpoint.objects.filter(owner=owner).count() >= MAX_ENDPOINTS_PER_OWNER:
-            raise EndpointInvalid(
-                "too_many_endpoints", f"At most {MAX_ENDPOINTS_PER_OWNER} endpoints per client."
+    try:
+        with transaction.atomic():
+            # Counted under the owner's lock: two registrations at 19 do not make 21; and two
+            # requests with one key register one endpoint (the second finds the first's here).
+            _lock_owner(owner.pk)
+            if key is not None:
+                earlier = _registered_under(owner, key, fingerprint)
+                if earlier is not None:
+                    return earlier, earlier.secret, True
+            if Endpoint.objects.filter(owner=owner).count() >= MAX_ENDPOINTS_PER_OWNER:
+                raise EndpointInvalid(
+                    "too_many_endpoints",
+                    f"At most {MAX_ENDPOINTS_PER_OWNER} endpoints per client.",
+                )
+            endpoint = Endpoint.objects.create(
+                owner=owner,
+                url=url,
+                events=events,
+                secret=secret,
+                idempotency_key=key or "",
+                request_fingerprint=fingerprint if key is not None else "",
             )
-        endpoint = Endpoint.objects.create(owner=owner, url=url, events=events, secret=secret)
-        subscribed.send(sender=Endpoint, owner_id=owner.pk)
+            subscribed.send(sender=Endpoint, owner_id=owner.pk)
+    except IntegrityError:
+        # Without the owner's lock (not PostgreSQL), the key's unique constraint decides.
+        earlier = _registered_under(owner, key, fingerprint) if key is not None else None
+        if earlier is None:
+            raise
+        return earlier, earlier.secret, True
     log.info("webhooks.endpoint_created", endpoint_id=str(endpoint.id), owner_id=owner.pk)
-    return endpoint, secret
+    return endpoint, secret, False
+
+
+def _registered_under(owner: Any, key: str, fingerprint: str) -> Endpoint | None:
+    """The endpoint the client registered with ``key``, if any (see :func:`endpoint_create`)."""
+    earlier = Endpoint.objects.filter(owner=owner, idempotency_key=key).first()
+    if earlier is None:
+        return None
+    if earlier.request_fingerprint != fingerprint:
+        raise IdempotencyKeyReused(
+            "This Idempotency-Key was already used with a different request body; "
+            "use a new key for a new endpoint."
+        )
+    if earlier.deleting:
+        raise IdempotencyKeyReused(
+            "The endpoint this Idempotency-Key registered is being deleted; "
+            "use a new key for a new endpoint."
+        )
+    return earlier
 
 
 #: Replaced secrets that sign beside the current one at most (a header of at most four

@@ -10,6 +10,7 @@ from django.db import connection
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 
+from config.idempotency import request_fingerprint
 from orders import idempotency
 from orders.apps import EXPIRE_IDEMPOTENCY_TASK_NAME
 from orders.models import IdempotencyRecord, IdempotencyState, Order
@@ -85,7 +86,7 @@ def test_same_key_while_the_first_request_is_in_flight_is_409(client_api, custom
     created; once it finishes, the same POST replays its response."""
     body = order_body()
     claim = idempotency.idempotency_begin(
-        user=customer, key="order-1", fingerprint=idempotency.request_fingerprint(body)
+        user=customer, key="order-1", fingerprint=request_fingerprint(body)
     )
     response = post(client_api, body, "order-1")
     assert_error(response, 409, "idempotency_request_in_flight")
@@ -104,7 +105,7 @@ def test_an_abandoned_in_flight_key_is_taken_over(client_api, customer, catalog)
     attempt can no longer finish."""
     body = order_body()
     dead = idempotency.idempotency_begin(
-        user=customer, key="order-1", fingerprint=idempotency.request_fingerprint(body)
+        user=customer, key="order-1", fingerprint=request_fingerprint(body)
     )
     IdempotencyRecord.objects.update(
         started_at=timezone.now() - idempotency.IN_FLIGHT_STALE_AFTER - timedelta(seconds=1)

@@ -259,3 +259,46 @@ def test_each_delivery_attempt_leaves_the_character_rule_to_registration(setting
     with pytest.raises(UrlRefused) as refused:
         check_new_url(url)
     assert refused.value.code == "invalid_url"
+
+
+def test_a_registration_retried_with_its_idempotency_key_gets_the_same_endpoint(
+    customer, other_customer
+):
+    """A client whose answer was lost retries with the same key: the endpoint it registered,
+    with its secret, not a second endpoint whose secret it never saw. Another body under the
+    key is a 422; another client's key is its own."""
+    client = api_client_for(customer)
+    first = client.post("/api/v1/webhooks/", BODY, format="json", HTTP_IDEMPOTENCY_KEY="hook-1")
+    assert first.status_code == 201 and "Idempotent-Replayed" not in first
+    again = client.post("/api/v1/webhooks/", BODY, format="json", HTTP_IDEMPOTENCY_KEY="hook-1")
+    assert again.status_code == 201 and again["Idempotent-Replayed"] == "true"
+    assert again.json() == first.json() and again["Location"] == first["Location"]
+    assert Endpoint.objects.filter(owner=customer).count() == 1
+
+    other_body = {**BODY, "events": ["order.cancelled"]}
+    reused = client.post(
+        "/api/v1/webhooks/", other_body, format="json", HTTP_IDEMPOTENCY_KEY="hook-1"
+    )
+    assert_error(reused, 422, "idempotency_key_reused")
+    bad = client.post("/api/v1/webhooks/", BODY, format="json", HTTP_IDEMPOTENCY_KEY="a\tb")
+    assert_error(bad, 400, "invalid_idempotency_key")
+    assert Endpoint.objects.filter(owner=customer).count() == 1
+
+    theirs = api_client_for(other_customer).post(
+        "/api/v1/webhooks/", BODY, format="json", HTTP_IDEMPOTENCY_KEY="hook-1"
+    )
+    assert theirs.status_code == 201 and theirs.json()["id"] != first.json()["id"]
+
+
+def test_a_replayed_registration_is_not_a_new_endpoint_at_the_limit(customer):
+    client = api_client_for(customer)
+    for n in range(20):
+        created = client.post(
+            "/api/v1/webhooks/", BODY, format="json", HTTP_IDEMPOTENCY_KEY=f"hook-{n}"
+        )
+        assert created.status_code == 201, created.content
+    again = client.post("/api/v1/webhooks/", BODY, format="json", HTTP_IDEMPOTENCY_KEY="hook-7")
+    assert again.status_code == 201 and again["Idempotent-Replayed"] == "true"
+    fresh = client.post("/api/v1/webhooks/", BODY, format="json", HTTP_IDEMPOTENCY_KEY="hook-20")
+    assert_error(fresh, 400, "too_many_endpoints")
+    assert Endpoint.objects.filter(owner=customer).count() == 20

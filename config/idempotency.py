@@ -1,0 +1,60 @@
+"""The ``Idempotency-Key`` header every creating ``POST`` of the API takes: how a key is read
+and how "the same request" is told apart from another one under the same key.
+
+Shared by the order placement (``orders.idempotency``, which keeps the first response) and
+the webhook registration (``webhooks.services.endpoint_create``, which keeps the endpoint it
+made), so a client retrying either after a lost answer gets the first outcome again, and the
+same rules for a key apply to both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from config.errors import AppError
+from config.text import has_control_characters
+
+MAX_KEY_LENGTH = 255
+
+
+class IdempotencyError(AppError):
+    code = "idempotency_error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class IdempotencyKeyInvalid(IdempotencyError):
+    code = "invalid_idempotency_key"
+
+
+class IdempotencyKeyReused(IdempotencyError):
+    """The key was first used with another request body (a ``422``)."""
+
+    code = "idempotency_key_reused"
+    http_status = 422
+
+
+def request_fingerprint(data: Any) -> str:
+    """sha256 of the canonical JSON of a parsed request body (key order and spacing ignored)."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def clean_key(raw: str | None) -> str | None:
+    """The key from the header, or ``None`` without one; refuses empty or over-long keys."""
+    if raw is None:
+        return None
+    key = raw.strip()
+    if not key:
+        raise IdempotencyKeyInvalid("The Idempotency-Key header is empty.")
+    if has_control_characters(key):
+        raise IdempotencyKeyInvalid("The Idempotency-Key header may not hold control characters.")
+    if len(key) > MAX_KEY_LENGTH:
+        raise IdempotencyKeyInvalid(
+            f"The Idempotency-Key header may be at most {MAX_KEY_LENGTH} characters."
+        )
+    return key
