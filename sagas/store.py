@@ -988,12 +988,19 @@ def write(
         fields["state"] = saga.state
     if saga.parked_on and "parked_on" not in fields:
         fields["parked_on"] = ""  # no longer waiting for a provider
-    if not rec.go_on and rec.cancel_reason_seen is None and before_state == SagaState.RUNNING:
+    if (
+        not rec.go_on
+        and rec.cancel_reason_seen is None
+        and before_state == SagaState.RUNNING
+        and "begin_compensation" not in rec.transitions
+    ):
         # A cancel accepted while this claim's step ran only set ``cancel_reason`` (the version
         # stays, so the record lands) and counts on the next boundary. A record that goes on
         # reaches one; one that parks, retries later, stops for a person or succeeds does not,
         # and landing past the request would leave it unheard until the saga is due again (a
-        # day's wait, or never). Fenced on the request as the claim saw it, it makes way.
+        # day's wait, or never). Fenced on the request as the claim saw it, it makes way. (One
+        # that ends the saga compensated already, a definite no with nothing to undo, lands:
+        # the cancel would end it the same way, and its own reason is the truer one.)
         rec.cancel_reason_seen = saga.cancel_reason
     go_on = rec.go_on and inline_ok and within_inline_budget()
     if rec.go_on or rec.ring_after is not None:
@@ -1048,14 +1055,18 @@ def write(
             # on data: it runs in the batch's transaction and reads the flag back.)
             raise batch.broken() from None
         if rec.cancel_reason_seen is not None:
+            # A transactional step's write goes with the record it never got: rolled back
+            # before anything else (a read that fails here must not leave it open).
+            written_off = tx is not None and tx.open
+            if tx is not None:
+                tx.rollback()
             row = _claimed_row(saga)
             if row is not None and row.cancel_reason != rec.cancel_reason_seen:
                 # Still this claim's saga: the cancel request is what fenced the record off.
                 # Nothing of it landed; the runner goes on from the row as it is, and the
                 # boundary honours the request (undoing this step too if it may have run).
-                if tx is not None:
-                    tx.rollback()
-                if rec.step_fields.get("took_effect") or rec.step_fields.get("maybe_effect"):
+                ran = rec.step_fields.get("took_effect") or rec.step_fields.get("maybe_effect")
+                if ran and not written_off:
                     # This claim ran the step, and its row will not say so: the boundary counts
                     # only runs before the claim, so mark it here for the undo to include it.
                     SagaStep.objects.filter(saga_id=saga.id, name=rec.step_name).update(

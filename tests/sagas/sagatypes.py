@@ -191,6 +191,9 @@ def _run(ctx: StepContext) -> dict:
     if outcome == "cancel_transient":  # a client cancels, then this call fails for now
         _cancel_meanwhile(ctx.saga_id)
         raise ConnectionError(f"scripted transient error at {ctx.step}")
+    if outcome == "cancel_then_no":  # a client cancels, then this call says a definite no
+        _cancel_meanwhile(ctx.saga_id)
+        raise BusinessFailure("out_of_stock", f"scripted no at {ctx.step}")
     if outcome == "refused":
         raise _Refused(f"scripted refusal before any effect at {ctx.step}")
     if outcome == "integrity":  # a bad row: the database refuses what the step writes

@@ -130,3 +130,26 @@ def test_asking_again_makes_a_waiting_saga_whose_cancel_went_unheard_due_now():
     assert row.next_attempt_at <= timezone.now() and row.version == again.version > saga.version
     saga = _to_the_end(saga.id)
     assert saga.state == SagaState.COMPENSATED and saga.failure_code == "customer_cancelled"
+
+
+def test_a_definite_no_that_ends_the_saga_keeps_its_reason_over_a_cancel_meanwhile():
+    """The first step says no (nothing to undo) after a cancel came in: the saga ends
+    compensated either way, and its record, which says why, lands instead of the cancel's."""
+    saga = _start("test5", {"s1": ["cancel_then_no"]})
+    saga = deliver(saga.id)
+    assert saga.state == SagaState.COMPENSATED and saga.failure_code == "out_of_stock"
+    assert saga.failed_step == "s1" and "step_failed" in _kinds(saga.id)
+    assert effects(saga.id) == {}
+
+
+def test_a_transactional_step_whose_record_a_cancel_fenced_off_is_not_undone():
+    """Its write went with the record it never got (rolled back): the cancel undoes the four
+    steps before it, and no undo runs for a write that never committed."""
+    saga = _start("test_tx", {"s5": ["cancel"]})
+    for _ in range(4):
+        deliver(saga.id)  # s1..s4
+    saga = _to_the_end(saga.id)
+    assert saga.state == SagaState.COMPENSATED and saga.failure_code == "customer_cancelled"
+    assert effects(saga.id) == {
+        (name, kind): 1 for name in ("s1", "s2", "s3", "s4") for kind in ("do", "undo")
+    }
