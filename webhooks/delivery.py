@@ -95,6 +95,13 @@ def _lease_seconds() -> float:
     return settings.WEBHOOKS_CONNECT_TIMEOUT + settings.WEBHOOKS_TIMEOUT + 10.0
 
 
+#: Seconds of an attempt's lease kept free at its end (recording the outcome), and the least
+#: time worth starting a send with.
+LEASE_MARGIN = 3.0
+MIN_SEND_SECONDS = 1.0
+_monotonic = time.monotonic  # the attempt's own clock (a test makes a lookup slow with it)
+
+
 # ---------------------------------------------------------------------------------------------
 # Claim, send, record
 # ---------------------------------------------------------------------------------------------
@@ -275,17 +282,23 @@ def _watched(cls: type, deadline: _Deadline) -> type:
     return Watched
 
 
-def _post(target: Target, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
+def _post(
+    target: Target, body: bytes, headers: dict[str, str], budget: float | None = None
+) -> tuple[int, str]:
     """POST to the checked address itself (no second DNS lookup); the status and the first
     bytes of the body. Redirects are not followed (one could point anywhere).
 
-    The whole exchange ends within ``WEBHOOKS_CONNECT_TIMEOUT + WEBHOOKS_TIMEOUT`` (raising
-    :class:`AttemptTimedOut` past it), well inside the delivery's lease.
+    The whole exchange ends within ``WEBHOOKS_CONNECT_TIMEOUT + WEBHOOKS_TIMEOUT``, or within
+    ``budget`` seconds if less is left of the lease (raising :class:`AttemptTimedOut` past
+    it), so it never outlasts the delivery's lease.
     """
     timeout = urllib3.Timeout(
         connect=settings.WEBHOOKS_CONNECT_TIMEOUT, read=settings.WEBHOOKS_TIMEOUT
     )
-    with _Deadline(settings.WEBHOOKS_CONNECT_TIMEOUT + settings.WEBHOOKS_TIMEOUT) as deadline:
+    seconds = settings.WEBHOOKS_CONNECT_TIMEOUT + settings.WEBHOOKS_TIMEOUT
+    if budget is not None:
+        seconds = min(seconds, budget)
+    with _Deadline(seconds) as deadline:
         timed_out = AttemptTimedOut(f"no complete answer within {deadline.seconds:g} s")
         try:
             answer = _exchange(target, body, headers, timeout, deadline)
@@ -378,16 +391,26 @@ def _in_saga_trace(delivery: Delivery, endpoint: Endpoint):
 def _attempt(delivery: Delivery, endpoint: Endpoint) -> bool:
     status: int | None = None
     excerpt = ""
+    started = _monotonic()
     try:
         body = Event.objects.values_list("body", flat=True).get(pk=delivery.event_id).encode()
         target = check_url(endpoint.url)
+        # The name's lookup runs before the exchange's own deadline and cannot be cut short:
+        # a resolver that answers slowly must not carry the send past the lease, where the
+        # sweeper starts a second attempt to the endpoint beside it.
+        left = _lease_seconds() - LEASE_MARGIN - (_monotonic() - started)
+        if left < MIN_SEND_SECONDS:
+            raise AttemptTimedOut(
+                f"the host name took {_monotonic() - started:.1f} s to resolve; "
+                "no time was left to send"
+            )
         headers = {
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
             signing.HEADER: signing.sign(endpoint.signing_secrets(timezone.now()), body),
             "Sagarunner-Event-Id": str(delivery.event_id),
         }
-        status, excerpt = _post(target, body, headers)
+        status, excerpt = _post(target, body, headers, budget=left)
         error = "" if 200 <= status < 300 else f"HTTP {status}"
     except UrlRefused as exc:
         # Staff read it in the ops console: the address, which the client is never told, too.

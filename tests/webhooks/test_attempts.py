@@ -369,10 +369,10 @@ def test_an_attempt_that_raises_something_unexpected_fails_and_the_next_delivery
     first, second = _emit(customer), _emit(customer)
     real_post = webhook_delivery._post
 
-    def post(target, body, headers):
+    def post(target, body, headers, **kwargs):
         if headers["Sagarunner-Event-Id"] == first:
             raise UnicodeEncodeError("latin-1", "пример", 0, 6, "ordinal not in range(256)")
-        return real_post(target, body, headers)
+        return real_post(target, body, headers, **kwargs)
 
     monkeypatch.setattr(webhook_delivery, "_post", post)
     assert deliver_endpoint(endpoint["id"]) == 2
@@ -380,30 +380,6 @@ def test_an_attempt_that_raises_something_unexpected_fails_and_the_next_delivery
     _pending_with_backoff(failed, "UnicodeEncodeError: 'latin-1' codec can't encode")
     assert Delivery.objects.get(event_id=second).status == DeliveryStatus.DELIVERED
     assert [event["id"] for event in receiver.accepted()] == [second]
-
-
-def test_a_host_name_http_cannot_write_is_a_failed_attempt(
-    customer, receiver, monkeypatch, settings
-):
-    """``http://пример.example/`` (no IDNA encoding, allowed in development): http.client
-    cannot write its Host header. The attempt is recorded as failed with that error."""
-    settings.WEBHOOKS_BACKOFF_BASE = 100.0
-    name = "пример.example"
-    resolve = socket.getaddrinfo
-
-    def getaddrinfo(host, port, *args, **kwargs):
-        if host == name:
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", int(port)))]
-        return resolve(host, port, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    port = receiver.server.server_address[1]
-    endpoint = register(api_client_for(customer), f"http://{name}:{port}/hooks")
-    _emit(customer)
-    assert deliver_endpoint(endpoint["id"]) == 1
-    delivery = Delivery.objects.get(endpoint_id=endpoint["id"])
-    _pending_with_backoff(delivery, "UnicodeEncodeError: 'latin-1' codec can't encode")
-    assert deliver_endpoint(endpoint["id"]) == 0  # backed off, not claimed again at once
 
 
 def test_an_attempt_that_never_records_backs_off_then_is_dead_past_its_window(customer, settings):
@@ -450,3 +426,34 @@ def test_an_excerpt_setting_above_its_column_keeps_what_the_column_holds(
     delivery = Delivery.objects.get(endpoint_id=endpoint["id"])
     assert delivery.status == DeliveryStatus.DELIVERED
     assert delivery.response_excerpt == receiver.reply.decode()[:500]
+
+
+def test_a_lookup_that_eats_the_lease_sends_nothing_and_is_a_failed_attempt(
+    customer, receiver, resolver, settings, monkeypatch
+):
+    """The name's lookup runs before the send's own deadline: one that took most of the lease
+    (a slow resolver; here its clock jumps by the whole lease) must not start a send that
+    would outlast it while the sweeper starts a second attempt. Nothing is sent; the attempt
+    fails as timed out and is retried after its backoff."""
+    settings.WEBHOOKS_ALLOW_PRIVATE = True
+    port = receiver.server.server_address[1]
+    endpoint = register(api_client_for(customer), f"http://{HOST}:{port}/hooks")
+    _emit(customer)
+    resolver.answers = ["127.0.0.1"]
+    real_monotonic, skew = webhook_delivery._monotonic, [0.0]
+    looked_up = socket.getaddrinfo
+
+    def slow_lookup(host, *args, **kwargs):
+        if host == HOST:
+            skew[0] += webhook_delivery._lease_seconds()
+        return looked_up(host, *args, **kwargs)
+
+    monkeypatch.setattr(webhook_delivery, "_monotonic", lambda: real_monotonic() + skew[0])
+    monkeypatch.setattr(socket, "getaddrinfo", slow_lookup)
+    assert deliver_endpoint(endpoint["id"]) == 1
+    delivery = Delivery.objects.get(endpoint_id=endpoint["id"])
+    assert delivery.status == DeliveryStatus.PENDING and delivery.attempts == 1
+    assert delivery.last_error.startswith("AttemptTimedOut: the host name took "), (
+        delivery.last_error
+    )
+    assert receiver.all() == []
