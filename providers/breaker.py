@@ -72,6 +72,10 @@ class Wait:
     reason: str
 
 
+#: Wait reasons that are a moment's queueing (a call slot, the rate limit), not an outage.
+MOMENTARY = frozenset({"in_flight", "rate"})
+
+
 def _call_lease(timeout: float | None = None) -> timedelta:
     """A call slot or canary is presumed lost this long after it was taken (killed worker).
 
@@ -236,6 +240,7 @@ def held_back(
     generation: int | None = None,
     attempts: int = 1,
     previous: Callable[[], datetime | None] | None = None,
+    kept_before: bool = False,
 ) -> Wait | None:
     """A :class:`Wait` if the provider is failing now, else ``None``.
 
@@ -252,9 +257,11 @@ def held_back(
     them in its last :data:`RECENT_SECONDS` seconds, or half a window of them among the
     earlier successes. Without this, a saga whose attempts straddled the start of an outage
     (some spent on ordinary faults before it, the last on it) was cancelled a moment before
-    the breaker opened. The saga then tries once more after a cool-down. A breaker that closed
-    again since the call was admitted (a new generation: it recovered, or a person closed it)
-    holds nothing back.
+    the breaker opened. The saga then tries once more after a cool-down. A breaker that opened
+    and closed again while the call ran (a new generation: the call overlapped an outage, or a
+    person closed it meanwhile) holds it back the same way: one more try after a cool-down.
+    ``kept_before``: the saga was held back already in this stay; a closed breaker then holds
+    nothing back (an open one always does).
     """
     row = (
         Breaker.objects.filter(provider=provider)
@@ -264,12 +271,13 @@ def held_back(
     if row is None:
         return None
     if row[0] == BreakerState.CLOSED:
-        if generation is None or row[3] != generation:
+        if generation is None or kept_before:
             return None
         cfg = provider_config(provider)
-        earlier = previous() if previous is not None and attempts > 1 else None
-        if not failing_now(provider, generation, attempts=attempts, previous=earlier, cfg=cfg):
-            return None
+        if row[3] == generation:
+            earlier = previous() if previous is not None and attempts > 1 else None
+            if not failing_now(provider, generation, attempts=attempts, previous=earlier, cfg=cfg):
+                return None
         metrics.PARKED.labels(provider, "failing").inc()
         spread = random.uniform(0.05, max(cfg.release_spread, 0.05))
         return Wait(provider, _cooldown(cfg).total_seconds() + spread, "failing")

@@ -132,24 +132,29 @@ def held_back(
       of whichever sagas happen to be picked as canaries round after round, and cancel them
       while the provider is still down. If the round closed the breaker anyway (the other
       canaries got through), the failure is the request's own and counts as usual.
-    - **The last attempt failed and the provider is failing**: its breaker is open now, maybe
-      opened by this very failure, or still closed but its most recent calls failing at its
-      failure rate (an outage just begun; see :func:`providers.breaker.failing_now`). The
-      attempts went on the outage, so the saga keeps its last one for after it. Once only: a
-      saga already parked before this call retries it as a canary, or, if the breaker is
-      closed, gives up as usual.
+    - **The last attempt failed and the provider is failing**: its breaker is open now (maybe
+      opened by this very failure), or it opened and closed again while the call ran, or it is
+      still closed but its most recent calls fail at its failure rate (an outage just begun;
+      see :func:`providers.breaker.failing_now`). The attempts went on the outage, so the
+      saga keeps its last one for after it. With the breaker not closed, every time: a saga
+      kept once, woken when the provider came back, whose call fails as it goes down again is
+      kept again (the gate lets no call through meanwhile but canaries, so this cannot loop on
+      the provider). With the breaker closed, once per stay: a saga already held back
+      (``parked_on``) gives up as usual, so a provider failing below its breaker's threshold
+      does not keep a saga calling it for ever.
     """
     if ticket is None:
         return None
     if ticket.canary:
         return provider_breaker.held_back(step.provider)
-    if not last or saga.parked_on:
+    if not last:
         return None
     return provider_breaker.held_back(
         step.provider,
         generation=ticket.generation,
         attempts=saga.attempt,
         previous=lambda: _previous_attempt(saga, step),
+        kept_before=saga.parked_on == step.provider,
     )
 
 

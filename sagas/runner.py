@@ -209,8 +209,16 @@ def _park_for_provider(
         attempt=given_back,
         next_attempt_at=now + timedelta(seconds=delay),
         lease_until=released_lease(timeout_at(saga, saga.current_step), now),
-        parked_on=wait.provider,
     )
+    if wait.reason in provider_breaker.MOMENTARY:
+        # A moment's queueing for a call slot or the rate limit is no stay on the provider:
+        # ``parked_on`` stays as it was. Taken for one, a saga that only queued would count
+        # as held back for an outage already, and its last attempt, failing in the outage
+        # that followed, would not be kept (see sagas.provider_seam.held_back).
+        rec.fields["parked_on"] = saga.parked_on
+        rec.ring_after = delay
+        return write(saga, rec, inline_ok=inline_ok)
+    rec.fields["parked_on"] = wait.provider
     if saga.parked_on != wait.provider:
         rec.event(
             "parked",

@@ -226,20 +226,58 @@ def test_a_saga_failing_alone_through_all_its_attempts_is_not_held_back(settings
     assert (saga.state, saga.failure_code, saga.parked_on) == ("compensating", "step_failed", "")
 
 
-def test_failing_calls_of_a_generation_the_breaker_has_left_hold_nothing_back(settings):
-    """A call admitted before the breaker opened and closed again (or before a person closed
-    it, counting health afresh) fails: the failures it would be judged by are the old
-    generation's, and they say nothing about the provider now."""
+def test_a_call_that_outlived_an_outage_is_kept_once_after_the_breaker_closed_again(settings):
+    """A last attempt admitted before the breaker opened, whose call ran on while the breaker
+    opened and closed again (a hanging call, or a person closing it), then failed: it went on
+    the outage, so the saga waits a cool-down and tries once more instead of being cancelled
+    for it. Once per stay, as for a breaker still closed."""
     settings.SAGA_PROVIDERS = {"card": {"min_calls": 10, "cooldown": 60}}
     breaker.ensure_breaker("card")
     old = Breaker.objects.get(provider="card").generation
-    for _ in range(3):
-        breaker.report(breaker.admit("card"), ok=False)
-    wait = breaker.held_back("card", generation=old)
-    assert wait is not None and wait.reason == "failing"
+    breaker.force("card", "open", user=None)
     breaker.force("card", "closed", user=None)
     assert Breaker.objects.get(provider="card").generation != old
-    assert breaker.held_back("card", generation=old) is None
+    wait = breaker.held_back("card", generation=old)
+    assert wait is not None and wait.reason == "failing" and wait.delay >= 60
+    assert breaker.held_back("card", generation=old, kept_before=True) is None
+
+
+def test_a_saga_that_only_queued_for_a_call_slot_still_has_its_last_attempt_kept(settings):
+    """Waiting a moment for a free call slot is no stay on the provider: the saga's last
+    attempt, failing as the breaker opens, is kept for after the outage. Taken for a stay, the
+    slot wait made the last attempt count as kept already, and the saga was cancelled for the
+    outage while the breaker was open."""
+    settings.SAGA_PROVIDERS = {
+        "card": {"min_calls": 2, "failure_rate": 0.5, "cooldown": 60, "canaries": 1}
+        | {"max_in_flight": 1}
+    }
+    saga = saga_start(saga_type="test_provider", data={"script": {"s2": ["transient"] * 2}})
+    saga = deliver(saga.id)  # s1
+    saga = deliver(saga.id)  # s2, attempt 1 fails: one failure, the breaker stays closed
+    held = breaker.admit("card")  # another saga's call holds the one slot
+    assert isinstance(held, breaker.Ticket)
+    saga = deliver(saga.id)  # no slot free: a moment's wait, its attempt given back
+    assert (saga.state, saga.attempt, saga.parked_on) == ("running", 1, "")
+    assert _parks(saga.id) == 0
+    breaker.report(held, ok=True)
+    saga = deliver(saga.id)  # attempt 2, the last, fails and opens the breaker
+    assert Breaker.objects.get(provider="card").state == "open"
+    assert (saga.state, saga.attempt, saga.parked_on) == ("running", 1, "card")
+
+
+def test_a_kept_saga_whose_call_fails_as_the_provider_goes_down_again_is_kept_again():
+    """Kept through one outage, woken when the breaker closed, its call fails as the provider
+    goes down again and the breaker re-opens: an outage again, so it waits again instead of
+    being cancelled for the second one (a flapping provider)."""
+    saga = saga_start(saga_type="test_provider", data={"script": {"s2": ["transient"] * 9}})
+    for _ in range(3):  # s1; s2 attempt 1; attempt 2, the last, opens the breaker: kept
+        saga = deliver(saga.id)
+    assert (saga.state, saga.parked_on) == ("running", "card")
+    breaker.force("card", "closed", user=None)  # back for everyone (a new generation)
+    breaker.report(breaker.admit("card"), ok=False)  # and down again: another saga's call
+    saga = deliver(saga.id)  # its call fails too, and the breaker re-opens on it
+    assert Breaker.objects.get(provider="card").state == "open"
+    assert (saga.state, saga.attempt, saga.parked_on) == ("running", 1, "card")
 
 
 def test_a_saga_picked_as_canary_round_after_round_spends_no_attempt():
