@@ -298,6 +298,21 @@ class SagaDefinition:
         names = [s.name for s in self.steps]
         if len(set(names)) != len(names):
             raise ValueError(f"saga type {self.saga_type!r} repeats a step name")
+        # A signal is checked (who may send it, its payload) before anyone knows which of the
+        # waits for it will take it: waits that share a name must agree on both, or a client
+        # could answer a staff-only wait, or a payload pass a check that is not its wait's.
+        first: dict[str, Park] = {}
+        for step in self.steps:
+            park = step.park
+            if park is None or not park.signal:
+                continue
+            seen = first.setdefault(park.signal, park)
+            if seen.client is not park.client or seen.validate is not park.validate:
+                raise ValueError(
+                    f"saga type {self.saga_type!r}: the waits for signal {park.signal!r} "
+                    "differ in who may send it (client) or how its payload is checked "
+                    "(validate); give them different signal names"
+                )
         self._index.update({name: i for i, name in enumerate(names)})
 
     def __str__(self) -> str:

@@ -18,6 +18,7 @@ import json
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -26,7 +27,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from config.text import has_control_characters, unstorable_text
-from sagas import tracing
+from sagas import tracing, waits
 from sagas.definition import Park, SagaDefinition, definition_of, step_context
 from sagas.doorbell import ring_on_commit
 from sagas.exceptions import (
@@ -135,10 +136,39 @@ def _takes(definition: SagaDefinition, saga: Saga, indexes: list[int]) -> tuple[
         and at in indexes
         and saga.failed_step == definition.steps[at].name
     )
-    takes_it = saga.state == SagaState.RUNNING and any(
-        i >= at and _will_wait(definition, saga, i) for i in indexes
+    takes_it = (
+        saga.state == SagaState.RUNNING
+        and not _will_be_cancelled(definition, saga, at)
+        and not _timed_out_to_compensate(definition, saga, at, indexes)
+        and any(i >= at and _will_wait(definition, saga, i) for i in indexes)
     )
     return resume, takes_it
+
+
+def _will_be_cancelled(definition: SagaDefinition, saga: Saga, at: int) -> bool:
+    """A cancel is recorded (or the deadline has passed) before the pivot: the next boundary
+    undoes the saga, and a signal accepted now would never be consumed."""
+    if at >= definition.pivot_index:
+        return False
+    late = saga.deadline_at is not None and timezone.now() >= saga.deadline_at
+    return bool(saga.cancel_reason) or late
+
+
+def _timed_out_to_compensate(
+    definition: SagaDefinition, saga: Saga, at: int, indexes: list[int]
+) -> bool:
+    """Parked at one of these waits, whose timeout has passed and whose saga compensates on
+    it: the signal comes too late (a worker has only not got to the timer yet). Accepted, it
+    would win over the timeout, so whether a 3-D Secure confirmation counted would depend on
+    how busy the workers were. A wait that escalates takes a late signal: a person would let
+    the saga go on with it anyway."""
+    if at not in indexes or saga.waiting_since is None:
+        return False
+    park = definition.steps[at].park
+    if park is None or park.on_timeout != "compensate":
+        return False
+    seconds = waits.wait_seconds(park, saga)
+    return seconds is not None and timezone.now() >= saga.waiting_since + timedelta(seconds=seconds)
 
 
 def signals_taken(definition: SagaDefinition, saga: Saga) -> list[str]:
@@ -222,6 +252,18 @@ def _deliver(saga: Saga, name: str, payload: Any, key: str, user: Any) -> Signal
     payload = _check_payload(park, payload)
 
     resume, takes_it = _takes(definition, saga, indexes)
+    if not (resume or takes_it) and saga.state == SagaState.RUNNING:
+        at = definition.index_of(saga.current_step)
+        if _will_be_cancelled(definition, saga, at):
+            raise SagaOperationRefused(
+                "not_waiting",
+                f"The saga is being cancelled: it will not take {name!r}.",
+            )
+        if _timed_out_to_compensate(definition, saga, at, indexes):
+            raise SagaOperationRefused(
+                "not_waiting",
+                f"The wait for {name!r} has timed out: the saga compensates.",
+            )
     if not (resume or takes_it):
         where = {
             SagaState.SUCCEEDED: "has succeeded",

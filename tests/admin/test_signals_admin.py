@@ -10,7 +10,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from audit.models import AuditEntry
-from sagas.models import Saga, SagaSignal, SagaState
+from sagas.models import Saga, SagaSignal, SagaState, SagaStep
 
 from .conftest import make_saga
 
@@ -23,8 +23,10 @@ def parked_saga(*, minutes: int = 5) -> Saga:
     saga = make_saga(state=SagaState.RUNNING, saga_type="test_wait", step_index=1)
     since = timezone.now() - timedelta(minutes=minutes)
     Saga.objects.filter(pk=saga.pk).update(
-        waiting_for="go", waiting_since=since, next_attempt_at=since + timedelta(hours=1)
+        waiting_for="go", waiting_since=since, next_attempt_at=since + timedelta(hours=2)
     )
+    # Its wait is two hours long (as its step row keeps it), so it has not timed out yet.
+    SagaStep.objects.filter(saga=saga, name="await_go").update(wait_seconds=7200)
     return Saga.objects.get(pk=saga.pk)
 
 

@@ -1,0 +1,104 @@
+"""Signals a saga would accept and never take are refused (409) instead, and waits that share
+a signal's name must agree on who may send it and how its payload is checked. In-process, one
+step per delivery."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth.models import Group, User
+from django.utils import timezone
+
+from sagas.definition import SagaDefinition, Wait
+from sagas.exceptions import SagaOperationRefused
+from sagas.models import Saga, SagaSignal, SagaState
+from sagas.services import saga_request_cancel, saga_start
+from sagas.signals import saga_signal
+from tests.sagas.inprocess import deliver, one_step_per_delivery
+from tests.sagas.sagatypes import scripted
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def _setup(settings):
+    one_step_per_delivery(settings, {})
+
+
+@pytest.fixture
+def ops():
+    user = User.objects.create_user("ops-signaller", is_staff=True)
+    user.groups.add(Group.objects.get(name="ops"))
+    return User.objects.get(pk=user.pk)
+
+
+def _parked(saga_type: str) -> Saga:
+    saga = saga_start(saga_type=saga_type, data={"script": {}})
+    deliver(saga.id)  # s1
+    saga = deliver(saga.id)  # parks at await_go
+    assert saga.waiting_for == "go"
+    return saga
+
+
+def _refused(saga: Saga, ops) -> str:
+    with pytest.raises(SagaOperationRefused) as refused:
+        saga_signal(saga_id=saga.id, name="go", payload={"ok": True}, user=ops)
+    assert refused.value.code == "not_waiting"
+    assert not SagaSignal.objects.filter(saga=saga).exists()
+    return refused.value.detail
+
+
+def test_a_signal_to_a_saga_being_cancelled_is_refused_not_kept_for_ever(ops):
+    saga = _parked("test_wait")
+    saga_request_cancel(saga_id=saga.id, reason="customer_cancelled", actor="test")
+    assert "being cancelled" in _refused(saga, ops)
+    saga = deliver(saga.id)
+    assert saga.state == SagaState.COMPENSATING
+
+
+def test_a_signal_after_a_compensating_waits_timeout_is_refused_though_no_worker_saw_it(ops):
+    """The timer is due but no worker has fired it yet: the signal comes too late either way,
+    and the saga compensates on its timeout as declared."""
+    saga = _parked("test_wait")
+    past = timezone.now() - timedelta(seconds=121)
+    Saga.objects.filter(pk=saga.id).update(waiting_since=past)
+    assert "timed out" in _refused(saga, ops)
+    saga = deliver(saga.id)
+    assert saga.state == SagaState.COMPENSATING and saga.failure_code == "timed_out"
+
+
+def test_a_wait_that_escalates_still_takes_a_signal_after_its_timeout(ops):
+    saga = _parked("test_wait_escalate")
+    past = timezone.now() - timedelta(seconds=5)
+    Saga.objects.filter(pk=saga.id).update(waiting_since=past)
+    outcome = saga_signal(saga_id=saga.id, name="go", payload={"ok": True}, user=ops)
+    assert outcome.delivered_now
+    saga = deliver(saga.id)
+    assert saga.state == SagaState.RUNNING and saga.current_step == "s2"
+
+
+def _lenient(payload) -> str | None:
+    return None
+
+
+def _strict(payload) -> str | None:
+    return None if "reviewer" in payload else "reviewer is required"
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        Wait("go", timeout=60, name="ops_go", validate=_strict),
+        Wait("go", timeout=60, name="ops_go", validate=_lenient, client=None),
+    ],
+)
+def test_waits_sharing_a_signal_must_agree_on_sender_and_payload_check(second):
+    """The first wait lets the saga's client send ``go`` with a lenient check; a later one is
+    for staff with a strict check. A signal is checked before anyone knows which wait takes
+    it, so such a definition is refused when it is declared."""
+    first = Wait("go", timeout=60, name="client_go", validate=_lenient, client=lambda _: 1)
+    with pytest.raises(ValueError, match="differ in who may send it"):
+        SagaDefinition("two_goes", steps=[*scripted(["s1"]), first, *scripted(["s2"]), second])
+    same = Wait("go", timeout=60, name="again", validate=_lenient, client=first.park.client)
+    SagaDefinition("two_goes", steps=[*scripted(["s1"]), first, *scripted(["s2"]), same])
