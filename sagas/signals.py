@@ -286,6 +286,12 @@ def _deliver(saga: Saga, name: str, payload: Any, key: str, user: Any) -> Signal
     delivered_now = resume or at in indexes
     if delivered_now:
         more = resumed_forward(saga) if resume else []
+        if saga.waiting_for == name:
+            # Waiting no longer, though the wait has not ended (``waiting_since`` stays, for
+            # the deadline's give-back): an order reads ``processing`` from now, not
+            # ``requires_action`` until a worker takes the signal, and its client may be told.
+            saga.waiting_for = ""
+            more.append("waiting_for")
         _attempts_start_over(saga)
         saga.next_attempt_at = now
         saga.lease_until = None

@@ -102,3 +102,17 @@ def test_waits_sharing_a_signal_must_agree_on_sender_and_payload_check(second):
         SagaDefinition("two_goes", steps=[*scripted(["s1"]), first, *scripted(["s2"]), second])
     same = Wait("go", timeout=60, name="again", validate=_lenient, client=first.park.client)
     SagaDefinition("two_goes", steps=[*scripted(["s1"]), first, *scripted(["s2"]), same])
+
+
+def test_a_saga_given_its_signal_waits_for_it_no_longer_before_a_worker_takes_it(ops):
+    """Accepted, the signal is the saga's: its row stops saying it waits for one (an order
+    reads ``processing``, not ``requires_action``, while the doorbell is on its way), and the
+    wait's start stays for the deadline's give-back."""
+    saga = _parked("test_wait")
+    since = saga.waiting_since
+    saga_signal(saga_id=saga.id, name="go", payload={"ok": True}, user=ops)
+    row = Saga.objects.get(pk=saga.id)
+    assert (row.waiting_for, row.waiting_since) == ("", since)
+    saga = deliver(saga.id)
+    assert (saga.current_step, saga.waiting_since) == ("s2", None)
+    assert SagaSignal.objects.get(saga=saga).consumed_by == "await_go"
