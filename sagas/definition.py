@@ -307,7 +307,7 @@ class SagaDefinition:
             if park is None or not park.signal:
                 continue
             seen = first.setdefault(park.signal, park)
-            if seen.client is not park.client or seen.validate is not park.validate:
+            if seen.client != park.client or seen.validate != park.validate:
                 raise ValueError(
                     f"saga type {self.saga_type!r}: the waits for signal {park.signal!r} "
                     "differ in who may send it (client) or how its payload is checked "

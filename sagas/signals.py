@@ -162,11 +162,13 @@ def _timed_out_to_compensate(
     would win over the timeout, so whether a 3-D Secure confirmation counted would depend on
     how busy the workers were. A wait that escalates takes a late signal: a person would let
     the saga go on with it anyway."""
-    if at not in indexes or saga.waiting_since is None:
-        return False
+    if at not in indexes or saga.waiting_since is None or at > definition.pivot_index:
+        return False  # past its pivot a wait escalates on timeout, whatever it declares
     park = definition.steps[at].park
     if park is None or park.on_timeout != "compensate":
         return False
+    if waits.pending_signal(saga.id, park.signal) is not None:
+        return False  # one came in time: the wait takes it (another key is already_signalled)
     seconds = waits.wait_seconds(park, saga)
     return seconds is not None and timezone.now() >= saga.waiting_since + timedelta(seconds=seconds)
 
@@ -253,13 +255,16 @@ def _deliver(saga: Saga, name: str, payload: Any, key: str, user: Any) -> Signal
 
     resume, takes_it = _takes(definition, saga, indexes)
     if not (resume or takes_it) and saga.state == SagaState.RUNNING:
-        at = definition.index_of(saga.current_step)
-        if _will_be_cancelled(definition, saga, at):
+        try:
+            at = definition.index_of(saga.current_step)
+        except (KeyError, ValueError):  # a step this version does not have: not_waiting below
+            at = -1
+        if at >= 0 and _will_be_cancelled(definition, saga, at):
             raise SagaOperationRefused(
                 "not_waiting",
                 f"The saga is being cancelled: it will not take {name!r}.",
             )
-        if _timed_out_to_compensate(definition, saga, at, indexes):
+        if at >= 0 and _timed_out_to_compensate(definition, saga, at, indexes):
             raise SagaOperationRefused(
                 "not_waiting",
                 f"The wait for {name!r} has timed out: the saga compensates.",

@@ -10,7 +10,7 @@ import pytest
 from django.contrib.auth.models import Group, User
 from django.utils import timezone
 
-from sagas.definition import SagaDefinition, Wait
+from sagas.definition import SagaDefinition, Wait, register, unregister
 from sagas.exceptions import SagaOperationRefused
 from sagas.models import Saga, SagaSignal, SagaState
 from sagas.services import saga_request_cancel, saga_start
@@ -102,6 +102,56 @@ def test_waits_sharing_a_signal_must_agree_on_sender_and_payload_check(second):
         SagaDefinition("two_goes", steps=[*scripted(["s1"]), first, *scripted(["s2"]), second])
     same = Wait("go", timeout=60, name="again", validate=_lenient, client=first.park.client)
     SagaDefinition("two_goes", steps=[*scripted(["s1"]), first, *scripted(["s2"]), same])
+
+
+def test_waits_sharing_a_signal_may_name_the_same_method_twice():
+    """``owners.client_of`` read twice is two bound-method objects, equal but not identical:
+    the same rule, so the definition stands."""
+
+    class Owners:
+        def client_of(self, saga_id: str) -> int:
+            return 1
+
+    owners = Owners()
+    steps = [
+        *scripted(["s1"]),
+        Wait("go", timeout=60, name="first_go", client=owners.client_of),
+        *scripted(["s2"]),
+        Wait("go", timeout=60, name="second_go", client=owners.client_of),
+    ]
+    SagaDefinition("two_goes", steps=steps)
+
+
+def test_a_signal_that_came_in_time_is_taken_and_a_second_key_is_already_signalled(ops):
+    saga = _parked("test_wait")
+    saga_signal(saga_id=saga.id, name="go", payload={"ok": True}, key="k1", user=ops)
+    past = timezone.now() - timedelta(seconds=121)
+    Saga.objects.filter(pk=saga.id).update(waiting_since=past)
+    with pytest.raises(SagaOperationRefused) as refused:
+        saga_signal(saga_id=saga.id, name="go", payload={"ok": True}, key="k2", user=ops)
+    assert refused.value.code == "already_signalled"
+    saga = deliver(saga.id)
+    assert saga.current_step == "s2"
+
+
+def test_a_wait_past_the_pivot_takes_a_signal_after_its_timeout(ops):
+    """Past its pivot a wait escalates on timeout whatever it declares: a person would let the
+    saga go on with the signal, so it is taken, not refused as too late."""
+    definition = SagaDefinition(
+        "late_wait",
+        steps=[*scripted(["s1", "p"], pivot="p"), Wait("go", timeout=60), *scripted(["s2"])],
+    )
+    register(definition)
+    try:
+        saga = saga_start(saga_type="late_wait", data={"script": {}})
+        for _ in range(3):  # s1, p, parks at go
+            saga = deliver(saga.id)
+        assert saga.waiting_for == "go"
+        past = timezone.now() - timedelta(seconds=61)
+        Saga.objects.filter(pk=saga.id).update(waiting_since=past)
+        assert saga_signal(saga_id=saga.id, name="go", payload={}, user=ops).delivered_now
+    finally:
+        unregister("late_wait", 1)
 
 
 def test_a_saga_given_its_signal_waits_for_it_no_longer_before_a_worker_takes_it(ops):
