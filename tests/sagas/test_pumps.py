@@ -297,21 +297,23 @@ def test_a_retry_of_a_step_only_its_doorbell_runs_stays_out_of_the_pumps_index(q
     assert row.last_error and row.next_attempt_at > row.updated_at  # a retry, after a backoff
 
 
+@pytest.mark.parametrize(("reason", "parked_on"), [("in_flight", ""), ("open", "shipping")])
 def test_a_saga_parked_on_a_step_only_its_doorbell_runs_stays_out_of_the_pumps_index(
-    quiet_queue,
+    quiet_queue, reason, parked_on
 ):
-    """The carrier's calls are at their limit: the saga parks on the provider (a countdown
-    doorbell), its lease run out rather than none, so a pump does not read past it either."""
+    """The carrier's calls are at their limit, or its breaker is open: the saga parks on the
+    provider (a countdown doorbell), its lease run out rather than none, so a pump does not
+    read past it either. (A moment's wait for a call slot is no stay: ``parked_on`` stays.)"""
     claimed = _claimed_at_slow({})
     rec = Record()
     token = task_timeout.set(8.0)
     try:
-        wait = provider_breaker.Wait("shipping", 0.3, "in_flight")
+        wait = provider_breaker.Wait("shipping", 0.3, reason)
         assert _park_for_provider(claimed, rec, step="slow", wait=wait, inline_ok=False) is None
     finally:
         task_timeout.reset(token)
     row = _out_of_the_pumps_index(claimed.id)
-    assert row.parked_on == "shipping" and row.attempt == 0
+    assert row.parked_on == parked_on and row.attempt == 0
 
 
 def test_a_slot_its_holder_never_gives_back_expires(slots, settings, wait_for):
