@@ -70,6 +70,9 @@ class Wait:
     provider: str
     delay: float
     reason: str
+    #: For a failed last attempt held back on a closed breaker (``failing``): the generation
+    #: of the call's admission, which the saga remembers so it is held back once per generation.
+    generation: int | None = None
 
 
 #: Wait reasons that are a moment's queueing (a call slot, the rate limit), not an outage.
@@ -240,7 +243,7 @@ def held_back(
     generation: int | None = None,
     attempts: int = 1,
     previous: Callable[[], datetime | None] | None = None,
-    kept_before: bool = False,
+    kept_before: Callable[[int], bool] | None = None,
 ) -> Wait | None:
     """A :class:`Wait` if the provider is failing now, else ``None``.
 
@@ -260,8 +263,9 @@ def held_back(
     the breaker opened. The saga then tries once more after a cool-down. A breaker that opened
     and closed again while the call ran (a new generation: the call overlapped an outage, or a
     person closed it meanwhile) holds it back the same way: one more try after a cool-down.
-    ``kept_before``: the saga was held back already in this stay; a closed breaker then holds
-    nothing back (an open one always does).
+    ``kept_before(generation)``: whether the saga's failed last attempt was held back already
+    on a closed breaker in that generation; a closed breaker then holds nothing back (an open
+    one always does). Asked only when it matters (it costs the caller a read).
     """
     row = (
         Breaker.objects.filter(provider=provider)
@@ -271,7 +275,7 @@ def held_back(
     if row is None:
         return None
     if row[0] == BreakerState.CLOSED:
-        if generation is None or kept_before:
+        if generation is None or (kept_before is not None and kept_before(generation)):
             return None
         cfg = provider_config(provider)
         if row[3] == generation:
@@ -280,7 +284,7 @@ def held_back(
                 return None
         metrics.PARKED.labels(provider, "failing").inc()
         spread = random.uniform(0.05, max(cfg.release_spread, 0.05))
-        return Wait(provider, _cooldown(cfg).total_seconds() + spread, "failing")
+        return Wait(provider, _cooldown(cfg).total_seconds() + spread, "failing", generation)
     metrics.PARKED.labels(provider, row[0]).inc()
     return _wait(provider, provider_config(provider), row[0], row[1], row[2], timezone.now())
 

@@ -245,6 +245,11 @@ class SagaStep(models.Model):
     #: step's row, not the saga's, so it can never be read for another wait. Null: no timeout,
     #: or parked by a release that did not keep it (the step's own timeout then applies).
     wait_seconds = models.FloatField(null=True, blank=True)
+    #: The provider breaker's generation in which this step's failed last attempt was held
+    #: back while the breaker was closed (``providers.breaker.held_back``): once per
+    #: generation, so a provider failing below its breaker's threshold does not keep a saga
+    #: calling it, while one that closed and fails again (a flap) may hold it back again.
+    held_generation = models.PositiveBigIntegerField(null=True, blank=True)
 
     # Not fields: the saga's page in the ops console sets them on the steps it shows.
     compensation: str = ""  # the name of the step's undo, "-" for none

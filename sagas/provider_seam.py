@@ -139,9 +139,10 @@ def held_back(
       saga keeps its last one for after it. With the breaker not closed, every time: a saga
       kept once, woken when the provider came back, whose call fails as it goes down again is
       kept again (the gate lets no call through meanwhile but canaries, so this cannot loop on
-      the provider). With the breaker closed, once per stay: a saga already held back
-      (``parked_on``) gives up as usual, so a provider failing below its breaker's threshold
-      does not keep a saga calling it for ever.
+      the provider). With the breaker closed, once per generation of the breaker: a saga held
+      back so already since the breaker last closed gives up as usual, so a provider failing
+      below its breaker's threshold does not keep a saga calling it for ever, while one woken
+      after a close whose call fails as the provider goes down again is held back again.
     """
     if ticket is None:
         return None
@@ -154,8 +155,16 @@ def held_back(
         generation=ticket.generation,
         attempts=saga.attempt,
         previous=lambda: _previous_attempt(saga, step),
-        kept_before=saga.parked_on == step.provider,
+        kept_before=lambda generation: _held_in(saga, step, generation),
     )
+
+
+def _held_in(saga: Saga, step: Step, generation: int) -> bool:
+    """Whether the saga's failed last attempt at ``step`` was held back on the provider's
+    closed breaker in ``generation`` already (its step row remembers the generation)."""
+    return SagaStep.objects.filter(
+        saga_id=saga.id, name=step.name, held_generation=generation
+    ).exists()
 
 
 def _previous_attempt(saga: Saga, step: Step) -> datetime | None:

@@ -219,6 +219,8 @@ def _park_for_provider(
         rec.ring_after = delay
         return write(saga, rec, inline_ok=inline_ok)
     rec.fields["parked_on"] = wait.provider
+    if wait.generation is not None and rec.step_name is not None:
+        rec.step_fields["held_generation"] = wait.generation  # see provider_seam.held_back
     if saga.parked_on != wait.provider:
         rec.event(
             "parked",

@@ -239,7 +239,7 @@ def test_a_call_that_outlived_an_outage_is_kept_once_after_the_breaker_closed_ag
     assert Breaker.objects.get(provider="card").generation != old
     wait = breaker.held_back("card", generation=old)
     assert wait is not None and wait.reason == "failing" and wait.delay >= 60
-    assert breaker.held_back("card", generation=old, kept_before=True) is None
+    assert breaker.held_back("card", generation=old, kept_before=lambda g: g == old) is None
 
 
 def test_a_saga_that_only_queued_for_a_call_slot_still_has_its_last_attempt_kept(settings):
@@ -263,6 +263,31 @@ def test_a_saga_that_only_queued_for_a_call_slot_still_has_its_last_attempt_kept
     saga = deliver(saga.id)  # attempt 2, the last, fails and opens the breaker
     assert Breaker.objects.get(provider="card").state == "open"
     assert (saga.state, saga.attempt, saga.parked_on) == ("running", 1, "card")
+
+
+def test_a_saga_woken_after_an_outage_whose_call_fails_as_it_begins_again_is_kept(settings):
+    """Parked through an outage, woken when the breaker closed: its last attempt fails as the
+    provider goes down again, before the breaker has seen enough failures to re-open (others'
+    calls failing too). An outage again, a new generation of the breaker: held back once more,
+    as a saga that never parked would be. Once per generation: failing again in it, it gives
+    up."""
+    settings.SAGA_PROVIDERS = {
+        "card": {"min_calls": 10, "failure_rate": 0.5, "cooldown": 60, "canaries": 1}
+    }
+    saga = saga_start(saga_type="test_provider", data={"script": {"s2": ["transient"] * 9}})
+    saga = deliver(saga.id)  # s1
+    saga = deliver(saga.id)  # s2, attempt 1 fails
+    breaker.force("card", "open", user=None)
+    saga = deliver(saga.id)  # parks at the open gate
+    assert (saga.attempt, saga.parked_on) == (1, "card")
+    breaker.force("card", "closed", user=None)  # back (a new generation) ...
+    for _ in range(3):  # (within the second of its attempts, so both count as its own)
+        breaker.report(breaker.admit("card"), ok=False)  # ... and failing again for others
+    saga = deliver(saga.id)  # attempt 2, the last, fails; the breaker is still closed
+    assert Breaker.objects.get(provider="card").state == "closed"
+    assert (saga.state, saga.attempt, saga.parked_on) == ("running", 1, "card")
+    saga = deliver(saga.id)  # the kept attempt fails again in the same generation
+    assert (saga.state, saga.failure_code) == ("compensating", "step_failed")
 
 
 def test_a_kept_saga_whose_call_fails_as_the_provider_goes_down_again_is_kept_again():
