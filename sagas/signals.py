@@ -46,6 +46,7 @@ from sagas.services import (
     _save,
     resumed_forward,
 )
+from sagas.store import effect_possible
 
 #: A payload is a small JSON object; anything bigger belongs in the participant's own tables.
 MAX_PAYLOAD_BYTES = 8192
@@ -148,10 +149,16 @@ def _takes(definition: SagaDefinition, saga: Saga, indexes: list[int]) -> tuple[
 def _will_be_cancelled(definition: SagaDefinition, saga: Saga, at: int) -> bool:
     """A cancel is recorded (or the deadline has passed) before the pivot: the next boundary
     undoes the saga, and a signal accepted now would never be consumed."""
-    if at >= definition.pivot_index:
+    if at > definition.pivot_index:
         return False
     late = saga.deadline_at is not None and timezone.now() >= saga.deadline_at
-    return bool(saga.cancel_reason) or late
+    if not (saga.cancel_reason or late):
+        return False
+    # At the pivot the boundary honours it only while no run of the pivot may have taken
+    # effect (as sagas.runner does): a wait at the pivot has not run.
+    return at < definition.pivot_index or not effect_possible(
+        saga, definition.steps[at].name, claimed=False
+    )
 
 
 def _timed_out_to_compensate(

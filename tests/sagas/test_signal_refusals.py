@@ -166,3 +166,22 @@ def test_a_saga_given_its_signal_waits_for_it_no_longer_before_a_worker_takes_it
     saga = deliver(saga.id)
     assert (saga.current_step, saga.waiting_since) == ("s2", None)
     assert SagaSignal.objects.get(saga=saga).consumed_by == "await_go"
+
+
+def test_a_wait_at_the_pivot_past_its_deadline_refuses_a_signal_it_would_not_take(ops):
+    """At its pivot a saga past its deadline is still undone while the pivot has not run (a
+    wait at the pivot has not): a signal then would only wake it to be cancelled."""
+    definition = SagaDefinition(
+        "pivot_wait",
+        steps=[*scripted(["s1"]), Wait("go", timeout=None, pivot=True), *scripted(["s2"])],
+    )
+    register(definition)
+    try:
+        saga = saga_start(saga_type="pivot_wait", data={"script": {}})
+        deliver(saga.id)  # s1
+        saga = deliver(saga.id)  # parks at go, for as long as it takes
+        assert saga.waiting_for == "go"
+        Saga.objects.filter(pk=saga.id).update(deadline_at=timezone.now() - timedelta(seconds=1))
+        assert "being cancelled" in _refused(Saga.objects.get(pk=saga.id), ops)
+    finally:
+        unregister("pivot_wait", 1)
