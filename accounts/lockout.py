@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from axes.handlers.database import AxesDatabaseHandler
+from axes.helpers import get_client_username
 from axes.models import AccessAttempt
 from axes.signals import user_locked_out
 from django.conf import settings
@@ -154,3 +156,21 @@ def audit_unlock(sender: type, instance: AccessAttempt, origin: Any = None, **_k
             "locked_address": instance.ip_address,
         },
     )
+
+
+class OwnAttemptsOnlyHandler(AxesDatabaseHandler):
+    """django-axes' database handler, except that a successful login clears only the failures
+    recorded under the user name that logged in.
+
+    axes clears every attempt matching any lockout parameter, the address included, so a
+    success under one name also wiped the failures other names had from that address: a staff
+    member could guess a colleague's password four times, log in as themself, and guess four
+    more, never locked out. The address's count of other names' failures now stands.
+    """
+
+    def reset_user_attempts(self, request: Any, credentials: dict | None = None) -> int:
+        username = get_client_username(request, credentials)
+        if not username:
+            return 0
+        count, _ = AccessAttempt.objects.filter(username=username).delete()
+        return count

@@ -87,6 +87,23 @@ def test_failures_from_one_address_lock_that_address_for_every_user(client, demo
     assert ok.status_code == 302
 
 
+def test_a_login_under_one_name_does_not_clear_anothers_failures_from_that_address(
+    client, demo_staff, settings
+):
+    """A staff member guessing a colleague's password from their own desk cannot reset the
+    count by logging in as themself in between: the guesses stand, and the colleague's name
+    is locked after the limit, the right password included."""
+    User.objects.create_user("colleague", password="colleague-password-42", is_staff=True)
+    ip = "198.51.100.40"
+    for _ in range(settings.AXES_FAILURE_LIMIT - 1):
+        assert login(client, "colleague", "a-guess", ip=ip).status_code == 200
+    assert login(client, "demo-staff", settings.DEMO_STAFF_PASSWORD, ip=ip).status_code == 302
+    client.logout()
+    assert login(client, "colleague", "a-guess", ip=ip).status_code == 429  # the limit's guess
+    locked = login(client, "colleague", "colleague-password-42", ip="192.0.2.10")
+    assert locked.status_code == 429
+
+
 def test_a_right_password_from_a_locked_address_is_audited_on_the_address_not_the_user(
     client, demo_staff, settings
 ):
