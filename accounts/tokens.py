@@ -78,7 +78,10 @@ class TokenAuthentication(KnoxTokenAuthentication):
             return super().authenticate(request)
         except exceptions.AuthenticationFailed:
             # A wrong or expired token counts against the address's anonymous limit: past it,
-            # a guesser gets 429s instead of answers.
+            # a wrong token gets a 429 instead of a 401. The token is still looked up first,
+            # so a right one from that address still works: the limit slows nothing that
+            # could find a 256-bit token, and locking an address out of its own valid tokens
+            # would let anyone behind the same NAT do that to everyone else.
             charge_anonymous(request)
             raise
 
