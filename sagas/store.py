@@ -1054,13 +1054,16 @@ def write(
             # row again and stops, or honours the cancel. (A batch's record is never guarded
             # on data: it runs in the batch's transaction and reads the flag back.)
             raise batch.broken() from None
+        # The row at the claimed version, read once for both questions below (or not at all).
+        row: Saga | None = None
+        looked = False
         if rec.cancel_reason_seen is not None:
             # A transactional step's write goes with the record it never got: rolled back
             # before anything else (a read that fails here must not leave it open).
             written_off = tx is not None and tx.open
             if tx is not None:
                 tx.rollback()
-            row = _claimed_row(saga)
+            row, looked = _claimed_row(saga), True
             if row is not None and row.cancel_reason != rec.cancel_reason_seen:
                 # Still this claim's saga: the cancel request is what fenced the record off.
                 # Nothing of it landed; the runner goes on from the row as it is, and the
@@ -1074,7 +1077,11 @@ def write(
                     )
                 log.info("saga.cancel_seen_at_record", saga_id=str(saga.id), step=row.current_step)
                 return row
-        if rec.data_seen is not None and before is not None and _still_claimed(saga):
+        if (
+            rec.data_seen is not None
+            and before is not None
+            and (row if looked else _claimed_row(saga)) is not None
+        ):
             # Still this claim's saga, so the data guard is what matched nothing: the same
             # record again, in a transaction and unguarded (what it carried has committed
             # already). Not only when the data compares unequal here: a value whose trip
@@ -1123,11 +1130,6 @@ def write(
 def _claimed_row(saga: Saga) -> Saga | None:
     """The saga's row if it is still at the version its claim gave it, else ``None``."""
     return Saga.objects.filter(pk=saga.pk, version=saga.version).first()
-
-
-def _still_claimed(saga: Saga) -> bool:
-    """Whether the saga's row is still at the version its claim gave it."""
-    return Saga.objects.filter(pk=saga.pk, version=saga.version).exists()
 
 
 def _wait_for_flush() -> None:
