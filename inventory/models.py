@@ -93,7 +93,10 @@ class Reservation(models.Model):
 
 
 class ReservationLine(models.Model):
-    reservation = models.ForeignKey(Reservation, on_delete=models.CASCADE, related_name="lines")
+    # Indexed by inventory_line_unique_product (reservation, product), which starts with it.
+    reservation = models.ForeignKey(
+        Reservation, on_delete=models.CASCADE, related_name="lines", db_index=False
+    )
     product = models.ForeignKey(Product, on_delete=models.PROTECT, related_name="+")
     quantity = models.PositiveIntegerField()
 

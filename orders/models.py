@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 class Order(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     #: Orders are financial records: a user with orders is deactivated, not deleted.
+    # Indexed by order_owner_created_idx (owner, -created_at), which starts with it.
     owner = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="orders"
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="orders", db_index=False
     )
     currency = models.CharField(max_length=3)
     #: Sum of the items' ``unit_price * quantity``, computed once at order time.
@@ -100,7 +101,8 @@ class OrderItem(models.Model):
     captured here at order time, not the product's current one.
     """
 
-    order = models.ForeignKey(Order, on_delete=models.CASCADE, related_name="items")
+    # Indexed by order_item_unique_sku (order, sku), which starts with it.
+    order = models.ForeignKey(Order, on_delete=models.CASCADE, related_name="items", db_index=False)
     sku = models.CharField(max_length=64)
     quantity = models.PositiveIntegerField()
     #: The product's price when the order was placed; later price changes do not touch it.
@@ -140,8 +142,12 @@ class IdempotencyRecord(models.Model):
     """
 
     id = models.BigAutoField(primary_key=True)
+    # Indexed by orders_idempotency_user_key (user, key), which starts with it.
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="idempotency_records"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="idempotency_records",
+        db_index=False,
     )
     key = models.CharField(max_length=255)
     #: sha256 of the canonical JSON of the request body: the same key with another body is a

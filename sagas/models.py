@@ -225,7 +225,8 @@ class SagaStep(models.Model):
     """One step of one saga, addressed by its name; ``index`` is only its display position
     (in the saga's definition version; ``saga_migrate`` renumbers it)."""
 
-    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="steps")
+    # Indexed by saga_step_unique_name (saga, name), which starts with it.
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="steps", db_index=False)
     index = models.PositiveSmallIntegerField()
     name = models.CharField(max_length=64)
     status = models.CharField(max_length=24, choices=StepStatus.choices, default=StepStatus.PENDING)
@@ -297,7 +298,8 @@ class SagaSignal(models.Model):
     """
 
     id = models.BigAutoField(primary_key=True)
-    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="signals")
+    # Indexed by saga_signal_unique_key (saga, name, key), which starts with it.
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="signals", db_index=False)
     name = models.CharField(max_length=64)
     key = models.CharField(max_length=255)
     payload = models.JSONField(default=dict, blank=True)

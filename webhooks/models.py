@@ -27,8 +27,12 @@ class Endpoint(models.Model):
     """A URL of a client's that wants some event types, with the secret that signs them."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    # Indexed by webhook_endpoint_owner_idx (owner, is_active), which starts with it.
     owner = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="webhook_endpoints"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="webhook_endpoints",
+        db_index=False,
     )
     url = models.URLField(max_length=2000)
     #: Subscribed event types, a subset of EVENT_TYPES.
@@ -124,7 +128,10 @@ class Delivery(models.Model):
 
     id = models.BigAutoField(primary_key=True)
     event = models.ForeignKey(Event, on_delete=models.CASCADE, related_name="deliveries")
-    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="deliveries")
+    # Indexed by webhook_delivery_ep_idx (endpoint, status, -id), which starts with it.
+    endpoint = models.ForeignKey(
+        Endpoint, on_delete=models.CASCADE, related_name="deliveries", db_index=False
+    )
     #: Copied from the event: deliveries of one subject go out in sequence order.
     subject = models.UUIDField()
     sequence = models.PositiveBigIntegerField()

@@ -1,0 +1,40 @@
+"""Foreign keys whose own index another index covers lose it (config.migration_ops).
+
+Not atomic: on PostgreSQL each index is dropped concurrently, so the table keeps taking writes.
+"""
+
+import django.db.models.deletion
+from django.db import migrations, models
+
+from config.migration_ops import DropForeignKeyIndex
+
+
+class Migration(migrations.Migration):
+    atomic = False
+
+    dependencies = [
+        ("sagas", "0014_sagastep_held_generation"),
+    ]
+
+    operations = [
+        DropForeignKeyIndex(
+            model_name="sagasignal",
+            name="saga",
+            field=models.ForeignKey(
+                db_index=False,
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="signals",
+                to="sagas.saga",
+            ),
+        ),
+        DropForeignKeyIndex(
+            model_name="sagastep",
+            name="saga",
+            field=models.ForeignKey(
+                db_index=False,
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="steps",
+                to="sagas.saga",
+            ),
+        ),
+    ]
