@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import structlog
 from django.conf import settings
 
 from providers import outage
@@ -138,13 +139,22 @@ def active_faults() -> dict[str, FaultSpec]:
 
 
 def load_faults_or_exit() -> None:
-    """Called when a worker starts: a malformed value stops it with a clear message."""
+    """Called when a worker starts: a malformed value stops it with a clear message, and a
+    valid one is said once, as a warning: injected failures otherwise show only in saga
+    timelines, and a ``SAGA_FAULTS`` left over from a chaos run looks like a provider outage."""
     try:
-        active_faults()
+        faults = active_faults()
     except FaultConfigError as exc:
         sys.stderr.write(f"sagarunner: refusing to start: {exc}\n")
         sys.stderr.flush()
         os._exit(2)
+    if faults:
+        structlog.get_logger(__name__).warning(
+            "worker.faults_injected",
+            operations=sorted(faults),
+            hint="SAGA_FAULTS is set: these participant calls fail, lose answers or slow down "
+            "on purpose; unset it outside fault-injection runs",
+        )
 
 
 F = TypeVar("F", bound=Callable[..., Any])

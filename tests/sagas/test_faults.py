@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -31,7 +32,7 @@ from sagas.faults import (
 )
 from shipping.models import Shipment
 from shipping.services import shipment_arrange, shipment_cancel
-from tests.conftest import worker_refusing_to_start
+from tests.conftest import WorkerHandle, _worker_env, worker_refusing_to_start
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -118,6 +119,24 @@ def test_a_real_worker_with_malformed_faults_stops_before_its_pool_and_its_broke
     assert done.returncode == 2, done.stderr[-3000:]
     assert "refusing to start: SAGA_FAULTS['payments.authorize']" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_with_faults_set_says_so_once_at_start():
+    """Injected failures otherwise show only in saga timelines: a ``SAGA_FAULTS`` left over
+    from a chaos run would look like a provider outage."""
+    faults = '{"payments.authorize": {"error": 0.2}, "shipping.arrange": {"latency_ms": [1, 2]}}'
+    env = _worker_env({"SAGA_FAULTS": faults, "CELERY_QUEUE": f"faults-{uuid.uuid4().hex[:8]}"})
+    worker = WorkerHandle("faults", env, concurrency=1, pool="prefork")
+    try:
+        worker.wait_ready()
+        log = worker.log_text()
+    finally:
+        worker.stop()
+    lines = [line for line in log.splitlines() if "worker.faults_injected" in line]
+    assert len(lines) == 1, log[-3000:]
+    assert re.search(r"level\W{1,4}warning", lines[0]), lines[0]
+    assert "payments.authorize" in lines[0] and "shipping.arrange" in lines[0], lines[0]
 
 
 def test_fault_points_only_accept_known_operations():
