@@ -67,6 +67,22 @@ def test_settings_refuse_to_start_without_secret_key_when_debug_is_off(tmp_path)
     assert "SECRET_KEY is not set" in result.stderr
 
 
+def test_manage_py_without_secret_key_says_so_in_one_line(tmp_path):
+    """``manage.py`` run without the environment ``make run`` writes (``var/run.env``): the
+    message naming SECRET_KEY, not Django's traceback of the settings import above it."""
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=REPO_ROOT,
+        env=fresh_env(SAGARUNNER_VAR_DIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("sagarunner: SECRET_KEY is not set."), result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_settings_start_without_secret_key_in_debug(tmp_path):
     """DEBUG=1 without SECRET_KEY starts (with a throwaway development key)."""
     result = django_setup(fresh_env(DEBUG="1", SAGARUNNER_VAR_DIR=str(tmp_path)))
