@@ -20,8 +20,8 @@ from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
 
+from accounts.throttling import charge_anonymous
 from audit.services import audit_record
-from config.throttling import charge_anonymous
 
 
 def token_label(token: AuthToken) -> str:

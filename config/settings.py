@@ -302,7 +302,7 @@ CELERY_TIMEZONE = TIME_ZONE
 # are rows in the database, django-axes' own tables). CACHE_URL: redis://... (the default: the
 # broker's Redis when the broker is Redis), db:// (a table in the database, created by every
 # `migrate`) or file:///path (one host only; the embedded default of `make run`). A cache that
-# does not answer leaves requests uncounted for a few seconds (config/throttling.py), so Redis
+# does not answer leaves requests uncounted for a few seconds (accounts/throttling.py), so Redis
 # is asked with short timeouts: a request never hangs on it.
 # ---------------------------------------------------------------------------------------------
 if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
@@ -477,7 +477,7 @@ REST_KNOX = {
     "AUTH_HEADER_PREFIX": "Token",
     "AUTO_REFRESH": False,
 }
-# Rate limits (config/throttling.py), "N/s|min|hour|day"; empty: no limit. Counted in the
+# Rate limits (accounts/throttling.py), "N/s|min|hour|day"; empty: no limit. Counted in the
 # shared cache below, so they hold across web processes and hosts.
 API_RATE_LIMIT = env("API_RATE_LIMIT", default="1200/min")  # per user, every API route
 API_RATE_LIMIT_ORDERS = env("API_RATE_LIMIT_ORDERS", default="60/min")  # per user, new orders
@@ -489,7 +489,7 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
         "accounts.tokens.AnonymousRateLimit",
     ],
-    "DEFAULT_THROTTLE_CLASSES": ["config.throttling.UserRateThrottle"],
+    "DEFAULT_THROTTLE_CLASSES": ["accounts.throttling.UserRateThrottle"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],

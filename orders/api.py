@@ -35,6 +35,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from accounts.throttling import OrderRateThrottle, check
 from config.api import (
     BodyReadFirst,
     ErrorSerializer,
@@ -45,7 +46,6 @@ from config.api import (
 )
 from config.idempotency import MAX_KEY_LENGTH, clean_key, request_fingerprint
 from config.text import header_text
-from config.throttling import OrderRateThrottle, check
 from orders import idempotency
 from orders.countries import COUNTRY_CODES
 from orders.errors import OrderInvalid

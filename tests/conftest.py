@@ -295,7 +295,7 @@ def wait_until(
 def _rate_limits_counted() -> None:
     """Each test starts with the rate limits counted: a cache that did not answer in an earlier
     test (a Redis stall, a test's dead cache) leaves them off for a few seconds otherwise."""
-    from config import throttling
+    from accounts import throttling
 
     throttling._down_until = 0.0
 

@@ -20,7 +20,7 @@ import requests
 from django.db import connection
 from structlog.testing import capture_logs
 
-from config import throttling
+from accounts import throttling
 from orders.models import IdempotencyRecord, Order
 from tests.conftest import REPO_ROOT, database_url_for, wait_until
 
