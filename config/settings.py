@@ -298,12 +298,13 @@ CELERY_IMPORTS = ["config.tasks"]
 CELERY_TIMEZONE = TIME_ZONE
 
 # ---------------------------------------------------------------------------------------------
-# Cache: the API's rate-limit counters, shared by every web process and host (login failures
-# are rows in the database, django-axes' own tables). CACHE_URL: redis://... (the default: the
-# broker's Redis when the broker is Redis), db:// (a table in the database, created by every
-# `migrate`) or file:///path (one host only; the embedded default of `make run`). A cache that
-# does not answer leaves requests uncounted for a few seconds (accounts/throttling.py), so Redis
-# is asked with short timeouts: a request never hangs on it.
+# Cache. CACHE_URL: redis://... (the default: the broker's Redis when the broker is Redis),
+# db:// (a table in the database, created by every `migrate`) or file:///path (one host only;
+# the embedded default of `make run`). A Redis cache holds the API's rate-limit counters,
+# shared by every web process and host; with any other the counters are rows in the database
+# (accounts/throttling.py: those caches cannot count atomically). A Redis that does not answer
+# leaves requests uncounted for a few seconds, so it is asked with short timeouts: a request
+# never hangs on it. Login failures are rows in the database, django-axes' own tables.
 # ---------------------------------------------------------------------------------------------
 if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     _cache_default = CELERY_BROKER_URL
@@ -477,8 +478,8 @@ REST_KNOX = {
     "AUTH_HEADER_PREFIX": "Token",
     "AUTO_REFRESH": False,
 }
-# Rate limits (accounts/throttling.py), "N/s|min|hour|day"; empty: no limit. Counted in the
-# shared cache below, so they hold across web processes and hosts.
+# Rate limits (accounts/throttling.py), "N/s|min|hour|day"; empty: no limit. Counted in Redis
+# (a Redis cache, below) or in the database, so they hold across web processes and hosts.
 API_RATE_LIMIT = env("API_RATE_LIMIT", default="1200/min")  # per user, every API route
 API_RATE_LIMIT_ORDERS = env("API_RATE_LIMIT_ORDERS", default="60/min")  # per user, new orders
 # Per client address, requests without valid credentials (anonymous, failed token attempts).

@@ -9,6 +9,7 @@ from unittest import mock
 import pytest
 from django.db import connection
 
+from accounts.tasks import purge_rate_limit_counts
 from lab.stack import spare_port
 from orders.tasks import expire_idempotency_keys
 from sagas.tasks import sweep_sagas
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
         (sweep, "webhooks.sweep"),
         (purge, "webhooks.purge"),
         (expire_idempotency_keys, "orders.expire_idempotency_keys"),
+        (purge_rate_limit_counts, "accounts.purge_rate_limit_counts"),
     ],
 )
 def test_a_run_the_database_does_not_answer_is_one_line(task, name, caplog):

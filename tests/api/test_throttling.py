@@ -1,28 +1,38 @@
 """Rate limits: per user on every route, per user on new orders (replays free), per address
 for requests without valid credentials; 429 in the one error shape with Retry-After; counted
-in Redis, so two web processes share one count.
+in Redis, so two web processes share one count, or, with any other cache, in the database.
 
-Limits here are per day, so a run never straddles a window boundary in practice; each test
-uses its own users and client addresses (the counters live in the session's Redis namespace).
+Limits here are per day (one per hour), so a run never straddles a window boundary in
+practice; each test uses its own users and client addresses (the counters live in the
+session's Redis namespace, or in the test database).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
 from django.db import connection
+from django_celery_beat.models import PeriodicTask
 from structlog.testing import capture_logs
 
 from accounts import throttling
+from accounts.apps import PURGE_RATE_LIMITS_TASK_NAME
+from accounts.models import RateLimitCount
+from accounts.tasks import purge_rate_limit_counts
 from orders.models import IdempotencyRecord, Order
 from tests.conftest import REPO_ROOT, database_url_for, wait_until
+from tests.test_settings_and_launcher import fresh_env
 
 from .conftest import api_client_for, assert_error, order_body
 
@@ -239,3 +249,187 @@ def test_a_cache_that_does_not_answer_lets_requests_through_uncounted(
     monkeypatch.setattr(throttling, "_down_until", 0.0)  # the span is over
     assert [api.get(PRODUCTS).status_code for _ in range(2)] == [200, 200]
     assert_throttled(api.get(PRODUCTS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Without Redis: counted in the database
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def db_cache(settings) -> dict:
+    """The cache of CACHE_URL=db:// (the default with a RabbitMQ broker); yields its entry."""
+    cache = {
+        "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+        "LOCATION": settings.DB_CACHE_TABLE,
+        "KEY_PREFIX": f"db-{uuid.uuid4().hex[:6]}",
+    }
+    settings.CACHES = {"default": cache}
+    return cache
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_requests_are_each_counted_without_redis(settings, django_user_model, db_cache):
+    """CACHE_URL=db://: eight threads, each on a database connection of its own, send 25
+    requests each for one user at once. Exactly the limit are answered and every other one is
+    refused: not one count is lost (the database cache's incr, a read then a write, lost them,
+    and let more through)."""
+    settings.API_RATE_LIMIT = "60/day"
+    user = django_user_model.objects.create_user(f"racer-{uuid.uuid4().hex[:6]}")
+    token = api_client_for(user).token
+    barrier = threading.Barrier(8)
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        api = api_client_for(None)
+        api.credentials(HTTP_AUTHORIZATION=f"Token {token}")
+        try:
+            barrier.wait(timeout=30)
+            got = [api.get(PRODUCTS).status_code for _ in range(25)]
+            with lock:
+                statuses.extend(got)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert len(statuses) == 200
+    assert (statuses.count(200), statuses.count(429)) == (60, 140)
+    assert RateLimitCount.objects.get(counter=f"user:{user.pk}:86400").hits == 200
+
+
+@pytest.mark.django_db
+def test_an_hourly_count_outlives_the_cache_default_timeout(settings, django_user_model, db_cache):
+    """CACHE_URL=db:// and 3/hour: five minutes and a second later (for the cache: every
+    entry's expiry moves 301 s earlier) the user has still one request left, not three. The
+    database cache's incr wrote the count back with its default timeout of 300 s, so an hourly
+    or daily count started again every five minutes. The count is the window's row, kept until
+    the window's end."""
+    settings.API_RATE_LIMIT = "3/hour"
+    user = django_user_model.objects.create_user(f"hourly-{uuid.uuid4().hex[:6]}")
+    api = api_client_for(user)
+    window_end = datetime.fromtimestamp((int(time.time()) // 3600 + 1) * 3600, tz=UTC)
+    assert [api.get(PRODUCTS).status_code for _ in range(2)] == [200, 200]
+
+    table = connection.ops.quote_name(settings.DB_CACHE_TABLE)
+    with connection.cursor() as cursor:
+        cursor.execute(f"UPDATE {table} SET expires = expires - interval '301 seconds'")
+    assert api.get(PRODUCTS).status_code == 200
+    assert_throttled(api.get(PRODUCTS))
+
+    count = RateLimitCount.objects.get(counter=f"user:{user.pk}:3600")
+    assert (count.window_end, count.hits) == (window_end, 4)
+
+
+@pytest.mark.django_db
+def test_counts_survive_a_full_database_cache(settings, db_cache):
+    """CACHE_URL=db:// whose cache is full (MAX_ENTRIES, small here, 300 by default): the
+    cache culls entries to make room, and a client's count was among them, so its limit
+    started again. Ten other addresses asking once do not lift an address's limit."""
+    db_cache["OPTIONS"] = {"MAX_ENTRIES": 5, "CULL_FREQUENCY": 0}  # full: emptied
+    settings.CACHES = {"default": db_cache}
+    settings.API_RATE_LIMIT_ANON = "2/day"
+    anonymous = api_client_for(None)
+    client = "198.51.100.7"
+    for _ in range(2):
+        assert_error(anonymous.get(PRODUCTS, REMOTE_ADDR=client), 401)
+    for host in range(10):
+        assert_error(anonymous.get(PRODUCTS, REMOTE_ADDR=f"203.0.113.{100 + host}"), 401)
+    assert_throttled(anonymous.get(PRODUCTS, REMOTE_ADDR=client))
+
+
+@pytest.mark.django_db
+def test_the_purge_deletes_the_counts_of_ended_windows_only():
+    """The periodic purge deletes a count whose window ended more than a minute ago and keeps
+    those of open windows (and of one that has just ended, for a host whose clock is behind);
+    it is scheduled in django-celery-beat."""
+    now = datetime.now(tz=UTC).replace(microsecond=0)
+    ends = {
+        "ended-an-hour-ago": now - timedelta(hours=1),
+        "ended-just-now": now - timedelta(seconds=5),
+        "open": now + timedelta(seconds=30),
+        "open-all-day": now + timedelta(hours=20),
+    }
+    RateLimitCount.objects.bulk_create(
+        RateLimitCount(counter=name, window_end=end, hits=3) for name, end in ends.items()
+    )
+    assert purge_rate_limit_counts() == 1
+    kept = RateLimitCount.objects.values_list("counter", flat=True)
+    assert sorted(kept) == ["ended-just-now", "open", "open-all-day"]
+
+    task = PeriodicTask.objects.get(name=PURGE_RATE_LIMITS_TASK_NAME)
+    assert task.task == "accounts.purge_rate_limit_counts"
+    assert task.enabled
+
+
+SQLITE_COUNT = """
+import json, threading
+import django
+django.setup()
+from django.db import connection
+from accounts.models import RateLimitCount
+from accounts.throttling import count_in_database, purge_ended_windows
+
+barrier = threading.Barrier(8)
+numbers, lock = [], threading.Lock()
+
+def worker():
+    try:
+        barrier.wait(timeout=30)
+        got = [count_in_database("user:1:60", window_end=4102444800) for _ in range(25)]
+        with lock:
+            numbers.extend(got)
+    finally:
+        connection.close()
+
+threads = [threading.Thread(target=worker) for _ in range(8)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join(timeout=120)
+count_in_database("user:1:60", window_end=946684800)  # a window long over
+print(json.dumps({
+    "numbers": sorted(numbers),
+    "purged": purge_ended_windows(),
+    "rows": list(RateLimitCount.objects.values_list("counter", "hits")),
+}))
+"""
+
+
+def test_counts_on_the_embedded_sqlite_database(tmp_path):
+    """``make run`` without services (SQLite, CACHE_URL=file://...): the same one statement
+    counts there (SQLite 3.35 or later). Eight threads count 25 requests each in one window:
+    each gets its own number, 1 to 200; the purge deletes an ended window's row."""
+    env = fresh_env(
+        DJANGO_SETTINGS_MODULE="config.settings",
+        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        CELERY_BROKER_URL="memory://",
+        CACHE_URL=f"file://{tmp_path / 'cache'}",
+        SECRET_KEY="test-only",
+        HTTPS_ONLY="0",
+        LOG_LEVEL="warning",
+    )
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, *args],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+
+    migrated = run("manage.py", "migrate", "-v0")
+    assert migrated.returncode == 0, migrated.stderr
+    ran = run("-c", SQLITE_COUNT)
+    assert ran.returncode == 0, ran.stderr
+    outcome = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert outcome == {
+        "numbers": list(range(1, 201)),
+        "purged": 1,
+        "rows": [["user:1:60", 200]],
+    }
