@@ -22,9 +22,10 @@ over a short span; that is the price of atomic counting). Where the count is kep
 * :class:`UserRateThrottle`: ``API_RATE_LIMIT`` per user on every API route.
 * :class:`OrderRateThrottle`: ``API_RATE_LIMIT_ORDERS`` per user on ``POST /orders/``, charged
   by the view only for a request that may place an order (an idempotent replay is not).
-* :func:`charge_anonymous`: ``API_RATE_LIMIT_ANON`` per client address for requests without
-  valid credentials (anonymous ones and failed token attempts), charged by the authentication
-  classes because DRF checks permissions (a ``401``) before throttles.
+* :func:`charge_anonymous`: ``API_RATE_LIMIT_ANON`` per client address (an IPv6 one by its
+  /64, :func:`address_bucket`) for requests without valid credentials (anonymous ones and
+  failed token attempts), charged by the authentication classes because DRF checks
+  permissions (a ``401``) before throttles.
 
 Above a limit: ``429`` ``{"code": "throttled", ...}`` with ``Retry-After`` (seconds to the end of
 the window).
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import math
 import time
 from datetime import UTC, datetime, timedelta
@@ -98,7 +100,7 @@ class FixedWindowThrottle(throttling.SimpleRateThrottle):
         return getattr(settings, self.rate_setting, None) or None
 
     def get_ident(self, request: Request) -> str:
-        return client_ip(request) or "unknown"
+        return address_bucket(client_ip(request))
 
     def allow_request(self, request: Request, view) -> bool:
         rate = self.get_rate()
@@ -156,13 +158,35 @@ class OrderRateThrottle(FixedWindowThrottle):
 
 
 class AnonymousRateThrottle(FixedWindowThrottle):
-    """``API_RATE_LIMIT_ANON`` per client address, for requests without valid credentials."""
+    """``API_RATE_LIMIT_ANON`` per client address (IPv6: per /64), for requests without valid
+    credentials."""
 
     scope = "anon"
     rate_setting = "API_RATE_LIMIT_ANON"
 
     def get_cache_key(self, request: Request, view) -> str | None:
         return f"anon:{self.get_ident(request)}"
+
+
+def address_bucket(address: str | None) -> str:
+    """What a client's address is counted under: an IPv4 address as it is, an IPv6 address by
+    its /64 (``2001:db8:1:2::/64``), an IPv4-mapped IPv6 address as the IPv4 one.
+
+    A /64 is the smallest network an IPv6 host is given (one LAN, SLAAC): its holder picks any
+    of its 2^64 addresses at will, so a limit per address would not limit it at all. Only the
+    rate limits count this way; the audit log records the address itself.
+    """
+    if not address:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:  # not an address (a forwarded header, misconfigured): as it came
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def check(throttle: FixedWindowThrottle, request: Request, view=None) -> None:

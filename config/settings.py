@@ -482,7 +482,8 @@ REST_KNOX = {
 # (a Redis cache, below) or in the database, so they hold across web processes and hosts.
 API_RATE_LIMIT = env("API_RATE_LIMIT", default="1200/min")  # per user, every API route
 API_RATE_LIMIT_ORDERS = env("API_RATE_LIMIT_ORDERS", default="60/min")  # per user, new orders
-# Per client address, requests without valid credentials (anonymous, failed token attempts).
+# Per client address (IPv6: per /64), requests without valid credentials (anonymous, failed
+# token attempts).
 API_RATE_LIMIT_ANON = env("API_RATE_LIMIT_ANON", default="120/min")
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

@@ -30,6 +30,7 @@ from accounts import throttling
 from accounts.apps import PURGE_RATE_LIMITS_TASK_NAME
 from accounts.models import RateLimitCount
 from accounts.tasks import purge_rate_limit_counts
+from audit.models import AuditEntry
 from orders.models import IdempotencyRecord, Order
 from tests.conftest import REPO_ROOT, database_url_for, wait_until
 from tests.test_settings_and_launcher import fresh_env
@@ -108,6 +109,28 @@ def test_requests_without_valid_credentials_are_limited_per_address(settings, dj
     valid = api_client_for(django_user_model.objects.create_user("legit"))
     for _ in range(5):
         assert valid.get(PRODUCTS, REMOTE_ADDR=neighbour).status_code == 200
+
+
+@pytest.mark.django_db
+def test_an_ipv6_client_is_limited_by_its_64_not_by_each_address(settings, django_user_model):
+    """An IPv6 client holds a whole /64 and may send from any of its addresses: they share one
+    anonymous budget; the next /64 has its own. An IPv4-mapped address counts as the IPv4
+    one. The audit log still records the exact address a request came from."""
+    settings.API_RATE_LIMIT_ANON = "3/day"
+    anonymous = api_client_for(None)
+    for address in ("2001:db8:5:7::1", "2001:db8:5:7:a::2", "2001:DB8:5:7:ffff:1:2:3"):
+        assert_error(anonymous.get(PRODUCTS, REMOTE_ADDR=address), 401)
+    assert_throttled(anonymous.get(PRODUCTS, REMOTE_ADDR="2001:db8:5:7:dead:beef::9"))
+    assert_error(anonymous.get(PRODUCTS, REMOTE_ADDR="2001:db8:5:8::1"), 401)  # the next /64
+
+    for _ in range(3):
+        assert_error(anonymous.get(PRODUCTS, REMOTE_ADDR="::ffff:203.0.113.60"), 401)
+    assert_throttled(anonymous.get(PRODUCTS, REMOTE_ADDR="203.0.113.60"))
+    assert_error(anonymous.get(PRODUCTS, REMOTE_ADDR="203.0.113.61"), 401)  # IPv4: per address
+
+    owner = api_client_for(django_user_model.objects.create_user("six"))
+    assert owner.delete("/api/v1/auth/token/", REMOTE_ADDR="2001:db8:5:7::42").status_code == 204
+    assert AuditEntry.objects.get(action="token.revoked").ip == "2001:db8:5:7::42"
 
 
 # ---------------------------------------------------------------------------------------------
