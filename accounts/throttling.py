@@ -19,7 +19,10 @@ over a short span; that is the price of atomic counting). Where the count is kep
   until its window has ended; then the periodic ``accounts.purge_rate_limit_counts`` (beat,
   every 10 minutes) deletes it, one ``DELETE`` of a range of the unique index.
 
-* :class:`UserRateThrottle`: ``API_RATE_LIMIT`` per user on every API route.
+* :func:`charge_user`: ``API_RATE_LIMIT`` per user on every API route, charged by the
+  authentication classes (``accounts.tokens``) once a request has authenticated, because DRF
+  checks permissions before throttles: as a throttle class it never saw a request refused with
+  ``403``, so a user could send those without end.
 * :class:`OrderRateThrottle`: ``API_RATE_LIMIT_ORDERS`` per user on ``POST /orders/``, charged
   by the view only for a request that may place an order (an idempotent replay is not).
 * :func:`charge_anonymous`: ``API_RATE_LIMIT_ANON`` per client address (an IPv6 one by its
@@ -49,6 +52,7 @@ import ipaddress
 import math
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 from django.conf import settings
@@ -135,16 +139,18 @@ class FixedWindowThrottle(throttling.SimpleRateThrottle):
 
 
 class UserRateThrottle(FixedWindowThrottle):
-    """``API_RATE_LIMIT`` per authenticated user, on every API route."""
+    """``API_RATE_LIMIT`` per authenticated user, on every API route (charged by
+    :func:`charge_user`, as the request authenticates as ``user``)."""
 
     scope = "user"
     rate_setting = "API_RATE_LIMIT"
 
+    def __init__(self, user: Any) -> None:
+        super().__init__()
+        self.user = user
+
     def get_cache_key(self, request: Request, view) -> str | None:
-        user = getattr(request, "user", None)
-        if user is None or not user.is_authenticated:
-            return None  # anonymous requests are charged by charge_anonymous()
-        return f"user:{user.pk}"
+        return f"user:{self.user.pk}"
 
 
 class OrderRateThrottle(FixedWindowThrottle):
@@ -193,6 +199,12 @@ def check(throttle: FixedWindowThrottle, request: Request, view=None) -> None:
     """Charge ``throttle`` for this request; raise DRF's ``Throttled`` (a ``429``) above it."""
     if not throttle.allow_request(request, view):
         raise exceptions.Throttled(wait=throttle.wait())
+
+
+def charge_user(request: Request, user: Any) -> None:
+    """Charge ``user``'s ``API_RATE_LIMIT`` for this request, which has just authenticated as
+    them (the authentication classes call it, before DRF reads ``request.user``)."""
+    check(UserRateThrottle(user), request)
 
 
 def charge_anonymous(request: Request) -> None:

@@ -16,11 +16,10 @@ from django.db import transaction
 from django.utils import timezone
 from knox.auth import TokenAuthentication as KnoxTokenAuthentication
 from knox.models import AuthToken
-from rest_framework import exceptions
-from rest_framework.authentication import BaseAuthentication
+from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
-from accounts.throttling import charge_anonymous
+from accounts.throttling import charge_anonymous, charge_user
 from audit.services import audit_record
 
 
@@ -75,7 +74,7 @@ class TokenAuthentication(KnoxTokenAuthentication):
 
     def authenticate(self, request: Request):
         try:
-            return super().authenticate(request)
+            authenticated = super().authenticate(request)
         except exceptions.AuthenticationFailed:
             # A wrong or expired token counts against the address's anonymous limit: past it,
             # a wrong token gets a 429 instead of a 401. The token is still looked up first,
@@ -84,6 +83,9 @@ class TokenAuthentication(KnoxTokenAuthentication):
             # would let anyone behind the same NAT do that to everyone else.
             charge_anonymous(request)
             raise
+        if authenticated is not None:
+            charge_user(request, authenticated[0])  # before permissions: a 403 counts too
+        return authenticated
 
     def authenticate_credentials(self, token: bytes):
         # Tokens are printable ASCII. knox decodes whatever came as UTF-8 (a 500 on other
@@ -100,11 +102,23 @@ class TokenAuthentication(KnoxTokenAuthentication):
         return False
 
 
-class AnonymousRateLimit(BaseAuthentication):
+class SessionAuthentication(authentication.SessionAuthentication):
+    """DRF's session authentication (the browsable API after an ops console login), whose user
+    is charged ``API_RATE_LIMIT`` like a token's, before permissions are checked."""
+
+    def authenticate(self, request: Request):
+        authenticated = super().authenticate(request)
+        if authenticated is not None:
+            charge_user(request, authenticated[0])
+        return authenticated
+
+
+class AnonymousRateLimit(authentication.BaseAuthentication):
     """Last in the authentication classes: reached only by a request no earlier class
     authenticated, it charges the client address's anonymous limit and authenticates nobody.
     (DRF checks permissions before throttles, so a throttle class would never see the
-    anonymous requests that end in ``401``.)"""
+    anonymous requests that end in ``401``; the classes before it charge their user's limit
+    for the same reason.)"""
 
     def authenticate(self, request: Request) -> None:
         charge_anonymous(request)

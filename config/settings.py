@@ -488,10 +488,12 @@ API_RATE_LIMIT_ANON = env("API_RATE_LIMIT_ANON", default="120/min")
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "accounts.tokens.TokenAuthentication",
-        "rest_framework.authentication.SessionAuthentication",
+        "accounts.tokens.SessionAuthentication",
         "accounts.tokens.AnonymousRateLimit",
     ],
-    "DEFAULT_THROTTLE_CLASSES": ["accounts.throttling.UserRateThrottle"],
+    # None: the authentication classes charge the rate limits (accounts.throttling), as DRF
+    # checks permissions before throttles and a throttle never saw a request refused there.
+    "DEFAULT_THROTTLE_CLASSES": [],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
@@ -515,7 +517,7 @@ SPECTACULAR_SETTINGS = {
     # The ways to authenticate (accounts.tokens.AnonymousRateLimit only counts anonymous calls).
     "AUTHENTICATION_WHITELIST": [
         "accounts.tokens.TokenAuthentication",
-        "rest_framework.authentication.SessionAuthentication",
+        "accounts.tokens.SessionAuthentication",
     ],
     # Every operation documents the shared error responses with the one error schema.
     "POSTPROCESSING_HOOKS": [

@@ -39,6 +39,7 @@ from .conftest import api_client_for, assert_error, order_body
 
 PRODUCTS = "/api/v1/products/"
 ORDERS = "/api/v1/orders/"
+SAGAS = "/api/v1/sagas/"
 
 
 def assert_throttled(response) -> None:
@@ -58,6 +59,34 @@ def test_a_user_above_api_rate_limit_gets_429_with_retry_after(settings, django_
     assert_throttled(api.get(PRODUCTS))
     assert_throttled(api.get(ORDERS))  # every route, one budget
     assert other.get(PRODUCTS).status_code == 200  # per user
+
+
+@pytest.mark.django_db
+def test_requests_a_route_refuses_count_against_the_user(settings, django_user_model):
+    """DRF checks permissions before throttles: a user sending requests a route refuses with
+    403 (here the staff-only saga list and an ops action) was not counted, and could send them
+    without end, each one still looking up its token. They count like any other request, and
+    past the limit the answer is 429, there and everywhere else."""
+    settings.API_RATE_LIMIT = "3/day"
+    api = api_client_for(django_user_model.objects.create_user("nosy"))
+    assert_error(api.get(SAGAS), 403)
+    assert_error(api.get(SAGAS), 403)
+    assert_error(api.post(f"{SAGAS}{uuid.uuid4()}/retry/", {}, format="json"), 403)
+    assert_throttled(api.get(SAGAS))
+    assert_throttled(api.get(PRODUCTS))
+
+
+@pytest.mark.django_db
+def test_a_user_signed_in_with_a_session_is_limited_too(settings, django_user_model):
+    """The browsable API after a console login (a session, no token): the same per-user limit,
+    shared with the user's token."""
+    settings.API_RATE_LIMIT = "3/day"
+    user = django_user_model.objects.create_user("browser", is_staff=True)
+    session = api_client_for(None)
+    session.force_login(user)
+    assert [session.get(PRODUCTS).status_code for _ in range(2)] == [200, 200]
+    assert api_client_for(user).get(SAGAS).status_code == 200
+    assert_throttled(session.get(PRODUCTS))
 
 
 @pytest.mark.django_db
