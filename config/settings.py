@@ -481,7 +481,7 @@ REST_KNOX = {
 # Rate limits (accounts/throttling.py), "N/s|min|hour|day"; empty: no limit. Counted in Redis
 # (a Redis cache, below) or in the database, so they hold across web processes and hosts.
 API_RATE_LIMIT = env("API_RATE_LIMIT", default="1200/min")  # per user, every API route
-API_RATE_LIMIT_ORDERS = env("API_RATE_LIMIT_ORDERS", default="60/min")  # per user, new orders
+API_RATE_LIMIT_ORDERS = env("API_RATE_LIMIT_ORDERS", default="60/min")  # per user, POST /orders/
 # Per client address (IPv6: per /64), requests without valid credentials (anonymous, failed
 # token attempts).
 API_RATE_LIMIT_ANON = env("API_RATE_LIMIT_ANON", default="120/min")
