@@ -195,7 +195,7 @@ def tls_context() -> ssl.SSLContext:
     OpenSSL reads them while opening a connection without holding the GIL, so threads of the
     threads pool must not share one. Every connection still verifies the endpoint's
     certificate and its host name (urllib3 matches ``assert_hostname``, since the socket
-    connects to the checked IP address). Trust follows OpenSSL's defaults, so ``SSL_CERT_FILE``
+    connects to a checked IP address). Trust follows OpenSSL's defaults, so ``SSL_CERT_FILE``
     or ``SSL_CERT_DIR`` in the worker's environment point it at another bundle; a worker reads
     the bundle once, so a change of the bundle needs a worker restart.
     """
@@ -323,7 +323,7 @@ def _exchange(
     options: dict[str, Any] = {"timeout": timeout, "retries": False, "maxsize": 1}
     if target.scheme == "https":
         pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
-            target.address,
+            target.addresses[0],
             target.port,
             server_hostname=target.host,
             assert_hostname=target.host,
@@ -332,7 +332,7 @@ def _exchange(
             **options,
         )
     else:
-        pool = urllib3.HTTPConnectionPool(target.address, target.port, **options)
+        pool = urllib3.HTTPConnectionPool(target.addresses[0], target.port, **options)
     pool.ConnectionCls = _watched(pool.ConnectionCls, deadline)
     default_port = 443 if target.scheme == "https" else 80
     host = target.host if ":" not in target.host else f"[{target.host}]"

@@ -4,10 +4,10 @@ A webhook makes our servers send requests to an address a client typed, so it is
 server-side request forgery hole: ``http://169.254.169.254/`` (a cloud metadata service),
 ``http://localhost:5432/``, an address of the private network. Every URL must be ``https``,
 and every address its host resolves to must be a public one. The check runs when an endpoint
-is registered and again before every delivery, and a delivery connects to the very address
-that was checked (no second DNS lookup), so a DNS record changed after registration cannot
-point an endpoint at the internal network. ``WEBHOOKS_ALLOW_PRIVATE`` (development and tests)
-lifts both rules.
+is registered and again before every delivery, and a delivery connects only to the very
+addresses that were checked (no second DNS lookup), so a DNS record changed after registration
+cannot point an endpoint at the internal network. ``WEBHOOKS_ALLOW_PRIVATE`` (development and
+tests) lifts both rules.
 
 A refusal tells the client what it sent, never what we found: a ``private_address`` answer
 names the host, not the internal address it resolves to (that would map our network for
@@ -48,14 +48,15 @@ class UrlRefused(Exception):
 
 @dataclass(frozen=True)
 class Target:
-    """Where a delivery goes: the checked address to connect to, and the name to present
-    (ASCII: an internationalised name in its IDNA form, see :func:`_ascii_host`)."""
+    """Where a delivery goes: the checked addresses, each once, in the resolver's order (a
+    delivery connects to the first), and the name to present (ASCII: an internationalised
+    name in its IDNA form, see :func:`_ascii_host`)."""
 
     scheme: str
     host: str
     port: int
     path: str
-    address: str
+    addresses: tuple[str, ...]
 
 
 #: IPv6 prefixes that carry an IPv4 address in their last 32 bits and reach it: NAT64's
@@ -178,10 +179,11 @@ def check_url(url: str) -> Target:
                 "(loopback, private, link-local or otherwise internal).",
                 address=str(ip),
             )
-        addresses.append(str(ip))
+        if str(ip) not in addresses:  # an address the resolver lists twice is tried once
+            addresses.append(str(ip))
     if not addresses:
         raise UrlRefused("unresolvable_host", f"{parts.hostname} does not resolve.")
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return Target(parts.scheme, host, port, path, addresses[0])
+    return Target(parts.scheme, host, port, path, tuple(addresses))

@@ -160,6 +160,32 @@ def test_a_host_is_resolved_and_presented_in_its_ascii_form(settings, monkeypatc
     assert looked_up == [host]
 
 
+def test_every_address_of_a_host_is_checked_and_kept_in_the_resolvers_order(settings, monkeypatch):
+    """A delivery may connect to any address the name resolves to, so each must pass and each
+    is kept, in the resolver's order and once (for a delivery to try in turn); one internal
+    address among public ones refuses the URL, named for staff."""
+    settings.WEBHOOKS_ALLOW_PRIVATE = False
+    answers = {
+        "multi.shop.example": ["2606:2800:21f:cb07:6820:80da:af6b:8b2c", "93.184.215.14"] * 2,
+        "mixed.shop.example": ["93.184.215.14", "10.20.30.40"],
+    }
+
+    def getaddrinfo(name, port, *args, **kwargs):
+        return [
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (a, port, 0, 0))
+            if ":" in a
+            else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+            for a in answers[name]
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    target = check_url("https://multi.shop.example/hooks")
+    assert target.addresses == ("2606:2800:21f:cb07:6820:80da:af6b:8b2c", "93.184.215.14")
+    with pytest.raises(UrlRefused) as refused:
+        check_url("https://mixed.shop.example/hooks")
+    assert (refused.value.code, refused.value.address) == ("private_address", "10.20.30.40")
+
+
 def test_with_allow_private_another_scheme_is_told_http_is_accepted(customer, settings):
     settings.WEBHOOKS_ALLOW_PRIVATE = True
     client = api_client_for(customer)
