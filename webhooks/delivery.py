@@ -229,14 +229,20 @@ class _Deadline:
         self.seconds = seconds
         self.passed = False
         self._done = False
+        self._ends = 0.0
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
 
     def __enter__(self) -> _Deadline:
+        self._ends = _monotonic() + self.seconds
         self._timer.start()
         return self
+
+    def left(self) -> float:
+        """Seconds until the attempt is cut off."""
+        return self._ends - _monotonic()
 
     def __exit__(self, *exc: object) -> None:
         self.finish()
@@ -271,10 +277,91 @@ def _shut(sock: socket.socket) -> None:
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
-def _watched(cls: type, deadline: _Deadline) -> type:
-    """``cls`` (urllib3's connection class) reporting its socket to ``deadline`` once open."""
+class NoAddressAccepted(urllib3.exceptions.NewConnectionError):
+    """None of the endpoint's checked addresses took the connection (refused, unreachable,
+    no answer in time): nothing of the request was sent."""
+
+    def __init__(self, conn: Any, message: str) -> None:
+        super().__init__(conn, message)
+        self.args = (message,)  # without urllib3's "<connection object at 0x...>: "
+
+
+def _connect(address: str, port: int, timeout: float, options: Any) -> socket.socket:
+    """A TCP connection to the IP address itself: no lookup of any name."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        for option in options or ():
+            sock.setsockopt(*option)
+        sock.settimeout(timeout)
+        sock.connect((address, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+#: The timeout of a connection made as the attempt's time ran out: its handshake or request
+#: fails at once (and the deadline's timer shuts its socket).
+_LAST_MOMENT = 0.01
+
+
+def _why(exc: OSError, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:.3g} s"
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _watched(cls: type, deadline: _Deadline, target: Target) -> type:
+    """``cls`` (urllib3's connection class) connecting to the target's checked addresses, and
+    reporting its socket to ``deadline`` once open.
+
+    The addresses are tried in turn, the next one only when a connection could not be made
+    (refused, unreachable, no answer): no byte of the request has gone anywhere then. Once one
+    takes the connection the attempt stays with it, whatever fails later (the TLS handshake,
+    the request, the answer): the endpoint may have the event by then, and the attempt fails
+    as it always did, to be retried with the same event id. Each address gets
+    ``WEBHOOKS_CONNECT_TIMEOUT``, or what is left of the attempt's time if less, and so does
+    the TLS handshake after it: together they never carry the attempt past its deadline, so
+    past its lease.
+    """
 
     class Watched(cls):
+        def _new_conn(self) -> socket.socket:
+            addresses, failed = target.addresses, []
+            for n, address in enumerate(addresses):
+                left = deadline.left()
+                if left <= 0:
+                    failed.append(
+                        f"and the attempt's {deadline.seconds:.3g} s were up before "
+                        f"{', '.join(addresses[n:])} could be tried"
+                    )
+                    break
+                timeout = left if self.timeout is None else min(self.timeout, left)
+                try:
+                    sock = _connect(address, self.port, timeout, self.socket_options)
+                except OSError as exc:
+                    why = _why(exc, timeout)
+                    failed.append(f"{address} ({why})")
+                    log.info(
+                        "webhooks.connect_failed",
+                        host=target.host,
+                        port=self.port,
+                        address=address,
+                        error=why,
+                        next_address=addresses[n + 1] if n + 1 < len(addresses) else None,
+                    )
+                    continue
+                # The TLS handshake runs on the socket's timeout, before the deadline watches the
+                # socket (urllib3 wraps it once this returns): no more than what is left.
+                sock.settimeout(max(min(timeout, deadline.left()), _LAST_MOMENT))
+                return sock
+            raise NoAddressAccepted(
+                self,
+                f"no address of {target.host} accepted a connection on port {self.port}: "
+                + ", ".join(failed),
+            )
+
         def connect(self) -> None:
             super().connect()
             deadline.watch(self.sock)
@@ -285,12 +372,14 @@ def _watched(cls: type, deadline: _Deadline) -> type:
 def _post(
     target: Target, body: bytes, headers: dict[str, str], budget: float | None = None
 ) -> tuple[int, str]:
-    """POST to the checked address itself (no second DNS lookup); the status and the first
-    bytes of the body. Redirects are not followed (one could point anywhere).
+    """POST to the checked addresses themselves (no second DNS lookup), the first that takes
+    the connection; the status and the first bytes of the body. Redirects are not followed
+    (one could point anywhere).
 
-    The whole exchange ends within ``WEBHOOKS_CONNECT_TIMEOUT + WEBHOOKS_TIMEOUT``, or within
-    ``budget`` seconds if less is left of the lease (raising :class:`AttemptTimedOut` past
-    it), so it never outlasts the delivery's lease.
+    The whole exchange, connections tried included, ends within ``WEBHOOKS_CONNECT_TIMEOUT +
+    WEBHOOKS_TIMEOUT``, or within ``budget`` seconds if less is left of the lease (raising
+    :class:`AttemptTimedOut` past it, or :class:`NoAddressAccepted` if no connection was made
+    by then), so it never outlasts the delivery's lease.
     """
     timeout = urllib3.Timeout(
         connect=settings.WEBHOOKS_CONNECT_TIMEOUT, read=settings.WEBHOOKS_TIMEOUT
@@ -303,7 +392,9 @@ def _post(
         try:
             answer = _exchange(target, body, headers, timeout, deadline)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            if deadline.passed:
+            # NoAddressAccepted names each address and what became of it, the time running out
+            # included.
+            if deadline.passed and not isinstance(exc, NoAddressAccepted):
                 raise timed_out from exc
             raise
     if deadline.passed:
@@ -320,10 +411,12 @@ def _exchange(
     timeout: urllib3.Timeout,
     deadline: _Deadline,
 ) -> tuple[int, str]:
+    # The pool is named after the host (its errors name the host, not an address it may not
+    # have connected to); its connections connect to the checked addresses, never to the name.
     options: dict[str, Any] = {"timeout": timeout, "retries": False, "maxsize": 1}
     if target.scheme == "https":
         pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
-            target.addresses[0],
+            target.host,
             target.port,
             server_hostname=target.host,
             assert_hostname=target.host,
@@ -332,8 +425,8 @@ def _exchange(
             **options,
         )
     else:
-        pool = urllib3.HTTPConnectionPool(target.addresses[0], target.port, **options)
-    pool.ConnectionCls = _watched(pool.ConnectionCls, deadline)
+        pool = urllib3.HTTPConnectionPool(target.host, target.port, **options)
+    pool.ConnectionCls = _watched(pool.ConnectionCls, deadline, target)
     default_port = 443 if target.scheme == "https" else 80
     host = target.host if ":" not in target.host else f"[{target.host}]"
     headers = {

@@ -48,9 +48,10 @@ class UrlRefused(Exception):
 
 @dataclass(frozen=True)
 class Target:
-    """Where a delivery goes: the checked addresses, each once, in the resolver's order (a
-    delivery connects to the first), and the name to present (ASCII: an internationalised
-    name in its IDNA form, see :func:`_ascii_host`)."""
+    """Where a delivery goes: the checked addresses to connect to, each once, in the
+    resolver's order (a delivery tries the next when one does not take the connection), and
+    the name to present (ASCII: an internationalised name in its IDNA form, see
+    :func:`_ascii_host`)."""
 
     scheme: str
     host: str

@@ -29,17 +29,19 @@ class Received:
 @dataclass
 class Receiver:
     """Records every POST; ``answer(n, body)`` gives the status of the n-th (0-based), and may
-    block (a hung receiver) until the test lets it go."""
+    block (a hung receiver) until the test lets it go; ``None`` hangs up without an answer
+    (the request read in full first)."""
 
     server: ThreadingHTTPServer
     requests: list[Received] = field(default_factory=list)
-    answer: Callable[[int, bytes], int] = lambda n, body: 200
+    answer: Callable[[int, bytes], int | None] = lambda n, body: 200
     reply: bytes = b"thanks " * 200  # longer than the stored excerpt
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks?client=1"
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}/hooks?client=1"
 
     def accepted(self) -> list[dict[str, Any]]:
         """Events the receiver answered 2xx, in arrival order."""
@@ -51,8 +53,11 @@ class Receiver:
             return list(self.requests)
 
 
-def _start_receiver(tls: ssl.SSLContext | None = None) -> Receiver:
-    """``tls``: serve https with this server-side context (its certificate and key loaded)."""
+def _start_receiver(
+    tls: ssl.SSLContext | None = None, address: tuple[str, int] = ("127.0.0.1", 0)
+) -> Receiver:
+    """``tls``: serve https with this server-side context (its certificate and key loaded);
+    ``address``: where to listen (any free port of 127.0.0.1 by default)."""
     holder: dict[str, Receiver] = {}
 
     class Handler(BaseHTTPRequestHandler):
@@ -64,6 +69,9 @@ def _start_receiver(tls: ssl.SSLContext | None = None) -> Receiver:
                 slot = Received(dict(self.headers.items()), body, 0)
                 receiver.requests.append(slot)
             status = receiver.answer(n, body)
+            if status is None:
+                self.close_connection = True
+                return
             slot.status = status
             try:
                 self.send_response(status)
@@ -76,7 +84,7 @@ def _start_receiver(tls: ssl.SSLContext | None = None) -> Receiver:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(address, Handler)
     server.daemon_threads = True
     if tls is not None:
         # Before serving: the handshake then happens on accept (a client that refuses the
@@ -91,8 +99,10 @@ def _start_receiver(tls: ssl.SSLContext | None = None) -> Receiver:
 def receiver_factory() -> Iterator[Callable[[], Receiver]]:
     started: list[Receiver] = []
 
-    def start(tls: ssl.SSLContext | None = None) -> Receiver:
-        r = _start_receiver(tls)
+    def start(
+        tls: ssl.SSLContext | None = None, address: tuple[str, int] = ("127.0.0.1", 0)
+    ) -> Receiver:
+        r = _start_receiver(tls, address)
         started.append(r)
         return r
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import trustme
 from django.utils import timezone
+from structlog.testing import capture_logs
 
 from webhooks import delivery as webhook_delivery
 from webhooks import signing
@@ -40,10 +41,11 @@ _real_getaddrinfo = socket.getaddrinfo
 @pytest.fixture
 def resolver(monkeypatch):
     """``resolver.answers``: what ``HOST`` resolves to, one entry per lookup (the last one
-    repeats); other names resolve as usual. ``resolver.lookups`` counts lookups of HOST."""
+    repeats), an address or a tuple of addresses in the order the resolver gives them; other
+    names resolve as usual. ``resolver.lookups`` counts lookups of HOST."""
 
     class Resolver:
-        answers: list[str] = [PUBLIC]
+        answers: list[str | tuple[str, ...]] = [PUBLIC]
         lookups = 0
 
     def getaddrinfo(host, port, *args, **kwargs):
@@ -51,7 +53,13 @@ def resolver(monkeypatch):
             return _real_getaddrinfo(host, port, *args, **kwargs)
         answer = Resolver.answers[min(Resolver.lookups, len(Resolver.answers) - 1)]
         Resolver.lookups += 1
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answer, int(port or 0)))]
+        addresses = (answer,) if isinstance(answer, str) else answer
+        return [
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (a, int(port or 0), 0, 0))
+            if ":" in a
+            else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, int(port or 0)))
+            for a in addresses
+        ]
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     return Resolver
@@ -104,6 +112,160 @@ def test_a_delivery_connects_to_the_address_it_checked(customer, receiver, resol
     assert request.headers["Host"] == f"{HOST}:{port}"
     assert Delivery.objects.get(endpoint_id=endpoint["id"]).status == DeliveryStatus.DELIVERED
     assert resolver.lookups == 1
+
+
+@pytest.mark.parametrize(
+    ("scheme", "down"),
+    [
+        ("http", "127.0.0.2"),  # several A records, one of them down
+        ("http", "::1"),  # dual stack, IPv6 refused (or not there at all)
+        ("https", "127.0.0.2"),
+    ],
+)
+def test_a_host_whose_first_address_refuses_is_delivered_to_at_its_next(
+    customer, receiver_factory, resolver, settings, monkeypatch, tmp_path, scheme, down
+):
+    """A host with two addresses: the first refuses the connection, the second is the
+    receiver (listening on 127.0.0.1 only). The attempt goes on to the second once the first
+    could not be connected to, and delivers, from the one lookup that checked both; over https
+    it presents the host's name, not an address, in the handshake. The log says which address
+    refused."""
+    settings.WEBHOOKS_ALLOW_PRIVATE = True
+    server_names: list[str] = []
+    tls = None
+    if scheme == "https":
+        ca = trustme.CA()
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert(HOST).configure_cert(tls)
+        tls.sni_callback = lambda sock, name, context: server_names.append(name)
+        bundle = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(bundle))
+        monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    forget_tls_context()
+    receiver = receiver_factory(tls=tls)
+    port = receiver.server.server_address[1]
+    endpoint = register(api_client_for(customer), f"{scheme}://{HOST}:{port}/hooks")
+    event_id = _emit(customer)
+
+    resolver.lookups = 0
+    resolver.answers = [(down, "127.0.0.1")]
+    with capture_logs() as logs:
+        assert deliver_endpoint(endpoint["id"]) == 1
+    forget_tls_context()  # the next test's attempts trust the system's roots again
+
+    delivery = Delivery.objects.get(endpoint_id=endpoint["id"])
+    assert (delivery.status, delivery.attempts) == (DeliveryStatus.DELIVERED, 1), (
+        delivery.last_error
+    )
+    [request] = receiver.all()
+    assert request.event["id"] == event_id
+    assert request.headers["Host"] == f"{HOST}:{port}"
+    assert server_names == ([HOST] if scheme == "https" else [])
+    assert resolver.lookups == 1
+    [failed] = [line for line in logs if line["event"] == "webhooks.connect_failed"]
+    assert (failed["address"], failed["next_address"]) == (down, "127.0.0.1")
+    if down == "127.0.0.2":
+        assert failed["error"] == "Connection refused"
+
+
+def test_when_no_address_takes_the_connection_it_is_one_failed_attempt_naming_each(
+    customer, receiver, resolver, settings
+):
+    """Every address of the host refuses: one failed attempt, retried after its backoff like
+    any other, whose error (read by staff in the ops console; the client API shows no delivery
+    errors) names each address tried and what it did."""
+    settings.WEBHOOKS_ALLOW_PRIVATE = True
+    port = receiver.server.server_address[1]  # nothing listens on it at 127.0.0.2 and .3
+    endpoint = register(api_client_for(customer), f"http://{HOST}:{port}/hooks")
+    _emit(customer)
+
+    resolver.answers = [("127.0.0.2", "127.0.0.3")]
+    assert deliver_endpoint(endpoint["id"]) == 1
+
+    delivery = Delivery.objects.get(endpoint_id=endpoint["id"])
+    _pending_with_backoff(delivery, "NoAddressAccepted: ")
+    assert delivery.last_error == (
+        f"NoAddressAccepted: no address of {HOST} accepted a connection on port {port}: "
+        "127.0.0.2 (Connection refused), 127.0.0.3 (Connection refused)"
+    )
+    assert receiver.all() == []
+
+
+def test_an_address_that_took_the_connection_is_kept_to_even_when_the_exchange_fails(
+    customer, receiver_factory, resolver, settings
+):
+    """The first address takes the connection and the request, then hangs up without an
+    answer: it may have the event, so the attempt does not go on to the second address (its
+    receiver would take it at once). It is one failed attempt; its retry, once the first
+    address refuses connections, brings the same event to the second."""
+    settings.WEBHOOKS_ALLOW_PRIVATE = True
+    second = receiver_factory()
+    port = second.server.server_address[1]
+    first = receiver_factory(address=("127.0.0.2", port))
+    first.answer = lambda n, body: None  # reads the whole request, closes without answering
+    endpoint = register(api_client_for(customer), f"http://{HOST}:{port}/hooks")
+    event_id = _emit(customer)
+
+    resolver.answers = [("127.0.0.2", "127.0.0.1")]
+    assert deliver_endpoint(endpoint["id"]) == 1
+    delivery = Delivery.objects.get(endpoint_id=endpoint["id"])
+    _pending_with_backoff(delivery, "ProtocolError: ")
+    assert "Remote end closed connection without response" in delivery.last_error
+    assert [request.event["id"] for request in first.all()] == [event_id]
+    assert second.all() == []
+
+    first.server.shutdown()
+    first.server.server_close()  # 127.0.0.2 refuses connections from now on
+    Delivery.objects.filter(pk=delivery.pk).update(next_attempt_at=timezone.now())
+    assert deliver_endpoint(endpoint["id"]) == 1
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts) == (DeliveryStatus.DELIVERED, 2)
+    assert [event["id"] for event in second.accepted()] == [event_id]
+
+
+def test_the_addresses_share_the_attempts_time(customer, receiver, resolver, settings, monkeypatch):
+    """Each address may take WEBHOOKS_CONNECT_TIMEOUT to fail (one that drops packets), so
+    trying the next must not carry the attempt past its lease: an address gets what is left of
+    the attempt's time if that is less, and none is tried once it is up. The attempt's clock
+    stands still here and jumps while the first address refuses, as if that had taken so
+    long: to all but half a second of the attempt's 13 s (the next address gets that half
+    second, and delivers), then to all of it (the next is not tried; the error says so)."""
+    settings.WEBHOOKS_ALLOW_PRIVATE = True
+    settings.WEBHOOKS_CONNECT_TIMEOUT, settings.WEBHOOKS_TIMEOUT = 3.0, 10.0
+    port = receiver.server.server_address[1]
+    endpoint = register(api_client_for(customer), f"http://{HOST}:{port}/hooks")
+    resolver.answers = [("127.0.0.2", "127.0.0.1")]
+    clock, jump = [1000.0], [0.0]
+    real_connect, timeouts = webhook_delivery._connect, []
+
+    def connect(address, port, timeout, options):
+        timeouts.append((address, timeout))
+        try:
+            return real_connect(address, port, timeout, options)
+        finally:
+            if address == "127.0.0.2":
+                clock[0] += jump[0]
+
+    monkeypatch.setattr(webhook_delivery, "_monotonic", lambda: clock[0])
+    monkeypatch.setattr(webhook_delivery, "_connect", connect)
+
+    jump[0] = 12.5
+    first = _emit(customer)
+    assert deliver_endpoint(endpoint["id"]) == 1
+    assert Delivery.objects.get(event_id=first).status == DeliveryStatus.DELIVERED
+    assert timeouts == [("127.0.0.2", 3.0), ("127.0.0.1", 0.5)]
+
+    jump[0], timeouts[:] = 13.0, []
+    late = _emit(customer)
+    assert deliver_endpoint(endpoint["id"]) == 1
+    delivery = Delivery.objects.get(event_id=late)
+    _pending_with_backoff(delivery, "NoAddressAccepted: ")
+    assert delivery.last_error.endswith(
+        "127.0.0.2 (Connection refused), "
+        "and the attempt's 13 s were up before 127.0.0.1 could be tried"
+    )
+    assert timeouts == [("127.0.0.2", 3.0)]
+    assert [event["id"] for event in receiver.accepted()] == [first]
 
 
 def test_https_verifies_the_certificate_and_attempts_share_one_tls_context(
