@@ -1188,7 +1188,9 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         )
         rows: list[dict[str, Any]] = []
         groups: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
-        accepted = 0
+        # The sagas the page says will be acted on: the form posts back these and no others,
+        # so a saga shown as refused is never acted on by confirming (whatever it became).
+        accepted_ids: list[Any] = []
         for saga in sagas:
             refusal = _predicted_refusal(saga, operation)
             plan = []
@@ -1207,7 +1209,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                 except LookupError:
                     effects = []
             if not refusal:
-                accepted += 1
+                accepted_ids.append(saga.pk)
                 if operation == "compensate":
                     shape = tuple((p["step"], p["compensation"]) for p in plan)
                     group = groups.setdefault(shape, {"plan": plan, "sagas": []})
@@ -1222,6 +1224,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                     "step": self.step_column(saga),
                 }
             )
+        accepted = len(accepted_ids)
         if not accepted and not error:
             # Nothing here makes sense to do: say so at once instead of asking to confirm.
             refusals: dict[str, list[Any]] = {}
@@ -1258,8 +1261,8 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             "refused": len(sagas) - accepted,
             "text": text,
             "error": error,
-            "ids": ids,
-            # The confirmation acts on exactly the sagas listed here (ids posted back to the
+            "ids": accepted_ids,
+            # The confirmation acts on exactly the sagas accepted here (ids posted back to the
             # unfiltered list), not on a filter re-evaluated a minute later.
             "post_url": reverse("admin:sagas_saga_changelist"),
             "next": _next_url(request) or "",

@@ -1,0 +1,111 @@
+"""What a confirmation page (or a button on a saga page) posts back, and what the console does
+with it: it acts on the sagas the page accepted, as the page showed them, and on nothing else.
+
+Each test posts the form exactly as a browser would (its hidden fields as rendered), after the
+saga changed meanwhile where the test says so."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.contrib.messages import get_messages
+
+from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
+from tests.admin.conftest import needs_manual, running
+
+pytestmark = pytest.mark.django_db
+
+LIST = "/admin/sagas/saga/"
+
+
+def texts(response) -> list[tuple[str, str]]:
+    return [(m.level_tag, str(m)) for m in get_messages(response.wsgi_request)]
+
+
+def hidden_fields(html: str, form_id: str) -> list[tuple[str, str]]:
+    """The hidden inputs of a form, as the browser would post them."""
+    form = html[html.index(f'id="{form_id}"') :]
+    form = form[: form.index("</form>")]
+    return re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', form)
+
+
+def page(client, action: str, sagas) -> str:
+    """The confirmation page of ``action`` for ``sagas``, as the list's action bar opens it."""
+    data = {"action": action, "_selected_action": [str(s.pk) for s in sagas], "index": "0"}
+    return client.post(LIST, data).content.decode()
+
+
+def submit(client, fields: list[tuple[str, str]], **typed: str):
+    """Post a rendered form's hidden fields plus what the operator typed or ticked."""
+    data: dict[str, list[str]] = {}
+    for name, value in fields:
+        data.setdefault(name, []).append(value)
+    for name, value in typed.items():
+        data[name] = [value]
+    return client.post(LIST, data, follow=True)
+
+
+def escalate_to_undo(saga: Saga, step: str, index: int) -> None:
+    """What the engine leaves when the undo of ``step`` kept failing: needs_manual, a new
+    version (every engine write moves it)."""
+    Saga.objects.filter(pk=saga.pk).update(
+        state=SagaState.NEEDS_MANUAL,
+        escalated_from=SagaState.COMPENSATING,
+        current_step=step,
+        step_index=index,
+        failed_step="s3",
+        failure_code="no",
+        failed_undo=step,
+        next_attempt_at=None,
+        last_error="compensation failed: provider down",
+        version=saga.version + 5,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# A saga shown as refused is not acted on
+# ---------------------------------------------------------------------------------------------
+def test_undo_done_never_acts_on_a_saga_the_page_showed_as_refused(ops_client):
+    """A waits on the undo of s3; B is running (shown refused). B then escalates to waiting on
+    the undo of s2: confirming the page records A's undo, and leaves B alone."""
+    shown = needs_manual(step_index=2, failed_step="s3")
+    other = running()
+    html = page(ops_client, "undo_done", [shown, other])
+    assert "refused:" in html
+    fields = hidden_fields(html, "undo-done-form")
+    escalate_to_undo(other, "s2", 1)
+
+    done = submit(ops_client, fields, note="voided s3 of the first saga in the dashboard")
+    assert [lvl for lvl, _ in texts(done)] == ["success"]
+    assert SagaStep.objects.get(saga=other, name="s2").status != StepStatus.COMPENSATED_BY_HAND
+    assert not SagaEvent.objects.filter(saga=other, kind="ops_undo_done").exists()
+    assert Saga.objects.get(pk=other.pk).state == SagaState.NEEDS_MANUAL
+    assert SagaEvent.objects.filter(saga=shown, kind="ops_undo_done", step="s3").exists()
+
+
+def test_resolve_never_acts_on_a_saga_the_page_showed_as_refused(ops_client):
+    """The one "keep the effects" box is ticked for the effects the page listed: a saga shown
+    as refused that needs a person by the time of confirming is not resolved with its own
+    effects, which nobody saw, kept."""
+    shown = needs_manual()
+    other = running()
+    html = page(ops_client, "resolve", [shown, other])
+    assert "refused: Only a saga in needs_manual" in html and 'name="accept_effects"' in html
+    fields = hidden_fields(html, "resolve-form")
+    escalate_to_undo(other, "s2", 1)
+
+    done = submit(ops_client, fields, note="refunded the first one by hand", accept_effects="yes")
+    assert [lvl for lvl, _ in texts(done)] == ["success"]
+    assert Saga.objects.get(pk=other.pk).state == SagaState.NEEDS_MANUAL
+    assert not SagaEvent.objects.filter(saga=other, kind="ops_resolve").exists()
+    assert Saga.objects.get(pk=shown.pk).state == SagaState.RESOLVED
+    assert "left out" in html
+
+
+def test_compensate_confirmation_posts_back_only_the_sagas_it_accepted(ops_client):
+    live = running()
+    done = needs_manual()
+    html = page(ops_client, "compensate", [live, done])
+    fields = hidden_fields(html, "compensate-form")
+    assert [value for name, value in fields if name == "_selected_action"] == [str(live.pk)]
