@@ -1150,20 +1150,23 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             error = f"A note may be at most {NOTE_MAX} characters (the API's limit too)."
         elif request.POST.get("confirm") == "yes":
             if note:
-                # Each saga's own waiting step, as shown on the confirmation page; a saga that
-                # moved on since is refused by the service (not_waiting_on_undo).
-                steps = dict(Saga.objects.filter(pk__in=ids).values_list("pk", "current_step"))
+
+                def undo_done(saga_id: Any) -> Any:
+                    # The undo the confirmation page showed for this saga, and no other: a saga
+                    # that moved on since is refused by the service (not_waiting_on_undo), and
+                    # one the page named no undo for is refused here.
+                    step = request.POST.get(f"step_{saga_id}", "")
+                    if not step:
+                        raise SagaOperationRefused(
+                            "no_step",
+                            "The confirmation named no undo for this saga; reload and decide "
+                            "again.",
+                        )
+                    return saga_undo_done(saga_id=saga_id, user=request.user, step=step, note=note)
+
                 outcome = _Outcome()
                 try:
-                    outcome.run(
-                        ids,
-                        lambda saga_id: saga_undo_done(
-                            saga_id=saga_id,
-                            user=request.user,
-                            step=request.POST.get(f"step_{saga_id}", steps.get(saga_id, "")),
-                            note=note,
-                        ),
-                    )
+                    outcome.run(ids, undo_done)
                 except PermissionDenied as denied:
                     messages.error(request, str(denied) or "You may not operate sagas.")
                     return self._done(request)
@@ -1191,6 +1194,9 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         # The sagas the page says will be acted on: the form posts back these and no others,
         # so a saga shown as refused is never acted on by confirming (whatever it became).
         accepted_ids: list[Any] = []
+        # What each of them looked like on the page, posted back with it for every accepted
+        # saga (listed or not): for undo done, the undo it waits on (see ``undo_done``).
+        fences: list[dict[str, Any]] = []
         for saga in sagas:
             refusal = _predicted_refusal(saga, operation)
             plan = []
@@ -1210,6 +1216,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                     effects = []
             if not refusal:
                 accepted_ids.append(saga.pk)
+                fences.append({"id": saga.pk, "step": saga.current_step})
                 if operation == "compensate":
                     shape = tuple((p["step"], p["compensation"]) for p in plan)
                     group = groups.setdefault(shape, {"plan": plan, "sagas": []})
@@ -1262,6 +1269,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             "text": text,
             "error": error,
             "ids": accepted_ids,
+            "fences": fences,
             # The confirmation acts on exactly the sagas accepted here (ids posted back to the
             # unfiltered list), not on a filter re-evaluated a minute later.
             "post_url": reverse("admin:sagas_saga_changelist"),

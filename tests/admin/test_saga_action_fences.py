@@ -7,10 +7,12 @@ saga changed meanwhile where the test says so."""
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 
 import pytest
 from django.contrib.messages import get_messages
 
+from sagas.admin import MAX_LISTED
 from sagas.models import Saga, SagaEvent, SagaState, SagaStep, StepStatus
 from tests.admin.conftest import needs_manual, running
 
@@ -109,3 +111,52 @@ def test_compensate_confirmation_posts_back_only_the_sagas_it_accepted(ops_clien
     html = page(ops_client, "compensate", [live, done])
     fields = hidden_fields(html, "compensate-form")
     assert [value for name, value in fields if name == "_selected_action"] == [str(live.pk)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Undo done: each saga's own undo, for every saga of the selection
+# ---------------------------------------------------------------------------------------------
+def test_undo_done_fences_every_accepted_saga_not_only_the_listed_ones(ops_client):
+    """The page lists 50 sagas and says "and 1 more"; the one not listed still carries the
+    undo the page accepted it for. Had it moved on meanwhile (the undo of s3 ran, the one of
+    s2 keeps failing), confirming is refused for it, not recorded as s2 done by hand."""
+    sagas = [
+        needs_manual(step_index=2, failed_step="s3", events=0, age=timedelta(minutes=i))
+        for i in range(MAX_LISTED + 1)
+    ]
+    oldest = sagas[-1]  # newest first: the row past the listed ones
+    html = page(ops_client, "undo_done", sagas)
+    assert "and 1 more" in html
+    fields = hidden_fields(html, "undo-done-form")
+    assert (f"step_{oldest.pk}", "s3") in fields
+    SagaStep.objects.filter(saga=oldest, name="s3").update(status=StepStatus.COMPENSATED)
+    escalate_to_undo(oldest, "s2", 1)
+
+    done = submit(ops_client, fields, note="voided s3 by hand for all of them")
+    messages = texts(done)
+    (level, text), *_ = messages
+    assert level == "success" and f"for {MAX_LISTED} sagas" in text, messages
+    assert any(
+        lvl == "error" and str(oldest.pk)[:8] in text and "undo of s3" in text
+        for lvl, text in messages
+    ), messages
+    assert SagaStep.objects.get(saga=oldest, name="s2").status != StepStatus.COMPENSATED_BY_HAND
+    assert not SagaEvent.objects.filter(saga=oldest, kind="ops_undo_done").exists()
+
+
+def test_undo_done_without_the_undo_the_page_named_is_refused(ops_client):
+    """A post that names no undo for a saga (a hand-made one, a page from before the fence)
+    does not take the saga's step at confirm time: it is refused, and nothing is recorded."""
+    saga = needs_manual(step_index=2, failed_step="s3")
+    data = {
+        "action": "undo_done",
+        "_selected_action": [str(saga.pk)],
+        "select_across": "0",
+        "confirm": "yes",
+        "note": "voided by hand",
+    }
+    done = ops_client.post(LIST, data, follow=True)
+    [(level, text)] = texts(done)
+    assert level == "error" and "named no undo" in text
+    assert not SagaEvent.objects.filter(saga=saga, kind="ops_undo_done").exists()
+    assert SagaStep.objects.get(saga=saga, name="s3").status != StepStatus.COMPENSATED_BY_HAND

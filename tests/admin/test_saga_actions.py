@@ -207,7 +207,14 @@ def test_undo_done_shows_what_runs_next_needs_a_note_and_goes_on(ops_client):
     long = confirm(ops_client, "undo_done", [saga], note="x" * 2001)
     assert "at most 2000 characters" in long.content.decode()  # as the API: not cut short
     assert Saga.objects.get(pk=saga.pk).state == SagaState.NEEDS_MANUAL
-    done = confirm(ops_client, "undo_done", [saga], note="cancelled by phone with the carrier")
+    assert f'name="step_{saga.pk}" value="s3"' in page  # the undo it confirms, posted back
+    done = confirm(
+        ops_client,
+        "undo_done",
+        [saga],
+        note="cancelled by phone with the carrier",
+        **{f"step_{saga.pk}": "s3"},
+    )
     assert [lvl for lvl, _ in texts(done)] == ["success"]
     saga.refresh_from_db()
     assert (saga.state, saga.current_step) == (SagaState.COMPENSATING, "s2")
