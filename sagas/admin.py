@@ -482,6 +482,22 @@ def _next_url(request: HttpRequest) -> str | None:
     return None
 
 
+def _posted_version(request: HttpRequest, saga_id: Any) -> int | None:
+    """The version of the saga as the operator's page showed it (``version_<id>``: a button on
+    its page, a confirmation page), which the services fence on: a double submit or a stale
+    page is refused (``changed``) rather than acting again. None when the post carries none
+    (the list's action bar, which shows no versions)."""
+    value = request.POST.get(f"version_{saga_id}")
+    if value is None:
+        return None
+    value = value.strip()
+    if not (value.isascii() and value.isdigit() and len(value) <= 19):
+        raise SagaOperationRefused(
+            "changed", "The page's version of this saga is not one; reload and decide again."
+        )
+    return int(value)
+
+
 def _predicted_refusal(saga: Saga, operation: str) -> str:
     """Why the services will refuse ``operation`` on this saga, or "" if they should accept it.
 
@@ -1074,7 +1090,14 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             return self._done(request)
         outcome = _Outcome()
         try:
-            outcome.run(ids, lambda saga_id: saga_retry_now(saga_id=saga_id, user=request.user))
+            outcome.run(
+                ids,
+                lambda saga_id: saga_retry_now(
+                    saga_id=saga_id,
+                    user=request.user,
+                    expected_version=_posted_version(request, saga_id),
+                ),
+            )
         except PermissionDenied as denied:
             messages.error(request, str(denied) or "You may not operate sagas.")
             return self._done(request)
@@ -1096,7 +1119,10 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                     outcome.run(
                         ids,
                         lambda saga_id: saga_compensate(
-                            saga_id=saga_id, user=request.user, reason=reason
+                            saga_id=saga_id,
+                            user=request.user,
+                            reason=reason,
+                            expected_version=_posted_version(request, saga_id),
                         ),
                     )
                 except PermissionDenied as denied:
@@ -1126,7 +1152,11 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                     outcome.run(
                         ids,
                         lambda saga_id: saga_resolve(
-                            saga_id=saga_id, user=request.user, note=note, accept_effects=accept
+                            saga_id=saga_id,
+                            user=request.user,
+                            note=note,
+                            accept_effects=accept,
+                            expected_version=_posted_version(request, saga_id),
                         ),
                     )
                 except PermissionDenied as denied:
@@ -1162,7 +1192,13 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                             "The confirmation named no undo for this saga; reload and decide "
                             "again.",
                         )
-                    return saga_undo_done(saga_id=saga_id, user=request.user, step=step, note=note)
+                    return saga_undo_done(
+                        saga_id=saga_id,
+                        user=request.user,
+                        step=step,
+                        note=note,
+                        expected_version=_posted_version(request, saga_id),
+                    )
 
                 outcome = _Outcome()
                 try:
@@ -1195,7 +1231,8 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         # so a saga shown as refused is never acted on by confirming (whatever it became).
         accepted_ids: list[Any] = []
         # What each of them looked like on the page, posted back with it for every accepted
-        # saga (listed or not): for undo done, the undo it waits on (see ``undo_done``).
+        # saga (listed or not): its version (see ``_posted_version``), and for undo done the
+        # undo it waits on (see ``undo_done``).
         fences: list[dict[str, Any]] = []
         for saga in sagas:
             refusal = _predicted_refusal(saga, operation)
@@ -1216,7 +1253,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                     effects = []
             if not refusal:
                 accepted_ids.append(saga.pk)
-                fences.append({"id": saga.pk, "step": saga.current_step})
+                fences.append({"id": saga.pk, "version": saga.version, "step": saga.current_step})
                 if operation == "compensate":
                     shape = tuple((p["step"], p["compensation"]) for p in plan)
                     group = groups.setdefault(shape, {"plan": plan, "sagas": []})

@@ -126,11 +126,25 @@ def _told(saga: Saga) -> None:
     saga.__dict__["_before"] = copy.copy(saga)  # beside the fields, as _told pops it
 
 
-def _locked(saga_id: Any) -> Saga:
+def _locked(saga_id: Any, expected_version: int | None = None) -> Saga:
+    """The saga's row, locked until the transaction ends.
+
+    ``expected_version`` is the version a person's decision was made on (the page they saw):
+    a saga that has moved since is refused (``changed``), so a double submit or a stale page
+    does not act a second time or on a saga nobody looked at. Without it, only the rules of
+    the operation are checked (the API, the engine).
+    """
     try:
         saga = Saga.objects.select_for_update().get(pk=saga_id)
     except Saga.DoesNotExist:
         raise SagaOperationRefused("not_found", "No such saga.") from None
+    if expected_version is not None and saga.version != expected_version:
+        at = f" at {saga.current_step}" if saga.current_step else ""
+        raise SagaOperationRefused(
+            "changed",
+            f"The saga changed since your page showed it (now {saga.state}{at}); "
+            "reload and decide again.",
+        )
     saga.__dict__["_before"] = copy.copy(saga)  # what _told() compares with
     return saga
 
@@ -396,11 +410,14 @@ def saga_request_cancel(*, saga_id: Any, reason: str, actor: str = "engine") -> 
 # ---------------------------------------------------------------------------------------------
 # Ops operations (admin and API)
 # ---------------------------------------------------------------------------------------------
-def saga_retry_now(*, saga_id: Any, user: Any) -> Saga:
-    """Run the saga's next piece of work now: skip a backoff, or resume from needs_manual."""
+def saga_retry_now(*, saga_id: Any, user: Any, expected_version: int | None = None) -> Saga:
+    """Run the saga's next piece of work now: skip a backoff, or resume from needs_manual.
+
+    ``expected_version``, here and in the other ops operations: see :func:`_locked`.
+    """
     _require_ops(user)
     with transaction.atomic():
-        saga = _locked(saga_id)
+        saga = _locked(saga_id, expected_version)
         _refuse_unless_allowed(saga, "retry")
         more: list[str] = []
         if saga.state == SagaState.NEEDS_MANUAL:
@@ -420,7 +437,9 @@ def saga_retry_now(*, saga_id: Any, user: Any) -> Saga:
     return saga
 
 
-def saga_compensate(*, saga_id: Any, user: Any, reason: str) -> Saga:
+def saga_compensate(
+    *, saga_id: Any, user: Any, reason: str, expected_version: int | None = None
+) -> Saga:
     """Stop a running saga and undo what it did, as a cancel with the operator's reason.
 
     The saga's ``failure_code`` becomes ``step_failed`` (to a client, an operator stopping
@@ -431,7 +450,7 @@ def saga_compensate(*, saga_id: Any, user: Any, reason: str) -> Saga:
     if not reason:
         raise SagaOperationRefused("reason_required", "Say why you compensate this saga.")
     with transaction.atomic():
-        saga = _locked(saga_id)
+        saga = _locked(saga_id, expected_version)
         _refuse_unless_allowed(saga, "compensate")
         _event(saga, "ops_compensate", actor=_actor(user), detail=reason, step=saga.current_step)
         # In the same transaction: a refused cancel (pivot reached, not running) must not leave
@@ -456,7 +475,9 @@ def describe_effects(effects: list[dict[str, Any]]) -> list[str]:
     return [f"{e['step']} ({e['compensation']} has not run)" for e in effects]
 
 
-def saga_undo_done(*, saga_id: Any, user: Any, step: str, note: str) -> Saga:
+def saga_undo_done(
+    *, saga_id: Any, user: Any, step: str, note: str, expected_version: int | None = None
+) -> Saga:
     """Record that a person did the waiting undo by hand; the engine goes on with the rest.
 
     For a saga in ``needs_manual`` because the compensation of ``step`` kept failing (say the
@@ -472,7 +493,7 @@ def saga_undo_done(*, saga_id: Any, user: Any, step: str, note: str) -> Saga:
             "note_required", "A note is required: say how the undo was done by hand."
         )
     with transaction.atomic():
-        saga = _locked(saga_id)
+        saga = _locked(saga_id, expected_version)
         if not (saga_waits_on_undo(saga) and saga.current_step == step):
             waiting = (
                 f"it waits on the undo of {saga.current_step}"
@@ -511,7 +532,14 @@ def saga_undo_done(*, saga_id: Any, user: Any, step: str, note: str) -> Saga:
     return saga
 
 
-def saga_resolve(*, saga_id: Any, user: Any, note: str, accept_effects: bool = False) -> Saga:
+def saga_resolve(
+    *,
+    saga_id: Any,
+    user: Any,
+    note: str,
+    accept_effects: bool = False,
+    expected_version: int | None = None,
+) -> Saga:
     """Close a saga that needs a person, with a note saying what the person did.
 
     Refused (``effects_in_place``, naming them) while steps that took effect have not been
@@ -524,7 +552,7 @@ def saga_resolve(*, saga_id: Any, user: Any, note: str, accept_effects: bool = F
     if not note:
         raise SagaOperationRefused("note_required", "A note is required to resolve a saga.")
     with transaction.atomic():
-        saga = _locked(saga_id)
+        saga = _locked(saga_id, expected_version)
         _refuse_unless_allowed(saga, "resolve")
         effects = describe_effects(saga_effects_in_place(saga))
         before_pivot = saga_stopped_before_pivot(saga)
