@@ -307,6 +307,8 @@ def _why_not_cancellable(saga: Saga | None, refused: SagaOperationRefused) -> st
 
     if refused.code == "pivot_reached":
         return "The payment for this order has been taken; it can no longer be cancelled."
+    if refused.code == "definition_missing":  # this server is behind a release: for now
+        return "The order cannot be cancelled right now; try again in a few minutes."
     status = order_state(saga).status if saga is not None else ""
     return {
         OrderStatus.CONFIRMED: "The order is already confirmed; it can no longer be cancelled.",

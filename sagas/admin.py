@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 from uuid import UUID
 
+import structlog
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
@@ -74,6 +75,8 @@ from sagas.services import (
     saga_waits_on_undo,
     step_before_pivot,
 )
+
+log = structlog.get_logger("sagas.admin")
 
 admin.site.site_header = "sagarunner ops console"
 admin.site.site_title = "sagarunner ops"
@@ -505,9 +508,16 @@ def _predicted_refusal(saga: Saga, operation: str) -> str:
     """
     try:
         refusal = saga_refusal(saga, operation)
-    except LookupError:  # a saga type this process does not know: let the service say so
+    except LookupError:  # a step its version lacks: let the service say so
         return ""
     return "" if refusal is None else refusal.detail.rstrip(".")
+
+
+def _definition_missing(saga: Saga) -> str:
+    return (
+        f"This code does not register {saga.saga_type} v{saga.definition_version}, the "
+        "definition the saga runs on"
+    )
 
 
 class _Outcome:
@@ -525,6 +535,16 @@ class _Outcome:
                     operation(saga_id)
             except SagaOperationRefused as refusal:
                 self.refused.setdefault(refusal.detail, []).append(saga_id)
+            except LookupError:
+                # The services refuse what needs a definition this code lacks; a read they do
+                # not guard is refused here too, its transaction rolled back, not a 500 after
+                # the sagas before it were acted on.
+                log.exception("saga.ops_lookup_failed", saga_id=str(saga_id))
+                self.refused.setdefault(
+                    "Could not act on it: something it needs is missing from this code (its "
+                    "definition, a step of it); nothing was changed.",
+                    [],
+                ).append(saga_id)
             else:
                 self.done.append(saga_id)
 
@@ -872,8 +892,10 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             in (None, "in_flight"),
             "offer_compensate": not saga.cancel_reason
             and not _predicted_refusal(saga, "compensate"),
-            "offer_resolve": saga.state == SagaState.NEEDS_MANUAL,
-            "offer_undo_done": saga_waits_on_undo(saga),
+            "offer_resolve": saga.state == SagaState.NEEDS_MANUAL
+            and not _predicted_refusal(saga, "resolve"),
+            "offer_undo_done": saga_waits_on_undo(saga)
+            and not _predicted_refusal(saga, "undo_done"),
             "changelist_url": changelist,
             "is_stuck": selectors.saga_is_stuck(saga),
             "definition_missing": definition_problem(
@@ -953,8 +975,12 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         if saga is None:
             messages.error(request, "No such saga.")
             return HttpResponseRedirect(reverse("admin:sagas_saga_changelist"))
-        names = definition_of(saga).signals
         page = reverse("admin:sagas_saga_change", args=[saga.pk])
+        try:
+            names = definition_of(saga).signals
+        except LookupError:
+            messages.error(request, f"{_definition_missing(saga)}: it takes no signal here.")
+            return HttpResponseRedirect(page)
         # Preselected only when the saga waits for it: a saga not waiting yet keeps a signal
         # for later, and a first signal offered by default could be sent by one careless click.
         form = {

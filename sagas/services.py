@@ -26,6 +26,7 @@ from config.text import trimmed
 from sagas import metrics, tracing
 from sagas.definition import (
     SagaDefinition,
+    UnknownDefinition,
     change_hook,
     definition_of,
     forward_key,
@@ -231,6 +232,20 @@ def saga_data_flag(*, saga_ids: Any, key: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # Whether an operation is allowed: the one place the rules live
 # ---------------------------------------------------------------------------------------------
+def _definition(saga: Saga) -> SagaDefinition:
+    """The definition the saga runs on, or a refusal (``definition_missing``) when this code
+    does not register it (a type or version from another release): an operation that needs it
+    is refused with the reason instead of failing with an error."""
+    try:
+        return definition_of(saga)
+    except UnknownDefinition:
+        raise SagaOperationRefused(
+            "definition_missing",
+            f"This code does not register {saga.saga_type} v{saga.definition_version}, the "
+            "definition the saga runs on; deploy code that has it, then try again.",
+        ) from None
+
+
 def saga_waits_on_undo(saga: Saga) -> bool:
     """Stopped because the undo of its current step kept failing (see :func:`saga_undo_done`)."""
     return saga.state == SagaState.NEEDS_MANUAL and saga.escalated_from == SagaState.COMPENSATING
@@ -244,7 +259,7 @@ def resumed_forward(saga: Saga) -> list[str]:
     saga.resume_forward()
     if saga.deadline_at is None:
         return []
-    seconds = _working_time(definition_of(saga))
+    seconds = _working_time(_definition(saga))
     saga.deadline_at = max(saga.deadline_at, timezone.now() + timedelta(seconds=seconds))
     return ["deadline_at"]
 
@@ -281,8 +296,17 @@ def saga_refusal(saga: Saga, operation: str) -> SagaOperationRefused | None:
 
     ``operation`` is ``cancel``, ``compensate``, ``resolve``, ``retry`` or ``undo_done``. The
     services ask this under the row lock before they act; the ops console asks it first, so an
-    operator sees what will be refused (and why, in the same words) before confirming.
+    operator sees what will be refused (and why, in the same words) before confirming. An
+    operation that needs the saga's definition is refused (``definition_missing``) where this
+    code does not register it.
     """
+    try:
+        return _rule_refusal(saga, operation)
+    except SagaOperationRefused as refusal:  # the definition it needs is not registered here
+        return refusal
+
+
+def _rule_refusal(saga: Saga, operation: str) -> SagaOperationRefused | None:
     if operation == "compensate" and saga_waits_on_undo(saga):
         return SagaOperationRefused(
             "already_compensating",
@@ -295,7 +319,7 @@ def saga_refusal(saga: Saga, operation: str) -> SagaOperationRefused | None:
             return SagaOperationRefused(
                 "not_running", f"The saga is {saga.state}; only a running saga can be {verb}."
             )
-        definition = definition_of(saga)
+        definition = _definition(saga)
         if definition.index_of(saga.current_step) >= definition.pivot_index:
             return SagaOperationRefused(
                 "pivot_reached",
@@ -311,6 +335,8 @@ def saga_refusal(saga: Saga, operation: str) -> SagaOperationRefused | None:
         return SagaOperationRefused(
             "not_waiting_on_undo", f"The saga is {saga.state} and waits on no undo."
         )
+    if operation in ("resolve", "undo_done"):
+        _definition(saga)  # its on_resolve settles the records; its ladder goes on below
     if operation == "retry":
         return _retry_refusal(saga)
     return None
@@ -318,6 +344,8 @@ def saga_refusal(saga: Saga, operation: str) -> SagaOperationRefused | None:
 
 def _retry_refusal(saga: Saga) -> SagaOperationRefused | None:
     if saga.state == SagaState.NEEDS_MANUAL:
+        if saga.escalated_from != SagaState.COMPENSATING:
+            _definition(saga)  # resuming forward gives back the working time it declares
         return None
     if saga.state not in (SagaState.RUNNING, SagaState.COMPENSATING):
         return SagaOperationRefused(
@@ -504,7 +532,7 @@ def saga_undo_done(
                 "not_waiting_on_undo",
                 f"The saga is not waiting on the undo of {step or '(no step given)'}: {waiting}.",
             )
-        definition = definition_of(saga)
+        definition = _definition(saga)
         SagaStep.objects.filter(saga=saga, name=saga.current_step).update(
             status=StepStatus.COMPENSATED_BY_HAND, updated_at=timezone.now()
         )
@@ -564,7 +592,7 @@ def saga_resolve(
                 "they stay (accept_effects) to resolve anyway.",
                 {"accept_effects": effects},
             )
-        hook = definition_of(saga).on_resolve
+        hook = _definition(saga).on_resolve
         if hook is not None:
             try:
                 with transaction.atomic():

@@ -41,6 +41,7 @@ from sagas.services import (
     OPS_PERMISSION,
     _actor,
     _attempts_start_over,
+    _definition,
     _event,
     _locked,
     _save,
@@ -235,7 +236,12 @@ def saga_signal(
 
 
 def _deliver(saga: Saga, name: str, payload: Any, key: str, user: Any) -> SignalOutcome:
-    definition = definition_of(saga)
+    try:
+        definition = definition_of(saga)
+    except LookupError:  # a type or version of another release: refused, to ops staff only
+        if not may_signal_saga(user, saga):
+            raise PermissionDenied("Only ops staff or the saga's client may signal it.") from None
+        definition = _definition(saga)  # raises definition_missing
     indexes = definition.waits_for(name)
     if not indexes:
         if not may_signal_saga(user, saga):
