@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import structlog
 from django.conf import settings
@@ -987,18 +987,23 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             "name": request.POST.get("name", saga.waiting_for),
             "payload": request.POST.get("payload", "{}"),
             "key": request.POST.get("key", ""),
+            # The form's own key, made as it renders, used when the operator gives none: the
+            # same form sent twice (a double click, back and send again) is a replay of the
+            # signal it sent, not a second signal refused as one already waiting.
+            "form_key": request.POST.get("form_key", "") or uuid4().hex,
         }
         error = ""
         if request.method == "POST" and not form["name"]:
             error = "Choose the signal to send."
         elif request.method == "POST":
+            own_key = not form["key"].strip()
             try:
                 payload = _json_payload(form["payload"])
                 outcome = saga_signal(
                     saga_id=saga.pk,
                     name=form["name"],
                     payload=payload,
-                    key=form["key"].strip() or None,
+                    key=form["key"].strip() or form["form_key"],
                     user=request.user,
                 )
             except _NotJson as exc:
@@ -1012,8 +1017,19 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                 SagaOperationRefused,
             ) as exc:
                 error = exc.detail
+                if isinstance(exc, SignalKeyReused) and own_key:
+                    error = (
+                        f"This form already sent {form['name']} with another payload; that "
+                        "signal stands. Open the form again to send a new one."
+                    )
             else:
-                if outcome.replayed:
+                if outcome.replayed and own_key:
+                    messages.info(
+                        request,
+                        f"Signal {form['name']} was already sent from this form; "
+                        "nothing more was done.",
+                    )
+                elif outcome.replayed:
                     messages.info(request, f"Signal {form['name']} with this key was already sent.")
                 elif outcome.delivered_now:
                     messages.success(request, f"Signal {form['name']} sent; the saga goes on.")

@@ -151,3 +151,31 @@ def test_a_signal_to_a_saga_on_no_step_of_its_type_is_refused_not_a_crash(ops_us
     with pytest.raises(SagaOperationRefused) as refused:
         saga_signal(saga_id=saga.pk, name="go", payload={}, key="k", user=ops_user)
     assert refused.value.code == "not_waiting"
+
+
+def test_the_signal_form_sent_twice_sends_one_signal_and_says_so(ops_client):
+    """A double click (or back and send again) on the form as rendered, no key typed: the
+    second post is a replay of the first signal, not an error about the operator's own."""
+    import re
+
+    from django.contrib.messages import get_messages
+
+    saga = parked_saga()
+    form_url = reverse("admin:sagas_saga_signal", args=[saga.pk])
+    html = ops_client.get(form_url).content.decode()
+    [form_key] = re.findall(r'<input type="hidden" name="form_key" value="([0-9a-f]{32})">', html)
+    form = {"name": "go", "payload": '{"ok": true}', "key": "", "form_key": form_key}
+    first = ops_client.post(form_url, form)
+    second = ops_client.post(form_url, form, follow=True)
+    assert first.status_code == 302
+    said = [(m.level_tag, str(m)) for m in get_messages(second.wsgi_request)]
+    assert ("info", "Signal go was already sent from this form; nothing more was done.") in said
+    assert SagaSignal.objects.filter(saga=saga).count() == 1
+    assert saga.events.filter(kind="ops_signal").count() == 1
+    # The same form changed and sent again does not pass for the first signal.
+    changed = ops_client.post(form_url, {**form, "payload": '{"ok": false}'})
+    assert changed.status_code == 200
+    assert "This form already sent go with another payload" in changed.content.decode()
+    assert SagaSignal.objects.get(saga=saga).payload == {"ok": True}
+    # A form opened again has a key of its own: sending it is a new signal, decided on merit.
+    assert form_key not in ops_client.get(form_url).content.decode()
