@@ -319,6 +319,15 @@ def _rule_refusal(saga: Saga, operation: str) -> SagaOperationRefused | None:
             return SagaOperationRefused(
                 "not_running", f"The saga is {saga.state}; only a running saga can be {verb}."
             )
+        if operation == "compensate" and saga.state == SagaState.RUNNING and saga.cancel_reason:
+            # A cancel asked for again changes nothing (a client retrying is told yes), but an
+            # operator told "compensation requested" would believe the order now stops as
+            # step_failed: it stops as its client asked, with the client's reason.
+            return SagaOperationRefused(
+                "already_cancelling",
+                f"A cancel is already in progress ({saga.cancel_reason}): the saga stops at its "
+                "next step boundary and undoes what took effect; there is nothing to add.",
+            )
         definition = _definition(saga)
         if definition.index_of(saga.current_step) >= definition.pivot_index:
             return SagaOperationRefused(
@@ -471,7 +480,9 @@ def saga_compensate(
     """Stop a running saga and undo what it did, as a cancel with the operator's reason.
 
     The saga's ``failure_code`` becomes ``step_failed`` (to a client, an operator stopping
-    their order means processing failed); the operator's words go to the timeline.
+    their order means processing failed); the operator's words go to the timeline. Refused
+    (``already_cancelling``) when a cancel is in progress already (its client's): the saga
+    stops anyway, and keeps that reason.
     """
     _require_ops(user)
     reason = trimmed(reason or "")

@@ -249,3 +249,52 @@ def test_the_services_fence_on_the_version_only_when_given_one(ops_user):
         saga_resolve(saga_id=saga.pk, user=ops_user, note="x", expected_version=saga.version)
     assert refused.value.code == "changed"
     assert saga_retry_now(saga_id=saga.pk, user=ops_user).state == SagaState.COMPENSATING
+
+
+# ---------------------------------------------------------------------------------------------
+# Compensate while a cancel is in progress
+# ---------------------------------------------------------------------------------------------
+def test_compensate_is_refused_while_a_cancel_is_in_progress(ops_client, ops_user):
+    """Its client cancelled the order: it stops anyway, as its client asked. Compensating was
+    reported as requested and changed nothing (the reason stayed the client's, not the
+    step_failed the console promises); it is refused, saying so, before and on confirming."""
+    from orders.saga import order_saga
+    from sagas.exceptions import SagaOperationRefused
+    from sagas.services import saga_compensate
+
+    saga = running(saga_type="order", step_index=order_saga.index_of("arrange_shipment"))
+    Saga.objects.filter(pk=saga.pk).update(cancel_reason="customer_cancelled")
+    data = {"action": "compensate", "_selected_action": [str(saga.pk)], "index": "0"}
+    asked = ops_client.post(LIST, data, follow=True)
+    assert "Compensate this saga?" not in asked.content.decode()  # refused at once
+    [(level, text)] = texts(asked)
+    assert level == "error" and "A cancel is already in progress (customer_cancelled)" in text
+    forced = {**data, "select_across": "0", "confirm": "yes", "reason": "ops stop"}
+    del forced["index"]
+    [(level, text)] = texts(ops_client.post(LIST, forced, follow=True))
+    assert level == "error" and "already in progress" in text
+    with pytest.raises(SagaOperationRefused) as refused:
+        saga_compensate(saga_id=saga.pk, user=ops_user, reason="ops stop")  # as the API calls it
+    assert refused.value.code == "already_cancelling"
+    assert Saga.objects.get(pk=saga.pk).cancel_reason == "customer_cancelled"
+    assert not SagaEvent.objects.filter(saga=saga, kind="ops_compensate").exists()
+
+
+def test_a_compensate_confirmation_sent_twice_while_a_step_runs_compensates_once(ops_client):
+    """A cancel recorded while a step is in flight keeps the saga's version (the step's record
+    must land), so the version fence lets the second post through: the cancel in progress
+    refuses it."""
+    from django.utils import timezone
+
+    from orders.saga import order_saga
+
+    saga = running(saga_type="order", step_index=order_saga.index_of("arrange_shipment"))
+    Saga.objects.filter(pk=saga.pk).update(lease_until=timezone.now() + timedelta(minutes=5))
+    fields = hidden_fields(page(ops_client, "compensate", [saga]), "compensate-form")
+    first = submit(ops_client, fields, reason="customer asked (ticket 1)")
+    assert Saga.objects.get(pk=saga.pk).version == saga.version  # in flight: not moved
+    second = submit(ops_client, fields, reason="customer asked (ticket 1)")
+    assert [lvl for lvl, _ in texts(first)] == ["success"]
+    [(level, text)] = texts(second)
+    assert level == "error" and "A cancel is already in progress (step_failed)" in text
+    assert SagaEvent.objects.filter(saga=saga, kind="ops_compensate").count() == 1
