@@ -896,6 +896,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             and not _predicted_refusal(saga, "resolve"),
             "offer_undo_done": saga_waits_on_undo(saga)
             and not _predicted_refusal(saga, "undo_done"),
+            "is_finished": saga.state in TERMINAL_STATES,
             "changelist_url": changelist,
             "is_stuck": selectors.saga_is_stuck(saga),
             "definition_missing": definition_problem(

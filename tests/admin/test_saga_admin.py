@@ -379,3 +379,39 @@ def test_pages_past_an_estimated_end_are_empty_not_errors(ops_client, monkeypatc
     response = ops_client.get(f"{LIST}?p=9")
     assert response.status_code == 200
     assert listed_ids(response) == []
+
+
+def test_a_saga_with_nothing_to_do_now_is_not_called_finished(ops_client):
+    """No button to offer is not the same as finished: an order waiting at its fraud review
+    with its client's cancel pending, and a saga waiting out a timer at its pivot, say what
+    they are doing; a finished saga says it is finished."""
+    from django.utils import timezone
+
+    from orders.saga import order_saga
+    from sagas.models import Saga, SagaState
+    from tests.admin.conftest import make_saga, running
+
+    def hint(saga: Saga) -> str:
+        html = ops_client.get(reverse("admin:sagas_saga_change", args=[saga.pk])).content.decode()
+        assert 'value="Retry now"' not in html and 'value="Compensate..."' not in html
+        at = html.index("Nothing to do")
+        return html[at : html.index("</span>", at)]
+
+    cancelling = running(saga_type="order", step_index=order_saga.index_of("fraud_review"))
+    Saga.objects.filter(pk=cancelling.pk).update(
+        waiting_for="fraud_review",
+        waiting_since=timezone.now(),
+        next_attempt_at=timezone.now(),
+        cancel_reason="customer_cancelled",
+    )
+    said = hint(cancelling)
+    assert "finished" not in said and "a cancel is in progress (customer_cancelled)" in said
+
+    timer = make_saga(state=SagaState.RUNNING, saga_type="test_sleep_pivot", step_index=1)
+    Saga.objects.filter(pk=timer.pk).update(
+        waiting_since=timezone.now(), next_attempt_at=timezone.now() + timedelta(hours=1)
+    )
+    said = hint(timer)
+    assert "finished" not in said and "waits for its timer" in said
+
+    assert "this saga is finished" in hint(make_saga())
