@@ -34,6 +34,7 @@ from django.core.exceptions import ObjectDoesNotExist, PermissionDenied
 from django.core.paginator import EmptyPage, Page, PageNotAnInteger, Paginator
 from django.db import connection, transaction
 from django.db.models import OneToOneRel, Q, QuerySet
+from django.forms import BooleanField
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, path, reverse
@@ -470,6 +471,15 @@ class FailureSignatureFilter(admin.SimpleListFilter):
 # ---------------------------------------------------------------------------------------------
 def _selected_ids(queryset: QuerySet[Saga]) -> list[Any]:
     return list(queryset.order_by().values_list("pk", flat=True)[: MAX_BULK + 1])
+
+
+def _is_uuid(value: str) -> bool:
+    """Whether a posted saga id is one (as the UUID field reads it: no stray spaces)."""
+    try:
+        UUID(value)
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return True
 
 
 def _short(saga_id: Any) -> str:
@@ -1109,7 +1119,20 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         return super().changelist_view(request, extra_context=extra)
 
     # -- actions -------------------------------------------------------------------------------
+    def response_action(self, request: HttpRequest, queryset: QuerySet[Saga]):
+        """Django's action handling, once the posted saga ids are known to be ids: it filters
+        by them, and a value that is not a UUID raised a ValidationError there (a 500)."""
+        bad = [v for v in request.POST.getlist(helpers.ACTION_CHECKBOX_NAME) if not _is_uuid(v)]
+        if bad:
+            shown = ", ".join(repr(v[:40]) for v in bad[:5]) + (" ..." if len(bad) > 5 else "")
+            messages.error(request, f"Not a saga id: {shown}. Nothing was done.")
+            return self._done(request)
+        return super().response_action(request, queryset)
+
     def _ids_or_refuse(self, request: HttpRequest, queryset: QuerySet[Saga]) -> list[Any] | None:
+        """The selected sagas' ids, or None (with a message) when there is nothing to act on:
+        a selection over the bulk limit, or ids of which none is a saga (those not found are
+        named; the others go on)."""
         ids = _selected_ids(queryset)
         if len(ids) > MAX_BULK:
             messages.error(
@@ -1119,7 +1142,24 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                 f"{MAX_BULK} sagas.",
             )
             return None
-        return ids
+        if not BooleanField().to_python(request.POST.get("select_across")):
+            found = set(ids)
+            missing = list(
+                dict.fromkeys(
+                    UUID(v)
+                    for v in request.POST.getlist(helpers.ACTION_CHECKBOX_NAME)
+                    if UUID(v) not in found
+                )
+            )
+            if missing:
+                n = len(missing)
+                shown = ", ".join(_short(i) for i in missing[:10]) + (" ..." if n > 10 else "")
+                messages.error(
+                    request,
+                    f"No such saga{'s' if n != 1 else ''} ({shown}): nothing was done for "
+                    f"{'it' if n == 1 else 'them'}.",
+                )
+        return ids or None
 
     def _done(self, request: HttpRequest) -> HttpResponse | None:
         url = _next_url(request)

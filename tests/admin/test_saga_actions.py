@@ -341,3 +341,30 @@ def test_a_nul_in_an_actions_free_text_is_a_400_and_changes_nothing(ops_client):
     assert refused.status_code == 400
     assert Saga.objects.get(pk=saga.pk).cancel_reason == ""
     assert not events(saga, "ops_compensate")
+
+
+# ---------------------------------------------------------------------------------------------
+# Posted ids: not a UUID, or no such saga
+# ---------------------------------------------------------------------------------------------
+def test_a_posted_id_that_is_not_a_saga_id_is_refused_with_a_message(ops_client):
+    """Django's action handling filters by the posted ids: a value that is not a UUID raised a
+    ValidationError there (a 500). It is named, and nothing is done, for the others either."""
+    saga = needs_manual()
+    data = {"action": "retry_now", "_selected_action": [str(saga.pk), "not-a-uuid"], "index": "0"}
+    response = ops_client.post(LIST, data, follow=True)
+    assert response.status_code == 200
+    assert texts(response) == [("error", "Not a saga id: 'not-a-uuid'. Nothing was done.")]
+    assert not events(saga, "ops_retry")
+
+
+def test_ids_of_no_saga_are_named_and_the_others_go_on(ops_client):
+    """A confirmation for a saga that does not exist (deleted, mistyped) said nothing at all."""
+    nobody = "00000000-0000-0000-0000-000000000000"
+    alone = confirm(ops_client, "resolve", [], _selected_action=[nobody], note="x")
+    assert alone.status_code == 200
+    assert texts(alone) == [("error", "No such saga (00000000): nothing was done for it.")]
+    saga = needs_manual()
+    data = {"action": "retry_now", "_selected_action": [nobody, str(saga.pk)], "index": "0"}
+    both = texts(ops_client.post(LIST, data, follow=True))
+    assert ("error", "No such saga (00000000): nothing was done for it.") in both
+    assert ("success", f"Retry requested for 1 saga: {str(saga.pk)[:8]}") in both
