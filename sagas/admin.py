@@ -1195,7 +1195,10 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             return self._done(request)
         reason = trimmed(request.POST.get("reason", ""))
         error = ""
-        if request.POST.get("confirm") == "yes":
+        if request.POST.get("confirm") == "yes" and len(reason) > NOTE_MAX:
+            # The timeline keeps NOTE_MAX characters: a longer reason would be cut unseen.
+            error = f"A reason may be at most {NOTE_MAX} characters; say it shorter."
+        elif request.POST.get("confirm") == "yes":
             if reason:
                 outcome = _Outcome()
                 try:

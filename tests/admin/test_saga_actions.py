@@ -109,6 +109,11 @@ def test_compensate_shows_the_plan_then_needs_a_reason_then_compensates(ops_clie
     again = confirm(ops_client, "compensate", [saga], reason="   ")
     assert "Say why you compensate" in again.content.decode()
     assert Saga.objects.get(pk=saga.pk).cancel_reason == ""
+    long = confirm(ops_client, "compensate", [saga], reason="x" * 2000 + " END")
+    assert "at most 2000 characters" in long.content.decode()  # not cut short unseen
+    assert "x" * 2000 + " END" in long.content.decode()  # kept in the field to shorten
+    assert Saga.objects.get(pk=saga.pk).cancel_reason == ""
+    assert not events(saga, "ops_compensate")
 
     done = confirm(ops_client, "compensate", [saga], reason="carrier outage, customer informed")
     assert ("success", f"Compensation requested for 1 saga: {str(saga.pk)[:8]}") in texts(done)
