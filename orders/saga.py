@@ -242,6 +242,7 @@ order_saga_v1 = SagaDefinition(
     "order",
     version=1,
     on_resolve=settle_stock_on_resolve,
+    settled_on_resolve=("reserve_inventory",),
     steps=[RESERVE_INVENTORY, AUTHORIZE_PAYMENT, ARRANGE_SHIPMENT, CAPTURE_PAYMENT, CONFIRM_ORDER],
     on_change=order_events,
 )
@@ -251,6 +252,7 @@ order_saga = SagaDefinition(
     "order",
     version=2,
     on_resolve=settle_stock_on_resolve,
+    settled_on_resolve=("reserve_inventory",),
     steps=[
         RESERVE_INVENTORY,
         Wait(

@@ -284,6 +284,10 @@ class SagaDefinition:
     #: must never stay open on a closed saga, such as a stock reservation; raising refuses the
     #: resolve. Must be idempotent (derive keys from the saga, like steps do).
     on_resolve: Callable[[Any], None] | None = None
+    #: The steps whose effect ``on_resolve`` undoes itself when it is undone by nobody else (an
+    #: order's stock reservation): resolving does not leave them in place, so a resolve
+    #: neither names them among the effects it keeps nor asks the person to accept them.
+    settled_on_resolve: tuple[str, ...] = ()
     #: The definition's version; new sagas start on the highest registered one.
     version: int = 1
     #: Called inside every transaction that changes a saga of this type (see ChangeHook).
@@ -313,6 +317,12 @@ class SagaDefinition:
                     "differ in who may send it (client) or how its payload is checked "
                     "(validate); give them different signal names"
                 )
+        unknown = [name for name in self.settled_on_resolve if name not in names]
+        if unknown or (self.settled_on_resolve and self.on_resolve is None):
+            raise ValueError(
+                f"saga type {self.saga_type!r}: settled_on_resolve names steps its on_resolve "
+                f"undoes, so it needs an on_resolve and steps of this type (not {unknown})"
+            )
         self._index.update({name: i for i, name in enumerate(names)})
 
     def __str__(self) -> str:

@@ -499,15 +499,20 @@ def saga_compensate(
 
 
 def saga_effects_in_place(saga: Saga) -> list[dict[str, Any]]:
-    """Steps that took effect (or may have) and whose undo has not run, newest first.
+    """Steps that took effect (or may have), whose undo has not run, and that a resolve would
+    leave in place, newest first.
 
     Only a saga that stopped while undoing, or before its pivot (a wait that timed out), has
-    any: one that stopped at or past its pivot is meant to keep what its steps did. Each entry
-    is a compensation-plan entry (step, compensation, idempotency key, status).
+    any: one that stopped at or past its pivot is meant to keep what its steps did. The steps
+    the type's ``on_resolve`` settles itself (``settled_on_resolve``: an order's reservation,
+    released as it resolves) are left out: naming them told the person the stock stayed
+    reserved when resolving released it. Each entry is a compensation-plan entry (step,
+    compensation, idempotency key, status).
     """
     if not (saga_waits_on_undo(saga) or saga_stopped_before_pivot(saga)):
         return []
-    return saga_compensation_plan(saga_id=saga.pk)
+    settled = set(_definition(saga).settled_on_resolve)
+    return [e for e in saga_compensation_plan(saga_id=saga.pk) if e["step"] not in settled]
 
 
 def describe_effects(effects: list[dict[str, Any]]) -> list[str]:

@@ -243,24 +243,19 @@ def test_compensate_after_the_pivot_is_409(ops_api, saga):
 
 
 def test_resolve_closes_a_saga_that_needs_a_person_with_the_note(ops_api, saga):
-    """needs_manual while undoing reserve_inventory: 409 effects_in_place naming it; with
-    accept_effects 200, resolved, the note, the kept effect and the user in the timeline."""
+    """needs_manual while undoing reserve_inventory, its only effect: resolving releases the
+    reservation itself (the order saga's on_resolve), so nothing stays in place and no
+    accept_effects is asked for; 200, resolved, the note and the user in the timeline, no
+    effect named as kept."""
     needs_manual(saga)
-    url = f"{SAGAS}{saga.id}/resolve/"
-    body = assert_error(
-        ops_api.post(url, {"note": "refunded by hand"}, format="json"), 409, "effects_in_place"
-    )
-    assert body["fields"] == {
-        "accept_effects": ["reserve_inventory (release_inventory has not run)"]
-    }
     response = ops_api.post(
-        url, {"note": "refunded by hand", "accept_effects": True}, format="json"
+        f"{SAGAS}{saga.id}/resolve/", {"note": "refunded by hand"}, format="json"
     )
     assert response.status_code == 200, response.content
     assert response.json()["state"] == "resolved"
     event = SagaEvent.objects.get(saga=saga, kind="ops_resolve")
     assert event.actor == "user:olivia"
-    assert event.detail.startswith("refunded by hand (effects kept: reserve_inventory")
+    assert event.detail == "refunded by hand"
 
 
 @pytest.mark.parametrize("loose", ["yes", "true", 1, "on"], ids=repr)
