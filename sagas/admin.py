@@ -1119,7 +1119,9 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         return super().changelist_view(request, extra_context=extra)
 
     # -- actions -------------------------------------------------------------------------------
-    def response_action(self, request: HttpRequest, queryset: QuerySet[Saga]):
+    def response_action(
+        self, request: HttpRequest, queryset: QuerySet[Saga], *args: Any, **kwargs: Any
+    ) -> HttpResponse | None:
         """Django's action handling, once the posted saga ids are known to be ids: it filters
         by them, and a value that is not a UUID raised a ValidationError there (a 500)."""
         bad = [v for v in request.POST.getlist(helpers.ACTION_CHECKBOX_NAME) if not _is_uuid(v)]
@@ -1127,7 +1129,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             shown = ", ".join(repr(v[:40]) for v in bad[:5]) + (" ..." if len(bad) > 5 else "")
             messages.error(request, f"Not a saga id: {shown}. Nothing was done.")
             return self._done(request)
-        return super().response_action(request, queryset)
+        return super().response_action(request, queryset, *args, **kwargs)
 
     def _ids_or_refuse(self, request: HttpRequest, queryset: QuerySet[Saga]) -> list[Any] | None:
         """The selected sagas' ids, or None (with a message) when there is nothing to act on:
