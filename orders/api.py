@@ -304,6 +304,7 @@ class OrderViewSet(BodyReadFirst, viewsets.GenericViewSet):
                     items=data.get("items"),
                     payment_method=data.get("payment_method"),
                     shipping_address=data.get("shipping_address"),
+                    body_fields=data,
                 )
                 body = OrderSerializer(order).data
                 if claim is not None:

@@ -9,7 +9,7 @@ worker or the broker afterwards.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 from django.db import transaction
 
 from config.db import insert_row, insert_rows
+from config.errors import refused_fields
 from inventory import services as inventory_services
 from inventory.models import Product
 from orders import events as order_events
@@ -40,6 +41,29 @@ CUSTOMER_CANCELLED = "customer_cancelled"
 
 _NUL_MESSAGE = "Null characters are not allowed."
 _ADDRESS_FIELDS = {"name": 200, "line1": 200, "city": 100, "postal_code": 20, "country": 2}
+#: What a request to place an order names (docs/api.md); any other name is refused.
+ORDER_FIELDS = ("items", "payment_method", "shipping_address")
+ITEM_FIELDS = ("sku", "quantity")
+#: Names of an order, and of its items, as the API returns them that the server sets: sent
+#: with a new order they are ``read_only_field`` (a ``total`` or ``unit_price`` of the client's
+#: own is not what it will pay), not ``unknown_field``. ``tests/orders`` checks them against
+#: the API's representation.
+ORDER_READ_ONLY = {
+    "id": "",
+    "status": "",
+    "step": "",
+    "cancellation_reason": "",
+    "total": "Read-only: the total is the catalog's prices times the quantities.",
+    "currency": "Read-only: an order is in its products' currency.",
+    "created_at": "",
+    "updated_at": "",
+    "saga": "",
+    "payment": "",
+    "shipment": "",
+}
+ITEM_READ_ONLY = {
+    "unit_price": "Read-only: the unit price is the catalog's when the order is placed."
+}
 
 
 @dataclass
@@ -62,6 +86,35 @@ class _Problems:
             if count > 1:
                 detail += f" (and {count - 1} more)"
             raise OrderInvalid(self.first_code, detail, self.fields)
+
+
+def _refuse_other_fields(
+    body_fields: Iterable[str], items: Any, address: Any, problems: _Problems
+) -> None:
+    """Every name the request carries that an order, an item or an address does not take
+    (``unknown_field``) or that the server sets (``read_only_field``), under its path. A
+    ``coupon`` or an item's ``price`` is refused rather than ignored, so that no client takes
+    an order at the full price for one at the price it sent."""
+    for name, code, message in refused_fields(
+        body_fields, takes=ORDER_FIELDS, what="an order", read_only=ORDER_READ_ONLY
+    ):
+        problems.add(code, name, message)
+    if (
+        isinstance(items, Sequence)
+        and not isinstance(items, str | bytes)
+        and len(items) <= MAX_LINES
+    ):
+        for i, item in enumerate(items):
+            if isinstance(item, Mapping):
+                for name, code, message in refused_fields(
+                    item, takes=ITEM_FIELDS, what="an item", read_only=ITEM_READ_ONLY
+                ):
+                    problems.add(code, f"items[{i}].{name}", message)
+    if isinstance(address, Mapping):
+        for name, code, message in refused_fields(
+            address, takes=tuple(_ADDRESS_FIELDS), what="a shipping address"
+        ):
+            problems.add(code, f"shipping_address.{name}", message)
 
 
 def _clean_lines(
@@ -181,6 +234,7 @@ def order_create(
     items: Sequence[Mapping[str, Any]] | Any,
     payment_method: str | Any,
     shipping_address: Mapping[str, Any] | Any,
+    body_fields: Iterable[str] = (),
 ) -> Order:
     """Validate, price and place an order, and start its saga, in one transaction.
 
@@ -196,9 +250,15 @@ def order_create(
     ``reserve_inventory`` step does that atomically, and an order that loses the race ends
     ``cancelled`` with ``out_of_stock`` like any other business "no".
 
+    ``body_fields`` are the names the request body carried (the API passes them; callers
+    without a body need not): a name besides ``items``, ``payment_method`` and
+    ``shipping_address`` is refused, as is one an item or the address does not take, and
+    these come first: ``unknown_field`` or ``read_only_field`` is the error's code.
+
     Raises :class:`~orders.errors.OrderInvalid` (code, detail, fields) for bad input.
     """
     problems = _Problems()
+    _refuse_other_fields(body_fields, items, shipping_address, problems)
     lines, named = _clean_lines(items, problems)
     address = _clean_address(shipping_address, problems)
     if not isinstance(payment_method, str) or payment_method not in PAYMENT_METHODS:

@@ -191,6 +191,28 @@ BAD_BODIES = [
         "invalid_shipping_address",
         "shipping_address.country",
     ),
+    # Names an order does not take are refused, not ignored (the order would be placed at
+    # the full price for a client that believes its coupon or price took effect).
+    ("a coupon", {**GOOD, "coupon": "FREE"}, "unknown_field", "coupon"),
+    ("a total", {**GOOD, "total": "0.01"}, "read_only_field", "total"),
+    (
+        "an item's price",
+        with_items({"sku": "lamp", "quantity": 1, "price": "0.01"}),
+        "unknown_field",
+        "items[0].price",
+    ),
+    (
+        "an item's unit price",
+        with_items({"sku": "lamp", "quantity": 1, "unit_price": "0.01"}),
+        "read_only_field",
+        "items[0].unit_price",
+    ),
+    (
+        "an address's phone",
+        with_address(phone="+44 20 7946 0000"),
+        "unknown_field",
+        "shipping_address.phone",
+    ),
 ]
 
 
@@ -250,6 +272,61 @@ def test_a_value_of_the_wrong_type_is_told_apart_from_a_missing_one(
     """A number where a string goes is not "required": the message says what is wrong."""
     error = assert_error(client_api.post("/api/v1/orders/", body, format="json"), 400)
     assert error["fields"][field] == [message], error
+
+
+def test_names_an_order_does_not_take_are_each_refused_under_their_path(client_api, catalog):
+    """A coupon, an item's price and an address's phone: one 400 naming each (an order, an
+    item, an address each says what it takes), the unknown names first and their code the
+    error's, beside the other problems of the body; nothing is placed."""
+    body = {
+        **GOOD,
+        "coupon": "FREE",
+        "currency": "USD",
+        "items": [{"sku": "lamp", "quantity": 0, "price": "0.01"}],
+        "shipping_address": {**ADDRESS, "phone": "+44 20 7946 0000"},
+    }
+    before = counts()
+    error = assert_error(client_api.post("/api/v1/orders/", body, format="json"), 400)
+    assert error["code"] == "unknown_field", error
+    assert error["fields"] == {
+        "coupon": ["Unknown field: an order takes items, payment_method and shipping_address."],
+        "currency": ["Read-only: an order is in its products' currency."],
+        "items[0].price": ["Unknown field: an item takes sku and quantity."],
+        "shipping_address.phone": [
+            "Unknown field: a shipping address takes name, line1, city, postal_code and country."
+        ],
+        "items[0].quantity": ["Quantity must be between 1 and 1000."],
+    }, error
+    assert error["detail"].startswith("coupon: Unknown field"), error
+    assert counts() == before
+
+
+def test_the_read_only_names_are_those_of_the_order_the_api_returns():
+    """Each name of the order's representation but the three a request sends is read-only,
+    and so is each of an item's but sku and quantity: a client that sends back what it read
+    is told the field is the server's, not that it does not exist."""
+    from orders.representation import OrderItemSerializer, OrderSerializer
+    from orders.services import ITEM_FIELDS, ITEM_READ_ONLY, ORDER_FIELDS, ORDER_READ_ONLY
+
+    assert set(ORDER_READ_ONLY) == set(OrderSerializer.Meta.fields) - set(ORDER_FIELDS)
+    assert set(ITEM_READ_ONLY) == set(OrderItemSerializer.Meta.fields) - set(ITEM_FIELDS)
+
+
+def test_a_replay_is_answered_before_the_body_is_checked(client_api, catalog):
+    """A key whose order was placed from a body with an extra name (before such names were
+    refused) still replays that order for the same body: the replay compares the body as
+    sent, and only a request that may place an order is checked."""
+    from config.idempotency import request_fingerprint
+
+    headers = {"Idempotency-Key": "placed-before"}
+    first = client_api.post("/api/v1/orders/", GOOD, format="json", headers=headers)
+    assert first.status_code == 201, first.content
+    with_coupon = {**GOOD, "coupon": "FREE"}
+    IdempotencyRecord.objects.update(fingerprint=request_fingerprint(with_coupon))
+    again = client_api.post("/api/v1/orders/", with_coupon, format="json", headers=headers)
+    assert again.status_code == 201, again.content
+    assert again["Idempotent-Replayed"] == "true" and again.json()["id"] == first.json()["id"]
+    assert counts() == (1, 1)
 
 
 def test_every_problem_is_reported_at_once(client_api, catalog):

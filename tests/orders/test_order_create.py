@@ -220,7 +220,7 @@ def test_the_service_alone_refuses_every_bad_api_body_with_the_api_code(
     code and field the API answers with, and writes nothing."""
     keys = ("items", "payment_method", "shipping_address")
     with pytest.raises(OrderInvalid) as refused:
-        order_create(owner=customer, **{k: body.get(k) for k in keys})
+        order_create(owner=customer, **{k: body.get(k) for k in keys}, body_fields=body)
     assert (refused.value.code, field in refused.value.fields) == (code, True)
     assert not Order.objects.exists()
 
