@@ -34,6 +34,7 @@ def _current_token(request: Request) -> AuthToken:
 
 class CurrentTokenView(BodyReadFirst, APIView):
     permission_classes = [permissions.IsAuthenticated]
+    takes_no_fields = {"delete": "a revocation"}
 
     @extend_schema(
         summary="The token this request is authenticated with: when it expires",

@@ -10,9 +10,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from rest_framework import exceptions, pagination, serializers
+from rest_framework.exceptions import ErrorDetail
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
+from config.errors import refused_fields
 from config.text import trimmed
 
 if TYPE_CHECKING:
@@ -124,6 +126,54 @@ class StrictBooleanField(serializers.BooleanField):
 
 
 # ---------------------------------------------------------------------------------------------
+# Closed bodies: a name the body does not take is refused, not ignored
+# ---------------------------------------------------------------------------------------------
+class ClosedInput:
+    # Put in front of an input serializer (``serializers.Serializer`` or ``ModelSerializer``):
+    # a name of the body that none of its writable fields takes is refused, under its path,
+    # beside the body's other problems.
+    #
+    # DRF drops such a name silently, so a client that sent a webhook ``secret`` of its own or
+    # a product's new ``sku`` got a ``2xx`` and believed it took effect. A name of one of the
+    # serializer's read-only fields, or of ``read_only_names`` (names the API answers with and
+    # sets itself, each with its message or ``""``), is ``read_only_field``; any other is
+    # ``unknown_field`` (``config.errors.refused_fields``); the error handler makes either the
+    # error's code. Nested, each object is refused under its own path (``items[0].price``).
+    #
+    # (A comment, not a docstring: drf-spectacular would describe every body in the schema
+    # with it.)
+
+    #: Names the route answers with but sets itself: name -> why ("" for the usual message).
+    read_only_names: Mapping[str, str] = {}
+    #: The object as the message names it: "Unknown field: a product takes ...".
+    input_name = "this body"
+
+    def to_internal_value(self, data: Any) -> Any:
+        try:
+            value = super().to_internal_value(data)  # type: ignore[misc]
+            errors: dict[str, Any] = {}
+        except exceptions.ValidationError as exc:
+            if not isinstance(exc.detail, Mapping):
+                raise
+            value, errors = None, dict(exc.detail)
+        if isinstance(data, Mapping):
+            fields = self.fields  # type: ignore[attr-defined]
+            read_only = {name: "" for name, field in fields.items() if field.read_only}
+            refused = refused_fields(
+                data,
+                takes=[name for name, field in fields.items() if not field.read_only],
+                what=self.input_name,
+                read_only={**read_only, **self.read_only_names},
+            )
+            if refused:
+                named = {name: [ErrorDetail(why, code=code)] for name, code, why in refused}
+                errors = {**named, **errors}
+        if errors:
+            raise exceptions.ValidationError(errors)
+        return value
+
+
+# ---------------------------------------------------------------------------------------------
 # The error shape, for the schema
 # ---------------------------------------------------------------------------------------------
 class ErrorSerializer(serializers.Serializer):
@@ -196,6 +246,40 @@ def add_error_responses(result: dict, generator, request, public) -> dict:
     return result
 
 
+def close_request_bodies(result: dict, generator, request, public) -> dict:
+    """drf-spectacular postprocessing hook: every request body's object, and each object it
+    holds by reference (an order's items and address), is ``additionalProperties: false``, as
+    the API refuses any other name (``unknown_field``); a client generated from the schema (or
+    a fuzzer) is not told that other names are taken. Free-form objects declared inline (a
+    signal's ``payload``) stay open."""
+    schemas = result.get("components", {}).get("schemas", {})
+    seen: set[str] = set()
+
+    def close(schema: dict) -> None:
+        ref = schema.get("$ref", "")
+        if ref.startswith("#/components/schemas/"):
+            name = ref.rsplit("/", 1)[1]
+            if name in seen or name not in schemas:
+                return
+            seen.add(name)
+            schema = schemas[name]
+        if schema.get("type") == "object" and "properties" in schema:
+            schema["additionalProperties"] = False
+        parts = [*schema.get("properties", {}).values(), schema.get("items")]
+        parts += [*schema.get("allOf", []), *schema.get("oneOf", [])]
+        for part in parts:
+            if isinstance(part, dict):
+                close(part)
+
+    for operations in result.get("paths", {}).values():
+        for operation in operations.values():
+            if not isinstance(operation, dict):
+                continue
+            for content in operation.get("requestBody", {}).get("content", {}).values():
+                close(content.get("schema", {}))
+    return result
+
+
 def add_plain_views(result: dict, generator, request, public) -> dict:
     """drf-spectacular postprocessing hook: ``/healthz`` and ``/metrics`` are plain Django views
     (no DRF), documented here so the schema lists every route of the contract."""
@@ -262,16 +346,25 @@ class BodyReadFirst:
 
     #: Actions that refuse a body that is not an object themselves, in their own words.
     checks_own_body: tuple[str, ...] = ()
+    #: Actions (or, on a plain view, methods: ``"delete"``) that take no field at all, each
+    #: with its name for the message: a body that names one is refused as ``unknown_field``,
+    #: not ignored (a cancel's ``reason`` would not be recorded anywhere).
+    takes_no_fields: Mapping[str, str] = {}
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)  # type: ignore[misc]
         if request.method not in ("POST", "PUT", "PATCH", "DELETE"):
             return
         data = request.data
-        if not isinstance(data, Mapping) and getattr(self, "action", None) not in (
-            self.checks_own_body
-        ):
+        action = getattr(self, "action", None)
+        if not isinstance(data, Mapping) and action not in self.checks_own_body:
             raise exceptions.ValidationError("The body must be a JSON object, or empty.")
+        what = self.takes_no_fields.get(action or request.method.lower())
+        if what is not None and isinstance(data, Mapping) and data:
+            refused = refused_fields(data, takes=(), what=what)
+            raise exceptions.ValidationError(
+                {name: [ErrorDetail(why, code=code)] for name, code, why in refused}
+            )
 
 
 # ---------------------------------------------------------------------------------------------

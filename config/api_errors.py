@@ -31,7 +31,7 @@ from rest_framework.views import exception_handler as drf_exception_handler
 from rest_framework.views import set_rollback
 
 from config.api_parsers import PayloadTooLarge
-from config.errors import AppError
+from config.errors import READ_ONLY_FIELD, UNKNOWN_FIELD, AppError
 
 
 class ApiError(exceptions.APIException):
@@ -116,6 +116,21 @@ def _code_of(exc: exceptions.APIException) -> str:
     return exc.default_code
 
 
+def _refused_name_code(codes: Any) -> str | None:
+    """The first ``unknown_field`` or ``read_only_field`` among a validation error's codes (in
+    the order of its fields), if any: a name the body may not carry is what the client most
+    needs told, and these come first (``config.api.ClosedInput``)."""
+    if isinstance(codes, dict):
+        codes = list(codes.values())
+    if isinstance(codes, list | tuple):
+        for item in codes:
+            found = _refused_name_code(item)
+            if found:
+                return found
+        return None
+    return codes if codes in (UNKNOWN_FIELD, READ_ONLY_FIELD) else None
+
+
 def exception_handler(exc: Exception, context: dict) -> Response | None:
     """DRF ``EXCEPTION_HANDLER``: every handled error as ``{"code", "detail", "fields"}``."""
     if isinstance(exc, AppError):
@@ -146,7 +161,10 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
     detail = exc.detail
     if isinstance(detail, dict | list):
         fields = flatten_errors(detail)
-        body = error_body(_code_of(exc), summarize(fields), fields)
+        code = _code_of(exc)
+        if isinstance(exc, exceptions.ValidationError):
+            code = _refused_name_code(exc.get_codes()) or code
+        body = error_body(code, summarize(fields), fields)
     else:
         body = error_body(_code_of(exc), str(detail), getattr(exc, "fields", None))
     response.data = body

@@ -524,6 +524,8 @@ SPECTACULAR_SETTINGS = {
         "drf_spectacular.hooks.postprocess_schema_enums",
         "config.api.add_plain_views",
         "config.api.add_error_responses",
+        # Request bodies take only the names they list (config.api.ClosedInput).
+        "config.api.close_request_bodies",
     ],
     "ENUM_NAME_OVERRIDES": {
         "OrderStatusEnum": "orders.representation.ORDER_STATUS_CHOICES",

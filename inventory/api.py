@@ -10,7 +10,7 @@ from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from config.api import Pagination
+from config.api import ClosedInput, Pagination
 from config.money import currency_problem, pair_problem
 from inventory import catalog
 from inventory.models import Product
@@ -21,7 +21,9 @@ MAX_STOCK = 2_000_000_000  # the column is a 32-bit integer
 CURRENCY_HELP = "ISO 4217, upper case, in use; at most two decimal places (not KWD, BHD, ...)."
 
 
-class ProductSerializer(serializers.ModelSerializer):
+class ProductSerializer(ClosedInput, serializers.ModelSerializer):
+    input_name = "a product"
+
     sku = serializers.CharField(
         max_length=64,
         validators=[
@@ -73,6 +75,10 @@ class ProductSerializer(serializers.ModelSerializer):
 
 class ProductUpdateSerializer(ProductSerializer):
     """The same fields, all optional, and the sku fixed (it is the product's address)."""
+
+    read_only_names = {
+        "sku": "A product's sku cannot be changed: it is the product's address (its URL)."
+    }
 
     sku = serializers.CharField(read_only=True)
     currency = serializers.RegexField(

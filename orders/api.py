@@ -219,6 +219,7 @@ ERROR = ErrorSerializer
 class OrderViewSet(BodyReadFirst, viewsets.GenericViewSet):
     # An order's body is refused in the order's own words, after its key and its limit.
     checks_own_body = ("create",)
+    takes_no_fields = {"cancel": "a cancel"}
     permission_classes = [permissions.IsAuthenticated]
     serializer_class = OrderSerializer
     pagination_class = Pagination

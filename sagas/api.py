@@ -32,6 +32,7 @@ from rest_framework.response import Response
 
 from config.api import (
     BodyReadFirst,
+    ClosedInput,
     ErrorSerializer,
     Pagination,
     StrictBooleanField,
@@ -119,9 +120,17 @@ class SagaSerializer(serializers.ModelSerializer):
         return saga_is_stuck(saga, now=self.context.get("now"))
 
 
-class SignalInputSerializer(serializers.Serializer):
+PAYLOAD_NOT_AN_OBJECT = "The payload must be a JSON object."
+
+
+class SignalInputSerializer(ClosedInput, serializers.Serializer):
+    input_name = "a signal"
+
     payload = serializers.DictField(
-        required=False, default=dict, help_text="What the saga's next steps get to read."
+        required=False,
+        default=dict,
+        help_text="What the saga's next steps get to read.",
+        error_messages={"not_a_dict": PAYLOAD_NOT_AN_OBJECT},
     )
 
 
@@ -152,9 +161,9 @@ SIGNAL_NAME = OpenApiParameter("name", str, OpenApiParameter.PATH)
 def send_signal(request: Request, saga_id, name: str) -> Response:
     """``POST .../signals/{name}/`` for the sagas and the orders API: deliver, answer ``202``."""
     body = SignalInputSerializer(data=request.data)
-    if not body.is_valid() and "payload" in body.errors:
+    if not body.is_valid() and list(body.errors) == ["payload"]:
         # The same code whether the payload is not an object or an object the signal refuses.
-        detail = "The payload must be a JSON object."
+        detail = PAYLOAD_NOT_AN_OBJECT
         raise ApiError(detail, code="invalid_payload", fields={"payload": [detail]})
     body.is_valid(raise_exception=True)
     try:
@@ -172,11 +181,15 @@ def send_signal(request: Request, saga_id, name: str) -> Response:
     return Response(data, status=status.HTTP_202_ACCEPTED, headers=headers)
 
 
-class CompensateSerializer(serializers.Serializer):
+class CompensateSerializer(ClosedInput, serializers.Serializer):
+    input_name = "a compensation"
+
     reason = WrittenCharField(max_length=500, help_text="Why; recorded in the timeline.")
 
 
-class ResolveSerializer(serializers.Serializer):
+class ResolveSerializer(ClosedInput, serializers.Serializer):
+    input_name = "a resolution"
+
     note = WrittenCharField(
         max_length=services.NOTE_MAX, help_text="What a person did; in the timeline."
     )
@@ -187,7 +200,9 @@ class ResolveSerializer(serializers.Serializer):
     )
 
 
-class UndoDoneSerializer(serializers.Serializer):
+class UndoDoneSerializer(ClosedInput, serializers.Serializer):
+    input_name = "an undo done by hand"
+
     step = StrictCharField(
         max_length=64, help_text="The step whose undo the saga waits on (its current_step)."
     )
@@ -316,6 +331,7 @@ class SagaViewSet(
 ):
     permission_classes = [permissions.IsAuthenticated, permissions.IsAdminUser]
     serializer_class = SagaSerializer
+    takes_no_fields = {"retry": "a retry"}
     pagination_class = Pagination
     filterset_class = SagaFilter
     lookup_value_regex = "[^/]+"

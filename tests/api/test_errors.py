@@ -93,6 +93,43 @@ def test_the_handler_gives_every_error_the_same_shape(exc, status, code):
         assert response.data["fields"] == {"a": ["bad"]}
 
 
+def test_a_validation_error_with_a_refused_name_takes_its_code():
+    """Among a body's problems, a name it may not carry (unknown_field, read_only_field; the
+    first in field order) is the error's code: what the client most needs told."""
+    from rest_framework.exceptions import ErrorDetail
+
+    detail = {
+        "price": [ErrorDetail("bad", code="invalid")],
+        "items": [{}, {"price": [ErrorDetail("no", code="read_only_field")]}],
+        "coupon": [ErrorDetail("no", code="unknown_field")],
+    }
+    response = api_errors.exception_handler(exceptions.ValidationError(detail), {})
+    assert response.data["code"] == "read_only_field"
+    assert set(response.data["fields"]) == {"price", "items[1].price", "coupon"}
+
+
+def test_every_request_body_of_the_schema_is_closed(anon_api):
+    """``additionalProperties: false`` on each body's object and on the objects it holds (an
+    order's items and address): a client built from the schema is not told other names are
+    taken. A signal's free-form payload stays open."""
+    document = anon_api.get("/api/schema/?format=json").json()
+    schemas = document["components"]["schemas"]
+    for name in (
+        "OrderCreateRequest",
+        "OrderItemInputRequest",
+        "ShippingAddressRequest",
+        "ProductRequest",
+        "PatchedProductUpdateRequest",
+        "EndpointInputRequest",
+        "SignalInputRequest",
+        "CompensateRequest",
+        "ResolveRequest",
+        "UndoDoneRequest",
+    ):
+        assert schemas[name]["additionalProperties"] is False, name
+    assert schemas["SignalInputRequest"]["properties"]["payload"]["additionalProperties"] == {}
+
+
 def test_unknown_exceptions_are_left_to_djangos_500_handling():
     """A bug is not dressed up as a 4xx: the handler returns None (Django logs a 500)."""
     assert api_errors.exception_handler(RuntimeError("bug"), {}) is None

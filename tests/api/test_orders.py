@@ -381,6 +381,18 @@ def test_a_cancel_with_a_body_that_is_not_json_is_400_and_cancels_nothing(client
     assert not SagaEvent.objects.filter(saga__order__id=order["id"], kind="cancel_requested")
 
 
+def test_a_cancel_that_names_a_field_is_400_and_cancels_nothing(client_api, place):
+    """A cancel takes no field: a reason sent with it would be recorded nowhere, so it is
+    refused (unknown_field) rather than ignored; an empty object is a cancel."""
+    order = place(client_api)
+    path = f"/api/v1/orders/{order['id']}/cancel/"
+    error = assert_error(client_api.post(path, {"reason": "too slow"}, format="json"), 400)
+    assert error["code"] == "unknown_field", error
+    assert error["fields"] == {"reason": ["Unknown field: a cancel takes nothing."]}
+    assert not SagaEvent.objects.filter(saga__order__id=order["id"], kind="cancel_requested")
+    assert client_api.post(path, {}, format="json").status_code == 202
+
+
 def test_cancel_twice_is_accepted_twice(client_api, place):
     """A repeated cancel (a client retrying) is 202 again, not an error."""
     order = place(client_api)

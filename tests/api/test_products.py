@@ -135,15 +135,50 @@ def test_bad_product_input_is_400_and_creates_nothing(staff_api, catalog, body, 
 
 
 def test_staff_change_a_product_with_patch(staff_api, catalog):
-    """PATCH changes only what it names; the sku cannot change."""
-    response = staff_api.patch(
-        f"{PRODUCTS}lamp/", {"price": "21.00", "sku": "renamed"}, format="json"
-    )
+    """PATCH changes only what it names."""
+    response = staff_api.patch(f"{PRODUCTS}lamp/", {"price": "21.00"}, format="json")
     assert response.status_code == 200, response.content
     assert response.json()["price"] == "21.00"
     assert response.json()["sku"] == "lamp"
     lamp = Product.objects.get(sku="lamp")
     assert (str(lamp.price), lamp.name, lamp.stock_on_hand) == ("21.00", "Lamp", 50)
+
+
+def test_a_patch_that_renames_the_sku_is_refused_and_changes_nothing(staff_api, catalog):
+    """The sku is the product's address: a new one is 400 read_only_field, not a 200 that
+    kept the old sku (and the price sent beside it is not taken either)."""
+    response = staff_api.patch(
+        f"{PRODUCTS}lamp/", {"price": "21.00", "sku": "renamed"}, format="json"
+    )
+    error = assert_error(response, 400, "read_only_field")
+    assert error["fields"] == {
+        "sku": ["A product's sku cannot be changed: it is the product's address (its URL)."]
+    }
+    lamp = Product.objects.get(sku="lamp")
+    assert str(lamp.price) == "19.90"
+    assert not Product.objects.filter(sku="renamed").exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "code", "field"),
+    [
+        ("post", PRODUCTS, {"colour": "red"}, "unknown_field", "colour"),
+        ("post", PRODUCTS, {"reserved": 0}, "read_only_field", "reserved"),
+        ("post", PRODUCTS, {"available": 7}, "read_only_field", "available"),
+        ("patch", f"{PRODUCTS}lamp/", {"discount": "10%"}, "unknown_field", "discount"),
+        ("patch", f"{PRODUCTS}lamp/", {"available": 1}, "read_only_field", "available"),
+    ],
+)
+def test_a_name_a_product_does_not_take_is_refused(
+    staff_api, catalog, method, path, body, code, field
+):
+    """Refused, not ignored, beside an otherwise good body: nothing is created or changed."""
+    good = {"sku": "SR-NEW", "name": "New", "price": "1.00"} if method == "post" else {}
+    before = list(Product.objects.order_by("sku").values_list("sku", "name", "price"))
+    response = getattr(staff_api, method)(path, {**good, "name": "Renamed", **body}, format="json")
+    error = assert_error(response, 400, code)
+    assert list(error["fields"]) == [field], error
+    assert list(Product.objects.order_by("sku").values_list("sku", "name", "price")) == before
 
 
 def test_a_price_and_its_currency_must_fit_together_also_when_one_changes(staff_api, catalog):

@@ -229,6 +229,40 @@ def test_compensate_needs_a_reason(ops_api, saga, body):
     assert not SagaEvent.objects.filter(saga=saga, kind="ops_compensate").exists()
 
 
+@pytest.mark.parametrize(
+    ("op", "body", "field"),
+    [
+        ("compensate", {"reason": "fraud", "notify": True}, "notify"),
+        ("resolve", {"note": "done", "accept_effect": True}, "accept_effect"),
+        ("undo-done", {"step": "reserve_inventory", "note": "done", "by": "me"}, "by"),
+        ("retry", {"now": True}, "now"),
+    ],
+)
+def test_an_ops_operation_that_names_a_field_it_does_not_take_is_400_and_does_nothing(
+    ops_api, saga, op, body, field
+):
+    """A misspelt ``accept_effects`` is refused, not ignored (and then the resolve refused
+    for the effects it was meant to accept, or carried out without it)."""
+    before = SagaEvent.objects.filter(saga=saga).count()
+    response = ops_api.post(f"{SAGAS}{saga.id}/{op}/", body, format="json")
+    error = assert_error(response, 400, "unknown_field")
+    assert list(error["fields"]) == [field], error
+    assert SagaEvent.objects.filter(saga=saga).count() == before
+
+
+def test_a_signal_sent_without_its_payload_wrapper_is_told_so(ops_api, saga):
+    """``{"approved": true}`` instead of ``{"payload": {"approved": true}}``: the name is
+    refused (the signal takes ``payload``), not read as an empty payload."""
+    saga = parked(saga, "fraud_review", minutes=1)
+    path = f"{SAGAS}{saga.id}/signals/fraud_review/"
+    error = assert_error(ops_api.post(path, {"approved": True}, format="json"), 400)
+    assert (error["code"], error["fields"]) == (
+        "unknown_field",
+        {"approved": ["Unknown field: a signal takes payload."]},
+    ), error
+    assert not saga.signals.exists()
+
+
 def test_compensate_after_the_pivot_is_409(ops_api, saga):
     """Refused past the pivot, and the timeline does not claim an operator compensated."""
     Saga.objects.filter(pk=saga.pk).update(
