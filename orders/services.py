@@ -131,7 +131,11 @@ def _clean_lines(
         problems.add("empty_order", "items", "An order needs at least one item.")
         return {}, {}
     if not isinstance(items, Sequence) or isinstance(items, str | bytes):
-        problems.add("invalid_item", "items", "A list of items is required.")
+        problems.add(
+            "invalid_item",
+            "items",
+            f"Items are a list of objects with sku and quantity, not {_kind(items)}.",
+        )
         return {}, {}
     if len(items) > MAX_LINES:
         problems.add("too_many_items", "items", f"At most {MAX_LINES} lines (items) per order.")
@@ -141,7 +145,11 @@ def _clean_lines(
     for i, item in enumerate(items):
         where = f"items[{i}]"
         if not isinstance(item, Mapping):
-            problems.add("invalid_item", where, "Each item is an object with sku and quantity.")
+            problems.add(
+                "invalid_item",
+                where,
+                f"Each item is an object with sku and quantity, not {_kind(item)}.",
+            )
             continue
         sku = _clean_sku(item.get("sku"), where, problems)
         if sku is not None:
@@ -156,6 +164,21 @@ def _clean_lines(
         if sku is not None and quantity is not None:
             lines[sku] = (i, quantity)
     return lines, named
+
+
+def _kind(value: Any) -> str:
+    """What a JSON value is, for a message that says a value has the wrong type."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, int | float | Decimal):
+        return "a number"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return "null" if value is None else type(value).__name__
 
 
 def _clean_sku(sku: Any, where: str, problems: _Problems) -> str | None:
@@ -176,6 +199,9 @@ def _clean_sku(sku: Any, where: str, problems: _Problems) -> str | None:
 
 
 def _clean_quantity(quantity: Any, where: str, problems: _Problems) -> int | None:
+    if quantity is None:
+        problems.add("invalid_quantity", f"{where}.quantity", "A quantity is required.")
+        return None
     if isinstance(quantity, bool) or not isinstance(quantity, int):
         problems.add("invalid_quantity", f"{where}.quantity", "Quantity must be an integer.")
         return None
@@ -191,10 +217,13 @@ def _clean_quantity(quantity: Any, where: str, problems: _Problems) -> int | Non
 
 def _clean_address(address: Any, problems: _Problems) -> dict[str, str]:
     if not isinstance(address, Mapping):
+        fields = "name, line1, city, postal_code and country"
         problems.add(
             "invalid_shipping_address",
             "shipping_address",
-            "A shipping address with name, line1, city, postal_code and country is required.",
+            f"A shipping address with {fields} is required."
+            if address is None
+            else f"A shipping address is an object with {fields}, not {_kind(address)}.",
         )
         return {}
     clean: dict[str, str] = {}
@@ -262,11 +291,12 @@ def order_create(
     lines, named = _clean_lines(items, problems)
     address = _clean_address(shipping_address, problems)
     if not isinstance(payment_method, str) or payment_method not in PAYMENT_METHODS:
-        what = (
-            "A payment method is required"
-            if payment_method in (None, "")
-            else "Unknown payment method"
-        )
+        if payment_method is None or payment_method == "":
+            what = "A payment method is required"
+        elif not isinstance(payment_method, str):
+            what = f"A payment method is a string, not {_kind(payment_method)}"
+        else:
+            what = "Unknown payment method"
         problems.add(
             "invalid_payment_method",
             "payment_method",

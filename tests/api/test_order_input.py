@@ -264,6 +264,58 @@ def test_bad_order_input_is_400_with_code_and_field_and_creates_nothing(
             "This field is required.",
             id="name-null",
         ),
+        pytest.param(
+            {**GOOD, "shipping_address": "London"},
+            "shipping_address",
+            "A shipping address is an object with name, line1, city, postal_code and country, "
+            "not a string.",
+            id="address-a-string",
+        ),
+        pytest.param(
+            without("shipping_address"),
+            "shipping_address",
+            "A shipping address with name, line1, city, postal_code and country is required.",
+            id="address-missing",
+        ),
+        pytest.param(
+            {**GOOD, "payment_method": 7},
+            "payment_method",
+            "A payment method is a string, not a number; use one of pm_card_visa, "
+            "pm_card_declined, pm_card_capture_declined, pm_card_refund_fails, "
+            "pm_card_3ds_required.",
+            id="payment-method-a-number",
+        ),
+        pytest.param(
+            {**GOOD, "payment_method": "pm_card_amex"},
+            "payment_method",
+            "Unknown payment method; use one of pm_card_visa, pm_card_declined, "
+            "pm_card_capture_declined, pm_card_refund_fails, pm_card_3ds_required.",
+            id="payment-method-unknown",
+        ),
+        pytest.param(
+            {**GOOD, "items": {"sku": "lamp", "quantity": 1}},
+            "items",
+            "Items are a list of objects with sku and quantity, not an object.",
+            id="items-an-object",
+        ),
+        pytest.param(
+            with_items(["lamp", 1]),
+            "items[0]",
+            "Each item is an object with sku and quantity, not a list.",
+            id="item-a-list",
+        ),
+        pytest.param(
+            with_items({"sku": "lamp", "quantity": "2"}),
+            "items[0].quantity",
+            "Quantity must be an integer.",
+            id="quantity-a-string",
+        ),
+        pytest.param(
+            with_items({"sku": "lamp"}),
+            "items[0].quantity",
+            "A quantity is required.",
+            id="quantity-missing",
+        ),
     ],
 )
 def test_a_value_of_the_wrong_type_is_told_apart_from_a_missing_one(
