@@ -37,7 +37,8 @@ class ProductForm(forms.ModelForm):
         return stock
 
     def clean_currency(self) -> str:
-        currency = self.cleaned_data["currency"]
+        # Either case, stored upper case: as the API takes it (and an order's country).
+        currency = self.cleaned_data["currency"].upper()
         problem = currency_problem(currency)
         if problem:
             raise forms.ValidationError(problem)

@@ -18,7 +18,13 @@ from inventory.selectors import product_list
 
 SKU_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 MAX_STOCK = 2_000_000_000  # the column is a 32-bit integer
-CURRENCY_HELP = "ISO 4217, upper case, in use; at most two decimal places (not KWD, BHD, ...)."
+CURRENCY_HELP = (
+    "ISO 4217, in use, in either case (stored upper case, as an order's country is); at most "
+    "two decimal places (not KWD, BHD, ...)."
+)
+#: Three letters, either case: ``eur`` is EUR, as ``gb`` is GB in an order's address.
+CURRENCY_PATTERN = r"^[A-Za-z]{3}$"
+CURRENCY_INVALID = "Three letters, an ISO 4217 code (e.g. EUR)."
 
 
 class ProductSerializer(ClosedInput, serializers.ModelSerializer):
@@ -38,11 +44,11 @@ class ProductSerializer(ClosedInput, serializers.ModelSerializer):
         max_digits=12, decimal_places=2, min_value=Decimal("0"), coerce_to_string=True
     )
     currency = serializers.RegexField(
-        r"^[A-Z]{3}$",
+        CURRENCY_PATTERN,
         max_length=3,
         default="EUR",
         help_text=CURRENCY_HELP,
-        error_messages={"invalid": "Three upper-case letters, an ISO 4217 code (e.g. EUR)."},
+        error_messages={"invalid": CURRENCY_INVALID},
     )
     stock_on_hand = serializers.IntegerField(min_value=0, max_value=MAX_STOCK, default=0)
     reserved = serializers.IntegerField(read_only=True)
@@ -53,6 +59,7 @@ class ProductSerializer(ClosedInput, serializers.ModelSerializer):
         fields = ["sku", "name", "price", "currency", "stock_on_hand", "reserved", "available"]
 
     def validate_currency(self, value: str) -> str:
+        value = value.upper()
         problem = currency_problem(value)
         if problem:
             raise serializers.ValidationError(problem)
@@ -82,7 +89,11 @@ class ProductUpdateSerializer(ProductSerializer):
 
     sku = serializers.CharField(read_only=True)
     currency = serializers.RegexField(
-        r"^[A-Z]{3}$", max_length=3, required=False, help_text=CURRENCY_HELP
+        CURRENCY_PATTERN,
+        max_length=3,
+        required=False,
+        help_text=CURRENCY_HELP,
+        error_messages={"invalid": CURRENCY_INVALID},
     )
     stock_on_hand = serializers.IntegerField(min_value=0, max_value=MAX_STOCK, required=False)
 

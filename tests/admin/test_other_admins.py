@@ -274,6 +274,16 @@ def test_a_price_its_currency_cannot_carry_is_refused(ops_client, currency, pric
     assert (product.currency, product.price) == ("EUR", Decimal("5.00"))
 
 
+def test_a_currency_in_lower_case_is_stored_upper_case(ops_client):
+    """As the API takes it, and an order's country: either case, stored upper case."""
+    product = Product.objects.create(sku="SR-CAP", name="Cap", price=5, stock_on_hand=10)
+    url, data = _product_form(ops_client, product)
+    data["currency"] = "gbp"
+    assert ops_client.post(url, data).status_code == 302
+    product.refresh_from_db()
+    assert product.currency == "GBP"
+
+
 def test_a_stored_pair_is_not_asked_about_unless_it_changes(ops_client):
     """A product stored before the rule (10.50 JPY) still has its stock changed in the console;
     the form writes price and currency together when either changes, so the pair stored is the
