@@ -62,6 +62,7 @@ from orders.services import (
     PAYMENT_METHODS,
     order_create,
     order_request_cancel,
+    order_signal_refused,
 )
 from orders.timeline import customer_event
 from sagas.api import (
@@ -73,6 +74,7 @@ from sagas.api import (
     send_signal,
 )
 from sagas.models import SagaEvent
+from sagas.public import SagaOperationRefused
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +366,11 @@ class OrderViewSet(BodyReadFirst, viewsets.GenericViewSet):
     )
     def signal(self, request: Request, pk: str, name: str) -> Response:
         order = self.get_object_light()
-        return send_signal(request, order.saga_id, name)
+        try:
+            return send_signal(request, order.saga_id, name)
+        except SagaOperationRefused as refused:
+            # The engine speaks of sagas; the client asked about an order.
+            raise order_signal_refused(order=order, name=name, refused=refused) from None
 
     def get_object_light(self) -> Order:
         """The order (same visibility rule: another client's order is a 404) without its

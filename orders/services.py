@@ -410,6 +410,46 @@ def _why_not_cancellable(saga: Saga | None, refused: SagaOperationRefused) -> st
     }.get(status, "This order can no longer be cancelled.")
 
 
+#: Refusals of a signal that the engine words about the saga (its state, its steps); the
+#: orders API says them about the order (:func:`order_signal_refused`).
+_SIGNAL_REFUSALS = ("not_waiting", "already_signalled", "unknown_signal")
+
+
+def order_signal_refused(
+    *, order: Order, name: str, refused: SagaOperationRefused
+) -> SagaOperationRefused:
+    """A signal the engine refused for the order's saga, in the client's words: the same code
+    (``not_waiting``, ...), the reason about the order as it is now (being cancelled, already
+    confirmed), never the saga's state or step ("The saga is compensating at
+    reserve_inventory" told a client sending its 3-D Secure confirmation nothing it knows)."""
+    if refused.code not in _SIGNAL_REFUSALS:
+        return refused
+    if refused.code == "unknown_signal":
+        return SagaOperationRefused(refused.code, f"An order never waits for {name!r}.")
+    if refused.code == "already_signalled":
+        return SagaOperationRefused(
+            refused.code,
+            f"This order's {name!r} was already sent with another Idempotency-Key and is "
+            "being taken into account; send it again with that key.",
+        )
+    from orders.selectors import OrderStatus, order_state
+
+    saga = Saga.objects.filter(pk=order.saga_id).first()
+    status = order_state(saga).status if saga is not None else ""
+    waits = f"it is not waiting for {name!r}."
+    return SagaOperationRefused(
+        refused.code,
+        {
+            OrderStatus.CONFIRMED: f"The order is already confirmed; {waits}",
+            OrderStatus.CANCELLED: f"The order is cancelled; {waits}",
+            OrderStatus.CANCELLING: f"The order is being cancelled; {waits}",
+            OrderStatus.NEEDS_ATTENTION: (
+                f"Our support team is looking at this order; {waits} Contact them."
+            ),
+        }.get(status, f"The order is not waiting for {name!r}, and will not wait for it."),
+    )
+
+
 def order_confirm(*, key: str, reservation_key: str) -> dict:
     """The pivot: the reserved stock is now sold (held -> committed, ``stock_on_hand`` falls).
 

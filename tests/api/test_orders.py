@@ -444,6 +444,55 @@ def test_cancel_after_capture_payment_is_409(client_api, place, saga_fields, cod
     assert Saga.objects.get(order__id=order["id"]).cancel_reason == ""
 
 
+@pytest.mark.parametrize(
+    ("saga_fields", "code", "words"),
+    [
+        (
+            # Declined or out of stock: the saga undoes what it did from its first step.
+            {"state": SagaState.COMPENSATING, "failure_code": "payment_declined"},
+            "not_waiting",
+            "The order is being cancelled; it is not waiting for '3ds_confirmed'.",
+        ),
+        (
+            {"state": SagaState.COMPENSATED, "failure_code": "payment_declined"},
+            "not_waiting",
+            "The order is cancelled; it is not waiting for '3ds_confirmed'.",
+        ),
+        (
+            {"state": SagaState.SUCCEEDED},
+            "not_waiting",
+            "The order is already confirmed; it is not waiting for '3ds_confirmed'.",
+        ),
+        (
+            {"state": SagaState.NEEDS_MANUAL, "escalated_from": SagaState.COMPENSATING},
+            "not_waiting",
+            "Our support team is looking at this order; it is not waiting for '3ds_confirmed'. "
+            "Contact them.",
+        ),
+    ],
+)
+def test_a_refused_signal_says_why_about_the_order_not_the_saga(
+    client_api, place, saga_fields, code, words
+):
+    """A 3-D Secure confirmation the order can no longer take: 409 with the engine's code and
+    the reason in the client's words ("The saga is compensating at reserve_inventory" told the
+    client of engine states and steps); nothing is recorded."""
+    order = place(client_api, payment_method="pm_card_3ds_required")
+    set_saga(order["id"], **saga_fields)
+    path = f"/api/v1/orders/{order['id']}/signals/3ds_confirmed/"
+    body = assert_error(client_api.post(path, {"payload": {"approved": True}}, format="json"), 409)
+    assert (body["code"], body["detail"]) == (code, words)
+    assert "saga" not in body["detail"].lower()
+    assert not Saga.objects.get(order__id=order["id"]).signals.exists()
+
+
+def test_a_signal_an_order_never_takes_says_so_about_the_order(client_api, place):
+    order = place(client_api)
+    path = f"/api/v1/orders/{order['id']}/signals/coupon_applied/"
+    body = assert_error(client_api.post(path, {}, format="json"), 409, "unknown_signal")
+    assert body["detail"] == "An order never waits for 'coupon_applied'."
+
+
 def test_staff_may_cancel_any_order(client_api, staff_api, place):
     """Staff (even without the ops permission) may cancel a client's order: 202."""
     order = place(client_api)

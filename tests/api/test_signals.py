@@ -302,7 +302,7 @@ def test_3ds_not_confirmed_in_time_cancels_the_order_as_timed_out(
     assert done["payment"]["authorized"] == "0.00"
     path = f"/api/v1/orders/{order['id']}/signals/3ds_confirmed/"
     refused = assert_error(signal(client_api, path, {"approved": True}), 409, "not_waiting")
-    assert refused["detail"].startswith("The saga has been compensated: it is not waiting for")
+    assert refused["detail"] == "The order is cancelled; it is not waiting for '3ds_confirmed'."
 
 
 def test_a_fraud_review_for_an_order_parked_on_3ds_that_will_not_be_reviewed_is_refused(
