@@ -1,7 +1,8 @@
 """Logging filters that turn expected, harmless events into one readable line.
 
-Attached to third-party loggers in ``LOGGING`` (config/settings.py). Each rewrites a record
-in place; none drops one.
+Attached to third-party loggers in ``LOGGING`` (config/settings.py), or to its one handler
+for a family of loggers (a logger's filter does not see its children's records). Each
+rewrites a record in place; none drops one.
 """
 
 from __future__ import annotations
@@ -92,6 +93,40 @@ class MissedScheduledRun(logging.Filter):
             "beat: missed a run, the broker did not take it (%s); sent again at the next tick"
         )
         record.args = (error,)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+class SuspiciousRequest(logging.Filter):
+    """Django's ``django.security.*`` ERROR for a request it answers ``400``: one WARNING line,
+    no traceback.
+
+    Django logs every ``SuspiciousOperation`` (a filter the ops console refuses, such as
+    ``?secret__startswith=``; a ``Host`` header not allowed; a malformed upload) at ERROR with
+    its traceback, then answers ``400``. The request was the client's mistake or a probe, a
+    4xx like any other (gunicorn's access line has it already); the traceback shows only
+    Django's frames. The line keeps the exception's class and message and the request's
+    method and path, not its query string (a refused filter's value may be a guessed secret).
+    On the handler: a filter on ``django.security`` would not see its children's records.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from django.core.exceptions import SuspiciousOperation
+
+        if not (
+            record.name.startswith("django.security.")
+            and getattr(record, "status_code", None) == 400
+            and record.exc_info
+            and isinstance(record.exc_info[1], SuspiciousOperation)
+        ):
+            return True
+        error = record.exc_info[1]
+        request = getattr(record, "request", None)
+        method, path = getattr(request, "method", None), getattr(request, "path", None)
+        where = f" {method} {path}" if method and path else ""
+        record.msg = "%s: %s; answered 400 Bad Request%s"
+        record.args = (type(error).__name__, error, f" to{where}" if where else "")
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.exc_info, record.exc_text = None, None
         return True

@@ -606,12 +606,23 @@ LOGGING = {
     "filters": {
         "ack_on_lost_connection": {"()": "config.log_filters.AckOnLostConnection"},
         "missed_scheduled_run": {"()": "config.log_filters.MissedScheduledRun"},
+        "suspicious_request": {"()": "config.log_filters.SuspiciousRequest"},
     },
     "handlers": {
-        "default": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT},
+        # A request Django refuses as suspicious (django.security.*, answered 400): one
+        # warning line, not an ERROR with Django's traceback (config/log_filters.py).
+        "default": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["suspicious_request"],
+        },
     },
     "root": {"handlers": ["default"], "level": LOG_LEVEL},
     "loggers": {
+        # Django's own handlers go (its console handler printed every django.* record a
+        # second time under DEBUG, as plain text with the traceback, before the JSON or
+        # key=value line; mail_admins mails no one here): its records reach the root's.
+        "django": {"handlers": [], "level": "INFO"},
         "django.db.backends": {"level": "INFO"},
         # A 4xx is a line of gunicorn's access log already (status, path, size, client); at
         # WARNING Django's request logger wrote every one a second time ("Not Found: /x/").

@@ -30,6 +30,9 @@ from tests.conftest import REPO_ROOT, database_url_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
+#: The key the web process runs with.
+SECRET_KEY = "test-web-logs-not-secret"
+
 
 def _make_run_web_argv(port: int) -> list[str]:
     """The web command of ``make run``'s Procfile, without the supervisor in front of it."""
@@ -53,7 +56,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
         "DATABASE_URL": database_url_for(connection.settings_dict),
         "CELERY_BROKER_URL": "memory://",
         "CACHE_URL": f"file://{tmp_path / 'cache'}",
-        "SECRET_KEY": "test-web-logs-not-secret",
+        "SECRET_KEY": SECRET_KEY,
         "HTTPS_ONLY": "0",
         "LOG_FORMAT": "json",
         "PROMETHEUS_MULTIPROC_DIR": str(metrics),
@@ -87,11 +90,15 @@ def test_gunicorn_of_make_run_has_no_control_socket(tmp_path):
 
 
 @contextmanager
-def _make_run_web(tmp_path: Path, wait_for: Any) -> Iterator[tuple[Process, int]]:
-    """gunicorn as ``make run`` starts it, answering on a port of its own; stopped after."""
+def _make_run_web(tmp_path: Path, wait_for: Any, **env: str) -> Iterator[tuple[Process, int]]:
+    """gunicorn as ``make run`` starts it, answering on a port of its own; stopped after.
+    ``env`` adds to (or overrides) the environment."""
     port = spare_port()
     web = Process(
-        "web", _make_run_web_argv(port), env=_env(tmp_path), log_path=tmp_path / "web.log"
+        "web",
+        _make_run_web_argv(port),
+        env={**_env(tmp_path), **env},
+        log_path=tmp_path / "web.log",
     )
     web.start()
     try:
@@ -155,6 +162,60 @@ def test_a_4xx_is_logged_once(tmp_path, wait_for):
     assert "Control socket listening" not in log, log[-3000:]
     # Nothing but requests: no warning that static files were never collected.
     assert "No directory at" not in log, log[-3000:]
+
+
+def test_a_request_django_refuses_as_suspicious_is_one_warning_line(tmp_path, wait_for, settings):
+    """A console filter on a hidden column (``?secret__startswith=``) is the 400 it should
+    be, and the log has one WARNING line for it, without a traceback: no ERROR from
+    ``django.security`` with Django's traceback, and, under ``make run``'s DEBUG, no second
+    copy in plain text from Django's own console handler. The refused value is not logged."""
+    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+    from django.contrib.auth.models import Permission, User
+    from django.contrib.sessions.backends.db import SessionStore
+
+    # The server's key, so that the session made here is one it reads.
+    settings.SECRET_KEY = SECRET_KEY
+    staff = User.objects.create_user("vic", is_staff=True)
+    staff.user_permissions.add(Permission.objects.get(codename="view_endpoint"))
+    session = SessionStore()
+    session[SESSION_KEY] = str(staff.pk)
+    session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
+    session[HASH_SESSION_KEY] = staff.get_session_auth_hash()
+    session.save()
+    path = "/admin/webhooks/endpoint/"
+    with _make_run_web(tmp_path, wait_for, DEBUG="1", LOG_FORMAT="json") as (web, port):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}{path}?secret__startswith=whsec_guess",
+            headers={"Cookie": f"{settings.SESSION_COOKIE_NAME}={session.session_key}"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 400
+        wait_for(
+            lambda: path in {a["path"] for a in _access_lines(web.log_tail(10**6))},
+            timeout=30,
+            describe=lambda: web.log_tail(3000),
+        )
+    log = web.log_path.read_text()
+    ours = [line for line in log.splitlines() if line and not line.startswith("--- ")]
+    not_json = [line for line in ours if not line.startswith("{")]
+    assert not not_json, not_json[:5]  # no plain-text copy (Django's console handler)
+    lines = [json.loads(line) for line in ours]
+    security = [line for line in lines if line.get("logger", "").startswith("django.security")]
+    assert security == [
+        {
+            "event": "DisallowedModelAdminLookup: Filtering by secret__startswith not allowed; "
+            f"answered 400 Bad Request to GET {path}",
+            "level": "warning",
+            "logger": "django.security.DisallowedModelAdminLookup",
+            "timestamp": security[0]["timestamp"],
+        }
+    ], security
+    assert "Traceback" not in log, log[-3000:]
+    # The guess is in the access line's query (as every request's is), nowhere else.
+    told = [line for line in lines if "whsec_guess" in json.dumps(line)]
+    assert [line["logger"] for line in told] == ["gunicorn.access"], told
+    assert not [line for line in lines if line.get("level") in ("error", "critical")], log
 
 
 def _raw_request(port: int, request: bytes) -> bytes:

@@ -3,6 +3,7 @@ dead-delivery count, and the retention purge and sweep."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import timedelta
 
@@ -103,6 +104,36 @@ def test_the_endpoint_list_filters_by_no_secret(client, endpoint, lookup, right,
     answers = [client.get("/admin/webhooks/endpoint/", {lookup: guess}) for guess in (right, wrong)]
     assert [a.status_code for a in answers] == [400, 400]
     assert all(endpoint.url.encode() not in a.content for a in answers)
+
+
+def test_a_refused_filter_is_logged_as_one_warning_without_a_traceback(client, endpoint, caplog):
+    """The 400 is the client's mistake (or a probe): one WARNING naming the refusal and the
+    page, not Django's ERROR with a traceback; the guessed value is not in it."""
+    client.force_login(_staff("vic", ["view_endpoint"]))
+    with caplog.at_level(logging.INFO, logger="django"):
+        answer = client.get("/admin/webhooks/endpoint/", {"secret__startswith": "whsec_guess"})
+    assert answer.status_code == 400
+    records = [r for r in caplog.records if r.name.startswith("django.")]
+    assert [(r.name, r.levelname, r.getMessage(), r.exc_info) for r in records] == [
+        (
+            "django.security.DisallowedModelAdminLookup",
+            "WARNING",
+            "DisallowedModelAdminLookup: Filtering by secret__startswith not allowed; answered "
+            "400 Bad Request to GET /admin/webhooks/endpoint/",
+            None,
+        )
+    ]
+
+
+def test_django_records_are_written_by_the_projects_handler_only():
+    """Django's own console handler printed each ``django.*`` record a second time under
+    DEBUG (plain text, traceback and all); only the root's handler writes them now."""
+    logger: logging.Logger | None = logging.getLogger("django.security.DisallowedModelAdminLookup")
+    handlers = []
+    while logger is not None and logger.name != "root":
+        handlers += logger.handlers
+        logger = logger.parent if logger.propagate else None
+    assert handlers == []
 
 
 def test_the_endpoint_lists_own_filters_and_search_still_work(client, endpoint):
