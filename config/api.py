@@ -1,4 +1,4 @@
-"""Shared pieces of the REST API: pagination, strict fields, the error schema, the API's 404.
+"""Shared pieces of the REST API: pagination, strict fields, closed bodies, the error schema.
 
 Every app's API uses them the same way, so they import no app (``/metrics``, which reads the
 engine's metrics, is ``config.metrics``).
@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 from rest_framework import exceptions, pagination, serializers
 from rest_framework.exceptions import ErrorDetail
 from rest_framework.request import Request
-from rest_framework.views import APIView
 
 from config.errors import refused_fields
 from config.text import trimmed
@@ -365,27 +364,3 @@ class BodyReadFirst:
             raise exceptions.ValidationError(
                 {name: [ErrorDetail(why, code=code)] for name, code, why in refused}
             )
-
-
-# ---------------------------------------------------------------------------------------------
-# Unrouted paths under /api/: a JSON 404, not Django's HTML page
-# ---------------------------------------------------------------------------------------------
-class NotFoundView(APIView):
-    """Anything under ``/api/`` that no route matches (including a missing trailing slash)."""
-
-    authentication_classes: list = []
-    permission_classes: list = []
-    schema = None
-
-    # DRF hands its own Request here; its stubs ignore the same override against Django's View.
-    def http_method_not_allowed(self, request: Request, *args, **kwargs):  # type: ignore[override]
-        raise exceptions.NotFound()
-
-    def initial(self, request: Request, *args, **kwargs) -> None:
-        super().initial(request, *args, **kwargs)
-        raise exceptions.NotFound(
-            "No API route matches this path (routes end with a slash, e.g. /api/v1/orders/)."
-        )
-
-    def get(self, request: Request, *args, **kwargs):  # pragma: no cover - initial() raises
-        raise exceptions.NotFound()

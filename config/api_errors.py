@@ -9,7 +9,8 @@ is for people, ``fields`` maps each offending input path (``items[1].quantity``,
 :class:`config.errors.AppError` the apps raise (each says its own status), so views never build
 error responses by hand and this module knows no app. The
 ``handler*`` functions give the same shape to the few errors Django answers before any view
-runs (a bad ``Host`` header, an unmatched URL under ``/api/`` when not routed).
+runs (a bad ``Host`` header, an unmatched URL under ``/api/`` when not routed), and
+:func:`unrouted_api_path` to a path under ``/api/`` no route takes.
 """
 
 from __future__ import annotations
@@ -200,6 +201,22 @@ def handler404(request: HttpRequest, exception: Exception) -> HttpResponse:
     if _wants_json(request):
         return JsonResponse(error_body("not_found", "Not found."), status=404)
     return defaults.page_not_found(request, exception)
+
+
+#: The catch-all's answer: every route ends with a slash, the commonest miss.
+UNROUTED_DETAIL = "No API route matches this path (routes end with a slash, e.g. /api/v1/orders/)."
+
+
+@csrf_exempt
+def unrouted_api_path(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+    """Anything under ``/api/`` that no route matches (a missing trailing slash too), any
+    method: ``404 not_found`` in the one error shape, not Django's HTML page, nor a redirect to
+    the path with a slash (which would lose a ``POST``'s body).
+
+    A plain Django view, not a DRF one: the browsable API's breadcrumbs resolve every prefix
+    of the page's path (``/api/v1/orders``, ``/api/v1``) and list each DRF view they meet, so
+    a DRF catch-all put a "Not Found" crumb before every real page's."""
+    return JsonResponse(error_body("not_found", UNROUTED_DETAIL), status=404)
 
 
 def handler500(request: HttpRequest) -> HttpResponse:

@@ -5,8 +5,8 @@ from django.http import HttpRequest, HttpResponse
 from django.urls import include, path, re_path
 from django.views.generic import TemplateView
 
-from config.api import NotFoundView
 from config.api_docs import SchemaDocsView, SchemaView
+from config.api_errors import unrouted_api_path
 from config.health import healthz
 from config.metrics import metrics_view
 
@@ -31,7 +31,7 @@ urlpatterns = [
     # The split view serves its start-up script as a file: no inline script, so the content
     # security policy needs no exception for it.
     path("api/docs/", SchemaDocsView.as_view(url_name="schema"), name="swagger-ui"),
-    re_path(r"^api/", NotFoundView.as_view(), name="api-unrouted"),
+    re_path(r"^api/", unrouted_api_path, name="api-unrouted"),
 ]
 
 # Errors Django answers itself: JSON under /api/, its usual pages elsewhere.

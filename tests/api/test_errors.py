@@ -35,6 +35,39 @@ def test_unrouted_paths_under_api_are_404_json(client_api, anon_api, path):
         assert_error(api.delete(path), 404, "not_found")
 
 
+def test_an_unrouted_path_says_routes_end_with_a_slash(client_api):
+    body = assert_error(client_api.get("/api/v1/orders"), 404, "not_found")
+    assert "routes end with a slash" in body["detail"], body
+
+
+@pytest.mark.parametrize(
+    ("path", "crumbs"),
+    [
+        ("/api/v1/", ["Api Root"]),
+        ("/api/v1/orders/", ["Api Root", "Order List"]),
+        ("/api/v1/orders/{id}/timeline/", ["Api Root", "Order List", "Order Instance", "Timeline"]),
+        ("/api/v1/products/lamp/", ["Api Root", "Product List", "Product Instance"]),
+        ("/api/v1/auth/token/", ["Api Root", "Current Token"]),
+    ],
+)
+def test_the_browsable_apis_breadcrumbs_name_real_pages_only(customer, place, path, crumbs):
+    """Each prefix without its slash (``/api/v1/orders``) is the JSON 404 of an unrouted path,
+    which is no page: the breadcrumbs list the pages above this one, with no "Not Found"
+    between them."""
+    from rest_framework.test import APIClient
+
+    api = APIClient()
+    api.force_login(customer)
+    order = place(api)
+    # (The token page answers a session's call 400, in a page with the same breadcrumbs.)
+    page = api.get(path.format(id=order["id"]), HTTP_ACCEPT="text/html")
+    assert page["Content-Type"].startswith("text/html"), page.content[:300]
+    html = page.content.decode()
+    trail = html.split('<ul class="breadcrumb">', 1)[1].split("</ul>", 1)[0]
+    names = [part.split("<", 1)[0].strip() for part in trail.split(">")]
+    assert [n for n in names if n] == crumbs, trail
+
+
 def test_not_acceptable_is_406_json(client_api):
     """Asking for a media type the API cannot render: 406 with the error shape (in JSON)."""
     response = client_api.get("/api/v1/orders/", HTTP_ACCEPT="application/xml")
