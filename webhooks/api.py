@@ -40,6 +40,7 @@ from webhooks.services import (
     EndpointInvalid,
     endpoint_create,
     endpoint_delete,
+    endpoint_registered_under,
     endpoint_rotate_secret,
 )
 
@@ -173,17 +174,30 @@ class EndpointViewSet(
 
     def create(self, request: Request) -> Response:
         key = clean_key(header_text(request, "Idempotency-Key"))
-        serializer = EndpointInputSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        try:
-            endpoint, secret, replayed = endpoint_create(
-                owner=request.user,
-                key=key,
-                fingerprint=request_fingerprint(request.data) if key is not None else "",
-                **serializer.validated_data,
+        fingerprint = request_fingerprint(request.data) if key is not None else ""
+        # A retry is answered before its body is checked: what a key registered stays its
+        # answer, whatever rule came in since (as for an order).
+        earlier = None
+        if key is not None:
+            earlier = endpoint_registered_under(
+                owner=request.user, key=key, fingerprint=fingerprint
             )
-        except EndpointInvalid as exc:
-            raise ApiError(exc.detail, code=exc.code, fields={exc.field: [exc.detail]}) from None
+        if earlier is not None:
+            endpoint, secret, replayed = earlier, earlier.secret, True
+        else:
+            serializer = EndpointInputSerializer(data=request.data)
+            serializer.is_valid(raise_exception=True)
+            try:
+                endpoint, secret, replayed = endpoint_create(
+                    owner=request.user,
+                    key=key,
+                    fingerprint=fingerprint,
+                    **serializer.validated_data,
+                )
+            except EndpointInvalid as exc:
+                raise ApiError(
+                    exc.detail, code=exc.code, fields={exc.field: [exc.detail]}
+                ) from None
         body = EndpointWithSecretSerializer({**EndpointSerializer(endpoint).data, "secret": secret})
         headers = {"Location": f"/api/v1/webhooks/{endpoint.id}/"}
         if replayed:

@@ -121,6 +121,14 @@ def endpoint_create(
     return endpoint, secret, False
 
 
+def endpoint_registered_under(*, owner: Any, key: str, fingerprint: str) -> Endpoint | None:
+    """The endpoint ``key`` registered for this body, if any: the API answers a retry with it
+    before it checks the body, so a registration a later rule would refuse (a name the body no
+    longer may carry) is still replayed, its secret with it, as an order is. Raises
+    :class:`~config.idempotency.IdempotencyKeyReused` for the same key with another body."""
+    return _registered_under(owner, key, fingerprint)
+
+
 def _registered_under(owner: Any, key: str, fingerprint: str) -> Endpoint | None:
     """The endpoint the client registered with ``key``, if any (see :func:`endpoint_create`)."""
     earlier = Endpoint.objects.filter(owner=owner, idempotency_key=key).first()

@@ -382,3 +382,27 @@ def test_a_replayed_registration_is_not_a_new_endpoint_at_the_limit(customer):
     fresh = client.post("/api/v1/webhooks/", BODY, format="json", HTTP_IDEMPOTENCY_KEY="hook-20")
     assert_error(fresh, 400, "too_many_endpoints")
     assert Endpoint.objects.filter(owner=customer).count() == 20
+
+
+def test_a_registration_is_replayed_before_its_body_is_checked(customer):
+    """An endpoint registered from a body a later rule refuses (a name such as ``secret``,
+    from before such names were refused): its retry still gets it, with its secret, not a
+    400 that would leave the client without the secret of an endpoint it has. Another body
+    under the key is still a 422, even a body that would be refused."""
+    from config.idempotency import request_fingerprint
+
+    client = api_client_for(customer)
+    first = client.post("/api/v1/webhooks/", BODY, format="json", HTTP_IDEMPOTENCY_KEY="hook-1")
+    assert first.status_code == 201, first.content
+    with_secret = {**BODY, "secret": "whsec_mine"}
+    Endpoint.objects.update(request_fingerprint=request_fingerprint(with_secret))
+    again = client.post(
+        "/api/v1/webhooks/", with_secret, format="json", HTTP_IDEMPOTENCY_KEY="hook-1"
+    )
+    assert again.status_code == 201, again.content
+    assert again["Idempotent-Replayed"] == "true" and again.json() == first.json()
+    other = client.post(
+        "/api/v1/webhooks/", {**BODY, "colour": "red"}, format="json", HTTP_IDEMPOTENCY_KEY="hook-1"
+    )
+    assert_error(other, 422, "idempotency_key_reused")
+    assert Endpoint.objects.count() == 1
