@@ -10,7 +10,7 @@ from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from config.api import ClosedInput, Pagination
+from config.api import ClosedInput, Pagination, StrictCharField
 from config.money import currency_problem, pair_problem
 from inventory import catalog
 from inventory.models import Product
@@ -30,7 +30,8 @@ CURRENCY_INVALID = "Three letters, an ISO 4217 code (e.g. EUR)."
 class ProductSerializer(ClosedInput, serializers.ModelSerializer):
     input_name = "a product"
 
-    sku = serializers.CharField(
+    # Strings only: DRF's CharField took 5 or true and stored "5" or "True".
+    sku = StrictCharField(
         max_length=64,
         validators=[
             RegexValidator(
@@ -39,7 +40,7 @@ class ProductSerializer(ClosedInput, serializers.ModelSerializer):
             )
         ],
     )
-    name = serializers.CharField(max_length=200)
+    name = StrictCharField(max_length=200)
     price = serializers.DecimalField(
         max_digits=12, decimal_places=2, min_value=Decimal("0"), coerce_to_string=True
     )

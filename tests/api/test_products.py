@@ -123,6 +123,10 @@ def test_a_currency_that_is_no_code_in_use_is_told_what_it_should_be(staff_api, 
         ({"sku": "x" * 65, "name": "X", "price": "1.00"}, "sku"),
         ({"sku": "lamp", "name": "Dup", "price": "1.00"}, "sku"),
         ({"sku": "x", "price": "1.00"}, "name"),
+        # A number or a boolean is no name or sku (it was stored as "5", "True").
+        ({"sku": 5, "name": "X", "price": "1.00"}, "sku"),
+        ({"sku": "x", "name": 5, "price": "1.00"}, "name"),
+        ({"sku": "x", "name": True, "price": "1.00"}, "name"),
         ({"sku": "x", "name": "n" * 201, "price": "1.00"}, "name"),
         ({"sku": "x", "name": "X"}, "price"),
         ({"sku": "x", "name": "X", "price": "-1.00"}, "price"),
@@ -161,6 +165,12 @@ def test_staff_change_a_product_with_patch(staff_api, catalog):
     assert response.json()["sku"] == "lamp"
     lamp = Product.objects.get(sku="lamp")
     assert (str(lamp.price), lamp.name, lamp.stock_on_hand) == ("21.00", "Lamp", 50)
+
+
+def test_a_name_that_is_not_a_string_is_refused_on_change(staff_api, catalog):
+    error = assert_error(staff_api.patch(f"{PRODUCTS}lamp/", {"name": 42}, format="json"), 400)
+    assert error["fields"] == {"name": ["Not a valid string."]}, error
+    assert Product.objects.get(sku="lamp").name == "Lamp"
 
 
 def test_a_patch_that_renames_the_sku_is_refused_and_changes_nothing(staff_api, catalog):
