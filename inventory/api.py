@@ -88,7 +88,7 @@ class ProductUpdateSerializer(ProductSerializer):
         "sku": "A product's sku cannot be changed: it is the product's address (its URL)."
     }
 
-    sku = serializers.CharField(read_only=True)
+    sku = StrictCharField(read_only=True)
     currency = serializers.RegexField(
         CURRENCY_PATTERN,
         max_length=3,
