@@ -8,12 +8,7 @@ is a savepoint and a plain insert there, not ``ON CONFLICT``).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-from tests.conftest import REPO_ROOT
-from tests.test_settings_and_launcher import fresh_env
+from tests.embedded import run_on_embedded_sqlite
 
 SCRIPT = """
 import json, uuid
@@ -47,30 +42,7 @@ print(json.dumps({
 
 
 def test_participants_replay_a_taken_key_on_sqlite(tmp_path):
-    env = fresh_env(
-        DJANGO_SETTINGS_MODULE="config.settings",
-        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
-        CELERY_BROKER_URL="memory://",
-        SECRET_KEY="test-only",
-        HTTPS_ONLY="0",
-        LOG_LEVEL="warning",
-    )
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, *args],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-
-    migrated = run("manage.py", "migrate", "-v0")
-    assert migrated.returncode == 0, migrated.stderr
-    ran = run("-c", SCRIPT)
-    assert ran.returncode == 0, ran.stderr
-    outcome = json.loads(ran.stdout.strip().splitlines()[-1])
+    outcome = run_on_embedded_sqlite(tmp_path, SCRIPT)
     assert outcome == {
         "reserve_replayed": True,
         "late_reserve": "refused",

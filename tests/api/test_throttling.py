@@ -9,7 +9,6 @@ session's Redis namespace, or in the test database).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -33,7 +32,7 @@ from accounts.tasks import purge_rate_limit_counts
 from audit.models import AuditEntry
 from orders.models import IdempotencyRecord, Order
 from tests.conftest import REPO_ROOT, database_url_for, wait_until
-from tests.test_settings_and_launcher import fresh_env
+from tests.embedded import run_on_embedded_sqlite
 
 from .conftest import api_client_for, assert_error, order_body
 
@@ -455,31 +454,9 @@ def test_counts_on_the_embedded_sqlite_database(tmp_path):
     """``make run`` without services (SQLite, CACHE_URL=file://...): the same one statement
     counts there (SQLite 3.35 or later). Eight threads count 25 requests each in one window:
     each gets its own number, 1 to 200; the purge deletes an ended window's row."""
-    env = fresh_env(
-        DJANGO_SETTINGS_MODULE="config.settings",
-        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
-        CELERY_BROKER_URL="memory://",
-        CACHE_URL=f"file://{tmp_path / 'cache'}",
-        SECRET_KEY="test-only",
-        HTTPS_ONLY="0",
-        LOG_LEVEL="warning",
+    outcome = run_on_embedded_sqlite(
+        tmp_path, SQLITE_COUNT, CACHE_URL=f"file://{tmp_path / 'cache'}"
     )
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, *args],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-
-    migrated = run("manage.py", "migrate", "-v0")
-    assert migrated.returncode == 0, migrated.stderr
-    ran = run("-c", SQLITE_COUNT)
-    assert ran.returncode == 0, ran.stderr
-    outcome = json.loads(ran.stdout.strip().splitlines()[-1])
     assert outcome == {
         "numbers": list(range(1, 201)),
         "purged": 1,
