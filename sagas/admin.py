@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
+from urllib.parse import quote, unquote
 from uuid import UUID, uuid4
 
 import structlog
@@ -495,11 +496,88 @@ def _next_url(request: HttpRequest) -> str | None:
     return None
 
 
+# The one hidden field in which a confirmation page (or a button on a saga's page) posts back
+# what each saga it accepted looked like: ``<id>:<version>:<step>`` per saga, joined by ``;``
+# (the step, percent-encoded, is the undo an undo-done confirmation names; empty elsewhere).
+# One field for all of them: a field per saga and per value came to three fields a saga, and a
+# confirmation of 334 sagas went over Django's DATA_UPLOAD_MAX_NUMBER_FIELDS (a 400, nothing
+# done) while an action takes MAX_BULK. The ids still go as ``_selected_action``, one a saga,
+# which Django's action handling filters on: MAX_BULK of them and a few more stay far under.
+FENCES_FIELD = "fences"
+_FENCE_MAX_CHARS = 36 + 1 + 19 + 1 + 3 * 64  # an id, a version, a step of 64 encoded
+
+
+class _BadFences(ValueError):
+    """The fence field is not one a page of this console wrote."""
+
+
+def fences_field(fences: Iterable[tuple[Any, int, str]]) -> str:
+    """The fence field's value for ``(id, version, step)`` of each saga."""
+    return ";".join(
+        f"{saga_id}:{version}:{quote(step, safe='')}" for saga_id, version, step in fences
+    )
+
+
+def _parse_fences(value: str) -> dict[UUID, tuple[int, str]]:
+    """The fence field read strictly: each saga's version and step by its id. Raises
+    :class:`_BadFences` saying what is wrong with anything else."""
+    entries = value.split(";")
+    if len(value) > MAX_BULK * (_FENCE_MAX_CHARS + 1) or len(entries) > MAX_BULK:
+        raise _BadFences(f"it names more than {MAX_BULK} sagas")
+    fences: dict[UUID, tuple[int, str]] = {}
+    for entry in entries:
+        parts = entry.split(":")
+        if len(parts) != 3 or not _is_uuid(parts[0]):
+            raise _BadFences(f"{entry[:60]!r} is not a saga id, a version and a step")
+        saga_id, version, step = UUID(parts[0]), parts[1], unquote(parts[2])
+        if not (version.isascii() and version.isdigit() and len(version) <= 19):
+            raise _BadFences(f"the version of {_short(saga_id)} is not one")
+        if len(step) > 64:
+            raise _BadFences(f"the step of {_short(saga_id)} is not one")
+        if saga_id in fences:
+            raise _BadFences(f"it names {_short(saga_id)} twice")
+        fences[saga_id] = (int(version), step)
+    return fences
+
+
+def _posted_fences(request: HttpRequest) -> dict[UUID, tuple[int, str]] | None:
+    """The posted fence field, read once per request; None when the post has none (the list's
+    action bar). Raises :class:`_BadFences` (``response_action`` refuses such a post first)."""
+    if FENCES_FIELD not in request.POST:
+        return None
+    cached = getattr(request, "_saga_fences", None)
+    if cached is None:
+        cached = _parse_fences(request.POST[FENCES_FIELD])
+        setattr(request, "_saga_fences", cached)  # noqa: B010 - not a field of HttpRequest
+    return cached
+
+
+def _posted_fence(request: HttpRequest, saga_id: Any) -> tuple[int, str] | None:
+    """What the page showed of this saga: its version and step, or None when the post carries
+    no fences. A saga posted without one in a post that has them is refused."""
+    try:
+        fences = _posted_fences(request)
+    except _BadFences:
+        fences = {}
+    if fences is None:
+        return None
+    fence = fences.get(UUID(str(saga_id)))
+    if fence is None:
+        raise SagaOperationRefused(
+            "changed", "The page gave no version of this saga; reload and decide again."
+        )
+    return fence
+
+
 def _posted_version(request: HttpRequest, saga_id: Any) -> int | None:
-    """The version of the saga as the operator's page showed it (``version_<id>``: a button on
+    """The version of the saga as the operator's page showed it (the fence field: a button on
     its page, a confirmation page), which the services fence on: a double submit or a stale
     page is refused (``changed``) rather than acting again. None when the post carries none
     (the list's action bar, which shows no versions)."""
+    fence = _posted_fence(request, saga_id)
+    if fence is not None:
+        return fence[0]
+    # A page rendered before the fences were one field posted ``version_<id>``.
     value = request.POST.get(f"version_{saga_id}")
     if value is None:
         return None
@@ -509,6 +587,14 @@ def _posted_version(request: HttpRequest, saga_id: Any) -> int | None:
             "changed", "The page's version of this saga is not one; reload and decide again."
         )
     return int(value)
+
+
+def _posted_step(request: HttpRequest, saga_id: Any) -> str:
+    """The undo an undo-done confirmation showed this saga waiting on ("" if none)."""
+    fence = _posted_fence(request, saga_id)
+    if fence is not None:
+        return fence[1]
+    return request.POST.get(f"step_{saga_id}", "")  # a page from before the fence field
 
 
 def _predicted_refusal(saga: Saga, operation: str) -> str:
@@ -917,6 +1003,8 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             "state_help": STATE_HELP.get(saga.state, ""),
             "stuck_help": _stuck_help(),
             "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            "fences_name": FENCES_FIELD,
+            "fences": fences_field([(saga.pk, saga.version, "")]),
         }
 
     # -- dashboard -----------------------------------------------------------------------------
@@ -1129,6 +1217,15 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             shown = ", ".join(repr(v[:40]) for v in bad[:5]) + (" ..." if len(bad) > 5 else "")
             messages.error(request, f"Not a saga id: {shown}. Nothing was done.")
             return self._done(request)
+        try:
+            _posted_fences(request)
+        except _BadFences as bad_fences:
+            messages.error(
+                request,
+                f"The page's versions of the sagas are not ones this console wrote "
+                f"({bad_fences}). Nothing was done; reload the list and decide again.",
+            )
+            return self._done(request)
         return super().response_action(request, queryset, *args, **kwargs)
 
     def _ids_or_refuse(self, request: HttpRequest, queryset: QuerySet[Saga]) -> list[Any] | None:
@@ -1273,7 +1370,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                     # The undo the confirmation page showed for this saga, and no other: a saga
                     # that moved on since is refused by the service (not_waiting_on_undo), and
                     # one the page named no undo for is refused here.
-                    step = request.POST.get(f"step_{saga_id}", "")
+                    step = _posted_step(request, saga_id)
                     if not step:
                         raise SagaOperationRefused(
                             "no_step",
@@ -1321,7 +1418,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         # What each of them looked like on the page, posted back with it for every accepted
         # saga (listed or not): its version (see ``_posted_version``), and for undo done the
         # undo it waits on (see ``undo_done``).
-        fences: list[dict[str, Any]] = []
+        fences: list[tuple[Any, int, str]] = []
         for saga in sagas:
             refusal = _predicted_refusal(saga, operation)
             plan = []
@@ -1341,7 +1438,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                     effects = []
             if not refusal:
                 accepted_ids.append(saga.pk)
-                fences.append({"id": saga.pk, "version": saga.version, "step": saga.current_step})
+                fences.append((saga.pk, saga.version, saga.current_step))
                 if operation == "compensate":
                     shape = tuple((p["step"], p["compensation"]) for p in plan)
                     group = groups.setdefault(shape, {"plan": plan, "sagas": []})
@@ -1394,7 +1491,8 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             "text": text,
             "error": error,
             "ids": accepted_ids,
-            "fences": fences,
+            "fences_name": FENCES_FIELD,
+            "fences": fences_field(fences),
             # The confirmation acts on exactly the sagas accepted here (ids posted back to the
             # unfiltered list), not on a filter re-evaluated a minute later.
             "post_url": reverse("admin:sagas_saga_changelist"),

@@ -128,7 +128,8 @@ def test_undo_done_fences_every_accepted_saga_not_only_the_listed_ones(ops_clien
     html = page(ops_client, "undo_done", sagas)
     assert "and 1 more" in html
     fields = hidden_fields(html, "undo-done-form")
-    assert (f"step_{oldest.pk}", "s3") in fields
+    [fences] = [value for name, value in fields if name == "fences"]
+    assert f"{oldest.pk}:{oldest.version}:s3" in fences.split(";")
     SagaStep.objects.filter(saga=oldest, name="s3").update(status=StepStatus.COMPENSATED)
     escalate_to_undo(oldest, "s2", 1)
 
@@ -179,7 +180,7 @@ def test_a_double_click_on_retry_now_retries_once(ops_client):
     saga = needs_manual()
     url = f"{LIST}{saga.pk}/change/"
     fields = button_fields(ops_client.get(url).content.decode(), "retry_now")
-    assert (f"version_{saga.pk}", str(saga.version)) in fields
+    assert ("fences", f"{saga.pk}:{saga.version}:") in fields
 
     first = submit(ops_client, fields)
     second = submit(ops_client, fields)
@@ -196,7 +197,7 @@ def test_a_compensate_confirmation_submitted_twice_compensates_once(ops_client):
 
     saga = running(saga_type="order", step_index=order_saga.index_of("arrange_shipment"))
     fields = hidden_fields(page(ops_client, "compensate", [saga]), "compensate-form")
-    assert (f"version_{saga.pk}", str(saga.version)) in fields
+    assert ("fences", f"{saga.pk}:{saga.version}:arrange_shipment") in fields
     first = submit(ops_client, fields, reason="customer asked (ticket 1)")
     second = submit(ops_client, fields, reason="customer asked (ticket 1)")
     assert [lvl for lvl, _ in texts(first)] == ["success"]
@@ -298,3 +299,131 @@ def test_a_compensate_confirmation_sent_twice_while_a_step_runs_compensates_once
     [(level, text)] = texts(second)
     assert level == "error" and "A cancel is already in progress (step_failed)" in text
     assert SagaEvent.objects.filter(saga=saga, kind="ops_compensate").count() == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# A full selection: as many sagas as one action takes, through the real confirmation page
+# ---------------------------------------------------------------------------------------------
+def many_waiting_on_the_undo_of_s3(n: int) -> list[Saga]:
+    """``n`` sagas as :func:`needs_manual` leaves them with the undo of s3 failing, made in
+    three queries (``make_saga`` makes each one in several)."""
+    import uuid
+
+    from sagas.definition import forward_key, get_definition
+
+    names = [s.name for s in get_definition("test5").steps]
+    sagas = Saga.objects.bulk_create(
+        Saga(
+            id=uuid.uuid4(),
+            saga_type="test5",
+            state=SagaState.NEEDS_MANUAL,
+            current_step="s3",
+            step_index=2,
+            failed_step="s3",
+            failed_undo="s3",
+            failure_code="no",
+            last_error="compensation failed: ConnectionError: provider down",
+            escalated_from=SagaState.COMPENSATING,
+            results={name: {"ok": True} for name in names[:2]},
+            data={"script": {}},
+        )
+        for _ in range(n)
+    )
+    SagaStep.objects.bulk_create(
+        SagaStep(
+            saga=saga,
+            index=i,
+            name=name,
+            status=StepStatus.SUCCEEDED if i < 2 else StepStatus.PENDING,
+            attempts=1 if i < 2 else 0,
+            idempotency_key=forward_key(saga.pk, name),
+            result={"ok": True} if i < 2 else None,
+            took_effect=i < 2,
+        )
+        for saga in sagas
+        for i, name in enumerate(names)
+    )
+    return list(Saga.objects.filter(pk__in=[s.pk for s in sagas]))
+
+
+@pytest.mark.parametrize(
+    ("action", "form_id", "typed", "kind"),
+    [
+        ("undo_done", "undo-done-form", {"note": "voided all of them by hand"}, "ops_undo_done"),
+        (
+            "resolve",
+            "resolve-form",
+            {"note": "refunded by hand", "accept_effects": "yes"},
+            "ops_resolve",
+        ),
+    ],
+)
+def test_a_confirmation_of_as_many_sagas_as_an_action_takes_acts_on_each(
+    ops_client, action, form_id, typed, kind
+):
+    """MAX_BULK sagas confirmed at once: the page's form stays under the number of fields
+    Django takes in one post (DATA_UPLOAD_MAX_NUMBER_FIELDS; beyond it the post was a 400 and
+    nothing was done), and every saga is acted on, as the page said."""
+    from django.conf import settings
+
+    from sagas.admin import MAX_BULK
+
+    sagas = many_waiting_on_the_undo_of_s3(MAX_BULK)
+    html = page(ops_client, action, sagas)
+    fields = hidden_fields(html, form_id)
+    done = submit(ops_client, fields, **typed)
+    assert done.status_code == 200
+    messages = texts(done)
+    assert [lvl for lvl, _ in messages] == ["success"], messages
+    assert f"for {MAX_BULK} sagas" in messages[0][1]
+    assert SagaEvent.objects.filter(saga__in=sagas, kind=kind).count() == MAX_BULK
+    # With room to spare: the form's own fields plus what the operator types.
+    assert len(fields) + len(typed) < settings.DATA_UPLOAD_MAX_NUMBER_FIELDS * 2 // 3
+
+
+@pytest.mark.parametrize(
+    "fences",
+    [
+        "garbage",
+        "{id}:seven:",
+        "{id}:3",
+        "{id}:3:s3;{id}:3:s3",
+        "{id}:3:" + "x" * 200,
+        ";".join(["{id}:3:"] * 501),
+        "",
+    ],
+)
+def test_a_fence_field_the_console_did_not_write_is_refused_not_a_500(ops_client, fences):
+    saga = needs_manual()
+    data = {
+        "action": "resolve",
+        "_selected_action": [str(saga.pk)],
+        "select_across": "0",
+        "confirm": "yes",
+        "note": "refunded by hand",
+        "accept_effects": "yes",
+        "fences": fences.format(id=saga.pk),
+    }
+    done = ops_client.post(LIST, data, follow=True)
+    [(level, text)] = texts(done)
+    assert done.status_code == 200 and level == "error", text
+    assert "not ones this console wrote" in text and "Nothing was done" in text
+    assert Saga.objects.get(pk=saga.pk).state == SagaState.NEEDS_MANUAL
+
+
+def test_a_saga_posted_without_a_fence_beside_fenced_ones_is_refused(ops_client):
+    fenced, unfenced = needs_manual(), needs_manual()
+    data = {
+        "action": "resolve",
+        "_selected_action": [str(fenced.pk), str(unfenced.pk)],
+        "select_across": "0",
+        "confirm": "yes",
+        "note": "refunded by hand",
+        "accept_effects": "yes",
+        "fences": f"{fenced.pk}:{fenced.version}:",
+    }
+    messages = texts(ops_client.post(LIST, data, follow=True))
+    assert [lvl for lvl, _ in messages] == ["success", "error"], messages
+    assert str(unfenced.pk)[:8] in messages[1][1] and "gave no version" in messages[1][1]
+    assert Saga.objects.get(pk=fenced.pk).state == SagaState.RESOLVED
+    assert Saga.objects.get(pk=unfenced.pk).state == SagaState.NEEDS_MANUAL

@@ -212,13 +212,13 @@ def test_undo_done_shows_what_runs_next_needs_a_note_and_goes_on(ops_client):
     long = confirm(ops_client, "undo_done", [saga], note="x" * 2001)
     assert "at most 2000 characters" in long.content.decode()  # as the API: not cut short
     assert Saga.objects.get(pk=saga.pk).state == SagaState.NEEDS_MANUAL
-    assert f'name="step_{saga.pk}" value="s3"' in page  # the undo it confirms, posted back
+    assert f'name="fences" value="{saga.pk}:{saga.version}:s3"' in page  # the undo it confirms
     done = confirm(
         ops_client,
         "undo_done",
         [saga],
         note="cancelled by phone with the carrier",
-        **{f"step_{saga.pk}": "s3"},
+        fences=f"{saga.pk}:{saga.version}:s3",
     )
     assert [lvl for lvl, _ in texts(done)] == ["success"]
     saga.refresh_from_db()
