@@ -60,6 +60,7 @@ from orders.services import (
     MAX_LINES,
     MAX_QUANTITY,
     PAYMENT_METHODS,
+    order_check_signal,
     order_create,
     order_request_cancel,
     order_signal_refused,
@@ -351,7 +352,8 @@ class OrderViewSet(BodyReadFirst, viewsets.GenericViewSet):
             '`{"payload": {"approved": true}}` (or `false`, which declines the payment). '
             "`202` when the order waits for it (or will); the same `Idempotency-Key` again is "
             "a `202` replay (`422` with another payload); `409` when the order can no longer "
-            "take it."
+            "take it, or `409 definition_missing` when this server cannot take it yet (during "
+            "a deploy: send it again shortly)."
         ),
         tags=["orders"],
         request=SignalInputSerializer,
@@ -367,6 +369,7 @@ class OrderViewSet(BodyReadFirst, viewsets.GenericViewSet):
     def signal(self, request: Request, pk: str, name: str) -> Response:
         order = self.get_object_light()
         try:
+            order_check_signal(order=order)  # the caller's order: retryable, not denied
             return send_signal(request, order.saga_id, name)
         except SagaOperationRefused as refused:
             # The engine speaks of sagas; the client asked about an order.

@@ -26,7 +26,12 @@ from orders.errors import OrderInvalid
 from orders.models import Order, OrderItem
 from payments.provider import TEST_CARDS
 from sagas.models import Saga, SagaState
-from sagas.public import SagaOperationRefused, saga_request_cancel, saga_start
+from sagas.public import (
+    SagaOperationRefused,
+    saga_definition_refusal,
+    saga_request_cancel,
+    saga_start,
+)
 from webhooks import services as webhook_services
 
 #: The fake provider's test cards (docs/design.md); anything else is refused up front rather
@@ -410,9 +415,22 @@ def _why_not_cancellable(saga: Saga | None, refused: SagaOperationRefused) -> st
     }.get(status, "This order can no longer be cancelled.")
 
 
-#: Refusals of a signal that the engine words about the saga (its state, its steps); the
-#: orders API says them about the order (:func:`order_signal_refused`).
-_SIGNAL_REFUSALS = ("not_waiting", "already_signalled", "unknown_signal")
+#: Refusals of a signal that the engine words about the saga (its state, its steps, its
+#: definition); the orders API says them about the order (:func:`order_signal_refused`).
+_SIGNAL_REFUSALS = ("not_waiting", "already_signalled", "unknown_signal", "definition_missing")
+
+
+def order_check_signal(*, order: Order) -> None:
+    """Before a signal goes to the engine: raise ``definition_missing`` when this process
+    does not register the definition the order's saga runs on (a web process on the release
+    before the one that started the saga, during a rolling deploy). The engine cannot say then
+    whether the sender is the order's client, and denies it (a ``403`` the client cannot
+    retry, its wait then timing out); the route has checked the order is the caller's, so it
+    is told to try again, as a cancel is (:func:`order_signal_refused` words it)."""
+    saga = Saga.objects.only("id", "saga_type", "definition_version").get(pk=order.saga_id)
+    refusal = saga_definition_refusal(saga)
+    if refusal is not None:
+        raise refusal
 
 
 def order_signal_refused(
@@ -426,6 +444,11 @@ def order_signal_refused(
         return refused
     if refused.code == "unknown_signal":
         return SagaOperationRefused(refused.code, f"An order never waits for {name!r}.")
+    if refused.code == "definition_missing":  # this server is behind a release: for now
+        return SagaOperationRefused(
+            refused.code,
+            f"The order cannot take {name!r} right now; try again in a few minutes.",
+        )
     if refused.code == "already_signalled":
         return SagaOperationRefused(
             refused.code,

@@ -240,11 +240,27 @@ def _definition(saga: Saga) -> SagaDefinition:
     try:
         return definition_of(saga)
     except UnknownDefinition:
-        raise SagaOperationRefused(
-            "definition_missing",
-            f"This code does not register {saga.saga_type} v{saga.definition_version}, the "
-            "definition the saga runs on; deploy code that has it, then try again.",
-        ) from None
+        raise _definition_missing(saga) from None
+
+
+def _definition_missing(saga: Saga) -> SagaOperationRefused:
+    return SagaOperationRefused(
+        "definition_missing",
+        f"This code does not register {saga.saga_type} v{saga.definition_version}, the "
+        "definition the saga runs on; deploy code that has it, then try again.",
+    )
+
+
+def saga_definition_refusal(saga: Saga) -> SagaOperationRefused | None:
+    """The refusal (``definition_missing``) of every operation that needs the saga's
+    definition, when this code does not register it; None when it does. For a caller that
+    must answer before the engine is asked (the orders API: the engine cannot tell a
+    client's signal from another's without the definition, and would deny it)."""
+    try:
+        definition_of(saga)
+    except UnknownDefinition:
+        return _definition_missing(saga)
+    return None
 
 
 def saga_waits_on_undo(saga: Saga) -> bool:

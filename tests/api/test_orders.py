@@ -486,6 +486,28 @@ def test_a_refused_signal_says_why_about_the_order_not_the_saga(
     assert not Saga.objects.get(order__id=order["id"]).signals.exists()
 
 
+def test_a_signal_for_an_order_whose_saga_definition_this_server_lacks_is_a_retryable_409(
+    client_api, place
+):
+    """A rolling deploy: the order's saga runs on a definition version this (old) web process
+    does not register. Its own client's 3-D Secure confirmation was a 403, which it cannot
+    retry (its wait timed out and the order was cancelled); it is the 409 definition_missing a
+    cancel gets then, in the client's words, and nothing is recorded."""
+    order = place(client_api, payment_method="pm_card_3ds_required")
+    set_saga(order["id"], definition_version=99)
+    path = f"/api/v1/orders/{order['id']}/signals/3ds_confirmed/"
+    response = client_api.post(
+        path, {"payload": {"approved": True}}, format="json", headers={"Idempotency-Key": "k1"}
+    )
+    body = assert_error(response, 409, "definition_missing")
+    assert body["detail"] == (
+        "The order cannot take '3ds_confirmed' right now; try again in a few minutes."
+    )
+    assert not Saga.objects.get(order__id=order["id"]).signals.exists()
+    cancel = assert_error(client_api.post(f"/api/v1/orders/{order['id']}/cancel/"), 409)
+    assert cancel["code"] == "definition_missing"  # as a cancel is
+
+
 def test_a_signal_an_order_never_takes_says_so_about_the_order(client_api, place):
     order = place(client_api)
     path = f"/api/v1/orders/{order['id']}/signals/coupon_applied/"
