@@ -9,7 +9,7 @@ operations.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -45,7 +45,13 @@ from sagas import services
 from sagas.exceptions import SignalPayloadInvalid
 from sagas.models import Saga, SagaSignal, SagaState, SagaStep, StepStatus
 from sagas.selectors import saga_is_stuck, saga_stuck_q
-from sagas.signals import MAX_KEY_LENGTH, may_signal_saga, saga_signal
+from sagas.signals import (
+    MAX_KEY_LENGTH,
+    SignalOutcome,
+    may_signal_saga,
+    saga_signal,
+    signal_sent_under,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,6 +166,19 @@ SIGNAL_NAME = OpenApiParameter("name", str, OpenApiParameter.PATH)
 
 def send_signal(request: Request, saga_id, name: str) -> Response:
     """``POST .../signals/{name}/`` for the sagas and the orders API: deliver, answer ``202``."""
+    key = header_text(request, "Idempotency-Key")
+    if key is not None and isinstance(request.data, Mapping):
+        # A retry is answered before its body is checked: what a key delivered stays its
+        # answer, whatever rule came in since (as for an order, a webhook registration).
+        earlier = signal_sent_under(
+            saga_id=saga_id,
+            name=name,
+            key=key,
+            payload=request.data.get("payload", {}),
+            user=request.user,
+        )
+        if earlier is not None:
+            return _signal_sent(earlier)
     body = SignalInputSerializer(data=request.data)
     if not body.is_valid() and list(body.errors) == ["payload"]:
         # The same code whether the payload is not an object or an object the signal refuses.
@@ -171,11 +190,15 @@ def send_signal(request: Request, saga_id, name: str) -> Response:
             saga_id=saga_id,
             name=name,
             payload=body.validated_data["payload"],
-            key=header_text(request, "Idempotency-Key"),
+            key=key,
             user=request.user,
         )
     except SignalPayloadInvalid as exc:
         raise ApiError(exc.detail, code=exc.code, fields={"payload": [exc.detail]}) from None
+    return _signal_sent(outcome)
+
+
+def _signal_sent(outcome: SignalOutcome) -> Response:
     data = SignalSerializer(outcome.signal, context={"replayed": outcome.replayed}).data
     headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
     return Response(data, status=status.HTTP_202_ACCEPTED, headers=headers)

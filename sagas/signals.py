@@ -235,6 +235,43 @@ def saga_signal(
             return _deliver(saga, name, payload, key, user)
 
 
+def signal_sent_under(
+    *, saga_id: Any, name: str, key: str | None, payload: Any, user: Any
+) -> SignalOutcome | None:
+    """The signal ``name`` that ``key`` already delivered to this saga, as a replay, if any:
+    the API answers a retry with it before it checks the body, so a signal sent before a rule
+    that now refuses its body (a top-level name the route no longer takes) is still replayed,
+    as an order is. ``payload`` is the body's, unchecked; another one (whatever it holds) is
+    :class:`SignalKeyReused`, as :func:`saga_signal` says. None when there is no such signal
+    or ``user`` may not send it: :func:`saga_signal` then decides, and says why."""
+    key = key.strip() if key is not None else ""
+    if not key or len(key) > MAX_KEY_LENGTH or has_control_characters(key):
+        return None
+    existing = SagaSignal.objects.filter(saga_id=saga_id, name=name, key=key).first()
+    if existing is None:
+        return None
+    saga = Saga.objects.get(pk=saga_id)
+    try:
+        definition = definition_of(saga)
+    except LookupError:
+        return None
+    indexes = definition.waits_for(name)
+    park = definition.steps[indexes[0]].park if indexes else None
+    if park is None or not _may_send(user, park, saga):
+        return None
+    return _replayed(existing, name, key, payload)
+
+
+def _replayed(existing: SagaSignal, name: str, key: str, payload: Any) -> SignalOutcome:
+    # A caller that does not restate the payload (``None``) asks about the first one.
+    if payload is not None and _comparable(existing.payload) != _comparable(payload):
+        raise SignalKeyReused(
+            f"The Idempotency-Key {key!r} was already used for {name!r} with another "
+            "payload; that signal stands. Send a changed one under a new key."
+        )
+    return SignalOutcome(existing, replayed=True, delivered_now=False)
+
+
 def _deliver(saga: Saga, name: str, payload: Any, key: str, user: Any) -> SignalOutcome:
     try:
         definition = definition_of(saga)
@@ -257,13 +294,7 @@ def _deliver(saga: Saga, name: str, payload: Any, key: str, user: Any) -> Signal
         )
     existing = SagaSignal.objects.filter(saga=saga, name=name, key=key).first()
     if existing is not None:
-        # A caller that does not restate the payload (``None``) asks about the first one.
-        if payload is not None and _comparable(existing.payload) != _comparable(payload):
-            raise SignalKeyReused(
-                f"The Idempotency-Key {key!r} was already used for {name!r} with another "
-                "payload; that signal stands. Send a changed one under a new key."
-            )
-        return SignalOutcome(existing, replayed=True, delivered_now=False)
+        return _replayed(existing, name, key, payload)
     payload = _check_payload(park, payload)
 
     resume, takes_it = _takes(definition, saga, indexes)

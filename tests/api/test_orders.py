@@ -508,6 +508,30 @@ def test_a_signal_for_an_order_whose_saga_definition_this_server_lacks_is_a_retr
     assert cancel["code"] == "definition_missing"  # as a cancel is
 
 
+def test_a_signal_retried_under_its_key_is_replayed_before_its_body_is_checked(client_api, place):
+    """A 3-D Secure confirmation sent before a rule that now refuses its body (a top-level
+    name the route no longer takes), whose answer was lost: its retry is the 202 replay of the
+    signal it sent, not a 400. The same key with another payload is a 422 whatever the body
+    holds; a new key is checked as any signal is."""
+    order = place(client_api, payment_method="pm_card_3ds_required")
+    path = f"/api/v1/orders/{order['id']}/signals/3ds_confirmed/"
+    saga = Saga.objects.get(order__id=order["id"])
+    first = client_api.post(
+        path, {"payload": {"approved": True}}, format="json", headers={"Idempotency-Key": "k1"}
+    )
+    assert first.status_code == 202, first.content
+    retry = {"payload": {"approved": True}, "sent_at": "2026-12-06T10:00:00Z"}
+    replay = client_api.post(path, retry, format="json", headers={"Idempotency-Key": "k1"})
+    assert replay.status_code == 202, replay.content
+    assert replay["Idempotent-Replayed"] == "true" and replay.json()["replayed"] is True
+    other = {"payload": {"approved": False}, "sent_at": "2026-12-06T10:00:00Z"}
+    reused = client_api.post(path, other, format="json", headers={"Idempotency-Key": "k1"})
+    assert_error(reused, 422, "idempotency_key_reused")
+    fresh = client_api.post(path, retry, format="json", headers={"Idempotency-Key": "k2"})
+    assert_error(fresh, 400, "unknown_field")
+    assert saga.signals.count() == 1
+
+
 def test_a_signal_an_order_never_takes_says_so_about_the_order(client_api, place):
     order = place(client_api)
     path = f"/api/v1/orders/{order['id']}/signals/coupon_applied/"

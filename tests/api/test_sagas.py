@@ -263,6 +263,26 @@ def test_a_signal_sent_without_its_payload_wrapper_is_told_so(ops_api, saga):
     assert not saga.signals.exists()
 
 
+def test_a_signal_retried_under_its_key_is_replayed_before_its_body_is_checked(
+    ops_api, staff_api, saga
+):
+    """The retry of a signal sent before a rule that now refuses its body is its 202 replay,
+    not a 400; someone who may not send it is still refused."""
+    saga = parked(saga, "fraud_review", minutes=1)
+    path = f"{SAGAS}{saga.id}/signals/fraud_review/"
+    first = ops_api.post(
+        path, {"payload": {"approved": True}}, format="json", headers={"Idempotency-Key": "r1"}
+    )
+    assert first.status_code == 202, first.content
+    retry = {"payload": {"approved": True}, "comment": "as agreed"}
+    replay = ops_api.post(path, retry, format="json", headers={"Idempotency-Key": "r1"})
+    assert replay.status_code == 202, replay.content
+    assert replay["Idempotent-Replayed"] == "true"
+    denied = staff_api.post(path, retry, format="json", headers={"Idempotency-Key": "r1"})
+    assert denied.status_code in (400, 403) and "Idempotent-Replayed" not in denied
+    assert saga.signals.count() == 1
+
+
 def test_compensate_after_the_pivot_is_409(ops_api, saga):
     """Refused past the pivot, and the timeline does not claim an operator compensated."""
     Saga.objects.filter(pk=saga.pk).update(
