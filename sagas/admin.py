@@ -1230,8 +1230,9 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
 
     def _ids_or_refuse(self, request: HttpRequest, queryset: QuerySet[Saga]) -> list[Any] | None:
         """The selected sagas' ids, or None (with a message) when there is nothing to act on:
-        a selection over the bulk limit, or ids of which none is a saga (those not found are
-        named; the others go on)."""
+        a selection over the bulk limit, or ids of which none is a saga of the list (those not
+        in it are named, as no longer matching its filters or as not found; the others go
+        on)."""
         ids = _selected_ids(queryset)
         if len(ids) > MAX_BULK:
             messages.error(
@@ -1250,9 +1251,24 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                     if UUID(v) not in found
                 )
             )
-            if missing:
-                n = len(missing)
-                shown = ", ".join(_short(i) for i in missing[:10]) + (" ..." if n > 10 else "")
+            # The list posts to its filtered URL: a saga that changed meanwhile (a colleague
+            # retried it out of needs_manual) is missing from the queryset, yet exists.
+            exist = set(Saga.objects.filter(pk__in=missing).values_list("pk", flat=True))
+            left = [i for i in missing if i in exist]
+            gone = [i for i in missing if i not in exist]
+            if left:
+                n = len(left)
+                shown = ", ".join(_short(i) for i in left[:10]) + (" ..." if n > 10 else "")
+                messages.error(
+                    request,
+                    f"No longer in this list ({shown}): {'it' if n == 1 else 'they'} changed "
+                    "since the list was shown and no longer "
+                    f"{'matches' if n == 1 else 'match'} its filters; nothing was done for "
+                    f"{'it' if n == 1 else 'them'}. Reload the list.",
+                )
+            if gone:
+                n = len(gone)
+                shown = ", ".join(_short(i) for i in gone[:10]) + (" ..." if n > 10 else "")
                 messages.error(
                     request,
                     f"No such saga{'s' if n != 1 else ''} ({shown}): nothing was done for "

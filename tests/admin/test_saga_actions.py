@@ -362,6 +362,30 @@ def test_a_posted_id_that_is_not_a_saga_id_is_refused_with_a_message(ops_client)
     assert not events(saga, "ops_retry")
 
 
+def test_a_saga_that_left_the_lists_filter_is_not_called_missing(ops_client):
+    """The action bar posts to the filtered list (state=needs_manual); a saga a colleague
+    retried meanwhile no longer matches it. It was named as no such saga ("deleted,
+    mistyped"); it is named as no longer in the list, not acted on, and an id of no saga is
+    still named as not found."""
+    stays, left = needs_manual(), needs_manual()
+    Saga.objects.filter(pk=left.pk).update(state=SagaState.COMPENSATING)
+    nobody = "00000000-0000-0000-0000-000000000000"
+    data = {
+        "action": "retry_now",
+        "_selected_action": [str(stays.pk), str(left.pk), nobody],
+        "index": "0",
+    }
+    messages = texts(ops_client.post(f"{LIST}?state__exact=needs_manual", data, follow=True))
+    assert ("success", f"Retry requested for 1 saga: {str(stays.pk)[:8]}") in messages
+    assert (
+        "error",
+        f"No longer in this list ({str(left.pk)[:8]}): it changed since the list was shown "
+        "and no longer matches its filters; nothing was done for it. Reload the list.",
+    ) in messages, messages
+    assert ("error", "No such saga (00000000): nothing was done for it.") in messages, messages
+    assert not events(left, "ops_retry")
+
+
 def test_ids_of_no_saga_are_named_and_the_others_go_on(ops_client):
     """A confirmation for a saga that does not exist (deleted, mistyped) said nothing at all."""
     nobody = "00000000-0000-0000-0000-000000000000"
