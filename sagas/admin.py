@@ -1442,8 +1442,8 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             if operation in ("compensate", "undo_done"):
                 try:
                     plan = saga_compensation_plan(saga_id=saga.pk)
-                except (LookupError, Saga.DoesNotExist):
-                    plan = []
+                except (LookupError, Saga.DoesNotExist, SagaOperationRefused):
+                    plan = []  # its refusal, if any, is the row's (definition_missing)
                 if operation == "undo_done":
                     # The first entry is the undo done by hand; the rest is what runs next.
                     plan = plan[1:]

@@ -491,10 +491,11 @@ class SagaViewSet(
     @extend_schema(
         summary="Compensation plan (dry run)",
         description="The compensations that compensating now would run, in order, with their "
-        "idempotency keys. Changes nothing.",
+        "idempotency keys. Changes nothing. `409 definition_missing` where this server does "
+        "not register the saga's definition.",
         tags=["sagas"],
         parameters=[SAGA_ID],
-        responses={200: CompensationPlanSerializer},
+        responses={200: CompensationPlanSerializer, 409: REFUSED},
     )
     @action(
         detail=True,

@@ -690,10 +690,11 @@ def saga_compensation_plan(*, saga_id: Any) -> list[dict[str, Any]]:
     For a running saga (or one that stopped for a person before its pivot): every step that
     took effect, plus the current step if an earlier attempt of it may have. For a compensating
     saga (or one waiting for a person mid-ladder): what is left of the ladder. For a settled
-    saga: nothing.
+    saga: nothing. Refused (``definition_missing``) when this code does not register the
+    saga's definition.
     """
     saga = Saga.objects.get(pk=saga_id)
-    definition = definition_of(saga)
+    definition = _definition(saga)
     rows = {s.name: s for s in SagaStep.objects.filter(saga=saga)}
     current = definition.index_of(saga.current_step)
     candidates: list[int] = []

@@ -283,6 +283,17 @@ def test_a_signal_retried_under_its_key_is_replayed_before_its_body_is_checked(
     assert saga.signals.count() == 1
 
 
+def test_the_compensation_plan_of_a_saga_whose_definition_is_not_registered_is_a_409(
+    staff_api, saga
+):
+    """It was a 500 (the dry run looked the definition up unguarded); it is the 409
+    definition_missing every operation that needs the definition answers."""
+    Saga.objects.filter(pk=saga.pk).update(definition_version=99)
+    response = staff_api.get(f"{SAGAS}{saga.id}/compensation-plan/")
+    body = assert_error(response, 409, "definition_missing")
+    assert body["detail"].startswith("This code does not register order v99")
+
+
 def test_compensate_after_the_pivot_is_409(ops_api, saga):
     """Refused past the pivot, and the timeline does not claim an operator compensated."""
     Saga.objects.filter(pk=saga.pk).update(
