@@ -68,6 +68,7 @@ from sagas.services import (
     how_it_ended,
     saga_compensate,
     saga_compensation_plan,
+    saga_definition_refusal,
     saga_effects_in_place,
     saga_refusal,
     saga_resolve,
@@ -609,13 +610,6 @@ def _predicted_refusal(saga: Saga, operation: str) -> str:
     return "" if refusal is None else refusal.detail.rstrip(".")
 
 
-def _definition_missing(saga: Saga) -> str:
-    return (
-        f"This code does not register {saga.saga_type} v{saga.definition_version}, the "
-        "definition the saga runs on"
-    )
-
-
 class _Outcome:
     """Collects per-saga results of a bulk operation into a few clear messages."""
 
@@ -1075,11 +1069,11 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             messages.error(request, "No such saga.")
             return HttpResponseRedirect(reverse("admin:sagas_saga_changelist"))
         page = reverse("admin:sagas_saga_change", args=[saga.pk])
-        try:
-            names = definition_of(saga).signals
-        except LookupError:
-            messages.error(request, f"{_definition_missing(saga)}: it takes no signal here.")
+        missing = saga_definition_refusal(saga)
+        if missing is not None:  # the services' words (definition_missing), then the form's
+            messages.error(request, f"{missing.detail} Until then it takes no signal here.")
             return HttpResponseRedirect(page)
+        names = definition_of(saga).signals
         # Preselected only when the saga waits for it: a saga not waiting yet keeps a signal
         # for later, and a first signal offered by default could be sent by one careless click.
         form = {

@@ -117,6 +117,10 @@ def test_the_signal_form_says_why_and_goes_back_to_the_saga(ops_client):
         assert response["Location"] == reverse("admin:sagas_saga_change", args=[saga.pk])
     [(level, text), *_] = texts(ops_client.get(url, follow=True))
     assert level == "error" and MISSING in text
+    # The services' refusal, word for word: one place says it (sagas.services).
+    refused = saga_refusal(saga, "compensate")
+    assert refused is not None and refused.code == "definition_missing"
+    assert text == f"{refused.detail} Until then it takes no signal here."
 
 
 def test_the_services_refuse_what_needs_the_missing_definition(ops_user):
