@@ -598,6 +598,19 @@ def _posted_step(request: HttpRequest, saga_id: Any) -> str:
     return request.POST.get(f"step_{saga_id}", "")  # a page from before the fence field
 
 
+def _signal_received(saga: Saga, pending: set[str]) -> str:
+    """The signal a saga's wait took and no worker has consumed yet ("" if none): accepting it
+    cleared ``waiting_for``, but the saga stands at the wait (``waiting_since``) until then."""
+    if saga.waiting_since is None or saga.waiting_for or not pending:
+        return ""
+    try:
+        definition = definition_of(saga)
+        park = definition.steps[definition.index_of(saga.current_step)].park
+    except LookupError:  # a type, version or step this process does not know
+        return ""
+    return park.signal if park is not None and park.signal in pending else ""
+
+
 def _predicted_refusal(saga: Saga, operation: str) -> str:
     """Why the services will refuse ``operation`` on this saga, or "" if they should accept it.
 
@@ -1028,7 +1041,19 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
         except LookupError:  # a type or version this process does not know
             names = []
         parts = []
-        if saga.waiting_since is not None:
+        pending = list(saga.signals.filter(consumed_at__isnull=True).values_list("name", "actor"))
+        received = _signal_received(saga, {name for name, _ in pending})
+        if received:
+            # Accepted, so the saga waits no longer (waiting_for is cleared), yet it still
+            # stands at its wait until a worker takes the signal: not a timer due "now".
+            parts.append(
+                format_html(
+                    "<strong>Signal {} received</strong>; the saga goes on as soon as a worker "
+                    "takes it",
+                    received,
+                )
+            )
+        elif saga.waiting_since is not None:
             what = f"signal {saga.waiting_for}" if saga.waiting_for else "its timer"
             due = (
                 f"; times out at {saga.next_attempt_at:%Y-%m-%d %H:%M:%S} UTC"
@@ -1044,15 +1069,15 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                     due,
                 )
             )
-        pending = list(saga.signals.filter(consumed_at__isnull=True).values_list("name", "actor"))
-        if pending:
+        later = [(name, actor) for name, actor in pending if name != received]
+        if later:
             parts.append(
                 format_html(
                     "Kept for later: {}",
-                    ", ".join(f"{name} (from {actor})" for name, actor in pending),
+                    ", ".join(f"{name} (from {actor})" for name, actor in later),
                 )
             )
-        if names:
+        if set(names) - {name for name, _ in pending}:  # one already waiting is refused
             url = reverse("admin:sagas_saga_signal", args=[saga.pk])
             parts.append(format_html('<a class="button" href="{}">Send a signal&hellip;</a>', url))
         return mark_safe("<br>".join(str(p) for p in parts)) if parts else "-"  # noqa: S308

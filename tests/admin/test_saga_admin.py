@@ -415,3 +415,30 @@ def test_a_saga_with_nothing_to_do_now_is_not_called_finished(ops_client):
     assert "finished" not in said and "waits for its timer" in said
 
     assert "this saga is finished" in hint(make_saga())
+
+
+def test_a_saga_whose_signal_was_accepted_says_so_not_that_it_waits_for_its_timer(ops_client):
+    """Accepting a signal clears ``waiting_for`` and makes the saga due now, but it stands at
+    its wait until a worker takes the signal: its page said "Waiting for its timer ... times
+    out at <now>" and offered to send a signal that would be refused as already waiting."""
+    from django.utils import timezone
+
+    from orders.saga import order_saga
+    from sagas.models import Saga, SagaSignal
+    from tests.admin.conftest import running
+
+    now = timezone.now()
+    saga = running(saga_type="order", step_index=order_saga.index_of("fraud_review"))
+    Saga.objects.filter(pk=saga.pk).update(
+        definition_version=order_saga.version,  # the version whose steps make_saga gave it
+        waiting_for="",
+        waiting_since=now,
+        next_attempt_at=now,
+    )
+    SagaSignal.objects.create(
+        saga=saga, name="fraud_review", key="k1", payload={"approved": True}, received_at=now
+    )
+    html = ops_client.get(reverse("admin:sagas_saga_change", args=[saga.pk])).content.decode()
+    assert "Signal fraud_review received</strong>" in html
+    assert "its timer" not in html and "Kept for later" not in html
+    assert "Send a signal" not in html
