@@ -41,15 +41,13 @@ PURGE_RATE_LIMITS_TASK_NAME = "accounts: purge rate-limit counts"
 def _ensure_rate_limit_purge_schedule(**_kwargs: Any) -> None:
     """Create the purge of the rate limits' ended windows (every 10 minutes) once; after that it
     belongs to the ops console (like the sweeper's schedule in sagas.apps)."""
-    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+    from config.periodic import ensure_periodic_task
 
-    if PeriodicTask.objects.filter(name=PURGE_RATE_LIMITS_TASK_NAME).exists():
-        return
-    schedule, _ = IntervalSchedule.objects.get_or_create(every=10, period=IntervalSchedule.MINUTES)
-    PeriodicTask.objects.create(
-        name=PURGE_RATE_LIMITS_TASK_NAME,
-        task="accounts.purge_rate_limit_counts",
-        interval=schedule,
-        description="Deletes the API rate limits' counts whose window has ended (kept in the "
-        "database when the cache is not Redis).",
+    ensure_periodic_task(
+        PURGE_RATE_LIMITS_TASK_NAME,
+        "accounts.purge_rate_limit_counts",
+        10,
+        "minutes",
+        "Deletes the API rate limits' counts whose window has ended (kept in the database when "
+        "the cache is not Redis).",
     )

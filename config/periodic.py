@@ -36,3 +36,19 @@ def missed_run_is_one_line(task: str) -> Iterator[None]:
         )
         for conn in connections.all(initialized_only=True):
             conn.close_if_unusable_or_obsolete()
+
+
+def ensure_periodic_task(name: str, task: str, every: int, period: str, description: str) -> None:
+    """Create beat's schedule for ``task`` once, under ``name`` (run from ``post_migrate``);
+    after that it belongs to the ops console. ``period`` is one of django-celery-beat's
+    ``IntervalSchedule`` periods (``"seconds"``, ``"minutes"``, ``"hours"``, ...).
+
+    Not in CELERY_BEAT_SCHEDULE on purpose: beat would overwrite an interval that staff changed
+    in the admin each time it starts.
+    """
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    if PeriodicTask.objects.filter(name=name).exists():
+        return
+    schedule, _ = IntervalSchedule.objects.get_or_create(every=every, period=period)
+    PeriodicTask.objects.create(name=name, task=task, interval=schedule, description=description)

@@ -25,14 +25,12 @@ EXPIRE_IDEMPOTENCY_TASK_NAME = "orders: expire idempotency keys"
 def _ensure_idempotency_expiry_schedule(**_kwargs) -> None:
     """Create the hourly clean-up of expired Idempotency-Key records once; after that it
     belongs to the ops console (like the sweeper's schedule in sagas.apps)."""
-    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+    from config.periodic import ensure_periodic_task
 
-    if PeriodicTask.objects.filter(name=EXPIRE_IDEMPOTENCY_TASK_NAME).exists():
-        return
-    schedule, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.HOURS)
-    PeriodicTask.objects.create(
-        name=EXPIRE_IDEMPOTENCY_TASK_NAME,
-        task="orders.expire_idempotency_keys",
-        interval=schedule,
-        description="Deletes Idempotency-Key records older than IDEMPOTENCY_KEY_TTL_HOURS.",
+    ensure_periodic_task(
+        EXPIRE_IDEMPOTENCY_TASK_NAME,
+        "orders.expire_idempotency_keys",
+        1,
+        "hours",
+        "Deletes Idempotency-Key records older than IDEMPOTENCY_KEY_TTL_HOURS.",
     )

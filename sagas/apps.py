@@ -41,25 +41,21 @@ SWEEP_TASK_NAME = "sagas: sweep stuck sagas"
 
 
 def _ensure_sweep_schedule(**_kwargs) -> None:
-    """Create the sweeper's periodic task once; after that it belongs to the ops console.
-
-    Not in CELERY_BEAT_SCHEDULE on purpose: beat would overwrite an interval that staff changed
-    in the admin each time it starts.
-    """
+    """Create the sweeper's periodic task once; after that it belongs to the ops console."""
     from django.conf import settings
-    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+    from django_celery_beat.models import IntervalSchedule
 
-    if PeriodicTask.objects.filter(name=SWEEP_TASK_NAME).exists():
-        return
+    from config.periodic import ensure_periodic_task
+
     seconds = float(settings.SAGA_SWEEP_INTERVAL)
     if seconds == int(seconds):
         every, period = int(seconds), IntervalSchedule.SECONDS
     else:
         every, period = int(seconds * 1_000_000), IntervalSchedule.MICROSECONDS
-    schedule, _ = IntervalSchedule.objects.get_or_create(every=every, period=period)
-    PeriodicTask.objects.create(
-        name=SWEEP_TASK_NAME,
-        task="sagas.sweep",
-        interval=schedule,
-        description="Re-rings overdue sagas whose lease expired and times out late ones.",
+    ensure_periodic_task(
+        SWEEP_TASK_NAME,
+        "sagas.sweep",
+        every,
+        period,
+        "Re-rings overdue sagas whose lease expired and times out late ones.",
     )

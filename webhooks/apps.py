@@ -24,7 +24,9 @@ def _ensure_schedules(**_kwargs) -> None:
     """Create the delivery sweep and the retention purge once; then they belong to the ops
     console (like the saga sweeper's schedule)."""
     from django.conf import settings
-    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+    from django_celery_beat.models import IntervalSchedule
+
+    from config.periodic import ensure_periodic_task
 
     wanted = [
         (
@@ -42,10 +44,5 @@ def _ensure_schedules(**_kwargs) -> None:
             "Deletes delivered events older than WEBHOOKS_RETENTION_DAYS, in batches.",
         ),
     ]
-    for name, task, every, period, description in wanted:
-        if PeriodicTask.objects.filter(name=name).exists():
-            continue
-        schedule, _ = IntervalSchedule.objects.get_or_create(every=every, period=period)
-        PeriodicTask.objects.create(
-            name=name, task=task, interval=schedule, description=description
-        )
+    for wanted_task in wanted:
+        ensure_periodic_task(*wanted_task)
