@@ -15,6 +15,9 @@ A saga moves only if the move cannot make it do something wrong:
   also come in the same order in both versions, and none it has undone comes below its
   current step in the target: the undo ladder walks the saga's definition from its current
   step down, so it would otherwise undo out of order (not newest first) or undo a step twice;
+- every step it has undone (by the engine or by hand) exists in the target: its row is the
+  record of that undo (a by-hand one is what says a person vouched for it), and the move keeps
+  only the rows of the target's steps;
 - while it may still go forward, no step after its current one in the source comes before it
   in the target: the saga goes on from its current step, so that step would never run;
 - it does not cross a pivot: a saga that reached the pivot stays past the same pivot, and one
@@ -179,6 +182,17 @@ def assess(
         return Verdict(
             group,
             refused=f"the steps that took effect are not all before {cur} in v{target.version}",
+        )
+    gone = sorted(
+        (n for n in undone if source.has_step(n) and not target.has_step(n)), key=source.index_of
+    )
+    if gone:
+        one = len(gone) == 1
+        return Verdict(
+            group,
+            refused=f"{', '.join(gone)} {'is' if one else 'are'} undone already and "
+            f"{'does' if one else 'do'} not exist in v{target.version} (the record of "
+            f"{'its undo' if one else 'their undos'} would be lost)",
         )
     if _may_go_forward(saga):
         behind = [
@@ -425,8 +439,9 @@ def _move(
     if not moved:
         return False
     rows = {s.name: s for s in SagaStep.objects.filter(saga_id=saga["id"])}
-    # Steps the target does not have and that never did anything: their rows go (the timeline
-    # keeps the history); the ones that did anything cannot be here (refused above).
+    # Rows of steps the target does not have go: none was undone or may still need its undo
+    # (refused above). One that took effect with nothing left to undo (no compensation, or
+    # past the pivot) keeps its result in ``results`` and its history in the timeline.
     gone = [name for name, row in rows.items() if not target.has_step(name)]
     SagaStep.objects.filter(saga_id=saga["id"], name__in=gone).delete()
     for i, step in enumerate(target.steps):

@@ -379,8 +379,8 @@ for _version, _steps in ((1, MIG_V1), (2, MIG_V2), (3, MIG_V3)):
 
 
 # -- steps that change places between versions: "swap" parks at the Wait "go" after "a" and at
-# the Wait "x" after "b" and "c"; v2 runs "c" before "b". "p" is the pivot, every other step
-# but the waits has an undo.
+# the Wait "x" after "b" and "c"; v2 runs "c" before "b", v3 has no "c". "p" is the pivot,
+# every other step but the waits has an undo.
 def _swap(middle: list[str]) -> list[Step]:
     return [
         *scripted(["a"]),
@@ -393,6 +393,7 @@ def _swap(middle: list[str]) -> list[Step]:
 
 register(SagaDefinition("swap", steps=_swap(["b", "c"]), version=1))
 register(SagaDefinition("swap", steps=_swap(["c", "b"]), version=2))
+register(SagaDefinition("swap", steps=_swap(["b"]), version=3))
 
 
 # -- a step behind a provider's breaker -----------------------------------------------------

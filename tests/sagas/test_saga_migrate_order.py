@@ -1,10 +1,11 @@
 """``manage.py saga_migrate`` between versions whose steps change places, driven in-process.
 
 The ``swap`` type (:mod:`tests.sagas.sagatypes`): v1 ``a, go (Wait), b, c, x (Wait), p``, v2
-runs ``c`` before ``b``; ``p`` is the pivot and every step but the waits has an undo. The undo
-ladder walks the saga's definition from its current step down, so a saga that has run (or
-undone) ``b`` and ``c`` cannot take v2's order without undoing out of order or twice; one that
-has reached neither can. Last, ``--apply`` passing by a saga another transaction holds.
+runs ``c`` before ``b``, v3 has no ``c``; ``p`` is the pivot and every step but the waits has an
+undo. The undo ladder walks the saga's definition from its current step down, so a saga that
+has run (or undone) ``b`` and ``c`` cannot take v2's order without undoing out of order or
+twice; one that has reached neither can. A saga that has undone ``c`` cannot go to v3, which
+has no row for it. Last, ``--apply`` passing by a saga another transaction holds.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from sagas.definition import get_definition
-from sagas.models import Saga, SagaState
+from sagas.models import Saga, SagaState, SagaStep, StepStatus
 from sagas.services import saga_compensation_plan, saga_start, saga_undo_done
 from sagas.signals import saga_signal
 from sagas.versions import _FIELDS, _move
@@ -43,9 +44,9 @@ def ops() -> User:
     return User.objects.get(pk=user.pk)
 
 
-def migrate(*args: str) -> str:
+def migrate(*args: str, to: int = 2) -> str:
     out = io.StringIO()
-    call_command("saga_migrate", "swap", "--from", "1", "--to", "2", *args, stdout=out)
+    call_command("saga_migrate", "swap", "--from", "1", "--to", str(to), *args, stdout=out)
     return out.getvalue()
 
 
@@ -218,6 +219,58 @@ def test_an_undo_done_by_hand_goes_on_below_past_a_step_already_undone(ops):
     assert saga.state == SagaState.COMPENSATED
     assert undos(saga) == ["c", "a"]
     assert effects(saga.id)[("c", "undo")] == 1
+
+
+def undid_c_by_hand(user: User) -> Saga:
+    """A v1 saga told no at ``x`` whose undo of ``c`` kept failing until a person did it by
+    hand and said so: it goes on undoing ``b``."""
+    saga = at_x(user, {"undo:c": ["transient"]})
+    signal(saga, "x", user, ok=False)
+    saga = until(saga, settled)
+    assert (saga.state, saga.current_step, undos(saga)) == (SagaState.NEEDS_MANUAL, "c", [])
+    saga_undo_done(saga_id=saga.id, user=user, step="c", note="cancelled in the dashboard")
+    saga = Saga.objects.get(pk=saga.pk)
+    assert (saga.state, saga.current_step) == (SagaState.COMPENSATING, "b")
+    return saga
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("undone", "status"),
+    [(undoing_b, StepStatus.COMPENSATED), (undid_c_by_hand, StepStatus.COMPENSATED_BY_HAND)],
+    ids=["by the engine", "by hand"],
+)
+def test_a_saga_that_undid_a_step_the_target_lacks_is_refused_and_keeps_its_record(
+    ops, undone, status
+):
+    """Moved to v3, the saga would lose ``c``'s row: what the engine knows of that undo (by
+    hand, the mark that a person vouched for it outside the system)."""
+    saga = undone(ops)
+
+    plan = migrate(to=3)
+    assert "Will move: 0" in plan
+    assert (
+        "1  compensating at b: c is undone already and does not exist in v3 (the record of "
+        "its undo would be lost)" in plan
+    )
+    assert "Moved 0 sagas" in migrate("--apply", to=3)
+    assert version_of(saga) == 1
+    assert SagaStep.objects.get(saga_id=saga.id, name="c").status == status
+
+    saga = until(saga, settled)
+    assert saga.state == SagaState.COMPENSATED
+    assert undos(saga)[-2:] == ["b", "a"]
+    assert SagaStep.objects.get(saga_id=saga.id, name="c").status == status
+
+
+@pytest.mark.django_db
+def test_a_saga_that_never_reached_a_step_the_target_lacks_moves_without_its_row():
+    """``c``'s row is pending, with nothing to keep: it goes with the move."""
+    saga = until(start(), parked_at("go"))
+
+    assert "Moved 1 saga from v1 to v3" in migrate("--apply", to=3)
+    steps = SagaStep.objects.filter(saga_id=saga.id).order_by("index")
+    assert [s.name for s in steps] == ["a", "go", "b", "x", "p"]
 
 
 def moved_as_before(saga: Saga) -> None:
