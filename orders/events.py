@@ -2,10 +2,20 @@
 
 The engine calls :data:`order_events` inside the transaction of every record of an order
 saga (and the ops operations call it inside theirs), with the saga before and after. When the
-order as its client sees it (status, step, cancellation reason) changed, an event goes to the
-webhooks outbox in that same transaction: ``order.confirmed``, ``order.cancelled``,
-``order.needs_attention`` when the order settles so, ``order.updated`` for any other visible
-change. Its ``data`` is the order exactly as ``GET /orders/{id}/`` shows it.
+order as its client sees it changed, an event goes to the webhooks outbox in that same
+transaction: ``order.confirmed``, ``order.cancelled``, ``order.needs_attention`` when the
+order settles so, ``order.updated`` for any other visible change. Its ``data`` is the order
+exactly as ``GET /orders/{id}/`` shows it.
+
+What the client sees changes with its status, step and cancellation reason, and with its
+saga's state and current step, which the order shows too: the payment's amounts and the
+shipment are changed by steps and undos, and the record of one that ends moves the saga on.
+So while the order is ``cancelling`` (its status and step the same until it is cancelled),
+each undo that ends is an ``order.updated`` with the shipment cancelled or the money voided or
+refunded, which a client mirroring the order from its events must learn. A retry moves
+nothing and sends nothing (an attempt that got no answer may have changed the payment
+already: the attempt that gets its answer ends the step and tells); a redelivered step is
+fenced off before its record, so nothing is sent twice.
 
 Cheap when nobody listens: an order records in its saga's ``data`` whether its client had a
 webhook endpoint when it was placed (``webhooks``), and :meth:`OrderEvents.wants` reads only
@@ -43,7 +53,7 @@ class OrderEvents:
 
     def __call__(self, before: Saga, after: Saga) -> None:
         old, new = order_state(before), order_state(after)
-        if old == new:
+        if old == new and (before.state, before.current_step) == (after.state, after.current_step):
             return
         event_type = "order.updated"
         if new.status != old.status:

@@ -109,6 +109,40 @@ def test_events_arrive_signed_in_order_and_the_last_one_is_the_order_as_get_show
     assert 0 < len(delivery.response_excerpt) <= 200
 
 
+def test_each_undo_of_an_order_being_cancelled_is_an_event_with_the_order_as_it_then_is(
+    customer, catalog, receiver, celery_worker, wait_for
+):
+    """The capture is declined after the shipment was arranged: the saga cancels the
+    shipment, voids the authorization and releases the stock. The order is `cancelling` with
+    no step all along, but what its client sees changes at each undo (its saga's step, the
+    shipment, the voided amount), so a client mirroring it from its events learns each."""
+    client = api_client_for(customer)
+    register(client, receiver.url)
+    placed = place(client, payment_method="pm_card_capture_declined")
+    order_id, total = placed["id"], placed["total"]
+
+    wait_for(_final_received(receiver, [order_id]), timeout=60, describe=receiver.accepted)
+    events = {e["id"]: e for e in _by_order(receiver.accepted())[order_id]}  # at least once
+    seen = [
+        (
+            e["type"],
+            e["data"]["status"],
+            e["data"]["saga"]["current_step"],
+            e["data"]["shipment"]["status"],
+            e["data"]["payment"]["voided"],
+        )
+        for e in sorted(events.values(), key=lambda e: e["sequence"])
+        if e["data"]["status"] != "processing"
+    ]
+    assert seen == [
+        ("order.updated", "cancelling", "arrange_shipment", "arranged", "0.00"),
+        ("order.updated", "cancelling", "authorize_payment", "cancelled", "0.00"),
+        ("order.updated", "cancelling", "reserve_inventory", "cancelled", total),
+        ("order.cancelled", "cancelled", "reserve_inventory", "cancelled", total),
+    ]
+    assert [e["sequence"] for e in events.values()] == list(range(1, len(events) + 1))
+
+
 def test_a_receiver_that_fails_then_recovers_gets_every_event_at_least_once(
     customer, catalog, receiver, celery_worker, wait_for
 ):
