@@ -10,8 +10,10 @@ Breaker: ``closed`` until the failure rate of the calls in the last ``window`` s
 admitted since the breaker last closed) reaches ``failure_rate`` over at least ``min_calls`` calls;
 then ``open`` for ``cooldown`` seconds; then ``half_open``, letting ``canaries`` calls through,
 judged by ``failure_rate`` too: enough of them succeeding closes it, that share failing opens
-it again (:func:`canary_verdicts`). Only transient failures count: a participant's business
-"no" is a healthy answer.
+it again (:func:`canary_verdicts`). A canary's verdict counts only in the round that let it
+through: one answering after its round ended (the breaker re-opened, or its lease passed and
+a new round began) is still counted among the provider's calls, but moves no round. Only
+transient failures count: a participant's business "no" is a healthy answer.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class Ticket:
     slot_id: int | None = None
     slot_lease: datetime | None = None
     canary: bool = False
+    #: A canary's half-open round (``Breaker.canary_round`` when it was let through).
+    canary_round: int = 0
 
 
 #: Sent once a provider's breaker has closed (after the commit that closed it), with
@@ -147,27 +151,28 @@ def admit(provider: str, timeout: float | None = None) -> Ticket | Wait:
         ensure_breaker(provider)
         return admit(provider, timeout)
     state, probe_at, forced, generation = row[:4]
-    canary = False
+    canary_round = None
     if state != BreakerState.CLOSED:
-        canary = not forced and _take_canary(provider, cfg, now, held_for)
-        if not canary:
+        canary_round = None if forced else _take_canary(provider, cfg, now, held_for)
+        if canary_round is None:
             metrics.PARKED.labels(provider, state).inc()
             return _wait(provider, cfg, state, probe_at, forced, now)
     if cfg.max_in_flight and slot_id is None:  # not already taken with the breaker's row
         slot_id, lease = _take_slot(provider, cfg, now, held_for)
         if slot_id is None:
-            if canary:
-                _return_canary(provider)
+            if canary_round is not None:
+                _return_canary(provider, canary_round)
             metrics.LIMITED.labels(provider, "in_flight").inc()
             return Wait(provider, random.uniform(*_LIMIT_WAIT), "in_flight")
     if cfg.rate and not _take_rate(provider, generation, cfg, now):
         if slot_id is not None:
             _release_slot(slot_id, lease)
-        if canary:
-            _return_canary(provider)
+        if canary_round is not None:
+            _return_canary(provider, canary_round)
         metrics.LIMITED.labels(provider, "rate").inc()
         return Wait(provider, random.uniform(*_LIMIT_WAIT), "rate")
-    return Ticket(provider, generation, slot_id, lease, canary)
+    canary = canary_round is not None
+    return Ticket(provider, generation, slot_id, lease, canary, canary_round or 0)
 
 
 def _one_statement_gate() -> bool:
@@ -340,8 +345,15 @@ def _cooldown(cfg: ProviderConfig) -> timedelta:
     return timedelta(seconds=max(cfg.cooldown, 0.1))
 
 
-def _take_canary(provider: str, cfg: ProviderConfig, now: datetime, held_for: timedelta) -> bool:
-    """Become one of the half-open round's canaries (and open that round if it is due)."""
+def _take_canary(
+    provider: str, cfg: ProviderConfig, now: datetime, held_for: timedelta
+) -> int | None:
+    """Become one of the half-open round's canaries (and open that round if it is due): the
+    round's number, or ``None`` if no canary may go now.
+
+    A new round (cool-down over, or the round's canaries presumed lost) gets a new number, so
+    the outcome of a canary from an earlier one cannot count in it (:func:`_canary_outcome`).
+    """
     t = _qn(Breaker._meta.db_table)
     new_round = f"({_qn('state')} = 'open' OR {_qn('probe_at')} <= %s)"
     sql = (
@@ -351,11 +363,13 @@ def _take_canary(provider: str, cfg: ProviderConfig, now: datetime, held_for: ti
         f"{_qn('canary_ok')} = CASE WHEN {new_round} THEN 0 ELSE {_qn('canary_ok')} END, "
         f"{_qn('canary_failed')} = CASE WHEN {new_round} THEN 0 ELSE {_qn('canary_failed')} END, "
         f"{_qn('probe_at')} = CASE WHEN {new_round} THEN %s ELSE {_qn('probe_at')} END, "
+        f"{_qn('canary_round')} = CASE WHEN {new_round} THEN {_qn('canary_round')} + 1 "
+        f"ELSE {_qn('canary_round')} END, "
         f"{_qn('updated_at')} = %s "
         f"WHERE {_qn('provider')} = %s AND NOT {_qn('forced')} AND ("
         f"({_qn('state')} = 'open' AND {_qn('probe_at')} <= %s) OR "
         f"({_qn('state')} = 'half_open' AND ({_qn('canaries')} < %s OR {_qn('probe_at')} <= %s))"
-        f") RETURNING {_qn('since')}"
+        f") RETURNING {_qn('since')}, {_qn('canary_round')}"
     )
     ops = connection.ops
     ts = ops.adapt_datetimefield_value
@@ -366,6 +380,7 @@ def _take_canary(provider: str, cfg: ProviderConfig, now: datetime, held_for: ti
         ts(now),  # canary_failed: a new round?
         ts(now),  # probe_at: a new round?
         ts(now + held_for),
+        ts(now),  # canary_round: a new round?
         ts(now),
         provider,
         ts(now),
@@ -376,8 +391,8 @@ def _take_canary(provider: str, cfg: ProviderConfig, now: datetime, held_for: ti
         cursor.execute(sql, params)
         row = cursor.fetchone()
     if row is None:
-        return False
-    since = row[0]
+        return None
+    since, canary_round = row
     if isinstance(since, str):  # SQLite
         since = datetime.fromisoformat(since)
     if since is not None and timezone.is_naive(since):
@@ -385,14 +400,15 @@ def _take_canary(provider: str, cfg: ProviderConfig, now: datetime, held_for: ti
     if since == now:
         _transitioned(provider, BreakerState.OPEN, BreakerState.HALF_OPEN, reason="cooldown over")
     metrics.CANARIES.labels(provider).inc()
-    return True
+    return int(canary_round)
 
 
-def _return_canary(provider: str) -> None:
-    """A canary that could not get a call slot gives its place back."""
-    Breaker.objects.filter(provider=provider, state=BreakerState.HALF_OPEN, canaries__gt=0).update(
-        canaries=F("canaries") - 1
-    )
+def _return_canary(provider: str, canary_round: int) -> None:
+    """A canary that could not get a call slot gives its place back (in its own round only:
+    a round begun meanwhile has counted its canaries afresh)."""
+    Breaker.objects.filter(
+        provider=provider, state=BreakerState.HALF_OPEN, canary_round=canary_round, canaries__gt=0
+    ).update(canaries=F("canaries") - 1)
 
 
 def _take_slot(
@@ -470,7 +486,7 @@ def _report(ticket: Ticket, *, ok: bool) -> None:
     metrics.CALLS.labels(provider, "ok" if ok else "failed").inc()
     cfg = provider_config(provider)
     if ticket.canary:
-        _canary_outcome(provider, cfg, now, ok)
+        _canary_outcome(provider, ticket.canary_round, cfg, now, ok)
     elif not ok:
         _maybe_open(provider, ticket.generation, cfg, now)
 
@@ -674,15 +690,27 @@ def canary_verdicts(cfg: ProviderConfig) -> tuple[int, int]:
     return to_open, canaries - to_open + 1
 
 
-def _canary_outcome(provider: str, cfg: ProviderConfig, now: datetime, ok: bool) -> None:
+def _canary_outcome(
+    provider: str, canary_round: int, cfg: ProviderConfig, now: datetime, ok: bool
+) -> None:
+    """Count a canary's answer in its half-open round, and judge the round on it.
+
+    Only in the round that let it through: a canary answering after that round ended (the
+    breaker re-opened on the others' failures, or its lease passed and a new round began)
+    saw the provider before what the breaker knows now, so it must neither close the breaker
+    on an old success nor re-open it on an old failure. Each statement below is one
+    conditional ``UPDATE`` naming the round in its ``WHERE``: no read stands between the check
+    and the change, so a round another worker begins meanwhile is never counted into or
+    judged. The call is still counted in the health buckets (:func:`_report`): it happened,
+    and those count calls, not rounds.
+    """
     to_open, to_close = canary_verdicts(cfg)
+    this_round = Breaker.objects.filter(
+        provider=provider, state=BreakerState.HALF_OPEN, canary_round=canary_round
+    )
     if not ok:
-        Breaker.objects.filter(provider=provider, state=BreakerState.HALF_OPEN).update(
-            canary_failed=F("canary_failed") + 1, updated_at=now
-        )
-        reopened = Breaker.objects.filter(
-            provider=provider, state=BreakerState.HALF_OPEN, canary_failed__gte=to_open
-        ).update(
+        this_round.update(canary_failed=F("canary_failed") + 1, updated_at=now)
+        reopened = this_round.filter(canary_failed__gte=to_open).update(
             state=BreakerState.OPEN,
             since=now,
             probe_at=now + _cooldown(cfg),
@@ -696,12 +724,8 @@ def _canary_outcome(provider: str, cfg: ProviderConfig, now: datetime, ok: bool)
                 provider, BreakerState.HALF_OPEN, BreakerState.OPEN, reason="canaries failed"
             )
         return
-    Breaker.objects.filter(provider=provider, state=BreakerState.HALF_OPEN).update(
-        canary_ok=F("canary_ok") + 1, updated_at=now
-    )
-    closed = Breaker.objects.filter(
-        provider=provider, state=BreakerState.HALF_OPEN, canary_ok__gte=to_close
-    ).update(
+    this_round.update(canary_ok=F("canary_ok") + 1, updated_at=now)
+    closed = this_round.filter(canary_ok__gte=to_close).update(
         state=BreakerState.CLOSED,
         since=now,
         probe_at=None,

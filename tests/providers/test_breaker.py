@@ -286,3 +286,93 @@ def test_while_canaries_are_out_others_look_again_within_a_cooldown(settings):
     wait = admit("card")
     assert isinstance(wait, Wait) and wait.reason == "half_open"
     assert wait.delay <= 1.1
+
+
+def _cooldown_over() -> None:
+    """The open breaker's cool-down (or a half-open round's canary lease) has passed: the
+    next caller starts a new half-open round."""
+    Breaker.objects.filter(provider="card").update(probe_at=timezone.now())
+
+
+def test_a_slow_canary_of_an_earlier_round_does_not_close_the_breaker(settings):
+    """Round one's second canary answers only after the first one's failure re-opened the
+    breaker and a new round began: its success was seen before that failure and says nothing
+    of the provider now, so the new round's canaries decide alone."""
+    settings.SAGA_PROVIDERS = {"card": {**KNOBS, "cooldown": 60, "max_in_flight": 6}}
+    for _ in range(4):
+        _call(ok=False)
+    _cooldown_over()
+    first, slow = admit("card"), admit("card")
+    report(first, ok=False)
+    assert _state() == "open"
+
+    _cooldown_over()
+    current = [admit("card"), admit("card")]
+    assert all(t.canary for t in current) and _state() == "half_open"
+    report(slow, ok=True)  # the earlier round's late answer
+    report(current[0], ok=True)
+    assert _state() == "half_open"  # one of the round's two successes, not two
+    assert Breaker.objects.get(provider="card").canary_ok == 1
+    report(current[1], ok=True)
+    assert _state() == "closed"
+
+
+def test_a_slow_canary_of_an_earlier_round_does_not_reopen_the_breaker(settings):
+    """Three canaries a round at 0.5: two failures re-open. An old failure arriving in the
+    next round is not its second."""
+    settings.SAGA_PROVIDERS = {"card": {**KNOBS, "cooldown": 60, "canaries": 3, "max_in_flight": 9}}
+    for _ in range(4):
+        _call(ok=False)
+    _cooldown_over()
+    first, second, slow = admit("card"), admit("card"), admit("card")
+    report(first, ok=False)
+    report(second, ok=False)
+    assert _state() == "open"
+
+    _cooldown_over()
+    current = [admit("card") for _ in range(3)]
+    assert all(t.canary for t in current)
+    report(current[0], ok=False)
+    report(slow, ok=False)  # the earlier round's late failure
+    assert _state() == "half_open"
+    assert Breaker.objects.get(provider="card").canary_failed == 1
+    report(current[1], ok=False)
+    assert _state() == "open"  # the round's own second failure does
+
+
+def test_a_canary_presumed_lost_does_not_count_in_the_round_after_it(settings):
+    """A canary whose lease passed is presumed lost and a new round starts, the breaker still
+    half-open; if it answers after all, that answer belongs to the round it was let through in."""
+    settings.SAGA_PROVIDERS = {"card": {**KNOBS, "cooldown": 60, "canaries": 1}}
+    for _ in range(4):
+        _call(ok=False)
+    _cooldown_over()
+    lost = admit("card")
+    assert lost.canary and isinstance(admit("card"), Wait)
+    _cooldown_over()  # its lease has passed
+    current = admit("card")
+    assert current.canary and _state() == "half_open"
+    report(lost, ok=True)
+    assert _state() == "half_open"
+    report(current, ok=True)
+    assert _state() == "closed"
+    # Both answers are still counted as the provider's calls (they happened).
+    assert breaker.window_counts("card", generation=0) == (6, 4)
+
+
+def test_a_canary_giving_its_place_back_gives_it_to_its_own_round_only(settings):
+    """A canary that finds no call slot gives its place back; if a new round began in between
+    (another worker), that round's canaries are its own and keep their count."""
+    settings.SAGA_PROVIDERS = {"card": {**KNOBS, "cooldown": 60, "canaries": 1}}
+    for _ in range(4):
+        _call(ok=False)
+    _cooldown_over()
+    old_round = admit("card").canary_round
+    _cooldown_over()
+    current = admit("card")
+    assert current.canary and current.canary_round != old_round
+    breaker._return_canary("card", old_round)
+    assert Breaker.objects.get(provider="card").canaries == 1
+    assert isinstance(admit("card"), Wait)  # the round's one canary is still out
+    breaker._return_canary("card", current.canary_round)
+    assert Breaker.objects.get(provider="card").canaries == 0
