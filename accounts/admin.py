@@ -2,7 +2,8 @@
 digest is stored) and revoke any of them. Revoking is deleting, and goes to the audit log.
 The token list takes no URL lookup on a token's columns (``?token_key__startswith=`` would
 read the 15 characters of the token knox keeps in clear, where the console shows 8); nor
-does django-axes' login log on its session digests.
+does django-axes' login log on its session digests. Nor does any address of the console carry
+a token's digest: the list is the tokens' only page (:meth:`AuthTokenAdmin.get_urls`).
 
 Login lockouts (django-axes' attempts) are re-registered only so that deleting one in the
 console is recorded once: an active lockout as ``login.unlocked`` (:mod:`accounts.lockout`),
@@ -21,6 +22,7 @@ from axes.models import AccessAttempt, AccessLog
 from django.contrib import admin
 from django.db.models import Model, QuerySet
 from django.http import HttpRequest
+from django.urls import URLPattern
 from django.utils import timezone
 from knox.models import AuthToken
 
@@ -38,10 +40,9 @@ admin.site.unregister(AccessLog)
 class AuthTokenAdmin(AuditedAdminMixin, FilterLookupsOnly, admin.ModelAdmin):
     list_display = ["label", "user", "created", "expiry", "expired"]
     list_select_related = ["user"]
+    list_display_links = None  # a token has no page of its own (get_urls)
     search_fields = ["=user__username"]
     ordering = ["-created"]
-    fields = ("label", "user", "created", "expiry")  # a tuple: shared with readonly_fields
-    readonly_fields = fields
     actions = ["revoke"]
     audited_actions = frozenset(actions)  # token_revoke writes a token.revoked entry each
 
@@ -59,6 +60,22 @@ class AuthTokenAdmin(AuditedAdminMixin, FilterLookupsOnly, admin.ModelAdmin):
     def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
         return False
 
+    def get_urls(self) -> list[URLPattern]:
+        """The list only: no page of one token (view, delete, history).
+
+        knox keys a token's row by its digest, so a token's pages had it in their addresses
+        (``/admin/knox/authtoken/<digest>/change/``), and from there in browser history, the
+        web and proxy access logs and any ``Referer``. A digest is not the token, but it is
+        the stored credential's lookup key, and it had no business outside the database. The
+        pages showed nothing the list does not (the token's first characters, owner, creation
+        and expiry) and did nothing "Revoke selected tokens" does not, which posts its choice
+        in the request's body. A page keyed otherwise would need a key knox does not have (a
+        swapped token model, a migration of every token and of the staff's permissions) for no
+        more than the list shows.
+        """
+        changelist = f"{self.opts.app_label}_{self.opts.model_name}_changelist"
+        return [url for url in super().get_urls() if getattr(url, "name", None) == changelist]
+
     def get_actions(self, request: HttpRequest) -> dict:
         actions = super().get_actions(request)
         actions.pop("delete_selected", None)  # "revoke" does it, with an audit entry each
@@ -70,18 +87,6 @@ class AuthTokenAdmin(AuditedAdminMixin, FilterLookupsOnly, admin.ModelAdmin):
         for token in tokens:
             token_revoke(token=token, actor=request.user, reason="revoked in the ops console")
         self.message_user(request, f"Revoked {len(tokens)} token(s).")
-
-    def delete_model(self, request: HttpRequest, obj: AuthToken) -> None:
-        token_revoke(token=obj, actor=request.user, reason="revoked in the ops console")
-
-    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[AuthToken]) -> None:
-        self.revoke(request, queryset)
-
-    def audit_edit(
-        self, request: HttpRequest, verb: str, objects: Iterable[Model], message: Any
-    ) -> None:
-        if verb != "deleted":  # a deletion is a revocation: token_revoke writes its entry
-            super().audit_edit(request, verb, objects, message)
 
 
 @admin.register(AccessAttempt)

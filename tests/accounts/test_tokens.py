@@ -4,6 +4,7 @@ the audit log; tokens from before hashing keep working, now stored hashed."""
 from __future__ import annotations
 
 import importlib
+import re
 from datetime import timedelta
 
 import pytest
@@ -160,9 +161,10 @@ def test_tokens_from_before_hashing_keep_working_and_lose_their_clear_text(djang
     assert api.get("/api/v1/products/").status_code == 200
 
 
-def test_staff_revoke_one_token_from_its_own_page_with_an_audit_entry(client):
-    """The token's page has Django's delete button too; that path revokes through the same
-    service (one audit entry), not a bare delete."""
+def test_no_console_address_carries_a_tokens_digest(client):
+    """The digest is the stored token's lookup key: the list links no page of one token, and
+    the addresses such a page had (keyed by the digest) are no page at all, so a digest never
+    reaches an address bar, a browser's history or an access log. The list still revokes."""
     victim = User.objects.create_user("bob-client")
     api = api_client_for(victim)
     staff = User.objects.create_user("sue", password="pw", is_staff=True)
@@ -170,11 +172,27 @@ def test_staff_revoke_one_token_from_its_own_page_with_an_audit_entry(client):
         *Permission.objects.filter(codename__in=["view_authtoken", "delete_authtoken"])
     )
     client.force_login(staff)
-    token = AuthToken.objects.get(user=victim)
+    digest = AuthToken.objects.get(user=victim).digest
+
+    for path in ("/admin/knox/authtoken/", "/admin/knox/authtoken/?q=bob-client", "/admin/"):
+        page = client.get(path)
+        assert page.status_code == 200
+        addresses = re.findall(r'(?:href|action|src)="([^"]*)"', page.content.decode())
+        assert addresses and not [a for a in addresses if digest[:16] in a], addresses
+    assert b"bob-client" in client.get("/admin/knox/authtoken/").content
+
+    for page in ("change/", "delete/", "history/", ""):
+        assert client.get(f"/admin/knox/authtoken/{digest}/{page}").status_code == 404
+    gone = client.post(f"/admin/knox/authtoken/{digest}/delete/", {"post": "yes"})
+    assert gone.status_code == 404
+    assert api.get("/api/v1/products/").status_code == 200  # still valid
+
     response = client.post(
-        f"/admin/knox/authtoken/{token.pk}/delete/", {"post": "yes"}, REMOTE_ADDR="192.0.2.45"
+        "/admin/knox/authtoken/",
+        {"action": "revoke", "_selected_action": [digest]},
+        REMOTE_ADDR="192.0.2.45",
     )
-    assert response.status_code == 302, response.content
+    assert response.status_code == 302 and digest[:16] not in response["Location"]
     assert api.get("/api/v1/products/").status_code == 401
     entry = AuditEntry.objects.get(action="token.revoked")
     assert (entry.actor_name, entry.target, entry.ip) == ("sue", "user:bob-client", "192.0.2.45")

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import pytest
 from django.conf import settings
-from django.contrib.auth.models import User
 from django.core.management import call_command
-from knox.models import AuthToken
 
-from accounts.tokens import token_issue
 from sagas.models import SagaStep
 from tests.admin.conftest import needs_manual
 from tests.admin.test_browser import browser_page, shot  # noqa: F401 - a fixture
@@ -46,22 +43,3 @@ def test_the_saga_page_of_a_saga_that_needs_a_person_fits_1280_px(
     cell = page.locator("#steps td.detail").first
     em = page.evaluate("parseFloat(getComputedStyle(document.body).fontSize)")
     assert cell.bounding_box()["width"] >= 12 * em, cell.bounding_box()
-
-
-def test_an_api_tokens_page_fits_1280_px(live_server, browser_page):  # noqa: F811
-    """Its title is the token's digest, 128 hex digits without a break."""
-
-    page = browser_page
-    page.set_viewport_size({"width": 1280, "height": 900})
-    call_command("seed_demo", stdout=open("/dev/null", "w"))  # noqa: SIM115
-    token, _ = token_issue(user=User.objects.create_user("tina"), actor_name="cli")
-    page.goto(f"{live_server.url}/admin/login/")
-    page.fill("#id_username", "demo-staff")
-    page.fill("#id_password", settings.DEMO_STAFF_PASSWORD)
-    page.click("input[type=submit]")
-    digest = AuthToken.objects.get(pk=token.pk).pk
-    response = page.goto(f"{live_server.url}/admin/knox/authtoken/{digest}/change/")
-    assert response is not None and response.status == 200, response and response.status
-    shot(page, "token-page-1280")
-    width = page.evaluate("document.documentElement.scrollWidth")
-    assert width <= 1280, width
