@@ -19,7 +19,8 @@ over a short span; that is the price of atomic counting). Where the count is kep
   until its window has ended; then the periodic ``accounts.purge_rate_limit_counts`` (beat,
   every 10 minutes) deletes it, one ``DELETE`` of a range of the unique index.
 
-* :func:`charge_user`: ``API_RATE_LIMIT`` per user on every API route, charged by the
+* :func:`charge_user`: ``API_RATE_LIMIT`` per user on every API route (and on a path under
+  ``/api/`` no route matches, whose view runs the same classes), charged by the
   authentication classes (``accounts.tokens``) once a request has authenticated, because DRF
   checks permissions before throttles: as a throttle class it never saw a request refused with
   ``403``, so a user could send those without end.

@@ -26,6 +26,8 @@ from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions, status
+from rest_framework.authentication import BaseAuthentication
+from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.settings import api_settings
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -213,10 +215,35 @@ def unrouted_api_path(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpRe
     method: ``404 not_found`` in the one error shape, not Django's HTML page, nor a redirect to
     the path with a slash (which would lose a ``POST``'s body).
 
+    It counts against the caller's rate limit like any route, or a scanner could request made-up
+    paths without end: the API's authentication classes run, as they charge the limits, and a
+    request over its limit is the API's ``429``. Who it is changes nothing else: a wrong token
+    is charged to its address and still told the path does not exist.
+
     A plain Django view, not a DRF one: the browsable API's breadcrumbs resolve every prefix
     of the page's path (``/api/v1/orders``, ``/api/v1``) and list each DRF view they meet, so
     a DRF catch-all put a "Not Found" crumb before every real page's."""
+    classes: list[type[BaseAuthentication]] = api_settings.DEFAULT_AUTHENTICATION_CLASSES  # type: ignore[assignment]
+    authenticators = [auth() for auth in classes]
+    try:
+        Request(request, authenticators=authenticators).user  # noqa: B018 - authenticates
+    except exceptions.Throttled as exc:
+        return _plain_response(exception_handler(exc, {"request": request}))
+    except exceptions.APIException:
+        # A wrong token (charged to its address), or a session's write without its CSRF
+        # token (refused before it is charged, as on every route): still no such path.
+        pass
     return JsonResponse(error_body("not_found", UNROUTED_DETAIL), status=404)
+
+
+def _plain_response(answer: Response | None) -> HttpResponse:
+    """A DRF error answer from :func:`exception_handler` as a response no DRF view renders."""
+    assert answer is not None
+    response = JsonResponse(answer.data, status=answer.status_code)
+    for name, value in answer.items():
+        if name.lower() != "content-type":
+            response[name] = value
+    return response
 
 
 def handler500(request: HttpRequest) -> HttpResponse:

@@ -30,6 +30,7 @@ from accounts.apps import PURGE_RATE_LIMITS_TASK_NAME
 from accounts.models import RateLimitCount
 from accounts.tasks import purge_rate_limit_counts
 from audit.models import AuditEntry
+from config.api_errors import UNROUTED_DETAIL
 from orders.models import IdempotencyRecord, Order
 from tests.conftest import REPO_ROOT, database_url_for, wait_until
 from tests.embedded import run_on_embedded_sqlite
@@ -137,6 +138,48 @@ def test_requests_without_valid_credentials_are_limited_per_address(settings, dj
     valid = api_client_for(django_user_model.objects.create_user("legit"))
     for _ in range(5):
         assert valid.get(PRODUCTS, REMOTE_ADDR=neighbour).status_code == 200
+
+
+@pytest.mark.django_db
+def test_a_scanner_of_unrouted_paths_is_limited_per_address(settings):
+    """No route matches /api/does-not-exist/, so no DRF view ran and nothing was charged: a
+    scanner could request made-up paths without end. They count against the address like any
+    request without credentials: under the limit the JSON 404 as before, past it the 429,
+    there and on real routes; another address is unaffected."""
+    settings.API_RATE_LIMIT_ANON = "3/day"
+    scanner, neighbour = "203.0.113.70", "203.0.113.71"
+    anonymous = api_client_for(None)
+    for path in ("/api/does-not-exist/", "/api/v1/orders", "/api/v1/.env"):
+        body = assert_error(anonymous.get(path, REMOTE_ADDR=scanner), 404, "not_found")
+        assert body["detail"] == UNROUTED_DETAIL
+    assert_throttled(anonymous.get("/api/does-not-exist/", REMOTE_ADDR=scanner))
+    assert_throttled(anonymous.post("/api/v1/nothing/", {}, format="json", REMOTE_ADDR=scanner))
+    assert_throttled(anonymous.get(PRODUCTS, REMOTE_ADDR=scanner))
+    assert_error(anonymous.get("/api/does-not-exist/", REMOTE_ADDR=neighbour), 404, "not_found")
+
+
+@pytest.mark.django_db
+def test_unrouted_paths_count_against_the_user_and_wrong_tokens_against_the_address(
+    settings, django_user_model
+):
+    """A user's requests to paths no route matches share the user's one budget with the real
+    routes; a wrong token sent to such a path is charged to its address, as on a real route,
+    and is still told the path does not exist (not 401) while under the limit."""
+    settings.API_RATE_LIMIT = "3/day"
+    settings.API_RATE_LIMIT_ANON = "2/day"
+    api = api_client_for(django_user_model.objects.create_user("lost"))
+    assert api.get(PRODUCTS).status_code == 200
+    assert_error(api.get("/api/v1/product/"), 404, "not_found")
+    assert_error(api.delete("/api/v2/orders/"), 404, "not_found")
+    assert_throttled(api.get("/api/v1/product/"))
+    assert_throttled(api.get(PRODUCTS))
+
+    guesser = api_client_for(None)
+    guesser.credentials(HTTP_AUTHORIZATION="Token 00000000000000000000000000000000")
+    address = "203.0.113.80"
+    assert_error(guesser.get("/api/v1/secret/", REMOTE_ADDR=address), 404, "not_found")
+    assert_error(guesser.get(PRODUCTS, REMOTE_ADDR=address), 401)
+    assert_throttled(guesser.get("/api/v1/secret/", REMOTE_ADDR=address))
 
 
 @pytest.mark.django_db
