@@ -22,6 +22,11 @@ from rest_framework.request import Request
 from accounts.throttling import charge_anonymous, charge_user
 from audit.services import audit_record
 
+#: How a demo token's key starts (``issue_token --demo``, the token ``make run`` prints). knox's
+#: own tokens, and those migrated from DRF's, are hexadecimal, so no token issued another way
+#: starts with it: a demo token is told apart by its stored key alone.
+DEMO_TOKEN_PREFIX = "demo_"
+
 
 def token_label(token: AuthToken) -> str:
     """How an entry names a token without revealing it: its lookup prefix (stored in clear by
@@ -30,15 +35,23 @@ def token_label(token: AuthToken) -> str:
 
 
 def token_issue(
-    *, user: Any, expires_days: int | None = None, actor: Any = None, actor_name: str = ""
+    *,
+    user: Any,
+    expires_days: int | None = None,
+    actor: Any = None,
+    actor_name: str = "",
+    prefix: str = "",
 ) -> tuple[AuthToken, str]:
     """A new token for ``user``, valid ``expires_days`` (default ``API_TOKEN_TTL_DAYS``).
 
     Returns the stored row and the token itself, which exists nowhere else: hand it over now.
+    ``prefix`` starts the token, and so its stored key (:data:`DEMO_TOKEN_PREFIX`).
     """
     days = settings.API_TOKEN_TTL_DAYS if expires_days is None else expires_days
     with transaction.atomic():
-        instance, token = AuthToken.objects.create(user=user, expiry=timedelta(days=days))
+        instance, token = AuthToken.objects.create(
+            user=user, expiry=timedelta(days=days), prefix=prefix
+        )
         # Expired tokens of this user are dead weight: remove them while we are here.
         AuthToken.objects.filter(user=user, expiry__lt=timezone.now()).delete()
         audit_record(
@@ -51,15 +64,42 @@ def token_issue(
     return instance, token
 
 
-def token_revoke(*, token: AuthToken, actor: Any, reason: str = "") -> None:
+def token_revoke(*, token: AuthToken, actor: Any, reason: str = "", actor_name: str = "") -> None:
     """Revoke ``token`` at once (its owner's other tokens stay valid)."""
     with transaction.atomic():
         AuthToken.objects.filter(pk=token.pk).delete()
         audit_record(
             "token.revoked",
             actor=actor,
+            actor_name=actor_name,
             target=f"user:{token.user.get_username()}",
             detail={"token": token_label(token), "reason": reason},
+        )
+
+
+def demo_token_issue(
+    *, user: Any, expires_days: int | None = None, actor_name: str = ""
+) -> tuple[AuthToken, str]:
+    """A new demo token for ``user``, revoking the demo tokens issued before it.
+
+    ``make run`` prints one each time it starts. A token cannot be shown again, so each run's
+    is a new one, and without this every run left another live one behind for its whole
+    lifetime. The user's other tokens (``issue_token`` without ``--demo``, whose keys carry no
+    :data:`DEMO_TOKEN_PREFIX`) are not touched. The user's row is locked first, so two runs at
+    once still leave exactly one demo token.
+    """
+    with transaction.atomic():
+        type(user).objects.select_for_update().get(pk=user.pk)
+        earlier = AuthToken.objects.filter(user=user, token_key__startswith=DEMO_TOKEN_PREFIX)
+        for token in earlier.select_related("user"):
+            token_revoke(
+                token=token,
+                actor=None,
+                actor_name=actor_name,
+                reason="replaced by a new demo token",
+            )
+        return token_issue(
+            user=user, expires_days=expires_days, actor_name=actor_name, prefix=DEMO_TOKEN_PREFIX
         )
 
 

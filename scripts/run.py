@@ -7,7 +7,8 @@
    standard local ports (creating the ``sagarunner`` database if missing); else the embedded
    default, a SQLite file and a file-backed Celery broker under ``var/``.
 3. Generates a dev ``SECRET_KEY`` once into ``var/secret_key``, migrates, seeds the demo data
-   (printing the demo staff login) and issues the ``demo-client`` API token.
+   (printing the demo staff login) and issues the ``demo-client`` API token, revoking the
+   one the previous run issued.
 4. Runs web (gunicorn, port 8000), one Celery worker and Celery beat under honcho: one
    foreground group, logs interleaved and labelled, Ctrl-C stops all of them.
 
@@ -301,8 +302,9 @@ def main() -> None:
     if args.migrate_only:
         return
     manage(env, "seed_demo")
-    token = manage(env, "issue_token", "demo-client", capture=True).strip()
-    say(f"client API token (user demo-client): {token}")
+    # --demo: this token replaces the one the last run printed (revoked), so runs leave one.
+    token = manage(env, "issue_token", "demo-client", "--demo", capture=True).strip()
+    say(f"client API token (user demo-client): {token} (the last run's is revoked)")
     say(
         "  place an order: curl -X POST -H 'Content-Type: application/json' "
         f"-H 'Authorization: Token {token}' -d '"

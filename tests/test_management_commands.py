@@ -74,6 +74,26 @@ def test_issue_token_stores_only_a_digest_and_an_expiry():
 
 
 @pytest.mark.django_db
+def test_a_demo_token_revokes_the_users_earlier_demo_tokens_only():
+    """`issue_token USER --demo` (what make run prints) revokes USER's earlier demo tokens, each
+    revocation in the audit log, and leaves USER's other tokens and other users' demo tokens
+    valid: exactly one demo token per user is live."""
+    own = run("issue_token", "erin").strip()
+    first = run("issue_token", "erin", "--demo").strip()
+    neighbour = run("issue_token", "frank", "--demo").strip()
+    second = run("issue_token", "erin", "--demo").strip()
+
+    assert first.startswith("demo_") and second.startswith("demo_")
+    assert api_status(first) == 401
+    assert [api_status(t) for t in (second, own, neighbour)] == [200, 200, 200]
+    erin = get_user_model().objects.get(username="erin")
+    assert AuthToken.objects.filter(user=erin).count() == 2
+    [revoked] = AuditEntry.objects.filter(action="token.revoked", target="user:erin")
+    assert revoked.detail == {"token": first[:8], "reason": "replaced by a new demo token"}
+    assert revoked.actor_name == "cli"
+
+
+@pytest.mark.django_db
 def test_an_expired_token_is_refused_and_removed():
     token = run("issue_token", "dave", "--expires-days", "1").strip()
     AuthToken.objects.update(expiry=timezone.now() - timedelta(seconds=1))

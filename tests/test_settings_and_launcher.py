@@ -202,6 +202,52 @@ def test_launcher_stops_with_one_line_when_a_management_command_fails(tmp_path):
     assert line.startswith("sagarunner: `manage.py migrate` failed")
 
 
+@pytest.mark.django_db(transaction=True)
+def test_each_launch_revokes_the_demo_token_the_last_one_printed(tmp_path, django_user_model):
+    """Each `make run` prints a new demo-client token (the old one is stored hashed and cannot
+    be shown again). It left the last run's live for its 90 days, one more every run; now it
+    revokes it: after two launches the first token is refused, the second works, and a token
+    demo-client was issued by hand before is still valid."""
+    from django.db import connection
+    from rest_framework.test import APIClient
+
+    from accounts.tokens import token_issue
+
+    env = fresh_env(
+        SAGARUNNER_VAR_DIR=str(tmp_path / "var"),
+        DATABASE_URL=database_url_for(connection.settings_dict),
+        CELERY_BROKER_URL="redis://127.0.0.1:6379/15",
+    )
+    own = django_user_model.objects.create_user("demo-client")
+    _, by_hand = token_issue(user=own)
+
+    def launch() -> str:
+        prepared = subprocess.run(
+            [sys.executable, "scripts/run.py", "--prepare-only", "--no-install"],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert prepared.returncode == 0, prepared.stdout + prepared.stderr
+        found = re.search(r"client API token \(user demo-client\): (\S+)", prepared.stdout)
+        assert found, prepared.stdout
+        return found.group(1)
+
+    def status(token: str) -> int:
+        api = APIClient()
+        api.credentials(HTTP_AUTHORIZATION=f"Token {token}")
+        return api.get("/api/v1/orders/").status_code
+
+    first = launch()
+    assert status(first) == 200
+    second = launch()
+    assert second != first
+    assert (status(first), status(second), status(by_hand)) == (401, 200, 200)
+    assert own.auth_token_set.count() == 2
+
+
 @pytest.mark.worker
 def test_launcher_falls_back_to_sqlite_and_the_file_broker_and_they_work(
     tmp_path, services, wait_for

@@ -4,6 +4,9 @@ Creates the user if missing. Each run issues a new token (stored hashed, so it c
 now) valid for N days (default ``API_TOKEN_TTL_DAYS``, 90); the user's earlier tokens stay valid
 until they expire or are revoked, so a client can switch to the new one without downtime
 (``TOKEN=$(python manage.py issue_token alice)``). The issue is in the audit log.
+
+``--demo`` issues the token ``make run`` prints: it revokes the user's earlier demo tokens, so
+one run's token replaces the last run's, and leaves the user's other tokens alone.
 """
 
 from django.contrib.auth import get_user_model
@@ -11,7 +14,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.db import models, transaction
 
-from accounts.tokens import token_issue
+from accounts.tokens import demo_token_issue, token_issue
 from orders.management.commands._accounts import ensure_user, make_ops_staff
 
 #: Ten years: a longer-lived token is a password in all but name (and far enough out, the
@@ -36,9 +39,20 @@ class Command(BaseCommand):
             metavar="N",
             help="days the token stays valid (default: API_TOKEN_TTL_DAYS, 90)",
         )
+        parser.add_argument(
+            "--demo",
+            action="store_true",
+            help="a demo token (make run's): revokes the user's earlier demo tokens only",
+        )
 
     def handle(
-        self, *args, username: str, staff: bool, expires_days: int | None, **options
+        self,
+        *args,
+        username: str,
+        staff: bool,
+        expires_days: int | None,
+        demo: bool,
+        **options,
     ) -> None:
         if expires_days is not None and not 1 <= expires_days <= MAX_EXPIRES_DAYS:
             raise CommandError(f"--expires-days must be between 1 and {MAX_EXPIRES_DAYS}.")
@@ -52,5 +66,6 @@ class Command(BaseCommand):
             user = ensure_user(username)
             if staff:
                 make_ops_staff(user)
-            _, token = token_issue(user=user, expires_days=expires_days, actor_name="cli")
+            issue = demo_token_issue if demo else token_issue
+            _, token = issue(user=user, expires_days=expires_days, actor_name="cli")
         self.stdout.write(token)
