@@ -12,7 +12,13 @@ from typing import Any
 
 from celery import Celery
 from celery.exceptions import CPendingDeprecationWarning
-from celery.signals import beat_init, worker_init, worker_process_init, worker_ready
+from celery.signals import (
+    beat_init,
+    celeryd_after_setup,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+)
 
 from config import celery_patches
 
@@ -84,6 +90,40 @@ app.autodiscover_tasks()
 @worker_ready.connect
 def _after_logging_setup(**_kwargs) -> None:
     _quiet_cancel_warning()
+
+
+@celeryd_after_setup.connect
+def _start_line_instead_of_banner(sender: Any = None, instance: Any = None, **_kwargs) -> None:
+    """One line of the project's log in place of Celery's start banner, with its facts.
+
+    Celery prints the banner (ASCII art, the configuration, the queues, the task list) straight
+    to stdout, past logging: with ``LOG_FORMAT=json`` those twenty-odd lines were the only ones
+    that were not JSON, and a log shipper took each for an event of its own. This signal comes
+    after the worker is set up (``-Q`` applied) and before it prints the banner; marking the
+    worker quiet, as ``celery -q worker`` does, leaves the line here as its start line.
+    """
+    if instance is None:
+        return
+    import structlog
+    from celery import __version__
+
+    instance.quiet = True
+    app = instance.app
+    pool = instance.pool_cls if isinstance(instance.pool_cls, str) else instance.pool_cls.__module__
+    facts: dict[str, Any] = {
+        "node": str(sender),
+        "celery": __version__,
+        "transport": app.connection().as_uri(),  # without its password
+        "results": app.backend.as_uri(),
+        "pool": pool.rsplit(".", 1)[-1],
+        "concurrency": instance.concurrency,
+        "queues": sorted(app.amqp.queues.consume_from),
+        "task_events": bool(instance.task_events),
+        "tasks": sorted(name for name in app.tasks if not name.startswith("celery.")),
+    }
+    if getattr(instance, "autoscale", None):
+        facts["autoscale"] = {"max": instance.autoscale[0], "min": instance.autoscale[1]}
+    structlog.get_logger("config.celery").info("worker.starting", **facts)
 
 
 @worker_ready.connect

@@ -1,0 +1,64 @@
+"""A worker's start is one line of the project's log, not Celery's banner.
+
+Runs the worker exactly as ``make run`` starts it (its Procfile's worker line) with
+``LOG_FORMAT=json``, on a queue of its own, and reads what it wrote up to "ready".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+from lab.stack import wait_until
+from lab.supervisor import Process
+from tests.conftest import _worker_env
+from tests.private_broker import make_run_argv
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db]
+
+#: What Celery's banner is made of: its ASCII art, its sections and its "key: value" lines.
+BANNER_MARKS = (" -------------- ", "[config]", "[queues]", "[tasks]", ".> transport:")
+
+
+def test_a_worker_starts_with_one_json_line_instead_of_celerys_banner(tmp_path: Path):
+    """Celery printed its banner (some twenty lines of art, configuration, queues and tasks)
+    straight to stdout, the only lines that were not JSON under LOG_FORMAT=json. Its facts are
+    one ``worker.starting`` line now: node, transport (without a password), pool, concurrency,
+    queues and tasks."""
+    queue = f"startlog-{uuid.uuid4().hex[:8]}"
+    node = f"startlog.{os.getpid()}@{socket.gethostname()}"
+    argv = [*make_run_argv("worker"), "-Q", queue, "-n", node]
+    worker = Process(
+        "worker",
+        argv,
+        env=_worker_env({"LOG_FORMAT": "json"}),
+        log_path=tmp_path / "worker.log",
+    )
+    worker.start()
+    try:
+        wait_until(
+            lambda: f"{node} ready." in worker.log_text() or not worker.alive,
+            90,
+            "the worker ready",
+        )
+        assert worker.alive, worker.log_tail(4000)
+    finally:
+        worker.stop(timeout=30)
+    log = worker.log_text()
+    # Everything before the line that says it is ready.
+    started = log[: log.rfind("\n", 0, log.index(f"{node} ready."))]
+
+    assert not [mark for mark in BANNER_MARKS if mark in started], started[-4000:]
+    lines = [json.loads(line) for line in started.splitlines() if line.startswith("{")]
+    [start] = [line for line in lines if line["event"] == "worker.starting"]
+    assert start["level"] == "info" and start["logger"] == "config.celery", start
+    assert start["node"] == node
+    assert start["pool"] == "prefork" and start["concurrency"] == 2
+    assert start["queues"] == [queue]
+    assert start["transport"].startswith("redis://") and start["task_events"] is False
+    assert "sagas.run" in start["tasks"] and "webhooks.deliver" in start["tasks"]
