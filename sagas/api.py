@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
-from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.utils import timezone
 from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
@@ -481,12 +480,10 @@ class SagaViewSet(
             # Before the body is read: a client learns nothing of another client's saga,
             # not even from a payload refused as malformed.
             raise NotFound()
-        try:
-            return send_signal(request, saga.pk, name)
-        except DjangoPermissionDenied:
-            if request.user.is_staff:
-                raise
-            raise NotFound() from None  # another client's saga: as if it did not exist
+        # Past that check a client is this saga's own: a signal that is not its to send (an
+        # order's fraud_review) is the engine's 403 saying who may, as on the orders route.
+        # Hiding the saga as a 404 told a client its own order did not exist.
+        return send_signal(request, saga.pk, name)
 
     @extend_schema(
         summary="Compensation plan (dry run)",

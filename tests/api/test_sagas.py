@@ -250,6 +250,33 @@ def test_an_ops_operation_that_names_a_field_it_does_not_take_is_400_and_does_no
     assert SagaEvent.objects.filter(saga=saga).count() == before
 
 
+@pytest.mark.parametrize("key", [None, "review-by-ada"])
+def test_a_fraud_review_from_the_orders_own_client_is_403_staff_only_and_404_to_another(
+    client_api, other_api, saga, key
+):
+    """The order's own client knows the order exists: its fraud review is refused as staff
+    only (403 saying so) on the sagas route as on the orders route, not hidden as a 404.
+    Another client still gets 404 on both, learning nothing; no signal is kept, no event
+    written."""
+    saga = parked(saga, "fraud_review", minutes=1)
+    order_id = saga.order.id
+    routes = (
+        f"{SAGAS}{saga.id}/signals/fraud_review/",
+        f"/api/v1/orders/{order_id}/signals/fraud_review/",
+    )
+    headers = {"Idempotency-Key": key} if key else {}
+    events = SagaEvent.objects.filter(saga=saga).count()
+    for path in routes:
+        body = {"payload": {"approved": True}}
+        refused = client_api.post(path, body, format="json", headers=headers)
+        error = assert_error(refused, 403, "permission_denied")
+        assert error["detail"] == "Only ops staff may send 'fraud_review'.", (path, error)
+        hidden = other_api.post(path, body, format="json", headers=headers)
+        assert_error(hidden, 404, "not_found")
+    assert not saga.signals.exists()
+    assert SagaEvent.objects.filter(saga=saga).count() == events
+
+
 def test_a_signal_sent_without_its_payload_wrapper_is_told_so(ops_api, saga):
     """``{"approved": true}`` instead of ``{"payload": {"approved": true}}``: the name is
     refused (the signal takes ``payload``), not read as an empty payload."""
