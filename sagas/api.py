@@ -206,7 +206,9 @@ def _signal_sent(outcome: SignalOutcome) -> Response:
 class CompensateSerializer(ClosedInput, serializers.Serializer):
     input_name = "a compensation"
 
-    reason = WrittenCharField(max_length=500, help_text="Why; recorded in the timeline.")
+    reason = WrittenCharField(
+        max_length=services.NOTE_MAX, help_text="Why; recorded in the timeline."
+    )
 
 
 class ResolveSerializer(ClosedInput, serializers.Serializer):

@@ -43,8 +43,8 @@ from sagas.timing import step_timeout
 log = structlog.get_logger("sagas.services")
 
 OPS_PERMISSION = "sagas.operate_saga"
-#: The longest note a person may give an ops action (resolve, undo done, the ops console's
-#: compensate reason): a timeline line.
+#: The longest note or reason a person may give an ops action (resolve, undo done, compensate),
+#: on the ops console and the API alike: what a timeline line keeps. Longer is refused, not cut.
 NOTE_MAX = 2000
 
 

@@ -11,6 +11,7 @@ from django.urls import reverse
 from orders.saga import order_saga
 from sagas.admin import MAX_BULK
 from sagas.models import Saga, SagaEvent, SagaState
+from sagas.services import NOTE_MAX
 from tests.admin.conftest import make_saga, needs_manual, running, stuck
 
 pytestmark = pytest.mark.django_db
@@ -121,6 +122,21 @@ def test_compensate_shows_the_plan_then_needs_a_reason_then_compensates(ops_clie
     assert saga.cancel_reason == "step_failed"
     (event,) = events(saga, "ops_compensate")
     assert event.actor == "user:ops-olga" and event.detail == "carrier outage, customer informed"
+
+
+def test_compensate_takes_a_reason_as_long_as_the_api_does_and_refuses_one_more(ops_client):
+    """The console and the API hold one limit (NOTE_MAX): a reason of exactly that many
+    characters is recorded whole, one character more is refused on the page."""
+    saga = stuck(saga_type="order", step_index=order_saga.index_of("arrange_shipment"))
+    longest = "r" * (NOTE_MAX - 4) + " END"
+    refused = confirm(ops_client, "compensate", [saga], reason=longest + "!")
+    assert f"at most {NOTE_MAX} characters" in refused.content.decode()
+    assert not events(saga, "ops_compensate")
+
+    done = confirm(ops_client, "compensate", [saga], reason=longest)
+    assert ("success", f"Compensation requested for 1 saga: {str(saga.pk)[:8]}") in texts(done)
+    (event,) = events(saga, "ops_compensate")
+    assert event.detail == longest
 
 
 def test_compensate_is_refused_with_a_message_where_it_makes_no_sense(ops_client):

@@ -12,6 +12,7 @@ from django.utils import timezone
 from orders.saga import order_saga
 from sagas.definition import get_definition
 from sagas.models import Saga, SagaEvent, SagaState, StepStatus
+from sagas.services import NOTE_MAX
 
 from .conftest import assert_error
 
@@ -227,6 +228,25 @@ def test_compensate_needs_a_reason(ops_api, saga, body):
     error = assert_error(ops_api.post(f"{SAGAS}{saga.id}/compensate/", body, format="json"), 400)
     assert error["code"] in {"invalid", "reason_required"}
     assert not SagaEvent.objects.filter(saga=saga, kind="ops_compensate").exists()
+
+
+def test_a_compensate_reason_takes_the_consoles_limit_and_a_longer_one_is_400_naming_it(
+    ops_api, saga
+):
+    """The API takes a reason as long as the ops console does (NOTE_MAX, what the timeline
+    keeps), whole; one character more is a 400 on ``reason`` naming the limit, and nothing is
+    recorded (it was 500 here and 2,000 on the console)."""
+    longest = "r" * (NOTE_MAX - 4) + " END"
+    path = f"{SAGAS}{saga.id}/compensate/"
+    error = assert_error(ops_api.post(path, {"reason": longest + "!"}, format="json"), 400)
+    assert list(error["fields"]) == ["reason"], error
+    assert f"no more than {NOTE_MAX} characters" in error["fields"]["reason"][0], error
+    assert not SagaEvent.objects.filter(saga=saga, kind="ops_compensate").exists()
+
+    response = ops_api.post(path, {"reason": longest}, format="json")
+    assert response.status_code == 202, response.content[:500]
+    event = SagaEvent.objects.get(saga=saga, kind="ops_compensate")
+    assert event.detail == longest
 
 
 @pytest.mark.parametrize(
