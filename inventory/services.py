@@ -78,6 +78,24 @@ def reservation_release(*, key: str, forward_key: str) -> dict[str, Any]:
     If nothing was reserved under that key (the reserve failed, or has not arrived yet), this
     still succeeds and leaves a tombstone so that a late reserve cannot take effect.
     """
+    return _release(key, forward_key)
+
+
+def reservation_release_done_by_hand(*, key: str, forward_key: str) -> dict[str, Any]:
+    """The release a person marked done by hand after every release the saga tried failed.
+
+    The stock lives in this database, where nobody can give it back by hand (a product's
+    ``reserved`` is never edited; only reservations move it): left as it was, the units stayed
+    reserved for an order that was cancelled, unavailable to every other client for good.
+    So the release is done here, under ``key`` (the undo's, the one the saga's release and a
+    resolve use, so it never runs twice), outside ``SAGA_FAULTS`` and outages, which stand
+    for the trouble the person worked around. Raises as a release does (a reservation already
+    sold), which refuses the operation.
+    """
+    return _release(key, forward_key)
+
+
+def _release(key: str, forward_key: str) -> dict[str, Any]:
     with step_atomic():
         reservation = _reservation_for_update(forward_key)
         if reservation is None:

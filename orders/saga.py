@@ -76,6 +76,14 @@ def release_inventory(ctx: StepContext) -> dict:
     )
 
 
+def release_inventory_by_hand(ctx: StepContext) -> dict:
+    return _json(
+        inventory.reservation_release_done_by_hand(
+            key=ctx.idempotency_key, forward_key=ctx.forward_key
+        )
+    )
+
+
 # -- 2a. the card holder's 3-D Secure step (pm_card_3ds_required only) -----------------------
 def needs_3ds(ctx: StepContext) -> bool:
     return _payment_method(ctx) == PM_3DS_REQUIRED
@@ -121,6 +129,10 @@ def void_authorization(ctx: StepContext) -> dict:
     )
 
 
+def void_authorization_by_hand(ctx: StepContext) -> dict:
+    return _json(payments.payment_void_done_by_hand(order_id=ctx.data["order_id"]))
+
+
 # -- 3. a carrier --------------------------------------------------------------------------
 def arrange_shipment(ctx: StepContext) -> dict:
     country = _order_facts(ctx.data["order_id"])[1]
@@ -133,6 +145,12 @@ def arrange_shipment(ctx: StepContext) -> dict:
 
 def cancel_shipment(ctx: StepContext) -> dict:
     return _json(shipping.shipment_cancel(key=ctx.idempotency_key, forward_key=ctx.forward_key))
+
+
+def cancel_shipment_by_hand(ctx: StepContext) -> dict:
+    return _json(
+        shipping.shipment_cancel_done_by_hand(key=ctx.idempotency_key, forward_key=ctx.forward_key)
+    )
 
 
 # -- 3b. a fraud analyst's look at large orders -------------------------------------------
@@ -167,6 +185,10 @@ def refund_payment(ctx: StepContext) -> dict:
             key=ctx.idempotency_key, order_id=ctx.data["order_id"], forward_key=ctx.forward_key
         )
     )
+
+
+def refund_payment_by_hand(ctx: StepContext) -> dict:
+    return _json(payments.payment_refund_done_by_hand(order_id=ctx.data["order_id"]))
 
 
 # -- 5. the pivot: the stock is sold -------------------------------------------------------
@@ -210,12 +232,17 @@ CARRIER_TIMEOUT = 2 * settings.SAGA_STEP_TIMEOUT
 # The forward steps both versions share (steps are frozen, so one object serves both).
 # Inventory lives in this database: the hold (and its release) commits with the step's record,
 # in one transaction instead of two; so does the sale (confirm_order).
+# Each undo a person may do by hand (an operator's "undo done", when the saga's own keeps
+# failing) is recorded with its participant (``undone_by_hand``), so the order reads as the
+# saga's undo would have left it: the money voided or refunded, the shipment cancelled, the
+# stock given back.
 RESERVE_INVENTORY = Step(
     "reserve_inventory",
     reserve_inventory,
     compensate=release_inventory,
     provider="inventory",
     transactional=True,
+    undone_by_hand=release_inventory_by_hand,
 )
 AUTHORIZE_PAYMENT = Step(
     "authorize_payment",
@@ -223,6 +250,7 @@ AUTHORIZE_PAYMENT = Step(
     compensate=void_authorization,
     provider="payments",
     non_retryable=(PaymentError,),  # a declined card is never asked again
+    undone_by_hand=void_authorization_by_hand,
 )
 ARRANGE_SHIPMENT = Step(
     "arrange_shipment",
@@ -230,9 +258,14 @@ ARRANGE_SHIPMENT = Step(
     compensate=cancel_shipment,
     provider="shipping",
     timeout=CARRIER_TIMEOUT,
+    undone_by_hand=cancel_shipment_by_hand,
 )
 CAPTURE_PAYMENT = Step(
-    "capture_payment", capture_payment, compensate=refund_payment, provider="payments"
+    "capture_payment",
+    capture_payment,
+    compensate=refund_payment,
+    provider="payments",
+    undone_by_hand=refund_payment_by_hand,
 )
 CONFIRM_ORDER = Step(
     "confirm_order", confirm_order, pivot=True, provider="inventory", transactional=True

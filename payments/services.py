@@ -17,6 +17,7 @@ from decimal import Decimal
 from typing import Any, NamedTuple
 
 from django.db import connection
+from django.db.models import F
 from django.utils import timezone
 
 from config.db import insert_unless_taken
@@ -145,6 +146,50 @@ def payment_refund(*, key: str, order_id: uuid.UUID | str, forward_key: str) -> 
     """
     response = get_provider().refund(key=key, capture_key=forward_key)
     return _undo_result(uuid.UUID(str(order_id)), response)
+
+
+# ---------------------------------------------------------------------------------------------
+# An undo a person did at the provider (its dashboard), recorded on our side
+# ---------------------------------------------------------------------------------------------
+def payment_void_done_by_hand(*, order_id: uuid.UUID | str) -> dict[str, Any]:
+    """Record on our ``Payment`` that a person voided the order's hold at the provider.
+
+    The void the saga kept asking for never went through, so no answer of the provider's ever
+    reached our row: it said ``authorized`` with nothing voided, and the order's client read
+    its money as still held. The amount voided is the one authorized, as a provider's voided
+    authorization reads; only a row still ``authorized`` changes (a hold captured, or one
+    already voided or refunded, has no hold left to void), so recording it twice changes
+    nothing, and a later view of the hold as still authorized (a provider that has not caught
+    up) never takes it back (:data:`_PROGRESS`). Nothing is asked of the provider: the
+    caller's transaction holds the saga's row locked.
+    """
+    return _done_by_hand(
+        order_id,
+        PaymentStatus.AUTHORIZED,
+        status=PaymentStatus.VOIDED,
+        voided_amount=F("authorized_amount"),
+    )
+
+
+def payment_refund_done_by_hand(*, order_id: uuid.UUID | str) -> dict[str, Any]:
+    """Record on our ``Payment`` that a person refunded the order's capture at the provider:
+    the amount refunded is the one captured. As :func:`payment_void_done_by_hand`, only a row
+    still ``captured`` changes (nothing captured: nothing to give back)."""
+    return _done_by_hand(
+        order_id,
+        PaymentStatus.CAPTURED,
+        status=PaymentStatus.REFUNDED,
+        refunded_amount=F("captured_amount"),
+    )
+
+
+def _done_by_hand(order_id: uuid.UUID | str, from_status: str, **values: Any) -> dict[str, Any]:
+    """One conditional UPDATE: ``recorded`` is false when the row was not ``from_status`` (told
+    before, or nothing of ours to change)."""
+    updated = Payment.objects.filter(order_id=uuid.UUID(str(order_id)), status=from_status).update(
+        **values, updated_at=timezone.now()
+    )
+    return {"recorded": bool(updated)}
 
 
 # ---------------------------------------------------------------------------------------------

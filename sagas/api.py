@@ -436,8 +436,10 @@ class SagaViewSet(
         summary="Mark an undo done by hand (ops)",
         description="For a saga in `needs_manual` because the compensation of `step` keeps "
         "failing: record that a person did that undo by hand (the note says how) and go on "
-        "with the rest of the compensation. `202`: a worker runs the remaining undos. `409` "
-        "`not_waiting_on_undo` when the saga is not waiting on that undo.",
+        "with the rest of the compensation. The step's participant records the undo as done "
+        "(an order's payment then reads the amount voided). `202`: a worker runs the remaining "
+        "undos. `409` `not_waiting_on_undo` when the saga is not waiting on that undo, "
+        "`undo_record_failed` when the participant could not record it (nothing changed).",
         tags=["sagas"],
         request=UndoDoneSerializer,
         parameters=[SAGA_ID],

@@ -147,10 +147,23 @@ class Step:
     compensation_retry: RetryPolicy | None = None
     timeout: float | None = None
     non_retryable: tuple[type[BaseException], ...] = ()
+    #: Called when a person records that they did this step's undo by hand (the ops "undo
+    #: done"), inside that operation's transaction, with the context the compensation gets
+    #: (its undo key, the forward key). The compensation never ran, so its participant never
+    #: learned of the undo: this is where it records it, so that what a client reads of the
+    #: step's effect (an amount voided, a shipment cancelled, stock given back) says it was
+    #: undone. It writes only to the database (no call out: row locks are held), must change
+    #: nothing when told twice, and raising refuses the operation with the reason, nothing
+    #: written. ``None``: the engine's own record (the step undone by hand) is all there is.
+    undone_by_hand: StepFunction | None = None
 
     def __post_init__(self) -> None:
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError(f"step {self.name!r}: timeout must be positive")
+        if self.undone_by_hand is not None and self.compensate is None:
+            raise ValueError(
+                f"step {self.name!r}: undone_by_hand needs a compensation to stand in for"
+            )
 
 
 ON_TIMEOUT = ("compensate", "escalate")

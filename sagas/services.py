@@ -32,6 +32,7 @@ from sagas.definition import (
     forward_key,
     get_definition,
     next_compensable,
+    step_context,
     undo_key,
 )
 from sagas.doorbell import ring_on_commit
@@ -545,6 +546,11 @@ def saga_undo_done(
     provider refuses every void): the person voids in the provider's dashboard, says so here,
     and the ladder continues below that step by itself (releasing the reservation, ...). The
     step is marked ``compensated_by_hand`` and the note goes to the timeline with the user.
+    The step's ``undone_by_hand`` hook, if it declares one, runs first in the same
+    transaction: the compensation that would have told its participant never ran, so without
+    it an order's client read its authorization as still held (``voided`` 0.00) after the
+    person had voided it. A hook that raises refuses the operation (``undo_record_failed``)
+    and nothing is written.
     """
     _require_ops(user)
     note = trimmed(note or "")
@@ -566,6 +572,7 @@ def saga_undo_done(
                 f"The saga is not waiting on the undo of {step or '(no step given)'}: {waiting}.",
             )
         definition = _definition(saga)
+        _record_undone_by_hand(definition, saga)
         SagaStep.objects.filter(saga=saga, name=saga.current_step).update(
             status=StepStatus.COMPENSATED_BY_HAND, updated_at=timezone.now()
         )
@@ -591,6 +598,23 @@ def saga_undo_done(
             _save(saga, ["attempt", "lease_until", "step_index", "current_step", "next_attempt_at"])
             ring_on_commit(saga.id, saga.version)
     return saga
+
+
+def _record_undone_by_hand(definition: SagaDefinition, saga: Saga) -> None:
+    """Tell the participant of the saga's current step that a person did its undo (the step's
+    ``undone_by_hand``), in a savepoint of the caller's transaction: a refusal leaves it
+    usable, and nothing the hook wrote is kept."""
+    hook = definition.step(saga.current_step).undone_by_hand
+    if hook is None:
+        return
+    try:
+        with transaction.atomic():
+            hook(step_context(definition, saga, compensating=True))
+    except Exception as exc:  # noqa: BLE001 - refused with the reason, nothing written
+        raise SagaOperationRefused(
+            "undo_record_failed",
+            f"Could not record the undo of {saga.current_step} as done by hand: {exc}",
+        ) from exc
 
 
 def saga_resolve(

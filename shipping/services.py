@@ -73,6 +73,19 @@ def shipment_cancel(*, key: str, forward_key: str) -> dict[str, Any]:
     If nothing was arranged under that key, this succeeds and leaves a tombstone, so a late
     arrange cannot book a carrier for a cancelled order.
     """
+    return _cancel(key, forward_key)
+
+
+def shipment_cancel_done_by_hand(*, key: str, forward_key: str) -> dict[str, Any]:
+    """Record that a person cancelled the booking under ``forward_key`` with the carrier (its
+    dashboard) after every cancel the saga sent failed: the shipment reads ``cancelled``, by
+    ``key`` (the undo's), as the saga's own cancel would have left it, instead of a booking
+    with a tracking number for a cancelled order. Repeatable like a cancel, and outside
+    ``SAGA_FAULTS`` and outages: no call goes to the carrier, this is our record of it."""
+    return _cancel(key, forward_key)
+
+
+def _cancel(key: str, forward_key: str) -> dict[str, Any]:
     with transaction.atomic():
         shipment = _shipment_for_update(forward_key)
         if shipment is None:

@@ -10,6 +10,7 @@ resolved order holds no stock and reads a final status.
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 from django.contrib.auth.models import Group
@@ -18,7 +19,9 @@ from django.core.management import call_command
 from inventory.models import Product, Reservation, ReservationStatus
 from orders.invariants import check_invariants
 from orders.selectors import OrderStatus
+from payments.models import Payment, ProviderAuthorization
 from sagas.models import Saga, SagaState, SagaStep, StepStatus
+from shipping.models import Shipment, ShipmentStatus
 from tests.api.conftest import api_client_for, assert_error
 
 from .conftest import describe, fresh, make_product, place
@@ -59,6 +62,49 @@ def invariants_hold() -> str:
     return out.getvalue()
 
 
+def as_its_client_sees_it(order) -> dict:
+    """``GET /orders/{id}/`` as the order's own client reads it."""
+    response = api_client_for(order.owner).get(f"/api/v1/orders/{order.id}/")
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+#: A worker whose every call of the named operations fails (the saga's own undo keeps failing),
+#: with no breaker to hold the saga back for the provider and few undo attempts.
+def failing_worker(worker_factory, **faults: dict):
+    return worker_factory(
+        {
+            "SAGA_FAULTS": json.dumps(faults),
+            "SAGA_PROVIDER_BREAKERS": "0",
+            "SAGA_MAX_ATTEMPTS": "2",
+            "SAGA_COMPENSATION_MAX_ATTEMPTS": "2",
+        },
+        name="failing",
+        exclusive=True,
+    )
+
+
+def waiting_on_undo(order, step: str, wait_for):
+    return wait_for(
+        lambda: (
+            (o := fresh(order)).saga.state == SagaState.NEEDS_MANUAL
+            and o.saga.current_step == step
+            and o
+        ),
+        timeout=60,
+        describe=describe(order),
+    )
+
+
+def undo_done(ops_api, order, step: str) -> None:
+    response = ops_api.post(
+        f"{SAGAS}{order.saga_id}/undo-done/",
+        {"step": step, "note": f"did {step}'s undo by hand"},
+        format="json",
+    )
+    assert response.status_code == 202, response.content
+
+
 def test_undo_done_by_hand_goes_on_and_releases_the_reservation(stuck_order, ops_api, wait_for):
     """POST undo-done for authorize_payment: 202, the step is undone by hand with the note and
     the user in the timeline, and the worker releases the reservation by itself: the order is
@@ -91,6 +137,116 @@ def test_undo_done_by_hand_goes_on_and_releases_the_reservation(stuck_order, ops
     # The release ran on the worker, after the operator's event.
     release = order.saga.events.get(kind="compensation_succeeded", step="reserve_inventory")
     assert release.id > done.id and release.actor == "engine"
+    assert invariants_hold().rstrip().endswith("no violations")
+
+    # Its client reads the hold as released, as a void by the saga would have left it (it read
+    # voided 0.00 beside authorized 20.00: the payment never learned of the void by hand).
+    seen = as_its_client_sees_it(order)
+    assert seen["payment"] == {
+        "authorized": "20.00",
+        "captured": "0.00",
+        "voided": "20.00",
+        "refunded": "0.00",
+    }
+    assert Payment.objects.get(order_id=order.id).status == "voided"
+    # The fake provider cannot see a dashboard: its hold stays open there (check_invariants
+    # skips the money of an order undone by hand for that reason).
+    assert ProviderAuthorization.objects.get(reference=str(order.id)).status == "authorized"
+    # Recording it again changes nothing.
+    from payments.services import payment_void_done_by_hand
+
+    before = Payment.objects.values().get(order_id=order.id)
+    payment_void_done_by_hand(order_id=order.id)
+    assert Payment.objects.values().get(order_id=order.id) == before
+
+
+def test_a_shipment_cancelled_by_hand_reads_cancelled_and_the_rest_is_undone(
+    customer, ops_api, worker_factory, wait_for
+):
+    """pm_card_capture_declined, every carrier cancel failing: the saga stops at the undo of
+    arrange_shipment. Marked done by hand, the client reads the shipment cancelled (not
+    arranged with a tracking number for a cancelled order), and the worker voids the hold and
+    releases the stock by itself."""
+    failing_worker(worker_factory, **{"shipping.cancel": {"error": 1.0}})
+    make_product("lamp", price="10.00", stock=5)
+    order = place(customer, [("lamp", 1)], payment_method="pm_card_capture_declined")
+    order = waiting_on_undo(order, "arrange_shipment", wait_for)
+    assert as_its_client_sees_it(order)["shipment"]["status"] == "arranged"
+
+    undo_done(ops_api, order, "arrange_shipment")
+    shipment = Shipment.objects.get(order_id=order.id)
+    assert (shipment.status, shipment.cancelled_by_key) == (
+        ShipmentStatus.CANCELLED,
+        f"saga:{order.saga_id}:arrange_shipment:undo",
+    )
+    order = wait_for(
+        lambda: (o := fresh(order)).status == OrderStatus.CANCELLED and o,
+        timeout=60,
+        describe=describe(order),
+    )
+    assert order.cancellation_reason == "payment_declined"
+    seen = as_its_client_sees_it(order)
+    assert seen["shipment"]["status"] == "cancelled"
+    assert (seen["payment"]["authorized"], seen["payment"]["voided"]) == ("10.00", "10.00")
+    assert stock("lamp") == (5, 0)
+    assert invariants_hold().rstrip().endswith("no violations")
+
+
+def test_a_refund_done_by_hand_reads_refunded_and_the_void_after_it_changes_nothing(
+    customer, ops_api, worker_factory, wait_for
+):
+    """pm_card_refund_fails whose capture took effect but never answered: the saga undoes the
+    capture and every refund fails. Marked done by hand, the client reads the amount
+    refunded; the void below it fails too (the same card), and marked done by hand it leaves
+    the refunded payment as it is (nothing voided: the hold was taken, then given back)."""
+    failing_worker(worker_factory, **{"payments.capture": {"lost_response": 1.0}})
+    make_product("lamp", price="10.00", stock=5)
+    order = place(customer, [("lamp", 1)], payment_method="pm_card_refund_fails")
+    order = waiting_on_undo(order, "capture_payment", wait_for)
+    assert as_its_client_sees_it(order)["payment"]["captured"] == "10.00"
+
+    undo_done(ops_api, order, "capture_payment")
+    order = waiting_on_undo(order, "authorize_payment", wait_for)
+    refunded = {"authorized": "10.00", "captured": "10.00", "voided": "0.00", "refunded": "10.00"}
+    assert as_its_client_sees_it(order)["payment"] == refunded
+    assert as_its_client_sees_it(order)["shipment"]["status"] == "cancelled"  # by the worker
+
+    undo_done(ops_api, order, "authorize_payment")
+    order = wait_for(
+        lambda: (o := fresh(order)).status == OrderStatus.CANCELLED and o,
+        timeout=60,
+        describe=describe(order),
+    )
+    assert order.cancellation_reason == "step_failed"
+    assert as_its_client_sees_it(order)["payment"] == refunded
+    assert Payment.objects.get(order_id=order.id).status == "refunded"
+    assert stock("lamp") == (5, 0)
+    assert invariants_hold().rstrip().endswith("no violations")
+
+
+def test_a_release_done_by_hand_gives_the_stock_back(customer, ops_api, worker_factory, wait_for):
+    """Every release of the reservation failing, to AQ: the saga stops at the undo of
+    reserve_inventory with the stock held. Nobody can give stock back by hand (reserved is
+    never edited), so marking it done releases the reservation under its undo key: the units
+    are available again, not held for good by a cancelled order."""
+    failing_worker(worker_factory, **{"inventory.release": {"error": 1.0}})
+    make_product("lamp", price="10.00", stock=5)
+    order = place(customer, [("lamp", 2)], country="AQ")
+    order = waiting_on_undo(order, "reserve_inventory", wait_for)
+    assert stock("lamp") == (5, 2)
+
+    undo_done(ops_api, order, "reserve_inventory")
+    order = fresh(order)  # nothing left to undo: settled by the operation itself
+    assert (order.status, order.cancellation_reason) == ("cancelled", "shipping_unavailable")
+    assert stock("lamp") == (5, 0)
+    reservation = Reservation.objects.get(order_id=order.id)
+    assert (reservation.status, reservation.settled_by_key) == (
+        ReservationStatus.RELEASED,
+        f"saga:{order.saga_id}:reserve_inventory:undo",
+    )
+    product = api_client_for(order.owner).get("/api/v1/products/lamp/").json()
+    assert (product["reserved"], product["available"]) == (0, 5)
+    assert as_its_client_sees_it(order)["payment"]["voided"] == "20.00"  # by the worker
     assert invariants_hold().rstrip().endswith("no violations")
 
 

@@ -288,3 +288,46 @@ def test_a_capture_answered_without_the_authorization_is_recorded_from_the_provi
         Decimal("49.90"),
         first["capture_id"],
     )
+
+
+def test_an_undo_done_by_hand_is_recorded_once_and_only_where_it_applies(order_id):
+    """A person voided (or refunded) at the provider what every void (refund) of the saga failed
+    to: our row reads the amount voided (refunded), as the provider's own answer would have
+    left it. Told again, or told of a void once the money was captured, nothing changes; the
+    provider's stale view of the hold does not take it back."""
+    from payments.provider import FakePaymentProvider
+    from payments.services import (
+        _record_view,
+        payment_refund_done_by_hand,
+        payment_void_done_by_hand,
+    )
+
+    auth_id = authorize(order_id, pm="pm_card_refund_fails")["authorization_id"]
+    assert payment_refund_done_by_hand(order_id=order_id) == {"recorded": False}  # no capture
+    assert payment_void_done_by_hand(order_id=order_id) == {"recorded": True}
+    voided = Payment.objects.values().get(order_id=order_id)
+    assert (voided["status"], voided["authorized_amount"], voided["voided_amount"]) == (
+        PaymentStatus.VOIDED,
+        Decimal("49.90"),
+        Decimal("49.90"),
+    )
+    assert payment_void_done_by_hand(order_id=str(order_id)) == {"recorded": False}
+    _record_view(order_id, FakePaymentProvider().retrieve_authorization(auth_id))  # authorized
+    assert Payment.objects.values().get(order_id=order_id) == voided
+
+    other = uuid.uuid4()
+    authorize(other, pm="pm_card_refund_fails", key="saga:o:authorize_payment")
+    payment_capture(
+        key="saga:o:capture_payment", order_id=other, authorize_key="saga:o:authorize_payment"
+    )
+    assert payment_void_done_by_hand(order_id=other) == {"recorded": False}  # captured: no hold
+    assert payment_refund_done_by_hand(order_id=other) == {"recorded": True}
+    assert payment_refund_done_by_hand(order_id=other) == {"recorded": False}
+    refunded = payment(other)
+    assert (refunded.status, refunded.captured_amount, refunded.refunded_amount) == (
+        PaymentStatus.REFUNDED,
+        Decimal("49.90"),
+        Decimal("49.90"),
+    )
+    assert refunded.voided_amount == 0
+    assert payment_void_done_by_hand(order_id=uuid.uuid4()) == {"recorded": False}  # no payment
