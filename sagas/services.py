@@ -93,7 +93,7 @@ def audit_ops_events(events: Iterable[SagaEvent]) -> None:
             actor=users[name],
             actor_name=name,
             target=f"saga:{event.saga_id}",
-            detail={"step": event.step, "note": event.detail[:500]},
+            detail={"step": event.step, "note": event.detail},
         )
 
 

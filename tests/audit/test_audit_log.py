@@ -117,3 +117,19 @@ def test_every_ops_action_of_the_api_is_an_audit_entry(ops_user, route, body, ac
         "api",
     )
     assert said in entry.detail["note"]
+
+
+def test_an_ops_note_is_kept_whole_in_the_audit_entry(ops_user):
+    """A note as long as the timeline takes (2,000 characters) is the audit entry's note, not
+    its first 500 characters: the audit log is where who said what is looked up later."""
+    from sagas.services import NOTE_MAX
+    from tests.api.conftest import api_client_for
+
+    saga = running()
+    reason = ("refund approved by the shift lead after the client called; " * 40)[:NOTE_MAX]
+    response = api_client_for(ops_user).post(
+        f"/api/v1/sagas/{saga.pk}/compensate/", {"reason": reason}, format="json"
+    )
+    assert response.status_code == 202, response.content
+    entry = AuditEntry.objects.get(action="saga.compensate")
+    assert reason in entry.detail["note"]
