@@ -47,6 +47,7 @@ from sagas.selectors import saga_is_stuck, saga_stuck_q
 from sagas.signals import (
     MAX_KEY_LENGTH,
     SignalOutcome,
+    check_may_send,
     may_signal_saga,
     saga_signal,
     signal_sent_under,
@@ -178,6 +179,7 @@ def send_signal(request: Request, saga_id, name: str) -> Response:
         )
         if earlier is not None:
             return _signal_sent(earlier)
+    check_may_send(saga_id=saga_id, name=name, user=request.user)
     body = SignalInputSerializer(data=request.data)
     if not body.is_valid() and list(body.errors) == ["payload"]:
         # The same code whether the payload is not an object or an object the signal refuses.

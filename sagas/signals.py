@@ -76,6 +76,13 @@ def _may_send(user: Any, park: Park, saga: Saga) -> bool:
     return _ops_or_client(user, saga, [park.client] if park.client is not None else [])
 
 
+def _refuse_unless_may_send(user: Any, park: Park, saga: Saga, name: str) -> None:
+    if not _may_send(user, park, saga):
+        raise PermissionDenied(
+            f"Only ops staff{' or the client' if park.client else ''} may send {name!r}."
+        )
+
+
 def _ops_or_client(user: Any, saga: Saga, clients: Iterable[Callable[[str], Any]]) -> bool:
     """An active user who is ops staff, or whom one of ``clients`` names for this saga."""
     if user is None or not user.is_active:
@@ -235,6 +242,25 @@ def saga_signal(
             return _deliver(saga, name, payload, key, user)
 
 
+def check_may_send(*, saga_id: Any, name: str, user: Any) -> None:
+    """Raise :class:`PermissionDenied` when ``user`` may not send ``name`` to this saga at all
+    (a staff-only signal sent by the saga's own client), before the API reads the body: who
+    may send a signal does not depend on what it carries, so a client is told it may not
+    before it is told how to mend a payload it cannot send anyway. Everything else (an unknown
+    saga, name or definition) is left to :func:`saga_signal`, which says why."""
+    saga = Saga.objects.filter(pk=saga_id).first()
+    if saga is None:
+        return
+    try:
+        definition = definition_of(saga)
+    except LookupError:
+        return
+    indexes = definition.waits_for(name)
+    park = definition.steps[indexes[0]].park if indexes else None
+    if park is not None:
+        _refuse_unless_may_send(user, park, saga, name)
+
+
 def signal_sent_under(
     *, saga_id: Any, name: str, key: str | None, payload: Any, user: Any
 ) -> SignalOutcome | None:
@@ -288,10 +314,7 @@ def _deliver(saga: Saga, name: str, payload: Any, key: str, user: Any) -> Signal
         )
     park = definition.steps[indexes[0]].park
     assert park is not None
-    if not _may_send(user, park, saga):
-        raise PermissionDenied(
-            f"Only ops staff{' or the client' if park.client else ''} may send {name!r}."
-        )
+    _refuse_unless_may_send(user, park, saga, name)
     existing = SagaSignal.objects.filter(saga=saga, name=name, key=key).first()
     if existing is not None:
         return _replayed(existing, name, key, payload)

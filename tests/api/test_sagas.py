@@ -3,6 +3,7 @@ resolve; every operation is in the saga's timeline with the user."""
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from datetime import timedelta
 
@@ -277,7 +278,9 @@ def test_a_fraud_review_from_the_orders_own_client_is_403_staff_only_and_404_to_
     """The order's own client knows the order exists: its fraud review is refused as staff
     only (403 saying so) on the sagas route as on the orders route, not hidden as a 404.
     Another client still gets 404 on both, learning nothing; no signal is kept, no event
-    written."""
+    written. The 403 comes before the body is read: a malformed body (a payload that is not an
+    object, a field the route does not take) is not a 400 telling the client how to mend a
+    signal it may not send at all."""
     saga = parked(saga, "fraud_review", minutes=1)
     order_id = saga.order.id
     routes = (
@@ -286,11 +289,11 @@ def test_a_fraud_review_from_the_orders_own_client_is_403_staff_only_and_404_to_
     )
     headers = {"Idempotency-Key": key} if key else {}
     events = SagaEvent.objects.filter(saga=saga).count()
-    for path in routes:
-        body = {"payload": {"approved": True}}
+    bodies = ({"payload": {"approved": True}}, {"payload": "yes"}, {"approved": True})
+    for path, body in itertools.product(routes, bodies):
         refused = client_api.post(path, body, format="json", headers=headers)
         error = assert_error(refused, 403, "permission_denied")
-        assert error["detail"] == "Only ops staff may send 'fraud_review'.", (path, error)
+        assert error["detail"] == "Only ops staff may send 'fraud_review'.", (path, body, error)
         hidden = other_api.post(path, body, format="json", headers=headers)
         assert_error(hidden, 404, "not_found")
     assert not saga.signals.exists()
