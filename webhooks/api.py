@@ -15,6 +15,7 @@ from drf_spectacular.utils import (
     OpenApiParameter,
     OpenApiResponse,
     extend_schema,
+    extend_schema_field,
     extend_schema_view,
 )
 from rest_framework import mixins, serializers, status, viewsets
@@ -25,6 +26,7 @@ from rest_framework.response import Response
 
 from config.api import (
     BodyReadFirst,
+    BoundedListField,
     ClosedInput,
     ErrorSerializer,
     Pagination,
@@ -45,6 +47,26 @@ from webhooks.services import (
 )
 
 EVENT_TYPE_CHOICES = [(e, e) for e in EVENT_TYPES]
+TOO_MANY_EVENTS = (
+    "At most {max_length} events, each once: "
+    + ", ".join(EVENT_TYPES[:-1])
+    + f" and {EVENT_TYPES[-1]}."
+)
+
+
+@extend_schema_field(
+    {
+        "type": "array",
+        "items": {"type": "string", "enum": list(EVENT_TYPES)},
+        "minItems": 1,
+        "maxItems": len(EVENT_TYPES),
+        "uniqueItems": True,
+    }
+)
+class EventListField(BoundedListField):
+    """Its schema says what the server checks (1 to 4 types, each once): DRF's would say
+    neither the minimum nor that a type may not repeat, so a client generated from it would
+    send lists the server refuses."""
 
 
 class EndpointInputSerializer(ClosedInput, serializers.Serializer):
@@ -62,11 +84,24 @@ class EndpointInputSerializer(ClosedInput, serializers.Serializer):
         help_text="`https` only, on a public address (plain `http` and local addresses only "
         "where WEBHOOKS_ALLOW_PRIVATE is on).",
     )
-    events = serializers.ListField(
+    events = EventListField(
         child=serializers.ChoiceField(choices=EVENT_TYPE_CHOICES),
         allow_empty=False,
         max_length=len(EVENT_TYPES),
+        error_messages={"max_length": TOO_MANY_EVENTS},
     )
+
+    def validate_events(self, events: list[str]) -> list[str]:
+        # Each type once, as an order names each sku once: a repeated entry is refused, not
+        # dropped, so a list longer than the types can only be wrong (the limit says so).
+        repeated = {
+            i: [f"{event!r} appears twice; list each event once."]
+            for i, event in enumerate(events)
+            if event in events[:i]
+        }
+        if repeated:
+            raise serializers.ValidationError(repeated)
+        return events
 
 
 class EndpointSerializer(serializers.ModelSerializer):

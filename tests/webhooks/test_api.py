@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from tests.api.conftest import assert_error
 from webhooks import signing
-from webhooks.models import Endpoint
+from webhooks.models import EVENT_TYPES, Endpoint
 from webhooks.security import UrlRefused, check_new_url, check_url
 
 from .conftest import api_client_for
@@ -265,6 +265,48 @@ def test_events_must_be_a_non_empty_list_of_known_types(customer, events):
         client.post("/api/v1/webhooks/", {**BODY, "events": events}, format="json"), 400
     )
     assert "events" in "".join(body["fields"]), body
+
+
+@pytest.mark.parametrize(
+    "events",
+    [["order.nope"] * 20_000, ["order.updated"] * 20_000, [{"type": "x"}] * 5, [*EVENT_TYPES, 1]],
+    ids=["20000 unknown", "20000 repeated", "5 objects", "the 4 types and one more"],
+)
+def test_an_events_list_over_the_limit_is_one_error_naming_it(customer, events):
+    """The list's length is checked before its entries (as an order's 100 lines are): one
+    error naming the limit, not one per entry (20,000 unknown events were answered with
+    20,000 errors in a body of over a megabyte)."""
+    client = api_client_for(customer)
+    response = client.post("/api/v1/webhooks/", {**BODY, "events": events}, format="json")
+    body = assert_error(response, 400, "invalid")
+    message = (
+        "At most 4 events, each once: order.updated, order.confirmed, order.cancelled and "
+        "order.needs_attention."
+    )
+    assert body["fields"] == {"events": [message]}, str(body)[:500]
+    assert body["detail"] == f"events: {message}"
+    assert len(response.content) < 500
+    assert not Endpoint.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("events", "where"),
+    [
+        (["order.updated", "order.updated"], "events[1]"),
+        (["order.confirmed", "order.cancelled", "order.confirmed"], "events[2]"),
+    ],
+)
+def test_an_event_listed_twice_is_refused_where_it_repeats(customer, events, where):
+    """Each type once, as an order names each sku once: a repeat is refused, not dropped (two
+    were taken and stored once, while five were refused by the limit)."""
+    client = api_client_for(customer)
+    response = client.post("/api/v1/webhooks/", {**BODY, "events": events}, format="json")
+    body = assert_error(response, 400, "invalid")
+    assert body["fields"] == {where: [f"{events[-1]!r} appears twice; list each event once."]}
+    assert not Endpoint.objects.exists()
+    every = client.post("/api/v1/webhooks/", {**BODY, "events": list(EVENT_TYPES)}, format="json")
+    assert every.status_code == 201, every.content
+    assert every.json()["events"] == list(EVENT_TYPES)
 
 
 def test_a_client_has_at_most_20_endpoints_and_may_register_one_url_twice(customer):
