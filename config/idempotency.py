@@ -28,7 +28,16 @@ class IdempotencyError(AppError):
 
 
 class IdempotencyKeyInvalid(IdempotencyError):
+    """A key that cannot be kept (empty, too long, control characters): the header's fault,
+    so its message is under ``fields["Idempotency-Key"]``, the one shape on every route that
+    takes a key (an order, a webhook registration, a signal), as a body's fault is under its
+    path."""
+
     code = "invalid_idempotency_key"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.fields = {"Idempotency-Key": [detail]}
 
 
 class IdempotencyKeyReused(IdempotencyError):

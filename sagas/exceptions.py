@@ -1,6 +1,7 @@
 """Errors the engine raises to its callers (services, admin, API)."""
 
 from config.errors import AppError
+from config.idempotency import IdempotencyKeyInvalid
 
 
 class SagaOperationRefused(AppError):
@@ -32,16 +33,10 @@ class SignalPayloadInvalid(AppError):
         self.detail = detail
 
 
-class SignalKeyInvalid(AppError):
-    """A signal's ``Idempotency-Key`` that cannot be kept (too long, control characters): the
-    same ``400 invalid_idempotency_key`` as an order's, naming the header, not the payload."""
-
-    code = "invalid_idempotency_key"
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.fields = {"Idempotency-Key": [detail]}
+class SignalKeyInvalid(IdempotencyKeyInvalid):
+    """A signal's ``Idempotency-Key`` that cannot be kept (empty, too long, control
+    characters): the same ``400 invalid_idempotency_key`` as an order's, naming the header, not
+    the payload."""
 
 
 class SignalKeyReused(AppError):

@@ -255,3 +255,44 @@ def test_a_utf8_signal_key_is_kept_as_written(client_api, catalog):
     )
     assert response.status_code == 202, response.content
     assert SagaSignal.objects.get().key == key
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("route", ["order", "webhook", "saga signal", "order signal"])
+@pytest.mark.parametrize(
+    "key", ["", "   ", "k" * 256, "a\tb"], ids=["empty", "blank", "256", "tab"]
+)
+def test_a_key_that_cannot_be_kept_is_the_same_400_on_every_route_that_takes_one(
+    client_api, ops_api, place, route, key
+):
+    """``400 invalid_idempotency_key`` with its message under ``fields["Idempotency-Key"]``,
+    as docs/api.md says once for all: an order and a webhook registration answered with
+    ``fields: {}`` while a signal named the header. Nothing is created or delivered."""
+    from webhooks.models import Endpoint
+
+    order = place(client_api)
+    signal = {"payload": {"approved": True}}
+    api, path, body = {
+        "order": (client_api, ORDERS, order_body()),
+        "webhook": (
+            client_api,
+            "/api/v1/webhooks/",
+            {"url": "https://93.184.215.14/h", "events": ["order.updated"]},
+        ),
+        "saga signal": (
+            ops_api,
+            f"/api/v1/sagas/{order['saga']['id']}/signals/3ds_confirmed/",
+            signal,
+        ),
+        "order signal": (
+            client_api,
+            f"/api/v1/orders/{order['id']}/signals/3ds_confirmed/",
+            signal,
+        ),
+    }[route]
+    before = counts()
+    response = api.post(path, body, format="json", headers={"Idempotency-Key": key})
+    error = assert_error(response, 400, "invalid_idempotency_key")
+    assert error["fields"] == {"Idempotency-Key": [error["detail"]]}, error
+    assert counts() == before
+    assert not Endpoint.objects.exists() and not SagaSignal.objects.exists()
