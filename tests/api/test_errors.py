@@ -218,3 +218,27 @@ def test_a_disallowed_host_is_400_json(client_api, settings, debug):
     settings.DEBUG = debug
     response = client_api.get("/api/v1/orders/", HTTP_HOST="evil.example")
     assert_error(response, 400, "bad_request")
+
+
+@pytest.mark.parametrize("route", ["/api/v1/orders/", "/api/v1/webhooks/"])
+def test_a_body_of_thousands_of_made_up_names_is_refused_with_the_first_twenty(
+    client_api, catalog, route
+):
+    """5,000 names no route takes: one 400 ``unknown_field`` listing the first 20 in the order
+    sent, not an error per name for the web process to build and send; nothing is created."""
+    from config.errors import MAX_REFUSED_NAMES
+    from orders.models import Order
+    from webhooks.models import Endpoint
+
+    from .conftest import order_body
+
+    body = (
+        order_body()
+        if "orders" in route
+        else {"url": "https://example.com/hook", "events": ["order.updated"]}
+    )
+    names = [f"made_up_{i}" for i in range(5000)]
+    response = client_api.post(route, {**body, **dict.fromkeys(names, 1)}, format="json")
+    error = assert_error(response, 400, "unknown_field")
+    assert list(error["fields"]) == names[:MAX_REFUSED_NAMES]
+    assert not Order.objects.exists() and not Endpoint.objects.exists()
