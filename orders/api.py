@@ -18,8 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from django.db import transaction
-from django.utils.cache import get_conditional_response
-from django.utils.http import quote_etag
+from django.utils.http import parse_etags, quote_etag
 from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
@@ -200,8 +199,9 @@ ERROR = ErrorSerializer
             304: OpenApiResponse(description="Not modified since the ETag in If-None-Match."),
             412: OpenApiResponse(
                 ERROR,
-                description="If-Match given: an order's ETag is weak, so it never matches "
-                "(`precondition_failed`); poll with If-None-Match.",
+                description="If-Match given (other than `*`): an order's ETag is weak, so it "
+                "never matches (`precondition_failed`); poll with If-None-Match. "
+                "If-Unmodified-Since is ignored: an order has no modification date.",
             ),
         },
     ),
@@ -248,12 +248,10 @@ class OrderViewSet(BodyReadFirst, viewsets.GenericViewSet):
         data = OrderSerializer(order).data
         etag = _weak_etag(data)
         headers = {"ETag": etag, "Cache-Control": "private, no-cache", "Vary": "Authorization"}
-        # Django evaluates the preconditions (RFC 9110: weak comparison for If-None-Match).
-        conditional = get_conditional_response(request, etag=etag)
-        if conditional is not None and conditional.status_code == status.HTTP_304_NOT_MODIFIED:
-            return Response(status=status.HTTP_304_NOT_MODIFIED, headers=headers)
-        if conditional is not None:  # If-Match names another version: 412, in our error shape
+        if not _if_match_passes(request, etag):
             raise PreconditionFailed()
+        if not _if_none_match_passes(request, etag):
+            return Response(status=status.HTTP_304_NOT_MODIFIED, headers=headers)
         return Response(data, headers=headers)
 
     @extend_schema(
@@ -400,6 +398,33 @@ def _replay(replay: idempotency.Replay) -> Response:
 def _weak_etag(data: Any) -> str:
     digest = hashlib.sha256(JSONRenderer().render(data)).hexdigest()[:32]
     return "W/" + quote_etag(digest)
+
+
+# The order's preconditions (RFC 9110 §13.2.2) are evaluated here rather than by Django's
+# get_conditional_response, which fails If-Unmodified-Since whenever no Last-Modified is
+# given. An order has no modification date to send (its representation joins the order, its
+# saga and the participants' rows), and a recipient must ignore If-Unmodified-Since (§13.1.4)
+# and If-Modified-Since (§13.1.3) for a resource without one: only the ETag headers count.
+def _if_match_passes(request: Request, etag: str) -> bool:
+    """If-Match compares strongly (§13.1.1), so the order's weak ETag matches only ``*``."""
+    tags = parse_etags(request.META.get("HTTP_IF_MATCH", ""))
+    if not tags or tags == ["*"]:
+        return True
+    return not etag.startswith("W/") and etag in tags
+
+
+def _if_none_match_passes(request: Request, etag: str) -> bool:
+    """If-None-Match compares weakly (§13.1.2): a match (or ``*``) means not modified."""
+    tags = parse_etags(request.META.get("HTTP_IF_NONE_MATCH", ""))
+    if not tags:
+        return True
+    if tags == ["*"]:
+        return False
+    return _opaque(etag) not in {_opaque(tag) for tag in tags}
+
+
+def _opaque(etag: str) -> str:
+    return etag.removeprefix("W/")
 
 
 class PreconditionFailed(exceptions.APIException):

@@ -336,6 +336,34 @@ def test_if_match_never_matches_the_weak_etag_and_the_412_says_why(client_api, p
     }
 
 
+def test_if_unmodified_since_is_ignored_as_an_order_has_no_modification_date(client_api, place):
+    """An order sends no Last-Modified, so If-Unmodified-Since is ignored (RFC 9110 §13.1.4):
+    alone it is a 200, beside If-None-Match the ETag decides (304 or 200), and beside If-Match
+    the 412 is If-Match's and names it, not the date."""
+    order = place(client_api)
+    path = f"/api/v1/orders/{order['id']}/"
+    first = client_api.get(path)
+    etag = first["ETag"]
+    assert "Last-Modified" not in first
+    for date in ("Sun, 06 Dec 2099 19:00:00 GMT", "Mon, 01 Jan 1990 00:00:00 GMT"):
+        since = {"If-Unmodified-Since": date}
+        alone = client_api.get(path, headers=since)
+        assert alone.status_code == 200, alone.content
+        assert alone.json() == first.json()
+        assert alone["ETag"] == etag
+
+        assert client_api.get(path, headers={**since, "If-None-Match": etag}).status_code == 304
+        assert client_api.get(path, headers={**since, "If-None-Match": "*"}).status_code == 304
+        assert client_api.get(path, headers={**since, "If-None-Match": '"x"'}).status_code == 200
+        assert client_api.get(path, headers={**since, "If-Match": "*"}).status_code == 200
+
+        body = assert_error(
+            client_api.get(path, headers={**since, "If-Match": etag}), 412, "precondition_failed"
+        )
+        assert "If-Match" in body["detail"]
+        assert "If-Unmodified-Since" not in body["detail"]
+
+
 # -- timeline -------------------------------------------------------------------------------------
 def test_timeline_lists_the_sagas_events_oldest_first(client_api, place):
     """at, kind, step, attempt, detail, actor of every event, oldest first."""
