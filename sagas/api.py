@@ -494,8 +494,9 @@ class SagaViewSet(
     @extend_schema(
         summary="Compensation plan (dry run)",
         description="The compensations that compensating now would run, in order, with their "
-        "idempotency keys. Changes nothing. `409 definition_missing` where this server does "
-        "not register the saga's definition.",
+        "idempotency keys. Changes nothing. A finished saga's plan is empty. `409 "
+        "definition_missing` where this server does not register the definition of a saga "
+        "that is not finished.",
         tags=["sagas"],
         parameters=[SAGA_ID],
         responses={200: CompensationPlanSerializer, 409: REFUSED},

@@ -715,9 +715,12 @@ def saga_compensation_plan(*, saga_id: Any) -> list[dict[str, Any]]:
     took effect, plus the current step if an earlier attempt of it may have. For a compensating
     saga (or one waiting for a person mid-ladder): what is left of the ladder. For a settled
     saga: nothing. Refused (``definition_missing``) when this code does not register the
-    saga's definition.
+    definition of a saga that is not finished; a finished saga's plan is empty whatever code
+    is deployed (it is settled: nothing will be compensated, so no release could add to it).
     """
     saga = Saga.objects.get(pk=saga_id)
+    if saga.state in TERMINAL_STATES:
+        return []
     definition = _definition(saga)
     rows = {s.name: s for s in SagaStep.objects.filter(saga=saga)}
     current = definition.index_of(saga.current_step)

@@ -12,7 +12,7 @@ from django.utils import timezone
 from sagas.exceptions import SagaOperationRefused
 from sagas.models import Saga, SagaEvent, SagaState
 from sagas.services import saga_refusal, saga_resolve, saga_retry_now, saga_undo_done
-from tests.admin.conftest import needs_manual, running
+from tests.admin.conftest import make_saga, needs_manual, running
 
 pytestmark = pytest.mark.django_db
 
@@ -87,6 +87,20 @@ def test_a_confirmation_page_predicts_the_refusal(ops_client, action):
     [(level, text)] = texts(response)
     assert level == "error" and MISSING in text
     assert "Nothing took effect yet" not in response.content.decode()
+
+
+@pytest.mark.parametrize("state", [SagaState.SUCCEEDED, SagaState.COMPENSATED, SagaState.RESOLVED])
+def test_a_finished_sagas_compensation_page_says_it_is_finished_not_that_its_definition_is_missing(
+    ops_client, state
+):
+    """Its plan is empty and nothing is to be compensated, whatever code is deployed: the page
+    refuses it as no longer running, as for a finished saga whose definition is registered."""
+    saga = gone(make_saga(state=state, step_index=2))
+    response = act(ops_client, "compensate", [saga])
+    [(level, text)] = texts(response)
+    assert level == "error"
+    assert f"The saga is {state}; only a running saga can be compensated." in text
+    assert MISSING not in text
 
 
 @pytest.mark.parametrize(

@@ -344,6 +344,23 @@ def test_the_compensation_plan_of_a_saga_whose_definition_is_not_registered_is_a
     assert body["detail"].startswith("This code does not register order v99")
 
 
+@pytest.mark.parametrize("state", [SagaState.SUCCEEDED, SagaState.COMPENSATED, SagaState.RESOLVED])
+@pytest.mark.parametrize("version", [None, 99])
+def test_a_finished_sagas_compensation_plan_is_empty_whether_its_definition_is_registered(
+    staff_api, saga, state, version
+):
+    """A finished saga is settled: nothing will be compensated, so its plan is empty with its
+    state (as with its definition registered), not a 409 telling to deploy code that has
+    the definition and try again."""
+    fields = {"state": state}
+    if version is not None:
+        fields["definition_version"] = version
+    Saga.objects.filter(pk=saga.pk).update(**fields)
+    response = staff_api.get(f"{SAGAS}{saga.id}/compensation-plan/")
+    assert response.status_code == 200, response.content
+    assert response.json() == {"saga_id": str(saga.id), "state": state, "compensations": []}
+
+
 def test_compensate_after_the_pivot_is_409(ops_api, saga):
     """Refused past the pivot, and the timeline does not claim an operator compensated."""
     Saga.objects.filter(pk=saga.pk).update(
