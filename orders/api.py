@@ -66,9 +66,9 @@ from orders.services import (
 )
 from orders.timeline import customer_event
 from sagas.api import (
-    REFUSED,
     SIGNAL_KEY_PARAMETER,
     SIGNAL_NAME,
+    SIGNAL_REFUSED,
     SignalInputSerializer,
     SignalSerializer,
     send_signal,
@@ -356,7 +356,7 @@ class OrderViewSet(BodyReadFirst, viewsets.GenericViewSet):
         tags=["orders"],
         request=SignalInputSerializer,
         parameters=[ORDER_ID_PARAMETER, SIGNAL_NAME, SIGNAL_KEY_PARAMETER],
-        responses={202: SignalSerializer, 400: ERROR, 403: ERROR, 409: REFUSED, 422: ERROR},
+        responses={202: SignalSerializer, 400: ERROR, 403: ERROR, 409: SIGNAL_REFUSED, 422: ERROR},
     )
     @action(
         detail=True,

@@ -342,7 +342,16 @@ def _ops_action(**kwargs: Any) -> Callable[[Callable[..., Response]], Any]:
     )
 
 
-REFUSED = OpenApiResponse(ErrorSerializer, description="Refused in this state (engine's code).")
+def refused(*codes: str) -> OpenApiResponse:
+    """A route's ``409``, naming every code the engine can refuse it with: a client generated
+    from the schema learns them there (docs/api.md lists the same per route)."""
+    named = ", ".join(f"`{code}`" for code in codes)
+    return OpenApiResponse(
+        ErrorSerializer, description=f"Refused in the saga's state; the code is one of {named}."
+    )
+
+
+SIGNAL_REFUSED = refused("not_waiting", "already_signalled", "unknown_signal", "definition_missing")
 
 
 @extend_schema_view(
@@ -398,7 +407,10 @@ class SagaViewSet(
         tags=["sagas"],
         request=None,
         parameters=[SAGA_ID],
-        responses={202: SagaSerializer, 409: REFUSED},
+        responses={
+            202: SagaSerializer,
+            409: refused("in_flight", "settled", "waiting", "definition_missing"),
+        },
     )
     @_ops_action()
     def retry(self, request: Request, pk: str) -> Response:
@@ -411,7 +423,16 @@ class SagaViewSet(
         tags=["sagas"],
         request=CompensateSerializer,
         parameters=[SAGA_ID],
-        responses={202: SagaSerializer, 409: REFUSED},
+        responses={
+            202: SagaSerializer,
+            409: refused(
+                "not_running",
+                "already_cancelling",
+                "already_compensating",
+                "pivot_reached",
+                "definition_missing",
+            ),
+        },
     )
     @_ops_action()
     def compensate(self, request: Request, pk: str) -> Response:
@@ -428,7 +449,12 @@ class SagaViewSet(
         tags=["sagas"],
         request=ResolveSerializer,
         parameters=[SAGA_ID],
-        responses={200: SagaSerializer, 409: REFUSED},
+        responses={
+            200: SagaSerializer,
+            409: refused(
+                "not_needs_manual", "effects_in_place", "resolve_failed", "definition_missing"
+            ),
+        },
     )
     @_ops_action()
     def resolve(self, request: Request, pk: str) -> Response:
@@ -445,7 +471,10 @@ class SagaViewSet(
         tags=["sagas"],
         request=UndoDoneSerializer,
         parameters=[SAGA_ID],
-        responses={202: SagaSerializer, 409: REFUSED},
+        responses={
+            202: SagaSerializer,
+            409: refused("not_waiting_on_undo", "undo_record_failed", "definition_missing"),
+        },
     )
     @_ops_action(url_path="undo-done")
     def undo_done(self, request: Request, pk: str) -> Response:
@@ -467,7 +496,7 @@ class SagaViewSet(
             202: SignalSerializer,
             400: ErrorSerializer,
             403: ErrorSerializer,
-            409: REFUSED,
+            409: SIGNAL_REFUSED,
             422: ErrorSerializer,
         },
     )
@@ -499,7 +528,7 @@ class SagaViewSet(
         "that is not finished.",
         tags=["sagas"],
         parameters=[SAGA_ID],
-        responses={200: CompensationPlanSerializer, 409: REFUSED},
+        responses={200: CompensationPlanSerializer, 409: refused("definition_missing")},
     )
     @action(
         detail=True,

@@ -374,6 +374,19 @@ def test_compensate_after_the_pivot_is_409(ops_api, saga):
     assert not SagaEvent.objects.filter(saga=saga, kind="ops_compensate").exists()
 
 
+def test_compensate_of_a_saga_stopped_mid_undo_is_409_already_compensating(ops_api, saga):
+    """In needs_manual because an undo kept failing, it is compensating already: the 409 says
+    so (docs/api.md lists it for the route) and how to go on; nothing is recorded."""
+    needs_manual(saga)
+    body = assert_error(
+        ops_api.post(f"{SAGAS}{saga.id}/compensate/", {"reason": "stop"}, format="json"),
+        409,
+        "already_compensating",
+    )
+    assert "retry now" in body["detail"]
+    assert not SagaEvent.objects.filter(saga=saga, kind="ops_compensate").exists()
+
+
 def test_resolve_closes_a_saga_that_needs_a_person_with_the_note(ops_api, saga):
     """needs_manual while undoing reserve_inventory, its only effect: resolving releases the
     reservation itself (the order saga's on_resolve), so nothing stays in place and no
