@@ -1,8 +1,9 @@
 """Moving unfinished sagas from one definition version of their type to another.
 
 The same habit as the compensation plan: first the plan (what would move, from which step to
-which, which steps each group skips or gains, what cannot move and why), then ``apply``. Every
-decision is by step NAME: a saga lands on the step of the same name in the target version.
+which, which steps each group skips or gains, which step rows the move removes and what each
+records, what cannot move and why), then ``apply``. Every decision is by step NAME: a saga
+lands on the step of the same name in the target version.
 
 A saga moves only if the move cannot make it do something wrong:
 
@@ -34,6 +35,7 @@ the actor.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -44,8 +46,9 @@ from django.utils import timezone
 
 from sagas.definition import SagaDefinition, forward_key, get_definition, registered_types
 from sagas.doorbell import ring_on_commit
-from sagas.models import UNDONE_STATUSES, Saga, SagaEvent, SagaState, SagaStep
+from sagas.models import UNDONE_STATUSES, Saga, SagaEvent, SagaState, SagaStep, StepStatus
 from sagas.services import audit_ops_events
+from sagas.waits import SKIPPED
 
 UNSETTLED = (SagaState.RUNNING, SagaState.COMPENSATING, SagaState.NEEDS_MANUAL)
 _FIELDS = (
@@ -74,6 +77,8 @@ class Verdict:
     lands_at: str = ""
     skips: tuple[str, ...] = ()
     gains: tuple[str, ...] = ()
+    #: Every step row the move removes (the target lacks its step), each with what it
+    #: records: ``confirm_3ds (skipped)``, ``fraud_review (not reached)``.
     drops: tuple[str, ...] = ()
     refused: str = ""
     in_flight: bool = False
@@ -152,9 +157,15 @@ def assess(
     *,
     now: datetime,
     undone: set[str] | frozenset[str] = frozenset(),
+    removed: Mapping[str, tuple[str, bool]] | None = None,
 ) -> Verdict:
     """The verdict for one saga (a dict of :data:`_FIELDS`) whose steps in ``effects`` took
-    effect (or may have) and are not undone yet, and whose steps in ``undone`` are undone."""
+    effect (or may have) and are not undone yet, and whose steps in ``undone`` are undone.
+
+    ``removed`` holds its step rows that a move would delete (their step is not in the
+    target), as ``name -> (status, skipped)``: the plan names each, wherever it stands, so the
+    operator is not told only of the steps after the current one.
+    """
     cur = saga["current_step"]
     group = (str(saga["state"]), cur)
     fingerprint = saga["definition_fingerprint"]
@@ -242,10 +253,10 @@ def assess(
     lease = saga["lease_until"]
     if lease is not None and lease > now:
         return Verdict(group, in_flight=True)
-    src_names, tgt_names = set(source.names), set(target.names)
+    src_names = set(source.names)
     skips = tuple(n for n in target.names[:tgt_at] if n not in src_names)
     gains = tuple(n for n in target.names[tgt_at + 1 :] if n not in src_names)
-    drops = tuple(n for n in source.names[src_at + 1 :] if n not in tgt_names)
+    drops = _drops(source, src_at, removed or {})
     if saga["state"] != SagaState.RUNNING:
         # Not going forward (undoing, or waiting for a person): nothing is skipped or gained
         # unless a person sends it forward again.
@@ -298,18 +309,56 @@ def _ladder_order(
     return ""
 
 
-def _step_rows(saga_ids: list[Any]) -> dict[Any, tuple[set[str], set[str]]]:
+def _drops(
+    source: SagaDefinition, src_at: int, removed: Mapping[str, tuple[str, bool]]
+) -> tuple[str, ...]:
+    """Each row a move removes, named with what it records, in the source's step order.
+
+    Such a row never did anything that needs keeping (a move that would lose an undo, or the
+    record of one, is refused before): a ``Wait`` the saga passed by (``skipped``), a step an
+    earlier move skipped (pending before the current step: ``skipped`` too), one not reached
+    yet (``not reached``), or one that ran with nothing left to undo (``ran``: its result stays
+    in ``results`` and its history in the timeline)."""
+
+    def what(name: str) -> str:
+        status, skipped = removed[name]
+        if skipped:
+            return "skipped"
+        if status == StepStatus.PENDING and source.has_step(name):
+            return "skipped" if source.index_of(name) < src_at else "not reached"
+        if status == StepStatus.SUCCEEDED:
+            return "ran"
+        return str(status)
+
+    order = {name: i for i, name in enumerate(source.names)}
+    names = sorted(removed, key=lambda n: (order.get(n, len(order)), n))
+    return tuple(f"{name} ({what(name)})" for name in names)
+
+
+def _step_rows(
+    saga_ids: list[Any], target: SagaDefinition
+) -> dict[Any, tuple[set[str], set[str], dict[str, tuple[str, bool]]]]:
     """Per saga, from its step rows: the steps that took effect, or may have, and are not
-    undone; and the steps whose undo has run (by the engine or by hand)."""
-    out: dict[Any, tuple[set[str], set[str]]] = {sid: (set(), set()) for sid in saga_ids}
+    undone; the steps whose undo has run (by the engine or by hand); and the rows of steps
+    ``target`` lacks, which a move removes (``name -> (status, skipped)``)."""
+    out: dict[Any, tuple[set[str], set[str], dict[str, tuple[str, bool]]]] = {
+        sid: (set(), set(), {}) for sid in saga_ids
+    }
     rows = (
         SagaStep.objects.filter(saga_id__in=saga_ids)
         .filter(Q(took_effect=True) | Q(maybe_effect=True) | Q(status__in=UNDONE_STATUSES))
         .values_list("saga_id", "name", "status")
     )
     for saga_id, name, status in rows:
-        effects, undone = out[saga_id]
+        effects, undone, _ = out[saga_id]
         (undone if status in UNDONE_STATUSES else effects).add(name)
+    lacking = (
+        SagaStep.objects.filter(saga_id__in=saga_ids)
+        .exclude(name__in=target.names)
+        .values_list("saga_id", "name", "status", "result")
+    )
+    for saga_id, name, status, result in lacking:
+        out[saga_id][2][name] = (status, result == SKIPPED)
     return out
 
 
@@ -334,10 +383,10 @@ def plan_migration(
         sagas = list(qs.values(*_FIELDS)[:chunk])
         if not sagas:
             return plan
-        rows = _step_rows([s["id"] for s in sagas])
+        rows = _step_rows([s["id"] for s in sagas], target)
         for saga in sagas:
-            effects, undone = rows[saga["id"]]
-            plan.add(assess(source, target, saga, effects, now=now, undone=undone))
+            effects, undone, removed = rows[saga["id"]]
+            plan.add(assess(source, target, saga, effects, now=now, undone=undone, removed=removed))
         last = sagas[-1]["id"]
 
 
@@ -375,11 +424,13 @@ def apply_migration(
             plan.held += qs.filter(id__lte=ids[-1]).exclude(id__in=ids).count()
             last = ids[-1]
             now = timezone.now()
-            rows = _step_rows(ids)
+            rows = _step_rows(ids, target)
             events = []
             for saga in sagas:
-                effects, undone = rows[saga["id"]]
-                verdict = assess(source, target, saga, effects, now=now, undone=undone)
+                effects, undone, removed = rows[saga["id"]]
+                verdict = assess(
+                    source, target, saga, effects, now=now, undone=undone, removed=removed
+                )
                 plan.add(verdict)
                 if verdict.refused or verdict.in_flight:
                     continue
@@ -439,9 +490,10 @@ def _move(
     if not moved:
         return False
     rows = {s.name: s for s in SagaStep.objects.filter(saga_id=saga["id"])}
-    # Rows of steps the target does not have go: none was undone or may still need its undo
-    # (refused above). One that took effect with nothing left to undo (no compensation, or
-    # past the pivot) keeps its result in ``results`` and its history in the timeline.
+    # Rows of steps the target does not have go (the plan names each: Verdict.drops): none
+    # was undone or may still need its undo (refused above). One that took effect with nothing
+    # left to undo (no compensation, or past the pivot) keeps its result in ``results`` and
+    # its history in the timeline.
     gone = [name for name, row in rows.items() if not target.has_step(name)]
     SagaStep.objects.filter(saga_id=saga["id"], name__in=gone).delete()
     for i, step in enumerate(target.steps):

@@ -5,7 +5,8 @@ runs ``c`` before ``b``, v3 has no ``c``; ``p`` is the pivot and every step but 
 undo. The undo ladder walks the saga's definition from its current step down, so a saga that
 has run (or undone) ``b`` and ``c`` cannot take v2's order without undoing out of order or
 twice; one that has reached neither can. A saga that has undone ``c`` cannot go to v3, which
-has no row for it. Last, ``--apply`` passing by a saga another transaction holds.
+has no row for it. Last, ``--apply`` passing by a saga another transaction holds, and the
+order saga moved back to v1, which lacks two of v2's steps.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from sagas.models import Saga, SagaState, SagaStep, StepStatus
 from sagas.services import saga_compensation_plan, saga_start, saga_undo_done
 from sagas.signals import saga_signal
 from sagas.versions import _FIELDS, _move
+from tests.orders.conftest import make_product, place
 from tests.sagas.inprocess import deliver, one_step_per_delivery, out_of_workers_reach
 from tests.sagas.sagatypes import effects
 
@@ -318,3 +320,59 @@ def test_apply_counts_the_sagas_another_transaction_holds_and_says_to_run_it_aga
     out = migrate("--apply")
     assert "Moved 1 saga from v1 to v2" in out and "held by another transaction" not in out
     assert version_of(kept) == 2
+
+
+# -- the order saga back to v1: every step row the move removes is named -----------------------
+def order_at(owner, sku: str, until_step: str, ops: User | None = None) -> Saga:
+    """An order (paid without 3-D Secure: ``confirm_3ds`` passed by) driven in this process
+    until its saga stands at ``until_step``; at ``fraud_review`` ops staff approve it."""
+    order = place(owner, [(sku, 1)])
+    saga = Saga.objects.get(pk=order.saga_id)
+    for _ in range(12):
+        if saga.current_step == until_step and saga.waiting_since is None:
+            return saga
+        if saga.current_step == "fraud_review" and saga.waiting_since is not None:
+            assert ops is not None
+            saga_signal(saga_id=saga.id, name="fraud_review", payload={"approved": True}, user=ops)
+        saga = deliver(saga.id)
+    raise AssertionError(f"never got to {until_step}: {saga.state} at {saga.current_step}")
+
+
+def order_migrate(*args: str) -> str:
+    out = io.StringIO()
+    call_command("saga_migrate", "order", "--from", "2", "--to", "1", *args, stdout=out)
+    return out.getvalue()
+
+
+@pytest.mark.django_db
+def test_the_plan_names_every_step_row_a_move_to_v1_removes(ops, settings):
+    """v1 has neither ``confirm_3ds`` nor ``fraud_review``: a saga past the first (passed by,
+    recorded as skipped) loses its row too, not only the rows of the steps ahead of it, and
+    one that ran the review loses that row as well. The plan and each moved saga's timeline
+    name every one, with what it recorded."""
+    settings.ORDER_FRAUD_REVIEW_ABOVE = "100.00"
+    make_product("cheap", price="20.00")
+    make_product("dear", price="200.00")
+    owner = User.objects.create_user("ada-migrates")
+    paying = order_at(owner, "cheap", "authorize_payment")
+    capturing = order_at(owner, "dear", "capture_payment", ops)
+    assert SagaStep.objects.get(saga_id=paying.id, name="confirm_3ds").result == {"skipped": True}
+    assert SagaStep.objects.get(saga_id=capturing.id, name="fraud_review").status == "succeeded"
+
+    plan = order_migrate()
+    assert "Will move: 2" in plan
+    assert (
+        "1  running at authorize_payment (step 3) -> authorize_payment (step 2); "
+        "drops confirm_3ds (skipped), fraud_review (not reached)"
+    ) in plan
+    assert (
+        "1  running at capture_payment (step 6) -> capture_payment (step 4); "
+        "drops confirm_3ds (skipped), fraud_review (ran)"
+    ) in plan
+
+    assert "Moved 2 sagas from v2 to v1" in order_migrate("--apply", "--actor", "user:alice")
+    for saga, review in ((paying, "not reached"), (capturing, "ran")):
+        names = SagaStep.objects.filter(saga_id=saga.id).order_by("index")
+        assert [s.name for s in names] == get_definition("order", 1).names
+        moved = Saga.objects.get(pk=saga.pk).events.get(kind="ops_migrate")
+        assert moved.detail.endswith(f"; drops confirm_3ds (skipped), fraud_review ({review})")

@@ -20,7 +20,8 @@ class Command(BaseCommand):
     help = (
         "Move the unfinished sagas of a type from definition version N to M. Without --apply "
         "it prints the plan: per state and current step, how many move and where they land "
-        "(by step name), the steps they skip, gain or drop, and which cannot move and why. "
+        "(by step name), the steps they skip or gain, every step row the move removes "
+        "(with what it records), and which cannot move and why. "
         "With --apply it moves them in batches, each fenced on its version, never while a "
         "step is in flight, each with a timeline event naming the actor."
     )
