@@ -332,7 +332,12 @@ class OrderViewSet(BodyReadFirst, viewsets.GenericViewSet):
         parameters=[ORDER_ID_PARAMETER],
         responses={
             202: OrderSerializer,
-            409: OpenApiResponse(ERROR, description="Too late to cancel (`pivot_reached`)."),
+            409: OpenApiResponse(
+                ERROR,
+                description="Not cancelled: `pivot_reached` (past `capture_payment`), "
+                "`not_running` (the order has settled), `definition_missing` (this server is "
+                "behind a release; try again shortly).",
+            ),
         },
     )
     @action(detail=True, methods=["post"], filter_backends=[])
