@@ -85,5 +85,17 @@ class BreakerAdmin(admin.ModelAdmin):
             messages.success(request, f"Breaker of {provider}: {old} -> forced {to}.")
         back = request.POST.get("next", "")
         if not url_has_allowed_host_and_scheme(back, {request.get_host()}):
-            back = reverse("admin:providers_breaker_changelist")
+            back = self._landing(request)
         return HttpResponseRedirect(back)
+
+    def _landing(self, request: HttpRequest) -> str:
+        """Where a force without a usable ``next`` goes: a page this user may open, with the
+        message. The breakers' own list needs its view permission, which ops staff need not
+        have (the demo staff user has not): sent there, they saw only "403 Forbidden"."""
+        from sagas.models import Saga
+
+        if self.admin_site.get_model_admin(Saga).has_view_permission(request):
+            return reverse("admin:sagas_saga_dashboard")  # where the buttons are
+        if self.has_view_permission(request):
+            return reverse("admin:providers_breaker_changelist")
+        return reverse("admin:index")

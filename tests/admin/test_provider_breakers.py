@@ -71,3 +71,42 @@ def test_forcing_a_provider_that_has_no_breaker_is_refused_and_makes_none_up(
     assert "has a breaker" in response.content.decode()
     assert list(Breaker.objects.values_list("provider", flat=True)) == ["payments"]
     assert not AuditEntry.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [{"next": "https://evil.example/"}, {"next": "//evil.example/admin/"}, {}],
+    ids=["other-site", "scheme-relative", "missing"],
+)
+def test_a_force_with_an_unsafe_or_no_next_lands_on_the_dashboard(
+    ops_client, payments_breaker, sent
+):
+    """The buttons live on the saga dashboard. An unsafe or missing ``next`` went to the
+    breakers' own list instead, which ops staff without the breaker view permission (the demo
+    staff user among them) may not see: the breaker was forced, and they got a bare 403."""
+    url = reverse("admin:providers_breaker_force", args=["payments", "open"])
+    response = ops_client.post(url, sent, follow=True)
+
+    assert response.status_code == 200
+    assert response.redirect_chain == [(DASHBOARD, 302)]
+    assert "Breaker of payments: closed -&gt; forced open." in response.content.decode()
+    assert Breaker.objects.get(provider="payments").forced
+
+
+def test_a_force_with_no_next_by_ops_who_may_not_see_sagas_lands_on_the_console_index(
+    client, payments_breaker
+):
+    """Someone who may force breakers but see neither the dashboard nor the breakers' list
+    lands where any staff user may go, the console's index, not on a 403."""
+    from django.contrib.auth.models import Group, User
+
+    only_ops = User.objects.create_user("ops-only", password="pw", is_staff=True)
+    only_ops.groups.add(Group.objects.get(name="ops"))
+    client.force_login(only_ops)
+    url = reverse("admin:providers_breaker_force", args=["payments", "open"])
+    response = client.post(url, follow=True)
+
+    assert response.status_code == 200
+    assert response.redirect_chain == [(reverse("admin:index"), 302)]
+    assert "Breaker of payments: closed -&gt; forced open." in response.content.decode()
+    assert Breaker.objects.get(provider="payments").forced
