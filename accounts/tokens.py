@@ -79,7 +79,7 @@ def token_revoke(*, token: AuthToken, actor: Any, reason: str = "", actor_name: 
 
 def demo_token_issue(
     *, user: Any, expires_days: int | None = None, actor_name: str = ""
-) -> tuple[AuthToken, str]:
+) -> tuple[AuthToken, str, int]:
     """A new demo token for ``user``, revoking the demo tokens issued before it.
 
     ``make run`` prints one each time it starts. A token cannot be shown again, so each run's
@@ -87,20 +87,28 @@ def demo_token_issue(
     lifetime. The user's other tokens (``issue_token`` without ``--demo``, whose keys carry no
     :data:`DEMO_TOKEN_PREFIX`) are not touched. The user's row is locked first, so two runs at
     once still leave exactly one demo token.
+
+    Returns the row, the token and how many earlier demo tokens were revoked: a client may
+    still be using one (another ``make run`` on the same database), so the caller says so.
     """
     with transaction.atomic():
         type(user).objects.select_for_update().get(pk=user.pk)
-        earlier = AuthToken.objects.filter(user=user, token_key__startswith=DEMO_TOKEN_PREFIX)
-        for token in earlier.select_related("user"):
+        earlier = list(
+            AuthToken.objects.filter(
+                user=user, token_key__startswith=DEMO_TOKEN_PREFIX
+            ).select_related("user")
+        )
+        for token in earlier:
             token_revoke(
                 token=token,
                 actor=None,
                 actor_name=actor_name,
                 reason="replaced by a new demo token",
             )
-        return token_issue(
+        instance, token = token_issue(
             user=user, expires_days=expires_days, actor_name=actor_name, prefix=DEMO_TOKEN_PREFIX
         )
+    return instance, token, len(earlier)
 
 
 class TokenAuthentication(KnoxTokenAuthentication):

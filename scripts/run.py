@@ -8,7 +8,8 @@
    default, a SQLite file and a file-backed Celery broker under ``var/``.
 3. Generates a dev ``SECRET_KEY`` once into ``var/secret_key``, migrates, seeds the demo data
    (printing the demo staff login) and issues the ``demo-client`` API token, revoking the
-   one the previous run issued.
+   demo tokens earlier runs issued on that database (one still running included), and says
+   when it did.
 4. Runs web (gunicorn, port 8000), one Celery worker and Celery beat under honcho: one
    foreground group, logs interleaved and labelled, Ctrl-C stops all of them.
 
@@ -87,7 +88,8 @@ def refuse_busy_port(port: int) -> None:
             sys.exit(
                 f"sagarunner: port {port} is already in use ({exc.strerror}); is another "
                 f"`make run` still running? Stop it, or pick another port: "
-                f"SAGARUNNER_PORT={port + 1} make run"
+                f"SAGARUNNER_PORT={port + 1} make run (on the same database, its demo token "
+                "replaces the running one's, whose clients then get 401)"
             )
 
 
@@ -302,9 +304,11 @@ def main() -> None:
     if args.migrate_only:
         return
     manage(env, "seed_demo")
-    # --demo: this token replaces the one the last run printed (revoked), so runs leave one.
+    # --demo: this token replaces every demo token printed before on this database, a running
+    # instance's too: one is live, the last printed. The command says on stderr (passed
+    # through) when it revoked any, so a first run claims nothing.
     token = manage(env, "issue_token", "demo-client", "--demo", capture=True).strip()
-    say(f"client API token (user demo-client): {token} (the last run's is revoked)")
+    say(f"client API token (user demo-client): {token}")
     say(
         "  place an order: curl -X POST -H 'Content-Type: application/json' "
         f"-H 'Authorization: Token {token}' -d '"

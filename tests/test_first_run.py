@@ -30,7 +30,8 @@ def test_the_browsers_favicon_request_is_no_content_not_a_404(client):
 
 def test_a_busy_port_stops_make_run_first_naming_the_knob(tmp_path):
     """With the web port taken, the launcher exits at once with one line naming
-    SAGARUNNER_PORT, before printing services, tokens or curl lines."""
+    SAGARUNNER_PORT, and that another run on the same database takes the running one's demo
+    token, before printing services, tokens or curl lines."""
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
@@ -46,6 +47,8 @@ def test_a_busy_port_stops_make_run_first_naming_the_knob(tmp_path):
     assert done.returncode != 0
     assert f"port {port} is already in use" in done.stderr
     assert f"SAGARUNNER_PORT={port + 1} make run" in done.stderr
+    # A second run on the same database takes the demo token of the one running: say so here.
+    assert "its demo token replaces the running one's" in done.stderr
     assert "token" not in done.stdout and "services:" not in done.stdout
 
 

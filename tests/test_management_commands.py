@@ -94,6 +94,27 @@ def test_a_demo_token_revokes_the_users_earlier_demo_tokens_only():
 
 
 @pytest.mark.django_db
+def test_a_demo_token_says_on_stderr_how_many_it_revoked_and_only_then():
+    """A client may still hold the token a demo token replaces (another make run on the same
+    database): the run that revokes it says so. make run printed "the last run's is revoked"
+    on its first run too, when there was none; stdout stays the token alone."""
+
+    def demo() -> tuple[str, str]:
+        out, err = StringIO(), StringIO()
+        call_command("issue_token", "gina", "--demo", stdout=out, stderr=err)
+        return out.getvalue(), err.getvalue()
+
+    first, first_note = demo()
+    second, second_note = demo()
+
+    assert first_note == ""
+    assert second_note.startswith("Revoked 1 earlier demo token of gina: a client still using")
+    assert "401" in second_note
+    assert [first.count("\n"), second.count("\n")] == [1, 1]
+    assert [api_status(first.strip()), api_status(second.strip())] == [401, 200]
+
+
+@pytest.mark.django_db
 def test_an_expired_token_is_refused_and_removed():
     token = run("issue_token", "dave", "--expires-days", "1").strip()
     AuthToken.objects.update(expiry=timezone.now() - timedelta(seconds=1))

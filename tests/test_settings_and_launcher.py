@@ -207,7 +207,8 @@ def test_each_launch_revokes_the_demo_token_the_last_one_printed(tmp_path, djang
     """Each `make run` prints a new demo-client token (the old one is stored hashed and cannot
     be shown again). It left the last run's live for its 90 days, one more every run; now it
     revokes it: after two launches the first token is refused, the second works, and a token
-    demo-client was issued by hand before is still valid."""
+    demo-client was issued by hand before is still valid. Only the launch that revoked one
+    says so (the first said "the last run's is revoked" with nothing to revoke)."""
     from django.db import connection
     from rest_framework.test import APIClient
 
@@ -221,6 +222,8 @@ def test_each_launch_revokes_the_demo_token_the_last_one_printed(tmp_path, djang
     own = django_user_model.objects.create_user("demo-client")
     _, by_hand = token_issue(user=own)
 
+    notes: list[str] = []
+
     def launch() -> str:
         prepared = subprocess.run(
             [sys.executable, "scripts/run.py", "--prepare-only", "--no-install"],
@@ -233,6 +236,11 @@ def test_each_launch_revokes_the_demo_token_the_last_one_printed(tmp_path, djang
         assert prepared.returncode == 0, prepared.stdout + prepared.stderr
         found = re.search(r"client API token \(user demo-client\): (\S+)", prepared.stdout)
         assert found, prepared.stdout
+        # The launcher's own lines (stdout), and the note issue_token writes on stderr (the
+        # log lines there, the audit's token.revoked among them, start otherwise).
+        said = [line for line in prepared.stdout.splitlines() if "revoked" in line.lower()]
+        said += [line for line in prepared.stderr.splitlines() if line.startswith("Revoked")]
+        notes.append("\n".join(said))
         return found.group(1)
 
     def status(token: str) -> int:
@@ -246,6 +254,8 @@ def test_each_launch_revokes_the_demo_token_the_last_one_printed(tmp_path, djang
     assert second != first
     assert (status(first), status(second), status(by_hand)) == (401, 200, 200)
     assert own.auth_token_set.count() == 2
+    assert notes[0] == ""
+    assert notes[1].startswith("Revoked 1 earlier demo token of demo-client: "), notes[1]
 
 
 @pytest.mark.worker

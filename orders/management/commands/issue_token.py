@@ -6,7 +6,9 @@ until they expire or are revoked, so a client can switch to the new one without 
 (``TOKEN=$(python manage.py issue_token alice)``). The issue is in the audit log.
 
 ``--demo`` issues the token ``make run`` prints: it revokes the user's earlier demo tokens, so
-one run's token replaces the last run's, and leaves the user's other tokens alone.
+one run's token replaces any earlier run's (one still running on the same database included),
+and leaves the user's other tokens alone. When it revoked some it says so on stderr, stdout
+still being the token alone: a client still using one gets 401 from now on.
 """
 
 from django.contrib.auth import get_user_model
@@ -66,6 +68,19 @@ class Command(BaseCommand):
             user = ensure_user(username)
             if staff:
                 make_ops_staff(user)
-            issue = demo_token_issue if demo else token_issue
-            _, token = issue(user=user, expires_days=expires_days, actor_name="cli")
+            if demo:
+                _, token, revoked = demo_token_issue(
+                    user=user, expires_days=expires_days, actor_name="cli"
+                )
+            else:
+                _, token = token_issue(user=user, expires_days=expires_days, actor_name="cli")
+                revoked = 0
         self.stdout.write(token)
+        if revoked:
+            many = revoked > 1
+            self.stderr.write(
+                f"Revoked {revoked} earlier demo token{'s' if many else ''} of {username}: a "
+                f"client still using {'one' if many else 'it'}, such as another `make run` on "
+                "this database, now gets 401.",
+                style_func=self.style.WARNING,
+            )
