@@ -4,20 +4,25 @@
 Django settings under the ``CELERY_`` namespace, so there is one place to read configuration.
 """
 
+import logging
 import os
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
+from functools import cached_property
 from typing import Any
 
 from celery import Celery
+from celery.apps import worker as celery_worker
 from celery.exceptions import CPendingDeprecationWarning
 from celery.signals import (
     beat_init,
     celeryd_after_setup,
+    celeryd_init,
     worker_init,
     worker_process_init,
     worker_ready,
+    worker_shutting_down,
 )
 
 from config import celery_patches
@@ -80,9 +85,32 @@ class _CeleryNamespace(Mapping):
         return len(self._load())
 
 
+class _Worker(celery_worker.Worker):
+    """``celery worker``, its stop said in the log (``worker.stopping``) and not on stdout.
+
+    Celery's shutdown handlers write "worker: Warm shutdown (MainProcess)" (Cold, on SIGQUIT)
+    straight to stdout, past logging, like its banner: under ``LOG_FORMAT=json`` it was the
+    last plain-text line of every worker. Its own handlers are installed again here, the same
+    ones with the line turned off (``verbose``); the worker_shutting_down signal they send
+    writes the log line instead. Nothing else about the shutdown changes.
+    """
+
+    def install_platform_tweaks(self, worker: Any) -> None:
+        super().install_platform_tweaks(worker)
+        celery_worker.install_worker_term_handler(worker, verbose=False)
+        celery_worker.install_worker_term_hard_handler(worker, verbose=False)
+        celery_worker.install_worker_int_handler(worker, verbose=False)
+
+
+class _Celery(Celery):
+    @cached_property
+    def Worker(self) -> type[celery_worker.Worker]:  # noqa: N802 - Celery's name
+        return self.subclass_with_self(_Worker)
+
+
 # Celery's Django fix-up, except that workers keep their database connections across tasks
 # (see config/celery_fixup.py).
-app = Celery("sagarunner", fixups=["config.celery_fixup:fixup"])
+app = _Celery("sagarunner", fixups=["config.celery_fixup:fixup"])
 app.config_from_object(_CeleryNamespace())
 app.autodiscover_tasks()
 
@@ -90,6 +118,33 @@ app.autodiscover_tasks()
 @worker_ready.connect
 def _after_logging_setup(**_kwargs) -> None:
     _quiet_cancel_warning()
+
+
+@celeryd_init.connect
+def _warnings_in_the_log_from_the_start(**_kwargs) -> None:
+    """Python warnings go to the log (``py.warnings``) from here, as Celery sends them once its
+    logging is set up, a moment later.
+
+    In between, the worker checks who it runs as: as root it warns (SecurityWarning, eight
+    lines of text) through Python's default warning printer, before the JSON ``worker.starting``
+    line. This signal comes just before that check, with the project's logging configured.
+    """
+    logging.captureWarnings(True)
+
+
+@worker_shutting_down.connect
+def _stopping_line(sender: Any = None, sig: str = "", how: str = "", **kwargs: Any) -> None:
+    """The worker's stop in the project's log, in place of Celery's "Warm shutdown" line
+    (see :class:`_Worker`): a warm stop finishes the running tasks first, a cold one does not."""
+    import structlog
+
+    structlog.get_logger("config.celery").info(
+        "worker.stopping",
+        node=str(sender),
+        signal=sig,
+        shutdown=how.lower(),
+        exitcode=kwargs.get("exitcode"),
+    )
 
 
 @celeryd_after_setup.connect
