@@ -91,10 +91,9 @@ class BreakerAdmin(admin.ModelAdmin):
     def _landing(self, request: HttpRequest) -> str:
         """Where a force without a usable ``next`` goes: a page this user may open, with the
         message. The breakers' own list needs its view permission, which ops staff need not
-        have (the demo staff user has not): sent there, they saw only "403 Forbidden"."""
-        from sagas.models import Saga
-
-        if self.admin_site.get_model_admin(Saga).has_view_permission(request):
+        have (the demo staff user has not): sent there, they saw only "403 Forbidden". The saga
+        dashboard is named by its permission, not its model: providers sits below the engine."""
+        if request.user.has_perm("sagas.view_saga") or request.user.has_perm("sagas.change_saga"):
             return reverse("admin:sagas_saga_dashboard")  # where the buttons are
         if self.has_view_permission(request):
             return reverse("admin:providers_breaker_changelist")
