@@ -28,11 +28,11 @@ class Breaker(models.Model):
     #: Canaries let through in this half-open round, and how many of them succeeded or failed.
     canaries = models.PositiveIntegerField(default=0)
     canary_ok = models.PositiveIntegerField(default=0)
-    canary_failed = models.PositiveIntegerField(default=0)
+    canary_failed = models.PositiveIntegerField(default=0, db_default=0)
     #: Bumped each time a half-open round begins; a canary carries the round that let it
     #: through, and only the current round's canaries move the counts above (a slow one
     #: answering after its round ended must not decide a round it did not belong to).
-    canary_round = models.PositiveIntegerField(default=0)
+    canary_round = models.PositiveIntegerField(default=0, db_default=0)
     #: Held open by a person: no canaries until someone force-closes it.
     forced = models.BooleanField(default=False)
     #: Bumped each time the breaker closes: only calls admitted since then count in its

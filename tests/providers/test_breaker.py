@@ -376,3 +376,23 @@ def test_a_canary_giving_its_place_back_gives_it_to_its_own_round_only(settings)
     assert isinstance(admit("card"), Wait)  # the round's one canary is still out
     breaker._return_canary("card", current.canary_round)
     assert Breaker.objects.get(provider="card").canaries == 0
+
+
+def test_a_breaker_row_written_by_the_release_before_the_canary_counts_is_taken():
+    """During a rolling deploy, code of the release before ``canary_failed`` and
+    ``canary_round`` still creates breaker rows (a provider's first call) after the migration
+    added them: the database fills both in itself. Without a database default the INSERT
+    failed on NOT NULL, which ``ensure_breaker`` swallows, and the old code's ``admit`` looked
+    for the row it could not create again and again."""
+    from django.db import connection
+
+    now = timezone.now()
+    with connection.cursor() as cursor:  # the columns the release before knew of
+        cursor.execute(
+            f"INSERT INTO {Breaker._meta.db_table} (provider, state, since, probe_at, canaries, "
+            "canary_ok, forced, generation, updated_at) "
+            "VALUES (%s, 'closed', %s, NULL, 0, 0, false, 0, %s)",
+            ["old-release", now, now],
+        )
+    taken = Breaker.objects.get(provider="old-release")
+    assert (taken.canary_failed, taken.canary_round) == (0, 0)
