@@ -22,6 +22,7 @@ from celery.signals import (
     worker_init,
     worker_process_init,
     worker_ready,
+    worker_shutdown,
     worker_shutting_down,
 )
 
@@ -132,19 +133,33 @@ def _warnings_in_the_log_from_the_start(**_kwargs) -> None:
     logging.captureWarnings(True)
 
 
+#: What the shutdown signal handler learnt (node, signal, warm, exit code), for the line.
+_stop_request: dict[str, Any] = {}
+
+
 @worker_shutting_down.connect
-def _stopping_line(sender: Any = None, sig: str = "", how: str = "", **kwargs: Any) -> None:
+def _stop_requested(sender: Any = None, sig: str = "", how: str = "", **kwargs: Any) -> None:
+    """Note the stop Celery's shutdown handler is acting on, for :func:`_stopping_line`.
+
+    This runs inside the POSIX signal handler: writing a log line here could re-enter a
+    stream the interrupted code was writing to (``RuntimeError: reentrant call``, and a
+    plain-text "Logging error" in place of the line), which is why Celery's own handler writes
+    with a raw ``os.write``. The first request is the one said (a cold stop, which ends
+    without ``worker_shutdown``, says nothing)."""
+    if not _stop_request:
+        _stop_request.update(node=str(sender), signal=sig, shutdown=how.lower())
+        _stop_request["exitcode"] = kwargs.get("exitcode")
+
+
+@worker_shutdown.connect
+def _stopping_line(sender: Any = None, **_kwargs: Any) -> None:
     """The worker's stop in the project's log, in place of Celery's "Warm shutdown" line
-    (see :class:`_Worker`): a warm stop finishes the running tasks first, a cold one does not."""
+    (see :class:`_Worker`), written from the worker's own stop, outside any signal handler:
+    a warm stop has let the running tasks finish by now."""
     import structlog
 
-    structlog.get_logger("config.celery").info(
-        "worker.stopping",
-        node=str(sender),
-        signal=sig,
-        shutdown=how.lower(),
-        exitcode=kwargs.get("exitcode"),
-    )
+    facts = _stop_request or {"node": str(getattr(sender, "hostname", sender))}
+    structlog.get_logger("config.celery").info("worker.stopping", **facts)
 
 
 @celeryd_after_setup.connect
