@@ -282,8 +282,11 @@ def main() -> None:
     if not (args.prepare_only or args.migrate_only):
         refuse_busy_port(port)
     chosen = choose_services(var_dir)
-    metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR", var_dir / "metrics"))
-    # prometheus_client's multiprocess files describe processes of one run only.
+    # prometheus_client's multiprocess files describe the processes of one run only, so a run
+    # starts with none; one directory per port, so that another run beside this one (another
+    # SAGARUNNER_PORT, as the busy-port message suggests) neither deletes the files of the one
+    # still serving nor adds its processes to that one's /metrics.
+    metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR", var_dir / "metrics" / str(port)))
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True, exist_ok=True)
     run_env = {

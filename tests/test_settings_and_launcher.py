@@ -368,3 +368,36 @@ def assert_plain_http_works(port: int, launcher_output: str) -> None:
         timeout=30,
     )
     assert products.status_code == 200, products.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_launch_on_another_port_leaves_the_running_ones_metrics(tmp_path):
+    """A second `make run` beside a running one (another SAGARUNNER_PORT, as the busy-port
+    message suggests) deleted the whole metrics directory, the files the running instance's
+    processes were writing among them. Each port has its own now: the other port's files stay,
+    this port's stale ones from an earlier run go, and run.env names this port's."""
+    from django.db import connection
+
+    var = tmp_path / "var"
+    running = var / "metrics" / "8000" / "counter_4242.db"
+    stale = var / "metrics" / "8001" / "counter_1.db"
+    for path in (running, stale):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"written by a process of an earlier or running launch")
+    prepared = subprocess.run(
+        [sys.executable, "scripts/run.py", "--prepare-only", "--no-install"],
+        cwd=REPO_ROOT,
+        env=fresh_env(
+            SAGARUNNER_VAR_DIR=str(var),
+            SAGARUNNER_PORT="8001",
+            DATABASE_URL=database_url_for(connection.settings_dict),
+            CELERY_BROKER_URL="redis://127.0.0.1:6379/15",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert prepared.returncode == 0, prepared.stdout + prepared.stderr
+    assert running.exists()
+    assert not stale.exists() and stale.parent.is_dir()
+    assert f"PROMETHEUS_MULTIPROC_DIR={stale.parent}" in (var / "run.env").read_text()
