@@ -522,3 +522,19 @@ def test_lower_case_country_is_accepted_and_normalised(client_api, catalog):
     response = client_api.post("/api/v1/orders/", with_address(country="gb"), format="json")
     assert response.status_code == 201
     assert Order.objects.get(pk=response.json()["id"]).shipping_country == "GB"
+
+
+def test_a_sku_is_taken_exactly_as_written_case_included(client_api, staff_api, catalog):
+    """Unlike a currency or country code, a sku is not upper-cased: ``LAMP`` is not the
+    ``lamp`` of the catalog (an order naming it is ``unknown_sku``, nothing placed), and a
+    product ``LAMP`` is another product beside ``lamp``."""
+    before = counts()
+    refused = client_api.post("/api/v1/orders/", order_body([("LAMP", 1)]), format="json")
+    error = assert_error(refused, 400, "unknown_sku")
+    assert list(error["fields"]) == ["items[0].sku"]
+    assert counts() == before
+    created = staff_api.post(
+        "/api/v1/products/", {"sku": "LAMP", "name": "Lamp, loud", "price": "5.00"}, format="json"
+    )
+    assert created.status_code == 201, created.content
+    assert staff_api.get("/api/v1/products/lamp/").json()["price"] == "19.90"
