@@ -26,6 +26,7 @@ from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.utils import timezone
 
+from config.idempotency import MAX_KEY_LENGTH, IdempotencyKeyInvalid, clean_key
 from config.text import has_control_characters, unstorable_text
 from sagas import tracing, waits
 from sagas.definition import Park, SagaDefinition, definition_of, step_context
@@ -51,7 +52,6 @@ from sagas.store import effect_possible
 
 #: A payload is a small JSON object; anything bigger belongs in the participant's own tables.
 MAX_PAYLOAD_BYTES = 8192
-MAX_KEY_LENGTH = 255
 
 
 @dataclass(frozen=True)
@@ -228,14 +228,12 @@ def saga_signal(
     """
     if key is None:
         key = uuid.uuid4().hex
-    else:  # a key given empty is refused, as for an order: a retry with it would not replay
-        key = key.strip()
-        if not key:
-            raise SignalKeyInvalid("The Idempotency-Key is empty; leave it out to send none.")
-    if len(key) > MAX_KEY_LENGTH:
-        raise SignalKeyInvalid(f"The Idempotency-Key may not exceed {MAX_KEY_LENGTH} characters.")
-    if has_control_characters(key):
-        raise SignalKeyInvalid("The Idempotency-Key may not hold control characters.")
+    else:  # refused as an order's key is, in the same words (a blank one would not replay)
+        try:
+            key = clean_key(key)
+        except IdempotencyKeyInvalid as invalid:
+            raise SignalKeyInvalid(invalid.detail) from None
+        assert key is not None
     with transaction.atomic():
         saga = _locked(saga_id)
         with tracing.saga_span(f"saga.signal {name}", saga, signal=name):

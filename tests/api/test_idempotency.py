@@ -267,7 +267,8 @@ def test_a_key_that_cannot_be_kept_is_the_same_400_on_every_route_that_takes_one
 ):
     """``400 invalid_idempotency_key`` with its message under ``fields["Idempotency-Key"]``,
     as docs/api.md says once for all: an order and a webhook registration answered with
-    ``fields: {}`` while a signal named the header. Nothing is created or delivered."""
+    ``fields: {}`` while a signal named the header, and a signal said it in other words.
+    Nothing is created or delivered."""
     from webhooks.models import Endpoint
 
     order = place(client_api)
@@ -294,5 +295,12 @@ def test_a_key_that_cannot_be_kept_is_the_same_400_on_every_route_that_takes_one
     response = api.post(path, body, format="json", headers={"Idempotency-Key": key})
     error = assert_error(response, 400, "invalid_idempotency_key")
     assert error["fields"] == {"Idempotency-Key": [error["detail"]]}, error
+    said = {
+        "": "The Idempotency-Key header is empty.",
+        "   ": "The Idempotency-Key header is empty.",
+        "k" * 256: "The Idempotency-Key header may be at most 255 characters.",
+        "a\tb": "The Idempotency-Key header may not hold control characters.",
+    }
+    assert error["detail"] == said[key], (route, error)  # the same words on every route
     assert counts() == before
     assert not Endpoint.objects.exists() and not SagaSignal.objects.exists()
