@@ -488,6 +488,11 @@ def _short(saga_id: Any) -> str:
     return str(saga_id)[:8]
 
 
+def _shortlist(saga_ids: list[Any]) -> str:
+    """The first ten sagas' short ids, for a message about all of them."""
+    return ", ".join(_short(i) for i in saga_ids[:10]) + (" ..." if len(saga_ids) > 10 else "")
+
+
 def _next_url(request: HttpRequest) -> str | None:
     url = request.POST.get("next", "")
     if url and url_has_allowed_host_and_scheme(
@@ -654,11 +659,11 @@ class _Outcome:
     def report(self, request: HttpRequest, done_message: str) -> None:
         if self.done:
             n = len(self.done)
-            ids = ", ".join(_short(i) for i in self.done[:10]) + (" ..." if n > 10 else "")
+            ids = _shortlist(self.done)
             messages.success(request, f"{done_message} for {n} saga{'s' if n != 1 else ''}: {ids}")
         for detail, refused in self.refused.items():
             n = len(refused)
-            shown = ", ".join(_short(i) for i in refused[:10]) + (" ..." if n > 10 else "")
+            shown = _shortlist(refused)
             messages.error(
                 request, f"Refused for {n} saga{'s' if n != 1 else ''} ({shown}): {detail}"
             )
@@ -1277,7 +1282,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             gone = [i for i in missing if i not in exist]
             if left:
                 n = len(left)
-                shown = ", ".join(_short(i) for i in left[:10]) + (" ..." if n > 10 else "")
+                shown = _shortlist(left)
                 messages.error(
                     request,
                     f"No longer in this list ({shown}): {'it' if n == 1 else 'they'} changed "
@@ -1287,7 +1292,7 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
                 )
             if gone:
                 n = len(gone)
-                shown = ", ".join(_short(i) for i in gone[:10]) + (" ..." if n > 10 else "")
+                shown = _shortlist(gone)
                 messages.error(
                     request,
                     f"No such saga{'s' if n != 1 else ''} ({shown}): nothing was done for "
