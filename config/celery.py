@@ -13,6 +13,7 @@ from functools import cached_property
 from typing import Any
 
 from celery import Celery
+from celery.apps import beat as celery_beat
 from celery.apps import worker as celery_worker
 from celery.exceptions import CPendingDeprecationWarning
 from celery.signals import (
@@ -103,10 +104,28 @@ class _Worker(celery_worker.Worker):
         celery_worker.install_worker_int_handler(worker, verbose=False)
 
 
+class _Beat(celery_beat.Beat):
+    """``celery beat``, its start one line of the project's log (``beat.starting``).
+
+    Celery prints "celery beat v... is starting." and its banner (art, then the broker, loader,
+    scheduler, log file and interval, one per line) straight to stdout, past logging, like the
+    worker's: under ``LOG_FORMAT=json`` they were the only beat lines that were not JSON. Quiet,
+    as ``celery beat -q`` is, it prints neither; :func:`_beat_start_line` says the same facts.
+    """
+
+    def run(self) -> None:
+        self.quiet = True
+        super().run()
+
+
 class _Celery(Celery):
     @cached_property
     def Worker(self) -> type[celery_worker.Worker]:  # noqa: N802 - Celery's name
         return self.subclass_with_self(_Worker)
+
+    @cached_property
+    def Beat(self) -> type[celery_beat.Beat]:  # noqa: N802 - Celery's name
+        return self.subclass_with_self(_Beat)
 
 
 # Celery's Django fix-up, except that workers keep their database connections across tasks
@@ -302,6 +321,24 @@ def _tracing_in_a_pool_process(**_kwargs) -> None:
     from config.tracing import setup_tracing
 
     setup_tracing("worker")
+
+
+@beat_init.connect
+def _beat_start_line(sender: Any = None, **_kwargs: Any) -> None:
+    """Beat's banner as one line (see :class:`_Beat`), once its logging is set up: the broker
+    (without its password), the scheduler, its longest sleep and the entries it will send."""
+    import structlog
+    from celery import __version__
+
+    scheduler = sender.scheduler
+    structlog.get_logger("config.celery").info(
+        "beat.starting",
+        celery=__version__,
+        transport=sender.app.connection().as_uri(),
+        scheduler=f"{type(scheduler).__module__}.{type(scheduler).__qualname__}",
+        max_interval=scheduler.max_interval,
+        entries=sorted(scheduler.schedule),
+    )
 
 
 @beat_init.connect

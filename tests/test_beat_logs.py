@@ -8,6 +8,7 @@ logged each as ERROR "Message Error" with the formatted stack and the traceback 
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -77,3 +78,36 @@ def test_a_send_that_failed_for_another_reason_keeps_its_traceback(caplog):
         )
     (record,) = [r for r in caplog.records if r.name == "celery.beat"]
     assert record.levelno == logging.ERROR and record.exc_info is not None
+
+
+def test_beat_starts_with_one_json_line_instead_of_celerys_banner(tmp_path: Path):
+    """Celery printed "celery beat v... is starting." and its banner (art, broker, loader,
+    scheduler, log file, interval) straight to stdout, the only beat lines that were not JSON
+    under LOG_FORMAT=json. Its facts are one ``beat.starting`` line now."""
+    stack = private_broker_stack(tmp_path, "beatstart")
+    try:
+        beat = stack.supervisor.start(
+            "beat",
+            make_run_argv("beat"),
+            env={**stack.env, "LOG_FORMAT": "json"},
+            log_name="beat.log",
+        )
+        wait_until(lambda: SENT in beat.log_tail(10**7) or not beat.alive, 60, "a first sweep")
+        assert beat.alive, beat.log_tail(4000)
+        log = beat.log_tail(10**7)
+    finally:
+        stack.close()
+    # What beat wrote up to its first send: the log's first line is lab.supervisor's own.
+    started = log[: log.index(SENT)].splitlines()[1:]
+    written = [line for line in started if line.strip()]
+
+    assert [line for line in written if not line.startswith("{")] == [], written
+    assert "celery beat v" not in log and "Configuration ->" not in log, log[:4000]
+    lines = [json.loads(line) for line in written[:-1]]  # the last one is the first send's
+    [start] = [line for line in lines if line["event"] == "beat.starting"]
+    assert start["level"] == "info" and start["logger"] == "config.celery", start
+    host = stack.env["CELERY_BROKER_URL"].removeprefix("redis://")
+    assert start["transport"].startswith("redis://") and start["transport"].endswith(host)
+    assert start["scheduler"] == "django_celery_beat.schedulers.DatabaseScheduler"
+    assert "sagas: sweep stuck sagas" in start["entries"], start
+    assert start["max_interval"] > 0
