@@ -112,10 +112,60 @@ class _FilesCollector(multiprocess.MultiProcessCollector):
         return self.merge(files, accumulate=True)
 
 
+#: What a saga can finish as (``saga_finished_total``'s ``outcome``).
+OUTCOMES = ("succeeded", "compensated", "needs_manual")
+_declared = False
+
+
+def declare_known_series() -> None:
+    """Every counter series this process's saga types and providers can count, at zero.
+
+    A labelled counter has no series until its first increment, so a scrape showed no
+    ``saga_finished_total{outcome="needs_manual"}`` until the first saga needed a person:
+    ``rate()`` or ``increase()`` over it saw nothing, the first one included (it came from
+    absent to 1), and an alert on it could not fire for the first incident. Declared at zero in
+    a process's own counter file; multiprocess mode adds files up, so a zero changes no sum.
+    Histograms are left to fill as steps run (a zero series per bucket per step is noise).
+    Once per process.
+    """
+    global _declared
+    if _declared:
+        return
+    from providers import metrics as provider_metrics
+    from providers.models import BreakerState
+    from sagas.definition import registered_definitions
+
+    providers: set[str] = set()
+    for definition in registered_definitions():
+        kind = definition.saga_type
+        SAGAS_STARTED.labels(kind)
+        for outcome in OUTCOMES:
+            SAGAS_FINISHED.labels(kind, outcome)
+        for step in definition.steps:
+            STEP_RETRIES.labels(kind, step.name, "forward")
+            if step.compensate is not None:
+                STEP_RETRIES.labels(kind, step.name, "compensation")
+                COMPENSATIONS.labels(kind, step.name)
+            if step.provider:
+                providers.add(step.provider)
+    for provider in sorted(providers):
+        for outcome in ("ok", "failed"):
+            provider_metrics.CALLS.labels(provider, outcome)
+        for state in BreakerState.values:
+            provider_metrics.TRANSITIONS.labels(provider, state)
+        for state in ("open", "half_open", "failing"):
+            provider_metrics.PARKED.labels(provider, state)
+        provider_metrics.CANARIES.labels(provider)
+        for limit in ("in_flight", "rate"):
+            provider_metrics.LIMITED.labels(provider, limit)
+    _declared = True
+
+
 def render_metrics() -> tuple[bytes, str]:
     """The Prometheus exposition of every process's metrics plus the per-state gauges."""
     from providers.collector import BreakerCollector
 
+    declare_known_series()
     registry = CollectorRegistry()
     _FilesCollector(registry)
     registry.register(_SagaStateCollector())
@@ -130,6 +180,7 @@ def serve_worker_metrics(port: int) -> None:
     ``PROMETHEUS_MULTIPROC_DIR``, and each scrape adds the files up. Only the counters: the
     database-backed gauges come from web's ``/metrics``, so a sum over targets counts them once.
     """
+    declare_known_series()
     registry = CollectorRegistry()
     _FilesCollector(registry)
     start_http_server(port, registry=registry)

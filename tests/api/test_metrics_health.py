@@ -118,3 +118,46 @@ def test_metrics_are_served_past_the_empty_file_of_a_process_killed_as_it_made_i
         assert "saga_state_count" in response.content.decode()
     finally:
         empty.unlink()
+
+
+def test_metrics_show_every_known_counter_series_at_zero_before_it_counts(tmp_path):
+    """A labelled counter had no series until its first increment: no
+    ``saga_finished_total{outcome="needs_manual"}`` until a saga first needed a person, so
+    ``increase()`` over it missed that first one and an alert on it could not fire. A new
+    process (its own metrics directory, nothing counted) shows every series its saga types and
+    providers can count, at zero."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT, _worker_env
+
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    scrape = (
+        "import django; django.setup(); from django.test import Client; "
+        "print(Client().get('/metrics').content.decode())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", scrape],
+        cwd=REPO_ROOT,
+        env=_worker_env({"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = done.stdout
+    for line in (
+        'saga_started_total{saga_type="order"} 0.0',
+        'saga_finished_total{outcome="needs_manual",saga_type="order"} 0.0',
+        'saga_finished_total{outcome="compensated",saga_type="order"} 0.0',
+        'saga_step_retries_total{phase="compensation",saga_type="order",step="authorize_payment"}'
+        " 0.0",
+        'saga_compensations_total{saga_type="order",step="authorize_payment"} 0.0',
+        'provider_calls_total{outcome="failed",provider="payments"} 0.0',
+        'provider_breaker_transitions_total{provider="payments",to="open"} 0.0',
+        'provider_parked_total{provider="shipping",state="failing"} 0.0',
+        'provider_canaries_total{provider="payments"} 0.0',
+        'provider_limited_total{limit="rate",provider="payments"} 0.0',
+    ):
+        assert line in text, (line, text[-3000:])
