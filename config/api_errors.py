@@ -180,7 +180,22 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
 # Errors Django answers itself (before or outside DRF views): JSON under /api/, HTML elsewhere.
 # ---------------------------------------------------------------------------------------------
 def _wants_json(request: HttpRequest) -> bool:
-    return request.path.startswith("/api/")
+    """Under ``/api/``, or a path a client meant for it: ``//api/...`` (a base
+    URL ending in a slash joined to a path starting with one), ``/API/...``. An API client
+    reads the one JSON error shape, never an HTML page."""
+    return request.path.startswith("/api/") or _misspelt_api(request.path)
+
+
+def _misspelt_api(path: str) -> bool:
+    """Not under ``/api/``, yet meant for the API (see :func:`_wants_json`)."""
+    return path.lstrip("/").lower().split("/", 1)[0] == "api" and not path.startswith("/api/")
+
+
+#: The 404 of a misspelt API path: routes are case-sensitive, and Django does not merge slashes.
+MISSPELT_DETAIL = (
+    "No API route matches this path: routes are lower-case, under one leading /api/, and end "
+    "with a slash (e.g. /api/v1/orders/)."
+)
 
 
 def handler400(request: HttpRequest, exception: Exception) -> HttpResponse:
@@ -200,6 +215,8 @@ def handler403(request: HttpRequest, exception: Exception) -> HttpResponse:
 
 
 def handler404(request: HttpRequest, exception: Exception) -> HttpResponse:
+    if _misspelt_api(request.path):
+        return JsonResponse(error_body("not_found", MISSPELT_DETAIL), status=404)
     if _wants_json(request):
         return JsonResponse(error_body("not_found", "Not found."), status=404)
     return defaults.page_not_found(request, exception)

@@ -242,3 +242,25 @@ def test_a_body_of_thousands_of_made_up_names_is_refused_with_the_first_twenty(
     error = assert_error(response, 400, "unknown_field")
     assert list(error["fields"]) == names[:MAX_REFUSED_NAMES]
     assert not Order.objects.exists() and not Endpoint.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["//api/v1/orders/", "/API/v1/orders/", "/Api/v1/orders/", "///api/v1/", "/API"],
+)
+def test_a_path_meant_for_the_api_is_404_json_saying_how_routes_are_spelt(anon_api, path):
+    """A base URL ending in a slash joined to ``/api/...``, or the prefix in capitals, missed
+    every route and got Django's HTML 404 page: an API client reads the one JSON error shape,
+    told that routes are lower-case under a single /api/. (``PATH_INFO`` is set directly: the
+    test client would read ``//api`` as a host name.)"""
+    body = assert_error(anon_api.get("/", PATH_INFO=path), 404, "not_found")
+    assert "lower-case, under one leading /api/" in body["detail"], body
+    post = anon_api.post("/", {}, format="json", PATH_INFO=path)
+    assert_error(post, 404, "not_found")
+
+
+@pytest.mark.parametrize("path", ["/apix/", "/static-api/", "/nothing/api/"])
+def test_a_path_not_meant_for_the_api_keeps_the_html_404(anon_api, path):
+    response = anon_api.get("/", PATH_INFO=path, HTTP_ACCEPT="text/html")
+    assert response.status_code == 404
+    assert response["Content-Type"].startswith("text/html"), response.content[:200]
