@@ -132,3 +132,39 @@ def test_the_summary_counts_an_order_waiting_for_its_client_as_requires_action(c
     out, code = run()
     assert code == 0
     assert "2 orders (1 processing, 1 requires_action" in out, out
+
+
+def test_what_a_person_vouched_for_is_listed_apart_and_not_counted(customer):
+    """A saga resolved accepting the effects in place (pm_card_refund_fails: every void failed,
+    so the hold stays open) is vouched for by hand: the fake provider's ledger cannot see a void
+    done in a real provider's dashboard, so its cancelled order's open authorization and active
+    shipment are not violations. They were skipped without a word, so the run said "no
+    violations" of an order whose card was still held: they are listed now, apart, and the
+    summary counts the order; the exit status stays 0."""
+    make_product("lamp", price="10.00", stock=5)
+    order = place(customer, [("lamp", 1)])
+    finish(order, SagaState.RESOLVED, "step_failed")
+    ProviderAuthorization.objects.create(
+        id="auth_held",
+        reference=str(order.id),
+        currency="EUR",
+        amount_minor=1000,
+        status="authorized",
+        payment_method="pm_card_refund_fails",
+    )
+    Shipment.objects.create(key="k-vouched", order_id=order.id, status=ShipmentStatus.ARRANGED)
+
+    out, code = run("--require-settled")
+
+    assert code == 0, out
+    lines = out.strip().splitlines()
+    subject = f"order {order.id} (cancelled)"
+    assert lines[:-1] == [
+        f"vouched for by hand, not counted: [money] {subject}: open authorization auth_held",
+        f"vouched for by hand, not counted: [shipping] {subject}: 1 active shipment(s), "
+        "expected none",
+    ], out
+    assert lines[-1].endswith(
+        ", 1 cancelled order vouched for by hand with effects left (listed, not counted): "
+        "no violations"
+    ), lines[-1]
