@@ -38,17 +38,45 @@ def missed_run_is_one_line(task: str) -> Iterator[None]:
             conn.close_if_unusable_or_obsolete()
 
 
-def ensure_periodic_task(name: str, task: str, every: int, period: str, description: str) -> None:
+def ensure_periodic_task(
+    name: str,
+    task: str,
+    every: int,
+    period: str,
+    description: str,
+    *,
+    apply_interval: bool = False,
+) -> None:
     """Create beat's schedule for ``task`` once, under ``name`` (run from ``post_migrate``);
     after that it belongs to the ops console. ``period`` is one of django-celery-beat's
     ``IntervalSchedule`` periods (``"seconds"``, ``"minutes"``, ``"hours"``, ...).
+
+    ``apply_interval``: the interval was configured explicitly (an environment variable), so an
+    existing task is moved to it, one ``periodic.interval_applied`` line saying from what; a
+    configured value that changed nothing on a database that already had the task would be a
+    knob that does nothing.
 
     Not in CELERY_BEAT_SCHEDULE on purpose: beat would overwrite an interval that staff changed
     in the admin each time it starts.
     """
     from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
-    if PeriodicTask.objects.filter(name=name).exists():
+    existing = PeriodicTask.objects.filter(name=name).select_related("interval").first()
+    if existing is not None and not apply_interval:
         return
     schedule, _ = IntervalSchedule.objects.get_or_create(every=every, period=period)
-    PeriodicTask.objects.create(name=name, task=task, interval=schedule, description=description)
+    if existing is None:
+        PeriodicTask.objects.create(
+            name=name, task=task, interval=schedule, description=description
+        )
+    elif existing.interval_id != schedule.pk:
+        was = str(existing.interval) if existing.interval is not None else "another schedule"
+        # save() tells beat the schedule changed (django-celery-beat's PeriodicTasks row).
+        existing.interval, existing.crontab, existing.solar, existing.clocked = (
+            schedule,
+            None,
+            None,
+            None,
+        )
+        existing.save()
+        log.info("periodic.interval_applied", task=name, was=was, now=str(schedule))

@@ -342,6 +342,9 @@ SAGA_MAX_ATTEMPTS = env.int("SAGA_MAX_ATTEMPTS", default=5)
 SAGA_COMPENSATION_MAX_ATTEMPTS = env.int("SAGA_COMPENSATION_MAX_ATTEMPTS", default=8)
 SAGA_STUCK_AFTER = env.float("SAGA_STUCK_AFTER", default=30.0)
 SAGA_SWEEP_INTERVAL = env.float("SAGA_SWEEP_INTERVAL", default=10.0)
+# Set explicitly, the interval is applied to beat's schedule at every migrate (each deploy),
+# replacing one staff changed in the ops console; unset, the schedule keeps the console's.
+SAGA_SWEEP_INTERVAL_SET = "SAGA_SWEEP_INTERVAL" in os.environ
 SAGA_DEADLINE = env.float("SAGA_DEADLINE", default=600.0)
 # How long a step may run unless it sets its own timeout. Tasks' time limits, and the leases
 # that outlive them (so an expired lease always means the holder is gone), are sized from the

@@ -41,7 +41,8 @@ SWEEP_TASK_NAME = "sagas: sweep stuck sagas"
 
 
 def _ensure_sweep_schedule(**_kwargs) -> None:
-    """Create the sweeper's periodic task once; after that it belongs to the ops console."""
+    """Create the sweeper's periodic task once; after that it belongs to the ops console, unless
+    ``SAGA_SWEEP_INTERVAL`` is set, which every migrate applies."""
     from django.conf import settings
     from django_celery_beat.models import IntervalSchedule
 
@@ -58,4 +59,5 @@ def _ensure_sweep_schedule(**_kwargs) -> None:
         every,
         period,
         "Re-rings overdue sagas whose lease expired and times out late ones.",
+        apply_interval=settings.SAGA_SWEEP_INTERVAL_SET,
     )
