@@ -10,6 +10,7 @@ number of orders (:func:`attach_payments_and_shipments`).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
@@ -50,8 +51,22 @@ class PaymentAmountsSerializer(serializers.Serializer):
     refunded = serializers.DecimalField(max_digits=12, decimal_places=2)
 
 
+class _NoneIfBlank(serializers.CharField):
+    """A text column that holds ``""`` for "none yet", read as ``null``: a shipment no carrier
+    took (``refused``) has no carrier and no tracking number, and an API client tests for
+    ``null``, not for an empty string."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(allow_null=True, read_only=True, **kwargs)
+
+    def to_representation(self, value: Any) -> str | None:  # type: ignore[override]
+        return value or None
+
+
 class ShipmentSerializer(serializers.ModelSerializer):
     status = serializers.ChoiceField(choices=ShipmentStatus.choices)
+    carrier = _NoneIfBlank(help_text="The carrier that booked it; null if none did.")
+    tracking_number = _NoneIfBlank(help_text="The carrier's tracking number; null if none.")
 
     class Meta:
         model = Shipment

@@ -584,3 +584,22 @@ def test_orders_routes_refuse_other_methods_with_405_json(client_api, place):
             getattr(client_api, method)(path, {}, format="json"), 405, "method_not_allowed"
         )
     assert_error(client_api.get(f"{path}cancel/"), 405, "method_not_allowed")
+
+
+def test_a_shipment_no_carrier_took_has_null_carrier_and_tracking_number(client_api, place):
+    """A refused shipment (no carrier serves AQ) holds no carrier and no tracking number: the
+    API said ``""`` for both, where a client tests for ``null`` (the schema says nullable)."""
+    order = place(client_api)
+    shipment = Shipment.objects.create(
+        key=f"saga:x:{order['id']}", order_id=order["id"], status="refused", country="AQ"
+    )
+    body = client_api.get(f"/api/v1/orders/{order['id']}/").json()
+    assert body["shipment"] == {
+        "id": str(shipment.id),
+        "status": "refused",
+        "carrier": None,
+        "tracking_number": None,
+    }
+    schema = client_api.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()
+    fields = schema["components"]["schemas"]["Shipment"]["properties"]
+    assert fields["carrier"]["nullable"] and fields["tracking_number"]["nullable"]
