@@ -467,6 +467,13 @@ CELERY_TASK_ANNOTATIONS["webhooks.deliver"] = {
 
 # Idempotency records of POST /orders/ are kept at least this long.
 IDEMPOTENCY_KEY_TTL_HOURS = env.int("IDEMPOTENCY_KEY_TTL_HOURS", default=24)
+if IDEMPOTENCY_KEY_TTL_HOURS < 24:
+    # Clients are promised a day to retry under the same key; shorter, a retry after the purge
+    # would place the order a second time.
+    raise ImproperlyConfigured(
+        f"IDEMPOTENCY_KEY_TTL_HOURS must be at least 24 (keys are kept at least a day), "
+        f"not {IDEMPOTENCY_KEY_TTL_HOURS}"
+    )
 # `seed_demo`: the demo staff user's password (a development convenience, printed on purpose).
 DEMO_STAFF_PASSWORD = env("DEMO_STAFF_PASSWORD", default="demo-staff-password")
 

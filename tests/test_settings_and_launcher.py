@@ -67,6 +67,20 @@ def test_settings_refuse_to_start_without_secret_key_when_debug_is_off(tmp_path)
     assert "SECRET_KEY is not set" in result.stderr
 
 
+@pytest.mark.parametrize("hours", ["0", "23"])
+def test_settings_refuse_to_keep_idempotency_keys_for_less_than_a_day(tmp_path, hours):
+    """Clients are promised a day to retry an order under the same Idempotency-Key: a shorter
+    retention (0 was taken, and the hourly purge then deleted every key) is refused at start."""
+    result = django_setup(
+        fresh_env(SAGARUNNER_VAR_DIR=str(tmp_path), SECRET_KEY="x", IDEMPOTENCY_KEY_TTL_HOURS=hours)
+    )
+    assert result.returncode != 0
+    assert (
+        f"IDEMPOTENCY_KEY_TTL_HOURS must be at least 24 (keys are kept at least a day), not {hours}"
+        in result.stderr
+    )
+
+
 def test_manage_py_without_secret_key_says_so_in_one_line(tmp_path):
     """``manage.py`` run without the environment ``make run`` writes (``var/run.env``): the
     message naming SECRET_KEY, not Django's traceback of the settings import above it."""
