@@ -31,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -77,20 +78,28 @@ def reachable(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def refuse_busy_port(port: int) -> None:
-    """Stop before printing anything else when the web port is taken (another `make run`?):
-    otherwise the banner, a token and a curl line would point at the other instance."""
+def port_taken(port: int) -> OSError | None:
+    """Why the web port cannot be bound (something serves on it), or ``None`` if it is free."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("0.0.0.0", port))
         except OSError as exc:
-            sys.exit(
-                f"sagarunner: port {port} is already in use ({exc.strerror}); is another "
-                f"`make run` still running? Stop it, or pick another port: "
-                f"SAGARUNNER_PORT={port + 1} make run (on the same database, its demo token "
-                "replaces the running one's, whose clients then get 401)"
-            )
+            return exc
+    return None
+
+
+def refuse_busy_port(port: int) -> None:
+    """Stop before printing anything else when the web port is taken (another `make run`?):
+    otherwise the banner, a token and a curl line would point at the other instance."""
+    taken = port_taken(port)
+    if taken is not None:
+        sys.exit(
+            f"sagarunner: port {port} is already in use ({taken.strerror}); is another "
+            f"`make run` still running? Stop it, or pick another port: "
+            f"SAGARUNNER_PORT={port + 1} make run (on the same database, its demo token "
+            "replaces the running one's, whose clients then get 401)"
+        )
 
 
 def redact(url: str) -> str:
@@ -285,9 +294,12 @@ def main() -> None:
     # prometheus_client's multiprocess files describe the processes of one run only, so a run
     # starts with none; one directory per port, so that another run beside this one (another
     # SAGARUNNER_PORT, as the busy-port message suggests) neither deletes the files of the one
-    # still serving nor adds its processes to that one's /metrics.
+    # still serving nor adds its processes to that one's /metrics. Only a launch that will
+    # serve, or prepare for serving, on a free port empties it: `make migrate` and
+    # `--prepare-only` beside a run serving on this port leave that run's files alone.
     metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR", var_dir / "metrics" / str(port)))
-    shutil.rmtree(metrics_dir, ignore_errors=True)
+    if not args.migrate_only and port_taken(port) is None:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True, exist_ok=True)
     run_env = {
         **chosen,
@@ -303,14 +315,18 @@ def main() -> None:
     #   set -a; . var/run.env; set +a
     write_env_file(var_dir / "run.env", run_env)
 
-    manage(env, "migrate", "--noinput", "-v", "0" if not args.migrate_only else "1")
-    if args.migrate_only:
-        return
-    manage(env, "seed_demo")
-    # --demo: this token replaces every demo token printed before on this database, a running
-    # instance's too: one is live, the last printed. The command says on stderr (passed
-    # through) when it revoked any, so a first run claims nothing.
-    token = manage(env, "issue_token", "demo-client", "--demo", capture=True).strip()
+    # The preparing commands count in a directory of their own, thrown away: their counters
+    # are nobody's (in the port's directory they would add to a serving run's /metrics).
+    with tempfile.TemporaryDirectory(prefix="prepare-", dir=metrics_dir.parent) as scratch:
+        preparing = {**env, "PROMETHEUS_MULTIPROC_DIR": scratch}
+        manage(preparing, "migrate", "--noinput", "-v", "0" if not args.migrate_only else "1")
+        if args.migrate_only:
+            return
+        manage(preparing, "seed_demo")
+        # --demo: this token replaces every demo token printed before on this database, a
+        # running instance's too: one is live, the last printed. The command says on stderr
+        # (passed through) when it revoked any, so a first run claims nothing.
+        token = manage(preparing, "issue_token", "demo-client", "--demo", capture=True).strip()
     say(f"client API token (user demo-client): {token}")
     say(
         "  place an order: curl -X POST -H 'Content-Type: application/json' "

@@ -415,3 +415,38 @@ def test_a_launch_on_another_port_leaves_the_running_ones_metrics(tmp_path):
     assert running.exists()
     assert not stale.exists() and stale.parent.is_dir()
     assert f"PROMETHEUS_MULTIPROC_DIR={stale.parent}" in (var / "run.env").read_text()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("flag", ["--migrate-only", "--prepare-only"])
+def test_migrate_or_prepare_beside_a_run_serving_on_its_port_leaves_its_metrics(tmp_path, flag):
+    """`make migrate` (``--migrate-only``) or ``--prepare-only`` beside a `make run` serving on
+    the same port emptied that run's metrics directory: its /metrics lost every count until it
+    was restarted. A launch that will not serve leaves it alone, and its own commands count in
+    a directory thrown away, so nothing of theirs adds to the serving run's counts."""
+    from django.db import connection
+
+    var = tmp_path / "var"
+    with socket.socket() as serving:  # what a running make run's web holds
+        serving.bind(("0.0.0.0", 0))
+        serving.listen()
+        port = serving.getsockname()[1]
+        running = var / "metrics" / str(port) / "counter_4242.db"
+        running.parent.mkdir(parents=True)
+        running.write_bytes(b"written by the serving run's web process")
+        done = subprocess.run(
+            [sys.executable, "scripts/run.py", flag, "--no-install"],
+            cwd=REPO_ROOT,
+            env=fresh_env(
+                SAGARUNNER_VAR_DIR=str(var),
+                SAGARUNNER_PORT=str(port),
+                DATABASE_URL=database_url_for(connection.settings_dict),
+                CELERY_BROKER_URL="redis://127.0.0.1:6379/15",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(running.parent.iterdir()) == [running]
+    assert sorted(p.name for p in (var / "metrics").iterdir()) == [str(port)]
