@@ -405,6 +405,13 @@ def _why_not_cancellable(saga: Saga | None, refused: SagaOperationRefused) -> st
     if refused.code == "definition_missing":  # this server is behind a release: for now
         return "The order cannot be cancelled right now; try again in a few minutes."
     status = order_state(saga).status if saga is not None else ""
+    if (
+        status == OrderStatus.NEEDS_ATTENTION
+        and saga is not None
+        and saga.escalated_from == SagaState.COMPENSATING
+    ):
+        # Stopped while undoing: the order is being cancelled already, a person finishes it.
+        return "The order is already being cancelled; our support team is finishing it."
     return {
         OrderStatus.CONFIRMED: "The order is already confirmed; it can no longer be cancelled.",
         OrderStatus.CANCELLED: "The order is already cancelled.",

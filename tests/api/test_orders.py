@@ -460,6 +460,27 @@ def test_a_cancel_while_the_order_is_being_cancelled_is_accepted_and_changes_not
             "not_running",
             "The order is already cancelled.",
         ),
+        (
+            # Stopped past the pivot: a person decides; the client is sent to them.
+            {
+                "state": SagaState.NEEDS_MANUAL,
+                "escalated_from": SagaState.RUNNING,
+                "step_index": order_saga.index_of("confirm_order"),
+                "current_step": "confirm_order",
+            },
+            "not_running",
+            "Our support team is looking at this order; contact them to cancel it.",
+        ),
+        (
+            # Stopped while undoing (a cancel already under way): there is nothing to ask for.
+            {
+                "state": SagaState.NEEDS_MANUAL,
+                "escalated_from": SagaState.COMPENSATING,
+                "failure_code": "shipping_unavailable",
+            },
+            "not_running",
+            "The order is already being cancelled; our support team is finishing it.",
+        ),
     ],
 )
 def test_cancel_after_capture_payment_is_409(client_api, place, saga_fields, code, words):
