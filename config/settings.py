@@ -112,6 +112,10 @@ AXES_HANDLER = "accounts.lockout.OwnAttemptsOnlyHandler"
 AXES_CLIENT_IP_CALLABLE = "audit.context.client_ip"
 AXES_LOCKOUT_TEMPLATE = "admin/locked_out.html"
 AXES_HTTP_RESPONSE_CODE = 429
+# Not verbose: its "AXES: BEGIN version ..." line at every process's start (each management
+# command's included, on the terminal of `TOKEN=$(manage.py issue_token ...)`) said nothing an
+# operator needs; lockouts and failures are still logged, and audited.
+AXES_VERBOSE = False
 
 # How many reverse proxies (load balancer, ingress) stand in front of the web processes and
 # append to X-Forwarded-For. 0: clients connect directly and REMOTE_ADDR is their address. The

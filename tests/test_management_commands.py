@@ -208,3 +208,29 @@ def test_issue_token_refuses_a_bad_username_or_lifetime_and_creates_nobody(args,
         run("issue_token", *args)
     assert not get_user_model().objects.exists()
     assert not AuthToken.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_issue_token_run_as_a_user_runs_it_writes_the_token_and_its_audit_line_only():
+    """``TOKEN=$(manage.py issue_token alice)`` in a terminal: the token on stdout, and on
+    stderr only the audit line of the issue. Every process logged django-axes' "AXES: BEGIN
+    version ..." line as it started, which landed on the terminal of every management
+    command."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT, _worker_env
+
+    done = subprocess.run(
+        [sys.executable, "manage.py", "issue_token", "alice"],
+        cwd=REPO_ROOT,
+        env=_worker_env({"LOG_FORMAT": "json"}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("\n") == 1 and api_status(done.stdout.strip()) == 200
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(line["event"], line.get("action")) for line in lines] == [("audit", "token.issued")]
