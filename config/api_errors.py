@@ -69,6 +69,18 @@ def error_body(code: str, detail: str, fields: dict[str, list[str]] | None = Non
     return {"code": code, "detail": detail, "fields": fields or {}}
 
 
+#: How DRF's renderer writes JSON (no spaces, UTF-8 as is): every answer outside DRF (Django's
+#: own errors, the middleware's refusals, gunicorn's, /healthz) is written the same way, so one
+#: error reads byte for byte alike whichever layer gave it (a 413 was two shapes, by whether
+#: the body came chunked).
+COMPACT_JSON = {"separators": (",", ":"), "ensure_ascii": False}
+
+
+def json_response(body: Any, status: int) -> JsonResponse:
+    """``JsonResponse`` written as DRF writes JSON (:data:`COMPACT_JSON`)."""
+    return JsonResponse(body, status=status, json_dumps_params=COMPACT_JSON)
+
+
 def flatten_errors(detail: Any, prefix: str = "") -> dict[str, list[str]]:
     """DRF's nested error structure as ``{"items[0].quantity": ["..."]}``.
 
@@ -203,22 +215,22 @@ def handler400(request: HttpRequest, exception: Exception) -> HttpResponse:
         # Django's own 400s (a bad Host header, a suspicious operation) may quote what the
         # client sent: only an exception marked ``public`` says more than "Bad request.".
         detail = str(exception) if getattr(exception, "public", False) else "Bad request."
-        return JsonResponse(error_body("bad_request", detail), status=400)
+        return json_response(error_body("bad_request", detail), 400)
     return defaults.bad_request(request, exception)
 
 
 def handler403(request: HttpRequest, exception: Exception) -> HttpResponse:
     if _wants_json(request):
         detail = str(exception) if exception and str(exception) else "Permission denied."
-        return JsonResponse(error_body("permission_denied", detail), status=403)
+        return json_response(error_body("permission_denied", detail), 403)
     return defaults.permission_denied(request, exception)
 
 
 def handler404(request: HttpRequest, exception: Exception) -> HttpResponse:
     if _misspelt_api(request.path):
-        return JsonResponse(error_body("not_found", MISSPELT_DETAIL), status=404)
+        return json_response(error_body("not_found", MISSPELT_DETAIL), 404)
     if _wants_json(request):
-        return JsonResponse(error_body("not_found", "Not found."), status=404)
+        return json_response(error_body("not_found", "Not found."), 404)
     return defaults.page_not_found(request, exception)
 
 
@@ -250,13 +262,13 @@ def unrouted_api_path(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpRe
         # A wrong token (charged to its address), or a session's write without its CSRF
         # token (refused before it is charged, as on every route): still no such path.
         pass
-    return JsonResponse(error_body("not_found", UNROUTED_DETAIL), status=404)
+    return json_response(error_body("not_found", UNROUTED_DETAIL), 404)
 
 
 def _plain_response(answer: Response | None) -> HttpResponse:
     """A DRF error answer from :func:`exception_handler` as a response no DRF view renders."""
     assert answer is not None
-    response = JsonResponse(answer.data, status=answer.status_code)
+    response = json_response(answer.data, answer.status_code)
     for name, value in answer.items():
         if name.lower() != "content-type":
             response[name] = value
@@ -265,9 +277,9 @@ def _plain_response(answer: Response | None) -> HttpResponse:
 
 def handler500(request: HttpRequest) -> HttpResponse:
     if _wants_json(request):
-        return JsonResponse(
+        return json_response(
             error_body("server_error", "Something went wrong on our side; it has been logged."),
-            status=500,
+            500,
         )
     return defaults.server_error(request)
 
@@ -285,7 +297,7 @@ def read_only_endpoint(view: Callable[..., HttpResponse]) -> Callable[..., HttpR
     @functools.wraps(view)
     def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         if request.method not in ("GET", "HEAD"):
-            response = JsonResponse(error_body("method_not_allowed", "Use GET."), status=405)
+            response = json_response(error_body("method_not_allowed", "Use GET."), 405)
             response["Allow"] = "GET, HEAD"
             return response
         return view(request, *args, **kwargs)

@@ -33,7 +33,9 @@ def write_error(sock: socket.socket, status_int: int, reason: str, mesg: str) ->
     """gunicorn's ``util.write_error``, with a JSON body."""
     detail = f"{reason}: {mesg}" if mesg else f"{reason}."
     body = json.dumps(
-        {"code": CODES.get(status_int, "bad_request"), "detail": detail[:DETAIL_MAX], "fields": {}}
+        {"code": CODES.get(status_int, "bad_request"), "detail": detail[:DETAIL_MAX], "fields": {}},
+        separators=(",", ":"),  # as DRF writes JSON (config.api_errors.COMPACT_JSON)
+        ensure_ascii=False,
     ).encode()
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\n"

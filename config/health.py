@@ -18,7 +18,7 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.cache import never_cache
 from kombu import Connection
 
-from config.api_errors import read_only_endpoint
+from config.api_errors import json_response, read_only_endpoint
 
 CHECK_TIMEOUT = 2.0
 
@@ -81,4 +81,4 @@ def healthz(request: HttpRequest) -> JsonResponse:
     body: dict[str, str | list[str]] = {"status": "ok" if healthy else "unavailable", **results}
     if not healthy:
         body["down"] = sorted(name for name, value in results.items() if value != "ok")
-    return JsonResponse(body, status=200 if healthy else 503)
+    return json_response(body, 200 if healthy else 503)

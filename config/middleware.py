@@ -9,9 +9,9 @@ import structlog
 from django.conf import settings
 from django.core.exceptions import BadRequest, DisallowedHost
 from django.core.handlers.wsgi import LimitedStream
-from django.http import HttpRequest, HttpResponse, JsonResponse, QueryDict
+from django.http import HttpRequest, HttpResponse, QueryDict
 
-from config.api_errors import error_body, handler400
+from config.api_errors import error_body, handler400, json_response
 
 _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 
@@ -104,7 +104,7 @@ def _compression(meta: dict) -> str | None:
 
 
 def _refused(status: int, code: str, detail: str) -> HttpResponse:
-    return JsonResponse(error_body(code, detail), status=status)
+    return json_response(error_body(code, detail), status)
 
 
 class NulRefused(BadRequest):

@@ -245,6 +245,8 @@ def test_a_request_gunicorn_refuses_itself_is_answered_in_the_apis_json_error_sh
     error = json.loads(body)
     assert error["code"] == "bad_request" and error["fields"] == {}, error
     assert error["detail"].startswith("Bad Request: "), error
+    # Written as DRF writes JSON, like every other error: byte for byte the same shape.
+    assert body == json.dumps(error, separators=(",", ":"), ensure_ascii=False).encode(), body
 
 
 def test_gunicorn_env_option_decides_the_format_of_its_own_lines(monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -72,6 +73,12 @@ def assert_error(response, status: int, code: str | None = None) -> dict:
     assert isinstance(body["fields"], dict)
     if code is not None:
         assert body["code"] == code, body
+    # Written as DRF writes JSON whichever layer answered (Django's own errors, the middleware,
+    # DRF): one error reads byte for byte alike.
+    compact = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    assert response.content.decode() == compact.replace("\u2028", "\\u2028").replace(
+        "\u2029", "\\u2029"
+    ), response.content[:500]
     return body
 
 
