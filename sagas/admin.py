@@ -404,12 +404,19 @@ class WaitingForFilter(admin.SimpleListFilter):
     title = "waiting for"
     parameter_name = "waiting_for"
 
+    STAFF = "staff"
+
     def lookups(self, request, model_admin):
-        return [("*", "Any signal or timer")] + [(n, f"signal {n}") for n in _signal_names()]
+        return [
+            ("*", "Any signal or timer"),
+            (self.STAFF, "A signal only staff send"),
+        ] + [(n, f"signal {n}") for n in _signal_names()]
 
     def queryset(self, request, queryset):
         if not self.value():
             return queryset
+        if self.value() == self.STAFF:
+            return queryset.filter(selectors.saga_waiting_for_staff_q())
         parked = queryset.filter(waiting_since__isnull=False)
         return parked if self.value() == "*" else parked.filter(waiting_for=self.value())
 
@@ -1211,6 +1218,10 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             ),
             "stuck_url": f"{changelist}?stuck=yes",
             "stuck_help": _stuck_help(),
+            "staff_waits": selectors.saga_count_bounded(
+                Saga.objects.filter(selectors.saga_waiting_for_staff_q()), cap=MAX_BULK * 20
+            ),
+            "staff_waits_url": f"{changelist}?waiting_for={WaitingForFilter.STAFF}",
             "signatures": signatures,
             "versions": _version_rows(changelist),
             "waiting": [(s, self.owner_link(s), self.step_column(s)) for s in waiting],

@@ -29,6 +29,29 @@ def saga_stuck_q(*, now: datetime | None = None) -> Q:
     )
 
 
+def staff_signal_names() -> list[str]:
+    """Signals only ops staff may send (a ``Wait`` without a ``client``), in every registered
+    definition: a saga waiting for one waits for someone in the ops console."""
+    from sagas.definition import registered_definitions
+
+    names: list[str] = []
+    for definition in registered_definitions():
+        parks = [step.park for step in definition.steps if step.park is not None]
+        for park in parks:
+            if park.signal and park.client is None and park.signal not in names:
+                names.append(park.signal)
+    return names
+
+
+def saga_waiting_for_staff_q() -> Q:
+    """Active sagas parked on a signal only staff send (see :func:`staff_signal_names`)."""
+    return Q(
+        state__in=ACTIVE_STATES,
+        waiting_since__isnull=False,
+        waiting_for__in=staff_signal_names(),
+    )
+
+
 def sagas_stuck(*, now: datetime | None = None) -> QuerySet[Saga]:
     """Active sagas overdue by more than ``SAGA_STUCK_AFTER`` with no live lease, oldest due
     first. Served by the partial index on ``next_attempt_at`` for active states."""

@@ -118,7 +118,7 @@ def saga_date_hierarchy_tag(parser, token):
 
 @register.simple_tag(takes_context=True)
 def saga_overview(context):
-    """The two numbers support staff check first, for the admin index (bounded reads)."""
+    """The numbers support staff check first, for the admin index (bounded reads)."""
     request = context.get("request")
     if request is None or not request.user.has_perm("sagas.view_saga"):
         return None
@@ -134,6 +134,10 @@ def saga_overview(context):
             Saga.objects.filter(selectors.saga_stuck_q()), cap=10_000
         ),
         "stuck_url": f"{changelist}?stuck=yes",
+        "staff_waits": selectors.saga_count_bounded(
+            Saga.objects.filter(selectors.saga_waiting_for_staff_q()), cap=10_000
+        ),
+        "staff_waits_url": f"{changelist}?waiting_for=staff",
         "dashboard_url": reverse("admin:sagas_saga_dashboard"),
         "changelist_url": changelist,
     }

@@ -291,6 +291,36 @@ def test_dashboard_counts_states_stuck_and_failure_signatures(ops_client):
     assert f"{LIST}?stuck=yes" in html
 
 
+def test_sagas_waiting_for_a_staff_signal_are_counted_on_the_index_and_the_dashboard(ops_client):
+    """An order parked for ops' fraud review waits for someone in this console, yet showed
+    only as "running": neither the index nor the dashboard said anyone was waited for. Both
+    count such sagas now, linked to the list of them; a wait for the client's own signal (3-D
+    Secure) is not staff's to answer, so it is not counted."""
+    from django.utils import timezone
+
+    from orders.saga import order_saga
+    from tests.admin.conftest import running
+
+    waits = {}
+    for signal in ("fraud_review", "3ds_confirmed"):
+        saga = running(saga_type="order", step_index=order_saga.index_of("fraud_review"))
+        Saga.objects.filter(pk=saga.pk).update(
+            waiting_for=signal, waiting_since=timezone.now(), next_attempt_at=None
+        )
+        waits[signal] = saga
+    link = f"{LIST}?waiting_for=staff"
+
+    panel = ops_client.get("/admin/").content.decode()
+    panel = panel[panel.index('id="ops-overview"') :]
+    assert re.search(r"Waiting for staff</strong><span class=\"number\">1<", panel), panel
+    assert link in panel
+    dashboard = ops_client.get(reverse("admin:sagas_saga_dashboard"))
+    assert dashboard.context["staff_waits"].value == 1
+    assert link in dashboard.content.decode()
+    listed = ops_client.get(link).context["cl"].result_list
+    assert [s.pk for s in listed] == [waits["fraud_review"].pk]
+
+
 def test_dashboard_needs_view_permission(client, django_user_model):
     """Staff without the saga view permission cannot open the dashboard."""
     user = django_user_model.objects.create_user("nobody", password="pw", is_staff=True)
