@@ -38,6 +38,9 @@ class CurrentTokenView(BodyReadFirst, APIView):
 
     @extend_schema(
         summary="The token this request is authenticated with: when it expires",
+        description="For a client calling with an API token: whose it is, its first "
+        "characters (to tell it apart from the user's others), when it was issued and when it "
+        "expires (`null`: never). A call signed in another way (a session) is `400 no_token`.",
         tags=["auth"],
         responses={200: CurrentTokenSerializer, 400: ErrorSerializer},
     )

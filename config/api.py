@@ -315,6 +315,9 @@ def add_plain_views(result: dict, generator, request, public) -> dict:
         "get": {
             "operationId": "healthz",
             "summary": "Can this process reach the database and the broker?",
+            "description": "For load balancers and orchestrators, without credentials: `200` "
+            "while this web process reaches both the database and the broker, `503` naming "
+            "the one it cannot reach (in `down`), so traffic goes to another process.",
             "tags": ["operations"],
             "security": [{}],
             "responses": {
@@ -330,6 +333,9 @@ def add_plain_views(result: dict, generator, request, public) -> dict:
         "get": {
             "operationId": "metrics",
             "summary": "Prometheus metrics (text exposition format)",
+            "description": "For a Prometheus server to scrape, without credentials: how "
+            "the engine's sagas, steps and providers are doing, as counters, gauges and "
+            "histograms.",
             "tags": ["operations"],
             "security": [{}],
             "responses": {
@@ -348,16 +354,19 @@ def add_plain_views(result: dict, generator, request, public) -> dict:
 # Every body read, even by actions that take none
 # ---------------------------------------------------------------------------------------------
 class BodyReadFirst:
-    """A view whose every ``POST`` (and ``PUT``, ``PATCH``, ``DELETE``) has its body parsed
-    once the caller is authenticated and allowed, before the action runs.
-
-    DRF parses a body only when a view reads ``request.data``; an action that takes none (a
-    cancel, a retry) would otherwise carry out a request whose body is not JSON, or is too big,
-    and answer ``202``. Now such a body is the ``400 parse_error`` (``413``, ``415``) a route
-    that reads its body gives, and nothing is done. JSON that is not an object (``[1]``,
-    ``"x"``, ``null``) is ``400 invalid``, as a route with a serializer said already: every
-    such route takes an object or nothing.
-    """
+    # Put in front of a view: its every ``POST`` (and ``PUT``, ``PATCH``, ``DELETE``) has its
+    # body parsed once the caller is authenticated and allowed, before the action runs.
+    #
+    # DRF parses a body only when a view reads ``request.data``; an action that takes none (a
+    # cancel, a retry) would otherwise carry out a request whose body is not JSON, or is too
+    # big, and answer ``202``. Now such a body is the ``400 parse_error`` (``413``, ``415``) a
+    # route that reads its body gives, and nothing is done. JSON that is not an object
+    # (``[1]``, ``"x"``, ``null``) is ``400 invalid``, as a route with a serializer said
+    # already: every such route takes an object or nothing.
+    #
+    # (A comment, not a docstring: drf-spectacular describes an operation whose view and
+    # action have no docstring of their own with the first one up the view's MRO, and showed
+    # this one to clients as what listing orders or deleting a webhook does.)
 
     #: Actions that refuse a body that is not an object themselves, in their own words.
     checks_own_body: tuple[str, ...] = ()

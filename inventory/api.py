@@ -110,20 +110,34 @@ class IsStaffOrReadOnly(permissions.BasePermission):
 
 
 @extend_schema_view(
-    list=extend_schema(summary="List products", tags=["products"]),
+    list=extend_schema(
+        summary="List products",
+        description="The catalog, for any signed-in caller, by sku: each product's price and "
+        "currency, its stock on hand, how much of it orders hold (`reserved`) and what can "
+        "still be ordered (`available`).",
+        tags=["products"],
+    ),
     retrieve=extend_schema(
         summary="Get a product",
+        description="One product of the catalog by its sku (exactly as written, case "
+        "included), for any signed-in caller: its price, currency and stock.",
         tags=["products"],
         parameters=[OpenApiParameter("sku", str, OpenApiParameter.PATH, pattern=SKU_PATTERN)],
     ),
     create=extend_schema(
         summary="Create a product (staff)",
+        description="Staff add a product to the catalog: a new `sku`, a `name`, a `price` "
+        "that fits its `currency` (`EUR` when left out) and the `stock_on_hand` (`0` when left "
+        "out). `201` with the product.",
         tags=["products"],
         request=ProductSerializer,
         responses={201: ProductSerializer},
     ),
     partial_update=extend_schema(
         summary="Change a product (staff)",
+        description="Staff change any of a product's `name`, `price`, `currency` and "
+        "`stock_on_hand`; the sku is the product's address and stays. Orders already placed "
+        "keep the price they were placed at.",
         tags=["products"],
         request=ProductUpdateSerializer,
         responses={200: ProductSerializer},

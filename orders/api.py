@@ -189,9 +189,19 @@ ERROR = ErrorSerializer
 
 
 @extend_schema_view(
-    list=extend_schema(summary="List orders (yours; staff: all)", tags=["orders"]),
+    list=extend_schema(
+        summary="List orders (yours; staff: all)",
+        description="A client's own orders, newest first, each as `GET /orders/{id}/` shows "
+        "it; staff see every client's. `status` keeps the orders in one status (`processing`, "
+        "`requires_action`, `confirmed`, `cancelling`, `cancelled`, `needs_attention`).",
+        tags=["orders"],
+    ),
     retrieve=extend_schema(
         summary="Get an order",
+        description="One order, for its own client (another client's order is `404`) or "
+        "staff: its status and current step, items, total, payment and shipment, and why it "
+        "was cancelled. Poll it while the order is `processing`: send the weak `ETag` back as "
+        "`If-None-Match` to get a `304` while nothing changed.",
         tags=["orders"],
         parameters=[ORDER_ID_PARAMETER, IF_NONE_MATCH_PARAMETER, ETAG_HEADER],
         responses={
@@ -207,6 +217,13 @@ ERROR = ErrorSerializer
     ),
     create=extend_schema(
         summary="Place an order",
+        description="A client orders products of the catalog, paid with a `payment_method` "
+        "and shipped to a `shipping_address`. `201`: the order is `processing` and its saga "
+        "reserves the stock, authorizes the payment, arranges the shipment and captures the "
+        "payment; the order then reads `confirmed`, or `cancelled` with its "
+        "`cancellation_reason` once what was done is undone (follow it with `GET "
+        "/orders/{id}/` or a webhook). An invalid order is `400` with every problem at once, "
+        "each under its path in `fields`. Send an `Idempotency-Key` to retry safely.",
         tags=["orders"],
         request=OrderCreateSerializer,
         examples=[ORDER_EXAMPLE],

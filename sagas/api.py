@@ -355,8 +355,22 @@ SIGNAL_REFUSED = refused("not_waiting", "already_signalled", "unknown_signal", "
 
 
 @extend_schema_view(
-    list=extend_schema(summary="List sagas (staff)", tags=["sagas"]),
-    retrieve=extend_schema(summary="Get a saga (staff)", tags=["sagas"], parameters=[SAGA_ID]),
+    list=extend_schema(
+        summary="List sagas (staff)",
+        description="For staff watching the engine: every saga, newest first, with its steps, "
+        "as `GET /sagas/{id}/` shows it. The filters find the ones that need a look: `state` "
+        "(`needs_manual`), `stuck=true`, `failed_step`, `failed_undo`, `waiting_for` a signal "
+        "and `waiting_longer_than` some seconds, or one order's by `correlation_id`.",
+        tags=["sagas"],
+    ),
+    retrieve=extend_schema(
+        summary="Get a saga (staff)",
+        description="For staff: one saga as the engine runs it: its state, current step and "
+        "attempt, when it runs next, why it failed or what it waits for, its input and "
+        "results, and each step's attempts, effects and compensations.",
+        tags=["sagas"],
+        parameters=[SAGA_ID],
+    ),
 )
 class SagaViewSet(
     BodyReadFirst,

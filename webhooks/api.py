@@ -134,9 +134,19 @@ ENDPOINT_EXAMPLE = OpenApiExample(
 
 
 @extend_schema_view(
-    list=extend_schema(summary="List your webhook endpoints", tags=["webhooks"]),
+    list=extend_schema(
+        summary="List your webhook endpoints",
+        description="The endpoints the calling client registered, newest first: where each "
+        "is sent, which events, whether it is active. Never another client's; never a "
+        "signing secret (it is shown once, at registration or rotation).",
+        tags=["webhooks"],
+    ),
     retrieve=extend_schema(
-        summary="Get a webhook endpoint", tags=["webhooks"], parameters=[ENDPOINT_ID]
+        summary="Get a webhook endpoint",
+        description="One of the calling client's endpoints (another client's is `404`): its "
+        "URL, events and whether it is active; not its signing secret.",
+        tags=["webhooks"],
+        parameters=[ENDPOINT_ID],
     ),
     create=extend_schema(
         summary="Register a webhook endpoint",
@@ -166,6 +176,9 @@ ENDPOINT_EXAMPLE = OpenApiExample(
     ),
     destroy=extend_schema(
         summary="Delete a webhook endpoint (its pending deliveries go with it)",
+        description="The calling client stops receiving events at this endpoint: `204`, and "
+        "no delivery is sent to it any more. `409 endpoint_busy` while events keep arriving "
+        "for it: it is disabled then and gets no new events; try again.",
         tags=["webhooks"],
         parameters=[ENDPOINT_ID],
     ),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import io
 from collections import Counter
 
@@ -20,6 +21,7 @@ import schemathesis
 from django.core.management import call_command
 from django.core.signals import request_finished, request_started
 from django.db import close_old_connections
+from django.urls import get_resolver
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
@@ -32,6 +34,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from config import api as config_api
 from config.wsgi import application
 from sagas.models import Saga
 
@@ -272,3 +275,61 @@ def test_the_schema_documents_the_pages_the_api_takes(anon_api, client_api, cata
     assert params["page_size"] == {"type": "integer", "minimum": 1}
     for query in ("page=1&page_size=1", "page=last&page_size=1000"):
         assert client_api.get(f"/api/v1/products/?{query}").status_code == 200, query
+
+
+def _api_view_classes() -> set[type]:
+    """Every DRF view class the URLconf routes to."""
+    found: set[type] = set()
+
+    def walk(patterns) -> None:
+        for pattern in patterns:
+            if hasattr(pattern, "url_patterns"):
+                walk(pattern.url_patterns)
+            elif (cls := getattr(pattern.callback, "cls", None)) is not None:
+                found.add(cls)
+
+    walk(get_resolver().url_patterns)
+    return found
+
+
+def _opening(doc: str) -> str:
+    """A docstring's first line, its spaces as one: what a description built from it starts
+    with."""
+    return " ".join(inspect.cleandoc(doc).splitlines()[0].split())
+
+
+def test_every_operation_says_what_it_does_not_how_a_mixin_works(anon_api):
+    """Each operation has a description of its own, for its users: none is the docstring of a
+    class the view inherits from (drf-spectacular falls back on the first docstring up the
+    view's MRO, and nine operations, listing orders to deleting a webhook, were described by
+    ``config.api.BodyReadFirst``'s note on parsing bodies), nor that of any class of
+    ``config.api``, where the API's shared pieces live."""
+    inherited = {
+        _opening(klass.__doc__)
+        for view in _api_view_classes()
+        for klass in view.__mro__[1:]
+        if klass.__doc__ and klass.__doc__.strip()
+    }
+    inherited |= {
+        _opening(klass.__doc__)
+        for _, klass in inspect.getmembers(config_api, inspect.isclass)
+        if klass.__module__ == config_api.__name__ and klass.__doc__
+    }
+    document = anon_api.get("/api/schema/?format=json").json()
+    described = {}
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            if isinstance(operation, dict) and "responses" in operation:
+                described[f"{method.upper()} {path}"] = " ".join(
+                    operation.get("description", "").split()
+                )
+    assert sorted(described) == sorted(OPERATIONS)
+    leaked = {
+        label: opening
+        for label, text in described.items()
+        for opening in inherited
+        if opening and opening in text
+    }
+    assert not leaked, leaked
+    missing = sorted(label for label, text in described.items() if not text)
+    assert not missing, missing
