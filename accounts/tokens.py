@@ -8,6 +8,7 @@ log.
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -26,6 +27,9 @@ from audit.services import audit_record
 #: own tokens, and those migrated from DRF's, are hexadecimal, so no token issued another way
 #: starts with it: a demo token is told apart by its stored key alone.
 DEMO_TOKEN_PREFIX = "demo_"
+
+#: An authentication scheme's name as it may be quoted back (``Bearer``, ``Basic``, ``JWT``).
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,19}")
 
 
 def token_label(token: AuthToken) -> str:
@@ -134,6 +138,24 @@ class TokenAuthentication(KnoxTokenAuthentication):
         if authenticated is not None:
             charge_user(request, authenticated[0])  # before permissions: a 403 counts too
         return authenticated
+
+    def not_authenticated_detail(self, request: Request) -> str | None:
+        """Why a request that sent an ``Authorization`` header is still anonymous: its scheme
+        is not ``Token`` (``Bearer``, the commonest, or a bare key), so this class passed it
+        by, and the ``401`` said no credentials were provided, which the client knew to be
+        false. ``None`` without such a header: DRF's words are right then. The scheme is
+        quoted only when it looks like one, so a bare key is not echoed back."""
+        header = authentication.get_authorization_header(request).split()
+        if not header:
+            return None
+        expected = self.authenticate_header(request)
+        scheme = header[0].decode("latin-1")
+        if scheme.lower() == expected.lower():
+            return None
+        use = f"send the token as 'Authorization: {expected} <token>'."
+        if len(header) > 1 and _SCHEME.fullmatch(scheme):
+            return f"This API does not take 'Authorization: {scheme} ...'; {use}"
+        return f"The Authorization header has no scheme this API takes; {use}"
 
     def authenticate_credentials(self, token: bytes):
         # Tokens are printable ASCII. knox decodes whatever came as UTF-8 (a 500 on other

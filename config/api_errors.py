@@ -168,6 +168,9 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
     elif isinstance(exc, DjangoPermissionDenied):
         exc = exceptions.PermissionDenied(str(exc) or None)
 
+    elif isinstance(exc, exceptions.NotAuthenticated):
+        _explain_not_authenticated(exc, context)
+
     response = drf_exception_handler(exc, context)
     if response is None:
         return None  # a bug: Django's 500 handling (and its logging) takes over
@@ -186,6 +189,24 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
     for name, value in getattr(exc, "headers", {}).items():
         response[name] = value
     return response
+
+
+def _explain_not_authenticated(exc: exceptions.NotAuthenticated, context: dict) -> None:
+    """A ``401`` for a request that sent credentials no authentication class takes says so.
+
+    DRF's "Authentication credentials were not provided." is told to a client that sent
+    ``Authorization: Bearer <its valid token>``; an authentication class that can tell what
+    was wrong says it through ``not_authenticated_detail(request)`` (the token class, for a
+    scheme other than its own), and the first answer replaces DRF's words. The code stays
+    ``not_authenticated``, and the exception keeps the ``WWW-Authenticate`` challenge DRF set
+    on it."""
+    request = context.get("request")
+    for authenticator in getattr(request, "authenticators", None) or ():
+        explain = getattr(authenticator, "not_authenticated_detail", None)
+        detail = explain(request) if explain is not None else None
+        if detail:
+            exc.detail = exceptions.ErrorDetail(detail, code=exc.default_code)
+            return
 
 
 # ---------------------------------------------------------------------------------------------

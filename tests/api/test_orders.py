@@ -220,6 +220,42 @@ def test_a_bad_token_is_401(client_api, anon_api):
     assert_error(anon_api.get("/api/v1/orders/"), 401, "authentication_failed")
 
 
+TOKEN_FORM = "send the token as 'Authorization: Token <token>'."
+
+
+@pytest.mark.parametrize(
+    ("header", "detail"),
+    [
+        ("Bearer {token}", f"This API does not take 'Authorization: Bearer ...'; {TOKEN_FORM}"),
+        ("bearer {token}", f"This API does not take 'Authorization: bearer ...'; {TOKEN_FORM}"),
+        (
+            "Basic YWxpY2U6c2VjcmV0",
+            f"This API does not take 'Authorization: Basic ...'; {TOKEN_FORM}",
+        ),  # fmt: skip
+        ("{token}", f"The Authorization header has no scheme this API takes; {TOKEN_FORM}"),
+    ],
+)
+def test_a_token_sent_under_another_scheme_is_told_the_form_the_api_takes(
+    client_api, anon_api, header, detail
+):
+    """Credentials under a scheme other than ``Token`` (a valid token as ``Bearer``, a bare
+    key) are a ``401 not_authenticated`` whose detail names the form the API takes, not
+    "Authentication credentials were not provided.", which the client knows to be false; the
+    challenge is still ``Token``, and a bare key is not echoed back. Without such a header the
+    words are DRF's, and a route open to anyone still answers."""
+    anon_api.credentials(HTTP_AUTHORIZATION=header.format(token=client_api.token))
+    response = anon_api.get("/api/v1/orders/")
+    body = assert_error(response, 401, "not_authenticated")
+    assert body["detail"] == detail
+    assert client_api.token not in response.content.decode()
+    assert response["WWW-Authenticate"] == "Token"
+    assert anon_api.get("/api/schema/?format=json").status_code == 200
+
+    anon_api.credentials()
+    body = assert_error(anon_api.get("/api/v1/orders/"), 401, "not_authenticated")
+    assert body["detail"] == "Authentication credentials were not provided."
+
+
 def test_list_is_newest_first_paginated_and_bounded(client_api, place):
     """Newest first; page_size is honoured up to 100 and capped there."""
     ids = [place(client_api)["id"] for _ in range(3)]
