@@ -46,7 +46,7 @@ from config.api import (
 from config.idempotency import MAX_KEY_LENGTH, clean_key, request_fingerprint
 from config.text import header_text
 from orders import idempotency
-from orders.countries import COUNTRY_CODES
+from orders.countries import country_problem
 from orders.errors import OrderInvalid
 from orders.models import Order
 from orders.representation import (
@@ -96,8 +96,9 @@ class ShippingAddressSerializer(serializers.Serializer):
 
     def validate_country(self, value: str) -> str:
         value = value.upper()
-        if value not in COUNTRY_CODES:
-            raise serializers.ValidationError("A two-letter ISO 3166-1 country code is required.")
+        problem = country_problem(value)
+        if problem:
+            raise serializers.ValidationError(problem)
         return value
 
 

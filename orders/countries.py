@@ -12,3 +12,15 @@ _CODES = """
     VN VU WF WS YE YT ZA ZM ZW
     """
 COUNTRY_CODES: frozenset[str] = frozenset(_CODES.split())
+
+
+def country_problem(code: str) -> str | None:
+    """What is wrong with an address's upper-cased ``country``, or ``None``.
+
+    Two letters that no country has (``XX``) are told so: "a two-letter code is required" read
+    as a riddle to a client that had sent two letters. Anything else is told the shape."""
+    if code in COUNTRY_CODES:
+        return None
+    if len(code) == 2 and code.isascii() and code.isalpha():
+        return f"{code} is not a known ISO 3166-1 country code."
+    return "A two-letter ISO 3166-1 country code is required."

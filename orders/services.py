@@ -21,7 +21,7 @@ from config.errors import refused_fields
 from inventory import services as inventory_services
 from inventory.models import Product
 from orders import events as order_events
-from orders.countries import COUNTRY_CODES
+from orders.countries import country_problem
 from orders.errors import OrderInvalid
 from orders.models import Order, OrderItem
 from payments.provider import TEST_CARDS
@@ -247,12 +247,9 @@ def _clean_address(address: Any, problems: _Problems) -> dict[str, str]:
             continue
         if name == "country":
             value = value.upper()
-            if value not in COUNTRY_CODES:
-                problems.add(
-                    "invalid_shipping_address",
-                    where,
-                    "A two-letter ISO 3166-1 country code is required.",
-                )
+            problem = country_problem(value)
+            if problem:
+                problems.add("invalid_shipping_address", where, problem)
                 continue
         elif len(value) > max_length:
             problems.add("invalid_shipping_address", where, f"At most {max_length} characters.")

@@ -326,6 +326,25 @@ def test_a_value_of_the_wrong_type_is_told_apart_from_a_missing_one(
     assert error["fields"][field] == [message], error
 
 
+@pytest.mark.parametrize(
+    ("country", "message"),
+    [
+        ("XX", "XX is not a known ISO 3166-1 country code."),
+        ("zz", "ZZ is not a known ISO 3166-1 country code."),
+        ("GBR", "A two-letter ISO 3166-1 country code is required."),
+        ("G1", "A two-letter ISO 3166-1 country code is required."),
+        ("United Kingdom", "A two-letter ISO 3166-1 country code is required."),
+    ],
+)
+def test_a_country_of_two_letters_no_country_has_is_told_so(client_api, catalog, country, message):
+    """``XX`` is two letters: it is told it is no known code, not that two letters are
+    required; a value of another shape is still told the shape. The code is unchanged."""
+    body = with_address(country=country)
+    error = assert_error(client_api.post("/api/v1/orders/", body, format="json"), 400)
+    assert error["code"] == "invalid_shipping_address"
+    assert error["fields"]["shipping_address.country"] == [message], error
+
+
 def test_names_an_order_does_not_take_are_each_refused_under_their_path(client_api, catalog):
     """A coupon, an item's price and an address's phone: one 400 naming each (an order, an
     item, an address each says what it takes), the unknown names first and their code the
