@@ -21,6 +21,7 @@ a client needs told apart from "it points inside".
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import unicodedata
 from dataclasses import dataclass
@@ -110,25 +111,51 @@ def _ascii_host(hostname: str) -> str:
         ) from None
 
 
-def _unprintable(url: str) -> str | None:
-    """The first character a URL must not hold as typed: a control character (a CR or LF
-    would be a header in a request line), a space, or an invisible format character (a
+def _unprintable(url: str) -> int | None:
+    """Where the first character a URL must not hold as typed is: a control character (a CR
+    or LF would be a header in a request line), a space, or an invisible format character (a
     right-to-left override shows the ops console another URL than the one called)."""
-    for ch in url:
+    for at, ch in enumerate(url):
         if unicodedata.category(ch) in ("Cc", "Cf", "Zs", "Zl", "Zp"):
-            return ch
+            return at
     return None
+
+
+#: What the URL is told when it is not one at all ("not a url", "example.com/hook").
+NOT_A_URL = "Not a URL: give it as https://host/path."
+#: A URL's start: a scheme, then ``://`` (RFC 3986's scheme characters).
+_SCHEME_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _past_host(url: str, at: int) -> bool:
+    """Whether ``url[at]`` lies past its scheme and host, in the path, query or fragment."""
+    start = _SCHEME_START.match(url)
+    if start is None:
+        return False
+    ends = [i for i in (url.find(c, start.end()) for c in "/?#") if i >= 0]
+    return bool(ends) and at > min(ends)
 
 
 def check_new_url(url: str) -> Target:
     """:func:`check_url` for a URL being registered, which must also be written as it is
     sent. Only at registration: an endpoint registered before this rule, with a space in its
-    path, is still called (urllib3 percent-encodes the path it sends)."""
-    bad = _unprintable(url)
-    if bad is not None:
-        what = unicodedata.name(bad, f"U+{ord(bad):04X}")
-        raise UrlRefused("invalid_url", f"The URL holds {what}: percent-encode it.")
-    return check_url(url)
+    path, is still called (urllib3 percent-encodes the path it sends).
+
+    Percent-encoding is the advice only for a character in the path, query or fragment of
+    what is a URL: "not a url" was told to percent-encode its SPACE, as if it were one, while
+    "example.com/hook" was told what a URL looks like; a space in a host name is no more
+    mended by encoding it."""
+    at = _unprintable(url)
+    if at is None:
+        return check_url(url)
+    what = unicodedata.name(url[at], f"U+{ord(url[at]):04X}")
+    if _SCHEME_START.match(url) is None:
+        raise UrlRefused("invalid_url", NOT_A_URL)
+    if not _past_host(url, at):
+        raise UrlRefused(
+            "invalid_url", f"The URL's host holds {what}: give it as https://host/path."
+        )
+    raise UrlRefused("invalid_url", f"The URL holds {what}: percent-encode it.")
 
 
 def check_url(url: str) -> Target:
@@ -140,7 +167,7 @@ def check_url(url: str) -> Target:
     except ValueError as exc:
         raise UrlRefused("invalid_url", f"Not a valid URL: {exc}.") from None
     if not parts.scheme or not parts.netloc:
-        raise UrlRefused("invalid_url", "Not a URL: give it as https://host/path.")
+        raise UrlRefused("invalid_url", NOT_A_URL)
     schemes = ("https", "http") if allow_private else ("https",)
     if parts.scheme not in schemes:
         raise UrlRefused(

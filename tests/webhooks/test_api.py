@@ -147,6 +147,38 @@ def test_unsafe_urls_are_refused_at_registration(customer, settings, url, code):
     assert not Endpoint.objects.exists()
 
 
+@pytest.mark.parametrize(
+    ("url", "detail"),
+    [
+        ("not a url", "Not a URL: give it as https://host/path."),
+        ("example.com/hook", "Not a URL: give it as https://host/path."),
+        ("example.com/my hook", "Not a URL: give it as https://host/path."),
+        ("https://shop.example.com/my hook", "The URL holds SPACE: percent-encode it."),
+        ("https://shop.example.com/hook?a=b c", "The URL holds SPACE: percent-encode it."),
+        (
+            "https://shop.example.com/\u202egnp.exe",
+            "The URL holds RIGHT-TO-LEFT OVERRIDE: percent-encode it.",
+        ),  # fmt: skip
+        (
+            "https://shop example.com/hook",
+            "The URL's host holds SPACE: give it as https://host/path.",
+        ),  # fmt: skip
+    ],
+)
+def test_a_refused_url_is_told_what_would_mend_it(customer, url, detail):
+    """What is not a URL at all is told what one looks like, spaces or not; only a stray
+    character in a URL's path or query is told to percent-encode it, as encoding mends it
+    there and nowhere else. Each is ``invalid_url`` under ``url``, checked before any lookup."""
+    client = api_client_for(customer)
+    body = assert_error(client.post("/api/v1/webhooks/", {**BODY, "url": url}, format="json"), 400)
+    assert (body["code"], body["detail"], body["fields"]) == (
+        "invalid_url",
+        detail,
+        {"url": [detail]},
+    )
+    assert not Endpoint.objects.exists()
+
+
 def test_a_refused_address_is_logged_and_not_told_to_the_client(customer, settings, monkeypatch):
     """The client is told which host was refused, never the internal address behind it; staff
     find that address in the log."""
