@@ -27,6 +27,27 @@ ACTIVE_STATES = (SagaState.RUNNING, SagaState.COMPENSATING)
 TERMINAL_STATES = (SagaState.SUCCEEDED, SagaState.COMPENSATED, SagaState.RESOLVED)
 SETTLED_STATES = (*TERMINAL_STATES, SagaState.NEEDS_MANUAL)
 
+#: Each state as a sentence says it after "The saga": a state's name is no adjective ("The
+#: saga is succeeded; there is nothing to retry." was what an operator read).
+_STATE_SAID = {
+    SagaState.RUNNING: "is running",
+    SagaState.COMPENSATING: "is compensating",
+    SagaState.SUCCEEDED: "has succeeded",
+    SagaState.COMPENSATED: "has been compensated",
+    SagaState.NEEDS_MANUAL: "needs a person (needs_manual)",
+    SagaState.RESOLVED: "has been resolved",
+}
+
+
+def state_said(state: str, at: str = "") -> str:
+    """What follows "The saga" (or "it") in a sentence saying the saga's ``state``: "has
+    succeeded", "needs a person (needs_manual)". ``at``, its current step, is named only for a
+    saga not finished, where it says where the saga stands ("is compensating at s1")."""
+    said = _STATE_SAID.get(state, f"is {state}")  # type: ignore[call-overload]
+    if at and state not in TERMINAL_STATES:
+        said += f" at {at}"
+    return said
+
 
 class Saga(FSMModelMixin, models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)

@@ -37,7 +37,15 @@ from sagas.definition import (
 )
 from sagas.doorbell import ring_on_commit
 from sagas.exceptions import SagaOperationRefused
-from sagas.models import TERMINAL_STATES, Saga, SagaEvent, SagaState, SagaStep, StepStatus
+from sagas.models import (
+    TERMINAL_STATES,
+    Saga,
+    SagaEvent,
+    SagaState,
+    SagaStep,
+    StepStatus,
+    state_said,
+)
 from sagas.store import effect_possible, insert_new, undone_steps
 from sagas.timing import step_timeout
 
@@ -142,11 +150,10 @@ def _locked(saga_id: Any, expected_version: int | None = None) -> Saga:
     except Saga.DoesNotExist:
         raise SagaOperationRefused("not_found", "No such saga.") from None
     if expected_version is not None and saga.version != expected_version:
-        at = f" at {saga.current_step}" if saga.current_step else ""
+        now = state_said(saga.state, at=saga.current_step)
         raise SagaOperationRefused(
             "changed",
-            f"The saga changed since your page showed it (now {saga.state}{at}); "
-            "reload and decide again.",
+            f"The saga changed since your page showed it: it {now} now; reload and decide again.",
         )
     saga.__dict__["_before"] = copy.copy(saga)  # what _told() compares with
     return saga
@@ -335,7 +342,8 @@ def _rule_refusal(saga: Saga, operation: str) -> SagaOperationRefused | None:
         verb = "compensated" if operation == "compensate" else "cancelled"
         if saga.state != SagaState.RUNNING and not saga_stopped_before_pivot(saga):
             return SagaOperationRefused(
-                "not_running", f"The saga is {saga.state}; only a running saga can be {verb}."
+                "not_running",
+                f"The saga {state_said(saga.state)}; only a running saga can be {verb}.",
             )
         if operation == "compensate" and saga.state == SagaState.RUNNING and saga.cancel_reason:
             # A cancel asked for again changes nothing (a client retrying is told yes), but an
@@ -356,11 +364,11 @@ def _rule_refusal(saga: Saga, operation: str) -> SagaOperationRefused | None:
     if operation == "resolve" and saga.state != SagaState.NEEDS_MANUAL:
         return SagaOperationRefused(
             "not_needs_manual",
-            f"Only a saga in needs_manual can be resolved (it is {saga.state}).",
+            f"Only a saga in needs_manual can be resolved; this one {state_said(saga.state)}.",
         )
     if operation == "undo_done" and not saga_waits_on_undo(saga):
         return SagaOperationRefused(
-            "not_waiting_on_undo", f"The saga is {saga.state} and waits on no undo."
+            "not_waiting_on_undo", f"The saga {state_said(saga.state)} and waits on no undo."
         )
     if operation in ("resolve", "undo_done"):
         _definition(saga)  # its on_resolve settles the records; its ladder goes on below
@@ -376,7 +384,7 @@ def _retry_refusal(saga: Saga) -> SagaOperationRefused | None:
         return None
     if saga.state not in (SagaState.RUNNING, SagaState.COMPENSATING):
         return SagaOperationRefused(
-            "settled", f"The saga is {saga.state}; there is nothing to retry."
+            "settled", f"The saga {state_said(saga.state)}; there is nothing to retry."
         )
     if _leased(saga):
         return SagaOperationRefused(
@@ -565,7 +573,7 @@ def saga_undo_done(
             waiting = (
                 f"it waits on the undo of {saga.current_step}"
                 if saga_waits_on_undo(saga)
-                else f"it is {saga.state} and waits on no undo"
+                else f"it {state_said(saga.state)} and waits on no undo"
             )
             raise SagaOperationRefused(
                 "not_waiting_on_undo",

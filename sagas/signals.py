@@ -37,7 +37,7 @@ from sagas.exceptions import (
     SignalKeyReused,
     SignalPayloadInvalid,
 )
-from sagas.models import Saga, SagaSignal, SagaState
+from sagas.models import Saga, SagaSignal, SagaState, state_said
 from sagas.services import (
     OPS_PERMISSION,
     _actor,
@@ -335,11 +335,7 @@ def _deliver(saga: Saga, name: str, payload: Any, key: str, user: Any) -> Signal
                 f"The wait for {name!r} has timed out: the saga compensates.",
             )
     if not (resume or takes_it):
-        where = {
-            SagaState.SUCCEEDED: "has succeeded",
-            SagaState.COMPENSATED: "has been compensated",
-            SagaState.RESOLVED: "has been resolved",
-        }.get(saga.state, f"is {saga.state} at {saga.current_step}")
+        where = state_said(saga.state, at=saga.current_step)
         raise SagaOperationRefused(
             "not_waiting", f"The saga {where}: it is not waiting for {name!r}, and will not."
         )

@@ -187,7 +187,7 @@ def test_a_double_click_on_retry_now_retries_once(ops_client):
     assert [lvl for lvl, _ in texts(first)] == ["success"]
     [(level, text)] = texts(second)
     assert level == "error" and "changed since your page showed it" in text
-    assert "now compensating at s1" in text and "reload and decide again" in text
+    assert "it is compensating at s1 now; reload and decide again." in text
     assert SagaEvent.objects.filter(saga=saga, kind="ops_retry").count() == 1
     assert AuditEntry.objects.filter(action="saga.retry", target=f"saga:{saga.pk}").count() == 1
 
@@ -216,6 +216,7 @@ def test_a_stale_resolve_page_does_not_resolve_a_saga_that_changed_since(ops_cli
     done = submit(ops_client, fields, note="refunded by hand", accept_effects="yes")
     [(level, text)] = texts(done)
     assert level == "error" and "changed since your page showed it" in text
+    assert "it needs a person (needs_manual) at " in text and "is needs_manual" not in text
     assert Saga.objects.get(pk=saga.pk).state == SagaState.NEEDS_MANUAL
     assert not SagaEvent.objects.filter(saga=saga, kind="ops_resolve").exists()
 

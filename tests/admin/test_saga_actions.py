@@ -69,7 +69,7 @@ def test_retry_now_is_refused_with_a_message_for_a_finished_saga(ops_client):
         (
             "error",
             f"Refused for 1 saga ({str(saga.pk)[:8]}): "
-            "The saga is succeeded; there is nothing to retry.",
+            "The saga has succeeded; there is nothing to retry.",
         )
     ]
     assert Saga.objects.get(pk=saga.pk).version == saga.version
@@ -148,7 +148,7 @@ def test_compensate_is_refused_with_a_message_where_it_makes_no_sense(ops_client
         (
             "error",
             f"Refused for 1 saga ({str(done.pk)[:8]}): "
-            "The saga is succeeded; only a running saga can be compensated.",
+            "The saga has succeeded; only a running saga can be compensated.",
         )
     ]
     manual = needs_manual()
@@ -165,7 +165,7 @@ def test_compensate_confirmation_marks_what_will_be_refused_in_a_mixed_selection
     done = make_saga()
     html = act(ops_client, "compensate", [live, done]).content.decode()
     assert "1 saga will be compensated, 1 will be refused" in html
-    assert "refused: The saga is succeeded" in html
+    assert "refused: The saga has succeeded" in html
     response = confirm(ops_client, "compensate", [live, done], reason="bulk test")
     messages = texts(response)
     assert ("success", f"Compensation requested for 1 saga: {str(live.pk)[:8]}") in messages

@@ -10,7 +10,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from sagas.exceptions import SagaOperationRefused
-from sagas.models import Saga, SagaEvent, SagaState
+from sagas.models import Saga, SagaEvent, SagaState, state_said
 from sagas.services import saga_refusal, saga_resolve, saga_retry_now, saga_undo_done
 from tests.admin.conftest import make_saga, needs_manual, running
 
@@ -99,7 +99,7 @@ def test_a_finished_sagas_compensation_page_says_it_is_finished_not_that_its_def
     response = act(ops_client, "compensate", [saga])
     [(level, text)] = texts(response)
     assert level == "error"
-    assert f"The saga is {state}; only a running saga can be compensated." in text
+    assert f"The saga {state_said(state)}; only a running saga can be compensated." in text
     assert MISSING not in text
 
 

@@ -201,6 +201,60 @@ def test_retry_is_refused_while_a_step_is_in_flight_and_after_settling(ops_api, 
     assert_error(ops_api.post(f"{SAGAS}{saga.id}/retry/"), 409, "settled")
 
 
+SAID = {
+    SagaState.SUCCEEDED: "has succeeded",
+    SagaState.COMPENSATED: "has been compensated",
+    SagaState.RESOLVED: "has been resolved",
+    SagaState.NEEDS_MANUAL: "needs a person (needs_manual)",
+    SagaState.COMPENSATING: "is compensating",
+    SagaState.RUNNING: "is running",
+}
+
+
+#: Each refusal that names the saga's state: route, body, code, and its words for ``said``.
+STATE_REFUSALS = [
+    ("retry", None, "settled", "The saga {said}; there is nothing to retry."),
+    (
+        "compensate",
+        {"reason": "r"},
+        "not_running",
+        "The saga {said}; only a running saga can be compensated.",
+    ),
+    (
+        "resolve",
+        {"note": "n"},
+        "not_needs_manual",
+        "Only a saga in needs_manual can be resolved; this one {said}.",
+    ),
+    (
+        "undo-done",
+        {"step": "capture_payment", "note": "n"},
+        "not_waiting_on_undo",
+        "The saga is not waiting on the undo of capture_payment: it {said} and waits on no undo.",
+    ),
+]
+
+
+@pytest.mark.parametrize("state", list(SAID))
+def test_a_refusal_says_the_sagas_state_in_english(ops_api, saga, state):
+    """The refusals that name the saga's state say it as a sentence does, in every state: "The
+    saga has succeeded; there is nothing to retry.", not "The saga is succeeded"; the codes
+    are as before. Each state is refused by at least one of them."""
+    told = []
+    for route, body, code, words in STATE_REFUSALS:
+        Saga.objects.filter(pk=saga.pk).update(
+            state=state, escalated_from=SagaState.RUNNING, current_step="capture_payment"
+        )
+        answer = ops_api.post(f"{SAGAS}{saga.id}/{route}/", body, format="json")
+        if answer.status_code == 409 and answer.json()["code"] == code:
+            told.append(answer.json()["detail"])
+            assert answer.json()["detail"] == words.format(said=SAID[state])
+    assert told
+    for detail in told:
+        assert not any(f"is {name}" in detail for name in ("succeeded", "compensated", "resolved"))
+        assert "is needs_manual" not in detail
+
+
 def test_compensate_is_202_with_a_reason_recorded(ops_api, saga):
     """A running saga: 202; the order turns cancelling with step_failed; the reason and the
     user are in the timeline."""
