@@ -212,6 +212,7 @@ COMMON_ERRORS: dict[str, str] = {
     "404": "No such resource (or not yours).",
     "405": "Method not allowed on this route.",
     "406": "Cannot render the requested media type.",
+    "408": "The request body stopped arriving (no more of it for REQUEST_BODY_TIMEOUT seconds).",
     "413": "The request body is too large.",
     "415": "Unsupported media type (send application/json).",
     "429": "Throttled.",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import structlog
 from django.conf import settings
@@ -41,9 +43,22 @@ class RefuseUnknownHost:
 
 
 class FramedBody:
-    """A body sent in chunks (``Transfer-Encoding: chunked``) is read like any other, and a
+    """Every request body is read here, whole and first, within ``REQUEST_BODY_TIMEOUT``; a
+    body sent in chunks (``Transfer-Encoding: chunked``) is read like any other, and a
     compressed one (``Content-Encoding``, or a transfer coding besides ``chunked``) is a
     ``415``.
+
+    A body that stops arriving (a ``Content-Length`` larger than what the client sends) held a
+    gunicorn thread for as long as the client kept the connection open: a handful of such
+    connections took every thread of a web process, ``/healthz`` included. Here gunicorn's
+    socket waits at most ``REQUEST_BODY_TIMEOUT`` seconds for each further piece of the body;
+    then the request is a ``408`` and its thread is free (gunicorn closes the connection: where
+    the next request would start is unknown). A body cut short by the client (its connection
+    closed or reset before the ``Content-Length`` was reached) is a ``400``, not a shorter body
+    taken at its word. Either way no view runs, so nothing is done. Read whole because a
+    deadline only holds where the reading is: views and forms read the body in many places,
+    and an error there was a ``500``. A ``Content-Length`` over ``DATA_UPLOAD_MAX_MEMORY_SIZE``
+    is refused (``413``) before any of it is read, as Django's own reading of it does.
 
     Django's WSGI request reads a body up to its ``Content-Length`` and takes a missing one
     for an empty body. A chunked body has none, so it vanished: a chunked order was refused as
@@ -53,11 +68,11 @@ class FramedBody:
     ``DATA_UPLOAD_MAX_MEMORY_SIZE`` (``413`` beyond; that counts the whole body, file parts
     too, which no route here takes), and handed on with its length; a WSGI server that cannot
     say where the body ends (Django's ``runserver``) gets ``411``, answered before anything is
-    done. Under ASGI, Django reads a chunked body itself: left alone. A compressed body is
-    refused rather than misread: the API's parser would take gzip for broken UTF-8, and any
-    other coding for what it is not (gunicorn takes ``gzip, chunked`` off the chunks and hands
-    on the gzip). Before every other middleware that reads the body (the CSRF check, the NUL
-    check of forms).
+    done. Under ASGI the server has read the body before Django sees the request (a chunked
+    one too): left alone. A compressed body is refused rather than misread: the API's parser
+    would take gzip for broken UTF-8, and any other coding for what it is not (gunicorn takes
+    ``gzip, chunked`` off the chunks and hands on the gzip). Before every other middleware
+    that reads the body (the CSRF check, the NUL check of forms).
     """
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
@@ -74,22 +89,125 @@ class FramedBody:
                 "unsupported_media_type",
                 f"A compressed body ({compressed[:60]}) is not accepted; send it uncompressed.",
             )
-        if chunked and "wsgi.input" in meta:
-            if not meta.get("wsgi.input_terminated"):
-                return _refused(
-                    411,
-                    "length_required",
-                    "This server cannot read a body without a Content-Length; send one.",
-                )
-            limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-            stream = meta["wsgi.input"]
-            body = stream.read(limit + 1) if limit is not None else stream.read()
-            if limit is not None and len(body) > limit:
-                return _refused(413, "payload_too_large", "The request body is too large.")
-            meta["CONTENT_LENGTH"] = str(len(body))
-            # What WSGIRequest builds from a Content-Length; it was built from none.
-            request._stream = LimitedStream(io.BytesIO(body), len(body))  # type: ignore[assignment]
+        if has_body and "wsgi.input" in meta:
+            refused = _read_chunked(request) if chunked else _read_sized(request)
+            if refused is not None:
+                return refused
         return self.get_response(request)
+
+
+def _read_chunked(request: HttpRequest) -> HttpResponse | None:
+    """Read a chunked body into the request, with the length it turned out to have; the
+    answer refusing it instead, if any."""
+    meta = request.META
+    if not meta.get("wsgi.input_terminated"):
+        return _refused(
+            411,
+            "length_required",
+            "This server cannot read a body without a Content-Length; send one.",
+        )
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    stream = meta["wsgi.input"]
+    try:
+        with _body_wait_bounded(meta):
+            body = stream.read(limit + 1) if limit is not None else stream.read()
+    except OSError as exc:  # gunicorn's own stream: a timeout, a reset, a chunk cut short
+        return _unreadable(request, exc)
+    if limit is not None and len(body) > limit:
+        return _refused(413, "payload_too_large", "The request body is too large.")
+    meta["CONTENT_LENGTH"] = str(len(body))
+    # What WSGIRequest builds from a Content-Length; it was built from none.
+    request._stream = LimitedStream(io.BytesIO(body), len(body))  # type: ignore[assignment]
+    return None
+
+
+def _read_sized(request: HttpRequest) -> HttpResponse | None:
+    """Read a body of a stated ``Content-Length`` into the request (``request.body``, which
+    every later reader is then given); the answer refusing it instead, if any."""
+    try:
+        length = int(request.META["CONTENT_LENGTH"])
+    except ValueError:
+        return None  # gunicorn refuses such a header; another server: Django reads no body
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    if limit is not None and length > limit:
+        return _refused(413, "payload_too_large", "The request body is too large.")
+    try:
+        with _body_wait_bounded(request.META):
+            body = request.body
+    except OSError as exc:  # Django's UnreadablePostError, from the server's stream
+        return _unreadable(request, exc)
+    if len(body) < length:
+        log.warning(
+            "http.body_incomplete",
+            method=request.method,
+            path=request.path[:200],
+            content_length=length,
+            received=len(body),
+        )
+        return _refused(
+            400,
+            "bad_request",
+            f"The request body ended after {len(body)} of the {length} bytes its "
+            "Content-Length announced; send the whole body.",
+        )
+    return None
+
+
+@contextmanager
+def _body_wait_bounded(meta: dict) -> Iterator[None]:
+    """While the body is read, gunicorn's socket waits at most ``REQUEST_BODY_TIMEOUT`` for
+    each read, then raises ``TimeoutError``; its blocking mode is given back afterwards, so
+    writing the answer is as before. Other servers hand over no socket: unbounded there."""
+    sock = meta.get("gunicorn.socket")
+    if sock is None:
+        yield
+        return
+    previous = sock.gettimeout()
+    sock.settimeout(settings.REQUEST_BODY_TIMEOUT)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # closed meanwhile: nothing to give back
+            sock.settimeout(previous)
+
+
+def _unreadable(request: HttpRequest, exc: OSError) -> HttpResponse:
+    """``408`` for a body that stopped arriving, ``400`` for a connection that failed while it
+    was sent (answered in case the client still reads, and so that it is not a ``500``)."""
+    fields = {
+        "method": request.method,
+        "path": request.path[:200],
+        "content_length": request.META.get("CONTENT_LENGTH") or "chunked",
+    }
+    if _timed_out(exc):
+        timeout = settings.REQUEST_BODY_TIMEOUT
+        log.warning("http.body_timed_out", waited=timeout, **fields)
+        return _refused(
+            408,
+            "request_timeout",
+            f"The request body did not arrive in time: no more of it came for {timeout:g} "
+            "seconds. Send the whole body without pausing, and no Content-Length larger than "
+            "it.",
+        )
+    log.warning("http.body_unreadable", error=str(exc)[:200], **fields)
+    return _refused(
+        400,
+        "bad_request",
+        "The request body could not be read: the connection failed while it was sent.",
+    )
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a socket timeout is behind ``exc`` (Django re-raises one reading the body as
+    ``UnreadablePostError``, twice over)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, TimeoutError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _compression(meta: dict) -> str | None:

@@ -5,6 +5,7 @@ here (django-environ). The sections read like a table of contents; tool settings
 ``pyproject.toml``.
 """
 
+import math
 import os
 import sys
 from datetime import timedelta
@@ -121,6 +122,15 @@ AXES_VERBOSE = False
 # append to X-Forwarded-For. 0: clients connect directly and REMOTE_ADDR is their address. The
 # audit log, the per-address rate limit and the login lockout all use the same answer.
 TRUSTED_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", default=0)
+# Seconds a web thread waits for more of a request's body (config.middleware.FramedBody reads
+# every body whole, first): a body that stops arriving for this long (a Content-Length larger
+# than what is sent) is answered 408 and the thread freed. Without it, such a client held a
+# gunicorn thread for as long as it kept the connection open.
+REQUEST_BODY_TIMEOUT = env.float("REQUEST_BODY_TIMEOUT", default=30.0)
+if not (math.isfinite(REQUEST_BODY_TIMEOUT) and REQUEST_BODY_TIMEOUT > 0):
+    raise ImproperlyConfigured(
+        f"REQUEST_BODY_TIMEOUT must be a positive number of seconds, not {REQUEST_BODY_TIMEOUT:g}"
+    )
 
 INSTALLED_APPS = [
     # Django's admin, its site recording every console edit in the audit log (audit.console).

@@ -81,6 +81,18 @@ def test_settings_refuse_to_keep_idempotency_keys_for_less_than_a_day(tmp_path, 
     )
 
 
+@pytest.mark.parametrize("seconds", ["0", "-5"])
+def test_settings_refuse_a_request_body_timeout_that_is_not_positive(tmp_path, seconds):
+    """A socket given no time at all would refuse every body, and a negative one is no wait."""
+    result = django_setup(
+        fresh_env(SAGARUNNER_VAR_DIR=str(tmp_path), SECRET_KEY="x", REQUEST_BODY_TIMEOUT=seconds)
+    )
+    assert result.returncode != 0
+    assert (
+        f"REQUEST_BODY_TIMEOUT must be a positive number of seconds, not {seconds}" in result.stderr
+    )
+
+
 def test_manage_py_without_secret_key_says_so_in_one_line(tmp_path):
     """``manage.py`` run without the environment ``make run`` writes (``var/run.env``): the
     message naming SECRET_KEY, not Django's traceback of the settings import above it."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
@@ -162,14 +162,14 @@ def counts() -> tuple[int, int]:
 
 
 @contextmanager
-def gunicorn_web(env: dict[str, str], log_dir: Path) -> Iterator[str]:
-    """gunicorn serving ``config.wsgi`` as deployed, with ``env``; yields its base URL
-    (``http://127.0.0.1:PORT``) once it answers, and stops it afterwards. Its log is
-    ``log_dir / "web.log"``."""
+def gunicorn_web(env: dict[str, str], log_dir: Path, args: Sequence[str] = ()) -> Iterator[str]:
+    """gunicorn serving ``config.wsgi`` as deployed, with ``env`` and any further command-line
+    ``args``; yields its base URL (``http://127.0.0.1:PORT``) once it answers, and stops it
+    afterwards. Its log is ``log_dir / "web.log"``."""
     port = spare_port()
     web = Process(
         "web",
-        [sys.executable, "-m", "gunicorn", "config.wsgi", "--bind", f"127.0.0.1:{port}"],
+        [sys.executable, "-m", "gunicorn", "config.wsgi", "--bind", f"127.0.0.1:{port}", *args],
         env=env,
         log_path=log_dir / "web.log",
     )
