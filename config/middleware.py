@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import heapq
 import io
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Callable
 
 import structlog
 from django.conf import settings
@@ -50,12 +54,15 @@ class FramedBody:
 
     A body that stops arriving (a ``Content-Length`` larger than what the client sends) held a
     gunicorn thread for as long as the client kept the connection open: a handful of such
-    connections took every thread of a web process, ``/healthz`` included. Here gunicorn's
-    socket waits at most ``REQUEST_BODY_TIMEOUT`` seconds for each further piece of the body;
-    then the request is a ``408`` and its thread is free (gunicorn closes the connection: where
-    the next request would start is unknown). A body cut short by the client (its connection
-    closed or reset before the ``Content-Length`` was reached) is a ``400``, not a shorter body
-    taken at its word. Either way no view runs, so nothing is done. Read whole because a
+    connections took every thread of a web process, ``/healthz`` included. Here the whole body
+    must arrive within ``REQUEST_BODY_TIMEOUT`` seconds of its first read (one deadline, so a
+    client trickling a byte now and then cannot stretch it); then the request is a ``408`` and
+    its thread is free (gunicorn closes a connection whose body it failed to read: where the next
+    request would start is unknown).
+    A body cut short by the client (its connection closed or reset before the
+    ``Content-Length`` was reached) is a ``400``, not a shorter body taken at its word, and so
+    is a chunked body whose framing is broken (gunicorn's parse error was a ``500``). Either
+    way no view runs, so nothing is done. Read whole because a
     deadline only holds where the reading is: views and forms read the body in many places,
     and an error there was a ``500``. A ``Content-Length`` over ``DATA_UPLOAD_MAX_MEMORY_SIZE``
     is refused (``413``) before any of it is read, as Django's own reading of it does.
@@ -107,23 +114,21 @@ def _read_chunked(request: HttpRequest) -> HttpResponse | None:
             "This server cannot read a body without a Content-Length; send one.",
         )
     limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-    stream = meta["wsgi.input"]
     try:
-        with _body_wait_bounded(meta):
-            body = stream.read(limit + 1) if limit is not None else stream.read()
-    except OSError as exc:  # gunicorn's own stream: a timeout, a reset, a chunk cut short
+        body = _read_within(meta, None if limit is None else limit + 1)
+    except OSError as exc:  # gunicorn's own stream: a timeout, a reset
         return _unreadable(request, exc)
+    except _MALFORMED as exc:  # the chunks' own framing is broken
+        return _malformed(request, exc)
     if limit is not None and len(body) > limit:
         return _refused(413, "payload_too_large", "The request body is too large.")
-    meta["CONTENT_LENGTH"] = str(len(body))
-    # What WSGIRequest builds from a Content-Length; it was built from none.
-    request._stream = LimitedStream(io.BytesIO(body), len(body))  # type: ignore[assignment]
+    _hand_on(request, body)
     return None
 
 
 def _read_sized(request: HttpRequest) -> HttpResponse | None:
-    """Read a body of a stated ``Content-Length`` into the request (``request.body``, which
-    every later reader is then given); the answer refusing it instead, if any."""
+    """Read a body of a stated ``Content-Length`` into the request (every later reader is
+    given it from memory); the answer refusing it instead, if any."""
     try:
         length = int(request.META["CONTENT_LENGTH"])
     except ValueError:
@@ -132,9 +137,8 @@ def _read_sized(request: HttpRequest) -> HttpResponse | None:
     if limit is not None and length > limit:
         return _refused(413, "payload_too_large", "The request body is too large.")
     try:
-        with _body_wait_bounded(request.META):
-            body = request.body
-    except OSError as exc:  # Django's UnreadablePostError, from the server's stream
+        body = _read_within(request.META, length)
+    except OSError as exc:
         return _unreadable(request, exc)
     if len(body) < length:
         log.warning(
@@ -150,25 +154,138 @@ def _read_sized(request: HttpRequest) -> HttpResponse | None:
             f"The request body ended after {len(body)} of the {length} bytes its "
             "Content-Length announced; send the whole body.",
         )
+    _hand_on(request, body[:length])
     return None
 
 
-@contextmanager
-def _body_wait_bounded(meta: dict) -> Iterator[None]:
-    """While the body is read, gunicorn's socket waits at most ``REQUEST_BODY_TIMEOUT`` for
-    each read, then raises ``TimeoutError``; its blocking mode is given back afterwards, so
-    writing the answer is as before. Other servers hand over no socket: unbounded there."""
+class _BodyDeadlines:
+    """Cuts off request bodies still being read at their deadline: one thread per process.
+
+    A socket timeout bounds each read, not the whole body: a client sending a byte now and
+    then, each within it, would hold its thread as long as it liked (gunicorn's stream reads
+    on until it has what was asked for). At a body's deadline this thread shuts the reading
+    side of its connection down, which ends the read at once, as if the client had stopped
+    (the answer can still be written); :meth:`disarm` says whether that happened.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: list[tuple[float, int]] = []
+        self._armed: dict[int, socket.socket] = {}
+        self._cut: set[int] = set()
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, sock: socket.socket, deadline: float) -> int:
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():  # none yet, or forked
+                self._thread = threading.Thread(
+                    target=self._run, name="request-body-deadlines", daemon=True
+                )
+                self._thread.start()
+            token = next(self._tokens)
+            heapq.heappush(self._due, (deadline, token))
+            self._armed[token] = sock
+            self._cond.notify()
+            return token
+
+    def disarm(self, token: int) -> bool:
+        """Stop watching; whether the deadline had passed and the read was cut off."""
+        with self._cond:
+            self._armed.pop(token, None)
+            if token in self._cut:
+                self._cut.discard(token)
+                return True
+            return False
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                while self._due and self._due[0][0] <= now:
+                    _, token = heapq.heappop(self._due)
+                    sock = self._armed.pop(token, None)
+                    if sock is not None:  # still being read: cut it off
+                        self._cut.add(token)
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RD)
+                self._cond.wait(self._due[0][0] - now if self._due else None)
+
+
+_DEADLINES = _BodyDeadlines()
+
+
+class _BodyTimedOut(TimeoutError):
+    """The whole body did not arrive within ``REQUEST_BODY_TIMEOUT``."""
+
+
+def _read_within(meta: dict, most: int | None) -> bytes:
+    """Up to ``most`` bytes of the body (all of it if ``None``), the whole of it arriving
+    within ``REQUEST_BODY_TIMEOUT`` seconds: else :class:`_BodyTimedOut`.
+
+    One deadline for the whole body (:class:`_BodyDeadlines`), read before the request is
+    authenticated, so an anonymous client cannot hold a thread past it either. Only where the
+    server hands over its socket (gunicorn's ``"gunicorn.socket"``); other servers' reads are
+    not bounded here.
+    """
+    stream = meta["wsgi.input"]
     sock = meta.get("gunicorn.socket")
-    if sock is None:
-        yield
-        return
-    previous = sock.gettimeout()
-    sock.settimeout(settings.REQUEST_BODY_TIMEOUT)
+    token = None
+    if sock is not None:
+        token = _DEADLINES.arm(sock, time.monotonic() + settings.REQUEST_BODY_TIMEOUT)
+    cut = False
     try:
-        yield
+        body = stream.read() if most is None else stream.read(most)
+    except _CUT_SHORT:
+        cut = token is not None and _DEADLINES.disarm(token)
+        token = None
+        if not cut:
+            raise
+        body = b""
     finally:
-        with contextlib.suppress(OSError):  # closed meanwhile: nothing to give back
-            sock.settimeout(previous)
+        if token is not None:
+            cut = _DEADLINES.disarm(token)
+    if cut:
+        raise _BodyTimedOut("the request body did not arrive in time")
+    return body
+
+
+def _hand_on(request: HttpRequest, body: bytes) -> None:
+    """The body as every later reader gets it: from memory, with its length."""
+    request.META["CONTENT_LENGTH"] = str(len(body))
+    # What WSGIRequest builds from a Content-Length (built from none for a chunked body).
+    request._stream = LimitedStream(io.BytesIO(body), len(body))  # type: ignore[assignment]
+
+
+def _malformed_errors() -> tuple[type[BaseException], ...]:
+    """gunicorn's errors for a body whose chunked framing is broken (a chunk size that is not
+    hexadecimal, a missing terminator): not ``OSError``s, and a ``500`` with a traceback
+    unless caught. Empty where gunicorn is not installed."""
+    try:
+        from gunicorn.http.errors import ParseException
+    except ImportError:  # pragma: no cover - gunicorn is a dependency
+        return ()
+    return (ParseException,)
+
+
+_MALFORMED = _malformed_errors()
+#: What a read that the deadline cut off may raise: the connection ended mid-body.
+_CUT_SHORT: tuple[type[BaseException], ...] = (OSError, *_MALFORMED)
+
+
+def _malformed(request: HttpRequest, exc: BaseException) -> HttpResponse:
+    log.warning(
+        "http.body_malformed",
+        method=request.method,
+        path=request.path[:200],
+        error=f"{type(exc).__name__}: {exc}"[:200],
+    )
+    return _refused(
+        400,
+        "bad_request",
+        "The request body's chunked framing is broken; send it as HTTP/1.1 chunks, or with a "
+        "Content-Length.",
+    )
 
 
 def _unreadable(request: HttpRequest, exc: OSError) -> HttpResponse:
@@ -185,7 +302,7 @@ def _unreadable(request: HttpRequest, exc: OSError) -> HttpResponse:
         return _refused(
             408,
             "request_timeout",
-            f"The request body did not arrive in time: no more of it came for {timeout:g} "
+            f"The request body did not arrive in time: all of it must come within {timeout:g} "
             "seconds. Send the whole body without pausing, and no Content-Length larger than "
             "it.",
         )

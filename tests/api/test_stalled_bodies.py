@@ -68,6 +68,71 @@ def test_a_body_that_stops_arriving_is_408_and_nothing_is_done(client_api, catal
     assert not Order.objects.exists()
 
 
+@override_settings(REQUEST_BODY_TIMEOUT=1.0)
+def test_a_body_trickling_in_is_408_once_its_whole_time_is_up(client_api, catalog):
+    """One deadline for the whole body: a client sending a byte now and then, each within the
+    timeout, could otherwise hold the thread for as long as it liked (before it is even
+    authenticated). The client here sends a byte every 0.2 s from a thread, for far longer
+    than the second allowed; the request is answered 408 before the body is complete."""
+    import threading
+
+    server, client = socket.socketpair()
+    server.settimeout(UNBOUNDED)
+    body = json.dumps(order_body()).encode()
+    stop = threading.Event()
+
+    def trickle() -> None:
+        for byte in body:
+            if stop.wait(0.2):  # the client's own pace, not a wait for the server
+                return
+            try:
+                client.sendall(bytes([byte]))
+            except OSError:
+                return
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    try:
+        response = _post_over(client_api, server, len(body))
+    finally:
+        stop.set()
+        sender.join(10)
+        server.close()
+        client.close()
+    assert_error(response, 408, "request_timeout")
+    assert not Order.objects.exists()
+
+
+def test_a_chunked_body_with_broken_framing_is_400_not_a_500(client_api, catalog, socket_pair):
+    """A chunk size that is not hexadecimal: gunicorn's parser raises an error of its own (no
+    OSError), which was a 500 with a traceback, for anyone to cause."""
+    from gunicorn.http.body import Body, ChunkedReader
+    from gunicorn.http.unreader import SocketUnreader
+
+    server, client = socket_pair
+    client.sendall(b"zz\r\n{}\r\n0\r\n\r\n")
+
+    class Req:  # what gunicorn's ChunkedReader asks of its request
+        trailers: list = []
+
+        class cfg:  # noqa: N801 - gunicorn's own attribute
+            max_chunk_size = 0
+
+    stream = Body(ChunkedReader(Req(), SocketUnreader(server)))
+    environ = {
+        "wsgi.input": stream,
+        "wsgi.input_terminated": True,
+        "gunicorn.socket": server,
+        "HTTP_TRANSFER_ENCODING": "chunked",
+    }
+    response = client_api.generic(
+        "POST", ORDERS, b"", "application/json", CONTENT_LENGTH="", **environ
+    )
+    detail = assert_error(response, 400, "bad_request")["detail"]
+    assert "chunked framing is broken" in detail, detail
+    assert not Order.objects.exists()
+
+
 def test_a_body_cut_short_is_400_not_taken_at_its_word(client_api, catalog, socket_pair):
     """A whole order, but a Content-Length 8 bytes longer, and the client closes its side: the
     order is not placed from what arrived."""
