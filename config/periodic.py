@@ -48,7 +48,7 @@ def ensure_periodic_task(
     apply_interval: bool = False,
 ) -> None:
     """Create beat's schedule for ``task`` once, under ``name`` (run from ``post_migrate``);
-    after that it belongs to the ops console. ``period`` is one of django-celery-beat's
+    after that it belongs to the ops console (but see ``apply_interval``). ``period`` is one of django-celery-beat's
     ``IntervalSchedule`` periods (``"seconds"``, ``"minutes"``, ``"hours"``, ...).
 
     ``apply_interval``: the interval was configured explicitly (an environment variable), so an
@@ -64,7 +64,12 @@ def ensure_periodic_task(
     existing = PeriodicTask.objects.filter(name=name).select_related("interval").first()
     if existing is not None and not apply_interval:
         return
-    schedule, _ = IntervalSchedule.objects.get_or_create(every=every, period=period)
+    # Not get_or_create: the table has no unique constraint, and staff may have made twins of
+    # an interval in the console (get_or_create would then raise, and stop every migrate).
+    schedule = (
+        IntervalSchedule.objects.filter(every=every, period=period).order_by("pk").first()
+        or IntervalSchedule.objects.create(every=every, period=period)
+    )
     if existing is None:
         PeriodicTask.objects.create(
             name=name, task=task, interval=schedule, description=description

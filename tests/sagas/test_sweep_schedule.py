@@ -35,7 +35,7 @@ def test_unset_the_interval_staff_chose_in_the_console_stays():
 
 
 @pytest.mark.django_db
-def test_set_the_interval_is_applied_to_the_existing_schedule(caplog):
+def test_set_the_interval_is_applied_to_the_existing_schedule():
     console_sets(45)
     with override_settings(SAGA_SWEEP_INTERVAL=3.0, SAGA_SWEEP_INTERVAL_SET=True):
         _ensure_sweep_schedule()
@@ -61,3 +61,16 @@ def test_migrate_with_the_variable_set_moves_the_sweep_of_an_existing_database()
     assert done.returncode == 0, done.stderr[-3000:]
     assert interval() == (3, "seconds")
     assert "periodic.interval_applied" in done.stdout + done.stderr
+
+
+@pytest.mark.django_db
+def test_twin_intervals_made_in_the_console_do_not_stop_a_migrate():
+    """django-celery-beat's intervals have no unique constraint: staff can make two of "3
+    seconds". Applying the variable then picked one, where get_or_create raised
+    MultipleObjectsReturned on every migrate."""
+    for _ in range(2):
+        IntervalSchedule.objects.create(every=3, period="seconds")
+    console_sets(45)
+    with override_settings(SAGA_SWEEP_INTERVAL=3.0, SAGA_SWEEP_INTERVAL_SET=True):
+        _ensure_sweep_schedule()
+    assert interval() == (3, "seconds")
