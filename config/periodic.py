@@ -48,8 +48,8 @@ def ensure_periodic_task(
     apply_interval: bool = False,
 ) -> None:
     """Create beat's schedule for ``task`` once, under ``name`` (run from ``post_migrate``);
-    after that it belongs to the ops console (but see ``apply_interval``). ``period`` is one of django-celery-beat's
-    ``IntervalSchedule`` periods (``"seconds"``, ``"minutes"``, ``"hours"``, ...).
+    after that it belongs to the ops console (but see ``apply_interval``). ``period`` is one of
+    django-celery-beat's ``IntervalSchedule`` periods (``"seconds"``, ``"minutes"``, ...).
 
     ``apply_interval``: the interval was configured explicitly (an environment variable), so an
     existing task is moved to it, one ``periodic.interval_applied`` line saying from what; a
@@ -66,10 +66,8 @@ def ensure_periodic_task(
         return
     # Not get_or_create: the table has no unique constraint, and staff may have made twins of
     # an interval in the console (get_or_create would then raise, and stop every migrate).
-    schedule = (
-        IntervalSchedule.objects.filter(every=every, period=period).order_by("pk").first()
-        or IntervalSchedule.objects.create(every=every, period=period)
-    )
+    same = IntervalSchedule.objects.filter(every=every, period=period).order_by("pk")
+    schedule = same.first() or IntervalSchedule.objects.create(every=every, period=period)
     if existing is None:
         PeriodicTask.objects.create(
             name=name, task=task, interval=schedule, description=description
