@@ -404,7 +404,7 @@ class WaitingForFilter(admin.SimpleListFilter):
     title = "waiting for"
     parameter_name = "waiting_for"
 
-    STAFF = "staff"
+    STAFF = selectors.STAFF_WAITS
 
     def lookups(self, request, model_admin):
         return [

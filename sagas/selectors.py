@@ -17,6 +17,7 @@ from django.db import connection
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
+from sagas.definition import registered_definitions
 from sagas.models import ACTIVE_STATES, Saga, SagaState
 
 
@@ -29,27 +30,29 @@ def saga_stuck_q(*, now: datetime | None = None) -> Q:
     )
 
 
-def staff_signal_names() -> list[str]:
-    """Signals only ops staff may send (a ``Wait`` without a ``client``), in every registered
-    definition: a saga waiting for one waits for someone in the ops console."""
-    from sagas.definition import registered_definitions
+#: The waiting-for filter's value for "a signal only staff send" (a signal name has no ``*``).
+STAFF_WAITS = "*staff"
 
-    names: list[str] = []
+
+def staff_signals_by_type() -> dict[str, set[str]]:
+    """Per saga type, the signals only ops staff may send (a ``Wait`` without a ``client``),
+    over every registered version: a saga waiting for one waits for someone in the ops
+    console. Per type, since another type may let its client send a signal of the same name."""
+    out: dict[str, set[str]] = {}
     for definition in registered_definitions():
         parks = [step.park for step in definition.steps if step.park is not None]
-        for park in parks:
-            if park.signal and park.client is None and park.signal not in names:
-                names.append(park.signal)
-    return names
+        names = {park.signal for park in parks if park.signal and park.client is None}
+        out.setdefault(definition.saga_type, set()).update(names)
+    return out
 
 
 def saga_waiting_for_staff_q() -> Q:
-    """Active sagas parked on a signal only staff send (see :func:`staff_signal_names`)."""
-    return Q(
-        state__in=ACTIVE_STATES,
-        waiting_since__isnull=False,
-        waiting_for__in=staff_signal_names(),
-    )
+    """Active sagas parked on a signal only staff send (see :func:`staff_signals_by_type`)."""
+    which = Q(pk__in=[])
+    for saga_type, names in staff_signals_by_type().items():
+        if names:
+            which |= Q(saga_type=saga_type, waiting_for__in=sorted(names))
+    return Q(state__in=ACTIVE_STATES, waiting_since__isnull=False) & which
 
 
 def sagas_stuck(*, now: datetime | None = None) -> QuerySet[Saga]:

@@ -137,7 +137,7 @@ def saga_overview(context):
         "staff_waits": selectors.saga_count_bounded(
             Saga.objects.filter(selectors.saga_waiting_for_staff_q()), cap=10_000
         ),
-        "staff_waits_url": f"{changelist}?waiting_for=staff",
+        "staff_waits_url": f"{changelist}?waiting_for={selectors.STAFF_WAITS}",
         "dashboard_url": reverse("admin:sagas_saga_dashboard"),
         "changelist_url": changelist,
     }

@@ -308,7 +308,7 @@ def test_sagas_waiting_for_a_staff_signal_are_counted_on_the_index_and_the_dashb
             waiting_for=signal, waiting_since=timezone.now(), next_attempt_at=None
         )
         waits[signal] = saga
-    link = f"{LIST}?waiting_for=staff"
+    link = f"{LIST}?waiting_for=*staff"
 
     panel = ops_client.get("/admin/").content.decode()
     panel = panel[panel.index('id="ops-overview"') :]
@@ -472,3 +472,28 @@ def test_a_saga_whose_signal_was_accepted_says_so_not_that_it_waits_for_its_time
     assert "Signal fraud_review received</strong>" in html
     assert "its timer" not in html and "Kept for later" not in html
     assert "Send a signal" not in html
+
+
+def test_waiting_for_staff_is_judged_per_saga_type(ops_client, monkeypatch):
+    """One type's staff-only signal may be another type's client-facing one of the same name:
+    a saga of the second type, waiting for its client, is not waiting for staff."""
+    from django.utils import timezone
+
+    from sagas import selectors
+    from sagas.definition import SagaDefinition, Wait
+    from tests.sagas.sagatypes import scripted
+
+    staff = SagaDefinition("staff_go", steps=[*scripted(["s1"]), Wait("go", timeout=60)])
+    client = SagaDefinition(
+        "client_go", steps=[*scripted(["s1"]), Wait("go", timeout=60, client=lambda _: 1)]
+    )
+    monkeypatch.setattr(selectors, "registered_definitions", lambda: [staff, client])
+    parked = {}
+    for kind in ("staff_go", "client_go"):
+        saga = make_saga(state=SagaState.RUNNING, step_index=1)
+        Saga.objects.filter(pk=saga.pk).update(
+            saga_type=kind, waiting_for="go", waiting_since=timezone.now()
+        )
+        parked[kind] = saga.pk
+    found = Saga.objects.filter(selectors.saga_waiting_for_staff_q())
+    assert list(found.values_list("pk", flat=True)) == [parked["staff_go"]]
