@@ -77,8 +77,14 @@ COMPACT_JSON = {"separators": (",", ":"), "ensure_ascii": False}
 
 
 def json_response(body: Any, status: int) -> JsonResponse:
-    """``JsonResponse`` written as DRF writes JSON (:data:`COMPACT_JSON`)."""
-    return JsonResponse(body, status=status, json_dumps_params=COMPACT_JSON)
+    """``JsonResponse`` written as DRF writes JSON (:data:`COMPACT_JSON`), U+2028 and U+2029
+    escaped as DRF escapes them (JavaScript took them for line ends)."""
+    response = JsonResponse(body, status=status, json_dumps_params=COMPACT_JSON)
+    if b"\xe2\x80\xa8" in response.content or b"\xe2\x80\xa9" in response.content:
+        response.content = response.content.replace("\u2028".encode(), b"\\u2028").replace(
+            "\u2029".encode(), b"\\u2029"
+        )
+    return response
 
 
 def flatten_errors(detail: Any, prefix: str = "") -> dict[str, list[str]]:

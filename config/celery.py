@@ -331,10 +331,12 @@ def _beat_start_line(sender: Any = None, **_kwargs: Any) -> None:
     from celery import __version__
 
     scheduler = sender.scheduler
+    with sender.app.connection() as broker:  # not connected: only its address is read
+        transport = broker.as_uri()
     structlog.get_logger("config.celery").info(
         "beat.starting",
         celery=__version__,
-        transport=sender.app.connection().as_uri(),
+        transport=transport,
         scheduler=f"{type(scheduler).__module__}.{type(scheduler).__qualname__}",
         max_interval=scheduler.max_interval,
         entries=sorted(scheduler.schedule),

@@ -115,7 +115,8 @@ AXES_LOCKOUT_TEMPLATE = "admin/locked_out.html"
 AXES_HTTP_RESPONSE_CODE = 429
 # Not verbose: its "AXES: BEGIN version ..." line at every process's start (each management
 # command's included, on the terminal of `TOKEN=$(manage.py issue_token ...)`) said nothing an
-# operator needs; lockouts and failures are still logged, and audited.
+# operator needs; lockouts and failures are still logged, and audited (their log lines name the
+# lockout parameters, user name and address, masked as before, no longer the user agent).
 AXES_VERBOSE = False
 
 # How many reverse proxies (load balancer, ingress) stand in front of the web processes and

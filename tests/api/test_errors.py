@@ -264,3 +264,14 @@ def test_a_path_not_meant_for_the_api_keeps_the_html_404(anon_api, path):
     response = anon_api.get("/", PATH_INFO=path, HTTP_ACCEPT="text/html")
     assert response.status_code == 404
     assert response["Content-Type"].startswith("text/html"), response.content[:200]
+
+
+def test_an_answer_outside_drf_is_written_byte_for_byte_as_drf_writes_it():
+    """U+2028 and U+2029 included, which DRF's renderer escapes (JavaScript took them for line
+    ends) and json.dumps does not."""
+    from rest_framework.renderers import JSONRenderer
+
+    from config.api_errors import error_body, json_response
+
+    body = error_body("bad_request", "a\u2028b\u2029c é 日本")
+    assert json_response(body, 400).content == JSONRenderer().render(body)
