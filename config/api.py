@@ -298,7 +298,7 @@ def close_request_bodies(result: dict, generator, request, public) -> dict:
 
 def add_plain_views(result: dict, generator, request, public) -> dict:
     """drf-spectacular postprocessing hook: ``/healthz`` and ``/metrics`` are plain Django views
-    (no DRF), documented here so the schema lists every route of the contract."""
+    (no DRF), documented here so the schema lists every route the API documents."""
     paths = result.setdefault("paths", {})
     component = {
         "type": "object",

@@ -21,7 +21,7 @@ Then it waits for every order to settle and checks what the README's Guarantees 
 * guarantee 5 through the API: every response for a key carried one order id, a final replay
   of every key returns that id, and each user's order list holds exactly one order per key;
 * the outcomes through the API: every order is ``confirmed``, ``cancelled`` or
-  ``needs_attention``, and none that the contract says must fail (a declined card, a declined
+  ``needs_attention``, and none that the docs say must fail (a declined card, a declined
   capture, ``AQ``, a rejected fraud review) is confirmed; every review decision was answered
   ``202`` and every rejected order is cancelled with ``fraud_rejected`` (or needs attention);
 * ``POST /orders/`` answered ``201`` (or ``409`` for a duplicate still in flight) throughout,

@@ -1,4 +1,4 @@
-"""The production-shaped stack (docker-compose.yml, Dockerfile) has the contracted shape.
+"""The production-shaped stack (docker-compose.yml, Dockerfile) has the documented shape.
 
 There is no Docker engine on these machines, so this reads the files: services, commands,
 health checks and the order they start in.

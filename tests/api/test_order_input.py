@@ -527,7 +527,7 @@ def test_bad_idempotency_keys_are_400(client_api, catalog, key, code):
 
 
 def test_a_255_character_key_is_accepted(client_api, catalog):
-    """The contract's limit is inclusive."""
+    """The documented limit is inclusive."""
     response = client_api.post(
         "/api/v1/orders/", GOOD, format="json", headers={"Idempotency-Key": "k" * 255}
     )

@@ -45,7 +45,7 @@ def set_saga(order_id, **fields) -> None:
 
 # -- placing --------------------------------------------------------------------------------------
 def test_post_creates_the_order_and_returns_it_as_the_contract_lists(client_api, place, customer):
-    """201 with exactly the contract's fields: processing at reserve_inventory, the total priced
+    """201 with exactly the documented fields: processing at reserve_inventory, the total priced
     from the catalog as a decimal string, zero payment amounts, no shipment yet, and a
     Location header; the order belongs to the caller and has a running saga."""
     response = client_api.post(

@@ -74,7 +74,7 @@ def test_mixed_run_with_every_fault_settles_every_order_and_keeps_every_guarante
 ):
     """>= 200 random orders under errors, lost responses, crashes, latency, duplicate doorbells
     and a killed worker: every order ends confirmed, cancelled or needs_attention; no order
-    is confirmed that the contract says must not be; stock_on_hand fell by exactly the confirmed
+    is confirmed that the docs say must not be; stock_on_hand fell by exactly the confirmed
     quantities; and check_invariants --require-settled reports no violation."""
     seed = int(os.environ.get("ORDERS_MIXED_SEED", "20261123"))
     rng = random.Random(seed)
@@ -149,7 +149,7 @@ def test_mixed_run_with_every_fault_settles_every_order_and_keeps_every_guarante
     by_status = Counter(o.status for o in settled)
     assert set(by_status) <= set(OrderStatus.SETTLED), by_status
 
-    # The contract's deterministic "no"s can never end confirmed.
+    # The documented deterministic "no"s can never end confirmed.
     for o in settled:
         if o.status == OrderStatus.CONFIRMED:
             assert o.payment_method not in ("pm_card_declined", "pm_card_capture_declined"), o.id

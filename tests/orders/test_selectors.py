@@ -46,7 +46,7 @@ EXPECTED = [
 
 @pytest.mark.parametrize(("saga_fields", "expected"), EXPECTED)
 def test_order_state_follows_the_saga(saga_fields, expected):
-    """Each saga state maps to the contract's order status, step and reason."""
+    """Each saga state maps to the documented order status, step and reason."""
     state, cancel_reason, failure_code = saga_fields
     saga = Saga(
         state=state,

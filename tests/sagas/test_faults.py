@@ -1,5 +1,5 @@
 """``SAGA_FAULTS``: parsing refuses bad values by name, and the seam fails, loses and delays
-the participants' real operations exactly as the contract says (``crash`` is left to the
+the participants' real operations exactly as docs/design.md says (``crash`` is left to the
 worker tests: in-process it would kill the test runner)."""
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ def test_unset_or_empty_means_no_faults(raw):
     assert parse_faults(raw) == {}
 
 
-def test_the_contract_example_parses():
-    """The example from the contract is valid and read as written."""
+def test_the_documented_example_parses():
+    """docs/design.md's example is valid and read as written."""
     specs = parse_faults(
         '{"payments.authorize": {"error": 0.2, "lost_response": 0.05, "latency_ms": [5, 50]},'
         ' "shipping.arrange": {"crash": 0.01}}'
@@ -234,8 +234,8 @@ CASES: dict[str, Case] = {
 }
 
 
-def test_every_contract_operation_has_a_case():
-    """The seam tests below cover each operation the contract names."""
+def test_every_documented_operation_has_a_case():
+    """The seam tests below cover each operation docs/design.md names."""
     assert set(CASES) == OPERATIONS
 
 

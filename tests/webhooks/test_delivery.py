@@ -67,7 +67,7 @@ def test_events_arrive_signed_in_order_and_the_last_one_is_the_order_as_get_show
     wait_for(_final_received(receiver, orders), timeout=60, describe=receiver.accepted)
 
     for request in receiver.all():
-        header = request.headers["Sagarunner-Signature"]  # the contract's name, spelt out
+        header = request.headers["Sagarunner-Signature"]  # the documented name, spelt out
         assert signing.verify(endpoint["secret"], header, request.body), header
         assert not signing.verify("whsec_wrong", header, request.body)
         # The documented format, computed here without the product's code: the header is
