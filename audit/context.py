@@ -9,6 +9,7 @@ unless the caller says otherwise.
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,14 +40,25 @@ _current: contextvars.ContextVar[Origin | None] = contextvars.ContextVar(
 def client_ip(request: HttpRequest) -> str | None:
     """The client's address: ``REMOTE_ADDR``, or, behind ``TRUSTED_PROXY_COUNT`` proxies, the
     address the outermost trusted proxy saw (counted from the right of ``X-Forwarded-For``, so
-    a client cannot choose it by sending its own header)."""
+    a client cannot choose it by sending its own header).
+
+    A header with fewer hops than there are proxies did not come through all of them (a client
+    reaching a nearer hop, or the app, directly): its leftmost hop, which that client wrote,
+    was taken, so anyone could pick the address its rate limit and login lockout were counted
+    by. Then, and for a hop that is no IP address (which the lockout's table cannot store), the
+    peer's own address counts.
+    """
+    peer = request.META.get("REMOTE_ADDR") or None
     proxies = getattr(settings, "TRUSTED_PROXY_COUNT", 0)
     if proxies:
         forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
         hops = [h.strip() for h in forwarded.split(",") if h.strip()]
-        if hops:
-            return hops[-min(proxies, len(hops))]
-    return request.META.get("REMOTE_ADDR") or None
+        if len(hops) >= proxies:
+            try:
+                return str(ipaddress.ip_address(hops[-proxies]))
+            except ValueError:
+                return peer
+    return peer
 
 
 def source_of(request: HttpRequest) -> str:

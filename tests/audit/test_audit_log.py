@@ -53,6 +53,32 @@ def test_behind_a_trusted_proxy_the_address_is_the_one_the_proxy_saw(client, ops
     assert AuditEntry.objects.get(action="saga.retry").ip == "198.51.100.4"
 
 
+@pytest.mark.parametrize(
+    ("forwarded", "expected"),
+    [
+        # Fewer hops than proxies: the header did not come through them all, and its leftmost
+        # hop is the client's own writing; the peer's address counts.
+        ("6.6.6.6", "10.0.0.2"),
+        ("", "10.0.0.2"),
+        # The hop the outermost trusted proxy saw is no address at all.
+        ("6.6.6.6, not-an-address, 198.51.100.4", "10.0.0.2"),
+        ("6.6.6.6, 203.0.113.9, 198.51.100.4", "203.0.113.9"),
+        ("2001:DB8::1, 198.51.100.4", "2001:db8::1"),
+    ],
+)
+def test_behind_two_trusted_proxies_a_client_cannot_choose_its_address(
+    rf, settings, forwarded, expected
+):
+    """With two proxies a client reaching the nearer one directly sent one hop of its own
+    choosing, and that hop was taken: anyone could pick the address its rate limit, login
+    lockout and audit entries went by."""
+    from audit.context import client_ip
+
+    settings.TRUSTED_PROXY_COUNT = 2
+    request = rf.get("/", REMOTE_ADDR="10.0.0.2", HTTP_X_FORWARDED_FOR=forwarded)
+    assert client_ip(request) == expected
+
+
 def test_an_api_ops_action_is_an_audit_entry_from_the_api(ops_user):
     from tests.api.conftest import api_client_for
 
