@@ -96,11 +96,24 @@ class FramedBody:
                 "unsupported_media_type",
                 f"A compressed body ({compressed[:60]}) is not accepted; send it uncompressed.",
             )
-        if has_body and "wsgi.input" in meta:
+        if has_body and "wsgi.input" in meta and not _anonymous_api_call(request):
             refused = _read_chunked(request) if chunked else _read_sized(request)
             if refused is not None:
                 return refused
         return self.get_response(request)
+
+
+def _anonymous_api_call(request: HttpRequest) -> bool:
+    """An API call with no credentials at all (no ``Authorization`` header, no session): it
+    is answered ``401`` without its body, so the body is not read for it either. Read first,
+    it let anyone hold a thread for ``REQUEST_BODY_TIMEOUT`` per connection before being told
+    to sign in; unread, gunicorn drains it after the answer within its own short limit. (A
+    request with made-up credentials is read, within the deadline, and then refused.)"""
+    return (
+        request.path_info.startswith("/api/")
+        and not request.META.get("HTTP_AUTHORIZATION")
+        and settings.SESSION_COOKIE_NAME not in request.COOKIES
+    )
 
 
 def _read_chunked(request: HttpRequest) -> HttpResponse | None:
@@ -208,7 +221,9 @@ class _BodyDeadlines:
                     if sock is not None:  # still being read: cut it off
                         self._cut.add(token)
                         with contextlib.suppress(OSError):
-                            sock.shutdown(socket.SHUT_RD)
+                            # The plain socket's own shutdown: an SSLSocket's would drop its
+                            # TLS state, and the answer would then go out in the clear.
+                            socket.socket.shutdown(sock, socket.SHUT_RD)
                 self._cond.wait(self._due[0][0] - now if self._due else None)
 
 

@@ -123,11 +123,11 @@ AXES_VERBOSE = False
 # append to X-Forwarded-For. 0: clients connect directly and REMOTE_ADDR is their address. The
 # audit log, the per-address rate limit and the login lockout all use the same answer.
 TRUSTED_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", default=0)
-# Seconds a web thread waits for more of a request's body (config.middleware.FramedBody reads
-# every body whole, first): a body that stops arriving for this long (a Content-Length larger
-# than what is sent) is answered 408 and the thread freed. Without it, such a client held a
-# gunicorn thread for as long as it kept the connection open.
-REQUEST_BODY_TIMEOUT = env.float("REQUEST_BODY_TIMEOUT", default=30.0)
+# Seconds a request's whole body may take to arrive (config.middleware.FramedBody reads every
+# body whole, first, but an anonymous API call's): a body that stops arriving or trickles is
+# answered 408 and the thread freed. Without it, such a client held a gunicorn thread for as
+# long as it kept the connection open. 10 s: the API's bodies are a few kilobytes.
+REQUEST_BODY_TIMEOUT = env.float("REQUEST_BODY_TIMEOUT", default=10.0)
 if not (math.isfinite(REQUEST_BODY_TIMEOUT) and REQUEST_BODY_TIMEOUT > 0):
     raise ImproperlyConfigured(
         f"REQUEST_BODY_TIMEOUT must be a positive number of seconds, not {REQUEST_BODY_TIMEOUT:g}"

@@ -133,6 +133,21 @@ def test_a_chunked_body_with_broken_framing_is_400_not_a_500(client_api, catalog
     assert not Order.objects.exists()
 
 
+@override_settings(REQUEST_BODY_TIMEOUT=60.0)
+def test_an_anonymous_api_call_is_401_without_its_body_being_read(db, anon_api, socket_pair):
+    """No credentials at all: the 401 comes at once, the stalled body unread (gunicorn drains
+    what is left within its own limit). Read first, it held the thread until the deadline (here
+    the socket's own 20 s, ending in a 408) before the caller was told to sign in."""
+    server, client = socket_pair
+    body = json.dumps(order_body()).encode()
+    client.sendall(body[:20])  # and then nothing
+
+    response = _post_over(anon_api, server, len(body))
+
+    assert_error(response, 401, "not_authenticated")
+    assert not Order.objects.exists()
+
+
 def test_a_body_cut_short_is_400_not_taken_at_its_word(client_api, catalog, socket_pair):
     """A whole order, but a Content-Length 8 bytes longer, and the client closes its side: the
     order is not placed from what arrived."""
