@@ -565,6 +565,9 @@ SPECTACULAR_SETTINGS = {
 # imported, which is why it is exported here.
 # ---------------------------------------------------------------------------------------------
 PROMETHEUS_MULTIPROC_DIR = env("PROMETHEUS_MULTIPROC_DIR", default=str(VAR_DIR / "metrics"))
+# Seconds a web process reuses its last /metrics render (open to anyone; each render counts the
+# sagas per state in the database). 0: render every time.
+METRICS_REUSE_SECONDS = env.float("METRICS_REUSE_SECONDS", default=2.0)
 Path(PROMETHEUS_MULTIPROC_DIR).mkdir(parents=True, exist_ok=True)
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = PROMETHEUS_MULTIPROC_DIR
 # A Celery worker with a metrics directory of its own (a container) serves its counters on

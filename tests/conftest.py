@@ -74,6 +74,9 @@ _DEFAULTS = {
     "SAGA_BACKOFF_MAX": "0.5",
     "SAGA_STUCK_AFTER": "0.5",
     "SAGA_SWEEP_INTERVAL": "0.5",
+    # Tests read /metrics right after what they count (tests/api/test_metrics_health.py checks
+    # that a render is reused when this is set).
+    "METRICS_REUSE_SECONDS": "0",
     "SAGA_STEP_TIMEOUT": "3",
     "SAGA_INLINE_BUDGET": "0.5",
     "SAGA_DEADLINE": "60",

@@ -83,3 +83,26 @@ def test_healthz_answers_another_method_405_json(method):
     assert response.status_code == 405
     assert response["Allow"] == "GET, HEAD"
     assert response.json()["code"] == "method_not_allowed"
+
+
+@pytest.mark.django_db
+def test_healthz_checks_at_most_once_a_second_per_process(client, monkeypatch):
+    """Anyone may call /healthz, and each check opens a database and a broker connection of
+    its own: a loop of calls opened connections without end. Calls within a second share one
+    check (reused here for a minute, so that the test does not race the clock), and a check
+    about another database or broker is not reused."""
+    from config import health
+
+    ran = []
+    real = dict(health.CHECKS)
+    counted = {name: (lambda name=name: ran.append(name) or real[name]()) for name in real}
+    monkeypatch.setattr(health, "CHECKS", counted)
+    monkeypatch.setattr(health, "REUSE_SECONDS", 60.0)
+    monkeypatch.setattr(health, "_last", None)
+
+    for _ in range(5):
+        assert client.get("/healthz").status_code == 200
+    assert sorted(ran) == ["broker", "database"]
+
+    monkeypatch.setitem(connections.settings["default"], "PORT", str(closed_port()))
+    assert client.get("/healthz").status_code == 503

@@ -161,3 +161,19 @@ def test_metrics_show_every_known_counter_series_at_zero_before_it_counts(tmp_pa
         'provider_limited_total{limit="rate",provider="payments"} 0.0',
     ):
         assert line in text, (line, text[-3000:])
+
+
+def test_metrics_are_rendered_at_most_once_in_their_reuse_window(client_api, place, settings):
+    """Anyone may scrape /metrics, and a render counts every saga per state in the database:
+    scrapes within ``METRICS_REUSE_SECONDS`` (a minute here, so the test does not race the
+    clock) share one render, and with 0 every scrape renders afresh."""
+    from config import metrics
+
+    settings.METRICS_REUSE_SECONDS = 60.0
+    metrics._rendered = None
+    first = Client().get("/metrics").content.decode()
+    place(client_api)
+    assert Client().get("/metrics").content.decode() == first
+    settings.METRICS_REUSE_SECONDS = 0
+    assert 'saga_state_count{state="running"} 1.0' in Client().get("/metrics").content.decode()
+    assert 'saga_state_count{state="running"} 1.0' not in first
