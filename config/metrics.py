@@ -17,7 +17,6 @@ from drf_spectacular.utils import extend_schema
 from config.api_errors import read_only_endpoint
 from sagas.metrics import render_metrics
 
-
 _rendered: tuple[float, bytes, str] | None = None
 _rendering = threading.Lock()
 
