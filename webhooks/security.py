@@ -20,6 +20,7 @@ a client needs told apart from "it points inside".
 
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
 import re
 import socket
@@ -136,6 +137,26 @@ def _past_host(url: str, at: int) -> bool:
     return bool(ends) and at > min(ends)
 
 
+#: Seconds a name may take to resolve. The system resolver has no deadline of its own a caller
+#: can set (a name server that never answers costs its retries, 10 to 30 s and more), and a
+#: registration resolves in a web thread: a client naming hosts under a silent name server
+#: held a thread per request for that long.
+RESOLVE_TIMEOUT = 3.0
+#: Lookups run here, so that the caller can stop waiting; a lookup still hung when its caller
+#: gave up ends on the resolver's own time, holding one of these threads, never a web thread.
+_RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="webhook-dns")
+
+
+def _resolve(host: str, port: int) -> list:
+    """``socket.getaddrinfo`` with a deadline (:data:`RESOLVE_TIMEOUT`): raises
+    ``concurrent.futures.TimeoutError`` past it."""
+    lookup = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        return lookup.result(timeout=RESOLVE_TIMEOUT)
+    finally:
+        lookup.cancel()  # still queued behind hung lookups: never run it
+
+
 def check_new_url(url: str) -> Target:
     """:func:`check_url` for a URL being registered, which must also be written as it is
     sent. Only at registration: an endpoint registered before this rule, with a space in its
@@ -188,7 +209,12 @@ def check_url(url: str) -> Target:
     port = port if port is not None else (443 if parts.scheme == "https" else 80)
     host = _ascii_host(parts.hostname)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = _resolve(host, port)
+    except concurrent.futures.TimeoutError:
+        raise UrlRefused(
+            "unresolvable_host",
+            f"{parts.hostname} did not resolve within {RESOLVE_TIMEOUT:g} seconds.",
+        ) from None
     except (OSError, UnicodeError):
         raise UrlRefused("unresolvable_host", f"{parts.hostname} does not resolve.") from None
     addresses = []

@@ -246,6 +246,34 @@ def test_a_host_is_resolved_and_presented_in_its_ascii_form(settings, monkeypatc
     assert looked_up == [host]
 
 
+def test_a_name_server_that_never_answers_is_refused_after_the_resolve_deadline(
+    settings, monkeypatch
+):
+    """A host under a name server that never answers held the registering web thread for as
+    long as the system resolver kept trying (10 to 30 s and more), for any client to repeat:
+    the lookup is given ``RESOLVE_TIMEOUT`` (0.2 s here), then the URL is refused."""
+    import threading
+
+    from webhooks import security
+
+    settings.WEBHOOKS_ALLOW_PRIVATE = False
+    released = threading.Event()
+
+    def getaddrinfo(name, port, *args, **kwargs):  # a silent name server
+        released.wait(60)
+        raise socket.gaierror("no answer")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(security, "RESOLVE_TIMEOUT", 0.2)
+    try:
+        with pytest.raises(UrlRefused) as refused:
+            check_new_url("https://hook.silent-dns.example/hooks")
+    finally:
+        released.set()
+    assert refused.value.code == "unresolvable_host"
+    assert "did not resolve within 0.2 seconds" in str(refused.value)
+
+
 def test_every_address_of_a_host_is_checked_and_kept_in_the_resolvers_order(settings, monkeypatch):
     """A delivery may connect to any address the name resolves to, so each must pass and each
     is kept, in the resolver's order and once (for a delivery to try in turn); one internal
