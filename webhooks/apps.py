@@ -45,4 +45,6 @@ def _ensure_schedules(**_kwargs) -> None:
         ),
     ]
     for wanted_task in wanted:
-        ensure_periodic_task(*wanted_task)
+        # Set explicitly, the sweep's interval is applied at every migrate, as the saga sweep's.
+        explicit = wanted_task[0] == SWEEP_TASK_NAME and settings.WEBHOOKS_SWEEP_INTERVAL_SET
+        ensure_periodic_task(*wanted_task, apply_interval=explicit)

@@ -74,3 +74,23 @@ def test_twin_intervals_made_in_the_console_do_not_stop_a_migrate():
     with override_settings(SAGA_SWEEP_INTERVAL=3.0, SAGA_SWEEP_INTERVAL_SET=True):
         _ensure_sweep_schedule()
     assert interval() == (3, "seconds")
+
+
+@pytest.mark.django_db
+def test_the_webhook_sweep_takes_its_variable_the_same_way():
+    """WEBHOOKS_SWEEP_INTERVAL likewise only took effect on a database without the task."""
+    from webhooks.apps import SWEEP_TASK_NAME as WEBHOOK_SWEEP
+    from webhooks.apps import _ensure_schedules
+
+    def webhook_interval() -> tuple[int, str]:
+        task = PeriodicTask.objects.select_related("interval").get(name=WEBHOOK_SWEEP)
+        return task.interval.every, task.interval.period
+
+    schedule, _ = IntervalSchedule.objects.get_or_create(every=45, period="seconds")
+    PeriodicTask.objects.filter(name=WEBHOOK_SWEEP).update(interval=schedule)
+    with override_settings(WEBHOOKS_SWEEP_INTERVAL=10.0, WEBHOOKS_SWEEP_INTERVAL_SET=False):
+        _ensure_schedules()
+    assert webhook_interval() == (45, "seconds")
+    with override_settings(WEBHOOKS_SWEEP_INTERVAL=7.0, WEBHOOKS_SWEEP_INTERVAL_SET=True):
+        _ensure_schedules()
+    assert webhook_interval() == (7, "seconds")
