@@ -35,6 +35,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from accounts.throttling import OrderRateThrottle, check
+from audit.services import audit_record
 from config.api import (
     BodyReadFirst,
     ErrorSerializer,
@@ -361,7 +362,18 @@ class OrderViewSet(BodyReadFirst, viewsets.GenericViewSet):
     @action(detail=True, methods=["post"], filter_backends=[])
     def cancel(self, request: Request, pk: str) -> Response:
         order = self.get_object_light()
-        order_request_cancel(order=order, actor=request.user)
+        with transaction.atomic():
+            order_request_cancel(order=order, actor=request.user)
+            if order.owner_id != request.user.pk:
+                # Staff cancelling a client's order: the saga's timeline names them, and the
+                # audit log, where staff's other actions on clients' orders are, has it too.
+                audit_record(
+                    "order.cancel",
+                    actor=request.user,
+                    target=f"order:{order.pk}",
+                    detail={"owner": order.owner_id, "saga": str(order.saga_id)},
+                    request=request,
+                )
         order = self.get_queryset().get(pk=order.pk)
         attach_payments_and_shipments([order])
         return Response(OrderSerializer(order).data, status=status.HTTP_202_ACCEPTED)

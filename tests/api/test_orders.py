@@ -630,6 +630,19 @@ def test_staff_may_cancel_any_order(client_api, staff_api, place):
     assert staff_api.post(f"/api/v1/orders/{order['id']}/cancel/").status_code == 202
     event = SagaEvent.objects.get(saga__order__id=order["id"], kind="cancel_requested")
     assert event.actor == "user:sam"
+    # Not the client's own cancel: it is in the audit log too, with who and whose.
+    from audit.models import AuditEntry
+
+    entry = AuditEntry.objects.get(action="order.cancel")
+    assert (entry.actor_name, entry.target) == ("sam", f"order:{order['id']}")
+
+
+def test_a_clients_own_cancel_is_no_audit_entry(client_api, place):
+    from audit.models import AuditEntry
+
+    order = place(client_api)
+    assert client_api.post(f"/api/v1/orders/{order['id']}/cancel/").status_code == 202
+    assert not AuditEntry.objects.filter(action="order.cancel").exists()
 
 
 def test_orders_routes_refuse_other_methods_with_405_json(client_api, place):
