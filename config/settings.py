@@ -110,7 +110,8 @@ AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
 AXES_RESET_ON_SUCCESS = True
 # A success clears its own user name's failures only (see the handler for why).
 AXES_HANDLER = "accounts.lockout.OwnAttemptsOnlyHandler"
-AXES_CLIENT_IP_CALLABLE = "audit.context.client_ip"
+# IPv6 counted by its /64, as the API's rate limits count it (accounts.lockout).
+AXES_CLIENT_IP_CALLABLE = "accounts.lockout.lockout_address"
 AXES_LOCKOUT_TEMPLATE = "admin/locked_out.html"
 AXES_HTTP_RESPONSE_CODE = 429
 # Not verbose: its "AXES: BEGIN version ..." line at every process's start (each management

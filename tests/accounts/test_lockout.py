@@ -87,6 +87,18 @@ def test_failures_from_one_address_lock_that_address_for_every_user(client, demo
     assert ok.status_code == 302
 
 
+def test_failures_from_one_ipv6_network_lock_all_of_it(client, demo_staff, settings):
+    """Each failure from another address of one /64 (which its holder picks at will) counted
+    for that address alone: five more password checks per address, without end. Counted by the
+    /64, the sixth address of it is locked too; another /64 is not."""
+    for i in range(settings.AXES_FAILURE_LIMIT):
+        login(client, f"guess-{i}", "wrong-guess", ip=f"2001:db8:7:1::{i + 1:x}")
+    response = login(client, "demo-staff", settings.DEMO_STAFF_PASSWORD, ip="2001:db8:7:1::99")
+    assert response.status_code == 429
+    ok = login(client, "demo-staff", settings.DEMO_STAFF_PASSWORD, ip="2001:db8:7:2::1")
+    assert ok.status_code == 302
+
+
 def test_a_login_under_one_name_does_not_clear_anothers_failures_from_that_address(
     client, demo_staff, settings
 ):
