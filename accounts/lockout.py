@@ -8,7 +8,6 @@ cool-off are left to axes' own access log). Deleting a still-active lockout (the
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +21,7 @@ from django.db.models.signals import post_delete, pre_delete
 from django.dispatch import receiver
 from django.utils import timezone
 
+from accounts.throttling import address_bucket
 from audit.context import client_ip
 from audit.models import AuditEntry
 from audit.services import audit_record
@@ -29,7 +29,9 @@ from audit.services import audit_record
 
 def lockout_address(request: Any) -> str | None:
     """The address login failures are counted under: the client's, an IPv6 one by its /64
-    network (``2001:db8:1:2::``), as the API's rate limits count it.
+    network (``2001:db8:1:2::``), as the API's rate limits count it
+    (:func:`accounts.throttling.address_bucket`, whose network is given here by its address,
+    which axes' address column can hold).
 
     A /64 is the smallest network an IPv6 host is given, and its holder picks any of its 2^64
     addresses at will: counted per address, each new source address got five more password
@@ -37,17 +39,7 @@ def lockout_address(request: Any) -> str | None:
     lockout did not limit it at all. The audit log keeps the address itself.
     """
     address = client_ip(request)
-    if not address:
-        return address
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False).network_address)
-    return str(ip)
+    return address_bucket(address).split("/", 1)[0] if address else address
 
 
 def locked(username: str, ip_address: str) -> dict[str, int]:
