@@ -222,10 +222,10 @@ def _wants_json(request: HttpRequest) -> bool:
     """Under ``/api/``, or a path a client meant for it: ``//api/...`` (a base
     URL ending in a slash joined to a path starting with one), ``/API/...``. An API client
     reads the one JSON error shape, never an HTML page."""
-    return request.path.startswith("/api/") or _misspelt_api(request.path)
+    return request.path.startswith("/api/") or misspelt_api(request.path)
 
 
-def _misspelt_api(path: str) -> bool:
+def misspelt_api(path: str) -> bool:
     """Not under ``/api/``, yet meant for the API (see :func:`_wants_json`)."""
     return path.lstrip("/").lower().split("/", 1)[0] == "api" and not path.startswith("/api/")
 
@@ -254,7 +254,7 @@ def handler403(request: HttpRequest, exception: Exception) -> HttpResponse:
 
 
 def handler404(request: HttpRequest, exception: Exception) -> HttpResponse:
-    if _misspelt_api(request.path):
+    if misspelt_api(request.path):
         return json_response(error_body("not_found", MISSPELT_DETAIL), 404)
     if _wants_json(request):
         return json_response(error_body("not_found", "Not found."), 404)

@@ -17,7 +17,13 @@ from django.core.exceptions import BadRequest, DisallowedHost
 from django.core.handlers.wsgi import LimitedStream
 from django.http import HttpRequest, HttpResponse, QueryDict
 
-from config.api_errors import error_body, handler400, json_response
+from config.api_errors import (
+    MISSPELT_DETAIL,
+    error_body,
+    handler400,
+    json_response,
+    misspelt_api,
+)
 
 _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 
@@ -43,6 +49,23 @@ class RefuseUnknownHost:
         except DisallowedHost as exc:
             log.warning("http.host_refused", host=request.META.get("HTTP_HOST", "")[:200])
             return handler400(request, exc)
+        return self.get_response(request)
+
+
+class MisspeltApiPath:
+    """A path meant for the API but spelt otherwise (``//api/...``, ``/API/...``) is the JSON
+    ``404`` whose detail says how routes are spelt, answered here, before the URLs are tried.
+
+    Django's ``handler404`` says the same, but with ``DEBUG`` on (``make run``) Django answers
+    a ``404`` with its own HTML page and never calls it. The body is not read for it.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        if misspelt_api(request.path_info):
+            return json_response(error_body("not_found", MISSPELT_DETAIL), 404)
         return self.get_response(request)
 
 

@@ -171,6 +171,7 @@ if SAGARUNNER_LAB:
 
 MIDDLEWARE = [
     "config.middleware.RefuseUnknownHost",
+    "config.middleware.MisspeltApiPath",
     "config.middleware.FramedBody",
     "django.middleware.security.SecurityMiddleware",
     "config.middleware.RefuseNul",

@@ -248,11 +248,16 @@ def test_a_body_of_thousands_of_made_up_names_is_refused_with_the_first_twenty(
     "path",
     ["//api/v1/orders/", "/API/v1/orders/", "/Api/v1/orders/", "///api/v1/", "/API"],
 )
-def test_a_path_meant_for_the_api_is_404_json_saying_how_routes_are_spelt(anon_api, path):
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_path_meant_for_the_api_is_404_json_saying_how_routes_are_spelt(
+    anon_api, settings, path, debug
+):
     """A base URL ending in a slash joined to ``/api/...``, or the prefix in capitals, missed
     every route and got Django's HTML 404 page: an API client reads the one JSON error shape,
-    told that routes are lower-case under a single /api/. (``PATH_INFO`` is set directly: the
-    test client would read ``//api`` as a host name.)"""
+    told that routes are lower-case under a single /api/. With DEBUG on too (``make run``),
+    where Django answers a 404 with its own page and never asks the project's handler.
+    (``PATH_INFO`` is set directly: the test client would read ``//api`` as a host name.)"""
+    settings.DEBUG = debug
     body = assert_error(anon_api.get("/", PATH_INFO=path), 404, "not_found")
     assert "lower-case, under one leading /api/" in body["detail"], body
     post = anon_api.post("/", {}, format="json", PATH_INFO=path)
