@@ -254,8 +254,6 @@ def handler403(request: HttpRequest, exception: Exception) -> HttpResponse:
 
 
 def handler404(request: HttpRequest, exception: Exception) -> HttpResponse:
-    if misspelt_api(request.path):
-        return json_response(error_body("not_found", MISSPELT_DETAIL), 404)
     if _wants_json(request):
         return json_response(error_body("not_found", "Not found."), 404)
     return defaults.page_not_found(request, exception)

@@ -9,8 +9,6 @@ black-holed. The body names each component; details of a failure go to the log, 
 from __future__ import annotations
 
 import concurrent.futures
-import threading
-import time
 from collections.abc import Callable
 
 import structlog
@@ -21,6 +19,7 @@ from django.views.decorators.cache import never_cache
 from kombu import Connection
 
 from config.api_errors import json_response, read_only_endpoint
+from config.recent import Recent
 
 CHECK_TIMEOUT = 2.0
 
@@ -76,11 +75,9 @@ def run_checks(timeout: float = CHECK_TIMEOUT) -> dict[str, str]:
 
 
 #: How long one process reuses its last answer: /healthz is open to anyone, and each check
-#: opens a database connection and a broker connection of its own. At most one check runs per
-#: process at a time; requests arriving meanwhile take its answer.
+#: opens a database connection and a broker connection of its own.
 REUSE_SECONDS = 1.0
-_last: tuple[float, tuple, dict[str, str]] | None = None
-_checking = threading.Lock()
+_recent: Recent[dict[str, str]] = Recent(lambda: REUSE_SECONDS)
 
 
 def _where() -> tuple:
@@ -90,25 +87,9 @@ def _where() -> tuple:
 
 
 def current_results() -> dict[str, str]:
-    """:func:`run_checks`' answer, fresh or at most :data:`REUSE_SECONDS` old."""
-    global _last
-    where = _where()
-
-    def fresh() -> dict[str, str] | None:
-        last = _last
-        if last is not None and last[1] == where and time.monotonic() - last[0] < REUSE_SECONDS:
-            return last[2]
-        return None
-
-    found = fresh()
-    if found is not None:
-        return found
-    with _checking:
-        found = fresh()  # another request checked while this one waited
-        if found is None:
-            found = run_checks()
-            _last = (time.monotonic(), where, found)
-        return found
+    """:func:`run_checks`' answer, fresh or at most :data:`REUSE_SECONDS` old (one check at a
+    time per process)."""
+    return _recent.get(run_checks, key=_where())
 
 
 @never_cache

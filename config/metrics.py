@@ -6,19 +6,16 @@ live with the API helpers every app imports.
 
 from __future__ import annotations
 
-import threading
-import time
-
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.cache import never_cache
 from drf_spectacular.utils import extend_schema
 
 from config.api_errors import read_only_endpoint
+from config.recent import Recent
 from sagas.metrics import render_metrics
 
-_rendered: tuple[float, bytes, str] | None = None
-_rendering = threading.Lock()
+_recent: Recent[tuple[bytes, str]] = Recent(lambda: settings.METRICS_REUSE_SECONDS)
 
 
 def recent_metrics() -> tuple[bytes, str]:
@@ -28,24 +25,7 @@ def recent_metrics() -> tuple[bytes, str]:
     a loop of requests was a loop of such counts. A scraper every 15 s or more sees no
     difference; one render runs at a time, and requests arriving meanwhile take its answer.
     """
-    global _rendered
-    reuse = settings.METRICS_REUSE_SECONDS
-
-    def recent() -> tuple[bytes, str] | None:
-        last = _rendered
-        if last is not None and time.monotonic() - last[0] < reuse:
-            return last[1], last[2]
-        return None
-
-    found = recent()
-    if found is not None:
-        return found
-    with _rendering:
-        found = recent()
-        if found is None:
-            found = render_metrics()
-            _rendered = (time.monotonic(), *found)
-        return found
+    return _recent.get(render_metrics)
 
 
 @extend_schema(exclude=True)

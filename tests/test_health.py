@@ -98,7 +98,7 @@ def test_healthz_checks_at_most_once_a_second_per_process(client, monkeypatch):
     counted = {name: (lambda name=name: ran.append(name) or real[name]()) for name in real}
     monkeypatch.setattr(health, "CHECKS", counted)
     monkeypatch.setattr(health, "REUSE_SECONDS", 60.0)
-    monkeypatch.setattr(health, "_last", None)
+    health._recent.forget()
 
     for _ in range(5):
         assert client.get("/healthz").status_code == 200

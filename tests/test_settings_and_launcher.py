@@ -396,26 +396,17 @@ def assert_plain_http_works(port: int, launcher_output: str) -> None:
     assert products.status_code == 200, products.text
 
 
-@pytest.mark.django_db(transaction=True)
-def test_a_launch_on_another_port_leaves_the_running_ones_metrics(tmp_path):
-    """A second `make run` beside a running one (another SAGARUNNER_PORT, as the busy-port
-    message suggests) deleted the whole metrics directory, the files the running instance's
-    processes were writing among them. Each port has its own now: the other port's files stay,
-    this port's stale ones from an earlier run go, and run.env names this port's."""
+def _launch_without_serving(flag: str, var: Path, port: int) -> subprocess.CompletedProcess:
+    """``scripts/run.py FLAG`` (``--prepare-only``, ``--migrate-only``) on this session's
+    database, with ``var`` as its var directory and ``port`` as its web port."""
     from django.db import connection
 
-    var = tmp_path / "var"
-    running = var / "metrics" / "8000" / "counter_4242.db"
-    stale = var / "metrics" / "8001" / "counter_1.db"
-    for path in (running, stale):
-        path.parent.mkdir(parents=True)
-        path.write_bytes(b"written by a process of an earlier or running launch")
-    prepared = subprocess.run(
-        [sys.executable, "scripts/run.py", "--prepare-only", "--no-install"],
+    return subprocess.run(
+        [sys.executable, "scripts/run.py", flag, "--no-install"],
         cwd=REPO_ROOT,
         env=fresh_env(
             SAGARUNNER_VAR_DIR=str(var),
-            SAGARUNNER_PORT="8001",
+            SAGARUNNER_PORT=str(port),
             DATABASE_URL=database_url_for(connection.settings_dict),
             CELERY_BROKER_URL="redis://127.0.0.1:6379/15",
         ),
@@ -423,6 +414,22 @@ def test_a_launch_on_another_port_leaves_the_running_ones_metrics(tmp_path):
         text=True,
         timeout=180,
     )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_launch_on_another_port_leaves_the_running_ones_metrics(tmp_path):
+    """A second `make run` beside a running one (another SAGARUNNER_PORT, as the busy-port
+    message suggests) deleted the whole metrics directory, the files the running instance's
+    processes were writing among them. Each port has its own now: the other port's files stay,
+    this port's stale ones from an earlier run go, and run.env names this port's."""
+
+    var = tmp_path / "var"
+    running = var / "metrics" / "8000" / "counter_4242.db"
+    stale = var / "metrics" / "8001" / "counter_1.db"
+    for path in (running, stale):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"written by a process of an earlier or running launch")
+    prepared = _launch_without_serving("--prepare-only", var, 8001)
     assert prepared.returncode == 0, prepared.stdout + prepared.stderr
     assert running.exists()
     assert not stale.exists() and stale.parent.is_dir()
@@ -436,7 +443,6 @@ def test_migrate_or_prepare_beside_a_run_serving_on_its_port_leaves_its_metrics(
     the same port emptied that run's metrics directory: its /metrics lost every count until it
     was restarted. A launch that will not serve leaves it alone, and its own commands count in
     a directory thrown away, so nothing of theirs adds to the serving run's counts."""
-    from django.db import connection
 
     var = tmp_path / "var"
     with socket.socket() as serving:  # what a running make run's web holds
@@ -446,19 +452,7 @@ def test_migrate_or_prepare_beside_a_run_serving_on_its_port_leaves_its_metrics(
         running = var / "metrics" / str(port) / "counter_4242.db"
         running.parent.mkdir(parents=True)
         running.write_bytes(b"written by the serving run's web process")
-        done = subprocess.run(
-            [sys.executable, "scripts/run.py", flag, "--no-install"],
-            cwd=REPO_ROOT,
-            env=fresh_env(
-                SAGARUNNER_VAR_DIR=str(var),
-                SAGARUNNER_PORT=str(port),
-                DATABASE_URL=database_url_for(connection.settings_dict),
-                CELERY_BROKER_URL="redis://127.0.0.1:6379/15",
-            ),
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
+        done = _launch_without_serving(flag, var, port)
     assert done.returncode == 0, done.stdout + done.stderr
     assert sorted(running.parent.iterdir()) == [running]
     assert sorted(p.name for p in (var / "metrics").iterdir()) == [str(port)]

@@ -170,7 +170,7 @@ def test_metrics_are_rendered_at_most_once_in_their_reuse_window(client_api, pla
     from config import metrics
 
     settings.METRICS_REUSE_SECONDS = 60.0
-    metrics._rendered = None
+    metrics._recent.forget()
     first = Client().get("/metrics").content.decode()
     place(client_api)
     assert Client().get("/metrics").content.decode() == first
