@@ -24,7 +24,7 @@ from django.db.models.query import ValuesListIterable
 M = TypeVar("M", bound=Model)
 
 
-def insert_unless_taken(obj: Model) -> bool:
+def insert_unless_taken(obj: Model, *, wait_flush: bool = True) -> bool:
     """``INSERT`` ``obj`` unless a unique value of it is taken already: ``True`` if it was.
 
     For a participant's row keyed by idempotency key, with its primary key set before the
@@ -40,6 +40,10 @@ def insert_unless_taken(obj: Model) -> bool:
     nothing under its key afterwards met another one. Elsewhere (SQLite, whose ``INSERT OR
     IGNORE`` would skip a ``NOT NULL`` or ``CHECK`` violation too): a plain insert in a
     savepoint, ``IntegrityError`` meaning taken. Sends no ``post_save``, like ``bulk_create``.
+
+    ``wait_flush=False``: autocommitted on PostgreSQL, the insert's commit does not wait for its
+    WAL flush (:data:`NO_FLUSH_WAIT`; the caller says why losing it in a server crash costs
+    nothing). Inside a caller's transaction it is ignored: that commit is the caller's.
     """
     meta = obj._meta
     if obj.pk is None:
@@ -55,7 +59,8 @@ def insert_unless_taken(obj: Model) -> bool:
     db = connections[using]
     values = None
     if may_skip_save(type(obj), using):
-        text = _insert_text(type(obj), using, auto_pk=False, unless_taken=True)
+        wait = wait_flush or db.in_atomic_block
+        text = _insert_text(type(obj), using, auto_pk=False, unless_taken=True, wait=wait)
         values = _prepared(obj, text.fields, True, db)
     if values is not None:
         with db.cursor() as cursor:
@@ -117,7 +122,7 @@ def may_skip_save(model: type[Model], using: str = "default") -> bool:
 
 @functools.cache
 def _insert_text(
-    model: type[Model], using: str, auto_pk: bool, unless_taken: bool = False
+    model: type[Model], using: str, auto_pk: bool, unless_taken: bool = False, wait: bool = True
 ) -> _WriteText:
     meta, qn = model._meta, connections[using].ops.quote_name
     fields = tuple(
@@ -133,6 +138,8 @@ def _insert_text(
         sql += " ON CONFLICT DO NOTHING"
     if auto_pk or unless_taken:
         sql += f" RETURNING {qn(column_of(meta.pk))}"
+        if not wait:
+            sql = f"WITH {NO_FLUSH_WAIT}, i AS ({sql}) SELECT i.* FROM i, nf"
     return _WriteText(sql, fields, auto_pk)
 
 

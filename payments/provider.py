@@ -124,11 +124,11 @@ def _run_alone(using: str, build: Callable[[bool], str], params: list[Any]) -> i
     Autocommitted (its own transaction, as a worker calls the provider), its commit does not
     wait for the WAL flush: this ledger stands in for a remote provider, whose durability is
     on its side and costs a real deployment's database nothing, and the WAL is one sequence,
-    so our own next write that does wait (the payment row recording the answer) flushes the
-    ledger's first; a server crash before that loses the answer and our record of it
-    together, and the step's retry asks again under the same key. Inside a caller's
-    transaction it runs in a savepoint of it (so that a conflict leaves that transaction
-    usable) and leaves the transaction's commit as it is.
+    so our own next write that does wait (the order's shipment, or the saga's record that
+    hands it on or ends it) flushes the ledger's first; a server crash before that loses the
+    answer and our record of it together, and the step's retry asks again under the same key.
+    Inside a caller's transaction it runs in a savepoint of it (so that a conflict leaves that
+    transaction usable) and leaves the transaction's commit as it is.
     """
     db = connections[using]
     nested = db.in_atomic_block

@@ -16,11 +16,12 @@ import uuid
 from decimal import Decimal
 from typing import Any, NamedTuple
 
+from django.conf import settings
 from django.db import connection
 from django.db.models import F
 from django.utils import timezone
 
-from config.db import insert_unless_taken
+from config.db import NO_FLUSH_WAIT, insert_unless_taken
 from config.money import from_minor, to_minor
 from payments.errors import PaymentDeclined, PaymentStateConflict
 from payments.models import AuthorizationStatus, Payment, PaymentStatus
@@ -242,6 +243,17 @@ def _record_view(order_id: uuid.UUID, auth: dict[str, Any]) -> Recorded | None:
     the newest view the provider gave, without holding our row locked while the provider is
     asked: one autocommitted UPDATE after the provider's answer (``None``: the order's payment
     was never started on our side).
+
+    On PostgreSQL, outside a caller's transaction, that commit does not wait for its WAL flush
+    (``SAGA_ASYNC_LEASE_COMMITS``): the row is a copy of the provider's answer, which the
+    provider keeps under the step's key. A server crash that lost it would lose everything
+    after it too (the WAL is one sequence), the step's record among them, so the step runs
+    again, asks again under the same key and records the same answer; and everything that
+    tells anyone outside (a webhook, a terminal state, a hand-over) commits later and waits,
+    flushing this with it. What an API reader could see in between is the payment's amounts
+    going back to zero and forward again, as the saga's own records that go straight on can.
+    Our row written *before* the provider is asked still waits: it is what makes the step's
+    claim durable before anything leaves this database.
     """
     currency = auth["currency"]
     authorized = from_minor(auth["amount_minor"], currency)
@@ -264,6 +276,12 @@ def _record_view(order_id: uuid.UUID, auth: dict[str, Any]) -> Recorded | None:
         f"UPDATE {table} SET {sets} WHERE order_id = %s "
         f"AND (CASE status {progress} ELSE 0 END) <= %s RETURNING id, currency"
     )
+    if (
+        connection.vendor == "postgresql"
+        and not connection.in_atomic_block
+        and settings.SAGA_ASYNC_LEASE_COMMITS
+    ):
+        sql = f"WITH {NO_FLUSH_WAIT}, u AS ({sql}) SELECT u.id, u.currency FROM u, nf"
     params = [fields[k].get_db_prep_save(v, connection) for k, v in values.items()]
     params.append(fields["order_id"].get_db_prep_value(order_id, connection))
     params += [*(str(s) for s in _PROGRESS), _PROGRESS[status]]

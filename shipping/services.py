@@ -3,15 +3,18 @@
 The shipment row, keyed by the saga step's forward key, is the whole trick: a repeat finds it
 under its key, a racing arrange with the same key waits on its unique index and then finds
 it, and a cancel that gets there before the arrange writes it as a tombstone so the arrange
-is refused.
+is refused. A booking's id and tracking number derive from that key too, so a booking lost
+and made again is the same booking.
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 import zlib
 from typing import Any
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 
 from config.db import RowBy, insert_unless_taken, update_row
@@ -29,6 +32,23 @@ def carrier_for(country: str) -> str:
     return CARRIERS[zlib.crc32(country.encode()) % len(CARRIERS)]
 
 
+#: The namespace of shipment ids derived from their keys (:func:`_booking`).
+_SHIPMENT_IDS = uuid.UUID("5b0f6a4e-3c1d-4f7a-9e2b-8d6c4a1f0e37")
+
+
+def _booking(key: str, carrier: str) -> tuple[uuid.UUID, str]:
+    """The shipment id and tracking number a booking under ``key`` gets, always the same ones.
+
+    A carrier replays a request under its idempotency key with the booking it made; so does
+    this one, even for a booking it lost: a server crash that lost the row (its commit does
+    not wait for the disk, see :func:`shipment_arrange`) lost the step's record after it too,
+    and the step's retry books again under the same key, the same shipment with the same
+    tracking number, so nobody who read the first one sees it change.
+    """
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    return uuid.uuid5(_SHIPMENT_IDS, key), f"{carrier.upper()}{digest[:16].upper()}"
+
+
 # Every call reads a shipment by its key: the SQL is built once (config.db.RowBy).
 _shipment = RowBy(Shipment.objects.all(), "key")
 _shipment_for_update = RowBy(Shipment.objects.select_for_update(), "key")
@@ -39,6 +59,11 @@ def shipment_arrange(*, key: str, order_id: uuid.UUID | str, country: str) -> di
     """Book a carrier; raises :class:`ShippingUnavailable` for an unserved country.
 
     The refusal is recorded under the key like a shipment, so a repeat gets the same answer.
+    Called as a worker calls it (autocommit, PostgreSQL), the booking's commit does not wait
+    for the disk (``SAGA_ASYNC_LEASE_COMMITS``): this table is the carrier's own book, whose
+    durability a real deployment's database does not pay for, and a booking lost in a server
+    crash is booked again, identically, by the step's retry (:func:`_booking`). Whatever tells
+    anyone about it (a webhook, the saga's end) commits later and waits, flushing it first.
     """
     order_uuid = uuid.UUID(str(order_id))
     country = country.strip().upper()
@@ -48,17 +73,19 @@ def shipment_arrange(*, key: str, order_id: uuid.UUID | str, country: str) -> di
     fields: dict[str, Any]
     if country in UNSERVED_COUNTRIES:
         fields = {"status": ShipmentStatus.REFUSED}
+        shipment_id = uuid.uuid5(_SHIPMENT_IDS, key)
     else:
         carrier = carrier_for(country)
+        shipment_id, tracking = _booking(key, carrier)
         fields = {
             "status": ShipmentStatus.ARRANGED,
             "carrier": carrier,
-            "tracking_number": f"{carrier.upper()}{uuid.uuid4().hex[:16].upper()}",
+            "tracking_number": tracking,
         }
-    shipment = Shipment(key=key, order_id=order_uuid, country=country, **fields)
+    shipment = Shipment(id=shipment_id, key=key, order_id=order_uuid, country=country, **fields)
     # Inserted first, read only if the key is taken: a repeat, another arrange with this key,
     # or a cancel's tombstone got there first (one round trip for a first call, not two).
-    if insert_unless_taken(shipment):
+    if insert_unless_taken(shipment, wait_flush=not settings.SAGA_ASYNC_LEASE_COMMITS):
         return _replay(shipment)
     existing = _shipment(key)
     if existing is None:  # another unique value (a tracking number) was taken

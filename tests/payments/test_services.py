@@ -331,3 +331,53 @@ def test_an_undo_done_by_hand_is_recorded_once_and_only_where_it_applies(order_i
     )
     assert refunded.voided_amount == 0
     assert payment_void_done_by_hand(order_id=uuid.uuid4()) == {"recorded": False}  # no payment
+
+
+NO_WAIT = "set_config('synchronous_commit', 'off', true)"
+
+
+def _payment_writes(captured) -> list[str]:
+    return [q["sql"] for q in captured if '"payments_payment"' in q["sql"]]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_recording_the_providers_answer_does_not_wait_for_the_disk(order_id):
+    """As a worker calls them (autocommit): our row written before the provider is asked waits
+    for its flush (it makes the step's claim durable before anything leaves the database); each
+    recording of the provider's answer afterwards does not (the provider keeps the answer under
+    the step's key, and a crash that lost the copy loses the step's record with it)."""
+    with CaptureQueriesContext(connection) as authorizing:
+        authorize(order_id)
+    with CaptureQueriesContext(connection) as capturing:
+        capture(order_id)
+    insert, recorded = _payment_writes(authorizing)
+    assert insert.startswith('INSERT INTO "payments_payment"') and NO_WAIT not in insert
+    assert NO_WAIT in recorded
+    [captured] = _payment_writes(capturing)
+    assert NO_WAIT in captured
+    p = payment(order_id)
+    assert (p.status, p.captured_amount) == (PaymentStatus.CAPTURED, Decimal("49.90"))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_with_async_lease_commits_off_every_recording_waits(order_id, settings):
+    """``SAGA_ASYNC_LEASE_COMMITS`` off: every commit waits for the disk, this one too."""
+    settings.SAGA_ASYNC_LEASE_COMMITS = False
+    with CaptureQueriesContext(connection) as captured:
+        authorize(order_id)
+        capture(order_id)
+    writes = _payment_writes(captured)
+    assert len(writes) == 3 and not any(NO_WAIT in sql for sql in writes)
+
+
+def test_inside_a_callers_transaction_a_recording_leaves_its_commit_waiting(order_id):
+    """Called inside a transaction (as this test is), the recording must not turn off the flush
+    wait of the caller's whole transaction."""
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL synchronous_commit = on")
+    authorize(order_id)
+    capture(order_id)
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"
+    assert payment(order_id).status == PaymentStatus.CAPTURED

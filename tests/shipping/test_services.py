@@ -178,3 +178,57 @@ def test_cancel_racing_its_arrange_leaves_no_active_shipment():
     assert isinstance(cancelled, dict), cancelled
     assert isinstance(arranged, dict | ShipmentRefused), arranged
     assert not Shipment.objects.filter(status=ShipmentStatus.ARRANGED).exists()
+
+
+NO_WAIT = "set_config('synchronous_commit', 'off', true)"
+
+
+def _shipment_sql(captured) -> list[str]:
+    return [q["sql"] for q in captured if '"shipping_shipment"' in q["sql"]]
+
+
+@pytest.mark.django_db
+def test_a_booking_lost_is_booked_again_the_same():
+    """A booking lost with everything after it (a server crash before its commit reached the
+    disk) is booked again by the step's retry under the same key: the same shipment id and
+    tracking number, so nobody who read the first sees them change. Other keys get others."""
+    order_id = uuid.uuid4()
+    first = arrange(order_id)
+    Shipment.objects.all().delete()  # what the crash lost
+    again = arrange(order_id)
+    assert again == first
+    other = arrange(order_id, key="saga:t:arrange_shipment")
+    assert other["shipment_id"] != first["shipment_id"]
+    assert other["tracking_number"] != first["tracking_number"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_booking_made_as_a_worker_makes_it_does_not_wait_for_the_disk(settings):
+    """Autocommitted (as a worker calls it), the booking's insert commits without waiting for
+    its WAL flush; with ``SAGA_ASYNC_LEASE_COMMITS`` off it waits like every other commit."""
+    with CaptureQueriesContext(connection) as captured:
+        first = arrange()
+    [insert] = _shipment_sql(captured)
+    assert NO_WAIT in insert and 'INSERT INTO "shipping_shipment"' in insert
+    with CaptureQueriesContext(connection) as repeat:
+        assert arrange() == first  # a repeat still finds the first booking
+    assert [s.split(" ", 1)[0] for s in _shipment_sql(repeat)] == ["WITH", "SELECT"]
+    settings.SAGA_ASYNC_LEASE_COMMITS = False
+    with CaptureQueriesContext(connection) as waiting:
+        arrange(key="saga:t:arrange_shipment")
+    [insert] = _shipment_sql(waiting)
+    assert NO_WAIT not in insert and insert.startswith('INSERT INTO "shipping_shipment"')
+    assert Shipment.objects.count() == 2
+
+
+@pytest.mark.django_db
+def test_inside_a_callers_transaction_a_booking_leaves_its_commit_waiting():
+    """Called inside a transaction (as this test is), the booking must not turn off the flush
+    wait of the caller's whole transaction."""
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL synchronous_commit = on")
+    arrange()
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"
+    assert Shipment.objects.get().status == ShipmentStatus.ARRANGED
