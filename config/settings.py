@@ -1,24 +1,26 @@
 """Settings for sagarunner.
 
 Every value that can change between machines is read from the environment here, and only
-here (django-environ). The sections read like a table of contents; tool settings live in
-``pyproject.toml``.
+here (django-environ, read strictly: ``config.env``). The sections read like a table of
+contents; tool settings live in ``pyproject.toml``.
 """
 
 import math
 import os
 import sys
 from datetime import timedelta
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-import environ
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Exchange, Queue
+
+from config.env import TRUE, StrictEnv
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("SAGARUNNER_VAR_DIR", BASE_DIR / "var"))
 
-env = environ.Env()
+env = StrictEnv()
 
 # ---------------------------------------------------------------------------------------------
 # Core
@@ -250,7 +252,7 @@ else:
     # A DATABASE_URL's query string arrives as text; Django wants these two typed.
     if isinstance(_options.get("server_side_binding"), str):
         _binding = _options["server_side_binding"].lower()
-        _options["server_side_binding"] = _binding in environ.Env.BOOLEAN_TRUE_STRINGS
+        _options["server_side_binding"] = _binding in TRUE
     if isinstance(_options.get("prepare_threshold"), str):
         _options["prepare_threshold"] = int(_options["prepare_threshold"])
     if DATABASES["default"]["ENGINE"].endswith("postgresql") and env.bool(
@@ -361,7 +363,7 @@ SAGA_STUCK_AFTER = env.float("SAGA_STUCK_AFTER", default=30.0)
 SAGA_SWEEP_INTERVAL = env.float("SAGA_SWEEP_INTERVAL", default=10.0)
 # Set explicitly, the interval is applied to beat's schedule at every migrate (each deploy),
 # replacing one staff changed in the ops console; unset, the schedule keeps the console's.
-SAGA_SWEEP_INTERVAL_SET = "SAGA_SWEEP_INTERVAL" in os.environ
+SAGA_SWEEP_INTERVAL_SET = bool(os.environ.get("SAGA_SWEEP_INTERVAL", "").strip())
 SAGA_DEADLINE = env.float("SAGA_DEADLINE", default=600.0)
 # How long a step may run unless it sets its own timeout. Tasks' time limits, and the leases
 # that outlive them (so an expired lease always means the holder is gone), are sized from the
@@ -443,7 +445,17 @@ CELERY_TASK_ANNOTATIONS = {
 }
 # Orders above this total wait before capture for ops staff's `fraud_review` signal; a review
 # not given within ORDER_FRAUD_REVIEW_TIMEOUT seconds goes to a person (needs_manual).
-ORDER_FRAUD_REVIEW_ABOVE = env("ORDER_FRAUD_REVIEW_ABOVE", default="1000.00")
+ORDER_FRAUD_REVIEW_ABOVE = env("ORDER_FRAUD_REVIEW_ABOVE", default="1000.00").strip()
+try:
+    _review_above = Decimal(ORDER_FRAUD_REVIEW_ABOVE)
+except InvalidOperation:
+    _review_above = Decimal("NaN")
+# Every order compares its total with it: read wrong, every order's saga failed at that step.
+if not (_review_above.is_finite() and _review_above >= 0):
+    raise ImproperlyConfigured(
+        "ORDER_FRAUD_REVIEW_ABOVE must be an amount such as 1000.00 (a '.' before the cents, "
+        f"no thousands separator), not {ORDER_FRAUD_REVIEW_ABOVE!r}"
+    )
 ORDER_FRAUD_REVIEW_TIMEOUT = env.float("ORDER_FRAUD_REVIEW_TIMEOUT", default=86400.0)
 # pm_card_3ds_required: how long the order waits for the client's `3ds_confirmed` before it is
 # cancelled (timed_out).
@@ -466,7 +478,7 @@ WEBHOOKS_RESPONSE_EXCERPT = env.int("WEBHOOKS_RESPONSE_EXCERPT", default=200)  #
 WEBHOOKS_TASK_BUDGET = env.float("WEBHOOKS_TASK_BUDGET", default=10.0)
 WEBHOOKS_SWEEP_INTERVAL = env.float("WEBHOOKS_SWEEP_INTERVAL", default=10.0)
 # As SAGA_SWEEP_INTERVAL_SET: set, it is applied to beat's schedule at every migrate.
-WEBHOOKS_SWEEP_INTERVAL_SET = "WEBHOOKS_SWEEP_INTERVAL" in os.environ
+WEBHOOKS_SWEEP_INTERVAL_SET = bool(os.environ.get("WEBHOOKS_SWEEP_INTERVAL", "").strip())
 WEBHOOKS_SWEEP_AFTER = env.float("WEBHOOKS_SWEEP_AFTER", default=15.0)
 WEBHOOKS_SWEEP_BATCH = env.int("WEBHOOKS_SWEEP_BATCH", default=500)
 WEBHOOKS_MAX_COUNTDOWN = env.float("WEBHOOKS_MAX_COUNTDOWN", default=1800.0)
