@@ -6,7 +6,9 @@ engine's metrics, is ``config.metrics``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from rest_framework import exceptions, pagination, serializers
@@ -112,6 +114,23 @@ class StrictIntegerField(serializers.IntegerField):
         if isinstance(data, bool) or not isinstance(data, int):
             self.fail("invalid")
         return super().to_internal_value(data)
+
+
+class StrictDecimalField(serializers.DecimalField):
+    """A decimal amount as JSON writes a number, or as a string of ASCII digits with an
+    optional sign and decimals (``"12.50"``). DRF's DecimalField also took ``"１２"`` (any
+    script's digits), ``"1_000"``, ``"1e5"``, surrounding spaces and ``true``; and it kept the
+    sign of ``-0``, answering ``"-0.00"`` for what the database stores as ``0.00``."""
+
+    _PLAIN = re.compile(r"-?[0-9]+(\.[0-9]+)?", re.ASCII)
+
+    def to_internal_value(self, data: Any) -> Decimal:
+        if isinstance(data, bool) or not isinstance(data, str | int | float):
+            self.fail("invalid")
+        if isinstance(data, str) and not self._PLAIN.fullmatch(data):
+            self.fail("invalid")
+        value = super().to_internal_value(data)
+        return value.copy_abs() if value == 0 else value
 
 
 class StrictBooleanField(serializers.BooleanField):

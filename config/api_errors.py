@@ -261,6 +261,13 @@ def handler404(request: HttpRequest, exception: Exception) -> HttpResponse:
 
 #: The catch-all's answer: every route ends with a slash, the commonest miss.
 UNROUTED_DETAIL = "No API route matches this path (routes end with a slash, e.g. /api/v1/orders/)."
+#: Its answer to a path that does end with one: the routes are listed in the API's docs.
+UNROUTED_WITH_SLASH = "No API route matches this path; the routes are listed at /api/docs/."
+
+
+def unrouted_detail(path: str) -> str:
+    """What the catch-all says of ``path``: the slash advice only to a path without one."""
+    return UNROUTED_WITH_SLASH if path.endswith("/") else UNROUTED_DETAIL
 
 
 @csrf_exempt
@@ -287,7 +294,7 @@ def unrouted_api_path(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpRe
         # A wrong token (charged to its address), or a session's write without its CSRF
         # token (refused before it is charged, as on every route): still no such path.
         pass
-    return json_response(error_body("not_found", UNROUTED_DETAIL), 404)
+    return json_response(error_body("not_found", unrouted_detail(request.path)), 404)
 
 
 def _plain_response(answer: Response | None) -> HttpResponse:

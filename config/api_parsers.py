@@ -12,7 +12,7 @@ from django.conf import settings
 from rest_framework import exceptions, parsers, status
 from rest_framework.utils import json
 
-from config.text import unstorable_text
+from config.text import MAX_DEPTH, deeper_than, unstorable_text
 
 
 class PayloadTooLarge(exceptions.APIException):
@@ -81,11 +81,16 @@ class JSONParser(parsers.JSONParser):
                 object_pairs_hook=unique_keys,
             )
         except RecursionError:
-            raise exceptions.ParseError(
-                "JSON parse error - the body is nested too deeply"
-            ) from None
+            data = None
+            too_deep = True
         except (ValueError, LookupError) as exc:
             raise exceptions.ParseError(f"JSON parse error - {exc}") from None
+        else:
+            too_deep = deeper_than(data, MAX_DEPTH)
+        if too_deep:
+            raise exceptions.ParseError(
+                f"JSON parse error - the body is nested too deeply (at most {MAX_DEPTH} levels)"
+            )
         # Once here, for every route: such a string would otherwise fail with a 500 wherever
         # it went (a query, a jsonb column, an idempotency fingerprint, an error message).
         found = unstorable_text(data)

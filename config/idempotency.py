@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from config.errors import AppError
-from config.text import has_control_characters
+from config.text import has_control_characters, trimmed
 
 MAX_KEY_LENGTH = 255
 
@@ -58,10 +58,13 @@ def clean_key(raw: str | None) -> str | None:
     if raw is None:
         return None
     key = raw.strip()
-    if not key:
-        raise IdempotencyKeyInvalid("The Idempotency-Key header is empty.")
     if has_control_characters(key):
         raise IdempotencyKeyInvalid("The Idempotency-Key header may not hold control characters.")
+    # Then trimmed of what else cannot be seen: a key of nothing but a zero-width space passed
+    # for one, while a no-break space alone counted as empty.
+    key = trimmed(key)
+    if not key:
+        raise IdempotencyKeyInvalid("The Idempotency-Key header is empty.")
     if len(key) > MAX_KEY_LENGTH:
         raise IdempotencyKeyInvalid(
             f"The Idempotency-Key header may be at most {MAX_KEY_LENGTH} characters."

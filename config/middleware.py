@@ -13,7 +13,14 @@ from collections.abc import Callable
 
 import structlog
 from django.conf import settings
-from django.core.exceptions import BadRequest, DisallowedHost
+from django.core.exceptions import (
+    BadRequest,
+    DisallowedHost,
+    RequestDataTooBig,
+    SuspiciousOperation,
+    TooManyFieldsSent,
+    TooManyFilesSent,
+)
 from django.core.handlers.wsgi import LimitedStream
 from django.http import HttpRequest, HttpResponse, QueryDict
 
@@ -46,10 +53,28 @@ class RefuseUnknownHost:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         try:
             request.get_host()
-        except DisallowedHost as exc:
-            log.warning("http.host_refused", host=request.META.get("HTTP_HOST", "")[:200])
-            return handler400(request, exc)
+        except DisallowedHost:
+            log.warning(
+                "http.host_refused",
+                host=request.META.get("HTTP_HOST", "")[:200],
+                hint="not in ALLOWED_HOSTS",
+            )
+            return handler400(request, HostRefused(HOST_REFUSED))
         return self.get_response(request)
+
+
+#: What a request for a host name this site does not serve is told: which setting lists them,
+#: not the name it sent or the names that are served.
+HOST_REFUSED = (
+    "This server does not answer to the host name in the request: it is not in the "
+    "ALLOWED_HOSTS setting."
+)
+
+
+class HostRefused(BadRequest):
+    """Answered ``400`` with :data:`HOST_REFUSED` (``public``: the handlers may show it)."""
+
+    public = True
 
 
 class MisspeltApiPath:
@@ -381,6 +406,23 @@ class NulRefused(BadRequest):
     public = True
 
 
+class FieldsRefused(BadRequest):
+    """Answered ``400``; its message says what was too much, nothing the client did not send."""
+
+    public = True
+
+
+def _too_much(exc: SuspiciousOperation) -> str:
+    limits = settings.DATA_UPLOAD_MAX_NUMBER_FIELDS, settings.DATA_UPLOAD_MAX_NUMBER_FILES
+    if isinstance(exc, TooManyFieldsSent):
+        return f"Too many query parameters or form fields: at most {limits[0]}."
+    if isinstance(exc, TooManyFilesSent):
+        return f"Too many files in the form: at most {limits[1]}."
+    if isinstance(exc, RequestDataTooBig):
+        return "The form is too large."
+    return "Bad request."
+
+
 class RefuseNul:
     """A NUL character in the path, the query string, a cookie or a submitted form is a
     ``400``.
@@ -397,7 +439,15 @@ class RefuseNul:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        refused = self.refusal(request)
+        refused: BadRequest | None
+        try:
+            refused = self.refusal(request)
+        except SuspiciousOperation as exc:
+            # Reading the query string or the form found more fields than Django reads
+            # (DATA_UPLOAD_MAX_NUMBER_FIELDS) or a form too large: answered here too, as a
+            # JSON 400 for the API. Raised on, it was Django's 400 in production, but under
+            # DEBUG its debug page read request.GET again, raised again and ended in a 500.
+            refused = FieldsRefused(_too_much(exc))
         if refused is not None:
             # Answered here rather than raised: with DEBUG on, Django would answer a raised
             # BadRequest with its HTML debug page (a traceback and the settings) instead of the

@@ -18,6 +18,27 @@ from typing import Any
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
+#: Levels of nesting a body may have. Nothing the API takes needs more than a few; a signal's
+#: free-form payload was the one place a deep one got through, and ~900 levels (well inside
+#: the parser's own reach) overflowed the stack later, in the database driver's JSON encoder
+#: (a 500). A fixed limit, checked without recursion, does not depend on how deep the stack
+#: happens to be where the body is used.
+MAX_DEPTH = 64
+
+
+def deeper_than(data: Any, limit: int) -> bool:
+    """Whether ``data`` nests objects and arrays more than ``limit`` levels deep."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > limit:
+                return True
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 def unstorable_text(data: Any) -> tuple[str, str] | None:
     """``(place, problem)`` for the first string or key in ``data`` that text cannot hold, in
     document order (a mapping's keys before its values), or ``None``.

@@ -10,7 +10,13 @@ from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from config.api import ClosedInput, Pagination, StrictCharField
+from config.api import (
+    ClosedInput,
+    Pagination,
+    StrictCharField,
+    StrictDecimalField,
+    StrictIntegerField,
+)
 from config.money import currency_problem, pair_problem
 from inventory import catalog
 from inventory.models import Product
@@ -41,7 +47,7 @@ class ProductSerializer(ClosedInput, serializers.ModelSerializer):
         ],
     )
     name = StrictCharField(max_length=200)
-    price = serializers.DecimalField(
+    price = StrictDecimalField(
         max_digits=12, decimal_places=2, min_value=Decimal("0"), coerce_to_string=True
     )
     currency = serializers.RegexField(
@@ -51,7 +57,7 @@ class ProductSerializer(ClosedInput, serializers.ModelSerializer):
         help_text=CURRENCY_HELP,
         error_messages={"invalid": CURRENCY_INVALID},
     )
-    stock_on_hand = serializers.IntegerField(min_value=0, max_value=MAX_STOCK, default=0)
+    stock_on_hand = StrictIntegerField(min_value=0, max_value=MAX_STOCK, default=0)
     reserved = serializers.IntegerField(read_only=True)
     available = serializers.IntegerField(read_only=True)
 
@@ -96,7 +102,7 @@ class ProductUpdateSerializer(ProductSerializer):
         help_text=CURRENCY_HELP,
         error_messages={"invalid": CURRENCY_INVALID},
     )
-    stock_on_hand = serializers.IntegerField(min_value=0, max_value=MAX_STOCK, required=False)
+    stock_on_hand = StrictIntegerField(min_value=0, max_value=MAX_STOCK, required=False)
 
     class Meta(ProductSerializer.Meta):
         pass

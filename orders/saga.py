@@ -97,7 +97,7 @@ def order_client(saga_id: str) -> int | None:
 def approval(payload: Mapping[str, JSON]) -> str | None:
     """``{"approved": true|false}``: anything else is refused before it reaches the saga."""
     if not isinstance(payload.get("approved"), bool):
-        return "The payload needs `approved`: true or false."
+        return 'The payload needs "approved": true or false.'
     return None
 
 

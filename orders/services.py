@@ -18,6 +18,7 @@ from django.db import transaction
 
 from config.db import insert_row, insert_rows
 from config.errors import refused_fields
+from config.text import trimmed
 from inventory import services as inventory_services
 from inventory.models import Product
 from orders import events as order_events
@@ -238,10 +239,15 @@ def _clean_address(address: Any, problems: _Problems) -> dict[str, str]:
         if value is not None and not isinstance(value, str):
             problems.add("invalid_shipping_address", where, "This field is a string.")
             continue
-        if value is None or not value.strip():
+        if value is None and name in address:
+            problems.add("invalid_shipping_address", where, "This field is a string, not null.")
+            continue
+        # Trimmed of what cannot be seen, not only of spaces: a name of nothing but a
+        # zero-width space or a byte-order mark was taken as written.
+        value = trimmed(value or "")
+        if not value:
             problems.add("invalid_shipping_address", where, "This field is required.")
             continue
-        value = value.strip()
         if "\x00" in value:
             problems.add("invalid_shipping_address", where, _NUL_MESSAGE)
             continue

@@ -27,7 +27,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from config.idempotency import MAX_KEY_LENGTH, IdempotencyKeyInvalid, clean_key
-from config.text import has_control_characters, unstorable_text
+from config.text import MAX_DEPTH, deeper_than, has_control_characters, unstorable_text
 from sagas import tracing, waits
 from sagas.definition import Park, SagaDefinition, definition_of, step_context
 from sagas.doorbell import ring_on_commit
@@ -109,6 +109,8 @@ def _check_payload(park: Park, payload: Any) -> dict:
     if not isinstance(payload, Mapping):
         raise SignalPayloadInvalid("The payload must be a JSON object.")
     # The API's parser refuses these already; the ops console's form and other callers too.
+    if deeper_than(payload, MAX_DEPTH):
+        raise SignalPayloadInvalid(f"The payload may nest at most {MAX_DEPTH} levels deep.")
     unstorable = unstorable_text(payload)
     if unstorable is not None:
         raise SignalPayloadInvalid(f"payload.{unstorable[0]}: {unstorable[1]}")

@@ -48,11 +48,27 @@ from webhooks.services import (
 )
 
 EVENT_TYPE_CHOICES = [(e, e) for e in EVENT_TYPES]
-TOO_MANY_EVENTS = (
-    "At most {max_length} events, each once: "
-    + ", ".join(EVENT_TYPES[:-1])
-    + f" and {EVENT_TYPES[-1]}."
-)
+_THE_EVENTS = ", ".join(EVENT_TYPES[:-1]) + f" and {EVENT_TYPES[-1]}"
+TOO_MANY_EVENTS = "At most {max_length} events, each once: " + _THE_EVENTS + "."
+
+
+class EventField(serializers.ChoiceField):
+    """One event type, named as a string; a refusal lists the types (a client that misspelt one
+    learns the right spelling from the answer), and a value that is not a string is told so
+    rather than shown as Python wrote it."""
+
+    default_error_messages = {
+        "invalid_choice": '"{input}" is not an event type; the types are ' + _THE_EVENTS + ".",
+        "not_a_string": "An event type is a string: one of " + _THE_EVENTS + ".",
+    }
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(choices=EVENT_TYPE_CHOICES, **kwargs)
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("not_a_string")
+        return super().to_internal_value(data)
 
 
 @extend_schema_field(
@@ -86,7 +102,7 @@ class EndpointInputSerializer(ClosedInput, serializers.Serializer):
         "where WEBHOOKS_ALLOW_PRIVATE is on).",
     )
     events = EventListField(
-        child=serializers.ChoiceField(choices=EVENT_TYPE_CHOICES),
+        child=EventField(),
         allow_empty=False,
         max_length=len(EVENT_TYPES),
         error_messages={"max_length": TOO_MANY_EVENTS},

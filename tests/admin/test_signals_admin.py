@@ -52,6 +52,10 @@ def test_saga_page_shows_the_signal_it_waits_for_and_ops_send_it(ops_client, ops
     assert bad.status_code == 200 and "not JSON" in bad.content.decode()
     deep = ops_client.post(form_url, {"name": "go", "payload": "[" * 100_000 + "]" * 100_000})
     assert deep.status_code == 200 and "nested too deeply" in deep.content.decode()
+    # Read, but deeper than a payload may nest (the API's parser refuses such a body itself).
+    nested = '{"x": ' + "[" * 70 + "]" * 70 + "}"
+    deep = ops_client.post(form_url, {"name": "go", "payload": nested})
+    assert deep.status_code == 200 and "at most 64 levels deep" in deep.content.decode()
     long = ops_client.post(form_url, {"name": "go", "payload": '{"n": ' + "9" * 5000 + "}"})
     assert long.status_code == 200 and "more than 4300 digits" in long.content.decode()
     for number in ("1e400", "-1e400", "NaN", "Infinity"):

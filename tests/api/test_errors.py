@@ -40,6 +40,16 @@ def test_an_unrouted_path_says_routes_end_with_a_slash(client_api):
     assert "routes end with a slash" in body["detail"], body
 
 
+def test_an_unrouted_path_that_ends_with_a_slash_is_pointed_at_the_docs(client_api):
+    """Telling it to end the path with a slash, which it did, sent the reader looking for the
+    wrong mistake."""
+    for path in ("/api/v1/foo/", "/api/v1/webhooks/1/deliveries/"):
+        body = assert_error(client_api.get(path), 404, "not_found")
+        assert (
+            body["detail"] == "No API route matches this path; the routes are listed at /api/docs/."
+        )
+
+
 @pytest.mark.parametrize(
     ("path", "crumbs"),
     [
@@ -217,7 +227,12 @@ def test_a_disallowed_host_is_400_json(client_api, settings, debug):
     DEBUG too (Django would answer its HTML debug page there)."""
     settings.DEBUG = debug
     response = client_api.get("/api/v1/orders/", HTTP_HOST="evil.example")
-    assert_error(response, 400, "bad_request")
+    body = assert_error(response, 400, "bad_request")
+    # It says which setting lists the served names (a bare "Bad request." left a new user of
+    # `make run`, reaching it by the machine's address, with nothing to go on), and neither
+    # the name sent nor the names served.
+    assert "ALLOWED_HOSTS" in body["detail"] and "evil.example" not in body["detail"]
+    assert "localhost" not in body["detail"]
 
 
 @pytest.mark.parametrize("route", ["/api/v1/orders/", "/api/v1/webhooks/"])

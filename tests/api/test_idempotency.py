@@ -260,7 +260,9 @@ def test_a_utf8_signal_key_is_kept_as_written(client_api, catalog):
 @pytest.mark.django_db
 @pytest.mark.parametrize("route", ["order", "webhook", "saga signal", "order signal"])
 @pytest.mark.parametrize(
-    "key", ["", "   ", "k" * 256, "a\tb"], ids=["empty", "blank", "256", "tab"]
+    "key",
+    ["", "   ", "\u200b", "\ufeff\u00a0", "k" * 256, "a\tb"],
+    ids=["empty", "blank", "zero-width space", "byte-order mark", "256", "tab"],
 )
 def test_a_key_that_cannot_be_kept_is_the_same_400_on_every_route_that_takes_one(
     client_api, ops_api, place, route, key
@@ -298,6 +300,8 @@ def test_a_key_that_cannot_be_kept_is_the_same_400_on_every_route_that_takes_one
     said = {
         "": "The Idempotency-Key header is empty.",
         "   ": "The Idempotency-Key header is empty.",
+        "\u200b": "The Idempotency-Key header is empty.",
+        "\ufeff\u00a0": "The Idempotency-Key header is empty.",
         "k" * 256: "The Idempotency-Key header may be at most 255 characters.",
         "a\tb": "The Idempotency-Key header may not hold control characters.",
     }

@@ -261,8 +261,26 @@ def test_bad_order_input_is_400_with_code_and_field_and_creates_nothing(
         pytest.param(
             with_address(name=None),
             "shipping_address.name",
-            "This field is required.",
+            "This field is a string, not null.",
             id="name-null",
+        ),
+        pytest.param(
+            with_address(name="\u200b"),
+            "shipping_address.name",
+            "This field is required.",
+            id="name-a-zero-width-space",
+        ),
+        pytest.param(
+            with_address(city="\ufeff \u202e"),
+            "shipping_address.city",
+            "This field is required.",
+            id="city-a-byte-order-mark-and-a-direction-mark",
+        ),
+        pytest.param(
+            without_address_field("line1"),
+            "shipping_address.line1",
+            "This field is required.",
+            id="line1-missing",
         ),
         pytest.param(
             {**GOOD, "shipping_address": "London"},
@@ -497,7 +515,7 @@ def test_a_body_nested_too_deeply_says_so(client_api, catalog):
     raw = b"[" * 100_000 + b"]" * 100_000
     response = client_api.generic("POST", "/api/v1/orders/", raw, content_type="application/json")
     body = assert_error(response, 400, "parse_error")
-    assert body["detail"] == "JSON parse error - the body is nested too deeply", body
+    assert body["detail"] == "JSON parse error - the body is nested too deeply (at most 64 levels)"
 
 
 def test_a_body_over_the_upload_limit_is_413(client_api, catalog, settings):

@@ -147,6 +147,17 @@ def test_a_currency_that_is_no_code_in_use_is_told_what_it_should_be(staff_api, 
         ({"sku": "x", "name": "X", "price": "1.00", "stock_on_hand": -1}, "stock_on_hand"),
         ({"sku": "x", "name": "X", "price": "1.00", "stock_on_hand": 2**31}, "stock_on_hand"),
         ({"sku": "x", "name": "X", "price": "1.00", "stock_on_hand": "many"}, "stock_on_hand"),
+        # Strictly a JSON integer, as an order's quantity (DRF took "5", 5.0 and true).
+        ({"sku": "x", "name": "X", "price": "1.00", "stock_on_hand": "5"}, "stock_on_hand"),
+        ({"sku": "x", "name": "X", "price": "1.00", "stock_on_hand": 5.0}, "stock_on_hand"),
+        ({"sku": "x", "name": "X", "price": "1.00", "stock_on_hand": True}, "stock_on_hand"),
+        # A price in ASCII digits with an optional sign and decimals (DRF took these).
+        ({"sku": "x", "name": "X", "price": "\uff11\uff12"}, "price"),  # fullwidth 12
+        ({"sku": "x", "name": "X", "price": "\u0663"}, "price"),  # Arabic-Indic 3
+        ({"sku": "x", "name": "X", "price": "1_000"}, "price"),
+        ({"sku": "x", "name": "X", "price": "1e5"}, "price"),
+        ({"sku": "x", "name": "X", "price": " 12.00 "}, "price"),
+        ({"sku": "x", "name": "X", "price": True}, "price"),
     ],
 )
 def test_bad_product_input_is_400_and_creates_nothing(staff_api, catalog, body, field):
@@ -155,6 +166,24 @@ def test_bad_product_input_is_400_and_creates_nothing(staff_api, catalog, body, 
     error = assert_error(staff_api.post(PRODUCTS, body, format="json"), 400, "invalid")
     assert field in error["fields"], error
     assert Product.objects.count() == before
+
+
+@pytest.mark.parametrize(("price", "shown"), [("-0", "0.00"), (-0.0, "0.00"), (12, "12.00")])
+def test_a_price_is_answered_as_it_is_stored(staff_api, catalog, price, shown):
+    """``-0`` was answered ``"-0.00"`` while the database kept ``0.00``."""
+    response = staff_api.post(
+        PRODUCTS, {"sku": "free", "name": "Free", "price": price}, format="json"
+    )
+    assert response.status_code == 201, response.content
+    assert response.json()["price"] == shown
+    assert staff_api.get(f"{PRODUCTS}free/").json()["price"] == shown
+
+
+@pytest.mark.parametrize("stock", ["5", 5.0, True])
+def test_a_change_of_stock_is_a_json_integer_too(staff_api, catalog, stock):
+    response = staff_api.patch(f"{PRODUCTS}lamp/", {"stock_on_hand": stock}, format="json")
+    assert "stock_on_hand" in assert_error(response, 400, "invalid")["fields"]
+    assert Product.objects.get(sku="lamp").stock_on_hand == 50
 
 
 def test_staff_change_a_product_with_patch(staff_api, catalog):

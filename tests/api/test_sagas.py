@@ -576,7 +576,9 @@ def test_signal_route_refusals_are_clear_4xx_and_record_nothing(staff_api, ops_a
     assert_error(staff_api.post(path, approve, format="json"), 403, "permission_denied")
     # Payload: an object with `approved` true or false.
     assert_error(ops_api.post(path, {"payload": [1]}, format="json"), 400)
-    assert_error(ops_api.post(path, {"payload": {"approved": 1}}, format="json"), 400)
+    body = assert_error(ops_api.post(path, {"payload": {"approved": 1}}, format="json"), 400)
+    # Plain text, also in the ops console's error box: no Markdown backticks.
+    assert 'needs "approved": true or false.' in body["detail"] and "`" not in body["detail"]
     # A signal this saga type never waits for, a saga that does not exist.
     other = f"{SAGAS}{saga.id}/signals/no_such_signal/"
     assert_error(ops_api.post(other, approve, format="json"), 409, "unknown_signal")

@@ -30,7 +30,7 @@ from accounts.apps import PURGE_RATE_LIMITS_TASK_NAME
 from accounts.models import RateLimitCount
 from accounts.tasks import purge_rate_limit_counts
 from audit.models import AuditEntry
-from config.api_errors import UNROUTED_DETAIL
+from config.api_errors import unrouted_detail
 from orders.models import IdempotencyRecord, Order
 from tests.conftest import REPO_ROOT, database_url_for, wait_until
 from tests.embedded import run_on_embedded_sqlite
@@ -151,7 +151,7 @@ def test_a_scanner_of_unrouted_paths_is_limited_per_address(settings):
     anonymous = api_client_for(None)
     for path in ("/api/does-not-exist/", "/api/v1/orders", "/api/v1/.env"):
         body = assert_error(anonymous.get(path, REMOTE_ADDR=scanner), 404, "not_found")
-        assert body["detail"] == UNROUTED_DETAIL
+        assert body["detail"] == unrouted_detail(path)
     assert_throttled(anonymous.get("/api/does-not-exist/", REMOTE_ADDR=scanner))
     assert_throttled(anonymous.post("/api/v1/nothing/", {}, format="json", REMOTE_ADDR=scanner))
     assert_throttled(anonymous.get(PRODUCTS, REMOTE_ADDR=scanner))

@@ -147,3 +147,54 @@ def test_an_integer_of_thousands_of_digits_is_a_400_that_speaks_of_the_body(clie
     assert "more than 4300 digits" in body["detail"], body
     assert "sys." not in body["detail"], body
     assert not Order.objects.exists()
+
+
+def _nested(levels: int) -> str:
+    """A JSON value of ``levels`` nested arrays."""
+    return "[" * levels + "]" * levels
+
+
+@pytest.mark.parametrize("levels", [64, 400, 915, 960])
+def test_a_signal_payload_nested_past_the_limit_is_a_400_never_a_500(client_api, place, levels):
+    """A body may nest 64 levels (``config.text.MAX_DEPTH``). Past that the parser refuses it,
+    at any depth: about 900 levels parsed, then overflowed the stack in the database driver's
+    JSON encoder while the signal was stored (a 500). Nothing is stored, and the saga still
+    takes a good signal."""
+    order = place(client_api, payment_method="pm_card_3ds_required")  # it will wait for it
+    path = f"/api/v1/orders/{order['id']}/signals/3ds_confirmed/"
+    text = f'{{"payload": {{"approved": true, "x": {_nested(levels)}}}}}'
+    body = assert_error(_raw(client_api, path, text), 400, "parse_error")
+    assert body["detail"] == "JSON parse error - the body is nested too deeply (at most 64 levels)"
+    good = client_api.post(path, {"payload": {"approved": True}}, format="json")
+    assert good.status_code == 202, good.content
+
+
+def test_a_body_nested_exactly_to_the_limit_is_read(client_api, place):
+    order = place(client_api, payment_method="pm_card_3ds_required")
+    path = f"/api/v1/orders/{order['id']}/signals/3ds_confirmed/"
+    text = f'{{"payload": {{"approved": true, "x": {_nested(62)}}}}}'  # 64 levels in all
+    assert _raw(client_api, path, text).status_code == 202
+
+
+@pytest.mark.parametrize("debug", [False, True])
+@pytest.mark.parametrize("path", ["/api/v1/orders/", "/healthz", "/admin/"])
+def test_more_query_parameters_than_django_reads_is_a_400(client_api, settings, debug, path):
+    """Past ``DATA_UPLOAD_MAX_NUMBER_FIELDS`` Django refuses to read the query string. In
+    production that was its 400; under DEBUG (``make run``) its debug page read the query
+    string again while rendering, raised again and ended in a 500 on every path."""
+    settings.DEBUG = debug
+    response = client_api.get(f"{path}?" + "&".join(["a"] * 1500))
+    assert response.status_code == 400, response.content[:300]
+    if path.startswith("/api/"):
+        body = assert_error(response, 400, "bad_request")
+        assert body["detail"] == "Too many query parameters or form fields: at most 1000."
+
+
+def test_an_order_sent_with_too_many_query_parameters_is_refused_and_places_nothing(
+    client_api, catalog, settings
+):
+    settings.DEBUG = True
+    query = "&".join(["a"] * 1500)
+    response = client_api.post(f"/api/v1/orders/?{query}", order_body([("lamp", 1)]), format="json")
+    assert_error(response, 400, "bad_request")
+    assert not Order.objects.exists()

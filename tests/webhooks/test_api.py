@@ -328,6 +328,26 @@ def test_events_must_be_a_non_empty_list_of_known_types(customer, events):
 
 
 @pytest.mark.parametrize(
+    ("event", "message"),
+    [
+        ("order.confirm", '"order.confirm" is not an event type; the types are '),
+        ({"a": 1}, "An event type is a string: one of "),
+        (1, "An event type is a string: one of "),
+    ],
+    ids=["misspelt", "an object", "a number"],
+)
+def test_an_unknown_event_is_refused_with_the_list_of_types(customer, event, message):
+    """A misspelt type is told the spellings (it said only that it was not a valid choice), and
+    a value that is not a string is told so (it was shown as Python wrote it: {'a': 1})."""
+    client = api_client_for(customer)
+    response = client.post("/api/v1/webhooks/", {**BODY, "events": [event]}, format="json")
+    body = assert_error(response, 400)
+    types = "order.updated, order.confirmed, order.cancelled and order.needs_attention."
+    assert body["fields"] == {"events[0]": [message + types]}, body
+    assert not Endpoint.objects.exists()
+
+
+@pytest.mark.parametrize(
     "events",
     [["order.nope"] * 20_000, ["order.updated"] * 20_000, [{"type": "x"}] * 5, [*EVENT_TYPES, 1]],
     ids=["20000 unknown", "20000 repeated", "5 objects", "the 4 types and one more"],
