@@ -154,6 +154,18 @@ def refuse_unusable_database(url: str) -> None:
         sys.exit(1)
 
 
+#: Settings that ``var/run.env`` carries when they were given to the launcher (see run_env).
+PASSED_THROUGH = (
+    "CELERY_QUEUE",
+    "WEBHOOKS_QUEUE",
+    "CACHE_URL",
+    "CACHE_KEY_PREFIX",
+    "SAGA_PUMP_REDIS_URL",
+    "SAGA_DEFINITION_MODULES",
+    "WEBHOOKS_ALLOW_PRIVATE",
+)
+
+
 def choose_services(var_dir: Path) -> dict[str, str]:
     """Return DATABASE_URL and CELERY_BROKER_URL, and print one line saying which."""
     explicit_db = os.environ.get("DATABASE_URL", "")
@@ -302,6 +314,10 @@ def main() -> None:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True, exist_ok=True)
     run_env = {
+        # Given to make run by hand, these decide where work and state go: a manage.py command
+        # run with run.env but without them (saga_migrate, say) would ring doorbells on a
+        # queue no worker of this run reads, or miss the sagas of the definitions it loads.
+        **{name: os.environ[name] for name in PASSED_THROUGH if os.environ.get(name)},
         **chosen,
         "SECRET_KEY": os.environ.get("SECRET_KEY") or dev_secret_key(var_dir),
         "DEBUG": os.environ.get("DEBUG", "1"),

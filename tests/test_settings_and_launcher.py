@@ -396,7 +396,9 @@ def assert_plain_http_works(port: int, launcher_output: str) -> None:
     assert products.status_code == 200, products.text
 
 
-def _launch_without_serving(flag: str, var: Path, port: int) -> subprocess.CompletedProcess:
+def _launch_without_serving(
+    flag: str, var: Path, port: int, **extra: str
+) -> subprocess.CompletedProcess:
     """``scripts/run.py FLAG`` (``--prepare-only``, ``--migrate-only``) on this session's
     database, with ``var`` as its var directory and ``port`` as its web port."""
     from django.db import connection
@@ -409,11 +411,30 @@ def _launch_without_serving(flag: str, var: Path, port: int) -> subprocess.Compl
             SAGARUNNER_PORT=str(port),
             DATABASE_URL=database_url_for(connection.settings_dict),
             CELERY_BROKER_URL="redis://127.0.0.1:6379/15",
+            **extra,
         ),
         capture_output=True,
         text=True,
         timeout=180,
     )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_run_env_carries_the_queue_and_the_cache_given_to_make_run(tmp_path):
+    """``CELERY_QUEUE=orders make run``: a manage.py command run afterwards with var/run.env
+    (as the README says) sent its doorbells to the default queue, which no worker of that run
+    read; the sagas moved only when the sweeper found them. run.env carries such settings."""
+    var = tmp_path / "var"
+    given = {
+        "CELERY_QUEUE": "orders-q",
+        "CACHE_KEY_PREFIX": "other-app",
+        "SAGA_DEFINITION_MODULES": "lab.bench_saga",
+        "WEBHOOKS_ALLOW_PRIVATE": "1",
+    }
+    prepared = _launch_without_serving("--prepare-only", var, 8002, **given)
+    assert prepared.returncode == 0, prepared.stdout + prepared.stderr
+    run_env = read_env_file(var / "run.env")
+    assert {name: run_env.get(name) for name in given} == given
 
 
 @pytest.mark.django_db(transaction=True)
