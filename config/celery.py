@@ -17,6 +17,7 @@ from celery.apps import beat as celery_beat
 from celery.apps import worker as celery_worker
 from celery.exceptions import CPendingDeprecationWarning
 from celery.signals import (
+    after_setup_logger,
     beat_init,
     celeryd_after_setup,
     celeryd_init,
@@ -138,6 +139,16 @@ app.autodiscover_tasks()
 @worker_ready.connect
 def _after_logging_setup(**_kwargs) -> None:
     _quiet_cancel_warning()
+
+
+@after_setup_logger.connect
+def _pool_lines_in_the_log(logger: logging.Logger | None = None, **_kwargs: Any) -> None:
+    """The prefork pool's own lines (``Process 'ForkPoolWorker-1' pid:123 exited with 'signal 9
+    (SIGKILL)'``) through the project's log handlers, as JSON or key=value like every other
+    line. They go through the ``multiprocessing`` logger, which does not propagate, and Celery
+    gives it a plain-text handler of its own whenever it has none."""
+    root = logger or logging.getLogger()
+    logging.getLogger("multiprocessing").handlers = list(root.handlers)
 
 
 @celeryd_init.connect

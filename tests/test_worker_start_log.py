@@ -101,3 +101,21 @@ def test_a_worker_starts_with_one_json_line_instead_of_celerys_banner(tmp_path: 
     assert start["queues"] == [queue]
     assert start["transport"].startswith("redis://") and start["task_events"] is False
     assert "sagas.run" in start["tasks"] and "webhooks.deliver" in start["tasks"]
+
+
+def test_a_pool_process_killed_is_a_json_line_too(tmp_path: Path):
+    """The prefork pool says a pool process died (``Process 'ForkPoolWorker-1' pid:123 exited
+    with 'signal 9 (SIGKILL)'``) through its own logger, which Celery gave a plain-text handler:
+    the one line of the worker's log that was not JSON after a crash."""
+    worker, _node = start_worker(tmp_path, f"poolkill-{uuid.uuid4().hex[:8]}")
+    try:
+        [child, *_] = worker.children()
+        os.kill(child, signal.SIGKILL)
+        wait_until(lambda: "exited with" in worker.log_text(), 60, "the pool to say so")
+    finally:
+        worker.stop(timeout=30)
+    written = [line for line in worker.log_text().splitlines()[1:] if line.strip()]
+    assert [line for line in written if not line.startswith("{")] == [], written
+    [exited] = [json.loads(line) for line in written if "exited with" in line]
+    assert f"pid:{child} exited with 'signal 9 (SIGKILL)'" in exited["event"], exited
+    assert (exited["level"], exited["logger"]) == ("error", "multiprocessing")
