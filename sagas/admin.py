@@ -1091,7 +1091,11 @@ class SagaAdmin(ScalableAdminMixin, admin.ModelAdmin):
             )
         if set(names) - {name for name, _ in pending}:  # one already waiting is refused
             url = reverse("admin:sagas_saga_signal", args=[saga.pk])
-            parts.append(format_html('<a class="button" href="{}">Send a signal&hellip;</a>', url))
+            parts.append(
+                format_html(
+                    '<a class="button signal-button" href="{}">Send a signal&hellip;</a>', url
+                )
+            )
         return mark_safe("<br>".join(str(p) for p in parts)) if parts else "-"  # noqa: S308
 
     def signal_view(self, request: HttpRequest, saga_id: UUID) -> HttpResponse:
