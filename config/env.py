@@ -6,8 +6,8 @@ and ``SAGA_BACKOFF_BASE=0,5`` as 0.5; its ``bool`` reads anything but a known "y
 ``SAGA_PROVIDER_BREAKERS=maybe`` turned the breakers off without a word; and a bad ``int`` ended
 start-up with a traceback that never named the variable. Here each of them either reads the
 whole value or raises ``ImproperlyConfigured`` naming the variable and what it must be (which
-``manage.py`` prints as one line). An empty value counts as unset, as a compose file's
-``NAME=`` means.
+``manage.py`` prints as one line). An empty number or switch counts as unset, as a compose
+file's ``NAME=`` means.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
-TRUE = frozenset({"1", "true", "yes", "y", "on"})
+TRUE = frozenset({"1", "true", "yes", "y", "on", "ok"})
 FALSE = frozenset({"0", "false", "no", "n", "off"})
 
 
@@ -63,7 +63,7 @@ class StrictEnv(environ.Env):
         if raw.lower() in FALSE:
             return False
         raise ImproperlyConfigured(
-            f"{var} must be on or off (1, true, yes, on / 0, false, no, off), not {raw!r}"
+            f"{var} must be on or off (1, true, yes, on, ok / 0, false, no, off), not {raw!r}"
         )
 
     def _default(self, var: str, default: Any) -> Any:

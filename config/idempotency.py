@@ -60,10 +60,10 @@ def clean_key(raw: str | None) -> str | None:
     key = raw.strip()
     if has_control_characters(key):
         raise IdempotencyKeyInvalid("The Idempotency-Key header may not hold control characters.")
-    # Then trimmed of what else cannot be seen: a key of nothing but a zero-width space passed
-    # for one, while a no-break space alone counted as empty.
-    key = trimmed(key)
-    if not key:
+    # Empty also when all it holds cannot be seen: a key of nothing but a zero-width space
+    # passed for one, while a no-break space alone counted as empty. The key itself stays as
+    # stripped, as keys were kept before: a retry of one kept then must still find it.
+    if not trimmed(key):
         raise IdempotencyKeyInvalid("The Idempotency-Key header is empty.")
     if len(key) > MAX_KEY_LENGTH:
         raise IdempotencyKeyInvalid(

@@ -448,6 +448,7 @@ class RefuseNul:
             # JSON 400 for the API. Raised on, it was Django's 400 in production, but under
             # DEBUG its debug page read request.GET again, raised again and ended in a 500.
             refused = FieldsRefused(_too_much(exc))
+            log.warning("http.fields_refused", path=request.path[:200], problem=str(refused))
         if refused is not None:
             # Answered here rather than raised: with DEBUG on, Django would answer a raised
             # BadRequest with its HTML debug page (a traceback and the settings) instead of the

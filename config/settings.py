@@ -445,7 +445,7 @@ CELERY_TASK_ANNOTATIONS = {
 }
 # Orders above this total wait before capture for ops staff's `fraud_review` signal; a review
 # not given within ORDER_FRAUD_REVIEW_TIMEOUT seconds goes to a person (needs_manual).
-ORDER_FRAUD_REVIEW_ABOVE = env("ORDER_FRAUD_REVIEW_ABOVE", default="1000.00").strip()
+ORDER_FRAUD_REVIEW_ABOVE = env("ORDER_FRAUD_REVIEW_ABOVE", default="").strip() or "1000.00"
 try:
     _review_above = Decimal(ORDER_FRAUD_REVIEW_ABOVE)
 except InvalidOperation:

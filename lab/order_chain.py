@@ -5,7 +5,10 @@ costs against broker hops, but not what the order saga costs against the same wo
 without an engine. This chain does the order saga's five forward steps with the same
 participants (``inventory``, ``payments``, ``shipping``, ``orders``), the same derived
 idempotency keys, and Celery's own retries with exponential backoff and jitter, on the same
-worker (persistent connections, ``acks_late``, prefetch 1, durable commits):
+worker (persistent connections, ``acks_late``, prefetch 1, the participants' commits as the
+saga makes them: the writes before a provider moves money wait for the disk, the copies of its
+answers and the fake carrier's booking do not, so a database server crash mid-chain can strand
+an order that the chain, having no record to redo a step from, does not finish):
 
     reserve -> authorize -> arrange -> capture -> confirm
 

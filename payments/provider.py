@@ -31,6 +31,7 @@ Anything else is declined as ``unknown_payment_method``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -124,9 +125,10 @@ def _run_alone(using: str, build: Callable[[bool], str], params: list[Any]) -> i
     Autocommitted (its own transaction, as a worker calls the provider), its commit does not
     wait for the WAL flush: this ledger stands in for a remote provider, whose durability is
     on its side and costs a real deployment's database nothing, and the WAL is one sequence,
-    so our own next write that does wait (the order's shipment, or the saga's record that
-    hands it on or ends it) flushes the ledger's first; a server crash before that loses the
-    answer and our record of it together, and the step's retry asks again under the same key.
+    so our own next write that does wait (the payment row written before the next call that
+    moves money, or the saga's record that hands it on or ends it) flushes the ledger's first;
+    a server crash before that loses the answer and our record of it together, and the step's
+    retry asks again under the same key and gets the same ids (:func:`_new_id`).
     Inside a caller's transaction it runs in a savepoint of it (so that a conflict leaves that
     transaction usable) and leaves the transaction's commit as it is.
     """
@@ -187,8 +189,15 @@ TEST_CARDS = (PM_VISA, PM_DECLINED, PM_CAPTURE_DECLINED, PM_REFUND_FAILS, PM_3DS
 KNOWN_PAYMENT_METHODS = frozenset(TEST_CARDS)
 
 
-def _new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+def _new_id(prefix: str, key: str | None = None) -> str:
+    """An id for a new authorization, capture or refund. Under a request's key, always the same
+    one: the ledger's writes do not wait for the disk (:func:`_run_alone`), so a server crash
+    can lose an answer and our copy of it together, and the step's retry under the same key
+    must get the same ids back, as a real provider would replay them, not new ones that staff
+    who read the first might see change."""
+    if key is None:
+        return f"{prefix}_{uuid.uuid4().hex[:24]}"
+    return f"{prefix}_{hashlib.sha256(key.encode()).hexdigest()[:24]}"
 
 
 class FakePaymentProvider:
@@ -226,7 +235,7 @@ class FakePaymentProvider:
             self._decline(op, decline_code)
         else:
             auth = ProviderAuthorization(
-                id=_new_id("auth"),
+                id=_new_id("auth", key),
                 reference=reference,
                 currency=currency,
                 amount_minor=amount_minor,
@@ -324,7 +333,7 @@ class FakePaymentProvider:
             return op, decline_code
         auth.status = AuthorizationStatus.CAPTURED
         auth.captured_minor = auth.amount_minor
-        auth.capture_id = _new_id("cap")
+        auth.capture_id = _new_id("cap", key)
         op.amount_minor = auth.captured_minor
         op.response = {
             "object": "capture",

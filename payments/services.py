@@ -110,6 +110,7 @@ def payment_capture(
                 f"the authorization under {authorize_key!r} belongs to another order"
             )
         authorization_id = authorization["authorization_id"]
+    _before_the_call(order_uuid)
     try:
         response = provider.capture(key=key, authorization_id=authorization_id)
     except PaymentDeclined as exc:
@@ -196,6 +197,16 @@ def _done_by_hand(order_id: uuid.UUID | str, from_status: str, **values: Any) ->
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+def _before_the_call(order_id: uuid.UUID) -> None:
+    """A write of our payment row that waits for the disk, made before the provider is asked to
+    move money: the saga's claim of the step commits without that wait, and this flushes it
+    (the WAL is one sequence), so a server crash cannot take the saga back to before a call
+    that left the database. Taken back that far, a cancel would compensate without this
+    step: void a hold the provider had already captured. The authorization's own row, written
+    before its call, does the same for the authorize."""
+    Payment.objects.filter(order_id=order_id).update(updated_at=timezone.now())
+
+
 def _undo_result(order_id: uuid.UUID, response: dict[str, Any]) -> dict[str, Any]:
     payment = None
     if response.get("authorization_id"):
@@ -252,8 +263,9 @@ def _record_view(order_id: uuid.UUID, auth: dict[str, Any]) -> Recorded | None:
     tells anyone outside (a webhook, a terminal state, a hand-over) commits later and waits,
     flushing this with it. What an API reader could see in between is the payment's amounts
     going back to zero and forward again, as the saga's own records that go straight on can.
-    Our row written *before* the provider is asked still waits: it is what makes the step's
-    claim durable before anything leaves this database.
+    Our writes *before* the provider is asked still wait (the row's insert before the
+    authorize, :func:`_before_the_call` before the capture): they make the step's claim
+    durable before anything leaves this database.
     """
     currency = auth["currency"]
     authorized = from_minor(auth["amount_minor"], currency)

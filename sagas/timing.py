@@ -216,10 +216,11 @@ def lease_only_commits() -> bool:
     say "this task holds the saga": nobody else is told (no doorbell, no terminal state). If
     PostgreSQL itself crashed before flushing one, the saga would come back at its previous
     version and the sweeper would run the step again under the same idempotency key, which is
-    what a worker crash already does. And the WAL is one sequence: the participant's own
-    write in the next step, or the record that hands the saga on, waits for its flush and
-    with it for everything before. So only those hand-over commits wait for the disk, which
-    takes the engine's own waits for an fsync from six per five-step saga to one.
+    what a worker crash already does. And the WAL is one sequence: a participant's write that
+    waits (one made before a call leaves the database), or the record that hands the saga on,
+    waits for its flush and with it for everything before. So only those hand-over commits
+    wait for the disk, which takes the engine's own waits for an fsync from six per five-step
+    saga to one.
     """
     return settings.SAGA_ASYNC_LEASE_COMMITS
 

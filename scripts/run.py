@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -250,7 +251,9 @@ def manage(env: dict[str, str], *args: str, capture: bool = False) -> str:
 
 
 def write_env_file(path: Path, values: dict[str, str]) -> None:
-    lines = [f"{key}={value}" for key, value in sorted(values.items())]
+    """``KEY=value`` lines a shell sources (``set -a; . var/run.env``): each value quoted, since
+    some are what the user typed (a ``CACHE_URL`` with ``&`` in its query string)."""
+    lines = [f"{key}={shlex.quote(value)}" for key, value in sorted(values.items())]
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o600)
 

@@ -161,8 +161,13 @@ def _log_name(name: str) -> str:
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-    return {key: value for key, value in pairs}
+    """What a shell that sources the file (``set -a; . var/run.env``) ends up with."""
+    script = f'set -a; . "{path}"; set +a; env -0'
+    shown = subprocess.run(
+        ["bash", "-c", script], env={}, capture_output=True, text=True, check=True, timeout=30
+    )
+    pairs = (entry.split("=", 1) for entry in shown.stdout.split("\0") if "=" in entry)
+    return {key: value for key, value in pairs if key not in ("PWD", "SHLVL", "_")}
 
 
 def get_healthz(port: int) -> tuple[int, dict] | None:
@@ -427,7 +432,9 @@ def test_run_env_carries_the_queue_and_the_cache_given_to_make_run(tmp_path):
     var = tmp_path / "var"
     given = {
         "CELERY_QUEUE": "orders-q",
-        "CACHE_KEY_PREFIX": "other-app",
+        # Sourced as the README says, an unquoted & ran the line in the background.
+        "CACHE_URL": "redis://127.0.0.1:6379/14?socket_timeout=5&retry_on_timeout=true",
+        "CACHE_KEY_PREFIX": "other app",
         "SAGA_DEFINITION_MODULES": "lab.bench_saga",
         "WEBHOOKS_ALLOW_PRIVATE": "1",
     }

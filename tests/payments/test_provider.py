@@ -298,3 +298,20 @@ def test_inside_a_callers_transaction_the_ledger_leaves_its_commit_waiting_for_t
     with connection.cursor() as cursor:
         cursor.execute("SHOW synchronous_commit")
         assert cursor.fetchone()[0] == "on"
+
+
+def test_an_answer_lost_with_its_ledger_is_given_again_with_the_same_ids():
+    """The ledger's writes do not wait for the disk: a server crash can lose an authorization
+    and a capture together with our copies of them, and the step's retry asks again under the
+    same keys. It gets the same authorization and capture ids, as a real provider replays
+    them, not new ones that someone who read the first would see change. Other keys get
+    others."""
+    auth = authorize()
+    capture = provider.capture(key="c", authorization_id=auth["id"])
+    ProviderOperation.objects.all().delete()  # what the crash lost
+    ProviderAuthorization.objects.all().delete()
+    again = authorize()
+    assert again["id"] == auth["id"]
+    assert provider.capture(key="c", authorization_id=again["id"])["id"] == capture["id"]
+    other = authorize(key="b", reference="order-2")
+    assert other["id"] != auth["id"] and other["id"].startswith("auth_")
