@@ -69,11 +69,21 @@ class _CeleryNamespace(Mapping):
     def _load(self) -> dict[str, Any]:
         if self._values is None:
             from django.conf import settings
+            from django.core.exceptions import ImproperlyConfigured
 
             prefix = "CELERY_"
+            try:
+                names = dir(settings)
+            except ImproperlyConfigured as exc:
+                # A setting the environment got wrong (SAGA_DEADLINE=10m, say): a worker or
+                # beat reads its configuration here first, and Celery's command line showed
+                # the refusal at the end of a traceback of some ninety lines. One line, as
+                # manage.py says it. (Web and manage.py processes load the settings before
+                # anything asks Celery's configuration, so they never get here with one.)
+                _refuse_to_start(str(exc))
             self._values = {
                 name[len(prefix) :].lower(): getattr(settings, name)
-                for name in dir(settings)
+                for name in names
                 if name.startswith(prefix)
             }
         return self._values

@@ -87,3 +87,26 @@ def test_manage_py_stops_with_one_line_naming_the_setting(tmp_path, setting, val
     )
     assert result.returncode == 2, result.stderr
     assert says in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("command", [["worker", "-Q", "nowhere"], ["beat"]], ids=["worker", "beat"])
+def test_a_worker_or_beat_stops_with_one_line_too(tmp_path, command):
+    """Celery reads its configuration, and so the settings, before anything of ours runs: a
+    malformed setting ended a worker's or beat's start in a traceback of some ninety lines
+    (exit 1), where manage.py says one line (exit 2)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "config", *command, "-l", "info"],
+        cwd=REPO_ROOT,
+        env=fresh_env(
+            SECRET_KEY="x" * 50,
+            SAGARUNNER_VAR_DIR=str(tmp_path),
+            SAGA_DEADLINE="10m",
+            CELERY_BROKER_URL="redis://127.0.0.1:1/0",  # never reached
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "refusing to start: SAGA_DEADLINE must be a number" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
