@@ -31,16 +31,31 @@ class StrictEnv(environ.Env):
             return None
         return value.strip()
 
-    def int(self, var: str, default: Any = environ.Env.NOTSET) -> Any:
+    def int(
+        self, var: str, default: Any = environ.Env.NOTSET, *, minimum: int | None = None
+    ) -> Any:
+        """A whole number; ``minimum``: the least it may be (a count of attempts, a batch)."""
         raw = self._raw(var)
         if raw is None:
             return self._default(var, default)
         try:
-            return int(raw)
+            value = int(raw)
         except ValueError:
             raise ImproperlyConfigured(f"{var} must be a whole number, not {raw!r}") from None
+        if minimum is not None and value < minimum:
+            raise ImproperlyConfigured(f"{var} must be at least {minimum}, not {raw!r}")
+        return value
 
-    def float(self, var: str, default: Any = environ.Env.NOTSET) -> Any:
+    def float(
+        self,
+        var: str,
+        default: Any = environ.Env.NOTSET,
+        *,
+        positive: bool = False,
+        minimum: float | None = None,
+    ) -> Any:
+        """A number; ``positive``: above zero (a duration that must pass), ``minimum``: at least
+        that (``0`` for one that may be off)."""
         raw = self._raw(var)
         if raw is None:
             return self._default(var, default)
@@ -52,6 +67,10 @@ class StrictEnv(environ.Env):
             raise ImproperlyConfigured(
                 f"{var} must be a number (a '.' before any decimals, no unit), not {raw!r}"
             )
+        if positive and value <= 0:
+            raise ImproperlyConfigured(f"{var} must be a number above 0, not {raw!r}")
+        if minimum is not None and value < minimum:
+            raise ImproperlyConfigured(f"{var} must be at least {minimum:g}, not {raw!r}")
         return value
 
     def bool(self, var: str, default: Any = environ.Env.NOTSET) -> Any:

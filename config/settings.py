@@ -57,7 +57,7 @@ if _proxy_ssl_header:
     )
 # HSTS: a conservative hour by default (a mistake is undone within an hour); raise it to a year
 # (31536000) once HTTPS has run well. includeSubDomains only reaches hosts below this one.
-SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=3600) if HTTPS_ONLY else 0
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=3600, minimum=0) if HTTPS_ONLY else 0
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=True)
 # Preloading is a promise to browser vendors that is slow to take back: only on request.
 SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
@@ -97,7 +97,7 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {
         "NAME": "django.contrib.auth.password_validation.MinimumLengthValidator",
-        "OPTIONS": {"min_length": env.int("PASSWORD_MIN_LENGTH", default=12)},
+        "OPTIONS": {"min_length": env.int("PASSWORD_MIN_LENGTH", default=12, minimum=1)},
     },
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
@@ -106,8 +106,8 @@ AUTH_PASSWORD_VALIDATORS = [
 # address is locked out for LOGIN_LOCKOUT_MINUTES (failures are counted in the database, so
 # every web process and host agrees). Unlock early: `manage.py axes_reset_username NAME`,
 # `axes_reset_ip ADDRESS`, or delete the access attempt in the ops console.
-AXES_FAILURE_LIMIT = env.int("LOGIN_FAILURE_LIMIT", default=5)
-AXES_COOLOFF_TIME = timedelta(minutes=env.float("LOGIN_LOCKOUT_MINUTES", default=15))
+AXES_FAILURE_LIMIT = env.int("LOGIN_FAILURE_LIMIT", default=5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env.float("LOGIN_LOCKOUT_MINUTES", default=15, positive=True))
 AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
 AXES_RESET_ON_SUCCESS = True
 # A success clears its own user name's failures only (see the handler for why).
@@ -125,7 +125,7 @@ AXES_VERBOSE = False
 # How many reverse proxies (load balancer, ingress) stand in front of the web processes and
 # append to X-Forwarded-For. 0: clients connect directly and REMOTE_ADDR is their address. The
 # audit log, the per-address rate limit and the login lockout all use the same answer.
-TRUSTED_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", default=0)
+TRUSTED_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", default=0, minimum=0)
 # Seconds a request's whole body may take to arrive (config.middleware.FramedBody reads every
 # body whole, first, but an anonymous API call's): a body that stops arriving or trickles is
 # answered 408 and the thread freed. Without it, such a client held a gunicorn thread for as
@@ -245,7 +245,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 else:
     # Persistent connections: a worker reuses one connection across tasks; it never holds a
     # transaction open while it waits on a provider.
-    DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=600)
+    DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=600, minimum=0)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
     DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = 5
     _options = DATABASES["default"]["OPTIONS"]
@@ -355,32 +355,34 @@ CACHES = {"default": {**_cache, "KEY_PREFIX": env("CACHE_KEY_PREFIX", default="s
 # ---------------------------------------------------------------------------------------------
 # Saga engine knobs (the README's Configuration table says what each does)
 # ---------------------------------------------------------------------------------------------
-SAGA_BACKOFF_BASE = env.float("SAGA_BACKOFF_BASE", default=0.5)
-SAGA_BACKOFF_MAX = env.float("SAGA_BACKOFF_MAX", default=30.0)
-SAGA_MAX_ATTEMPTS = env.int("SAGA_MAX_ATTEMPTS", default=5)
-SAGA_COMPENSATION_MAX_ATTEMPTS = env.int("SAGA_COMPENSATION_MAX_ATTEMPTS", default=8)
-SAGA_STUCK_AFTER = env.float("SAGA_STUCK_AFTER", default=30.0)
-SAGA_SWEEP_INTERVAL = env.float("SAGA_SWEEP_INTERVAL", default=10.0)
+SAGA_BACKOFF_BASE = env.float("SAGA_BACKOFF_BASE", default=0.5, positive=True)
+SAGA_BACKOFF_MAX = env.float("SAGA_BACKOFF_MAX", default=30.0, positive=True)
+SAGA_MAX_ATTEMPTS = env.int("SAGA_MAX_ATTEMPTS", default=5, minimum=1)
+SAGA_COMPENSATION_MAX_ATTEMPTS = env.int("SAGA_COMPENSATION_MAX_ATTEMPTS", default=8, minimum=1)
+SAGA_STUCK_AFTER = env.float("SAGA_STUCK_AFTER", default=30.0, positive=True)
+SAGA_SWEEP_INTERVAL = env.float("SAGA_SWEEP_INTERVAL", default=10.0, positive=True)
 # Set explicitly, the interval is applied to beat's schedule at every migrate (each deploy),
 # replacing one staff changed in the ops console; unset, the schedule keeps the console's.
 SAGA_SWEEP_INTERVAL_SET = bool(os.environ.get("SAGA_SWEEP_INTERVAL", "").strip())
-SAGA_DEADLINE = env.float("SAGA_DEADLINE", default=600.0)
+SAGA_DEADLINE = env.float("SAGA_DEADLINE", default=600.0, positive=True)
 # How long a step may run unless it sets its own timeout. Tasks' time limits, and the leases
 # that outlive them (so an expired lease always means the holder is gone), are sized from the
 # longest step timeout registered, up to SAGA_TASK_TIMEOUT_MAX below.
-SAGA_STEP_TIMEOUT = env.float("SAGA_STEP_TIMEOUT", default=30.0)
+SAGA_STEP_TIMEOUT = env.float("SAGA_STEP_TIMEOUT", default=30.0, positive=True)
 # How long a task may keep running due steps of one saga before handing back to the broker.
-SAGA_INLINE_BUDGET = env.float("SAGA_INLINE_BUDGET", default=2.0)
+SAGA_INLINE_BUDGET = env.float("SAGA_INLINE_BUDGET", default=2.0, minimum=0)
 # Every doorbell's task gets the time limits of the longest step timeout any registered saga
 # type sets, up to this, so a task never stops mid-saga for a longer step; each step is still
 # ended at its own timeout. The lease (how long a dead worker's saga waits) grows with it. A
 # step longer than this keeps a task message of its own.
-SAGA_TASK_TIMEOUT_MAX = env.float("SAGA_TASK_TIMEOUT_MAX", default=2 * SAGA_STEP_TIMEOUT)
-SAGA_SWEEP_BATCH = env.int("SAGA_SWEEP_BATCH", default=500)
+SAGA_TASK_TIMEOUT_MAX = env.float(
+    "SAGA_TASK_TIMEOUT_MAX", default=2 * SAGA_STEP_TIMEOUT, positive=True
+)
+SAGA_SWEEP_BATCH = env.int("SAGA_SWEEP_BATCH", default=500, minimum=1)
 # A parked saga (Wait timeout, Sleep) due within this many seconds also gets a doorbell with a
 # countdown; later ones are fired by the sweeper alone (at most SAGA_STUCK_AFTER late), so a
 # million long waits hold no broker message.
-SAGA_TIMER_RING_WITHIN = env.float("SAGA_TIMER_RING_WITHIN", default=300.0)
+SAGA_TIMER_RING_WITHIN = env.float("SAGA_TIMER_RING_WITHIN", default=300.0, minimum=0)
 # PostgreSQL: a claim, and a record after which the same task goes straight on, commit without
 # waiting for their WAL flush (they only extend the task's lease; see
 # sagas.timing.lease_only_commits). Records that hand the saga on (doorbell, terminal state, a
@@ -394,7 +396,7 @@ SAGA_BATCH_STEPS = env.bool("SAGA_BATCH_STEPS", default=True)
 # database. It bounds how many sagas run at once, so keep it at or above the pool slots of all
 # workers on the queue together. 0: one doorbell per saga, always. The slots live in Redis:
 # the cache's when it is Redis, else the broker's; with neither, every saga gets its own.
-SAGA_PUMPS = env.int("SAGA_PUMPS", default=128)
+SAGA_PUMPS = env.int("SAGA_PUMPS", default=128, minimum=0)
 if CACHE_URL.startswith(("redis://", "rediss://")):
     _pump_redis = CACHE_URL
 elif CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
@@ -456,10 +458,10 @@ if not (_review_above.is_finite() and _review_above >= 0):
         "ORDER_FRAUD_REVIEW_ABOVE must be an amount such as 1000.00 (a '.' before the cents, "
         f"no thousands separator), not {ORDER_FRAUD_REVIEW_ABOVE!r}"
     )
-ORDER_FRAUD_REVIEW_TIMEOUT = env.float("ORDER_FRAUD_REVIEW_TIMEOUT", default=86400.0)
+ORDER_FRAUD_REVIEW_TIMEOUT = env.float("ORDER_FRAUD_REVIEW_TIMEOUT", default=86400.0, positive=True)
 # pm_card_3ds_required: how long the order waits for the client's `3ds_confirmed` before it is
 # cancelled (timed_out).
-ORDER_3DS_TIMEOUT = env.float("ORDER_3DS_TIMEOUT", default=900.0)
+ORDER_3DS_TIMEOUT = env.float("ORDER_3DS_TIMEOUT", default=900.0, positive=True)
 
 # ---------------------------------------------------------------------------------------------
 # Webhooks (docs/webhooks.md)
@@ -468,22 +470,24 @@ ORDER_3DS_TIMEOUT = env.float("ORDER_3DS_TIMEOUT", default=900.0)
 WEBHOOKS_ALLOW_PRIVATE = env.bool("WEBHOOKS_ALLOW_PRIVATE", default=False)
 # Webhook tasks have a queue of their own, so a slow endpoint never waits beside saga steps.
 WEBHOOKS_QUEUE = env("WEBHOOKS_QUEUE", default=f"{CELERY_TASK_DEFAULT_QUEUE}-webhooks")
-WEBHOOKS_CONNECT_TIMEOUT = env.float("WEBHOOKS_CONNECT_TIMEOUT", default=3.0)
-WEBHOOKS_TIMEOUT = env.float("WEBHOOKS_TIMEOUT", default=10.0)  # each read of the response
-WEBHOOKS_BACKOFF_BASE = env.float("WEBHOOKS_BACKOFF_BASE", default=5.0)
-WEBHOOKS_BACKOFF_MAX = env.float("WEBHOOKS_BACKOFF_MAX", default=3600.0)
-WEBHOOKS_RETRY_FOR = env.float("WEBHOOKS_RETRY_FOR", default=24 * 3600.0)  # then dead
-WEBHOOKS_SECRET_GRACE = env.float("WEBHOOKS_SECRET_GRACE", default=24 * 3600.0)
+WEBHOOKS_CONNECT_TIMEOUT = env.float("WEBHOOKS_CONNECT_TIMEOUT", default=3.0, positive=True)
+# Each read of the response.
+WEBHOOKS_TIMEOUT = env.float("WEBHOOKS_TIMEOUT", default=10.0, positive=True)
+WEBHOOKS_BACKOFF_BASE = env.float("WEBHOOKS_BACKOFF_BASE", default=5.0, positive=True)
+WEBHOOKS_BACKOFF_MAX = env.float("WEBHOOKS_BACKOFF_MAX", default=3600.0, positive=True)
+# Then dead.
+WEBHOOKS_RETRY_FOR = env.float("WEBHOOKS_RETRY_FOR", default=24 * 3600.0, positive=True)
+WEBHOOKS_SECRET_GRACE = env.float("WEBHOOKS_SECRET_GRACE", default=24 * 3600.0, minimum=0)
 WEBHOOKS_RESPONSE_EXCERPT = env.int("WEBHOOKS_RESPONSE_EXCERPT", default=200)  # bytes kept
-WEBHOOKS_TASK_BUDGET = env.float("WEBHOOKS_TASK_BUDGET", default=10.0)
-WEBHOOKS_SWEEP_INTERVAL = env.float("WEBHOOKS_SWEEP_INTERVAL", default=10.0)
+WEBHOOKS_TASK_BUDGET = env.float("WEBHOOKS_TASK_BUDGET", default=10.0, positive=True)
+WEBHOOKS_SWEEP_INTERVAL = env.float("WEBHOOKS_SWEEP_INTERVAL", default=10.0, positive=True)
 # As SAGA_SWEEP_INTERVAL_SET: set, it is applied to beat's schedule at every migrate.
 WEBHOOKS_SWEEP_INTERVAL_SET = bool(os.environ.get("WEBHOOKS_SWEEP_INTERVAL", "").strip())
-WEBHOOKS_SWEEP_AFTER = env.float("WEBHOOKS_SWEEP_AFTER", default=15.0)
-WEBHOOKS_SWEEP_BATCH = env.int("WEBHOOKS_SWEEP_BATCH", default=500)
-WEBHOOKS_MAX_COUNTDOWN = env.float("WEBHOOKS_MAX_COUNTDOWN", default=1800.0)
-WEBHOOKS_RETENTION_DAYS = env.float("WEBHOOKS_RETENTION_DAYS", default=30.0)
-WEBHOOKS_PURGE_BATCH = env.int("WEBHOOKS_PURGE_BATCH", default=1000)
+WEBHOOKS_SWEEP_AFTER = env.float("WEBHOOKS_SWEEP_AFTER", default=15.0, positive=True)
+WEBHOOKS_SWEEP_BATCH = env.int("WEBHOOKS_SWEEP_BATCH", default=500, minimum=1)
+WEBHOOKS_MAX_COUNTDOWN = env.float("WEBHOOKS_MAX_COUNTDOWN", default=1800.0, positive=True)
+WEBHOOKS_RETENTION_DAYS = env.float("WEBHOOKS_RETENTION_DAYS", default=30.0, positive=True)
+WEBHOOKS_PURGE_BATCH = env.int("WEBHOOKS_PURGE_BATCH", default=1000, minimum=1)
 CELERY_TASK_ROUTES = {"webhooks.*": {"queue": WEBHOOKS_QUEUE}}
 # A plain `celery -A config worker` consumes both queues (`make run`); production runs a
 # worker per queue (`-Q`), so webhook deliveries never take a slot from saga steps.
@@ -513,7 +517,7 @@ DEMO_STAFF_PASSWORD = env("DEMO_STAFF_PASSWORD", default="demo-staff-password")
 # ---------------------------------------------------------------------------------------------
 # API tokens (django-rest-knox): stored as SHA-512 digests, valid this many days unless
 # `issue_token --expires-days N` says otherwise.
-API_TOKEN_TTL_DAYS = env.int("API_TOKEN_TTL_DAYS", default=90)
+API_TOKEN_TTL_DAYS = env.int("API_TOKEN_TTL_DAYS", default=90, minimum=1)
 REST_KNOX = {
     "TOKEN_TTL": timedelta(days=API_TOKEN_TTL_DAYS),
     "AUTH_HEADER_PREFIX": "Token",
@@ -583,7 +587,7 @@ SPECTACULAR_SETTINGS = {
 PROMETHEUS_MULTIPROC_DIR = env("PROMETHEUS_MULTIPROC_DIR", default=str(VAR_DIR / "metrics"))
 # Seconds a web process reuses its last /metrics render (open to anyone; each render counts the
 # sagas per state in the database). 0: render every time.
-METRICS_REUSE_SECONDS = env.float("METRICS_REUSE_SECONDS", default=2.0)
+METRICS_REUSE_SECONDS = env.float("METRICS_REUSE_SECONDS", default=2.0, minimum=0)
 Path(PROMETHEUS_MULTIPROC_DIR).mkdir(parents=True, exist_ok=True)
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = PROMETHEUS_MULTIPROC_DIR
 # A Celery worker with a metrics directory of its own (a container) serves its counters on

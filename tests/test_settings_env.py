@@ -110,3 +110,46 @@ def test_a_worker_or_beat_stops_with_one_line_too(tmp_path, command):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "refusing to start: SAGA_DEADLINE must be a number" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [("-1", "above 0"), ("0", "above 0")],
+)
+def test_a_duration_that_must_pass_is_above_zero(value, says):
+    """A negative ``SAGA_DEADLINE`` was taken: every saga would be timed out at its first look."""
+    with pytest.raises(ImproperlyConfigured, match=f"SAGA_DEADLINE must be a number {says}"):
+        strict(SAGA_DEADLINE=value).float("SAGA_DEADLINE", default=600.0, positive=True)
+
+
+def test_a_number_that_may_be_off_is_at_least_zero_and_a_count_at_least_its_minimum():
+    assert strict(B="0").float("B", default=2.0, minimum=0) == 0.0
+    with pytest.raises(ImproperlyConfigured, match="B must be at least 0, not '-0.5'"):
+        strict(B="-0.5").float("B", default=2.0, minimum=0)
+    assert strict(N="1").int("N", default=5, minimum=1) == 1
+    with pytest.raises(ImproperlyConfigured, match="N must be at least 1, not '0'"):
+        strict(N="0").int("N", default=5, minimum=1)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("SAGA_DEADLINE", "-1"),
+        ("SAGA_STEP_TIMEOUT", "0"),
+        ("SAGA_MAX_ATTEMPTS", "0"),
+        ("SAGA_INLINE_BUDGET", "-1"),
+        ("WEBHOOKS_TIMEOUT", "-3"),
+        ("API_TOKEN_TTL_DAYS", "0"),
+    ],
+)
+def test_the_settings_refuse_values_out_of_their_range(tmp_path, setting, value):
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=REPO_ROOT,
+        env=fresh_env(SECRET_KEY="x" * 50, SAGARUNNER_VAR_DIR=str(tmp_path), **{setting: value}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"sagarunner: {setting} must be" in result.stderr, result.stderr
