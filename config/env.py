@@ -89,3 +89,17 @@ class StrictEnv(environ.Env):
         if default is environ.Env.NOTSET:
             raise ImproperlyConfigured(f"Set the {var} environment variable")
         return default
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What is wrong with a ``redis://`` URL's options, or ``None``: the client's own reading
+    of it, without connecting (building a connection object does not open a socket). An
+    option the client does not know (``?a=1``) or cannot read (``?socket_timeout=abc``) got
+    past start-up and failed every request that used the cache, each a 500."""
+    import redis
+
+    try:
+        redis.ConnectionPool.from_url(url).make_connection()
+    except (TypeError, ValueError) as exc:
+        return str(exc)
+    return None

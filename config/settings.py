@@ -15,7 +15,7 @@ from pathlib import Path
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Exchange, Queue
 
-from config.env import TRUE, StrictEnv
+from config.env import TRUE, StrictEnv, redis_url_problem
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("SAGARUNNER_VAR_DIR", BASE_DIR / "var"))
@@ -336,6 +336,8 @@ CACHE_URL = env("CACHE_URL", default=_cache_default)
 # to db:// (or to a RabbitMQ broker, whose default cache it is) needs no migrate of its own.
 DB_CACHE_TABLE = "sagarunner_cache"
 if CACHE_URL.startswith(("redis://", "rediss://")):
+    if _problem := redis_url_problem(CACHE_URL):
+        raise ImproperlyConfigured(f"CACHE_URL has an option the Redis client refuses: {_problem}")
     _cache = {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
         "LOCATION": CACHE_URL,
@@ -404,6 +406,10 @@ elif CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
 else:
     _pump_redis = ""
 SAGA_PUMP_REDIS_URL = env("SAGA_PUMP_REDIS_URL", default=_pump_redis)
+if SAGA_PUMP_REDIS_URL and (_problem := redis_url_problem(SAGA_PUMP_REDIS_URL)):
+    raise ImproperlyConfigured(
+        f"SAGA_PUMP_REDIS_URL has an option the Redis client refuses: {_problem}"
+    )
 # PostgreSQL: the engine's own statements (claim, record, start) are prepared on first use in
 # each connection, every other query from its fifth run (DATABASES above), instead of being
 # parsed and planned on every run. Turn off behind a pooler that cannot keep prepared

@@ -71,6 +71,23 @@ def test_a_required_value_left_unset_is_named():
         ("API_TOKEN_TTL_DAYS", "ninety", "API_TOKEN_TTL_DAYS must be a whole number"),
         ("ORDER_FRAUD_REVIEW_ABOVE", "1,000.00", "ORDER_FRAUD_REVIEW_ABOVE must be an amount"),
         ("ORDER_FRAUD_REVIEW_ABOVE", "-1", "ORDER_FRAUD_REVIEW_ABOVE must be an amount"),
+        # Past start-up, each request that used the cache was a 500 (a TypeError or ValueError
+        # from the Redis client on its first connection).
+        (
+            "CACHE_URL",
+            "redis://127.0.0.1:6379/8?a=1&b=2",
+            "CACHE_URL has an option the Redis client refuses: ",
+        ),
+        (
+            "CACHE_URL",
+            "redis://127.0.0.1:6379/8?socket_timeout=abc",
+            "CACHE_URL has an option the Redis client refuses: ",
+        ),
+        (
+            "SAGA_PUMP_REDIS_URL",
+            "redis://127.0.0.1:6379/8?zz=1",
+            "SAGA_PUMP_REDIS_URL has an option the Redis client refuses: ",
+        ),
     ],
 )
 def test_manage_py_stops_with_one_line_naming_the_setting(tmp_path, setting, value, says):
