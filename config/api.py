@@ -118,7 +118,7 @@ class StrictIntegerField(serializers.IntegerField):
 
 class StrictDecimalField(serializers.DecimalField):
     """A decimal amount as JSON writes a number, or as a string of ASCII digits with an
-    optional sign and decimals (``"12.50"``). DRF's DecimalField also took ``"１２"`` (any
+    optional minus sign and decimals (``"12.50"``). DRF's DecimalField also took ``"１２"`` (any
     script's digits), ``"1_000"``, ``"1e5"``, surrounding spaces and ``true``; and it kept the
     sign of ``-0``, answering ``"-0.00"`` for what the database stores as ``0.00``."""
 

@@ -387,8 +387,9 @@ SAGA_SWEEP_BATCH = env.int("SAGA_SWEEP_BATCH", default=500, minimum=1)
 SAGA_TIMER_RING_WITHIN = env.float("SAGA_TIMER_RING_WITHIN", default=300.0, minimum=0)
 # PostgreSQL: a claim, and a record after which the same task goes straight on, commit without
 # waiting for their WAL flush (they only extend the task's lease; see
-# sagas.timing.lease_only_commits). Records that hand the saga on (doorbell, terminal state, a
-# person) always wait.
+# sagas.timing.lease_only_commits), and so do the order saga's copies of a provider's answers
+# (payments.services._record_view) and the fake carrier's booking. Records that hand the saga
+# on (doorbell, terminal state, a person) always wait.
 SAGA_ASYNC_LEASE_COMMITS = env.bool("SAGA_ASYNC_LEASE_COMMITS", default=True)
 # PostgreSQL: transactional steps that follow each other in one task share one transaction and
 # one record (sagas.store.Batch); off, each commits with its own record.
@@ -484,7 +485,8 @@ WEBHOOKS_BACKOFF_MAX = env.float("WEBHOOKS_BACKOFF_MAX", default=3600.0, positiv
 # Then dead.
 WEBHOOKS_RETRY_FOR = env.float("WEBHOOKS_RETRY_FOR", default=24 * 3600.0, positive=True)
 WEBHOOKS_SECRET_GRACE = env.float("WEBHOOKS_SECRET_GRACE", default=24 * 3600.0, minimum=0)
-WEBHOOKS_RESPONSE_EXCERPT = env.int("WEBHOOKS_RESPONSE_EXCERPT", default=200)  # bytes kept
+# Bytes kept (at most 500: the check framework says so; a negative one read the whole answer).
+WEBHOOKS_RESPONSE_EXCERPT = env.int("WEBHOOKS_RESPONSE_EXCERPT", default=200, minimum=0)
 WEBHOOKS_TASK_BUDGET = env.float("WEBHOOKS_TASK_BUDGET", default=10.0, positive=True)
 WEBHOOKS_SWEEP_INTERVAL = env.float("WEBHOOKS_SWEEP_INTERVAL", default=10.0, positive=True)
 # As SAGA_SWEEP_INTERVAL_SET: set, it is applied to beat's schedule at every migrate.
@@ -598,7 +600,7 @@ Path(PROMETHEUS_MULTIPROC_DIR).mkdir(parents=True, exist_ok=True)
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = PROMETHEUS_MULTIPROC_DIR
 # A Celery worker with a metrics directory of its own (a container) serves its counters on
 # this port at /metrics (0: off; on one host, web's /metrics reads the shared directory).
-WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=0)
+WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=0, minimum=0)
 
 # ---------------------------------------------------------------------------------------------
 # Logging: structlog, JSON when not in a terminal, key=value in one

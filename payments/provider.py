@@ -190,11 +190,12 @@ KNOWN_PAYMENT_METHODS = frozenset(TEST_CARDS)
 
 
 def _new_id(prefix: str, key: str | None = None) -> str:
-    """An id for a new authorization, capture or refund. Under a request's key, always the same
-    one: the ledger's writes do not wait for the disk (:func:`_run_alone`), so a server crash
-    can lose an answer and our copy of it together, and the step's retry under the same key
-    must get the same ids back, as a real provider would replay them, not new ones that staff
-    who read the first might see change."""
+    """An id for a new authorization, capture or refund. Authorizations and captures, whose
+    ledger writes do not wait for the disk (:func:`_run_alone`), get theirs from the request's
+    key: a server crash can lose an answer and our copy of it together, and the step's retry
+    under the same key must get the same ids back, as a real provider would replay them, not
+    new ones that staff who read the first might see change. A refund, committed in a
+    transaction that waits, gets a random one."""
     if key is None:
         return f"{prefix}_{uuid.uuid4().hex[:24]}"
     return f"{prefix}_{hashlib.sha256(key.encode()).hexdigest()[:24]}"

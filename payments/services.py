@@ -202,8 +202,8 @@ def _before_the_call(order_id: uuid.UUID) -> None:
     move money: the saga's claim of the step commits without that wait, and this flushes it
     (the WAL is one sequence), so a server crash cannot take the saga back to before a call
     that left the database. Taken back that far, a cancel would compensate without this
-    step: void a hold the provider had already captured. The authorization's own row, written
-    before its call, does the same for the authorize."""
+    step: void a hold the provider had already captured. The payment row's insert in
+    :func:`payment_authorize`, before its call, does the same for the authorize."""
     Payment.objects.filter(order_id=order_id).update(updated_at=timezone.now())
 
 

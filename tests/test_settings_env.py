@@ -157,6 +157,9 @@ def test_a_number_that_may_be_off_is_at_least_zero_and_a_count_at_least_its_mini
         ("SAGA_INLINE_BUDGET", "-1"),
         ("WEBHOOKS_TIMEOUT", "-3"),
         ("API_TOKEN_TTL_DAYS", "0"),
+        # A worker started directly (no manage.py check) read an endpoint's whole answer.
+        ("WEBHOOKS_RESPONSE_EXCERPT", "-1"),
+        ("WORKER_METRICS_PORT", "-1"),
     ],
 )
 def test_the_settings_refuse_values_out_of_their_range(tmp_path, setting, value):
