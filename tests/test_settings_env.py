@@ -14,6 +14,18 @@ from tests.conftest import REPO_ROOT
 from tests.test_settings_and_launcher import fresh_env
 
 
+def manage_py_check(tmp_path, **environ: str) -> subprocess.CompletedProcess[str]:
+    """``manage.py check`` in a fresh process, as deployed, with ``environ`` set."""
+    return subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=REPO_ROOT,
+        env=fresh_env(SECRET_KEY="x" * 50, SAGARUNNER_VAR_DIR=str(tmp_path), **environ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def strict(**environ: str) -> StrictEnv:
     env = StrictEnv()
     env.ENVIRON = environ
@@ -94,14 +106,7 @@ def test_manage_py_stops_with_one_line_naming_the_setting(tmp_path, setting, val
     """As deployed: ``manage.py check`` exits 2 with the one line, no traceback. A malformed
     ``ORDER_FRAUD_REVIEW_ABOVE`` was read as text and failed every order's saga at its fraud
     review step (each worker task a ``decimal.InvalidOperation``), with nothing at start."""
-    result = subprocess.run(
-        [sys.executable, "manage.py", "check"],
-        cwd=REPO_ROOT,
-        env=fresh_env(SECRET_KEY="x" * 50, SAGARUNNER_VAR_DIR=str(tmp_path), **{setting: value}),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = manage_py_check(tmp_path, **{setting: value})
     assert result.returncode == 2, result.stderr
     assert says in result.stderr and "Traceback" not in result.stderr, result.stderr
 
@@ -163,13 +168,6 @@ def test_a_number_that_may_be_off_is_at_least_zero_and_a_count_at_least_its_mini
     ],
 )
 def test_the_settings_refuse_values_out_of_their_range(tmp_path, setting, value):
-    result = subprocess.run(
-        [sys.executable, "manage.py", "check"],
-        cwd=REPO_ROOT,
-        env=fresh_env(SECRET_KEY="x" * 50, SAGARUNNER_VAR_DIR=str(tmp_path), **{setting: value}),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = manage_py_check(tmp_path, **{setting: value})
     assert result.returncode == 2, result.stderr
     assert f"sagarunner: {setting} must be" in result.stderr, result.stderr
