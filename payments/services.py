@@ -52,11 +52,15 @@ def payment_authorize(
     amount_minor = to_minor(amount, currency)
     # Our row exists before the provider is asked, so its answer always has a row to land in.
     # One INSERT that a retry finds taken (order_id is unique) and leaves alone, instead of
-    # get_or_create's SELECT, BEGIN, INSERT and COMMIT; no error, so no savepoint either.
+    # get_or_create's SELECT, BEGIN, INSERT and COMMIT; no error, so no savepoint either. Its
+    # commit does not wait for the disk: the engine's claim of this step already did (a step
+    # that may leave the database), and a server crash that lost the row lost everything after
+    # it, the step's record among them, so the step's retry inserts it again.
     insert_unless_taken(
         Payment(
             order_id=order_uuid, amount=amount, currency=currency, payment_method=payment_method
-        )
+        ),
+        wait_flush=not settings.SAGA_ASYNC_LEASE_COMMITS,
     )
     try:
         response = get_provider().authorize(
@@ -110,7 +114,6 @@ def payment_capture(
                 f"the authorization under {authorize_key!r} belongs to another order"
             )
         authorization_id = authorization["authorization_id"]
-    _before_the_call(order_uuid)
     try:
         response = provider.capture(key=key, authorization_id=authorization_id)
     except PaymentDeclined as exc:
@@ -197,16 +200,6 @@ def _done_by_hand(order_id: uuid.UUID | str, from_status: str, **values: Any) ->
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def _before_the_call(order_id: uuid.UUID) -> None:
-    """A write of our payment row that waits for the disk, made before the provider is asked to
-    move money: the saga's claim of the step commits without that wait, and this flushes it
-    (the WAL is one sequence), so a server crash cannot take the saga back to before a call
-    that left the database. Taken back that far, a cancel would compensate without this
-    step: void a hold the provider had already captured. The payment row's insert in
-    :func:`payment_authorize`, before its call, does the same for the authorize."""
-    Payment.objects.filter(order_id=order_id).update(updated_at=timezone.now())
-
-
 def _undo_result(order_id: uuid.UUID, response: dict[str, Any]) -> dict[str, Any]:
     payment = None
     if response.get("authorization_id"):
@@ -263,9 +256,8 @@ def _record_view(order_id: uuid.UUID, auth: dict[str, Any]) -> Recorded | None:
     tells anyone outside (a webhook, a terminal state, a hand-over) commits later and waits,
     flushing this with it. What an API reader could see in between is the payment's amounts
     going back to zero and forward again, as the saga's own records that go straight on can.
-    Our writes *before* the provider is asked still wait (the row's insert before the
-    authorize, :func:`_before_the_call` before the capture): they make the step's claim
-    durable before anything leaves this database.
+    Nothing here needs to wait before the provider is asked either: the engine's claim of a
+    step that may leave the database waits for the disk before the step runs.
     """
     currency = auth["currency"]
     authorized = from_minor(auth["amount_minor"], currency)

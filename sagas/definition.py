@@ -157,6 +157,15 @@ class Step:
     #: written. ``None``: the engine's own record (the step undone by hand) is all there is.
     undone_by_hand: StepFunction | None = None
 
+    @property
+    def may_leave_database(self) -> bool:
+        """Whether running this forward step may do something the engine's database cannot take
+        back (a provider's HTTP call): anything but a transactional step or a park. The claim
+        that runs such a step waits for the disk before the step runs (``sagas.store``): a
+        claim lost in a server crash would take the saga back to before a call that already
+        left, and a cancel then would compensate without this step."""
+        return not self.transactional and self.park is None
+
     def __post_init__(self) -> None:
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError(f"step {self.name!r}: timeout must be positive")

@@ -41,7 +41,12 @@ from psycopg._queries import PostgresQuery, _query2pg_nocache
 from config.db import NO_FLUSH_WAIT, column_of
 from sagas import metrics
 from sagas import transactions as step_transactions
-from sagas.definition import change_hook, registered_definitions, type_change_hook
+from sagas.definition import (
+    change_hook,
+    registered_definitions,
+    registry_generation,
+    type_change_hook,
+)
 from sagas.doorbell import ring_on_commit
 from sagas.models import ACTIVE_STATES, UNDONE_STATUSES, Saga, SagaEvent, SagaState, SagaStep
 from sagas.timing import (
@@ -404,6 +409,59 @@ def _no_flush_wait(sql: str) -> str:
     return f"WITH {NO_FLUSH_WAIT}, u AS ({sql}) SELECT u.* FROM u, nf"
 
 
+def _claim_text(sql: str, n_leaving: int) -> str:
+    """A claim's ``UPDATE ... RETURNING cols`` as a statement whose commit waits for the disk
+    only if the saga it took is about to run a forward step that may leave the database (one
+    of ``n_leaving`` ``(type, version, step)`` parameters after the claim's own, see
+    :func:`steps_leaving_database`); otherwise, like any claim, it does not wait.
+
+    Decided inside the statement, from the row it returns: which step a claim runs is known
+    only once it has taken the saga, and asking afterwards would cost a round trip. The wait
+    is the session's own ``synchronous_commit`` (a server that never waits stays so).
+    """
+    if not n_leaving:
+        return _no_flush_wait(sql)
+    qn = connection.ops.quote_name
+    triple = f"(u.{qn('saga_type')}, u.{qn('definition_version')}, u.{qn('current_step')})"
+    leaving = ", ".join(["(%s, %s, %s)"] * n_leaving)
+    return (
+        f"WITH u AS ({sql}), nf AS (SELECT set_config('synchronous_commit', CASE WHEN "
+        f"u.{qn('state')} = '{SagaState.RUNNING}' AND {triple} IN ({leaving}) "
+        "THEN current_setting('synchronous_commit') ELSE 'off' END, true) FROM u) "
+        "SELECT u.* FROM u, nf"
+    )
+
+
+def steps_leaving_database() -> list[tuple[str, int, str]]:
+    """``(type, version, step)`` of every registered forward step that may leave the database
+    (:attr:`sagas.definition.Step.may_leave_database`); kept until the registry changes."""
+    return _steps_leaving(registry_generation())
+
+
+@functools.lru_cache(maxsize=1)
+def _steps_leaving(generation: int) -> list[tuple[str, int, str]]:
+    # The generation is read before the registry: a change meanwhile is seen at the next call.
+    return [
+        (d.saga_type, d.version, step.name)
+        for d in registered_definitions()
+        for step in d.steps
+        if step.may_leave_database
+    ]
+
+
+@functools.lru_cache(maxsize=1)
+def _leaving_set(generation: int) -> frozenset[tuple[str, int, str]]:
+    return frozenset(_steps_leaving(generation))
+
+
+def _runs_leaving_step(saga: Saga, step: str) -> bool:
+    """Whether the forward step ``step`` of the saga (running) may leave the database."""
+    leaving = _leaving_set(registry_generation())
+    return saga.state == SagaState.RUNNING and (
+        (saga.saga_type, saga.definition_version, step) in leaving
+    )
+
+
 def _record_sql_postgres(
     saga: Saga, fields: dict[str, Any], rec: Record, now: datetime, *, wait_flush: bool = True
 ) -> tuple[str, list[Any]]:
@@ -598,7 +656,14 @@ def claim(saga_id: Any, version: int, timeout: float | None = None) -> Saga | No
         require_due_before=now + _DUE_TOLERANCE,
     )
     if connection.vendor == "postgresql" and lease_only_commits():
-        sql = _no_flush_wait(sql)
+        leaving = steps_leaving_database()
+        shape = ("claim", sql, len(leaving))
+        text = _SQL_BY_SHAPE.get(shape)
+        if text is None:
+            text = _SQL_BY_SHAPE[shape] = _claim_text(sql, len(leaving))
+        sql = text
+        for triple in leaving:
+            params += triple
     return _fetch_saga(sql, params)
 
 
@@ -620,7 +685,8 @@ def claim_due() -> Saga | None:
         return None
     now = timezone.now()
     known, long_steps = _known_definitions(), _long_steps()
-    shape = ("claim_due", len(known), len(long_steps), lease_only_commits())
+    leaving = steps_leaving_database() if lease_only_commits() else []
+    shape = ("claim_due", len(known), len(long_steps), lease_only_commits(), len(leaving))
     sql = _SQL_BY_SHAPE.get(shape)
     if sql is None:
         qn = connection.ops.quote_name
@@ -636,7 +702,7 @@ def claim_due() -> Saga | None:
             f"LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {columns}"
         )
         if lease_only_commits():
-            sql = _no_flush_wait(sql)
+            sql = _claim_text(sql, len(leaving))
         sql = _SQL_BY_SHAPE[shape] = sql
     params = [
         prep("lease_until", now + timedelta(seconds=lease_seconds(task_timeout.get()))),
@@ -644,6 +710,8 @@ def claim_due() -> Saga | None:
         prep("updated_at", now),
         *_due_params(now, known, long_steps),
     ]
+    for triple in leaving:
+        params += triple
     return _fetch_saga(sql, params)
 
 
@@ -1146,13 +1214,16 @@ def _write_record(
     """The fenced record itself; raises :class:`_Fenced` when the saga moved on.
 
     ``flush``: wait for the WAL flush even if only the lease moves on (a change hook wrote
-    something that is announced after commit).
+    something that is announced after commit). A record after which the task goes straight on
+    into a forward step that may leave the database waits too, as a claim of that step does
+    (:func:`_claim_text`).
     """
     if connection.vendor != "postgresql":
         return _write_portable(saga, fields, rec, now, go_on)
-    sql, params = _record_sql_postgres(
-        saga, fields, rec, now, wait_flush=flush or not (go_on and lease_only_commits())
-    )
+    lease_only = go_on and lease_only_commits()
+    if lease_only and _runs_leaving_step(saga, fields.get("current_step", saga.current_step)):
+        lease_only = False
+    sql, params = _record_sql_postgres(saga, fields, rec, now, wait_flush=flush or not lease_only)
     updated = _fetch_saga(sql, params)
     if updated is None:
         raise _Fenced

@@ -432,6 +432,17 @@ register(SagaDefinition("policy", steps=POLICY))
 
 # The same five steps as transactional steps: each effect commits with the step's record.
 register(SagaDefinition("test_tx", steps=scripted(FIVE, transactional=True)))
+# A step that may leave the database (b) between two that may not: which commits wait.
+register(
+    SagaDefinition(
+        "test_mixed",
+        steps=[
+            Step("a", _run, compensate=_run, transactional=True),
+            Step("b", _run, compensate=_run),
+            Step("c", _run, compensate=_run, transactional=True),
+        ],
+    )
+)
 
 # -- a step longer than a task's default time limits, after the pivot: "fits" has the default
 # timeout, "long" 8 s and one attempt, so a failure of its escalates to a person (needs_manual).

@@ -508,21 +508,86 @@ def test_only_commits_that_hand_the_saga_on_wait_for_the_disk(
     celery_worker, settings, async_lease_commits
 ):
     """With SAGA_ASYNC_LEASE_COMMITS, the claim and the records after which the task goes
-    straight on skip the WAL flush wait; the terminal record waits. Off: every one waits."""
+    straight on skip the WAL flush wait; the terminal record waits. Off: every one waits.
+    (Transactional steps, which never leave the database; unbatched, one record each.)"""
     from django.test.utils import CaptureQueriesContext
 
     from sagas.runner import advance
 
     settings.SAGA_ASYNC_LEASE_COMMITS = async_lease_commits
     settings.SAGA_INLINE_BUDGET = 60.0  # all five steps in this one call
+    settings.SAGA_BATCH_STEPS = False
     with transaction.atomic():
-        saga = saga_start(saga_type="test5", data={"script": {}})
+        saga = saga_start(saga_type="test_tx", data={"script": {}})
         out_of_workers_reach(saga.pk)
     with CaptureQueriesContext(connection) as ctx:
         advance(saga.id, 1000)
     assert Saga.objects.get(pk=saga.id).state == SagaState.SUCCEEDED
     writes = [q["sql"] for q in ctx.captured_queries if 'UPDATE "sagas_saga"' in q["sql"]]
     assert len(writes) == 6  # the claim and five records
-    no_wait = ["set_config('synchronous_commit', 'off', true)" in sql for sql in writes]
+    no_wait = ["'off'" in sql and "synchronous_commit" in sql for sql in writes]
     expected = [True] * 5 + [False] if async_lease_commits else [False] * 6
     assert no_wait == expected
+
+
+def test_a_record_that_goes_on_into_a_step_that_may_leave_the_database_waits_for_the_disk(
+    celery_worker, settings
+):
+    """A claim lost in a server crash would take the saga back to before a call that already
+    left the database (and a cancel then would not undo it), so the record after which the task
+    goes straight on into such a step (b: neither transactional nor a wait) waits for its
+    flush; the one going on into a transactional step (c) does not."""
+    from django.test.utils import CaptureQueriesContext
+
+    from sagas.runner import advance
+
+    settings.SAGA_INLINE_BUDGET = 60.0  # all three steps in this one call
+    with transaction.atomic():
+        saga = saga_start(saga_type="test_mixed", data={"script": {}})
+        out_of_workers_reach(saga.pk)
+    with CaptureQueriesContext(connection) as ctx:
+        advance(saga.id, 1000)
+    assert Saga.objects.get(pk=saga.id).state == SagaState.SUCCEEDED
+    writes = [q["sql"] for q in ctx.captured_queries if 'UPDATE "sagas_saga"' in q["sql"]]
+    records = writes[1:]  # after the claim
+    assert len(records) == 3
+    no_wait = ["set_config('synchronous_commit', 'off', true)" in sql for sql in records]
+    assert no_wait == [False, True, False]  # a (on into b), b (on into c), c (the end)
+
+
+def _commit_setting_after_claim(saga_id) -> str:
+    """``synchronous_commit`` as the claim's own transaction would commit with it (the claim
+    runs in an explicit transaction here, rolled back after the look)."""
+    from sagas.store import claim
+
+    with transaction.atomic():
+        assert claim(saga_id, 1000) is not None
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW synchronous_commit")
+            setting = cursor.fetchone()[0]
+        transaction.set_rollback(True)
+    return setting
+
+
+@pytest.mark.parametrize(
+    ("saga_type", "step", "state", "expected"),
+    [
+        ("test5", "s1", SagaState.RUNNING, "on"),  # may leave the database
+        ("test5", "s3", SagaState.RUNNING, "on"),
+        ("test_tx", "s1", SagaState.RUNNING, "off"),  # transactional
+        ("test_wait", "await_go", SagaState.RUNNING, "off"),  # a wait
+        ("test5", "s1", SagaState.COMPENSATING, "off"),  # an undo runs again under its own key
+    ],
+)
+def test_a_claim_waits_for_the_disk_only_before_a_step_that_may_leave_the_database(
+    settings, saga_type, step, state, expected
+):
+    """The claim decides in its own statement, from the row it took, whether its commit
+    waits; with SAGA_ASYNC_LEASE_COMMITS off every claim waits."""
+    with transaction.atomic():
+        saga = saga_start(saga_type=saga_type, data={"script": {}})
+        out_of_workers_reach(saga.pk)
+    Saga.objects.filter(pk=saga.pk).update(state=state, current_step=step)
+    assert _commit_setting_after_claim(saga.pk) == expected
+    settings.SAGA_ASYNC_LEASE_COMMITS = False
+    assert _commit_setting_after_claim(saga.pk) == "on"
