@@ -125,8 +125,8 @@ def _run_alone(using: str, build: Callable[[bool], str], params: list[Any]) -> i
     Autocommitted (its own transaction, as a worker calls the provider), its commit does not
     wait for the WAL flush: this ledger stands in for a remote provider, whose durability is
     on its side and costs a real deployment's database nothing, and the WAL is one sequence,
-    so our own next write that does wait (the payment row written before the next call that
-    moves money, or the saga's record that hands it on or ends it) flushes the ledger's first;
+    so our own next write that does wait (the saga's record before the next step that may
+    leave the database, or the one that hands it on or ends it) flushes the ledger's first;
     a server crash before that loses the answer and our record of it together, and the step's
     retry asks again under the same key and gets the same ids (:func:`_new_id`).
     Inside a caller's transaction it runs in a savepoint of it (so that a conflict leaves that

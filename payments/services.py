@@ -55,7 +55,9 @@ def payment_authorize(
     # get_or_create's SELECT, BEGIN, INSERT and COMMIT; no error, so no savepoint either. Its
     # commit does not wait for the disk: the engine's claim of this step already did (a step
     # that may leave the database), and a server crash that lost the row lost everything after
-    # it, the step's record among them, so the step's retry inserts it again.
+    # it, the step's record among them, so the step's retry inserts it again. (Cancelled in
+    # that window instead, the order's void finds no row of ours to record on: the order reads
+    # as cancelled before its payment began, and the provider keeps the hold and its void.)
     insert_unless_taken(
         Payment(
             order_id=order_uuid, amount=amount, currency=currency, payment_method=payment_method

@@ -133,6 +133,15 @@ class Step:
     call cannot be rolled back, and row locks would be held while it waits. Transactional
     steps that follow each other share one transaction and one record (``SAGA_BATCH_STEPS``,
     see :class:`sagas.store.Batch`).
+
+    ``stays_in_database=True`` is for a step that is not transactional but whose functions
+    change nothing outside this database either (they write to it through commits of their
+    own). Any other such step is taken to call out, so the claim that runs it (or the record
+    that goes straight on into it) waits for the disk before it runs
+    (:attr:`may_leave_database`); this step's claim need not: each of its writes that waits
+    flushes the claim with it (the WAL is one sequence), and one lost with the claim in a
+    server crash is made again when the step runs again under its key. Never for a step that
+    calls out, even after writing here first.
     """
 
     name: str
@@ -140,6 +149,7 @@ class Step:
     compensate: StepFunction | None = None
     pivot: bool = False
     transactional: bool = False
+    stays_in_database: bool = False
     #: Set by :func:`Wait` and :func:`Sleep`: the step parks the saga instead of calling out.
     park: Park | None = None
     provider: str = ""
@@ -160,11 +170,12 @@ class Step:
     @property
     def may_leave_database(self) -> bool:
         """Whether running this forward step may do something the engine's database cannot take
-        back (a provider's HTTP call): anything but a transactional step or a park. The claim
-        that runs such a step waits for the disk before the step runs (``sagas.store``): a
-        claim lost in a server crash would take the saga back to before a call that already
-        left, and a cancel then would compensate without this step."""
-        return not self.transactional and self.park is None
+        back (a provider's HTTP call): anything but a transactional step, one that
+        ``stays_in_database`` or a park (a wait's decision and a timer's action only record).
+        The claim that runs such a step waits for the disk before the step runs
+        (``sagas.store``): a claim lost in a server crash would take the saga back to before a
+        call that already left, and a cancel then would compensate without this step."""
+        return not (self.transactional or self.stays_in_database or self.park is not None)
 
     def __post_init__(self) -> None:
         if self.timeout is not None and self.timeout <= 0:

@@ -1216,11 +1216,13 @@ def _write_record(
     ``flush``: wait for the WAL flush even if only the lease moves on (a change hook wrote
     something that is announced after commit). A record after which the task goes straight on
     into a forward step that may leave the database waits too, as a claim of that step does
-    (:func:`_claim_text`).
+    (:func:`_claim_text`); so does one that begins the compensation: the undo it goes on into
+    may call out, and lost in a crash the record would leave the saga going forward over an
+    undo already done (a retry that succeeds this time, on a hold already voided).
     """
     if connection.vendor != "postgresql":
         return _write_portable(saga, fields, rec, now, go_on)
-    lease_only = go_on and lease_only_commits()
+    lease_only = go_on and lease_only_commits() and "begin_compensation" not in rec.transitions
     if lease_only and _runs_leaving_step(saga, fields.get("current_step", saga.current_step)):
         lease_only = False
     sql, params = _record_sql_postgres(saga, fields, rec, now, wait_flush=flush or not lease_only)

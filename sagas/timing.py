@@ -217,10 +217,12 @@ def lease_only_commits() -> bool:
     PostgreSQL itself crashed before flushing one, the saga would come back at its previous
     version and the sweeper would run the step again under the same idempotency key, which is
     what a worker crash already does. And the WAL is one sequence: a participant's write that
-    waits (one made before a call leaves the database), or the record that hands the saga on,
-    waits for its flush and with it for everything before. So only those hand-over commits
-    wait for the disk, which takes the engine's own waits for an fsync from six per five-step
-    saga to one.
+    waits, or the record that hands the saga on, waits for its flush and with it for
+    everything before. So only those hand-over commits wait for the disk, which takes the
+    engine's own waits for an fsync from six per five-step saga to one, with two exceptions
+    (``sagas.store``): the claim or go-on record before a forward step that may leave the
+    database (:attr:`~sagas.definition.Step.may_leave_database`), and the record that begins
+    the compensation, both of which must not be lost once something outside may have acted.
     """
     return settings.SAGA_ASYNC_LEASE_COMMITS
 

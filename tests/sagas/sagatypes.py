@@ -432,14 +432,15 @@ register(SagaDefinition("policy", steps=POLICY))
 
 # The same five steps as transactional steps: each effect commits with the step's record.
 register(SagaDefinition("test_tx", steps=scripted(FIVE, transactional=True)))
-# A step that may leave the database (b) between two that may not: which commits wait.
+# A step that may leave the database (b) between two that may not (a transactional one and
+# one that only writes here on its own commits): which commits wait.
 register(
     SagaDefinition(
         "test_mixed",
         steps=[
             Step("a", _run, compensate=_run, transactional=True),
             Step("b", _run, compensate=_run),
-            Step("c", _run, compensate=_run, transactional=True),
+            Step("c", _run, compensate=_run, stays_in_database=True),
         ],
     )
 )

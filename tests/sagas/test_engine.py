@@ -525,9 +525,36 @@ def test_only_commits_that_hand_the_saga_on_wait_for_the_disk(
     assert Saga.objects.get(pk=saga.id).state == SagaState.SUCCEEDED
     writes = [q["sql"] for q in ctx.captured_queries if 'UPDATE "sagas_saga"' in q["sql"]]
     assert len(writes) == 6  # the claim and five records
-    no_wait = ["'off'" in sql and "synchronous_commit" in sql for sql in writes]
-    expected = [True] * 5 + [False] if async_lease_commits else [False] * 6
+    # The records' texts say whether they wait; the claim decides as it runs (tested below).
+    no_wait = [NO_WAIT in sql for sql in writes[1:]]
+    expected = [True] * 4 + [False] if async_lease_commits else [False] * 5
     assert no_wait == expected
+
+
+NO_WAIT = "set_config('synchronous_commit', 'off', true)"
+
+
+def test_the_record_that_begins_the_compensation_waits_for_the_disk(celery_worker, settings):
+    """Lost in a server crash, the record that turns a saga to its undo would leave it going
+    forward over an undo that already ran (one that voided a hold, say): so it waits, though
+    the task goes straight on; the undo's own records that go on do not."""
+    from django.test.utils import CaptureQueriesContext
+
+    from sagas.runner import advance
+
+    settings.SAGA_INLINE_BUDGET = 60.0  # the failure and both undos in this one call
+    settings.SAGA_BATCH_STEPS = False
+    with transaction.atomic():
+        script = {"s3": ["business:out_of_stock"]}
+        saga = saga_start(saga_type="test_tx", data={"script": script})
+        out_of_workers_reach(saga.pk)
+    with CaptureQueriesContext(connection) as ctx:
+        advance(saga.id, 1000)
+    assert Saga.objects.get(pk=saga.id).state == SagaState.COMPENSATED
+    writes = [q["sql"] for q in ctx.captured_queries if 'UPDATE "sagas_saga"' in q["sql"]]
+    no_wait = [NO_WAIT in sql for sql in writes[1:]]  # the records, after the claim
+    # s1 and s2 go on, s3's no begins the undo, the undo of s2 goes on, that of s1 ends it.
+    assert no_wait == [True, True, False, True, False]
 
 
 def test_a_record_that_goes_on_into_a_step_that_may_leave_the_database_waits_for_the_disk(
@@ -551,8 +578,9 @@ def test_a_record_that_goes_on_into_a_step_that_may_leave_the_database_waits_for
     writes = [q["sql"] for q in ctx.captured_queries if 'UPDATE "sagas_saga"' in q["sql"]]
     records = writes[1:]  # after the claim
     assert len(records) == 3
-    no_wait = ["set_config('synchronous_commit', 'off', true)" in sql for sql in records]
-    assert no_wait == [False, True, False]  # a (on into b), b (on into c), c (the end)
+    no_wait = [NO_WAIT in sql for sql in records]
+    # a (on into b), b (on into c, which stays in the database), c (the end)
+    assert no_wait == [False, True, False]
 
 
 def _commit_setting_after_claim(saga_id) -> str:
@@ -575,6 +603,7 @@ def _commit_setting_after_claim(saga_id) -> str:
         ("test5", "s1", SagaState.RUNNING, "on"),  # may leave the database
         ("test5", "s3", SagaState.RUNNING, "on"),
         ("test_tx", "s1", SagaState.RUNNING, "off"),  # transactional
+        ("test_mixed", "c", SagaState.RUNNING, "off"),  # stays in the database
         ("test_wait", "await_go", SagaState.RUNNING, "off"),  # a wait
         ("test5", "s1", SagaState.COMPENSATING, "off"),  # an undo runs again under its own key
     ],
@@ -591,3 +620,30 @@ def test_a_claim_waits_for_the_disk_only_before_a_step_that_may_leave_the_databa
     assert _commit_setting_after_claim(saga.pk) == expected
     settings.SAGA_ASYNC_LEASE_COMMITS = False
     assert _commit_setting_after_claim(saga.pk) == "on"
+
+
+@pytest.mark.parametrize(("saga_type", "expected"), [("test5", "on"), ("test_tx", "off")])
+def test_a_pumps_claim_waits_for_the_disk_only_before_a_step_that_may_leave_the_database(
+    saga_type, expected
+):
+    """As a doorbell's claim does (above): a pump's, which picks the saga in the statement."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from sagas.store import claim_due
+
+    with transaction.atomic():
+        saga = saga_start(saga_type=saga_type, data={"script": {}})
+        out_of_workers_reach(saga.pk)
+    with transaction.atomic():
+        # Due only inside this transaction: no worker's pump sees it, this claim does.
+        past = timezone.now() - timedelta(seconds=60)
+        Saga.objects.filter(pk=saga.pk).update(next_attempt_at=past, lease_until=None)
+        claimed = claim_due()
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW synchronous_commit")
+            setting = cursor.fetchone()[0]
+        transaction.set_rollback(True)
+    assert claimed is not None and claimed.pk == saga.pk
+    assert setting == expected
