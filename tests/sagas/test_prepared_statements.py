@@ -61,8 +61,10 @@ def test_the_start_claim_and_records_are_prepared_and_reused():
     assert (
         'INSERT INTO "sagas_sagastep"' in starts[0] and 'INSERT INTO "sagas_sagaevent"' in starts[0]
     )
-    # The claim (which counts an attempt).
-    assert any(s.startswith("WITH nf AS") and '"attempt" = "attempt" + 1' in s for s in texts)
+    # The claim (which counts an attempt, and decides whether its commit waits for the disk).
+    assert any(
+        "set_config('synchronous_commit'" in s and '"attempt" = "attempt" + 1' in s for s in texts
+    )
     # Steps 1-4 record the same shape of statement: prepared once, run four times.
     assert max(n for s, n in prepared if 'UPDATE "sagas_sagastep"' in s) >= 4, prepared
     # What the one-statement start wrote is what the ORM wrote before it.
