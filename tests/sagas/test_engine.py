@@ -503,6 +503,26 @@ def test_engine_overhead_queries_per_step_are_pinned(celery_worker, wait_for, se
     assert claim(saga.id, saga.version) is None  # settled: nothing to claim
 
 
+NO_WAIT = "set_config('synchronous_commit', 'off', true)"
+
+
+def _records_that_skip_the_wait(saga_type: str, script=None) -> tuple[str, list[bool]]:
+    """Run a saga in this process, every step in one call (the worker kept out of its reach):
+    its end state, and for each record after the claim whether its text makes its commit skip
+    the wait for the disk (the claim decides as it runs: see the claim tests below)."""
+    from django.test.utils import CaptureQueriesContext
+
+    from sagas.runner import advance
+
+    with transaction.atomic():
+        saga = saga_start(saga_type=saga_type, data={"script": script or {}})
+        out_of_workers_reach(saga.pk)
+    with CaptureQueriesContext(connection) as ctx:
+        advance(saga.id, 1000)
+    writes = [q["sql"] for q in ctx.captured_queries if 'UPDATE "sagas_saga"' in q["sql"]]
+    return Saga.objects.get(pk=saga.id).state, [NO_WAIT in sql for sql in writes[1:]]
+
+
 @pytest.mark.parametrize("async_lease_commits", [True, False])
 def test_only_commits_that_hand_the_saga_on_wait_for_the_disk(
     celery_worker, settings, async_lease_commits
@@ -510,49 +530,22 @@ def test_only_commits_that_hand_the_saga_on_wait_for_the_disk(
     """With SAGA_ASYNC_LEASE_COMMITS, the claim and the records after which the task goes
     straight on skip the WAL flush wait; the terminal record waits. Off: every one waits.
     (Transactional steps, which never leave the database; unbatched, one record each.)"""
-    from django.test.utils import CaptureQueriesContext
-
-    from sagas.runner import advance
-
     settings.SAGA_ASYNC_LEASE_COMMITS = async_lease_commits
     settings.SAGA_INLINE_BUDGET = 60.0  # all five steps in this one call
     settings.SAGA_BATCH_STEPS = False
-    with transaction.atomic():
-        saga = saga_start(saga_type="test_tx", data={"script": {}})
-        out_of_workers_reach(saga.pk)
-    with CaptureQueriesContext(connection) as ctx:
-        advance(saga.id, 1000)
-    assert Saga.objects.get(pk=saga.id).state == SagaState.SUCCEEDED
-    writes = [q["sql"] for q in ctx.captured_queries if 'UPDATE "sagas_saga"' in q["sql"]]
-    assert len(writes) == 6  # the claim and five records
-    # The records' texts say whether they wait; the claim decides as it runs (tested below).
-    no_wait = [NO_WAIT in sql for sql in writes[1:]]
-    expected = [True] * 4 + [False] if async_lease_commits else [False] * 5
-    assert no_wait == expected
-
-
-NO_WAIT = "set_config('synchronous_commit', 'off', true)"
+    state, no_wait = _records_that_skip_the_wait("test_tx")
+    assert state == SagaState.SUCCEEDED
+    assert no_wait == ([True] * 4 + [False] if async_lease_commits else [False] * 5)
 
 
 def test_the_record_that_begins_the_compensation_waits_for_the_disk(celery_worker, settings):
     """Lost in a server crash, the record that turns a saga to its undo would leave it going
     forward over an undo that already ran (one that voided a hold, say): so it waits, though
     the task goes straight on; the undo's own records that go on do not."""
-    from django.test.utils import CaptureQueriesContext
-
-    from sagas.runner import advance
-
     settings.SAGA_INLINE_BUDGET = 60.0  # the failure and both undos in this one call
     settings.SAGA_BATCH_STEPS = False
-    with transaction.atomic():
-        script = {"s3": ["business:out_of_stock"]}
-        saga = saga_start(saga_type="test_tx", data={"script": script})
-        out_of_workers_reach(saga.pk)
-    with CaptureQueriesContext(connection) as ctx:
-        advance(saga.id, 1000)
-    assert Saga.objects.get(pk=saga.id).state == SagaState.COMPENSATED
-    writes = [q["sql"] for q in ctx.captured_queries if 'UPDATE "sagas_saga"' in q["sql"]]
-    no_wait = [NO_WAIT in sql for sql in writes[1:]]  # the records, after the claim
+    state, no_wait = _records_that_skip_the_wait("test_tx", {"s3": ["business:out_of_stock"]})
+    assert state == SagaState.COMPENSATED
     # s1 and s2 go on, s3's no begins the undo, the undo of s2 goes on, that of s1 ends it.
     assert no_wait == [True, True, False, True, False]
 
@@ -562,24 +555,13 @@ def test_a_record_that_goes_on_into_a_step_that_may_leave_the_database_waits_for
 ):
     """A claim lost in a server crash would take the saga back to before a call that already
     left the database (and a cancel then would not undo it), so the record after which the task
-    goes straight on into such a step (b: neither transactional nor a wait) waits for its
-    flush; the one going on into a transactional step (c) does not."""
-    from django.test.utils import CaptureQueriesContext
-
-    from sagas.runner import advance
-
+    goes straight on into such a step (b: neither transactional, nor declared to stay in the
+    database, nor a wait) waits for its flush; the one going on into c, declared to stay in
+    the database, does not."""
     settings.SAGA_INLINE_BUDGET = 60.0  # all three steps in this one call
-    with transaction.atomic():
-        saga = saga_start(saga_type="test_mixed", data={"script": {}})
-        out_of_workers_reach(saga.pk)
-    with CaptureQueriesContext(connection) as ctx:
-        advance(saga.id, 1000)
-    assert Saga.objects.get(pk=saga.id).state == SagaState.SUCCEEDED
-    writes = [q["sql"] for q in ctx.captured_queries if 'UPDATE "sagas_saga"' in q["sql"]]
-    records = writes[1:]  # after the claim
-    assert len(records) == 3
-    no_wait = [NO_WAIT in sql for sql in records]
-    # a (on into b), b (on into c, which stays in the database), c (the end)
+    state, no_wait = _records_that_skip_the_wait("test_mixed")
+    assert state == SagaState.SUCCEEDED
+    # a (on into b), b (on into c), c (the end)
     assert no_wait == [False, True, False]
 
 
