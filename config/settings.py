@@ -387,9 +387,11 @@ SAGA_SWEEP_BATCH = env.int("SAGA_SWEEP_BATCH", default=500, minimum=1)
 SAGA_TIMER_RING_WITHIN = env.float("SAGA_TIMER_RING_WITHIN", default=300.0, minimum=0)
 # PostgreSQL: a claim, and a record after which the same task goes straight on, commit without
 # waiting for their WAL flush (they only extend the task's lease; see
-# sagas.timing.lease_only_commits), and so do the order saga's copies of a provider's answers
-# (payments.services._record_view) and the fake carrier's booking. Records that hand the saga
-# on (doorbell, terminal state, a person) always wait.
+# sagas.timing.lease_only_commits), and so do the order saga's payment row and its copies of a
+# provider's answers (payments.services) and the fake carrier's booking. Except: the claim of,
+# or the record going straight on into, a forward step that may leave the database
+# (Step.may_leave_database), and the record that begins a compensation. Records that hand the
+# saga on (doorbell, terminal state, a person) always wait.
 SAGA_ASYNC_LEASE_COMMITS = env.bool("SAGA_ASYNC_LEASE_COMMITS", default=True)
 # PostgreSQL: transactional steps that follow each other in one task share one transaction and
 # one record (sagas.store.Batch); off, each commits with its own record.

@@ -6,13 +6,15 @@ without an engine. This chain does the order saga's five forward steps with the 
 participants (``inventory``, ``payments``, ``shipping``, ``orders``), the same derived
 idempotency keys, and Celery's own retries with exponential backoff and jitter, on the same
 worker (persistent connections, ``acks_late``, prefetch 1, the participants' commits as the
-saga makes them: the writes before a provider moves money wait for the disk, the copies of its
-answers and the fake carrier's booking do not, so a database server crash mid-chain can strand
-an order that the chain, having no record to redo a step from, does not finish):
+saga makes them: the payment row, the copies of the provider's answers and the fake carrier's
+booking do not wait for the disk, so a database server crash mid-chain can strand an order
+that the chain, having no record to redo a step from, does not finish):
 
     reserve -> authorize -> arrange -> capture -> confirm
 
-What it leaves out, each in the chain's favour: no compensation (a careful user would hang an
+What it leaves out, each in the chain's favour: no wait for the disk before a provider is
+called (the saga's claim or record before each of its three steps that may leave the database
+waits, so a crash cannot hide a call that was made), no compensation (a careful user would hang an
 ``on_error`` link on every task; the happy path never runs it, but every message carries it),
 no circuit breaker or call limits around the providers, no saga row, no timeline, no order row
 (the client sends the order's facts in the first message instead of placing an ``Order``,

@@ -38,7 +38,12 @@ _same = {
 order_saga_next = SagaDefinition(
     "order",
     version=order_saga.version + 1,
-    steps=[*order_saga.steps[:_at], Step("screen_order", screen_order), *order_saga.steps[_at:]],
+    # A read of this database only: its claim need not wait for the disk.
+    steps=[
+        *order_saga.steps[:_at],
+        Step("screen_order", screen_order, stays_in_database=True),
+        *order_saga.steps[_at:],
+    ],
     **_same,
 )
 

@@ -232,6 +232,9 @@ CARRIER_TIMEOUT = 2 * settings.SAGA_STEP_TIMEOUT
 # The forward steps both versions share (steps are frozen, so one object serves both).
 # Inventory lives in this database: the hold (and its release) commits with the step's record,
 # in one transaction instead of two; so does the sale (confirm_order).
+# The carrier's step is not declared ``stays_in_database``, though the fake carrier books in
+# this database: it stands in for a carrier's API, and the claim before it waits for the disk
+# as one before a real carrier's would.
 # Each undo a person may do by hand (an operator's "undo done", when the saga's own keeps
 # failing) is recorded with its participant (``undone_by_hand``), so the order reads as the
 # saga's undo would have left it: the money voided or refunded, the shipment cancelled, the

@@ -53,11 +53,12 @@ def payment_authorize(
     # Our row exists before the provider is asked, so its answer always has a row to land in.
     # One INSERT that a retry finds taken (order_id is unique) and leaves alone, instead of
     # get_or_create's SELECT, BEGIN, INSERT and COMMIT; no error, so no savepoint either. Its
-    # commit does not wait for the disk: the engine's claim of this step already did (a step
-    # that may leave the database), and a server crash that lost the row lost everything after
-    # it, the step's record among them, so the step's retry inserts it again. (Cancelled in
-    # that window instead, the order's void finds no row of ours to record on: the order reads
-    # as cancelled before its payment began, and the provider keeps the hold and its void.)
+    # commit does not wait for the disk: as the order saga calls it, the engine's claim of this
+    # step, or the record that went straight on into it, already waited (a step that may leave
+    # the database), and a server crash that lost the row lost everything after it, the step's
+    # record among them, so the step's retry inserts it again. (Cancelled in that window
+    # instead, the order's void finds no row of ours to record on: the order reads as
+    # cancelled before its payment began, and the provider keeps the hold and its void.)
     insert_unless_taken(
         Payment(
             order_id=order_uuid, amount=amount, currency=currency, payment_method=payment_method
@@ -259,7 +260,8 @@ def _record_view(order_id: uuid.UUID, auth: dict[str, Any]) -> Recorded | None:
     flushing this with it. What an API reader could see in between is the payment's amounts
     going back to zero and forward again, as the saga's own records that go straight on can.
     Nothing here needs to wait before the provider is asked either: the engine's claim of a
-    step that may leave the database waits for the disk before the step runs.
+    step that may leave the database, or the record that goes straight on into it, waits for
+    the disk before the step runs.
     """
     currency = auth["currency"]
     authorized = from_minor(auth["amount_minor"], currency)

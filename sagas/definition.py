@@ -172,9 +172,10 @@ class Step:
         """Whether running this forward step may do something the engine's database cannot take
         back (a provider's HTTP call): anything but a transactional step, one that
         ``stays_in_database`` or a park (a wait's decision and a timer's action only record).
-        The claim that runs such a step waits for the disk before the step runs
-        (``sagas.store``): a claim lost in a server crash would take the saga back to before a
-        call that already left, and a cancel then would compensate without this step."""
+        The claim that runs such a step, or the record that goes straight on into it, waits for
+        the disk before the step runs (``sagas.store``): a claim lost in a server crash would
+        take the saga back to before a call that already left, and a cancel then would
+        compensate without this step."""
         return not (self.transactional or self.stays_in_database or self.park is not None)
 
     def __post_init__(self) -> None:
