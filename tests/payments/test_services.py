@@ -344,9 +344,10 @@ def _payment_writes(captured) -> list[str]:
 def test_our_payment_writes_do_not_wait_for_the_disk(order_id):
     """As a worker calls them (autocommit): neither the row's insert before the authorize nor
     each recording of the provider's answer waits for its flush. The engine's claim of a step
-    that may leave the database waited before the step ran, and a crash that lost one of these
-    loses the step's record with it, so the step runs again under its key (the provider keeps
-    its answer). Nothing is written before the capture: the authorize's row is already there."""
+    that may leave the database (or the record going on into it) waited before the step ran,
+    and a crash that lost one of these loses the step's record with it, so the step runs again
+    under its key (the provider keeps its answer). Nothing is written before the capture: the
+    authorize's row is already there."""
     with CaptureQueriesContext(connection) as authorizing:
         authorize(order_id)
     with CaptureQueriesContext(connection) as capturing:

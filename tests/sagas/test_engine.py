@@ -565,6 +565,13 @@ def test_a_record_that_goes_on_into_a_step_that_may_leave_the_database_waits_for
     assert no_wait == [False, True, False]
 
 
+def _commit_setting() -> str:
+    """``synchronous_commit`` as the open transaction would commit with it now."""
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        return cursor.fetchone()[0]
+
+
 def _commit_setting_after_claim(saga_id) -> str:
     """``synchronous_commit`` as the claim's own transaction would commit with it (the claim
     runs in an explicit transaction here, rolled back after the look)."""
@@ -572,9 +579,7 @@ def _commit_setting_after_claim(saga_id) -> str:
 
     with transaction.atomic():
         assert claim(saga_id, 1000) is not None
-        with connection.cursor() as cursor:
-            cursor.execute("SHOW synchronous_commit")
-            setting = cursor.fetchone()[0]
+        setting = _commit_setting()
         transaction.set_rollback(True)
     return setting
 
@@ -623,9 +628,7 @@ def test_a_pumps_claim_waits_for_the_disk_only_before_a_step_that_may_leave_the_
         past = timezone.now() - timedelta(seconds=60)
         Saga.objects.filter(pk=saga.pk).update(next_attempt_at=past, lease_until=None)
         claimed = claim_due()
-        with connection.cursor() as cursor:
-            cursor.execute("SHOW synchronous_commit")
-            setting = cursor.fetchone()[0]
+        setting = _commit_setting()
         transaction.set_rollback(True)
     assert claimed is not None and claimed.pk == saga.pk
     assert setting == expected
