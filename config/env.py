@@ -25,6 +25,10 @@ FALSE = frozenset({"0", "false", "no", "n", "off"})
 class StrictEnv(environ.Env):
     """``environ.Env`` whose ``int``, ``float`` and ``bool`` refuse what they cannot read whole."""
 
+    def is_set(self, var: str) -> bool:
+        """Whether the variable holds a value (empty counts as unset, as everywhere here)."""
+        return self._raw(var) is not None
+
     def _raw(self, var: str) -> str | None:
         value = self.ENVIRON.get(var)
         if value is None or not value.strip():
@@ -103,3 +107,9 @@ def redis_url_problem(url: str) -> str | None:
     except (TypeError, ValueError) as exc:
         return str(exc)
     return None
+
+
+def refuse_bad_redis_url(var: str, url: str) -> None:
+    """Stop start-up, naming ``var``, if the Redis client refuses ``url``'s options."""
+    if problem := redis_url_problem(url):
+        raise ImproperlyConfigured(f"{var} has an option the Redis client refuses: {problem}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Exchange, Queue
 
-from config.env import TRUE, StrictEnv, redis_url_problem
+from config.env import TRUE, StrictEnv, refuse_bad_redis_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("SAGARUNNER_VAR_DIR", BASE_DIR / "var"))
@@ -336,8 +336,7 @@ CACHE_URL = env("CACHE_URL", default=_cache_default)
 # to db:// (or to a RabbitMQ broker, whose default cache it is) needs no migrate of its own.
 DB_CACHE_TABLE = "sagarunner_cache"
 if CACHE_URL.startswith(("redis://", "rediss://")):
-    if _problem := redis_url_problem(CACHE_URL):
-        raise ImproperlyConfigured(f"CACHE_URL has an option the Redis client refuses: {_problem}")
+    refuse_bad_redis_url("CACHE_URL", CACHE_URL)
     _cache = {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
         "LOCATION": CACHE_URL,
@@ -365,7 +364,7 @@ SAGA_STUCK_AFTER = env.float("SAGA_STUCK_AFTER", default=30.0, positive=True)
 SAGA_SWEEP_INTERVAL = env.float("SAGA_SWEEP_INTERVAL", default=10.0, positive=True)
 # Set explicitly, the interval is applied to beat's schedule at every migrate (each deploy),
 # replacing one staff changed in the ops console; unset, the schedule keeps the console's.
-SAGA_SWEEP_INTERVAL_SET = bool(os.environ.get("SAGA_SWEEP_INTERVAL", "").strip())
+SAGA_SWEEP_INTERVAL_SET = env.is_set("SAGA_SWEEP_INTERVAL")
 SAGA_DEADLINE = env.float("SAGA_DEADLINE", default=600.0, positive=True)
 # How long a step may run unless it sets its own timeout. Tasks' time limits, and the leases
 # that outlive them (so an expired lease always means the holder is gone), are sized from the
@@ -409,10 +408,8 @@ elif CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
 else:
     _pump_redis = ""
 SAGA_PUMP_REDIS_URL = env("SAGA_PUMP_REDIS_URL", default=_pump_redis)
-if SAGA_PUMP_REDIS_URL and (_problem := redis_url_problem(SAGA_PUMP_REDIS_URL)):
-    raise ImproperlyConfigured(
-        f"SAGA_PUMP_REDIS_URL has an option the Redis client refuses: {_problem}"
-    )
+if SAGA_PUMP_REDIS_URL:
+    refuse_bad_redis_url("SAGA_PUMP_REDIS_URL", SAGA_PUMP_REDIS_URL)
 # PostgreSQL: the engine's own statements (claim, record, start) are prepared on first use in
 # each connection, every other query from its fifth run (DATABASES above), instead of being
 # parsed and planned on every run. Turn off behind a pooler that cannot keep prepared
@@ -492,7 +489,7 @@ WEBHOOKS_RESPONSE_EXCERPT = env.int("WEBHOOKS_RESPONSE_EXCERPT", default=200, mi
 WEBHOOKS_TASK_BUDGET = env.float("WEBHOOKS_TASK_BUDGET", default=10.0, positive=True)
 WEBHOOKS_SWEEP_INTERVAL = env.float("WEBHOOKS_SWEEP_INTERVAL", default=10.0, positive=True)
 # As SAGA_SWEEP_INTERVAL_SET: set, it is applied to beat's schedule at every migrate.
-WEBHOOKS_SWEEP_INTERVAL_SET = bool(os.environ.get("WEBHOOKS_SWEEP_INTERVAL", "").strip())
+WEBHOOKS_SWEEP_INTERVAL_SET = env.is_set("WEBHOOKS_SWEEP_INTERVAL")
 WEBHOOKS_SWEEP_AFTER = env.float("WEBHOOKS_SWEEP_AFTER", default=15.0, positive=True)
 WEBHOOKS_SWEEP_BATCH = env.int("WEBHOOKS_SWEEP_BATCH", default=500, minimum=1)
 WEBHOOKS_MAX_COUNTDOWN = env.float("WEBHOOKS_MAX_COUNTDOWN", default=1800.0, positive=True)
