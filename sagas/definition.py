@@ -178,6 +178,22 @@ class Step:
         compensate without this step."""
         return not (self.transactional or self.stays_in_database or self.park is not None)
 
+    @property
+    def shares_records(self) -> bool:
+        """Whether this step may be recorded together with its neighbours of the same kind: a
+        step that ``stays_in_database`` (and is not transactional, a park, a pivot or behind a
+        provider's breaker). One task that runs such steps back to back writes their records
+        as one (``SAGA_BATCH_STEPS``, :class:`sagas.store.Batch`); each step's own writes
+        still commit as it makes them, so a run cut short leaves effects with no record of
+        them, which the undo then looks for (:meth:`SagaDefinition.run_after`)."""
+        return (
+            self.stays_in_database
+            and not self.transactional
+            and self.park is None
+            and not self.pivot
+            and not self.provider
+        )
+
     def __post_init__(self) -> None:
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError(f"step {self.name!r}: timeout must be positive")
@@ -394,6 +410,20 @@ class SagaDefinition:
                 return i
         return len(self.steps)
 
+    def run_after(self, i: int) -> list[int]:
+        """Indexes of the steps after step ``i`` that a task may have run with it and recorded
+        once (:attr:`Step.shares_records`, steps ``i`` and all of these): empty if step ``i``
+        shares no records. A task that stopped before that one record (its worker lost, the
+        record fenced off) may have left their effects without a word in the saga's rows."""
+        if not self.steps[i].shares_records:
+            return []
+        later = []
+        for j in range(i + 1, len(self.steps)):
+            if not self.steps[j].shares_records:
+                break
+            later.append(j)
+        return later
+
     @property
     def pivot_name(self) -> str | None:
         i = self.pivot_index
@@ -553,21 +583,31 @@ def step_context(definition: SagaDefinition, saga: Saga, *, compensating: bool) 
 
 
 def next_compensable(
-    definition: SagaDefinition, saga: Saga, below: int, undone: Collection[str] = ()
+    definition: SagaDefinition,
+    saga: Saga,
+    below: int,
+    undone: Collection[str] = (),
+    maybe: Collection[str] = (),
 ) -> int | None:
-    """The next step at an index < ``below`` that took effect, has a compensation and is not
-    in ``undone`` (steps whose undo has already run, by the engine or by hand).
+    """The next step at an index < ``below`` that took effect (or may have: its row says
+    ``maybe_effect``, in ``maybe``), has a compensation and is not in ``undone`` (steps whose
+    undo has already run, by the engine or by hand).
 
     ``saga.results`` keeps a step after its undo, so only the step rows know what is undone.
     Along the definition the saga ran, nothing below the step being undone is undone yet, and a
     saga that starts undoing has undone nothing; but a saga moved to another version while it
     undid, by a ``saga_migrate`` from before it refused such moves, may have an undone step
     below its current one, and would undo it again. So each next rung after an undo is asked
-    with the rows read (:func:`sagas.store.undone_steps`): one query per undo, none on the
+    with the rows read (:func:`sagas.store.ladder_rows`): one query per undo, none on the
     forward path (the first rung, :func:`sagas.runner._start_compensation`, passes none).
+
+    ``maybe`` matters where the undo starts above the step that failed: at a step of a run
+    recorded once (:meth:`SagaDefinition.run_after`) that a lost task may have run, whose
+    steps between it and the failed one are in no result.
     """
     for j in range(below - 1, -1, -1):
         step = definition.steps[j]
-        if step.compensate is not None and step.name in saga.results and step.name not in undone:
+        took = step.name in saga.results or step.name in maybe
+        if step.compensate is not None and took and step.name not in undone:
             return j
     return None

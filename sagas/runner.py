@@ -64,9 +64,11 @@ from sagas.store import (
     due_saga,
     effect_possible,
     fenced_update,
+    ladder_rows,
+    mark_unrecorded_run,
+    marked_maybe,
     open_batch,
     released_lease,
-    undone_steps,
     write,
 )
 from sagas.timing import (
@@ -94,13 +96,23 @@ def _start_compensation(
     failed_index: int,
     failed_may_have_effect: bool,
 ) -> None:
-    """Turn ``rec`` into "compensate everything up to ``failed_index``, newest first"."""
+    """Turn ``rec`` into "compensate everything up to ``failed_index``, newest first".
+
+    Up to a later step if the failed one is part of a run recorded once and a row of the run
+    after it says a lost or broken task may have run it (``maybe_effect``,
+    :class:`sagas.store.Batch`): that step's undo comes first, and the ladder goes down from
+    it through every marked step.
+    """
     rec.transitions.append("begin_compensation")
     rec.fields["failure_code"] = reason
     _unpark(saga, rec)
     failed = definition.steps[failed_index]
     first: int | None = None
-    if failed_may_have_effect and failed.compensate is not None:
+    later = [j for j in definition.run_after(failed_index) if definition.steps[j].compensate]
+    marked = marked_maybe(saga.id, [definition.steps[j].name for j in later]) if later else ()
+    if marked:
+        first = max(j for j in later if definition.steps[j].name in marked)
+    elif failed_may_have_effect and failed.compensate is not None:
         first = failed_index
     else:
         first = next_compensable(definition, saga, failed_index)
@@ -254,6 +266,13 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
     rec = Record()
     i = definition.index_of(saga.current_step)
     step = definition.steps[i]
+    if saga.attempt > 1:
+        later = definition.run_after(i)
+        if later:
+            # Claimed again: the first run of this step may have gone on through a run of
+            # steps recorded once and lost their record with its own (see sagas.store.Batch).
+            names = [definition.steps[j].name for j in later]
+            mark_unrecorded_run(saga.id, step.name, names)
     now = timezone.now()
     reason = _boundary_cancel_reason(definition, saga, now)
     if reason:
@@ -407,13 +426,17 @@ def _batches_on(
 ) -> bool:
     """Whether step ``i``'s record may wait for the next step's (see :class:`sagas.store.Batch`).
 
-    Only between two transactional steps the task goes straight on with (PostgreSQL): the next
-    one runs in the same transaction. Not into a step gated by a provider's breaker (its
-    counters are shared rows, reported outside any saga's transaction), not for a saga type
-    with a change hook (it hears of every record), and not into a step whose timeout this task
-    cannot fit.
+    Only between two steps the task goes straight on with (PostgreSQL), both transactional
+    (the next one runs in the same transaction) or both sharing records (each commits its own
+    writes, :attr:`sagas.definition.Step.shares_records`). Not into a step gated by a
+    provider's breaker (its counters are shared rows, reported outside any saga's
+    transaction), not for a saga type with a change hook (it hears of every record), and not
+    into a step whose timeout this task cannot fit.
     """
-    if not (settings.SAGA_BATCH_STEPS and tx.open and rec.go_on and within_inline_budget()):
+    if not (settings.SAGA_BATCH_STEPS and rec.go_on and within_inline_budget()):
+        return False
+    nxt = definition.steps[i + 1]
+    if not tx.open and not (definition.steps[i].shares_records and nxt.shares_records):
         return False
     if rec.transitions or rec.carried or rec.on_written is not None or rec.ring_after is not None:
         return False
@@ -429,8 +452,9 @@ def _batches_on(
             return False
         if step.provider and breakers_enabled():
             return False
-    nxt = definition.steps[i + 1]
-    if not nxt.transactional or nxt.park is not None or (nxt.provider and breakers_enabled()):
+    if tx.open and not nxt.transactional:
+        return False
+    if nxt.park is not None or (nxt.provider and breakers_enabled()):
         return False
     # A step that fails inside a batch is called again when the task goes on step by step,
     # before its failure counts: only for a step that may be tried more than once.
@@ -627,7 +651,7 @@ def _compensate(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> S
     metrics.COMPENSATIONS.labels(saga.saga_type, step.name).inc()
     rec.step_fields = {"status": StepStatus.COMPENSATED, "compensation_attempts": saga.attempt}
     rec.event("compensation_succeeded", saga, step=step.name, duration_ms=duration * 1e3)
-    nxt = next_compensable(definition, saga, i, undone_steps(saga.id))
+    nxt = next_compensable(definition, saga, i, *ladder_rows(saga.id))
     if nxt is None:
         rec.transitions.append("finish_compensation")
         rec.fields.update(

@@ -46,7 +46,7 @@ from sagas.models import (
     StepStatus,
     state_said,
 )
-from sagas.store import effect_possible, insert_new, undone_steps
+from sagas.store import effect_possible, insert_new, ladder_rows, mark_unrecorded_run
 from sagas.timing import step_timeout
 
 log = structlog.get_logger("sagas.services")
@@ -413,11 +413,18 @@ def _attempts_start_over(saga: Saga) -> None:
     forward step with no record of its own (its worker died) may have taken effect, and once
     the count starts over only the step's row can say so. The row's count starts over too, so
     a run after this one that leaves no record shows as one above it (see
-    ``store.effect_possible``)."""
+    ``store.effect_possible``). Likewise for the steps a run of the current step recorded
+    once may have reached (``store.mark_unrecorded_run``): once the count starts over, their
+    rows are all that can say so."""
     if saga.state == SagaState.RUNNING:
         fields: dict[str, Any] = {"attempts": 0}
         if effect_possible(saga, saga.current_step, claimed=False):
             fields["maybe_effect"] = True
+            definition = _definition(saga)
+            later = definition.run_after(definition.index_of(saga.current_step))
+            if later:
+                names = [definition.steps[j].name for j in later]
+                mark_unrecorded_run(saga.id, saga.current_step, names)
         SagaStep.objects.filter(saga_id=saga.id, name=saga.current_step).update(**fields)
     saga.attempt = 0
 
@@ -587,7 +594,7 @@ def saga_undo_done(
         _event(saga, "ops_undo_done", actor=_actor(user), detail=note, step=step)
         saga.resume_compensation()
         nxt = next_compensable(
-            definition, saga, definition.index_of(saga.current_step), undone_steps(saga.id)
+            definition, saga, definition.index_of(saga.current_step), *ladder_rows(saga.id)
         )
         saga.attempt = 0
         saga.lease_until = None
@@ -716,6 +723,12 @@ def _plan_why(row: SagaStep, took_effect: bool) -> str:
     return "an attempt may have taken effect (its worker stopped), so it is undone to be safe"
 
 
+_LOST_RUN_WHY = (
+    "it may have run with {step} in one task whose record of them was lost (they are recorded "
+    "once for the run), so it is undone to be safe"
+)
+
+
 def saga_compensation_plan(*, saga_id: Any) -> list[dict[str, Any]]:
     """The dry run: the compensations that compensating now would run, in order, with keys.
 
@@ -733,11 +746,19 @@ def saga_compensation_plan(*, saga_id: Any) -> list[dict[str, Any]]:
     rows = {s.name: s for s in SagaStep.objects.filter(saga=saga)}
     current = definition.index_of(saga.current_step)
     candidates: list[int] = []
+    # Steps of a run recorded once that a lost task may have run with the current one, before
+    # the engine has marked them (it does when it claims the saga again).
+    suspects: set[str] = set()
     if saga.state == SagaState.RUNNING or saga_stopped_before_pivot(saga):
         if current >= definition.pivot_index:
             return []
-        if saga.current_step in rows and effect_possible(saga, saga.current_step, claimed=False):
+        later = definition.run_after(current)
+        row = rows.get(saga.current_step)
+        if row is not None and effect_possible(saga, saga.current_step, claimed=False):
+            if row.attempts == 0 and saga.attempt >= 1:
+                suspects = {definition.steps[j].name for j in later}
             candidates.append(current)
+        candidates = list(reversed(later)) + candidates
         candidates += list(range(current - 1, -1, -1))
     elif saga.state == SagaState.COMPENSATING or (
         saga.state == SagaState.NEEDS_MANUAL and saga.escalated_from == SagaState.COMPENSATING
@@ -751,15 +772,20 @@ def saga_compensation_plan(*, saga_id: Any) -> list[dict[str, Any]]:
             continue
         if row.status in (StepStatus.COMPENSATED, StepStatus.COMPENSATED_BY_HAND):
             continue
-        if not (step.name in saga.results or row.maybe_effect or j == current):
+        suspect = step.name in suspects
+        if not (step.name in saga.results or row.maybe_effect or j == current or suspect):
             continue
+        took_effect = step.name in saga.results or row.took_effect
+        why = _plan_why(row, took_effect=took_effect)
+        if j > current and not took_effect:
+            why = _LOST_RUN_WHY.format(step=saga.current_step)
         plan.append(
             {
                 "step": step.name,
                 "compensation": getattr(step.compensate, "__name__", "compensate"),
                 "idempotency_key": undo_key(saga.id, step.name),
                 "status": row.status,
-                "why": _plan_why(row, took_effect=step.name in saga.results or row.took_effect),
+                "why": why,
             }
         )
     return plan

@@ -34,7 +34,7 @@ from django.db import (
 from django.db.backends.postgresql.base import Cursor as _DjangoClientCursor
 from django.db.backends.postgresql.base import ServerBindingCursor as _DjangoServerCursor
 from django.db.backends.utils import CursorWrapper
-from django.db.models import Field
+from django.db.models import Exists, Field, Q
 from django.utils import timezone
 from psycopg._queries import PostgresQuery, _query2pg_nocache
 
@@ -787,12 +787,44 @@ def _long_steps() -> list[tuple[str, int, str]]:
     ]
 
 
-def undone_steps(saga_id: Any) -> frozenset[str]:
-    """Names of the saga's steps whose undo has run (by the engine or by hand): what the undo
-    ladder passes by (:func:`sagas.definition.next_compensable`). Read on the compensation
-    path only."""
-    rows = SagaStep.objects.filter(saga_id=saga_id, status__in=UNDONE_STATUSES)
-    return frozenset(rows.values_list("name", flat=True))
+def ladder_rows(saga_id: Any) -> tuple[frozenset[str], frozenset[str]]:
+    """Names of the saga's steps whose undo has run (by the engine or by hand), which the undo
+    ladder passes by, and of those whose row says a run may have taken effect
+    (``maybe_effect``), which it takes (:func:`sagas.definition.next_compensable`). Read on
+    the compensation path only, in one query."""
+    rows = SagaStep.objects.filter(
+        Q(status__in=UNDONE_STATUSES) | Q(maybe_effect=True), saga_id=saga_id
+    ).values_list("name", "status")
+    undone = frozenset(name for name, status in rows if status in UNDONE_STATUSES)
+    return undone, frozenset(name for name, _ in rows) - undone
+
+
+def marked_maybe(saga_id: Any, names: list[str]) -> set[str]:
+    """Which of the steps ``names`` (not undone yet) a row marks ``maybe_effect``."""
+    rows = SagaStep.objects.filter(saga_id=saga_id, name__in=names, maybe_effect=True)
+    return set(rows.exclude(status__in=UNDONE_STATUSES).values_list("name", flat=True))
+
+
+def mark_maybe_effect(saga_id: Any, names: list[str]) -> None:
+    """Mark the steps ``names`` as possibly having taken effect with no record saying so."""
+    SagaStep.objects.filter(saga_id=saga_id, name__in=names).update(maybe_effect=True)
+
+
+def mark_unrecorded_run(saga_id: Any, step: str, later: list[str]) -> None:
+    """Mark the steps ``later`` ``maybe_effect`` if no run of ``step`` was ever recorded.
+
+    Called for a step that may start a run recorded once (``later``: the steps a task may have
+    run with it, :meth:`sagas.definition.SagaDefinition.run_after`) when a run of it is known
+    to have ended with no record (claimed again, or its attempts started over by an operator).
+    Only the first run of a step is ever part of such a run (:func:`sagas.runner._drive`), and
+    its record would have left the row's ``attempts`` above 0: if it did not, the task that
+    ran it may have gone on through ``later`` and lost their record with its own. One
+    statement, off the happy path.
+    """
+    recorded = SagaStep.objects.filter(saga_id=saga_id, name=step, attempts__gt=0)
+    SagaStep.objects.filter(saga_id=saga_id, name__in=later).filter(~Exists(recorded)).update(
+        maybe_effect=True
+    )
 
 
 def effect_possible(saga: Saga, step: str, *, claimed: bool) -> bool:
@@ -931,14 +963,27 @@ class Batch:
     on the saga's cancel request as the batch saw it: a cancel accepted while the batch ran
     fences it off, the task reads the row again and honours the cancel at the batch's first
     step, with nothing to undo; a newer version means the task lost the saga, and stops.
+
+    *A run of steps that share records* (:attr:`sagas.definition.Step.shares_records`: steps
+    that stay in this database through commits of their own) is batched the same way, without
+    a transaction: each step's write commits as it is made, and only the records wait, for one
+    statement at the end. Broken or fenced off, such a run leaves effects behind that no
+    record names: :meth:`broken` marks those steps' rows ``maybe_effect`` (one statement), the
+    task runs them again one at a time under the same keys (the participants give back their
+    first results), and an undo that starts before they are recorded again takes the marked
+    rows too. A task lost in the middle of a run can mark nothing; the claim that takes the
+    saga up again does (:func:`mark_unrecorded_run`), for every step the run may have reached:
+    undoing one that never ran leaves its tombstone, as for any step.
     """
 
-    __slots__ = ("tx", "snapshot", "records")
+    __slots__ = ("tx", "snapshot", "records", "plain")
 
     def __init__(self) -> None:
         self.tx: StepTransaction | None = None
         self.snapshot: Saga | None = None
         self.records: list[Record] = []
+        #: A run of steps that share records (no transaction): their writes have committed.
+        self.plain = False
 
     @property
     def pending(self) -> bool:
@@ -950,6 +995,7 @@ class Batch:
         if not self.records:
             self.snapshot = copy.copy(saga)
             self.tx = tx
+            self.plain = not tx.open
             step_transactions.note_earlier_steps()
         for e in rec.events:
             e.setdefault("at", now)
@@ -976,15 +1022,28 @@ class Batch:
         rec.events = events + rec.events
         rec.cancel_reason_seen = self.snapshot.cancel_reason
 
-    def broken(self) -> BatchBroken:
-        """Roll the batch back; the exception carries the saga to start over from."""
+    def broken(self, last: Record | None = None) -> BatchBroken:
+        """Roll the batch back; the exception carries the saga to start over from.
+
+        A run of steps that share records has nothing to roll back: what its steps wrote has
+        committed. Their rows are marked ``maybe_effect`` instead (and that of ``last``, the
+        step whose outcome broke the run, if it may have taken effect), so whatever undoes
+        the saga before they run again and are recorded undoes them too.
+        """
         snapshot = self.snapshot
         assert snapshot is not None
+        ran = [r.step_name for r in self.records if r.step_name] if self.plain else []
+        if ran and last is not None and last.step_name:
+            fields = last.step_fields
+            if fields.get("took_effect") or fields.get("maybe_effect"):
+                ran.append(last.step_name)
         self.discard()
+        if ran:
+            mark_maybe_effect(snapshot.id, ran)
         return BatchBroken(snapshot)
 
     def close(self) -> None:
-        self.tx, self.snapshot, self.records = None, None, []
+        self.tx, self.snapshot, self.records, self.plain = None, None, [], False
 
     def discard(self) -> None:
         """Roll back whatever the batch holds (its transaction may already have ended)."""
@@ -1040,7 +1099,7 @@ def write(
     if batched:
         assert batch is not None
         if tx is None or tx is not batch.tx:
-            raise batch.broken()
+            raise batch.broken(rec)
         batch.merge_into(rec)
     now = timezone.now()
     fields = dict(rec.fields)
@@ -1121,7 +1180,7 @@ def write(
             # A newer claim, or a cancel request the batch never saw: the runner looks at the
             # row again and stops, or honours the cancel. (A batch's record is never guarded
             # on data: it runs in the batch's transaction and reads the flag back.)
-            raise batch.broken() from None
+            raise batch.broken(rec) from None
         # The row at the claimed version, read once for both questions below (or not at all).
         row: Saga | None = None
         looked = False

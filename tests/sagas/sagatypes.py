@@ -224,7 +224,11 @@ def _run(ctx: StepContext) -> dict:
 
 
 def scripted(
-    names: list[str], pivot: str | None = None, *, transactional: bool = False
+    names: list[str],
+    pivot: str | None = None,
+    *,
+    transactional: bool = False,
+    stays_in_database: bool = False,
 ) -> list[Step]:
     return [
         Step(
@@ -233,6 +237,7 @@ def scripted(
             compensate=None if name == pivot else _run,
             pivot=name == pivot,
             transactional=transactional,
+            stays_in_database=stays_in_database,
         )
         for name in names
     ]
@@ -432,6 +437,9 @@ register(SagaDefinition("policy", steps=POLICY))
 
 # The same five steps as transactional steps: each effect commits with the step's record.
 register(SagaDefinition("test_tx", steps=scripted(FIVE, transactional=True)))
+# The same five steps declared to stay in this database: each effect commits on its own, and a
+# task that runs them back to back records them once.
+register(SagaDefinition("test_plain", steps=scripted(FIVE, stays_in_database=True)))
 # A step that may leave the database (b) between two that may not (a transactional one and
 # one that only writes here on its own commits): which commits wait.
 register(
