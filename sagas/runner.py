@@ -48,6 +48,7 @@ from sagas.definition import (
     definition_of,
     next_compensable,
     step_context,
+    type_change_hook,
 )
 from sagas.doorbell import ring, ring_on_commit
 from sagas.models import Saga, SagaEvent, SagaSignal, SagaState, SagaStep, StepStatus
@@ -98,17 +99,23 @@ def _start_compensation(
 ) -> None:
     """Turn ``rec`` into "compensate everything up to ``failed_index``, newest first".
 
-    Up to a later step if the failed one is part of a run recorded once and a row of the run
-    after it says a lost or broken task may have run it (``maybe_effect``,
-    :class:`sagas.store.Batch`): that step's undo comes first, and the ladder goes down from
-    it through every marked step.
+    Up to a later step (before the pivot) whose row says a lost or broken task may have run
+    it (``maybe_effect``): a step of a run recorded once with the failed one
+    (:class:`sagas.store.Batch`). That step's undo comes first, and the ladder goes down from
+    it through every marked step. The rows are read for every saga whatever its definition
+    says today (one query, off the happy path): a saga moved to another version
+    (``saga_migrate``) carries the marks of the run its old version may have run.
     """
     rec.transitions.append("begin_compensation")
     rec.fields["failure_code"] = reason
     _unpark(saga, rec)
     failed = definition.steps[failed_index]
     first: int | None = None
-    later = [j for j in definition.run_after(failed_index) if definition.steps[j].compensate]
+    later = [
+        j
+        for j in range(failed_index + 1, definition.pivot_index)
+        if definition.steps[j].compensate is not None
+    ]
     marked = marked_maybe(saga.id, [definition.steps[j].name for j in later]) if later else ()
     if marked:
         first = max(j for j in later if definition.steps[j].name in marked)
@@ -266,13 +273,10 @@ def _forward(definition: SagaDefinition, saga: Saga, *, inline_ok: bool) -> Saga
     rec = Record()
     i = definition.index_of(saga.current_step)
     step = definition.steps[i]
-    if saga.attempt > 1:
-        later = definition.run_after(i)
-        if later:
-            # Claimed again: the first run of this step may have gone on through a run of
-            # steps recorded once and lost their record with its own (see sagas.store.Batch).
-            names = [definition.steps[j].name for j in later]
-            mark_unrecorded_run(saga.id, step.name, names)
+    if saga.attempt > 1 and step.shares_records:
+        # Claimed again: the first run of this step may have gone on through a run of steps
+        # recorded once and lost their record with its own (see sagas.store.Batch).
+        mark_unrecorded_run(definition, saga.id, i)
     now = timezone.now()
     reason = _boundary_cancel_reason(definition, saga, now)
     if reason:
@@ -437,6 +441,10 @@ def _batches_on(
         return False
     nxt = definition.steps[i + 1]
     if not tx.open and not (definition.steps[i].shares_records and nxt.shares_records):
+        return False
+    if not tx.open and type_change_hook(saga) is not None:
+        # A plain run's record is autocommitted, and for a type with a hook that would make it
+        # one guarded on the saga's data: a flag set meanwhile would break the whole run.
         return False
     if rec.transitions or rec.carried or rec.on_written is not None or rec.ring_after is not None:
         return False

@@ -46,7 +46,13 @@ from sagas.models import (
     StepStatus,
     state_said,
 )
-from sagas.store import effect_possible, insert_new, ladder_rows, mark_unrecorded_run
+from sagas.store import (
+    effect_possible,
+    insert_new,
+    ladder_rows,
+    mark_unrecorded_run,
+    run_suspects,
+)
 from sagas.timing import step_timeout
 
 log = structlog.get_logger("sagas.services")
@@ -421,10 +427,7 @@ def _attempts_start_over(saga: Saga) -> None:
         if effect_possible(saga, saga.current_step, claimed=False):
             fields["maybe_effect"] = True
             definition = _definition(saga)
-            later = definition.run_after(definition.index_of(saga.current_step))
-            if later:
-                names = [definition.steps[j].name for j in later]
-                mark_unrecorded_run(saga.id, saga.current_step, names)
+            mark_unrecorded_run(definition, saga.id, definition.index_of(saga.current_step))
         SagaStep.objects.filter(saga_id=saga.id, name=saga.current_step).update(**fields)
     saga.attempt = 0
 
@@ -756,7 +759,7 @@ def saga_compensation_plan(*, saga_id: Any) -> list[dict[str, Any]]:
         row = rows.get(saga.current_step)
         if row is not None and effect_possible(saga, saga.current_step, claimed=False):
             if row.attempts == 0 and saga.attempt >= 1:
-                suspects = {definition.steps[j].name for j in later}
+                suspects = set(run_suspects(definition, current))
             candidates.append(current)
         candidates = list(reversed(later)) + candidates
         candidates += list(range(current - 1, -1, -1))

@@ -42,6 +42,7 @@ from config.db import NO_FLUSH_WAIT, column_of
 from sagas import metrics
 from sagas import transactions as step_transactions
 from sagas.definition import (
+    SagaDefinition,
     change_hook,
     registered_definitions,
     registry_generation,
@@ -55,6 +56,7 @@ from sagas.timing import (
     doorbell_only,
     lease_only_commits,
     lease_seconds,
+    max_attempts_of,
     step_timeout,
     task_timeout,
     timeout_at,
@@ -810,17 +812,34 @@ def mark_maybe_effect(saga_id: Any, names: list[str]) -> None:
     SagaStep.objects.filter(saga_id=saga_id, name__in=names).update(maybe_effect=True)
 
 
-def mark_unrecorded_run(saga_id: Any, step: str, later: list[str]) -> None:
-    """Mark the steps ``later`` ``maybe_effect`` if no run of ``step`` was ever recorded.
+def run_suspects(definition: SagaDefinition, i: int) -> list[str]:
+    """The steps a task that claimed step ``i`` for its first run may have run with it and
+    recorded once (:meth:`sagas.definition.SagaDefinition.run_after`): none on a database
+    where no run is recorded once (SQLite), nor from a step allowed a single attempt, where
+    no run starts (:func:`sagas.runner._batches_on`)."""
+    later = definition.run_after(i)
+    if not later or connection.vendor != "postgresql":
+        return []
+    if max_attempts_of(definition.steps[i], compensating=False) < 2:
+        return []
+    return [definition.steps[j].name for j in later]
 
-    Called for a step that may start a run recorded once (``later``: the steps a task may have
-    run with it, :meth:`sagas.definition.SagaDefinition.run_after`) when a run of it is known
-    to have ended with no record (claimed again, or its attempts started over by an operator).
-    Only the first run of a step is ever part of such a run (:func:`sagas.runner._drive`), and
-    its record would have left the row's ``attempts`` above 0: if it did not, the task that
-    ran it may have gone on through ``later`` and lost their record with its own. One
-    statement, off the happy path.
+
+def mark_unrecorded_run(definition: SagaDefinition, saga_id: Any, i: int) -> None:
+    """Mark the steps a lost first run of step ``i`` may have reached (:func:`run_suspects`)
+    ``maybe_effect``, if no run of step ``i`` was ever recorded.
+
+    Called when a run of step ``i`` is known to have ended with no record (the step claimed
+    again, or its attempts started over by an operator). Only the first run of a step is ever
+    part of a run of several (:func:`sagas.runner._drive`), and its record would have left
+    the row's ``attempts`` above 0: if it did not, the task that ran it may have gone on
+    through the steps after it and lost their record with its own. One statement, off the
+    happy path.
     """
+    later = run_suspects(definition, i)
+    if not later:
+        return
+    step = definition.steps[i].name
     recorded = SagaStep.objects.filter(saga_id=saga_id, name=step, attempts__gt=0)
     SagaStep.objects.filter(saga_id=saga_id, name__in=later).filter(~Exists(recorded)).update(
         maybe_effect=True

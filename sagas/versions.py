@@ -48,6 +48,7 @@ from sagas.definition import SagaDefinition, forward_key, get_definition, regist
 from sagas.doorbell import ring_on_commit
 from sagas.models import UNDONE_STATUSES, Saga, SagaEvent, SagaState, SagaStep, StepStatus
 from sagas.services import audit_ops_events
+from sagas.store import mark_maybe_effect, run_suspects
 from sagas.waits import SKIPPED
 
 UNSETTLED = (SagaState.RUNNING, SagaState.COMPENSATING, SagaState.NEEDS_MANUAL)
@@ -62,6 +63,7 @@ _FIELDS = (
     "waiting_since",
     "version",
     "next_attempt_at",
+    "attempt",
 )
 
 
@@ -362,6 +364,30 @@ def _step_rows(
     return out
 
 
+def _lost_runs(source: SagaDefinition, sagas: list[dict[str, Any]]) -> dict[Any, list[str]]:
+    """Per running saga whose current step was claimed for a first run that nothing recorded,
+    and may have gone on through a run of steps recorded once: the steps after it that run may
+    have reached (:func:`sagas.store.run_suspects`, by the source definition, the one the run
+    ran on). The engine marks them when it claims the saga again, by the definition it then
+    runs on; a move in between counts them as steps that may have taken effect, so the move
+    is judged with them and carries their marks (:func:`apply_migration`)."""
+    found: dict[Any, tuple[str, list[str]]] = {}
+    for saga in sagas:
+        cur = saga["current_step"]
+        if saga["state"] == SagaState.RUNNING and saga["attempt"] >= 1 and source.has_step(cur):
+            later = run_suspects(source, source.index_of(cur))
+            if later:
+                found[saga["id"]] = (cur, later)
+    if not found:
+        return {}
+    recorded = set(
+        SagaStep.objects.filter(saga_id__in=list(found), attempts__gt=0).values_list(
+            "saga_id", "name"
+        )
+    )
+    return {sid: later for sid, (cur, later) in found.items() if (sid, cur) not in recorded}
+
+
 def _candidates(saga_type: str, from_version: int):
     return Saga.objects.filter(
         saga_type=saga_type, definition_version=from_version, state__in=UNSETTLED
@@ -384,8 +410,10 @@ def plan_migration(
         if not sagas:
             return plan
         rows = _step_rows([s["id"] for s in sagas], target)
+        lost = _lost_runs(source, sagas)
         for saga in sagas:
             effects, undone, removed = rows[saga["id"]]
+            effects = effects | set(lost.get(saga["id"], ()))
             plan.add(assess(source, target, saga, effects, now=now, undone=undone, removed=removed))
         last = sagas[-1]["id"]
 
@@ -425,9 +453,12 @@ def apply_migration(
             last = ids[-1]
             now = timezone.now()
             rows = _step_rows(ids, target)
+            lost = _lost_runs(source, sagas)
             events = []
             for saga in sagas:
                 effects, undone, removed = rows[saga["id"]]
+                suspects = lost.get(saga["id"], [])
+                effects = effects | set(suspects)
                 verdict = assess(
                     source, target, saga, effects, now=now, undone=undone, removed=removed
                 )
@@ -436,6 +467,8 @@ def apply_migration(
                     continue
                 if not _move(saga, source, target, now):
                     continue  # changed under us (cannot happen while locked; fenced anyway)
+                if suspects:
+                    mark_maybe_effect(saga["id"], [n for n in suspects if target.has_step(n)])
                 plan.moved += 1
                 detail = (
                     f"definition v{source.version} -> v{target.version} at {verdict.lands_at}"

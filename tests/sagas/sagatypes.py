@@ -440,6 +440,21 @@ register(SagaDefinition("test_tx", steps=scripted(FIVE, transactional=True)))
 # The same five steps declared to stay in this database: each effect commits on its own, and a
 # task that runs them back to back records them once.
 register(SagaDefinition("test_plain", steps=scripted(FIVE, stays_in_database=True)))
+# Its run of three recorded once in v1; v2 puts "x", a step that shares no records, after "a".
+register(
+    SagaDefinition("plainmig", steps=scripted(["a", "b", "c"], stays_in_database=True), version=1)
+)
+register(
+    SagaDefinition(
+        "plainmig",
+        steps=[
+            *scripted(["a"], stays_in_database=True),
+            *scripted(["x"]),
+            *scripted(["b", "c"], stays_in_database=True),
+        ],
+        version=2,
+    )
+)
 # A step that may leave the database (b) between two that may not (a transactional one and
 # one that only writes here on its own commits): which commits wait.
 register(

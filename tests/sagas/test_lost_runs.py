@@ -38,15 +38,17 @@ def _setup(settings):
     one_step_per_delivery(settings, {})
 
 
-def _lost_run(script: dict | None = None, *, through: str) -> Saga:
-    """Start a saga; a task claims s1, runs s1 up to ``through`` without a record (each
-    write committing as it is made), and dies; its lease runs out."""
-    saga = saga_start(saga_type="test_plain", data={"script": script or {}})
+def _lost_run(
+    script: dict | None = None, *, through: str, saga_type: str = "test_plain", version: int = 1
+) -> Saga:
+    """Start a saga; a task claims its first step, runs the steps up to ``through`` without a
+    record (each write committing as it is made), and dies; its lease runs out."""
+    saga = saga_start(saga_type=saga_type, data={"script": script or {}}, version=version)
     claimed = claim(saga.id, saga.version)
     assert claimed is not None and claimed.attempt == 1
-    definition = get_definition("test_plain")
+    definition = get_definition(saga_type, version)
     running = copy.copy(claimed)
-    for name in FIVE[: FIVE.index(through) + 1]:
+    for name in definition.names[: definition.index_of(through) + 1]:
         running.current_step = name
         result = definition.step(name).action(step_context(definition, running, compensating=False))
         running.results = {**running.results, name: result}
@@ -159,3 +161,21 @@ def test_a_step_recorded_before_it_was_lost_marks_nothing_after_it():
     assert saga.state == SagaState.COMPENSATED
     assert _done(saga, "undo") == {"s1"}
     assert not saga.steps.filter(maybe_effect=True).exclude(name="s1").exists()
+
+
+def test_a_saga_moved_to_another_version_after_a_lost_run_still_undoes_it():
+    """v1 records a, b and c once; v2 puts x, which shares no records, after a. A run lost on
+    v1 reached c; the saga moves to v2 before any worker took it up again. By v2 a starts no
+    run, so the claim there would mark nothing: the move counts b and c as steps that may
+    have taken effect and carries their marks, and the cancel undoes c, b and a (x never
+    ran and is not undone)."""
+    from sagas.versions import apply_migration
+
+    saga = _lost_run(through="c", saga_type="plainmig", version=1)
+    plan = apply_migration("plainmig", 1, 2, actor="test")
+    assert plan.moved == 1
+    saga_request_cancel(saga_id=saga.id, reason="customer_cancelled")
+    saga = _settle(deliver(saga.id))
+    assert (saga.state, saga.definition_version) == (SagaState.COMPENSATED, 2)
+    assert _done(saga, "do") == {"a", "b", "c"}
+    assert _done(saga, "undo") == {"a", "b", "c"}
