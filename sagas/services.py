@@ -736,7 +736,9 @@ def saga_compensation_plan(*, saga_id: Any) -> list[dict[str, Any]]:
     """The dry run: the compensations that compensating now would run, in order, with keys.
 
     For a running saga (or one that stopped for a person before its pivot): every step that
-    took effect, plus the current step if an earlier attempt of it may have. For a compensating
+    took effect, plus the current step if an earlier attempt of it may have, and the steps
+    after it that a run recorded once may have reached (their rows marked, or the current
+    step's first run unrecorded, see ``store.mark_unrecorded_run``). For a compensating
     saga (or one waiting for a person mid-ladder): what is left of the ladder. For a settled
     saga: nothing. Refused (``definition_missing``) when this code does not register the
     definition of a saga that is not finished; a finished saga's plan is empty whatever code
@@ -755,13 +757,14 @@ def saga_compensation_plan(*, saga_id: Any) -> list[dict[str, Any]]:
     if saga.state == SagaState.RUNNING or saga_stopped_before_pivot(saga):
         if current >= definition.pivot_index:
             return []
-        later = definition.run_after(current)
         row = rows.get(saga.current_step)
         if row is not None and effect_possible(saga, saga.current_step, claimed=False):
             if row.attempts == 0 and saga.attempt >= 1:
                 suspects = set(run_suspects(definition, current))
             candidates.append(current)
-        candidates = list(reversed(later)) + candidates
+        # Steps after the current one count only if marked or suspect, as when the undo starts
+        # (sagas.runner._start_compensation): from the last of them before the pivot, down.
+        candidates = list(range(definition.pivot_index - 1, current, -1)) + candidates
         candidates += list(range(current - 1, -1, -1))
     elif saga.state == SagaState.COMPENSATING or (
         saga.state == SagaState.NEEDS_MANUAL and saga.escalated_from == SagaState.COMPENSATING

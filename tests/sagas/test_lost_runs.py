@@ -174,6 +174,8 @@ def test_a_saga_moved_to_another_version_after_a_lost_run_still_undoes_it():
     saga = _lost_run(through="c", saga_type="plainmig", version=1)
     plan = apply_migration("plainmig", 1, 2, actor="test")
     assert plan.moved == 1
+    # The dry run says so too, though by v2 a starts no run: b and c are marked.
+    assert [e["step"] for e in saga_compensation_plan(saga_id=saga.id)] == ["c", "b", "a"]
     saga_request_cancel(saga_id=saga.id, reason="customer_cancelled")
     saga = _settle(deliver(saga.id))
     assert (saga.state, saga.definition_version) == (SagaState.COMPENSATED, 2)
