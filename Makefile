@@ -20,7 +20,7 @@ AMQP_TESTS ?= tests/sagas/test_engine.py tests/chaos
 AMQP_PYTEST_ARGS ?=
 # The saga tests again on the provider-bound worker setup (threads pool, 32 threads).
 THREADS_TESTS ?= tests/sagas/test_engine.py tests/sagas/test_transactional_steps.py \
-	tests/orders/test_order_outcomes.py
+	tests/sagas/test_shared_records.py tests/orders/test_order_outcomes.py
 # e.g. make chaos CHAOS_ARGS="--quick --seed 7"; make bench BENCH_ARGS="--skip-sweep"
 CHAOS_ARGS ?=
 BENCH_ARGS ?=
