@@ -440,6 +440,27 @@ register(SagaDefinition("test_tx", steps=scripted(FIVE, transactional=True)))
 # The same five steps declared to stay in this database: each effect commits on its own, and a
 # task that runs them back to back records them once.
 register(SagaDefinition("test_plain", steps=scripted(FIVE, stays_in_database=True)))
+
+
+class _FlaggedOnly:
+    """A change hook that wants only sagas whose data says ``hooked`` (none of the tests')."""
+
+    def wants(self, saga) -> bool:
+        return bool(saga.data.get("hooked"))
+
+    def __call__(self, before, after) -> None:
+        return None
+
+
+# The same with a change hook on its type: a plain run's one record would be guarded on the
+# saga's data, so its steps are recorded one by one.
+register(
+    SagaDefinition(
+        "test_plain_hooked",
+        steps=scripted(FIVE, stays_in_database=True),
+        on_change=_FlaggedOnly(),
+    )
+)
 # Its run of three recorded once in v1; v2 puts "x", a step that shares no records, after "a".
 register(
     SagaDefinition("plainmig", steps=scripted(["a", "b", "c"], stays_in_database=True), version=1)

@@ -56,6 +56,18 @@ def test_a_run_of_steps_that_stay_in_the_database_lands_in_one_record(worker_fac
     assert rows == [(name, "succeeded", 1, False) for name in FIVE]
 
 
+def test_a_type_with_a_change_hook_records_each_step_on_its_own(worker_factory, wait_for):
+    """A plain run's one record is autocommitted; for a type with a change hook it would be
+    guarded on the saga's data, and a flag set while the run ran would break it: such types
+    record their steps one by one."""
+    worker_factory(NO_HURRY, exclusive=True, name="plainhook")
+    with transaction.atomic():
+        saga = saga_start(saga_type="test_plain_hooked", data={"script": {}})
+    saga = settled(saga.id, wait_for)
+    assert saga.state == SagaState.SUCCEEDED
+    assert step_commits(saga.id) == 5
+
+
 def test_with_batching_off_each_step_has_its_own_record(worker_factory, wait_for):
     worker_factory({**NO_HURRY, "SAGA_BATCH_STEPS": "0"}, exclusive=True, name="plainoff")
     saga = settled(start().id, wait_for)
