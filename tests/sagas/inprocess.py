@@ -13,7 +13,7 @@ from datetime import timedelta
 from django.utils import timezone
 
 from providers import breaker
-from sagas.models import Saga
+from sagas.models import Saga, SagaState
 from sagas.runner import advance
 from sagas.store import claim
 from tests.sagas.sagatypes import ensure_effects_table
@@ -39,6 +39,17 @@ def deliver(saga_id, *, wake_timers: bool = False) -> Saga:
     saga = Saga.objects.get(pk=saga_id)
     advance(saga.id, saga.version)
     return Saga.objects.get(pk=saga_id)
+
+
+def settle(saga: Saga, deliveries: int = 20) -> Saga:
+    """Deliver until the saga has settled (succeeded, compensated or waiting for a person);
+    fail if it has not after ``deliveries``."""
+    settled = (SagaState.COMPENSATED, SagaState.SUCCEEDED, SagaState.NEEDS_MANUAL)
+    for _ in range(deliveries):
+        if saga.state in settled:
+            return saga
+        saga = deliver(saga.id)
+    raise AssertionError(f"not settled: {saga.state} at {saga.current_step}")
 
 
 def lost_claim(saga_id) -> Saga:

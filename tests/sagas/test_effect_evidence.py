@@ -20,7 +20,7 @@ from sagas.services import (
     saga_retry_now,
     saga_start,
 )
-from tests.sagas.inprocess import deliver, lost_claim, one_step_per_delivery
+from tests.sagas.inprocess import deliver, lost_claim, one_step_per_delivery, settle
 from tests.sagas.sagatypes import effects
 
 pytestmark = pytest.mark.django_db
@@ -35,14 +35,6 @@ def _setup(settings):
 def _at_s2(script: list[str]) -> Saga:
     saga = saga_start(saga_type="test5", data={"script": {"s2": script}})
     return deliver(saga.id)  # s1 took effect
-
-
-def _settle(saga: Saga) -> Saga:
-    for _ in range(10):
-        if saga.state in (SagaState.COMPENSATED, SagaState.SUCCEEDED, SagaState.NEEDS_MANUAL):
-            return saga
-        saga = deliver(saga.id)
-    raise AssertionError(f"not settled: {saga.state} at {saga.current_step}")
 
 
 def _undone(saga: Saga) -> set[str]:
@@ -68,7 +60,7 @@ def _ops_retry(saga: Saga, name: str) -> Saga:
 def test_a_step_whose_attempts_ran_out_is_undone_only_if_a_run_may_have_taken_effect(
     script, undone
 ):
-    saga = _settle(deliver(_at_s2(script).id))
+    saga = settle(deliver(_at_s2(script).id))
     assert (saga.state, saga.failure_code) == (SagaState.COMPENSATED, "step_failed")
     assert _undone(saga) == undone
     assert SagaStep.objects.get(saga=saga, name="s2").maybe_effect == ("s2" in undone)
@@ -76,7 +68,7 @@ def test_a_step_whose_attempts_ran_out_is_undone_only_if_a_run_may_have_taken_ef
 
 def test_a_run_with_no_record_counts_though_the_next_says_nothing_happened():
     saga = lost_claim(_at_s2(["refused"]).id)  # run 1: no record
-    saga = _settle(deliver(saga.id))  # run 2 (the last): refused
+    saga = settle(deliver(saga.id))  # run 2 (the last): refused
     assert saga.state == SagaState.COMPENSATED
     assert _undone(saga) == {"s2", "s1"}
 
@@ -86,7 +78,7 @@ def test_a_cancel_while_a_step_is_refused_does_not_undo_it():
     assert (saga.current_step, saga.state) == ("s2", SagaState.RUNNING)
     assert [p["step"] for p in saga_compensation_plan(saga_id=saga.id)] == ["s1"]
     saga_request_cancel(saga_id=saga.id, reason="customer_cancelled", actor="test")
-    saga = _settle(deliver(saga.id))
+    saga = settle(deliver(saga.id))
     assert (saga.state, saga.failure_code) == (SagaState.COMPENSATED, "customer_cancelled")
     assert _undone(saga) == {"s1"}
 
@@ -95,7 +87,7 @@ def test_a_cancel_after_a_step_timed_out_undoes_it():
     saga = deliver(_at_s2(["lost", "ok"]).id)
     assert [p["step"] for p in saga_compensation_plan(saga_id=saga.id)] == ["s2", "s1"]
     saga_request_cancel(saga_id=saga.id, reason="customer_cancelled", actor="test")
-    saga = _settle(deliver(saga.id))
+    saga = settle(deliver(saga.id))
     assert _undone(saga) == {"s2", "s1"}
 
 
@@ -106,7 +98,7 @@ def test_an_operators_retry_keeps_a_run_with_no_record_as_one_that_may_have_take
     assert SagaStep.objects.get(saga=saga, name="s2").maybe_effect
     assert [p["step"] for p in saga_compensation_plan(saga_id=saga.id)] == ["s2", "s1"]
     saga_request_cancel(saga_id=saga.id, reason="customer_cancelled", actor="test")
-    saga = _settle(deliver(saga.id))
+    saga = settle(deliver(saga.id))
     assert _undone(saga) == {"s2", "s1"}
 
 
@@ -116,7 +108,7 @@ def test_a_run_with_no_record_after_an_operators_retry_counts():
     assert not SagaStep.objects.get(saga=saga, name="s2").maybe_effect
     saga = lost_claim(saga.id)  # run 1 after the retry: no record
     saga_request_cancel(saga_id=saga.id, reason="customer_cancelled", actor="test")
-    saga = _settle(deliver(saga.id))
+    saga = settle(deliver(saga.id))
     assert _undone(saga) == {"s2", "s1"}
 
 
@@ -130,6 +122,6 @@ def test_a_lost_run_before_an_operators_retry_counts_though_nothing_ever_failed(
     saga = _ops_retry(saga, "ops-evidence-3")
     if then == "cancel":
         saga_request_cancel(saga_id=saga.id, reason="customer_cancelled", actor="test")
-    saga = _settle(deliver(saga.id))
+    saga = settle(deliver(saga.id))
     assert saga.state == SagaState.COMPENSATED
     assert _undone(saga) == {"s2", "s1"}

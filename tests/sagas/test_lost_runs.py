@@ -26,7 +26,7 @@ from sagas.services import (
     saga_start,
 )
 from sagas.store import claim
-from tests.sagas.inprocess import deliver, one_step_per_delivery
+from tests.sagas.inprocess import deliver, one_step_per_delivery, settle
 from tests.sagas.sagatypes import FIVE, effects
 
 pytestmark = pytest.mark.django_db
@@ -57,14 +57,6 @@ def _lost_run(
     return Saga.objects.get(pk=saga.id)
 
 
-def _settle(saga: Saga) -> Saga:
-    for _ in range(20):
-        if saga.state in (SagaState.COMPENSATED, SagaState.SUCCEEDED, SagaState.NEEDS_MANUAL):
-            return saga
-        saga = deliver(saga.id)
-    raise AssertionError(f"not settled: {saga.state} at {saga.current_step}")
-
-
 def _done(saga: Saga, kind: str) -> set[str]:
     return {step for step, k in effects(saga.id) if k == kind}
 
@@ -74,7 +66,7 @@ def test_a_cancel_after_a_lost_run_undoes_every_step_it_may_have_reached():
     the cancel's undo starts at s5: the three writes are undone, s4 and s5 leave tombstones."""
     saga = _lost_run(through="s3")
     saga_request_cancel(saga_id=saga.id, reason="customer_cancelled")
-    saga = _settle(deliver(saga.id))
+    saga = settle(deliver(saga.id))
     assert (saga.state, saga.failure_code) == (SagaState.COMPENSATED, "customer_cancelled")
     assert _done(saga, "do") == set(FIVE[:3])
     assert _done(saga, "undo") == set(FIVE)
@@ -86,7 +78,7 @@ def test_attempts_running_out_after_a_lost_run_undo_the_rest_of_the_run():
     """The lost run reached s4; s1, called again, fails for now until its attempts run out:
     the undo covers s4 down to s1 (and s5, which the run may have reached too)."""
     saga = _lost_run({"s1": ["ok", "transient"]}, through="s4")
-    saga = _settle(deliver(saga.id))
+    saga = settle(deliver(saga.id))
     assert (saga.state, saga.failed_step) == (SagaState.COMPENSATED, "s1")
     assert _done(saga, "do") == set(FIVE[:4])
     assert _done(saga, "undo") == set(FIVE)
@@ -95,7 +87,7 @@ def test_attempts_running_out_after_a_lost_run_undo_the_rest_of_the_run():
 def test_a_lost_run_taken_up_again_goes_forward_with_every_effect_once():
     """With nothing stopping it, the saga runs s1..s5 again under the same keys: each write
     exists once (s1..s3 asked twice), nothing is undone, and the saga succeeds."""
-    saga = _settle(deliver(_lost_run(through="s3").id))
+    saga = settle(deliver(_lost_run(through="s3").id))
     assert saga.state == SagaState.SUCCEEDED
     assert effects(saga.id) == {("s1", "do"): 2, ("s2", "do"): 2, ("s3", "do"): 2} | {
         ("s4", "do"): 1,
@@ -109,7 +101,7 @@ def test_a_failure_of_a_step_the_lost_run_passed_undoes_what_comes_after_it():
     saga = _lost_run(through="s4")
     # Asked again, s3's participant says no (its answer under that key had expired, say).
     Saga.objects.filter(pk=saga.id).update(data={"script": {"s3": ["business:declined"]}})
-    saga = _settle(deliver(saga.id))
+    saga = settle(deliver(saga.id))
     assert (saga.state, saga.failed_step) == (SagaState.COMPENSATED, "s3")
     assert _done(saga, "undo") == set(FIVE)
 
@@ -141,7 +133,7 @@ def test_an_operator_retry_after_a_lost_run_keeps_what_it_may_have_reached():
     assert saga.attempt == 0
     assert set(saga.steps.filter(maybe_effect=True).values_list("name", flat=True)) == set(FIVE)
     saga_request_cancel(saga_id=saga.id, reason="customer_cancelled")
-    saga = _settle(deliver(saga.id))
+    saga = settle(deliver(saga.id))
     assert saga.state == SagaState.COMPENSATED
     assert _done(saga, "undo") == set(FIVE)
 
@@ -157,7 +149,7 @@ def test_a_step_recorded_before_it_was_lost_marks_nothing_after_it():
     past = timezone.now() - timedelta(seconds=3600)
     Saga.objects.filter(pk=saga.id).update(lease_until=past, next_attempt_at=past)
     saga_request_cancel(saga_id=saga.id, reason="customer_cancelled")
-    saga = _settle(deliver(saga.id))
+    saga = settle(deliver(saga.id))
     assert saga.state == SagaState.COMPENSATED
     assert _done(saga, "undo") == {"s1"}
     assert not saga.steps.filter(maybe_effect=True).exclude(name="s1").exists()
@@ -177,7 +169,7 @@ def test_a_saga_moved_to_another_version_after_a_lost_run_still_undoes_it():
     # The dry run says so too, though by v2 a starts no run: b and c are marked.
     assert [e["step"] for e in saga_compensation_plan(saga_id=saga.id)] == ["c", "b", "a"]
     saga_request_cancel(saga_id=saga.id, reason="customer_cancelled")
-    saga = _settle(deliver(saga.id))
+    saga = settle(deliver(saga.id))
     assert (saga.state, saga.definition_version) == (SagaState.COMPENSATED, 2)
     assert _done(saga, "do") == {"a", "b", "c"}
     assert _done(saga, "undo") == {"a", "b", "c"}
