@@ -393,7 +393,8 @@ SAGA_TIMER_RING_WITHIN = env.float("SAGA_TIMER_RING_WITHIN", default=300.0, mini
 # saga on (doorbell, terminal state, a person) always wait.
 SAGA_ASYNC_LEASE_COMMITS = env.bool("SAGA_ASYNC_LEASE_COMMITS", default=True)
 # PostgreSQL: transactional steps that follow each other in one task share one transaction and
-# one record (sagas.store.Batch); off, each commits with its own record.
+# one record, and steps that stay in the database (Step.shares_records) share one record, each
+# committing its own writes (sagas.store.Batch); off, each step has its own record.
 SAGA_BATCH_STEPS = env.bool("SAGA_BATCH_STEPS", default=True)
 # Pump slots (sagas.pumps): at most this many doorbells for "due now" sagas are out at once;
 # past that, a start or hand-over sends no message and a running pump claims the saga from the
