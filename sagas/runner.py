@@ -67,7 +67,6 @@ from sagas.store import (
     fenced_update,
     ladder_rows,
     mark_unrecorded_run,
-    marked_maybe,
     open_batch,
     released_lease,
     write,
@@ -116,9 +115,10 @@ def _start_compensation(
         for j in range(failed_index + 1, definition.pivot_index)
         if definition.steps[j].compensate is not None
     ]
-    marked = marked_maybe(saga.id, [definition.steps[j].name for j in later]) if later else ()
+    maybe = ladder_rows(saga.id)[1] if later else frozenset()
+    marked = [j for j in later if definition.steps[j].name in maybe]
     if marked:
-        first = max(j for j in later if definition.steps[j].name in marked)
+        first = marked[-1]
     elif failed_may_have_effect and failed.compensate is not None:
         first = failed_index
     else:

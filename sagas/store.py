@@ -801,12 +801,6 @@ def ladder_rows(saga_id: Any) -> tuple[frozenset[str], frozenset[str]]:
     return undone, frozenset(name for name, _ in rows) - undone
 
 
-def marked_maybe(saga_id: Any, names: list[str]) -> set[str]:
-    """Which of the steps ``names`` (not undone yet) a row marks ``maybe_effect``."""
-    rows = SagaStep.objects.filter(saga_id=saga_id, name__in=names, maybe_effect=True)
-    return set(rows.exclude(status__in=UNDONE_STATUSES).values_list("name", flat=True))
-
-
 def mark_maybe_effect(saga_id: Any, names: list[str]) -> None:
     """Mark the steps ``names`` as possibly having taken effect with no record saying so."""
     SagaStep.objects.filter(saga_id=saga_id, name__in=names).update(maybe_effect=True)
