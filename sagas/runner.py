@@ -56,10 +56,12 @@ from sagas.provider_seam import call_step, gate, held_back
 from sagas.store import (
     Batch,
     BatchBroken,
+    ClaimAhead,
     Record,
     StepTransaction,
     claim,
     claim_due,
+    claiming_ahead,
     close_batch,
     current_batch,
     due_saga,
@@ -891,33 +893,50 @@ def _pump(first: Callable[[], Saga | None], slot: str) -> None:
     # the end.
     pumping = current_task_timeout() + TIMEOUT_SLACK >= task_step_timeout()
     held: str | None = slot
-    try:
-        # Its own saga may well be gone (a pump took it meanwhile): that is not a stale
-        # delivery worth counting, it is how pumps share the work.
-        saga = first()
-        if saga is not None:
-            _drive(saga)
-        while True:
-            took = 0
-            while pumping and within_inline_budget():
-                saga = claim_due()
-                if saga is None:
-                    break
-                took += 1
-                metrics.PUMP_CLAIMS.inc()
+    with claiming_ahead() if pumping else contextlib.nullcontext() as ahead:
+        try:
+            # Its own saga may well be gone (a pump took it meanwhile): that is not a stale
+            # delivery worth counting, it is how pumps share the work.
+            saga = first()
+            if saga is not None:
                 _drive(saga)
-            held = None
-            pumps.release(slot)
-            again = _last_look(go_on=pumping and bool(took), slotless=slot == pumps.NO_SLOT)
-            if again is None:
-                return
-            held = slot = again
-    except BaseException:
-        if held is not None:
-            pumps.release(held)
-            with contextlib.suppress(Exception):  # the task is failing: the look is a bonus
-                _last_look(go_on=False, slotless=held == pumps.NO_SLOT)
-        raise
+            while True:
+                took = 0
+                while pumping:
+                    # Mostly claimed already, by the record that let go of the saga before
+                    # (within the budget then); otherwise claimed here, within it now.
+                    saga = ahead.take() if ahead is not None else None
+                    if saga is None:
+                        if not within_inline_budget():
+                            break
+                        saga = claim_due()
+                        if saga is None:
+                            break
+                    took += 1
+                    metrics.PUMP_CLAIMS.inc()
+                    _drive(saga)
+                held = None
+                pumps.release(slot)
+                again = _last_look(go_on=pumping and bool(took), slotless=slot == pumps.NO_SLOT)
+                if again is None:
+                    return
+                held = slot = again
+        except BaseException:
+            if ahead is not None:
+                _hand_back_ahead(ahead)
+            if held is not None:
+                pumps.release(held)
+                with contextlib.suppress(Exception):  # the task is failing: the look is a bonus
+                    _last_look(go_on=False, slotless=held == pumps.NO_SLOT)
+            raise
+
+
+def _hand_back_ahead(ahead: ClaimAhead) -> None:
+    """A failing pump's sagas claimed ahead and not run: each released as if never claimed,
+    with a doorbell. If that fails too, the leases run out and the sweeper rings for them."""
+    while (saga := ahead.take()) is not None:
+        with contextlib.suppress(Exception):
+            _hand_back(saga, timeout_at(saga, saga.current_step))
 
 
 def _last_look(*, go_on: bool, slotless: bool) -> str | None:

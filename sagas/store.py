@@ -14,7 +14,7 @@ import contextlib
 import copy
 import functools
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -465,7 +465,13 @@ def _runs_leaving_step(saga: Saga, step: str) -> bool:
 
 
 def _record_sql_postgres(
-    saga: Saga, fields: dict[str, Any], rec: Record, now: datetime, *, wait_flush: bool = True
+    saga: Saga,
+    fields: dict[str, Any],
+    rec: Record,
+    now: datetime,
+    *,
+    wait_flush: bool = True,
+    claim_next: bool = False,
 ) -> tuple[str, list[Any]]:
     """The whole record as ONE statement: fenced saga UPDATE, step UPDATEs, event INSERTs.
 
@@ -473,6 +479,10 @@ def _record_sql_postgres(
     event inserts only touch rows when the fenced UPDATE matched (they read from it). One round
     trip instead of five (BEGIN, three statements, COMMIT) is most of the engine's speed. Its
     text, like the saga UPDATE's, is built once per shape.
+
+    ``claim_next``: the statement also claims the next due saga for the pump
+    (:func:`claiming_ahead`), whether or not the fenced UPDATE matched; its row comes back
+    after the record's.
     """
     saga_sql, params = _saga_update_sql(
         saga.id,
@@ -487,7 +497,8 @@ def _record_sql_postgres(
             rows.append((name, {**values, "updated_at": now}))
     carried = tuple(c.ctes for c in rec.carried)
     step_shape = tuple(tuple(values) for _, values in rows)
-    shape = ("record", saga_sql, wait_flush, step_shape, len(rec.events), carried)
+    claim_sql, claim_params = _claim_due_sql() if claim_next else ("", [])
+    shape = ("record", saga_sql, wait_flush, step_shape, len(rec.events), carried, claim_sql)
     sql = _SQL_BY_SHAPE.get(shape)
     if sql is None:
         sql = _SQL_BY_SHAPE[shape] = _record_text(*shape[1:])
@@ -502,7 +513,7 @@ def _record_sql_postgres(
         params += [values[c] for c in _EVENT_COLUMNS]
     for c in rec.carried:
         params += c.params
-    return sql, params
+    return sql, params + claim_params
 
 
 _STEP_FIELDS = {f.name: f for f in SagaStep._meta.concrete_fields}
@@ -524,6 +535,7 @@ def _record_text(
     step_rows: tuple[tuple[str, ...], ...],
     n_events: int,
     carried: tuple[str, ...] = (),
+    claim_sql: str = "",
 ) -> str:
     qn = connection.ops.quote_name
     head = "WITH " if wait_flush else f"WITH {NO_FLUSH_WAIT}, "
@@ -544,7 +556,13 @@ def _record_text(
         )
     parts += [f", {ctes}" for ctes in carried]
     columns = ", ".join(qn(column_of(f)) for f in _SAGA_FIELDS)
-    parts.append(f" SELECT {columns} FROM s" if wait_flush else f" SELECT {columns} FROM s, nf")
+    if claim_sql:
+        # Only in a statement that waits for the disk: the claim may be of a step that leaves
+        # the database, whose claim must (see _claim_text).
+        assert wait_flush
+        parts.append(f", n AS ({claim_sql}) SELECT {columns} FROM s UNION ALL SELECT * FROM n")
+    else:
+        parts.append(f" SELECT {columns} FROM s" if wait_flush else f" SELECT {columns} FROM s, nf")
     return "".join(parts)
 
 
@@ -682,13 +700,31 @@ def claim_due() -> Saga | None:
     for a task, and a pump never scans past running work. Not a saga whose step needs longer
     than a pump's task may run either (:func:`~sagas.timing.doorbell_only`): that saga keeps
     the doorbell sent with limits of its own.
+
+    A pump mostly does not need this statement: the record that lets go of the saga before
+    makes the same claim (:func:`claiming_ahead`).
     """
     if connection.vendor != "postgresql":
         return None
+    sql, params = _claim_due_sql()
+    if not lease_only_commits():
+        return _fetch_saga(sql, params)
+    leaving = steps_leaving_database()
+    shape = ("claim_due", sql, len(leaving))
+    text = _SQL_BY_SHAPE.get(shape)
+    if text is None:
+        text = _SQL_BY_SHAPE[shape] = _claim_text(sql, len(leaving))
+    for triple in leaving:
+        params += triple
+    return _fetch_saga(text, params)
+
+
+def _claim_due_sql() -> tuple[str, list[Any]]:
+    """:func:`claim_due`'s ``UPDATE ... RETURNING`` and its parameters, the text built once per
+    shape (how many definitions this process has, how many steps are too long for a pump)."""
     now = timezone.now()
     known, long_steps = _known_definitions(), _long_steps()
-    leaving = steps_leaving_database() if lease_only_commits() else []
-    shape = ("claim_due", len(known), len(long_steps), lease_only_commits(), len(leaving))
+    shape = ("claim_due_update", len(known), len(long_steps))
     sql = _SQL_BY_SHAPE.get(shape)
     if sql is None:
         qn = connection.ops.quote_name
@@ -698,23 +734,53 @@ def claim_due() -> Saga | None:
         )
         columns = ", ".join(qn(column_of(f)) for f in _SAGA_FIELDS)
         table = qn(Saga._meta.db_table)
-        sql = (
+        sql = _SQL_BY_SHAPE[shape] = (
             f"UPDATE {table} SET {sets} WHERE {qn('id')} = (SELECT {qn('id')} FROM {table} "
             f"WHERE {_due_text(len(known), len(long_steps))} ORDER BY {qn('next_attempt_at')} "
             f"LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {columns}"
         )
-        if lease_only_commits():
-            sql = _claim_text(sql, len(leaving))
-        sql = _SQL_BY_SHAPE[shape] = sql
     params = [
         prep("lease_until", now + timedelta(seconds=lease_seconds(task_timeout.get()))),
         0,
         prep("updated_at", now),
         *_due_params(now, known, long_steps),
     ]
-    for triple in leaving:
-        params += triple
-    return _fetch_saga(sql, params)
+    return sql, params
+
+
+class ClaimAhead:
+    """The sagas a pump's records claimed for it (:func:`claiming_ahead`), oldest first."""
+
+    __slots__ = ("sagas",)
+
+    def __init__(self) -> None:
+        self.sagas: list[Saga] = []
+
+    def take(self) -> Saga | None:
+        return self.sagas.pop(0) if self.sagas else None
+
+
+_AHEAD: ContextVar[ClaimAhead | None] = ContextVar("saga_claim_ahead", default=None)
+
+
+@contextlib.contextmanager
+def claiming_ahead() -> Iterator[ClaimAhead]:
+    """While a pump runs: the record that lets go of a saga also claims the next due one.
+
+    A pump's round is "record this saga, claim the next": two statements, and the record
+    waits for the disk anyway (a saga that ends, parks or hands over always does), so the
+    claim rides in it (:func:`claim_due`'s ``UPDATE`` as one more CTE) for one round trip and
+    one commit fewer per saga. The saga claimed is handed over once that commit has happened
+    (``on_commit``): a record that rolls back takes its claim with it. Whatever the pump does
+    not take it must hand back (a lease and a doorbell), or the sweeper does once the lease
+    runs out.
+    """
+    ahead = ClaimAhead()
+    token = _AHEAD.set(ahead)
+    try:
+        yield ahead
+    finally:
+        _AHEAD.reset(token)
 
 
 def due_saga(due_before: datetime | None = None) -> tuple[Any, int] | None:
@@ -1157,6 +1223,11 @@ def write(
             assert rec.ring_timeout is not None  # worked out above for every go_on
             fields["attempt"] = 0
             fields["lease_until"] = released_lease(rec.ring_timeout, now)
+    # A pump's task letting go of this saga claims its next one in the same statement (one
+    # claim ahead at most; none past the budget, as the pump's own loop would not claim).
+    ahead = _AHEAD.get()
+    if ahead is not None and (go_on or ahead.sagas or not within_inline_budget()):
+        ahead = None
     # A hook that does not want the saga as claimed may want it by the time the record lands
     # (saga_data_flag set its flag meanwhile): the record's row, read back, says so, and the
     # hook is told in the record's own transaction, so the change and what the hook writes
@@ -1174,7 +1245,9 @@ def write(
     rec.data_seen = saga.data if late_hook and autocommitted else None
     try:
         with transaction.atomic() if in_transaction else contextlib.nullcontext():
-            updated = _write_record(saga, fields, rec, now, go_on, flush=hook is not None)
+            updated = _write_record(
+                saga, fields, rec, now, go_on, flush=hook is not None, ahead=ahead
+            )
             if rec.on_written is not None:
                 rec.on_written()
             if late_hook and not autocommitted and type_hook and type_hook.wants(updated):
@@ -1281,7 +1354,14 @@ def _wait_for_flush() -> None:
 
 
 def _write_record(
-    saga: Saga, fields: dict[str, Any], rec: Record, now: datetime, go_on: bool, *, flush: bool
+    saga: Saga,
+    fields: dict[str, Any],
+    rec: Record,
+    now: datetime,
+    go_on: bool,
+    *,
+    flush: bool,
+    ahead: ClaimAhead | None = None,
 ) -> Saga:
     """The fenced record itself; raises :class:`_Fenced` when the saga moved on.
 
@@ -1291,18 +1371,46 @@ def _write_record(
     (:func:`_claim_text`); so does one that begins the compensation: the undo it goes on into
     may call out, and lost in a crash the record would leave the saga going forward over an
     undo already done (a retry that succeeds this time, on a hold already voided).
+
+    ``ahead``: a pump's (:func:`claiming_ahead`), when the task lets go of the saga here: the
+    record claims the next due saga too, handed to ``ahead`` once the record has committed.
     """
     if connection.vendor != "postgresql":
         return _write_portable(saga, fields, rec, now, go_on)
     lease_only = go_on and lease_only_commits() and "begin_compensation" not in rec.transitions
     if lease_only and _runs_leaving_step(saga, fields.get("current_step", saga.current_step)):
         lease_only = False
-    sql, params = _record_sql_postgres(saga, fields, rec, now, wait_flush=flush or not lease_only)
-    updated = _fetch_saga(sql, params)
+    wait_flush = flush or not lease_only
+    claim_next = ahead is not None and wait_flush
+    sql, params = _record_sql_postgres(
+        saga, fields, rec, now, wait_flush=wait_flush, claim_next=claim_next
+    )
+    if claim_next:
+        assert ahead is not None
+        updated, claimed = _fetch_record_and_claim(sql, params, saga.id)
+        if claimed is not None:
+            # Now if the statement committed on its own, at the commit if it is part of a
+            # transaction, never if that rolls back (a fenced record's, a refused batch's).
+            transaction.on_commit(lambda: ahead.sagas.append(claimed))
+    else:
+        updated = _fetch_saga(sql, params)
     if updated is None:
         raise _Fenced
     _ring_after_record(saga, updated, rec, go_on)
     return updated
+
+
+def _fetch_record_and_claim(
+    sql: str, params: list[Any], saga_id: Any
+) -> tuple[Saga | None, Saga | None]:
+    """The rows of a record that claimed ahead: ``(the recorded saga or None if fenced off, the
+    saga claimed or None)``."""
+    with _saga_cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = [_row_to_saga(row) for row in cursor.fetchall()]
+    updated = next((r for r in rows if r.id == saga_id), None)
+    claimed = next((r for r in rows if r.id != saga_id), None)
+    return updated, claimed
 
 
 def _ring_after_record(saga: Saga, updated: Saga, rec: Record, go_on: bool) -> None:

@@ -14,6 +14,8 @@ from datetime import timedelta
 import pytest
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import F
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from config.celery import app
@@ -24,7 +26,7 @@ from sagas.models import Saga, SagaState
 from sagas.runner import _park_for_provider, _pump, advance, run_claimed
 from sagas.selectors import saga_is_stuck
 from sagas.services import saga_start
-from sagas.store import Record, claim, claim_due, due_saga
+from sagas.store import Record, claim, claim_due, claiming_ahead, due_saga, write
 from sagas.timing import inline_until, task_timeout
 from tests.conftest import manage_shell, purge_queue, wait_until
 from tests.sagas.sagatypes import (
@@ -198,6 +200,141 @@ def test_a_pump_out_of_budget_hands_its_slot_to_a_doorbell_for_the_saga_it_finds
     assert message.headers["task"] == "sagas.run"
     assert message.headers["argsrepr"] == repr((str(saga.id), saga.version))
     assert message.headers[PUMP_HEADER] not in ("", None, slot)
+
+
+def _statements(captured: CaptureQueriesContext) -> tuple[int, int]:
+    """``(records that claimed the next saga, claims on their own)`` among the statements."""
+    texts = [q["sql"] for q in captured.captured_queries]
+    records = [t for t in texts if " s AS (UPDATE" in t]
+    claims = [t for t in texts if "SKIP LOCKED" in t and t not in records and " SET " in t]
+    return sum(", n AS (UPDATE" in t for t in records), len(claims)
+
+
+def test_a_pumps_record_claims_the_next_due_saga(slots, settings, quiet_queue):
+    """Three sagas waiting, none rung: the pump claims the first on its own; the record that
+    ends each claims the next, in the same statement, so the pump's only other claim is the
+    one that finds nothing left. Each saga runs once, to the end."""
+    settings.SAGA_PUMPS = 1
+    slot = pumps.acquire()
+    assert isinstance(slot, str)
+    sagas = [start() for _ in range(3)]
+    assert _queued() == 0
+    until = inline_until.set(time.monotonic() + 30)
+    try:
+        with CaptureQueriesContext(connection) as captured:
+            _pump(lambda: None, slot)
+    finally:
+        inline_until.reset(until)
+    for saga in sagas:
+        saga.refresh_from_db()
+        assert saga.state == SagaState.SUCCEEDED
+        assert effects(saga.id) == {(name, "do"): 1 for name in FIVE}
+    assert _statements(captured) == (3, 2)
+    assert pumps.held() == 0
+
+
+def _xmin(saga_id: object) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT xmin::text::bigint FROM sagas_saga WHERE id = %s", [saga_id])
+        return cursor.fetchone()[0]
+
+
+def _record_letting_go(claimed: Saga) -> Saga | None:
+    """The record of a task that lets go of the saga (a retry in a minute), as a pump writes it."""
+    later = {"next_attempt_at": timezone.now() + timedelta(minutes=1), "lease_until": None}
+    return write(claimed, Record(fields=later, ring_after=60.0), inline_ok=False)
+
+
+@pytest.fixture
+def budget():
+    until = inline_until.set(time.monotonic() + 30)
+    yield
+    inline_until.reset(until)
+
+
+def test_a_record_claims_ahead_in_its_own_commit(slots, settings, quiet_queue, budget):
+    """The next saga is claimed by the record's own transaction (one commit for both rows),
+    and handed to the pump with the version and lease the claim gave it."""
+    settings.SAGA_PUMPS = 1
+    assert isinstance(pumps.acquire(), str)  # the starts below ring nothing
+    first, second = start(), start()
+    claimed = claim(first.id, first.version)
+    assert claimed is not None
+    with claiming_ahead() as ahead:
+        assert _record_letting_go(claimed) is None
+    assert [(s.id, s.version) for s in ahead.sagas] == [(second.id, second.version + 1)]
+    row = Saga.objects.get(pk=second.id)
+    assert row.version == second.version + 1 and row.lease_until > timezone.now()
+    assert _xmin(first.id) == _xmin(second.id)
+
+
+def test_a_claim_ahead_rolled_back_with_its_record_is_not_handed_over(
+    slots, settings, quiet_queue, budget
+):
+    """A record inside a transaction that rolls back (a transactional step's, refused at
+    commit): the claim it carried rolls back with it, and the pump gets nothing to run."""
+    settings.SAGA_PUMPS = 1
+    assert isinstance(pumps.acquire(), str)
+    first, second = start(), start()
+    claimed = claim(first.id, first.version)
+    assert claimed is not None
+    with claiming_ahead() as ahead, transaction.atomic():
+        _record_letting_go(claimed)
+        transaction.set_rollback(True)
+    assert ahead.sagas == []
+    assert due_saga() == (second.id, second.version)  # first is still leased to its claim
+    row = Saga.objects.get(pk=second.id)
+    assert row.version == second.version and row.lease_until is None
+
+
+def test_a_fenced_off_record_still_hands_over_the_saga_it_claimed(
+    slots, settings, quiet_queue, budget
+):
+    """A record fenced off (a newer claim holds its saga) that commits on its own still
+    committed its claim of the next saga: the pump gets that saga, rather than leaving it
+    leased to nobody until the sweeper finds it."""
+    settings.SAGA_PUMPS = 1
+    assert isinstance(pumps.acquire(), str)
+    first, second = start(), start()
+    claimed = claim(first.id, first.version)
+    assert claimed is not None
+    Saga.objects.filter(pk=first.id).update(version=F("version") + 1)  # a newer claim
+    with claiming_ahead() as ahead:
+        assert _record_letting_go(claimed) is None
+    assert [(s.id, s.version) for s in ahead.sagas] == [(second.id, second.version + 1)]
+
+
+def test_a_failing_pump_hands_back_the_saga_it_claimed_ahead(slots, settings, quiet_queue):
+    """The task fails after a record claimed the next saga: that saga is released as if never
+    claimed (its attempt not counted, no lease) and gets a doorbell; the pump's last look then
+    finds it due and hands it a doorbell with the slot, as for any saga a failing pump left."""
+    settings.SAGA_PUMPS = 1
+    slot = pumps.acquire()
+    assert isinstance(slot, str)
+    first, second = start(), start()
+    assert _queued() == 0
+
+    def first_then_fail() -> Saga | None:
+        claimed = claim(first.id, first.version)
+        assert claimed is not None
+        _record_letting_go(claimed)
+        raise RuntimeError("the task fails here")
+
+    until = inline_until.set(time.monotonic() + 30)
+    try:
+        with pytest.raises(RuntimeError):
+            _pump(first_then_fail, slot)
+    finally:
+        inline_until.reset(until)
+    row = Saga.objects.get(pk=second.id)
+    assert row.version == second.version + 2  # claimed ahead, then let go
+    assert (row.attempt, row.lease_until) == (second.attempt, None)
+    _until_queued(3)  # and the first saga's retry, in a minute
+    assert pumps.held() == 1  # handed on with the last look's doorbell
+    with app.connection_for_read() as conn:
+        queue = conn.SimpleQueue(settings.CELERY_TASK_DEFAULT_QUEUE, no_ack=True)
+        rung = [queue.get(timeout=5).headers["argsrepr"] for _ in range(3)]
+    assert rung.count(repr((str(second.id), row.version))) == 2
 
 
 def test_pumps_leave_a_step_longer_than_the_default_timeout_to_its_own_doorbell(slots, quiet_queue):
