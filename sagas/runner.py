@@ -903,12 +903,16 @@ def _pump(first: Callable[[], Saga | None], slot: str) -> None:
             while True:
                 took = 0
                 while pumping:
-                    # Mostly claimed already, by the record that let go of the saga before
-                    # (within the budget then); otherwise claimed here, within it now.
+                    # Mostly claimed already, by the record that let go of the saga before;
+                    # otherwise claimed here. Either way only within the budget: a record
+                    # claims ahead and the task may go on with its own saga (a cancel seen
+                    # at the record), so the budget may have run out since.
                     saga = ahead.take() if ahead is not None else None
+                    if not within_inline_budget():
+                        if saga is not None:
+                            _release_claimed_ahead(saga)
+                        break
                     if saga is None:
-                        if not within_inline_budget():
-                            break
                         saga = claim_due()
                         if saga is None:
                             break
@@ -936,7 +940,14 @@ def _hand_back_ahead(ahead: ClaimAhead) -> None:
     with a doorbell. If that fails too, the leases run out and the sweeper rings for them."""
     while (saga := ahead.take()) is not None:
         with contextlib.suppress(Exception):
-            _hand_back(saga, timeout_at(saga, saga.current_step))
+            _release_claimed_ahead(saga)
+
+
+def _release_claimed_ahead(saga: Saga) -> None:
+    """A saga a pump claimed ahead and will not run: its claim undone (no attempt counted, no
+    lease) and a doorbell rung for it."""
+    _let_go(saga, timeout_at(saga, saga.current_step), attempt=saga.attempt - 1)
+    log.info("saga.claim_ahead_released", saga_id=str(saga.id), step=saga.current_step)
 
 
 def _last_look(*, go_on: bool, slotless: bool) -> str | None:

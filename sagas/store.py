@@ -481,8 +481,8 @@ def _record_sql_postgres(
     text, like the saga UPDATE's, is built once per shape.
 
     ``claim_next``: the statement also claims the next due saga for the pump
-    (:func:`claiming_ahead`), whether or not the fenced UPDATE matched; its row comes back
-    after the record's.
+    (:func:`claiming_ahead`), never this one, whether or not the fenced UPDATE matched; its
+    row comes back beside the record's.
     """
     saga_sql, params = _saga_update_sql(
         saga.id,
@@ -497,7 +497,10 @@ def _record_sql_postgres(
             rows.append((name, {**values, "updated_at": now}))
     carried = tuple(c.ctes for c in rec.carried)
     step_shape = tuple(tuple(values) for _, values in rows)
-    claim_sql, claim_params = _claim_due_sql() if claim_next else ("", [])
+    # Never the record's own saga: one a signal made due and free meanwhile (its record then
+    # fenced off) would come back looking like the record's row, and two CTEs must not both
+    # update one row.
+    claim_sql, claim_params = _claim_due_sql(other_than=saga.id) if claim_next else ("", [])
     shape = ("record", saga_sql, wait_flush, step_shape, len(rec.events), carried, claim_sql)
     sql = _SQL_BY_SHAPE.get(shape)
     if sql is None:
@@ -719,12 +722,16 @@ def claim_due() -> Saga | None:
     return _fetch_saga(text, params)
 
 
-def _claim_due_sql() -> tuple[str, list[Any]]:
+def _claim_due_sql(other_than: Any = None) -> tuple[str, list[Any]]:
     """:func:`claim_due`'s ``UPDATE ... RETURNING`` and its parameters, the text built once per
-    shape (how many definitions this process has, how many steps are too long for a pump)."""
+    shape (how many definitions this process has, how many steps are too long for a pump).
+
+    ``other_than``: a saga it must not take (the one a record carrying the claim writes).
+    """
     now = timezone.now()
     known, long_steps = _known_definitions(), _long_steps()
-    shape = ("claim_due_update", len(known), len(long_steps))
+    other = other_than is not None
+    shape = ("claim_due_update", len(known), len(long_steps), other)
     sql = _SQL_BY_SHAPE.get(shape)
     if sql is None:
         qn = connection.ops.quote_name
@@ -736,8 +743,10 @@ def _claim_due_sql() -> tuple[str, list[Any]]:
         table = qn(Saga._meta.db_table)
         sql = _SQL_BY_SHAPE[shape] = (
             f"UPDATE {table} SET {sets} WHERE {qn('id')} = (SELECT {qn('id')} FROM {table} "
-            f"WHERE {_due_text(len(known), len(long_steps))} ORDER BY {qn('next_attempt_at')} "
-            f"LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {columns}"
+            f"WHERE {_due_text(len(known), len(long_steps))}"
+            + (f" AND {qn('id')} <> %s" if other else "")
+            + f" ORDER BY {qn('next_attempt_at')} LIMIT 1 FOR UPDATE SKIP LOCKED) "
+            f"RETURNING {columns}"
         )
     params = [
         prep("lease_until", now + timedelta(seconds=lease_seconds(task_timeout.get()))),
@@ -745,6 +754,8 @@ def _claim_due_sql() -> tuple[str, list[Any]]:
         prep("updated_at", now),
         *_due_params(now, known, long_steps),
     ]
+    if other:
+        params.append(prep("id", other_than))
     return sql, params
 
 
@@ -1381,7 +1392,7 @@ def _write_record(
     if lease_only and _runs_leaving_step(saga, fields.get("current_step", saga.current_step)):
         lease_only = False
     wait_flush = flush or not lease_only
-    claim_next = ahead is not None and wait_flush
+    claim_next = ahead is not None  # a task letting go: never a lease-only record
     sql, params = _record_sql_postgres(
         saga, fields, rec, now, wait_flush=wait_flush, claim_next=claim_next
     )

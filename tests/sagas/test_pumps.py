@@ -280,11 +280,38 @@ def test_a_claim_ahead_rolled_back_with_its_record_is_not_handed_over(
     assert claimed is not None
     with claiming_ahead() as ahead, transaction.atomic():
         _record_letting_go(claimed)
+        # The record claimed the second saga in its statement, not yet handed over.
+        taken = Saga.objects.get(pk=second.id)
+        assert taken.version == second.version + 1 and taken.lease_until is not None
+        assert ahead.sagas == []
         transaction.set_rollback(True)
     assert ahead.sagas == []
     assert due_saga() == (second.id, second.version)  # first is still leased to its claim
     row = Saga.objects.get(pk=second.id)
     assert row.version == second.version and row.lease_until is None
+
+
+def test_a_record_never_claims_its_own_saga(slots, settings, quiet_queue, budget):
+    """A signal arrived while the task wrote its record: the saga is at a newer version, due
+    and free. The record is fenced off, and the claim riding in it does not take that saga
+    (which would look like the record's own row): the pump's own claim takes it, as before."""
+    settings.SAGA_PUMPS = 1
+    assert isinstance(pumps.acquire(), str)
+    first = start()
+    claimed = claim(first.id, first.version)
+    assert claimed is not None
+    # What a signal's delivery does (sagas.signals): a new version, no lease, due now.
+    Saga.objects.filter(pk=first.id).update(
+        version=F("version") + 1, lease_until=None, next_attempt_at=timezone.now()
+    )
+    with claiming_ahead() as ahead:
+        assert _record_letting_go(claimed) is None
+    assert ahead.sagas == []
+    assert _queued() == 0  # fenced off: no doorbell for a retry that was never recorded
+    row = Saga.objects.get(pk=first.id)
+    assert (row.version, row.lease_until) == (claimed.version + 1, None)
+    taken = claim_due()
+    assert taken is not None and taken.id == first.id
 
 
 def test_a_fenced_off_record_still_hands_over_the_saga_it_claimed(
@@ -302,6 +329,38 @@ def test_a_fenced_off_record_still_hands_over_the_saga_it_claimed(
     with claiming_ahead() as ahead:
         assert _record_letting_go(claimed) is None
     assert [(s.id, s.version) for s in ahead.sagas] == [(second.id, second.version + 1)]
+
+
+def test_a_saga_claimed_ahead_past_the_budget_is_handed_back(slots, settings, quiet_queue):
+    """The budget ran out after a record claimed the next saga (the task went on with its own
+    saga meanwhile, as after a cancel seen at the record): the pump does not start it, it
+    releases it as if never claimed, with a doorbell."""
+    settings.SAGA_PUMPS = 1
+    slot = pumps.acquire()
+    assert isinstance(slot, str)
+    first, second = start(), start()
+
+    def first_then_out_of_budget() -> Saga | None:
+        claimed = claim(first.id, first.version)
+        assert claimed is not None
+        _record_letting_go(claimed)
+        inline_until.set(time.monotonic() - 1)  # the budget is spent
+        return None
+
+    until = inline_until.set(time.monotonic() + 30)
+    try:
+        _pump(first_then_out_of_budget, slot)
+    finally:
+        inline_until.reset(until)
+    row = Saga.objects.get(pk=second.id)
+    assert row.version == second.version + 2  # claimed ahead, then let go
+    assert (row.attempt, row.lease_until, row.state) == (second.attempt, None, SagaState.RUNNING)
+    assert effects(second.id) == {}
+    _until_queued(3)  # its own, the last look's (with the slot), the first saga's retry
+    with app.connection_for_read() as conn:
+        queue = conn.SimpleQueue(settings.CELERY_TASK_DEFAULT_QUEUE, no_ack=True)
+        rung = [queue.get(timeout=5).headers["argsrepr"] for _ in range(3)]
+    assert rung.count(repr((str(second.id), row.version))) == 2
 
 
 def test_a_failing_pump_hands_back_the_saga_it_claimed_ahead(slots, settings, quiet_queue):
