@@ -203,24 +203,41 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 def wait_settled(ids: list[Any], timeout: float, what: str) -> None:
     """Wait until every saga in ``ids`` has settled, at about the cost of the chain's poll.
 
-    Asking about all of them at each poll (an ``IN`` list of 1,000-odd ids, 20 times a second)
-    cost 12 ms of client and database CPU per poll, a quarter of a core taken from the worker
-    being measured, which the chain's poll (one index range count) never paid. Sagas settle
-    roughly oldest first, so each poll asks about the oldest 100 still pending and forgets those
-    that settled. The figures come from the rows' own timestamps, not from when a poll saw them.
+    The figures come from the rows' own timestamps, not from when a poll saw them, so the poll
+    only has to notice the end, as cheaply as the chain's (one index range count): whatever it
+    costs is taken from the workers being measured, on the same cores (see :class:`_Settled`).
     """
-    pending = list(ids)
+    _wait(_Settled(ids), timeout, what)
 
-    def all_settled() -> bool:
-        nonlocal pending
-        head = pending[:100]
+
+class _Settled:
+    """The poll of :func:`wait_settled`: ``True`` once every saga of ``ids`` has settled.
+
+    Sagas settle roughly oldest first, so a poll asks about one saga, the 100th oldest still
+    pending (the youngest, once fewer are left), and only once that one has settled asks about
+    all of the 100 oldest, forgetting those that settled. Asking about all of them at every poll
+    (an ``IN`` list of 1,000-odd ids, 20 times a second) cost 12 ms of client and database CPU
+    a poll; asking about the oldest 100 at every poll, 3 ms (0.28 ms of the database's time per
+    order at 100 orders/s, measured on 2026-12-07); this way, one primary-key lookup most polls.
+    """
+
+    WINDOW = 100
+
+    def __init__(self, ids: list[Any]) -> None:
+        self.pending = list(ids)
+
+    def __call__(self) -> bool:
+        if not self.pending:
+            return True
+        probe = self.pending[min(len(self.pending), self.WINDOW) - 1]
+        if not Saga.objects.filter(id=probe, state__in=SETTLED_STATES).exists():
+            return False
+        head = self.pending[: self.WINDOW]
         settled = set(
             Saga.objects.filter(id__in=head, state__in=SETTLED_STATES).values_list("id", flat=True)
         )
-        pending = [saga_id for saga_id in pending if saga_id not in settled]
-        return not pending
-
-    _wait(all_settled, timeout, what)
+        self.pending = [saga_id for saga_id in self.pending if saga_id not in settled]
+        return not self.pending
 
 
 def saga_figures(ids: list[Any]) -> tuple[list[float], float, dict[str, int]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -161,3 +162,41 @@ def test_the_report_shows_every_burst_and_the_range_of_each_ratio(capsys):
     assert "engine 5-step saga 200.0, 250.0, 260.0" in out
     assert "ratio engine 5-step saga / plain celery chain: 2.00x sagas/s" in out
     assert "(any burst against any: 1.54x-2.60x)" in out
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_settled_poll_asks_about_one_saga_until_its_window_has_settled():
+    """The benchmark's wait for its sagas costs one lookup a poll while the 100th oldest
+    pending saga (or the youngest, once fewer are left) is running, the whole window only once
+    that one has settled; and it ends only when every saga has, whatever the order."""
+    from django.db import connection, transaction
+    from django.test.utils import CaptureQueriesContext
+
+    from lab.engine_bench import _Settled
+    from sagas.models import Saga, SagaState
+    from sagas.services import saga_start
+
+    with transaction.atomic():
+        ids = [saga_start(saga_type="bench5", data={"run": "poll", "n": i}).id for i in range(150)]
+        # Out of any worker's reach: this test settles them itself.
+        Saga.objects.filter(id__in=ids).update(version=10_000, next_attempt_at=None)
+    poll = _Settled(ids)
+
+    def settle(some: list) -> None:
+        Saga.objects.filter(id__in=some).update(state=SagaState.SUCCEEDED)
+
+    def polled() -> tuple[bool, list[int]]:
+        """Whether the poll said done, and how many sagas each of its queries asked about."""
+        with CaptureQueriesContext(connection) as captured:
+            done = poll()
+        return done, [len(re.findall(r"[0-9a-f]{32}", q["sql"])) for q in captured.captured_queries]
+
+    settle(ids[:99])
+    assert polled() == (False, [1])  # the 100th oldest still runs
+    settle([ids[140], ids[99]])  # a younger one out of turn, then the 100th
+    assert polled() == (False, [1, 100])
+    assert poll.pending == ids[100:]  # the younger one is forgotten once in the window
+    settle(ids[100:149])
+    assert polled() == (False, [1])  # the youngest still runs
+    settle([ids[149]])
+    assert polled() == (True, [1, 50])
