@@ -760,7 +760,7 @@ def _claim_due_sql(other_than: Any = None) -> tuple[str, list[Any]]:
 
 
 class ClaimAhead:
-    """The sagas a pump's records claimed for it (:func:`claiming_ahead`), oldest first."""
+    """The saga a pump's record claimed for it (:func:`claiming_ahead`): at most one."""
 
     __slots__ = ("sagas",)
 
@@ -782,9 +782,9 @@ def claiming_ahead() -> Iterator[ClaimAhead]:
     waits for the disk anyway (a saga that ends, parks or hands over always does), so the
     claim rides in it (:func:`claim_due`'s ``UPDATE`` as one more CTE) for one round trip and
     one commit fewer per saga. The saga claimed is handed over once that commit has happened
-    (``on_commit``): a record that rolls back takes its claim with it. Whatever the pump does
-    not take it must hand back (a lease and a doorbell), or the sweeper does once the lease
-    runs out.
+    (``on_commit``): a record that rolls back takes its claim with it. A saga the pump will
+    not start after all it releases (its claim undone, a doorbell rung), or the sweeper rings
+    for it once the lease runs out.
     """
     ahead = ClaimAhead()
     token = _AHEAD.set(ahead)
