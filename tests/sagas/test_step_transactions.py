@@ -141,7 +141,9 @@ def test_a_reserve_that_races_its_key_inside_a_step_answers_with_the_other_write
             with transaction.atomic():
                 theirs.append(Reservation.objects.create(key="k1", order_id=uuid.uuid4()))
                 inserted.set()
-                wait_until(lambda: _blocked_on_a_lock('INSERT INTO "inventory_reservation"'))
+                wait_until(
+                    lambda: _blocked_on_a_lock('WITH ins AS (INSERT INTO "inventory_reservation"')
+                )
         except BaseException as exc:  # noqa: BLE001 - reported by the test below (a timeout too)
             failures.append(exc)
             inserted.set()
