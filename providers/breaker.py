@@ -23,6 +23,7 @@ import functools
 import math
 import random
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -136,7 +137,7 @@ def admit(provider: str, timeout: float | None = None) -> Ticket | Wait:
     row: tuple[Any, ...] | None
     if _one_statement_gate():
         lease_at = now + held_for
-        row = _admit_closed(provider, cfg, now, lease_at)
+        row = _admit_closed(provider, cfg, now, lease_at, _DEFERRED.get())
         if row is not None:
             slot_id = row[4]
             lease = lease_at if slot_id is not None else None
@@ -188,12 +189,20 @@ def _one_statement_gate() -> bool:
 
 
 def _admit_closed(
-    provider: str, cfg: ProviderConfig, now: datetime, lease: datetime
+    provider: str,
+    cfg: ProviderConfig,
+    now: datetime,
+    lease: datetime,
+    deferred: CarriedOutcome | None = None,
 ) -> tuple[str, datetime | None, bool, int, int | None] | None:
     """The breaker's row and, when it is closed and calls are limited, a call slot taken in the
     same statement: one round trip for the common case instead of two. ``None`` when the
     breaker row is missing; a ``None`` slot when the breaker is not closed, calls are not
-    limited, or no slot was free (the caller then takes the slow path)."""
+    limited, or no slot was free (the caller then takes the slow path).
+
+    ``deferred``: an earlier call's outcome waiting for a statement to ride in (see
+    :func:`defer_outcome`); it takes effect with this one, whatever this one answers.
+    """
     b, t = _qn(Breaker._meta.db_table), _qn(CallSlot._meta.db_table)
     ts = connection.ops.adapt_datetimefield_value
     cols = ", ".join(_qn(c) for c in ("state", "probe_at", "forced", "generation"))
@@ -210,13 +219,17 @@ def _admit_closed(
         slot_col = f"(SELECT {_qn('id')} FROM s)"
     else:
         slot, slot_params, slot_col = "", [], "NULL"
+    carried, carried_params = (f", {deferred.ctes}", deferred.params) if deferred else ("", [])
     sql = (
         f"WITH {NO_FLUSH_WAIT}, br AS (SELECT {cols} FROM {b} WHERE {_qn('provider')} = %s)"
-        f"{slot} SELECT {cols}, {slot_col} FROM br, nf"
+        f"{slot}{carried} SELECT {cols}, {slot_col} FROM br, nf"
     )
     with connection.cursor() as cursor:
-        cursor.execute(sql, [provider, *slot_params])
+        cursor.execute(sql, [provider, *slot_params, *carried_params])
         row = cursor.fetchone()
+    if deferred is not None:
+        _DEFERRED.set(None)
+        deferred.carried()
     return (row[0], row[1], row[2], row[3], row[4]) if row else None
 
 
@@ -580,6 +593,51 @@ class CarriedOutcome:
     def report(self) -> None:
         """Nothing carried it (no such statement on this database): report it on its own."""
         report(self.ticket, ok=True)
+
+
+#: The outcome of a call made inside a step's own transaction, reported after it committed:
+#: it rides in this task's next admission (:func:`defer_outcome`). One at most: two health
+#: counts of one provider and second cannot be one statement's (one row upserted twice).
+_DEFERRED: ContextVar[CarriedOutcome | None] = ContextVar("provider_deferred_outcome", default=None)
+
+
+def defer_outcome(ticket: Ticket | None) -> None:
+    """A healthy call's outcome, reported once its step's own transaction has committed, left
+    to ride in the next admission this task makes (:func:`admit`), one round trip fewer.
+
+    For a step whose participant writes in the saga's database and commits with the step's
+    record: its outcome cannot ride in that record, which would hold the provider's shared
+    health row locked until the step's commit, its flush to disk included, and every other
+    worker's call to the provider would queue behind it. The next step's admission is the
+    task's next statement, a few milliseconds later, and commits without the flush wait. Only
+    what :func:`carried_outcome` may carry waits so; the rest is reported at once, and so is an
+    outcome still waiting when another comes. Whatever no admission took is reported by
+    :func:`report_deferred`, which the engine calls when the task ends, and before a step that
+    asks for no admission.
+    """
+    report_deferred()
+    outcome = carried_outcome(ticket)
+    if outcome is None:
+        report(ticket, ok=True)
+        return
+    _DEFERRED.set(outcome)
+
+
+def report_deferred() -> None:
+    """Report, in a statement of its own, the outcome :func:`defer_outcome` left waiting.
+
+    Never raises: called as a task ends, maybe failing, on a connection that may be gone; an
+    outcome not reported is a slot that comes back when its lease passes and one healthy call
+    uncounted, as with a worker lost before its report.
+    """
+    deferred = _DEFERRED.get()
+    if deferred is None:
+        return
+    _DEFERRED.set(None)
+    try:
+        deferred.report()
+    except Exception as exc:  # report() logs database errors; this is what it lets through
+        log.warning("provider.report_failed", provider=deferred.ticket.provider, error=repr(exc))
 
 
 def carried_outcome(ticket: Ticket | None) -> CarriedOutcome | None:

@@ -42,8 +42,13 @@ _NOT_DOWN: tuple[type[BaseException], ...] = (
 
 
 def gate(step: Step) -> provider_breaker.Ticket | provider_breaker.Wait | None:
-    """Ask the step's provider for a call: a ticket, a wait, or ``None`` if it is not gated."""
+    """Ask the step's provider for a call: a ticket, a wait, or ``None`` if it is not gated.
+
+    The admission carries the outcomes of earlier calls made in a step's own transaction
+    (:func:`~providers.breaker.defer_outcome`); a step that asks for none reports them first.
+    """
     if not step.provider or not breakers_enabled():
+        provider_breaker.report_deferred()
         return None
     return provider_breaker.admit(step.provider, step_timeout(step))
 
@@ -65,7 +70,8 @@ def call_step(
 
     A transactional step's outcome is reported outside its transaction (after a failure rolled
     it back, or once the record has committed or been fenced off): the provider's counters are
-    shared rows that must neither wait for, nor vanish with, one saga's transaction.
+    shared rows that must neither wait for, nor vanish with, one saga's transaction. A healthy
+    one rides in the task's next admission (:func:`~providers.breaker.defer_outcome`).
 
     Any other step that succeeds hands its outcome to ``rec``, the record the runner writes
     next: the slot release and the health count ride in the record's own statement, one round
@@ -109,7 +115,7 @@ def call_step(
         provider_breaker.report(ticket, ok=False)
         raise
     if tx is not None and tx.open:
-        tx.after(lambda: provider_breaker.report(ticket, ok=True))
+        tx.after(lambda: provider_breaker.defer_outcome(ticket))
         return result
     outcome = provider_breaker.carried_outcome(ticket) if rec is not None else None
     if rec is not None and outcome is not None:

@@ -848,6 +848,9 @@ def advance(
             return
         _drive(saga)
     finally:
+        # Outcomes of calls in steps' own transactions that no admission carried (the task's
+        # last step was one): reported before the task ends, not left for the next.
+        provider_breaker.report_deferred()
         inline_until.reset(until)
         task_timeout.reset(token)
 

@@ -48,6 +48,73 @@ def test_outside_a_transaction_admission_and_outcome_are_one_statement_each():
     assert breaker.window_counts("card") == (2, 0)
 
 
+def _leased() -> set[int]:
+    return set(CallSlot.objects.filter(lease_until__isnull=False).values_list("id", flat=True))
+
+
+def test_a_deferred_outcome_rides_in_the_next_admission(monkeypatch):
+    """The outcome of a call made inside a step's own transaction, deferred once it committed,
+    takes effect in the task's next admission: the slot given back and the call counted in
+    that one statement. One waits at most: a second reports the first on its own (one
+    statement cannot count two calls in one health row)."""
+    monkeypatch.setattr(breaker.random, "random", lambda: 1.0)  # no sampled trim
+    report(admit("card"), ok=True)  # rows created and cached
+    first, second = admit("card"), admit("card")
+    assert isinstance(first, Ticket) and isinstance(second, Ticket)
+    breaker.defer_outcome(first)
+    assert _leased() == {first.slot_id, second.slot_id}  # nothing reported yet
+    assert breaker.window_counts("card") == (1, 0)
+    with CaptureQueriesContext(connection) as deferred:
+        breaker.defer_outcome(second)
+    assert len(deferred.captured_queries) == 1  # the first, reported on its own
+    assert _leased() == {second.slot_id} and breaker.window_counts("card") == (2, 0)
+
+    with CaptureQueriesContext(connection) as admitted:
+        third = admit("card")
+    assert len(admitted.captured_queries) == 1, admitted.captured_queries
+    assert isinstance(third, Ticket) and _leased() == {third.slot_id}
+    assert breaker.window_counts("card") == (3, 0)
+    with CaptureQueriesContext(connection) as later:
+        breaker.report_deferred()  # nothing left to report
+    assert later.captured_queries == []
+
+
+def test_deferred_outcomes_no_admission_took_are_reported_on_their_own(monkeypatch):
+    """A task whose last call was in a step's own transaction reports its outcome before it
+    ends (``report_deferred``): each in one statement, and the next admission carries none."""
+    monkeypatch.setattr(breaker.random, "random", lambda: 1.0)
+    ticket = admit("card")
+    breaker.defer_outcome(ticket)
+    with CaptureQueriesContext(connection) as reported:
+        breaker.report_deferred()
+    assert len(reported.captured_queries) == 1, reported.captured_queries
+    assert _leased() == set() and breaker.window_counts("card") == (1, 0)
+    with CaptureQueriesContext(connection) as admitted:
+        admit("card")
+    assert 'INSERT INTO "providers_healthbucket"' not in admitted.captured_queries[0]["sql"]
+    assert breaker.window_counts("card") == (1, 0)
+
+
+def test_a_transactional_calls_outcome_is_reported_before_a_step_the_gate_does_not_see(settings):
+    """A step after a transactional step's call asks for no admission to carry its outcome:
+    the outcome is reported before that step runs, not held (with its call slot) to the
+    task's end."""
+    from sagas.models import Saga, SagaState, SagaStep
+    from sagas.runner import advance
+    from sagas.services import saga_start
+    from tests.sagas.inprocess import only_this_process
+    from tests.sagas.sagatypes import ensure_effects_table
+
+    ensure_effects_table()
+    settings.SAGA_INLINE_BUDGET = 600.0  # both steps in one task
+    with only_this_process():
+        saga = saga_start(saga_type="test_tx_provider", data={"script": {}})
+        advance(saga.id, saga.version)
+    assert Saga.objects.get(pk=saga.id).state == SagaState.SUCCEEDED
+    assert SagaStep.objects.get(saga_id=saga.id, name="b").result == {"leased": 0}
+    assert _leased() == set() and breaker.window_counts("card") == (1, 0)
+
+
 def test_the_sampled_trim_drops_only_this_providers_buckets_past_the_window(monkeypatch):
     """Outcomes trim old buckets now and then (one in a hundred); forced here, the trim is
     one statement and keeps every bucket the window (plus a minute) can still read."""

@@ -411,6 +411,25 @@ def _behind(steps: list[Step], provider: str, names: set[str]) -> list[Step]:
 register(
     SagaDefinition("test_provider", steps=_behind(scripted(["s1", "s2", "s3"]), "card", {"s2"}))
 )
+
+
+def _card_slots_leased(ctx: StepContext) -> dict:
+    """What a step right after a transactional call to ``card`` sees of its call slots."""
+    from providers.models import CallSlot
+
+    return {"leased": CallSlot.objects.filter(provider="card", lease_until__isnull=False).count()}
+
+
+# A transactional step behind the breaker, then a step that asks the gate for nothing.
+register(
+    SagaDefinition(
+        "test_tx_provider",
+        steps=[
+            Step("a", _run, compensate=_run, transactional=True, provider="card"),
+            Step("b", _card_slots_leased),
+        ],
+    )
+)
 # The same with s2 the pivot.
 register(
     SagaDefinition(
