@@ -188,11 +188,12 @@ def _sell_in_one_statement(key: str, forward_key: str) -> dict[str, Any]:
 def _sell_sql() -> str:
     """The sale in one statement: ``r``, the reservation under the forward key, locked first
     (as :func:`_reservation_for_update` locks it, so a release racing the sale waits or is
-    waited for, and the two never interleave); ``l``, its lines with their products' rows
-    locked in sku order after it (see :func:`_locked_lines`); then, only if it is still held,
-    the units sold and the reservation marked. Returns the reservation's id, its status after
-    the statement, its tombstone flag and its lines' skus and quantities in the order
-    :func:`_lines_of` reads them; no row if nothing was reserved under the key."""
+    waited for, and the two never interleave); ``a``, its lines; ``l``, only if it is still
+    held, their products' rows locked in sku order after it (see :func:`_locked_lines`; a
+    repeat, or a sale refused, locks no product); then, if it was held, the units sold and the
+    reservation marked. Returns the reservation's id, its status after the statement, its
+    tombstone flag and its lines' skus and quantities in the order :func:`_lines_of` reads
+    them; no row if nothing was reserved under the key."""
     table, column = _product_columns()
     qn = connection.ops.quote_name
     res, line = Reservation._meta, ReservationLine._meta
@@ -204,19 +205,21 @@ def _sell_sql() -> str:
     return (
         f"WITH r AS MATERIALIZED (SELECT {rc['id']} AS id, {rc['status']}, {rc['tombstone']} "
         f"FROM {qn(res.db_table)} WHERE {rc['key']} = %s FOR UPDATE), "
-        f"l AS MATERIALIZED (SELECT p.{column['id']} AS id, p.{sku} AS sku, "
+        f"a AS MATERIALIZED (SELECT p.{column['id']} AS id, p.{sku} AS sku, "
         f"rl.{lc['quantity']} AS qty FROM {qn(line.db_table)} rl "
         f"JOIN {table} p ON p.{column['id']} = rl.{lc['product']} "
-        f"WHERE rl.{lc['reservation']} = (SELECT id FROM r) "
+        f"WHERE rl.{lc['reservation']} = (SELECT id FROM r)), "
+        f"l AS MATERIALIZED (SELECT p.{column['id']} AS id, a.qty FROM {table} p "
+        f"JOIN a ON p.{column['id']} = a.id WHERE {held} "
         f'ORDER BY p.{sku} COLLATE "C" FOR UPDATE OF p), '
         f"m AS (UPDATE {marks.table} SET {marks.placeholders} "
         f"WHERE {rc['id']} = (SELECT id FROM r) AND {held} RETURNING {rc['status']}), "
         f"u AS (UPDATE {table} p SET {on_hand} = p.{on_hand} - l.qty, "
         f"{reserved} = p.{reserved} - l.qty, {column['updated_at']} = %s "
-        f"FROM l WHERE p.{column['id']} = l.id AND {held}) "
+        f"FROM l WHERE p.{column['id']} = l.id) "
         f"SELECT r.id, COALESCE((SELECT {rc['status']} FROM m), r.{rc['status']}), "
-        f"r.{rc['tombstone']}, ARRAY(SELECT l.sku FROM l ORDER BY l.sku), "
-        "ARRAY(SELECT l.qty FROM l ORDER BY l.sku) FROM r"
+        f"r.{rc['tombstone']}, ARRAY(SELECT a.sku FROM a ORDER BY a.sku), "
+        "ARRAY(SELECT a.qty FROM a ORDER BY a.sku) FROM r"
     )
 
 

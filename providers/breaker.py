@@ -137,7 +137,17 @@ def admit(provider: str, timeout: float | None = None) -> Ticket | Wait:
     row: tuple[Any, ...] | None
     if _one_statement_gate():
         lease_at = now + held_for
-        row = _admit_closed(provider, cfg, now, lease_at, _DEFERRED.get())
+        deferred = _DEFERRED.get()
+        try:
+            row = _admit_closed(provider, cfg, now, lease_at, deferred)
+        except DatabaseError:
+            if deferred is None:
+                raise
+            # What the carried outcome writes may wait on rows another statement holds (a
+            # slot whose lease ran out, taken again; the shared health row), which could end
+            # in a deadlock, or fail: bookkeeping must not fail the call. Asked again without
+            # it, left for report_deferred().
+            row = _admit_closed(provider, cfg, now, lease_at)
         if row is not None:
             slot_id = row[4]
             lease = lease_at if slot_id is not None else None

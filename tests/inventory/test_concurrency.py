@@ -9,9 +9,9 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 
-from inventory.errors import OutOfStock, ReservationRefused
+from inventory.errors import OutOfStock, ReservationRefused, ReservationStateConflict
 from inventory.models import Product, Reservation, ReservationLine
 from inventory.services import reservation_commit, reservation_release, reservation_reserve
 
@@ -146,3 +146,41 @@ def test_release_racing_its_reserve_leaves_nothing_held():
         assert release_outcome["lines"] == [["p", 2]]
     assert Product.objects.get(sku="p").reserved == 0
     assert Reservation.objects.get(key="k").status == "released"
+
+
+def test_a_repeated_or_refused_sale_locks_no_product():
+    """Only a sale that sells locks the products' rows: a repeat (the reservation is committed
+    already) or a refusal (it was released) answers while another transaction holds them,
+    instead of queueing behind a busy product."""
+    Product.objects.create(sku="busy", name="Busy", price=Decimal("5.00"), stock_on_hand=9)
+    Product.objects.create(sku="calm", name="Calm", price=Decimal("5.00"), stock_on_hand=9)
+    reservation_reserve(key="sold", order_id=uuid.uuid4(), lines=[("busy", 1)])
+    first = reservation_commit(key="sold:c", forward_key="sold")
+    reservation_reserve(key="gone", order_id=uuid.uuid4(), lines=[("busy", 1), ("calm", 1)])
+    reservation_release(key="gone:r", forward_key="gone")
+    locked, done = threading.Event(), threading.Event()
+
+    def hold_the_product() -> None:
+        try:
+            with transaction.atomic():
+                Product.objects.select_for_update().get(sku="busy")
+                locked.set()
+                done.wait(30)
+        finally:
+            connection.close()
+
+    holder = threading.Thread(target=hold_the_product)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '5s'")  # a sale that queued would fail here
+        assert reservation_commit(key="sold:c", forward_key="sold") == first
+        with pytest.raises(ReservationStateConflict):
+            reservation_commit(key="gone:c", forward_key="gone")
+    finally:
+        done.set()
+        holder.join(10)
+        with connection.cursor() as cursor:
+            cursor.execute("RESET lock_timeout")
+    assert Product.objects.get(sku="busy").stock_on_hand == 8

@@ -118,7 +118,7 @@ def test_one_happy_order_saga_costs_at_most_26_round_trips(customer):
     # reservation in the statement that holds the stock and writes the lines.
     assert not any(s.startswith("SELECT") and '"inventory_reservation' in s for s in sql)
     sale = [s for s in sql if 'UPDATE "inventory_reservation"' in s]
-    assert 'WHERE "key" = ' in sale[0] and "FOR UPDATE), l AS" in sale[0]
+    assert 'WHERE "key" = ' in sale[0] and "FOR UPDATE), a AS" in sale[0]
     assert 'FROM "inventory_reservationline"' in sale[0]
     reserve = [s for s in sql if 'INSERT INTO "inventory_reservation" (' in s]
     assert len(reserve) == 1 and 'INSERT INTO "inventory_reservationline"' in reserve[0]

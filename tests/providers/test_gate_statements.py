@@ -95,6 +95,20 @@ def test_deferred_outcomes_no_admission_took_are_reported_on_their_own(monkeypat
     assert breaker.window_counts("card") == (1, 0)
 
 
+def test_an_outcome_that_cannot_ride_never_fails_the_admission_carrying_it():
+    """Bookkeeping must not fail a call: an admission whose carried outcome fails (here a
+    provider name too long for the health row; a deadlock on a slot taken again would do the
+    same) is asked again without it, and the outcome is left for ``report_deferred``."""
+    admit("card")  # rows created and cached
+    breaker.defer_outcome(Ticket("p" * 100))  # its health count cannot be written
+    ticket = admit("card")
+    assert isinstance(ticket, Ticket) and ticket.slot_id is not None
+    assert ticket.slot_id in _leased()  # admitted, its slot taken
+    assert breaker._DEFERRED.get() is not None  # still waiting, not lost in the failed try
+    breaker.report_deferred()  # reported on its own: the error is logged, not raised
+    assert breaker._DEFERRED.get() is None
+
+
 def test_a_transactional_calls_outcome_is_reported_before_a_step_the_gate_does_not_see(settings):
     """A step after a transactional step's call asks for no admission to carry its outcome:
     the outcome is reported before that step runs, not held (with its call slot) to the
