@@ -311,25 +311,13 @@ def _reserve_sql() -> str:
     whether the reservation went in, the product's id and its sku; a single row with no
     product when nothing was held (the key taken, or no line fitting).
     """
-    table, column = _product_columns()
-    sku, reserved = column["sku"], column["reserved"]
-    qn = connection.ops.quote_name
     parts = insert_parts(Reservation, connection.alias)
-    res_id = qn(column_of(Reservation._meta.pk))
-    line = ReservationLine._meta
-    line_columns = ", ".join(
-        qn(column_of(line.get_field(name))) for name in ("reservation", "product", "quantity")
-    )
+    res_id = connection.ops.quote_name(column_of(Reservation._meta.pk))
     return (
         f"WITH ins AS (INSERT INTO {parts.table} ({parts.columns}) VALUES ({parts.placeholders}) "
         f"ON CONFLICT DO NOTHING RETURNING {res_id}), "
         f"{_locked_lines('EXISTS (SELECT 1 FROM ins)').removeprefix('WITH ')}, "
-        f"h AS (UPDATE {table} p SET {reserved} = p.{reserved} + l.qty, "
-        f"{column['updated_at']} = %s FROM l WHERE p.{column['id']} = l.id "
-        f"AND p.{column['stock_on_hand']} - p.{reserved} >= l.qty "
-        f"RETURNING p.{column['id']} AS id, p.{sku} AS sku, l.qty AS qty), "
-        f"i AS (INSERT INTO {qn(line.db_table)} ({line_columns}) "
-        f"SELECT (SELECT {res_id} FROM ins), h.id, h.qty FROM h) "
+        f"{_hold_ctes(f'(SELECT {res_id} FROM ins)')} "
         "SELECT EXISTS (SELECT 1 FROM ins), h.id, h.sku FROM (VALUES (1)) AS one(x) "
         "LEFT JOIN h ON true"
     )
@@ -376,6 +364,15 @@ def _hold_all_sql() -> str:
     each line that fit (the rows locked first, see :func:`_locked_lines`), and the
     reservation's line for each of them. A line short of stock is simply not updated, and the
     caller, finding it missing, rolls the others back with their lines."""
+    reservation_id = Reservation._meta.pk.db_type(connection)
+    return f"{_locked_lines()}, {_hold_ctes(f'%s::{reservation_id}')} SELECT h.id, h.sku FROM h"
+
+
+@functools.cache
+def _hold_ctes(reservation: str) -> str:
+    """The CTEs ``h`` (each line of ``l`` held if it fits, returning its product's ``id`` and
+    ``sku`` and its ``qty``; one ``%s``, the products' new ``updated_at``) and ``i`` (the
+    reservation's line for each line held), ``reservation`` being the SQL of its id."""
     table, column = _product_columns()
     sku, reserved = column["sku"], column["reserved"]
     qn = connection.ops.quote_name
@@ -383,16 +380,13 @@ def _hold_all_sql() -> str:
     line_columns = ", ".join(
         qn(column_of(line.get_field(name))) for name in ("reservation", "product", "quantity")
     )
-    reservation_id = Reservation._meta.pk.db_type(connection)
     return (
-        f"{_locked_lines()}, "
         f"h AS (UPDATE {table} p SET {reserved} = p.{reserved} + l.qty, "
         f"{column['updated_at']} = %s FROM l WHERE p.{column['id']} = l.id "
         f"AND p.{column['stock_on_hand']} - p.{reserved} >= l.qty "
         f"RETURNING p.{column['id']} AS id, p.{sku} AS sku, l.qty AS qty), "
         f"i AS (INSERT INTO {qn(line.db_table)} ({line_columns}) "
-        f"SELECT %s::{reservation_id}, h.id, h.qty FROM h) "
-        "SELECT h.id, h.sku FROM h"
+        f"SELECT {reservation}, h.id, h.qty FROM h)"
     )
 
 

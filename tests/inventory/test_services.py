@@ -152,6 +152,28 @@ def test_a_first_reserve_and_a_sale_are_one_statement_each(catalog):
     assert sold["lines"] == [list(line) for line in _lines_of(Reservation.objects.get(key="j"))]
 
 
+def test_with_a_save_receiver_on_reservations_the_separate_statements_answer_the_same(catalog):
+    """A project that listens for reservation saves gets the statements that send them (a
+    hold, the sale's reads and its settlement apart), with the same answers and stock."""
+    from django.db.models.signals import post_save
+
+    saved = []
+
+    def receiver(instance, **_):
+        saved.append(instance.status)
+
+    post_save.connect(receiver, sender=Reservation)
+    try:
+        held = reserve(key="k", lines=[("banana", 2), ("apple", 1)])
+        sold = reservation_commit(key="k:c", forward_key="k")
+    finally:
+        post_save.disconnect(receiver, sender=Reservation)
+    assert held["lines"] == [["apple", 1], ["banana", 2]] and held["status"] == "held"
+    assert sold == {**held, "status": "committed"}
+    assert stock("apple") == (4, 0) and stock("banana") == (1, 0)
+    assert saved == ["committed"]  # the settlement's save: the other path ran
+
+
 def test_reserve_merges_repeated_skus(catalog):
     """Two lines for one sku are one hold of their sum."""
     result = reserve(lines=[("apple", 1), ("apple", 2)])
