@@ -302,6 +302,52 @@ def insert_rows(objs: Sequence[M]) -> None:
         obj._state.db = using
 
 
+def insert_with_rows(obj: Model, rows: Sequence[Model]) -> None:
+    """:func:`insert_row` of ``obj``, then :func:`insert_rows` of ``rows`` (of one model, which
+    refer to it: an order's items), in one statement on PostgreSQL: ``WITH p AS (INSERT obj)
+    INSERT rows``, a round trip fewer. The foreign keys are checked at the statement's end, when
+    ``obj`` is there. ``obj``'s primary key must be set already (the rows refer to it by it);
+    where :func:`insert_row` would use ``save()`` (receivers, expressions, another database), the
+    two inserts as before."""
+    if not rows:
+        insert_row(obj)
+        return
+    model, child = type(obj), type(rows[0])
+    using = router.db_for_write(model, instance=obj)
+    keyed = [o.pk is not None for o in rows]
+    auto = child._meta.auto_field is not None and not any(keyed)
+    together = (
+        obj.pk is not None
+        and may_skip_save(model, using)
+        and may_skip_save(child, using)
+        and all(type(o) is child for o in rows)
+        and (all(keyed) or not any(keyed))
+        and router.db_for_write(child, instance=rows[0]) == using
+    )
+    db = connections[using]
+    text = _insert_text(model, using, auto_pk=False)
+    fields = _insert_text(child, using, auto_pk=auto).fields
+    prepared = (
+        [_prepared(o, text.fields if o is obj else fields, True, db) for o in (obj, *rows)]
+        if together
+        else [None]
+    )
+    if any(values is None for values in prepared):
+        insert_row(obj)
+        insert_rows(rows)
+        return
+    values = [value for row in prepared if row is not None for value in row]
+    sql = f"WITH p AS ({text.sql}) {_rows_text(child, using, auto, len(rows))}"
+    with db.cursor() as cursor:
+        cursor.execute(sql, values)
+        ids = cursor.fetchall() if auto else []
+    for o, got in zip(rows, ids, strict=bool(ids)):
+        o.pk = got[0]
+    for o in (obj, *rows):
+        o._state.adding = False
+        o._state.db = using
+
+
 @functools.cache
 def _rows_text(model: type[Model], using: str, auto_pk: bool, rows: int) -> str:
     """:func:`insert_row`'s ``INSERT`` of ``rows`` rows."""

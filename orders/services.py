@@ -16,11 +16,10 @@ from typing import Any
 
 from django.db import transaction
 
-from config.db import insert_row, insert_rows
+from config.db import insert_with_rows
 from config.errors import refused_fields
 from config.text import trimmed
 from inventory import services as inventory_services
-from inventory.models import Product
 from orders import events as order_events
 from orders.countries import country_problem
 from orders.errors import OrderInvalid
@@ -312,8 +311,7 @@ def order_create(
         )
 
     # The price and currency of each: rows, not Product instances (built on every order).
-    catalog = Product.objects.filter(sku__in=list(named)).values_list("sku", "price", "currency")
-    products = {sku: (price, cur) for sku, price, cur in catalog}
+    products = inventory_services.catalog_prices(named)
     for sku, i in named.items():
         if sku not in products:
             problems.add("unknown_sku", f"items[{i}].sku", f"No product with sku {sku!r}.")
@@ -348,27 +346,27 @@ def order_create(
         },
         correlation_id=str(order_id),
     )
-    # Built once, not by the ORM's compiler on every order (config.db.insert_row).
-    order = insert_row(
-        Order(
-            id=order_id,
-            owner=owner,
-            currency=currency,
-            total=total,
-            payment_method=payment_method,
-            shipping_name=address["name"],
-            shipping_line1=address["line1"],
-            shipping_city=address["city"],
-            shipping_postal_code=address["postal_code"],
-            shipping_country=address["country"],
-            saga=saga,
-        )
+    # Built once, not by the ORM's compiler on every order, and the items in the order's
+    # statement (config.db.insert_with_rows).
+    order = Order(
+        id=order_id,
+        owner=owner,
+        currency=currency,
+        total=total,
+        payment_method=payment_method,
+        shipping_name=address["name"],
+        shipping_line1=address["line1"],
+        shipping_city=address["city"],
+        shipping_postal_code=address["postal_code"],
+        shipping_country=address["country"],
+        saga=saga,
     )
-    insert_rows(
+    insert_with_rows(
+        order,
         [
             OrderItem(order=order, sku=sku, quantity=qty, unit_price=products[sku][0])
             for sku, qty in quantities
-        ]
+        ],
     )
     return order
 

@@ -30,10 +30,11 @@ from config.db import (
     insert_row,
     insert_rows,
     insert_unless_taken,
+    insert_with_rows,
     may_skip_save,
     update_row,
 )
-from inventory.models import Reservation, ReservationLine
+from inventory.models import Product, Reservation, ReservationLine
 from payments.models import ProviderOperation
 from payments.provider import FakePaymentProvider
 
@@ -447,3 +448,50 @@ def test_insert_rows_of_rows_with_and_without_a_key_is_bulk_creates():
     assert unkeyed.pk is not None
     assert set(ProviderOperation.objects.values_list("key", flat=True)) == {"m-1", "m-2"}
     assert ProviderOperation.objects.get(key="m-1").pk == 987_654
+
+
+def test_insert_with_rows_writes_a_row_and_the_rows_that_refer_to_it_in_one_statement():
+    """The row and its rows in one INSERT statement (the foreign keys checked at its end, when
+    the row is there), each auto key read back in order; with a receiver listening for the
+    rows, the two inserts as before (Django's own for the rows), writing the same."""
+    lamp = Product.objects.create(sku="w-lamp", name="Lamp", price="1.00", stock_on_hand=5)
+    desk = Product.objects.create(sku="w-desk", name="Desk", price="2.00", stock_on_hand=5)
+
+    def reservation(key: str) -> tuple[Reservation, list[ReservationLine]]:
+        made = Reservation(key=key, order_id=uuid.uuid4())
+        return made, [
+            ReservationLine(reservation=made, product=lamp, quantity=2),
+            ReservationLine(reservation=made, product=desk, quantity=1),
+        ]
+
+    made, lines = reservation("w-one")
+    with CaptureQueriesContext(connection) as ctx:
+        insert_with_rows(made, lines)
+    assert len(ctx.captured_queries) == 1
+    assert ctx.captured_queries[0]["sql"].startswith(
+        'WITH p AS (INSERT INTO "inventory_reservation"'
+    )
+    assert all(not o._state.adding and o._state.db == "default" for o in (made, *lines))
+    stored = {line.pk: (line.reservation_id, line.product_id, line.quantity)
+              for line in ReservationLine.objects.filter(reservation=made)}  # fmt: skip
+    assert stored == {line.pk: (made.pk, line.product_id, line.quantity) for line in lines}
+    assert Reservation.objects.get(pk=made.pk).created_at == made.created_at
+
+    heard: list[Any] = []
+    post_save.connect(lambda **kw: heard.append(kw["instance"]), sender=ReservationLine,
+                      weak=False, dispatch_uid="test-insert-with-rows")  # fmt: skip
+    try:
+        saved, saved_lines = reservation("w-two")
+        with CaptureQueriesContext(connection) as ctx:
+            insert_with_rows(saved, saved_lines)
+    finally:
+        post_save.disconnect(sender=ReservationLine, dispatch_uid="test-insert-with-rows")
+    # Django's own inserts (bulk_create for the rows, which sends no signal either).
+    assert not any(q["sql"].startswith("WITH p AS") for q in ctx.captured_queries)
+    assert sum(q["sql"].startswith("INSERT INTO") for q in ctx.captured_queries) == 2
+    assert heard == [] and all(line.pk is not None for line in saved_lines)
+    assert ReservationLine.objects.filter(reservation=saved).count() == 2
+
+    alone = Reservation(key="w-three")
+    insert_with_rows(alone, [])  # no rows: the row alone
+    assert Reservation.objects.filter(key="w-three").exists()

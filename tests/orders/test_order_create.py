@@ -5,6 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from orders.errors import OrderInvalid
 from orders.models import Order, OrderItem
@@ -55,6 +57,26 @@ def test_order_is_priced_from_the_catalog_and_starts_its_saga(customer, catalog)
     flat = repr(saga.data)
     for personal in (*ADDRESS.values(), "pm_card_visa", customer.email):
         assert personal not in flat
+
+
+def test_placing_an_order_reads_the_catalog_once_and_writes_order_and_items_together(
+    customer, catalog
+):
+    """Every order placed pays these: the catalog read in a text built once (any number of
+    skus, one text), and the order with its items in one INSERT statement."""
+    with CaptureQueriesContext(connection) as ctx:
+        order = place(customer, [("lamp", 2), ("desk", 1)])
+    sql = [q["sql"] for q in ctx.captured_queries]
+    reads = [s for s in sql if 'FROM "inventory_product"' in s]
+    assert len(reads) == 1 and '"sku" = ANY(' in reads[0], reads
+    writes = [s for s in sql if '"orders_order' in s]
+    assert len(writes) == 1, writes
+    assert writes[0].startswith('WITH p AS (INSERT INTO "orders_order" (')
+    assert 'INSERT INTO "orders_orderitem"' in writes[0]
+    assert sorted(order.items.values_list("sku", "quantity")) == [("desk", 1), ("lamp", 2)]
+    # Opening and closing its transaction (a savepoint inside this test's), the catalog, the
+    # client's webhook subscription, the saga's start, the order with its items.
+    assert len(sql) == 6, "\n".join(s[:80] for s in sql)
 
 
 def test_a_later_price_change_does_not_touch_the_order(customer, catalog):
