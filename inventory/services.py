@@ -224,9 +224,6 @@ def _sell_sql() -> str:
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------------
 def catalog_prices(skus: Iterable[str]) -> dict[str, tuple[Decimal, str]]:
     """Each known sku's price and currency (an unknown sku is left out).
 
@@ -250,6 +247,9 @@ def _catalog_sql() -> str:
     return f"SELECT {sku}, {price}, {currency} FROM {qn(meta.db_table)} WHERE {sku} = ANY(%s)"
 
 
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
 def _normalise_lines(lines: Iterable[Sequence[Any]]) -> dict[str, int]:
     """Merge repeated skus and sort by sku, the one lock order every writer follows."""
     merged: dict[str, int] = {}
