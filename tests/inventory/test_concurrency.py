@@ -9,11 +9,12 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from django.db import connection, transaction
+from django.db import connection
 
 from inventory.errors import OutOfStock, ReservationRefused, ReservationStateConflict
 from inventory.models import Product, Reservation, ReservationLine
 from inventory.services import reservation_commit, reservation_release, reservation_reserve
+from tests.row_lock import held_by_another
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -158,29 +159,9 @@ def test_a_repeated_or_refused_sale_locks_no_product():
     first = reservation_commit(key="sold:c", forward_key="sold")
     reservation_reserve(key="gone", order_id=uuid.uuid4(), lines=[("busy", 1), ("calm", 1)])
     reservation_release(key="gone:r", forward_key="gone")
-    locked, done = threading.Event(), threading.Event()
-
-    def hold_the_product() -> None:
-        try:
-            with transaction.atomic():
-                Product.objects.select_for_update().get(sku="busy")
-                locked.set()
-                done.wait(30)
-        finally:
-            connection.close()
-
-    holder = threading.Thread(target=hold_the_product)
-    holder.start()
-    try:
-        assert locked.wait(10)
-        with connection.cursor() as cursor:
-            cursor.execute("SET lock_timeout = '5s'")  # a sale that queued would fail here
+    # A sale that queued behind the busy product would fail at the lock timeout.
+    with held_by_another(Product.objects.filter(sku="busy"), lock_timeout="5s"):
         assert reservation_commit(key="sold:c", forward_key="sold") == first
         with pytest.raises(ReservationStateConflict):
             reservation_commit(key="gone:c", forward_key="gone")
-    finally:
-        done.set()
-        holder.join(10)
-        with connection.cursor() as cursor:
-            cursor.execute("RESET lock_timeout")
     assert Product.objects.get(sku="busy").stock_on_hand == 8

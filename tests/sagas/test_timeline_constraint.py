@@ -9,13 +9,12 @@ still gives: a saga deleted through the ORM takes its events with it.
 
 from __future__ import annotations
 
-import threading
-
 import pytest
-from django.db import OperationalError, connection, transaction
+from django.db import OperationalError
 from django.utils import timezone
 
 from sagas.models import Saga, SagaEvent
+from tests.row_lock import held_by_another
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -24,32 +23,11 @@ def test_an_event_is_written_while_another_transaction_holds_its_saga_row():
     """With the constraint, the insert's check would wait for the holder's lock (and fail at
     the lock timeout); without it, the event goes in at once."""
     saga = Saga.objects.create(saga_type="timeline", current_step="s1")
-    locked, done = threading.Event(), threading.Event()
-
-    def hold_the_saga() -> None:
-        try:
-            with transaction.atomic():
-                Saga.objects.select_for_update().get(pk=saga.pk)
-                locked.set()
-                done.wait(30)
-        finally:
-            connection.close()
-
-    holder = threading.Thread(target=hold_the_saga)
-    holder.start()
-    try:
-        assert locked.wait(10)
-        with connection.cursor() as cursor:
-            cursor.execute("SET lock_timeout = '2s'")
+    with held_by_another(Saga.objects.filter(pk=saga.pk), lock_timeout="2s"):
         try:
             SagaEvent.objects.create(saga=saga, at=timezone.now(), kind="note", detail="held")
         except OperationalError as exc:  # the lock timeout: the check waited for the holder
             pytest.fail(f"writing the event waited for the saga's row: {exc}")
-    finally:
-        done.set()
-        holder.join(10)
-        with connection.cursor() as cursor:
-            cursor.execute("RESET lock_timeout")
     assert SagaEvent.objects.filter(saga=saga, kind="note").count() == 1
 
     Saga.objects.filter(pk=saga.pk).delete()
