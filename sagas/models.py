@@ -291,10 +291,12 @@ class SagaEvent(models.Model):
     """One line of a saga's timeline: attempts, retries, compensations, ops actions."""
 
     id = models.BigAutoField(primary_key=True)
-    #: No database constraint: the engine writes each event in the statement that writes (or
-    #: creates) its saga's row, so it cannot name a missing saga, and the constraint's check
-    #: locked that row once more for every event (``FOR KEY SHARE``: a WAL record and a dirtied
-    #: page, on the hottest row there is). Django still deletes a saga's events with it.
+    #: No database constraint: every event is written with its saga's row, in the statement
+    #: that writes or creates that row (the engine's starts and records) or in a transaction
+    #: that holds it locked (operations, signals, ``saga_migrate``), so it cannot name a
+    #: missing saga; and the constraint's check locked that row once more for every event
+    #: (``FOR KEY SHARE``: a WAL record and a dirtied page, on the hottest row there is).
+    #: Django still deletes a saga's events with it.
     saga = models.ForeignKey(
         Saga, on_delete=models.CASCADE, related_name="events", db_index=False, db_constraint=False
     )

@@ -1,10 +1,11 @@
 """The timeline's rows refer to their saga without a database constraint.
 
-The engine writes each event in the statement that writes (or creates) its saga's row, so an
-event cannot name a missing saga; the foreign key's check locked that row once more for every
-event (``FOR KEY SHARE``: a WAL record and a dirtied page on the hottest row there is), about a
-tenth of PostgreSQL's CPU per order in process. What the constraint gave otherwise, Django
-still gives: a saga deleted through the ORM takes its events with it.
+Every event is written with its saga's row (in the statement that writes or creates it, or in a
+transaction that holds it locked), so an event cannot name a missing saga; the foreign key's
+check locked that row once more for every event (``FOR KEY SHARE``: a WAL record and a
+dirtied page on the hottest row there is), about a tenth of PostgreSQL's CPU per order in
+process. What the constraint gave otherwise, Django still gives: a saga deleted through the ORM
+takes its events with it.
 """
 
 from __future__ import annotations
