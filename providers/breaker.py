@@ -22,7 +22,7 @@ import contextlib
 import functools
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -135,7 +135,11 @@ def admit(provider: str, timeout: float | None = None) -> Ticket | Wait:
     slot_id: int | None = None
     lease: datetime | None = None
     row: tuple[Any, ...] | None
-    if _one_statement_gate():
+    ahead = _take_ahead(provider, timeout)
+    if ahead is not None:
+        row, lease = ahead.row, ahead.lease
+        slot_id = row[4]
+    elif _one_statement_gate():
         lease_at = now + held_for
         deferred = _DEFERRED.get()
         try:
@@ -186,6 +190,92 @@ def admit(provider: str, timeout: float | None = None) -> Ticket | Wait:
     return Ticket(provider, generation, slot_id, lease, canary, canary_round or 0)
 
 
+@dataclass(frozen=True)
+class _Admitted:
+    """An admission made ahead (:func:`admission_ahead`), waiting for its step's :func:`admit`."""
+
+    provider: str
+    timeout: float | None
+    row: tuple[str, datetime | None, bool, int, int | None]
+    lease: datetime | None
+
+
+#: The admission the saga's last record made for the step this task goes straight on into.
+_AHEAD: ContextVar[_Admitted | None] = ContextVar("provider_admission_ahead", default=None)
+
+
+@dataclass(frozen=True)
+class AdmissionAhead:
+    """An admission as SQL another statement carries: its CTEs and parameters, the columns it
+    answers with, and ``took``, to be called with those columns' values once it ran."""
+
+    ctes: str
+    params: list[Any]
+    columns: tuple[str, ...]
+    took: Callable[[Sequence[Any]], None]
+
+
+def admission_ahead(provider: str, timeout: float | None, guard: str) -> AdmissionAhead | None:
+    """The admission of a call the task is about to make, for the statement before it to carry.
+
+    A saga's record that hands the saga straight on to its next step in the same task carries
+    that step's admission: the breaker's row read and, when it is closed, a call slot taken in
+    the record's own statement (only if ``guard``, the record's "it landed", holds), instead of
+    a statement of the admission's own a moment later. The step's :func:`admit` then decides
+    from that row as it would from its own; a canary, the rate limit, a full set of slots still
+    go their usual way there. Carried inside a step's transaction, the slot is taken in it and
+    the admission stands only once that commits (a rolled-back one took nothing). An admission
+    no :func:`admit` uses (the task stopped, the saga went elsewhere) gives its slot back in
+    :func:`drop_ahead`, or when its lease passes. PostgreSQL only.
+    """
+    if connection.vendor != "postgresql":
+        return None
+    cfg = provider_config(provider)
+    ensure_breaker(provider)
+    now = timezone.now()
+    lease = now + _call_lease(timeout)
+    ctes, params, columns = _gate_parts(provider, cfg, now, lease, prefix="g", guard=guard)
+
+    def took(values: Sequence[Any]) -> None:
+        row = _gate_row(values)
+        if row is None:
+            return
+        admitted = _Admitted(provider, timeout, row, lease if row[4] is not None else None)
+        transaction.on_commit(lambda: _AHEAD.set(admitted))
+
+    return AdmissionAhead(ctes, params, columns, took)
+
+
+def _take_ahead(provider: str, timeout: float | None) -> _Admitted | None:
+    """The admission made ahead for this call, if there is one; another one is dropped."""
+    admitted = _AHEAD.get()
+    if admitted is None:
+        return None
+    if admitted.provider == provider and admitted.timeout == timeout:
+        _AHEAD.set(None)
+        return admitted
+    drop_ahead()
+    return None
+
+
+def drop_ahead() -> None:
+    """Give back the call slot of an admission made ahead that no call used.
+
+    Never raises (called as a task ends, maybe failing): a slot not given back here comes back
+    when its lease passes.
+    """
+    admitted = _AHEAD.get()
+    if admitted is None:
+        return
+    _AHEAD.set(None)
+    if admitted.row[4] is None:
+        return
+    try:
+        _release_slot(admitted.row[4], admitted.lease)
+    except Exception as exc:  # noqa: BLE001 - bookkeeping; the lease frees it anyway
+        log.warning("provider.release_failed", provider=admitted.provider, error=repr(exc))
+
+
 def _one_statement_gate() -> bool:
     """Whether admission and outcomes may each be one statement that does not wait for its
     commit's flush to disk.
@@ -213,34 +303,62 @@ def _admit_closed(
     ``deferred``: an earlier call's outcome waiting for a statement to ride in (see
     :func:`defer_outcome`); it takes effect with this one, whatever this one answers.
     """
-    b, t = _qn(Breaker._meta.db_table), _qn(CallSlot._meta.db_table)
-    ts = connection.ops.adapt_datetimefield_value
-    cols = ", ".join(_qn(c) for c in ("state", "probe_at", "forced", "generation"))
-    if cfg.max_in_flight:
-        _ensure_slots(provider, cfg.max_in_flight)
-        slot = (
-            f", s AS (UPDATE {t} SET {_qn('lease_until')} = %s WHERE {_qn('id')} = ("
-            f"SELECT {_qn('id')} FROM {t} WHERE {_qn('provider')} = %s AND {_qn('n')} < %s AND "
-            f"({_qn('lease_until')} IS NULL OR {_qn('lease_until')} <= %s) AND EXISTS ("
-            f"SELECT 1 FROM br WHERE {_qn('state')} = 'closed') LIMIT 1 FOR UPDATE SKIP LOCKED"
-            f") RETURNING {_qn('id')})"
-        )
-        slot_params = [ts(lease), provider, cfg.max_in_flight, ts(now)]
-        slot_col = f"(SELECT {_qn('id')} FROM s)"
-    else:
-        slot, slot_params, slot_col = "", [], "NULL"
+    ctes, params, columns = _gate_parts(provider, cfg, now, lease)
     carried, carried_params = (f", {deferred.ctes}", deferred.params) if deferred else ("", [])
-    sql = (
-        f"WITH {NO_FLUSH_WAIT}, br AS (SELECT {cols} FROM {b} WHERE {_qn('provider')} = %s)"
-        f"{slot}{carried} SELECT {cols}, {slot_col} FROM br, nf"
-    )
+    sql = f"WITH {NO_FLUSH_WAIT}, {ctes}{carried} SELECT {', '.join(columns)} FROM nf"
     with connection.cursor() as cursor:
-        cursor.execute(sql, [provider, *slot_params, *carried_params])
+        cursor.execute(sql, [*params, *carried_params])
         row = cursor.fetchone()
     if deferred is not None:
         _DEFERRED.set(None)
         deferred.carried()
-    return (row[0], row[1], row[2], row[3], row[4]) if row else None
+    return _gate_row(row)
+
+
+def _gate_row(row: Any) -> tuple[str, datetime | None, bool, int, int | None] | None:
+    """The five gate columns as a tuple, or ``None`` when the breaker's row is missing."""
+    if row is None or row[0] is None:
+        return None
+    return (row[0], row[1], row[2], row[3], row[4])
+
+
+def _gate_parts(
+    provider: str,
+    cfg: ProviderConfig,
+    now: datetime,
+    lease: datetime,
+    *,
+    prefix: str = "",
+    guard: str = "",
+) -> tuple[str, list[Any], tuple[str, ...]]:
+    """The admission's CTEs, their parameters and the five columns it answers with (the
+    breaker's state, probe time, forced flag and generation, and the slot taken or NULL).
+
+    ``prefix`` names the CTEs apart from those of a statement that carries them; ``guard``, a
+    condition on that statement's own CTEs, must hold for a slot to be taken.
+    """
+    b, t = _qn(Breaker._meta.db_table), _qn(CallSlot._meta.db_table)
+    ts = connection.ops.adapt_datetimefield_value
+    names = ("state", "probe_at", "forced", "generation")
+    br, sl = f"{prefix}br", f"{prefix}s"
+    cols = ", ".join(_qn(c) for c in names)
+    ctes = f"{br} AS (SELECT {cols} FROM {b} WHERE {_qn('provider')} = %s)"
+    params: list[Any] = [provider]
+    slot_col = "NULL::integer"
+    if cfg.max_in_flight:
+        _ensure_slots(provider, cfg.max_in_flight)
+        also = f" AND {guard}" if guard else ""
+        ctes += (
+            f", {sl} AS (UPDATE {t} SET {_qn('lease_until')} = %s WHERE {_qn('id')} = ("
+            f"SELECT {_qn('id')} FROM {t} WHERE {_qn('provider')} = %s AND {_qn('n')} < %s AND "
+            f"({_qn('lease_until')} IS NULL OR {_qn('lease_until')} <= %s) AND EXISTS ("
+            f"SELECT 1 FROM {br} WHERE {_qn('state')} = 'closed'){also} LIMIT 1 "
+            f"FOR UPDATE SKIP LOCKED) RETURNING {_qn('id')})"
+        )
+        params += [ts(lease), provider, cfg.max_in_flight, ts(now)]
+        slot_col = f"(SELECT {_qn('id')} FROM {sl})"
+    columns = (*(f"(SELECT {_qn(c)} FROM {br})" for c in names), slot_col)
+    return ctes, params, columns
 
 
 def _wait(
@@ -553,11 +671,12 @@ def _release_and_count(ticket: Ticket, now: datetime, ok: bool) -> None:
     _trim(ticket.provider, int(now.timestamp()))
 
 
-def _outcome_ctes(ticket: Ticket, now: datetime, ok: bool) -> tuple[str, list[Any]]:
+def _outcome_ctes(ticket: Ticket, now: datetime, ok: bool, tag: str = "") -> tuple[str, list[Any]]:
     """The slot release (if the call holds one) and the health count as data-modifying CTEs.
 
     PostgreSQL runs every data-modifying CTE of a statement to completion whether or not the
-    rest of the statement reads it, so these take effect wherever they ride.
+    rest of the statement reads it, so these take effect wherever they ride. ``tag`` names
+    them apart from another call's outcome in the same statement.
     """
     t, h = _qn(CallSlot._meta.db_table), _qn(HealthBucket._meta.db_table)
     ts = connection.ops.adapt_datetimefield_value
@@ -565,12 +684,12 @@ def _outcome_ctes(ticket: Ticket, now: datetime, ok: bool) -> tuple[str, list[An
     release, params = "", []
     if ticket.slot_id is not None:
         release = (
-            f"pr AS (UPDATE {t} SET {_qn('lease_until')} = NULL "
+            f"pr{tag} AS (UPDATE {t} SET {_qn('lease_until')} = NULL "
             f"WHERE {_qn('id')} = %s AND {_qn('lease_until')} = %s RETURNING 1), "
         )
         params = [ticket.slot_id, ts(ticket.slot_lease)]
     count = (
-        f"ph AS (INSERT INTO {h} ({_qn('provider')}, {_qn('generation')}, {_qn('second')}, "
+        f"ph{tag} AS (INSERT INTO {h} ({_qn('provider')}, {_qn('generation')}, {_qn('second')}, "
         f"{_qn('ok')}, {_qn('failed')}, {_qn('started')}) VALUES (%s, %s, %s, %s, %s, 0) "
         f"ON CONFLICT ({_qn('provider')}, {_qn('generation')}, {_qn('second')}) DO UPDATE SET "
         f"{column} = {h}.{column} + 1 RETURNING 1)"
@@ -626,7 +745,7 @@ def defer_outcome(ticket: Ticket | None) -> None:
     asks for no admission.
     """
     report_deferred()
-    outcome = carried_outcome(ticket)
+    outcome = carried_outcome(ticket, tag="d")
     if outcome is None:
         report(ticket, ok=True)
         return
@@ -650,7 +769,18 @@ def report_deferred() -> None:
         log.warning("provider.report_failed", provider=deferred.ticket.provider, error=repr(exc))
 
 
-def carried_outcome(ticket: Ticket | None) -> CarriedOutcome | None:
+def take_deferred(*, other_than: str) -> CarriedOutcome | None:
+    """The outcome :func:`defer_outcome` left waiting, for a statement other than an admission
+    to carry (a saga's record), unless it is ``other_than``'s: one statement cannot count two
+    calls in one health row. Taken, it is the carrier's to run or, failing that, to report."""
+    deferred = _DEFERRED.get()
+    if deferred is None or deferred.ticket.provider == other_than:
+        return None
+    _DEFERRED.set(None)
+    return deferred
+
+
+def carried_outcome(ticket: Ticket | None, *, tag: str = "") -> CarriedOutcome | None:
     """A healthy call's outcome for the saga's own record to carry, saving a round trip.
 
     Only the plain case: a call admitted by a closed breaker that answered. A canary's answer
@@ -662,7 +792,7 @@ def carried_outcome(ticket: Ticket | None) -> CarriedOutcome | None:
     if ticket is None or ticket.canary or connection.vendor != "postgresql":
         return None
     now = timezone.now()
-    ctes, params = _outcome_ctes(ticket, now, ok=True)
+    ctes, params = _outcome_ctes(ticket, now, ok=True, tag=tag)
     return CarriedOutcome(ctes, params, ticket, int(now.timestamp()))
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -52,7 +53,7 @@ from sagas.definition import (
 )
 from sagas.doorbell import ring, ring_on_commit
 from sagas.models import Saga, SagaEvent, SagaSignal, SagaState, SagaStep, StepStatus
-from sagas.provider_seam import call_step, gate, held_back
+from sagas.provider_seam import call_step, gate, gate_ahead, held_back
 from sagas.store import (
     Batch,
     BatchBroken,
@@ -526,6 +527,7 @@ def _next_step(definition: SagaDefinition, saga: Saga, rec: Record, i: int) -> N
     if j < len(definition.steps):
         rec.fields.update(step_index=j, current_step=definition.steps[j].name)
         rec.go_on = True
+        rec.ahead = functools.partial(gate_ahead, definition.steps[j])
     else:
         rec.transitions.append("succeed")
         rec.fields.update(
@@ -851,6 +853,7 @@ def advance(
         # Outcomes of calls in steps' own transactions that no admission carried (the task's
         # last step was one): reported before the task ends, not left for the next.
         provider_breaker.report_deferred()
+        provider_breaker.drop_ahead()  # an admission made for a step this task did not run
         inline_until.reset(until)
         task_timeout.reset(token)
 

@@ -496,12 +496,22 @@ def _record_sql_postgres(
         if values:  # a row with nothing but the timestamp to set is left alone
             rows.append((name, {**values, "updated_at": now}))
     carried = tuple(c.ctes for c in rec.carried)
+    answers = tuple(column for c in rec.carried for column in c.columns)
     step_shape = tuple(tuple(values) for _, values in rows)
     # Never the record's own saga: one a signal made due and free meanwhile (its record then
     # fenced off) would come back looking like the record's row, and two CTEs must not both
     # update one row.
     claim_sql, claim_params = _claim_due_sql(other_than=saga.id) if claim_next else ("", [])
-    shape = ("record", saga_sql, wait_flush, step_shape, len(rec.events), carried, claim_sql)
+    shape = (
+        "record",
+        saga_sql,
+        wait_flush,
+        step_shape,
+        len(rec.events),
+        carried,
+        claim_sql,
+        answers,
+    )
     sql = _SQL_BY_SHAPE.get(shape)
     if sql is None:
         sql = _SQL_BY_SHAPE[shape] = _record_text(*shape[1:])
@@ -539,6 +549,7 @@ def _record_text(
     n_events: int,
     carried: tuple[str, ...] = (),
     claim_sql: str = "",
+    answers: tuple[str, ...] = (),
 ) -> str:
     qn = connection.ops.quote_name
     head = "WITH " if wait_flush else f"WITH {NO_FLUSH_WAIT}, "
@@ -558,8 +569,9 @@ def _record_text(
             f"FROM s, (VALUES {', '.join([row] * n_events)}) AS v({cols}))"
         )
     parts += [f", {ctes}" for ctes in carried]
-    columns = ", ".join(qn(column_of(f)) for f in _SAGA_FIELDS)
+    columns = ", ".join([*(qn(column_of(f)) for f in _SAGA_FIELDS), *answers])
     if claim_sql:
+        assert not answers  # a task letting go of the saga goes on into none of its steps
         # Only in a statement that waits for the disk: the claim may be of a step that leaves
         # the database, whose claim must (see _claim_text).
         assert wait_flush
@@ -968,6 +980,10 @@ class Carried:
     params: list[Any]
     done: Callable[[], None]
     alone: Callable[[], None]
+    # Columns the statement answers with besides the saga's row, and what to do with their
+    # values once it ran (only if the record landed: a fenced-off one returns no row).
+    columns: tuple[str, ...] = ()
+    took: Callable[[Sequence[Any]], None] | None = None
 
 
 @dataclass
@@ -1002,6 +1018,10 @@ class Record:
     # Rows of the waits this saga passes by on its way to its next step (their ``when`` said
     # no), recorded with this one.
     passed_steps: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    # For a record that hands the saga on to its next step: what that step's admission to its
+    # provider would carry in this record's statement, given the SQL condition that says the
+    # record landed (``None``: nothing), asked only if this task goes straight on into it.
+    ahead: Callable[[str], Carried | None] | None = None
 
     def step_rows(self) -> list[tuple[str, dict[str, Any]]]:
         """``(step name, new values)`` of every step row this record updates."""
@@ -1239,6 +1259,10 @@ def write(
     ahead = _AHEAD.get()
     if ahead is not None and (go_on or ahead.sagas or not within_inline_budget()):
         ahead = None
+    if go_on and rec.ahead is not None and connection.vendor == "postgresql":
+        admission = rec.ahead(_RECORD_LANDED)
+        if admission is not None:
+            rec.carried.append(admission)
     # A hook that does not want the saga as claimed may want it by the time the record lands
     # (saga_data_flag set its flag meanwhile): the record's row, read back, says so, and the
     # hook is told in the record's own transaction, so the change and what the hook writes
@@ -1403,12 +1427,33 @@ def _write_record(
             # Now if the statement committed on its own, at the commit if it is part of a
             # transaction, never if that rolls back (a fenced record's, a refused batch's).
             transaction.on_commit(lambda: ahead.sagas.append(claimed))
+    elif any(c.columns for c in rec.carried):
+        updated = _fetch_record_and_answers(sql, params, rec.carried)
     else:
         updated = _fetch_saga(sql, params)
     if updated is None:
         raise _Fenced
     _ring_after_record(saga, updated, rec, go_on)
     return updated
+
+
+#: In a record's statement: the fenced saga UPDATE matched (the record landed).
+_RECORD_LANDED = "EXISTS (SELECT 1 FROM s)"
+
+
+def _fetch_record_and_answers(sql: str, params: list[Any], carried: list[Carried]) -> Saga | None:
+    """The recorded saga (``None`` if fenced off), each carried part handed its own columns."""
+    with _saga_cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    at = len(_SAGA_FIELDS)
+    for c in carried:
+        if c.columns and c.took is not None:
+            c.took(row[at : at + len(c.columns)])
+        at += len(c.columns)
+    return _row_to_saga(row[: len(_SAGA_FIELDS)])
 
 
 def _fetch_record_and_claim(

@@ -14,7 +14,7 @@ from django.test.utils import CaptureQueriesContext
 
 from providers import breaker
 from providers.breaker import Ticket, admit, report
-from providers.models import CallSlot, HealthBucket
+from providers.models import Breaker, BreakerState, CallSlot, HealthBucket
 
 from . import test_breaker as portable
 from .test_breaker import KNOBS
@@ -157,6 +157,103 @@ def test_inside_a_transaction_the_gate_leaves_its_commit_durable():
         with connection.cursor() as cursor:
             cursor.execute("SHOW synchronous_commit")
             assert cursor.fetchone()[0] == "on"
+
+
+LANDED = "EXISTS (SELECT 1 FROM s)"
+
+
+def _carry(admission: breaker.AdmissionAhead, *, landed: bool = True) -> None:
+    """Run ``admission`` in a statement of another's, as a saga's record carries it: its
+    columns come back only if the carrier's own CTE (``s``, the record) has a row."""
+    sql = (
+        f"WITH s AS (SELECT 1 AS x WHERE %s), {admission.ctes} "
+        f"SELECT s.x, {', '.join(admission.columns)} FROM s"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [landed, *admission.params])
+        row = cursor.fetchone()
+    if row is not None:
+        admission.took(row[1:])
+
+
+def test_an_admission_carried_ahead_lets_the_call_through_without_a_statement():
+    """The record before a step carries its admission: the breaker's row read and a call slot
+    taken in that statement, so the step's own admit() asks nothing of the database."""
+    report(admit("card"), ok=True)  # rows created and cached
+    admission = breaker.admission_ahead("card", 5.0, LANDED)
+    assert admission is not None
+    _carry(admission)
+    assert len(_leased()) == 1
+    with CaptureQueriesContext(connection) as admitted:
+        ticket = admit("card", 5.0)
+    assert admitted.captured_queries == []
+    assert isinstance(ticket, Ticket) and _leased() == {ticket.slot_id}
+    assert CallSlot.objects.filter(id=ticket.slot_id, lease_until=ticket.slot_lease).exists()
+    report(ticket, ok=True)
+    assert _leased() == set() and breaker._AHEAD.get() is None
+
+
+def test_an_admission_ahead_takes_no_slot_unless_its_record_landed():
+    """A record fenced off (its saga moved on) takes no call slot for a step it will not run,
+    and leaves nothing for the next admit() to use."""
+    report(admit("card"), ok=True)
+    admission = breaker.admission_ahead("card", None, LANDED)
+    assert admission is not None
+    _carry(admission, landed=False)
+    assert _leased() == set() and breaker._AHEAD.get() is None
+    with CaptureQueriesContext(connection) as admitted:
+        ticket = admit("card")
+    assert len(admitted.captured_queries) == 1 and isinstance(ticket, Ticket)
+
+
+def test_an_admission_ahead_inside_a_rolled_back_transaction_took_nothing():
+    """Carried by a transactional step's record, the admission stands only if that commits."""
+    report(admit("card"), ok=True)
+    admission = breaker.admission_ahead("card", None, LANDED)
+    assert admission is not None
+    with pytest.raises(RuntimeError), transaction.atomic():
+        _carry(admission)
+        assert len(_leased()) == 1
+        raise RuntimeError("the step's transaction rolls back")
+    assert _leased() == set() and breaker._AHEAD.get() is None
+
+
+def test_an_admission_ahead_no_call_used_gives_its_slot_back():
+    """A saga that did not go on into the admitted step (a cancel honoured at the boundary, a
+    task stopping) leaves no slot taken: the task's end gives it back, and so does an admit()
+    for another call, which then asks for its own."""
+    report(admit("card"), ok=True)
+    admission = breaker.admission_ahead("card", None, LANDED)
+    assert admission is not None
+    _carry(admission)
+    assert len(_leased()) == 1
+    breaker.drop_ahead()
+    assert _leased() == set() and breaker._AHEAD.get() is None
+
+    admission = breaker.admission_ahead("card", None, LANDED)
+    assert admission is not None
+    _carry(admission)
+    (ahead_slot,) = _leased()
+    ticket = admit("card", 60.0)  # another step's call (another timeout): its own admission
+    assert isinstance(ticket, Ticket) and _leased() == {ticket.slot_id}
+    assert breaker._AHEAD.get() is None
+    report(ticket, ok=True)
+    assert _leased() == set()
+
+
+def test_an_admission_ahead_of_a_breaker_not_closed_takes_no_slot_and_parks_the_call():
+    """The breaker's row read ahead says open: no slot was taken with it, and admit() decides
+    from it as from its own read (no canary while a person holds it open: a wait)."""
+    report(admit("card"), ok=True)
+    Breaker.objects.filter(provider="card").update(state=BreakerState.OPEN, forced=True)
+    admission = breaker.admission_ahead("card", None, LANDED)
+    assert admission is not None
+    _carry(admission)
+    assert _leased() == set()
+    with CaptureQueriesContext(connection) as admitted:
+        wait = admit("card")
+    assert isinstance(wait, breaker.Wait) and wait.reason == BreakerState.OPEN
+    assert admitted.captured_queries == [] and breaker._AHEAD.get() is None
 
 
 #: The breaker's behaviour that the one-statement path takes its own SQL for: a closed
