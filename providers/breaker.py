@@ -725,20 +725,21 @@ class CarriedOutcome:
 
 
 #: The outcome of a call made inside a step's own transaction, reported after it committed:
-#: it rides in this task's next admission (:func:`defer_outcome`). One at most: two health
-#: counts of one provider and second cannot be one statement's (one row upserted twice).
+#: it rides in this task's next admission or record (:func:`defer_outcome`). One at most: two
+#: health counts of one provider and second cannot be one statement's (one row upserted twice).
 _DEFERRED: ContextVar[CarriedOutcome | None] = ContextVar("provider_deferred_outcome", default=None)
 
 
 def defer_outcome(ticket: Ticket | None) -> None:
     """A healthy call's outcome, reported once its step's own transaction has committed, left
-    to ride in the next admission this task makes (:func:`admit`), one round trip fewer.
+    to ride in the next admission this task makes (:func:`admit`) or the next record that
+    carries a call's outcome (:func:`take_deferred`), one round trip fewer.
 
     For a step whose participant writes in the saga's database and commits with the step's
     record: its outcome cannot ride in that record, which would hold the provider's shared
     health row locked until the step's commit, its flush to disk included, and every other
-    worker's call to the provider would queue behind it. The next step's admission is the
-    task's next statement, a few milliseconds later, and commits without the flush wait. Only
+    worker's call to the provider would queue behind it. The task's next such statement comes
+    a few milliseconds later. Only
     what :func:`carried_outcome` may carry waits so; the rest is reported at once, and so is an
     outcome still waiting when another comes. Whatever no admission took is reported by
     :func:`report_deferred`, which the engine calls when the task ends, and before a step that

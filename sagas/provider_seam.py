@@ -96,7 +96,8 @@ def call_step(
     A transactional step's outcome is reported outside its transaction (after a failure rolled
     it back, or once the record has committed or been fenced off): the provider's counters are
     shared rows that must neither wait for, nor vanish with, one saga's transaction. A healthy
-    one rides in the task's next admission (:func:`~providers.breaker.defer_outcome`).
+    one rides in the task's next admission or in the next step's record
+    (:func:`~providers.breaker.defer_outcome`).
 
     Any other step that succeeds hands its outcome to ``rec``, the record the runner writes
     next: the slot release and the health count ride in the record's own statement, one round
