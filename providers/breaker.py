@@ -739,11 +739,10 @@ def defer_outcome(ticket: Ticket | None) -> None:
     record: its outcome cannot ride in that record, which would hold the provider's shared
     health row locked until the step's commit, its flush to disk included, and every other
     worker's call to the provider would queue behind it. The task's next such statement comes
-    a few milliseconds later. Only
-    what :func:`carried_outcome` may carry waits so; the rest is reported at once, and so is an
-    outcome still waiting when another comes. Whatever no admission took is reported by
-    :func:`report_deferred`, which the engine calls when the task ends, and before a step that
-    asks for no admission.
+    a few milliseconds later. Only what :func:`carried_outcome` may carry waits so; the rest is
+    reported at once, and so is an outcome still waiting when another comes. Whatever no
+    statement took is reported by :func:`report_deferred`, which the engine calls when the task
+    ends, and before a step that asks for no admission.
     """
     report_deferred()
     outcome = carried_outcome(ticket, tag="d")

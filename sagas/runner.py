@@ -850,7 +850,7 @@ def advance(
             return
         _drive(saga)
     finally:
-        # Outcomes of calls in steps' own transactions that no admission carried (the task's
+        # Outcomes of calls in steps' own transactions that nothing carried (the task's
         # last step was one): reported before the task ends, not left for the next.
         provider_breaker.report_deferred()
         provider_breaker.drop_ahead()  # an admission made for a step this task did not run
