@@ -189,7 +189,8 @@ class ClosedInput:
         except exceptions.ValidationError as exc:
             if not isinstance(exc.detail, Mapping):
                 raise
-            value, errors = None, dict(exc.detail)
+            # Field names: str keys (the stubs type a detail's keys as str or int).
+            value, errors = None, {str(k): v for k, v in exc.detail.items()}
         if isinstance(data, Mapping):
             fields = self.fields  # type: ignore[attr-defined]
             read_only = {name: "" for name, field in fields.items() if field.read_only}

@@ -65,8 +65,9 @@ class JSONParser(parsers.JSONParser):
 
     def parse(self, stream, media_type=None, parser_context=None) -> Any:
         parser_context = parser_context or {}
-        # DRF 3.18.3 has get_encoding (it refuses bytes-to-bytes codecs); stubs 3.18.1 lack it.
-        encoding = parsers.get_encoding(parser_context)  # type: ignore[attr-defined]
+        # DRF 3.18.3 has get_encoding (it refuses bytes-to-bytes codecs); stubs 3.18.1 lack it,
+        # 3.18.2 have it: the ignore holds for either.
+        encoding = parsers.get_encoding(parser_context)  # type: ignore[attr-defined, unused-ignore]
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         raw = stream.read(limit + 1) if limit is not None else stream.read()
         if limit is not None and len(raw) > limit:
