@@ -59,7 +59,8 @@ def test_a_slot_taken_ahead_for_a_step_the_saga_never_ran_is_given_back():
     """A cancel lands while s1 runs: s1's record still goes on into s2 (and takes its slot
     ahead), then s2's boundary honours the cancel. The slot no call used is given back in the
     same task, not held until its lease runs out, and no call is counted."""
-    saga, _ = _run({"s1": ["cancel"]})
+    saga, sql = _run({"s1": ["cancel"]})
+    assert any('UPDATE "sagas_saga"' in s and 'FROM "providers_breaker"' in s for s in sql)
     assert saga.state == SagaState.COMPENSATED and saga.failure_code == "customer_cancelled"
     assert ("s2", "do") not in effects(saga.id)
     assert _leased() == 0 and breaker.window_counts("card") == (0, 0)
