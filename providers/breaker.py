@@ -337,16 +337,26 @@ def _gate_parts(
     ``prefix`` names the CTEs apart from those of a statement that carries them; ``guard``, a
     condition on that statement's own CTEs, must hold for a slot to be taken.
     """
+    limited = bool(cfg.max_in_flight)
+    ctes, columns = _gate_sql(prefix, guard, limited)
+    params: list[Any] = [provider]
+    if limited:
+        _ensure_slots(provider, cfg.max_in_flight)
+        ts = connection.ops.adapt_datetimefield_value
+        params += [ts(lease), provider, cfg.max_in_flight, ts(now)]
+    return ctes, params, columns
+
+
+@functools.cache
+def _gate_sql(prefix: str, guard: str, limited: bool) -> tuple[str, tuple[str, ...]]:
+    """The text of :func:`_gate_parts`, built once per shape: it runs for every provider call."""
     b, t = _qn(Breaker._meta.db_table), _qn(CallSlot._meta.db_table)
-    ts = connection.ops.adapt_datetimefield_value
     names = ("state", "probe_at", "forced", "generation")
     br, sl = f"{prefix}br", f"{prefix}s"
     cols = ", ".join(_qn(c) for c in names)
     ctes = f"{br} AS (SELECT {cols} FROM {b} WHERE {_qn('provider')} = %s)"
-    params: list[Any] = [provider]
     slot_col = "NULL::integer"
-    if cfg.max_in_flight:
-        _ensure_slots(provider, cfg.max_in_flight)
+    if limited:
         also = f" AND {guard}" if guard else ""
         ctes += (
             f", {sl} AS (UPDATE {t} SET {_qn('lease_until')} = %s WHERE {_qn('id')} = ("
@@ -355,10 +365,8 @@ def _gate_parts(
             f"SELECT 1 FROM {br} WHERE {_qn('state')} = 'closed'){also} LIMIT 1 "
             f"FOR UPDATE SKIP LOCKED) RETURNING {_qn('id')})"
         )
-        params += [ts(lease), provider, cfg.max_in_flight, ts(now)]
         slot_col = f"(SELECT {_qn('id')} FROM {sl})"
-    columns = (*(f"(SELECT {_qn(c)} FROM {br})" for c in names), slot_col)
-    return ctes, params, columns
+    return ctes, (*(f"(SELECT {_qn(c)} FROM {br})" for c in names), slot_col)
 
 
 def _wait(

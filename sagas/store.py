@@ -1427,10 +1427,8 @@ def _write_record(
             # Now if the statement committed on its own, at the commit if it is part of a
             # transaction, never if that rolls back (a fenced record's, a refused batch's).
             transaction.on_commit(lambda: ahead.sagas.append(claimed))
-    elif any(c.columns for c in rec.carried):
-        updated = _fetch_record_and_answers(sql, params, rec.carried)
     else:
-        updated = _fetch_saga(sql, params)
+        updated = _fetch_record_and_answers(sql, params, rec.carried)
     if updated is None:
         raise _Fenced
     _ring_after_record(saga, updated, rec, go_on)
@@ -1442,7 +1440,8 @@ _RECORD_LANDED = "EXISTS (SELECT 1 FROM s)"
 
 
 def _fetch_record_and_answers(sql: str, params: list[Any], carried: list[Carried]) -> Saga | None:
-    """The recorded saga (``None`` if fenced off), each carried part handed its own columns."""
+    """The recorded saga (``None`` if fenced off), each carried part that answers with
+    columns handed its own."""
     with _saga_cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
