@@ -96,15 +96,16 @@ KNOBS = {
     # SAGA_DEADLINE: see deadline_for() (it covers the outage phase and its backlog's drain).
     # Provider breakers with short cool-downs, and the parked backlog released over two
     # seconds. min_calls 5, not the default 10: at the few orders per second the full run
-    # offers on a busy machine (half its measured capacity), one saga's five attempts (about
-    # 1.5 s at these backoffs, inside the breaker's two-second recent check) can all fail on
-    # the outage before ten failures were seen, and it was cancelled for step_failed (a smoke
-    # run at 1.1 orders/s, 2026-12-03). With 5 (= SAGA_MAX_ATTEMPTS) its own failures open
-    # the breaker by its last attempt, which then parks instead (and a last attempt after
-    # attempts spread wider, failing with the provider's most recent calls, parks for a
-    # cool-down: providers.breaker.failing_now); the recent check still needs
-    # half the calls of those two seconds failed, which the injected faults (about one call in
-    # six) reach only by a rare fluke, and then the breaker is open for a cool-down, no more.
+    # offers on a busy machine (half its measured capacity), one saga's five attempts can all
+    # fail on the outage before ten failures were seen, and it was cancelled for step_failed
+    # (a smoke run at 1.1 orders/s, 2026-12-03). With 5 (= SAGA_MAX_ATTEMPTS) its own failures
+    # open the breaker by its last attempt (five in a row, however far apart: the broker
+    # outage often starts with the provider's, both due once the deploy gate lets the load
+    # on, and spreads the retries), which then parks instead;
+    # a last attempt after others' calls went through, failing with the provider's most recent
+    # calls, parks for a cool-down (providers.breaker.failing_now). The injected faults (about
+    # one call in six) give five failures in a row, or half of two busy seconds, only by a
+    # rare fluke, and then the breaker is open for a cool-down, no more.
     "SAGA_PROVIDERS": json.dumps(
         {
             name: {"cooldown": 3, "release_spread": 2, "min_calls": 5}

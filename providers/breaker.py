@@ -411,12 +411,13 @@ def held_back(
     (:func:`failing_now`; ``attempts`` and ``previous``, the saga's failed attempts at the step
     and when the one before this ended, tell its own failures apart). The outage may have begun
     a moment ago, its failures not yet enough for the breaker, which needs ``min_calls`` of
-    them in its last :data:`RECENT_SECONDS` seconds, or half a window of them among the
-    earlier successes. Without this, a saga whose attempts straddled the start of an outage
-    (some spent on ordinary faults before it, the last on it) was cancelled a moment before
-    the breaker opened. The saga then tries once more after a cool-down. A breaker that opened
-    and closed again while the call ran (a new generation: the call overlapped an outage, or a
-    person closed it meanwhile) holds it back the same way: one more try after a cool-down.
+    them in its last :data:`RECENT_SECONDS` seconds or in a row (:func:`_maybe_open`), or half
+    a window of them among the earlier successes. Without this, a saga whose attempts
+    straddled the start of an outage (some spent on ordinary faults before it, the last on it)
+    was cancelled a moment before the breaker opened. The saga then tries once more after a
+    cool-down. A breaker that opened and closed again while the call ran (a new generation:
+    the call overlapped an outage, or a person closed it meanwhile) holds it back the same
+    way: one more try after a cool-down.
     ``kept_before(generation)``: whether the saga's failed last attempt was held back already
     on a closed breaker in that generation; a closed breaker then holds nothing back (an open
     one always does). Asked only when it matters (it costs the caller a read).
@@ -834,29 +835,50 @@ RECENT_SECONDS = 2
 
 
 def _maybe_open(provider: str, generation: int, cfg: ProviderConfig, now: datetime) -> None:
-    """Open the breaker if the failure rate passes the threshold, at either of two scales.
+    """Open the breaker if the provider is failing, judged at three scales.
 
-    The whole window (at least ``min_calls`` calls) catches a provider going bad slowly, or a
-    quiet one; its last :data:`RECENT_SECONDS` seconds catch a provider that just fell over.
-    Without the second, a busy provider's window full of earlier successes would hide an
-    outage for half a window, long enough for sagas to spend all their attempts on it. The
-    recent check needs ``min_calls`` *failures*, not calls: a handful of unlucky calls in two
-    seconds is noise, ten failures in two seconds at that rate is not.
+    - The whole window, with at least ``min_calls`` calls, failing at ``failure_rate``: a
+      provider going bad slowly, or a quiet one.
+    - Its last :data:`RECENT_SECONDS` seconds, with at least ``min_calls`` *failures*, failing
+      at that rate: a busy provider that just fell over. Without it, a window full of earlier
+      successes would hide an outage for half a window, long enough for sagas to spend all
+      their attempts on it. Failures, not calls: a handful of unlucky calls in two seconds is
+      noise, ten failures in two seconds at that rate is not.
+    - Its latest failures in a row, ``min_calls`` of them or more with no call answered since
+      the first (counted back second by second to one that holds a success), however far
+      apart: an outage met by a few callers whose retries spread their failures wider than two
+      seconds (backed off, or held up by a broker outage at the same moment). Without it, a
+      saga alone on the provider as it went down spent its last attempt on the outage with
+      the breaker still closed, and was cancelled for it. In a row, not a share: at one failure
+      in six, five failures in a row come about once in 7,800 calls, while five failures making
+      half of some recent stretch of calls come about once in 130.
     """
     second = int(now.timestamp())
-    rows = _window(provider, generation, cfg, now).values_list("second", "ok", "failed")
-    calls = failed = recent_calls = recent_failed = 0
+    rows = (
+        _window(provider, generation, cfg, now)
+        .order_by("-second")
+        .values_list("second", "ok", "failed")
+    )
+    calls = failed = recent_calls = recent_failed = in_a_row = 0
+    row_ended = False
     for at, ok_n, failed_n in rows:
         calls += ok_n + failed_n
         failed += failed_n
         if at > second - RECENT_SECONDS:
             recent_calls += ok_n + failed_n
             recent_failed += failed_n
+        if not row_ended:
+            row_ended = ok_n > 0
+            in_a_row += 0 if row_ended else failed_n
     minimum = max(cfg.min_calls, 1)
+    reason = "failure rate"
     if calls >= minimum and failed / calls >= cfg.failure_rate:
         pass
     elif recent_failed >= minimum and recent_failed / recent_calls >= cfg.failure_rate:
         calls, failed = recent_calls, recent_failed
+    elif in_a_row >= minimum:
+        calls = failed = in_a_row
+        reason = "failures in a row"
     else:
         return
     opened = Breaker.objects.filter(
@@ -875,7 +897,7 @@ def _maybe_open(provider: str, generation: int, cfg: ProviderConfig, now: dateti
             provider,
             BreakerState.CLOSED,
             BreakerState.OPEN,
-            reason="failure rate",
+            reason=reason,
             failure_rate=round(failed / calls, 3),
             calls=calls,
         )

@@ -14,7 +14,8 @@ class ProviderConfig:
     """What one provider's breaker and limits do.
 
     ``window``: seconds of call outcomes the failure rate is computed over.
-    ``min_calls``: outcomes in the window before the rate may open the breaker.
+    ``min_calls``: outcomes in the window before the rate may open the breaker; that many
+    failures within two seconds (at the rate) or in a row open it too (``breaker._maybe_open``).
     ``failure_rate``: fraction of failed calls (0-1) that opens it.
     ``cooldown``: seconds open before canaries are let through (half-open).
     ``canaries``: calls let through while half-open; judged by ``failure_rate``

@@ -104,7 +104,7 @@ def test_open_parks_calls_then_canaries_close_it_or_open_it_again(settings):
     report(second, ok=True)
     assert _state() == "closed"
     # The failures from before the recovery do not count against the closed breaker.
-    _call(ok=False)
+    _call(ok=False)  # 4 failures, 13 calls since the first of them
     assert _state() == "closed"
 
 
@@ -251,6 +251,50 @@ def test_a_sudden_outage_opens_it_even_when_the_window_is_full_of_earlier_succes
         _call(ok=False)
     # 4 failures in 1704 calls over the window, but every recent call failed.
     assert _state() == "open"
+
+
+def _busy_then(generation: int, now: int, *later: tuple[int, int]) -> None:
+    """Fifteen busy, healthy seconds (300 calls) from 28 s ago, then one ``(ok, failed)``
+    bucket every three seconds from 9 s ago."""
+    from providers.models import HealthBucket
+
+    busy = [HealthBucket(provider="card", generation=generation, second=now - 28 + i, ok=20)
+            for i in range(15)]  # fmt: skip
+    HealthBucket.objects.bulk_create(
+        busy
+        + [
+            HealthBucket(
+                provider="card", generation=generation, second=now - 9 + 3 * i, ok=ok, failed=n
+            )
+            for i, (ok, n) in enumerate(later)
+        ]
+    )
+
+
+def test_failures_in_a_row_spread_over_seconds_open_it_past_earlier_successes():
+    """An outage met by a few sagas whose retries spread their failures (backed off, or held up
+    by a broker outage): one failed call every few seconds, none answered, after a busy
+    healthy spell. ``min_calls`` failures in a row open the breaker however far apart they
+    came (counted only within two seconds they were never enough, and the saga whose last
+    attempt was among them was cancelled for the outage)."""
+    breaker.ensure_breaker("card")
+    generation = Breaker.objects.get(provider="card").generation
+    _busy_then(generation, int(timezone.now().timestamp()), (0, 1), (0, 1), (0, 1))
+    assert breaker.window_counts("card") == (303, 3)
+    _call(ok=False)  # the fourth failure in a row: 4 of 304 in the window
+    assert _state() == "open"
+    assert Breaker.objects.get(provider="card").generation == generation
+
+
+def test_a_call_answered_between_spread_failures_keeps_it_closed():
+    """The same four failures with one call answered between them: the provider is up for
+    someone, so no row of ``min_calls`` failures, and too few in two seconds or in the window
+    to open it (four of the five calls since the first failure is no row)."""
+    breaker.ensure_breaker("card")
+    generation = Breaker.objects.get(provider="card").generation
+    _busy_then(generation, int(timezone.now().timestamp()), (0, 1), (1, 1), (0, 1))
+    _call(ok=False)
+    assert _state() == "closed"
 
 
 def test_rows_deleted_under_a_running_process_are_recreated_not_fatal():

@@ -226,6 +226,37 @@ def test_a_saga_failing_alone_through_all_its_attempts_is_not_held_back(settings
     assert (saga.state, saga.failure_code, saga.parked_on) == ("compensating", "step_failed", "")
 
 
+def test_a_sagas_failures_spread_over_seconds_open_the_breaker_before_its_last_is_spent(
+    settings,
+):
+    """A provider goes down while one saga is its only caller, just after a busy spell; the
+    saga's five attempts come a few seconds apart (backed off, or delayed by a broker outage
+    at the same moment). With ``min_calls`` at the attempts, its own failures open the breaker
+    by its last attempt, which parks instead of cancelling the order for the outage (counted
+    only within two seconds, the failures were too few and it was cancelled for step_failed)."""
+    settings.SAGA_MAX_ATTEMPTS = 5
+    settings.SAGA_PROVIDERS = {
+        "card": {"min_calls": 5, "failure_rate": 0.5, "cooldown": 60, "canaries": 1}
+    }
+    breaker.ensure_breaker("card")
+    generation = Breaker.objects.get(provider="card").generation
+    now = int(timezone.now().timestamp())
+    HealthBucket.objects.create(  # the busy spell, 15 s before the outage
+        provider="card", generation=generation, second=now - 15, ok=40, started=40
+    )
+    saga = saga_start(saga_type="test_provider", data={"script": {"s2": ["transient"] * 9}})
+    saga = deliver(saga.id)  # s1
+    for attempt in range(1, 5):
+        saga = deliver(saga.id)  # s2 fails; then 3 s pass before the next attempt
+        assert (saga.state, saga.attempt) == ("running", attempt)
+        HealthBucket.objects.filter(provider="card").update(second=F("second") - 3)
+    assert Breaker.objects.get(provider="card").state == "closed"  # 4 of 44 in the window
+    saga = deliver(saga.id)  # attempt 5, the last: five failures in a row open the breaker
+    assert Breaker.objects.get(provider="card").state == "open"
+    assert (saga.state, saga.attempt, saga.parked_on) == ("running", 4, "card")
+    assert "provider card: open" in SagaEvent.objects.get(saga_id=saga.id, kind="parked").detail
+
+
 def test_a_call_that_outlived_an_outage_is_kept_once_after_the_breaker_closed_again(settings):
     """A last attempt admitted before the breaker opened, whose call ran on while the breaker
     opened and closed again (a hanging call, or a person closing it), then failed: it went on
