@@ -200,3 +200,25 @@ def test_the_settled_poll_asks_about_one_saga_until_its_window_has_settled():
     assert polled() == (False, [1])  # the youngest still runs
     settle([ids[149]])
     assert polled() == (True, [1, 50])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_bench_vacuums_and_analyzes_its_database_between_workloads():
+    """``make bench`` gives every workload a database as autovacuum would keep it (it is off on
+    CI-like machines, where the order saga inherited the engine workloads' dead rows)."""
+    from django.db import connection
+
+    from lab.bench_suite import vacuum_database
+
+    def counts() -> tuple[int, int]:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_stat_clear_snapshot()")
+            cursor.execute(
+                "SELECT vacuum_count, analyze_count FROM pg_stat_user_tables "
+                "WHERE relname = 'sagas_saga'"
+            )
+            return cursor.fetchone()
+
+    before = counts()
+    assert vacuum_database() >= 0
+    assert counts() == (before[0] + 1, before[1] + 1)

@@ -68,6 +68,12 @@ class Command(BaseCommand):
         suite.add_argument("--out-dir", default=None, help="default: bench-results/")
         suite.add_argument("--plot", default=None, help="also copy the PNG here")
         suite.add_argument("--skip-sweep", action="store_true")
+        suite.add_argument(
+            "--no-vacuum",
+            action="store_true",
+            help="skip the VACUUM (ANALYZE) before each workload (every workload then inherits "
+            "the dead rows of those before it where autovacuum is off)",
+        )
         suite.add_argument("--sweep-sagas", type=int, default=1_000_000)
         suite.add_argument("--sweep-repeats", type=int, default=7)
         suite.add_argument("--keep", action="store_true", help="keep the scratch database")
