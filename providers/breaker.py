@@ -7,7 +7,8 @@ The engine asks :func:`admit` before it calls a step's provider and hands the an
 the last canary or the last call slot cannot both win, and no process memory matters.
 
 Breaker: ``closed`` until the failure rate of the calls in the last ``window`` seconds (and
-admitted since the breaker last closed) reaches ``failure_rate`` over at least ``min_calls`` calls;
+admitted since the breaker last closed) reaches ``failure_rate`` over at least ``min_calls`` calls,
+or ``min_calls`` of them fail within two seconds or in a row (:func:`_maybe_open`);
 then ``open`` for ``cooldown`` seconds; then ``half_open``, letting ``canaries`` calls through,
 judged by ``failure_rate`` too: enough of them succeeding closes it, that share failing opens
 it again (:func:`canary_verdicts`). A canary's verdict counts only in the round that let it
