@@ -467,9 +467,10 @@ def failing_now(
     ``min_calls`` or not. The saga's own: its latest attempt only, while the stretch begins
     in a second after ``previous`` (when the attempt before it was recorded); from that second
     back, all ``attempts`` (their times are not kept, so all are counted in). A saga failing
-    alone on its own request (a quiet provider) is never held back, and a provider that
-    answers others' calls between failures is not failing: every stretch with enough failures
-    holds those successes too.
+    alone on its own request (a quiet provider) is never held back by this (its own failures
+    open the breaker only if ``min_calls`` of them came in a row: :func:`_maybe_open`), and a
+    provider that answers others' calls between failures is not failing: every stretch with
+    enough failures holds those successes too.
     ``generation``: calls admitted since the breaker last closed.
     """
     cfg = cfg or provider_config(provider)
@@ -642,18 +643,27 @@ def _report(ticket: Ticket, *, ok: bool) -> None:
         _maybe_open(provider, ticket.generation, cfg, now)
 
 
-def _count(provider: str, generation: int, now: datetime, ok: bool) -> None:
-    t = _qn(HealthBucket._meta.db_table)
-    column = _qn("ok" if ok else "failed")
-    sql = (
-        f"INSERT INTO {t} ({_qn('provider')}, {_qn('generation')}, {_qn('second')}, "
-        f"{_qn('ok')}, {_qn('failed')}, {_qn('started')}) VALUES (%s, %s, %s, %s, %s, 0) "
+@functools.cache
+def _count_sql(ok: bool) -> str:
+    """One outcome counted in its second's health bucket: ``ok`` or ``failed`` one up, and the
+    failures since the second's last success reset by a success or one up by a failure.
+    Parameters: provider, generation, second."""
+    h = _qn(HealthBucket._meta.db_table)
+    column, since = _qn("ok" if ok else "failed"), _qn("failed_since_ok")
+    after = "0" if ok else f"{h}.{since} + 1"
+    return (
+        f"INSERT INTO {h} ({_qn('provider')}, {_qn('generation')}, {_qn('second')}, "
+        f"{_qn('ok')}, {_qn('failed')}, {since}, {_qn('started')}) "
+        f"VALUES (%s, %s, %s, {int(ok)}, {int(not ok)}, {int(not ok)}, 0) "
         f"ON CONFLICT ({_qn('provider')}, {_qn('generation')}, {_qn('second')}) DO UPDATE SET "
-        f"{column} = {t}.{column} + 1"
+        f"{column} = {h}.{column} + 1, {since} = {after}"
     )
+
+
+def _count(provider: str, generation: int, now: datetime, ok: bool) -> None:
     second = int(now.timestamp())
     with connection.cursor() as cursor:
-        cursor.execute(sql, [provider, generation, second, int(ok), int(not ok)])
+        cursor.execute(_count_sql(ok), [provider, generation, second])
     _trim(provider, second)
 
 
@@ -688,9 +698,8 @@ def _outcome_ctes(ticket: Ticket, now: datetime, ok: bool, tag: str = "") -> tup
     rest of the statement reads it, so these take effect wherever they ride. ``tag`` names
     them apart from another call's outcome in the same statement.
     """
-    t, h = _qn(CallSlot._meta.db_table), _qn(HealthBucket._meta.db_table)
+    t = _qn(CallSlot._meta.db_table)
     ts = connection.ops.adapt_datetimefield_value
-    column = _qn("ok" if ok else "failed")
     release, params = "", []
     if ticket.slot_id is not None:
         release = (
@@ -698,21 +707,8 @@ def _outcome_ctes(ticket: Ticket, now: datetime, ok: bool, tag: str = "") -> tup
             f"WHERE {_qn('id')} = %s AND {_qn('lease_until')} = %s RETURNING 1), "
         )
         params = [ticket.slot_id, ts(ticket.slot_lease)]
-    count = (
-        f"ph{tag} AS (INSERT INTO {h} ({_qn('provider')}, {_qn('generation')}, {_qn('second')}, "
-        f"{_qn('ok')}, {_qn('failed')}, {_qn('started')}) VALUES (%s, %s, %s, %s, %s, 0) "
-        f"ON CONFLICT ({_qn('provider')}, {_qn('generation')}, {_qn('second')}) DO UPDATE SET "
-        f"{column} = {h}.{column} + 1 RETURNING 1)"
-    )
-    second = int(now.timestamp())
-    return release + count, [
-        *params,
-        ticket.provider,
-        ticket.generation,
-        second,
-        int(ok),
-        int(not ok),
-    ]
+    count = f"ph{tag} AS ({_count_sql(ok)} RETURNING 1)"
+    return release + count, [*params, ticket.provider, ticket.generation, int(now.timestamp())]
 
 
 @dataclass(frozen=True)
@@ -846,31 +842,34 @@ def _maybe_open(provider: str, generation: int, cfg: ProviderConfig, now: dateti
       their attempts on it. Failures, not calls: a handful of unlucky calls in two seconds is
       noise, ten failures in two seconds at that rate is not.
     - Its latest failures in a row, ``min_calls`` of them or more with no call answered since
-      the first (counted back second by second to one that holds a success), however far
-      apart: an outage met by a few callers whose retries spread their failures wider than two
-      seconds (backed off, or held up by a broker outage at the same moment). Without it, a
-      saga alone on the provider as it went down spent its last attempt on the outage with
-      the breaker still closed, and was cancelled for it. In a row, not a share: at one failure
-      in six, five failures in a row come about once in 7,800 calls, while five failures making
-      half of some recent stretch of calls come about once in 130.
+      the first, however far apart within the window: an outage met by a few callers whose
+      retries spread their failures wider than two seconds (backed off, or held up by a broker
+      outage at the same moment). Without it, a saga alone on the provider as it went down
+      spent its last attempt on the outage with the breaker still closed, and was cancelled
+      for it. Counted back second by second, each bucket's failures since its last success
+      (``failed_since_ok``), to the first that holds a success: the second an outage began in
+      holds the last successes and the first failures, in that order. In a row, not a share:
+      at one failure in six, five failures in a row come about once in 7,800 calls, while five
+      failures making half of some recent stretch of calls come about once in 110. (With
+      ``min_calls`` at 1 or 2, one or two failures in a row open it whatever the rate.)
     """
     second = int(now.timestamp())
     rows = (
         _window(provider, generation, cfg, now)
         .order_by("-second")
-        .values_list("second", "ok", "failed")
+        .values_list("second", "ok", "failed", "failed_since_ok")
     )
     calls = failed = recent_calls = recent_failed = in_a_row = 0
     row_ended = False
-    for at, ok_n, failed_n in rows:
+    for at, ok_n, failed_n, since_ok in rows:
         calls += ok_n + failed_n
         failed += failed_n
         if at > second - RECENT_SECONDS:
             recent_calls += ok_n + failed_n
             recent_failed += failed_n
         if not row_ended:
+            in_a_row += since_ok
             row_ended = ok_n > 0
-            in_a_row += 0 if row_ended else failed_n
     minimum = max(cfg.min_calls, 1)
     reason = "failure rate"
     if calls >= minimum and failed / calls >= cfg.failure_rate:

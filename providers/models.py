@@ -57,6 +57,10 @@ class HealthBucket(models.Model):
     failed = models.PositiveIntegerField(default=0)
     #: Calls admitted in this second (the optional calls-per-second limit).
     started = models.PositiveIntegerField(default=0)
+    #: Failures counted in this second since its last success (all of them if none): with the
+    #: seconds before it, how many calls in a row have failed (``breaker._maybe_open``). A
+    #: second's totals cannot say so once it holds a success: the outage may have begun in it.
+    failed_since_ok = models.PositiveIntegerField(default=0, db_default=0)
 
     class Meta:
         constraints = [

@@ -104,7 +104,7 @@ def test_open_parks_calls_then_canaries_close_it_or_open_it_again(settings):
     report(second, ok=True)
     assert _state() == "closed"
     # The failures from before the recovery do not count against the closed breaker.
-    _call(ok=False)  # 4 failures, 13 calls since the first of them
+    _call(ok=False)
     assert _state() == "closed"
 
 
@@ -253,20 +253,25 @@ def test_a_sudden_outage_opens_it_even_when_the_window_is_full_of_earlier_succes
     assert _state() == "open"
 
 
-def _busy_then(generation: int, now: int, *later: tuple[int, int]) -> None:
-    """Fifteen busy, healthy seconds (300 calls) from 28 s ago, then one ``(ok, failed)``
-    bucket every three seconds from 9 s ago."""
+def _busy_then(generation: int, now: int, *later: tuple[int, int, int]) -> None:
+    """Ten busy, healthy seconds (200 calls) from 22 s ago, then one ``(ok, failed,
+    failed_since_ok)`` bucket every three seconds from 9 s ago."""
     from providers.models import HealthBucket
 
-    busy = [HealthBucket(provider="card", generation=generation, second=now - 28 + i, ok=20)
-            for i in range(15)]  # fmt: skip
+    busy = [HealthBucket(provider="card", generation=generation, second=now - 22 + i, ok=20)
+            for i in range(10)]  # fmt: skip
     HealthBucket.objects.bulk_create(
         busy
         + [
             HealthBucket(
-                provider="card", generation=generation, second=now - 9 + 3 * i, ok=ok, failed=n
+                provider="card",
+                generation=generation,
+                second=now - 9 + 3 * i,
+                ok=ok,
+                failed=failed,
+                failed_since_ok=since,
             )
-            for i, (ok, n) in enumerate(later)
+            for i, (ok, failed, since) in enumerate(later)
         ]
     )
 
@@ -275,26 +280,56 @@ def test_failures_in_a_row_spread_over_seconds_open_it_past_earlier_successes():
     """An outage met by a few sagas whose retries spread their failures (backed off, or held up
     by a broker outage): one failed call every few seconds, none answered, after a busy
     healthy spell. ``min_calls`` failures in a row open the breaker however far apart they
-    came (counted only within two seconds they were never enough, and the saga whose last
-    attempt was among them was cancelled for the outage)."""
+    came within the window (counted only within two seconds they were never enough, and the
+    saga whose last attempt was among them was cancelled for the outage)."""
     breaker.ensure_breaker("card")
     generation = Breaker.objects.get(provider="card").generation
-    _busy_then(generation, int(timezone.now().timestamp()), (0, 1), (0, 1), (0, 1))
-    assert breaker.window_counts("card") == (303, 3)
-    _call(ok=False)  # the fourth failure in a row: 4 of 304 in the window
+    _busy_then(generation, int(timezone.now().timestamp()), (0, 1, 1), (0, 1, 1), (0, 1, 1))
+    assert breaker.window_counts("card") == (203, 3)
+    _call(ok=False)  # the fourth failure in a row: 4 of 204 in the window
     assert _state() == "open"
     assert Breaker.objects.get(provider="card").generation == generation
 
 
+def test_the_second_an_outage_began_in_counts_its_failures_after_the_last_success():
+    """The outage began within a busy second: its last successes, then the first failure. That
+    failure is in the row (the bucket counts the failures since its last success), so four in
+    a row open the breaker; counting only seconds without a success, it would take five."""
+    breaker.ensure_breaker("card")
+    generation = Breaker.objects.get(provider="card").generation
+    _busy_then(generation, int(timezone.now().timestamp()), (20, 1, 1), (0, 1, 1), (0, 1, 1))
+    _call(ok=False)
+    assert _state() == "open"
+
+
 def test_a_call_answered_between_spread_failures_keeps_it_closed():
-    """The same four failures with one call answered between them: the provider is up for
+    """The same four failures with a call answered after one of them: the provider is up for
     someone, so no row of ``min_calls`` failures, and too few in two seconds or in the window
     to open it (four of the five calls since the first failure is no row)."""
     breaker.ensure_breaker("card")
     generation = Breaker.objects.get(provider="card").generation
-    _busy_then(generation, int(timezone.now().timestamp()), (0, 1), (1, 1), (0, 1))
+    _busy_then(generation, int(timezone.now().timestamp()), (0, 1, 1), (1, 1, 0), (0, 1, 1))
     _call(ok=False)
     assert _state() == "closed"
+
+
+@pytest.mark.parametrize("carried", [False, True], ids=["own statement", "carried"])
+def test_a_bucket_counts_the_failures_since_its_last_success(carried):
+    """Within one second: two failures, a success, a failure. The bucket's totals say 3 and 1;
+    the failures since its last success, 1. Counted alone or in a carried statement alike."""
+    from providers.models import HealthBucket
+
+    breaker.ensure_breaker("card")
+    ticket = admit("card")
+    assert isinstance(ticket, Ticket)
+    at = timezone.now().replace(microsecond=0) - timedelta(seconds=5)
+    for ok in (False, False, True, False):
+        if carried:
+            breaker._release_and_count(ticket, at, ok)
+        else:
+            breaker._count("card", ticket.generation, at, ok)
+    bucket = HealthBucket.objects.get(provider="card", second=int(at.timestamp()))
+    assert (bucket.ok, bucket.failed, bucket.failed_since_ok) == (1, 3, 1)
 
 
 def test_rows_deleted_under_a_running_process_are_recreated_not_fatal():
