@@ -436,11 +436,12 @@ def vacuum_database() -> float:
     saga rows and 70,000 dead step rows they left, while the plain chains write tables of
     their own. Run between workloads, with no worker up, so it is never part of a measurement.
 
-    Never a table no row was ever written to, as autovacuum would not touch one: vacuumed
-    empty, its statistics say "no pages" instead of "never vacuumed", the planner then prefers
-    a sequential scan of it, and the workers' prepared statements keep that plan while the
-    table grows (a first try vacuumed the fresh database too: the engine, the first workload,
-    fell from about 400 to 126 sagas/s at 8.9 ms of PostgreSQL CPU per saga, 1.6 without).
+    Never a table no row was ever written to, as autovacuum would not touch one: a first try
+    vacuumed the fresh database too, and the engine, the first workload, fell burst by burst
+    to 126 sagas/s at 8.9 ms of PostgreSQL CPU per saga (about 400 at 1.6 ms without). Most
+    likely because a table vacuumed empty has statistics that say "no pages" instead of "never
+    vacuumed", the planner prefers a sequential scan of it, and the workers' prepared
+    statements keep that plan while the table grows.
     """
     from django.db import connection
 
