@@ -101,9 +101,12 @@ KNOBS = {
     # (a smoke run at 1.1 orders/s, 2026-12-03). With 5 (= SAGA_MAX_ATTEMPTS) its own failures
     # open the breaker by its last attempt (five in a row, however far apart: the broker
     # outage often starts with the provider's, both due once the deploy gate lets the load
-    # on, and spreads the retries), which then parks instead;
-    # a last attempt after others' calls went through, failing with the provider's most recent
-    # calls, parks for a cool-down (providers.breaker.failing_now). The injected faults (about
+    # on, and spreads the retries), which then parks instead. A last attempt failing with no
+    # call answered since the one before it (an outage only this saga has met, its earlier
+    # attempts spent on ordinary faults or lost to a kill) is held back a cool-down at a time
+    # until its failures in a row open the breaker; one after others' calls went through,
+    # failing with the provider's most recent calls, parks for a cool-down, once
+    # (providers.breaker.held_back). The injected faults (about
     # one call in six) give five failures in a row, or half of two busy seconds, only by a
     # rare fluke, and then the breaker is open for a cool-down, no more.
     "SAGA_PROVIDERS": json.dumps(

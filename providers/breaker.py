@@ -23,7 +23,7 @@ import contextlib
 import functools
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -77,8 +77,10 @@ class Wait:
     delay: float
     reason: str
     #: For a failed last attempt held back on a closed breaker (``failing``): the generation
-    #: of the call's admission, which the saga remembers so it is held back once per generation.
+    #: of the call's admission, which the saga remembers with ``holds``, its holds on the
+    #: closed breaker in that generation, this one included (:func:`held_back` bounds them).
     generation: int | None = None
+    holds: int = 0
 
 
 #: Wait reasons that are a moment's queueing (a call slot, the rate limit), not an outage.
@@ -398,7 +400,7 @@ def held_back(
     generation: int | None = None,
     attempts: int = 1,
     previous: Callable[[], datetime | None] | None = None,
-    kept_before: Callable[[int], bool] | None = None,
+    kept_before: Callable[[int], int] | None = None,
 ) -> Wait | None:
     """A :class:`Wait` if the provider is failing now, else ``None``.
 
@@ -407,21 +409,36 @@ def held_back(
     of compensating or escalating.
 
     ``generation`` (the failed call's ticket's; given for a last attempt, not for a canary):
-    with it, a breaker still closed in that generation holds the saga back too if the
-    provider's most recent calls are failing, others' as well as the saga's own
-    (:func:`failing_now`; ``attempts`` and ``previous``, the saga's failed attempts at the step
-    and when the one before this ended, tell its own failures apart). The outage may have begun
-    a moment ago, its failures not yet enough for the breaker, which needs ``min_calls`` of
-    them in its last :data:`RECENT_SECONDS` seconds or in a row (:func:`_maybe_open`), or half
-    a window of them among the earlier successes. Without this, a saga whose attempts
-    straddled the start of an outage (some spent on ordinary faults before it, the last on it)
-    was cancelled a moment before the breaker opened. The saga then tries once more after a
-    cool-down. A breaker that opened and closed again while the call ran (a new generation:
-    the call overlapped an outage, or a person closed it meanwhile) holds it back the same
-    way: one more try after a cool-down.
-    ``kept_before(generation)``: whether the saga's failed last attempt was held back already
-    on a closed breaker in that generation; a closed breaker then holds nothing back (an open
-    one always does). Asked only when it matters (it costs the caller a read).
+    with it, a breaker still closed in that generation holds the saga back too, for a
+    cool-down and one more try, if the provider is failing though the breaker has not yet
+    seen enough of it to open (it needs ``min_calls`` failures in its last
+    :data:`RECENT_SECONDS` seconds or in a row, or half a window of them among the earlier
+    successes: :func:`_maybe_open`):
+
+    - **It has answered nobody since the call before this one** (its latest failures in a row,
+      this one included, are two or more). Held back while that lasts, up to ``min_calls``
+      times in the generation: each try that fails again lengthens the row, until it opens
+      the breaker (and the saga parks on it) or a call answered meanwhile shows the provider
+      up. A saga whose earlier attempts went on ordinary faults, among others' successes,
+      and only its last few on an outage that nobody else met, was cancelled for it with
+      the breaker one or two failures short of opening (a chaos run, with a worker killed
+      during the outage). A quiet provider's only caller failing on its own request looks
+      the same from here: it is cancelled after those tries instead of at once, a few
+      cool-downs later (and, as today, its failures may open the breaker).
+    - **Its most recent calls are failing for others too** (:func:`failing_now`; ``attempts``
+      and ``previous``, the saga's failed attempts at the step and when the one before this
+      ended, tell its own failures apart), though some were answered between: once in the
+      generation, so a provider failing below its breaker's threshold does not keep a saga
+      calling it.
+
+    Without these, a saga whose attempts straddled the start of an outage (some spent on
+    ordinary faults before it, the last on it) was cancelled a moment before the breaker
+    opened. A breaker that opened and closed again while the call ran (a new generation: the
+    call overlapped an outage, or a person closed it meanwhile) holds it back the same way,
+    once.
+    ``kept_before(generation)``: how many times the saga's failed last attempt was held back
+    on a closed breaker in that generation already. Asked only when it matters (it costs the
+    caller a read). An open breaker always holds the saga back.
     """
     row = (
         Breaker.objects.filter(provider=provider)
@@ -431,16 +448,25 @@ def held_back(
     if row is None:
         return None
     if row[0] == BreakerState.CLOSED:
-        if generation is None or (kept_before is not None and kept_before(generation)):
+        if generation is None:
             return None
+        holds = kept_before(generation) if kept_before is not None else 0
         cfg = provider_config(provider)
         if row[3] == generation:
-            earlier = previous() if previous is not None and attempts > 1 else None
-            if not failing_now(provider, generation, attempts=attempts, previous=earlier, cfg=cfg):
+            if holds >= max(cfg.min_calls, 1):
                 return None
+            if failures_in_a_row(provider, generation, cfg) < 2:
+                earlier = previous() if previous is not None and attempts > 1 else None
+                if holds or not failing_now(
+                    provider, generation, attempts=attempts, previous=earlier, cfg=cfg
+                ):
+                    return None
+        elif holds:
+            return None
         metrics.PARKED.labels(provider, "failing").inc()
         spread = random.uniform(0.05, max(cfg.release_spread, 0.05))
-        return Wait(provider, _cooldown(cfg).total_seconds() + spread, "failing", generation)
+        delay = _cooldown(cfg).total_seconds() + spread
+        return Wait(provider, delay, "failing", generation, holds + 1)
     metrics.PARKED.labels(provider, row[0]).inc()
     return _wait(provider, provider_config(provider), row[0], row[1], row[2], timezone.now())
 
@@ -467,10 +493,9 @@ def failing_now(
     ``min_calls`` or not. The saga's own: its latest attempt only, while the stretch begins
     in a second after ``previous`` (when the attempt before it was recorded); from that second
     back, all ``attempts`` (their times are not kept, so all are counted in). A saga failing
-    alone on its own request (a quiet provider) is never held back by this (its own failures
-    open the breaker only if ``min_calls`` of them came in a row: :func:`_maybe_open`), and a
-    provider that answers others' calls between failures is not failing: every stretch with
-    enough failures holds those successes too.
+    alone (a quiet provider) is never held back by this (:func:`held_back` looks at its
+    failures in a row for that), and a provider that answers others' calls between failures
+    is not failing: every stretch with enough failures holds those successes too.
     ``generation``: calls admitted since the breaker last closed.
     """
     cfg = cfg or provider_config(provider)
@@ -831,6 +856,32 @@ def window_counts(
 RECENT_SECONDS = 2
 
 
+def failures_in_a_row(
+    provider: str, generation: int, cfg: ProviderConfig, now: datetime | None = None
+) -> int:
+    """The provider's latest failures with no call answered since the first of them, within
+    its window and generation (as :func:`_maybe_open` counts them)."""
+    rows = (
+        _window(provider, generation, cfg, now or timezone.now())
+        .order_by("-second")
+        .values_list("ok", "failed_since_ok")
+    )
+    return _row(rows)
+
+
+def _row(buckets: Iterable[tuple[int, int]]) -> int:
+    """Failures in a row from ``(ok, failed_since_ok)`` buckets, newest first: each bucket's
+    failures since its last success, back to the first bucket that holds a success (the
+    second an outage began in holds the last successes and the first failures, in that
+    order)."""
+    in_a_row = 0
+    for ok_n, since_ok in buckets:
+        in_a_row += since_ok
+        if ok_n > 0:
+            break
+    return in_a_row
+
+
 def _maybe_open(provider: str, generation: int, cfg: ProviderConfig, now: datetime) -> None:
     """Open the breaker if the provider is failing, judged at three scales.
 
@@ -854,22 +905,19 @@ def _maybe_open(provider: str, generation: int, cfg: ProviderConfig, now: dateti
       ``min_calls`` at 1 or 2, one or two failures in a row open it whatever the rate.)
     """
     second = int(now.timestamp())
-    rows = (
+    rows = list(
         _window(provider, generation, cfg, now)
         .order_by("-second")
         .values_list("second", "ok", "failed", "failed_since_ok")
     )
-    calls = failed = recent_calls = recent_failed = in_a_row = 0
-    row_ended = False
-    for at, ok_n, failed_n, since_ok in rows:
+    calls = failed = recent_calls = recent_failed = 0
+    for at, ok_n, failed_n, _ in rows:
         calls += ok_n + failed_n
         failed += failed_n
         if at > second - RECENT_SECONDS:
             recent_calls += ok_n + failed_n
             recent_failed += failed_n
-        if not row_ended:
-            in_a_row += since_ok
-            row_ended = ok_n > 0
+    in_a_row = _row((ok_n, since_ok) for _, ok_n, _, since_ok in rows)
     minimum = max(cfg.min_calls, 1)
     reason = "failure rate"
     if calls >= minimum and failed / calls >= cfg.failure_rate:

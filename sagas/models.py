@@ -267,11 +267,15 @@ class SagaStep(models.Model):
     #: step's row, not the saga's, so it can never be read for another wait. Null: no timeout,
     #: or parked by a release that did not keep it (the step's own timeout then applies).
     wait_seconds = models.FloatField(null=True, blank=True)
-    #: The provider breaker's generation in which this step's failed last attempt was held
-    #: back while the breaker was closed (``providers.breaker.held_back``): once per
-    #: generation, so a provider failing below its breaker's threshold does not keep a saga
-    #: calling it, while one that closed and fails again (a flap) may hold it back again.
+    #: The provider breaker's generation in which this step's failed last attempt was last
+    #: held back while the breaker was closed (``providers.breaker.held_back``), and how many
+    #: times in it: a bounded number per generation, so a provider failing below its
+    #: breaker's threshold does not keep a saga calling it, while one that closed and fails
+    #: again (a flap) may hold it back again. ``held_times`` null: never held back (or held
+    #: once, by a worker of the release before the column, if ``held_generation`` is set); not
+    #: a default, so that release's workers can still insert step rows without it.
     held_generation = models.PositiveBigIntegerField(null=True, blank=True)
+    held_times = models.PositiveSmallIntegerField(null=True, blank=True)
 
     # Not fields: the saga's page in the ops console sets them on the steps it shows.
     compensation: str = ""  # the name of the step's undo, "-" for none

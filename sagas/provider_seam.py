@@ -171,15 +171,17 @@ def held_back(
       canaries got through), the failure is the request's own and counts as usual.
     - **The last attempt failed and the provider is failing**: its breaker is open now (maybe
       opened by this very failure), or it opened and closed again while the call ran, or it is
-      still closed but its most recent calls fail at its failure rate (an outage just begun;
-      see :func:`providers.breaker.failing_now`). The attempts went on the outage, so the
-      saga keeps its last one for after it. With the breaker not closed, every time: a saga
-      kept once, woken when the provider came back, whose call fails as it goes down again is
-      kept again (the gate lets no call through meanwhile but canaries, so this cannot loop on
-      the provider). With the breaker closed, once per generation of the breaker: a saga held
-      back so already since the breaker last closed gives up as usual, so a provider failing
-      below its breaker's threshold does not keep a saga calling it for ever, while one woken
-      after a close whose call fails as the provider goes down again is held back again.
+      still closed but has answered nobody since the call before this one, or its most recent
+      calls fail at its failure rate (an outage just begun; see
+      :func:`providers.breaker.held_back`). The attempts went on the outage, so the saga keeps
+      its last one for after it. With the breaker not closed, every time: a saga kept once,
+      woken when the provider came back, whose call fails as it goes down again is kept again
+      (the gate lets no call through meanwhile but canaries, so this cannot loop on the
+      provider). With the breaker closed, a bounded number of times per generation of the
+      breaker (its step row counts them): a saga held back so often since the breaker last
+      closed gives up as usual, so a provider failing below its breaker's threshold does not
+      keep a saga calling it for ever, while one woken after a close whose call fails as the
+      provider goes down again is held back again.
     """
     if ticket is None:
         return None
@@ -196,12 +198,18 @@ def held_back(
     )
 
 
-def _held_in(saga: Saga, step: Step, generation: int) -> bool:
-    """Whether the saga's failed last attempt at ``step`` was held back on the provider's
-    closed breaker in ``generation`` already (its step row remembers the generation)."""
-    return SagaStep.objects.filter(
-        saga_id=saga.id, name=step.name, held_generation=generation
-    ).exists()
+def _held_in(saga: Saga, step: Step, generation: int) -> int:
+    """How many times the saga's failed last attempt at ``step`` was held back on the
+    provider's closed breaker in ``generation`` (its step row remembers the generation of its
+    latest holds and their number)."""
+    row = (
+        SagaStep.objects.filter(saga_id=saga.id, name=step.name)
+        .values_list("held_generation", "held_times")
+        .first()
+    )
+    if row is None or row[0] != generation:
+        return 0
+    return row[1] or 1  # held back by a worker that did not count its holds: once
 
 
 def _previous_attempt(saga: Saga, step: Step) -> datetime | None:

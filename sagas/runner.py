@@ -243,6 +243,7 @@ def _park_for_provider(
     rec.fields["parked_on"] = wait.provider
     if wait.generation is not None and rec.step_name is not None:
         rec.step_fields["held_generation"] = wait.generation  # see provider_seam.held_back
+        rec.step_fields["held_times"] = wait.holds
     if saga.parked_on != wait.provider:
         rec.event(
             "parked",

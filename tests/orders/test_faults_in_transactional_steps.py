@@ -112,7 +112,9 @@ def test_a_sale_whose_answer_is_lost_every_time_waits_for_a_person_who_confirms_
 ):
     """The pivot's sale takes effect but its answer is lost on every attempt: the saga stops for
     a person at ``confirm_order`` with the stock sold. Resolving it confirms the order, and the
-    stock is sold once, not again (the resolve's sale is a no-op under the step's key)."""
+    stock is sold once, not again (the resolve's sale is a no-op under the step's key).
+    Breakers off: with them, a provider that answers nobody but this saga looks down, and the
+    saga waits on its breaker instead of spending its attempts (see test_provider_seam)."""
     from django.contrib.auth import get_user_model
     from django.contrib.auth.models import Group
 
@@ -120,6 +122,7 @@ def test_a_sale_whose_answer_is_lost_every_time_waits_for_a_person_who_confirms_
     from orders.selectors import OrderStatus
     from sagas.services import saga_resolve
 
+    settings.SAGA_PROVIDER_BREAKERS = False
     make_product("widget", stock=5)
     with transaction.atomic():
         order = place(customer, [("widget", 2)])

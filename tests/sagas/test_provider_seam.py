@@ -186,14 +186,29 @@ def test_last_attempt_kept_when_the_outage_began_after_the_previous_attempt(sett
     assert (saga.state, saga.attempt, saga.parked_on) == ("running", 1, "card")
 
 
-def test_a_kept_last_attempt_that_fails_again_on_a_closed_breaker_gives_up(settings):
-    """Once only: still failing after the cool-down with the breaker closed, the failure is
-    the request's own."""
+def test_a_kept_last_attempt_that_fails_again_after_others_were_answered_gives_up(settings):
+    """Once only while the provider answers others: still failing after the cool-down with
+    the breaker closed, and others' calls going through meanwhile, the failure is the
+    request's own."""
     saga = _outage_begins(settings, others_failed=2)
     assert saga.parked_on == "card"
+    for _ in range(3):
+        breaker.report(breaker.admit("card"), ok=True)
     saga = deliver(saga.id)
     assert (saga.state, saga.failure_code, saga.parked_on) == ("compensating", "step_failed", "")
     assert _step(saga.id, "s2").attempts == 2
+
+
+def test_a_kept_last_attempt_is_held_again_while_the_provider_answers_nobody(settings):
+    """Still failing after the cool-down, with no call answered since (others' failures and
+    its own in a row, too few yet for the breaker): an outage still, held back again, its
+    step row counting the holds."""
+    saga = _outage_begins(settings, others_failed=2)
+    assert _step(saga.id, "s2").held_times == 1
+    saga = deliver(saga.id)
+    assert Breaker.objects.get(provider="card").state == "closed"
+    assert (saga.state, saga.attempt, saga.parked_on) == ("running", 1, "card")
+    assert _step(saga.id, "s2").held_times == 2
 
 
 def test_last_attempt_failing_while_other_calls_go_through_is_the_requests_own(settings):
@@ -203,27 +218,96 @@ def test_last_attempt_failing_while_other_calls_go_through_is_the_requests_own(s
     assert (saga.state, saga.failure_code, saga.parked_on) == ("compensating", "step_failed", "")
 
 
-def test_a_provider_failing_only_one_sagas_calls_holds_nothing_back(settings):
-    """A quiet provider's only traffic, failing on its own request: two failures of two are
-    not an outage, and the saga compensates after its attempts as usual."""
-    saga = _outage_begins(settings, others_failed=0)
+def test_a_failure_after_an_answered_call_holds_nothing_back(settings):
+    """A quiet provider's only traffic, failing on its own request, with another saga's call
+    answered between its two attempts: its last failure follows a success, the provider is
+    up, and the saga compensates after its attempts as usual."""
+    saga = _outage_begins(settings, others_failed=0, others_ok=1)
     assert (saga.state, saga.failure_code, saga.parked_on) == ("compensating", "step_failed", "")
 
 
-def test_a_saga_failing_alone_through_all_its_attempts_is_not_held_back(settings):
-    """Five attempts of one saga, a few seconds apart, all failing on a quiet provider: five
-    failures of five calls, but none of them another saga's. The request is at fault, not the
-    provider, and the saga compensates after its attempts without a cool-down first."""
+def test_a_saga_failing_alone_is_held_back_until_its_failures_in_a_row_open_the_breaker(
+    settings,
+):
+    """Five attempts of one saga, all failing on a quiet provider that answers nobody: its
+    own request at fault or an outage only it has met, nothing here tells them apart. It is
+    held back a cool-down at a time, each try lengthening the row, until ``min_calls`` in a
+    row open the breaker; then it waits on the breaker like any saga."""
     settings.SAGA_MAX_ATTEMPTS = 5
     settings.SAGA_PROVIDERS = {
         "card": {"min_calls": 10, "failure_rate": 0.5, "cooldown": 60, "canaries": 1}
     }
-    saga = saga_start(saga_type="test_provider", data={"script": {"s2": ["transient"] * 5}})
+    saga = saga_start(saga_type="test_provider", data={"script": {"s2": ["transient"] * 20}})
     saga = deliver(saga.id)  # s1
     for _ in range(5):
         saga = deliver(saga.id)
     assert Breaker.objects.get(provider="card").state == "closed"
-    assert (saga.state, saga.failure_code, saga.parked_on) == ("compensating", "step_failed", "")
+    assert (saga.state, saga.attempt, saga.parked_on) == ("running", 4, "card")
+    for held in range(2, 6):  # rows of 6 to 9: closed, held back again
+        saga = deliver(saga.id)
+        assert Breaker.objects.get(provider="card").state == "closed"
+        assert (saga.state, saga.parked_on, _step(saga.id, "s2").held_times) == (
+            "running",
+            "card",
+            held,
+        )
+    saga = deliver(saga.id)  # the tenth failure in a row opens the breaker
+    assert Breaker.objects.get(provider="card").state == "open"
+    assert (saga.state, saga.attempt, saga.parked_on) == ("running", 4, "card")
+    assert SagaEvent.objects.filter(saga_id=saga.id, kind="step_failed").count() == 0
+
+
+def test_holds_on_a_closed_breaker_stop_at_min_calls_in_a_generation(settings):
+    """However long the provider answers nobody, a saga is held back at most ``min_calls``
+    times in a generation (a row its tries cannot lengthen, its oldest failures leaving the
+    window as fast as it adds them, would hold it for ever); the next generation counts
+    afresh."""
+    settings.SAGA_PROVIDERS = {"card": {"min_calls": 10, "cooldown": 60}}
+    breaker.ensure_breaker("card")
+    generation = Breaker.objects.get(provider="card").generation
+    for _ in range(3):
+        breaker.report(breaker.admit("card"), ok=False)
+    wait = breaker.held_back("card", generation=generation, kept_before=lambda g: 9)
+    assert wait is not None and (wait.reason, wait.holds) == ("failing", 10)
+    assert breaker.held_back("card", generation=generation, kept_before=lambda g: 10) is None
+
+
+def test_last_attempts_on_an_outage_nobody_else_met_are_held_until_the_breaker_opens(settings):
+    """A saga's first attempts fail on ordinary faults among others' successes; then the
+    provider goes down with the saga its only caller, and its last three attempts fail on
+    the outage: three in a row with ``min_calls`` 5, the breaker closed, and no other caller
+    failing. It is held back, tries again a cool-down later and is held again, until its
+    failures in a row open the breaker, on which it parks (it was cancelled for step_failed,
+    a chaos run's order, the breaker two failures short of opening)."""
+    settings.SAGA_MAX_ATTEMPTS = 5
+    settings.SAGA_PROVIDERS = {
+        "card": {"min_calls": 5, "failure_rate": 0.5, "cooldown": 60, "canaries": 1}
+    }
+    breaker.ensure_breaker("card")
+    generation = Breaker.objects.get(provider="card").generation
+    now = int(timezone.now().timestamp())
+    HealthBucket.objects.create(  # a busy spell, 10 s before
+        provider="card", generation=generation, second=now - 10, ok=40, started=40
+    )
+    saga = saga_start(saga_type="test_provider", data={"script": {"s2": ["transient"] * 9}})
+    saga = deliver(saga.id)  # s1
+    for _ in range(2):  # attempts 1 and 2 fail, others' calls answered after each
+        saga = deliver(saga.id)
+        for _ in range(5):
+            breaker.report(breaker.admit("card"), ok=True)
+    for attempt in (3, 4):  # the outage: attempts 3 and 4 fail
+        saga = deliver(saga.id)
+        assert (saga.state, saga.attempt) == ("running", attempt)
+    saga = deliver(saga.id)  # attempt 5, the last: three in a row, held back
+    assert Breaker.objects.get(provider="card").state == "closed"
+    assert (saga.state, saga.attempt, saga.parked_on) == ("running", 4, "card")
+    saga = deliver(saga.id)  # four in a row: held again
+    assert Breaker.objects.get(provider="card").state == "closed"
+    assert (saga.state, saga.parked_on) == ("running", "card")
+    saga = deliver(saga.id)  # five: the breaker opens, and the saga waits on it
+    assert Breaker.objects.get(provider="card").state == "open"
+    assert (saga.state, saga.attempt, saga.parked_on) == ("running", 4, "card")
+    assert SagaEvent.objects.filter(saga_id=saga.id, kind="step_failed").count() == 0
 
 
 def test_a_sagas_failures_spread_over_seconds_open_the_breaker_before_its_last_is_spent(
@@ -272,7 +356,7 @@ def test_a_call_that_outlived_an_outage_is_kept_once_after_the_breaker_closed_ag
     assert Breaker.objects.get(provider="card").generation != old
     wait = breaker.held_back("card", generation=old)
     assert wait is not None and wait.reason == "failing" and wait.delay >= 60
-    assert breaker.held_back("card", generation=old, kept_before=lambda g: g == old) is None
+    assert breaker.held_back("card", generation=old, kept_before=lambda g: int(g == old)) is None
 
 
 def test_a_saga_that_only_queued_for_a_call_slot_still_has_its_last_attempt_kept(settings):
@@ -302,8 +386,8 @@ def test_a_saga_woken_after_an_outage_whose_call_fails_as_it_begins_again_is_kep
     """Parked through an outage, woken when the breaker closed: its last attempt fails as the
     provider goes down again, before the breaker has seen enough failures to re-open (others'
     calls failing too). An outage again, a new generation of the breaker: held back once more,
-    as a saga that never parked would be. Once per generation: failing again in it, it gives
-    up."""
+    as a saga that never parked would be. Failing again in it while others' calls go through,
+    it gives up."""
     settings.SAGA_PROVIDERS = {
         "card": {"min_calls": 10, "failure_rate": 0.5, "cooldown": 60, "canaries": 1}
     }
@@ -319,6 +403,7 @@ def test_a_saga_woken_after_an_outage_whose_call_fails_as_it_begins_again_is_kep
     saga = deliver(saga.id)  # attempt 2, the last, fails; the breaker is still closed
     assert Breaker.objects.get(provider="card").state == "closed"
     assert (saga.state, saga.attempt, saga.parked_on) == ("running", 1, "card")
+    breaker.report(breaker.admit("card"), ok=True)  # another saga's call goes through
     saga = deliver(saga.id)  # the kept attempt fails again in the same generation
     assert (saga.state, saga.failure_code) == ("compensating", "step_failed")
 
