@@ -423,8 +423,8 @@ def held_back(
       and only its last few on an outage that nobody else met, was cancelled for it with
       the breaker one or two failures short of opening (a chaos run, with a worker killed
       during the outage). A quiet provider's only caller failing on its own request looks
-      the same from here: it is cancelled after those tries instead of at once, a few
-      cool-downs later (and, as today, its failures may open the breaker).
+      the same from here: held back the same way, its failures may open the breaker (it is
+      then its own canary), or it gives up after those tries instead of at once.
     - **Its most recent calls are failing for others too** (:func:`failing_now`; ``attempts``
       and ``previous``, the saga's failed attempts at the step and when the one before this
       ended, tell its own failures apart), though some were answered between: once in the
@@ -434,8 +434,8 @@ def held_back(
     Without these, a saga whose attempts straddled the start of an outage (some spent on
     ordinary faults before it, the last on it) was cancelled a moment before the breaker
     opened. A breaker that opened and closed again while the call ran (a new generation: the
-    call overlapped an outage, or a person closed it meanwhile) holds it back the same way,
-    once.
+    call overlapped an outage, or a person closed it meanwhile) holds it back too, within the
+    same bound (the count is the call's generation's).
     ``kept_before(generation)``: how many times the saga's failed last attempt was held back
     on a closed breaker in that generation already. Asked only when it matters (it costs the
     caller a read). An open breaker always holds the saga back.
@@ -452,17 +452,14 @@ def held_back(
             return None
         holds = kept_before(generation) if kept_before is not None else 0
         cfg = provider_config(provider)
-        if row[3] == generation:
-            if holds >= max(cfg.min_calls, 1):
-                return None
-            if failures_in_a_row(provider, generation, cfg) < 2:
-                earlier = previous() if previous is not None and attempts > 1 else None
-                if holds or not failing_now(
-                    provider, generation, attempts=attempts, previous=earlier, cfg=cfg
-                ):
-                    return None
-        elif holds:
+        if holds >= max(cfg.min_calls, 1):
             return None
+        if row[3] == generation and failures_in_a_row(provider, generation, cfg) < 2:
+            earlier = previous() if previous is not None and attempts > 1 else None
+            if holds or not failing_now(
+                provider, generation, attempts=attempts, previous=earlier, cfg=cfg
+            ):
+                return None
         metrics.PARKED.labels(provider, "failing").inc()
         spread = random.uniform(0.05, max(cfg.release_spread, 0.05))
         delay = _cooldown(cfg).total_seconds() + spread

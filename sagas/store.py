@@ -1225,6 +1225,10 @@ def write(
         fields["state"] = saga.state
     if saga.parked_on and "parked_on" not in fields:
         fields["parked_on"] = ""  # no longer waiting for a provider
+        if rec.step_name is not None and "held_generation" not in rec.step_fields:
+            # Its holds on a closed breaker (provider_seam.held_back) were this stay's: the
+            # step's undo, or its next stay, counts its own afresh.
+            rec.step_fields.update(held_generation=None, held_times=None)
     if (
         not rec.go_on
         and rec.cancel_reason_seen is None

@@ -43,6 +43,10 @@ def _step(saga_id, name: str) -> SagaStep:
     return SagaStep.objects.get(saga_id=saga_id, name=name)
 
 
+def _generation() -> int:
+    return Breaker.objects.get(provider="card").generation
+
+
 def test_a_parked_forward_step_spends_no_attempt_however_often_it_is_claimed():
     breaker.force("card", "open", user=None)
     saga = saga_start(saga_type="test_provider", data={"script": {}})
@@ -175,6 +179,22 @@ def test_last_attempt_failing_as_an_outage_begins_is_kept_though_the_breaker_is_
     saga = deliver(saga.id)  # the kept attempt goes through
     assert (saga.current_step, saga.parked_on) == ("s3", "")
     assert effects(saga.id)[("s2", "do")] == 1
+    step = _step(saga.id, "s2")  # the stay's holds forgotten: the step's undo counts afresh
+    assert (step.held_generation, step.held_times) == (None, None)
+
+
+def test_last_attempt_held_once_on_others_failures_though_a_call_was_answered_since(settings):
+    """Others' calls failing, then one answered, then the saga's last attempt failing: the
+    provider answered someone since, but its most recent calls fail at its failure rate (an
+    outage beginning, a lucky call in it). Held back once in the generation: failing again
+    after another call was answered, it gives up."""
+    saga = _outage_begins(settings, others_failed=2, others_ok=1)
+    assert breaker.failures_in_a_row("card", _generation(), breaker.provider_config("card")) == 1
+    assert (saga.state, saga.attempt, saga.parked_on) == ("running", 1, "card")
+    assert _step(saga.id, "s2").held_times == 1
+    breaker.report(breaker.admit("card"), ok=True)
+    saga = deliver(saga.id)
+    assert (saga.state, saga.failure_code) == ("compensating", "step_failed")
 
 
 def test_last_attempt_kept_when_the_outage_began_after_the_previous_attempt(settings):
@@ -219,9 +239,9 @@ def test_last_attempt_failing_while_other_calls_go_through_is_the_requests_own(s
 
 
 def test_a_failure_after_an_answered_call_holds_nothing_back(settings):
-    """A quiet provider's only traffic, failing on its own request, with another saga's call
-    answered between its two attempts: its last failure follows a success, the provider is
-    up, and the saga compensates after its attempts as usual."""
+    """A saga failing on its own request, another saga's call answered between its two
+    attempts and no other failing: its last failure follows a success, the provider is up,
+    and the saga compensates after its attempts as usual."""
     saga = _outage_begins(settings, others_failed=0, others_ok=1)
     assert (saga.state, saga.failure_code, saga.parked_on) == ("compensating", "step_failed", "")
 
@@ -270,6 +290,17 @@ def test_holds_on_a_closed_breaker_stop_at_min_calls_in_a_generation(settings):
     wait = breaker.held_back("card", generation=generation, kept_before=lambda g: 9)
     assert wait is not None and (wait.reason, wait.holds) == ("failing", 10)
     assert breaker.held_back("card", generation=generation, kept_before=lambda g: 10) is None
+
+    def kept_before(g: int) -> int:
+        return 10 if g == generation else 0
+
+    breaker.force("card", "open", user=None)
+    breaker.force("card", "closed", user=None)
+    new = Breaker.objects.get(provider="card").generation
+    for _ in range(3):  # the provider down again, in the new generation
+        breaker.report(breaker.admit("card"), ok=False)
+    wait = breaker.held_back("card", generation=new, kept_before=kept_before)
+    assert wait is not None and wait.holds == 1
 
 
 def test_last_attempts_on_an_outage_nobody_else_met_are_held_until_the_breaker_opens(settings):
@@ -347,7 +378,8 @@ def test_a_call_that_outlived_an_outage_is_kept_once_after_the_breaker_closed_ag
     """A last attempt admitted before the breaker opened, whose call ran on while the breaker
     opened and closed again (a hanging call, or a person closing it), then failed: it went on
     the outage, so the saga waits a cool-down and tries once more instead of being cancelled
-    for it. Once per stay, as for a breaker still closed."""
+    for it. Within the bound a closed breaker's holds have (``min_calls`` in the call's
+    generation)."""
     settings.SAGA_PROVIDERS = {"card": {"min_calls": 10, "cooldown": 60}}
     breaker.ensure_breaker("card")
     old = Breaker.objects.get(provider="card").generation
@@ -356,7 +388,9 @@ def test_a_call_that_outlived_an_outage_is_kept_once_after_the_breaker_closed_ag
     assert Breaker.objects.get(provider="card").generation != old
     wait = breaker.held_back("card", generation=old)
     assert wait is not None and wait.reason == "failing" and wait.delay >= 60
-    assert breaker.held_back("card", generation=old, kept_before=lambda g: int(g == old)) is None
+    wait = breaker.held_back("card", generation=old, kept_before=lambda g: int(g == old))
+    assert wait is not None and wait.holds == 2  # held once in it already, by its row
+    assert breaker.held_back("card", generation=old, kept_before=lambda g: 10) is None
 
 
 def test_a_saga_that_only_queued_for_a_call_slot_still_has_its_last_attempt_kept(settings):
