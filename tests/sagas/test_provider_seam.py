@@ -303,6 +303,20 @@ def test_holds_on_a_closed_breaker_stop_at_min_calls_in_a_generation(settings):
     assert wait is not None and wait.holds == 1
 
 
+def _five_attempts_after_a_busy_spell(settings) -> None:
+    """Five attempts per step, the breaker's ``min_calls`` at five too (as in the chaos run),
+    and 40 calls answered 10 s ago."""
+    settings.SAGA_MAX_ATTEMPTS = 5
+    settings.SAGA_PROVIDERS = {
+        "card": {"min_calls": 5, "failure_rate": 0.5, "cooldown": 60, "canaries": 1}
+    }
+    breaker.ensure_breaker("card")
+    now = int(timezone.now().timestamp())
+    HealthBucket.objects.create(
+        provider="card", generation=_generation(), second=now - 10, ok=40, started=40
+    )
+
+
 def test_last_attempts_on_an_outage_nobody_else_met_are_held_until_the_breaker_opens(settings):
     """A saga's first attempts fail on ordinary faults among others' successes; then the
     provider goes down with the saga its only caller, and its last three attempts fail on
@@ -310,16 +324,7 @@ def test_last_attempts_on_an_outage_nobody_else_met_are_held_until_the_breaker_o
     failing. It is held back, tries again a cool-down later and is held again, until its
     failures in a row open the breaker, on which it parks (it was cancelled for step_failed,
     a chaos run's order, the breaker two failures short of opening)."""
-    settings.SAGA_MAX_ATTEMPTS = 5
-    settings.SAGA_PROVIDERS = {
-        "card": {"min_calls": 5, "failure_rate": 0.5, "cooldown": 60, "canaries": 1}
-    }
-    breaker.ensure_breaker("card")
-    generation = Breaker.objects.get(provider="card").generation
-    now = int(timezone.now().timestamp())
-    HealthBucket.objects.create(  # a busy spell, 10 s before
-        provider="card", generation=generation, second=now - 10, ok=40, started=40
-    )
+    _five_attempts_after_a_busy_spell(settings)
     saga = saga_start(saga_type="test_provider", data={"script": {"s2": ["transient"] * 9}})
     saga = deliver(saga.id)  # s1
     for _ in range(2):  # attempts 1 and 2 fail, others' calls answered after each
@@ -349,16 +354,7 @@ def test_a_sagas_failures_spread_over_seconds_open_the_breaker_before_its_last_i
     at the same moment). With ``min_calls`` at the attempts, its own failures open the breaker
     by its last attempt, which parks instead of cancelling the order for the outage (counted
     only within two seconds, the failures were too few and it was cancelled for step_failed)."""
-    settings.SAGA_MAX_ATTEMPTS = 5
-    settings.SAGA_PROVIDERS = {
-        "card": {"min_calls": 5, "failure_rate": 0.5, "cooldown": 60, "canaries": 1}
-    }
-    breaker.ensure_breaker("card")
-    generation = Breaker.objects.get(provider="card").generation
-    now = int(timezone.now().timestamp())
-    HealthBucket.objects.create(  # the busy spell, 10 s before the outage
-        provider="card", generation=generation, second=now - 10, ok=40, started=40
-    )
+    _five_attempts_after_a_busy_spell(settings)
     saga = saga_start(saga_type="test_provider", data={"script": {"s2": ["transient"] * 9}})
     saga = deliver(saga.id)  # s1
     for attempt in range(1, 5):
