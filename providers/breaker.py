@@ -416,15 +416,18 @@ def held_back(
     successes: :func:`_maybe_open`):
 
     - **It has answered nobody since the call before this one** (its latest failures in a row,
-      this one included, are two or more). Held back while that lasts, up to ``min_calls``
-      times in the generation: each try that fails again lengthens the row, until it opens
-      the breaker (and the saga parks on it) or a call answered meanwhile shows the provider
-      up. A saga whose earlier attempts went on ordinary faults, among others' successes,
-      and only its last few on an outage that nobody else met, was cancelled for it with
-      the breaker one or two failures short of opening (a chaos run, with a worker killed
-      during the outage). A quiet provider's only caller failing on its own request looks
-      the same from here: held back the same way, its failures may open the breaker (it is
-      then its own canary), or it gives up after those tries instead of at once.
+      this one included, are two or more). Held back while that lasts: each try that fails
+      again lengthens the row, until it opens the breaker (and the saga parks on it) or a
+      call answered meanwhile shows the provider up. A lone caller's tries come a cool-down
+      apart, and the window may never hold ``min_calls`` of them at once; so the saga's
+      ``min_calls``-th hold in the generation, still with nobody answered, opens the breaker
+      itself. A saga whose earlier attempts went on ordinary faults, among others'
+      successes, and only its last few on an outage that nobody else met, was cancelled for
+      it with the breaker one or two failures short of opening (a chaos run, with a worker
+      killed during the outage). A quiet provider's only caller failing on its own request
+      looks the same from here: held back the same way until its failures open the breaker,
+      it is then its own canary until its deadline, or until another saga's call goes
+      through and it gives up.
     - **Its most recent calls are failing for others too** (:func:`failing_now`; ``attempts``
       and ``previous``, the saga's failed attempts at the step and when the one before this
       ended, tell its own failures apart), though some were answered between: once in the
@@ -452,9 +455,25 @@ def held_back(
             return None
         holds = kept_before(generation) if kept_before is not None else 0
         cfg = provider_config(provider)
+        same = row[3] == generation
+        in_a_row = failures_in_a_row(provider, generation, cfg) if same else 0
         if holds >= max(cfg.min_calls, 1):
-            return None
-        if row[3] == generation and failures_in_a_row(provider, generation, cfg) < 2:
+            if in_a_row < 2:
+                return None
+            # min_calls holds, each after a failure with nobody answered since the one before:
+            # failures in a row the window may not hold at once (a lone caller's tries come a
+            # cool-down apart), but as far as anyone can tell, the provider is down.
+            _open(
+                provider,
+                generation,
+                cfg,
+                timezone.now(),
+                reason="a held-back saga's failures in a row",
+                failed=holds + 1,
+                calls=holds + 1,
+            )
+            return held_back(provider)
+        if same and in_a_row < 2:
             earlier = previous() if previous is not None and attempts > 1 else None
             if holds or not failing_now(
                 provider, generation, attempts=attempts, previous=earlier, cfg=cfg
@@ -926,6 +945,20 @@ def _maybe_open(provider: str, generation: int, cfg: ProviderConfig, now: dateti
         reason = "failures in a row"
     else:
         return
+    _open(provider, generation, cfg, now, reason=reason, failed=failed, calls=calls)
+
+
+def _open(
+    provider: str,
+    generation: int,
+    cfg: ProviderConfig,
+    now: datetime,
+    *,
+    reason: str,
+    failed: int,
+    calls: int,
+) -> None:
+    """Open the breaker if it is still closed in ``generation`` (and log the transition)."""
     opened = Breaker.objects.filter(
         provider=provider, state=BreakerState.CLOSED, generation=generation
     ).update(

@@ -179,9 +179,10 @@ def held_back(
       (the gate lets no call through meanwhile but canaries, so this cannot loop on the
       provider). With the breaker closed, a bounded number of times per generation of the
       breaker (its step row counts them): a saga held back so often since the breaker last
-      closed gives up as usual, so a provider failing below its breaker's threshold does not
-      keep a saga calling it for ever, while one woken after a close whose call fails as the
-      provider goes down again is held back again.
+      closed gives up as usual (or, the provider still answering nobody, opens the breaker and
+      waits on it), so a provider failing below its breaker's threshold does not keep a saga
+      calling it for ever, while one woken after a close whose call fails as the provider goes
+      down again is held back again.
     """
     if ticket is None:
         return None

@@ -277,30 +277,38 @@ def test_a_saga_failing_alone_is_held_back_until_its_failures_in_a_row_open_the_
     assert SagaEvent.objects.filter(saga_id=saga.id, kind="step_failed").count() == 0
 
 
-def test_holds_on_a_closed_breaker_stop_at_min_calls_in_a_generation(settings):
-    """However long the provider answers nobody, a saga is held back at most ``min_calls``
-    times in a generation (a row its tries cannot lengthen, its oldest failures leaving the
-    window as fast as it adds them, would hold it for ever); the next generation counts
-    afresh."""
+def test_a_sagas_min_calls_th_hold_with_nobody_answered_opens_the_breaker(settings):
+    """A lone caller's tries come a cool-down apart, and the window may never hold
+    ``min_calls`` of its failures at once (the defaults: 10 cool-downs of 10 s or more, a 30 s
+    window). Its ``min_calls``-th hold in a generation, the provider still answering nobody,
+    opens the breaker, and the saga waits on it as for any outage; with a call answered since,
+    it gives up instead. The next generation counts afresh."""
     settings.SAGA_PROVIDERS = {"card": {"min_calls": 10, "cooldown": 60}}
     breaker.ensure_breaker("card")
-    generation = Breaker.objects.get(provider="card").generation
+    generation = _generation()
     for _ in range(3):
         breaker.report(breaker.admit("card"), ok=False)
     wait = breaker.held_back("card", generation=generation, kept_before=lambda g: 9)
     assert wait is not None and (wait.reason, wait.holds) == ("failing", 10)
-    assert breaker.held_back("card", generation=generation, kept_before=lambda g: 10) is None
+    assert Breaker.objects.get(provider="card").state == "closed"
+    wait = breaker.held_back("card", generation=generation, kept_before=lambda g: 10)
+    assert wait is not None and wait.reason == "open" and wait.delay >= 60
+    assert Breaker.objects.get(provider="card").state == "open"
+
+    breaker.force("card", "closed", user=None)
+    new = _generation()
+    breaker.report(breaker.admit("card"), ok=True)  # answered: the provider is up
+    breaker.report(breaker.admit("card"), ok=False)
+    assert breaker.held_back("card", generation=new, kept_before=lambda g: 10) is None
+    assert Breaker.objects.get(provider="card").state == "closed"
 
     def kept_before(g: int) -> int:
         return 10 if g == generation else 0
 
-    breaker.force("card", "open", user=None)
-    breaker.force("card", "closed", user=None)
-    new = Breaker.objects.get(provider="card").generation
-    for _ in range(3):  # the provider down again, in the new generation
+    for _ in range(2):  # down again, in the new generation
         breaker.report(breaker.admit("card"), ok=False)
     wait = breaker.held_back("card", generation=new, kept_before=kept_before)
-    assert wait is not None and wait.holds == 1
+    assert wait is not None and (wait.reason, wait.holds) == ("failing", 1)
 
 
 def _five_attempts_after_a_busy_spell(settings) -> None:
