@@ -26,6 +26,7 @@ from django.conf import settings
 from django.db import (
     DEFAULT_DB_ALIAS,
     DatabaseError,
+    OperationalError,
     connection,
     connections,
     models,
@@ -1420,23 +1421,75 @@ def _write_record(
     if lease_only and _runs_leaving_step(saga, fields.get("current_step", saga.current_step)):
         lease_only = False
     wait_flush = flush or not lease_only
-    claim_next = ahead is not None  # a task letting go: never a lease-only record
-    sql, params = _record_sql_postgres(
-        saga, fields, rec, now, wait_flush=wait_flush, claim_next=claim_next
-    )
-    if claim_next:
-        assert ahead is not None
-        updated, claimed = _fetch_record_and_claim(sql, params, saga.id)
-        if claimed is not None:
-            # Now if the statement committed on its own, at the commit if it is part of a
-            # transaction, never if that rolls back (a fenced record's, a refused batch's).
-            transaction.on_commit(lambda: ahead.sagas.append(claimed))
-    else:
-        updated = _fetch_record_and_answers(sql, params, rec.carried)
+    try:
+        updated = _run_record(saga, fields, rec, now, wait_flush, ahead)
+    except OperationalError as exc:
+        if not _retry_without_carried(exc, rec):
+            raise
+        # The statement rolled back whole; the carried parts go their own way instead (each
+        # reported in a statement of its own, an admission made ahead not made at all).
+        shed, rec.carried = rec.carried, []
+        log.warning(
+            "saga.record_deadlock",
+            saga_id=str(saga.id),
+            step=saga.current_step,
+            shed=len(shed),
+        )
+        try:
+            updated = _run_record(saga, fields, rec, now, wait_flush, ahead)
+        finally:
+            for carried in shed:
+                carried.alone()
     if updated is None:
         raise _Fenced
     _ring_after_record(saga, updated, rec, go_on)
     return updated
+
+
+def _run_record(
+    saga: Saga,
+    fields: dict[str, Any],
+    rec: Record,
+    now: datetime,
+    wait_flush: bool,
+    ahead: ClaimAhead | None,
+) -> Saga | None:
+    """The record's statement, built and run: the recorded saga, or ``None`` if fenced off."""
+    claim_next = ahead is not None  # a task letting go: never a lease-only record
+    sql, params = _record_sql_postgres(
+        saga, fields, rec, now, wait_flush=wait_flush, claim_next=claim_next
+    )
+    if ahead is None:
+        return _fetch_record_and_answers(sql, params, rec.carried)
+    updated, claimed = _fetch_record_and_claim(sql, params, saga.id)
+    if claimed is not None:
+        # Now if the statement committed on its own, at the commit if it is part of a
+        # transaction, never if that rolls back (a fenced record's, a refused batch's).
+        transaction.on_commit(lambda: ahead.sagas.append(claimed))
+    return updated
+
+
+#: PostgreSQL's deadlock_detected.
+_DEADLOCK = "40P01"
+
+
+def _retry_without_carried(exc: OperationalError, rec: Record) -> bool:
+    """Whether a record that failed with ``exc`` is run again without what it carried.
+
+    A provider call's outcome (its call slot given back, its health count) and the next
+    step's admission (a call slot taken) write rows that every worker's calls share, so a
+    record that carries them can meet another statement in a deadlock on those rows:
+    PostgreSQL aborts one of the two after ``deadlock_timeout``. An admission that meets one
+    asks again without the outcome it carried (:func:`providers.breaker.admit`); a record
+    does the same here, for a deadlock only, and only where the statement committed on its
+    own: inside a transaction (a transactional step's, a batch's) the abort took the step's
+    writes with it, and the record fails as any other error would.
+    """
+    return (
+        bool(rec.carried)
+        and not connection.in_atomic_block
+        and getattr(exc.__cause__, "sqlstate", None) == _DEADLOCK
+    )
 
 
 #: In a record's statement: the fenced saga UPDATE matched (the record landed).
