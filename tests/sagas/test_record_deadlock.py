@@ -90,8 +90,9 @@ class _Other(threading.Thread):
             self.holding.set()
 
 
-def test_a_record_aborted_by_a_deadlock_lands_without_what_it_carried():
-    claimed = _claimed()
+def _deadlocking(claimed: Saga, fields: dict, calls: list[str]) -> tuple[_Other, Record]:
+    """A record of ``fields`` carrying a part that waits for a call slot the other worker
+    holds, that worker started and holding it; ``calls`` gets "done" or "alone"."""
     slot = CallSlot.objects.create(provider="deadlock-test", n=0)
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
@@ -99,10 +100,7 @@ def test_a_record_aborted_by_a_deadlock_lands_without_what_it_carried():
     other = _Other(slot.pk, claimed.id, pid)
     other.start()
     assert other.holding.wait(30) and other.error is None, other.error
-
-    later = timezone.now() + timedelta(minutes=1)
-    rec = Record(fields={"next_attempt_at": later, "lease_until": None})
-    calls: list[str] = []
+    rec = Record(fields=fields)
     table = CallSlot._meta.db_table
     rec.carry(
         f'dl AS (UPDATE "{table}" SET "lease_until" = "lease_until" WHERE "id" = %s RETURNING 1)',
@@ -110,6 +108,14 @@ def test_a_record_aborted_by_a_deadlock_lands_without_what_it_carried():
         done=lambda: calls.append("done"),
         alone=lambda: calls.append("alone"),
     )
+    return other, rec
+
+
+def test_a_record_aborted_by_a_deadlock_lands_without_what_it_carried():
+    claimed = _claimed()
+    later = timezone.now() + timedelta(minutes=1)
+    calls: list[str] = []
+    other, rec = _deadlocking(claimed, {"next_attempt_at": later, "lease_until": None}, calls)
     write(claimed, rec, inline_ok=False)
     other.join(30)
 
@@ -125,21 +131,9 @@ def test_inside_a_transaction_the_deadlock_fails_the_record():
     """Aborted inside a transaction (a transactional step's), the statement took the step's
     writes with it: nothing to run again, so the error is the caller's."""
     claimed = _claimed()
-    slot = CallSlot.objects.create(provider="deadlock-test", n=0)
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        pid = cursor.fetchone()[0]
-    other = _Other(slot.pk, claimed.id, pid)
-    other.start()
-    assert other.holding.wait(30) and other.error is None, other.error
-
-    rec = Record(fields={"next_attempt_at": timezone.now(), "lease_until": None})
-    table = CallSlot._meta.db_table
-    rec.carry(
-        f'dl AS (UPDATE "{table}" SET "lease_until" = "lease_until" WHERE "id" = %s RETURNING 1)',
-        [slot.pk],
-        done=lambda: None,
-        alone=lambda: None,
+    calls: list[str] = []
+    other, rec = _deadlocking(
+        claimed, {"next_attempt_at": timezone.now(), "lease_until": None}, calls
     )
     with pytest.raises(DatabaseError, match="deadlock"), transaction.atomic():
         write(claimed, rec, inline_ok=False)
