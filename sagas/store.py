@@ -1283,6 +1283,8 @@ def write(
     )
     autocommitted = not in_transaction and (tx is None or not tx.open)
     rec.data_seen = saga.data if late_hook and autocommitted else None
+    # The transaction below is this record's alone: nothing else's writes to lose with it.
+    own_transaction = in_transaction and not connection.in_atomic_block and not batched
     try:
         with transaction.atomic() if in_transaction else contextlib.nullcontext():
             updated = _write_record(
@@ -1296,6 +1298,21 @@ def write(
                     _wait_for_flush()  # what the hook writes is announced after commit
             if hook is not None and before is not None:  # both or neither
                 hook(before, updated)
+    except _CarriedDeadlock:
+        if not own_transaction or before is None or (tx is not None and tx.open):
+            if tx is not None:
+                tx.rollback()
+            raise
+        # Rolled back whole: the same record again, in a transaction, without what it carried
+        # (see _deadlocked_carrying), which then goes its own way.
+        shed, rec.carried, rec.ahead = rec.carried, [], None
+        log.warning("saga.record_deadlock", saga_id=str(saga.id), step=saga.current_step)
+        saga.__dict__.update(before.__dict__)  # the transitions undone
+        try:
+            return write(saga, rec, inline_ok=inline_ok, tx=tx, _in_transaction=True)
+        finally:
+            for carried in shed:
+                carried.alone()
     except _Fenced:
         # Autocommitted, the fenced-off statement still committed what it carried; inside a
         # transaction that rolled back, it did not, so that is reported on its own.
@@ -1424,8 +1441,12 @@ def _write_record(
     try:
         updated = _run_record(saga, fields, rec, now, wait_flush, ahead)
     except OperationalError as exc:
-        if not _retry_without_carried(exc, rec):
+        if not _deadlocked_carrying(exc, rec):
             raise
+        if connection.in_atomic_block:
+            # The transaction is aborted: nothing more can run in it. write() runs the record
+            # again if the transaction is its own (a change hook's), once it has rolled back.
+            raise _CarriedDeadlock(str(exc)) from exc
         # The statement rolled back whole; the carried parts go their own way instead (each
         # reported in a statement of its own, an admission made ahead not made at all).
         shed, rec.carried = rec.carried, []
@@ -1469,27 +1490,24 @@ def _run_record(
     return updated
 
 
-#: PostgreSQL's deadlock_detected.
-_DEADLOCK = "40P01"
+class _CarriedDeadlock(OperationalError):
+    """A record that carried shared rows was aborted by a deadlock inside a transaction."""
 
 
-def _retry_without_carried(exc: OperationalError, rec: Record) -> bool:
-    """Whether a record that failed with ``exc`` is run again without what it carried.
+def _deadlocked_carrying(exc: OperationalError, rec: Record) -> bool:
+    """Whether a record that failed with ``exc`` is to run again without what it carried.
 
     A provider call's outcome (its call slot given back, its health count) and the next
     step's admission (a call slot taken) write rows that every worker's calls share, so a
     record that carries them can meet another statement in a deadlock on those rows:
     PostgreSQL aborts one of the two after ``deadlock_timeout``. An admission that meets one
     asks again without the outcome it carried (:func:`providers.breaker.admit`); a record
-    does the same here, for a deadlock only, and only where the statement committed on its
-    own: inside a transaction (a transactional step's, a batch's) the abort took the step's
-    writes with it, and the record fails as any other error would.
+    does the same, for a deadlock only: here if the statement committed on its own, in
+    :func:`write` if it ran in write's own transaction (a change hook's). Inside anyone
+    else's (a transactional step's, a batch's, a caller's) the abort took their writes with
+    it, and the record fails as any other error would.
     """
-    return (
-        bool(rec.carried)
-        and not connection.in_atomic_block
-        and getattr(exc.__cause__, "sqlstate", None) == _DEADLOCK
-    )
+    return bool(rec.carried) and isinstance(exc.__cause__, psycopg.errors.DeadlockDetected)
 
 
 #: In a record's statement: the fenced saga UPDATE matched (the record landed).

@@ -37,9 +37,9 @@ def _in_process_only():
         yield
 
 
-def _claimed() -> Saga:
+def _claimed(saga_type: str = "test5", **data: object) -> Saga:
     with transaction.atomic():
-        saga = saga_start(saga_type="test5", data={"script": {}})
+        saga = saga_start(saga_type=saga_type, data={"script": {}, **data})
         out_of_workers_reach(saga.id)
     claimed = claim(saga.id, 1000)
     assert claimed is not None
@@ -127,9 +127,26 @@ def test_a_record_aborted_by_a_deadlock_lands_without_what_it_carried():
     assert calls == ["alone"]
 
 
+def test_a_record_in_its_own_transaction_lands_without_what_it_carried():
+    """A change hook that wants the saga puts its record in a transaction of its own (what the
+    hook writes commits with it): aborted there, the transaction rolls back whole and the
+    record runs again in a new one, without what it carried."""
+    claimed = _claimed("test_plain_hooked", hooked=True)
+    later = timezone.now() + timedelta(minutes=1)
+    calls: list[str] = []
+    other, rec = _deadlocking(claimed, {"next_attempt_at": later, "lease_until": None}, calls)
+    write(claimed, rec, inline_ok=False)
+    other.join(30)
+
+    assert other.error is None and other.got_saga_row, other.error
+    row = Saga.objects.get(pk=claimed.id)
+    assert (row.version, row.next_attempt_at, row.lease_until) == (claimed.version + 1, later, None)
+    assert calls == ["alone"]
+
+
 def test_inside_a_transaction_the_deadlock_fails_the_record():
-    """Aborted inside a transaction (a transactional step's), the statement took the step's
-    writes with it: nothing to run again, so the error is the caller's."""
+    """Aborted inside someone else's transaction (a transactional step's, here a caller's),
+    the statement took their writes with it: nothing to run again, so the error is theirs."""
     claimed = _claimed()
     calls: list[str] = []
     other, rec = _deadlocking(
@@ -140,3 +157,4 @@ def test_inside_a_transaction_the_deadlock_fails_the_record():
     other.join(30)
     assert other.error is None and other.got_saga_row, other.error
     assert Saga.objects.get(pk=claimed.id).version == claimed.version
+    assert calls == []  # the caller's transaction is gone: nothing it carried ran, or ran again
