@@ -33,8 +33,17 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 @pytest.fixture(autouse=True)
 def _in_process_only():
+    """No worker runs these sagas; and this connection looks for a deadlock 3 s into a wait,
+    not the server's 1 s, so a loaded machine has time to start the other side's wait (the
+    check runs once per wait: a cycle closed after it would never be found)."""
     with only_this_process():
-        yield
+        with connection.cursor() as cursor:
+            cursor.execute("SET deadlock_timeout = '3s'")
+        try:
+            yield
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("RESET deadlock_timeout")
 
 
 def _claimed(saga_type: str = "test5", **data: object) -> Saga:
