@@ -1299,20 +1299,15 @@ def write(
             if hook is not None and before is not None:  # both or neither
                 hook(before, updated)
     except _CarriedDeadlock:
-        if not own_transaction or before is None or (tx is not None and tx.open):
+        # (A transactional step's open transaction is never write's own.)
+        if not own_transaction or before is None:
             if tx is not None:
                 tx.rollback()
             raise
-        # Rolled back whole: the same record again, in a transaction, without what it carried
-        # (see _deadlocked_carrying), which then goes its own way.
-        shed, rec.carried, rec.ahead = rec.carried, [], None
-        log.warning("saga.record_deadlock", saga_id=str(saga.id), step=saga.current_step)
+        # Rolled back whole: the same record again, in a transaction, without what it carried.
         saga.__dict__.update(before.__dict__)  # the transitions undone
-        try:
+        with _without_carried(saga, rec):
             return write(saga, rec, inline_ok=inline_ok, tx=tx, _in_transaction=True)
-        finally:
-            for carried in shed:
-                carried.alone()
     except _Fenced:
         # Autocommitted, the fenced-off statement still committed what it carried; inside a
         # transaction that rolled back, it did not, so that is reported on its own.
@@ -1447,20 +1442,9 @@ def _write_record(
             # The transaction is aborted: nothing more can run in it. write() runs the record
             # again if the transaction is its own (a change hook's), once it has rolled back.
             raise _CarriedDeadlock(str(exc)) from exc
-        # The statement rolled back whole; the carried parts go their own way instead (each
-        # reported in a statement of its own, an admission made ahead not made at all).
-        shed, rec.carried = rec.carried, []
-        log.warning(
-            "saga.record_deadlock",
-            saga_id=str(saga.id),
-            step=saga.current_step,
-            shed=len(shed),
-        )
-        try:
+        # The statement rolled back whole: run it again at once.
+        with _without_carried(saga, rec):
             updated = _run_record(saga, fields, rec, now, wait_flush, ahead)
-        finally:
-            for carried in shed:
-                carried.alone()
     if updated is None:
         raise _Fenced
     _ring_after_record(saga, updated, rec, go_on)
@@ -1488,6 +1472,22 @@ def _run_record(
         # transaction, never if that rolls back (a fenced record's, a refused batch's).
         transaction.on_commit(lambda: ahead.sagas.append(claimed))
     return updated
+
+
+@contextlib.contextmanager
+def _without_carried(saga: Saga, rec: Record) -> Iterator[None]:
+    """Run the record again without what it carried (see :func:`_deadlocked_carrying`); those
+    parts then go their own way, whatever the run did: each outcome reported in a statement of
+    its own, an admission made ahead not made at all (the step asks for its own)."""
+    shed, rec.carried, rec.ahead = rec.carried, [], None
+    log.warning(
+        "saga.record_deadlock", saga_id=str(saga.id), step=saga.current_step, shed=len(shed)
+    )
+    try:
+        yield
+    finally:
+        for carried in shed:
+            carried.alone()
 
 
 class _CarriedDeadlock(OperationalError):

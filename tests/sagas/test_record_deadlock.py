@@ -120,8 +120,20 @@ def _deadlocking(claimed: Saga, fields: dict, calls: list[str]) -> tuple[_Other,
     return other, rec
 
 
-def test_a_record_aborted_by_a_deadlock_lands_without_what_it_carried():
-    claimed = _claimed()
+@pytest.mark.parametrize(
+    ("saga_type", "data"),
+    [
+        # One autocommitted statement: it runs again at once.
+        ("test5", {}),
+        # A change hook that wants the saga puts its record in a transaction of write()'s own
+        # (what the hook writes commits with it): that rolls back whole, and the record runs
+        # again in a new one.
+        ("test_plain_hooked", {"hooked": True}),
+    ],
+    ids=["autocommitted", "own-transaction"],
+)
+def test_a_record_aborted_by_a_deadlock_lands_without_what_it_carried(saga_type, data):
+    claimed = _claimed(saga_type, **data)
     later = timezone.now() + timedelta(minutes=1)
     calls: list[str] = []
     other, rec = _deadlocking(claimed, {"next_attempt_at": later, "lease_until": None}, calls)
@@ -133,23 +145,6 @@ def test_a_record_aborted_by_a_deadlock_lands_without_what_it_carried():
     row = Saga.objects.get(pk=claimed.id)
     assert (row.version, row.next_attempt_at, row.lease_until) == (claimed.version + 1, later, None)
     # What it carried went its own way, once, instead of riding in the statement that ran.
-    assert calls == ["alone"]
-
-
-def test_a_record_in_its_own_transaction_lands_without_what_it_carried():
-    """A change hook that wants the saga puts its record in a transaction of its own (what the
-    hook writes commits with it): aborted there, the transaction rolls back whole and the
-    record runs again in a new one, without what it carried."""
-    claimed = _claimed("test_plain_hooked", hooked=True)
-    later = timezone.now() + timedelta(minutes=1)
-    calls: list[str] = []
-    other, rec = _deadlocking(claimed, {"next_attempt_at": later, "lease_until": None}, calls)
-    write(claimed, rec, inline_ok=False)
-    other.join(30)
-
-    assert other.error is None and other.got_saga_row, other.error
-    row = Saga.objects.get(pk=claimed.id)
-    assert (row.version, row.next_attempt_at, row.lease_until) == (claimed.version + 1, later, None)
     assert calls == ["alone"]
 
 
